@@ -1,0 +1,49 @@
+"""What a stage type implements, and what the hosting process offers it."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from stagetx.message import Message
+
+
+class StageContext(Protocol):
+    """The hosting process as one stage sees it (implemented by ``stagetx.host``)."""
+
+    stage_id: str  # the id used in addresses, e.g. "rank" for "=index+rank"
+    name: str  # the full name, e.g. "=index+rank"
+    instance: int  # this replica's number in the server's #startup (0-based)
+    clock: IReactorTime
+    log: Logger
+    base_dir: str  # directory of the config file; relative paths resolve against it
+
+    def resolve_path(self, path: str) -> str:
+        """An absolute path for ``path`` relative to the config file's directory."""
+
+    def reply(self, message: Message, *values: Any) -> None:
+        """Send ``values`` (Python natives) to ``message``'s reply address; no-op without one."""
+
+    def send(self, target: str, *values: Any) -> tuple[bool, str | None]:
+        """Send Python-native ``values`` to an address string of SPEC 2.5 (or a reply address).
+
+        Returns ``(True, None)`` when queued, ``(False, reason)`` when delivery is impossible.
+        """
+
+
+class Stage(Protocol):
+    """A stage type: ``stagetx.stages.<type>.Stage(context, config)``."""
+
+    def __init__(self, context: StageContext, config: Any) -> None: ...
+
+    def start(self) -> Deferred[None] | None:
+        """Open files, load state; the stage receives no message before this returns/fires."""
+
+    def stop(self) -> Deferred[None] | None:
+        """Flush and close; shutdown waits for the returned Deferred."""
+
+    def receive(self, message: Message) -> None:
+        """Handle one message, on the reactor thread; never raises (errors are replies or logs)."""
