@@ -1,0 +1,92 @@
+"""redis-server sorted sets through ``redis-benchmark``: the bar for the index stage.
+
+Runs only when ``redis-server`` and ``redis-benchmark`` are on PATH (``apt-get install
+redis-server``); otherwise one skip row says so.  The server listens on 127.0.0.1 only, saves
+nothing, and is reaped when the benchmark ends.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import socket
+import subprocess
+import time
+from typing import Any
+
+from bench import budget
+from bench.procs import spawn
+from bench.rows import row, skip
+
+KEY = "bench:zset"
+COMMANDS = {
+    "ZADD": ["ZADD", KEY, "__rand_int__", "m:__rand_int__"],
+    "ZREVRANK": ["ZREVRANK", KEY, "m:__rand_int__"],
+    "ZREVRANGE": ["ZREVRANGE", KEY, "0", "9", "WITHSCORES"],
+}
+CLIENTS = 50
+PIPELINE = 16
+
+
+def label(command: str, pipelined: bool) -> str:
+    """The workload name of one redis figure (other benchmarks name it as their baseline)."""
+    return f"redis {command} {CLIENTS} clients" + (f" pipelined {PIPELINE}" if pipelined else "")
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(port: int, timeout: float) -> None:
+    """Block until the server answers PING on ``port``, or raise after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"redis-server on port {port} not ready in {timeout} s")
+        time.sleep(0.05)
+
+
+def bench(port: int, command: str, requests: int, keyspace: int, pipeline: int, limit: float) -> float:
+    """Requests/s that ``redis-benchmark`` reports for one command."""
+    argv = [
+        "redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(CLIENTS),
+        "-n", str(requests), "-r", str(keyspace), "-P", str(pipeline), "--csv", *COMMANDS[command],
+    ]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=limit, check=True).stdout
+    lines = [r for r in csv.reader(out.splitlines()) if len(r) > 1]
+    return float(lines[-1][1])
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    """Rows: ZADD, ZREVRANK and ZREVRANGE (top 10) at 50 clients, plain and pipelined 16."""
+    missing = [exe for exe in ("redis-server", "redis-benchmark") if shutil.which(exe) is None]
+    if missing:
+        return [skip("redis sorted sets", f"{' and '.join(missing)} not on PATH (apt-get install redis-server)")]
+    members = budget.count(1_000_000, 100_000)
+    requests = budget.count(200_000, 30_000)
+    limit = budget.seconds(120, 30)
+    port = free_port()
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--loglevel", "warning"]
+    note = f"{members:,}-member key space, filled by {2 * members:,} random ZADDs; the rows below use that set"
+    rows = []
+    with spawn(argv):
+        wait_ready(port, 10)
+        fill = bench(port, "ZADD", 2 * members, members, PIPELINE, limit)
+        rows.append(row(label("ZADD", True), fill, "req/s", note=note))
+        rows.append(row(label("ZADD", False), bench(port, "ZADD", requests, members, 1, limit), "req/s"))
+        for command in ("ZREVRANK", "ZREVRANGE"):
+            for pipeline in (1, PIPELINE):
+                rate = bench(port, command, requests * (2 if pipeline > 1 else 1), members, pipeline, limit)
+                rows.append(row(label(command, pipeline > 1), rate, "req/s"))
+    return rows
