@@ -1,0 +1,542 @@
+"""The server configuration (SPEC 1.1, 1.2): JSON → validated, frozen values.
+
+Every error is one ``ConfigError`` line naming the JSON path and the problem, so start-up stops
+with a message the operator can act on. Spellings of the original platform are normalised here
+(``lua.so+stage`` → ``=lua+stage``) and settings stagetx does not have become ``notices`` for the
+caller to log, once each.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from stagetx.lua.search import find_script
+from stagetx.stages import STAGE_TYPES
+
+LUA_TYPES = ("lua", "luajit")
+LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "critical")
+LUA_DEFAULTS: Mapping[str, Any] = {
+    "%package": ["[0]"],
+    "%memory": 256 * 1024 * 1024,
+    "%budget": 1000,
+    "%recheck": [600000, 60000],
+}
+DEFAULT_ROUTER = (1500, 900)
+DEFAULT_THREADS = (4, 10000)
+
+_COMPAT_NAME = re.compile(r"^([A-Za-z_]\w*)\.so(\+.*)?$", re.DOTALL)
+_STAGE_NAME = re.compile(r"^=([^+]*)(?:\+(.*))?$", re.DOTALL)
+_BAD_ID_CHARS = re.compile(r"[\s:+*=<>^?!,{}]")
+_MEMORY = re.compile(r"^(\d+)\s*([kmg]?)b?$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_UNSUPPORTED = ("%odbc", "%cluster", "verbose")
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str()`` is one line: ``JSON.path: problem``."""
+
+
+@attrs.frozen
+class HostPort:
+    """A ``host:port`` address (IPv6 hosts written ``[::1]:port``)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@attrs.frozen
+class ClusterConfig:
+    """``#cluster``: own listening port, peers, backup servers and multicast discovery groups."""
+
+    listen: int | None = None
+    peers: tuple[HostPort, ...] = ()
+    backups: tuple[HostPort, ...] = ()
+    discovery: tuple[HostPort, ...] = ()
+
+
+@attrs.frozen
+class LogGroup:
+    """One ``#log`` entry: the level and optional file (absolute) of a logger group."""
+
+    level: str = "info"
+    file: str | None = None
+
+
+@attrs.frozen
+class AdminConfig:
+    """``#admin``: Twisted server endpoint descriptions and the access token."""
+
+    console: str | None = None
+    http: str | None = None
+    token: str | None = None
+
+
+@attrs.frozen
+class StageConfig:
+    """One stage named in ``#startup`` (one entry per replica)."""
+
+    name: str  # normalised "=type+id"
+    type: str
+    id: str
+    group: int  # index of its process in #startup
+    instance: int  # 0-based over the whole #startup, in reading order
+    settings: Any  # merged "%…" settings for Lua stages, else the stage's raw value (or None)
+    main: str | None  # absolute path of a Lua stage's main script
+
+
+@attrs.frozen
+class ServerConfig:
+    """A whole validated configuration; ``raw`` is what the children receive and re-parse."""
+
+    raw: Mapping[str, Any]
+    base_dir: str
+    startup: tuple[tuple[StageConfig, ...], ...]
+    services: tuple[HostPort, ...] = ()
+    router: tuple[int, int] = DEFAULT_ROUTER
+    cluster: ClusterConfig = ClusterConfig()
+    threads: tuple[int, int] = DEFAULT_THREADS
+    secret: str | None = None
+    log: Mapping[str, LogGroup] = attrs.field(factory=dict)
+    admin: AdminConfig | None = None
+    values: Mapping[str, Any] = attrs.field(factory=dict)
+    notices: tuple[str, ...] = ()
+
+    @property
+    def stages(self) -> tuple[StageConfig, ...]:
+        """All stages of all groups, in ``instance`` order."""
+        return tuple(stage for group in self.startup for stage in group)
+
+
+def load_config(path: str) -> ServerConfig:
+    """Read and validate the JSON file ``path`` (``"-"``: standard input).
+
+    Relative paths in the file resolve against the file's directory (the current directory for
+    standard input). Raises ``ConfigError``.
+    """
+    try:
+        if path == "-":
+            text, base_dir = sys.stdin.read(), os.getcwd()
+        else:
+            with open(path, encoding="utf-8") as stream:
+                text = stream.read()
+            base_dir = os.path.dirname(os.path.abspath(path))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read: {err}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the configuration must be a JSON object")
+    return parse_config(raw, base_dir)
+
+
+def parse_config(raw: Mapping[str, Any], base_dir: str) -> ServerConfig:
+    """Validate the decoded configuration ``raw``; relative paths resolve against ``base_dir``."""
+    base_dir = os.path.abspath(base_dir)
+    notices: list[str] = []
+    top: dict[str, tuple[str, Any]] = {}  # normalised key -> (key as written, value)
+    for key, value in raw.items():
+        name = normalise_name(key)
+        if name in top:
+            raise ConfigError(f"{key}: duplicate of {top[name][0]!r}")
+        top[name] = (key, value)
+
+    settings: dict[str, Any] = {}
+    values: dict[str, Any] = {}
+    for name, (key, value) in top.items():
+        if name.startswith("#"):
+            if name == "#license":
+                notices.append(f"{key}: not used by stagetx, ignored")
+            elif name in _SERVER_KEYS:
+                settings[name] = _SERVER_KEYS[name](value, key, base_dir)
+            else:
+                raise ConfigError(f"{key}: unknown key")
+        elif not name.startswith("="):
+            values[name] = value
+
+    if "#startup" not in settings:
+        raise ConfigError("#startup: missing (which stages run in which process)")
+    definitions = _Definitions(top, base_dir, notices)
+    startup = definitions.startup(top["#startup"][1])
+    return ServerConfig(
+        raw=dict(raw),
+        base_dir=base_dir,
+        startup=startup,
+        services=settings.get("#services", ()),
+        router=settings.get("#router", DEFAULT_ROUTER),
+        cluster=settings.get("#cluster", ClusterConfig()),
+        threads=settings.get("#threads", DEFAULT_THREADS),
+        secret=settings.get("#secret"),
+        log=settings.get("#log", {}),
+        admin=settings.get("#admin"),
+        values=values,
+        notices=tuple(notices),
+    )
+
+
+def normalise_name(key: str) -> str:
+    """The stagetx spelling of a key: ``"lua.so+stage"`` → ``"=lua+stage"``, ``"lua.so"`` → ``"=lua"``."""
+    compat = _COMPAT_NAME.match(key)
+    if compat:
+        return f"={compat.group(1)}{compat.group(2) or ''}"
+    return key
+
+
+def parse_stage_name(text: str, path: str) -> tuple[str, str | None]:
+    """Split ``"=type+id"`` (or ``"=type"``) into ``(type, id or None)``, checking both parts."""
+    match = _STAGE_NAME.match(text)
+    if not match:
+        raise ConfigError(f'{path}: bad stage name "{text}" (expected "=type+id")')
+    type_name, stage_id = match.group(1), match.group(2)
+    if type_name not in STAGE_TYPES:
+        raise ConfigError(f'{path}: unknown stage type "={type_name}"')
+    if stage_id is not None and (not stage_id or _BAD_ID_CHARS.search(stage_id)):
+        raise ConfigError(f'{path}: bad stage id "{stage_id}" in "{text}"')
+    return type_name, stage_id
+
+
+def parse_memory(value: Any, path: str) -> int:
+    """``%memory``: bytes as an integer, or a string with a ``k``/``m``/``g`` unit."""
+    if isinstance(value, str):
+        match = _MEMORY.match(value.strip())
+        if match:
+            amount = int(match.group(1)) * _UNITS[match.group(2).lower()]
+            if amount > 0:
+                return amount
+    elif _is_int(value) and value > 0:
+        return int(value)
+    raise ConfigError(f"{path}: expected a size such as 256m, got {json.dumps(value)}")
+
+
+def endpoint_is_loopback(description: str, path: str) -> bool:
+    """Whether a Twisted server endpoint description only listens on this machine.
+
+    UNIX sockets and TCP/SSL endpoints bound to a loopback interface count; anything else (no
+    ``interface``, another address, an endpoint type we cannot see into) does not.
+    """
+    parts = re.split(r"(?<!\\):", description)
+    if parts[0].isdigit():
+        parts.insert(0, "tcp")
+    kind, args = parts[0], parts[1:]
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return False
+    positional = [arg for arg in args if "=" not in arg]
+    keywords = dict(arg.split("=", 1) for arg in args if "=" in arg)
+    port = keywords.get("port", positional[0] if positional else "")
+    if not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f'{path}: bad endpoint "{description}": port must be an integer')
+    # tcp/tcp6 take the interface as their second positional argument; ssl only as a keyword
+    default = positional[1] if kind != "ssl" and len(positional) > 1 else ""
+    interface = keywords.get("interface", default)
+    interface = interface.replace("\\:", ":")
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_host_port(text: Any, path: str) -> HostPort:
+    """``"host:port"`` or ``"[v6]:port"`` → ``HostPort``."""
+    if isinstance(text, str):
+        match = re.match(r"^(?:\[([^\]]+)\]|([^:\[\]]+)):(\d+)$", text.strip())
+        if match:
+            host, port = match.group(1) or match.group(2), int(match.group(3))
+            if 0 < port < 65536:
+                return HostPort(host, port)
+    raise ConfigError(f"{path}: bad address {json.dumps(text)} (expected \"host:port\")")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_pair(value: Any, path: str, minimum: int) -> tuple[int, int]:
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(_is_int(v) and v >= minimum for v in value)
+    ):
+        raise ConfigError(f"{path}: expected [integer, integer], each at least {minimum}")
+    return (value[0], value[1])
+
+
+def _string(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}: expected a non-empty string, got {json.dumps(value)}")
+    return value
+
+
+def _object(value: Any, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected an object, got {json.dumps(value)}")
+    return value
+
+
+def _services(value: Any, path: str, base_dir: str) -> tuple[HostPort, ...]:
+    addresses: list[HostPort] = []
+    for proto, entries in _object(value, path).items():
+        if proto != "tcp":
+            raise ConfigError(f'{path}.{proto}: unknown protocol (only "tcp")')
+        if not isinstance(entries, list):
+            raise ConfigError(f"{path}.tcp: expected a list of \"host:port\"")
+        for index, entry in enumerate(entries):
+            address = parse_host_port(entry, f"{path}.tcp[{index}]")
+            if address in addresses:
+                raise ConfigError(f"{path}.tcp[{index}]: {address} is listed twice")
+            addresses.append(address)
+    return tuple(addresses)
+
+
+def _router(value: Any, path: str, base_dir: str) -> tuple[int, int]:
+    return _int_pair(value, path, 1)
+
+
+def _threads(value: Any, path: str, base_dir: str) -> tuple[int, int]:
+    return _int_pair(value, path, 1)
+
+
+def _cluster(value: Any, path: str, base_dir: str) -> ClusterConfig:
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: expected a list")
+    listen: int | None = None
+    peers: list[HostPort] = []
+    backups: list[HostPort] = []
+    discovery: list[HostPort] = []
+    for index, entry in enumerate(value):
+        where = f"{path}[{index}]"
+        if _is_int(entry):
+            if listen is not None:
+                raise ConfigError(f"{where}: a second listening port ({listen} is already set)")
+            if not 0 < entry < 65536:
+                raise ConfigError(f"{where}: port out of range: {entry}")
+            listen = entry
+        elif isinstance(entry, str) and entry.startswith("udp://"):
+            group = parse_host_port(entry[len("udp://") :], where)
+            try:
+                multicast = ipaddress.ip_address(group.host).is_multicast
+            except ValueError:
+                multicast = False
+            if not multicast:
+                raise ConfigError(f'{where}: "{group.host}" is not a multicast group address')
+            discovery.append(group)
+        elif isinstance(entry, str) and entry.startswith("="):
+            backups.append(parse_host_port(entry[1:], where))
+        else:
+            peers.append(parse_host_port(entry, where))
+    return ClusterConfig(listen, tuple(peers), tuple(backups), tuple(discovery))
+
+
+def _secret(value: Any, path: str, base_dir: str) -> str:
+    return _string(value, path)
+
+
+def _log(value: Any, path: str, base_dir: str) -> dict[str, LogGroup]:
+    groups = {}
+    for group, entry in _object(value, path).items():
+        where = f"{path}.{group}"
+        unknown = set(_object(entry, where)) - {"level", "file"}
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
+        level = entry.get("level", "info")
+        level = "warn" if level == "warning" else level
+        if level not in LOG_LEVELS:
+            raise ConfigError(f"{where}.level: unknown level {json.dumps(level)}")
+        file = entry.get("file")
+        if file is not None:
+            file = os.path.join(base_dir, _string(file, f"{where}.file"))
+        groups[group] = LogGroup(level, file)
+    return groups
+
+
+def _admin(value: Any, path: str, base_dir: str) -> AdminConfig:
+    entries = _object(value, path)
+    for key in entries:
+        if key not in ("console", "http", "token"):
+            raise ConfigError(f"{path}.{key}: unknown key")
+    token = _string(entries["token"], f"{path}.token") if "token" in entries else None
+    endpoints: dict[str, str] = {}
+    for key in ("console", "http"):
+        if key in entries:
+            where = f"{path}.{key}"
+            endpoints[key] = _string(entries[key], where)
+            loopback = endpoint_is_loopback(endpoints[key], where)
+            if token is None and not loopback:
+                raise ConfigError(
+                    f"{where}: listens beyond loopback without {path}.token "
+                    f'(add a token or ":interface=127.0.0.1")'
+                )
+    return AdminConfig(endpoints.get("console"), endpoints.get("http"), token)
+
+
+_SERVER_KEYS: dict[str, Callable[[Any, str, str], Any]] = {
+    "#services": _services,
+    "#router": _router,
+    "#cluster": _cluster,
+    "#threads": _threads,
+    "#secret": _secret,
+    "#log": _log,
+    "#admin": _admin,
+    "#startup": lambda value, path, base_dir: value,  # checked with the stage definitions
+}
+
+
+@attrs.frozen
+class _LuaObject:
+    """One Lua settings object as written: its settings and the main scripts it names."""
+
+    settings: dict[str, Any]
+    mains: dict[str, tuple[str, str]]  # stage name -> (script name, JSON path)
+
+
+class _Definitions:
+    """The stage definitions at the top level, checked once each and merged per started stage."""
+
+    def __init__(
+        self, top: Mapping[str, tuple[str, Any]], base_dir: str, notices: list[str]
+    ) -> None:
+        self._top = top
+        self._base_dir = base_dir
+        self._notices = notices
+        self._lua: dict[str, _LuaObject] = {}
+        for name, (key, value) in top.items():
+            if name.startswith("="):
+                self._check_definition(name, key, value)
+
+    def startup(self, value: Any) -> tuple[tuple[StageConfig, ...], ...]:
+        """Build the ``#startup`` groups."""
+        if not isinstance(value, list) or not value:
+            raise ConfigError("#startup: expected a non-empty list of process lists")
+        groups: list[tuple[StageConfig, ...]] = []
+        instance = 0
+        for group, entries in enumerate(value):
+            where = f"#startup[{group}]"
+            if not isinstance(entries, list) or not entries:
+                raise ConfigError(f"{where}: expected a non-empty list of stage names")
+            stages = []
+            for index, entry in enumerate(entries):
+                stages.append(self._stage(entry, f"{where}[{index}]", group, instance))
+                instance += 1
+            groups.append(tuple(stages))
+        return tuple(groups)
+
+    def _check_definition(self, name: str, key: str, value: Any) -> None:
+        type_name, stage_id = parse_stage_name(name, key)
+        if type_name not in LUA_TYPES:
+            return
+        if stage_id is None:
+            self._lua[name] = self._lua_object(name, key, _object(value, key), type_name)
+        elif isinstance(value, dict):
+            self._lua[name] = self._lua_object(name, key, value, type_name)
+        elif not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a settings object or a main script name")
+
+    def _lua_object(
+        self, name: str, path: str, value: dict[str, Any], type_name: str
+    ) -> _LuaObject:
+        settings: dict[str, Any] = {}
+        mains: dict[str, tuple[str, str]] = {}
+        for key, item in value.items():
+            where = f"{path}.{key}"
+            inner = normalise_name(key)
+            if inner.startswith("="):
+                inner_type, inner_id = parse_stage_name(inner, where)
+                type_wide = name == f"={type_name}"
+                if inner_type != type_name or inner_id is None or (not type_wide and inner != name):
+                    raise ConfigError(f'{where}: not a main script of "{name}"')
+                mains[inner] = (_string(item, where), where)
+            elif key in _UNSUPPORTED or (key.startswith("%") and key not in _LUA_SETTINGS):
+                self._notices.append(f"{where}: not supported by stagetx, ignored")
+            elif key in _LUA_SETTINGS:
+                settings[key] = _LUA_SETTINGS[key](item, where, self._base_dir)
+            else:
+                settings[key] = item
+        return _LuaObject(settings, mains)
+
+    def _stage(self, entry: Any, path: str, group: int, instance: int) -> StageConfig:
+        if not isinstance(entry, str):
+            raise ConfigError(f"{path}: expected a stage name, got {json.dumps(entry)}")
+        name = normalise_name(entry)
+        type_name, stage_id = parse_stage_name(name, path)
+        if stage_id is None:
+            raise ConfigError(f'{path}: "{entry}" names no stage id (expected "=type+id")')
+        if type_name in LUA_TYPES:
+            settings, main = self._lua_stage(name, type_name, path)
+        else:
+            settings, main = self._builtin_settings(name, type_name), None
+        return StageConfig(name, type_name, stage_id, group, instance, settings, main)
+
+    def _builtin_settings(self, name: str, type_name: str) -> Any:
+        own = self._top.get(name, (None, None))[1]
+        shared = self._top.get(f"={type_name}", (None, None))[1]
+        if isinstance(own, dict) and isinstance(shared, dict):
+            return {**shared, **own}
+        return own if own is not None else shared
+
+    def _lua_stage(self, name: str, type_name: str, path: str) -> tuple[dict[str, Any], str]:
+        empty = _LuaObject({}, {})
+        shared = self._lua.get(f"={type_name}", empty)
+        own = self._lua.get(name, empty)
+        settings = {**LUA_DEFAULTS, **shared.settings, **own.settings}
+        script = own.mains.get(name) or shared.mains.get(name)
+        if script is None and name in self._top and isinstance(self._top[name][1], str):
+            script = (self._top[name][1], self._top[name][0])
+        if script is None:
+            raise ConfigError(f'{path}: "{name}" has no main script (set "{name}": "script")')
+        script_name, where = script
+        found = find_script(script_name, settings["%package"], self._base_dir)
+        if found is None:
+            raise ConfigError(
+                f'{where}: script "{script_name}" not found along %package '
+                f"{json.dumps(settings['%package'])}"
+            )
+        preload = settings.get("%preload")
+        if preload is not None and not os.path.exists(preload):
+            raise ConfigError(f"{path}: %preload {json.dumps(preload)} does not exist")
+        return settings, found[1]
+
+
+def _package(value: Any, path: str, base_dir: str) -> list[str]:
+    entries = [value] if isinstance(value, str) else value
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ConfigError(f"{path}: expected a list of directories")
+    return list(entries)
+
+
+def _preload(value: Any, path: str, base_dir: str) -> str:
+    return os.path.join(base_dir, _string(value, path))
+
+
+def _budget(value: Any, path: str, base_dir: str) -> int:
+    if not _is_int(value) or value <= 0:
+        raise ConfigError(f"{path}: expected milliseconds (an integer above 0)")
+    return int(value)
+
+
+def _recheck(value: Any, path: str, base_dir: str) -> list[int]:
+    return list(_int_pair(value, path, 0))
+
+
+_LUA_SETTINGS: dict[str, Callable[[Any, str, str], Any]] = {
+    "%preload": _preload,
+    "%package": _package,
+    "%memory": lambda value, path, base_dir: parse_memory(value, path),
+    "%budget": _budget,
+    "%recheck": _recheck,
+}

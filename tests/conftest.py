@@ -1,0 +1,39 @@
+"""Fixtures shared by the unit and end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+WriteConfig = Callable[[dict[str, Any]], Path]
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    """A server directory with the scripts the test configurations name.
+
+    ``lua/start.lua``, ``lua/other.lua``, ``lib/util/strings.lua`` and ``preload/`` exist.
+    """
+    (tmp_path / "lua").mkdir()
+    (tmp_path / "lua" / "start.lua").write_text('log4cxx.info("started")\n')
+    (tmp_path / "lua" / "other.lua").write_text("return {}\n")
+    (tmp_path / "lib" / "util").mkdir(parents=True)
+    (tmp_path / "lib" / "util" / "strings.lua").write_text("return {}\n")
+    (tmp_path / "preload").mkdir()
+    return tmp_path
+
+
+@pytest.fixture
+def write_config(app_dir: Path) -> WriteConfig:
+    """Write a configuration as ``stage.json`` in ``app_dir`` and return its path."""
+
+    def write(raw: dict[str, Any]) -> Path:
+        path = app_dir / "stage.json"
+        path.write_text(json.dumps(raw))
+        return path
+
+    return write

@@ -1,0 +1,338 @@
+"""SPEC 1.1 and 1.2: what a configuration means, and the one-line errors for broken ones."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stagetx.config import (
+    ConfigError,
+    HostPort,
+    LogGroup,
+    endpoint_is_loopback,
+    load_config,
+    parse_config,
+)
+
+LUA_MAIN = {"%package": ["[0]lua"], "=lua+stage": "start"}
+
+
+def parse(raw: dict[str, Any], base_dir: Path) -> Any:
+    return parse_config(raw, str(base_dir))
+
+
+def test_minimal_lua_stage(app_dir: Path) -> None:
+    config = parse({"#startup": [["=lua+stage"]], "=lua+stage": LUA_MAIN}, app_dir)
+    (stage,) = config.stages
+    assert (stage.name, stage.type, stage.id, stage.group, stage.instance) == (
+        "=lua+stage", "lua", "stage", 0, 0
+    )
+    assert stage.main == str(app_dir / "lua" / "start.lua")
+    assert stage.settings == {
+        "%package": ["[0]lua"],
+        "%memory": 256 * 1024 * 1024,
+        "%budget": 1000,
+        "%recheck": [600000, 60000],
+    }
+    assert config.router == (1500, 900)
+    assert config.services == () and config.admin is None and config.secret is None
+    assert config.notices == ()
+
+
+def test_type_wide_object_holds_main_scripts_of_several_stages(app_dir: Path) -> None:
+    raw = {
+        "#startup": [["=lua+a", "=lua+b"]],
+        "=lua": {"%package": ["lua"], "%memory": "64m", "=lua+a": "start", "=lua+b": "other"},
+    }
+    a, b = parse(raw, app_dir).stages
+    assert a.main == str(app_dir / "lua" / "start.lua")
+    assert b.main == str(app_dir / "lua" / "other.lua")
+    assert a.settings["%memory"] == b.settings["%memory"] == 64 * 1024 * 1024
+
+
+def test_top_level_script_name_takes_type_wide_settings(app_dir: Path) -> None:
+    raw = {"#startup": [["=lua+stage"]], "=lua": {"%package": ["lua"], "%budget": 50},
+           "=lua+stage": "start"}
+    (stage,) = parse(raw, app_dir).stages
+    assert stage.main == str(app_dir / "lua" / "start.lua")
+    assert stage.settings["%budget"] == 50
+
+
+def test_own_settings_override_type_wide_ones(app_dir: Path) -> None:
+    raw = {
+        "#startup": [["=lua+stage"]],
+        "=lua": {"%package": ["nowhere"], "%budget": 50, "motd": "hi", "=lua+stage": "other"},
+        "=lua+stage": {"%package": ["[0]lua"], "%budget": 70, "=lua+stage": "start"},
+    }
+    (stage,) = parse(raw, app_dir).stages
+    assert stage.settings["%budget"] == 70
+    assert stage.settings["%package"] == ["[0]lua"]
+    assert stage.settings["motd"] == "hi"
+    assert stage.main == str(app_dir / "lua" / "start.lua")
+
+
+def test_main_script_is_searched_along_package_with_forced_positions(app_dir: Path) -> None:
+    raw = {"#startup": [["=lua+s"]],
+           "=lua+s": {"%package": ["missing", "[0]lib", "lua"], "=lua+s": "util.strings"}}
+    (stage,) = parse(raw, app_dir).stages
+    assert stage.main == str(app_dir / "lib" / "util" / "strings.lua")
+
+
+def test_luajit_stages_use_their_own_type_wide_settings(app_dir: Path) -> None:
+    raw = {"#startup": [["=luajit+fast"]], "=lua": {"%budget": 5},
+           "=luajit": {"%package": ["lua"], "=luajit+fast": "start"}}
+    (stage,) = parse(raw, app_dir).stages
+    assert stage.type == "luajit" and stage.settings["%budget"] == 1000
+
+
+def test_original_platform_spellings_load_with_one_notice_each(app_dir: Path) -> None:
+    raw = {
+        "#license": "XXXX-XXXX",
+        "#startup": [["lua.so+stage", "index.so+rank"]],
+        "lua.so": {"%package": ["lua"], "%odbc": {"dsn": "x"}, "verbose": True},
+        "lua.so+stage": {"%cluster": [1], "%shiny": 1, "lua.so+stage": "start"},
+        "index.so+rank": "score/",
+    }
+    config = parse(raw, app_dir)
+    stage, rank = config.stages
+    assert stage.name == "=lua+stage" and stage.main == str(app_dir / "lua" / "start.lua")
+    assert (rank.name, rank.settings) == ("=index+rank", "score/")
+    assert sorted(config.notices) == sorted([
+        "#license: not used by stagetx, ignored",
+        "lua.so.%odbc: not supported by stagetx, ignored",
+        "lua.so.verbose: not supported by stagetx, ignored",
+        "lua.so+stage.%cluster: not supported by stagetx, ignored",
+        "lua.so+stage.%shiny: not supported by stagetx, ignored",
+    ])
+    for unknown in ("%odbc", "verbose", "%cluster", "%shiny"):
+        assert unknown not in stage.settings
+
+
+def test_groups_instances_and_replicas(app_dir: Path) -> None:
+    raw = {"#startup": [["=lua+stage", "=index+rank"], ["=lua+stage"], ["=route+route"]],
+           "=lua+stage": LUA_MAIN}
+    config = parse(raw, app_dir)
+    assert [[(s.name, s.group, s.instance) for s in g] for g in config.startup] == [
+        [("=lua+stage", 0, 0), ("=index+rank", 0, 1)],
+        [("=lua+stage", 1, 2)],
+        [("=route+route", 2, 3)],
+    ]
+    assert config.startup[2][0].settings is None
+    assert config.startup[0][0].main == config.startup[1][0].main
+
+
+def test_builtin_stage_settings_merge_type_wide_objects(app_dir: Path) -> None:
+    raw = {"#startup": [["=curl+agent", "=curl+other"]],
+           "=curl": {"timeout": 1000, "user-agent": "x"}, "=curl+agent": {"timeout": 5}}
+    agent, other = parse(raw, app_dir).stages
+    assert agent.settings == {"timeout": 5, "user-agent": "x"}
+    assert other.settings == {"timeout": 1000, "user-agent": "x"}
+
+
+def test_every_server_key(app_dir: Path) -> None:
+    raw = {
+        "#startup": [["=index+rank"]],
+        "#services": {"tcp": ["0.0.0.0:8081", "[::1]:8082"]},
+        "#router": [1000, 500],
+        "#cluster": [9000, "peer.example:9000", "=10.0.0.9:9000", "udp://239.1.2.3:7000",
+                     "udp://[ff02::1]:7001"],
+        "#threads": [8, 500],
+        "#secret": "s3cret",
+        "#log": {"db": {"level": "warning", "file": "logs/db.log"}, "net": {}},
+        "#admin": {"console": "tcp:9190:interface=127.0.0.1", "http": "unix:/tmp/a.sock"},
+        "motd": {"text": "welcome"},
+    }
+    config = parse(raw, app_dir)
+    assert config.services == (HostPort("0.0.0.0", 8081), HostPort("::1", 8082))
+    assert [str(s) for s in config.services] == ["0.0.0.0:8081", "[::1]:8082"]
+    assert config.router == (1000, 500) and config.threads == (8, 500)
+    assert config.cluster.listen == 9000
+    assert config.cluster.peers == (HostPort("peer.example", 9000),)
+    assert config.cluster.backups == (HostPort("10.0.0.9", 9000),)
+    assert config.cluster.discovery == (HostPort("239.1.2.3", 7000), HostPort("ff02::1", 7001))
+    assert config.secret == "s3cret"
+    assert config.log == {"db": LogGroup("warn", str(app_dir / "logs" / "db.log")),
+                          "net": LogGroup("info", None)}
+    assert config.admin is not None and config.admin.token is None
+    assert config.admin.console == "tcp:9190:interface=127.0.0.1"
+    assert config.values == {"motd": {"text": "welcome"}}
+    assert config.raw == raw
+
+
+def test_admin_beyond_loopback_is_allowed_with_a_token(app_dir: Path) -> None:
+    raw = {"#startup": [["=index+rank"]], "#admin": {"http": "tcp:9191", "token": "t"}}
+    admin = parse(raw, app_dir).admin
+    assert admin is not None and (admin.http, admin.token) == ("tcp:9191", "t")
+
+
+@pytest.mark.parametrize(
+    ("description", "loopback"),
+    [
+        ("tcp:9190:interface=127.0.0.1", True),
+        ("tcp:9190:127.0.0.2", True),
+        (r"tcp6:9190:interface=\:\:1", True),
+        ("tcp:9190:interface=localhost", True),
+        ("9190", False),
+        ("tcp:9190", False),
+        ("tcp:9190:interface=0.0.0.0", False),
+        ("tcp:9190:interface=192.168.1.4", False),
+        ("ssl:9190:privateKey=k.pem:interface=127.0.0.1", True),
+        ("ssl:9190:k.pem:127.0.0.1", False),
+        ("unix:/run/stage.sock", True),
+        ("systemd:domain=INET:index=0", False),
+    ],
+)
+def test_endpoint_loopback_rule(description: str, loopback: bool) -> None:
+    assert endpoint_is_loopback(description, "#admin.console") is loopback
+
+
+@pytest.mark.parametrize(
+    ("written", "size"),
+    [("64k", 65536), ("2m", 2 * 1024**2), ("1g", 1024**3), ("3M", 3 * 1024**2), ("512", 512),
+     (4096, 4096), ("16mb", 16 * 1024**2)],
+)
+def test_memory_units(app_dir: Path, written: Any, size: int) -> None:
+    raw = {"#startup": [["=lua+stage"]], "=lua+stage": {**LUA_MAIN, "%memory": written}}
+    assert parse(raw, app_dir).stages[0].settings["%memory"] == size
+
+
+def test_preload_resolves_against_the_config_directory(app_dir: Path) -> None:
+    raw = {"#startup": [["=lua+stage"]], "=lua+stage": {**LUA_MAIN, "%preload": "preload"}}
+    assert parse(raw, app_dir).stages[0].settings["%preload"] == str(app_dir / "preload")
+
+
+BROKEN: list[tuple[dict[str, Any], str]] = [
+    ({}, "#startup: missing (which stages run in which process)"),
+    ({"#startup": [["=lau+x"]]}, '#startup[0][0]: unknown stage type "=lau"'),
+    ({"#startup": [["=index+a"], ["=lau+x"]]}, '#startup[1][0]: unknown stage type "=lau"'),
+    ({"#startup": "=lua+stage"}, "#startup: expected a non-empty list of process lists"),
+    ({"#startup": [[]]}, "#startup[0]: expected a non-empty list of stage names"),
+    ({"#startup": [[7]]}, "#startup[0][0]: expected a stage name, got 7"),
+    ({"#startup": [["=index"]]}, '#startup[0][0]: "=index" names no stage id (expected "=type+id")'),
+    ({"#startup": [["lua+x"]]}, '#startup[0][0]: bad stage name "lua+x" (expected "=type+id")'),
+    ({"#startup": [["=index+a:b"]]}, '#startup[0][0]: bad stage id "a:b" in "=index+a:b"'),
+    ({"#startup": [["=lua+x"]]}, '#startup[0][0]: "=lua+x" has no main script (set "=lua+x": "script")'),
+    ({"#startup": [["=lua+x"]], "=lua+x": {"=lua+x": "nothere"}},
+     '=lua+x.=lua+x: script "nothere" not found along %package ["[0]"]'),
+    ({"#startup": [["=lua+x"]], "=lua+x": "start"},
+     '=lua+x: script "start" not found along %package ["[0]"]'),
+    ({"#startup": [["=index+a"]], "#bogus": 1}, "#bogus: unknown key"),
+    ({"#startup": [["=index+a"]], "=lau+x": {}}, '=lau+x: unknown stage type "=lau"'),
+    ({"#startup": [["=index+a"]], "=lua+x": 5},
+     "=lua+x: expected a settings object or a main script name"),
+    ({"#startup": [["=index+a"]], "=lua": "start"}, '=lua: expected an object, got "start"'),
+    ({"#startup": [["=index+a"]], "=lua+x": {"=lua+y": "start"}},
+     '=lua+x.=lua+y: not a main script of "=lua+x"'),
+    ({"#startup": [["=index+a"]], "=lua": {"=luajit+y": "start"}},
+     '=lua.=luajit+y: not a main script of "=lua"'),
+    ({"#startup": [["=index+a"]], "=lua+a": {}, "lua.so+a": {}}, "lua.so+a: duplicate of '=lua+a'"),
+    ({"#startup": [["=index+a"]], "=lua": {"%memory": "lots"}},
+     '=lua.%memory: expected a size such as 256m, got "lots"'),
+    ({"#startup": [["=index+a"]], "=lua": {"%memory": 0}},
+     "=lua.%memory: expected a size such as 256m, got 0"),
+    ({"#startup": [["=index+a"]], "=lua": {"%budget": 0}},
+     "=lua.%budget: expected milliseconds (an integer above 0)"),
+    ({"#startup": [["=index+a"]], "=lua": {"%package": [1]}},
+     "=lua.%package: expected a list of directories"),
+    ({"#startup": [["=index+a"]], "=lua": {"%recheck": [1]}},
+     "=lua.%recheck: expected [integer, integer], each at least 0"),
+    ({"#startup": [["=lua+x"]], "=lua+x": {"%package": ["lua"], "%preload": "gone", "=lua+x": "start"}},
+     '#startup[0][0]: %preload "APP/gone" does not exist'),
+    ({"#startup": [["=index+a"]], "#router": [1500]},
+     "#router: expected [integer, integer], each at least 1"),
+    ({"#startup": [["=index+a"]], "#threads": ["4", 10]},
+     "#threads: expected [integer, integer], each at least 1"),
+    ({"#startup": [["=index+a"]], "#threads": [True, 10]},
+     "#threads: expected [integer, integer], each at least 1"),
+    ({"#startup": [["=index+a"]], "#cluster": [9000, "nohostport"]},
+     '#cluster[1]: bad address "nohostport" (expected "host:port")'),
+    ({"#startup": [["=index+a"]], "#cluster": [9000, 9001]},
+     "#cluster[1]: a second listening port (9000 is already set)"),
+    ({"#startup": [["=index+a"]], "#cluster": [70000]}, "#cluster[0]: port out of range: 70000"),
+    ({"#startup": [["=index+a"]], "#cluster": ["udp://10.0.0.1:7000"]},
+     '#cluster[0]: "10.0.0.1" is not a multicast group address'),
+    ({"#startup": [["=index+a"]], "#cluster": {"peer": 1}}, "#cluster: expected a list"),
+    ({"#startup": [["=index+a"]], "#services": {"udp": ["0.0.0.0:1"]}},
+     '#services.udp: unknown protocol (only "tcp")'),
+    ({"#startup": [["=index+a"]], "#services": {"tcp": ["0.0.0.0:99999"]}},
+     '#services.tcp[0]: bad address "0.0.0.0:99999" (expected "host:port")'),
+    ({"#startup": [["=index+a"]], "#services": {"tcp": ["a:1", "a:1"]}},
+     "#services.tcp[1]: a:1 is listed twice"),
+    ({"#startup": [["=index+a"]], "#secret": ""}, '#secret: expected a non-empty string, got ""'),
+    ({"#startup": [["=index+a"]], "#log": {"db": {"level": "loud"}}},
+     '#log.db.level: unknown level "loud"'),
+    ({"#startup": [["=index+a"]], "#log": {"db": {"lvl": "info"}}}, "#log.db.lvl: unknown key"),
+    ({"#startup": [["=index+a"]], "#admin": {"console": "tcp:9190"}},
+     '#admin.console: listens beyond loopback without #admin.token '
+     '(add a token or ":interface=127.0.0.1")'),
+    ({"#startup": [["=index+a"]], "#admin": {"http": "tcp:9190:interface=0.0.0.0"}},
+     '#admin.http: listens beyond loopback without #admin.token '
+     '(add a token or ":interface=127.0.0.1")'),
+    ({"#startup": [["=index+a"]], "#admin": {"console": "tcp:abc", "token": "t"}},
+     '#admin.console: bad endpoint "tcp:abc": port must be an integer'),
+    ({"#startup": [["=index+a"]], "#admin": {"shell": "tcp:1"}}, "#admin.shell: unknown key"),
+]
+
+
+@pytest.mark.parametrize(("raw", "message"), BROKEN, ids=[m.split(":")[0] for _, m in BROKEN])
+def test_broken_config_gives_one_line_naming_the_path(
+    app_dir: Path, raw: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(raw, app_dir)
+    assert str(caught.value) == message.replace("APP", str(app_dir))
+    assert "\n" not in str(caught.value)
+
+
+def test_load_config_resolves_relative_paths_against_the_file(
+    app_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    (app_dir / "stage.json").write_text(
+        json.dumps({"#startup": [["=lua+stage"]], "=lua+stage": LUA_MAIN})
+    )
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    config = load_config(str(app_dir / "stage.json"))
+    assert config.base_dir == str(app_dir)
+    assert config.stages[0].main == str(app_dir / "lua" / "start.lua")
+
+
+def test_load_config_from_stdin_resolves_against_the_current_directory(
+    app_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(app_dir)
+    monkeypatch.setattr("sys.stdin", io.StringIO(
+        json.dumps({"#startup": [["=lua+stage"]], "=lua+stage": LUA_MAIN})
+    ))
+    config = load_config("-")
+    assert config.base_dir == str(app_dir)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"#startup": [', "stage.json:1:15: invalid JSON: Expecting value"),
+        ("[1, 2]", "stage.json: the configuration must be a JSON object"),
+    ],
+)
+def test_load_config_reports_unreadable_json(app_dir: Path, text: str, message: str) -> None:
+    path = app_dir / "stage.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert str(caught.value) == f"{app_dir}/{message}"
+
+
+def test_load_config_reports_a_missing_file(app_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^.*missing\.json: cannot read: .*No such file"):
+        load_config(str(app_dir / "missing.json"))
+
+
+def test_default_config_of_the_repository_is_valid() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    config = load_config(str(repo / "etc" / "stage.json"))
+    assert [stage.name for stage in config.stages] == ["=lua+stage"]
+    assert config.stages[0].main == str(repo / "lua" / "start.lua")
