@@ -94,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="also write the results here")
     p.add_argument("--compare", metavar="OLD.json", help="add a column with the change vs that run")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every count (smoke tests use 0.001)")
+    p.add_argument("--results", metavar="DIR", default=RESULTS, help="where the timestamped JSON goes")
     a = p.parse_args(argv)
     old = report.load_rows(a.compare) if a.compare else None
     budget.configure(a.quick, a.scale)
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     clock = time.monotonic()
     rows = run_all(select(a.only), a.quick)
     doc = report.document(rows, started.isoformat(timespec="seconds"), time.monotonic() - clock, a.quick)
-    paths = [os.path.join(RESULTS, started.strftime("%Y%m%dT%H%M%SZ") + ".json")]
+    paths = [os.path.join(a.results, started.strftime("%Y%m%dT%H%M%SZ") + ".json")]
     if a.json:
         paths.append(a.json)
     for path in paths:
