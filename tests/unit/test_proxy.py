@@ -206,7 +206,7 @@ def test_proxy_over_a_proxy_chains_watchers(lua: Any) -> None:
 ERROR_CASES = [
     ("error-call", "error('boom')", "watchers.lua:3: boom"),
     ("error-level-0", "error('boom', 0)", "watchers.lua:3: boom"),
-    ("runtime-error", "local x = nil; return x + 1", "watchers.lua:3: attempt to perform arithmetic"),
+    ("runtime-error", "local x = nil; return x + 1", "watchers.lua:3: attempt to perform"),
     ("c-function-error", "local s = string.rep()", "watchers.lua:3: bad argument #1 to"),
 ]
 
