@@ -1,0 +1,1 @@
+"""The index stage's core: ranked boards (``board``), requests (``commands``), durability (``store``)."""

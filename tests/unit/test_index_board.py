@@ -1,0 +1,205 @@
+"""The pure ranked structure and the request executor over it (SPEC 4.1), without files."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from stagetx.index.board import Board
+from stagetx.index.commands import Executor, RequestError, parse_key
+
+
+class MemoryBoards:
+    """``commands.Boards`` in memory, remembering which members changed."""
+
+    def __init__(self) -> None:
+        self.boards: dict[bytes, Board] = {}
+        self.changes: list[tuple[bytes, bytes]] = []
+
+    def board(self, name: bytes, create: bool) -> Board | None:
+        if create and name not in self.boards:
+            self.boards[name] = Board()
+        return self.boards.get(name)
+
+    def changed(self, name: bytes, board: Board, member: bytes) -> None:
+        self.changes.append((name, member))
+
+    def check_value(self, value: Any) -> None:
+        if isinstance(value, set):
+            raise RequestError("value cannot be stored")
+
+
+@pytest.fixture
+def boards() -> MemoryBoards:
+    return MemoryBoards()
+
+
+@pytest.fixture
+def run(boards: MemoryBoards):
+    executor = Executor(boards, key_size=8)
+    return executor.run
+
+
+def _set(run, board: str, **scores: int) -> dict:
+    return run({f"set:{board}".encode(): {k.encode(): {b"v": k.upper().encode(), b"i": s} for k, s in scores.items()}})
+
+
+def test_larger_score_ranks_higher_and_set_replies_new_rank(run) -> None:
+    assert _set(run, "b", alice=10) == {b"set:b": {b"alice": 1}}
+    assert _set(run, "b", bob=20) == {b"set:b": {b"bob": 1}}
+    assert _set(run, "b", carol=15) == {b"set:b": {b"carol": 2}}
+    reply = run({b"get:b": [b"alice", b"bob", b"carol"]})[b"get:b"]
+    assert {member: entry["I"][1]["d"] for member, entry in reply.items()} == {b"bob": 1, b"carol": 2, b"alice": 3}
+    assert reply[b"alice"] == {"v": b"ALICE", "I": {1: {"i": 10, "d": 3}}}
+
+
+def test_unchanged_score_replies_zero_but_updates_value(run) -> None:
+    _set(run, "b", alice=10)
+    reply = run({b"set:b": {b"alice": {b"v": b"new", b"i": 10}}})
+    assert reply == {b"set:b": {b"alice": 0}}
+    assert run({b"get:b": [b"alice"]})[b"get:b"][b"alice"]["v"] == b"new"
+
+
+def test_ties_rank_the_earlier_set_first_and_a_moved_member_goes_behind(run) -> None:
+    _set(run, "b", first=5)
+    _set(run, "b", second=5)
+    assert _set(run, "b", third=5) == {b"set:b": {b"third": 3}}
+    _set(run, "b", first=6)
+    assert _set(run, "b", first=5) == {b"set:b": {b"first": 3}}  # re-entering the tie: last
+    rows = run({b"forEach:b": [1, 10]})[b"forEach:b"]
+    assert [row["k"] for row in rows] == [b"second", b"third", b"first"]
+
+
+def test_tiers_are_independent_and_unscored_members_are_not_ranked(run) -> None:
+    run({b"set:b/2": {b"a": {b"i": 1}, b"b": {b"I": {2: 3, 3: 7}}}})
+    assert run({b"total:b": True, b"total:b/2": True, b"total:b/3": True}) == {
+        b"total:b": 0,
+        b"total:b/2": 2,
+        b"total:b/3": 1,
+    }
+    got = run({b"get:b": [b"a", b"b"]})[b"get:b"]
+    assert got[b"a"] == {"I": {2: {"i": 1, "d": 2}}}
+    assert got[b"b"] == {"I": {2: {"i": 3, "d": 1}, 3: {"i": 7, "d": 1}}}
+    assert run({b"forEach:b/1": [1, 5]})[b"forEach:b/1"] == []
+
+
+def test_I_as_a_sequence_sets_tiers_in_order(run) -> None:
+    assert run({b"set:b/3": {b"m": {b"I": [1, 2, 3, 4]}}}) == {b"set:b/3": {b"m": 1}}
+    got = run({b"get:b": [b"m"]})[b"get:b"][b"m"]["I"]
+    assert [got[t]["i"] for t in (1, 2, 3, 4)] == [1, 2, 3, 4]
+
+
+@pytest.fixture
+def ten(run):
+    """Members m0..m9 with score 10*i: m9 has rank 1, m0 rank 10."""
+    run({b"set:b": {f"m{i}".encode(): {b"i": 10 * i} for i in range(10)}})
+    return run
+
+
+def test_range_by_score_starts_at_the_highest_score_not_above(ten) -> None:
+    rows = ten({b"range:b": [55, 3]})[b"range:b"]
+    assert [(r["k"], r["i"], r["d"]) for r in rows] == [(b"m5", 50, 5), (b"m4", 40, 6), (b"m3", 30, 7)]
+    assert [r["k"] for r in ten({b"range:b": [50, 2]})[b"range:b"]] == [b"m5", b"m4"]
+    assert ten({b"range:b": [-1, 5]})[b"range:b"] == []
+    assert [r["d"] for r in ten({b"range:b": [1000, 2]})[b"range:b"]] == [1, 2]
+
+
+def test_range_around_a_member_with_delta_and_count(ten) -> None:
+    # m5 has rank 5: start 2 ranks above it, 4 entries.
+    assert [r["d"] for r in ten({b"range:b": [b"m5", 2, 4]})[b"range:b"]] == [3, 4, 5, 6]
+    # never above rank 1
+    assert [r["d"] for r in ten({b"range:b": [b"m8", 5, 3]})[b"range:b"]] == [1, 2, 3]
+
+
+def test_range_with_delta_only_puts_the_member_in_the_middle(ten) -> None:
+    assert [r["d"] for r in ten({b"range:b": [b"m4", 5]})[b"range:b"]] == [4, 5, 6, 7, 8]
+    assert [r["d"] for r in ten({b"range:b": [b"m9", 4]})[b"range:b"]] == [1, 2, 3, 4]
+    assert [r["d"] for r in ten({b"range:b": [b"m0", 4]})[b"range:b"]] == [8, 9, 10]
+    assert ten({b"range:b": [b"nobody", 4]})[b"range:b"] == []
+
+
+def test_forEach_pages_from_a_rank(ten) -> None:
+    rows = ten({b"forEach:b": [9, 5]})[b"forEach:b"]
+    assert [(r["k"], r["d"]) for r in rows] == [(b"m1", 9), (b"m0", 10)]
+    assert ten({b"forEach:b": [11, 5]})[b"forEach:b"] == []
+    assert ten({b"forEach:b": [1, 0]})[b"forEach:b"] == []
+
+
+def test_delete_removes_the_member_from_every_tier(run, boards) -> None:
+    run({b"set:b": {b"a": {b"I": [5, 6]}, b"b": {b"i": 1}}})
+    assert run({b"del:b": [b"a", b"ghost"]}) == {b"del:b": 1}
+    assert run({b"get:b": [b"a", b"b"]})[b"get:b"].keys() == {b"b"}
+    assert run({b"total:b/2": 0, b"total:b": 0}) == {b"total:b/2": 0, b"total:b": 1}
+    assert boards.changes[-1] == (b"b", b"a")
+
+
+def test_writes_run_before_reads_unless_ordered(run) -> None:
+    reply = run({b"get:b": [b"a"], b"set:b": {b"a": {b"i": 1}}})
+    assert reply[b"get:b"][b"a"]["I"][1]["d"] == 1
+    reply = run({b"#2.del:b": [b"a"], b"#1.get:b": [b"a"], b"#3.get:b": [b"a"]})
+    assert reply[b"#1.get:b"].keys() == {b"a"}
+    assert reply[b"#3.get:b"] == {}
+    assert reply[b"#2.del:b"] == 1
+
+
+@pytest.mark.parametrize(
+    "key, argument",
+    [
+        (b"explode:b", []),
+        (b"set:b/5", {b"a": {b"i": 1}}),
+        (b"set:b/0", {b"a": {b"i": 1}}),
+        (b"set:b/x", {b"a": {b"i": 1}}),
+        (b"get", [b"a"]),
+        (b"get:", [b"a"]),
+        (b"#x.get:b", [b"a"]),
+        (b"set:b", {b"toolongkey": {b"i": 1}}),
+        (b"set:b", {b"a": {b"i": b"high"}}),
+        (b"set:b", {b"a": {b"i": float("nan")}}),
+        (b"set:b", {b"a": {b"I": {7: 1}}}),
+        (b"set:b", {b"a": 3}),
+        (b"set:b", {b"a": {b"v": {1, 2}}}),
+        (b"set:b", [1, 2]),
+        (b"get:b", b"a"),
+        (b"range:b", [1]),
+        (b"range:b", [b"a", b"x"]),
+        (b"forEach:b", [1]),
+        (1, [b"a"]),
+    ],
+)
+def test_a_bad_entry_gets_an_error_and_the_others_still_run(run, key, argument) -> None:
+    reply = run({key: argument, b"set:ok": {b"fine": {b"i": 1}}})
+    assert set(reply[key]) == {"error"} and reply[key]["error"]
+    assert reply[b"set:ok"] == {b"fine": 1}
+
+
+def test_a_rejected_set_changes_nothing(run, boards) -> None:
+    run({b"set:b": {b"good": {b"i": 1}, b"bad": {b"i": b"x"}}})
+    assert run({b"total:b": 0})[b"total:b"] == 0
+    assert boards.changes == []
+
+
+def test_parse_key_reads_order_name_and_tier() -> None:
+    command = parse_key(b"#12.range:top/scores/3")
+    assert (command.op, command.name, command.tier, command.order) == (b"range", b"top/scores", 3, (0, 12))
+    assert parse_key("get:b").tier == 1
+
+
+def test_ranks_match_a_sorted_model_under_random_updates() -> None:
+    rng = random.Random(7)
+    board = Board()
+    model: dict[bytes, tuple[int, int]] = {}  # member -> (score, time of last score change)
+    for step in range(3000):
+        member = b"m%d" % rng.randrange(200)
+        if rng.random() < 0.1:
+            board.delete(member)
+            model.pop(member, None)
+            continue
+        score = rng.randrange(50)
+        if board.set(member, {1: score}, None, False):
+            model[member] = (score, step)
+    expected = sorted(model, key=lambda m: (-model[m][0], model[m][1]))
+    tier = board.tier(1)
+    assert [key[2] for _, key in tier.slice(1, len(expected))] == expected
+    assert all(tier.rank(m) == i for i, m in enumerate(expected, 1))
