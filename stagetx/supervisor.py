@@ -1,0 +1,402 @@
+"""The supervisor: one child process per ``#startup`` group, restarted with back-off when it crashes.
+
+Our own small service over ``spawnProcess`` rather than ``twisted.runner.procmon``: the children
+must inherit the ``#services`` listening sockets (``childFDs``) and the environment, must get the
+bootstrap line on stdin (docs/internals.md), and may log lines of any length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+import stagetx
+from stagetx.config import HostPort, ServerConfig
+
+CHILD_COMMAND: tuple[str, ...] = (sys.executable, "-m", "stagetx.child")
+FIRST_SERVICE_FD = 3
+MAX_LINE = 1 << 20  # a longer line is relayed in pieces of this size, so memory stays bounded
+
+_childLog = Logger(namespace="stagetx.child")
+
+
+@attrs.frozen
+class ChildStatus:
+    """What the admin console shows for one group: pid (None while down), start time, restarts."""
+
+    group: int
+    pid: int | None
+    started: float | None
+    restarts: int
+
+
+class LineRelay:
+    """Cuts a byte stream into text lines for the log, however long they are."""
+
+    def __init__(self, emit: Callable[[str], None], max_line: int = MAX_LINE) -> None:
+        self._emit = emit
+        self._max_line = max_line
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> None:
+        """Add received bytes; emit every complete line (and over-long partial ones)."""
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        for line in lines:
+            self._emit(line.rstrip(b"\r").decode("utf-8", "replace"))
+        while len(self._buffer) >= self._max_line:
+            piece, self._buffer = self._buffer[: self._max_line], self._buffer[self._max_line :]
+            self._emit(piece.decode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        """Emit what is left after the stream ended without a final newline."""
+        if self._buffer:
+            self._emit(self._buffer.rstrip(b"\r").decode("utf-8", "replace"))
+            self._buffer = b""
+
+
+class _ChildProtocol(ProcessProtocol):
+    """One child process: writes the bootstrap line, relays its output, reports its exit."""
+
+    def __init__(self, supervisor: Supervisor, group: int, bootstrap: bytes) -> None:
+        self.group = group
+        self.pid: int | None = None
+        self._supervisor = supervisor
+        self._bootstrap = bootstrap
+        self._out = LineRelay(self._relay("info"))
+        self._err = LineRelay(self._relay("warn"))
+
+    def _relay(self, level: str) -> Callable[[str], None]:
+        def emit(line: str) -> None:
+            getattr(_childLog, level)(
+                "g{group}[{pid}] {line}", group=self.group, pid=self.pid, line=line
+            )
+
+        return emit
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid  # type: ignore[union-attr]
+        self.transport.write(self._bootstrap)  # type: ignore[union-attr]
+
+    def outReceived(self, data: bytes) -> None:
+        self._out.feed(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._err.feed(data)
+
+    def outConnectionLost(self) -> None:
+        self._out.flush()
+
+    def errConnectionLost(self) -> None:
+        self._err.flush()
+
+    def processExited(self, reason: Failure) -> None:
+        self._supervisor._exited(self, reason)
+
+    def signal(self, name: str) -> None:
+        """Send signal ``name`` ("TERM", "KILL") unless the process is already gone."""
+        try:
+            self.transport.signalProcess(name)  # type: ignore[union-attr]
+        except error.ProcessExitedAlready:
+            pass
+
+
+@attrs.define
+class _Slot:
+    """The supervisor's state for one group: its current process and back-off."""
+
+    group: int
+    delay: float
+    process: _ChildProtocol | None = None
+    started: float | None = None
+    restarts: int = 0
+    pending: IDelayedCall | None = None  # a scheduled restart
+    killer: IDelayedCall | None = None  # SIGKILL after the grace period
+    respawn: bool = False  # restart at once when the current process exits
+    exits: list[defer.Deferred[None]] = attrs.field(factory=list)
+    spawns: list[defer.Deferred[int]] = attrs.field(factory=list)
+
+
+class Supervisor(service.Service):
+    """Runs the ``#startup`` groups of ``config`` as child processes.
+
+    ``clock`` and ``spawner`` default to the global reactor; ``child_command`` (default
+    ``CHILD_COMMAND``, looked up when the supervisor is made) is the argv of a child; a crashed child is restarted after ``backoff[0]`` seconds, doubling up to
+    ``backoff[1]``, back to the start once a child stayed up ``stable_after`` seconds.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        args: Sequence[str] = (),
+        clock: IReactorTime | None = None,
+        spawner: IReactorProcess | None = None,
+        child_command: Sequence[str] | None = None,
+        backoff: tuple[float, float] = (1.0, 60.0),
+        stable_after: float = 60.0,
+        grace: float = 10.0,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self._args = list(args)
+        self._clock = clock
+        self._spawner = spawner
+        self._command = list(child_command or CHILD_COMMAND)
+        self._backoff = backoff
+        self._stable_after = stable_after
+        self._grace = grace
+        self._env = child_environment(os.environ if environ is None else environ)
+        self._slots = [_Slot(group, backoff[0]) for group in range(len(config.startup))]
+        self._sockets: list[socket.socket] | None = None
+        self._rundir: str | None = None
+        self._secret = ""
+        self._server_id = ""
+
+    @property
+    def rundir(self) -> str | None:
+        """The directory of this run's UNIX sockets (exists while the service runs)."""
+        return self._rundir
+
+    @property
+    def sockets(self) -> Sequence[socket.socket]:
+        """The shared ``#services`` listening sockets, in config order."""
+        return list(self._sockets or ())
+
+    def privilegedStartService(self) -> None:
+        """Open the ``#services`` sockets before twistd drops privileges."""
+        super().privilegedStartService()
+        self._open_services()
+
+    def startService(self) -> None:
+        super().startService()
+        self._open_services()
+        for notice in self.config.notices:
+            self.log.warn("config: {notice}", notice=notice)
+        self._rundir = tempfile.mkdtemp(prefix="stagetx-")
+        secret = self.config.secret
+        self._secret = secret.encode("utf-8").hex() if secret else os.urandom(32).hex()
+        self._server_id = os.urandom(8).hex()
+        for slot in self._slots:
+            self._spawn(slot)
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Terminate every child (SIGTERM, SIGKILL after the grace period); fires when all are gone."""
+        super().stopService()
+        waits = []
+        for slot in self._slots:
+            if slot.pending is not None and slot.pending.active():
+                slot.pending.cancel()
+            slot.pending = None
+            if slot.process is not None:
+                exited: defer.Deferred[None] = defer.Deferred()
+                slot.exits.append(exited)
+                waits.append(exited)
+                self._terminate(slot)
+        done = defer.gatherResults(waits)
+        done.addBoth(self._cleanup)
+        return done
+
+    def restart(self, group: int) -> defer.Deferred[int]:
+        """Restart group ``group`` now (terminating its process first); fires with the new pid."""
+        slot = self._slots[group]
+        spawned: defer.Deferred[int] = defer.Deferred()
+        slot.spawns.append(spawned)
+        if slot.process is not None:
+            slot.respawn = True
+            self._terminate(slot)
+        else:
+            if slot.pending is not None and slot.pending.active():
+                slot.pending.cancel()
+            slot.restarts += 1
+            self._spawn(slot)
+        return spawned
+
+    def status(self) -> list[ChildStatus]:
+        """One ``ChildStatus`` per group, in group order."""
+        return [
+            ChildStatus(
+                slot.group,
+                slot.process.pid if slot.process else None,
+                slot.started if slot.process else None,
+                slot.restarts,
+            )
+            for slot in self._slots
+        ]
+
+    def bootstrap(self, group: int) -> dict[str, Any]:
+        """The bootstrap object written to group ``group``'s stdin (docs/internals.md)."""
+        return {
+            "config": self.config.raw,
+            "base_dir": self.config.base_dir,
+            "group": group,
+            "secret": self._secret,
+            "rundir": self._rundir,
+            "services": {
+                str(address): FIRST_SERVICE_FD + index
+                for index, address in enumerate(self.config.services)
+            },
+            "args": self._args,
+            "server_id": self._server_id,
+        }
+
+    def _open_services(self) -> None:
+        if self._sockets is not None:
+            return
+        opened: list[socket.socket] = []
+        try:
+            for address in self.config.services:
+                opened.append(_listen(address))
+        except SystemExit:
+            for sock in opened:
+                sock.close()
+            raise
+        self._sockets = opened
+
+    def _reactor_clock(self) -> IReactorTime:
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = reactor  # type: ignore[assignment]
+        return self._clock  # type: ignore[return-value]
+
+    def _reactor_spawner(self) -> IReactorProcess:
+        if self._spawner is None:
+            from twisted.internet import reactor
+
+            self._spawner = reactor  # type: ignore[assignment]
+        return self._spawner  # type: ignore[return-value]
+
+    def _spawn(self, slot: _Slot) -> None:
+        slot.pending = None
+        line = json.dumps(self.bootstrap(slot.group)).encode("utf-8") + b"\n"
+        protocol = _ChildProtocol(self, slot.group, line)
+        fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+        for index, sock in enumerate(self._sockets or ()):
+            fds[FIRST_SERVICE_FD + index] = sock.fileno()
+        try:
+            self._reactor_spawner().spawnProcess(
+                protocol, self._command[0], self._command, env=self._env, childFDs=fds
+            )
+        except Exception:
+            self.log.failure("group {group}: cannot start {command}", group=slot.group,
+                             command=self._command)
+            self._schedule_restart(slot)
+            return
+        slot.process = protocol
+        slot.started = self._reactor_clock().seconds()
+        self.log.info("group {group} started, pid {pid}", group=slot.group, pid=protocol.pid)
+        spawns, slot.spawns = slot.spawns, []
+        for spawned in spawns:
+            spawned.callback(protocol.pid)
+
+    def _terminate(self, slot: _Slot) -> None:
+        assert slot.process is not None
+        slot.process.signal("TERM")
+        if slot.killer is None or not slot.killer.active():
+            slot.killer = self._reactor_clock().callLater(self._grace, self._kill, slot)
+
+    def _kill(self, slot: _Slot) -> None:
+        slot.killer = None
+        if slot.process is not None:
+            self.log.warn("group {group} pid {pid} ignored SIGTERM for {grace}s: SIGKILL",
+                          group=slot.group, pid=slot.process.pid, grace=self._grace)
+            slot.process.signal("KILL")
+
+    def _exited(self, protocol: _ChildProtocol, reason: Failure) -> None:
+        slot = self._slots[protocol.group]
+        if slot.process is not protocol:
+            return
+        slot.process = None
+        if slot.killer is not None and slot.killer.active():
+            slot.killer.cancel()
+        slot.killer = None
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        how = f"signal {_signal_name(sig)}" if sig is not None else f"exit code {code}"
+        self.log.info("group {group} pid {pid} ended: {how}", group=slot.group,
+                      pid=protocol.pid, how=how)
+        exits, slot.exits = slot.exits, []
+        for exited in exits:
+            exited.callback(None)
+        if not self.running:
+            return
+        if slot.respawn:
+            slot.respawn = False
+            slot.restarts += 1
+            self._spawn(slot)
+        elif code != 0 or sig is not None:
+            uptime = self._reactor_clock().seconds() - (slot.started or 0.0)
+            if uptime >= self._stable_after:
+                slot.delay = self._backoff[0]
+            self._schedule_restart(slot)
+
+    def _schedule_restart(self, slot: _Slot) -> None:
+        delay = slot.delay
+        slot.delay = min(delay * 2, self._backoff[1])
+        self.log.info("group {group} restarts in {delay}s", group=slot.group, delay=delay)
+        slot.pending = self._reactor_clock().callLater(delay, self._respawn, slot)
+
+    def _respawn(self, slot: _Slot) -> None:
+        slot.restarts += 1
+        self._spawn(slot)
+
+    def _cleanup(self, result: object) -> None:
+        for sock in self._sockets or ():
+            sock.close()
+        self._sockets = None
+        if self._rundir is not None:
+            shutil.rmtree(self._rundir, ignore_errors=True)
+            self._rundir = None
+        return None
+
+
+def child_environment(base: Mapping[str, str]) -> dict[str, str]:
+    """``base`` plus ``PYTHONPATH`` leading to this ``stagetx``, so children import the same code."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(stagetx.__file__)))
+    env = dict(base)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, base.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"  # child log lines reach the supervisor as they are written
+    return env
+
+
+def _listen(address: HostPort) -> socket.socket:
+    """A non-blocking listening TCP socket on ``address``, for the children to accept on."""
+    sock = None
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(socket.SOMAXCONN)
+    except OSError as err:
+        if sock is not None:
+            sock.close()
+        raise SystemExit(f"stage: #services: cannot listen on {address}: {err}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
