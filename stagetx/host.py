@@ -1,0 +1,187 @@
+"""One child process of a server: the stages of its ``#startup`` group, their router and links.
+
+``ProcessHost`` is the service tree of a child; ``StageHost`` is what one stage sees of it (the
+``StageContext`` of ``stagetx.stages.base``); ``ProcessServices`` is the state all stages and
+sandboxes of the process share (``stage.once``/``stage.v``, config values, the process title).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Sequence
+
+import setproctitle
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from stagetx.address import Address, parse_target
+from stagetx.codec import pack_py
+from stagetx.config import ServerConfig, StageConfig
+from stagetx.message import Message, Sender
+from stagetx.router import Result, Router
+from stagetx.shared import ProcessShared
+from stagetx.stages import stage_class
+
+
+class ProcessServices:
+    """What every stage and worker sandbox of one process shares."""
+
+    def __init__(self, config: ServerConfig, group: int, args: Sequence[str], server_id: str) -> None:
+        self.config = config
+        self.group = group
+        self.args = list(args)
+        self.server_id = server_id
+        self.shared = ProcessShared()
+        self._lock = threading.Lock()
+        self._values = {name: pack_py((value,)) for name, value in config.values.items()}
+        self._written: dict[str, bytes | None] = {}
+
+    def config_value(self, name: str, settings: Any) -> bytes | None:
+        """``process["$NAME"]``: a value written at run time, else the stage's setting, else the config's."""
+        with self._lock:
+            if name in self._written:
+                return self._written[name]
+            if isinstance(settings, dict) and name in settings:
+                return pack_py((settings[name],))
+            return self._values.get(name)
+
+    def set_config_value(self, name: str, payload: bytes | None) -> None:
+        with self._lock:
+            self._written[name] = payload
+
+    def replace_config_values(self, values: dict[str, bytes]) -> None:
+        """``process["$"] = json``: the new values replace the config's and earlier writes."""
+        with self._lock:
+            self._values = dict(values)
+            self._written.clear()
+
+    @staticmethod
+    def title() -> str:
+        return setproctitle.getproctitle()
+
+    @staticmethod
+    def set_title(title: str) -> None:
+        setproctitle.setproctitle(title)
+
+
+class StageHost(Service):
+    """One stage of this process: its context (for the stage) and its receiver (for the router)."""
+
+    def __init__(self, config: StageConfig, process: ProcessServices, router: Router, clock: IReactorTime) -> None:
+        self.config = config
+        self.name = config.name
+        self.stage_id = config.id
+        self.instance = config.instance
+        self.settings = config.settings
+        self.process = process
+        self.router = router
+        self.clock = clock
+        self.base_dir = process.config.base_dir
+        self.log = Logger(namespace=f"stage.{config.id}")
+        self.sender = Sender(process.server_id, process.group, config.id, config.instance)
+        self.received = 0
+        self.sent = 0
+        self.errors = 0
+        self.busy = 0.0
+        self.stage = stage_class(config.type)(self, config)
+
+    # -- StageContext -----------------------------------------------------------------------------
+    def resolve_path(self, path: str) -> str:
+        return os.path.normpath(os.path.join(self.base_dir, path))
+
+    def send(self, target: Any, *values: Any, reply_to: str | None = None) -> Result:
+        return self.send_payload(parse_target(target), pack_py(values), reply_to)
+
+    def reply(self, message: Message, *values: Any) -> None:
+        if message.reply is not None:
+            self.send(message.reply, *values)
+
+    def send_payload(self, address: Address, payload: bytes, reply_to: str | None = None) -> Result:
+        self.sent += 1
+        return self.router.send(self.sender, address, payload, reply_to)
+
+    def logger_for(self, group: str) -> Logger:
+        return Logger(namespace=group)
+
+    def count_error(self) -> None:
+        self.errors += 1
+
+    # -- Receiver ---------------------------------------------------------------------------------
+    def receive(self, message: Message) -> None:
+        self.received += 1
+        started = time.perf_counter()
+        try:
+            self.stage.receive(message)
+        finally:
+            self.busy += time.perf_counter() - started
+
+    # -- Service ----------------------------------------------------------------------------------
+    def startService(self) -> Deferred[None]:  # type: ignore[override]
+        Service.startService(self)
+        return maybeDeferred(self.stage.start)
+
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+        Service.stopService(self)
+        return maybeDeferred(self.stage.stop)
+
+
+class ProcessHost(MultiService):
+    """The service tree of the child process that hosts ``#startup`` group ``group``."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        group: int,
+        clock: IReactorTime,
+        server_id: str = "local",
+        args: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.group = group
+        placement = [(s.id, s.group) for s in config.stages]
+        self.router = Router(server_id, group, placement, clock)
+        self.process = ProcessServices(config, group, args, server_id)
+        self.stages = [StageHost(s, self.process, self.router, clock) for s in config.startup[group]]
+        for stage in self.stages:
+            self.router.attach(stage)
+
+    def startService(self) -> Deferred[None]:  # type: ignore[override]
+        """Start the stages one after another, in config order; a failing stage is logged and skipped."""
+        MultiService.startService(self)
+        done: Deferred[None] = Deferred()
+
+        def start(index: int) -> None:
+            if index == len(self.stages):
+                self.log.info("group {group} ready: {stages}", group=self.group + 1, stages=[s.name for s in self.stages])
+                done.callback(None)
+                return
+            stage = self.stages[index]
+            d = stage.startService()
+            d.addErrback(lambda f: self.log.failure("stage {name} failed to start", f, name=stage.name))
+            d.addBoth(lambda _: start(index + 1))
+
+        start(0)
+        return done
+
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+        Service.stopService(self)
+        d: Deferred[None] = Deferred()
+
+        def stop(index: int) -> None:
+            if index < 0:
+                d.callback(None)
+                return
+            stage = self.stages[index]
+            s = stage.stopService()
+            s.addErrback(lambda f: self.log.failure("stage {name} failed to stop", f, name=stage.name))
+            s.addBoth(lambda _: stop(index - 1))
+
+        stop(len(self.stages) - 1)
+        return d

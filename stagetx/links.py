@@ -1,0 +1,163 @@
+"""Links between the processes of one server: UNIX sockets in the run directory, full mesh.
+
+Each process listens on ``RUNDIR/gN.sock`` and keeps one outbound link to every other process
+(reconnecting with back-off while that process restarts); it sends on its outbound links and
+receives on the inbound ones, so each direction of a pair is one ordered stream. Frames for a
+process that is not connected wait in a bounded queue; past the bound, ``send`` reports it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Any
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from stagetx.router import Result, Router
+from stagetx.wire import Link, LinkClientFactory, LinkServerFactory
+
+#: Frames kept for a process that is down (restarting); more are refused with a reason.
+PENDING_LIMIT = 100_000
+#: How often each process tells the others its queue delay (s).
+DELAY_INTERVAL = 0.1
+
+
+def socket_path(rundir: str, group: int) -> str:
+    return os.path.join(rundir, f"g{group}.sock")
+
+
+def node_id(group: int) -> str:
+    return f"g{group}"
+
+
+def _group_of(peer_id: str) -> int | None:
+    if peer_id.startswith("g") and peer_id[1:].isdigit():
+        return int(peer_id[1:])
+    return None
+
+
+class _Inbound:
+    """Frames arriving from other processes go to the router."""
+
+    def __init__(self, links: ProcessLinks) -> None:
+        self.links = links
+
+    def link_authenticated(self, link: Link) -> None:
+        pass
+
+    def message_received(self, link: Link, obj: Any) -> None:
+        group = _group_of(link.peer_id)
+        if group is None:
+            self.links.log.warn("frame from unknown peer {peer!r} ignored", peer=link.peer_id)
+            return
+        self.links.router.frame_received(group, obj)
+
+    def link_lost(self, link: Link, reason: object) -> None:
+        pass
+
+
+class _Outbound:
+    """The sending side of the link to one process."""
+
+    def __init__(self, links: ProcessLinks, group: int) -> None:
+        self.links = links
+        self.group = group
+
+    def link_authenticated(self, link: Link) -> None:
+        if link.peer_id != node_id(self.group):
+            self.links.log.error("process link to group {group} answered as {peer!r}; dropped", group=self.group, peer=link.peer_id)
+            link.transport.loseConnection()
+            return
+        self.links.connected(self.group, link)
+
+    def message_received(self, link: Link, obj: Any) -> None:
+        self.links.log.warn("unexpected frame on outbound link to group {group}", group=self.group)
+
+    def link_lost(self, link: Link, reason: object) -> None:
+        self.links.disconnected(self.group, link)
+
+
+class ProcessLinks(MultiService):
+    """The mesh of links from this process to the other processes of its server."""
+
+    log = Logger()
+
+    def __init__(self, router: Router, rundir: str, groups: int, secret: bytes, reactor: Any, max_frame: int) -> None:
+        super().__init__()
+        self.router = router
+        self.rundir = rundir
+        self.group = router.group
+        self.secret = secret
+        self.reactor = reactor
+        self.max_frame = max_frame
+        self._out: dict[int, Link] = {}
+        self._pending: dict[int, deque[list[Any]]] = {g: deque() for g in range(groups) if g != self.group}
+        self._port: IListeningPort | None = None
+        self._delay_loop = LoopingCall(self._tell_delay)
+        self._delay_loop.clock = reactor
+        for group in self._pending:
+            endpoint = UNIXClientEndpoint(reactor, socket_path(rundir, group))
+            factory = LinkClientFactory(secret, node_id(self.group), _Outbound(self, group), max_frame)
+            service = ClientService(endpoint, factory, retryPolicy=backoffPolicy(0.02, 1.0, factor=1.5), clock=reactor)
+            service.setServiceParent(self)
+        router.links = self
+
+    def startService(self) -> None:
+        path = socket_path(self.rundir, self.group)
+        if os.path.exists(path):
+            os.unlink(path)
+        factory = LinkServerFactory(self.secret, node_id(self.group), _Inbound(self), self.max_frame)
+        self._port = self.reactor.listenUNIX(path, factory, mode=0o600)
+        MultiService.startService(self)
+        self._delay_loop.start(DELAY_INTERVAL, now=False)
+
+    def stopService(self) -> Any:
+        if self._delay_loop.running:
+            self._delay_loop.stop()
+        if self._port is not None:
+            self._port.stopListening()
+        return MultiService.stopService(self)
+
+    # -- used by the router -----------------------------------------------------------------------
+    def reachable(self, group: int) -> bool:
+        return group in self._out
+
+    def send(self, group: int, frame: list[Any]) -> Result:
+        link = self._out.get(group)
+        if link is not None:
+            link.send(frame)
+            return True, None
+        pending = self._pending.get(group)
+        if pending is None:
+            return False, f"no process {group + 1} on this server"
+        if len(pending) >= PENDING_LIMIT:
+            return False, f"process {group + 1} is down and its queue is full"
+        pending.append(frame)
+        return True, None
+
+    # -- link events ------------------------------------------------------------------------------
+    def connected(self, group: int, link: Link) -> None:
+        self._out[group] = link
+        pending = self._pending[group]
+        while pending:
+            link.send(pending.popleft())
+        self.log.info("linked to process {group}", group=group + 1)
+
+    def disconnected(self, group: int, link: Link) -> None:
+        if self._out.get(group) is link:
+            del self._out[group]
+            self.router.delays.pop(group, None)
+
+    def _tell_delay(self) -> None:
+        try:
+            frame = ["delay", self.router.delay]
+            for link in self._out.values():
+                link.send(frame)
+        except Exception:
+            self.log.failure("telling queue delay failed")

@@ -1,0 +1,252 @@
+"""The Python side of ``stage.*``, ``log4cxx``, ``process`` and ``thread`` for one Lua runtime.
+
+Each entry of ``StageAPI.host()`` is one operation the prelude (``prelude.lua``) cannot do in
+Lua: sending through the router, timers, the shared process state, script loading, logging.
+Values cross once, encoded by ``stagetx.codec``; errors go back to Lua as ``(nil, message)`` so
+the prelude raises them at the script's own line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger, LogLevel
+
+from stagetx.address import AddressError, parse_target
+from stagetx.codec import CodecError, pack_lua, pack_py, unpack_lua
+from stagetx.lua.loader import ScriptLoader
+from stagetx.lua.runtime import LuaScriptError, LuaVM
+
+if TYPE_CHECKING:
+    from stagetx.host import StageHost
+
+LEVELS = {
+    b"info": LogLevel.info,
+    b"out": LogLevel.info,
+    b"warn": LogLevel.warn,
+    b"error": LogLevel.error,
+    b"trace": LogLevel.debug,
+    b"debug": LogLevel.debug,
+    b"fatal": LogLevel.critical,
+}
+
+
+class Task:
+    """A ``stage.addtask`` timer; Lua holds it as an opaque userdata."""
+
+    __slots__ = ("f", "args", "call", "cancelled")
+
+    def __init__(self, f: Any, args: tuple[Any, ...]) -> None:
+        self.f = f
+        self.args = args
+        self.call: IDelayedCall | None = None
+        self.cancelled = False
+
+
+def text(value: Any) -> str:
+    """A Lua string (bytes) as text; Lua ids may hold any bytes."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return str(value)
+
+
+def lua_text(value: str) -> bytes:
+    return value.encode("utf-8", "surrogateescape")
+
+
+class StageAPI:
+    """The host callables of one stage's main runtime (used on the reactor thread only)."""
+
+    def __init__(self, stage: StageHost, loader_factory: Callable[[LuaVM], ScriptLoader]) -> None:
+        self.stage = stage
+        self.log: Logger = stage.log
+        self._loader_factory = loader_factory
+        self._drain_call: IDelayedCall | None = None
+        self._unhandled: set[str] = set()
+        self.vm: LuaVM
+        self.loader: ScriptLoader
+
+    def bind(self, vm: LuaVM) -> None:
+        self.vm = vm
+        self.loader = self._loader_factory(vm)
+
+    def host(self) -> dict[str, Callable[..., Any]]:
+        return {
+            "now": time.monotonic,
+            "send": self.send,
+            "report": self.report,
+            "schedule_drain": self.schedule_drain,
+            "log": self.write_log,
+            "once": self.once,
+            "load": self.load,
+            "addtask": self.addtask,
+            "cancel": self.cancel,
+            "v_get": self.v_get,
+            "v_set": self.v_set,
+            "v_update": self.v_update,
+            "process_get": self.process_get,
+            "process_set": self.process_set,
+            "thread_get": self.thread_get,
+        }
+
+    # -- messages ---------------------------------------------------------------------------------
+    def send(self, target: Any, *values: Any) -> tuple[Any, ...]:
+        try:
+            address = parse_target(self._target(target))
+            payload = pack_lua(self.vm, values)
+        except (AddressError, CodecError) as err:
+            return None, lua_text(f"stage.signal: {err}")
+        ok, reason = self.stage.send_payload(address, payload)
+        return (True,) if ok else (False, lua_text(reason or "not delivered"))
+
+    def _target(self, target: Any) -> Any:
+        if isinstance(target, bytes):
+            return text(target)
+        if self.vm.lua_type(target) == "table":
+            return tuple(_native(target[i]) for i in range(1, len(target) + 1))
+        return target
+
+    def schedule_drain(self) -> None:
+        if self._drain_call is None or not self._drain_call.active():
+            self._drain_call = self.stage.clock.callLater(0, self.vm.drain)
+
+    def report(self, where: bytes, msgid: bytes, error: bytes) -> None:
+        mid = text(msgid)
+        if where == b"nohandler":
+            if mid not in self._unhandled:
+                self._unhandled.add(mid)
+                self.log.warn("no handler for message {msgid!r} (logged once)", msgid=mid)
+            return
+        self.stage.count_error()
+        self.log.error(
+            "Lua error in {where}{msgid}: {error}",
+            where=text(where),
+            msgid=f" of message {mid!r}" if mid else "",
+            error=text(error) or "not enough memory",
+        )
+
+    def write_log(self, level: bytes, group: bytes | None, message: bytes) -> None:
+        logger = self.log if group is None else self.stage.logger_for(text(group))
+        logger.emit(LEVELS.get(level, LogLevel.info), "{message}", message=text(message))
+
+    # -- timers -----------------------------------------------------------------------------------
+    def addtask(self, delay_ms: float, f: Any, *args: Any) -> Task:
+        task = Task(f, args)
+        task.call = self.stage.clock.callLater(max(delay_ms, 0) / 1000.0, self._fire, task)
+        return task
+
+    def cancel(self, task: Task) -> None:
+        task.cancelled = True
+        if task.call is not None and task.call.active():
+            task.call.cancel()
+
+    def _fire(self, task: Task) -> None:
+        ok, *results = self.vm.call("task", task.f, *task.args)
+        again = results[0] if ok and results else None
+        if task.cancelled or not isinstance(again, (int, float)) or again <= 0:
+            return
+        task.call = self.stage.clock.callLater(again / 1000.0, self._fire, task)
+
+    # -- shared process state ---------------------------------------------------------------------
+    def once(self, key: Any, mark: bool) -> bool:
+        return self.stage.process.shared.once(key, mark)
+
+    def v_get(self, key: Any) -> Any:
+        payload = self.stage.process.shared.get(key)
+        return None if payload is None else unpack_lua(self.vm, payload)[0]
+
+    def v_set(self, key: Any, value: Any) -> tuple[Any, Any]:
+        try:
+            payload = None if value is None else pack_lua(self.vm, (value,))
+        except CodecError as err:
+            return None, lua_text(f"stage.v: {err}")
+        self.stage.process.shared.set(key, payload)
+        return True, value
+
+    def v_update(self, key: Any, change: Any) -> tuple[Any, Any]:
+        def apply(old: bytes | None) -> bytes | None:
+            new = change(None if old is None else unpack_lua(self.vm, old)[0])
+            new = new[0] if isinstance(new, tuple) else new
+            return None if new is None else pack_lua(self.vm, (new,))
+
+        try:
+            payload = self.stage.process.shared.update(key, apply)
+        except CodecError as err:
+            return None, lua_text(f"stage.v: {err}")
+        return True, None if payload is None else unpack_lua(self.vm, payload)[0]
+
+    # -- scripts ----------------------------------------------------------------------------------
+    def load(self, name: bytes) -> tuple[Any, ...]:
+        try:
+            value, info = self.loader.load(text(name))
+        except LuaScriptError as err:
+            return None, lua_text(str(err))
+        except OSError as err:
+            return None, lua_text(f"stage.load: {text(name)}: {err}")
+        return True, value, info
+
+    # -- process and thread -----------------------------------------------------------------------
+    def process_get(self, key: Any) -> Any:
+        process = self.stage.process
+        if key == b"id":
+            return os.getpid()
+        if key == b"tick":
+            return time.monotonic()
+        if key == b"stage":
+            return process.group + 1
+        if key == b"title":
+            return lua_text(process.title())
+        if key == b"args":
+            return self.vm.lua.table_from([lua_text(a) for a in process.args])
+        if isinstance(key, bytes) and key[:1] == b"%":
+            value = os.environ.get(text(key[1:]))
+            return None if value is None else lua_text(value)
+        if isinstance(key, bytes) and key[:1] == b"$":
+            payload = process.config_value(text(key[1:]), self.stage.settings)
+            return None if payload is None else unpack_lua(self.vm, payload)[0]
+        return None
+
+    def process_set(self, key: Any, value: Any) -> bytes | None:
+        """Apply one ``process[key] = value``; returns an error message or None."""
+        process = self.stage.process
+        if key == b"title":
+            process.set_title(text(value))
+        elif key == b"$":
+            try:
+                values = json.loads(text(value))
+            except ValueError as err:
+                return lua_text(f'process["$"]: not JSON: {err}')
+            if not isinstance(values, dict):
+                return b'process["$"]: the JSON must be an object'
+            process.replace_config_values({k: pack_py((v,)) for k, v in values.items()})
+        elif isinstance(key, bytes) and key[:1] == b"%":
+            name = text(key[1:])
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = text(value if isinstance(value, bytes) else str(value).encode())
+        elif isinstance(key, bytes) and key[:1] == b"$":
+            try:
+                payload = None if value is None else pack_lua(self.vm, (value,))
+            except CodecError as err:
+                return lua_text(f"process: {err}")
+            process.set_config_value(text(key[1:]), payload)
+        else:
+            return lua_text(f"process: {text(key)!r} cannot be written")
+        return None
+
+    def thread_get(self, key: Any) -> Any:
+        if key == b"id":
+            return threading.get_native_id()
+        if key == b"tick":
+            return time.monotonic()
+        return None
+
+
+def _native(value: Any) -> Any:
+    return text(value) if isinstance(value, bytes) else value

@@ -1,0 +1,360 @@
+-- stagetx prelude: the stage.*, log4cxx, process and thread tables of one Lua runtime.
+--
+-- Loaded once per runtime by stagetx.lua.runtime with (host, cfg): `host` is a table of Python
+-- callables (one entry per operation that needs the process), `cfg` the runtime's settings.
+-- What must be fast and is purely local stays here: waitfor matching, ":id" synchronous calls and
+-- "id" asynchronous messages to the same stage, which never cross into Python.
+-- Returns `core`, the entry points Python uses to run Lua code (call, deliver, drain).
+local host, cfg = ...
+
+local type, select, next, error, xpcall, tostring, setmetatable, rawset =
+    type, select, next, error, xpcall, tostring, setmetatable, rawset
+local find, sub, gsub, concat, unpack = string.find, string.sub, string.gsub, table.concat, table.unpack or unpack
+local traceback, getinfo, sethook = debug.traceback, debug.getinfo, debug.sethook
+local huge = math.huge
+local now, host_send, report, schedule_drain, host_log = host.now, host.send, host.report, host.schedule_drain, host.log
+
+local budget = cfg.budget / 1000          -- seconds one entry may hold the thread
+local slice = cfg.slice / 1000            -- seconds one drain turn may run before yielding the reactor
+local self_sender = cfg.sender            -- _WAITFOR[1] of messages this stage sends itself
+local handlers = {}                       -- message id -> {f, bound..., n = count}
+local auto_id = 0
+local queue, qhead, qtail = {}, 1, 0      -- local asynchronous messages: {msgid, n, values...}
+local depth = 0                           -- nesting of Python entries; the queue drains at depth 0
+local deadline = huge
+
+local null = setmetatable({}, {
+    __name = "stage.null",
+    __tostring = function() return "stage.null" end,
+    __newindex = function() error("stage.null is read-only", 2) end,
+})
+
+-- The budget watchdog: a count hook that interrupts a callback holding the thread too long.
+local budget_message = "budget of " .. cfg.budget .. " ms exceeded (%budget)"
+sethook(function()
+    if deadline ~= huge and now() > deadline then error(budget_message, 2) end
+end, "", cfg.hook_count)
+
+---------------------------------------------------------------------------------------------------
+-- Values between handlers of one runtime are copied (SPEC 5): tables deep, stage.null as nil.
+local function copy(v, seen)
+    if type(v) ~= "table" then return v end
+    if v == null then return nil end
+    if seen[v] then error("cannot send a cyclic table", 0) end
+    seen[v] = true
+    local c = {}
+    for k, x in next, v do
+        local tk = type(k)
+        if tk == "table" or tk == "function" or tk == "thread" or tk == "userdata" then
+            error("cannot send a table key of type " .. tk, 0)
+        end
+        if x ~= null then c[k] = copy(x, seen) end
+    end
+    seen[v] = nil
+    return c
+end
+
+local function copy_args(n, ...)
+    if n == 0 then return end
+    local a = {...}
+    for i = 1, n do
+        if type(a[i]) == "table" then a[i] = copy(a[i], {}) end
+    end
+    return unpack(a, 1, n)
+end
+
+---------------------------------------------------------------------------------------------------
+-- waitfor matching (SPEC 2.6): the id itself, then cut after each '.' of the message part from the
+-- right, then the "stage:" prefix. Dots before the first ':' are not separators.
+local function lookup(id)
+    local h = handlers[id]
+    if h then return h, id end
+    local colon = find(id, ":", 1, true)
+    local first = colon and colon + 1 or 1
+    local stop = #id - 1
+    while stop >= first do
+        local dot
+        local i = first
+        while true do  -- the last '.' at or before `stop`
+            local j = find(id, ".", i, true)
+            if not j or j > stop then break end
+            dot, i = j, j + 1
+        end
+        if not dot then break end
+        local key = sub(id, 1, dot)
+        h = handlers[key]
+        if h then return h, key end
+        stop = dot - 1
+    end
+    if colon then
+        local key = sub(id, 1, colon)
+        h = handlers[key]
+        if h then return h, key end
+    end
+    return nil
+end
+
+local function call_handler(h, ...)
+    local nb = h.n - 1
+    if nb == 0 then return h[1](...) end
+    local args = {unpack(h, 2, h.n)}
+    local nd = select("#", ...)
+    for i = 1, nd do args[nb + i] = (select(i, ...)) end
+    return h[1](unpack(args, 1, nb + nd))
+end
+
+local function on_error(e)
+    if type(e) ~= "string" then e = tostring(e) end
+    return traceback(e, 2)
+end
+
+local signal
+
+local function send_reply(reply, ok, ...)
+    if not ok then return ok, ... end
+    if reply ~= nil and select("#", ...) > 0 then signal(reply, ...) end
+    return true
+end
+
+-- Runs the handler of `msgid`, with _WAITFOR set; its errors are reported, never raised.
+local function dispatch(msgid, sender, reply, ...)
+    local h, registered = lookup(msgid)
+    if not h then
+        report("nohandler", msgid, "")
+        return
+    end
+    local saved = _WAITFOR
+    _WAITFOR = {[0] = msgid, sender, reply, [-1] = registered}
+    local ok, err = send_reply(reply, xpcall(call_handler, on_error, h, ...))
+    _WAITFOR = saved
+    if not ok then report("handler", msgid, err) end
+end
+
+local function drain()
+    local started = now()
+    local count = 0
+    while qhead <= qtail do
+        local e = queue[qhead]
+        queue[qhead] = nil
+        qhead = qhead + 1
+        dispatch(e[1], self_sender, e[3], unpack(e, 4, e[2] + 3))
+        count = count + 1
+        if count % 256 == 0 and now() - started > slice then
+            schedule_drain()
+            return
+        end
+    end
+    qhead, qtail = 1, 0
+end
+
+-- Every entry from Python: arms the budget, runs `f`, and drains local messages at the outermost level.
+local function enter(f, ...)
+    depth = depth + 1
+    if depth == 1 then deadline = now() + budget end
+    local function leave(...)
+        if depth == 1 then
+            local ok, err = xpcall(drain, on_error)
+            if not ok then report("drain", "", err) end
+            deadline = huge
+        end
+        depth = depth - 1
+        return ...
+    end
+    return leave(xpcall(f, on_error, ...))
+end
+
+---------------------------------------------------------------------------------------------------
+stage = {null = null}
+
+-- The local asynchronous path ("id"): queued here, dispatched after the current entry returns.
+local function post(msgid, ...)
+    if not lookup(msgid) then return false, "no handler for '" .. msgid .. "'" end
+    local n = select("#", ...)
+    local e = {msgid, n, false, copy_args(n, ...)}
+    e[3] = nil
+    qtail = qtail + 1
+    queue[qtail] = e
+    if depth == 0 then schedule_drain() end
+    return true
+end
+
+local function call_sync(msgid, ...)
+    local h, registered = lookup(msgid)
+    if not h then return false, "no handler for ':" .. msgid .. "'" end
+    local saved = _WAITFOR
+    _WAITFOR = {[0] = msgid, self_sender, nil, [-1] = registered}
+    local function restore(...)
+        _WAITFOR = saved
+        return ...
+    end
+    return restore(call_handler(h, copy_args(select("#", ...), ...)))
+end
+
+signal = function(t, ...)
+    if t == nil then
+        local w = _WAITFOR
+        local r = w and w[2]
+        if r == nil then error("stage.signal(nil, ...): this message wants no reply", 2) end
+        t = r
+    elseif type(t) == "string" then
+        if sub(t, 1, 1) == ":" then
+            if not find(t, "=", 2, true) then return call_sync(sub(t, 2), ...) end
+        elseif not find(t, "[:+*=<>^]") and t ~= "" then
+            return post(t, ...)
+        end
+    end
+    local ok, reason = host_send(t, ...)
+    if ok then return true end
+    if ok == nil then error(reason, 2) end
+    return false, reason
+end
+stage.signal = signal
+
+function stage.waitfor(s, ...)
+    if type(s) == "function" then
+        auto_id = auto_id + 1
+        local id = "~" .. auto_id
+        handlers[id] = {s, n = select("#", ...) + 1, ...}
+        return id
+    end
+    if type(s) ~= "string" or s == "" then error("stage.waitfor: the id must be a non-empty string", 2) end
+    if select("#", ...) == 0 then
+        local h = handlers[s]
+        if h then return unpack(h, 1, h.n) end
+        return nil
+    end
+    local f = ...
+    if f == nil then
+        handlers[s] = nil
+        return s
+    end
+    if type(f) ~= "function" then error("stage.waitfor: the handler must be a function", 2) end
+    handlers[s] = {n = select("#", ...), ...}
+    return s
+end
+
+function stage.once(s, f)
+    if f == nil then
+        host.once(s, false)
+    elseif host.once(s, true) then
+        f()
+    end
+end
+
+function stage.load(s, f)
+    local ok, v, info = host.load(s)
+    if not ok then error(v, 2) end
+    if f ~= nil then return f(v, info) end
+    return v
+end
+
+function stage.addtask(i, f, ...)
+    if type(i) == "userdata" then
+        if f ~= nil then error("stage.addtask(task, nil) cancels a task; no other form takes a task", 2) end
+        host.cancel(i)
+        return
+    end
+    if type(i) ~= "number" then error("stage.addtask: the delay must be a number of ms", 2) end
+    if type(f) ~= "function" then error("stage.addtask: the task must be a function", 2) end
+    return host.addtask(i, f, ...)
+end
+
+function stage.v(s, ...)
+    if select("#", ...) == 0 then return host.v_get(s) end
+    local v = ...
+    local ok, r
+    if type(v) == "function" then ok, r = host.v_update(s, v) else ok, r = host.v_set(s, v) end
+    if ok == nil then error(r, 2) end
+    return r
+end
+
+for name, fn in next, cfg.extensions do stage[name] = fn end
+
+---------------------------------------------------------------------------------------------------
+-- log4cxx (SPEC 3.1): substitutions here, where the caller's file and line are known.
+local function format_log(level, ...)
+    local n = select("#", ...)
+    local parts = {...}
+    for i = 1, n do parts[i] = tostring(parts[i]) end
+    local text = concat(parts, "\t", 1, n)
+    local group
+    if find(text, "%", 1, true) then
+        local info = getinfo(3, "Sln") or {}
+        local function where(c)
+            if c == "F" then return info.short_src or "?" end
+            if c == "M" then return info.name or "?" end
+            return tostring(info.currentline or "?")
+        end
+        text = gsub(text, "%%l", "%%F [%%M:%%L]")
+        text = gsub(text, "%%(%b{})", function(b)
+            local inner = sub(b, 2, -2)
+            if sub(inner, 1, 1) == "=" then
+                local g, l = inner:match("^=([^:]*):?(.*)$")
+                group = g
+                if l ~= "" then level = l end
+                return ""
+            end
+            return os.getenv(inner) or ""
+        end)
+        text = gsub(text, "%%([FML])", where)
+    end
+    host_log(level, group, text)
+end
+
+log4cxx = {}
+for _, level in next, {"out", "info", "warn", "error", "trace", "debug"} do
+    local lv = level == "out" and "info" or level
+    log4cxx[level] = function(...) format_log(lv, ...) end
+end
+
+print = function(...) format_log("info", ...) end
+
+process = setmetatable({}, {
+    __index = function(_, k) return host.process_get(k) end,
+    __newindex = function(_, k, v)
+        local err = host.process_set(k, v)
+        if err ~= nil then error(err, 2) end
+    end,
+})
+
+thread = setmetatable({}, {
+    __index = function(_, k)
+        local ext = cfg.thread_extensions[k]
+        if ext ~= nil then return ext end
+        return host.thread_get(k)
+    end,
+    __newindex = function() error("thread is read-only", 2) end,
+})
+
+---------------------------------------------------------------------------------------------------
+local core = {}
+
+local function finish_call(where, ok, ...)
+    if not ok then report(where, "", (...)) end
+    return ok, ...
+end
+
+-- Runs f(...) as a callback of this stage: returns true, results... or false, error (reported
+-- under the label `where`, e.g. "task" or "main script").
+function core.call(where, f, ...)
+    return finish_call(where, enter(f, ...))
+end
+
+-- Delivers one message from the router.
+function core.deliver(msgid, sender, reply, ...)
+    enter(dispatch, msgid, sender, reply, ...)
+end
+
+-- Runs queued local messages (scheduled by Python when a drain turn ran out of time).
+function core.drain()
+    enter(function() end)
+end
+
+-- Loads a script chunk with the stage's globals (text only: no bytecode from files).
+function core.chunk(text, name)
+    return load(text, name, "t", _G)
+end
+
+core.null = null
+core.lookup = function(id) return lookup(id) ~= nil end
+return core

@@ -1,0 +1,155 @@
+"""One Lua runtime: the lupa VM, its sandbox, its limits and the prelude that defines ``stage.*``.
+
+A ``LuaVM`` is used by one thread only (the stage's reactor thread, or one worker thread for a
+sandbox). It is also the *bridge* that ``stagetx.codec`` needs to move values in and out:
+``lua``, ``vm_kind``, ``dump_function``, ``load_function`` and ``null``.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from typing import Any, Callable, Mapping
+
+import lupa.lua54
+import lupa.luajit21
+
+VM_MODULES = {"lua": lupa.lua54, "luajit": lupa.luajit21}
+VM_KINDS = {"lua": "lua54", "luajit": "luajit21"}
+
+#: Instructions between two checks of the callback budget (a check costs one call into Python).
+HOOK_COUNT = 100_000
+
+
+def _deny_attributes(obj: object, name: object, is_setting: bool) -> None:
+    """Scripts must not reach Python attributes through the callables the host gives them."""
+    raise AttributeError("Python attributes are not accessible from Lua")
+
+
+def _read_lua_file(name: str) -> str:
+    return resources.files("stagetx.lua").joinpath(name).read_text(encoding="utf-8")
+
+
+class LuaVM:
+    """A sandboxed Lua runtime with the stagetx prelude loaded.
+
+    @param kind: ``"lua"`` (Lua 5.4) or ``"luajit"``.
+    @param host: the Python callables the prelude needs (see ``stagetx.lua.api``).
+    @param budget_ms: how long one callback may hold the thread before it is interrupted.
+    @param max_memory: the most bytes this runtime may allocate (``None``: no limit).
+    @param sender: the ``_WAITFOR[1]`` value of messages the stage sends itself (Python natives).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        host: Mapping[str, Callable[..., Any]],
+        budget_ms: int,
+        max_memory: int | None,
+        sender: Mapping[str, Any],
+        slice_ms: float = 20.0,
+    ) -> None:
+        module = VM_MODULES[kind]
+        self.kind = kind
+        self.vm_kind = VM_KINDS[kind]
+        self.lua_type = module.lua_type
+        self.lua = module.LuaRuntime(
+            encoding=None,
+            register_eval=False,
+            register_builtins=False,
+            unpack_returned_tuples=True,
+            attribute_filter=_deny_attributes,
+            max_memory=max_memory,
+        )
+        globals_ = self.lua.globals()
+        globals_[b"python"] = None
+        self._load = globals_[b"load"]
+        self._dump = self.lua.eval("string.dump")
+        self._loader = self.lua.eval("function(code) return load(code, '=remote', 'b', _G) end")
+        cfg = {
+            b"budget": budget_ms,
+            b"slice": min(slice_ms, budget_ms / 2),
+            b"hook_count": HOOK_COUNT,
+            b"sender": self.table(sender),
+            b"extensions": self.lua.table(),
+            b"thread_extensions": self.lua.table(),
+        }
+        cfg[b"extensions"][b"proxy"] = self._load(
+            _read_lua_file("proxy.lua").encode(), b"@proxy.lua", b"t"
+        )()
+        host_table = self.lua.table_from({k.encode(): v for k, v in host.items()})
+        chunk = self._load(_read_lua_file("prelude.lua").encode(), b"@prelude.lua", b"t")
+        self.core = chunk(host_table, self.lua.table_from(cfg))
+        self.null = self.core[b"null"]
+        self.extensions = cfg[b"extensions"]
+        self.thread_extensions = cfg[b"thread_extensions"]
+        self._call = self.core[b"call"]
+        self._deliver = self.core[b"deliver"]
+        self._drain = self.core[b"drain"]
+        self._chunk = self.core[b"chunk"]
+
+    # -- the codec bridge -------------------------------------------------------------------------
+    def dump_function(self, f: Any) -> bytes:
+        """The bytecode of Lua function ``f`` (raises for C functions)."""
+        return bytes(self._dump(f))
+
+    def load_function(self, code: bytes) -> Any:
+        """A function of this runtime from bytecode of the same VM kind; its ``_ENV`` is ``_G``."""
+        f, err = _two(self._loader(code))
+        if f is None:
+            raise ValueError(f"cannot load function bytecode: {err!r}")
+        return f
+
+    def table(self, value: Mapping[Any, Any]) -> Any:
+        """A Lua table from a flat mapping of Python natives (``str`` keys and values as strings)."""
+        return self.lua.table_from({_lua_key(k): _lua_value(v) for k, v in value.items()})
+
+    # -- running code -----------------------------------------------------------------------------
+    def call(self, where: str, f: Any, *args: Any) -> tuple[Any, ...]:
+        """Run ``f(*args)`` as one callback: ``(True, results...)`` or ``(False, error)``.
+
+        Errors are reported through the host's ``report`` under ``where`` before this returns.
+        """
+        result = self._call(where.encode(), f, *args)
+        return result if isinstance(result, tuple) else (result,)
+
+    def deliver(self, msgid: bytes, sender: Any, reply: bytes | None, *values: Any) -> None:
+        """Hand one message to the stage's waitfor handlers."""
+        self._deliver(msgid, sender, reply, *values)
+
+    def drain(self) -> None:
+        """Run the stage's queued local messages."""
+        self._drain()
+
+    def compile(self, text: bytes, chunkname: bytes) -> Any:
+        """Compile script text (never bytecode) with the stage's globals; raises on syntax errors."""
+        f, err = _two(self._chunk(text, chunkname))
+        if f is None:
+            raise LuaScriptError(err.decode("utf-8", "replace") if isinstance(err, bytes) else str(err))
+        return f
+
+    def memory_used(self) -> int:
+        return int(self.lua.get_memory_used() or 0)
+
+    @staticmethod
+    def clock() -> float:
+        return time.monotonic()
+
+
+class LuaScriptError(Exception):
+    """A script could not be compiled or failed while running; the message names file and line."""
+
+
+def _two(result: Any) -> tuple[Any, Any]:
+    """The first two of a Lua call's results (lupa returns a lone result unwrapped)."""
+    if isinstance(result, tuple):
+        return (result + (None, None))[:2]
+    return result, None
+
+
+def _lua_key(key: Any) -> Any:
+    return key.encode() if isinstance(key, str) else key
+
+
+def _lua_value(value: Any) -> Any:
+    return value.encode() if isinstance(value, str) else value

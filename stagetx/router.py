@@ -1,0 +1,268 @@
+"""Where a message goes: replica choice, broadcast, replies, ordered locks, the process run queue.
+
+The router of one process knows every stage instance of its server (from ``#startup``) and which
+process hosts it. Messages for stages of this process go through one FIFO run queue, drained on
+the reactor in time slices (so handlers never nest and order is kept); messages for other
+processes go out on that process's link (``stagetx.links``). The cluster layer plugs in as
+``remote`` for ``+``/``*`` scopes, reply addresses of other servers and ``{id, addr}`` targets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any, Callable, Protocol
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from stagetx.address import (
+    Address,
+    LocalAsync,
+    LockAcquire,
+    LockExtend,
+    LockRelease,
+    ReplyTo,
+    Scope,
+    ToServer,
+    ToStage,
+    format_reply,
+)
+from stagetx.codec import unpack_py
+from stagetx.locks import LockTable, Turn
+from stagetx.message import Message, Sender
+
+#: The lock authority of a server is the process of its first #startup group.
+LOCK_GROUP = 0
+#: A replica is skipped while its process's queue delay is this much above the best one's (s).
+SLOW_MARGIN = 0.050
+#: One drain turn of the run queue runs at most this long before yielding to the reactor (s).
+DRAIN_SLICE = 0.020
+
+Result = tuple[bool, str | None]
+
+
+class Receiver(Protocol):
+    """A stage as the router sees it (``stagetx.host.StageHost``)."""
+
+    instance: int
+    stage_id: str
+    sender: Sender
+
+    def receive(self, message: Message) -> None: ...
+
+
+class Links(Protocol):
+    """Links to the other processes of this server (``stagetx.links.ProcessLinks``)."""
+
+    def reachable(self, group: int) -> bool: ...
+
+    def send(self, group: int, frame: list[Any]) -> Result: ...
+
+
+class Router:
+    """Routing for one process.
+
+    @param server_id: this server's id (part of every reply address).
+    @param group: this process's ``#startup`` index.
+    @param placement: for every instance of the server, in order, ``(stage id, group)``.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        server_id: str,
+        group: int,
+        placement: list[tuple[str, int]],
+        clock: IReactorTime,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.server_id = server_id
+        self.group = group
+        self.clock = clock
+        self.now = now
+        self._placement = placement
+        self._replicas: dict[str, list[int]] = {}
+        for instance, (stage_id, _) in enumerate(placement):
+            self._replicas.setdefault(stage_id, []).append(instance)
+        self._turn: dict[str, int] = {}
+        self.local: dict[int, Receiver] = {}
+        self.links: Links | None = None
+        self.delays: dict[int, float] = {}  # group -> last reported queue delay (s)
+        self.delay = 0.0  # this process's queue delay, smoothed (s)
+        self._queue: deque[tuple[Receiver, Message]] = deque()
+        self._drain_call: IDelayedCall | None = None
+        self._unknown: set[str] = set()
+        self.locks = LockTable(clock, self._grant) if group == LOCK_GROUP else None
+
+    def attach(self, receiver: Receiver) -> None:
+        self.local[receiver.instance] = receiver
+
+    # -- sending ----------------------------------------------------------------------------------
+    def send(self, sender: Sender, address: Address, payload: bytes, reply_to: str | None = None) -> Result:
+        """Route one message from ``sender``; ``reply_to`` overrides the address's reply id."""
+        kind = type(address)
+        if kind is ToStage:
+            return self._to_stage(sender, address, payload, reply_to)  # type: ignore[arg-type]
+        if kind is ReplyTo:
+            return self._to_reply(sender, address, payload, reply_to)  # type: ignore[arg-type]
+        if kind is LocalAsync:
+            reply = reply_to or address.reply  # type: ignore[union-attr]
+            return self.deliver(sender.instance, address.msgid, payload, sender, self._reply(sender, reply))  # type: ignore[union-attr]
+        if kind is LockAcquire:
+            return self._lock(["acquire", address.cmd, sender.instance, address.reply, payload])  # type: ignore[union-attr]
+        if kind is LockExtend:
+            values = unpack_py(payload)
+            ms = values[0] if values and isinstance(values[0], (int, float)) else 0
+            return self._lock(["extend", address.cmd, sender.instance, ms])  # type: ignore[union-attr]
+        if kind is LockRelease:
+            return self._lock(["release", address.cmd, sender.instance])  # type: ignore[union-attr]
+        if kind is ToServer:
+            return False, "no cluster: this server has no peers"
+        return False, f"{type(address).__name__} cannot be sent from here"
+
+    def _reply(self, sender: Sender, reply: str | None) -> str | None:
+        return None if reply is None else format_reply(self.server_id, sender.instance, reply)
+
+    def _to_stage(self, sender: Sender, address: ToStage, payload: bytes, reply_to: str | None) -> Result:
+        stage_id = address.stage if address.stage is not None else sender.stage
+        replicas = self._replicas.get(stage_id)
+        if not replicas:
+            if address.scope is Scope.REMOTE:
+                return False, f"no replica of '{stage_id}' on other servers"
+            if stage_id not in self._unknown:
+                self._unknown.add(stage_id)
+                self.log.warn("message for unknown stage {stage!r} (logged once)", stage=stage_id)
+            return False, f"unknown stage '{stage_id}'"
+        if address.scope is Scope.REMOTE:
+            return False, f"no replica of '{stage_id}' on other servers"
+        msgid = f"{sender.stage}:{address.msgid}" if address.tag_sender else address.msgid
+        reply = self._reply(sender, reply_to or address.reply)
+        if address.scope is Scope.ALL:
+            results = [self.deliver(i, msgid, payload, sender, reply) for i in replicas]
+            failed = [reason for ok, reason in results if not ok]
+            return (True, None) if len(failed) < len(results) else (False, failed[0])
+        return self.deliver(self._choose(stage_id, replicas), msgid, payload, sender, reply)
+
+    def _choose(self, stage_id: str, replicas: list[int]) -> int:
+        """Round-robin over reachable replicas, skipping one whose process is clearly slower."""
+        count = len(replicas)
+        if count == 1:
+            return replicas[0]
+        live = [i for i in replicas if self._reachable(i)] or replicas
+        best = min(self._delay_of(i) for i in live)
+        fast = [i for i in live if self._delay_of(i) <= best + SLOW_MARGIN]
+        turn = self._turn.get(stage_id, -1)
+        # the next replica after the previous choice, in the server's fixed order
+        for step in range(1, count + 1):
+            candidate = replicas[(turn + step) % count]
+            if candidate in fast:
+                self._turn[stage_id] = (turn + step) % count
+                return candidate
+        return fast[0]
+
+    def _reachable(self, instance: int) -> bool:
+        group = self._placement[instance][1]
+        return group == self.group or (self.links is not None and self.links.reachable(group))
+
+    def _delay_of(self, instance: int) -> float:
+        group = self._placement[instance][1]
+        return self.delay if group == self.group else self.delays.get(group, 0.0)
+
+    def _to_reply(self, sender: Sender, address: ReplyTo, payload: bytes, reply_to: str | None) -> Result:
+        if address.server != self.server_id:
+            return False, f"server '{address.server}' is not reachable (no cluster)"
+        if not 0 <= address.instance < len(self._placement):
+            return False, f"no stage instance {address.instance} on this server"
+        return self.deliver(address.instance, address.msgid, payload, sender, self._reply(sender, reply_to))
+
+    # -- delivery ---------------------------------------------------------------------------------
+    def deliver(self, instance: int, msgid: str, payload: bytes, sender: Sender, reply: str | None) -> Result:
+        """Queue a message for one stage instance of this server, here or in its process."""
+        receiver = self.local.get(instance)
+        if receiver is not None:
+            self._enqueue(receiver, Message(msgid, payload, sender, reply, self.now()))
+            return True, None
+        if self.links is None:
+            return False, f"stage instance {instance} is not in this process"
+        group = self._placement[instance][1]
+        return self.links.send(group, ["m", instance, msgid, payload, _sender_frame(sender), reply])
+
+    def _enqueue(self, receiver: Receiver, message: Message) -> None:
+        self._queue.append((receiver, message))
+        if self._drain_call is None:
+            self._drain_call = self.clock.callLater(0, self._drain)
+
+    def _drain(self) -> None:
+        self._drain_call = None
+        queue = self._queue
+        started = self.now()
+        count = 0
+        while queue:
+            receiver, message = queue.popleft()
+            try:
+                receiver.receive(message)
+            except Exception:
+                self.log.failure("stage {stage} failed on message {msgid!r}", stage=receiver.stage_id, msgid=message.msgid)
+            count += 1
+            if count & 63 == 0:
+                now = self.now()
+                self.delay = 0.8 * self.delay + 0.2 * (now - message.enqueued)
+                if now - started > DRAIN_SLICE:
+                    break
+        if queue:
+            self._drain_call = self.clock.callLater(0, self._drain)
+        elif count < 64:
+            self.delay *= 0.5
+
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    # -- frames from other processes --------------------------------------------------------------
+    def frame_received(self, group: int, frame: list[Any]) -> None:
+        """One frame from the process of ``group`` (see ``deliver`` and ``_lock`` for shapes)."""
+        kind = frame[0]
+        if kind == "m":
+            _, instance, msgid, payload, sender, reply = frame
+            receiver = self.local.get(instance)
+            if receiver is None:
+                self.log.warn("frame for stage instance {instance} that this process does not host", instance=instance)
+                return
+            self._enqueue(receiver, Message(msgid, payload, Sender(*sender), reply, self.now()))
+        elif kind == "delay":
+            self.delays[group] = frame[1]
+        elif kind == "lock" and self.locks is not None:
+            self._apply_lock(frame[1])
+        else:
+            self.log.warn("unknown frame kind {kind!r} from group {group}", kind=kind, group=group)
+
+    # -- ordered locks ----------------------------------------------------------------------------
+    def _lock(self, request: list[Any]) -> Result:
+        if self.locks is not None:
+            self._apply_lock(request)
+            return True, None
+        if self.links is None:
+            return False, "the lock authority is not reachable"
+        return self.links.send(LOCK_GROUP, ["lock", request])
+
+    def _apply_lock(self, request: list[Any]) -> None:
+        assert self.locks is not None
+        op, cmd, who = request[0], request[1], request[2]
+        if op == "acquire":
+            self.locks.acquire(cmd, Turn(who, request[3], request[4]))
+        elif op == "extend":
+            self.locks.extend(cmd, who, request[3])
+        elif op == "release":
+            self.locks.release(cmd, who)
+
+    def _grant(self, turn: Turn) -> None:
+        stage_id = self._placement[turn.who][0]  # type: ignore[index]
+        lock_sender = Sender(self.server_id, LOCK_GROUP, stage_id, turn.who)  # type: ignore[arg-type]
+        ok, reason = self.deliver(turn.who, turn.reply, turn.payload, lock_sender, None)  # type: ignore[arg-type]
+        if not ok:
+            self.log.warn("lock turn for instance {who} not delivered: {reason}", who=turn.who, reason=reason)
+
+
+def _sender_frame(sender: Sender) -> list[Any]:
+    return [sender.server, sender.group, sender.stage, sender.instance]
