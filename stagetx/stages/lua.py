@@ -9,14 +9,16 @@ which finds the waitfor handler. Errors are logged with file and line; the stage
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall
 
 from stagetx.codec import CodecError, unpack_lua
 from stagetx.config import StageConfig
 from stagetx.host import StageHost
 from stagetx.lua.api import StageAPI, lua_text
+from stagetx.lua.extensions import install_all
 from stagetx.lua.loader import ScriptLoader
 from stagetx.lua.runtime import LuaScriptError, LuaVM
 from stagetx.message import Message, Sender
@@ -34,6 +36,11 @@ class Stage:
         self.api: StageAPI | None = None
         self._senders: dict[Sender, Any] = {}
         self._idle_call: IDelayedCall | None = None
+        self._stoppers: list[Callable[[], Any]] = []
+
+    def on_stop(self, stopper: Callable[[], Any]) -> None:
+        """Run ``stopper`` when the stage stops (it may return a Deferred to wait for)."""
+        self._stoppers.append(stopper)
 
     def start(self) -> None:
         settings = self.settings
@@ -52,6 +59,7 @@ class Stage:
         )
         api.bind(vm)
         self.api = api
+        install_all(self)
         for path in _preload_files(settings.get("%preload")):
             self._run_script(path, "preload")
         assert self.config.main is not None
@@ -60,9 +68,10 @@ class Stage:
             self._idle(result)
         self.log.info("stage {name} started", name=self.config.name)
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[Any]:
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
+        return DeferredList([maybeDeferred(stop) for stop in reversed(self._stoppers)])
 
     def _run_script(self, path: str, where: str) -> Any:
         """Run one script file as a callback; returns its first result (None after an error)."""
