@@ -232,13 +232,15 @@ class IndexStore:
         return not self.compacting and self.log_bytes > max(self.compact_min_bytes, self.snapshot_bytes)
 
     def compaction(self) -> Iterator[None]:
-        """Write a new snapshot in chunks, yielding between them so the stage keeps serving.
+        """Rotate the log now; return the steps that write the snapshot, one chunk per step.
 
-        The log is rotated first: the snapshot may include changes of the new segment, which
-        replays idempotently over it. Closing the generator early abandons the snapshot.
+        The stage keeps serving between steps: the snapshot may include changes logged in the
+        new segment, which replays idempotently over it. Closing the steps abandons the snapshot.
         """
         self.compacting = True
-        number = self._rotate()
+        return self._write_snapshot(self._rotate())
+
+    def _write_snapshot(self, number: int) -> Iterator[None]:
         temporary = self._path(f"{number:010d}.snap.tmp")
         done = False
         try:
@@ -298,6 +300,7 @@ class IndexStore:
             self.sync()
             os.close(self._fd)
             self._fd = -1
+        self.compacting = False
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1

@@ -1,0 +1,149 @@
+"""The built-in ``=index`` stage: a durable real-time scoreboard (SPEC 4.1, docs/index.md).
+
+The thin edge around ``stagetx.index``: settings, start/stop, one message → one request table →
+one reply, with the log write made before the reply, the fsync policy, and background compaction.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
+
+from stagetx.index.commands import Executor, RequestError
+from stagetx.index.store import IndexStore
+from stagetx.message import Message
+from stagetx.stages.base import StageContext
+
+DEFAULT_KEY_SIZE = 255
+
+
+@attrs.frozen
+class IndexSettings:
+    """The stage's config value, in any of its accepted shapes (see ``parse_settings``)."""
+
+    directory: str
+    key_size: int = DEFAULT_KEY_SIZE
+    fsync: bool | float = False  # False: write() only; True: fsync every reply; float: seconds
+
+
+def parse_settings(raw: Any, resolve: Callable[[str], str]) -> IndexSettings:
+    """``"dir"``, ``["dir", key_size, page_items]`` or ``{"dir", "key_size", "fsync"}``.
+
+    ``page_items`` is accepted and ignored. ``fsync`` is ``false`` (default), ``true``, or a
+    number of milliseconds between fsyncs. Raises ValueError with a readable message.
+    """
+    if isinstance(raw, str):
+        raw = {"dir": raw}
+    elif isinstance(raw, list) and 1 <= len(raw) <= 3:
+        raw = dict(zip(("dir", "key_size", "page_items"), raw))
+    if not isinstance(raw, dict) or not isinstance(raw.get("dir"), str) or not raw["dir"]:
+        raise ValueError("=index wants a directory, [dir, key_size, page_items] or {\"dir\": …}")
+    unknown = set(raw) - {"dir", "key_size", "page_items", "fsync"}
+    if unknown:
+        raise ValueError(f"=index: unknown settings {sorted(unknown)}")
+    key_size = raw.get("key_size", DEFAULT_KEY_SIZE)
+    if type(key_size) is not int or key_size < 1:
+        raise ValueError("=index: key_size must be a positive integer")
+    fsync = raw.get("fsync", False)
+    if type(fsync) is not bool:
+        if type(fsync) not in (int, float) or fsync <= 0:
+            raise ValueError("=index: fsync must be true, false or a number of milliseconds")
+        fsync = fsync / 1000.0
+    return IndexSettings(resolve(raw["dir"]), key_size, fsync)
+
+
+class Stage:
+    """An index stage: ``"=index+rank": "score/"`` (see SPEC 4.1)."""
+
+    def __init__(self, context: StageContext, config: Any) -> None:
+        self.context = context
+        self.settings = parse_settings(getattr(config, "settings", config), context.resolve_path)
+        self.store = IndexStore(self.settings.directory, fsync=self.settings.fsync is True)
+        self.executor = Executor(self.store, self.settings.key_size)
+        self._syncer: LoopingCall | None = None
+        self._compaction: Iterator[None] | None = None
+        self._step: IDelayedCall | None = None
+
+    def start(self) -> None:
+        """Load the indexes, then freeze them out of the cyclic GC's sight (see docs/index.md)."""
+        self.store.open()
+        gc.collect()
+        gc.freeze()
+        self.context.log.info(
+            "index {stage}: {boards} indexes, {members} members loaded from {directory}",
+            stage=self.context.name,
+            boards=len(self.store.boards),
+            members=sum(len(board) for board in self.store.boards.values()),
+            directory=self.settings.directory,
+        )
+        if type(self.settings.fsync) is float:
+            self._syncer = LoopingCall(self._sync)
+            self._syncer.clock = self.context.clock
+            self._syncer.start(self.settings.fsync, now=False)
+        self._maybe_compact()
+
+    def stop(self) -> None:
+        """Abandon a running compaction, fsync and close the log."""
+        if self._syncer is not None and self._syncer.running:
+            self._syncer.stop()
+        if self._step is not None and self._step.active():
+            self._step.cancel()
+        if self._compaction is not None:
+            self._compaction.close()
+            self._compaction = None
+        self.store.close()
+
+    def receive(self, message: Message) -> None:
+        """Run one request table; the log write happens before the reply is sent."""
+        try:
+            values = message.values
+            reply = self.executor.run(values[0] if values else None)
+        except RequestError as error:
+            reply = {"error": str(error)}
+        except Exception:
+            self.context.log.failure("index {stage}: request failed", stage=self.context.name)
+            reply = {"error": "internal error in the index stage"}
+        try:
+            self.store.commit()
+        except OSError as error:
+            self.store.discard_pending()
+            self.context.log.error("index {stage}: log write failed: {error}", stage=self.context.name, error=error)
+            reply = {key: {"error": f"index storage failed: {error}"} for key in reply}
+        self.context.reply(message, reply)
+        self._maybe_compact()
+
+    def _sync(self) -> None:
+        try:
+            self.store.sync()
+        except OSError as error:
+            self.context.log.error("index {stage}: fsync failed: {error}", stage=self.context.name, error=error)
+
+    def _maybe_compact(self) -> None:
+        if self._compaction is None and self.store.wants_compaction():
+            self._compaction = self.store.compaction()
+            self._step = self.context.clock.callLater(0, self._compact_step)
+
+    def _compact_step(self) -> None:
+        """Write one chunk of the snapshot, then let the reactor serve before the next one."""
+        self._step = None
+        assert self._compaction is not None
+        try:
+            next(self._compaction)
+        except StopIteration:
+            self._compaction = None
+            self.context.log.info(
+                "index {stage}: compacted, snapshot {size} bytes",
+                stage=self.context.name,
+                size=self.store.snapshot_bytes,
+            )
+            return
+        except Exception:
+            self._compaction = None
+            self.context.log.failure("index {stage}: compaction failed", stage=self.context.name)
+            return
+        self._step = self.context.clock.callLater(0, self._compact_step)

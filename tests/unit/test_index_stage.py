@@ -1,0 +1,179 @@
+"""The =index stage edge: settings, messages to replies, durability order, fsync timer, compaction."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+import pytest
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+
+from stagetx.codec import pack_py
+from stagetx.message import Message, Sender
+from stagetx.stages.index import IndexSettings, Stage, parse_settings
+
+
+@attrs.define
+class FakeContext:
+    """The StageContext a host would give, recording replies."""
+
+    base_dir: str
+    clock: Clock = attrs.Factory(Clock)
+    stage_id: str = "rank"
+    name: str = "=index+rank"
+    instance: int = 0
+    log: Logger = attrs.Factory(lambda: Logger(namespace="test.index"))
+    replies: list[tuple[Message, tuple[Any, ...]]] = attrs.Factory(list)
+
+    def resolve_path(self, path: str) -> str:
+        return os.path.join(self.base_dir, path)
+
+    def reply(self, message: Message, *values: Any) -> None:
+        self.replies.append((message, values))
+
+    def send(self, target: str, *values: Any) -> tuple[bool, str | None]:
+        raise AssertionError("the index stage only replies")
+
+
+@attrs.frozen
+class FakeStageConfig:
+    settings: Any
+
+
+def _message(*values: Any) -> Message:
+    """A message as the router delivers it: a real msgpack payload, decoded on first use."""
+    return Message("m1", pack_py(values), Sender("local", 0, "game", 0), reply="^game")
+
+
+@pytest.fixture
+def context(tmp_path) -> FakeContext:
+    return FakeContext(str(tmp_path))
+
+
+def _started(context: FakeContext, settings: Any = "scores") -> Stage:
+    stage = Stage(context, FakeStageConfig(settings))
+    stage.start()
+    return stage
+
+
+def _ask(stage: Stage, context: FakeContext, *values: Any) -> Any:
+    stage.receive(_message(*values))
+    message, values = context.replies.pop()
+    return values[0]
+
+
+def test_settings_shapes() -> None:
+    resolve = lambda path: "/base/" + path  # noqa: E731
+    assert parse_settings("d", resolve) == IndexSettings("/base/d")
+    assert parse_settings(["d", 16, 100], resolve) == IndexSettings("/base/d", 16)
+    assert parse_settings({"dir": "d", "fsync": 250}, resolve) == IndexSettings("/base/d", fsync=0.25)
+    assert parse_settings({"dir": "d", "fsync": True}, resolve).fsync is True
+    for bad in (None, 3, [], ["d", "x"], {"dir": "d", "fsink": True}, {"dir": "d", "fsync": -1}):
+        with pytest.raises(ValueError):
+            parse_settings(bad, resolve)
+
+
+def test_a_request_table_gets_one_reply_keyed_as_sent(context) -> None:
+    stage = _started(context)
+    reply = _ask(stage, context, {"set:board/2": {"alice": {"v": "A", "i": 10}}, "get:board": ["alice"]})
+    assert reply == {b"set:board/2": {b"alice": 1}, b"get:board": {b"alice": {"v": b"A", "I": {2: {"i": 10, "d": 1}}}}}
+    stage.stop()
+
+
+def test_bad_requests_are_error_replies_never_exceptions(context) -> None:
+    stage = _started(context)
+    assert set(_ask(stage, context, "not a table")) == {"error"}
+    assert set(_ask(stage, context)) == {"error"}
+    reply = _ask(stage, context, {"set:b/9": {"a": {"i": 1}}, "total:b": True})
+    assert set(reply[b"set:b/9"]) == {"error"} and reply[b"total:b"] == 0
+    stage.stop()
+
+
+@attrs.define
+class LogSizeAtReply(FakeContext):
+    """Records the size of the log files at the moment each reply leaves."""
+
+    sizes: list[int] = attrs.Factory(list)
+
+    def reply(self, message: Message, *values: Any) -> None:
+        logs = [os.path.join(self.base_dir, "scores", f) for f in os.listdir(os.path.join(self.base_dir, "scores"))]
+        self.sizes.append(sum(os.path.getsize(f) for f in logs if f.endswith(".log")))
+
+
+def test_the_log_is_written_before_the_reply(tmp_path) -> None:
+    context = LogSizeAtReply(str(tmp_path))
+    stage = _started(context, ["scores", 8])
+    for member in ("a", "b"):
+        stage.receive(_message({"set:b": {member: {"i": 1}}}))
+    assert 0 < context.sizes[0] < context.sizes[1]
+    stage.stop()
+
+
+def test_a_restart_finds_every_acknowledged_change(context) -> None:
+    stage = _started(context)
+    for i in range(50):
+        _ask(stage, context, {"set:b": {f"m{i}": {"v": i, "i": i % 7}}})
+    _ask(stage, context, {"del:b": ["m3", "m4"]})
+    before = _ask(stage, context, {"forEach:b": [1, 100]})
+    stage.stop()
+    again = _started(FakeContext(context.base_dir))
+    ctx = again.context
+    assert _ask(again, ctx, {"forEach:b": [1, 100]}) == before
+    assert len(before[b"forEach:b"]) == 48
+    again.stop()
+
+
+def test_interval_fsync_runs_on_the_clock_only_when_dirty(context, monkeypatch) -> None:
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fdatasync", synced.append)
+    stage = _started(context, {"dir": "scores", "fsync": 100})
+    _ask(stage, context, {"set:b": {"a": {"i": 1}}})
+    assert synced == []
+    context.clock.advance(0.1)
+    assert len(synced) == 1
+    context.clock.advance(0.1)
+    assert len(synced) == 1
+    stage.stop()
+    assert not stage._syncer.running  # type: ignore[union-attr]
+
+
+def _run_first_call(clock: Clock) -> None:
+    """Run only the earliest delayed call (``advance(0)`` would also run the ones it schedules)."""
+    call = clock.calls.pop(0)
+    call.func(*call.args, **call.kw)
+
+
+def test_compaction_runs_in_steps_on_the_clock_while_serving(context, tmp_path) -> None:
+    stage = _started(context)
+    stage.store.compact_min_bytes = 10_000
+    stage.store.chunk = 20
+    for round_ in range(5):
+        _ask(stage, context, {"set:b": {f"m{i}": {"i": round_ * 1000 + i} for i in range(100)}})
+    assert stage.store.compacting
+    steps = 0
+    while stage.store.compacting and steps < 100:
+        _ask(stage, context, {"set:b": {"late": {"i": steps}}})
+        _run_first_call(context.clock)  # what one reactor iteration does
+        steps += 1
+    assert 3 <= steps < 100
+    assert len(list((tmp_path / "scores").glob("*.snap"))) == 1
+    before = _ask(stage, context, {"forEach:b": [1, 200]})
+    stage.stop()
+    again = _started(FakeContext(context.base_dir))
+    assert _ask(again, again.context, {"forEach:b": [1, 200]}) == before
+    again.stop()
+
+
+def test_a_log_write_failure_turns_the_reply_into_errors(context, monkeypatch) -> None:
+    stage = _started(context)
+
+    def full(fd: int, data: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    reply = _ask(stage, context, {"set:b": {"a": {"i": 1}}, "total:b": 0})
+    assert "No space left" in reply[b"set:b"]["error"] and "error" in reply[b"total:b"]
+    monkeypatch.undo()
+    stage.stop()
