@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import setproctitle
 from twisted.application.service import MultiService, Service
@@ -30,9 +30,17 @@ from stagetx.stages import stage_class
 class ProcessServices:
     """What every stage and worker sandbox of one process shares."""
 
-    def __init__(self, config: ServerConfig, group: int, args: Sequence[str], server_id: str) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        group: int,
+        args: Sequence[str],
+        server_id: str,
+        services: Mapping[str, int] | None = None,
+    ) -> None:
         self.config = config
         self.group = group
+        self.services = dict(services or {})  # "host:port" of #services -> inherited listening fd
         self.args = list(args)
         self.server_id = server_id
         self.shared = ProcessShared()
@@ -141,13 +149,14 @@ class ProcessHost(MultiService):
         clock: IReactorTime,
         server_id: str = "local",
         args: Sequence[str] = (),
+        services: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.group = group
         placement = [(s.id, s.group) for s in config.stages]
         self.router = Router(server_id, group, placement, clock)
-        self.process = ProcessServices(config, group, args, server_id)
+        self.process = ProcessServices(config, group, args, server_id, services)
         self.stages = [StageHost(s, self.process, self.router, clock) for s in config.startup[group]]
         for stage in self.stages:
             self.router.attach(stage)

@@ -20,7 +20,9 @@ class ChildProcess(MultiService):
     def __init__(self, config: ServerConfig, boot: Mapping[str, Any], reactor: Any) -> None:
         super().__init__()
         group = int(boot["group"])
-        self.host = ProcessHost(config, group, reactor, boot.get("server_id", "local"), boot.get("args", ()))
+        self.host = ProcessHost(
+            config, group, reactor, boot.get("server_id", "local"), boot.get("args", ()), boot.get("services", {})
+        )
         self.links = ProcessLinks(
             self.host.router, boot["rundir"], len(config.startup), bytes.fromhex(boot["secret"]), reactor, MAX_FRAME
         )
