@@ -282,6 +282,39 @@ def test_redirect_is_followed_and_its_cookie_kept_and_reported() -> None:
     assert reply["data"]["content"] == b"sid=abc"
 
 
+class Moves(Resource):
+    """``/temp`` answers 307 to ``/echo``, ``/lost`` a 302 without Location, ``/echo`` the method."""
+
+    isLeaf = True
+
+    def render(self, request: server.Request) -> bytes:
+        if request.path == b"/temp":
+            request.setResponseCode(307)
+            request.setHeader(b"location", b"/echo")
+            return b"moved"
+        if request.path == b"/lost":
+            request.setResponseCode(302)
+            return b"nowhere"
+        return request.method
+
+
+def test_307_is_followed_for_get_and_is_the_answer_for_post() -> None:
+    stage, context, _ = make_stage(Moves())
+    stage.receive(msg({1: b"http://h/temp", b"method": b"GET"}))
+    stage.receive(msg({1: b"http://h/temp", b"data": b"x=1"}))
+    followed, kept = (values[0] for _, values in context.replies)
+    assert (followed["status"], followed["data"]["content"], followed["redirect_url"]) == (200, b"GET", "http://h/echo")
+    assert (kept["status"], kept["data"]["content"], kept["data"]["result"]) == (307, b"moved", 0)
+    assert kept["redirect_url"] is None
+
+
+def test_redirect_without_location_is_the_answer() -> None:
+    stage, context, _ = make_stage(Moves())
+    stage.receive(msg(b"http://h/lost"))
+    reply = context.only_reply()
+    assert (reply["status"], reply["data"]["content"], reply["data"]["result"]) == (302, b"nowhere", 0)
+
+
 def test_server_errors_are_answers_not_failures() -> None:
     class NotFound(Resource):
         isLeaf = True

@@ -1,0 +1,407 @@
+"""The curl stage against a real twisted.web server on 127.0.0.1 (HTTP and HTTPS), over real sockets."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import defer, reactor, ssl
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from stagetx.message import Message, Sender
+from stagetx.stages.curl import Stage
+
+BIG = bytes(range(256)) * (5 * 1024 * 1024 // 256)  # 5 MiB
+WAIT = 10.0  # seconds any reply may take before the test fails
+
+
+class RecordingContext:
+    """A StageContext on the real reactor that records replies and lets a test await them."""
+
+    stage_id = "agent"
+    name = "=curl+agent"
+    instance = 0
+
+    def __init__(self, base_dir: str = "/") -> None:
+        self.clock = reactor
+        self.log = Logger(namespace="test.curl")
+        self.base_dir = base_dir
+        self.replies: list[dict[str, Any]] = []
+        self._waiting: list[tuple[int, defer.Deferred[list[dict[str, Any]]]]] = []
+
+    def resolve_path(self, path: str) -> str:
+        return str(Path(self.base_dir, path))
+
+    def reply(self, message: Message, *values: Any) -> None:
+        (reply,) = values
+        self.replies.append(reply)
+        for count, d in list(self._waiting):
+            if len(self.replies) >= count:
+                self._waiting.remove((count, d))
+                d.callback(self.replies)
+
+    def send(self, target: str, *values: Any) -> tuple[bool, str | None]:
+        return False, "not used"
+
+    def replies_count(self, count: int) -> defer.Deferred[list[dict[str, Any]]]:
+        d: defer.Deferred[list[dict[str, Any]]] = defer.Deferred()
+        if len(self.replies) >= count:
+            d.callback(self.replies)
+        else:
+            self._waiting.append((count, d))
+        return d.addTimeout(WAIT, reactor)
+
+
+def request(**fields: Any) -> Message:
+    """A message as a Lua stage's ``stage.signal("agent:cb=reply", {...})`` arrives."""
+    table: dict[Any, Any] = {}
+    for key, value in fields.items():
+        table[1 if key == "url" else key.encode()] = value.encode() if isinstance(value, str) else value
+    return Message("agent:cb", b"", Sender("s1", 0, "stage", 0), reply="^r", values=(table,))
+
+
+class Hold(Resource):
+    """Answers after ``delay`` seconds; records how many requests were open at once."""
+
+    isLeaf = True
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.open = 0
+        self.most = 0
+        self.served = 0
+
+    def render(self, request: server.Request) -> object:
+        self.open += 1
+        self.most = max(self.most, self.open)
+
+        def finish() -> None:
+            self.open -= 1
+            self.served += 1
+            request.write(b"held")
+            request.finish()
+
+        reactor.callLater(self.delay, finish)
+        return server.NOT_DONE_YET
+
+
+class App(Resource):
+    """The test server: one behaviour per path."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = Hold(0.03)
+        self.stalled: list[server.Request] = []
+
+    def render(self, request: server.Request) -> object:
+        path = request.path.decode()
+        if path.startswith("/status/"):
+            request.setResponseCode(int(path.rsplit("/", 1)[1]))
+            return b"status body"
+        if path == "/hop1":
+            request.addCookie(b"hop", b"one", path=b"/")
+            request.redirect(b"/hop2")
+            return b""
+        if path == "/hop2":
+            request.redirect(b"/echo")
+            return b""
+        if path == "/login":
+            request.addCookie(b"sid", b"s3cr3t", path=b"/")
+            request.addCookie(b"lang", b"ko", path=b"/")
+            return b"welcome"
+        if path == "/echo":
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps(
+                {
+                    "method": request.method.decode(),
+                    "body": request.content.read().decode("latin-1"),
+                    "headers": {k.decode().lower(): v[-1].decode() for k, v in request.requestHeaders.getAllRawHeaders()},
+                    "cookies": {k.decode(): v.decode() for k, v in request.received_cookies.items()},
+                }
+            ).encode()
+        if path == "/json":
+            request.setHeader(b"content-type", b"application/json; charset=utf-8")
+            return json.dumps({"name": "스테이지", "n": 1}).encode()
+        if path == "/big":
+            request.setHeader(b"content-type", b"application/octet-stream")
+            return BIG
+        if path == "/trickle":  # headers and a little body, then nothing
+            request.setHeader(b"content-length", b"1000")
+            request.write(b"first bytes")
+            self.stalled.append(request)
+            return server.NOT_DONE_YET
+        if path == "/silent":  # not even headers
+            self.stalled.append(request)
+            return server.NOT_DONE_YET
+        if path == "/hold":
+            return self.hold.render(request)
+        request.setResponseCode(404)
+        return b"no such path"
+
+
+class Harness:
+    """A server on 127.0.0.1:0, and a started curl stage."""
+
+    def __init__(self, port: IListeningPort, app: App, base_dir: str) -> None:
+        self.port = port
+        self.app = app
+        self.base_dir = base_dir
+        self.url = f"http://127.0.0.1:{port.getHost().port}"
+        self.stages: list[Stage] = []
+
+    def stage(self, settings: dict[str, Any] | None = None) -> tuple[Stage, RecordingContext]:
+        context = RecordingContext(self.base_dir)
+        stage = Stage(context, settings)
+        stage.start()
+        self.stages.append(stage)
+        return stage, context
+
+    async def ask(self, settings: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+        stage, context = self.stage(settings)
+        stage.receive(request(**fields))
+        (reply,) = await context.replies_count(1)
+        return reply
+
+    async def close(self) -> None:
+        for stage in self.stages:
+            await defer.maybeDeferred(stage.stop).addTimeout(WAIT, reactor)
+        for request in self.app.stalled:
+            if request.channel is not None:  # None once the client has hung up
+                request.channel.transport.abortConnection()
+        await defer.maybeDeferred(self.port.stopListening).addTimeout(WAIT, reactor)
+
+
+@pytest_twisted.async_yield_fixture
+async def web(tmp_path: Path) -> AsyncIterator[Harness]:
+    app = App()
+    port = reactor.listenTCP(0, server.Site(app), interface="127.0.0.1")
+    harness = Harness(port, app, str(tmp_path))
+    yield harness
+    await harness.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_returns_status_body_and_timing(web: Harness) -> None:
+    reply = await web.ask(url=f"{web.url}/status/201", extra={b"player": 7})
+    assert reply["status"] == 201
+    assert reply["url"] == reply["effective_url"] == f"{web.url}/status/201"
+    assert reply["redirect_url"] is None
+    assert reply["extra"] == {b"player": 7}
+    data = reply["data"]
+    assert (data["result"], data["content"], data["length"]) == (0, b"status body", 11)
+    assert data["type"].startswith("text/html") and data["time"] > 0
+
+
+@pytest.mark.parametrize("code", [404, 500, 503])
+@pytest_twisted.ensureDeferred
+async def test_error_statuses_are_answers(web: Harness, code: int) -> None:
+    reply = await web.ask(url=f"{web.url}/status/{code}")
+    assert (reply["status"], reply["data"]["result"]) == (code, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_redirects_are_followed_with_their_cookies(web: Harness) -> None:
+    reply = await web.ask(url=f"{web.url}/hop1")
+    assert reply["status"] == 200
+    assert reply["redirect_url"] == reply["effective_url"] == f"{web.url}/echo"
+    assert reply["cookie"] == {"hop": "one"}
+    assert json.loads(reply["data"]["content"])["cookies"] == {"hop": "one"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_cookies_set_by_the_server_are_sent_back_by_the_same_stage(web: Harness) -> None:
+    stage, context = web.stage()
+    stage.receive(request(url=f"{web.url}/login"))
+    (login,) = await context.replies_count(1)
+    assert login["cookie"] == {"sid": "s3cr3t", "lang": "ko"}
+    stage.receive(request(url=f"{web.url}/echo"))
+    _, echo = await context.replies_count(2)
+    assert json.loads(echo["data"]["content"])["cookies"] == {"sid": "s3cr3t", "lang": "ko"}
+    assert echo["cookie"] == {}  # the echo response set none
+    other = await web.ask(url=f"{web.url}/echo")  # another stage has its own jar
+    assert json.loads(other["data"]["content"])["cookies"] == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_post_form_table(web: Harness) -> None:
+    reply = await web.ask(url=f"{web.url}/echo", data={b"user": "홍길동".encode(), b"score": 10})
+    seen = json.loads(reply["data"]["content"])
+    assert seen["method"] == "POST"
+    assert seen["headers"]["content-type"] == "application/x-www-form-urlencoded"
+    assert parse_qs(seen["body"].encode("latin-1").decode()) == {"user": ["홍길동"], "score": ["10"]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_post_raw_body_with_own_headers(web: Harness) -> None:
+    body = '{"item": 3}'
+    reply = await web.ask(
+        {"user-agent": "game-server/1.0"},
+        url=f"{web.url}/echo",
+        data=body,
+        header={b"Content-Type": b"application/json", b"X-Request-Id": 42},
+    )
+    seen = json.loads(reply["data"]["content"])
+    assert (seen["method"], seen["body"]) == ("POST", body)
+    assert seen["headers"]["content-type"] == "application/json"
+    assert seen["headers"]["x-request-id"] == "42"
+    assert seen["headers"]["user-agent"] == "game-server/1.0"
+
+
+@pytest_twisted.ensureDeferred
+async def test_json_reply_type_and_charset(web: Harness) -> None:
+    reply = await web.ask(url=f"{web.url}/json")
+    data = reply["data"]
+    assert (data["type"], data["charset"]) == ("application/json; charset=utf-8", "utf-8")
+    assert json.loads(data["content"]) == {"name": "스테이지", "n": 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_body_arrives_whole(web: Harness) -> None:
+    reply = await web.ask(url=f"{web.url}/big")
+    data = reply["data"]
+    assert data["length"] == len(BIG) == 5 * 1024 * 1024
+    assert data["content"] == BIG
+    assert data["download_speed"] > 0
+
+
+@pytest.mark.parametrize("path", ["/trickle", "/silent"])
+@pytest_twisted.ensureDeferred
+async def test_slow_response_times_out_with_28(web: Harness, path: str) -> None:
+    reply = await web.ask({"timeout": 10000}, url=f"{web.url}{path}", timeout=300, extra=b"x")
+    data = reply["data"]
+    assert (reply["status"], data["result"], reply["extra"]) == (0, 28, b"x")
+    assert 0.25 < data["time"] < 5.0
+    assert "300" in data["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_port_gives_7(web: Harness) -> None:
+    closed = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    port = closed.getHost().port
+    await closed.stopListening()
+    reply = await web.ask(url=f"http://127.0.0.1:{port}/")
+    assert (reply["status"], reply["data"]["result"]) == (0, 7)
+    assert reply["data"]["message"]
+
+
+@pytest.mark.parametrize(("url", "code"), [("http://127.0.0.1:99999/", 3), ("http:// bad/", 3), ("ftp://127.0.0.1/", 1)])
+@pytest_twisted.ensureDeferred
+async def test_bad_urls(web: Harness, url: str, code: int) -> None:
+    reply = await web.ask(url=url, extra=[1, 2])
+    assert (reply["status"], reply["data"]["result"], reply["extra"]) == (0, code, [1, 2])
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrency_limit_is_respected(web: Harness) -> None:
+    stage, context = web.stage({"concurrency": 3})
+    for n in range(12):
+        stage.receive(request(url=f"{web.url}/hold", extra=n))
+    replies = await context.replies_count(12)
+    assert sorted(r["extra"] for r in replies) == list(range(12))
+    assert all(r["status"] == 200 for r in replies)
+    assert web.app.hold.most == 3
+    assert web.app.hold.served == 12
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_limit_requests_run_together(web: Harness) -> None:
+    stage, context = web.stage()
+    for n in range(6):
+        stage.receive(request(url=f"{web.url}/hold", extra=n))
+    await context.replies_count(6)
+    assert web.app.hold.most == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_ipv6_loopback_url(web: Harness) -> None:
+    try:
+        port = reactor.listenTCP(0, server.Site(web.app), interface="::1")
+    except Exception as e:  # CannotListenError and friends: no IPv6 on this host
+        pytest.skip(f"no IPv6 loopback: {e}")
+    url = f"http://[::1]:{port.getHost().port}/json"
+    try:
+        reply = await web.ask(url=url)
+    finally:
+        await port.stopListening()
+    assert (reply["status"], reply["data"]["result"], reply["effective_url"]) == (200, 0, url)
+
+
+# --- HTTPS ------------------------------------------------------------------------------------
+
+
+def self_signed(names: list[str], ips: list[str]) -> tuple[bytes, bytes]:
+    """A certificate (PEM) for ``names``/``ips`` and its key (PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    alt = [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+async def https_ask(web: Harness, names: list[str], ips: list[str], settings: dict[str, Any]) -> dict[str, Any]:
+    cert, key = self_signed(names, ips)
+    Path(web.base_dir, "ca.pem").write_bytes(cert)
+    options = ssl.PrivateCertificate.loadPEM(cert + key).options()
+    port = reactor.listenSSL(0, server.Site(web.app), options, interface="127.0.0.1")
+    try:
+        return await web.ask(settings, url=f"https://127.0.0.1:{port.getHost().port}/json")
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_with_a_trusted_ca_file(web: Harness) -> None:
+    reply = await https_ask(web, ["localhost"], ["127.0.0.1"], {"ca-file": "ca.pem"})
+    assert (reply["status"], reply["data"]["result"]) == (200, 0)
+    assert json.loads(reply["data"]["content"])["n"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_refuses_an_untrusted_certificate_by_default(web: Harness) -> None:
+    reply = await https_ask(web, ["localhost"], ["127.0.0.1"], {})
+    assert (reply["status"], reply["data"]["result"]) == (0, 60)
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_refuses_a_certificate_for_another_host(web: Harness) -> None:
+    reply = await https_ask(web, ["other.example"], [], {"ca-file": "ca.pem"})
+    assert (reply["status"], reply["data"]["result"]) == (0, 60)
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_without_verification_when_configured(web: Harness) -> None:
+    reply = await https_ask(web, ["other.example"], [], {"verify": False})
+    assert (reply["status"], reply["data"]["result"]) == (200, 0)
