@@ -10,7 +10,9 @@ this stage receives:
 - ``=CATEGORY``  values for every requester holding or waiting in CATEGORY;
 - ``@CATEGORY``  ``(limit, close_ms)``: a temporary category;
 - ``#TICKET_ID`` replies from a callback (``signal(nil, ms)`` or its return values): a number
-  moves the end of that ticket's hold to now + ms. Callbacks are sent with this reply id.
+  moves the end of that ticket's hold to now + ms. Callbacks are sent with this reply id, which
+  is also how the requester learns ``_TICKET``: a message whose reply address ends in
+  ``/#@…`` is a ticket callback, and ``_TICKET`` is the part after the ``#``.
 """
 
 from __future__ import annotations
@@ -161,7 +163,6 @@ class Stage:
                 requested.at(requested.callback),
                 *requested.values,
                 reply_to=f"#{ticket.id}",
-                ticket=ticket.id,
             )
             if not ok:
                 self._context.log.warn(

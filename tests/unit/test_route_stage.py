@@ -1,0 +1,185 @@
+"""The route stage (SPEC 4.3) through its message interface, with a recording context."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+
+from stagetx.address import format_reply
+from stagetx.codec import NULL, pack_py
+from stagetx.message import Message, Sender
+from stagetx.stages.route import ACCEPT, Stage
+
+SERVER = "srv"
+ROUTE = 9  # the route stage's instance
+PUB = Sender(SERVER, 0, "game", 1)
+SUB_A = Sender(SERVER, 1, "chat", 2)
+SUB_B = Sender(SERVER, 2, "chat", 3)
+
+
+class RecordingContext:
+    """A StageContext that records sends; ``reply_to`` resolves as the router does."""
+
+    stage_id = "route"
+    name = "=route+route"
+    instance = ROUTE
+    base_dir = "/"
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.events: list[dict[str, Any]] = []
+        self.log = Logger(namespace="test.route", observer=self.events.append)
+        self.sent: list[tuple[str, tuple[Any, ...], str | None]] = []
+        self.refuse: set[str] = set()
+
+    def resolve_path(self, path: str) -> str:
+        return path
+
+    def send(self, target: str, *values: Any, reply_to: str | None = None) -> tuple[bool, str | None]:
+        if reply_to is not None and not reply_to.startswith("^"):
+            reply_to = format_reply(SERVER, ROUTE, reply_to)
+        pack_py(values)  # what the router would do: the values must move
+        self.sent.append((target, values, reply_to))
+        if target in self.refuse:
+            return False, "no handler"
+        return True, None
+
+    def reply(self, message: Message, *values: Any) -> None:
+        raise AssertionError("the route stage answers by address, not by reply")
+
+    def take(self) -> list[tuple[str, tuple[Any, ...], str | None]]:
+        sent, self.sent = self.sent, []
+        return sent
+
+
+def msg(msgid: str, sender: Sender, *values: Any, reply: str | None = None) -> Message:
+    return Message(msgid, pack_py(values), sender, reply)
+
+
+def at(sender: Sender, msgid: str) -> str:
+    return format_reply(sender.server, sender.instance, msgid)
+
+
+def make(config: Any = None) -> tuple[RecordingContext, Stage]:
+    context = RecordingContext()
+    stage = Stage(context, config)
+    stage.start()
+    return context, stage
+
+
+def subscribe(stage: Stage, sender: Sender, table: dict[bytes, Any]) -> None:
+    stage.receive(msg("@", sender, table))
+
+
+def test_offer_round_delivers_to_the_first_acceptor_with_the_publisher_as_reply() -> None:
+    context, stage = make()
+    subscribe(stage, SUB_A, {b"login": b"on_login"})
+    subscribe(stage, SUB_B, {b"login": b"on_login_b"})
+    stage.receive(msg("login?eu", PUB, b"HELLO", 7))
+    offers = context.take()
+    assert [(t, v[0]) for t, v, _ in offers] == [
+        (at(SUB_A, "route:@"), "login?eu"),
+        (at(SUB_B, "route:@"), "login?eu"),
+    ]
+    token = offers[0][1][1]
+    assert offers[1][1][1] == token
+    assert all(r == format_reply(SERVER, ROUTE, ACCEPT) for _, _, r in offers)
+    stage.receive(msg(ACCEPT, SUB_B, token.encode()))
+    stage.receive(msg(ACCEPT, SUB_A, token.encode()))  # too late
+    assert context.take() == [
+        (at(SUB_B, "on_login_b"), ("route:login?eu", b"HELLO", 7), at(PUB, "route:login?eu"))
+    ]
+    context.clock.advance(1.0)
+    assert context.take() == []
+
+
+def test_return_and_fail_callbacks_from_the_key_as_published() -> None:
+    context, stage = make()
+    subscribe(stage, SUB_A, {b"login": b"cb"})
+    # "route:login?x=ret!oops": the router split "=ret!oops" into the reply address
+    stage.receive(msg("login?x", PUB, b"v", reply=at(PUB, "ret!oops")))
+    (offer,) = context.take()
+    assert offer[1][0] == "login?x=ret!oops"
+    stage.receive(msg(ACCEPT, SUB_A, offer[1][1].encode()))
+    assert context.take() == [(at(SUB_A, "cb"), ("route:login?x=ret!oops", b"v"), at(PUB, "ret"))]
+
+
+def test_no_acceptance_within_the_offer_time_calls_the_fail_callback() -> None:
+    context, stage = make({"offer_ms": 300})
+    subscribe(stage, SUB_A, {b"login": b"cb"})
+    stage.receive(msg("login!nobody", PUB, b"v"))
+    context.take()
+    context.clock.advance(0.299)
+    assert context.take() == []
+    context.clock.advance(0.001)
+    assert context.take() == [(at(PUB, "nobody"), ("route:login!nobody", b"v"), None)]
+
+
+def test_no_subscriber_fails_at_once_and_without_fail_callback_logs_once() -> None:
+    context, stage = make()
+    stage.receive(msg("gone!nobody", PUB, 1))
+    assert context.take() == [(at(PUB, "nobody"), ("route:gone!nobody", 1), None)]
+    stage.receive(msg("gone", PUB, 1))
+    stage.receive(msg("gone", PUB, 2))
+    assert context.take() == []
+    dropped = [e for e in context.events if "dropped" in e["log_format"]]
+    assert len(dropped) == 1
+
+
+def test_partial_acceptance_over_several_subscribe_ids() -> None:
+    context, stage = make()
+    subscribe(stage, SUB_A, {b"a": b"cb1", b"b": b"cb2"})
+    subscribe(stage, SUB_B, {b"b": b"other"})
+    stage.receive(msg("a,b", PUB, b"v"))
+    token = context.take()[0][1][1]
+    stage.receive(msg(ACCEPT, SUB_A, f"{token}?cb1".encode()))
+    stage.receive(msg(ACCEPT, SUB_B, token.encode()))
+    assert [(t, v[0]) for t, v, _ in context.take()] == [
+        (at(SUB_A, "cb1"), "route:a,b"),
+        (at(SUB_B, "other"), "route:a,b"),
+    ]
+
+
+def test_broadcast_skips_offers_and_paused_subscribers() -> None:
+    context, stage = make()
+    subscribe(stage, SUB_A, {b"news": b"cb"})
+    subscribe(stage, SUB_B, {b"news": b"cb"})
+    stage.receive(msg("*news", PUB, b"x"))
+    assert [t for t, _, _ in context.take()] == [at(SUB_A, "cb"), at(SUB_B, "cb")]
+    subscribe(stage, SUB_B, {b"news": False})
+    stage.receive(msg("*news", PUB, b"y"))
+    assert context.take() == [(at(SUB_A, "cb"), ("route:*news", b"y"), at(PUB, "route:*news"))]
+
+
+def test_unreachable_candidates_fail_the_round_without_waiting() -> None:
+    context, stage = make()
+    subscribe(stage, SUB_A, {b"login": b"cb"})
+    context.refuse.add(at(SUB_A, "route:@"))
+    stage.receive(msg("login!f", PUB, 1))
+    assert context.take()[-1] == (at(PUB, "f"), ("route:login!f", 1), None)
+
+
+def test_removal_and_expiry_end_delivery() -> None:
+    context, stage = make({"expire_ms": 1000})
+    subscribe(stage, SUB_A, {b"a": b"cb", b"b": b"cb"})
+    stage.receive(msg("@", SUB_A, {b"a": NULL}))
+    assert stage.subscriptions() == {"b": 1}
+    context.clock.advance(0.9)
+    stage.receive(msg("@", SUB_A, True))
+    context.clock.advance(0.9)
+    assert stage.subscriptions() == {"b": 1}
+    context.clock.advance(0.1)
+    assert stage.subscriptions() == {}
+
+
+def test_bad_messages_are_logged_not_raised() -> None:
+    context, stage = make()
+    stage.receive(msg("@", SUB_A, "not a table"))
+    stage.receive(Message("x", b"\xc1garbage", PUB, None))
+    stage.receive(msg(ACCEPT, SUB_A, 42))
+    levels = [e["log_level"].name for e in context.events]
+    assert levels == ["warn", "critical"]
+    stage.stop()
+    assert context.clock.getDelayedCalls() == []
