@@ -2,6 +2,8 @@
 
 Reads the bootstrap line, reports it, answers every connection on a shared ``#services`` socket
 with ``pid group\\n``, exits 0 on SIGTERM or when stdin reaches EOF (the supervisor is gone).
+Environment knobs for tests: ``STANDIN_EXIT`` (exit at once with that status),
+``STANDIN_LONG_LINE`` (print one line of that many characters), ``STANDIN_IGNORE_TERM``.
 """
 
 import json
@@ -14,14 +16,17 @@ import sys
 
 def main() -> int:
     bootstrap = json.loads(sys.stdin.readline())
-    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(0))
+    ignore_term = os.environ.get("STANDIN_IGNORE_TERM")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if ignore_term else lambda n, f: sys.exit(0))
     group = bootstrap["group"]
-    print(f"standin ready group={group} pid={os.getpid()} rundir={bootstrap['rundir']}", flush=True)
+    listeners = [socket.socket(fileno=fd) for fd in bootstrap["services"].values()]
+    ports = [listener.getsockname()[1] for listener in listeners]
+    print(f"standin ready group={group} pid={os.getpid()} rundir={bootstrap['rundir']} "
+          f"ports={ports}", flush=True)
     if os.environ.get("STANDIN_LONG_LINE"):
         print("x" * int(os.environ["STANDIN_LONG_LINE"]), flush=True)
     if os.environ.get("STANDIN_EXIT") is not None:
         return int(os.environ["STANDIN_EXIT"])
-    listeners = [socket.socket(fileno=fd) for fd in bootstrap["services"].values()]
     while True:
         readable, _, _ = select.select([sys.stdin, *listeners], [], [])
         for source in readable:

@@ -1,0 +1,32 @@
+# Developer entry points: `make run`, `make test`, `make check` (see README.md).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?= --timeout 300
+CONFIG ?= etc/stage.json
+
+.PHONY: run test check clean
+
+# The virtualenv with stagetx installed editable, reinstalled when setup.py changes. "compat" mode
+# puts the project directory on sys.path, so twistd also finds twisted/plugins/stagetx_plugin.py.
+$(VENV)/.installed-test: setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed-test
+	$(PY) -m pip install --quiet -e '.[test,dev]' --config-settings editable_mode=compat
+	touch $@
+
+run: $(VENV)/.installed-test
+	exec $(VENV)/bin/twistd -n stage -c $(CONFIG)
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+check: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check --line-length 100 --select E,F,W,I,B,UP stagetx tests twisted setup.py
+	$(VENV)/bin/mypy --ignore-missing-imports --python-version 3.10 stagetx
+
+clean:
+	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache

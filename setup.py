@@ -1,0 +1,29 @@
+"""Packaging for stagetx; ``twisted.plugins`` is listed so that ``twistd stage`` finds the dropin."""
+
+from setuptools import find_namespace_packages, setup
+
+setup(
+    name="stagetx",
+    version="0.1.0",
+    description="A Twisted re-creation of the STAGE game-server platform, scripted in Lua",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_namespace_packages(include=["stagetx", "stagetx.*"], exclude=["*.__pycache__"])
+    + ["twisted.plugins"],
+    package_data={"stagetx.lua": ["*.lua"]},
+    install_requires=[
+        "twisted>=23.8",
+        "lupa>=2.2",
+        "sortedcontainers>=2.4",
+        "treq>=23.11",
+        "attrs>=23.1",
+        "msgpack>=1.0",
+        "pymongo>=4.6",
+        "prometheus-client>=0.19",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-twisted>=1.14", "pytest-timeout>=2.2", "hypothesis>=6"],
+        "dev": ["ruff>=0.4", "mypy>=1.8"],
+    },
+)

@@ -1,0 +1,52 @@
+"""``twistd stage``: command-line options and the service tree built from the configuration."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.python import usage
+
+from stagetx.config import ConfigError, ServerConfig, load_config
+from stagetx.supervisor import Supervisor
+
+
+class Options(usage.Options):
+    """``-c FILE`` (``-`` for standard input) and ``--check``.
+
+    A bad configuration ends the program here, before anything starts: one line on stderr
+    naming the JSON path and the problem, exit status 1.
+    """
+
+    synopsis = "-c FILE [--check]"
+    longdesc = "Run a stagetx server: the #startup groups of FILE as supervised processes."
+    optParameters = [["config", "c", None, "the JSON configuration file (- reads standard input)"]]
+    optFlags = [["check", None, "validate the configuration, print its process groups and exit"]]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("-c/--config FILE is required")
+        try:
+            self["server"] = load_config(self["config"])
+        except ConfigError as err:
+            raise SystemExit(f"stage: {err}") from None
+        if self["check"]:
+            sys.stdout.write(check_report(self["server"]))
+            raise SystemExit(0)
+
+
+def check_report(config: ServerConfig) -> str:
+    """The ``--check`` output: ``config OK``, the notices, then one line per process group."""
+    lines = ["config OK"]
+    lines += [f"notice: {notice}" for notice in config.notices]
+    for group, stages in enumerate(config.startup):
+        lines.append(f"group {group}: " + " ".join(stage.name for stage in stages))
+    return "\n".join(lines) + "\n"
+
+
+def makeService(options: dict[str, Any]) -> service.MultiService:
+    """The server's service tree; nothing starts (no thread, no process) before ``startService``."""
+    root = service.MultiService()
+    Supervisor(options["server"], args=sys.argv).setServiceParent(root)
+    return root

@@ -1,0 +1,239 @@
+"""Real processes: the supervisor spawning, sharing sockets, restarting and stopping children,
+and ``twistd -n stage`` as an operator runs it (SPEC 1, 1.1)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
+from twisted.logger import capturedLogs
+
+from stagetx.config import parse_config
+from stagetx.supervisor import Supervisor
+
+REPO = Path(__file__).resolve().parents[2]
+STANDIN = [sys.executable, str(Path(__file__).with_name("standin_child.py"))]
+REAL_CHILD = importlib.util.find_spec("stagetx.child") is not None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> Deferred[None]:
+    """Fires once ``condition()`` holds; fails after ``timeout`` seconds."""
+
+    def poll() -> None:
+        if condition():
+            loop.stop()
+
+    loop = task.LoopingCall(poll)
+    done = loop.start(0.05)
+    done.addTimeout(timeout, reactor)
+    return done
+
+
+def child_lines(events: Sequence[dict[str, Any]], prefix: str = "") -> list[str]:
+    return [e["line"] for e in events if "line" in e and e["line"].startswith(prefix)]
+
+
+def standin_supervisor(app_dir: Path, groups: int, **kwargs: Any) -> Supervisor:
+    extra = kwargs.pop("extra", {})
+    config = parse_config({"#startup": [[f"=index+i{g}"] for g in range(groups)], **extra},
+                          str(app_dir))
+    return Supervisor(config, child_command=STANDIN, **kwargs)
+
+
+def assert_gone(pid: int) -> None:
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+@pytest_twisted.inlineCallbacks
+def test_children_share_the_service_sockets(app_dir: Path) -> Any:
+    port = free_port()
+    supervisor = standin_supervisor(app_dir, 2, extra={"#services": {"tcp": [f"127.0.0.1:{port}"]}})
+    with capturedLogs() as events:
+        supervisor.startService()
+        try:
+            yield wait_for(lambda: len(child_lines(events, "standin ready")) == 2, 20)
+            pids = {s.pid for s in supervisor.status()}
+            ready = child_lines(events, "standin ready")
+            for status in supervisor.status():
+                assert (f"standin ready group={status.group} pid={status.pid} "
+                        f"rundir={supervisor.rundir} ports=[{port}]") in ready
+            for _ in range(10):
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                    pid, group = conn.makefile().readline().split()
+                assert int(pid) in pids
+        finally:
+            yield supervisor.stopService().addTimeout(20, reactor)
+    for pid in pids:
+        assert_gone(pid)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+@pytest_twisted.inlineCallbacks
+def test_crashing_child_is_restarted_and_long_lines_arrive_whole(app_dir: Path) -> Any:
+    environ = {**os.environ, "STANDIN_EXIT": "3", "STANDIN_LONG_LINE": "200000"}
+    supervisor = standin_supervisor(app_dir, 1, backoff=(0.1, 0.4), environ=environ)
+    with capturedLogs() as events:
+        supervisor.startService()
+        try:
+            yield wait_for(lambda: supervisor.status()[0].restarts >= 3, 20)
+        finally:
+            yield supervisor.stopService().addTimeout(20, reactor)
+    assert child_lines(events, "x") .count("x" * 200000) >= 3
+    assert sum("exit code 3" in e.get("how", "") for e in events) >= 3
+
+
+@pytest_twisted.inlineCallbacks
+def test_stop_kills_a_child_that_ignores_sigterm(app_dir: Path) -> Any:
+    environ = {**os.environ, "STANDIN_IGNORE_TERM": "1"}
+    supervisor = standin_supervisor(app_dir, 1, grace=0.5, environ=environ)
+    with capturedLogs() as events:
+        supervisor.startService()
+        yield wait_for(lambda: bool(child_lines(events, "standin ready")), 20)
+        pid = supervisor.status()[0].pid
+        started = time.monotonic()
+        yield supervisor.stopService().addTimeout(20, reactor)
+    assert 0.5 <= time.monotonic() - started < 10
+    assert any(e.get("how") == "signal SIGKILL" for e in events)
+    assert pid is not None
+    assert_gone(pid)
+
+
+class Twistd:
+    """``twistd -n stage -c CONFIG`` in a child process, its output collected by a thread."""
+
+    def __init__(self, config: Path) -> None:
+        if REAL_CHILD:
+            command = [str(Path(sys.executable).with_name("twistd"))]
+        else:  # stagetx.child not written yet: run twistd with the stand-in child
+            command = [sys.executable, "-c", (
+                "import sys, stagetx.supervisor as s; "
+                f"s.CHILD_COMMAND = {tuple(STANDIN)!r}; "
+                "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+            )]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.process = subprocess.Popen(
+            [*command, "-n", "--pidfile=", "stage", "-c", str(config)],
+            cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def pids(self, group: int) -> list[int]:
+        """The pids group ``group`` was started with, in order."""
+        marker = f"group {group} started, pid "
+        return [int(line.split(marker)[1]) for line in list(self.lines) if marker in line]
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.process.poll() is None, "\n".join(self.lines)
+            assert time.monotonic() < deadline, "\n".join(self.lines[-50:])
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self._reader.join(10)
+
+
+def test_twistd_runs_restarts_and_stops_its_children(app_dir: Path) -> None:
+    config = app_dir / "stage.json"
+    config.write_text(json.dumps({
+        "#startup": [["=lua+a"], ["=lua+b"]],
+        "=lua": {"%package": ["[0]lua"], "=lua+a": "start", "=lua+b": "start"},
+    }))
+    twistd = Twistd(config)
+    try:
+        twistd.wait_for(lambda: bool(twistd.pids(0) and twistd.pids(1)), 30)
+        first, other = twistd.pids(0)[0], twistd.pids(1)[0]
+        os.kill(first, 0)
+        os.kill(other, 0)
+        os.kill(first, signal.SIGKILL)
+        twistd.wait_for(lambda: len(twistd.pids(0)) == 2, 30)
+        second = twistd.pids(0)[1]
+        assert second != first
+        os.kill(second, 0)
+        assert twistd.pids(1) == [other]
+        stopping = time.monotonic()
+        twistd.process.send_signal(signal.SIGTERM)
+        # twistd shuts down cleanly, then re-raises the signal so its status tells why it ended
+        assert twistd.process.wait(30) == -signal.SIGTERM
+        assert time.monotonic() - stopping < 15
+    finally:
+        twistd.stop()
+    for pid in (first, second, other):
+        assert_gone(pid)
+    text = "\n".join(twistd.lines)
+    assert f"group 0 pid {first} ended: signal SIGKILL" in text
+    assert f"group 0 pid {second} ended:" in text and f"group 1 pid {other} ended:" in text
+    assert "Main loop terminated." in text
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"#startup": [["=index+a"], ["=lau+x"]]}, 'stage: #startup[1][0]: unknown stage type "=lau"'),
+        ({"#startup": [["=lua+x"]], "=lua+x": "gone"},
+         'stage: =lua+x: script "gone" not found along %package ["[0]"]'),
+    ],
+)
+def test_twistd_refuses_a_broken_config_with_one_line(
+    app_dir: Path, raw: dict[str, Any], message: str
+) -> None:
+    config = app_dir / "bad.json"
+    config.write_text(json.dumps(raw))
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=", "stage", "-c",
+         str(config)],
+        cwd=app_dir, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+        text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr == message + "\n"
+    assert result.stdout == ""
+
+
+def test_twistd_check_prints_the_groups(app_dir: Path) -> None:
+    config = app_dir / "stage.json"
+    config.write_text(json.dumps({"#license": "x", "#startup": [["=index+a", "=route+r"], ["=curl+c"]]}))
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=", "stage", "-c",
+         str(config), "--check"],
+        cwd=app_dir, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+        text=True, timeout=60,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == (
+        "config OK\nnotice: #license: not used by stagetx, ignored\n"
+        "group 0: =index+a =route+r\ngroup 1: =curl+c\n"
+    )
