@@ -1,0 +1,109 @@
+"""Test helpers: write a config with its scripts, run its groups in this process, read what Lua logged."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
+
+from stagetx.config import load_config
+from stagetx.host import ProcessHost
+
+
+def write_app(root: Path, config: dict[str, Any], scripts: dict[str, str]) -> Path:
+    """Write ``stage.json`` and ``lua/NAME.lua`` files under ``root``; returns the config path."""
+    lua = root / "lua"
+    lua.mkdir(parents=True, exist_ok=True)
+    for name, text in scripts.items():
+        path = lua / (name.replace(".", "/") + ".lua")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    path = root / "stage.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+class LogCapture:
+    """Collects log events while active: ``lines("stage.a")`` is what that namespace logged."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def __enter__(self) -> LogCapture:
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        globalLogPublisher.removeObserver(self)
+
+    def lines(self, namespace: str | None = None, level: str | None = None) -> list[str]:
+        out = []
+        for e in self.events:
+            if namespace is not None and e.get("log_namespace") != namespace:
+                continue
+            if level is not None and e["log_level"].name != level:
+                continue
+            out.append(e.get("message", e.get("error", e.get("log_format", ""))))
+        return out
+
+    def text(self) -> str:
+        from twisted.logger import formatEvent
+
+        return "\n".join(formatEvent(e) for e in self.events)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll ``predicate`` on the reactor until true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+class InProcessServer:
+    """All groups of a config hosted in this process, each with its own router (no links)."""
+
+    def __init__(self, config_path: Path, groups: list[int] | None = None) -> None:
+        self.config = load_config(str(config_path))
+        wanted = range(len(self.config.startup)) if groups is None else groups
+        self.hosts = [ProcessHost(self.config, g, reactor) for g in wanted]
+
+    async def start(self) -> None:
+        for host in self.hosts:
+            await ensureDeferred(_as_deferred(host.startService()))
+
+    async def stop(self) -> None:
+        for host in reversed(self.hosts):
+            await ensureDeferred(_as_deferred(host.stopService()))
+
+
+def _as_deferred(d: Any) -> Deferred[Any]:
+    if isinstance(d, Deferred):
+        return d
+    result: Deferred[Any] = Deferred()
+    result.callback(d)
+    return result
+
+
+def iter_lines(capture: LogCapture, namespace: str) -> Iterator[list[str]]:
+    """Each logged line of ``namespace`` split at tabs (log4cxx joins its arguments with tabs)."""
+    for line in capture.lines(namespace):
+        yield line.split("\t")
+
+
+def env_path() -> str:
+    """A PYTHONPATH that lets a child process import this checkout's stagetx."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])

@@ -1,0 +1,333 @@
+"""A Lua stage in this process with the real reactor and real Lua: SPEC 1.2, 2.1-2.3, 2.5-2.6, 2.8, 3."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+
+from tests.support import InProcessServer, LogCapture, wait_for, write_app
+
+
+def lua_app(tmp_path: Path, scripts: dict[str, str], **settings: object) -> Path:
+    config = {
+        "#startup": [["=lua+a"]],
+        "=lua+a": {"%package": ["[0]lua"], **settings, "=lua+a": "main"},
+        "greeting": "hello",
+    }
+    return write_app(tmp_path, config, scripts)
+
+
+async def run(path: Path, until: str, timeout: float = 5.0, namespace: str = "stage.a") -> LogCapture:
+    """Start the app, wait until stage ``a`` logs a line starting with ``until``, stop it."""
+    with LogCapture() as capture:
+        server = InProcessServer(path)
+        await server.start()
+        try:
+            await wait_for(lambda: any(line.startswith(until) for line in capture.lines(namespace)), timeout, until)
+        finally:
+            await server.stop()
+    return capture
+
+
+def logged(capture: LogCapture, prefix: str) -> list[list[str]]:
+    return [line.split("\t")[1:] for line in capture.lines("stage.a") if line.split("\t")[0] == prefix]
+
+
+@pytest_twisted.ensureDeferred
+async def test_waitfor_matches_full_id_then_groups_then_stage_prefix(tmp_path: Path) -> None:
+    path = lua_app(tmp_path, {"main": """
+        local function tag(name) return function() log4cxx.info("hit", _WAITFOR[0], name, _WAITFOR[-1]) end end
+        stage.waitfor("s:g.m.cb", tag("full"))
+        stage.waitfor("s:g.m.", tag("msg"))
+        stage.waitfor("s:g.", tag("group"))
+        stage.waitfor("s:", tag("stage"))
+        stage.waitfor("x.y.", tag("plain"))
+        for _, id in ipairs({"s:g.m.cb", "s:g.m.other", "s:g.zz", "s:q", "x.y.z", "a.b:c"}) do
+            stage.signal(":" .. id)
+        end
+        log4cxx.info("unmatched", tostring(stage.signal(":a.b:c")))
+        log4cxx.info("done")
+    """})
+    capture = await run(path, "done")
+    assert logged(capture, "hit") == [
+        ["s:g.m.cb", "full", "s:g.m.cb"],
+        ["s:g.m.other", "msg", "s:g.m."],
+        ["s:g.zz", "group", "s:g."],
+        ["s:q", "stage", "s:"],
+        ["x.y.z", "plain", "x.y."],
+    ]
+    assert logged(capture, "unmatched") == [["false"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_waitfor_bound_values_lookup_unregister_and_auto_ids(tmp_path: Path) -> None:
+    path = lua_app(tmp_path, {"main": """
+        local function h(...) log4cxx.info("args", ...) end
+        stage.waitfor("m", h, "b1", "b2")
+        stage.signal(":m", "d1", "d2")
+        local f, b1, b2 = stage.waitfor("m")
+        log4cxx.info("lookup", f == h, b1, b2)
+        stage.waitfor("m", nil)
+        log4cxx.info("gone", stage.waitfor("m") == nil, tostring(stage.signal(":m")))
+        local a = stage.waitfor(function(x) log4cxx.info("auto", x) end)
+        local b = stage.waitfor(function() end)
+        log4cxx.info("ids", a ~= b, type(a))
+        stage.signal(a, "via-auto")
+    """, "next": ""})
+    capture = await run(path, "auto")
+    assert logged(capture, "args") == [["b1", "b2", "d1", "d2"]]
+    assert logged(capture, "lookup") == [["true", "b1", "b2"]]
+    assert logged(capture, "gone") == [["true", "false"]]
+    assert logged(capture, "ids") == [["true", "string"]]
+    assert logged(capture, "auto") == [["via-auto"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_messages_are_ordered_copied_and_async(tmp_path: Path) -> None:
+    path = lua_app(tmp_path, {"main": """
+        local seen = {}
+        stage.waitfor("m", function(i, t)
+            seen[#seen + 1] = i
+            t.changed = true
+            if i == 100 then
+                local in_order = #seen == 100
+                for k = 1, 100 do in_order = in_order and seen[k] == k end
+                log4cxx.info("order", tostring(in_order), tostring(t.inner ~= shared_inner))
+            end
+        end)
+        local shared = {n = 1, inner = {1, 2}, gone = stage.null}
+        shared_inner = shared.inner
+        for i = 1, 100 do stage.signal("m", i, shared) end
+        log4cxx.info("after-send", #seen, tostring(shared.changed), tostring(rawget(shared, "gone") == stage.null))
+        stage.waitfor("null", function(t, v) log4cxx.info("null", tostring(t.gone), tostring(v)) end)
+        stage.signal("null", shared, stage.null)
+        log4cxx.info("missing", tostring(stage.signal("nobody", 1)))
+        stage.waitfor("sync", function(t) t.x = 2; return "r1", "r2" end)
+        local t = {x = 1}
+        local r1, r2 = stage.signal(":sync", t)
+        log4cxx.info("sync", r1, r2, t.x)
+    """})
+    capture = await run(path, "null")
+    assert logged(capture, "after-send") == [["0", "nil", "true"]]
+    assert logged(capture, "order") == [["true", "true"]]
+    assert logged(capture, "null") == [["nil", "nil"]]
+    assert logged(capture, "missing") == [["false"]]
+    assert logged(capture, "sync") == [["r1", "r2", "1"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_handler_error_is_logged_with_file_and_line_and_stage_goes_on(tmp_path: Path) -> None:
+    path = lua_app(tmp_path, {"main": """
+        stage.waitfor("bad", function() local x = nil; return x.field end)
+        stage.waitfor("good", function() log4cxx.info("still serving") end)
+        stage.signal("bad")
+        stage.signal("good")
+    """})
+    capture = await run(path, "still serving")
+    errors = [e for e in capture.events if e.get("log_namespace") == "stage.a" and e["log_level"].name == "error"]
+    assert len(errors) == 1
+    assert "main.lua:2:" in errors[0]["error"] and errors[0]["msgid"] == " of message 'bad'"
+
+
+@pytest_twisted.ensureDeferred
+async def test_runaway_loop_is_interrupted_by_the_budget(tmp_path: Path) -> None:
+    path = lua_app(tmp_path, {"main": """
+        stage.addtask(1, function() while true do end end)
+        stage.addtask(400, function() log4cxx.info("alive") end)
+    """}, **{"%budget": 200})
+    started = time.monotonic()
+    capture = await run(path, "alive")
+    assert time.monotonic() - started < 3
+    errors = [e["error"] for e in capture.events if e.get("log_namespace") == "stage.a" and e["log_level"].name == "error"]
+    assert any("main.lua:2:" in e and "budget of 200 ms exceeded" in e for e in errors), errors
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_limit_fails_the_allocation_not_the_stage(tmp_path: Path) -> None:
+    path = lua_app(tmp_path, {"main": """
+        stage.addtask(1, function() local t = {} for i = 1, 1e8 do t[i] = string.rep("x", 100) .. i end end)
+        stage.addtask(100, function() collectgarbage(); log4cxx.info("alive") end)
+    """}, **{"%memory": "16m"})
+    capture = await run(path, "alive")
+    errors = [e["error"] for e in capture.events if e.get("log_namespace") == "stage.a" and e["log_level"].name == "error"]
+    assert any("not enough memory" in e for e in errors)
+
+
+@pytest_twisted.ensureDeferred
+async def test_addtask_repeats_by_return_value_and_cancels(tmp_path: Path) -> None:
+    path = lua_app(tmp_path, {"main": """
+        local n, m = 0, 0
+        stage.addtask(5, function(step) n = n + 1; if n < 3 then return step end; log4cxx.info("repeat", n) end, 5)
+        local task
+        task = stage.addtask(5, function() m = m + 1; stage.addtask(task, nil); return 5 end)
+        local never = stage.addtask(50, function() log4cxx.info("never") end)
+        stage.addtask(never, nil)
+        local up = "upvalue"
+        stage.addtask(0, function() log4cxx.info("closure", up) end)
+        stage.addtask(100, function() log4cxx.info("done", m) end)
+    """})
+    capture = await run(path, "done")
+    assert logged(capture, "repeat") == [["3"]]
+    assert logged(capture, "closure") == [["upvalue"]]
+    assert logged(capture, "done") == [["1"]]
+    assert logged(capture, "never") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_function_is_rescheduled_by_its_return_value(tmp_path: Path) -> None:
+    path = lua_app(tmp_path, {"main": """
+        local n = 0
+        return function()
+            n = n + 1
+            if n == 3 then log4cxx.info("idle", n) return 0 end
+            return 5
+        end
+    """})
+    capture = await run(path, "idle")
+    assert logged(capture, "idle") == [["3"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_preload_runs_first_in_name_order(tmp_path: Path) -> None:
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "pre" / "b.lua").write_text("ORDER = (ORDER or '') .. 'b'\n")
+    (tmp_path / "pre" / "a.lua").write_text("ORDER = (ORDER or '') .. 'a'\n")
+    path = lua_app(tmp_path, {"main": 'log4cxx.info("order", ORDER)'}, **{"%preload": "pre"})
+    capture = await run(path, "order")
+    assert logged(capture, "order") == [["ab"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_once_and_v(tmp_path: Path) -> None:
+    path = lua_app(tmp_path, {"main": """
+        local runs = 0
+        for i = 1, 3 do stage.once("init", function() runs = runs + 1 end) end
+        stage.once("init", nil)
+        stage.once("init", function() runs = runs + 1 end)
+        local ok, err = pcall(stage.once, "boom", function() error("inside once") end)
+        stage.once("boom", function() runs = runs + 100 end)
+        log4cxx.info("once", runs, tostring(ok))
+        local t = {a = 1}
+        stage.v("k", t)
+        t.a = 2
+        local copy = stage.v("k")
+        copy.a = 3
+        log4cxx.info("v", stage.v("k").a)
+        log4cxx.info("update", stage.v("n", function(old) return (old or 0) + 5 end), stage.v("n", function(old) return old * 2 end))
+        stage.v("k", nil)
+        log4cxx.info("deleted", tostring(stage.v("k")))
+        local ok2, err2 = pcall(stage.v, "bad", coroutine.create(function() end))
+        log4cxx.info("bad", tostring(ok2), tostring(err2):find("coroutine") ~= nil)
+    """})
+    capture = await run(path, "bad")
+    assert logged(capture, "once") == [["2", "false"]]
+    assert logged(capture, "v") == [["1"]]
+    assert logged(capture, "update") == [["5", "10"]]
+    assert logged(capture, "deleted") == [["nil"]]
+    assert logged(capture, "bad") == [["false", "true"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_load_searches_package_caches_and_takes_ids(tmp_path: Path) -> None:
+    (tmp_path / "v1" / "lib").mkdir(parents=True)
+    (tmp_path / "v1" / "lib" / "util.lua").write_text("COUNT = (COUNT or 0) + 1\nreturn {answer = 42}\n")
+    (tmp_path / "devel").mkdir()
+    path = lua_app(tmp_path, {"main": """
+        local u = stage.load("lib.util")
+        local again = stage.load("lib.util")
+        log4cxx.info("load", u.answer, COUNT, u == again)
+        log4cxx.info("id", stage.load("lib.util+answer"))
+        log4cxx.info("info", stage.load("lib.util", function(v, i) return i[1], i[2]:match("v1/lib/util.lua$") ~= nil, type(i[3]) end))
+        local ok, err = pcall(stage.load, "lib.missing")
+        log4cxx.info("missing", tostring(ok), err:find("lib.missing") ~= nil)
+        local f = io.open(PATH .. "/devel/broken.lua", "w"); f:write("return {\\n  oops = ,\\n}"); f:close()
+        local ok2, err2 = pcall(stage.load, "broken")
+        log4cxx.info("broken", tostring(ok2), err2:find("broken.lua:2:") ~= nil)
+    """}, **{"%package": ["devel", "v1", "[0]lua"]})
+    path.write_text(path.read_text().replace('"greeting"', f'"path": {str(tmp_path)!r}, "greeting"').replace("'", '"'))
+    (tmp_path / "lua" / "main.lua").write_text('PATH = process["$path"]\n' + (tmp_path / "lua" / "main.lua").read_text())
+    capture = await run(path, "broken")
+    assert logged(capture, "load") == [["42", "1", "true"]]
+    assert logged(capture, "id") == [["42"]]
+    assert logged(capture, "info") == [["1", "true", "number"]]
+    assert logged(capture, "missing") == [["false", "true"]]
+    assert logged(capture, "broken") == [["false", "true"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_load_picks_up_an_edited_file_after_the_recheck_period(tmp_path: Path) -> None:
+    script = tmp_path / "lua" / "conf.lua"
+    path = lua_app(tmp_path, {"conf": "return {v = 1}", "main": """
+        log4cxx.info("v", stage.load("conf").v)
+        stage.addtask(100, function() log4cxx.info("v", stage.load("conf").v) end)
+        stage.addtask(400, function() log4cxx.info("v", stage.load("conf").v); log4cxx.info("end") end)
+    """}, **{"%recheck": [200, 200]})
+    with LogCapture() as capture:
+        server = InProcessServer(path)
+        await server.start()
+        script.write_text("return {v = 2, padding = 'changes the size'}")
+        await wait_for(lambda: "end" in capture.lines("stage.a"), 5, "end")
+        await server.stop()
+    assert logged(capture, "v") == [["1"], ["1"], ["2"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_log4cxx_substitutions_and_groups(tmp_path: Path) -> None:
+    os.environ["STAGETX_TEST_ENV"] = "envvalue"
+    path = lua_app(tmp_path, {"main": """
+        local function where() log4cxx.info("at %l") end
+        where()
+        log4cxx.warn("env %{STAGETX_TEST_ENV} {braces} %q 100%", "second")
+        log4cxx.info("to group %{=audit:error}")
+        print("printed", 1, nil)
+        log4cxx.info("done")
+    """})
+    capture = await run(path, "done")
+    lines = capture.lines("stage.a")
+    assert "at lua/main.lua [where:2]" in lines
+    assert "env envvalue {braces} %q 100%\tsecond" in lines
+    assert "printed\t1\tnil" in lines
+    audit = [e for e in capture.events if e.get("log_namespace") == "audit"]
+    assert [(e["message"], e["log_level"].name) for e in audit] == [("to group ", "error")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_process_and_thread_properties(tmp_path: Path) -> None:
+    os.environ.pop("STAGETX_SET_BY_LUA", None)
+    path = lua_app(tmp_path, {"main": """
+        log4cxx.info("ids", process.id, process.stage, type(process.tick), type(process.args), type(thread.id), type(thread.tick))
+        log4cxx.info("config", process["$greeting"], process["$mine"], tostring(process["$nothing"]))
+        process["%STAGETX_SET_BY_LUA"] = "yes"
+        process["$greeting"] = {x = 1}
+        log4cxx.info("written", process["%STAGETX_SET_BY_LUA"], process["$greeting"].x)
+        process["$"] = '{"greeting": "replaced"}'
+        log4cxx.info("replaced", process["$greeting"])
+        process.title = "stagetx-test-title"
+        log4cxx.info("title", process.title)
+        log4cxx.info("readonly", tostring(pcall(function() process.id = 1 end)))
+    """}, mine="own setting")
+    capture = await run(path, "readonly")
+    assert logged(capture, "ids") == [[str(os.getpid()), "1", "number", "table", "number", "number"]]
+    assert logged(capture, "config") == [["hello", "own setting", "nil"]]
+    assert logged(capture, "written") == [["yes", "1"]]
+    assert logged(capture, "replaced") == [["replaced"]]
+    assert logged(capture, "title") == [["stagetx-test-title"]]
+    assert logged(capture, "readonly") == [["false"]]
+    assert os.environ["STAGETX_SET_BY_LUA"] == "yes"
+
+
+@pytest.mark.parametrize("kind", ["lua", "luajit"])
+@pytest_twisted.ensureDeferred
+async def test_both_vm_kinds_run_stages(tmp_path: Path, kind: str) -> None:
+    config = {
+        "#startup": [[f"={kind}+a"]],
+        f"={kind}+a": {"%package": ["[0]lua"], f"={kind}+a": "main"},
+    }
+    path = write_app(tmp_path, config, {"main": 'stage.waitfor("m", function(v) log4cxx.info("got", v, _VERSION) end); stage.signal("m", 7)'})
+    capture = await run(path, "got")
+    version = "Lua 5.1" if kind == "luajit" else "Lua 5.4"
+    assert logged(capture, "got") == [["7", version]]
