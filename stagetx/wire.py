@@ -1,0 +1,371 @@
+"""Authenticated, length-prefixed links between processes and servers (Twisted protocols).
+
+A ``Link`` carries msgpack-able objects in order; nothing a peer sends is decoded before the peer
+has proved it holds the shared secret, and every later frame is authenticated and sequenced.
+
+Wire format (all integers little-endian)::
+
+    frame     = length:u32 payload            length = len(payload) <= max_frame (16 MiB default)
+    HELLO     = "STGX" version:u16 nonce:32B node_id:UTF-8      first frame of each side
+    PROOF     = HMAC-SHA256(secret, "stagetx-auth" role own_nonce peer_nonce
+                            len:u16 own_id len:u16 peer_id)        second frame of each side
+    data      = tag:16B body                   every frame after PROOF
+    tag       = HMAC-SHA256(key[sender role], seq:u64 body)[:16]
+    key[role] = HMAC-SHA256(secret, "stagetx-session" role client_nonce server_nonce)
+    body      = msgpack array of the messages of one batch
+
+``role`` is ``b"C"`` for the side that connected, ``b"S"`` for the side that accepted. ``seq``
+counts the data frames of one direction from 0, so a replayed, dropped or reordered frame fails
+its tag. One session key per direction (instead of one for both) keeps a frame reflected back to
+its sender from verifying. A proof that does not verify ("peer … refused: bad secret"), a frame
+over ``max_frame``, a bad tag or a body that is not a msgpack array drops that connection (logged
+once), never the process. A peer that has not authenticated within ``handshake_timeout`` seconds
+is dropped.
+
+Messages queued with ``Link.send`` during one reactor turn leave as one frame (write coalescing,
+flushed by ``clock.callLater(0, …)``, or at once past ``FLUSH_BYTES``). Strings inside messages
+travel as msgpack str (UTF-8 with ``surrogateescape``), bytes as bin; both come back as sent.
+A ``Link`` is used from the reactor thread only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from typing import Any, Protocol as TypingProtocol
+
+import attrs
+import msgpack
+from twisted.internet import protocol
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+VERSION = 1
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+FLUSH_BYTES = 256 * 1024  # a batch this large is written at once, not at the end of the turn
+TAG_SIZE = 16
+NONCE_SIZE = 32
+
+_MAGIC = b"STGX"
+_HELLO = struct.Struct("<4sH32s")
+_LEN = struct.Struct("<I")
+_SEQ = struct.Struct("<Q")
+_ROLE_CLIENT = b"C"
+_ROLE_SERVER = b"S"
+_ARRAY_HEADER_MAX = 5
+
+log = Logger(namespace="stagetx.wire")
+
+
+class FrameTooLarge(ValueError):
+    """One message that cannot fit in a frame of the link's ``max_frame``."""
+
+
+class LinkHandler(TypingProtocol):
+    """Who is told about a link's life and messages (the router, the cluster)."""
+
+    def link_authenticated(self, link: Link) -> None:
+        """``link`` passed the handshake; ``link.peer_id`` is set; messages may follow."""
+
+    def message_received(self, link: Link, obj: Any) -> None:
+        """One message from ``link``, in the order sent."""
+
+    def link_lost(self, link: Link, reason: Failure) -> None:
+        """An authenticated ``link`` is gone (not called for links that never authenticated)."""
+
+
+@attrs.frozen
+class LinkSettings:
+    """What both ends of a link are configured with."""
+
+    secret: bytes = attrs.field(converter=lambda s: s.encode() if isinstance(s, str) else bytes(s))
+    node_id: str
+    handler: LinkHandler
+    max_frame: int = DEFAULT_MAX_FRAME
+    clock: IReactorTime | None = None
+    handshake_timeout: float = 10.0
+
+    def __attrs_post_init__(self) -> None:
+        if not self.secret:
+            raise ValueError("a link needs a non-empty secret")
+        if len(self.node_id.encode("utf-8", "surrogateescape")) > 0xFFFF:
+            raise ValueError("node id too long")
+        if self.max_frame < 256:
+            raise ValueError("max_frame must be at least 256 bytes")
+
+
+def _mac(key: bytes, data: bytes) -> bytes:
+    return hmac.digest(key, data, hashlib.sha256)
+
+
+def _proof(secret: bytes, role: bytes, own_nonce: bytes, peer_nonce: bytes, own: bytes, peer: bytes) -> bytes:
+    return _mac(
+        secret,
+        b"".join(
+            (b"stagetx-auth", role, own_nonce, peer_nonce, len(own).to_bytes(2, "little"), own,
+             len(peer).to_bytes(2, "little"), peer)
+        ),
+    )
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+class Link(protocol.Protocol):
+    """One authenticated connection to a peer process or server."""
+
+    def __init__(self, settings: LinkSettings, role: bytes) -> None:
+        self.settings = settings
+        self.role = role
+        self.peer_id: str | None = None
+        self.authenticated = False
+        self._clock = settings.clock
+        self._node = settings.node_id.encode("utf-8", "surrogateescape")
+        self._nonce = os.urandom(NONCE_SIZE)
+        self._peer_nonce = b""
+        self._peer_node = b""
+        self._state = self._on_hello
+        self._buffer = bytearray()
+        self._dead = False  # dropped or lost: ignore further input and sends
+        self._send_key = self._recv_key = b""
+        self._send_seq = self._recv_seq = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._flush_call: IDelayedCall | None = None
+        self._timeout_call: IDelayedCall | None = None
+        self._packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
+
+    # -- connection life -----------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = reactor  # type: ignore[assignment]
+        assert self._clock is not None
+        self._timeout_call = self._clock.callLater(self.settings.handshake_timeout, self._timed_out)
+        self._write_frame(_HELLO.pack(_MAGIC, VERSION, self._nonce) + self._node)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._dead = True
+        for call in (self._flush_call, self._timeout_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._pending.clear()
+        if self.authenticated:
+            self.settings.handler.link_lost(self, reason)
+
+    def close(self) -> None:
+        """Send what is queued, then close the connection."""
+        self._flush()
+        self._dead = True
+        self.transport.loseConnection()
+
+    @property
+    def peer_address(self) -> IAddress | None:
+        return self.transport.getPeer() if self.transport is not None else None
+
+    def _describe_peer(self) -> str:
+        claimed = self._peer_node.decode("utf-8", "replace") if self._peer_node else "?"
+        return f"{claimed} at {self.peer_address}"
+
+    def _drop(self, problem: str) -> None:
+        """Abort the connection after a protocol violation, logged once."""
+        if self._dead:
+            return
+        self._dead = True
+        log.warn("peer {peer} refused: {problem}", peer=self._describe_peer(), problem=problem)
+        abort = getattr(self.transport, "abortConnection", None)
+        (abort or self.transport.loseConnection)()
+
+    def _timed_out(self) -> None:
+        self._timeout_call = None
+        self._drop("no handshake within {:g} s".format(self.settings.handshake_timeout))
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._dead:
+            return
+        buf = self._buffer
+        buf += data
+        pos, size, limit = 0, len(buf), self.settings.max_frame
+        while size - pos >= 4:
+            (length,) = _LEN.unpack_from(buf, pos)
+            if length > limit:
+                self._drop(f"frame of {length} bytes over the limit of {limit}")
+                return
+            end = pos + 4 + length
+            if end > size:
+                break
+            frame = bytes(buf[pos + 4 : end])
+            pos = end
+            self._state(frame)
+            if self._dead:
+                return
+        del buf[:pos]
+
+    def _on_hello(self, frame: bytes) -> None:
+        if len(frame) < _HELLO.size:
+            self._drop("not a stagetx peer")
+            return
+        magic, version, nonce = _HELLO.unpack_from(frame)
+        if magic != _MAGIC:
+            self._drop("not a stagetx peer")
+            return
+        self._peer_nonce, self._peer_node = nonce, frame[_HELLO.size :]
+        if version != VERSION:
+            self._drop(f"wire version {version}, this node speaks {VERSION}")
+            return
+        self._write_frame(
+            _proof(self.settings.secret, self.role, self._nonce, nonce, self._node, self._peer_node)
+        )
+        self._state = self._on_proof
+
+    def _on_proof(self, frame: bytes) -> None:
+        secret = self.settings.secret
+        peer_role = _ROLE_SERVER if self.role == _ROLE_CLIENT else _ROLE_CLIENT
+        expected = _proof(secret, peer_role, self._peer_nonce, self._nonce, self._peer_node, self._node)
+        if not hmac.compare_digest(frame, expected):
+            self._drop("bad secret")
+            return
+        if self.role == _ROLE_CLIENT:
+            nonces = self._nonce + self._peer_nonce
+        else:
+            nonces = self._peer_nonce + self._nonce
+        self._send_key = _mac(secret, b"stagetx-session" + self.role + nonces)
+        self._recv_key = _mac(secret, b"stagetx-session" + peer_role + nonces)
+        self.peer_id = self._peer_node.decode("utf-8", "surrogateescape")
+        self.authenticated = True
+        self._state = self._on_data
+        if self._timeout_call is not None and self._timeout_call.active():
+            self._timeout_call.cancel()
+        self._timeout_call = None
+        self.settings.handler.link_authenticated(self)
+        self._flush()
+
+    def _on_data(self, frame: bytes) -> None:
+        body = frame[TAG_SIZE:]
+        expected = _mac(self._recv_key, _SEQ.pack(self._recv_seq) + body)[:TAG_SIZE]
+        if len(frame) < TAG_SIZE or not hmac.compare_digest(frame[:TAG_SIZE], expected):
+            self._drop("bad frame tag (tampered, replayed or out of order)")
+            return
+        self._recv_seq += 1
+        try:
+            batch = msgpack.unpackb(
+                body, raw=False, strict_map_key=False, unicode_errors="surrogateescape"
+            )
+        except Exception as e:  # an authenticated peer sent garbage: msgpack raises many types
+            self._drop(f"undecodable frame: {e}")
+            return
+        if type(batch) is not list:
+            self._drop("frame body is not a batch")
+            return
+        handler = self.settings.handler
+        for obj in batch:
+            try:
+                handler.message_received(self, obj)
+            except Exception:
+                log.failure("message handler failed on a message from {peer}", peer=self.peer_id)
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def send(self, obj: Any) -> bool:
+        """Queue one msgpack-able object; ``False`` when the link is gone.
+
+        Objects queued before authentication wait for it. Raises ``FrameTooLarge`` for an object
+        that cannot fit in one frame, and msgpack's errors for objects it cannot pack.
+        """
+        if self._dead:
+            return False
+        data = self._packer.pack(obj)
+        if len(data) > self.settings.max_frame - TAG_SIZE - _ARRAY_HEADER_MAX:
+            raise FrameTooLarge(f"message of {len(data)} bytes exceeds the frame limit")
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self.authenticated:
+            if self._pending_bytes >= FLUSH_BYTES:
+                self._flush()
+            elif self._flush_call is None:
+                assert self._clock is not None
+                self._flush_call = self._clock.callLater(0, self._flush)
+        return True
+
+    def _flush(self) -> None:
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if not self.authenticated or self._dead or not self._pending:
+            return
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        room = self.settings.max_frame - TAG_SIZE - _ARRAY_HEADER_MAX
+        if sum(map(len, pending)) <= room:
+            self._write_batch(pending)
+            return
+        batch: list[bytes] = []
+        size = 0
+        for data in pending:
+            if batch and size + len(data) > room:
+                self._write_batch(batch)
+                batch, size = [], 0
+            batch.append(data)
+            size += len(data)
+        self._write_batch(batch)
+
+    def _write_batch(self, parts: list[bytes]) -> None:
+        body = _array_header(len(parts)) + b"".join(parts)
+        tag = _mac(self._send_key, _SEQ.pack(self._send_seq) + body)[:TAG_SIZE]
+        self._send_seq += 1
+        self.transport.write(_LEN.pack(TAG_SIZE + len(body)) + tag + body)
+
+    def _write_frame(self, payload: bytes) -> None:
+        self.transport.write(_LEN.pack(len(payload)) + payload)
+
+
+class LinkServerFactory(protocol.Factory):
+    """Accepts links (TCP or UNIX); each connection is authenticated before use."""
+
+    def __init__(
+        self,
+        secret: bytes | str,
+        node_id: str,
+        handler: LinkHandler,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        clock: IReactorTime | None = None,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        self.settings = LinkSettings(secret, node_id, handler, max_frame, clock, handshake_timeout)
+
+    def buildProtocol(self, addr: IAddress) -> Link:
+        link = Link(self.settings, _ROLE_SERVER)
+        link.factory = self
+        return link
+
+
+class LinkClientFactory(protocol.ClientFactory):
+    """Opens links (for ``connectTCP``/``connectUNIX``, endpoints or ``ClientService``)."""
+
+    def __init__(
+        self,
+        secret: bytes | str,
+        node_id: str,
+        handler: LinkHandler,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        clock: IReactorTime | None = None,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        self.settings = LinkSettings(secret, node_id, handler, max_frame, clock, handshake_timeout)
+
+    def buildProtocol(self, addr: IAddress) -> Link:
+        link = Link(self.settings, _ROLE_CLIENT)
+        link.factory = self
+        return link
