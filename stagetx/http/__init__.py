@@ -1,1 +1,1 @@
-"""HTTP client helpers of the ``curl`` stage: request parsing, TLS policy, response reading, errors."""
+"""Helpers of the ``curl`` stage: request parsing, TLS policy, response reading, errors."""

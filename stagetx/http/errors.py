@@ -33,7 +33,12 @@ SEND_ERROR = 55
 RECV_ERROR = 56
 PEER_FAILED_VERIFICATION = 60
 
-_WRAPPERS = (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed, RequestGenerationFailed)
+_WRAPPERS = (
+    ResponseFailed,
+    ResponseNeverReceived,
+    RequestTransmissionFailed,
+    RequestGenerationFailed,
+)
 
 
 def _reasons(failure: Failure) -> list[Failure]:
@@ -53,8 +58,13 @@ def _tls(reasons: list[Failure]) -> tuple[int, str] | None:
             if "certificate verify failed" in text:
                 return PEER_FAILED_VERIFICATION, f"SSL peer certificate was not OK: {text}"
             return SSL_CONNECT_ERROR, f"SSL connect error: {text}"
-        if type(reason.value).__name__ == "VerificationError":  # service_identity: host name mismatch
-            return PEER_FAILED_VERIFICATION, f"SSL certificate does not match the host name: {reason.value}"
+        if (
+            type(reason.value).__name__ == "VerificationError"
+        ):  # service_identity: host name mismatch
+            return (
+                PEER_FAILED_VERIFICATION,
+                f"SSL certificate does not match the host name: {reason.value}",
+            )
     return None
 
 

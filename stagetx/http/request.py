@@ -1,4 +1,4 @@
-"""The curl stage's request: a Lua table, as Python natives, checked and turned into one HTTP request.
+"""The curl stage's request: a Lua table (as Python natives) checked and made one HTTP request.
 
 Pure code (no I/O) so that every rule of the request format is tested without a network.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote_plus
 
 import attrs
@@ -83,7 +83,10 @@ def _fields(first: Any) -> dict[Any, Any]:
         return {1: first[0]} if first else {}
     if isinstance(first, Mapping):
         return {(_text(k) if isinstance(k, (bytes, str)) else k): v for k, v in first.items()}
-    raise BadRequest(errors.URL_MALFORMAT, f"the request must be a table or a URL string, got {type(first).__name__}")
+    raise BadRequest(
+        errors.URL_MALFORMAT,
+        f"the request must be a table or a URL string, got {type(first).__name__}",
+    )
 
 
 def _target(url: str) -> ReadyURL:
@@ -91,7 +94,9 @@ def _target(url: str) -> ReadyURL:
     if not url:
         raise BadRequest(errors.URL_MALFORMAT, "No URL set")
     if _BAD_URL_CHARS.search(url):
-        raise BadRequest(errors.URL_MALFORMAT, "URL rejected: white space or control character in the URL")
+        raise BadRequest(
+            errors.URL_MALFORMAT, "URL rejected: white space or control character in the URL"
+        )
     if "://" not in url:
         url = "http://" + url
     try:
@@ -103,13 +108,15 @@ def _target(url: str) -> ReadyURL:
     if not parsed.host:
         raise BadRequest(errors.URL_MALFORMAT, "URL rejected: no host part in the URL")
     if parsed.port is not None and not 0 < parsed.port < 65536:
-        raise BadRequest(errors.URL_MALFORMAT, f"URL rejected: port number {parsed.port} out of range")
+        raise BadRequest(
+            errors.URL_MALFORMAT, f"URL rejected: port number {parsed.port} out of range"
+        )
     if not url.isascii():
         try:
             url = parsed.to_uri().to_text()
         except UnicodeError as e:
             raise BadRequest(errors.URL_MALFORMAT, f"URL rejected: bad host name: {e}") from None
-    return ReadyURL.from_text(url)
+    return cast(ReadyURL, ReadyURL.from_text(url))
 
 
 def _headers(raw: Any, user_agent: str) -> dict[bytes, list[bytes]]:
@@ -119,7 +126,9 @@ def _headers(raw: Any, user_agent: str) -> dict[bytes, list[bytes]]:
         for name, value in raw.items():
             values = value if isinstance(value, list) else [value]
             key = _scalar_bytes(name, "a header name")
-            headers.setdefault(key, []).extend(_scalar_bytes(v, f"header {_text(key)}") for v in values)
+            headers.setdefault(key, []).extend(
+                _scalar_bytes(v, f"header {_text(key)}") for v in values
+            )
     elif isinstance(raw, list):
         for line in raw:
             name, sep, value = _scalar_bytes(line, "a header line").partition(b":")
@@ -148,7 +157,7 @@ def _form(data: Mapping[Any, Any]) -> bytes:
 
 
 def _body(data: Any) -> bytes | None:
-    """The POST body: a string is sent as is, a table as a form (an empty table is an empty form)."""
+    """The POST body: a string as is, a table as a form (an empty table is an empty form)."""
     if data is None:
         return None
     if isinstance(data, (bytes, str)):
@@ -178,7 +187,7 @@ def _method(raw: Any, has_body: bool) -> str:
 
 
 def parse_request(values: tuple[Any, ...], settings: CurlSettings) -> CurlRequest:
-    """Check the message values of one curl request; raises `BadRequest` with curl's error number."""
+    """Check the values of one curl request; raises `BadRequest` with curl's error number."""
     if not values:
         raise BadRequest(errors.URL_MALFORMAT, "No URL set: the message carries no request")
     fields = _fields(values[0])
@@ -189,12 +198,16 @@ def parse_request(values: tuple[Any, ...], settings: CurlSettings) -> CurlReques
     try:
         url = raw_url.decode("utf-8") if isinstance(raw_url, bytes) else raw_url
     except UnicodeDecodeError:
-        raise BadRequest(errors.URL_MALFORMAT, "URL rejected: not UTF-8", _text(raw_url), extra) from None
+        raise BadRequest(
+            errors.URL_MALFORMAT, "URL rejected: not UTF-8", _text(raw_url), extra
+        ) from None
     try:
         target = _target(url.strip())
         body = _body(fields.get("data"))
         headers = _headers(fields.get("header"), settings.user_agent)
-        if body is not None and not _has(headers, b"content-type"):  # as libcurl does for POSTFIELDS
+        if body is not None and not _has(
+            headers, b"content-type"
+        ):  # as libcurl does for POSTFIELDS
             headers[b"Content-Type"] = [_FORM_TYPE]
         return CurlRequest(
             url=url,

@@ -1,4 +1,4 @@
-"""Reading a response for the curl stage: the body (cancellable), the redirect chain, cookies, charset."""
+"""Reading a response for the curl stage: body (cancellable), redirect chain, cookies, charset."""
 
 from __future__ import annotations
 
@@ -32,10 +32,10 @@ class _BodyReader(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.chunks.append(data)
 
-    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if self.cancelled or self.done.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(b"".join(self.chunks))
         else:
             self.done.errback(reason)
@@ -69,12 +69,14 @@ def set_cookies(responses: list[IResponse]) -> dict[str, str]:
             pair = line.split(b";", 1)[0]
             name, sep, value = pair.partition(b"=")
             if sep and name.strip():
-                cookies[name.strip().decode("latin-1")] = value.strip().strip(b'"').decode("latin-1")
+                cookies[name.strip().decode("latin-1")] = (
+                    value.strip().strip(b'"').decode("latin-1")
+                )
     return cookies
 
 
 def content_type(response: IResponse) -> tuple[str | None, str | None]:
-    """The ``Content-Type`` header and its ``charset`` parameter (lower case), each None if absent."""
+    """The ``Content-Type`` header and its ``charset`` (lower case); each None if absent."""
     values = response.headers.getRawHeaders(b"content-type")
     if not values:
         return None, None

@@ -42,8 +42,8 @@ class _NoVerification:
         return _Unverified(hostname, self._context)
 
 
-def https_policy(verify: bool, ca_file: str | None) -> IPolicyForHTTPS:
-    """The policy for the stage's Agent.
+def https_policy(verify: bool, ca_file: str | None) -> BrowserLikePolicyForHTTPS | _NoVerification:
+    """The ``IPolicyForHTTPS`` of the stage's Agent.
 
     :param verify: False turns every check off (development and tests only).
     :param ca_file: a PEM file of certificates to trust instead of the system's store.

@@ -42,7 +42,16 @@ _UNFOLLOWED = (web_error.PageRedirect, web_error.RedirectWithNoLocation)
 class HTTPRequester(Protocol):
     """What the stage needs of treq: an ``HTTPClient`` (or a ``treq.testing.StubTreq``)."""
 
-    def request(self, method: str, url: Any, **kwargs: Any) -> Deferred[Any]: ...
+    def request(
+        self,
+        method: str,
+        url: Any,
+        *,
+        headers: Any = None,
+        data: Any = None,
+        browser_like_redirects: bool = False,
+        unbuffered: bool = False,
+    ) -> Deferred[Any]: ...
 
 
 def _reply(
@@ -83,7 +92,9 @@ def _timed_out(result: Any, timeout: float) -> Any:
 class Stage:
     """``=curl+ID``: one message = one HTTP request; the reply table goes to the reply address."""
 
-    def __init__(self, context: StageContext, config: Any, *, client: HTTPRequester | None = None) -> None:
+    def __init__(
+        self, context: StageContext, config: Any, *, client: HTTPRequester | None = None
+    ) -> None:
         """``client`` replaces the stage's own treq client (tests pass a ``StubTreq``)."""
         self._context = context
         self._log = context.log
@@ -94,7 +105,7 @@ class Stage:
         self._client = client
         self._pool: HTTPConnectionPool | None = None
         self._slots = DeferredSemaphore(settings.concurrency) if settings.concurrency else None
-        self._pending: set[Deferred[None]] = set()
+        self._pending: set[Deferred[Any]] = set()
         self._stopping = False
 
     def start(self) -> None:
@@ -104,13 +115,15 @@ class Stage:
         from twisted.internet import reactor
 
         ca_file = self._settings.ca_file
-        policy = https_policy(self._settings.verify, self._context.resolve_path(ca_file) if ca_file else None)
+        policy = https_policy(
+            self._settings.verify, self._context.resolve_path(ca_file) if ca_file else None
+        )
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = max(2, self._settings.concurrency or 8)
         self._client = HTTPClient(Agent(reactor, contextFactory=policy, pool=self._pool))
 
     def stop(self) -> Deferred[None] | None:
-        """Abort the requests in flight or queued (each is answered with result 42), close the pool."""
+        """Abort requests in flight or queued (each answered with result 42); close the pool."""
         self._stopping = True
         for pending in list(self._pending):
             pending.cancel()
@@ -126,19 +139,25 @@ class Stage:
             self._answer(message, _reply(e.url, e.url, e.extra, e.code, e.message, 0.0))
             return
         except Exception as e:  # an undecodable payload must not escape into the router
-            self._log.failure("{stage}: bad curl message {msgid}", stage=self._context.name, msgid=message.msgid)
+            self._log.failure(
+                "{stage}: bad curl message {msgid}", stage=self._context.name, msgid=message.msgid
+            )
             self._answer(message, _reply("", "", None, errors.INTERNAL, f"bad message: {e}", 0.0))
             return
         if self._slots is None:
             done = self._perform(request)
         else:
             done = self._slots.run(self._perform, request)
-            done.addErrback(self._failed, request, self._context.clock.seconds())  # cancelled in the queue
+            done.addErrback(
+                self._failed, request, self._context.clock.seconds()
+            )  # cancelled in the queue
         self._pending.add(done)
         done.addCallback(self._finish, message, done)
-        done.addErrback(lambda f: self._log.failure("{stage}: curl reply failed", f, stage=self._context.name))
+        done.addErrback(
+            lambda f: self._log.failure("{stage}: curl reply failed", f, stage=self._context.name)
+        )
 
-    def _finish(self, reply: dict[str, Any], message: Message, done: Deferred[None]) -> None:
+    def _finish(self, reply: dict[str, Any], message: Message, done: Deferred[Any]) -> None:
         self._pending.discard(done)
         self._answer(message, reply)
 
@@ -171,7 +190,9 @@ class Stage:
         )
         done.addCallbacks(self._read, self._read_unfollowed)
         if request.timeout_ms is not None:
-            done.addTimeout(request.timeout_ms / 1000.0, self._context.clock, onTimeoutCancel=_timed_out)
+            done.addTimeout(
+                request.timeout_ms / 1000.0, self._context.clock, onTimeoutCancel=_timed_out
+            )
         done.addCallback(self._succeeded, request, started)
         done.addErrback(self._failed, request, started)
         return done
@@ -187,14 +208,18 @@ class Stage:
                 return self._read(value.response)
         return failure
 
-    def _succeeded(self, got: tuple[IResponse, bytes], request: CurlRequest, started: float) -> dict[str, Any]:
+    def _succeeded(
+        self, got: tuple[IResponse, bytes], request: CurlRequest, started: float
+    ) -> dict[str, Any]:
         response, body = got
         elapsed = self._context.clock.seconds() - started
         responses = chain(response)
         mime, charset = content_type(response)
         return {
             "url": request.url,
-            "redirect_url": url_of(response) if len(responses) > 1 else None,  # the last Location followed
+            "redirect_url": url_of(response)
+            if len(responses) > 1
+            else None,  # the last Location followed
             "effective_url": url_of(response),
             "status": response.code,
             "cookie": set_cookies(responses),

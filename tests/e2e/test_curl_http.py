@@ -1,4 +1,4 @@
-"""The curl stage against a real twisted.web server on 127.0.0.1 (HTTP and HTTPS), over real sockets."""
+"""The curl stage against a real twisted.web server on 127.0.0.1, HTTP and HTTPS, real sockets."""
 
 from __future__ import annotations
 
@@ -71,7 +71,9 @@ def request(**fields: Any) -> Message:
     """A message as a Lua stage's ``stage.signal("agent:cb=reply", {...})`` arrives."""
     table: dict[Any, Any] = {}
     for key, value in fields.items():
-        table[1 if key == "url" else key.encode()] = value.encode() if isinstance(value, str) else value
+        table[1 if key == "url" else key.encode()] = (
+            value.encode() if isinstance(value, str) else value
+        )
     return Message("agent:cb", b"", Sender("s1", 0, "stage", 0), reply="^r", values=(table,))
 
 
@@ -133,8 +135,13 @@ class App(Resource):
                 {
                     "method": request.method.decode(),
                     "body": request.content.read().decode("latin-1"),
-                    "headers": {k.decode().lower(): v[-1].decode() for k, v in request.requestHeaders.getAllRawHeaders()},
-                    "cookies": {k.decode(): v.decode() for k, v in request.received_cookies.items()},
+                    "headers": {
+                        k.decode().lower(): v[-1].decode()
+                        for k, v in request.requestHeaders.getAllRawHeaders()
+                    },
+                    "cookies": {
+                        k.decode(): v.decode() for k, v in request.received_cookies.items()
+                    },
                 }
             ).encode()
         if path == "/json":
@@ -246,7 +253,10 @@ async def test_post_form_table(web: Harness) -> None:
     seen = json.loads(reply["data"]["content"])
     assert seen["method"] == "POST"
     assert seen["headers"]["content-type"] == "application/x-www-form-urlencoded"
-    assert parse_qs(seen["body"].encode("latin-1").decode()) == {"user": ["홍길동"], "score": ["10"]}
+    assert parse_qs(seen["body"].encode("latin-1").decode()) == {
+        "user": ["홍길동"],
+        "score": ["10"],
+    }
 
 
 @pytest_twisted.ensureDeferred
@@ -302,7 +312,9 @@ async def test_refused_port_gives_7(web: Harness) -> None:
     assert reply["data"]["message"]
 
 
-@pytest.mark.parametrize(("url", "code"), [("http://127.0.0.1:99999/", 3), ("http:// bad/", 3), ("ftp://127.0.0.1/", 1)])
+@pytest.mark.parametrize(
+    ("url", "code"), [("http://127.0.0.1:99999/", 3), ("http:// bad/", 3), ("ftp://127.0.0.1/", 1)]
+)
 @pytest_twisted.ensureDeferred
 async def test_bad_urls(web: Harness, url: str, code: int) -> None:
     reply = await web.ask(url=url, extra=[1, 2])
@@ -351,7 +363,7 @@ def self_signed(names: list[str], ips: list[str]) -> tuple[bytes, bytes]:
     """A certificate (PEM) for ``names``/``ips`` and its key (PEM)."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     alt = [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
     cert = (
         x509.CertificateBuilder()
@@ -371,7 +383,9 @@ def self_signed(names: list[str], ips: list[str]) -> tuple[bytes, bytes]:
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-async def https_ask(web: Harness, names: list[str], ips: list[str], settings: dict[str, Any]) -> dict[str, Any]:
+async def https_ask(
+    web: Harness, names: list[str], ips: list[str], settings: dict[str, Any]
+) -> dict[str, Any]:
     cert, key = self_signed(names, ips)
     Path(web.base_dir, "ca.pem").write_bytes(cert)
     options = ssl.PrivateCertificate.loadPEM(cert + key).options()
