@@ -39,7 +39,7 @@ class Stage:
     """One route stage replica; its state (registrations, open rounds) lives in memory only."""
 
     def __init__(self, context: StageContext, config: Any) -> None:
-        settings = parse_settings(config)
+        settings = parse_settings(getattr(config, "settings", config))  # a StageConfig
         self._context = context
         self._prefix = f"{context.stage_id}:"
         self._subs = Subscriptions(context.clock, settings.expire, self._expired)

@@ -62,7 +62,8 @@ class Stage:
     def __init__(self, context: StageContext, config: Any) -> None:
         self._context = context
         self._prefix = f"{context.stage_id}:"
-        self._book = TicketBook(context.clock, parse_settings(config), self._effect)
+        settings = parse_settings(getattr(config, "settings", config))  # a StageConfig
+        self._book = TicketBook(context.clock, settings, self._effect)
         self._logged: set[str] = set()
 
     def start(self) -> None:
