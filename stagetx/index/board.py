@@ -105,12 +105,16 @@ class Board:
         seq = self.next_seq
         for number, score in scores.items():
             tier = self.tiers[number - 1]
-            old = tier.keys.get(member)
+            keys = tier.keys
+            old = keys.get(member)
             if old is not None:
                 if old[0] == score:
                     continue
                 member = old[2]  # keep one bytes object per member alive, not one per update
-            tier.put((score, seq, member))
+                tier.order.remove(old)
+            key = (score, seq, member)
+            tier.order.add(key)
+            keys[member] = key
             changed.add(number)
         if changed:
             self.next_seq = seq - 1

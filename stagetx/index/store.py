@@ -63,8 +63,7 @@ def read_frames(data: bytes) -> tuple[list[bytes], int]:
     return payloads, offset
 
 
-def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+_pack = msgpack.Packer(use_bin_type=True).pack  # reused: packb builds a Packer per call
 
 
 def _unpack(payload: bytes) -> Any:

@@ -1,0 +1,197 @@
+"""The index stage in-process: set / rank / top-100 on a large index beside bare ``SortedList``.
+
+``python -m bench.bench_index [--quick] [--json PATH]`` or, from the harness, ``run(quick)``.
+Every stagetx figure has its bare baseline measured in the same run on the same data: inserting
+new members, score updates (remove + add + dict, what any sorted-set index must do), and rank
+lookups. The stage runs with its real store (log ``write()`` before each reply, no fsync) and
+decodes a real msgpack payload per message; one message carries one command, the worst case.
+Memory per member is measured by reloading the index from its snapshot under ``tracemalloc``;
+the GC pause is a full ``gc.collect()`` with the index alive, frozen after load as the stage does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+from sortedcontainers import SortedList
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+
+from bench import budget
+from bench.rows import row
+from stagetx.codec import pack_py
+from stagetx.message import Message, Sender
+from stagetx.stages.index import Stage
+
+_SENDER = Sender("bench", 0, "bench", 0)
+_BATCH = 10_000  # messages prepared outside the timed loop at a time
+
+
+class _Context:
+    """The smallest StageContext: replies are counted, not sent."""
+
+    def __init__(self, base_dir: str) -> None:
+        self.base_dir = base_dir
+        self.clock = Clock()
+        self.stage_id, self.name, self.instance = "rank", "=index+rank", 0
+        self.log = Logger(namespace="bench.index")
+        self.replies = 0
+
+    def resolve_path(self, path: str) -> str:
+        return os.path.join(self.base_dir, path)
+
+    def reply(self, message: Message, *values: Any) -> None:
+        self.replies += 1
+
+    def send(self, target: str, *values: Any) -> tuple[bool, str | None]:
+        return False, "bench"
+
+
+def _timed_messages(stage: Stage, requests: Callable[[int], Any], count: int, cap: float) -> float:
+    """Rate of ``stage.receive`` over ``count`` messages (payloads packed outside the timing)."""
+    spent = 0.0
+    done = 0
+    while done < count and spent < cap:
+        batch = [
+            Message("b", pack_py((requests(i),)), _SENDER, reply="^b") for i in range(done, min(done + _BATCH, count))
+        ]
+        started = time.perf_counter()
+        for message in batch:
+            stage.receive(message)
+        spent += time.perf_counter() - started
+        done += len(batch)
+    return done / spent
+
+
+def _bare(ids: list[bytes], scores: list[int], picks: list[int], new_scores: list[int]) -> dict[str, float]:
+    """Bare SortedList + dict: inserts, score updates, rank lookups."""
+    order: SortedList = SortedList()
+    keys: dict[bytes, tuple[int, int, bytes]] = {}
+    started = time.perf_counter()
+    for seq, (member, score) in enumerate(zip(ids, scores)):
+        key = (score, -seq, member)
+        keys[member] = key
+        order.add(key)
+    insert = len(ids) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    seq = -len(ids)
+    for pick, score in zip(picks, new_scores):
+        member = ids[pick]
+        order.remove(keys[member])
+        seq -= 1
+        key = keys[member] = (score, seq, member)
+        order.add(key)
+    update = len(picks) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for pick in picks:
+        order.bisect_left(keys[ids[pick]])
+    rank = len(picks) / (time.perf_counter() - started)
+    return {"insert": insert, "update": update, "rank": rank}
+
+
+def _gc_pause() -> float:
+    started = time.perf_counter()
+    gc.collect()
+    return (time.perf_counter() - started) * 1000.0
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    """Rows for the bench harness (see ``bench.rows``)."""
+    members = budget.count(1_000_000, 100_000)
+    updates = budget.count(200_000, 30_000)
+    cap = budget.seconds(60.0, 15.0)
+    rng = random.Random(1)
+    ids = [b"member%07d" % i for i in range(members)]
+    scores = [rng.randrange(1 << 30) for _ in ids]
+    picks = [rng.randrange(members) for _ in range(updates)]
+    new_scores = [rng.randrange(1 << 30) for _ in range(updates)]
+    bare = _bare(ids, scores, picks, new_scores)
+    gc.collect()
+
+    directory = tempfile.mkdtemp(prefix="bench-index-")
+    try:
+        context = _Context(directory)
+        stage = Stage(context, "scores")
+        stage.start()
+        stage.store.compact_min_bytes = 1 << 40  # compaction is measured apart, below
+        insert = _timed_messages(
+            stage, lambda i: {b"set:top": {ids[i]: {b"v": b"v", b"i": scores[i]}}}, members, cap
+        )
+        update = _timed_messages(
+            stage, lambda i: {b"set:top": {ids[picks[i]]: {b"i": new_scores[i]}}}, updates, cap
+        )
+        rank = _timed_messages(stage, lambda i: {b"get:top": [ids[picks[i]]]}, updates, cap)
+        top = _timed_messages(stage, lambda i: {b"forEach:top": [1, 100]}, budget.count(20_000, 5_000), cap)
+        gc.unfreeze()
+        bare_pause = _gc_pause()
+        log_bytes = stage.store.log_bytes
+        started = time.perf_counter()
+        for _ in stage.store.compaction():
+            pass
+        compaction = time.perf_counter() - started
+        stage.stop()
+        del stage
+        gc.collect()
+
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        again = Stage(_Context(directory), "scores")
+        started = time.perf_counter()
+        again.start()
+        load = time.perf_counter() - started
+        per_member = (tracemalloc.get_traced_memory()[0] - before) / members
+        tracemalloc.stop()
+        frozen_pause = max(_gc_pause() for _ in range(3))
+        again.stop()
+    finally:
+        gc.unfreeze()
+        shutil.rmtree(directory, ignore_errors=True)
+
+    n = f"{members:,} members"
+    return [
+        row("index: bare SortedList insert", bare["insert"], "ops/s", note=n),
+        row("index: bare SortedList score update", bare["update"], "ops/s", note=n),
+        row("index: bare SortedList rank", bare["rank"], "ops/s", note=n),
+        row("index: new members, in stage", insert, "msg/s", baseline_name="index: bare SortedList insert",
+            target="≥ 150000", note="one set per message, durable log write, reply"),
+        row("index: score update, in stage", update, "msg/s", baseline_name="index: bare SortedList score update",
+            target="≥ 0.8 × baseline", note="one set per message incl. rank reply, durable log write"),
+        row("index: rank (get), in stage", rank, "msg/s", baseline_name="index: bare SortedList rank"),
+        row("index: top-100 (forEach), in stage", top, "msg/s"),
+        row("index: memory per member", per_member, "B", target="≤ 300", note=f"reloaded from snapshot, {n}"),
+        row("index: GC pause, bare", bare_pause, "ms", note="gc.collect() with the index alive, not frozen"),
+        row("index: GC pause, frozen after load", frozen_pause, "ms", target="≤ 20"),
+        row("index: snapshot (compaction)", compaction, "s", note=f"log was {log_bytes:,} B, now {members:,} members"),
+        row("index: start (load snapshot)", load, "s", note=n),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="100,000 members instead of 1,000,000")
+    parser.add_argument("--json", metavar="PATH", help="write the rows here as JSON")
+    args = parser.parse_args(argv)
+    budget.configure(args.quick)
+    rows = run(args.quick)
+    for r in rows:
+        base = f" (baseline {r['baseline']:,.0f})" if r["baseline"] else ""
+        print(f"{r['workload']:<40} {r['figure']:>14,.1f} {r['unit']:<6} {r['target']:<18} {r['note']}{base}")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(rows, out, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
