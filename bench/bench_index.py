@@ -29,7 +29,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 
 from bench import budget
-from bench.rows import row
+from bench.rows import judge, row
 from stagetx.codec import pack_py
 from stagetx.message import Message, Sender
 from stagetx.stages.index import Stage
@@ -163,11 +163,11 @@ def run(quick: bool) -> list[dict[str, Any]]:
         row("index: bare SortedList insert", bare["insert"], "ops/s", note=n),
         row("index: bare SortedList score update", bare["update"], "ops/s", note=n),
         row("index: bare SortedList rank", bare["rank"], "ops/s", note=n),
-        row("index: new members, in stage", insert, "msg/s", baseline_name="index: bare SortedList insert",
+        row("index: new members, in stage", insert, "msg/s", baseline_name="index: bare SortedList insert", baseline=bare["insert"],
             target="≥ 150000", note="one set per message, durable log write, reply"),
-        row("index: score update, in stage", update, "msg/s", baseline_name="index: bare SortedList score update",
+        row("index: score update, in stage", update, "msg/s", baseline_name="index: bare SortedList score update", baseline=bare["update"],
             target="≥ 0.8 × baseline", note="one set per message incl. rank reply, durable log write"),
-        row("index: rank (get), in stage", rank, "msg/s", baseline_name="index: bare SortedList rank"),
+        row("index: rank (get), in stage", rank, "msg/s", baseline_name="index: bare SortedList rank", baseline=bare["rank"]),
         row("index: top-100 (forEach), in stage", top, "msg/s"),
         row("index: memory per member", per_member, "B", target="≤ 300", note=f"reloaded from snapshot, {n}"),
         row("index: GC pause, bare", bare_pause, "ms", note="gc.collect() with the index alive, not frozen"),
@@ -183,10 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="write the rows here as JSON")
     args = parser.parse_args(argv)
     budget.configure(args.quick)
-    rows = run(args.quick)
+    rows = [judge(r, {}) for r in run(args.quick)]
     for r in rows:
-        base = f" (baseline {r['baseline']:,.0f})" if r["baseline"] else ""
-        print(f"{r['workload']:<40} {r['figure']:>14,.1f} {r['unit']:<6} {r['target']:<18} {r['note']}{base}")
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else ""
+        print(f"{r['workload']:<40} {r['figure']:>14,.1f} {r['unit']:<6} {ratio:>5} {r['target']:<18} {r['status']:<5} {r['note']}")
     if args.json:
         with open(args.json, "w") as out:
             json.dump(rows, out, indent=2)
