@@ -1,4 +1,4 @@
-"""Packaging for stagetx; ``twisted.plugins`` is listed so that ``twistd stage`` finds the dropin."""
+"""Packaging for stagetx; ``twisted.plugins`` is listed so ``twistd stage`` finds the dropin."""
 
 from setuptools import find_namespace_packages, setup
 

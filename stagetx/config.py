@@ -188,7 +188,7 @@ def parse_config(raw: Mapping[str, Any], base_dir: str) -> ServerConfig:
 
 
 def normalise_name(key: str) -> str:
-    """The stagetx spelling of a key: ``"lua.so+stage"`` → ``"=lua+stage"``, ``"lua.so"`` → ``"=lua"``."""
+    """The stagetx spelling of a key: ``lua.so+stage`` → ``=lua+stage``, ``lua.so`` → ``=lua``."""
     compat = _COMPAT_NAME.match(key)
     if compat:
         return f"={compat.group(1)}{compat.group(2) or ''}"
@@ -260,7 +260,7 @@ def parse_host_port(text: Any, path: str) -> HostPort:
             host, port = match.group(1) or match.group(2), int(match.group(3))
             if 0 < port < 65536:
                 return HostPort(host, port)
-    raise ConfigError(f"{path}: bad address {json.dumps(text)} (expected \"host:port\")")
+    raise ConfigError(f'{path}: bad address {json.dumps(text)} (expected "host:port")')
 
 
 def _is_int(value: Any) -> bool:
@@ -295,7 +295,7 @@ def _services(value: Any, path: str, base_dir: str) -> tuple[HostPort, ...]:
         if proto != "tcp":
             raise ConfigError(f'{path}.{proto}: unknown protocol (only "tcp")')
         if not isinstance(entries, list):
-            raise ConfigError(f"{path}.tcp: expected a list of \"host:port\"")
+            raise ConfigError(f'{path}.tcp: expected a list of "host:port"')
         for index, entry in enumerate(entries):
             address = parse_host_port(entry, f"{path}.tcp[{index}]")
             if address in addresses:

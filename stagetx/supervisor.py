@@ -1,4 +1,4 @@
-"""The supervisor: one child process per ``#startup`` group, restarted with back-off when it crashes.
+"""The supervisor: one child process per ``#startup`` group, restarted with back-off on a crash.
 
 Our own small service over ``spawnProcess`` rather than ``twisted.runner.procmon``: the children
 must inherit the ``#services`` listening sockets (``childFDs``) and the environment, must get the
@@ -15,12 +15,12 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 from twisted.application import service
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
+from twisted.internet.base import DelayedCall
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,6 +33,31 @@ FIRST_SERVICE_FD = 3
 MAX_LINE = 1 << 20  # a longer line is relayed in pieces of this size, so memory stays bounded
 
 _childLog = Logger(namespace="stagetx.child")
+
+
+class Clock(Protocol):
+    """The part of ``IReactorTime`` the supervisor uses (``task.Clock`` in tests)."""
+
+    def seconds(self) -> float: ...
+
+    def callLater(self, delay: float, f: Callable[..., Any], *a: Any) -> DelayedCall: ...
+
+
+class Spawner(Protocol):
+    """The part of ``IReactorProcess`` the supervisor uses."""
+
+    def spawnProcess(
+        self,
+        processProtocol: ProcessProtocol,
+        executable: str,
+        args: Sequence[str],
+        env: Mapping[str, str] | None = ...,
+        path: str | None = ...,
+        uid: int | None = ...,
+        gid: int | None = ...,
+        usePTY: bool = ...,
+        childFDs: Mapping[int, int | str] | None = ...,
+    ) -> Any: ...
 
 
 @attrs.frozen
@@ -89,8 +114,9 @@ class _ChildProtocol(ProcessProtocol):
         return emit
 
     def connectionMade(self) -> None:
-        self.pid = self.transport.pid  # type: ignore[union-attr]
-        self.transport.write(self._bootstrap)  # type: ignore[union-attr]
+        transport: Any = self.transport  # an IProcessTransport (mypy cannot see zope interfaces)
+        self.pid = transport.pid
+        transport.write(self._bootstrap)
 
     def outReceived(self, data: bytes) -> None:
         self._out.feed(data)
@@ -109,8 +135,9 @@ class _ChildProtocol(ProcessProtocol):
 
     def signal(self, name: str) -> None:
         """Send signal ``name`` ("TERM", "KILL") unless the process is already gone."""
+        transport: Any = self.transport
         try:
-            self.transport.signalProcess(name)  # type: ignore[union-attr]
+            transport.signalProcess(name)
         except error.ProcessExitedAlready:
             pass
 
@@ -124,8 +151,8 @@ class _Slot:
     process: _ChildProtocol | None = None
     started: float | None = None
     restarts: int = 0
-    pending: IDelayedCall | None = None  # a scheduled restart
-    killer: IDelayedCall | None = None  # SIGKILL after the grace period
+    pending: DelayedCall | None = None  # a scheduled restart
+    killer: DelayedCall | None = None  # SIGKILL after the grace period
     respawn: bool = False  # restart at once when the current process exits
     exits: list[defer.Deferred[None]] = attrs.field(factory=list)
     spawns: list[defer.Deferred[int]] = attrs.field(factory=list)
@@ -135,8 +162,10 @@ class Supervisor(service.Service):
     """Runs the ``#startup`` groups of ``config`` as child processes.
 
     ``clock`` and ``spawner`` default to the global reactor; ``child_command`` (default
-    ``CHILD_COMMAND``, looked up when the supervisor is made) is the argv of a child; a crashed child is restarted after ``backoff[0]`` seconds, doubling up to
-    ``backoff[1]``, back to the start once a child stayed up ``stable_after`` seconds.
+    ``CHILD_COMMAND``, looked up when the supervisor is made) is the argv of a child. A crashed
+    child is restarted after ``backoff[0]`` seconds, doubling up to ``backoff[1]``, back to the
+    start once a child stayed up ``stable_after`` seconds; ``environ`` is the environment the
+    children inherit (default ``os.environ``).
     """
 
     log = Logger()
@@ -146,8 +175,8 @@ class Supervisor(service.Service):
         config: ServerConfig,
         *,
         args: Sequence[str] = (),
-        clock: IReactorTime | None = None,
-        spawner: IReactorProcess | None = None,
+        clock: Clock | None = None,
+        spawner: Spawner | None = None,
         child_command: Sequence[str] | None = None,
         backoff: tuple[float, float] = (1.0, 60.0),
         stable_after: float = 60.0,
@@ -197,7 +226,7 @@ class Supervisor(service.Service):
             self._spawn(slot)
 
     def stopService(self) -> defer.Deferred[None]:
-        """Terminate every child (SIGTERM, SIGKILL after the grace period); fires when all are gone."""
+        """SIGTERM every child, SIGKILL after the grace period; fires when all are gone."""
         super().stopService()
         waits = []
         for slot in self._slots:
@@ -209,9 +238,7 @@ class Supervisor(service.Service):
                 slot.exits.append(exited)
                 waits.append(exited)
                 self._terminate(slot)
-        done = defer.gatherResults(waits)
-        done.addBoth(self._cleanup)
-        return done
+        return defer.gatherResults(waits).addBoth(self._cleanup)
 
     def restart(self, group: int) -> defer.Deferred[int]:
         """Restart group ``group`` now (terminating its process first); fires with the new pid."""
@@ -269,19 +296,21 @@ class Supervisor(service.Service):
             raise
         self._sockets = opened
 
-    def _reactor_clock(self) -> IReactorTime:
+    def _reactor_clock(self) -> Clock:
         if self._clock is None:
             from twisted.internet import reactor
 
             self._clock = reactor  # type: ignore[assignment]
-        return self._clock  # type: ignore[return-value]
+        assert self._clock is not None
+        return self._clock
 
-    def _reactor_spawner(self) -> IReactorProcess:
+    def _reactor_spawner(self) -> Spawner:
         if self._spawner is None:
             from twisted.internet import reactor
 
             self._spawner = reactor  # type: ignore[assignment]
-        return self._spawner  # type: ignore[return-value]
+        assert self._spawner is not None
+        return self._spawner
 
     def _spawn(self, slot: _Slot) -> None:
         slot.pending = None
@@ -295,10 +324,12 @@ class Supervisor(service.Service):
                 protocol, self._command[0], self._command, env=self._env, childFDs=fds
             )
         except Exception:
-            self.log.failure("group {group}: cannot start {command}", group=slot.group,
-                             command=self._command)
+            self.log.failure(
+                "group {group}: cannot start {command}", group=slot.group, command=self._command
+            )
             self._schedule_restart(slot)
             return
+        assert protocol.pid is not None  # set by connectionMade during spawnProcess
         slot.process = protocol
         slot.started = self._reactor_clock().seconds()
         self.log.info("group {group} started, pid {pid}", group=slot.group, pid=protocol.pid)
@@ -315,8 +346,12 @@ class Supervisor(service.Service):
     def _kill(self, slot: _Slot) -> None:
         slot.killer = None
         if slot.process is not None:
-            self.log.warn("group {group} pid {pid} ignored SIGTERM for {grace}s: SIGKILL",
-                          group=slot.group, pid=slot.process.pid, grace=self._grace)
+            self.log.warn(
+                "group {group} pid {pid} ignored SIGTERM for {grace}s: SIGKILL",
+                group=slot.group,
+                pid=slot.process.pid,
+                grace=self._grace,
+            )
             slot.process.signal("KILL")
 
     def _exited(self, protocol: _ChildProtocol, reason: Failure) -> None:
@@ -330,8 +365,9 @@ class Supervisor(service.Service):
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         how = f"signal {_signal_name(sig)}" if sig is not None else f"exit code {code}"
-        self.log.info("group {group} pid {pid} ended: {how}", group=slot.group,
-                      pid=protocol.pid, how=how)
+        self.log.info(
+            "group {group} pid {pid} ended: {how}", group=slot.group, pid=protocol.pid, how=how
+        )
         exits, slot.exits = slot.exits, []
         for exited in exits:
             exited.callback(None)
@@ -368,7 +404,7 @@ class Supervisor(service.Service):
 
 
 def child_environment(base: Mapping[str, str]) -> dict[str, str]:
-    """``base`` plus ``PYTHONPATH`` leading to this ``stagetx``, so children import the same code."""
+    """``base`` plus a ``PYTHONPATH`` leading to this ``stagetx``: children import the same code."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(stagetx.__file__)))
     env = dict(base)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, base.get("PYTHONPATH")]))

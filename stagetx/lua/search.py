@@ -37,10 +37,8 @@ def script_relpath(name: str) -> str | None:
     return os.path.join(*parts) + ".lua"
 
 
-def find_script(
-    name: str, package_entries: Sequence[str], base_dir: str
-) -> tuple[int, str] | None:
-    """Find script ``name`` along ``package_entries`` (relative entries resolve against ``base_dir``).
+def find_script(name: str, package_entries: Sequence[str], base_dir: str) -> tuple[int, str] | None:
+    """Find script ``name`` along ``package_entries``; relative entries start at ``base_dir``.
 
     Returns ``(position, absolute_path)`` of the first entry holding the file, or None when no
     entry does (or the name is not a valid script name).

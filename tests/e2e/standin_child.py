@@ -21,8 +21,10 @@ def main() -> int:
     group = bootstrap["group"]
     listeners = [socket.socket(fileno=fd) for fd in bootstrap["services"].values()]
     ports = [listener.getsockname()[1] for listener in listeners]
-    print(f"standin ready group={group} pid={os.getpid()} rundir={bootstrap['rundir']} "
-          f"ports={ports}", flush=True)
+    print(
+        f"standin ready group={group} pid={os.getpid()} rundir={bootstrap['rundir']} ports={ports}",
+        flush=True,
+    )
     if os.environ.get("STANDIN_LONG_LINE"):
         print("x" * int(os.environ["STANDIN_LONG_LINE"]), flush=True)
     if os.environ.get("STANDIN_EXIT") is not None:

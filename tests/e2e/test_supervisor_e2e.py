@@ -55,8 +55,9 @@ def child_lines(events: Sequence[dict[str, Any]], prefix: str = "") -> list[str]
 
 def standin_supervisor(app_dir: Path, groups: int, **kwargs: Any) -> Supervisor:
     extra = kwargs.pop("extra", {})
-    config = parse_config({"#startup": [[f"=index+i{g}"] for g in range(groups)], **extra},
-                          str(app_dir))
+    config = parse_config(
+        {"#startup": [[f"=index+i{g}"] for g in range(groups)], **extra}, str(app_dir)
+    )
     return Supervisor(config, child_command=STANDIN, **kwargs)
 
 
@@ -76,8 +77,10 @@ def test_children_share_the_service_sockets(app_dir: Path) -> Any:
             pids = {s.pid for s in supervisor.status()}
             ready = child_lines(events, "standin ready")
             for status in supervisor.status():
-                assert (f"standin ready group={status.group} pid={status.pid} "
-                        f"rundir={supervisor.rundir} ports=[{port}]") in ready
+                assert (
+                    f"standin ready group={status.group} pid={status.pid} "
+                    f"rundir={supervisor.rundir} ports=[{port}]"
+                ) in ready
             for _ in range(10):
                 with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
                     pid, group = conn.makefile().readline().split()
@@ -100,7 +103,7 @@ def test_crashing_child_is_restarted_and_long_lines_arrive_whole(app_dir: Path) 
             yield wait_for(lambda: supervisor.status()[0].restarts >= 3, 20)
         finally:
             yield supervisor.stopService().addTimeout(20, reactor)
-    assert child_lines(events, "x") .count("x" * 200000) >= 3
+    assert child_lines(events, "x").count("x" * 200000) >= 3
     assert sum("exit code 3" in e.get("how", "") for e in events) >= 3
 
 
@@ -127,15 +130,22 @@ class Twistd:
         if REAL_CHILD:
             command = [str(Path(sys.executable).with_name("twistd"))]
         else:  # stagetx.child not written yet: run twistd with the stand-in child
-            command = [sys.executable, "-c", (
-                "import sys, stagetx.supervisor as s; "
-                f"s.CHILD_COMMAND = {tuple(STANDIN)!r}; "
-                "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
-            )]
+            command = [
+                sys.executable,
+                "-c",
+                (
+                    "import sys, stagetx.supervisor as s; "
+                    f"s.CHILD_COMMAND = {tuple(STANDIN)!r}; "
+                    "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+                ),
+            ]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.process = subprocess.Popen(
             [*command, "-n", "--pidfile=", "stage", "-c", str(config)],
-            cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            cwd=config.parent,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
         )
         self.lines: list[str] = []
@@ -168,10 +178,14 @@ class Twistd:
 
 def test_twistd_runs_restarts_and_stops_its_children(app_dir: Path) -> None:
     config = app_dir / "stage.json"
-    config.write_text(json.dumps({
-        "#startup": [["=lua+a"], ["=lua+b"]],
-        "=lua": {"%package": ["[0]lua"], "=lua+a": "start", "=lua+b": "start"},
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "#startup": [["=lua+a"], ["=lua+b"]],
+                "=lua": {"%package": ["[0]lua"], "=lua+a": "start", "=lua+b": "start"},
+            }
+        )
+    )
     twistd = Twistd(config)
     try:
         twistd.wait_for(lambda: bool(twistd.pids(0) and twistd.pids(1)), 30)
@@ -202,9 +216,14 @@ def test_twistd_runs_restarts_and_stops_its_children(app_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"#startup": [["=index+a"], ["=lau+x"]]}, 'stage: #startup[1][0]: unknown stage type "=lau"'),
-        ({"#startup": [["=lua+x"]], "=lua+x": "gone"},
-         'stage: =lua+x: script "gone" not found along %package ["[0]"]'),
+        (
+            {"#startup": [["=index+a"], ["=lau+x"]]},
+            'stage: #startup[1][0]: unknown stage type "=lau"',
+        ),
+        (
+            {"#startup": [["=lua+x"]], "=lua+x": "gone"},
+            'stage: =lua+x: script "gone" not found along %package ["[0]"]',
+        ),
     ],
 )
 def test_twistd_refuses_a_broken_config_with_one_line(
@@ -213,10 +232,19 @@ def test_twistd_refuses_a_broken_config_with_one_line(
     config = app_dir / "bad.json"
     config.write_text(json.dumps(raw))
     result = subprocess.run(
-        [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=", "stage", "-c",
-         str(config)],
-        cwd=app_dir, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-        text=True, timeout=60,
+        [
+            str(Path(sys.executable).with_name("twistd")),
+            "-n",
+            "--pidfile=",
+            "stage",
+            "-c",
+            str(config),
+        ],
+        cwd=app_dir,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 1
     assert result.stderr == message + "\n"
@@ -225,12 +253,24 @@ def test_twistd_refuses_a_broken_config_with_one_line(
 
 def test_twistd_check_prints_the_groups(app_dir: Path) -> None:
     config = app_dir / "stage.json"
-    config.write_text(json.dumps({"#license": "x", "#startup": [["=index+a", "=route+r"], ["=curl+c"]]}))
+    config.write_text(
+        json.dumps({"#license": "x", "#startup": [["=index+a", "=route+r"], ["=curl+c"]]})
+    )
     result = subprocess.run(
-        [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=", "stage", "-c",
-         str(config), "--check"],
-        cwd=app_dir, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-        text=True, timeout=60,
+        [
+            str(Path(sys.executable).with_name("twistd")),
+            "-n",
+            "--pidfile=",
+            "stage",
+            "-c",
+            str(config),
+            "--check",
+        ],
+        cwd=app_dir,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout == (

@@ -29,7 +29,11 @@ def test_minimal_lua_stage(app_dir: Path) -> None:
     config = parse({"#startup": [["=lua+stage"]], "=lua+stage": LUA_MAIN}, app_dir)
     (stage,) = config.stages
     assert (stage.name, stage.type, stage.id, stage.group, stage.instance) == (
-        "=lua+stage", "lua", "stage", 0, 0
+        "=lua+stage",
+        "lua",
+        "stage",
+        0,
+        0,
     )
     assert stage.main == str(app_dir / "lua" / "start.lua")
     assert stage.settings == {
@@ -55,8 +59,11 @@ def test_type_wide_object_holds_main_scripts_of_several_stages(app_dir: Path) ->
 
 
 def test_top_level_script_name_takes_type_wide_settings(app_dir: Path) -> None:
-    raw = {"#startup": [["=lua+stage"]], "=lua": {"%package": ["lua"], "%budget": 50},
-           "=lua+stage": "start"}
+    raw = {
+        "#startup": [["=lua+stage"]],
+        "=lua": {"%package": ["lua"], "%budget": 50},
+        "=lua+stage": "start",
+    }
     (stage,) = parse(raw, app_dir).stages
     assert stage.main == str(app_dir / "lua" / "start.lua")
     assert stage.settings["%budget"] == 50
@@ -76,15 +83,20 @@ def test_own_settings_override_type_wide_ones(app_dir: Path) -> None:
 
 
 def test_main_script_is_searched_along_package_with_forced_positions(app_dir: Path) -> None:
-    raw = {"#startup": [["=lua+s"]],
-           "=lua+s": {"%package": ["missing", "[0]lib", "lua"], "=lua+s": "util.strings"}}
+    raw = {
+        "#startup": [["=lua+s"]],
+        "=lua+s": {"%package": ["missing", "[0]lib", "lua"], "=lua+s": "util.strings"},
+    }
     (stage,) = parse(raw, app_dir).stages
     assert stage.main == str(app_dir / "lib" / "util" / "strings.lua")
 
 
 def test_luajit_stages_use_their_own_type_wide_settings(app_dir: Path) -> None:
-    raw = {"#startup": [["=luajit+fast"]], "=lua": {"%budget": 5},
-           "=luajit": {"%package": ["lua"], "=luajit+fast": "start"}}
+    raw = {
+        "#startup": [["=luajit+fast"]],
+        "=lua": {"%budget": 5},
+        "=luajit": {"%package": ["lua"], "=luajit+fast": "start"},
+    }
     (stage,) = parse(raw, app_dir).stages
     assert stage.type == "luajit" and stage.settings["%budget"] == 1000
 
@@ -101,20 +113,24 @@ def test_original_platform_spellings_load_with_one_notice_each(app_dir: Path) ->
     stage, rank = config.stages
     assert stage.name == "=lua+stage" and stage.main == str(app_dir / "lua" / "start.lua")
     assert (rank.name, rank.settings) == ("=index+rank", "score/")
-    assert sorted(config.notices) == sorted([
-        "#license: not used by stagetx, ignored",
-        "lua.so.%odbc: not supported by stagetx, ignored",
-        "lua.so.verbose: not supported by stagetx, ignored",
-        "lua.so+stage.%cluster: not supported by stagetx, ignored",
-        "lua.so+stage.%shiny: not supported by stagetx, ignored",
-    ])
+    assert sorted(config.notices) == sorted(
+        [
+            "#license: not used by stagetx, ignored",
+            "lua.so.%odbc: not supported by stagetx, ignored",
+            "lua.so.verbose: not supported by stagetx, ignored",
+            "lua.so+stage.%cluster: not supported by stagetx, ignored",
+            "lua.so+stage.%shiny: not supported by stagetx, ignored",
+        ]
+    )
     for unknown in ("%odbc", "verbose", "%cluster", "%shiny"):
         assert unknown not in stage.settings
 
 
 def test_groups_instances_and_replicas(app_dir: Path) -> None:
-    raw = {"#startup": [["=lua+stage", "=index+rank"], ["=lua+stage"], ["=route+route"]],
-           "=lua+stage": LUA_MAIN}
+    raw = {
+        "#startup": [["=lua+stage", "=index+rank"], ["=lua+stage"], ["=route+route"]],
+        "=lua+stage": LUA_MAIN,
+    }
     config = parse(raw, app_dir)
     assert [[(s.name, s.group, s.instance) for s in g] for g in config.startup] == [
         [("=lua+stage", 0, 0), ("=index+rank", 0, 1)],
@@ -126,8 +142,11 @@ def test_groups_instances_and_replicas(app_dir: Path) -> None:
 
 
 def test_builtin_stage_settings_merge_type_wide_objects(app_dir: Path) -> None:
-    raw = {"#startup": [["=curl+agent", "=curl+other"]],
-           "=curl": {"timeout": 1000, "user-agent": "x"}, "=curl+agent": {"timeout": 5}}
+    raw = {
+        "#startup": [["=curl+agent", "=curl+other"]],
+        "=curl": {"timeout": 1000, "user-agent": "x"},
+        "=curl+agent": {"timeout": 5},
+    }
     agent, other = parse(raw, app_dir).stages
     assert agent.settings == {"timeout": 5, "user-agent": "x"}
     assert other.settings == {"timeout": 1000, "user-agent": "x"}
@@ -138,8 +157,13 @@ def test_every_server_key(app_dir: Path) -> None:
         "#startup": [["=index+rank"]],
         "#services": {"tcp": ["0.0.0.0:8081", "[::1]:8082"]},
         "#router": [1000, 500],
-        "#cluster": [9000, "peer.example:9000", "=10.0.0.9:9000", "udp://239.1.2.3:7000",
-                     "udp://[ff02::1]:7001"],
+        "#cluster": [
+            9000,
+            "peer.example:9000",
+            "=10.0.0.9:9000",
+            "udp://239.1.2.3:7000",
+            "udp://[ff02::1]:7001",
+        ],
         "#threads": [8, 500],
         "#secret": "s3cret",
         "#log": {"db": {"level": "warning", "file": "logs/db.log"}, "net": {}},
@@ -155,8 +179,10 @@ def test_every_server_key(app_dir: Path) -> None:
     assert config.cluster.backups == (HostPort("10.0.0.9", 9000),)
     assert config.cluster.discovery == (HostPort("239.1.2.3", 7000), HostPort("ff02::1", 7001))
     assert config.secret == "s3cret"
-    assert config.log == {"db": LogGroup("warn", str(app_dir / "logs" / "db.log")),
-                          "net": LogGroup("info", None)}
+    assert config.log == {
+        "db": LogGroup("warn", str(app_dir / "logs" / "db.log")),
+        "net": LogGroup("info", None),
+    }
     assert config.admin is not None and config.admin.token is None
     assert config.admin.console == "tcp:9190:interface=127.0.0.1"
     assert config.values == {"motd": {"text": "welcome"}}
@@ -192,8 +218,15 @@ def test_endpoint_loopback_rule(description: str, loopback: bool) -> None:
 
 @pytest.mark.parametrize(
     ("written", "size"),
-    [("64k", 65536), ("2m", 2 * 1024**2), ("1g", 1024**3), ("3M", 3 * 1024**2), ("512", 512),
-     (4096, 4096), ("16mb", 16 * 1024**2)],
+    [
+        ("64k", 65536),
+        ("2m", 2 * 1024**2),
+        ("1g", 1024**3),
+        ("3M", 3 * 1024**2),
+        ("512", 512),
+        (4096, 4096),
+        ("16mb", 16 * 1024**2),
+    ],
 )
 def test_memory_units(app_dir: Path, written: Any, size: int) -> None:
     raw = {"#startup": [["=lua+stage"]], "=lua+stage": {**LUA_MAIN, "%memory": written}}
@@ -212,68 +245,125 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
     ({"#startup": "=lua+stage"}, "#startup: expected a non-empty list of process lists"),
     ({"#startup": [[]]}, "#startup[0]: expected a non-empty list of stage names"),
     ({"#startup": [[7]]}, "#startup[0][0]: expected a stage name, got 7"),
-    ({"#startup": [["=index"]]}, '#startup[0][0]: "=index" names no stage id (expected "=type+id")'),
+    (
+        {"#startup": [["=index"]]},
+        '#startup[0][0]: "=index" names no stage id (expected "=type+id")',
+    ),
     ({"#startup": [["lua+x"]]}, '#startup[0][0]: bad stage name "lua+x" (expected "=type+id")'),
     ({"#startup": [["=index+a:b"]]}, '#startup[0][0]: bad stage id "a:b" in "=index+a:b"'),
-    ({"#startup": [["=lua+x"]]}, '#startup[0][0]: "=lua+x" has no main script (set "=lua+x": "script")'),
-    ({"#startup": [["=lua+x"]], "=lua+x": {"=lua+x": "nothere"}},
-     '=lua+x.=lua+x: script "nothere" not found along %package ["[0]"]'),
-    ({"#startup": [["=lua+x"]], "=lua+x": "start"},
-     '=lua+x: script "start" not found along %package ["[0]"]'),
+    (
+        {"#startup": [["=lua+x"]]},
+        '#startup[0][0]: "=lua+x" has no main script (set "=lua+x": "script")',
+    ),
+    (
+        {"#startup": [["=lua+x"]], "=lua+x": {"=lua+x": "nothere"}},
+        '=lua+x.=lua+x: script "nothere" not found along %package ["[0]"]',
+    ),
+    (
+        {"#startup": [["=lua+x"]], "=lua+x": "start"},
+        '=lua+x: script "start" not found along %package ["[0]"]',
+    ),
     ({"#startup": [["=index+a"]], "#bogus": 1}, "#bogus: unknown key"),
     ({"#startup": [["=index+a"]], "=lau+x": {}}, '=lau+x: unknown stage type "=lau"'),
-    ({"#startup": [["=index+a"]], "=lua+x": 5},
-     "=lua+x: expected a settings object or a main script name"),
+    (
+        {"#startup": [["=index+a"]], "=lua+x": 5},
+        "=lua+x: expected a settings object or a main script name",
+    ),
     ({"#startup": [["=index+a"]], "=lua": "start"}, '=lua: expected an object, got "start"'),
-    ({"#startup": [["=index+a"]], "=lua+x": {"=lua+y": "start"}},
-     '=lua+x.=lua+y: not a main script of "=lua+x"'),
-    ({"#startup": [["=index+a"]], "=lua": {"=luajit+y": "start"}},
-     '=lua.=luajit+y: not a main script of "=lua"'),
+    (
+        {"#startup": [["=index+a"]], "=lua+x": {"=lua+y": "start"}},
+        '=lua+x.=lua+y: not a main script of "=lua+x"',
+    ),
+    (
+        {"#startup": [["=index+a"]], "=lua": {"=luajit+y": "start"}},
+        '=lua.=luajit+y: not a main script of "=lua"',
+    ),
     ({"#startup": [["=index+a"]], "=lua+a": {}, "lua.so+a": {}}, "lua.so+a: duplicate of '=lua+a'"),
-    ({"#startup": [["=index+a"]], "=lua": {"%memory": "lots"}},
-     '=lua.%memory: expected a size such as 256m, got "lots"'),
-    ({"#startup": [["=index+a"]], "=lua": {"%memory": 0}},
-     "=lua.%memory: expected a size such as 256m, got 0"),
-    ({"#startup": [["=index+a"]], "=lua": {"%budget": 0}},
-     "=lua.%budget: expected milliseconds (an integer above 0)"),
-    ({"#startup": [["=index+a"]], "=lua": {"%package": [1]}},
-     "=lua.%package: expected a list of directories"),
-    ({"#startup": [["=index+a"]], "=lua": {"%recheck": [1]}},
-     "=lua.%recheck: expected [integer, integer], each at least 0"),
-    ({"#startup": [["=lua+x"]], "=lua+x": {"%package": ["lua"], "%preload": "gone", "=lua+x": "start"}},
-     '#startup[0][0]: %preload "APP/gone" does not exist'),
-    ({"#startup": [["=index+a"]], "#router": [1500]},
-     "#router: expected [integer, integer], each at least 1"),
-    ({"#startup": [["=index+a"]], "#threads": ["4", 10]},
-     "#threads: expected [integer, integer], each at least 1"),
-    ({"#startup": [["=index+a"]], "#threads": [True, 10]},
-     "#threads: expected [integer, integer], each at least 1"),
-    ({"#startup": [["=index+a"]], "#cluster": [9000, "nohostport"]},
-     '#cluster[1]: bad address "nohostport" (expected "host:port")'),
-    ({"#startup": [["=index+a"]], "#cluster": [9000, 9001]},
-     "#cluster[1]: a second listening port (9000 is already set)"),
+    (
+        {"#startup": [["=index+a"]], "=lua": {"%memory": "lots"}},
+        '=lua.%memory: expected a size such as 256m, got "lots"',
+    ),
+    (
+        {"#startup": [["=index+a"]], "=lua": {"%memory": 0}},
+        "=lua.%memory: expected a size such as 256m, got 0",
+    ),
+    (
+        {"#startup": [["=index+a"]], "=lua": {"%budget": 0}},
+        "=lua.%budget: expected milliseconds (an integer above 0)",
+    ),
+    (
+        {"#startup": [["=index+a"]], "=lua": {"%package": [1]}},
+        "=lua.%package: expected a list of directories",
+    ),
+    (
+        {"#startup": [["=index+a"]], "=lua": {"%recheck": [1]}},
+        "=lua.%recheck: expected [integer, integer], each at least 0",
+    ),
+    (
+        {
+            "#startup": [["=lua+x"]],
+            "=lua+x": {"%package": ["lua"], "%preload": "gone", "=lua+x": "start"},
+        },
+        '#startup[0][0]: %preload "APP/gone" does not exist',
+    ),
+    (
+        {"#startup": [["=index+a"]], "#router": [1500]},
+        "#router: expected [integer, integer], each at least 1",
+    ),
+    (
+        {"#startup": [["=index+a"]], "#threads": ["4", 10]},
+        "#threads: expected [integer, integer], each at least 1",
+    ),
+    (
+        {"#startup": [["=index+a"]], "#threads": [True, 10]},
+        "#threads: expected [integer, integer], each at least 1",
+    ),
+    (
+        {"#startup": [["=index+a"]], "#cluster": [9000, "nohostport"]},
+        '#cluster[1]: bad address "nohostport" (expected "host:port")',
+    ),
+    (
+        {"#startup": [["=index+a"]], "#cluster": [9000, 9001]},
+        "#cluster[1]: a second listening port (9000 is already set)",
+    ),
     ({"#startup": [["=index+a"]], "#cluster": [70000]}, "#cluster[0]: port out of range: 70000"),
-    ({"#startup": [["=index+a"]], "#cluster": ["udp://10.0.0.1:7000"]},
-     '#cluster[0]: "10.0.0.1" is not a multicast group address'),
+    (
+        {"#startup": [["=index+a"]], "#cluster": ["udp://10.0.0.1:7000"]},
+        '#cluster[0]: "10.0.0.1" is not a multicast group address',
+    ),
     ({"#startup": [["=index+a"]], "#cluster": {"peer": 1}}, "#cluster: expected a list"),
-    ({"#startup": [["=index+a"]], "#services": {"udp": ["0.0.0.0:1"]}},
-     '#services.udp: unknown protocol (only "tcp")'),
-    ({"#startup": [["=index+a"]], "#services": {"tcp": ["0.0.0.0:99999"]}},
-     '#services.tcp[0]: bad address "0.0.0.0:99999" (expected "host:port")'),
-    ({"#startup": [["=index+a"]], "#services": {"tcp": ["a:1", "a:1"]}},
-     "#services.tcp[1]: a:1 is listed twice"),
+    (
+        {"#startup": [["=index+a"]], "#services": {"udp": ["0.0.0.0:1"]}},
+        '#services.udp: unknown protocol (only "tcp")',
+    ),
+    (
+        {"#startup": [["=index+a"]], "#services": {"tcp": ["0.0.0.0:99999"]}},
+        '#services.tcp[0]: bad address "0.0.0.0:99999" (expected "host:port")',
+    ),
+    (
+        {"#startup": [["=index+a"]], "#services": {"tcp": ["a:1", "a:1"]}},
+        "#services.tcp[1]: a:1 is listed twice",
+    ),
     ({"#startup": [["=index+a"]], "#secret": ""}, '#secret: expected a non-empty string, got ""'),
-    ({"#startup": [["=index+a"]], "#log": {"db": {"level": "loud"}}},
-     '#log.db.level: unknown level "loud"'),
+    (
+        {"#startup": [["=index+a"]], "#log": {"db": {"level": "loud"}}},
+        '#log.db.level: unknown level "loud"',
+    ),
     ({"#startup": [["=index+a"]], "#log": {"db": {"lvl": "info"}}}, "#log.db.lvl: unknown key"),
-    ({"#startup": [["=index+a"]], "#admin": {"console": "tcp:9190"}},
-     '#admin.console: listens beyond loopback without #admin.token '
-     '(add a token or ":interface=127.0.0.1")'),
-    ({"#startup": [["=index+a"]], "#admin": {"http": "tcp:9190:interface=0.0.0.0"}},
-     '#admin.http: listens beyond loopback without #admin.token '
-     '(add a token or ":interface=127.0.0.1")'),
-    ({"#startup": [["=index+a"]], "#admin": {"console": "tcp:abc", "token": "t"}},
-     '#admin.console: bad endpoint "tcp:abc": port must be an integer'),
+    (
+        {"#startup": [["=index+a"]], "#admin": {"console": "tcp:9190"}},
+        "#admin.console: listens beyond loopback without #admin.token "
+        '(add a token or ":interface=127.0.0.1")',
+    ),
+    (
+        {"#startup": [["=index+a"]], "#admin": {"http": "tcp:9190:interface=0.0.0.0"}},
+        "#admin.http: listens beyond loopback without #admin.token "
+        '(add a token or ":interface=127.0.0.1")',
+    ),
+    (
+        {"#startup": [["=index+a"]], "#admin": {"console": "tcp:abc", "token": "t"}},
+        '#admin.console: bad endpoint "tcp:abc": port must be an integer',
+    ),
     ({"#startup": [["=index+a"]], "#admin": {"shell": "tcp:1"}}, "#admin.shell: unknown key"),
 ]
 
@@ -304,9 +394,9 @@ def test_load_config_from_stdin_resolves_against_the_current_directory(
     app_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(app_dir)
-    monkeypatch.setattr("sys.stdin", io.StringIO(
-        json.dumps({"#startup": [["=lua+stage"]], "=lua+stage": LUA_MAIN})
-    ))
+    monkeypatch.setattr(
+        "sys.stdin", io.StringIO(json.dumps({"#startup": [["=lua+stage"]], "=lua+stage": LUA_MAIN}))
+    )
     config = load_config("-")
     assert config.base_dir == str(app_dir)
 

@@ -41,10 +41,13 @@ def test_fail_over_position_when_the_first_entry_lost_the_file(tree: Path) -> No
     assert find_script("a", ENTRIES, str(tree)) == (1, str(tree / "rollback" / "a.lua"))
 
 
-def test_absolute_entries_are_used_as_they_are(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_absolute_entries_are_used_as_they_are(
+    tree: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     assert find_script("a", [str(tree / "rollback")], str(elsewhere)) == (
-        0, str(tree / "rollback" / "a.lua")
+        0,
+        str(tree / "rollback" / "a.lua"),
     )
 
 

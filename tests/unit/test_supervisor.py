@@ -64,15 +64,24 @@ class FakeSpawner:
         self.calls: list[dict[str, Any]] = []
         self.fail = False
 
-    def spawnProcess(self, protocol: ProcessProtocol, executable: str, args: list[str],
-                     env: dict[str, str] | None = None, path: str | None = None,
-                     uid: int | None = None, gid: int | None = None, usePTY: bool = False,
-                     childFDs: dict[int, Any] | None = None) -> FakeProcess:
+    def spawnProcess(
+        self,
+        protocol: ProcessProtocol,
+        executable: str,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        path: str | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        usePTY: bool = False,
+        childFDs: dict[int, Any] | None = None,
+    ) -> FakeProcess:
         if self.fail:
             raise OSError("no such executable")
         process = FakeProcess(protocol, 1000 + len(self.processes))
-        self.calls.append({"executable": executable, "args": args, "env": env,
-                           "childFDs": childFDs})
+        self.calls.append(
+            {"executable": executable, "args": args, "env": env, "childFDs": childFDs}
+        )
         self.processes.append(process)
         protocol.makeConnection(process)  # type: ignore[arg-type]
         return process
@@ -102,9 +111,13 @@ def make(app_dir: Path, clock: Clock, spawner: FakeSpawner):  # type: ignore[no-
 
     def make(groups: int = 2, **kwargs: Any) -> Supervisor:
         extra = kwargs.pop("extra", {})
-        supervisor = Supervisor(make_config(app_dir, groups, **extra), clock=clock,
-                                spawner=spawner, environ={"PATH": "/bin", "PYTHONPATH": "/x"},
-                                **kwargs)
+        supervisor = Supervisor(
+            make_config(app_dir, groups, **extra),
+            clock=clock,
+            spawner=spawner,
+            environ={"PATH": "/bin", "PYTHONPATH": "/x"},
+            **kwargs,
+        )
         started.append(supervisor)
         return supervisor
 
@@ -117,7 +130,9 @@ def make(app_dir: Path, clock: Clock, spawner: FakeSpawner):  # type: ignore[no-
             supervisor.stopService()
 
 
-def test_one_child_per_group_with_the_bootstrap_line(make, spawner: FakeSpawner, app_dir: Path) -> None:
+def test_one_child_per_group_with_the_bootstrap_line(
+    make, spawner: FakeSpawner, app_dir: Path
+) -> None:
     supervisor = make(groups=2, args=["twistd", "-n", "stage"])
     supervisor.startService()
     assert [c["args"] for c in spawner.calls] == [list(CHILD_COMMAND)] * 2
@@ -135,7 +150,10 @@ def test_one_child_per_group_with_the_bootstrap_line(make, spawner: FakeSpawner,
     assert len(bytes.fromhex(boot[0]["secret"])) == 32
     assert boot[0]["secret"] == boot[1]["secret"] and boot[0]["server_id"] == boot[1]["server_id"]
     assert not any(p.stdin_closed for p in spawner.processes)
-    assert [(s.group, s.pid, s.restarts) for s in supervisor.status()] == [(0, 1000, 0), (1, 1001, 0)]
+    assert [(s.group, s.pid, s.restarts) for s in supervisor.status()] == [
+        (0, 1000, 0),
+        (1, 1001, 0),
+    ]
 
 
 def test_configured_secret_is_passed_as_hex(make, spawner: FakeSpawner) -> None:
@@ -149,7 +167,9 @@ def test_random_secret_differs_per_run(make, spawner: FakeSpawner) -> None:
     assert spawner.processes[0].bootstrap["secret"] != spawner.processes[1].bootstrap["secret"]
 
 
-def test_crashes_restart_with_doubling_back_off_up_to_the_cap(make, spawner: FakeSpawner, clock: Clock) -> None:
+def test_crashes_restart_with_doubling_back_off_up_to_the_cap(
+    make, spawner: FakeSpawner, clock: Clock
+) -> None:
     supervisor = make(groups=1)
     supervisor.startService()
     delays = []
@@ -211,7 +231,9 @@ def test_a_failed_spawn_is_retried_with_back_off(make, spawner: FakeSpawner, clo
     assert len(spawner.processes) == 1 and supervisor.status()[0].pid == 1000
 
 
-def test_stop_terminates_then_kills_after_the_grace_period(make, spawner: FakeSpawner, clock: Clock) -> None:
+def test_stop_terminates_then_kills_after_the_grace_period(
+    make, spawner: FakeSpawner, clock: Clock
+) -> None:
     supervisor = make(groups=2, grace=10.0)
     supervisor.startService()
     rundir = supervisor.rundir
@@ -272,8 +294,13 @@ def test_child_output_is_relayed_line_by_line(make, spawner: FakeSpawner) -> Non
         protocol.errReceived(b"Traceback {braces}\n")
         protocol.outConnectionLost()
     lines = [(e["log_level"].name, e["line"]) for e in events if "line" in e]
-    assert lines == [("info", "one"), ("info", "two"), ("info", "z" * 100_000),
-                     ("warn", "Traceback {braces}"), ("info", "no newline")]
+    assert lines == [
+        ("info", "one"),
+        ("info", "two"),
+        ("info", "z" * 100_000),
+        ("warn", "Traceback {braces}"),
+        ("info", "no newline"),
+    ]
     assert formatEvent(events[0]) == "g0[1000] one"
     assert supervisor.status()[0].pid == 1000
 
@@ -301,10 +328,16 @@ def test_services_sockets_are_shared_as_fds_from_3(make, spawner: FakeSpawner) -
     sockets = supervisor.sockets
     assert [s.getsockname()[1] for s in sockets] == ports
     assert all(not s.getblocking() for s in sockets)
-    assert spawner.calls[1]["childFDs"] == {0: "w", 1: "r", 2: "r", 3: sockets[0].fileno(),
-                                             4: sockets[1].fileno()}
+    assert spawner.calls[1]["childFDs"] == {
+        0: "w",
+        1: "r",
+        2: "r",
+        3: sockets[0].fileno(),
+        4: sockets[1].fileno(),
+    }
     assert spawner.processes[1].bootstrap["services"] == {
-        f"127.0.0.1:{ports[0]}": 3, f"[::1]:{ports[1]}": 4
+        f"127.0.0.1:{ports[0]}": 3,
+        f"[::1]:{ports[1]}": 4,
     }
     with socket.create_connection(("127.0.0.1", ports[0]), timeout=5):
         pass  # the kernel queues it on the shared listening socket
