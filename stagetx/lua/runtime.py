@@ -21,6 +21,23 @@ VM_KINDS = {"lua": "lua54", "luajit": "luajit21"}
 HOOK_COUNT = 100_000
 
 
+# Upvalues of a moved function arrive as nil (SPEC 5); its ``_ENV`` upvalue (Lua 5.4; not always
+# the first one, which is all ``load`` sets) gets the receiver's globals.
+_FUNCTION_LOADER = """
+local load, getupvalue, setupvalue, G = load, debug.getupvalue, debug.setupvalue, _G
+return function(code)
+    local f, err = load(code, "=remote", "b", G)
+    if not f then return nil, err end
+    local i = 1
+    while getupvalue(f, i) ~= nil do
+        setupvalue(f, i, getupvalue(f, i) == "_ENV" and G or nil)
+        i = i + 1
+    end
+    return f
+end
+"""
+
+
 def _deny_attributes(obj: object, name: object, is_setting: bool) -> None:
     """Scripts must not reach Python attributes through the callables the host gives them."""
     raise AttributeError("Python attributes are not accessible from Lua")
@@ -65,7 +82,7 @@ class LuaVM:
         globals_[b"python"] = None
         self._load = globals_[b"load"]
         self._dump = self.lua.eval("string.dump")
-        self._loader = self.lua.eval("function(code) return load(code, '=remote', 'b', _G) end")
+        self._loader = self.lua.execute(_FUNCTION_LOADER)
         cfg = {
             b"budget": budget_ms,
             b"slice": min(slice_ms, budget_ms / 2),
