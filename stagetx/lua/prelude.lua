@@ -268,7 +268,8 @@ function stage.v(s, ...)
     return r
 end
 
-for name, fn in next, cfg.extensions do stage[name] = fn end
+-- Extensions (stage.proxy, stage.submit, ...) may be installed after this prelude ran: look them up.
+setmetatable(stage, {__index = cfg.extensions})
 
 ---------------------------------------------------------------------------------------------------
 -- log4cxx (SPEC 3.1): substitutions here, where the caller's file and line are known.
