@@ -41,6 +41,8 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("twisted_raw", "bench.baselines.twisted_raw"),
     Entry("lupa", "bench.baselines.lupa_calls"),
     Entry("redis", "bench.baselines.redis_zset"),
+    Entry("local_signal", "bench.workloads.local_signal"),
+    Entry("two_processes", "bench.workloads.two_processes", needs=("twisted_raw",)),
     Entry("index", "bench.bench_index", needs=("redis",), optional=True),
 )
 

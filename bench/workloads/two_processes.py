@@ -1,0 +1,109 @@
+"""Signals between two processes of one server: one-way messages/s, and request/reply with
+64 in flight (rate, p50, p99) and paced at 10,000 req/s (p99).
+
+Stage ``a`` (group 0) sends to stage ``b`` (group 1) over the server's process link; only ``a``'s
+clock is used.  A full queue (``false`` from ``signal``) makes ``a`` back off for 2 ms and retry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench import budget
+from bench.baselines.twisted_raw import ECHO_64, ONE_WAY
+from bench.rows import row
+from bench.workloads.server import bench_line, lua_stages, server
+
+SENDER = """
+local N, INFLIGHT, PACED, LIMIT = %(count)d, 64, %(paced)d, %(limit)f
+local signal, tick, min, floor = stage.signal, function() return process.tick end, math.min, math.floor
+local sent, t0 = 0, 0
+
+local function pct(lat, p) table.sort(lat); return lat[math.max(1, floor(#lat * p))] * 1e6 end
+
+-- one-way: chunks of sends; a 0 ms task between them lets the reactor write
+local function pump()
+  local n = min(2000, N - sent)
+  for _ = 1, n do
+    if not signal("b:ping", sent) then stage.addtask(2, pump) return end
+    sent = sent + 1
+  end
+  if sent < N and tick() - t0 < LIMIT then stage.addtask(0, pump) else signal("b:stop=fin") end
+end
+
+-- request/reply, INFLIGHT outstanding
+local issued, got, at, lat = 0, 0, {}, {}
+local function request()
+  if issued >= N or tick() - t0 > LIMIT then return end
+  issued = issued + 1
+  at[issued] = tick()
+  if not signal("b:echo=pong", issued) then issued = issued - 1; stage.addtask(2, request) end
+end
+stage.waitfor("pong", function(i)
+  lat[#lat + 1] = tick() - at[i]
+  at[i] = nil
+  got = got + 1
+  if got == issued and (issued >= N or tick() - t0 > LIMIT) then signal("rr_done") else request() end
+end)
+
+-- paced: 10 requests every ms (10,000/s), latency only
+local paced_got, paced_lat, paced_at, paced_issued = 0, {}, {}, 0
+stage.waitfor("paced_pong", function(i)
+  paced_lat[#paced_lat + 1] = tick() - paced_at[i]
+  paced_got = paced_got + 1
+  if paced_got == PACED then
+    log4cxx.info("BENCH paced", paced_got, pct(paced_lat, 0.5), pct(paced_lat, 0.99))
+  end
+end)
+local function paced()
+  for _ = 1, 10 do
+    if paced_issued < PACED then
+      paced_issued = paced_issued + 1
+      paced_at[paced_issued] = tick()
+      signal("b:echo=paced_pong", paced_issued)
+    end
+  end
+  if paced_issued < PACED then return 1 end
+end
+
+stage.waitfor("rr_done", function()
+  local seconds = tick() - t0
+  log4cxx.info("BENCH rr", got, seconds, pct(lat, 0.5), pct(lat, 0.99))
+  stage.addtask(200, paced)
+end)
+stage.waitfor("fin", function(n)
+  log4cxx.info("BENCH oneway", n, tick() - t0)
+  stage.addtask(200, function()
+    t0 = tick()
+    for _ = 1, INFLIGHT do request() end
+  end)
+end)
+stage.addtask(1000, function() t0 = tick(); pump() end)
+"""
+
+RECEIVER = """
+local got = 0
+stage.waitfor("ping", function() got = got + 1 end)
+stage.waitfor("stop", function() return got end)
+stage.waitfor("echo", function(i) return i end)
+"""
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    """Rows: one-way msg/s; request/reply req/s, p50, p99 at 64 in flight; p99 at 10,000 req/s."""
+    limit = budget.seconds(10, 4)
+    values = {"count": budget.count(1_000_000, 200_000), "paced": budget.count(30_000, 10_000), "limit": limit}
+    with server(lua_stages("a", "b"), {"a": SENDER % values, "b": RECEIVER}) as peer:
+        sent, seconds = bench_line(peer, "oneway", limit + 40)
+        got, rr_seconds, p50, p99 = bench_line(peer, "rr", limit + 20)
+        _, paced_p50, paced_p99 = bench_line(peer, "paced", limit + 20)
+    return [
+        row("signal two processes one-way", sent / seconds, "msg/s",
+            baseline_name=ONE_WAY, target="≥ 0.5 × baseline"),
+        row("request/reply two processes, 64 in flight", got / rr_seconds, "req/s",
+            baseline_name=ECHO_64, target="≥ 0.6 × baseline"),
+        row("request/reply two processes, 64 in flight p50", p50, "µs", baseline_name=f"{ECHO_64} p50"),
+        row("request/reply two processes, 64 in flight p99", p99, "µs", baseline_name=f"{ECHO_64} p99"),
+        row("request/reply at 10,000 req/s p50", paced_p50, "µs"),
+        row("request/reply at 10,000 req/s p99", paced_p99, "µs", target="≤ 1000"),
+    ]
