@@ -22,7 +22,7 @@ from twisted.internet.defer import (
 from twisted.python.failure import Failure
 from twisted.web import error as web_error
 from twisted.web._newclient import ResponseFailed
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -37,6 +37,16 @@ from stagetx.stages.base import StageContext
 # Redirects Twisted refuses to follow (307/308 after a POST, a 3xx without Location): like curl,
 # the stage then answers with that 3xx response itself.
 _UNFOLLOWED = (web_error.PageRedirect, web_error.RedirectWithNoLocation)
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False  # else every new connection logs "Starting factory" / "Stopping factory"
+
+
+class _QuietPool(HTTPConnectionPool):
+    """The stage's connection pool, without a log line per connection."""
+
+    _factory = _QuietFactory
 
 
 class HTTPRequester(Protocol):
@@ -118,7 +128,7 @@ class Stage:
         policy = https_policy(
             self._settings.verify, self._context.resolve_path(ca_file) if ca_file else None
         )
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool = _QuietPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = max(2, self._settings.concurrency or 8)
         self._client = HTTPClient(Agent(reactor, contextFactory=policy, pool=self._pool))
 

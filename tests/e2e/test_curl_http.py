@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer, reactor, ssl
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -419,3 +421,96 @@ async def test_https_refuses_a_certificate_for_another_host(web: Harness) -> Non
 async def test_https_without_verification_when_configured(web: Harness) -> None:
     reply = await https_ask(web, ["other.example"], [], {"verify": False})
     assert (reply["status"], reply["data"]["result"]) == (200, 0)
+
+
+# --- from a Lua stage in another process ------------------------------------------------------
+
+LUA_CLIENT = """
+stage.waitfor("web.reply", function (r)
+    log4cxx.info("CURLREPLY", r.extra.tag, r.status, r.data.result, r.cookie.sid or "-",
+                 r.data.content)
+    if r.extra.tag == "login" then  -- the session cookie is in the curl stage's jar now
+        stage.signal("agent:go=web.reply", {process["$base"] .. "/echo", data = {user = "kim"},
+                                            extra = {tag = "echo"}})
+    end
+end)
+local requests = {
+    {process["$base"] .. "/login", extra = {tag = "login"}},
+    {url = process["$refused"], extra = {tag = "refused"}},
+}
+stage.addtask(100, function ()
+    while #requests > 0 do
+        if not stage.signal("agent:go=web.reply", requests[1]) then
+            return 100  -- the curl process is not linked yet: try again
+        end
+        table.remove(requests, 1)
+    end
+end)
+"""
+
+
+class TwistdOutput(ProcessProtocol):
+    """Collects ``CURLREPLY`` log lines of a ``twistd stage`` run; fires ``ended`` at exit."""
+
+    def __init__(self, wanted: int) -> None:
+        self.wanted = wanted
+        self.text = b""
+        self.replies: dict[str, list[str]] = {}
+        self.got: defer.Deferred[dict[str, list[str]]] = defer.Deferred()
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.text += data
+        for line in self.text.decode("utf-8", "replace").splitlines():
+            if "CURLREPLY\t" in line:
+                fields = line.split("CURLREPLY\t", 1)[1].split("\t")
+                self.replies[fields[0]] = fields[1:]
+        if len(self.replies) >= self.wanted and not self.got.called:
+            self.got.callback(self.replies)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_lua_stage_in_another_process_uses_the_curl_stage(
+    web: Harness, tmp_path: Path
+) -> None:
+    closed = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    refused = f"http://127.0.0.1:{closed.getHost().port}/"
+    await closed.stopListening()
+    (tmp_path / "lua").mkdir()
+    (tmp_path / "lua" / "client.lua").write_text(LUA_CLIENT)
+    config = {
+        "#startup": [["=curl+agent"], ["=lua+client"]],
+        "=curl+agent": {"user-agent": "e2e", "timeout": 5000},
+        "=lua+client": {"%package": ["[0]lua"], "=lua+client": "client"},
+        "base": web.url,
+        "refused": refused,
+    }
+    (tmp_path / "stage.json").write_text(json.dumps(config))
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": root}
+    twistd = "from twisted.scripts.twistd import run; run()"
+    argv = [sys.executable, "-c", twistd, "-n", "--pidfile=", "stage", "-c", "stage.json"]
+    output = TwistdOutput(wanted=3)
+    process = reactor.spawnProcess(output, sys.executable, argv, env=env, path=str(tmp_path))
+    try:
+        replies = await output.got.addTimeout(60, reactor)
+    finally:
+        if not output.ended.called:
+            process.signalProcess("TERM")
+        try:
+            await output.ended.addTimeout(20, reactor)
+        except defer.TimeoutError:
+            process.signalProcess("KILL")
+    assert replies["login"][:3] == ["200", "0", "s3cr3t"]
+    assert replies["refused"][:3] == ["0", "7", "-"]
+    status, result, _, content = replies["echo"]
+    assert (status, result) == ("200", "0")
+    seen = json.loads(content)
+    assert (seen["method"], seen["body"]) == ("POST", "user=kim")
+    assert seen["cookies"] == {"sid": "s3cr3t", "lang": "ko"}  # kept by the curl stage
+    assert seen["headers"]["user-agent"] == "e2e"
