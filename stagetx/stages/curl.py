@@ -34,8 +34,8 @@ from stagetx.http.tls import https_policy
 from stagetx.message import Message
 from stagetx.stages.base import StageContext
 
-# Redirects Twisted refuses to follow (307/308 after a POST, a 3xx without Location): like curl,
-# the stage then answers with that 3xx response itself.
+# Redirects Twisted does not follow (a 307 after a POST, a 3xx without Location): like curl, the
+# stage then answers with that 3xx response itself.
 _UNFOLLOWED = (web_error.PageRedirect, web_error.RedirectWithNoLocation)
 
 
@@ -158,9 +158,8 @@ class Stage:
             done = self._perform(request)
         else:
             done = self._slots.run(self._perform, request)
-            done.addErrback(
-                self._failed, request, self._context.clock.seconds()
-            )  # cancelled in the queue
+            queued = self._context.clock.seconds()
+            done.addErrback(self._failed, request, queued)  # stop() cancelled it in the queue
         self._pending.add(done)
         done.addCallback(self._finish, message, done)
         done.addErrback(
@@ -225,11 +224,10 @@ class Stage:
         elapsed = self._context.clock.seconds() - started
         responses = chain(response)
         mime, charset = content_type(response)
+        last_location = url_of(response) if len(responses) > 1 else None
         return {
             "url": request.url,
-            "redirect_url": url_of(response)
-            if len(responses) > 1
-            else None,  # the last Location followed
+            "redirect_url": last_location,
             "effective_url": url_of(response),
             "status": response.code,
             "cookie": set_cookies(responses),
