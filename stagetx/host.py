@@ -95,6 +95,7 @@ class StageHost(Service):
         self.sent = 0
         self.errors = 0
         self.busy = 0.0
+        self._backlog: list[Message] | None = []  # messages that arrived before the stage started
         self.stage = stage_class(config.type)(self, config)
 
     # -- StageContext -----------------------------------------------------------------------------
@@ -120,6 +121,9 @@ class StageHost(Service):
 
     # -- Receiver ---------------------------------------------------------------------------------
     def receive(self, message: Message) -> None:
+        if self._backlog is not None:
+            self._backlog.append(message)
+            return
         self.received += 1
         started = time.perf_counter()
         try:
@@ -130,7 +134,14 @@ class StageHost(Service):
     # -- Service ----------------------------------------------------------------------------------
     def startService(self) -> Deferred[None]:  # type: ignore[override]
         Service.startService(self)
-        return maybeDeferred(self.stage.start)
+        return maybeDeferred(self.stage.start).addBoth(self._started)
+
+    def _started(self, result: Any) -> Any:
+        """Hand over what arrived during start-up, in order (even after a failed start: it is logged)."""
+        backlog, self._backlog = self._backlog or [], None
+        for message in backlog:
+            self.receive(message)
+        return result
 
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
         Service.stopService(self)

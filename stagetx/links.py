@@ -97,6 +97,7 @@ class ProcessLinks(MultiService):
         self.reactor = reactor
         self.max_frame = max_frame
         self._out: dict[int, Link] = {}
+        self._down: set[int] = set()  # processes whose link dropped and has not come back
         self._pending: dict[int, deque[list[Any]]] = {g: deque() for g in range(groups) if g != self.group}
         self._port: IListeningPort | None = None
         self._delay_loop = LoopingCall(self._tell_delay)
@@ -126,7 +127,11 @@ class ProcessLinks(MultiService):
 
     # -- used by the router -----------------------------------------------------------------------
     def reachable(self, group: int) -> bool:
-        return group in self._out
+        """False only for a process that was linked and dropped (crashed, restarting).
+
+        A process not linked yet at start-up counts as reachable: its frames wait for the link.
+        """
+        return group not in self._down
 
     def send(self, group: int, frame: list[Any]) -> Result:
         link = self._out.get(group)
@@ -144,6 +149,7 @@ class ProcessLinks(MultiService):
     # -- link events ------------------------------------------------------------------------------
     def connected(self, group: int, link: Link) -> None:
         self._out[group] = link
+        self._down.discard(group)
         pending = self._pending[group]
         while pending:
             link.send(pending.popleft())
@@ -152,7 +158,9 @@ class ProcessLinks(MultiService):
     def disconnected(self, group: int, link: Link) -> None:
         if self._out.get(group) is link:
             del self._out[group]
+            self._down.add(group)
             self.router.delays.pop(group, None)
+            self.log.warn("link to process {group} lost", group=group + 1)
 
     def _tell_delay(self) -> None:
         try:

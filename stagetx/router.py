@@ -123,7 +123,10 @@ class Router:
         return False, f"{type(address).__name__} cannot be sent from here"
 
     def _reply(self, sender: Sender, reply: str | None) -> str | None:
-        return None if reply is None else format_reply(self.server_id, sender.instance, reply)
+        """The reply address for ``reply``: a message id of the sender, or a full ``^…`` address."""
+        if reply is None or reply.startswith("^"):
+            return reply
+        return format_reply(self.server_id, sender.instance, reply)
 
     def _to_stage(self, sender: Sender, address: ToStage, payload: bytes, reply_to: str | None) -> Result:
         stage_id = address.stage if address.stage is not None else sender.stage

@@ -107,3 +107,71 @@ def env_path() -> str:
     """A PYTHONPATH that lets a child process import this checkout's stagetx."""
     root = str(Path(__file__).resolve().parent.parent)
     return os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
+
+class ServerProcess:
+    """``twistd -n stage -c CONFIG`` as a real child process; its output lines collected by a thread."""
+
+    def __init__(self, config: Path, *args: str) -> None:
+        import subprocess
+        import sys
+        import threading
+
+        twistd = str(Path(sys.executable).with_name("twistd"))
+        self.process = subprocess.Popen(
+            [twistd, "-n", "--pidfile=", "stage", "-c", str(config), *args],
+            cwd=config.parent,
+            env={**os.environ, "PYTHONPATH": env_path()},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def logged(self, stage: str, prefix: str) -> list[list[str]]:
+        """Tab-separated fields after ``prefix`` of each line stage ``stage`` logged with it."""
+        marker = f"[stage.{stage}#"
+        out = []
+        for line in list(self.lines):
+            at = line.find(marker)
+            if at < 0:
+                continue
+            fields = line[line.index("] ", at) + 2 :].split("\t")
+            if fields[0] == prefix:
+                out.append(fields[1:])
+        return out
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited while waiting for {what}:\n" + "\n".join(self.lines[-60:]))
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}:\n" + "\n".join(self.lines[-60:]))
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        import signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except Exception:
+            self.process.kill()
+            code = self.process.wait(10)
+        self._reader.join(10)
+        return code
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -9,7 +9,8 @@ local host, cfg = ...
 
 local type, select, next, error, xpcall, tostring, setmetatable, rawset =
     type, select, next, error, xpcall, tostring, setmetatable, rawset
-local find, sub, gsub, concat, unpack = string.find, string.sub, string.gsub, table.concat, table.unpack or unpack
+local find, sub, gsub, match = string.find, string.sub, string.gsub, string.match
+local concat, unpack = table.concat, table.unpack or unpack
 local traceback, getinfo, sethook = debug.traceback, debug.getinfo, debug.sethook
 local huge = math.huge
 local now, host_send, report, schedule_drain, host_log = host.now, host.send, host.report, host.schedule_drain, host.log
@@ -123,10 +124,12 @@ local function dispatch(msgid, sender, reply, ...)
         report("nohandler", msgid, "")
         return
     end
-    local saved = _WAITFOR
+    local saved, saved_ticket = _WAITFOR, _TICKET
     _WAITFOR = {[0] = msgid, sender, reply, [-1] = registered}
+    -- a ticket callback (SPEC 4.4) is sent with the reply id "#" .. ticket id
+    _TICKET = reply ~= nil and match(reply, "^%^[^/]*/%d+/#(@.*)$") or nil
     local ok, err = send_reply(reply, xpcall(call_handler, on_error, h, ...))
-    _WAITFOR = saved
+    _WAITFOR, _TICKET = saved, saved_ticket
     if not ok then report("handler", msgid, err) end
 end
 

@@ -27,9 +27,11 @@ class StageContext(Protocol):
     def reply(self, message: Message, *values: Any) -> None:
         """Send ``values`` (Python natives) to ``message``'s reply address; no-op without one."""
 
-    def send(self, target: str, *values: Any) -> tuple[bool, str | None]:
+    def send(self, target: str, *values: Any, reply_to: str | None = None) -> tuple[bool, str | None]:
         """Send Python-native ``values`` to an address string of SPEC 2.5 (or a reply address).
 
+        ``reply_to`` asks the receiver to reply: a message id on this stage, or a full reply
+        address ``^…`` used as is (to hand a third party's reply address on).
         Returns ``(True, None)`` when queued, ``(False, reason)`` when delivery is impossible.
         """
 
@@ -37,7 +39,8 @@ class StageContext(Protocol):
 class Stage(Protocol):
     """A stage type: ``stagetx.stages.<type>.Stage(context, config)``."""
 
-    def __init__(self, context: StageContext, config: Any) -> None: ...
+    def __init__(self, context: StageContext, config: Any) -> None:
+        """``config`` is the ``stagetx.config.StageConfig``; ``config.settings`` its settings."""
 
     def start(self) -> Deferred[None] | None:
         """Open files, load state; the stage receives no message before this returns/fires."""
