@@ -6,7 +6,7 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 _SCALES = ((1e9, "G"), (1e6, "M"), (1e3, "k"))
@@ -68,14 +68,21 @@ def change(new: float | None, old: float | None) -> str:
     return f"{(new - old) / old * 100:+.0f}%"
 
 
-def table(rows: Sequence[dict[str, Any]], old: dict[str, dict[str, Any]] | None = None) -> str:
-    """One text table: workload | stagetx | baseline | ratio | target | pass/short [| change]."""
+def table(
+    rows: Sequence[dict[str, Any]],
+    baselines: Collection[str] = (),
+    old: dict[str, dict[str, Any]] | None = None,
+) -> str:
+    """One text table: workload | stagetx | baseline | ratio | target | pass/short [| change].
+
+    Rows named in ``baselines`` show their figure in the baseline column.
+    """
     head = ["workload", "stagetx", "baseline", "ratio", "target", "pass/short"]
     if old is not None:
         head.append("change")
     lines = [head]
     for r in rows:
-        is_baseline = r["status"] == "info" and not r["baseline_name"]
+        is_baseline = r["workload"] in baselines
         stagetx = "" if is_baseline else fmt(r["figure"], r["unit"])
         base = fmt(r["figure"] if is_baseline else r["baseline"], r["unit"])
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"

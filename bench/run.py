@@ -34,13 +34,14 @@ class Entry:
     name: str
     module: str
     needs: tuple[str, ...] = ()
+    baseline: bool = False  # every row is a baseline figure (shown in the baseline column)
     optional: bool = False  # a missing module is a skip row (another engineer's, not yet written)
 
 
 REGISTRY: tuple[Entry, ...] = (
-    Entry("twisted_raw", "bench.baselines.twisted_raw"),
-    Entry("lupa", "bench.baselines.lupa_calls"),
-    Entry("redis", "bench.baselines.redis_zset"),
+    Entry("twisted_raw", "bench.baselines.twisted_raw", baseline=True),
+    Entry("lupa", "bench.baselines.lupa_calls", baseline=True),
+    Entry("redis", "bench.baselines.redis_zset", baseline=True),
     Entry("local_signal", "bench.workloads.local_signal"),
     Entry("two_processes", "bench.workloads.two_processes", needs=("twisted_raw",)),
     Entry("index", "bench.bench_index", needs=("redis",), optional=True),
@@ -74,9 +75,16 @@ def run_entry(entry: Entry, quick: bool) -> list[dict[str, Any]]:
         return [skip(entry.name, f"failed: {type(e).__name__}: {e}")]
 
 
-def run_all(entries: Sequence[Entry], quick: bool, progress: bool = True) -> list[dict[str, Any]]:
-    """Run ``entries`` in order and judge every row against this run's baselines."""
+def run_all(
+    entries: Sequence[Entry], quick: bool, progress: bool = True
+) -> tuple[list[dict[str, Any]], set[str]]:
+    """Run ``entries`` in order and judge every row against this run's baselines.
+
+    Returns the rows and the names of the baseline rows: those of baseline entries and any row
+    another row names as its baseline.
+    """
     raw: list[dict[str, Any]] = []
+    baselines: set[str] = set()
     for entry in entries:
         start = time.monotonic()
         if progress:
@@ -85,8 +93,11 @@ def run_all(entries: Sequence[Entry], quick: bool, progress: bool = True) -> lis
         if progress:
             print(f"[bench] {entry.name}: {len(rows)} rows in {time.monotonic() - start:.1f} s", file=sys.stderr)
         raw.extend(rows)
+        if entry.baseline:
+            baselines.update(r["workload"] for r in rows)
+    baselines.update(r["baseline_name"] for r in raw if r.get("baseline_name"))
     figures = {r["workload"]: r["figure"] for r in raw if isinstance(r.get("figure"), (int, float))}
-    return [judge(r, figures) for r in raw]
+    return [judge(r, figures) for r in raw], baselines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,8 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget.configure(a.quick, a.scale)
     started = datetime.now(timezone.utc)
     clock = time.monotonic()
-    rows = run_all(select(a.only), a.quick)
+    rows, baselines = run_all(select(a.only), a.quick)
     doc = report.document(rows, started.isoformat(timespec="seconds"), time.monotonic() - clock, a.quick)
+    doc["baselines"] = sorted(baselines)
     paths = [os.path.join(a.results, started.strftime("%Y%m%dT%H%M%SZ") + ".json")]
     if a.json:
         paths.append(a.json)
@@ -112,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = doc["machine"]
     print(f"stagetx benchmarks — {m['nproc']} cores, {m['cpu']}, Python {m['python']}, "
           f"Twisted {m['twisted']}, lupa {m['lupa']}; {'quick' if a.quick else 'full'} run, {doc['seconds']} s")
-    print(report.table(rows, old))
+    print(report.table(rows, baselines, old))
     print(f"\nresults: {', '.join(paths)}")
     return 0
 

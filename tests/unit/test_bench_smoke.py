@@ -37,8 +37,16 @@ def test_rows_without_target_are_info_and_without_figure_skip() -> None:
 
 def test_table_shows_change_against_an_old_run() -> None:
     rows = [judge(row("w", 150.0, "req/s", baseline_name="raw", target="≥ 1 × baseline"), {"raw": 100.0})]
-    text = report.table(rows, {"w": {"figure": 100.0}})
-    assert "+50%" in text and "pass" in text and "1.50" in text
+    text = report.table(rows, {"raw"}, {"w": {"figure": 100.0}})
+    assert "+50%" in text and "pass" in text and "1.50" in text and "150 req/s" in text
+
+
+def test_baseline_rows_show_their_figure_in_the_baseline_column() -> None:
+    rows = [judge(row("raw", 100.0, "req/s"), {}), judge(row("mine", 80.0, "req/s"), {})]
+    lines = report.table(rows, {"raw"}).splitlines()
+    cells = {line.split("|")[0].strip(): [c.strip() for c in line.split("|")] for line in lines[2:]}
+    assert cells["raw"][1:3] == ["", "100 req/s"]
+    assert cells["mine"][1:3] == ["80.0 req/s", "—"]
 
 
 def test_tiny_real_run_prints_table_and_writes_json(tmp_path: Path) -> None:
