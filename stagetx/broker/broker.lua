@@ -1,0 +1,85 @@
+-- stagetx broker: the `broker` global of one Lua runtime (SPEC 6).
+--
+-- Loaded once per stage runtime by stagetx.broker.lua_api with `host`, a table of Python callables.
+-- Sockets and listeners are plain tables naming a process-wide id; all their state lives in
+-- Python, keyed by that id. Host callables return (nil, message) for errors raised here at the
+-- caller's line. Returns {broker = <the global>, socket = <makes a socket table>, listener = ...}.
+local host = ...
+
+local error, type, setmetatable, rawget = error, type, setmetatable, rawget
+
+local function raise(ok, ...)
+    if ok == nil then error((...), 3) end
+    return ok, ...
+end
+
+local socket_meta = {
+    __name = "broker.socket",
+    -- socket[0] (packed peer address), socket[1] (its text), socket[-1] (local address text)
+    __index = function(s, k) return host.field(rawget(s, "id"), k) end,
+    __tostring = function(s) return "broker.socket " .. rawget(s, "id") end,
+}
+
+local function new_socket(id)
+    local s = {id = id}
+    s.commit = function(v, addr) return raise(host.commit(id, v, addr)) end
+    s.close = function() host.close(id) end
+    return setmetatable(s, socket_meta)
+end
+
+local listener_meta = {
+    __name = "broker.listener",
+    __index = function(l, k) return host.get(rawget(l, "id"), k) end,
+    __newindex = function(l, k, v) raise(host.set(rawget(l, "id"), k, v)) end,
+    __tostring = function(l) return "broker.listener " .. rawget(l, "id") end,
+}
+
+local function new_listener(id)
+    return setmetatable({id = id}, listener_meta)
+end
+
+local broker = {}
+
+function broker.ready(url, f)
+    if type(url) ~= "string" then error("broker.ready: the address must be a string", 2) end
+    if f ~= nil and type(f) ~= "function" then error("broker.ready: f must be a function", 2) end
+    return new_listener(raise(host.ready(url, f)))
+end
+
+function broker.join(url, f)
+    if type(url) ~= "string" then error("broker.join: the address must be a string", 2) end
+    if f ~= nil and type(f) ~= "function" then error("broker.join: f must be a function", 2) end
+    return new_listener(raise(host.join(url, f)))
+end
+
+function broker.f(id)
+    return host.find(id)
+end
+
+function broker.close(ids)
+    if type(ids) == "table" then
+        for i = 1, #ids do host.close(ids[i]) end
+    else
+        host.close(ids)
+    end
+end
+
+function broker.signal(target, v)
+    return raise(host.signal(target, v))
+end
+
+function broker.aton(s, t)
+    if type(s) ~= "string" then error("broker.aton: the address must be a string", 2) end
+    return raise(host.aton(s, t))
+end
+
+function broker.ntoa(addr, t)
+    if type(addr) ~= "string" then error("broker.ntoa: the address must be a packed address string", 2) end
+    return raise(host.ntoa(addr, t))
+end
+
+function broker.ifaddr(name)
+    return host.ifaddr(name)
+end
+
+return {broker = broker, socket = new_socket, listener = new_listener}

@@ -1,0 +1,306 @@
+"""Broker addresses and framings (SPEC 6), pure: no reactor, no Lua.
+
+``parse_url`` reads ``"tcp://host:port?packet=IN,OUT"``; a ``Framing`` cuts a byte stream into
+frames and encodes frames back, within the IN/OUT limits:
+
+- ``packet``: 4-byte little-endian length, then that many bytes of payload;
+- ``text``: lines ending in ``\\n`` (a ``\\r`` before it is dropped); the limit counts the line;
+- ``bson``: BSON documents (their own little-endian int32 length leads), decoded to data only:
+  dict/list/str/bytes/int/float/bool/None — never code, whatever type the peer sent.
+
+A frame over the IN limit raises ``FrameTooLarge`` as soon as its length is known (before its
+bytes arrive); the caller closes that connection.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import struct
+from typing import Any, Union
+
+import attrs
+import bson
+from bson.codec_options import CodecOptions, DatetimeConversion
+
+SCHEMES = ("tcp", "udp")
+FRAMINGS = ("packet", "text", "bson")
+DEFAULT_LIMIT = 1 << 20
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)b?\s*$", re.IGNORECASE)
+_URL = re.compile(r"^(tcp|udp)://(?:\[([^\]]*)\]|([^:/?\[\]]*))(?::(\d+))?/?(?:\?(.*))?$", re.IGNORECASE)
+_LENGTH = struct.Struct("<I")
+_BSON_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_MS)
+
+Data = Union[bytes, dict, list, str, int, float, bool, None]
+
+
+class BrokerAddressError(ValueError):
+    """A broker URL or address text that cannot be used; the message says why."""
+
+
+class FrameTooLarge(ValueError):
+    """A frame over the IN or OUT limit: the connection carrying it is closed."""
+
+
+class FrameError(ValueError):
+    """A frame that does not decode (bad BSON), or a value the framing cannot send."""
+
+
+def parse_size(text: str) -> int:
+    """``"64k"`` → 65536; units ``k``, ``m``, ``g`` (powers of 1024)."""
+    match = _SIZE.match(text)
+    if not match or int(match.group(1)) <= 0:
+        raise BrokerAddressError(f"bad frame size {text!r} (expected e.g. 512, 64k, 1m)")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+@attrs.frozen
+class BrokerURL:
+    """A parsed ``broker.ready``/``broker.join`` address."""
+
+    scheme: str
+    host: str
+    port: int
+    framing: str = "packet"
+    limit_in: int = DEFAULT_LIMIT
+    limit_out: int = DEFAULT_LIMIT
+
+    @property
+    def ipv6(self) -> bool:
+        return ":" in self.host
+
+
+def parse_url(url: str) -> BrokerURL:
+    """``scheme://host:port?framing=IN,OUT`` (``IN:OUT`` too; ``[v6]`` hosts; empty or ``*`` host = any).
+
+    Without a framing the socket uses ``packet``; without limits, 1 MiB each way.
+    """
+    match = _URL.match(url.strip())
+    if not match:
+        raise BrokerAddressError(f"bad broker address {url!r} (expected tcp://host:port or udp://host:port)")
+    scheme, v6, host, port, query = match.groups()
+    host = v6 if v6 is not None else host
+    if host in ("", "*"):
+        host = "::" if v6 is not None else "0.0.0.0"
+    if port is None or not 0 <= int(port) <= 65535:
+        raise BrokerAddressError(f"bad broker address {url!r}: a port 0..65535 is needed")
+    framing, limits = _framing(query or "", url)
+    return BrokerURL(scheme.lower(), host, int(port), framing, *limits)
+
+
+def _framing(query: str, url: str) -> tuple[str, tuple[int, int]]:
+    name, _, values = query.partition("=")
+    name = name.strip().lower() or "packet"
+    if name not in FRAMINGS:
+        raise BrokerAddressError(f"bad broker address {url!r}: unknown framing {name!r} (packet, text, bson)")
+    if not values.strip():
+        return name, (DEFAULT_LIMIT, DEFAULT_LIMIT)
+    parts = re.split(r"[,:]", values)
+    if len(parts) > 2:
+        raise BrokerAddressError(f"bad broker address {url!r}: expected {name}=IN,OUT")
+    limit_in = parse_size(parts[0])
+    limit_out = parse_size(parts[1]) if len(parts) == 2 else limit_in
+    return name, (limit_in, limit_out)
+
+
+class Framing:
+    """One framing with its limits; stateless, so one instance serves all connections of a listener."""
+
+    __slots__ = ("limit_in", "limit_out")
+
+    name = ""
+
+    def __init__(self, limit_in: int, limit_out: int) -> None:
+        self.limit_in = limit_in
+        self.limit_out = limit_out
+
+    def split(self, buffer: bytes) -> tuple[list[bytes], bytes]:
+        """The complete frames' payloads at the head of ``buffer`` and the bytes left over."""
+        raise NotImplementedError
+
+    def decode(self, payload: bytes) -> Data:
+        """The value handed to Lua for one frame's payload."""
+        return payload
+
+    def payload(self, value: Data) -> bytes:
+        """The payload of ``value`` (raises ``FrameError`` for a value this framing cannot carry)."""
+        if isinstance(value, bytes):
+            return value
+        if isinstance(value, str):
+            return value.encode("utf-8", "surrogateescape")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return repr(value).encode()
+        raise FrameError(f"a {self.name} socket sends strings and numbers, not {_kind(value)}")
+
+    def encode(self, value: Data) -> bytes:
+        """The bytes on the wire for one value; ``FrameTooLarge`` past the OUT limit."""
+        payload = self.payload(value)
+        self.check_out(len(payload))
+        return self.wrap(payload)
+
+    def wrap(self, payload: bytes) -> bytes:
+        return payload
+
+    def check_out(self, size: int) -> None:
+        if size > self.limit_out:
+            raise FrameTooLarge(f"frame of {size} bytes is over the OUT limit of {self.limit_out}")
+
+    def check_in(self, size: int) -> None:
+        if size > self.limit_in:
+            raise FrameTooLarge(f"frame of {size} bytes is over the IN limit of {self.limit_in}")
+
+
+class PacketFraming(Framing):
+    """4-byte little-endian length + payload."""
+
+    __slots__ = ()
+    name = "packet"
+
+    def split(self, buffer: bytes) -> tuple[list[bytes], bytes]:
+        frames = []
+        pos, end = 0, len(buffer)
+        unpack = _LENGTH.unpack_from
+        while end - pos >= 4:
+            (size,) = unpack(buffer, pos)
+            if size > self.limit_in:
+                self.check_in(size)
+            stop = pos + 4 + size
+            if stop > end:
+                break
+            frames.append(buffer[pos + 4 : stop])
+            pos = stop
+        return frames, buffer[pos:] if pos else buffer
+
+    def wrap(self, payload: bytes) -> bytes:
+        return _LENGTH.pack(len(payload)) + payload
+
+
+class TextFraming(Framing):
+    """Lines: ``\\n``-terminated, ``\\r\\n`` accepted; sent with ``\\n``."""
+
+    __slots__ = ()
+    name = "text"
+
+    def split(self, buffer: bytes) -> tuple[list[bytes], bytes]:
+        *lines, rest = buffer.split(b"\n")
+        frames = []
+        for line in lines:
+            if line[-1:] == b"\r":
+                line = line[:-1]
+            self.check_in(len(line))
+            frames.append(line)
+        self.check_in(len(rest.rstrip(b"\r")))
+        return frames, rest
+
+    def wrap(self, payload: bytes) -> bytes:
+        return payload + b"\n"
+
+
+class BsonFraming(Framing):
+    """BSON documents, decoded into plain data; Lua tables are sent as documents."""
+
+    __slots__ = ()
+    name = "bson"
+
+    def split(self, buffer: bytes) -> tuple[list[bytes], bytes]:
+        frames = []
+        pos, end = 0, len(buffer)
+        while end - pos >= 4:
+            (size,) = _LENGTH.unpack_from(buffer, pos)
+            self.check_in(size)
+            if size < 5:
+                raise FrameError(f"BSON document length {size} is too small")
+            if pos + size > end:
+                break
+            frames.append(buffer[pos : pos + size])
+            pos += size
+        return frames, buffer[pos:]
+
+    def decode(self, payload: bytes) -> Data:
+        try:
+            document = bson.decode(payload, codec_options=_BSON_OPTIONS)
+        except Exception as err:  # bson raises several types (InvalidBSON, struct/utf-8 errors)
+            raise FrameError(f"bad BSON document: {err}") from None
+        return _plain(document)
+
+    def payload(self, value: Data) -> bytes:
+        if isinstance(value, list) and not value:
+            value = {}
+        if not isinstance(value, dict):
+            raise FrameError(f"a bson socket sends tables, not {_kind(value)}")
+        return bson.encode(_bson_safe(value))
+
+
+FRAMING_CLASSES: dict[str, type[Framing]] = {
+    "packet": PacketFraming,
+    "text": TextFraming,
+    "bson": BsonFraming,
+}
+
+
+def framing_for(url: BrokerURL) -> Framing:
+    return FRAMING_CLASSES[url.framing](url.limit_in, url.limit_out)
+
+
+def _plain(value: Any) -> Data:
+    """BSON values as data: strings stay text, binary becomes bytes, the rest numbers or text."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, float)):
+        return value
+    if isinstance(value, int):
+        return int(value)  # Int64 and DatetimeMS are int-like
+    if isinstance(value, str):
+        return str(value)  # Code (JavaScript) arrives as its text, never as something callable
+    if isinstance(value, bytes):
+        return bytes(value)
+    if isinstance(value, datetime.datetime):
+        return int(value.timestamp() * 1000)
+    if isinstance(value, bson.DatetimeMS):
+        return int(value)
+    if isinstance(value, bson.Regex):
+        return str(value.pattern)
+    if isinstance(value, bson.Timestamp):
+        return value.time
+    if isinstance(value, (bson.MinKey, bson.MaxKey)):
+        return None
+    return str(value)  # ObjectId, Decimal128, DBRef, UUID: their text form
+
+
+def _bson_safe(value: Any) -> Any:
+    """Lua data for ``bson.encode``: string keys; byte strings as BSON strings when they are UTF-8."""
+    if isinstance(value, dict):
+        return {_key(k): _bson_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_bson_safe(v) for v in value]
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return bson.Binary(value)
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        raise FrameError(f"integer {value} does not fit BSON's 64 bits")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise FrameError(f"a bson socket cannot send {_kind(value)}")
+
+
+def _key(key: Any) -> str:
+    if isinstance(key, bytes):
+        return key.decode("utf-8", "replace")
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    return str(key)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return "tables"
+    if isinstance(value, bool):
+        return "booleans"
+    if value is None:
+        return "nil"
+    return type(value).__name__

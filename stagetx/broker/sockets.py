@@ -1,0 +1,373 @@
+"""The Twisted edge of the broker: listeners, connections and UDP ports, each with a process-wide id.
+
+Nothing here knows Lua. An ``Endpoint`` (what ``broker.ready``/``broker.join`` made) carries a
+``Handler`` that the Lua binding implements: it is told of each new socket (and may refuse it),
+of each decoded frame, and of each close. Sockets are small slotted objects kept in the
+process's ``Registry`` by id, so any stage or sandbox of the process can find one by its id.
+Idle expiry is one sweep per endpoint, not one timer per connection, to keep idle sockets cheap.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import weakref
+from typing import Any, Mapping, Protocol, Union
+
+from twisted.internet import protocol
+from twisted.internet.interfaces import IProtocol, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from stagetx.broker import addresses
+from stagetx.broker.framing import BrokerURL, Data, FrameError, FrameTooLarge, Framing, framing_for
+
+log = Logger(namespace="stagetx.broker")
+
+
+class Handler(Protocol):
+    """What an endpoint tells its owner (the Lua binding of one stage)."""
+
+    def accepted(self, sock: Socket) -> bool:
+        """A new socket; False refuses (closes) it."""
+
+    def received(self, sock: Socket, value: Data, addr: bytes | None) -> None:
+        """One decoded frame (``addr``: the sender of a datagram)."""
+
+    def closed(self, sock: Socket) -> None:
+        """The socket is gone (either side closed, expiry, oversized frame)."""
+
+    def failed(self, endpoint: Endpoint, reason: str) -> None:
+        """``broker.join`` could not connect."""
+
+
+class Registry:
+    """The live sockets of one process by id; ids are never reused."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self.sockets: dict[int, Socket] = {}
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def get(self, sid: int) -> Socket | None:
+        return self.sockets.get(sid)
+
+    def by_peer(self, packed: bytes) -> Socket | None:
+        """A live TCP socket whose peer is ``packed`` (the oldest one)."""
+        for sock in self.sockets.values():
+            if isinstance(sock, Connection) and sock.peer == packed:
+                return sock
+        return None
+
+
+_registries: weakref.WeakKeyDictionary[Any, Registry] = weakref.WeakKeyDictionary()
+
+
+def registry_for(process: Any) -> Registry:
+    """The registry of the process whose ``ProcessServices`` is ``process``."""
+    registry = _registries.get(process)
+    if registry is None:
+        registry = _registries[process] = Registry()
+    return registry
+
+
+class Endpoint:
+    """One ``broker.ready`` listener, UDP port or ``broker.join`` connector, and its sockets."""
+
+    __slots__ = ("id", "url", "framing", "handler", "registry", "clock", "sockets", "expire", "port",
+                 "_sweeper", "__weakref__")
+
+    def __init__(self, url: BrokerURL, handler: Handler, registry: Registry, clock: IReactorTime) -> None:
+        self.id = registry.next_id()
+        self.url = url
+        self.framing: Framing = framing_for(url)
+        self.handler = handler
+        self.registry = registry
+        self.clock = clock
+        self.sockets: dict[int, Socket] = {}
+        self.expire = 0.0  # seconds idle before close; 0 = never
+        self.port: Any = None  # IListeningPort, IConnector or the UDP port
+        self._sweeper: LoopingCall | None = None
+
+    def set_expire(self, ms: float) -> None:
+        """Close sockets idle for ``ms`` (0 or less: never); checked every eighth of that time."""
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self._sweeper = None
+        self.expire = max(ms, 0) / 1000.0
+        if self.expire:
+            now = self.clock.seconds()
+            for sock in self.sockets.values():
+                sock.last = now
+            self._sweeper = LoopingCall(self._sweep)
+            self._sweeper.clock = self.clock
+            self._sweeper.start(max(self.expire / 8, 0.005), now=False)
+
+    def _sweep(self) -> None:
+        limit = self.clock.seconds() - self.expire
+        for sock in [s for s in self.sockets.values() if s.last <= limit]:
+            log.debug("broker socket {sid} idle; closing", sid=sock.id)
+            sock.close()
+
+    def add(self, sock: Socket) -> bool:
+        """Register a new socket and ask the handler; False when it was refused."""
+        sock.last = self.clock.seconds()
+        self.sockets[sock.id] = sock
+        self.registry.sockets[sock.id] = sock
+        if not self.handler.accepted(sock):
+            sock.close()
+            return False
+        return True
+
+    def remove(self, sock: Socket) -> None:
+        if self.sockets.pop(sock.id, None) is not None:
+            self.registry.sockets.pop(sock.id, None)
+            self.handler.closed(sock)
+
+    def shutdown(self) -> Any:
+        """Stop listening (or connecting) and close every socket; may return a Deferred."""
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        for sock in list(self.sockets.values()):
+            sock.close()
+        port, self.port = self.port, None
+        if port is None:
+            return None
+        if hasattr(port, "stopListening"):
+            return port.stopListening()
+        port.disconnect()
+        return None
+
+
+@implementer(IProtocol)
+class Connection:
+    """One TCP connection: frames in, values out. Slotted: thousands may sit idle."""
+
+    __slots__ = ("id", "endpoint", "transport", "buf", "last", "peer", "state", "connected")
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.id = endpoint.registry.next_id()
+        self.endpoint = endpoint
+        self.transport: Any = None
+        self.buf = b""
+        self.last = 0.0
+        self.peer = b""
+        self.state: Any = None  # the owner's per-socket value (the Lua binding's receive function)
+        self.connected = 0
+
+    # -- IProtocol --------------------------------------------------------------------------------
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self.connected = 1
+        self.connectionMade()
+
+    def connectionMade(self) -> None:
+        address = self.transport.getPeer()
+        self.peer = addresses.pack(address.host, address.port)
+        self.endpoint.add(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        endpoint = self.endpoint
+        if endpoint.expire:
+            self.last = endpoint.clock.seconds()
+        if self.buf:
+            data = self.buf + data
+        try:
+            frames, self.buf = endpoint.framing.split(data)
+        except (FrameTooLarge, FrameError) as err:
+            self.buf = b""
+            self.abort(str(err))
+            return
+        framing, handler = endpoint.framing, endpoint.handler
+        for frame in frames:
+            if not self.connected:
+                return
+            try:
+                value = framing.decode(frame)
+            except FrameError as err:
+                self.abort(str(err))
+                return
+            handler.received(self, value, None)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.connected = 0
+        self.endpoint.remove(self)
+
+    def logPrefix(self) -> str:
+        return f"broker socket {self.id}"
+
+    # -- the socket API ---------------------------------------------------------------------------
+    def send(self, value: Data, addr: bytes | None = None) -> str | None:
+        """Send one value as one frame; returns None, or why it was not sent (the socket then closes)."""
+        if not self.connected:
+            return "socket closed"
+        try:
+            data = self.endpoint.framing.encode(value)
+        except FrameTooLarge as err:
+            self.abort(str(err))
+            return str(err)
+        self.transport.write(data)
+        return None
+
+    def close(self) -> None:
+        if self.connected and self.transport is not None:
+            self.transport.loseConnection()
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once because of ``reason`` (logged)."""
+        log.warn("broker socket {sid} ({peer}) closed: {reason}", sid=self.id, peer=self.peer_text(), reason=reason)
+        if self.connected and self.transport is not None:
+            self.transport.abortConnection()
+
+    def peer_text(self) -> str:
+        return addresses.text(*addresses.unpack(self.peer)) if self.peer else ""
+
+    def local_text(self) -> str:
+        if self.transport is None:
+            return ""
+        host = self.transport.getHost()
+        return addresses.text(host.host, host.port)
+
+
+class Datagram(protocol.DatagramProtocol):
+    """One bound UDP port (joined to its multicast group when the address is one)."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.id = endpoint.registry.next_id()
+        self.endpoint = endpoint
+        self.last = 0.0
+        self.peer = b""
+        self.state: Any = None
+        self.connected = 0
+
+    def startProtocol(self) -> None:
+        self.connected = 1
+        url = self.endpoint.url
+        if addresses.is_multicast(url.host):
+            loopback = "::1" if url.ipv6 else "127.0.0.1"
+            self.transport.setTTL(1)
+            self.transport.setLoopbackMode(1)
+            if not url.ipv6:
+                self.transport.setOutgoingInterface(loopback)
+            self.transport.joinGroup(url.host, loopback)
+        self.endpoint.add(self)
+
+    def stopProtocol(self) -> None:
+        self.connected = 0
+        self.endpoint.remove(self)
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        endpoint = self.endpoint
+        if endpoint.expire:
+            self.last = endpoint.clock.seconds()
+        sender = addresses.pack(addr[0], addr[1])
+        try:
+            endpoint.framing.check_in(len(data))
+            value = endpoint.framing.decode(data)
+        except (FrameTooLarge, FrameError) as err:
+            log.warn("broker UDP {sid}: datagram from {peer} dropped: {reason}", sid=self.id,
+                     peer=addresses.text(addr[0], addr[1]), reason=str(err))
+            return
+        endpoint.handler.received(self, value, sender)
+
+    def send(self, value: Data, addr: bytes | None = None) -> str | None:
+        """Send one datagram to ``addr`` (packed); returns None or why it was not sent."""
+        if not self.connected:
+            return "socket closed"
+        if not addr:
+            return "a UDP socket needs the address to send to"
+        framing = self.endpoint.framing
+        try:
+            payload = framing.payload(value)
+            framing.check_out(len(payload))
+            host, port = addresses.unpack(addr)
+        except (FrameTooLarge, ValueError) as err:
+            return str(err)
+        try:
+            self.transport.write(payload, (host, port or 0))
+        except OSError as err:
+            return f"cannot send to {addresses.text(host, port)}: {err}"
+        return None
+
+    def close(self) -> None:
+        if self.connected and self.transport is not None:
+            self.transport.stopListening()
+
+    def peer_text(self) -> str:
+        return ""
+
+    def local_text(self) -> str:
+        if self.transport is None:
+            return ""
+        host = self.transport.getHost()
+        return addresses.text(host.host, host.port)
+
+
+Socket = Union[Connection, Datagram]
+
+
+class _ListenFactory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    def buildProtocol(self, addr: Any) -> Connection:  # type: ignore[override]
+        return Connection(self.endpoint)
+
+
+class _JoinFactory(protocol.ClientFactory):
+    noisy = False
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    def buildProtocol(self, addr: Any) -> Connection:  # type: ignore[override]
+        return Connection(self.endpoint)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.endpoint.port = None
+        self.endpoint.handler.failed(self.endpoint, reason.getErrorMessage())
+
+
+def listen_tcp(reactor: Any, endpoint: Endpoint, services: Mapping[str, int]) -> None:
+    """Listen on the endpoint's address, adopting the inherited ``#services`` socket of that port."""
+    url = endpoint.url
+    factory = _ListenFactory(endpoint)
+    shared = shared_fd(url, services)
+    if shared is not None:
+        host, fd = shared
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        endpoint.port = reactor.adoptStreamPort(fd, family, factory)
+        log.info("broker: tcp://{address} on the shared #services socket", address=addresses.text(host, url.port))
+        return
+    endpoint.port = reactor.listenTCP(url.port, factory, backlog=1024, interface=url.host)
+
+
+def shared_fd(url: BrokerURL, services: Mapping[str, int]) -> tuple[str, int] | None:
+    """(host, inherited fd) of the ``#services`` address with the URL's port (and host, unless the URL says any)."""
+    for address, fd in services.items():
+        host, port = addresses.split(address)
+        if port == url.port and (url.host in ("0.0.0.0", "::") or url.host == host):
+            return host, fd
+    return None
+
+
+def connect_tcp(reactor: Any, endpoint: Endpoint, timeout: float = 30.0) -> None:
+    url = endpoint.url
+    endpoint.port = reactor.connectTCP(url.host, url.port, _JoinFactory(endpoint), timeout=timeout)
+
+
+def listen_udp(reactor: Any, endpoint: Endpoint) -> Datagram:
+    """Bind the endpoint's UDP address; a multicast group is joined on the loopback interface only."""
+    url = endpoint.url
+    datagram = Datagram(endpoint)
+    if addresses.is_multicast(url.host):
+        endpoint.port = reactor.listenMulticast(url.port, datagram, interface=url.host, listenMultiple=True)
+    else:
+        endpoint.port = reactor.listenUDP(url.port, datagram, interface=url.host)
+    return datagram
