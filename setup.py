@@ -21,6 +21,7 @@ setup(
         "msgpack>=1.0",
         "pymongo>=4.6",
         "prometheus-client>=0.19",
+        "setproctitle>=1.3",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-twisted>=1.14", "pytest-timeout>=2.2", "hypothesis>=6"],
