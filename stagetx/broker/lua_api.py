@@ -179,7 +179,8 @@ class BrokerAPI:
             return None
         handler: LuaHandler = endpoint.handler  # type: ignore[assignment]
         if key == b"expire":
-            return endpoint.expire * 1000
+            ms = endpoint.expire * 1000
+            return int(ms) if ms.is_integer() else ms
         if key == b"close":
             return handler.on_close
         if key == b"receive":

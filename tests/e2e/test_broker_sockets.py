@@ -1,0 +1,306 @@
+"""broker (SPEC 6) through a real Lua stage on the real reactor, with real loopback sockets."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+import bson
+import pytest
+import pytest_twisted
+from twisted.internet import protocol, reactor
+from twisted.internet.task import deferLater
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+
+from stagetx.broker.framing import PacketFraming
+from stagetx.codec import pack_lua, unpack_py
+from tests.support import InProcessServer, LogCapture, iter_lines, wait_for, write_app
+
+WAIT = 5.0
+
+
+def free_port(family: int = socket.AF_INET) -> int:
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def packet(payload: bytes) -> bytes:
+    return struct.pack("<I", len(payload)) + payload
+
+
+class Client(protocol.Protocol):
+    """Collects what the server sends; ``closed`` once the connection is gone."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed = True
+
+    def frames(self) -> list[bytes]:
+        return PacketFraming(1 << 20, 1 << 20).split(self.data)[0]
+
+
+async def connect(port: int, host: str = "127.0.0.1") -> Client:
+    endpoint = (TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint)(reactor, host, port, timeout=5)
+    client = Client()
+    d = connectProtocol(endpoint, client)
+    d.addTimeout(WAIT, reactor)
+    await d
+    return client
+
+
+class Running:
+    """One Lua stage ``a`` in this process running ``script``; ``lua(code)`` runs more code in it."""
+
+    def __init__(self, tmp_path: Path, script: str) -> None:
+        config = {"#startup": [["=lua+a"]], "=lua": {"%package": ["[0]lua"], "=lua+a": "a"}}
+        self.server = InProcessServer(write_app(tmp_path, config, {"a": script}))
+        self.log = LogCapture()
+
+    @property
+    def vm(self) -> Any:
+        return self.server.hosts[0].stages[0].stage.vm
+
+    def lua(self, code: str) -> list[Any]:
+        """Run a chunk in the stage; its results as Python natives (raises on a Lua error)."""
+        ok, *results = self.vm.call("test", self.vm.compile(code.encode(), b"=test"))
+        assert ok is True, results
+        return list(unpack_py(pack_lua(self.vm, tuple(results))))
+
+    def said(self, prefix: str) -> list[list[str]]:
+        return [fields[1:] for fields in iter_lines(self.log, "stage.a") if fields[0] == prefix]
+
+    async def __aenter__(self) -> Running:
+        self.log.__enter__()
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.stop()
+        self.log.__exit__()
+
+
+@pytest_twisted.ensureDeferred
+async def test_packet_echo_by_return_value_and_refused_connections(tmp_path: Path) -> None:
+    port = free_port()
+    script = f"""
+        local n = 0
+        local l = broker.ready("tcp://127.0.0.1:{port}?packet=1k,1k", function(socket, addr)
+            n = n + 1
+            log4cxx.info("accept", socket.id, broker.ntoa(addr) == socket[1], socket[-1])
+            if n == 2 then return false end
+            return function(s, data, a) return "re:" .. data end
+        end)
+        l.close = function(socket) log4cxx.info("closed", socket.id) end
+    """
+    async with Running(tmp_path, script) as run:
+        first = await connect(port)
+        first.transport.write(packet(b"one") + packet(b"two"))
+        await wait_for(lambda: len(first.frames()) == 2, WAIT, "two echoes")
+        assert first.frames() == [b"re:one", b"re:two"]
+        refused = await connect(port)
+        await wait_for(lambda: refused.closed, WAIT, "the refused connection to close")
+        (accept, _) = run.said("accept")
+        assert accept[1:] == ["true", f"127.0.0.1:{port}"]
+        first.transport.loseConnection()
+        await wait_for(lambda: len(run.said("closed")) == 1, WAIT, "the close callback")
+        assert run.said("closed") == [[accept[0]]]  # refused sockets get no close callback
+
+
+@pytest_twisted.ensureDeferred
+async def test_text_lines_over_ipv6(tmp_path: Path) -> None:
+    port = free_port(socket.AF_INET6)
+    script = f"""
+        broker.ready("tcp://[::1]:{port}?text", function(socket, addr)
+            return function(s, line) return string.upper(line) end
+        end)
+    """
+    async with Running(tmp_path, script):
+        client = await connect(port, "::1")
+        client.transport.write(b"hello\r\nworld\npart")
+        await wait_for(lambda: client.data == b"HELLO\nWORLD\n", WAIT, "two lines")
+
+
+@pytest_twisted.ensureDeferred
+async def test_bson_documents_arrive_as_tables_and_tables_go_back_as_documents(tmp_path: Path) -> None:
+    port = free_port()
+    script = f"""
+        broker.ready("tcp://127.0.0.1:{port}?bson", function(socket)
+            return function(s, doc)
+                return {{name = doc.name, total = doc.a + doc.b, list = {{doc.list[1], #doc.list}}}}
+            end
+        end)
+    """
+    async with Running(tmp_path, script):
+        client = await connect(port)
+        client.transport.write(bson.encode({"name": "p1", "a": 2, "b": 3.5, "list": ["x", "y"]}))
+        await wait_for(lambda: len(client.data) >= 4 and len(client.data) >= client.data[0], WAIT, "a document")
+        assert bson.decode(client.data) == {"name": "p1", "total": 5.5, "list": ["x", 2]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_oversized_frame_closes_that_connection_only(tmp_path: Path) -> None:
+    port = free_port()
+    script = f"""
+        broker.ready("tcp://127.0.0.1:{port}?packet=8,16", function()
+            return function(s, data) if data == "big" then return string.rep("x", 17) end return data end
+        end)
+    """
+    async with Running(tmp_path, script) as run:
+        good, bad, big_reply = await connect(port), await connect(port), await connect(port)
+        bad.transport.write(struct.pack("<I", 9))  # the length alone is enough
+        big_reply.transport.write(packet(b"big"))
+        await wait_for(lambda: bad.closed and big_reply.closed, WAIT, "oversized frames to close")
+        good.transport.write(packet(b"12345678"))
+        await wait_for(lambda: good.frames() == [b"12345678"], WAIT, "the other connection still served")
+        reasons = [e.get("reason", "") for e in run.log.events if e.get("log_namespace") == "stagetx.broker"]
+        assert any("IN limit of 8" in r for r in reasons) and any("OUT limit of 16" in r for r in reasons)
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_sockets_expire_and_busy_ones_stay(tmp_path: Path) -> None:
+    port = free_port()
+    script = f"""
+        local l = broker.ready("tcp://127.0.0.1:{port}", function() return function(s, d) return d end end)
+        l.expire = 150
+        l.close = function(s) log4cxx.info("closed", s.id) end
+        log4cxx.info("expire", l.expire)
+    """
+    async with Running(tmp_path, script) as run:
+        idle, busy = await connect(port), await connect(port)
+        for i in range(6):
+            busy.transport.write(packet(b"%d" % i))
+            await wait_for(lambda: len(busy.frames()) == i + 1, WAIT, "an echo")
+            await wait_for_time(0.05)
+        assert idle.closed and not busy.closed
+        assert run.said("expire") == [["150"]]
+        assert len(run.said("closed")) == 1
+
+
+async def wait_for_time(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lua_error_in_receive_is_logged_and_the_socket_keeps_serving(tmp_path: Path) -> None:
+    port = free_port()
+    script = f"""
+        broker.ready("tcp://127.0.0.1:{port}", function()
+            return function(s, d) if d == "boom" then error("kaboom") end return d end
+        end)
+    """
+    async with Running(tmp_path, script) as run:
+        client = await connect(port)
+        client.transport.write(packet(b"boom") + packet(b"ok"))
+        await wait_for(lambda: client.frames() == [b"ok"], WAIT, "the next frame served")
+        assert any("kaboom" in e.get("error", "") for e in run.log.events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_commit_close_f_and_broker_close_by_id(tmp_path: Path) -> None:
+    port = free_port()
+    script = f"""
+        ids = {{}}
+        broker.ready("tcp://127.0.0.1:{port}", function(socket) ids[#ids + 1] = socket.id end)
+    """
+    async with Running(tmp_path, script) as run:
+        clients = [await connect(port) for _ in range(4)]
+        await wait_for(lambda: run.lua("return #ids") == [4], WAIT, "four sockets")
+        assert run.lua("return broker.f(ids[1]).commit('pushed')") == [True]
+        assert run.lua("return broker.f(ids[1]) == broker.f(ids[1]), broker.f(12345)") == [True, None]
+        await wait_for(lambda: clients[0].frames() == [b"pushed"], WAIT, "a commit")
+        assert run.lua("return broker.signal(ids[2], 'by id')") == [True]
+        await wait_for(lambda: clients[1].frames() == [b"by id"], WAIT, "broker.signal by id")
+        assert run.lua("return broker.signal(broker.f(ids[2])[0], 'by address')") == [True]
+        await wait_for(lambda: clients[1].frames() == [b"by id", b"by address"], WAIT, "broker.signal by address")
+        run.lua("broker.f(ids[1]).close()")
+        run.lua("broker.close({ids[2], ids[3]})")
+        await wait_for(lambda: all(c.closed for c in clients[:3]), WAIT, "three closes")
+        assert not clients[3].closed
+        assert run.lua("return broker.f(ids[1]), broker.signal(ids[1], 'x')") == [None, False, f"no socket {run.lua('return ids[1]')[0]}".encode()]
+        with pytest.raises(AssertionError, match="bson socket|tables"):
+            run.lua("broker.f(ids[4]).commit({1, 2})")
+
+
+@pytest_twisted.ensureDeferred
+async def test_aton_ntoa_and_ifaddr(tmp_path: Path) -> None:
+    async with Running(tmp_path, "") as run:
+        assert run.lua("return broker.ntoa(broker.aton('tcp://127.0.0.1:8081'))") == [b"127.0.0.1:8081"]
+        assert run.lua("return broker.ntoa(broker.aton('[::1]:80'))") == [b"[::1]:80"]
+        assert run.lua("return #broker.aton('udp://224.0.0.1:8082', {})[1]") == [6]
+        assert run.lua("local t = broker.ntoa(broker.aton('[::1]:7'), {}) return t[1], t[2]") == [b"::1", 7]
+        assert run.lua("return broker.aton('no such host.invalid')")[0] is False
+        lo = run.lua("return broker.ifaddr('lo')")[0]
+        assert b"127.0.0.1" in lo
+        assert b"lo" in run.lua("return broker.ifaddr()")[0]
+        with pytest.raises(AssertionError, match="packed address"):
+            run.lua("broker.ntoa('abc')")
+
+
+@pytest_twisted.ensureDeferred
+async def test_udp_replies_to_the_sender_and_multicast_groups_are_joined(tmp_path: Path) -> None:
+    port, group_port = free_port(), free_port()
+    script = f"""
+        broker.ready("udp://127.0.0.1:{port}", function(socket)
+            return function(s, data, addr) return "udp:" .. data .. ":" .. broker.ntoa(addr) end
+        end)
+        broker.ready("udp://239.255.42.99:{group_port}?text", function(socket)
+            return function(s, line, addr) log4cxx.info("group", line) end
+        end)
+    """
+    async with Running(tmp_path, script) as run:
+        got: list[bytes] = []
+
+        class Peer(protocol.DatagramProtocol):
+            def datagramReceived(self, data: bytes, addr: Any) -> None:
+                got.append(data)
+
+        peer = reactor.listenUDP(0, Peer(), interface="127.0.0.1")
+        try:
+            me = peer.getHost().port
+            peer.write(b"hi", ("127.0.0.1", port))
+            await wait_for(lambda: got == [f"udp:hi:127.0.0.1:{me}".encode()], WAIT, "a UDP reply")
+        finally:
+            await peer.stopListening()
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+            sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+            sender.sendto(b"to the group", ("239.255.42.99", group_port))
+            await wait_for(lambda: run.said("group") == [["to the group"]], WAIT, "a multicast datagram")
+        finally:
+            sender.close()
+
+
+class _Echo(protocol.Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_join_connects_to_a_local_server(tmp_path: Path) -> None:
+    server = reactor.listenTCP(0, protocol.Factory.forProtocol(_Echo), interface="127.0.0.1")
+    port = server.getHost().port
+    dead = free_port()
+    script = f"""
+        broker.join("tcp://127.0.0.1:{port}", function(socket, addr)
+            socket.commit("ping")
+            return function(s, data) log4cxx.info("joined", data, s[1]); s.close() end
+        end)
+        local bad = broker.join("tcp://127.0.0.1:{dead}", function() end)
+        bad.close = function(s, reason) log4cxx.info("failed", tostring(s), reason ~= nil) end
+    """
+    try:
+        async with Running(tmp_path, script) as run:
+            await wait_for(lambda: run.said("joined") == [["ping", f"127.0.0.1:{port}"]], WAIT, "the echo")
+            await wait_for(lambda: run.said("failed") == [["nil", "true"]], WAIT, "the failed join")
+    finally:
+        await server.stopListening()
