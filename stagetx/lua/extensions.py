@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-EXTENSIONS: tuple[str, ...] = ("stagetx.broker.lua_api",)
+EXTENSIONS: tuple[str, ...] = ("stagetx.broker.lua_api", "stagetx.lua.workers")
 
 
 def install_all(stage: Any) -> None:
