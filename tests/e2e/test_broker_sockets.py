@@ -16,7 +16,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, c
 
 from stagetx.broker.framing import PacketFraming
 from stagetx.codec import pack_lua, unpack_py
-from tests.support import InProcessServer, LogCapture, iter_lines, wait_for, write_app
+from tests.support import InProcessServer, LogCapture, ServerProcess, iter_lines, wait_for, write_app
 
 WAIT = 5.0
 
@@ -304,3 +304,45 @@ async def test_join_connects_to_a_local_server(tmp_path: Path) -> None:
             await wait_for(lambda: run.said("failed") == [["nil", "true"]], WAIT, "the failed join")
     finally:
         await server.stopListening()
+
+
+def test_a_services_port_is_shared_by_two_processes(tmp_path: Path) -> None:
+    """Two ``#startup`` processes listen on one ``#services`` socket; the kernel spreads the clients."""
+    port = free_port()
+    config = {
+        "#services": {"tcp": [f"127.0.0.1:{port}"]},
+        "#startup": [["=lua+a"], ["=lua+b"]],
+        "=lua": {"%package": ["[0]lua"], "=lua+a": "srv", "=lua+b": "srv"},
+    }
+    script = f"""
+        broker.ready("tcp://127.0.0.1:{port}", function() return function() return tostring(process.id) end end)
+        log4cxx.info("listening", process.id)
+    """
+    path = write_app(tmp_path, config, {"srv": script})
+    with ServerProcess(path) as server:
+        server.wait_for(lambda: len(server.logged("a", "listening") + server.logged("b", "listening")) == 2,
+                        what="both processes listening")
+        pids: dict[bytes, int] = {}
+        clients = []
+        try:
+            for _ in range(60):
+                client = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+                clients.append(client)
+                client.sendall(packet(b"?"))
+                size = struct.unpack("<I", _read(client, 4))[0]
+                pid = _read(client, size)
+                pids[pid] = pids.get(pid, 0) + 1
+        finally:
+            for client in clients:
+                client.close()
+        assert len(pids) == 2, pids
+        assert any("shared #services socket" in line for line in server.lines)
+
+
+def _read(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "connection closed early"
+        data += chunk
+    return data
