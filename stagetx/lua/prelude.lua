@@ -133,21 +133,51 @@ local function dispatch(msgid, sender, reply, ...)
     if not ok then report("handler", msgid, err) end
 end
 
-local function drain()
-    local started = now()
+-- Local messages carry no reply and come from this stage, so the queue is run by one tight loop,
+-- protected once: a handler error is reported and the loop resumes with the next message.
+local current  -- the message id being handled, for error reports
+local function run_queue(started)
     local count = 0
     while qhead <= qtail do
         local e = queue[qhead]
         queue[qhead] = nil
         qhead = qhead + 1
-        dispatch(e[1], self_sender, e[3], unpack(e, 4, e[2] + 3))
+        local msgid = e[1]
+        current = msgid
+        local h, registered = lookup(msgid)
+        if h then
+            _WAITFOR = {[0] = msgid, self_sender, nil, [-1] = registered}
+            local n = e[2]
+            if h.n == 1 and n <= 1 then
+                h[1](e[3])
+            else
+                call_handler(h, unpack(e, 3, n + 2))
+            end
+        else
+            report("nohandler", msgid, "")
+        end
         count = count + 1
-        if count % 256 == 0 and now() - started > slice then
+        if count % 256 == 0 and now() - started > slice then return false end
+    end
+    return true
+end
+
+local function drain()
+    local saved = _WAITFOR
+    local started = now()
+    while true do
+        local ok, result = xpcall(run_queue, on_error, started)
+        if not ok then
+            report("handler", current, result)
+        elseif result then
+            qhead, qtail = 1, 0
+            break
+        else
             schedule_drain()
-            return
+            break
         end
     end
-    qhead, qtail = 1, 0
+    _WAITFOR = saved
 end
 
 -- Every entry from Python: arms the budget, runs `f`, and drains local messages at the outermost level.
@@ -173,8 +203,14 @@ stage = {null = null}
 local function post(msgid, ...)
     if not lookup(msgid) then return false, "no handler for '" .. msgid .. "'" end
     local n = select("#", ...)
-    local e = {msgid, n, false, copy_args(n, ...)}
-    e[3] = nil
+    local e
+    if n == 1 then
+        local v = ...
+        if type(v) == "table" then v = copy(v, {}) end
+        e = {msgid, 1, v}
+    else
+        e = {msgid, n, copy_args(n, ...)}
+    end
     qtail = qtail + 1
     queue[qtail] = e
     if depth == 0 then schedule_drain() end

@@ -105,16 +105,19 @@ async def test_local_messages_are_ordered_copied_and_async(tmp_path: Path) -> No
         log4cxx.info("after-send", #seen, tostring(shared.changed), tostring(rawget(shared, "gone") == stage.null))
         stage.waitfor("null", function(t, v) log4cxx.info("null", tostring(t.gone), tostring(v)) end)
         stage.signal("null", shared, stage.null)
+        stage.waitfor("lone", function(v) log4cxx.info("lone", tostring(v)) end)
+        stage.signal("lone", stage.null)
         log4cxx.info("missing", tostring(stage.signal("nobody", 1)))
         stage.waitfor("sync", function(t) t.x = 2; return "r1", "r2" end)
         local t = {x = 1}
         local r1, r2 = stage.signal(":sync", t)
         log4cxx.info("sync", r1, r2, t.x)
     """})
-    capture = await run(path, "null")
+    capture = await run(path, "lone")
     assert logged(capture, "after-send") == [["0", "nil", "true"]]
     assert logged(capture, "order") == [["true", "true"]]
     assert logged(capture, "null") == [["nil", "nil"]]
+    assert logged(capture, "lone") == [["nil"]]
     assert logged(capture, "missing") == [["false"]]
     assert logged(capture, "sync") == [["r1", "r2", "1"]]
 
