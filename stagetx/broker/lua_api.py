@@ -93,8 +93,12 @@ class LuaHandler:
         if not isinstance(value, bytes):
             value = api.to_lua(value)
         result = api.vm.call("broker receive", receive, lua_sock, value, addr)
-        if len(result) > 1 and result[0] is True and result[1] is not None:
-            api.send(sock, result[1], addr)
+        if len(result) > 1 and result[0] is True:
+            reply = result[1]
+            if reply.__class__ is bytes:
+                sock.send(reply, addr)  # the common case: no conversion
+            elif reply is not None:
+                api.send(sock, reply, addr)
 
     def closed(self, sock: Socket) -> None:
         state = sock.state
