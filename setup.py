@@ -13,7 +13,7 @@ setup(
     + ["twisted.plugins"],
     package_data={"stagetx.lua": ["*.lua"]},
     install_requires=[
-        "twisted>=23.8",
+        "twisted[tls]>=23.8",
         "lupa>=2.2",
         "sortedcontainers>=2.4",
         "treq>=23.11",
