@@ -44,6 +44,7 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("redis", "bench.baselines.redis_zset", baseline=True),
     Entry("local_signal", "bench.workloads.local_signal"),
     Entry("two_processes", "bench.workloads.two_processes", needs=("twisted_raw",)),
+    Entry("submit", "bench.workloads.submit", needs=("lupa",)),
     Entry("index", "bench.bench_index", needs=("redis",), optional=True),
 )
 
