@@ -405,3 +405,24 @@ async def test_stop_interrupts_a_runaway_job_after_the_grace_period(tmp_path: Pa
     assert "1 queued job(s) not run" in text
     assert "never" not in capture.lines("stage.a")
     assert reactor.running
+
+
+@pytest_twisted.ensureDeferred
+async def test_addtask_in_a_job_runs_the_task_on_the_stages_thread_and_can_be_cancelled(tmp_path: Path) -> None:
+    path = lua_app(tmp_path, """
+        local main_thread = thread.id
+        stage.submit(1, function(main_id)
+            stage.addtask(10, function(main_id, word)
+                log4cxx.info("task", word, thread.id == main_id, tostring(WHERE))
+                log4cxx.info("done")
+            end, main_id, "moved")
+            local h = stage.addtask(5, function() log4cxx.info("cancelled task ran") end)
+            stage.addtask(h, nil)
+            print("printed", thread.id ~= main_id)
+        end, main_thread)
+        WHERE = "main"
+    """)
+    capture = await run(path, "done")
+    assert logged(capture, "task") == [["moved", "true", "main"]]
+    assert logged(capture, "printed") == [["true"]]
+    assert "cancelled task ran" not in capture.lines("stage.a")
