@@ -294,14 +294,15 @@ class Workers:
         if isinstance(key, bool) or not isinstance(key, (int, float, bytes)):
             return None, b"stage.submit: the key must be a number or a string"
         label = f"job of key {text(key)!r}" if isinstance(key, bytes) else f"job of key {key}"
-        return self._queue_job(vm, key, f, args, label, None, "stage.submit")
+        error = self._queue_job(vm, key, f, args, label, None, "stage.submit")
+        return (True,) if error is None else (None, error)
 
     def thread_new(self, vm: LuaVM, wrap: Any, f: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
         """``thread.new(f, args...)`` from the stage's main runtime: the thread object."""
         handle = ThreadHandle(self._stage, self._reactor)
-        ok, err = (self._queue_job(vm, 0, f, args, "thread.new", handle, "thread.new") + (None,))[:2]
-        if ok is None:
-            return None, err
+        error = self._queue_job(vm, 0, f, args, "thread.new", handle, "thread.new")
+        if error is not None:
+            return None, error
         return True, vm.lua.table_from({b"waitfor": wrap(handle.waitfor)})
 
     def thread_signal(self, sandbox: Sandbox, values: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -315,17 +316,18 @@ class Workers:
 
     def _queue_job(
         self, vm: LuaVM, key: Hashable, f: Any, args: tuple[Any, ...], label: str, thread: ThreadHandle | None, api: str
-    ) -> tuple[Any, ...]:
+    ) -> bytes | None:
+        """Queue ``f(args...)``; the error message for Lua when it cannot be."""
         if vm.lua_type(f) != "function":
-            return None, lua_text(f"{api}: the job must be a function")
+            return lua_text(f"{api}: the job must be a function")
         if self.sandboxes.stopping:
-            return None, lua_text(f"{api}: the stage is stopping")
+            return lua_text(f"{api}: the stage is stopping")
         try:
             payload = pack_lua(vm, (f, *args))
             self.queue.submit(LuaJob(key, payload, self.sandboxes, label, thread))
         except (CodecError, QueueFull) as err:
-            return None, lua_text(f"{api}: {err}")
-        return (True,)
+            return lua_text(f"{api}: {err}")
+        return None
 
 
 def install(stage: Stage) -> None:

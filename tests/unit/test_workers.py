@@ -426,3 +426,17 @@ async def test_addtask_in_a_job_runs_the_task_on_the_stages_thread_and_can_be_ca
     assert logged(capture, "task") == [["moved", "true", "main"]]
     assert logged(capture, "printed") == [["true"]]
     assert "cancelled task ran" not in capture.lines("stage.a")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_luajit_stage_submits_into_luajit_sandboxes(tmp_path: Path) -> None:
+    path = write_app(tmp_path, {
+        "#startup": [["=luajit+a"]],
+        "=luajit+a": {"%package": ["[0]lua"], "=luajit+a": "main"},
+    }, {"main": """
+        local up = 1
+        stage.waitfor("r", function(...) log4cxx.info("r", ...) log4cxx.info("done") end)
+        stage.submit(1, function(t) stage.signal("r", jit ~= nil, t[1] + t[2], tostring(up)) end, {20, 22})
+    """})
+    capture = await run(path, "done")
+    assert logged(capture, "r") == [["true", "42", "nil"]]
