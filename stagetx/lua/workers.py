@@ -183,7 +183,9 @@ class LuaJob:
 
     __slots__ = ("key", "payload", "sandboxes", "label", "thread")
 
-    def __init__(self, key: Hashable, payload: bytes, sandboxes: Sandboxes, label: str, thread: ThreadHandle | None) -> None:
+    def __init__(
+        self, key: Hashable, payload: bytes, sandboxes: Sandboxes, label: str, thread: ThreadHandle | None
+    ) -> None:
         self.key = key
         self.payload = payload
         self.sandboxes = sandboxes

@@ -384,7 +384,9 @@ async def test_returned_ms_runs_the_job_again_with_the_same_key(tmp_path: Path) 
 
 
 @pytest_twisted.ensureDeferred
-async def test_stop_interrupts_a_runaway_job_after_the_grace_period(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_stop_interrupts_a_runaway_job_after_the_grace_period(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(sandbox, "GRACE_SECONDS", 0.3)
     path = lua_app(tmp_path, """
         stage.submit(1, function() stage.signal("started") while true do end end)
