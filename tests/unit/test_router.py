@@ -1,0 +1,255 @@
+"""The router's decisions with fake time and fake receivers: replicas, scopes, replies, order, locks."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+
+from stagetx.address import parse_target
+from stagetx.codec import pack_py, unpack_py
+from stagetx.locks import LockTable, Turn
+from stagetx.message import Message, Sender
+from stagetx.router import SLOW_MARGIN, Router
+
+
+class FakeStage:
+    def __init__(self, instance: int, stage_id: str) -> None:
+        self.instance = instance
+        self.stage_id = stage_id
+        self.sender = Sender("srv", 0, stage_id, instance)
+        self.got: list[Message] = []
+
+    def receive(self, message: Message) -> None:
+        self.got.append(message)
+
+
+class FakeLinks:
+    def __init__(self) -> None:
+        self.frames: list[tuple[int, list[Any]]] = []
+        self.down: set[int] = set()
+
+    def reachable(self, group: int) -> bool:
+        return group not in self.down
+
+    def send(self, group: int, frame: list[Any]) -> tuple[bool, str | None]:
+        self.frames.append((group, frame))
+        return True, None
+
+
+def make_router(placement: list[tuple[str, int]], group: int = 0) -> tuple[Router, Clock, dict[int, FakeStage]]:
+    clock = Clock()
+    router = Router("srv", group, placement, clock, now=clock.seconds)
+    stages = {}
+    for instance, (stage_id, g) in enumerate(placement):
+        if g == group:
+            stages[instance] = FakeStage(instance, stage_id)
+            router.attach(stages[instance])
+    return router, clock, stages
+
+
+def send(router: Router, sender: FakeStage, target: str, *values: Any, reply_to: str | None = None) -> tuple[bool, str | None]:
+    return router.send(sender.sender, parse_target(target), pack_py(values), reply_to)
+
+
+def test_round_robin_over_three_local_replicas_is_even() -> None:
+    router, clock, stages = make_router([("a", 0), ("b", 0), ("b", 0), ("b", 0)])
+    for i in range(300):
+        assert send(router, stages[0], "b:count", i) == (True, None)
+    clock.advance(0)
+    counts = [len(stages[i].got) for i in (1, 2, 3)]
+    assert counts == [100, 100, 100]
+    # each replica saw its messages in the order they were sent
+    for i in (1, 2, 3):
+        values = [unpack_py(m.payload)[0] for m in stages[i].got]
+        assert values == sorted(values)
+
+
+def test_messages_for_other_processes_go_on_their_link() -> None:
+    router, clock, stages = make_router([("a", 0), ("b", 1), ("b", 2)])
+    links = FakeLinks()
+    router.links = links
+    for _ in range(4):
+        send(router, stages[0], "b:x", 1)
+    assert [group for group, _ in links.frames] == [1, 2, 1, 2]
+    kind, instance, msgid, payload, sender, reply = links.frames[0][1]
+    assert (kind, instance, msgid, reply) == ("m", 1, "x", None)
+    assert sender == ["srv", 0, "a", 0]
+
+
+def test_a_process_whose_link_dropped_is_skipped_until_it_is_back() -> None:
+    router, clock, stages = make_router([("a", 0), ("b", 1), ("b", 2)])
+    links = FakeLinks()
+    router.links = links
+    links.down.add(1)
+    for _ in range(4):
+        send(router, stages[0], "b:x")
+    assert {group for group, _ in links.frames} == {2}
+    links.down.clear()
+    links.frames.clear()
+    for _ in range(4):
+        send(router, stages[0], "b:x")
+    assert sorted(group for group, _ in links.frames) == [1, 1, 2, 2]
+
+
+def test_a_clearly_slower_replica_is_skipped_while_slow() -> None:
+    router, clock, stages = make_router([("a", 0), ("b", 1), ("b", 2), ("b", 3)])
+    links = FakeLinks()
+    router.links = links
+    router.delays = {1: 0.001, 2: 0.002 + SLOW_MARGIN * 3, 3: 0.0}
+    for _ in range(6):
+        send(router, stages[0], "b:x")
+    assert Counter(group for group, _ in links.frames) == {1: 3, 3: 3}
+
+
+def test_broadcast_reaches_every_replica_once_including_the_sender() -> None:
+    router, clock, stages = make_router([("b", 0), ("b", 0), ("b", 1)])
+    links = FakeLinks()
+    router.links = links
+    assert send(router, stages[0], "*b:all", "v") == (True, None)
+    assert send(router, stages[0], "*mine", "w") == (True, None)
+    clock.advance(0)
+    assert [m.msgid for m in stages[0].got] == ["all", "mine"]
+    assert [m.msgid for m in stages[1].got] == ["all", "mine"]
+    assert [f[1][2] for f in links.frames] == ["all", "mine"]
+
+
+def test_plus_tags_the_sender_and_reply_suffix_makes_a_reply_address() -> None:
+    router, clock, stages = make_router([("a", 0), ("b", 0)])
+    send(router, stages[0], "b+hello=back", 1)
+    clock.advance(0)
+    message = stages[1].got[0]
+    assert message.msgid == "a:hello"
+    assert message.reply == "^srv/0/back"
+    # replying to that address reaches stage a as message "back"
+    assert send(router, stages[1], message.reply, "answer") == (True, None)
+    clock.advance(0)
+    assert stages[0].got[0].msgid == "back"
+    assert unpack_py(stages[0].got[0].payload) == (b"answer",)
+
+
+def test_reply_to_can_hand_on_a_third_partys_reply_address() -> None:
+    router, clock, stages = make_router([("a", 0), ("b", 0), ("c", 0)])
+    send(router, stages[1], "c:work", reply_to="^srv/0/done")
+    clock.advance(0)
+    assert stages[2].got[0].reply == "^srv/0/done"
+
+
+def test_undeliverable_targets_say_why() -> None:
+    router, clock, stages = make_router([("a", 0)])
+    assert send(router, stages[0], "nobody:x") == (False, "unknown stage 'nobody'")
+    assert send(router, stages[0], "+a:x")[0] is False
+    assert send(router, stages[0], "^other/0/x")[0] is False
+    assert send(router, stages[0], "^srv/99/x")[0] is False
+    ok, reason = router.send(stages[0].sender, parse_target(("id", "127.0.0.1:1", 10)), pack_py(()))
+    assert ok is False and reason
+
+
+class TurnClock(Clock):
+    """A clock whose ``turn()`` runs only the calls that were due when the turn began, like one
+    pass of a reactor loop (``Clock.advance`` would also run calls scheduled meanwhile)."""
+
+    def turn(self) -> int:
+        due = [c for c in self.calls if c.getTime() <= self.seconds()]
+        for call in due:
+            self.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)
+        return len(due)
+
+
+def test_one_drain_turn_yields_to_the_reactor_after_its_time_slice() -> None:
+    clock = TurnClock()
+    elapsed = [0.0]
+    router = Router("srv", 0, [("a", 0), ("b", 0)], clock, now=lambda: elapsed[0])
+
+    class Slow(FakeStage):
+        def receive(self, message: Message) -> None:
+            super().receive(message)
+            elapsed[0] += 0.001  # each message takes 1 ms
+
+    sender, slow = FakeStage(0, "a"), Slow(1, "b")
+    router.attach(sender)
+    router.attach(slow)
+    for _ in range(200):
+        send(router, sender, "b:x")
+    assert clock.turn() == 1
+    first_turn = len(slow.got)
+    assert 0 < first_turn < 200
+    turns = 1
+    while router.queue_length():
+        assert clock.turn() == 1
+        turns += 1
+    assert len(slow.got) == 200 and turns > 2
+
+
+class TestLocks:
+    def setup_method(self) -> None:
+        self.clock = Clock()
+        self.granted: list[Turn] = []
+        self.locks = LockTable(self.clock, self.granted.append)
+
+    def acquire(self, who: int) -> None:
+        self.locks.acquire("L", Turn(who, "turn", b""))
+
+    def test_turns_are_granted_first_come_first_served(self) -> None:
+        for who in (3, 1, 2):
+            self.acquire(who)
+        assert [t.who for t in self.granted] == [3]
+        assert self.locks.release("L", 3)
+        assert self.locks.release("L", 1)
+        assert [t.who for t in self.granted] == [3, 1, 2]
+
+    def test_an_unreleased_turn_expires_after_100_ms(self) -> None:
+        self.acquire(1)
+        self.acquire(2)
+        self.clock.advance(0.099)
+        assert self.locks.holder("L") == 1
+        self.clock.advance(0.002)
+        assert self.locks.holder("L") == 2
+
+    def test_the_holder_extends_its_turn_and_others_cannot(self) -> None:
+        self.acquire(1)
+        self.acquire(2)
+        assert not self.locks.extend("L", 2, 1000)
+        assert self.locks.extend("L", 1, 500)
+        self.clock.advance(0.4)
+        assert self.locks.holder("L") == 1
+        self.clock.advance(0.11)
+        assert self.locks.holder("L") == 2
+
+    def test_release_by_someone_else_is_ignored(self) -> None:
+        self.acquire(1)
+        assert not self.locks.release("L", 2)
+        assert self.locks.holder("L") == 1
+        assert self.locks.release("L", 1)
+        assert self.locks.holder("L") is None
+        assert self.locks.waiting("L") == 0
+
+
+def test_router_locks_deliver_the_turn_to_the_requester_with_its_values() -> None:
+    router, clock, stages = make_router([("a", 0), ("b", 0)])
+    send(router, stages[0], ">L.go", "first")
+    send(router, stages[1], ">L.go", "second")
+    clock.advance(0)
+    assert [unpack_py(m.payload) for m in stages[0].got] == [(b"first",)]
+    assert stages[1].got == []
+    send(router, stages[1], "<L.*")  # not the holder: ignored
+    send(router, stages[0], "<L.*")
+    clock.advance(0)
+    assert [unpack_py(m.payload) for m in stages[1].got] == [(b"second",)]
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_lock_requests_from_other_processes_go_to_the_first_group(group: int) -> None:
+    router, clock, stages = make_router([("a", 0), ("b", 1), ("c", 2)], group=group)
+    links = FakeLinks()
+    router.links = links
+    me = stages[group]
+    send(router, me, ">L.go", 1)
+    send(router, me, ">>L.x", 50)
+    send(router, me, "<L.*")
+    assert [(g, f[0], f[1][0]) for g, f in links.frames] == [(0, "lock", "acquire"), (0, "lock", "extend"), (0, "lock", "release")]
+    assert links.frames[1][1][1][3] == 50
