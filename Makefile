@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?= --timeout 300
 CONFIG ?= etc/stage.json
 
-.PHONY: run test check clean
+.PHONY: run test check clean bench bench-quick
 
 # The virtualenv with stagetx installed editable, reinstalled when setup.py changes. "compat" mode
 # puts the project directory on sys.path, so twistd also finds twisted/plugins/stagetx_plugin.py.
@@ -23,6 +23,12 @@ run: $(VENV)/.installed-test
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-test
+	$(PY) -m bench.run
+
+bench-quick: $(VENV)/.installed-test
+	$(PY) -m bench.run --quick
 
 check: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check --line-length 100 --select E,F,W,I,B,UP stagetx tests twisted setup.py

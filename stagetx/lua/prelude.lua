@@ -157,7 +157,7 @@ local function run_queue(started)
             report("nohandler", msgid, "")
         end
         count = count + 1
-        if count % 256 == 0 and now() - started > slice then return false end
+        if count % 16 == 0 and now() - started > slice then return false end
     end
     return true
 end
