@@ -54,8 +54,8 @@ def _namespace_filter(namespace: str) -> object:
     return accept
 
 
-def begin_logging(groups: Mapping[str, LogGroup], stream: IO[str]) -> LogLevelFilterPredicate:
-    """Start logging for this process; returns the level predicate (for run-time level changes)."""
+def log_observers(groups: Mapping[str, LogGroup], stream: IO[str]) -> tuple[list[ILogObserver], LogLevelFilterPredicate]:
+    """The observers for ``#log``: the main stream, plus one file per group that names one."""
     predicate = log_predicate(groups)
     observers: list[ILogObserver] = [FilteringLogObserver(textFileLogObserver(stream, timeFormat=None), [predicate])]
     for name, group in groups.items():
@@ -64,5 +64,11 @@ def begin_logging(groups: Mapping[str, LogGroup], stream: IO[str]) -> LogLevelFi
             observers.append(
                 FilteringLogObserver(textFileLogObserver(handle), [_namespace_filter(name), predicate])  # type: ignore[list-item]
             )
+    return observers, predicate
+
+
+def begin_logging(groups: Mapping[str, LogGroup], stream: IO[str]) -> LogLevelFilterPredicate:
+    """Start logging for this process; returns the level predicate (for run-time level changes)."""
+    observers, predicate = log_observers(groups, stream)
     globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
     return predicate

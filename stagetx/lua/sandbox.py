@@ -28,7 +28,7 @@ from stagetx.codec import CodecError, pack_lua, unpack_lua
 from stagetx.lua.api import StageAPI, Task, lua_text
 from stagetx.lua.loader import ScriptLoader
 from stagetx.lua.runtime import HOOK_COUNT, LuaScriptError, LuaVM
-from stagetx.stages.lua import _preload_files, _sender_fields
+from stagetx.stages.lua import preload_files, sender_fields
 
 if TYPE_CHECKING:
     from stagetx.stages.lua import Stage
@@ -153,7 +153,7 @@ class Sandbox:
             api.host(),
             budget_ms=settings["%budget"],
             max_memory=settings["%memory"],
-            sender=_sender_fields(stage.context.sender),
+            sender=sender_fields(stage.context.sender),
         )
         api.bind(vm)
         vm.lua.execute(_SANDBOX_LUA, api.send, interrupted, HOOK_COUNT, _INTERRUPTED.encode())
@@ -207,7 +207,7 @@ class Sandboxes:
         if sandbox is None:
             sandbox = Sandbox(self._stage, self._reactor, self._is_interrupted)
             self._extend(sandbox)
-            sandbox.preload(_preload_files(self._stage.settings.get("%preload")))
+            sandbox.preload(preload_files(self._stage.settings.get("%preload")))
             self._local.sandbox = sandbox
         return sandbox
 

@@ -4,20 +4,25 @@ Start-up runs ``%preload`` (a file, or every ``*.lua`` of a directory in name or
 script; a main script that returns a function makes it the *idle function*, called again after
 the number of ms it returns. Messages are decoded into the runtime and handed to the prelude,
 which finds the waitfor handler. Errors are logged with file and line; the stage keeps serving.
+
+Operations (docs/operations.md): ``reload()`` rebuilds the runtime from the current scripts while
+messages wait outside it, and every callback is timed: one that holds the reactor longer than the
+process's ``slow_ms`` is logged as a "slow handler" with the script and line of its function.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall
 
-from stagetx.codec import CodecError, unpack_lua
+from stagetx.codec import CodecError, pack_lua, unpack_lua
 from stagetx.config import StageConfig
 from stagetx.host import StageHost
-from stagetx.lua.api import StageAPI, lua_text
+from stagetx.lua.api import StageAPI, Task, lua_text, text
 from stagetx.lua.extensions import install_all
 from stagetx.lua.loader import ScriptLoader
 from stagetx.lua.runtime import LuaScriptError, LuaVM
@@ -37,6 +42,8 @@ class Stage:
         self._senders: dict[Sender, Any] = {}
         self._idle_call: IDelayedCall | None = None
         self._stoppers: list[Callable[[], Any]] = []
+        self._held: list[Message] | None = None  # messages that arrive while the runtime is rebuilt
+        self.reloads = 0
 
     def on_stop(self, stopper: Callable[[], Any]) -> None:
         """Run ``stopper`` when the stage stops (it may return a Deferred to wait for)."""
@@ -46,21 +53,22 @@ class Stage:
         settings = self.settings
         package = settings["%package"]
         recheck = settings["%recheck"]
-        api = StageAPI(
+        api = _TrackedAPI(
             self.context,
             lambda vm: ScriptLoader(vm, package, self.context.base_dir, recheck),
         )
-        self.vm = vm = LuaVM(
+        self.vm = vm = WatchedVM(
+            self.context,
             self.config.type,
             api.host(),
             budget_ms=settings["%budget"],
             max_memory=settings["%memory"],
-            sender=_sender_fields(self.context.sender),
+            sender=sender_fields(self.context.sender),
         )
         api.bind(vm)
         self.api = api
         install_all(self)
-        for path in _preload_files(settings.get("%preload")):
+        for path in preload_files(settings.get("%preload")):
             self._run_script(path, "preload")
         assert self.config.main is not None
         result = self._run_script(self.config.main, "main script")
@@ -71,7 +79,66 @@ class Stage:
     def stop(self) -> Deferred[Any]:
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
-        return DeferredList([maybeDeferred(stop) for stop in reversed(self._stoppers)])
+        stoppers, self._stoppers = self._stoppers, []
+        return DeferredList([maybeDeferred(stop) for stop in reversed(stoppers)])
+
+    def script_files(self) -> list[str]:
+        """The files a dev-mode watcher looks at: preload, main and every ``*.lua`` on ``%package``."""
+        files = preload_files(self.settings.get("%preload"))
+        if self.config.main is not None:
+            files.append(self.config.main)
+        for entry in self.settings.get("%package") or ():
+            folder = self.context.resolve_path(str(entry).split("]", 1)[-1] if str(entry).startswith("[") else str(entry))
+            for root, _, names in os.walk(folder) if os.path.isdir(folder) else ():
+                files.extend(os.path.join(root, n) for n in sorted(names) if n.endswith(".lua"))
+        return files
+
+    def reload(self) -> Deferred[None]:
+        """Rebuild the runtime from the current scripts; messages arriving meanwhile wait, in order.
+
+        The old runtime's global ``on_unload()``, if defined, returns a value; it is copied by
+        value (as a message is) and handed to the new runtime's global ``on_reload(old)``, if
+        defined, after the new main script ran. Old timers are cancelled, old waitfor handlers,
+        broker endpoints and sandboxes are gone with the old runtime (docs/operations.md).
+        """
+        if self._held is not None:
+            raise RuntimeError(f"{self.config.name} is already reloading")
+        old_vm, old_api = self.vm, self.api
+        assert old_vm is not None and isinstance(old_api, _TrackedAPI)
+        self._held = []
+        old_vm.drain()
+        carried = self._unload(old_vm)
+        old_api.cancel_all()
+        self.vm = None
+        return self.stop().addCallback(lambda _: self._restart(carried))
+
+    def _unload(self, vm: LuaVM) -> bytes | None:
+        f = vm.lua.globals()[b"on_unload"]
+        if vm.lua_type(f) != "function":
+            return None
+        ok, *results = vm.call("on_unload", f)
+        if not ok:
+            return None
+        try:
+            return pack_lua(vm, (results[0] if results else None,))
+        except CodecError as err:
+            self.log.error("on_unload: its value cannot be carried: {error}", error=str(err))
+            return None
+
+    def _restart(self, carried: bytes | None) -> None:
+        try:
+            self.start()
+            assert self.vm is not None
+            hook = self.vm.lua.globals()[b"on_reload"]
+            if self.vm.lua_type(hook) == "function":
+                old = unpack_lua(self.vm, carried)[0] if carried is not None else None
+                self.vm.call("on_reload", hook, old)
+            self.reloads += 1
+            self.log.info("stage {name} reloaded", name=self.config.name)
+        finally:
+            held, self._held = self._held or [], None
+            for message in held:
+                self.receive(message)
 
     def _run_script(self, path: str, where: str) -> Any:
         """Run one script file as a callback; returns its first result (None after an error)."""
@@ -94,6 +161,9 @@ class Stage:
             self._idle_call = self.context.clock.callLater(again / 1000.0, self._idle, f)
 
     def receive(self, message: Message) -> None:
+        if self._held is not None:
+            self._held.append(message)
+            return
         vm = self.vm
         if vm is None:
             return
@@ -105,12 +175,111 @@ class Stage:
             return
         sender = self._senders.get(message.sender)
         if sender is None:
-            sender = self._senders[message.sender] = vm.table(_sender_fields(message.sender))
+            sender = self._senders[message.sender] = vm.table(sender_fields(message.sender))
         reply = None if message.reply is None else lua_text(message.reply)
         vm.deliver(lua_text(message.msgid), sender, reply, *values)
 
 
-def _sender_fields(sender: Sender) -> dict[Any, Any]:
+class _TrackedAPI(StageAPI):
+    """``StageAPI`` that remembers its timers, so a reload can cancel the old runtime's tasks."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._tasks: list[Task] = []
+
+    def addtask(self, delay_ms: float, f: Any, *args: Any) -> Task:
+        task = super().addtask(delay_ms, f, *args)
+        if len(self._tasks) >= 64 and len(self._tasks) & (len(self._tasks) - 1) == 0:
+            self._tasks = [t for t in self._tasks if t.call is not None and t.call.active()]
+        self._tasks.append(task)
+        return task
+
+    def cancel_all(self) -> None:
+        for task in self._tasks:
+            self.cancel(task)
+        self._tasks.clear()
+        call = self._drain_call
+        if call is not None and call.active():
+            call.cancel()
+
+
+# Finds where a callback's function was defined: the function itself, else the waitfor handler
+# registered under the first of the given message ids.
+_WHERE = b"""
+local getinfo, waitfor, type, select = debug.getinfo, stage.waitfor, type, select
+return function(f, ...)
+    if type(f) ~= "function" then
+        f = nil
+        for i = 1, select("#", ...) do
+            local h = waitfor((select(i, ...)))
+            if type(h) == "function" then f = h break end
+        end
+    end
+    if f == nil then return nil end
+    local info = getinfo(f, "S")
+    return info.short_src, info.linedefined
+end
+"""
+
+
+class WatchedVM(LuaVM):
+    """A stage's main runtime whose callbacks are timed against the process's ``slow_ms``."""
+
+    def __init__(self, context: StageHost, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._context = context
+        self._where = self.lua.execute(_WHERE)
+
+    def call(self, where: str, f: Any, *args: Any) -> tuple[Any, ...]:
+        started = time.perf_counter()
+        try:
+            return super().call(where, f, *args)
+        finally:
+            self._check(started, where, f, ())
+
+    def deliver(self, msgid: bytes, sender: Any, reply: bytes | None, *values: Any) -> None:
+        started = time.perf_counter()
+        try:
+            super().deliver(msgid, sender, reply, *values)
+        finally:
+            self._check(started, f"handler of message {text(msgid)!r}", None, handler_keys(msgid))
+
+    def _check(self, started: float, where: str, f: Any, keys: tuple[bytes, ...]) -> None:
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        if elapsed_ms < self._context.process.slow_ms:
+            return
+        try:
+            script, line = self._where(f, *keys)
+        except Exception:  # a script replaced stage.waitfor: report without the place
+            script, line = None, None
+        self._context.log.warn(
+            "slow handler: {where} held the reactor {ms:.0f} ms ({script}:{line})",
+            where=where,
+            ms=elapsed_ms,
+            stage=self._context.stage_id,
+            script=text(script) if script is not None else "?",
+            line=line if line is not None else "?",
+        )
+
+
+def handler_keys(msgid: bytes) -> tuple[bytes, ...]:
+    """The waitfor ids tried for ``msgid``, in SPEC 2.6 order (the prelude's ``lookup``)."""
+    keys = [msgid]
+    colon = msgid.find(b":")
+    head, rest = (msgid[: colon + 1], msgid[colon + 1 :]) if colon >= 0 else (b"", msgid)
+    stop = len(rest) - 1
+    while stop > 0:
+        dot = rest.rfind(b".", 0, stop)
+        if dot < 0:
+            break
+        keys.append(head + rest[: dot + 1])
+        stop = dot
+    if head:
+        keys.append(head)
+    return tuple(keys)
+
+
+def sender_fields(sender: Sender) -> dict[Any, Any]:
     """``_WAITFOR[1]``: server address, process (1-based group), stage id, also by position."""
     return {
         "server": sender.server,
@@ -123,7 +292,7 @@ def _sender_fields(sender: Sender) -> dict[Any, Any]:
     }
 
 
-def _preload_files(preload: str | None) -> list[str]:
+def preload_files(preload: str | None) -> list[str]:
     if not preload:
         return []
     if os.path.isdir(preload):

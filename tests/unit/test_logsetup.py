@@ -1,0 +1,51 @@
+"""``#log``: per-group levels on the main stream, and a file for a group that names one."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from twisted.logger import Logger
+
+from stagetx.config import LogGroup
+from stagetx.logsetup import log_observers
+
+
+def emit_to(observers: list, namespace: str, level: str, text: str) -> None:
+    log = Logger(namespace=namespace, observer=lambda event: [o(event) for o in observers])
+    getattr(log, level)("{message}", message=text)
+
+
+def test_group_levels_filter_the_main_stream_and_others_log_at_info(tmp_path: Path) -> None:
+    stream = io.StringIO()
+    observers, _ = log_observers({"stage.quiet": LogGroup(level="warn")}, stream)
+    emit_to(observers, "stage.quiet", "info", "hidden")
+    emit_to(observers, "stage.quiet", "warn", "shown-warn")
+    emit_to(observers, "stage.other", "debug", "hidden-debug")
+    emit_to(observers, "stage.other", "info", "shown-info")
+    text = stream.getvalue()
+    assert "shown-warn" in text and "shown-info" in text
+    assert "hidden" not in text
+
+
+def test_a_group_with_a_file_also_writes_there_and_only_its_own_lines(tmp_path: Path) -> None:
+    stream = io.StringIO()
+    path = tmp_path / "audit.log"
+    observers, _ = log_observers({"audit": LogGroup(level="info", file=str(path))}, stream)
+    emit_to(observers, "audit", "info", "paid {braces} 10")
+    emit_to(observers, "stage.a", "info", "not audit")
+    for observer in observers:
+        getattr(getattr(observer, "_observer", None), "_outFile", io.StringIO()).flush()
+    content = path.read_text()
+    assert "paid {braces} 10" in content and "not audit" not in content
+    assert "paid {braces} 10" in stream.getvalue()
+
+
+def test_the_returned_predicate_changes_levels_at_run_time() -> None:
+    stream = io.StringIO()
+    observers, predicate = log_observers({}, stream)
+    from twisted.logger import LogLevel
+
+    predicate.setLogLevelForNamespace("stage.a", LogLevel.debug)
+    emit_to(observers, "stage.a", "debug", "now-visible")
+    assert "now-visible" in stream.getvalue()
