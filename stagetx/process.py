@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from twisted.application.service import MultiService
 
+from stagetx.cluster.gateway import GATEWAY_GROUP, ClusterGateway, RemoteView, cluster_enabled
 from stagetx.config import ServerConfig
 from stagetx.host import ProcessHost
 from stagetx.links import ProcessLinks
@@ -15,7 +16,11 @@ MAX_FRAME = 64 * 1024 * 1024
 
 
 class ChildProcess(MultiService):
-    """Links first (so early messages wait in their queues), then the stages in config order."""
+    """Links first (so early messages wait in their queues), then the stages in config order.
+
+    With a ``#cluster``, the process of group 0 also runs the server's cluster gateway (started
+    after its stages); the others route to other servers through it (``stagetx.cluster.gateway``).
+    """
 
     def __init__(self, config: ServerConfig, boot: Mapping[str, Any], reactor: Any) -> None:
         super().__init__()
@@ -28,3 +33,9 @@ class ChildProcess(MultiService):
         )
         self.links.setServiceParent(self)
         self.host.setServiceParent(self)
+        if cluster_enabled(config):
+            if group == GATEWAY_GROUP:
+                gateway = ClusterGateway(config, self.host.router, self.links, bytes.fromhex(boot["secret"]), reactor)
+                gateway.setServiceParent(self)
+            else:
+                self.host.router.remote = RemoteView(self.links)

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from stagetx.address import (
     Address,
+    AddressError,
     LocalAsync,
     LockAcquire,
     LockExtend,
@@ -27,9 +28,11 @@ from stagetx.address import (
     ToServer,
     ToStage,
     format_reply,
+    parse_target,
 )
 from stagetx.codec import unpack_py
 from stagetx.locks import LockTable, Turn
+from stagetx.cluster.directory import Replica, Routes, cluster_address
 from stagetx.message import Message, Sender
 
 #: The lock authority of a server is the process of its first #startup group.
@@ -58,6 +61,22 @@ class Links(Protocol):
     def reachable(self, group: int) -> bool: ...
 
     def send(self, group: int, frame: list[Any]) -> Result: ...
+
+
+class Remote(Protocol):
+    """The cluster (``stagetx.cluster.gateway``): other servers' replicas and a way to reach them."""
+
+    routes: Routes
+
+    def send(self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None) -> Result:
+        """Send ``frame`` to server ``server_id``; ``reroute``: the stage id it may go to instead."""
+
+    def process_frame(self, group: int, frame: list[Any]) -> None:
+        """A cluster frame (``cx``, ``croutes``) from another process of this server."""
+
+
+#: Frame kinds between the processes of a server that belong to the cluster layer.
+CLUSTER_FRAMES = frozenset(("cx", "croutes"))
 
 
 class Router:
@@ -89,6 +108,7 @@ class Router:
         self._turn: dict[str, int] = {}
         self.local: dict[int, Receiver] = {}
         self.links: Links | None = None
+        self.remote: Remote | None = None
         self.delays: dict[int, float] = {}  # group -> last reported queue delay (s)
         self.delay = 0.0  # this process's queue delay, smoothed (s)
         self._queue: deque[tuple[Receiver, Message]] = deque()
@@ -119,7 +139,9 @@ class Router:
         if kind is LockRelease:
             return self._lock(["release", address.cmd, sender.instance])  # type: ignore[union-attr]
         if kind is ToServer:
-            return False, "no cluster: this server has no peers"
+            if self.remote is None:
+                return False, "no cluster: this server has no peers"
+            return self._to_server(sender, address, payload, reply_to)  # type: ignore[arg-type]
         return False, f"{type(address).__name__} cannot be sent from here"
 
     def _reply(self, sender: Sender, reply: str | None) -> str | None:
@@ -131,22 +153,92 @@ class Router:
     def _to_stage(self, sender: Sender, address: ToStage, payload: bytes, reply_to: str | None) -> Result:
         stage_id = address.stage if address.stage is not None else sender.stage
         replicas = self._replicas.get(stage_id)
-        if not replicas:
+        far = self._remote_targets(stage_id, address.scope, bool(replicas))
+        if address.scope is Scope.REMOTE:
+            replicas = None
+        if not replicas and not far:
             if address.scope is Scope.REMOTE:
                 return False, f"no replica of '{stage_id}' on other servers"
             if stage_id not in self._unknown:
                 self._unknown.add(stage_id)
                 self.log.warn("message for unknown stage {stage!r} (logged once)", stage=stage_id)
             return False, f"unknown stage '{stage_id}'"
-        if address.scope is Scope.REMOTE:
-            return False, f"no replica of '{stage_id}' on other servers"
         msgid = f"{sender.stage}:{address.msgid}" if address.tag_sender else address.msgid
         reply = self._reply(sender, reply_to or address.reply)
         if address.scope is Scope.ALL:
-            results = [self.deliver(i, msgid, payload, sender, reply) for i in replicas]
+            results = [self.deliver(i, msgid, payload, sender, reply) for i in replicas or ()]
+            results += [self._send_far(s, i, msgid, payload, sender, reply, None) for s, i in far]
             failed = [reason for ok, reason in results if not ok]
             return (True, None) if len(failed) < len(results) else (False, failed[0])
-        return self.deliver(self._choose(stage_id, replicas), msgid, payload, sender, reply)
+        if not far:
+            return self.deliver(self._choose(stage_id, replicas), msgid, payload, sender, reply)  # type: ignore[arg-type]
+        return self._one_of(stage_id, replicas or [], far, msgid, payload, sender, reply)
+
+    # -- other servers ----------------------------------------------------------------------------
+    def _remote_targets(self, stage_id: str, scope: Scope, has_local: bool) -> list[Replica]:
+        """Replicas of ``stage_id`` on other servers that ``scope`` may use (none without a cluster)."""
+        if self.remote is None or scope is Scope.LOCAL:
+            return []
+        return self.remote.routes.targets(stage_id, has_local, scope is Scope.REMOTE)
+
+    def _one_of(
+        self, stage_id: str, local: list[int], far: list[Replica], msgid: str, payload: bytes, sender: Sender, reply: str | None
+    ) -> Result:
+        """Round-robin over this server's replicas and other servers', skipping clearly slower ones."""
+        assert self.remote is not None
+        routes = self.remote.routes
+        candidates: list[tuple[str | None, int]] = [(None, i) for i in local if self._reachable(i)]
+        candidates += far
+        delays = [self._delay_of(i) if s is None else routes.delay(s) for s, i in candidates]
+        best = min(delays)
+        turn = self._turn.get(stage_id, -1)
+        count = len(candidates)
+        for step in range(1, count + 1):
+            k = (turn + step) % count
+            if delays[k] <= best + SLOW_MARGIN:
+                self._turn[stage_id] = k
+                server, instance = candidates[k]
+                if server is None:
+                    return self.deliver(instance, msgid, payload, sender, reply)
+                return self._send_far(server, instance, msgid, payload, sender, reply, stage_id)
+        return False, f"no replica of '{stage_id}' available"  # unreachable: the best one passes
+
+    def _send_far(
+        self, server: str, instance: int, msgid: str, payload: bytes, sender: Sender, reply: str | None, reroute: str | None
+    ) -> Result:
+        assert self.remote is not None
+        return self.remote.send(server, ["m", instance, msgid, payload, _sender_frame(sender), reply], reroute)
+
+    def route_again(self, stage_id: str, frame: list[Any]) -> Result:
+        """Route once more a message for ``stage_id`` whose server went away before it was sent."""
+        _, _, msgid, payload, sender, reply = frame
+        replicas = self._replicas.get(stage_id) or []
+        far = self._remote_targets(stage_id, Scope.ANY, bool(replicas))
+        if not replicas and not far:
+            return False, f"no replica of '{stage_id}' left"
+        return self._one_of(stage_id, replicas, far, msgid, payload, Sender(*sender), reply)
+
+    def _to_server(self, sender: Sender, address: ToServer, payload: bytes, reply_to: str | None) -> Result:
+        """``{id, addr [, ms]}``: ``id`` (``"stage:msg"``, or ``"msg"`` for the sender's stage id) there."""
+        assert self.remote is not None
+        addr = cluster_address(address.addr)
+        server = self.remote.routes.addrs.get(addr)
+        if server is None:
+            return False, f"no server of the cluster at {addr}"
+        try:
+            inner = parse_target(address.msgid)
+        except AddressError as err:
+            return False, str(err)
+        if type(inner) is LocalAsync:
+            stage, msgid, tag, reply = sender.stage, inner.msgid, False, inner.reply
+        elif type(inner) is ToStage and inner.scope is Scope.ANY:
+            stage, msgid, tag, reply = inner.stage or sender.stage, inner.msgid, inner.tag_sender, inner.reply
+        else:
+            return False, f"{address.msgid!r} is not a message for a stage of that server"
+        ms = address.timeout_ms
+        deadline = None if ms is None else self.now() + ms / 1000.0
+        frame = ["s", stage, msgid, tag, payload, _sender_frame(sender), self._reply(sender, reply_to or reply), ms]
+        return self.remote.send(server, frame, None, deadline)
 
     def _choose(self, stage_id: str, replicas: list[int]) -> int:
         """Round-robin over reachable replicas, skipping one whose process is clearly slower."""
@@ -175,7 +267,10 @@ class Router:
 
     def _to_reply(self, sender: Sender, address: ReplyTo, payload: bytes, reply_to: str | None) -> Result:
         if address.server != self.server_id:
-            return False, f"server '{address.server}' is not reachable (no cluster)"
+            if self.remote is None:
+                return False, f"server '{address.server}' is not reachable (no cluster)"
+            frame = ["m", address.instance, address.msgid, payload, _sender_frame(sender), self._reply(sender, reply_to)]
+            return self.remote.send(address.server, frame)
         if not 0 <= address.instance < len(self._placement):
             return False, f"no stage instance {address.instance} on this server"
         return self.deliver(address.instance, address.msgid, payload, sender, self._reply(sender, reply_to))
@@ -237,6 +332,8 @@ class Router:
             self.delays[group] = frame[1]
         elif kind == "lock" and self.locks is not None:
             self._apply_lock(frame[1])
+        elif kind in CLUSTER_FRAMES and self.remote is not None:
+            self.remote.process_frame(group, frame)
         else:
             self.log.warn("unknown frame kind {kind!r} from group {group}", kind=kind, group=group)
 

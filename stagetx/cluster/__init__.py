@@ -1,0 +1,1 @@
+"""The cluster: links between servers, discovery, the peer directory and the gateway (docs/cluster.md)."""

@@ -1,0 +1,285 @@
+"""The cluster as the router sees it: the gateway (process of group 0) and its view in the others.
+
+The process of the first ``#startup`` group is the server's gateway: it listens on the
+``#cluster`` port, dials peers and backups, runs discovery, keeps the ``Directory`` and relays
+frames between the processes of its server and the peer servers. The other processes route
+with a ``RemoteView``: the gateway's latest ``Routes`` (pushed to them over the process links
+when they change, and with every heart-beat) and a forwarder of their remote frames to group 0.
+
+Frames between servers (each one ``stagetx.wire`` message)::
+
+    ["hello", ADDR, {STAGE: [INSTANCE...]}, DELAY_S, OVERLOADED]   at link-up and every heart-beat
+    ["m", INSTANCE, MSGID, PAYLOAD, SENDER, REPLY]                  to one stage instance
+    ["s", STAGE, MSGID, TAG_SENDER, PAYLOAD, SENDER, REPLY, TTL_MS]  {id, addr [, ms]}: routed there
+
+Frames between the processes of one server (kinds added to ``stagetx.router``)::
+
+    ["cx", SERVER, FRAME, REROUTE_STAGE, DEADLINE]   a process → the gateway: send FRAME to SERVER
+    ["croutes", ROUTES]                              the gateway → the processes: ``Routes.to_wire``
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from twisted.application.service import MultiService
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from stagetx.address import Scope, ToStage
+from stagetx.cluster.directory import Directory, OverloadGate, Peer, Routes
+from stagetx.cluster.discovery import Discovery
+from stagetx.cluster.peers import PeerLinks
+from stagetx.config import ServerConfig
+from stagetx.message import Sender
+from stagetx.router import Links, Result, Router
+from stagetx.wire import Link
+
+#: The largest frame between servers.
+MAX_FRAME = 16 * 1024 * 1024
+#: Frames kept per peer while it has no link, unless the config's ``"cluster_queue"`` says otherwise.
+QUEUE_LIMIT = 10_000
+#: Servers bind their cluster port on this address (security default: this machine only).
+LISTEN_HOST = "127.0.0.1"
+GATEWAY_GROUP = 0
+
+
+def cluster_enabled(config: ServerConfig) -> bool:
+    cluster = config.cluster
+    return bool(cluster.listen or cluster.peers or cluster.backups or cluster.discovery)
+
+
+def stage_table(config: ServerConfig) -> dict[str, list[int]]:
+    """Stage id → instance numbers of this server (what peers learn in the hello)."""
+    table: dict[str, list[int]] = {}
+    for stage in config.stages:
+        table.setdefault(stage.id, []).append(stage.instance)
+    return table
+
+
+class RemoteView:
+    """The cluster as seen from a process other than the gateway."""
+
+    def __init__(self, links: Links) -> None:
+        self.links = links
+        self.routes = Routes()
+
+    def send(self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None) -> Result:
+        if server_id not in self.routes.servers:
+            return False, f"server '{server_id}' is not in the cluster (gone, restarted or never seen)"
+        if server_id in self.routes.full:
+            return False, f"server '{server_id}' is not linked and its queue is full"
+        return self.links.send(GATEWAY_GROUP, ["cx", server_id, frame, reroute, deadline])
+
+    def process_frame(self, group: int, frame: list[Any]) -> None:
+        if frame[0] == "croutes":
+            self.routes = Routes.from_wire(frame[1])
+
+
+class ClusterGateway(MultiService):
+    """The cluster service of a server, run in the process of group 0."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        router: Router,
+        links: Links | None,
+        secret: bytes,
+        reactor: Any,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        cluster = config.cluster
+        self.router = router
+        self.links = links
+        self.reactor = reactor
+        self.now = now
+        self.server_id = router.server_id
+        self.groups = len(config.startup)
+        self.stages = stage_table(config)
+        sync_ms, overload_ms = config.router
+        self.interval = sync_ms / 3000.0
+        self.directory = Directory(self.server_id, sync_ms / 1000.0, now, [str(b) for b in cluster.backups])
+        self.gate = OverloadGate(overload_ms / 1000.0)
+        self.addr = f"{LISTEN_HOST}:{cluster.listen}" if cluster.listen else ""
+        queue_limit = config.values.get("cluster_queue", QUEUE_LIMIT)
+        listen = (LISTEN_HOST, cluster.listen) if cluster.listen else None
+        self.peers = PeerLinks(self.server_id, secret, listen, self, reactor, MAX_FRAME, int(queue_limit), now)
+        self.peers.setServiceParent(self)
+        self.static = [str(a) for a in (*cluster.peers, *cluster.backups)]
+        self.discovery: Discovery | None = None
+        if cluster.discovery:
+            groups = [(g.host, g.port) for g in cluster.discovery]
+            self.discovery = Discovery(groups, secret, self.server_id, self.addr, self.discovered, reactor)
+            self.discovery.setServiceParent(self)
+        self.routes = Routes()
+        self._via: dict[str, str] = {}
+        self._push_call: IDelayedCall | None = None
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = reactor
+        router.remote = self
+
+    def startService(self) -> None:
+        MultiService.startService(self)
+        for addr in self.static:
+            self.peers.dial(addr)
+        self._loop.start(self.interval, now=False)
+        self.log.info(
+            "cluster: server {server} listening on {addr}, peers {peers}",
+            server=self.server_id, addr=self.addr or "(no port)", peers=self.static,
+        )
+
+    def stopService(self) -> Any:
+        if self._loop.running:
+            self._loop.stop()
+        if self._push_call is not None and self._push_call.active():
+            self._push_call.cancel()
+        return MultiService.stopService(self)
+
+    # -- what the router calls --------------------------------------------------------------------
+    def send(self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None) -> Result:
+        """Send ``frame`` to a known server (queued while it has no link, bounded)."""
+        if server_id not in self.directory.peers:
+            return False, f"server '{server_id}' is not in the cluster (gone, restarted or never seen)"
+        was_full = self.peers.is_full(server_id)
+        ok, reason = self.peers.send(server_id, frame, reroute, deadline)
+        if self.peers.is_full(server_id) != was_full:
+            self._changed()
+        return ok, reason
+
+    def process_frame(self, group: int, frame: list[Any]) -> None:
+        """A frame from another process of this server: a remote frame to relay."""
+        if frame[0] != "cx":
+            self.log.warn("unexpected cluster frame {kind!r} from process {group}", kind=frame[0], group=group + 1)
+            return
+        _, server_id, inner, reroute, deadline = frame
+        ok, reason = self.send(server_id, inner, reroute, deadline)
+        if not ok and reroute is not None:
+            ok, reason = self.router.route_again(reroute, inner)
+        if not ok:
+            self.log.warn("message from process {group} not relayed: {reason}", group=group + 1, reason=reason)
+
+    def server_at(self, addr: str) -> str | None:
+        return self.routes.addrs.get(addr)
+
+    # -- discovery --------------------------------------------------------------------------------
+    def discovered(self, server_id: str, addr: str) -> None:
+        if server_id in self.directory.peers and self.directory.peers[server_id].linked:
+            return
+        if addr not in self.peers.dialing():
+            self.log.info("discovered server {server} at {addr}", server=server_id, addr=addr)
+            self.peers.dial(addr)
+
+    # -- peer events (PeerLinks) ------------------------------------------------------------------
+    def peer_linked(self, server_id: str, link: Link, via: str | None) -> None:
+        if via is not None:
+            self._via[server_id] = via
+        link.send(self._hello())
+
+    def peer_unlinked(self, server_id: str) -> None:
+        if self.directory.unlinked(server_id):
+            self.log.warn("link to server {server} lost", server=server_id)
+            self._changed()
+
+    def peer_message(self, server_id: str, obj: Any) -> None:
+        kind = obj[0]
+        if kind == "m":
+            self.directory.heard(server_id)
+            _, instance, msgid, payload, sender, reply = obj
+            ok, reason = self.router.deliver(instance, msgid, payload, Sender(*sender), reply)
+            if not ok:
+                self.log.warn("message {msgid!r} from server {server} not delivered: {reason}", msgid=msgid, server=server_id, reason=reason)
+        elif kind == "hello":
+            self._hello_from(server_id, obj)
+        elif kind == "s":
+            self.directory.heard(server_id)
+            self._to_this_server(server_id, obj)
+        else:
+            self.log.warn("unknown frame kind {kind!r} from server {server}", kind=kind, server=server_id)
+
+    def _hello(self) -> list[Any]:
+        return ["hello", self.addr, self.stages, self.own_delay(), self.gate.overloaded]
+
+    def _hello_from(self, server_id: str, obj: list[Any]) -> None:
+        _, addr, stages, delay, overloaded = obj
+        known = self.directory.peers.get(server_id)
+        if known is None or not known.linked:
+            for old in self.directory.learn(server_id, addr or self._via.get(server_id, ""), stages, self._via.get(server_id)):
+                self.log.warn("server {old} at {addr} was replaced by {new} (restarted)", old=old.server_id, addr=addr, new=server_id)
+                self._forget(old)
+            self.log.info("server {server} at {addr} linked: stages {stages}", server=server_id, addr=addr, stages=sorted(stages))
+            self.directory.heard(server_id, delay, overloaded)
+            self._changed()
+        elif self.directory.heard(server_id, delay, overloaded):
+            state = "overloaded: no routed work for it" if overloaded else "recovered"
+            self.log.info("server {server} {state}", server=server_id, state=state)
+            self._changed()
+
+    def _to_this_server(self, server_id: str, obj: list[Any]) -> None:
+        _, stage, msgid, tag, payload, sender, reply, ttl_ms = obj
+        if ttl_ms is not None and self.own_delay() * 1000.0 >= ttl_ms:
+            self.log.warn("message {msgid!r} from server {server} dropped: not handled within {ms} ms", msgid=msgid, server=server_id, ms=ttl_ms)
+            return
+        address = ToStage(stage, msgid, Scope.LOCAL, bool(tag), None)
+        ok, reason = self.router.send(Sender(*sender), address, payload, reply)
+        if not ok:
+            self.log.warn("message {msgid!r} from server {server} not delivered: {reason}", msgid=msgid, server=server_id, reason=reason)
+
+    # -- heart-beats, expiry, overload ------------------------------------------------------------
+    def own_delay(self) -> float:
+        """This server's message delay: the worst queue delay of its processes (s)."""
+        return max([self.router.delay, *self.router.delays.values()])
+
+    def _tick(self) -> None:
+        try:
+            if self.gate.update(self.own_delay()):
+                if self.gate.overloaded:
+                    self.log.warn("overloaded: message delay {ms:.0f} ms; taking no routed work from the cluster", ms=self.own_delay() * 1000)
+                else:
+                    self.log.info("recovered from overload: taking routed work from the cluster again")
+            hello = self._hello()
+            for link in self.peers.links.values():
+                link.send(hello)
+            gone = self.directory.expire()
+            for peer in gone:
+                self.log.warn("server {server} not heard from within {ms:.0f} ms: routing removed", server=peer.server_id, ms=self.directory.sync * 1000)
+                self._forget(peer)
+            self._push()
+        except Exception:
+            self.log.failure("cluster heart-beat failed")
+
+    def _forget(self, peer: Peer) -> None:
+        """``peer`` is gone for good: what waited for it goes to other replicas, or is dropped."""
+        self._via.pop(peer.server_id, None)
+        if peer.addr and peer.addr not in self.static:
+            self.peers.undial(peer.addr)  # discovery will find it again if it comes back
+        self.routes = self.directory.routes(self._full())
+        lost = 0
+        for item in self.peers.take_queue(peer.server_id):
+            if item.reroute is None or not self.router.route_again(item.reroute, item.frame)[0]:
+                lost += 1
+        if lost:
+            self.log.warn("{n} message(s) queued for server {server} dropped", n=lost, server=peer.server_id)
+        self._changed()
+
+    def _full(self) -> list[str]:
+        return [s for s in self.directory.peers if self.peers.is_full(s)]
+
+    def _changed(self) -> None:
+        self.routes = self.directory.routes(self._full())
+        if self._push_call is None or not self._push_call.active():
+            self._push_call = self.reactor.callLater(0, self._push)
+
+    def _push(self) -> None:
+        """Tell the other processes of this server the current routes."""
+        self._push_call = None
+        if self.links is None or self.groups < 2:
+            return
+        frame = ["croutes", self.routes.to_wire()]
+        for group in range(self.groups):
+            if group != GATEWAY_GROUP:
+                self.links.send(group, frame)

@@ -1,0 +1,212 @@
+"""TCP links to the other servers of a cluster: listening, dialing with back-off, per-peer queues.
+
+Every server listens on its ``#cluster`` port and dials the addresses it was given (static
+peers, backups) or learned (discovery); a dialer keeps reconnecting with back-off while the
+peer is away, so a restarted peer is linked again by itself. Links are ``stagetx.wire`` links
+(authenticated handshake, then authenticated, sequenced, batched frames); the node id of each
+side is its server id. Either link of a pair (the one we dialed or the one we accepted) carries
+our frames; once chosen, a peer's link stays the one used until it drops, so frames to a peer
+keep their order. Frames for a peer without a link wait in its queue, bounded by ``queue_limit``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any, Callable, Protocol
+
+import attrs
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from stagetx.wire import Link, LinkClientFactory, LinkServerFactory
+
+#: Reconnect delays: first retry after this many seconds, growing by ``BACKOFF_FACTOR`` ...
+BACKOFF_FIRST = 0.1
+#: ... up to this many seconds.
+BACKOFF_MAX = 2.0
+BACKOFF_FACTOR = 1.5
+
+
+class PeerEvents(Protocol):
+    """What the gateway is told about peers."""
+
+    def peer_linked(self, server_id: str, link: Link, via: str | None) -> None: ...
+
+    def peer_message(self, server_id: str, obj: Any) -> None: ...
+
+    def peer_unlinked(self, server_id: str) -> None: ...
+
+
+@attrs.define
+class Queued:
+    """One frame waiting for a peer's link; ``reroute`` is the stage id if it may go elsewhere."""
+
+    frame: list[Any]
+    reroute: str | None = None
+    deadline: float | None = None  # monotonic time after which it is dropped ({id, addr, ms})
+
+
+class _Handler:
+    """The wire handler of one link; ``via`` is the address dialed (None for accepted links)."""
+
+    def __init__(self, peers: PeerLinks, via: str | None) -> None:
+        self.peers = peers
+        self.via = via
+
+    def link_authenticated(self, link: Link) -> None:
+        self.peers._authenticated(link, self.via)
+
+    def message_received(self, link: Link, obj: Any) -> None:
+        if link.peer_id is not None:
+            self.peers.events.peer_message(link.peer_id, obj)
+
+    def link_lost(self, link: Link, reason: object) -> None:
+        self.peers._lost(link)
+
+
+def _endpoint(reactor: Any, addr: str) -> Any:
+    host, _, port = addr.rpartition(":")
+    if host.startswith("["):
+        return TCP6ClientEndpoint(reactor, host[1:-1], int(port), timeout=5)
+    return TCP4ClientEndpoint(reactor, host, int(port), timeout=5)
+
+
+class PeerLinks(MultiService):
+    """The links of this server to its peers.
+
+    @param listen: ``(host, port)`` to accept peers on, or None to only dial.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        server_id: str,
+        secret: bytes,
+        listen: tuple[str, int] | None,
+        events: PeerEvents,
+        reactor: Any,
+        max_frame: int,
+        queue_limit: int,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.server_id = server_id
+        self.secret = secret
+        self.listen = listen
+        self.events = events
+        self.reactor = reactor
+        self.max_frame = max_frame
+        self.queue_limit = queue_limit
+        self.now = now
+        self.links: dict[str, Link] = {}  # server id -> the link its frames go out on
+        self.queues: dict[str, deque[Queued]] = {}
+        self._dialers: dict[str, ClientService] = {}
+        self._open: dict[str, list[Link]] = {}  # server id -> every authenticated link to it
+        self._port: IListeningPort | None = None
+        self.port_number: int | None = None
+
+    def startService(self) -> None:
+        if self.listen is not None:
+            host, port = self.listen
+            factory = LinkServerFactory(self.secret, self.server_id, _Handler(self, None), self.max_frame, self.reactor)
+            self._port = self.reactor.listenTCP(port, factory, interface=host)
+            self.port_number = self._port.getHost().port  # type: ignore[union-attr]
+        MultiService.startService(self)
+
+    def stopService(self) -> Any:
+        if self._port is not None:
+            self._port.stopListening()
+            self._port = None
+        for link in list(self.links.values()):
+            link.close()
+        return MultiService.stopService(self)
+
+    # -- dialing ----------------------------------------------------------------------------------
+    def dial(self, addr: str) -> None:
+        """Keep a link to ``addr`` (reconnecting with back-off); a no-op if already dialing it."""
+        if addr in self._dialers:
+            return
+        factory = LinkClientFactory(self.secret, self.server_id, _Handler(self, addr), self.max_frame, self.reactor)
+        policy = backoffPolicy(BACKOFF_FIRST, BACKOFF_MAX, factor=BACKOFF_FACTOR)
+        service = ClientService(_endpoint(self.reactor, addr), factory, retryPolicy=policy, clock=self.reactor)
+        self._dialers[addr] = service
+        service.setServiceParent(self)
+
+    def undial(self, addr: str) -> None:
+        """Stop dialing ``addr`` (its current link, if any, is closed)."""
+        service = self._dialers.pop(addr, None)
+        if service is not None:
+            service.disownServiceParent()
+
+    def dialing(self) -> set[str]:
+        return set(self._dialers)
+
+    # -- sending ----------------------------------------------------------------------------------
+    def send(self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None) -> tuple[bool, str | None]:
+        """Send ``frame`` to ``server_id`` now, or queue it while the peer has no link."""
+        link = self.links.get(server_id)
+        if link is not None and link.send(frame):
+            return True, None
+        queue = self.queues.setdefault(server_id, deque())
+        if len(queue) >= self.queue_limit:
+            return False, f"server '{server_id}' is not linked and its queue is full ({self.queue_limit})"
+        queue.append(Queued(frame, reroute, deadline))
+        return True, None
+
+    def is_full(self, server_id: str) -> bool:
+        return len(self.queues.get(server_id, ())) >= self.queue_limit
+
+    def take_queue(self, server_id: str) -> list[Queued]:
+        """Remove and return what waits for ``server_id`` (a peer that is gone for good)."""
+        return list(self.queues.pop(server_id, ()))
+
+    def _flush(self, server_id: str, link: Link) -> None:
+        queue = self.queues.pop(server_id, None)
+        if not queue:
+            return
+        now, dropped = self.now(), 0
+        for item in queue:
+            if item.deadline is not None and now > item.deadline:
+                dropped += 1
+                continue
+            link.send(item.frame)
+        if dropped:
+            self.log.warn("{n} queued message(s) for server {peer} timed out before its link came up", n=dropped, peer=server_id)
+
+    # -- link events ------------------------------------------------------------------------------
+    def _authenticated(self, link: Link, via: str | None) -> None:
+        peer = link.peer_id
+        assert peer is not None
+        if peer == self.server_id:
+            self.log.info("cluster address {addr} is this server itself; not dialed", addr=via)
+            link.close()
+            if via is not None:
+                self.undial(via)
+            return
+        self._open.setdefault(peer, []).append(link)
+        if peer not in self.links:
+            self.links[peer] = link
+            self._flush(peer, link)
+        self.events.peer_linked(peer, link, via)
+
+    def _lost(self, link: Link) -> None:
+        peer = link.peer_id
+        if peer is None or peer == self.server_id:
+            return
+        others = [other for other in self._open.get(peer, []) if other is not link]
+        if others:
+            self._open[peer] = others
+        else:
+            self._open.pop(peer, None)
+        if self.links.get(peer) is not link:
+            return
+        if others:  # it dialed us while we dialed it: the other link takes over
+            self.links[peer] = others[0]
+            return
+        del self.links[peer]
+        self.events.peer_unlinked(peer)
