@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from bisect import bisect_left
 from typing import Any, Mapping, Sequence
 
 import setproctitle
@@ -26,6 +27,9 @@ from stagetx.router import Result, Router
 from stagetx.shared import ProcessShared
 from stagetx.stages import stage_class
 
+#: Upper bounds (s) of the handler-time histogram each stage keeps (the last bucket is unbounded).
+LATENCY_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
 
 class ProcessServices:
     """What every stage and worker sandbox of one process shares."""
@@ -40,6 +44,7 @@ class ProcessServices:
     ) -> None:
         self.config = config
         self.group = group
+        self.slow_ms = 100.0  # a Lua callback longer than this is logged as a slow handler
         self.services = dict(services or {})  # "host:port" of #services -> inherited listening fd
         self.args = list(args)
         self.server_id = server_id
@@ -95,6 +100,7 @@ class StageHost(Service):
         self.sent = 0
         self.errors = 0
         self.busy = 0.0
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)  # handler times, counted per bucket
         self._backlog: list[Message] | None = []  # messages that arrived before the stage started
         self.stage = stage_class(config.type)(self, config)
 
@@ -129,7 +135,9 @@ class StageHost(Service):
         try:
             self.stage.receive(message)
         finally:
-            self.busy += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.busy += elapsed
+            self.latency[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
 
     # -- Service ----------------------------------------------------------------------------------
     def startService(self) -> Deferred[None]:  # type: ignore[override]

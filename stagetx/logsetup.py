@@ -3,10 +3,16 @@
 Every logger group (a ``twisted.logger`` namespace such as ``stage.rank`` or a group named by
 ``%{=group:level}``) logs to the main stream at level info unless ``#log`` names it; a group with
 a ``file`` also writes there. Lua text is always an event field, never a format string.
+
+``json_lines=True`` writes the main stream as JSON lines (one event per line with all its fields):
+children use it so that the supervisor re-emits their events with every structured field, and
+``json_observer`` is the matching ``twistd --logger`` factory (docs/operations.md). SIGHUP makes a
+process call ``reopen_log_files`` so that rotated ``#log`` files are written afresh.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import IO, Mapping
 
 from twisted.logger import (
@@ -15,6 +21,7 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     globalLogBeginner,
+    jsonFileLogObserver,
     textFileLogObserver,
 )
 
@@ -54,21 +61,57 @@ def _namespace_filter(namespace: str) -> object:
     return accept
 
 
-def log_observers(groups: Mapping[str, LogGroup], stream: IO[str]) -> tuple[list[ILogObserver], LogLevelFilterPredicate]:
+class ReopenableFile:
+    """An append-mode log file that can be reopened after it was rotated away."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._handle = open(path, "a", encoding="utf-8")
+
+    def write(self, text: str) -> int:
+        return self._handle.write(text)
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def reopen(self) -> None:
+        self._handle.close()
+        self._handle = open(self.path, "a", encoding="utf-8")
+
+
+_FILES: list[ReopenableFile] = []
+
+
+def reopen_log_files() -> None:
+    """Reopen every ``#log`` file of this process (on SIGHUP, after log rotation)."""
+    for handle in _FILES:
+        handle.reopen()
+
+
+def json_observer() -> ILogObserver:
+    """``twistd --logger=stagetx.logsetup.json_observer``: the supervisor's log as JSON lines."""
+    return jsonFileLogObserver(sys.stdout, recordSeparator="")
+
+
+def log_observers(
+    groups: Mapping[str, LogGroup], stream: IO[str], json_lines: bool = False
+) -> tuple[list[ILogObserver], LogLevelFilterPredicate]:
     """The observers for ``#log``: the main stream, plus one file per group that names one."""
     predicate = log_predicate(groups)
-    observers: list[ILogObserver] = [FilteringLogObserver(textFileLogObserver(stream, timeFormat=None), [predicate])]
+    main = jsonFileLogObserver(stream, recordSeparator="") if json_lines else textFileLogObserver(stream, timeFormat=None)
+    observers: list[ILogObserver] = [FilteringLogObserver(main, [predicate])]
     for name, group in groups.items():
         if group.file:
-            handle = open(group.file, "a", encoding="utf-8")
+            handle = ReopenableFile(group.file)
+            _FILES.append(handle)
             observers.append(
-                FilteringLogObserver(textFileLogObserver(handle), [_namespace_filter(name), predicate])  # type: ignore[list-item]
+                FilteringLogObserver(textFileLogObserver(handle), [_namespace_filter(name), predicate])  # type: ignore[list-item, arg-type]
             )
     return observers, predicate
 
 
-def begin_logging(groups: Mapping[str, LogGroup], stream: IO[str]) -> LogLevelFilterPredicate:
+def begin_logging(groups: Mapping[str, LogGroup], stream: IO[str], json_lines: bool = False) -> LogLevelFilterPredicate:
     """Start logging for this process; returns the level predicate (for run-time level changes)."""
-    observers, predicate = log_observers(groups, stream)
+    observers, predicate = log_observers(groups, stream, json_lines)
     globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
     return predicate
