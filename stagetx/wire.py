@@ -20,7 +20,8 @@ its tag. One session key per direction (instead of one for both) keeps a frame r
 its sender from verifying. A proof that does not verify ("peer … refused: bad secret"), a frame
 over ``max_frame``, a bad tag or a body that is not a msgpack array drops that connection (logged
 once), never the process. A peer that has not authenticated within ``handshake_timeout`` seconds
-is dropped.
+is dropped; until then its frames may not exceed ``HANDSHAKE_MAX_FRAME`` (64 KiB), so a stranger
+cannot make a link buffer up to ``max_frame``.
 
 Messages queued with ``Link.send`` during one reactor turn leave as one frame (write coalescing,
 flushed by ``clock.callLater(0, …)``, or at once past ``FLUSH_BYTES``). Strings inside messages
@@ -56,6 +57,9 @@ _SEQ = struct.Struct("<Q")
 _ROLE_CLIENT = b"C"
 _ROLE_SERVER = b"S"
 _ARRAY_HEADER_MAX = 5
+#: Longest frame an unauthenticated peer may send (a HELLO with the longest node id): a stranger
+#: never makes a link buffer more than this.
+HANDSHAKE_MAX_FRAME = _HELLO.size + 0xFFFF
 
 log = Logger(namespace="stagetx.wire")
 
@@ -197,9 +201,10 @@ class Link(protocol.Protocol):
             return
         buf = self._buffer
         buf += data
-        pos, size, limit = 0, len(buf), self.settings.max_frame
+        pos, size = 0, len(buf)
         while size - pos >= 4:
             (length,) = _LEN.unpack_from(buf, pos)
+            limit = self.settings.max_frame if self.authenticated else HANDSHAKE_MAX_FRAME
             if length > limit:
                 self._drop(f"frame of {length} bytes over the limit of {limit}")
                 return
