@@ -49,14 +49,13 @@ class _Inbound:
         self.links = links
 
     def link_authenticated(self, link: Link) -> None:
-        pass
+        link.group = _group_of(link.peer_id or "")  # type: ignore[attr-defined]
+        if link.group is None:  # type: ignore[attr-defined]
+            self.links.log.warn("link from unknown peer {peer!r} refused", peer=link.peer_id)
+            link.close()
 
     def message_received(self, link: Link, obj: Any) -> None:
-        group = _group_of(link.peer_id)
-        if group is None:
-            self.links.log.warn("frame from unknown peer {peer!r} ignored", peer=link.peer_id)
-            return
-        self.links.router.frame_received(group, obj)
+        self.links.router.frame_received(link.group, obj)  # type: ignore[attr-defined]
 
     def link_lost(self, link: Link, reason: object) -> None:
         pass

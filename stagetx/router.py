@@ -39,6 +39,8 @@ from stagetx.message import Message, Sender
 LOCK_GROUP = 0
 #: A replica is skipped while its process's queue delay is this much above the best one's (s).
 SLOW_MARGIN = 0.050
+#: Senders of frames from other processes kept as ``Sender`` values, at most this many.
+SENDER_CACHE = 4096
 #: One drain turn of the run queue runs at most this long before yielding to the reactor (s).
 DRAIN_SLICE = 0.020
 
@@ -114,6 +116,7 @@ class Router:
         self._queue: deque[tuple[Receiver, Message]] = deque()
         self._drain_call: IDelayedCall | None = None
         self._unknown: set[str] = set()
+        self._senders: dict[tuple[Any, ...], Sender] = {}  # frames name senders as lists
         self.locks = LockTable(clock, self._grant) if group == LOCK_GROUP else None
 
     def attach(self, receiver: Receiver) -> None:
@@ -327,7 +330,13 @@ class Router:
             if receiver is None:
                 self.log.warn("frame for stage instance {instance} that this process does not host", instance=instance)
                 return
-            self._enqueue(receiver, Message(msgid, payload, Sender(*sender), reply, self.now()))
+            key = tuple(sender)
+            known = self._senders.get(key)
+            if known is None:
+                if len(self._senders) >= SENDER_CACHE:
+                    self._senders.clear()
+                known = self._senders[key] = Sender(*key)
+            self._enqueue(receiver, Message(msgid, payload, known, reply, self.now()))
         elif kind == "delay":
             self.delays[group] = frame[1]
         elif kind == "lock" and self.locks is not None:

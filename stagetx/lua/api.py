@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger, LogLevel
 
-from stagetx.address import AddressError, parse_target
+from stagetx.address import Address, AddressError, parse_target
 from stagetx.codec import CodecError, pack_lua, pack_py, unpack_lua
 from stagetx.lua.loader import ScriptLoader
 from stagetx.lua.runtime import LuaScriptError, LuaVM
@@ -34,6 +34,10 @@ LEVELS = {
     b"debug": LogLevel.debug,
     b"fatal": LogLevel.critical,
 }
+
+
+#: Parsed signal targets kept per runtime, at most this many.
+TARGET_CACHE = 4096
 
 
 class Task:
@@ -68,6 +72,7 @@ class StageAPI:
         self._loader_factory = loader_factory
         self._drain_call: IDelayedCall | None = None
         self._unhandled: set[str] = set()
+        self._targets: dict[bytes, Address] = {}  # parsed signal targets, by their Lua string
         self.vm: LuaVM
         self.loader: ScriptLoader
 
@@ -97,7 +102,13 @@ class StageAPI:
     # -- messages ---------------------------------------------------------------------------------
     def send(self, target: Any, *values: Any) -> tuple[Any, ...]:
         try:
-            address = parse_target(self._target(target))
+            address = self._targets.get(target) if type(target) is bytes else None
+            if address is None:
+                address = parse_target(self._target(target))
+                if type(target) is bytes:
+                    if len(self._targets) >= TARGET_CACHE:
+                        self._targets.clear()
+                    self._targets[target] = address
             payload = pack_lua(self.vm, values)
         except (AddressError, CodecError) as err:
             return None, lua_text(f"stage.signal: {err}")

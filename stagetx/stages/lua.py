@@ -29,6 +29,10 @@ from stagetx.lua.runtime import LuaScriptError, LuaVM
 from stagetx.message import Message, Sender
 
 
+#: Message ids kept as Lua strings per stage, at most this many.
+MSGID_CACHE = 4096
+
+
 class Stage:
     """A Lua stage (``config.type`` is ``lua`` or ``luajit``)."""
 
@@ -40,6 +44,7 @@ class Stage:
         self.vm: LuaVM | None = None
         self.api: StageAPI | None = None
         self._senders: dict[Sender, Any] = {}
+        self._msgids: dict[str, bytes] = {}  # message ids as Lua strings
         self._idle_call: IDelayedCall | None = None
         self._stoppers: list[Callable[[], Any]] = []
         self._held: list[Message] | None = None  # messages that arrive while the runtime is rebuilt
@@ -176,8 +181,13 @@ class Stage:
         sender = self._senders.get(message.sender)
         if sender is None:
             sender = self._senders[message.sender] = vm.table(sender_fields(message.sender))
+        msgid = self._msgids.get(message.msgid)
+        if msgid is None:
+            if len(self._msgids) >= MSGID_CACHE:
+                self._msgids.clear()
+            msgid = self._msgids[message.msgid] = lua_text(message.msgid)
         reply = None if message.reply is None else lua_text(message.reply)
-        vm.deliver(lua_text(message.msgid), sender, reply, *values)
+        vm.deliver(msgid, sender, reply, *values)
 
 
 class _TrackedAPI(StageAPI):
