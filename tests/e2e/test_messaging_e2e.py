@@ -43,6 +43,8 @@ stage.waitfor("turn", function(who)
 end)
 stage.waitfor("go", function(n) for i = 1, n do stage.signal(">L.turn", i) end end)
 stage.signal("a:hello", "c")
+process.title = "stagetx-e2e-title-c"
+log4cxx.info("titled", process.id)
 """
 
 A = """
@@ -140,3 +142,9 @@ def test_ordered_lock_turns_never_overlap_across_processes(server: ServerProcess
     for _, kind in events:
         holders += 1 if kind == "enter" else -1
         assert holders in (0, 1)
+
+
+def test_process_title_changes_what_ps_shows(server: ServerProcess) -> None:
+    (pid,), = server.logged("c", "titled")
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert f.read().split(b"\0")[0] == b"stagetx-e2e-title-c"
