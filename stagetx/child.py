@@ -62,14 +62,16 @@ def main() -> int:
     from twisted.internet import reactor
 
     from stagetx.config import parse_config
-    from stagetx.logsetup import begin_logging
+    from stagetx.logsetup import begin_logging, reopen_log_files
     from stagetx.process import ChildProcess
 
     config = parse_config(boot["config"], boot["base_dir"])
     group = int(boot["group"])
-    begin_logging(config.log, sys.stdout)
+    json_lines = boot.get("operations", {}).get("log_format") == "json"
+    levels = begin_logging(config.log, sys.stdout, json_lines)
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reopen_log_files))
     reactor.suggestThreadPoolSize(config.threads[0])
-    child = ChildProcess(config, boot, reactor)
+    child = ChildProcess(config, boot, reactor, levels)
     reactor.addReader(_SupervisorWatch(reactor))
     reactor.callWhenRunning(child.startService)
     reactor.addSystemEventTrigger("before", "shutdown", child.stopService)

@@ -177,6 +177,7 @@ class ProcessHost(MultiService):
         self.router = Router(server_id, group, placement, clock)
         self.process = ProcessServices(config, group, args, server_id, services)
         self.stages = [StageHost(s, self.process, self.router, clock) for s in config.startup[group]]
+        self.ready: Deferred[None] = Deferred()  # fires once every stage has started (or failed to)
         for stage in self.stages:
             self.router.attach(stage)
 
@@ -189,6 +190,8 @@ class ProcessHost(MultiService):
             if index == len(self.stages):
                 self.log.info("group {group} ready: {stages}", group=self.group + 1, stages=[s.name for s in self.stages])
                 done.callback(None)
+                if not self.ready.called:
+                    self.ready.callback(None)
                 return
             stage = self.stages[index]
             d = stage.startService()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Mapping
 
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger, LogLevelFilterPredicate
 
 from stagetx.cluster.gateway import GATEWAY_GROUP, ClusterGateway, RemoteView, cluster_enabled
 from stagetx.config import ServerConfig
+from stagetx.control import ControlClient, ProcessControl, ScriptWatcher
 from stagetx.host import ProcessHost
 from stagetx.links import ProcessLinks
 
@@ -20,11 +24,20 @@ class ChildProcess(MultiService):
 
     With a ``#cluster``, the process of group 0 also runs the server's cluster gateway (started
     after its stages); the others route to other servers through it (``stagetx.cluster.gateway``).
+    The control client (``stagetx.control``) reports to the supervisor; on stop, the process first
+    drains its router queue for up to ``operations.drain`` seconds of the bootstrap.
     """
 
-    def __init__(self, config: ServerConfig, boot: Mapping[str, Any], reactor: Any) -> None:
+    log = Logger()
+
+    def __init__(
+        self, config: ServerConfig, boot: Mapping[str, Any], reactor: Any, levels: LogLevelFilterPredicate | None = None
+    ) -> None:
         super().__init__()
         group = int(boot["group"])
+        operations = boot.get("operations", {})
+        self.reactor = reactor
+        self.drain = float(operations.get("drain", 5.0))
         self.host = ProcessHost(
             config, group, reactor, boot.get("server_id", "local"), boot.get("args", ()), boot.get("services", {})
         )
@@ -37,5 +50,57 @@ class ChildProcess(MultiService):
             if group == GATEWAY_GROUP:
                 gateway = ClusterGateway(config, self.host.router, self.links, bytes.fromhex(boot["secret"]), reactor)
                 gateway.setServiceParent(self)
+                self.gateway = gateway
             else:
                 self.host.router.remote = RemoteView(self.links)
+        self.host.process.slow_ms = float(operations.get("slow_ms", self.host.process.slow_ms))
+        control = ProcessControl(self.host, levels, reactor.seconds(), self._peers if cluster_enabled(config) else None)
+        self.control = ControlClient(control, boot["rundir"], bytes.fromhex(boot["secret"]), reactor)
+        self.control.setServiceParent(self)
+        self.host.ready.addCallback(lambda _: self.control.set_ready())
+        self.watcher: ScriptWatcher | None = None
+        if operations.get("watch"):
+            self.watcher = ScriptWatcher(self.host, float(operations["watch"]), reactor)
+
+    gateway: ClusterGateway | None = None
+
+    def _peers(self) -> list[dict[str, Any]]:
+        """The cluster peers as this process knows them: the gateway's table, else a note."""
+        if self.gateway is None:
+            return [{"note": "peers are known to process 1 (the cluster gateway)"}]
+        return [
+            {
+                "server": peer.server_id,
+                "addr": peer.addr,
+                "linked": peer.linked,
+                "backup": peer.backup,
+                "delay": peer.delay,
+                "overloaded": peer.overloaded,
+                "stages": len(peer.stages),
+            }
+            for peer in self.gateway.directory.peers.values()
+        ]
+
+    def startService(self) -> None:
+        MultiService.startService(self)
+        if self.watcher is not None:
+            self.watcher.loop.start(self.watcher.period, now=True)
+
+    def stopService(self) -> Deferred[None]:
+        """Drain the router queue (bounded by ``drain`` seconds), then stop in reverse order."""
+        if self.watcher is not None and self.watcher.loop.running:
+            self.watcher.loop.stop()
+        done: Deferred[None] = Deferred()
+        deadline = time.monotonic() + self.drain
+
+        def check() -> None:
+            waiting = self.host.router.queue_length()
+            if waiting and time.monotonic() < deadline:
+                self.reactor.callLater(0.01, check)
+                return
+            if waiting:
+                self.log.warn("stopping with {waiting} messages undelivered", waiting=waiting)
+            MultiService.stopService(self).chainDeferred(done)  # type: ignore[union-attr]
+
+        check()
+        return done

@@ -3,6 +3,10 @@
 Our own small service over ``spawnProcess`` rather than ``twisted.runner.procmon``: the children
 must inherit the ``#services`` listening sockets (``childFDs``) and the environment, must get the
 bootstrap line on stdin (docs/internals.md), and may log lines of any length.
+
+The supervisor is also the admin side (docs/operations.md): children report over control links
+(``stagetx.admin.control``); the ``#admin`` console and HTTP endpoints run here. Start-up logs one
+line per bound port and spawned process, and one ``ready`` line once every process reported ready.
 """
 
 from __future__ import annotations
@@ -21,16 +25,26 @@ import attrs
 from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.base import DelayedCall
-from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorUNIX
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger, eventFromJSON, formatEvent
 from twisted.python.failure import Failure
 
 import stagetx
+from stagetx.admin.commands import Commands
+from stagetx.admin.console import ConsoleFactory
+from stagetx.admin.control import ControlServer
+from stagetx.admin.http import admin_site
 from stagetx.config import HostPort, ServerConfig
 
 CHILD_COMMAND: tuple[str, ...] = (sys.executable, "-m", "stagetx.child")
 FIRST_SERVICE_FD = 3
 MAX_LINE = 1 << 20  # a longer line is relayed in pieces of this size, so memory stays bounded
+HEARTBEAT = 0.25  # the supervisor's own reactor is checked this often for /health
+LAG_LIMIT = 1.0  # a heart-beat later than this means the supervisor's reactor is stuck
+STALE_SNAPSHOT = 3.0  # a child whose last snapshot is older than this is unresponsive
 
 _childLog = Logger(namespace="stagetx.child")
 
@@ -107,11 +121,29 @@ class _ChildProtocol(ProcessProtocol):
 
     def _relay(self, level: str) -> Callable[[str], None]:
         def emit(line: str) -> None:
+            if line.startswith("{") and self._relay_event(line):
+                return
             getattr(_childLog, level)(
                 "g{group}[{pid}] {line}", group=self.group, pid=self.pid, line=line
             )
 
         return emit
+
+    def _relay_event(self, line: str) -> bool:
+        """Re-emit a child's JSON-lines event with its fields (``--log-format json``)."""
+        try:
+            event = eventFromJSON(line)
+        except ValueError:
+            return False
+        if not isinstance(event, dict) or "log_namespace" not in event or "log_level" not in event:
+            return False
+        fields = {k: v for k, v in event.items() if not k.startswith("log_")}
+        fields.update(group=self.group, pid=self.pid, child_namespace=event["log_namespace"], text=formatEvent(event))
+        _childLog.emit(
+            event["log_level"], "g{group}[{pid}] [{child_namespace}#{child_level}] {text}",
+            child_level=event["log_level"].name, **fields
+        )
+        return True
 
     def connectionMade(self) -> None:
         transport: Any = self.transport  # an IProcessTransport (mypy cannot see zope interfaces)
@@ -182,6 +214,9 @@ class Supervisor(service.Service):
         stable_after: float = 60.0,
         grace: float = 10.0,
         environ: Mapping[str, str] | None = None,
+        operations: Mapping[str, Any] | None = None,
+        listener: Any = None,
+        signals: bool = False,
     ) -> None:
         self.config = config
         self._args = list(args)
@@ -197,6 +232,20 @@ class Supervisor(service.Service):
         self._rundir: str | None = None
         self._secret = ""
         self._server_id = ""
+        self._operations = dict(operations or {})
+        self._listener = listener
+        self._signals = signals  # handle SIGHUP (twistd; not in tests)
+        self._old_hup: Any = None
+        self.control: ControlServer | None = None
+        self.commands = Commands(self)
+        self._admin_ports: list[IListeningPort] = []
+        self._announced = False
+        self._heartbeat: LoopingCall | None = None
+        self._last_beat = 0.0
+
+    def clock(self) -> Clock:
+        """The supervisor's time source (the reactor, or the clock given for tests)."""
+        return self._reactor_clock()
 
     @property
     def rundir(self) -> str | None:
@@ -222,12 +271,121 @@ class Supervisor(service.Service):
         secret = self.config.secret
         self._secret = secret.encode("utf-8").hex() if secret else os.urandom(32).hex()
         self._server_id = os.urandom(8).hex()
+        for address, sock in zip(self.config.services, self._sockets or ()):
+            self.log.info("service {address} bound, port {port}", address=str(address), port=sock.getsockname()[1])
+        listener = self._reactor_listener()
+        if listener is not None:
+            self.control = ControlServer(
+                self._rundir, bytes.fromhex(self._secret), len(self._slots), self.clock(), listener, self._ready
+            )
+            self.control.startService()
+            self._start_admin(listener)
+        self._last_beat = self.clock().seconds()
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = self.clock()  # type: ignore[assignment]
+        self._heartbeat.start(HEARTBEAT, now=False)
+        if self._signals:
+            reactor: Any = self.clock()
+            self._old_hup = signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.hangup))
         for slot in self._slots:
             self._spawn(slot)
 
+    def _reactor_listener(self) -> Any:
+        """What listens (``IReactorUNIX``/``IReactorTCP``): given, else the clock's reactor.
+
+        A bare ``task.Clock`` (unit tests) listens nowhere: no control links, no admin ports.
+        """
+        if self._listener is None:
+            clock = self._reactor_clock()
+            self._listener = clock if IReactorUNIX.providedBy(clock) else False
+        return self._listener or None
+
+    def _start_admin(self, listener: Any) -> None:
+        """Listen on the ``#admin`` endpoints (console, HTTP); each bound port is logged."""
+        admin = self.config.admin
+        if admin is None:
+            return
+        factories: list[tuple[str, str | None, Factory]] = [
+            ("console", admin.console, ConsoleFactory(self.commands, admin.token)),
+            ("http", admin.http, admin_site(self, self.commands, admin.token)),
+        ]
+        for kind, description, factory in factories:
+            if description is None:
+                continue
+            d = serverFromString(listener, description).listen(factory)
+            d.addCallback(self._admin_listening, kind)
+            d.addErrback(lambda f, k=kind, e=description: self.log.error(
+                "admin {kind} cannot listen on {endpoint}: {error}", kind=k, endpoint=e, error=f.getErrorMessage()
+            ))
+
+    def _admin_listening(self, port: IListeningPort, kind: str) -> None:
+        if not self.running:
+            port.stopListening()
+            return
+        self._admin_ports.append(port)
+        address: Any = port.getHost()
+        self.log.info("admin {kind} listening on {host}:{port}", kind=kind, host=address.host, port=address.port)
+
+    @property
+    def admin_ports(self) -> dict[str, int]:
+        """The bound admin ports, ``{"console": port, "http": port}`` (for tests and tools)."""
+        ports = {}
+        for port in self._admin_ports:
+            factory = getattr(port, "factory", None)
+            ports["console" if isinstance(factory, ConsoleFactory) else "http"] = port.getHost().port  # type: ignore[attr-defined]
+        return ports
+
+    def _beat(self) -> None:
+        self._last_beat = self.clock().seconds()
+
+    def _ready(self, group: int) -> None:
+        slot = self._slots[group]
+        pid = slot.process.pid if slot.process else None
+        self.log.info("process {process} ready, pid {pid}", process=group + 1, pid=pid)
+        control = self.control
+        if not self._announced and control is not None and all(c.ready for c in control.children):
+            self._announced = True
+            self.log.info(
+                "ready: {processes} processes, {stages} stages",
+                processes=len(self._slots),
+                stages=len(self.config.stages),
+            )
+
+    def health(self) -> list[str]:
+        """What is wrong with the server, for ``/health`` (empty when everything is up)."""
+        now = self.clock().seconds()
+        reasons = []
+        if now - self._last_beat > LAG_LIMIT + HEARTBEAT:
+            reasons.append(f"supervisor reactor lagging {now - self._last_beat:.1f} s")
+        children = self.control.children if self.control is not None else []
+        for slot, child in zip(self._slots, children):
+            name = f"process {slot.group + 1}"
+            if slot.process is None:
+                reasons.append(f"{name} is down")
+            elif not child.ready:
+                reasons.append(f"{name} is starting (not ready)")
+            elif child.snapshot_at is None or now - child.snapshot_at > STALE_SNAPSHOT:
+                reasons.append(f"{name} is unresponsive (no report for {STALE_SNAPSHOT:g} s)")
+        return reasons
+
+    def hangup(self) -> None:
+        """SIGHUP: every child reopens its ``#log`` files."""
+        for slot in self._slots:
+            if slot.process is not None:
+                slot.process.signal("HUP")
+
     def stopService(self) -> defer.Deferred[None]:
-        """SIGTERM every child, SIGKILL after the grace period; fires when all are gone."""
+        """Stop accepting admin requests, SIGTERM every child (each drains, flushes and exits),
+        SIGKILL after the grace period; fires when all are gone."""
         super().stopService()
+        for port in self._admin_ports:
+            port.stopListening()
+        self._admin_ports = []
+        if self._old_hup is not None:
+            signal.signal(signal.SIGHUP, self._old_hup)
+            self._old_hup = None
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
         waits = []
         for slot in self._slots:
             if slot.pending is not None and slot.pending.active():
@@ -281,6 +439,7 @@ class Supervisor(service.Service):
             },
             "args": self._args,
             "server_id": self._server_id,
+            "operations": self._operations,
         }
 
     def _open_services(self) -> None:
@@ -332,6 +491,8 @@ class Supervisor(service.Service):
         assert protocol.pid is not None  # set by connectionMade during spawnProcess
         slot.process = protocol
         slot.started = self._reactor_clock().seconds()
+        if self.control is not None:
+            self.control.children[slot.group].ready = False
         self.log.info("group {group} started, pid {pid}", group=slot.group, pid=protocol.pid)
         spawns, slot.spawns = slot.spawns, []
         for spawned in spawns:
@@ -393,14 +554,20 @@ class Supervisor(service.Service):
         slot.restarts += 1
         self._spawn(slot)
 
-    def _cleanup(self, result: object) -> None:
+    def _cleanup(self, result: object) -> defer.Deferred[None]:
+        """Close the shared sockets and the control socket, then remove the run directory."""
         for sock in self._sockets or ():
             sock.close()
         self._sockets = None
-        if self._rundir is not None:
-            shutil.rmtree(self._rundir, ignore_errors=True)
-            self._rundir = None
-        return None
+        control, self.control = self.control, None
+        rundir, self._rundir = self._rundir, None
+        stopped = defer.maybeDeferred(control.stopService) if control is not None else defer.succeed(None)
+
+        def remove(_: object) -> None:
+            if rundir is not None:
+                shutil.rmtree(rundir, ignore_errors=True)
+
+        return stopped.addBoth(remove)
 
 
 def child_environment(base: Mapping[str, str]) -> dict[str, str]:

@@ -19,14 +19,24 @@ class Options(usage.Options):
     naming the JSON path and the problem, exit status 1.
     """
 
-    synopsis = "-c FILE [--check]"
+    synopsis = "-c FILE [--check] [--log-format text|json] [--watch SECONDS] [--slow-ms MS] [--grace S]"
     longdesc = "Run a stagetx server: the #startup groups of FILE as supervised processes."
-    optParameters = [["config", "c", None, "the JSON configuration file (- reads standard input)"]]
+    optParameters = [
+        ["config", "c", None, "the JSON configuration file (- reads standard input)"],
+        ["log-format", None, "text", "children's log events: text lines, or json (all fields kept)"],
+        ["watch", None, 0.0, "dev mode: reload a Lua stage when its scripts change, polled every SECONDS", float],
+        ["slow-ms", None, 100.0, "log a Lua callback holding the reactor longer than this as a slow handler", float],
+        ["grace", None, 10.0, "seconds a stopping process may drain before SIGKILL (drain: half of it)", float],
+    ]
     optFlags = [["check", None, "validate the configuration, print its process groups and exit"]]
 
     def postOptions(self) -> None:
         if not self["config"]:
             raise usage.UsageError("-c/--config FILE is required")
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError("--log-format is text or json")
+        if self["grace"] <= 0 or self["watch"] < 0 or self["slow-ms"] <= 0:
+            raise usage.UsageError("--grace and --slow-ms must be positive, --watch not negative")
         try:
             self["server"] = load_config(self["config"])
         except ConfigError as err:
@@ -48,5 +58,14 @@ def check_report(config: ServerConfig) -> str:
 def makeService(options: dict[str, Any]) -> service.MultiService:
     """The server's service tree; nothing starts (no thread, no process) before ``startService``."""
     root = service.MultiService()
-    Supervisor(options["server"], args=sys.argv).setServiceParent(root)
+    operations = {
+        "log_format": options.get("log-format", "text"),
+        "watch": options.get("watch", 0.0),
+        "slow_ms": options.get("slow-ms", 100.0),
+        "drain": options.get("grace", 10.0) / 2,
+    }
+    supervisor = Supervisor(
+        options["server"], args=sys.argv, grace=options.get("grace", 10.0), operations=operations, signals=True
+    )
+    supervisor.setServiceParent(root)
     return root
