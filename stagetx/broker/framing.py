@@ -31,6 +31,7 @@ _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)b?\s*$", re.IGNORECASE)
 _URL = re.compile(r"^(tcp|udp)://(?:\[([^\]]*)\]|([^:/?\[\]]*))(?::(\d+))?/?(?:\?(.*))?$", re.IGNORECASE)
 _LENGTH = struct.Struct("<I")
 _BSON_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_MS)
+MAX_DEPTH = 64  # levels of a received document: stagetx.codec.MAX_DEPTH, what Lua can receive
 
 Data = Union[bytes, dict, list, str, int, float, bool, None]
 
@@ -190,7 +191,7 @@ class TextFraming(Framing):
                 line = line[:-1]
             self.check_in(len(line))
             frames.append(line)
-        self.check_in(len(rest.rstrip(b"\r")))
+        self.check_in(len(rest) - 1 if rest[-1:] == b"\r" else len(rest))  # only one \r is dropped
         return frames, rest
 
     def wrap(self, payload: bytes) -> bytes:
@@ -222,7 +223,7 @@ class BsonFraming(Framing):
             document = bson.decode(payload, codec_options=_BSON_OPTIONS)
         except Exception as err:  # bson raises several types (InvalidBSON, struct/utf-8 errors)
             raise FrameError(f"bad BSON document: {err}") from None
-        return _plain(document)
+        return _plain(document, 0)
 
     def payload(self, value: Data) -> bytes:
         if isinstance(value, list) and not value:
@@ -243,12 +244,17 @@ def framing_for(url: BrokerURL) -> Framing:
     return FRAMING_CLASSES[url.framing](url.limit_in, url.limit_out)
 
 
-def _plain(value: Any) -> Data:
-    """BSON values as data: strings stay text, binary becomes bytes, the rest numbers or text."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+def _plain(value: Any, depth: int) -> Data:
+    """BSON values as data: strings stay text, binary becomes bytes, the rest numbers or text.
+
+    Documents nested deeper than ``MAX_DEPTH`` are refused here, as Lua could not receive them.
+    """
+    if isinstance(value, (dict, list, tuple)):
+        if depth >= MAX_DEPTH:
+            raise FrameError(f"BSON document nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+        return [_plain(v, depth + 1) for v in value]
     if value is None or isinstance(value, (bool, float)):
         return value
     if isinstance(value, int):
