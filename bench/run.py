@@ -45,6 +45,7 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("local_signal", "bench.workloads.local_signal"),
     Entry("two_processes", "bench.workloads.two_processes", needs=("twisted_raw",)),
     Entry("submit", "bench.workloads.submit", needs=("lupa",)),
+    Entry("broker", "bench.workloads.broker", needs=("twisted_raw",)),
     Entry("index", "bench.bench_index", needs=("redis",), optional=True),
 )
 
