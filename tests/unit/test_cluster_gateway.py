@@ -1,0 +1,261 @@
+"""The gateway's logic (stagetx.cluster.gateway) with a real router, fake links and a fake clock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.task import Clock
+
+from stagetx.address import parse_target
+from stagetx.cluster.gateway import ClusterGateway, RemoteView
+from stagetx.codec import pack_py
+from stagetx.config import parse_config
+from stagetx.message import Message, Sender
+from stagetx.router import Router
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send(self, obj: Any) -> bool:
+        self.sent.append(obj)
+        return True
+
+    def frames(self, kind: str) -> list[Any]:
+        return [f for f in self.sent if f[0] == kind]
+
+
+class Stage:
+    def __init__(self, instance: int, stage_id: str) -> None:
+        self.instance = instance
+        self.stage_id = stage_id
+        self.sender = Sender("me", 0, stage_id, instance)
+        self.got: list[Message] = []
+
+    def receive(self, message: Message) -> None:
+        self.got.append(message)
+
+
+class FakeProcessLinks:
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, Any]] = []
+
+    def reachable(self, group: int) -> bool:
+        return True
+
+    def send(self, group: int, frame: list[Any]) -> tuple[bool, str | None]:
+        self.sent.append((group, frame))
+        return True, None
+
+
+def gateway(tmp_path: Path, queue: int = 100, startup: list[list[str]] | None = None) -> tuple[ClusterGateway, Router, Clock, FakeProcessLinks]:
+    (tmp_path / "a.lua").write_text("")
+    raw = {
+        "#startup": startup or [["=lua+a"]],
+        "#router": [1500, 900],
+        "#cluster": [7001, "=127.0.0.1:7009"],
+        "=lua": {"=lua+a": "a"},
+        "cluster_queue": queue,
+    }
+    config = parse_config(raw, str(tmp_path))
+    clock = Clock()
+    clock.advance(1000)
+    router = Router("me", 0, [(s.id, s.group) for s in config.stages], clock, clock.seconds)
+    for s in config.startup[0]:
+        router.attach(Stage(s.instance, s.id))
+    links = FakeProcessLinks()
+    gw = ClusterGateway(config, router, links, b"secret", clock, clock.seconds)
+    return gw, router, clock, links
+
+
+def link_peer(gw: ClusterGateway, server: str, addr: str, stages: dict[str, list[int]]) -> FakeLink:
+    link = FakeLink()
+    gw.peers.links[server] = link  # type: ignore[assignment]
+    gw.peer_linked(server, link, None)  # type: ignore[arg-type]
+    gw.peer_message(server, ["hello", addr, stages, 0.0, False])
+    return link
+
+
+SENDER = Sender("me", 0, "a", 0)
+
+
+def send(router: Router, target: Any, *values: Any) -> tuple[bool, str | None]:
+    return router.send(SENDER, parse_target(target), pack_py(values))
+
+
+def test_a_linked_peer_gets_a_hello_and_its_replicas_are_routed_to(tmp_path: Path) -> None:
+    gw, router, _, _ = gateway(tmp_path)
+    link = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0, 1]})
+    assert link.frames("hello")[0][1:3] == ["127.0.0.1:7001", {"a": [0]}]
+    assert send(router, "+w:x=r", 1) == (True, None)
+    assert send(router, "w:x") == (True, None)
+    frames = link.frames("m")
+    assert [f[1] for f in frames] == [0, 1]
+    assert frames[0][2] == "x" and frames[0][5] == "^me/0/r"
+    assert send(router, "=w:x")[0] is False
+
+
+def test_broadcast_sends_one_frame_per_replica_on_other_servers(tmp_path: Path) -> None:
+    gw, router, _, _ = gateway(tmp_path)
+    one = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0, 1]})
+    two = link_peer(gw, "s2", "127.0.0.1:7003", {"w": [4]})
+    assert send(router, "*w:x") == (True, None)
+    assert [f[1] for f in one.frames("m")] == [0, 1]
+    assert [f[1] for f in two.frames("m")] == [4]
+
+
+def test_frames_from_a_peer_reach_the_local_stage(tmp_path: Path) -> None:
+    gw, router, clock, _ = gateway(tmp_path)
+    link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    gw.peer_message("s1", ["m", 0, "hi", pack_py((1,)), ["s1", 0, "w", 0], "^s1/0/back"])
+    clock.advance(0)
+    got = router.local[0].got  # type: ignore[attr-defined]
+    assert [(m.msgid, m.sender.server, m.reply) for m in got] == [("hi", "s1", "^s1/0/back")]
+
+
+def test_replies_to_another_server_and_to_a_gone_one(tmp_path: Path) -> None:
+    gw, router, _, _ = gateway(tmp_path)
+    link = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    assert send(router, "^s1/0/back", "v") == (True, None)
+    assert link.frames("m")[0][1:3] == [0, "back"]
+    ok, reason = send(router, "^gone/0/back", "v")
+    assert ok is False and "gone" in str(reason)
+
+
+def test_silence_removes_routing_and_queued_messages_go_to_another_replica(tmp_path: Path) -> None:
+    gw, router, clock, _ = gateway(tmp_path)
+    link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    other = link_peer(gw, "s2", "127.0.0.1:7003", {"w": [0]})
+    del gw.peers.links["s1"]
+    gw.peer_unlinked("s1")
+    gw.directory.unlinked("s2")  # both away: messages wait in the queues
+    gw.routes = gw.directory.routes()
+    for _ in range(4):
+        assert send(router, "w:x")[0]
+    assert len(gw.peers.queues["s1"]) == 2
+    for _ in range(3):  # s2 keeps beating, s1 stays silent
+        clock.advance(0.5)
+        gw.peer_message("s2", ["hello", "127.0.0.1:7003", {"w": [0]}, 0.0, False])
+        gw._tick()
+    clock.advance(0.6)
+    gw.peer_message("s2", ["hello", "127.0.0.1:7003", {"w": [0]}, 0.0, False])
+    gw._tick()
+    assert "s1" not in gw.directory.peers
+    gw.peers.links["s2"] = other  # type: ignore[assignment]
+    gw.peers._flush("s2", other)  # type: ignore[arg-type]
+    assert len(other.frames("m")) == 4  # nothing for the live replica lost in the switch-over
+
+
+def test_the_queue_of_an_unlinked_peer_is_bounded_and_overflow_is_reported(tmp_path: Path) -> None:
+    gw, router, clock, links = gateway(tmp_path, queue=2, startup=[["=lua+a"], ["=lua+a"]])
+    link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    del gw.peers.links["s1"]
+    gw.peer_unlinked("s1")
+    assert send(router, "w:x")[0] and send(router, "w:x")[0]
+    ok, reason = send(router, "w:x")
+    assert ok is False and "queue is full" in str(reason)
+    clock.advance(0)
+    pushed = [f for g, f in links.sent if g == 1 and f[0] == "croutes"]
+    assert pushed and pushed[-1][1][5] == ["s1"]  # the other processes learn it is full
+
+
+def test_overload_is_announced_and_logged_then_recovery(tmp_path: Path) -> None:
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        gw, router, _, _ = gateway(tmp_path)
+        link = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+        router.delay = 1.0
+        gw._tick()
+        assert link.frames("hello")[-1][4] is True
+        router.delay = 0.1
+        gw._tick()
+        assert link.frames("hello")[-1][4] is False
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    formats = [e.get("log_format", "") for e in events]
+    assert any(f.startswith("overloaded") for f in formats)
+    assert any(f.startswith("recovered from overload") for f in formats)
+
+
+def test_an_overloaded_peer_gets_no_routed_work(tmp_path: Path) -> None:
+    gw, router, _, _ = gateway(tmp_path)
+    link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    gw.peer_message("s1", ["hello", "127.0.0.1:7002", {"w": [0]}, 1.2, True])
+    assert send(router, "w:x")[0] is False
+
+
+def test_server_target_is_routed_on_that_server_and_dropped_when_too_late(tmp_path: Path) -> None:
+    gw, router, clock, _ = gateway(tmp_path)
+    link = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    assert send(router, ["w:x=r", "127.0.0.1:7002", 50], 1) == (True, None)
+    frame = link.frames("s")[0]
+    assert frame[1:4] == ["w", "x", False] and frame[6] == "^me/0/r" and frame[7] == 50
+    assert send(router, ["x", "127.0.0.1:9"], 1)[0] is False
+    # the receiving side: in time it is delivered, too late (own delay ≥ ttl) it is dropped
+    gw.peer_message("s1", ["s", "a", "in-time", False, pack_py(()), ["s1", 0, "w", 0], None, 50])
+    router.delay = 0.2
+    gw.peer_message("s1", ["s", "a", "late", False, pack_py(()), ["s1", 0, "w", 0], None, 50])
+    clock.advance(0)
+    assert [m.msgid for m in router.local[0].got] == ["in-time"]  # type: ignore[attr-defined]
+
+
+def test_a_queued_server_target_past_its_timeout_is_not_sent(tmp_path: Path) -> None:
+    gw, router, clock, _ = gateway(tmp_path)
+    link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    del gw.peers.links["s1"]
+    gw.peer_unlinked("s1")
+    assert send(router, ["w:x", "127.0.0.1:7002", 50], 1)[0]
+    assert send(router, ["w:y", "127.0.0.1:7002"], 1)[0]
+    clock.advance(0.1)
+    again = FakeLink()
+    gw.peers._flush("s1", again)  # type: ignore[arg-type]
+    assert [f[2] for f in again.frames("s")] == ["y"]
+
+
+def test_other_processes_relay_through_the_gateway(tmp_path: Path) -> None:
+    gw, router, clock, links = gateway(tmp_path, startup=[["=lua+a"], ["=lua+a"]])
+    link = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    clock.advance(0)
+    routes = [f for g, f in links.sent if g == 1 and f[0] == "croutes"][-1]
+    view_links = FakeProcessLinks()
+    view = RemoteView(view_links)
+    view.process_frame(0, routes)
+    sibling = Router("me", 1, [("a", 0), ("a", 1)], clock, clock.seconds)
+    sibling.remote = view
+    assert sibling.send(Sender("me", 1, "a", 1), parse_target("+w:x"), pack_py((1,))) == (True, None)
+    (group, frame), = view_links.sent
+    assert group == 0 and frame[0] == "cx" and frame[1] == "s1"
+    router.frame_received(1, frame)
+    assert link.frames("m")[0][1:3] == [0, "x"]
+    ok, reason = view.send("nobody", ["m"])
+    assert ok is False and "not in the cluster" in str(reason)
+
+
+def test_a_restarted_peer_replaces_its_old_id(tmp_path: Path) -> None:
+    gw, router, _, _ = gateway(tmp_path)
+    link_peer(gw, "old", "127.0.0.1:7002", {"w": [0]})
+    link_peer(gw, "new", "127.0.0.1:7002", {"w": [0]})
+    assert set(gw.directory.peers) == {"new"}
+    assert send(router, "^old/0/r")[0] is False
+
+
+def test_a_backup_peer_is_used_only_for_stage_ids_nobody_else_has(tmp_path: Path) -> None:
+    gw, router, _, _ = gateway(tmp_path)
+    backup = link_peer(gw, "b", "127.0.0.1:7009", {"w": [0], "a": [0]})
+    assert gw.directory.peers["b"].backup
+    assert send(router, "w:x")[0]
+    assert send(router, "a:x")[0]
+    assert [f[2] for f in backup.frames("m")] == ["x"]  # only w: a has a replica here
+    assert len(router._queue) == 1
+
+
+def test_unknown_frames_from_a_peer_are_ignored(tmp_path: Path) -> None:
+    gw, router, _, _ = gateway(tmp_path)
+    link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    gw.peer_message("s1", ["bogus"])
+    assert send(router, "w:x")[0]
