@@ -10,6 +10,7 @@ runtimes, log levels) run here; ``stagetx.admin`` merges the answers of all proc
 from __future__ import annotations
 
 import gc
+import json
 import os
 import resource
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevelFilterPredicate
 
 from stagetx.host import LATENCY_BUCKETS, ProcessHost, StageHost
+from stagetx.index.commands import READS, RequestError, parse_key
 from stagetx.logsetup import level_named
 from stagetx.wire import Link, LinkClientFactory
 
@@ -236,6 +238,20 @@ class ProcessControl:
     def cmd_peers(self) -> Result:
         return True, "", self.peers()
 
+    def cmd_index(self, name: str, request: str = "") -> Result:
+        """Read an ``=index`` stage: its indexes (members per tier), or a JSON request of reads."""
+        inner: Any = self._stage(name).stage
+        executor = getattr(inner, "executor", None)
+        if executor is None:
+            raise LookupError(f"stage {name!r} is not an index stage")
+        if not request:
+            boards = inner.store.boards
+            return True, "", {_text(n): [len(t) for t in boards[n].tiers] for n in sorted(boards)}
+        table = json.loads(request)
+        if not isinstance(table, dict) or not all(map(_reads_only, table)):
+            raise ValueError("the admin side runs only get, range, forEach and total requests")
+        return True, "", _plain(executor.run(table))
+
     def cmd_loglevel(self, namespace: str, level: str) -> Result:
         if self.levels is None:
             return False, "log levels are not adjustable in this process", None
@@ -245,6 +261,25 @@ class ProcessControl:
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _reads_only(key: str) -> bool:
+    """True unless ``key`` names a write (a bad key is answered by the executor as an error entry)."""
+    try:
+        return parse_key(key).op in READS
+    except RequestError:
+        return True
+
+
+def _plain(value: Any) -> Any:
+    """An index reply as JSON natives: bytes as text, every key a string."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {_text(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
 
 
 class _ClientHandler:

@@ -7,6 +7,7 @@ rendered as text, every reply ends with one marker line: ``OK`` or ``ERROR <reas
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,7 @@ HELP: dict[str, tuple[str, str]] = {
     "peers": ("", "cluster peers, or: no cluster"),
     "tickets": ("", "ticket categories: held, waiting, limit"),
     "loglevel": ("<namespace> <level>", "set a log level in every child process"),
+    "index": ("<stage> [json]", "an index stage's indexes, or a JSON get/range/forEach/total request"),
 }
 
 
@@ -60,7 +62,7 @@ def parse(line: str) -> tuple[str, list[str]]:
     """``"eval app return 1 + 1"`` → ``("eval", ["app", "return 1 + 1"])``; other commands split on blanks."""
     name, _, rest = line.strip().partition(" ")
     rest = rest.strip()
-    if name == "eval":
+    if name in ("eval", "index"):
         stage, _, code = rest.partition(" ")
         return name, [a for a in (stage, code.strip()) if a]
     return name, rest.split()
@@ -243,6 +245,14 @@ class Commands:
                 True, (f"{namespace}: {level} in {len(results)} processes",), {"namespace": namespace, "level": level}
             )
         )
+
+    def cmd_index(self, stage: str, request: str = "") -> Deferred[Reply]:
+        def show(results: list[tuple[int, Any]]) -> Reply:
+            data = results[0][1]
+            return Reply(True, (json.dumps(data, ensure_ascii=False),), data)
+
+        args = [stage, request] if request else [stage]
+        return self._all("index", args, self._groups_of(stage)[:1]).addCallback(show)
 
 
 def _as_reply(failure: Any, name: str) -> Reply:
