@@ -1,0 +1,137 @@
+-- The default application's front end (docs/default-app.md): one replica of `=lua+front` per
+-- front process, all accepting players on the shared #services port. Each client message
+-- {op = NAME, id = N, ...} is handled by `stage.load("packet+" .. NAME)` (lua/packet.lua); this
+-- script holds the state those handlers share, the replies, and the routes back from the
+-- index (`rank`), route (`route`) and ticket (`ticket`) stages.
+
+local app = {
+    sessions = {},                               -- socket id -> {user, best, channels = {name = true}}
+    members = {},                                -- channel -> {socket id = true}, players of this replica
+    board = process["$board"] or "scores",       -- the index this application ranks players on
+    login_ms = tonumber(process["$login_ms"]) or 50,
+    accounts = process["$accounts"] or {},      -- user -> password; other users log in freely
+    timeout_ms = tonumber(process["$timeout_ms"]) or 5000,
+}
+
+-- A reply to the request `msg` of socket `sid`: `fields` plus {re = msg.id, ok = true}.
+function app.reply(sid, msg, fields)
+    fields = fields or {}
+    fields.re = msg.id
+    if fields.ok == nil then fields.ok = true end
+    return broker.signal(sid, fields)
+end
+
+function app.fail(sid, msg, text)
+    return app.reply(sid, msg, {ok = false, error = text})
+end
+
+-- Sends `...` to `addr` with a fresh reply id; `f(...)` gets the first reply, or `f(nil)` after
+-- timeout_ms without one, so a client never waits forever on a stage that is down.
+function app.ask(addr, f, ...)
+    local id, timer
+    id = stage.waitfor(function(...)
+        stage.waitfor(id, nil)
+        stage.addtask(timer, nil)
+        return f(...)
+    end)
+    timer = stage.addtask(app.timeout_ms, function()
+        stage.waitfor(id, nil)
+        f(nil)
+    end)
+    local ok, why = stage.signal(addr .. "=" .. id, ...)
+    if not ok then
+        stage.waitfor(id, nil)
+        stage.addtask(timer, nil)
+        f(nil, why)
+    end
+end
+
+-- A request to the index stage; `f(reply_table)` or `f(nil)` when it did not answer.
+function app.index(request, f)
+    app.ask("rank:q", f, request)
+end
+
+-- The route key of a chat channel, and back.
+local function channel_key(name) return "ch." .. name end
+function app.channel_of(key) return key:match("ch%.([%w_%-]+)$") end
+
+-- The registrations of this replica: every channel with a local member calls "chat".
+local function registrations()
+    local t = {}
+    for name in pairs(app.members) do t[channel_key(name)] = "chat" end
+    return t
+end
+
+function app.join(sid, name)
+    local members = app.members[name]
+    if members == nil then
+        members = {}
+        app.members[name] = members
+        stage.signal("route:@", {[channel_key(name)] = "chat"})
+    end
+    members[sid] = true
+    app.sessions[sid].channels[name] = true
+end
+
+function app.leave(sid, name)
+    local members = app.members[name]
+    if members ~= nil then
+        members[sid] = nil
+        if next(members) == nil then
+            app.members[name] = nil
+            stage.signal("route:@", {[channel_key(name)] = stage.null})
+        end
+    end
+    app.sessions[sid].channels[name] = nil
+end
+
+-- A chat line published on a channel this replica subscribes to: pushed to its local members.
+stage.waitfor("chat", function(key, from, text)
+    local name = app.channel_of(key)
+    for sid in pairs(app.members[name] or {}) do
+        broker.signal(sid, {push = "chat", channel = name, from = from, text = text})
+    end
+end)
+
+local function dispatch(socket, msg)
+    local op = type(msg) == "table" and msg.op
+    if type(op) ~= "string" or not op:match("^%l+$") then
+        return {ok = false, error = "a message is a document with op = \"login\", \"score\", ...", re = msg.id}
+    end
+    local session = app.sessions[socket.id]
+    if op ~= "login" and session.user == nil then
+        return {ok = false, error = "log in first", re = msg.id}
+    end
+    local ok, handler = pcall(stage.load, "packet+" .. op)
+    if not ok or type(handler) ~= "function" then
+        if not ok then log4cxx.error("%l packet", op, handler) end
+        return {ok = false, error = "unknown message " .. op, re = msg.id}
+    end
+    local done, result = pcall(handler, app, socket.id, msg, session)
+    if not done then
+        log4cxx.error("%l", op, result)
+        return {ok = false, error = "internal error", re = msg.id}
+    end
+    return result
+end
+
+local players = broker.ready(process["$listen"], function(socket)
+    app.sessions[socket.id] = {channels = {}}
+    return dispatch
+end)
+players.expire = tonumber(process["$idle_ms"]) or 300000
+players.close = function(socket)
+    local session = app.sessions[socket.id]
+    if session == nil then return end
+    for name in pairs(session.channels) do app.leave(socket.id, name) end
+    app.sessions[socket.id] = nil
+end
+log4cxx.info("listening", process["$listen"], process.id)
+
+-- Keep-alive for the route stage, with the registrations again so a restarted route stage
+-- learns them back within one period.
+return function()
+    local regs = registrations()
+    stage.signal("route:@", next(regs) and regs or true)
+    return 10000
+end

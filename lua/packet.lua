@@ -1,0 +1,168 @@
+-- Client messages of the default application (docs/default-app.md), one function per message:
+-- lua/front.lua calls `stage.load("packet+" .. op)(app, sid, msg, session)` for each document
+-- {op = NAME, id = N, ...} a player sends. Every handler answers exactly once with app.reply or
+-- app.fail (at once, or when the index, route or ticket stage has answered).
+
+local packet = {}
+
+local MAX_CHANNELS = 16
+local MAX_TEXT = 500
+local MAX_TOP = 100
+
+local function valid_name(s)
+    return type(s) == "string" and #s >= 1 and #s <= 32 and s:match("^[%w_%-]+$") ~= nil
+end
+
+local function row(r)
+    return {rank = r.d, user = r.k, score = r.i}
+end
+
+local function rows_of(list)
+    local out = {}
+    for i, r in ipairs(list or {}) do out[i] = row(r) end
+    return out[1] and out or nil                 -- an empty table would not say "list" in BSON
+end
+
+-- The player's own tier-1 entry of a `get` reply: {i = score, d = rank}, or nil.
+local function tier_of(got, user)
+    local me = type(got) == "table" and got[user]
+    return me and me.I and me.I[1] or nil
+end
+
+-- login {user, password?}: queues on the ticket stage's "login" category, which lets at most its
+-- configured number of logins check their account at once; the slot is held while the check
+-- (login_ms, standing in for an account database) runs, then the player's score is read.
+function packet.login(app, sid, msg, session)
+    local user = msg.user
+    if session.user ~= nil then return app.fail(sid, msg, "already logged in as " .. session.user) end
+    if session.waiting then return app.fail(sid, msg, "a login is already waiting") end
+    if not valid_name(user) then return app.fail(sid, msg, "user: 1 to 32 letters, digits, _ or -") end
+    session.waiting = true
+    local queued_at, queued_ms, granted, feedback = process.tick, nil, nil, nil
+    local function finish(r)
+        local tier = tier_of(r and r["get:" .. app.board], user)
+        session.user, session.best = user, tier and tier.i
+        app.reply(sid, msg, {user = user, score = tier and tier.i, rank = tier and tier.d,
+                             queued_ms = queued_ms, front = process.stage})
+    end
+    granted = stage.waitfor(function()
+        stage.waitfor(granted, nil)
+        local hold = _WAITFOR[2]
+        queued_ms = math.floor((process.tick - queued_at) * 1000 + 0.5)
+        if app.sessions[sid] ~= session then return 0 end   -- the player left while queued
+        stage.addtask(app.login_ms, function()
+            stage.signal(hold, 0)                           -- the check is done: next login
+            if app.sessions[sid] ~= session then return end
+            session.waiting = nil
+            local expected = app.accounts[user]
+            if expected ~= nil and expected ~= msg.password then
+                return app.fail(sid, msg, "wrong password")
+            end
+            app.index({["get:" .. app.board] = {user}}, finish)
+        end)
+    end)
+    feedback = stage.waitfor(function(_, result)
+        if result == false then                             -- refused: too many waiting
+            stage.waitfor(granted, nil)
+            stage.waitfor(feedback, nil)
+            session.waiting = nil
+            app.fail(sid, msg, "busy: too many logins waiting, try again")
+        elseif result == true then
+            stage.waitfor(feedback, nil)
+        end
+    end)
+    local ok, why = stage.signal("ticket:login=" .. granted .. "?" .. feedback)
+    if not ok then
+        stage.waitfor(granted, nil)
+        stage.waitfor(feedback, nil)
+        session.waiting = nil
+        app.fail(sid, msg, "login unavailable: " .. tostring(why))
+    end
+end
+
+-- score {points}: the board keeps each player's best; replies the score, best, rank and whether
+-- this score improved the best.
+function packet.score(app, sid, msg, session)
+    local points, user, board = msg.points, session.user, app.board
+    if type(points) ~= "number" or points ~= points or points < 0 or points > 2^53 then
+        return app.fail(sid, msg, "points: a number from 0 to 2^53")
+    end
+    local improved = session.best == nil or points > session.best
+    local request = {["#2.get:" .. board] = {user}}
+    if improved then
+        session.best = points                            -- now, so pipelined scores compare right
+        request["#1.set:" .. board] = {[user] = {i = points}}
+    end
+    app.index(request, function(r)
+        local tier = tier_of(r and r["#2.get:" .. board], user)
+        if tier == nil then return app.fail(sid, msg, "the scoreboard did not answer") end
+        app.reply(sid, msg, {score = points, best = tier.i, rank = tier.d, improved = improved})
+    end)
+end
+
+-- top {n?}: the n best players (default 10, at most 100) and how many are ranked.
+function packet.top(app, sid, msg)
+    local n, board = math.tointeger(msg.n) or 10, app.board
+    n = math.max(1, math.min(n, MAX_TOP))
+    app.index({["forEach:" .. board] = {1, n}, ["total:" .. board] = true}, function(r)
+        if r == nil then return app.fail(sid, msg, "the scoreboard did not answer") end
+        app.reply(sid, msg, {rows = rows_of(r["forEach:" .. board]), total = r["total:" .. board]})
+    end)
+end
+
+-- rank {user?}: the player's (or another player's) rank and score, with the two players above
+-- and below; no rank field while the player has no score.
+function packet.rank(app, sid, msg, session)
+    local user, board = msg.user or session.user, app.board
+    if not valid_name(user) then return app.fail(sid, msg, "user: 1 to 32 letters, digits, _ or -") end
+    local request = {["get:" .. board] = {user}, ["range:" .. board] = {user, 2, 5},
+                     ["total:" .. board] = true}
+    app.index(request, function(r)
+        if r == nil then return app.fail(sid, msg, "the scoreboard did not answer") end
+        local tier = tier_of(r["get:" .. board], user)
+        app.reply(sid, msg, {user = user, rank = tier and tier.d, score = tier and tier.i,
+                             total = r["total:" .. board], around = rows_of(r["range:" .. board])})
+    end)
+end
+
+-- join {channel}: the player receives every line said on the channel, as {push = "chat", ...}.
+function packet.join(app, sid, msg, session)
+    local name = msg.channel
+    if not valid_name(name) then return app.fail(sid, msg, "channel: 1 to 32 letters, digits, _ or -") end
+    if not session.channels[name] then
+        local count = 0
+        for _ in pairs(session.channels) do count = count + 1 end
+        if count >= MAX_CHANNELS then return app.fail(sid, msg, "at most 16 channels") end
+        app.join(sid, name)
+    end
+    app.reply(sid, msg, {channel = name})
+end
+
+-- say {channel, text}: published through the route stage to every front replica with players
+-- on the channel (the speaker gets the line too).
+function packet.say(app, sid, msg, session)
+    local name, text = msg.channel, msg.text
+    if not session.channels[name] then return app.fail(sid, msg, "join the channel first") end
+    if type(text) ~= "string" or #text == 0 or #text > MAX_TEXT then
+        return app.fail(sid, msg, "text: 1 to 500 bytes")
+    end
+    local ok, why = stage.signal("route:*ch." .. name, session.user, text)
+    if not ok then return app.fail(sid, msg, "chat unavailable: " .. tostring(why)) end
+    app.reply(sid, msg, {channel = name})
+end
+
+-- leave {channel?}: leaves that channel, or every channel; replies the channels left.
+function packet.leave(app, sid, msg, session)
+    local name, left = msg.channel, {}
+    if name ~= nil then
+        if not session.channels[name] then return app.fail(sid, msg, "not in channel " .. tostring(name)) end
+        left[1] = name
+    else
+        for joined in pairs(session.channels) do left[#left + 1] = joined end
+        table.sort(left)
+    end
+    for _, joined in ipairs(left) do app.leave(sid, joined) end
+    app.reply(sid, msg, {left = left[1] and left or nil})
+end
+
+return packet

@@ -1,0 +1,89 @@
+"""One asyncio connection to the default application: requests matched to replies by id, pushes.
+
+Replies may come back in any order (a ``score`` waits for the index stage, a ``join`` does not),
+so each request carries a fresh ``id`` and waits for the document with ``re`` equal to it.
+Pushed documents go to ``on_push``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any, Callable
+
+from stagetx.client.protocol import Command, Decoder, Document, ProtocolError, encode
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class ConnectionClosed(ConnectionError):
+    """The server closed the connection (or it broke) before a reply came."""
+
+
+class Connection:
+    """A connected client; use ``await Connection.open(host, port)`` and ``await close()``."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 on_push: Callable[[Document], Any] | None = None) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[Document]] = {}
+        self.on_push = on_push
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._read())
+
+    @classmethod
+    async def open(cls, host: str, port: int, timeout: float = DEFAULT_TIMEOUT,
+                   on_push: Callable[[Document], Any] | None = None) -> Connection:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        return cls(reader, writer, on_push)
+
+    async def request(self, command: Command, timeout: float = DEFAULT_TIMEOUT) -> Document:
+        """Send ``command``; its reply document (``ok`` false replies included)."""
+        if self.closed.done():
+            raise ConnectionClosed("the connection is closed")
+        request_id = next(self._ids)
+        future: asyncio.Future[Document] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        try:
+            self._writer.write(encode(command.request(request_id)))
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._waiting.pop(request_id, None)
+
+    async def close(self) -> None:
+        self._writer.close()
+        try:
+            await self._writer.wait_closed()
+        except OSError:
+            pass
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+    async def _read(self) -> None:
+        decoder = Decoder()
+        reason: BaseException = ConnectionClosed("the server closed the connection")
+        try:
+            while data := await self._reader.read(1 << 16):
+                for document in decoder.feed(data):
+                    self._deliver(document)
+        except (OSError, ProtocolError) as err:
+            reason = ConnectionClosed(str(err))
+        finally:
+            for future in self._waiting.values():
+                if not future.done():
+                    future.set_exception(reason)
+            if not self.closed.done():
+                self.closed.set_result(None)
+
+    def _deliver(self, document: Document) -> None:
+        if "re" in document:
+            future = self._waiting.get(document["re"])
+            if future is not None and not future.done():
+                future.set_result(document)
+        elif self.on_push is not None:
+            self.on_push(document)

@@ -1,0 +1,253 @@
+"""The default application (etc/stage.json + lua/) under a real ``twistd -n stage``, driven by the
+shipped client: its command line (one-shot, ``--listen``, ``load``) and its connection class.
+
+Each server runs a temporary copy of etc/ and lua/ with a free port and a temporary data
+directory, set through the config values the application reads (``#services``, ``listen``,
+``=index+rank``). Bounded: every wait has a deadline, the load run lasts a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from stagetx.client.connection import Connection
+from stagetx.client.protocol import Command
+from tests.support import ServerProcess, env_path
+
+ROOT = Path(__file__).resolve().parents[2]
+WAIT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class App:
+    """A running copy of the default application: its port, data directory and server process."""
+
+    def __init__(self, root: Path, **values: Any) -> None:
+        self.root = root
+        self.port = free_port()
+        self.data = root / "data"
+        shutil.copytree(ROOT / "etc", root / "etc", dirs_exist_ok=True)
+        shutil.copytree(ROOT / "lua", root / "lua", dirs_exist_ok=True)
+        self.config_path = root / "etc" / "stage.json"
+        config = json.loads(self.config_path.read_text())
+        config["#services"] = {"tcp": [f"127.0.0.1:{self.port}"]}
+        config["listen"] = f"tcp://127.0.0.1:{self.port}?bson=16k,256k"
+        config["=index+rank"] = str(self.data)
+        config.update(values)
+        self.config_path.write_text(json.dumps(config))
+        self.fronts = sum(1 for group in config["#startup"] if "=lua+front" in group)
+        self.server: ServerProcess | None = None
+
+    def start(self) -> App:
+        self.server = server = ServerProcess(self.config_path)
+        server.wait_for(lambda: len(server.logged("front", "listening")) == self.fronts
+                        and any("ready: ['=index+rank'" in line for line in server.lines),
+                        WAIT, "every front process listening")
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()  # SIGTERM, then waits for the whole server to exit
+            self.server = None
+
+    def client(self, *args: str, timeout: float = WAIT) -> tuple[int, list[dict[str, Any]]]:
+        """Run ``python -m stagetx.client --json ARGS``; its exit status and the JSON lines it printed."""
+        done = subprocess.run(
+            [sys.executable, "-m", "stagetx.client", "--port", str(self.port), "--json", *args],
+            env={**os.environ, "PYTHONPATH": env_path()}, capture_output=True, text=True, timeout=timeout,
+        )
+        return done.returncode, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    running = App(tmp_path_factory.mktemp("app")).start()
+    yield running
+    running.stop()
+
+
+def test_login_score_top_and_rank(app: App) -> None:
+    code, replies = app.client("login alice; score 50; score 30; top 3; rank")
+    assert code == 0
+    login, first, second, top, rank = replies
+    assert login["ok"] and login["user"] == "alice" and "rank" not in login
+    assert login["front"] in (2, 3)  # the front processes of etc/stage.json's #startup
+    assert (first["score"], first["best"], first["rank"], first["improved"]) == (50, 50, 1, True)
+    assert (second["score"], second["best"], second["improved"]) == (30, 50, False)
+    assert top["rows"] == [{"rank": 1, "user": "alice", "score": 50}] and top["total"] == 1
+
+    code, replies = app.client("login bob; score 80; top 2; rank; rank alice")
+    assert code == 0
+    _, score, top, mine, alices = replies
+    assert score["rank"] == 1
+    assert [(r["user"], r["score"], r["rank"]) for r in top["rows"]] == [("bob", 80, 1), ("alice", 50, 2)]
+    assert (mine["rank"], mine["score"], mine["total"]) == (1, 80, 2)
+    assert (alices["user"], alices["rank"]) == ("alice", 2)
+    assert [r["user"] for r in alices["around"]] == ["bob", "alice"]
+
+    code, replies = app.client("login alice")  # a new login reads the best score back
+    assert (replies[0]["score"], replies[0]["rank"]) == (50, 2)
+
+
+def test_mistakes_get_error_replies_and_exit_status_1(app: App) -> None:
+    code, replies = app.client("score 10; login admin wrong; login admin change-me; login again; join bad.name")
+    assert code == 1
+    assert [r.get("error") for r in replies] == [
+        "log in first", "wrong password", None, "already logged in as admin",
+        "channel: 1 to 32 letters, digits, _ or -",
+    ]
+    code, replies = app.client("frobnicate")  # refused by the client before anything is sent
+    assert code == 1 and "unknown command" in replies[0]["error"]
+
+
+def test_chat_reaches_players_on_every_front_process(app: App) -> None:
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "stagetx.client", "--port", str(app.port), "--json", "--listen", "20",
+         "login carol; join lobby"],
+        env={**os.environ, "PYTHONPATH": env_path()}, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert listener.stdout is not None
+        login = json.loads(listener.stdout.readline())
+        assert json.loads(listener.stdout.readline())["channel"] == "lobby"
+        fronts_seen: set[int] = set()
+        for n in range(30):  # the kernel picks the front process of each new connection
+            code, (speaker, _, said) = app.client(f"login dan{n}; join lobby; say lobby hello {n}")
+            assert code == 0 and said["ok"]
+            fronts_seen.add(speaker["front"])
+            if len(fronts_seen) == 2:
+                break
+        assert fronts_seen == {2, 3}, "every connection went to one front process"
+        pushes = [json.loads(listener.stdout.readline()) for _ in range(n + 1)]
+        assert [(p["push"], p["channel"], p["from"], p["text"]) for p in pushes] == [
+            ("chat", "lobby", f"dan{i}", f"hello {i}") for i in range(n + 1)
+        ]
+        assert login["front"] in fronts_seen
+    finally:
+        listener.terminate()
+        listener.wait(10)
+
+
+def test_a_player_that_left_a_channel_gets_no_more_lines(app: App) -> None:
+    async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        heard: list[dict[str, Any]] = []
+        erin = await Connection.open("127.0.0.1", app.port, on_push=heard.append)
+        fred = await Connection.open("127.0.0.1", app.port)
+        replies = [await erin.request(Command("login", {"user": "erin"})),
+                   await fred.request(Command("login", {"user": "fred"}))]
+        for connection in (erin, fred):
+            replies.append(await connection.request(Command("join", {"channel": "quiet"})))
+        replies.append(await fred.request(Command("say", {"channel": "quiet", "text": "one"})))
+        await _until(lambda: len(heard) == 1)
+        replies.append(await erin.request(Command("leave", {})))
+        replies.append(await fred.request(Command("say", {"channel": "quiet", "text": "two"})))
+        replies.append(await erin.request(Command("say", {"channel": "quiet", "text": "three"})))
+        await asyncio.sleep(0.3)
+        await erin.close()
+        await fred.close()
+        return replies, heard
+
+    replies, heard = asyncio.run(scenario())
+    assert [r["ok"] for r in replies] == [True] * 7 + [False]
+    assert replies[5]["left"] == ["quiet"] and replies[7]["error"] == "join the channel first"
+    assert [(p["from"], p["text"]) for p in heard] == [("fred", "one")]
+
+
+async def _until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+LOGIN_MS = 200
+
+
+@pytest.fixture(scope="module")
+def throttled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    """At most 2 logins checked at once, 6 waiting or held, each check 200 ms."""
+    running = App(tmp_path_factory.mktemp("throttled"), **{
+        "=ticket+ticket": [6, {"login": 2}, 5000], "login_ms": LOGIN_MS,
+    }).start()
+    yield running
+    running.stop()
+
+
+def test_logins_are_throttled_by_the_ticket_stage(throttled: App) -> None:
+    async def ten_logins() -> list[tuple[float, dict[str, Any]]]:
+        connections = [await Connection.open("127.0.0.1", throttled.port) for _ in range(10)]
+        started = time.monotonic()
+
+        async def login(i: int, connection: Connection) -> tuple[float, dict[str, Any]]:
+            reply = await connection.request(Command("login", {"user": f"p{i}"}))
+            return time.monotonic() - started, reply
+
+        results = await asyncio.gather(*(login(i, c) for i, c in enumerate(connections)))
+        retry = await connections[-1].request(Command("login", {"user": "late"}))
+        for connection in connections:
+            await connection.close()
+        return [*results, (0.0, retry)]
+
+    results = asyncio.run(ten_logins())
+    retry = results.pop()[1]
+    accepted = sorted((t, r["queued_ms"]) for t, r in results if r["ok"])
+    refused = [r for _, r in results if not r["ok"]]
+    assert len(accepted) == 6 and len(refused) == 4  # 2 checked + 4 waiting; the rest refused
+    assert {r["error"] for r in refused} == {"busy: too many logins waiting, try again"}
+    for k, (elapsed, queued_ms) in enumerate(accepted):  # waves of two, LOGIN_MS apart
+        assert elapsed >= (k // 2 + 1) * LOGIN_MS / 1000 - 0.02, accepted
+        assert queued_ms >= (k // 2) * LOGIN_MS - 20, accepted
+    assert retry["ok"], retry  # once the queue drained, a refused player gets in
+
+
+def test_load_mode_reports_throughput_and_percentiles(throttled: App) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "stagetx.client", "--port", str(throttled.port), "load", "--players", "4",
+         "--seconds", "3", "--json"],
+        env={**os.environ, "PYTHONPATH": env_path()}, capture_output=True, text=True, timeout=WAIT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert (summary["players"], summary["connected"], summary["errors"], summary["failed_players"]) == (4, 4, 0, 0)
+    assert 3.0 <= summary["seconds"] < 3.0 + 10.0
+    ops = summary["ops"]
+    assert ops["login"]["count"] == 4
+    for op in ("score", "top", "rank", "say", "chat"):
+        row = ops[op]
+        assert row["count"] > 0, op
+        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] <= row["max_ms"], (op, row)
+    assert summary["requests"] == sum(ops[op]["count"] for op in ("login", "score", "top", "rank", "say"))
+    assert summary["throughput"] == pytest.approx(summary["requests"] / summary["seconds"])
+    progress = [line for line in done.stderr.splitlines() if "requests" in line]
+    assert len(progress) >= 2  # plain progress lines, one a second, when stderr is not a terminal
+
+
+def test_scores_survive_a_restart(tmp_path: Path) -> None:
+    app = App(tmp_path).start()
+    try:
+        assert app.client("login gina; score 77")[0] == 0
+    finally:
+        app.stop()
+    app.start()
+    try:
+        code, (_, rank) = app.client("login hal; rank gina")
+        assert code == 0 and (rank["rank"], rank["score"]) == (1, 77)
+    finally:
+        app.stop()
+    assert any(name.endswith(".log") for name in os.listdir(app.data))
