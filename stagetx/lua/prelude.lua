@@ -20,7 +20,11 @@ local slice = cfg.slice / 1000            -- seconds one drain turn may run befo
 local self_sender = cfg.sender            -- _WAITFOR[1] of messages this stage sends itself
 local handlers = {}                       -- message id -> {f, bound..., n = count}
 local auto_id = 0
-local queue, qhead, qtail = {}, 1, 0      -- local asynchronous messages: {msgid, n, values...}
+-- Local asynchronous messages, as parallel arrays (no table per message): the id, the number of
+-- values, and the value itself (one value) or a table of them (several).
+local qids, qcounts, qvalues, qhead, qtail = {}, {}, {}, 1, 0
+-- _WAITFOR of local messages, per message id: always {[0] = id, self, nil, [-1] = registered}.
+local local_waitfor, local_waitfor_count = {}, 0
 local depth = 0                           -- nesting of Python entries; the queue drains at depth 0
 local deadline = huge
 
@@ -139,19 +143,25 @@ local current  -- the message id being handled, for error reports
 local function run_queue(started)
     local count = 0
     while qhead <= qtail do
-        local e = queue[qhead]
-        queue[qhead] = nil
-        qhead = qhead + 1
-        local msgid = e[1]
+        local i = qhead
+        local msgid, n, v = qids[i], qcounts[i], qvalues[i]
+        qids[i], qvalues[i] = nil, nil
+        qhead = i + 1
         current = msgid
         local h, registered = lookup(msgid)
         if h then
-            _WAITFOR = {[0] = msgid, self_sender, nil, [-1] = registered}
-            local n = e[2]
-            if h.n == 1 and n <= 1 then
-                h[1](e[3])
+            local w = local_waitfor[msgid]
+            if w == nil or w[-1] ~= registered then
+                if local_waitfor_count >= 1024 then local_waitfor, local_waitfor_count = {}, 0 end
+                w = {[0] = msgid, self_sender, nil, [-1] = registered}
+                local_waitfor[msgid] = w
+                local_waitfor_count = local_waitfor_count + 1
+            end
+            _WAITFOR = w
+            if n <= 1 then
+                if h.n == 1 then h[1](v) else call_handler(h, v) end
             else
-                call_handler(h, unpack(e, 3, n + 2))
+                call_handler(h, unpack(v, 1, n))
             end
         else
             report("nohandler", msgid, "")
@@ -171,6 +181,7 @@ local function drain()
             report("handler", current, result)
         elseif result then
             qhead, qtail = 1, 0
+            qcounts = {}
             break
         else
             schedule_drain()
@@ -203,16 +214,16 @@ stage = {null = null}
 local function post(msgid, ...)
     if not lookup(msgid) then return false, "no handler for '" .. msgid .. "'" end
     local n = select("#", ...)
-    local e
+    local v
     if n == 1 then
-        local v = ...
+        v = ...
         if type(v) == "table" then v = copy(v, {}) end
-        e = {msgid, 1, v}
-    else
-        e = {msgid, n, copy_args(n, ...)}
+    elseif n > 1 then
+        v = {copy_args(n, ...)}
     end
-    qtail = qtail + 1
-    queue[qtail] = e
+    local i = qtail + 1
+    qtail = i
+    qids[i], qcounts[i], qvalues[i] = msgid, n, v
     if depth == 0 then schedule_drain() end
     return true
 end
