@@ -127,7 +127,9 @@ def admin_site(supervisor: Any, commands: Commands, token: str | None) -> Site:
     root.putChild(b"api", _CommandResource(commands, token, _as_json))
     root.putChild(b"metrics", _Metrics(supervisor, token))
     root.putChild(b"health", _Health(supervisor.health, token))
-    site = Site(root)
+    from stagetx.admin.dashboard import DashboardSite  # it builds on this module's resources
+
+    site = DashboardSite(root, supervisor, commands, token)  # GET /, /static, /api/events … (docs/dashboard.md)
     site.displayTracebacks = False
     site.noisy = False
     return site
