@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevelFilterPredicate
@@ -173,7 +173,7 @@ class ProcessControl:
         """Run one admin command here; never fails (errors are ``(False, text, None)``)."""
         handler = getattr(self, f"cmd_{name}", None)
         if handler is None:
-            return Deferred.fromResult((False, f"unknown command {name!r}", None))
+            return succeed((False, f"unknown command {name!r}", None))
         d = maybeDeferred(handler, *args)
         d.addErrback(lambda f: (False, f"{name}: {f.getErrorMessage() or f.type.__name__}", None))
         return d
@@ -197,7 +197,7 @@ class ProcessControl:
         return True, "", {"queue": router.queue_length(), "delay": router.delay, "stages": stages}
 
     def cmd_mem(self) -> Result:
-        lua = {s.name: s["lua_memory"] for s in map(stage_stats, self.host.stages) if "lua_memory" in s}
+        lua = {s["name"]: s["lua_memory"] for s in map(stage_stats, self.host.stages) if "lua_memory" in s}
         return True, "", {"rss": rss_bytes(), "lua": lua}
 
     def cmd_gc(self) -> Result:
@@ -314,6 +314,7 @@ class ControlClient(MultiService):
         self.link: Link | None = None
         self.ready = False
         factory = LinkClientFactory(secret, f"g{control.host.group}", _ClientHandler(self))
+        factory.noisy = False
         endpoint = UNIXClientEndpoint(reactor, control_path(rundir))
         ClientService(endpoint, factory, retryPolicy=backoffPolicy(0.05, 1.0), clock=reactor).setServiceParent(self)
         self._loop = LoopingCall(self.push)

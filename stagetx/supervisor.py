@@ -287,6 +287,12 @@ class Supervisor(service.Service):
         if self._signals:
             reactor: Any = self.clock()
             self._old_hup = signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.hangup))
+            # SIGTERM is the operator's graceful stop: drain, then exit 0 (Twisted's own handler
+            # would make twistd end by re-raising the signal).
+            # Installed once the reactor runs, over the handler the reactor installs then.
+            reactor.callWhenRunning(
+                signal.signal, signal.SIGTERM, lambda *_: reactor.callFromThread(self._terminated)
+            )
         for slot in self._slots:
             self._spawn(slot)
 
@@ -367,6 +373,12 @@ class Supervisor(service.Service):
             elif child.snapshot_at is None or now - child.snapshot_at > STALE_SNAPSHOT:
                 reasons.append(f"{name} is unresponsive (no report for {STALE_SNAPSHOT:g} s)")
         return reasons
+
+    def _terminated(self) -> None:
+        self.log.info("SIGTERM: stopping (grace {grace} s)", grace=self._grace)
+        reactor: Any = self.clock()
+        if reactor.running:
+            reactor.stop()
 
     def hangup(self) -> None:
         """SIGHUP: every child reopens its ``#log`` files."""

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
 from stagetx.config import LOG_LEVELS
 from stagetx.control import Result
@@ -31,7 +31,7 @@ class Reply:
     error: str | None = None
 
     def text(self) -> str:
-        marker = "OK" if self.ok else f"ERROR {self.error}"
+        marker = "OK" if self.ok else "ERROR " + ((self.error or "").splitlines() or ["failed"])[0]
         return "".join(line + "\n" for line in (*self.lines, marker))
 
     def json(self) -> dict[str, Any]:
@@ -82,11 +82,11 @@ class Commands:
         """Run one command; never fails: errors come back as ``Reply(ok=False)``."""
         handler: Callable[..., Any] | None = getattr(self, f"cmd_{name}", None)
         if handler is None or name not in HELP:
-            return Deferred.fromResult(Reply(False, error=f"unknown command {name!r} (try help)"))
+            return succeed(Reply(False, error=f"unknown command {name!r} (try help)"))
         try:
             inspect.signature(handler).bind(*args)
         except TypeError:
-            return Deferred.fromResult(Reply(False, error=f"usage: {name} {HELP[name][0]}".strip()))
+            return succeed(Reply(False, error=f"usage: {name} {HELP[name][0]}".strip()))
         d = maybeDeferred(handler, *args)
         d.addErrback(_as_reply, name)
         return d
@@ -190,13 +190,19 @@ class Commands:
 
     def cmd_eval(self, stage: str, code: str) -> Deferred[Reply]:
         def show(results: list[tuple[int, Result]]) -> Reply:
-            lines, data = [], []
+            lines: list[str] = []
+            data, errors = [], []
             for group, (ok, text, values) in results:
-                lines.append(f"process {group + 1}: {text}" if len(results) > 1 else text)
+                prefix = f"process {group + 1}: " if len(results) > 1 else ""
+                first, *rest = text.splitlines() or [""]
+                if ok:
+                    lines.append(prefix + text)
+                else:  # the error's first line goes on the marker line, its traceback above it
+                    errors.append(prefix + first)
+                    lines += rest
                 data.append({"process": group + 1, "ok": ok, "results": values, "error": None if ok else text})
-            failed = [line for line, (_, (ok, _, _)) in zip(lines, results) if not ok]
-            if failed:
-                return Reply(False, tuple(lines), data, error="; ".join(failed))
+            if errors:
+                return Reply(False, tuple(lines), data, error="; ".join(errors))
             return Reply(True, tuple(lines), data)
 
         return self._control.ask_all("eval", [stage, code], self._groups_of(stage)).addCallback(show)

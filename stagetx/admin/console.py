@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 
@@ -39,7 +39,9 @@ class ConsoleProtocol(LineOnlyReceiver):
         if text in ("quit", "exit"):
             self.transport.loseConnection()
             return
-        self._last.addCallback(lambda _: self.commands.run_line(text)).addCallback(self._write)
+        self._last.addCallback(lambda _: maybeDeferred(self.commands.run_line, text))
+        self._last.addErrback(lambda f: Reply(False, error=f"internal error: {f.getErrorMessage()}"))
+        self._last.addCallback(self._write)
 
     def _authorize(self, text: str) -> None:
         word, _, given = text.partition(" ")
@@ -63,6 +65,8 @@ class ConsoleProtocol(LineOnlyReceiver):
 
 
 class ConsoleFactory(Factory):
+    noisy = False
+
     def __init__(self, commands: Commands, token: str | None) -> None:
         self.commands = commands
         self.token = token

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
@@ -62,6 +62,7 @@ class ControlServer(Service):
         self._on_ready = on_ready
         self._ids = itertools.count(1)
         self._factory = LinkServerFactory(secret, "supervisor", self, clock=clock)
+        self._factory.noisy = False
         self._port: IListeningPort | None = None
 
     def startService(self) -> None:
@@ -131,7 +132,7 @@ class ControlServer(Service):
         """Run command ``name`` in group ``group``'s process; fires with ``(ok, text, data)``."""
         child = self.children[group]
         if child.link is None:
-            return Deferred.fromResult((False, f"process {group + 1} is not connected", None))
+            return succeed((False, f"process {group + 1} is not connected", None))
         rid = next(self._ids)
         waiting: Deferred[Result] = Deferred()
         child.pending[rid] = waiting

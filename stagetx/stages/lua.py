@@ -115,6 +115,7 @@ class Stage:
         carried = self._unload(old_vm)
         old_api.cancel_all()
         self.vm = None
+        self._senders.clear()  # _WAITFOR[1] tables of the old runtime
         return self.stop().addCallback(lambda _: self._restart(carried))
 
     def _unload(self, vm: LuaVM) -> bytes | None:
