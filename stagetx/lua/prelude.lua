@@ -192,18 +192,22 @@ local function drain()
 end
 
 -- Every entry from Python: arms the budget, runs `f`, and drains local messages at the outermost level.
-local function enter(f, ...)
-    depth = depth + 1
-    if depth == 1 then deadline = now() + budget end
-    local function leave(...)
-        if depth == 1 then
+local function leave(...)
+    if depth == 1 then
+        if qhead <= qtail then
             local ok, err = xpcall(drain, on_error)
             if not ok then report("drain", "", err) end
-            deadline = huge
         end
-        depth = depth - 1
-        return ...
+        deadline = huge
     end
+    depth = depth - 1
+    return ...
+end
+
+-- `started` is the monotonic time Python read when it called in (cheaper than calling back for it).
+local function enter(started, f, ...)
+    depth = depth + 1
+    if depth == 1 then deadline = started + budget end
     return leave(xpcall(f, on_error, ...))
 end
 
@@ -387,18 +391,18 @@ end
 
 -- Runs f(...) as a callback of this stage: returns true, results... or false, error (reported
 -- under the label `where`, e.g. "task" or "main script").
-function core.call(where, f, ...)
-    return finish_call(where, enter(f, ...))
+function core.call(started, where, f, ...)
+    return finish_call(where, enter(started, f, ...))
 end
 
 -- Delivers one message from the router.
-function core.deliver(msgid, sender, reply, ...)
-    enter(dispatch, msgid, sender, reply, ...)
+function core.deliver(started, msgid, sender, reply, ...)
+    enter(started, dispatch, msgid, sender, reply, ...)
 end
 
 -- Runs queued local messages (scheduled by Python when a drain turn ran out of time).
-function core.drain()
-    enter(function() end)
+function core.drain(started)
+    enter(started, function() end)
 end
 
 -- Loads a script chunk with the stage's globals (text only: no bytecode from files).

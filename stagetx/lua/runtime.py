@@ -127,16 +127,16 @@ class LuaVM:
 
         Errors are reported through the host's ``report`` under ``where`` before this returns.
         """
-        result = self._call(where.encode(), f, *args)
+        result = self._call(time.monotonic(), where.encode(), f, *args)
         return result if isinstance(result, tuple) else (result,)
 
     def deliver(self, msgid: bytes, sender: Any, reply: bytes | None, *values: Any) -> None:
         """Hand one message to the stage's waitfor handlers."""
-        self._deliver(msgid, sender, reply, *values)
+        self._deliver(time.monotonic(), msgid, sender, reply, *values)
 
     def drain(self) -> None:
         """Run the stage's queued local messages."""
-        self._drain()
+        self._drain(time.monotonic())
 
     def compile(self, text: bytes, chunkname: bytes) -> Any:
         """Compile script text (never bytecode) with the stage's globals; raises on syntax errors."""
