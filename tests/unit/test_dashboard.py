@@ -115,3 +115,207 @@ def test_index_admin_command_asks_the_stage_process_and_parses_lines() -> None:
     assert _result(commands.run("index", ["nope"])).error == "no stage 'nope'"
     control.answer = (False, "index: the admin side runs only get, range, forEach and total requests", None)
     assert not _result(commands.run("index", ["rank", "{}"])).ok
+
+
+# -- history, states, overview ------------------------------------------------------------------
+
+from io import BytesIO  # noqa: E402
+
+from twisted.web.server import NOT_DONE_YET  # noqa: E402
+from twisted.web.test.requesthelper import DummyRequest  # noqa: E402
+
+from stagetx.admin.control import ChildState  # noqa: E402
+from stagetx.admin.dashboard import DashboardSite, History, overview, quantile  # noqa: E402
+from stagetx.admin.http import admin_site  # noqa: E402
+from stagetx.host import LATENCY_BUCKETS  # noqa: E402
+from stagetx.supervisor import ChildStatus  # noqa: E402
+
+BOUNDS = list(LATENCY_BUCKETS)
+
+
+def _latency(**at: int) -> list[int]:
+    """Bucket counts with ``at["b3"] = n`` meaning n observations in bucket 3."""
+    counts = [0] * (len(BOUNDS) + 1)
+    for name, n in at.items():
+        counts[int(name[1:])] = n
+    return counts
+
+
+def _snapshot(pid: int, uptime: float, received: int, sent: int, latency: list[int], **extra: Any) -> dict[str, Any]:
+    stage = {"name": "=lua+game", "type": "lua", "received": received, "sent": sent, "errors": 1, "busy": 0.0,
+             "latency": latency, "lua_memory": 2048}
+    return {"group": 0, "pid": pid, "uptime": uptime, "rss": 1 << 20, "queue": 3, "delay": 0.0, "buckets": BOUNDS,
+            "stages": [stage, *extra.get("more", [])], "peers": extra.get("peers")}
+
+
+def test_quantile_interpolates_inside_the_bucket_and_caps_the_open_one() -> None:
+    assert quantile(BOUNDS, _latency(), 0.5) is None
+    assert quantile(BOUNDS, _latency(b0=10), 0.5) == pytest.approx(0.00005)
+    assert quantile(BOUNDS, _latency(b3=50, b4=50), 0.99) == pytest.approx(0.001 + 0.0015 * 0.98)
+    assert quantile(BOUNDS, _latency(b12=5), 0.99) == BOUNDS[-1]
+
+
+def test_history_rates_quantiles_restart_and_gaps() -> None:
+    history = History(size=3)
+    history.observe(100.0, 0, _snapshot(7, 10.0, 100, 50, _latency(b3=10)), ["=lua+game"])
+    history.observe(101.0, 0, _snapshot(7, 12.0, 300, 150, _latency(b3=10, b5=100)), ["=lua+game"])
+    cols = history.columns("1/=lua+game")["1/=lua+game"]
+    assert cols["t"] == [100.0, 101.0] and cols["in"] == [None, 100.0] and cols["out"] == [None, 50.0]
+    assert BOUNDS[4] < cols["p50"][1] < BOUNDS[5]  # only the new observations count
+    assert history.current["1/=lua+game"]["in_rate"] == 100.0
+    same = history._last[0]
+    history.observe(102.0, 0, same, ["=lua+game"])  # no new report: no sample
+    history.observe(103.0, 0, _snapshot(8, 1.0, 5, 5, _latency()), ["=lua+game"])  # restarted: new baseline
+    history.observe(104.0, 0, None, ["=lua+game"])  # down: a gap, nothing current
+    cols = history.columns()["1/=lua+game"]
+    assert cols["t"] == [101.0, 103.0, 104.0] and cols["in"] == [100.0, None, None]
+    assert "1/=lua+game" not in history.current
+
+
+class _Supervisor:
+    """What the dashboard reads of a Supervisor: config, status(), control.children, clock()."""
+
+    def __init__(self, clock: Clock, statuses: list[ChildStatus], children: list[ChildState]) -> None:
+        game = SimpleNamespace(name="=lua+game", type="lua", id="game", group=0)
+        rank = SimpleNamespace(name="=index+rank", type="index", id="rank", group=1)
+        self.config = SimpleNamespace(startup=[[game], [rank]], stages=[game, rank])
+        self._clock = clock
+        self.statuses = statuses
+        self.control = SimpleNamespace(children=children)
+
+    def clock(self) -> Clock:
+        return self._clock
+
+    def status(self) -> list[ChildStatus]:
+        return self.statuses
+
+    def health(self) -> list[str]:
+        return []
+
+
+def _server(clock: Clock) -> _Supervisor:
+    clock.advance(1000.0)
+    peers = [{"server": "s2", "addr": "127.0.0.1:1", "linked": False, "backup": False, "delay": 0.0,
+              "overloaded": False, "stages": 2}]
+    child0 = ChildState(0, ready=True, snapshot=_snapshot(7, 10.0, 100, 50, _latency(b3=4), peers=peers), snapshot_at=999.5)
+    child1 = ChildState(1, ready=False)
+    statuses = [ChildStatus(0, 7, 990.0, 0), ChildStatus(1, None, None, 2)]
+    return _Supervisor(clock, statuses, [child0, child1])
+
+
+def test_overview_shows_states_never_stale_numbers() -> None:
+    clock = Clock()
+    sup = _server(clock)
+    sup.config.startup[0].append(SimpleNamespace(name="=route+route", type="route", id="route", group=0))
+    view = overview(sup, History(10), clock.seconds())
+    assert [(p["process"], p["state"], p["uptime"]) for p in view["processes"]] == [(1, "up", 10.0), (2, "restarting", None)]
+    game, route, rank = view["stages"]
+    assert game["state"] == "running" and game["received"] == 100 and game["queue"] == 3 and game["lua_memory"] == 2048
+    assert route == {"process": 1, "name": "=route+route", "type": "route", "state": "stopped"}
+    assert rank == {"process": 2, "name": "=index+rank", "type": "index", "state": "restarting"}
+    assert view["peers"][0]["state"] == "down"
+    clock.advance(10.0)  # no report for 10 s: unresponsive, no numbers
+    view = overview(sup, History(10), clock.seconds())
+    assert view["processes"][0]["state"] == "unresponsive" and view["processes"][0]["rss"] is None
+    assert "received" not in view["stages"][0] and view["stages"][0]["state"] == "unresponsive"
+
+
+# -- the resources, through the admin site --------------------------------------------------------
+
+
+def _request(site: Any, path: str, method: bytes = b"GET", headers: dict[str, str] | None = None,
+             body: bytes = b"", args: dict[bytes, list[bytes]] | None = None) -> DummyRequest:
+    request = DummyRequest([p.encode() for p in path.split("/")[1:]])
+    request.method = method
+    request.content = BytesIO(body)
+    request.args = args or {}
+    for name, value in (headers or {}).items():
+        request.requestHeaders.setRawHeaders(name, [value])
+    result = site.getResourceFor(request).render(request)
+    if result is not NOT_DONE_YET:
+        request.write(result)
+        request.finish()
+    return request
+
+
+def _body(request: DummyRequest) -> Any:
+    return json.loads(b"".join(request.written))
+
+
+def _site(token: str | None, answer: Any = (True, "", {})) -> tuple[DashboardSite, Clock, _AskingControl]:
+    clock = Clock()
+    sup = _server(clock)
+    asking = _AskingControl(answer)
+    asking.children = sup.control.children
+    sup.control = asking  # type: ignore[assignment]
+    site = admin_site(sup, Commands(sup), token)  # type: ignore[arg-type]
+    assert isinstance(site, DashboardSite)
+    return site, clock, asking
+
+
+def test_page_static_files_and_session_without_token() -> None:
+    site, _, _ = _site(None)
+    page = _request(site, "/")
+    assert b"<title>stagetx dashboard</title>" in b"".join(page.written)
+    assert page.responseHeaders.getRawHeaders("x-frame-options") == ["DENY"]
+    assert _body(_request(site, "/api/session")) == {"readonly": True, "csrf": None, "interval": 1.0}
+    script = site.getResourceFor(DummyRequest([b"static", b"uPlot.iife.min.js"]))
+    assert script.path.endswith("uPlot.iife.min.js")
+
+
+def test_api_paths_beside_the_command_api_and_token_rules() -> None:
+    site, _, asking = _site("s3cret", answer=(True, "", {"b": [3, 0, 0, 0]}))
+    assert _request(site, "/api/session").responseCode == 401
+    assert _request(site, "/api/events").responseCode == 401
+    auth = {"authorization": "Bearer s3cret"}
+    session = _body(_request(site, "/api/session", headers=auth))
+    assert session["readonly"] is False and len(session["csrf"]) > 20
+    reply = _body(_request(site, "/api/index", headers=auth, args={b"args": [b"rank"]}))
+    assert reply == {"ok": True, "data": {"b": [3, 0, 0, 0]}, "error": None}
+    assert asking.asked == [("index", ["rank"], [1])]
+    assert _body(_request(site, "/api/help", headers=auth))["ok"] is True
+    view = _body(_request(site, "/api/overview", headers=auth))
+    assert [s["name"] for s in view["stages"]] == ["=lua+game", "=index+rank"]
+
+
+def test_event_stream_pushes_a_snapshot_per_sample_until_the_client_leaves() -> None:
+    site, clock, _ = _site(None)
+    site.startFactory()
+    try:
+        request = _request(site, "/api/events")
+        assert request.responseHeaders.getRawHeaders("content-type") == ["text/event-stream"]
+        events = [e for e in b"".join(request.written).split(b"\n\n") if e.startswith(b"data: ")]
+        assert len(events) == 1 and json.loads(events[0][6:])["processes"][0]["pid"] == 7
+        site.dashboard.supervisor.control.children[0].snapshot_at = clock.seconds() + 1.0  # a fresh report
+        clock.advance(1.0)
+        clock.advance(1.0)
+        events = [e for e in b"".join(request.written).split(b"\n\n") if e.startswith(b"data: ")]
+        assert len(events) == 3 and json.loads(events[-1][6:])["time"] == clock.seconds()
+        history = _body(_request(site, "/api/history", args={b"stage": [b"1/=lua+game"]}))
+        assert history["seconds"] == 600 and len(history["stages"]["1/=lua+game"]["t"]) >= 1
+        request.finish()
+        assert site.dashboard.streams == []
+    finally:
+        site.stopFactory()
+    assert not site.dashboard._loop.running
+
+
+def test_actions_need_token_csrf_same_origin_and_known_commands() -> None:
+    body = json.dumps({"command": "loglevel", "args": ["stage", "debug"]}).encode()
+    site, _, _ = _site(None)
+    refused = _request(site, "/api/action", b"POST", {"content-type": "application/json"}, body)
+    assert refused.responseCode == 403 and "read-only" in _body(refused)["error"]
+
+    site, _, asking = _site("s3cret")
+    csrf = site.dashboard.csrf
+    good = {"authorization": "Bearer s3cret", "content-type": "application/json", "x-csrf-token": csrf,
+            "origin": "http://127.0.0.1:9190", "host": "127.0.0.1:9190"}
+    assert _request(site, "/api/action", b"POST", {**good, "authorization": "Bearer no"}, body).responseCode == 401
+    for change in ({"x-csrf-token": "forged"}, {"origin": "http://evil.example"}, {"content-type": "text/plain"}):
+        refused = _request(site, "/api/action", b"POST", {**good, **change}, body)
+        assert refused.responseCode == 403, change
+    assert asking.asked == []
+    wrong = _request(site, "/api/action", b"POST", good, json.dumps({"command": "eval", "args": ["x", "1"]}).encode())
+    assert wrong.responseCode == 400 and "actions are" in _body(wrong)["error"]
+    done = _request(site, "/api/action", b"POST", good, body)
+    assert _body(done)["ok"] is True and asking.asked == [("loglevel", ["stage", "debug"], None)]
