@@ -147,7 +147,7 @@ class Endpoint:
 class Connection:
     """One TCP connection: frames in, values out. Slotted: thousands may sit idle."""
 
-    __slots__ = ("id", "endpoint", "transport", "buf", "last", "peer", "state", "connected")
+    __slots__ = ("id", "endpoint", "transport", "buf", "last", "peer", "local", "state", "connected")
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.id = endpoint.registry.next_id()
@@ -156,6 +156,7 @@ class Connection:
         self.buf = b""
         self.last = 0.0
         self.peer = b""
+        self.local = b""  # packed local address, kept so that worker threads need not ask the transport
         self.state: Any = None  # the owner's per-socket value (the Lua binding's receive function)
         self.connected = 0
 
@@ -168,6 +169,7 @@ class Connection:
     def connectionMade(self) -> None:
         address = self.transport.getPeer()
         self.peer = addresses.pack(address.host, address.port)
+        self.local = _packed_host(self.transport)
         self.endpoint.add(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -203,14 +205,19 @@ class Connection:
     # -- the socket API ---------------------------------------------------------------------------
     def send(self, value: Data, addr: bytes | None = None) -> str | None:
         """Send one value as one frame; returns None, or why it was not sent (the socket then closes)."""
+        return self.send_payload(self.endpoint.framing.payload(value), addr)
+
+    def send_payload(self, payload: bytes, addr: bytes | None = None) -> str | None:
+        """``send`` of a value already made a payload by ``framing.payload`` (e.g. in a worker thread)."""
         if not self.connected:
             return "socket closed"
+        framing = self.endpoint.framing
         try:
-            data = self.endpoint.framing.encode(value)
+            framing.check_out(len(payload))
         except FrameTooLarge as err:
             self.abort(str(err))
             return str(err)
-        self.transport.write(data)
+        self.transport.write(framing.wrap(payload))
         return None
 
     def close(self) -> None:
@@ -227,10 +234,7 @@ class Connection:
         return addresses.text(*addresses.unpack(self.peer)) if self.peer else ""
 
     def local_text(self) -> str:
-        if self.transport is None:
-            return ""
-        host = self.transport.getHost()
-        return addresses.text(host.host, host.port)
+        return addresses.text(*addresses.unpack(self.local)) if self.local else ""
 
 
 class Datagram(protocol.DatagramProtocol):
@@ -241,11 +245,13 @@ class Datagram(protocol.DatagramProtocol):
         self.endpoint = endpoint
         self.last = 0.0
         self.peer = b""
+        self.local = b""
         self.state: Any = None
         self.connected = 0
 
     def startProtocol(self) -> None:
         self.connected = 1
+        self.local = _packed_host(self.transport)
         url = self.endpoint.url
         if addresses.is_multicast(url.host):
             loopback = "::1" if url.ipv6 else "127.0.0.1"
@@ -276,14 +282,16 @@ class Datagram(protocol.DatagramProtocol):
 
     def send(self, value: Data, addr: bytes | None = None) -> str | None:
         """Send one datagram to ``addr`` (packed); returns None or why it was not sent."""
+        return self.send_payload(self.endpoint.framing.payload(value), addr)
+
+    def send_payload(self, payload: bytes, addr: bytes | None = None) -> str | None:
+        """``send`` of a value already made a payload by ``framing.payload``."""
         if not self.connected:
             return "socket closed"
         if not addr:
             return "a UDP socket needs the address to send to"
-        framing = self.endpoint.framing
         try:
-            payload = framing.payload(value)
-            framing.check_out(len(payload))
+            self.endpoint.framing.check_out(len(payload))
             host, port = addresses.unpack(addr)
         except (FrameTooLarge, ValueError) as err:
             return str(err)
@@ -301,13 +309,15 @@ class Datagram(protocol.DatagramProtocol):
         return ""
 
     def local_text(self) -> str:
-        if self.transport is None:
-            return ""
-        host = self.transport.getHost()
-        return addresses.text(host.host, host.port)
+        return addresses.text(*addresses.unpack(self.local)) if self.local else ""
 
 
 Socket = Union[Connection, Datagram]
+
+
+def _packed_host(transport: Any) -> bytes:
+    host = transport.getHost()
+    return addresses.pack(host.host, host.port)
 
 
 class _ListenFactory(protocol.Factory):
