@@ -9,6 +9,7 @@ member whose score was set earlier has the larger ``seq``, sorts later, and rank
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
@@ -120,6 +121,30 @@ class Board:
             self.next_seq = seq - 1
         return changed
 
+    def set_one(self, member: bytes, number: int, score: Score, value: Any, has_value: bool) -> Key | None:
+        """``set`` for one score in tier ``number``: the request fast path, no mapping or set built.
+
+        Returns the member's new key in that tier, or None when the score did not change.
+        """
+        values = self.values
+        if has_value:
+            values[member] = value
+        elif member not in values:
+            values[member] = None
+        tier = self.tiers[number - 1]
+        keys = tier.keys
+        old = keys.get(member)
+        if old is not None:
+            if old[0] == score:
+                return None
+            member = old[2]  # keep one bytes object per member alive, not one per update
+            tier.order.remove(old)
+        seq = self.next_seq
+        self.next_seq = seq - 1
+        key = keys[member] = (score, seq, member)
+        tier.order.add(key)
+        return key
+
     def delete(self, member: bytes) -> bool:
         """Remove ``member`` from every tier; False when it was not there."""
         if self.values.pop(member, _ABSENT) is _ABSENT:
@@ -136,10 +161,28 @@ class Board:
             states.append(None if key is None else (key[0], key[1]))
         return self.values[member], states
 
+    def record(self, name: bytes, member: bytes) -> tuple[Any, ...]:
+        """The log record of ``member``'s whole state: ``(name, member)`` when it is gone, else
+        ``(name, member, value, state1, …)`` with trailing unscored tiers left out."""
+        value = self.values.get(member, _ABSENT)
+        if value is _ABSENT:
+            return (name, member)
+        states: list[Any] = [name, member, value]
+        last = 3
+        for tier in self.tiers:
+            key = tier.keys.get(member)
+            if key is None:
+                states.append(None)
+            else:
+                states.append((key[0], key[1]))
+                last = len(states)
+        return tuple(states[:last])
+
     def restore(self, member: bytes, value: Any, states: Iterable[TierState]) -> None:
-        """Replace the member's whole state with a recorded one (replay of logs)."""
+        """Replace the member's whole state with a recorded one (replay of logs); tiers past the
+        end of ``states`` are unscored."""
         self.values[member] = value
-        for tier, state in zip(self.tiers, states):
+        for tier, state in itertools.zip_longest(self.tiers, states):
             if state is None:
                 tier.discard(member)
             else:

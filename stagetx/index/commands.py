@@ -96,6 +96,15 @@ class Executor:
         """Execute every entry of ``request``; returns the reply table keyed as the request."""
         if not isinstance(request, dict):
             raise RequestError("an index request is a table {[\"command:index/tier\"] = argument}")
+        if len(request) == 1:  # the common case: nothing to order
+            for key, argument in request.items():
+                command = self._parse(key)
+                if type(command) is RequestError:
+                    return {key: {"error": str(command)}}
+                try:
+                    return {key: self._handlers[command.op](command, argument)}  # type: ignore[union-attr]
+                except RequestError as error:
+                    return {key: {"error": str(error)}}
         reply: dict[Any, Any] = {}
         parsed: list[tuple[tuple[int, int], int, Any, Command]] = []
         for position, key in enumerate(request):
@@ -139,6 +148,10 @@ class Executor:
             return {}
         if not isinstance(argument, dict):
             raise RequestError("set takes {ID = {v = value, i = score}}")
+        if len(argument) == 1:
+            fast = self._set_one(command, argument)
+            if fast is not None:
+                return fast
         updates = [(self._member(member), *_set_spec(command.tier, spec)) for member, spec in argument.items()]
         for _, _, value, has_value in updates:
             if has_value:
@@ -152,6 +165,38 @@ class Executor:
             self.boards.changed(command.name, board, member)
             reply[member] = tier.rank(member) if command.tier in changed else 0  # type: ignore[assignment]
         return reply
+
+    def _set_one(self, command: Command, argument: dict[Any, Any]) -> dict[bytes, int] | None:
+        """One member with ``{i = score}`` or ``{i = score, v = value}`` (bytes keys, as from Lua):
+        checked and applied without the general path's lists and mappings; None for anything else."""
+        for member, spec in argument.items():
+            if type(member) is not bytes or type(spec) is not dict:
+                return None
+            score = spec.get(b"i")
+            size = len(spec)
+            if size == 1:
+                has_value = False
+            elif size == 2 and b"v" in spec:
+                has_value = True
+            else:
+                return None
+            kind = type(score)
+            if kind is not int and (kind is not float or score != score):  # a float NaN is refused
+                return None
+            member = self._member(member)
+            value = spec[b"v"] if has_value else None
+            if has_value:
+                self.boards.check_value(value)
+            name = command.name
+            board = self.boards.board(name, True)
+            assert board is not None
+            key = board.set_one(member, command.tier, score, value, has_value)
+            self.boards.changed(name, board, member)
+            if key is None:
+                return {member: 0}
+            order = board.tiers[command.tier - 1].order
+            return {member: len(order) - order.bisect_left(key)}
+        return None
 
     def _del(self, command: Command, argument: Any) -> int:
         members = [self._member(member) for member in _sequence(argument, "del takes {ID, …}")]

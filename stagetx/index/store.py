@@ -2,16 +2,21 @@
 
 Files in the index directory (``N`` = a 10-digit segment number):
 
-- ``N.log``: framed records, one per changed member, holding its *whole* new state (value and
-  every tier's ``(score, seq)``) or its deletion. Replaying a record twice gives the same state,
-  which is what lets snapshots be taken while the stage keeps working.
+- ``N.log``: frames, one per ``commit`` (a reactor turn of the stage), each a msgpack array of
+  records. A record holds one changed member's *whole* new state ``[name, member, value,
+  [score, seq] or nil per tier…]`` (trailing unscored tiers left out) or its deletion ``[name,
+  member]``. Replaying a record twice gives the same state, which is what lets snapshots be
+  taken while the stage keeps working. (A frame holding one bare record is read too: the format
+  before records were batched.)
 - ``N.snap``: every board as of some moment after ``N.log`` was started; a start loads the newest
   snapshot and replays ``N.log`` and later segments over it.
 - ``N.snap.tmp``: a snapshot being written; it becomes ``N.snap`` by an atomic rename after fsync.
 - ``LOCK``: held (flock) while a process uses the directory.
 
 A frame is ``<u32 length><u32 crc32>`` then a msgpack payload. A torn or corrupt frame ends its
-log segment: it is logged, ignored, and cut off the newest segment before new appends.
+log segment: it is logged, ignored, and cut off the newest segment before new appends. A frame is
+written whole before any reply of its turn leaves, so a torn frame holds only unacknowledged
+changes.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ def read_frames(data: bytes) -> tuple[list[bytes], int]:
 
 
 _pack = msgpack.Packer(use_bin_type=True).pack  # reused: packb builds a Packer per call
+_PLAIN = frozenset({bytes, float, bool, type(None)})  # always packable (a str may hold surrogates)
+_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
 
 
 def _unpack(payload: bytes) -> Any:
@@ -91,7 +98,7 @@ class IndexStore:
         self.log_bytes = 0
         self.snapshot_bytes = 0
         self.dirty = False
-        self._pending: list[bytes] = []
+        self._pending: list[tuple[Any, ...]] = []
         self._segment = 0
         self._fd = -1
         self._lock_fd = -1
@@ -105,14 +112,12 @@ class IndexStore:
         return board
 
     def changed(self, name: bytes, board: Board, member: bytes) -> None:
-        if member in board:
-            value, states = board.state(member)
-            record = [name, member, value, *states]
-        else:
-            record = [name, member]
-        self._pending.append(frame(_pack(record)))
+        self._pending.append(board.record(name, member))
 
     def check_value(self, value: Any) -> None:
+        kind = type(value)
+        if kind in _PLAIN or (kind is int and _INT_MIN <= value <= _UINT_MAX):
+            return  # always packable: skip the trial pack
         try:
             _pack(value)
         except (TypeError, ValueError, OverflowError) as error:
@@ -121,10 +126,10 @@ class IndexStore:
     # -- writing ---------------------------------------------------------------------------
 
     def commit(self) -> None:
-        """Write the pending records (one ``write()``); fsync too when configured."""
+        """Write the pending records as one frame (one ``write()``); fsync too when configured."""
         if not self._pending:
             return
-        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        data = frame(_pack(self._pending))
         self._pending.clear()
         view = memoryview(data)
         while view:
@@ -196,18 +201,24 @@ class IndexStore:
                 count=len(data) - valid,
                 offset=valid,
             )
-        boards = self.boards
         for payload in payloads:
-            record = _unpack(payload)
-            name, member = record[0], record[1]
-            board = boards.get(name)
-            if board is None:
-                board = boards[name] = Board()
-            if len(record) == 2:
-                board.delete(member)
+            records = _unpack(payload)
+            if records and type(records[0]) is list:
+                for record in records:
+                    self._apply(record)
             else:
-                board.restore(member, record[2], record[3:])
+                self._apply(records)  # a lone record: the format before records were batched
         return valid
+
+    def _apply(self, record: list[Any]) -> None:
+        name, member = record[0], record[1]
+        board = self.boards.get(name)
+        if board is None:
+            board = self.boards[name] = Board()
+        if len(record) == 2:
+            board.delete(member)
+        else:
+            board.restore(member, record[2], record[3:])
 
     def _load_snapshot(self, path: str) -> None:
         with open(path, "rb") as file:

@@ -1,7 +1,8 @@
 """The built-in ``=index`` stage: a durable real-time scoreboard (SPEC 4.1, docs/index.md).
 
 The thin edge around ``stagetx.index``: settings, start/stop, one message → one request table →
-one reply, with the log write made before the reply, the fsync policy, and background compaction.
+one reply, with the turn's log write made before its replies, the fsync policy, and background
+compaction.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import attrs
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 
+from stagetx.codec import unpack_py
 from stagetx.index.commands import Executor, RequestError
 from stagetx.index.store import IndexStore
 from stagetx.message import Message
@@ -68,6 +70,8 @@ class Stage:
         self._syncer: LoopingCall | None = None
         self._compaction: Iterator[None] | None = None
         self._step: IDelayedCall | None = None
+        self._replies: list[tuple[Message, Any]] = []  # this turn's, sent by ``flush``
+        self._flush_call: IDelayedCall | None = None
 
     def start(self) -> None:
         """Load the indexes, then freeze them out of the cyclic GC's sight (see docs/index.md)."""
@@ -88,7 +92,8 @@ class Stage:
         self._maybe_compact()
 
     def stop(self) -> None:
-        """Abandon a running compaction, fsync and close the log."""
+        """Answer this turn's requests, abandon a running compaction, fsync and close the log."""
+        self.flush()
         if self._syncer is not None and self._syncer.running:
             self._syncer.stop()
         if self._step is not None and self._step.active():
@@ -99,22 +104,43 @@ class Stage:
         self.store.close()
 
     def receive(self, message: Message) -> None:
-        """Run one request table; the log write happens before the reply is sent."""
+        """Run one request table now; its reply waits for this turn's log write (``flush``)."""
         try:
-            values = message.values
+            # unpack_py(payload) is what message.values returns; called directly, it skips the
+            # property's per-call import (about 1 µs of a ~15 µs request)
+            values = unpack_py(message.payload)
             reply = self.executor.run(values[0] if values else None)
         except RequestError as error:
             reply = {"error": str(error)}
         except Exception:
             self.context.log.failure("index {stage}: request failed", stage=self.context.name)
             reply = {"error": "internal error in the index stage"}
+        self._replies.append((message, reply))
+        if self._flush_call is None:
+            self._flush_call = self.context.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """End of a turn: one log ``write()`` for every change of the turn, then every reply.
+
+        The router hands a stage all queued messages in one drain call, so under load one turn
+        holds many requests and pays one frame, one syscall and one delayed call for all of them.
+        No reply leaves before the write that holds its changes has returned.
+        """
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        replies, self._replies = self._replies, []
         try:
             self.store.commit()
-        except OSError as error:
+        except Exception as error:  # OSError mostly (disk full); the replies must go out either way
             self.store.discard_pending()
             self.context.log.error("index {stage}: log write failed: {error}", stage=self.context.name, error=error)
-            reply = {key: {"error": f"index storage failed: {error}"} for key in reply}
-        self.context.reply(message, reply)
+            failed = {"error": f"index storage failed: {error}"}
+            replies = [(message, {key: failed for key in reply}) for message, reply in replies]
+        reply = self.context.reply
+        for message, values in replies:
+            reply(message, values)
         self._maybe_compact()
 
     def _sync(self) -> None:

@@ -1,5 +1,5 @@
-"""A child process for the crash test: sets members one by one and prints ``ack N`` after each
-durable set (the log ``write()`` returned), compacting along the way; runs until killed.
+"""A child process for the crash test: sets members in turns of 1 to 64 and prints ``ack N`` for
+each once the turn's log ``write()`` returned, compacting along the way; runs until killed.
 
 ``python index_writer.py DIRECTORY FIRST`` sets ``m<FIRST>``, ``m<FIRST+1>``, … with score N.
 """
@@ -19,11 +19,16 @@ def main(directory: str, first: int) -> None:
     store.open()
     executor = Executor(store, key_size=32)
     compaction = None
-    for number in range(first, first + LIMIT):
-        executor.run({b"set:crash": {b"m%d" % number: {b"v": b"value %d" % number, b"i": number}}})
+    number = first
+    for turn in range(LIMIT):
+        # like the stage's reactor turns: 1 to 64 requests, one commit, then their acks
+        batch = range(number, number + 1 + turn % 64)
+        for n in batch:
+            executor.run({b"set:crash": {b"m%d" % n: {b"v": b"value %d" % n, b"i": n}}})
         store.commit()
-        sys.stdout.write(f"ack {number}\n")
+        sys.stdout.write("".join(f"ack {n}\n" for n in batch))
         sys.stdout.flush()
+        number = batch[-1] + 1
         if compaction is None and store.wants_compaction():
             compaction = store.compaction()
         if compaction is not None and next(compaction, "done") == "done":

@@ -203,3 +203,31 @@ def test_ranks_match_a_sorted_model_under_random_updates() -> None:
     tier = board.tier(1)
     assert [key[2] for _, key in tier.slice(1, len(expected))] == expected
     assert all(tier.rank(m) == i for i, m in enumerate(expected, 1))
+
+
+def test_the_one_member_fast_path_matches_the_general_path() -> None:
+    """Bytes keys ``{i, v}`` of one member take ``_set_one``; str keys or two members the general
+    path: both must give the same replies, values, ranks, tie order and change reports."""
+    rng = random.Random(7)
+    fast, general = MemoryBoards(), MemoryBoards()
+    run_fast, run_general = Executor(fast, key_size=8).run, Executor(general, key_size=8).run
+    for step in range(2000):
+        member, score = b"m%d" % rng.randrange(50), rng.choice([rng.randrange(20), rng.randrange(20) + 0.5])
+        tier = rng.randrange(1, 5)
+        spec: dict[Any, Any] = {b"i": score} if rng.random() < 0.5 else {b"i": score, b"v": step}
+        reply = run_fast({b"set:b/%d" % tier: {member: spec}})
+        slow_spec = {key.decode(): value for key, value in spec.items()}
+        slow = run_general({b"set:b/%d" % tier: {member: slow_spec, b"": None}})
+        assert slow[b"set:b/%d" % tier] == {"error": "member ids must be non-empty strings"}
+        slow = run_general({b"set:b/%d" % tier: {member: slow_spec}})
+        assert reply == slow
+    for bad in ({b"i": float("nan")}, {b"i": "x"}, {b"i": 1, b"w": 2}, {b"v": 1}):
+        assert run_fast({b"set:b": {b"m1": bad}}) == run_general({b"set:b": {b"m1": bad}})
+    assert run_fast({b"set:b": {b"too-long-id": {b"i": 1}}}) == {b"set:b": {"error": "member id longer than 8 bytes"}}
+    everyone = [b"m%d" % i for i in range(50)]
+    assert run_fast({b"get:b": everyone}) == run_general({b"get:b": everyone})
+    assert fast.changes == general.changes
+    board = fast.boards[b"b"]
+    assert {m: board.record(b"b", m) for m in board.values} == {
+        m: general.boards[b"b"].record(b"b", m) for m in board.values
+    }

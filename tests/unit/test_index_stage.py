@@ -59,7 +59,9 @@ def _started(context: FakeContext, settings: Any = "scores") -> Stage:
 
 
 def _ask(stage: Stage, context: FakeContext, *values: Any) -> Any:
+    """One request alone in its reactor turn: receive, then the turn's end (``flush``)."""
     stage.receive(_message(*values))
+    stage.flush()
     message, values = context.replies.pop()
     return values[0]
 
@@ -107,6 +109,7 @@ def test_the_log_is_written_before_the_reply(tmp_path) -> None:
     stage = _started(context, ["scores", 8])
     for member in ("a", "b"):
         stage.receive(_message({"set:b": {member: {"i": 1}}}))
+        stage.flush()
     assert 0 < context.sizes[0] < context.sizes[1]
     stage.stop()
 
@@ -147,7 +150,7 @@ def _run_first_call(clock: Clock) -> None:
 
 def test_compaction_runs_in_steps_on_the_clock_while_serving(context, tmp_path) -> None:
     stage = _started(context)
-    stage.store.compact_min_bytes = 10_000
+    stage.store.compact_min_bytes = 5_000  # below the five rounds of 100 records below
     stage.store.chunk = 20
     for round_ in range(5):
         _ask(stage, context, {"set:b": {f"m{i}": {"i": round_ * 1000 + i} for i in range(100)}})
@@ -177,3 +180,36 @@ def test_a_log_write_failure_turns_the_reply_into_errors(context, monkeypatch) -
     assert "No space left" in reply[b"set:b"]["error"] and "error" in reply[b"total:b"]
     monkeypatch.undo()
     stage.stop()
+
+
+def test_one_turn_writes_once_and_only_then_replies(tmp_path) -> None:
+    context = LogSizeAtReply(str(tmp_path))
+    stage = _started(context, ["scores", 8])
+    writes: list[int] = []
+    real_write = os.write
+
+    def counting(fd: int, data: Any) -> int:
+        writes.append(len(data))
+        return real_write(fd, data)
+
+    for member in ("a", "b", "c"):
+        stage.receive(_message({"set:b": {member: {"i": 1}}}))
+    assert context.sizes == []  # nothing answered before the turn ends
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "write", counting)
+        context.clock.advance(0)  # the reactor ends the turn: the stage's delayed flush runs
+    assert len(writes) == 1 and context.sizes == [context.sizes[0]] * 3 and context.sizes[0] > 0
+    stage.stop()
+    again = _started(FakeContext(str(tmp_path)), ["scores", 8])
+    assert _ask(again, again.context, {"forEach:b": [1, 10]})[b"forEach:b"] == [
+        {"k": b"a", "i": 1, "d": 1}, {"k": b"b", "i": 1, "d": 2}, {"k": b"c", "i": 1, "d": 3}
+    ]
+    again.stop()
+
+
+def test_stop_answers_the_requests_of_the_unfinished_turn(context) -> None:
+    stage = _started(context)
+    stage.receive(_message({"set:b": {"a": {"i": 1}}}))
+    stage.stop()
+    assert [values[0] for _, values in context.replies] == [{b"set:b": {b"a": 1}}]
+    assert context.clock.calls == []
