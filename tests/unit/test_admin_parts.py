@@ -1,0 +1,114 @@
+"""Fast tests of the operations parts: reply format, parsing, alarms, waitfor keys, the slow-handler
+watchdog and hot reload of a real Lua stage, and the Prometheus rendering of a snapshot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet.defer import ensureDeferred
+
+from stagetx.admin.commands import Reply, parse
+from stagetx.admin.control import ChildState
+from stagetx.admin.metrics import make_registry, render
+from stagetx.control import DoublingAlarm, ProcessControl
+from stagetx.stages.lua import handler_keys
+from stagetx.supervisor import ChildStatus
+from tests.support import InProcessServer, LogCapture, wait_for, write_app
+
+
+def test_every_reply_ends_with_one_marker_line() -> None:
+    assert Reply(True, ("a", "b")).text() == "a\nb\nOK\n"
+    assert Reply(False, ("trace",), error="eval: boom\nstack").text() == "trace\nERROR eval: boom\n"
+
+
+def test_eval_keeps_the_rest_of_the_line_as_code() -> None:
+    assert parse("eval app  return 1 + 1 ") == ("eval", ["app", "return 1 + 1"])
+    assert parse("loglevel stage.app debug") == ("loglevel", ["stage.app", "debug"])
+    assert parse("eval app") == ("eval", ["app"])
+
+
+def test_alarm_warns_once_per_doubling_and_rearms_below_the_first_threshold() -> None:
+    alarm = DoublingAlarm(1000)
+    crossed = [alarm.crossed(v) for v in (10, 1000, 1500, 2000, 5000, 6000, 999, 1000)]
+    assert crossed == [False, True, False, True, True, False, False, True]
+
+
+def test_handler_keys_follow_the_waitfor_matching_order() -> None:
+    assert handler_keys(b"s:g.m.cb") == (b"s:g.m.cb", b"s:g.m.", b"s:g.", b"s:")
+    assert handler_keys(b"a.b.c") == (b"a.b.c", b"a.b.", b"a.")
+    assert handler_keys(b"hit") == (b"hit",)
+
+
+class _Supervisor:
+    """What the metrics collector reads: status() and the control server's children."""
+
+    def __init__(self, snapshot: dict[str, Any]) -> None:
+        self.control = type("C", (), {"children": [ChildState(0, ready=True, snapshot=snapshot)]})()
+
+    def status(self) -> list[ChildStatus]:
+        return [ChildStatus(0, 1234, 0.0, 2)]
+
+
+def test_metrics_render_counters_histograms_and_tickets() -> None:
+    snapshot = {
+        "rss": 1 << 20, "queue": 3, "delay": 0.001, "buckets": [0.001, 0.01], "peers": None,
+        "stages": [{
+            "name": "=lua+app", "type": "lua", "received": 5, "sent": 4, "errors": 1, "busy": 0.02,
+            "latency": [3, 1, 1], "lua_memory": 4096, "reloads": 1,
+            "tickets": {"game": [1, 2, 5]},
+        }],
+    }
+    text = render(make_registry(_Supervisor(snapshot))).decode()  # type: ignore[arg-type]
+    labels = 'process="1",stage="=lua+app",type="lua"'
+    assert f"stagetx_stage_messages_received_total{{{labels}}} 5.0" in text
+    assert f'stagetx_stage_handler_seconds_bucket{{le="0.01",{labels}}} 4.0' in text
+    assert f'stagetx_stage_handler_seconds_bucket{{le="+Inf",{labels}}} 5.0' in text
+    assert f"stagetx_stage_handler_seconds_sum{{{labels}}} 0.02" in text
+    assert 'stagetx_ticket_slots{category="game",process="1",stage="=lua+app",state="waiting"} 2.0' in text
+    assert 'stagetx_process_restarts_total{process="1"} 2.0' in text
+    assert 'stagetx_process_up{process="1"} 1.0' in text
+
+
+APP = """
+count = 0
+stage.waitfor("hit", function() count = count + 1 end)
+stage.waitfor("slow", function()
+    local t = os.clock() + 0.05
+    while os.clock() < t do end
+end)
+function on_unload() return {count = count, f = function() return 1 end} end
+function on_reload(old) count = old.count + 100 end
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_hands_state_over_and_slow_handlers_are_logged(tmp_path: Path) -> None:
+    path = write_app(tmp_path, {"#startup": [["=lua+a"]], "=lua+a": "lua/main"}, {"main": APP})
+    server = InProcessServer(path)
+    host = server.hosts[0]
+    host.process.slow_ms = 20.0
+    control = ProcessControl(host, None, 0.0)
+    with LogCapture() as capture:
+        await server.start()
+        try:
+            stage = host.stages[0]
+            for _ in range(3):
+                stage.send("a:hit")
+            stage.send("a:slow")
+            await wait_for(lambda: stage.received == 4, 5.0, "4 messages")
+            ok, text, data = control.cmd_eval("a", "count")
+            assert (ok, text) == (True, "3")
+            reloading = stage.stage.reload()
+            stage.send("a:hit")  # arrives while the runtime is rebuilt: waits, then runs
+            await ensureDeferred(reloading)
+            await wait_for(lambda: control.cmd_eval("a", "count")[1] == "104", 5.0, "count 104")
+            ok, text, _ = await ensureDeferred(control.command("eval", ["a", "nope("]))
+            assert not ok and "unexpected symbol" in text
+        finally:
+            await server.stop()
+    slow = [e for e in capture.events if e.get("log_format", "").startswith("slow handler")]
+    assert len(slow) == 1
+    assert (slow[0]["stage"], slow[0]["script"], slow[0]["line"]) == ("a", "lua/main.lua", 4)
+    assert slow[0]["ms"] >= 20
