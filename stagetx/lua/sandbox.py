@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred
@@ -65,6 +66,29 @@ debug.sethook(function()
     if interrupted() then error(message, 2) end
 end, "", hook_count)
 """
+
+
+SandboxHook = Callable[["Sandbox"], None]
+
+# Per stage runtime (keyed by the stage's main LuaVM, which a reload replaces): what other
+# extension modules add to each of its sandboxes. Dropped when the stage stops (the hooks refer
+# to the runtime, so a weak key alone would never go).
+_hooks: weakref.WeakKeyDictionary[Any, list[SandboxHook]] = weakref.WeakKeyDictionary()
+
+
+def on_new_sandbox(stage: Stage, hook: SandboxHook) -> None:
+    """Call ``hook(sandbox)`` in every new sandbox of ``stage``'s current runtime.
+
+    For extension modules (``stagetx.lua.extensions``) whose API also exists in jobs, e.g. the
+    ``broker`` global; the hook runs on the worker thread, before ``%preload``. Independent of
+    the order of ``EXTENSIONS``: the hooks are read when a sandbox is made.
+    """
+    vm = stage.vm
+    hooks = _hooks.get(vm)
+    if hooks is None:
+        hooks = _hooks[vm] = []
+        stage.on_stop(lambda: _hooks.pop(vm, None))
+    hooks.append(hook)
 
 
 class Job(Protocol):
@@ -158,6 +182,7 @@ class Sandbox:
         api.bind(vm)
         vm.lua.execute(_SANDBOX_LUA, api.send, interrupted, HOOK_COUNT, _INTERRUPTED.encode())
         self.thread: Any = None
+        self.extensions: dict[str, Any] = {}  # an extension module's state in this sandbox, by module
         self._base_dir = stage.context.base_dir
 
     def preload(self, paths: list[str]) -> None:
@@ -190,6 +215,7 @@ class Sandboxes:
         grace: float | None = None,
     ) -> None:
         self._stage = stage
+        self._main_vm = stage.vm
         self._reactor = reactor
         self._extend = extend
         self._grace = GRACE_SECONDS if grace is None else grace
@@ -207,6 +233,8 @@ class Sandboxes:
         if sandbox is None:
             sandbox = Sandbox(self._stage, self._reactor, self._is_interrupted)
             self._extend(sandbox)
+            for hook in _hooks.get(self._main_vm, ()):
+                hook(sandbox)
             sandbox.preload(preload_files(self._stage.settings.get("%preload")))
             self._local.sandbox = sandbox
         return sandbox
