@@ -332,6 +332,17 @@ class Workers:
         return None
 
 
+# The Workers of each stage runtime, keyed by its main LuaVM (a reload makes new ones); dropped
+# when the stage stops (the Workers refer to the runtime, so a weak key alone would never go).
+_workers: weakref.WeakKeyDictionary[Any, Workers] = weakref.WeakKeyDictionary()
+
+
+def workers_of(main_vm: LuaVM) -> Workers | None:
+    """The worker APIs of the stage whose main runtime is ``main_vm`` (for other extensions that
+    queue jobs, e.g. ``broker.submit``); None before ``install`` ran."""
+    return _workers.get(main_vm)
+
+
 def install(stage: Stage) -> None:
     """The extension hook (``stagetx.lua.extensions``): the worker APIs of a Lua stage."""
     reactor: Any = stage.context.clock
@@ -342,4 +353,7 @@ def install(stage: Stage) -> None:
     assert stage.vm is not None
     workers = Workers(stage, reactor)
     workers.install(stage.vm, None)
+    vm = stage.vm
+    _workers[vm] = workers
+    stage.on_stop(lambda: _workers.pop(vm, None))
     stage.on_stop(workers.sandboxes.stop)
