@@ -1,0 +1,97 @@
+"""Two servers over loopback: one-way messages/s from a stage of one to a stage of the other, and
+the time a server needs to find a peer by multicast discovery after it starts.
+
+Server B (stage ``b``) listens on a cluster port; server A (stage ``a``) names B as its peer and
+pumps ``+b:ping`` (batched frames through both gateways), then asks ``b:stop=fin`` for the count.
+The discovery pair uses only ``"udp://GROUP:PORT"`` on loopback; its figure is compared with the
+announce interval (target: under two intervals after the stage started).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from bench import budget
+from bench.baselines.twisted_raw import ONE_WAY
+from bench.rows import row, skip
+from bench.workloads.server import bench_line, lua_stages, server
+from stagetx.cluster.discovery import ANNOUNCE_INTERVAL
+
+SECRET = "bench-cluster"
+
+SENDER = """
+local N, LIMIT = %(count)d, %(limit)f
+local signal, tick, min = stage.signal, function() return process.tick end, math.min
+local sent, t0 = 0, 0
+local function pump()
+  local n = min(2000, N - sent)
+  for _ = 1, n do
+    if not signal("+b:ping", sent) then stage.addtask(2, pump) return end
+    sent = sent + 1
+  end
+  if sent < N and tick() - t0 < LIMIT then stage.addtask(0, pump) else signal("b:stop=fin") end
+end
+stage.waitfor("fin", function(n) log4cxx.info("BENCH oneway", n, tick() - t0) end)
+stage.addtask(10, function()
+  if not signal("+b:hello") then return 10 end
+  stage.addtask(500, function() t0 = tick(); pump() end)
+end)
+"""
+
+RECEIVER = """
+local got = 0
+stage.waitfor("hello", function() end)
+stage.waitfor("ping", function() got = got + 1 end)
+stage.waitfor("stop", function() return got end)
+"""
+
+FINDER = """
+local t0 = process.tick
+stage.addtask(5, function()
+  if not stage.signal("+b:hello") then return 5 end
+  log4cxx.info("BENCH found", process.tick - t0)
+end)
+"""
+
+
+def _port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _config(stage: str, cluster: list[Any]) -> dict[str, Any]:
+    return {**lua_stages(stage), "#cluster": cluster, "#secret": SECRET}
+
+
+def _one_way(quick: bool) -> dict[str, Any]:
+    limit = budget.seconds(10, 4)
+    values = {"count": budget.count(1_000_000, 200_000), "limit": limit}
+    port_b = _port()
+    with server(_config("b", [port_b]), {"b": RECEIVER}):
+        a_config = _config("a", [_port(), f"127.0.0.1:{port_b}"])
+        with server(a_config, {"a": SENDER % values}) as a:
+            got, seconds = bench_line(a, "oneway", limit + 60)
+    return row("signal two servers one-way (loopback TCP)", got / seconds, "msg/s",
+               baseline_name=ONE_WAY, target="≥ 0.5 × baseline")
+
+
+def _discovery() -> dict[str, Any]:
+    group = "239.255.73.%d" % (int(time.time()) % 200 + 20)
+    udp = f"udp://{group}:{_port(socket.SOCK_DGRAM)}"
+    try:
+        with server(_config("b", [_port(), udp]), {"b": RECEIVER}):
+            with server(_config("a", [_port(), udp]), {"a": FINDER}) as a:
+                (seconds,) = bench_line(a, "found", 30)
+    except Exception as e:  # noqa: BLE001 - a kernel without loopback multicast gives a skip row
+        return skip("cluster discovery after start", f"multicast on loopback failed: {e}", "ms")
+    return row("cluster discovery after start", seconds * 1000, "ms",
+               target=f"≤ {2 * ANNOUNCE_INTERVAL * 1000:.0f}",
+               note=f"announce interval {ANNOUNCE_INTERVAL * 1000:.0f} ms")
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    """Rows: one-way msg/s between two servers (vs raw Twisted one-way); discovery time (ms)."""
+    return [_one_way(quick), _discovery()]
