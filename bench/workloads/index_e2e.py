@@ -1,0 +1,79 @@
+"""The index end to end: a Lua stage in process 1 sends ``set`` requests with ``=reply`` to
+``=index+rank`` in process 2 (a real ``twistd`` server), ``INFLIGHT`` outstanding, beside
+redis-server ``ZADD`` with 50 clients (``bench.baselines.redis_zset``) in the same run.
+
+Like the redis figure, the timed sets go to random members of a key space filled beforehand
+(untimed fill: every member set once, in order). Every set is durable (log ``write()`` before
+its reply) and replies the member's new rank; the Lua stage counts replies per second.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench import budget
+from bench.baselines.redis_zset import CLIENTS, label
+from bench.rows import row
+from bench.workloads.server import bench_line, server
+
+INFLIGHT = CLIENTS  # as many requests outstanding as redis-benchmark has clients
+
+CLIENT = """
+local MEMBERS, N, INFLIGHT, LIMIT = %(members)d, %(count)d, %(inflight)d, %(limit)f
+local signal, tick, random, format = stage.signal, function() return process.tick end, math.random, string.format
+local filled, issued, got, t0 = 0, 0, 0, 0
+local request
+
+local function fill()  -- untimed: every member once, INFLIGHT outstanding
+  if filled >= MEMBERS then return end
+  filled = filled + 1
+  signal("rank:f=filled", {["set:top"] = {[format("m:%%d", filled)] = {i = random(1 << 30)}}})
+end
+local done_fill = 0
+stage.waitfor("filled", function()
+  done_fill = done_fill + 1
+  if done_fill == MEMBERS then
+    log4cxx.info("BENCH fill", done_fill, tick() - t0)
+    t0 = tick()
+    for _ = 1, INFLIGHT do request() end
+  else
+    fill()
+  end
+end)
+
+request = function()
+  if issued >= N or tick() - t0 > LIMIT then return end
+  issued = issued + 1
+  signal("rank:s=ranked", {["set:top"] = {[format("m:%%d", random(MEMBERS))] = {i = random(1 << 30)}}})
+end
+stage.waitfor("ranked", function(r)
+  got = got + 1
+  if got == issued and (issued >= N or tick() - t0 > LIMIT) then
+    log4cxx.info("BENCH sets", got, tick() - t0)
+  else
+    request()
+  end
+end)
+stage.addtask(500, function() t0 = tick(); for _ = 1, INFLIGHT do fill() end end)
+"""
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    """Rows: the fill rate (new members) and the timed set rate, both end to end from Lua."""
+    members = budget.count(1_000_000, 100_000)
+    limit = budget.seconds(20, 6)
+    values = {"members": members, "count": budget.count(1_000_000, 300_000), "inflight": INFLIGHT, "limit": limit}
+    config = {
+        "#startup": [["=lua+client"], ["=index+rank"]],
+        "=lua+client": {"%package": ["[0]"], "=lua+client": "client"},
+        "=index+rank": "scores",
+    }
+    with server(config, {"client": CLIENT % values}) as peer:
+        filled, fill_seconds = bench_line(peer, "fill", budget.seconds(600, 120))
+        got, seconds = bench_line(peer, "sets", limit + 30)
+    n = f"{members:,}-member index, {INFLIGHT} in flight"
+    return [
+        row("index e2e: new members from Lua", filled / fill_seconds, "req/s", note=n),
+        row("index e2e: set from Lua, another process", got / seconds, "req/s", baseline_name=label("ZADD", False),
+            target="≥ 0.5 × baseline", note=f"{n}, random members, durable, rank in each reply"),
+    ]
