@@ -1,4 +1,4 @@
-"""``python -m stagetx.client``: talk to the default application, one-shot, interactively, or as load.
+"""``python -m stagetx.client``: talk to the default application, once, interactively, or as load.
 
     python -m stagetx.client 'login alice; score 120; top 5'     # one-shot: commands, then exit
     python -m stagetx.client                                      # interactive: a prompt
@@ -21,7 +21,15 @@ from typing import Any, TextIO
 
 from stagetx.client.connection import DEFAULT_TIMEOUT, Connection, ConnectionClosed
 from stagetx.client.load import LoadOptions, print_summary, run_load
-from stagetx.client.protocol import USAGE, CommandError, Document, describe, describe_push, parse_command, split_commands
+from stagetx.client.protocol import (
+    USAGE,
+    CommandError,
+    Document,
+    describe,
+    describe_push,
+    parse_command,
+    split_commands,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8081
@@ -30,14 +38,29 @@ DEFAULT_PORT = 8081
 def _common(parser: argparse.ArgumentParser, defaults: bool) -> None:
     """Options of both modes; the load parser leaves them unset so the main parser's values stay."""
     suppress = argparse.SUPPRESS
-    parser.add_argument("--host", default=DEFAULT_HOST if defaults else suppress,
-                        help=f"server address (default {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT if defaults else suppress,
-                        help=f"server port (default {DEFAULT_PORT})")
-    parser.add_argument("--json", action="store_true", default=False if defaults else suppress,
-                        help="print each reply and push (or the load summary) as one JSON line")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT if defaults else suppress,
-                        help=f"seconds to wait for a connection or a reply (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST if defaults else suppress,
+        help=f"server address (default {DEFAULT_HOST})",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT if defaults else suppress,
+        help=f"server port (default {DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=False if defaults else suppress,
+        help="print each reply and push (or the load summary) as one JSON line",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT if defaults else suppress,
+        help=f"seconds to wait for a connection or a reply (default {DEFAULT_TIMEOUT:g})",
+    )
 
 
 def main_parser() -> argparse.ArgumentParser:
@@ -45,30 +68,51 @@ def main_parser() -> argparse.ArgumentParser:
         prog="python -m stagetx.client",
         description="Client of the default stagetx application (docs/default-app.md).",
         epilog="commands (separate several with ';'):\n" + USAGE + "\n\nload mode: "
-               "python -m stagetx.client load --help",
+        "python -m stagetx.client load --help",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(parser, True)
-    parser.add_argument("--listen", type=float, default=0.0, metavar="SECONDS",
-                        help="after one-shot commands, keep printing chat lines for SECONDS")
-    parser.add_argument("words", nargs=argparse.REMAINDER,
-                        help="commands to run and exit, e.g. 'login alice; top'; none: interactive")
+    parser.add_argument(
+        "--listen",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after one-shot commands, keep printing chat lines for SECONDS",
+    )
+    parser.add_argument(
+        "words",
+        nargs=argparse.REMAINDER,
+        help="commands to run and exit, e.g. 'login alice; top'; none: interactive",
+    )
     return parser
 
 
 def load_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stagetx.client load",
-                                     description="Drive simulated players; print throughput and latency.")
+    parser = argparse.ArgumentParser(
+        prog="python -m stagetx.client load",
+        description="Drive simulated players; print throughput and latency.",
+    )
     _common(parser, False)
     parser.add_argument("--players", type=int, default=10, help="concurrent players (default 10)")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long to run (default 10)")
-    parser.add_argument("--max-requests", type=int, default=100_000,
-                        help="most requests per player (default 100000)")
-    parser.add_argument("--channels", type=int, default=4, help="chat channels the players share (default 4)")
-    parser.add_argument("--think-ms", type=float, default=0.0, help="pause between a player's requests")
-    parser.add_argument("--prefix", default="load", help="user and channel name prefix (default 'load')")
-    parser.add_argument("--allow-remote", action="store_true",
-                        help="allow a host that is not a loopback address")
+    parser.add_argument(
+        "--max-requests",
+        type=int,
+        default=100_000,
+        help="most requests per player (default 100000)",
+    )
+    parser.add_argument(
+        "--channels", type=int, default=4, help="chat channels the players share (default 4)"
+    )
+    parser.add_argument(
+        "--think-ms", type=float, default=0.0, help="pause between a player's requests"
+    )
+    parser.add_argument(
+        "--prefix", default="load", help="user and channel name prefix (default 'load')"
+    )
+    parser.add_argument(
+        "--allow-remote", action="store_true", help="allow a host that is not a loopback address"
+    )
     return parser
 
 
@@ -101,7 +145,9 @@ class Printer:
             self._write([line])
 
     def error(self, text: str) -> None:
-        self._write([json.dumps({"ok": False, "error": text})] if self.as_json else [f"error: {text}"])
+        self._write(
+            [json.dumps({"ok": False, "error": text})] if self.as_json else [f"error: {text}"]
+        )
 
     def show_prompt(self) -> None:
         if self.prompt:
@@ -122,41 +168,46 @@ async def run_line(connection: Connection, line: str, printer: Printer, timeout:
         return False
     try:
         reply = await connection.request(command, timeout)
-    except asyncio.TimeoutError:
-        printer.error(f"no reply to {command.op} within {timeout:g} s")
+    except TimeoutError as err:
+        printer.error(str(err))
         return False
     printer.reply(command.op, reply)
     return bool(reply.get("ok"))
 
 
-async def one_shot(connection: Connection, text: str, printer: Printer, timeout: float, listen: float) -> int:
+async def one_shot(
+    connection: Connection, text: str, printer: Printer, timeout: float, listen: float
+) -> int:
     ok = True
     for line in split_commands(text):
         ok = await run_line(connection, line, printer, timeout) and ok
     if listen > 0:
-        try:
-            await asyncio.wait_for(asyncio.shield(connection.closed), listen)
-        except asyncio.TimeoutError:
-            pass
+        await asyncio.wait({connection.closed}, timeout=listen)
     return 0 if ok else 1
 
 
-async def interactive(connection: Connection, printer: Printer, timeout: float, stdin: TextIO) -> int:
+async def interactive(
+    connection: Connection, printer: Printer, timeout: float, stdin: TextIO
+) -> int:
     """Read command lines until end of input or ``quit``; pushed chat lines print as they come."""
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str] = asyncio.Queue()
 
     def read() -> None:  # a daemon thread: a blocked read never holds the exit
-        for line in iter(stdin.readline, ""):
-            loop.call_soon_threadsafe(lines.put_nowait, line)
-        loop.call_soon_threadsafe(lines.put_nowait, "")
+        try:
+            for line in iter(stdin.readline, ""):
+                loop.call_soon_threadsafe(lines.put_nowait, line)
+            loop.call_soon_threadsafe(lines.put_nowait, "")
+        except RuntimeError:  # the loop is closed: the session ended first
+            pass
 
     threading.Thread(target=read, name="stdin", daemon=True).start()
     ok = True
     while True:
         printer.show_prompt()
         line_task = asyncio.ensure_future(lines.get())
-        await asyncio.wait({line_task, connection.closed}, return_when=asyncio.FIRST_COMPLETED)
+        either: set[asyncio.Future[Any]] = {line_task, connection.closed}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if not line_task.done():
             line_task.cancel()
             printer.error("the server closed the connection")
@@ -177,8 +228,9 @@ async def talk(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
     printer = Printer(out, args.json, prompt=f"{args.host}:{args.port}> " if tty else "")
     try:
         connection = await Connection.open(args.host, args.port, args.timeout, on_push=printer.push)
-    except (OSError, asyncio.TimeoutError) as err:
-        printer.error(f"cannot connect to {args.host}:{args.port}: {err or 'timed out'} (is the server running? make run)")
+    except (TimeoutError, OSError) as err:
+        where = f"{args.host}:{args.port}"
+        printer.error(f"cannot connect to {where}: {err} (is the server running? make run)")
         return 2
     try:
         if words:
@@ -195,14 +247,24 @@ async def talk(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
 
 async def load(args: argparse.Namespace, out: TextIO) -> int:
     if not args.allow_remote and not is_loopback(args.host):
-        out.write(f"load: {args.host} is not a loopback address (use --allow-remote to load it anyway)\n")
+        out.write(
+            f"load: {args.host} is not a loopback address (use --allow-remote to load it anyway)\n"
+        )
         return 2
     if args.players < 1 or args.seconds <= 0 or args.max_requests < 1:
         out.write("load: --players, --seconds and --max-requests must be positive\n")
         return 2
-    options = LoadOptions(host=args.host, port=args.port, players=args.players, seconds=args.seconds,
-                          max_requests=args.max_requests, channels=args.channels, think_ms=args.think_ms,
-                          prefix=args.prefix, timeout=args.timeout)
+    options = LoadOptions(
+        host=args.host,
+        port=args.port,
+        players=args.players,
+        seconds=args.seconds,
+        max_requests=args.max_requests,
+        channels=args.channels,
+        think_ms=args.think_ms,
+        prefix=args.prefix,
+        timeout=args.timeout,
+    )
     summary = await run_load(options, out=sys.stderr)
     print_summary(summary, out, args.json)
     if summary["connected"] == 0:

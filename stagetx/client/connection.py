@@ -9,22 +9,37 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Any, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from stagetx.client.protocol import Command, Decoder, Document, ProtocolError, encode
 
 DEFAULT_TIMEOUT = 10.0
+T = TypeVar("T")
 
 
 class ConnectionClosed(ConnectionError):
     """The server closed the connection (or it broke) before a reply came."""
 
 
+async def _within(awaitable: Awaitable[T], timeout: float, what: str) -> T:
+    """``awaitable``'s result, or the built-in ``TimeoutError`` (a different class from asyncio's
+    on Python 3.10, so callers catch one class whatever the version)."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except asyncio.TimeoutError:  # noqa: UP041 (not yet the built-in one on Python 3.10)
+        raise TimeoutError(f"timed out after {timeout:g} s {what}") from None
+
+
 class Connection:
     """A connected client; use ``await Connection.open(host, port)`` and ``await close()``."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 on_push: Callable[[Document], Any] | None = None) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        on_push: Callable[[Document], Any] | None = None,
+    ) -> None:
         self._reader = reader
         self._writer = writer
         self._ids = itertools.count(1)
@@ -34,9 +49,14 @@ class Connection:
         self._task = asyncio.create_task(self._read())
 
     @classmethod
-    async def open(cls, host: str, port: int, timeout: float = DEFAULT_TIMEOUT,
-                   on_push: Callable[[Document], Any] | None = None) -> Connection:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        timeout: float = DEFAULT_TIMEOUT,
+        on_push: Callable[[Document], Any] | None = None,
+    ) -> Connection:
+        reader, writer = await _within(asyncio.open_connection(host, port), timeout, "connecting")
         return cls(reader, writer, on_push)
 
     async def request(self, command: Command, timeout: float = DEFAULT_TIMEOUT) -> Document:
@@ -48,7 +68,7 @@ class Connection:
         self._waiting[request_id] = future
         try:
             self._writer.write(encode(command.request(request_id)))
-            return await asyncio.wait_for(future, timeout)
+            return await _within(future, timeout, f"waiting for the reply to {command.op}")
         finally:
             self._waiting.pop(request_id, None)
 

@@ -16,7 +16,8 @@ import math
 import random
 import sys
 import time
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 import attrs
 
@@ -54,7 +55,8 @@ class Stats:
     @property
     def requests(self) -> int:
         return sum(len(v) for op, v in self.latencies.items() if op != "chat") + sum(
-            n for op, n in self.errors.items() if op != "chat")
+            n for op, n in self.errors.items() if op != "chat"
+        )
 
     def summary(self, players: int, elapsed: float) -> dict[str, Any]:
         """The run's result as plain data (what ``--json`` prints)."""
@@ -86,7 +88,8 @@ def format_summary(summary: dict[str, Any]) -> list[str]:
         f"load: {summary['players']} players ({summary['connected']} connected), "
         f"{summary['seconds']:.1f} s, {summary['requests']} requests, "
         f"{summary['throughput']:.1f} req/s, {summary['errors']} errors",
-        f"{'message':<8}{'count':>9}{'errors':>8}{'per s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}",
+        f"{'message':<8}{'count':>9}{'errors':>8}{'per s':>10}"
+        + "".join(f"{title:>9}" for title in ("p50 ms", "p90 ms", "p99 ms", "max ms")),
     ]
     for op, row in summary["ops"].items():
         lines.append(
@@ -99,7 +102,9 @@ def format_summary(summary: dict[str, Any]) -> list[str]:
 class Progress:
     """One updating line on a terminal, plain lines (every ``plain_every`` s) otherwise."""
 
-    def __init__(self, out: TextIO, stats: Stats, players: int, seconds: float, plain_every: float = 1.0) -> None:
+    def __init__(
+        self, out: TextIO, stats: Stats, players: int, seconds: float, plain_every: float = 1.0
+    ) -> None:
         self.out = out
         self.stats = stats
         self.players = players
@@ -114,8 +119,10 @@ class Progress:
         rate = (requests - self._last[1]) / max(now - self._last[0], 1e-9)
         self._last = (now, requests)
         errors = sum(self.stats.errors.values())
-        line = (f"{elapsed:5.1f}/{self.seconds:.0f} s  players {self.stats.connected}/{self.players}  "
-                f"requests {requests}  {rate:.0f}/s  errors {errors}")
+        line = (
+            f"{elapsed:5.1f}/{self.seconds:.0f} s  players {self.stats.connected}/{self.players}  "
+            f"requests {requests}  {rate:.0f}/s  errors {errors}"
+        )
         if self.tty:
             self.out.write("\r" + line + "\x1b[K")
             self.out.flush()
@@ -157,16 +164,19 @@ class Player:
 
     async def run(self) -> None:
         try:
-            connection = await Connection.open(self.options.host, self.options.port, self.options.timeout,
-                                               on_push=self._push)
-        except (OSError, asyncio.TimeoutError):
+            connection = await Connection.open(
+                self.options.host, self.options.port, self.options.timeout, on_push=self._push
+            )
+        except (TimeoutError, OSError):
             self.stats.failed_players += 1
             return
         self.stats.connected += 1
         try:
-            if await self._login(connection) and await self._call(connection, "join", {"channel": self.channel}):
+            if await self._login(connection) and await self._call(
+                connection, "join", {"channel": self.channel}
+            ):
                 await self._play(connection)
-        except (ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError):
             self.stats.failed_players += 1
         finally:
             await connection.close()
@@ -215,13 +225,18 @@ class Player:
                 self.stats.record("chat", time.monotonic() - sent)
 
 
-async def run_load(options: LoadOptions, out: TextIO = sys.stderr, tick: float = 0.25) -> dict[str, Any]:
-    """Run ``options.players`` players for ``options.seconds``; the summary (see ``Stats.summary``)."""
+async def run_load(
+    options: LoadOptions, out: TextIO = sys.stderr, tick: float = 0.25
+) -> dict[str, Any]:
+    """Run ``options.players`` players for ``options.seconds``; the summary (``Stats.summary``)."""
     stats = Stats()
     started = time.monotonic()
     deadline = started + options.seconds
     progress = Progress(out, stats, options.players, options.seconds)
-    players = [asyncio.create_task(Player(n, options, stats, deadline).run()) for n in range(options.players)]
+    players = [
+        asyncio.create_task(Player(n, options, stats, deadline).run())
+        for n in range(options.players)
+    ]
     everyone = asyncio.gather(*players)
     # a request started just before the deadline may take up to its timeout
     hard_stop = deadline + options.timeout + 1.0

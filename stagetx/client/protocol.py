@@ -99,7 +99,7 @@ def _number(word: str, what: str) -> int | float:
 
 
 def parse_command(line: str) -> Command:
-    """``"say lobby hello there"`` → ``Command("say", {"channel": "lobby", "text": "hello there"})``."""
+    """``"say lobby hi there"`` → ``Command("say", {"channel": "lobby", "text": "hi there"})``."""
     first = line.split(None, 1)[:1]
     if first and first[0].lower() == "say":
         words = line.split(None, 2)  # the text is kept as typed, quotes and all
@@ -150,7 +150,9 @@ def split_commands(text: str) -> list[str]:
 
 def _row(row: Document, me: str | None = None) -> str:
     mark = "  <-" if me is not None and row.get("user") == me else ""
-    return f"{row.get('rank', '?'):>5}. {row.get('user', '?'):<20} {_points(row.get('score'))}{mark}"
+    return (
+        f"{row.get('rank', '?'):>5}. {row.get('user', '?'):<20} {_points(row.get('score'))}{mark}"
+    )
 
 
 def _points(value: Any) -> str:
@@ -164,10 +166,15 @@ def describe(op: str, reply: Document) -> list[str]:
     if not reply.get("ok"):
         return [f"error: {reply.get('error', 'no reason given')}"]
     if op == "login":
-        standing = (f"rank {reply['rank']}, best {_points(reply.get('score'))}" if "rank" in reply
-                    else "no score yet")
-        return [f"logged in as {reply.get('user')} on front process {reply.get('front', '?')} "
-                f"({standing}; waited {reply.get('queued_ms', 0)} ms for a login slot)"]
+        standing = (
+            f"rank {reply['rank']}, best {_points(reply.get('score'))}"
+            if "rank" in reply
+            else "no score yet"
+        )
+        return [
+            f"logged in as {reply.get('user')} on front process {reply.get('front', '?')} "
+            f"({standing}; waited {reply.get('queued_ms', 0)} ms for a login slot)"
+        ]
     if op == "score":
         best = " (new best)" if reply.get("improved") else f", best {_points(reply.get('best'))}"
         return [f"score {_points(reply.get('score'))}{best}: rank {reply.get('rank')}"]
@@ -178,7 +185,8 @@ def describe(op: str, reply: Document) -> list[str]:
         user = reply.get("user")
         if "rank" not in reply:
             return [f"{user}: no score yet ({reply.get('total', 0)} ranked)"]
-        head = f"{user}: rank {reply['rank']} of {reply.get('total')}, score {_points(reply.get('score'))}"
+        score = _points(reply.get("score"))
+        head = f"{user}: rank {reply['rank']} of {reply.get('total')}, score {score}"
         return [head] + [_row(r, user) for r in reply.get("around", [])]
     if op == "join":
         return [f"joined #{reply.get('channel')}"]

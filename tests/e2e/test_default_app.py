@@ -16,8 +16,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -56,9 +57,14 @@ class App:
 
     def start(self) -> App:
         self.server = server = ServerProcess(self.config_path)
-        server.wait_for(lambda: len(server.logged("front", "listening")) == self.fronts
-                        and any("ready: ['=index+rank'" in line for line in server.lines),
-                        WAIT, "every front process listening")
+        server.wait_for(
+            lambda: (
+                len(server.logged("front", "listening")) == self.fronts
+                and any("ready: ['=index+rank'" in line for line in server.lines)
+            ),
+            WAIT,
+            "every front process listening",
+        )
         return self
 
     def stop(self) -> None:
@@ -67,12 +73,17 @@ class App:
             self.server = None
 
     def client(self, *args: str, timeout: float = WAIT) -> tuple[int, list[dict[str, Any]]]:
-        """Run ``python -m stagetx.client --json ARGS``; its exit status and the JSON lines it printed."""
+        """``python -m stagetx.client --json ARGS``: its exit status and the JSON lines printed."""
         done = subprocess.run(
             [sys.executable, "-m", "stagetx.client", "--port", str(self.port), "--json", *args],
-            env={**os.environ, "PYTHONPATH": env_path()}, capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, "PYTHONPATH": env_path()},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
-        return done.returncode, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        return done.returncode, [
+            json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +107,10 @@ def test_login_score_top_and_rank(app: App) -> None:
     assert code == 0
     _, score, top, mine, alices = replies
     assert score["rank"] == 1
-    assert [(r["user"], r["score"], r["rank"]) for r in top["rows"]] == [("bob", 80, 1), ("alice", 50, 2)]
+    assert [(r["user"], r["score"], r["rank"]) for r in top["rows"]] == [
+        ("bob", 80, 1),
+        ("alice", 50, 2),
+    ]
     assert (mine["rank"], mine["score"], mine["total"]) == (1, 80, 2)
     assert (alices["user"], alices["rank"]) == ("alice", 2)
     assert [r["user"] for r in alices["around"]] == ["bob", "alice"]
@@ -106,10 +120,15 @@ def test_login_score_top_and_rank(app: App) -> None:
 
 
 def test_mistakes_get_error_replies_and_exit_status_1(app: App) -> None:
-    code, replies = app.client("score 10; login admin wrong; login admin change-me; login again; join bad.name")
+    code, replies = app.client(
+        "score 10; login admin wrong; login admin change-me; login again; join bad.name"
+    )
     assert code == 1
     assert [r.get("error") for r in replies] == [
-        "log in first", "wrong password", None, "already logged in as admin",
+        "log in first",
+        "wrong password",
+        None,
+        "already logged in as admin",
         "channel: 1 to 32 letters, digits, _ or -",
     ]
     code, replies = app.client("frobnicate")  # refused by the client before anything is sent
@@ -118,9 +137,20 @@ def test_mistakes_get_error_replies_and_exit_status_1(app: App) -> None:
 
 def test_chat_reaches_players_on_every_front_process(app: App) -> None:
     listener = subprocess.Popen(
-        [sys.executable, "-m", "stagetx.client", "--port", str(app.port), "--json", "--listen", "20",
-         "login carol; join lobby"],
-        env={**os.environ, "PYTHONPATH": env_path()}, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "stagetx.client",
+            "--port",
+            str(app.port),
+            "--json",
+            "--listen",
+            "20",
+            "login carol; join lobby",
+        ],
+        env={**os.environ, "PYTHONPATH": env_path()},
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert listener.stdout is not None
@@ -149,8 +179,10 @@ def test_a_player_that_left_a_channel_gets_no_more_lines(app: App) -> None:
         heard: list[dict[str, Any]] = []
         erin = await Connection.open("127.0.0.1", app.port, on_push=heard.append)
         fred = await Connection.open("127.0.0.1", app.port)
-        replies = [await erin.request(Command("login", {"user": "erin"})),
-                   await fred.request(Command("login", {"user": "fred"}))]
+        replies = [
+            await erin.request(Command("login", {"user": "erin"})),
+            await fred.request(Command("login", {"user": "fred"})),
+        ]
         for connection in (erin, fred):
             replies.append(await connection.request(Command("join", {"channel": "quiet"})))
         replies.append(await fred.request(Command("say", {"channel": "quiet", "text": "one"})))
@@ -182,49 +214,74 @@ LOGIN_MS = 200
 @pytest.fixture(scope="module")
 def throttled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     """At most 2 logins checked at once, 6 waiting or held, each check 200 ms."""
-    running = App(tmp_path_factory.mktemp("throttled"), **{
-        "=ticket+ticket": [6, {"login": 2}, 5000], "login_ms": LOGIN_MS,
-    }).start()
+    running = App(
+        tmp_path_factory.mktemp("throttled"),
+        **{
+            "=ticket+ticket": [6, {"login": 2}, 5000],
+            "login_ms": LOGIN_MS,
+        },
+    ).start()
     yield running
     running.stop()
 
 
 def test_logins_are_throttled_by_the_ticket_stage(throttled: App) -> None:
-    async def ten_logins() -> list[tuple[float, dict[str, Any]]]:
-        connections = [await Connection.open("127.0.0.1", throttled.port) for _ in range(10)]
-        started = time.monotonic()
+    async def logins(n: int) -> tuple[list[tuple[float, dict[str, Any]]], dict[str, Any]]:
+        connections = [await Connection.open("127.0.0.1", throttled.port) for _ in range(n)]
 
         async def login(i: int, connection: Connection) -> tuple[float, dict[str, Any]]:
             reply = await connection.request(Command("login", {"user": f"p{i}"}))
-            return time.monotonic() - started, reply
+            return time.monotonic(), reply
 
         results = await asyncio.gather(*(login(i, c) for i, c in enumerate(connections)))
-        retry = await connections[-1].request(Command("login", {"user": "late"}))
+        refused = [c for c, (_, r) in zip(connections, results, strict=True) if not r["ok"]]
+        retry = await refused[0].request(Command("login", {"user": "late"})) if refused else {}
         for connection in connections:
             await connection.close()
-        return [*results, (0.0, retry)]
+        return list(results), retry
 
-    results = asyncio.run(ten_logins())
-    retry = results.pop()[1]
-    accepted = sorted((t, r["queued_ms"]) for t, r in results if r["ok"])
+    results, retry = asyncio.run(logins(16))
+    done = sorted(t for t, r in results if r["ok"])
     refused = [r for _, r in results if not r["ok"]]
-    assert len(accepted) == 6 and len(refused) == 4  # 2 checked + 4 waiting; the rest refused
+    # 2 checked at once + 4 waiting at most: of 16 logins sent together, some are refused
+    assert len(done) >= 6 and refused, results
     assert {r["error"] for r in refused} == {"busy: too many logins waiting, try again"}
-    for k, (elapsed, queued_ms) in enumerate(accepted):  # waves of two, LOGIN_MS apart
-        assert elapsed >= (k // 2 + 1) * LOGIN_MS / 1000 - 0.02, accepted
-        assert queued_ms >= (k // 2) * LOGIN_MS - 20, accepted
+    # two slots, each busy LOGIN_MS per login: never three logins done within LOGIN_MS
+    gaps = [later - first for first, later in zip(done, done[2:], strict=False)]
+    assert min(gaps) >= LOGIN_MS / 1000 - 0.03, gaps
+    waits = sorted(r["queued_ms"] for _, r in results if r["ok"])
+    assert waits[-1] >= LOGIN_MS - 30, waits  # the last ones waited behind both slots
     assert retry["ok"], retry  # once the queue drained, a refused player gets in
 
 
 def test_load_mode_reports_throughput_and_percentiles(throttled: App) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "stagetx.client", "--port", str(throttled.port), "load", "--players", "4",
-         "--seconds", "3", "--json"],
-        env={**os.environ, "PYTHONPATH": env_path()}, capture_output=True, text=True, timeout=WAIT,
+        [
+            sys.executable,
+            "-m",
+            "stagetx.client",
+            "--port",
+            str(throttled.port),
+            "load",
+            "--players",
+            "4",
+            "--seconds",
+            "3",
+            "--json",
+        ],
+        env={**os.environ, "PYTHONPATH": env_path()},
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads(done.stdout.splitlines()[-1])
-    assert (summary["players"], summary["connected"], summary["errors"], summary["failed_players"]) == (4, 4, 0, 0)
+    assert (
+        summary["players"],
+        summary["connected"],
+        summary["errors"],
+        summary["failed_players"],
+    ) == (4, 4, 0, 0)
     assert 3.0 <= summary["seconds"] < 3.0 + 10.0
     ops = summary["ops"]
     assert ops["login"]["count"] == 4
@@ -232,7 +289,9 @@ def test_load_mode_reports_throughput_and_percentiles(throttled: App) -> None:
         row = ops[op]
         assert row["count"] > 0, op
         assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] <= row["max_ms"], (op, row)
-    assert summary["requests"] == sum(ops[op]["count"] for op in ("login", "score", "top", "rank", "say"))
+    assert summary["requests"] == sum(
+        ops[op]["count"] for op in ("login", "score", "top", "rank", "say")
+    )
     assert summary["throughput"] == pytest.approx(summary["requests"] / summary["seconds"])
     progress = [line for line in done.stderr.splitlines() if "requests" in line]
     assert len(progress) >= 2  # plain progress lines, one a second, when stderr is not a terminal
