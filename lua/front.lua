@@ -94,7 +94,7 @@ stage.waitfor("chat", function(key, from, text)
 end)
 
 local function dispatch(socket, msg)
-    local op = type(msg) == "table" and msg.op
+    local op = msg.op                                -- a bson socket only delivers tables
     if type(op) ~= "string" or not op:match("^%l+$") then
         return {ok = false, error = "a message is a document with op = \"login\", \"score\", ...", re = msg.id}
     end
@@ -107,12 +107,11 @@ local function dispatch(socket, msg)
         if not ok then log4cxx.error("%l packet", op, handler) end
         return {ok = false, error = "unknown message " .. op, re = msg.id}
     end
-    local done, result = pcall(handler, app, socket.id, msg, session)
+    local done, err = pcall(handler, app, socket.id, msg, session)
     if not done then
-        log4cxx.error("%l", op, result)
+        log4cxx.error("%l", op, err)
         return {ok = false, error = "internal error", re = msg.id}
     end
-    return result
 end
 
 local players = broker.ready(process["$listen"], function(socket)
