@@ -221,7 +221,9 @@ class Connection:
         return None
 
     def close(self) -> None:
+        """Close once what was sent is written; nothing is sent or delivered after this call."""
         if self.connected and self.transport is not None:
+            self.connected = 0
             self.transport.loseConnection()
 
     def abort(self, reason: str) -> None:
@@ -302,7 +304,9 @@ class Datagram(protocol.DatagramProtocol):
         return None
 
     def close(self) -> None:
+        """Unbind; nothing is sent or delivered after this call."""
         if self.connected and self.transport is not None:
+            self.connected = 0
             self.transport.stopListening()
 
     def peer_text(self) -> str:
