@@ -1,9 +1,11 @@
 -- stagetx broker: the `broker` global of one Lua runtime (SPEC 6).
 --
--- Loaded once per stage runtime by stagetx.broker.lua_api with `host`, a table of Python callables.
--- Sockets and listeners are plain tables naming a process-wide id; all their state lives in
--- Python, keyed by that id. Host callables return (nil, message) for errors raised here at the
--- caller's line. Returns {broker = <the global>, socket = <makes a socket table>, listener = ...}.
+-- Loaded once per runtime by stagetx.broker.lua_api with `host`, a table of Python callables: the
+-- stage's main runtime gets the full broker, a job's sandbox one whose writes go to the reactor
+-- thread and whose ready/join refuse. Sockets and listeners are plain tables naming a process-wide
+-- id; all their state lives in Python, keyed by that id. Host callables return (nil, message) for
+-- errors raised here at the caller's line. Returns {broker = <the global>, socket = <the socket
+-- table of an id in this runtime>}.
 local host = ...
 
 local error, type, setmetatable, rawget = error, type, setmetatable, rawget
@@ -20,11 +22,20 @@ local socket_meta = {
     __tostring = function(s) return "broker.socket " .. rawget(s, "id") end,
 }
 
-local function new_socket(id)
-    local s = {id = id}
-    s.commit = function(v, addr) return raise(host.commit(id, v, addr)) end
-    s.close = function() host.close(id) end
-    return setmetatable(s, socket_meta)
+-- One table per socket id in this runtime while anything holds it (the main runtime holds the
+-- tables of its own open sockets through Python), so broker.f(id) gives back the same table.
+local sockets = setmetatable({}, {__mode = "v"})
+
+local function socket_of(id)
+    local s = sockets[id]
+    if s == nil then
+        s = {id = id}
+        s.commit = function(v, addr) return raise(host.commit(id, v, addr)) end
+        s.close = function() host.close(id) end
+        setmetatable(s, socket_meta)
+        sockets[id] = s
+    end
+    return s
 end
 
 local listener_meta = {
@@ -53,7 +64,16 @@ function broker.join(url, f)
 end
 
 function broker.f(id)
-    return host.find(id)
+    if host.open(id) then return socket_of(id) end
+    return nil
+end
+
+function broker.submit(s, f, ...)
+    local id = s
+    if type(s) == "table" then id = rawget(s, "id") end
+    if type(id) ~= "number" then error("broker.submit: the first argument is a socket (or its id)", 2) end
+    if type(f) ~= "function" then error("broker.submit: the job must be a function", 2) end
+    raise(host.submit(id, f, ...))
 end
 
 function broker.close(ids)
@@ -82,4 +102,4 @@ function broker.ifaddr(name)
     return host.ifaddr(name)
 end
 
-return {broker = broker, socket = new_socket, listener = new_listener}
+return {broker = broker, socket = socket_of}

@@ -5,6 +5,13 @@ stage's main runtime with the host callables of a ``BrokerAPI``. Each endpoint t
 bound to a ``LuaHandler`` that runs the script's callbacks through ``vm.call`` (budget, error
 reports: a failing callback is logged, the socket and the stage keep serving).
 
+Each sandbox of the stage (a worker thread's runtime, ``stagetx.lua.sandbox``) gets a ``broker``
+too, over a ``SandboxBroker``: what only reads (``broker.f``, socket fields, addresses) is answered
+in the worker thread, from socket state that does not change once connected; what writes (commit,
+close, signal) is checked and encoded there, then handed to the reactor with ``callFromThread``,
+so the calls of one thread arrive in order. ``broker.submit`` queues a ``SocketJob`` on the
+process's keyed queue (``stagetx.lua.workers``) with the socket as its key.
+
 Values: frames reach Lua as strings (``packet``, ``text``) or tables (``bson``); a value to send
 is a string or number, or a table on a ``bson`` socket. Addresses are packed strings (see
 ``stagetx.broker.addresses``).
@@ -20,7 +27,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 
 from stagetx.broker import addresses
-from stagetx.broker.framing import BrokerAddressError, Data, FrameError, parse_url
+from stagetx.broker.framing import BrokerAddressError, Data, FrameError, FrameTooLarge, parse_url
 from stagetx.broker.sockets import (
     Datagram,
     Endpoint,
@@ -33,24 +40,33 @@ from stagetx.broker.sockets import (
 )
 from stagetx.codec import CodecError, pack_lua, pack_py, unpack_lua, unpack_py
 from stagetx.lua.api import lua_text, text
+from stagetx.lua.sandbox import on_new_sandbox
+from stagetx.lua.workers import QueueFull, workers_of
 
 if TYPE_CHECKING:
     from stagetx.lua.runtime import LuaVM
+    from stagetx.lua.sandbox import Sandbox, Sandboxes
+    from stagetx.lua.workers import Workers
 
 _LISTENER_FIELDS = (b"expire", b"close", b"receive")
+_SCRIPT = resources.files("stagetx.broker").joinpath("broker.lua").read_bytes()
 
 
 def install(stage: Any) -> None:
-    """Add the ``broker`` global to ``stage``'s main runtime; its endpoints close when the stage stops."""
+    """Add the ``broker`` global to ``stage``'s main runtime and its sandboxes; its endpoints close
+    when the stage stops."""
     api = BrokerAPI(stage.vm, stage.context.process, stage.context.log, stage.context.clock)
-    chunk = stage.vm.compile(
-        resources.files("stagetx.broker").joinpath("broker.lua").read_bytes(), b"@broker.lua"
-    )
-    lua = stage.vm.lua
-    parts = chunk(lua.table_from({k.encode(): v for k, v in api.host().items()}))
-    api.new_socket = parts[b"socket"]
-    lua.globals()[b"broker"] = parts[b"broker"]
+    api.socket = _load(stage.vm, api.host())
     stage.on_stop(api.shutdown)
+    on_new_sandbox(stage, api.install_sandbox)
+
+
+def _load(vm: LuaVM, host: dict[str, Any]) -> Any:
+    """Run ``broker.lua`` in ``vm`` with ``host``, set the ``broker`` global; its socket maker."""
+    lua = vm.lua
+    parts = vm.compile(_SCRIPT, b"@broker.lua")(lua.table_from({k.encode(): v for k, v in host.items()}))
+    lua.globals()[b"broker"] = parts[b"broker"]
+    return parts[b"socket"]
 
 
 class LuaHandler:
@@ -67,11 +83,11 @@ class LuaHandler:
 
     def accepted(self, sock: Socket) -> bool:
         api = self.api
-        lua_sock = api.new_socket(sock.id)
+        lua_sock = api.socket(sock.id)
         sock.state = (lua_sock, None)
         if self.accept is None:
             return True
-        ok, *results = api.vm.call("broker accept", self.accept, lua_sock, sock.peer or _local(sock))
+        ok, *results = api.vm.call("broker accept", self.accept, lua_sock, sock.peer or sock.local)
         answer = results[0] if results else None
         if not ok or answer is False:
             sock.state = None  # refused: no close callback
@@ -113,7 +129,69 @@ class LuaHandler:
             self.api.vm.call("broker close", self.on_close, None, lua_text(reason))
 
 
-class BrokerAPI:
+class _Reads:
+    """What every runtime's ``broker`` may do in its own thread: read sockets, convert addresses.
+
+    Socket fields read here (``peer``, ``local``) are set once when the socket connects, and the
+    registry lookups are single dict reads, so worker threads may use them too.
+    """
+
+    vm: LuaVM
+    registry: Registry
+
+    def open(self, sid: Any) -> bool:
+        """``broker.f``: is ``sid`` an open socket (its table is made in Lua)."""
+        return isinstance(sid, int) and sid in self.registry.sockets
+
+    def field(self, sid: int, key: Any) -> Any:
+        sock = self.registry.get(sid)
+        if sock is None:
+            return None
+        if key == 0:
+            return sock.peer or sock.local
+        if key == 1:
+            return lua_text(sock.peer_text() or sock.local_text())
+        if key == -1:
+            return lua_text(sock.local_text())
+        return None
+
+    def aton(self, address: bytes, into: Any = None) -> tuple[Any, ...]:
+        try:
+            found = addresses.aton(text(address))
+        except BrokerAddressError as err:
+            return False, lua_text(str(err))
+        if into is None:
+            return (found[0],) if found else (False, b"no address")
+        for index, packed in enumerate(found, 1):
+            into[index] = packed
+        return (into,)
+
+    def ntoa(self, packed: bytes, into: Any = None) -> tuple[Any, ...]:
+        try:
+            host, port = addresses.unpack(packed)
+        except BrokerAddressError as err:
+            return None, lua_text(f"broker.ntoa: {err}")
+        if into is None:
+            return (lua_text(addresses.text(host, port)),)
+        into[1] = lua_text(host)
+        into[2] = port
+        return (into,)
+
+    def ifaddr(self, name: Any = None) -> Any:
+        found = addresses.interface_addresses()
+        lua = self.vm.lua
+        if name is not None:
+            values = found.get(text(name))
+            return None if values is None else lua.table_from([lua_text(a) for a in values])
+        return lua.table_from({lua_text(k): lua.table_from([lua_text(a) for a in v]) for k, v in found.items()})
+
+    def to_py(self, value: Any) -> Data:
+        if value is None or isinstance(value, (bytes, int, float)):
+            return value
+        return unpack_py(pack_lua(self.vm, (value,)))[0]
+
+
+class BrokerAPI(_Reads):
     """The host callables behind one stage's ``broker`` table (reactor thread only)."""
 
     def __init__(self, vm: LuaVM, process: Any, log: Logger, clock: Any, reactor: Any = None) -> None:
@@ -124,7 +202,8 @@ class BrokerAPI:
         self.registry: Registry = registry_for(process)
         self.services: dict[str, int] = dict(getattr(process, "services", {}) or {})
         self.endpoints: dict[int, Endpoint] = {}
-        self.new_socket: Any = None
+        self.socket: Any = None  # broker.lua's socket table maker of the main runtime
+        self._workers: Workers | None = None
 
     def host(self) -> dict[str, Any]:
         return {
@@ -133,14 +212,21 @@ class BrokerAPI:
             "commit": self.commit,
             "close": self.close,
             "field": self.field,
-            "find": self.find,
+            "open": self.open,
             "get": self.get,
             "set": self.set,
             "signal": self.signal,
+            "submit": lambda sid, f, *args: self.submit(self.vm, sid, f, args),
             "aton": self.aton,
             "ntoa": self.ntoa,
             "ifaddr": self.ifaddr,
         }
+
+    def install_sandbox(self, sandbox: Sandbox) -> None:
+        """The ``broker`` global of a new sandbox of this stage (on its worker thread)."""
+        broker = SandboxBroker(self, sandbox.vm)
+        broker.socket = _load(sandbox.vm, broker.host())
+        sandbox.extensions["broker"] = broker
 
     # -- endpoints --------------------------------------------------------------------------------
     def _endpoint(self, url: bytes, f: Any, schemes: tuple[str, ...], what: str) -> Endpoint:
@@ -211,28 +297,6 @@ class BrokerAPI:
         return (True,)
 
     # -- sockets ----------------------------------------------------------------------------------
-    def find(self, sid: Any) -> Any:
-        """``broker.f(id)``: the socket table (this stage's own, or a new one naming the id)."""
-        sock = self.registry.get(sid) if isinstance(sid, int) else None
-        if sock is None:
-            return None
-        state = sock.state
-        if state is not None and sock.endpoint.handler.__class__ is LuaHandler and sock.endpoint.handler.api is self:
-            return state[0]
-        return self.new_socket(sid)
-
-    def field(self, sid: int, key: Any) -> Any:
-        sock = self.registry.get(sid)
-        if sock is None:
-            return None
-        if key == 0:
-            return sock.peer or _local(sock)
-        if key == 1:
-            return lua_text(sock.peer_text() or sock.local_text())
-        if key == -1:
-            return lua_text(sock.local_text())
-        return None
-
     def commit(self, sid: int, value: Any, addr: Any = None) -> tuple[Any, ...]:
         sock = self.registry.get(sid)
         if sock is None:
@@ -266,11 +330,7 @@ class BrokerAPI:
             endpoint.shutdown()
 
     def signal(self, target: Any, value: Any) -> tuple[Any, ...]:
-        """``broker.signal(id | addr, v)``: send ``v`` to a client by socket id or by its address.
-
-        An address names a TCP client connected from it, else gets a datagram from this stage's
-        first UDP socket.
-        """
+        """``broker.signal(id | addr, v)``: send ``v`` to a client by socket id or by its address."""
         if isinstance(target, int):
             sock = self.registry.get(target)
             if sock is None:
@@ -278,64 +338,163 @@ class BrokerAPI:
             return self.send(sock, value, None, raise_errors=True)
         if not isinstance(target, bytes):
             return None, b"broker.signal: the target is a socket id or a packed address"
-        sock = self.registry.by_peer(target)
-        if sock is None:
-            sock = next((s for e in self.endpoints.values() for s in e.sockets.values() if isinstance(s, Datagram)), None)
+        sock = self.by_address(target)
         if sock is None:
             return False, lua_text("no socket for that address")
         return self.send(sock, value, target, raise_errors=True)
 
-    # -- addresses --------------------------------------------------------------------------------
-    def aton(self, address: bytes, into: Any = None) -> tuple[Any, ...]:
+    def by_address(self, packed: bytes) -> Socket | None:
+        """The socket ``broker.signal`` uses for an address: a TCP client connected from it, else
+        this stage's first UDP socket."""
+        sock = self.registry.by_peer(packed)
+        if sock is None:
+            sock = next((s for e in self.endpoints.values() for s in e.sockets.values() if isinstance(s, Datagram)), None)
+        return sock
+
+    def signal_data(self, target: bytes, data: Data) -> None:
+        """``broker.signal(addr, v)`` from a sandbox, on the reactor: ``v`` already converted."""
+        sock = self.by_address(target)
+        if sock is None:
+            self.log.warn("broker.signal from a job: no socket for {addr}", addr=_address_text(target))
+            return
         try:
-            found = addresses.aton(text(address))
-        except BrokerAddressError as err:
-            return False, lua_text(str(err))
-        if into is None:
-            return (found[0],) if found else (False, b"no address")
-        for index, packed in enumerate(found, 1):
-            into[index] = packed
-        return (into,)
+            sock.send(data, target)
+        except FrameError as err:
+            self.log.error("broker.signal from a job: {error}", error=f"broker socket {sock.id}: {err}")
 
-    def ntoa(self, packed: bytes, into: Any = None) -> tuple[Any, ...]:
+    def submit(self, vm: LuaVM, sid: int, f: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``broker.submit(socket, f, v...)`` from ``vm`` (the main runtime or a sandbox, in its thread)."""
+        workers = self._workers or workers_of(self.vm)
+        if workers is None or workers.sandboxes.stopping:
+            return None, b"broker.submit: the stage is stopping"
+        self._workers = workers
         try:
-            host, port = addresses.unpack(packed)
-        except BrokerAddressError as err:
-            return None, lua_text(f"broker.ntoa: {err}")
-        if into is None:
-            return (lua_text(addresses.text(host, port)),)
-        into[1] = lua_text(host)
-        into[2] = port
-        return (into,)
-
-    def ifaddr(self, name: Any = None) -> Any:
-        found = addresses.interface_addresses()
-        if name is not None:
-            values = found.get(text(name))
-            return None if values is None else self.vm.lua.table_from([lua_text(a) for a in values])
-        lua = self.vm.lua
-        return lua.table_from({lua_text(k): lua.table_from([lua_text(a) for a in v]) for k, v in found.items()})
-
-    # -- values -----------------------------------------------------------------------------------
-    def to_lua(self, value: Data) -> Any:
-        return unpack_lua(self.vm, pack_py((value,)))[0]
-
-    def to_py(self, value: Any) -> Data:
-        if value is None or isinstance(value, (bytes, int, float)):
-            return value
-        return unpack_py(pack_lua(self.vm, (value,)))[0]
+            payload = pack_lua(vm, (f, *args))
+            workers.queue.submit(SocketJob(sid, payload, workers.sandboxes, self.registry))
+        except (CodecError, QueueFull) as err:
+            return None, lua_text(f"broker.submit: {err}")
+        return (True,)
 
     def shutdown(self) -> Deferred[Any]:
         endpoints, self.endpoints = list(self.endpoints.values()), {}
         return DeferredList([maybeDeferred(e.shutdown) for e in endpoints])
 
+    def to_lua(self, value: Data) -> Any:
+        return unpack_lua(self.vm, pack_py((value,)))[0]
 
-def _local(sock: Socket) -> bytes:
-    """The packed local address (a UDP socket has no single peer)."""
-    if sock.transport is None:
-        return b""
-    host = sock.transport.getHost()
-    return addresses.pack(host.host, host.port)
+
+class SandboxBroker(_Reads):
+    """The host callables behind ``broker`` in one sandbox (its worker thread only).
+
+    Writes are checked and encoded here (a bad value raises at the script's line), then run on
+    the reactor thread by the stage's ``BrokerAPI``; they return ``true`` once handed over.
+    """
+
+    def __init__(self, main: BrokerAPI, vm: LuaVM) -> None:
+        self.main = main
+        self.vm = vm
+        self.registry = main.registry
+        self.call = main.reactor.callFromThread
+        self.socket: Any = None  # broker.lua's socket table maker of this sandbox
+
+    def host(self) -> dict[str, Any]:
+        return {
+            "ready": lambda *_: (None, b"broker.ready: only on the stage's own thread, not in a job"),
+            "join": lambda *_: (None, b"broker.join: only on the stage's own thread, not in a job"),
+            "commit": self.commit,
+            "close": lambda sid: self.call(self.main.close, sid),
+            "field": self.field,
+            "open": self.open,
+            "signal": self.signal,
+            "submit": lambda sid, f, *args: self.main.submit(self.vm, sid, f, args),
+            "aton": self.aton,
+            "ntoa": self.ntoa,
+            "ifaddr": self.ifaddr,
+        }
+
+    def commit(self, sid: int, value: Any, addr: Any = None) -> tuple[Any, ...]:
+        sock = self.registry.get(sid)
+        if sock is None:
+            return False, lua_text(f"socket {sid} is closed")
+        return self._send(sock, value, addr if isinstance(addr, bytes) else None)
+
+    def signal(self, target: Any, value: Any) -> tuple[Any, ...]:
+        if isinstance(target, int):
+            sock = self.registry.get(target)
+            if sock is None:
+                return False, lua_text(f"no socket {target}")
+            return self._send(sock, value, None)
+        if not isinstance(target, bytes):
+            return None, b"broker.signal: the target is a socket id or a packed address"
+        try:  # which socket has that peer is for the reactor to say; the value is checked here
+            data = value if isinstance(value, bytes) else self.to_py(value)
+        except CodecError as err:
+            return None, lua_text(f"broker.signal: {err}")
+        self.call(self.main.signal_data, target, data)
+        return (True,)
+
+    def _send(self, sock: Socket, value: Any, addr: bytes | None) -> tuple[Any, ...]:
+        framing = sock.endpoint.framing
+        try:
+            payload = framing.payload(value if isinstance(value, bytes) else self.to_py(value))
+        except (FrameError, CodecError) as err:
+            return None, lua_text(f"broker socket {sock.id}: {err}")
+        if isinstance(sock, Datagram) and not addr:
+            return False, b"a UDP socket needs the address to send to"
+        reason = None
+        try:
+            framing.check_out(len(payload))
+        except FrameTooLarge as err:
+            reason = lua_text(str(err))
+        self.call(sock.send_payload, payload, addr)  # oversized: the reactor closes the connection, in order
+        return (True,) if reason is None else (False, reason)
+
+
+class SocketJob:
+    """One ``broker.submit``: ``f(socket, v...)`` in a sandbox, keyed by its socket.
+
+    Jobs already queued run even once the socket has closed (its ``commit`` then returns false);
+    a re-run asked by the return value does not happen once it has.
+    """
+
+    __slots__ = ("key", "sid", "payload", "sandboxes", "registry", "label", "ran")
+
+    def __init__(self, sid: int, payload: bytes, sandboxes: Sandboxes, registry: Registry) -> None:
+        self.key = ("broker.socket", sid)  # no stage.submit key (a number or a string) is equal
+        self.sid = sid
+        self.payload = payload
+        self.sandboxes = sandboxes
+        self.registry = registry
+        self.label = f"broker.submit job of socket {sid}"
+        self.ran = False
+
+    def run(self) -> float | None:
+        if self.ran and self.sid not in self.registry.sockets:
+            return None
+        self.ran = True
+        return self.sandboxes.run(self)
+
+    def run_in(self, sandbox: Sandbox) -> float | None:
+        """Run in ``sandbox`` (worker thread): the ms to run again after, or None."""
+        vm = sandbox.vm
+        broker: SandboxBroker = sandbox.extensions["broker"]
+        try:
+            f, *args = unpack_lua(vm, self.payload)
+        except CodecError as err:
+            sandbox.api.report(self.label.encode(), b"", lua_text(str(err)))
+            return None
+        ok, *results = vm.call(self.label, f, broker.socket(self.sid), *args)
+        again = results[0] if ok and results else None
+        if isinstance(again, bool) or not isinstance(again, (int, float)) or again <= 0:
+            return None
+        return again if self.sid in self.registry.sockets else None
+
+
+def _address_text(packed: bytes) -> str:
+    try:
+        return addresses.text(*addresses.unpack(packed))
+    except BrokerAddressError:
+        return repr(packed)
 
 
 def _url_text(endpoint: Endpoint) -> str:
