@@ -141,7 +141,7 @@ class _Reads:
 
     def open(self, sid: Any) -> bool:
         """``broker.f``: is ``sid`` an open socket (its table is made in Lua)."""
-        return isinstance(sid, int) and sid in self.registry.sockets
+        return type(sid) is int and sid in self.registry.sockets  # not a boolean (True == 1)
 
     def field(self, sid: int, key: Any) -> Any:
         sock = self.registry.get(sid)
@@ -319,7 +319,7 @@ class BrokerAPI(_Reads):
 
     def close(self, sid: Any) -> None:
         """``broker.close``/``socket.close``: a socket or a whole endpoint of this stage."""
-        if not isinstance(sid, int):
+        if type(sid) is not int:
             return
         sock = self.registry.get(sid)
         if sock is not None:
@@ -331,7 +331,7 @@ class BrokerAPI(_Reads):
 
     def signal(self, target: Any, value: Any) -> tuple[Any, ...]:
         """``broker.signal(id | addr, v)``: send ``v`` to a client by socket id or by its address."""
-        if isinstance(target, int):
+        if type(target) is int:
             sock = self.registry.get(target)
             if sock is None:
                 return False, lua_text(f"no socket {target}")
@@ -347,9 +347,9 @@ class BrokerAPI(_Reads):
         """The socket ``broker.signal`` uses for an address: a TCP client connected from it, else
         this stage's first UDP socket."""
         sock = self.registry.by_peer(packed)
-        if sock is None:
-            sock = next((s for e in self.endpoints.values() for s in e.sockets.values() if isinstance(s, Datagram)), None)
-        return sock
+        if sock is not None:
+            return sock
+        return next((s for e in self.endpoints.values() for s in e.sockets.values() if isinstance(s, Datagram)), None)
 
     def signal_data(self, target: bytes, data: Data) -> None:
         """``broker.signal(addr, v)`` from a sandbox, on the reactor: ``v`` already converted."""
@@ -419,7 +419,7 @@ class SandboxBroker(_Reads):
         return self._send(sock, value, addr if isinstance(addr, bytes) else None)
 
     def signal(self, target: Any, value: Any) -> tuple[Any, ...]:
-        if isinstance(target, int):
+        if type(target) is int:
             sock = self.registry.get(target)
             if sock is None:
                 return False, lua_text(f"no socket {target}")

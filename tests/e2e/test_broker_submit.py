@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -65,13 +66,14 @@ async def sleep(seconds: float) -> None:
 
 
 class Running:
-    """One Lua stage ``a`` running ``script`` in this process, with 4 worker threads."""
+    """One Lua stage ``a`` (``kind``: ``lua`` or ``luajit``) running ``script`` in this process,
+    with 4 worker threads."""
 
-    def __init__(self, tmp_path: Path, script: str) -> None:
+    def __init__(self, tmp_path: Path, script: str, kind: str = "lua") -> None:
         config = {
-            "#startup": [["=lua+a"]],
+            "#startup": [[f"={kind}+a"]],
             "#threads": [4, 1000],
-            "=lua": {"%package": ["[0]lua"], "=lua+a": "a"},
+            f"={kind}": {"%package": ["[0]lua"], f"={kind}+a": "a"},
         }
         self.server = InProcessServer(write_app(tmp_path, config, {"a": script}))
         self.log = LogCapture()
@@ -285,10 +287,11 @@ end)
 """
 
 
+@pytest.mark.parametrize("kind", ["lua", "luajit"])
 @pytest_twisted.ensureDeferred
-async def test_a_stage_submit_job_answers_a_socket_found_by_its_id(tmp_path: Path) -> None:
+async def test_a_stage_submit_job_answers_a_socket_found_by_its_id(tmp_path: Path, kind: str) -> None:
     port = free_port()
-    async with Running(tmp_path, BY_ID.replace("{port}", str(port))):
+    async with Running(tmp_path, BY_ID.replace("{port}", str(port)), kind):
         client = await connect(port)
         client.send(b"hello")
         await wait_for(lambda: len(client.frames()) == 1, WAIT, "the answer")
