@@ -1,0 +1,74 @@
+"""A real server's Lua stage survives runaway scripts: ``%memory``, ``%budget``, handler errors.
+
+Unit tests of the limits live in tests/unit/test_lua_stage.py; here a ``twistd -n stage`` server
+is abused through its broker port and by its own messages, and must keep answering after each.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from tests.reliability.control import ask
+from tests.reliability.procs import LUA_APP, free_port, group_pids, rss_mib
+from tests.support import ServerProcess, write_app
+
+SCRIPT = """
+local function hog()  -- allocates until %memory says no
+    local t = {{}}
+    for i = 1, 1e9 do t[i] = string.rep("x", 4096) .. i end
+end
+local function spin() while true do end end
+stage.waitfor("hog", hog)
+stage.waitfor("spin", spin)
+stage.waitfor("fail", function() error("handler kaboom") end)
+local commands = {{
+    ping = function() return "pong" end,
+    hog = hog,
+    spin = spin,
+    fail = function() error("receive kaboom") end,
+    queue = function()  -- the same abuse as messages and a timer, then a marker
+        stage.signal("hog"); stage.signal("spin"); stage.signal("fail")
+        stage.addtask(1, function() error("task kaboom") end)
+        return "queued"
+    end,
+    mem = function() return string.format("%d", collectgarbage("count") // 1024) end,
+}}
+broker.ready("tcp://127.0.0.1:{port}?text", function()
+    return function(s, line) return commands[line]() end
+end)
+log4cxx.info("ready")
+"""
+
+
+def fire(port: int, line: str) -> None:
+    """Send one line and hang up without waiting for an answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(line.encode() + b"\n")
+
+
+def test_memory_hog_infinite_loop_and_errors_never_stop_the_stage(tmp_path: Path) -> None:
+    port = free_port()
+    config = {"#startup": [["=lua+a"]], "=lua": {**LUA_APP, "%memory": "64m", "%budget": 300, "=lua+a": "a"}}
+    path = write_app(tmp_path, config, {"a": SCRIPT.format(port=port)})
+    with ServerProcess(path) as server:
+        server.wait_for(lambda: bool(server.logged("a", "ready")), 30, "the stage")
+        pid = group_pids(server)[0]
+        base_rss = rss_mib(pid)
+        peak = base_rss
+        for _ in range(3):  # each abuse, three times over: nothing accumulates
+            for command in ("hog", "spin", "fail"):
+                fire(port, command)  # the failing callback sends no answer
+                assert ask(port, "ping") == "pong", f"no answer after {command}"
+                peak = max(peak, rss_mib(pid))
+        assert ask(port, "queue") == "queued"
+        server.wait_for(lambda: "task kaboom" in "\n".join(server.lines), 10, "the queued abuse to run")
+        assert ask(port, "ping") == "pong"
+        lua_mib = int(ask(port, "mem"))
+        log = "\n".join(server.lines)
+        assert server.process.poll() is None
+    assert log.count("not enough memory") >= 4  # three from the port, one from the message
+    assert log.count("budget of 300 ms exceeded") >= 4
+    assert log.count("receive kaboom") == 3 and "handler kaboom" in log
+    assert lua_mib < 8, f"{lua_mib} MiB still held by Lua after the hogs"
+    assert peak - base_rss < 64 + 48, f"RSS {base_rss:.0f} → {peak:.0f} MiB under a 64 MiB %memory"
