@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import glob
 import os
-import socket
 import stat
 import struct
-import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
-from twisted.internet.address import UNIXAddress
-from twisted.internet.task import Clock
 
-from stagetx.wire import HANDSHAKE_MAX_FRAME, Link, LinkClientFactory
+from stagetx.wire import HANDSHAKE_MAX_FRAME
 from tests.reliability.control import ask
 from tests.reliability.procs import LUA_APP, free_port, wait_until
+from tests.reliability.raw_link import closed_by_peer, connect, handshake, send_now
 from tests.support import ServerProcess, write_app
 
 SECRET = "s3cret"
@@ -80,73 +75,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     assert "Traceback" not in log
 
 
-class SocketTransport:
-    """Enough of a transport for a ``Link`` over a blocking socket (writes go straight out)."""
-
-    def __init__(self, sock: socket.socket, path: str) -> None:
-        self.sock, self.path = sock, path
-        self.written: list[bytes] = []
-        self.dropped = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-        self.sock.sendall(data)
-
-    def getPeer(self) -> UNIXAddress:
-        return UNIXAddress(self.path)
-
-    def loseConnection(self) -> None:
-        self.dropped = True  # the socket stays open: the test watches the server close its end
-
-    abortConnection = loseConnection
-
-
-class Recorder:
-    def link_authenticated(self, link: Link) -> None: ...
-    def message_received(self, link: Link, obj: Any) -> None: ...
-    def link_lost(self, link: Link, reason: Any) -> None: ...
-
-
-def unix(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(5)
-    sock.connect(path)
-    return sock
-
-
-def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
-    """Read until the server closes the connection (True) or ``timeout`` passes (False)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if not sock.recv(65536):
-                return True
-        except socket.timeout:
-            continue
-        except ConnectionResetError:
-            return True
-    return False
-
-
-def handshake(path: str, secret: bytes, node: str) -> tuple[Link, SocketTransport]:
-    """A real client ``Link`` over a real UNIX socket, driven until it authenticates or fails."""
-    sock = unix(path)
-    transport = SocketTransport(sock, path)
-    clock = Clock()
-    link = LinkClientFactory(secret, node, Recorder(), clock=clock).buildProtocol(None)  # type: ignore[arg-type]
-    link.makeConnection(transport)  # type: ignore[arg-type]
-    deadline = time.monotonic() + 5
-    while not link.authenticated and not link._dead and time.monotonic() < deadline:
-        try:
-            data = sock.recv(65536)
-        except socket.timeout:
-            continue
-        if not data:
-            break
-        link.dataReceived(data)
-    return link, transport
-
-
 def test_the_run_directory_is_private_and_its_sockets_owner_only(server: Server) -> None:
     info = os.stat(server.rundir)
     assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
@@ -169,10 +97,10 @@ def test_a_peer_with_the_wrong_secret_is_refused(server: Server) -> None:
 
 def test_oversized_and_garbage_frames_before_authentication_are_refused_unread(server: Server) -> None:
     path = os.path.join(server.rundir, "g1.sock")
-    with unix(path) as sock:  # announces 1 MiB: refused on the length alone
+    with connect(path) as sock:  # announces 1 MiB: refused on the length alone
         sock.sendall(struct.pack("<I", 1 << 20) + b"x" * 100)
         assert closed_by_peer(sock)
-    with unix(path) as sock:  # a well-framed HELLO that is not one
+    with connect(path) as sock:  # a well-framed HELLO that is not one
         sock.sendall(struct.pack("<I", 40) + b"HTTP/1.1 200 OK\r\n" + b"x" * 23)
         assert closed_by_peer(sock)
     wait_until(lambda: server.logged(f"over the limit of {HANDSHAKE_MAX_FRAME}") >= 1, 5, "the size refusal")
@@ -184,9 +112,7 @@ def test_a_replayed_frame_drops_the_link(server: Server) -> None:
     secret = SECRET.encode()
     link, transport = handshake(os.path.join(server.rundir, "g0.sock"), secret, "g1")
     assert link.authenticated  # whoever holds #secret is a process of this server (threat model)
-    link.send(["delay", 0.0])
-    link._flush()
-    data_frame = transport.written[-1]
+    data_frame = send_now(link, transport, ["delay", 0.0])
     before = server.logged("bad frame tag")
     transport.sock.sendall(data_frame)  # the same bytes again: the tag was for sequence 0
     assert closed_by_peer(transport.sock)
@@ -198,13 +124,11 @@ def test_a_replayed_frame_drops_the_link(server: Server) -> None:
 def test_a_link_cut_in_the_middle_of_a_frame_is_just_gone(server: Server) -> None:
     link, transport = handshake(os.path.join(server.rundir, "g0.sock"), SECRET.encode(), "g1")
     assert link.authenticated
-    link.send(["delay", 0.0])
-    link._flush()
-    frame = transport.written[-1]
+    frame = send_now(link, transport, ["delay", 0.0])
     transport.sock.sendall(frame + frame[:10])  # one whole frame, then half a header and body
     transport.sock.close()
     server.healthy()
     for _ in range(3):  # and again, cut inside the handshake itself
-        with unix(os.path.join(server.rundir, "g0.sock")) as sock:
+        with connect(os.path.join(server.rundir, "g0.sock")) as sock:
             sock.sendall(struct.pack("<I", 40) + b"STGX")
     server.healthy()
