@@ -89,7 +89,7 @@ class _Bridge:
 
     def __init__(self, module: Any, vm_kind: str) -> None:
         self.vm_kind = vm_kind
-        self.lua = module.LuaRuntime(encoding=None, max_memory=32 << 20) if vm_kind == "lua54" else module.LuaRuntime(encoding=None)
+        self.lua = module.LuaRuntime(encoding=None, max_memory=32 << 20)
         self.null = self.lua.table()
 
     def dump_function(self, f: Any) -> bytes:

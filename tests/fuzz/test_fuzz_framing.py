@@ -74,24 +74,32 @@ class Handler:
         pass
 
 
+class TCPStringTransport(StringTransport):
+    """A ``StringTransport`` with the TCP option a broker connection sets."""
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+
 def connection(name: str) -> tuple[Connection, StringTransport, Handler]:
     handler = Handler()
     endpoint = Endpoint(parse_url(f"tcp://127.0.0.1:1?{name}={LIMIT},{LIMIT}"), handler, Registry(), Clock())
     conn = Connection(endpoint)
-    transport = StringTransport()
+    transport = TCPStringTransport()
     conn.makeConnection(transport)
     return conn, transport, handler
 
 
 def documents() -> st.SearchStrategy[bytes]:
     """Valid BSON documents, then mangled: the decoder sees both shapes."""
+    keys = st.text(max_size=4).filter(lambda k: "\0" not in k)
     values = st.recursive(
         st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() | st.text(max_size=8)
         | st.binary(max_size=8),
-        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4).filter(lambda k: "\0" not in k), inner, max_size=3),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3),
         max_leaves=8,
     )
-    docs = st.dictionaries(st.text(max_size=4).filter(lambda k: "\0" not in k), values, max_size=4).map(bson.encode)
+    docs = st.dictionaries(keys, values, max_size=4).map(bson.encode)
     return docs | st.tuples(docs, st.integers(0, 200), st.binary(min_size=1, max_size=3)).map(
         lambda t: t[0][: t[1] % (len(t[0]) + 1)] + t[2] + t[0][t[1] % (len(t[0]) + 1) + len(t[2]) :]
     )

@@ -50,8 +50,10 @@ class Pair:
     def __init__(self, secret: bytes = b"k", max_frame: int = MAX_FRAME) -> None:
         self.clock = Clock()
         self.client_handler, self.server_handler = Recorder(), Recorder()
-        self.client = LinkClientFactory(secret, "g1", self.client_handler, max_frame, self.clock).buildProtocol(None)  # type: ignore[arg-type]
-        self.server = LinkServerFactory(b"k", "g0", self.server_handler, max_frame, self.clock).buildProtocol(None)  # type: ignore[arg-type]
+        client = LinkClientFactory(secret, "g1", self.client_handler, max_frame, self.clock)
+        server = LinkServerFactory(b"k", "g0", self.server_handler, max_frame, self.clock)
+        self.client = client.buildProtocol(None)  # type: ignore[arg-type]
+        self.server = server.buildProtocol(None)  # type: ignore[arg-type]
         self.ct, self.st = StringTransport(), StringTransport()
         self.client.makeConnection(self.ct)
         self.server.makeConnection(self.st)

@@ -8,9 +8,8 @@ refuse each as docs/wire.md says and keep serving.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 import struct
+from collections.abc import Iterator
 
 import pytest
 

@@ -58,7 +58,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = root / "tmp"
     tmp.mkdir()
     port = free_port()
-    config = {"#secret": SECRET, "#startup": [["=lua+a"], ["=lua+b"]], "=lua": {**LUA_APP, "=lua+a": "a", "=lua+b": "b"}}
+    lua = {**LUA_APP, "=lua+a": "a", "=lua+b": "b"}
+    config = {"#secret": SECRET, "#startup": [["=lua+a"], ["=lua+b"]], "=lua": lua}
     path = write_app(root, config, {"a": A.format(port=port), "b": B})
     old = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = str(tmp)  # the run directory is made under the supervisor's TMPDIR

@@ -27,7 +27,9 @@ A = """
 local sent, replies = 0, 0
 stage.waitfor("done", function() replies = replies + 1 end)
 local function tick()
-    for i = 1, 10 do if stage.signal("b:work=done", i, {{player = "p" .. i, score = i * 1.5}}) then sent = sent + 1 end end
+    for i = 1, 10 do
+        if stage.signal("b:work=done", i, {{player = "p" .. i, score = i * 1.5}}) then sent = sent + 1 end
+    end
     stage.addtask(10, tick)
 end
 tick()
