@@ -424,5 +424,7 @@ def test_load_config_reports_a_missing_file(app_dir: Path) -> None:
 def test_default_config_of_the_repository_is_valid() -> None:
     repo = Path(__file__).resolve().parents[2]
     config = load_config(str(repo / "etc" / "stage.json"))
-    assert [stage.name for stage in config.stages] == ["=lua+stage"]
-    assert config.stages[0].main == str(repo / "lua" / "start.lua")
+    assert [stage.name for stage in config.stages] == [
+        "=index+rank", "=route+route", "=ticket+ticket", "=lua+front", "=lua+front"
+    ]
+    assert config.stages[-1].main == str(repo / "lua" / "front.lua")
