@@ -6,6 +6,8 @@ from typing import Any
 
 import attrs
 
+from stagetx.codec import unpack_py
+
 
 @attrs.frozen
 class Sender:
@@ -42,7 +44,5 @@ class Message:
     def values(self) -> tuple[Any, ...]:
         """The payload decoded to Python natives (decoded once, on first use)."""
         if self._values is None:
-            from stagetx.codec import unpack_py
-
             self._values = unpack_py(self.payload)
         return self._values

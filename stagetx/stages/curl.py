@@ -180,6 +180,7 @@ class Stage:
                 message=data["message"],
                 result=data["result"],
             )
+            self._context.count_error()
         self._context.reply(message, reply)
 
     def _perform(self, request: CurlRequest) -> Deferred[dict[str, Any]]:

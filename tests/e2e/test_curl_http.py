@@ -44,7 +44,11 @@ class RecordingContext:
         self.log = Logger(namespace="test.curl")
         self.base_dir = base_dir
         self.replies: list[dict[str, Any]] = []
+        self.errors = 0
         self._waiting: list[tuple[int, defer.Deferred[list[dict[str, Any]]]]] = []
+
+    def count_error(self) -> None:
+        self.errors += 1
 
     def resolve_path(self, path: str) -> str:
         return str(Path(self.base_dir, path))
@@ -309,8 +313,11 @@ async def test_refused_port_gives_7(web: Harness) -> None:
     closed = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
     port = closed.getHost().port
     await closed.stopListening()
-    reply = await web.ask(url=f"http://127.0.0.1:{port}/")
+    stage, context = web.stage()
+    stage.receive(request(url=f"http://127.0.0.1:{port}/"))
+    (reply,) = await context.replies_count(1)
     assert (reply["status"], reply["data"]["result"]) == (0, 7)
+    assert context.errors == 1
     assert reply["data"]["message"]
 
 

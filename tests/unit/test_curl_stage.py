@@ -34,6 +34,10 @@ class FakeContext:
         self.clock = Clock()
         self.log = Logger(namespace="test.curl")
         self.replies: list[tuple[Message, tuple[Any, ...]]] = []
+        self.errors = 0
+
+    def count_error(self) -> None:
+        self.errors += 1
 
     def resolve_path(self, path: str) -> str:
         return f"{self.base_dir}/{path}"
@@ -380,6 +384,7 @@ def test_total_timeout_gives_result_28() -> None:
     assert (reply["status"], reply["data"]["result"], reply["extra"]) == (0, 28, b"e")
     assert "250" in reply["data"]["message"]
     assert reply["data"]["time"] == pytest.approx(0.25)
+    assert context.errors == 1  # failures count as stage errors (stat, /metrics)
 
 
 def test_timeout_also_covers_a_body_that_never_ends() -> None:
