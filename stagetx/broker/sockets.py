@@ -167,6 +167,8 @@ class Connection:
         self.connectionMade()
 
     def connectionMade(self) -> None:
+        # small replies must not wait for the client's delayed ACK (Nagle): ~40 ms per reply otherwise
+        self.transport.setTcpNoDelay(True)
         address = self.transport.getPeer()
         self.peer = addresses.pack(address.host, address.port)
         self.local = _packed_host(self.transport)
