@@ -11,7 +11,12 @@ setup(
     python_requires=">=3.10",
     packages=find_namespace_packages(include=["stagetx", "stagetx.*"], exclude=["*.__pycache__"])
     + ["twisted.plugins"],
-    package_data={"stagetx.lua": ["*.lua"], "stagetx.broker": ["*.lua"]},
+    package_data={
+        "stagetx.lua": ["*.lua"],
+        "stagetx.broker": ["*.lua"],
+        "stagetx.admin": ["static/*"],
+    },
+    entry_points={"console_scripts": ["stagetx-client = stagetx.client.cli:main"]},
     install_requires=[
         "twisted[tls]>=23.8",
         "lupa>=2.2",

@@ -44,9 +44,11 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("redis", "bench.baselines.redis_zset", baseline=True),
     Entry("local_signal", "bench.workloads.local_signal"),
     Entry("two_processes", "bench.workloads.two_processes", needs=("twisted_raw",)),
+    Entry("cluster", "bench.workloads.cluster", needs=("twisted_raw",)),
     Entry("submit", "bench.workloads.submit", needs=("lupa",)),
     Entry("broker", "bench.workloads.broker", needs=("twisted_raw",)),
     Entry("index", "bench.bench_index", needs=("redis",), optional=True),
+    Entry("index_e2e", "bench.workloads.index_e2e", needs=("redis",)),
 )
 
 
