@@ -152,7 +152,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         serving_pause = _gc_pause()
         log_bytes = stage.store.log_bytes
         stage.store.compact_min_bytes = 0  # the next turn's end starts a compaction
-        stage.flush()
+        stage.turn_ended()
         started = time.perf_counter()
         context.clock.advance(0)  # every step of it, as reactor turns would
         compaction = time.perf_counter() - started

@@ -103,6 +103,7 @@ class StageHost(Service):
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)  # handler times, counted per bucket
         self._backlog: list[Message] | None = []  # messages that arrived before the stage started
         self.stage = stage_class(config.type)(self, config)
+        self.batches = hasattr(self.stage, "turn_ended")
 
     # -- StageContext -----------------------------------------------------------------------------
     def resolve_path(self, path: str) -> str:
@@ -138,6 +139,9 @@ class StageHost(Service):
             elapsed = time.perf_counter() - started
             self.busy += elapsed
             self.latency[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
+
+    def turn_ended(self) -> None:
+        self.stage.turn_ended()
 
     # -- Service ----------------------------------------------------------------------------------
     def startService(self) -> Deferred[None]:  # type: ignore[override]

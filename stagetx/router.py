@@ -56,6 +56,10 @@ class Receiver(Protocol):
 
     def receive(self, message: Message) -> None: ...
 
+    batches: bool  # True when the stage wants ``turn_ended`` after each drain turn it took part in
+
+    def turn_ended(self) -> None: ...
+
 
 class Links(Protocol):
     """Links to the other processes of this server (``stagetx.links.ProcessLinks``)."""
@@ -300,8 +304,11 @@ class Router:
         queue = self._queue
         started = self.now()
         count = 0
+        batching: set[Receiver] = set()  # stages to tell that this turn ended
         while queue:
             receiver, message = queue.popleft()
+            if receiver.batches:
+                batching.add(receiver)
             try:
                 receiver.receive(message)
             except Exception:
@@ -312,6 +319,11 @@ class Router:
                 self.delay = 0.8 * self.delay + 0.2 * (now - message.enqueued)
                 if now - started > DRAIN_SLICE:
                     break
+        for receiver in batching:
+            try:
+                receiver.turn_ended()
+            except Exception:
+                self.log.failure("stage {stage} failed at the end of a turn", stage=receiver.stage_id)
         if queue:
             self._drain_call = self.clock.callLater(0, self._drain)
         elif count < 64:

@@ -70,8 +70,7 @@ class Stage:
         self._syncer: LoopingCall | None = None
         self._compaction: Iterator[None] | None = None
         self._step: IDelayedCall | None = None
-        self._replies: list[tuple[Message, Any]] = []  # this turn's, sent by ``flush``
-        self._flush_call: IDelayedCall | None = None
+        self._replies: list[tuple[Message, Any]] = []  # this turn's, sent by ``turn_ended``
 
     def start(self) -> None:
         """Load the indexes, then freeze them out of the cyclic GC's sight (see docs/index.md)."""
@@ -93,7 +92,7 @@ class Stage:
 
     def stop(self) -> None:
         """Answer this turn's requests, abandon a running compaction, fsync and close the log."""
-        self.flush()
+        self.turn_ended()
         if self._syncer is not None and self._syncer.running:
             self._syncer.stop()
         if self._step is not None and self._step.active():
@@ -104,7 +103,7 @@ class Stage:
         self.store.close()
 
     def receive(self, message: Message) -> None:
-        """Run one request table now; its reply waits for this turn's log write (``flush``)."""
+        """Run one request table now; its reply waits for this turn's log write (``turn_ended``)."""
         try:
             # unpack_py(payload) is what message.values returns; called directly, it skips the
             # property's per-call import (about 1 µs of a ~15 µs request)
@@ -116,20 +115,14 @@ class Stage:
             self.context.log.failure("index {stage}: request failed", stage=self.context.name)
             reply = {"error": "internal error in the index stage"}
         self._replies.append((message, reply))
-        if self._flush_call is None:
-            self._flush_call = self.context.clock.callLater(0, self.flush)
 
-    def flush(self) -> None:
+    def turn_ended(self) -> None:
         """End of a turn: one log ``write()`` for every change of the turn, then every reply.
 
-        The router hands a stage all queued messages in one drain call, so under load one turn
-        holds many requests and pays one frame, one syscall and one delayed call for all of them.
-        No reply leaves before the write that holds its changes has returned.
+        The router hands a stage all queued messages in one drain turn and then calls this, so
+        under load one turn holds many requests and pays one frame and one syscall for all of
+        them. No reply leaves before the write that holds its changes has returned.
         """
-        if self._flush_call is not None:
-            if self._flush_call.active():
-                self._flush_call.cancel()
-            self._flush_call = None
         replies, self._replies = self._replies, []
         try:
             self.store.commit()

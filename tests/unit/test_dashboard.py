@@ -44,7 +44,7 @@ def _index_control(tmp_path: Any) -> tuple[ProcessControl, IndexStage, _IndexCon
     stage.start()
     scores = {f"m{n}".encode(): {b"I": {1: n, 2: -n}, b"v": f"name {n}".encode()} for n in range(1, 8)}
     stage.receive(Message("m", pack_py(({"set:b": scores},)), Sender("local", 0, "game", 0), reply="^game"))
-    context.clock.advance(0)
+    stage.turn_ended()
     host = SimpleNamespace(
         group=0,
         stages=[SimpleNamespace(name="=index+rank", stage_id="rank", stage=stage, config=SimpleNamespace(type="index"))],

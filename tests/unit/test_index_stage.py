@@ -59,9 +59,9 @@ def _started(context: FakeContext, settings: Any = "scores") -> Stage:
 
 
 def _ask(stage: Stage, context: FakeContext, *values: Any) -> Any:
-    """One request alone in its reactor turn: receive, then the turn's end (``flush``)."""
+    """One request alone in its reactor turn: receive, then the turn's end (``turn_ended``)."""
     stage.receive(_message(*values))
-    stage.flush()
+    stage.turn_ended()
     message, values = context.replies.pop()
     return values[0]
 
@@ -109,7 +109,7 @@ def test_the_log_is_written_before_the_reply(tmp_path) -> None:
     stage = _started(context, ["scores", 8])
     for member in ("a", "b"):
         stage.receive(_message({"set:b": {member: {"i": 1}}}))
-        stage.flush()
+        stage.turn_ended()
     assert 0 < context.sizes[0] < context.sizes[1]
     stage.stop()
 
@@ -197,7 +197,7 @@ def test_one_turn_writes_once_and_only_then_replies(tmp_path) -> None:
     assert context.sizes == []  # nothing answered before the turn ends
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(os, "write", counting)
-        context.clock.advance(0)  # the reactor ends the turn: the stage's delayed flush runs
+        stage.turn_ended()  # the router ends the turn
     assert len(writes) == 1 and context.sizes == [context.sizes[0]] * 3 and context.sizes[0] > 0
     stage.stop()
     again = _started(FakeContext(str(tmp_path)), ["scores", 8])

@@ -16,6 +16,8 @@ from stagetx.router import SLOW_MARGIN, Router
 
 
 class FakeStage:
+    batches = False
+
     def __init__(self, instance: int, stage_id: str) -> None:
         self.instance = instance
         self.stage_id = stage_id
@@ -183,6 +185,28 @@ def test_one_drain_turn_yields_to_the_reactor_after_its_time_slice() -> None:
         assert clock.turn() == 1
         turns += 1
     assert len(slow.got) == 200 and turns > 2
+
+
+def test_a_batching_stage_hears_once_per_turn_after_its_messages() -> None:
+    router, clock, stages = make_router([("a", 0), ("b", 0)])
+    events: list[str] = []
+
+    class Batching(FakeStage):
+        batches = True
+
+        def receive(self, message: Message) -> None:
+            events.append(message.msgid)
+
+        def turn_ended(self) -> None:
+            events.append("end")
+
+    router.attach(Batching(1, "b"))
+    for msgid in ("x", "y"):
+        send(router, stages[0], f"b:{msgid}")
+    clock.advance(0)
+    send(router, stages[0], "a:other")  # a turn without b's messages does not tell b
+    clock.advance(0)
+    assert events == ["x", "y", "end"]
 
 
 class TestLocks:
