@@ -22,16 +22,20 @@ class SocketTransport:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        peer = sock.getpeername()  # read now: a reset socket cannot tell it any more
+        self.peer = UNIXAddress(peer) if isinstance(peer, str) else IPv4Address("TCP", *peer[:2])
         self.written: list[bytes] = []
         self.dropped = False
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
-        self.sock.sendall(data)
+        try:
+            self.sock.sendall(data)
+        except OSError:  # the server already reset the connection: like Twisted, drop the write
+            self.dropped = True
 
     def getPeer(self) -> Any:
-        peer = self.sock.getpeername()
-        return UNIXAddress(peer) if isinstance(peer, str) else IPv4Address("TCP", *peer[:2])
+        return self.peer
 
     def loseConnection(self) -> None:
         self.dropped = True  # the socket stays open: the test watches the server close its end
@@ -88,5 +92,5 @@ def handshake(address: str | tuple[str, int], secret: bytes, node: str) -> tuple
 def send_now(link: Link, transport: SocketTransport, obj: Any) -> bytes:
     """Send ``obj`` on ``link`` at once; the bytes of its data frame."""
     link.send(obj)
-    link._flush()
+    link.settings.clock.advance(0)  # type: ignore[union-attr]  # the Clock handshake() gave it
     return transport.written[-1]

@@ -71,7 +71,7 @@ def test_the_cluster_port_listens_on_loopback_only(server: Server) -> None:
 def test_a_stranger_with_the_wrong_secret_is_refused(server: Server) -> None:
     before = server.logged("refused: bad secret")
     link, transport = handshake(("127.0.0.1", server.cluster), b"guess", "intruder")
-    assert not link.authenticated and closed_by_peer(transport.sock)
+    assert not link.authenticated and closed_by_peer(transport.sock)  # whichever side saw it first
     transport.sock.close()
     wait_until(lambda: server.logged("refused: bad secret") > before, 5, "the refusal")
     server.healthy()

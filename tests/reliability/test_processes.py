@@ -76,8 +76,12 @@ def start(tmp_path: Path) -> tuple[ServerProcess, int]:
     port = free_port()
     path = write_app(tmp_path, CONFIG, {"a": A.format(port=port), "b": B, "c": C})
     server = ServerProcess(path)
-    server.wait_for(lambda: bool(server.logged("a", "ready")) and len(group_pids(server)) == 3, 30, "start")
-    server.wait_for(lambda: sum("linked to process" in line for line in server.lines) >= 6, 30, "the links")
+    try:
+        server.wait_for(lambda: bool(server.logged("a", "ready")) and len(group_pids(server)) == 3, 30, "start")
+        server.wait_for(lambda: sum("linked to process" in line for line in server.lines) >= 6, 30, "the links")
+    except BaseException:
+        server.stop()
+        raise
     return server, port
 
 
@@ -142,9 +146,14 @@ def test_a_stage_whose_only_process_is_down_queues_up_to_the_bound_then_refuses(
 def test_kill_9_of_the_supervisor_leaves_no_orphans(tmp_path: Path) -> None:
     server, port = start(tmp_path)
     children = children_of(server.process.pid)
-    assert sorted(children) == sorted(group_pids(server).values())
-    os.kill(server.process.pid, signal.SIGKILL)
-    started = time.monotonic()
-    wait_until(lambda: not any(alive(pid) for pid in children), 10, "the children to exit")
-    print(f"children gone {time.monotonic() - started:.2f} s after the supervisor's kill -9")
-    server.stop()
+    try:
+        assert sorted(children) == sorted(group_pids(server).values())
+        os.kill(server.process.pid, signal.SIGKILL)
+        started = time.monotonic()
+        wait_until(lambda: not any(alive(pid) for pid in children), 10, "the children to exit")
+        print(f"children gone {time.monotonic() - started:.2f} s after the supervisor's kill -9")
+    finally:
+        server.stop()
+        for pid in children:  # orphans of a failed run: ours to end
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
