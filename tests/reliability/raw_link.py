@@ -83,6 +83,8 @@ def handshake(address: str | tuple[str, int], secret: bytes, node: str) -> tuple
             data = transport.sock.recv(65536)
         except socket.timeout:
             continue
+        except ConnectionResetError:  # the server refused us first (it aborts: a reset)
+            break
         if not data:
             break
         link.dataReceived(data)
