@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
+from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -56,6 +56,10 @@ class _Inbound:
 
     def message_received(self, link: Link, obj: Any) -> None:
         self.links.router.frame_received(link.group, obj)  # type: ignore[attr-defined]
+
+    def frame_done(self, link: Link) -> None:
+        """A whole frame is queued: run it now rather than one reactor iteration later."""
+        self.links.router.run_queue()
 
     def link_lost(self, link: Link, reason: object) -> None:
         pass
@@ -125,6 +129,11 @@ class ProcessLinks(MultiService):
         return MultiService.stopService(self)
 
     # -- used by the router -----------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write what every outbound link has queued (the router calls this after a drain turn)."""
+        for link in self._out.values():
+            link.flush()
+
     def reachable(self, group: int) -> bool:
         """False only for a process that was linked and dropped (crashed, restarting).
 

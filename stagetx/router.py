@@ -68,6 +68,8 @@ class Links(Protocol):
 
     def send(self, group: int, frame: list[Any]) -> Result: ...
 
+    def flush(self) -> None: ...
+
 
 class Remote(Protocol):
     """The cluster (``stagetx.cluster.gateway``): other servers' replicas and a way to reach them."""
@@ -119,6 +121,7 @@ class Router:
         self.delay = 0.0  # this process's queue delay, smoothed (s)
         self._queue: deque[tuple[Receiver, Message]] = deque()
         self._drain_call: IDelayedCall | None = None
+        self._draining = False
         self._unknown: set[str] = set()
         self._senders: dict[tuple[Any, ...], Sender] = {}  # frames name senders as lists
         self.locks = LockTable(clock, self._grant) if group == LOCK_GROUP else None
@@ -299,8 +302,16 @@ class Router:
         if self._drain_call is None:
             self._drain_call = self.clock.callLater(0, self._drain)
 
+    def run_queue(self) -> None:
+        """Run the queue now (from a network read, never from inside a handler)."""
+        if self._queue and not self._draining:
+            if self._drain_call is not None:
+                self._drain_call.cancel()
+            self._drain()
+
     def _drain(self) -> None:
         self._drain_call = None
+        self._draining = True
         queue = self._queue
         started = self.now()
         count = 0
@@ -324,6 +335,9 @@ class Router:
                 receiver.turn_ended()
             except Exception:
                 self.log.failure("stage {stage} failed at the end of a turn", stage=receiver.stage_id)
+        self._draining = False
+        if self.links is not None:
+            self.links.flush()  # what the handlers sent leaves now, not one reactor turn later
         if queue:
             self._drain_call = self.clock.callLater(0, self._drain)
         elif count < 64:

@@ -77,6 +77,9 @@ class LinkHandler(TypingProtocol):
     def message_received(self, link: Link, obj: Any) -> None:
         """One message from ``link``, in the order sent."""
 
+    # Optional: ``frame_done(link)``, called after every message of one frame was handed over (a
+    # place to act on a whole batch at once, outside any message handler).
+
     def link_lost(self, link: Link, reason: Failure) -> None:
         """An authenticated ``link`` is gone (not called for links that never authenticated)."""
 
@@ -169,7 +172,7 @@ class Link(protocol.Protocol):
 
     def close(self) -> None:
         """Send what is queued, then close the connection."""
-        self._flush()
+        self.flush()
         self._dead = True
         self.transport.loseConnection()
 
@@ -255,7 +258,7 @@ class Link(protocol.Protocol):
             self._timeout_call.cancel()
         self._timeout_call = None
         self.settings.handler.link_authenticated(self)
-        self._flush()
+        self.flush()
 
     def _on_data(self, frame: bytes) -> None:
         body = frame[TAG_SIZE:]
@@ -280,6 +283,12 @@ class Link(protocol.Protocol):
                 handler.message_received(self, obj)
             except Exception:
                 log.failure("message handler failed on a message from {peer}", peer=self.peer_id)
+        frame_done = getattr(handler, "frame_done", None)
+        if frame_done is not None:
+            try:
+                frame_done(self)
+            except Exception:
+                log.failure("frame handler failed on a frame from {peer}", peer=self.peer_id)
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -298,13 +307,14 @@ class Link(protocol.Protocol):
         self._pending_bytes += len(data)
         if self.authenticated:
             if self._pending_bytes >= FLUSH_BYTES:
-                self._flush()
+                self.flush()
             elif self._flush_call is None:
                 assert self._clock is not None
-                self._flush_call = self._clock.callLater(0, self._flush)
+                self._flush_call = self._clock.callLater(0, self.flush)
         return True
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write what is queued now, as one frame (or several, past the frame limit)."""
         if self._flush_call is not None:
             if self._flush_call.active():
                 self._flush_call.cancel()

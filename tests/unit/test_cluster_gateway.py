@@ -11,8 +11,9 @@ from stagetx.address import parse_target
 from stagetx.cluster.gateway import ClusterGateway, RemoteView
 from stagetx.codec import pack_py
 from stagetx.config import parse_config
-from stagetx.message import Message, Sender
+from stagetx.message import Sender
 from stagetx.router import Router
+from tests.fakes import RecordingLinks, RecordingStage
 
 
 class FakeLink:
@@ -27,30 +28,7 @@ class FakeLink:
         return [f for f in self.sent if f[0] == kind]
 
 
-class Stage:
-    def __init__(self, instance: int, stage_id: str) -> None:
-        self.instance = instance
-        self.stage_id = stage_id
-        self.sender = Sender("me", 0, stage_id, instance)
-        self.got: list[Message] = []
-
-    def receive(self, message: Message) -> None:
-        self.got.append(message)
-
-
-class FakeProcessLinks:
-    def __init__(self) -> None:
-        self.sent: list[tuple[int, Any]] = []
-
-    def reachable(self, group: int) -> bool:
-        return True
-
-    def send(self, group: int, frame: list[Any]) -> tuple[bool, str | None]:
-        self.sent.append((group, frame))
-        return True, None
-
-
-def gateway(tmp_path: Path, queue: int = 100, startup: list[list[str]] | None = None) -> tuple[ClusterGateway, Router, Clock, FakeProcessLinks]:
+def gateway(tmp_path: Path, queue: int = 100, startup: list[list[str]] | None = None) -> tuple[ClusterGateway, Router, Clock, RecordingLinks]:
     (tmp_path / "a.lua").write_text("")
     raw = {
         "#startup": startup or [["=lua+a"]],
@@ -64,8 +42,8 @@ def gateway(tmp_path: Path, queue: int = 100, startup: list[list[str]] | None = 
     clock.advance(1000)
     router = Router("me", 0, [(s.id, s.group) for s in config.stages], clock, clock.seconds)
     for s in config.startup[0]:
-        router.attach(Stage(s.instance, s.id))
-    links = FakeProcessLinks()
+        router.attach(RecordingStage(s.instance, s.id, server="me"))
+    links = RecordingLinks()
     gw = ClusterGateway(config, router, links, b"secret", clock, clock.seconds)
     return gw, router, clock, links
 
@@ -157,7 +135,7 @@ def test_the_queue_of_an_unlinked_peer_is_bounded_and_overflow_is_reported(tmp_p
     ok, reason = send(router, "w:x")
     assert ok is False and "queue is full" in str(reason)
     clock.advance(0)
-    pushed = [f for g, f in links.sent if g == 1 and f[0] == "croutes"]
+    pushed = [f for g, f in links.frames if g == 1 and f[0] == "croutes"]
     assert pushed and pushed[-1][1][5] == ["s1"]  # the other processes learn it is full
 
 
@@ -221,14 +199,14 @@ def test_other_processes_relay_through_the_gateway(tmp_path: Path) -> None:
     gw, router, clock, links = gateway(tmp_path, startup=[["=lua+a"], ["=lua+a"]])
     link = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
     clock.advance(0)
-    routes = [f for g, f in links.sent if g == 1 and f[0] == "croutes"][-1]
-    view_links = FakeProcessLinks()
+    routes = [f for g, f in links.frames if g == 1 and f[0] == "croutes"][-1]
+    view_links = RecordingLinks()
     view = RemoteView(view_links)
     view.process_frame(0, routes)
     sibling = Router("me", 1, [("a", 0), ("a", 1)], clock, clock.seconds)
     sibling.remote = view
     assert sibling.send(Sender("me", 1, "a", 1), parse_target("+w:x"), pack_py((1,))) == (True, None)
-    (group, frame), = view_links.sent
+    (group, frame), = view_links.frames
     assert group == 0 and frame[0] == "cx" and frame[1] == "s1"
     router.frame_received(1, frame)
     assert link.frames("m")[0][1:3] == [0, "x"]

@@ -11,48 +11,23 @@ from twisted.internet.task import Clock
 from stagetx.address import parse_target
 from stagetx.codec import pack_py, unpack_py
 from stagetx.locks import LockTable, Turn
-from stagetx.message import Message, Sender
+from stagetx.message import Message
 from stagetx.router import SLOW_MARGIN, Router
+from tests.fakes import RecordingLinks, RecordingStage
 
 
-class FakeStage:
-    batches = False
-
-    def __init__(self, instance: int, stage_id: str) -> None:
-        self.instance = instance
-        self.stage_id = stage_id
-        self.sender = Sender("srv", 0, stage_id, instance)
-        self.got: list[Message] = []
-
-    def receive(self, message: Message) -> None:
-        self.got.append(message)
-
-
-class FakeLinks:
-    def __init__(self) -> None:
-        self.frames: list[tuple[int, list[Any]]] = []
-        self.down: set[int] = set()
-
-    def reachable(self, group: int) -> bool:
-        return group not in self.down
-
-    def send(self, group: int, frame: list[Any]) -> tuple[bool, str | None]:
-        self.frames.append((group, frame))
-        return True, None
-
-
-def make_router(placement: list[tuple[str, int]], group: int = 0) -> tuple[Router, Clock, dict[int, FakeStage]]:
+def make_router(placement: list[tuple[str, int]], group: int = 0) -> tuple[Router, Clock, dict[int, RecordingStage]]:
     clock = Clock()
     router = Router("srv", group, placement, clock, now=clock.seconds)
     stages = {}
     for instance, (stage_id, g) in enumerate(placement):
         if g == group:
-            stages[instance] = FakeStage(instance, stage_id)
+            stages[instance] = RecordingStage(instance, stage_id)
             router.attach(stages[instance])
     return router, clock, stages
 
 
-def send(router: Router, sender: FakeStage, target: str, *values: Any, reply_to: str | None = None) -> tuple[bool, str | None]:
+def send(router: Router, sender: RecordingStage, target: str, *values: Any, reply_to: str | None = None) -> tuple[bool, str | None]:
     return router.send(sender.sender, parse_target(target), pack_py(values), reply_to)
 
 
@@ -71,7 +46,7 @@ def test_round_robin_over_three_local_replicas_is_even() -> None:
 
 def test_messages_for_other_processes_go_on_their_link() -> None:
     router, clock, stages = make_router([("a", 0), ("b", 1), ("b", 2)])
-    links = FakeLinks()
+    links = RecordingLinks()
     router.links = links
     for _ in range(4):
         send(router, stages[0], "b:x", 1)
@@ -83,7 +58,7 @@ def test_messages_for_other_processes_go_on_their_link() -> None:
 
 def test_a_process_whose_link_dropped_is_skipped_until_it_is_back() -> None:
     router, clock, stages = make_router([("a", 0), ("b", 1), ("b", 2)])
-    links = FakeLinks()
+    links = RecordingLinks()
     router.links = links
     links.down.add(1)
     for _ in range(4):
@@ -98,7 +73,7 @@ def test_a_process_whose_link_dropped_is_skipped_until_it_is_back() -> None:
 
 def test_a_clearly_slower_replica_is_skipped_while_slow() -> None:
     router, clock, stages = make_router([("a", 0), ("b", 1), ("b", 2), ("b", 3)])
-    links = FakeLinks()
+    links = RecordingLinks()
     router.links = links
     router.delays = {1: 0.001, 2: 0.002 + SLOW_MARGIN * 3, 3: 0.0}
     for _ in range(6):
@@ -108,7 +83,7 @@ def test_a_clearly_slower_replica_is_skipped_while_slow() -> None:
 
 def test_broadcast_reaches_every_replica_once_including_the_sender() -> None:
     router, clock, stages = make_router([("b", 0), ("b", 0), ("b", 1)])
-    links = FakeLinks()
+    links = RecordingLinks()
     router.links = links
     assert send(router, stages[0], "*b:all", "v") == (True, None)
     assert send(router, stages[0], "*mine", "w") == (True, None)
@@ -167,12 +142,12 @@ def test_one_drain_turn_yields_to_the_reactor_after_its_time_slice() -> None:
     elapsed = [0.0]
     router = Router("srv", 0, [("a", 0), ("b", 0)], clock, now=lambda: elapsed[0])
 
-    class Slow(FakeStage):
+    class Slow(RecordingStage):
         def receive(self, message: Message) -> None:
             super().receive(message)
             elapsed[0] += 0.001  # each message takes 1 ms
 
-    sender, slow = FakeStage(0, "a"), Slow(1, "b")
+    sender, slow = RecordingStage(0, "a"), Slow(1, "b")
     router.attach(sender)
     router.attach(slow)
     for _ in range(200):
@@ -191,7 +166,7 @@ def test_a_batching_stage_hears_once_per_turn_after_its_messages() -> None:
     router, clock, stages = make_router([("a", 0), ("b", 0)])
     events: list[str] = []
 
-    class Batching(FakeStage):
+    class Batching(RecordingStage):
         batches = True
 
         def receive(self, message: Message) -> None:
@@ -269,7 +244,7 @@ def test_router_locks_deliver_the_turn_to_the_requester_with_its_values() -> Non
 @pytest.mark.parametrize("group", [1, 2])
 def test_lock_requests_from_other_processes_go_to_the_first_group(group: int) -> None:
     router, clock, stages = make_router([("a", 0), ("b", 1), ("c", 2)], group=group)
-    links = FakeLinks()
+    links = RecordingLinks()
     router.links = links
     me = stages[group]
     send(router, me, ">L.go", 1)

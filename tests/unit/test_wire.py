@@ -225,7 +225,7 @@ def test_garbage_instead_of_hello_is_refused() -> None:
 def test_authenticated_garbage_body_drops_the_link(pair: Pair) -> None:
     pair.client._pending.append(b"\xc1")  # 0xc1 is never valid msgpack
     pair.client._pending_bytes = 1
-    pair.client._flush()
+    pair.client.flush()
     pair.pump()
     assert pair.st.disconnecting and pair.server_handler.messages == []
 
