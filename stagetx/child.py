@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import resource
 import signal
 import sys
 from typing import Any
@@ -47,6 +48,13 @@ class _SupervisorWatch:
         return "supervisor-watch"
 
 
+def _raise_file_limit() -> None:
+    """Thousands of broker clients need as many descriptors as the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _die_with_parent() -> None:
     """Ask Linux to send SIGTERM when the supervisor dies (belt and braces with the stdin watch)."""
     try:
@@ -59,6 +67,7 @@ def _die_with_parent() -> None:
 def main() -> int:
     boot = json.loads(sys.stdin.buffer.readline())
     _die_with_parent()
+    _raise_file_limit()
     from twisted.internet import reactor
 
     from stagetx.config import parse_config
@@ -66,7 +75,6 @@ def main() -> int:
     from stagetx.process import ChildProcess
 
     config = parse_config(boot["config"], boot["base_dir"])
-    group = int(boot["group"])
     json_lines = boot.get("operations", {}).get("log_format") == "json"
     levels = begin_logging(config.log, sys.stdout, json_lines)
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reopen_log_files))

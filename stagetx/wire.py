@@ -346,41 +346,35 @@ class Link(protocol.Protocol):
         self.transport.write(_LEN.pack(len(payload)) + payload)
 
 
-class LinkServerFactory(protocol.Factory):
+class _LinkFactory:
+    """What both ends' factories share: the settings, and building a ``Link`` in a role."""
+
+    role: bytes
+
+    def __init__(
+        self,
+        secret: bytes | str,
+        node_id: str,
+        handler: LinkHandler,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        clock: IReactorTime | None = None,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        self.settings = LinkSettings(secret, node_id, handler, max_frame, clock, handshake_timeout)
+
+    def buildProtocol(self, addr: IAddress) -> Link:
+        link = Link(self.settings, self.role)
+        link.factory = self
+        return link
+
+
+class LinkServerFactory(_LinkFactory, protocol.Factory):
     """Accepts links (TCP or UNIX); each connection is authenticated before use."""
 
-    def __init__(
-        self,
-        secret: bytes | str,
-        node_id: str,
-        handler: LinkHandler,
-        max_frame: int = DEFAULT_MAX_FRAME,
-        clock: IReactorTime | None = None,
-        handshake_timeout: float = 10.0,
-    ) -> None:
-        self.settings = LinkSettings(secret, node_id, handler, max_frame, clock, handshake_timeout)
-
-    def buildProtocol(self, addr: IAddress) -> Link:
-        link = Link(self.settings, _ROLE_SERVER)
-        link.factory = self
-        return link
+    role = _ROLE_SERVER
 
 
-class LinkClientFactory(protocol.ClientFactory):
+class LinkClientFactory(_LinkFactory, protocol.ClientFactory):
     """Opens links (for ``connectTCP``/``connectUNIX``, endpoints or ``ClientService``)."""
 
-    def __init__(
-        self,
-        secret: bytes | str,
-        node_id: str,
-        handler: LinkHandler,
-        max_frame: int = DEFAULT_MAX_FRAME,
-        clock: IReactorTime | None = None,
-        handshake_timeout: float = 10.0,
-    ) -> None:
-        self.settings = LinkSettings(secret, node_id, handler, max_frame, clock, handshake_timeout)
-
-    def buildProtocol(self, addr: IAddress) -> Link:
-        link = Link(self.settings, _ROLE_CLIENT)
-        link.factory = self
-        return link
+    role = _ROLE_CLIENT

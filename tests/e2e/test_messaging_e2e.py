@@ -6,7 +6,6 @@ in the third process. What the scripts observe they log; the tests read the serv
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -6,7 +6,6 @@ import pytest
 from twisted.internet.task import Clock
 
 from stagetx.routing.tickets import (
-    Accepted,
     Cancelled,
     Granted,
     Refused,
