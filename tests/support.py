@@ -135,6 +135,11 @@ class ServerProcess:
         for line in self.process.stdout:
             self.lines.append(line.rstrip("\n"))
 
+    def pids(self, group: int) -> list[int]:
+        """The pids ``#startup`` group ``group`` (0-based) was started with, in order."""
+        marker = f"group {group} started, pid "
+        return [int(line.split(marker)[1]) for line in list(self.lines) if marker in line]
+
     def logged(self, stage: str, prefix: str) -> list[list[str]]:
         """Tab-separated fields after ``prefix`` of each line stage ``stage`` logged with it."""
         marker = f"[stage.{stage}#"

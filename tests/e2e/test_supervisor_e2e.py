@@ -3,14 +3,12 @@ and ``twistd -n stage`` as an operator runs it (SPEC 1, 1.1)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,10 +22,10 @@ from twisted.logger import capturedLogs
 
 from stagetx.config import parse_config
 from stagetx.supervisor import Supervisor
+from tests.support import ServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = [sys.executable, str(Path(__file__).with_name("standin_child.py"))]
-REAL_CHILD = importlib.util.find_spec("stagetx.child") is not None
 
 
 def free_port() -> int:
@@ -123,59 +121,6 @@ def test_stop_kills_a_child_that_ignores_sigterm(app_dir: Path) -> Any:
     assert_gone(pid)
 
 
-class Twistd:
-    """``twistd -n stage -c CONFIG`` in a child process, its output collected by a thread."""
-
-    def __init__(self, config: Path) -> None:
-        if REAL_CHILD:
-            command = [str(Path(sys.executable).with_name("twistd"))]
-        else:  # stagetx.child not written yet: run twistd with the stand-in child
-            command = [
-                sys.executable,
-                "-c",
-                (
-                    "import sys, stagetx.supervisor as s; "
-                    f"s.CHILD_COMMAND = {tuple(STANDIN)!r}; "
-                    "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
-                ),
-            ]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.process = subprocess.Popen(
-            [*command, "-n", "--pidfile=", "stage", "-c", str(config)],
-            cwd=config.parent,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def pids(self, group: int) -> list[int]:
-        """The pids group ``group`` was started with, in order."""
-        marker = f"group {group} started, pid "
-        return [int(line.split(marker)[1]) for line in list(self.lines) if marker in line]
-
-    def wait_for(self, condition: Callable[[], bool], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert self.process.poll() is None, "\n".join(self.lines)
-            assert time.monotonic() < deadline, "\n".join(self.lines[-50:])
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
-        self._reader.join(10)
-
-
 def test_twistd_runs_restarts_and_stops_its_children(app_dir: Path) -> None:
     config = app_dir / "stage.json"
     config.write_text(
@@ -186,7 +131,7 @@ def test_twistd_runs_restarts_and_stops_its_children(app_dir: Path) -> None:
             }
         )
     )
-    twistd = Twistd(config)
+    twistd = ServerProcess(config)
     try:
         twistd.wait_for(lambda: bool(twistd.pids(0) and twistd.pids(1)), 30)
         first, other = twistd.pids(0)[0], twistd.pids(1)[0]
@@ -199,9 +144,8 @@ def test_twistd_runs_restarts_and_stops_its_children(app_dir: Path) -> None:
         os.kill(second, 0)
         assert twistd.pids(1) == [other]
         stopping = time.monotonic()
-        twistd.process.send_signal(signal.SIGTERM)
         # SIGTERM is the graceful stop: twistd drains and exits 0 (docs/operations.md)
-        assert twistd.process.wait(30) == 0
+        assert twistd.stop(30) == 0
         assert time.monotonic() - stopping < 15
     finally:
         twistd.stop()
