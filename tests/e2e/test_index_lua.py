@@ -7,14 +7,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ServerProcess
+
 WAIT = 30.0
-TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 WRITE = """
 stage.waitfor("got", function(r)
@@ -53,24 +50,12 @@ def run_server(tmp_path: Path, script: str, pattern: str) -> str:
     }
     path = tmp_path / "stage.json"
     path.write_text(json.dumps(config))
-    proc = subprocess.Popen(
-        [TWISTD, "-n", "--pidfile=", "stage", "-c", str(path)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    assert proc.stdout is not None
-    os.set_blocking(proc.stdout.fileno(), False)
-    out = ""
-    deadline = time.monotonic() + WAIT
+    server = ServerProcess(path)
     try:
-        while time.monotonic() < deadline and not re.search(pattern, out):
-            try:
-                out += os.read(proc.stdout.fileno(), 1 << 16).decode("utf-8", "replace")
-            except BlockingIOError:
-                time.sleep(0.05)
+        server.wait_for(lambda: re.search(pattern, "\n".join(server.lines)) is not None, WAIT, pattern)
     finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-    return out
+        server.stop()
+    return "\n".join(server.lines)
 
 
 def test_a_lua_stage_in_another_process_sets_and_reads_ranks_that_survive_a_restart(tmp_path: Path) -> None:

@@ -7,16 +7,12 @@ the supervisor's relayed log. Bounded: every run stops after its expected lines 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ServerProcess
+
 WAIT = 30.0
-TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 SUBSCRIBER = """
 stage.waitfor("route:@", function(key, token)
@@ -69,28 +65,16 @@ def run_server(tmp_path: Path, expect: dict[str, int]) -> str:
     }
     path = tmp_path / "stage.json"
     path.write_text(json.dumps(config))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [TWISTD, "-n", "--pidfile=", "stage", "-c", str(path)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    os.set_blocking(fd, False)
-    out = ""
-    deadline = time.monotonic() + WAIT
+    server = ServerProcess(path)
     try:
-        while time.monotonic() < deadline:
-            try:
-                out += os.read(fd, 1 << 16).decode("utf-8", "replace")
-            except BlockingIOError:
-                time.sleep(0.05)
-            if all(len(re.findall(p, out)) >= n for p, n in expect.items()):
-                break
+        server.wait_for(
+            lambda: all(len(re.findall(p, "\n".join(server.lines))) >= n for p, n in expect.items()),
+            WAIT,
+            "every expected line",
+        )
     finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-    return out
+        server.stop()
+    return "\n".join(server.lines)
 
 
 def test_route_and_ticket_across_processes(tmp_path: Path) -> None:
