@@ -92,6 +92,14 @@ def test_text_frames_are_lines_with_optional_cr() -> None:
         f.encode({"a": 1})
 
 
+def test_a_full_size_line_may_wait_for_the_newline_after_its_cr() -> None:
+    f = TextFraming(10, 10)
+    assert f.split(b"x" * 10 + b"\r") == ([], b"x" * 10 + b"\r")  # IN + 1 bytes kept, legally
+    assert f.split(b"x" * 10 + b"\r\n") == ([b"x" * 10], b"")
+    with pytest.raises(FrameTooLarge):
+        f.split(b"x" * 11 + b"\r")
+
+
 def test_bson_documents_decode_to_plain_data_never_code() -> None:
     f = BsonFraming(1000, 1000)
     doc = bson.encode({"n": 1, "s": "x", "l": [1, {"b": b"\xff"}], "js": bson.Code("os.exit()"), "big": bson.Int64(5)})
