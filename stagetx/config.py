@@ -64,6 +64,9 @@ class ClusterConfig:
     peers: tuple[HostPort, ...] = ()
     backups: tuple[HostPort, ...] = ()
     discovery: tuple[HostPort, ...] = ()
+    listen_host: str = "127.0.0.1"  # the interface the cluster port binds to
+    advertise: str | None = None  # "host:port" other servers reach this one at (default: listen)
+    queue: int = 10_000  # frames kept per peer while it has no link
 
 
 @attrs.frozen
@@ -169,6 +172,9 @@ def parse_config(raw: Mapping[str, Any], base_dir: str) -> ServerConfig:
 
     if "#startup" not in settings:
         raise ConfigError("#startup: missing (which stages run in which process)")
+    cluster = settings.get("#cluster", ClusterConfig())
+    if cluster.listen is not None and not _is_loopback(cluster.listen_host) and "#secret" not in settings:
+        raise ConfigError("#cluster: listening beyond loopback needs #secret (shared by the cluster's servers)")
     definitions = _Definitions(top, base_dir, notices)
     startup = definitions.startup(top["#startup"][1])
     return ServerConfig(
@@ -177,7 +183,7 @@ def parse_config(raw: Mapping[str, Any], base_dir: str) -> ServerConfig:
         startup=startup,
         services=settings.get("#services", ()),
         router=settings.get("#router", DEFAULT_ROUTER),
-        cluster=settings.get("#cluster", ClusterConfig()),
+        cluster=cluster,
         threads=settings.get("#threads", DEFAULT_THREADS),
         secret=settings.get("#secret"),
         log=settings.get("#log", {}),
@@ -263,6 +269,13 @@ def parse_host_port(text: Any, path: str) -> HostPort:
     raise ConfigError(f'{path}: bad address {json.dumps(text)} (expected "host:port")')
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -316,6 +329,7 @@ def _cluster(value: Any, path: str, base_dir: str) -> ClusterConfig:
     if not isinstance(value, list):
         raise ConfigError(f"{path}: expected a list")
     listen: int | None = None
+    settings: dict[str, Any] = {}
     peers: list[HostPort] = []
     backups: list[HostPort] = []
     discovery: list[HostPort] = []
@@ -327,6 +341,10 @@ def _cluster(value: Any, path: str, base_dir: str) -> ClusterConfig:
             if not 0 < entry < 65536:
                 raise ConfigError(f"{where}: port out of range: {entry}")
             listen = entry
+        elif isinstance(entry, dict):
+            if listen is not None:
+                raise ConfigError(f"{where}: a second listening port ({listen} is already set)")
+            listen, settings = _cluster_settings(entry, where)
         elif isinstance(entry, str) and entry.startswith("udp://"):
             group = parse_host_port(entry[len("udp://") :], where)
             try:
@@ -340,7 +358,28 @@ def _cluster(value: Any, path: str, base_dir: str) -> ClusterConfig:
             backups.append(parse_host_port(entry[1:], where))
         else:
             peers.append(parse_host_port(entry, where))
-    return ClusterConfig(listen, tuple(peers), tuple(backups), tuple(discovery))
+    return ClusterConfig(listen, tuple(peers), tuple(backups), tuple(discovery), **settings)
+
+
+def _cluster_settings(entry: dict[str, Any], where: str) -> tuple[int | None, dict[str, Any]]:
+    """``{"listen": "HOST:PORT", "advertise": "HOST:PORT", "queue": N}`` (stagetx addition)."""
+    unknown = sorted(set(entry) - {"listen", "advertise", "queue"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting {json.dumps(unknown[0])} (listen, advertise, queue)")
+    settings: dict[str, Any] = {}
+    listen = None
+    if "listen" in entry:
+        address = parse_host_port(entry["listen"], f"{where}.listen")
+        listen, settings["listen_host"] = address.port, address.host
+    if "advertise" in entry:
+        settings["advertise"] = str(parse_host_port(entry["advertise"], f"{where}.advertise"))
+    elif settings.get("listen_host") in ("0.0.0.0", "::", ""):
+        raise ConfigError(f"{where}.advertise: needed when listening on every interface")
+    if "queue" in entry:
+        if not _is_int(entry["queue"]) or entry["queue"] < 1:
+            raise ConfigError(f"{where}.queue: expected a positive integer")
+        settings["queue"] = entry["queue"]
+    return listen, settings
 
 
 def _secret(value: Any, path: str, base_dir: str) -> str:

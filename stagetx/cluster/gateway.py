@@ -32,17 +32,13 @@ from stagetx.address import Scope, ToStage
 from stagetx.cluster.directory import Directory, OverloadGate, Peer, Routes
 from stagetx.cluster.discovery import Discovery
 from stagetx.cluster.peers import PeerLinks
-from stagetx.config import ServerConfig
+from stagetx.config import HostPort, ServerConfig
 from stagetx.message import Sender
 from stagetx.router import Links, Result, Router
 from stagetx.wire import Link
 
 #: The largest frame between servers.
 MAX_FRAME = 16 * 1024 * 1024
-#: Frames kept per peer while it has no link, unless the config's ``"cluster_queue"`` says otherwise.
-QUEUE_LIMIT = 10_000
-#: Servers bind their cluster port on this address (security default: this machine only).
-LISTEN_HOST = "127.0.0.1"
 GATEWAY_GROUP = 0
 
 
@@ -105,10 +101,9 @@ class ClusterGateway(MultiService):
         self.interval = sync_ms / 3000.0
         self.directory = Directory(self.server_id, sync_ms / 1000.0, now, [str(b) for b in cluster.backups])
         self.gate = OverloadGate(overload_ms / 1000.0)
-        self.addr = f"{LISTEN_HOST}:{cluster.listen}" if cluster.listen else ""
-        queue_limit = config.values.get("cluster_queue", QUEUE_LIMIT)
-        listen = (LISTEN_HOST, cluster.listen) if cluster.listen else None
-        self.peers = PeerLinks(self.server_id, secret, listen, self, reactor, MAX_FRAME, int(queue_limit), now)
+        listen = (cluster.listen_host, cluster.listen) if cluster.listen else None
+        self.addr = (cluster.advertise or str(HostPort(*listen))) if listen else ""
+        self.peers = PeerLinks(self.server_id, secret, listen, self, reactor, MAX_FRAME, cluster.queue, now)
         self.peers.setServiceParent(self)
         self.static = [str(a) for a in (*cluster.peers, *cluster.backups)]
         self.discovery: Discovery | None = None

@@ -33,9 +33,8 @@ def gateway(tmp_path: Path, queue: int = 100, startup: list[list[str]] | None = 
     raw = {
         "#startup": startup or [["=lua+a"]],
         "#router": [1500, 900],
-        "#cluster": [7001, "=127.0.0.1:7009"],
+        "#cluster": [{"listen": "127.0.0.1:7001", "queue": queue}, "=127.0.0.1:7009"],
         "=lua": {"=lua+a": "a"},
-        "cluster_queue": queue,
     }
     config = parse_config(raw, str(tmp_path))
     clock = Clock()

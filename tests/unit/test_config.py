@@ -328,6 +328,22 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
     ),
     ({"#startup": [["=index+a"]], "#cluster": [70000]}, "#cluster[0]: port out of range: 70000"),
     (
+        {"#startup": [["=index+a"]], "#cluster": [{"listen": "0.0.0.0:9000"}], "#secret": "s"},
+        "#cluster[0].advertise: needed when listening on every interface",
+    ),
+    (
+        {"#startup": [["=index+a"]], "#cluster": [{"listen": "10.1.2.3:9000"}]},
+        "#cluster: listening beyond loopback needs #secret (shared by the cluster's servers)",
+    ),
+    (
+        {"#startup": [["=index+a"]], "#cluster": [{"listen": "127.0.0.1:9000", "queue": 0}]},
+        "#cluster[0].queue: expected a positive integer",
+    ),
+    (
+        {"#startup": [["=index+a"]], "#cluster": [{"port": 9000}]},
+        '#cluster[0]: unknown setting "port" (listen, advertise, queue)',
+    ),
+    (
         {"#startup": [["=index+a"]], "#cluster": ["udp://10.0.0.1:7000"]},
         '#cluster[0]: "10.0.0.1" is not a multicast group address',
     ),
@@ -428,3 +444,17 @@ def test_default_config_of_the_repository_is_valid() -> None:
         "=index+rank", "=route+route", "=ticket+ticket", "=lua+front", "=lua+front"
     ]
     assert config.stages[-1].main == str(repo / "lua" / "front.lua")
+
+
+def test_cluster_listen_settings(app_dir: Path) -> None:
+    raw = {
+        "#startup": [["=index+rank"]],
+        "#secret": "shared",
+        "#cluster": [{"listen": "0.0.0.0:9000", "advertise": "game1.example:9000", "queue": 500}],
+    }
+    cluster = parse(raw, app_dir).cluster
+    assert (cluster.listen, cluster.listen_host, cluster.advertise, cluster.queue) == (
+        9000, "0.0.0.0", "game1.example:9000", 500
+    )
+    plain = parse({"#startup": [["=index+rank"]], "#cluster": [9000]}, app_dir).cluster
+    assert (plain.listen, plain.listen_host, plain.advertise, plain.queue) == (9000, "127.0.0.1", None, 10_000)
