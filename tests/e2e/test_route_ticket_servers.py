@@ -1,7 +1,8 @@
 """Route and ticket stages with subscribers and requesters on another server (real ``twistd`` servers).
 
-Server A hosts ``=route+route`` and ``=ticket+ticket`` in its gateway process (group 0), a
-publisher/requester ``pa`` and a subscriber ``sa`` in other processes. Server B, linked to A
+Server A hosts ``=ticket+ticket`` in its gateway process (group 0), ``=route+route`` in a
+second process (so its frames to and from B take the gateway hop), and a publisher/requester
+``pa`` and a subscriber ``sa`` in processes of their own. Server B, linked to A
 through ``#cluster`` on loopback, hosts a subscriber ``sb`` (in its gateway process) and a
 requester ``rb`` (in another process, so its frames also cross B's gateway hop). The Lua stages
 log what they see; the tests read both servers' output. Every wait is bounded.
@@ -108,7 +109,9 @@ def _app(root: Path, name: str, config: dict[str, Any], scripts: dict[str, str])
     return write_app(root / name, full, scripts)
 
 
-def _apps(root: Path) -> tuple[Path, Path]:
+def _apps(root: Path, extra_b: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """A and B as described in the module doc; ``extra_b``: more Lua stages on B (name: script)."""
+    extra_b = extra_b or {}
     port_a, port_b = free_port(), free_port()
     worker = WORKER.replace("BURST", str(BURST))
     path_a = _app(
@@ -116,7 +119,7 @@ def _apps(root: Path) -> tuple[Path, Path]:
         "a",
         {
             "#cluster": [port_a],
-            "#startup": [["=route+route", "=ticket+ticket"], ["=lua+pa"], ["=lua+sa"]],
+            "#startup": [["=ticket+ticket"], ["=route+route"], ["=lua+pa"], ["=lua+sa"]],
             "=route+route": {"offer_ms": 1000},
             "=ticket+ticket": [1000, {"db": 2, "ext": 1}],
             "=lua+pa": _lua("pa", "pa"),
@@ -129,11 +132,12 @@ def _apps(root: Path) -> tuple[Path, Path]:
         "b",
         {
             "#cluster": [port_b, f"127.0.0.1:{port_a}"],
-            "#startup": [["=lua+sb"], ["=lua+rb"]],
+            "#startup": [["=lua+sb"], ["=lua+rb", *(f"=lua+{n}" for n in extra_b)]],
             "=lua+sb": _lua("sb", "sub"),
             "=lua+rb": _lua("rb", "rb"),
+            **{f"=lua+{n}": _lua(n, n) for n in extra_b},
         },
-        {"rb": worker + REQUESTER, "sub": SUBSCRIBER},
+        {"rb": worker + REQUESTER, "sub": SUBSCRIBER, **extra_b},
     )
     return path_a, path_b
 
@@ -237,3 +241,50 @@ def test_a_callback_on_b_extends_its_hold_and_sees_its_ticket(pair: Any) -> None
     # the one slot was held 2 s (signal(nil, 2000) from B), not hold_ms = 1 s
     assert float(after_at) - float(long_at) >= 1.9
     assert b.logged("rb", "GO") == [["nil"]]
+
+
+# -- the server holding the route and ticket stages goes down and comes back ----------------------
+
+PROBE = """
+local i = 0
+stage.waitfor("probed", function(n) log4cxx.info("PROBED", n, tostring(_TICKET)) end)
+stage.addtask(100, function()
+  i = i + 1
+  local ok, why = stage.signal("ticket:db=probed", i)
+  log4cxx.info("TRY", i, tostring(ok), tostring(why))
+  return 100
+end)
+"""
+
+
+def test_requests_fail_while_the_ticket_server_is_down_and_work_again_after_its_restart(tmp_path: Path) -> None:
+    path_a, path_b = _apps(tmp_path, {"probe": PROBE})
+
+    def probed() -> list[int]:
+        return [int(r[0]) for r in b.logged("probe", "PROBED")]
+
+    def tries() -> list[list[str]]:
+        return b.logged("probe", "TRY")
+
+    with ServerProcess(path_b) as b:
+        with ServerProcess(path_a) as a:
+            b.wait_for(lambda: len(probed()) >= 3, WAIT, "tickets for B before the stop")
+            a.wait_for(lambda: ["pa", "by-sb"] in a.logged("pa", "ANSWER"), WAIT, "a route delivery to B")
+        stopped = len(tries())
+        # within sync_ms the requests wait in the gone server's queue; then its routing is removed
+        b.wait_for(
+            lambda: ["false", "unknown stage 'ticket'"] in [r[1:] for r in tries()[stopped:]],
+            WAIT,
+            "requests refused once A's routing is removed",
+        )
+        refused = len(tries())
+        with ServerProcess(path_a) as a:
+            b.wait_for(lambda: any(n > refused for n in probed()), WAIT, "tickets again after A's restart")
+            # subscribers are back through their next route:@ (registration sent as keep-alive)
+            a.wait_for(lambda: ["pa", "by-sb"] in a.logged("pa", "ANSWER"), WAIT, "a route delivery after the restart")
+            a.wait_for(lambda: len(a.logged("pa", "FAILED")) >= 1, WAIT, "fail callbacks after the restart")
+            assert a.logged("pa", "FAILED") == [["pa", "route:chat?nobody!failed", "to-none"]]
+    lost = [int(r[0]) for r in tries()[stopped:refused] if r[1] == "true"]
+    # what waited for the old server (a new server id after its restart) was dropped, not granted
+    assert not set(lost) & set(probed())
+    assert any("routing removed" in line for line in b.lines)
