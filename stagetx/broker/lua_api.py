@@ -12,6 +12,11 @@ close, signal) is checked and encoded there, then handed to the reactor with ``c
 so the calls of one thread arrive in order. ``broker.submit`` queues a ``SocketJob`` on the
 process's keyed queue (``stagetx.lua.workers``) with the socket as its key.
 
+A reload of the stage (``Stage.reload``) does not close the stage's endpoints: the stopper parks
+them in a ``stagetx.broker.reload.Kept`` (``Stage.handover["broker"]``), which the next runtime's
+``BrokerAPI`` takes: its ``broker.ready``/``broker.join`` claim the kept endpoints of the same
+address, and ``Kept.finish`` offers their sockets to the new callbacks.
+
 Values: frames reach Lua as strings (``packet``, ``text``) or tables (``bson``); a value to send
 is a string or number, or a table on a ``bson`` socket. Addresses are packed strings (see
 ``stagetx.broker.addresses``).
@@ -37,7 +42,9 @@ from stagetx.broker.sockets import (
     listen_tcp,
     listen_udp,
     registry_for,
+    url_text,
 )
+from stagetx.broker.reload import Kept, worth_keeping
 from stagetx.codec import CodecError, pack_lua, pack_py, unpack_lua, unpack_py
 from stagetx.lua.api import lua_text, text
 from stagetx.lua.sandbox import on_new_sandbox
@@ -54,10 +61,18 @@ _SCRIPT = resources.files("stagetx.broker").joinpath("broker.lua").read_bytes()
 
 def install(stage: Any) -> None:
     """Add the ``broker`` global to ``stage``'s main runtime and its sandboxes; its endpoints close
-    when the stage stops."""
-    api = BrokerAPI(stage.vm, stage.context.process, stage.context.log, stage.context.clock)
+    when the stage stops, and are kept for the next runtime when it reloads."""
+    kept = stage.handover.get("broker")
+    api = BrokerAPI(stage.vm, stage.context.process, stage.context.log, stage.context.clock, kept=kept)
     api.socket = _load(stage.vm, api.host())
-    stage.on_stop(api.shutdown)
+
+    def stop() -> Any:
+        if stage.reloading:
+            stage.handover["broker"] = api.detach()
+            return None
+        return api.shutdown()
+
+    stage.on_stop(stop)
     on_new_sandbox(stage, api.install_sandbox)
 
 
@@ -123,7 +138,7 @@ class LuaHandler:
         sock.state = None
 
     def failed(self, endpoint: Endpoint, reason: str) -> None:
-        self.api.log.warn("broker.join {url}: {reason}", url=_url_text(endpoint), reason=reason)
+        self.api.log.warn("broker.join {url}: {reason}", url=url_text(endpoint.url), reason=reason)
         self.api.endpoints.pop(endpoint.id, None)
         if self.on_close is not None:
             self.api.vm.call("broker close", self.on_close, None, lua_text(reason))
@@ -194,7 +209,9 @@ class _Reads:
 class BrokerAPI(_Reads):
     """The host callables behind one stage's ``broker`` table (reactor thread only)."""
 
-    def __init__(self, vm: LuaVM, process: Any, log: Logger, clock: Any, reactor: Any = None) -> None:
+    def __init__(
+        self, vm: LuaVM, process: Any, log: Logger, clock: Any, reactor: Any = None, kept: Kept | None = None
+    ) -> None:
         self.vm = vm
         self.log = log
         self.clock = clock
@@ -204,6 +221,7 @@ class BrokerAPI(_Reads):
         self.endpoints: dict[int, Endpoint] = {}
         self.socket: Any = None  # broker.lua's socket table maker of the main runtime
         self._workers: Workers | None = None
+        self.kept = kept  # the endpoints the previous runtime left (a reload), until claimed
 
     def host(self) -> dict[str, Any]:
         return {
@@ -229,20 +247,26 @@ class BrokerAPI(_Reads):
         sandbox.extensions["broker"] = broker
 
     # -- endpoints --------------------------------------------------------------------------------
-    def _endpoint(self, url: bytes, f: Any, schemes: tuple[str, ...], what: str) -> Endpoint:
+    def _endpoint(self, url: bytes, f: Any, schemes: tuple[str, ...], what: str) -> tuple[Endpoint, bool]:
+        """A new endpoint for ``url`` with ``f`` as its accept callback, or the one of that address
+        the previous runtime left (a reload; then True: it listens, or is connected, already)."""
         parsed = parse_url(text(url))
         if parsed.scheme not in schemes:
             raise BrokerAddressError(f"{what}: {parsed.scheme}:// is not supported here")
         handler = LuaHandler(self, f)
-        endpoint = Endpoint(parsed, handler, self.registry, self.clock)
+        kept = self.kept.claim(parsed, what == "broker.join", handler) if self.kept is not None else None
+        endpoint = kept if kept is not None else Endpoint(parsed, handler, self.registry, self.clock)
         handler.endpoint = endpoint
-        return endpoint
+        self.endpoints[endpoint.id] = endpoint
+        return endpoint, kept is not None
 
     def ready(self, url: bytes, f: Any) -> tuple[Any, ...]:
-        """``broker.ready``: listen (TCP) or bind (UDP); returns the endpoint id."""
+        """``broker.ready``: listen (TCP) or bind (UDP), or take over the listener of that address
+        the previous runtime left; returns the endpoint id."""
         try:
-            endpoint = self._endpoint(url, f, ("tcp", "udp"), "broker.ready")
-            self.endpoints[endpoint.id] = endpoint
+            endpoint, kept = self._endpoint(url, f, ("tcp", "udp"), "broker.ready")
+            if kept:
+                return (endpoint.id,)
             if endpoint.url.scheme == "udp":
                 listen_udp(self.reactor, endpoint)
             else:
@@ -254,13 +278,14 @@ class BrokerAPI(_Reads):
         return (endpoint.id,)
 
     def join(self, url: bytes, f: Any) -> tuple[Any, ...]:
-        """``broker.join``: connect (TCP); ``f`` is called once connected."""
+        """``broker.join``: connect (TCP), or take over the connection to that address the previous
+        runtime left; ``f`` is called once connected."""
         try:
-            endpoint = self._endpoint(url, f, ("tcp",), "broker.join")
+            endpoint, kept = self._endpoint(url, f, ("tcp",), "broker.join")
         except BrokerAddressError as err:
             return None, lua_text(f"broker.join: {err}")
-        self.endpoints[endpoint.id] = endpoint
-        connect_tcp(self.reactor, endpoint)
+        if not kept:
+            connect_tcp(self.reactor, endpoint)
         return (endpoint.id,)
 
     def get(self, eid: int, key: bytes) -> Any:
@@ -379,6 +404,15 @@ class BrokerAPI(_Reads):
         endpoints, self.endpoints = list(self.endpoints.values()), {}
         return DeferredList([maybeDeferred(e.shutdown) for e in endpoints])
 
+    def detach(self) -> Kept:
+        """The stage reloads: park the endpoints worth keeping for the next runtime, close the rest."""
+        endpoints, self.endpoints = list(self.endpoints.values()), {}
+        kept = [e for e in endpoints if worth_keeping(e)]
+        for endpoint in endpoints:
+            if endpoint not in kept:
+                endpoint.shutdown()
+        return Kept(kept, self.log)
+
     def to_lua(self, value: Data) -> Any:
         return unpack_lua(self.vm, pack_py((value,)))[0]
 
@@ -496,7 +530,3 @@ def _address_text(packed: bytes) -> str:
     except BrokerAddressError:
         return repr(packed)
 
-
-def _url_text(endpoint: Endpoint) -> str:
-    url = endpoint.url
-    return f"{url.scheme}://{addresses.text(url.host, url.port)}"

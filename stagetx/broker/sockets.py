@@ -5,6 +5,10 @@ Nothing here knows Lua. An ``Endpoint`` (what ``broker.ready``/``broker.join`` m
 of each decoded frame, and of each close. Sockets are small slotted objects kept in the
 process's ``Registry`` by id, so any stage or sandbox of the process can find one by its id.
 Idle expiry is one sweep per endpoint, not one timer per connection, to keep idle sockets cheap.
+
+Across a reload of its stage (docs/operations.md) an endpoint is *parked*: it stops reading (its
+port and every socket), so what clients send waits in the kernel, in order, bounded by the TCP
+window; then ``resume`` offers its sockets to the new runtime's handler and reads again.
 """
 
 from __future__ import annotations
@@ -41,6 +45,32 @@ class Handler(Protocol):
 
     def failed(self, endpoint: Endpoint, reason: str) -> None:
         """``broker.join`` could not connect."""
+
+
+class Parked:
+    """The handler of a parked endpoint: keeps the sockets that connect meanwhile, holds frames.
+
+    Reading is paused, so frames arrive here only from a read the reactor had already begun
+    (at most one read per socket); a socket that closes meanwhile goes without a close callback.
+    """
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.frames: dict[int, list[tuple[Data, bytes | None]]] = {}
+
+    def accepted(self, sock: Socket) -> bool:
+        _pause(sock.transport)
+        return True
+
+    def received(self, sock: Socket, value: Data, addr: bytes | None) -> None:
+        self.frames.setdefault(sock.id, []).append((value, addr))
+
+    def closed(self, sock: Socket) -> None:
+        self.frames.pop(sock.id, None)
+        log.info("broker socket {sid} ({peer}) closed during a reload", sid=sock.id, peer=sock.peer_text())
+
+    def failed(self, endpoint: Endpoint, reason: str) -> None:
+        log.warn("broker.join {url} failed during a reload: {reason}", url=url_text(endpoint.url), reason=reason)
 
 
 class Registry:
@@ -95,17 +125,23 @@ class Endpoint:
 
     def set_expire(self, ms: float) -> None:
         """Close sockets idle for ``ms`` (0 or less: never); checked every eighth of that time."""
-        if self._sweeper is not None and self._sweeper.running:
-            self._sweeper.stop()
-        self._sweeper = None
+        self._stop_sweeper()
         self.expire = max(ms, 0) / 1000.0
         if self.expire:
             now = self.clock.seconds()
             for sock in self.sockets.values():
                 sock.last = now
-            self._sweeper = LoopingCall(self._sweep)
-            self._sweeper.clock = self.clock
-            self._sweeper.start(max(self.expire / 8, 0.005), now=False)
+            self._start_sweeper()
+
+    def _start_sweeper(self) -> None:
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = self.clock
+        self._sweeper.start(max(self.expire / 8, 0.005), now=False)
+
+    def _stop_sweeper(self) -> None:
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self._sweeper = None
 
     def _sweep(self) -> None:
         limit = self.clock.seconds() - self.expire
@@ -128,15 +164,46 @@ class Endpoint:
             self.registry.sockets.pop(sock.id, None)
             self.handler.closed(sock)
 
+    def park(self) -> Parked:
+        """Stop reading and expiring until ``resume``; the owner's handler is let go (a reload).
+
+        Each socket's ``state`` (the old owner's value) is dropped with it.
+        """
+        self._stop_sweeper()
+        parked = self.handler = Parked(self)
+        _pause(self.port)
+        for sock in self.sockets.values():
+            sock.state = None
+            _pause(sock.transport)
+        return parked
+
+    def resume(self, parked: Parked) -> None:
+        """Offer every socket to the current ``handler`` as if it had just connected (in id order),
+        hand it the frames ``parked`` held, then read and expire again. Idle time survives."""
+        handler = self.handler
+        for sock in sorted(self.sockets.values(), key=lambda s: s.id):
+            if not sock.connected:
+                continue
+            if not handler.accepted(sock):
+                sock.close()
+                continue
+            for value, addr in parked.frames.pop(sock.id, ()):
+                if not sock.connected:
+                    break
+                handler.received(sock, value, addr)
+            _resume(sock.transport)
+        _resume(self.port)
+        if self.expire and self._sweeper is None:
+            self._start_sweeper()
+
     def shutdown(self) -> Any:
         """Stop listening (or connecting) and close every socket; may return a Deferred."""
-        if self._sweeper is not None and self._sweeper.running:
-            self._sweeper.stop()
+        self._stop_sweeper()
         for sock in list(self.sockets.values()):
             sock.close()
         port, self.port = self.port, None
-        if port is None:
-            return None
+        if port is None or isinstance(getattr(port, "protocol", None), Datagram):
+            return None  # a UDP port stops with its Datagram (stopping it twice breaks Twisted's count)
         if hasattr(port, "stopListening"):
             return port.stopListening()
         port.disconnect()
@@ -319,6 +386,22 @@ class Datagram(protocol.DatagramProtocol):
 
 
 Socket = Union[Connection, Datagram]
+
+
+def _pause(transport: Any) -> None:
+    """Stop reading from a port or connection (not a connector: it has nothing to read)."""
+    if hasattr(transport, "pauseProducing"):
+        transport.pauseProducing()
+
+
+def _resume(transport: Any) -> None:
+    if hasattr(transport, "resumeProducing"):
+        transport.resumeProducing()
+
+
+def url_text(url: BrokerURL) -> str:
+    """``scheme://host:port`` of a broker URL, for log lines."""
+    return f"{url.scheme}://{addresses.text(url.host, url.port)}"
 
 
 def _packed_host(transport: Any) -> bytes:

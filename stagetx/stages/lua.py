@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall
@@ -33,6 +33,13 @@ from stagetx.message import Message, Sender
 MSGID_CACHE = 4096
 
 
+class Handover(Protocol):
+    """What an extension keeps from one runtime of a stage for the next (a reload), e.g. sockets."""
+
+    def finish(self) -> None:
+        """The new runtime's main script and ``on_reload`` ran (or failed): take up or release the rest."""
+
+
 class Stage:
     """A Lua stage (``config.type`` is ``lua`` or ``luajit``)."""
 
@@ -49,6 +56,8 @@ class Stage:
         self._stoppers: list[Callable[[], Any]] = []
         self._held: list[Message] | None = None  # messages that arrive while the runtime is rebuilt
         self.reloads = 0
+        # by extension: what the old runtime leaves the new one during a reload (broker sockets)
+        self.handover: dict[str, Handover] = {}
 
     def on_stop(self, stopper: Callable[[], Any]) -> None:
         """Run ``stopper`` when the stage stops (it may return a Deferred to wait for)."""
@@ -131,6 +140,11 @@ class Stage:
             self.log.error("on_unload: its value cannot be carried: {error}", error=str(err))
             return None
 
+    @property
+    def reloading(self) -> bool:
+        """True from ``reload()`` until the new runtime got the waiting messages."""
+        return self._held is not None
+
     def _restart(self, carried: bytes | None) -> None:
         try:
             self.start()
@@ -142,9 +156,14 @@ class Stage:
             self.reloads += 1
             self.log.info("stage {name} reloaded", name=self.config.name)
         finally:
-            held, self._held = self._held or [], None
-            for message in held:
-                self.receive(message)
+            try:
+                handover, self.handover = list(self.handover.values()), {}
+                for kept in handover:
+                    kept.finish()
+            finally:
+                held, self._held = self._held or [], None
+                for message in held:
+                    self.receive(message)
 
     def _run_script(self, path: str, where: str) -> Any:
         """Run one script file as a callback; returns its first result (None after an error)."""
