@@ -86,10 +86,15 @@ end)
 stage.waitfor("after", function()
   log4cxx.info("AFTER", string.format("%.6f", process.tick), tostring(_TICKET))
 end)
+stage.waitfor("via_addr", function()
+  log4cxx.info("VIA", tostring(_TICKET))
+  return 0  -- a number returned moves the end of the hold too: released now
+end)
 stage.waitfor("go", function()
   log4cxx.info("GO", tostring(_TICKET))  -- not a ticket callback: nil
   stage.signal("ticket:ext=long?fbx")
   stage.signal("ticket:ext=after?fbx")
+  stage.signal({"ticket:one=via_addr?fbx", "ADDR_A"})  -- the ticket stage of the server at ADDR_A
   stage.signal("route:chat?sa=answer!failed", "from-b")
   burst()
 end)
@@ -121,7 +126,7 @@ def _apps(root: Path, extra_b: dict[str, str] | None = None) -> tuple[Path, Path
             "#cluster": [port_a],
             "#startup": [["=ticket+ticket"], ["=route+route"], ["=lua+pa"], ["=lua+sa"]],
             "=route+route": {"offer_ms": 1000},
-            "=ticket+ticket": [1000, {"db": 2, "ext": 1}],
+            "=ticket+ticket": [1000, {"db": 2, "ext": 1, "one": 1}],
             "=lua+pa": _lua("pa", "pa"),
             "=lua+sa": _lua("sa", "sub"),
         },
@@ -137,7 +142,7 @@ def _apps(root: Path, extra_b: dict[str, str] | None = None) -> tuple[Path, Path
             "=lua+rb": _lua("rb", "rb"),
             **{f"=lua+{n}": _lua(n, n) for n in extra_b},
         },
-        {"rb": worker + REQUESTER, "sub": SUBSCRIBER, **extra_b},
+        {"rb": worker + REQUESTER.replace("ADDR_A", f"127.0.0.1:{port_a}"), "sub": SUBSCRIBER, **extra_b},
     )
     return path_a, path_b
 
@@ -153,6 +158,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Any:
         a.wait_for(lambda: ends(a, "pa") >= BURST, WAIT, "pa's ticket burst")
         b.wait_for(lambda: ends(b, "rb") >= BURST, WAIT, "rb's ticket burst")
         b.wait_for(lambda: len(b.logged("rb", "AFTER")) >= 1, WAIT, "the extended ticket's successor")
+        b.wait_for(lambda: len(b.logged("rb", "VIA")) >= 1, WAIT, "the ticket asked for by server address")
         a.wait_for(lambda: len(a.logged("pa", "ANSWER")) >= 3, WAIT, "answers to pa's publishes")
         a.wait_for(lambda: len(a.logged("pa", "FAILED")) >= 1, WAIT, "pa's fail callback")
         b.wait_for(lambda: len(b.logged("rb", "ANSWER")) >= 1, WAIT, "the answer to rb's publish")
@@ -241,6 +247,13 @@ def test_a_callback_on_b_extends_its_hold_and_sees_its_ticket(pair: Any) -> None
     # the one slot was held 2 s (signal(nil, 2000) from B), not hold_ms = 1 s
     assert float(after_at) - float(long_at) >= 1.9
     assert b.logged("rb", "GO") == [["nil"]]
+
+
+def test_a_request_to_the_ticket_stage_of_a_server_given_by_address(pair: Any) -> None:
+    _, b = pair
+    feedback = [r[1] for r in b.logged("rb", "FBX") if r[0] == "ticket:one=via_addr?fbx"]
+    assert len(feedback) == 2 and feedback[0].startswith("@") and feedback[1] == "true"
+    assert b.logged("rb", "VIA") == [[feedback[0]]]
 
 
 # -- the server holding the route and ticket stages goes down and comes back ----------------------
