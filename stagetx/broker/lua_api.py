@@ -33,6 +33,7 @@ from twisted.logger import Logger
 
 from stagetx.broker import addresses
 from stagetx.broker.framing import BrokerAddressError, Data, FrameError, FrameTooLarge, parse_url
+from stagetx.broker.reload import Kept, worth_keeping
 from stagetx.broker.sockets import (
     Datagram,
     Endpoint,
@@ -44,7 +45,6 @@ from stagetx.broker.sockets import (
     registry_for,
     url_text,
 )
-from stagetx.broker.reload import Kept, worth_keeping
 from stagetx.codec import CodecError, pack_lua, pack_py, unpack_lua, unpack_py
 from stagetx.lua.api import lua_text, text
 from stagetx.lua.sandbox import on_new_sandbox

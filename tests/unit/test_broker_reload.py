@@ -79,7 +79,7 @@ def connect(endpoint: Endpoint) -> Connection:
 
 
 def test_a_parked_endpoint_stops_reading_and_resume_offers_each_socket_in_order() -> None:
-    endpoint, clock = listener()
+    endpoint, _ = listener()
     a, b, c = connect(endpoint), connect(endpoint), connect(endpoint)
     a.state = "old runtime"
     parked = endpoint.park()
