@@ -65,10 +65,9 @@ class _Context:
 def _timed_messages(stage: Stage, context: _Context, requests: Callable[[int], Any], count: int, cap: float, per_turn: int = TURN) -> float:
     """Rate of ``stage.receive`` over ``count`` messages, ``per_turn`` of them per reactor turn.
 
-    A turn ends as the reactor ends it: the stage's delayed ``flush`` runs (one log write, then
-    the replies). Payloads are packed outside the timing.
+    A turn ends as the router ends it: ``turn_ended`` (one log write, then the replies).
+    Payloads are packed outside the timing.
     """
-    clock = context.clock
     spent = 0.0
     done = 0
     while done < count and spent < cap:
@@ -79,7 +78,7 @@ def _timed_messages(stage: Stage, context: _Context, requests: Callable[[int], A
         for start in range(0, len(batch), per_turn):
             for message in batch[start : start + per_turn]:
                 stage.receive(message)
-            clock.advance(0)
+            stage.turn_ended()
         spent += time.perf_counter() - started
         done += len(batch)
     assert context.replies == done, "every message was answered"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
@@ -24,6 +25,50 @@ Key = tuple[Score, int, bytes]
 TierState = Optional[tuple[Score, int]]
 
 
+class Ranking(SortedList):  # type: ignore[misc]
+    """A ``SortedList`` whose insertions report where the key landed.
+
+    A score change is a removal, an insertion and a rank lookup; the lookup would search for the
+    key the insertion just placed. ``insert`` and ``move`` keep the insertion's position instead,
+    which saves two of the six binary searches of an update. They use the sublist layout of
+    sortedcontainers 2.x (``_lists``, ``_maxes``, ``_expand``, ``_delete``, ``_loc``) exactly as
+    its own ``add`` and ``remove`` do; ``tests/unit/test_index_board.py`` checks them against
+    plain ``add``/``remove``/``bisect_left`` on every sublist split and merge.
+    """
+
+    def insert(self, key: Key) -> int:
+        """Add ``key`` (not present); its 0-based position in ascending order."""
+        lists = self._lists
+        maxes = self._maxes
+        if not maxes:
+            lists.append([key])
+            maxes.append(key)
+            self._len += 1
+            return 0
+        pos = bisect_right(maxes, key)
+        if pos == len(maxes):
+            pos -= 1
+            sub = lists[pos]
+            idx = len(sub)
+            sub.append(key)
+            maxes[pos] = key
+        else:
+            sub = lists[pos]
+            idx = bisect_right(sub, key)
+            sub.insert(idx, key)
+        self._len += 1
+        self._expand(pos)
+        # _loc is "keys in the sublists before pos, plus idx": still right when _expand split
+        # ``sub`` and idx now points into the new sublist after it
+        return self._loc(pos, idx)
+
+    def move(self, old: Key, new: Key) -> int:
+        """Replace ``old`` (present) by ``new``; the 0-based position of ``new``."""
+        pos = bisect_left(self._maxes, old)
+        self._delete(pos, bisect_left(self._lists[pos], old))
+        return self.insert(new)
+
+
 class Tier:
     """The ranked members of one tier."""
 
@@ -31,7 +76,7 @@ class Tier:
 
     def __init__(self) -> None:
         self.keys: dict[bytes, Key] = {}
-        self.order: SortedList = SortedList()
+        self.order: Ranking = Ranking()
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -121,10 +166,10 @@ class Board:
             self.next_seq = seq - 1
         return changed
 
-    def set_one(self, member: bytes, number: int, score: Score, value: Any, has_value: bool) -> Key | None:
+    def set_one(self, member: bytes, number: int, score: Score, value: Any, has_value: bool) -> int:
         """``set`` for one score in tier ``number``: the request fast path, no mapping or set built.
 
-        Returns the member's new key in that tier, or None when the score did not change.
+        Returns the member's new rank in that tier, or 0 when the score did not change.
         """
         values = self.values
         if has_value:
@@ -133,17 +178,21 @@ class Board:
             values[member] = None
         tier = self.tiers[number - 1]
         keys = tier.keys
+        order = tier.order
         old = keys.get(member)
-        if old is not None:
-            if old[0] == score:
-                return None
-            member = old[2]  # keep one bytes object per member alive, not one per update
-            tier.order.remove(old)
         seq = self.next_seq
-        self.next_seq = seq - 1
+        if old is None:
+            key = keys[member] = (score, seq, member)
+            self.next_seq = seq - 1
+            position = order.insert(key)
+            return len(order) - position
+        if old[0] == score:
+            return 0
+        member = old[2]  # keep one bytes object per member alive, not one per update
         key = keys[member] = (score, seq, member)
-        tier.order.add(key)
-        return key
+        self.next_seq = seq - 1
+        position = order.move(old, key)
+        return len(order) - position
 
     def delete(self, member: bytes) -> bool:
         """Remove ``member`` from every tier; False when it was not there."""
@@ -167,6 +216,10 @@ class Board:
         value = self.values.get(member, _ABSENT)
         if value is _ABSENT:
             return (name, member)
+        tiers = self.tiers
+        if not (tiers[1].keys or tiers[2].keys or tiers[3].keys):  # only tier 1 in use: most boards
+            key = tiers[0].keys.get(member)
+            return (name, member, value) if key is None else (name, member, value, (key[0], key[1]))
         states: list[Any] = [name, member, value]
         last = 3
         for tier in self.tiers:

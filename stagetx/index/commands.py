@@ -102,6 +102,10 @@ class Executor:
                 if type(command) is RequestError:
                     return {key: {"error": str(command)}}
                 try:
+                    if command.op == b"set" and type(argument) is dict and len(argument) == 1:  # type: ignore[union-attr]
+                        fast = self._set_one(command, argument)  # type: ignore[arg-type]
+                        if fast is not None:
+                            return {key: fast}
                     return {key: self._handlers[command.op](command, argument)}  # type: ignore[union-attr]
                 except RequestError as error:
                     return {key: {"error": str(error)}}
@@ -183,19 +187,17 @@ class Executor:
             kind = type(score)
             if kind is not int and (kind is not float or score != score):  # a float NaN is refused
                 return None
-            member = self._member(member)
+            if not 0 < len(member) <= self.key_size:
+                member = self._member(member)  # raises the right error
             value = spec[b"v"] if has_value else None
             if has_value:
                 self.boards.check_value(value)
             name = command.name
             board = self.boards.board(name, True)
             assert board is not None
-            key = board.set_one(member, command.tier, score, value, has_value)
+            rank = board.set_one(member, command.tier, score, value, has_value)
             self.boards.changed(name, board, member)
-            if key is None:
-                return {member: 0}
-            order = board.tiers[command.tier - 1].order
-            return {member: len(order) - order.bisect_left(key)}
+            return {member: rank}
         return None
 
     def _del(self, command: Command, argument: Any) -> int:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from stagetx.index.board import Board
+from stagetx.index.board import Board, Ranking
 from stagetx.index.commands import Executor, RequestError, parse_key
 
 
@@ -231,3 +231,33 @@ def test_the_one_member_fast_path_matches_the_general_path() -> None:
     assert {m: board.record(b"b", m) for m in board.values} == {
         m: general.boards[b"b"].record(b"b", m) for m in board.values
     }
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ranking_positions_match_a_sorted_list_through_splits_and_merges(seed: int) -> None:
+    """``Ranking.insert``/``move`` report the position ``bisect_left`` finds, with a load factor
+    small enough that sublists split and merge many times."""
+    rng = random.Random(seed)
+    ranking = Ranking()
+    ranking._reset(4)  # sublists of 4–8 keys: every few operations split or merge one
+    plain: list[tuple[int, int, bytes]] = []
+    keys: dict[bytes, tuple[int, int, bytes]] = {}
+    for seq in range(-1, -3001, -1):
+        member = b"m%d" % rng.randrange(300)
+        key = (rng.randrange(50), seq, member)
+        old = keys.get(member)
+        if old is None:
+            position = ranking.insert(key)
+        else:
+            plain.remove(old)
+            position = ranking.move(old, key)
+        keys[member] = key
+        plain.append(key)
+        plain.sort()
+        assert position == plain.index(key)
+        if rng.random() < 0.2:  # a plain removal between moves, to shrink sublists too
+            gone = keys.pop(rng.choice(list(keys)))
+            plain.remove(gone)
+            ranking.remove(gone)
+        ranking._check()
+    assert list(ranking) == plain
