@@ -10,7 +10,6 @@ log what they see; the tests read both servers' output. Every wait is bounded.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
