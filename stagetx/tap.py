@@ -27,6 +27,7 @@ class Options(usage.Options):
         ["watch", None, 0.0, "dev mode: reload a Lua stage when its scripts change, polled every SECONDS", float],
         ["slow-ms", None, 100.0, "log a Lua callback holding the reactor longer than this as a slow handler", float],
         ["grace", None, 10.0, "seconds a stopping process may drain before SIGKILL (drain: half of it)", float],
+        ["restart-delay", None, 1.0, "seconds before a crashed process is restarted (doubling up to 60)", float],
     ]
     optFlags = [["check", None, "validate the configuration, print its process groups and exit"]]
 
@@ -35,8 +36,8 @@ class Options(usage.Options):
             raise usage.UsageError("-c/--config FILE is required")
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format is text or json")
-        if self["grace"] <= 0 or self["watch"] < 0 or self["slow-ms"] <= 0:
-            raise usage.UsageError("--grace and --slow-ms must be positive, --watch not negative")
+        if self["grace"] <= 0 or self["watch"] < 0 or self["slow-ms"] <= 0 or self["restart-delay"] <= 0:
+            raise usage.UsageError("--grace, --slow-ms and --restart-delay must be positive, --watch not negative")
         try:
             self["server"] = load_config(self["config"])
         except ConfigError as err:
@@ -64,8 +65,14 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
         "slow_ms": options.get("slow-ms", 100.0),
         "drain": options.get("grace", 10.0) / 2,
     }
+    delay = options.get("restart-delay", 1.0)
     supervisor = Supervisor(
-        options["server"], args=sys.argv, grace=options.get("grace", 10.0), operations=operations, signals=True
+        options["server"],
+        args=sys.argv,
+        grace=options.get("grace", 10.0),
+        operations=operations,
+        signals=True,
+        backoff=(delay, max(delay, 60.0)),
     )
     supervisor.setServiceParent(root)
     return root

@@ -16,7 +16,7 @@ from tests.support import ServerProcess, write_app
 SCRIPT = """
 local function hog()  -- allocates until %memory says no
     local t = {{}}
-    for i = 1, 1e9 do t[i] = string.rep("x", 4096) .. i end
+    for i = 1, 1e9 do t[i] = string.rep("x", 1048576) .. i end  -- big steps: the limit, not the budget, stops it
 end
 local function spin() while true do end end
 stage.waitfor("hog", hog)
@@ -65,6 +65,17 @@ def test_memory_hog_infinite_loop_and_errors_never_stop_the_stage(tmp_path: Path
         server.wait_for(lambda: "task kaboom" in "\n".join(server.lines), 10, "the queued abuse to run")
         assert ask(port, "ping") == "pong"
         lua_mib = int(ask(port, "mem"))
+
+        def logged_every_error() -> bool:  # the supervisor relays child output a little later
+            text = "\n".join(server.lines)
+            return (
+                text.count("not enough memory") >= 4
+                and text.count("budget of 300 ms exceeded") >= 4
+                and text.count("receive kaboom") == 3
+                and "handler kaboom" in text
+            )
+
+        server.wait_for(logged_every_error, 20, "every error in the log")
         log = "\n".join(server.lines)
         assert server.process.poll() is None
     assert log.count("not enough memory") >= 4  # three from the port, one from the message

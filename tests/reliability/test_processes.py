@@ -72,10 +72,10 @@ stage.waitfor("report", function() return filled end)
 """
 
 
-def start(tmp_path: Path) -> tuple[ServerProcess, int]:
+def start(tmp_path: Path, *twistd_args: str) -> tuple[ServerProcess, int]:
     port = free_port()
     path = write_app(tmp_path, CONFIG, {"a": A.format(port=port), "b": B, "c": C})
-    server = ServerProcess(path)
+    server = ServerProcess(path, *twistd_args)
     try:
         server.wait_for(lambda: bool(server.logged("a", "ready")) and len(group_pids(server)) == 3, 30, "start")
         server.wait_for(lambda: sum("linked to process" in line for line in server.lines) >= 6, 30, "the links")
@@ -120,7 +120,7 @@ def test_kill_9_of_a_replica_under_load_sends_its_traffic_to_the_other(tmp_path:
 
 
 def test_a_stage_whose_only_process_is_down_queues_up_to_the_bound_then_refuses(tmp_path: Path) -> None:
-    server, port = start(tmp_path)
+    server, port = start(tmp_path, "--restart-delay", "8")  # a gap longer than the blast, even on a busy machine
     with server:
         victim = group_pids(server)[1]
         losses_before = sum("link to process 2 lost" in line for line in server.lines)

@@ -48,3 +48,14 @@ def test_make_service_starts_nothing_before_start_service(tmp_path: Path) -> Non
     assert not root.running and supervisor.rundir is None
     assert [s.pid for s in supervisor.status()] == [None]
     assert supervisor.config.stages[0].name == "=index+a"
+
+
+def test_restart_delay_sets_the_first_back_off(tmp_path: Path) -> None:
+    path = tmp_path / "stage.json"
+    path.write_text(json.dumps({"#startup": [["=index+a"]]}))
+    options = Options()
+    options.parseOptions(["-c", str(path), "--restart-delay", "5"])
+    (supervisor,) = list(IService(makeService(options)))  # type: ignore[call-overload]
+    assert supervisor._backoff == (5.0, 60.0)
+    with pytest.raises(usage.UsageError, match="--restart-delay must be positive"):
+        Options().parseOptions(["-c", str(path), "--restart-delay", "0"])
