@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import time
 from typing import Any, Mapping
 
@@ -57,6 +59,7 @@ class ChildProcess(MultiService):
         control = ProcessControl(self.host, levels, reactor.seconds(), self._peers if cluster_enabled(config) else None)
         self.control = ControlClient(control, boot["rundir"], bytes.fromhex(boot["secret"]), reactor)
         self.control.setServiceParent(self)
+        self.host.ready.addCallback(_freeze_start_up)
         self.host.ready.addCallback(lambda _: self.control.set_ready())
         self.watcher: ScriptWatcher | None = None
         if operations.get("watch"):
@@ -104,3 +107,12 @@ class ChildProcess(MultiService):
 
         check()
         return done
+
+
+def _freeze_start_up(result: object) -> object:
+    """Move everything start-up made (modules, runtimes, loaded indexes) out of the cyclic
+    collector's sight, so a full collection under traffic scans only what traffic made: the
+    difference between tens of milliseconds and a few on a loaded process (DESIGN 4, GC pause)."""
+    gc.collect()
+    gc.freeze()
+    return result
