@@ -187,7 +187,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         row("index: score update, in stage", update, "msg/s", baseline_name="index: bare SortedList score update", baseline=bare["update"],
             target="≥ 0.8 × baseline", note=f"one set per message incl. rank reply, {TURN} per turn, durable log write"),
         row("index: score update, 1 message per turn", alone, "msg/s", target="≥ 100000",
-            note="one write() and one delayed call per message: a lone request in flight"),
+            note="one log write() per message: a lone request in flight"),
         row("index: rank (get), in stage", rank, "msg/s", baseline_name="index: bare SortedList rank", baseline=bare["rank"]),
         row("index: top-100 (forEach), in stage", top, "msg/s"),
         row("index: memory per member", per_member, "B", target="≤ 300", note=f"reloaded from snapshot, {n}"),
