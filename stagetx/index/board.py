@@ -32,8 +32,9 @@ class Ranking(SortedList):  # type: ignore[misc]
     key the insertion just placed. ``insert`` and ``move`` keep the insertion's position instead,
     which saves two of the six binary searches of an update. They use the sublist layout of
     sortedcontainers 2.x (``_lists``, ``_maxes``, ``_expand``, ``_delete``, ``_loc``) exactly as
-    its own ``add`` and ``remove`` do; ``tests/unit/test_index_board.py`` checks them against
-    plain ``add``/``remove``/``bisect_left`` on every sublist split and merge.
+    its own ``add`` and ``remove`` do; ``tests/unit/test_index_board.py`` checks the positions
+    and the layout's invariants (``_check``) against a plain sorted list through many sublist
+    splits and merges.
     """
 
     def insert(self, key: Key) -> int:
