@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
 import textwrap
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from twisted.internet import reactor
+from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+)
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 
@@ -180,3 +187,91 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def free_port(family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> int:
+    """A port that was free on loopback a moment ago (for a server the test starts)."""
+    with socket.socket(family, kind) as probe:
+        probe.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def packet(payload: bytes) -> bytes:
+    """One frame of the broker's ``packet`` framing: 4-byte little-endian length, then payload."""
+    return struct.pack("<I", len(payload)) + payload
+
+
+class PacketClient(protocol.Protocol):
+    """A broker client over ``packet`` framing: collects what the server sends; ``closed`` once the
+    connection is gone."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed = True
+
+    def frames(self) -> list[bytes]:
+        from stagetx.broker.framing import PacketFraming
+
+        return PacketFraming(1 << 20, 1 << 20).split(self.data)[0]
+
+    def send(self, *payloads: bytes) -> None:
+        self.transport.write(b"".join(packet(p) for p in payloads))
+
+
+async def connect(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> PacketClient:
+    """A ``PacketClient`` connected to ``host:port`` (IPv4 or IPv6 loopback)."""
+    endpoint = (TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint)(reactor, host, port, timeout=5)
+    client = PacketClient()
+    d = connectProtocol(endpoint, client)
+    d.addTimeout(timeout, reactor)
+    await d
+    return client
+
+
+class RunningStage:
+    """One Lua stage ``a`` in this process running ``script`` (``kind``: ``lua`` or ``luajit``),
+    with its log captured; ``lua(code)`` runs more code in it. Use with ``async with``."""
+
+    def __init__(self, tmp_path: Path, script: str, kind: str = "lua", threads: tuple[int, int] | None = None) -> None:
+        config: dict[str, Any] = {
+            "#startup": [[f"={kind}+a"]],
+            f"={kind}": {"%package": ["[0]lua"], f"={kind}+a": "a"},
+        }
+        if threads is not None:
+            config["#threads"] = list(threads)
+        self.server = InProcessServer(write_app(tmp_path, config, {"a": script}))
+        self.log = LogCapture()
+
+    @property
+    def vm(self) -> Any:
+        return self.server.hosts[0].stages[0].stage.vm
+
+    def lua(self, code: str) -> list[Any]:
+        """Run a chunk in the stage; its results as Python natives (raises on a Lua error)."""
+        from stagetx.codec import pack_lua, unpack_py
+
+        ok, *results = self.vm.call("test", self.vm.compile(code.encode(), b"=test"))
+        assert ok is True, results
+        return list(unpack_py(pack_lua(self.vm, tuple(results))))
+
+    def said(self, prefix: str) -> list[list[str]]:
+        """Tab-separated fields after ``prefix`` of each line stage ``a`` logged with it."""
+        return [fields[1:] for fields in iter_lines(self.log, "stage.a") if fields[0] == prefix]
+
+    def text(self) -> str:
+        return self.log.text()
+
+    async def __aenter__(self) -> RunningStage:
+        self.log.__enter__()
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.stop()
+        self.log.__exit__()

@@ -12,80 +12,18 @@ import pytest
 import pytest_twisted
 from twisted.internet import protocol, reactor
 from twisted.internet.task import deferLater
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 
-from stagetx.broker.framing import PacketFraming
-from stagetx.codec import pack_lua, unpack_py
-from tests.support import InProcessServer, LogCapture, ServerProcess, iter_lines, wait_for, write_app
+from tests.support import (
+    RunningStage,
+    ServerProcess,
+    connect,
+    free_port,
+    packet,
+    wait_for,
+    write_app,
+)
 
 WAIT = 5.0
-
-
-def free_port(family: int = socket.AF_INET) -> int:
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def packet(payload: bytes) -> bytes:
-    return struct.pack("<I", len(payload)) + payload
-
-
-class Client(protocol.Protocol):
-    """Collects what the server sends; ``closed`` once the connection is gone."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.closed = False
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.closed = True
-
-    def frames(self) -> list[bytes]:
-        return PacketFraming(1 << 20, 1 << 20).split(self.data)[0]
-
-
-async def connect(port: int, host: str = "127.0.0.1") -> Client:
-    endpoint = (TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint)(reactor, host, port, timeout=5)
-    client = Client()
-    d = connectProtocol(endpoint, client)
-    d.addTimeout(WAIT, reactor)
-    await d
-    return client
-
-
-class Running:
-    """One Lua stage ``a`` in this process running ``script``; ``lua(code)`` runs more code in it."""
-
-    def __init__(self, tmp_path: Path, script: str) -> None:
-        config = {"#startup": [["=lua+a"]], "=lua": {"%package": ["[0]lua"], "=lua+a": "a"}}
-        self.server = InProcessServer(write_app(tmp_path, config, {"a": script}))
-        self.log = LogCapture()
-
-    @property
-    def vm(self) -> Any:
-        return self.server.hosts[0].stages[0].stage.vm
-
-    def lua(self, code: str) -> list[Any]:
-        """Run a chunk in the stage; its results as Python natives (raises on a Lua error)."""
-        ok, *results = self.vm.call("test", self.vm.compile(code.encode(), b"=test"))
-        assert ok is True, results
-        return list(unpack_py(pack_lua(self.vm, tuple(results))))
-
-    def said(self, prefix: str) -> list[list[str]]:
-        return [fields[1:] for fields in iter_lines(self.log, "stage.a") if fields[0] == prefix]
-
-    async def __aenter__(self) -> Running:
-        self.log.__enter__()
-        await self.server.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.server.stop()
-        self.log.__exit__()
 
 
 @pytest_twisted.ensureDeferred
@@ -101,7 +39,7 @@ async def test_packet_echo_by_return_value_and_refused_connections(tmp_path: Pat
         end)
         l.close = function(socket) log4cxx.info("closed", socket.id) end
     """
-    async with Running(tmp_path, script) as run:
+    async with RunningStage(tmp_path, script) as run:
         first = await connect(port)
         first.transport.write(packet(b"one") + packet(b"two"))
         await wait_for(lambda: len(first.frames()) == 2, WAIT, "two echoes")
@@ -123,7 +61,7 @@ async def test_text_lines_over_ipv6(tmp_path: Path) -> None:
             return function(s, line) return string.upper(line) end
         end)
     """
-    async with Running(tmp_path, script):
+    async with RunningStage(tmp_path, script):
         client = await connect(port, "::1")
         client.transport.write(b"hello\r\nworld\npart")
         await wait_for(lambda: client.data == b"HELLO\nWORLD\n", WAIT, "two lines")
@@ -139,7 +77,7 @@ async def test_bson_documents_arrive_as_tables_and_tables_go_back_as_documents(t
             end
         end)
     """
-    async with Running(tmp_path, script):
+    async with RunningStage(tmp_path, script):
         client = await connect(port)
         client.transport.write(bson.encode({"name": "p1", "a": 2, "b": 3.5, "list": ["x", "y"]}))
         await wait_for(lambda: len(client.data) >= 4 and len(client.data) >= client.data[0], WAIT, "a document")
@@ -154,7 +92,7 @@ async def test_an_oversized_frame_closes_that_connection_only(tmp_path: Path) ->
             return function(s, data) if data == "big" then return string.rep("x", 17) end return data end
         end)
     """
-    async with Running(tmp_path, script) as run:
+    async with RunningStage(tmp_path, script) as run:
         good, bad, big_reply = await connect(port), await connect(port), await connect(port)
         bad.transport.write(struct.pack("<I", 9))  # the length alone is enough
         big_reply.transport.write(packet(b"big"))
@@ -174,7 +112,7 @@ async def test_idle_sockets_expire_and_busy_ones_stay(tmp_path: Path) -> None:
         l.close = function(s) log4cxx.info("closed", s.id) end
         log4cxx.info("expire", l.expire)
     """
-    async with Running(tmp_path, script) as run:
+    async with RunningStage(tmp_path, script) as run:
         idle, busy = await connect(port), await connect(port)
         for i in range(6):
             busy.transport.write(packet(b"%d" % i))
@@ -197,7 +135,7 @@ async def test_a_lua_error_in_receive_is_logged_and_the_socket_keeps_serving(tmp
             return function(s, d) if d == "boom" then error("kaboom") end return d end
         end)
     """
-    async with Running(tmp_path, script) as run:
+    async with RunningStage(tmp_path, script) as run:
         client = await connect(port)
         client.transport.write(packet(b"boom") + packet(b"ok"))
         await wait_for(lambda: client.frames() == [b"ok"], WAIT, "the next frame served")
@@ -211,7 +149,7 @@ async def test_commit_close_f_and_broker_close_by_id(tmp_path: Path) -> None:
         ids = {{}}
         broker.ready("tcp://127.0.0.1:{port}", function(socket) ids[#ids + 1] = socket.id end)
     """
-    async with Running(tmp_path, script) as run:
+    async with RunningStage(tmp_path, script) as run:
         clients = [await connect(port) for _ in range(4)]
         await wait_for(lambda: run.lua("return #ids") == [4], WAIT, "four sockets")
         assert run.lua("return broker.f(ids[1]).commit('pushed')") == [True]
@@ -232,7 +170,7 @@ async def test_commit_close_f_and_broker_close_by_id(tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_aton_ntoa_and_ifaddr(tmp_path: Path) -> None:
-    async with Running(tmp_path, "") as run:
+    async with RunningStage(tmp_path, "") as run:
         assert run.lua("return broker.ntoa(broker.aton('tcp://127.0.0.1:8081'))") == [b"127.0.0.1:8081"]
         assert run.lua("return broker.ntoa(broker.aton('[::1]:80'))") == [b"[::1]:80"]
         assert run.lua("return #broker.aton('udp://224.0.0.1:8082', {})[1]") == [6]
@@ -256,7 +194,7 @@ async def test_udp_replies_to_the_sender_and_multicast_groups_are_joined(tmp_pat
             return function(s, line, addr) log4cxx.info("group", line) end
         end)
     """
-    async with Running(tmp_path, script) as run:
+    async with RunningStage(tmp_path, script) as run:
         got: list[bytes] = []
 
         class Peer(protocol.DatagramProtocol):
@@ -299,7 +237,7 @@ async def test_join_connects_to_a_local_server(tmp_path: Path) -> None:
         bad.close = function(s, reason) log4cxx.info("failed", tostring(s), reason ~= nil) end
     """
     try:
-        async with Running(tmp_path, script) as run:
+        async with RunningStage(tmp_path, script) as run:
             await wait_for(lambda: run.said("joined") == [["ping", f"127.0.0.1:{port}"]], WAIT, "the echo")
             await wait_for(lambda: run.said("failed") == [["nil", "true"]], WAIT, "the failed join")
     finally:

@@ -4,91 +4,32 @@ reactor, real worker threads; and once through a real ``twistd -n stage`` server
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import protocol, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from stagetx.broker.framing import PacketFraming
-from tests.support import InProcessServer, LogCapture, ServerProcess, wait_for, write_app
+from tests.support import (
+    RunningStage,
+    ServerProcess,
+    connect,
+    free_port,
+    packet,
+    wait_for,
+    write_app,
+)
 
 WAIT = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def packet(payload: bytes) -> bytes:
-    return struct.pack("<I", len(payload)) + payload
-
-
-class Client(protocol.Protocol):
-    """Collects the frames the server sends; ``closed`` once the connection is gone."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.closed = False
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.closed = True
-
-    def frames(self) -> list[bytes]:
-        return PacketFraming(1 << 20, 1 << 20).split(self.data)[0]
-
-    def send(self, *payloads: bytes) -> None:
-        self.transport.write(b"".join(packet(p) for p in payloads))
-
-
-async def connect(port: int) -> Client:
-    client = Client()
-    d = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), client)
-    d.addTimeout(WAIT, reactor)
-    await d
-    return client
 
 
 async def sleep(seconds: float) -> None:
     d = deferLater(reactor, seconds, lambda: None)
     d.addTimeout(seconds + WAIT, reactor)
     await d
-
-
-class Running:
-    """One Lua stage ``a`` (``kind``: ``lua`` or ``luajit``) running ``script`` in this process,
-    with 4 worker threads."""
-
-    def __init__(self, tmp_path: Path, script: str, kind: str = "lua") -> None:
-        config = {
-            "#startup": [[f"={kind}+a"]],
-            "#threads": [4, 1000],
-            f"={kind}": {"%package": ["[0]lua"], f"={kind}+a": "a"},
-        }
-        self.server = InProcessServer(write_app(tmp_path, config, {"a": script}))
-        self.log = LogCapture()
-
-    def text(self) -> str:
-        return self.log.text()
-
-    async def __aenter__(self) -> Running:
-        self.log.__enter__()
-        await self.server.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.server.stop()
-        self.log.__exit__()
 
 
 # Each frame becomes a job of its socket that holds a worker thread for 40 ms, then commits from
@@ -111,7 +52,7 @@ end)
 @pytest_twisted.ensureDeferred
 async def test_jobs_of_one_socket_in_order_never_overlapping_and_sockets_in_parallel(tmp_path: Path) -> None:
     port = free_port()
-    async with Running(tmp_path, ORDERED.replace("{port}", str(port))):
+    async with RunningStage(tmp_path, ORDERED.replace("{port}", str(port)), threads=(4, 1000)):
         clients = [await connect(port) for _ in range(3)]
         for n, client in enumerate(clients):
             client.send(*(f"c{n}-{i}".encode() for i in range(5)))
@@ -153,7 +94,7 @@ end)
 @pytest_twisted.ensureDeferred
 async def test_return_value_reruns_the_job_until_done_or_the_socket_closed(tmp_path: Path) -> None:
     port = free_port()
-    async with Running(tmp_path, RERUN.replace("{port}", str(port))) as run:
+    async with RunningStage(tmp_path, RERUN.replace("{port}", str(port)), threads=(4, 1000)) as run:
         counted = await connect(port)
         counted.send(b"3")  # runs 3 times, 30 ms apart
         await wait_for(lambda: len(counted.frames()) == 3, WAIT, "three runs")
@@ -193,7 +134,7 @@ end)
 @pytest_twisted.ensureDeferred
 async def test_an_error_is_logged_with_file_and_line_and_later_jobs_still_run(tmp_path: Path) -> None:
     port = free_port()
-    async with Running(tmp_path, ERRORS.replace("{port}", str(port))) as run:
+    async with RunningStage(tmp_path, ERRORS.replace("{port}", str(port)), threads=(4, 1000)) as run:
         client = await connect(port)
         client.send(b"one", b"bad", b"two")
         await wait_for(lambda: len(client.frames()) == 2, WAIT, "the jobs around the failing one")
@@ -239,7 +180,7 @@ end)
 @pytest_twisted.ensureDeferred
 async def test_sockets_from_a_sandbox_read_in_the_thread_and_write_on_the_reactor_in_order(tmp_path: Path) -> None:
     port = free_port()
-    async with Running(tmp_path, SANDBOX.replace("{port}", str(port))) as run:
+    async with RunningStage(tmp_path, SANDBOX.replace("{port}", str(port)), threads=(4, 1000)) as run:
         client = await connect(port)
         client.send(b"fields")
         await wait_for(lambda: len(client.frames()) == 3, WAIT, "three frames from the job")
@@ -291,7 +232,7 @@ end)
 @pytest_twisted.ensureDeferred
 async def test_a_stage_submit_job_answers_a_socket_found_by_its_id(tmp_path: Path, kind: str) -> None:
     port = free_port()
-    async with Running(tmp_path, BY_ID.replace("{port}", str(port)), kind):
+    async with RunningStage(tmp_path, BY_ID.replace("{port}", str(port)), kind, threads=(4, 1000)):
         client = await connect(port)
         client.send(b"hello")
         await wait_for(lambda: len(client.frames()) == 1, WAIT, "the answer")

@@ -14,15 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.support import ServerProcess, write_app
+from tests.support import ServerProcess, free_port, write_app
 
 SECRET = "cluster-test-secret"
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def app(root: Path, name: str, config: dict[str, Any], scripts: dict[str, str]) -> Path:
@@ -224,7 +218,7 @@ def test_servers_find_each_other_by_multicast_on_loopback(tmp_path: Path) -> Non
     reason = _multicast_on_loopback(group)
     if reason:
         pytest.skip(reason)
-    udp = free_port(socket.SOCK_DGRAM)
+    udp = free_port(kind=socket.SOCK_DGRAM)
     discovery = f"udp://{group}:{udp}"
     port_d, port_e = free_port(), free_port()
     path_d = app(tmp_path, "d", {"#cluster": [port_d, discovery], "#startup": [["=lua+w"]], "name": "D"}, {"w": W})

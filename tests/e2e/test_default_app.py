@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,16 +23,10 @@ import pytest
 
 from stagetx.client.connection import Connection
 from stagetx.client.protocol import Command
-from tests.support import ServerProcess, env_path
+from tests.support import ServerProcess, env_path, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class App:

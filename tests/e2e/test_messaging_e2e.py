@@ -6,7 +6,6 @@ in the third process. What the scripts observe they log; the tests read the serv
 
 from __future__ import annotations
 
-
 import pytest
 
 from tests.support import ServerProcess, write_app

@@ -14,9 +14,18 @@ import pytest_twisted
 from twisted.internet import protocol, reactor
 from twisted.internet.error import ConnectionRefusedError
 
-from tests.e2e.test_broker_sockets import WAIT, Running, connect, free_port, packet
 from tests.e2e.test_operations_e2e import ADMIN, Console, admin_ports
-from tests.support import ServerProcess, wait_for, write_app
+from tests.support import (
+    RunningStage,
+    ServerProcess,
+    connect,
+    free_port,
+    packet,
+    wait_for,
+    write_app,
+)
+
+WAIT = 5.0
 
 ECHO = """
 VERSION = "{version}"
@@ -32,7 +41,7 @@ def echo(port: int, version: str, extra: str = "") -> str:
     return ECHO.format(port=port, version=version, extra=extra)
 
 
-async def reload_with(run: Running, tmp_path: Path, script: str) -> None:
+async def reload_with(run: RunningStage, tmp_path: Path, script: str) -> None:
     """Write the stage's new main script, then reload it (to its end, with a timeout)."""
     (tmp_path / "lua" / "a.lua").write_text(textwrap.dedent(script))
     d = run.server.hosts[0].stages[0].stage.reload()
@@ -43,7 +52,7 @@ async def reload_with(run: Running, tmp_path: Path, script: str) -> None:
 @pytest_twisted.ensureDeferred
 async def test_connections_survive_reloads_and_are_offered_to_the_new_script(tmp_path: Path) -> None:
     port = free_port()
-    async with Running(tmp_path, echo(port, "v1")) as run:
+    async with RunningStage(tmp_path, echo(port, "v1")) as run:
         a, b = await connect(port), await connect(port)
         a.transport.write(packet(b"1"))
         await wait_for(lambda: a.frames() == [b"v1:1"], WAIT, "the first echo")
@@ -71,7 +80,7 @@ async def test_what_the_new_script_does_not_take_up_is_closed(tmp_path: Path) ->
     port, other = free_port(), free_port()
     refuse = "function(socket) log4cxx.info('refused', socket.id) return false end"
     script = echo(port, "v1", f'broker.ready("tcp://127.0.0.1:{other}?packet")')
-    async with Running(tmp_path, script) as run:
+    async with RunningStage(tmp_path, script) as run:
         kept, dropped = await connect(port), await connect(other)
         await wait_for(lambda: len(run.said("offered")) == 1, WAIT, "the first client")
         await reload_with(run, tmp_path, f'broker.ready("tcp://127.0.0.1:{port}?packet", {refuse})')
@@ -90,7 +99,7 @@ async def test_expire_and_close_callbacks_carry_on(tmp_path: Path) -> None:
     port = free_port()
     closing = 'l.close = function(s) log4cxx.info("closed", VERSION, s.id) end'
     script = echo(port, "v1", "l.expire = 400\n" + closing)
-    async with Running(tmp_path, script) as run:
+    async with RunningStage(tmp_path, script) as run:
         idle = await connect(port)
         await wait_for(lambda: len(run.said("offered")) == 1, WAIT, "the client")
         await reload_with(run, tmp_path, echo(port, "v2", closing + '\nlog4cxx.info("expire", l.expire)'))
@@ -105,7 +114,7 @@ async def test_expire_and_close_callbacks_carry_on(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_another_framing_keeps_the_port_but_not_its_connections(tmp_path: Path) -> None:
     port = free_port()
-    async with Running(tmp_path, echo(port, "v1")) as run:
+    async with RunningStage(tmp_path, echo(port, "v1")) as run:
         old = await connect(port)
         await wait_for(lambda: len(run.said("offered")) == 1, WAIT, "the client")
         text = f'broker.ready("tcp://127.0.0.1:{port}?text", function() return function(s, l) return "t:" .. l end end)'
@@ -149,7 +158,7 @@ async def test_a_join_connection_is_claimed_by_the_same_join_or_closed(tmp_path:
     listening = reactor.listenTCP(0, protocol.Factory.forProtocol(Upstream), interface="127.0.0.1")
     port = listening.getHost().port
     try:
-        async with Running(tmp_path, JOIN.format(port=port, version="v1")) as run:
+        async with RunningStage(tmp_path, JOIN.format(port=port, version="v1")) as run:
             await wait_for(lambda: run.said("got") == [["up1:v1"]], WAIT, "the first reply")
             await reload_with(run, tmp_path, JOIN.format(port=port, version="v2"))
             await wait_for(lambda: len(run.said("got")) == 2, WAIT, "the reply on the kept connection")
@@ -174,7 +183,7 @@ async def test_a_udp_port_is_kept(tmp_path: Path) -> None:
             return function(s, data) return "{version}:" .. data end
         end)
     """
-    async with Running(tmp_path, udp.format(port=port, version="v1")) as run:
+    async with RunningStage(tmp_path, udp.format(port=port, version="v1")) as run:
         await reload_with(run, tmp_path, udp.format(port=port, version="v2"))
         bound = run.said("bound")
         assert len(bound) == 2 and bound[0] == bound[1]

@@ -22,16 +22,10 @@ from twisted.logger import capturedLogs
 
 from stagetx.config import parse_config
 from stagetx.supervisor import Supervisor
-from tests.support import ServerProcess
+from tests.support import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = [sys.executable, str(Path(__file__).with_name("standin_child.py"))]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float) -> Deferred[None]:

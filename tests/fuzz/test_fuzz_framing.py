@@ -19,11 +19,11 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 
 from stagetx.broker.framing import (
-    BsonFraming,
-    Framing,
-    FrameError,
     MAX_DEPTH,
+    BsonFraming,
+    FrameError,
     FrameTooLarge,
+    Framing,
     PacketFraming,
     TextFraming,
     parse_url,

@@ -16,60 +16,23 @@ from typing import Any
 import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
-from twisted.python.failure import Failure
 
-from stagetx.wire import DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME, TAG_SIZE, Link, LinkClientFactory, LinkServerFactory
+from stagetx.wire import (
+    DEFAULT_MAX_FRAME,
+    HANDSHAKE_MAX_FRAME,
+    TAG_SIZE,
+    Link,
+)
+from tests.fakes import LinkPair
 
 MAX_FRAME = 4096
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-class Recorder:
-    """A link handler that records what reached it."""
-
-    def __init__(self) -> None:
-        self.authenticated = 0
-        self.messages: list[Any] = []
-
-    def link_authenticated(self, link: Link) -> None:
-        self.authenticated += 1
-
-    def message_received(self, link: Link, obj: Any) -> None:
-        self.messages.append(obj)
-
-    def link_lost(self, link: Link, reason: Failure) -> None:
-        pass
-
-
-class Pair:
-    """A client and a server link over StringTransports (the server is the one under test)."""
-
-    def __init__(self, secret: bytes = b"k", max_frame: int = MAX_FRAME) -> None:
-        self.clock = Clock()
-        self.client_handler, self.server_handler = Recorder(), Recorder()
-        client = LinkClientFactory(secret, "g1", self.client_handler, max_frame, self.clock)
-        server = LinkServerFactory(b"k", "g0", self.server_handler, max_frame, self.clock)
-        self.client = client.buildProtocol(None)  # type: ignore[arg-type]
-        self.server = server.buildProtocol(None)  # type: ignore[arg-type]
-        self.ct, self.st = StringTransport(), StringTransport()
-        self.client.makeConnection(self.ct)
-        self.server.makeConnection(self.st)
-
-    def pump(self) -> None:
-        for _ in range(20):
-            self.clock.advance(0)
-            moved = False
-            for src, link in ((self.ct, self.server), (self.st, self.client)):
-                data = src.value()
-                if data:
-                    src.clear()
-                    link.dataReceived(data)
-                    moved = True
-            if not moved:
-                return
+def small_pair(secret: bytes = b"k", max_frame: int = MAX_FRAME) -> LinkPair:
+    """A client (with ``secret``) and the server under test (secret ``k``), small frame limit."""
+    return LinkPair(client_secret=secret, max_frame=max_frame)
 
 
 def buffer_bound(link: Link) -> int:
@@ -95,11 +58,11 @@ lengths = st.integers(min_value=0, max_value=2**32 - 1) | st.integers(HANDSHAKE_
 @FUZZ
 @given(chunks=garbage)
 def test_random_bytes_before_authentication_deliver_nothing(chunks: list[bytes]) -> None:
-    pair = Pair()
+    pair = small_pair()
     with capturedLogs():
         feed(pair.server, chunks)
         pair.clock.advance(11)  # past the handshake timeout
-    assert pair.server_handler.authenticated == 0 and pair.server_handler.messages == []
+    assert pair.server_handler.authentications == 0 and pair.server_handler.messages == []
     assert pair.st.disconnecting or pair.server._dead  # dropped: garbage or the timeout
 
 
@@ -107,7 +70,7 @@ def test_random_bytes_before_authentication_deliver_nothing(chunks: list[bytes])
 @given(length=lengths, body=st.binary(max_size=64))
 def test_a_large_length_before_authentication_is_refused_before_buffering(length: int, body: bytes) -> None:
     """Even under the link's own 16 MiB ``max_frame``, a stranger cannot make it buffer more."""
-    pair = Pair(max_frame=DEFAULT_MAX_FRAME)
+    pair = small_pair(max_frame=DEFAULT_MAX_FRAME)
     with capturedLogs():
         feed(pair.server, [struct.pack("<I", length) + body])
     if length > HANDSHAKE_MAX_FRAME:
@@ -118,18 +81,18 @@ def test_a_large_length_before_authentication_is_refused_before_buffering(length
 @given(data=st.binary(max_size=400), cut=st.integers(min_value=0, max_value=400))
 def test_garbled_hello_or_proof_is_refused(data: bytes, cut: int) -> None:
     """A well-framed HELLO from a peer, then a proof that is random or truncated."""
-    pair = Pair()
+    pair = small_pair()
     hello = pair.ct.value()
     pair.ct.clear()
     with capturedLogs():
         feed(pair.server, [hello[:cut], hello[cut:], frame(data[:32]), data])
-    assert pair.server_handler.authenticated == 0 and pair.server_handler.messages == []
+    assert pair.server_handler.authentications == 0 and pair.server_handler.messages == []
 
 
 @FUZZ
 @given(chunks=garbage)
 def test_random_bytes_after_authentication_drop_the_link(chunks: list[bytes]) -> None:
-    pair = Pair()
+    pair = small_pair()
     pair.pump()
     assert pair.server.authenticated
     with capturedLogs():
@@ -147,7 +110,7 @@ def tagged(link: Link, seq: int, body: bytes) -> bytes:
 @given(bodies=st.lists(st.binary(max_size=200), min_size=1, max_size=6), split=st.integers(1, 50))
 def test_authenticated_frames_with_random_bodies_never_raise(bodies: list[bytes], split: int) -> None:
     """Correctly tagged frames whose body is anything: delivered if a msgpack array, else dropped."""
-    pair = Pair()
+    pair = small_pair()
     pair.pump()
     link = pair.server
     stream = b"".join(tagged(link, seq, body) for seq, body in enumerate(bodies))
@@ -170,7 +133,7 @@ def test_authenticated_frames_with_random_bodies_never_raise(bodies: list[bytes]
                                     | st.text(max_size=20) | st.floats(allow_nan=False),
                                     lambda inner: st.lists(inner, max_size=4), max_leaves=20), max_size=8))
 def test_replayed_or_reordered_frames_drop_the_link(values: list[Any]) -> None:
-    pair = Pair()
+    pair = small_pair()
     pair.pump()
     body = msgpack.packb(values, use_bin_type=True)
     first = tagged(pair.server, 0, body)
@@ -182,7 +145,7 @@ def test_replayed_or_reordered_frames_drop_the_link(values: list[Any]) -> None:
 
 
 def test_a_wrong_secret_never_authenticates_either_side() -> None:
-    pair = Pair(secret=b"wrong")
+    pair = small_pair(secret=b"wrong")
     with capturedLogs() as events:
         pair.pump()
     assert not pair.server.authenticated and not pair.client.authenticated

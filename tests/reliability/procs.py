@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import resource
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,12 +16,6 @@ from tests.support import ServerProcess
 _STARTED = re.compile(r"group (\d+) started, pid (\d+)")
 
 LUA_APP = {"%package": ["[0]lua"]}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def raise_nofile(needed: int) -> None:

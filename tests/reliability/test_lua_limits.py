@@ -10,8 +10,8 @@ import socket
 from pathlib import Path
 
 from tests.reliability.control import ask
-from tests.reliability.procs import LUA_APP, free_port, group_pids, rss_mib
-from tests.support import ServerProcess, write_app
+from tests.reliability.procs import LUA_APP, group_pids, rss_mib
+from tests.support import ServerProcess, free_port, write_app
 
 SCRIPT = """
 local function hog()  -- allocates until %memory says no

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.control import ask
-from tests.reliability.procs import LUA_APP, free_port, group_pids, raise_nofile, rss_mib
+from tests.reliability.procs import LUA_APP, group_pids, raise_nofile, rss_mib
 from tests.reliability.swarm import Swarm
-from tests.support import ServerProcess, write_app
+from tests.support import ServerProcess, free_port, write_app
 
 WINDOW = 10.0
 WARMUP = 60.0

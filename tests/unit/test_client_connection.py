@@ -17,7 +17,14 @@ import bson
 import pytest
 
 from stagetx.client.connection import Connection, ConnectionClosed
-from stagetx.client.load import LoadOptions, Progress, Stats, format_summary, percentile, run_load
+from stagetx.client.load import (
+    LoadOptions,
+    Progress,
+    Stats,
+    format_summary,
+    percentile,
+    run_load,
+)
 from stagetx.client.protocol import Command, Decoder
 
 Handler = Callable[[dict[str, Any], Callable[[dict[str, Any]], None]], None]

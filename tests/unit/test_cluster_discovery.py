@@ -12,7 +12,11 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from stagetx.cluster.discovery import Discovery, decode_announcement, encode_announcement
+from stagetx.cluster.discovery import (
+    Discovery,
+    decode_announcement,
+    encode_announcement,
+)
 from tests.support import wait_for
 
 

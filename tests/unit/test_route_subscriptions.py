@@ -9,9 +9,9 @@ from stagetx.codec import NULL
 from stagetx.routing.subscriptions import (
     Offers,
     PublishKey,
+    Round,
     RouteConfigError,
     RouteSettings,
-    Round,
     Subscriptions,
     fallbacks,
     parse_key,

@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 
 from stagetx.config import parse_config
 from stagetx.supervisor import CHILD_COMMAND, LineRelay, Supervisor
+from tests.support import free_port
 
 
 class FakeProcess:
@@ -311,12 +312,6 @@ def test_line_relay_bounds_its_buffer() -> None:
     relay.feed(b"a" * 25)
     relay.feed(b"b\n\xff\n")
     assert emitted == ["a" * 10, "a" * 10, "aaaaab", "\ufffd"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_services_sockets_are_shared_as_fds_from_3(make, spawner: FakeSpawner) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
@@ -14,86 +13,27 @@ from twisted.python.failure import Failure
 from stagetx.wire import (
     FLUSH_BYTES,
     FrameTooLarge,
-    Link,
-    LinkClientFactory,
     LinkServerFactory,
     LinkSettings,
 )
-
-
-class Recorder:
-    """A link handler that writes down what happened."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[Any, ...]] = []
-        self.messages: list[Any] = []
-        self.fail_on: object = object()
-
-    def link_authenticated(self, link: Link) -> None:
-        self.events.append(("auth", link.peer_id))
-
-    def message_received(self, link: Link, obj: Any) -> None:
-        if obj == self.fail_on:
-            raise RuntimeError("handler bug")
-        self.messages.append(obj)
-
-    def link_lost(self, link: Link, reason: Failure) -> None:
-        self.events.append(("lost", link.peer_id))
-
-
-class Pair:
-    """A client and a server link joined by StringTransports; ``pump`` moves bytes across."""
-
-    def __init__(self, client_secret: bytes = b"k", server_secret: bytes = b"k", max_frame: int = 1 << 20) -> None:
-        self.clock = Clock()
-        self.client_handler, self.server_handler = Recorder(), Recorder()
-        client = LinkClientFactory(client_secret, "client-1", self.client_handler, max_frame, self.clock)
-        server = LinkServerFactory(server_secret, "server-1", self.server_handler, max_frame, self.clock)
-        self.client = client.buildProtocol(None)  # type: ignore[arg-type]
-        self.server = server.buildProtocol(None)  # type: ignore[arg-type]
-        self.ct, self.st = StringTransport(), StringTransport()
-        self.client.makeConnection(self.ct)
-        self.server.makeConnection(self.st)
-
-    def pump(self) -> None:
-        for _ in range(100):
-            self.clock.advance(0)
-            moved = False
-            for src, link in ((self.ct, self.server), (self.st, self.client)):
-                data = src.value()  # bytes already in flight arrive even after the sender aborts
-                if data:
-                    src.clear()
-                    link.dataReceived(data)
-                    moved = True
-            if not moved:
-                return
-
-    def take(self, transport: StringTransport) -> list[bytes]:
-        """The whole frames written on ``transport`` since the last take, as raw bytes."""
-        data, frames = transport.value(), []
-        transport.clear()
-        while data:
-            (n,) = struct.unpack_from("<I", data)
-            frames.append(data[: 4 + n])
-            data = data[4 + n :]
-        return frames
+from tests.fakes import LinkPair, LinkRecorder
 
 
 @pytest.fixture
-def pair() -> Pair:
-    p = Pair()
+def pair() -> LinkPair:
+    p = LinkPair()
     p.pump()
     return p
 
 
-def test_handshake_authenticates_both_sides(pair: Pair) -> None:
+def test_handshake_authenticates_both_sides(pair: LinkPair) -> None:
     assert pair.client.authenticated and pair.server.authenticated
     assert pair.client.peer_id == "server-1" and pair.server.peer_id == "client-1"
     assert pair.client_handler.events == [("auth", "server-1")]
     assert pair.server_handler.events == [("auth", "client-1")]
 
 
-def test_messages_arrive_in_order_with_types_kept(pair: Pair) -> None:
+def test_messages_arrive_in_order_with_types_kept(pair: LinkPair) -> None:
     sent = ["text", b"\x00\xffbytes", 1, 1.0, None, True, [1, [2]], {"k": b"v", 3: None}, "caf\udce9"]
     for obj in sent:
         assert pair.client.send(obj)
@@ -102,7 +42,7 @@ def test_messages_arrive_in_order_with_types_kept(pair: Pair) -> None:
     assert [type(m) for m in pair.server_handler.messages] == [type(m) for m in sent]
 
 
-def test_messages_of_one_turn_leave_as_one_frame(pair: Pair) -> None:
+def test_messages_of_one_turn_leave_as_one_frame(pair: LinkPair) -> None:
     for i in range(100):
         pair.client.send(["msg", i])
     assert pair.ct.value() == b""  # nothing written before the turn ends
@@ -113,7 +53,7 @@ def test_messages_of_one_turn_leave_as_one_frame(pair: Pair) -> None:
     assert pair.server_handler.messages == [["msg", i] for i in range(100)]
 
 
-def test_a_large_batch_is_written_at_once(pair: Pair) -> None:
+def test_a_large_batch_is_written_at_once(pair: LinkPair) -> None:
     blob = b"x" * (FLUSH_BYTES // 4)
     for _ in range(4):
         pair.client.send(blob)
@@ -121,14 +61,14 @@ def test_a_large_batch_is_written_at_once(pair: Pair) -> None:
 
 
 def test_messages_queued_before_authentication_wait_for_it() -> None:
-    p = Pair()
+    p = LinkPair()
     p.client.send("early")
     p.clock.advance(0)
     p.pump()
     assert p.server_handler.messages == ["early"]
 
 
-def test_split_and_coalesced_frames_are_reassembled(pair: Pair) -> None:
+def test_split_and_coalesced_frames_are_reassembled(pair: LinkPair) -> None:
     pair.client.send("first")
     pair.clock.advance(0)
     pair.client.send({"second": list(range(50))})
@@ -147,7 +87,7 @@ def test_split_and_coalesced_frames_are_reassembled(pair: Pair) -> None:
 
 def test_wrong_secret_is_refused_and_logged() -> None:
     with capturedLogs() as events:
-        p = Pair(client_secret=b"right", server_secret=b"wrong")
+        p = LinkPair(client_secret=b"right", server_secret=b"wrong")
         p.pump()
     assert not p.client.authenticated and not p.server.authenticated
     assert p.ct.disconnecting and p.st.disconnecting
@@ -157,7 +97,7 @@ def test_wrong_secret_is_refused_and_logged() -> None:
     assert p.client_handler.events == p.server_handler.events == []
 
 
-def test_tampered_frame_drops_the_link(pair: Pair) -> None:
+def test_tampered_frame_drops_the_link(pair: LinkPair) -> None:
     pair.client.send("good")
     pair.clock.advance(0)
     pair.client.send("evil")
@@ -172,7 +112,7 @@ def test_tampered_frame_drops_the_link(pair: Pair) -> None:
     assert any("bad frame tag" in formatEvent(e) for e in events)
 
 
-def test_replayed_frame_drops_the_link(pair: Pair) -> None:
+def test_replayed_frame_drops_the_link(pair: LinkPair) -> None:
     pair.client.send("pay once")
     pair.clock.advance(0)
     (frame,) = pair.take(pair.ct)
@@ -182,7 +122,7 @@ def test_replayed_frame_drops_the_link(pair: Pair) -> None:
     assert pair.st.disconnecting
 
 
-def test_reordered_frames_drop_the_link(pair: Pair) -> None:
+def test_reordered_frames_drop_the_link(pair: LinkPair) -> None:
     for word in ("one", "two"):
         pair.client.send(word)
         pair.clock.advance(0)
@@ -192,7 +132,7 @@ def test_reordered_frames_drop_the_link(pair: Pair) -> None:
     assert pair.st.disconnecting
 
 
-def test_a_frame_reflected_to_its_sender_is_refused(pair: Pair) -> None:
+def test_a_frame_reflected_to_its_sender_is_refused(pair: LinkPair) -> None:
     pair.client.send("to server")
     pair.clock.advance(0)
     (frame,) = pair.take(pair.ct)
@@ -202,7 +142,7 @@ def test_a_frame_reflected_to_its_sender_is_refused(pair: Pair) -> None:
 
 
 def test_oversized_frame_drops_the_link_before_its_body_arrives() -> None:
-    p = Pair(max_frame=1024)
+    p = LinkPair(max_frame=1024)
     p.pump()
     with capturedLogs() as events:
         p.server.dataReceived(struct.pack("<I", 1025))
@@ -211,18 +151,18 @@ def test_oversized_frame_drops_the_link_before_its_body_arrives() -> None:
 
 
 def test_oversized_hello_is_refused_before_authentication() -> None:
-    p = Pair(max_frame=1024)
+    p = LinkPair(max_frame=1024)
     p.server.dataReceived(struct.pack("<I", 1 << 30))
     assert p.st.disconnecting and not p.server.authenticated
 
 
 def test_garbage_instead_of_hello_is_refused() -> None:
-    p = Pair()
+    p = LinkPair()
     p.server.dataReceived(b"\x05\x00\x00\x00hello")
     assert p.st.disconnecting and p.server_handler.events == []
 
 
-def test_authenticated_garbage_body_drops_the_link(pair: Pair) -> None:
+def test_authenticated_garbage_body_drops_the_link(pair: LinkPair) -> None:
     pair.client._pending.append(b"\xc1")  # 0xc1 is never valid msgpack
     pair.client._pending_bytes = 1
     pair.client.flush()
@@ -232,7 +172,7 @@ def test_authenticated_garbage_body_drops_the_link(pair: Pair) -> None:
 
 def test_handshake_times_out() -> None:
     clock = Clock()
-    link = LinkServerFactory(b"k", "s", Recorder(), clock=clock, handshake_timeout=5).buildProtocol(None)  # type: ignore[arg-type]
+    link = LinkServerFactory(b"k", "s", LinkRecorder(), clock=clock, handshake_timeout=5).buildProtocol(None)  # type: ignore[arg-type]
     transport = StringTransport()
     link.makeConnection(transport)
     clock.advance(4.9)
@@ -241,8 +181,8 @@ def test_handshake_times_out() -> None:
     assert transport.disconnecting
 
 
-def test_batches_over_the_frame_limit_are_split(pair: Pair) -> None:
-    p = Pair(max_frame=1024)
+def test_batches_over_the_frame_limit_are_split(pair: LinkPair) -> None:
+    p = LinkPair(max_frame=1024)
     p.pump()
     for i in range(10):
         p.client.send([i, b"y" * 300])
@@ -255,12 +195,12 @@ def test_batches_over_the_frame_limit_are_split(pair: Pair) -> None:
 
 
 def test_a_message_larger_than_a_frame_is_refused_at_send() -> None:
-    p = Pair(max_frame=1024)
+    p = LinkPair(max_frame=1024)
     with pytest.raises(FrameTooLarge):
         p.client.send(b"z" * 1024)
 
 
-def test_a_failing_handler_does_not_lose_the_link(pair: Pair) -> None:
+def test_a_failing_handler_does_not_lose_the_link(pair: LinkPair) -> None:
     pair.server_handler.fail_on = "boom"
     for obj in ("a", "boom", "b"):
         pair.client.send(obj)
@@ -271,16 +211,16 @@ def test_a_failing_handler_does_not_lose_the_link(pair: Pair) -> None:
     assert any("handler failed" in formatEvent(e) for e in events)
 
 
-def test_link_lost_is_told_for_authenticated_links_only(pair: Pair) -> None:
+def test_link_lost_is_told_for_authenticated_links_only(pair: LinkPair) -> None:
     pair.server.connectionLost(Failure(ConnectionError("gone")))
     assert pair.server_handler.events[-1] == ("lost", "client-1")
     assert pair.server.send("late") is False
-    fresh = Pair()
+    fresh = LinkPair()
     fresh.server.connectionLost(Failure(ConnectionError("gone")))
     assert fresh.server_handler.events == []
 
 
-def test_close_flushes_queued_messages(pair: Pair) -> None:
+def test_close_flushes_queued_messages(pair: LinkPair) -> None:
     pair.client.send("last words")
     pair.client.close()
     assert pair.ct.disconnecting
@@ -290,5 +230,5 @@ def test_close_flushes_queued_messages(pair: Pair) -> None:
 
 def test_settings_refuse_an_empty_secret() -> None:
     with pytest.raises(ValueError):
-        LinkSettings(b"", "n", Recorder())
-    assert LinkSettings("text secret", "n", Recorder()).secret == b"text secret"
+        LinkSettings(b"", "n", LinkRecorder())
+    assert LinkSettings("text secret", "n", LinkRecorder()).secret == b"text secret"
