@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,7 @@ async def test_idle_sockets_expire_and_busy_ones_stay(tmp_path: Path) -> None:
         idle, busy = await connect(port), await connect(port)
         for i in range(6):
             busy.transport.write(packet(b"%d" % i))
-            await wait_for(lambda: len(busy.frames()) == i + 1, WAIT, "an echo")
+            await wait_for(lambda i=i: len(busy.frames()) == i + 1, WAIT, "an echo")
             await wait_for_time(0.05)
         assert idle.closed and not busy.closed
         assert run.said("expire") == [["150"]]
@@ -163,7 +164,11 @@ async def test_commit_close_f_and_broker_close_by_id(tmp_path: Path) -> None:
         run.lua("broker.close({ids[2], ids[3]})")
         await wait_for(lambda: all(c.closed for c in clients[:3]), WAIT, "three closes")
         assert not clients[3].closed
-        assert run.lua("return broker.f(ids[1]), broker.signal(ids[1], 'x')") == [None, False, f"no socket {run.lua('return ids[1]')[0]}".encode()]
+        assert run.lua("return broker.f(ids[1]), broker.signal(ids[1], 'x')") == [
+            None,
+            False,
+            f"no socket {run.lua('return ids[1]')[0]}".encode(),
+        ]
         with pytest.raises(AssertionError, match="bson socket|tables"):
             run.lua("broker.f(ids[4]).commit({1, 2})")
 
@@ -258,12 +263,17 @@ def test_a_services_port_is_shared_by_two_processes(tmp_path: Path) -> None:
     """
     path = write_app(tmp_path, config, {"srv": script})
     with ServerProcess(path) as server:
-        server.wait_for(lambda: len(server.logged("a", "listening") + server.logged("b", "listening")) == 2,
-                        what="both processes listening")
+        server.wait_for(
+            lambda: len(server.logged("a", "listening") + server.logged("b", "listening")) == 2,
+            what="both processes listening",
+        )
+        # steady state: both processes done starting (a busy process wins no accept race)
+        server.wait_for(lambda: any("ready: 2 processes" in line for line in server.lines), what="ready")
         pids: dict[bytes, int] = {}
         clients = []
         try:
             for _ in range(60):
+                time.sleep(0.005)  # both processes back in epoll_wait before the next connection
                 client = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
                 clients.append(client)
                 client.sendall(packet(b"?"))
