@@ -31,8 +31,9 @@ bench-quick: $(VENV)/.installed-test
 	$(PY) -m bench.run --quick
 
 check: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check --line-length 100 --select E,F,W,I,B,UP stagetx tests twisted setup.py
-	$(VENV)/bin/mypy --ignore-missing-imports --python-version 3.10 stagetx
+	$(VENV)/bin/ruff check stagetx tests twisted setup.py bench
+	$(VENV)/bin/ruff format --check stagetx tests twisted setup.py bench
+	$(VENV)/bin/mypy stagetx
 
 clean:
 	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache

@@ -9,8 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_namespace_packages(include=["stagetx", "stagetx.*"], exclude=["*.__pycache__"])
-    + ["twisted.plugins"],
+    packages=find_namespace_packages(include=["stagetx", "stagetx.*"], exclude=["*.__pycache__"]) + ["twisted.plugins"],
     package_data={
         "stagetx.lua": ["*.lua"],
         "stagetx.broker": ["*.lua"],

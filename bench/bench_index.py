@@ -62,7 +62,9 @@ class _Context:
         return False, "bench"
 
 
-def _timed_messages(stage: Stage, context: _Context, requests: Callable[[int], Any], count: int, cap: float, per_turn: int = TURN) -> float:
+def _timed_messages(
+    stage: Stage, context: _Context, requests: Callable[[int], Any], count: int, cap: float, per_turn: int = TURN
+) -> float:
     """Rate of ``stage.receive`` over ``count`` messages, ``per_turn`` of them per reactor turn.
 
     A turn ends as the router ends it: ``turn_ended`` (one log write, then the replies).
@@ -182,17 +184,47 @@ def run(quick: bool) -> list[dict[str, Any]]:
         row("index: bare SortedList insert", bare["insert"], "ops/s", note=n),
         row("index: bare SortedList score update", bare["update"], "ops/s", note=n),
         row("index: bare SortedList rank", bare["rank"], "ops/s", note=n),
-        row("index: new members, in stage", insert, "msg/s", baseline_name="index: bare SortedList insert", baseline=bare["insert"],
-            target="≥ 150000", note=f"one set per message, {TURN} messages per turn, durable log write, reply"),
-        row("index: score update, in stage", update, "msg/s", baseline_name="index: bare SortedList score update", baseline=bare["update"],
-            target="≥ 0.8 × baseline", note=f"one set per message incl. rank reply, {TURN} per turn, durable log write"),
-        row("index: score update, 1 message per turn", alone, "msg/s", target="≥ 100000",
-            note="one log write() per message: a lone request in flight"),
-        row("index: rank (get), in stage", rank, "msg/s", baseline_name="index: bare SortedList rank", baseline=bare["rank"]),
+        row(
+            "index: new members, in stage",
+            insert,
+            "msg/s",
+            baseline_name="index: bare SortedList insert",
+            baseline=bare["insert"],
+            target="≥ 150000",
+            note=f"one set per message, {TURN} messages per turn, durable log write, reply",
+        ),
+        row(
+            "index: score update, in stage",
+            update,
+            "msg/s",
+            baseline_name="index: bare SortedList score update",
+            baseline=bare["update"],
+            target="≥ 0.8 × baseline",
+            note=f"one set per message incl. rank reply, {TURN} per turn, durable log write",
+        ),
+        row(
+            "index: score update, 1 message per turn",
+            alone,
+            "msg/s",
+            target="≥ 100000",
+            note="one log write() per message: a lone request in flight",
+        ),
+        row(
+            "index: rank (get), in stage",
+            rank,
+            "msg/s",
+            baseline_name="index: bare SortedList rank",
+            baseline=bare["rank"],
+        ),
         row("index: top-100 (forEach), in stage", top, "msg/s"),
         row("index: memory per member", per_member, "B", target="≤ 300", note=f"reloaded from snapshot, {n}"),
-        row("index: GC pause, serving", serving_pause, "ms", target="≤ 20",
-            note=f"gc.collect() with {n} set since the start (not frozen)"),
+        row(
+            "index: GC pause, serving",
+            serving_pause,
+            "ms",
+            target="≤ 20",
+            note=f"gc.collect() with {n} set since the start (not frozen)",
+        ),
         row("index: GC pause, bare", bare_pause, "ms", note="gc.collect() with the index alive, not frozen"),
         row("index: GC pause, frozen after load", frozen_pause, "ms", target="≤ 20"),
         row("index: snapshot (compaction)", compaction, "s", note=f"log was {log_bytes:,} B, now {members:,} members"),
@@ -209,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [judge(r, {}) for r in run(args.quick)]
     for r in rows:
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else ""
-        print(f"{r['workload']:<40} {r['figure']:>14,.1f} {r['unit']:<6} {ratio:>5} {r['target']:<18} {r['status']:<5} {r['note']}")
+        print(
+            f"{r['workload']:<40} {r['figure']:>14,.1f} {r['unit']:<6} {ratio:>5} "
+            f"{r['target']:<18} {r['status']:<5} {r['note']}"
+        )
     if args.json:
         with open(args.json, "w") as out:
             json.dump(rows, out, indent=2)

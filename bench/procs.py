@@ -62,9 +62,7 @@ class Peer:
                 chunk = os.read(stdout.fileno(), 65536)
                 if not chunk:
                     self.proc.wait(5)
-                    raise PeerError(
-                        f"{self.argv[2:4]!r} exited {self.proc.returncode}: {self.stderr_tail()}"
-                    )
+                    raise PeerError(f"{self.argv[2:4]!r} exited {self.proc.returncode}: {self.stderr_tail()}")
                 self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
         return line

@@ -11,7 +11,15 @@ import re
 from typing import Any
 
 KEYS = (
-    "workload", "figure", "unit", "baseline_name", "baseline", "ratio", "target", "status", "note",
+    "workload",
+    "figure",
+    "unit",
+    "baseline_name",
+    "baseline",
+    "ratio",
+    "target",
+    "status",
+    "note",
 )
 STATUSES = ("pass", "short", "skip", "info")
 

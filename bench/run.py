@@ -79,9 +79,7 @@ def run_entry(entry: Entry, quick: bool) -> list[dict[str, Any]]:
         return [skip(entry.name, f"failed: {type(e).__name__}: {e}")]
 
 
-def run_all(
-    entries: Sequence[Entry], quick: bool, progress: bool = True
-) -> tuple[list[dict[str, Any]], set[str]]:
+def run_all(entries: Sequence[Entry], quick: bool, progress: bool = True) -> tuple[list[dict[str, Any]], set[str]]:
     """Run ``entries`` in order and judge every row against this run's baselines.
 
     Returns the rows and the names of the baseline rows: those of baseline entries and any row
@@ -126,8 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in paths:
         report.write(doc, path)
     m = doc["machine"]
-    print(f"stagetx benchmarks — {m['nproc']} cores, {m['cpu']}, Python {m['python']}, "
-          f"Twisted {m['twisted']}, lupa {m['lupa']}; {'quick' if a.quick else 'full'} run, {doc['seconds']} s")
+    print(
+        f"stagetx benchmarks — {m['nproc']} cores, {m['cpu']}, Python {m['python']}, "
+        f"Twisted {m['twisted']}, lupa {m['lupa']}; {'quick' if a.quick else 'full'} run, {doc['seconds']} s"
+    )
     print(report.table(rows, baselines, old))
     print(f"\nresults: {', '.join(paths)}")
     return 0

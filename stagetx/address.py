@@ -125,17 +125,7 @@ class ReplyTo:
     msgid: str
 
 
-Address = (
-    ReplyHere
-    | LocalAsync
-    | LocalSync
-    | ToStage
-    | LockAcquire
-    | LockExtend
-    | LockRelease
-    | ToServer
-    | ReplyTo
-)
+Address = ReplyHere | LocalAsync | LocalSync | ToStage | LockAcquire | LockExtend | LockRelease | ToServer | ReplyTo
 
 REPLY_HERE = ReplyHere()
 _SCOPES = {"*": Scope.ALL, "=": Scope.LOCAL, "+": Scope.REMOTE}

@@ -158,9 +158,7 @@ def _packer() -> msgpack.Packer:
     try:
         return _local.packer
     except AttributeError:
-        _local.packer = msgpack.Packer(
-            use_bin_type=True, unicode_errors="surrogateescape", default=_py_default
-        )
+        _local.packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape", default=_py_default)
         return _local.packer
 
 
@@ -299,9 +297,7 @@ class _LuaSide:
         if sequence:
             if not in_order:
                 items.sort(key=lambda kv: kv[0])  # type: ignore[no-any-return]
-            return [
-                v if type(v) in scalars else self._value(v, depth, budget, root) for _, v in items
-            ]
+            return [v if type(v) in scalars else self._value(v, depth, budget, root) for _, v in items]
         result: dict[object, object] = {}
         for k, v in items:
             if type(k) not in _KEYS:

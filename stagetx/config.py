@@ -281,11 +281,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _int_pair(value: Any, path: str, minimum: int) -> tuple[int, int]:
-    if not (
-        isinstance(value, list)
-        and len(value) == 2
-        and all(_is_int(v) and v >= minimum for v in value)
-    ):
+    if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) and v >= minimum for v in value)):
         raise ConfigError(f"{path}: expected [integer, integer], each at least {minimum}")
     return (value[0], value[1])
 
@@ -418,8 +414,7 @@ def _admin(value: Any, path: str, base_dir: str) -> AdminConfig:
             loopback = endpoint_is_loopback(endpoints[key], where)
             if token is None and not loopback:
                 raise ConfigError(
-                    f"{where}: listens beyond loopback without {path}.token "
-                    f'(add a token or ":interface=127.0.0.1")'
+                    f'{where}: listens beyond loopback without {path}.token (add a token or ":interface=127.0.0.1")'
                 )
     return AdminConfig(endpoints.get("console"), endpoints.get("http"), token)
 
@@ -447,9 +442,7 @@ class _LuaObject:
 class _Definitions:
     """The stage definitions at the top level, checked once each and merged per started stage."""
 
-    def __init__(
-        self, top: Mapping[str, tuple[str, Any]], base_dir: str, notices: list[str]
-    ) -> None:
+    def __init__(self, top: Mapping[str, tuple[str, Any]], base_dir: str, notices: list[str]) -> None:
         self._top = top
         self._base_dir = base_dir
         self._notices = notices
@@ -486,9 +479,7 @@ class _Definitions:
         elif not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a settings object or a main script name")
 
-    def _lua_object(
-        self, name: str, path: str, value: dict[str, Any], type_name: str
-    ) -> _LuaObject:
+    def _lua_object(self, name: str, path: str, value: dict[str, Any], type_name: str) -> _LuaObject:
         settings: dict[str, Any] = {}
         mains: dict[str, tuple[str, str]] = {}
         for key, item in value.items():
@@ -542,8 +533,7 @@ class _Definitions:
         found = find_script(script_name, settings["%package"], self._base_dir)
         if found is None:
             raise ConfigError(
-                f'{where}: script "{script_name}" not found along %package '
-                f"{json.dumps(settings['%package'])}"
+                f'{where}: script "{script_name}" not found along %package {json.dumps(settings["%package"])}'
             )
         preload = settings.get("%preload")
         if preload is not None and not os.path.exists(preload):

@@ -208,7 +208,11 @@ class ProcessControl:
             if lua is not None and lua.vm is not None:
                 lua.vm.lua.execute(b"collectgarbage('collect')")
         after = self.cmd_mem()[2]
-        return True, "", {"python_objects": collected, "lua_before": before, "lua_after": after["lua"], "rss": after["rss"]}
+        return (
+            True,
+            "",
+            {"python_objects": collected, "lua_before": before, "lua_after": after["lua"], "rss": after["rss"]},
+        )
 
     def cmd_reload(self, name: str) -> Deferred[Result]:
         lua = self._lua_stage(name)
@@ -386,6 +390,8 @@ class ScriptWatcher:
                 if now != before:
                     self._seen[stage.name] = now
                     self.log.info("scripts of {stage} changed: reloading", stage=stage.name)
-                    lua.reload().addErrback(lambda f, n=stage.name: self.log.failure("reload of {stage} failed", f, stage=n))
+                    lua.reload().addErrback(
+                        lambda f, n=stage.name: self.log.failure("reload of {stage} failed", f, stage=n)
+                    )
             except Exception:
                 self.log.failure("script watch of {stage} failed", stage=stage.name)

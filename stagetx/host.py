@@ -11,7 +11,8 @@ import os
 import threading
 import time
 from bisect import bisect_left
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import setproctitle
 from twisted.application.service import MultiService, Service
@@ -192,7 +193,9 @@ class ProcessHost(MultiService):
 
         def start(index: int) -> None:
             if index == len(self.stages):
-                self.log.info("group {group} ready: {stages}", group=self.group + 1, stages=[s.name for s in self.stages])
+                self.log.info(
+                    "group {group} ready: {stages}", group=self.group + 1, stages=[s.name for s in self.stages]
+                )
                 done.callback(None)
                 if not self.ready.called:
                     self.ready.callback(None)

@@ -74,7 +74,9 @@ class _Outbound:
 
     def link_authenticated(self, link: Link) -> None:
         if link.peer_id != node_id(self.group):
-            self.links.log.error("process link to group {group} answered as {peer!r}; dropped", group=self.group, peer=link.peer_id)
+            self.links.log.error(
+                "process link to group {group} answered as {peer!r}; dropped", group=self.group, peer=link.peer_id
+            )
             link.close()
             return
         self.links.connected(self.group, link)

@@ -7,7 +7,7 @@ lock authority of its server (the first ``#startup`` group) and forwards request
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -42,9 +42,7 @@ class LockTable:
 
     log = Logger()
 
-    def __init__(
-        self, clock: IReactorTime, grant: Callable[[Turn], None], hold_ms: int = DEFAULT_HOLD_MS
-    ) -> None:
+    def __init__(self, clock: IReactorTime, grant: Callable[[Turn], None], hold_ms: int = DEFAULT_HOLD_MS) -> None:
         self._clock = clock
         self._grant = grant
         self._hold = hold_ms / 1000.0

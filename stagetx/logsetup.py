@@ -13,7 +13,8 @@ process call ``reopen_log_files`` so that rotated ``#log`` files are written afr
 from __future__ import annotations
 
 import sys
-from typing import IO, Mapping
+from collections.abc import Mapping
+from typing import IO
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -98,7 +99,9 @@ def log_observers(
 ) -> tuple[list[ILogObserver], LogLevelFilterPredicate]:
     """The observers for ``#log``: the main stream, plus one file per group that names one."""
     predicate = log_predicate(groups)
-    main = jsonFileLogObserver(stream, recordSeparator="") if json_lines else textFileLogObserver(stream, timeFormat=None)
+    main = (
+        jsonFileLogObserver(stream, recordSeparator="") if json_lines else textFileLogObserver(stream, timeFormat=None)
+    )
     observers: list[ILogObserver] = [FilteringLogObserver(main, [predicate])]
     for name, group in groups.items():
         if group.file:

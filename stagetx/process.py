@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import gc
-
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -30,9 +31,9 @@ from stagetx.address import (
     format_reply,
     parse_target,
 )
+from stagetx.cluster.directory import Replica, Routes, cluster_address
 from stagetx.codec import unpack_py
 from stagetx.locks import LockTable, Turn
-from stagetx.cluster.directory import Replica, Routes, cluster_address
 from stagetx.message import Message, Sender
 
 #: The lock authority of a server is the process of its first #startup group.
@@ -76,7 +77,9 @@ class Remote(Protocol):
 
     routes: Routes
 
-    def send(self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None) -> Result:
+    def send(
+        self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None
+    ) -> Result:
         """Send ``frame`` to server ``server_id``; ``reroute``: the stage id it may go to instead."""
 
     def process_frame(self, group: int, frame: list[Any]) -> None:
@@ -192,7 +195,14 @@ class Router:
         return self.remote.routes.targets(stage_id, has_local, scope is Scope.REMOTE)
 
     def _one_of(
-        self, stage_id: str, local: list[int], far: list[Replica], msgid: str, payload: bytes, sender: Sender, reply: str | None
+        self,
+        stage_id: str,
+        local: list[int],
+        far: list[Replica],
+        msgid: str,
+        payload: bytes,
+        sender: Sender,
+        reply: str | None,
     ) -> Result:
         """Round-robin over this server's replicas and other servers', skipping clearly slower ones."""
         assert self.remote is not None
@@ -214,7 +224,14 @@ class Router:
         return False, f"no replica of '{stage_id}' available"  # unreachable: the best one passes
 
     def _send_far(
-        self, server: str, instance: int, msgid: str, payload: bytes, sender: Sender, reply: str | None, reroute: str | None
+        self,
+        server: str,
+        instance: int,
+        msgid: str,
+        payload: bytes,
+        sender: Sender,
+        reply: str | None,
+        reroute: str | None,
     ) -> Result:
         assert self.remote is not None
         return self.remote.send(server, ["m", instance, msgid, payload, _sender_frame(sender), reply], reroute)
@@ -279,7 +296,14 @@ class Router:
         if address.server != self.server_id:
             if self.remote is None:
                 return False, f"server '{address.server}' is not reachable (no cluster)"
-            frame = ["m", address.instance, address.msgid, payload, _sender_frame(sender), self._reply(sender, reply_to)]
+            frame = [
+                "m",
+                address.instance,
+                address.msgid,
+                payload,
+                _sender_frame(sender),
+                self._reply(sender, reply_to),
+            ]
             return self.remote.send(address.server, frame)
         if not 0 <= address.instance < len(self._placement):
             return False, f"no stage instance {address.instance} on this server"
@@ -323,7 +347,9 @@ class Router:
             try:
                 receiver.receive(message)
             except Exception:
-                self.log.failure("stage {stage} failed on message {msgid!r}", stage=receiver.stage_id, msgid=message.msgid)
+                self.log.failure(
+                    "stage {stage} failed on message {msgid!r}", stage=receiver.stage_id, msgid=message.msgid
+                )
             count += 1
             if count & 63 == 0:
                 now = self.now()

@@ -7,7 +7,7 @@ values move between runtimes (the stage's and its worker sandboxes) by value.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 
 class ProcessShared:

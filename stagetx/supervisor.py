@@ -123,9 +123,7 @@ class _ChildProtocol(ProcessProtocol):
         def emit(line: str) -> None:
             if line.startswith("{") and self._relay_event(line):
                 return
-            getattr(_childLog, level)(
-                "g{group}[{pid}] {line}", group=self.group, pid=self.pid, line=line
-            )
+            getattr(_childLog, level)("g{group}[{pid}] {line}", group=self.group, pid=self.pid, line=line)
 
         return emit
 
@@ -140,8 +138,10 @@ class _ChildProtocol(ProcessProtocol):
         fields = {k: v for k, v in event.items() if not k.startswith("log_")}
         fields.update(group=self.group, pid=self.pid, child_namespace=event["log_namespace"], text=formatEvent(event))
         _childLog.emit(
-            event["log_level"], "g{group}[{pid}] [{child_namespace}#{child_level}] {text}",
-            child_level=event["log_level"].name, **fields
+            event["log_level"],
+            "g{group}[{pid}] [{child_namespace}#{child_level}] {text}",
+            child_level=event["log_level"].name,
+            **fields,
         )
         return True
 
@@ -290,9 +290,7 @@ class Supervisor(service.Service):
             # SIGTERM is the operator's graceful stop: drain, then exit 0 (Twisted's own handler
             # would make twistd end by re-raising the signal).
             # Installed once the reactor runs, over the handler the reactor installs then.
-            reactor.callWhenRunning(
-                signal.signal, signal.SIGTERM, lambda *_: reactor.callFromThread(self._terminated)
-            )
+            reactor.callWhenRunning(signal.signal, signal.SIGTERM, lambda *_: reactor.callFromThread(self._terminated))
         for slot in self._slots:
             self._spawn(slot)
 
@@ -320,9 +318,11 @@ class Supervisor(service.Service):
                 continue
             d = serverFromString(listener, description).listen(factory)
             d.addCallback(self._admin_listening, kind)
-            d.addErrback(lambda f, k=kind, e=description: self.log.error(
-                "admin {kind} cannot listen on {endpoint}: {error}", kind=k, endpoint=e, error=f.getErrorMessage()
-            ))
+            d.addErrback(
+                lambda f, k=kind, e=description: self.log.error(
+                    "admin {kind} cannot listen on {endpoint}: {error}", kind=k, endpoint=e, error=f.getErrorMessage()
+                )
+            )
 
     def _admin_listening(self, port: IListeningPort, kind: str) -> None:
         if not self.running:
@@ -445,10 +445,7 @@ class Supervisor(service.Service):
             "group": group,
             "secret": self._secret,
             "rundir": self._rundir,
-            "services": {
-                str(address): FIRST_SERVICE_FD + index
-                for index, address in enumerate(self.config.services)
-            },
+            "services": {str(address): FIRST_SERVICE_FD + index for index, address in enumerate(self.config.services)},
             "args": self._args,
             "server_id": self._server_id,
             "operations": self._operations,
@@ -491,13 +488,9 @@ class Supervisor(service.Service):
         for index, sock in enumerate(self._sockets or ()):
             fds[FIRST_SERVICE_FD + index] = sock.fileno()
         try:
-            self._reactor_spawner().spawnProcess(
-                protocol, self._command[0], self._command, env=self._env, childFDs=fds
-            )
+            self._reactor_spawner().spawnProcess(protocol, self._command[0], self._command, env=self._env, childFDs=fds)
         except Exception:
-            self.log.failure(
-                "group {group}: cannot start {command}", group=slot.group, command=self._command
-            )
+            self.log.failure("group {group}: cannot start {command}", group=slot.group, command=self._command)
             self._schedule_restart(slot)
             return
         assert protocol.pid is not None  # set by connectionMade during spawnProcess
@@ -538,9 +531,7 @@ class Supervisor(service.Service):
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         how = f"signal {_signal_name(sig)}" if sig is not None else f"exit code {code}"
-        self.log.info(
-            "group {group} pid {pid} ended: {how}", group=slot.group, pid=protocol.pid, how=how
-        )
+        self.log.info("group {group} pid {pid} ended: {how}", group=slot.group, pid=protocol.pid, how=how)
         exits, slot.exits = slot.exits, []
         for exited in exits:
             exited.callback(None)

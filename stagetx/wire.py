@@ -35,7 +35,8 @@ import hashlib
 import hmac
 import os
 import struct
-from typing import Any, Protocol as TypingProtocol
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 import attrs
 import msgpack
@@ -112,8 +113,16 @@ def _proof(secret: bytes, role: bytes, own_nonce: bytes, peer_nonce: bytes, own:
     return _mac(
         secret,
         b"".join(
-            (b"stagetx-auth", role, own_nonce, peer_nonce, len(own).to_bytes(2, "little"), own,
-             len(peer).to_bytes(2, "little"), peer)
+            (
+                b"stagetx-auth",
+                role,
+                own_nonce,
+                peer_nonce,
+                len(own).to_bytes(2, "little"),
+                own,
+                len(peer).to_bytes(2, "little"),
+                peer,
+            )
         ),
     )
 
@@ -195,7 +204,7 @@ class Link(protocol.Protocol):
 
     def _timed_out(self) -> None:
         self._timeout_call = None
-        self._drop("no handshake within {:g} s".format(self.settings.handshake_timeout))
+        self._drop(f"no handshake within {self.settings.handshake_timeout:g} s")
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -233,9 +242,7 @@ class Link(protocol.Protocol):
         if version != VERSION:
             self._drop(f"wire version {version}, this node speaks {VERSION}")
             return
-        self._write_frame(
-            _proof(self.settings.secret, self.role, self._nonce, nonce, self._node, self._peer_node)
-        )
+        self._write_frame(_proof(self.settings.secret, self.role, self._nonce, nonce, self._node, self._peer_node))
         self._state = self._on_proof
 
     def _on_proof(self, frame: bytes) -> None:
@@ -268,9 +275,7 @@ class Link(protocol.Protocol):
             return
         self._recv_seq += 1
         try:
-            batch = msgpack.unpackb(
-                body, raw=False, strict_map_key=False, unicode_errors="surrogateescape"
-            )
+            batch = msgpack.unpackb(body, raw=False, strict_map_key=False, unicode_errors="surrogateescape")
         except Exception as e:  # an authenticated peer sent garbage: msgpack raises many types
             self._drop(f"undecodable frame: {e}")
             return

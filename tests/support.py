@@ -8,8 +8,9 @@ import socket
 import struct
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred, ensureDeferred

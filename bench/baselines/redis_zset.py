@@ -59,8 +59,21 @@ def wait_ready(port: int, timeout: float) -> None:
 def bench(port: int, command: str, requests: int, keyspace: int, pipeline: int, limit: float) -> float:
     """Requests/s that ``redis-benchmark`` reports for one command."""
     argv = [
-        "redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(CLIENTS),
-        "-n", str(requests), "-r", str(keyspace), "-P", str(pipeline), "--csv", *COMMANDS[command],
+        "redis-benchmark",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-c",
+        str(CLIENTS),
+        "-n",
+        str(requests),
+        "-r",
+        str(keyspace),
+        "-P",
+        str(pipeline),
+        "--csv",
+        *COMMANDS[command],
     ]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=limit, check=True).stdout
     lines = [r for r in csv.reader(out.splitlines()) if len(r) > 1]
@@ -76,8 +89,19 @@ def run(quick: bool) -> list[dict[str, Any]]:
     requests = budget.count(200_000, 30_000)
     limit = budget.seconds(120, 30)
     port = free_port()
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--loglevel", "warning"]
+    argv = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--loglevel",
+        "warning",
+    ]
     note = f"{members:,}-member key space, filled by {2 * members:,} random ZADDs; the rows below use that set"
     rows = []
     with spawn(argv):

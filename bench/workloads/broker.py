@@ -111,9 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.role == "client":
         client_run = ClientRun(a.count, a.conns, a.size)
-        factory: protocol.ClientFactory = protocol.ClientFactory.forProtocol(
-            lambda: LittleEndianClient(client_run, 1)
-        )
+        factory: protocol.ClientFactory = protocol.ClientFactory.forProtocol(lambda: LittleEndianClient(client_run, 1))
         reactor.callLater(a.limit, client_run.report)
     else:
         held = {"connected": 0, "conns": a.conns}

@@ -74,12 +74,17 @@ def _one_way(quick: bool) -> dict[str, Any]:
         a_config = _config("a", [_port(), f"127.0.0.1:{port_b}"])
         with server(a_config, {"a": SENDER % values}) as a:
             got, seconds = bench_line(a, "oneway", limit + 60)
-    return row("signal two servers one-way (loopback TCP)", got / seconds, "msg/s",
-               baseline_name=ONE_WAY, target="≥ 0.5 × baseline")
+    return row(
+        "signal two servers one-way (loopback TCP)",
+        got / seconds,
+        "msg/s",
+        baseline_name=ONE_WAY,
+        target="≥ 0.5 × baseline",
+    )
 
 
 def _discovery() -> dict[str, Any]:
-    group = "239.255.73.%d" % (int(time.time()) % 200 + 20)
+    group = f"239.255.73.{int(time.time()) % 200 + 20}"
     udp = f"udp://{group}:{_port(socket.SOCK_DGRAM)}"
     try:
         with server(_config("b", [_port(), udp]), {"b": RECEIVER}):
@@ -87,9 +92,13 @@ def _discovery() -> dict[str, Any]:
                 (seconds,) = bench_line(a, "found", 30)
     except Exception as e:  # noqa: BLE001 - a kernel without loopback multicast gives a skip row
         return skip("cluster discovery after start", f"multicast on loopback failed: {e}", "ms")
-    return row("cluster discovery after start", seconds * 1000, "ms",
-               target=f"≤ {2 * ANNOUNCE_INTERVAL * 1000:.0f}",
-               note=f"announce interval {ANNOUNCE_INTERVAL * 1000:.0f} ms")
+    return row(
+        "cluster discovery after start",
+        seconds * 1000,
+        "ms",
+        target=f"≤ {2 * ANNOUNCE_INTERVAL * 1000:.0f}",
+        note=f"announce interval {ANNOUNCE_INTERVAL * 1000:.0f} ms",
+    )
 
 
 def run(quick: bool) -> list[dict[str, Any]]:

@@ -74,6 +74,12 @@ def run(quick: bool) -> list[dict[str, Any]]:
     n = f"{members:,}-member index, {INFLIGHT} in flight"
     return [
         row("index e2e: new members from Lua", filled / fill_seconds, "req/s", note=n),
-        row("index e2e: set from Lua, another process", got / seconds, "req/s", baseline_name=label("ZADD", False),
-            target="≥ 0.5 × baseline", note=f"{n}, random members, durable, rank in each reply"),
+        row(
+            "index e2e: set from Lua, another process",
+            got / seconds,
+            "req/s",
+            baseline_name=label("ZADD", False),
+            target="≥ 0.5 × baseline",
+            note=f"{n}, random members, durable, rank in each reply",
+        ),
     ]

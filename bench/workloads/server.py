@@ -28,8 +28,17 @@ def server(config: Mapping[str, Any], scripts: Mapping[str, str]) -> Iterator[Pe
         for name, text in scripts.items():
             (base / f"{name}.lua").write_text(text, encoding="utf-8")
         (base / "stage.json").write_text(json.dumps(config), encoding="utf-8")
-        argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-",
-                "stage", "-c", str(base / "stage.json")]
+        argv = [
+            sys.executable,
+            "-c",
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "--logfile=-",
+            "stage",
+            "-c",
+            str(base / "stage.json"),
+        ]
         with spawn(argv) as peer:
             yield peer
 

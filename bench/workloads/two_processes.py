@@ -98,10 +98,14 @@ def run(quick: bool) -> list[dict[str, Any]]:
         got, rr_seconds, p50, p99 = bench_line(peer, "rr", limit + 20)
         _, paced_p50, paced_p99 = bench_line(peer, "paced", limit + 20)
     return [
-        row("signal two processes one-way", sent / seconds, "msg/s",
-            baseline_name=ONE_WAY, target="≥ 0.5 × baseline"),
-        row("request/reply two processes, 64 in flight", got / rr_seconds, "req/s",
-            baseline_name=ECHO_64, target="≥ 0.6 × baseline"),
+        row("signal two processes one-way", sent / seconds, "msg/s", baseline_name=ONE_WAY, target="≥ 0.5 × baseline"),
+        row(
+            "request/reply two processes, 64 in flight",
+            got / rr_seconds,
+            "req/s",
+            baseline_name=ECHO_64,
+            target="≥ 0.6 × baseline",
+        ),
         row("request/reply two processes, 64 in flight p50", p50, "µs", baseline_name=f"{ECHO_64} p50"),
         row("request/reply two processes, 64 in flight p99", p99, "µs", baseline_name=f"{ECHO_64} p99"),
         row("request/reply at 10,000 req/s p50", paced_p50, "µs"),

@@ -165,7 +165,9 @@ class Commands:
             lines, data = [], []
             for group, mem in results:
                 lines.append(f"process {group + 1}: rss {mem['rss'] / 1048576:.1f} MiB")
-                lines += [f"  {name}: Lua {used / 1048576:.2f} MiB" for name, used in mem["lua"].items() if used is not None]
+                lines += [
+                    f"  {name}: Lua {used / 1048576:.2f} MiB" for name, used in mem["lua"].items() if used is not None
+                ]
                 data.append({"process": group + 1, **mem})
             return Reply(True, tuple(lines), data)
 

@@ -145,7 +145,9 @@ class ControlServer(Service):
         call = self.reactor.callLater(timeout, expire)
         return waiting.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
 
-    def ask_all(self, name: str, args: list[str], groups: list[int] | None = None) -> Deferred[list[tuple[int, Result]]]:
+    def ask_all(
+        self, name: str, args: list[str], groups: list[int] | None = None
+    ) -> Deferred[list[tuple[int, Result]]]:
         """``ask`` in every process (or ``groups``); fires with ``[(group, result), ...]``."""
         chosen = range(len(self.children)) if groups is None else groups
         asks = [self.ask(g, name, args).addCallback(lambda r, g=g: (g, r)) for g in chosen]

@@ -189,12 +189,16 @@ def overview(supervisor: Any, history: History, now: float) -> dict[str, Any]:
             row["lua_memory"] = stats.get("lua_memory")
             stages.append(row)
             for category, (held, waiting, limit) in (stats.get("tickets") or {}).items():
-                tickets.append({"stage": config.name, "category": category, "held": held, "waiting": waiting, "limit": limit})
+                tickets.append(
+                    {"stage": config.name, "category": category, "held": held, "waiting": waiting, "limit": limit}
+                )
             for sid, count in (stats.get("subscriptions") or {}).items():
                 subscriptions.append({"stage": config.name, "subscribe_id": sid, "subscribers": count})
         found = (snap or {}).get("peers")
         if found is not None:
-            peers = (peers or []) + [{**p, "state": "linked" if p["linked"] else "down"} for p in found if "server" in p]
+            peers = (peers or []) + [
+                {**p, "state": "linked" if p["linked"] else "down"} for p in found if "server" in p
+            ]
     return {
         "time": now,
         "processes": processes,
@@ -210,7 +214,9 @@ class Dashboard:
 
     log = Logger(namespace="stagetx.admin")
 
-    def __init__(self, supervisor: Any, commands: Commands, token: str | None, interval: float = SAMPLE_INTERVAL) -> None:
+    def __init__(
+        self, supervisor: Any, commands: Commands, token: str | None, interval: float = SAMPLE_INTERVAL
+    ) -> None:
         self.supervisor = supervisor
         self.commands = commands
         self.token = token
@@ -308,7 +314,9 @@ class _Page(Resource):
         request.setHeader("content-type", "text/html; charset=utf-8")
         request.setHeader("cache-control", "no-store")
         request.setHeader("x-frame-options", "DENY")
-        request.setHeader("content-security-policy", "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'")
+        request.setHeader(
+            "content-security-policy", "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"
+        )
         return self.body
 
 
@@ -369,7 +377,11 @@ class _Action(_Part):
         finished.addErrback(gone.append)
 
         def answer(reply: Reply) -> None:
-            d.log.info("dashboard action {command}: {result}", command=" ".join(command), result="OK" if reply.ok else reply.error)
+            d.log.info(
+                "dashboard action {command}: {result}",
+                command=" ".join(command),
+                result="OK" if reply.ok else reply.error,
+            )
             if not gone:
                 request.write(_as_json(request, reply))
                 request.finish()

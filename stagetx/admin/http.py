@@ -133,5 +133,3 @@ def admin_site(supervisor: Any, commands: Commands, token: str | None) -> Site:
     site.displayTracebacks = False
     site.noisy = False
     return site
-
-

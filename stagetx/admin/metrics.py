@@ -46,7 +46,9 @@ class StageCollector(Collector):
             "stagetx_ticket_slots", "ticket slots per category", labels=["process", "stage", "category", "state"]
         )
         subs = GaugeMetricFamily("stagetx_route_subscriptions", "subscribe ids registered at a route stage", labels=s)
-        peers = GaugeMetricFamily("stagetx_cluster_peer_linked", "1 while a cluster peer is linked", labels=["peer", "addr"])
+        peers = GaugeMetricFamily(
+            "stagetx_cluster_peer_linked", "1 while a cluster peer is linked", labels=["peer", "addr"]
+        )
         control = self.supervisor.control
         children = control.children if control is not None else []
         for status in self.supervisor.status():
@@ -77,7 +79,22 @@ class StageCollector(Collector):
             for peer in snap.get("peers") or ():
                 if "server" in peer:
                     peers.add_metric([peer["server"], peer["addr"]], 1.0 if peer["linked"] else 0.0)
-        yield from (up, restarts, rss, queue, delay, received, sent, errors, latency, memory, reloads, tickets, subs, peers)
+        yield from (
+            up,
+            restarts,
+            rss,
+            queue,
+            delay,
+            received,
+            sent,
+            errors,
+            latency,
+            memory,
+            reloads,
+            tickets,
+            subs,
+            peers,
+        )
 
 
 def _buckets(bounds: list[float], counts: list[int]) -> list[tuple[str, float]]:
@@ -97,4 +114,3 @@ def make_registry(supervisor: Supervisor) -> CollectorRegistry:
 
 def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
-

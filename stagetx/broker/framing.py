@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime
 import re
 import struct
-from typing import Any, Union
+from typing import Any
 
 import attrs
 import bson
@@ -33,7 +33,7 @@ _LENGTH = struct.Struct("<I")
 _BSON_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_MS)
 MAX_DEPTH = 64  # levels of a received document: stagetx.codec.MAX_DEPTH, what Lua can receive
 
-Data = Union[bytes, dict, list, str, int, float, bool, None]
+Data = bytes | dict | list | str | int | float | bool | None
 
 
 class BrokerAddressError(ValueError):

@@ -529,4 +529,3 @@ def _address_text(packed: bytes) -> str:
         return addresses.text(*addresses.unpack(packed))
     except BrokerAddressError:
         return repr(packed)
-

@@ -66,7 +66,8 @@ class Kept:
         streams = [s for s in endpoint.sockets.values() if s.transport is not endpoint.port]
         self.log.warn(
             "broker: {url} reloaded with another framing; its {n} connections are closed",
-            url=url_text(url), n=len(streams),
+            url=url_text(url),
+            n=len(streams),
         )
         for sock in streams:
             sock.close()
@@ -89,13 +90,15 @@ class Kept:
         if not is_join:
             self.log.warn(
                 "broker: {url} (listener {id}) not re-created by the reloaded script: closed with its {n} sockets",
-                url=url, id=endpoint.id, n=len(endpoint.sockets),
+                url=url,
+                id=endpoint.id,
+                n=len(endpoint.sockets),
             )
         else:
             sids = ", ".join(str(sid) for sid in sorted(endpoint.sockets)) or "still connecting"
             self.log.warn(
                 "broker.join {url} (socket {sids}) not claimed by the reloaded script: closed",
-                url=url, sids=sids,
+                url=url,
+                sids=sids,
             )
         endpoint.shutdown()
-

@@ -16,7 +16,8 @@ from __future__ import annotations
 import itertools
 import socket
 import weakref
-from typing import Any, Mapping, Protocol, Union
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from twisted.internet import protocol
 from twisted.internet.interfaces import IProtocol, IReactorTime
@@ -108,8 +109,19 @@ def registry_for(process: Any) -> Registry:
 class Endpoint:
     """One ``broker.ready`` listener, UDP port or ``broker.join`` connector, and its sockets."""
 
-    __slots__ = ("id", "url", "framing", "handler", "registry", "clock", "sockets", "expire", "port",
-                 "_sweeper", "__weakref__")
+    __slots__ = (
+        "id",
+        "url",
+        "framing",
+        "handler",
+        "registry",
+        "clock",
+        "sockets",
+        "expire",
+        "port",
+        "_sweeper",
+        "__weakref__",
+    )
 
     def __init__(self, url: BrokerURL, handler: Handler, registry: Registry, clock: IReactorTime) -> None:
         self.id = registry.next_id()
@@ -346,8 +358,12 @@ class Datagram(protocol.DatagramProtocol):
             endpoint.framing.check_in(len(data))
             value = endpoint.framing.decode(data)
         except (FrameTooLarge, FrameError) as err:
-            log.warn("broker UDP {sid}: datagram from {peer} dropped: {reason}", sid=self.id,
-                     peer=addresses.text(addr[0], addr[1]), reason=str(err))
+            log.warn(
+                "broker UDP {sid}: datagram from {peer} dropped: {reason}",
+                sid=self.id,
+                peer=addresses.text(addr[0], addr[1]),
+                reason=str(err),
+            )
             return
         endpoint.handler.received(self, value, sender)
 
@@ -385,7 +401,7 @@ class Datagram(protocol.DatagramProtocol):
         return addresses.text(*addresses.unpack(self.local)) if self.local else ""
 
 
-Socket = Union[Connection, Datagram]
+Socket = Connection | Datagram
 
 
 def _pause(transport: Any) -> None:

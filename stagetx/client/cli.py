@@ -101,18 +101,10 @@ def load_parser() -> argparse.ArgumentParser:
         default=100_000,
         help="most requests per player (default 100000)",
     )
-    parser.add_argument(
-        "--channels", type=int, default=4, help="chat channels the players share (default 4)"
-    )
-    parser.add_argument(
-        "--think-ms", type=float, default=0.0, help="pause between a player's requests"
-    )
-    parser.add_argument(
-        "--prefix", default="load", help="user and channel name prefix (default 'load')"
-    )
-    parser.add_argument(
-        "--allow-remote", action="store_true", help="allow a host that is not a loopback address"
-    )
+    parser.add_argument("--channels", type=int, default=4, help="chat channels the players share (default 4)")
+    parser.add_argument("--think-ms", type=float, default=0.0, help="pause between a player's requests")
+    parser.add_argument("--prefix", default="load", help="user and channel name prefix (default 'load')")
+    parser.add_argument("--allow-remote", action="store_true", help="allow a host that is not a loopback address")
     return parser
 
 
@@ -145,9 +137,7 @@ class Printer:
             self._write([line])
 
     def error(self, text: str) -> None:
-        self._write(
-            [json.dumps({"ok": False, "error": text})] if self.as_json else [f"error: {text}"]
-        )
+        self._write([json.dumps({"ok": False, "error": text})] if self.as_json else [f"error: {text}"])
 
     def show_prompt(self) -> None:
         if self.prompt:
@@ -175,9 +165,7 @@ async def run_line(connection: Connection, line: str, printer: Printer, timeout:
     return bool(reply.get("ok"))
 
 
-async def one_shot(
-    connection: Connection, text: str, printer: Printer, timeout: float, listen: float
-) -> int:
+async def one_shot(connection: Connection, text: str, printer: Printer, timeout: float, listen: float) -> int:
     ok = True
     for line in split_commands(text):
         ok = await run_line(connection, line, printer, timeout) and ok
@@ -186,9 +174,7 @@ async def one_shot(
     return 0 if ok else 1
 
 
-async def interactive(
-    connection: Connection, printer: Printer, timeout: float, stdin: TextIO
-) -> int:
+async def interactive(connection: Connection, printer: Printer, timeout: float, stdin: TextIO) -> int:
     """Read command lines until end of input or ``quit``; pushed chat lines print as they come."""
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str] = asyncio.Queue()
@@ -247,9 +233,7 @@ async def talk(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
 
 async def load(args: argparse.Namespace, out: TextIO) -> int:
     if not args.allow_remote and not is_loopback(args.host):
-        out.write(
-            f"load: {args.host} is not a loopback address (use --allow-remote to load it anyway)\n"
-        )
+        out.write(f"load: {args.host} is not a loopback address (use --allow-remote to load it anyway)\n")
         return 2
     if args.players < 1 or args.seconds <= 0 or args.max_requests < 1:
         out.write("load: --players, --seconds and --max-requests must be positive\n")

@@ -102,9 +102,7 @@ def format_summary(summary: dict[str, Any]) -> list[str]:
 class Progress:
     """One updating line on a terminal, plain lines (every ``plain_every`` s) otherwise."""
 
-    def __init__(
-        self, out: TextIO, stats: Stats, players: int, seconds: float, plain_every: float = 1.0
-    ) -> None:
+    def __init__(self, out: TextIO, stats: Stats, players: int, seconds: float, plain_every: float = 1.0) -> None:
         self.out = out
         self.stats = stats
         self.players = players
@@ -172,9 +170,7 @@ class Player:
             return
         self.stats.connected += 1
         try:
-            if await self._login(connection) and await self._call(
-                connection, "join", {"channel": self.channel}
-            ):
+            if await self._login(connection) and await self._call(connection, "join", {"channel": self.channel}):
                 await self._play(connection)
         except (TimeoutError, ConnectionError):
             self.stats.failed_players += 1
@@ -225,18 +221,13 @@ class Player:
                 self.stats.record("chat", time.monotonic() - sent)
 
 
-async def run_load(
-    options: LoadOptions, out: TextIO = sys.stderr, tick: float = 0.25
-) -> dict[str, Any]:
+async def run_load(options: LoadOptions, out: TextIO = sys.stderr, tick: float = 0.25) -> dict[str, Any]:
     """Run ``options.players`` players for ``options.seconds``; the summary (``Stats.summary``)."""
     stats = Stats()
     started = time.monotonic()
     deadline = started + options.seconds
     progress = Progress(out, stats, options.players, options.seconds)
-    players = [
-        asyncio.create_task(Player(n, options, stats, deadline).run())
-        for n in range(options.players)
-    ]
+    players = [asyncio.create_task(Player(n, options, stats, deadline).run()) for n in range(options.players)]
     everyone = asyncio.gather(*players)
     # a request started just before the deadline may take up to its timeout
     hard_stop = deadline + options.timeout + 1.0

@@ -150,9 +150,7 @@ def split_commands(text: str) -> list[str]:
 
 def _row(row: Document, me: str | None = None) -> str:
     mark = "  <-" if me is not None and row.get("user") == me else ""
-    return (
-        f"{row.get('rank', '?'):>5}. {row.get('user', '?'):<20} {_points(row.get('score'))}{mark}"
-    )
+    return f"{row.get('rank', '?'):>5}. {row.get('user', '?'):<20} {_points(row.get('score'))}{mark}"
 
 
 def _points(value: Any) -> str:
@@ -166,11 +164,7 @@ def describe(op: str, reply: Document) -> list[str]:
     if not reply.get("ok"):
         return [f"error: {reply.get('error', 'no reason given')}"]
     if op == "login":
-        standing = (
-            f"rank {reply['rank']}, best {_points(reply.get('score'))}"
-            if "rank" in reply
-            else "no score yet"
-        )
+        standing = f"rank {reply['rank']}, best {_points(reply.get('score'))}" if "rank" in reply else "no score yet"
         return [
             f"logged in as {reply.get('user')} on front process {reply.get('front', '?')} "
             f"({standing}; waited {reply.get('queued_ms', 0)} ms for a login slot)"

@@ -71,7 +71,14 @@ class Routes:
 
     def to_wire(self) -> list[Any]:
         """A msgpack-able form, sent by the gateway to the other processes of its server."""
-        return [dict(self.live), dict(self.pending), dict(self.backups), dict(self.servers), dict(self.addrs), sorted(self.full)]
+        return [
+            dict(self.live),
+            dict(self.pending),
+            dict(self.backups),
+            dict(self.servers),
+            dict(self.addrs),
+            sorted(self.full),
+        ]
 
     @classmethod
     def from_wire(cls, data: list[Any]) -> Routes:
@@ -97,13 +104,17 @@ class Directory:
         self.backup_addrs = set(backups)
         self.peers: dict[str, Peer] = {}
 
-    def learn(self, server_id: str, addr: str, stages: Mapping[str, Iterable[int]], via: str | None = None) -> list[Peer]:
+    def learn(
+        self, server_id: str, addr: str, stages: Mapping[str, Iterable[int]], via: str | None = None
+    ) -> list[Peer]:
         """A peer said hello over a link (``via``: the address we dialed, if we did).
 
         Returns the peers this one replaces: earlier servers at the same address (a restart
         gives a server a new id), to be forgotten at once.
         """
-        replaced = [p for p in self.peers.values() if addr and p.server_id != server_id and addr in ({p.addr} | p.aliases)]
+        replaced = [
+            p for p in self.peers.values() if addr and p.server_id != server_id and addr in ({p.addr} | p.aliases)
+        ]
         for old in replaced:
             del self.peers[old.server_id]
         peer = self.peers.get(server_id)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
+from twisted.application.service import Service
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
-from twisted.application.service import Service
 from twisted.logger import Logger
 
 LOOPBACK = "127.0.0.1"
@@ -69,12 +70,18 @@ class _Announcer(DatagramProtocol):
         transport.joinGroup(self.group, LOOPBACK).addCallbacks(self._joined, self._failed, errbackArgs=("join",))
 
     def _joined(self, _: object) -> None:
-        self.discovery.log.info("discovery joined {group}:{port} on {iface}", group=self.group, port=self.port, iface=LOOPBACK)
+        self.discovery.log.info(
+            "discovery joined {group}:{port} on {iface}", group=self.group, port=self.port, iface=LOOPBACK
+        )
         self.announce()
 
     def _failed(self, failure: Any, what: str) -> None:
         self.discovery.log.error(
-            "discovery on {group}:{port}: could not {what}: {error}", group=self.group, port=self.port, what=what, error=failure.getErrorMessage()
+            "discovery on {group}:{port}: could not {what}: {error}",
+            group=self.group,
+            port=self.port,
+            what=what,
+            error=failure.getErrorMessage(),
         )
 
     def announce(self) -> None:

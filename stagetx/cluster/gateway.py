@@ -21,7 +21,8 @@ Frames between the processes of one server (kinds added to ``stagetx.router``)::
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.interfaces import IDelayedCall
@@ -62,7 +63,9 @@ class RemoteView:
         self.links = links
         self.routes = Routes()
 
-    def send(self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None) -> Result:
+    def send(
+        self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None
+    ) -> Result:
         if server_id not in self.routes.servers:
             return False, f"server '{server_id}' is not in the cluster (gone, restarted or never seen)"
         if server_id in self.routes.full:
@@ -125,7 +128,9 @@ class ClusterGateway(MultiService):
         self._loop.start(self.interval, now=False)
         self.log.info(
             "cluster: server {server} listening on {addr}, peers {peers}",
-            server=self.server_id, addr=self.addr or "(no port)", peers=self.static,
+            server=self.server_id,
+            addr=self.addr or "(no port)",
+            peers=self.static,
         )
 
     def stopService(self) -> Any:
@@ -136,7 +141,9 @@ class ClusterGateway(MultiService):
         return MultiService.stopService(self)
 
     # -- what the router calls --------------------------------------------------------------------
-    def send(self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None) -> Result:
+    def send(
+        self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None
+    ) -> Result:
         """Send ``frame`` to a known server (queued while it has no link, bounded)."""
         if server_id not in self.directory.peers:
             return False, f"server '{server_id}' is not in the cluster (gone, restarted or never seen)"
@@ -187,7 +194,12 @@ class ClusterGateway(MultiService):
             _, instance, msgid, payload, sender, reply = obj
             ok, reason = self.router.deliver(instance, msgid, payload, Sender(*sender), reply)
             if not ok:
-                self.log.warn("message {msgid!r} from server {server} not delivered: {reason}", msgid=msgid, server=server_id, reason=reason)
+                self.log.warn(
+                    "message {msgid!r} from server {server} not delivered: {reason}",
+                    msgid=msgid,
+                    server=server_id,
+                    reason=reason,
+                )
         elif kind == "hello":
             self._hello_from(server_id, obj)
         elif kind == "s":
@@ -203,10 +215,19 @@ class ClusterGateway(MultiService):
         _, addr, stages, delay, overloaded = obj
         known = self.directory.peers.get(server_id)
         if known is None or not known.linked:
-            for old in self.directory.learn(server_id, addr or self._via.get(server_id, ""), stages, self._via.get(server_id)):
-                self.log.warn("server {old} at {addr} was replaced by {new} (restarted)", old=old.server_id, addr=addr, new=server_id)
+            for old in self.directory.learn(
+                server_id, addr or self._via.get(server_id, ""), stages, self._via.get(server_id)
+            ):
+                self.log.warn(
+                    "server {old} at {addr} was replaced by {new} (restarted)",
+                    old=old.server_id,
+                    addr=addr,
+                    new=server_id,
+                )
                 self._forget(old)
-            self.log.info("server {server} at {addr} linked: stages {stages}", server=server_id, addr=addr, stages=sorted(stages))
+            self.log.info(
+                "server {server} at {addr} linked: stages {stages}", server=server_id, addr=addr, stages=sorted(stages)
+            )
             self.directory.heard(server_id, delay, overloaded)
             self._changed()
         elif self.directory.heard(server_id, delay, overloaded):
@@ -217,12 +238,22 @@ class ClusterGateway(MultiService):
     def _to_this_server(self, server_id: str, obj: list[Any]) -> None:
         _, stage, msgid, tag, payload, sender, reply, ttl_ms = obj
         if ttl_ms is not None and self.own_delay() * 1000.0 >= ttl_ms:
-            self.log.warn("message {msgid!r} from server {server} dropped: not handled within {ms} ms", msgid=msgid, server=server_id, ms=ttl_ms)
+            self.log.warn(
+                "message {msgid!r} from server {server} dropped: not handled within {ms} ms",
+                msgid=msgid,
+                server=server_id,
+                ms=ttl_ms,
+            )
             return
         address = ToStage(stage, msgid, Scope.LOCAL, bool(tag), None)
         ok, reason = self.router.send(Sender(*sender), address, payload, reply)
         if not ok:
-            self.log.warn("message {msgid!r} from server {server} not delivered: {reason}", msgid=msgid, server=server_id, reason=reason)
+            self.log.warn(
+                "message {msgid!r} from server {server} not delivered: {reason}",
+                msgid=msgid,
+                server=server_id,
+                reason=reason,
+            )
 
     # -- heart-beats, expiry, overload ------------------------------------------------------------
     def own_delay(self) -> float:
@@ -233,7 +264,10 @@ class ClusterGateway(MultiService):
         try:
             if self.gate.update(self.own_delay()):
                 if self.gate.overloaded:
-                    self.log.warn("overloaded: message delay {ms:.0f} ms; taking no routed work from the cluster", ms=self.own_delay() * 1000)
+                    self.log.warn(
+                        "overloaded: message delay {ms:.0f} ms; taking no routed work from the cluster",
+                        ms=self.own_delay() * 1000,
+                    )
                 else:
                     self.log.info("recovered from overload: taking routed work from the cluster again")
             hello = self._hello()
@@ -241,7 +275,11 @@ class ClusterGateway(MultiService):
                 link.send(hello)
             gone = self.directory.expire()
             for peer in gone:
-                self.log.warn("server {server} not heard from within {ms:.0f} ms: routing removed", server=peer.server_id, ms=self.directory.sync * 1000)
+                self.log.warn(
+                    "server {server} not heard from within {ms:.0f} ms: routing removed",
+                    server=peer.server_id,
+                    ms=self.directory.sync * 1000,
+                )
                 self._forget(peer)
             self._push()
         except Exception:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
@@ -147,7 +148,9 @@ class PeerLinks(MultiService):
         return set(self._dialers)
 
     # -- sending ----------------------------------------------------------------------------------
-    def send(self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None) -> tuple[bool, str | None]:
+    def send(
+        self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None
+    ) -> tuple[bool, str | None]:
         """Send ``frame`` to ``server_id`` now, or queue it while the peer has no link."""
         link = self.links.get(server_id)
         if link is not None and link.send(frame):
@@ -176,7 +179,9 @@ class PeerLinks(MultiService):
                 continue
             link.send(item.frame)
         if dropped:
-            self.log.warn("{n} queued message(s) for server {peer} timed out before its link came up", n=dropped, peer=server_id)
+            self.log.warn(
+                "{n} queued message(s) for server {peer} timed out before its link came up", n=dropped, peer=server_id
+            )
 
     # -- link events ------------------------------------------------------------------------------
     def _authenticated(self, link: Link, via: str | None) -> None:

@@ -58,9 +58,7 @@ def _tls(reasons: list[Failure]) -> tuple[int, str] | None:
             if "certificate verify failed" in text:
                 return PEER_FAILED_VERIFICATION, f"SSL peer certificate was not OK: {text}"
             return SSL_CONNECT_ERROR, f"SSL connect error: {text}"
-        if (
-            type(reason.value).__name__ == "VerificationError"
-        ):  # service_identity: host name mismatch
+        if type(reason.value).__name__ == "VerificationError":  # service_identity: host name mismatch
             return (
                 PEER_FAILED_VERIFICATION,
                 f"SSL certificate does not match the host name: {reason.value}",

@@ -94,9 +94,7 @@ def _target(url: str) -> ReadyURL:
     if not url:
         raise BadRequest(errors.URL_MALFORMAT, "No URL set")
     if _BAD_URL_CHARS.search(url):
-        raise BadRequest(
-            errors.URL_MALFORMAT, "URL rejected: white space or control character in the URL"
-        )
+        raise BadRequest(errors.URL_MALFORMAT, "URL rejected: white space or control character in the URL")
     if "://" not in url:
         url = "http://" + url
     try:
@@ -108,9 +106,7 @@ def _target(url: str) -> ReadyURL:
     if not parsed.host:
         raise BadRequest(errors.URL_MALFORMAT, "URL rejected: no host part in the URL")
     if parsed.port is not None and not 0 < parsed.port < 65536:
-        raise BadRequest(
-            errors.URL_MALFORMAT, f"URL rejected: port number {parsed.port} out of range"
-        )
+        raise BadRequest(errors.URL_MALFORMAT, f"URL rejected: port number {parsed.port} out of range")
     if not url.isascii():
         try:
             url = parsed.to_uri().to_text()
@@ -126,9 +122,7 @@ def _headers(raw: Any, user_agent: str) -> dict[bytes, list[bytes]]:
         for name, value in raw.items():
             values = value if isinstance(value, list) else [value]
             key = _scalar_bytes(name, "a header name")
-            headers.setdefault(key, []).extend(
-                _scalar_bytes(v, f"header {_text(key)}") for v in values
-            )
+            headers.setdefault(key, []).extend(_scalar_bytes(v, f"header {_text(key)}") for v in values)
     elif isinstance(raw, list):
         for line in raw:
             name, sep, value = _scalar_bytes(line, "a header line").partition(b":")
@@ -198,16 +192,12 @@ def parse_request(values: tuple[Any, ...], settings: CurlSettings) -> CurlReques
     try:
         url = raw_url.decode("utf-8") if isinstance(raw_url, bytes) else raw_url
     except UnicodeDecodeError:
-        raise BadRequest(
-            errors.URL_MALFORMAT, "URL rejected: not UTF-8", _text(raw_url), extra
-        ) from None
+        raise BadRequest(errors.URL_MALFORMAT, "URL rejected: not UTF-8", _text(raw_url), extra) from None
     try:
         target = _target(url.strip())
         body = _body(fields.get("data"))
         headers = _headers(fields.get("header"), settings.user_agent)
-        if body is not None and not _has(
-            headers, b"content-type"
-        ):  # as libcurl does for POSTFIELDS
+        if body is not None and not _has(headers, b"content-type"):  # as libcurl does for POSTFIELDS
             headers[b"Content-Type"] = [_FORM_TYPE]
         return CurlRequest(
             url=url,

@@ -69,9 +69,7 @@ def set_cookies(responses: list[IResponse]) -> dict[str, str]:
             pair = line.split(b";", 1)[0]
             name, sep, value = pair.partition(b"=")
             if sep and name.strip():
-                cookies[name.strip().decode("latin-1")] = (
-                    value.strip().strip(b'"').decode("latin-1")
-                )
+                cookies[name.strip().decode("latin-1")] = value.strip().strip(b'"').decode("latin-1")
     return cookies
 
 

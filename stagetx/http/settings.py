@@ -36,9 +36,7 @@ def parse_settings(raw: Any) -> tuple[CurlSettings, list[str]]:
     if raw is None:
         return CurlSettings(), notices
     if not isinstance(raw, Mapping):
-        return CurlSettings(), [
-            f"curl settings must be an object, got {type(raw).__name__}: ignored"
-        ]
+        return CurlSettings(), [f"curl settings must be an object, got {type(raw).__name__}: ignored"]
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "user-agent" and isinstance(value, str):

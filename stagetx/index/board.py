@@ -13,16 +13,16 @@ import itertools
 import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Optional, Union
+from typing import Any
 
 from sortedcontainers import SortedList
 
 TIERS = 4
 
-Score = Union[int, float]
+Score = int | float
 Key = tuple[Score, int, bytes]
 # A tier's stored state for one member: (score, seq), or None when unscored in that tier.
-TierState = Optional[tuple[Score, int]]
+TierState = tuple[Score, int] | None
 
 
 class Ranking(SortedList):  # type: ignore[misc]

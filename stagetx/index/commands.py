@@ -51,17 +51,17 @@ def parse_key(key: Any) -> Command:
     if isinstance(key, str):
         key = key.encode()
     if not isinstance(key, bytes):
-        raise RequestError("request keys must be strings like \"get:board/1\"")
+        raise RequestError('request keys must be strings like "get:board/1"')
     order: tuple[int, int] | None = None
     rest = key
     if rest.startswith(b"#"):
         number, dot, rest = rest[1:].partition(b".")
         if not dot or not number.isdigit():
-            raise RequestError("an order prefix looks like \"#1.\"")
+            raise RequestError('an order prefix looks like "#1."')
         order = (0, int(number))
     op, colon, target = rest.partition(b":")
     if not colon:
-        raise RequestError("a request key looks like \"command:index/tier\"")
+        raise RequestError('a request key looks like "command:index/tier"')
     if op not in WRITES and op not in READS:
         raise RequestError(f"unknown command {op.decode(errors='replace')!r}")
     name, slash, tier_text = target.rpartition(b"/")
@@ -95,7 +95,7 @@ class Executor:
     def run(self, request: Any) -> dict[Any, Any]:
         """Execute every entry of ``request``; returns the reply table keyed as the request."""
         if not isinstance(request, dict):
-            raise RequestError("an index request is a table {[\"command:index/tier\"] = argument}")
+            raise RequestError('an index request is a table {["command:index/tier"] = argument}')
         if len(request) == 1:  # the common case: nothing to order
             for key, argument in request.items():
                 command = self._parse(key)

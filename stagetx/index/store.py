@@ -276,9 +276,7 @@ class IndexStore:
             done = True
             self._remove_before(number)
             self.snapshot_bytes = os.path.getsize(self._file(number, "snap"))
-            self.log_bytes = sum(
-                os.path.getsize(self._file(n, "log")) for n in self._scan()[1] if n >= number
-            )
+            self.log_bytes = sum(os.path.getsize(self._file(n, "log")) for n in self._scan()[1] if n >= number)
         finally:
             self.compacting = False
             if not done and os.path.exists(temporary):

@@ -8,7 +8,8 @@ again and re-runs the script if the winning file, its size or its mtime changed.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 

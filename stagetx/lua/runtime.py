@@ -8,8 +8,9 @@ sandbox). It is also the *bridge* that ``stagetx.codec`` needs to move values in
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from importlib import resources
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import lupa.lua54
 import lupa.luajit21
@@ -91,9 +92,7 @@ class LuaVM:
             b"extensions": self.lua.table(),
             b"thread_extensions": self.lua.table(),
         }
-        cfg[b"extensions"][b"proxy"] = self._load(
-            _read_lua_file("proxy.lua").encode(), b"@proxy.lua", b"t"
-        )()
+        cfg[b"extensions"][b"proxy"] = self._load(_read_lua_file("proxy.lua").encode(), b"@proxy.lua", b"t")()
         host_table = self.lua.table_from({k.encode(): v for k, v in host.items()})
         chunk = self._load(_read_lua_file("prelude.lua").encode(), b"@prelude.lua", b"t")
         self.core = chunk(host_table, self.lua.table_from(cfg))

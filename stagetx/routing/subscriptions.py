@@ -308,9 +308,7 @@ class Offers:
             self._on_fail(rnd)
         return rnd
 
-    def accept(
-        self, token: str, who: Hashable, only: frozenset[str] | None = None
-    ) -> tuple[Round, list[str]] | None:
+    def accept(self, token: str, who: Hashable, only: frozenset[str] | None = None) -> tuple[Round, list[str]] | None:
         """``who`` accepts ``token`` (only the units whose callback is in ``only``, if given).
 
         Returns the round and the distinct callbacks ``who`` won, or None when it won nothing

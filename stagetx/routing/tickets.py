@@ -62,13 +62,7 @@ def valid_category(name: object) -> bool:
 
     Those characters are the request grammar's (``cat=cb?fb``) and the stage's reserved prefixes.
     """
-    return (
-        isinstance(name, str)
-        and bool(name)
-        and name[0] not in "@#"
-        and "?" not in name
-        and "=" not in name
-    )
+    return isinstance(name, str) and bool(name) and name[0] not in "@#" and "?" not in name and "=" not in name
 
 
 def _positive_int(value: object) -> bool:

@@ -64,9 +64,7 @@ class HTTPRequester(Protocol):
     ) -> Deferred[Any]: ...
 
 
-def _reply(
-    request_url: str, effective_url: str, extra: Any, code: int, message: str, elapsed: float
-) -> dict[str, Any]:
+def _reply(request_url: str, effective_url: str, extra: Any, code: int, message: str, elapsed: float) -> dict[str, Any]:
     """The reply table of a request that produced no response."""
     return {
         "url": request_url,
@@ -102,9 +100,7 @@ def _timed_out(result: Any, timeout: float) -> Any:
 class Stage:
     """``=curl+ID``: one message = one HTTP request; the reply table goes to the reply address."""
 
-    def __init__(
-        self, context: StageContext, config: Any, *, client: HTTPRequester | None = None
-    ) -> None:
+    def __init__(self, context: StageContext, config: Any, *, client: HTTPRequester | None = None) -> None:
         """``client`` replaces the stage's own treq client (tests pass a ``StubTreq``)."""
         self._context = context
         self._log = context.log
@@ -125,9 +121,7 @@ class Stage:
         from twisted.internet import reactor
 
         ca_file = self._settings.ca_file
-        policy = https_policy(
-            self._settings.verify, self._context.resolve_path(ca_file) if ca_file else None
-        )
+        policy = https_policy(self._settings.verify, self._context.resolve_path(ca_file) if ca_file else None)
         self._pool = _QuietPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = max(2, self._settings.concurrency or 8)
         self._client = HTTPClient(Agent(reactor, contextFactory=policy, pool=self._pool))
@@ -149,9 +143,7 @@ class Stage:
             self._answer(message, _reply(e.url, e.url, e.extra, e.code, e.message, 0.0))
             return
         except Exception as e:  # an undecodable payload must not escape into the router
-            self._log.failure(
-                "{stage}: bad curl message {msgid}", stage=self._context.name, msgid=message.msgid
-            )
+            self._log.failure("{stage}: bad curl message {msgid}", stage=self._context.name, msgid=message.msgid)
             self._answer(message, _reply("", "", None, errors.INTERNAL, f"bad message: {e}", 0.0))
             return
         if self._slots is None:
@@ -162,9 +154,7 @@ class Stage:
             done.addErrback(self._failed, request, queued)  # stop() cancelled it in the queue
         self._pending.add(done)
         done.addCallback(self._finish, message, done)
-        done.addErrback(
-            lambda f: self._log.failure("{stage}: curl reply failed", f, stage=self._context.name)
-        )
+        done.addErrback(lambda f: self._log.failure("{stage}: curl reply failed", f, stage=self._context.name))
 
     def _finish(self, reply: dict[str, Any], message: Message, done: Deferred[Any]) -> None:
         self._pending.discard(done)
@@ -200,9 +190,7 @@ class Stage:
         )
         done.addCallbacks(self._read, self._read_unfollowed)
         if request.timeout_ms is not None:
-            done.addTimeout(
-                request.timeout_ms / 1000.0, self._context.clock, onTimeoutCancel=_timed_out
-            )
+            done.addTimeout(request.timeout_ms / 1000.0, self._context.clock, onTimeoutCancel=_timed_out)
         done.addCallback(self._succeeded, request, started)
         done.addErrback(self._failed, request, started)
         return done
@@ -218,9 +206,7 @@ class Stage:
                 return self._read(value.response)
         return failure
 
-    def _succeeded(
-        self, got: tuple[IResponse, bytes], request: CurlRequest, started: float
-    ) -> dict[str, Any]:
+    def _succeeded(self, got: tuple[IResponse, bytes], request: CurlRequest, started: float) -> dict[str, Any]:
         response, body = got
         elapsed = self._context.clock.seconds() - started
         responses = chain(response)

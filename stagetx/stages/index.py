@@ -44,7 +44,7 @@ def parse_settings(raw: Any, resolve: Callable[[str], str]) -> IndexSettings:
     elif isinstance(raw, list) and 1 <= len(raw) <= 3:
         raw = dict(zip(("dir", "key_size", "page_items"), raw))
     if not isinstance(raw, dict) or not isinstance(raw.get("dir"), str) or not raw["dir"]:
-        raise ValueError("=index wants a directory, [dir, key_size, page_items] or {\"dir\": …}")
+        raise ValueError('=index wants a directory, [dir, key_size, page_items] or {"dir": …}')
     unknown = set(raw) - {"dir", "key_size", "page_items", "fsync"}
     if unknown:
         raise ValueError(f"=index: unknown settings {sorted(unknown)}")

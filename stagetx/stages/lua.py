@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall
@@ -27,7 +28,6 @@ from stagetx.lua.extensions import install_all
 from stagetx.lua.loader import ScriptLoader
 from stagetx.lua.runtime import LuaScriptError, LuaVM
 from stagetx.message import Message, Sender
-
 
 #: Message ids kept as Lua strings per stage, at most this many.
 MSGID_CACHE = 4096
@@ -102,7 +102,9 @@ class Stage:
         if self.config.main is not None:
             files.append(self.config.main)
         for entry in self.settings.get("%package") or ():
-            folder = self.context.resolve_path(str(entry).split("]", 1)[-1] if str(entry).startswith("[") else str(entry))
+            folder = self.context.resolve_path(
+                str(entry).split("]", 1)[-1] if str(entry).startswith("[") else str(entry)
+            )
             for root, _, names in os.walk(folder) if os.path.isdir(folder) else ():
                 files.extend(os.path.join(root, n) for n in sorted(names) if n.endswith(".lua"))
         return files

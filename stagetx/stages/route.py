@@ -18,6 +18,7 @@ from collections.abc import Hashable
 from typing import Any
 
 import attrs
+
 from stagetx.address import format_reply
 from stagetx.message import Message, Sender
 from stagetx.routing.ids import as_written
@@ -99,18 +100,12 @@ class Stage:
             return
         rnd = self._offers.open(key, units, payload)
         for who in rnd.candidates():
-            ok, reason = self._context.send(
-                _target(who, f"{self._prefix}@"), key.text, rnd.token, reply_to=ACCEPT
-            )
+            ok, reason = self._context.send(_target(who, f"{self._prefix}@"), key.text, rnd.token, reply_to=ACCEPT)
             if not ok:
-                self._context.log.debug(
-                    "route: offer to {who} not sent: {reason}", who=who, reason=reason
-                )
+                self._context.log.debug("route: offer to {who} not sent: {reason}", who=who, reason=reason)
                 self._offers.withdraw(rnd.token, who)
 
-    def _broadcast(
-        self, key: PublishKey, units: dict[str, dict[Hashable, str]], payload: _Publish
-    ) -> None:
+    def _broadcast(self, key: PublishKey, units: dict[str, dict[Hashable, str]], payload: _Publish) -> None:
         pairs = dict.fromkeys((who, cb) for cands in units.values() for who, cb in cands.items())
         if not pairs:
             self._fail(key, payload)
@@ -145,7 +140,10 @@ class Stage:
         if not ok:
             self._context.log.warn(
                 "route: delivery of {key} to {who} {callback} failed: {reason}",
-                key=key.text, who=who, callback=callback, reason=reason,
+                key=key.text,
+                who=who,
+                callback=callback,
+                reason=reason,
             )
 
     def _failed(self, rnd: Round) -> None:
@@ -186,4 +184,3 @@ def _target(who: Hashable, msgid: str) -> str:
     """The address of message ``msgid`` on replica ``who`` (a ``_who`` tuple)."""
     assert isinstance(who, tuple)
     return format_reply(who[0], who[1], msgid)
-

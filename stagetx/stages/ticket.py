@@ -116,9 +116,7 @@ class Stage:
     def _broadcast(self, message: Message) -> None:
         category = message.msgid[1:]
         for server, instance in self._book.owners(category):
-            self._context.send(
-                format_reply(server, instance, f"{self._prefix}{category}"), *message.values
-            )
+            self._context.send(format_reply(server, instance, f"{self._prefix}{category}"), *message.values)
 
     def _create(self, message: Message) -> None:
         values = message.values
@@ -188,4 +186,3 @@ class Stage:
             self._logged.clear()
         self._logged.add(text)
         self._context.log.info("{text}", text=text)
-

@@ -201,7 +201,6 @@ async def test_sockets_from_a_sandbox_read_in_the_thread_and_write_on_the_reacto
         assert b"late" not in client.data  # whether the job's commit returned true (handed over) or
         # false (the reactor had closed the socket already), nothing is sent after the close
 
-
         other = await connect(port)
         other.send(b"kill")
         await wait_for(lambda: other.closed, WAIT, "broker.close from the job")

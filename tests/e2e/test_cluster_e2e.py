@@ -166,7 +166,7 @@ def test_backup_takes_over_while_the_peer_is_down_and_routing_returns_after_its_
             # the backup serves only stage ids no live server has: before the primary is linked
             # it may answer, never once the primary does
             seen = names(s)
-            assert "K" not in seen[seen.index("P"):]
+            assert "K" not in seen[seen.index("P") :]
         stopped_at = len(s.logged("s", "at"))
         s.wait_for(lambda: "K" in names(s)[stopped_at:], 30, "the backup taking over")
         assert any("routing removed" in line or "link to server" in line for line in s.lines)
@@ -182,6 +182,7 @@ def test_backup_takes_over_while_the_peer_is_down_and_routing_returns_after_its_
 
 
 # -- wrong secret -------------------------------------------------------------------------------
+
 
 def test_a_peer_with_another_secret_is_refused_and_logged(tmp_path: Path) -> None:
     port_x, port_y = free_port(), free_port()
@@ -201,6 +202,7 @@ def test_a_peer_with_another_secret_is_refused_and_logged(tmp_path: Path) -> Non
 
 # -- multicast discovery on loopback ------------------------------------------------------------
 
+
 def _multicast_on_loopback(group: str) -> str | None:
     """None when this kernel lets a socket join ``group`` on 127.0.0.1, else the reason."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -214,7 +216,7 @@ def _multicast_on_loopback(group: str) -> str | None:
 
 
 def test_servers_find_each_other_by_multicast_on_loopback(tmp_path: Path) -> None:
-    group = "239.255.71.%d" % (int(time.time()) % 200 + 20)
+    group = f"239.255.71.{int(time.time()) % 200 + 20}"
     reason = _multicast_on_loopback(group)
     if reason:
         pytest.skip(reason)

@@ -77,9 +77,7 @@ def request(**fields: Any) -> Message:
     """A message as a Lua stage's ``stage.signal("agent:cb=reply", {...})`` arrives."""
     table: dict[Any, Any] = {}
     for key, value in fields.items():
-        table[1 if key == "url" else key.encode()] = (
-            value.encode() if isinstance(value, str) else value
-        )
+        table[1 if key == "url" else key.encode()] = value.encode() if isinstance(value, str) else value
     return Message("agent:cb", b"", Sender("s1", 0, "stage", 0), reply="^r", values=(table,))
 
 
@@ -142,12 +140,9 @@ class App(Resource):
                     "method": request.method.decode(),
                     "body": request.content.read().decode("latin-1"),
                     "headers": {
-                        k.decode().lower(): v[-1].decode()
-                        for k, v in request.requestHeaders.getAllRawHeaders()
+                        k.decode().lower(): v[-1].decode() for k, v in request.requestHeaders.getAllRawHeaders()
                     },
-                    "cookies": {
-                        k.decode(): v.decode() for k, v in request.received_cookies.items()
-                    },
+                    "cookies": {k.decode(): v.decode() for k, v in request.received_cookies.items()},
                 }
             ).encode()
         if path == "/json":
@@ -392,9 +387,7 @@ def self_signed(names: list[str], ips: list[str]) -> tuple[bytes, bytes]:
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-async def https_ask(
-    web: Harness, names: list[str], ips: list[str], settings: dict[str, Any]
-) -> dict[str, Any]:
+async def https_ask(web: Harness, names: list[str], ips: list[str], settings: dict[str, Any]) -> dict[str, Any]:
     cert, key = self_signed(names, ips)
     Path(web.base_dir, "ca.pem").write_bytes(cert)
     options = ssl.PrivateCertificate.loadPEM(cert + key).options()
@@ -482,9 +475,7 @@ class TwistdOutput(ProcessProtocol):
 
 
 @pytest_twisted.ensureDeferred
-async def test_lua_stage_in_another_process_uses_the_curl_stage(
-    web: Harness, tmp_path: Path
-) -> None:
+async def test_lua_stage_in_another_process_uses_the_curl_stage(web: Harness, tmp_path: Path) -> None:
     closed = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
     refused = f"http://127.0.0.1:{closed.getHost().port}/"
     await closed.stopListening()

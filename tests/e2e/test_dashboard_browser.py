@@ -54,10 +54,25 @@ class DevTools:
             os.dup2(write_end, 4)
 
         self.process = subprocess.Popen(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-             "--remote-debugging-pipe", f"--user-data-dir={profile}", "--window-size=1400,1300", "about:blank"],
-            preexec_fn=fds, pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--remote-debugging-pipe",
+                f"--user-data-dir={profile}",
+                "--window-size=1400,1300",
+                "about:blank",
+            ],
+            preexec_fn=fds,
+            pass_fds=(3, 4),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         os.close(to_browser_r)
         os.close(from_browser_w)
@@ -157,7 +172,12 @@ def test_dashboard_in_headless_chromium(tmp_path: Path) -> None:
             devtools.open(f"http://127.0.0.1:{ports['http']}/")
             devtools.wait("document.getElementById('connection')?.textContent === 'live'", what="the live stream")
             devtools.wait(f"/^[0-9]+$/.test({cell('1/=index+rank', 'received')} || '')", what="live stage numbers")
-            assert devtools.js("document.querySelector('#processes tr[data-process=\"2\"] [data-field=state]').textContent") == "up"
+            assert (
+                devtools.js(
+                    "document.querySelector('#processes tr[data-process=\"2\"] [data-field=state]').textContent"
+                )
+                == "up"
+            )
             assert "read-only" in devtools.js("document.getElementById('mode').textContent")
             assert devtools.js("document.querySelectorAll('#stages button').length") == 0  # no actions without a token
 
@@ -182,10 +202,14 @@ def test_dashboard_in_headless_chromium(tmp_path: Path) -> None:
             devtools.wait(f"{ranks}[0] === '11'", what="the second page")
             assert devtools.js(members)[0] == "player30"
             assert devtools.js("document.getElementById('sb-page').textContent") == "ranks 11–20 of 40"
-            devtools.js("const t = document.getElementById('sb-tier'); t.value = '2'; t.dispatchEvent(new Event('change'))")
+            devtools.js(
+                "const t = document.getElementById('sb-tier'); t.value = '2'; t.dispatchEvent(new Event('change'))"
+            )
             devtools.wait(f"{members}[0] === 'player1'", what="tier 2")
-            devtools.js("document.getElementById('sb-member').value = 'player5';"
-                        "document.querySelector('#sb-search button').click()")
+            devtools.js(
+                "document.getElementById('sb-member').value = 'player5';"
+                "document.querySelector('#sb-search button').click()"
+            )
             devtools.wait("document.getElementById('sb-status').textContent.includes('rank 5')", what="the search")
             assert devtools.js(members) == [f"player{n}" for n in range(1, 12)]
             assert devtools.js("document.querySelector('#sb-rows tr.found').dataset.member") == "player5"

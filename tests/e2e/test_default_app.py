@@ -75,9 +75,7 @@ class App:
             text=True,
             timeout=timeout,
         )
-        return done.returncode, [
-            json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")
-        ]
+        return done.returncode, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +112,7 @@ def test_login_score_top_and_rank(app: App) -> None:
 
 
 def test_mistakes_get_error_replies_and_exit_status_1(app: App) -> None:
-    code, replies = app.client(
-        "score 10; login admin wrong; login admin change-me; login again; join bad.name"
-    )
+    code, replies = app.client("score 10; login admin wrong; login admin change-me; login again; join bad.name")
     assert code == 1
     assert [r.get("error") for r in replies] == [
         "log in first",
@@ -285,9 +281,7 @@ def test_load_mode_reports_throughput_and_percentiles(throttled: App) -> None:
         row = ops[op]
         assert row["count"] > 0, op
         assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] <= row["max_ms"], (op, row)
-    assert summary["requests"] == sum(
-        ops[op]["count"] for op in ("login", "score", "top", "rank", "say")
-    )
+    assert summary["requests"] == sum(ops[op]["count"] for op in ("login", "score", "top", "rank", "say"))
     assert summary["throughput"] == pytest.approx(summary["requests"] / summary["seconds"])
     progress = [line for line in done.stderr.splitlines() if "requests" in line]
     assert len(progress) >= 2  # plain progress lines, one a second, when stderr is not a terminal

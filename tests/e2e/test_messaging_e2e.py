@@ -85,7 +85,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     path = write_app(root, CONFIG, {"a": A, "b": B, "c": C})
     with ServerProcess(path) as server:
         server.wait_for(lambda: len(server.logged("a", "counted")) == 3, 30, "three counts")
-        server.wait_for(lambda: len(server.logged("a", "leave")) + len(server.logged("c", "leave")) == 6, 30, "six lock turns")
+        server.wait_for(
+            lambda: len(server.logged("a", "leave")) + len(server.logged("c", "leave")) == 6, 30, "six lock turns"
+        )
         server.wait_for(lambda: len(server.logged("a", "reply")) >= 6, 30, "replies")
         yield server
 
@@ -143,6 +145,6 @@ def test_ordered_lock_turns_never_overlap_across_processes(server: ServerProcess
 
 
 def test_process_title_changes_what_ps_shows(server: ServerProcess) -> None:
-    (pid,), = server.logged("c", "titled")
+    ((pid,),) = server.logged("c", "titled")
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         assert f.read().split(b"\0")[0] == b"stagetx-e2e-title-c"

@@ -63,8 +63,15 @@ async def test_connections_survive_reloads_and_are_offered_to_the_new_script(tmp
             a.transport.write(packet(b"after%d" % n))
             b.transport.write(packet(b"b%d" % n))
             await wait_for(lambda n=n: len(a.frames()) == 2 * n - 1 and len(b.frames()) == n - 1, WAIT, "echoes")
-        assert a.frames() == [b"v1:1", b"v2:before2", b"v2:after2", b"v3:before3", b"v3:after3",
-                              b"v4:before4", b"v4:after4"]
+        assert a.frames() == [
+            b"v1:1",
+            b"v2:before2",
+            b"v2:after2",
+            b"v3:before3",
+            b"v3:after3",
+            b"v4:before4",
+            b"v4:after4",
+        ]
         assert b.frames() == [b"v2:b2", b"v3:b3", b"v4:b4"]
         assert not a.closed and not b.closed
         offered = run.said("offered")
@@ -272,8 +279,10 @@ def test_twistd_clients_keep_talking_across_console_reloads(tmp_path: Path) -> N
                     version = int(line[3 if line.startswith("pre") else 1 : line.index(".")])
                     assert int(answered_by) in ((version - 1, version) if line.startswith("pre") else (version,))
             assert dropped.closed()  # its listener is gone from the fifth script
-            server.wait_for(lambda: any("not re-created by the reloaded script" in line for line in server.lines),
-                            what="the closed-listener line")
+            server.wait_for(
+                lambda: any("not re-created by the reloaded script" in line for line in server.lines),
+                what="the closed-listener line",
+            )
             with socket.socket() as probe:
                 assert probe.connect_ex(("127.0.0.1", spare)) != 0
             assert sum("stage =lua+app reloaded" in line for line in server.lines) == 4

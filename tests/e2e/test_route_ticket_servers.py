@@ -166,6 +166,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 # -- route ----------------------------------------------------------------------------------------
 
+
 def test_a_publish_on_a_reaches_the_accepting_subscriber_on_b_and_its_answer_comes_back(pair: Any) -> None:
     a, b = pair
     assert ["sb", "route:chat?sb=answer!failed", "to-sb"] in b.logged("sb", "GOT")
@@ -196,6 +197,7 @@ def test_a_publish_from_b_reaches_a_subscriber_on_a_and_the_answer_goes_back_to_
 
 
 # -- ticket ---------------------------------------------------------------------------------------
+
 
 def _intervals(server: ServerProcess, stage: str) -> tuple[dict[int, float], dict[int, float]]:
     starts = {int(r[1]): float(r[2]) for r in server.logged(stage, "START")}

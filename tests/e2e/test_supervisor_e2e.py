@@ -47,9 +47,7 @@ def child_lines(events: Sequence[dict[str, Any]], prefix: str = "") -> list[str]
 
 def standin_supervisor(app_dir: Path, groups: int, **kwargs: Any) -> Supervisor:
     extra = kwargs.pop("extra", {})
-    config = parse_config(
-        {"#startup": [[f"=index+i{g}"] for g in range(groups)], **extra}, str(app_dir)
-    )
+    config = parse_config({"#startup": [[f"=index+i{g}"] for g in range(groups)], **extra}, str(app_dir))
     return Supervisor(config, child_command=STANDIN, **kwargs)
 
 
@@ -70,8 +68,7 @@ def test_children_share_the_service_sockets(app_dir: Path) -> Any:
             ready = child_lines(events, "standin ready")
             for status in supervisor.status():
                 assert (
-                    f"standin ready group={status.group} pid={status.pid} "
-                    f"rundir={supervisor.rundir} ports=[{port}]"
+                    f"standin ready group={status.group} pid={status.pid} rundir={supervisor.rundir} ports=[{port}]"
                 ) in ready
             for _ in range(10):
                 with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
@@ -164,9 +161,7 @@ def test_twistd_runs_restarts_and_stops_its_children(app_dir: Path) -> None:
         ),
     ],
 )
-def test_twistd_refuses_a_broken_config_with_one_line(
-    app_dir: Path, raw: dict[str, Any], message: str
-) -> None:
+def test_twistd_refuses_a_broken_config_with_one_line(app_dir: Path, raw: dict[str, Any], message: str) -> None:
     config = app_dir / "bad.json"
     config.write_text(json.dumps(raw))
     result = subprocess.run(
@@ -191,9 +186,7 @@ def test_twistd_refuses_a_broken_config_with_one_line(
 
 def test_twistd_check_prints_the_groups(app_dir: Path) -> None:
     config = app_dir / "stage.json"
-    config.write_text(
-        json.dumps({"#license": "x", "#startup": [["=index+a", "=route+r"], ["=curl+c"]]})
-    )
+    config.write_text(json.dumps({"#license": "x", "#startup": [["=index+a", "=route+r"], ["=curl+c"]]}))
     result = subprocess.run(
         [
             str(Path(sys.executable).with_name("twistd")),
@@ -212,6 +205,5 @@ def test_twistd_check_prints_the_groups(app_dir: Path) -> None:
     )
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout == (
-        "config OK\nnotice: #license: not used by stagetx, ignored\n"
-        "group 0: =index+a =route+r\ngroup 1: =curl+c\n"
+        "config OK\nnotice: #license: not used by stagetx, ignored\ngroup 0: =index+a =route+r\ngroup 1: =curl+c\n"
     )

@@ -46,8 +46,9 @@ def _timeout(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
     return d.addTimeout(TIMEOUT, reactor)
 
 
-async def _exchange(listen: Callable[[LinkServerFactory], IListeningPort],
-                    connect: Callable[[IListeningPort, LinkClientFactory], Any]) -> None:
+async def _exchange(
+    listen: Callable[[LinkServerFactory], IListeningPort], connect: Callable[[IListeningPort, LinkClientFactory], Any]
+) -> None:
     server, client = Collector(COUNT), Collector(COUNT)
     port = listen(LinkServerFactory(b"shared", "srv", server))
     connector = connect(port, LinkClientFactory(b"shared", "cli", client))
@@ -122,7 +123,9 @@ async def test_tcp_peer_with_wrong_secret_is_refused() -> None:
 async def test_large_messages_cross_in_several_frames() -> None:
     server, client = Collector(8), Collector()
     port = reactor.listenTCP(0, LinkServerFactory(b"k", "srv", server, max_frame=1 << 20), interface="127.0.0.1")
-    connector = reactor.connectTCP("127.0.0.1", port.getHost().port, LinkClientFactory(b"k", "cli", client, max_frame=1 << 20))
+    connector = reactor.connectTCP(
+        "127.0.0.1", port.getHost().port, LinkClientFactory(b"k", "cli", client, max_frame=1 << 20)
+    )
     try:
         link = await _timeout(client.ready)
         blobs = [bytes([i]) * 700_000 for i in range(8)]  # more than one frame can hold together

@@ -98,7 +98,11 @@ def documents() -> st.SearchStrategy[bytes]:
     """Valid BSON documents, then mangled: the decoder sees both shapes."""
     keys = st.text(max_size=4).filter(lambda k: "\0" not in k)
     values = st.recursive(
-        st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() | st.text(max_size=8)
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**63 - 1)
+        | st.floats()
+        | st.text(max_size=8)
         | st.binary(max_size=8),
         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3),
         max_leaves=8,

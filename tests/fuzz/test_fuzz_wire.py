@@ -129,9 +129,20 @@ def test_authenticated_frames_with_random_bodies_never_raise(bodies: list[bytes]
 
 
 @FUZZ
-@given(values=st.lists(st.recursive(st.none() | st.integers(-(2**63), 2**64 - 1) | st.binary(max_size=20)
-                                    | st.text(max_size=20) | st.floats(allow_nan=False),
-                                    lambda inner: st.lists(inner, max_size=4), max_leaves=20), max_size=8))
+@given(
+    values=st.lists(
+        st.recursive(
+            st.none()
+            | st.integers(-(2**63), 2**64 - 1)
+            | st.binary(max_size=20)
+            | st.text(max_size=20)
+            | st.floats(allow_nan=False),
+            lambda inner: st.lists(inner, max_size=4),
+            max_leaves=20,
+        ),
+        max_size=8,
+    )
+)
 def test_replayed_or_reordered_frames_drop_the_link(values: list[Any]) -> None:
     pair = small_pair()
     pair.pump()

@@ -65,7 +65,7 @@ def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
         try:
             if not sock.recv(65536):
                 return True
-        except socket.timeout:
+        except TimeoutError:
             continue
         except ConnectionResetError:
             return True
@@ -81,7 +81,7 @@ def handshake(address: str | tuple[str, int], secret: bytes, node: str) -> tuple
     while not link.authenticated and not link._dead and time.monotonic() < deadline:
         try:
             data = transport.sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             continue
         except ConnectionResetError:  # the server refused us first (it aborts: a reset)
             break

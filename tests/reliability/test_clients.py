@@ -73,9 +73,11 @@ def _run(tmp_path: Path, holders: int, seconds: float, interval: float, expire_m
 
     # Memory: what the connections cost, then flat while they are held.
     per_connection_kib = (mid_rss - idle_rss) * 1024 / (holders + 125)
-    print(f"{holders} clients: RSS idle {idle_rss:.0f} MiB, held {mid_rss:.0f} → {end_rss:.0f} MiB "
-          f"({per_connection_kib:.1f} KiB per connection); echo median "
-          f"{statistics.median(latencies) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; {len(drops)} oversized drops")
+    print(
+        f"{holders} clients: RSS idle {idle_rss:.0f} MiB, held {mid_rss:.0f} → {end_rss:.0f} MiB "
+        f"({per_connection_kib:.1f} KiB per connection); echo median "
+        f"{statistics.median(latencies) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; {len(drops)} oversized drops"
+    )
     assert per_connection_kib < 32
     assert end_rss - mid_rss < 16 + 0.05 * mid_rss, f"RSS grew {mid_rss:.0f} → {end_rss:.0f} MiB while holding"
 

@@ -125,13 +125,19 @@ def test_a_stage_whose_only_process_is_down_queues_up_to_the_bound_then_refuses(
         victim = group_pids(server)[1]
         losses_before = sum("link to process 2 lost" in line for line in server.lines)
         os.kill(victim, signal.SIGKILL)
-        server.wait_for(lambda: sum("link to process 2 lost" in line for line in server.lines) > losses_before,
-                        10, "process 1 to see the link go")
+        server.wait_for(
+            lambda: sum("link to process 2 lost" in line for line in server.lines) > losses_before,
+            10,
+            "process 1 to see the link go",
+        )
         queued, refused_at, why = ask(port, "blast").split(" ", 2)
         blasted_in_gap = not restarted(server, 1, victim)
         links_before = sum("g0[" in line and "linked to process 2" in line for line in server.lines)
-        server.wait_for(lambda: sum("g0[" in line and "linked to process 2" in line for line in server.lines)
-                        > links_before, 20, "process 1 linked to the restarted process 2")
+        server.wait_for(
+            lambda: sum("g0[" in line and "linked to process 2" in line for line in server.lines) > links_before,
+            20,
+            "process 1 linked to the restarted process 2",
+        )
         assert ask(port, "count") == "true"
         server.wait_for(lambda: bool(server.logged("a", "counted")), 30, "c's count")
         (counted,) = server.logged("a", "counted")[-1]

@@ -65,8 +65,14 @@ def test_mixed_traffic_soak_is_flat(tmp_path: Path) -> None:
                 swarm.run(WINDOW)
                 echoes = len(swarm.stats.latencies)
                 replies = int(ask(control, "stats").split()[1])
-                rows.append(((n + 1) * WINDOW, echoes - last_echoes, replies - last_replies,
-                             [rss_mib(pids[g]) for g in sorted(pids)]))
+                rows.append(
+                    (
+                        (n + 1) * WINDOW,
+                        echoes - last_echoes,
+                        replies - last_replies,
+                        [rss_mib(pids[g]) for g in sorted(pids)],
+                    )
+                )
                 last_echoes, last_replies = echoes, replies
         finally:
             swarm.close()

@@ -151,7 +151,17 @@ def test_str_subclass_parses_as_its_text() -> None:
     assert parse_target(Name("stage:id")) == ToStage("stage", "id")
 
 
-@given(st.one_of(st.text(), st.binary(), st.none(), st.integers(), st.floats(), st.lists(st.text() | st.integers()), st.tuples(st.text(), st.text(), st.floats())))
+@given(
+    st.one_of(
+        st.text(),
+        st.binary(),
+        st.none(),
+        st.integers(),
+        st.floats(),
+        st.lists(st.text() | st.integers()),
+        st.tuples(st.text(), st.text(), st.floats()),
+    )
+)
 def test_parse_target_raises_only_address_error(target: object) -> None:
     try:
         parse_target(target)

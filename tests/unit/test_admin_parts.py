@@ -53,12 +53,25 @@ class _Supervisor:
 
 def test_metrics_render_counters_histograms_and_tickets() -> None:
     snapshot = {
-        "rss": 1 << 20, "queue": 3, "delay": 0.001, "buckets": [0.001, 0.01], "peers": None,
-        "stages": [{
-            "name": "=lua+app", "type": "lua", "received": 5, "sent": 4, "errors": 1, "busy": 0.02,
-            "latency": [3, 1, 1], "lua_memory": 4096, "reloads": 1,
-            "tickets": {"game": [1, 2, 5]},
-        }],
+        "rss": 1 << 20,
+        "queue": 3,
+        "delay": 0.001,
+        "buckets": [0.001, 0.01],
+        "peers": None,
+        "stages": [
+            {
+                "name": "=lua+app",
+                "type": "lua",
+                "received": 5,
+                "sent": 4,
+                "errors": 1,
+                "busy": 0.02,
+                "latency": [3, 1, 1],
+                "lua_memory": 4096,
+                "reloads": 1,
+                "tickets": {"game": [1, 2, 5]},
+            }
+        ],
     }
     text = render(make_registry(_Supervisor(snapshot))).decode()  # type: ignore[arg-type]
     labels = 'process="1",stage="=lua+app",type="lua"'

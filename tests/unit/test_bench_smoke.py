@@ -55,10 +55,22 @@ def test_tiny_real_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(
         [*base, "--only", "twisted_raw", "lupa", "redis", "--json", str(first)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=100, check=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=True,
     ).stdout
     header = next(line for line in out.splitlines() if line.startswith("workload "))
-    assert [c.strip() for c in header.split("|")] == ["workload", "stagetx", "baseline", "ratio", "target", "pass/short"]
+    assert [c.strip() for c in header.split("|")] == [
+        "workload",
+        "stagetx",
+        "baseline",
+        "ratio",
+        "target",
+        "pass/short",
+    ]
     assert "raw Twisted one-way 100 B frames" in out and "lupa calls Python → Lua" in out
     doc = json.loads(first.read_text(encoding="utf-8"))
     assert doc["machine"]["nproc"] and doc["quick"] is True
@@ -68,7 +80,12 @@ def test_tiny_real_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     assert any(r["workload"].startswith("redis") for r in doc["rows"])  # figures, or a skip saying why
     out = subprocess.run(
         [*base, "--only", "lupa", "--json", str(second), "--compare", str(first)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     header = next(line for line in out.splitlines() if line.startswith("workload "))
     assert header.split("|")[-1].strip() == "change" and "%" in out

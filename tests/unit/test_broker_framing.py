@@ -39,7 +39,8 @@ def test_urls_name_scheme_host_port_framing_and_limits(url: str, expected: tuple
 
 
 @pytest.mark.parametrize(
-    "url", ["http://a:1", "tcp://host", "tcp://a:70000", "tcp://a:1?json", "tcp://a:1?packet=0", "tcp://a:1?packet=1,2,3"]
+    "url",
+    ["http://a:1", "tcp://host", "tcp://a:70000", "tcp://a:1?json", "tcp://a:1?packet=0", "tcp://a:1?packet=1,2,3"],
 )
 def test_bad_urls_say_why(url: str) -> None:
     with pytest.raises(BrokerAddressError):
@@ -129,8 +130,13 @@ def test_bad_bson_is_a_frame_error() -> None:
 
 @pytest.mark.parametrize(
     ("text", "host", "port"),
-    [("127.0.0.1:80", "127.0.0.1", 80), ("udp://224.0.0.1:8082", "224.0.0.1", 8082), ("[::1]:443", "::1", 443),
-     ("::1", "::1", 0), ("10.0.0.1", "10.0.0.1", 0)],
+    [
+        ("127.0.0.1:80", "127.0.0.1", 80),
+        ("udp://224.0.0.1:8082", "224.0.0.1", 8082),
+        ("[::1]:443", "::1", 443),
+        ("::1", "::1", 0),
+        ("10.0.0.1", "10.0.0.1", 0),
+    ],
 )
 def test_aton_and_ntoa_round_trip_ipv4_and_ipv6(text: str, host: str, port: int) -> None:
     (packed,) = addresses.aton(text)

@@ -91,8 +91,12 @@ def test_a_parked_endpoint_stops_reading_and_resume_offers_each_socket_in_order(
     handler = endpoint.handler = Recorder(refuse=(b.id,))
     endpoint.resume(parked)
     assert handler.events == [
-        ("accepted", a.id, "paused"), ("received", a.id, b"x"), ("received", a.id, b"y"),
-        ("accepted", b.id, "paused"), ("accepted", c.id, "paused"), ("accepted", late.id, "paused"),
+        ("accepted", a.id, "paused"),
+        ("received", a.id, b"x"),
+        ("received", a.id, b"y"),
+        ("accepted", b.id, "paused"),
+        ("accepted", c.id, "paused"),
+        ("accepted", late.id, "paused"),
     ]
     assert b.transport.disconnecting and not a.transport.disconnecting  # refused: closed
     assert a.transport.producerState == "producing" and endpoint.port.reading

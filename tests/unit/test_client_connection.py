@@ -174,9 +174,7 @@ def test_load_players_loop_until_the_time_is_up_and_measure_the_chat_echo() -> N
 
         def handler(request: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> None:
             seen.append(request["op"])
-            ok = not (
-                request["op"] == "login" and seen.count("login") == 1
-            )  # the first login: busy
+            ok = not (request["op"] == "login" and seen.count("login") == 1)  # the first login: busy
             send({"re": request["id"], "ok": ok})
             if request["op"] == "say":
                 send(

@@ -37,9 +37,7 @@ def test_a_request_over_the_servers_limit_is_refused_before_sending() -> None:
 @given(
     st.lists(
         st.dictionaries(
-            st.text(min_size=1, max_size=5).filter(
-                lambda k: "\0" not in k and "." not in k and not k.startswith("$")
-            ),
+            st.text(min_size=1, max_size=5).filter(lambda k: "\0" not in k and "." not in k and not k.startswith("$")),
             st.one_of(st.integers(-(2**31), 2**31 - 1), st.text(max_size=20)),
             max_size=4,
         ),
@@ -123,9 +121,9 @@ def test_replies_read_as_text() -> None:
     assert describe("login", {"ok": True, "user": "al", "front": 2, "queued_ms": 3}) == [
         "logged in as al on front process 2 (no score yet; waited 3 ms for a login slot)"
     ]
-    assert describe(
-        "score", {"ok": True, "score": 5.0, "best": 9, "rank": 2, "improved": False}
-    ) == ["score 5, best 9: rank 2"]
+    assert describe("score", {"ok": True, "score": 5.0, "best": 9, "rank": 2, "improved": False}) == [
+        "score 5, best 9: rank 2"
+    ]
     assert describe("score", {"ok": True, "score": 9, "best": 9, "rank": 1, "improved": True}) == [
         "score 9 (new best): rank 1"
     ]
@@ -147,16 +145,9 @@ def test_replies_read_as_text() -> None:
         "    1. bo                   10",
         "    2. al                   9  <-",
     ]
-    assert describe("rank", {"ok": True, "user": "cy", "total": 3}) == [
-        "cy: no score yet (3 ranked)"
-    ]
+    assert describe("rank", {"ok": True, "user": "cy", "total": 3}) == ["cy: no score yet (3 ranked)"]
     assert describe("top", {"ok": True, "total": 0}) == ["(0 ranked)"]
     assert describe("leave", {"ok": True}) == ["left no channel"]
     assert describe("leave", {"ok": True, "left": ["a", "b"]}) == ["left #a, #b"]
-    assert describe("say", {"ok": False, "error": "join the channel first"}) == [
-        "error: join the channel first"
-    ]
-    assert (
-        describe_push({"push": "chat", "channel": "lobby", "from": "al", "text": "hi"})
-        == "[#lobby] al: hi"
-    )
+    assert describe("say", {"ok": False, "error": "join the channel first"}) == ["error: join the channel first"]
+    assert describe_push({"push": "chat", "channel": "lobby", "from": "al", "text": "hi"}) == "[#lobby] al: hi"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import pytest_twisted
@@ -43,7 +43,7 @@ def _loopback_multicast(group: str) -> str | None:
 @pytest.mark.timeout(20)
 @pytest_twisted.ensureDeferred
 async def test_two_discoveries_find_each_other_on_loopback_and_ignore_strangers() -> None:
-    group = "239.255.72.%d" % (int(time.time()) % 200 + 20)
+    group = f"239.255.72.{int(time.time()) % 200 + 20}"
     reason = _loopback_multicast(group)
     if reason:
         pytest.skip(reason)

@@ -28,7 +28,9 @@ class FakeLink:
         return [f for f in self.sent if f[0] == kind]
 
 
-def gateway(tmp_path: Path, queue: int = 100, startup: list[list[str]] | None = None) -> tuple[ClusterGateway, Router, Clock, RecordingLinks]:
+def gateway(
+    tmp_path: Path, queue: int = 100, startup: list[list[str]] | None = None
+) -> tuple[ClusterGateway, Router, Clock, RecordingLinks]:
     (tmp_path / "a.lua").write_text("")
     raw = {
         "#startup": startup or [["=lua+a"]],
@@ -205,7 +207,7 @@ def test_other_processes_relay_through_the_gateway(tmp_path: Path) -> None:
     sibling = Router("me", 1, [("a", 0), ("a", 1)], clock, clock.seconds)
     sibling.remote = view
     assert sibling.send(Sender("me", 1, "a", 1), parse_target("+w:x"), pack_py((1,))) == (True, None)
-    (group, frame), = view_links.frames
+    ((group, frame),) = view_links.frames
     assert group == 0 and frame[0] == "cx" and frame[1] == "s1"
     router.frame_received(1, frame)
     assert link.frames("m")[0][1:3] == [0, "x"]

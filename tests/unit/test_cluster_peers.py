@@ -29,7 +29,9 @@ class Events:
         self.unlinked.append(server_id)
 
 
-def peers(server_id: str, secret: bytes = b"k", listen: bool = True, port: int = 0, queue: int = 10) -> tuple[PeerLinks, Events]:
+def peers(
+    server_id: str, secret: bytes = b"k", listen: bool = True, port: int = 0, queue: int = 10
+) -> tuple[PeerLinks, Events]:
     events = Events()
     links = PeerLinks(server_id, secret, ("127.0.0.1", port) if listen else None, events, reactor, 1 << 20, queue)
     links.startService()

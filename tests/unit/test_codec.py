@@ -47,8 +47,7 @@ class Bridge:
         self.vm_kind = vm_kind
         self.lua = module.LuaRuntime(encoding=None)
         self.null = self.lua.execute(
-            "stage = {null = setmetatable({}, {__newindex = function() error('read-only') end})}"
-            " return stage.null"
+            "stage = {null = setmetatable({}, {__newindex = function() error('read-only') end})} return stage.null"
         )
         self._dump = self.lua.eval("string.dump")
         self._load = self.lua.execute(_LOADER)
@@ -202,9 +201,7 @@ def test_values_round_trip_through_lua(values: tuple[Any, ...]) -> None:
 
 
 def test_lua_tables_become_lists_and_dicts(bridge: Bridge) -> None:
-    values = bridge.run(
-        "return {1, 2, 3}, {}, {a = 1, [2] = true, [1.5] = 'x'}, {1, nil, 3}, {[2] = 'b', [1] = 'a'}"
-    )
+    values = bridge.run("return {1, 2, 3}, {}, {a = 1, [2] = true, [1.5] = 'x'}, {1, nil, 3}, {[2] = 'b', [1] = 'a'}")
     assert unpack_py(pack_lua(bridge, values)) == (
         [1, 2, 3],
         [],
@@ -261,8 +258,10 @@ def test_null_is_nil_in_lua_tables_and_arguments(bridge: Bridge) -> None:
     assert unpack_py(packed) == (NULL, {b"a": NULL, b"b": 1}, [NULL, 2])
     a, t, seq = unpack_lua(bridge, packed)
     assert a is None
-    assert bridge.run("local t, s = ... return next(t) == 'b' and next(t, 'b') == nil and s[1] == nil and s[2] == 2", t, seq)
-    assert unpack_lua(bridge, pack_py((NULL, {"k": NULL}))) [0] is None
+    assert bridge.run(
+        "local t, s = ... return next(t) == 'b' and next(t, 'b') == nil and s[1] == nil and s[2] == 2", t, seq
+    )
+    assert unpack_lua(bridge, pack_py((NULL, {"k": NULL})))[0] is None
 
 
 def test_an_empty_table_is_not_null(bridge: Bridge) -> None:
@@ -316,8 +315,7 @@ def test_shared_subtables_are_copied_not_refused(bridge: Bridge) -> None:
 def test_functions_run_in_another_runtime_with_its_globals_and_nil_upvalues(vm: str) -> None:
     sender, receiver = Bridge(vm), Bridge(vm)
     f = sender.run(
-        "WHO = 'sender' local up = 10 "
-        "return function(x) return x * 2, up, WHO, up == nil and 'nil upvalue' end"
+        "WHO = 'sender' local up = 10 return function(x) return x * 2, up, WHO, up == nil and 'nil upvalue' end"
     )
     receiver.run("WHO = 'receiver'")
     (g,) = unpack_lua(receiver, pack_lua(sender, (f,)))

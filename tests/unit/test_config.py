@@ -368,13 +368,11 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
     ({"#startup": [["=index+a"]], "#log": {"db": {"lvl": "info"}}}, "#log.db.lvl: unknown key"),
     (
         {"#startup": [["=index+a"]], "#admin": {"console": "tcp:9190"}},
-        "#admin.console: listens beyond loopback without #admin.token "
-        '(add a token or ":interface=127.0.0.1")',
+        '#admin.console: listens beyond loopback without #admin.token (add a token or ":interface=127.0.0.1")',
     ),
     (
         {"#startup": [["=index+a"]], "#admin": {"http": "tcp:9190:interface=0.0.0.0"}},
-        "#admin.http: listens beyond loopback without #admin.token "
-        '(add a token or ":interface=127.0.0.1")',
+        '#admin.http: listens beyond loopback without #admin.token (add a token or ":interface=127.0.0.1")',
     ),
     (
         {"#startup": [["=index+a"]], "#admin": {"console": "tcp:abc", "token": "t"}},
@@ -385,9 +383,7 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
 
 
 @pytest.mark.parametrize(("raw", "message"), BROKEN, ids=[m.split(":")[0] for _, m in BROKEN])
-def test_broken_config_gives_one_line_naming_the_path(
-    app_dir: Path, raw: dict[str, Any], message: str
-) -> None:
+def test_broken_config_gives_one_line_naming_the_path(app_dir: Path, raw: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse(raw, app_dir)
     assert str(caught.value) == message.replace("APP", str(app_dir))
@@ -397,9 +393,7 @@ def test_broken_config_gives_one_line_naming_the_path(
 def test_load_config_resolves_relative_paths_against_the_file(
     app_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    (app_dir / "stage.json").write_text(
-        json.dumps({"#startup": [["=lua+stage"]], "=lua+stage": LUA_MAIN})
-    )
+    (app_dir / "stage.json").write_text(json.dumps({"#startup": [["=lua+stage"]], "=lua+stage": LUA_MAIN}))
     monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
     config = load_config(str(app_dir / "stage.json"))
     assert config.base_dir == str(app_dir)
@@ -410,9 +404,7 @@ def test_load_config_from_stdin_resolves_against_the_current_directory(
     app_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(app_dir)
-    monkeypatch.setattr(
-        "sys.stdin", io.StringIO(json.dumps({"#startup": [["=lua+stage"]], "=lua+stage": LUA_MAIN}))
-    )
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps({"#startup": [["=lua+stage"]], "=lua+stage": LUA_MAIN})))
     config = load_config("-")
     assert config.base_dir == str(app_dir)
 
@@ -441,7 +433,11 @@ def test_default_config_of_the_repository_is_valid() -> None:
     repo = Path(__file__).resolve().parents[2]
     config = load_config(str(repo / "etc" / "stage.json"))
     assert [stage.name for stage in config.stages] == [
-        "=index+rank", "=route+route", "=ticket+ticket", "=lua+front", "=lua+front"
+        "=index+rank",
+        "=route+route",
+        "=ticket+ticket",
+        "=lua+front",
+        "=lua+front",
     ]
     assert config.stages[-1].main == str(repo / "lua" / "front.lua")
 
@@ -454,7 +450,10 @@ def test_cluster_listen_settings(app_dir: Path) -> None:
     }
     cluster = parse(raw, app_dir).cluster
     assert (cluster.listen, cluster.listen_host, cluster.advertise, cluster.queue) == (
-        9000, "0.0.0.0", "game1.example:9000", 500
+        9000,
+        "0.0.0.0",
+        "game1.example:9000",
+        500,
     )
     plain = parse({"#startup": [["=index+rank"]], "#cluster": [9000]}, app_dir).cluster
     assert (plain.listen, plain.listen_host, plain.advertise, plain.queue) == (9000, "127.0.0.1", None, 10_000)

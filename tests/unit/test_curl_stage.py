@@ -63,9 +63,7 @@ class Recorder(Resource):
 
     isLeaf = True
 
-    def __init__(
-        self, body: bytes = b"hello", ctype: bytes = b"text/plain; charset=EUC-KR"
-    ) -> None:
+    def __init__(self, body: bytes = b"hello", ctype: bytes = b"text/plain; charset=EUC-KR") -> None:
         super().__init__()
         self.body = body
         self.ctype = ctype
@@ -116,10 +114,7 @@ def test_url_without_scheme_is_http_as_libcurl_guesses() -> None:
 
 
 def test_ipv6_literal_and_idn_hosts_become_ascii_urls() -> None:
-    assert (
-        parse_request((b"http://[::1]:8080/x",), CurlSettings()).target.to_text()
-        == "http://[::1]:8080/x"
-    )
+    assert parse_request((b"http://[::1]:8080/x",), CurlSettings()).target.to_text() == "http://[::1]:8080/x"
     idn = parse_request(("http://bücher.example/ä",), CurlSettings()).target.to_text()
     assert idn == "http://xn--bcher-kva.example/%C3%A4"
 
@@ -179,9 +174,7 @@ def test_request_headers_override_defaults() -> None:
 
 
 def test_header_lines_as_curl_writes_them() -> None:
-    request = parse_request(
-        ({1: b"http://h/", b"header": [b"X-A: 1", b"X-A: 2"]},), CurlSettings("ua/1")
-    )
+    request = parse_request(({1: b"http://h/", b"header": [b"X-A: 1", b"X-A: 2"]},), CurlSettings("ua/1"))
     assert request.headers == {b"X-A": [b"1", b"2"], b"User-Agent": [b"ua/1"]}
 
 
@@ -269,9 +262,7 @@ def test_get_reply_has_every_field() -> None:
 def test_post_form_and_headers_reach_the_server() -> None:
     recorder = Recorder()
     stage, context, _ = make_stage(recorder, {"user-agent": "game/1"})
-    stage.receive(
-        msg({1: b"http://h/form", b"data": {b"a": b"1 2"}, b"header": {b"X-Token": b"t"}})
-    )
+    stage.receive(msg({1: b"http://h/form", b"data": {b"a": b"1 2"}, b"header": {b"X-Token": b"t"}}))
     assert context.only_reply()["status"] == 200
     (seen,) = recorder.seen
     assert seen["method"] == b"POST"

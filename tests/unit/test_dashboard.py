@@ -47,7 +47,9 @@ def _index_control(tmp_path: Any) -> tuple[ProcessControl, IndexStage, _IndexCon
     stage.turn_ended()
     host = SimpleNamespace(
         group=0,
-        stages=[SimpleNamespace(name="=index+rank", stage_id="rank", stage=stage, config=SimpleNamespace(type="index"))],
+        stages=[
+            SimpleNamespace(name="=index+rank", stage_id="rank", stage=stage, config=SimpleNamespace(type="index"))
+        ],
     )
     return ProcessControl(host, None, 0.0), stage, context  # type: ignore[arg-type]
 
@@ -67,7 +69,10 @@ def test_index_command_lists_boards_and_runs_reads(tmp_path: Any) -> None:
         request = json.dumps({"forEach:b/1": [1, 2], "get:b/2": ["m3", "nobody"], "range:b": ["m4", 3]})
         ok, text, reply = _result(control.command("index", ["rank", request]))
         assert ok, text
-        assert reply["forEach:b/1"] == [{"k": "m7", "i": 7, "d": 1, "v": "name 7"}, {"k": "m6", "i": 6, "d": 2, "v": "name 6"}]
+        assert reply["forEach:b/1"] == [
+            {"k": "m7", "i": 7, "d": 1, "v": "name 7"},
+            {"k": "m6", "i": 6, "d": 2, "v": "name 6"},
+        ]
         assert reply["get:b/2"] == {"m3": {"I": {"1": {"i": 3, "d": 5}, "2": {"i": -3, "d": 3}}, "v": "name 3"}}
         assert [row["k"] for row in reply["range:b"]] == ["m5", "m4", "m3"]
         json.dumps(reply)  # plain JSON, no bytes
@@ -142,10 +147,27 @@ def _latency(**at: int) -> list[int]:
 
 
 def _snapshot(pid: int, uptime: float, received: int, sent: int, latency: list[int], **extra: Any) -> dict[str, Any]:
-    stage = {"name": "=lua+game", "type": "lua", "received": received, "sent": sent, "errors": 1, "busy": 0.0,
-             "latency": latency, "lua_memory": 2048}
-    return {"group": 0, "pid": pid, "uptime": uptime, "rss": 1 << 20, "queue": 3, "delay": 0.0, "buckets": BOUNDS,
-            "stages": [stage, *extra.get("more", [])], "peers": extra.get("peers")}
+    stage = {
+        "name": "=lua+game",
+        "type": "lua",
+        "received": received,
+        "sent": sent,
+        "errors": 1,
+        "busy": 0.0,
+        "latency": latency,
+        "lua_memory": 2048,
+    }
+    return {
+        "group": 0,
+        "pid": pid,
+        "uptime": uptime,
+        "rss": 1 << 20,
+        "queue": 3,
+        "delay": 0.0,
+        "buckets": BOUNDS,
+        "stages": [stage, *extra.get("more", [])],
+        "peers": extra.get("peers"),
+    }
 
 
 def test_quantile_interpolates_inside_the_bucket_and_caps_the_open_one() -> None:
@@ -195,9 +217,20 @@ class _Supervisor:
 
 def _server(clock: Clock) -> _Supervisor:
     clock.advance(1000.0)
-    peers = [{"server": "s2", "addr": "127.0.0.1:1", "linked": False, "backup": False, "delay": 0.0,
-              "overloaded": False, "stages": 2}]
-    child0 = ChildState(0, ready=True, snapshot=_snapshot(7, 10.0, 100, 50, _latency(b3=4), peers=peers), snapshot_at=999.5)
+    peers = [
+        {
+            "server": "s2",
+            "addr": "127.0.0.1:1",
+            "linked": False,
+            "backup": False,
+            "delay": 0.0,
+            "overloaded": False,
+            "stages": 2,
+        }
+    ]
+    child0 = ChildState(
+        0, ready=True, snapshot=_snapshot(7, 10.0, 100, 50, _latency(b3=4), peers=peers), snapshot_at=999.5
+    )
     child1 = ChildState(1, ready=False)
     statuses = [ChildStatus(0, 7, 990.0, 0), ChildStatus(1, None, None, 2)]
     return _Supervisor(clock, statuses, [child0, child1])
@@ -208,7 +241,10 @@ def test_overview_shows_states_never_stale_numbers() -> None:
     sup = _server(clock)
     sup.config.startup[0].append(SimpleNamespace(name="=route+route", type="route", id="route", group=0))
     view = overview(sup, History(10), clock.seconds())
-    assert [(p["process"], p["state"], p["uptime"]) for p in view["processes"]] == [(1, "up", 10.0), (2, "restarting", None)]
+    assert [(p["process"], p["state"], p["uptime"]) for p in view["processes"]] == [
+        (1, "up", 10.0),
+        (2, "restarting", None),
+    ]
     game, route, rank = view["stages"]
     assert game["state"] == "running" and game["received"] == 100 and game["queue"] == 3 and game["lua_memory"] == 2048
     assert route == {"process": 1, "name": "=route+route", "type": "route", "state": "stopped"}
@@ -223,8 +259,14 @@ def test_overview_shows_states_never_stale_numbers() -> None:
 # -- the resources, through the admin site --------------------------------------------------------
 
 
-def _request(site: Any, path: str, method: bytes = b"GET", headers: dict[str, str] | None = None,
-             body: bytes = b"", args: dict[bytes, list[bytes]] | None = None) -> DummyRequest:
+def _request(
+    site: Any,
+    path: str,
+    method: bytes = b"GET",
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    args: dict[bytes, list[bytes]] | None = None,
+) -> DummyRequest:
     request = DummyRequest([p.encode() for p in path.split("/")[1:]])
     request.method = method
     request.content = BytesIO(body)
@@ -308,8 +350,13 @@ def test_actions_need_token_csrf_same_origin_and_known_commands() -> None:
 
     site, _, asking = _site("s3cret")
     csrf = site.dashboard.csrf
-    good = {"authorization": "Bearer s3cret", "content-type": "application/json", "x-csrf-token": csrf,
-            "origin": "http://127.0.0.1:9190", "host": "127.0.0.1:9190"}
+    good = {
+        "authorization": "Bearer s3cret",
+        "content-type": "application/json",
+        "x-csrf-token": csrf,
+        "origin": "http://127.0.0.1:9190",
+        "host": "127.0.0.1:9190",
+    }
     assert _request(site, "/api/action", b"POST", {**good, "authorization": "Bearer no"}, body).responseCode == 401
     for change in ({"x-csrf-token": "forged"}, {"origin": "http://evil.example"}, {"content-type": "text/plain"}):
         refused = _request(site, "/api/action", b"POST", {**good, **change}, body)

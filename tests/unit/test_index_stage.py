@@ -202,7 +202,9 @@ def test_one_turn_writes_once_and_only_then_replies(tmp_path) -> None:
     stage.stop()
     again = _started(FakeContext(str(tmp_path)), ["scores", 8])
     assert _ask(again, again.context, {"forEach:b": [1, 10]})[b"forEach:b"] == [
-        {"k": b"a", "i": 1, "d": 1}, {"k": b"b", "i": 1, "d": 2}, {"k": b"c", "i": 1, "d": 3}
+        {"k": b"a", "i": 1, "d": 1},
+        {"k": b"b", "i": 1, "d": 2},
+        {"k": b"c", "i": 1, "d": 3},
     ]
     again.stop()
 

@@ -25,9 +25,7 @@ def _apply(store: IndexStore, executor: Executor, request: dict) -> dict:
 
 def _state(store: IndexStore) -> dict:
     """Everything observable: values and (score, seq) per tier, for every board."""
-    return {
-        name: {member: board.state(member) for member in board.values} for name, board in store.boards.items()
-    }
+    return {name: {member: board.state(member) for member in board.values} for name, board in store.boards.items()}
 
 
 def _log_size(directory: str) -> int:

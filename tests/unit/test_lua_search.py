@@ -30,9 +30,7 @@ ENTRIES = ["package", "rollback", "[0]lib", "[0]"]
         ("e", (0, "e.lua")),
     ],
 )
-def test_first_entry_holding_the_file_wins_with_its_position(
-    tree: Path, name: str, found: tuple[int, str]
-) -> None:
+def test_first_entry_holding_the_file_wins_with_its_position(tree: Path, name: str, found: tuple[int, str]) -> None:
     assert find_script(name, ENTRIES, str(tree)) == (found[0], str(tree / found[1]))
 
 
@@ -41,9 +39,7 @@ def test_fail_over_position_when_the_first_entry_lost_the_file(tree: Path) -> No
     assert find_script("a", ENTRIES, str(tree)) == (1, str(tree / "rollback" / "a.lua"))
 
 
-def test_absolute_entries_are_used_as_they_are(
-    tree: Path, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+def test_absolute_entries_are_used_as_they_are(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     assert find_script("a", [str(tree / "rollback")], str(elsewhere)) == (
         0,

@@ -39,7 +39,10 @@ def logged(capture: LogCapture, prefix: str) -> list[list[str]]:
 
 @pytest_twisted.ensureDeferred
 async def test_waitfor_matches_full_id_then_groups_then_stage_prefix(tmp_path: Path) -> None:
-    path = lua_app(tmp_path, {"main": """
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
         local function tag(name) return function() log4cxx.info("hit", _WAITFOR[0], name, _WAITFOR[-1]) end end
         stage.waitfor("s:g.m.cb", tag("full"))
         stage.waitfor("s:g.m.", tag("msg"))
@@ -51,7 +54,9 @@ async def test_waitfor_matches_full_id_then_groups_then_stage_prefix(tmp_path: P
         end
         log4cxx.info("unmatched", tostring(stage.signal(":a.b:c")))
         log4cxx.info("done")
-    """})
+    """
+        },
+    )
     capture = await run(path, "done")
     assert logged(capture, "hit") == [
         ["s:g.m.cb", "full", "s:g.m.cb"],
@@ -65,7 +70,10 @@ async def test_waitfor_matches_full_id_then_groups_then_stage_prefix(tmp_path: P
 
 @pytest_twisted.ensureDeferred
 async def test_waitfor_bound_values_lookup_unregister_and_auto_ids(tmp_path: Path) -> None:
-    path = lua_app(tmp_path, {"main": """
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
         local function h(...) log4cxx.info("args", ...) end
         stage.waitfor("m", h, "b1", "b2")
         stage.signal(":m", "d1", "d2")
@@ -77,7 +85,10 @@ async def test_waitfor_bound_values_lookup_unregister_and_auto_ids(tmp_path: Pat
         local b = stage.waitfor(function() end)
         log4cxx.info("ids", a ~= b, type(a))
         stage.signal(a, "via-auto")
-    """, "next": ""})
+    """,
+            "next": "",
+        },
+    )
     capture = await run(path, "auto")
     assert logged(capture, "args") == [["b1", "b2", "d1", "d2"]]
     assert logged(capture, "lookup") == [["true", "b1", "b2"]]
@@ -88,7 +99,10 @@ async def test_waitfor_bound_values_lookup_unregister_and_auto_ids(tmp_path: Pat
 
 @pytest_twisted.ensureDeferred
 async def test_local_messages_are_ordered_copied_and_async(tmp_path: Path) -> None:
-    path = lua_app(tmp_path, {"main": """
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
         local seen = {}
         stage.waitfor("m", function(i, t)
             seen[#seen + 1] = i
@@ -112,7 +126,9 @@ async def test_local_messages_are_ordered_copied_and_async(tmp_path: Path) -> No
         local t = {x = 1}
         local r1, r2 = stage.signal(":sync", t)
         log4cxx.info("sync", r1, r2, t.x)
-    """})
+    """
+        },
+    )
     capture = await run(path, "lone")
     assert logged(capture, "after-send") == [["0", "nil", "true"]]
     assert logged(capture, "order") == [["true", "true"]]
@@ -124,12 +140,17 @@ async def test_local_messages_are_ordered_copied_and_async(tmp_path: Path) -> No
 
 @pytest_twisted.ensureDeferred
 async def test_handler_error_is_logged_with_file_and_line_and_stage_goes_on(tmp_path: Path) -> None:
-    path = lua_app(tmp_path, {"main": """
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
         stage.waitfor("bad", function() local x = nil; return x.field end)
         stage.waitfor("good", function() log4cxx.info("still serving") end)
         stage.signal("bad")
         stage.signal("good")
-    """})
+    """
+        },
+    )
     capture = await run(path, "still serving")
     errors = [e for e in capture.events if e.get("log_namespace") == "stage.a" and e["log_level"].name == "error"]
     assert len(errors) == 1
@@ -138,31 +159,50 @@ async def test_handler_error_is_logged_with_file_and_line_and_stage_goes_on(tmp_
 
 @pytest_twisted.ensureDeferred
 async def test_runaway_loop_is_interrupted_by_the_budget(tmp_path: Path) -> None:
-    path = lua_app(tmp_path, {"main": """
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
         stage.addtask(1, function() while true do end end)
         stage.addtask(400, function() log4cxx.info("alive") end)
-    """}, **{"%budget": 200})
+    """
+        },
+        **{"%budget": 200},
+    )
     started = time.monotonic()
     capture = await run(path, "alive")
     assert time.monotonic() - started < 3
-    errors = [e["error"] for e in capture.events if e.get("log_namespace") == "stage.a" and e["log_level"].name == "error"]
+    errors = [
+        e["error"] for e in capture.events if e.get("log_namespace") == "stage.a" and e["log_level"].name == "error"
+    ]
     assert any("main.lua:2:" in e and "budget of 200 ms exceeded" in e for e in errors), errors
 
 
 @pytest_twisted.ensureDeferred
 async def test_memory_limit_fails_the_allocation_not_the_stage(tmp_path: Path) -> None:
-    path = lua_app(tmp_path, {"main": """
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
         stage.addtask(1, function() local t = {} for i = 1, 1e8 do t[i] = string.rep("x", 100) .. i end end)
         stage.addtask(100, function() collectgarbage(); log4cxx.info("alive") end)
-    """}, **{"%memory": "16m"})
+    """
+        },
+        **{"%memory": "16m"},
+    )
     capture = await run(path, "alive")
-    errors = [e["error"] for e in capture.events if e.get("log_namespace") == "stage.a" and e["log_level"].name == "error"]
+    errors = [
+        e["error"] for e in capture.events if e.get("log_namespace") == "stage.a" and e["log_level"].name == "error"
+    ]
     assert any("not enough memory" in e for e in errors)
 
 
 @pytest_twisted.ensureDeferred
 async def test_addtask_repeats_by_return_value_and_cancels(tmp_path: Path) -> None:
-    path = lua_app(tmp_path, {"main": """
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
         local n, m = 0, 0
         stage.addtask(5, function(step) n = n + 1; if n < 3 then return step end; log4cxx.info("repeat", n) end, 5)
         local task
@@ -172,7 +212,9 @@ async def test_addtask_repeats_by_return_value_and_cancels(tmp_path: Path) -> No
         local up = "upvalue"
         stage.addtask(0, function() log4cxx.info("closure", up) end)
         stage.addtask(100, function() log4cxx.info("done", m) end)
-    """})
+    """
+        },
+    )
     capture = await run(path, "done")
     assert logged(capture, "repeat") == [["3"]]
     assert logged(capture, "closure") == [["upvalue"]]
@@ -182,14 +224,19 @@ async def test_addtask_repeats_by_return_value_and_cancels(tmp_path: Path) -> No
 
 @pytest_twisted.ensureDeferred
 async def test_idle_function_is_rescheduled_by_its_return_value(tmp_path: Path) -> None:
-    path = lua_app(tmp_path, {"main": """
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
         local n = 0
         return function()
             n = n + 1
             if n == 3 then log4cxx.info("idle", n) return 0 end
             return 5
         end
-    """})
+    """
+        },
+    )
     capture = await run(path, "idle")
     assert logged(capture, "idle") == [["3"]]
 
@@ -206,7 +253,10 @@ async def test_preload_runs_first_in_name_order(tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_once_and_v(tmp_path: Path) -> None:
-    path = lua_app(tmp_path, {"main": """
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
         local runs = 0
         for i = 1, 3 do stage.once("init", function() runs = runs + 1 end) end
         stage.once("init", nil)
@@ -220,12 +270,15 @@ async def test_once_and_v(tmp_path: Path) -> None:
         local copy = stage.v("k")
         copy.a = 3
         log4cxx.info("v", stage.v("k").a)
-        log4cxx.info("update", stage.v("n", function(old) return (old or 0) + 5 end), stage.v("n", function(old) return old * 2 end))
+        log4cxx.info("update", stage.v("n", function(old) return (old or 0) + 5 end),
+                     stage.v("n", function(old) return old * 2 end))
         stage.v("k", nil)
         log4cxx.info("deleted", tostring(stage.v("k")))
         local ok2, err2 = pcall(stage.v, "bad", coroutine.create(function() end))
         log4cxx.info("bad", tostring(ok2), tostring(err2):find("coroutine") ~= nil)
-    """})
+    """
+        },
+    )
     capture = await run(path, "bad")
     assert logged(capture, "once") == [["2", "false"]]
     assert logged(capture, "v") == [["1"]]
@@ -239,20 +292,30 @@ async def test_load_searches_package_caches_and_takes_ids(tmp_path: Path) -> Non
     (tmp_path / "v1" / "lib").mkdir(parents=True)
     (tmp_path / "v1" / "lib" / "util.lua").write_text("COUNT = (COUNT or 0) + 1\nreturn {answer = 42}\n")
     (tmp_path / "devel").mkdir()
-    path = lua_app(tmp_path, {"main": """
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
         local u = stage.load("lib.util")
         local again = stage.load("lib.util")
         log4cxx.info("load", u.answer, COUNT, u == again)
         log4cxx.info("id", stage.load("lib.util+answer"))
-        log4cxx.info("info", stage.load("lib.util", function(v, i) return i[1], i[2]:match("v1/lib/util.lua$") ~= nil, type(i[3]) end))
+        log4cxx.info("info", stage.load("lib.util", function(v, i)
+            return i[1], i[2]:match("v1/lib/util.lua$") ~= nil, type(i[3])
+        end))
         local ok, err = pcall(stage.load, "lib.missing")
         log4cxx.info("missing", tostring(ok), err:find("lib.missing") ~= nil)
         local f = io.open(PATH .. "/devel/broken.lua", "w"); f:write("return {\\n  oops = ,\\n}"); f:close()
         local ok2, err2 = pcall(stage.load, "broken")
         log4cxx.info("broken", tostring(ok2), err2:find("broken.lua:2:") ~= nil)
-    """}, **{"%package": ["devel", "v1", "[0]lua"]})
+    """
+        },
+        **{"%package": ["devel", "v1", "[0]lua"]},
+    )
     path.write_text(path.read_text().replace('"greeting"', f'"path": {str(tmp_path)!r}, "greeting"').replace("'", '"'))
-    (tmp_path / "lua" / "main.lua").write_text('PATH = process["$path"]\n' + (tmp_path / "lua" / "main.lua").read_text())
+    (tmp_path / "lua" / "main.lua").write_text(
+        'PATH = process["$path"]\n' + (tmp_path / "lua" / "main.lua").read_text()
+    )
     capture = await run(path, "broken")
     assert logged(capture, "load") == [["42", "1", "true"]]
     assert logged(capture, "id") == [["42"]]
@@ -264,11 +327,18 @@ async def test_load_searches_package_caches_and_takes_ids(tmp_path: Path) -> Non
 @pytest_twisted.ensureDeferred
 async def test_load_picks_up_an_edited_file_after_the_recheck_period(tmp_path: Path) -> None:
     script = tmp_path / "lua" / "conf.lua"
-    path = lua_app(tmp_path, {"conf": "return {v = 1}", "main": """
+    path = lua_app(
+        tmp_path,
+        {
+            "conf": "return {v = 1}",
+            "main": """
         log4cxx.info("v", stage.load("conf").v)
         stage.addtask(100, function() log4cxx.info("v", stage.load("conf").v) end)
         stage.addtask(400, function() log4cxx.info("v", stage.load("conf").v); log4cxx.info("end") end)
-    """}, **{"%recheck": [200, 200]})
+    """,
+        },
+        **{"%recheck": [200, 200]},
+    )
     with LogCapture() as capture:
         server = InProcessServer(path)
         await server.start()
@@ -281,14 +351,19 @@ async def test_load_picks_up_an_edited_file_after_the_recheck_period(tmp_path: P
 @pytest_twisted.ensureDeferred
 async def test_log4cxx_substitutions_and_groups(tmp_path: Path) -> None:
     os.environ["STAGETX_TEST_ENV"] = "envvalue"
-    path = lua_app(tmp_path, {"main": """
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
         local function where() log4cxx.info("at %l") end
         where()
         log4cxx.warn("env %{STAGETX_TEST_ENV} {braces} %q 100%", "second")
         log4cxx.info("to group %{=audit:error}")
         print("printed", 1, nil)
         log4cxx.info("done")
-    """})
+    """
+        },
+    )
     capture = await run(path, "done")
     lines = capture.lines("stage.a")
     assert "at lua/main.lua [where:2]" in lines
@@ -301,8 +376,12 @@ async def test_log4cxx_substitutions_and_groups(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_process_and_thread_properties(tmp_path: Path) -> None:
     os.environ.pop("STAGETX_SET_BY_LUA", None)
-    path = lua_app(tmp_path, {"main": """
-        log4cxx.info("ids", process.id, process.stage, type(process.tick), type(process.args), type(thread.id), type(thread.tick))
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
+        log4cxx.info("ids", process.id, process.stage, type(process.tick), type(process.args),
+                     type(thread.id), type(thread.tick))
         log4cxx.info("config", process["$greeting"], process["$mine"], tostring(process["$nothing"]))
         process["%STAGETX_SET_BY_LUA"] = "yes"
         process["$greeting"] = {x = 1}
@@ -312,7 +391,10 @@ async def test_process_and_thread_properties(tmp_path: Path) -> None:
         process.title = "stagetx-test-title"
         log4cxx.info("title", process.title)
         log4cxx.info("readonly", tostring(pcall(function() process.id = 1 end)))
-    """}, mine="own setting")
+    """
+        },
+        mine="own setting",
+    )
     capture = await run(path, "readonly")
     assert logged(capture, "ids") == [[str(os.getpid()), "1", "number", "table", "number", "number"]]
     assert logged(capture, "config") == [["hello", "own setting", "nil"]]
@@ -330,7 +412,11 @@ async def test_both_vm_kinds_run_stages(tmp_path: Path, kind: str) -> None:
         "#startup": [[f"={kind}+a"]],
         f"={kind}+a": {"%package": ["[0]lua"], f"={kind}+a": "main"},
     }
-    path = write_app(tmp_path, config, {"main": 'stage.waitfor("m", function(v) log4cxx.info("got", v, _VERSION) end); stage.signal("m", 7)'})
+    path = write_app(
+        tmp_path,
+        config,
+        {"main": 'stage.waitfor("m", function(v) log4cxx.info("got", v, _VERSION) end); stage.signal("m", 7)'},
+    )
     capture = await run(path, "got")
     version = "Lua 5.1" if kind == "luajit" else "Lua 5.4"
     assert logged(capture, "got") == [["7", version]]

@@ -57,8 +57,7 @@ def to_py(value: Any) -> Any:
 def calls(lua: Any) -> list[tuple[Any, ...]]:
     """The recorded watcher calls as (name, arg, key, new)."""
     return [
-        (to_py(c[b"name"]), to_py(c[b"arg"]), to_py(c[b"key"]), to_py(c[b"new"]))
-        for c in lua.globals().log.values()
+        (to_py(c[b"name"]), to_py(c[b"arg"]), to_py(c[b"key"]), to_py(c[b"new"])) for c in lua.globals().log.values()
     ]
 
 
@@ -66,69 +65,185 @@ F12 = "{10, 20, rec'F1', 30, 40, rec'F2'}"
 
 # (id, t2, t1, statements using proxy `p`, expected calls, expected t1 afterwards)
 CASES = [
-    ("spec-example", f"{{A = {F12}}}", "{A = 12}", "p.A = 34",
-     [("F1", [20], "A", 34), ("F2", [30], "A", 34)], {"A": 34}),
-    ("absent-old-crosses-all-below", f"{{A = {F12}}}", "{}", "p.A = 34",
-     [("F1", [10, 20], "A", 34), ("F2", [30], "A", 34)], {"A": 34}),
+    (
+        "spec-example",
+        f"{{A = {F12}}}",
+        "{A = 12}",
+        "p.A = 34",
+        [("F1", [20], "A", 34), ("F2", [30], "A", 34)],
+        {"A": 34},
+    ),
+    (
+        "absent-old-crosses-all-below",
+        f"{{A = {F12}}}",
+        "{}",
+        "p.A = 34",
+        [("F1", [10, 20], "A", 34), ("F2", [30], "A", 34)],
+        {"A": 34},
+    ),
     ("downwards-crosses-nothing", f"{{A = {F12}}}", "{A = 34}", "p.A = 12", [], {"A": 12}),
-    ("several-at-once", "{A = {10, 20, 30, rec'F'}}", "{A = 0}", "p.A = 100",
-     [("F", [10, 20, 30], "A", 100)], {"A": 100}),
-    ("reaching-threshold-crosses", "{A = {20, rec'F'}}", "{A = 19}", "p.A = 20",
-     [("F", [20], "A", 20)], {"A": 20}),
+    (
+        "several-at-once",
+        "{A = {10, 20, 30, rec'F'}}",
+        "{A = 0}",
+        "p.A = 100",
+        [("F", [10, 20, 30], "A", 100)],
+        {"A": 100},
+    ),
+    ("reaching-threshold-crosses", "{A = {20, rec'F'}}", "{A = 19}", "p.A = 20", [("F", [20], "A", 20)], {"A": 20}),
     ("leaving-threshold-does-not", "{A = {20, rec'F'}}", "{A = 20}", "p.A = 25", [], {"A": 25}),
-    ("group-boundary", "{A = {10, rec'F1', 20, rec'F2'}}", "{A = 5}", "p.A = 15",
-     [("F1", [10], "A", 15)], {"A": 15}),
-    ("only-later-group", "{A = {10, rec'F1', 20, rec'F2'}}", "{A = 15}", "p.A = 25",
-     [("F2", [20], "A", 25)], {"A": 25}),
-    ("first-position-every-time", "{A = {rec'F0', 10, rec'F1'}}", "{A = 5}", "p.A = 5; p.A = 12",
-     [("F0", [], "A", 5), ("F0", [], "A", 12), ("F1", [10], "A", 12)], {"A": 12}),
-    ("empty-later-group-never", "{A = {10, rec'F1', rec'F2'}}", "{}", "p.A = 50",
-     [("F1", [10], "A", 50)], {"A": 50}),
+    ("group-boundary", "{A = {10, rec'F1', 20, rec'F2'}}", "{A = 5}", "p.A = 15", [("F1", [10], "A", 15)], {"A": 15}),
+    (
+        "only-later-group",
+        "{A = {10, rec'F1', 20, rec'F2'}}",
+        "{A = 15}",
+        "p.A = 25",
+        [("F2", [20], "A", 25)],
+        {"A": 25},
+    ),
+    (
+        "first-position-every-time",
+        "{A = {rec'F0', 10, rec'F1'}}",
+        "{A = 5}",
+        "p.A = 5; p.A = 12",
+        [("F0", [], "A", 5), ("F0", [], "A", 12), ("F1", [10], "A", 12)],
+        {"A": 12},
+    ),
+    ("empty-later-group-never", "{A = {10, rec'F1', rec'F2'}}", "{}", "p.A = 50", [("F1", [10], "A", 50)], {"A": 50}),
     ("equal-value-crosses-nothing", "{A = {20, rec'F'}}", "{A = 20}", "p.A = 20", [], {"A": 20}),
-    ("equal-value-runs-plain-watcher", "{A = rec'F'}", "{A = 20}", "p.A = 20; p.A = 20",
-     [("F", 20, "A", 20), ("F", 20, "A", 20)], {"A": 20}),
-    ("plain-watcher-gets-old", "{A = rec'F'}", "{A = 1}", "p.A = 2; p.A = nil",
-     [("F", 1, "A", 2), ("F", 2, "A", None)], {}),
-    ("integer-and-float", "{A = {10, 20.5, 30, rec'F'}}", "{A = 10.5}", "p.A = 30.0",
-     [("F", [20.5, 30], "A", 30)], {"A": 30}),
-    ("old-of-other-type-counts-absent", "{A = {10, 20, rec'F'}}", "{A = 'x'}", "p.A = 15",
-     [("F", [10], "A", 15)], {"A": 15}),
-    ("nil-new-value", "{A = {rec'F0', 10, rec'F1'}}", "{A = 50}", "p.A = nil",
-     [("F0", [], "A", None)], {}),
-    ("string-threshold", "{A = {'gold', rec'F'}}", "{A = 'silver'}",
-     "p.A = 'gold'; p.A = 'gold'; p.A = 'iron'",
-     [("F", ["gold"], "A", "gold")], {"A": "iron"}),
-    ("string-threshold-from-absent", "{A = {'gold', 'iron', rec'F'}}", "{}", "p.A = 'gold'",
-     [("F", ["gold"], "A", "gold")], {"A": "gold"}),
-    ("boolean-thresholds", "{A = {true, rec'T', false, rec'N'}}", "{}",
-     "p.A = true; p.A = true; p.A = false; p.A = false",
-     [("T", [True], "A", True), ("N", [False], "A", False)], {"A": False}),
-    ("mixed-types-number", "{A = {10, '10', true, rec'F'}}", "{}", "p.A = 10",
-     [("F", [10], "A", 10)], {"A": 10}),
-    ("mixed-types-string", "{A = {10, '10', true, rec'F'}}", "{}", "p.A = '10'",
-     [("F", ["10"], "A", "10")], {"A": "10"}),
-    ("mixed-types-boolean", "{A = {10, '10', true, rec'F'}}", "{A = 5}", "p.A = true",
-     [("F", [True], "A", True)], {"A": True}),
-    ("star-for-string-keys", "{A = rec'A', ['*'] = rec'S'}", "{}", "p.A = 1; p.B = 2; p[3] = 3",
-     [("A", None, "A", 1), ("S", None, "B", 2)], {"A": 1, "B": 2, 3: 3}),
-    ("hash-for-numeric-keys", "{['#'] = rec'N'}", "{}", "p[1] = 'a'; p[1.5] = 'b'; p.x = 'c'",
-     [("N", None, 1, "a"), ("N", None, 1.5, "b")], {1: "a", 1.5: "b", "x": "c"}),
-    ("empty-string-for-the-rest", "{['*'] = rec'S', [''] = rec'E'}", "{}",
-     "p.a = 1; p[2] = 2; p[true] = 3",
-     [("S", None, "a", 1), ("E", None, 2, 2), ("E", None, True, 3)], {"a": 1, 2: 2, True: 3}),
-    ("function-t2-watches-all", "rec'G'", "{}", "p.a = 1; p[2] = 2",
-     [("G", None, "a", 1), ("G", None, 2, 2)], {"a": 1, 2: 2}),
-    ("fallback-with-thresholds", "{['#'] = {5, rec'F'}}", "{}", "p[1] = 7; p[2] = 3",
-     [("F", [5], 1, 7)], [7, 3]),
-    ("false-entry-means-unwatched", "{A = false, [''] = rec'E'}", "{}", "p.A = 1; p.B = 2",
-     [("E", None, "B", 2)], {"A": 1, "B": 2}),
+    (
+        "equal-value-runs-plain-watcher",
+        "{A = rec'F'}",
+        "{A = 20}",
+        "p.A = 20; p.A = 20",
+        [("F", 20, "A", 20), ("F", 20, "A", 20)],
+        {"A": 20},
+    ),
+    (
+        "plain-watcher-gets-old",
+        "{A = rec'F'}",
+        "{A = 1}",
+        "p.A = 2; p.A = nil",
+        [("F", 1, "A", 2), ("F", 2, "A", None)],
+        {},
+    ),
+    (
+        "integer-and-float",
+        "{A = {10, 20.5, 30, rec'F'}}",
+        "{A = 10.5}",
+        "p.A = 30.0",
+        [("F", [20.5, 30], "A", 30)],
+        {"A": 30},
+    ),
+    (
+        "old-of-other-type-counts-absent",
+        "{A = {10, 20, rec'F'}}",
+        "{A = 'x'}",
+        "p.A = 15",
+        [("F", [10], "A", 15)],
+        {"A": 15},
+    ),
+    ("nil-new-value", "{A = {rec'F0', 10, rec'F1'}}", "{A = 50}", "p.A = nil", [("F0", [], "A", None)], {}),
+    (
+        "string-threshold",
+        "{A = {'gold', rec'F'}}",
+        "{A = 'silver'}",
+        "p.A = 'gold'; p.A = 'gold'; p.A = 'iron'",
+        [("F", ["gold"], "A", "gold")],
+        {"A": "iron"},
+    ),
+    (
+        "string-threshold-from-absent",
+        "{A = {'gold', 'iron', rec'F'}}",
+        "{}",
+        "p.A = 'gold'",
+        [("F", ["gold"], "A", "gold")],
+        {"A": "gold"},
+    ),
+    (
+        "boolean-thresholds",
+        "{A = {true, rec'T', false, rec'N'}}",
+        "{}",
+        "p.A = true; p.A = true; p.A = false; p.A = false",
+        [("T", [True], "A", True), ("N", [False], "A", False)],
+        {"A": False},
+    ),
+    ("mixed-types-number", "{A = {10, '10', true, rec'F'}}", "{}", "p.A = 10", [("F", [10], "A", 10)], {"A": 10}),
+    (
+        "mixed-types-string",
+        "{A = {10, '10', true, rec'F'}}",
+        "{}",
+        "p.A = '10'",
+        [("F", ["10"], "A", "10")],
+        {"A": "10"},
+    ),
+    (
+        "mixed-types-boolean",
+        "{A = {10, '10', true, rec'F'}}",
+        "{A = 5}",
+        "p.A = true",
+        [("F", [True], "A", True)],
+        {"A": True},
+    ),
+    (
+        "star-for-string-keys",
+        "{A = rec'A', ['*'] = rec'S'}",
+        "{}",
+        "p.A = 1; p.B = 2; p[3] = 3",
+        [("A", None, "A", 1), ("S", None, "B", 2)],
+        {"A": 1, "B": 2, 3: 3},
+    ),
+    (
+        "hash-for-numeric-keys",
+        "{['#'] = rec'N'}",
+        "{}",
+        "p[1] = 'a'; p[1.5] = 'b'; p.x = 'c'",
+        [("N", None, 1, "a"), ("N", None, 1.5, "b")],
+        {1: "a", 1.5: "b", "x": "c"},
+    ),
+    (
+        "empty-string-for-the-rest",
+        "{['*'] = rec'S', [''] = rec'E'}",
+        "{}",
+        "p.a = 1; p[2] = 2; p[true] = 3",
+        [("S", None, "a", 1), ("E", None, 2, 2), ("E", None, True, 3)],
+        {"a": 1, 2: 2, True: 3},
+    ),
+    (
+        "function-t2-watches-all",
+        "rec'G'",
+        "{}",
+        "p.a = 1; p[2] = 2",
+        [("G", None, "a", 1), ("G", None, 2, 2)],
+        {"a": 1, 2: 2},
+    ),
+    ("fallback-with-thresholds", "{['#'] = {5, rec'F'}}", "{}", "p[1] = 7; p[2] = 3", [("F", [5], 1, 7)], [7, 3]),
+    (
+        "false-entry-means-unwatched",
+        "{A = false, [''] = rec'E'}",
+        "{}",
+        "p.A = 1; p.B = 2",
+        [("E", None, "B", 2)],
+        {"A": 1, "B": 2},
+    ),
     ("plain-veto", "{A = rec('F', false)}", "{A = 1}", "p.A = 2", [("F", 1, "A", 2)], {"A": 1}),
-    ("nil-or-true-result-stores", "{A = rec('F', true), B = rec'G'}", "{}", "p.A = 1; p.B = 2",
-     [("F", None, "A", 1), ("G", None, "B", 2)], {"A": 1, "B": 2}),
-    ("veto-stops-later-groups", "{A = {10, rec('F1', false), 20, rec'F2'}}", "{A = 0}", "p.A = 30",
-     [("F1", [10], "A", 30)], {"A": 0}),
-    ("veto-by-first-position", "{A = {rec('F0', false), 10, rec'F1'}}", "{}", "p.A = 30",
-     [("F0", [], "A", 30)], {}),
+    (
+        "nil-or-true-result-stores",
+        "{A = rec('F', true), B = rec'G'}",
+        "{}",
+        "p.A = 1; p.B = 2",
+        [("F", None, "A", 1), ("G", None, "B", 2)],
+        {"A": 1, "B": 2},
+    ),
+    (
+        "veto-stops-later-groups",
+        "{A = {10, rec('F1', false), 20, rec'F2'}}",
+        "{A = 0}",
+        "p.A = 30",
+        [("F1", [10], "A", 30)],
+        {"A": 0},
+    ),
+    ("veto-by-first-position", "{A = {rec('F0', false), 10, rec'F1'}}", "{}", "p.A = 30", [("F0", [], "A", 30)], {}),
 ]
 
 
@@ -136,9 +251,7 @@ CASES = [
     ("t2", "t1", "statements", "expected", "after"),
     [pytest.param(*case[1:], id=case[0]) for case in CASES],
 )
-def test_watcher_rules(
-    lua: Any, t2: str, t1: str, statements: str, expected: list[Any], after: Any
-) -> None:
+def test_watcher_rules(lua: Any, t2: str, t1: str, statements: str, expected: list[Any], after: Any) -> None:
     t1_table = run(lua, f"t1 = {t1}; p = proxy(t1, {t2}); {statements}; return t1")
     assert calls(lua) == expected
     assert (to_py(t1_table) or {}) == (after or {})
@@ -147,8 +260,7 @@ def test_watcher_rules(
 def test_watchers_receive_the_proxy_and_proxy_stays_empty(lua: Any) -> None:
     same, empty = run(
         lua,
-        "p = proxy({}, {A = rec'F'}); p.A = 1; p.A = 1"
-        " return log[1].proxy == p and log[2].proxy == p, next(p) == nil",
+        "p = proxy({}, {A = rec'F'}); p.A = 1; p.A = 1 return log[1].proxy == p and log[2].proxy == p, next(p) == nil",
     )
     assert (same, empty) == (True, True)
 
@@ -198,8 +310,7 @@ def test_watchers_of_another_proxy_still_run(lua: Any) -> None:
 
 
 def test_proxy_over_a_proxy_chains_watchers(lua: Any) -> None:
-    run(lua, "local inner = proxy({}, {A = rec'in'}); local outer = proxy(inner, {A = rec'out'})"
-             " outer.A = 1")
+    run(lua, "local inner = proxy({}, {A = rec'in'}); local outer = proxy(inner, {A = rec'out'}) outer.A = 1")
     assert calls(lua) == [("out", None, "A", 1), ("in", None, "A", 1)]
 
 
@@ -211,9 +322,7 @@ ERROR_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("body", "prefix"), [pytest.param(*c[1:], id=c[0]) for c in ERROR_CASES]
-)
+@pytest.mark.parametrize(("body", "prefix"), [pytest.param(*c[1:], id=c[0]) for c in ERROR_CASES])
 @pytest.mark.parametrize("form", ["plain", "group"])
 def test_watcher_error_is_raised_at_the_assignment_with_its_location(
     lua: Any, body: str, prefix: str, form: str

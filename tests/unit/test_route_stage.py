@@ -88,9 +88,7 @@ def test_offer_round_delivers_to_the_first_acceptor_with_the_publisher_as_reply(
     assert all(r == format_reply(SERVER, ROUTE, ACCEPT) for _, _, r in offers)
     stage.receive(msg(ACCEPT, SUB_B, token.encode()))
     stage.receive(msg(ACCEPT, SUB_A, token.encode()))  # too late
-    assert context.take() == [
-        (at(SUB_B, "on_login_b"), ("route:login?eu", b"HELLO", 7), at(PUB, "route:login?eu"))
-    ]
+    assert context.take() == [(at(SUB_B, "on_login_b"), ("route:login?eu", b"HELLO", 7), at(PUB, "route:login?eu"))]
     context.clock.advance(1.0)
     assert context.take() == []
 

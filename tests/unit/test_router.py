@@ -27,7 +27,9 @@ def make_router(placement: list[tuple[str, int]], group: int = 0) -> tuple[Route
     return router, clock, stages
 
 
-def send(router: Router, sender: RecordingStage, target: str, *values: Any, reply_to: str | None = None) -> tuple[bool, str | None]:
+def send(
+    router: Router, sender: RecordingStage, target: str, *values: Any, reply_to: str | None = None
+) -> tuple[bool, str | None]:
     return router.send(sender.sender, parse_target(target), pack_py(values), reply_to)
 
 
@@ -250,5 +252,9 @@ def test_lock_requests_from_other_processes_go_to_the_first_group(group: int) ->
     send(router, me, ">L.go", 1)
     send(router, me, ">>L.x", 50)
     send(router, me, "<L.*")
-    assert [(g, f[0], f[1][0]) for g, f in links.frames] == [(0, "lock", "acquire"), (0, "lock", "extend"), (0, "lock", "release")]
+    assert [(g, f[0], f[1][0]) for g, f in links.frames] == [
+        (0, "lock", "acquire"),
+        (0, "lock", "extend"),
+        (0, "lock", "release"),
+    ]
     assert links.frames[1][1][1][3] == 50

@@ -80,9 +80,7 @@ class FakeSpawner:
         if self.fail:
             raise OSError("no such executable")
         process = FakeProcess(protocol, 1000 + len(self.processes))
-        self.calls.append(
-            {"executable": executable, "args": args, "env": env, "childFDs": childFDs}
-        )
+        self.calls.append({"executable": executable, "args": args, "env": env, "childFDs": childFDs})
         self.processes.append(process)
         protocol.makeConnection(process)  # type: ignore[arg-type]
         return process
@@ -131,9 +129,7 @@ def make(app_dir: Path, clock: Clock, spawner: FakeSpawner):  # type: ignore[no-
             supervisor.stopService()
 
 
-def test_one_child_per_group_with_the_bootstrap_line(
-    make, spawner: FakeSpawner, app_dir: Path
-) -> None:
+def test_one_child_per_group_with_the_bootstrap_line(make, spawner: FakeSpawner, app_dir: Path) -> None:
     supervisor = make(groups=2, args=["twistd", "-n", "stage"])
     supervisor.startService()
     assert [c["args"] for c in spawner.calls] == [list(CHILD_COMMAND)] * 2
@@ -168,9 +164,7 @@ def test_random_secret_differs_per_run(make, spawner: FakeSpawner) -> None:
     assert spawner.processes[0].bootstrap["secret"] != spawner.processes[1].bootstrap["secret"]
 
 
-def test_crashes_restart_with_doubling_back_off_up_to_the_cap(
-    make, spawner: FakeSpawner, clock: Clock
-) -> None:
+def test_crashes_restart_with_doubling_back_off_up_to_the_cap(make, spawner: FakeSpawner, clock: Clock) -> None:
     supervisor = make(groups=1)
     supervisor.startService()
     delays = []
@@ -232,9 +226,7 @@ def test_a_failed_spawn_is_retried_with_back_off(make, spawner: FakeSpawner, clo
     assert len(spawner.processes) == 1 and supervisor.status()[0].pid == 1000
 
 
-def test_stop_terminates_then_kills_after_the_grace_period(
-    make, spawner: FakeSpawner, clock: Clock
-) -> None:
+def test_stop_terminates_then_kills_after_the_grace_period(make, spawner: FakeSpawner, clock: Clock) -> None:
     supervisor = make(groups=2, grace=10.0)
     supervisor.startService()
     rundir = supervisor.rundir
@@ -350,6 +342,4 @@ def test_a_busy_service_port_stops_start_up_with_one_line(make) -> None:
         supervisor = make(groups=1, extra={"#services": {"tcp": [f"127.0.0.1:{port}"]}})
         with pytest.raises(SystemExit) as caught:
             supervisor.privilegedStartService()
-    assert str(caught.value.code).startswith(
-        f"stage: #services: cannot listen on 127.0.0.1:{port}: [Errno 98]"
-    )
+    assert str(caught.value.code).startswith(f"stage: #services: cannot listen on 127.0.0.1:{port}: [Errno 98]")

@@ -26,9 +26,7 @@ def test_broken_config_exits_with_one_line(tmp_path: Path) -> None:
     assert caught.value.code == 'stage: #startup[0][0]: unknown stage type "=lau"'
 
 
-def test_check_prints_groups_and_exits_0(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_check_prints_groups_and_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "stage.json"
     path.write_text(json.dumps({"#startup": [["=index+a"], ["=route+r", "=curl+c"]]}))
     with pytest.raises(SystemExit) as caught:

@@ -28,8 +28,13 @@ from tests.support import InProcessServer, LogCapture, wait_for, write_app
 class Recorded:
     """A job that records its run interval; ``body`` runs in between (on the worker thread)."""
 
-    def __init__(self, key: Hashable, log: list[tuple[Hashable, int, float, float]], seq: int,
-                 body: Callable[[], float | None] = lambda: time.sleep(0.002)) -> None:
+    def __init__(
+        self,
+        key: Hashable,
+        log: list[tuple[Hashable, int, float, float]],
+        seq: int,
+        body: Callable[[], float | None] = lambda: time.sleep(0.002),
+    ) -> None:
         self.key = key
         self.seq = seq
         self._log = log
@@ -191,7 +196,10 @@ def intervals(capture: LogCapture) -> list[tuple[str, int, float, float, str]]:
 
 @pytest_twisted.ensureDeferred
 async def test_lua_jobs_of_one_key_run_one_after_another_in_order(tmp_path: Path) -> None:
-    path = lua_app(tmp_path, SPIN + """
+    path = lua_app(
+        tmp_path,
+        SPIN
+        + """
         local got = 0
         stage.waitfor("iv", function(...)
             log4cxx.info("iv", ...)
@@ -202,7 +210,8 @@ async def test_lua_jobs_of_one_key_run_one_after_another_in_order(tmp_path: Path
             stage.submit("K", spin, "K", seq, 20000)
             stage.submit(5, spin, "5", seq, 20000)
         end
-    """)
+    """,
+    )
     capture = await run(path, "done")
     runs = intervals(capture)
     for key in ("K", "5"):
@@ -214,7 +223,10 @@ async def test_lua_jobs_of_one_key_run_one_after_another_in_order(tmp_path: Path
 
 @pytest_twisted.ensureDeferred
 async def test_cpu_bound_lua_with_different_keys_runs_in_parallel(tmp_path: Path) -> None:
-    path = lua_app(tmp_path, SPIN + """
+    path = lua_app(
+        tmp_path,
+        SPIN
+        + """
         local got = 0
         stage.waitfor("iv", function(...)
             log4cxx.info("iv", ...)
@@ -223,7 +235,8 @@ async def test_cpu_bound_lua_with_different_keys_runs_in_parallel(tmp_path: Path
         end)
         stage.submit(1, spin, "1", 1, 3000000)
         stage.submit(2, spin, "2", 1, 3000000)
-    """)
+    """,
+    )
     capture = await run(path, "done", timeout=30)
     (_, _, a0, a1, ta), (_, _, b0, b1, tb) = intervals(capture)
     assert ta != tb
@@ -234,7 +247,9 @@ async def test_cpu_bound_lua_with_different_keys_runs_in_parallel(tmp_path: Path
 
 @pytest_twisted.ensureDeferred
 async def test_a_sandbox_has_the_preload_its_own_globals_and_moved_values(tmp_path: Path) -> None:
-    path = lua_app(tmp_path, """
+    path = lua_app(
+        tmp_path,
+        """
         MAIN_ONLY = "main"
         local up = "upvalue"
         local main_thread = thread.id
@@ -251,7 +266,9 @@ async def test_a_sandbox_has_the_preload_its_own_globals_and_moved_values(tmp_pa
             stage.signal("r", "gone", stage.signal("nobody:here", 1))
         end, {x = 1, y = {"a", "b"}}, main_thread)
         stage.addtask(200, function() log4cxx.info("main", tostring(SANDBOX_GLOBAL)) log4cxx.info("done") end)
-    """, **{"pre/p.lua": 'PRE = "preloaded"\n'})
+    """,
+        **{"pre/p.lua": 'PRE = "preloaded"\n'},
+    )
     capture = await run(path, "done")
     r = {fields[0]: fields[1:] for fields in logged(capture, "r")}
     assert r["preloaded"] == ["nil", "nil", "1", "b", "true"]
@@ -267,7 +284,9 @@ async def test_a_sandbox_has_the_preload_its_own_globals_and_moved_values(tmp_pa
 
 @pytest_twisted.ensureDeferred
 async def test_thread_new_delivers_signals_and_return_values_then_cleans_up(tmp_path: Path) -> None:
-    path = lua_app(tmp_path, """
+    path = lua_app(
+        tmp_path,
+        """
         local t = thread.new(function(a, b)
             for i = 1, 3 do thread.signal("sig", i, a) end
             return "ret", a + b
@@ -281,10 +300,13 @@ async def test_thread_new_delivers_signals_and_return_values_then_cleans_up(tmp_
             t.waitfor(function(...) log4cxx.info("late", ...) end)
             log4cxx.info("done")
         end)
-    """)
+    """,
+    )
     capture = await run(path, "done")
     assert logged(capture, "got") == [
-        ["u1", "u2", "sig", "1", "20"], ["u1", "u2", "sig", "2", "20"], ["u1", "u2", "sig", "3", "20"],
+        ["u1", "u2", "sig", "1", "20"],
+        ["u1", "u2", "sig", "2", "20"],
+        ["u1", "u2", "sig", "3", "20"],
         ["u1", "u2", "ret", "42"],
     ]
     assert logged(capture, "quiet") == [] and logged(capture, "late") == []
@@ -293,12 +315,15 @@ async def test_thread_new_delivers_signals_and_return_values_then_cleans_up(tmp_
 
 @pytest_twisted.ensureDeferred
 async def test_an_error_in_a_job_is_logged_with_file_line_and_key_and_the_key_goes_on(tmp_path: Path) -> None:
-    path = lua_app(tmp_path, """
+    path = lua_app(
+        tmp_path,
+        """
         stage.waitfor("ok", function(n) log4cxx.info("ok", n) if n == 3 then log4cxx.info("done") end end)
         stage.submit("user-7", function() stage.signal("ok", 1) end)
         stage.submit("user-7", function() local t = nil; return t.field end)
         stage.submit("user-7", function() stage.signal("ok", 3) end)
-    """)
+    """,
+    )
     capture = await run(path, "done")
     assert logged(capture, "ok") == [["1"], ["3"]]
     errors = [formatEvent(e) for e in capture.events if e["log_level"].name == "error"]
@@ -308,7 +333,9 @@ async def test_an_error_in_a_job_is_logged_with_file_line_and_key_and_the_key_go
 
 @pytest_twisted.ensureDeferred
 async def test_submitting_past_the_queue_limit_raises_and_nothing_is_dropped(tmp_path: Path) -> None:
-    path = lua_app(tmp_path, """
+    path = lua_app(
+        tmp_path,
+        """
         local ran = 0
         stage.waitfor("ran", function() ran = ran + 1 end)
         local function hold() while not stage.v("go") do end end
@@ -327,9 +354,11 @@ async def test_submitting_past_the_queue_limit_raises_and_nothing_is_dropped(tmp
                 log4cxx.info("done")
             end)
         end)
-    """, threads=[2, 3])
+    """,
+        threads=[2, 3],
+    )
     capture = await run(path, "done")
-    (accepted, err), = logged(capture, "limit")
+    ((accepted, err),) = logged(capture, "limit")
     assert accepted == "3"
     assert "main.lua:9: stage.submit: the worker queue is full" in err
     assert logged(capture, "ran") == [["3"]]
@@ -337,7 +366,9 @@ async def test_submitting_past_the_queue_limit_raises_and_nothing_is_dropped(tmp
 
 @pytest_twisted.ensureDeferred
 async def test_once_and_v_are_exact_under_contention_from_many_threads(tmp_path: Path) -> None:
-    path = lua_app(tmp_path, """
+    path = lua_app(
+        tmp_path,
+        """
         local jobs = 16
         local function work(rounds)
             for r = 1, rounds do
@@ -361,21 +392,26 @@ async def test_once_and_v_are_exact_under_contention_from_many_threads(tmp_path:
             log4cxx.info("done")
         end)
         for i = 1, jobs do stage.submit(0, work, 50) end
-    """, threads=[8, 1000])
+    """,
+        threads=[8, 1000],
+    )
     capture = await run(path, "done", timeout=30)
     assert logged(capture, "result") == [["800", "800", "0", "true"]]
 
 
 @pytest_twisted.ensureDeferred
 async def test_returned_ms_runs_the_job_again_with_the_same_key(tmp_path: Path) -> None:
-    path = lua_app(tmp_path, """
+    path = lua_app(
+        tmp_path,
+        """
         stage.waitfor("tick", function(n, at) log4cxx.info("tick", n, at) if n == 3 then log4cxx.info("done") end end)
         stage.submit("again", function()
             local n = stage.v("n", function(n) return (n or 0) + 1 end)
             stage.signal("tick", n, thread.tick)
             if n < 3 then return 40 end
         end)
-    """)
+    """,
+    )
     capture = await run(path, "done")
     ticks = logged(capture, "tick")
     assert [t[0] for t in ticks] == ["1", "2", "3"]
@@ -388,12 +424,15 @@ async def test_stop_interrupts_a_runaway_job_after_the_grace_period(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sandbox, "GRACE_SECONDS", 0.3)
-    path = lua_app(tmp_path, """
+    path = lua_app(
+        tmp_path,
+        """
         stage.submit(1, function() stage.signal("started") while true do end end)
         stage.submit(1, function() stage.signal("never") end)
         stage.waitfor("started", function() log4cxx.info("started") end)
         stage.waitfor("never", function() log4cxx.info("never") end)
-    """)
+    """,
+    )
     with LogCapture() as capture:
         server = InProcessServer(path)
         await server.start()
@@ -411,7 +450,9 @@ async def test_stop_interrupts_a_runaway_job_after_the_grace_period(
 
 @pytest_twisted.ensureDeferred
 async def test_addtask_in_a_job_runs_the_task_on_the_stages_thread_and_can_be_cancelled(tmp_path: Path) -> None:
-    path = lua_app(tmp_path, """
+    path = lua_app(
+        tmp_path,
+        """
         local main_thread = thread.id
         stage.submit(1, function(main_id)
             stage.addtask(10, function(main_id, word)
@@ -423,7 +464,8 @@ async def test_addtask_in_a_job_runs_the_task_on_the_stages_thread_and_can_be_ca
             print("printed", thread.id ~= main_id)
         end, main_thread)
         WHERE = "main"
-    """)
+    """,
+    )
     capture = await run(path, "done")
     assert logged(capture, "task") == [["moved", "true", "main"]]
     assert logged(capture, "printed") == [["true"]]
@@ -432,13 +474,19 @@ async def test_addtask_in_a_job_runs_the_task_on_the_stages_thread_and_can_be_ca
 
 @pytest_twisted.ensureDeferred
 async def test_a_luajit_stage_submits_into_luajit_sandboxes(tmp_path: Path) -> None:
-    path = write_app(tmp_path, {
-        "#startup": [["=luajit+a"]],
-        "=luajit+a": {"%package": ["[0]lua"], "=luajit+a": "main"},
-    }, {"main": """
+    path = write_app(
+        tmp_path,
+        {
+            "#startup": [["=luajit+a"]],
+            "=luajit+a": {"%package": ["[0]lua"], "=luajit+a": "main"},
+        },
+        {
+            "main": """
         local up = 1
         stage.waitfor("r", function(...) log4cxx.info("r", ...) log4cxx.info("done") end)
         stage.submit(1, function(t) stage.signal("r", jit ~= nil, t[1] + t[2], tostring(up)) end, {20, 22})
-    """})
+    """
+        },
+    )
     capture = await run(path, "done")
     assert logged(capture, "r") == [["true", "42", "nil"]]

@@ -2,6 +2,4 @@
 
 from twisted.application.service import ServiceMaker
 
-stage = ServiceMaker(
-    "stagetx", "stagetx.tap", "A STAGE game server: Lua stages in supervised processes.", "stage"
-)
+stage = ServiceMaker("stagetx", "stagetx.tap", "A STAGE game server: Lua stages in supervised processes.", "stage")
