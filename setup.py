@@ -29,6 +29,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-twisted>=1.14", "pytest-timeout>=2.2", "hypothesis>=6"],
-        "dev": ["ruff>=0.4", "mypy>=1.8"],
+        "dev": ["ruff>=0.4", "mypy>=1.8", "mypy-zope>=1.0"],
     },
 )
