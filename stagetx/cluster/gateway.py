@@ -194,12 +194,7 @@ class ClusterGateway(MultiService):
             _, instance, msgid, payload, sender, reply = obj
             ok, reason = self.router.deliver(instance, msgid, payload, Sender(*sender), reply)
             if not ok:
-                self.log.warn(
-                    "message {msgid!r} from server {server} not delivered: {reason}",
-                    msgid=msgid,
-                    server=server_id,
-                    reason=reason,
-                )
+                self._undelivered(msgid, server_id, reason)
         elif kind == "hello":
             self._hello_from(server_id, obj)
         elif kind == "s":
@@ -248,14 +243,18 @@ class ClusterGateway(MultiService):
         address = ToStage(stage, msgid, Scope.LOCAL, bool(tag), None)
         ok, reason = self.router.send(Sender(*sender), address, payload, reply)
         if not ok:
-            self.log.warn(
-                "message {msgid!r} from server {server} not delivered: {reason}",
-                msgid=msgid,
-                server=server_id,
-                reason=reason,
-            )
+            self._undelivered(msgid, server_id, reason)
+
+    def _undelivered(self, msgid: str, server_id: str, reason: str | None) -> None:
+        self.log.warn(
+            "message {msgid!r} from server {server} not delivered: {reason}",
+            msgid=msgid,
+            server=server_id,
+            reason=reason,
+        )
 
     # -- heart-beats, expiry, overload ------------------------------------------------------------
+
     def own_delay(self) -> float:
         """This server's message delay: the worst queue delay of its processes (s)."""
         return max([self.router.delay, *self.router.delays.values()])
