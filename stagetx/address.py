@@ -194,8 +194,8 @@ def _parse_string(s: str) -> Address:
     if first == ">":
         if s.startswith(">>"):
             return LockExtend(_lock_name(s, 2, need_reply=False)[0])
-        cmd, reply = _lock_name(s, 1, need_reply=True)
-        return LockAcquire(cmd, reply)
+        cmd, lock_reply = _lock_name(s, 1, need_reply=True)
+        return LockAcquire(cmd, lock_reply)
     if first == "<":
         return LockRelease(_lock_name(s, 1, need_reply=False)[0])
     if first == ":":
