@@ -14,7 +14,7 @@ import collections
 import os
 import re
 from collections.abc import Callable, Hashable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -65,12 +65,13 @@ def valid_category(name: object) -> bool:
     return isinstance(name, str) and bool(name) and name[0] not in "@#" and "?" not in name and "=" not in name
 
 
-def _positive_int(value: object) -> bool:
+def _positive_int(value: object) -> TypeGuard[int]:
     return type(value) is int and value > 0
 
 
-def _positive_number(value: object) -> bool:
-    return type(value) in (int, float) and value > 0
+def _positive_number(value: object) -> TypeGuard[int | float]:
+    """A positive int or float; ``type`` (not ``isinstance``) keeps ``bool`` out."""
+    return (type(value) is int or type(value) is float) and value > 0
 
 
 @attrs.define(eq=False)
@@ -195,11 +196,12 @@ class TicketBook:
             ticket.timer.reset(seconds)
         return True
 
-    def create(self, name: str, limit: int, close_after: float) -> str | None:
+    def create(self, name: str, limit: object, close_after: float) -> str | None:
         """Create (or re-arm) temporary category ``name``: ``limit`` slots for ``close_after`` s.
 
-        When it closes, its waiting tickets are cancelled and it disappears; held tickets keep
-        their slot until their hold ends. Returns a problem description, or None when done.
+        ``limit`` comes from Lua as it was sent: it is validated here, like ``close_after``. When
+        it closes, its waiting tickets are cancelled and it disappears; held tickets keep their
+        slot until their hold ends. Returns a problem description, or None when done.
         """
         if not valid_category(name):
             return f"bad category name {name!r}"

@@ -17,7 +17,7 @@ this stage receives:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import attrs
 
@@ -39,6 +39,7 @@ from stagetx.routing.tickets import (
 from stagetx.stages.base import StageContext
 
 _LOGGED_ONCE_MAX = 10_000  # distinct refusal reasons remembered for "logged once"
+_Owner = tuple[str, int]  # a requesting replica (server, instance): the book's opaque owner
 
 
 @attrs.frozen
@@ -105,7 +106,7 @@ class Stage:
             request.feedback,
             message.values,
         )
-        owner = (message.sender.server, message.sender.instance)
+        owner: _Owner = (message.sender.server, message.sender.instance)
         self._book.request(request.category, owner, requested)
 
     def _hold(self, message: Message) -> None:
@@ -115,17 +116,19 @@ class Stage:
 
     def _broadcast(self, message: Message) -> None:
         category = message.msgid[1:]
-        for server, instance in self._book.owners(category):
+        for owner in self._book.owners(category):
+            server, instance = cast(_Owner, owner)
             self._context.send(format_reply(server, instance, f"{self._prefix}{category}"), *message.values)
 
     def _create(self, message: Message) -> None:
         values = message.values
         limit = values[0] if values else None
         close_ms = values[1] if len(values) > 1 else None
-        if type(close_ms) not in (int, float):
-            problem: str | None = "a temporary category needs (limit, close_ms)"
-        else:
+        problem: str | None
+        if type(close_ms) is int or type(close_ms) is float:  # not bool
             problem = self._book.create(message.msgid[1:], limit, close_ms / 1000.0)
+        else:
+            problem = "a temporary category needs (limit, close_ms)"
         if problem is not None:
             self._context.log.warn(
                 "ticket: {msgid} from {stage}: {problem}",
