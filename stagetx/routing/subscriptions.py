@@ -136,7 +136,7 @@ class Subscriptions:
         a table maps subscribe ids to a callback id (register), ``false``/``true`` (pause/resume),
         ms (pause for a time) or ``stage.null`` (remove). Any message refreshes the subscriber.
         """
-        value = values[0] if values else None
+        value: Any = values[0] if values else None  # a Lua value: any type until checked
         if value is None or value is NULL:
             self.remove(key)
             return []

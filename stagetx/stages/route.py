@@ -91,7 +91,7 @@ class Stage:
             self._context.log.warn("route: cannot parse published key {key}", key=text)
             return
         payload = _Publish(message.sender, message.values)
-        units = {}
+        units: dict[str, dict[Hashable, str]] = {}
         for subscribe_id in key.ids:
             sid, cands = self._subs.candidates(subscribe_id)
             units.setdefault(sid, {}).update(cands)
