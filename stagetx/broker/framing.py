@@ -30,7 +30,7 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)b?\s*$", re.IGNORECASE)
 _URL = re.compile(r"^(tcp|udp)://(?:\[([^\]]*)\]|([^:/?\[\]]*))(?::(\d+))?/?(?:\?(.*))?$", re.IGNORECASE)
 _LENGTH = struct.Struct("<I")
-_BSON_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_MS)
+_BSON_OPTIONS: CodecOptions[dict[str, Any]] = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_MS)
 MAX_DEPTH = 64  # levels of a received document: stagetx.codec.MAX_DEPTH, what Lua can receive
 
 Data = bytes | dict | list | str | int | float | bool | None

@@ -24,6 +24,7 @@ is a string or number, or a table on a ``bson`` socket. Addresses are packed str
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -494,7 +495,7 @@ class SocketJob:
     __slots__ = ("key", "sid", "payload", "sandboxes", "registry", "label", "ran")
 
     def __init__(self, sid: int, payload: bytes, sandboxes: Sandboxes, registry: Registry) -> None:
-        self.key = ("broker.socket", sid)  # no stage.submit key (a number or a string) is equal
+        self.key: Hashable = ("broker.socket", sid)  # no stage.submit key (a number or a string) is equal
         self.sid = sid
         self.payload = payload
         self.sandboxes = sandboxes
