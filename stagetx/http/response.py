@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from email.message import Message as MimeHeader
+from typing import cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -26,8 +28,8 @@ class _BodyReader(Protocol):
     def _cancel(self, _: Deferred[bytes]) -> None:
         """Drop the connection; ``Deferred.cancel`` then fails ``done`` with CancelledError."""
         self.cancelled = True
-        if self.transport is not None:
-            self.transport.stopProducing()
+        if self.transport is not None:  # deliverBody's transport is the response's IPushProducer
+            cast(IPushProducer, self.transport).stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         self.chunks.append(data)

@@ -179,7 +179,7 @@ class Stage:
         if self._stopping:  # a queued request whose slot was freed by stop() itself
             return succeed(self._failed(Failure(CancelledError()), request, started))
         assert self._client is not None, "start() was not called"
-        done: Deferred[Any] = maybeDeferred(
+        sent: Deferred[IResponse] = maybeDeferred(
             self._client.request,
             request.method,
             request.target,
@@ -188,12 +188,10 @@ class Stage:
             browser_like_redirects=True,
             unbuffered=True,
         )
-        done.addCallbacks(self._read, self._read_unfollowed)
+        read: Deferred[tuple[IResponse, bytes]] = sent.addCallbacks(self._read, self._read_unfollowed)
         if request.timeout_ms is not None:
-            done.addTimeout(request.timeout_ms / 1000.0, self._context.clock, onTimeoutCancel=_timed_out)
-        done.addCallback(self._succeeded, request, started)
-        done.addErrback(self._failed, request, started)
-        return done
+            read.addTimeout(request.timeout_ms / 1000.0, self._context.clock, onTimeoutCancel=_timed_out)
+        return read.addCallback(self._succeeded, request, started).addErrback(self._failed, request, started)
 
     def _read(self, response: IResponse) -> Deferred[tuple[IResponse, bytes]]:
         return read_body(response).addCallback(lambda body: (response, body))
