@@ -16,11 +16,14 @@ import sys
 from typing import Any
 
 from twisted.internet import fdesc
+from twisted.internet.interfaces import IReactorThreads, IReadDescriptor
 from twisted.logger import Logger
+from zope.interface import implementer
 
 log = Logger(namespace="stagetx.child")
 
 
+@implementer(IReadDescriptor)
 class _SupervisorWatch:
     """Stops the reactor when stdin (a pipe from the supervisor) reaches EOF."""
 
@@ -77,8 +80,9 @@ def main() -> int:
     config = parse_config(boot["config"], boot["base_dir"])
     json_lines = boot.get("operations", {}).get("log_format") == "json"
     levels = begin_logging(config.log, sys.stdout, json_lines)
-    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reopen_log_files))
-    reactor.suggestThreadPoolSize(config.threads[0])
+    threads = IReactorThreads(reactor)  # the reactor itself: every installable reactor provides it
+    signal.signal(signal.SIGHUP, lambda *_: threads.callFromThread(reopen_log_files))
+    threads.suggestThreadPoolSize(config.threads[0])
     child = ChildProcess(config, boot, reactor, levels)
     reactor.addReader(_SupervisorWatch(reactor))
     reactor.callWhenRunning(child.startService)

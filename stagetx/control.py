@@ -384,14 +384,13 @@ class ScriptWatcher:
             lua = _lua(stage)
             if lua is None or lua.vm is None:
                 continue
+            name = stage.config.name  # StageHost.name is a Service's (typed None by Twisted)
             try:
                 now = self._mtimes(lua.script_files())
-                before = self._seen.setdefault(stage.name, now)
+                before = self._seen.setdefault(name, now)
                 if now != before:
-                    self._seen[stage.name] = now
-                    self.log.info("scripts of {stage} changed: reloading", stage=stage.name)
-                    lua.reload().addErrback(
-                        lambda f, n=stage.name: self.log.failure("reload of {stage} failed", f, stage=n)
-                    )
+                    self._seen[name] = now
+                    self.log.info("scripts of {stage} changed: reloading", stage=name)
+                    lua.reload().addErrback(lambda f, n=name: self.log.failure("reload of {stage} failed", f, stage=n))
             except Exception:
-                self.log.failure("script watch of {stage} failed", stage=stage.name)
+                self.log.failure("script watch of {stage} failed", stage=name)

@@ -309,7 +309,7 @@ class Supervisor(service.Service):
         admin = self.config.admin
         if admin is None:
             return
-        factories: list[tuple[str, str | None, Factory]] = [
+        factories: list[tuple[str, str | None, Factory[Any]]] = [
             ("console", admin.console, ConsoleFactory(self.commands, admin.token)),
             ("http", admin.http, admin_site(self, self.commands, admin.token)),
         ]

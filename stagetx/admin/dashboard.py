@@ -357,7 +357,12 @@ class _Events(_Part):
         request.write(b"retry: 2000\n\n" + self.dashboard.event())
         streams = self.dashboard.streams
         streams.append(request)
-        request.notifyFinish().addBoth(lambda _: request in streams and streams.remove(request))
+
+        def forget(_: object) -> None:
+            if request in streams:
+                streams.remove(request)
+
+        request.notifyFinish().addBoth(forget)
         return NOT_DONE_YET
 
 
