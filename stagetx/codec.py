@@ -341,6 +341,15 @@ class _LuaSide:
             raise CodecError(f"malformed payload: {e}") from e
         if type(values) is not list:
             raise CodecError("malformed payload: not an array of values")
+        for v in values:  # the common case, scalars only, needs no conversion
+            tv = type(v)
+            if tv is int:
+                if not _INT_MIN <= v <= _INT_MAX:
+                    break
+            elif tv not in _SCALARS:
+                break
+        else:
+            return tuple(values)
         try:
             return tuple(self._top(v) for v in values)
         except CodecError:

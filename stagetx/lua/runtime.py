@@ -129,8 +129,8 @@ class LuaVM:
         result = self._call(time.monotonic(), where.encode(), f, *args)
         return result if isinstance(result, tuple) else (result,)
 
-    def deliver(self, msgid: bytes, sender: Any, reply: bytes | None, *values: Any) -> None:
-        """Hand one message to the stage's waitfor handlers."""
+    def deliver(self, msgid: bytes, sender: Any, reply: bytes | None, values: tuple[Any, ...]) -> None:
+        """Hand one message (its decoded values) to the stage's waitfor handlers."""
         self._deliver(time.monotonic(), msgid, sender, reply, *values)
 
     def drain(self) -> None:

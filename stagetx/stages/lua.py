@@ -13,8 +13,8 @@ process's ``slow_ms`` is logged as a "slow handler" with the script and line of 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
+from time import monotonic
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -29,8 +29,10 @@ from stagetx.lua.loader import ScriptLoader
 from stagetx.lua.runtime import LuaScriptError, LuaVM
 from stagetx.message import Message, Sender
 
-#: Message ids kept as Lua strings per stage, at most this many.
-MSGID_CACHE = 4096
+#: Message ids and reply addresses kept as Lua strings per stage, at most this many.
+TEXT_CACHE = 4096
+#: ``_WAITFOR[1]`` tables kept per stage, at most this many.
+SENDER_CACHE = 1024
 
 
 class Handover(Protocol):
@@ -50,8 +52,8 @@ class Stage:
         self.settings: dict[str, Any] = config.settings
         self.vm: LuaVM | None = None
         self.api: StageAPI | None = None
-        self._senders: dict[Sender, Any] = {}
-        self._msgids: dict[str, bytes] = {}  # message ids as Lua strings
+        self._senders: dict[int, tuple[Sender, Any]] = {}  # by id(): the Sender and its Lua table
+        self._texts: dict[str, bytes] = {}  # message ids and reply addresses as Lua strings
         self._idle_call: IDelayedCall | None = None
         self._stoppers: list[Callable[[], Any]] = []
         self._held: list[Message] | None = None  # messages that arrive while the runtime is rebuilt
@@ -200,16 +202,27 @@ class Stage:
             self.log.error("message {msgid!r} dropped: {error}", msgid=message.msgid, error=str(err))
             self.context.count_error()
             return
-        sender = self._senders.get(message.sender)
-        if sender is None:
-            sender = self._senders[message.sender] = vm.table(sender_fields(message.sender))
-        msgid = self._msgids.get(message.msgid)
+        # by identity: the entry holds the Sender, so its id cannot be reused while cached
+        entry = self._senders.get(id(message.sender))
+        if entry is None:
+            if len(self._senders) >= SENDER_CACHE:
+                self._senders.clear()
+            entry = self._senders[id(message.sender)] = (message.sender, vm.table(sender_fields(message.sender)))
+        texts = self._texts
+        msgid = texts.get(message.msgid)
         if msgid is None:
-            if len(self._msgids) >= MSGID_CACHE:
-                self._msgids.clear()
-            msgid = self._msgids[message.msgid] = lua_text(message.msgid)
-        reply = None if message.reply is None else lua_text(message.reply)
-        vm.deliver(msgid, sender, reply, *values)
+            msgid = self._text(message.msgid)
+        reply = message.reply
+        if reply is not None:
+            reply = texts.get(reply) or self._text(reply)
+        vm.deliver(msgid, entry[1], reply, values)
+
+    def _text(self, value: str) -> bytes:
+        """``value`` as a Lua string, kept for the next message with the same id or reply address."""
+        if len(self._texts) >= TEXT_CACHE:
+            self._texts.clear()
+        lua = self._texts[value] = lua_text(value)
+        return lua
 
 
 class _TrackedAPI(StageAPI):
@@ -263,21 +276,22 @@ class WatchedVM(LuaVM):
         self._where = self.lua.execute(_WHERE)
 
     def call(self, where: str, f: Any, *args: Any) -> tuple[Any, ...]:
-        started = time.perf_counter()
+        started = monotonic()
         try:
             return super().call(where, f, *args)
         finally:
             self._check(started, where, f, ())
 
-    def deliver(self, msgid: bytes, sender: Any, reply: bytes | None, *values: Any) -> None:
-        started = time.perf_counter()
+    def deliver(self, msgid: bytes, sender: Any, reply: bytes | None, values: tuple[Any, ...]) -> None:
+        started = monotonic()
         try:
-            super().deliver(msgid, sender, reply, *values)
+            self._deliver(started, msgid, sender, reply, *values)
         finally:
-            self._check(started, f"handler of message {text(msgid)!r}", None, handler_keys(msgid))
+            if (monotonic() - started) * 1000.0 >= self._context.process.slow_ms:
+                self._check(started, f"handler of message {text(msgid)!r}", None, handler_keys(msgid))
 
     def _check(self, started: float, where: str, f: Any, keys: tuple[bytes, ...]) -> None:
-        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        elapsed_ms = (monotonic() - started) * 1000.0
         if elapsed_ms < self._context.process.slow_ms:
             return
         try:
