@@ -85,6 +85,8 @@ class ProcessServices:
 class StageHost(Service):
     """One stage of this process: its context (for the stage) and its receiver (for the router)."""
 
+    name: str  # type: ignore[assignment]  # Twisted's stubs declare Service.name as None
+
     def __init__(self, config: StageConfig, process: ProcessServices, router: Router, clock: IReactorTime) -> None:
         self.config = config
         self.name = config.name

@@ -351,7 +351,7 @@ class Link(protocol.Protocol):
         self.transport.write(_LEN.pack(len(payload)) + payload)
 
 
-class _LinkFactory:
+class _LinkFactory(protocol.Factory):
     """What both ends' factories share: the settings, and building a ``Link`` in a role."""
 
     role: bytes
@@ -367,13 +367,13 @@ class _LinkFactory:
     ) -> None:
         self.settings = LinkSettings(secret, node_id, handler, max_frame, clock, handshake_timeout)
 
-    def buildProtocol(self, addr: IAddress) -> Link:
+    def buildProtocol(self, addr: IAddress | None) -> Link:
         link = Link(self.settings, self.role)
         link.factory = self
         return link
 
 
-class LinkServerFactory(_LinkFactory, protocol.Factory):
+class LinkServerFactory(_LinkFactory):
     """Accepts links (TCP or UNIX); each connection is authenticated before use."""
 
     role = _ROLE_SERVER
