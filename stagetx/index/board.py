@@ -1,15 +1,15 @@
 """One scoreboard: members with a value and up to four scored tiers, ranked in O(log n).
 
-Each tier keeps a ``SortedList`` of compact key tuples ``(score, seq, member)`` in ascending
-order plus a dict ``member -> key``; rank 1 is the *last* element, so no score is ever negated.
-``seq`` is a per-board counter that *decreases* with every score change: among equal scores the
-member whose score was set earlier has the larger ``seq``, sorts later, and ranks higher
-("earlier set first"). Memory per single-tier member is about 270 bytes (DESIGN.md: ≤ 300).
+Each tier keeps a ``SortedList`` of keys ordered as ``(score, seq, member)`` ascending plus a
+dict ``member -> key``; rank 1 is the *last* element, so no score is ever negated. ``seq`` is a
+per-board counter that *decreases* with every score change: among equal scores the member whose
+score was set earlier has the larger ``seq``, sorts later, and ranks higher ("earlier set
+first"). A key is one int (``encode``: ``DenseTier``) while every score of the tier fits one
+exactly, else the tuple itself (``TupleTier``).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Mapping
@@ -37,7 +37,7 @@ class Ranking(SortedList):  # type: ignore[misc]
     splits and merges.
     """
 
-    def insert(self, key: Key) -> int:
+    def insert(self, key: Any) -> int:
         """Add ``key`` (not present); its 0-based position in ascending order."""
         lists = self._lists
         maxes = self._maxes
@@ -58,20 +58,129 @@ class Ranking(SortedList):  # type: ignore[misc]
             idx = bisect_right(sub, key)
             sub.insert(idx, key)
         self._len += 1
-        self._expand(pos)
-        # _loc is "keys in the sublists before pos, plus idx": still right when _expand split
-        # ``sub`` and idx now points into the new sublist after it
-        return self._loc(pos, idx)
+        index = self._index
+        if not index or len(sub) > self._load << 1:
+            self._expand(pos)  # splits ``sub`` (and drops the index) when it grew too long
+            # _loc is "keys in the sublists before pos, plus idx": still right when _expand split
+            # ``sub`` and idx now points into the new sublist after it
+            return self._loc(pos, idx)
+        # _expand's index update and _loc's walk in one climb: count the key in every node from
+        # the leaf up, and add the left sibling of every right child on the way
+        node = self._offset + pos
+        total = 0
+        while node:
+            index[node] += 1
+            if not node & 1:
+                total += index[node - 1]
+            node = (node - 1) >> 1
+        index[0] += 1
+        return total + idx
 
-    def move(self, old: Key, new: Key) -> int:
+    def move(self, old: Any, new: Any) -> int:
         """Replace ``old`` (present) by ``new``; the 0-based position of ``new``."""
-        pos = bisect_left(self._maxes, old)
-        self._delete(pos, bisect_left(self._lists[pos], old))
-        return self.insert(new)
+        lists = self._lists
+        maxes = self._maxes
+        pos = bisect_left(maxes, old)
+        sub = lists[pos]
+        idx = bisect_left(sub, old)
+        last = len(maxes) - 1
+        if (not pos or maxes[pos - 1] < new) and (pos == last or new < lists[pos + 1][0]):
+            # ``new`` belongs in the same sublist (a small score change): no length changes
+            del sub[idx]
+            idx = bisect_right(sub, new)
+            sub.insert(idx, new)
+            maxes[pos] = sub[-1]
+            return self._loc(pos, idx)
+        if len(sub) <= (self._load >> 1) + 1 or not self._index:  # ``sub`` will merge, or no index
+            self._delete(pos, idx)
+            return self.insert(new)
+        del sub[idx]
+        maxes[pos] = sub[-1]
+        target = bisect_right(maxes, new)  # never pos: ``new`` lies beyond a neighbour's keys
+        if target > last:
+            target = last
+            sub = lists[target]
+            idx = len(sub)
+            sub.append(new)
+            maxes[target] = new
+        else:
+            sub = lists[target]
+            idx = bisect_right(sub, new)
+            sub.insert(idx, new)
+        if len(sub) > self._load << 1:
+            self._expand(target)  # splits ``sub`` and drops the index: _loc rebuilds it
+            return self._loc(target, idx)
+        # one key less below ``pos``'s leaf and one more below ``target``'s: the counts change
+        # only under their common ancestor; _loc's sum of left siblings in the same climb
+        index = self._index
+        offset = self._offset
+        gone = offset + pos
+        node = offset + target
+        total = 0
+        while gone != node:  # the leaves are on one level: they meet at the common ancestor
+            index[gone] -= 1
+            index[node] += 1
+            if not node & 1:
+                total += index[node - 1]
+            gone = (gone - 1) >> 1
+            node = (node - 1) >> 1
+        while node:
+            if not node & 1:
+                total += index[node - 1]
+            node = (node - 1) >> 1
+        return total + idx
 
 
-class Tier:
-    """The ranked members of one tier."""
+class NotDense(Exception):
+    """A score or sequence number that a dense int key cannot hold exactly."""
+
+
+_SCALE = 2.0**64  # a float score's fixed-point factor: exact (a power of two)
+_SEQ_SPAN = 1 << 62  # seqs in [-2**62, 0) fit the key's sequence field
+
+
+def _fixed(score: Score) -> tuple[int, int]:
+    """``(score * 2**64, kind)`` as exact ints; kind 0 int, 1 float, 2 the float -0.0.
+
+    Raises NotDense for a float that is not a multiple of 2**-64 (tiny fractions, inf, NaN).
+    """
+    if type(score) is int:
+        return score << 64, 0
+    if type(score) is not float:
+        raise NotDense(score)
+    scaled = score * _SCALE
+    if not scaled.is_integer():
+        raise NotDense(score)
+    fixed = int(scaled)
+    return fixed, 2 if not fixed and math.copysign(1.0, score) < 0 else 1
+
+
+def encode(score: Score, seq: int) -> int:
+    """The dense key of ``(score, seq)``: ``score * 2**64`` above 64 bits holding ``seq`` and the
+    score's kind, so int order is ``(score, seq)`` order for every int and for every float that
+    is a multiple of 2**-64 (seqs are unique in a tier, so the kind bits never decide)."""
+    fixed, kind = _fixed(score)
+    if not -_SEQ_SPAN <= seq < 0:
+        raise NotDense(seq)
+    return (fixed << 64) | ((seq + _SEQ_SPAN) << 2) | kind
+
+
+def decode(key: int) -> tuple[Score, int]:
+    """``(score, seq)`` of a dense key, the score of the type it was set with."""
+    kind = key & 3
+    seq = ((key >> 2) & (_SEQ_SPAN - 1)) - _SEQ_SPAN
+    if kind == 0:
+        return key >> 128, seq
+    if kind == 1:
+        return (key >> 64) / (1 << 64), seq  # correctly rounded, so exact: the value is a float
+    return -0.0, seq
+
+
+class TupleTier:
+    """The ranked members of one tier as ``(score, seq, member)`` tuples: exact for any score.
+
+    The fallback of ``DenseTier`` for scores a dense key cannot hold.
+    """
 
     __slots__ = ("keys", "order")
 
@@ -82,18 +191,47 @@ class Tier:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def put(self, key: Key) -> None:
-        """Insert or move ``key[2]`` to ``key``."""
-        old = self.keys.get(key[2])
+    def score(self, member: bytes) -> Score | None:
+        key = self.keys.get(member)
+        return None if key is None else key[0]
+
+    def state(self, member: bytes) -> TierState:
+        key = self.keys.get(member)
+        return None if key is None else (key[0], key[1])
+
+    def change(self, member: bytes, score: Score, seq: int) -> int:
+        """Give ``member`` ``score`` with ``seq`` unless it has that score: its new rank, or 0."""
+        keys = self.keys
+        order = self.order
+        old = keys.get(member)
+        if old is None:
+            key = keys[member] = (score, seq, member)
+            position = order.insert(key)
+            return len(order) - position
+        if old[0] == score:
+            return 0
+        member = old[2]  # keep one bytes object per member alive, not one per update
+        key = keys[member] = (score, seq, member)
+        position = order.move(old, key)
+        return len(order) - position
+
+    def put(self, member: bytes, score: Score, seq: int) -> None:
+        """Insert or replace ``member``'s key, whatever its score was (log replay)."""
+        old = self.keys.get(member)
         if old is not None:
             self.order.remove(old)
+        key = self.keys[member] = (score, seq, member)
         self.order.add(key)
-        self.keys[key[2]] = key
 
     def discard(self, member: bytes) -> None:
         key = self.keys.pop(member, None)
         if key is not None:
             self.order.remove(key)
+
+    def load(self, column: list[Key]) -> None:
+        """Bulk-insert keys into an empty tier: one sort instead of n inserts."""
+        self.keys.update((key[2], key) for key in column)
+        self.order.update(column)
 
     def rank(self, member: bytes) -> int | None:
         """1-based rank of ``member`` (1 = highest score), None when unscored here."""
@@ -104,30 +242,158 @@ class Tier:
 
     def rank_at_most(self, score: Score) -> int | None:
         """Rank of the highest-ranked member whose score is ≤ ``score``; None if there is none."""
-        index = self.order.bisect_left((score, math.inf))
-        if index == 0:
-            return None
-        return len(self.order) - index + 1
+        return _rank_below(self.order, self.order.bisect_left((score, math.inf)))
 
     def slice(self, first: int, count: int) -> Iterator[tuple[int, Key]]:
-        """``(rank, key)`` for ``count`` members from rank ``first`` (1-based) downwards."""
+        """``(rank, (score, seq, member))`` for ``count`` members from rank ``first`` (1-based) down."""
         first = max(first, 1)
-        size = len(self.order)
-        if count <= 0 or first > size:
-            return iter(())
-        stop = size - first + 1
-        start = max(stop - count, 0)
-        return enumerate(self.order.islice(start, stop, reverse=True), first)
+        return enumerate(_keys_from(self.order, first, count), first)
+
+
+class DenseTier:
+    """The ranked members of one tier as one int per member (``encode``), plus ``key → member``.
+
+    An int compares in one step reading one object, where a key tuple reads the tuple and its
+    score: a comparison touches half the cache lines, and a key is 56 bytes instead of 128.
+    Raises NotDense (changing nothing) for a score it cannot hold; the board then converts the
+    tier to a ``TupleTier``.
+    """
+
+    __slots__ = ("keys", "members", "order")
+
+    def __init__(self) -> None:
+        self.keys: dict[bytes, int] = {}
+        self.members: dict[int, bytes] = {}
+        self.order: Ranking = Ranking()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def score(self, member: bytes) -> Score | None:
+        key = self.keys.get(member)
+        return None if key is None else decode(key)[0]
+
+    def state(self, member: bytes) -> TierState:
+        key = self.keys.get(member)
+        return None if key is None else decode(key)
+
+    def change(self, member: bytes, score: Score, seq: int) -> int:
+        """Give ``member`` ``score`` with ``seq`` unless it has that score: its new rank, or 0."""
+        if type(score) is int:
+            fixed = score << 64
+            kind = 0
+        else:
+            fixed, kind = _fixed(score)
+        if not -_SEQ_SPAN <= seq < 0:
+            raise NotDense(seq)
+        keys = self.keys
+        order = self.order
+        old = keys.get(member)
+        key = (fixed << 64) | ((seq + _SEQ_SPAN) << 2) | kind
+        if old is None:
+            keys[member] = key
+            self.members[key] = member
+            position = order.insert(key)
+            return len(order) - position
+        if old >> 64 == fixed:
+            return 0
+        members = self.members
+        members[key] = members.pop(old)  # keep one bytes object per member alive
+        keys[member] = key
+        position = order.move(old, key)
+        return len(order) - position
+
+    def put(self, member: bytes, score: Score, seq: int) -> None:
+        """Insert or replace ``member``'s key, whatever its score was (log replay)."""
+        key = encode(score, seq)
+        if key in self.members:  # a seq used twice: only damaged files hold that
+            raise NotDense(seq)
+        old = self.keys.get(member)
+        if old is not None:
+            self.order.remove(old)
+            del self.members[old]
+        self.keys[member] = key
+        self.members[key] = member
+        self.order.add(key)
+
+    def discard(self, member: bytes) -> None:
+        key = self.keys.pop(member, None)
+        if key is not None:
+            del self.members[key]
+            self.order.remove(key)
+
+    def load(self, column: list[Key]) -> None:
+        """Bulk-insert into an empty tier; NotDense (changing nothing) if a key does not fit."""
+        members = {encode(score, seq): member for score, seq, member in column}
+        if len(members) != len(column):
+            raise NotDense("a seq used twice")
+        self.keys.update((member, key) for key, member in members.items())
+        self.members = members
+        self.order.update(members)
+
+    def tuples(self) -> TupleTier:
+        """The same ranking as a ``TupleTier``."""
+        tier = TupleTier()
+        tier.load([(*decode(key), member) for key, member in self.members.items()])
+        return tier
+
+    def rank(self, member: bytes) -> int | None:
+        """1-based rank of ``member`` (1 = highest score), None when unscored here."""
+        key = self.keys.get(member)
+        if key is None:
+            return None
+        return len(self.order) - self.order.bisect_left(key)
+
+    def rank_at_most(self, score: Score) -> int | None:
+        """Rank of the highest-ranked member whose score is ≤ ``score``; None if there is none."""
+        if type(score) is int:
+            floor = score << 64
+        elif math.isinf(score):
+            return _rank_below(self.order, len(self.order) if score > 0 else 0)
+        else:
+            scaled = score * _SCALE
+            # beyond 2**960 the scaling overflows, but such a float is an int already
+            floor = math.floor(scaled) if math.isfinite(scaled) else int(score) << 64
+        return _rank_below(self.order, self.order.bisect_left((floor + 1) << 64))
+
+    def slice(self, first: int, count: int) -> Iterator[tuple[int, Key]]:
+        """``(rank, (score, seq, member))`` for ``count`` members from rank ``first`` (1-based) down."""
+        first = max(first, 1)
+        members = self.members
+        keys = ((*decode(key), members[key]) for key in _keys_from(self.order, first, count))
+        return enumerate(keys, first)
+
+
+Tier = DenseTier | TupleTier
+
+
+def _rank_below(order: Ranking, index: int) -> int | None:
+    """The rank of the key just below ascending position ``index``; None at the bottom."""
+    return None if index == 0 else len(order) - index + 1
+
+
+def _keys_from(order: Ranking, first: int, count: int) -> Iterator[Any]:
+    """``count`` keys from rank ``first`` (≥ 1) downwards."""
+    size = len(order)
+    if count <= 0 or first > size:
+        return iter(())
+    stop = size - first + 1
+    return order.islice(max(stop - count, 0), stop, reverse=True)
 
 
 class Board:
-    """A named index: every member's value and its scores in ``TIERS`` tiers."""
+    """A named index: every member's value and its scores in ``TIERS`` tiers.
+
+    A tier starts dense (``DenseTier``) and becomes a ``TupleTier`` for good, in this process,
+    the first time it is given a score a dense key cannot hold; a start loads it dense again
+    when every score fits.
+    """
 
     __slots__ = ("values", "tiers", "next_seq")
 
     def __init__(self) -> None:
         self.values: dict[bytes, Any] = {}
-        self.tiers: tuple[Tier, ...] = tuple(Tier() for _ in range(TIERS))
+        self.tiers: list[Tier] = [DenseTier() for _ in range(TIERS)]
         self.next_seq = -1
 
     def __len__(self) -> int:
@@ -140,6 +406,19 @@ class Board:
         """Tier ``number`` (1-based)."""
         return self.tiers[number - 1]
 
+    def _widen(self, index: int) -> TupleTier:
+        """Convert tier ``index`` (0-based) to tuples, for a score it could not hold."""
+        tier = self.tiers[index]
+        if isinstance(tier, DenseTier):
+            tier = self.tiers[index] = tier.tuples()
+        return tier
+
+    def _change(self, index: int, member: bytes, score: Score, seq: int) -> int:
+        try:
+            return self.tiers[index].change(member, score, seq)
+        except NotDense:
+            return self._widen(index).change(member, score, seq)
+
     def set(self, member: bytes, scores: Mapping[int, Score], value: Any, has_value: bool) -> set[int]:
         """Create or update ``member``; returns the tiers (1-based) whose score changed.
 
@@ -148,21 +427,8 @@ class Board:
         """
         if has_value or member not in self.values:
             self.values[member] = value if has_value else None
-        changed: set[int] = set()
         seq = self.next_seq
-        for number, score in scores.items():
-            tier = self.tiers[number - 1]
-            keys = tier.keys
-            old = keys.get(member)
-            if old is not None:
-                if old[0] == score:
-                    continue
-                member = old[2]  # keep one bytes object per member alive, not one per update
-                tier.order.remove(old)
-            key = (score, seq, member)
-            tier.order.add(key)
-            keys[member] = key
-            changed.add(number)
+        changed = {number for number, score in scores.items() if self._change(number - 1, member, score, seq)}
         if changed:
             self.next_seq = seq - 1
         return changed
@@ -177,23 +443,14 @@ class Board:
             values[member] = value
         elif member not in values:
             values[member] = None
-        tier = self.tiers[number - 1]
-        keys = tier.keys
-        order = tier.order
-        old = keys.get(member)
         seq = self.next_seq
-        if old is None:
-            key = keys[member] = (score, seq, member)
+        try:
+            rank = self.tiers[number - 1].change(member, score, seq)
+        except NotDense:
+            rank = self._widen(number - 1).change(member, score, seq)
+        if rank:
             self.next_seq = seq - 1
-            position = order.insert(key)
-            return len(order) - position
-        if old[0] == score:
-            return 0
-        member = old[2]  # keep one bytes object per member alive, not one per update
-        key = keys[member] = (score, seq, member)
-        self.next_seq = seq - 1
-        position = order.move(old, key)
-        return len(order) - position
+        return rank
 
     def delete(self, member: bytes) -> bool:
         """Remove ``member`` from every tier; False when it was not there."""
@@ -205,11 +462,7 @@ class Board:
 
     def state(self, member: bytes) -> tuple[Any, list[TierState]]:
         """The member's value and per-tier ``(score, seq)``, as stored in logs and snapshots."""
-        states: list[TierState] = []
-        for tier in self.tiers:
-            key = tier.keys.get(member)
-            states.append(None if key is None else (key[0], key[1]))
-        return self.values[member], states
+        return self.values[member], [tier.state(member) for tier in self.tiers]
 
     def record(self, name: bytes, member: bytes) -> tuple[Any, ...]:
         """The log record of ``member``'s whole state: ``(name, member)`` when it is gone, else
@@ -219,16 +472,14 @@ class Board:
             return (name, member)
         tiers = self.tiers
         if not (tiers[1].keys or tiers[2].keys or tiers[3].keys):  # only tier 1 in use: most boards
-            key = tiers[0].keys.get(member)
-            return (name, member, value) if key is None else (name, member, value, (key[0], key[1]))
+            state = tiers[0].state(member)
+            return (name, member, value) if state is None else (name, member, value, state)
         states: list[Any] = [name, member, value]
         last = 3
-        for tier in self.tiers:
-            key = tier.keys.get(member)
-            if key is None:
-                states.append(None)
-            else:
-                states.append((key[0], key[1]))
+        for tier in tiers:
+            state = tier.state(member)
+            states.append(state)
+            if state is not None:
                 last = len(states)
         return tuple(states[:last])
 
@@ -236,12 +487,18 @@ class Board:
         """Replace the member's whole state with a recorded one (replay of logs); tiers past the
         end of ``states`` are unscored."""
         self.values[member] = value
-        for tier, state in itertools.zip_longest(self.tiers, states):
+        states = list(states)
+        for index in range(TIERS):
+            state = states[index] if index < len(states) else None
             if state is None:
-                tier.discard(member)
-            else:
-                tier.put((state[0], state[1], member))
-                self.next_seq = min(self.next_seq, state[1] - 1)
+                self.tiers[index].discard(member)
+                continue
+            score, seq = state
+            try:
+                self.tiers[index].put(member, score, seq)
+            except NotDense:
+                self._widen(index).put(member, score, seq)
+            self.next_seq = min(self.next_seq, seq - 1)
 
     def load(self, rows: Iterable[tuple[bytes, Any, list[TierState]]]) -> None:
         """Bulk-restore members into an empty board: one sort per tier instead of n inserts.
@@ -256,9 +513,12 @@ class Board:
                 if state is not None:
                     column.append((state[0], state[1], member))
                     low = min(low, state[1])
-        for tier, column in zip(self.tiers, columns):
-            tier.keys.update((key[2], key) for key in column)
-            tier.order.update(column)
+        for index, column in enumerate(columns):
+            try:
+                self.tiers[index].load(column)
+            except NotDense:
+                self.tiers[index] = TupleTier()
+                self.tiers[index].load(column)
         self.next_seq = low - 1
 
 

@@ -222,9 +222,9 @@ class Executor:
                 continue
             ranks = {}
             for number, tier in enumerate(board.tiers, 1):
-                key = tier.keys.get(member)
-                if key is not None:
-                    ranks[number] = {"i": key[0], "d": tier.rank(member)}
+                score = tier.score(member)
+                if score is not None:
+                    ranks[number] = {"i": score, "d": tier.rank(member)}
             entry: dict[str, Any] = {"I": ranks}
             value = board.values[member]
             if value is not None:
