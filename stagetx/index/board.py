@@ -137,6 +137,8 @@ class NotDense(Exception):
 
 _SCALE = 2.0**64  # a float score's fixed-point factor: exact (a power of two)
 _SEQ_SPAN = 1 << 62  # seqs in [-2**62, 0) fit the key's sequence field
+_SLOTS = 1 << 32  # member slots per tier
+_SLOT = _SLOTS - 1
 
 
 def _fixed(score: Score) -> tuple[int, int]:
@@ -155,24 +157,27 @@ def _fixed(score: Score) -> tuple[int, int]:
     return fixed, 2 if not fixed and math.copysign(1.0, score) < 0 else 1
 
 
-def encode(score: Score, seq: int) -> int:
-    """The dense key of ``(score, seq)``: ``score * 2**64`` above 64 bits holding ``seq`` and the
-    score's kind, so int order is ``(score, seq)`` order for every int and for every float that
-    is a multiple of 2**-64 (seqs are unique in a tier, so the kind bits never decide)."""
+def encode(score: Score, seq: int, slot: int) -> int:
+    """The dense key of ``(score, seq)`` for the member in ``slot``.
+
+    Bits from the top: ``score * 2**64`` (exact for every int and for every float that is a
+    multiple of 2**-64), ``seq`` (62 bits), the score's kind (2), the slot (32). Int order is
+    ``(score, seq)`` order; seqs are unique in a tier, so kind and slot never decide.
+    """
     fixed, kind = _fixed(score)
-    if not -_SEQ_SPAN <= seq < 0:
+    if not -_SEQ_SPAN <= seq < 0 or not 0 <= slot < _SLOTS:
         raise NotDense(seq)
-    return (fixed << 64) | ((seq + _SEQ_SPAN) << 2) | kind
+    return (fixed << 96) | ((seq + _SEQ_SPAN) << 34) | (kind << 32) | slot
 
 
 def decode(key: int) -> tuple[Score, int]:
     """``(score, seq)`` of a dense key, the score of the type it was set with."""
-    kind = key & 3
-    seq = ((key >> 2) & (_SEQ_SPAN - 1)) - _SEQ_SPAN
+    kind = (key >> 32) & 3
+    seq = ((key >> 34) & (_SEQ_SPAN - 1)) - _SEQ_SPAN
     if kind == 0:
-        return key >> 128, seq
+        return key >> 160, seq
     if kind == 1:
-        return (key >> 64) / (1 << 64), seq  # correctly rounded, so exact: the value is a float
+        return (key >> 96) / (1 << 64), seq  # correctly rounded, so exact: the value is a float
     return -0.0, seq
 
 
@@ -251,19 +256,22 @@ class TupleTier:
 
 
 class DenseTier:
-    """The ranked members of one tier as one int per member (``encode``), plus ``key → member``.
+    """The ranked members of one tier as one int per member (``encode``).
 
     An int compares in one step reading one object, where a key tuple reads the tuple and its
-    score: a comparison touches half the cache lines, and a key is 56 bytes instead of 128.
+    score: a comparison touches half the cache lines, and a key is 56 bytes instead of 128. The
+    key's low bits name the member's slot in ``slots`` (kept across score changes, reused after
+    a delete), which gives ``forEach`` and ``range`` the member of a key without a second dict.
     Raises NotDense (changing nothing) for a score it cannot hold; the board then converts the
     tier to a ``TupleTier``.
     """
 
-    __slots__ = ("keys", "members", "order")
+    __slots__ = ("keys", "slots", "free", "order")
 
     def __init__(self) -> None:
         self.keys: dict[bytes, int] = {}
-        self.members: dict[int, bytes] = {}
+        self.slots: list[bytes | None] = []
+        self.free: list[int] = []
         self.order: Ranking = Ranking()
 
     def __len__(self) -> int:
@@ -277,6 +285,15 @@ class DenseTier:
         key = self.keys.get(member)
         return None if key is None else decode(key)
 
+    def _slot(self, member: bytes) -> int:
+        """A free slot, now holding ``member``."""
+        if self.free:
+            slot = self.free.pop()
+            self.slots[slot] = member
+            return slot
+        self.slots.append(member)
+        return len(self.slots) - 1
+
     def change(self, member: bytes, score: Score, seq: int) -> int:
         """Give ``member`` ``score`` with ``seq`` unless it has that score: its new rank, or 0."""
         if type(score) is int:
@@ -289,52 +306,45 @@ class DenseTier:
         keys = self.keys
         order = self.order
         old = keys.get(member)
-        key = (fixed << 64) | ((seq + _SEQ_SPAN) << 2) | kind
         if old is None:
-            keys[member] = key
-            self.members[key] = member
+            if len(self.slots) >= _SLOTS and not self.free:
+                raise NotDense(member)
+            key = keys[member] = (fixed << 96) | ((seq + _SEQ_SPAN) << 34) | (kind << 32) | self._slot(member)
             position = order.insert(key)
             return len(order) - position
-        if old >> 64 == fixed:
+        if old >> 96 == fixed:
             return 0
-        members = self.members
-        members[key] = members.pop(old)  # keep one bytes object per member alive
-        keys[member] = key
+        key = keys[member] = (fixed << 96) | ((seq + _SEQ_SPAN) << 34) | (kind << 32) | (old & _SLOT)
         position = order.move(old, key)
         return len(order) - position
 
     def put(self, member: bytes, score: Score, seq: int) -> None:
         """Insert or replace ``member``'s key, whatever its score was (log replay)."""
-        key = encode(score, seq)
-        if key in self.members:  # a seq used twice: only damaged files hold that
-            raise NotDense(seq)
         old = self.keys.get(member)
+        key = encode(score, seq, self._slot(member) if old is None else old & _SLOT)
         if old is not None:
             self.order.remove(old)
-            del self.members[old]
         self.keys[member] = key
-        self.members[key] = member
         self.order.add(key)
 
     def discard(self, member: bytes) -> None:
         key = self.keys.pop(member, None)
         if key is not None:
-            del self.members[key]
+            self.slots[key & _SLOT] = None
+            self.free.append(key & _SLOT)
             self.order.remove(key)
 
     def load(self, column: list[Key]) -> None:
         """Bulk-insert into an empty tier; NotDense (changing nothing) if a key does not fit."""
-        members = {encode(score, seq): member for score, seq, member in column}
-        if len(members) != len(column):
-            raise NotDense("a seq used twice")
-        self.keys.update((member, key) for key, member in members.items())
-        self.members = members
-        self.order.update(members)
+        keys = [encode(score, seq, slot) for slot, (score, seq, _) in enumerate(column)]
+        self.slots = [member for _, _, member in column]
+        self.keys.update(zip(self.slots, keys))  # type: ignore[arg-type]
+        self.order.update(keys)
 
     def tuples(self) -> TupleTier:
         """The same ranking as a ``TupleTier``."""
         tier = TupleTier()
-        tier.load([(*decode(key), member) for key, member in self.members.items()])
+        tier.load([(*decode(key), member) for member, key in self.keys.items()])
         return tier
 
     def rank(self, member: bytes) -> int | None:
@@ -354,14 +364,14 @@ class DenseTier:
             scaled = score * _SCALE
             # beyond 2**960 the scaling overflows, but such a float is an int already
             floor = math.floor(scaled) if math.isfinite(scaled) else int(score) << 64
-        return _rank_below(self.order, self.order.bisect_left((floor + 1) << 64))
+        return _rank_below(self.order, self.order.bisect_left((floor + 1) << 96))
 
     def slice(self, first: int, count: int) -> Iterator[tuple[int, Key]]:
         """``(rank, (score, seq, member))`` for ``count`` members from rank ``first`` (1-based) down."""
         first = max(first, 1)
-        members = self.members
-        keys = ((*decode(key), members[key]) for key in _keys_from(self.order, first, count))
-        return enumerate(keys, first)
+        slots = self.slots
+        keys = ((*decode(key), slots[key & _SLOT]) for key in _keys_from(self.order, first, count))
+        return enumerate(keys, first)  # type: ignore[arg-type]
 
 
 Tier = DenseTier | TupleTier
