@@ -106,7 +106,7 @@ class Executor:
                         fast = self._set_one(command, argument)  # type: ignore[arg-type]
                         if fast is not None:
                             return {key: fast}
-                    return {key: self._handlers[command.op](command, argument)}  # type: ignore[union-attr]
+                    return {key: self._handlers[command.op](command, argument)}  # type: ignore[union-attr, arg-type]
                 except RequestError as error:
                     return {key: {"error": str(error)}}
         reply: dict[Any, Any] = {}
@@ -176,7 +176,7 @@ class Executor:
         for member, spec in argument.items():
             if type(member) is not bytes or type(spec) is not dict:
                 return None
-            score = spec.get(b"i")
+            score: Any = spec.get(b"i")
             size = len(spec)
             if size == 1:
                 has_value = False
@@ -296,7 +296,7 @@ def _set_spec(tier: int, spec: Any) -> tuple[dict[int, Score], Any, bool]:
 def _rows(board: Board, tier: int, first: int, count: int) -> list[dict[str, Any]]:
     values = board.values
     rows = []
-    for rank, (score, _, member) in board.tier(tier).slice(first, count):
+    for rank, score, member in board.tier(tier).slice(first, count):
         row = {"k": member, "i": score, "d": rank}
         value = values[member]
         if value is not None:

@@ -201,7 +201,7 @@ def test_ranks_match_a_sorted_model_under_random_updates() -> None:
             model[member] = (score, step)
     expected = sorted(model, key=lambda m: (-model[m][0], model[m][1]))
     tier = board.tier(1)
-    assert [key[2] for _, key in tier.slice(1, len(expected))] == expected
+    assert [member for _, _, member in tier.slice(1, len(expected))] == expected
     assert all(tier.rank(m) == i for i, m in enumerate(expected, 1))
 
 

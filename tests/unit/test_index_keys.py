@@ -70,12 +70,12 @@ def _answers(board: Board, probes: list[int | float]) -> list[object]:
     """Everything a request can read from ``board``, scores compared with their type and sign."""
     out: list[object] = []
     for tier in board.tiers:
-        rows = [(rank, (repr(score), seq, member)) for rank, (score, seq, member) in tier.slice(1, len(tier))]
+        rows = [(rank, repr(score), member, tier.state(member)[1]) for rank, score, member in tier.slice(1, len(tier))]
         out.append((len(tier), rows))
         out.append([tier.rank(member) for member in (b"a", b"b", b"c", b"d", b"e", b"f", b"zz")])
         out.append([repr(tier.score(member)) for member in (b"a", b"b", b"c", b"d", b"e", b"f")])
         out.append([tier.rank_at_most(probe) for probe in probes])
-        out.append([(rank, key[2]) for rank, key in tier.slice(2, 3)])
+        out.append([(rank, member) for rank, _, member in tier.slice(2, 3)])
     out.append({member: repr(board.record(b"n", member)) for member in (b"a", b"b", b"c", b"d", b"e", b"f")})
     return out
 
@@ -114,9 +114,9 @@ def test_an_unencodable_score_moves_the_tier_to_tuples_and_a_reload_makes_it_den
     board.set_one(b"a", 1, 5, None, False)
     board.set_one(b"b", 1, 2.0**-70, None, False)  # finer than 2**-64
     assert isinstance(board.tier(1), TupleTier) and isinstance(board.tier(2), DenseTier)
-    assert [key[2] for _, key in board.tier(1).slice(1, 5)] == [b"a", b"b"]
+    assert [member for _, _, member in board.tier(1).slice(1, 5)] == [b"a", b"b"]
     board.set_one(b"b", 1, 6, None, False)
     again = Board()
     again.load((member, *board.state(member)) for member in board.values)
     assert isinstance(again.tier(1), DenseTier)
-    assert [key[2] for _, key in again.tier(1).slice(1, 5)] == [b"b", b"a"]
+    assert [member for _, _, member in again.tier(1).slice(1, 5)] == [b"b", b"a"]
