@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -365,7 +365,8 @@ class Router:
         if self.links is not None:
             self.links.flush()  # what the handlers sent leaves now, not one reactor turn later
         if queue:
-            self._drain_call = self.clock.callLater(0, self._drain)
+            if self._drain_call is None:  # a handler's local message may have scheduled one already
+                self._drain_call = self.clock.callLater(0, self._drain)
         elif count < 64:
             self.delay *= 0.5
 
@@ -418,11 +419,12 @@ class Router:
             self.locks.release(cmd, who)
 
     def _grant(self, turn: Turn) -> None:
-        stage_id = self._placement[turn.who][0]  # type: ignore[index]
-        lock_sender = Sender(self.server_id, LOCK_GROUP, stage_id, turn.who)  # type: ignore[arg-type]
-        ok, reason = self.deliver(turn.who, turn.reply, turn.payload, lock_sender, None)  # type: ignore[arg-type]
+        instance = cast(int, turn.who)  # the router's lock turns are held by stage instances
+        stage_id = self._placement[instance][0]
+        lock_sender = Sender(self.server_id, LOCK_GROUP, stage_id, instance)
+        ok, reason = self.deliver(instance, turn.reply, turn.payload, lock_sender, None)
         if not ok:
-            self.log.warn("lock turn for instance {who} not delivered: {reason}", who=turn.who, reason=reason)
+            self.log.warn("lock turn for instance {who} not delivered: {reason}", who=instance, reason=reason)
 
 
 def _sender_frame(sender: Sender) -> list[Any]:

@@ -212,9 +212,7 @@ class Stage:
         msgid = texts.get(message.msgid)
         if msgid is None:
             msgid = self._text(message.msgid)
-        reply = message.reply
-        if reply is not None:
-            reply = texts.get(reply) or self._text(reply)
+        reply = None if message.reply is None else texts.get(message.reply) or self._text(message.reply)
         vm.deliver(msgid, entry[1], reply, values)
 
     def _text(self, value: str) -> bytes:
