@@ -190,11 +190,20 @@ class ServerProcess:
         self.stop()
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port(family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> int:
-    """A port that was free on loopback a moment ago (for a server the test starts)."""
-    with socket.socket(family, kind) as probe:
-        probe.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A port that was free on loopback a moment ago (for a server the test starts), never one
+    this test run handed out before: two servers of one test must not get the same port."""
+    for _ in range(100):
+        with socket.socket(family, kind) as probe:
+            probe.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
+    raise RuntimeError("no fresh loopback port")
 
 
 def packet(payload: bytes) -> bytes:
