@@ -26,7 +26,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any, BinaryIO
 
 import msgpack
@@ -241,7 +241,7 @@ class IndexStore:
         """True when the logs outgrew the live data (so files stay proportional to it)."""
         return not self.compacting and self.log_bytes > max(self.compact_min_bytes, self.snapshot_bytes)
 
-    def compaction(self) -> Iterator[None]:
+    def compaction(self) -> Generator[None, None, None]:
         """Rotate the log now; return the steps that write the snapshot, one chunk per step.
 
         The stage keeps serving between steps: the snapshot may include changes logged in the
@@ -250,7 +250,7 @@ class IndexStore:
         self.compacting = True
         return self._write_snapshot(self._rotate())
 
-    def _write_snapshot(self, number: int) -> Iterator[None]:
+    def _write_snapshot(self, number: int) -> Generator[None, None, None]:
         temporary = self._path(f"{number:010d}.snap.tmp")
         done = False
         try:

@@ -8,7 +8,7 @@ compaction.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import attrs
@@ -68,7 +68,7 @@ class Stage:
         self.store = IndexStore(self.settings.directory, fsync=self.settings.fsync is True)
         self.executor = Executor(self.store, self.settings.key_size)
         self._syncer: LoopingCall | None = None
-        self._compaction: Iterator[None] | None = None
+        self._compaction: Generator[None, None, None] | None = None
         self._step: IDelayedCall | None = None
         self._replies: list[tuple[Message, Any]] = []  # this turn's, sent by ``turn_ended``
 
