@@ -46,17 +46,7 @@ class Ranking(SortedList):  # type: ignore[misc]
             maxes.append(key)
             self._len += 1
             return 0
-        pos = bisect_right(maxes, key)
-        if pos == len(maxes):
-            pos -= 1
-            sub = lists[pos]
-            idx = len(sub)
-            sub.append(key)
-            maxes[pos] = key
-        else:
-            sub = lists[pos]
-            idx = bisect_right(sub, key)
-            sub.insert(idx, key)
+        pos, sub, idx = self._put(key)
         self._len += 1
         index = self._index
         if not index or len(sub) > self._load << 1:
@@ -75,6 +65,22 @@ class Ranking(SortedList):  # type: ignore[misc]
             node = (node - 1) >> 1
         index[0] += 1
         return total + idx
+
+    def _put(self, key: Any) -> tuple[int, list[Any], int]:
+        """Put ``key`` into the sublist it belongs in: (sublist number, the sublist, index in it)."""
+        lists, maxes = self._lists, self._maxes
+        pos = bisect_right(maxes, key)
+        if pos == len(maxes):
+            pos -= 1
+            sub = lists[pos]
+            idx = len(sub)
+            sub.append(key)
+            maxes[pos] = key
+        else:
+            sub = lists[pos]
+            idx = bisect_right(sub, key)
+            sub.insert(idx, key)
+        return pos, sub, idx
 
     def move(self, old: Any, new: Any) -> int:
         """Replace ``old`` (present) by ``new``; the 0-based position of ``new``."""
@@ -96,17 +102,7 @@ class Ranking(SortedList):  # type: ignore[misc]
             return self.insert(new)
         del sub[idx]
         maxes[pos] = sub[-1]
-        target = bisect_right(maxes, new)  # never pos: ``new`` lies beyond a neighbour's keys
-        if target > last:
-            target = last
-            sub = lists[target]
-            idx = len(sub)
-            sub.append(new)
-            maxes[target] = new
-        else:
-            sub = lists[target]
-            idx = bisect_right(sub, new)
-            sub.insert(idx, new)
+        target, sub, idx = self._put(new)  # never pos: ``new`` lies beyond a neighbour's keys
         if len(sub) > self._load << 1:
             self._expand(target)  # splits ``sub`` and drops the index: _loc rebuilds it
             return self._loc(target, idx)
