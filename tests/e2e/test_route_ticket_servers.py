@@ -124,7 +124,7 @@ def _apps(root: Path, extra_b: dict[str, str] | None = None) -> tuple[Path, Path
         {
             "#cluster": [port_a],
             "#startup": [["=ticket+ticket"], ["=route+route"], ["=lua+pa"], ["=lua+sa"]],
-            "=route+route": {"offer_ms": 1000},
+            "=route+route": {"offer_ms": 5000},  # rounds outlast a stall of a busy machine
             "=ticket+ticket": [1000, {"db": 2, "ext": 1, "one": 1}],
             "=lua+pa": _lua("pa", "pa"),
             "=lua+sa": _lua("sa", "sub"),
