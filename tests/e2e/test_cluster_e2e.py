@@ -147,7 +147,7 @@ end)
 
 def test_backup_takes_over_while_the_peer_is_down_and_routing_returns_after_its_restart(tmp_path: Path) -> None:
     port_p, port_k, port_s = free_port(), free_port(), free_port()
-    router = {"#router": [600, 900]}
+    router = {"#router": [2000, 2000]}  # no routing flaps from a busy machine's stalls
     path_p = app(tmp_path, "p", {**router, "name": "P", "#cluster": [port_p], "#startup": [["=lua+w"]]}, {"w": W})
     path_k = app(tmp_path, "k", {**router, "name": "K", "#cluster": [port_k], "#startup": [["=lua+w"]]}, {"w": W})
     path_s = app(

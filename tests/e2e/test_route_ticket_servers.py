@@ -109,7 +109,8 @@ def _lua(name: str, script: str) -> dict[str, Any]:
 
 
 def _app(root: Path, name: str, config: dict[str, Any], scripts: dict[str, str]) -> Path:
-    full = {"#secret": SECRET, "#router": [900, 900], "=lua": {"%package": ["[0]lua"]}, **config}
+    # sync_ms long enough that a stall of a busy machine never drops a live server's routing
+    full = {"#secret": SECRET, "#router": [2500, 2000], "=lua": {"%package": ["[0]lua"]}, **config}
     return write_app(root / name, full, scripts)
 
 
