@@ -411,5 +411,4 @@ function core.chunk(text, name)
 end
 
 core.null = null
-core.lookup = function(id) return lookup(id) ~= nil end
 return core
