@@ -24,7 +24,8 @@ is dropped; until then its frames may not exceed ``HANDSHAKE_MAX_FRAME`` (64 KiB
 cannot make a link buffer up to ``max_frame``.
 
 Messages queued with ``Link.send`` during one reactor turn leave as one frame (write coalescing,
-flushed by ``clock.callLater(0, …)``, or at once past ``FLUSH_BYTES``). Strings inside messages
+flushed by ``clock.callLater(0, …)``, by the router after each chunk of its drain turn, or at once
+past ``FLUSH_BYTES``); a flush hands the frame to the kernel at once (``Link._send_now``). Strings inside messages
 travel as msgpack str (UTF-8 with ``surrogateescape``), bytes as bin; both come back as sent.
 A ``Link`` is used from the reactor thread only.
 """
@@ -41,6 +42,7 @@ from typing import Protocol as TypingProtocol
 import attrs
 import msgpack
 from twisted.internet import protocol
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -330,16 +332,29 @@ class Link(protocol.Protocol):
         room = self.settings.max_frame - TAG_SIZE - _ARRAY_HEADER_MAX
         if sum(map(len, pending)) <= room:
             self._write_batch(pending)
-            return
-        batch: list[bytes] = []
-        size = 0
-        for data in pending:
-            if batch and size + len(data) > room:
-                self._write_batch(batch)
-                batch, size = [], 0
-            batch.append(data)
-            size += len(data)
-        self._write_batch(batch)
+        else:
+            batch: list[bytes] = []
+            size = 0
+            for data in pending:
+                if batch and size + len(data) > room:
+                    self._write_batch(batch)
+                    batch, size = [], 0
+                batch.append(data)
+                size += len(data)
+            self._write_batch(batch)
+        self._send_now()
+
+    def _send_now(self) -> None:
+        """Hand what was written to the kernel now rather than at the reactor's next write turn.
+
+        A socket transport only queues in ``write()``; the peer process would get the frame after
+        this process finishes its whole turn. Writing at once lets the peer work meanwhile. What
+        the socket does not take stays queued and the reactor writes it when it can; an error is
+        met again there and closes the connection as usual, so the result is not needed here.
+        """
+        transport = self.transport
+        if isinstance(transport, FileDescriptor) and not transport.disconnecting:
+            transport.doWrite()
 
     def _write_batch(self, parts: list[bytes]) -> None:
         body = _array_header(len(parts)) + b"".join(parts)

@@ -55,5 +55,6 @@ class Stage(Protocol):
         """Handle one message, on the reactor thread; never raises (errors are replies or logs)."""
 
     # Optional: ``turn_ended(self) -> None``. When a stage defines it, the host calls it after each
-    # turn of the process's run queue in which the stage received messages, before the reactor
-    # runs anything else: the place to batch work (one log write and all replies of the turn).
+    # chunk (``router.DRAIN_CHUNK`` messages) of a turn of the process's run queue in which the
+    # stage received messages, before anything else runs and before the process's links are
+    # flushed: the place to batch work (one log write and all replies of the chunk).

@@ -119,9 +119,9 @@ class Stage:
     def turn_ended(self) -> None:
         """End of a turn: one log ``write()`` for every change of the turn, then every reply.
 
-        The router hands a stage all queued messages in one drain turn and then calls this, so
-        under load one turn holds many requests and pays one frame and one syscall for all of
-        them. No reply leaves before the write that holds its changes has returned.
+        The router hands a stage queued messages in chunks of up to ``DRAIN_CHUNK`` and calls this
+        after each chunk, so under load one write and one frame serve a chunk of requests. No
+        reply leaves before the write that holds its changes has returned.
         """
         replies, self._replies = self._replies, []
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import tempfile
 import time
 from collections.abc import Callable
@@ -135,3 +136,25 @@ async def test_large_messages_cross_in_several_frames() -> None:
     finally:
         connector.disconnect()
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_flush_hands_the_frame_to_the_socket_before_the_reactor_turn_ends() -> None:
+    """A flushed frame is readable at the peer's socket at once, while this process is still busy
+    (a transport left to itself would write it only at the reactor's next write turn)."""
+    server, client = Collector(1), Collector()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "g0.sock")
+        port = reactor.listenUNIX(path, LinkServerFactory(b"k", "srv", server))
+        connector = reactor.connectUNIX(path, LinkClientFactory(b"k", "cli", client))
+        try:
+            link = await _timeout(client.ready)
+            server_link = await _timeout(server.ready)
+            link.send(b"now")
+            link.flush()
+            readable, _, _ = select.select([server_link.transport.socket], [], [], 0)
+            assert readable, "the frame is still queued in this process"
+            assert await _timeout(server.done) == [b"now"]
+        finally:
+            connector.disconnect()
+            await port.stopListening()

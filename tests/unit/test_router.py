@@ -12,7 +12,7 @@ from stagetx.address import parse_target
 from stagetx.codec import pack_py, unpack_py
 from stagetx.locks import LockTable, Turn
 from stagetx.message import Message
-from stagetx.router import SLOW_MARGIN, Router
+from stagetx.router import DRAIN_CHUNK, SLOW_MARGIN, Router
 from tests.fakes import RecordingLinks, RecordingStage
 
 
@@ -184,6 +184,40 @@ def test_a_batching_stage_hears_once_per_turn_after_its_messages() -> None:
     send(router, stages[0], "a:other")  # a turn without b's messages does not tell b
     clock.advance(0)
     assert events == ["x", "y", "end"]
+
+
+def test_a_long_turn_ends_in_chunks_so_replies_leave_while_the_rest_is_handled() -> None:
+    """Every DRAIN_CHUNK messages the batching stage ends its turn and the links are flushed, so
+    another process can work on the first replies while this one handles the next chunk."""
+    router, clock, stages = make_router([("a", 0), ("b", 0)])
+    links = RecordingLinks()
+    router.links = links
+    events: list[str] = []
+
+    class Batching(RecordingStage):
+        batches = True
+
+        def receive(self, message: Message) -> None:
+            events.append("m")
+
+        def turn_ended(self) -> None:
+            events.append(f"end after flush {links.flushes}")
+
+    router.attach(Batching(1, "b"))
+    count = 2 * DRAIN_CHUNK + 3
+    for _ in range(count):
+        send(router, stages[0], "b:x")
+    clock.advance(0)
+    chunk = ["m"] * DRAIN_CHUNK
+    assert events == [
+        *chunk,
+        "end after flush 0",
+        *chunk,
+        "end after flush 1",
+        *["m"] * 3,
+        "end after flush 2",
+    ]
+    assert links.flushes == 3
 
 
 class TestLocks:
