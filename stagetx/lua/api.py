@@ -85,6 +85,7 @@ class StageAPI:
         return {
             "now": time.monotonic,
             "send": self.send,
+            "send_packed": self.send_packed,
             "report": self.report,
             "schedule_drain": self.schedule_drain,
             "log": self.write_log,
@@ -103,18 +104,32 @@ class StageAPI:
     # -- messages ---------------------------------------------------------------------------------
     def send(self, target: Any, *values: Any) -> tuple[Any, ...]:
         try:
-            address = self._targets.get(target) if type(target) is bytes else None
-            if address is None:
-                address = parse_target(self._target(target))
-                if type(target) is bytes:
-                    if len(self._targets) >= TARGET_CACHE:
-                        self._targets.clear()
-                    self._targets[target] = address
+            address = self._address(target)
             payload = pack_lua(self.vm, values)
         except (AddressError, CodecError) as err:
             return None, lua_text(f"stage.signal: {err}")
         ok, reason = self.stage.send_payload(address, payload)
         return (True,) if ok else (False, lua_text(reason or "not delivered"))
+
+    def send_packed(self, target: Any, payload: bytes) -> tuple[Any, ...]:
+        """``send`` of values the prelude packed itself (``pack.lua``, the fast path)."""
+        try:
+            address = self._address(target)
+        except AddressError as err:
+            return None, lua_text(f"stage.signal: {err}")
+        ok, reason = self.stage.send_payload(address, payload)
+        return (True,) if ok else (False, lua_text(reason or "not delivered"))
+
+    def _address(self, target: Any) -> Address:
+        """The parsed ``target``; string targets are parsed once and kept (by their Lua string)."""
+        address = self._targets.get(target) if type(target) is bytes else None
+        if address is None:
+            address = parse_target(self._target(target))
+            if type(target) is bytes:
+                if len(self._targets) >= TARGET_CACHE:
+                    self._targets.clear()
+                self._targets[target] = address
+        return address
 
     def _target(self, target: Any) -> Any:
         if isinstance(target, bytes):
@@ -207,8 +222,6 @@ class StageAPI:
         process = self.stage.process
         if key == b"id":
             return os.getpid()
-        if key == b"tick":
-            return time.monotonic()
         if key == b"stage":
             return process.group + 1
         if key == b"title":

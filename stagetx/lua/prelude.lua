@@ -33,6 +33,8 @@ local null = setmetatable({}, {
     __tostring = function() return "stage.null" end,
     __newindex = function() error("stage.null is read-only", 2) end,
 })
+-- Packs plain values to a payload in Lua (pack.lua; Lua 5.4 only), or nil: host_send packs them.
+local fast_pack, host_send_packed = cfg.packer and cfg.packer(null), host.send_packed
 
 -- The budget watchdog: a count hook that interrupts a callback holding the thread too long.
 local budget_message = "budget of " .. cfg.budget .. " ms exceeded (%budget)"
@@ -257,7 +259,13 @@ signal = function(t, ...)
             return post(t, ...)
         end
     end
-    local ok, reason = host_send(t, ...)
+    local payload = fast_pack and fast_pack(...)
+    local ok, reason
+    if payload then
+        ok, reason = host_send_packed(t, payload)
+    else
+        ok, reason = host_send(t, ...)
+    end
     if ok then return true end
     if ok == nil then error(reason, 2) end
     return false, reason
@@ -364,8 +372,12 @@ end
 
 print = function(...) format_log("info", ...) end
 
+local process_get = host.process_get
 process = setmetatable({}, {
-    __index = function(_, k) return host.process_get(k) end,
+    __index = function(_, k)
+        if k == "tick" then return now() end  -- read in loops: one call, not the host's lookup
+        return process_get(k)
+    end,
     __newindex = function(_, k, v)
         local err = host.process_set(k, v)
         if err ~= nil then error(err, 2) end

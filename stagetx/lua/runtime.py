@@ -92,6 +92,8 @@ class LuaVM:
             b"extensions": self.lua.table(),
             b"thread_extensions": self.lua.table(),
         }
+        if self.vm_kind == "lua54":  # pack.lua needs string.pack, which LuaJIT lacks
+            cfg[b"packer"] = self._load(_read_lua_file("pack.lua").encode(), b"@pack.lua", b"t")
         cfg[b"extensions"][b"proxy"] = self._load(_read_lua_file("proxy.lua").encode(), b"@proxy.lua", b"t")()
         host_table = self.lua.table_from({k.encode(): v for k, v in host.items()})
         chunk = self._load(_read_lua_file("prelude.lua").encode(), b"@prelude.lua", b"t")

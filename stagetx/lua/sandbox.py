@@ -130,6 +130,14 @@ class SandboxAPI(StageAPI):
         self._reactor.callFromThread(self.stage.send_payload, address, payload)
         return (True,)
 
+    def send_packed(self, target: Any, payload: bytes) -> tuple[Any, ...]:
+        try:
+            address = parse_target(self._target(target))
+        except AddressError as err:
+            return None, lua_text(f"stage.signal: {err}")
+        self._reactor.callFromThread(self.stage.send_payload, address, payload)
+        return (True,)
+
     def report(self, where: bytes, msgid: bytes, error: bytes) -> None:
         self._reactor.callFromThread(StageAPI.report, self, where, msgid, error)
 

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stagetx import codec
 from stagetx.codec import (
     MAX_DEPTH,
     NULL,
@@ -354,11 +355,40 @@ def test_unloadable_bytecode_is_a_codec_error(lua54: Bridge) -> None:
         ({None: 1},),  # nil key
         ({float("nan"): 1},),  # NaN key
         ({(1, 2): 1},),  # table key
+        ({b"a": [1, 2**63]},),  # beyond a Lua integer, inside a table
     ],
 )
 def test_payloads_lua_cannot_hold_are_codec_errors(lua54: Bridge, values: tuple[Any, ...]) -> None:
     with pytest.raises(CodecError):
         unpack_lua(lua54, msgpack.packb(list(values), use_bin_type=True))
+
+
+_PLAIN = st.recursive(
+    st.binary(max_size=6) | st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.binary(max_size=4) | st.integers(-1000, 1000), inner, max_size=4),
+    max_leaves=8,
+)
+
+
+@given(st.lists(_PLAIN, max_size=3))
+@settings(max_examples=300)
+def test_short_plain_payloads_take_the_fast_path_to_the_same_tables(values: list[Any]) -> None:
+    bridge = _SHARED["lua54"]
+    payload = pack_py(tuple(values))
+    fast = codec._side(bridge)._unpack_small(payload)
+    if len(payload) <= MAX_DEPTH and not codec._NOT_PLAIN.search(payload):
+        assert fast is not None
+    if fast is not None:
+        expected = tuple(as_lua_sees_it(v) if isinstance(v, (list, dict)) else v for v in values)
+        assert strict(unpack_py(pack_lua(bridge, fast))) == strict(expected)
+
+
+def test_a_short_payload_with_true_and_1_as_keys_keeps_both(lua54: Bridge) -> None:
+    payload = b"\x91\x82\xc3\xc4\x03yes\x01\xc4\x03one"  # [{true: "yes", 1: "one"}] (a dict would merge them)
+    assert len(payload) <= MAX_DEPTH
+    (table,) = unpack_lua(lua54, payload)
+    assert lua54.run("local t = ... return t[true], t[1]", table) == (b"yes", b"one")
 
 
 @given(st.binary(max_size=120))

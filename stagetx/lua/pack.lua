@@ -1,0 +1,103 @@
+-- stagetx payload packer, the fast path of stagetx.codec's pack_lua (Lua 5.4: needs string.pack).
+--
+-- Loaded by stagetx.lua.runtime with (null) and returns pack(...): the msgpack payload of the
+-- values (one array), exactly what pack_lua would make of them, or nil when a value needs the
+-- general path in Python: functions, userdata, threads, tables nested deeper than DEPTH (which
+-- includes cyclic ones), more than ENTRIES table entries, or a table key of another type than
+-- string, number or boolean. That path packs them or raises the error that names the problem.
+-- Packing here saves reading every table through lupa from Python (a few µs per message).
+local null = ...
+local type, next, select, pack, concat, mtype = type, next, select, string.pack, table.concat, math.type
+
+local DEPTH = 16          -- deeper tables go to the general path (its limit is 64, cycles detected)
+local ENTRIES = 65536     -- bigger messages too (their table walk is not the cost there)
+local NULL = "\xc7\x00\x02"  -- ext 2, empty: stage.null (stagetx.codec.EXT_NULL)
+
+local out, n, entries  -- the parts of the payload being built, their count, entries seen
+
+local put  -- put(v, depth) appends v's encoding; false means "not here"
+
+local function put_table(t, depth)
+    if depth > DEPTH then return false end
+    local count, sequence = 0, true
+    for k in next, t do
+        count = count + 1
+        if sequence and (mtype(k) ~= "integer" or k < 1) then sequence = false end
+    end
+    if count == 0 then
+        n = n + 1
+        out[n] = t == null and NULL or "\x90"
+        return true
+    end
+    entries = entries + count
+    if entries > ENTRIES then return false end
+    -- `count` distinct positive integer keys are exactly 1..count when the largest is count
+    if sequence then
+        for i = 1, count do
+            if t[i] == nil then sequence = false break end
+        end
+    end
+    n = n + 1
+    if sequence then
+        out[n] = count < 16 and pack("B", 0x90 + count) or count < 65536 and pack(">BI2", 0xdc, count)
+            or pack(">BI4", 0xdd, count)
+        for i = 1, count do
+            if not put(t[i], depth + 1) then return false end
+        end
+        return true
+    end
+    out[n] = count < 16 and pack("B", 0x80 + count) or count < 65536 and pack(">BI2", 0xde, count)
+        or pack(">BI4", 0xdf, count)
+    for k, v in next, t do
+        local tk = type(k)
+        if tk ~= "string" and tk ~= "number" and tk ~= "boolean" then return false end
+        if not put(k, depth + 1) or not put(v, depth + 1) then return false end
+    end
+    return true
+end
+
+put = function(v, depth)
+    local t = type(v)
+    n = n + 1
+    if t == "string" then
+        local len = #v
+        out[n] = len < 256 and pack(">Bs1", 0xc4, v) or len < 65536 and pack(">Bs2", 0xc5, v)
+            or pack(">Bs4", 0xc6, v)
+    elseif t == "number" then
+        if mtype(v) == "integer" then
+            if v >= 0 then
+                out[n] = v < 128 and pack("B", v) or v < 0x10000 and pack(">BI2", 0xcd, v)
+                    or v < 0x100000000 and pack(">BI4", 0xce, v) or pack(">Bi8", 0xd3, v)
+            else
+                out[n] = v >= -32 and pack("b", v) or v >= -32768 and pack(">Bi2", 0xd1, v)
+                    or v >= -0x80000000 and pack(">Bi4", 0xd2, v) or pack(">Bi8", 0xd3, v)
+            end
+        else
+            out[n] = pack(">Bd", 0xcb, v)
+        end
+    elseif t == "table" then
+        n = n - 1
+        return put_table(v, depth)
+    elseif t == "boolean" then
+        out[n] = v and "\xc3" or "\xc2"
+    elseif v == nil then
+        out[n] = "\xc0"
+    else
+        return false
+    end
+    return true
+end
+
+return function(...)
+    local count = select("#", ...)
+    out, n, entries = {count < 16 and pack("B", 0x90 + count) or pack(">BI4", 0xdd, count)}, 1, 0
+    for i = 1, count do
+        if not put((select(i, ...)), 0) then
+            out = nil
+            return nil
+        end
+    end
+    local payload = concat(out, "", 1, n)
+    out = nil
+    return payload
+end
