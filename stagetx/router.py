@@ -42,6 +42,8 @@ LOCK_GROUP = 0
 SLOW_MARGIN = 0.050
 #: Senders of frames from other processes kept as ``Sender`` values, at most this many.
 SENDER_CACHE = 4096
+#: Reply addresses ``^SERVER/INSTANCE/ID`` made for senders of this process, at most this many.
+REPLY_CACHE = 4096
 #: One drain turn of the run queue runs at most this long before yielding to the reactor (s).
 DRAIN_SLICE = 0.020
 #: Messages per chunk of a drain turn: after each chunk, batching stages end their turn and what
@@ -116,6 +118,7 @@ class Router:
         self.group = group
         self.clock = clock
         self.now = now
+        self._replies: dict[tuple[int, str], str] = {}  # reply addresses made, by (instance, id)
         self._placement = placement
         self._replicas: dict[str, list[int]] = {}
         for instance, (stage_id, _) in enumerate(placement):
@@ -165,7 +168,13 @@ class Router:
         """The reply address for ``reply``: a message id of the sender, or a full ``^…`` address."""
         if reply is None or reply.startswith("^"):
             return reply
-        return format_reply(self.server_id, sender.instance, reply)
+        key = (sender.instance, reply)
+        address = self._replies.get(key)
+        if address is None:
+            if len(self._replies) >= REPLY_CACHE:
+                self._replies.clear()
+            address = self._replies[key] = format_reply(self.server_id, sender.instance, reply)
+        return address
 
     def _to_stage(self, sender: Sender, address: ToStage, payload: bytes, reply_to: str | None) -> Result:
         stage_id = address.stage if address.stage is not None else sender.stage
