@@ -22,6 +22,11 @@ from stagetx.message import Message
 from stagetx.stages.base import StageContext
 
 DEFAULT_KEY_SIZE = 255
+#: Seconds between looks at how much the indexes grew since the heap was last frozen.
+FREEZE_CHECK = 1.0
+#: Members added since the last ``gc.freeze()`` that make the next check freeze again: at least
+#: this many, and at least a tenth of the members frozen before (so freezes stay rare).
+FREEZE_GROWTH = 50_000
 
 
 @attrs.frozen
@@ -71,30 +76,37 @@ class Stage:
         self._compaction: Generator[None, None, None] | None = None
         self._step: IDelayedCall | None = None
         self._replies: list[tuple[Message, Any]] = []  # this turn's, sent by ``turn_ended``
+        self._freezer: LoopingCall | None = None
+        self._frozen_members = 0  # members alive at the last gc.freeze()
 
     def start(self) -> None:
         """Load the indexes, then freeze them out of the cyclic GC's sight (see docs/index.md)."""
         self.store.open()
         gc.collect()
         gc.freeze()
+        self._frozen_members = self._members()
         self.context.log.info(
             "index {stage}: {boards} indexes, {members} members loaded from {directory}",
             stage=self.context.name,
             boards=len(self.store.boards),
-            members=sum(len(board) for board in self.store.boards.values()),
+            members=self._frozen_members,
             directory=self.settings.directory,
         )
         if type(self.settings.fsync) is float:
             self._syncer = LoopingCall(self._sync)
             self._syncer.clock = self.context.clock
             self._syncer.start(self.settings.fsync, now=False)
+        self._freezer = LoopingCall(self._refreeze)
+        self._freezer.clock = self.context.clock
+        self._freezer.start(FREEZE_CHECK, now=False)
         self._maybe_compact()
 
     def stop(self) -> None:
         """Answer this turn's requests, abandon a running compaction, fsync and close the log."""
         self.turn_ended()
-        if self._syncer is not None and self._syncer.running:
-            self._syncer.stop()
+        for loop in (self._syncer, self._freezer):
+            if loop is not None and loop.running:
+                loop.stop()
         if self._step is not None and self._step.active():
             self._step.cancel()
         if self._compaction is not None:
@@ -135,6 +147,23 @@ class Stage:
         for message, values in replies:
             reply(message, values)
         self._maybe_compact()
+
+    def _members(self) -> int:
+        return sum(len(board) for board in self.store.boards.values())
+
+    def _refreeze(self) -> None:
+        """Freeze the heap again once the indexes grew well past what the last freeze covered.
+
+        A full cyclic-GC pass walks every live container; members set since the start would make
+        it grow with the index (tens of ms per million members). Collecting the young
+        generations first keeps their reference cycles out of the permanent generation, where
+        they would never be freed; ``gc.freeze()`` itself only moves lists.
+        """
+        members = self._members()
+        if members - self._frozen_members >= max(FREEZE_GROWTH, self._frozen_members // 10):
+            gc.collect(1)
+            gc.freeze()
+            self._frozen_members = members
 
     def _sync(self) -> None:
         try:

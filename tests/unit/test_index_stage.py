@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -12,6 +13,7 @@ from twisted.logger import Logger
 
 from stagetx.codec import pack_py
 from stagetx.message import Message, Sender
+from stagetx.stages import index as index_stage
 from stagetx.stages.index import IndexSettings, Stage, parse_settings
 
 
@@ -215,3 +217,24 @@ def test_stop_answers_the_requests_of_the_unfinished_turn(context) -> None:
     stage.stop()
     assert [values[0] for _, values in context.replies] == [{b"set:b": {b"a": 1}}]
     assert context.clock.calls == []
+
+
+def test_the_heap_is_frozen_again_once_the_indexes_grew(context, monkeypatch) -> None:
+    """Members set after the start join the frozen heap at the next check past the growth
+    threshold, so full GC passes do not walk a grown index (docs/index.md, GC pauses)."""
+    monkeypatch.setattr(index_stage, "FREEZE_GROWTH", 10)
+    stage = _started(context)
+    try:
+        for i in range(9):
+            _ask(stage, context, {"set:b": {f"m{i}": {"i": i}}})
+        frozen = gc.get_freeze_count()
+        context.clock.advance(index_stage.FREEZE_CHECK)
+        assert gc.get_freeze_count() <= frozen  # 9 new members: below the threshold
+        _ask(stage, context, {"set:b": {"m9": {"i": 9}}})
+        context.clock.advance(index_stage.FREEZE_CHECK)
+        assert gc.get_freeze_count() > frozen
+        assert stage._frozen_members == 10
+    finally:
+        stage.stop()
+        gc.unfreeze()
+    assert not context.clock.getDelayedCalls()  # the check stops with the stage
