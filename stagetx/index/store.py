@@ -260,8 +260,9 @@ class IndexStore:
                     out.write(frame(_pack(["board", name, board.next_seq])))
                     members = list(board.values)
                     for start in range(0, len(members), self.chunk):
+                        # a row is a log record without the board name: trailing unscored tiers left out
                         rows = [
-                            [member, *_flatten(board.state(member))]
+                            board.record(name, member)[1:]
                             for member in members[start : start + self.chunk]
                             if member in board
                         ]
@@ -318,10 +319,6 @@ class IndexStore:
 
     def _file(self, number: int, kind: str) -> str:
         return self._path(f"{number:010d}.{kind}")
-
-
-def _flatten(state: tuple[Any, list[Any]]) -> list[Any]:
-    return [state[0], *state[1]]
 
 
 def _snapshot_records(file: BinaryIO, path: str) -> Iterator[Any]:
