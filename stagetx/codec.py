@@ -37,10 +37,10 @@ The Lua side reads tables through lupa once per table (``items()``) and builds t
 empty). Two fast paths give the same results: a Lua 5.4 stage packs plain values (no functions,
 at most 16 levels, 65,536 entries) in Lua itself (``stagetx/lua/pack.lua``, called by
 ``stage.signal``), and ``unpack_lua`` builds short payloads of only strings, integers, arrays and
-maps with one recursive ``table_from`` (``_LuaSide._unpack_small``). Measured on the reference machine (timeit, best of 5), for the values ``"player-1", 42,
-{a = 1, b = "two", c = 3.5, d = true, e = {1, 2}}``: ``pack_lua`` 4.8 µs, ``unpack_lua`` 4.1 µs
-(luajit21: 4.8 / 6.3 µs); three scalars only: 0.7 / 0.9 µs; ``pack_py`` 0.5 µs, ``unpack_py``
-0.45 µs.
+maps with one recursive ``table_from`` (``_LuaSide._unpack_small``). Measured on the reference
+machine (timeit, best of 5), for the values ``"player-1", 42, {a = 1, b = "two", c = 3.5,
+d = true, e = {1, 2}}``: ``pack_lua`` 4.8 µs, ``unpack_lua`` 4.1 µs (luajit21: 4.8 / 6.3 µs);
+three scalars only: 0.7 / 0.9 µs; ``pack_py`` 0.5 µs, ``unpack_py`` 0.45 µs.
 """
 
 from __future__ import annotations

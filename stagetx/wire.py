@@ -10,7 +10,7 @@ Wire format (all integers little-endian)::
     PROOF     = HMAC-SHA256(secret, "stagetx-auth" role own_nonce peer_nonce
                             len:u16 own_id len:u16 peer_id)        second frame of each side
     data      = tag:16B body                   every frame after PROOF
-    tag       = HMAC-SHA256(key[sender role], seq:u64 body)[:16]
+    tag       = BLAKE2b-128(key = key[sender role], seq:u64 body)   (keyed BLAKE2b: a MAC)
     key[role] = HMAC-SHA256(secret, "stagetx-session" role client_nonce server_nonce)
     body      = msgpack array of the messages of one batch
 
@@ -47,7 +47,7 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-VERSION = 1
+VERSION = 2
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 FLUSH_BYTES = 256 * 1024  # a batch this large is written at once, not at the end of the turn
 TAG_SIZE = 16
@@ -111,6 +111,15 @@ def _mac(key: bytes, data: bytes) -> bytes:
     return hmac.digest(key, data, hashlib.sha256)
 
 
+def _tag(keyed: Any, seq: int, body: bytes) -> bytes:
+    """The tag of data frame ``seq``: ``keyed`` is the direction's keyed BLAKE2b, copied per frame
+    (cheaper than HMAC-SHA256's two hashes and key setup per frame, and no concatenated copy)."""
+    mac = keyed.copy()
+    mac.update(_SEQ.pack(seq))
+    mac.update(body)
+    return mac.digest()  # type: ignore[no-any-return]
+
+
 def _proof(secret: bytes, role: bytes, own_nonce: bytes, peer_nonce: bytes, own: bytes, peer: bytes) -> bytes:
     return _mac(
         secret,
@@ -153,7 +162,7 @@ class Link(protocol.Protocol):
         self._state = self._on_hello
         self._buffer = bytearray()
         self._dead = False  # dropped or lost: ignore further input and sends
-        self._send_key = self._recv_key = b""
+        self._send_mac = self._recv_mac = hashlib.blake2b(digest_size=TAG_SIZE)  # keyed once authenticated
         self._send_seq = self._recv_seq = 0
         self._pending: list[bytes] = []
         self._pending_bytes = 0
@@ -258,8 +267,10 @@ class Link(protocol.Protocol):
             nonces = self._nonce + self._peer_nonce
         else:
             nonces = self._peer_nonce + self._nonce
-        self._send_key = _mac(secret, b"stagetx-session" + self.role + nonces)
-        self._recv_key = _mac(secret, b"stagetx-session" + peer_role + nonces)
+        send_key = _mac(secret, b"stagetx-session" + self.role + nonces)
+        recv_key = _mac(secret, b"stagetx-session" + peer_role + nonces)
+        self._send_mac = hashlib.blake2b(key=send_key, digest_size=TAG_SIZE)
+        self._recv_mac = hashlib.blake2b(key=recv_key, digest_size=TAG_SIZE)
         self.peer_id = self._peer_node.decode("utf-8", "surrogateescape")
         self.authenticated = True
         self._state = self._on_data
@@ -271,8 +282,8 @@ class Link(protocol.Protocol):
 
     def _on_data(self, frame: bytes) -> None:
         body = frame[TAG_SIZE:]
-        expected = _mac(self._recv_key, _SEQ.pack(self._recv_seq) + body)[:TAG_SIZE]
-        if len(frame) < TAG_SIZE or not hmac.compare_digest(frame[:TAG_SIZE], expected):
+        tag = _tag(self._recv_mac, self._recv_seq, body)
+        if len(frame) < TAG_SIZE or not hmac.compare_digest(frame[:TAG_SIZE], tag):
             self._drop("bad frame tag (tampered, replayed or out of order)")
             return
         self._recv_seq += 1
@@ -358,7 +369,7 @@ class Link(protocol.Protocol):
 
     def _write_batch(self, parts: list[bytes]) -> None:
         body = _array_header(len(parts)) + b"".join(parts)
-        tag = _mac(self._send_key, _SEQ.pack(self._send_seq) + body)[:TAG_SIZE]
+        tag = _tag(self._send_mac, self._send_seq, body)
         self._send_seq += 1
         self.transport.write(_LEN.pack(TAG_SIZE + len(body)) + tag + body)
 

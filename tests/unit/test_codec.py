@@ -365,8 +365,10 @@ def test_payloads_lua_cannot_hold_are_codec_errors(lua54: Bridge, values: tuple[
 
 _PLAIN = st.recursive(
     st.binary(max_size=6) | st.integers(min_value=-(2**63), max_value=2**63 - 1),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.binary(max_size=4) | st.integers(-1000, 1000), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.binary(max_size=4) | st.integers(-1000, 1000), inner, max_size=4)
+    ),
     max_leaves=8,
 )
 
