@@ -8,7 +8,7 @@ import pytest
 from twisted.logger import globalLogPublisher
 
 from stagetx.index.commands import Executor
-from stagetx.index.store import IndexStore, StoreCorrupt, frame, read_frames
+from stagetx.index.store import COMPACT_RATIO, IndexStore, StoreCorrupt, frame, read_frames
 
 
 def _open(directory: str, **options) -> tuple[IndexStore, Executor]:
@@ -103,7 +103,7 @@ def test_compaction_keeps_files_proportional_to_live_data(tmp_path) -> None:
     assert len([f for f in files if f.endswith(".snap")]) == 1
     assert not [f for f in files if f.endswith(".tmp")]
     total = sum(os.path.getsize(os.path.join(directory, f)) for f in files)
-    assert total < 3 * max(store.snapshot_bytes, 20_000)
+    assert total < (COMPACT_RATIO + 2) * max(store.snapshot_bytes, 20_000)
     before = _state(store)
     store.close()
     again, _ = _open(directory)
