@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
@@ -26,6 +26,7 @@ from twisted.logger import Logger, LogLevelFilterPredicate
 
 from stagetx.host import LATENCY_BUCKETS, ProcessHost, StageHost
 from stagetx.index.commands import READS, RequestError, parse_key
+from stagetx.links import local_retry
 from stagetx.logsetup import level_named
 from stagetx.wire import Link, LinkClientFactory
 
@@ -320,7 +321,7 @@ class ControlClient(MultiService):
         factory = LinkClientFactory(secret, f"g{control.host.group}", _ClientHandler(self))
         factory.noisy = False
         endpoint = UNIXClientEndpoint(reactor, control_path(rundir))
-        ClientService(endpoint, factory, retryPolicy=backoffPolicy(0.05, 1.0), clock=reactor).setServiceParent(self)
+        ClientService(endpoint, factory, retryPolicy=local_retry(), clock=reactor).setServiceParent(self)
         self._loop = LoopingCall(self.push)
         self._loop.clock = reactor
 

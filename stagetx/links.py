@@ -9,7 +9,9 @@ process that is not connected wait in a bounded queue; past the bound, ``send`` 
 from __future__ import annotations
 
 import os
+import random
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -41,6 +43,14 @@ def _group_of(peer_id: str) -> int | None:
         return int(peer_id[1:])
     return None
 
+
+
+def local_retry() -> Callable[[int], float]:
+    """Reconnect delays for a link to another process of this machine: 20 ms growing to 1 s,
+    with at most 20 ms of jitter. (``backoffPolicy``'s default jitter adds up to a whole second,
+    which at start-up held a process's frames for a sibling that long while others already flowed.)
+    """
+    return backoffPolicy(0.02, 1.0, factor=1.5, jitter=lambda: random.random() * 0.02)
 
 class _Inbound:
     """Frames arriving from other processes go to the router."""
@@ -110,7 +120,7 @@ class ProcessLinks(MultiService):
         for group in self._pending:
             endpoint = UNIXClientEndpoint(reactor, socket_path(rundir, group))
             factory = LinkClientFactory(secret, node_id(self.group), _Outbound(self, group), max_frame)
-            service = ClientService(endpoint, factory, retryPolicy=backoffPolicy(0.02, 1.0, factor=1.5), clock=reactor)
+            service = ClientService(endpoint, factory, retryPolicy=local_retry(), clock=reactor)
             service.setServiceParent(self)
         router.links = self
 
