@@ -44,13 +44,13 @@ def _group_of(peer_id: str) -> int | None:
     return None
 
 
-
 def local_retry() -> Callable[[int], float]:
     """Reconnect delays for a link to another process of this machine: 20 ms growing to 1 s,
     with at most 20 ms of jitter. (``backoffPolicy``'s default jitter adds up to a whole second,
     which at start-up held a process's frames for a sibling that long while others already flowed.)
     """
     return backoffPolicy(0.02, 1.0, factor=1.5, jitter=lambda: random.random() * 0.02)
+
 
 class _Inbound:
     """Frames arriving from other processes go to the router."""
