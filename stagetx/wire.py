@@ -25,8 +25,9 @@ cannot make a link buffer up to ``max_frame``.
 
 Messages queued with ``Link.send`` during one reactor turn leave as one frame (write coalescing,
 flushed by ``clock.callLater(0, …)``, by the router after each chunk of its drain turn, or at once
-past ``FLUSH_BYTES``); a flush hands the frame to the kernel at once (``Link._send_now``). Strings inside messages
-travel as msgpack str (UTF-8 with ``surrogateescape``), bytes as bin; both come back as sent.
+past ``FLUSH_BYTES``); a flush hands the frame to the kernel at once (``Link._send_now``).
+Strings inside messages travel as msgpack str (UTF-8 with ``surrogateescape``), bytes as bin;
+both come back as sent.
 A ``Link`` is used from the reactor thread only.
 """
 
