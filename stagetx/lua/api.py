@@ -108,8 +108,7 @@ class StageAPI:
             payload = pack_lua(self.vm, values)
         except (AddressError, CodecError) as err:
             return None, lua_text(f"stage.signal: {err}")
-        ok, reason = self.stage.send_payload(address, payload)
-        return (True,) if ok else (False, lua_text(reason or "not delivered"))
+        return self._route(address, payload)
 
     def send_packed(self, target: Any, payload: bytes) -> tuple[Any, ...]:
         """``send`` of values the prelude packed itself (``pack.lua``, the fast path)."""
@@ -117,6 +116,10 @@ class StageAPI:
             address = self._address(target)
         except AddressError as err:
             return None, lua_text(f"stage.signal: {err}")
+        return self._route(address, payload)
+
+    def _route(self, address: Address, payload: bytes) -> tuple[Any, ...]:
+        """Hand one message to the router: ``(True,)`` or ``(False, reason)`` for ``stage.signal``."""
         ok, reason = self.stage.send_payload(address, payload)
         return (True,) if ok else (False, lua_text(reason or "not delivered"))
 

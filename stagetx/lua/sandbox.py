@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred
 
-from stagetx.address import AddressError, parse_target
-from stagetx.codec import CodecError, pack_lua, unpack_lua
+from stagetx.address import Address
+from stagetx.codec import pack_lua, unpack_lua
 from stagetx.lua.api import StageAPI, Task, lua_text
 from stagetx.lua.loader import ScriptLoader
 from stagetx.lua.runtime import HOOK_COUNT, LuaScriptError, LuaVM
@@ -121,20 +121,8 @@ class SandboxAPI(StageAPI):
         self._reactor = reactor
         self.interrupted = interrupted
 
-    def send(self, target: Any, *values: Any) -> tuple[Any, ...]:
-        try:
-            address = parse_target(self._target(target))
-            payload = pack_lua(self.vm, values)
-        except (AddressError, CodecError) as err:
-            return None, lua_text(f"stage.signal: {err}")
-        self._reactor.callFromThread(self.stage.send_payload, address, payload)
-        return (True,)
-
-    def send_packed(self, target: Any, payload: bytes) -> tuple[Any, ...]:
-        try:
-            address = parse_target(self._target(target))
-        except AddressError as err:
-            return None, lua_text(f"stage.signal: {err}")
+    def _route(self, address: Address, payload: bytes) -> tuple[Any, ...]:
+        """The router lives on the reactor thread: the message is handed over, so it counts as sent."""
         self._reactor.callFromThread(self.stage.send_payload, address, payload)
         return (True,)
 
