@@ -58,6 +58,7 @@ end
 
 put = function(v, depth)
     local t = type(v)
+    if t == "table" then return put_table(v, depth) end
     n = n + 1
     if t == "string" then
         local len = #v
@@ -75,9 +76,6 @@ put = function(v, depth)
         else
             out[n] = pack(">Bd", 0xcb, v)
         end
-    elseif t == "table" then
-        n = n - 1
-        return put_table(v, depth)
     elseif t == "boolean" then
         out[n] = v and "\xc3" or "\xc2"
     elseif v == nil then
