@@ -49,19 +49,16 @@ def test_baseline_rows_show_their_figure_in_the_baseline_column() -> None:
     assert cells["mine"][1:3] == ["80.0 req/s", "—"]
 
 
+def _bench(tmp_path: Path, *args: str, timeout: float) -> str:
+    """The output of ``python -m bench.run --quick`` at a tiny scale, results written to tmp_path."""
+    argv = [sys.executable, "-m", "bench.run", "--quick", "--scale", "0.001", "--results", str(tmp_path), *args]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=True).stdout
+
+
 def test_tiny_real_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     first, second = tmp_path / "first.json", tmp_path / "second.json"
-    base = [sys.executable, "-m", "bench.run", "--quick", "--scale", "0.001", "--results", str(tmp_path)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run(
-        [*base, "--only", "twisted_raw", "lupa", "redis", "--json", str(first)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=100,
-        check=True,
-    ).stdout
+    out = _bench(tmp_path, "--only", "twisted_raw", "lupa", "redis", "--json", str(first), timeout=100)
     header = next(line for line in out.splitlines() if line.startswith("workload "))
     assert [c.strip() for c in header.split("|")] == [
         "workload",
@@ -78,15 +75,7 @@ def test_tiny_real_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     assert all(set(KEYS) <= set(r) for r in doc["rows"])
     assert workloads["raw Twisted echo 64 in flight"]["figure"] > 0
     assert any(r["workload"].startswith("redis") for r in doc["rows"])  # figures, or a skip saying why
-    out = subprocess.run(
-        [*base, "--only", "lupa", "--json", str(second), "--compare", str(first)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    out = _bench(tmp_path, "--only", "lupa", "--json", str(second), "--compare", str(first), timeout=60)
     header = next(line for line in out.splitlines() if line.startswith("workload "))
     assert header.split("|")[-1].strip() == "change" and "%" in out
     assert len(list(tmp_path.glob("*Z.json"))) == 2
