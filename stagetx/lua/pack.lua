@@ -7,15 +7,46 @@
 -- string, number or boolean. That path packs them or raises the error that names the problem.
 -- Packing here saves reading every table through lupa from Python (a few µs per message).
 local null = ...
-local type, next, select, pack, concat, mtype = type, next, select, string.pack, table.concat, math.type
+local type, next, select, pack, concat, mtype, char =
+    type, next, select, string.pack, table.concat, math.type, string.char
 
 local DEPTH = 16          -- deeper tables go to the general path (its limit is 64, cycles detected)
 local ENTRIES = 65536     -- bigger messages too (their table walk is not the cost there)
 local NULL = "\xc7\x00\x02"  -- ext 2, empty: stage.null (stagetx.codec.EXT_NULL)
 
-local out, n, entries  -- the parts of the payload being built, their count, entries seen
+-- One-byte encodings by value, looked up instead of built by string.pack (a third of the time
+-- of a small message): fixmap and fixarray headers by entry count, fixints by value.
+local FIXMAP, FIXARRAY, FIXINT = {}, {}, {}
+for i = 0, 15 do FIXMAP[i], FIXARRAY[i] = char(0x80 + i), char(0x90 + i) end
+for i = -32, 127 do FIXINT[i] = pack("b", i) end
+
+-- The parts of the payload being built and their count (the table is reused: concat stops at n),
+-- and the table entries seen so far.
+local out, n, entries = {}, 0, 0
 
 local put  -- put(v, depth) appends v's encoding; false means "not here"
+
+local function put_string(v)
+    local len = #v
+    n = n + 1
+    out[n] = len < 256 and pack(">Bs1", 0xc4, v) or len < 65536 and pack(">Bs2", 0xc5, v)
+        or pack(">Bs4", 0xc6, v)
+end
+
+local function put_number(v)
+    n = n + 1
+    if mtype(v) == "integer" then  -- first: FIXINT[1.0] would find the entry of 1
+        if v >= 0 then
+            out[n] = FIXINT[v] or v < 0x10000 and pack(">BI2", 0xcd, v)
+                or v < 0x100000000 and pack(">BI4", 0xce, v) or pack(">Bi8", 0xd3, v)
+        else
+            out[n] = FIXINT[v] or v >= -32768 and pack(">Bi2", 0xd1, v)
+                or v >= -0x80000000 and pack(">Bi4", 0xd2, v) or pack(">Bi8", 0xd3, v)
+        end
+    else
+        out[n] = pack(">Bd", 0xcb, v)
+    end
+end
 
 local function put_table(t, depth)
     if depth > DEPTH then return false end
@@ -24,8 +55,8 @@ local function put_table(t, depth)
         count = count + 1
         if sequence and (mtype(k) ~= "integer" or k < 1) then sequence = false end
     end
+    n = n + 1
     if count == 0 then
-        n = n + 1
         out[n] = t == null and NULL or "\x90"
         return true
     end
@@ -37,48 +68,45 @@ local function put_table(t, depth)
             if t[i] == nil then sequence = false break end
         end
     end
-    n = n + 1
+    depth = depth + 1
     if sequence then
-        out[n] = count < 16 and pack("B", 0x90 + count) or count < 65536 and pack(">BI2", 0xdc, count)
-            or pack(">BI4", 0xdd, count)
+        out[n] = FIXARRAY[count] or count < 65536 and pack(">BI2", 0xdc, count) or pack(">BI4", 0xdd, count)
         for i = 1, count do
-            if not put(t[i], depth + 1) then return false end
+            if not put(t[i], depth) then return false end
         end
         return true
     end
-    out[n] = count < 16 and pack("B", 0x80 + count) or count < 65536 and pack(">BI2", 0xde, count)
-        or pack(">BI4", 0xdf, count)
+    out[n] = FIXMAP[count] or count < 65536 and pack(">BI2", 0xde, count) or pack(">BI4", 0xdf, count)
     for k, v in next, t do
         local tk = type(k)
-        if tk ~= "string" and tk ~= "number" and tk ~= "boolean" then return false end
-        if not put(k, depth + 1) or not put(v, depth + 1) then return false end
+        if tk == "string" then
+            put_string(k)
+        elseif tk == "number" then
+            put_number(k)
+        elseif tk == "boolean" then
+            n = n + 1
+            out[n] = k and "\xc3" or "\xc2"
+        else
+            return false
+        end
+        if not put(v, depth) then return false end
     end
     return true
 end
 
 put = function(v, depth)
     local t = type(v)
-    if t == "table" then return put_table(v, depth) end
-    n = n + 1
     if t == "string" then
-        local len = #v
-        out[n] = len < 256 and pack(">Bs1", 0xc4, v) or len < 65536 and pack(">Bs2", 0xc5, v)
-            or pack(">Bs4", 0xc6, v)
+        put_string(v)
     elseif t == "number" then
-        if mtype(v) == "integer" then
-            if v >= 0 then
-                out[n] = v < 128 and pack("B", v) or v < 0x10000 and pack(">BI2", 0xcd, v)
-                    or v < 0x100000000 and pack(">BI4", 0xce, v) or pack(">Bi8", 0xd3, v)
-            else
-                out[n] = v >= -32 and pack("b", v) or v >= -32768 and pack(">Bi2", 0xd1, v)
-                    or v >= -0x80000000 and pack(">Bi4", 0xd2, v) or pack(">Bi8", 0xd3, v)
-            end
-        else
-            out[n] = pack(">Bd", 0xcb, v)
-        end
+        put_number(v)
+    elseif t == "table" then
+        return put_table(v, depth)
     elseif t == "boolean" then
+        n = n + 1
         out[n] = v and "\xc3" or "\xc2"
     elseif v == nil then
+        n = n + 1
         out[n] = "\xc0"
     else
         return false
@@ -88,14 +116,14 @@ end
 
 return function(...)
     local count = select("#", ...)
-    out, n, entries = {count < 16 and pack("B", 0x90 + count) or pack(">BI4", 0xdd, count)}, 1, 0
-    for i = 1, count do
-        if not put((select(i, ...)), 0) then
-            out = nil
-            return nil
+    n, entries = 1, 0
+    out[1] = FIXARRAY[count] or pack(">BI4", 0xdd, count)
+    if count == 1 then
+        if not put((...), 0) then return nil end
+    else
+        for i = 1, count do
+            if not put((select(i, ...)), 0) then return nil end
         end
     end
-    local payload = concat(out, "", 1, n)
-    out = nil
-    return payload
+    return concat(out, "", 1, n)
 end
