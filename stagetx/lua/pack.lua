@@ -20,9 +20,10 @@ local FIXMAP, FIXARRAY, FIXINT = {}, {}, {}
 for i = 0, 15 do FIXMAP[i], FIXARRAY[i] = char(0x80 + i), char(0x90 + i) end
 for i = -32, 127 do FIXINT[i] = pack("b", i) end
 
--- The parts of the payload being built and their count (the table is reused: concat stops at n),
--- and the table entries seen so far.
+-- The parts of the payload being built and their count (the table is reused: concat stops at n;
+-- after a message of more than KEPT_PARTS parts it is replaced), and the table entries seen so far.
 local out, n, entries = {}, 0, 0
+local KEPT_PARTS = 256
 
 local put  -- put(v, depth) appends v's encoding; false means "not here"
 
@@ -125,5 +126,7 @@ return function(...)
             if not put((select(i, ...)), 0) then return nil end
         end
     end
-    return concat(out, "", 1, n)
+    local payload = concat(out, "", 1, n)
+    if n > KEPT_PARTS then out = {} end  -- do not keep a big message's parts alive
+    return payload
 end

@@ -88,6 +88,13 @@ def test_the_packer_is_reusable_after_a_refusal(packer: Packer) -> None:
     assert fast == general == ([1, {b"a": 2}], b"x")
 
 
+def test_a_small_message_after_a_big_one_carries_none_of_its_parts(packer: Packer) -> None:
+    big, _ = packer.both("(function() local t = {} for i = 1, 300 do t['k' .. i] = i end return t end)()")
+    assert big is not None and len(big[0]) == 300
+    fast, general = packer.both("{a = 1}, 2")
+    assert fast == general == ({b"a": 1}, 2)
+
+
 def test_depth_up_to_the_fast_limit_stays_fast(packer: Packer) -> None:
     fast, general = packer.both("(function() local t = {} for _ = 1, 16 do t = {t} end return t end)()")
     assert fast is not None and fast == general
