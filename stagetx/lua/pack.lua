@@ -27,28 +27,6 @@ local KEPT_PARTS = 256
 
 local put  -- put(v, depth) appends v's encoding; false means "not here"
 
-local function put_string(v)
-    local len = #v
-    n = n + 1
-    out[n] = len < 256 and pack(">Bs1", 0xc4, v) or len < 65536 and pack(">Bs2", 0xc5, v)
-        or pack(">Bs4", 0xc6, v)
-end
-
-local function put_number(v)
-    n = n + 1
-    if mtype(v) == "integer" then  -- first: FIXINT[1.0] would find the entry of 1
-        if v >= 0 then
-            out[n] = FIXINT[v] or v < 0x10000 and pack(">BI2", 0xcd, v)
-                or v < 0x100000000 and pack(">BI4", 0xce, v) or pack(">Bi8", 0xd3, v)
-        else
-            out[n] = FIXINT[v] or v >= -32768 and pack(">Bi2", 0xd1, v)
-                or v >= -0x80000000 and pack(">Bi4", 0xd2, v) or pack(">Bi8", 0xd3, v)
-        end
-    else
-        out[n] = pack(">Bd", 0xcb, v)
-    end
-end
-
 local function put_table(t, depth)
     if depth > DEPTH then return false end
     local count, sequence = 0, true
@@ -80,34 +58,35 @@ local function put_table(t, depth)
     out[n] = FIXMAP[count] or count < 65536 and pack(">BI2", 0xde, count) or pack(">BI4", 0xdf, count)
     for k, v in next, t do
         local tk = type(k)
-        if tk == "string" then
-            put_string(k)
-        elseif tk == "number" then
-            put_number(k)
-        elseif tk == "boolean" then
-            n = n + 1
-            out[n] = k and "\xc3" or "\xc2"
-        else
-            return false
-        end
-        if not put(v, depth) then return false end
+        if tk ~= "string" and tk ~= "number" and tk ~= "boolean" then return false end
+        if not put(k, depth) or not put(v, depth) then return false end
     end
     return true
 end
 
 put = function(v, depth)
     local t = type(v)
+    if t == "table" then return put_table(v, depth) end
+    n = n + 1
     if t == "string" then
-        put_string(v)
+        local len = #v
+        out[n] = len < 256 and pack(">Bs1", 0xc4, v) or len < 65536 and pack(">Bs2", 0xc5, v)
+            or pack(">Bs4", 0xc6, v)
     elseif t == "number" then
-        put_number(v)
-    elseif t == "table" then
-        return put_table(v, depth)
+        if mtype(v) == "integer" then  -- first: FIXINT[1.0] would find the entry of 1
+            if v >= 0 then
+                out[n] = FIXINT[v] or v < 0x10000 and pack(">BI2", 0xcd, v)
+                    or v < 0x100000000 and pack(">BI4", 0xce, v) or pack(">Bi8", 0xd3, v)
+            else
+                out[n] = FIXINT[v] or v >= -32768 and pack(">Bi2", 0xd1, v)
+                    or v >= -0x80000000 and pack(">Bi4", 0xd2, v) or pack(">Bi8", 0xd3, v)
+            end
+        else
+            out[n] = pack(">Bd", 0xcb, v)
+        end
     elseif t == "boolean" then
-        n = n + 1
         out[n] = v and "\xc3" or "\xc2"
     elseif v == nil then
-        n = n + 1
         out[n] = "\xc0"
     else
         return false
@@ -119,12 +98,8 @@ return function(...)
     local count = select("#", ...)
     n, entries = 1, 0
     out[1] = FIXARRAY[count] or pack(">BI4", 0xdd, count)
-    if count == 1 then
-        if not put((...), 0) then return nil end
-    else
-        for i = 1, count do
-            if not put((select(i, ...)), 0) then return nil end
-        end
+    for i = 1, count do
+        if not put((select(i, ...)), 0) then return nil end
     end
     local payload = concat(out, "", 1, n)
     if n > KEPT_PARTS then out = {} end  -- do not keep a big message's parts alive
