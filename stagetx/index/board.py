@@ -26,13 +26,14 @@ TierState = tuple[Score, int] | None
 
 
 class Ranking(SortedList):  # type: ignore[misc]
-    """A ``SortedList`` whose insertions report where the key landed.
+    """A ``SortedList`` whose insertions report where the key landed, as a rank from the top.
 
     A score change is a removal, an insertion and a rank lookup; the lookup would search for the
     key the insertion just placed. ``insert`` and ``move`` keep the insertion's position instead,
-    which saves two of the six binary searches of an update. They use the sublist layout of
+    which saves two of the six binary searches of an update, and turn it into the index's rank
+    (1 = the largest key). They use the sublist layout of
     sortedcontainers 2.x (``_lists``, ``_maxes``, ``_expand``, ``_delete``, ``_loc``) exactly as
-    its own ``add`` and ``remove`` do; ``tests/unit/test_index_board.py`` checks the positions
+    its own ``add`` and ``remove`` do; ``tests/unit/test_index_board.py`` checks the ranks
     and the layout's invariants (``_check``) against a plain sorted list through many sublist
     splits and merges.
 
@@ -44,14 +45,14 @@ class Ranking(SortedList):  # type: ignore[misc]
     DEFAULT_LOAD_FACTOR = 2000
 
     def insert(self, key: Any) -> int:
-        """Add ``key`` (not present); its 0-based position in ascending order."""
+        """Add ``key`` (not present); its rank counted from the largest key (1 = largest)."""
         lists = self._lists
         maxes = self._maxes
         if not maxes:
             lists.append([key])
             maxes.append(key)
-            self._len += 1
-            return 0
+            self._len = 1
+            return 1
         pos, sub, idx = self._put(key)
         self._len += 1
         index = self._index
@@ -59,7 +60,7 @@ class Ranking(SortedList):  # type: ignore[misc]
             self._expand(pos)  # splits ``sub`` (and drops the index) when it grew too long
             # _loc is "keys in the sublists before pos, plus idx": still right when _expand split
             # ``sub`` and idx now points into the new sublist after it
-            return self._loc(pos, idx)
+            return self._len - self._loc(pos, idx)
         # _expand's index update and _loc's walk in one climb: count the key in every node from
         # the leaf up, and add the left sibling of every right child on the way
         node = self._offset + pos
@@ -70,7 +71,7 @@ class Ranking(SortedList):  # type: ignore[misc]
                 total += index[node - 1]
             node = (node - 1) >> 1
         index[0] += 1
-        return total + idx
+        return self._len - total - idx
 
     def _put(self, key: Any) -> tuple[int, list[Any], int]:
         """Put ``key`` into the sublist it belongs in: (sublist number, the sublist, index in it)."""
@@ -89,7 +90,7 @@ class Ranking(SortedList):  # type: ignore[misc]
         return pos, sub, idx
 
     def move(self, old: Any, new: Any) -> int:
-        """Replace ``old`` (present) by ``new``; the 0-based position of ``new``."""
+        """Replace ``old`` (present) by ``new``; the rank of ``new`` counted from the largest key."""
         lists = self._lists
         maxes = self._maxes
         pos = bisect_left(maxes, old)
@@ -102,7 +103,7 @@ class Ranking(SortedList):  # type: ignore[misc]
             idx = bisect_right(sub, new)
             sub.insert(idx, new)
             maxes[pos] = sub[-1]
-            return self._loc(pos, idx)
+            return self._len - self._loc(pos, idx)
         if len(sub) <= (self._load >> 1) + 1 or not self._index:  # ``sub`` will merge, or no index
             self._delete(pos, idx)
             return self.insert(new)
@@ -111,7 +112,7 @@ class Ranking(SortedList):  # type: ignore[misc]
         target, sub, idx = self._put(new)  # never pos: ``new`` lies beyond a neighbour's keys
         if len(sub) > self._load << 1:
             self._expand(target)  # splits ``sub`` and drops the index: _loc rebuilds it
-            return self._loc(target, idx)
+            return self._len - self._loc(target, idx)
         # one key less below ``pos``'s leaf and one more below ``target``'s: the counts change
         # only under their common ancestor; _loc's sum of left siblings in the same climb
         index = self._index
@@ -130,7 +131,7 @@ class Ranking(SortedList):  # type: ignore[misc]
             if not node & 1:
                 total += index[node - 1]
             node = (node - 1) >> 1
-        return total + idx
+        return self._len - total - idx
 
 
 class NotDense(Exception):
@@ -139,6 +140,7 @@ class NotDense(Exception):
 
 _SCALE = 2.0**64  # a float score's fixed-point factor: exact (a power of two)
 _SEQ_SPAN = 1 << 62  # seqs in [-2**62, 0) fit the key's sequence field
+_SEQ_MASK = _SEQ_SPAN - 1
 _SLOTS = 1 << 32  # member slots per tier
 _SLOT = _SLOTS - 1
 _FLOAT_BITS = 3 << 32  # the kind field: zero for an int score
@@ -176,7 +178,7 @@ def encode(score: Score, seq: int, slot: int) -> int:
 def decode(key: int) -> tuple[Score, int]:
     """``(score, seq)`` of a dense key, the score of the type it was set with."""
     kind = (key >> 32) & 3
-    seq = ((key >> 34) & (_SEQ_SPAN - 1)) - _SEQ_SPAN
+    seq = ((key >> 34) & _SEQ_MASK) - _SEQ_SPAN
     if kind == 0:
         return key >> 160, seq
     if kind == 1:
@@ -214,14 +216,12 @@ class TupleTier:
         old = keys.get(member)
         if old is None:
             key = keys[member] = (score, seq, member)
-            position = order.insert(key)
-            return len(order) - position
+            return order.insert(key)
         if old[0] == score:
             return 0
         member = old[2]  # keep one bytes object per member alive, not one per update
         key = keys[member] = (score, seq, member)
-        position = order.move(old, key)
-        return len(order) - position
+        return order.move(old, key)
 
     def put(self, member: bytes, score: Score, seq: int) -> None:
         """Insert or replace ``member``'s key, whatever its score was (log replay)."""
@@ -286,7 +286,11 @@ class DenseTier:
 
     def state(self, member: bytes) -> TierState:
         key = self.keys.get(member)
-        return None if key is None else decode(key)
+        if key is None:
+            return None
+        if not key & _FLOAT_BITS:  # decode() inlined for an int score: every logged change asks
+            return key >> 160, ((key >> 34) & _SEQ_MASK) - _SEQ_SPAN
+        return decode(key)
 
     def _slot(self, member: bytes) -> int:
         """A free slot, now holding ``member``."""
@@ -313,13 +317,11 @@ class DenseTier:
             if len(self.slots) >= _SLOTS and not self.free:
                 raise NotDense(member)
             key = keys[member] = (fixed << 96) | ((seq + _SEQ_SPAN) << 34) | (kind << 32) | self._slot(member)
-            position = order.insert(key)
-            return len(order) - position
+            return order.insert(key)
         if old >> 96 == fixed:
             return 0
         key = keys[member] = (fixed << 96) | ((seq + _SEQ_SPAN) << 34) | (kind << 32) | (old & _SLOT)
-        position = order.move(old, key)
-        return len(order) - position
+        return order.move(old, key)
 
     def put(self, member: bytes, score: Score, seq: int) -> None:
         """Insert or replace ``member``'s key, whatever its score was (log replay)."""

@@ -94,21 +94,21 @@ class Executor:
 
     def run(self, request: Any) -> dict[Any, Any]:
         """Execute every entry of ``request``; returns the reply table keyed as the request."""
+        if type(request) is dict and len(request) == 1:  # the common case: nothing to order
+            ((key, argument),) = request.items()
+            command = self._keys.get(key) or self._parse(key)
+            if type(command) is RequestError:
+                return {key: {"error": str(command)}}
+            try:
+                if command.op == b"set" and type(argument) is dict and len(argument) == 1:  # type: ignore[union-attr]
+                    fast = self._set_one(command, argument)  # type: ignore[arg-type]
+                    if fast is not None:
+                        return {key: fast}
+                return {key: self._handlers[command.op](command, argument)}  # type: ignore[union-attr, arg-type]
+            except RequestError as error:
+                return {key: {"error": str(error)}}
         if not isinstance(request, dict):
             raise RequestError('an index request is a table {["command:index/tier"] = argument}')
-        if len(request) == 1:  # the common case: nothing to order
-            for key, argument in request.items():
-                command = self._parse(key)
-                if type(command) is RequestError:
-                    return {key: {"error": str(command)}}
-                try:
-                    if command.op == b"set" and type(argument) is dict and len(argument) == 1:  # type: ignore[union-attr]
-                        fast = self._set_one(command, argument)  # type: ignore[arg-type]
-                        if fast is not None:
-                            return {key: fast}
-                    return {key: self._handlers[command.op](command, argument)}  # type: ignore[union-attr, arg-type]
-                except RequestError as error:
-                    return {key: {"error": str(error)}}
         reply: dict[Any, Any] = {}
         parsed: list[tuple[tuple[int, int], int, Any, Command]] = []
         for position, key in enumerate(request):
@@ -173,32 +173,31 @@ class Executor:
     def _set_one(self, command: Command, argument: dict[Any, Any]) -> dict[bytes, int] | None:
         """One member with ``{i = score}`` or ``{i = score, v = value}`` (bytes keys, as from Lua):
         checked and applied without the general path's lists and mappings; None for anything else."""
-        for member, spec in argument.items():
-            if type(member) is not bytes or type(spec) is not dict:
-                return None
-            score: Any = spec.get(b"i")
-            size = len(spec)
-            if size == 1:
-                has_value = False
-            elif size == 2 and b"v" in spec:
-                has_value = True
-            else:
-                return None
-            kind = type(score)
-            if kind is not int and (kind is not float or score != score):  # a float NaN is refused
-                return None
-            if not 0 < len(member) <= self.key_size:
-                member = self._member(member)  # raises the right error
-            value = spec[b"v"] if has_value else None
-            if has_value:
-                self.boards.check_value(value)
-            name = command.name
-            board = self.boards.board(name, True)
-            assert board is not None
-            rank = board.set_one(member, command.tier, score, value, has_value)
-            self.boards.changed(name, board, member)
-            return {member: rank}
-        return None
+        ((member, spec),) = argument.items()
+        if type(member) is not bytes or type(spec) is not dict:
+            return None
+        score: Any = spec.get(b"i")
+        kind = type(score)
+        if kind is not int and (kind is not float or score != score):  # a float NaN is refused
+            return None
+        size = len(spec)
+        if size == 1:
+            value = None
+            has_value = False
+        elif size == 2 and b"v" in spec:
+            value = spec[b"v"]
+            has_value = True
+            self.boards.check_value(value)
+        else:
+            return None
+        if not 0 < len(member) <= self.key_size:
+            member = self._member(member)  # raises the right error
+        name = command.name
+        board = self.boards.board(name, True)
+        assert board is not None
+        rank = board.set_one(member, command.tier, score, value, has_value)
+        self.boards.changed(name, board, member)
+        return {member: rank}
 
     def _del(self, command: Command, argument: Any) -> int:
         members = [self._member(member) for member in _sequence(argument, "del takes {ID, …}")]

@@ -235,7 +235,7 @@ def test_the_one_member_fast_path_matches_the_general_path() -> None:
 
 @pytest.mark.parametrize("seed", range(5))
 def test_ranking_positions_match_a_sorted_list_through_splits_and_merges(seed: int) -> None:
-    """``Ranking.insert``/``move`` report the position ``bisect_left`` finds, with a load factor
+    """``Ranking.insert``/``move`` report the rank from the top that ``bisect_left`` gives, with a load factor
     small enough that sublists split and merge many times."""
     rng = random.Random(seed)
     ranking = Ranking()
@@ -247,14 +247,14 @@ def test_ranking_positions_match_a_sorted_list_through_splits_and_merges(seed: i
         key = (rng.randrange(50), seq, member)
         old = keys.get(member)
         if old is None:
-            position = ranking.insert(key)
+            rank = ranking.insert(key)
         else:
             plain.remove(old)
-            position = ranking.move(old, key)
+            rank = ranking.move(old, key)
         keys[member] = key
         plain.append(key)
         plain.sort()
-        assert position == plain.index(key)
+        assert rank == len(plain) - plain.index(key)
         if rng.random() < 0.2:  # a plain removal between moves, to shrink sublists too
             gone = keys.pop(rng.choice(list(keys)))
             plain.remove(gone)
