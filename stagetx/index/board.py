@@ -460,14 +460,16 @@ class Board:
 
         Returns the member's new rank in that tier, or 0 when the score did not change.
         """
-        values = self.values
+        tier = self.tiers[number - 1]
         if has_value:
-            values[member] = value
-        elif member not in values:
-            values[member] = None
+            self.values[member] = value
+        elif member not in tier.keys and member not in self.values:
+            # a member scored in the tier has a value entry: at a million members the tier's
+            # lookup, which change() repeats from cache, saves the value dict's cold one
+            self.values[member] = None
         seq = self.next_seq
         try:
-            rank = self.tiers[number - 1].change(member, score, seq)
+            rank = tier.change(member, score, seq)
         except NotDense:
             rank = self._widen(number - 1).change(member, score, seq)
         if rank:
