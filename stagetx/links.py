@@ -68,7 +68,7 @@ class _Inbound:
         self.links.router.frame_received(link.group, obj)  # type: ignore[attr-defined]
 
     def frame_done(self, link: Link) -> None:
-        """A whole frame is queued: run it now rather than one reactor iteration later."""
+        """A whole frame is queued: run it now (``frame_received`` schedules no drain of its own)."""
         self.links.router.run_queue()
 
     def link_lost(self, link: Link, reason: object) -> None:

@@ -396,7 +396,11 @@ class Router:
 
     # -- frames from other processes --------------------------------------------------------------
     def frame_received(self, group: int, frame: list[Any]) -> None:
-        """One frame from the process of ``group`` (see ``deliver`` and ``_lock`` for shapes)."""
+        """One frame from the process of ``group`` (see ``deliver`` and ``_lock`` for shapes).
+
+        A message is queued without scheduling a drain: the link calls ``run_queue`` once its
+        whole network frame is queued (a drain scheduled per frame would only be cancelled).
+        """
         kind = frame[0]
         if kind == "m":
             _, instance, msgid, payload, sender, reply = frame
@@ -410,7 +414,7 @@ class Router:
                 if len(self._senders) >= SENDER_CACHE:
                     self._senders.clear()
                 known = self._senders[key] = Sender(*key)
-            self._enqueue(receiver, Message(msgid, payload, known, reply, self.now()))
+            self._queue.append((receiver, Message(msgid, payload, known, reply, self.now())))
         elif kind == "delay":
             self.delays[group] = frame[1]
         elif kind == "lock" and self.locks is not None:
