@@ -171,8 +171,9 @@ class Executor:
         return reply
 
     def _set_one(self, command: Command, argument: dict[Any, Any]) -> dict[bytes, int] | None:
-        """One member with ``{i = score}`` or ``{i = score, v = value}`` (bytes keys, as from Lua):
-        checked and applied without the general path's lists and mappings; None for anything else."""
+        """One member (``argument`` has exactly one entry) with ``{i = score}`` or ``{i = score,
+        v = value}`` (bytes keys, as from Lua): checked and applied without the general path's
+        lists and mappings; None for anything else."""
         ((member, spec),) = argument.items()
         if type(member) is not bytes or type(spec) is not dict:
             return None

@@ -126,6 +126,18 @@ def test_undeliverable_targets_say_why() -> None:
     assert ok is False and reason
 
 
+def test_a_frame_from_another_process_runs_when_the_link_says_the_frame_is_done() -> None:
+    """``frame_received`` only queues (no drain scheduled per frame); ``run_queue`` delivers the
+    frame's messages in order."""
+    router, clock, stages = make_router([("a", 0), ("b", 1)])
+    for n in (1, 2, 3):
+        router.frame_received(1, ["m", 0, f"x{n}", pack_py((n,)), ["srv", 1, "b", 1], None])
+    assert stages[0].got == [] and clock.getDelayedCalls() == []
+    router.run_queue()
+    assert [(m.msgid, unpack_py(m.payload)) for m in stages[0].got] == [("x1", (1,)), ("x2", (2,)), ("x3", (3,))]
+    assert stages[0].got[0].sender.stage == "b"
+
+
 class TurnClock(Clock):
     """A clock whose ``turn()`` runs only the calls that were due when the turn began, like one
     pass of a reactor loop (``Clock.advance`` would also run calls scheduled meanwhile)."""
