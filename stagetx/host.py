@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from bisect import bisect_left
 from collections.abc import Mapping, Sequence
+from time import perf_counter
 from typing import Any
 
 import setproctitle
@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from stagetx.address import Address, parse_target
+from stagetx.address import Address, AddressError, parse_target
 from stagetx.codec import pack_py
 from stagetx.config import ServerConfig, StageConfig
 from stagetx.message import Message, Sender
@@ -116,8 +116,17 @@ class StageHost(Service):
         return self.send_payload(parse_target(target), pack_py(values), reply_to)
 
     def reply(self, message: Message, *values: Any) -> None:
-        if message.reply is not None:
-            self.send(message.reply, *values)
+        """Straight to the router (the per-reply path of every request/reply stage). A reply
+        address that does not parse is logged and skipped: the turn's other replies still go."""
+        if message.reply is None:
+            return
+        try:
+            address = parse_target(message.reply)
+        except AddressError as error:
+            self.log.warn("reply to {msgid!r} dropped: {error}", msgid=message.msgid, error=str(error))
+            return
+        self.sent += 1
+        self.router.send(self.sender, address, pack_py(values))
 
     def send_payload(self, address: Address, payload: bytes, reply_to: str | None = None) -> Result:
         self.sent += 1
@@ -135,11 +144,11 @@ class StageHost(Service):
             self._backlog.append(message)
             return
         self.received += 1
-        started = time.perf_counter()
+        started = perf_counter()
         try:
             self.stage.receive(message)
         finally:
-            elapsed = time.perf_counter() - started
+            elapsed = perf_counter() - started
             self.busy += elapsed
             self.latency[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
 

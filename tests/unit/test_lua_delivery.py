@@ -90,3 +90,29 @@ def test_scalar_payloads_arrive_as_they_are_and_out_of_range_integers_are_refuse
     for bad in (2**63, 2**64 - 1):
         with pytest.raises(CodecError, match="does not fit a Lua integer"):
             unpack_lua(vm, pack_py((1, bad)))
+
+
+def test_a_malformed_reply_address_loses_only_its_own_reply(tmp_path: Path) -> None:
+    """A Python stage's replies leave through ``StageHost.reply``: an address that does not parse
+    is logged there, and the other replies of the same turn still arrive."""
+    (tmp_path / "lua").mkdir()
+    (tmp_path / "lua" / "b.lua").write_text(
+        'stage.waitfor("pong", function(r) for id in pairs(r["set:top"]) do log4cxx.info("pong", id) end end)'
+    )
+    config = {
+        "#startup": [["=index+rank", "=lua+b"]],
+        "=index+rank": "scores",
+        "=lua": {"%package": ["[0]lua"], "=lua+b": "b"},
+    }
+    (tmp_path / "app.json").write_text(json.dumps(config))
+    host = ProcessHost(load_config(str(tmp_path / "app.json")), 0, Clock())
+    host.startService()
+    b = host.stages[1].sender
+    with LogCapture() as capture:
+        for member, reply in ((b"m1", "^local/1/pong"), (b"m2", "^x"), (b"m3", "^local/1/pong")):
+            request = {b"set:top": {member: {b"i": 5}}}
+            host.router.deliver(0, "s", pack_py((request,)), b, reply)
+        drain(host)
+    assert said(capture, "stage.b", "pong") == [["m1"], ["m3"]]
+    assert "reply to 's' dropped: malformed reply address '^x'" in capture.text()
+    host.stopService()
