@@ -36,11 +36,31 @@ local null = setmetatable({}, {
 -- Packs plain values to a payload in Lua (pack.lua; Lua 5.4 only), or nil: host_send packs them.
 local fast_pack, host_send_packed = cfg.packer and cfg.packer(null), host.send_packed
 
--- The budget watchdog: a count hook that interrupts a callback holding the thread too long.
+-- The budget watchdog: a count hook that interrupts a callback holding the thread too long. With
+-- cfg.watchdog (stagetx.lua.watchdog) Python switches it off on the main thread and on again only
+-- for a callback past its budget, at count 1. It steps back to the plain count at once (so the
+-- error handler is not interrupted again, and a hook met after the callback ended costs little),
+-- and each coroutine sets it on itself when it starts.
 local budget_message = "budget of " .. cfg.budget .. " ms exceeded (%budget)"
-sethook(function()
+local hook_count = cfg.hook_count
+local watchdog = cfg.watchdog
+local function budget_hook()
+    if watchdog then sethook(budget_hook, "", hook_count) end
     if deadline ~= huge and now() > deadline then error(budget_message, 2) end
-end, "", cfg.hook_count)
+end
+sethook(budget_hook, "", hook_count)
+if watchdog then
+    local create, wrap = coroutine.create, coroutine.wrap
+    local function hooked(f)
+        if type(f) ~= "function" then return f end  -- create and wrap raise their own error
+        return function(...)
+            sethook(budget_hook, "", hook_count)
+            return f(...)
+        end
+    end
+    coroutine.create = function(f) return create(hooked(f)) end
+    coroutine.wrap = function(f) return wrap(hooked(f)) end
+end
 
 ---------------------------------------------------------------------------------------------------
 -- Values between handlers of one runtime are copied (SPEC 5): tables deep, stage.null as nil.

@@ -15,6 +15,8 @@ from typing import Any
 import lupa.lua54
 import lupa.luajit21
 
+from stagetx.lua.watchdog import Guard
+
 VM_MODULES = {"lua": lupa.lua54, "luajit": lupa.luajit21}
 VM_KINDS = {"lua": "lua54", "luajit": "luajit21"}
 
@@ -56,6 +58,8 @@ class LuaVM:
     @param budget_ms: how long one callback may hold the thread before it is interrupted.
     @param max_memory: the most bytes this runtime may allocate (``None``: no limit).
     @param sender: the ``_WAITFOR[1]`` value of messages the stage sends itself (Python natives).
+    @param watchdog: keep the budget hook off between overruns (``stagetx.lua.watchdog``; Lua 5.4
+        only, and only for a runtime whose callbacks all start on one thread).
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class LuaVM:
         max_memory: int | None,
         sender: Mapping[str, Any],
         slice_ms: float = 20.0,
+        watchdog: bool = False,
     ) -> None:
         module = VM_MODULES[kind]
         self.kind = kind
@@ -88,6 +93,7 @@ class LuaVM:
             b"budget": budget_ms,
             b"slice": min(slice_ms, budget_ms / 2),
             b"hook_count": HOOK_COUNT,
+            b"watchdog": watchdog and self.vm_kind == "lua54",
             b"sender": self.table(sender),
             b"extensions": self.lua.table(),
             b"thread_extensions": self.lua.table(),
@@ -105,6 +111,10 @@ class LuaVM:
         self._deliver = self.core[b"deliver"]
         self._drain = self.core[b"drain"]
         self._chunk = self.core[b"chunk"]
+        self.guard: Guard | None = None
+        if cfg[b"watchdog"]:
+            thread = self.lua.eval("tostring((coroutine.running()))")  # b"thread: 0x…", its lua_State
+            self.guard = Guard(int(thread.split(b":")[1], 16), budget_ms / 1000.0)
 
     # -- the codec bridge -------------------------------------------------------------------------
     def dump_function(self, f: Any) -> bytes:
@@ -128,16 +138,35 @@ class LuaVM:
 
         Errors are reported through the host's ``report`` under ``where`` before this returns.
         """
-        result = self._call(time.monotonic(), where.encode(), f, *args)
+        result = self.enter(self._call, time.monotonic(), where.encode(), f, *args)
         return result if isinstance(result, tuple) else (result,)
 
     def deliver(self, msgid: bytes, sender: Any, reply: bytes | None, values: tuple[Any, ...]) -> None:
         """Hand one message (its decoded values) to the stage's waitfor handlers."""
-        self._deliver(time.monotonic(), msgid, sender, reply, *values)
+        self.enter(self._deliver, time.monotonic(), msgid, sender, reply, *values)
 
     def drain(self) -> None:
         """Run the stage's queued local messages."""
-        self._drain(time.monotonic())
+        self.enter(self._drain, time.monotonic())
+
+    def enter(self, entry: Any, started: float, *args: Any) -> Any:
+        """Run prelude entry point ``entry`` (``started`` is its first argument) as one callback
+        under the budget watchdog, if this runtime has one."""
+        guard = self.guard
+        if guard is None or guard.entered is not None:  # no watchdog, or inside a callback already
+            return entry(started, *args)
+        guard.entered = started
+        try:
+            return entry(started, *args)
+        finally:
+            guard.entered = None
+            if guard.armed:
+                guard.disarm()
+
+    def close(self) -> None:
+        """Stop watching this runtime's callbacks (it is being replaced or the stage stops)."""
+        if self.guard is not None:
+            self.guard.close()
 
     def compile(self, text: bytes, chunkname: bytes) -> Any:
         """Compile script text (never bytecode) with the stage's globals; raises on syntax errors."""

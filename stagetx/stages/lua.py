@@ -80,7 +80,9 @@ class Stage:
             budget_ms=settings["%budget"],
             max_memory=settings["%memory"],
             sender=sender_fields(self.context.sender),
+            watchdog=True,
         )
+        self.on_stop(vm.close)
         api.bind(vm)
         self.api = api
         install_all(self)
@@ -283,7 +285,7 @@ class WatchedVM(LuaVM):
     def deliver(self, msgid: bytes, sender: Any, reply: bytes | None, values: tuple[Any, ...]) -> None:
         started = monotonic()
         try:
-            self._deliver(started, msgid, sender, reply, *values)
+            self.enter(self._deliver, started, msgid, sender, reply, *values)
         finally:
             if (monotonic() - started) * 1000.0 >= self._context.process.slow_ms:
                 self._check(started, f"handler of message {text(msgid)!r}", None, handler_keys(msgid))

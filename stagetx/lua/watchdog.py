@@ -1,0 +1,111 @@
+"""The ``%budget`` watchdog of a stage's Lua 5.4 runtime, without a count hook while callbacks
+keep their budget.
+
+With a count hook set, Lua 5.4 takes its trap path on every VM instruction whatever the count
+(``luaG_traceexec`` in ldebug.c): about 14 % of the instructions of a Lua stage that signals and
+receives replies. So the prelude's hook stays registered (``debug.sethook``) but switched off on
+the runtime's main thread, and one daemon thread per process looks at the callbacks running now
+every ``POLL`` seconds; a callback past its budget gets the hook switched on (count 1) with
+``lua_sethook``, which Lua makes safe to call asynchronously (it is how a signal handler stops a
+running state). The hook raises the budget error as before, and the runtime switches the hook off
+again on its own thread once the callback has returned. lupa releases the GIL while Lua runs, so
+the watchdog thread gets to run beside a runaway loop.
+
+Coroutines made by the stage's scripts keep a count hook of their own (the prelude sets it when one
+starts): the watchdog cannot tell which coroutine runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+import weakref
+
+import lupa.lua54
+
+#: Seconds between the watchdog's looks at the running callbacks (a runaway callback is
+#: interrupted at most this long after its budget ran out).
+POLL = 0.02
+_LUA_MASKCOUNT = 1 << 3
+
+_lua = ctypes.CDLL(lupa.lua54.__file__)  # the Lua 5.4 that lupa links in, already loaded
+_sethook = _lua.lua_sethook
+_sethook.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+_sethook.restype = None
+_gethook = _lua.lua_gethook
+_gethook.argtypes = [ctypes.c_void_p]
+_gethook.restype = ctypes.c_void_p
+_gethookmask = _lua.lua_gethookmask
+_gethookmask.argtypes = [ctypes.c_void_p]
+_gethookmask.restype = ctypes.c_int
+
+
+class Guard:
+    """The main thread of one Lua 5.4 runtime under the watchdog.
+
+    ``state`` is the address of the runtime's main ``lua_State`` and must hold the prelude's count
+    hook when the guard is made; the guard switches it off. ``entered`` is the start time
+    (``time.monotonic``) of the callback running now, None between callbacks: the runtime sets
+    it around each outermost entry, which is all a callback costs here.
+    """
+
+    def __init__(self, state: int, budget: float) -> None:
+        self.state = state
+        self.budget = budget
+        self.entered: float | None = None
+        self.armed = False  # the hook is on, or being switched on: always with the hook's state
+        self._switch = threading.Lock()
+        self._hook = _gethook(state)
+        if not self._hook or not _gethookmask(state) & _LUA_MASKCOUNT:
+            raise RuntimeError("the runtime's budget hook is not set")
+        _sethook(state, None, 0, 0)
+        _watchdog().guards.add(self)
+
+    def hooked(self) -> bool:
+        """Whether the hook is on now (for tests: it must be off between callbacks)."""
+        return bool(_gethookmask(self.state))
+
+    def arm(self) -> None:
+        """Switch the hook on: the running callback meets it at its next instruction."""
+        with self._switch:
+            self.armed = True
+            _sethook(self.state, self._hook, _LUA_MASKCOUNT, 1)
+
+    def disarm(self) -> None:
+        """Switch the hook off again (on the runtime's own thread, no callback running)."""
+        with self._switch:
+            self.armed = False
+            _sethook(self.state, None, 0, 0)
+
+    def close(self) -> None:
+        """Stop watching (before the runtime goes away)."""
+        _watchdog().guards.discard(self)
+
+
+class _Watchdog(threading.Thread):
+    def __init__(self) -> None:
+        super().__init__(name="stagetx-lua-budget", daemon=True)
+        self.guards: weakref.WeakSet[Guard] = weakref.WeakSet()
+
+    def run(self) -> None:
+        while True:
+            time.sleep(POLL)
+            now = time.monotonic()
+            for guard in list(self.guards):
+                entered = guard.entered
+                if entered is not None and not guard.armed and now - entered > guard.budget:
+                    guard.arm()
+
+
+_lock = threading.Lock()
+_running: _Watchdog | None = None
+
+
+def _watchdog() -> _Watchdog:
+    global _running
+    with _lock:
+        if _running is None:
+            _running = _Watchdog()
+            _running.start()
+        return _running
