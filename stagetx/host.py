@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from stagetx.address import Address, AddressError, parse_target
 from stagetx.codec import pack_py
 from stagetx.config import ServerConfig, StageConfig
-from stagetx.message import Message, Sender
+from stagetx.message import Message
 from stagetx.router import Result, Router
 from stagetx.shared import ProcessShared
 from stagetx.stages import stage_class
@@ -98,7 +98,7 @@ class StageHost(Service):
         self.clock = clock
         self.base_dir = process.config.base_dir
         self.log = Logger(namespace=f"stage.{config.id}")
-        self.sender = Sender(process.server_id, process.group, config.id, config.instance)
+        self.sender = router.sender_of(config.instance)
         self.received = 0
         self.sent = 0
         self.errors = 0

@@ -134,10 +134,18 @@ class Router:
         self._draining = False
         self._unknown: set[str] = set()
         self._senders: dict[tuple[Any, ...], Sender] = {}  # frames name senders as lists
+        # every stage of this server as a sender; a message frame between this server's processes
+        # names such a sender by its instance number (see ``sender_of``)
+        self._own = [Sender(server_id, g, stage_id, i) for i, (stage_id, g) in enumerate(placement)]
         self.locks = LockTable(clock, self._grant) if group == LOCK_GROUP else None
 
     def attach(self, receiver: Receiver) -> None:
         self.local[receiver.instance] = receiver
+
+    def sender_of(self, instance: int) -> Sender:
+        """The sender of this server's stage ``instance``: give its messages this very object, and
+        frames to other processes carry just the instance number for it."""
+        return self._own[instance]
 
     # -- sending ----------------------------------------------------------------------------------
     def send(self, sender: Sender, address: Address, payload: bytes, reply_to: str | None = None) -> Result:
@@ -324,7 +332,12 @@ class Router:
 
     # -- delivery ---------------------------------------------------------------------------------
     def deliver(self, instance: int, msgid: str, payload: bytes, sender: Sender, reply: str | None) -> Result:
-        """Queue a message for one stage instance of this server, here or in its process."""
+        """Queue a message for one stage instance of this server, here or in its process.
+
+        The frame to another process is ``["m", instance, msgid, payload, sender, reply]``, its
+        ``sender`` the instance number when the sender is one of this server's stages (the object
+        ``sender_of`` gave it), else ``[server, group, stage, instance]``.
+        """
         receiver = self.local.get(instance)
         if receiver is not None:
             self._enqueue(receiver, Message(msgid, payload, sender, reply, self.now()))
@@ -332,7 +345,10 @@ class Router:
         if self.links is None:
             return False, f"stage instance {instance} is not in this process"
         group = self._placement[instance][1]
-        return self.links.send(group, ["m", instance, msgid, payload, _sender_frame(sender), reply])
+        own = self._own
+        by = sender.instance
+        named = by if 0 <= by < len(own) and own[by] is sender else _sender_frame(sender)
+        return self.links.send(group, ["m", instance, msgid, payload, named, reply])
 
     def _enqueue(self, receiver: Receiver, message: Message) -> None:
         self._queue.append((receiver, message))
@@ -408,12 +424,19 @@ class Router:
             if receiver is None:
                 self.log.warn("frame for stage instance {instance} that this process does not host", instance=instance)
                 return
-            key = tuple(sender)
-            known = self._senders.get(key)
-            if known is None:
-                if len(self._senders) >= SENDER_CACHE:
-                    self._senders.clear()
-                known = self._senders[key] = Sender(*key)
+            if type(sender) is int:
+                if not 0 <= sender < len(self._own):
+                    self.log.warn("frame from unknown stage instance {sender}", sender=sender)
+                    return
+                known = self._own[sender]
+            else:
+                key = tuple(sender)
+                cached = self._senders.get(key)
+                if cached is None:
+                    if len(self._senders) >= SENDER_CACHE:
+                        self._senders.clear()
+                    cached = self._senders[key] = Sender(*key)
+                known = cached
             self._queue.append((receiver, Message(msgid, payload, known, reply, self.now())))
         elif kind == "delay":
             self.delays[group] = frame[1]

@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from stagetx.address import parse_target
 from stagetx.codec import pack_py, unpack_py
 from stagetx.locks import LockTable, Turn
-from stagetx.message import Message
+from stagetx.message import Message, Sender
 from stagetx.router import DRAIN_CHUNK, SLOW_MARGIN, Router
 from tests.fakes import RecordingLinks, RecordingStage
 
@@ -56,6 +56,31 @@ def test_messages_for_other_processes_go_on_their_link() -> None:
     kind, instance, msgid, payload, sender, reply = links.frames[0][1]
     assert (kind, instance, msgid, reply) == ("m", 1, "x", None)
     assert sender == ["srv", 0, "a", 0]
+
+
+def test_a_frame_names_this_server_s_own_sender_by_instance_number() -> None:
+    """Between the processes of one server a frame carries the sender's instance number, which
+    the receiving process turns back into the same sender; other senders travel whole."""
+    placement = [("a", 0), ("b", 1)]
+    router, _, _ = make_router(placement)
+    links = RecordingLinks()
+    router.links = links
+    own = router.sender_of(0)
+    assert own == Sender("srv", 0, "a", 0)
+    router.send(own, parse_target("b:x"), pack_py((1,)))
+    router.send(Sender("srv", 0, "a", 0), parse_target("b:y"), pack_py((2,)))  # equal, not the router's
+    router.send(Sender("far", 3, "z", 9), parse_target("b:z"), pack_py((3,)))
+    assert [frame[4] for _, frame in links.frames] == [0, ["srv", 0, "a", 0], ["far", 3, "z", 9]]
+
+    other, _, stages = make_router(placement, group=1)
+    for _, frame in links.frames:
+        other.frame_received(0, frame)
+    other.frame_received(0, ["m", 1, "bad", pack_py((4,)), 7, None])  # no instance 7 on this server
+    other.run_queue()
+    got = stages[1].got
+    assert [m.msgid for m in got] == ["x", "y", "z"]
+    assert got[0].sender is other.sender_of(0) and got[0].sender == own
+    assert got[1].sender == own and got[2].sender == Sender("far", 3, "z", 9)
 
 
 def test_a_process_whose_link_dropped_is_skipped_until_it_is_back() -> None:
