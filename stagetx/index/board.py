@@ -295,35 +295,35 @@ class DenseTier:
         return decode(key)
 
     def _slot(self, member: bytes) -> int:
-        """A free slot, now holding ``member``."""
+        """A free slot, now holding ``member``; NotDense (changing nothing) when none is left."""
         if self.free:
             slot = self.free.pop()
             self.slots[slot] = member
             return slot
+        slot = len(self.slots)
+        if slot >= _SLOTS:
+            raise NotDense(member)
         self.slots.append(member)
-        return len(self.slots) - 1
+        return slot
 
     def change(self, member: bytes, score: Score, seq: int) -> int:
         """Give ``member`` ``score`` with ``seq`` unless it has that score: its new rank, or 0."""
         if type(score) is int:
-            fixed = score << 64
-            kind = 0
+            head = score << 160  # encode()'s fixed-point score and kind (0) in one shift
         else:
             fixed, kind = _fixed(score)
+            head = (fixed << 96) | (kind << 32)
         if not -_SEQ_SPAN <= seq < 0:
             raise NotDense(seq)
         keys = self.keys
-        order = self.order
         old = keys.get(member)
         if old is None:
-            if len(self.slots) >= _SLOTS and not self.free:
-                raise NotDense(member)
-            key = keys[member] = (fixed << 96) | ((seq + _SEQ_SPAN) << 34) | (kind << 32) | self._slot(member)
-            return order.insert(key)
-        if old >> 96 == fixed:
+            key = keys[member] = head | ((seq + _SEQ_SPAN) << 34) | self._slot(member)
+            return self.order.insert(key)
+        if old >> 96 == head >> 96:
             return 0
-        key = keys[member] = (fixed << 96) | ((seq + _SEQ_SPAN) << 34) | (kind << 32) | (old & _SLOT)
-        return order.move(old, key)
+        key = keys[member] = head | ((seq + _SEQ_SPAN) << 34) | (old & _SLOT)
+        return self.order.move(old, key)
 
     def put(self, member: bytes, score: Score, seq: int) -> None:
         """Insert or replace ``member``'s key, whatever its score was (log replay)."""
