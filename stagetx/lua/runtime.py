@@ -15,6 +15,7 @@ from typing import Any
 import lupa.lua54
 import lupa.luajit21
 
+from stagetx.lua.watchdog import AVAILABLE as watchdog_available
 from stagetx.lua.watchdog import Guard
 
 VM_MODULES = {"lua": lupa.lua54, "luajit": lupa.luajit21}
@@ -93,7 +94,7 @@ class LuaVM:
             b"budget": budget_ms,
             b"slice": min(slice_ms, budget_ms / 2),
             b"hook_count": HOOK_COUNT,
-            b"watchdog": watchdog and self.vm_kind == "lua54",
+            b"watchdog": watchdog and self.vm_kind == "lua54" and watchdog_available,
             b"sender": self.table(sender),
             b"extensions": self.lua.table(),
             b"thread_extensions": self.lua.table(),

@@ -21,6 +21,7 @@ import ctypes
 import threading
 import time
 import weakref
+from typing import Any
 
 import lupa.lua54
 
@@ -29,16 +30,31 @@ import lupa.lua54
 POLL = 0.02
 _LUA_MASKCOUNT = 1 << 3
 
-_lua = ctypes.CDLL(lupa.lua54.__file__)  # the Lua 5.4 that lupa links in, already loaded
-_sethook = _lua.lua_sethook
-_sethook.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-_sethook.restype = None
-_gethook = _lua.lua_gethook
-_gethook.argtypes = [ctypes.c_void_p]
-_gethook.restype = ctypes.c_void_p
-_gethookmask = _lua.lua_gethookmask
-_gethookmask.argtypes = [ctypes.c_void_p]
-_gethookmask.restype = ctypes.c_int
+
+def _lua_api() -> tuple[Any, Any, Any] | None:
+    """``lua_sethook``, ``lua_gethook``, ``lua_gethookmask`` of the Lua 5.4 that lupa links in
+    (already loaded), or None when this lupa build does not export them."""
+    try:
+        lua = ctypes.CDLL(lupa.lua54.__file__)
+        sethook, gethook, gethookmask = lua.lua_sethook, lua.lua_gethook, lua.lua_gethookmask
+    except (OSError, AttributeError):
+        return None
+    sethook.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    sethook.restype = None
+    gethook.argtypes = [ctypes.c_void_p]
+    gethook.restype = ctypes.c_void_p
+    gethookmask.argtypes = [ctypes.c_void_p]
+    gethookmask.restype = ctypes.c_int
+    return sethook, gethook, gethookmask
+
+
+_api = _lua_api()
+#: Whether runtimes can be watched; without it they keep the plain count hook.
+AVAILABLE = _api is not None
+_sethook: Any
+_gethook: Any
+_gethookmask: Any
+_sethook, _gethook, _gethookmask = _api or (None, None, None)
 
 
 class Guard:
