@@ -16,9 +16,12 @@ local NULL = "\xc7\x00\x02"  -- ext 2, empty: stage.null (stagetx.codec.EXT_NULL
 
 -- One-byte encodings by value, looked up instead of built by string.pack (a third of the time
 -- of a small message): fixmap and fixarray headers by entry count, fixints by value.
-local FIXMAP, FIXARRAY, FIXINT = {}, {}, {}
+local FIXMAP, FIXARRAY, FIXINT, BIN8 = {}, {}, {}, {}
 for i = 0, 15 do FIXMAP[i], FIXARRAY[i] = char(0x80 + i), char(0x90 + i) end
 for i = -32, 127 do FIXINT[i] = pack("b", i) end
+-- bin 8 headers by length: a short string goes out as its header and itself, two parts, instead
+-- of a new string made (and interned) by string.pack
+for i = 0, 255 do BIN8[i] = char(0xc4, i) end
 
 -- The parts of the payload being built and their count (the table is reused: concat stops at n;
 -- after a message of more than KEPT_PARTS parts it is replaced), and the table entries seen so far.
@@ -70,8 +73,13 @@ put = function(v, depth)
     n = n + 1
     if t == "string" then
         local len = #v
-        out[n] = len < 256 and pack(">Bs1", 0xc4, v) or len < 65536 and pack(">Bs2", 0xc5, v)
-            or pack(">Bs4", 0xc6, v)
+        if len < 256 then
+            out[n] = BIN8[len]
+            n = n + 1
+            out[n] = v
+        else
+            out[n] = len < 65536 and pack(">Bs2", 0xc5, v) or pack(">Bs4", 0xc6, v)
+        end
     elseif t == "number" then
         if mtype(v) == "integer" then  -- first: FIXINT[1.0] would find the entry of 1
             if v >= 0 then
