@@ -12,6 +12,8 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from bench import budget
@@ -80,14 +82,15 @@ def bench(port: int, command: str, requests: int, keyspace: int, pipeline: int, 
     return float(lines[-1][1])
 
 
-def run(quick: bool) -> list[dict[str, Any]]:
-    """Rows: ZADD, ZREVRANK and ZREVRANGE (top 10) at 50 clients, plain and pipelined 16."""
-    missing = [exe for exe in ("redis-server", "redis-benchmark") if shutil.which(exe) is None]
-    if missing:
-        return [skip("redis sorted sets", f"{' and '.join(missing)} not on PATH (apt-get install redis-server)")]
-    members = budget.count(1_000_000, 100_000)
-    requests = budget.count(200_000, 30_000)
-    limit = budget.seconds(120, 30)
+def available() -> list[str]:
+    """The redis programs missing from PATH (none: redis can run)."""
+    return [exe for exe in ("redis-server", "redis-benchmark") if shutil.which(exe) is None]
+
+
+@contextmanager
+def filled_server(members: int, limit: float) -> Iterator[tuple[int, float]]:
+    """A local redis-server whose sorted set holds a ``members``-member key space: ``(port, the
+    pipelined fill's rate)``. Saves nothing; reaped on exit."""
     port = free_port()
     argv = [
         "redis-server",
@@ -102,11 +105,22 @@ def run(quick: bool) -> list[dict[str, Any]]:
         "--loglevel",
         "warning",
     ]
-    note = f"{members:,}-member key space, filled by {2 * members:,} random ZADDs; the rows below use that set"
-    rows = []
     with spawn(argv):
         wait_ready(port, 10)
-        fill = bench(port, "ZADD", 2 * members, members, PIPELINE, limit)
+        yield port, bench(port, "ZADD", 2 * members, members, PIPELINE, limit)
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    """Rows: ZADD, ZREVRANK and ZREVRANGE (top 10) at 50 clients, plain and pipelined 16."""
+    missing = available()
+    if missing:
+        return [skip("redis sorted sets", f"{' and '.join(missing)} not on PATH (apt-get install redis-server)")]
+    members = budget.count(1_000_000, 100_000)
+    requests = budget.count(200_000, 30_000)
+    limit = budget.seconds(120, 30)
+    note = f"{members:,}-member key space, filled by {2 * members:,} random ZADDs; the rows below use that set"
+    rows = []
+    with filled_server(members, limit) as (port, fill):
         rows.append(row(label("ZADD", True), fill, "req/s", note=note))
         rows.append(row(label("ZADD", False), bench(port, "ZADD", requests, members, 1, limit), "req/s"))
         for command in ("ZREVRANK", "ZREVRANGE"):
