@@ -116,3 +116,14 @@ def test_a_malformed_reply_address_loses_only_its_own_reply(tmp_path: Path) -> N
     assert said(capture, "stage.b", "pong") == [["m1"], ["m3"]]
     assert "reply to 's' dropped: malformed reply address '^x'" in capture.text()
     host.stopService()
+
+
+def test_a_stage_runtime_runs_its_callbacks_without_the_budget_hook(host: ProcessHost) -> None:
+    """The stage's main Lua 5.4 runtime is under the budget watchdog (stagetx.lua.watchdog): no
+    count hook while its handlers keep their budget."""
+    vm = host.stages[0].stage.vm
+    assert vm is not None and vm.guard is not None
+    host.router.deliver(0, "echo", pack_py((1,)), host.stages[1].sender, None)
+    drain(host)
+    assert not vm.guard.hooked()
+    assert vm.call("test", vm.lua.eval("function() return debug.gethook() ~= nil end")) == (True, False)
