@@ -116,8 +116,8 @@ class StageHost(Service):
         return self.send_payload(parse_target(target), pack_py(values), reply_to)
 
     def reply(self, message: Message, *values: Any) -> None:
-        """Straight to the router (the per-reply path of every request/reply stage). A reply
-        address that does not parse is logged and skipped: the turn's other replies still go."""
+        """A reply address that does not parse is logged and skipped: the turn's other replies
+        still go."""
         if message.reply is None:
             return
         try:
@@ -125,8 +125,7 @@ class StageHost(Service):
         except AddressError as error:
             self.log.warn("reply to {msgid!r} dropped: {error}", msgid=message.msgid, error=str(error))
             return
-        self.sent += 1
-        self.router.send(self.sender, address, pack_py(values))
+        self.send_payload(address, pack_py(values))
 
     def send_payload(self, address: Address, payload: bytes, reply_to: str | None = None) -> Result:
         self.sent += 1
