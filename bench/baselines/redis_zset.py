@@ -82,13 +82,29 @@ def bench(port: int, command: str, requests: int, keyspace: int, pipeline: int, 
     return float(lines[-1][1])
 
 
-def available() -> list[str]:
-    """The redis programs missing from PATH (none: redis can run)."""
-    return [exe for exe in ("redis-server", "redis-benchmark") if shutil.which(exe) is None]
+def missing() -> str | None:
+    """Why redis cannot run here (programs missing from PATH), or None."""
+    gone = [exe for exe in ("redis-server", "redis-benchmark") if shutil.which(exe) is None]
+    return f"{' and '.join(gone)} not on PATH (apt-get install redis-server)" if gone else None
+
+
+def requests() -> int:
+    """Requests per ``redis-benchmark`` run (pipelined runs: twice as many)."""
+    return budget.count(200_000, 30_000)
+
+
+def time_limit() -> float:
+    """Seconds one ``redis-benchmark`` run may take."""
+    return budget.seconds(120, 30)
+
+
+def zadd(port: int, members: int) -> float:
+    """ZADD at 50 clients, not pipelined, on a filled key space: the rate others compare with."""
+    return bench(port, "ZADD", requests(), members, 1, time_limit())
 
 
 @contextmanager
-def filled_server(members: int, limit: float) -> Iterator[tuple[int, float]]:
+def filled_server(members: int) -> Iterator[tuple[int, float]]:
     """A local redis-server whose sorted set holds a ``members``-member key space: ``(port, the
     pipelined fill's rate)``. Saves nothing; reaped on exit."""
     port = free_port()
@@ -107,24 +123,28 @@ def filled_server(members: int, limit: float) -> Iterator[tuple[int, float]]:
     ]
     with spawn(argv):
         wait_ready(port, 10)
-        yield port, bench(port, "ZADD", 2 * members, members, PIPELINE, limit)
+        yield port, bench(port, "ZADD", 2 * members, members, PIPELINE, time_limit())
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
     """Rows: ZADD, ZREVRANK and ZREVRANGE (top 10) at 50 clients, plain and pipelined 16."""
-    missing = available()
-    if missing:
-        return [skip("redis sorted sets", f"{' and '.join(missing)} not on PATH (apt-get install redis-server)")]
+    reason = missing()
+    if reason is not None:
+        return [skip("redis sorted sets", reason)]
     members = budget.count(1_000_000, 100_000)
-    requests = budget.count(200_000, 30_000)
-    limit = budget.seconds(120, 30)
     note = f"{members:,}-member key space, filled by {2 * members:,} random ZADDs; the rows below use that set"
     rows = []
-    with filled_server(members, limit) as (port, fill):
+    with filled_server(members) as (port, fill):
         rows.append(row(label("ZADD", True), fill, "req/s", note=note))
-        rows.append(row(label("ZADD", False), bench(port, "ZADD", requests, members, 1, limit), "req/s"))
+        rows.append(row(label("ZADD", False), zadd(port, members), "req/s"))
         for command in ("ZREVRANK", "ZREVRANGE"):
             for pipeline in (1, PIPELINE):
-                rate = bench(port, command, requests * (2 if pipeline > 1 else 1), members, pipeline, limit)
-                rows.append(row(label(command, pipeline > 1), rate, "req/s"))
+                count = requests() * (2 if pipeline > 1 else 1)
+                rows.append(
+                    row(
+                        label(command, pipeline > 1),
+                        bench(port, command, count, members, pipeline, time_limit()),
+                        "req/s",
+                    )
+                )
     return rows
