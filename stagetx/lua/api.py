@@ -20,7 +20,7 @@ from twisted.logger import Logger, LogLevel
 
 from stagetx.address import Address, AddressError, ReplyTo, ToStage, parse_target
 from stagetx.codec import CodecError, function_kinds, pack_lua, pack_py, unpack_lua
-from stagetx.lua.loader import ScriptLoader
+from stagetx.lua.loader import ScriptLoader, ScriptNotFound
 from stagetx.lua.runtime import LuaScriptError, LuaVM
 
 if TYPE_CHECKING:
@@ -243,6 +243,8 @@ class StageAPI:
     def load(self, name: bytes) -> tuple[Any, ...]:
         try:
             value, info = self.loader.load(text(name))
+        except ScriptNotFound as err:
+            return None, lua_text(str(err)), True  # the third value: "no such script"
         except LuaScriptError as err:
             return None, lua_text(str(err))
         except OSError as err:

@@ -372,6 +372,22 @@ function stage.load(s, f)
     return v
 end
 
+-- stage.require(s [, f]) (the original platform's): stage.load, except that a script that does
+-- not exist is no error when f is given: f(nil, {"dir/file", id}) decides (the original's
+-- preload/import.lua falls back to Lua's own require there).
+function stage.require(s, f)
+    local ok, v, info = host.load(s)
+    if ok then
+        if f ~= nil then return f(v, info) end
+        return v
+    end
+    if info == true and f ~= nil then
+        local file, id = match(s, "^([^+]*)%+?(.*)$")
+        return f(nil, {(gsub(file, "%.", "/")), id ~= "" and id or nil})
+    end
+    error(v, 2)
+end
+
 function stage.addtask(i, f, ...)
     if type(i) == "userdata" then
         if f ~= nil then error("stage.addtask(task, nil) cancels a task; no other form takes a task", 2) end

@@ -474,3 +474,33 @@ async def test_stage_call_spreads_table_arguments(tmp_path: Path) -> None:
     assert logged(capture, "script") == [["42"]]
     assert logged(capture, "error") == [["false", "true"]]
     assert logged(capture, "logger") == [["true"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stage_require_lets_its_callback_decide_for_a_missing_script(tmp_path: Path) -> None:
+    """The original platform's ``stage.require``, as its preload/import.lua uses it: a script of
+    ``%package`` is loaded as ``stage.load`` does; for a missing one the callback gets
+    ``(nil, {"dir/file", id})`` and falls back to Lua's ``require``."""
+    original = Path(__file__).resolve().parent.parent / "e2e" / "stage_original" / "preload" / "import.lua"
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
+        log4cxx.info("script", import("lib+twice")(21))
+        log4cxx.info("module", import("string+upper")("abc"))
+        stage.require("no.such", function(r, i) log4cxx.info("missing", tostring(r), i[1], tostring(i[2])) end)
+        log4cxx.info("raises", pcall(stage.require, "no.such"))
+        log4cxx.info("done")
+    """,
+            "lib": "return {twice = function(n) return n * 2 end}",
+        },
+        **{"%preload": "preload"},
+    )
+    (tmp_path / "preload").mkdir()
+    (tmp_path / "preload" / "import.lua").write_bytes(original.read_bytes())
+    capture = await run(path, "done")
+    assert logged(capture, "script") == [["42"]]
+    assert logged(capture, "module") == [["ABC"]]
+    assert logged(capture, "missing") == [["nil", "no/such", "nil"]]
+    ((ok, why),) = logged(capture, "raises")
+    assert ok == "false" and "not found along %package" in why
