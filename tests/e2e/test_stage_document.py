@@ -436,13 +436,15 @@ stage.waitfor("returned", function (v) print("RETURNED", v) end)
 stage.waitfor("fail", function (id, v)
    print("FAIL", id, v)
    if v == "paused" then stage.signal("route:*subscribe_id_2!fail", "everyone")
-   elseif v == "removed" then stage.signal("rt2:last") end
+   elseif v == "removed" then stage.signal("rt2:last")
+   elseif v == 5 then stage.signal("rt2:again") end
 end)
 stage.waitfor("go", function (step)
    if step == 1 then stage.signal("route:subscribe_id_0?argument=returned!fail", "value")
    elseif step == 2 then stage.signal("route:subscribe_id_1?x!fail", "paused")
    elseif step == 4 then stage.signal("route:subscribe_id_2!fail", "removed")
-   elseif step == 5 then stage.signal("route:subscribe_id_0!fail", "sleeping") end
+   elseif step == 5 then stage.signal("route:*probe!fail", 5)
+   elseif step == 6 then stage.signal("route:subscribe_id_0!fail", "sleeping") end
 end)
 """
 
@@ -479,10 +481,17 @@ stage.waitfor("probe", function (id, n)                         -- filled: regis
    stage.signal("rt:go", n)
 end)
 
-stage.waitfor("last", function ()                               -- filled: pause everything
-   stage.signal("route:@", 60000)
-   print("PROBE", 5)
+stage.waitfor("last", function ()                               -- filled: remove everything
+   stage.signal("route:@", nil)
    stage.signal("rt:go", 5)
+end)
+
+stage.waitfor("again", function ()                              -- filled: register, pause all
+   stage.signal("route:@", {
+     ["subscribe_id_0"] = "callbac_id"
+   })
+   stage.signal("route:@", 60000)
+   stage.signal("rt:go", 6)
 end)
 
 stage.signal("route:@", {
@@ -768,6 +777,9 @@ def test_route(server: ServerProcess) -> None:
     # {subscribe_id_2 = nil} is an empty table in Lua (changes nothing); stage.null removes it
     assert ["FAIL", "route:subscribe_id_2!fail", "removed"] in printed(server, "rt", "FAIL")
     assert ["GOT", "route:subscribe_id_2!fail", "removed"] not in got
+    # route:@ with nil removes every registration: the probe that reached rt2 before fails now
+    assert [line[1] for line in printed(server, "rt2", "PROBE")] == ["1", "2", "4"]
+    assert ["FAIL", "route:*probe!fail", "5"] in printed(server, "rt", "FAIL")
     # route:@ with msec pauses every subscription of the stage
     assert ["GOT", "route:subscribe_id_0!fail", "sleeping"] not in got
 
