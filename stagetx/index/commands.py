@@ -12,6 +12,7 @@ original's one-letter short forms (``g``), with ``:`` or ``?`` before the index 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -41,6 +42,7 @@ class IndexMessage:
     callback: str | None
 
 
+@functools.lru_cache(maxsize=4096)
 def read_message(msgid: str, reply_msgid: str | None) -> IndexMessage:
     """Read ``stage.signal("rank:" .. msgid [.. "=" .. reply_msgid], …)`` (SPEC 4.1 + the original).
 
