@@ -30,6 +30,7 @@ CONFIG = {
     "#startup": [
         ["index.so+index", "=ticket+ticket", "lua.so+indexer"],
         ["lua.so+waitfor", "lua.so+actor", "lua.so+coroutine", "lua.so+example"],
+        ["luajit.so+jwaitfor", "luajit.so+jactor", "luajit.so+jcoroutine"],
     ],
     "lua.so": {
         "%preload": "preload",
@@ -41,6 +42,13 @@ CONFIG = {
         "lua.so+coroutine": "test_coroutine",
         "lua.so+example": "test_example",
         "lua.so+indexer": "test_index",
+    },
+    "luajit.so": {  # the original's own configuration ran its scripts under LuaJIT
+        "%preload": "preload",
+        "%package": ["package", "rollback", "[0]lib", "[0]"],
+        "luajit.so+jwaitfor": "test_waitfor",
+        "luajit.so+jactor": "test_actor",
+        "luajit.so+jcoroutine": "test_coroutine",
     },
     "=ticket+ticket": [100000, {"odbc": 10}],
     "index.so+index": ["index/", 128, 100000],
@@ -56,8 +64,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         shutil.copytree(ORIGINAL / part, root / part)
     (root / "stage.json").write_text(json.dumps(CONFIG))
     with ServerProcess(root / "stage.json") as server:
-        server.wait_for(lambda: printed(server, "waitfor", "CANCEL"), 30, "test_waitfor's cancel task")
-        server.wait_for(lambda: printed(server, "actor", "RETURN"), 30, "test_actor's return")
+        for waitfor, actor in (("waitfor", "actor"), ("jwaitfor", "jactor")):
+            server.wait_for(lambda w=waitfor: printed(server, w, "CANCEL"), 30, "test_waitfor's cancel task")
+            server.wait_for(lambda a=actor: printed(server, a, "RETURN"), 30, "test_actor's return")
         server.wait_for(lambda: printed(server, "example", "TICKET CALLBACK"), 30, "test_example's ticket")
         yield server
 
@@ -80,29 +89,32 @@ def printed(server: ServerProcess, stage: str, first: str | None = None) -> list
     return lines
 
 
-def test_waitfor_thread_object_callbacks_and_stage_call(server: ServerProcess) -> None:
+@pytest.mark.parametrize("stage", ["waitfor", "jwaitfor"])
+def test_waitfor_thread_object_callbacks_and_stage_call(server: ServerProcess, stage: str) -> None:
     """``thread.new(f).waitfor(g)`` gets f's return; ``_WAITFOR[-1]``; a waitfor with bound values
-    unregisters itself, so the cancel task finds nothing to ``stage.call``."""
-    assert printed(server, "waitfor", "RESULT") == [["RESULT", "HELLO"]]
-    calls = printed(server, "waitfor", "CALLBACK")
+    unregisters itself, so the cancel task finds nothing to ``stage.call`` (Lua 5.4 and LuaJIT)."""
+    assert printed(server, stage, "RESULT") == [["RESULT", "HELLO"]]
+    calls = printed(server, stage, "CALLBACK")
     assert ["CALLBACK", "TEST", "callback"] in calls
     (anonymous,) = [c for c in calls if c[1] != "TEST"]
     assert anonymous[0] == "CALLBACK" and anonymous[2:] == ["USERDATA", "HELLO"]
-    assert printed(server, "waitfor", "CANCEL") == [["CANCEL", anonymous[1], "nil", "nil"]]
+    assert printed(server, stage, "CANCEL") == [["CANCEL", anonymous[1], "nil", "nil"]]
 
 
-def test_actor_preload_asks_and_returns_through_stage_call(server: ServerProcess) -> None:
+@pytest.mark.parametrize("stage", ["actor", "jactor"])
+def test_actor_preload_asks_and_returns_through_stage_call(server: ServerProcess, stage: str) -> None:
     """``stage.actor`` (preload/actor.lua) sends ``"callback=" .. id``; the reply runs the actor's
     function through ``stage.call``, with the bound ``{}`` spread to nothing."""
-    assert printed(server, "actor", "CALLBACK") == [["CALLBACK", "HI"]]
-    assert printed(server, "actor", "RETURN") == [["RETURN", "nil", "HELLO"]]
-    (shown,) = [line for line in printed(server, "actor") if line[0].startswith("table")]
+    assert printed(server, stage, "CALLBACK") == [["CALLBACK", "HI"]]
+    assert printed(server, stage, "RETURN") == [["RETURN", "nil", "HELLO"]]
+    (shown,) = [line for line in printed(server, stage) if line[0].startswith("table")]
     assert shown == ["table"]  # print(v): the proxy (the original's bundle proxy prints its own name)
 
 
-def test_coroutine_script_prints_the_classic_sequence(server: ServerProcess) -> None:
+@pytest.mark.parametrize("stage", ["coroutine", "jcoroutine"])
+def test_coroutine_script_prints_the_classic_sequence(server: ServerProcess, stage: str) -> None:
     """``_SANDBOX`` is nil here (its internals are the original's), so the two SANDBOX lines show nil."""
-    assert printed(server, "coroutine") == [
+    assert printed(server, stage) == [
         ["SANDBOX Sample"],
         ["coroutine section 1", "3", "2", "10"],
         ["main", "true", "4", "3"],
