@@ -41,6 +41,15 @@ class IndexMessage:
     command: str | None
     callback: str | None
 
+    def request(self, argument: Any) -> Any:
+        """The request table to run: the message's value, or the direct form's one command."""
+        return argument if self.command is None else {self.command: argument}
+
+    def answer(self, reply: dict[Any, Any]) -> Any:
+        """What goes back: the reply table, or the direct form's own result (the whole table
+        when the request failed as a whole: ``{error = …}``)."""
+        return reply if self.command is None else reply.get(self.command, reply)
+
 
 @functools.lru_cache(maxsize=4096)
 def read_message(msgid: str, reply_msgid: str | None) -> IndexMessage:
@@ -169,10 +178,6 @@ class Executor:
             except RequestError as error:
                 reply[key] = {"error": str(error)}
         return reply
-
-    def run_one(self, key: Any, argument: Any) -> Any:
-        """The direct form: run the one command ``key`` and return its own result."""
-        return self.run({key: argument})[key]
 
     def _parse(self, key: Any) -> Command | RequestError:
         cached = self._keys.get(key)

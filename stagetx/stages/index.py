@@ -76,7 +76,7 @@ class Stage:
         self._syncer: LoopingCall | None = None
         self._compaction: Generator[None, None, None] | None = None
         self._step: IDelayedCall | None = None
-        self._replies: list[tuple[Message, IndexMessage, Any]] = []  # this turn's, sent by ``turn_ended``
+        self._replies: list[tuple[Message, IndexMessage, dict[Any, Any]]] = []  # sent by ``turn_ended``
         self._freezer: LoopingCall | None = None
         self._frozen_members = 0  # members alive at the last gc.freeze()
 
@@ -117,16 +117,12 @@ class Stage:
 
     def receive(self, message: Message) -> None:
         """Run one request now; its answer waits for this turn's log write (``turn_ended``)."""
-        form = read_message(message.msgid, _reply_msgid(message.reply))
+        form = read_message(message.msgid, reply_msgid(message.reply))
         try:
             # unpack_py(payload) is what message.values returns; called directly, it skips the
             # property's per-call import (about 1 µs of a ~15 µs request)
             values = unpack_py(message.payload)
-            argument = values[0] if values else None
-            if form.command is None:
-                reply = self.executor.run(argument)
-            else:
-                reply = self.executor.run_one(form.command, argument)
+            reply = self.executor.run(form.request(values[0] if values else None))
         except RequestError as error:
             reply = {"error": str(error)}
         except Exception:
@@ -148,16 +144,10 @@ class Stage:
             self.store.discard_pending()
             self.context.log.error("index {stage}: log write failed: {error}", stage=self.context.name, error=error)
             failed = {"error": f"index storage failed: {error}"}
-            replies = [
-                (message, form, failed if form.command is not None else {key: failed for key in reply})
-                for message, form, reply in replies
-            ]
+            replies = [(message, form, {key: failed for key in reply}) for message, form, reply in replies]
         context = self.context
-        for message, form, values in replies:
-            if form.callback is not None:
-                context.answer_sender(message, form.callback, values)
-            else:
-                context.reply(message, values)
+        for message, form, reply in replies:
+            send_answer(context, message, form, form.answer(reply))
         self._maybe_compact()
 
     def _members(self) -> int:
@@ -209,7 +199,15 @@ class Stage:
         self._step = self.context.clock.callLater(0, self._compact_step)
 
 
-def _reply_msgid(reply: str | None) -> str | None:
+def send_answer(context: StageContext, message: Message, form: IndexMessage, answer: Any) -> None:
+    """Answer ``message`` as ``form`` says: the sender's handler, else the reply address (if any)."""
+    if form.callback is not None:
+        context.answer_sender(message, form.callback, answer)
+    else:
+        context.reply(message, answer)
+
+
+def reply_msgid(reply: str | None) -> str | None:
     """The message id of a reply address (``"^server/3/got"`` → ``"got"``), None without one, and
     ``""`` for one that does not parse (``StageHost.reply`` logs it)."""
     if reply is None:
