@@ -66,6 +66,8 @@ stage.signal("rank+tagged", {["total:board"] = 0})
 stage.signal("rank:=eq", {["total:board"] = 0})
 stage.signal("agent:web", {url = process["$url"] .. "/doc", extra = "x"})
 stage.signal("agent:q=web_reply", {url = process["$url"] .. "/reply"})
+stage.waitfor("web_eq", function(r) log("web_eq", r.status, r.data.content) end)
+stage.signal("agent:=web_eq", {url = process["$url"] .. "/eq"})
 local function try(target)
     local ok, err = pcall(function() local sent = stage.signal(target, function() return 1 end); return sent end)
     log("fn", target, tostring(ok), tostring(err))
@@ -102,7 +104,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, http_url: str) -> Iterator[
     root = tmp_path_factory.mktemp("compat")
     path = write_app(root, {**CONFIG, "url": http_url}, {"a": A, "j1": J1, "j2": J2})
     with ServerProcess(path) as server:
-        server.wait_for(lambda: server.logged("a", "web") and server.logged("a", "web_reply"), 30, "curl answers")
+        server.wait_for(
+            lambda: server.logged("a", "web") and server.logged("a", "web_reply") and server.logged("a", "web_eq"),
+            30,
+            "curl answers",
+        )
         server.wait_for(lambda: len(server.logged("a", "fn")) == 2, 30, "function sends")
         server.wait_for(lambda: server.logged("a", "back") and server.logged("j2", "took"), 30, "j1 and j2")
         server.wait_for(lambda: server.logged("j1", "fn_to_a"), 30, "j1's send")
@@ -123,6 +129,7 @@ def test_index_reply_forms_still_work(server: ServerProcess) -> None:
 def test_curl_answers_the_handler_named_by_the_message_id(server: ServerProcess) -> None:
     assert server.logged("a", "web") == [["200", "hello /doc", "x"]]
     assert server.logged("a", "web_reply") == [["200", "hello /reply"]]
+    assert server.logged("a", "web_eq") == [["200", "hello /eq"]]
 
 
 def test_a_function_to_the_other_vm_kind_is_a_lua_error_at_the_sender(server: ServerProcess) -> None:
