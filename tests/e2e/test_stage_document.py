@@ -685,10 +685,7 @@ def test_log4cxx(server: ServerProcess) -> None:
     ``out`` is ``info``; trace is below the default level."""
     (line,) = [line for line in server.lines if "[bot#warn]" in line]
     assert f"] {os.environ.get('PWD', '')} package/logs.lua [" in line and line.endswith(" - HELLO\t")
-    levels = {}
-    for fields in _stage_lines(server, "logs"):
-        if fields[0] == "LEVEL":
-            levels[fields[1]] = True
+    levels = {fields[1] for fields in _stage_lines(server, "logs") if fields[0] == "LEVEL"}
     for level, shown in (("out", "info"), ("info", "info"), ("warn", "warn"), ("error", "error")):
         assert [x for x in server.lines if f"[stage.logs#{shown}] LEVEL\t{level}" in x]
     assert "trace" not in levels
