@@ -19,6 +19,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from stagetx.address import Address, AddressError, parse_target
 from stagetx.codec import pack_py
@@ -105,6 +106,7 @@ class StageHost(Service):
         self.busy = 0.0
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)  # handler times, counted per bucket
         self._backlog: list[Message] | None = []  # messages that arrived before the stage started
+        self._start_error: str | None = None  # a built-in stage's start that raised
         self.stage = stage_class(config.type)(self, config)
         self.batches = hasattr(self.stage, "turn_ended")
 
@@ -159,8 +161,15 @@ class StageHost(Service):
         Service.startService(self)
         return maybeDeferred(self.stage.start).addBoth(self._started)
 
+    @property
+    def failure(self) -> str | None:
+        """Why the stage is *failed* (its start, or a Lua stage's scripts), None while it serves."""
+        return self._start_error or getattr(self.stage, "failure", None)
+
     def _started(self, result: Any) -> Any:
         """Hand over what arrived during start-up, in order (even after a failed start: it is logged)."""
+        if isinstance(result, Failure):
+            self._start_error = result.getErrorMessage() or result.type.__name__
         backlog, self._backlog = self._backlog or [], None
         for message in backlog:
             self.receive(message)

@@ -372,6 +372,9 @@ class Supervisor(service.Service):
                 reasons.append(f"{name} is starting (not ready)")
             elif child.snapshot_at is None or now - child.snapshot_at > STALE_SNAPSHOT:
                 reasons.append(f"{name} is unresponsive (no report for {STALE_SNAPSHOT:g} s)")
+            for stage in (child.snapshot or {}).get("stages", ()):
+                if stage.get("failure"):
+                    reasons.append(f"stage {stage['name']} failed: {stage['failure']}")
         return reasons
 
     def _terminated(self) -> None:

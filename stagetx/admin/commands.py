@@ -155,6 +155,8 @@ class Commands:
                         f"{group + 1:<8} {s['name']:<25} {s['received']:<9} {s['sent']:<9} {s['errors']:<7} "
                         f"{s['busy'] * 1000:<12.1f} {stat['queue']}"
                     )
+                    if s.get("failure"):
+                        lines.append(f"{'':<8} {s['name']} FAILED: {s['failure']}")
                 data.append({"process": group + 1, **stat})
             return Reply(True, tuple(lines), data)
 

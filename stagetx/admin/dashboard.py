@@ -182,7 +182,14 @@ def overview(supervisor: Any, history: History, now: float) -> dict[str, Any]:
                 stages.append(row)
                 continue
             lua = config.type in ("lua", "luajit")
-            row["state"] = "reloading" if lua and stats.get("lua_memory") is None else "running"
+            row["state"] = (
+                "failed"
+                if stats.get("failure")
+                else "reloading"
+                if lua and stats.get("lua_memory") is None
+                else "running"
+            )
+            row["failure"] = stats.get("failure")
             row.update({k: stats[k] for k in ("received", "sent", "errors")})
             row.update(history.current.get(f"{status.group + 1}/{config.name}", {}))
             row["queue"] = snap["queue"] if snap else None

@@ -34,6 +34,9 @@ class StageCollector(Collector):
         rss = GaugeMetricFamily("stagetx_process_rss_bytes", "resident memory of the process", labels=p)
         queue = GaugeMetricFamily("stagetx_process_queue_length", "messages waiting in the router", labels=p)
         delay = GaugeMetricFamily("stagetx_process_queue_delay_seconds", "smoothed queue delay", labels=p)
+        stage_up = GaugeMetricFamily(
+            "stagetx_stage_up", "1 while the stage serves, 0 when it failed (its scripts did not load)", labels=s
+        )
         received = CounterMetricFamily("stagetx_stage_messages_received", "messages handled", labels=s)
         sent = CounterMetricFamily("stagetx_stage_messages_sent", "messages sent", labels=s)
         errors = CounterMetricFamily(
@@ -64,6 +67,7 @@ class StageCollector(Collector):
             delay.add_metric([proc], snap["delay"])
             for st in snap["stages"]:
                 labels = [proc, st["name"], st["type"]]
+                stage_up.add_metric(labels, 0.0 if st.get("failure") else 1.0)
                 received.add_metric(labels, st["received"])
                 sent.add_metric(labels, st["sent"])
                 errors.add_metric(labels, st["errors"])
@@ -85,6 +89,7 @@ class StageCollector(Collector):
             rss,
             queue,
             delay,
+            stage_up,
             received,
             sent,
             errors,

@@ -5,8 +5,14 @@ script; a main script that returns a function makes it the *idle function*, call
 the number of ms it returns. Messages are decoded into the runtime and handed to the prelude,
 which finds the waitfor handler. Errors are logged with file and line; the stage keeps serving.
 
-Operations (docs/operations.md): ``reload()`` rebuilds the runtime from the current scripts while
-messages wait outside it, and every callback is timed: one that holds the reactor longer than the
+A stage whose ``%preload`` or main script fails (a syntax or run-time error) is *failed*
+(``failure``: the error's first line, ``file:line: problem``): it is shown so in ``stat``,
+``/metrics`` and ``/health``, and the process keeps its other stages running.
+
+Operations (docs/operations.md): ``reload()`` first compiles the new ``%preload`` and main
+scripts apart from the running runtime; if one does not compile, the reload fails with its file
+and line and the running runtime, its timers and its sockets are untouched. Otherwise it rebuilds
+the runtime from the current scripts while messages wait outside it. Every callback is timed: one that holds the reactor longer than the
 process's ``slow_ms`` is logged as a "slow handler" with the script and line of its function.
 """
 
@@ -17,7 +23,7 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall
 
 from stagetx.codec import CodecError, pack_lua, unpack_lua
@@ -27,12 +33,17 @@ from stagetx.lua.api import StageAPI, Task, lua_text, text
 from stagetx.lua.extensions import install_all
 from stagetx.lua.loader import ScriptLoader
 from stagetx.lua.runtime import LuaScriptError, LuaVM
+from stagetx.lua.syntax import compile_errors
 from stagetx.message import Message, Sender
 
 #: Message ids and reply addresses kept as Lua strings per stage, at most this many.
 TEXT_CACHE = 4096
 #: ``_WAITFOR[1]`` tables kept per stage, at most this many.
 SENDER_CACHE = 1024
+
+
+class ReloadError(Exception):
+    """A reload that failed; its message names the file and line of each error."""
 
 
 class Handover(Protocol):
@@ -58,6 +69,7 @@ class Stage:
         self._stoppers: list[Callable[[], Any]] = []
         self._held: list[Message] | None = None  # messages that arrive while the runtime is rebuilt
         self.reloads = 0
+        self.failure: str | None = None  # why the last start failed (file:line: problem), if it did
         # by extension: what the old runtime leaves the new one during a reload (broker sockets)
         self.handover: dict[str, Handover] = {}
 
@@ -86,10 +98,14 @@ class Stage:
         api.bind(vm)
         self.api = api
         install_all(self)
+        self.failure = None
         for path in preload_files(settings.get("%preload")):
             self._run_script(path, "preload")
         assert self.config.main is not None
         result = self._run_script(self.config.main, "main script")
+        if self.failure is not None:
+            self.log.error("stage {name} failed: {failure}", name=self.config.name, failure=self.failure)
+            return
         if result is not None and vm.lua_type(result) == "function":
             self._idle(result)
         self.log.info("stage {name} started", name=self.config.name)
@@ -116,6 +132,10 @@ class Stage:
     def reload(self) -> Deferred[None]:
         """Rebuild the runtime from the current scripts; messages arriving meanwhile wait, in order.
 
+        Fails with ``ReloadError`` (file and line) and changes nothing when the ``%preload`` or
+        main scripts do not compile; fails too, after the swap, when the new main script raised
+        (the stage is then failed, as at start-up).
+
         The old runtime's global ``on_unload()``, if defined, returns a value; it is copied by
         value (as a message is) and handed to the new runtime's global ``on_reload(old)``, if
         defined, after the new main script ran. Old timers are cancelled, old waitfor handlers,
@@ -123,6 +143,16 @@ class Stage:
         """
         if self._held is not None:
             raise RuntimeError(f"{self.config.name} is already reloading")
+        assert self.config.main is not None
+        scripts = [*preload_files(self.settings.get("%preload")), self.config.main]
+        errors = compile_errors(self.config.type, scripts, self.context.base_dir)
+        if errors:
+            self.log.error(
+                "reload of {name} refused, the running scripts are kept: {errors}",
+                name=self.config.name,
+                errors="; ".join(errors),
+            )
+            return fail(ReloadError("; ".join(errors)))
         old_vm, old_api = self.vm, self.api
         assert old_vm is not None and isinstance(old_api, _TrackedAPI)
         self._held = []
@@ -160,6 +190,8 @@ class Stage:
                 old = unpack_lua(self.vm, carried)[0] if carried is not None else None
                 self.vm.call("on_reload", hook, old)
             self.reloads += 1
+            if self.failure is not None:
+                raise ReloadError(self.failure)
             self.log.info("stage {name} reloaded", name=self.config.name)
         finally:
             try:
@@ -172,7 +204,8 @@ class Stage:
                     self.receive(message)
 
     def _run_script(self, path: str, where: str) -> Any:
-        """Run one script file as a callback; returns its first result (None after an error)."""
+        """Run one script file as a callback; returns its first result (None after an error, which
+        makes the stage failed)."""
         assert self.vm is not None and self.api is not None
         try:
             with open(path, "rb") as f:
@@ -180,9 +213,14 @@ class Stage:
         except (OSError, LuaScriptError) as err:
             self.log.error("{where} {path}: {error}", where=where, path=path, error=str(err))
             self.context.count_error()
+            self.failure = self.failure or str(err)
             return None
         ok, *results = self.vm.call(where, chunk)
-        return results[0] if ok and results else None
+        if not ok:
+            error = text(results[0]) if results and isinstance(results[0], bytes) else "error"
+            self.failure = self.failure or (error.splitlines() or ["error"])[0]
+            return None
+        return results[0] if results else None
 
     def _idle(self, f: Any) -> None:
         assert self.vm is not None

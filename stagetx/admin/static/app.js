@@ -87,14 +87,16 @@ function render(o) {
     const tr = document.createElement("tr");
     tr.dataset.stage = `${s.process}/${s.name}`;
     tr.className = "row-" + s.state;
-    tr.append(cell(s.process), cell(s.name), stateCell(s.state),
+    const state = stateCell(s.state);
+    if (s.failure) state.title = s.failure;
+    tr.append(cell(s.process), cell(s.name), state,
       cell(num(s.in_rate, 1), { "data-field": "in_rate" }), cell(num(s.out_rate, 1), { "data-field": "out_rate" }),
       cell(num(s.received), { "data-field": "received" }), cell(num(s.sent), { "data-field": "sent" }),
       cell(ms(s.p50), { "data-field": "p50" }), cell(ms(s.p99), { "data-field": "p99" }),
       cell(num(s.queue), { "data-field": "queue" }), cell(num(s.errors), { "data-field": "errors", class: s.errors ? "error" : "" }),
       cell(s.type === "lua" || s.type === "luajit" ? bytes(s.lua_memory) : ""));
     const act = cell("", { class: "act" });
-    if (!session.readonly && (s.type === "lua" || s.type === "luajit") && s.state === "running") {
+    if (!session.readonly && (s.type === "lua" || s.type === "luajit") && (s.state === "running" || s.state === "failed")) {
       act.appendChild(button("reload", () => act_(`reload stage ${s.name}`, "reload", [s.name])));
     }
     tr.appendChild(act);

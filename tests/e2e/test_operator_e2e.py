@@ -1,0 +1,117 @@
+"""What the operator sees is true (docs/operations.md): a real ``twistd -n stage`` with a broker text
+listener and real clients; broken scripts saved and reloaded from the console, ``/api`` and
+``--watch``; a stage that fails to load shown as failed in ``stat``, ``/metrics`` and ``/health``."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from tests.e2e.test_operations_e2e import ADMIN, Console, admin_ports, http
+from tests.e2e.test_reload_keeps_connections import LineClient
+from tests.support import ServerProcess, free_port, write_app
+
+SERVED = """VERSION = {version}
+broker.ready("tcp://127.0.0.1:{port}?text", function(socket)
+    return function(s, line) return VERSION .. " " .. line end
+end)
+"""
+# a syntax error on line 3 of the saved file
+BROKEN = "VERSION = 99\n\nlocal = 3\n"
+
+
+def _config(extra: dict[str, str] | None = None) -> dict[str, object]:
+    return {"#startup": [["=lua+echo", *(extra or {})]], "#admin": ADMIN, "=lua+echo": "lua/echo", **(extra or {})}
+
+
+def test_a_broken_reload_answers_error_and_keeps_the_stage_and_its_clients(tmp_path: Path) -> None:
+    port = free_port()
+    path = write_app(tmp_path, _config(), {"echo": SERVED.format(version=1, port=port)})
+    with ServerProcess(path) as server:
+        ports = admin_ports(server)
+        console = Console(ports["console"])
+        client = LineClient(port)
+        try:
+            client.send("a")
+            assert client.read() == "1 a"
+            (tmp_path / "lua" / "echo.lua").write_text(BROKEN)
+            answer = console.ask("reload echo")
+            assert answer[-1].startswith("ERROR reload: lua/echo.lua:3:"), answer
+            status, body = http(ports["http"], "/api", body=b"reload =lua+echo")
+            reply = json.loads(body)
+            assert status == 400 and not reply["ok"] and reply["error"].startswith("reload: lua/echo.lua:3:"), reply
+            client.send("b")  # the same connection, still served by the running script
+            assert client.read() == "1 b"
+            assert http(ports["http"], "/health")[0] == 200
+            stat = console.ask("stat")
+            assert stat[-1] == "OK" and not any("FAILED" in line for line in stat)
+            refused = [line for line in server.lines if "reload of =lua+echo refused" in line]
+            assert len(refused) == 2 and "lua/echo.lua:3:" in refused[0] and "#error]" in refused[0]
+            assert not any("not re-created" in line or "Closed" in line for line in server.lines)
+
+            (tmp_path / "lua" / "echo.lua").write_text(SERVED.format(version=2, port=port))
+            assert console.ask("reload echo") == ["process 1: echo reloaded", "OK"]
+            client.send("c")
+            assert client.read() == "2 c"
+        finally:
+            console.close()
+            client.sock.close()
+
+
+def test_watch_mode_refuses_a_broken_save_and_takes_the_fixed_one(tmp_path: Path) -> None:
+    port = free_port()
+    path = write_app(tmp_path, _config(), {"echo": SERVED.format(version=1, port=port)})
+    with ServerProcess(path, "--watch", "0.1") as server:
+        admin_ports(server)
+        client = LineClient(port)
+        try:
+            client.send("a")
+            assert client.read() == "1 a"
+            (tmp_path / "lua" / "echo.lua").write_text(BROKEN)
+            server.wait_for(lambda: any("reload of =lua+echo refused" in line for line in server.lines), what="refusal")
+            refusal = next(line for line in server.lines if "reload of =lua+echo refused" in line)
+            assert "lua/echo.lua:3:" in refusal
+            client.send("b")
+            assert client.read() == "1 b"
+            (tmp_path / "lua" / "echo.lua").write_text(SERVED.format(version=2, port=port))
+            server.wait_for(lambda: any("stage =lua+echo reloaded" in line for line in server.lines), what="reload")
+            client.send("c")
+            assert client.read() == "2 c"
+            assert not any("Traceback" in line or "not re-created" in line for line in server.lines)
+        finally:
+            client.sock.close()
+
+
+def test_a_stage_whose_script_fails_is_failed_in_stat_metrics_and_health(tmp_path: Path) -> None:
+    port = free_port()
+    failing = 'VERSION = 1\nerror("no database configured")\n'
+    config = _config({"=lua+other": "lua/other"})
+    scripts = {"echo": failing, "other": SERVED.format(version=7, port=port)}
+    path = write_app(tmp_path, config, scripts)
+    with ServerProcess(path) as server:
+        ports = admin_ports(server)
+        assert not any("stage =lua+echo started" in line for line in server.lines)
+        assert any("stage =lua+echo failed: lua/echo.lua:2: no database configured" in line for line in server.lines)
+        status, body = http(ports["http"], "/health")
+        assert status == 503, body
+        assert "stage =lua+echo failed: lua/echo.lua:2: no database configured" in json.loads(body)["reasons"]
+        metrics = http(ports["http"], "/metrics")[1].decode()
+        assert 'stagetx_stage_up{process="1",stage="=lua+echo",type="lua"} 0.0' in metrics
+        assert 'stagetx_stage_up{process="1",stage="=lua+other",type="lua"} 1.0' in metrics
+        console = Console(ports["console"])
+        client = LineClient(port)  # the process keeps serving its other stage
+        try:
+            stat = console.ask("stat")
+            assert any(re.search(r"=lua\+echo FAILED: lua/echo.lua:2: no database configured", line) for line in stat)
+            client.send("x")
+            assert client.read() == "7 x"
+            (tmp_path / "lua" / "echo.lua").write_text('VERSION = 2\nerror("still no database")\n')
+            answer = console.ask("reload echo")
+            assert answer[-1] == "ERROR reload: lua/echo.lua:2: still no database", answer
+            (tmp_path / "lua" / "echo.lua").write_text("VERSION = 3\n")
+            assert console.ask("reload echo")[-1] == "OK"
+            server.wait_for(lambda: http(ports["http"], "/health")[0] == 200, what="health after the fix")
+        finally:
+            console.close()
+            client.sock.close()
