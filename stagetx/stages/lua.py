@@ -12,8 +12,9 @@ A stage whose ``%preload`` or main script fails (a syntax or run-time error) is 
 Operations (docs/operations.md): ``reload()`` first compiles the new ``%preload`` and main
 scripts apart from the running runtime; if one does not compile, the reload fails with its file
 and line and the running runtime, its timers and its sockets are untouched. Otherwise it rebuilds
-the runtime from the current scripts while messages wait outside it. Every callback is timed: one that holds the reactor longer than the
-process's ``slow_ms`` is logged as a "slow handler" with the script and line of its function.
+the runtime from the current scripts while messages wait outside it. Every callback is timed:
+one that holds the reactor longer than the process's ``slow_ms`` is logged as a "slow handler"
+with the script and line of its function.
 """
 
 from __future__ import annotations
