@@ -5,12 +5,15 @@ listener and real clients; broken scripts saved and reloaded from the console, `
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.e2e.test_operations_e2e import ADMIN, Console, admin_ports, http
 from tests.e2e.test_reload_keeps_connections import LineClient
-from tests.support import ServerProcess, free_port, write_app
+from tests.support import ServerProcess, env_path, free_port, write_app
 
 SERVED = """VERSION = {version}
 broker.ready("tcp://127.0.0.1:{port}?text", function(socket)
@@ -115,3 +118,48 @@ def test_a_stage_whose_script_fails_is_failed_in_stat_metrics_and_health(tmp_pat
         finally:
             console.close()
             client.sock.close()
+
+
+def test_check_compiles_main_scripts_and_preload_files_without_running_them(tmp_path: Path) -> None:
+    config = {
+        "#startup": [["=lua+app", "=luajit+fast"], ["=lua+ok"]],
+        "=lua+app": {"%preload": "lua/pre", "=lua+app": "lua/app"},
+        "=luajit+fast": "lua/fast",
+        "=lua+ok": "lua/ok",
+    }
+    scripts = {
+        "pre.a": "x = 1\n",
+        "pre.b": "local = {}\n",
+        "app": "local x <const> = 1\nreturn function(=)\n",
+        "fast": "local x <const> = 1\n",  # Lua 5.4 only: LuaJIT does not compile it
+        "ok": 'error("never run by --check")\n',
+    }
+    path = write_app(tmp_path, config, scripts)
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=", "stage", "-c", str(path), "--check"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": env_path()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "config OK" not in result.stdout
+    assert [e.split(":")[1:3] for e in errors] == [
+        [" lua/pre/b.lua", "1"],
+        [" lua/app.lua", "2"],
+        [" lua/fast.lua", "1"],
+    ]
+    (tmp_path / "lua" / "pre" / "b.lua").write_text("y = 2\n")
+    (tmp_path / "lua" / "app.lua").write_text("return 1\n")
+    (tmp_path / "lua" / "fast.lua").write_text("return 1\n")
+    fixed = subprocess.run(
+        result.args,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": env_path()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert fixed.returncode == 0 and fixed.stdout.startswith("config OK\n"), fixed.stdout + fixed.stderr
