@@ -287,10 +287,12 @@ class Supervisor(service.Service):
         if self._signals:
             reactor: Any = self.clock()
             self._old_hup = signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.hangup))
-            # SIGTERM is the operator's graceful stop: drain, then exit 0 (Twisted's own handler
-            # would make twistd end by re-raising the signal).
-            # Installed once the reactor runs, over the handler the reactor installs then.
-            reactor.callWhenRunning(signal.signal, signal.SIGTERM, lambda *_: reactor.callFromThread(self._terminated))
+            # SIGTERM, and SIGINT (Ctrl-C in the terminal), are the operator's graceful stop: drain,
+            # then exit 0 (Twisted's own handler would make twistd end by re-raising the signal).
+            # Installed once the reactor runs, over the handlers the reactor installs then. The
+            # children ignore SIGINT (stagetx.child): the terminal sends it to them too.
+            for number in (signal.SIGTERM, signal.SIGINT):
+                reactor.callWhenRunning(signal.signal, number, lambda n, _: reactor.callFromThread(self._terminated, n))
         for slot in self._slots:
             self._spawn(slot)
 
@@ -377,8 +379,8 @@ class Supervisor(service.Service):
                     reasons.append(f"stage {stage['name']} failed: {stage['failure']}")
         return reasons
 
-    def _terminated(self) -> None:
-        self.log.info("SIGTERM: stopping (grace {grace} s)", grace=self._grace)
+    def _terminated(self, number: int = signal.SIGTERM) -> None:
+        self.log.info("{signal}: stopping (grace {grace} s)", signal=_signal_name(number), grace=self._grace)
         reactor: Any = self.clock()
         if reactor.running:
             reactor.stop()

@@ -120,7 +120,8 @@ def env_path() -> str:
 class ServerProcess:
     """``twistd -n stage -c CONFIG`` as a real child process; its output lines collected by a thread."""
 
-    def __init__(self, config: Path, *args: str) -> None:
+    def __init__(self, config: Path, *args: str, new_session: bool = False) -> None:
+        """``new_session``: in a process group of its own (a terminal's, for a test that signals it)."""
         import subprocess
         import sys
         import threading
@@ -133,6 +134,7 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=new_session,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)

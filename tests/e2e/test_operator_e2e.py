@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,42 @@ def test_check_compiles_main_scripts_and_preload_files_without_running_them(tmp_
         timeout=60,
     )
     assert fixed.returncode == 0 and fixed.stdout.startswith("config OK\n"), fixed.stdout + fixed.stderr
+
+
+def test_ctrl_c_to_the_process_group_is_a_graceful_stop(tmp_path: Path) -> None:
+    config = {"#startup": [["=lua+echo"], ["=index+scores"]], "=lua+echo": "lua/echo", "=index+scores": "scores"}
+    path = write_app(tmp_path, config, {"echo": SERVED.format(version=1, port=free_port())})
+    server = ServerProcess(path, new_session=True)  # as a terminal runs it: one process group
+    try:
+        server.wait_for(lambda: any("] ready: 2 processes" in line for line in server.lines), what="ready")
+        os.killpg(server.process.pid, signal.SIGINT)  # what Ctrl-C does
+        assert server.process.wait(30) == 0
+    finally:
+        server.stop()
+    lines = server.lines
+    assert any("SIGINT: stopping" in line for line in lines), "\n".join(lines)
+    ended = [line for line in lines if " ended: " in line]
+    assert len(ended) == 2 and all(line.endswith("ended: exit code 0") for line in ended), ended
+    noisy = [line for line in lines if re.search(r"#(critical|error|warn)\]|Traceback|KeyboardInterrupt", line)]
+    assert noisy == []
+
+
+def test_a_process_restarted_on_purpose_is_not_reported_as_a_lost_link(tmp_path: Path) -> None:
+    config = {
+        "#startup": [["=lua+echo"], ["=lua+other"]],
+        "#admin": ADMIN,
+        "=lua+echo": "lua/echo",
+        "=lua+other": "lua/other",
+    }
+    path = write_app(tmp_path, config, {"echo": "x = 1\n", "other": "x = 2\n"})
+    with ServerProcess(path) as server:
+        console = Console(admin_ports(server)["console"])
+        try:
+            server.wait_for(lambda: any("linked to process 2" in line for line in server.lines), what="the link")
+            assert console.ask("restart 2")[-1] == "OK"
+            server.wait_for(
+                lambda: any("link to process 2 closed (stopping)" in line for line in server.lines), what="the stop"
+            )
+        finally:
+            console.close()
+        assert not any("link to process 2 lost" in line for line in server.lines)
