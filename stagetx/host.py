@@ -213,7 +213,9 @@ class ProcessHost(MultiService):
         def start(index: int) -> None:
             if index == len(self.stages):
                 self.log.info(
-                    "group {group} ready: {stages}", group=self.group + 1, stages=[s.name for s in self.stages]
+                    "process {process} ready: {stages}",
+                    process=self.group + 1,
+                    stages=[s.name for s in self.stages],
                 )
                 done.callback(None)
                 if not self.ready.called:

@@ -65,12 +65,13 @@ def script_errors(config: ServerConfig) -> list[str]:
 
 def check_report(config: ServerConfig) -> tuple[str, list[str]]:
     """The ``--check`` output and the script errors in it: ``config OK`` (or one ``error:`` line
-    per script that does not compile), the notices, then one line per process group."""
+    per script that does not compile), the notices, then one line per process (numbered from 1, as in
+    ``list`` and the logs)."""
     errors = script_errors(config)
     lines = [f"error: {error}" for error in errors] or ["config OK"]
     lines += [f"notice: {notice}" for notice in config.notices]
     for group, stages in enumerate(config.startup):
-        lines.append(f"group {group}: " + " ".join(stage.name for stage in stages))
+        lines.append(f"process {group + 1}: " + " ".join(stage.name for stage in stages))
     return "\n".join(lines) + "\n", errors
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import textwrap
@@ -117,6 +118,9 @@ def env_path() -> str:
     return os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
+_RELAYED = re.compile(r"^p\d+\[\d+\] ")  # the supervisor's prefix of a relayed child record
+
+
 class ServerProcess:
     """``twistd -n stage -c CONFIG`` as a real child process; its output lines collected by a thread."""
 
@@ -147,7 +151,7 @@ class ServerProcess:
 
     def pids(self, group: int) -> list[int]:
         """The pids ``#startup`` group ``group`` (0-based) was started with, in order."""
-        marker = f"group {group} started, pid "
+        marker = f"process {group + 1} started, pid "
         return [int(line.split(marker)[1]) for line in list(self.lines) if marker in line]
 
     def logged(self, stage: str, prefix: str) -> list[list[str]]:
@@ -158,7 +162,7 @@ class ServerProcess:
             at = line.find(marker)
             if at < 0:
                 continue
-            fields = line[line.index("] ", at) + 2 :].split("\t")
+            fields = _RELAYED.sub("", line[line.index("] ", at) + 2 :], count=1).split("\t")
             if fields[0] == prefix:
                 out.append(fields[1:])
         return out

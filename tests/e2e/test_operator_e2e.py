@@ -96,7 +96,8 @@ def test_a_stage_whose_script_fails_is_failed_in_stat_metrics_and_health(tmp_pat
     with ServerProcess(path) as server:
         ports = admin_ports(server)
         assert not any("stage =lua+echo started" in line for line in server.lines)
-        assert any("stage =lua+echo failed: lua/echo.lua:2: no database configured" in line for line in server.lines)
+        failed = "stage =lua+echo failed: lua/echo.lua:2: no database configured"
+        assert any(re.search(r"\[stage\.echo#error\] p1\[\d+\] " + re.escape(failed), line) for line in server.lines)
         status, body = http(ports["http"], "/health")
         assert status == 503, body
         assert "stage =lua+echo failed: lua/echo.lua:2: no database configured" in json.loads(body)["reasons"]
@@ -182,6 +183,12 @@ def test_ctrl_c_to_the_process_group_is_a_graceful_stop(tmp_path: Path) -> None:
     assert len(ended) == 2 and all(line.endswith("ended: exit code 0") for line in ended), ended
     noisy = [line for line in lines if re.search(r"#(critical|error|warn)\]|Traceback|KeyboardInterrupt", line)]
     assert noisy == []
+    chatter = [line for line in lines if "Starting factory" in line or "Scheduling retry" in line]
+    assert chatter == []
+    assert any(re.search(r"process 2 started, pid \d+", line) for line in lines)
+    assert any(
+        re.search(r"\[stagetx\.links\.ProcessLinks#info\] p2\[\d+\] linked to process 1", line) for line in lines
+    )
 
 
 def test_a_process_restarted_on_purpose_is_not_reported_as_a_lost_link(tmp_path: Path) -> None:
@@ -203,3 +210,31 @@ def test_a_process_restarted_on_purpose_is_not_reported_as_a_lost_link(tmp_path:
         finally:
             console.close()
         assert not any("link to process 2 lost" in line for line in server.lines)
+
+
+def test_json_lines_keep_each_child_record_level_and_namespace(tmp_path: Path) -> None:
+    config = {"#startup": [["=lua+echo"]], "=lua+echo": "lua/echo"}
+    path = write_app(tmp_path, config, {"echo": 'error("no database configured")\n'})
+    twistd = str(Path(sys.executable).with_name("twistd"))
+    command = [twistd, "--logger=stagetx.logsetup.json_observer", "-n", "--pidfile=", "stage", "-c", str(path)]
+    server = subprocess.Popen(
+        [*command, "--log-format", "json"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": env_path()},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    records = []
+    try:
+        assert server.stdout is not None
+        for line in server.stdout:  # bounded: the server logs the failure within its start-up
+            records.append(json.loads(line))
+            if "stage =lua+echo failed" in records[-1].get("line", ""):
+                break
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+    failure = records[-1]
+    assert failure["log_namespace"] == "stage.echo" and failure["log_level"] == "error", failure
+    assert failure["process"] == 1 and isinstance(failure["pid"], int)
+    assert all(isinstance(r["log_level"], str) for r in records)
