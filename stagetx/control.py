@@ -100,10 +100,14 @@ def stage_stats(stage: StageHost) -> dict[str, Any]:
         "busy": stage.busy,
         "latency": list(stage.latency),
         "failure": stage.failure,
+        "last_errors": [{"time": at, "error": error} for at, error in stage.last_errors],
     }
     if lua is not None:
         stats["lua_memory"] = lua.vm.memory_used() if lua.vm is not None else None
         stats["reloads"] = lua.reloads
+        listeners = lua.broker.endpoint_stats() if lua.broker is not None else []
+        stats["listeners"] = listeners
+        stats["clients"] = {"connected": sum(e["connected"] for e in listeners), **lua.traffic.as_dict()}
     if hasattr(inner, "categories"):
         stats["tickets"] = {name: list(counts) for name, counts in inner.categories().items()}
     if hasattr(inner, "subscriptions"):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Mapping, Sequence
 from time import perf_counter
 from typing import Any
@@ -29,6 +31,8 @@ from stagetx.router import Result, Router
 from stagetx.shared import ProcessShared
 from stagetx.stages import stage_class
 
+#: Errors (with file and line) each stage keeps for ``stat`` and the dashboard.
+LAST_ERRORS = 10
 #: Upper bounds (s) of the handler-time histogram each stage keeps (the last bucket is unbounded).
 LATENCY_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -103,6 +107,7 @@ class StageHost(Service):
         self.received = 0
         self.sent = 0
         self.errors = 0
+        self.last_errors: deque[tuple[float, str]] = deque(maxlen=LAST_ERRORS)  # (wall time, error)
         self.busy = 0.0
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)  # handler times, counted per bucket
         self._backlog: list[Message] | None = []  # messages that arrived before the stage started
@@ -136,8 +141,10 @@ class StageHost(Service):
     def logger_for(self, group: str) -> Logger:
         return Logger(namespace=group)
 
-    def count_error(self) -> None:
+    def count_error(self, error: str | None = None) -> None:
         self.errors += 1
+        if error is not None:
+            self.last_errors.append((time.time(), error))
 
     # -- Receiver ---------------------------------------------------------------------------------
     def receive(self, message: Message) -> None:

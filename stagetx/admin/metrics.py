@@ -8,7 +8,7 @@ Prometheus' ``rate()`` treats as a counter reset).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -49,6 +49,10 @@ class StageCollector(Collector):
             "stagetx_ticket_slots", "ticket slots per category", labels=["process", "stage", "category", "state"]
         )
         subs = GaugeMetricFamily("stagetx_route_subscriptions", "subscribe ids registered at a route stage", labels=s)
+        clients = _client_families("stagetx_stage", "all broker endpoints of the stage", s)
+        listeners = _client_families(
+            "stagetx_broker_endpoint", "one broker endpoint", ["process", "stage", "endpoint", "kind"]
+        )
         peers = GaugeMetricFamily(
             "stagetx_cluster_peer_linked", "1 while a cluster peer is linked", labels=["peer", "addr"]
         )
@@ -78,6 +82,10 @@ class StageCollector(Collector):
                 for category, (held, waiting, limit) in (st.get("tickets") or {}).items():
                     for state, value in (("held", held), ("waiting", waiting), ("limit", limit)):
                         tickets.add_metric([proc, st["name"], category, state], value)
+                if st.get("clients") is not None:
+                    _add_clients(clients, labels, st["clients"])
+                for endpoint in st.get("listeners") or ():
+                    _add_clients(listeners, [proc, st["name"], endpoint["url"], endpoint["kind"]], endpoint)
                 if st.get("subscriptions") is not None:
                     subs.add_metric(labels, len(st["subscriptions"]))
             for peer in snap.get("peers") or ():
@@ -98,8 +106,38 @@ class StageCollector(Collector):
             reloads,
             tickets,
             subs,
+            *clients.values(),
+            *listeners.values(),
             peers,
         )
+
+
+#: The broker client counters (``stagetx.broker.traffic``) as metrics: name suffix, help.
+_CLIENT_COUNTERS = {
+    "accepted": "client connections accepted",
+    "refused": "client connections refused by the script",
+    "closed": "client connections closed",
+    "frames_in": "frames received",
+    "frames_out": "frames sent",
+    "bytes_in": "bytes received",
+    "bytes_out": "bytes sent",
+    "oversized": "frames dropped as over the size limit",
+}
+
+
+def _client_families(prefix: str, of: str, labels: list[str]) -> dict[str, Any]:
+    """The connected-clients gauge and one counter per ``_CLIENT_COUNTERS`` entry, by field."""
+    families: dict[str, Any] = {
+        "connected": GaugeMetricFamily(f"{prefix}_clients_connected", f"client connections open ({of})", labels=labels)
+    }
+    for field, text in _CLIENT_COUNTERS.items():
+        families[field] = CounterMetricFamily(f"{prefix}_client_{field}", f"{text} ({of})", labels=labels)
+    return families
+
+
+def _add_clients(families: dict[str, Any], labels: list[str], counts: dict[str, Any]) -> None:
+    for field, family in families.items():
+        family.add_metric(labels, counts[field])
 
 
 def _buckets(bounds: list[float], counts: list[int]) -> list[tuple[str, float]]:

@@ -34,8 +34,9 @@ from twisted.logger import Logger
 
 from stagetx.broker import addresses
 from stagetx.broker.framing import BrokerAddressError, Data, FrameError, FrameTooLarge, parse_url
-from stagetx.broker.reload import Kept, worth_keeping
+from stagetx.broker.reload import Kept, is_listener, worth_keeping
 from stagetx.broker.sockets import (
+    Connection,
     Datagram,
     Endpoint,
     Registry,
@@ -46,6 +47,7 @@ from stagetx.broker.sockets import (
     registry_for,
     url_text,
 )
+from stagetx.broker.traffic import Traffic
 from stagetx.codec import CodecError, pack_lua, pack_py, unpack_lua, unpack_py
 from stagetx.lua.api import lua_text, text
 from stagetx.lua.sandbox import on_new_sandbox
@@ -65,6 +67,8 @@ def install(stage: Any) -> None:
     when the stage stops, and are kept for the next runtime when it reloads."""
     kept = stage.handover.get("broker")
     api = BrokerAPI(stage.vm, stage.context.process, stage.context.log, stage.context.clock, kept=kept)
+    api.traffic = stage.traffic
+    stage.broker = api
     api.socket = _load(stage.vm, api.host())
 
     def stop() -> Any:
@@ -223,6 +227,7 @@ class BrokerAPI(_Reads):
         self.socket: Any = None  # broker.lua's socket table maker of the main runtime
         self._workers: Workers | None = None
         self.kept = kept  # the endpoints the previous runtime left (a reload), until claimed
+        self.traffic: Traffic | None = None  # the stage's client totals, parent of each endpoint's
 
     def host(self) -> dict[str, Any]:
         return {
@@ -257,6 +262,7 @@ class BrokerAPI(_Reads):
         handler = LuaHandler(self, f)
         kept = self.kept.claim(parsed, what == "broker.join", handler) if self.kept is not None else None
         endpoint = kept if kept is not None else Endpoint(parsed, handler, self.registry, self.clock)
+        endpoint.traffic.parent = self.traffic
         handler.endpoint = endpoint
         self.endpoints[endpoint.id] = endpoint
         return endpoint, kept is not None
@@ -400,6 +406,18 @@ class BrokerAPI(_Reads):
         except (CodecError, QueueFull) as err:
             return None, lua_text(f"broker.submit: {err}")
         return (True,)
+
+    def endpoint_stats(self) -> list[dict[str, Any]]:
+        """Each endpoint of this runtime: its address, kind, connected clients and traffic counters."""
+        out = []
+        for endpoint in sorted(self.endpoints.values(), key=lambda e: e.id):
+            kind = endpoint.url.scheme if is_listener(endpoint) else "join"
+            connected = sum(1 for sock in endpoint.sockets.values() if isinstance(sock, Connection))
+            out.append(
+                {"id": endpoint.id, "url": url_text(endpoint.url), "kind": kind, "connected": connected}
+                | endpoint.traffic.as_dict()
+            )
+        return out
 
     def shutdown(self) -> Deferred[Any]:
         endpoints, self.endpoints = list(self.endpoints.values()), {}

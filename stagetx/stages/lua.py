@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall
 
+from stagetx.broker.traffic import Traffic
 from stagetx.codec import CodecError, pack_lua, unpack_lua
 from stagetx.config import StageConfig
 from stagetx.host import StageHost
@@ -71,6 +72,8 @@ class Stage:
         self._held: list[Message] | None = None  # messages that arrive while the runtime is rebuilt
         self.reloads = 0
         self.failure: str | None = None  # why the last start failed (file:line: problem), if it did
+        self.traffic = Traffic()  # the broker clients of all its endpoints, across reloads
+        self.broker: Any = None  # the broker extension's BrokerAPI of the current runtime (its endpoints)
         # by extension: what the old runtime leaves the new one during a reload (broker sockets)
         self.handover: dict[str, Handover] = {}
 
@@ -213,7 +216,7 @@ class Stage:
                 chunk = self.vm.compile(f.read(), b"@" + lua_text(os.path.relpath(path, self.context.base_dir)))
         except (OSError, LuaScriptError) as err:
             self.log.error("{where} {path}: {error}", where=where, path=path, error=str(err))
-            self.context.count_error()
+            self.context.count_error(str(err))
             self.failure = self.failure or str(err)
             return None
         ok, *results = self.vm.call(where, chunk)
