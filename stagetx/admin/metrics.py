@@ -56,6 +56,11 @@ class StageCollector(Collector):
         peers = GaugeMetricFamily(
             "stagetx_cluster_peer_linked", "1 while a cluster peer is linked", labels=["peer", "addr"]
         )
+        dropped = CounterMetricFamily(
+            "stagetx_cluster_messages_dropped",
+            "messages queued for a server that went away and could not go to another replica",
+            labels=p,
+        )
         control = self.supervisor.control
         children = control.children if control is not None else []
         for status in self.supervisor.status():
@@ -91,6 +96,8 @@ class StageCollector(Collector):
             for peer in snap.get("peers") or ():
                 if "server" in peer:
                     peers.add_metric([peer["server"], peer["addr"]], 1.0 if peer["linked"] else 0.0)
+                elif "dropped" in peer:  # the gateway's count, not a peer
+                    dropped.add_metric([proc], peer["dropped"])
         yield from (
             up,
             restarts,
@@ -109,6 +116,7 @@ class StageCollector(Collector):
             *clients.values(),
             *listeners.values(),
             peers,
+            dropped,
         )
 
 
