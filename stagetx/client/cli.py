@@ -113,6 +113,12 @@ def load_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels", type=int, default=4, help="chat channels the players share (default 4)")
     parser.add_argument("--think-ms", type=float, default=0.0, help="pause between a player's requests")
     parser.add_argument("--prefix", default="load", help="user and channel name prefix (default 'load')")
+    parser.add_argument(
+        "--board",
+        default="load",
+        help="the application's load-test board the scores go to (its load_board; default 'load'); "
+        "each player removes its entry at the end",
+    )
     parser.add_argument("--allow-remote", action="store_true", help="allow a host that is not a loopback address")
     return parser
 
@@ -279,6 +285,7 @@ async def load(args: argparse.Namespace, out: TextIO) -> int:
         think_ms=args.think_ms,
         prefix=args.prefix,
         timeout=args.timeout,
+        board=args.board,
     )
     summary = await run_load(options, out=sys.stderr)
     print_summary(summary, out, args.json)

@@ -4,6 +4,8 @@ at a real terminal (a pseudo-terminal)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import pty
 import select
@@ -11,9 +13,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from stagetx.client.connection import Connection
+from stagetx.client.protocol import Command
 from tests.e2e.test_default_app import App
 from tests.support import env_path
 
@@ -87,19 +92,24 @@ def test_the_prompt_has_line_editing_and_history(app: App) -> None:
     try:
         seen = bytearray()
         prompt = f"127.0.0.1:{app.port}> ".encode()
+
+        def answer(keys: bytes, expected: bytes) -> bytes:
+            """Type ``keys`` once the prompt is drawn (readline reads the terminal by then); the
+            output up to the next prompt, which must hold ``expected``."""
+            _read_until(fd, prompt, seen)
+            del seen[: seen.index(prompt) + len(prompt)]
+            os.write(fd, keys)
+            _read_until(fd, expected, seen)
+            _read_until(fd, prompt, seen)
+            return bytes(seen[: seen.index(prompt)])
+
+        answer(b"login fred\r", b"logged in as fred")
+        answer(b"top 2\r", b"ranked)")
+        again = answer(b"\x1b[A\r", b"ranked)")  # Up: the last line again, from the history
+        assert b"top 2" in again and b"unknown command" not in again and b"^[[A" not in again
+        edited = answer(b"top 19\x1b[D\x7f\r", b"ranked)")  # Left, Backspace: "top 9"
+        assert b"unknown command" not in edited
         _read_until(fd, prompt, seen)
-        os.write(fd, b"login fred\r")
-        _read_until(fd, b"logged in as fred", seen)
-        os.write(fd, b"top 2\r")
-        _read_until(fd, b"ranked)", seen)
-        del seen[:]
-        os.write(fd, b"\x1b[A\r")  # Up: the last line again, from the history
-        _read_until(fd, b"ranked)", seen)
-        assert b"unknown command" not in seen and b"^[[A" not in seen
-        del seen[:]
-        os.write(fd, b"top 19\x1b[D\x7f\r")  # Left, Backspace: "top 9"
-        _read_until(fd, b"ranked)", seen)
-        assert b"unknown command" not in seen
         os.write(fd, b"quit\r")
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
@@ -110,3 +120,32 @@ def test_the_prompt_has_line_editing_and_history(app: App) -> None:
             os.waitpid(pid, 0)
         except (ProcessLookupError, ChildProcessError):
             pass
+
+
+def _ask(app: App, *commands: Command) -> list[dict[str, Any]]:
+    """Log in as a fresh user, then send ``commands``; their replies."""
+
+    async def session() -> list[dict[str, Any]]:
+        connection = await Connection.open("127.0.0.1", app.port, 10.0)
+        try:
+            assert (await connection.request(Command("login", {"user": f"probe{time.monotonic_ns()}"}), 10.0))["ok"]
+            return [await connection.request(command, 10.0) for command in commands]
+        finally:
+            await connection.close()
+
+    return asyncio.run(session())
+
+
+def test_the_load_tool_ranks_on_its_own_board_and_leaves_it_empty(app: App) -> None:
+    assert _run(app, "login gina; score 77").returncode == 0
+    (before,) = _ask(app, Command("top", {"n": 100}))
+    done = _run(app, "load", "--players", "3", "--seconds", "2", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert summary["ops"]["score"]["count"] > 0 and summary["errors"] == 0
+    real, load, wrong = _ask(
+        app, Command("top", {"n": 100}), Command("top", {"board": "load"}), Command("top", {"board": "other"})
+    )
+    assert real["rows"] == before["rows"] and real["total"] == before["total"] >= 1  # no simulated player
+    assert load["ok"] and load["total"] == 0 and "rows" not in load  # every player removed its entry
+    assert wrong == {"re": wrong["re"], "ok": False, "error": "board: scores or load"}
