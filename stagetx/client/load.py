@@ -3,8 +3,9 @@
 Each player connects, logs in (retrying a refused login a few times), joins one of a few chat
 channels, then loops — post a score, read the top 10, read its rank, say a line — one request at
 a time until the time is up or it made ``max_requests``. Scores go to the application's load-test
-board (``board``, not the real ranking), and each player removes its own entry at the end. Latencies are kept per message; ``chat``
-is the time from a ``say`` until the speaker's own line is pushed back through the route stage.
+board (``board``, not the real ranking), and each player removes its own entry at the end.
+Latencies are kept per message; ``chat`` is the time from a ``say`` until the speaker's own line
+is pushed back through the route stage.
 A progress line shows the request rate while it runs; the summary gives throughput and
 p50/p90/p99 per message.
 """
