@@ -118,14 +118,10 @@ def env_path() -> str:
     return os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
-_RELAYED = re.compile(r"^p\d+\[\d+\] ")  # the supervisor's prefix of a relayed child record
-
-
 class ServerProcess:
     """``twistd -n stage -c CONFIG`` as a real child process; its output lines collected by a thread."""
 
-    def __init__(self, config: Path, *args: str, new_session: bool = False) -> None:
-        """``new_session``: in a process group of its own (a terminal's, for a test that signals it)."""
+    def __init__(self, config: Path, *args: str) -> None:
         import subprocess
         import sys
         import threading
@@ -138,7 +134,6 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            start_new_session=new_session,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -162,7 +157,8 @@ class ServerProcess:
             at = line.find(marker)
             if at < 0:
                 continue
-            fields = _RELAYED.sub("", line[line.index("] ", at) + 2 :], count=1).split("\t")
+            text = line[line.index("] ", at) + 2 :]
+            fields = re.sub(r"^p\d+\[\d+\] ", "", text, count=1).split("\t")  # after the relay's pN[pid]
             if fields[0] == prefix:
                 out.append(fields[1:])
         return out

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from tests.e2e.test_operations_e2e import ADMIN, Console, admin_ports, http
@@ -167,10 +168,29 @@ def test_check_compiles_main_scripts_and_preload_files_without_running_them(tmp_
     assert fixed.returncode == 0 and fixed.stdout.startswith("config OK\n"), fixed.stdout + fixed.stderr
 
 
+def _in_own_process_group(config: Path) -> ServerProcess:
+    """A ``ServerProcess`` leading a process group of its own, as a terminal runs a command."""
+    server = ServerProcess.__new__(ServerProcess)
+    twistd = str(Path(sys.executable).with_name("twistd"))
+    server.process = subprocess.Popen(
+        [twistd, "-n", "--pidfile=", "stage", "-c", str(config)],
+        cwd=config.parent,
+        env={**os.environ, "PYTHONPATH": env_path()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    server.lines = []
+    server._reader = threading.Thread(target=server._read, daemon=True)
+    server._reader.start()
+    return server
+
+
 def test_ctrl_c_to_the_process_group_is_a_graceful_stop(tmp_path: Path) -> None:
     config = {"#startup": [["=lua+echo"], ["=index+scores"]], "=lua+echo": "lua/echo", "=index+scores": "scores"}
     path = write_app(tmp_path, config, {"echo": SERVED.format(version=1, port=free_port())})
-    server = ServerProcess(path, new_session=True)  # as a terminal runs it: one process group
+    server = _in_own_process_group(path)
     try:
         server.wait_for(lambda: any("] ready: 2 processes" in line for line in server.lines), what="ready")
         os.killpg(server.process.pid, signal.SIGINT)  # what Ctrl-C does
