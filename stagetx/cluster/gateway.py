@@ -41,17 +41,6 @@ from stagetx.wire import Link
 #: The largest frame between servers.
 MAX_FRAME = 16 * 1024 * 1024
 GATEWAY_GROUP = 0
-#: How many dropped messages a failover's log line names (all of them are in its ``dropped`` field).
-DROPPED_SHOWN = 20
-
-
-def dropped_message(frame: list[Any], reroute: str | None) -> str:
-    """A queued frame as the log names it: ``stage:msgid`` (or the stage instance it was for)."""
-    if frame[0] == "s":  # ["s", stage, msgid, ...]: a message for a stage of that server
-        return f"{frame[1]}:{frame[2]}"
-    if frame[0] == "m":  # ["m", instance, msgid, ...]: for one stage instance there
-        return f"{reroute}:{frame[2]}" if reroute else f"{frame[2]} (stage instance {frame[1]})"
-    return str(frame[0])
 
 
 def cluster_enabled(config: ServerConfig) -> bool:
@@ -337,3 +326,16 @@ class ClusterGateway(MultiService):
         for group in range(self.groups):
             if group != GATEWAY_GROUP:
                 self.links.send(group, frame)
+
+
+#: How many dropped messages a failover's log line names (all of them are in its ``dropped`` field).
+DROPPED_SHOWN = 20
+
+
+def dropped_message(frame: list[Any], reroute: str | None) -> str:
+    """A queued frame as the log names it: ``stage:msgid`` (or the stage instance it was for)."""
+    if frame[0] == "s":  # ["s", stage, msgid, ...]: a message for a stage of that server
+        return f"{frame[1]}:{frame[2]}"
+    if frame[0] == "m":  # ["m", instance, msgid, ...]: for one stage instance there
+        return f"{reroute}:{frame[2]}" if reroute else f"{frame[2]} (stage instance {frame[1]})"
+    return str(frame[0])
