@@ -197,14 +197,19 @@ class Endpoint:
             _pause(sock.transport)
         return parked
 
-    def resume(self, parked: Parked) -> None:
+    def resume(self, parked: Parked, states: Mapping[int, Any] | None = None) -> None:
         """Offer every socket to the current ``handler`` as if it had just connected (in id order),
-        hand it the frames ``parked`` held, then read and expire again. Idle time survives."""
+        hand it the frames ``parked`` held, then read and expire again. Idle time survives.
+
+        A socket in ``states`` gets that ``state`` back instead of being offered (its owner's
+        callbacks from before it was parked: a reload that failed)."""
         handler = self.handler
         for sock in sorted(self.sockets.values(), key=lambda s: s.id):
             if not sock.connected:
                 continue
-            if not handler.accepted(sock):
+            if states is not None and sock.id in states:
+                sock.state = states[sock.id]
+            elif not handler.accepted(sock):
                 sock.close()
                 continue
             for value, addr in parked.frames.pop(sock.id, ()):

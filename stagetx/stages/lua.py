@@ -52,7 +52,23 @@ class Handover(Protocol):
     """What an extension keeps from one runtime of a stage for the next (a reload), e.g. sockets."""
 
     def finish(self) -> None:
-        """The new runtime's main script and ``on_reload`` ran (or failed): take up or release the rest."""
+        """The new runtime's main script and ``on_reload`` ran: take up or release the rest."""
+
+    def restore(self) -> None:
+        """The new runtime failed to load: give everything back to the old one, as it was."""
+
+
+class _Running:
+    """The runtime a reload replaces, kept whole until the new one has loaded."""
+
+    def __init__(self, stage: Stage) -> None:
+        assert stage.vm is not None and isinstance(stage.api, _TrackedAPI)
+        self.vm: LuaVM = stage.vm
+        self.api: _TrackedAPI = stage.api
+        self.stoppers = stage._stoppers
+        self.parkers = stage._parkers
+        self.idle_call = stage._idle_call
+        self.failure = stage.failure  # a runtime whose own scripts failed may be reloaded too
 
 
 class Stage:
@@ -69,6 +85,8 @@ class Stage:
         self._texts: dict[str, bytes] = {}  # message ids and reply addresses as Lua strings
         self._idle_call: IDelayedCall | None = None
         self._stoppers: list[Callable[[], Any]] = []
+        self._parkers: list[Callable[[], None]] = []
+        self.rolling_back = False  # while a runtime that failed to load is stopped (a reload)
         self._held: list[Message] | None = None  # messages that arrive while the runtime is rebuilt
         self.reloads = 0
         self.failure: str | None = None  # why the last start failed (file:line: problem), if it did
@@ -78,10 +96,29 @@ class Stage:
         self.handover: dict[str, Handover] = {}
 
     def on_stop(self, stopper: Callable[[], Any]) -> None:
-        """Run ``stopper`` when the stage stops (it may return a Deferred to wait for)."""
+        """Run ``stopper`` when the stage stops, or its runtime is replaced (it may return a
+        Deferred to wait for); ``rolling_back`` is true while the new runtime of a reload that
+        failed is stopped."""
         self._stoppers.append(stopper)
 
+    def on_park(self, park: Callable[[], None]) -> None:
+        """Run ``park`` when a reload begins, before the new runtime loads: it puts in
+        ``handover`` what the new runtime takes up (broker sockets) and gets back if it fails."""
+        self._parkers.append(park)
+
     def start(self) -> None:
+        result = self._load()
+        if self.failure is not None:
+            self.log.error("stage {name} failed: {failure}", name=self.config.name, failure=self.failure)
+            return
+        assert self.vm is not None
+        if result is not None and self.vm.lua_type(result) == "function":
+            self._idle(result)
+        self.log.info("stage {name} started", name=self.config.name)
+
+    def _load(self) -> Any:
+        """A new runtime with the extensions, then ``%preload`` and the main script; the main
+        script's first result (``failure`` says whether a script failed)."""
         settings = self.settings
         package = settings["%package"]
         recheck = settings["%recheck"]
@@ -106,13 +143,7 @@ class Stage:
         for path in preload_files(settings.get("%preload")):
             self._run_script(path, "preload")
         assert self.config.main is not None
-        result = self._run_script(self.config.main, "main script")
-        if self.failure is not None:
-            self.log.error("stage {name} failed: {failure}", name=self.config.name, failure=self.failure)
-            return
-        if result is not None and vm.lua_type(result) == "function":
-            self._idle(result)
-        self.log.info("stage {name} started", name=self.config.name)
+        return self._run_script(self.config.main, "main script")
 
     def stop(self) -> Deferred[Any]:
         if self._idle_call is not None and self._idle_call.active():
@@ -134,16 +165,19 @@ class Stage:
         return files
 
     def reload(self) -> Deferred[None]:
-        """Rebuild the runtime from the current scripts; messages arriving meanwhile wait, in order.
+        """Load the current scripts in a new runtime and swap it in; messages arriving meanwhile
+        wait, in order (docs/operations.md, "Hot reload").
 
-        Fails with ``ReloadError`` (file and line) and changes nothing when the ``%preload`` or
-        main scripts do not compile; fails too, after the swap, when the new main script raised
-        (the stage is then failed, as at start-up).
+        Fails with ``ReloadError`` (file and line), the running runtime untouched, when the
+        ``%preload`` or main scripts do not compile; and when they raise while they load: the new
+        runtime is then stopped and the running one carries on with its timers and its broker
+        sockets (what the new one opened is closed).
 
         The old runtime's global ``on_unload()``, if defined, returns a value; it is copied by
         value (as a message is) and handed to the new runtime's global ``on_reload(old)``, if
-        defined, after the new main script ran. Old timers are cancelled, old waitfor handlers,
-        broker endpoints and sandboxes are gone with the old runtime (docs/operations.md).
+        defined, after the new main script ran. Then the old runtime stops: its timers, waitfor
+        handlers and sandboxes go with it; its broker endpoints are taken up by the new one or
+        closed.
         """
         if self._held is not None:
             raise RuntimeError(f"{self.config.name} is already reloading")
@@ -157,15 +191,84 @@ class Stage:
                 errors="; ".join(errors),
             )
             return fail(ReloadError("; ".join(errors)))
-        old_vm, old_api = self.vm, self.api
-        assert old_vm is not None and isinstance(old_api, _TrackedAPI)
+        old = _Running(self)
         self._held = []
-        old_vm.drain()
-        carried = self._unload(old_vm)
-        old_api.cancel_all()
-        self.vm = None
+        old.vm.drain()
+        carried = self._unload(old.vm)
+        for park in old.parkers:
+            park()
+        self._stoppers, self._parkers, self._idle_call = [], [], None
         self._senders.clear()  # _WAITFOR[1] tables of the old runtime
-        return self.stop().addCallback(lambda _: self._restart(carried))
+        try:
+            result = self._load()
+        except Exception as err:  # a runtime that could not even be made (memory): as a failed load
+            self.log.failure("reload of {name}: the new runtime failed", name=self.config.name)
+            self.failure = f"{type(err).__name__}: {err}"
+        if self.failure is not None:
+            return self._roll_back(old)
+        return self._swap(old, result, carried)
+
+    def _swap(self, old: _Running, result: Any, carried: bytes | None) -> Deferred[None]:
+        """The new runtime loaded: hand it the old one's state and sockets, then stop the old one."""
+        vm = self.vm
+        assert vm is not None
+        old.api.cancel_all()
+        if old.idle_call is not None and old.idle_call.active():
+            old.idle_call.cancel()
+        stopped = DeferredList([maybeDeferred(stop) for stop in reversed(old.stoppers)])
+        try:
+            if result is not None and vm.lua_type(result) == "function":
+                self._idle(result)
+            hook = vm.lua.globals()[b"on_reload"]
+            if vm.lua_type(hook) == "function":
+                vm.call("on_reload", hook, unpack_lua(vm, carried)[0] if carried is not None else None)
+            self.reloads += 1
+            self.log.info("stage {name} reloaded", name=self.config.name)
+        finally:
+            self._hand_over("finish")
+        return stopped.addCallback(lambda _: None)
+
+    def _roll_back(self, old: _Running) -> Deferred[None]:
+        """The new runtime failed to load: stop it, give the old one back its sockets and messages."""
+        failure = self.failure or "error"
+        self.log.error(
+            "reload of {name} failed, the running scripts are kept: {failure}", name=self.config.name, failure=failure
+        )
+        if isinstance(self.api, _TrackedAPI):
+            self.api.cancel_all()
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self.rolling_back = True
+        try:
+            stopped = DeferredList([maybeDeferred(stop) for stop in reversed(self._stoppers)])
+        finally:
+            self.rolling_back = False
+        self.vm, self.api, self._stoppers, self._parkers, self._idle_call = (
+            old.vm,
+            old.api,
+            old.stoppers,
+            old.parkers,
+            old.idle_call,
+        )
+        self.failure = old.failure
+        self._senders.clear()  # _WAITFOR[1] tables of the failed runtime
+        self._hand_over("restore")
+
+        def failed(_: Any) -> None:
+            raise ReloadError(failure)
+
+        return stopped.addCallback(failed)
+
+    def _hand_over(self, how: str) -> None:
+        """Finish (or restore) what the old runtime parked, then deliver the waiting messages."""
+        try:
+            handover, self.handover = list(self.handover.values()), {}
+            for kept in handover:
+                getattr(kept, how)()
+        finally:
+            held, self._held = self._held or [], None
+            for message in held:
+                self.receive(message)
 
     def _unload(self, vm: LuaVM) -> bytes | None:
         f = vm.lua.globals()[b"on_unload"]
@@ -184,28 +287,6 @@ class Stage:
     def reloading(self) -> bool:
         """True from ``reload()`` until the new runtime got the waiting messages."""
         return self._held is not None
-
-    def _restart(self, carried: bytes | None) -> None:
-        try:
-            self.start()
-            assert self.vm is not None
-            hook = self.vm.lua.globals()[b"on_reload"]
-            if self.vm.lua_type(hook) == "function":
-                old = unpack_lua(self.vm, carried)[0] if carried is not None else None
-                self.vm.call("on_reload", hook, old)
-            self.reloads += 1
-            if self.failure is not None:
-                raise ReloadError(self.failure)
-            self.log.info("stage {name} reloaded", name=self.config.name)
-        finally:
-            try:
-                handover, self.handover = list(self.handover.values()), {}
-                for kept in handover:
-                    kept.finish()
-            finally:
-                held, self._held = self._held or [], None
-                for message in held:
-                    self.receive(message)
 
     def _run_script(self, path: str, where: str) -> Any:
         """Run one script file as a callback; returns its first result (None after an error, which

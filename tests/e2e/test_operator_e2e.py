@@ -48,11 +48,17 @@ def test_a_broken_reload_answers_error_and_keeps_the_stage_and_its_clients(tmp_p
             assert status == 400 and not reply["ok"] and reply["error"].startswith("reload: lua/echo.lua:3:"), reply
             client.send("b")  # the same connection, still served by the running script
             assert client.read() == "1 b"
+            # compiles, but raises while it loads (after taking up the listener): nothing changes either
+            (tmp_path / "lua" / "echo.lua").write_text(SERVED.format(version=3, port=port) + 'error("no database")\n')
+            assert console.ask("reload echo")[-1] == "ERROR reload: lua/echo.lua:5: no database"
+            client.send("b2")
+            assert client.read() == "1 b2"
             assert http(ports["http"], "/health")[0] == 200
             stat = console.ask("stat")
             assert stat[-1] == "OK" and not any("FAILED" in line for line in stat)
             refused = [line for line in server.lines if "reload of =lua+echo refused" in line]
             assert len(refused) == 2 and "lua/echo.lua:3:" in refused[0] and "#error]" in refused[0]
+            assert any("reload of =lua+echo failed, the running scripts are kept" in line for line in server.lines)
             assert not any("not re-created" in line or "Closed" in line for line in server.lines)
 
             (tmp_path / "lua" / "echo.lua").write_text(SERVED.format(version=2, port=port))
@@ -115,6 +121,7 @@ def test_a_stage_whose_script_fails_is_failed_in_stat_metrics_and_health(tmp_pat
             (tmp_path / "lua" / "echo.lua").write_text('VERSION = 2\nerror("still no database")\n')
             answer = console.ask("reload echo")
             assert answer[-1] == "ERROR reload: lua/echo.lua:2: still no database", answer
+            assert any("FAILED: lua/echo.lua:2: no database configured" in line for line in console.ask("stat"))
             (tmp_path / "lua" / "echo.lua").write_text("VERSION = 3\n")
             assert console.ask("reload echo")[-1] == "OK"
             server.wait_for(lambda: http(ports["http"], "/health")[0] == 200, what="health after the fix")
