@@ -91,7 +91,7 @@ class _Outbound:
     def link_authenticated(self, link: Link) -> None:
         if link.peer_id != node_id(self.group):
             self.links.log.error(
-                "process link to group {group} answered as {peer!r}; dropped", group=self.group, peer=link.peer_id
+                "link to process {process} answered as {peer!r}; dropped", process=self.group + 1, peer=link.peer_id
             )
             link.close()
             return
@@ -101,7 +101,7 @@ class _Outbound:
         if obj == BYE:
             self.links.leaving.add(self.group)
             return
-        self.links.log.warn("unexpected frame on outbound link to group {group}", group=self.group)
+        self.links.log.warn("unexpected frame on the link to process {process}", process=self.group + 1)
 
     def link_lost(self, link: Link, reason: object) -> None:
         self.links.disconnected(self.group, link)
