@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import protocol, reactor
 from twisted.internet.error import ConnectionRefusedError
 
 from stagetx.codec import pack_py
 from stagetx.message import Message
 from stagetx.stages.lua import ReloadError
+from tests.e2e.test_reload_keeps_connections import Upstream
 from tests.support import RunningStage, connect, free_port, wait_for
 
 WAIT = 5.0
@@ -78,3 +79,35 @@ async def test_a_script_that_raises_while_loading_leaves_the_running_one_serving
         client.send(b"e")
         await wait_for(lambda: len(client.frames()) == 4, WAIT, "the echo after a good reload")
         assert client.frames()[3] == b"v3:1:e" and stage.stage.reloads == 1
+
+
+JOIN = """
+VERSION = "{version}"
+broker.join("tcp://127.0.0.1:{port}?packet", function(socket)
+    log4cxx.info("joined", VERSION, socket.id)
+    UP = socket.id
+    return function(s, data) log4cxx.info("got", VERSION, data) end
+end)
+stage.waitfor("send", function(text) broker.signal(UP, text) end)
+{extra}
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_join_connection_goes_back_to_the_running_script(tmp_path: Path) -> None:
+    Upstream.accepted = 0
+    listening = reactor.listenTCP(0, protocol.Factory.forProtocol(Upstream), interface="127.0.0.1")
+    port = listening.getHost().port
+    try:
+        async with RunningStage(tmp_path, JOIN.format(port=port, version="v1", extra="")) as run:
+            stage = run.server.hosts[0].stages[0]
+            await wait_for(lambda: len(run.said("joined")) == 1, WAIT, "the connection")
+            broken = JOIN.format(port=port, version="v2", extra='error("no")')
+            (tmp_path / "lua" / "a.lua").write_text(textwrap.dedent(broken))
+            with pytest.raises(ReloadError, match="no"):
+                await stage.stage.reload().addTimeout(WAIT, reactor)
+            stage.receive(Message("send", pack_py(("x",)), stage.sender))
+            await wait_for(lambda: run.said("got") == [["v1", "up1:x"]], WAIT, "the reply, to the old callback")
+            assert Upstream.accepted == 1 and len(run.said("joined")) == 1  # kept, not dialled again
+    finally:
+        await listening.stopListening()
