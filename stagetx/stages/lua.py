@@ -10,9 +10,9 @@ A stage whose ``%preload`` or main script fails (a syntax or run-time error) is 
 ``/metrics`` and ``/health``, and the process keeps its other stages running.
 
 Operations (docs/operations.md): ``reload()`` first compiles the new ``%preload`` and main
-scripts apart from the running runtime; if one does not compile, the reload fails with its file
-and line and the running runtime, its timers and its sockets are untouched. Otherwise it rebuilds
-the runtime from the current scripts while messages wait outside it. Every callback is timed:
+scripts apart from the running runtime, then loads them in a new runtime while messages wait
+outside; only if they loaded is the new runtime swapped in. Otherwise the reload fails with the
+file and line, and the running runtime keeps its state, timers and sockets. Every callback is timed:
 one that holds the reactor longer than the process's ``slow_ms`` is logged as a "slow handler"
 with the script and line of its function.
 """
@@ -282,11 +282,6 @@ class Stage:
         except CodecError as err:
             self.log.error("on_unload: its value cannot be carried: {error}", error=str(err))
             return None
-
-    @property
-    def reloading(self) -> bool:
-        """True from ``reload()`` until the new runtime got the waiting messages."""
-        return self._held is not None
 
     def _run_script(self, path: str, where: str) -> Any:
         """Run one script file as a callback; returns its first result (None after an error, which
