@@ -181,13 +181,10 @@ class StageAPI:
                 self._unhandled.add(mid)
                 self.log.warn("no handler for message {msgid!r} (logged once)", msgid=mid)
             return
-        self.stage.count_error()
-        self.log.error(
-            "Lua error in {where}{msgid}: {error}",
-            where=text(where),
-            msgid=f" of message {mid!r}" if mid else "",
-            error=text(error) or "not enough memory",
-        )
+        about = f" of message {mid!r}" if mid else ""
+        error_text = text(error) or "not enough memory"
+        self.stage.count_error(f"{error_text.splitlines()[0]} (in {text(where)}{about})")
+        self.log.error("Lua error in {where}{msgid}: {error}", where=text(where), msgid=about, error=error_text)
 
     def write_log(self, level: bytes, group: bytes | None, message: bytes) -> None:
         logger = self.log if group is None else self.stage.logger_for(text(group))

@@ -24,8 +24,9 @@ class StageContext(Protocol):
     def resolve_path(self, path: str) -> str:
         """An absolute path for ``path`` relative to the config file's directory."""
 
-    def count_error(self) -> None:
-        """Count a failure of this stage (shown by ``stat``, ``/metrics`` and the dashboard)."""
+    def count_error(self, error: str | None = None) -> None:
+        """Count a failure of this stage (shown by ``stat``, ``/metrics`` and the dashboard);
+        ``error`` (``file:line: problem``) is kept among the stage's last errors."""
 
     def reply(self, message: Message, *values: Any) -> None:
         """Send ``values`` (Python natives) to ``message``'s reply address; no-op without one."""
