@@ -35,10 +35,10 @@ def command(port: int, *args: str, timeout: float = 5.0) -> bytes:
 class RedisServer:
     """``redis-server`` (or ``redis-sentinel`` with ``sentinel=True``) on a free loopback port."""
 
-    def __init__(self, directory: Path, *extra: str, sentinel: bool = False) -> None:
-        self.port = free_port()
+    def __init__(self, directory: Path, *extra: str, sentinel: bool = False, port: int | None = None) -> None:
+        self.port = free_port() if port is None else port  # a given port: the same server restarted
         self.directory = directory / f"redis-{self.port}"
-        self.directory.mkdir(parents=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
         program = REDIS_SENTINEL if sentinel else REDIS_SERVER
         assert program is not None
         conf = self.directory / "redis.conf"

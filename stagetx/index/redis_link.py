@@ -171,7 +171,13 @@ class RedisLink:
     def start(self) -> None:
         """Start connecting (in the background, retrying with back-off)."""
         s = self.settings
-        options = {"charset": None, "password": s.password, "username": s.username, "replyTimeout": s.timeout}
+        options = {
+            "charset": None,  # replies stay bytes: the script answers msgpack
+            "convertNumbers": False,
+            "password": s.password,
+            "username": s.username,
+            "replyTimeout": s.timeout,
+        }
         if s.scheme == "redis+sentinel":
             self._sentinel = txredisapi.Sentinel(list(s.hosts), replyTimeout=s.timeout)
             self._sentinel.discovery_timeout = s.timeout
@@ -183,7 +189,8 @@ class RedisLink:
             host, port = s.hosts[0]
             self.factory = _PlainFactory(f"{host}:{port}", s.db, s.pool, True, **options)
             self.factory.startConnecting(_endpoint(self.reactor, s, host, port))
-        self.factory.convertNumbers = False
+        # fails when a login is refused; the probe reports that with the stage's name and URL
+        self.factory.deferred.addErrback(lambda failure: None)
         self.factory.on_connection = self._connected
 
     def _connected(self, address: str) -> None:
@@ -200,7 +207,7 @@ class RedisLink:
         with ``wait``, follow it by ``WAIT`` on the same connection and fail unless enough
         replicas acknowledged. Fails with RedisUnavailable at once when no connection is up."""
         if not self.connected:
-            return defer.fail(RedisUnavailable(f"redis {self.settings.shown_url} is not connected"))
+            return defer.fail(RedisUnavailable(f"not connected to {self.settings.shown_url}"))
         return defer.ensureDeferred(self._run(prefix, plan, wait))
 
     async def _run(self, prefix: bytes, plan: bytes, wait: bool) -> bytes:

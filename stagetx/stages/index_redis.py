@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from stagetx.codec import unpack_py
@@ -30,16 +31,22 @@ class RedisStage:
         self.link = RedisLink(settings)
         self._prefix = settings.prefix.encode()
         self._reachable = True  # whether the last request reached Redis (logs state changes only)
+        self._ready: Deferred[None] = Deferred()  # fired by the first connection or a failed probe
 
-    def start(self) -> None:
-        """Start connecting and probe once, in the background: a stage that cannot reach Redis
-        still starts (and answers with errors) so the process serves its other stages."""
+    def start(self) -> Deferred[None]:
+        """Start connecting; fires once the pool has its first connection, or once the probe
+        found Redis unusable: a stage that cannot reach Redis still starts (and answers with
+        errors while the pool retries) so the process serves its other stages."""
         self.link.on_switch = self._switched
         self.link.start()
         self.link.probe().addErrback(self._unreachable)
+        self._ready.addTimeout(self.settings.timeout * 2, self.context.clock, lambda *_: None)
+        return self._ready
 
     def _switched(self, old: str | None, new: str) -> None:
         self._reachable = True
+        if not self._ready.called:
+            self._ready.callback(None)
         if old is None:
             self.context.log.info(
                 "index {stage}: boards on redis {url} (server {address})",
@@ -57,6 +64,8 @@ class RedisStage:
             )
 
     def _unreachable(self, failure: Failure) -> None:
+        if not self._ready.called:
+            self._ready.callback(None)
         self.context.log.error(
             "index {stage}: cannot use redis {url}: {reason} (requests get errors; retrying with back-off)",
             stage=self.context.name,

@@ -1,0 +1,186 @@
+"""The =index stage on a real redis-server: settings, replies, Redis down at start or later (error
+entries, reconnection with back-off), a wrong password, and the log lines naming stage and URL."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.logger import Logger
+
+from stagetx.codec import pack_py
+from stagetx.index.redis_link import parse_url
+from stagetx.message import Message, Sender
+from stagetx.stages.index import Stage
+from stagetx.stages.index_redis import RedisStage
+from tests.redis_servers import RedisServer, needs_redis
+from tests.support import LogCapture, free_port, wait_for
+
+WAIT = 30.0  # reconnection back-off reaches 10 s between attempts
+
+
+@attrs.define
+class Context:
+    """The StageContext a host gives, on the real reactor, recording replies and error counts."""
+
+    base_dir: str
+    clock: Any = reactor
+    stage_id: str = "rank"
+    name: str = "=index+rank"
+    instance: int = 0
+    log: Logger = attrs.Factory(lambda: Logger(namespace="test.index.redis"))
+    replies: list[Any] = attrs.Factory(list)
+    errors: int = 0
+
+    def resolve_path(self, path: str) -> str:
+        return os.path.join(self.base_dir, path)
+
+    def reply(self, message: Message, *values: Any) -> None:
+        self.replies.append(values[0])
+
+    def count_error(self) -> None:
+        self.errors += 1
+
+
+@attrs.frozen
+class Config:
+    settings: Any
+
+
+@pytest.fixture
+def context(tmp_path: Path) -> Context:
+    return Context(str(tmp_path))
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    started = RedisServer(tmp_path)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def _message(request: Any) -> Message:
+    return Message("m1", pack_py((request,)), Sender("local", 0, "game", 0), reply="^game")
+
+
+async def _ask(stage: Any, context: Context, request: Any) -> Any:
+    """Send one request; its reply, awaited (the Redis stage answers when the script returns)."""
+    before = len(context.replies)
+    stage.receive(_message(request))
+    await wait_for(lambda: len(context.replies) > before, WAIT, "the index reply")
+    return context.replies[before]
+
+
+def _settings(url: str, **more: Any) -> dict[str, Any]:
+    return {"redis": url, "prefix": f"t{uuid.uuid4().hex[:8]}:", **more}
+
+
+def test_urls_give_hosts_database_service_and_credentials() -> None:
+    assert parse_url("redis://127.0.0.1:6380/3")["hosts"] == (("127.0.0.1", 6380),)
+    assert parse_url("redis://127.0.0.1:6380/3")["db"] == 3
+    fields = parse_url("redis+sentinel://u:p%40ss@10.0.0.1,10.0.0.2:26380/games/1")
+    assert fields["hosts"] == (("10.0.0.1", 26379), ("10.0.0.2", 26380))
+    assert (fields["service"], fields["db"], fields["username"], fields["password"]) == ("games", 1, "u", "p@ss")
+    assert parse_url("rediss://[::1]:7000")["hosts"] == (("::1", 7000),)
+
+
+def test_the_url_in_logs_has_no_password(context) -> None:
+    stage = Stage(context, Config({"redis": "redis://:secret@127.0.0.1:1/0"}))
+    assert isinstance(stage, RedisStage)
+    assert stage.settings.shown_url == "redis://127.0.0.1:1/0"
+
+
+@needs_redis
+@pytest_twisted.ensureDeferred
+async def test_a_request_table_is_answered_from_redis(context, server) -> None:
+    stage = Stage(context, Config(_settings(server.url)))
+    await stage.start()
+    try:
+        reply = await _ask(stage, context, {"set:board/2": {"alice": {"v": "A", "i": 10}}, "get:board": ["alice"]})
+        assert reply == {
+            b"set:board/2": {b"alice": 1},
+            b"get:board": {b"alice": {"v": b"A", "I": {2: {"i": 10, "d": 1}}}},
+        }
+        assert set(await _ask(stage, context, "not a table")) == {"error"}
+        reply = await _ask(stage, context, {"set:b/9": {"a": {"i": 1}}, "total:b": True})
+        assert set(reply[b"set:b/9"]) == {"error"} and reply[b"total:b"] == 0
+    finally:
+        await stage.stop()
+
+
+@needs_redis
+@pytest_twisted.ensureDeferred
+async def test_redis_down_at_start_then_up_errors_per_entry_then_answers(context, tmp_path) -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    with LogCapture() as log:
+        stage = Stage(context, Config(_settings(url)))
+        await stage.start()
+        try:
+            await wait_for(lambda: "cannot use redis" in log.text(), WAIT, "the start-up error line")
+            line = next(line for line in log.text().splitlines() if "cannot use redis" in line)
+            assert "=index+rank" in line and url in line
+            reply = await _ask(stage, context, {"set:b": {"a": {"i": 1}}, "total:b": 0, "get:b/7": ["a"]})
+            assert reply[b"set:b"] == reply[b"total:b"] == {"error": f"redis: not connected to {url}"}
+            assert reply[b"get:b/7"] == {"error": "the tier must be 1 to 4"}  # checked before Redis
+            assert context.errors == 1
+            server = RedisServer(tmp_path, sentinel=False, port=port)
+            try:
+                await wait_for(lambda: stage.link.connected, WAIT, "the reconnection")
+                assert (await _ask(stage, context, {"set:b": {"a": {"i": 1}}})) == {b"set:b": {b"a": 1}}
+                assert f"boards on redis {url}" in log.text()
+            finally:
+                server.stop()
+        finally:
+            await stage.stop()
+
+
+@needs_redis
+@pytest_twisted.ensureDeferred
+async def test_redis_lost_later_errors_then_the_restarted_server_answers(context, tmp_path) -> None:
+    server = RedisServer(tmp_path)
+    stage = Stage(context, Config(_settings(server.url)))
+    await stage.start()
+    try:
+        await wait_for(lambda: stage.link.connected, WAIT, "the connection")
+        assert (await _ask(stage, context, {"set:b": {"a": {"i": 1}}})) == {b"set:b": {b"a": 1}}
+        server.kill()
+        reply = await _ask(stage, context, {"set:b": {"b": {"i": 2}}, "forEach:b": [1, 5]})
+        assert set(reply[b"set:b"]) == {"error"} and set(reply[b"forEach:b"]) == {"error"}
+        server = RedisServer(tmp_path, port=server.port)  # an empty server: nothing was saved
+        await wait_for(lambda: stage.link.connected, WAIT, "the reconnection")
+        assert (await _ask(stage, context, {"set:b": {"b": {"i": 2}}})) == {b"set:b": {b"b": 1}}
+    finally:
+        await stage.stop()
+        server.stop()
+
+
+@needs_redis
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_password_is_one_clear_log_line_and_error_replies(context, tmp_path) -> None:
+    server = RedisServer(tmp_path, "requirepass right")
+    url = f"redis://:wrong@127.0.0.1:{server.port}/0"
+    try:
+        with LogCapture() as log:
+            stage = Stage(context, Config(_settings(url)))
+            await stage.start()
+            try:
+                await wait_for(lambda: "cannot use redis" in log.text(), WAIT, "the start-up error line")
+                line = next(line for line in log.text().splitlines() if "cannot use redis" in line)
+                assert "=index+rank" in line and f"redis://127.0.0.1:{server.port}/0" in line and "wrong" not in line
+                assert "WRONGPASS" in line or "invalid password" in line
+                reply = await _ask(stage, context, {"total:b": 0})
+                assert set(reply[b"total:b"]) == {"error"}
+            finally:
+                await stage.stop()
+    finally:
+        server.stop()
