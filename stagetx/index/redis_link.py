@@ -172,7 +172,9 @@ class RedisLink:
         """Start connecting (in the background, retrying with back-off)."""
         s = self.settings
         options = {
-            "charset": None,  # replies stay bytes: the script answers msgpack
+            # latin-1 maps bytes to text one to one: the script's msgpack answer is recovered exactly,
+            # and txredisapi's own replies (ROLE, Sentinel's) are the text it compares with
+            "charset": "latin-1",
             "convertNumbers": False,
             "password": s.password,
             "username": s.username,
@@ -211,17 +213,32 @@ class RedisLink:
         return defer.ensureDeferred(self._run(prefix, plan, wait))
 
     async def _run(self, prefix: bytes, plan: bytes, wait: bool) -> bytes:
-        conn = await self.factory.getConnection(peek=True)
+        # the pool hands out its live connections; when the last one just died, waiting for a
+        # new one is bounded (the request then fails instead of hanging until Redis returns)
+        taking = self.factory.getConnection(peek=True)
+        taking.addTimeout(self.settings.timeout, self.reactor)
+        try:
+            conn = await taking
+        except defer.TimeoutError:
+            raise RedisUnavailable(
+                f"no connection to {self.settings.shown_url} within {self.settings.timeout:g} s"
+            ) from None
         script = conn.eval(SCRIPT, [], [prefix, plan])  # EVALSHA once this connection loaded it
-        acked = conn.execute_command(b"WAIT", self.settings.wait, int(self.settings.timeout * 1000)) if wait else None
-        answer = await script
-        if isinstance(answer, Exception):
-            raise answer
+        # WAIT gives up after half the reply timeout, so its own answer arrives in time
+        acked = conn.execute_command(b"WAIT", self.settings.wait, int(self.settings.timeout * 500)) if wait else None
+        try:
+            answer = await script
+        except Exception:
+            if acked is not None:
+                acked.addErrback(lambda failure: None)  # fails the same way; the script's error tells
+            raise
+        if not isinstance(answer, str):
+            raise RedisUnavailable(f"unexpected answer {answer!r}")
         if acked is not None:
             replicas = await acked
             if not isinstance(replicas, int) or replicas < self.settings.wait:
                 raise RedisUnavailable(f"written, but {replicas} of {self.settings.wait} replicas acknowledged in time")
-        return answer  # type: ignore[no-any-return]
+        return answer.encode("latin-1")
 
     def probe(self) -> defer.Deferred[str]:
         """One connection of its own, made once: fires with the server's address or fails with
@@ -230,7 +247,7 @@ class RedisLink:
 
     async def _probe(self) -> str:
         s = self.settings
-        options = {"charset": None, "password": s.password, "username": s.username, "replyTimeout": s.timeout}
+        options = {"password": s.password, "username": s.username, "replyTimeout": s.timeout}
         if s.scheme == "redis+sentinel":
             sentinel = txredisapi.Sentinel(list(s.hosts), replyTimeout=s.timeout)
             sentinel.discovery_timeout = s.timeout
