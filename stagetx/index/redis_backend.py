@@ -170,7 +170,12 @@ class Plan:
         return Pending(len(self.steps) - 1, shape)
 
     def pack(self) -> bytes:
-        return _pack_plan(self.steps)
+        return pack_steps(self.steps)
+
+
+def pack_steps(steps: list[list[Any]]) -> bytes:
+    """The script's plan argument: the steps of one or several request tables, run in order."""
+    return _pack_plan(steps)
 
 
 class RedisExecutor(Executor):
@@ -239,12 +244,18 @@ class RedisExecutor(Executor):
         return self._plan.add([b"total", command.name, command.tier], int)
 
 
-def fill(reply: dict[Any, Any], answer: bytes) -> dict[Any, Any]:
-    """The reply table with every ``Pending`` entry replaced by its shaped part of ``answer``."""
-    results = msgpack.unpackb(answer, raw=True, strict_map_key=False)
-    if isinstance(results, dict):  # cmsgpack packs an empty Lua table as a map
-        results = [results[i] for i in range(1, len(results) + 1)]
-    return {key: entry.shape(results[entry.step]) if type(entry) is Pending else entry for key, entry in reply.items()}
+def unpack_answer(answer: bytes) -> list[Any]:
+    """The script's results, one per planned step, in plan order."""
+    return _list(msgpack.unpackb(answer, raw=True, strict_map_key=False))
+
+
+def fill(reply: dict[Any, Any], results: list[Any], offset: int = 0) -> dict[Any, Any]:
+    """The reply table with every ``Pending`` entry replaced by its shaped result; ``offset`` is
+    where this table's steps start among ``results`` (several tables share one script run)."""
+    return {
+        key: entry.shape(results[offset + entry.step]) if type(entry) is Pending else entry
+        for key, entry in reply.items()
+    }
 
 
 def failed(reply: dict[Any, Any], error: str) -> dict[Any, Any]:

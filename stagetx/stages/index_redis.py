@@ -1,7 +1,8 @@
 """The ``=index`` stage on Redis or Valkey (docs/index.md, Backends): holds no boards of its own.
 
-One message → one request table → one script run on Redis → one reply. Requests are answered as
-their script returns (pipelined, several in flight on each pooled connection); when Redis cannot
+One message → one request table → one reply; the tables of one router turn (a chunk of up to
+``DRAIN_CHUNK`` messages) run as one script on Redis. Requests are answered as their script returns
+(pipelined, several in flight on each pooled connection); when Redis cannot
 be reached each planned entry is answered ``{error = …}`` at once while the pool reconnects with
 back-off, so the process keeps serving its other stages.
 """
@@ -15,7 +16,7 @@ from twisted.python.failure import Failure
 
 from stagetx.codec import unpack_py
 from stagetx.index.commands import RequestError
-from stagetx.index.redis_backend import RedisExecutor, failed, fill
+from stagetx.index.redis_backend import RedisExecutor, failed, fill, pack_steps, unpack_answer
 from stagetx.index.redis_link import RedisLink, RedisSettings
 from stagetx.message import Message
 from stagetx.stages.base import StageContext
@@ -32,6 +33,8 @@ class RedisStage:
         self._prefix = settings.prefix.encode()
         self._reachable = True  # whether the last request reached Redis (logs state changes only)
         self._ready: Deferred[None] = Deferred()  # fired by the first connection or a failed probe
+        self._turn: list[tuple[Message, dict[Any, Any], int]] = []  # this turn's tables, first step of each
+        self._steps: list[list[Any]] = []  # this turn's planned steps, all tables in order
 
     def start(self) -> Deferred[None]:
         """Start connecting; fires once the pool has its first connection, or once the probe
@@ -74,11 +77,13 @@ class RedisStage:
         )
 
     def stop(self) -> Any:
-        """Close the pool; requests still in flight are answered with errors."""
+        """Send this turn's requests, then close the pool; requests still in flight are answered
+        with errors."""
+        self.turn_ended()
         return self.link.close()
 
     def receive(self, message: Message) -> None:
-        """Plan the request table now; its reply leaves when Redis answered (or at once on an error)."""
+        """Plan the request table now; it is sent with the rest of the turn's (``turn_ended``)."""
         try:
             values = unpack_py(message.payload)
             reply, plan = self.executor.plan(values[0] if values else None)
@@ -92,22 +97,41 @@ class RedisStage:
         if not plan.steps:
             self.context.reply(message, reply)
             return
-        writes = self.settings.wait > 0 and any(step[0] in (b"set", b"del") for step in plan.steps)
-        done = self.link.run(self._prefix, plan.pack(), writes)
-        done.addCallbacks(self._answered, self._failed, callbackArgs=(message, reply), errbackArgs=(message, reply))
+        self._turn.append((message, reply, len(self._steps)))
+        self._steps += plan.steps
 
-    def _answered(self, answer: bytes, message: Message, reply: dict[Any, Any]) -> None:
+    def turn_ended(self) -> None:
+        """End of a chunk of messages (the router calls it): the chunk's request tables go to
+        Redis as one script run (one round trip; atomic, in arrival order) and each is answered
+        from its part of the script's answer."""
+        if not self._turn:
+            return
+        turn, steps = self._turn, self._steps
+        self._turn, self._steps = [], []
+        writes = self.settings.wait > 0 and any(step[0] in (b"set", b"del") for step in steps)
+        done = self.link.run(self._prefix, pack_steps(steps), writes)
+        done.addCallbacks(self._answered, self._failed, callbackArgs=(turn,), errbackArgs=(turn,))
+
+    def _answered(self, answer: bytes, turn: list[tuple[Message, dict[Any, Any], int]]) -> None:
         if not self._reachable:
             self._reachable = True
             self.context.log.info("index {stage}: redis answers again", stage=self.context.name)
         try:
-            filled = fill(reply, answer)
+            results = unpack_answer(answer)
         except Exception:
             self.context.log.failure("index {stage}: unreadable redis answer", stage=self.context.name)
-            filled = failed(reply, "internal error in the index stage")
-        self.context.reply(message, filled)
+            self._failed(Failure(), turn)
+            return
+        reply = self.context.reply
+        for message, table, offset in turn:
+            try:
+                filled = fill(table, results, offset)
+            except Exception:
+                self.context.log.failure("index {stage}: unreadable redis answer", stage=self.context.name)
+                filled = failed(table, "internal error in the index stage")
+            reply(message, filled)
 
-    def _failed(self, failure: Failure, message: Message, reply: dict[Any, Any]) -> None:
+    def _failed(self, failure: Failure, turn: list[tuple[Message, dict[Any, Any], int]]) -> None:
         reason = failure.getErrorMessage()
         if self._reachable:  # one line per outage, not one per request
             self._reachable = False
@@ -118,4 +142,5 @@ class RedisStage:
                 url=self.settings.shown_url,
                 reason=reason,
             )
-        self.context.reply(message, failed(reply, f"redis: {reason}"))
+        for message, table, _ in turn:
+            self.context.reply(message, failed(table, f"redis: {reason}"))

@@ -62,6 +62,7 @@ class Load:
             self.next += 1
             self.outstanding += 1
             self.stage.receive(_message({"set:scores": {b"m%06d" % self.next: {"i": self.next}}}))
+        self.stage.turn_ended()  # what the router does after each chunk of messages
 
     def answered(self) -> bool:
         return len(self.context.replies) > self.seen
@@ -122,6 +123,7 @@ async def test_every_acknowledged_set_survives_the_primary_killed_mid_load(tmp_p
             assert load.errors  # the requests in flight at the crash, answered with errors
             assert all(error.startswith("redis: ") for error in load.errors), load.errors[:5]
             stage.receive(_message({"get:scores": load.acked, "total:scores": 0}))
+            stage.turn_ended()
             await wait_for(load.answered, 10.0, "the check")
             reply = context.replies[-1]
             missing = sorted(set(load.acked) - set(reply[b"get:scores"]))

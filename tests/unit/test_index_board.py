@@ -13,7 +13,7 @@ import pytest_twisted
 
 from stagetx.index.board import Board, Ranking
 from stagetx.index.commands import Executor, RequestError, parse_key
-from stagetx.index.redis_backend import RedisExecutor, fill
+from stagetx.index.redis_backend import RedisExecutor, fill, unpack_answer
 from stagetx.index.redis_link import RedisLink, parse_redis_settings
 from tests.redis_servers import REDIS_SERVER, RedisServer
 from tests.support import wait_for
@@ -70,7 +70,7 @@ async def redis_runner(server: RedisServer, key_size: int) -> tuple[Runner, Redi
         reply, plan = executor.plan(request)
         if not plan.steps:
             return reply
-        return fill(reply, await link.run(settings.prefix.encode(), plan.pack(), False))
+        return fill(reply, unpack_answer(await link.run(settings.prefix.encode(), plan.pack(), False)))
 
     return run, link
 

@@ -76,6 +76,7 @@ async def _ask(stage: Any, context: Context, request: Any) -> Any:
     """Send one request; its reply, awaited (the Redis stage answers when the script returns)."""
     before = len(context.replies)
     stage.receive(_message(request))
+    stage.turn_ended()  # what the router does after each chunk of messages
     await wait_for(lambda: len(context.replies) > before, WAIT, "the index reply")
     return context.replies[before]
 
