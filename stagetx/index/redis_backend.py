@@ -196,10 +196,7 @@ class RedisExecutor(Executor):
 
     def check_value(self, value: Any) -> None:
         """A value is stored as the message carried it (msgpack); what cannot be packed is refused."""
-        try:
-            pack_py((value,))
-        except CodecError as error:
-            raise RequestError(f"value cannot be stored: {error}") from None
+        self._packed(value)
 
     def _set_one(self, command: Command, argument: dict[Any, Any]) -> None:
         return None  # no embedded fast path: every set is planned
@@ -207,6 +204,10 @@ class RedisExecutor(Executor):
     def _set(self, command: Command, argument: Any) -> Any:
         if not argument:
             return {}
+        if type(argument) is dict and len(argument) == 1:
+            fast = self._plan_one(command, argument)
+            if fast is not None:
+                return fast
         updates = self.set_updates(command, argument)
         members = [
             [
@@ -219,6 +220,34 @@ class RedisExecutor(Executor):
         ]
         ids = [member for member, _, _, _ in updates]
         return self._plan.add([b"set", command.name, command.tier, members], lambda ranks: dict(zip(ids, ranks)))
+
+    def _plan_one(self, command: Command, argument: dict[Any, Any]) -> Pending | None:
+        """One member with ``{i = score}`` or ``{i = score, v = value}`` (bytes keys, as from Lua):
+        the step built without the general path's lists (the embedded ``_set_one``'s checks);
+        None for anything else."""
+        ((member, spec),) = argument.items()
+        if type(member) is not bytes or type(spec) is not dict or not 0 < len(member) <= self.key_size:
+            return None
+        score: Any = spec.get(b"i")
+        kind = type(score)
+        if kind is not int and (kind is not float or score != score):
+            return None
+        size = len(spec)
+        if size == 1:
+            packed, has_value = _NIL, False
+        elif size == 2 and b"v" in spec:
+            packed, has_value = self._packed(spec[b"v"]), True
+        else:
+            return None
+        tier = command.tier
+        step = [b"set", command.name, tier, [[member, has_value, packed, [[tier, *_score_parts(score)]]]]]
+        return self._plan.add(step, lambda ranks: {member: ranks[0]})
+
+    def _packed(self, value: Any) -> bytes:
+        try:
+            return pack_py((value,))
+        except CodecError as error:
+            raise RequestError(f"value cannot be stored: {error}") from None
 
     def _del(self, command: Command, argument: Any) -> Any:
         members = self.members(argument, "del takes {ID, …}")
