@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -35,7 +36,14 @@ def command(port: int, *args: str, timeout: float = 5.0) -> bytes:
 class RedisServer:
     """``redis-server`` (or ``redis-sentinel`` with ``sentinel=True``) on a free loopback port."""
 
-    def __init__(self, directory: Path, *extra: str, sentinel: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *extra: str,
+        sentinel: bool = False,
+        port: int | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         self.port = free_port() if port is None else port  # a given port: the same server restarted
         self.directory = directory / f"redis-{self.port}"
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -45,6 +53,12 @@ class RedisServer:
         lines = [f"port {self.port}", "bind 127.0.0.1", f"dir {self.directory}", "save ''", "appendonly no"]
         if sentinel:
             lines = [f"port {self.port}", "bind 127.0.0.1", f"dir {self.directory}"]
+        self.tls = tls
+        if tls is not None:  # (certificate, key, certificate authority): TLS only, on self.port
+            cert, key, ca = tls
+            lines[0] = "port 0"
+            lines += [f"tls-port {self.port}", f"tls-cert-file {cert}", f"tls-key-file {key}"]
+            lines += [f"tls-ca-cert-file {ca}", "tls-auth-clients no"]
         lines += extra
         conf.write_text("\n".join(lines) + "\n")
         self.log = open(self.directory / "out.log", "wb")
@@ -57,13 +71,22 @@ class RedisServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"redis exited: {(self.directory / 'out.log').read_text()[-2000:]}")
             try:
-                if command(self.port, "PING", timeout=1.0).startswith((b"+PONG", b"-NOAUTH")):
+                if self._ping().startswith((b"+PONG", b"-NOAUTH")):
                     return
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"redis on port {self.port} not ready in {START_TIMEOUT} s")
             time.sleep(0.05)
+
+    def _ping(self) -> bytes:
+        if self.tls is None:
+            return command(self.port, "PING", timeout=1.0)
+        context = ssl.create_default_context(cafile=str(self.tls[2]))
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(64)
 
     @property
     def url(self) -> str:

@@ -42,6 +42,7 @@ class RedisSettings:
     pool: int = DEFAULT_POOL
     wait: int = 0  # replicas a set must reach (WAIT) before its reply
     timeout: float = DEFAULT_TIMEOUT
+    ca: str | None = None  # rediss://: PEM file of the certificate authority to trust (else the system's)
 
     @property
     def shown_url(self) -> str:
@@ -95,11 +96,14 @@ def parse_url(url: Any) -> dict[str, Any]:
     return fields
 
 
-KEYS = frozenset({"redis", "prefix", "key_size", "pool", "wait", "timeout"})
+KEYS = frozenset({"redis", "prefix", "key_size", "pool", "wait", "timeout", "ca"})
 
 
-def parse_redis_settings(raw: dict[str, Any], key_size: int) -> RedisSettings:
-    """``{"redis": URL, "prefix", "key_size", "pool", "wait", "timeout"}``; ValueError naming the key."""
+def parse_redis_settings(
+    raw: dict[str, Any], key_size: int, resolve: Callable[[str], str] = lambda path: path
+) -> RedisSettings:
+    """``{"redis": URL, "prefix", "key_size", "pool", "wait", "timeout", "ca"}``; ValueError naming
+    the key. ``resolve`` makes the ``ca`` path absolute (relative to the config file)."""
     unknown = set(raw) - KEYS
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)} (a redis index takes {sorted(KEYS)})")
@@ -119,7 +123,16 @@ def parse_redis_settings(raw: dict[str, Any], key_size: int) -> RedisSettings:
     timeout = raw.get("timeout", DEFAULT_TIMEOUT * 1000)
     if type(timeout) not in (int, float) or timeout <= 0:
         raise ValueError("timeout: expected milliseconds above 0")
-    return RedisSettings(prefix=prefix, key_size=key_size, pool=pool, wait=wait, timeout=timeout / 1000.0, **fields)
+    ca = raw.get("ca")
+    if ca is not None:
+        if not isinstance(ca, str) or not ca:
+            raise ValueError("ca: expected the path of a PEM certificate file")
+        if fields["scheme"] != "rediss":
+            raise ValueError("ca: only for rediss:// URLs")
+        ca = resolve(ca)
+    return RedisSettings(
+        ca=ca, prefix=prefix, key_size=key_size, pool=pool, wait=wait, timeout=timeout / 1000.0, **fields
+    )
 
 
 class RedisUnavailable(Exception):
@@ -146,11 +159,22 @@ class _SentinelFactory(_Watched, txredisapi.SentinelConnectionFactory):  # type:
     pass
 
 
-def _endpoint(reactor: Any, settings: RedisSettings, host: str, port: int) -> Any:
+def _endpoint(reactor: Any, settings: RedisSettings, host: str, port: int, trust: Any) -> Any:
     endpoint = HostnameEndpoint(reactor, host, port, timeout=settings.timeout)
     if settings.scheme == "rediss":
-        return wrapClientTLS(ssl.optionsForClientTLS(host), endpoint)
+        return wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), endpoint)
     return endpoint
+
+
+def _trust(settings: RedisSettings) -> Any:
+    """The certificate authority of ``ca`` (None: the system's); RedisUnavailable when unreadable."""
+    if settings.ca is None:
+        return None
+    try:
+        with open(settings.ca, "rb") as pem:
+            return ssl.Certificate.loadPEM(pem.read())
+    except Exception as error:  # OSError, or pyOpenSSL's error for a file that is no certificate
+        raise RedisUnavailable(f"cannot read the ca file {settings.ca}: {error}") from None
 
 
 class RedisLink:
@@ -167,6 +191,11 @@ class RedisLink:
         self.factory: Any = None
         self.address: str | None = None  # the server of the last connection made
         self.on_switch: Callable[[str | None, str], None] = lambda old, new: None
+        self._trust: Any = None
+
+    def check(self) -> None:
+        """Read what the connections need from disk (the ``ca`` file); RedisUnavailable if it fails."""
+        self._trust = _trust(self.settings)
 
     def start(self) -> None:
         """Start connecting (in the background, retrying with back-off)."""
@@ -190,7 +219,7 @@ class RedisLink:
         else:
             host, port = s.hosts[0]
             self.factory = _PlainFactory(f"{host}:{port}", s.db, s.pool, True, **options)
-            self.factory.startConnecting(_endpoint(self.reactor, s, host, port))
+            self.factory.startConnecting(_endpoint(self.reactor, s, host, port, self._trust))
         # fails when a login is refused; the probe reports that with the stage's name and URL
         self.factory.deferred.addErrback(lambda failure: None)
         self.factory.on_connection = self._connected
@@ -259,7 +288,7 @@ class RedisLink:
             host, port = s.hosts[0]
         factory = txredisapi.RedisFactory(f"{host}:{port}", s.db, 1, False, **options)
         factory.reconnect = False
-        factory.startConnecting(_endpoint(self.reactor, s, host, port))
+        factory.startConnecting(_endpoint(self.reactor, s, host, port, self._trust))
         deferred = factory.deferred
         deferred.addTimeout(s.timeout, self.reactor)
         try:

@@ -51,7 +51,7 @@ def parse_settings(raw: Any, resolve: Callable[[str], str]) -> IndexSettings | R
         if type(key_size) is not int or key_size < 1:
             raise ValueError("=index: key_size must be a positive integer")
         try:
-            return parse_redis_settings(raw, key_size)
+            return parse_redis_settings(raw, key_size, resolve)
         except ValueError as error:
             raise ValueError(f"=index: {error}") from None
     if isinstance(raw, str):

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from stagetx.codec import unpack_py
 from stagetx.index.commands import RequestError
 from stagetx.index.redis_backend import RedisExecutor, failed, fill, pack_steps, unpack_answer
-from stagetx.index.redis_link import RedisLink, RedisSettings
+from stagetx.index.redis_link import RedisLink, RedisSettings, RedisUnavailable
 from stagetx.message import Message
 from stagetx.stages.base import StageContext
 
@@ -41,6 +41,11 @@ class RedisStage:
         found Redis unusable: a stage that cannot reach Redis still starts (and answers with
         errors while the pool retries) so the process serves its other stages."""
         self.link.on_switch = self._switched
+        try:
+            self.link.check()
+        except RedisUnavailable as error:
+            self._unreachable(Failure(error))
+            return self._ready
         self.link.start()
         self.link.probe().addErrback(self._unreachable)
         self._ready.addTimeout(self.settings.timeout * 2, self.context.clock, lambda *_: None)

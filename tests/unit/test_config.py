@@ -471,6 +471,7 @@ def test_cluster_listen_settings(app_dir: Path) -> None:
         ({"redis": "redis://h/0", "wait": -1}, "=index+rank.wait: expected a number of replicas"),
         ({"redis": "redis://h/0", "prefix": 1}, "=index+rank.prefix: expected a string"),
         ({"redis": "redis://h/0", "dir": "x"}, "=index+rank: unknown settings ['dir']"),
+        ({"redis": "redis://h/0", "ca": "ca.pem"}, "=index+rank.ca: only for rediss:// URLs"),
     ],
 )
 def test_redis_index_settings_are_checked_before_anything_starts(app_dir: Path, settings: Any, error: str) -> None:

@@ -185,3 +185,104 @@ async def test_a_wrong_password_is_one_clear_log_line_and_error_replies(context,
                 await stage.stop()
     finally:
         server.stop()
+
+
+@needs_redis
+@pytest_twisted.ensureDeferred
+async def test_the_tables_of_one_turn_run_as_one_script_and_each_gets_its_own_reply(context, server) -> None:
+    stage = Stage(context, Config(_settings(server.url)))
+    await stage.start()
+    try:
+        requests = [
+            {"set:b": {"a": {"i": 5}, "b": {"i": 5}}},
+            {"set:b/0": {"x": {"i": 1}}, "get:b": ["a", "b"]},
+            {"#1.del:b": ["a"], "#2.forEach:b": [1, 10], "total:b": 0},
+            {"total:nothing": 0},
+        ]
+        for request in requests:
+            stage.receive(_message(request))
+        assert context.replies == []  # nothing leaves before the turn's script ran
+        stage.turn_ended()
+        await wait_for(lambda: len(context.replies) == len(requests), WAIT, "four replies")
+        # replies leave in arrival order; each is found by its keys
+        first, second, third, fourth = [
+            next(reply for reply in context.replies if set(reply) == {key.encode() for key in request})
+            for request in requests
+        ]
+        assert first == {b"set:b": {b"a": 1, b"b": 2}}
+        assert second[b"set:b/0"] == {"error": "the tier must be 1 to 4"}
+        assert second[b"get:b"] == {b"a": {"I": {1: {"i": 5, "d": 1}}}, b"b": {"I": {1: {"i": 5, "d": 2}}}}
+        assert third == {b"#1.del:b": 1, b"#2.forEach:b": [{"k": b"b", "i": 5, "d": 1}], b"total:b": 1}
+        assert fourth == {b"total:nothing": 0}
+    finally:
+        await stage.stop()
+
+
+def _certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A certificate authority and a server certificate for 127.0.0.1 signed by it (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    days = datetime.timedelta(days=1)
+
+    def issue(subject: str, key: Any, issuer: Any, signer: Any, ca: bool) -> Any:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - days)
+            .not_valid_after(now + days)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stagetx test CA")])
+    ca_cert = issue("stagetx test CA", ca_key, ca_name, ca_key, True)
+    server_cert = issue("127.0.0.1", server_key, ca_name, ca_key, False)
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
+
+
+@needs_redis
+@pytest_twisted.ensureDeferred
+async def test_rediss_talks_tls_to_a_server_signed_by_the_configured_ca(context, tmp_path) -> None:
+    ca, cert, key = _certificates(tmp_path)
+    server = RedisServer(tmp_path, tls=(cert, key, ca))
+    url = f"rediss://127.0.0.1:{server.port}/0"
+    try:
+        stage = Stage(context, Config(_settings(url, ca="ca.pem")))  # relative to the config's directory
+        await stage.start()
+        try:
+            assert (await _ask(stage, context, {"set:b": {"a": {"i": 3}}})) == {b"set:b": {b"a": 1}}
+        finally:
+            await stage.stop()
+        with LogCapture() as log:  # without the CA, the system's authorities do not know this server
+            stage = Stage(context, Config(_settings(url)))
+            await stage.start()
+            try:
+                await wait_for(lambda: "cannot use redis" in log.text(), WAIT, "the start-up error line")
+                assert set((await _ask(stage, context, {"total:b": 0}))[b"total:b"]) == {"error"}
+            finally:
+                await stage.stop()
+    finally:
+        server.stop()
