@@ -21,7 +21,6 @@ change ranks higher — the embedded board's "earlier set first".
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -142,8 +141,6 @@ for step, op in ipairs(plan) do
 end
 return cmsgpack.pack(out)
 """
-
-SCRIPT_SHA = hashlib.sha1(SCRIPT).hexdigest()
 
 _pack_plan = msgpack.Packer(use_bin_type=False).pack  # cmsgpack reads no bin types: bytes as raw str
 _NIL = pack_py((None,))
