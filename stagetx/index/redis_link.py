@@ -1,9 +1,9 @@
 """The index stage's connection to Redis or Valkey: settings, a bounded txredisapi pool (direct,
 TLS or through Sentinel), the request script with an optional ``WAIT``, and the start-up probe.
 
-txredisapi reconnects each pool connection with exponential back-off on its own; commands sent
-while no connection is up fail at once here (never queued until Redis returns), so the stage
-can answer them with an ``{error = …}``.
+txredisapi reconnects each pool connection with exponential back-off on its own; a request sent
+while no connection is up waits for one at most the ``timeout`` (a failover shorter than that
+costs only the requests in flight), then fails, so the stage answers it with an ``{error = …}``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from stagetx.index.redis_backend import SCRIPT
 SCHEMES = ("redis", "rediss", "redis+sentinel")
 DEFAULT_POOL = 4
 DEFAULT_TIMEOUT = 5.0  # seconds: connecting, and waiting for one reply
+#: Seconds the Sentinels have to name a healthy primary before a connection attempt is retried:
+#: while the old primary is down and none is promoted yet, every attempt waits this long.
+DISCOVERY_TIMEOUT = 1.0
 
 
 @attrs.frozen
@@ -211,7 +214,7 @@ class RedisLink:
         }
         if s.scheme == "redis+sentinel":
             self._sentinel = txredisapi.Sentinel(list(s.hosts), replyTimeout=s.timeout)
-            self._sentinel.discovery_timeout = s.timeout
+            self._sentinel.discovery_timeout = min(s.timeout, DISCOVERY_TIMEOUT)
             handler = self._sentinel.master_for(
                 s.service, factory_class=_SentinelFactory, dbid=s.db, poolsize=s.pool, isLazy=True, **options
             )
@@ -236,14 +239,16 @@ class RedisLink:
     def run(self, prefix: bytes, plan: bytes, wait: bool) -> defer.Deferred[bytes]:
         """Run the request script on one pooled connection (pipelined behind what it carries);
         with ``wait``, follow it by ``WAIT`` on the same connection and fail unless enough
-        replicas acknowledged. Fails with RedisUnavailable at once when no connection is up."""
-        if not self.connected:
+        replicas acknowledged. While no connection is up (Redis restarting, a failover) the
+        request waits for one at most ``timeout``; it fails with RedisUnavailable after that, or
+        at once when the pool gave up (a refused login) or never started (an unreadable ``ca``)."""
+        if self.factory is None or (self.factory.stopped and not self.factory.size):
             return defer.fail(RedisUnavailable(f"not connected to {self.settings.shown_url}"))
         return defer.ensureDeferred(self._run(prefix, plan, wait))
 
     async def _run(self, prefix: bytes, plan: bytes, wait: bool) -> bytes:
-        # the pool hands out its live connections; when the last one just died, waiting for a
-        # new one is bounded (the request then fails instead of hanging until Redis returns)
+        # the pool hands out its live connections; without one, waiting for the next is bounded
+        # (the request then fails instead of hanging until Redis returns)
         taking = self.factory.getConnection(peek=True)
         taking.addTimeout(self.settings.timeout, self.reactor)
         try:
@@ -279,7 +284,7 @@ class RedisLink:
         options = {"password": s.password, "username": s.username, "replyTimeout": s.timeout}
         if s.scheme == "redis+sentinel":
             sentinel = txredisapi.Sentinel(list(s.hosts), replyTimeout=s.timeout)
-            sentinel.discovery_timeout = s.timeout
+            sentinel.discovery_timeout = min(s.timeout, DISCOVERY_TIMEOUT)
             try:
                 host, port = await sentinel.discover_master(s.service)
             finally:

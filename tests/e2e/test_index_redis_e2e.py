@@ -43,12 +43,12 @@ def test_redis_down_at_start_the_process_serves_on_and_the_index_answers_once_re
     url = f"redis://127.0.0.1:{port}/0"
     config = {
         "#startup": [["=index+rank", "=lua+tick"], ["=lua+client"]],
-        "=index+rank": {"redis": url, "prefix": "down:"},
+        "=index+rank": {"redis": url, "prefix": "down:", "timeout": 500},
     }
     path = app(tmp_path, "s", config, {"client": CLIENT % {"target": "rank"}, "tick": TICK})
     with ServerProcess(path) as server:
         server.wait_for(lambda: len(server.logged("client", "failed")) >= 3, WAIT, "error replies")
-        assert server.logged("client", "failed")[0] == [f"redis: not connected to {url}"] * 2
+        assert server.logged("client", "failed")[0] == [f"redis: no connection to {url} within 0.5 s"] * 2
         assert any("=index+rank" in line and "cannot use redis" in line and url in line for line in server.lines)
         ticks = len(server.logged("tick", "tick"))
         server.wait_for(lambda: len(server.logged("tick", "tick")) >= ticks + 5, WAIT, "the index's process serving on")

@@ -124,14 +124,14 @@ async def test_redis_down_at_start_then_up_errors_per_entry_then_answers(context
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     with LogCapture() as log:
-        stage = Stage(context, Config(_settings(url)))
+        stage = Stage(context, Config(_settings(url, timeout=500)))
         await stage.start()
         try:
             await wait_for(lambda: "cannot use redis" in log.text(), WAIT, "the start-up error line")
             line = next(line for line in log.text().splitlines() if "cannot use redis" in line)
             assert "=index+rank" in line and url in line
             reply = await _ask(stage, context, {"set:b": {"a": {"i": 1}}, "total:b": 0, "get:b/7": ["a"]})
-            assert reply[b"set:b"] == reply[b"total:b"] == {"error": f"redis: not connected to {url}"}
+            assert reply[b"set:b"] == reply[b"total:b"] == {"error": f"redis: no connection to {url} within 0.5 s"}
             assert reply[b"get:b/7"] == {"error": "the tier must be 1 to 4"}  # checked before Redis
             assert context.errors == 1
             server = RedisServer(tmp_path, sentinel=False, port=port)
@@ -149,7 +149,7 @@ async def test_redis_down_at_start_then_up_errors_per_entry_then_answers(context
 @pytest_twisted.ensureDeferred
 async def test_redis_lost_later_errors_then_the_restarted_server_answers(context, tmp_path) -> None:
     server = RedisServer(tmp_path)
-    stage = Stage(context, Config(_settings(server.url)))
+    stage = Stage(context, Config(_settings(server.url, timeout=500)))
     await stage.start()
     try:
         await wait_for(lambda: stage.link.connected, WAIT, "the connection")
