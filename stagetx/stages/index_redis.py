@@ -2,9 +2,9 @@
 
 One message → one request table → one reply; the tables of one router turn (a chunk of up to
 ``DRAIN_CHUNK`` messages) run as one script on Redis. Requests are answered as their script returns
-(pipelined, several in flight on each pooled connection); when Redis cannot
-be reached each planned entry is answered ``{error = …}`` at once while the pool reconnects with
-back-off, so the process keeps serving its other stages.
+(pipelined, several in flight on each pooled connection); when Redis cannot be reached each planned
+entry is answered ``{error = …}`` (after waiting at most the timeout for a connection) while the
+pool reconnects with back-off, so the process keeps serving its other stages.
 """
 
 from __future__ import annotations
