@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from stagetx.address import Address, AddressError, parse_target
+from stagetx.address import Address, AddressError, ReplyTo, parse_target
 from stagetx.codec import pack_py
 from stagetx.config import ServerConfig, StageConfig
 from stagetx.message import Message
@@ -126,6 +126,29 @@ class StageHost(Service):
             self.log.warn("reply to {msgid!r} dropped: {error}", msgid=message.msgid, error=str(error))
             return
         self.send_payload(address, pack_py(values))
+
+    def answer(self, message: Message, *values: Any) -> None:
+        """Answer a request to a built-in index or curl stage: to its reply address when the
+        sender named one (``"rank:q=got"``), else to the sender's handler named by the message id
+        (``"rank:got"`` → ``waitfor("got")``), as the STAGE document's examples do."""
+        if message.reply is not None:
+            self.reply(message, *values)
+        else:
+            self.answer_sender(message, message.msgid, *values)
+
+    def answer_sender(self, message: Message, msgid: str, *values: Any) -> None:
+        """Send ``values`` to the handler ``msgid`` of the stage that sent ``message``.
+
+        ``msgid`` is taken as the sender wrote it: the ``"<sender>:"`` tag of a ``"rank+got"``
+        message and the ``=`` of ``"rank:=got"`` are dropped, so both reach ``waitfor("got")``.
+        """
+        sender = message.sender
+        tag = sender.stage + ":"
+        if msgid.startswith(tag) and len(msgid) > len(tag):
+            msgid = msgid[len(tag) :]
+        if msgid.startswith("=") and len(msgid) > 1:
+            msgid = msgid[1:]
+        self.send_payload(ReplyTo(sender.server, sender.instance, msgid), pack_py(values))
 
     def send_payload(self, address: Address, payload: bytes, reply_to: str | None = None) -> Result:
         self.sent += 1

@@ -30,6 +30,13 @@ class StageContext(Protocol):
     def reply(self, message: Message, *values: Any) -> None:
         """Send ``values`` (Python natives) to ``message``'s reply address; no-op without one."""
 
+    def answer(self, message: Message, *values: Any) -> None:
+        """Answer a request: to its reply address, else to the sender's handler named by the
+        message id (the index and curl stages' rule)."""
+
+    def answer_sender(self, message: Message, msgid: str, *values: Any) -> None:
+        """Send ``values`` to the handler ``msgid`` of the stage that sent ``message``."""
+
     def send(self, target: str, *values: Any, reply_to: str | None = None) -> tuple[bool, str | None]:
         """Send Python-native ``values`` to an address string of SPEC 2.5 (or a reply address).
 

@@ -15,11 +15,16 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from stagetx.codec import unpack_py
-from stagetx.index.commands import RequestError
+from stagetx.index.commands import IndexMessage, RequestError, read_message
 from stagetx.index.redis_backend import RedisExecutor, failed, fill, pack_steps, unpack_answer
 from stagetx.index.redis_link import RedisLink, RedisSettings, RedisUnavailable
 from stagetx.message import Message
 from stagetx.stages.base import StageContext
+from stagetx.stages.index import reply_msgid, send_answer
+
+#: One planned request of a turn: the message, how it is answered, its reply table (with the
+#: ``Pending`` entries the script fills), and where its steps start in the turn's plan.
+Planned = tuple[Message, IndexMessage, dict[Any, Any], int]
 
 
 class RedisStage:
@@ -33,7 +38,7 @@ class RedisStage:
         self._prefix = settings.prefix.encode()
         self._reachable = True  # whether the last request reached Redis (logs state changes only)
         self._ready: Deferred[None] = Deferred()  # fired by the first connection or a failed probe
-        self._turn: list[tuple[Message, dict[Any, Any], int]] = []  # this turn's tables, first step of each
+        self._turn: list[Planned] = []  # this turn's requests, with the first step of each
         self._steps: list[list[Any]] = []  # this turn's planned steps, all tables in order
 
     def start(self) -> Deferred[None]:
@@ -88,21 +93,24 @@ class RedisStage:
         return self.link.close()
 
     def receive(self, message: Message) -> None:
-        """Plan the request table now; it is sent with the rest of the turn's (``turn_ended``)."""
+        """Plan the request now; it is sent with the rest of the turn's (``turn_ended``). Read and
+        answered as the embedded stage does: a request table or the direct form, answered to the
+        reply address or the sender's handler (``read_message``)."""
+        form = read_message(message.msgid, reply_msgid(message.reply))
         try:
             values = unpack_py(message.payload)
-            reply, plan = self.executor.plan(values[0] if values else None)
+            reply, plan = self.executor.plan(form.request(values[0] if values else None))
         except RequestError as error:
-            self.context.reply(message, {"error": str(error)})
+            send_answer(self.context, message, form, form.answer({"error": str(error)}))
             return
         except Exception:
             self.context.log.failure("index {stage}: request failed", stage=self.context.name)
-            self.context.reply(message, {"error": "internal error in the index stage"})
+            send_answer(self.context, message, form, form.answer({"error": "internal error in the index stage"}))
             return
         if not plan.steps:
-            self.context.reply(message, reply)
+            send_answer(self.context, message, form, form.answer(reply))
             return
-        self._turn.append((message, reply, len(self._steps)))
+        self._turn.append((message, form, reply, len(self._steps)))
         self._steps += plan.steps
 
     def turn_ended(self) -> None:
@@ -117,7 +125,7 @@ class RedisStage:
         done = self.link.run(self._prefix, pack_steps(steps), writes)
         done.addCallbacks(self._answered, self._failed, callbackArgs=(turn,), errbackArgs=(turn,))
 
-    def _answered(self, answer: bytes, turn: list[tuple[Message, dict[Any, Any], int]]) -> None:
+    def _answered(self, answer: bytes, turn: list[Planned]) -> None:
         if not self._reachable:
             self._reachable = True
             self.context.log.info("index {stage}: redis answers again", stage=self.context.name)
@@ -127,16 +135,15 @@ class RedisStage:
             self.context.log.failure("index {stage}: unreadable redis answer", stage=self.context.name)
             self._failed(Failure(), turn)
             return
-        reply = self.context.reply
-        for message, table, offset in turn:
+        for message, form, table, offset in turn:
             try:
                 filled = fill(table, results, offset)
             except Exception:
                 self.context.log.failure("index {stage}: unreadable redis answer", stage=self.context.name)
                 filled = failed(table, "internal error in the index stage")
-            reply(message, filled)
+            send_answer(self.context, message, form, form.answer(filled))
 
-    def _failed(self, failure: Failure, turn: list[tuple[Message, dict[Any, Any], int]]) -> None:
+    def _failed(self, failure: Failure, turn: list[Planned]) -> None:
         reason = failure.getErrorMessage()
         if self._reachable:  # one line per outage, not one per request
             self._reachable = False
@@ -147,5 +154,5 @@ class RedisStage:
                 url=self.settings.shown_url,
                 reason=reason,
             )
-        for message, table, _ in turn:
-            self.context.reply(message, failed(table, f"redis: {reason}"))
+        for message, form, table, _ in turn:
+            send_answer(self.context, message, form, form.answer(failed(table, f"redis: {reason}")))

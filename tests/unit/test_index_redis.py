@@ -37,13 +37,18 @@ class Context:
     instance: int = 0
     log: Logger = attrs.Factory(lambda: Logger(namespace="test.index.redis"))
     replies: list[Any] = attrs.Factory(list)
+    answered: list[tuple[str, Any]] = attrs.Factory(list)  # (sender's handler, answer)
     errors: int = 0
 
     def resolve_path(self, path: str) -> str:
         return os.path.join(self.base_dir, path)
 
     def reply(self, message: Message, *values: Any) -> None:
-        self.replies.append(values[0])
+        if message.reply is not None:  # as the host: no reply address, no reply
+            self.replies.append(values[0])
+
+    def answer_sender(self, message: Message, msgid: str, *values: Any) -> None:
+        self.answered.append((msgid, values[0]))
 
     def count_error(self) -> None:
         self.errors += 1
@@ -286,3 +291,34 @@ async def test_rediss_talks_tls_to_a_server_signed_by_the_configured_ca(context,
                 await stage.stop()
     finally:
         server.stop()
+
+
+@needs_redis
+@pytest_twisted.ensureDeferred
+async def test_the_callback_and_direct_forms_are_answered_as_by_the_embedded_board(context, server) -> None:
+    """``"rank:callback"`` → the sender's ``waitfor("callback")``; ``"rank:s?board"`` runs one
+    command and answers nothing; ``"rank:t?board=total_cb"`` answers the command's own result to the
+    reply address, ``"rank:get_cb=g?board"`` to the sender's handler (docs/lua-api.md)."""
+    stage = Stage(context, Config(_settings(server.url, pool=1)))  # one connection: scripts run in order
+    await stage.start()
+
+    async def sent(msgid: str, reply: str | None, value: Any) -> None:
+        before = len(context.replies) + len(context.answered)
+        address = None if reply is None else f"^local/0/{reply}"
+        stage.receive(Message(msgid, pack_py((value,)), Sender("local", 0, "game", 0), reply=address))
+        stage.turn_ended()
+        if msgid != "s?board":
+            await wait_for(lambda: len(context.replies) + len(context.answered) > before, WAIT, "the answer")
+
+    try:
+        await sent("callback", None, {"set:board": {"a": {"i": 5}}, "total:board": 0})
+        assert context.answered == [("callback", {b"set:board": {b"a": 1}, b"total:board": 1})]
+        await sent("s?board", None, {"KR1": {"i": 10, "v": "x"}, "KR2": {"i": 20}})
+        await sent("t?board", "total_cb", 0)  # after the s?board script, on the same connection
+        assert context.replies[-1] == 3
+        await sent("get_cb", "g?board", "KR1")
+        assert context.answered[-1] == ("get_cb", {b"KR1": {"v": b"x", "I": {1: {"i": 10, "d": 2}}}})
+        await sent("d?board", "deleted", "KR2")
+        assert context.replies[-1] == 1
+    finally:
+        await stage.stop()
