@@ -35,6 +35,15 @@ local prefix = ARGV[1]
 local plan = cmsgpack.unpack(ARGV[2])
 local TOP = 999999999999999
 local out = {}
+local counters = {}  -- each index's change counter, read once and written once per run
+
+local function counter(base)
+  local seq = counters[base]
+  if not seq then
+    seq = tonumber(redis.call('GET', base .. ':q') or '0')
+  end
+  return seq
+end
 
 local function rows(base, tier, first, count)
   local zkey = base .. ':t' .. tier
@@ -59,7 +68,7 @@ end
 for step, op in ipairs(plan) do
   local kind, base = op[1], prefix .. op[2]
   if kind == 'set' then
-    local tier, seq = op[3], tonumber(redis.call('GET', base .. ':q') or '0')
+    local tier, seq = op[3], counter(base)
     local ranks = {}
     for i, m in ipairs(op[4]) do
       local id = m[1]
@@ -83,7 +92,7 @@ for step, op in ipairs(plan) do
       if changed then seq = seq + 1 end
       ranks[i] = reply
     end
-    redis.call('SET', base .. ':q', seq)
+    counters[base] = seq
     out[step] = ranks
   elseif kind == 'del' then
     local removed = 0
@@ -139,6 +148,7 @@ for step, op in ipairs(plan) do
     out[step] = redis.call('ZCARD', base .. ':t' .. op[3])
   end
 end
+for base, seq in pairs(counters) do redis.call('SET', base .. ':q', seq) end
 return cmsgpack.pack(out)
 """
 
