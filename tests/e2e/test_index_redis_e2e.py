@@ -5,14 +5,17 @@ boards, one of them SIGKILLed while a third keeps asking."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from tests.e2e.test_cluster_e2e import app
 from tests.redis_servers import RedisServer, needs_redis
-from tests.support import ServerProcess, free_port
+from tests.support import ServerProcess, env_path, free_port
 
 WAIT = 40.0
 
@@ -103,3 +106,27 @@ def test_two_servers_serve_the_same_boards_and_one_killed_leaves_the_other_answe
         assert len(members) == len(got)
     finally:
         redis.stop()
+
+
+def test_twistd_check_names_a_bad_redis_setting_in_one_line(tmp_path: Path) -> None:
+    def check(settings: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        config = tmp_path / "stage.json"
+        config.write_text(json.dumps({"#startup": [["=index+rank"]], "=index+rank": settings}))
+        twistd = str(Path(sys.executable).with_name("twistd"))
+        return subprocess.run(
+            [twistd, "-n", "--pidfile=", "stage", "-c", str(config), "--check"],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": env_path()},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    bad = check({"redis": "redis//127.0.0.1:6379/0"})
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.splitlines() == [
+        "stage: =index+rank.redis: 'redis//127.0.0.1:6379/0': the scheme must be one of "
+        "redis://, rediss://, redis+sentinel://"
+    ]
+    good = check({"redis": "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/games", "wait": 1})
+    assert (good.returncode, good.stdout) == (0, "config OK\ngroup 0: =index+rank\n")
