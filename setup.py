@@ -26,6 +26,7 @@ setup(
         "pymongo>=4.6",
         "prometheus-client>=0.19",
         "setproctitle>=1.3",
+        "txredisapi>=1.4.10",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-twisted>=1.14", "pytest-timeout>=2.2", "hypothesis>=6"],

@@ -520,6 +520,8 @@ class _Definitions:
             settings, main = self._lua_stage(name, type_name, path)
         else:
             settings, main = self._builtin_settings(name, type_name), None
+            if type_name == "index":
+                _check_index_settings(name, settings)
         return StageConfig(name, type_name, stage_id, group, instance, settings, main)
 
     def _builtin_settings(self, name: str, type_name: str) -> Any:
@@ -549,6 +551,23 @@ class _Definitions:
         if preload is not None and not os.path.exists(preload):
             raise ConfigError(f"{path}: %preload {json.dumps(preload)} does not exist")
         return settings, found[1]
+
+
+def _check_index_settings(name: str, settings: Any) -> None:
+    """An index on Redis (``{"redis": URL, …}``) has its settings checked before anything starts:
+    the error names the key, e.g. ``=index+rank.redis: …`` (docs/index.md, Backends)."""
+    if not isinstance(settings, dict) or "redis" not in settings:
+        return  # the embedded board checks its own settings when it starts
+    from stagetx.stages.index import parse_settings
+
+    try:
+        parse_settings(settings, lambda path: path)
+    except ValueError as error:
+        text = str(error).removeprefix("=index: ")
+        key, colon, problem = text.partition(": ")
+        if colon and key in settings:
+            raise ConfigError(f"{name}.{key}: {problem}") from None
+        raise ConfigError(f"{name}: {text}") from None
 
 
 def _package(value: Any, path: str, base_dir: str) -> list[str]:

@@ -200,19 +200,45 @@ class Executor:
             raise RequestError(f"member id longer than {self.key_size} bytes")
         return member
 
-    def _set(self, command: Command, argument: Any) -> dict[bytes, int]:
-        if not argument:
-            return {}
+    def set_updates(self, command: Command, argument: Any) -> list[tuple[bytes, dict[int, Score], Any, bool]]:
+        """A ``set`` argument checked: ``(member, scores by tier, value, has value)`` per member.
+
+        Raises RequestError before anything changes (shared with the Redis backend).
+        """
         if not isinstance(argument, dict):
             raise RequestError("set takes {ID = {v = value, i = score}}")
-        if len(argument) == 1:
-            fast = self._set_one(command, argument)
-            if fast is not None:
-                return fast
         updates = [(self._member(member), *_set_spec(command.tier, spec)) for member, spec in argument.items()]
         for _, _, value, has_value in updates:
             if has_value:
                 self.boards.check_value(value)
+        return updates
+
+    def members(self, argument: Any, usage: str) -> list[bytes]:
+        """The member ids of a ``get``/``del`` argument, checked."""
+        return [self._member(member) for member in _sequence(argument, usage)]
+
+    def range_query(self, argument: Any) -> tuple[Score, int] | tuple[bytes, int, int]:
+        """A ``range`` argument checked: ``(score, count)``, or ``(member, rows before it, count)``."""
+        usage = "range takes {SCORE, COUNT}, {ID, DELTA, COUNT} or {ID, DELTA}"
+        items = _sequence(argument, usage)
+        if len(items) == 2 and _is_score(items[0]):
+            return items[0], _integer(items[1], usage)
+        if len(items) not in (2, 3) or _is_score(items[0]):
+            raise RequestError(usage)
+        member = self._member(items[0])
+        delta = _integer(items[1], usage)
+        if len(items) == 3:
+            return member, delta, _integer(items[2], usage)
+        return member, delta // 2, delta
+
+    def _set(self, command: Command, argument: Any) -> dict[bytes, int]:
+        if not argument:
+            return {}
+        if isinstance(argument, dict) and len(argument) == 1:
+            fast = self._set_one(command, argument)
+            if fast is not None:
+                return fast
+        updates = self.set_updates(command, argument)
         board = self.boards.board(command.name, True)
         assert board is not None
         reply: dict[bytes, int] = {}
@@ -254,7 +280,7 @@ class Executor:
         return {member: rank}
 
     def _del(self, command: Command, argument: Any) -> int:
-        members = [self._member(member) for member in _sequence(argument, "del takes {ID, …}")]
+        members = self.members(argument, "del takes {ID, …}")
         board = self.boards.board(command.name, False)
         removed = 0
         if board is not None:
@@ -265,7 +291,7 @@ class Executor:
         return removed
 
     def _get(self, command: Command, argument: Any) -> dict[bytes, Any]:
-        members = [self._member(member) for member in _sequence(argument, "get takes {ID, …}")]
+        members = self.members(argument, "get takes {ID, …}")
         board = self.boards.board(command.name, False)
         reply: dict[bytes, Any] = {}
         if board is None:
@@ -286,38 +312,35 @@ class Executor:
         return reply
 
     def _range(self, command: Command, argument: Any) -> list[dict[str, Any]]:
-        usage = "range takes {SCORE, COUNT}, {ID, DELTA, COUNT} or {ID, DELTA}"
-        items = _sequence(argument, usage)
+        query = self.range_query(argument)
         board = self.boards.board(command.name, False)
-        if len(items) == 2 and _is_score(items[0]):
-            count = _integer(items[1], usage)
-            if board is None:
-                return []
-            first = board.tier(command.tier).rank_at_most(items[0])
-            return [] if first is None else _rows(board, command.tier, first, count)
-        if len(items) not in (2, 3) or _is_score(items[0]):
-            raise RequestError(usage)
-        member = self._member(items[0])
-        delta = _integer(items[1], usage)
-        count = _integer(items[2], usage) if len(items) == 3 else delta
-        start = delta if len(items) == 3 else delta // 2
-        rank = None if board is None else board.tier(command.tier).rank(member)
-        if board is None or rank is None:
+        if board is None:
             return []
-        return _rows(board, command.tier, max(rank - start, 1), count)
+        tier = board.tier(command.tier)
+        if len(query) == 2:
+            first = tier.rank_at_most(query[0])
+            return [] if first is None else _rows(board, command.tier, first, query[1])
+        member, before, count = query
+        rank = tier.rank(member)
+        return [] if rank is None else _rows(board, command.tier, max(rank - before, 1), count)
 
     def _for_each(self, command: Command, argument: Any) -> list[dict[str, Any]]:
-        usage = "forEach takes {START, COUNT}"
-        items = _sequence(argument, usage)
-        if len(items) != 2:
-            raise RequestError(usage)
-        first, count = _integer(items[0], usage), _integer(items[1], usage)
+        first, count = for_each_query(argument)
         board = self.boards.board(command.name, False)
         return [] if board is None else _rows(board, command.tier, first, count)
 
     def _total(self, command: Command, argument: Any) -> int:
         board = self.boards.board(command.name, False)
         return 0 if board is None else len(board.tier(command.tier))
+
+
+def for_each_query(argument: Any) -> tuple[int, int]:
+    """A ``forEach`` argument checked: ``(first rank, count)``."""
+    usage = "forEach takes {START, COUNT}"
+    items = _sequence(argument, usage)
+    if len(items) != 2:
+        raise RequestError(usage)
+    return _integer(items[0], usage), _integer(items[1], usage)
 
 
 def _set_spec(tier: int, spec: Any) -> tuple[dict[int, Score], Any, bool]:

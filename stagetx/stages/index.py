@@ -18,6 +18,7 @@ from twisted.internet.task import LoopingCall
 from stagetx.address import AddressError, parse_target
 from stagetx.codec import unpack_py
 from stagetx.index.commands import Executor, IndexMessage, RequestError, read_message
+from stagetx.index.redis_link import RedisSettings, parse_redis_settings
 from stagetx.index.store import IndexStore
 from stagetx.message import Message
 from stagetx.stages.base import StageContext
@@ -39,12 +40,21 @@ class IndexSettings:
     fsync: bool | float = False  # False: write() only; True: fsync every reply; float: seconds
 
 
-def parse_settings(raw: Any, resolve: Callable[[str], str]) -> IndexSettings:
-    """``"dir"``, ``["dir", key_size, page_items]`` or ``{"dir", "key_size", "fsync"}``.
+def parse_settings(raw: Any, resolve: Callable[[str], str]) -> IndexSettings | RedisSettings:
+    """``"dir"``, ``["dir", key_size, page_items]`` or ``{"dir", "key_size", "fsync"}``; or
+    ``{"redis": URL, …}`` for boards on Redis (``stagetx.index.redis_link``).
 
     ``page_items`` is accepted and ignored. ``fsync`` is ``false`` (default), ``true``, or a
     number of milliseconds between fsyncs. Raises ValueError with a readable message.
     """
+    if isinstance(raw, dict) and "redis" in raw:
+        key_size = raw.get("key_size", DEFAULT_KEY_SIZE)
+        if type(key_size) is not int or key_size < 1:
+            raise ValueError("=index: key_size must be a positive integer")
+        try:
+            return parse_redis_settings(raw, key_size, resolve)
+        except ValueError as error:
+            raise ValueError(f"=index: {error}") from None
     if isinstance(raw, str):
         raw = {"dir": raw}
     elif isinstance(raw, list) and 1 <= len(raw) <= 3:
@@ -66,11 +76,25 @@ def parse_settings(raw: Any, resolve: Callable[[str], str]) -> IndexSettings:
 
 
 class Stage:
-    """An index stage: ``"=index+rank": "score/"`` (see SPEC 4.1)."""
+    """An index stage: ``"=index+rank": "score/"`` (see SPEC 4.1).
+
+    With ``{"redis": URL, …}`` settings, constructing a ``Stage`` gives a ``RedisStage`` instead
+    (``stagetx.stages.index_redis``): the host makes every stage type by calling ``Stage``.
+    """
+
+    def __new__(cls, context: StageContext, config: Any) -> Any:
+        settings = parse_settings(getattr(config, "settings", config), context.resolve_path)
+        if isinstance(settings, RedisSettings):
+            from stagetx.stages.index_redis import RedisStage
+
+            return RedisStage(context, settings)
+        return super().__new__(cls)
 
     def __init__(self, context: StageContext, config: Any) -> None:
         self.context = context
-        self.settings = parse_settings(getattr(config, "settings", config), context.resolve_path)
+        settings = parse_settings(getattr(config, "settings", config), context.resolve_path)
+        assert isinstance(settings, IndexSettings)
+        self.settings = settings
         self.store = IndexStore(self.settings.directory, fsync=self.settings.fsync is True)
         self.executor = Executor(self.store, self.settings.key_size)
         self._syncer: LoopingCall | None = None

@@ -23,6 +23,7 @@ import pytest
 
 from stagetx.client.connection import Connection
 from stagetx.client.protocol import Command
+from tests.redis_servers import RedisServer, needs_redis
 from tests.support import ServerProcess, env_path, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -300,3 +301,30 @@ def test_scores_survive_a_restart(tmp_path: Path) -> None:
     finally:
         app.stop()
     assert any(name.endswith(".log") for name in os.listdir(app.data))
+
+
+@needs_redis
+def test_one_config_key_puts_the_scoreboard_on_redis(tmp_path: Path) -> None:
+    """``"=index+rank": {"redis": URL}`` instead of the data directory: the same replies, and the
+    scores live in Redis, so they outlast the server (docs/default-app.md)."""
+    redis = RedisServer(tmp_path)
+    try:
+        app = App(tmp_path / "app", **{"=index+rank": {"redis": redis.url, "prefix": "game:"}}).start()
+        try:
+            assert app.client("login alice; score 50")[0] == 0
+            code, replies = app.client("login bob; score 80; top 2; rank alice")
+            assert code == 0
+            top, alice = replies[-2:]
+            assert [(r["user"], r["score"], r["rank"]) for r in top["rows"]] == [("bob", 80, 1), ("alice", 50, 2)]
+            assert (alice["rank"], alice["score"], alice["total"]) == (2, 50, 2)
+        finally:
+            app.stop()
+        app.start()
+        try:
+            code, (_, rank) = app.client("login hal; rank bob")
+            assert code == 0 and (rank["rank"], rank["score"]) == (1, 80)
+        finally:
+            app.stop()
+        assert not app.data.exists()  # nothing on disk: the boards are in Redis
+    finally:
+        redis.stop()

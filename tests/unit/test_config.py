@@ -470,3 +470,30 @@ def test_cluster_listen_settings(app_dir: Path) -> None:
     )
     plain = parse({"#startup": [["=index+rank"]], "#cluster": [9000]}, app_dir).cluster
     assert (plain.listen, plain.listen_host, plain.advertise, plain.queue) == (9000, "127.0.0.1", None, 10_000)
+
+
+@pytest.mark.parametrize(
+    "settings, error",
+    [
+        ({"redis": "http://127.0.0.1/0"}, "=index+rank.redis: 'http://127.0.0.1/0': the scheme must be one of"),
+        ({"redis": "redis://127.0.0.1:99999/0"}, "=index+rank.redis: 'redis://127.0.0.1:99999/0': port 99999 out of"),
+        ({"redis": "redis://127.0.0.1/db"}, "=index+rank.redis: 'redis://127.0.0.1/db': the path is the database"),
+        ({"redis": "redis+sentinel://127.0.0.1:26379"}, "=index+rank.redis: 'redis+sentinel://127.0.0.1:26379': name"),
+        ({"redis": 5}, "=index+rank.redis: expected a URL string"),
+        ({"redis": "redis://h/0", "pool": 0}, "=index+rank.pool: expected a number of connections"),
+        ({"redis": "redis://h/0", "wait": -1}, "=index+rank.wait: expected a number of replicas"),
+        ({"redis": "redis://h/0", "prefix": 1}, "=index+rank.prefix: expected a string"),
+        ({"redis": "redis://h/0", "dir": "x"}, "=index+rank: unknown settings ['dir']"),
+        ({"redis": "redis://h/0", "ca": "ca.pem"}, "=index+rank.ca: only for rediss:// URLs"),
+    ],
+)
+def test_redis_index_settings_are_checked_before_anything_starts(app_dir: Path, settings: Any, error: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse({"#startup": [["=index+rank"]], "=index+rank": settings}, app_dir)
+    assert str(raised.value).startswith(error)
+
+
+def test_a_redis_index_accepts_direct_tls_and_sentinel_urls(app_dir: Path) -> None:
+    for url in ("redis://:pw@127.0.0.1:6380/2", "rediss://cache.example:6379/0", "redis+sentinel://a:1,b:2/main/1"):
+        config = parse({"#startup": [["=index+rank"]], "=index+rank": {"redis": url, "wait": 1}}, app_dir)
+        assert config.stages[0].settings["redis"] == url
