@@ -271,20 +271,21 @@ def test_a_failed_fsync_is_a_failed_commit(tmp_path, monkeypatch) -> None:
     store.close()
 
 
-def test_a_failed_snapshot_leaves_the_files_and_reuses_its_empty_segment(tmp_path, monkeypatch) -> None:
+def test_a_failed_snapshot_leaves_the_files_and_the_retry_reuses_its_segment(tmp_path, monkeypatch) -> None:
     store, executor = _open(str(tmp_path), compact_min_bytes=1, chunk=2)
     for n in range(10):
         _apply(store, executor, {b"set:b": {b"m%d" % n: {b"i": n}}})
     files = sorted(os.listdir(tmp_path))
     with monkeypatch.context() as patch:
         patch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(ENOSPC))
-        for _ in range(5):  # a retry storm: each rotation would leave a new segment behind
+        for n in range(5):  # a retry storm: each rotation would leave a new segment behind
+            _apply(store, executor, {b"set:b": {b"late%d" % n: {b"i": n}}})
             assert store.wants_compaction()
             with pytest.raises(OSError):
                 for _ in store.compaction():
                     pass
     after = sorted(os.listdir(tmp_path))
-    assert [f for f in after if f not in files] == ["0000000002.log"]  # one new, empty segment
+    assert [f for f in after if f not in files] == ["0000000002.log"]  # one new segment
     assert not [f for f in after if f.endswith((".tmp", ".snap"))]
     expected = _board(store)
     for _ in store.compaction():
