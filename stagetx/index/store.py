@@ -29,6 +29,7 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 import struct
 import zlib
 from collections.abc import Generator, Iterator
@@ -55,6 +56,16 @@ def frame(payload: bytes) -> bytes:
     return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
 
 
+def torn_tail(data: bytes, offset: int) -> bool:
+    """True when ``data`` from ``offset`` is what an interrupted append leaves: the start of one
+    frame cut short, or zeros (blocks a machine crash allocated but never wrote); False when an
+    intact-length frame is damaged, which only disk corruption makes."""
+    if len(data) - offset < _FRAME.size:
+        return True
+    length, _ = _FRAME.unpack_from(data, offset)
+    return offset + _FRAME.size + length > len(data) or not data[offset:].strip(b"\0")
+
+
 def read_frames(data: bytes) -> tuple[list[bytes], int]:
     """The intact payloads at the start of ``data`` and the length they cover."""
     payloads: list[bytes] = []
@@ -66,7 +77,7 @@ def read_frames(data: bytes) -> tuple[list[bytes], int]:
         if end > size:
             break
         payload = data[offset + _FRAME.size : end]
-        if zlib.crc32(payload) != crc:
+        if not length or zlib.crc32(payload) != crc:  # no frame is empty: zeros are not a frame
             break
         payloads.append(payload)
         offset = end
@@ -279,12 +290,25 @@ class IndexStore:
         with open(path, "rb") as file:
             data = file.read()
         payloads, valid = read_frames(data)
-        if valid < len(data):
+        if valid < len(data) and torn_tail(data, valid):
             _log.warn(
-                "index log {path}: ignored {count} bytes of a torn or corrupt record at offset {offset}",
+                "index log {path}: ignored {count} bytes of a torn record at offset {offset}",
                 path=path,
                 count=len(data) - valid,
                 offset=valid,
+            )
+        elif valid < len(data):
+            # damage with more after it: keep every byte for the operator before anything is cut
+            copy = path + ".damaged"
+            if not os.path.exists(copy):
+                shutil.copyfile(path, copy)
+            _log.error(
+                "index log {path}: damaged record at offset {offset}; the {count} bytes from there on"
+                " are not replayed (the whole file is kept as {copy})",
+                path=path,
+                count=len(data) - valid,
+                offset=valid,
+                copy=copy,
             )
         for payload in payloads:
             records = _unpack(payload)

@@ -10,6 +10,7 @@ from twisted.logger import globalLogPublisher
 
 from stagetx.index.commands import Executor
 from stagetx.index.store import COMPACT_RATIO, IndexStore, LogSegment, StoreCorrupt, frame, read_frames
+from tests.support import LogCapture
 
 
 def _open(directory: str, **options) -> tuple[IndexStore, Executor]:
@@ -294,3 +295,35 @@ def test_a_failed_snapshot_leaves_the_files_and_the_retry_reuses_its_segment(tmp
     again, _ = _open(str(tmp_path))
     assert _board(again) == expected
     again.close()
+
+
+def test_a_zero_filled_tail_is_a_torn_record_not_a_frame(tmp_path) -> None:
+    store, executor = _open(str(tmp_path))
+    _apply(store, executor, {b"set:b": {b"kept": {b"i": 1}}})
+    store.close()
+    (log,) = [f for f in os.listdir(tmp_path) if f.endswith(".log")]
+    with open(os.path.join(tmp_path, log), "ab") as out:
+        out.write(b"\0" * 4096)  # a machine crash can leave allocated blocks unwritten
+    store, _ = _open(str(tmp_path))
+    assert set(store.boards[b"b"].values) == {b"kept"}
+    store.close()
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".damaged")]
+
+
+def test_damage_followed_by_records_keeps_a_copy_of_the_whole_segment(tmp_path) -> None:
+    store, executor = _open(str(tmp_path))
+    for member in (b"a", b"b", b"c"):
+        _apply(store, executor, {b"set:b": {member: {b"i": 1}}})
+    store.close()
+    (log,) = [f for f in os.listdir(tmp_path) if f.endswith(".log")]
+    path = os.path.join(tmp_path, log)
+    data = bytearray(open(path, "rb").read())
+    second = len(frame(b"x")) - 1 + len(data) // 3  # somewhere inside the second frame's payload
+    data[second] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with LogCapture() as capture:
+        store, _ = _open(str(tmp_path))
+    assert set(store.boards[b"b"].values) == {b"a"}
+    store.close()
+    assert open(path + ".damaged", "rb").read() == bytes(data)  # nothing the damage hid is gone
+    assert [e for e in capture.events if e["log_level"].name == "error" and "damaged record" in e["log_format"]]
