@@ -176,6 +176,7 @@ class IndexStore:
         self._pending: list[tuple[Any, ...]] = []
         self._undo: list[tuple[Any, ...]] = []  # old states of the members changed since the commit
         self._segment = 0
+        self._unsnapshotted = 0  # a segment started by a compaction that failed (0: none)
         self._log: LogSegment | None = None
         self._lock_fd = -1
 
@@ -356,10 +357,13 @@ class IndexStore:
         The stage keeps serving between steps: the snapshot may include changes logged in the
         new segment, which replays idempotently over it. Closing the steps abandons the snapshot.
         A step that fails (OSError, disk full) removes the partial snapshot: the files hold what
-        they held before, plus at most one new segment (an empty one is reused next time).
+        they held before, plus the one new segment, which the next compaction snapshots onto
+        again instead of starting another (replaying a segment over a snapshot taken after it
+        began is what every start does already).
         """
         number = self._rotate()
         self.compacting = True
+        self._unsnapshotted = number
         return self._write_snapshot(number)
 
     def _write_snapshot(self, number: int) -> Generator[None, None, None]:
@@ -387,6 +391,7 @@ class IndexStore:
             os.replace(temporary, self._file(number, "snap"))
             _fsync_dir(self.directory)
             done = True
+            self._unsnapshotted = 0
             self._remove_before(number)
             self.snapshot_bytes = os.path.getsize(self._file(number, "snap"))
             self.log_bytes = sum(os.path.getsize(self._file(n, "log")) for n in self._scan()[1] if n >= number)
@@ -397,10 +402,11 @@ class IndexStore:
                     os.remove(temporary)
 
     def _rotate(self) -> int:
-        """Start a new segment for appends (unless the current one is still empty) and return its
-        number; the old segment stays open until the new one exists."""
+        """Start a new segment for appends and return its number (the current one when it is still
+        empty, or was started by a compaction that failed); the old segment stays open until the
+        new one exists."""
         assert self._log is not None, "the store is not open"
-        if self._log.size == 0 and not self._log.torn:
+        if not self._log.torn and (self._log.size == 0 or self._segment == self._unsnapshotted):
             return self._segment
         self.sync()
         self._log = self._open_segment(self._segment + 1)

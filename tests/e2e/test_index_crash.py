@@ -10,10 +10,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -243,9 +245,23 @@ def _numbers(server: ServerProcess, prefix: str) -> list[int]:
     return [int(n) for fields in server.logged("client", prefix) for n in fields[0].split()]
 
 
+def _storage_errors(server: ServerProcess) -> float:
+    """``stagetx_stage_errors_total`` of the index stage, from the server's ``/metrics``."""
+    port = next(
+        int(found.group(1))
+        for line in list(server.lines)
+        if (found := re.search(r"admin http listening on 127\.0\.0\.1:(\d+)", line))
+    )
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=20) as response:
+        text = response.read().decode()
+    found = re.search(r'^stagetx_stage_errors_total\{[^}]*stage="=index\+rank"[^}]*\} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 def test_a_server_loses_no_acknowledged_set_to_a_full_disk_and_a_kill_9(tmp_path) -> None:
     (tmp_path / "client.lua").write_text(CLIENT)
     config = {
+        "#admin": {"http": "tcp:0:interface=127.0.0.1"},
         "#startup": [["=index+rank"], ["=lua+client"]],
         "=index+rank": "scores",
         "=lua+client": {"=lua+client": "client"},
@@ -258,6 +274,7 @@ def test_a_server_loses_no_acknowledged_set_to_a_full_disk_and_a_kill_9(tmp_path
             server.wait_for(lambda: len(_numbers(server, "ACKS")) >= 3000, 60, "acks before the disk is full")
             filler = fill(directory)
             server.wait_for(lambda: len(_numbers(server, "FAILS")) >= 1000, 60, "failed sets on the full disk")
+            server.wait_for(lambda: _storage_errors(server) >= 1, 30, "storage errors in /metrics")
             filler.unlink()
             acked = len(_numbers(server, "ACKS"))
             server.wait_for(lambda: len(_numbers(server, "ACKS")) >= acked + 3000, 60, "acks after the disk was freed")

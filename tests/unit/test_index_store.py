@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 import pytest
 from twisted.logger import globalLogPublisher
@@ -277,8 +278,15 @@ def test_a_failed_snapshot_leaves_the_files_and_the_retry_reuses_its_segment(tmp
     for n in range(10):
         _apply(store, executor, {b"set:b": {b"m%d" % n: {b"i": n}}})
     files = sorted(os.listdir(tmp_path))
+    real_fsync = os.fsync
+
+    def snapshot_fsync_fails(fd: int) -> None:  # directories still sync: rotations succeed
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise ENOSPC
+        real_fsync(fd)
+
     with monkeypatch.context() as patch:
-        patch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(ENOSPC))
+        patch.setattr(os, "fsync", snapshot_fsync_fails)
         for n in range(5):  # a retry storm: each rotation would leave a new segment behind
             _apply(store, executor, {b"set:b": {b"late%d" % n: {b"i": n}}})
             assert store.wants_compaction()
