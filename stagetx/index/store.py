@@ -14,7 +14,9 @@ Files in the index directory (``N`` = a 10-digit segment number):
 - ``LOCK``: held (flock) while a process uses the directory.
 
 A frame is ``<u32 length><u32 crc32>`` then a msgpack payload. A torn or corrupt frame ends its
-log segment: it is logged, ignored, and cut off the newest segment before new appends. A frame is
+log segment: it is logged, ignored, and a torn one is cut off the newest segment before new
+appends (a damaged frame with more after it is disk corruption: the segment is first copied to
+``N.log.damaged``, so nothing after the damage is destroyed). A frame is
 written whole before any reply of its turn leaves, so a torn frame holds only unacknowledged
 changes; and nothing is ever appended after one: a failed or short write is cut off again at
 once (``LogSegment.append``), and when even that fails the segment is sealed and the next
@@ -214,9 +216,9 @@ class IndexStore:
         if not self._pending:
             self._undo.clear()
             return
-        data = frame(_pack(self._pending))
-        self._pending.clear()
         try:
+            data = frame(_pack(self._pending))
+            self._pending.clear()
             self._writable().append(data, self.fsync)
         except BaseException:
             self._roll_back()
