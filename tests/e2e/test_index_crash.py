@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from stagetx.index.commands import Executor
 from stagetx.index.store import IndexStore
 from tests.support import ServerProcess
 
@@ -258,7 +259,12 @@ def _storage_errors(server: ServerProcess) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def test_a_server_loses_no_acknowledged_set_to_a_full_disk_and_a_kill_9(tmp_path) -> None:
+def _logged(server: ServerProcess, text: str) -> bool:
+    return any(text in line for line in list(server.lines))
+
+
+def _server_app(tmp_path: Path) -> Path:
+    """A server with the index stage in process 1 and the CLIENT script in process 2."""
     (tmp_path / "client.lua").write_text(CLIENT)
     config = {
         "#admin": {"http": "tcp:0:interface=127.0.0.1"},
@@ -268,6 +274,32 @@ def test_a_server_loses_no_acknowledged_set_to_a_full_disk_and_a_kill_9(tmp_path
     }
     path = tmp_path / "stage.json"
     path.write_text(json.dumps(config))
+    return path
+
+
+def _kill_restart_and_check(server: ServerProcess, directory: Path) -> tuple[list[int], list[int]]:
+    """More acks, ``kill -9`` of the index process, acks after its restart; then stop the server
+    and check the directory: every ack there, no failed set there nor ever seen by the client."""
+    try:
+        acked = len(_numbers(server, "ACKS"))
+        server.wait_for(lambda: len(_numbers(server, "ACKS")) >= acked + 3000, 60, "acks after the disk was freed")
+        os.kill(server.pids(0)[-1], signal.SIGKILL)
+        server.wait_for(lambda: len(server.pids(0)) == 2, 30, "the index process restarted")
+        acked = len(_numbers(server, "ACKS"))
+        server.wait_for(lambda: len(_numbers(server, "ACKS")) >= acked + 3000, 60, "acks after the restart")
+    finally:
+        server.stop()
+    acks, fails = _numbers(server, "ACKS"), _numbers(server, "FAILS")
+    assert not server.logged("client", "VISIBLE"), "a failed set was visible while the server ran"
+    assert not set(acks) & set(fails)
+    assert _check(str(directory), acks, fails, last_on_top=False) >= len(acks)
+    write_errors = [line for line in server.lines if "log write failed" in line]
+    assert 1 <= len(write_errors) < len(fails) // 10, "log write failures are logged at a bounded rate"
+    return acks, fails
+
+
+def test_a_server_loses_no_acknowledged_set_to_a_full_disk_and_a_kill_9(tmp_path) -> None:
+    path = _server_app(tmp_path)
     with small_tmpfs(tmp_path / "scores", "2m") as directory:
         server = ServerProcess(path)
         try:
@@ -276,17 +308,50 @@ def test_a_server_loses_no_acknowledged_set_to_a_full_disk_and_a_kill_9(tmp_path
             server.wait_for(lambda: len(_numbers(server, "FAILS")) >= 1000, 60, "failed sets on the full disk")
             server.wait_for(lambda: _storage_errors(server) >= 1, 30, "storage errors in /metrics")
             filler.unlink()
-            acked = len(_numbers(server, "ACKS"))
-            server.wait_for(lambda: len(_numbers(server, "ACKS")) >= acked + 3000, 60, "acks after the disk was freed")
-            os.kill(server.pids(0)[-1], signal.SIGKILL)
-            server.wait_for(lambda: len(server.pids(0)) == 2, 30, "the index process restarted")
-            acked = len(_numbers(server, "ACKS"))
-            server.wait_for(lambda: len(_numbers(server, "ACKS")) >= acked + 3000, 60, "acks after the restart")
-        finally:
+        except BaseException:
             server.stop()
-        acks, fails = _numbers(server, "ACKS"), _numbers(server, "FAILS")
-        assert not server.logged("client", "VISIBLE"), "a failed set was visible while the server ran"
-        assert not set(acks) & set(fails)
-        assert _check(str(directory), acks, fails, last_on_top=False) >= len(acks)
-        write_errors = [line for line in server.lines if "log write failed" in line]
-        assert 1 <= len(write_errors) < len(fails) // 10, "log write failures are logged at a bounded rate"
+            raise
+        _kill_restart_and_check(server, directory)
+
+
+def _prefill(directory: Path, log_bytes: int) -> int:
+    """Write members of board ``pre`` until the log holds ``log_bytes``: at its next start the
+    stage wants a compaction (the logs are over 4 MiB and there is no snapshot yet). Returns
+    how many members were written."""
+    store = IndexStore(str(directory))
+    store.open()
+    executor = Executor(store, key_size=32)
+    written = 0
+    while store.log_bytes < log_bytes:
+        for n in range(written, written + 1000):
+            executor.run({b"set:pre": {b"p%d" % n: {b"v": b"%032d" % n, b"i": n}}})
+        store.commit()
+        written += 1000
+    store.close()
+    return written
+
+
+def test_a_server_loses_no_acknowledged_set_to_a_full_disk_during_a_compaction(tmp_path) -> None:
+    path = _server_app(tmp_path)
+    with small_tmpfs(tmp_path / "scores", "16m") as directory:
+        members = _prefill(directory, 5 << 20)
+        filler = fill(directory, leave=1 << 20)  # too little room for the snapshot, then for the log
+        server = ServerProcess(path)
+        try:
+            server.wait_for(lambda: _logged(server, "compaction failed"), 60, "a compaction failed on the full disk")
+            server.wait_for(lambda: len(_numbers(server, "FAILS")) >= 1000, 60, "failed sets on the full disk")
+            assert len([f for f in os.listdir(directory) if f.endswith(".log")]) <= 2, "no segment storm"
+            assert not [f for f in os.listdir(directory) if f.endswith(".tmp")]
+            filler.unlink()
+            server.wait_for(lambda: _logged(server, ": compacted, snapshot "), 90, "the compaction once there is room")
+        except BaseException:
+            server.stop()
+            raise
+        _kill_restart_and_check(server, directory)
+        store = IndexStore(str(directory))
+        store.open()
+        try:
+            assert len(store.boards[b"pre"]) == members  # what the snapshot replaced is all there
+            assert [f for f in os.listdir(directory) if f.endswith(".snap")]
+        finally:
+            store.close()
