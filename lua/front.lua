@@ -8,6 +8,7 @@ local app = {
     sessions = {},                               -- socket id -> {user, best, channels = {name = true}}
     members = {},                                -- channel -> {socket id = true}, players of this replica
     board = process["$board"] or "scores",       -- the index this application ranks players on
+    load_board = process["$load_board"] or "load", -- the one load tests rank on instead (board = ...)
     login_ms = tonumber(process["$login_ms"]) or 50,
     accounts = process["$accounts"] or {},      -- user -> password; other users log in freely
     timeout_ms = tonumber(process["$timeout_ms"]) or 5000,

@@ -23,6 +23,20 @@ local function rows_of(list)
     return out[1] and out or nil                 -- an empty table would not say "list" in BSON
 end
 
+-- The board a message names (`board`): the application's own by default, or its load-test board,
+-- so that simulated players stay out of the real ranking; nil and why for any other name.
+local function board_of(app, msg)
+    local board = msg.board
+    if board == nil or board == app.board then return app.board end
+    if board == app.load_board then return board end
+    return nil, "board: " .. app.board .. " or " .. app.load_board
+end
+
+-- The session field keeping the player's best on `board` (read at login for the real board).
+local function best_key(app, board)
+    return board == app.board and "best" or "load_best"
+end
+
 -- The player's own tier-1 entry of a `get` reply: {i = score, d = rank}, or nil.
 local function tier_of(got, user)
     local me = type(got) == "table" and got[user]
@@ -80,17 +94,20 @@ function packet.login(app, sid, msg, session)
     end
 end
 
--- score {points}: the board keeps each player's best; replies the score, best, rank and whether
--- this score improved the best.
+-- score {points, board?}: the board keeps each player's best; replies the score, best, rank and
+-- whether this score improved the best.
 function packet.score(app, sid, msg, session)
-    local points, user, board = msg.points, session.user, app.board
+    local points, user = msg.points, session.user
+    local board, why = board_of(app, msg)
+    if board == nil then return app.fail(sid, msg, why) end
     if type(points) ~= "number" or points ~= points or points < 0 or points > 2^53 then
         return app.fail(sid, msg, "points: a number from 0 to 2^53")
     end
-    local improved = session.best == nil or points > session.best
+    local best = best_key(app, board)
+    local improved = session[best] == nil or points > session[best]
     local request = {["#2.get:" .. board] = {user}}
     if improved then
-        session.best = points                            -- now, so pipelined scores compare right
+        session[best] = points                           -- now, so pipelined scores compare right
         request["#1.set:" .. board] = {[user] = {i = points}}
     end
     app.index(request, function(r)
@@ -100,9 +117,11 @@ function packet.score(app, sid, msg, session)
     end)
 end
 
--- top {n?}: the n best players (default 10, at most 100) and how many are ranked.
+-- top {n?, board?}: the n best players (default 10, at most 100) and how many are ranked.
 function packet.top(app, sid, msg)
-    local n, board = math.tointeger(msg.n) or 10, app.board
+    local n = math.tointeger(msg.n) or 10
+    local board, why = board_of(app, msg)
+    if board == nil then return app.fail(sid, msg, why) end
     n = math.max(1, math.min(n, MAX_TOP))
     app.index({["forEach:" .. board] = {1, n}, ["total:" .. board] = true}, function(r)
         if r == nil then return app.fail(sid, msg, "the scoreboard did not answer") end
@@ -110,10 +129,12 @@ function packet.top(app, sid, msg)
     end)
 end
 
--- rank {user?}: the player's (or another player's) rank and score, with the two players above
--- and below; no rank field while the player has no score.
+-- rank {user?, board?}: the player's (or another player's) rank and score, with the two players
+-- above and below; no rank field while the player has no score.
 function packet.rank(app, sid, msg, session)
-    local user, board = msg.user or session.user, app.board
+    local user = msg.user or session.user
+    local board, why = board_of(app, msg)
+    if board == nil then return app.fail(sid, msg, why) end
     if not valid_name(user) then return app.fail(sid, msg, "user: 1 to 32 letters, digits, _ or -") end
     local request = {["get:" .. board] = {user}, ["range:" .. board] = {user, 2, 5},
                      ["total:" .. board] = true}
@@ -122,6 +143,19 @@ function packet.rank(app, sid, msg, session)
         local tier = tier_of(r["get:" .. board], user)
         app.reply(sid, msg, {user = user, rank = tier and tier.d, score = tier and tier.i,
                              total = r["total:" .. board], around = rows_of(r["range:" .. board])})
+    end)
+end
+
+-- forget {board?}: removes the player's own entry from the board (the load tool's clean-up);
+-- replies how many entries were removed (0 or 1).
+function packet.forget(app, sid, msg, session)
+    local board, why = board_of(app, msg)
+    if board == nil then return app.fail(sid, msg, why) end
+    local user = session.user
+    app.index({["del:" .. board] = {user}}, function(r)
+        if r == nil then return app.fail(sid, msg, "the scoreboard did not answer") end
+        session[best_key(app, board)] = nil
+        app.reply(sid, msg, {removed = r["del:" .. board]})
     end)
 end
 

@@ -68,6 +68,8 @@ def _die_with_parent() -> None:
 
 
 def main() -> int:
+    # Ctrl-C in a terminal reaches the whole process group; the supervisor stops us (SIGTERM).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     boot = json.loads(sys.stdin.buffer.readline())
     _die_with_parent()
     _raise_file_limit()

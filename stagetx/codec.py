@@ -183,6 +183,19 @@ def pack_py(values: tuple[Any, ...]) -> bytes:
     return _pack(values)
 
 
+def function_kinds(data: bytes) -> set[str]:
+    """The VM kinds (``"lua54"``, ``"luajit21"``) of the functions a payload holds, found by
+    decoding it without building anything else worth keeping (for a check at the sender)."""
+    kinds: set[str] = set()
+
+    def hook(code: int, ext: bytes) -> None:
+        if code == EXT_FUNCTION:
+            kinds.add(_split_function_ext(ext)[0])
+
+    msgpack.unpackb(data, ext_hook=hook, raw=True, strict_map_key=False)
+    return kinds
+
+
 def _py_ext(code: int, data: bytes) -> object:
     if code == EXT_FUNCTION:
         vm, bytecode = _split_function_ext(data)

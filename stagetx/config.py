@@ -313,12 +313,22 @@ def _services(value: Any, path: str, base_dir: str) -> tuple[HostPort, ...]:
     return tuple(addresses)
 
 
-def _router(value: Any, path: str, base_dir: str) -> tuple[int, int]:
+def _int_pair_or_defaults(value: Any, path: str, defaults: tuple[int, int]) -> tuple[int, int]:
+    """``[a, b]``, ``[a]`` or ``a``: a value left out takes its default, as the original platform
+    read ``#router`` and ``#threads``."""
+    if _is_int(value):
+        value = [value]
+    if isinstance(value, list) and len(value) < 2:
+        value = value + list(defaults[len(value) :])
     return _int_pair(value, path, 1)
+
+
+def _router(value: Any, path: str, base_dir: str) -> tuple[int, int]:
+    return _int_pair_or_defaults(value, path, DEFAULT_ROUTER)
 
 
 def _threads(value: Any, path: str, base_dir: str) -> tuple[int, int]:
-    return _int_pair(value, path, 1)
+    return _int_pair_or_defaults(value, path, DEFAULT_THREADS)
 
 
 def _cluster(value: Any, path: str, base_dir: str) -> ClusterConfig:

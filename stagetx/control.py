@@ -23,11 +23,13 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevelFilterPredicate
+from twisted.python.failure import Failure
 
 from stagetx.host import LATENCY_BUCKETS, ProcessHost, StageHost
 from stagetx.index.commands import READS, RequestError, parse_key
 from stagetx.links import local_retry
 from stagetx.logsetup import level_named
+from stagetx.stages.lua import ReloadError
 from stagetx.wire import Link, LinkClientFactory
 
 if TYPE_CHECKING:
@@ -97,10 +99,15 @@ def stage_stats(stage: StageHost) -> dict[str, Any]:
         "errors": stage.errors,
         "busy": stage.busy,
         "latency": list(stage.latency),
+        "failure": stage.failure,
+        "last_errors": [{"time": at, "error": error} for at, error in stage.last_errors],
     }
     if lua is not None:
         stats["lua_memory"] = lua.vm.memory_used() if lua.vm is not None else None
         stats["reloads"] = lua.reloads
+        listeners = lua.broker.endpoint_stats() if lua.broker is not None else []
+        stats["listeners"] = listeners
+        stats["clients"] = {"connected": sum(e["connected"] for e in listeners), **lua.traffic.as_dict()}
     if hasattr(inner, "categories"):
         stats["tickets"] = {name: list(counts) for name, counts in inner.categories().items()}
     if hasattr(inner, "subscriptions"):
@@ -216,6 +223,7 @@ class ProcessControl:
         )
 
     def cmd_reload(self, name: str) -> Deferred[Result]:
+        """A failed reload (``ReloadError``) answers ``reload: <file:line: problem>``."""
         lua = self._lua_stage(name)
         return lua.reload().addCallback(lambda _: (True, f"{lua.config.name} reloaded", {"reloads": lua.reloads}))
 
@@ -392,6 +400,11 @@ class ScriptWatcher:
                 if now != before:
                     self._seen[name] = now
                     self.log.info("scripts of {stage} changed: reloading", stage=name)
-                    lua.reload().addErrback(lambda f, n=name: self.log.failure("reload of {stage} failed", f, stage=n))
+                    lua.reload().addErrback(self._failed, name)
             except Exception:
                 self.log.failure("script watch of {stage} failed", stage=name)
+
+    def _failed(self, failure: Failure, name: str) -> None:
+        """A reload's ``ReloadError`` was logged by the stage with its file and line; anything else is a bug."""
+        if not failure.check(ReloadError):
+            self.log.failure("reload of {stage} failed", failure, stage=name)

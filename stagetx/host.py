@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Mapping, Sequence
 from time import perf_counter
 from typing import Any
@@ -19,8 +21,9 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from stagetx.address import Address, AddressError, parse_target
+from stagetx.address import Address, AddressError, ReplyTo, parse_target
 from stagetx.codec import pack_py
 from stagetx.config import ServerConfig, StageConfig
 from stagetx.message import Message
@@ -28,6 +31,8 @@ from stagetx.router import Result, Router
 from stagetx.shared import ProcessShared
 from stagetx.stages import stage_class
 
+#: Errors (with file and line) each stage keeps for ``stat`` and the dashboard.
+LAST_ERRORS = 10
 #: Upper bounds (s) of the handler-time histogram each stage keeps (the last bucket is unbounded).
 LATENCY_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -102,9 +107,11 @@ class StageHost(Service):
         self.received = 0
         self.sent = 0
         self.errors = 0
+        self.last_errors: deque[tuple[float, str]] = deque(maxlen=LAST_ERRORS)  # (wall time, error)
         self.busy = 0.0
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)  # handler times, counted per bucket
         self._backlog: list[Message] | None = []  # messages that arrived before the stage started
+        self._start_error: str | None = None  # a built-in stage's start that raised
         self.stage = stage_class(config.type)(self, config)
         self.batches = hasattr(self.stage, "turn_ended")
 
@@ -127,6 +134,29 @@ class StageHost(Service):
             return
         self.send_payload(address, pack_py(values))
 
+    def answer(self, message: Message, *values: Any) -> None:
+        """Answer a request to a built-in index or curl stage: to its reply address when the
+        sender named one (``"rank:q=got"``), else to the sender's handler named by the message id
+        (``"rank:got"`` → ``waitfor("got")``), as the STAGE document's examples do."""
+        if message.reply is not None:
+            self.reply(message, *values)
+        else:
+            self.answer_sender(message, message.msgid, *values)
+
+    def answer_sender(self, message: Message, msgid: str, *values: Any) -> None:
+        """Send ``values`` to the handler ``msgid`` of the stage that sent ``message``.
+
+        ``msgid`` is taken as the sender wrote it: the ``"<sender>:"`` tag of a ``"rank+got"``
+        message and the ``=`` of ``"rank:=got"`` are dropped, so both reach ``waitfor("got")``.
+        """
+        sender = message.sender
+        tag = sender.stage + ":"
+        if msgid.startswith(tag) and len(msgid) > len(tag):
+            msgid = msgid[len(tag) :]
+        if msgid.startswith("=") and len(msgid) > 1:
+            msgid = msgid[1:]
+        self.send_payload(ReplyTo(sender.server, sender.instance, msgid), pack_py(values))
+
     def send_payload(self, address: Address, payload: bytes, reply_to: str | None = None) -> Result:
         self.sent += 1
         return self.router.send(self.sender, address, payload, reply_to)
@@ -134,8 +164,10 @@ class StageHost(Service):
     def logger_for(self, group: str) -> Logger:
         return Logger(namespace=group)
 
-    def count_error(self) -> None:
+    def count_error(self, error: str | None = None) -> None:
         self.errors += 1
+        if error is not None:
+            self.last_errors.append((time.time(), error))
 
     # -- Receiver ---------------------------------------------------------------------------------
     def receive(self, message: Message) -> None:
@@ -159,8 +191,15 @@ class StageHost(Service):
         Service.startService(self)
         return maybeDeferred(self.stage.start).addBoth(self._started)
 
+    @property
+    def failure(self) -> str | None:
+        """Why the stage is *failed* (its start, or a Lua stage's scripts), None while it serves."""
+        return self._start_error or getattr(self.stage, "failure", None)
+
     def _started(self, result: Any) -> Any:
         """Hand over what arrived during start-up, in order (even after a failed start: it is logged)."""
+        if isinstance(result, Failure):
+            self._start_error = result.getErrorMessage() or result.type.__name__
         backlog, self._backlog = self._backlog or [], None
         for message in backlog:
             self.receive(message)
@@ -204,7 +243,9 @@ class ProcessHost(MultiService):
         def start(index: int) -> None:
             if index == len(self.stages):
                 self.log.info(
-                    "group {group} ready: {stages}", group=self.group + 1, stages=[s.name for s in self.stages]
+                    "process {process} ready: {stages}",
+                    process=self.group + 1,
+                    stages=[s.name for s in self.stages],
                 )
                 done.callback(None)
                 if not self.ready.called:

@@ -2,7 +2,9 @@
 
 Each process listens on ``RUNDIR/gN.sock`` and keeps one outbound link to every other process
 (reconnecting with back-off while that process restarts); it sends on its outbound links and
-receives on the inbound ones, so each direction of a pair is one ordered stream. Frames for a
+receives on the inbound ones, so each direction of a pair is one ordered stream. A process that
+stops says ``["bye"]`` on its inbound links first, so the others log its going as a stop (info),
+not as a lost link (warn). Frames for a
 process that is not connected wait in a bounded queue; past the bound, ``send`` reports it.
 """
 
@@ -28,6 +30,8 @@ from stagetx.wire import Link, LinkClientFactory, LinkServerFactory
 PENDING_LIMIT = 100_000
 #: How often each process tells the others its queue delay (s).
 DELAY_INTERVAL = 0.1
+#: What a stopping process says on its inbound links before they close.
+BYE = ["bye"]
 
 
 def socket_path(rundir: str, group: int) -> str:
@@ -63,6 +67,8 @@ class _Inbound:
         if link.group is None:  # type: ignore[attr-defined]
             self.links.log.warn("link from unknown peer {peer!r} refused", peer=link.peer_id)
             link.close()
+            return
+        self.links.inbound.add(link)
 
     def message_received(self, link: Link, obj: Any) -> None:
         self.links.router.frame_received(link.group, obj)  # type: ignore[attr-defined]
@@ -72,7 +78,7 @@ class _Inbound:
         self.links.router.run_queue()
 
     def link_lost(self, link: Link, reason: object) -> None:
-        pass
+        self.links.inbound.discard(link)
 
 
 class _Outbound:
@@ -85,14 +91,17 @@ class _Outbound:
     def link_authenticated(self, link: Link) -> None:
         if link.peer_id != node_id(self.group):
             self.links.log.error(
-                "process link to group {group} answered as {peer!r}; dropped", group=self.group, peer=link.peer_id
+                "link to process {process} answered as {peer!r}; dropped", process=self.group + 1, peer=link.peer_id
             )
             link.close()
             return
         self.links.connected(self.group, link)
 
     def message_received(self, link: Link, obj: Any) -> None:
-        self.links.log.warn("unexpected frame on outbound link to group {group}", group=self.group)
+        if obj == BYE:
+            self.links.leaving.add(self.group)
+            return
+        self.links.log.warn("unexpected frame on the link to process {process}", process=self.group + 1)
 
     def link_lost(self, link: Link, reason: object) -> None:
         self.links.disconnected(self.group, link)
@@ -113,6 +122,9 @@ class ProcessLinks(MultiService):
         self.max_frame = max_frame
         self._out: dict[int, Link] = {}
         self._down: set[int] = set()  # processes whose link dropped and has not come back
+        self.inbound: set[Link] = set()  # the other processes' links to this one
+        self.leaving: set[int] = set()  # processes that said they stop (their links close next)
+        self._stopping = False
         self._pending: dict[int, deque[list[Any]]] = {g: deque() for g in range(groups) if g != self.group}
         self._port: IListeningPort | None = None
         self._delay_loop = LoopingCall(self._tell_delay)
@@ -134,6 +146,10 @@ class ProcessLinks(MultiService):
         self._delay_loop.start(DELAY_INTERVAL, now=False)
 
     def stopService(self) -> Any:
+        self._stopping = True
+        for link in list(self.inbound):
+            link.send(BYE)
+            link.flush()
         if self._delay_loop.running:
             self._delay_loop.stop()
         if self._port is not None:
@@ -170,6 +186,7 @@ class ProcessLinks(MultiService):
     def connected(self, group: int, link: Link) -> None:
         self._out[group] = link
         self._down.discard(group)
+        self.leaving.discard(group)
         pending = self._pending[group]
         while pending:
             link.send(pending.popleft())
@@ -180,7 +197,10 @@ class ProcessLinks(MultiService):
             del self._out[group]
             self._down.add(group)
             self.router.delays.pop(group, None)
-            self.log.warn("link to process {group} lost", group=group + 1)
+            if self._stopping or group in self.leaving:
+                self.log.info("link to process {group} closed (stopping)", group=group + 1)
+            else:
+                self.log.warn("link to process {group} lost", group=group + 1)
 
     def _tell_delay(self) -> None:
         try:

@@ -25,6 +25,7 @@ from twisted.logger import (
     jsonFileLogObserver,
     textFileLogObserver,
 )
+from zope.interface import implementer
 
 from stagetx.config import LogGroup
 
@@ -42,9 +43,16 @@ def level_named(name: str) -> LogLevel:
     return _LEVELS.get(name.lower(), LogLevel.info)
 
 
+#: Namespaces whose info lines are reconnection chatter ("Scheduling retry 1 to connect …"):
+#: warn and up unless ``#log`` or the ``loglevel`` command says otherwise.
+QUIET_NAMESPACES = ("twisted.application._client_service",)
+
+
 def log_predicate(groups: Mapping[str, LogGroup]) -> LogLevelFilterPredicate:
     """Levels per namespace from ``#log``; the default for everything else is info."""
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+    for name in QUIET_NAMESPACES:
+        predicate.setLogLevelForNamespace(name, LogLevel.warn)
     for name, group in groups.items():
         predicate.setLogLevelForNamespace(name, level_named(group.level))
     return predicate
@@ -90,8 +98,20 @@ def reopen_log_files() -> None:
 
 
 def json_observer() -> ILogObserver:
-    """``twistd --logger=stagetx.logsetup.json_observer``: the supervisor's log as JSON lines."""
-    return jsonFileLogObserver(sys.stdout, recordSeparator="")
+    """``twistd --logger=stagetx.logsetup.json_observer``: the supervisor's log as JSON lines,
+    ``log_level`` a plain string (``"error"``) as log shippers read it."""
+    return plain_level_observer(jsonFileLogObserver(sys.stdout, recordSeparator=""))
+
+
+def plain_level_observer(observer: ILogObserver) -> ILogObserver:
+    """``observer`` given each event with its ``log_level`` as the level's name."""
+
+    @implementer(ILogObserver)
+    def write(event: dict) -> None:  # type: ignore[type-arg]
+        level = event.get("log_level")
+        observer(event if level is None or isinstance(level, str) else dict(event, log_level=level.name))
+
+    return write
 
 
 def log_observers(

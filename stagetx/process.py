@@ -71,7 +71,7 @@ class ChildProcess(MultiService):
         """The cluster peers as this process knows them: the gateway's table, else a note."""
         if self.gateway is None:
             return [{"note": "peers are known to process 1 (the cluster gateway)"}]
-        return [
+        return [{"dropped": self.gateway.dropped}] + [
             {
                 "server": peer.server_id,
                 "addr": peer.addr,

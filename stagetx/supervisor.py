@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,7 +30,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorUNIX
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger, eventFromJSON, formatEvent
+from twisted.logger import InvalidLogLevelError, Logger, LogLevel, eventFromJSON, formatEvent
 from twisted.python.failure import Failure
 
 import stagetx
@@ -47,6 +48,8 @@ LAG_LIMIT = 1.0  # a heart-beat later than this means the supervisor's reactor i
 STALE_SNAPSHOT = 3.0  # a child whose last snapshot is older than this is unresponsive
 
 _childLog = Logger(namespace="stagetx.child")
+# One record of a child's text log ("- [stage.app#error] text"); continuation lines start with a tab.
+_TEXT_RECORD = re.compile(r"- \[(?P<namespace>[^\]#\s]+)#(?P<level>[a-z]+)\] (?P<text>.*)", re.DOTALL)
 
 
 class Clock(Protocol):
@@ -109,23 +112,51 @@ class LineRelay:
 
 
 class _ChildProtocol(ProcessProtocol):
-    """One child process: writes the bootstrap line, relays its output, reports its exit."""
+    """One child process: writes the bootstrap line, relays its output, reports its exit.
+
+    A child's log records are re-emitted with their own namespace and level, the text prefixed
+    ``pN[pid]`` (N: the process number, 1-based as everywhere); other output lines (a crash
+    before logging started) go to ``stagetx.child`` at info (stdout) or warn (stderr).
+    """
 
     def __init__(self, supervisor: Supervisor, group: int, bootstrap: bytes) -> None:
         self.group = group
         self.pid: int | None = None
         self._supervisor = supervisor
         self._bootstrap = bootstrap
-        self._out = LineRelay(self._relay("info"))
-        self._err = LineRelay(self._relay("warn"))
+        self._out = LineRelay(self._relay(LogLevel.info))
+        self._err = LineRelay(self._relay(LogLevel.warn))
+        self._loggers: dict[str, Logger] = {}
 
-    def _relay(self, level: str) -> Callable[[str], None]:
+    def _relay(self, level: LogLevel) -> Callable[[str], None]:
+        last: tuple[str, LogLevel] | None = None  # the record that a tab-indented line continues
+
         def emit(line: str) -> None:
+            nonlocal last
             if line.startswith("{") and self._relay_event(line):
                 return
-            getattr(_childLog, level)("g{group}[{pid}] {line}", group=self.group, pid=self.pid, line=line)
+            record = _TEXT_RECORD.fullmatch(line)
+            if record is not None:
+                try:
+                    last = record["namespace"], LogLevel.levelWithName(record["level"])
+                except InvalidLogLevelError:
+                    last = None
+                else:
+                    self._emit(*last, record["text"])
+                    return
+            if line.startswith("\t") and last is not None:
+                self._emit(*last, line)
+                return
+            last = None
+            self._emit("stagetx.child", level, line)
 
         return emit
+
+    def _emit(self, namespace: str, level: LogLevel, line: str, **fields: Any) -> None:
+        logger = self._loggers.get(namespace)
+        if logger is None:
+            logger = self._loggers[namespace] = Logger(namespace=namespace)
+        logger.emit(level, "p{process}[{pid}] {line}", process=self.group + 1, pid=self.pid, line=line, **fields)
 
     def _relay_event(self, line: str) -> bool:
         """Re-emit a child's JSON-lines event with its fields (``--log-format json``)."""
@@ -135,14 +166,8 @@ class _ChildProtocol(ProcessProtocol):
             return False
         if not isinstance(event, dict) or "log_namespace" not in event or "log_level" not in event:
             return False
-        fields = {k: v for k, v in event.items() if not k.startswith("log_")}
-        fields.update(group=self.group, pid=self.pid, child_namespace=event["log_namespace"], text=formatEvent(event))
-        _childLog.emit(
-            event["log_level"],
-            "g{group}[{pid}] [{child_namespace}#{child_level}] {text}",
-            child_level=event["log_level"].name,
-            **fields,
-        )
+        fields = {k: v for k, v in event.items() if not k.startswith("log_") and k not in ("process", "pid", "line")}
+        self._emit(event["log_namespace"], event["log_level"], formatEvent(event), **fields)
         return True
 
     def connectionMade(self) -> None:
@@ -287,10 +312,12 @@ class Supervisor(service.Service):
         if self._signals:
             reactor: Any = self.clock()
             self._old_hup = signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.hangup))
-            # SIGTERM is the operator's graceful stop: drain, then exit 0 (Twisted's own handler
-            # would make twistd end by re-raising the signal).
-            # Installed once the reactor runs, over the handler the reactor installs then.
-            reactor.callWhenRunning(signal.signal, signal.SIGTERM, lambda *_: reactor.callFromThread(self._terminated))
+            # SIGTERM, and SIGINT (Ctrl-C in the terminal), are the operator's graceful stop: drain,
+            # then exit 0 (Twisted's own handler would make twistd end by re-raising the signal).
+            # Installed once the reactor runs, over the handlers the reactor installs then. The
+            # children ignore SIGINT (stagetx.child): the terminal sends it to them too.
+            for number in (signal.SIGTERM, signal.SIGINT):
+                reactor.callWhenRunning(signal.signal, number, lambda n, _: reactor.callFromThread(self._terminated, n))
         for slot in self._slots:
             self._spawn(slot)
 
@@ -372,10 +399,13 @@ class Supervisor(service.Service):
                 reasons.append(f"{name} is starting (not ready)")
             elif child.snapshot_at is None or now - child.snapshot_at > STALE_SNAPSHOT:
                 reasons.append(f"{name} is unresponsive (no report for {STALE_SNAPSHOT:g} s)")
+            for stage in (child.snapshot or {}).get("stages", ()):
+                if stage.get("failure"):
+                    reasons.append(f"stage {stage['name']} failed: {stage['failure']}")
         return reasons
 
-    def _terminated(self) -> None:
-        self.log.info("SIGTERM: stopping (grace {grace} s)", grace=self._grace)
+    def _terminated(self, number: int = signal.SIGTERM) -> None:
+        self.log.info("{signal}: stopping (grace {grace} s)", signal=_signal_name(number), grace=self._grace)
         reactor: Any = self.clock()
         if reactor.running:
             reactor.stop()
@@ -490,7 +520,7 @@ class Supervisor(service.Service):
         try:
             self._reactor_spawner().spawnProcess(protocol, self._command[0], self._command, env=self._env, childFDs=fds)
         except Exception:
-            self.log.failure("group {group}: cannot start {command}", group=slot.group, command=self._command)
+            self.log.failure("process {process}: cannot start {command}", process=slot.group + 1, command=self._command)
             self._schedule_restart(slot)
             return
         assert protocol.pid is not None  # set by connectionMade during spawnProcess
@@ -498,7 +528,7 @@ class Supervisor(service.Service):
         slot.started = self._reactor_clock().seconds()
         if self.control is not None:
             self.control.children[slot.group].ready = False
-        self.log.info("group {group} started, pid {pid}", group=slot.group, pid=protocol.pid)
+        self.log.info("process {process} started, pid {pid}", process=slot.group + 1, pid=protocol.pid)
         spawns, slot.spawns = slot.spawns, []
         for spawned in spawns:
             spawned.callback(protocol.pid)
@@ -513,8 +543,8 @@ class Supervisor(service.Service):
         slot.killer = None
         if slot.process is not None:
             self.log.warn(
-                "group {group} pid {pid} ignored SIGTERM for {grace}s: SIGKILL",
-                group=slot.group,
+                "process {process} pid {pid} ignored SIGTERM for {grace}s: SIGKILL",
+                process=slot.group + 1,
                 pid=slot.process.pid,
                 grace=self._grace,
             )
@@ -531,7 +561,7 @@ class Supervisor(service.Service):
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         how = f"signal {_signal_name(sig)}" if sig is not None else f"exit code {code}"
-        self.log.info("group {group} pid {pid} ended: {how}", group=slot.group, pid=protocol.pid, how=how)
+        self.log.info("process {process} pid {pid} ended: {how}", process=slot.group + 1, pid=protocol.pid, how=how)
         exits, slot.exits = slot.exits, []
         for exited in exits:
             exited.callback(None)
@@ -550,7 +580,7 @@ class Supervisor(service.Service):
     def _schedule_restart(self, slot: _Slot) -> None:
         delay = slot.delay
         slot.delay = min(delay * 2, self._backoff[1])
-        self.log.info("group {group} restarts in {delay}s", group=slot.group, delay=delay)
+        self.log.info("process {process} restarts in {delay}s", process=slot.group + 1, delay=delay)
         slot.pending = self._reactor_clock().callLater(delay, self._respawn, slot)
 
     def _respawn(self, slot: _Slot) -> None:

@@ -9,6 +9,8 @@ from twisted.application import service
 from twisted.python import usage
 
 from stagetx.config import ConfigError, ServerConfig, load_config
+from stagetx.lua.syntax import compile_errors
+from stagetx.stages.lua import preload_files
 from stagetx.supervisor import Supervisor
 
 
@@ -29,7 +31,7 @@ class Options(usage.Options):
         ["grace", None, 10.0, "seconds a stopping process may drain before SIGKILL (drain: half of it)", float],
         ["restart-delay", None, 1.0, "seconds before a crashed process is restarted (doubling up to 60)", float],
     ]
-    optFlags = [["check", None, "validate the configuration, print its process groups and exit"]]
+    optFlags = [["check", None, "validate the configuration, compile its Lua scripts, print its processes and exit"]]
 
     def postOptions(self) -> None:
         if not self["config"]:
@@ -43,17 +45,34 @@ class Options(usage.Options):
         except ConfigError as err:
             raise SystemExit(f"stage: {err}") from None
         if self["check"]:
-            sys.stdout.write(check_report(self["server"]))
-            raise SystemExit(0)
+            report, errors = check_report(self["server"])
+            sys.stdout.write(report)
+            raise SystemExit(1 if errors else 0)
 
 
-def check_report(config: ServerConfig) -> str:
-    """The ``--check`` output: ``config OK``, the notices, then one line per process group."""
-    lines = ["config OK"]
+def script_errors(config: ServerConfig) -> list[str]:
+    """Each ``%preload`` file and main script of the Lua stages that does not compile (nothing runs)."""
+    scripts: dict[tuple[str, str], None] = {}  # (VM kind, path), in config order, replicas once
+    for stage in config.stages:
+        if stage.main is not None:
+            for path in [*preload_files(stage.settings.get("%preload")), stage.main]:
+                scripts[(stage.type, path)] = None
+    errors = []
+    for kind, path in scripts:
+        errors += compile_errors(kind, [path], config.base_dir)
+    return errors
+
+
+def check_report(config: ServerConfig) -> tuple[str, list[str]]:
+    """The ``--check`` output and the script errors in it: ``config OK`` (or one ``error:`` line
+    per script that does not compile), the notices, then one line per process (numbered from 1, as in
+    ``list`` and the logs)."""
+    errors = script_errors(config)
+    lines = [f"error: {error}" for error in errors] or ["config OK"]
     lines += [f"notice: {notice}" for notice in config.notices]
     for group, stages in enumerate(config.startup):
-        lines.append(f"group {group}: " + " ".join(stage.name for stage in stages))
-    return "\n".join(lines) + "\n"
+        lines.append(f"process {group + 1}: " + " ".join(stage.name for stage in stages))
+    return "\n".join(lines) + "\n", errors
 
 
 def makeService(options: dict[str, Any]) -> service.MultiService:

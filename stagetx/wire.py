@@ -381,6 +381,8 @@ class Link(protocol.Protocol):
 class _LinkFactory(protocol.Factory):
     """What both ends' factories share: the settings, and building a ``Link`` in a role."""
 
+    noisy = False  # no "Starting factory"/"Stopping factory" line at each (re)connection
+
     role: bytes
 
     def __init__(

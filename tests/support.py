@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import textwrap
@@ -145,7 +146,7 @@ class ServerProcess:
 
     def pids(self, group: int) -> list[int]:
         """The pids ``#startup`` group ``group`` (0-based) was started with, in order."""
-        marker = f"group {group} started, pid "
+        marker = f"process {group + 1} started, pid "
         return [int(line.split(marker)[1]) for line in list(self.lines) if marker in line]
 
     def logged(self, stage: str, prefix: str) -> list[list[str]]:
@@ -156,7 +157,8 @@ class ServerProcess:
             at = line.find(marker)
             if at < 0:
                 continue
-            fields = line[line.index("] ", at) + 2 :].split("\t")
+            text = line[line.index("] ", at) + 2 :]
+            fields = re.sub(r"^p\d+\[\d+\] ", "", text, count=1).split("\t")  # after the relay's pN[pid]
             if fields[0] == prefix:
                 out.append(fields[1:])
         return out

@@ -45,7 +45,7 @@ class CommandError(Exception):
 HELP: dict[str, tuple[str, str]] = {
     "help": ("", "this list"),
     "list": ("", "processes: pid, uptime, restarts, ready, stages"),
-    "stat": ("", "per stage: messages in/out, handler time, errors; queue per process"),
+    "stat": ("", "per stage: messages in/out, handler time, errors, broker clients; queue per process"),
     "mem": ("", "Lua memory per runtime, RSS per process"),
     "gc": ("", "full garbage collection in every process (Python and Lua)"),
     "reload": ("<stage>", "rebuild a Lua stage's runtime from its current scripts"),
@@ -155,6 +155,12 @@ class Commands:
                         f"{group + 1:<8} {s['name']:<25} {s['received']:<9} {s['sent']:<9} {s['errors']:<7} "
                         f"{s['busy'] * 1000:<12.1f} {stat['queue']}"
                     )
+                    if s.get("failure"):
+                        lines.append(f"{'':<8} {s['name']} FAILED: {s['failure']}")
+                    clients = s.get("clients")
+                    if clients is not None and (clients["accepted"] or clients["frames_in"] or s["listeners"]):
+                        lines.append(f"{'':<8} {s['name']} clients: {_traffic(clients)}")
+                        lines += [f"{'':<10} {e['url']} ({e['kind']} {e['id']}): {_traffic(e)}" for e in s["listeners"]]
                 data.append({"process": group + 1, **stat})
             return Reply(True, tuple(lines), data)
 
@@ -261,6 +267,15 @@ class Commands:
 
         args = [stage, request] if request else [stage]
         return self._all("index", args, self._groups_of(stage)[:1]).addCallback(show)
+
+
+def _traffic(counts: dict[str, Any]) -> str:
+    """One ``stat`` line of broker client counters (a stage's totals or one endpoint's)."""
+    return (
+        f"{counts['connected']} connected, accepted {counts['accepted']} refused {counts['refused']} "
+        f"closed {counts['closed']}, frames in {counts['frames_in']} out {counts['frames_out']}, "
+        f"bytes in {counts['bytes_in']} out {counts['bytes_out']}, oversized {counts['oversized']}"
+    )
 
 
 def _as_reply(failure: Any, name: str) -> Reply:

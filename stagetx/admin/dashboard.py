@@ -153,7 +153,7 @@ def overview(supervisor: Any, history: History, now: float) -> dict[str, Any]:
     """Everything the page shows at one moment; numbers only from live snapshots (else None)."""
     control = supervisor.control
     children = control.children if control is not None else []
-    processes, stages, tickets, subscriptions = [], [], [], []
+    processes, stages, tickets, subscriptions, listeners = [], [], [], [], []
     peers: list[dict[str, Any]] | None = None
     for status in supervisor.status():
         child = children[status.group] if status.group < len(children) else None
@@ -181,7 +181,16 @@ def overview(supervisor: Any, history: History, now: float) -> dict[str, Any]:
                 stages.append(row)
                 continue
             lua = config.type in ("lua", "luajit")
-            row["state"] = "reloading" if lua and stats.get("lua_memory") is None else "running"
+            row["state"] = (
+                "failed"
+                if stats.get("failure")
+                else "reloading"
+                if lua and stats.get("lua_memory") is None
+                else "running"
+            )
+            row["failure"] = stats.get("failure")
+            row["last_errors"] = stats.get("last_errors") or []
+            row["clients"] = (stats.get("clients") or {}).get("connected")
             row.update({k: stats[k] for k in ("received", "sent", "errors")})
             row.update(history.current.get(f"{status.group + 1}/{config.name}", {}))
             row["queue"] = snap["queue"] if snap else None
@@ -191,6 +200,8 @@ def overview(supervisor: Any, history: History, now: float) -> dict[str, Any]:
                 tickets.append(
                     {"stage": config.name, "category": category, "held": held, "waiting": waiting, "limit": limit}
                 )
+            for endpoint in stats.get("listeners") or ():
+                listeners.append({"process": status.group + 1, "stage": config.name, **endpoint})
             for sid, count in (stats.get("subscriptions") or {}).items():
                 subscriptions.append({"stage": config.name, "subscribe_id": sid, "subscribers": count})
         found = (snap or {}).get("peers")
@@ -205,6 +216,7 @@ def overview(supervisor: Any, history: History, now: float) -> dict[str, Any]:
         "peers": peers,
         "tickets": tickets,
         "subscriptions": subscriptions,
+        "listeners": listeners,
     }
 
 

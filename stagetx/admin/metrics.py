@@ -8,7 +8,7 @@ Prometheus' ``rate()`` treats as a counter reset).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -34,6 +34,9 @@ class StageCollector(Collector):
         rss = GaugeMetricFamily("stagetx_process_rss_bytes", "resident memory of the process", labels=p)
         queue = GaugeMetricFamily("stagetx_process_queue_length", "messages waiting in the router", labels=p)
         delay = GaugeMetricFamily("stagetx_process_queue_delay_seconds", "smoothed queue delay", labels=p)
+        stage_up = GaugeMetricFamily(
+            "stagetx_stage_up", "1 while the stage serves, 0 when it failed (its scripts did not load)", labels=s
+        )
         received = CounterMetricFamily("stagetx_stage_messages_received", "messages handled", labels=s)
         sent = CounterMetricFamily("stagetx_stage_messages_sent", "messages sent", labels=s)
         errors = CounterMetricFamily(
@@ -46,8 +49,17 @@ class StageCollector(Collector):
             "stagetx_ticket_slots", "ticket slots per category", labels=["process", "stage", "category", "state"]
         )
         subs = GaugeMetricFamily("stagetx_route_subscriptions", "subscribe ids registered at a route stage", labels=s)
+        clients = _client_families("stagetx_stage", "all broker endpoints of the stage", s)
+        listeners = _client_families(
+            "stagetx_broker_endpoint", "one broker endpoint", ["process", "stage", "endpoint", "kind"]
+        )
         peers = GaugeMetricFamily(
             "stagetx_cluster_peer_linked", "1 while a cluster peer is linked", labels=["peer", "addr"]
+        )
+        dropped = CounterMetricFamily(
+            "stagetx_cluster_messages_dropped",
+            "messages queued for a server that went away and could not go to another replica",
+            labels=p,
         )
         control = self.supervisor.control
         children = control.children if control is not None else []
@@ -64,6 +76,7 @@ class StageCollector(Collector):
             delay.add_metric([proc], snap["delay"])
             for st in snap["stages"]:
                 labels = [proc, st["name"], st["type"]]
+                stage_up.add_metric(labels, 0.0 if st.get("failure") else 1.0)
                 received.add_metric(labels, st["received"])
                 sent.add_metric(labels, st["sent"])
                 errors.add_metric(labels, st["errors"])
@@ -74,17 +87,24 @@ class StageCollector(Collector):
                 for category, (held, waiting, limit) in (st.get("tickets") or {}).items():
                     for state, value in (("held", held), ("waiting", waiting), ("limit", limit)):
                         tickets.add_metric([proc, st["name"], category, state], value)
+                if st.get("clients") is not None:
+                    _add_clients(clients, labels, st["clients"])
+                for endpoint in st.get("listeners") or ():
+                    _add_clients(listeners, [proc, st["name"], endpoint["url"], endpoint["kind"]], endpoint)
                 if st.get("subscriptions") is not None:
                     subs.add_metric(labels, len(st["subscriptions"]))
             for peer in snap.get("peers") or ():
                 if "server" in peer:
                     peers.add_metric([peer["server"], peer["addr"]], 1.0 if peer["linked"] else 0.0)
+                elif "dropped" in peer:  # the gateway's count, not a peer
+                    dropped.add_metric([proc], peer["dropped"])
         yield from (
             up,
             restarts,
             rss,
             queue,
             delay,
+            stage_up,
             received,
             sent,
             errors,
@@ -93,8 +113,39 @@ class StageCollector(Collector):
             reloads,
             tickets,
             subs,
+            *clients.values(),
+            *listeners.values(),
             peers,
+            dropped,
         )
+
+
+#: The broker client counters (``stagetx.broker.traffic``) as metrics: name suffix, help.
+_CLIENT_COUNTERS = {
+    "accepted": "client connections accepted",
+    "refused": "client connections refused by the script",
+    "closed": "client connections closed",
+    "frames_in": "frames received",
+    "frames_out": "frames sent",
+    "bytes_in": "bytes received",
+    "bytes_out": "bytes sent",
+    "oversized": "frames dropped as over the size limit",
+}
+
+
+def _client_families(prefix: str, of: str, labels: list[str]) -> dict[str, Any]:
+    """The connected-clients gauge and one counter per ``_CLIENT_COUNTERS`` entry, by field."""
+    families: dict[str, Any] = {
+        "connected": GaugeMetricFamily(f"{prefix}_clients_connected", f"client connections open ({of})", labels=labels)
+    }
+    for field, text in _CLIENT_COUNTERS.items():
+        families[field] = CounterMetricFamily(f"{prefix}_client_{field}", f"{text} ({of})", labels=labels)
+    return families
+
+
+def _add_clients(families: dict[str, Any], labels: list[str], counts: dict[str, Any]) -> None:
+    for field, family in families.items():
+        family.add_metric(labels, counts[field])
 
 
 def _buckets(bounds: list[float], counts: list[int]) -> list[tuple[str, float]]:

@@ -12,10 +12,12 @@ close, signal) is checked and encoded there, then handed to the reactor with ``c
 so the calls of one thread arrive in order. ``broker.submit`` queues a ``SocketJob`` on the
 process's keyed queue (``stagetx.lua.workers``) with the socket as its key.
 
-A reload of the stage (``Stage.reload``) does not close the stage's endpoints: the stopper parks
+A reload of the stage (``Stage.reload``) does not close the stage's endpoints: the parker puts
 them in a ``stagetx.broker.reload.Kept`` (``Stage.handover["broker"]``), which the next runtime's
 ``BrokerAPI`` takes: its ``broker.ready``/``broker.join`` claim the kept endpoints of the same
-address, and ``Kept.finish`` offers their sockets to the new callbacks.
+address, and ``Kept.finish`` offers their sockets to the new callbacks. If the new runtime fails
+to load, ``release`` gives back what it claimed and ``Kept.restore`` returns every endpoint to
+the old runtime, its sockets with their old callbacks.
 
 Values: frames reach Lua as strings (``packet``, ``text``) or tables (``bson``); a value to send
 is a string or number, or a table on a ``bson`` socket. Addresses are packed strings (see
@@ -34,8 +36,9 @@ from twisted.logger import Logger
 
 from stagetx.broker import addresses
 from stagetx.broker.framing import BrokerAddressError, Data, FrameError, FrameTooLarge, parse_url
-from stagetx.broker.reload import Kept, worth_keeping
+from stagetx.broker.reload import Kept, is_listener, worth_keeping
 from stagetx.broker.sockets import (
+    Connection,
     Datagram,
     Endpoint,
     Registry,
@@ -46,6 +49,7 @@ from stagetx.broker.sockets import (
     registry_for,
     url_text,
 )
+from stagetx.broker.traffic import Traffic
 from stagetx.codec import CodecError, pack_lua, pack_py, unpack_lua, unpack_py
 from stagetx.lua.api import lua_text, text
 from stagetx.lua.sandbox import on_new_sandbox
@@ -65,14 +69,21 @@ def install(stage: Any) -> None:
     when the stage stops, and are kept for the next runtime when it reloads."""
     kept = stage.handover.get("broker")
     api = BrokerAPI(stage.vm, stage.context.process, stage.context.log, stage.context.clock, kept=kept)
+    api.traffic = stage.traffic
+    stage.broker = api
     api.socket = _load(stage.vm, api.host())
 
+    def park() -> None:
+        stage.handover["broker"] = api.detach()
+
     def stop() -> Any:
-        if stage.reloading:
-            stage.handover["broker"] = api.detach()
+        if api.detached:  # its endpoints went to the next runtime, or come back with restore
             return None
+        if stage.rolling_back:  # this runtime failed to load: what it claimed goes back
+            return api.release()
         return api.shutdown()
 
+    stage.on_park(park)
     stage.on_stop(stop)
     on_new_sandbox(stage, api.install_sandbox)
 
@@ -223,6 +234,8 @@ class BrokerAPI(_Reads):
         self.socket: Any = None  # broker.lua's socket table maker of the main runtime
         self._workers: Workers | None = None
         self.kept = kept  # the endpoints the previous runtime left (a reload), until claimed
+        self.detached = False  # its endpoints are parked for the next runtime (a reload under way)
+        self.traffic: Traffic | None = None  # the stage's client totals, parent of each endpoint's
 
     def host(self) -> dict[str, Any]:
         return {
@@ -257,6 +270,7 @@ class BrokerAPI(_Reads):
         handler = LuaHandler(self, f)
         kept = self.kept.claim(parsed, what == "broker.join", handler) if self.kept is not None else None
         endpoint = kept if kept is not None else Endpoint(parsed, handler, self.registry, self.clock)
+        endpoint.traffic.parent = self.traffic
         handler.endpoint = endpoint
         self.endpoints[endpoint.id] = endpoint
         return endpoint, kept is not None
@@ -401,6 +415,18 @@ class BrokerAPI(_Reads):
             return None, lua_text(f"broker.submit: {err}")
         return (True,)
 
+    def endpoint_stats(self) -> list[dict[str, Any]]:
+        """Each endpoint of this runtime: its address, kind, connected clients and traffic counters."""
+        out = []
+        for endpoint in sorted(self.endpoints.values(), key=lambda e: e.id):
+            kind = endpoint.url.scheme if is_listener(endpoint) else "join"
+            connected = sum(1 for sock in endpoint.sockets.values() if isinstance(sock, Connection))
+            out.append(
+                {"id": endpoint.id, "url": url_text(endpoint.url), "kind": kind, "connected": connected}
+                | endpoint.traffic.as_dict()
+            )
+        return out
+
     def shutdown(self) -> Deferred[Any]:
         endpoints, self.endpoints = list(self.endpoints.values()), {}
         return DeferredList([maybeDeferred(e.shutdown) for e in endpoints])
@@ -412,7 +438,20 @@ class BrokerAPI(_Reads):
         for endpoint in endpoints:
             if endpoint not in kept:
                 endpoint.shutdown()
-        return Kept(kept, self.log)
+        self.detached = True
+        return Kept(kept, self.log, self.reattach)
+
+    def reattach(self, endpoints: list[Endpoint]) -> None:
+        """The reload failed: this runtime's endpoints are back, with their callbacks."""
+        self.endpoints.update((e.id, e) for e in endpoints)
+        self.detached = False
+
+    def release(self) -> Deferred[Any]:
+        """This runtime failed to load (a reload): the endpoints it claimed go back to the kept
+        ones, the ones it opened close."""
+        endpoints, self.endpoints = list(self.endpoints.values()), {}
+        opened = [e for e in endpoints if self.kept is None or not self.kept.unclaim(e)]
+        return DeferredList([maybeDeferred(e.shutdown) for e in opened])
 
     def to_lua(self, value: Data) -> Any:
         return unpack_lua(self.vm, pack_py((value,)))[0]

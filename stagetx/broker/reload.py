@@ -6,9 +6,15 @@ reading, no expiry, no Lua callback) in a ``Kept``; the new runtime's ``broker.r
 ``broker.join`` *claim* the ones with the same address instead of listening or dialling again;
 ``finish`` (once the new main script and ``on_reload`` ran) offers the sockets of each claimed
 endpoint to its new callbacks and reads again, and closes what nobody claimed, with a log line.
+If the new runtime fails to load, its ``BrokerAPI.release`` hands its claims back (``unclaim``)
+and ``restore`` gives every endpoint back to the old runtime as it was: its address, framing,
+handler and each socket's callbacks, and reading resumes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -32,8 +38,15 @@ def worth_keeping(endpoint: Endpoint) -> bool:
 class Kept:
     """The parked endpoints of one stage between its old runtime and its new one."""
 
-    def __init__(self, endpoints: list[Endpoint], log: Logger) -> None:
+    def __init__(
+        self, endpoints: list[Endpoint], log: Logger, owner: Callable[[list[Endpoint]], None] | None = None
+    ) -> None:
         self.log = log
+        self.owner = owner  # takes the endpoints back when the new runtime fails to load
+        # by id: how each endpoint was before it was parked (for restore)
+        self.previous: dict[int, tuple[Handler, BrokerURL, Any, dict[int, Any]]] = {
+            e.id: (e.handler, e.url, e.framing, {sid: sock.state for sid, sock in e.sockets.items()}) for e in endpoints
+        }
         # by id: the endpoint, what it holds while parked, whether it is a broker.join
         self.waiting: dict[int, tuple[Endpoint, Parked, bool]] = {
             e.id: (e, e.park(), not is_listener(e)) for e in endpoints
@@ -84,6 +97,30 @@ class Kept:
         for endpoint, _, is_join in waiting:
             if endpoint.port is not None:  # else a broker.join that failed meanwhile (logged)
                 self._drop(endpoint, is_join)
+
+    def unclaim(self, endpoint: Endpoint) -> bool:
+        """``endpoint`` is back from a runtime that failed to load; False if it was not claimed."""
+        for i, (claimed, parked, is_join) in enumerate(self.claimed):
+            if claimed is endpoint:
+                del self.claimed[i]
+                self.waiting[endpoint.id] = (endpoint, parked, is_join)
+                return True
+        return False
+
+    def restore(self) -> None:
+        """The new runtime failed to load: every endpoint goes back to the old one as it was, its
+        sockets with their callbacks (new ones are offered to its accept function), and reads again."""
+        back = list(self.waiting.values()) + self.claimed
+        self.waiting, self.claimed = {}, []
+        returned = []
+        for endpoint, parked, _ in back:
+            handler, url, framing, states = self.previous[endpoint.id]
+            endpoint.handler, endpoint.url, endpoint.framing = handler, url, framing
+            if endpoint.port is not None:  # else a broker.join that failed meanwhile (logged)
+                endpoint.resume(parked, states)
+                returned.append(endpoint)
+        if self.owner is not None:
+            self.owner(returned)
 
     def _drop(self, endpoint: Endpoint, is_join: bool) -> None:
         url = url_text(endpoint.url)

@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from stagetx.broker import addresses
 from stagetx.broker.framing import BrokerURL, Data, FrameError, FrameTooLarge, Framing, framing_for
+from stagetx.broker.traffic import Traffic
 
 log = Logger(namespace="stagetx.broker")
 
@@ -119,6 +120,7 @@ class Endpoint:
         "sockets",
         "expire",
         "port",
+        "traffic",
         "_sweeper",
         "__weakref__",
     )
@@ -133,6 +135,7 @@ class Endpoint:
         self.sockets: dict[int, Socket] = {}
         self.expire = 0.0  # seconds idle before close; 0 = never
         self.port: Any = None  # IListeningPort, IConnector or the UDP port
+        self.traffic = Traffic()  # its clients' counters (stagetx.broker.traffic)
         self._sweeper: LoopingCall | None = None
 
     def set_expire(self, ms: float) -> None:
@@ -166,7 +169,10 @@ class Endpoint:
         sock.last = self.clock.seconds()
         self.sockets[sock.id] = sock
         self.registry.sockets[sock.id] = sock
-        if not self.handler.accepted(sock):
+        accepted = self.handler.accepted(sock)
+        if isinstance(sock, Connection):
+            self.traffic.opened(accepted)
+        if not accepted:
             sock.close()
             return False
         return True
@@ -174,6 +180,8 @@ class Endpoint:
     def remove(self, sock: Socket) -> None:
         if self.sockets.pop(sock.id, None) is not None:
             self.registry.sockets.pop(sock.id, None)
+            if isinstance(sock, Connection):
+                self.traffic.gone()
             self.handler.closed(sock)
 
     def park(self) -> Parked:
@@ -189,14 +197,19 @@ class Endpoint:
             _pause(sock.transport)
         return parked
 
-    def resume(self, parked: Parked) -> None:
+    def resume(self, parked: Parked, states: Mapping[int, Any] | None = None) -> None:
         """Offer every socket to the current ``handler`` as if it had just connected (in id order),
-        hand it the frames ``parked`` held, then read and expire again. Idle time survives."""
+        hand it the frames ``parked`` held, then read and expire again. Idle time survives.
+
+        A socket in ``states`` gets that ``state`` back instead of being offered (its owner's
+        callbacks from before it was parked: a reload that failed)."""
         handler = self.handler
         for sock in sorted(self.sockets.values(), key=lambda s: s.id):
             if not sock.connected:
                 continue
-            if not handler.accepted(sock):
+            if states is not None and sock.id in states:
+                sock.state = states[sock.id]
+            elif not handler.accepted(sock):
                 sock.close()
                 continue
             for value, addr in parked.frames.pop(sock.id, ()):
@@ -257,14 +270,19 @@ class Connection:
         endpoint = self.endpoint
         if endpoint.expire:
             self.last = endpoint.clock.seconds()
+        size = len(data)
         if self.buf:
             data = self.buf + data
         try:
             frames, self.buf = endpoint.framing.split(data)
         except (FrameTooLarge, FrameError) as err:
+            endpoint.traffic.received(0, size)
+            if isinstance(err, FrameTooLarge):
+                endpoint.traffic.dropped()
             self.buf = b""
             self.abort(str(err))
             return
+        endpoint.traffic.received(len(frames), size)
         framing, handler = endpoint.framing, endpoint.handler
         for frame in frames:
             if not self.connected:
@@ -296,9 +314,12 @@ class Connection:
         try:
             framing.check_out(len(payload))
         except FrameTooLarge as err:
+            self.endpoint.traffic.dropped()
             self.abort(str(err))
             return str(err)
-        self.transport.write(framing.wrap(payload))
+        wrapped = framing.wrap(payload)
+        self.endpoint.traffic.sent(len(wrapped))
+        self.transport.write(wrapped)
         return None
 
     def close(self) -> None:
@@ -358,6 +379,9 @@ class Datagram(protocol.DatagramProtocol):
             endpoint.framing.check_in(len(data))
             value = endpoint.framing.decode(data)
         except (FrameTooLarge, FrameError) as err:
+            endpoint.traffic.received(0, len(data))
+            if isinstance(err, FrameTooLarge):
+                endpoint.traffic.dropped()
             log.warn(
                 "broker UDP {sid}: datagram from {peer} dropped: {reason}",
                 sid=self.id,
@@ -365,6 +389,7 @@ class Datagram(protocol.DatagramProtocol):
                 reason=str(err),
             )
             return
+        endpoint.traffic.received(1, len(data))
         endpoint.handler.received(self, value, sender)
 
     def send(self, value: Data, addr: bytes | None = None) -> str | None:
@@ -381,11 +406,14 @@ class Datagram(protocol.DatagramProtocol):
             self.endpoint.framing.check_out(len(payload))
             host, port = addresses.unpack(addr)
         except (FrameTooLarge, ValueError) as err:
+            if isinstance(err, FrameTooLarge):
+                self.endpoint.traffic.dropped()
             return str(err)
         try:
             self.transport.write(payload, (host, port or 0))
         except OSError as err:
             return f"cannot send to {addresses.text(host, port)}: {err}"
+        self.endpoint.traffic.sent(len(payload))
         return None
 
     def close(self) -> None:

@@ -5,7 +5,9 @@
     python -m stagetx.client load --players 50 --seconds 10       # simulated players
 
 Exit status: 0 when every command was answered ``ok``, 1 when one was not (or a command line was
-wrong), 2 when the server could not be reached.
+wrong), 2 when the server could not be reached. Output into a closed pipe (``| head -1``) ends the
+client quietly. At a terminal the prompt has line editing and history (``readline``, where
+Python has it).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from stagetx.client.connection import DEFAULT_TIMEOUT, Connection, ConnectionClosed
@@ -30,6 +34,11 @@ from stagetx.client.protocol import (
     parse_command,
     split_commands,
 )
+
+try:
+    import readline
+except ImportError:  # not on every platform: the prompt then reads plain lines
+    readline = None  # type: ignore[assignment]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8081
@@ -104,6 +113,12 @@ def load_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels", type=int, default=4, help="chat channels the players share (default 4)")
     parser.add_argument("--think-ms", type=float, default=0.0, help="pause between a player's requests")
     parser.add_argument("--prefix", default="load", help="user and channel name prefix (default 'load')")
+    parser.add_argument(
+        "--board",
+        default="load",
+        help="the application's load-test board the scores go to (its load_board; default 'load'); "
+        "each player removes its entry at the end",
+    )
     parser.add_argument("--allow-remote", action="store_true", help="allow a host that is not a loopback address")
     return parser
 
@@ -130,8 +145,9 @@ class Printer:
 
     def push(self, push: Document) -> None:
         line = json.dumps(push, default=str) if self.as_json else describe_push(push)
-        if self.prompt:
-            self.out.write("\r\x1b[K" + line + "\n" + self.prompt)
+        if self.prompt:  # over the prompt line, then the prompt again with what was typed so far
+            typed = readline.get_line_buffer() if readline is not None else ""
+            self.out.write("\r\x1b[K" + line + "\n" + self.prompt + typed)
             self.out.flush()
         else:
             self._write([line])
@@ -139,10 +155,8 @@ class Printer:
     def error(self, text: str) -> None:
         self._write([json.dumps({"ok": False, "error": text})] if self.as_json else [f"error: {text}"])
 
-    def show_prompt(self) -> None:
-        if self.prompt:
-            self.out.write(self.prompt)
-            self.out.flush()
+    def usage(self) -> None:
+        self._write([USAGE, "quit"])
 
     def _write(self, lines: list[str]) -> None:
         self.out.write("".join(line + "\n" for line in lines))
@@ -168,29 +182,51 @@ async def run_line(connection: Connection, line: str, printer: Printer, timeout:
 async def one_shot(connection: Connection, text: str, printer: Printer, timeout: float, listen: float) -> int:
     ok = True
     for line in split_commands(text):
+        if line in ("help", "?"):
+            printer.usage()
+            continue
         ok = await run_line(connection, line, printer, timeout) and ok
     if listen > 0:
         await asyncio.wait({connection.closed}, timeout=listen)
     return 0 if ok else 1
 
 
-async def interactive(connection: Connection, printer: Printer, timeout: float, stdin: TextIO) -> int:
-    """Read command lines until end of input or ``quit``; pushed chat lines print as they come."""
+def terminal_reader(prompt: str) -> Callable[[], str]:
+    """Reads one line at a terminal with ``input``: line editing and history with ``readline``."""
+
+    def read() -> str:
+        try:
+            return input(prompt) + "\n"
+        except EOFError:
+            return ""
+
+    return read
+
+
+async def interactive(connection: Connection, printer: Printer, timeout: float, read_line: Callable[[], str]) -> int:
+    """Read command lines until end of input or ``quit``; pushed chat lines print as they come.
+
+    ``read_line`` (``"line\\n"``, or ``""`` at the end) runs in a thread, one line each time the
+    session asks for one, so that a prompt drawn by ``input`` comes after the previous reply."""
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str] = asyncio.Queue()
+    wanted = threading.Semaphore(0)
 
     def read() -> None:  # a daemon thread: a blocked read never holds the exit
         try:
-            for line in iter(stdin.readline, ""):
+            while True:
+                wanted.acquire()
+                line = read_line()
                 loop.call_soon_threadsafe(lines.put_nowait, line)
-            loop.call_soon_threadsafe(lines.put_nowait, "")
+                if line == "":
+                    return
         except RuntimeError:  # the loop is closed: the session ended first
             pass
 
     threading.Thread(target=read, name="stdin", daemon=True).start()
     ok = True
     while True:
-        printer.show_prompt()
+        wanted.release()
         line_task = asyncio.ensure_future(lines.get())
         either: set[asyncio.Future[Any]] = {line_task, connection.closed}
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
@@ -202,7 +238,7 @@ async def interactive(connection: Connection, printer: Printer, timeout: float, 
         if line == "" or line.strip() in ("quit", "exit"):
             return 0 if ok else 1
         if line.strip() in ("help", "?"):
-            printer.out.write(USAGE + "\nquit\n")
+            printer.usage()
             continue
         if line.strip():
             ok = await run_line(connection, line, printer, timeout) and ok
@@ -223,7 +259,8 @@ async def talk(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
             return await one_shot(connection, words, printer, args.timeout, args.listen)
         if tty:
             out.write("commands:\n" + USAGE + "\nquit\n")
-        return await interactive(connection, printer, args.timeout, stdin)
+        read_line = terminal_reader(printer.prompt) if tty else stdin.readline
+        return await interactive(connection, printer, args.timeout, read_line)
     except ConnectionClosed as err:
         printer.error(str(err))
         return 1
@@ -248,6 +285,7 @@ async def load(args: argparse.Namespace, out: TextIO) -> int:
         think_ms=args.think_ms,
         prefix=args.prefix,
         timeout=args.timeout,
+        board=args.board,
     )
     summary = await run_load(options, out=sys.stderr)
     print_summary(summary, out, args.json)
@@ -267,3 +305,6 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(runner)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (| head): end quietly, and so does the exit flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

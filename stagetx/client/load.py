@@ -2,8 +2,10 @@
 
 Each player connects, logs in (retrying a refused login a few times), joins one of a few chat
 channels, then loops — post a score, read the top 10, read its rank, say a line — one request at
-a time until the time is up or it made ``max_requests``. Latencies are kept per message; ``chat``
-is the time from a ``say`` until the speaker's own line is pushed back through the route stage.
+a time until the time is up or it made ``max_requests``. Scores go to the application's load-test
+board (``board``, not the real ranking), and each player removes its own entry at the end.
+Latencies are kept per message; ``chat`` is the time from a ``say`` until the speaker's own line
+is pushed back through the route stage.
 A progress line shows the request rate while it runs; the summary gives throughput and
 p50/p90/p99 per message.
 """
@@ -146,6 +148,7 @@ class LoadOptions:
     think_ms: float = 0.0
     prefix: str = "load"
     timeout: float = 10.0
+    board: str = "load"  # the application's load-test board (its ``load_board``)
 
 
 class Player:
@@ -171,7 +174,10 @@ class Player:
         self.stats.connected += 1
         try:
             if await self._login(connection) and await self._call(connection, "join", {"channel": self.channel}):
-                await self._play(connection)
+                try:
+                    await self._play(connection)
+                finally:  # the player's entry leaves the board with it, even after an error
+                    await self._call(connection, "forget", {"board": self.options.board})
         except (TimeoutError, ConnectionError):
             self.stats.failed_players += 1
         finally:
@@ -188,10 +194,11 @@ class Player:
         return False
 
     async def _play(self, connection: Connection) -> None:
+        board = self.options.board
         steps: list[tuple[str, Callable[[int], dict[str, Any]]]] = [
-            ("score", lambda i: {"points": self.rng.randrange(1_000_000)}),
-            ("top", lambda i: {"n": 10}),
-            ("rank", lambda i: {}),
+            ("score", lambda i: {"points": self.rng.randrange(1_000_000), "board": board}),
+            ("top", lambda i: {"n": 10, "board": board}),
+            ("rank", lambda i: {"board": board}),
             ("say", lambda i: {"channel": self.channel, "text": f"{self.name} #{i}"}),
         ]
         for i in range(self.options.max_requests):

@@ -7,6 +7,7 @@ here touches a socket, so framing and command parsing are unit-tested on their o
 
 from __future__ import annotations
 
+import math
 import shlex
 import struct
 from typing import Any
@@ -87,15 +88,33 @@ say CHANNEL TEXT...     say something on a channel you joined
 leave [CHANNEL]         leave a channel, or all of them"""
 
 
+#: Integers travel as BSON int64: outside this range the server could not be sent them.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def _number(word: str, what: str) -> int | float:
+    """An integer (within int64) or a finite float, else a usage error naming ``what``."""
     try:
-        return int(word)
+        value = int(word)
     except ValueError:
-        pass
-    try:
-        return float(word)
-    except ValueError:
-        raise CommandError(f"{what} must be a number, not {word!r}") from None
+        try:
+            number = float(word)
+        except ValueError:
+            raise CommandError(f"{what} must be a number, not {word!r}") from None
+        if not math.isfinite(number):
+            raise CommandError(f"{what} must be a finite number, not {word!r}") from None
+        return number
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise CommandError(f"{what} is out of range ({INT64_MIN} to {INT64_MAX}), not {word}")
+    return value
+
+
+def _whole(word: str, what: str) -> int:
+    """``_number`` as an integer (a float is cut), still within int64."""
+    value = int(_number(word, what))
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise CommandError(f"{what} is out of range ({INT64_MIN} to {INT64_MAX}), not {word}")
+    return value
 
 
 def parse_command(line: str) -> Command:
@@ -127,7 +146,7 @@ def parse_command(line: str) -> Command:
         return Command(op, {"points": _number(args[0], "POINTS")})
     if op == "top":
         need(0, 1, "top [N]")
-        return Command(op, {"n": int(_number(args[0], "N"))} if args else {})
+        return Command(op, {"n": _whole(args[0], "N")} if args else {})
     if op == "rank":
         need(0, 1, "rank [USER]")
         return Command(op, {"user": args[0]} if args else {})

@@ -116,6 +116,7 @@ class ClusterGateway(MultiService):
             self.discovery.setServiceParent(self)
         self.routes = Routes()
         self._via: dict[str, str] = {}
+        self.dropped = 0  # messages dropped because their server went away (for /metrics)
         self._push_call: IDelayedCall | None = None
         self._loop = LoopingCall(self._tick)
         self._loop.clock = reactor
@@ -290,12 +291,22 @@ class ClusterGateway(MultiService):
         if peer.addr and peer.addr not in self.static:
             self.peers.undial(peer.addr)  # discovery will find it again if it comes back
         self.routes = self.directory.routes(self._full())
-        lost = 0
+        lost = []
         for item in self.peers.take_queue(peer.server_id):
             if item.reroute is None or not self.router.route_again(item.reroute, item.frame)[0]:
-                lost += 1
+                lost.append(dropped_message(item.frame, item.reroute))
         if lost:
-            self.log.warn("{n} message(s) queued for server {server} dropped", n=lost, server=peer.server_id)
+            self.dropped += len(lost)
+            shown = ", ".join(lost[:DROPPED_SHOWN]) + (
+                f" and {len(lost) - DROPPED_SHOWN} more" if len(lost) > DROPPED_SHOWN else ""
+            )
+            self.log.warn(
+                "{n} message(s) queued for server {server} dropped: {messages}",
+                n=len(lost),
+                server=peer.server_id,
+                messages=shown,
+                dropped=lost,
+            )
         self._changed()
 
     def _full(self) -> list[str]:
@@ -315,3 +326,16 @@ class ClusterGateway(MultiService):
         for group in range(self.groups):
             if group != GATEWAY_GROUP:
                 self.links.send(group, frame)
+
+
+#: How many dropped messages a failover's log line names (all of them are in its ``dropped`` field).
+DROPPED_SHOWN = 20
+
+
+def dropped_message(frame: list[Any], reroute: str | None) -> str:
+    """A queued frame as the log names it: ``stage:msgid`` (or the stage instance it was for)."""
+    if frame[0] == "s":  # ["s", stage, msgid, ...]: a message for a stage of that server
+        return f"{frame[1]}:{frame[2]}"
+    if frame[0] == "m":  # ["m", instance, msgid, ...]: for one stage instance there
+        return f"{reroute}:{frame[2]}" if reroute else f"{frame[2]} (stage instance {frame[1]})"
+    return str(frame[0])

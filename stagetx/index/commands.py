@@ -2,10 +2,17 @@
 
 Pure: no files, no reactor. The caller supplies the boards and learns about every changed member
 through ``Boards.changed`` (the store turns that into a log record).
+
+Every backend reads messages the same way (``read_message``): a request table answered to the
+sender's handler named by the message id, or to its ``=reply``; or the original platform's
+*direct* form, a message id that is itself one command (``"rank:t?board=cb"``,
+``"rank:cb=g?board"``, ``"rank:s?board"``). Commands are named in full (``get``) or by the
+original's one-letter short forms (``g``), with ``:`` or ``?`` before the index name.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -16,7 +23,50 @@ from stagetx.index.board import TIERS, Board, Score
 
 WRITES = frozenset({b"set", b"del"})
 READS = frozenset({b"get", b"range", b"forEach", b"total"})
+#: The original platform's one-letter commands (``"g?board"``, ``"#1.s:board/2"``).
+SHORT = {b"s": b"set", b"d": b"del", b"g": b"get", b"r": b"range", b"f": b"forEach", b"t": b"total"}
 _KEY_CACHE_SIZE = 4096
+
+
+@attrs.frozen
+class IndexMessage:
+    """How one message to an index stage is read and answered.
+
+    ``command``: the direct form's command key (the message's first value is its argument and
+    the command's own result is the answer), or None for a request table (answered with the
+    reply table). ``callback``: the sender's handler that gets the answer, or None for the
+    message's reply address (no answer when it has none).
+    """
+
+    command: str | None
+    callback: str | None
+
+    def request(self, argument: Any) -> Any:
+        """The request table to run: the message's value, or the direct form's one command."""
+        return argument if self.command is None else {self.command: argument}
+
+    def answer(self, reply: dict[Any, Any]) -> Any:
+        """What goes back: the reply table, or the direct form's own result (the whole table
+        when the request failed as a whole: ``{error = …}``)."""
+        return reply if self.command is None else reply.get(self.command, reply)
+
+
+@functools.lru_cache(maxsize=4096)
+def read_message(msgid: str, reply_msgid: str | None) -> IndexMessage:
+    """Read ``stage.signal("rank:" .. msgid [.. "=" .. reply_msgid], …)`` (SPEC 4.1 + the original).
+
+    - ``"t?board=cb"``, ``"s?board"``: one command; its result goes to ``=cb``, or nowhere.
+    - ``"cb=g?board"``: one command; its result goes to the sender's handler ``cb``.
+    - ``"q=got"``: a request table; the reply table goes to ``=got``.
+    - ``"got"``, ``"=got"``: a request table; the reply table goes to the sender's ``waitfor("got")``.
+    """
+    if "?" in msgid:
+        return IndexMessage(msgid, None)
+    if reply_msgid is not None:
+        if "?" in reply_msgid:
+            return IndexMessage(reply_msgid, msgid)
+        return IndexMessage(None, None)
+    return IndexMessage(None, msgid)
 
 
 class RequestError(Exception):
@@ -64,8 +114,11 @@ def parse_key(key: Any) -> Command:
             raise RequestError('an order prefix looks like "#1."')
         order = (0, int(number))
     op, colon, target = rest.partition(b":")
+    if b"?" in op or not colon:
+        op, colon, target = rest.partition(b"?")
     if not colon:
         raise RequestError('a request key looks like "command:index/tier"')
+    op = SHORT.get(op, op)
     if op not in WRITES and op not in READS:
         raise RequestError(f"unknown command {op.decode(errors='replace')!r}")
     name, slash, tier_text = target.rpartition(b"/")
@@ -316,6 +369,8 @@ def _rows(board: Board, tier: int, first: int, count: int) -> list[dict[str, Any
 def _sequence(argument: Any, usage: str) -> list[Any]:
     if isinstance(argument, list):
         return argument
+    if isinstance(argument, bytes | str):  # the original's "get": ID and "del": ID
+        return [argument]
     if isinstance(argument, dict) and not argument:
         return []
     raise RequestError(usage)

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger, LogLevel
 
-from stagetx.address import Address, AddressError, parse_target
-from stagetx.codec import CodecError, pack_lua, pack_py, unpack_lua
-from stagetx.lua.loader import ScriptLoader
+from stagetx.address import Address, AddressError, ReplyTo, ToStage, parse_target
+from stagetx.codec import CodecError, function_kinds, pack_lua, pack_py, unpack_lua
+from stagetx.lua.loader import ScriptLoader, ScriptNotFound
 from stagetx.lua.runtime import LuaScriptError, LuaVM
 
 if TYPE_CHECKING:
@@ -39,6 +39,8 @@ LEVELS = {
 
 #: Parsed signal targets kept per runtime, at most this many.
 TARGET_CACHE = 4096
+#: The Lua runtime kind of each Lua stage type: a function value loads only into its own kind.
+VM_KINDS = {"lua": "lua54", "luajit": "luajit21"}
 
 
 class Task:
@@ -74,6 +76,7 @@ class StageAPI:
         self._drain_call: IDelayedCall | None = None
         self._unhandled: set[str] = set()
         self._targets: dict[bytes, Address] = {}  # parsed signal targets, by their Lua string
+        self._foreign: dict[Address, str | None] = {}  # target -> a Lua stage of another VM kind there
         self.vm: LuaVM
         self.loader: ScriptLoader
 
@@ -103,12 +106,38 @@ class StageAPI:
 
     # -- messages ---------------------------------------------------------------------------------
     def send(self, target: Any, *values: Any) -> tuple[Any, ...]:
+        """The general path (values ``pack.lua`` leaves to Python: functions, LuaJIT runtimes)."""
         try:
             address = self._address(target)
             payload = pack_lua(self.vm, values)
         except (AddressError, CodecError) as err:
             return None, lua_text(f"stage.signal: {err}")
+        foreign = self._foreign_stage(address)
+        if foreign is not None and self.vm.vm_kind in function_kinds(payload):
+            return None, lua_text(
+                f"stage.signal: cannot send a {self.vm.vm_kind} function to {foreign}: a function"
+                " value moves only between Lua stages of the same kind (=lua or =luajit)"
+            )
         return self._route(address, payload)
+
+    def _foreign_stage(self, address: Address) -> str | None:
+        """A Lua stage of another VM kind that ``address`` reaches in this server, as ``"=luajit+jit"``,
+        or None. Replicas on other servers are not known here: their receiver logs the refusal."""
+        if address in self._foreign:
+            return self._foreign[address]
+        own = self.stage.config.type
+        config = self.stage.process.config
+        reached = []
+        if type(address) is ToStage:
+            stage_id = address.stage or self.stage.stage_id
+            reached = [s for s in config.stages if s.id == stage_id]
+        elif type(address) is ReplyTo and address.server == self.stage.process.server_id:
+            reached = [s for s in config.stages if s.instance == address.instance]
+        foreign = next((s.name for s in reached if s.type in VM_KINDS and s.type != own), None)
+        if len(self._foreign) >= TARGET_CACHE:
+            self._foreign.clear()
+        self._foreign[address] = foreign
+        return foreign
 
     def send_packed(self, target: Any, payload: bytes) -> tuple[Any, ...]:
         """``send`` of values the prelude packed itself (``pack.lua``, the fast path)."""
@@ -152,13 +181,10 @@ class StageAPI:
                 self._unhandled.add(mid)
                 self.log.warn("no handler for message {msgid!r} (logged once)", msgid=mid)
             return
-        self.stage.count_error()
-        self.log.error(
-            "Lua error in {where}{msgid}: {error}",
-            where=text(where),
-            msgid=f" of message {mid!r}" if mid else "",
-            error=text(error) or "not enough memory",
-        )
+        about = f" of message {mid!r}" if mid else ""
+        error_text = text(error) or "not enough memory"
+        self.stage.count_error(f"{error_text.splitlines()[0]} (in {text(where)}{about})")
+        self.log.error("Lua error in {where}{msgid}: {error}", where=text(where), msgid=about, error=error_text)
 
     def write_log(self, level: bytes, group: bytes | None, message: bytes) -> None:
         logger = self.log if group is None else self.stage.logger_for(text(group))
@@ -214,6 +240,8 @@ class StageAPI:
     def load(self, name: bytes) -> tuple[Any, ...]:
         try:
             value, info = self.loader.load(text(name))
+        except ScriptNotFound as err:
+            return None, lua_text(str(err)), True  # the third value: "no such script"
         except LuaScriptError as err:
             return None, lua_text(str(err))
         except OSError as err:

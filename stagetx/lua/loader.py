@@ -19,6 +19,10 @@ from stagetx.lua.search import find_script
 DEFAULT_RECHECK_MS = (600_000, 60_000)
 
 
+class ScriptNotFound(LuaScriptError):
+    """No file of that name along ``%package`` (``stage.require`` lets its callback decide)."""
+
+
 @attrs.define
 class _Cached:
     value: Any
@@ -89,7 +93,7 @@ class ScriptLoader:
                 return cached
         found = find_script(file, self._package, self._base_dir)
         if found is None:
-            raise LuaScriptError(f"stage.load: script '{file}' not found along %package")
+            raise ScriptNotFound(f"stage.load: script '{file}' not found along %package")
         position, path = found
         stat = os.stat(path)
         if cached is not None and (cached.path, cached.size, cached.mtime) == (

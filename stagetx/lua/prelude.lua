@@ -118,6 +118,8 @@ local function lookup(id)
         h = handlers[key]
         if h then return h, key end
     end
+    h = handlers["@"]  -- the original platform's catch-all, tried last
+    if h then return h, "@" end
     return nil
 end
 
@@ -315,6 +317,46 @@ function stage.waitfor(s, ...)
     return s
 end
 
+-- stage.call(f, v...) (the original platform's): f(v...) with every table argument spread into
+-- its values (1..#t in order, then the other keys), so `stage.call(f, bound, extra)` passes the
+-- bound values a `stage.waitfor(id)` returned. `f` may be a table {f, v...} or a script name
+-- ("file+id", loaded as stage.load does). Errors are raised at the caller.
+local function spread(args, n, t)
+    local len = #t
+    for i = 1, len do args[n + i] = t[i] end
+    n = n + len
+    for k, x in next, t do
+        if type(k) ~= "number" or k % 1 ~= 0 or k < 1 or k > len then
+            n = n + 1
+            args[n] = x
+        end
+    end
+    return n
+end
+
+function stage.call(f, ...)
+    local args, n = {}, 0
+    if type(f) == "string" then
+        f = stage.load(f)
+    elseif type(f) == "table" and f ~= null then
+        n = spread(args, 0, f)
+        f = args[1]
+        for i = 1, n do args[i] = args[i + 1] end
+        n = n - 1
+    end
+    if type(f) ~= "function" then error("stage.call: not a function (" .. type(f) .. ")", 2) end
+    for i = 1, select("#", ...) do
+        local v = select(i, ...)
+        if type(v) == "table" and v ~= null then
+            n = spread(args, n, v)
+        else
+            n = n + 1
+            args[n] = v
+        end
+    end
+    return f(unpack(args, 1, n))
+end
+
 function stage.once(s, f)
     if f == nil then
         host.once(s, false)
@@ -328,6 +370,22 @@ function stage.load(s, f)
     if not ok then error(v, 2) end
     if f ~= nil then return f(v, info) end
     return v
+end
+
+-- stage.require(s [, f]) (the original platform's): stage.load, except that a script that does
+-- not exist is no error when f is given: f(nil, {"dir/file", id}) decides (the original's
+-- preload/import.lua falls back to Lua's own require there).
+function stage.require(s, f)
+    local ok, v, info = host.load(s)
+    if ok then
+        if f ~= nil then return f(v, info) end
+        return v
+    end
+    if info == true and f ~= nil then
+        local file, id = match(s, "^([^+]*)%+?(.*)$")
+        return f(nil, {(gsub(file, "%.", "/")), id ~= "" and id or nil})
+    end
+    error(v, 2)
 end
 
 function stage.addtask(i, f, ...)
@@ -412,6 +470,13 @@ thread = setmetatable({}, {
     end,
     __newindex = function() error("thread is read-only", 2) end,
 })
+
+-- The original platform's preload (its bin/preload/stage.lua) takes its libraries with require:
+-- "broker", and "logger" (its name for log4cxx). Its odbc and bundle libraries do not exist here.
+if package and package.preload then
+    package.preload.broker = function() return broker end
+    package.preload.logger = function() return log4cxx end
+end
 
 ---------------------------------------------------------------------------------------------------
 local core = {}

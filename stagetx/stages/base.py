@@ -24,11 +24,19 @@ class StageContext(Protocol):
     def resolve_path(self, path: str) -> str:
         """An absolute path for ``path`` relative to the config file's directory."""
 
-    def count_error(self) -> None:
-        """Count a failure of this stage (shown by ``stat``, ``/metrics`` and the dashboard)."""
+    def count_error(self, error: str | None = None) -> None:
+        """Count a failure of this stage (shown by ``stat``, ``/metrics`` and the dashboard);
+        ``error`` (``file:line: problem``) is kept among the stage's last errors."""
 
     def reply(self, message: Message, *values: Any) -> None:
         """Send ``values`` (Python natives) to ``message``'s reply address; no-op without one."""
+
+    def answer(self, message: Message, *values: Any) -> None:
+        """Answer a request: to its reply address, else to the sender's handler named by the
+        message id (the index and curl stages' rule)."""
+
+    def answer_sender(self, message: Message, msgid: str, *values: Any) -> None:
+        """Send ``values`` to the handler ``msgid`` of the stage that sent ``message``."""
 
     def send(self, target: str, *values: Any, reply_to: str | None = None) -> tuple[bool, str | None]:
         """Send Python-native ``values`` to an address string of SPEC 2.5 (or a reply address).

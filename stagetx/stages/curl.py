@@ -171,7 +171,7 @@ class Stage:
                 result=data["result"],
             )
             self._context.count_error()
-        self._context.reply(message, reply)
+        self._context.answer(message, reply)
 
     def _perform(self, request: CurlRequest) -> Deferred[dict[str, Any]]:
         """Run one transfer; the Deferred always succeeds with the reply table."""

@@ -16,8 +16,9 @@ import attrs
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 
+from stagetx.address import AddressError, parse_target
 from stagetx.codec import unpack_py
-from stagetx.index.commands import Executor, RequestError
+from stagetx.index.commands import Executor, IndexMessage, RequestError, read_message
 from stagetx.index.store import IndexStore
 from stagetx.message import Message
 from stagetx.ratelog import RateLimitedLog
@@ -80,7 +81,7 @@ class Stage:
         self._syncer: LoopingCall | None = None
         self._compaction: Generator[None, None, None] | None = None
         self._step: IDelayedCall | None = None
-        self._replies: list[tuple[Message, Any]] = []  # this turn's, sent by ``turn_ended``
+        self._replies: list[tuple[Message, IndexMessage, dict[Any, Any]]] = []  # sent by ``turn_ended``
         self._freezer: LoopingCall | None = None
         self._frozen_members = 0  # members alive at the last gc.freeze()
         self._storage_log = RateLimitedLog(context.log, context.clock)
@@ -124,18 +125,19 @@ class Stage:
         self.store.close()
 
     def receive(self, message: Message) -> None:
-        """Run one request table now; its reply waits for this turn's log write (``turn_ended``)."""
+        """Run one request now; its answer waits for this turn's log write (``turn_ended``)."""
+        form = read_message(message.msgid, reply_msgid(message.reply))
         try:
             # unpack_py(payload) is what message.values returns; called directly, it skips the
             # property's per-call import (about 1 µs of a ~15 µs request)
             values = unpack_py(message.payload)
-            reply = self.executor.run(values[0] if values else None)
+            reply = self.executor.run(form.request(values[0] if values else None))
         except RequestError as error:
             reply = {"error": str(error)}
         except Exception:
             self.context.log.failure("index {stage}: request failed", stage=self.context.name)
             reply = {"error": "internal error in the index stage"}
-        self._replies.append((message, reply))
+        self._replies.append((message, form, reply))
 
     def turn_ended(self) -> None:
         """End of a turn: one log ``write()`` for every change of the turn, then every reply.
@@ -149,13 +151,13 @@ class Stage:
             self.store.commit()
         except Exception as error:  # OSError mostly (disk full); the replies must go out either way
             # the store undid the turn's changes: every request of the turn gets the error
-            self.context.count_error()
+            self.context.count_error(f"log write failed: {error}")
             self._storage_log.error("index {stage}: log write failed: {error}", stage=self.context.name, error=error)
             failed = {"error": f"index storage failed: {error}"}
-            replies = [(message, {key: failed for key in reply}) for message, reply in replies]
-        reply = self.context.reply
-        for message, values in replies:
-            reply(message, values)
+            replies = [(message, form, {key: failed for key in reply}) for message, form, reply in replies]
+        context = self.context
+        for message, form, reply in replies:
+            send_answer(context, message, form, form.answer(reply))
         self._maybe_compact()
 
     def _members(self) -> int:
@@ -179,7 +181,7 @@ class Stage:
         try:
             self.store.sync()
         except OSError as error:
-            self.context.count_error()
+            self.context.count_error(f"fsync failed: {error}")
             self._storage_log.error("index {stage}: fsync failed: {error}", stage=self.context.name, error=error)
 
     def _maybe_compact(self) -> None:
@@ -199,7 +201,7 @@ class Stage:
         self._compaction = None
         self._compact_retry = min(max(2 * self._compact_retry, COMPACT_RETRY_FIRST), COMPACT_RETRY_MOST)
         self._compact_after = self.context.clock.seconds() + self._compact_retry
-        self.context.count_error()
+        self.context.count_error(f"compaction failed: {error}")
         self.context.log.error(
             "index {stage}: compaction failed ({error}); next try in {delay} s",
             stage=self.context.name,
@@ -231,3 +233,23 @@ class Stage:
             self.context.log.failure("index {stage}: compaction failed", stage=self.context.name)
             return
         self._step = self.context.clock.callLater(0, self._compact_step)
+
+
+def send_answer(context: StageContext, message: Message, form: IndexMessage, answer: Any) -> None:
+    """Answer ``message`` as ``form`` says: the sender's handler, else the reply address (if any)."""
+    if form.callback is not None:
+        context.answer_sender(message, form.callback, answer)
+    else:
+        context.reply(message, answer)
+
+
+def reply_msgid(reply: str | None) -> str | None:
+    """The message id of a reply address (``"^server/3/got"`` → ``"got"``), None without one, and
+    ``""`` for one that does not parse (``StageHost.reply`` logs it)."""
+    if reply is None:
+        return None
+    try:
+        address = parse_target(reply)
+    except AddressError:
+        return ""
+    return getattr(address, "msgid", "")

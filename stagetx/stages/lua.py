@@ -5,9 +5,16 @@ script; a main script that returns a function makes it the *idle function*, call
 the number of ms it returns. Messages are decoded into the runtime and handed to the prelude,
 which finds the waitfor handler. Errors are logged with file and line; the stage keeps serving.
 
-Operations (docs/operations.md): ``reload()`` rebuilds the runtime from the current scripts while
-messages wait outside it, and every callback is timed: one that holds the reactor longer than the
-process's ``slow_ms`` is logged as a "slow handler" with the script and line of its function.
+A stage whose ``%preload`` or main script fails (a syntax or run-time error) is *failed*
+(``failure``: the error's first line, ``file:line: problem``): it is shown so in ``stat``,
+``/metrics`` and ``/health``, and the process keeps its other stages running.
+
+Operations (docs/operations.md): ``reload()`` first compiles the new ``%preload`` and main
+scripts apart from the running runtime, then loads them in a new runtime while messages wait
+outside; only if they loaded is the new runtime swapped in. Otherwise the reload fails with the
+file and line, and the running runtime keeps its state, timers and sockets. Every callback is timed:
+one that holds the reactor longer than the process's ``slow_ms`` is logged as a "slow handler"
+with the script and line of its function.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall
 
+from stagetx.broker.traffic import Traffic
 from stagetx.codec import CodecError, pack_lua, unpack_lua
 from stagetx.config import StageConfig
 from stagetx.host import StageHost
@@ -27,6 +35,7 @@ from stagetx.lua.api import StageAPI, Task, lua_text, text
 from stagetx.lua.extensions import install_all
 from stagetx.lua.loader import ScriptLoader
 from stagetx.lua.runtime import LuaScriptError, LuaVM
+from stagetx.lua.syntax import compile_errors
 from stagetx.message import Message, Sender
 
 #: Message ids and reply addresses kept as Lua strings per stage, at most this many.
@@ -35,11 +44,31 @@ TEXT_CACHE = 4096
 SENDER_CACHE = 1024
 
 
+class ReloadError(Exception):
+    """A reload that failed; its message names the file and line of each error."""
+
+
 class Handover(Protocol):
     """What an extension keeps from one runtime of a stage for the next (a reload), e.g. sockets."""
 
     def finish(self) -> None:
-        """The new runtime's main script and ``on_reload`` ran (or failed): take up or release the rest."""
+        """The new runtime's main script and ``on_reload`` ran: take up or release the rest."""
+
+    def restore(self) -> None:
+        """The new runtime failed to load: give everything back to the old one, as it was."""
+
+
+class _Running:
+    """The runtime a reload replaces, kept whole until the new one has loaded."""
+
+    def __init__(self, stage: Stage) -> None:
+        assert stage.vm is not None and isinstance(stage.api, _TrackedAPI)
+        self.vm: LuaVM = stage.vm
+        self.api: _TrackedAPI = stage.api
+        self.stoppers = stage._stoppers
+        self.parkers = stage._parkers
+        self.idle_call = stage._idle_call
+        self.failure = stage.failure  # a runtime whose own scripts failed may be reloaded too
 
 
 class Stage:
@@ -56,16 +85,40 @@ class Stage:
         self._texts: dict[str, bytes] = {}  # message ids and reply addresses as Lua strings
         self._idle_call: IDelayedCall | None = None
         self._stoppers: list[Callable[[], Any]] = []
+        self._parkers: list[Callable[[], None]] = []
+        self.rolling_back = False  # while a runtime that failed to load is stopped (a reload)
         self._held: list[Message] | None = None  # messages that arrive while the runtime is rebuilt
         self.reloads = 0
+        self.failure: str | None = None  # why the last start failed (file:line: problem), if it did
+        self.traffic = Traffic()  # the broker clients of all its endpoints, across reloads
+        self.broker: Any = None  # the broker extension's BrokerAPI of the current runtime (its endpoints)
         # by extension: what the old runtime leaves the new one during a reload (broker sockets)
         self.handover: dict[str, Handover] = {}
 
     def on_stop(self, stopper: Callable[[], Any]) -> None:
-        """Run ``stopper`` when the stage stops (it may return a Deferred to wait for)."""
+        """Run ``stopper`` when the stage stops, or its runtime is replaced (it may return a
+        Deferred to wait for); ``rolling_back`` is true while the new runtime of a reload that
+        failed is stopped."""
         self._stoppers.append(stopper)
 
+    def on_park(self, park: Callable[[], None]) -> None:
+        """Run ``park`` when a reload begins, before the new runtime loads: it puts in
+        ``handover`` what the new runtime takes up (broker sockets) and gets back if it fails."""
+        self._parkers.append(park)
+
     def start(self) -> None:
+        result = self._load()
+        if self.failure is not None:
+            self.log.error("stage {name} failed: {failure}", name=self.config.name, failure=self.failure)
+            return
+        assert self.vm is not None
+        if result is not None and self.vm.lua_type(result) == "function":
+            self._idle(result)
+        self.log.info("stage {name} started", name=self.config.name)
+
+    def _load(self) -> Any:
+        """A new runtime with the extensions, then ``%preload`` and the main script; the main
+        script's first result (``failure`` says whether a script failed)."""
         settings = self.settings
         package = settings["%package"]
         recheck = settings["%recheck"]
@@ -86,13 +139,11 @@ class Stage:
         api.bind(vm)
         self.api = api
         install_all(self)
+        self.failure = None
         for path in preload_files(settings.get("%preload")):
             self._run_script(path, "preload")
         assert self.config.main is not None
-        result = self._run_script(self.config.main, "main script")
-        if result is not None and vm.lua_type(result) == "function":
-            self._idle(result)
-        self.log.info("stage {name} started", name=self.config.name)
+        return self._run_script(self.config.main, "main script")
 
     def stop(self) -> Deferred[Any]:
         if self._idle_call is not None and self._idle_call.active():
@@ -114,24 +165,110 @@ class Stage:
         return files
 
     def reload(self) -> Deferred[None]:
-        """Rebuild the runtime from the current scripts; messages arriving meanwhile wait, in order.
+        """Load the current scripts in a new runtime and swap it in; messages arriving meanwhile
+        wait, in order (docs/operations.md, "Hot reload").
+
+        Fails with ``ReloadError`` (file and line), the running runtime untouched, when the
+        ``%preload`` or main scripts do not compile; and when they raise while they load: the new
+        runtime is then stopped and the running one carries on with its timers and its broker
+        sockets (what the new one opened is closed).
 
         The old runtime's global ``on_unload()``, if defined, returns a value; it is copied by
         value (as a message is) and handed to the new runtime's global ``on_reload(old)``, if
-        defined, after the new main script ran. Old timers are cancelled, old waitfor handlers,
-        broker endpoints and sandboxes are gone with the old runtime (docs/operations.md).
+        defined, after the new main script ran. Then the old runtime stops: its timers, waitfor
+        handlers and sandboxes go with it; its broker endpoints are taken up by the new one or
+        closed.
         """
         if self._held is not None:
             raise RuntimeError(f"{self.config.name} is already reloading")
-        old_vm, old_api = self.vm, self.api
-        assert old_vm is not None and isinstance(old_api, _TrackedAPI)
+        assert self.config.main is not None
+        scripts = [*preload_files(self.settings.get("%preload")), self.config.main]
+        errors = compile_errors(self.config.type, scripts, self.context.base_dir)
+        if errors:
+            self.log.error(
+                "reload of {name} refused, the running scripts are kept: {errors}",
+                name=self.config.name,
+                errors="; ".join(errors),
+            )
+            return fail(ReloadError("; ".join(errors)))
+        old = _Running(self)
         self._held = []
-        old_vm.drain()
-        carried = self._unload(old_vm)
-        old_api.cancel_all()
-        self.vm = None
+        old.vm.drain()
+        carried = self._unload(old.vm)
+        for park in old.parkers:
+            park()
+        self._stoppers, self._parkers, self._idle_call = [], [], None
         self._senders.clear()  # _WAITFOR[1] tables of the old runtime
-        return self.stop().addCallback(lambda _: self._restart(carried))
+        try:
+            result = self._load()
+        except Exception as err:  # a runtime that could not even be made (memory): as a failed load
+            self.log.failure("reload of {name}: the new runtime failed", name=self.config.name)
+            self.failure = f"{type(err).__name__}: {err}"
+        if self.failure is not None:
+            return self._roll_back(old)
+        return self._swap(old, result, carried)
+
+    def _swap(self, old: _Running, result: Any, carried: bytes | None) -> Deferred[None]:
+        """The new runtime loaded: hand it the old one's state and sockets, then stop the old one."""
+        vm = self.vm
+        assert vm is not None
+        old.api.cancel_all()
+        if old.idle_call is not None and old.idle_call.active():
+            old.idle_call.cancel()
+        stopped = DeferredList([maybeDeferred(stop) for stop in reversed(old.stoppers)])
+        try:
+            if result is not None and vm.lua_type(result) == "function":
+                self._idle(result)
+            hook = vm.lua.globals()[b"on_reload"]
+            if vm.lua_type(hook) == "function":
+                vm.call("on_reload", hook, unpack_lua(vm, carried)[0] if carried is not None else None)
+            self.reloads += 1
+            self.log.info("stage {name} reloaded", name=self.config.name)
+        finally:
+            self._hand_over("finish")
+        return stopped.addCallback(lambda _: None)
+
+    def _roll_back(self, old: _Running) -> Deferred[None]:
+        """The new runtime failed to load: stop it, give the old one back its sockets and messages."""
+        failure = self.failure or "error"
+        self.log.error(
+            "reload of {name} failed, the running scripts are kept: {failure}", name=self.config.name, failure=failure
+        )
+        if isinstance(self.api, _TrackedAPI):
+            self.api.cancel_all()
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self.rolling_back = True
+        try:
+            stopped = DeferredList([maybeDeferred(stop) for stop in reversed(self._stoppers)])
+        finally:
+            self.rolling_back = False
+        self.vm, self.api, self._stoppers, self._parkers, self._idle_call = (
+            old.vm,
+            old.api,
+            old.stoppers,
+            old.parkers,
+            old.idle_call,
+        )
+        self.failure = old.failure
+        self._senders.clear()  # _WAITFOR[1] tables of the failed runtime
+        self._hand_over("restore")
+
+        def failed(_: Any) -> None:
+            raise ReloadError(failure)
+
+        return stopped.addCallback(failed)
+
+    def _hand_over(self, how: str) -> None:
+        """Finish (or restore) what the old runtime parked, then deliver the waiting messages."""
+        try:
+            handover, self.handover = list(self.handover.values()), {}
+            for kept in handover:
+                getattr(kept, how)()
+        finally:
+            held, self._held = self._held or [], None
+            for message in held:
+                self.receive(message)
 
     def _unload(self, vm: LuaVM) -> bytes | None:
         f = vm.lua.globals()[b"on_unload"]
@@ -146,43 +283,24 @@ class Stage:
             self.log.error("on_unload: its value cannot be carried: {error}", error=str(err))
             return None
 
-    @property
-    def reloading(self) -> bool:
-        """True from ``reload()`` until the new runtime got the waiting messages."""
-        return self._held is not None
-
-    def _restart(self, carried: bytes | None) -> None:
-        try:
-            self.start()
-            assert self.vm is not None
-            hook = self.vm.lua.globals()[b"on_reload"]
-            if self.vm.lua_type(hook) == "function":
-                old = unpack_lua(self.vm, carried)[0] if carried is not None else None
-                self.vm.call("on_reload", hook, old)
-            self.reloads += 1
-            self.log.info("stage {name} reloaded", name=self.config.name)
-        finally:
-            try:
-                handover, self.handover = list(self.handover.values()), {}
-                for kept in handover:
-                    kept.finish()
-            finally:
-                held, self._held = self._held or [], None
-                for message in held:
-                    self.receive(message)
-
     def _run_script(self, path: str, where: str) -> Any:
-        """Run one script file as a callback; returns its first result (None after an error)."""
+        """Run one script file as a callback; returns its first result (None after an error, which
+        makes the stage failed)."""
         assert self.vm is not None and self.api is not None
         try:
             with open(path, "rb") as f:
                 chunk = self.vm.compile(f.read(), b"@" + lua_text(os.path.relpath(path, self.context.base_dir)))
         except (OSError, LuaScriptError) as err:
             self.log.error("{where} {path}: {error}", where=where, path=path, error=str(err))
-            self.context.count_error()
+            self.context.count_error(str(err))
+            self.failure = self.failure or str(err)
             return None
         ok, *results = self.vm.call(where, chunk)
-        return results[0] if ok and results else None
+        if not ok:
+            error = text(results[0]) if results and isinstance(results[0], bytes) else "error"
+            self.failure = self.failure or (error.splitlines() or ["error"])[0]
+            return None
+        return results[0] if results else None
 
     def _idle(self, f: Any) -> None:
         assert self.vm is not None

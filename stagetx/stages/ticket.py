@@ -6,7 +6,8 @@ Decisions live in ``stagetx.routing.tickets``; this module turns messages into c
 this stage receives:
 
 - ``CATEGORY[=callback_id][?feedback_id]``  a request (the router has split the part after the
-  first ``=`` into the reply address; it is put back to read the request as written);
+  first ``=`` into the reply address; it is put back to read the request as written); without
+  ``=callback_id`` and with a table, the original's form: one ticket per key of the table;
 - ``=CATEGORY``  values for every requester holding or waiting in CATEGORY;
 - ``@CATEGORY``  ``(limit, close_ms)``: a temporary category;
 - ``#TICKET_ID`` replies from a callback (``signal(nil, ms)`` or its return values): a number
@@ -31,6 +32,7 @@ from stagetx.routing.tickets import (
     Granted,
     Refused,
     Released,
+    Request,
     Ticket,
     TicketBook,
     parse_request,
@@ -96,6 +98,10 @@ class Stage:
     def _request(self, message: Message) -> None:
         text = as_written(message.msgid, message.reply)
         request = parse_request(text)
+        values = message.values
+        if request is not None and request.callback is None and values and type(values[0]) is dict:
+            self._request_each(request, message, values[0], f"{self._prefix}{text}")
+            return
         if request is None or (request.callback is None and request.feedback is None):
             self._log_once(f"ticket: ignored request {self._prefix}{text} (see docs/ticket.md)")
             return
@@ -108,6 +114,26 @@ class Stage:
         )
         owner: _Owner = (message.sender.server, message.sender.instance)
         self._book.request(request.category, owner, requested)
+
+    def _request_each(self, request: Request, message: Message, table: dict[Any, Any], text: str) -> None:
+        """The original's table form ``ticket:CAT?fb`` with ``{callback_id = value, …, [""] = data}``:
+        one ticket per callback id (called with its value), and one feedback message
+        ``(text, {[""] = data, callback_id = result, …})``, each result ``true`` (granted at once),
+        the ticket id (waiting) or ``false`` (refused)."""
+        owner: _Owner = (message.sender.server, message.sender.instance)
+        results: dict[Any, Any] = {}
+        for key, value in table.items():
+            name = key.decode("utf-8", "surrogateescape") if type(key) is bytes else str(key)
+            if not name:
+                results[key] = value
+                continue
+            requested = _Requested(text, message.sender, name, None, (value,))
+            ticket = self._book.request(request.category, owner, requested)
+            results[key] = False if ticket is None else True if ticket.timer is not None else ticket.id
+        if request.feedback is not None:
+            self._context.send(
+                format_reply(message.sender.server, message.sender.instance, request.feedback), text, results
+            )
 
     def _hold(self, message: Message) -> None:
         values = message.values

@@ -140,7 +140,7 @@ def console_stat(port: int) -> dict[str, int]:
             assert chunk, text
             text += chunk
     rows = [line.split() for line in text.decode().splitlines()[1:-1]]
-    return {row[1]: int(row[2]) for row in rows}
+    return {row[1]: int(row[2]) for row in rows if row[0].isdigit()}  # not the indented detail lines
 
 
 def cell(stage: str, field: str) -> str:

@@ -143,8 +143,8 @@ def test_twistd_runs_restarts_and_stops_its_children(app_dir: Path) -> None:
     for pid in (first, second, other):
         assert_gone(pid)
     text = "\n".join(twistd.lines)
-    assert f"group 0 pid {first} ended: signal SIGKILL" in text
-    assert f"group 0 pid {second} ended:" in text and f"group 1 pid {other} ended:" in text
+    assert f"process 1 pid {first} ended: signal SIGKILL" in text
+    assert f"process 1 pid {second} ended:" in text and f"process 2 pid {other} ended:" in text
     assert "Main loop terminated." in text
 
 
@@ -205,5 +205,5 @@ def test_twistd_check_prints_the_groups(app_dir: Path) -> None:
     )
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout == (
-        "config OK\nnotice: #license: not used by stagetx, ignored\ngroup 0: =index+a =route+r\ngroup 1: =curl+c\n"
+        "config OK\nnotice: #license: not used by stagetx, ignored\nprocess 1: =index+a =route+r\nprocess 2: =curl+c\n"
     )

@@ -13,7 +13,7 @@ import pytest
 
 from tests.support import ServerProcess
 
-_STARTED = re.compile(r"group (\d+) started, pid (\d+)")
+_STARTED = re.compile(r"process (\d+) started, pid (\d+)")
 
 LUA_APP = {"%package": ["[0]lua"]}
 
@@ -28,12 +28,12 @@ def raise_nofile(needed: int) -> None:
 
 
 def group_pids(server: ServerProcess) -> dict[int, int]:
-    """The current pid of each group, from the supervisor's "group G started, pid P" lines."""
+    """The current pid of each group (0-based), from the supervisor's "process N started, pid P" lines."""
     pids: dict[int, int] = {}
     for line in list(server.lines):
         match = _STARTED.search(line)
         if match:
-            pids[int(match.group(1))] = int(match.group(2))
+            pids[int(match.group(1)) - 1] = int(match.group(2))
     return pids
 
 

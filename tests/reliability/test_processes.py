@@ -132,9 +132,9 @@ def test_a_stage_whose_only_process_is_down_queues_up_to_the_bound_then_refuses(
         )
         queued, refused_at, why = ask(port, "blast").split(" ", 2)
         blasted_in_gap = not restarted(server, 1, victim)
-        links_before = sum("g0[" in line and "linked to process 2" in line for line in server.lines)
+        links_before = sum("p1[" in line and "linked to process 2" in line for line in server.lines)
         server.wait_for(
-            lambda: sum("g0[" in line and "linked to process 2" in line for line in server.lines) > links_before,
+            lambda: sum("p1[" in line and "linked to process 2" in line for line in server.lines) > links_before,
             20,
             "process 1 linked to the restarted process 2",
         )

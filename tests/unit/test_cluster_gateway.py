@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 
 from stagetx.address import parse_target
 from stagetx.cluster.gateway import ClusterGateway, RemoteView
@@ -125,6 +126,24 @@ def test_silence_removes_routing_and_queued_messages_go_to_another_replica(tmp_p
     gw.peers.links["s2"] = other  # type: ignore[assignment]
     gw.peers._flush("s2", other)  # type: ignore[arg-type]
     assert len(other.frames("m")) == 4  # nothing for the live replica lost in the switch-over
+
+
+def test_messages_dropped_with_a_gone_peer_are_logged_by_id_and_target_and_counted(tmp_path: Path) -> None:
+    gw, router, clock, _ = gateway(tmp_path)
+    link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    del gw.peers.links["s1"]
+    gw.peer_unlinked("s1")
+    gw.routes = gw.directory.routes()
+    assert send(router, "w:score")[0] and send(router, "w:top")[0]  # no other replica of w
+    assert send(router, ["w:rank", "127.0.0.1:7002"])[0]  # a message for that server
+    with capturedLogs() as events:
+        for _ in range(4):
+            clock.advance(0.5)
+            gw._tick()
+    assert "s1" not in gw.directory.peers
+    (event,) = [e for e in events if "dropped" in e and e.get("server") == "s1"]
+    assert event["dropped"] == ["w:score", "w:top", "w:rank"] and gw.dropped == 3
+    assert formatEvent(event) == "3 message(s) queued for server s1 dropped: w:score, w:top, w:rank"
 
 
 def test_the_queue_of_an_unlinked_peer_is_bounded_and_overflow_is_reported(tmp_path: Path) -> None:

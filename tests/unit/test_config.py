@@ -152,6 +152,15 @@ def test_builtin_stage_settings_merge_type_wide_objects(app_dir: Path) -> None:
     assert other.settings == {"timeout": 1000, "user-agent": "x"}
 
 
+def test_router_and_threads_take_the_default_for_a_missing_value(app_dir: Path) -> None:
+    """The original platform read ``#router`` and ``#threads`` value by value (its bin/conf files
+    give one value, or ``#threads`` as a plain number): a value left out keeps its default."""
+    config = parse({"#startup": [["=index+rank"]], "#router": [1000], "#threads": 8}, app_dir)
+    assert config.router == (1000, 900) and config.threads == (8, 10000)
+    config = parse({"#startup": [["=index+rank"]], "#router": [], "#threads": [2]}, app_dir)
+    assert config.router == (1500, 900) and config.threads == (2, 10000)
+
+
 def test_every_server_key(app_dir: Path) -> None:
     raw = {
         "#startup": [["=index+rank"]],
@@ -307,7 +316,11 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
         '#startup[0][0]: %preload "APP/gone" does not exist',
     ),
     (
-        {"#startup": [["=index+a"]], "#router": [1500]},
+        {"#startup": [["=index+a"]], "#router": [1500, "900"]},
+        "#router: expected [integer, integer], each at least 1",
+    ),
+    (
+        {"#startup": [["=index+a"]], "#router": [1500, 900, 1]},
         "#router: expected [integer, integer], each at least 1",
     ),
     (

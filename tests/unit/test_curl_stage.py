@@ -45,6 +45,10 @@ class FakeContext:
     def reply(self, message: Message, *values: Any) -> None:
         self.replies.append((message, values))
 
+    def answer(self, message: Message, *values: Any) -> None:
+        """The host's rule (reply address, else the sender's handler) is tested in e2e."""
+        self.replies.append((message, values))
+
     def send(self, target: str, *values: Any) -> tuple[bool, str | None]:
         return False, "not used"
 

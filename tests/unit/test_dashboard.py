@@ -256,6 +256,21 @@ def test_overview_shows_states_never_stale_numbers() -> None:
     assert "received" not in view["stages"][0] and view["stages"][0]["state"] == "unresponsive"
 
 
+def test_a_failed_stage_its_errors_clients_and_endpoints_are_shown() -> None:
+    clock = Clock()
+    sup = _server(clock)
+    stage = sup.control.children[0].snapshot["stages"][0]
+    stage["failure"] = "lua/game.lua:2: no database"
+    stage["last_errors"] = [{"time": 990.0, "error": "lua/game.lua:2: no database"}]
+    endpoint = {"id": 3, "url": "tcp://127.0.0.1:8091", "kind": "tcp", "connected": 2, "oversized": 1}
+    stage["clients"], stage["listeners"] = {"connected": 2}, [endpoint]
+    view = overview(sup, History(10), clock.seconds())
+    game = view["stages"][0]
+    assert game["state"] == "failed" and game["failure"] == "lua/game.lua:2: no database"
+    assert game["last_errors"] == stage["last_errors"] and game["clients"] == 2
+    assert view["listeners"] == [{"process": 1, "stage": "=lua+game", **endpoint}]
+
+
 # -- the resources, through the admin site --------------------------------------------------------
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from stagetx.index.board import Board, Ranking
-from stagetx.index.commands import Executor, RequestError, parse_key
+from stagetx.index.commands import Executor, IndexMessage, RequestError, parse_key, read_message
 
 
 class MemoryBoards:
@@ -164,7 +164,9 @@ def test_writes_run_before_reads_unless_ordered(run) -> None:
         (b"set:b", {b"a": 3}),
         (b"set:b", {b"a": {b"v": {1, 2}}}),
         (b"set:b", [1, 2]),
-        (b"get:b", b"a"),
+        (b"get:b", 5),
+        (b"g?", [b"a"]),
+        (b"x?b", [b"a"]),
         (b"range:b", [1]),
         (b"range:b", [b"a", b"x"]),
         (b"forEach:b", [1]),
@@ -181,6 +183,30 @@ def test_a_rejected_set_changes_nothing(run, boards) -> None:
     run({b"set:b": {b"good": {b"i": 1}, b"bad": {b"i": b"x"}}})
     assert run({b"total:b": 0})[b"total:b"] == 0
     assert boards.changes == []
+
+
+def test_parse_key_reads_the_original_short_forms() -> None:
+    """One-letter commands and ``?`` before the index name, as the original platform's scripts
+    write them (``"s?index"``, ``"#1.g:board/2"``)."""
+    for short, op in ((b"s", b"set"), (b"d", b"del"), (b"g", b"get"), (b"r", b"range"), (b"f", b"forEach")):
+        assert parse_key(short + b"?index").op == op
+    command = parse_key(b"#3.t?board/2")
+    assert (command.op, command.name, command.tier, command.order) == (b"total", b"board", 2, (0, 3))
+    assert parse_key(b"get?board").op == b"get"
+
+
+def test_read_message_tells_request_tables_from_direct_commands() -> None:
+    assert read_message("callback", None) == IndexMessage(None, "callback")
+    assert read_message("q", "got") == IndexMessage(None, None)
+    assert read_message("s?index", None) == IndexMessage("s?index", None)
+    assert read_message("t?index", "total_callback") == IndexMessage("t?index", None)
+    assert read_message("get_callback", "g?index") == IndexMessage("g?index", "get_callback")
+
+
+def test_get_and_del_take_one_id_alone(run) -> None:
+    run({b"set:b": {b"a": {b"i": 1}, b"c": {b"i": 2}}})
+    assert set(run({b"get:b": b"a"})[b"get:b"]) == {b"a"}
+    assert run({b"d?b": b"a"})[b"d?b"] == 1
 
 
 def test_parse_key_reads_order_name_and_tier() -> None:

@@ -29,16 +29,21 @@ class FakeContext:
     instance: int = 0
     log: Logger = attrs.Factory(lambda: Logger(namespace="test.index"))
     replies: list[tuple[Message, tuple[Any, ...]]] = attrs.Factory(list)
-    errors: int = 0
+    answered: list[tuple[str, tuple[Any, ...]]] = attrs.Factory(list)  # (sender's handler, values)
+    errors: list[str | None] = attrs.Factory(list)
 
-    def count_error(self) -> None:
-        self.errors += 1
+    def count_error(self, error: str | None = None) -> None:
+        self.errors.append(error)
 
     def resolve_path(self, path: str) -> str:
         return os.path.join(self.base_dir, path)
 
     def reply(self, message: Message, *values: Any) -> None:
-        self.replies.append((message, values))
+        if message.reply is not None:
+            self.replies.append((message, values))
+
+    def answer_sender(self, message: Message, msgid: str, *values: Any) -> None:
+        self.answered.append((msgid, values))
 
     def send(self, target: str, *values: Any) -> tuple[bool, str | None]:
         raise AssertionError("the index stage only replies")
@@ -51,7 +56,7 @@ class FakeStageConfig:
 
 def _message(*values: Any) -> Message:
     """A message as the router delivers it: a real msgpack payload, decoded on first use."""
-    return Message("m1", pack_py(values), Sender("local", 0, "game", 0), reply="^game")
+    return Message("m1", pack_py(values), Sender("local", 0, "game", 0), reply="^local/0/got")
 
 
 @pytest.fixture
@@ -185,7 +190,7 @@ def test_a_log_write_failure_turns_the_reply_into_errors(context, monkeypatch) -
     monkeypatch.setattr(os, "write", full)
     reply = _ask(stage, context, {"set:b": {"a": {"i": 1}}, "total:b": 0})
     assert "No space left" in reply[b"set:b"]["error"] and "error" in reply[b"total:b"]
-    assert context.errors == 1
+    assert len(context.errors) == 1 and "No space left" in (context.errors[0] or "")
     monkeypatch.undo()
     assert _ask(stage, context, {"total:b": 0}) == {b"total:b": 0}  # the failed set is not visible
     stage.stop()
@@ -261,7 +266,7 @@ def test_a_failing_compaction_backs_off_and_logs_once_per_try(context, monkeypat
                 context.clock.advance(1.5)
     failures = [e for e in capture.events if "compaction failed" in e.get("log_format", "")]
     # tries at 0 s, then after 1, 2, 4, 8 s back-offs: the 15 s of this test hold at most 5
-    assert 2 <= len(failures) <= 5 and context.errors == len(failures)
+    assert 2 <= len(failures) <= 5 and len(context.errors) == len(failures)
     logs = [f for f in os.listdir(stage.settings.directory) if f.endswith(".log")]
     assert len(logs) <= 2 and not [f for f in os.listdir(stage.settings.directory) if f.endswith(".tmp")]
     context.clock.advance(60)
@@ -283,8 +288,60 @@ def test_a_full_disk_logs_a_bounded_number_of_lines_with_a_count(context, monkey
                 if n % 100 == 99:
                     context.clock.advance(4)
         lines = [e for e in capture.events if "log write failed" in e.get("log_format", "")]
-        assert context.errors == 500 and 2 <= len(lines) <= 6
+        assert len(context.errors) == 500 and 2 <= len(lines) <= 6
         stage.stop()
     lines = [e for e in capture.events if "log write failed" in e.get("log_format", "")]
     # each failure is in a line of its own or in a summary's count (stop() logs what was held back)
     assert sum(e.get("repeated", 1) for e in lines) == 500
+
+
+def _sent(stage: Stage, msgid: str, reply: str | None, *values: Any) -> None:
+    """A message ``stage.signal("rank:" .. msgid, …)`` (``reply``: the reply address' message id)."""
+    address = None if reply is None else f"^local/0/{reply}"
+    stage.receive(Message(msgid, pack_py(values), Sender("local", 0, "game", 0), reply=address))
+    stage.turn_ended()
+
+
+def test_a_request_without_reply_id_is_answered_to_the_handler_named_by_its_id(context) -> None:
+    """``stage.signal("rank:callback", {...})`` → the sender's ``waitfor("callback")`` (the document's
+    example); ``"rank:=callback"`` too; ``"rank:q=got"`` keeps going to the reply address."""
+    stage = _started(context)
+    _sent(stage, "callback", None, {"set:board": {"a": {"i": 5}}, "total:board": 0})
+    assert context.answered == [("callback", ({b"set:board": {b"a": 1}, b"total:board": 1},))]
+    _sent(stage, "=callback", None, {"total:board": 0})
+    assert context.answered[-1] == ("=callback", ({b"total:board": 1},))  # the host drops the "="
+    _sent(stage, "q", "got", {"total:board": 0})
+    assert context.replies[-1][1] == ({b"total:board": 1},) and len(context.answered) == 2
+    stage.stop()
+
+
+def test_the_original_direct_forms_run_one_command_and_answer_its_own_result(context) -> None:
+    """``"rank:s?board"`` (no answer), ``"rank:t?board=total_cb"`` and ``"rank:get_cb=g?board"``."""
+    stage = _started(context)
+    _sent(stage, "s?board", None, {"KR1": {"i": 10, "v": "x"}, "KR2": {"i": 20}})
+    assert context.replies == [] and context.answered == []
+    _sent(stage, "t?board", "total_cb", 0)
+    assert context.replies[-1][1] == (2,)
+    _sent(stage, "get_cb", "g?board", "KR1")
+    assert context.answered[-1] == ("get_cb", ({b"KR1": {"v": b"x", "I": {1: {"i": 10, "d": 2}}}},))
+    _sent(stage, "forEach_cb", "f?board/1", [1, 1])
+    assert context.answered[-1] == ("forEach_cb", ([{"k": b"KR2", "i": 20, "d": 1}],))
+    _sent(stage, "d?board", "deleted", "KR2")
+    assert context.replies[-1][1] == (1,)
+    _sent(stage, "r?board", "ranged", ["KR1", 0, 1])
+    assert context.replies[-1][1] == ([{"k": b"KR1", "v": b"x", "i": 10, "d": 1}],)
+    stage.stop()
+
+
+def test_short_commands_and_order_prefixes_in_a_request_table(context) -> None:
+    """``g``/``s``/``d``/``f``/``r``/``t``, ``?`` or ``:`` before the name, ``#N.`` fixing the order."""
+    stage = _started(context)
+    reply = _ask(
+        stage,
+        context,
+        {"#2.t?b": 0, "#1.s:b": {"m": {"i": 1}}, "#3.d?b": ["m"], "#4.t:b": 0, "x?b": 0},
+    )
+    assert reply[b"#1.s:b"] == {b"m": 1} and reply[b"#2.t?b"] == 1
+    assert reply[b"#3.d?b"] == 1 and reply[b"#4.t:b"] == 0
+    assert reply[b"x?b"] == {"error": "unknown command 'x'"}
+    stage.stop()

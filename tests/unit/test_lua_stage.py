@@ -420,3 +420,87 @@ async def test_both_vm_kinds_run_stages(tmp_path: Path, kind: str) -> None:
     capture = await run(path, "got")
     version = "Lua 5.1" if kind == "luajit" else "Lua 5.4"
     assert logged(capture, "got") == [["7", version]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_catch_all_handler_takes_what_no_other_id_matches(tmp_path: Path) -> None:
+    """The original platform's ``waitfor("@")``: tried after every other candidate, for local,
+    queued and replied messages alike; ``_WAITFOR[-1]`` is ``"@"``."""
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
+        stage.waitfor("s:", function(v) log4cxx.info("prefix", _WAITFOR[0], v) end)
+        stage.waitfor("@", function(v) log4cxx.info("any", _WAITFOR[0], _WAITFOR[-1], v) end)
+        stage.signal(":s:x", 1)
+        stage.signal(":other.id", 2)
+        log4cxx.info("queued", tostring(stage.signal("nobody", 3)))
+        stage.signal("a:ask=answer", 4)
+        stage.addtask(50, function() log4cxx.info("done") end)
+    """
+        },
+    )
+    capture = await run(path, "done")
+    assert logged(capture, "prefix") == [["s:x", "1"]]
+    assert ["other.id", "@", "2"] in logged(capture, "any")
+    assert logged(capture, "queued") == [["true"]]
+    assert ["nobody", "@", "3"] in logged(capture, "any") and ["ask", "@", "4"] in logged(capture, "any")
+
+
+@pytest_twisted.ensureDeferred
+async def test_stage_call_spreads_table_arguments(tmp_path: Path) -> None:
+    """The original platform's ``stage.call(f, v...)``: table arguments are spread into their
+    values (array part in order), other values pass as they are; ``{f, v...}`` and a script name
+    ``"file+id"`` name the function; its results are returned and its errors raised."""
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
+        local function show(...) return select("#", ...), table.concat({...}, ",") end
+        log4cxx.info("spread", stage.call(show, {1, 2}, "x", {}, {3}))
+        log4cxx.info("packed", stage.call({show, "a", "b"}, "c"))
+        log4cxx.info("script", stage.call("lib+twice", 21))
+        local ok, err = pcall(stage.call, function() error("boom") end)
+        log4cxx.info("error", tostring(ok), tostring(err):find("boom") ~= nil)
+        log4cxx.info("logger", require("logger") == log4cxx)
+        log4cxx.info("done")
+    """,
+            "lib": "return {twice = function(n) return n * 2 end}",
+        },
+    )
+    capture = await run(path, "done")
+    assert logged(capture, "spread") == [["4", "1,2,x,3"]]
+    assert logged(capture, "packed") == [["3", "a,b,c"]]
+    assert logged(capture, "script") == [["42"]]
+    assert logged(capture, "error") == [["false", "true"]]
+    assert logged(capture, "logger") == [["true"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stage_require_lets_its_callback_decide_for_a_missing_script(tmp_path: Path) -> None:
+    """The original platform's ``stage.require``, as its preload/import.lua uses it: a script of
+    ``%package`` is loaded as ``stage.load`` does; for a missing one the callback gets
+    ``(nil, {"dir/file", id})`` and falls back to Lua's ``require``."""
+    original = Path(__file__).resolve().parent.parent / "e2e" / "stage_original" / "preload" / "import.lua"
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
+        log4cxx.info("script", import("lib+twice")(21))
+        log4cxx.info("module", import("string+upper")("abc"))
+        stage.require("no.such", function(r, i) log4cxx.info("missing", tostring(r), i[1], tostring(i[2])) end)
+        log4cxx.info("raises", pcall(stage.require, "no.such"))
+        log4cxx.info("done")
+    """,
+            "lib": "return {twice = function(n) return n * 2 end}",
+        },
+        **{"%preload": "preload"},
+    )
+    (tmp_path / "preload").mkdir()
+    (tmp_path / "preload" / "import.lua").write_bytes(original.read_bytes())
+    capture = await run(path, "done")
+    assert logged(capture, "script") == [["42"]]
+    assert logged(capture, "module") == [["ABC"]]
+    assert logged(capture, "missing") == [["nil", "no/such", "nil"]]
+    ((ok, why),) = logged(capture, "raises")
+    assert ok == "false" and "not found along %package" in why

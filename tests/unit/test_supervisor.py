@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -12,10 +13,11 @@ import pytest
 from twisted.internet import error
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs, formatEvent
+from twisted.logger import Logger, LogLevel, capturedLogs, eventAsJSON, formatEvent, jsonFileLogObserver
 from twisted.python.failure import Failure
 
 from stagetx.config import parse_config
+from stagetx.logsetup import plain_level_observer
 from stagetx.supervisor import CHILD_COMMAND, LineRelay, Supervisor
 from tests.support import free_port
 
@@ -203,8 +205,8 @@ def test_a_child_killed_by_a_signal_is_restarted(make, spawner: FakeSpawner, clo
         clock.advance(1)
     assert [s.pid for s in supervisor.status()] == [1000, 1002]
     text = [formatEvent(e) for e in events]
-    assert "group 1 pid 1001 ended: signal SIGKILL" in text
-    assert "group 1 started, pid 1002" in text
+    assert "process 2 pid 1001 ended: signal SIGKILL" in text
+    assert "process 2 started, pid 1002" in text
 
 
 def test_clean_exit_is_not_restarted(make, spawner: FakeSpawner, clock: Clock) -> None:
@@ -294,8 +296,33 @@ def test_child_output_is_relayed_line_by_line(make, spawner: FakeSpawner) -> Non
         ("warn", "Traceback {braces}"),
         ("info", "no newline"),
     ]
-    assert formatEvent(events[0]) == "g0[1000] one"
+    assert formatEvent(events[0]) == "p1[1000] one"
     assert supervisor.status()[0].pid == 1000
+
+
+def test_child_records_keep_their_level_and_namespace(make, spawner: FakeSpawner) -> None:
+    supervisor = make(groups=2)
+    supervisor.startService()
+    protocol = spawner.last(1).protocol
+    record = {"log_namespace": "stage.app", "log_level": LogLevel.error, "log_format": "boom {n}", "n": 3}
+    with capturedLogs() as events:
+        protocol.outReceived(b"- [stage.app#error] Lua error in main script\n\tTraceback line\nplain\n")
+        protocol.outReceived(eventAsJSON(record).encode() + b"\n")
+    relayed = [(e["log_namespace"], e["log_level"].name, formatEvent(e)) for e in events]
+    assert relayed == [
+        ("stage.app", "error", "p2[1001] Lua error in main script"),
+        ("stage.app", "error", "p2[1001] \tTraceback line"),
+        ("stagetx.child", "info", "p2[1001] plain"),
+        ("stage.app", "error", "p2[1001] boom 3"),
+    ]
+    assert events[-1]["n"] == 3 and events[-1]["process"] == 2
+
+
+def test_json_lines_write_the_level_as_a_plain_string() -> None:
+    out = io.StringIO()
+    observer = plain_level_observer(jsonFileLogObserver(out, recordSeparator=""))
+    Logger(namespace="stage.app", observer=observer).error("boom")
+    assert json.loads(out.getvalue())["log_level"] == "error"
 
 
 def test_line_relay_bounds_its_buffer() -> None:

@@ -32,7 +32,7 @@ def test_check_prints_groups_and_exits_0(tmp_path: Path, capsys: pytest.CaptureF
     with pytest.raises(SystemExit) as caught:
         Options().parseOptions(["-c", str(path), "--check"])
     assert caught.value.code == 0
-    assert capsys.readouterr().out == "config OK\ngroup 0: =index+a\ngroup 1: =route+r =curl+c\n"
+    assert capsys.readouterr().out == "config OK\nprocess 1: =index+a\nprocess 2: =route+r =curl+c\n"
 
 
 def test_make_service_starts_nothing_before_start_service(tmp_path: Path) -> None:

@@ -169,3 +169,19 @@ def test_bad_requests_and_creations_are_logged() -> None:
     assert len(context.events) == 3
     stage.stop()
     assert context.clock.getDelayedCalls() == []
+
+
+def test_the_original_table_form_takes_one_ticket_per_callback_id() -> None:
+    """``signal("ticket:db?fb", {[""] = data, a = 1, b = 2})`` (the original platform's form): ``a``
+    is granted at once, ``b`` waits; one feedback tells each result and hands ``[""]`` back."""
+    context, stage = make()
+    request(stage, REQ_A, "db?fb", {b"": b"USER DATA", b"a": 1, b"b": 2})
+    called, feedback = context.take()
+    assert called[0] == at(REQ_A, "a") and called[1] == (1,)
+    assert feedback[0] == at(REQ_A, "fb")
+    text, results = feedback[1]
+    assert text == "ticket:db?fb"
+    assert results[b""] == b"USER DATA" and results[b"a"] is True
+    assert results[b"b"].startswith("@")
+    context.clock.advance(1.0)
+    assert [(target, values) for target, values, _ in context.take()] == [(at(REQ_A, "b"), (2,))]

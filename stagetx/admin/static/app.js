@@ -87,19 +87,31 @@ function render(o) {
     const tr = document.createElement("tr");
     tr.dataset.stage = `${s.process}/${s.name}`;
     tr.className = "row-" + s.state;
-    tr.append(cell(s.process), cell(s.name), stateCell(s.state),
+    const state = stateCell(s.state);
+    if (s.failure) state.title = s.failure;
+    tr.append(cell(s.process), cell(s.name), state,
       cell(num(s.in_rate, 1), { "data-field": "in_rate" }), cell(num(s.out_rate, 1), { "data-field": "out_rate" }),
       cell(num(s.received), { "data-field": "received" }), cell(num(s.sent), { "data-field": "sent" }),
       cell(ms(s.p50), { "data-field": "p50" }), cell(ms(s.p99), { "data-field": "p99" }),
-      cell(num(s.queue), { "data-field": "queue" }), cell(num(s.errors), { "data-field": "errors", class: s.errors ? "error" : "" }),
+      cell(num(s.queue), { "data-field": "queue" }), errorsCell(s),
+      cell(num(s.clients), { "data-field": "clients" }),
       cell(s.type === "lua" || s.type === "luajit" ? bytes(s.lua_memory) : ""));
     const act = cell("", { class: "act" });
-    if (!session.readonly && (s.type === "lua" || s.type === "luajit") && s.state === "running") {
+    if (!session.readonly && (s.type === "lua" || s.type === "luajit") && (s.state === "running" || s.state === "failed")) {
       act.appendChild(button("reload", () => act_(`reload stage ${s.name}`, "reload", [s.name])));
     }
     tr.appendChild(act);
     return tr;
   }, "no stages");
+  fill("listeners", o.listeners || [], (e) => {
+    const tr = document.createElement("tr");
+    tr.dataset.endpoint = `${e.process}/${e.stage}/${e.id}`;
+    tr.append(cell(e.process), cell(e.stage), cell(e.url), cell(e.kind),
+      ...["connected", "accepted", "refused", "closed", "frames_in", "frames_out", "bytes_in", "bytes_out", "oversized"]
+        .map((f) => cell(num(e[f]), { "data-field": f })));
+    return tr;
+  }, "no broker endpoints");
+  showErrors();
   fill("tickets", o.tickets, (t) => {
     const tr = document.createElement("tr");
     tr.append(cell(t.stage), cell(t.category), cell(t.held), cell(t.waiting), cell(t.limit));
@@ -138,6 +150,32 @@ function syncStageChoices(o) {
     loadBoards();
   }
 }
+
+// -- a stage's last errors, opened by clicking its error count ---------------------------------
+let errorsOf = null; // "process/name" of the stage whose errors are shown
+function errorsCell(s) {
+  const td = cell(num(s.errors), { "data-field": "errors", class: s.errors ? "error" : "" });
+  if (s.errors) {
+    td.classList.add("clickable");
+    td.title = "show the last errors";
+    td.addEventListener("click", () => { errorsOf = `${s.process}/${s.name}`; showErrors(); });
+  }
+  return td;
+}
+function showErrors() {
+  const stage = errorsOf && latest && latest.stages.find((s) => `${s.process}/${s.name}` === errorsOf);
+  $("errors-panel").hidden = !stage;
+  if (!stage) return;
+  $("errors-title").textContent = `Last errors of ${stage.name} (process ${stage.process}): ${stage.errors} in all`;
+  const items = [...(stage.last_errors || [])].reverse().map((e) => {
+    const li = document.createElement("li");
+    li.textContent = `${new Date(e.time * 1000).toLocaleTimeString()} ${e.error}`;
+    return li;
+  });
+  if (!items.length) items.push(Object.assign(document.createElement("li"), { textContent: "no error text kept" }));
+  $("errors-list").replaceChildren(...items);
+}
+$("errors-close").addEventListener("click", () => { errorsOf = null; showErrors(); });
 
 // -- live stream (fetch, so that the token travels as a header) -------------------------------
 async function stream() {

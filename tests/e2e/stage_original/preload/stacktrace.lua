@@ -1,0 +1,6 @@
+-- bin/preload/stacktrace.lua of the original STAGE platform, https://github.com/datumflux/platform at 8d7063b6bb44.
+-- Copyright (c) 2018-2019 DATUMFLUX CORP., MIT licence: see LICENSE in tests/e2e/stage_original.
+-- Unmodified below this header, except lines starting "-- [stagetx: skipped" (the reason follows).
+stage.load("stacktrace", function (T)
+	debug.traceback = T.stacktrace
+end)
