@@ -30,11 +30,10 @@ from urllib.parse import urlsplit
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
-from twisted.web.static import File
+from twisted.web.server import NOT_DONE_YET, Request
 
 from stagetx.admin.commands import Commands, Reply
-from stagetx.admin.http import MAX_BODY, _as_json, _Guarded
+from stagetx.admin.http import MAX_BODY, AdminSite, StaticFiles, _as_json, _Guarded
 
 STATIC = Path(__file__).with_name("static")
 SAMPLE_INTERVAL = 1.0
@@ -288,7 +287,7 @@ class Dashboard:
         api.putChild(b"action", _Action(self, token))
         root.putChild(b"api", api)
         root.putChild(b"", _Page((STATIC / "index.html").read_bytes()))
-        root.putChild(b"static", File(str(STATIC)))
+        root.putChild(b"static", StaticFiles(str(STATIC)))
 
 
 class _Api(Resource):
@@ -441,13 +440,13 @@ def _action_of(request: Request) -> list[str] | str:
     return [value["command"], *args]
 
 
-class DashboardSite(Site):
+class DashboardSite(AdminSite):
     """The admin ``Site`` with the dashboard installed; samples only while it listens."""
 
     def __init__(self, root: Resource, supervisor: Any, commands: Commands, token: str | None) -> None:
         self.dashboard = Dashboard(supervisor, commands, token)
         self.dashboard.install(root)
-        super().__init__(root)
+        super().__init__(root, token)
 
     def startFactory(self) -> None:
         super().startFactory()

@@ -6,23 +6,48 @@
 - ``GET /metrics``: Prometheus text. ``GET /health``: 200 or 503 with ``{"status", "reasons"}``.
 
 With an ``#admin`` token every request needs ``Authorization: Bearer <TOKEN>`` (else 401).
+A request body is checked as soon as its headers are in, before any of it is read: over
+``MAX_BODY`` bytes is 413, and without the token (when one is set) 401; no body is ever spooled
+to a temporary file (``AdminSite``).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from io import BytesIO
 from typing import Any
 
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
+from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
+from twisted.web.resource import NoResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.static import File
 
 from stagetx.admin import metrics
 from stagetx.admin.commands import Commands, Reply, parse
 
 MAX_BODY = 64 * 1024
+#: Seconds a refused request's body is still read (and dropped) so that the client gets the
+#: answer rather than a connection reset; then the connection is closed.
+REFUSED_LINGER = 2.0
+_TOO_LARGE: tuple[int, bytes, bytes, list[bytes]] = (
+    413,
+    b"Content Too Large",
+    f"ERROR request body over {MAX_BODY} bytes\n".encode(),
+    [],
+)
+
+
+def _authorized(given: str | bytes | None, token: str) -> bool:
+    """True when an ``Authorization`` header value carries ``token`` (compared in constant time)."""
+    if isinstance(given, str):
+        given = given.encode("utf-8", "replace")
+    return hmac.compare_digest((given or b"").strip(), f"Bearer {token}".encode())
 
 
 class _Guarded(Resource):
@@ -36,8 +61,7 @@ class _Guarded(Resource):
 
     def render(self, request: Request) -> Any:
         if self.token is not None:
-            given = (request.getHeader("authorization") or "").strip()
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            if not _authorized(request.getHeader("authorization"), self.token):
                 request.setResponseCode(401)
                 request.setHeader("www-authenticate", 'Bearer realm="stagetx"')
                 return b"ERROR token required\n"
@@ -118,6 +142,109 @@ class _Health(_Guarded):
         request.setResponseCode(503 if reasons else 200)
         request.setHeader("content-type", "application/json")
         return json.dumps({"status": "fail" if reasons else "ok", "reasons": reasons}).encode() + b"\n"
+
+
+class StaticFiles(File):
+    """``twisted.web.static.File`` that answers 404 for a path holding a NUL byte (which the file
+    system calls would raise on)."""
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if b"\0" in path:
+            return NoResource()
+        return super().getChild(path, request)
+
+
+class _BoundedRequest(Request):
+    """A request whose body is kept in memory: the channel lets through at most ``MAX_BODY``."""
+
+    content: BytesIO | None  # type: ignore[assignment]  # Twisted declares None
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        assert self.content is not None
+        if self.content.tell() + len(data) > MAX_BODY:  # a chunked body of no announced length
+            channel = self.channel
+            assert isinstance(channel, _BodyCheckingChannel)
+            channel.refuse(*_TOO_LARGE)
+            return
+        super().handleContentChunk(data)
+
+
+class _BodyCheckingChannel(HTTPChannel):
+    """An ``HTTPChannel`` that refuses a request body on its headers, before reading any of it."""
+
+    _refused = False
+    _closing: IDelayedCall | None = None
+    site: AdminSite  # set by Site.buildProtocol
+
+    def allHeadersReceived(self) -> None:
+        refusal = _body_refusal(self.requests[-1].requestHeaders, self.length, self.site.token)
+        if refusal is None:
+            super().allHeadersReceived()
+        else:
+            self.refuse(*refusal)
+
+    def refuse(self, code: int, phrase: bytes, body: bytes, headers: Sequence[bytes] = ()) -> None:
+        """Answer ``code`` now and drop whatever else the client sends until the connection closes."""
+        if self._refused:
+            return
+        self._refused = True
+        self.persistent = False
+        head = [
+            b"HTTP/1.1 %d %s" % (code, phrase),
+            b"Content-Type: text/plain; charset=utf-8",
+            b"Content-Length: %d" % len(body),
+            b"Connection: close",
+            *headers,
+        ]
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self._closing = self.callLater(REFUSED_LINGER, self.transport.loseConnection)
+
+    def lineReceived(self, line: bytes) -> None:
+        if not self._refused:
+            super().lineReceived(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        if not self._refused:
+            super().allContentReceived()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._closing is not None and self._closing.active():
+            self._closing.cancel()
+        super().connectionLost(reason)
+
+
+def _body_refusal(
+    headers: Headers, length: int | None, token: str | None
+) -> tuple[int, bytes, bytes, list[bytes]] | None:
+    """Why a request with these headers and body ``length`` (None: chunked) is refused, or None.
+
+    Only requests with a body are judged here; the resources check the token of the others.
+    """
+    if length == 0:
+        return None
+    if token is not None and not _authorized((headers.getRawHeaders(b"authorization") or [b""])[0], token):
+        return 401, b"Unauthorized", b"ERROR token required\n", [b'WWW-Authenticate: Bearer realm="stagetx"']
+    if length is not None and length > MAX_BODY:
+        return _TOO_LARGE
+    return None
+
+
+class AdminSite(Site):
+    """The admin ``Site``: request bodies judged on their headers (``_BodyCheckingChannel``)."""
+
+    protocol = _BodyCheckingChannel  # type: ignore[assignment]  # plain HTTP/1.1, no HTTP/2 wrapper
+    requestFactory = _BoundedRequest
+
+    def __init__(self, resource: Resource, token: str | None) -> None:
+        super().__init__(resource)
+        self.token = token
 
 
 def admin_site(supervisor: Any, commands: Commands, token: str | None) -> Site:

@@ -79,6 +79,10 @@ class Boards(Protocol):
     def board(self, name: bytes, create: bool) -> Board | None:
         """The board ``name``; created when ``create``, else None when it does not exist."""
 
+    def changing(self, name: bytes, board: Board, member: bytes) -> None:
+        """``member`` of ``board`` is about to be set or deleted (keep its old state: a change
+        whose log write fails is undone)."""
+
     def changed(self, name: bytes, board: Board, member: bytes) -> None:
         """``member`` of ``board`` was set or deleted (record its new state)."""
 
@@ -244,6 +248,7 @@ class Executor:
         reply: dict[bytes, int] = {}
         tier = board.tier(command.tier)
         for member, scores, value, has_value in updates:
+            self.boards.changing(command.name, board, member)
             changed = board.set(member, scores, value, has_value)
             self.boards.changed(command.name, board, member)
             reply[member] = tier.rank(member) if command.tier in changed else 0  # type: ignore[assignment]
@@ -275,6 +280,7 @@ class Executor:
         name = command.name
         board = self.boards.board(name, True)
         assert board is not None
+        self.boards.changing(name, board, member)
         rank = board.set_one(member, command.tier, score, value, has_value)
         self.boards.changed(name, board, member)
         return {member: rank}
@@ -285,7 +291,9 @@ class Executor:
         removed = 0
         if board is not None:
             for member in members:
-                if board.delete(member):
+                if member in board:
+                    self.boards.changing(command.name, board, member)
+                    board.delete(member)
                     removed += 1
                     self.boards.changed(command.name, board, member)
         return removed

@@ -14,16 +14,24 @@ Files in the index directory (``N`` = a 10-digit segment number):
 - ``LOCK``: held (flock) while a process uses the directory.
 
 A frame is ``<u32 length><u32 crc32>`` then a msgpack payload. A torn or corrupt frame ends its
-log segment: it is logged, ignored, and cut off the newest segment before new appends. A frame is
+log segment: it is logged, ignored, and a torn one is cut off the newest segment before new
+appends (a damaged frame with more after it is disk corruption: the segment is first copied to
+``N.log.damaged``, so nothing after the damage is destroyed). A frame is
 written whole before any reply of its turn leaves, so a torn frame holds only unacknowledged
-changes.
+changes; and nothing is ever appended after one: a failed or short write is cut off again at
+once (``LogSegment.append``), and when even that fails the segment is sealed and the next
+commit starts a new one. A commit that fails also undoes its changes in memory, so what a
+failed write held is neither acknowledged nor visible (docs/reliability.md, "Crash consistency").
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
 import re
+import shutil
 import struct
 import zlib
 from collections.abc import Generator, Iterator
@@ -50,6 +58,16 @@ def frame(payload: bytes) -> bytes:
     return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
 
 
+def torn_tail(data: bytes, offset: int) -> bool:
+    """True when ``data`` from ``offset`` is what an interrupted append leaves: the start of one
+    frame cut short, or zeros (blocks a machine crash allocated but never wrote); False when an
+    intact-length frame is damaged, which only disk corruption makes."""
+    if len(data) - offset < _FRAME.size:
+        return True
+    length, _ = _FRAME.unpack_from(data, offset)
+    return offset + _FRAME.size + length > len(data) or not data[offset:].strip(b"\0")
+
+
 def read_frames(data: bytes) -> tuple[list[bytes], int]:
     """The intact payloads at the start of ``data`` and the length they cover."""
     payloads: list[bytes] = []
@@ -61,7 +79,7 @@ def read_frames(data: bytes) -> tuple[list[bytes], int]:
         if end > size:
             break
         payload = data[offset + _FRAME.size : end]
-        if zlib.crc32(payload) != crc:
+        if not length or zlib.crc32(payload) != crc:  # no frame is empty: zeros are not a frame
             break
         payloads.append(payload)
         offset = end
@@ -83,14 +101,67 @@ def _unpack(payload: bytes) -> Any:
 COMPACT_RATIO = 2
 
 
+class LogSegment:
+    """One log segment open for appends: the only code that writes log bytes.
+
+    ``size`` is where its last whole frame ends. ``append`` either adds a whole frame or leaves
+    the file as it was; when it cannot even cut a failed write off again (the disk refuses a
+    truncate), the segment is ``torn`` and must not be appended to: the store seals it.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.size = os.fstat(self.fd).st_size
+        self.torn = False
+
+    def write(self, data: memoryview) -> int:
+        """One ``write()`` call; returns how many bytes it took (tests override it to inject faults)."""
+        return os.write(self.fd, data)
+
+    def append(self, data: bytes, sync: bool) -> None:
+        """Write ``data`` whole at the end (and fdatasync it when ``sync``), or raise OSError with the
+        segment cut back to its previous end."""
+        view = memoryview(data)
+        try:
+            while view:
+                written = self.write(view)
+                if written <= 0:
+                    raise OSError(errno.EIO, "write() wrote nothing")
+                view = view[written:]
+            if sync:
+                os.fdatasync(self.fd)
+        except OSError:
+            self.cut()
+            raise
+        self.size += len(data)
+
+    def cut(self) -> None:
+        """Truncate to the end of the last whole frame; on failure mark the segment torn."""
+        try:
+            os.ftruncate(self.fd, self.size)
+        except OSError:
+            self.torn = True
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class IndexStore:
     """The boards of one index stage and the files that make them durable.
 
-    Implements ``commands.Boards``: the executor reports each changed member, the store frames its
-    new state into a pending buffer, and ``commit`` writes the buffer with one ``write()`` before
+    Implements ``commands.Boards``: the executor reports each member about to change (the store
+    keeps its old state until the commit) and each changed member (the store frames its new
+    state into a pending buffer), and ``commit`` writes the buffer with one ``write()`` before
     the stage replies. ``write()`` survives a kill of the process (the data sits in the OS page
     cache); with ``fsync=True`` each commit also survives a machine crash.
     """
+
+    #: Opens a log segment; tests substitute a subclass of ``LogSegment`` that injects faults.
+    segment_type: type[LogSegment] = LogSegment
 
     def __init__(
         self, directory: str, fsync: bool = False, compact_min_bytes: int = 4 << 20, chunk: int = 5000
@@ -105,8 +176,10 @@ class IndexStore:
         self.snapshot_bytes = 0
         self.dirty = False
         self._pending: list[tuple[Any, ...]] = []
+        self._undo: list[tuple[Any, ...]] = []  # old states of the members changed since the commit
         self._segment = 0
-        self._fd = -1
+        self._unsnapshotted = 0  # a segment started by a compaction that failed (0: none)
+        self._log: LogSegment | None = None
         self._lock_fd = -1
 
     # -- Boards protocol -------------------------------------------------------------------
@@ -116,6 +189,9 @@ class IndexStore:
         if board is None and create:
             board = self.boards[name] = Board()
         return board
+
+    def changing(self, name: bytes, board: Board, member: bytes) -> None:
+        self._undo.append(board.record(name, member))
 
     def changed(self, name: bytes, board: Board, member: bytes) -> None:
         self._pending.append(board.record(name, member))
@@ -132,29 +208,48 @@ class IndexStore:
     # -- writing ---------------------------------------------------------------------------
 
     def commit(self) -> None:
-        """Write the pending records as one frame (one ``write()``); fsync too when configured."""
+        """Write the pending records as one frame (one ``write()``); fsync too when configured.
+
+        Raises OSError when the frame could not be written whole: the log is left as it was
+        before the frame and every change since the last commit is undone in memory.
+        """
         if not self._pending:
+            self._undo.clear()
             return
-        data = frame(_pack(self._pending))
-        self._pending.clear()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        try:
+            data = frame(_pack(self._pending))
+            self._pending.clear()
+            self._writable().append(data, self.fsync)
+        except BaseException:
+            self._roll_back()
+            raise
+        self._undo.clear()
         self.log_bytes += len(data)
-        if self.fsync:
-            os.fdatasync(self._fd)
-        else:
+        if not self.fsync:
             self.dirty = True
 
-    def discard_pending(self) -> None:
-        """Drop records that could not be committed (the caller reports the failure)."""
+    def _writable(self) -> LogSegment:
+        """The segment to append to: a new one when the current one is torn (sealed for good)."""
+        assert self._log is not None, "the store is not open"
+        if self._log.torn:
+            with contextlib.suppress(OSError):
+                self._log.sync()  # its whole frames, for the interval fsync policy
+            _log.warn("index log {path}: sealed after a write that could not be cut off", path=self._log.path)
+            self._log = self._open_segment(self._segment + 1)
+        return self._log
+
+    def _roll_back(self) -> None:
+        """Put back the old state of every member changed since the last commit, newest first."""
+        undo, self._undo = self._undo, []
         self._pending.clear()
+        for record in reversed(undo):
+            self._apply(record)
 
     def sync(self) -> None:
         """fsync the log if anything was written since the last sync (the interval policy)."""
-        if self.dirty and self._fd >= 0:
+        if self.dirty and self._log is not None:
             self.dirty = False
-            os.fdatasync(self._fd)
+            self._log.sync()
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -180,9 +275,7 @@ class IndexStore:
             if number == replay[-1]:
                 os.truncate(self._file(number, "log"), valid)
             self.log_bytes += valid
-        self._segment = replay[-1] if replay else max(base, 1)
-        self._fd = os.open(self._file(self._segment, "log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        _fsync_dir(self.directory)
+        self._log = self._open_segment(replay[-1] if replay else max(base, 1))
 
     def _scan(self) -> tuple[list[int], list[int]]:
         snaps: list[int] = []
@@ -200,12 +293,25 @@ class IndexStore:
         with open(path, "rb") as file:
             data = file.read()
         payloads, valid = read_frames(data)
-        if valid < len(data):
+        if valid < len(data) and torn_tail(data, valid):
             _log.warn(
-                "index log {path}: ignored {count} bytes of a torn or corrupt record at offset {offset}",
+                "index log {path}: ignored {count} bytes of a torn record at offset {offset}",
                 path=path,
                 count=len(data) - valid,
                 offset=valid,
+            )
+        elif valid < len(data):
+            # damage with more after it: keep every byte for the operator before anything is cut
+            copy = path + ".damaged"
+            if not os.path.exists(copy):
+                shutil.copyfile(path, copy)
+            _log.error(
+                "index log {path}: damaged record at offset {offset}; the {count} bytes from there on"
+                " are not replayed (the whole file is kept as {copy})",
+                path=path,
+                count=len(data) - valid,
+                offset=valid,
+                copy=copy,
             )
         for payload in payloads:
             records = _unpack(payload)
@@ -216,7 +322,7 @@ class IndexStore:
                 self._apply(records)  # a lone record: the format before records were batched
         return valid
 
-    def _apply(self, record: list[Any]) -> None:
+    def _apply(self, record: list[Any] | tuple[Any, ...]) -> None:
         name, member = record[0], record[1]
         board = self.boards.get(name)
         if board is None:
@@ -252,9 +358,15 @@ class IndexStore:
 
         The stage keeps serving between steps: the snapshot may include changes logged in the
         new segment, which replays idempotently over it. Closing the steps abandons the snapshot.
+        A step that fails (OSError, disk full) removes the partial snapshot: the files hold what
+        they held before, plus the one new segment, which the next compaction snapshots onto
+        again instead of starting another (replaying a segment over a snapshot taken after it
+        began is what every start does already).
         """
+        number = self._rotate()
         self.compacting = True
-        return self._write_snapshot(self._rotate())
+        self._unsnapshotted = number
+        return self._write_snapshot(number)
 
     def _write_snapshot(self, number: int) -> Generator[None, None, None]:
         temporary = self._path(f"{number:010d}.snap.tmp")
@@ -281,21 +393,40 @@ class IndexStore:
             os.replace(temporary, self._file(number, "snap"))
             _fsync_dir(self.directory)
             done = True
+            self._unsnapshotted = 0
             self._remove_before(number)
             self.snapshot_bytes = os.path.getsize(self._file(number, "snap"))
             self.log_bytes = sum(os.path.getsize(self._file(n, "log")) for n in self._scan()[1] if n >= number)
         finally:
             self.compacting = False
-            if not done and os.path.exists(temporary):
-                os.remove(temporary)
+            if not done:
+                with contextlib.suppress(OSError):
+                    os.remove(temporary)
 
     def _rotate(self) -> int:
+        """Start a new segment for appends and return its number (the current one when it is still
+        empty, or was started by a compaction that failed); the old segment stays open until the
+        new one exists."""
+        assert self._log is not None, "the store is not open"
+        if not self._log.torn and (self._log.size == 0 or self._segment == self._unsnapshotted):
+            return self._segment
         self.sync()
-        os.close(self._fd)
-        self._segment += 1
-        self._fd = os.open(self._file(self._segment, "log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        _fsync_dir(self.directory)
+        self._log = self._open_segment(self._segment + 1)
         return self._segment
+
+    def _open_segment(self, number: int) -> LogSegment:
+        """Open segment ``number`` for appends, then close the previous one (if any)."""
+        segment = self.segment_type(self._file(number, "log"))
+        try:
+            _fsync_dir(self.directory)
+        except OSError:
+            segment.close()
+            raise
+        previous, self._log, self._segment = self._log, segment, number
+        if previous is not None:
+            with contextlib.suppress(OSError):
+                previous.close()
+        return segment
 
     def _remove_before(self, number: int) -> None:
         snaps, logs = self._scan()
@@ -310,15 +441,19 @@ class IndexStore:
 
     def close(self) -> None:
         """fsync and close the log, release the directory."""
-        if self._fd >= 0:
-            self.dirty = True
-            self.sync()
-            os.close(self._fd)
-            self._fd = -1
-        self.compacting = False
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        try:
+            if self._log is not None:
+                self.dirty = True
+                try:
+                    self.sync()
+                finally:
+                    self._log.close()
+                    self._log = None
+        finally:
+            self.compacting = False
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
 
     def _path(self, name: str) -> str:
         return os.path.join(self.directory, name)

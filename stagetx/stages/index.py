@@ -2,7 +2,8 @@
 
 The thin edge around ``stagetx.index``: settings, start/stop, one message → one request table →
 one reply, with the turn's log write made before its replies, the fsync policy, and background
-compaction.
+compaction. Storage failures (a full disk) are counted as stage errors, logged at a bounded
+rate, and a failed compaction is retried after a back-off.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from stagetx.index.commands import Executor, IndexMessage, RequestError, read_me
 from stagetx.index.redis_link import RedisSettings, parse_redis_settings
 from stagetx.index.store import IndexStore
 from stagetx.message import Message
+from stagetx.ratelog import RateLimitedLog
 from stagetx.stages.base import StageContext
 
 DEFAULT_KEY_SIZE = 255
@@ -29,6 +31,9 @@ FREEZE_CHECK = 1.0
 #: Members added since the last ``gc.freeze()`` that make the next check freeze again: at least
 #: this many, and at least a tenth of the members frozen before (so freezes stay rare).
 FREEZE_GROWTH = 50_000
+#: Seconds before a failed compaction is tried again: doubled after each failure up to the most.
+COMPACT_RETRY_FIRST = 1.0
+COMPACT_RETRY_MOST = 60.0
 
 
 @attrs.frozen
@@ -103,6 +108,9 @@ class Stage:
         self._replies: list[tuple[Message, IndexMessage, dict[Any, Any]]] = []  # sent by ``turn_ended``
         self._freezer: LoopingCall | None = None
         self._frozen_members = 0  # members alive at the last gc.freeze()
+        self._storage_log = RateLimitedLog(context.log, context.clock)
+        self._compact_retry = 0.0  # the back-off after a failed compaction (0: none failed)
+        self._compact_after = 0.0  # no compaction before this time (clock seconds)
 
     def start(self) -> None:
         """Load the indexes, then freeze them out of the cyclic GC's sight (see docs/index.md)."""
@@ -137,6 +145,7 @@ class Stage:
         if self._compaction is not None:
             self._compaction.close()
             self._compaction = None
+        self._storage_log.stop()
         self.store.close()
 
     def receive(self, message: Message) -> None:
@@ -165,8 +174,9 @@ class Stage:
         try:
             self.store.commit()
         except Exception as error:  # OSError mostly (disk full); the replies must go out either way
-            self.store.discard_pending()
-            self.context.log.error("index {stage}: log write failed: {error}", stage=self.context.name, error=error)
+            # the store undid the turn's changes: every request of the turn gets the error
+            self.context.count_error(f"log write failed: {error}")
+            self._storage_log.error("index {stage}: log write failed: {error}", stage=self.context.name, error=error)
             failed = {"error": f"index storage failed: {error}"}
             replies = [(message, form, {key: failed for key in reply}) for message, form, reply in replies]
         context = self.context
@@ -195,12 +205,33 @@ class Stage:
         try:
             self.store.sync()
         except OSError as error:
-            self.context.log.error("index {stage}: fsync failed: {error}", stage=self.context.name, error=error)
+            self.context.count_error(f"fsync failed: {error}")
+            self._storage_log.error("index {stage}: fsync failed: {error}", stage=self.context.name, error=error)
 
     def _maybe_compact(self) -> None:
-        if self._compaction is None and self.store.wants_compaction():
+        if self._compaction is not None or not self.store.wants_compaction():
+            return
+        if self.context.clock.seconds() < self._compact_after:
+            return
+        try:
             self._compaction = self.store.compaction()
-            self._step = self.context.clock.callLater(0, self._compact_step)
+        except OSError as error:
+            self._compaction_failed(error)
+            return
+        self._step = self.context.clock.callLater(0, self._compact_step)
+
+    def _compaction_failed(self, error: Exception) -> None:
+        """Count and log the failure once, and leave the files alone until the back-off has passed."""
+        self._compaction = None
+        self._compact_retry = min(max(2 * self._compact_retry, COMPACT_RETRY_FIRST), COMPACT_RETRY_MOST)
+        self._compact_after = self.context.clock.seconds() + self._compact_retry
+        self.context.count_error(f"compaction failed: {error}")
+        self.context.log.error(
+            "index {stage}: compaction failed ({error}); next try in {delay} s",
+            stage=self.context.name,
+            error=error,
+            delay=self._compact_retry,
+        )
 
     def _compact_step(self) -> None:
         """Write one chunk of the snapshot, then let the reactor serve before the next one."""
@@ -210,14 +241,19 @@ class Stage:
             next(self._compaction)
         except StopIteration:
             self._compaction = None
+            self._compact_retry = 0.0
             self.context.log.info(
                 "index {stage}: compacted, snapshot {size} bytes",
                 stage=self.context.name,
                 size=self.store.snapshot_bytes,
             )
             return
+        except OSError as error:
+            self._compaction_failed(error)
+            return
         except Exception:
             self._compaction = None
+            self.context.count_error()
             self.context.log.failure("index {stage}: compaction failed", stage=self.context.name)
             return
         self._step = self.context.clock.callLater(0, self._compact_step)

@@ -318,6 +318,8 @@ def test_page_static_files_and_session_without_token() -> None:
     assert _body(_request(site, "/api/session")) == {"readonly": True, "csrf": None, "interval": 1.0}
     script = site.getResourceFor(DummyRequest([b"static", b"uPlot.iife.min.js"]))
     assert script.path.endswith("uPlot.iife.min.js")
+    for path in ([b"static", b"app.js\0.png"], [b"static", b"\0"]):  # the file system would raise
+        assert _request(site, "/" + "/".join(p.decode() for p in path)).responseCode == 404
 
 
 def test_api_paths_beside_the_command_api_and_token_rules() -> None:

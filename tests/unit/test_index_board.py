@@ -33,6 +33,9 @@ class MemoryBoards:
             self.boards[name] = Board()
         return self.boards.get(name)
 
+    def changing(self, name: bytes, board: Board, member: bytes) -> None:
+        pass
+
     def changed(self, name: bytes, board: Board, member: bytes) -> None:
         self.changes.append((name, member))
 

@@ -15,6 +15,7 @@ from stagetx.codec import pack_py
 from stagetx.message import Message, Sender
 from stagetx.stages import index as index_stage
 from stagetx.stages.index import IndexSettings, Stage, parse_settings
+from tests.support import LogCapture
 
 
 @attrs.define
@@ -29,6 +30,10 @@ class FakeContext:
     log: Logger = attrs.Factory(lambda: Logger(namespace="test.index"))
     replies: list[tuple[Message, tuple[Any, ...]]] = attrs.Factory(list)
     answered: list[tuple[str, tuple[Any, ...]]] = attrs.Factory(list)  # (sender's handler, values)
+    errors: list[str | None] = attrs.Factory(list)
+
+    def count_error(self, error: str | None = None) -> None:
+        self.errors.append(error)
 
     def resolve_path(self, path: str) -> str:
         return os.path.join(self.base_dir, path)
@@ -185,7 +190,9 @@ def test_a_log_write_failure_turns_the_reply_into_errors(context, monkeypatch) -
     monkeypatch.setattr(os, "write", full)
     reply = _ask(stage, context, {"set:b": {"a": {"i": 1}}, "total:b": 0})
     assert "No space left" in reply[b"set:b"]["error"] and "error" in reply[b"total:b"]
+    assert len(context.errors) == 1 and "No space left" in (context.errors[0] or "")
     monkeypatch.undo()
+    assert _ask(stage, context, {"total:b": 0}) == {b"total:b": 0}  # the failed set is not visible
     stage.stop()
 
 
@@ -243,6 +250,49 @@ def test_the_heap_is_frozen_again_once_the_indexes_grew(context, monkeypatch) ->
         stage.stop()
         gc.unfreeze()
     assert not context.clock.getDelayedCalls()  # the check stops with the stage
+
+
+def test_a_failing_compaction_backs_off_and_logs_once_per_try(context, monkeypatch) -> None:
+    stage = _started(context)
+    stage.store.compact_min_bytes = 1
+    full = OSError(28, "No space left on device")
+    with LogCapture() as capture, monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(full))
+        for n in range(200):  # many turns, each one wanting a compaction
+            _ask(stage, context, {"set:b": {f"m{n}": {"i": n}}})
+            while stage._step is not None:
+                context.clock.advance(0)  # run the compaction's steps
+            if n % 20 == 19:
+                context.clock.advance(1.5)
+    failures = [e for e in capture.events if "compaction failed" in e.get("log_format", "")]
+    # tries at 0 s, then after 1, 2, 4, 8 s back-offs: the 15 s of this test hold at most 5
+    assert 2 <= len(failures) <= 5 and len(context.errors) == len(failures)
+    logs = [f for f in os.listdir(stage.settings.directory) if f.endswith(".log")]
+    assert len(logs) <= 2 and not [f for f in os.listdir(stage.settings.directory) if f.endswith(".tmp")]
+    context.clock.advance(60)
+    _ask(stage, context, {"set:b": {"last": {"i": 1}}})
+    while stage._step is not None:
+        context.clock.advance(0)
+    assert [f for f in os.listdir(stage.settings.directory) if f.endswith(".snap")]
+    assert _ask(stage, context, {"total:b": 0}) == {b"total:b": 201}
+    stage.stop()
+
+
+def test_a_full_disk_logs_a_bounded_number_of_lines_with_a_count(context, monkeypatch) -> None:
+    stage = _started(context)
+    with LogCapture() as capture:
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+            for n in range(500):
+                assert "error" in _ask(stage, context, {"set:b": {f"m{n}": {"i": n}}})[b"set:b"]
+                if n % 100 == 99:
+                    context.clock.advance(4)
+        lines = [e for e in capture.events if "log write failed" in e.get("log_format", "")]
+        assert len(context.errors) == 500 and 2 <= len(lines) <= 6
+        stage.stop()
+    lines = [e for e in capture.events if "log write failed" in e.get("log_format", "")]
+    # each failure is in a line of its own or in a summary's count (stop() logs what was held back)
+    assert sum(e.get("repeated", 1) for e in lines) == 500
 
 
 def _sent(stage: Stage, msgid: str, reply: str | None, *values: Any) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 
 import pytest
 from twisted.logger import globalLogPublisher
 
 from stagetx.index.commands import Executor
-from stagetx.index.store import COMPACT_RATIO, IndexStore, StoreCorrupt, frame, read_frames
+from stagetx.index.store import COMPACT_RATIO, IndexStore, LogSegment, StoreCorrupt, frame, read_frames
+from tests.support import LogCapture
 
 
 def _open(directory: str, **options) -> tuple[IndexStore, Executor]:
@@ -176,3 +179,159 @@ def test_fsync_policy_and_interval_sync(tmp_path, monkeypatch) -> None:
     store.sync()
     assert len(synced) == 1
     store.close()
+
+
+class FaultySegment(LogSegment):
+    """A log segment whose ``write()`` calls follow ``plan``: a number writes at most that many
+    bytes (a short write), an errno raises that OSError; once the plan is used up, writes are real."""
+
+    plan: list[int | OSError] = []
+
+    def write(self, data: memoryview) -> int:
+        if not FaultySegment.plan:
+            return super().write(data)
+        step = FaultySegment.plan.pop(0)
+        if isinstance(step, OSError):
+            raise step
+        return super().write(data[:step])
+
+
+ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+EIO = OSError(errno.EIO, "Input/output error")
+
+
+@pytest.fixture
+def faulty(monkeypatch):
+    monkeypatch.setattr(IndexStore, "segment_type", FaultySegment)
+    FaultySegment.plan = []
+    return FaultySegment.plan
+
+
+def _board(store: IndexStore, name: bytes = b"b") -> dict:
+    board = store.boards[name]
+    return {m: (board.values[m], board.tier(1).rank(m), board.tier(1).score(m)) for m in board.values}
+
+
+@pytest.mark.parametrize(
+    "plan", [[ENOSPC], [7, ENOSPC], [3, 5, EIO], [0]], ids=["enospc", "short+enospc", "2short+eio", "zero"]
+)
+def test_a_failed_write_leaves_the_log_and_the_boards_as_they_were(tmp_path, faulty, plan) -> None:
+    store, executor = _open(str(tmp_path))
+    _apply(store, executor, {b"set:b": {b"a": {b"v": b"A", b"i": 5}, b"b": {b"i": 5}, b"c": {b"i": 1}}})
+    before, size = _board(store), _log_size(str(tmp_path))
+    faulty.extend(plan)
+    # one turn: an update that reorders a tie, a new member, a deletion, a value change
+    reply = executor.run({b"set:b": {b"a": {b"i": 9}, b"new": {b"i": 3}}, b"del:b": [b"c"]})
+    assert reply[b"set:b"] == {b"a": 1, b"new": 3} and reply[b"del:b"] == 1
+    executor.run({b"set:b": {b"b": {b"v": b"B", b"i": 5}}})
+    with pytest.raises(OSError):
+        store.commit()
+    assert _board(store) == before  # undone in memory
+    assert _log_size(str(tmp_path)) == size  # cut back to the last whole frame
+    assert executor.run({b"get:b": [b"new"]}) == {b"get:b": {}}
+    # the log goes on: the next acknowledged write lands right after the last good frame
+    _apply(store, executor, {b"set:b": {b"d": {b"i": 7}}})
+    expected = _board(store)
+    store.close()
+    again, _ = _open(str(tmp_path))
+    assert _board(again) == expected and b"new" not in again.boards[b"b"]
+    again.close()
+
+
+def test_a_write_that_cannot_be_cut_off_seals_its_segment(tmp_path, faulty, monkeypatch) -> None:
+    store, executor = _open(str(tmp_path))
+    _apply(store, executor, {b"set:b": {b"a": {b"i": 1}}})
+    faulty.extend([5, EIO])
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "ftruncate", lambda fd, size: (_ for _ in ()).throw(EIO))
+        executor.run({b"set:b": {b"lost": {b"i": 2}}})
+        with pytest.raises(OSError):
+            store.commit()
+    logs = sorted(f for f in os.listdir(tmp_path) if f.endswith(".log"))
+    assert len(logs) == 1  # the torn one is sealed at the next commit, not before
+    for n in range(3, 6):
+        _apply(store, executor, {b"set:b": {b"m%d" % n: {b"i": n}}})
+    logs = sorted(f for f in os.listdir(tmp_path) if f.endswith(".log"))
+    assert len(logs) == 2
+    expected = _board(store)
+    store.close()
+    again, _ = _open(str(tmp_path))  # the sealed segment's torn tail hides nothing after it
+    assert _board(again) == expected and b"lost" not in again.boards[b"b"]
+    again.close()
+
+
+def test_a_failed_fsync_is_a_failed_commit(tmp_path, monkeypatch) -> None:
+    store, executor = _open(str(tmp_path), fsync=True)
+    _apply(store, executor, {b"set:b": {b"a": {b"i": 1}}})
+    size = _log_size(str(tmp_path))
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fdatasync", lambda fd: (_ for _ in ()).throw(EIO))
+        executor.run({b"set:b": {b"a": {b"i": 2}}})
+        with pytest.raises(OSError):
+            store.commit()
+    assert _log_size(str(tmp_path)) == size and store.boards[b"b"].tier(1).score(b"a") == 1
+    store.close()
+
+
+def test_a_failed_snapshot_leaves_the_files_and_the_retry_reuses_its_segment(tmp_path, monkeypatch) -> None:
+    store, executor = _open(str(tmp_path), compact_min_bytes=1, chunk=2)
+    for n in range(10):
+        _apply(store, executor, {b"set:b": {b"m%d" % n: {b"i": n}}})
+    files = sorted(os.listdir(tmp_path))
+    real_fsync = os.fsync
+
+    def snapshot_fsync_fails(fd: int) -> None:  # directories still sync: rotations succeed
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise ENOSPC
+        real_fsync(fd)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", snapshot_fsync_fails)
+        for n in range(5):  # a retry storm: each rotation would leave a new segment behind
+            _apply(store, executor, {b"set:b": {b"late%d" % n: {b"i": n}}})
+            assert store.wants_compaction()
+            with pytest.raises(OSError):
+                for _ in store.compaction():
+                    pass
+    after = sorted(os.listdir(tmp_path))
+    assert [f for f in after if f not in files] == ["0000000002.log"]  # one new segment
+    assert not [f for f in after if f.endswith((".tmp", ".snap"))]
+    expected = _board(store)
+    for _ in store.compaction():
+        pass
+    store.close()
+    again, _ = _open(str(tmp_path))
+    assert _board(again) == expected
+    again.close()
+
+
+def test_a_zero_filled_tail_is_a_torn_record_not_a_frame(tmp_path) -> None:
+    store, executor = _open(str(tmp_path))
+    _apply(store, executor, {b"set:b": {b"kept": {b"i": 1}}})
+    store.close()
+    (log,) = [f for f in os.listdir(tmp_path) if f.endswith(".log")]
+    with open(os.path.join(tmp_path, log), "ab") as out:
+        out.write(b"\0" * 4096)  # a machine crash can leave allocated blocks unwritten
+    store, _ = _open(str(tmp_path))
+    assert set(store.boards[b"b"].values) == {b"kept"}
+    store.close()
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".damaged")]
+
+
+def test_damage_followed_by_records_keeps_a_copy_of_the_whole_segment(tmp_path) -> None:
+    store, executor = _open(str(tmp_path))
+    for member in (b"a", b"b", b"c"):
+        _apply(store, executor, {b"set:b": {member: {b"i": 1}}})
+    store.close()
+    (log,) = [f for f in os.listdir(tmp_path) if f.endswith(".log")]
+    path = os.path.join(tmp_path, log)
+    data = bytearray(open(path, "rb").read())
+    second = len(frame(b"x")) - 1 + len(data) // 3  # somewhere inside the second frame's payload
+    data[second] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with LogCapture() as capture:
+        store, _ = _open(str(tmp_path))
+    assert set(store.boards[b"b"].values) == {b"a"}
+    store.close()
+    assert open(path + ".damaged", "rb").read() == bytes(data)  # nothing the damage hid is gone
+    assert [e for e in capture.events if e["log_level"].name == "error" and "damaged record" in e["log_format"]]
