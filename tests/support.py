@@ -151,16 +151,21 @@ class ServerProcess:
 
     def logged(self, stage: str, prefix: str) -> list[list[str]]:
         """Tab-separated fields after ``prefix`` of each line stage ``stage`` logged with it."""
+        out = []
+        for text in self.stage_lines(stage):
+            fields = text.split("\t")
+            if fields[0] == prefix:
+                out.append(fields[1:])
+        return out
+
+    def stage_lines(self, stage: str) -> list[str]:
+        """The text of each line stage ``stage`` logged, after the relay's ``pN[pid]`` prefix."""
         marker = f"[stage.{stage}#"
         out = []
         for line in list(self.lines):
             at = line.find(marker)
-            if at < 0:
-                continue
-            text = line[line.index("] ", at) + 2 :]
-            fields = re.sub(r"^p\d+\[\d+\] ", "", text, count=1).split("\t")  # after the relay's pN[pid]
-            if fields[0] == prefix:
-                out.append(fields[1:])
+            if at >= 0:
+                out.append(re.sub(r"^p\d+\[\d+\] ", "", line[line.index("] ", at) + 2 :], count=1))
         return out
 
     def wait_for(self, condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:

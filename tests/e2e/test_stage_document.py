@@ -638,7 +638,11 @@ def test_stage_functions(server: ServerProcess) -> None:
     # {callback id, address}: no server of the cluster is there (this server has no peers)
     assert printed(server, "stage", "TO-SERVER") == [["TO-SERVER", "false", "no cluster: this server has no peers"]]
     # ":id" runs the handler before signal returns
-    steps = [fields[0] for fields in _stage_lines(server, "stage") if fields[0].startswith("STEP")]
+    steps = [
+        fields[0]
+        for fields in (text.split("\t") for text in server.stage_lines("stage"))
+        if fields[0].startswith("STEP")
+    ]
     assert steps == ["STEP #2 ", "STEP #1", "STEP #2 ", "STEP #3"]
     # ordered execution, extended and released by the holder
     assert printed(server, "stage", "CALLBACK: ") == [["CALLBACK: ", "HELLO"]]
@@ -673,21 +677,14 @@ def test_stage_functions(server: ServerProcess) -> None:
     assert not [line for line in server.lines if "Lua error" in line and "[stage.stage#" in line]
 
 
-def _stage_lines(server: ServerProcess, stage: str) -> list[list[str]]:
-    marker = f"[stage.{stage}#"
-    return [
-        line[line.index("] ", line.find(marker)) + 2 :].split("\t") for line in list(server.lines) if marker in line
-    ]
-
-
 def test_log4cxx(server: ServerProcess) -> None:
     """``%{=bot:warn}`` sends the line to group ``bot`` at warn; ``%{PWD}`` and ``%l`` expand;
     ``out`` is ``info``; trace is below the default level."""
     (line,) = [line for line in server.lines if "[bot#warn]" in line]
     assert f"] {os.environ.get('PWD', '')} package/logs.lua [" in line and line.endswith(" - HELLO\t")
-    levels = {fields[1] for fields in _stage_lines(server, "logs") if fields[0] == "LEVEL"}
+    levels = {fields[1] for fields in (text.split("\t") for text in server.stage_lines("logs")) if fields[0] == "LEVEL"}
     for level, shown in (("out", "info"), ("info", "info"), ("warn", "warn"), ("error", "error")):
-        assert [x for x in server.lines if f"[stage.logs#{shown}] LEVEL\t{level}" in x]
+        assert [x for x in server.lines if f"[stage.logs#{shown}] " in x and x.endswith(f"] LEVEL\t{level}")]
     assert "trace" not in levels
     assert [x for x in server.lines if "[bot#error]" in x and "SWITCHED" in x]
 

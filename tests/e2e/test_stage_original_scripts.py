@@ -75,13 +75,9 @@ def printed(server: ServerProcess, stage: str, first: str | None = None) -> list
     """What ``print`` wrote in stage ``stage``, as tab-separated fields, addresses replaced by
     ``table``; only lines whose first field is ``first`` when given (the host's own "stage …
     started" line left out)."""
-    marker = f"[stage.{stage}#"
     lines = []
-    for line in list(server.lines):
-        at = line.find(marker)
-        if at < 0:
-            continue
-        fields = TABLE.sub("table", line[line.index("] ", at) + 2 :]).split("\t")
+    for text in server.stage_lines(stage):
+        fields = TABLE.sub("table", text).split("\t")
         if fields[0].startswith("stage =") and fields[0].endswith(" started"):
             continue
         if first is None or fields[0] == first:
