@@ -26,9 +26,10 @@ setup(
         "pymongo>=4.6",
         "prometheus-client>=0.19",
         "setproctitle>=1.3",
+        "autobahn>=24.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-twisted>=1.14", "pytest-timeout>=2.2", "hypothesis>=6"],
+        "test": ["pytest>=7", "wsproto>=1.2", "pytest-twisted>=1.14", "pytest-timeout>=2.2", "hypothesis>=6"],
         "dev": ["ruff>=0.4", "mypy>=1.8", "mypy-zope>=1.0"],
     },
 )

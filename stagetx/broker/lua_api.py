@@ -33,7 +33,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 
 from stagetx.broker import addresses
-from stagetx.broker.framing import BrokerAddressError, Data, FrameError, FrameTooLarge, parse_url
+from stagetx.broker.framing import SCHEMES, BrokerAddressError, Data, FrameError, FrameTooLarge, parse_url
 from stagetx.broker.reload import Kept, worth_keeping
 from stagetx.broker.sockets import (
     Datagram,
@@ -46,7 +46,10 @@ from stagetx.broker.sockets import (
     registry_for,
     url_text,
 )
+from stagetx.broker.tls import SECURE_SCHEMES, client_context, server_context
+from stagetx.broker.websocket import connect_ws, listen_ws
 from stagetx.codec import CodecError, pack_lua, pack_py, unpack_lua, unpack_py
+from stagetx.config import TlsConfig
 from stagetx.lua.api import lua_text, text
 from stagetx.lua.sandbox import on_new_sandbox
 from stagetx.lua.workers import QueueFull, workers_of
@@ -219,6 +222,8 @@ class BrokerAPI(_Reads):
         self.reactor = reactor if reactor is not None else global_reactor
         self.registry: Registry = registry_for(process)
         self.services: dict[str, int] = dict(getattr(process, "services", {}) or {})
+        config = getattr(process, "config", None)
+        self.tls: TlsConfig = getattr(config, "tls", None) or TlsConfig()  # #tls: tls:// and wss:// files
         self.endpoints: dict[int, Endpoint] = {}
         self.socket: Any = None  # broker.lua's socket table maker of the main runtime
         self._workers: Workers | None = None
@@ -265,13 +270,17 @@ class BrokerAPI(_Reads):
         """``broker.ready``: listen (TCP) or bind (UDP), or take over the listener of that address
         the previous runtime left; returns the endpoint id."""
         try:
-            endpoint, kept = self._endpoint(url, f, ("tcp", "udp"), "broker.ready")
+            endpoint, kept = self._endpoint(url, f, SCHEMES, "broker.ready")
             if kept:
                 return (endpoint.id,)
-            if endpoint.url.scheme == "udp":
+            scheme = endpoint.url.scheme
+            tls = server_context(self.tls, endpoint.url) if scheme in SECURE_SCHEMES else None
+            if scheme == "udp":
                 listen_udp(self.reactor, endpoint)
+            elif scheme in ("ws", "wss"):
+                listen_ws(self.reactor, endpoint, self.services, tls)
             else:
-                listen_tcp(self.reactor, endpoint, self.services)
+                listen_tcp(self.reactor, endpoint, self.services, tls=tls)
         except (BrokerAddressError, OSError) as err:
             return None, lua_text(f"broker.ready: {err}")
         except Exception as err:  # CannotListenError and friends carry the OS reason
@@ -282,11 +291,17 @@ class BrokerAPI(_Reads):
         """``broker.join``: connect (TCP), or take over the connection to that address the previous
         runtime left; ``f`` is called once connected."""
         try:
-            endpoint, kept = self._endpoint(url, f, ("tcp",), "broker.join")
-        except BrokerAddressError as err:
+            endpoint, kept = self._endpoint(url, f, ("tcp", "tls", "ws", "wss"), "broker.join")
+            scheme = endpoint.url.scheme
+            tls = client_context(self.tls, endpoint.url) if scheme in SECURE_SCHEMES and not kept else None
+        except (BrokerAddressError, OSError) as err:
             return None, lua_text(f"broker.join: {err}")
-        if not kept:
-            connect_tcp(self.reactor, endpoint)
+        if kept:
+            return (endpoint.id,)
+        if scheme in ("ws", "wss"):
+            connect_ws(self.reactor, endpoint, tls)
+        else:
+            connect_tcp(self.reactor, endpoint, tls=tls)
         return (endpoint.id,)
 
     def get(self, eid: int, key: bytes) -> Any:

@@ -1,0 +1,60 @@
+"""TLS contexts of ``tls://`` and ``wss://`` broker sockets, from the ``#tls`` configuration.
+
+Twisted's ``CertificateOptions``/``optionsForClientTLS`` do the work (TLS 1.2+, hostname or IP
+address checks with service_identity); this module only reads the configured PEM files. A
+listener needs ``#tls.cert`` and ``#tls.key``; with ``#tls.client_ca`` it also requires a client
+certificate signed by one of those CAs. ``broker.join`` trusts ``#tls.ca`` (else the system's
+store) and presents ``cert``/``key`` when they are configured.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import ssl
+
+from stagetx.broker.framing import BrokerAddressError, BrokerURL
+
+if TYPE_CHECKING:
+    from stagetx.config import TlsConfig
+
+SECURE_SCHEMES = ("tls", "wss")
+_BEGIN = b"-----BEGIN CERTIFICATE-----"
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as stream:
+        return stream.read()
+
+
+def _certificates(path: str) -> list[ssl.Certificate]:
+    """Every certificate of a PEM file, in file order."""
+    pem = _read(path)
+    return [ssl.Certificate.loadPEM(_BEGIN + part) for part in pem.split(_BEGIN)[1:]]
+
+
+def server_context(settings: TlsConfig, url: BrokerURL) -> Any:
+    """The context factory of a ``tls``/``wss`` listener."""
+    if settings.cert is None or settings.key is None:
+        raise BrokerAddressError(f"{url.scheme}:// listeners need #tls.cert and #tls.key in the configuration")
+    chain = _certificates(settings.cert)
+    mine = ssl.PrivateCertificate.loadPEM(_read(settings.cert) + b"\n" + _read(settings.key))
+    options: dict[str, Any] = {}
+    if settings.client_ca is not None:
+        options["trustRoot"] = ssl.trustRootFromCertificates(_certificates(settings.client_ca))
+    return ssl.CertificateOptions(
+        privateKey=mine.privateKey.original,
+        certificate=mine.original,
+        extraCertChain=[c.original for c in chain[1:]],
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        **options,
+    )
+
+
+def client_context(settings: TlsConfig, url: BrokerURL) -> Any:
+    """The context factory of a ``tls``/``wss`` ``broker.join``: checks the server's name (or IP)."""
+    trust = ssl.trustRootFromCertificates(_certificates(settings.ca)) if settings.ca is not None else None
+    client = None
+    if settings.cert is not None and settings.key is not None:
+        client = ssl.PrivateCertificate.loadPEM(_read(settings.cert) + b"\n" + _read(settings.key))
+    return ssl.optionsForClientTLS(url.host, trustRoot=trust, clientCertificate=client)

@@ -1,0 +1,273 @@
+"""broker over WebSocket (``ws://``) through a real Lua stage, real loopback sockets and a client
+speaking RFC 6455 with wsproto (plus raw frames for what a well-behaved client never sends)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import bson
+import pytest_twisted
+import treq
+from twisted.internet import protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+
+from tests.support import RunningStage, free_port, wait_for
+
+WAIT = 5.0
+
+
+class WsClient(protocol.Protocol):
+    """A WebSocket client: whole messages in ``messages``, the server's close code in ``code``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.opened = False
+        self.rejected: int | None = None
+        self.body = b""
+        self.messages: list[str | bytes] = []
+        self.pongs: list[bytes] = []
+        self.code: int | None = None
+        self.closed = False
+        self._parts: list[Any] = []
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.ws.send(Request(host="127.0.0.1", target=self.path)))
+
+    def dataReceived(self, data: bytes) -> None:
+        self.ws.receive_data(data)
+        for event in self.ws.events():
+            if isinstance(event, AcceptConnection):
+                self.opened = True
+            elif isinstance(event, RejectConnection):
+                self.rejected = event.status_code
+            elif isinstance(event, RejectData):
+                self.body += event.data
+            elif isinstance(event, (TextMessage, BytesMessage)):
+                self._parts.append(event.data)
+                if event.message_finished:
+                    whole = "".join(self._parts) if isinstance(event, TextMessage) else b"".join(self._parts)
+                    self.messages.append(whole)
+                    self._parts = []
+            elif isinstance(event, Pong):
+                self.pongs.append(bytes(event.payload))
+            elif isinstance(event, CloseConnection):
+                self.code = event.code
+                if self.ws.state is not ConnectionState.CLOSED:
+                    self.transport.write(self.ws.send(event.response()))
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed = True
+
+    def send(self, *messages: str | bytes) -> None:
+        for message in messages:
+            event = TextMessage(data=message) if isinstance(message, str) else BytesMessage(data=message)
+            self.transport.write(self.ws.send(event))
+
+    def send_parts(self, *parts: str) -> None:
+        """One text message in several frames (fragments)."""
+        for n, part in enumerate(parts):
+            self.transport.write(self.ws.send(TextMessage(data=part, message_finished=n == len(parts) - 1)))
+
+    def ping(self, payload: bytes) -> None:
+        self.transport.write(self.ws.send(Ping(payload=payload)))
+
+    def leave(self) -> None:
+        self.transport.write(self.ws.send(CloseConnection(code=1000)))
+
+
+def frame(opcode: int, payload: bytes, masked: bool = True) -> bytes:
+    """One raw final frame (payload < 126 bytes): what a broken or hostile client may send."""
+    assert len(payload) < 126
+    if not masked:
+        return bytes([0x80 | opcode, len(payload)]) + payload
+    mask = os.urandom(4)
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def ws_connect(port: int, path: str, opened: bool = True) -> WsClient:
+    client = WsClient(path)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), client)
+    if opened:
+        await wait_for(lambda: client.opened, WAIT, f"the handshake of {path}")
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_text_messages_echo_refuse_fragments_and_close_callbacks(tmp_path: Path) -> None:
+    port = free_port()
+    script = f"""
+        local n = 0
+        local l = broker.ready("ws://127.0.0.1:{port}/play?text=1k,1k", function(socket, addr)
+            n = n + 1
+            log4cxx.info("accept", socket.id, broker.ntoa(addr) == socket[1], socket[-1])
+            if n == 2 then return false end
+            return function(s, data) return "re:" .. data end
+        end)
+        l.close = function(socket) log4cxx.info("closed", socket.id) end
+    """
+    async with RunningStage(tmp_path, script) as run:
+        first = await ws_connect(port, "/play")
+        first.send("one", "два")
+        first.send_parts("frag", "ment", "ed")
+        await wait_for(lambda: len(first.messages) == 3, WAIT, "three echoes")
+        assert first.messages == ["re:one", "re:два", "re:fragmented"]
+        first.ping(b"are you there")
+        await wait_for(lambda: first.pongs == [b"are you there"], WAIT, "the pong")
+
+        refused = await ws_connect(port, "/play")
+        await wait_for(lambda: refused.closed, WAIT, "the refused socket to close")
+        assert refused.code == 1000
+
+        elsewhere = await ws_connect(port, "/other", opened=False)
+        await wait_for(lambda: elsewhere.closed, WAIT, "the wrong path to be refused")
+        assert elsewhere.rejected == 404 and not elsewhere.opened
+
+        (accept, _) = run.said("accept")
+        assert accept[1:] == ["true", f"127.0.0.1:{port}"]
+        first.leave()
+        await wait_for(lambda: first.closed, WAIT, "the closing handshake")
+        assert first.code == 1000
+        await wait_for(lambda: run.said("closed") == [[accept[0]]], WAIT, "the close callback")
+
+
+@pytest_twisted.ensureDeferred
+async def test_limits_close_with_1009_and_protocol_errors_close_only_that_socket(tmp_path: Path) -> None:
+    port = free_port()
+    script = f"""
+        broker.ready("ws://127.0.0.1:{port}/?text=100,200", function(socket)
+            return function(s, data)
+                if data == "big" then
+                    log4cxx.info("commit", s.commit(string.rep("x", 300)))
+                    return
+                end
+                if data == "bytes" then
+                    log4cxx.info("commit", s.commit("\\255\\254"))
+                    return
+                end
+                return data
+            end
+        end)
+    """
+    async with RunningStage(tmp_path, script) as run:
+        keeper = await ws_connect(port, "/")
+
+        big_in = await ws_connect(port, "/")
+        big_in.send("y" * 101)
+        await wait_for(lambda: big_in.closed, WAIT, "an oversized message to close its socket")
+        assert big_in.code == 1009
+
+        big_out = await ws_connect(port, "/")
+        big_out.send("big")
+        await wait_for(lambda: big_out.closed, WAIT, "an oversized reply to close its socket")
+        assert big_out.code == 1009
+        assert run.said("commit")[0][0] == "false"
+
+        not_utf8 = await ws_connect(port, "/")
+        not_utf8.send("bytes")
+        await wait_for(lambda: len(run.said("commit")) == 2, WAIT, "the refused non-UTF-8 text")
+        assert run.said("commit")[1][0] == "false" and not not_utf8.closed
+
+        unmasked = await ws_connect(port, "/")
+        unmasked.transport.write(frame(0x1, b"hello", masked=False))
+        await wait_for(lambda: unmasked.closed, WAIT, "an unmasked client frame to close its socket")
+        assert unmasked.code == 1002
+
+        bad_text = await ws_connect(port, "/")
+        bad_text.transport.write(frame(0x1, b"\xff\xfe"))
+        await wait_for(lambda: bad_text.closed, WAIT, "invalid UTF-8 in a text message to close its socket")
+        assert bad_text.code == 1007
+
+        junk = await ws_connect(port, "/")
+        junk.transport.write(bytes([0x8F, 0x85]) + os.urandom(40))  # reserved opcode 0xF
+        await wait_for(lambda: junk.closed, WAIT, "a reserved opcode to close its socket")
+
+        keeper.send("still here")
+        await wait_for(lambda: keeper.messages == ["still here"], WAIT, "the other socket to keep serving")
+
+
+@pytest_twisted.ensureDeferred
+async def test_json_and_bson_framings_carry_tables(tmp_path: Path) -> None:
+    port, bport = free_port(), free_port()
+    script = f"""
+        broker.ready("ws://127.0.0.1:{port}/json?json", function(socket)
+            return function(s, doc)
+                return {{name = doc.name, total = doc.a + doc.b, n = #doc.list, nested = {{ok = true}}}}
+            end
+        end)
+        broker.ready("ws://127.0.0.1:{bport}/bson?bson", function(socket)
+            return function(s, doc) return {{sum = doc.a + doc.b}} end
+        end)
+    """
+    async with RunningStage(tmp_path, script):
+        client = await ws_connect(port, "/json")
+        client.send(json.dumps({"name": "ann", "a": 2, "b": 3.5, "list": [1, 2, 3]}))
+        await wait_for(lambda: len(client.messages) == 1, WAIT, "a JSON reply")
+        reply = client.messages[0]
+        assert isinstance(reply, str)  # JSON travels in text messages
+        assert json.loads(reply) == {"name": "ann", "total": 5.5, "n": 3, "nested": {"ok": True}}
+
+        client.send("{not json")
+        await wait_for(lambda: client.closed, WAIT, "a bad JSON document to close its socket")
+        assert client.code == 1008
+
+        deep = await ws_connect(port, "/json")
+        deep.send("[" * 5000 + "]" * 5000)
+        await wait_for(lambda: deep.closed, WAIT, "a too deep JSON document to close its socket")
+
+        binary = await ws_connect(bport, "/bson")
+        binary.send(bson.encode({"a": 1, "b": 2}))
+        await wait_for(lambda: len(binary.messages) == 1, WAIT, "a BSON reply")
+        answer = binary.messages[0]
+        assert isinstance(answer, bytes) and bson.decode(answer) == {"sum": 3}
+
+
+@pytest_twisted.ensureDeferred
+async def test_join_a_websocket_server_expire_and_a_page_for_browsers(tmp_path: Path) -> None:
+    port, dead = free_port(), free_port()
+    idle_port = free_port()
+    script = f"""
+        local l = broker.ready("ws://127.0.0.1:{port}/echo?json", function(socket)
+            return function(s, doc) return {{echo = doc.say}} end
+        end)
+        broker.join("ws://127.0.0.1:{port}/echo?json", function(socket, addr)
+            socket.commit({{say = "hi"}})
+            return function(s, doc) log4cxx.info("joined", doc.echo, s[1]); s.close() end
+        end)
+        local lost = broker.join("ws://127.0.0.1:{port}/nowhere?json", function() end)
+        lost.close = function(s, reason) log4cxx.info("failed", tostring(s), reason) end
+        local dead = broker.join("ws://127.0.0.1:{dead}/?json", function() end)
+        dead.close = function(s, reason) log4cxx.info("dead", tostring(s), reason ~= nil) end
+        local idle = broker.ready("ws://127.0.0.1:{idle_port}/idle", function() end)
+        idle.expire = 200
+        idle.close = function(socket) log4cxx.info("expired", socket.id) end
+    """
+    async with RunningStage(tmp_path, script) as run:
+        await wait_for(lambda: run.said("joined") == [["hi", f"127.0.0.1:{port}"]], WAIT, "the joined echo")
+        await wait_for(lambda: len(run.said("failed")) == 1, WAIT, "the refused join")
+        assert run.said("failed")[0][0] == "nil" and "404" in run.said("failed")[0][1]
+        await wait_for(lambda: run.said("dead") == [["nil", "true"]], WAIT, "the failed connect")
+
+        sleeper = await ws_connect(idle_port, "/idle")
+        await wait_for(lambda: sleeper.closed, WAIT, "the idle socket to expire")
+        assert sleeper.code == 1000 and len(run.said("expired")) == 1
+
+        response = await treq.get(f"http://127.0.0.1:{port}/", timeout=WAIT)
+        assert response.code == 404  # a plain GET: this listener has no page
+        await response.content()
