@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from tests.support import RunningStage, free_port, wait_for
+from tests.support import RunningStage, ServerProcess, free_port, wait_for, write_app
 
 WAIT = 5.0
 
@@ -271,3 +274,79 @@ async def test_join_a_websocket_server_expire_and_a_page_for_browsers(tmp_path: 
         response = await treq.get(f"http://127.0.0.1:{port}/", timeout=WAIT)
         assert response.code == 404  # a plain GET: this listener has no page
         await response.content()
+
+
+WS_ECHO = """
+VERSION = "{version}"
+broker.ready("ws://127.0.0.1:{port}/play?text", function(socket)
+    log4cxx.info("offered", VERSION, socket.id)
+    return function(s, data) return VERSION .. ":" .. data end
+end)
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_keeps_websocket_connections_and_offers_them_to_the_new_script(tmp_path: Path) -> None:
+    port = free_port()
+    async with RunningStage(tmp_path, WS_ECHO.format(port=port, version="v1")) as run:
+        client = await ws_connect(port, "/play")
+        client.send("1")
+        await wait_for(lambda: client.messages == ["v1:1"], WAIT, "the first echo")
+        client.send("during")  # on its way while the stage reloads
+        (tmp_path / "lua" / "a.lua").write_text(textwrap.dedent(WS_ECHO.format(port=port, version="v2")))
+        d = run.server.hosts[0].stages[0].stage.reload()
+        d.addTimeout(WAIT, reactor)
+        await d
+        client.send("2")
+        await wait_for(lambda: len(client.messages) == 3, WAIT, "the echoes of the new script")
+        assert client.messages[1:] == ["v2:during", "v2:2"] and not client.closed
+        offered = run.said("offered")
+        assert [f[0] for f in offered] == ["v1", "v2"] and offered[0][1] == offered[1][1]  # the same socket id
+
+
+def _ws_ask(port: int, message: str) -> str:
+    """One request/answer over a blocking WebSocket (the server runs in another process)."""
+    ws = WSConnection(ConnectionType.CLIENT)
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as conn:
+        conn.sendall(ws.send(Request(host="127.0.0.1", target="/")))
+        opened = False
+        while True:
+            data = conn.recv(65536)
+            assert data, "connection closed early"
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    opened = True
+                    conn.sendall(ws.send(TextMessage(data=message)))
+                elif isinstance(event, TextMessage):
+                    assert opened
+                    conn.sendall(ws.send(CloseConnection(code=1000)))
+                    return event.data
+
+
+def test_a_services_port_serves_websockets_from_two_processes(tmp_path: Path) -> None:
+    port = free_port()
+    config = {
+        "#services": {"tcp": [f"127.0.0.1:{port}"]},
+        "#startup": [["=lua+a"], ["=lua+b"]],
+        "=lua": {"%package": ["[0]lua"], "=lua+a": "srv", "=lua+b": "srv"},
+    }
+    script = f"""
+        broker.ready("ws://127.0.0.1:{port}/?text", function() return function() return tostring(process.id) end end)
+        log4cxx.info("listening", process.id)
+    """
+    path = write_app(tmp_path, config, {"srv": script})
+    with ServerProcess(path) as server:
+        server.wait_for(lambda: any("ready: 2 processes" in line for line in server.lines), what="ready")
+        server.wait_for(
+            lambda: len(server.logged("a", "listening") + server.logged("b", "listening")) == 2,
+            what="both processes listening",
+        )
+        answers: set[str] = set()
+        for n in range(200):  # until both processes took clients (bounded)
+            if len(answers) == 2 and n >= 10:
+                break
+            time.sleep(0.005)
+            answers.add(_ws_ask(port, "?"))
+        assert len(answers) == 2, answers
+        assert any("ws://127.0.0.1" in line and "shared #services socket" in line for line in server.lines)
