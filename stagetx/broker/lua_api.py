@@ -24,6 +24,7 @@ is a string or number, or a table on a ``bson`` socket. Addresses are packed str
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -47,7 +48,7 @@ from stagetx.broker.sockets import (
     url_text,
 )
 from stagetx.broker.tls import SECURE_SCHEMES, client_context, server_context
-from stagetx.broker.websocket import connect_ws, listen_ws
+from stagetx.broker.websocket import connect_ws, listen_ws, set_page
 from stagetx.codec import CodecError, pack_lua, pack_py, unpack_lua, unpack_py
 from stagetx.config import TlsConfig
 from stagetx.lua.api import lua_text, text
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
     from stagetx.lua.sandbox import Sandbox, Sandboxes
     from stagetx.lua.workers import Workers
 
-_LISTENER_FIELDS = (b"expire", b"close", b"receive")
+_LISTENER_FIELDS = (b"expire", b"close", b"receive", b"page")
 _SCRIPT = resources.files("stagetx.broker").joinpath("broker.lua").read_bytes()
 
 
@@ -224,6 +225,7 @@ class BrokerAPI(_Reads):
         self.services: dict[str, int] = dict(getattr(process, "services", {}) or {})
         config = getattr(process, "config", None)
         self.tls: TlsConfig = getattr(config, "tls", None) or TlsConfig()  # #tls: tls:// and wss:// files
+        self.base_dir: str = getattr(config, "base_dir", None) or os.getcwd()  # listener pages are relative to it
         self.endpoints: dict[int, Endpoint] = {}
         self.socket: Any = None  # broker.lua's socket table maker of the main runtime
         self._workers: Workers | None = None
@@ -321,10 +323,12 @@ class BrokerAPI(_Reads):
     def set(self, eid: int, key: bytes, value: Any) -> tuple[Any, ...]:
         endpoint = self.endpoints.get(eid)
         if key not in _LISTENER_FIELDS:
-            return None, lua_text(f"broker listener: unknown field {text(key)!r} (expire, close, receive)")
+            return None, lua_text(f"broker listener: unknown field {text(key)!r} (expire, close, receive, page)")
         if endpoint is None:
             return (True,)  # a closed listener ignores settings
         handler: LuaHandler = endpoint.handler  # type: ignore[assignment]
+        if key == b"page":
+            return self.set_page(endpoint, value)
         if key == b"expire":
             if not isinstance(value, (int, float)) and value is not None:
                 return None, b"broker listener: expire is a number of ms"
@@ -335,6 +339,24 @@ class BrokerAPI(_Reads):
             handler.on_close = value
         else:
             handler.receive = value
+        return (True,)
+
+    def set_page(self, endpoint: Endpoint, value: Any) -> tuple[Any, ...]:
+        """``listener.page = "file.html"``: what a ws/wss listener answers a browser's plain GET of
+        ``/``; the path is relative to the configuration file; nil serves nothing (404)."""
+        if endpoint.url.scheme not in ("ws", "wss"):
+            return None, b"broker listener: page is for ws:// and wss:// listeners"
+        if value is None:
+            set_page(endpoint, None)
+            return (True,)
+        if not isinstance(value, bytes):
+            return None, b"broker listener: page is the path of an HTML file"
+        path = os.path.join(self.base_dir, text(value))
+        try:
+            with open(path, encoding="utf-8") as page:
+                set_page(endpoint, page.read())
+        except (OSError, UnicodeDecodeError) as err:
+            return None, lua_text(f"broker listener: page {path}: {err}")
         return (True,)
 
     # -- sockets ----------------------------------------------------------------------------------

@@ -238,3 +238,11 @@ def connect_ws(reactor: Any, endpoint: Endpoint, tls: Any = None, timeout: float
         endpoint.port = reactor.connectSSL(url.host, url.port, factory, tls, timeout=timeout)
     else:
         endpoint.port = reactor.connectTCP(url.host, url.port, factory, timeout=timeout)
+
+
+def set_page(endpoint: Endpoint, page: str | None) -> None:
+    """Serve ``page`` (HTML) to plain GETs of ``/`` on this ws/wss listener (None: 404)."""
+    factory = getattr(endpoint.port, "factory", None)
+    factory = getattr(factory, "wrappedFactory", factory)  # under TLS
+    if isinstance(factory, _ServerFactory):
+        factory.page = page

@@ -1,0 +1,89 @@
+"""The default application's web client in a real browser: headless Chromium loads the page from
+the front stages' WebSocket port of a real ``twistd -n stage``, logs in, posts a score, sees it in
+the live top 10, and a second browser context (its own cookies and connection) sees the first
+one's chat line."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_dashboard_browser import DevTools, find_browser
+from tests.e2e.test_default_app import ROOT, App
+from tests.support import free_port
+
+
+def open_in_new_context(devtools: DevTools, url: str) -> str:
+    """A new tab in a fresh browser context (like a second browser); its DevTools session id."""
+    devtools.session = None
+    context = devtools.call("Target.createBrowserContext")["browserContextId"]
+    target = devtools.call("Target.createTarget", {"url": url, "browserContextId": context})["targetId"]
+    session: str = devtools.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+    devtools.session = session
+    return session
+
+
+def log_in(devtools: DevTools, user: str) -> None:
+    devtools.wait("document.getElementById('status')?.textContent.startsWith('connected')", what="the WebSocket")
+    devtools.js(f"document.getElementById('user').value = '{user}'; document.getElementById('login').click()")
+    devtools.wait("document.getElementById('status').textContent === 'in room lobby'", what=f"{user} in the lobby")
+
+
+TOP = "[...document.querySelectorAll('#top tr')].map(tr => tr.dataset.user + '=' + tr.children[2].textContent)"
+
+
+@pytest.mark.timeout(180)
+def test_browser_client_logs_in_scores_sees_the_top_10_and_chats(tmp_path: Path) -> None:
+    browser = find_browser()
+    if browser is None:
+        pytest.skip("no Chromium found (install the Debian package chromium; .ci/run does)")
+    ws_port = free_port()
+    app = App(
+        tmp_path,
+        browser=f"ws://127.0.0.1:{ws_port}/play?json=16k,256k",
+        page=str(ROOT / "web" / "play.html"),
+    )
+    app_config = app.config_path.read_text().replace(
+        f'"#services": {{"tcp": ["127.0.0.1:{app.port}"]}}',
+        f'"#services": {{"tcp": ["127.0.0.1:{app.port}", "127.0.0.1:{ws_port}"]}}',
+    )
+    app.config_path.write_text(app_config)
+    assert f"127.0.0.1:{ws_port}" in app_config
+    app.start()
+    devtools = DevTools(browser, tmp_path / "profile")
+    try:
+        url = f"http://127.0.0.1:{ws_port}/"
+        alice = open_in_new_context(devtools, url)
+        log_in(devtools, "alice")
+        devtools.js("document.getElementById('points').value = '4321'; document.getElementById('send-score').click()")
+        devtools.wait(f"{TOP}.includes('alice=4321')", what="alice's score in the top 10")
+        assert devtools.js("document.getElementById('mine').textContent").startswith("best 4321, rank 1")
+
+        bob = open_in_new_context(devtools, url)
+        log_in(devtools, "bob")
+        devtools.wait(f"{TOP}.includes('alice=4321')", what="the top 10 in bob's browser")
+        devtools.js("document.getElementById('points').value = '99'; document.getElementById('send-score').click()")
+
+        devtools.session = alice
+        devtools.wait(f"{TOP}.join() === 'alice=4321,bob=99'", what="bob's score in alice's live top 10")
+
+        seen = "[...document.querySelectorAll('#chat li')].some(li => li.textContent.includes('hello from alice'))"
+        for n in range(20):  # bob's front process may still be registering the room with the route stage
+            devtools.session = alice
+            devtools.js(
+                f"document.getElementById('say-text').value = 'hello from alice {n}';"
+                "document.getElementById('say').click()"
+            )
+            devtools.session = bob
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline and not devtools.js(seen):
+                time.sleep(0.1)
+            if devtools.js(seen):
+                break
+        assert devtools.js(seen), "bob never saw alice's chat line"
+        assert devtools.js("document.querySelector('#chat li').dataset.from") == "alice"
+    finally:
+        devtools.close()
+        app.stop()
