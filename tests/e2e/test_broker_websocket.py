@@ -211,7 +211,7 @@ async def test_json_and_bson_framings_carry_tables(tmp_path: Path) -> None:
     script = f"""
         broker.ready("ws://127.0.0.1:{port}/json?json", function(socket)
             return function(s, doc)
-                return {{name = doc.name, total = doc.a + doc.b, n = #doc.list, nested = {{ok = true}}}}
+                return {{name = doc.name, total = doc.a + doc.b, n = #doc.list, nested = {{ok = true}}, empty = {{}}}}
             end
         end)
         broker.ready("ws://127.0.0.1:{bport}/bson?bson", function(socket)
@@ -224,7 +224,7 @@ async def test_json_and_bson_framings_carry_tables(tmp_path: Path) -> None:
         await wait_for(lambda: len(client.messages) == 1, WAIT, "a JSON reply")
         reply = client.messages[0]
         assert isinstance(reply, str)  # JSON travels in text messages
-        assert json.loads(reply) == {"name": "ann", "total": 5.5, "n": 3, "nested": {"ok": True}}
+        assert json.loads(reply) == {"name": "ann", "total": 5.5, "n": 3, "nested": {"ok": True}, "empty": []}
 
         client.send("{not json")
         await wait_for(lambda: client.closed, WAIT, "a bad JSON document to close its socket")
