@@ -38,6 +38,7 @@ CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008  # a message that does not decode in the socket's framing
 CLOSE_TOO_BIG = 1009
 HANDSHAKE_TIMEOUT = 10.0  # s for the HTTP upgrade: a slow-loris client is dropped after this
+MAX_HANDSHAKE = 16 << 10  # bytes of HTTP request head a client may send before its upgrade is done
 CLOSE_TIMEOUT = 2.0  # s the peer has to answer our close frame before the TCP connection is dropped
 
 
@@ -119,6 +120,12 @@ class _Server(WebSocketServerProtocol):
     def __init__(self, endpoint: Endpoint) -> None:
         super().__init__()
         self.sock = WebSocket(endpoint, self)
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self.state == self.STATE_CONNECTING and len(self.data) > MAX_HANDSHAKE:
+            log.warn("broker: {peer} sent an HTTP request head over 16 KiB; dropped", peer=self.peer)
+            self.dropConnection(abort=True)
 
     def onConnect(self, request: ConnectionRequest) -> None:
         if request.path != self.sock.endpoint.url.path:

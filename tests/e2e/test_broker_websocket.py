@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import textwrap
 import time
@@ -12,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import bson
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.task import deferLater
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
@@ -30,7 +33,8 @@ from wsproto.events import (
     TextMessage,
 )
 
-from tests.support import RunningStage, ServerProcess, free_port, wait_for, write_app
+from stagetx.broker import websocket
+from tests.support import PacketClient, RunningStage, ServerProcess, free_port, wait_for, write_app
 
 WAIT = 5.0
 
@@ -350,3 +354,44 @@ def test_a_services_port_serves_websockets_from_two_processes(tmp_path: Path) ->
             answers.add(_ws_ask(port, "?"))
         assert len(answers) == 2, answers
         assert any("ws://127.0.0.1" in line and "shared #services socket" in line for line in server.lines)
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_or_endless_handshakes_and_fuzzed_frames_drop_only_their_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(websocket, "HANDSHAKE_TIMEOUT", 1.0)  # the shipped 10 s, shortened for the test
+    port = free_port()
+    script = f"""
+        broker.ready("ws://127.0.0.1:{port}/?text=1k,1k", function(socket)
+            return function(s, data) return data end
+        end)
+    """
+    async with RunningStage(tmp_path, script):
+        keeper = await ws_connect(port, "/")
+
+        slow = PacketClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), slow)
+        slow.transport.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        for n in range(100):  # a header line every 50 ms, never the blank line that ends the head
+            if slow.closed:
+                break
+            slow.transport.write(b"X-Slow-%d: 1\r\n" % n)
+            await deferLater(reactor, 0.05, lambda: None)
+        assert slow.closed, "a slow-loris handshake was never dropped"
+
+        endless = PacketClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), endless)
+        endless.transport.write(b"GET / HTTP/1.1\r\n" + b"X-Long: " + b"a" * (20 << 10))
+        await wait_for(lambda: endless.closed, WAIT, "a 20 KiB request head to be dropped")
+
+        rng = random.Random(29)
+        fuzzers = [await ws_connect(port, "/") for _ in range(30)]
+        for fuzzer in fuzzers:
+            fuzzer.transport.write(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))))
+        await wait_for(lambda: sum(f.closed for f in fuzzers) >= 20, WAIT, "most fuzzed connections to close")
+
+        keeper.send("still here")
+        await wait_for(lambda: keeper.messages == ["still here"], WAIT, "the well-behaved client to keep its echo")
+        for fuzzer in fuzzers:
+            fuzzer.transport.abortConnection()
