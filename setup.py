@@ -27,9 +27,10 @@ setup(
         "prometheus-client>=0.19",
         "setproctitle>=1.3",
         "autobahn>=24.4",
+        "wsproto>=1.2",
     ],
     extras_require={
-        "test": ["pytest>=7", "wsproto>=1.2", "pytest-twisted>=1.14", "pytest-timeout>=2.2", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-twisted>=1.14", "pytest-timeout>=2.2", "hypothesis>=6"],
         "dev": ["ruff>=0.4", "mypy>=1.8", "mypy-zope>=1.0"],
     },
 )

@@ -5,6 +5,10 @@ one's chat line."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +16,48 @@ import pytest
 
 from tests.e2e.test_dashboard_browser import DevTools, find_browser
 from tests.e2e.test_default_app import ROOT, App
-from tests.support import free_port
+from tests.support import env_path, free_port
+
+
+def app_with_browsers(root: Path) -> tuple[App, int]:
+    """The default application, started, with its browser listener (and page) on a free port."""
+    ws_port = free_port()
+    app = App(root, browser=f"ws://127.0.0.1:{ws_port}/play?json=16k,256k", page=str(ROOT / "web" / "play.html"))
+    config = json.loads(app.config_path.read_text())
+    config["#services"]["tcp"].append(f"127.0.0.1:{ws_port}")
+    app.config_path.write_text(json.dumps(config))
+    return app.start(), ws_port
+
+
+def run_client(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stagetx.client", *args],
+        env={**os.environ, "PYTHONPATH": env_path()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_client_and_its_load_tool_talk_over_a_websocket(tmp_path: Path) -> None:
+    app, ws_port = app_with_browsers(tmp_path)
+    try:
+        url = f"ws://127.0.0.1:{ws_port}/play"
+        done = run_client("--url", url, "--json", "login carol; score 77; top 3")
+        assert done.returncode == 0, done.stdout + done.stderr
+        replies = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        assert replies[0]["user"] == "carol" and replies[1]["best"] == 77
+        assert {"rank": 1, "user": "carol", "score": 77} in replies[2]["rows"]
+
+        done = run_client("--url", url, "load", "--players", "4", "--seconds", "2", "--json")
+        assert done.returncode == 0, done.stdout + done.stderr
+        summary = json.loads(done.stdout.splitlines()[-1])
+        assert (summary["connected"], summary["errors"], summary["failed_players"]) == (4, 0, 0)
+
+        refused = run_client("--url", f"ws://127.0.0.1:{ws_port}/nowhere", "top")
+        assert refused.returncode == 2 and "HTTP 404" in refused.stdout + refused.stderr
+    finally:
+        app.stop()
 
 
 def open_in_new_context(devtools: DevTools, url: str) -> str:
@@ -39,19 +84,7 @@ def test_browser_client_logs_in_scores_sees_the_top_10_and_chats(tmp_path: Path)
     browser = find_browser()
     if browser is None:
         pytest.skip("no Chromium found (install the Debian package chromium; .ci/run does)")
-    ws_port = free_port()
-    app = App(
-        tmp_path,
-        browser=f"ws://127.0.0.1:{ws_port}/play?json=16k,256k",
-        page=str(ROOT / "web" / "play.html"),
-    )
-    app_config = app.config_path.read_text().replace(
-        f'"#services": {{"tcp": ["127.0.0.1:{app.port}"]}}',
-        f'"#services": {{"tcp": ["127.0.0.1:{app.port}", "127.0.0.1:{ws_port}"]}}',
-    )
-    app.config_path.write_text(app_config)
-    assert f"127.0.0.1:{ws_port}" in app_config
-    app.start()
+    app, ws_port = app_with_browsers(tmp_path)
     devtools = DevTools(browser, tmp_path / "profile")
     try:
         url = f"http://127.0.0.1:{ws_port}/"
