@@ -95,7 +95,15 @@ class WebSocket(Connection):
                 payload.decode("utf-8")
             except UnicodeDecodeError:
                 return f"a {framing.name} WebSocket sends text messages, which must be UTF-8"
-        self.protocol.sendMessage(payload, isBinary=framing.binary)
+        protocol = self.protocol
+        if protocol.state != protocol.STATE_OPEN:
+            return "socket closing"  # the peer's close frame has come; the connection is going
+        limit = protocol.maxMessagePayloadSize  # autobahn applies it both ways; the broker's OUT is checked
+        protocol.maxMessagePayloadSize = 0
+        try:
+            protocol.sendMessage(payload, isBinary=framing.binary)
+        finally:
+            protocol.maxMessagePayloadSize = limit
         return None
 
     def close(self) -> None:
@@ -128,8 +136,11 @@ class _Server(WebSocketServerProtocol):
             self.dropConnection(abort=True)
 
     def onConnect(self, request: ConnectionRequest) -> None:
-        if request.path != self.sock.endpoint.url.path:
+        endpoint = self.sock.endpoint
+        if request.path != endpoint.url.path:
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, f"no WebSocket at {request.path}")
+        # the endpoint's limit now, not the factory's copy: a reload may have changed the framing
+        self.maxMessagePayloadSize = self.maxFramePayloadSize = endpoint.framing.limit_in
 
     def onOpen(self) -> None:
         self.sock.opened()

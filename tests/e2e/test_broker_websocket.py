@@ -164,6 +164,7 @@ async def test_limits_close_with_1009_and_protocol_errors_close_only_that_socket
                     log4cxx.info("commit", s.commit(string.rep("x", 300)))
                     return
                 end
+                if data == "mid" then return string.rep("m", 150) end  -- over IN, within OUT
                 if data == "bytes" then
                     log4cxx.info("commit", s.commit("\\255\\254"))
                     return
@@ -174,6 +175,8 @@ async def test_limits_close_with_1009_and_protocol_errors_close_only_that_socket
     """
     async with RunningStage(tmp_path, script) as run:
         keeper = await ws_connect(port, "/")
+        keeper.send("mid")
+        await wait_for(lambda: keeper.messages == ["m" * 150], WAIT, "a reply over IN but within OUT")
 
         big_in = await ws_connect(port, "/")
         big_in.send("y" * 101)
@@ -206,7 +209,7 @@ async def test_limits_close_with_1009_and_protocol_errors_close_only_that_socket
         await wait_for(lambda: junk.closed, WAIT, "a reserved opcode to close its socket")
 
         keeper.send("still here")
-        await wait_for(lambda: keeper.messages == ["still here"], WAIT, "the other socket to keep serving")
+        await wait_for(lambda: keeper.messages[1:] == ["still here"], WAIT, "the other socket to keep serving")
 
 
 @pytest_twisted.ensureDeferred
@@ -306,6 +309,17 @@ async def test_a_reload_keeps_websocket_connections_and_offers_them_to_the_new_s
         assert client.messages[1:] == ["v2:during", "v2:2"] and not client.closed
         offered = run.said("offered")
         assert [f[0] for f in offered] == ["v1", "v2"] and offered[0][1] == offered[1][1]  # the same socket id
+
+        smaller = WS_ECHO.format(port=port, version="v3").replace("?text", "?text=4,64")
+        (tmp_path / "lua" / "a.lua").write_text(textwrap.dedent(smaller))
+        d = run.server.hosts[0].stages[0].stage.reload()
+        d.addTimeout(WAIT, reactor)
+        await d
+        await wait_for(lambda: client.closed, WAIT, "the kept connection to close with the old framing")
+        fresh = await ws_connect(port, "/play")
+        fresh.send("1234", "12345")
+        await wait_for(lambda: fresh.closed, WAIT, "the new IN limit to close a new connection")
+        assert fresh.messages == ["v3:1234"] and fresh.code == 1009
 
 
 def _ws_ask(port: int, message: str) -> str:
