@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from OpenSSL import SSL
 from twisted.internet import ssl
 
 from stagetx.broker.framing import BrokerAddressError, BrokerURL
@@ -42,13 +43,22 @@ def server_context(settings: TlsConfig, url: BrokerURL) -> Any:
     options: dict[str, Any] = {}
     if settings.client_ca is not None:
         options["trustRoot"] = ssl.trustRootFromCertificates(_certificates(settings.client_ca))
-    return ssl.CertificateOptions(
+    context = ssl.CertificateOptions(
         privateKey=mine.privateKey.original,
         certificate=mine.original,
         extraCertChain=[c.original for c in chain[1:]],
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         **options,
     )
+    # Twisted's own ALPN callback fails the handshake when nothing the client offers is acceptable
+    # (browsers and curl offer h2 and http/1.1): pick http/1.1 for wss, else go on without ALPN
+    wanted = (b"http/1.1",) if url.scheme == "wss" else ()
+    context.getContext().set_alpn_select_callback(lambda connection, offered: _choose(wanted, offered))
+    return context
+
+
+def _choose(wanted: tuple[bytes, ...], offered: list[bytes]) -> Any:
+    return next((p for p in wanted if p in offered), SSL.NO_OVERLAPPING_PROTOCOLS)
 
 
 def client_context(settings: TlsConfig, url: BrokerURL) -> Any:

@@ -113,7 +113,9 @@ class TlsStage:
 
 
 def trusting(ca: ScratchCA) -> Any:
-    return ssl.optionsForClientTLS("127.0.0.1", trustRoot=ssl.Certificate.loadPEM(ca.pem))
+    """Client options trusting ``ca`` and offering ALPN as browsers do (h2, http/1.1)."""
+    trust = ssl.Certificate.loadPEM(ca.pem)
+    return ssl.optionsForClientTLS("127.0.0.1", trustRoot=trust, acceptableProtocols=[b"h2", b"http/1.1"])
 
 
 @pytest_twisted.ensureDeferred

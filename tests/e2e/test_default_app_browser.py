@@ -5,24 +5,31 @@ one's chat line."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from tests.e2e.test_broker_tls import write_tls_files
 from tests.e2e.test_dashboard_browser import DevTools, find_browser
 from tests.e2e.test_default_app import ROOT, App
 from tests.support import env_path, free_port
 
 
-def app_with_browsers(root: Path) -> tuple[App, int]:
+def app_with_browsers(root: Path, scheme: str = "ws", **values: Any) -> tuple[App, int]:
     """The default application, started, with its browser listener (and page) on a free port."""
     ws_port = free_port()
-    app = App(root, browser=f"ws://127.0.0.1:{ws_port}/play?json=16k,256k", page=str(ROOT / "web" / "play.html"))
+    browser = f"{scheme}://127.0.0.1:{ws_port}/play?json=16k,256k"
+    app = App(root, browser=browser, page=str(ROOT / "web" / "play.html"), **values)
     config = json.loads(app.config_path.read_text())
     config["#services"]["tcp"].append(f"127.0.0.1:{ws_port}")
     app.config_path.write_text(json.dumps(config))
@@ -117,6 +124,36 @@ def test_browser_client_logs_in_scores_sees_the_top_10_and_chats(tmp_path: Path)
                 break
         assert devtools.js(seen), "bob never saw alice's chat line"
         assert devtools.js("document.querySelector('#chat li').dataset.from") == "alice"
+    finally:
+        devtools.close()
+        app.stop()
+
+
+@pytest.mark.timeout(180)
+def test_the_browser_client_over_wss(tmp_path: Path) -> None:
+    """The page over HTTPS and its WebSocket over TLS. Chromium trusts exactly the test server's
+    key (``--ignore-certificate-errors-spki-list``): headless Chromium reads no CA file, and adding
+    one to its NSS store needs certutil; every other certificate error still fails."""
+    browser = find_browser()
+    if browser is None:
+        pytest.skip("no Chromium found (install the Debian package chromium; .ci/run does)")
+    write_tls_files(tmp_path)
+    pem = (tmp_path / "tls" / "server.pem").read_bytes()
+    spki = (
+        x509.load_pem_x509_certificate(pem)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    pin = base64.b64encode(hashlib.sha256(spki).digest()).decode()
+    tls = {"cert": str(tmp_path / "tls" / "server.pem"), "key": str(tmp_path / "tls" / "server.key")}
+    app, wss_port = app_with_browsers(tmp_path, scheme="wss", **{"#tls": tls})
+    devtools = DevTools(browser, tmp_path / "profile", (f"--ignore-certificate-errors-spki-list={pin}",))
+    try:
+        open_in_new_context(devtools, f"https://127.0.0.1:{wss_port}/")
+        log_in(devtools, "dave")
+        assert devtools.js("location.protocol") == "https:"
+        devtools.js("document.getElementById('points').value = '5'; document.getElementById('send-score').click()")
+        devtools.wait(f"{TOP}.includes('dave=5')", what="dave's score over wss")
     finally:
         devtools.close()
         app.stop()
