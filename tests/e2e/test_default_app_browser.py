@@ -36,10 +36,10 @@ def app_with_browsers(root: Path, scheme: str = "ws", **values: Any) -> tuple[Ap
     return app.start(), ws_port
 
 
-def run_client(*args: str) -> subprocess.CompletedProcess[str]:
+def run_client(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "stagetx.client", *args],
-        env={**os.environ, "PYTHONPATH": env_path()},
+        env={**os.environ, "PYTHONPATH": env_path(), **env},
         capture_output=True,
         text=True,
         timeout=60,
@@ -130,8 +130,9 @@ def test_browser_client_logs_in_scores_sees_the_top_10_and_chats(tmp_path: Path)
 
 
 @pytest.mark.timeout(180)
-def test_the_browser_client_over_wss(tmp_path: Path) -> None:
-    """The page over HTTPS and its WebSocket over TLS. Chromium trusts exactly the test server's
+def test_the_browser_client_and_the_client_tool_over_wss(tmp_path: Path) -> None:
+    """The page over HTTPS and its WebSocket over TLS; then ``--url wss://`` trusting the test CA
+    (and refusing another one). Chromium trusts exactly the test server's
     key (``--ignore-certificate-errors-spki-list``): headless Chromium reads no CA file, and adding
     one to its NSS store needs certutil; every other certificate error still fails."""
     browser = find_browser()
@@ -154,6 +155,13 @@ def test_the_browser_client_over_wss(tmp_path: Path) -> None:
         assert devtools.js("location.protocol") == "https:"
         devtools.js("document.getElementById('points').value = '5'; document.getElementById('send-score').click()")
         devtools.wait(f"{TOP}.includes('dave=5')", what="dave's score over wss")
+
+        url = f"wss://127.0.0.1:{wss_port}/play"
+        done = run_client("--url", url, "--json", "login erin; top 3", SSL_CERT_FILE=str(tmp_path / "tls" / "ca.pem"))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert '"user": "dave"' in done.stdout or '"user":"dave"' in done.stdout
+        untrusted = run_client("--url", url, "top", SSL_CERT_FILE=str(tmp_path / "tls" / "wrong-ca.pem"))
+        assert untrusted.returncode == 2 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stdout + untrusted.stderr
     finally:
         devtools.close()
         app.stop()
