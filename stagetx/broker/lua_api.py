@@ -47,7 +47,7 @@ from stagetx.broker.sockets import (
     registry_for,
     url_text,
 )
-from stagetx.broker.tls import SECURE_SCHEMES, client_context, server_context
+from stagetx.broker.tls import SECURE_SCHEMES, client_context, connect_tls, listen_tls, server_context
 from stagetx.broker.websocket import connect_ws, listen_ws, set_page
 from stagetx.codec import CodecError, pack_lua, pack_py, unpack_lua, unpack_py
 from stagetx.config import TlsConfig
@@ -281,8 +281,10 @@ class BrokerAPI(_Reads):
                 listen_udp(self.reactor, endpoint)
             elif scheme in ("ws", "wss"):
                 listen_ws(self.reactor, endpoint, self.services, tls)
+            elif tls is not None:
+                listen_tls(self.reactor, endpoint, self.services, tls)
             else:
-                listen_tcp(self.reactor, endpoint, self.services, tls=tls)
+                listen_tcp(self.reactor, endpoint, self.services)
         except (BrokerAddressError, OSError) as err:
             return None, lua_text(f"broker.ready: {err}")
         except Exception as err:  # CannotListenError and friends carry the OS reason
@@ -302,8 +304,10 @@ class BrokerAPI(_Reads):
             return (endpoint.id,)
         if scheme in ("ws", "wss"):
             connect_ws(self.reactor, endpoint, tls)
+        elif tls is not None:
+            connect_tls(self.reactor, endpoint, tls)
         else:
-            connect_tcp(self.reactor, endpoint, tls=tls)
+            connect_tcp(self.reactor, endpoint)
         return (endpoint.id,)
 
     def get(self, eid: int, key: bytes) -> Any:

@@ -455,8 +455,8 @@ def listen_tcp(
 ) -> None:
     """Listen on the endpoint's address, adopting the inherited ``#services`` socket of that port.
 
-    ``factory`` replaces the ``Connection`` one (a WebSocket listener); ``tls`` (a server context
-    factory) puts TLS under it (``tls://``, ``wss://``)."""
+    ``factory`` replaces the ``Connection`` one (a WebSocket or TLS listener); ``tls`` (a server
+    context factory) puts TLS under it (``tls://``, ``wss://``)."""
     url = endpoint.url
     if factory is None:
         factory = _ListenFactory(endpoint)
@@ -485,12 +485,8 @@ def shared_fd(url: BrokerURL, services: Mapping[str, int]) -> tuple[str, int] | 
     return None
 
 
-def connect_tcp(reactor: Any, endpoint: Endpoint, timeout: float = 30.0, tls: Any = None) -> None:
-    """Dial the endpoint's address; ``tls`` (a client context factory) for ``tls://``."""
+def connect_tcp(reactor: Any, endpoint: Endpoint, timeout: float = 30.0) -> None:
     url = endpoint.url
-    if tls is not None:
-        endpoint.port = reactor.connectSSL(url.host, url.port, _JoinFactory(endpoint), tls, timeout=timeout)
-        return
     endpoint.port = reactor.connectTCP(url.host, url.port, _JoinFactory(endpoint), timeout=timeout)
 
 

@@ -164,16 +164,21 @@ async def test_tls_and_wss_serve_clients_that_trust_the_ca_and_joins_check_it(tm
 @pytest_twisted.ensureDeferred
 async def test_a_join_refuses_a_server_signed_by_another_ca(tmp_path: Path) -> None:
     write_tls_files(tmp_path)
-    port = free_port()
+    port, tport = free_port(), free_port()
     script = f"""
         broker.ready("wss://127.0.0.1:{port}/?json", function(socket) return function() end end)
         local j = broker.join("wss://127.0.0.1:{port}/?json", function() log4cxx.info("opened") end)
         j.close = function(s, reason) log4cxx.info("refused", tostring(s), reason) end
+        broker.ready("tls://127.0.0.1:{tport}?packet", function(socket) log4cxx.info("reached") end)
+        local t = broker.join("tls://127.0.0.1:{tport}?packet", function() log4cxx.info("opened") end)
+        t.close = function(s, reason) log4cxx.info("refused", tostring(s), reason) end
     """
     tls = {"cert": "tls/server.pem", "key": "tls/server.key", "ca": "tls/wrong-ca.pem"}
     async with TlsStage(tmp_path, script, tls) as run:
-        await wait_for(lambda: len(run.said("refused")) == 1, WAIT, "the join to fail")
-        assert run.said("refused")[0][0] == "nil" and run.said("opened") == []
+        await wait_for(lambda: len(run.said("refused")) == 2, WAIT, "both joins to fail")
+        assert [r[0] for r in run.said("refused")] == ["nil", "nil"] and run.said("opened") == []
+        assert any("certificate verify failed" in r[1] for r in run.said("refused")), run.said("refused")
+        assert run.said("reached") == []  # the tls listener never saw the failed handshake either
 
 
 def test_a_missing_or_bad_certificate_is_a_configuration_error_naming_the_key(tmp_path: Path) -> None:
@@ -189,3 +194,45 @@ def test_a_missing_or_bad_certificate_is_a_configuration_error_naming_the_key(tm
         path = write_app(tmp_path, {**base, "#tls": tls}, {"a": "x = 1"})
         with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
             load_config(str(path))
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_ca_requires_a_client_certificate_signed_by_it(tmp_path: Path) -> None:
+    good, wrong = write_tls_files(tmp_path)
+    port = free_port()
+    script = f"""
+        broker.ready("tls://127.0.0.1:{port}?packet", function(socket)
+            log4cxx.info("accepted")
+            return function(s, data) return "ok:" .. data end
+        end)
+        broker.join("tls://127.0.0.1:{port}?packet", function(socket)   -- presents #tls.cert
+            socket.commit("me")
+            return function(s, data) log4cxx.info("joined", data); s.close() end
+        end)
+    """
+    tls = {"cert": "tls/server.pem", "key": "tls/server.key", "ca": "tls/ca.pem", "client_ca": "tls/ca.pem"}
+    async with TlsStage(tmp_path, script, tls) as run:
+        await wait_for(lambda: run.said("joined") == [["ok:me"]], WAIT, "the join with its own certificate")
+
+        def with_certificate(ca: ScratchCA) -> Any:
+            cert, key = ca.issue("player")
+            mine = ssl.PrivateCertificate.loadPEM(cert + key)
+            return ssl.optionsForClientTLS(
+                "127.0.0.1", trustRoot=ssl.Certificate.loadPEM(good.pem), clientCertificate=mine
+            )
+
+        player = PacketClient()
+        await connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", port, with_certificate(good)), player)
+        player.transport.write(packet(b"hi"))
+        await wait_for(lambda: player.frames() == [b"ok:hi"], WAIT, "a client with a certificate of the client CA")
+
+        for options in (trusting(good), with_certificate(wrong)):  # no certificate; one of another CA
+            stranger = PacketClient()
+            await connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", port, options), stranger)
+            stranger.transport.write(packet(b"hi"))
+            await wait_for(
+                lambda s=stranger: s.closed, WAIT, "a client without an acceptable certificate to be refused"
+            )
+            assert stranger.data == b""
+        assert len(run.said("accepted")) == 2  # the join and the player: refused handshakes never reach Lua
+        player.transport.loseConnection()
