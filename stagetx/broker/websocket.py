@@ -4,8 +4,8 @@ The protocol work (handshake, framing, masking, fragments, ping/pong, close code
 of text messages, the IN limit as close code 1009, the opening-handshake timeout) is autobahn's;
 this module binds it to the broker's ``Endpoint``/``Connection`` model. A ``WebSocket`` is the
 ``Connection`` subclass the registry, the endpoint and the Lua binding see: its ``transport`` is
-the TCP (or TLS) transport under the WebSocket protocol, so pausing it for a reload, idle expiry
-and per-connection accounting act on it as on a tcp socket. The autobahn protocol object is kept
+the TCP (or TLS) transport under the WebSocket protocol, so pausing it for a reload and idle
+expiry act on it as on a tcp socket. The autobahn protocol object is kept
 beside it (``protocol``): its own attribute names (``state``, ``peer``) would clash with the
 socket's if one class were both.
 
@@ -117,7 +117,7 @@ class WebSocket(Connection):
         log.warn("broker socket {sid} ({peer}) closed: {reason}", sid=self.id, peer=self.peer_text(), reason=reason)
         if self.connected:
             self.connected = 0
-            self.protocol.sendCloseFrame(code, reason[:120].encode("utf-8", "replace"))
+            self.protocol.sendCloseFrame(code, reason.encode("ascii", "replace")[:120])  # 123 bytes at most
 
 
 class _Server(WebSocketServerProtocol):
