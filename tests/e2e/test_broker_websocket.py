@@ -7,6 +7,7 @@ import json
 import os
 import random
 import socket
+import struct
 import textwrap
 import time
 from pathlib import Path
@@ -99,13 +100,15 @@ class WsClient(protocol.Protocol):
         self.transport.write(self.ws.send(CloseConnection(code=1000)))
 
 
-def frame(opcode: int, payload: bytes, masked: bool = True) -> bytes:
-    """One raw final frame (payload < 126 bytes): what a broken or hostile client may send."""
-    assert len(payload) < 126
+def frame(opcode: int, payload: bytes, masked: bool = True, fin: bool = True) -> bytes:
+    """One raw frame (payload < 126 bytes, or 126..65535 with the 16-bit length): what a broken or
+    hostile client may send, byte for byte."""
+    first = (0x80 if fin else 0) | opcode
+    size = bytes([len(payload)]) if len(payload) < 126 else bytes([126]) + struct.pack("!H", len(payload))
     if not masked:
-        return bytes([0x80 | opcode, len(payload)]) + payload
+        return bytes([first, size[0]]) + size[1:] + payload
     mask = os.urandom(4)
-    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([first, 0x80 | size[0]]) + size[1:] + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 async def ws_connect(port: int, path: str, opened: bool = True) -> WsClient:
@@ -409,3 +412,54 @@ async def test_slow_or_endless_handshakes_and_fuzzed_frames_drop_only_their_conn
         await wait_for(lambda: keeper.messages == ["still here"], WAIT, "the well-behaved client to keep its echo")
         for fuzzer in fuzzers:
             fuzzer.transport.abortConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rfc6455_cases_fragments_control_frames_and_close_codes(tmp_path: Path) -> None:
+    """Raw frames a conforming server must accept, and ones it must fail with 1002 or 1007."""
+    port = free_port()
+    script = f"""
+        broker.ready("ws://127.0.0.1:{port}/?text=1k,1k", function(socket)
+            return function(s, data) return "got:" .. data end
+        end)
+    """
+    euro = "€".encode()  # three bytes: split across fragments it is only valid once joined
+    async with RunningStage(tmp_path, script):
+        good = await ws_connect(port, "/")
+        good.transport.write(
+            frame(0x1, b"a" + euro[:1], fin=False)
+            + frame(0x9, b"in between")  # a ping between the fragments of a message
+            + frame(0x0, euro[1:], fin=False)
+            + frame(0x0, b"z")
+            + frame(0x2, b"binary")  # a text socket takes binary messages too
+            + frame(0x1, b"")
+            + frame(0x1, b"x" * 200)
+        )
+        await wait_for(lambda: len(good.messages) == 4, WAIT, "four echoes")
+        assert good.messages == ["got:a€z", "got:binary", "got:", "got:" + "x" * 200]
+        assert good.pongs == [b"in between"]
+
+        failures = {
+            "a continuation frame without a message": frame(0x0, b"x"),
+            "a new message inside a fragmented one": frame(0x1, b"a", fin=False) + frame(0x1, b"b"),
+            "a fragmented ping": frame(0x9, b"p", fin=False),
+            "a ping payload over 125 bytes": frame(0x9, b"p" * 126),
+            "close code 999": frame(0x8, struct.pack("!H", 999)),
+            "a one-byte close payload": frame(0x8, b"x"),
+            "reserved bits set": bytes([0xC1 ^ 0x80 | 0x80]) + frame(0x1, b"x")[1:],
+        }
+        for what, data in failures.items():
+            client = await ws_connect(port, "/")
+            client.transport.write(data)
+            await wait_for(lambda c=client: c.closed, WAIT, f"{what} to fail the connection")
+            if what.startswith(("close code", "a one-byte close")):
+                assert client.code in (None, 1002), what  # a bad close frame: failed, a close frame is optional
+            else:
+                assert client.code == 1002, what
+        split_text = await ws_connect(port, "/")
+        split_text.transport.write(frame(0x1, euro[:2], fin=False) + frame(0x0, b"x"))
+        await wait_for(lambda: split_text.closed, WAIT, "a text message that is not UTF-8 once joined")
+        assert split_text.code == 1007
+
+        good.send("after all that")
+        await wait_for(lambda: good.messages[-1:] == ["got:after all that"], WAIT, "the good client still served")
