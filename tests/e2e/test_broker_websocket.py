@@ -463,3 +463,34 @@ async def test_rfc6455_cases_fragments_control_frames_and_close_codes(tmp_path: 
 
         good.send("after all that")
         await wait_for(lambda: good.messages[-1:] == ["got:after all that"], WAIT, "the good client still served")
+
+
+@pytest_twisted.ensureDeferred
+async def test_packet_framing_and_a_slow_reader_gets_everything_in_order(tmp_path: Path) -> None:
+    """``packet`` frames are binary messages; a client that stops reading while 8 MiB are pushed to
+    it holds up nobody else, and gets every message, in order, once it reads again."""
+    port = free_port()
+    script = f"""
+        broker.ready("ws://127.0.0.1:{port}/?packet=1k,128k", function(socket)
+            return function(s, data)
+                if data == "flood" then
+                    for i = 1, 128 do s.commit(string.format("%06d", i) .. string.rep("f", 65530)) end
+                    return
+                end
+                return data
+            end
+        end)
+    """
+    async with RunningStage(tmp_path, script):
+        slow, other = await ws_connect(port, "/"), await ws_connect(port, "/")
+        slow.transport.pauseProducing()  # reads nothing: the kernel buffers fill, then the server's
+        slow.transport.write(slow.ws.send(BytesMessage(data=b"flood")))
+        for n in range(5):
+            other.send(b"ping %d" % n)
+            await wait_for(lambda n=n: len(other.messages) == n + 1, WAIT, "the other client's echo")
+        assert other.messages == [b"ping %d" % n for n in range(5)]  # binary in, binary out
+        assert len(slow.messages) < 128
+        slow.transport.resumeProducing()
+        await wait_for(lambda: len(slow.messages) == 128, 2 * WAIT, "every pushed message")
+        assert [m[:6] for m in slow.messages] == [b"%06d" % i for i in range(1, 129)]
+        assert all(len(m) == 65536 for m in slow.messages)
