@@ -17,8 +17,8 @@ them in a ``stagetx.broker.reload.Kept`` (``Stage.handover["broker"]``), which t
 ``BrokerAPI`` takes: its ``broker.ready``/``broker.join`` claim the kept endpoints of the same
 address, and ``Kept.finish`` offers their sockets to the new callbacks.
 
-Values: frames reach Lua as strings (``packet``, ``text``) or tables (``bson``); a value to send
-is a string or number, or a table on a ``bson`` socket. Addresses are packed strings (see
+Values: frames reach Lua as strings (``packet``, ``text``) or data (``bson``, ``json``); a value to send
+is a string or number, or a table on a ``bson``/``json`` socket. Addresses are packed strings (see
 ``stagetx.broker.addresses``).
 """
 
