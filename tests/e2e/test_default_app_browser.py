@@ -1,7 +1,8 @@
 """The default application's web client in a real browser: headless Chromium loads the page from
 the front stages' WebSocket port of a real ``twistd -n stage``, logs in, posts a score, sees it in
 the live top 10, and a second browser context (its own cookies and connection) sees the first
-one's chat line."""
+one's chat line; a screenshot goes to ``$STAGETX_ARTIFACTS`` (or the test's tmp dir). The client
+tool talks to the same port."""
 
 from __future__ import annotations
 
@@ -124,6 +125,10 @@ def test_browser_client_logs_in_scores_sees_the_top_10_and_chats(tmp_path: Path)
                 break
         assert devtools.js(seen), "bob never saw alice's chat line"
         assert devtools.js("document.querySelector('#chat li').dataset.from") == "alice"
+        artifacts = Path(os.environ.get("STAGETX_ARTIFACTS") or tmp_path)
+        artifacts.mkdir(parents=True, exist_ok=True)
+        shot = devtools.call("Page.captureScreenshot", {"format": "png"})
+        (artifacts / "web-client.png").write_bytes(base64.b64decode(shot["data"]))
     finally:
         devtools.close()
         app.stop()
