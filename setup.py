@@ -27,6 +27,8 @@ setup(
         "prometheus-client>=0.19",
         "setproctitle>=1.3",
         "txredisapi>=1.4.10",
+        "autobahn>=24.4",
+        "wsproto>=1.2",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-twisted>=1.14", "pytest-timeout>=2.2", "hypothesis>=6"],

@@ -47,6 +47,7 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("cluster", "bench.workloads.cluster", needs=("twisted_raw",)),
     Entry("submit", "bench.workloads.submit", needs=("lupa",)),
     Entry("broker", "bench.workloads.broker", needs=("twisted_raw",)),
+    Entry("broker_websocket", "bench.workloads.broker_websocket"),  # measures its raw servers itself
     Entry("index", "bench.bench_index", needs=("redis",), optional=True),
     Entry("index_e2e", "bench.workloads.index_e2e"),  # measures redis itself, around its own run
     Entry("index_redis", "bench.workloads.index_redis"),  # the index on its Redis backend, redis around it

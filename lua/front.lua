@@ -95,7 +95,10 @@ stage.waitfor("chat", function(key, from, text)
 end)
 
 local function dispatch(socket, msg)
-    local op = msg.op                                -- a bson socket only delivers tables
+    if type(msg) ~= "table" then                     -- a json socket delivers any JSON value
+        return {ok = false, error = "a message is an object with op = \"login\", \"score\", ..."}
+    end
+    local op = msg.op
     if type(op) ~= "string" or not op:match("^%l+$") then
         return {ok = false, error = "a message is a document with op = \"login\", \"score\", ...", re = msg.id}
     end
@@ -115,16 +118,29 @@ local function dispatch(socket, msg)
     end
 end
 
-local players = broker.ready(process["$listen"], function(socket)
+local function accept(socket)
     app.sessions[socket.id] = {channels = {}}
     return dispatch
-end)
-players.expire = tonumber(process["$idle_ms"]) or 300000
-players.close = function(socket)
+end
+
+local function closed(socket)
     local session = app.sessions[socket.id]
     if session == nil then return end
     for name in pairs(session.channels) do app.leave(socket.id, name) end
     app.sessions[socket.id] = nil
+end
+
+local players = broker.ready(process["$listen"], accept)
+players.expire = tonumber(process["$idle_ms"]) or 300000
+players.close = closed
+
+-- Browsers: the same messages as JSON over a WebSocket; a plain GET of "/" gets the web client.
+if process["$browser"] then
+    local browsers = broker.ready(process["$browser"], accept)
+    browsers.expire = players.expire
+    browsers.close = closed
+    if process["$page"] then browsers.page = process["$page"] end
+    log4cxx.info("browsers", process["$browser"], process.id)
 end
 log4cxx.info("listening", process["$listen"], process.id)
 

@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from stagetx.lua.search import find_script
 from stagetx.stages import STAGE_TYPES
@@ -87,6 +89,21 @@ class AdminConfig:
 
 
 @attrs.frozen
+class TlsConfig:
+    """``#tls``: PEM files (absolute paths) for ``tls://``/``wss://`` listeners and joins.
+
+    ``cert``/``key``: this server's certificate (chain) and key, needed to listen; ``client_ca``:
+    listeners then require client certificates signed by it; ``ca``: what ``broker.join`` trusts
+    (default: the system's trust store).
+    """
+
+    cert: str | None = None
+    key: str | None = None
+    client_ca: str | None = None
+    ca: str | None = None
+
+
+@attrs.frozen
 class StageConfig:
     """One stage named in ``#startup`` (one entry per replica)."""
 
@@ -113,6 +130,7 @@ class ServerConfig:
     secret: str | None = None
     log: Mapping[str, LogGroup] = attrs.field(factory=dict)
     admin: AdminConfig | None = None
+    tls: TlsConfig = TlsConfig()
     values: Mapping[str, Any] = attrs.field(factory=dict)
     notices: tuple[str, ...] = ()
 
@@ -188,6 +206,7 @@ def parse_config(raw: Mapping[str, Any], base_dir: str) -> ServerConfig:
         secret=settings.get("#secret"),
         log=settings.get("#log", {}),
         admin=settings.get("#admin"),
+        tls=settings.get("#tls", TlsConfig()),
         values=values,
         notices=tuple(notices),
     )
@@ -429,6 +448,34 @@ def _admin(value: Any, path: str, base_dir: str) -> AdminConfig:
     return AdminConfig(endpoints.get("console"), endpoints.get("http"), token)
 
 
+def _tls(value: Any, path: str, base_dir: str) -> TlsConfig:
+    """``#tls``: each file is read and parsed now, so a missing or bad one stops start-up naming its key."""
+    entries = _object(value, path)
+    files: dict[str, str] = {}
+    for key, entry in entries.items():
+        where = f"{path}.{key}"
+        if key not in ("cert", "key", "client_ca", "ca"):
+            raise ConfigError(f"{where}: unknown key (cert, key, client_ca, ca)")
+        files[key] = os.path.join(base_dir, _string(entry, where))
+        try:
+            with open(files[key], "rb") as stream:
+                pem = stream.read()
+        except OSError as err:
+            raise ConfigError(f"{where}: cannot read {files[key]}: {err.strerror}") from None
+        try:
+            if key == "key":
+                serialization.load_pem_private_key(pem, password=None)
+            else:
+                x509.load_pem_x509_certificates(pem)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(
+                f"{where}: {files[key]} is not a PEM {key if key == 'key' else 'certificate'}: {err}"
+            ) from None
+    if ("cert" in files) != ("key" in files):
+        raise ConfigError(f"{path}: cert and key go together")
+    return TlsConfig(files.get("cert"), files.get("key"), files.get("client_ca"), files.get("ca"))
+
+
 _SERVER_KEYS: dict[str, Callable[[Any, str, str], Any]] = {
     "#services": _services,
     "#router": _router,
@@ -437,6 +484,7 @@ _SERVER_KEYS: dict[str, Callable[[Any, str, str], Any]] = {
     "#secret": _secret,
     "#log": _log,
     "#admin": _admin,
+    "#tls": _tls,
     "#startup": lambda value, path, base_dir: value,  # checked with the stage definitions
 }
 

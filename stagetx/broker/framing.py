@@ -6,7 +6,11 @@ frames and encodes frames back, within the IN/OUT limits:
 - ``packet``: 4-byte little-endian length, then that many bytes of payload;
 - ``text``: lines ending in ``\\n`` (a ``\\r`` before it is dropped); the limit counts the line;
 - ``bson``: BSON documents (their own little-endian int32 length leads), decoded to data only:
-  dict/list/str/bytes/int/float/bool/None — never code, whatever type the peer sent.
+  dict/list/str/bytes/int/float/bool/None — never code, whatever type the peer sent;
+- ``json``: JSON documents, one per line (on a WebSocket, one per text message), data only.
+
+On a WebSocket (``ws``, ``wss``) one message is one frame: only ``decode``/``payload`` and the
+limits are used, ``split``/``wrap`` are not; ``binary`` says which message type a framing sends.
 
 A frame over the IN limit raises ``FrameTooLarge`` as soon as its length is known (before its
 bytes arrive); the caller closes that connection.
@@ -15,6 +19,7 @@ bytes arrive); the caller closes that connection.
 from __future__ import annotations
 
 import datetime
+import json
 import re
 import struct
 from typing import Any
@@ -23,12 +28,14 @@ import attrs
 import bson
 from bson.codec_options import CodecOptions, DatetimeConversion
 
-SCHEMES = ("tcp", "udp")
-FRAMINGS = ("packet", "text", "bson")
+SCHEMES = ("tcp", "udp", "tls", "ws", "wss")
+FRAMINGS = ("packet", "text", "bson", "json")
 DEFAULT_LIMIT = 1 << 20
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)b?\s*$", re.IGNORECASE)
-_URL = re.compile(r"^(tcp|udp)://(?:\[([^\]]*)\]|([^:/?\[\]]*))(?::(\d+))?/?(?:\?(.*))?$", re.IGNORECASE)
+_URL = re.compile(
+    r"^(tcp|udp|tls|wss|ws)://(?:\[([^\]]*)\]|([^:/?\[\]]*))(?::(\d+))?(/[^?]*)?(?:\?(.*))?$", re.IGNORECASE
+)
 _LENGTH = struct.Struct("<I")
 _BSON_OPTIONS: CodecOptions[dict[str, Any]] = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_MS)
 MAX_DEPTH = 64  # levels of a received document: stagetx.codec.MAX_DEPTH, what Lua can receive
@@ -66,6 +73,7 @@ class BrokerURL:
     framing: str = "packet"
     limit_in: int = DEFAULT_LIMIT
     limit_out: int = DEFAULT_LIMIT
+    path: str = "/"  # the HTTP path of a ws/wss address
 
     @property
     def ipv6(self) -> bool:
@@ -75,26 +83,32 @@ class BrokerURL:
 def parse_url(url: str) -> BrokerURL:
     """``scheme://host:port?framing=IN,OUT`` (``IN:OUT`` too; ``[v6]`` hosts; empty or ``*`` host = any).
 
-    Without a framing the socket uses ``packet``; without limits, 1 MiB each way.
+    ``ws``/``wss`` addresses may have a path: ``ws://host:port/play?json``. Without a framing the
+    socket uses ``packet``; without limits, 1 MiB each way.
     """
     match = _URL.match(url.strip())
     if not match:
-        raise BrokerAddressError(f"bad broker address {url!r} (expected tcp://host:port or udp://host:port)")
-    scheme, v6, host, port, query = match.groups()
+        raise BrokerAddressError(
+            f"bad broker address {url!r} (expected tcp://, udp://, tls://, ws:// or wss://host:port)"
+        )
+    scheme, v6, host, port, path, query = match.groups()
+    scheme = scheme.lower()
+    if path and path != "/" and scheme not in ("ws", "wss"):
+        raise BrokerAddressError(f"bad broker address {url!r}: only ws:// and wss:// addresses have a path")
     host = v6 if v6 is not None else host
     if host in ("", "*"):
         host = "::" if v6 is not None else "0.0.0.0"
     if port is None or not 0 <= int(port) <= 65535:
         raise BrokerAddressError(f"bad broker address {url!r}: a port 0..65535 is needed")
     framing, limits = _framing(query or "", url)
-    return BrokerURL(scheme.lower(), host, int(port), framing, *limits)
+    return BrokerURL(scheme, host, int(port), framing, *limits, path=path or "/")
 
 
 def _framing(query: str, url: str) -> tuple[str, tuple[int, int]]:
     name, _, values = query.partition("=")
     name = name.strip().lower() or "packet"
     if name not in FRAMINGS:
-        raise BrokerAddressError(f"bad broker address {url!r}: unknown framing {name!r} (packet, text, bson)")
+        raise BrokerAddressError(f"bad broker address {url!r}: unknown framing {name!r} (packet, text, bson, json)")
     if not values.strip():
         return name, (DEFAULT_LIMIT, DEFAULT_LIMIT)
     parts = re.split(r"[,:]", values)
@@ -111,6 +125,7 @@ class Framing:
     __slots__ = ("limit_in", "limit_out")
 
     name = ""
+    binary = True  # a WebSocket sends this framing's frames as binary messages (else as text)
 
     def __init__(self, limit_in: int, limit_out: int) -> None:
         self.limit_in = limit_in
@@ -182,6 +197,7 @@ class TextFraming(Framing):
 
     __slots__ = ()
     name = "text"
+    binary = False
 
     def split(self, buffer: bytes) -> tuple[list[bytes], bytes]:
         *lines, rest = buffer.split(b"\n")
@@ -233,10 +249,36 @@ class BsonFraming(Framing):
         return bson.encode(_bson_safe(value))
 
 
+class JsonFraming(TextFraming):
+    """JSON documents, one per line (``\n``), decoded into plain data; Lua tables are sent as JSON.
+
+    Received documents are data by nature; sent byte strings must be UTF-8 (JSON has no binary),
+    and NaN or infinity is refused (JSON has neither).
+    """
+
+    __slots__ = ()
+    name = "json"
+
+    def decode(self, payload: bytes) -> Data:
+        try:
+            document = json.loads(payload)
+        except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+            raise FrameError(f"bad JSON document: {err}") from None
+        _check_depth(document, 0)
+        return document  # type: ignore[no-any-return]
+
+    def payload(self, value: Data) -> bytes:
+        try:
+            return json.dumps(_json_safe(value), ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        except ValueError as err:
+            raise FrameError(f"a json socket cannot send this value: {err}") from None
+
+
 FRAMING_CLASSES: dict[str, type[Framing]] = {
     "packet": PacketFraming,
     "text": TextFraming,
     "bson": BsonFraming,
+    "json": JsonFraming,
 }
 
 
@@ -292,6 +334,31 @@ def _bson_safe(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise FrameError(f"a bson socket cannot send {_kind(value)}")
+
+
+def _check_depth(value: Any, depth: int) -> None:
+    """Refuse a received document nested deeper than Lua can receive (``MAX_DEPTH``)."""
+    if isinstance(value, (dict, list)):
+        if depth >= MAX_DEPTH:
+            raise FrameError(f"JSON document nested deeper than {MAX_DEPTH} levels")
+        for item in value.values() if isinstance(value, dict) else value:
+            _check_depth(item, depth + 1)
+
+
+def _json_safe(value: Any) -> Any:
+    """Lua data for ``json.dumps``: string keys, UTF-8 byte strings as text."""
+    if isinstance(value, dict):
+        return {_key(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FrameError("a json socket sends UTF-8 strings only (JSON has no binary)") from None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise FrameError(f"a json socket cannot send {_kind(value)}")
 
 
 def _key(key: Any) -> str:

@@ -19,13 +19,14 @@ address, and ``Kept.finish`` offers their sockets to the new callbacks. If the n
 to load, ``release`` gives back what it claimed and ``Kept.restore`` returns every endpoint to
 the old runtime, its sockets with their old callbacks.
 
-Values: frames reach Lua as strings (``packet``, ``text``) or tables (``bson``); a value to send
-is a string or number, or a table on a ``bson`` socket. Addresses are packed strings (see
+Values: frames reach Lua as strings (``packet``, ``text``) or data (``bson``, ``json``); a value to send
+is a string or number, or a table on a ``bson``/``json`` socket. Addresses are packed strings (see
 ``stagetx.broker.addresses``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 
 from stagetx.broker import addresses
-from stagetx.broker.framing import BrokerAddressError, Data, FrameError, FrameTooLarge, parse_url
+from stagetx.broker.framing import SCHEMES, BrokerAddressError, Data, FrameError, FrameTooLarge, parse_url
 from stagetx.broker.reload import Kept, is_listener, worth_keeping
 from stagetx.broker.sockets import (
     Connection,
@@ -49,8 +50,11 @@ from stagetx.broker.sockets import (
     registry_for,
     url_text,
 )
+from stagetx.broker.tls import SECURE_SCHEMES, client_context, connect_tls, listen_tls, server_context
 from stagetx.broker.traffic import Traffic
+from stagetx.broker.websocket import connect_ws, listen_ws, set_page
 from stagetx.codec import CodecError, pack_lua, pack_py, unpack_lua, unpack_py
+from stagetx.config import TlsConfig
 from stagetx.lua.api import lua_text, text
 from stagetx.lua.sandbox import on_new_sandbox
 from stagetx.lua.workers import QueueFull, workers_of
@@ -60,7 +64,7 @@ if TYPE_CHECKING:
     from stagetx.lua.sandbox import Sandbox, Sandboxes
     from stagetx.lua.workers import Workers
 
-_LISTENER_FIELDS = (b"expire", b"close", b"receive")
+_LISTENER_FIELDS = (b"expire", b"close", b"receive", b"page")
 _SCRIPT = resources.files("stagetx.broker").joinpath("broker.lua").read_bytes()
 
 
@@ -230,6 +234,9 @@ class BrokerAPI(_Reads):
         self.reactor = reactor if reactor is not None else global_reactor
         self.registry: Registry = registry_for(process)
         self.services: dict[str, int] = dict(getattr(process, "services", {}) or {})
+        config = getattr(process, "config", None)
+        self.tls: TlsConfig = getattr(config, "tls", None) or TlsConfig()  # #tls: tls:// and wss:// files
+        self.base_dir: str = getattr(config, "base_dir", None) or os.getcwd()  # listener pages are relative to it
         self.endpoints: dict[int, Endpoint] = {}
         self.socket: Any = None  # broker.lua's socket table maker of the main runtime
         self._workers: Workers | None = None
@@ -279,11 +286,17 @@ class BrokerAPI(_Reads):
         """``broker.ready``: listen (TCP) or bind (UDP), or take over the listener of that address
         the previous runtime left; returns the endpoint id."""
         try:
-            endpoint, kept = self._endpoint(url, f, ("tcp", "udp"), "broker.ready")
+            endpoint, kept = self._endpoint(url, f, SCHEMES, "broker.ready")
             if kept:
                 return (endpoint.id,)
-            if endpoint.url.scheme == "udp":
+            scheme = endpoint.url.scheme
+            tls = server_context(self.tls, endpoint.url) if scheme in SECURE_SCHEMES else None
+            if scheme == "udp":
                 listen_udp(self.reactor, endpoint)
+            elif scheme in ("ws", "wss"):
+                listen_ws(self.reactor, endpoint, self.services, tls)
+            elif tls is not None:
+                listen_tls(self.reactor, endpoint, self.services, tls)
             else:
                 listen_tcp(self.reactor, endpoint, self.services)
         except (BrokerAddressError, OSError) as err:
@@ -296,10 +309,18 @@ class BrokerAPI(_Reads):
         """``broker.join``: connect (TCP), or take over the connection to that address the previous
         runtime left; ``f`` is called once connected."""
         try:
-            endpoint, kept = self._endpoint(url, f, ("tcp",), "broker.join")
-        except BrokerAddressError as err:
+            endpoint, kept = self._endpoint(url, f, ("tcp", "tls", "ws", "wss"), "broker.join")
+            scheme = endpoint.url.scheme
+            tls = client_context(self.tls, endpoint.url) if scheme in SECURE_SCHEMES and not kept else None
+        except (BrokerAddressError, OSError) as err:
             return None, lua_text(f"broker.join: {err}")
-        if not kept:
+        if kept:
+            return (endpoint.id,)
+        if scheme in ("ws", "wss"):
+            connect_ws(self.reactor, endpoint, tls)
+        elif tls is not None:
+            connect_tls(self.reactor, endpoint, tls)
+        else:
             connect_tcp(self.reactor, endpoint)
         return (endpoint.id,)
 
@@ -320,10 +341,12 @@ class BrokerAPI(_Reads):
     def set(self, eid: int, key: bytes, value: Any) -> tuple[Any, ...]:
         endpoint = self.endpoints.get(eid)
         if key not in _LISTENER_FIELDS:
-            return None, lua_text(f"broker listener: unknown field {text(key)!r} (expire, close, receive)")
+            return None, lua_text(f"broker listener: unknown field {text(key)!r} (expire, close, receive, page)")
         if endpoint is None:
             return (True,)  # a closed listener ignores settings
         handler: LuaHandler = endpoint.handler  # type: ignore[assignment]
+        if key == b"page":
+            return self.set_page(endpoint, value)
         if key == b"expire":
             if not isinstance(value, (int, float)) and value is not None:
                 return None, b"broker listener: expire is a number of ms"
@@ -334,6 +357,24 @@ class BrokerAPI(_Reads):
             handler.on_close = value
         else:
             handler.receive = value
+        return (True,)
+
+    def set_page(self, endpoint: Endpoint, value: Any) -> tuple[Any, ...]:
+        """``listener.page = "file.html"``: what a ws/wss listener answers a browser's plain GET of
+        ``/``; the path is relative to the configuration file; nil serves nothing (404)."""
+        if endpoint.url.scheme not in ("ws", "wss"):
+            return None, b"broker listener: page is for ws:// and wss:// listeners"
+        if value is None:
+            set_page(endpoint, None)
+            return (True,)
+        if not isinstance(value, bytes):
+            return None, b"broker listener: page is the path of an HTML file"
+        path = os.path.join(self.base_dir, text(value))
+        try:
+            with open(path, encoding="utf-8") as page:
+                set_page(endpoint, page.read())
+        except (OSError, UnicodeDecodeError) as err:
+            return None, lua_text(f"broker listener: page {path}: {err}")
         return (True,)
 
     # -- sockets ----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from twisted.internet import protocol
 from twisted.internet.interfaces import IProtocol, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -477,16 +478,28 @@ class _JoinFactory(protocol.ClientFactory):
         self.endpoint.handler.failed(self.endpoint, reason.getErrorMessage())
 
 
-def listen_tcp(reactor: Any, endpoint: Endpoint, services: Mapping[str, int]) -> None:
-    """Listen on the endpoint's address, adopting the inherited ``#services`` socket of that port."""
+def listen_tcp(
+    reactor: Any, endpoint: Endpoint, services: Mapping[str, int], factory: Any = None, tls: Any = None
+) -> None:
+    """Listen on the endpoint's address, adopting the inherited ``#services`` socket of that port.
+
+    ``factory`` replaces the ``Connection`` one (a WebSocket or TLS listener); ``tls`` (a server
+    context factory) puts TLS under it (``tls://``, ``wss://``)."""
     url = endpoint.url
-    factory = _ListenFactory(endpoint)
+    if factory is None:
+        factory = _ListenFactory(endpoint)
+    if tls is not None:
+        factory = TLSMemoryBIOFactory(tls, False, factory)
     shared = shared_fd(url, services)
     if shared is not None:
         host, fd = shared
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         endpoint.port = reactor.adoptStreamPort(fd, family, factory)
-        log.info("broker: tcp://{address} on the shared #services socket", address=addresses.text(host, url.port))
+        log.info(
+            "broker: {scheme}://{address} on the shared #services socket",
+            scheme=url.scheme,
+            address=addresses.text(host, url.port),
+        )
         return
     endpoint.port = reactor.listenTCP(url.port, factory, backlog=1024, interface=url.host)
 

@@ -22,6 +22,7 @@ import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 from stagetx.client.connection import DEFAULT_TIMEOUT, Connection, ConnectionClosed
 from stagetx.client.load import LoadOptions, print_summary, run_load
@@ -57,6 +58,11 @@ def _common(parser: argparse.ArgumentParser, defaults: bool) -> None:
         type=int,
         default=DEFAULT_PORT if defaults else suppress,
         help=f"server port (default {DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--url",
+        default=None if defaults else suppress,
+        help="a WebSocket address instead of --host/--port, e.g. ws://127.0.0.1:8082/play (or wss://)",
     )
     parser.add_argument(
         "--json",
@@ -249,9 +255,9 @@ async def talk(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
     tty = not words and stdin.isatty() and out.isatty()
     printer = Printer(out, args.json, prompt=f"{args.host}:{args.port}> " if tty else "")
     try:
-        connection = await Connection.open(args.host, args.port, args.timeout, on_push=printer.push)
+        connection = await Connection.open(args.host, args.port, args.timeout, on_push=printer.push, url=args.url)
     except (TimeoutError, OSError) as err:
-        where = f"{args.host}:{args.port}"
+        where = args.url or f"{args.host}:{args.port}"
         printer.error(f"cannot connect to {where}: {err} (is the server running? make run)")
         return 2
     try:
@@ -269,8 +275,9 @@ async def talk(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
 
 
 async def load(args: argparse.Namespace, out: TextIO) -> int:
-    if not args.allow_remote and not is_loopback(args.host):
-        out.write(f"load: {args.host} is not a loopback address (use --allow-remote to load it anyway)\n")
+    host = (urlsplit(args.url).hostname or "") if args.url else args.host
+    if not args.allow_remote and not is_loopback(host):
+        out.write(f"load: {host} is not a loopback address (use --allow-remote to load it anyway)\n")
         return 2
     if args.players < 1 or args.seconds <= 0 or args.max_requests < 1:
         out.write("load: --players, --seconds and --max-requests must be positive\n")
@@ -278,6 +285,7 @@ async def load(args: argparse.Namespace, out: TextIO) -> int:
     options = LoadOptions(
         host=args.host,
         port=args.port,
+        url=args.url,
         players=args.players,
         seconds=args.seconds,
         max_requests=args.max_requests,

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from stagetx.client.protocol import Command, Decoder, Document, ProtocolError, encode
+from stagetx.client.websocket import WebSocketCodec, open_websocket
 
 DEFAULT_TIMEOUT = 10.0
 T = TypeVar("T")
@@ -39,9 +40,12 @@ class Connection:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         on_push: Callable[[Document], Any] | None = None,
+        codec: WebSocketCodec | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
+        self._encode = codec.encode if codec is not None else encode  # BSON on TCP, JSON on a WebSocket
+        self._decoder = codec.decoder if codec is not None else Decoder
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Document]] = {}
         self.on_push = on_push
@@ -55,7 +59,13 @@ class Connection:
         port: int,
         timeout: float = DEFAULT_TIMEOUT,
         on_push: Callable[[Document], Any] | None = None,
+        url: str | None = None,
     ) -> Connection:
+        """Connect to ``host:port``, or with ``url`` (``ws://host:port/path``, ``wss://…``) to the
+        application's WebSocket listener instead (JSON messages)."""
+        if url is not None:
+            reader, writer, codec = await _within(open_websocket(url), timeout, "connecting")
+            return cls(reader, writer, on_push, codec)
         reader, writer = await _within(asyncio.open_connection(host, port), timeout, "connecting")
         return cls(reader, writer, on_push)
 
@@ -67,7 +77,7 @@ class Connection:
         future: asyncio.Future[Document] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         try:
-            self._writer.write(encode(command.request(request_id)))
+            self._writer.write(self._encode(command.request(request_id)))
             return await _within(future, timeout, f"waiting for the reply to {command.op}")
         finally:
             self._waiting.pop(request_id, None)
@@ -85,7 +95,7 @@ class Connection:
             pass
 
     async def _read(self) -> None:
-        decoder = Decoder()
+        decoder = self._decoder()
         reason: BaseException = ConnectionClosed("the server closed the connection")
         try:
             while data := await self._reader.read(1 << 16):

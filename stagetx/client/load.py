@@ -141,6 +141,7 @@ class Progress:
 class LoadOptions:
     host: str = "127.0.0.1"
     port: int = 8081
+    url: str | None = None  # a ws:// or wss:// address instead of host and port
     players: int = 10
     seconds: float = 10.0
     max_requests: int = 100_000
@@ -166,7 +167,7 @@ class Player:
     async def run(self) -> None:
         try:
             connection = await Connection.open(
-                self.options.host, self.options.port, self.options.timeout, on_push=self._push
+                self.options.host, self.options.port, self.options.timeout, on_push=self._push, url=self.options.url
             )
         except (TimeoutError, OSError):
             self.stats.failed_players += 1

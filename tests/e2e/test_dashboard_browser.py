@@ -44,7 +44,7 @@ def find_browser() -> str | None:
 class DevTools:
     """The Chrome DevTools protocol over ``--remote-debugging-pipe`` (fd 3 in, fd 4 out, NUL-framed)."""
 
-    def __init__(self, browser: str, profile: Path) -> None:
+    def __init__(self, browser: str, profile: Path, extra_args: tuple[str, ...] = ()) -> None:
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
 
@@ -67,6 +67,7 @@ class DevTools:
                 "--remote-debugging-pipe",
                 f"--user-data-dir={profile}",
                 "--window-size=1400,1300",
+                *extra_args,
                 "about:blank",
             ],
             preexec_fn=fds,

@@ -45,6 +45,7 @@ class App:
         config["listen"] = f"tcp://127.0.0.1:{self.port}?bson=16k,256k"
         config["=index+rank"] = str(self.data)
         config.pop("#admin", None)  # the shipped admin ports are fixed; this copy needs none
+        config.pop("browser", None)  # likewise the browsers' port (the browser test sets its own)
         config.update(values)
         self.config_path.write_text(json.dumps(config))
         self.fronts = sum(1 for group in config["#startup"] if "=lua+front" in group)

@@ -15,6 +15,7 @@ from stagetx.broker.framing import (
     BsonFraming,
     FrameError,
     FrameTooLarge,
+    JsonFraming,
     PacketFraming,
     TextFraming,
     parse_size,
@@ -40,7 +41,16 @@ def test_urls_name_scheme_host_port_framing_and_limits(url: str, expected: tuple
 
 @pytest.mark.parametrize(
     "url",
-    ["http://a:1", "tcp://host", "tcp://a:70000", "tcp://a:1?json", "tcp://a:1?packet=0", "tcp://a:1?packet=1,2,3"],
+    [
+        "http://a:1",
+        "tcp://host",
+        "tcp://a:70000",
+        "tcp://a:1?yaml",
+        "tcp://a:1?packet=0",
+        "tcp://a:1?packet=1,2,3",
+        "tcp://a:1/path",
+        "wss://a?json",
+    ],
 )
 def test_bad_urls_say_why(url: str) -> None:
     with pytest.raises(BrokerAddressError):
@@ -155,3 +165,24 @@ def test_packed_text_forms() -> None:
 def test_loopback_has_its_addresses() -> None:
     found = addresses.interface_addresses()
     assert "127.0.0.1" in found["lo"]
+
+
+def test_websocket_addresses_have_a_path_and_json_is_a_framing() -> None:
+    url = parse_url("ws://127.0.0.1:8082/play?json=4k,64k")
+    assert (url.scheme, url.host, url.port, url.path, url.framing) == ("ws", "127.0.0.1", 8082, "/play", "json")
+    assert (url.limit_in, url.limit_out) == (4096, 65536)
+    assert parse_url("wss://[::1]:1?bson").path == "/"
+    assert parse_url("tls://*:9?text").host == "0.0.0.0"
+
+
+def test_json_framing_is_lines_of_data_only_documents() -> None:
+    framing = JsonFraming(1 << 10, 1 << 10)
+    frames, rest = framing.split(b'{"a": [1, 2.5, null, true]}\n"x"\n{"b"')
+    assert [framing.decode(f) for f in frames] == [{"a": [1, 2.5, None, True]}, "x"] and rest == b'{"b"'
+    assert framing.encode({b"k": [b"v", 1], 2: {}}) == b'{"k":["v",1],"2":{}}\n'
+    for bad in (b"{", b"\xff", b"[" * 100 + b"]" * 100):
+        with pytest.raises(FrameError):
+            framing.decode(bad)
+    for unsendable in (b"\xff", float("nan")):
+        with pytest.raises(FrameError):
+            framing.payload(unsendable)
