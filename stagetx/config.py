@@ -606,7 +606,7 @@ def _check_index_settings(name: str, settings: Any) -> None:
     the error names the key, e.g. ``=index+rank.redis: …`` (docs/index.md, Backends)."""
     if not isinstance(settings, dict) or "redis" not in settings:
         return  # the embedded board checks its own settings when it starts
-    from stagetx.stages.index import parse_settings
+    from stagetx.stages.index.stage import parse_settings
 
     try:
         parse_settings(settings, lambda path: path)

@@ -10,7 +10,7 @@ from twisted.python import usage
 
 from stagetx.config import ConfigError, ServerConfig, load_config
 from stagetx.lua.syntax import compile_errors
-from stagetx.stages.lua import preload_files
+from stagetx.stages.lua.stage import preload_files
 from stagetx.supervisor import Supervisor
 
 

@@ -23,8 +23,8 @@ from twisted.internet.endpoints import (
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 
+from stagetx.child.host import ProcessHost
 from stagetx.config import load_config
-from stagetx.host import ProcessHost
 
 
 def write_app(root: Path, config: dict[str, Any], scripts: dict[str, str]) -> Path:

@@ -1,6 +1,6 @@
 """The supervisor side of the control links: one authenticated link per child process.
 
-Children connect to ``RUNDIR/control.sock`` (``stagetx.control``); the link's node id ``gN`` names
+Children connect to ``RUNDIR/control.sock`` (``stagetx.child.control``); the link's node id ``gN`` names
 the group. The server keeps each group's latest stats snapshot and ready flag, and sends commands
 (``["cmd", id, name, args]``) whose results come back by id, with a timeout.
 """
@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from stagetx.control import Result, control_path
+from stagetx.child.control import Result, control_path
 from stagetx.wire import Link, LinkServerFactory
 
 #: Seconds a child has to answer one command.

@@ -24,7 +24,7 @@ from stagetx.lua.loader import ScriptLoader, ScriptNotFound
 from stagetx.lua.runtime import LuaScriptError, LuaVM
 
 if TYPE_CHECKING:
-    from stagetx.host import StageHost
+    from stagetx.child.host import StageHost
 
 LEVELS = {
     b"info": LogLevel.info,

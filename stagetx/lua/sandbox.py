@@ -30,10 +30,10 @@ from stagetx.codec import pack_lua, unpack_lua
 from stagetx.lua.api import StageAPI, Task, lua_text
 from stagetx.lua.loader import ScriptLoader
 from stagetx.lua.runtime import HOOK_COUNT, LuaScriptError, LuaVM
-from stagetx.stages.lua import preload_files, sender_fields
+from stagetx.stages.lua.stage import preload_files, sender_fields
 
 if TYPE_CHECKING:
-    from stagetx.stages.lua import Stage
+    from stagetx.stages.lua.stage import Stage
 
 #: Seconds running jobs may go on after their stage stopped, before they are interrupted.
 GRACE_SECONDS = 5.0

@@ -28,7 +28,7 @@ from stagetx.lua.runtime import LuaVM
 from stagetx.lua.sandbox import Sandbox, Sandboxes
 
 if TYPE_CHECKING:
-    from stagetx.stages.lua import Stage
+    from stagetx.stages.lua.stage import Stage
 
 
 class QueueFull(Exception):

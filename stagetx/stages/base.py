@@ -12,7 +12,7 @@ from stagetx.message import Message
 
 
 class StageContext(Protocol):
-    """The hosting process as one stage sees it (implemented by ``stagetx.host``)."""
+    """The hosting process as one stage sees it (implemented by ``stagetx.child.host``)."""
 
     stage_id: str  # the id used in addresses, e.g. "rank" for "=index+rank"
     name: str  # the full name, e.g. "=index+rank"

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from stagetx.index.commands import Executor
-from stagetx.index.store import IndexStore
+from stagetx.stages.index.commands import Executor
+from stagetx.stages.index.store import IndexStore
 from tests.support import ServerProcess
 
 WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index_writer.py")

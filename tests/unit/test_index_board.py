@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from stagetx.index.board import Board, Ranking
-from stagetx.index.commands import Executor, IndexMessage, RequestError, parse_key, read_message
-from stagetx.index.redis_backend import RedisExecutor, fill, unpack_answer
-from stagetx.index.redis_link import RedisLink, parse_redis_settings
+from stagetx.stages.index.board import Board, Ranking
+from stagetx.stages.index.commands import Executor, IndexMessage, RequestError, parse_key, read_message
+from stagetx.stages.index.redis_backend import RedisExecutor, fill, unpack_answer
+from stagetx.stages.index.redis_link import RedisLink, parse_redis_settings
 from tests.redis_servers import REDIS_SERVER, RedisServer
 from tests.support import wait_for
 

@@ -16,10 +16,10 @@ from twisted.internet import reactor
 from twisted.logger import Logger
 
 from stagetx.codec import pack_py
-from stagetx.index.redis_link import parse_url
 from stagetx.message import Message, Sender
-from stagetx.stages.index import Stage
-from stagetx.stages.index_redis import RedisStage
+from stagetx.stages.index.redis_link import parse_url
+from stagetx.stages.index.redis_stage import RedisStage
+from stagetx.stages.index.stage import Stage
 from tests.redis_servers import RedisServer, needs_redis
 from tests.support import LogCapture, free_port, wait_for
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stagetx.links import local_retry
+from stagetx.child.links import local_retry
 
 
 def test_a_sibling_process_is_retried_within_tens_of_milliseconds_and_at_most_every_second() -> None:

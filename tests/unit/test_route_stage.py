@@ -10,7 +10,7 @@ from twisted.logger import Logger
 from stagetx.address import format_reply
 from stagetx.codec import NULL, pack_py
 from stagetx.message import Message, Sender
-from stagetx.stages.route import ACCEPT, Stage
+from stagetx.stages.route.stage import ACCEPT, Stage
 
 SERVER = "srv"
 ROUTE = 9  # the route stage's instance

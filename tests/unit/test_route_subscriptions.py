@@ -6,7 +6,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from stagetx.codec import NULL
-from stagetx.routing.subscriptions import (
+from stagetx.stages.route.subscriptions import (
     Offers,
     PublishKey,
     Round,

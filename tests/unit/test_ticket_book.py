@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 
-from stagetx.routing.tickets import (
+from stagetx.stages.ticket.tickets import (
     Cancelled,
     Granted,
     Refused,

@@ -28,9 +28,9 @@ from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall
 
 from stagetx.broker.traffic import Traffic
+from stagetx.child.host import StageHost
 from stagetx.codec import CodecError, pack_lua, unpack_lua
 from stagetx.config import StageConfig
-from stagetx.host import StageHost
 from stagetx.lua.api import StageAPI, Task, lua_text, text
 from stagetx.lua.extensions import install_all
 from stagetx.lua.loader import ScriptLoader

@@ -25,15 +25,15 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevelFilterPredicate
 from twisted.python.failure import Failure
 
-from stagetx.host import LATENCY_BUCKETS, ProcessHost, StageHost
-from stagetx.index.commands import READS, RequestError, parse_key
-from stagetx.links import local_retry
+from stagetx.child.host import LATENCY_BUCKETS, ProcessHost, StageHost
+from stagetx.child.links import local_retry
 from stagetx.logsetup import level_named
-from stagetx.stages.lua import ReloadError
+from stagetx.stages.index.commands import READS, RequestError, parse_key
+from stagetx.stages.lua.stage import ReloadError
 from stagetx.wire import Link, LinkClientFactory
 
 if TYPE_CHECKING:
-    from stagetx.stages.lua import Stage as LuaStage
+    from stagetx.stages.lua.stage import Stage as LuaStage
 
 SOCKET_NAME = "control.sock"
 STATS_INTERVAL = 1.0
@@ -118,7 +118,7 @@ def stage_stats(stage: StageHost) -> dict[str, Any]:
 class ProcessControl:
     """What the admin side can see and do in this process (no I/O: the client carries it)."""
 
-    log = Logger(namespace="stagetx.control")
+    log = Logger(namespace="stagetx.child.control")
 
     def __init__(
         self,
@@ -318,7 +318,7 @@ class _ClientHandler:
 class ControlClient(MultiService):
     """Keeps this process linked to its supervisor; pushes snapshots, answers commands."""
 
-    log = Logger(namespace="stagetx.control")
+    log = Logger(namespace="stagetx.child.control")
 
     def __init__(self, control: ProcessControl, rundir: str, secret: bytes, reactor: Any) -> None:
         super().__init__()
@@ -369,7 +369,7 @@ class ControlClient(MultiService):
 class ScriptWatcher:
     """Dev mode: reloads a Lua stage when one of its script files changes (polling mtimes)."""
 
-    log = Logger(namespace="stagetx.control")
+    log = Logger(namespace="stagetx.child.control")
 
     def __init__(self, host: ProcessHost, period: float, reactor: Any) -> None:
         self.host = host

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import attrs
 
-from stagetx.index.board import TIERS, Board, Score
+from stagetx.stages.index.board import TIERS, Board, Score
 
 WRITES = frozenset({b"set", b"del"})
 READS = frozenset({b"get", b"range", b"forEach", b"total"})

@@ -1,6 +1,6 @@
 """The ``ticket`` stage (SPEC 4.4): per-category concurrency limits with FIFO grants.
 
-Decisions live in ``stagetx.routing.tickets``; this module turns messages into calls on the
+Decisions live in ``stagetx.stages.ticket.tickets``; this module turns messages into calls on the
 ``TicketBook`` and its effects into sends. A requester is one replica (the sender's
 ``(server, instance)``); callbacks, feedback and notices go to it by reply address. Message ids
 this stage receives:
@@ -24,8 +24,9 @@ import attrs
 
 from stagetx.address import format_reply
 from stagetx.message import Message, Sender
-from stagetx.routing.ids import as_written
-from stagetx.routing.tickets import (
+from stagetx.stages.base import StageContext
+from stagetx.stages.msgids import as_written
+from stagetx.stages.ticket.tickets import (
     Accepted,
     Cancelled,
     Effect,
@@ -38,7 +39,6 @@ from stagetx.routing.tickets import (
     parse_request,
     parse_settings,
 )
-from stagetx.stages.base import StageContext
 
 _LOGGED_ONCE_MAX = 10_000  # distinct refusal reasons remembered for "logged once"
 _Owner = tuple[str, int]  # a requesting replica (server, instance): the book's opaque owner

@@ -40,13 +40,13 @@ from typing import Any, BinaryIO
 import msgpack
 from twisted.logger import Logger
 
-from stagetx.index.board import Board
-from stagetx.index.commands import RequestError
+from stagetx.stages.index.board import Board
+from stagetx.stages.index.commands import RequestError
 
 _FRAME = struct.Struct("<II")
 _NAME = re.compile(r"^(\d{10})\.(log|snap)$")
 _HEADER = ["stagetx-index", 1]
-_log = Logger(namespace="stagetx.index.store")
+_log = Logger(namespace="stagetx.stages.index.store")
 
 
 class StoreCorrupt(Exception):

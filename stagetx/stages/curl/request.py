@@ -13,8 +13,8 @@ from urllib.parse import quote_plus
 import attrs
 import hyperlink
 
-from stagetx.http import errors
-from stagetx.http.settings import CurlSettings
+from stagetx.stages.curl import errors
+from stagetx.stages.curl.settings import CurlSettings
 
 _FORM_TYPE = b"application/x-www-form-urlencoded"
 _METHOD = re.compile(r"[A-Z][A-Z-]*\Z")

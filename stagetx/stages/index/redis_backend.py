@@ -28,7 +28,7 @@ from typing import Any
 import msgpack
 
 from stagetx.codec import CodecError, pack_py, unpack_py
-from stagetx.index.commands import Command, Executor, RequestError, for_each_query
+from stagetx.stages.index.commands import Command, Executor, RequestError, for_each_query
 
 SCRIPT = rb"""
 local prefix = ARGV[1]

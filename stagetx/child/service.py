@@ -11,11 +11,11 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevelFilterPredicate
 
+from stagetx.child.control import ControlClient, ProcessControl, ScriptWatcher
+from stagetx.child.host import ProcessHost
+from stagetx.child.links import ProcessLinks
 from stagetx.cluster.gateway import GATEWAY_GROUP, ClusterGateway, RemoteView, cluster_enabled
 from stagetx.config import ServerConfig
-from stagetx.control import ControlClient, ProcessControl, ScriptWatcher
-from stagetx.host import ProcessHost
-from stagetx.links import ProcessLinks
 
 #: The largest frame between processes of one server.
 MAX_FRAME = 64 * 1024 * 1024
@@ -26,7 +26,7 @@ class ChildProcess(MultiService):
 
     With a ``#cluster``, the process of group 0 also runs the server's cluster gateway (started
     after its stages); the others route to other servers through it (``stagetx.cluster.gateway``).
-    The control client (``stagetx.control``) reports to the supervisor; on stop, the process first
+    The control client (``stagetx.child.control``) reports to the supervisor; on stop, the process first
     drains its router queue for up to ``operations.drain`` seconds of the bootstrap.
     """
 

@@ -1,6 +1,6 @@
 """The built-in ``=index`` stage: a durable real-time scoreboard (SPEC 4.1, docs/index.md).
 
-The thin edge around ``stagetx.index``: settings, start/stop, one message → one request table →
+The thin edge around ``stagetx.stages.index``: settings, start/stop, one message → one request table →
 one reply, with the turn's log write made before its replies, the fsync policy, and background
 compaction. Storage failures (a full disk) are counted as stage errors, logged at a bounded
 rate, and a failed compaction is retried after a back-off.
@@ -18,12 +18,12 @@ from twisted.internet.task import LoopingCall
 
 from stagetx.address import AddressError, parse_target
 from stagetx.codec import unpack_py
-from stagetx.index.commands import Executor, IndexMessage, RequestError, read_message
-from stagetx.index.redis_link import RedisSettings, parse_redis_settings
-from stagetx.index.store import IndexStore
 from stagetx.message import Message
 from stagetx.ratelog import RateLimitedLog
 from stagetx.stages.base import StageContext
+from stagetx.stages.index.commands import Executor, IndexMessage, RequestError, read_message
+from stagetx.stages.index.redis_link import RedisSettings, parse_redis_settings
+from stagetx.stages.index.store import IndexStore
 
 DEFAULT_KEY_SIZE = 255
 #: Seconds between looks at how much the indexes grew since the heap was last frozen.
@@ -47,7 +47,7 @@ class IndexSettings:
 
 def parse_settings(raw: Any, resolve: Callable[[str], str]) -> IndexSettings | RedisSettings:
     """``"dir"``, ``["dir", key_size, page_items]`` or ``{"dir", "key_size", "fsync"}``; or
-    ``{"redis": URL, …}`` for boards on Redis (``stagetx.index.redis_link``).
+    ``{"redis": URL, …}`` for boards on Redis (``stagetx.stages.index.redis_link``).
 
     ``page_items`` is accepted and ignored. ``fsync`` is ``false`` (default), ``true``, or a
     number of milliseconds between fsyncs. Raises ValueError with a readable message.
@@ -84,13 +84,13 @@ class Stage:
     """An index stage: ``"=index+rank": "score/"`` (see SPEC 4.1).
 
     With ``{"redis": URL, …}`` settings, constructing a ``Stage`` gives a ``RedisStage`` instead
-    (``stagetx.stages.index_redis``): the host makes every stage type by calling ``Stage``.
+    (``stagetx.stages.index.redis_stage``): the host makes every stage type by calling ``Stage``.
     """
 
     def __new__(cls, context: StageContext, config: Any) -> Any:
         settings = parse_settings(getattr(config, "settings", config), context.resolve_path)
         if isinstance(settings, RedisSettings):
-            from stagetx.stages.index_redis import RedisStage
+            from stagetx.stages.index.redis_stage import RedisStage
 
             return RedisStage(context, settings)
         return super().__new__(cls)

@@ -15,12 +15,12 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from stagetx.codec import unpack_py
-from stagetx.index.commands import IndexMessage, RequestError, read_message
-from stagetx.index.redis_backend import RedisExecutor, failed, fill, pack_steps, unpack_answer
-from stagetx.index.redis_link import RedisLink, RedisSettings, RedisUnavailable
 from stagetx.message import Message
 from stagetx.stages.base import StageContext
-from stagetx.stages.index import reply_msgid, send_answer
+from stagetx.stages.index.commands import IndexMessage, RequestError, read_message
+from stagetx.stages.index.redis_backend import RedisExecutor, failed, fill, pack_steps, unpack_answer
+from stagetx.stages.index.redis_link import RedisLink, RedisSettings, RedisUnavailable
+from stagetx.stages.index.stage import reply_msgid, send_answer
 
 #: One planned request of a turn: the message, how it is answered, its reply table (with the
 #: ``Pending`` entries the script fills), and where its steps start in the turn's plan.

@@ -75,9 +75,9 @@ def main() -> int:
     _raise_file_limit()
     from twisted.internet import reactor
 
+    from stagetx.child.service import ChildProcess
     from stagetx.config import parse_config
     from stagetx.logsetup import begin_logging, reopen_log_files
-    from stagetx.process import ChildProcess
 
     config = parse_config(boot["config"], boot["base_dir"])
     json_lines = boot.get("operations", {}).get("log_format") == "json"
@@ -91,7 +91,3 @@ def main() -> int:
     reactor.addSystemEventTrigger("before", "shutdown", child.stopService)
     reactor.run()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

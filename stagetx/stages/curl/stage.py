@@ -26,13 +26,13 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from stagetx.http import errors
-from stagetx.http.request import BadRequest, CurlRequest, parse_request
-from stagetx.http.response import chain, content_type, read_body, set_cookies, url_of
-from stagetx.http.settings import CurlSettings, parse_settings
-from stagetx.http.tls import https_policy
 from stagetx.message import Message
 from stagetx.stages.base import StageContext
+from stagetx.stages.curl import errors
+from stagetx.stages.curl.request import BadRequest, CurlRequest, parse_request
+from stagetx.stages.curl.response import chain, content_type, read_body, set_cookies, url_of
+from stagetx.stages.curl.settings import CurlSettings, parse_settings
+from stagetx.stages.curl.tls import https_policy
 
 # Redirects Twisted does not follow (a 307 after a POST, a 3xx without Location): like curl, the
 # stage then answers with that 3xx response itself.

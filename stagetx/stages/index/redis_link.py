@@ -18,7 +18,7 @@ from twisted.internet import defer, ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 
-from stagetx.index.redis_backend import SCRIPT
+from stagetx.stages.index.redis_backend import SCRIPT
 
 SCHEMES = ("redis", "rediss", "redis+sentinel")
 DEFAULT_POOL = 4

@@ -1,6 +1,6 @@
 """The ``route`` stage (SPEC 4.3): subscriptions, offer rounds and delivery to one or all.
 
-The decisions live in ``stagetx.routing.subscriptions``; this module turns messages into calls
+The decisions live in ``stagetx.stages.route.subscriptions``; this module turns messages into calls
 on it and its decisions into sends. Every subscriber is one replica, named by the sender's
 ``(server, instance)`` and addressed with reply addresses (``format_reply``), so an offer, a
 delivery and a fail callback reach exactly the replica meant. Message ids this stage receives:
@@ -21,8 +21,9 @@ import attrs
 
 from stagetx.address import format_reply
 from stagetx.message import Message, Sender
-from stagetx.routing.ids import as_written
-from stagetx.routing.subscriptions import (
+from stagetx.stages.base import StageContext
+from stagetx.stages.msgids import as_written
+from stagetx.stages.route.subscriptions import (
     Offers,
     PublishKey,
     Round,
@@ -30,7 +31,6 @@ from stagetx.routing.subscriptions import (
     parse_key,
     parse_settings,
 )
-from stagetx.stages.base import StageContext
 
 ACCEPT = "#offer"  # reply id of offers: acceptances arrive here
 _LOGGED_ONCE_MAX = 10_000  # distinct keys remembered for "dropped, logged once"
