@@ -23,13 +23,11 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevelFilterPredicate
-from twisted.python.failure import Failure
 
 from stagetx.child.host import LATENCY_BUCKETS, ProcessHost, StageHost
 from stagetx.child.links import local_retry
 from stagetx.logsetup import level_named
 from stagetx.stages.index.commands import READS, RequestError, parse_key
-from stagetx.stages.lua.stage import ReloadError
 from stagetx.wire import Link, LinkClientFactory
 
 if TYPE_CHECKING:
@@ -80,14 +78,14 @@ class DoublingAlarm:
         return True
 
 
-def _lua(stage: StageHost) -> LuaStage | None:
+def lua_stage(stage: StageHost) -> LuaStage | None:
     """The Lua stage object of ``stage`` (None for built-in stages)."""
     return stage.stage if stage.config.type in ("lua", "luajit") else None  # type: ignore[return-value]
 
 
 def stage_stats(stage: StageHost) -> dict[str, Any]:
     """One stage's counters, as the snapshot and ``stat`` carry them."""
-    lua = _lua(stage)
+    lua = lua_stage(stage)
     inner: Any = stage.stage
     stats: dict[str, Any] = {
         "name": stage.name,
@@ -193,7 +191,7 @@ class ProcessControl:
         raise LookupError(f"no stage {name!r} in process {self.host.group + 1}")
 
     def _lua_stage(self, name: str) -> LuaStage:
-        lua = _lua(self._stage(name))
+        lua = lua_stage(self._stage(name))
         if lua is None:
             raise LookupError(f"stage {name!r} is not a Lua stage")
         return lua
@@ -212,7 +210,7 @@ class ProcessControl:
         before = {name: used for name, used in self.cmd_mem()[2]["lua"].items()}
         collected = gc.collect()
         for stage in self.host.stages:
-            lua = _lua(stage)
+            lua = lua_stage(stage)
             if lua is not None and lua.vm is not None:
                 lua.vm.lua.execute(b"collectgarbage('collect')")
         after = self.cmd_mem()[2]
@@ -364,47 +362,3 @@ class ControlClient(MultiService):
                 self.link.send(["stats", snapshot])
         except Exception:
             self.log.failure("control snapshot failed")
-
-
-class ScriptWatcher:
-    """Dev mode: reloads a Lua stage when one of its script files changes (polling mtimes)."""
-
-    log = Logger(namespace="stagetx.child.control")
-
-    def __init__(self, host: ProcessHost, period: float, reactor: Any) -> None:
-        self.host = host
-        self._seen: dict[str, dict[str, float]] = {}
-        self.loop = LoopingCall(self.check)
-        self.loop.clock = reactor
-        self.period = period
-
-    @staticmethod
-    def _mtimes(files: list[str]) -> dict[str, float]:
-        out = {}
-        for path in files:
-            try:
-                out[path] = os.stat(path).st_mtime
-            except OSError:
-                out[path] = -1.0
-        return out
-
-    def check(self) -> None:
-        for stage in self.host.stages:
-            lua = _lua(stage)
-            if lua is None or lua.vm is None:
-                continue
-            name = stage.config.name  # StageHost.name is a Service's (typed None by Twisted)
-            try:
-                now = self._mtimes(lua.script_files())
-                before = self._seen.setdefault(name, now)
-                if now != before:
-                    self._seen[name] = now
-                    self.log.info("scripts of {stage} changed: reloading", stage=name)
-                    lua.reload().addErrback(self._failed, name)
-            except Exception:
-                self.log.failure("script watch of {stage} failed", stage=name)
-
-    def _failed(self, failure: Failure, name: str) -> None:
-        """A reload's ``ReloadError`` was logged by the stage with its file and line; anything else is a bug."""
-        if not failure.check(ReloadError):
-            self.log.failure("reload of {stage} failed", failure, stage=name)

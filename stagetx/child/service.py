@@ -11,9 +11,10 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevelFilterPredicate
 
-from stagetx.child.control import ControlClient, ProcessControl, ScriptWatcher
+from stagetx.child.control import ControlClient, ProcessControl
 from stagetx.child.host import ProcessHost
 from stagetx.child.links import ProcessLinks
+from stagetx.child.watcher import ScriptWatcher
 from stagetx.cluster.gateway import GATEWAY_GROUP, ClusterGateway, RemoteView, cluster_enabled
 from stagetx.config import ServerConfig
 
