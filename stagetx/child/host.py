@@ -29,7 +29,7 @@ from stagetx.config import ServerConfig, StageConfig
 from stagetx.message import Message
 from stagetx.router import Result, Router
 from stagetx.shared import ProcessShared
-from stagetx.stages import stage_class
+from stagetx.stages.registry import stage_type
 
 #: Errors (with file and line) each stage keeps for ``stat`` and the dashboard.
 LAST_ERRORS = 10
@@ -112,7 +112,7 @@ class StageHost(Service):
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)  # handler times, counted per bucket
         self._backlog: list[Message] | None = []  # messages that arrived before the stage started
         self._start_error: str | None = None  # a built-in stage's start that raised
-        self.stage = stage_class(config.type)(self, config)
+        self.stage = stage_type(config.type).stage(self, config)
         self.batches = hasattr(self.stage, "turn_ended")
 
     # -- StageContext -----------------------------------------------------------------------------

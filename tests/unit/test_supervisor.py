@@ -92,7 +92,7 @@ class FakeSpawner:
 
 
 def make_config(app_dir: Path, groups: int = 2, **extra: Any) -> Any:
-    raw = {"#startup": [[f"=index+i{g}"] for g in range(groups)], **extra}
+    raw = {"#startup": [[f"=route+i{g}"] for g in range(groups)], **extra}
     return parse_config(raw, str(app_dir))
 
 
@@ -142,7 +142,7 @@ def test_one_child_per_group_with_the_bootstrap_line(make, spawner: FakeSpawner,
     assert env["PATH"] == "/bin" and env["PYTHONPATH"].split(os.pathsep) == [repo, "/x"]
     boot = [p.bootstrap for p in spawner.processes]
     assert [b["group"] for b in boot] == [0, 1]
-    assert boot[0]["config"] == {"#startup": [["=index+i0"], ["=index+i1"]]}
+    assert boot[0]["config"] == {"#startup": [["=route+i0"], ["=route+i1"]]}
     assert boot[0]["base_dir"] == str(app_dir)
     assert boot[0]["rundir"] == supervisor.rundir and os.path.isdir(supervisor.rundir)
     assert boot[0]["services"] == {} and boot[0]["args"] == ["twistd", "-n", "stage"]

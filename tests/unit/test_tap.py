@@ -28,16 +28,16 @@ def test_broken_config_exits_with_one_line(tmp_path: Path) -> None:
 
 def test_check_prints_groups_and_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "stage.json"
-    path.write_text(json.dumps({"#startup": [["=index+a"], ["=route+r", "=curl+c"]]}))
+    path.write_text(json.dumps({"#startup": [["=route+a"], ["=route+r", "=curl+c"]]}))
     with pytest.raises(SystemExit) as caught:
         Options().parseOptions(["-c", str(path), "--check"])
     assert caught.value.code == 0
-    assert capsys.readouterr().out == "config OK\nprocess 1: =index+a\nprocess 2: =route+r =curl+c\n"
+    assert capsys.readouterr().out == "config OK\nprocess 1: =route+a\nprocess 2: =route+r =curl+c\n"
 
 
 def test_make_service_starts_nothing_before_start_service(tmp_path: Path) -> None:
     path = tmp_path / "stage.json"
-    path.write_text(json.dumps({"#startup": [["=index+a"]]}))
+    path.write_text(json.dumps({"#startup": [["=route+a"]]}))
     options = Options()
     options.parseOptions(["-c", str(path)])
     root = makeService(options)
@@ -45,12 +45,12 @@ def test_make_service_starts_nothing_before_start_service(tmp_path: Path) -> Non
     assert isinstance(supervisor, Supervisor)
     assert not root.running and supervisor.rundir is None
     assert [s.pid for s in supervisor.status()] == [None]
-    assert supervisor.config.stages[0].name == "=index+a"
+    assert supervisor.config.stages[0].name == "=route+a"
 
 
 def test_restart_delay_sets_the_first_back_off(tmp_path: Path) -> None:
     path = tmp_path / "stage.json"
-    path.write_text(json.dumps({"#startup": [["=index+a"]]}))
+    path.write_text(json.dumps({"#startup": [["=route+a"]]}))
     options = Options()
     options.parseOptions(["-c", str(path), "--restart-delay", "5"])
     (supervisor,) = list(IService(makeService(options)))  # type: ignore[call-overload]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,29 @@ class CurlSettings:
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: The check of each known setting's value (the original platform's files carry other keys too).
+_VALID: dict[str, Any] = {
+    "user-agent": lambda value: isinstance(value, str),
+    "timeout": _number,
+    "concurrency": lambda value: _number(value) and int(value) == value,
+    "verify": lambda value: isinstance(value, bool),
+    "ca-file": lambda value: isinstance(value, str),
+}
+
+
+def wrong_setting(raw: Any) -> str | None:
+    """What is wrong with ``raw`` that no default can stand in for: not an object, or a known
+    setting with a value of the wrong kind (``"timeout: expected …"``); None when it can run."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        return f"expected an object of settings, got {json.dumps(raw)}"
+    for key, value in raw.items():
+        if key in _VALID and not _VALID[key](value):
+            return f"{key}: wrong value {json.dumps(value)}"
+    return None
 
 
 def parse_settings(raw: Any) -> tuple[CurlSettings, list[str]]:

@@ -31,12 +31,21 @@ from stagetx.stages.base import StageContext
 from stagetx.stages.curl import errors
 from stagetx.stages.curl.request import BadRequest, CurlRequest, parse_request
 from stagetx.stages.curl.response import chain, content_type, read_body, set_cookies, url_of
-from stagetx.stages.curl.settings import CurlSettings, parse_settings
+from stagetx.stages.curl.settings import CurlSettings, parse_settings, wrong_setting
 from stagetx.stages.curl.tls import https_policy
+from stagetx.stages.registry import SettingsError
 
 # Redirects Twisted does not follow (a 307 after a POST, a 3xx without Location): like curl, the
 # stage then answers with that 3xx response itself.
 _UNFOLLOWED = (web_error.PageRedirect, web_error.RedirectWithNoLocation)
+
+
+def check_settings(settings: Any, path: str) -> None:
+    """The registry's check (``stagetx.stages.registry``): a value that is not an object or a
+    known setting of the wrong kind stops start-up; unknown settings are logged when it starts."""
+    wrong = wrong_setting(settings)
+    if wrong is not None:
+        raise SettingsError(f"{path}.{wrong}" if ": wrong value" in wrong else f"{path}: {wrong}")
 
 
 class _QuietFactory(_HTTP11ClientFactory):

@@ -24,6 +24,7 @@ from stagetx.stages.base import StageContext
 from stagetx.stages.index.commands import Executor, IndexMessage, RequestError, read_message
 from stagetx.stages.index.redis_link import RedisSettings, parse_redis_settings
 from stagetx.stages.index.store import IndexStore
+from stagetx.stages.registry import SettingsError
 
 DEFAULT_KEY_SIZE = 255
 #: Seconds between looks at how much the indexes grew since the heap was last frozen.
@@ -65,7 +66,7 @@ def parse_settings(raw: Any, resolve: Callable[[str], str]) -> IndexSettings | R
     elif isinstance(raw, list) and 1 <= len(raw) <= 3:
         raw = dict(zip(("dir", "key_size", "page_items"), raw))
     if not isinstance(raw, dict) or not isinstance(raw.get("dir"), str) or not raw["dir"]:
-        raise ValueError('=index wants a directory, [dir, key_size, page_items] or {"dir": …}')
+        raise ValueError('=index: expected a directory, [dir, key_size, page_items] or {"dir": …}')
     unknown = set(raw) - {"dir", "key_size", "page_items", "fsync"}
     if unknown:
         raise ValueError(f"=index: unknown settings {sorted(unknown)}")
@@ -78,6 +79,19 @@ def parse_settings(raw: Any, resolve: Callable[[str], str]) -> IndexSettings | R
             raise ValueError("=index: fsync must be true, false or a number of milliseconds")
         fsync = fsync / 1000.0
     return IndexSettings(resolve(raw["dir"]), key_size, fsync)
+
+
+def check_settings(settings: Any, path: str) -> None:
+    """The registry's check (``stagetx.stages.registry``): the error names the key, e.g.
+    ``=index+rank.redis: …``, or the stage when the value's shape is wrong."""
+    try:
+        parse_settings(settings, lambda name: name)
+    except ValueError as error:
+        text = str(error).removeprefix("=index: ")
+        key, colon, problem = text.partition(": ")
+        if colon and isinstance(settings, dict) and key in settings:
+            raise SettingsError(f"{path}.{key}: {problem}") from None
+        raise SettingsError(f"{path}: {text}") from None
 
 
 class Stage:

@@ -23,10 +23,12 @@ from stagetx.address import format_reply
 from stagetx.message import Message, Sender
 from stagetx.stages.base import StageContext
 from stagetx.stages.msgids import as_written
+from stagetx.stages.registry import SettingsError
 from stagetx.stages.route.subscriptions import (
     Offers,
     PublishKey,
     Round,
+    RouteConfigError,
     Subscriptions,
     parse_key,
     parse_settings,
@@ -34,6 +36,14 @@ from stagetx.stages.route.subscriptions import (
 
 ACCEPT = "#offer"  # reply id of offers: acceptances arrive here
 _LOGGED_ONCE_MAX = 10_000  # distinct keys remembered for "dropped, logged once"
+
+
+def check_settings(settings: Any, path: str) -> None:
+    """The registry's check (``stagetx.stages.registry``): one line naming the stage's key."""
+    try:
+        parse_settings(settings)
+    except RouteConfigError as error:
+        raise SettingsError(f"{path}: {error}") from None
 
 
 class Stage:

@@ -26,6 +26,7 @@ from stagetx.address import format_reply
 from stagetx.message import Message, Sender
 from stagetx.stages.base import StageContext
 from stagetx.stages.msgids import as_written
+from stagetx.stages.registry import SettingsError
 from stagetx.stages.ticket.tickets import (
     Accepted,
     Cancelled,
@@ -36,6 +37,7 @@ from stagetx.stages.ticket.tickets import (
     Request,
     Ticket,
     TicketBook,
+    TicketConfigError,
     parse_request,
     parse_settings,
 )
@@ -57,6 +59,14 @@ class _Requested:
     def at(self, msgid: str) -> str:
         """The address of message ``msgid`` on the requesting replica."""
         return format_reply(self.sender.server, self.sender.instance, msgid)
+
+
+def check_settings(settings: Any, path: str) -> None:
+    """The registry's check (``stagetx.stages.registry``): one line naming the stage's key."""
+    try:
+        parse_settings(settings)
+    except TicketConfigError as error:
+        raise SettingsError(f"{path}: {error}") from None
 
 
 class Stage:
