@@ -47,7 +47,7 @@ def child_lines(events: Sequence[dict[str, Any]], prefix: str = "") -> list[str]
 
 def standin_supervisor(app_dir: Path, groups: int, **kwargs: Any) -> Supervisor:
     extra = kwargs.pop("extra", {})
-    config = parse_config({"#startup": [[f"=index+i{g}"] for g in range(groups)], **extra}, str(app_dir))
+    config = parse_config({"#startup": [[f"=route+i{g}"] for g in range(groups)], **extra}, str(app_dir))
     return Supervisor(config, child_command=STANDIN, **kwargs)
 
 
