@@ -37,7 +37,7 @@ import stagetx
 from stagetx.admin.commands import Commands
 from stagetx.admin.console import ConsoleFactory
 from stagetx.admin.control import ControlServer
-from stagetx.admin.http import admin_site
+from stagetx.admin.site import admin_site
 from stagetx.config import HostPort, ServerConfig
 
 CHILD_COMMAND: tuple[str, ...] = (sys.executable, "-m", "stagetx.child")

@@ -9,8 +9,8 @@ from twisted.application import service
 from twisted.python import usage
 
 from stagetx.config import ConfigError, ServerConfig, load_config
+from stagetx.lua.search import preload_files
 from stagetx.lua.syntax import compile_errors
-from stagetx.stages.lua.stage import preload_files
 from stagetx.supervisor import Supervisor
 
 

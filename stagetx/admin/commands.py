@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
-from stagetx.child.control import Result
 from stagetx.config import LOG_LEVELS
+from stagetx.controllink import Result
 
 if TYPE_CHECKING:
     from stagetx.supervisor import Supervisor

@@ -33,7 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from stagetx.admin.commands import Commands, Reply
-from stagetx.admin.http import MAX_BODY, AdminSite, StaticFiles, _as_json, _Guarded
+from stagetx.admin.http import MAX_BODY, AdminSite, Guarded, StaticFiles, as_json
 
 STATIC = Path(__file__).with_name("static")
 SAMPLE_INTERVAL = 1.0
@@ -331,7 +331,7 @@ class _Page(Resource):
         return self.body
 
 
-class _Part(_Guarded):
+class _Part(Guarded):
     def __init__(self, dashboard: Dashboard, token: str | None) -> None:
         super().__init__(token)
         self.dashboard = dashboard
@@ -387,7 +387,7 @@ class _Action(_Part):
             return _forbid(request, refused)
         command = _action_of(request)
         if isinstance(command, str):
-            return _as_json(request, Reply(False, error=command))
+            return as_json(request, Reply(False, error=command))
         finished = request.notifyFinish()
         gone: list[Any] = []
         finished.addErrback(gone.append)
@@ -399,7 +399,7 @@ class _Action(_Part):
                 result="OK" if reply.ok else reply.error,
             )
             if not gone:
-                request.write(_as_json(request, reply))
+                request.write(as_json(request, reply))
                 request.finish()
 
         d.commands.run(command[0], command[1:]).addCallback(answer)

@@ -1,9 +1,7 @@
-"""The child side of the control link: stats snapshots, admin commands and watchdogs.
+"""The child's end of the control link (frames in ``stagetx.controllink``): stats, commands, watchdogs.
 
-Each child process connects to ``RUNDIR/control.sock`` (the supervisor listens there) with an
-authenticated ``wire.Link`` (node id ``gN``), says ``["ready"]`` once its stages started, pushes
-``["stats", snapshot]`` every second and answers ``["cmd", id, name, args]`` with
-``["result", id, ok, text, data]``. The commands that need a process's own objects (stages, Lua
+The process says ``Ready`` once its stages started, sends a ``Stats`` snapshot every second and
+answers each admin ``Command``. The commands that need a process's own objects (stages, Lua
 runtimes, log levels) run here; ``stagetx.admin`` merges the answers of all processes.
 """
 
@@ -26,6 +24,7 @@ from twisted.logger import Logger, LogLevelFilterPredicate
 
 from stagetx.child.host import LATENCY_BUCKETS, ProcessHost, StageHost
 from stagetx.child.links import local_retry
+from stagetx.controllink import Command, CommandResult, Ready, Result, Stats, control_path, node_id, read_frame
 from stagetx.logsetup import level_named
 from stagetx.stages.index.commands import READS, RequestError, parse_key
 from stagetx.wire import Link, LinkClientFactory
@@ -33,19 +32,12 @@ from stagetx.wire import Link, LinkClientFactory
 if TYPE_CHECKING:
     from stagetx.stages.lua.stage import Stage as LuaStage
 
-SOCKET_NAME = "control.sock"
 STATS_INTERVAL = 1.0
 #: The first queue length that is warned about; each warning doubles the next threshold.
 QUEUE_WARN = 1000
 #: Lua memory growth is warned about past this many times the memory after start, then doubling.
 MEMORY_GROWTH = 4
 MEMORY_FLOOR = 8 << 20
-
-Result = tuple[bool, str, Any]  # ok, text (or the error), data for the JSON API
-
-
-def control_path(rundir: str) -> str:
-    return os.path.join(rundir, SOCKET_NAME)
 
 
 def rss_bytes() -> int:
@@ -303,10 +295,10 @@ class _ClientHandler:
         self.client.connected(link)
 
     def message_received(self, link: Link, obj: Any) -> None:
-        if isinstance(obj, list) and len(obj) == 4 and obj[0] == "cmd":
-            _, rid, name, args = obj
-            self.client.control.command(str(name), [str(a) for a in args]).addCallback(
-                lambda result: link.send(["result", rid, *result])
+        frame = read_frame(obj)
+        if isinstance(frame, Command):
+            self.client.control.command(frame.name, frame.args).addCallback(
+                lambda result: link.send(CommandResult(frame.id, result).frame())
             )
 
     def link_lost(self, link: Link, reason: object) -> None:
@@ -324,7 +316,7 @@ class ControlClient(MultiService):
         self.reactor = reactor
         self.link: Link | None = None
         self.ready = False
-        factory = LinkClientFactory(secret, f"g{control.host.group}", _ClientHandler(self))
+        factory = LinkClientFactory(secret, node_id(control.host.group), _ClientHandler(self))
         factory.noisy = False
         endpoint = UNIXClientEndpoint(reactor, control_path(rundir))
         ClientService(endpoint, factory, retryPolicy=local_retry(), clock=reactor).setServiceParent(self)
@@ -343,14 +335,14 @@ class ControlClient(MultiService):
     def connected(self, link: Link) -> None:
         self.link = link
         if self.ready:
-            link.send(["ready"])
+            link.send(Ready().frame())
         self.push()
 
     def set_ready(self) -> None:
         """The process's stages all started: tell the supervisor (now or once linked)."""
         self.ready = True
         if self.link is not None:
-            self.link.send(["ready"])
+            self.link.send(Ready().frame())
             self.push()
 
     def push(self) -> None:
@@ -359,6 +351,6 @@ class ControlClient(MultiService):
             snapshot = self.control.snapshot(self.reactor.seconds())
             self.control.watch(snapshot)
             if self.link is not None:
-                self.link.send(["stats", snapshot])
+                self.link.send(Stats(snapshot).frame())
         except Exception:
             self.log.failure("control snapshot failed")

@@ -27,10 +27,10 @@ from twisted.internet.defer import Deferred
 
 from stagetx.address import Address
 from stagetx.codec import pack_lua, unpack_lua
-from stagetx.lua.api import StageAPI, Task, lua_text
+from stagetx.lua.api import StageAPI, Task, lua_text, sender_fields
 from stagetx.lua.loader import ScriptLoader
 from stagetx.lua.runtime import HOOK_COUNT, LuaScriptError, LuaVM
-from stagetx.stages.lua.stage import preload_files, sender_fields
+from stagetx.lua.search import preload_files
 
 if TYPE_CHECKING:
     from stagetx.stages.lua.stage import Stage

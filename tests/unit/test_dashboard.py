@@ -131,7 +131,7 @@ from twisted.web.test.requesthelper import DummyRequest  # noqa: E402
 
 from stagetx.admin.control import ChildState  # noqa: E402
 from stagetx.admin.dashboard import DashboardSite, History, overview, quantile  # noqa: E402
-from stagetx.admin.http import admin_site  # noqa: E402
+from stagetx.admin.site import admin_site  # noqa: E402
 from stagetx.child.host import LATENCY_BUCKETS  # noqa: E402
 from stagetx.supervisor import ChildStatus  # noqa: E402
 

@@ -22,21 +22,24 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from time import monotonic
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall
 
 from stagetx.broker.traffic import Traffic
-from stagetx.child.host import StageHost
 from stagetx.codec import CodecError, pack_lua, unpack_lua
 from stagetx.config import StageConfig
-from stagetx.lua.api import StageAPI, Task, lua_text, text
+from stagetx.lua.api import StageAPI, Task, lua_text, sender_fields, text
 from stagetx.lua.extensions import install_all
 from stagetx.lua.loader import ScriptLoader
 from stagetx.lua.runtime import LuaScriptError, LuaVM
+from stagetx.lua.search import preload_files
 from stagetx.lua.syntax import compile_errors
 from stagetx.message import Message, Sender
+
+if TYPE_CHECKING:
+    from stagetx.child.host import StageHost
 
 #: Message ids and reply addresses kept as Lua strings per stage, at most this many.
 TEXT_CACHE = 4096
@@ -441,25 +444,3 @@ def handler_keys(msgid: bytes) -> tuple[bytes, ...]:
     if head:
         keys.append(head)
     return tuple(keys)
-
-
-def sender_fields(sender: Sender) -> dict[Any, Any]:
-    """``_WAITFOR[1]``: server address, process (1-based group), stage id, also by position."""
-    return {
-        "server": sender.server,
-        "process": sender.group + 1,
-        "stage": sender.stage,
-        "instance": sender.instance,
-        1: sender.server,
-        2: sender.group + 1,
-        3: sender.stage,
-    }
-
-
-def preload_files(preload: str | None) -> list[str]:
-    if not preload:
-        return []
-    if os.path.isdir(preload):
-        names = sorted(n for n in os.listdir(preload) if n.endswith(".lua"))
-        return [os.path.join(preload, n) for n in names]
-    return [preload]
