@@ -31,9 +31,10 @@ bench-quick: $(VENV)/.installed-test
 	$(PY) -m bench.run --quick
 
 check: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check stagetx tests twisted setup.py bench
-	$(VENV)/bin/ruff format --check stagetx tests twisted setup.py bench
+	$(VENV)/bin/ruff check stagetx tests twisted setup.py bench tools
+	$(VENV)/bin/ruff format --check stagetx tests twisted setup.py bench tools
 	$(VENV)/bin/mypy stagetx
+	$(PY) tools/check_imports.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache
