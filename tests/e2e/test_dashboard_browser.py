@@ -166,18 +166,16 @@ def test_dashboard_in_headless_chromium(tmp_path: Path) -> None:
     artifacts = Path(os.environ.get("STAGETX_ARTIFACTS") or tmp_path)
     artifacts.mkdir(parents=True, exist_ok=True)
     with ServerProcess(tmp_path / "stage.json") as server:
-        server.wait_for(lambda: any("ready:" in line for line in server.lines), what="the server to be ready")
+        server.wait_for(lambda: any("] ready: " in line for line in server.lines), what="the server to be ready")
         ports = dict(re.findall(r"admin (\w+) listening on [\d.]+:(\d+)", "\n".join(server.lines)))
         devtools = DevTools(browser, tmp_path / "profile")
         try:
             devtools.open(f"http://127.0.0.1:{ports['http']}/")
             devtools.wait("document.getElementById('connection')?.textContent === 'live'", what="the live stream")
             devtools.wait(f"/^[0-9]+$/.test({cell('1/=index+rank', 'received')} || '')", what="live stage numbers")
-            assert (
-                devtools.js(
-                    "document.querySelector('#processes tr[data-process=\"2\"] [data-field=state]').textContent"
-                )
-                == "up"
+            devtools.wait(
+                "document.querySelector('#processes tr[data-process=\"2\"] [data-field=state]')?.textContent === 'up'",
+                what="process 2 shown up",
             )
             assert "read-only" in devtools.js("document.getElementById('mode').textContent")
             assert devtools.js("document.querySelectorAll('#stages button').length") == 0  # no actions without a token

@@ -129,4 +129,4 @@ def test_twistd_check_names_a_bad_redis_setting_in_one_line(tmp_path: Path) -> N
         "redis://, rediss://, redis+sentinel://"
     ]
     good = check({"redis": "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/games", "wait": 1})
-    assert (good.returncode, good.stdout) == (0, "config OK\ngroup 0: =index+rank\n")
+    assert (good.returncode, good.stdout) == (0, "config OK\nprocess 1: =index+rank\n")
