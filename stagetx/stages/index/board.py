@@ -140,6 +140,13 @@ class NotDense(Exception):
     """A score or sequence number that a dense int key cannot hold exactly."""
 
 
+# The dense key: one int, its bits from the least significant (``encode``, ``decode`` and
+# ``DenseTier`` build and read it with these shifts):
+#   [0, 32)    slot: the member's slot in its tier (``_SLOTS`` per tier)
+#   [32, 34)   kind: 0 an int score, 1 a float, 2 the float -0.0 (so decode gives the type back)
+#   [34, 96)   seq + 2**62: the tier's sequence number, offset to be non-negative
+#   [96, ...)  score * 2**64, signed and unbounded (so an int score is also ``score << 160``)
+# Int order is ``(score, seq)`` order; seqs are unique in a tier, so kind and slot never decide.
 _SCALE = 2.0**64  # a float score's fixed-point factor: exact (a power of two)
 _SEQ_SPAN = 1 << 62  # seqs in [-2**62, 0) fit the key's sequence field
 _SEQ_MASK = _SEQ_SPAN - 1
@@ -165,12 +172,8 @@ def _fixed(score: Score) -> tuple[int, int]:
 
 
 def encode(score: Score, seq: int, slot: int) -> int:
-    """The dense key of ``(score, seq)`` for the member in ``slot``.
-
-    Bits from the top: ``score * 2**64`` (exact for every int and for every float that is a
-    multiple of 2**-64), ``seq`` (62 bits), the score's kind (2), the slot (32). Int order is
-    ``(score, seq)`` order; seqs are unique in a tier, so kind and slot never decide.
-    """
+    """The dense key of ``(score, seq)`` for the member in ``slot`` (the layout above); exact for
+    every int score and every float that is a multiple of 2**-64."""
     fixed, kind = _fixed(score)
     if not -_SEQ_SPAN <= seq < 0 or not 0 <= slot < _SLOTS:
         raise NotDense(seq)
