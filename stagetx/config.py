@@ -1,4 +1,4 @@
-"""The server configuration (SPEC 1.1, 1.2): JSON → validated, frozen values.
+"""The server configuration: JSON → validated, frozen values.
 
 Every error is one ``ConfigError`` line naming the JSON path and the problem, so start-up stops
 with a message the operator can act on. Spellings of the original platform are normalised here

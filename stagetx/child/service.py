@@ -113,7 +113,8 @@ class ChildProcess(MultiService):
 def _freeze_start_up(result: object) -> object:
     """Move everything start-up made (modules, runtimes, loaded indexes) out of the cyclic
     collector's sight, so a full collection under traffic scans only what traffic made: the
-    difference between tens of milliseconds and a few on a loaded process (DESIGN 4, GC pause)."""
+    difference between tens of milliseconds and a few on a loaded process (GC pause,
+    docs/performance.md)."""
     gc.collect()
     gc.freeze()
     return result

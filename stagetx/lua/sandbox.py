@@ -1,4 +1,4 @@
-"""Sandboxes: the Lua runtimes of a stage's worker threads (SPEC 2.4, 3.3).
+"""Sandboxes: the Lua runtimes of a stage's worker threads.
 
 Each worker thread that runs a job of a stage gets its own ``LuaVM`` for that stage, made lazily
 in that thread with the stage's settings (VM kind, ``%memory``, ``%package``) and its ``%preload``

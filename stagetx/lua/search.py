@@ -1,4 +1,4 @@
-"""The ``%package`` search of ``stage.load`` (SPEC 2.2): script name → (position, file).
+"""The ``%package`` search of ``stage.load``: script name → (position, file).
 
 Pure file-system lookup shared by the config check (a Lua stage's main script must exist) and the
 Lua loader, so both find the same file.

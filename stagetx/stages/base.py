@@ -39,7 +39,7 @@ class StageContext(Protocol):
         """Send ``values`` to the handler ``msgid`` of the stage that sent ``message``."""
 
     def send(self, target: str, *values: Any, reply_to: str | None = None) -> tuple[bool, str | None]:
-        """Send Python-native ``values`` to an address string of SPEC 2.5 (or a reply address).
+        """Send Python-native ``values`` to an address string (docs/messaging.md) or a reply address.
 
         ``reply_to`` asks the receiver to reply: a message id on this stage, or a full reply
         address ``^…`` used as is (to hand a third party's reply address on).

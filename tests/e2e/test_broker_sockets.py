@@ -1,4 +1,4 @@
-"""broker (SPEC 6) through a real Lua stage on the real reactor, with real loopback sockets."""
+"""broker through a real Lua stage on the real reactor, with real loopback sockets."""
 
 from __future__ import annotations
 

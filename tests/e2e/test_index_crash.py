@@ -1,4 +1,4 @@
-"""SPEC 4.1: every acknowledged set survives a kill -9 of the process, a full disk and a restart;
+"""Every acknowledged set survives a kill -9 of the process, a full disk and a restart;
 a set that could not be stored is neither acknowledged nor visible, before or after the restart.
 
 The full-disk tests mount a small tmpfs as the index directory (root only; skipped otherwise),

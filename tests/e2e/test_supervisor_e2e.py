@@ -1,5 +1,5 @@
 """Real processes: the supervisor spawning, sharing sockets, restarting and stopping children,
-and ``twistd -n stage`` as an operator runs it (SPEC 1, 1.1)."""
+and ``twistd -n stage`` as an operator runs it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC 1.1 and 1.2: what a configuration means, and the one-line errors for broken ones."""
+"""what a configuration means, and the one-line errors for broken ones."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The pure ranked structure and the request executor over it (SPEC 4.1), without files."""
+"""The pure ranked structure and the request executor over it, without files."""
 
 from __future__ import annotations
 

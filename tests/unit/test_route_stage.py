@@ -1,4 +1,4 @@
-"""The route stage (SPEC 4.3) through its message interface, with a recording context."""
+"""The route stage through its message interface, with a recording context."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Route subscriptions and offer rounds (SPEC 4.3) with fake time."""
+"""Route subscriptions and offer rounds with fake time."""
 
 from __future__ import annotations
 

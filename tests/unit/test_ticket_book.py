@@ -1,4 +1,4 @@
-"""The ticket book (SPEC 4.4) with fake time: FIFO grants, limits, holds, temporary categories."""
+"""The ticket book with fake time: FIFO grants, limits, holds, temporary categories."""
 
 from __future__ import annotations
 

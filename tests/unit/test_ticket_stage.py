@@ -1,4 +1,4 @@
-"""The ticket stage (SPEC 4.4) through its message interface, with a recording context."""
+"""The ticket stage through its message interface, with a recording context."""
 
 from __future__ import annotations
 

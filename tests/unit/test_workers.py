@@ -1,4 +1,4 @@
-"""stage.submit, thread.new and sandboxes (SPEC 2.1, 2.4, 2.8, 3.3): real threads, real Lua.
+"""stage.submit, thread.new and sandboxes: real threads, real Lua.
 
 The first tests drive ``KeyedQueue`` with plain Python jobs on a real ``ThreadPool``; the others run
 a Lua stage in this process (real reactor, real worker threads) and read what its scripts logged.

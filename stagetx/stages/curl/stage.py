@@ -1,4 +1,4 @@
-"""The ``curl`` stage (SPEC 4.2): HTTP(S) requests for Lua, answered with curl-shaped reply tables.
+"""The ``curl`` stage: HTTP(S) requests for Lua, answered with curl-shaped reply tables.
 
 Built on treq with the stage's own ``HTTPClient``: its own connection pool (module-level treq calls
 share one global pool) and its own cookie jar, so cookies persist across the stage's requests.

@@ -53,7 +53,7 @@ class IndexMessage:
 
 @functools.lru_cache(maxsize=4096)
 def read_message(msgid: str, reply_msgid: str | None) -> IndexMessage:
-    """Read ``stage.signal("rank:" .. msgid [.. "=" .. reply_msgid], …)`` (SPEC 4.1 + the original).
+    """Read ``stage.signal("rank:" .. msgid [.. "=" .. reply_msgid], …)`` (docs/index.md).
 
     - ``"t?board=cb"``, ``"s?board"``: one command; its result goes to ``=cb``, or nowhere.
     - ``"cb=g?board"``: one command; its result goes to the sender's handler ``cb``.

@@ -1,4 +1,4 @@
-"""The built-in ``=index`` stage: a durable real-time scoreboard (SPEC 4.1, docs/index.md).
+"""The built-in ``=index`` stage: a durable real-time scoreboard (docs/index.md).
 
 The thin edge around ``stagetx.stages.index``: settings, start/stop, one message → one request table →
 one reply, with the turn's log write made before its replies, the fsync policy, and background
@@ -95,7 +95,7 @@ def check_settings(settings: Any, path: str) -> None:
 
 
 class Stage:
-    """An index stage: ``"=index+rank": "score/"`` (see SPEC 4.1).
+    """An index stage: ``"=index+rank": "score/"``.
 
     With ``{"redis": URL, …}`` settings, constructing a ``Stage`` gives a ``RedisStage`` instead
     (``stagetx.stages.index.redis_stage``): the host makes every stage type by calling ``Stage``.

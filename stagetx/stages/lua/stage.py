@@ -430,7 +430,7 @@ class WatchedVM(LuaVM):
 
 
 def handler_keys(msgid: bytes) -> tuple[bytes, ...]:
-    """The waitfor ids tried for ``msgid``, in SPEC 2.6 order (the prelude's ``lookup``)."""
+    """The waitfor ids tried for ``msgid``, in handler lookup order (the prelude's ``lookup``)."""
     keys = [msgid]
     colon = msgid.find(b":")
     head, rest = (msgid[: colon + 1], msgid[colon + 1 :]) if colon >= 0 else (b"", msgid)

@@ -1,4 +1,4 @@
-"""The ``route`` stage (SPEC 4.3): subscriptions, offer rounds and delivery to one or all.
+"""The ``route`` stage: subscriptions, offer rounds and delivery to one or all.
 
 The decisions live in ``stagetx.stages.route.subscriptions``; this module turns messages into calls
 on it and its decisions into sends. Every subscriber is one replica, named by the sender's

@@ -1,4 +1,4 @@
-"""Route subscriptions and offer rounds of the ``route`` stage (SPEC 4.3), decided without I/O.
+"""Route subscriptions and offer rounds of the ``route`` stage, decided without I/O.
 
 ``Subscriptions`` keeps, per subscriber replica, its ``subscribe_id → callback_id`` table with
 pauses, and forgets a subscriber not heard from for ``expire_after`` seconds. ``Offers`` runs

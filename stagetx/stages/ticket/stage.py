@@ -1,4 +1,4 @@
-"""The ``ticket`` stage (SPEC 4.4): per-category concurrency limits with FIFO grants.
+"""The ``ticket`` stage: per-category concurrency limits with FIFO grants.
 
 Decisions live in ``stagetx.stages.ticket.tickets``; this module turns messages into calls on the
 ``TicketBook`` and its effects into sends. A requester is one replica (the sender's

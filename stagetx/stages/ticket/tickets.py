@@ -1,4 +1,4 @@
-"""Ticket grants of the ``ticket`` stage (SPEC 4.4), decided without I/O.
+"""Ticket grants of the ``ticket`` stage, decided without I/O.
 
 A ``TicketBook`` keeps, per category, a FIFO queue of waiting tickets and the set of held ones,
 and never lets more than the category's limit hold at once. Time comes from an injected
