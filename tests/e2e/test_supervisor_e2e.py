@@ -10,35 +10,21 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
+from twisted.internet import reactor
 from twisted.logger import capturedLogs
 
 from stagetx.config import parse_config
 from stagetx.supervisor import Supervisor
-from tests.support import ServerProcess, free_port
+from tests.support import ServerProcess, free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = [sys.executable, str(Path(__file__).with_name("standin_child.py"))]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float) -> Deferred[None]:
-    """Fires once ``condition()`` holds; fails after ``timeout`` seconds."""
-
-    def poll() -> None:
-        if condition():
-            loop.stop()
-
-    loop = task.LoopingCall(poll)
-    done = loop.start(0.05)
-    done.addTimeout(timeout, reactor)
-    return done
 
 
 def child_lines(events: Sequence[dict[str, Any]], prefix: str = "") -> list[str]:

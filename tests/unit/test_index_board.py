@@ -87,7 +87,7 @@ def embedded_runner(boards: MemoryBoards, key_size: int) -> Runner:
     return run
 
 
-@pytest.fixture(params=["embedded", "redis"])
+@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.e2e)])  # redis: a real server
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -370,6 +370,7 @@ def test_ranking_positions_match_a_sorted_list_through_splits_and_merges(seed: i
     assert list(ranking) == plain
 
 
+@pytest.mark.e2e
 @pytest_twisted.ensureDeferred
 async def test_the_redis_backend_answers_every_request_as_the_embedded_board(redis_server) -> None:
     """Random request tables (several members, ties, int and float scores, four tiers, values,

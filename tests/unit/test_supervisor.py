@@ -333,6 +333,7 @@ def test_line_relay_bounds_its_buffer() -> None:
     assert emitted == ["a" * 10, "a" * 10, "aaaaab", "\ufffd"]
 
 
+@pytest.mark.e2e  # real listening sockets on loopback
 def test_services_sockets_are_shared_as_fds_from_3(make, spawner: FakeSpawner) -> None:
     ports = [free_port(), free_port()]
     services = {"tcp": [f"127.0.0.1:{ports[0]}", f"[::1]:{ports[1]}"]}
@@ -361,6 +362,7 @@ def test_services_sockets_are_shared_as_fds_from_3(make, spawner: FakeSpawner) -
     assert all(s.fileno() == -1 for s in sockets)
 
 
+@pytest.mark.e2e  # real listening sockets on loopback
 def test_a_busy_service_port_stops_start_up_with_one_line(make) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

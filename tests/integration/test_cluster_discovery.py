@@ -10,7 +10,6 @@ from collections.abc import Callable
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from stagetx.cluster.discovery import (
     Discovery,
@@ -62,7 +61,7 @@ async def test_two_discoveries_find_each_other_on_loopback_and_ignore_strangers(
         d.startService()
     try:
         await wait_for(lambda: {f[0] for f in found} == {"one", "two"}, 10, "both servers discovered")
-        await deferLater(reactor, 0.2, lambda: None)
+        await wait_for(lambda: one.rejected > 0 and two.rejected > 0, 10, "the stranger's announcements refused")
     finally:
         for d in (one, two, stranger):
             d.stopService()

@@ -7,10 +7,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from stagetx.cluster.peers import PeerLinks
-from tests.support import wait_for
+from tests.support import LogCapture, wait_for
 
 
 class Events:
@@ -80,8 +79,9 @@ async def test_a_peer_with_another_secret_never_links() -> None:
     server, server_events = peers("srv")
     client, client_events = peers("cli", secret=b"wrong", listen=False)
     try:
-        client.dial(f"127.0.0.1:{server.port_number}")
-        await deferLater(reactor, 1.0, lambda: None)
+        with LogCapture() as log:
+            client.dial(f"127.0.0.1:{server.port_number}")
+            await wait_for(lambda: any("refused" in line for line in log.lines()), 10, "the handshake refused")
         assert server_events.linked == [] and client_events.linked == []
     finally:
         await client.stopService()
