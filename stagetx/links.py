@@ -184,7 +184,7 @@ class ProcessLinks(MultiService):
 
     def _tell_delay(self) -> None:
         try:
-            frame = ["delay", self.router.delay]
+            frame = ["delay", self.router.refresh_delay()]
             for link in self._out.values():
                 link.send(frame)
         except Exception:

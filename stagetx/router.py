@@ -410,6 +410,20 @@ class Router:
     def queue_length(self) -> int:
         return len(self._queue)
 
+    def refresh_delay(self) -> float:
+        """This process's queue delay now (s), also when no message arrives to refresh ``delay``.
+
+        ``delay`` is measured while the queue drains, so a burst's last reading would stay until
+        the next message, and an overloaded server gets no message to refresh it (peers route
+        nothing to it). An empty queue has no delay; a waiting one is at least as late as its
+        oldest message.
+        """
+        if self._queue:
+            self.delay = max(self.delay, self.now() - self._queue[0][1].enqueued)
+        else:
+            self.delay = 0.0
+        return self.delay
+
     # -- frames from other processes --------------------------------------------------------------
     def frame_received(self, group: int, frame: list[Any]) -> None:
         """One frame from the process of ``group`` (see ``deliver`` and ``_lock`` for shapes).

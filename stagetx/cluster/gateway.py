@@ -261,6 +261,7 @@ class ClusterGateway(MultiService):
 
     def _tick(self) -> None:
         try:
+            self.router.refresh_delay()  # the gate re-opens once drained, with no traffic coming
             if self.gate.update(self.own_delay()):
                 if self.gate.overloaded:
                     self.log.warn(

@@ -146,12 +146,13 @@ def test_overload_is_announced_and_logged_then_recovery(tmp_path: Path) -> None:
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        gw, router, _, _ = gateway(tmp_path)
+        gw, router, clock, _ = gateway(tmp_path)
         link = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
-        router.delay = 1.0
+        router.frame_received(1, ["m", 0, "x", pack_py(()), ["s1", 0, "w", 0], None])
+        clock.advance(1.0)  # the message waited a second
         gw._tick()
         assert link.frames("hello")[-1][4] is True
-        router.delay = 0.1
+        router.run_queue()
         gw._tick()
         assert link.frames("hello")[-1][4] is False
     finally:
@@ -238,3 +239,44 @@ def test_unknown_frames_from_a_peer_are_ignored(tmp_path: Path) -> None:
     link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
     gw.peer_message("s1", ["bogus"])
     assert send(router, "w:x")[0]
+
+
+def test_the_overload_gate_reopens_within_one_heart_beat_once_drained_without_traffic(tmp_path: Path) -> None:
+    """A burst's last delay reading must not keep the server out of routing: nothing would be
+    routed to it to refresh the reading."""
+    gw, router, clock, _ = gateway(tmp_path)
+    link = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    for n in range(2000):  # a burst relayed by another process, queued frame by frame
+        router.frame_received(1, ["m", 0, "burst", pack_py((n,)), ["s1", 0, "w", 0], None])
+    clock.advance(2.0)  # it waited two seconds before this process got to it
+    gw._tick()  # still queued: overloaded on the age of the oldest message
+    assert link.frames("hello")[-1][3:] == [2.0, True]
+    router.run_queue()
+    assert not router._queue and router.delay > 0.9  # the last reading of the drain
+    clock.advance(gw.interval)  # one heart-beat later, no message in between
+    gw._tick()
+    assert link.frames("hello")[-1][3:] == [0.0, False]
+
+
+def test_a_peer_that_recovers_is_routed_to_again_and_sends_meanwhile_say_why(tmp_path: Path) -> None:
+    gw, router, _, _ = gateway(tmp_path)
+    link = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    gw.peer_message("s1", ["hello", "127.0.0.1:7002", {"w": [0]}, 1.2, True])
+    assert send(router, "+w:x") == (False, "no replica of 'w' on other servers")
+    gw.peer_message("s1", ["hello", "127.0.0.1:7002", {"w": [0]}, 0.0, False])
+    assert send(router, "+w:x") == (True, None)
+    assert [f[2] for f in link.frames("m")] == ["x"]
+
+
+def test_other_processes_report_a_drained_queue_as_no_delay(tmp_path: Path) -> None:
+    from stagetx.links import ProcessLinks
+
+    clock = Clock()
+    router = Router("me", 1, [("a", 0), ("b", 1)], clock, clock.seconds)
+    router.attach(RecordingStage(1, "b", server="me"))
+    links = ProcessLinks(router, str(tmp_path), 2, b"secret", clock, 1 << 20)
+    out = FakeLink()
+    links._out[0] = out  # type: ignore[assignment]
+    router.delay = 1.5  # a burst's last reading
+    links._tell_delay()
+    assert out.frames("delay") == [["delay", 0.0]]
