@@ -123,7 +123,10 @@ class Router:
         self._replicas: dict[str, list[int]] = {}
         for instance, (stage_id, _) in enumerate(placement):
             self._replicas.setdefault(stage_id, []).append(instance)
-        self._turn: dict[str, int] = {}
+        # round-robin positions per stage id: in its list of this server's replicas (``_choose``),
+        # and in the candidate list of this server's and other servers' replicas (``_one_of``)
+        self._local_turn: dict[str, int] = {}
+        self._cluster_turn: dict[str, int] = {}
         self.local: dict[int, Receiver] = {}
         self.links: Links | None = None
         self.remote: Remote | None = None
@@ -230,14 +233,16 @@ class Router:
         routes = self.remote.routes
         candidates: list[tuple[str | None, int]] = [(None, i) for i in local if self._reachable(i)]
         candidates += far
+        if not candidates:  # route_again: the peer left while this server's replicas restart
+            return False, f"no reachable replica of '{stage_id}'"
         delays = [self._delay_of(i) if s is None else routes.delay(s) for s, i in candidates]
         best = min(delays)
-        turn = self._turn.get(stage_id, -1)
+        turn = self._cluster_turn.get(stage_id, -1)
         count = len(candidates)
         for step in range(1, count + 1):
             k = (turn + step) % count
             if delays[k] <= best + SLOW_MARGIN:
-                self._turn[stage_id] = k
+                self._cluster_turn[stage_id] = k
                 server, instance = candidates[k]
                 if server is None:
                     return self.deliver(instance, msgid, payload, sender, reply)
@@ -296,12 +301,12 @@ class Router:
         live = [i for i in replicas if self._reachable(i)] or replicas
         best = min(self._delay_of(i) for i in live)
         fast = [i for i in live if self._delay_of(i) <= best + SLOW_MARGIN]
-        turn = self._turn.get(stage_id, -1)
+        turn = self._local_turn.get(stage_id, -1)
         # the next replica after the previous choice, in the server's fixed order
         for step in range(1, count + 1):
             candidate = replicas[(turn + step) % count]
             if candidate in fast:
-                self._turn[stage_id] = (turn + step) % count
+                self._local_turn[stage_id] = (turn + step) % count
                 return candidate
         return fast[0]
 

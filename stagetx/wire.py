@@ -72,6 +72,19 @@ class FrameTooLarge(ValueError):
     """One message that cannot fit in a frame of the link's ``max_frame``."""
 
 
+def message_room(max_frame: int) -> int:
+    """The largest packed message a link of ``max_frame`` carries."""
+    return max_frame - TAG_SIZE - _ARRAY_HEADER_MAX
+
+
+def check_fits(obj: Any, max_frame: int) -> None:
+    """Raise ``FrameTooLarge`` as ``Link.send`` would, for a message queued before its link exists
+    (found at queueing time, it is refused to its sender instead of failing the link later)."""
+    size = len(msgpack.packb(obj, use_bin_type=True, unicode_errors="surrogateescape"))
+    if size > message_room(max_frame):
+        raise FrameTooLarge(f"message of {size} bytes exceeds the frame limit")
+
+
 class LinkHandler(TypingProtocol):
     """Who is told about a link's life and messages (the router, the cluster)."""
 
@@ -320,7 +333,7 @@ class Link(protocol.Protocol):
         if self._dead:
             return False
         data = self._packer.pack(obj)
-        if len(data) > self.settings.max_frame - TAG_SIZE - _ARRAY_HEADER_MAX:
+        if len(data) > message_room(self.settings.max_frame):
             raise FrameTooLarge(f"message of {len(data)} bytes exceeds the frame limit")
         self._pending.append(data)
         self._pending_bytes += len(data)
@@ -341,7 +354,7 @@ class Link(protocol.Protocol):
         if not self.authenticated or self._dead or not self._pending:
             return
         pending, self._pending, self._pending_bytes = self._pending, [], 0
-        room = self.settings.max_frame - TAG_SIZE - _ARRAY_HEADER_MAX
+        room = message_room(self.settings.max_frame)
         if sum(map(len, pending)) <= room:
             self._write_batch(pending)
         else:

@@ -23,7 +23,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from stagetx.wire import Link, LinkClientFactory, LinkServerFactory
+from stagetx.wire import FrameTooLarge, Link, LinkClientFactory, LinkServerFactory, check_fits
 
 #: Reconnect delays: first retry after this many seconds, growing by ``BACKOFF_FACTOR`` ...
 BACKOFF_FIRST = 0.1
@@ -151,13 +151,18 @@ class PeerLinks(MultiService):
     def send(
         self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None
     ) -> tuple[bool, str | None]:
-        """Send ``frame`` to ``server_id`` now, or queue it while the peer has no link."""
-        link = self.links.get(server_id)
-        if link is not None and link.send(frame):
-            return True, None
-        queue = self.queues.setdefault(server_id, deque())
-        if len(queue) >= self.queue_limit:
-            return False, f"server '{server_id}' is not linked and its queue is full ({self.queue_limit})"
+        """Send ``frame`` to ``server_id`` now, or queue it while the peer has no link; a frame too
+        large for a link is refused here, queued or not."""
+        try:
+            link = self.links.get(server_id)
+            if link is not None and link.send(frame):
+                return True, None
+            queue = self.queues.setdefault(server_id, deque())
+            if len(queue) >= self.queue_limit:
+                return False, f"server '{server_id}' is not linked and its queue is full ({self.queue_limit})"
+            check_fits(frame, self.max_frame)
+        except FrameTooLarge as err:
+            return False, str(err)
         queue.append(Queued(frame, reroute, deadline))
         return True, None
 

@@ -36,7 +36,7 @@ def gateway(
         "#startup": startup or [["=lua+a"]],
         "#router": [1500, 900],
         "#cluster": [{"listen": "127.0.0.1:7001", "queue": queue}, "=127.0.0.1:7009"],
-        "=lua": {"=lua+a": "a"},
+        "=lua": {"=lua+a": "a", "=lua+w": "a"},
     }
     config = parse_config(raw, str(tmp_path))
     clock = Clock()
@@ -280,3 +280,38 @@ def test_other_processes_report_a_drained_queue_as_no_delay(tmp_path: Path) -> N
     router.delay = 1.5  # a burst's last reading
     links._tell_delay()
     assert out.frames("delay") == [["delay", 0.0]]
+
+
+def test_a_gone_peer_s_queue_with_nowhere_to_go_is_dropped_whole_and_logged(tmp_path: Path) -> None:
+    """Its messages are routed again; with this server's replica's process restarting there is no
+    replica to take them: each fails with a reason and the count is logged (no heart-beat crash)."""
+    from twisted.logger import globalLogPublisher
+
+    gw, router, clock, links = gateway(tmp_path, startup=[["=lua+a"], ["=lua+w"]])
+    link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    del gw.peers.links["s1"]
+    gw.peer_unlinked("s1")
+    for _ in range(3):
+        assert gw.send("s1", ["m", 0, "x", pack_py(()), ["me", 0, "a", 0], None], "w")[0]
+    links.down.add(1)  # the process of this server's own replica of w restarts
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        clock.advance(2.0)
+        gw._tick()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert "s1" not in gw.directory.peers and not gw.peers.queues
+    assert [e["n"] for e in events if e.get("log_format", "").startswith("{n} message(s) queued")] == [3]
+    assert not [e for e in events if e.get("log_failure")]
+
+
+def test_a_message_too_large_for_a_cluster_link_is_refused_with_a_reason(tmp_path: Path) -> None:
+    gw, router, _, _ = gateway(tmp_path)
+    link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    del gw.peers.links["s1"]
+    gw.peer_unlinked("s1")
+    gw.peers.max_frame = 4096
+    ok, reason = send(router, "+w:x", "y" * 5000)
+    assert ok is False and "exceeds the frame limit" in str(reason)
+    assert not gw.peers.queues.get("s1")
