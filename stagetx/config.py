@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -57,13 +58,26 @@ class HostPort:
 
 
 @attrs.frozen
+class DiscoveryGroup:
+    """A ``"udp://GROUP:PORT?interface=ADDR&ttl=N"`` entry of ``#cluster``: where to announce."""
+
+    host: str  # the multicast group address
+    port: int
+    interface: str = "127.0.0.1"  # the address of the interface to join and send on
+    ttl: int = 1  # how many routers an announcement may cross
+
+    def __str__(self) -> str:
+        return f"udp://{HostPort(self.host, self.port)}?interface={self.interface}&ttl={self.ttl}"
+
+
+@attrs.frozen
 class ClusterConfig:
     """``#cluster``: own listening port, peers, backup servers and multicast discovery groups."""
 
     listen: int | None = None
     peers: tuple[HostPort, ...] = ()
     backups: tuple[HostPort, ...] = ()
-    discovery: tuple[HostPort, ...] = ()
+    discovery: tuple[DiscoveryGroup, ...] = ()
     listen_host: str = "127.0.0.1"  # the interface the cluster port binds to
     advertise: str | None = None  # "host:port" other servers reach this one at (default: listen)
     queue: int = 10_000  # frames kept per peer while it has no link
@@ -328,7 +342,7 @@ def _cluster(value: Any, path: str, base_dir: str) -> ClusterConfig:
     settings: dict[str, Any] = {}
     peers: list[HostPort] = []
     backups: list[HostPort] = []
-    discovery: list[HostPort] = []
+    discovery: list[DiscoveryGroup] = []
     for index, entry in enumerate(value):
         where = f"{path}[{index}]"
         if _is_int(entry):
@@ -342,19 +356,58 @@ def _cluster(value: Any, path: str, base_dir: str) -> ClusterConfig:
                 raise ConfigError(f"{where}: a second listening port ({listen} is already set)")
             listen, settings = _cluster_settings(entry, where)
         elif isinstance(entry, str) and entry.startswith("udp://"):
-            group = parse_host_port(entry[len("udp://") :], where)
-            try:
-                multicast = ipaddress.ip_address(group.host).is_multicast
-            except ValueError:
-                multicast = False
-            if not multicast:
-                raise ConfigError(f'{where}: "{group.host}" is not a multicast group address')
-            discovery.append(group)
+            discovery.append(_discovery_group(entry, where))
         elif isinstance(entry, str) and entry.startswith("="):
             backups.append(parse_host_port(entry[1:], where))
         else:
             peers.append(parse_host_port(entry, where))
     return ClusterConfig(listen, tuple(peers), tuple(backups), tuple(discovery), **settings)
+
+
+def _discovery_group(entry: str, where: str) -> DiscoveryGroup:
+    """``"udp://GROUP:PORT"``, optionally ``?interface=ADDR&ttl=N`` (default 127.0.0.1 and 1).
+
+    The interface must be an address of this host: joining a group on an address that no
+    interface has would fail only once the server runs.
+    """
+    address, _, query = entry[len("udp://") :].partition("?")
+    group = parse_host_port(address, where)
+    try:
+        multicast = ipaddress.ip_address(group.host).is_multicast
+    except ValueError:
+        multicast = False
+    if not multicast:
+        raise ConfigError(f'{where}: "{group.host}" is not a multicast group address')
+    if ":" in group.host:
+        raise ConfigError(f'{where}: "{group.host}" is an IPv6 group; discovery announces on IPv4 groups')
+    options: dict[str, str] = {}
+    for pair in filter(None, query.split("&")):
+        key, sep, value = pair.partition("=")
+        if key not in ("interface", "ttl") or not sep or key in options:
+            raise ConfigError(f"{where}: bad option {json.dumps(pair)} (interface=ADDR, ttl=N, each once)")
+        options[key] = value
+    interface = options.get("interface", "127.0.0.1")
+    try:
+        ipaddress.IPv4Address(interface)
+    except ValueError:
+        raise ConfigError(f"{where}: interface {json.dumps(interface)} is not an IPv4 address") from None
+    error = _local_address_error(interface)
+    if error:
+        raise ConfigError(f"{where}: interface {interface} is not an address of this host ({error})")
+    ttl_text = options.get("ttl", "1")
+    if not (ttl_text.isdigit() and 0 <= int(ttl_text) <= 255):
+        raise ConfigError(f"{where}: ttl {json.dumps(ttl_text)} is not an integer from 0 to 255")
+    return DiscoveryGroup(group.host, group.port, interface, int(ttl_text))
+
+
+def _local_address_error(address: str) -> str | None:
+    """None when a socket can bind ``address`` (an interface of this host has it), else why not."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError as err:
+            return err.strerror or str(err)
+    return None
 
 
 def _cluster_settings(entry: dict[str, Any], where: str) -> tuple[int | None, dict[str, Any]]:

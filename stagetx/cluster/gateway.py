@@ -111,8 +111,9 @@ class ClusterGateway(MultiService):
         self.static = [str(a) for a in (*cluster.peers, *cluster.backups)]
         self.discovery: Discovery | None = None
         if cluster.discovery:
-            groups = [(g.host, g.port) for g in cluster.discovery]
-            self.discovery = Discovery(groups, secret, self.server_id, self.addr, self.discovered, reactor)
+            self.discovery = Discovery(
+                list(cluster.discovery), secret, self.server_id, self.addr, self.discovered, reactor
+            )
             self.discovery.setServiceParent(self)
         self.routes = Routes()
         self._via: dict[str, str] = {}
