@@ -155,12 +155,18 @@ def test_discovery_requests_functions_backup_and_a_crashed_host_across_hosts(lan
     assert len(missing) <= 3, sorted(missing)
 
 
+@pytest.mark.parametrize("linked_by", ["discovery", "static peer"])
 def test_a_partition_shorter_than_sync_loses_nothing_a_longer_one_removes_routing_until_it_heals(
-    lan: Lan, tmp_path: Path
+    lan: Lan, tmp_path: Path, linked_by: str
 ) -> None:
     sync_ms = 3000  # heart-beats every second; a short cut plus TCP's retransmission stays under it
     router = (sync_ms, 900)
-    with server(lan, tmp_path, 1, W, router=router), server(lan, tmp_path, 3, S, router=router) as client:
+    found = linked_by == "discovery"
+    peer = () if found else (f"{lan.address(1)}:{PORT}",)
+    with (
+        server(lan, tmp_path, 1, W, router=router, discovery=found),
+        server(lan, tmp_path, 3, S, *peer, router=router, discovery=found) as client,
+    ):
         client.wait_for(lambda: names(client).count("H1") >= 3, 40, "replies from host 1")
         # short: the messages wait in the TCP stream and arrive after it
         sent_before = len(names(client))

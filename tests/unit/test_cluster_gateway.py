@@ -315,3 +315,19 @@ def test_a_message_too_large_for_a_cluster_link_is_refused_with_a_reason(tmp_pat
     ok, reason = send(router, "+w:x", "y" * 5000)
     assert ok is False and "exceeds the frame limit" in str(reason)
     assert not gw.peers.queues.get("s1")
+
+
+def test_a_peer_silent_past_sync_loses_routing_and_is_routed_to_again_when_heard_on_its_link(
+    tmp_path: Path,
+) -> None:
+    """A partition: the TCP link does not drop, the peer just goes silent; when the cut heals its
+    heart-beats arrive on the same link and routing resumes without a restart."""
+    gw, router, clock, _ = gateway(tmp_path)
+    link = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    clock.advance(1.6)  # past sync (1.5 s) without a word
+    gw._tick()
+    assert "s1" not in gw.directory.peers
+    assert send(router, "+w:x") == (False, "no replica of 'w' on other servers")
+    gw.peer_message("s1", ["hello", "127.0.0.1:7002", {"w": [0]}, 0.0, False])
+    assert send(router, "+w:x") == (True, None)
+    assert [f[2] for f in link.frames("m")] == ["x"]
