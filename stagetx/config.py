@@ -71,6 +71,20 @@ class DiscoveryGroup:
 
 
 @attrs.frozen
+class DnsName:
+    """A ``"dns://NAME:PORT?server=HOST:PORT&every=S"`` entry of ``#cluster``: every IPv4 address
+    NAME resolves to, with PORT, is a peer; re-resolved every ``every`` seconds."""
+
+    name: str
+    port: int
+    server: HostPort | None = None  # the DNS server to ask (default: the system's resolv.conf)
+    every: float = 5.0
+
+    def __str__(self) -> str:
+        return f"dns://{self.name}:{self.port}"
+
+
+@attrs.frozen
 class ClusterConfig:
     """``#cluster``: own listening port, peers, backup servers and multicast discovery groups."""
 
@@ -78,6 +92,7 @@ class ClusterConfig:
     peers: tuple[HostPort, ...] = ()
     backups: tuple[HostPort, ...] = ()
     discovery: tuple[DiscoveryGroup, ...] = ()
+    dns: tuple[DnsName, ...] = ()
     listen_host: str = "127.0.0.1"  # the interface the cluster port binds to
     advertise: str | None = None  # "host:port" other servers reach this one at (default: listen)
     queue: int = 10_000  # frames kept per peer while it has no link
@@ -343,6 +358,7 @@ def _cluster(value: Any, path: str, base_dir: str) -> ClusterConfig:
     peers: list[HostPort] = []
     backups: list[HostPort] = []
     discovery: list[DiscoveryGroup] = []
+    dns: list[DnsName] = []
     for index, entry in enumerate(value):
         where = f"{path}[{index}]"
         if _is_int(entry):
@@ -357,11 +373,13 @@ def _cluster(value: Any, path: str, base_dir: str) -> ClusterConfig:
             listen, settings = _cluster_settings(entry, where)
         elif isinstance(entry, str) and entry.startswith("udp://"):
             discovery.append(_discovery_group(entry, where))
+        elif isinstance(entry, str) and entry.startswith("dns://"):
+            dns.append(_dns_name(entry, where))
         elif isinstance(entry, str) and entry.startswith("="):
             backups.append(parse_host_port(entry[1:], where))
         else:
             peers.append(parse_host_port(entry, where))
-    return ClusterConfig(listen, tuple(peers), tuple(backups), tuple(discovery), **settings)
+    return ClusterConfig(listen, tuple(peers), tuple(backups), tuple(discovery), tuple(dns), **settings)
 
 
 def _discovery_group(entry: str, where: str) -> DiscoveryGroup:
@@ -398,6 +416,29 @@ def _discovery_group(entry: str, where: str) -> DiscoveryGroup:
     if not (ttl_text.isdigit() and 0 <= int(ttl_text) <= 255):
         raise ConfigError(f"{where}: ttl {json.dumps(ttl_text)} is not an integer from 0 to 255")
     return DiscoveryGroup(group.host, group.port, interface, int(ttl_text))
+
+
+def _dns_name(entry: str, where: str) -> DnsName:
+    """``"dns://NAME:PORT"``, optionally ``?server=HOST:PORT&every=SECONDS`` (default: the
+    system's resolvers, every 5 s)."""
+    address, _, query = entry[len("dns://") :].partition("?")
+    target = parse_host_port(address, where)
+    if not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?", target.host):
+        raise ConfigError(f"{where}: {json.dumps(target.host)} is not a DNS name")
+    options: dict[str, str] = {}
+    for pair in filter(None, query.split("&")):
+        key, sep, value = pair.partition("=")
+        if key not in ("server", "every") or not sep or key in options:
+            raise ConfigError(f"{where}: bad option {json.dumps(pair)} (server=HOST:PORT, every=SECONDS, each once)")
+        options[key] = value
+    server = parse_host_port(options["server"], f"{where} server") if "server" in options else None
+    try:
+        every = float(options.get("every", "5"))
+    except ValueError:
+        every = 0.0
+    if not 0.1 <= every <= 3600:
+        raise ConfigError(f"{where}: every {json.dumps(options.get('every'))} is not a number of seconds (0.1-3600)")
+    return DnsName(target.host, target.port, server, every)
 
 
 def _local_address_error(address: str) -> str | None:

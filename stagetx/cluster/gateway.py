@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from stagetx.address import Scope, ToStage
 from stagetx.cluster.directory import Directory, OverloadGate, Peer, Routes
 from stagetx.cluster.discovery import Discovery
+from stagetx.cluster.dns import DnsDiscovery
 from stagetx.cluster.peers import PeerLinks
 from stagetx.config import HostPort, ServerConfig
 from stagetx.message import Sender
@@ -45,7 +46,7 @@ GATEWAY_GROUP = 0
 
 def cluster_enabled(config: ServerConfig) -> bool:
     cluster = config.cluster
-    return bool(cluster.listen or cluster.peers or cluster.backups or cluster.discovery)
+    return bool(cluster.listen or cluster.peers or cluster.backups or cluster.discovery or cluster.dns)
 
 
 def stage_table(config: ServerConfig) -> dict[str, list[int]]:
@@ -115,6 +116,8 @@ class ClusterGateway(MultiService):
                 list(cluster.discovery), secret, self.server_id, self.addr, self.discovered, reactor
             )
             self.discovery.setServiceParent(self)
+        if cluster.dns:
+            DnsDiscovery(list(cluster.dns), self.dns_answered, reactor).setServiceParent(self)
         self.routes = Routes()
         self._via: dict[str, str] = {}
         self._push_call: IDelayedCall | None = None
@@ -175,6 +178,18 @@ class ClusterGateway(MultiService):
             return
         if addr not in self.peers.dialing():
             self.log.info("discovered server {server} at {addr}", server=server_id, addr=addr)
+            self.peers.dial(addr)
+
+    def dns_answered(self, found: set[str], gone: set[str]) -> None:
+        """A ``dns://`` name's addresses: dial those not dialed (new ones, and peers forgotten
+        since, which DNS still names), stop dialing those no longer named."""
+        dialing = self.peers.dialing()
+        for addr in sorted(gone & dialing):
+            if addr not in self.static:
+                self.log.info("cluster address {addr} no longer in DNS: not dialed any more", addr=addr)
+                self.peers.undial(addr)
+        for addr in sorted(found - dialing - self.peers.itself - {self.addr}):
+            self.log.info("cluster address {addr} found in DNS", addr=addr)
             self.peers.dial(addr)
 
     # -- peer events (PeerLinks) ------------------------------------------------------------------

@@ -110,6 +110,7 @@ class PeerLinks(MultiService):
         self._open: dict[str, list[Link]] = {}  # server id -> every authenticated link to it
         self._port: IListeningPort | None = None
         self.port_number: int | None = None
+        self.itself: set[str] = set()  # addresses dialed that turned out to be this server
 
     def startService(self) -> None:
         if self.listen is not None:
@@ -196,6 +197,7 @@ class PeerLinks(MultiService):
             self.log.info("cluster address {addr} is this server itself; not dialed", addr=via)
             link.close()
             if via is not None:
+                self.itself.add(via)
                 self.undial(via)
             return
         self._open.setdefault(peer, []).append(link)

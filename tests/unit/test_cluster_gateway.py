@@ -331,3 +331,12 @@ def test_a_peer_silent_past_sync_loses_routing_and_is_routed_to_again_when_heard
     gw.peer_message("s1", ["hello", "127.0.0.1:7002", {"w": [0]}, 0.0, False])
     assert send(router, "+w:x") == (True, None)
     assert [f[2] for f in link.frames("m")] == ["x"]
+
+
+def test_dns_answers_dial_new_and_forgotten_addresses_and_stop_dialing_gone_ones(tmp_path: Path) -> None:
+    gw, _, _, _ = gateway(tmp_path)
+    gw.dns_answered({"127.0.0.1:7001", "10.0.0.2:7001", "10.0.0.3:7001"}, set())
+    assert gw.peers.dialing() == {"10.0.0.2:7001", "10.0.0.3:7001"}  # never itself
+    gw.peers.undial("10.0.0.3:7001")  # forgotten after a silence; DNS still names it
+    gw.dns_answered({"127.0.0.1:7001", "10.0.0.3:7001"}, {"10.0.0.2:7001"})
+    assert gw.peers.dialing() == {"10.0.0.3:7001"}

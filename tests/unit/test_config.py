@@ -12,6 +12,7 @@ import pytest
 from stagetx.config import (
     ConfigError,
     DiscoveryGroup,
+    DnsName,
     HostPort,
     LogGroup,
     endpoint_is_loopback,
@@ -183,6 +184,13 @@ def test_every_server_key(app_dir: Path) -> None:
         DiscoveryGroup("239.1.2.4", 7001, "127.0.0.1", 3),
     )
     assert config.secret == "s3cret"
+    dns = parse(
+        {**raw, "#cluster": ["dns://game.example:9000", "dns://g.test:1?server=127.0.0.1:53&every=0.5"]}, app_dir
+    )
+    assert dns.cluster.dns == (
+        DnsName("game.example", 9000, None, 5.0),
+        DnsName("g.test", 1, HostPort("127.0.0.1", 53), 0.5),
+    )
     assert config.log == {
         "db": LogGroup("warn", str(app_dir / "logs" / "db.log")),
         "net": LogGroup("info", None),
@@ -366,6 +374,18 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
     (
         {"#startup": [["=index+a"]], "#cluster": ["udp://239.1.2.3:7000?ttl=300"]},
         '#cluster[0]: ttl "300" is not an integer from 0 to 255',
+    ),
+    (
+        {"#startup": [["=index+a"]], "#cluster": ["dns://bad name:7000"]},
+        '#cluster[0]: "bad name" is not a DNS name',
+    ),
+    (
+        {"#startup": [["=index+a"]], "#cluster": ["dns://game.example:7000?every=0"]},
+        '#cluster[0]: every "0" is not a number of seconds (0.1-3600)',
+    ),
+    (
+        {"#startup": [["=index+a"]], "#cluster": ["dns://game.example:7000?server=nowhere"]},
+        '#cluster[0] server: bad address "nowhere" (expected "host:port")',
     ),
     (
         {"#startup": [["=index+a"]], "#cluster": ["udp://239.1.2.3:7000?hops=2"]},
