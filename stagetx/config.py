@@ -85,6 +85,15 @@ class DnsName:
 
 
 @attrs.frozen
+class ClusterTls:
+    """``"tls"`` of the ``#cluster`` object: PEM files (absolute paths) for TLS between servers."""
+
+    ca: str  # the cluster CA: a peer's certificate must be signed by it
+    cert: str  # this server's certificate, signed by the cluster CA
+    key: str  # its private key
+
+
+@attrs.frozen
 class ClusterConfig:
     """``#cluster``: own listening port, peers, backup servers and multicast discovery groups."""
 
@@ -96,6 +105,7 @@ class ClusterConfig:
     listen_host: str = "127.0.0.1"  # the interface the cluster port binds to
     advertise: str | None = None  # "host:port" other servers reach this one at (default: listen)
     queue: int = 10_000  # frames kept per peer while it has no link
+    tls: ClusterTls | None = None  # TLS with mutual authentication on the links between servers
 
 
 @attrs.frozen
@@ -370,7 +380,7 @@ def _cluster(value: Any, path: str, base_dir: str) -> ClusterConfig:
         elif isinstance(entry, dict):
             if listen is not None:
                 raise ConfigError(f"{where}: a second listening port ({listen} is already set)")
-            listen, settings = _cluster_settings(entry, where)
+            listen, settings = _cluster_settings(entry, where, base_dir)
         elif isinstance(entry, str) and entry.startswith("udp://"):
             discovery.append(_discovery_group(entry, where))
         elif isinstance(entry, str) and entry.startswith("dns://"):
@@ -418,6 +428,39 @@ def _discovery_group(entry: str, where: str) -> DiscoveryGroup:
     return DiscoveryGroup(group.host, group.port, interface, int(ttl_text))
 
 
+def _cluster_tls(value: Any, where: str, base_dir: str) -> ClusterTls:
+    """``{"ca": PATH, "cert": PATH, "key": PATH}`` (relative to the configuration's folder),
+    each file read and checked now, so a wrong path or a key not matching its certificate is
+    reported before anything starts."""
+    from twisted.internet import ssl
+
+    entries = _object(value, where)
+    unknown = sorted(set(entries) - {"ca", "cert", "key"})
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (ca, cert, key)")
+    paths: dict[str, str] = {}
+    pem: dict[str, bytes] = {}
+    for key in ("ca", "cert", "key"):
+        if key not in entries:
+            raise ConfigError(f"{where}.{key}: missing (a PEM file)")
+    for key in ("ca", "cert", "key"):
+        paths[key] = os.path.join(base_dir, _string(entries[key], f"{where}.{key}"))
+        try:
+            with open(paths[key], "rb") as f:
+                pem[key] = f.read()
+        except OSError as err:
+            raise ConfigError(f"{where}.{key}: cannot read {paths[key]}: {err.strerror}") from None
+    try:
+        ssl.Certificate.loadPEM(pem["ca"])
+    except Exception as err:  # OpenSSL's errors: the file is not a PEM certificate
+        raise ConfigError(f"{where}.ca: not a PEM certificate ({err})") from None
+    try:
+        ssl.PrivateCertificate.loadPEM(pem["cert"] + pem["key"])
+    except Exception as err:  # a broken certificate or key, or a key of another certificate
+        raise ConfigError(f"{where}.key: not the PEM key of {where}.cert ({err})") from None
+    return ClusterTls(paths["ca"], paths["cert"], paths["key"])
+
+
 def _dns_name(entry: str, where: str) -> DnsName:
     """``"dns://NAME:PORT"``, optionally ``?server=HOST:PORT&every=SECONDS`` (default: the
     system's resolvers, every 5 s)."""
@@ -451,12 +494,14 @@ def _local_address_error(address: str) -> str | None:
     return None
 
 
-def _cluster_settings(entry: dict[str, Any], where: str) -> tuple[int | None, dict[str, Any]]:
-    """``{"listen": "HOST:PORT", "advertise": "HOST:PORT", "queue": N}`` (stagetx addition)."""
-    unknown = sorted(set(entry) - {"listen", "advertise", "queue"})
+def _cluster_settings(entry: dict[str, Any], where: str, base_dir: str) -> tuple[int | None, dict[str, Any]]:
+    """``{"listen": "HOST:PORT", "advertise": "HOST:PORT", "queue": N, "tls": {...}}`` (stagetx addition)."""
+    unknown = sorted(set(entry) - {"listen", "advertise", "queue", "tls"})
     if unknown:
-        raise ConfigError(f"{where}: unknown setting {json.dumps(unknown[0])} (listen, advertise, queue)")
+        raise ConfigError(f"{where}: unknown setting {json.dumps(unknown[0])} (listen, advertise, queue, tls)")
     settings: dict[str, Any] = {}
+    if "tls" in entry:
+        settings["tls"] = _cluster_tls(entry["tls"], f"{where}.tls", base_dir)
     listen = None
     if "listen" in entry:
         address = parse_host_port(entry["listen"], f"{where}.listen")

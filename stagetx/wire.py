@@ -42,6 +42,7 @@ from typing import Protocol as TypingProtocol
 
 import attrs
 import msgpack
+from OpenSSL import SSL
 from twisted.internet import protocol
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
@@ -203,6 +204,12 @@ class Link(protocol.Protocol):
         self._pending.clear()
         if self.authenticated:
             self.settings.handler.link_lost(self, reason)
+        elif reason.check(SSL.Error):  # a TLS link whose peer has no certificate of the cluster CA
+            log.warn(
+                "peer at {address} refused: TLS handshake failed ({error})",
+                address=self.peer_address,
+                error=reason.getErrorMessage(),
+            )
 
     def close(self) -> None:
         """Send what is queued, then close the connection."""

@@ -33,7 +33,7 @@ from stagetx.address import Scope, ToStage
 from stagetx.cluster.directory import Directory, OverloadGate, Peer, Routes
 from stagetx.cluster.discovery import Discovery
 from stagetx.cluster.dns import DnsDiscovery
-from stagetx.cluster.peers import PeerLinks
+from stagetx.cluster.peers import PeerLinks, tls_options
 from stagetx.config import HostPort, ServerConfig
 from stagetx.message import Sender
 from stagetx.router import Links, Result, Router
@@ -107,7 +107,8 @@ class ClusterGateway(MultiService):
         self.gate = OverloadGate(overload_ms / 1000.0)
         listen = (cluster.listen_host, cluster.listen) if cluster.listen else None
         self.addr = (cluster.advertise or str(HostPort(*listen))) if listen else ""
-        self.peers = PeerLinks(self.server_id, secret, listen, self, reactor, MAX_FRAME, cluster.queue, now)
+        tls = tls_options(cluster.tls) if cluster.tls is not None else None
+        self.peers = PeerLinks(self.server_id, secret, listen, self, reactor, MAX_FRAME, cluster.queue, now, tls)
         self.peers.setServiceParent(self)
         self.static = [str(a) for a in (*cluster.peers, *cluster.backups)]
         self.discovery: Discovery | None = None

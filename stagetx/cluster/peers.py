@@ -19,10 +19,12 @@ from typing import Any, Protocol
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet import ssl
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
+from stagetx.config import ClusterTls
 from stagetx.wire import FrameTooLarge, Link, LinkClientFactory, LinkServerFactory, check_fits
 
 #: Reconnect delays: first retry after this many seconds, growing by ``BACKOFF_FACTOR`` ...
@@ -69,6 +71,16 @@ class _Handler:
         self.peers._lost(link)
 
 
+def tls_options(tls: ClusterTls) -> ssl.CertificateOptions:
+    """Both ends of a TLS link: this server's certificate, and the peer's required and checked
+    against the cluster CA (mutual authentication; no host name check: cluster membership is
+    holding a certificate of its CA)."""
+    with open(tls.ca, "rb") as ca, open(tls.cert, "rb") as cert, open(tls.key, "rb") as key:
+        authority = ssl.Certificate.loadPEM(ca.read())
+        own = ssl.PrivateCertificate.loadPEM(cert.read() + key.read())
+    return own.options(authority)  # verify=True, requireCertificate=True, trusting only the CA
+
+
 def _endpoint(reactor: Any, addr: str) -> Any:
     host, _, port = addr.rpartition(":")
     if host.startswith("["):
@@ -80,6 +92,7 @@ class PeerLinks(MultiService):
     """The links of this server to its peers.
 
     @param listen: ``(host, port)`` to accept peers on, or None to only dial.
+    @param tls: TLS options for every link (``tls_options``), or None for plain TCP.
     """
 
     log = Logger()
@@ -94,8 +107,10 @@ class PeerLinks(MultiService):
         max_frame: int,
         queue_limit: int,
         now: Callable[[], float] = time.monotonic,
+        tls: ssl.CertificateOptions | None = None,
     ) -> None:
         super().__init__()
+        self.tls = tls
         self.server_id = server_id
         self.secret = secret
         self.listen = listen
@@ -116,7 +131,10 @@ class PeerLinks(MultiService):
         if self.listen is not None:
             host, port = self.listen
             factory = LinkServerFactory(self.secret, self.server_id, _Handler(self, None), self.max_frame, self.reactor)
-            self._port = self.reactor.listenTCP(port, factory, interface=host)
+            if self.tls is not None:
+                self._port = self.reactor.listenSSL(port, factory, self.tls, interface=host)
+            else:
+                self._port = self.reactor.listenTCP(port, factory, interface=host)
             self.port_number = self._port.getHost().port  # type: ignore[union-attr]
         MultiService.startService(self)
 
@@ -135,7 +153,10 @@ class PeerLinks(MultiService):
             return
         factory = LinkClientFactory(self.secret, self.server_id, _Handler(self, addr), self.max_frame, self.reactor)
         policy = backoffPolicy(BACKOFF_FIRST, BACKOFF_MAX, factor=BACKOFF_FACTOR)
-        service = ClientService(_endpoint(self.reactor, addr), factory, retryPolicy=policy, clock=self.reactor)
+        endpoint = _endpoint(self.reactor, addr)
+        if self.tls is not None:
+            endpoint = wrapClientTLS(self.tls, endpoint)  # type: ignore[arg-type]
+        service = ClientService(endpoint, factory, retryPolicy=policy, clock=self.reactor)
         self._dialers[addr] = service
         service.setServiceParent(self)
 

@@ -353,7 +353,7 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
     ),
     (
         {"#startup": [["=index+a"]], "#cluster": [{"port": 9000}]},
-        '#cluster[0]: unknown setting "port" (listen, advertise, queue)',
+        '#cluster[0]: unknown setting "port" (listen, advertise, queue, tls)',
     ),
     (
         {"#startup": [["=index+a"]], "#cluster": ["udp://10.0.0.1:7000"]},
@@ -374,6 +374,24 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
     (
         {"#startup": [["=index+a"]], "#cluster": ["udp://239.1.2.3:7000?ttl=300"]},
         '#cluster[0]: ttl "300" is not an integer from 0 to 255',
+    ),
+    (
+        {
+            "#startup": [["=index+a"]],
+            "#cluster": [{"listen": "127.0.0.1:7000", "tls": {"ca": "ca.pem", "cert": "c", "key": "k"}}],
+        },
+        "#cluster[0].tls.ca: cannot read APP/ca.pem: No such file or directory",
+    ),
+    (
+        {"#startup": [["=index+a"]], "#cluster": [{"listen": "127.0.0.1:7000", "tls": {"ca": "x.pem"}}]},
+        "#cluster[0].tls.cert: missing (a PEM file)",
+    ),
+    (
+        {
+            "#startup": [["=index+a"]],
+            "#cluster": [{"tls": {"ca": "lua/other.lua", "cert": "lua/other.lua", "key": "lua/other.lua"}}],
+        },
+        "#cluster[0].tls.ca: not a PEM certificate ([('PEM routines', '', 'no start line')])",
     ),
     (
         {"#startup": [["=index+a"]], "#cluster": ["dns://bad name:7000"]},
