@@ -9,6 +9,10 @@ of every process of a host is a crash. Skipped, with the reason, where namespace
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.netns import Lan, unavailable
-from tests.support import ServerProcess, write_app
+from tests.e2e.netns import Lan, run, unavailable
+from tests.support import ServerProcess, env_path, write_app
 
 SECRET = "netns-cluster-secret"
 GROUP = "239.255.22.1:7100"
@@ -216,3 +220,40 @@ def test_a_server_with_another_secret_is_refused_across_hosts(lan: Lan, tmp_path
         stranger.wait_for(lambda: len(stranger.logged("s", "refused")) >= 10, 20, "refused sends")
         assert stranger.logged("s", "at") == []
         assert not any("discovered server" in line for line in w.lines)  # its announcements do not verify
+
+
+def test_the_demo_script_runs_three_hosts_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    script = Path(__file__).resolve().parents[2] / "examples" / "cluster" / "netns.sh"
+    tag = f"i22-demo-{os.getpid()}"
+    env = {
+        **os.environ,
+        "DEMO_TAG": tag,
+        "TMPDIR": str(tmp_path),
+        "TWISTD": str(Path(sys.executable).with_name("twistd")),
+        "PYTHONPATH": env_path(),
+    }
+    demo = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert demo.stdout is not None
+        deadline = time.monotonic() + 60
+        for line in demo.stdout:  # server three's log
+            if "computed there: 42 on one" in line or time.monotonic() > deadline:
+                break  # its function value ran on host one
+        assert "computed there: 42 on one" in line
+        demo.send_signal(signal.SIGINT)
+        rest = demo.communicate(timeout=60)[0]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(10)
+            for name in run("ip", "netns", "list").split():
+                if name.startswith(tag):  # what the script did not get to remove
+                    for pid in run("ip", "netns", "pids", name).split():
+                        os.kill(int(pid), signal.SIGKILL)
+                    run("ip", "netns", "del", name)
+    assert demo.returncode == 0
+    assert "namespaces removed" in rest
+    assert tag not in run("ip", "netns", "list")
