@@ -230,6 +230,8 @@ class Router:
     ) -> Result:
         """Round-robin over this server's replicas and other servers', skipping clearly slower ones."""
         assert self.remote is not None
+        if not local and len(far) == 1:  # one replica elsewhere (a "+" to a single peer): no choice
+            return self._send_far(*far[0], msgid, payload, sender, reply, stage_id)
         routes = self.remote.routes
         candidates: list[tuple[str | None, int]] = [(None, i) for i in local if self._reachable(i)]
         candidates += far
@@ -449,13 +451,7 @@ class Router:
                     return
                 known = self._own[sender]
             else:
-                key = tuple(sender)
-                cached = self._senders.get(key)
-                if cached is None:
-                    if len(self._senders) >= SENDER_CACHE:
-                        self._senders.clear()
-                    cached = self._senders[key] = Sender(*key)
-                known = cached
+                known = self.named_sender(sender)
             self._queue.append((receiver, Message(msgid, payload, known, reply, self.now())))
         elif kind == "delay":
             self.delays[group] = frame[1]
@@ -465,6 +461,17 @@ class Router:
             self.remote.process_frame(group, frame)
         else:
             self.log.warn("unknown frame kind {kind!r} from group {group}", kind=kind, group=group)
+
+    def named_sender(self, named: list[Any]) -> Sender:
+        """The ``Sender`` a frame names as ``[server, group, stage, instance]``, kept (at most
+        ``SENDER_CACHE``) so a stream of messages from one sender makes one object, not one each."""
+        key = tuple(named)
+        known = self._senders.get(key)
+        if known is None:
+            if len(self._senders) >= SENDER_CACHE:
+                self._senders.clear()
+            known = self._senders[key] = Sender(*key)
+        return known
 
     # -- ordered locks ----------------------------------------------------------------------------
     def _lock(self, request: list[Any]) -> Result:

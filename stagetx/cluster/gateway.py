@@ -35,7 +35,6 @@ from stagetx.cluster.discovery import Discovery
 from stagetx.cluster.dns import DnsDiscovery
 from stagetx.cluster.peers import PeerLinks, tls_options
 from stagetx.config import HostPort, ServerConfig
-from stagetx.message import Sender
 from stagetx.router import Links, Result, Router
 from stagetx.wire import Link
 
@@ -152,10 +151,10 @@ class ClusterGateway(MultiService):
         """Send ``frame`` to a known server (queued while it has no link, bounded)."""
         if server_id not in self.directory.peers:
             return False, f"server '{server_id}' is not in the cluster (gone, restarted or never seen)"
-        was_full = self.peers.is_full(server_id)
         ok, reason = self.peers.send(server_id, frame, reroute, deadline)
-        if self.peers.is_full(server_id) != was_full:
-            self._changed()
+        full = self.routes.full
+        if (self.peers.queues or full) and self.peers.is_full(server_id) != (server_id in full):
+            self._changed()  # the other processes learn that its queue filled up (or has room again)
         return ok, reason
 
     def process_frame(self, group: int, frame: list[Any]) -> None:
@@ -207,18 +206,22 @@ class ClusterGateway(MultiService):
     def peer_message(self, server_id: str, obj: Any) -> None:
         kind = obj[0]
         if kind == "m":
-            self.directory.heard(server_id)
             _, instance, msgid, payload, sender, reply = obj
-            ok, reason = self.router.deliver(instance, msgid, payload, Sender(*sender), reply)
+            ok, reason = self.router.deliver(instance, msgid, payload, self.router.named_sender(sender), reply)
             if not ok:
                 self._undelivered(msgid, server_id, reason)
         elif kind == "hello":
             self._hello_from(server_id, obj)
         elif kind == "s":
-            self.directory.heard(server_id)
             self._to_this_server(server_id, obj)
         else:
             self.log.warn("unknown frame kind {kind!r} from server {server}", kind=kind, server=server_id)
+
+    def peer_frame_done(self, server_id: str) -> None:
+        """A whole frame counts as one heart-beat; its messages, queued, run now (as between
+        the processes of a server: no drain scheduled per message, one per frame)."""
+        self.directory.heard(server_id)
+        self.router.run_queue()
 
     def _hello(self) -> list[Any]:
         return ["hello", self.addr, self.stages, self.own_delay(), self.gate.overloaded]
@@ -258,7 +261,7 @@ class ClusterGateway(MultiService):
             )
             return
         address = ToStage(stage, msgid, Scope.LOCAL, bool(tag), None)
-        ok, reason = self.router.send(Sender(*sender), address, payload, reply)
+        ok, reason = self.router.send(self.router.named_sender(sender), address, payload, reply)
         if not ok:
             self._undelivered(msgid, server_id, reason)
 

@@ -41,6 +41,9 @@ class PeerEvents(Protocol):
 
     def peer_message(self, server_id: str, obj: Any) -> None: ...
 
+    def peer_frame_done(self, server_id: str) -> None:
+        """Every message of one network frame from ``server_id`` was handed to ``peer_message``."""
+
     def peer_unlinked(self, server_id: str) -> None: ...
 
 
@@ -66,6 +69,10 @@ class _Handler:
     def message_received(self, link: Link, obj: Any) -> None:
         if link.peer_id is not None:
             self.peers.events.peer_message(link.peer_id, obj)
+
+    def frame_done(self, link: Link) -> None:
+        if link.peer_id is not None:
+            self.peers.events.peer_frame_done(link.peer_id)
 
     def link_lost(self, link: Link, reason: object) -> None:
         self.peers._lost(link)
