@@ -95,7 +95,8 @@ class ClusterTls:
 
 @attrs.frozen
 class ClusterConfig:
-    """``#cluster``: own listening port, peers, backup servers and multicast discovery groups."""
+    """``#cluster``: own listening port, peers, backup servers, discovery (multicast groups, DNS
+    names) and TLS."""
 
     listen: int | None = None
     peers: tuple[HostPort, ...] = ()

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from stagetx.config import DnsName
 
-#: Seconds one lookup may take (the resolver's retries included) before it counts as failed.
+#: The resolver's retry timeouts of one lookup (s): it fails after their sum, 4 s.
 LOOKUP_TIMEOUT = (1, 3)
 
 

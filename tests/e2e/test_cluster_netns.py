@@ -113,7 +113,7 @@ def server(
     cluster: list[Any] = [{"listen": f"{address}:{PORT}"}, *extra]
     if discovery:
         cluster.append(f"udp://{GROUP}?interface={address}&ttl=1")
-    stage = "w" if script in (W,) else "s"
+    stage = "w" if script == W else "s"
     config = {
         "name": f"H{host}",
         "#secret": secret,
