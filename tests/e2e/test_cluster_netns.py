@@ -126,6 +126,10 @@ def server(
     return ServerProcess(path, prefix=lan.exec(host))
 
 
+def wait_logged(server: ServerProcess, text: str, timeout: float = 20) -> None:
+    server.wait_for(lambda: any(text in line for line in server.lines), timeout, repr(text))
+
+
 def names(client: ServerProcess) -> list[str]:
     return [r[0] for r in client.logged("s", "at")]
 
@@ -168,7 +172,7 @@ def test_a_partition_shorter_than_sync_loses_nothing_a_longer_one_removes_routin
     found = linked_by == "discovery"
     peer = () if found else (f"{lan.address(1)}:{PORT}",)
     with (
-        server(lan, tmp_path, 1, W, router=router, discovery=found),
+        server(lan, tmp_path, 1, W, router=router, discovery=found) as w,
         server(lan, tmp_path, 3, S, *peer, router=router, discovery=found) as client,
     ):
         client.wait_for(lambda: names(client).count("H1") >= 3, 40, "replies from host 1")
@@ -186,7 +190,8 @@ def test_a_partition_shorter_than_sync_loses_nothing_a_longer_one_removes_routin
         # long: twice sync_ms; host 1 loses its routing, sends say why, then it heals by itself
         lan.cable(1, False)
         try:
-            client.wait_for(lambda: any("routing removed" in line for line in client.lines), 20, "routing removed")
+            for side in (client, w):  # each side removes the other's routing
+                wait_logged(side, "routing removed")
             cut = len(refused_before) + 3
             client.wait_for(lambda: len(client.logged("s", "refused")) >= cut, 10, "refused sends")
             time.sleep(sync_ms / 1000)  # hold the cut: 2 × sync_ms in all
