@@ -66,9 +66,6 @@ class DiscoveryGroup:
     interface: str = "127.0.0.1"  # the address of the interface to join and send on
     ttl: int = 1  # how many routers an announcement may cross
 
-    def __str__(self) -> str:
-        return f"udp://{HostPort(self.host, self.port)}?interface={self.interface}&ttl={self.ttl}"
-
 
 @attrs.frozen
 class DnsName:
