@@ -266,3 +266,25 @@ def test_the_demo_script_runs_three_hosts_and_stops_cleanly_on_ctrl_c(tmp_path: 
     assert demo.returncode == 0
     assert "namespaces removed" in rest
     assert tag not in run("ip", "netns", "list")
+
+
+def test_check_names_a_discovery_interface_this_host_does_not_have(lan: Lan, tmp_path: Path) -> None:
+    """``--check`` on host 1: its own address is accepted, host 2's is a configuration error."""
+
+    def check(interface: str) -> subprocess.CompletedProcess[str]:
+        config = {
+            "#secret": SECRET,
+            "#cluster": [{"listen": f"{lan.address(1)}:{PORT}"}, f"udp://{GROUP}?interface={interface}"],
+            "#startup": [["=lua+w"]],
+            "=lua": {"%package": ["[0]lua"], "=lua+w": "w"},
+        }
+        path = write_app(tmp_path / interface, config, {"w": W})
+        twistd = str(Path(sys.executable).with_name("twistd"))
+        command = [*lan.exec(1), twistd, "-n", "--pidfile=", "stage", "-c", str(path), "--check"]
+        env = {**os.environ, "PYTHONPATH": env_path()}
+        return subprocess.run(command, cwd=path.parent, env=env, capture_output=True, text=True, timeout=60)
+
+    assert check(lan.address(1)).stdout.startswith("config OK")
+    refused = check(lan.address(2))
+    assert refused.returncode != 0
+    assert f"#cluster[1]: interface {lan.address(2)} is not an address of this host" in refused.stdout + refused.stderr
