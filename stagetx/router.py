@@ -194,6 +194,9 @@ class Router:
         if address.scope is Scope.REMOTE:
             replicas = None
         if not replicas and not far:
+            busy = self.remote.routes.overloaded.get(stage_id) if self.remote is not None else None
+            if busy:  # only overloaded servers have it: say so, it is temporary
+                return False, f"no replica of '{stage_id}' available: server {', '.join(busy)} overloaded"
             if address.scope is Scope.REMOTE:
                 return False, f"no replica of '{stage_id}' on other servers"
             if stage_id not in self._unknown:

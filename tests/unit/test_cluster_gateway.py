@@ -262,7 +262,8 @@ def test_a_peer_that_recovers_is_routed_to_again_and_sends_meanwhile_say_why(tmp
     gw, router, _, _ = gateway(tmp_path)
     link = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
     gw.peer_message("s1", ["hello", "127.0.0.1:7002", {"w": [0]}, 1.2, True])
-    assert send(router, "+w:x") == (False, "no replica of 'w' on other servers")
+    assert send(router, "+w:x") == (False, "no replica of 'w' available: server s1 overloaded")
+    assert send(router, "w:x") == (False, "no replica of 'w' available: server s1 overloaded")
     gw.peer_message("s1", ["hello", "127.0.0.1:7002", {"w": [0]}, 0.0, False])
     assert send(router, "+w:x") == (True, None)
     assert [f[2] for f in link.frames("m")] == ["x"]
