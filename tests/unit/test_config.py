@@ -11,6 +11,8 @@ import pytest
 
 from stagetx.config import (
     ConfigError,
+    DiscoveryGroup,
+    DnsName,
     HostPort,
     LogGroup,
     endpoint_is_loopback,
@@ -171,7 +173,7 @@ def test_every_server_key(app_dir: Path) -> None:
             "peer.example:9000",
             "=10.0.0.9:9000",
             "udp://239.1.2.3:7000",
-            "udp://[ff02::1]:7001",
+            "udp://239.1.2.4:7001?interface=127.0.0.1&ttl=3",
         ],
         "#threads": [8, 500],
         "#secret": "s3cret",
@@ -186,8 +188,18 @@ def test_every_server_key(app_dir: Path) -> None:
     assert config.cluster.listen == 9000
     assert config.cluster.peers == (HostPort("peer.example", 9000),)
     assert config.cluster.backups == (HostPort("10.0.0.9", 9000),)
-    assert config.cluster.discovery == (HostPort("239.1.2.3", 7000), HostPort("ff02::1", 7001))
+    assert config.cluster.discovery == (
+        DiscoveryGroup("239.1.2.3", 7000, "127.0.0.1", 1),
+        DiscoveryGroup("239.1.2.4", 7001, "127.0.0.1", 3),
+    )
     assert config.secret == "s3cret"
+    dns = parse(
+        {**raw, "#cluster": ["dns://game.example:9000", "dns://g.test:1?server=127.0.0.1:53&every=0.5"]}, app_dir
+    )
+    assert dns.cluster.dns == (
+        DnsName("game.example", 9000, None, 5.0),
+        DnsName("g.test", 1, HostPort("127.0.0.1", 53), 0.5),
+    )
     assert config.log == {
         "db": LogGroup("warn", str(app_dir / "logs" / "db.log")),
         "net": LogGroup("info", None),
@@ -354,11 +366,61 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
     ),
     (
         {"#startup": [["=index+a"]], "#cluster": [{"port": 9000}]},
-        '#cluster[0]: unknown setting "port" (listen, advertise, queue)',
+        '#cluster[0]: unknown setting "port" (listen, advertise, queue, tls)',
     ),
     (
         {"#startup": [["=index+a"]], "#cluster": ["udp://10.0.0.1:7000"]},
         '#cluster[0]: "10.0.0.1" is not a multicast group address',
+    ),
+    (
+        {"#startup": [["=index+a"]], "#cluster": [9000, "udp://[ff02::1]:7000"]},
+        '#cluster[1]: "ff02::1" is an IPv6 group; discovery announces on IPv4 groups',
+    ),
+    (
+        {"#startup": [["=index+a"]], "#cluster": ["udp://239.1.2.3:7000?interface=192.0.2.77"]},
+        "#cluster[0]: interface 192.0.2.77 is not an address of this host (Cannot assign requested address)",
+    ),
+    (
+        {"#startup": [["=index+a"]], "#cluster": ["udp://239.1.2.3:7000?interface=eth0"]},
+        '#cluster[0]: interface "eth0" is not an IPv4 address',
+    ),
+    (
+        {"#startup": [["=index+a"]], "#cluster": ["udp://239.1.2.3:7000?ttl=300"]},
+        '#cluster[0]: ttl "300" is not an integer from 0 to 255',
+    ),
+    (
+        {
+            "#startup": [["=index+a"]],
+            "#cluster": [{"listen": "127.0.0.1:7000", "tls": {"ca": "ca.pem", "cert": "c", "key": "k"}}],
+        },
+        "#cluster[0].tls.ca: cannot read APP/ca.pem: No such file or directory",
+    ),
+    (
+        {"#startup": [["=index+a"]], "#cluster": [{"listen": "127.0.0.1:7000", "tls": {"ca": "x.pem"}}]},
+        "#cluster[0].tls.cert: missing (a PEM file)",
+    ),
+    (
+        {
+            "#startup": [["=index+a"]],
+            "#cluster": [{"tls": {"ca": "lua/other.lua", "cert": "lua/other.lua", "key": "lua/other.lua"}}],
+        },
+        "#cluster[0].tls.ca: not a PEM certificate ([('PEM routines', '', 'no start line')])",
+    ),
+    (
+        {"#startup": [["=index+a"]], "#cluster": ["dns://bad name:7000"]},
+        '#cluster[0]: "bad name" is not a DNS name',
+    ),
+    (
+        {"#startup": [["=index+a"]], "#cluster": ["dns://game.example:7000?every=0"]},
+        '#cluster[0]: every "0" is not a number of seconds (0.1-3600)',
+    ),
+    (
+        {"#startup": [["=index+a"]], "#cluster": ["dns://game.example:7000?server=nowhere"]},
+        '#cluster[0] server: bad address "nowhere" (expected "host:port")',
+    ),
+    (
+        {"#startup": [["=index+a"]], "#cluster": ["udp://239.1.2.3:7000?hops=2"]},
+        '#cluster[0]: bad option "hops=2" (interface=ADDR, ttl=N, each once)',
     ),
     ({"#startup": [["=index+a"]], "#cluster": {"peer": 1}}, "#cluster: expected a list"),
     (
