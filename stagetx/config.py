@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -59,16 +60,52 @@ class HostPort:
 
 
 @attrs.frozen
+class DiscoveryGroup:
+    """A ``"udp://GROUP:PORT?interface=ADDR&ttl=N"`` entry of ``#cluster``: where to announce."""
+
+    host: str  # the multicast group address
+    port: int
+    interface: str = "127.0.0.1"  # the address of the interface to join and send on
+    ttl: int = 1  # how many routers an announcement may cross
+
+
+@attrs.frozen
+class DnsName:
+    """A ``"dns://NAME:PORT?server=HOST:PORT&every=S"`` entry of ``#cluster``: every IPv4 address
+    NAME resolves to, with PORT, is a peer; re-resolved every ``every`` seconds."""
+
+    name: str
+    port: int
+    server: HostPort | None = None  # the DNS server to ask (default: the system's resolv.conf)
+    every: float = 5.0
+
+    def __str__(self) -> str:
+        return f"dns://{self.name}:{self.port}"
+
+
+@attrs.frozen
+class ClusterTls:
+    """``"tls"`` of the ``#cluster`` object: PEM files (absolute paths) for TLS between servers."""
+
+    ca: str  # the cluster CA: a peer's certificate must be signed by it
+    cert: str  # this server's certificate, signed by the cluster CA
+    key: str  # its private key
+
+
+@attrs.frozen
 class ClusterConfig:
-    """``#cluster``: own listening port, peers, backup servers and multicast discovery groups."""
+    """``#cluster``: own listening port, peers, backup servers, discovery (multicast groups, DNS
+    names) and TLS."""
 
     listen: int | None = None
     peers: tuple[HostPort, ...] = ()
     backups: tuple[HostPort, ...] = ()
-    discovery: tuple[HostPort, ...] = ()
+    discovery: tuple[DiscoveryGroup, ...] = ()
+    dns: tuple[DnsName, ...] = ()
     listen_host: str = "127.0.0.1"  # the interface the cluster port binds to
     advertise: str | None = None  # "host:port" other servers reach this one at (default: listen)
     queue: int = 10_000  # frames kept per peer while it has no link
+    tls: ClusterTls | None = None  # TLS with mutual authentication on the links between servers
 
 
 @attrs.frozen
@@ -357,7 +394,8 @@ def _cluster(value: Any, path: str, base_dir: str) -> ClusterConfig:
     settings: dict[str, Any] = {}
     peers: list[HostPort] = []
     backups: list[HostPort] = []
-    discovery: list[HostPort] = []
+    discovery: list[DiscoveryGroup] = []
+    dns: list[DnsName] = []
     for index, entry in enumerate(value):
         where = f"{path}[{index}]"
         if _is_int(entry):
@@ -369,29 +407,128 @@ def _cluster(value: Any, path: str, base_dir: str) -> ClusterConfig:
         elif isinstance(entry, dict):
             if listen is not None:
                 raise ConfigError(f"{where}: a second listening port ({listen} is already set)")
-            listen, settings = _cluster_settings(entry, where)
+            listen, settings = _cluster_settings(entry, where, base_dir)
         elif isinstance(entry, str) and entry.startswith("udp://"):
-            group = parse_host_port(entry[len("udp://") :], where)
-            try:
-                multicast = ipaddress.ip_address(group.host).is_multicast
-            except ValueError:
-                multicast = False
-            if not multicast:
-                raise ConfigError(f'{where}: "{group.host}" is not a multicast group address')
-            discovery.append(group)
+            discovery.append(_discovery_group(entry, where))
+        elif isinstance(entry, str) and entry.startswith("dns://"):
+            dns.append(_dns_name(entry, where))
         elif isinstance(entry, str) and entry.startswith("="):
             backups.append(parse_host_port(entry[1:], where))
         else:
             peers.append(parse_host_port(entry, where))
-    return ClusterConfig(listen, tuple(peers), tuple(backups), tuple(discovery), **settings)
+    return ClusterConfig(listen, tuple(peers), tuple(backups), tuple(discovery), tuple(dns), **settings)
 
 
-def _cluster_settings(entry: dict[str, Any], where: str) -> tuple[int | None, dict[str, Any]]:
-    """``{"listen": "HOST:PORT", "advertise": "HOST:PORT", "queue": N}`` (stagetx addition)."""
-    unknown = sorted(set(entry) - {"listen", "advertise", "queue"})
+def _discovery_group(entry: str, where: str) -> DiscoveryGroup:
+    """``"udp://GROUP:PORT"``, optionally ``?interface=ADDR&ttl=N`` (default 127.0.0.1 and 1).
+
+    The interface must be an address of this host: joining a group on an address that no
+    interface has would fail only once the server runs.
+    """
+    address, _, query = entry[len("udp://") :].partition("?")
+    group = parse_host_port(address, where)
+    try:
+        multicast = ipaddress.ip_address(group.host).is_multicast
+    except ValueError:
+        multicast = False
+    if not multicast:
+        raise ConfigError(f'{where}: "{group.host}" is not a multicast group address')
+    if ":" in group.host:
+        raise ConfigError(f'{where}: "{group.host}" is an IPv6 group; discovery announces on IPv4 groups')
+    options: dict[str, str] = {}
+    for pair in filter(None, query.split("&")):
+        key, sep, value = pair.partition("=")
+        if key not in ("interface", "ttl") or not sep or key in options:
+            raise ConfigError(f"{where}: bad option {json.dumps(pair)} (interface=ADDR, ttl=N, each once)")
+        options[key] = value
+    interface = options.get("interface", "127.0.0.1")
+    try:
+        ipaddress.IPv4Address(interface)
+    except ValueError:
+        raise ConfigError(f"{where}: interface {json.dumps(interface)} is not an IPv4 address") from None
+    error = _local_address_error(interface)
+    if error:
+        raise ConfigError(f"{where}: interface {interface} is not an address of this host ({error})")
+    ttl_text = options.get("ttl", "1")
+    if not (ttl_text.isdigit() and 0 <= int(ttl_text) <= 255):
+        raise ConfigError(f"{where}: ttl {json.dumps(ttl_text)} is not an integer from 0 to 255")
+    return DiscoveryGroup(group.host, group.port, interface, int(ttl_text))
+
+
+def _cluster_tls(value: Any, where: str, base_dir: str) -> ClusterTls:
+    """``{"ca": PATH, "cert": PATH, "key": PATH}`` (relative to the configuration's folder),
+    each file read and checked now, so a wrong path or a key not matching its certificate is
+    reported before anything starts."""
+    from twisted.internet import ssl
+
+    entries = _object(value, where)
+    unknown = sorted(set(entries) - {"ca", "cert", "key"})
     if unknown:
-        raise ConfigError(f"{where}: unknown setting {json.dumps(unknown[0])} (listen, advertise, queue)")
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (ca, cert, key)")
+    paths: dict[str, str] = {}
+    pem: dict[str, bytes] = {}
+    for key in ("ca", "cert", "key"):
+        if key not in entries:
+            raise ConfigError(f"{where}.{key}: missing (a PEM file)")
+    for key in ("ca", "cert", "key"):
+        paths[key] = os.path.join(base_dir, _string(entries[key], f"{where}.{key}"))
+        try:
+            with open(paths[key], "rb") as f:
+                pem[key] = f.read()
+        except OSError as err:
+            raise ConfigError(f"{where}.{key}: cannot read {paths[key]}: {err.strerror}") from None
+    try:
+        ssl.Certificate.loadPEM(pem["ca"])
+    except Exception as err:  # OpenSSL's errors: the file is not a PEM certificate
+        raise ConfigError(f"{where}.ca: not a PEM certificate ({err})") from None
+    try:
+        ssl.PrivateCertificate.loadPEM(pem["cert"] + pem["key"])
+    except Exception as err:  # a broken certificate or key, or a key of another certificate
+        raise ConfigError(f"{where}.key: not the PEM key of {where}.cert ({err})") from None
+    return ClusterTls(paths["ca"], paths["cert"], paths["key"])
+
+
+def _dns_name(entry: str, where: str) -> DnsName:
+    """``"dns://NAME:PORT"``, optionally ``?server=HOST:PORT&every=SECONDS`` (default: the
+    system's resolvers, every 5 s)."""
+    address, _, query = entry[len("dns://") :].partition("?")
+    target = parse_host_port(address, where)
+    if not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?", target.host):
+        raise ConfigError(f"{where}: {json.dumps(target.host)} is not a DNS name")
+    options: dict[str, str] = {}
+    for pair in filter(None, query.split("&")):
+        key, sep, value = pair.partition("=")
+        if key not in ("server", "every") or not sep or key in options:
+            raise ConfigError(f"{where}: bad option {json.dumps(pair)} (server=HOST:PORT, every=SECONDS, each once)")
+        options[key] = value
+    server = parse_host_port(options["server"], f"{where} server") if "server" in options else None
+    try:
+        every = float(options.get("every", "5"))
+    except ValueError:
+        every = 0.0
+    if not 0.1 <= every <= 3600:
+        raise ConfigError(f"{where}: every {json.dumps(options.get('every'))} is not a number of seconds (0.1-3600)")
+    return DnsName(target.host, target.port, server, every)
+
+
+def _local_address_error(address: str) -> str | None:
+    """None when a socket can bind ``address`` (an interface of this host has it), else why not."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError as err:
+            return err.strerror or str(err)
+    return None
+
+
+def _cluster_settings(entry: dict[str, Any], where: str, base_dir: str) -> tuple[int | None, dict[str, Any]]:
+    """``{"listen": "HOST:PORT", "advertise": "HOST:PORT", "queue": N, "tls": {...}}`` (stagetx addition)."""
+    unknown = sorted(set(entry) - {"listen", "advertise", "queue", "tls"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting {json.dumps(unknown[0])} (listen, advertise, queue, tls)")
     settings: dict[str, Any] = {}
+    if "tls" in entry:
+        settings["tls"] = _cluster_tls(entry["tls"], f"{where}.tls", base_dir)
     listen = None
     if "listen" in entry:
         address = parse_host_port(entry["listen"], f"{where}.listen")

@@ -123,7 +123,10 @@ class Router:
         self._replicas: dict[str, list[int]] = {}
         for instance, (stage_id, _) in enumerate(placement):
             self._replicas.setdefault(stage_id, []).append(instance)
-        self._turn: dict[str, int] = {}
+        # round-robin positions per stage id: in its list of this server's replicas (``_choose``),
+        # and in the candidate list of this server's and other servers' replicas (``_one_of``)
+        self._local_turn: dict[str, int] = {}
+        self._cluster_turn: dict[str, int] = {}
         self.local: dict[int, Receiver] = {}
         self.links: Links | None = None
         self.remote: Remote | None = None
@@ -191,6 +194,9 @@ class Router:
         if address.scope is Scope.REMOTE:
             replicas = None
         if not replicas and not far:
+            busy = self.remote.routes.overloaded.get(stage_id) if self.remote is not None else None
+            if busy:  # only overloaded servers have it: say so, it is temporary
+                return False, f"no replica of '{stage_id}' available: server {', '.join(busy)} overloaded"
             if address.scope is Scope.REMOTE:
                 return False, f"no replica of '{stage_id}' on other servers"
             if stage_id not in self._unknown:
@@ -227,17 +233,21 @@ class Router:
     ) -> Result:
         """Round-robin over this server's replicas and other servers', skipping clearly slower ones."""
         assert self.remote is not None
+        if not local and len(far) == 1:  # one replica elsewhere (a "+" to a single peer): no choice
+            return self._send_far(*far[0], msgid, payload, sender, reply, stage_id)
         routes = self.remote.routes
         candidates: list[tuple[str | None, int]] = [(None, i) for i in local if self._reachable(i)]
         candidates += far
+        if not candidates:  # route_again: the peer left while this server's replicas restart
+            return False, f"no reachable replica of '{stage_id}'"
         delays = [self._delay_of(i) if s is None else routes.delay(s) for s, i in candidates]
         best = min(delays)
-        turn = self._turn.get(stage_id, -1)
+        turn = self._cluster_turn.get(stage_id, -1)
         count = len(candidates)
         for step in range(1, count + 1):
             k = (turn + step) % count
             if delays[k] <= best + SLOW_MARGIN:
-                self._turn[stage_id] = k
+                self._cluster_turn[stage_id] = k
                 server, instance = candidates[k]
                 if server is None:
                     return self.deliver(instance, msgid, payload, sender, reply)
@@ -296,12 +306,12 @@ class Router:
         live = [i for i in replicas if self._reachable(i)] or replicas
         best = min(self._delay_of(i) for i in live)
         fast = [i for i in live if self._delay_of(i) <= best + SLOW_MARGIN]
-        turn = self._turn.get(stage_id, -1)
+        turn = self._local_turn.get(stage_id, -1)
         # the next replica after the previous choice, in the server's fixed order
         for step in range(1, count + 1):
             candidate = replicas[(turn + step) % count]
             if candidate in fast:
-                self._turn[stage_id] = (turn + step) % count
+                self._local_turn[stage_id] = (turn + step) % count
                 return candidate
         return fast[0]
 
@@ -410,6 +420,20 @@ class Router:
     def queue_length(self) -> int:
         return len(self._queue)
 
+    def refresh_delay(self) -> float:
+        """This process's queue delay now (s), also when no message arrives to refresh ``delay``.
+
+        ``delay`` is measured while the queue drains, so a burst's last reading would stay until
+        the next message, and an overloaded server gets no message to refresh it (peers route
+        nothing to it). An empty queue has no delay; a waiting one is at least as late as its
+        oldest message.
+        """
+        if self._queue:
+            self.delay = max(self.delay, self.now() - self._queue[0][1].enqueued)
+        else:
+            self.delay = 0.0
+        return self.delay
+
     # -- frames from other processes --------------------------------------------------------------
     def frame_received(self, group: int, frame: list[Any]) -> None:
         """One frame from the process of ``group`` (see ``deliver`` and ``_lock`` for shapes).
@@ -430,13 +454,7 @@ class Router:
                     return
                 known = self._own[sender]
             else:
-                key = tuple(sender)
-                cached = self._senders.get(key)
-                if cached is None:
-                    if len(self._senders) >= SENDER_CACHE:
-                        self._senders.clear()
-                    cached = self._senders[key] = Sender(*key)
-                known = cached
+                known = self.named_sender(sender)
             self._queue.append((receiver, Message(msgid, payload, known, reply, self.now())))
         elif kind == "delay":
             self.delays[group] = frame[1]
@@ -446,6 +464,17 @@ class Router:
             self.remote.process_frame(group, frame)
         else:
             self.log.warn("unknown frame kind {kind!r} from group {group}", kind=kind, group=group)
+
+    def named_sender(self, named: list[Any]) -> Sender:
+        """The ``Sender`` a frame names as ``[server, group, stage, instance]``, kept (at most
+        ``SENDER_CACHE``) so a stream of messages from one sender makes one object, not one each."""
+        key = tuple(named)
+        known = self._senders.get(key)
+        if known is None:
+            if len(self._senders) >= SENDER_CACHE:
+                self._senders.clear()
+            known = self._senders[key] = Sender(*key)
+        return known
 
     # -- ordered locks ----------------------------------------------------------------------------
     def _lock(self, request: list[Any]) -> Result:

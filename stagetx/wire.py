@@ -42,6 +42,7 @@ from typing import Protocol as TypingProtocol
 
 import attrs
 import msgpack
+from OpenSSL import SSL
 from twisted.internet import protocol
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
@@ -70,6 +71,19 @@ log = Logger(namespace="stagetx.wire")
 
 class FrameTooLarge(ValueError):
     """One message that cannot fit in a frame of the link's ``max_frame``."""
+
+
+def message_room(max_frame: int) -> int:
+    """The largest packed message a link of ``max_frame`` carries."""
+    return max_frame - TAG_SIZE - _ARRAY_HEADER_MAX
+
+
+def check_fits(obj: Any, max_frame: int) -> None:
+    """Raise ``FrameTooLarge`` as ``Link.send`` would, for a message queued before its link exists
+    (found at queueing time, it is refused to its sender instead of failing the link later)."""
+    size = len(msgpack.packb(obj, use_bin_type=True, unicode_errors="surrogateescape"))
+    if size > message_room(max_frame):
+        raise FrameTooLarge(f"message of {size} bytes exceeds the frame limit")
 
 
 class LinkHandler(TypingProtocol):
@@ -190,6 +204,12 @@ class Link(protocol.Protocol):
         self._pending.clear()
         if self.authenticated:
             self.settings.handler.link_lost(self, reason)
+        elif reason.check(SSL.Error):  # a TLS link whose peer has no certificate of the cluster CA
+            log.warn(
+                "peer at {address} refused: TLS handshake failed ({error})",
+                address=self.peer_address,
+                error=reason.getErrorMessage(),
+            )
 
     def close(self) -> None:
         """Send what is queued, then close the connection."""
@@ -320,7 +340,7 @@ class Link(protocol.Protocol):
         if self._dead:
             return False
         data = self._packer.pack(obj)
-        if len(data) > self.settings.max_frame - TAG_SIZE - _ARRAY_HEADER_MAX:
+        if len(data) > message_room(self.settings.max_frame):
             raise FrameTooLarge(f"message of {len(data)} bytes exceeds the frame limit")
         self._pending.append(data)
         self._pending_bytes += len(data)
@@ -341,7 +361,7 @@ class Link(protocol.Protocol):
         if not self.authenticated or self._dead or not self._pending:
             return
         pending, self._pending, self._pending_bytes = self._pending, [], 0
-        room = self.settings.max_frame - TAG_SIZE - _ARRAY_HEADER_MAX
+        room = message_room(self.settings.max_frame)
         if sum(map(len, pending)) <= room:
             self._write_batch(pending)
         else:

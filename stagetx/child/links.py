@@ -24,7 +24,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from stagetx.router import Result, Router
-from stagetx.wire import Link, LinkClientFactory, LinkServerFactory
+from stagetx.wire import FrameTooLarge, Link, LinkClientFactory, LinkServerFactory, check_fits
 
 #: Frames kept for a process that is down (restarting); more are refused with a reason.
 PENDING_LIMIT = 100_000
@@ -170,15 +170,21 @@ class ProcessLinks(MultiService):
         return group not in self._down
 
     def send(self, group: int, frame: list[Any]) -> Result:
-        link = self._out.get(group)
-        if link is not None:
-            link.send(frame)
-            return True, None
-        pending = self._pending.get(group)
-        if pending is None:
-            return False, f"no process {group + 1} on this server"
-        if len(pending) >= PENDING_LIMIT:
-            return False, f"process {group + 1} is down and its queue is full"
+        """Send ``frame`` to the process of ``group`` now, or queue it while that process is down;
+        a frame too large for a link is refused here, queued or not."""
+        try:
+            link = self._out.get(group)
+            if link is not None:
+                link.send(frame)
+                return True, None
+            pending = self._pending.get(group)
+            if pending is None:
+                return False, f"no process {group + 1} on this server"
+            if len(pending) >= PENDING_LIMIT:
+                return False, f"process {group + 1} is down and its queue is full"
+            check_fits(frame, self.max_frame)
+        except FrameTooLarge as err:
+            return False, str(err)
         pending.append(frame)
         return True, None
 
@@ -204,7 +210,7 @@ class ProcessLinks(MultiService):
 
     def _tell_delay(self) -> None:
         try:
-            frame = ["delay", self.router.delay]
+            frame = ["delay", self.router.refresh_delay()]
             for link in self._out.values():
                 link.send(frame)
         except Exception:

@@ -49,6 +49,7 @@ class Routes:
     servers: Mapping[str, float] = attrs.field(factory=dict)  # known server -> its delay (s)
     addrs: Mapping[str, str] = attrs.field(factory=dict)  # "host:port" -> server id
     full: frozenset[str] = frozenset()  # servers whose send queue is full
+    overloaded: Mapping[str, list[str]] = attrs.field(factory=dict)  # stage id -> overloaded servers with it
 
     def targets(self, stage_id: str, has_local: bool, remote_only: bool = False) -> list[Replica]:
         """The replicas of ``stage_id`` on other servers to route to (tiers in the module doc).
@@ -78,6 +79,7 @@ class Routes:
             dict(self.servers),
             dict(self.addrs),
             sorted(self.full),
+            dict(self.overloaded),
         ]
 
     @classmethod
@@ -85,8 +87,16 @@ class Routes:
         def replicas(table: Mapping[str, list[list[Any]]]) -> dict[str, list[Replica]]:
             return {sid: [(str(s), int(i)) for s, i in items] for sid, items in table.items()}
 
-        live, pending, backups, servers, addrs, full = data
-        return cls(replicas(live), replicas(pending), replicas(backups), dict(servers), dict(addrs), frozenset(full))
+        live, pending, backups, servers, addrs, full, overloaded = data
+        return cls(
+            replicas(live),
+            replicas(pending),
+            replicas(backups),
+            dict(servers),
+            dict(addrs),
+            frozenset(full),
+            {sid: list(names) for sid, names in overloaded.items()},
+        )
 
 
 class Directory:
@@ -162,10 +172,13 @@ class Directory:
         pending: dict[str, list[Replica]] = {}
         backups: dict[str, list[Replica]] = {}
         addrs: dict[str, str] = {}
+        overloaded: dict[str, list[str]] = {}
         for peer in sorted(self.peers.values(), key=lambda p: p.server_id):
             for addr in ({peer.addr} | peer.aliases) - {""}:
                 addrs[addr] = peer.server_id
-            if peer.overloaded:
+            if peer.overloaded:  # not routed to; named in the reason a send fails
+                for sid in peer.stages:
+                    overloaded.setdefault(sid, []).append(peer.server_id)
                 continue
             table = backups if peer.backup else live if peer.linked else pending
             for sid, instances in peer.stages.items():
@@ -174,7 +187,7 @@ class Directory:
             if sid in live or sid in pending:
                 del backups[sid]  # backups only serve stage ids no live server has
         servers = {p.server_id: p.delay for p in self.peers.values()}
-        return Routes(live, pending, backups, servers, addrs, frozenset(full))
+        return Routes(live, pending, backups, servers, addrs, frozenset(full), overloaded)
 
 
 @attrs.define

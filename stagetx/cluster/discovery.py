@@ -1,12 +1,14 @@
-"""UDP multicast discovery on the loopback interface: announce this server, learn the others.
+"""UDP multicast discovery on one chosen interface per group: announce this server, learn the others.
 
 Every ``interval`` seconds (and once at start) the gateway sends one datagram to each
-``"udp://GROUP:PORT"`` of ``#cluster``: its server id and cluster address, authenticated with
-``#secret`` (HMAC-SHA256, so a stranger on the group cannot make us dial it, and a datagram of
-another cluster is ignored). Datagrams that do not verify are dropped silently (counted).
+``"udp://GROUP:PORT?interface=ADDR&ttl=N"`` of ``#cluster``: its server id and cluster address,
+authenticated with ``#secret`` (HMAC-SHA256, so a stranger on the group cannot make us dial it,
+and a datagram of another cluster is ignored). Datagrams that do not verify are dropped silently
+(counted).
 
-The socket joins the group on 127.0.0.1 only, sends through 127.0.0.1 only, with TTL 1 and
-loopback mode on: no datagram ever leaves this machine through another interface.
+The socket joins the group on the interface of address ADDR only and sends through it only, with
+TTL N and loopback mode on (servers of the same host hear each other). The default, 127.0.0.1 and
+TTL 1, keeps every datagram on this machine.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-LOOPBACK = "127.0.0.1"
+from stagetx.config import DiscoveryGroup
+
 MAGIC = b"STGXD1"
 TAG_SIZE = 16
 #: Seconds between announcements.
@@ -57,21 +60,27 @@ def decode_announcement(secret: bytes, data: bytes) -> tuple[str, str] | None:
 class _Announcer(DatagramProtocol):
     """The socket of one multicast group."""
 
-    def __init__(self, discovery: Discovery, group: str, port: int) -> None:
+    def __init__(self, discovery: Discovery, config: DiscoveryGroup) -> None:
         self.discovery = discovery
-        self.group = group
-        self.port = port
+        self.group = config.host
+        self.port = config.port
+        self.interface = config.interface
+        self.ttl = config.ttl
 
     def startProtocol(self) -> None:
         transport: Any = self.transport
-        transport.setTTL(1)
+        transport.setTTL(self.ttl)
         transport.setLoopbackMode(1)
-        transport.setOutgoingInterface(LOOPBACK).addErrback(self._failed, "set the outgoing interface")
-        transport.joinGroup(self.group, LOOPBACK).addCallbacks(self._joined, self._failed, errbackArgs=("join",))
+        transport.setOutgoingInterface(self.interface).addErrback(self._failed, "set the outgoing interface")
+        transport.joinGroup(self.group, self.interface).addCallbacks(self._joined, self._failed, errbackArgs=("join",))
 
     def _joined(self, _: object) -> None:
         self.discovery.log.info(
-            "discovery joined {group}:{port} on {iface}", group=self.group, port=self.port, iface=LOOPBACK
+            "discovery joined {group}:{port} on {iface} (ttl {ttl})",
+            group=self.group,
+            port=self.port,
+            iface=self.interface,
+            ttl=self.ttl,
         )
         self.announce()
 
@@ -95,7 +104,7 @@ class _Announcer(DatagramProtocol):
 class Discovery(Service):
     """Announces ``addr`` on each group and reports other servers' announcements to ``found``.
 
-    @param groups: ``(group address, port)`` pairs (IPv4 multicast).
+    @param groups: the ``udp://`` entries of ``#cluster``.
     @param found: called with ``(server_id, addr)`` for each verified announcement of another server.
     """
 
@@ -103,7 +112,7 @@ class Discovery(Service):
 
     def __init__(
         self,
-        groups: list[tuple[str, int]],
+        groups: list[DiscoveryGroup],
         secret: bytes,
         server_id: str,
         addr: str,
@@ -128,10 +137,10 @@ class Discovery(Service):
 
     def startService(self) -> None:
         Service.startService(self)
-        for group, port in self.groups:
-            proto = _Announcer(self, group, port)
+        for group in self.groups:
+            proto = _Announcer(self, group)
             # bound to the group address: only this group's datagrams arrive on the socket
-            listening = self.reactor.listenMulticast(port, proto, interface=group, listenMultiple=True)
+            listening = self.reactor.listenMulticast(group.port, proto, interface=group.host, listenMultiple=True)
             self._sockets.append((proto, listening))
         self._loop.start(self.interval, now=False)
 

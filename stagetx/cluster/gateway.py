@@ -32,9 +32,9 @@ from twisted.logger import Logger
 from stagetx.address import Scope, ToStage
 from stagetx.cluster.directory import Directory, OverloadGate, Peer, Routes
 from stagetx.cluster.discovery import Discovery
-from stagetx.cluster.peers import PeerLinks
+from stagetx.cluster.dns import DnsDiscovery
+from stagetx.cluster.peers import PeerLinks, tls_options
 from stagetx.config import HostPort, ServerConfig
-from stagetx.message import Sender
 from stagetx.router import Links, Result, Router
 from stagetx.wire import Link
 
@@ -45,7 +45,7 @@ GATEWAY_GROUP = 0
 
 def cluster_enabled(config: ServerConfig) -> bool:
     cluster = config.cluster
-    return bool(cluster.listen or cluster.peers or cluster.backups or cluster.discovery)
+    return bool(cluster.listen or cluster.peers or cluster.backups or cluster.discovery or cluster.dns)
 
 
 def stage_table(config: ServerConfig) -> dict[str, list[int]]:
@@ -106,14 +106,18 @@ class ClusterGateway(MultiService):
         self.gate = OverloadGate(overload_ms / 1000.0)
         listen = (cluster.listen_host, cluster.listen) if cluster.listen else None
         self.addr = (cluster.advertise or str(HostPort(*listen))) if listen else ""
-        self.peers = PeerLinks(self.server_id, secret, listen, self, reactor, MAX_FRAME, cluster.queue, now)
+        tls = tls_options(cluster.tls) if cluster.tls is not None else None
+        self.peers = PeerLinks(self.server_id, secret, listen, self, reactor, MAX_FRAME, cluster.queue, now, tls)
         self.peers.setServiceParent(self)
         self.static = [str(a) for a in (*cluster.peers, *cluster.backups)]
         self.discovery: Discovery | None = None
         if cluster.discovery:
-            groups = [(g.host, g.port) for g in cluster.discovery]
-            self.discovery = Discovery(groups, secret, self.server_id, self.addr, self.discovered, reactor)
+            self.discovery = Discovery(
+                list(cluster.discovery), secret, self.server_id, self.addr, self.discovered, reactor
+            )
             self.discovery.setServiceParent(self)
+        if cluster.dns:
+            DnsDiscovery(list(cluster.dns), self.dns_answered, reactor).setServiceParent(self)
         self.routes = Routes()
         self._via: dict[str, str] = {}
         self.dropped = 0  # messages dropped because their server went away (for /metrics)
@@ -148,10 +152,10 @@ class ClusterGateway(MultiService):
         """Send ``frame`` to a known server (queued while it has no link, bounded)."""
         if server_id not in self.directory.peers:
             return False, f"server '{server_id}' is not in the cluster (gone, restarted or never seen)"
-        was_full = self.peers.is_full(server_id)
         ok, reason = self.peers.send(server_id, frame, reroute, deadline)
-        if self.peers.is_full(server_id) != was_full:
-            self._changed()
+        full = self.routes.full
+        if (self.peers.queues or full) and self.peers.is_full(server_id) != (server_id in full):
+            self._changed()  # the other processes learn that its queue filled up (or has room again)
         return ok, reason
 
     def process_frame(self, group: int, frame: list[Any]) -> None:
@@ -177,6 +181,18 @@ class ClusterGateway(MultiService):
             self.log.info("discovered server {server} at {addr}", server=server_id, addr=addr)
             self.peers.dial(addr)
 
+    def dns_answered(self, found: set[str], gone: set[str]) -> None:
+        """A ``dns://`` name's addresses: dial those not dialed (new ones, and peers forgotten
+        since, which DNS still names), stop dialing those no longer named."""
+        dialing = self.peers.dialing()
+        for addr in sorted(gone & dialing):
+            if addr not in self.static:
+                self.log.info("cluster address {addr} no longer in DNS: not dialed any more", addr=addr)
+                self.peers.undial(addr)
+        for addr in sorted(found - dialing - self.peers.itself - {self.addr}):
+            self.log.info("cluster address {addr} found in DNS", addr=addr)
+            self.peers.dial(addr)
+
     # -- peer events (PeerLinks) ------------------------------------------------------------------
     def peer_linked(self, server_id: str, link: Link, via: str | None) -> None:
         if via is not None:
@@ -191,18 +207,22 @@ class ClusterGateway(MultiService):
     def peer_message(self, server_id: str, obj: Any) -> None:
         kind = obj[0]
         if kind == "m":
-            self.directory.heard(server_id)
             _, instance, msgid, payload, sender, reply = obj
-            ok, reason = self.router.deliver(instance, msgid, payload, Sender(*sender), reply)
+            ok, reason = self.router.deliver(instance, msgid, payload, self.router.named_sender(sender), reply)
             if not ok:
                 self._undelivered(msgid, server_id, reason)
         elif kind == "hello":
             self._hello_from(server_id, obj)
         elif kind == "s":
-            self.directory.heard(server_id)
             self._to_this_server(server_id, obj)
         else:
             self.log.warn("unknown frame kind {kind!r} from server {server}", kind=kind, server=server_id)
+
+    def peer_frame_done(self, server_id: str) -> None:
+        """A whole frame counts as one heart-beat; its messages, queued, run now (as between
+        the processes of a server: no drain scheduled per message, one per frame)."""
+        self.directory.heard(server_id)
+        self.router.run_queue()
 
     def _hello(self) -> list[Any]:
         return ["hello", self.addr, self.stages, self.own_delay(), self.gate.overloaded]
@@ -242,7 +262,7 @@ class ClusterGateway(MultiService):
             )
             return
         address = ToStage(stage, msgid, Scope.LOCAL, bool(tag), None)
-        ok, reason = self.router.send(Sender(*sender), address, payload, reply)
+        ok, reason = self.router.send(self.router.named_sender(sender), address, payload, reply)
         if not ok:
             self._undelivered(msgid, server_id, reason)
 
@@ -262,6 +282,7 @@ class ClusterGateway(MultiService):
 
     def _tick(self) -> None:
         try:
+            self.router.refresh_delay()  # the gate re-opens once drained, with no traffic coming
             if self.gate.update(self.own_delay()):
                 if self.gate.overloaded:
                     self.log.warn(

@@ -19,11 +19,13 @@ from typing import Any, Protocol
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet import ssl
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from stagetx.wire import Link, LinkClientFactory, LinkServerFactory
+from stagetx.config import ClusterTls
+from stagetx.wire import FrameTooLarge, Link, LinkClientFactory, LinkServerFactory, check_fits
 
 #: Reconnect delays: first retry after this many seconds, growing by ``BACKOFF_FACTOR`` ...
 BACKOFF_FIRST = 0.1
@@ -38,6 +40,9 @@ class PeerEvents(Protocol):
     def peer_linked(self, server_id: str, link: Link, via: str | None) -> None: ...
 
     def peer_message(self, server_id: str, obj: Any) -> None: ...
+
+    def peer_frame_done(self, server_id: str) -> None:
+        """Every message of one network frame from ``server_id`` was handed to ``peer_message``."""
 
     def peer_unlinked(self, server_id: str) -> None: ...
 
@@ -65,8 +70,22 @@ class _Handler:
         if link.peer_id is not None:
             self.peers.events.peer_message(link.peer_id, obj)
 
+    def frame_done(self, link: Link) -> None:
+        if link.peer_id is not None:
+            self.peers.events.peer_frame_done(link.peer_id)
+
     def link_lost(self, link: Link, reason: object) -> None:
         self.peers._lost(link)
+
+
+def tls_options(tls: ClusterTls) -> ssl.CertificateOptions:
+    """Both ends of a TLS link: this server's certificate, and the peer's required and checked
+    against the cluster CA (mutual authentication; no host name check: cluster membership is
+    holding a certificate of its CA)."""
+    with open(tls.ca, "rb") as ca, open(tls.cert, "rb") as cert, open(tls.key, "rb") as key:
+        authority = ssl.Certificate.loadPEM(ca.read())
+        own = ssl.PrivateCertificate.loadPEM(cert.read() + key.read())
+    return own.options(authority)  # verify=True, requireCertificate=True, trusting only the CA
 
 
 def _endpoint(reactor: Any, addr: str) -> Any:
@@ -80,6 +99,7 @@ class PeerLinks(MultiService):
     """The links of this server to its peers.
 
     @param listen: ``(host, port)`` to accept peers on, or None to only dial.
+    @param tls: TLS options for every link (``tls_options``), or None for plain TCP.
     """
 
     log = Logger()
@@ -94,8 +114,10 @@ class PeerLinks(MultiService):
         max_frame: int,
         queue_limit: int,
         now: Callable[[], float] = time.monotonic,
+        tls: ssl.CertificateOptions | None = None,
     ) -> None:
         super().__init__()
+        self.tls = tls
         self.server_id = server_id
         self.secret = secret
         self.listen = listen
@@ -110,12 +132,16 @@ class PeerLinks(MultiService):
         self._open: dict[str, list[Link]] = {}  # server id -> every authenticated link to it
         self._port: IListeningPort | None = None
         self.port_number: int | None = None
+        self.itself: set[str] = set()  # addresses dialed that turned out to be this server
 
     def startService(self) -> None:
         if self.listen is not None:
             host, port = self.listen
             factory = LinkServerFactory(self.secret, self.server_id, _Handler(self, None), self.max_frame, self.reactor)
-            self._port = self.reactor.listenTCP(port, factory, interface=host)
+            if self.tls is not None:
+                self._port = self.reactor.listenSSL(port, factory, self.tls, interface=host)
+            else:
+                self._port = self.reactor.listenTCP(port, factory, interface=host)
             self.port_number = self._port.getHost().port  # type: ignore[union-attr]
         MultiService.startService(self)
 
@@ -134,7 +160,10 @@ class PeerLinks(MultiService):
             return
         factory = LinkClientFactory(self.secret, self.server_id, _Handler(self, addr), self.max_frame, self.reactor)
         policy = backoffPolicy(BACKOFF_FIRST, BACKOFF_MAX, factor=BACKOFF_FACTOR)
-        service = ClientService(_endpoint(self.reactor, addr), factory, retryPolicy=policy, clock=self.reactor)
+        endpoint = _endpoint(self.reactor, addr)
+        if self.tls is not None:
+            endpoint = wrapClientTLS(self.tls, endpoint)  # type: ignore[arg-type]
+        service = ClientService(endpoint, factory, retryPolicy=policy, clock=self.reactor)
         self._dialers[addr] = service
         service.setServiceParent(self)
 
@@ -151,13 +180,18 @@ class PeerLinks(MultiService):
     def send(
         self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None
     ) -> tuple[bool, str | None]:
-        """Send ``frame`` to ``server_id`` now, or queue it while the peer has no link."""
-        link = self.links.get(server_id)
-        if link is not None and link.send(frame):
-            return True, None
-        queue = self.queues.setdefault(server_id, deque())
-        if len(queue) >= self.queue_limit:
-            return False, f"server '{server_id}' is not linked and its queue is full ({self.queue_limit})"
+        """Send ``frame`` to ``server_id`` now, or queue it while the peer has no link; a frame too
+        large for a link is refused here, queued or not."""
+        try:
+            link = self.links.get(server_id)
+            if link is not None and link.send(frame):
+                return True, None
+            queue = self.queues.setdefault(server_id, deque())
+            if len(queue) >= self.queue_limit:
+                return False, f"server '{server_id}' is not linked and its queue is full ({self.queue_limit})"
+            check_fits(frame, self.max_frame)
+        except FrameTooLarge as err:
+            return False, str(err)
         queue.append(Queued(frame, reroute, deadline))
         return True, None
 
@@ -191,6 +225,7 @@ class PeerLinks(MultiService):
             self.log.info("cluster address {addr} is this server itself; not dialed", addr=via)
             link.close()
             if via is not None:
+                self.itself.add(via)
                 self.undial(via)
             return
         self._open.setdefault(peer, []).append(link)

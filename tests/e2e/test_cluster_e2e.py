@@ -230,3 +230,74 @@ def test_servers_find_each_other_by_multicast_on_loopback(tmp_path: Path) -> Non
         d.wait_for(lambda: any("ready" in line for line in d.lines), 20, "the first server")
         e.wait_for(lambda: [r[0] for r in e.logged("s", "at")].count("D") >= 3, 20, "replies through a discovered link")
         assert any("discovered server" in line for line in e.lines + d.lines)
+
+
+# -- a burst that overloads a server, and its recovery ------------------------------------------
+
+COUNTER = """
+local n = 0
+stage.waitfor("ping", function()  -- some work per message: the burst outruns it
+    local x = 0
+    for i = 1, 400 do x = x + i * 7 end
+    n = n + 1
+end)
+stage.waitfor("who", function() return "who", n end)
+local told = -1
+stage.addtask(50, function()
+    if n ~= told then told = n; log4cxx.info("count", n) end
+    return 50
+end)
+"""
+
+BURST = """
+local total, chunk = %(total)d, 2000
+local sent, accepted, refused, why = 0, 0, 0, ""
+stage.waitfor("after", function(what, n) log4cxx.info("after", what, n) end)
+local function ask()
+    stage.signal("+b:who=after")
+    return 200
+end
+stage.addtask(50, function()
+    if sent == 0 and not stage.signal("+b:ping") then return 50 end  -- until b is linked
+    if sent == 0 then sent, accepted = 1, 1 end
+    for _ = 1, math.min(chunk, total - sent) do
+        sent = sent + 1
+        local ok, reason = stage.signal("+b:ping")
+        if ok then accepted = accepted + 1 else refused = refused + 1; why = reason end
+    end
+    if sent < total then return 1 end
+    log4cxx.info("burst", accepted, refused, why)
+    stage.addtask(200, ask)
+    return 0
+end)
+"""
+
+
+def test_a_burst_that_overloads_a_server_does_not_cut_it_off(tmp_path: Path) -> None:
+    """The burst of a new user's first try (scaled down): the receiving server may take no routed
+    work for a while; sends meanwhile say why; once it drained it is routed to again by itself."""
+    total = 100_000
+    port_a, port_b = free_port(), free_port()
+    path_b = app(tmp_path, "b", {"#router": [3000, 50], "#cluster": [port_b], "#startup": [["=lua+b"]]}, {"b": COUNTER})
+    path_a = app(
+        tmp_path,
+        "a",
+        {"#router": [3000, 50], "#cluster": [port_a, f"127.0.0.1:{port_b}"], "#startup": [["=lua+a"]]},
+        {"a": BURST % {"total": total}},
+    )
+    with ServerProcess(path_b) as b, ServerProcess(path_a) as a:
+        a.wait_for(lambda: bool(a.logged("a", "burst")), 120, "the end of the burst")
+        accepted, refused, why = a.logged("a", "burst")[0]
+        assert int(accepted) + int(refused) == total
+        if int(refused):
+            assert why.startswith("no replica of 'b' available: server ") and why.endswith(" overloaded")
+        # a request after the burst is answered: the gate re-opened with no routed work arriving
+        a.wait_for(lambda: bool(a.logged("a", "after")), 30, "an answer after the burst")
+        # every accepted ping arrived: none was dropped silently
+        b.wait_for(lambda: [str(accepted)] in b.logged("b", "count"), 30, "every accepted ping counted")
+        if any("overloaded: message delay" in line for line in b.lines):
+            # it re-opens by itself, the sender routes to it again and a new request is answered
+            b.wait_for(lambda: any("recovered from overload" in line for line in b.lines), 30, "b's recovery")
+            a.wait_for(lambda: any(line.endswith(" recovered") for line in a.lines), 30, "a routing to b again")
+            answered = len(a.logged("a", "after"))
+            a.wait_for(lambda: len(a.logged("a", "after")) > answered, 30, "an answer after the recovery")

@@ -16,6 +16,7 @@ from stagetx.cluster.discovery import (
     decode_announcement,
     encode_announcement,
 )
+from stagetx.config import DiscoveryGroup
 from tests.support import wait_for
 
 
@@ -54,9 +55,9 @@ async def test_two_discoveries_find_each_other_on_loopback_and_ignore_strangers(
     def seen(me: str) -> Callable[[str, str], None]:
         return lambda server, addr: found.append((me, server, addr))
 
-    one = Discovery([(group, port)], b"k", "one", "127.0.0.1:1", seen("one"), reactor, interval=0.05)
-    two = Discovery([(group, port)], b"k", "two", "127.0.0.1:2", seen("two"), reactor, interval=0.05)
-    stranger = Discovery([(group, port)], b"other", "x", "127.0.0.1:3", seen("x"), reactor, interval=0.05)
+    one = Discovery([DiscoveryGroup(group, port)], b"k", "one", "127.0.0.1:1", seen("one"), reactor, interval=0.05)
+    two = Discovery([DiscoveryGroup(group, port)], b"k", "two", "127.0.0.1:2", seen("two"), reactor, interval=0.05)
+    stranger = Discovery([DiscoveryGroup(group, port)], b"other", "x", "127.0.0.1:3", seen("x"), reactor, interval=0.05)
     for d in (one, two, stranger):
         d.startService()
     try:

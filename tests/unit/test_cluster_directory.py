@@ -103,11 +103,14 @@ def test_routes_survive_the_trip_to_other_processes() -> None:
     d, _ = make(backups=("127.0.0.1:9",))
     d.learn("p", "127.0.0.1:1", {"w": [0, 2]})
     d.learn("b", "127.0.0.1:9", {"z": [0]})
+    d.learn("o", "127.0.0.1:2", {"w": [1]})
     d.heard("p", 0.25)
+    d.heard("o", 1.5, overloaded=True)
     routes = d.routes(full=["p"])
     back = Routes.from_wire(routes.to_wire())
     assert back == routes
     assert back.delay("p") == 0.25 and back.full == frozenset({"p"})
+    assert back.overloaded == {"w": ["o"]} and back.live["w"] == [("p", 0), ("p", 2)]
 
 
 def test_overload_gate_has_hysteresis() -> None:

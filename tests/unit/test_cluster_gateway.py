@@ -37,7 +37,7 @@ def gateway(
         "#startup": startup or [["=lua+a"]],
         "#router": [1500, 900],
         "#cluster": [{"listen": "127.0.0.1:7001", "queue": queue}, "=127.0.0.1:7009"],
-        "=lua": {"=lua+a": "a"},
+        "=lua": {"=lua+a": "a", "=lua+w": "a"},
     }
     config = parse_config(raw, str(tmp_path))
     clock = Clock()
@@ -165,12 +165,13 @@ def test_overload_is_announced_and_logged_then_recovery(tmp_path: Path) -> None:
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        gw, router, _, _ = gateway(tmp_path)
+        gw, router, clock, _ = gateway(tmp_path)
         link = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
-        router.delay = 1.0
+        router.frame_received(1, ["m", 0, "x", pack_py(()), ["s1", 0, "w", 0], None])
+        clock.advance(1.0)  # the message waited a second
         gw._tick()
         assert link.frames("hello")[-1][4] is True
-        router.delay = 0.1
+        router.run_queue()
         gw._tick()
         assert link.frames("hello")[-1][4] is False
     finally:
@@ -257,3 +258,105 @@ def test_unknown_frames_from_a_peer_are_ignored(tmp_path: Path) -> None:
     link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
     gw.peer_message("s1", ["bogus"])
     assert send(router, "w:x")[0]
+
+
+def test_the_overload_gate_reopens_within_one_heart_beat_once_drained_without_traffic(tmp_path: Path) -> None:
+    """A burst's last delay reading must not keep the server out of routing: nothing would be
+    routed to it to refresh the reading."""
+    gw, router, clock, _ = gateway(tmp_path)
+    link = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    for n in range(2000):  # a burst relayed by another process, queued frame by frame
+        router.frame_received(1, ["m", 0, "burst", pack_py((n,)), ["s1", 0, "w", 0], None])
+    clock.advance(2.0)  # it waited two seconds before this process got to it
+    gw._tick()  # still queued: overloaded on the age of the oldest message
+    assert link.frames("hello")[-1][3:] == [2.0, True]
+    router.run_queue()
+    assert not router._queue and router.delay > 0.9  # the last reading of the drain
+    clock.advance(gw.interval)  # one heart-beat later, no message in between
+    gw._tick()
+    assert link.frames("hello")[-1][3:] == [0.0, False]
+
+
+def test_a_peer_that_recovers_is_routed_to_again_and_sends_meanwhile_say_why(tmp_path: Path) -> None:
+    gw, router, _, _ = gateway(tmp_path)
+    link = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    gw.peer_message("s1", ["hello", "127.0.0.1:7002", {"w": [0]}, 1.2, True])
+    assert send(router, "+w:x") == (False, "no replica of 'w' available: server s1 overloaded")
+    assert send(router, "w:x") == (False, "no replica of 'w' available: server s1 overloaded")
+    gw.peer_message("s1", ["hello", "127.0.0.1:7002", {"w": [0]}, 0.0, False])
+    assert send(router, "+w:x") == (True, None)
+    assert [f[2] for f in link.frames("m")] == ["x"]
+
+
+def test_other_processes_report_a_drained_queue_as_no_delay(tmp_path: Path) -> None:
+    from stagetx.child.links import ProcessLinks
+
+    clock = Clock()
+    router = Router("me", 1, [("a", 0), ("b", 1)], clock, clock.seconds)
+    router.attach(RecordingStage(1, "b", server="me"))
+    links = ProcessLinks(router, str(tmp_path), 2, b"secret", clock, 1 << 20)
+    out = FakeLink()
+    links._out[0] = out  # type: ignore[assignment]
+    router.delay = 1.5  # a burst's last reading
+    links._tell_delay()
+    assert out.frames("delay") == [["delay", 0.0]]
+
+
+def test_a_gone_peer_s_queue_with_nowhere_to_go_is_dropped_whole_and_logged(tmp_path: Path) -> None:
+    """Its messages are routed again; with this server's replica's process restarting there is no
+    replica to take them: each fails with a reason and the count is logged (no heart-beat crash)."""
+    from twisted.logger import globalLogPublisher
+
+    gw, router, clock, links = gateway(tmp_path, startup=[["=lua+a"], ["=lua+w"]])
+    link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    del gw.peers.links["s1"]
+    gw.peer_unlinked("s1")
+    for _ in range(3):
+        assert gw.send("s1", ["m", 0, "x", pack_py(()), ["me", 0, "a", 0], None], "w")[0]
+    links.down.add(1)  # the process of this server's own replica of w restarts
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        clock.advance(2.0)
+        gw._tick()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert "s1" not in gw.directory.peers and not gw.peers.queues
+    assert [e["n"] for e in events if e.get("log_format", "").startswith("{n} message(s) queued")] == [3]
+    assert not [e for e in events if e.get("log_failure")]
+
+
+def test_a_message_too_large_for_a_cluster_link_is_refused_with_a_reason(tmp_path: Path) -> None:
+    gw, router, _, _ = gateway(tmp_path)
+    link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    del gw.peers.links["s1"]
+    gw.peer_unlinked("s1")
+    gw.peers.max_frame = 4096
+    ok, reason = send(router, "+w:x", "y" * 5000)
+    assert ok is False and "exceeds the frame limit" in str(reason)
+    assert not gw.peers.queues.get("s1")
+
+
+def test_a_peer_silent_past_sync_loses_routing_and_is_routed_to_again_when_heard_on_its_link(
+    tmp_path: Path,
+) -> None:
+    """A partition: the TCP link does not drop, the peer just goes silent; when the cut heals its
+    heart-beats arrive on the same link and routing resumes without a restart."""
+    gw, router, clock, _ = gateway(tmp_path)
+    link = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    clock.advance(1.6)  # past sync (1.5 s) without a word
+    gw._tick()
+    assert "s1" not in gw.directory.peers
+    assert send(router, "+w:x") == (False, "no replica of 'w' on other servers")
+    gw.peer_message("s1", ["hello", "127.0.0.1:7002", {"w": [0]}, 0.0, False])
+    assert send(router, "+w:x") == (True, None)
+    assert [f[2] for f in link.frames("m")] == ["x"]
+
+
+def test_dns_answers_dial_new_and_forgotten_addresses_and_stop_dialing_gone_ones(tmp_path: Path) -> None:
+    gw, _, _, _ = gateway(tmp_path)
+    gw.dns_answered({"127.0.0.1:7001", "10.0.0.2:7001", "10.0.0.3:7001"}, set())
+    assert gw.peers.dialing() == {"10.0.0.2:7001", "10.0.0.3:7001"}  # never itself
+    gw.peers.undial("10.0.0.3:7001")  # forgotten after a silence; DNS still names it
+    gw.dns_answered({"127.0.0.1:7001", "10.0.0.3:7001"}, {"10.0.0.2:7001"})
+    assert gw.peers.dialing() == {"10.0.0.3:7001"}

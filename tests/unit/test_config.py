@@ -11,6 +11,8 @@ import pytest
 
 from stagetx.config import (
     ConfigError,
+    DiscoveryGroup,
+    DnsName,
     HostPort,
     LogGroup,
     endpoint_is_loopback,
@@ -172,7 +174,7 @@ def test_every_server_key(app_dir: Path) -> None:
             "peer.example:9000",
             "=10.0.0.9:9000",
             "udp://239.1.2.3:7000",
-            "udp://[ff02::1]:7001",
+            "udp://239.1.2.4:7001?interface=127.0.0.1&ttl=3",
         ],
         "#threads": [8, 500],
         "#secret": "s3cret",
@@ -187,8 +189,18 @@ def test_every_server_key(app_dir: Path) -> None:
     assert config.cluster.listen == 9000
     assert config.cluster.peers == (HostPort("peer.example", 9000),)
     assert config.cluster.backups == (HostPort("10.0.0.9", 9000),)
-    assert config.cluster.discovery == (HostPort("239.1.2.3", 7000), HostPort("ff02::1", 7001))
+    assert config.cluster.discovery == (
+        DiscoveryGroup("239.1.2.3", 7000, "127.0.0.1", 1),
+        DiscoveryGroup("239.1.2.4", 7001, "127.0.0.1", 3),
+    )
     assert config.secret == "s3cret"
+    dns = parse(
+        {**raw, "#cluster": ["dns://game.example:9000", "dns://g.test:1?server=127.0.0.1:53&every=0.5"]}, app_dir
+    )
+    assert dns.cluster.dns == (
+        DnsName("game.example", 9000, None, 5.0),
+        DnsName("g.test", 1, HostPort("127.0.0.1", 53), 0.5),
+    )
     assert config.log == {
         "db": LogGroup("warn", str(app_dir / "logs" / "db.log")),
         "net": LogGroup("info", None),
@@ -355,11 +367,61 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
     ),
     (
         {"#startup": [["=route+a"]], "#cluster": [{"port": 9000}]},
-        '#cluster[0]: unknown setting "port" (listen, advertise, queue)',
+        '#cluster[0]: unknown setting "port" (listen, advertise, queue, tls)',
     ),
     (
         {"#startup": [["=route+a"]], "#cluster": ["udp://10.0.0.1:7000"]},
         '#cluster[0]: "10.0.0.1" is not a multicast group address',
+    ),
+    (
+        {"#startup": [["=route+a"]], "#cluster": [9000, "udp://[ff02::1]:7000"]},
+        '#cluster[1]: "ff02::1" is an IPv6 group; discovery announces on IPv4 groups',
+    ),
+    (
+        {"#startup": [["=route+a"]], "#cluster": ["udp://239.1.2.3:7000?interface=192.0.2.77"]},
+        "#cluster[0]: interface 192.0.2.77 is not an address of this host (Cannot assign requested address)",
+    ),
+    (
+        {"#startup": [["=route+a"]], "#cluster": ["udp://239.1.2.3:7000?interface=eth0"]},
+        '#cluster[0]: interface "eth0" is not an IPv4 address',
+    ),
+    (
+        {"#startup": [["=route+a"]], "#cluster": ["udp://239.1.2.3:7000?ttl=300"]},
+        '#cluster[0]: ttl "300" is not an integer from 0 to 255',
+    ),
+    (
+        {
+            "#startup": [["=route+a"]],
+            "#cluster": [{"listen": "127.0.0.1:7000", "tls": {"ca": "ca.pem", "cert": "c", "key": "k"}}],
+        },
+        "#cluster[0].tls.ca: cannot read APP/ca.pem: No such file or directory",
+    ),
+    (
+        {"#startup": [["=route+a"]], "#cluster": [{"listen": "127.0.0.1:7000", "tls": {"ca": "x.pem"}}]},
+        "#cluster[0].tls.cert: missing (a PEM file)",
+    ),
+    (
+        {
+            "#startup": [["=route+a"]],
+            "#cluster": [{"tls": {"ca": "lua/other.lua", "cert": "lua/other.lua", "key": "lua/other.lua"}}],
+        },
+        "#cluster[0].tls.ca: not a PEM certificate ([('PEM routines', '', 'no start line')])",
+    ),
+    (
+        {"#startup": [["=route+a"]], "#cluster": ["dns://bad name:7000"]},
+        '#cluster[0]: "bad name" is not a DNS name',
+    ),
+    (
+        {"#startup": [["=route+a"]], "#cluster": ["dns://game.example:7000?every=0"]},
+        '#cluster[0]: every "0" is not a number of seconds (0.1-3600)',
+    ),
+    (
+        {"#startup": [["=route+a"]], "#cluster": ["dns://game.example:7000?server=nowhere"]},
+        '#cluster[0] server: bad address "nowhere" (expected "host:port")',
+    ),
+    (
+        {"#startup": [["=route+a"]], "#cluster": ["udp://239.1.2.3:7000?hops=2"]},
+        '#cluster[0]: bad option "hops=2" (interface=ADDR, ttl=N, each once)',
     ),
     ({"#startup": [["=route+a"]], "#cluster": {"peer": 1}}, "#cluster: expected a list"),
     (

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from stagetx.child.links import local_retry
+from typing import Any
+
+from twisted.internet.task import Clock
+
+from stagetx.address import parse_target
+from stagetx.child.links import ProcessLinks, local_retry
+from stagetx.message import Sender
+from stagetx.router import Router
+from tests.fakes import LinkPair
 
 
 def test_a_sibling_process_is_retried_within_tens_of_milliseconds_and_at_most_every_second() -> None:
@@ -14,3 +22,33 @@ def test_a_sibling_process_is_retried_within_tens_of_milliseconds_and_at_most_ev
     assert sum(delays[:5]) < 0.5
     assert max(delays) <= 1.02
     assert delays[-1] >= 1.0
+
+
+def _links(tmp_path: Any, max_frame: int = 4096) -> tuple[ProcessLinks, Router]:
+    clock = Clock()
+    router = Router("srv", 0, [("a", 0), ("b", 1)], clock, clock.seconds)
+    return ProcessLinks(router, str(tmp_path), 2, b"secret", clock, max_frame), router
+
+
+def test_a_message_too_large_for_a_link_is_refused_with_a_reason_while_the_process_is_up(tmp_path: Any) -> None:
+    links, router = _links(tmp_path)
+    pair = LinkPair(max_frame=4096)
+    pair.pump()
+    links.connected(1, pair.client)
+    ok, reason = router.send(Sender("srv", 0, "a", 0), parse_target("b:x"), b"\x00" * 5000)
+    assert ok is False and "exceeds the frame limit" in str(reason)
+    assert router.send(Sender("srv", 0, "a", 0), parse_target("b:y"), b"small") == (True, None)
+
+
+def test_a_message_too_large_is_refused_when_queued_and_the_new_link_carries_the_rest(tmp_path: Any) -> None:
+    links, _ = _links(tmp_path)
+    assert links.send(1, ["m", 1, "first", b"", 0, None]) == (True, None)
+    ok, reason = links.send(1, ["m", 1, "huge", b"\x00" * 5000, 0, None])
+    assert ok is False and "exceeds the frame limit" in str(reason)
+    assert links.send(1, ["m", 1, "last", b"", 0, None]) == (True, None)
+    pair = LinkPair(max_frame=4096)
+    pair.pump()
+    links.connected(1, pair.client)
+    pair.pump()
+    assert [m[2] for m in pair.server_handler.messages] == ["first", "last"]
+    assert pair.client.authenticated and pair.server.authenticated

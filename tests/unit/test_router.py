@@ -329,3 +329,47 @@ def test_lock_requests_from_other_processes_go_to_the_first_group(group: int) ->
         (0, "lock", "release"),
     ]
     assert links.frames[1][1][1][3] == 50
+
+
+class FarRoutes:
+    """A cluster in which stage ``a`` has one replica on server ``far``."""
+
+    def __init__(self) -> None:
+        from stagetx.cluster.directory import Routes
+
+        self.routes = Routes(live={"a": [("far", 0)]}, servers={"far": 0.0})
+        self.sent: list[tuple[str, list[Any]]] = []
+
+    def send(self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None) -> Any:
+        self.sent.append((server_id, frame))
+        return True, None
+
+    def process_frame(self, group: int, frame: list[Any]) -> None:
+        pass
+
+
+def test_local_and_cluster_round_robins_keep_their_own_turn() -> None:
+    """``=a`` goes round this server's replicas, ``a`` round those and the other server's: taking
+    turns between the two must leave each its fair order."""
+    router, clock, stages = make_router([("a", 0), ("a", 0)])
+    far = FarRoutes()
+    router.remote = far  # type: ignore[assignment]
+    for round_ in range(6):
+        assert send(router, stages[0], "=a:local", round_)[0]
+        assert send(router, stages[0], "a:any", round_)[0]
+    clock.advance(0)
+    assert [[m.msgid for m in s.got].count("local") for s in stages.values()] == [3, 3]
+    assert [[m.msgid for m in s.got].count("any") for s in stages.values()] == [2, 2]
+    assert len(far.sent) == 2
+
+
+def test_routing_again_with_no_reachable_replica_says_why() -> None:
+    """A peer left while this server's own replica's process restarts: nothing to route to."""
+    router, _, _ = make_router([("a", 0), ("w", 1)])
+    links = RecordingLinks()
+    links.down.add(1)
+    router.links = links
+    far = FarRoutes()
+    router.remote = far  # type: ignore[assignment]
+    frame = ["m", 0, "x", pack_py((1,)), ["gone", 0, "s", 0], None]
+    assert router.route_again("w", frame) == (False, "no reachable replica of 'w'")
