@@ -8,6 +8,7 @@ from typing import Any
 from twisted.application import service
 from twisted.python import usage
 
+from stagetx.admin.service import AdminService
 from stagetx.config import ConfigError, ServerConfig, load_config
 from stagetx.lua.search import preload_files
 from stagetx.lua.syntax import compile_errors
@@ -94,4 +95,5 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
         backoff=(delay, max(delay, 60.0)),
     )
     supervisor.setServiceParent(root)
+    AdminService(supervisor).setServiceParent(root)  # after the supervisor: its run directory exists
     return root

@@ -106,7 +106,8 @@ class InProcessServer:
 
     async def start(self) -> None:
         for host in self.hosts:
-            await ensureDeferred(_as_deferred(host.startService()))
+            host.startService()
+            await host.ready
 
     async def stop(self) -> None:
         for host in reversed(self.hosts):

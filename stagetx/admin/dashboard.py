@@ -24,7 +24,7 @@ import secrets
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from twisted.internet.task import LoopingCall
@@ -34,6 +34,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from stagetx.admin.commands import Commands, Reply
 from stagetx.admin.http import MAX_BODY, AdminSite, Guarded, StaticFiles, as_json
+
+if TYPE_CHECKING:
+    from stagetx.admin.view import AdminView
 
 STATIC = Path(__file__).with_name("static")
 SAMPLE_INTERVAL = 1.0
@@ -149,7 +152,7 @@ def _live(child: Any, now: float) -> dict[str, Any] | None:
     return child.snapshot if now - child.snapshot_at <= STALE_AFTER else None
 
 
-def overview(supervisor: Any, history: History, now: float) -> dict[str, Any]:
+def overview(supervisor: AdminView, history: History, now: float) -> dict[str, Any]:
     """Everything the page shows at one moment; numbers only from live snapshots (else None)."""
     control = supervisor.control
     children = control.children if control is not None else []
@@ -226,7 +229,7 @@ class Dashboard:
     log = Logger(namespace="stagetx.admin")
 
     def __init__(
-        self, supervisor: Any, commands: Commands, token: str | None, interval: float = SAMPLE_INTERVAL
+        self, supervisor: AdminView, commands: Commands, token: str | None, interval: float = SAMPLE_INTERVAL
     ) -> None:
         self.supervisor = supervisor
         self.commands = commands
@@ -443,7 +446,7 @@ def _action_of(request: Request) -> list[str] | str:
 class DashboardSite(AdminSite):
     """The admin ``Site`` with the dashboard installed; samples only while it listens."""
 
-    def __init__(self, root: Resource, supervisor: Any, commands: Commands, token: str | None) -> None:
+    def __init__(self, root: Resource, supervisor: AdminView, commands: Commands, token: str | None) -> None:
         self.dashboard = Dashboard(supervisor, commands, token)
         self.dashboard.install(root)
         super().__init__(root, token)

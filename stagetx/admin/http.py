@@ -17,7 +17,7 @@ import hmac
 import json
 from collections.abc import Callable, Sequence
 from io import BytesIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
@@ -30,6 +30,9 @@ from twisted.web.static import File
 
 from stagetx.admin import metrics
 from stagetx.admin.commands import Commands, Reply, parse
+
+if TYPE_CHECKING:
+    from stagetx.admin.view import AdminView
 
 MAX_BODY = 64 * 1024
 #: Seconds a refused request's body is still read (and dropped) so that the client gets the
@@ -123,7 +126,7 @@ def as_json(request: Request, reply: Reply) -> bytes:
 
 
 class MetricsResource(Guarded):
-    def __init__(self, supervisor: Any, token: str | None) -> None:
+    def __init__(self, supervisor: AdminView, token: str | None) -> None:
         super().__init__(token)
         self.registry = metrics.make_registry(supervisor)
 

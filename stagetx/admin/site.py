@@ -3,7 +3,7 @@ the dashboard of ``stagetx.admin.dashboard`` (docs/operations.md, docs/dashboard
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -12,8 +12,11 @@ from stagetx.admin.commands import Commands
 from stagetx.admin.dashboard import DashboardSite
 from stagetx.admin.http import CommandResource, HealthResource, MetricsResource, as_json, as_text
 
+if TYPE_CHECKING:
+    from stagetx.admin.view import AdminView
 
-def admin_site(supervisor: Any, commands: Commands, token: str | None) -> Site:
+
+def admin_site(supervisor: AdminView, commands: Commands, token: str | None) -> Site:
     """The admin ``Site`` of ``supervisor``; ``supervisor.health()`` lists what is wrong (empty: ok)."""
     root = Resource()
     root.putChild(b"cmd", CommandResource(commands, token, as_text))

@@ -17,7 +17,7 @@ from time import perf_counter
 from typing import Any
 
 import setproctitle
-from twisted.application.service import MultiService, Service
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -87,10 +87,10 @@ class ProcessServices:
         setproctitle.setproctitle(title)
 
 
-class StageHost(Service):
+class StageHost:
     """One stage of this process: its context (for the stage) and its receiver (for the router)."""
 
-    name: str  # type: ignore[assignment]  # Twisted's stubs declare Service.name as None
+    name: str
 
     def __init__(self, config: StageConfig, process: ProcessServices, router: Router, clock: IReactorTime) -> None:
         self.config = config
@@ -186,9 +186,9 @@ class StageHost(Service):
     def turn_ended(self) -> None:
         self.stage.turn_ended()
 
-    # -- Service ----------------------------------------------------------------------------------
-    def startService(self) -> Deferred[None]:  # type: ignore[override]
-        Service.startService(self)
+    # -- life (driven by ProcessHost, one stage after another) --------------------------------------
+    def start(self) -> Deferred[None]:
+        """Start the stage; fires once it started (or failed to: the failure is kept and passed on)."""
         return maybeDeferred(self.stage.start).addBoth(self._started)
 
     @property
@@ -205,13 +205,17 @@ class StageHost(Service):
             self.receive(message)
         return result
 
-    def stopService(self) -> Deferred[None]:  # type: ignore[override]
-        Service.stopService(self)
+    def stop(self) -> Deferred[None]:
         return maybeDeferred(self.stage.stop)
 
 
-class ProcessHost(MultiService):
-    """The service tree of the child process that hosts ``#startup`` group ``group``."""
+class ProcessHost(Service):
+    """The stages of ``#startup`` group ``group`` in this process, with their router.
+
+    A plain ``Service``, not a ``MultiService``: the stages start one after another, each once the
+    previous one's start has fired (``ready`` fires after the last), and stop in reverse order the
+    same way, which ``MultiService`` (all children at once, results ignored) does not do.
+    """
 
     log = Logger()
 
@@ -235,10 +239,9 @@ class ProcessHost(MultiService):
         for stage in self.stages:
             self.router.attach(stage)
 
-    def startService(self) -> Deferred[None]:  # type: ignore[override]
+    def startService(self) -> None:
         """Start the stages one after another, in config order; a failing stage is logged and skipped."""
-        MultiService.startService(self)
-        done: Deferred[None] = Deferred()
+        super().startService()
 
         def start(index: int) -> None:
             if index == len(self.stages):
@@ -247,20 +250,18 @@ class ProcessHost(MultiService):
                     process=self.group + 1,
                     stages=[s.name for s in self.stages],
                 )
-                done.callback(None)
                 if not self.ready.called:
                     self.ready.callback(None)
                 return
             stage = self.stages[index]
-            d = stage.startService()
+            d = stage.start()
             d.addErrback(lambda f: self.log.failure("stage {name} failed to start", f, name=stage.name))
             d.addBoth(lambda _: start(index + 1))
 
         start(0)
-        return done
 
-    def stopService(self) -> Deferred[None]:  # type: ignore[override]
-        Service.stopService(self)
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
         d: Deferred[None] = Deferred()
 
         def stop(index: int) -> None:
@@ -268,7 +269,7 @@ class ProcessHost(MultiService):
                 d.callback(None)
                 return
             stage = self.stages[index]
-            s = stage.stopService()
+            s = stage.stop()
             s.addErrback(lambda f: self.log.failure("stage {name} failed to stop", f, name=stage.name))
             s.addBoth(lambda _: stop(index - 1))
 

@@ -41,7 +41,7 @@ class ScriptWatcher:
             lua = lua_stage(stage)
             if lua is None or lua.vm is None:
                 continue
-            name = stage.config.name  # StageHost.name is a Service's (typed None by Twisted)
+            name = stage.name
             try:
                 now = self._mtimes(lua.script_files())
                 before = self._seen.setdefault(name, now)

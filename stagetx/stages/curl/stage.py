@@ -26,6 +26,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from stagetx import reactors
 from stagetx.message import Message
 from stagetx.stages.base import StageContext
 from stagetx.stages.curl import errors
@@ -127,8 +128,7 @@ class Stage:
         """Build the stage's own connection pool, HTTPS policy and cookie jar."""
         if self._client is not None:
             return
-        from twisted.internet import reactor
-
+        reactor = reactors.resolve()
         ca_file = self._settings.ca_file
         policy = https_policy(self._settings.verify, self._context.resolve_path(ca_file) if ca_file else None)
         self._pool = _QuietPool(reactor, persistent=True)

@@ -18,6 +18,7 @@ from twisted.internet import defer, ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 
+from stagetx import reactors
 from stagetx.stages.index.redis_backend import SCRIPT
 
 SCHEMES = ("redis", "rediss", "redis+sentinel")
@@ -184,10 +185,7 @@ class RedisLink:
     """A lazy pool of ``settings.pool`` connections; ``run`` sends one planned request table."""
 
     def __init__(self, settings: RedisSettings, reactor: IReactorTCP | IReactorTime | None = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor  # type: ignore[assignment]
+        reactor = reactors.resolve(reactor)
         self.settings = settings
         self.reactor = reactor
         self._sentinel: Any = None
