@@ -1,8 +1,9 @@
-"""One child process of a server: the stages of its ``#startup`` group, their router and links.
+"""The stages of one child process: ``ProcessHost`` runs the stages of its ``#startup`` group and
+their router.
 
-``ProcessHost`` is the service tree of a child; ``StageHost`` is what one stage sees of it (the
-``StageContext`` of ``stagetx.stages.base``); ``ProcessServices`` is the state all stages and
-sandboxes of the process share (``stage.once``/``stage.v``, config values, the process title).
+``StageHost`` is what one stage sees of the process (the ``StageContext`` of
+``stagetx.stages.base``) and what the router delivers to; ``ProcessServices`` is the state all
+stages and sandboxes of the process share (``stage.once``/``stage.v``, config values, the title).
 """
 
 from __future__ import annotations

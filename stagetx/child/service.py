@@ -1,4 +1,4 @@
-"""The service tree of one child process: its stages (``ProcessHost``) and its links."""
+"""The service tree of one child process: links, stages, cluster gateway, control client, watcher."""
 
 from __future__ import annotations
 
