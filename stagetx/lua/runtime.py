@@ -23,6 +23,9 @@ VM_KINDS = {"lua": "lua54", "luajit": "luajit21"}
 
 #: Instructions between two checks of the callback budget (a check costs one call into Python).
 HOOK_COUNT = 100_000
+#: Pattern-matching steps per ms of ``%budget`` a string.find/match/gmatch/gsub call may be
+#: expected to take (patterns.lua); a fifth of what one core of a 2020s machine runs.
+PATTERN_STEPS_PER_MS = 50_000
 
 
 # Upvalues of a moved function arrive as nil (SPEC 5); its ``_ENV`` upvalue (Lua 5.4; not always
@@ -105,6 +108,8 @@ class LuaVM:
         host_table = self.lua.table_from({k.encode(): v for k, v in host.items()})
         chunk = self._load(_read_lua_file("prelude.lua").encode(), b"@prelude.lua", b"t")
         self.core = chunk(host_table, self.lua.table_from(cfg))
+        patterns = self._load(_read_lua_file("patterns.lua").encode(), b"@patterns.lua", b"t")
+        patterns(float(budget_ms * PATTERN_STEPS_PER_MS))
         self.null = self.core[b"null"]
         self.extensions = cfg[b"extensions"]
         self.thread_extensions = cfg[b"thread_extensions"]

@@ -80,7 +80,7 @@ CATCHING_LOOPS = {
         local function long() local x = 0 for i = 1, 1e12 do x = x + i end end
         local ok repeat ok = pcall(long) until ok
     end""",
-    "xpcall loop": "function() while true do xpcall(function() while true do end end, function(e) return e end) end end",
+    "xpcall loop": "function() while true do xpcall(function() while true do end end, tostring) end end",
     "resume loop": """function()
         while true do coroutine.resume(coroutine.create(function() while true do end end)) end
     end""",
@@ -118,3 +118,26 @@ def test_finalizers_run_in_callbacks_under_the_budget() -> None:
     assert reports and reports[-1][0] == b"finalizer" and b"budget of 100 ms exceeded" in reports[-1][-1]
     vm.drain()  # the turn the prelude scheduled for the finalizers still queued
     assert run(vm, "function() return finalized[1] end") == (True, b"quick")
+
+
+def test_patterns_too_complex_for_their_subject_are_refused_at_the_scripts_line() -> None:
+    """Pattern matching runs in C, out of the budget's reach: a call whose backtracking could hold
+    the thread is refused (patterns.lua) before it starts; ordinary patterns are not."""
+    vm, _ = make_vm(budget_ms=1000)
+    started = time.monotonic()
+    ok, error = run(vm, "function() local i = string.find(string.rep('a', 200), '.-.-.-.-b') return i end")
+    assert time.monotonic() - started < 1.0
+    assert ok is False and b'pattern ".-.-.-.-b" is too complex for a subject of 200 bytes' in error
+    assert error.startswith(b'[string "<python>"]:1:')  # the script's line
+    for call in ("s:match('.-.-.-b')", "s:gsub('.-.-.-b', 'x')", "s:gmatch('(.-)(.-)(.-)b')()"):
+        ok, error = run(vm, f"function() local s = string.rep('a', 200) return {call} end")
+        assert ok is False and b"too complex" in error, call
+    ordinary = {
+        "('key = value'):match('^(%w+)%s*=%s*(%w+)$')": (True, b"key", b"value"),
+        "(string.rep(' ', 300) .. 'x' .. string.rep(' ', 300)):match('^%s*(.-)%s*$')": (True, b"x"),
+        "string.rep('a', 5000):find('b')": (True, None),
+        "string.rep('a', 200):find('.-.-.-.-b', 1, true)": (True, None),
+        "(string.rep('ab,', 300)):gsub('(%w+),', '%1;'):sub(1, 6)": (True, b"ab;ab;"),
+    }
+    for call, expected in ordinary.items():
+        assert run(vm, f"function() return {call} end") == expected, call
