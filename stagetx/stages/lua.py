@@ -26,7 +26,7 @@ from stagetx.host import StageHost
 from stagetx.lua.api import StageAPI, Task, lua_text, text
 from stagetx.lua.extensions import install_all
 from stagetx.lua.loader import ScriptLoader
-from stagetx.lua.runtime import LuaScriptError, LuaVM
+from stagetx.lua.runtime import HARD_LIMIT, LuaScriptError, LuaVM
 from stagetx.message import Message, Sender
 
 #: Message ids and reply addresses kept as Lua strings per stage, at most this many.
@@ -82,6 +82,7 @@ class Stage:
             sender=sender_fields(self.context.sender),
             watchdog=True,
         )
+        vm.overran = self._abandon
         self.on_stop(vm.close)
         api.bind(vm)
         self.api = api
@@ -113,21 +114,44 @@ class Stage:
                 files.extend(os.path.join(root, n) for n in sorted(names) if n.endswith(".lua"))
         return files
 
-    def reload(self) -> Deferred[None]:
+    def _abandon(self, elapsed: float) -> None:
+        """A callback ran past the hard limit, out of the budget hook's reach (C code): what it
+        changed may be half done, so the runtime is rebuilt from the scripts (a reload that carries
+        nothing over: the old runtime runs no more code)."""
+        if self._held is not None:
+            return
+        self.log.error(
+            "stage {name}: a callback held the thread {ms:.0f} ms, over {limit} × %budget: its runtime is"
+            " abandoned and rebuilt",
+            name=self.config.name,
+            ms=elapsed * 1000.0,
+            limit=HARD_LIMIT,
+        )
+        self.context.count_error()
+        self.context.clock.callLater(0, self._rebuild)
+
+    def _rebuild(self) -> None:
+        if self._held is None and self.vm is not None:
+            self.reload(abandon=True)
+
+    def reload(self, abandon: bool = False) -> Deferred[None]:
         """Rebuild the runtime from the current scripts; messages arriving meanwhile wait, in order.
 
         The old runtime's global ``on_unload()``, if defined, returns a value; it is copied by
         value (as a message is) and handed to the new runtime's global ``on_reload(old)``, if
         defined, after the new main script ran. Old timers are cancelled, old waitfor handlers,
         broker endpoints and sandboxes are gone with the old runtime (docs/operations.md).
+        ``abandon``: the old runtime is not to run any more code (no drain, no ``on_unload``).
         """
         if self._held is not None:
             raise RuntimeError(f"{self.config.name} is already reloading")
         old_vm, old_api = self.vm, self.api
         assert old_vm is not None and isinstance(old_api, _TrackedAPI)
         self._held = []
-        old_vm.drain()
-        carried = self._unload(old_vm)
+        carried = None
+        if not abandon:
+            old_vm.drain()
+            carried = self._unload(old_vm)
         old_api.cancel_all()
         self.vm = None
         self._senders.clear()  # _WAITFOR[1] tables of the old runtime
