@@ -1,0 +1,137 @@
+"""Clients that do not read, half-close or vanish, against a real server's broker ports.
+
+A ``twistd -n stage`` server answers text lines: ``big`` with 1 KiB, ``ping`` with ``pong``,
+``flood`` with 8 MiB at once, ``late`` 300 ms later. A client pipelining 100,000 ``big`` requests
+without reading must cost the server a bounded amount of memory (reading stops past ``outbuf``)
+while another client keeps its answers; a peer that gets more than ``outmax`` unread is dropped;
+a half-closed client still gets its replies, then the end of the stream.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from tests.reliability.control import ask
+from tests.reliability.procs import LUA_APP, group_pids, rss_mib
+from tests.support import ServerProcess, free_port, write_app
+
+SCRIPT = """
+local big = string.rep("x", 1023)
+local function serve(s, line)
+    if line == "big" then return big end
+    if line == "ping" then return "pong" end
+    if line == "flood" then
+        for i = 1, 8192 do
+            if broker.signal(s.id, big) ~= true then break end
+        end
+        return
+    end
+    if line == "late" then
+        stage.addtask(300, function() broker.signal(s.id, "late reply") end)
+        return
+    end
+end
+broker.ready("tcp://127.0.0.1:{port}?text", function() return serve end)
+broker.ready("tcp://127.0.0.1:{small}?text&outbuf=64k&outmax=1m", function() return serve end)
+log4cxx.info("ready")
+"""
+REQUESTS = 100_000
+
+
+def _server(tmp_path: Path) -> tuple[ServerProcess, int, int]:
+    port, small = free_port(), free_port()
+    config = {"#startup": [["=lua+a"]], "=lua": {**LUA_APP, "=lua+a": "a"}}
+    path = write_app(tmp_path, config, {"a": SCRIPT.format(port=port, small=small)})
+    return ServerProcess(path), port, small
+
+
+def _pipeline_without_reading(port: int, seconds: float, hold: float) -> int:
+    """Send up to REQUESTS ``big`` lines, never reading, for at most ``seconds``; keep the
+    connection open ``hold`` seconds more; how many went out."""
+    line = b"big\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.setblocking(False)
+        pending = line * REQUESTS
+        sent = 0
+        deadline = time.monotonic() + seconds
+        while sent < len(pending) and time.monotonic() < deadline:
+            try:
+                sent += conn.send(pending[sent : sent + 65536])
+            except BlockingIOError:
+                time.sleep(0.01)  # the server stopped reading: its kernel buffers are full
+        time.sleep(hold)  # the connection stays open, unread, while the other player plays
+        return sent // len(line)
+
+
+def test_a_client_pipelining_without_reading_costs_bounded_memory(tmp_path: Path) -> None:
+    server, port, _ = _server(tmp_path)
+    with server:
+        server.wait_for(lambda: bool(server.logged("a", "ready")), 30, "the broker port")
+        pid = group_pids(server)[0]
+        assert ask(port, "ping") == "pong"
+        idle_rss = rss_mib(pid)
+        latencies: list[float] = []
+        done = threading.Event()
+
+        def other_player() -> None:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                reader = conn.makefile("rb")
+                while not done.is_set():
+                    started = time.monotonic()
+                    conn.sendall(b"ping\n")
+                    assert reader.readline() == b"pong\n"
+                    latencies.append(time.monotonic() - started)
+                    time.sleep(0.02)
+
+        player = threading.Thread(target=other_player, daemon=True)
+        player.start()
+        try:
+            sent = _pipeline_without_reading(port, seconds=8.0, hold=4.0)
+            peak_rss = rss_mib(pid)
+        finally:
+            done.set()
+            player.join(15)
+        assert not player.is_alive()
+        assert ask(port, "ping") == "pong"
+    growth = peak_rss - idle_rss
+    print(f"pipelined {sent} requests; RSS {idle_rss:.1f} → {peak_rss:.1f} MiB; {len(latencies)} pings")
+    # unbounded, the replies to what was sent would be sent × 1 KiB (about 100 MiB)
+    assert growth < 16, f"RSS grew {growth:.1f} MiB while a client did not read"
+    assert len(latencies) > 50
+    p99 = statistics.quantiles(latencies, n=100)[98]
+    assert p99 < 1.0, f"other player's p99 {p99 * 1000:.0f} ms"
+
+
+def test_a_peer_that_does_not_read_past_outmax_is_dropped_and_logged(tmp_path: Path) -> None:
+    server, port, small = _server(tmp_path)
+    with server:
+        server.wait_for(lambda: bool(server.logged("a", "ready")), 30, "the broker port")
+        with socket.create_connection(("127.0.0.1", small), timeout=20) as conn:
+            conn.sendall(b"flood\n")  # 8 MiB of replies, never read
+            server.wait_for(lambda: any("over outmax" in line for line in server.lines), 20, "the drop")
+            conn.settimeout(20)
+            received = 0
+            try:
+                while chunk := conn.recv(1 << 20):
+                    received += len(chunk)
+            except ConnectionResetError:
+                pass
+        assert received < 4 << 20  # the rest was dropped with the connection
+        assert ask(small, "ping") == "pong"
+
+
+def test_a_half_closed_client_gets_the_replies_due_then_the_end(tmp_path: Path) -> None:
+    server, port, _ = _server(tmp_path)
+    with server:
+        server.wait_for(lambda: bool(server.logged("a", "ready")), 30, "the broker port")
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+            conn.sendall(b"ping\nlate\nping\n")
+            conn.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := conn.recv(65536):  # ends when the server closes
+                data += chunk
+        assert data == b"pong\npong\nlate reply\n"
