@@ -4,16 +4,22 @@ A ``twistd -n stage`` server answers text lines: ``big`` with 1 KiB, ``ping`` wi
 ``flood`` with 8 MiB at once, ``late`` 300 ms later. A client pipelining 100,000 ``big`` requests
 without reading must cost the server a bounded amount of memory (reading stops past ``outbuf``)
 while another client keeps its answers; a peer that gets more than ``outmax`` unread is dropped;
-a half-closed client still gets its replies, then the end of the stream.
+a half-closed client still gets its replies, then the end of the stream; a client that vanishes
+behind a cut link is freed by idle expiry.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.reliability.control import ask
 from tests.reliability.procs import LUA_APP, group_pids, rss_mib
@@ -135,3 +141,75 @@ def test_a_half_closed_client_gets_the_replies_due_then_the_end(tmp_path: Path) 
             while chunk := conn.recv(65536):  # ends when the server closes
                 data += chunk
         assert data == b"pong\npong\nlate reply\n"
+
+
+VANISHING = """
+local big = string.rep("x", 1023)
+local l = broker.ready("tcp://{host}:{port}?text", function()
+    return function(s, line)
+        if line == "flood" then  -- more than the peer's windows hold: output waits for it
+            for i = 1, 4096 do broker.signal(s.id, big) end
+            log4cxx.info("flooded", s.id)
+        end
+    end
+end)
+l.expire = {expire}
+l.close = function(s) log4cxx.info("closed", s.id) end
+log4cxx.info("ready")
+"""
+# A client that asks for the flood and then never reads (run in the namespace).
+CLIENT = """
+import socket, sys, time
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+conn.sendall(b"flood\\n")
+print("sent", flush=True)
+time.sleep(60)
+"""
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def test_a_vanished_client_is_freed_within_expire_plus_one_second(tmp_path: Path) -> None:
+    """A client in a network namespace of its own, behind a veth pair the test makes, vanishes
+    (the link is cut) while output waits for it: idle expiry aborts its connection."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a network namespace")
+    ns, host_if, ns_if = f"i21b-ns-{os.getpid()}", f"i21b-h{os.getpid() % 100000}", f"i21b-c{os.getpid() % 100000}"
+    server_ip, client_ip = "10.221.21.1", "10.221.21.2"
+    expire_ms = 2000
+    client = None
+    try:
+        _ip("netns", "add", ns)
+        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        _ip("link", "set", ns_if, "netns", ns)
+        _ip("addr", "add", f"{server_ip}/30", "dev", host_if)
+        _ip("link", "set", host_if, "up")
+        _ip("-n", ns, "addr", "add", f"{client_ip}/30", "dev", ns_if)
+        _ip("-n", ns, "link", "set", ns_if, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        port = free_port()
+        config = {"#startup": [["=lua+a"]], "=lua": {**LUA_APP, "=lua+a": "a"}}
+        script = VANISHING.format(host=server_ip, port=port, expire=expire_ms)
+        path = write_app(tmp_path, config, {"a": script})
+        with ServerProcess(path) as server:
+            server.wait_for(lambda: bool(server.logged("a", "ready")), 30, "the broker port")
+            client = subprocess.Popen(
+                ["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, server_ip, str(port)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert client.stdout is not None and client.stdout.readline() == "sent\n"
+            server.wait_for(lambda: bool(server.logged("a", "flooded")), 20, "the flood")
+            _ip("link", "set", host_if, "down")  # the client vanishes: nothing it could send or ack
+            cut = time.monotonic()
+            server.wait_for(lambda: bool(server.logged("a", "closed")), 30, "the close callback")
+            freed = time.monotonic() - cut
+            assert freed <= expire_ms / 1000 + 1.0, f"freed {freed:.1f} s after the cut"
+    finally:
+        if client is not None:
+            client.kill()
+            client.wait()
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
