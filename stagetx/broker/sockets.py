@@ -250,6 +250,7 @@ class Connection:
         "held",
         "inflight",
         "half_closed",
+        "backlog",
     )
 
     def __init__(self, endpoint: Endpoint) -> None:
@@ -265,6 +266,7 @@ class Connection:
         self.held = 0  # PARKED | WRITES | INFLIGHT: reading is paused while any is set
         self.inflight = 0  # frames received minus frames sent, not below 0 (requests awaiting a reply)
         self.half_closed = False  # the peer shut down its write side
+        self.backlog: list[bytes] = []  # frames of a read that came after the socket was held
 
     # -- IProtocol --------------------------------------------------------------------------------
     def makeConnection(self, transport: Any) -> None:
@@ -294,9 +296,19 @@ class Connection:
             self.buf = b""
             self.abort(str(err))
             return
-        framing, handler = endpoint.framing, endpoint.handler
-        for frame in frames:
+        if frames:
+            self._deliver(frames)
+
+    def _deliver(self, frames: list[bytes]) -> None:
+        """Hand ``frames`` to the handler in order; once the socket is held for its peer (WRITES,
+        INFLIGHT), the rest of this read waits in ``backlog`` until it is released."""
+        endpoint = self.endpoint
+        framing, limit = endpoint.framing, endpoint.url.inflight
+        for i, frame in enumerate(frames):
             if not self.connected:
+                return
+            if self.held & (WRITES | INFLIGHT):
+                self.backlog = frames[i:]
                 return
             try:
                 value = framing.decode(frame)
@@ -304,16 +316,15 @@ class Connection:
                 self.abort(str(err))
                 return
             self.inflight += 1
-            handler.received(self, value, None)
-        limit = endpoint.url.inflight
-        if limit and self.inflight >= limit and self.connected:
-            self.hold(INFLIGHT)
+            if limit and self.inflight >= limit:
+                self.hold(INFLIGHT)
+            endpoint.handler.received(self, value, None)
 
     def readConnectionLost(self) -> None:
         """The peer shut down its write side: it still gets a reply to each frame it sent (or
         until idle expiry), then the socket closes."""
         self.half_closed = True
-        if not self.inflight:
+        if not self.inflight and not self.backlog:
             self.close()
 
     def writeConnectionLost(self) -> None:
@@ -336,8 +347,12 @@ class Connection:
         self.held |= why
 
     def release(self, why: int) -> None:
+        """Read again once no reason is left, after the frames of the last read that waited."""
         if self.held & why:
             self.held &= ~why
+            if not self.held and self.backlog:
+                frames, self.backlog = self.backlog, []
+                self._deliver(frames)
             if not self.held and self.connected:
                 self.transport.resumeProducing()
 
@@ -369,7 +384,7 @@ class Connection:
             self.inflight -= 1
             if self.held & INFLIGHT and self.inflight < self.endpoint.url.inflight:
                 self.release(INFLIGHT)
-            if self.half_closed and not self.inflight:
+            if self.half_closed and not self.inflight and not self.backlog:
                 self.close()
         if self.held & WRITES and _unwritten(transport) > self.endpoint.url.outmax:
             self.abort(f"{_unwritten(transport)} bytes unwritten, over outmax (the peer does not read)")

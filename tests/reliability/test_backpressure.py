@@ -213,3 +213,47 @@ def test_a_vanished_client_is_freed_within_expire_plus_one_second(tmp_path: Path
             client.wait()
         subprocess.run(["ip", "link", "del", host_if], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_the_default_app_bounds_a_player_pipelining_top_100_without_reading(tmp_path: Path) -> None:
+    """The issue's case: ``top 100`` pipelined without reading. ``inflight=64`` on the front's
+    port stops reading that player, so neither the front nor the index process grows, and other
+    players keep their answers."""
+    import bson
+
+    from tests.e2e.test_default_app import App
+
+    app = App(tmp_path).start()
+    try:
+        assert app.server is not None
+        code, _ = app.client("login carol; score 10")
+        assert code == 0
+        pids = group_pids(app.server)
+        before = {group: rss_mib(pid) for group, pid in pids.items()}
+        with socket.create_connection(("127.0.0.1", app.port), timeout=20) as conn:
+            conn.sendall(bson.encode({"op": "login", "id": 0, "user": "dave"}))
+            length = int.from_bytes(conn.recv(4, socket.MSG_WAITALL), "little")
+            assert bson.decode(length.to_bytes(4, "little") + conn.recv(length - 4, socket.MSG_WAITALL))["ok"]
+            conn.setblocking(False)
+            pending = b"".join(bson.encode({"op": "top", "id": i, "n": 100}) for i in range(1, REQUESTS + 1))
+            sent, deadline = 0, time.monotonic() + 8.0
+            while sent < len(pending) and time.monotonic() < deadline:
+                try:
+                    sent += conn.send(pending[sent : sent + 65536])
+                except BlockingIOError:
+                    time.sleep(0.01)
+            latencies = []
+            for _ in range(5):  # other players meanwhile, each a whole client run
+                started = time.monotonic()
+                code, replies = app.client("login erin; top 3")
+                latencies.append(time.monotonic() - started)
+                assert code == 0 and replies[1]["ok"]
+            after = {group: rss_mib(pid) for group, pid in pids.items()}
+        growth = {group: after[group] - before[group] for group in pids}
+        print(f"sent {sent // 1024} KiB of top 100; RSS growth {growth} MiB; clients {latencies}")
+        assert all(g < 16 for g in growth.values()), f"RSS growth per process {growth} MiB"
+        assert max(latencies) < 10.0
+        late = [line for line in app.server.lines if "no handler for message '~" in line]
+        assert not late
+    finally:
+        app.stop()
