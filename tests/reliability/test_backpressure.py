@@ -109,6 +109,8 @@ def test_a_client_pipelining_without_reading_costs_bounded_memory(tmp_path: Path
     assert growth < 16, f"RSS grew {growth:.1f} MiB while a client did not read"
     assert len(latencies) > 50
     p99 = statistics.quantiles(latencies, n=100)[98]
+    median = statistics.median(latencies)
+    print(f"other player: {len(latencies)} pings, median {median * 1000:.1f} ms, p99 {p99 * 1000:.0f} ms")
     assert p99 < 1.0, f"other player's p99 {p99 * 1000:.0f} ms"
 
 
@@ -206,6 +208,7 @@ def test_a_vanished_client_is_freed_within_expire_plus_one_second(tmp_path: Path
             cut = time.monotonic()
             server.wait_for(lambda: bool(server.logged("a", "closed")), 30, "the close callback")
             freed = time.monotonic() - cut
+            print(f"vanished client freed {freed:.2f} s after the cut (expire {expire_ms} ms)")
             assert freed <= expire_ms / 1000 + 1.0, f"freed {freed:.1f} s after the cut"
     finally:
         if client is not None:
