@@ -11,6 +11,7 @@ behind a cut link is freed by idle expiry.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -176,8 +177,8 @@ def _ip(*args: str) -> None:
 def test_a_vanished_client_is_freed_within_expire_plus_one_second(tmp_path: Path) -> None:
     """A client in a network namespace of its own, behind a veth pair the test makes, vanishes
     (the link is cut) while output waits for it: idle expiry aborts its connection."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root for a network namespace")
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 (ip) for a network namespace")
     ns, host_if, ns_if = f"i21b-ns-{os.getpid()}", f"i21b-h{os.getpid() % 100000}", f"i21b-c{os.getpid() % 100000}"
     server_ip, client_ip = "10.221.21.1", "10.221.21.2"
     expire_ms = 2000
