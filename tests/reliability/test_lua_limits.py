@@ -33,7 +33,10 @@ local commands = {{
         stage.addtask(1, function() error("task kaboom") end)
         return "queued"
     end,
-    mem = function() return string.format("%d", collectgarbage("count") // 1024) end,
+    mem = function()  -- what is still held: garbage is collected first
+        collectgarbage()
+        return string.format("%d", collectgarbage("count") // 1024)
+    end,
 }}
 broker.ready("tcp://127.0.0.1:{port}?text", function()
     return function(s, line) return commands[line]() end
