@@ -191,7 +191,7 @@ def test_a_stuck_process_is_reported_unresponsive_then_killed_and_restarted(tmp_
             assert status == 503 and b"process 2 is unresponsive" in body
             assert "yes" in console.ask("list")[1]  # process 1 still fine
             wait_until(lambda: group_pids(server).get(1, stuck) != stuck, 20, "a new process 2")
-            assert time.monotonic() - stopped >= 4
+            assert time.monotonic() - stopped >= 4 - 1.0  # counted from its last report, up to 1 s before
             assert not alive(stuck)
             wait_until(lambda: http(ports["http"], "/health")[0] == 200, 30, "health back to ok")
             listing = console.ask("list")
