@@ -45,7 +45,7 @@ FIRST_SERVICE_FD = 3
 MAX_LINE = 1 << 20  # a longer line is relayed in pieces of this size, so memory stays bounded
 HEARTBEAT = 0.25  # the supervisor's own reactor is checked this often for /health
 LAG_LIMIT = 1.0  # a heart-beat later than this means the supervisor's reactor is stuck
-STALE_SNAPSHOT = 3.0  # a child whose last snapshot is older than this is unresponsive
+STALE_SNAPSHOT = 2.0  # a child with no snapshot for this long (2 × its 1 s stats beat) is unresponsive
 
 _childLog = Logger(namespace="stagetx.child")
 # One record of a child's text log ("- [stage.app#error] text"); continuation lines start with a tab.
@@ -242,6 +242,7 @@ class Supervisor(service.Service):
         operations: Mapping[str, Any] | None = None,
         listener: Any = None,
         signals: bool = False,
+        unresponsive_restart: float = 30.0,
     ) -> None:
         self.config = config
         self._args = list(args)
@@ -251,6 +252,7 @@ class Supervisor(service.Service):
         self._backoff = backoff
         self._stable_after = stable_after
         self._grace = grace
+        self._unresponsive_restart = unresponsive_restart  # seconds; 0: never
         self._env = child_environment(os.environ if environ is None else environ)
         self._slots = [_Slot(group, backoff[0]) for group in range(len(config.startup))]
         self._sockets: list[socket.socket] | None = None
@@ -370,6 +372,35 @@ class Supervisor(service.Service):
 
     def _beat(self) -> None:
         self._last_beat = self.clock().seconds()
+        if self._unresponsive_restart > 0:
+            for slot in self._slots:
+                silent = self.unresponsive(slot.group)
+                if silent is not None and silent >= self._unresponsive_restart and not slot.respawn:
+                    self._restart_stuck(slot, silent)
+
+    def unresponsive(self, group: int) -> float | None:
+        """Seconds since a ready process last reported, when that is past ``STALE_SNAPSHOT`` (its
+        reactor stopped beating: a callback stuck where no hook reaches), else None."""
+        slot = self._slots[group]
+        if self.control is None or slot.process is None:
+            return None
+        child = self.control.children[group]
+        if not child.ready or child.snapshot_at is None:
+            return None
+        silent = self.clock().seconds() - child.snapshot_at
+        return silent if silent > STALE_SNAPSHOT else None
+
+    def _restart_stuck(self, slot: _Slot, silent: float) -> None:
+        """SIGKILL a process whose reactor stopped (it cannot run a SIGTERM handler) and start a new one."""
+        assert slot.process is not None
+        self.log.error(
+            "process {process} pid {pid} unresponsive for {silent:.1f} s: SIGKILL and restart",
+            process=slot.group + 1,
+            pid=slot.process.pid,
+            silent=silent,
+        )
+        slot.respawn = True
+        slot.process.signal("KILL")
 
     def _ready(self, group: int) -> None:
         slot = self._slots[group]
@@ -398,7 +429,8 @@ class Supervisor(service.Service):
             elif not child.ready:
                 reasons.append(f"{name} is starting (not ready)")
             elif child.snapshot_at is None or now - child.snapshot_at > STALE_SNAPSHOT:
-                reasons.append(f"{name} is unresponsive (no report for {STALE_SNAPSHOT:g} s)")
+                silent = now - (child.snapshot_at or now)
+                reasons.append(f"{name} is unresponsive (no report for {max(silent, STALE_SNAPSHOT):.1f} s)")
             for stage in (child.snapshot or {}).get("stages", ()):
                 if stage.get("failure"):
                     reasons.append(f"stage {stage['name']} failed: {stage['failure']}")

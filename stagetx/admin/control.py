@@ -108,6 +108,7 @@ class ControlServer(Service):
         elif kind == "ready":
             if not child.ready:
                 child.ready = True
+                child.snapshot_at = self.reactor.seconds()  # silence is counted from here
                 self._on_ready(child.group)
         elif kind == "result" and len(obj) == 5:
             waiting = child.pending.pop(obj[1], None)

@@ -54,6 +54,7 @@ class WebSocket(Connection):
     def opened(self) -> None:
         """The handshake is done: register with the endpoint (which asks the Lua accept function)."""
         self.transport = self.protocol.transport
+        self.transport.registerProducer(self, True)  # backpressure: held while the peer does not read
         self.connected = 1
         address = self.transport.getPeer()
         self.peer = addresses.pack(address.host, address.port)
@@ -68,12 +69,8 @@ class WebSocket(Connection):
         endpoint = self.endpoint
         if endpoint.expire:
             self.last = endpoint.clock.seconds()
-        try:
-            value = endpoint.framing.decode(payload)
-        except ValueError as err:  # FrameError: a bad BSON or JSON document
-            self.abort(str(err), CLOSE_POLICY)
-            return
-        endpoint.handler.received(self, value, None)
+        endpoint.traffic.received(1, len(payload))
+        self._deliver([payload])  # a bad BSON or JSON document aborts with CLOSE_POLICY
 
     def lost(self) -> None:
         self.connected = 0
@@ -88,6 +85,7 @@ class WebSocket(Connection):
         try:
             framing.check_out(len(payload))
         except FrameTooLarge as err:
+            self.endpoint.traffic.dropped()
             self.abort(str(err), CLOSE_TOO_BIG)
             return str(err)
         if not framing.binary:
@@ -104,7 +102,7 @@ class WebSocket(Connection):
             protocol.sendMessage(payload, isBinary=framing.binary)
         finally:
             protocol.maxMessagePayloadSize = limit
-        return None
+        return self.sent(len(payload))
 
     def close(self) -> None:
         """Send a normal close frame; the peer's answer (or ``CLOSE_TIMEOUT``) ends the connection."""
