@@ -40,6 +40,7 @@ CLOSE_TOO_BIG = 1009
 HANDSHAKE_TIMEOUT = 10.0  # s for the HTTP upgrade: a slow-loris client is dropped after this
 MAX_HANDSHAKE = 16 << 10  # bytes of HTTP request head a client may send before its upgrade is done
 CLOSE_TIMEOUT = 2.0  # s the peer has to answer our close frame before the TCP connection is dropped
+EXPIRE_GRACE = 0.5  # s an expired peer has to answer our close frame: it may be gone, nothing waits longer
 
 
 class WebSocket(Connection):
@@ -109,6 +110,17 @@ class WebSocket(Connection):
         if self.connected:
             self.connected = 0
             self.protocol.sendClose(CLOSE_NORMAL)
+
+    def expire(self) -> None:
+        """Idle: a normal close frame, and the TCP connection dropped ``EXPIRE_GRACE`` later if the
+        peer has not answered (a vanished peer's unsent output is not kept for minutes)."""
+        if self.connected:
+            self.close()
+            self.endpoint.clock.callLater(EXPIRE_GRACE, self._drop)
+
+    def _drop(self) -> None:
+        if self.protocol.state != self.protocol.STATE_CLOSED:
+            self.transport.abortConnection()
 
     def abort(self, reason: str, code: int = CLOSE_POLICY) -> None:
         """Close with ``code`` because of ``reason`` (logged); nothing more is sent or delivered."""
