@@ -318,6 +318,17 @@ class Supervisor(service.Service):
             self._spawn(slot)
         return spawned
 
+    def kill(self, group: int) -> bool:
+        """SIGKILL group ``group``'s process and start a new one at once: for a process whose
+        reactor is stuck (it cannot run a SIGTERM handler). False when it is down or already
+        being restarted."""
+        slot = self._slots[group]
+        if slot.process is None or slot.respawn:
+            return False
+        slot.respawn = True
+        slot.process.signal("KILL")
+        return True
+
     def status(self) -> list[ChildStatus]:
         """One ``ChildStatus`` per group, in group order."""
         return [

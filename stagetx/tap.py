@@ -31,6 +31,13 @@ class Options(usage.Options):
         ["slow-ms", None, 100.0, "log a Lua callback holding the reactor longer than this as a slow handler", float],
         ["grace", None, 10.0, "seconds a stopping process may drain before SIGKILL (drain: half of it)", float],
         ["restart-delay", None, 1.0, "seconds before a crashed process is restarted (doubling up to 60)", float],
+        [
+            "unresponsive-restart",
+            None,
+            30.0,
+            "seconds a process may send no report (its reactor stuck) before it is killed and restarted; 0: never",
+            float,
+        ],
     ]
     optFlags = [["check", None, "validate the configuration, compile its Lua scripts, print its processes and exit"]]
 
@@ -39,6 +46,8 @@ class Options(usage.Options):
             raise usage.UsageError("-c/--config FILE is required")
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format is text or json")
+        if self["unresponsive-restart"] < 0:
+            raise usage.UsageError("--unresponsive-restart must not be negative")
         if self["grace"] <= 0 or self["watch"] < 0 or self["slow-ms"] <= 0 or self["restart-delay"] <= 0:
             raise usage.UsageError("--grace, --slow-ms and --restart-delay must be positive, --watch not negative")
         try:
@@ -95,5 +104,6 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
         backoff=(delay, max(delay, 60.0)),
     )
     supervisor.setServiceParent(root)
-    AdminService(supervisor).setServiceParent(root)  # after the supervisor: its run directory exists
+    admin = AdminService(supervisor, unresponsive_restart=options.get("unresponsive-restart", 30.0))
+    admin.setServiceParent(root)  # after the supervisor: its run directory exists
     return root

@@ -133,6 +133,7 @@ class Commands:
                     "uptime": None if status.started is None else round(now - status.started, 3),
                     "restarts": status.restarts,
                     "ready": children[status.group].ready,
+                    "unresponsive": self.supervisor.unresponsive(status.group) is not None,
                     "stages": [s.name for s in self.supervisor.config.startup[status.group]],
                 }
             )
@@ -141,7 +142,7 @@ class Commands:
             uptime = "-" if r["uptime"] is None else f"{r['uptime']:.0f}"
             lines.append(
                 f"{r['process']:<8} {r['pid'] or '-'!s:<8} {uptime:<10} {r['restarts']:<9} "
-                f"{'yes' if r['ready'] else 'no':<6} {' '.join(r['stages'])}"
+                f"{'unresponsive' if r['unresponsive'] else 'yes' if r['ready'] else 'no':<6} {' '.join(r['stages'])}"
             )
         return Reply(True, tuple(lines), rows)
 

@@ -108,6 +108,7 @@ class ControlServer(Service):
         elif isinstance(frame, Ready):
             if not child.ready:
                 child.ready = True
+                child.snapshot_at = self.reactor.seconds()  # silence is counted from here
                 self._on_ready(child.group)
         elif isinstance(frame, CommandResult):
             waiting = child.pending.pop(frame.id, None)

@@ -43,8 +43,9 @@ SAMPLE_INTERVAL = 1.0
 HISTORY_SECONDS = 600.0
 #: Seconds over which the overview's handler-time quantiles are taken.
 QUANTILE_WINDOW = 10
-#: A snapshot older than this many seconds is not shown as live.
-STALE_AFTER = 3.0
+#: A snapshot older than this many seconds is not shown as live: the process is unresponsive, as
+#: ``list`` and ``/health`` say (``stagetx.admin.service.STALE_SNAPSHOT``, 2 × the 1 s report beat).
+STALE_AFTER = 2.0
 ACTIONS = frozenset({"reload", "restart", "loglevel"})
 
 

@@ -28,7 +28,7 @@ from stagetx.config import ServerConfig
 
 HEARTBEAT = 0.25  # the supervisor's own reactor is checked this often for /health
 LAG_LIMIT = 1.0  # a heart-beat later than this means the supervisor's reactor is stuck
-STALE_SNAPSHOT = 3.0  # a child whose last snapshot is older than this is unresponsive
+STALE_SNAPSHOT = 2.0  # a child with no snapshot for this long (2 × its 1 s stats beat) is unresponsive
 
 
 class _LoggedEndpoint:
@@ -63,8 +63,9 @@ class AdminService(MultiService):
 
     log = Logger()
 
-    def __init__(self, processes: Processes, listener: Any = None) -> None:
+    def __init__(self, processes: Processes, listener: Any = None, unresponsive_restart: float = 30.0) -> None:
         super().__init__()
+        self._unresponsive_restart = unresponsive_restart  # seconds; 0: never
         self.processes = processes
         self.config: ServerConfig = processes.config
         self.control: ControlServer | None = None
@@ -126,6 +127,27 @@ class AdminService(MultiService):
     # -- state ---------------------------------------------------------------------------------------
     def _beat(self) -> None:
         self._last_beat = self.clock().seconds()
+        if self._unresponsive_restart > 0:
+            for status in self.status():
+                silent = self.unresponsive(status.group)
+                if silent is not None and silent >= self._unresponsive_restart and self.processes.kill(status.group):
+                    self.log.error(
+                        "process {process} pid {pid} unresponsive for {silent:.1f} s: SIGKILL and restart",
+                        process=status.group + 1,
+                        pid=status.pid,
+                        silent=silent,
+                    )
+
+    def unresponsive(self, group: int) -> float | None:
+        """Seconds since a ready process last reported, when that is past ``STALE_SNAPSHOT`` (its
+        reactor stopped beating: a callback stuck where no hook reaches), else None."""
+        if self.control is None or self.status()[group].pid is None:
+            return None
+        child = self.control.children[group]
+        if not child.ready or child.snapshot_at is None:
+            return None
+        silent = self.clock().seconds() - child.snapshot_at
+        return silent if silent > STALE_SNAPSHOT else None
 
     def _spawned(self, group: int) -> None:
         if self.control is not None:
@@ -157,7 +179,8 @@ class AdminService(MultiService):
             elif not child.ready:
                 reasons.append(f"{name} is starting (not ready)")
             elif child.snapshot_at is None or now - child.snapshot_at > STALE_SNAPSHOT:
-                reasons.append(f"{name} is unresponsive (no report for {STALE_SNAPSHOT:g} s)")
+                silent = now - (child.snapshot_at or now)
+                reasons.append(f"{name} is unresponsive (no report for {max(silent, STALE_SNAPSHOT):.1f} s)")
             for stage in (child.snapshot or {}).get("stages", ()):
                 if stage.get("failure"):
                     reasons.append(f"stage {stage['name']} failed: {stage['failure']}")

@@ -51,6 +51,9 @@ class AdminView(Protocol):
     def health(self) -> list[str]:
         """What is wrong with the server (empty: healthy)."""
 
+    def unresponsive(self, group: int) -> float | None:
+        """Seconds a ready process has not reported, once that is too long; else None."""
+
 
 class Processes(Protocol):
     """The supervisor as ``AdminService`` drives it."""
@@ -68,3 +71,5 @@ class Processes(Protocol):
     def status(self) -> Sequence[ProcessStatus]: ...
 
     def restart(self, group: int) -> Deferred[int]: ...
+
+    def kill(self, group: int) -> bool: ...

@@ -55,6 +55,13 @@ class FrameError(ValueError):
     """A frame that does not decode (bad BSON), or a value the framing cannot send."""
 
 
+#: Bytes waiting to be written to one connection at which it stops being read, and at which it
+#: is closed (a peer that does not read while the stage keeps writing to it).
+DEFAULT_OUTBUF = 256 * 1024
+DEFAULT_OUTMAX = 16 * 1024 * 1024
+BACKPRESSURE = ("outbuf", "outmax", "inflight")
+
+
 def parse_size(text: str) -> int:
     """``"64k"`` → 65536; units ``k``, ``m``, ``g`` (powers of 1024)."""
     match = _SIZE.match(text)
@@ -74,6 +81,12 @@ class BrokerURL:
     limit_in: int = DEFAULT_LIMIT
     limit_out: int = DEFAULT_LIMIT
     path: str = "/"  # the HTTP path of a ws/wss address
+    #: Backpressure per connection: bytes waiting to be written at which reading pauses, bytes at
+    #: which the connection is closed, and frames received but not answered at which reading
+    #: pauses (0: no bound).
+    outbuf: int = DEFAULT_OUTBUF
+    outmax: int = DEFAULT_OUTMAX
+    inflight: int = 0
 
     @property
     def ipv6(self) -> bool:
@@ -81,10 +94,12 @@ class BrokerURL:
 
 
 def parse_url(url: str) -> BrokerURL:
-    """``scheme://host:port?framing=IN,OUT`` (``IN:OUT`` too; ``[v6]`` hosts; empty or ``*`` host = any).
+    """``scheme://host:port?framing=IN,OUT&outbuf=SIZE&outmax=SIZE&inflight=N`` (``IN:OUT`` too;
+    ``[v6]`` hosts; empty or ``*`` host = any).
 
     ``ws``/``wss`` addresses may have a path: ``ws://host:port/play?json``. Without a framing the
-    socket uses ``packet``; without limits, 1 MiB each way.
+    socket uses ``packet``; without limits, 1 MiB each way; the backpressure parameters default to
+    ``DEFAULT_OUTBUF``, ``DEFAULT_OUTMAX`` and no ``inflight``.
     """
     match = _URL.match(url.strip())
     if not match:
@@ -100,8 +115,34 @@ def parse_url(url: str) -> BrokerURL:
         host = "::" if v6 is not None else "0.0.0.0"
     if port is None or not 0 <= int(port) <= 65535:
         raise BrokerAddressError(f"bad broker address {url!r}: a port 0..65535 is needed")
-    framing, limits = _framing(query or "", url)
-    return BrokerURL(scheme, host, int(port), framing, *limits, path=path or "/")
+    framing_part, options = "", {}
+    for part in (query or "").split("&"):
+        name, _, value = part.partition("=")
+        key = name.strip().lower()
+        if key in BACKPRESSURE:
+            options[key] = _option(key, value, url)
+        elif framing_part:
+            known = ", ".join(BACKPRESSURE)
+            raise BrokerAddressError(f"bad broker address {url!r}: unknown parameter {name!r} ({known})")
+        else:
+            framing_part = part
+    framing, limits = _framing(framing_part, url)
+    parsed = BrokerURL(scheme, host, int(port), framing, *limits, path=path or "/", **options)
+    if parsed.outmax < parsed.outbuf:
+        raise BrokerAddressError(f"bad broker address {url!r}: outmax is less than outbuf")
+    return parsed
+
+
+def _option(name: str, value: str, url: str) -> int:
+    """One backpressure parameter: ``outbuf``/``outmax`` are sizes, ``inflight`` a count (0: none)."""
+    if name == "inflight":
+        if not value.strip().isdigit():
+            raise BrokerAddressError(f"bad broker address {url!r}: inflight is a number of frames (0: no bound)")
+        return int(value)
+    try:
+        return parse_size(value.strip())
+    except BrokerAddressError as err:
+        raise BrokerAddressError(f"bad broker address {url!r}: {name}: {err}") from None
 
 
 def _framing(query: str, url: str) -> tuple[str, tuple[int, int]]:

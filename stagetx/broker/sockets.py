@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from twisted.internet import protocol
-from twisted.internet.interfaces import IProtocol, IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -62,7 +62,7 @@ class Parked:
         self.frames: dict[int, list[tuple[Data, bytes | None]]] = {}
 
     def accepted(self, sock: Socket) -> bool:
-        _pause(sock.transport)
+        sock.hold(PARKED)
         return True
 
     def received(self, sock: Socket, value: Data, addr: bytes | None) -> None:
@@ -163,7 +163,7 @@ class Endpoint:
         limit = self.clock.seconds() - self.expire
         for sock in [s for s in self.sockets.values() if s.last <= limit]:
             log.debug("broker socket {sid} idle; closing", sid=sock.id)
-            sock.close()
+            sock.expire()
 
     def add(self, sock: Socket) -> bool:
         """Register a new socket and ask the handler; False when it was refused."""
@@ -195,7 +195,7 @@ class Endpoint:
         _pause(self.port)
         for sock in self.sockets.values():
             sock.state = None
-            _pause(sock.transport)
+            sock.hold(PARKED)
         return parked
 
     def resume(self, parked: Parked, states: Mapping[int, Any] | None = None) -> None:
@@ -217,7 +217,7 @@ class Endpoint:
                 if not sock.connected:
                     break
                 handler.received(sock, value, addr)
-            _resume(sock.transport)
+            sock.release(PARKED)
         _resume(self.port)
         if self.expire and self._sweeper is None:
             self._start_sweeper()
@@ -236,11 +236,36 @@ class Endpoint:
         return None
 
 
-@implementer(IProtocol)
-class Connection:
-    """One TCP connection: frames in, values out. Slotted: thousands may sit idle."""
+#: Why a socket is not being read (bits of ``Connection.held``): its endpoint is parked for a
+#: reload, its peer does not read what is written (``outbuf``), or it has ``inflight`` frames
+#: unanswered.
+PARKED, WRITES, INFLIGHT = 1, 2, 4
 
-    __slots__ = ("id", "endpoint", "transport", "buf", "last", "peer", "local", "state", "connected")
+
+@implementer(IProtocol, IHalfCloseableProtocol, IPushProducer)
+class Connection:
+    """One TCP connection: frames in, values out. Slotted: thousands may sit idle.
+
+    It is the producer of its own transport: when more than the URL's ``outbuf`` bytes wait to be
+    written, Twisted pauses it and it stops reading the peer until they drained; past ``outmax``
+    the peer is dropped. With ``inflight``, reading also pauses while that many frames received
+    have had no frame sent back (a request/reply peer that pipelines without reading)."""
+
+    __slots__ = (
+        "id",
+        "endpoint",
+        "transport",
+        "buf",
+        "last",
+        "peer",
+        "local",
+        "state",
+        "connected",
+        "held",
+        "inflight",
+        "half_closed",
+        "backlog",
+    )
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.id = endpoint.registry.next_id()
@@ -252,6 +277,10 @@ class Connection:
         self.local = b""  # packed local address, kept so that worker threads need not ask the transport
         self.state: Any = None  # the owner's per-socket value (the Lua binding's receive function)
         self.connected = 0
+        self.held = 0  # PARKED | WRITES | INFLIGHT: reading is paused while any is set
+        self.inflight = 0  # frames received minus frames sent, not below 0 (requests awaiting a reply)
+        self.half_closed = False  # the peer shut down its write side
+        self.backlog: list[bytes] = []  # frames of a read that came after the socket was held
 
     # -- IProtocol --------------------------------------------------------------------------------
     def makeConnection(self, transport: Any) -> None:
@@ -262,6 +291,8 @@ class Connection:
     def connectionMade(self) -> None:
         # small replies must not wait for the client's delayed ACK (Nagle): ~40 ms per reply otherwise
         self.transport.setTcpNoDelay(True)
+        self.transport.bufferSize = self.endpoint.url.outbuf
+        self.transport.registerProducer(self, True)
         address = self.transport.getPeer()
         self.peer = addresses.pack(address.host, address.port)
         self.local = _packed_host(self.transport)
@@ -284,16 +315,65 @@ class Connection:
             self.abort(str(err))
             return
         endpoint.traffic.received(len(frames), size)
-        framing, handler = endpoint.framing, endpoint.handler
-        for frame in frames:
+        if frames:
+            self._deliver(frames)
+
+    def _deliver(self, frames: list[bytes]) -> None:
+        """Hand ``frames`` to the handler in order; once the socket is held for its peer (WRITES,
+        INFLIGHT), the rest of this read waits in ``backlog`` until it is released."""
+        endpoint = self.endpoint
+        framing, limit = endpoint.framing, endpoint.url.inflight
+        for i, frame in enumerate(frames):
             if not self.connected:
+                return
+            if self.held & (WRITES | INFLIGHT):
+                self.backlog.extend(frames[i:])  # after any frames already waiting (a WebSocket's next message)
                 return
             try:
                 value = framing.decode(frame)
             except FrameError as err:
                 self.abort(str(err))
                 return
-            handler.received(self, value, None)
+            self.inflight += 1
+            if limit and self.inflight >= limit:
+                self.hold(INFLIGHT)
+            endpoint.handler.received(self, value, None)
+
+    def readConnectionLost(self) -> None:
+        """The peer shut down its write side: it still gets a reply to each frame it sent (or
+        until idle expiry), then the socket closes."""
+        self.half_closed = True
+        if not self.inflight and not self.backlog:
+            self.close()
+
+    def writeConnectionLost(self) -> None:
+        pass  # only the peer half-closes; the socket closes as a whole
+
+    # -- IPushProducer (of the transport's write buffer) -------------------------------------------
+    def pauseProducing(self) -> None:
+        self.hold(WRITES)
+
+    def resumeProducing(self) -> None:
+        self.release(WRITES)
+
+    def stopProducing(self) -> None:
+        pass  # the connection is going: connectionLost follows
+
+    def hold(self, why: int) -> None:
+        """Stop reading the peer for reason ``why`` (until ``release(why)``)."""
+        if not self.held and self.transport is not None:
+            self.transport.pauseProducing()
+        self.held |= why
+
+    def release(self, why: int) -> None:
+        """Read again once no reason is left, after the frames of the last read that waited."""
+        if self.held & why:
+            self.held &= ~why
+            if not self.held and self.backlog:
+                frames, self.backlog = self.backlog, []
+                self._deliver(frames)
+            if not self.held and self.connected:
+                self.transport.resumeProducing()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.connected = 0
@@ -319,15 +399,39 @@ class Connection:
             self.abort(str(err))
             return str(err)
         wrapped = framing.wrap(payload)
-        self.endpoint.traffic.sent(len(wrapped))
         self.transport.write(wrapped)
+        return self.sent(len(wrapped))
+
+    def sent(self, size: int) -> str | None:
+        """Account for a frame of ``size`` bytes just written: the traffic counters, the requests
+        in flight (a reply answers one), and a peer that does not read (past ``outmax`` unwritten
+        bytes the connection is aborted: returns why)."""
+        self.endpoint.traffic.sent(size)
+        if self.inflight:
+            self.inflight -= 1
+            if self.held & INFLIGHT and self.inflight < self.endpoint.url.inflight:
+                self.release(INFLIGHT)
+            if self.half_closed and not self.inflight and not self.backlog:
+                self.close()
+        if self.held & WRITES and (unwritten := _unwritten(self.transport)) > self.endpoint.url.outmax:
+            self.abort(f"{unwritten} bytes unwritten, over outmax (the peer does not read)")
+            return "the peer does not read: connection closed"
         return None
 
     def close(self) -> None:
-        """Close once what was sent is written; nothing is sent or delivered after this call."""
+        """Close once what was sent is written; nothing is sent or delivered after this call.
+
+        A peer that does not read what is due gets ``outmax`` worth of waiting at most: past
+        it the connection is aborted."""
         if self.connected and self.transport is not None:
             self.connected = 0
             self.transport.loseConnection()
+
+    def expire(self) -> None:
+        """Drop an idle connection at once: its peer may be gone, so nothing waits for unsent output."""
+        if self.connected and self.transport is not None:
+            self.connected = 0
+            self.transport.abortConnection()
 
     def abort(self, reason: str) -> None:
         """Drop the connection at once because of ``reason`` (logged)."""
@@ -423,6 +527,15 @@ class Datagram(protocol.DatagramProtocol):
             self.connected = 0
             self.transport.stopListening()
 
+    def hold(self, why: int) -> None:
+        _pause(self.transport)
+
+    def release(self, why: int) -> None:
+        _resume(self.transport)
+
+    def expire(self) -> None:
+        self.close()
+
     def peer_text(self) -> str:
         return ""
 
@@ -442,6 +555,16 @@ def _pause(transport: Any) -> None:
 def _resume(transport: Any) -> None:
     if hasattr(transport, "resumeProducing"):
         transport.resumeProducing()
+
+
+def _unwritten(transport: Any) -> int:
+    """Bytes a TCP transport still holds for its peer (Twisted keeps no public count of them); a
+    TLS connection is counted at the TCP transport beneath it."""
+    while not hasattr(transport, "dataBuffer") and getattr(transport, "transport", None) is not None:
+        transport = transport.transport
+    if not hasattr(transport, "dataBuffer"):
+        return 0
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
 def url_text(url: BrokerURL) -> str:

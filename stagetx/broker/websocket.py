@@ -40,6 +40,7 @@ CLOSE_TOO_BIG = 1009
 HANDSHAKE_TIMEOUT = 10.0  # s for the HTTP upgrade: a slow-loris client is dropped after this
 MAX_HANDSHAKE = 16 << 10  # bytes of HTTP request head a client may send before its upgrade is done
 CLOSE_TIMEOUT = 2.0  # s the peer has to answer our close frame before the TCP connection is dropped
+EXPIRE_GRACE = 0.5  # s an expired peer has to answer our close frame: it may be gone, nothing waits longer
 
 
 class WebSocket(Connection):
@@ -54,6 +55,7 @@ class WebSocket(Connection):
     def opened(self) -> None:
         """The handshake is done: register with the endpoint (which asks the Lua accept function)."""
         self.transport = self.protocol.transport
+        self.transport.registerProducer(self, True)  # backpressure: held while the peer does not read
         self.connected = 1
         address = self.transport.getPeer()
         self.peer = addresses.pack(address.host, address.port)
@@ -68,12 +70,8 @@ class WebSocket(Connection):
         endpoint = self.endpoint
         if endpoint.expire:
             self.last = endpoint.clock.seconds()
-        try:
-            value = endpoint.framing.decode(payload)
-        except ValueError as err:  # FrameError: a bad BSON or JSON document
-            self.abort(str(err), CLOSE_POLICY)
-            return
-        endpoint.handler.received(self, value, None)
+        endpoint.traffic.received(1, len(payload))
+        self._deliver([payload])  # a bad BSON or JSON document aborts with CLOSE_POLICY
 
     def lost(self) -> None:
         self.connected = 0
@@ -88,6 +86,7 @@ class WebSocket(Connection):
         try:
             framing.check_out(len(payload))
         except FrameTooLarge as err:
+            self.endpoint.traffic.dropped()
             self.abort(str(err), CLOSE_TOO_BIG)
             return str(err)
         if not framing.binary:
@@ -104,13 +103,24 @@ class WebSocket(Connection):
             protocol.sendMessage(payload, isBinary=framing.binary)
         finally:
             protocol.maxMessagePayloadSize = limit
-        return None
+        return self.sent(len(payload))
 
     def close(self) -> None:
         """Send a normal close frame; the peer's answer (or ``CLOSE_TIMEOUT``) ends the connection."""
         if self.connected:
             self.connected = 0
             self.protocol.sendClose(CLOSE_NORMAL)
+
+    def expire(self) -> None:
+        """Idle: a normal close frame, and the TCP connection dropped ``EXPIRE_GRACE`` later if the
+        peer has not answered (a vanished peer's unsent output is not kept for minutes)."""
+        if self.connected:
+            self.close()
+            self.endpoint.clock.callLater(EXPIRE_GRACE, self._drop)
+
+    def _drop(self) -> None:
+        if self.protocol.state != self.protocol.STATE_CLOSED:
+            self.transport.abortConnection()
 
     def abort(self, reason: str, code: int = CLOSE_POLICY) -> None:
         """Close with ``code`` because of ``reason`` (logged); nothing more is sent or delivered."""

@@ -203,8 +203,8 @@ class ProcessControl:
         collected = gc.collect()
         for stage in self.host.stages:
             lua = lua_stage(stage)
-            if lua is not None and lua.vm is not None:
-                lua.vm.lua.execute(b"collectgarbage('collect')")
+            if lua is not None and lua.vm is not None:  # a callback: finalizers run under %budget
+                lua.vm.call("gc", lua.vm.compile(b"collectgarbage('collect')", b"=gc"))
         after = self.cmd_mem()[2]
         return (
             True,

@@ -42,6 +42,8 @@ LEVELS = {
 TARGET_CACHE = 4096
 #: The Lua runtime kind of each Lua stage type: a function value loads only into its own kind.
 VM_KINDS = {"lua": "lua54", "luajit": "luajit21"}
+#: Seconds between two log lines about replies to removed ``stage.waitfor(f)`` ids (``~N``).
+LATE_REPLY_LOG_INTERVAL = 10.0
 
 
 class Task:
@@ -76,6 +78,8 @@ class StageAPI:
         self._loader_factory = loader_factory
         self._drain_call: IDelayedCall | None = None
         self._unhandled: set[str] = set()
+        self._late = 0  # replies to removed "~N" ids since the last line about them
+        self._late_logged = float("-inf")
         self._targets: dict[bytes, Address] = {}  # parsed signal targets, by their Lua string
         self._foreign: dict[Address, str | None] = {}  # target -> a Lua stage of another VM kind there
         self.vm: LuaVM
@@ -178,7 +182,9 @@ class StageAPI:
     def report(self, where: bytes, msgid: bytes, error: bytes) -> None:
         mid = text(msgid)
         if where == b"nohandler":
-            if mid not in self._unhandled:
+            if mid.startswith("~"):
+                self._late_reply(mid)
+            elif mid not in self._unhandled:
                 self._unhandled.add(mid)
                 self.log.warn("no handler for message {msgid!r} (logged once)", msgid=mid)
             return
@@ -186,6 +192,19 @@ class StageAPI:
         error_text = text(error) or "not enough memory"
         self.stage.count_error(f"{error_text.splitlines()[0]} (in {text(where)}{about})")
         self.log.error("Lua error in {where}{msgid}: {error}", where=text(where), msgid=about, error=error_text)
+
+    def _late_reply(self, mid: str) -> None:
+        """A reply to a ``stage.waitfor(f)`` id already removed (it came after its timeout): each id
+        is new, so they are counted and logged once per ``LATE_REPLY_LOG_INTERVAL``."""
+        self._late += 1
+        now = self.stage.clock.seconds()
+        if now - self._late_logged >= LATE_REPLY_LOG_INTERVAL:
+            self.log.warn(
+                "{count} replies came after their waitfor was removed (late, e.g. after a timeout); last {msgid!r}",
+                count=self._late,
+                msgid=mid,
+            )
+            self._late, self._late_logged = 0, now
 
     def write_log(self, level: bytes, group: bytes | None, message: bytes) -> None:
         logger = self.log if group is None else self.stage.logger_for(text(group))

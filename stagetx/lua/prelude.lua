@@ -44,9 +44,13 @@ local fast_pack, host_send_packed = cfg.packer and cfg.packer(null), host.send_p
 local budget_message = "budget of " .. cfg.budget .. " ms exceeded (%budget)"
 local hook_count = cfg.hook_count
 local watchdog = cfg.watchdog
+local expired = false  -- the running callback passed its budget: nothing in it may catch that
 local function budget_hook()
     if watchdog then sethook(budget_hook, "", hook_count) end
-    if deadline ~= huge and now() > deadline then error(budget_message, 2) end
+    if deadline ~= huge and now() > deadline then
+        expired = true
+        error(budget_message, 2)
+    end
 end
 sethook(budget_hook, "", hook_count)
 if watchdog then
@@ -60,6 +64,48 @@ if watchdog then
     end
     coroutine.create = function(f) return create(hooked(f)) end
     coroutine.wrap = function(f) return wrap(hooked(f)) end
+end
+
+-- A budget that cannot be caught: once the callback has expired, whatever its scripts use to catch
+-- errors (pcall, xpcall, coroutine.resume and close) raises the budget error again, so a retry
+-- loop unwinds to the callback's own handler instead of running on.
+do
+    local pcall_, xpcall_, resume, close = pcall, xpcall, coroutine.resume, coroutine.close
+    local function rethrow(ok, ...)
+        if ok or not expired then return ok, ... end
+        local e = ...
+        if type(e) == "string" and find(e, budget_message, 1, true) then error(e, 0) end
+        error(budget_message, 0)
+    end
+    _G.pcall = function(...) return rethrow(pcall_(...)) end
+    _G.xpcall = function(...) return rethrow(xpcall_(...)) end
+    coroutine.resume = function(...) return rethrow(resume(...)) end
+    if close then coroutine.close = function(...) return rethrow(close(...)) end end
+end
+
+-- Lua runs finalizers (__gc) with hooks switched off, where %budget cannot interrupt them. So a
+-- metatable given to setmetatable gets its __gc replaced by one that only queues the object; the
+-- queue runs as part of the callback (`leave`), under the budget, one finalizer at a time.
+local finalizing, nfinal = {}, 0  -- pairs: finalizer, object
+do
+    local raw_setmetatable, rawget = setmetatable, rawget
+    local deferring = raw_setmetatable({}, {__mode = "k"})  -- finalizer -> the wrapper queuing it
+    local wrappers = raw_setmetatable({}, {__mode = "k"})
+    _G.setmetatable = function(t, mt)
+        local gc = type(mt) == "table" and rawget(mt, "__gc")
+        if type(gc) == "function" and not wrappers[gc] then
+            local w = deferring[gc]
+            if w == nil then
+                w = function(o)
+                    finalizing[nfinal + 1], finalizing[nfinal + 2] = gc, o
+                    nfinal = nfinal + 2
+                end
+                deferring[gc], wrappers[w] = w, true
+            end
+            rawset(mt, "__gc", w)
+        end
+        return raw_setmetatable(t, mt)
+    end
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -203,6 +249,10 @@ local function drain()
         local ok, result = xpcall(run_queue, on_error, started)
         if not ok then
             report("handler", current, result)
+            if expired then  -- the rest waits for a turn with a budget of its own
+                schedule_drain()
+                break
+            end
         elseif result then
             qhead, qtail = 1, 0
             qcounts = {}
@@ -215,14 +265,46 @@ local function drain()
     _WAITFOR = saved
 end
 
--- Every entry from Python: arms the budget, runs `f`, and drains local messages at the outermost level.
+-- Runs queued finalizers until the queue is empty or the budget expired (then a later turn goes on).
+local function finalize()
+    local i = 1
+    while i < nfinal and not expired do
+        local f, o = finalizing[i], finalizing[i + 1]
+        finalizing[i], finalizing[i + 1] = nil, nil
+        i = i + 2
+        local ok, err = xpcall(f, on_error, o)
+        if not ok then report("finalizer", "", err) end
+    end
+    if i > nfinal then
+        nfinal = 0
+        return
+    end
+    if i > 1 then
+        local n = nfinal - i + 1
+        for j = 1, n do finalizing[j], finalizing[i + j - 1] = finalizing[i + j - 1], nil end
+        nfinal = n
+    end
+    schedule_drain()
+end
+
+-- Every entry from Python: arms the budget, runs `f`, and drains local messages at the outermost
+-- level. A callback that expired leaves its queued messages and finalizers to a turn of their own.
 local function leave(...)
     if depth == 1 then
-        if qhead <= qtail then
-            local ok, err = xpcall(drain, on_error)
-            if not ok then report("drain", "", err) end
+        if expired then
+            if qhead <= qtail or nfinal > 0 then schedule_drain() end
+        else
+            if nfinal > 0 then
+                local ok, err = xpcall(finalize, on_error)
+                if not ok then report("finalizer", "", err) end
+            end
+            if qhead <= qtail and not expired then
+                local ok, err = xpcall(drain, on_error)
+                if not ok then report("drain", "", err) end
+            end
         end
         deadline = huge
+        expired = false
     end
     depth = depth - 1
     return ...
@@ -231,7 +313,10 @@ end
 -- `started` is the monotonic time Python read when it called in (cheaper than calling back for it).
 local function enter(started, f, ...)
     depth = depth + 1
-    if depth == 1 then deadline = started + budget end
+    if depth == 1 then
+        deadline = started + budget
+        expired = false
+    end
     return leave(xpcall(f, on_error, ...))
 end
 

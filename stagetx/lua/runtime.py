@@ -23,6 +23,12 @@ VM_KINDS = {"lua": "lua54", "luajit": "luajit21"}
 
 #: Instructions between two checks of the callback budget (a check costs one call into Python).
 HOOK_COUNT = 100_000
+#: Pattern-matching steps per ms of ``%budget`` a string.find/match/gmatch/gsub call may be
+#: expected to take (patterns.lua); a fifth of what one core of a 2020s machine runs.
+PATTERN_STEPS_PER_MS = 50_000
+#: A callback still running this many budgets after it started was out of the hook's reach (C
+#: code): its runtime is handed to ``LuaVM.overran`` to be rebuilt.
+HARD_LIMIT = 3
 
 
 # Upvalues of a moved function arrive as nil; its ``_ENV`` upvalue (Lua 5.4; not always
@@ -105,6 +111,8 @@ class LuaVM:
         host_table = self.lua.table_from({k.encode(): v for k, v in host.items()})
         chunk = self._load(_read_lua_file("prelude.lua").encode(), b"@prelude.lua", b"t")
         self.core = chunk(host_table, self.lua.table_from(cfg))
+        patterns = self._load(_read_lua_file("patterns.lua").encode(), b"@patterns.lua", b"t")
+        patterns(float(budget_ms * PATTERN_STEPS_PER_MS))
         self.null = self.core[b"null"]
         self.extensions = cfg[b"extensions"]
         self.thread_extensions = cfg[b"thread_extensions"]
@@ -113,6 +121,8 @@ class LuaVM:
         self._drain = self.core[b"drain"]
         self._chunk = self.core[b"chunk"]
         self.guard: Guard | None = None
+        #: Called with the seconds a callback took when that was past ``HARD_LIMIT`` budgets.
+        self.overran: Callable[[float], None] | None = None
         if cfg[b"watchdog"]:
             thread = self.lua.eval("tostring((coroutine.running()))")  # b"thread: 0x…", its lua_State
             self.guard = Guard(int(thread.split(b":")[1], 16), budget_ms / 1000.0)
@@ -163,6 +173,9 @@ class LuaVM:
             guard.entered = None
             if guard.armed:
                 guard.disarm()
+                elapsed = time.monotonic() - started
+                if elapsed > HARD_LIMIT * guard.budget and self.overran is not None:
+                    self.overran(elapsed)
 
     def close(self) -> None:
         """Stop watching this runtime's callbacks (it is being replaced or the stage stops)."""

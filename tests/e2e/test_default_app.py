@@ -42,7 +42,7 @@ class App:
         self.config_path = root / "etc" / "stage.json"
         config = json.loads(self.config_path.read_text())
         config["#services"] = {"tcp": [f"127.0.0.1:{self.port}"]}
-        config["listen"] = f"tcp://127.0.0.1:{self.port}?bson=16k,256k"
+        config["listen"] = f"tcp://127.0.0.1:{self.port}?bson=16k,256k&inflight=64"
         config["=index+rank"] = str(self.data)
         config.pop("#admin", None)  # the shipped admin ports are fixed; this copy needs none
         config.pop("browser", None)  # likewise the browsers' port (the browser test sets its own)

@@ -163,3 +163,39 @@ def test_kill_9_of_the_supervisor_leaves_no_orphans(tmp_path: Path) -> None:
         for pid in children:  # orphans of a failed run: ours to end
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_stuck_process_is_reported_unresponsive_then_killed_and_restarted(tmp_path: Path) -> None:
+    """A process whose reactor stops beating (SIGSTOP: nothing it runs can answer) shows as
+    ``unresponsive`` in ``list`` and ``/health`` within 2 × its 1 s report beat, and is killed and
+    restarted after ``--unresponsive-restart``."""
+    from tests.e2e.test_operations_e2e import ADMIN, Console, admin_ports, http
+
+    config = {
+        "#startup": [["=lua+a"], ["=lua+b"]],
+        "#admin": ADMIN,
+        "=lua": {**LUA_APP, "=lua+a": "a", "=lua+b": "b"},
+    }
+    path = write_app(tmp_path, config, {"a": "log4cxx.info('ready')", "b": "log4cxx.info('ready')"})
+    with ServerProcess(path, "--unresponsive-restart", "4") as server:
+        ports = admin_ports(server)
+        console = Console(ports["console"])
+        try:
+            stuck = group_pids(server)[1]
+            assert http(ports["http"], "/health")[0] == 200
+            os.kill(stuck, signal.SIGSTOP)
+            stopped = time.monotonic()
+            wait_until(lambda: "unresponsive" in console.ask("list")[2], 10, "list to say unresponsive")
+            assert time.monotonic() - stopped <= 2 * 1.0 + 1.0  # 2 × the beat, plus the last report's age
+            status, body = http(ports["http"], "/health")
+            assert status == 503 and b"process 2 is unresponsive" in body
+            assert "yes" in console.ask("list")[1]  # process 1 still fine
+            wait_until(lambda: group_pids(server).get(1, stuck) != stuck, 20, "a new process 2")
+            assert time.monotonic() - stopped >= 4 - 1.0  # counted from its last report, up to 1 s before
+            assert not alive(stuck)
+            wait_until(lambda: http(ports["http"], "/health")[0] == 200, 30, "health back to ok")
+            listing = console.ask("list")
+            assert "unresponsive" not in "\n".join(listing) and listing[2].split()[3] == "1"  # one restart
+            assert any("process 2 pid" in line and "unresponsive for" in line for line in server.lines)
+        finally:
+            console.close()

@@ -57,6 +57,33 @@ def test_bad_urls_say_why(url: str) -> None:
         parse_url(url)
 
 
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("tcp://a:1", ("packet", 256 << 10, 16 << 20, 0)),
+        ("tcp://a:1?text=4k&outbuf=64k&outmax=1m&inflight=32", ("text", 64 << 10, 1 << 20, 32)),
+        ("tcp://a:1?inflight=8", ("packet", 256 << 10, 16 << 20, 8)),
+    ],
+)
+def test_backpressure_parameters_follow_the_framing(url: str, expected: tuple[object, ...]) -> None:
+    u = parse_url(url)
+    assert (u.framing, u.outbuf, u.outmax, u.inflight) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("tcp://a:1?text&nodelay=1", "unknown parameter 'nodelay'"),
+        ("tcp://a:1?outbuf=lots", "outbuf: bad frame size"),
+        ("tcp://a:1?inflight=-1", "inflight is a number of frames"),
+        ("tcp://a:1?outbuf=2m&outmax=1m", "outmax is less than outbuf"),
+    ],
+)
+def test_bad_backpressure_parameters_say_why(url: str, why: str) -> None:
+    with pytest.raises(BrokerAddressError, match=why):
+        parse_url(url)
+
+
 def test_sizes_take_k_and_m_units() -> None:
     assert [parse_size(s) for s in ("512", "4k", "4K", "2m", "1g")] == [512, 4096, 4096, 2 << 20, 1 << 30]
 

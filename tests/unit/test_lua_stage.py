@@ -504,3 +504,23 @@ async def test_stage_require_lets_its_callback_decide_for_a_missing_script(tmp_p
     assert logged(capture, "missing") == [["nil", "no/such", "nil"]]
     ((ok, why),) = logged(capture, "raises")
     assert ok == "false" and "not found along %package" in why
+
+
+@pytest_twisted.ensureDeferred
+async def test_late_replies_to_removed_auto_ids_are_counted_in_one_line(tmp_path: Path) -> None:
+    """Replies that come after their ``stage.waitfor(f)`` id was removed (a timed-out request)
+    each have a new id: one warning counts them instead of one line (and one kept id) each."""
+    script = """
+        for i = 1, 500 do
+            local id = stage.waitfor(function() end)
+            stage.waitfor(id, nil)  -- timed out
+            stage.signal("a:" .. id, i)
+        end
+        stage.signal("a:named")
+        stage.addtask(50, function() log4cxx.info("done") end)
+    """
+    capture = await run(lua_app(tmp_path, {"main": script}), "done")
+    warnings = capture.lines("stage.a", "warn")
+    late = [line for line in warnings if "came after their waitfor was removed" in line]
+    assert len(late) == 1  # the first at once, the other 499 counted for the next line
+    assert len(warnings) == 2  # and the named id's own warning

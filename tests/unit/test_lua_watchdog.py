@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 from stagetx.lua.runtime import LuaVM
 
 HOST_NAMES = (
@@ -47,10 +49,8 @@ def test_a_runaway_callback_is_interrupted_and_the_runtime_serves_on_unhooked() 
 
 def test_a_runaway_coroutine_is_interrupted_too() -> None:
     vm, _ = make_vm(budget_ms=100)
-    ok, resumed, error = run(
-        vm, "function() return coroutine.resume(coroutine.create(function() while true do end end)) end"
-    )
-    assert ok is True and resumed is False and b"budget of 100 ms exceeded" in error
+    ok, error = run(vm, "function() return coroutine.resume(coroutine.create(function() while true do end end)) end")
+    assert ok is False and b"budget of 100 ms exceeded" in error  # resume cannot catch it either
     ok, error = run(vm, "function() coroutine.wrap(function() while true do end end)() end")
     assert ok is False and b"budget of 100 ms exceeded" in error
     ok, error = run(vm, "function() return coroutine.create(42) end")
@@ -72,3 +72,72 @@ def test_luajit_keeps_its_count_hook() -> None:
     vm, _ = make_vm("luajit")
     assert vm.guard is None
     assert run(vm, "function() return debug.gethook() ~= nil end") == (True, True)
+
+
+CATCHING_LOOPS = {
+    "pcall loop": "function() while true do pcall(function() while true do end end) end end",
+    "retry loop": """function()
+        local function long() local x = 0 for i = 1, 1e12 do x = x + i end end
+        local ok repeat ok = pcall(long) until ok
+    end""",
+    "xpcall loop": "function() while true do xpcall(function() while true do end end, tostring) end end",
+    "resume loop": """function()
+        while true do coroutine.resume(coroutine.create(function() while true do end end)) end
+    end""",
+}
+
+
+@pytest.mark.parametrize("loop", sorted(CATCHING_LOOPS))
+def test_a_callback_cannot_catch_its_budget(loop: str) -> None:
+    vm, reports = make_vm(budget_ms=100)
+    started = time.monotonic()
+    ok, error = run(vm, CATCHING_LOOPS[loop])
+    assert time.monotonic() - started < 2.0
+    assert ok is False and b"budget of 100 ms exceeded" in error
+    assert reports and b"budget of 100 ms exceeded" in reports[-1][-1]
+    # the next callback has a budget of its own and may catch its own errors again
+    assert run(vm, "function() return pcall(error, 'mine') end") == (True, False, b"mine")
+
+
+def test_finalizers_run_in_callbacks_under_the_budget() -> None:
+    """Lua runs ``__gc`` with hooks off; the prelude queues the object and runs the finalizer at
+    the end of the callback, where the budget interrupts a slow one."""
+    vm, reports = make_vm(budget_ms=100)
+    run(
+        vm,
+        """function()
+            finalized = {}
+            local mt = {__gc = function(o) finalized[#finalized + 1] = o.name end}
+            setmetatable({name = "quick"}, mt)
+            setmetatable({name = "slow"}, {__gc = function() while true do end end})
+        end""",
+    )
+    started = time.monotonic()
+    assert run(vm, "function() collectgarbage() collectgarbage() return #finalized end") == (True, 0)
+    assert time.monotonic() - started < 2.0
+    assert reports and reports[-1][0] == b"finalizer" and b"budget of 100 ms exceeded" in reports[-1][-1]
+    vm.drain()  # the turn the prelude scheduled for the finalizers still queued
+    assert run(vm, "function() return finalized[1] end") == (True, b"quick")
+
+
+def test_patterns_too_complex_for_their_subject_are_refused_at_the_scripts_line() -> None:
+    """Pattern matching runs in C, out of the budget's reach: a call whose backtracking could hold
+    the thread is refused (patterns.lua) before it starts; ordinary patterns are not."""
+    vm, _ = make_vm(budget_ms=1000)
+    started = time.monotonic()
+    ok, error = run(vm, "function() local i = string.find(string.rep('a', 200), '.-.-.-.-b') return i end")
+    assert time.monotonic() - started < 1.0
+    assert ok is False and b'pattern ".-.-.-.-b" is too complex for a subject of 200 bytes' in error
+    assert error.startswith(b'[string "<python>"]:1:')  # the script's line
+    for call in ("s:match('.-.-.-b')", "s:gsub('.-.-.-b', 'x')", "s:gmatch('(.-)(.-)(.-)b')()"):
+        ok, error = run(vm, f"function() local s = string.rep('a', 200) return {call} end")
+        assert ok is False and b"too complex" in error, call
+    ordinary = {
+        "('key = value'):match('^(%w+)%s*=%s*(%w+)$')": (True, b"key", b"value"),
+        "(string.rep(' ', 300) .. 'x' .. string.rep(' ', 300)):match('^%s*(.-)%s*$')": (True, b"x"),
+        "string.rep('a', 5000):find('b')": (True, None),
+        "string.rep('a', 200):find('.-.-.-.-b', 1, true)": (True, None),
+        "(string.rep('ab,', 300)):gsub('(%w+),', '%1;'):sub(1, 6)": (True, b"ab;ab;"),
+    }
+    for call, expected in ordinary.items():
+        assert run(vm, f"function() return {call} end") == expected, call

@@ -33,7 +33,7 @@ from stagetx.config import StageConfig
 from stagetx.lua.api import StageAPI, Task, lua_text, sender_fields, text
 from stagetx.lua.extensions import install_all
 from stagetx.lua.loader import ScriptLoader
-from stagetx.lua.runtime import LuaScriptError, LuaVM
+from stagetx.lua.runtime import HARD_LIMIT, LuaScriptError, LuaVM
 from stagetx.lua.search import preload_files
 from stagetx.lua.syntax import compile_errors
 from stagetx.message import Message, Sender
@@ -138,6 +138,7 @@ class Stage:
             sender=sender_fields(self.context.sender),
             watchdog=True,
         )
+        vm.overran = self._abandon
         self.on_stop(vm.close)
         api.bind(vm)
         self.api = api
@@ -167,7 +168,27 @@ class Stage:
                 files.extend(os.path.join(root, n) for n in sorted(names) if n.endswith(".lua"))
         return files
 
-    def reload(self) -> Deferred[None]:
+    def _abandon(self, elapsed: float) -> None:
+        """A callback ran past the hard limit, out of the budget hook's reach (C code): what it
+        changed may be half done, so the runtime is rebuilt from the scripts (a reload that carries
+        nothing over: the old runtime runs no more code)."""
+        if self._held is not None:
+            return
+        self.log.error(
+            "stage {name}: a callback held the thread {ms:.0f} ms, over {limit} × %budget: its runtime is"
+            " abandoned and rebuilt",
+            name=self.config.name,
+            ms=elapsed * 1000.0,
+            limit=HARD_LIMIT,
+        )
+        self.context.count_error()
+        self.context.clock.callLater(0, self._rebuild)
+
+    def _rebuild(self) -> None:
+        if self._held is None and self.vm is not None:
+            self.reload(abandon=True).addErrback(lambda _: None)  # a failed rebuild is logged by reload
+
+    def reload(self, abandon: bool = False) -> Deferred[None]:
         """Load the current scripts in a new runtime and swap it in; messages arriving meanwhile
         wait, in order (docs/operations.md, "Hot reload").
 
@@ -181,6 +202,9 @@ class Stage:
         defined, after the new main script ran. Then the old runtime stops: its timers, waitfor
         handlers and sandboxes go with it; its broker endpoints are taken up by the new one or
         closed.
+
+        ``abandon``: the old runtime is not to run any more code (no drain, no ``on_unload``): a
+        callback of it ran past the hard limit.
         """
         if self._held is not None:
             raise RuntimeError(f"{self.config.name} is already reloading")
@@ -196,8 +220,10 @@ class Stage:
             return fail(ReloadError("; ".join(errors)))
         old = _Running(self)
         self._held = []
-        old.vm.drain()
-        carried = self._unload(old.vm)
+        carried = None
+        if not abandon:
+            old.vm.drain()
+            carried = self._unload(old.vm)
         for park in old.parkers:
             park()
         self._stoppers, self._parkers, self._idle_call = [], [], None
