@@ -10,7 +10,9 @@ Routing tiers for one stage id (``Routes.targets``), in order, the first non-emp
 1. replicas on linked peers that are not overloaded and not backups;
 2. only when this server has no replica itself: replicas on peers whose link dropped but that
    have not yet missed a heart-beat period (messages wait in their bounded queue);
-3. only when no live server has the stage id: replicas on backup servers.
+3. only when no live server has the stage id: replicas on backup servers. An overloaded server
+   is live: its stage ids are not handed to a backup for a passing burst (senders get ``false``
+   and the overload as the reason until it recovers).
 """
 
 from __future__ import annotations
@@ -184,7 +186,7 @@ class Directory:
             for sid, instances in peer.stages.items():
                 table.setdefault(sid, []).extend((peer.server_id, i) for i in instances)
         for sid in list(backups):
-            if sid in live or sid in pending:
+            if sid in live or sid in pending or sid in overloaded:
                 del backups[sid]  # backups only serve stage ids no live server has
         servers = {p.server_id: p.delay for p in self.peers.values()}
         return Routes(live, pending, backups, servers, addrs, frozenset(full), overloaded)

@@ -67,6 +67,17 @@ def test_backups_serve_only_stage_ids_no_live_server_has() -> None:
     assert d.routes().targets("w", has_local=False) == [("b", 0)]
 
 
+def test_an_overloaded_server_keeps_its_stage_ids_from_the_backups() -> None:
+    d, _ = make(backups=("127.0.0.1:9",))
+    d.learn("b", "127.0.0.1:9", {"w": [0]})
+    d.learn("p", "127.0.0.1:1", {"w": [0]})
+    d.heard("p", 1.2, overloaded=True)
+    routes = d.routes()
+    assert routes.targets("w", has_local=False) == [] and routes.overloaded == {"w": ["p"]}
+    d.heard("p", 0.0, overloaded=False)
+    assert d.routes().targets("w", has_local=False) == [("p", 0)]
+
+
 def test_a_backup_is_recognised_by_the_address_it_was_dialed_at() -> None:
     d, _ = make(backups=("localhost:9",))
     d.learn("b", "127.0.0.1:9", {"w": [0]}, via="localhost:9")
