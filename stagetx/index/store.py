@@ -9,7 +9,10 @@ Files in the index directory (``N`` = a 10-digit segment number):
   taken while the stage keeps working. (A frame holding one bare record is read too: the format
   before records were batched.)
 - ``N.snap``: every board as of some moment after ``N.log`` was started; a start loads the newest
-  snapshot and replays ``N.log`` and later segments over it.
+  snapshot and replays ``N.log`` and later segments over it. Format 2: a header frame, then per
+  board a ``board`` record, ``columns`` chunks (``Board.columns``: members, values, and each
+  tier's scores and seqs) in tier-1 rank order, and ``end-board``; an ``end`` record last.
+  Format 1 (``rows`` records of whole member states) still loads.
 - ``N.snap.tmp``: a snapshot being written; it becomes ``N.snap`` by an atomic rename after fsync.
 - ``LOCK``: held (flock) while a process uses the directory.
 
@@ -45,7 +48,10 @@ from stagetx.index.commands import RequestError
 
 _FRAME = struct.Struct("<II")
 _NAME = re.compile(r"^(\d{10})\.(log|snap)$")
-_HEADER = ["stagetx-index", 1]
+_MAGIC = "stagetx-index"
+#: Snapshot format versions: 1 wrote row records in dict order; 2 (written now) writes column
+#: chunks in tier-1 rank order, for a bulk load. Both load.
+_VERSION = 2
 _log = Logger(namespace="stagetx.index.store")
 
 
@@ -254,7 +260,11 @@ class IndexStore:
     # -- opening ---------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Lock the directory, load the newest snapshot, replay the logs, open the log for appends."""
+        """Lock the directory, load the newest snapshot, replay the logs, open the log for appends.
+
+        The boards are bulk-loaded: the snapshot and the replayed records fill their maps only,
+        and each tier is sorted once at the end (``Board.finish_load``).
+        """
         os.makedirs(self.directory, exist_ok=True)
         self._lock_fd = os.open(self._path("LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -275,6 +285,8 @@ class IndexStore:
             if number == replay[-1]:
                 os.truncate(self._file(number, "log"), valid)
             self.log_bytes += valid
+        for board in self.boards.values():
+            board.finish_load()
         self._log = self._open_segment(replay[-1] if replay else max(base, 1))
 
     def _scan(self) -> tuple[list[int], list[int]]:
@@ -326,7 +338,7 @@ class IndexStore:
         name, member = record[0], record[1]
         board = self.boards.get(name)
         if board is None:
-            board = self.boards[name] = Board()
+            board = self.boards[name] = Board(loading=self._log is None)  # replay at open: bulk load
         if len(record) == 2:
             board.delete(member)
         else:
@@ -335,16 +347,26 @@ class IndexStore:
     def _load_snapshot(self, path: str) -> None:
         with open(path, "rb") as file:
             records = _snapshot_records(file, path)
-            if next(records, None) != _HEADER:
+            header = next(records, None)
+            if not isinstance(header, list) or len(header) != 2 or header[0] != _MAGIC:
                 raise StoreCorrupt(f"{path}: not an index snapshot")
+            if header[1] not in (1, _VERSION):
+                raise StoreCorrupt(f"{path}: snapshot format {header[1]!r} is newer than this version reads")
             for record in records:
                 if record[0] == "end":
                     return
                 if record[0] != "board":
                     raise StoreCorrupt(f"{path}: unexpected record {record[0]!r}")
-                board = self.boards[record[1]] = Board()
+                board = self.boards[record[1]] = Board(loading=True)
                 board.next_seq = record[2]
-                board.load(_snapshot_rows(records, path))
+                if header[1] == 1:
+                    for member, value, states in _snapshot_rows(records, path):
+                        board.restore(member, value, states)
+                    continue
+                try:
+                    board.load_columns(_snapshot_chunks(records, path))
+                except ValueError as error:
+                    raise StoreCorrupt(f"{path}: board {record[1]!r}: {error}") from None
         raise StoreCorrupt(f"{path}: snapshot ends early")
 
     # -- compaction ------------------------------------------------------------------------
@@ -373,18 +395,14 @@ class IndexStore:
         done = False
         try:
             with open(temporary, "wb") as out:
-                out.write(frame(_pack(_HEADER)))
-                for name, board in list(self.boards.items()):
+                out.write(frame(_pack([_MAGIC, _VERSION])))
+                # every board's member order is copied before the first chunk: a board created
+                # later is wholly in the new log segment
+                boards = [(name, board, board.snapshot_chunks(self.chunk)) for name, board in self.boards.items()]
+                for name, board, chunks in boards:
                     out.write(frame(_pack(["board", name, board.next_seq])))
-                    members = list(board.values)
-                    for start in range(0, len(members), self.chunk):
-                        # a row is a log record without the board name: trailing unscored tiers left out
-                        rows = [
-                            board.record(name, member)[1:]
-                            for member in members[start : start + self.chunk]
-                            if member in board
-                        ]
-                        out.write(frame(_pack(["rows", rows])))
+                    for members in chunks:
+                        out.write(frame(_pack(["columns", *board.columns(members)])))
                         yield
                     out.write(frame(_pack(["end-board"])))
                 out.write(frame(_pack(["end", len(self.boards)])))
@@ -484,6 +502,16 @@ def _snapshot_rows(records: Iterator[Any], path: str) -> Iterator[tuple[bytes, A
             raise StoreCorrupt(f"{path}: unexpected record {record[0]!r}")
         for row in record[1]:
             yield row[0], row[1], row[2:]
+    raise StoreCorrupt(f"{path}: snapshot ends inside a board")
+
+
+def _snapshot_chunks(records: Iterator[Any], path: str) -> Iterator[list[Any]]:
+    for record in records:
+        if record[0] == "end-board":
+            return
+        if record[0] != "columns" or len(record) < 3:
+            raise StoreCorrupt(f"{path}: unexpected record {record[0]!r}")
+        yield record[1:]
     raise StoreCorrupt(f"{path}: snapshot ends inside a board")
 
 
