@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import count
 from typing import Any
 
@@ -482,7 +482,7 @@ class Board:
     the first time it is given a score a dense key cannot hold; a start loads it dense again
     when every score fits.
 
-    A board made with ``loading=True`` is being bulk-loaded: ``load_columns``, ``restore`` and
+    A board made with ``loading=True`` is being bulk-loaded: ``add_columns``, ``restore`` and
     ``delete`` fill its maps only, and ``finish_load`` sorts each tier once; it answers nothing
     before that.
     """
@@ -654,40 +654,28 @@ class Board:
             chunk.pop()
         return chunk
 
-    def load_columns(self, chunks: Iterable[list[Any]]) -> None:
-        """Bulk-load members from snapshot chunks (``columns``) into this empty, loading board.
-
-        ``chunks`` may stream from a file: nothing is held twice. Raises ValueError when a member
-        appears twice (a snapshot this code did not write).
-        """
-        assert self.loading and not self.values, "load_columns fills an empty loading board"
-        low = self.next_seq + 1
-        rows = 0
-        values = self.values
-        for chunk in chunks:
-            members = chunk[0]
-            rows += len(members)
-            values.update(zip(members, chunk[1]))
-            for index, column in enumerate(chunk[2:]):
-                if column is None:
-                    continue
-                scores, seqs = column
-                scored = members
-                if None in scores:  # members unscored in this tier: left out of it
-                    picked = [i for i, score in enumerate(scores) if score is not None]
-                    scored = [members[i] for i in picked]
-                    scores = [scores[i] for i in picked]
-                    seqs = [seqs[i] for i in picked]
-                if not seqs:
-                    continue
-                low = min(low, min(seqs))
-                try:
-                    self.tiers[index].add_unsorted(scored, scores, seqs)
-                except NotDense:
-                    self._widen(index).add_unsorted(scored, scores, seqs)
-        if rows != len(values):
-            raise ValueError("a member appears twice")
-        self.next_seq = low - 1
+    def add_columns(self, chunk: list[Any]) -> None:
+        """Bulk-load the members of one snapshot chunk (``columns``) into this loading board."""
+        assert self.loading, "add_columns fills a loading board"
+        members = chunk[0]
+        self.values.update(zip(members, chunk[1]))
+        for index, column in enumerate(chunk[2:]):
+            if column is None:
+                continue
+            scores, seqs = column
+            scored = members
+            if None in scores:  # members unscored in this tier: left out of it
+                picked = [i for i, score in enumerate(scores) if score is not None]
+                scored = [members[i] for i in picked]
+                scores = [scores[i] for i in picked]
+                seqs = [seqs[i] for i in picked]
+            if not seqs:
+                continue
+            self.next_seq = min(self.next_seq, min(seqs) - 1)
+            try:
+                self.tiers[index].add_unsorted(scored, scores, seqs)
+            except NotDense:
+                self._widen(index).add_unsorted(scored, scores, seqs)
 
     def finish_load(self) -> None:
         """End of a bulk load: one sort per tier (next to nothing when the keys came in order)."""

@@ -260,11 +260,22 @@ class IndexStore:
     # -- opening ---------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Lock the directory, load the newest snapshot, replay the logs, open the log for appends.
+        """Lock the directory, load the newest snapshot, replay the logs, open the log for appends."""
+        for _ in self.opening():
+            pass
 
-        The boards are bulk-loaded: the snapshot and the replayed records fill their maps only,
-        and each tier is sorted once at the end (``Board.finish_load``).
+    def opening(self) -> Generator[None, None, None]:
+        """``open`` in steps: the directory is locked now (RuntimeError when another process holds
+        it), and each step of the returned generator loads about ``chunk`` members or log records,
+        so a stage can serve its reactor between steps. The boards answer nothing before the last
+        step: they are bulk-loaded, their maps filled by the snapshot and the replayed records and
+        each tier sorted once at the end (``Board.finish_load``). Closing the steps abandons the
+        load; ``close`` then releases the directory.
         """
+        self._lock()
+        return self._load()
+
+    def _lock(self) -> None:
         os.makedirs(self.directory, exist_ok=True)
         self._lock_fd = os.open(self._path("LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -273,20 +284,23 @@ class IndexStore:
             os.close(self._lock_fd)
             self._lock_fd = -1
             raise RuntimeError(f"index directory {self.directory} is in use by another process") from None
+
+    def _load(self) -> Generator[None, None, None]:
         snaps, logs = self._scan()
         base = max(snaps, default=0)
         if base:
-            self._load_snapshot(self._file(base, "snap"))
+            yield from self._load_snapshot(self._file(base, "snap"))
             self.snapshot_bytes = os.path.getsize(self._file(base, "snap"))
         self._remove_before(base)
         replay = [number for number in logs if number >= base]
         for number in replay:
-            valid = self._replay(self._file(number, "log"))
+            valid = yield from self._replay(self._file(number, "log"))
             if number == replay[-1]:
                 os.truncate(self._file(number, "log"), valid)
             self.log_bytes += valid
         for board in self.boards.values():
             board.finish_load()
+            yield
         self._log = self._open_segment(replay[-1] if replay else max(base, 1))
 
     def _scan(self) -> tuple[list[int], list[int]]:
@@ -301,7 +315,9 @@ class IndexStore:
                 (snaps if match.group(2) == "snap" else logs).append(int(match.group(1)))
         return sorted(snaps), sorted(logs)
 
-    def _replay(self, path: str) -> int:
+    def _replay(self, path: str) -> Generator[None, None, int]:
+        """Replay one log segment, a step per ``chunk`` records or so; returns the length of its
+        whole frames."""
         with open(path, "rb") as file:
             data = file.read()
         payloads, valid = read_frames(data)
@@ -325,13 +341,19 @@ class IndexStore:
                 offset=valid,
                 copy=copy,
             )
+        applied = 0
         for payload in payloads:
             records = _unpack(payload)
             if records and type(records[0]) is list:
                 for record in records:
                     self._apply(record)
+                applied += len(records)
             else:
                 self._apply(records)  # a lone record: the format before records were batched
+                applied += 1
+            if applied >= self.chunk:
+                applied = 0
+                yield
         return valid
 
     def _apply(self, record: list[Any] | tuple[Any, ...]) -> None:
@@ -344,7 +366,7 @@ class IndexStore:
         else:
             board.restore(member, record[2], record[3:])
 
-    def _load_snapshot(self, path: str) -> None:
+    def _load_snapshot(self, path: str) -> Generator[None, None, None]:
         with open(path, "rb") as file:
             records = _snapshot_records(file, path)
             header = next(records, None)
@@ -362,11 +384,15 @@ class IndexStore:
                 if header[1] == 1:
                     for member, value, states in _snapshot_rows(records, path):
                         board.restore(member, value, states)
+                    yield
                     continue
-                try:
-                    board.load_columns(_snapshot_chunks(records, path))
-                except ValueError as error:
-                    raise StoreCorrupt(f"{path}: board {record[1]!r}: {error}") from None
+                rows = 0
+                for chunk in _snapshot_chunks(records, path):
+                    board.add_columns(chunk)
+                    rows += len(chunk[0])
+                    yield
+                if rows != len(board):
+                    raise StoreCorrupt(f"{path}: board {record[1]!r} names a member twice")
         raise StoreCorrupt(f"{path}: snapshot ends early")
 
     # -- compaction ------------------------------------------------------------------------

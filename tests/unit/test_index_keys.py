@@ -107,7 +107,8 @@ def test_a_board_answers_as_one_on_tuple_keys(ops, probes) -> None:
         record = board.record(b"n", member)
         replayed.restore(member, record[2], record[3:])
         bulk_replayed.restore(member, record[2], record[3:])
-    loaded.load_columns(board.columns(chunk) for chunk in board.snapshot_chunks(7))
+    for chunk in board.snapshot_chunks(7):
+        loaded.add_columns(board.columns(chunk))
     for bulk in (bulk_replayed, loaded):
         bulk.finish_load()
         for tier in bulk.tiers:
@@ -124,7 +125,8 @@ def test_an_unencodable_score_moves_the_tier_to_tuples_and_a_reload_makes_it_den
     assert [member for _, _, member in board.tier(1).slice(1, 5)] == [b"a", b"b"]
     board.set_one(b"b", 1, 6, None, False)
     again = Board(loading=True)
-    again.load_columns(board.columns(chunk) for chunk in board.snapshot_chunks(1))
+    for chunk in board.snapshot_chunks(1):
+        again.add_columns(board.columns(chunk))
     again.finish_load()
     assert isinstance(again.tier(1), DenseTier)
     assert [member for _, _, member in again.tier(1).slice(1, 5)] == [b"b", b"a"]

@@ -161,7 +161,7 @@ def test_a_snapshot_naming_a_member_twice_or_of_an_unknown_format_refuses_to_loa
         out.write(frame(pack(["columns", [b"a"], [None], [[2], [-2]]])))
         out.write(frame(pack(["end-board"])))
         out.write(frame(pack(["end", 1])))
-    with pytest.raises(StoreCorrupt, match="appears twice"):
+    with pytest.raises(StoreCorrupt, match="names a member twice"):
         IndexStore(str(twice)).open()
 
     future = tmp_path / "future"
