@@ -592,7 +592,23 @@ class Board:
         end of ``states`` are unscored."""
         self.values[member] = value
         loading = self.loading
-        for index, tier in enumerate(self.tiers):
+        tiers = self.tiers
+        if (
+            loading
+            and len(states) == 1
+            and states[0] is not None
+            and not (tiers[1].keys or tiers[2].keys or tiers[3].keys)
+        ):
+            # a board scored in tier 1 only, at the start: most replayed records
+            score, seq = states[0]  # type: ignore[misc]
+            try:
+                tiers[0].put_unsorted(member, score, seq)
+            except NotDense:
+                self._widen(0).put_unsorted(member, score, seq)
+            if seq <= self.next_seq:
+                self.next_seq = seq - 1
+            return
+        for index, tier in enumerate(tiers):
             state = states[index] if index < len(states) else None
             if state is None:
                 if not tier.keys:
