@@ -170,7 +170,7 @@ class IndexStore:
     segment_type: type[LogSegment] = LogSegment
 
     def __init__(
-        self, directory: str, fsync: bool = False, compact_min_bytes: int = 4 << 20, chunk: int = 5000
+        self, directory: str, fsync: bool = False, compact_min_bytes: int = 4 << 20, chunk: int = 2000
     ) -> None:
         self.directory = directory
         self.fsync = fsync

@@ -11,6 +11,7 @@ load is complete.
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -36,6 +37,8 @@ FREEZE_GROWTH = 50_000
 #: Seconds before a failed compaction is tried again: doubled after each failure up to the most.
 COMPACT_RETRY_FIRST = 1.0
 COMPACT_RETRY_MOST = 60.0
+#: Seconds of load steps run back to back before the reactor gets a turn.
+LOAD_SLICE = 0.01
 #: Requests held while the indexes load; past it a request is answered ``{error = …}`` at once.
 LOAD_QUEUE = 10_000
 #: Queued requests run per log write once the load is complete (as the router's drain chunks).
@@ -138,11 +141,15 @@ class Stage:
         self._load_step = self.context.clock.callLater(0, self._load_next)
 
     def _load_next(self) -> None:
-        """One step of the load, then let the reactor queue what arrives before the next."""
+        """Steps of the load for ``LOAD_SLICE`` seconds (at least one), then let the reactor queue
+        what arrives before the next ones."""
         self._load_step = None
         assert self._loading is not None
+        until = time.perf_counter() + LOAD_SLICE
         try:
             next(self._loading)
+            while time.perf_counter() < until:
+                next(self._loading)
         except StopIteration:
             self._loading = None
             self._loaded()

@@ -39,6 +39,12 @@ def _one_step(clock: Clock) -> None:
     call.func(*call.args, **call.kw)
 
 
+@pytest.fixture(autouse=True)
+def one_step_per_turn(monkeypatch) -> None:
+    """Each delayed call of the load runs one step (the stage runs steps for up to ``LOAD_SLICE``)."""
+    monkeypatch.setattr(index_stage, "LOAD_SLICE", 0.0)
+
+
 def _starting(context: FakeContext) -> Stage:
     stage = Stage(context, FakeStageConfig("scores"))
     stage.store.chunk = 50  # many steps: the snapshot and the log both take several
