@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
 
+from stagetx.control import ProcessControl
 from stagetx.index.commands import Executor
 from stagetx.index.store import IndexStore
 from stagetx.stages import index as index_stage
@@ -134,3 +136,23 @@ def test_a_load_that_fails_leaves_the_stage_failed_and_answers_every_request_wit
 @pytest.fixture
 def context(tmp_path) -> FakeContext:
     return FakeContext(str(tmp_path))
+
+
+def test_the_admin_index_command_says_still_loading_instead_of_reading_a_half_built_index(context) -> None:
+    _filled(context.base_dir)
+    stage = _starting(context)
+    _one_step(context.clock)
+    host = SimpleNamespace(
+        group=0,
+        stages=[
+            SimpleNamespace(name="=index+rank", stage_id="rank", stage=stage, config=SimpleNamespace(type="index"))
+        ],
+    )
+    control = ProcessControl(host, None, 0.0)  # type: ignore[arg-type]
+    answers: list[Any] = []
+    control.command("index", ["rank"]).addBoth(answers.append)
+    assert answers == [(False, "index rank: still loading", None)]
+    context.clock.advance(0)
+    control.command("index", ["rank"]).addBoth(answers.append)
+    assert answers[1] == (True, "", {"b": [MEMBERS, 0, 0, 0]})
+    stage.stop()
