@@ -265,7 +265,7 @@ class TupleTier:
     def columns(self, members: list[bytes]) -> Column | None:
         """The scores and seqs of ``members`` (None for one unscored here); None if none is scored."""
         found = [self.keys.get(member) for member in members]
-        if not any(found):
+        if all(key is None for key in found):
             return None
         return [None if key is None else key[0] for key in found], [None if key is None else key[1] for key in found]
 
@@ -370,7 +370,7 @@ class DenseTier:
     def columns(self, members: list[bytes]) -> Column | None:
         """The scores and seqs of ``members`` (None for one unscored here); None if none is scored."""
         found = [self.keys.get(member) for member in members]
-        if not any(found):
+        if all(key is None for key in found):
             return None
         scores = [None if key is None else key >> 160 if not key & _FLOAT_BITS else decode(key)[0] for key in found]
         seqs = [None if key is None else ((key >> 34) & _SEQ_MASK) - _SEQ_SPAN for key in found]
