@@ -24,8 +24,25 @@ Score = int | float
 Key = tuple[Score, int, bytes]
 # A tier's stored state for one member: (score, seq), or None when unscored in that tier.
 TierState = tuple[Score, int] | None
-# One tier's state of a run of members, as two columns: scores and seqs (None where unscored).
-Column = tuple[list[Any], list[Any]]
+# One tier's state of a run of members (a snapshot chunk): ``[scores, seqs]`` when every member
+# of the run is scored in the tier, else ``[scores, seqs, positions]`` for the scored ones only,
+# ``positions`` their indexes in the run.
+Column = list[list[Any]]
+
+
+def _scored(members: list[bytes], keys: dict[bytes, Any]) -> tuple[list[Any], list[int] | None]:
+    """The keys of ``members`` in ``keys`` and, when some have none, the positions of those that do
+    (``positions`` None: every member has a key)."""
+    get = keys.get
+    found = [get(member) for member in members]
+    if None not in found:  # keys are ints or tuples: never equal to None
+        return found, None
+    positions = [i for i, key in enumerate(found) if key is not None]
+    return [found[i] for i in positions], positions
+
+
+def _column(scores: list[Any], seqs: list[Any], positions: list[int] | None) -> Column:
+    return [scores, seqs] if positions is None else [scores, seqs, positions]
 
 
 class Ranking(SortedList):  # type: ignore[misc]
@@ -263,11 +280,11 @@ class TupleTier:
         self.order.update(self.keys.values())
 
     def columns(self, members: list[bytes]) -> Column | None:
-        """The scores and seqs of ``members`` (None for one unscored here); None if none is scored."""
-        found = [self.keys.get(member) for member in members]
-        if all(key is None for key in found):
+        """The ``Column`` of ``members`` in this tier; None when none of them is scored here."""
+        found, positions = _scored(members, self.keys)
+        if not found:
             return None
-        return [None if key is None else key[0] for key in found], [None if key is None else key[1] for key in found]
+        return _column([key[0] for key in found], [key[1] for key in found], positions)
 
     def rank(self, member: bytes) -> int | None:
         """1-based rank of ``member`` (1 = highest score), None when unscored here."""
@@ -368,13 +385,13 @@ class DenseTier:
             self.order.remove(key)
 
     def columns(self, members: list[bytes]) -> Column | None:
-        """The scores and seqs of ``members`` (None for one unscored here); None if none is scored."""
-        found = [self.keys.get(member) for member in members]
-        if all(key is None for key in found):
+        """The ``Column`` of ``members`` in this tier; None when none of them is scored here."""
+        found, positions = _scored(members, self.keys)
+        if not found:
             return None
-        scores = [None if key is None else key >> 160 if not key & _FLOAT_BITS else decode(key)[0] for key in found]
-        seqs = [None if key is None else ((key >> 34) & _SEQ_MASK) - _SEQ_SPAN for key in found]
-        return scores, seqs
+        scores = [key >> 160 if not key & _FLOAT_BITS else decode(key)[0] for key in found]
+        seqs = [((key >> 34) & _SEQ_MASK) - _SEQ_SPAN for key in found]
+        return _column(scores, seqs, positions)
 
     def add_unsorted(self, members: list[bytes], scores: list[Any], seqs: list[int]) -> None:
         """Bulk load: map new ``members`` to their keys; ``sort`` builds the order at the end.
@@ -678,13 +695,8 @@ class Board:
         for index, column in enumerate(chunk[2:]):
             if column is None:
                 continue
-            scores, seqs = column
-            scored = members
-            if None in scores:  # members unscored in this tier: left out of it
-                picked = [i for i, score in enumerate(scores) if score is not None]
-                scored = [members[i] for i in picked]
-                scores = [scores[i] for i in picked]
-                seqs = [seqs[i] for i in picked]
+            scores, seqs = column[0], column[1]
+            scored = members if len(column) == 2 else [members[i] for i in column[2]]
             if not seqs:
                 continue
             self.next_seq = min(self.next_seq, min(seqs) - 1)
