@@ -126,11 +126,12 @@ class Stage:
         self._load_started = 0.0
         #: Why the stage cannot serve (its load failed), for the host's stat and health; else None.
         self.failure: str | None = None
+        self._stopped = False  # a request that still arrives is answered with an error
 
     @property
     def loaded(self) -> bool:
         """True once the indexes are loaded and requests run as they arrive."""
-        return self._waiting is None and self.failure is None and self._loading is None
+        return self._waiting is None and self.failure is None and self._loading is None and not self._stopped
 
     def start(self) -> None:
         """Lock the directory (raising if another process holds it), then load the indexes in steps
@@ -227,6 +228,7 @@ class Stage:
             self._compaction = None
         self._storage_log.stop()
         self.store.close()
+        self._stopped = True
 
     def receive(self, message: Message) -> None:
         """Run one request now; its answer waits for this turn's log write (``turn_ended``).
@@ -238,8 +240,11 @@ class Stage:
             self._waiting.append(message)
             return
         form = read_message(message.msgid, reply_msgid(message.reply))
-        if self._waiting is not None or self.failure is not None:
-            reason = self.failure or f"index loading: {LOAD_QUEUE} requests are waiting already; try again"
+        if self._waiting is not None or self.failure is not None or self._stopped:
+            if self._stopped:
+                reason = "index stopped"
+            else:
+                reason = self.failure or f"index loading: {LOAD_QUEUE} requests are waiting already; try again"
             self._replies.append((message, form, {"error": reason}))
             return
         try:

@@ -115,6 +115,17 @@ def test_a_stop_during_the_load_answers_every_waiting_request(context) -> None:
     again.stop()
 
 
+def test_a_request_that_reaches_a_stopped_index_is_answered_with_an_error(context) -> None:
+    stage = _starting(context)
+    context.clock.advance(0)
+    stage.store.compact_min_bytes = 0  # a compaction would be due at the next turn's end
+    stage.stop()
+    stage.receive(_message({"set:b": {"x": {"i": 1}}}))
+    stage.turn_ended()
+    assert _answers(context) == [{"error": "index stopped"}]
+    assert not stage.loaded and not stage.store.compacting
+
+
 def test_a_load_that_fails_leaves_the_stage_failed_and_answers_every_request_with_why(context) -> None:
     _filled(context.base_dir)
     (snapshot,) = [p for p in Path(context.base_dir, "scores").iterdir() if p.suffix == ".snap"]
