@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?= --timeout 300
 CONFIG ?= etc/stage.json
 
-.PHONY: run test test-fast test-busy check clean bench bench-quick
+.PHONY: run test test-fast test-busy check clean bench bench-quick bench-large
 
 # The virtualenv with stagetx installed editable, reinstalled when setup.py changes. "compat" mode
 # puts the project directory on sys.path, so twistd also finds twisted/plugins/stagetx_plugin.py.
@@ -38,6 +38,10 @@ bench: $(VENV)/.installed-test
 
 bench-quick: $(VENV)/.installed-test
 	$(PY) -m bench.run --quick
+
+# Opt-in: the index stage at 10,000,000 members (about 3 GB of memory, a few minutes)
+bench-large: $(VENV)/.installed-test
+	$(PY) -m bench.bench_large
 
 check: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check stagetx tests twisted setup.py bench tools

@@ -8,6 +8,8 @@ nothing, and is reaped when the benchmark ends.
 from __future__ import annotations
 
 import csv
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -124,6 +126,48 @@ def filled_server(members: int) -> Iterator[tuple[int, float]]:
     with spawn(argv):
         wait_ready(port, 10)
         yield port, bench(port, "ZADD", 2 * members, members, PIPELINE, time_limit())
+
+
+#: Fills the sorted set inside redis-server: member%07d with a random score, KEYS[1] members.
+_FILL = (
+    "for i = 1, tonumber(ARGV[1]) do "
+    "redis.call('ZADD', KEYS[1], math.random(0, 1073741823), string.format('member%07d', i - 1)) end "
+    "return redis.call('ZCARD', KEYS[1])"
+)
+_LOADED = re.compile(rb"DB loaded from disk: ([0-9.]+) seconds")
+
+
+def _cli(port: int, *command: str, limit: float) -> str:
+    argv = ["redis-cli", "-h", "127.0.0.1", "-p", str(port), *command]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=limit, check=True).stdout.strip()
+
+
+def rdb_load_seconds(members: int, directory: str) -> float:
+    """Seconds redis-server takes to load a ``members``-member sorted set from its RDB file at
+    start (the "DB loaded from disk" figure it logs): the start-up bar for the index stage.
+
+    Fills the set in the server (one Lua loop), ``SAVE``s it to ``directory``, and starts a second
+    server on the file. Both listen on 127.0.0.1 only and are reaped.
+    """
+    limit = time_limit()
+    argv = ["redis-server", "--bind", "127.0.0.1", "--dir", directory, "--dbfilename", "bench.rdb"]
+    argv += ["--save", "", "--appendonly", "no"]
+    port = free_port()
+    with spawn([*argv, "--port", str(port), "--loglevel", "warning"]):
+        wait_ready(port, 10)
+        filled = _cli(port, "EVAL", _FILL, "1", KEY, str(members), limit=limit)
+        if filled != str(members):
+            raise RuntimeError(f"redis fill gave {filled!r} members, not {members}")
+        _cli(port, "SAVE", limit=limit)
+    port = free_port()
+    log = os.path.join(directory, "redis.log")
+    with spawn([*argv, "--port", str(port), "--loglevel", "notice", "--logfile", log]):
+        wait_ready(port, limit)
+        with open(log, "rb") as file:
+            found = _LOADED.search(file.read())
+    if found is None:
+        raise RuntimeError(f"redis-server logged no load time in {log}")
+    return float(found.group(1))
 
 
 def run(quick: bool) -> list[dict[str, Any]]:

@@ -247,6 +247,8 @@ class ProcessControl:
         executor = getattr(inner, "executor", None)
         if executor is None:
             raise LookupError(f"stage {name!r} is not an index stage")
+        if not getattr(inner, "loaded", True):  # half-loaded boards answer nothing
+            return False, f"index {name}: {inner.failure or 'still loading'}", None
         if not request:
             boards = inner.store.boards
             return True, "", {_text(n): [len(t) for t in boards[n].tiers] for n in sorted(boards)}

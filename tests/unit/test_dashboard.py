@@ -42,6 +42,7 @@ def _index_control(tmp_path: Any) -> tuple[ProcessControl, IndexStage, _IndexCon
     context = _IndexContext(str(tmp_path))
     stage = IndexStage(context, SimpleNamespace(settings="scores"))
     stage.start()
+    context.clock.advance(0)  # the load's steps
     scores = {f"m{n}".encode(): {b"I": {1: n, 2: -n}, b"v": f"name {n}".encode()} for n in range(1, 8)}
     stage.receive(Message("m", pack_py(({"set:b": scores},)), Sender("local", 0, "game", 0), reply="^game"))
     stage.turn_ended()

@@ -100,13 +100,21 @@ def test_a_board_answers_as_one_on_tuple_keys(ops, probes) -> None:
     for tier in board.tiers:
         if isinstance(tier, DenseTier):
             tier.order._check()
-    # a replay of the members' records and a bulk load from their states give the same board
-    replayed, loaded = Board(), Board()
+    # a replay of the members' records, the same replay as a bulk load, and a bulk load of the
+    # snapshot chunks give the same board
+    replayed, bulk_replayed, loaded = Board(), Board(loading=True), Board(loading=True)
     for member in board.values:
         record = board.record(b"n", member)
         replayed.restore(member, record[2], record[3:])
-    loaded.load((member, *board.state(member)) for member in board.values)
-    assert _answers(replayed, probes) == _answers(loaded, probes) == _answers(board, probes)
+        bulk_replayed.restore(member, record[2], record[3:])
+    for chunk in board.snapshot_chunks(7):
+        loaded.add_columns(board.columns(chunk))
+    for bulk in (bulk_replayed, loaded):
+        bulk.finish_load()
+        for tier in bulk.tiers:
+            tier.order._check()
+    assert _answers(replayed, probes) == _answers(bulk_replayed, probes) == _answers(board, probes)
+    assert _answers(loaded, probes) == _answers(board, probes)
 
 
 def test_an_unencodable_score_moves_the_tier_to_tuples_and_a_reload_makes_it_dense_again() -> None:
@@ -116,7 +124,9 @@ def test_an_unencodable_score_moves_the_tier_to_tuples_and_a_reload_makes_it_den
     assert isinstance(board.tier(1), TupleTier) and isinstance(board.tier(2), DenseTier)
     assert [member for _, _, member in board.tier(1).slice(1, 5)] == [b"a", b"b"]
     board.set_one(b"b", 1, 6, None, False)
-    again = Board()
-    again.load((member, *board.state(member)) for member in board.values)
+    again = Board(loading=True)
+    for chunk in board.snapshot_chunks(1):
+        again.add_columns(board.columns(chunk))
+    again.finish_load()
     assert isinstance(again.tier(1), DenseTier)
     assert [member for _, _, member in again.tier(1).slice(1, 5)] == [b"b", b"a"]

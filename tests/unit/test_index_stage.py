@@ -65,8 +65,11 @@ def context(tmp_path) -> FakeContext:
 
 
 def _started(context: FakeContext, settings: Any = "scores") -> Stage:
+    """A started stage whose load is complete (its steps run on the clock)."""
     stage = Stage(context, FakeStageConfig(settings))
     stage.start()
+    context.clock.advance(0)
+    assert stage.loaded
     return stage
 
 

@@ -105,8 +105,10 @@ def test_a_malformed_reply_address_loses_only_its_own_reply(tmp_path: Path) -> N
         "=lua": {"%package": ["[0]lua"], "=lua+b": "b"},
     }
     (tmp_path / "app.json").write_text(json.dumps(config))
-    host = ProcessHost(load_config(str(tmp_path / "app.json")), 0, Clock())
+    clock = Clock()
+    host = ProcessHost(load_config(str(tmp_path / "app.json")), 0, clock)
     host.startService()
+    clock.advance(0)  # the index's load steps
     b = host.stages[1].sender
     with LogCapture() as capture:
         for member, reply in ((b"m1", "^local/1/pong"), (b"m2", "^x"), (b"m3", "^local/1/pong")):

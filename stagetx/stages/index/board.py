@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import count
 from typing import Any
 
 from sortedcontainers import SortedList
@@ -23,6 +24,25 @@ Score = int | float
 Key = tuple[Score, int, bytes]
 # A tier's stored state for one member: (score, seq), or None when unscored in that tier.
 TierState = tuple[Score, int] | None
+# One tier's state of a run of members (a snapshot chunk): ``[scores, seqs]`` when every member
+# of the run is scored in the tier, else ``[scores, seqs, positions]`` for the scored ones only,
+# ``positions`` their indexes in the run.
+Column = list[list[Any]]
+
+
+def _scored(members: list[bytes], keys: dict[bytes, Any]) -> tuple[list[Any], list[int] | None]:
+    """The keys of ``members`` in ``keys`` and, when some have none, the positions of those that do
+    (``positions`` None: every member has a key)."""
+    get = keys.get
+    found = [get(member) for member in members]
+    if None not in found:  # keys are ints or tuples: never equal to None
+        return found, None
+    positions = [i for i, key in enumerate(found) if key is not None]
+    return [found[i] for i in positions], positions
+
+
+def _column(scores: list[Any], seqs: list[Any], positions: list[int] | None) -> Column:
+    return [scores, seqs] if positions is None else [scores, seqs, positions]
 
 
 class Ranking(SortedList):  # type: ignore[misc]
@@ -246,6 +266,29 @@ class TupleTier:
         self.keys.update((key[2], key) for key in column)
         self.order.update(column)
 
+    def add_unsorted(self, members: list[bytes], scores: list[Any], seqs: list[int]) -> None:
+        """Bulk load: map new ``members`` to their keys; ``sort`` builds the order at the end."""
+        self.keys.update(zip(members, zip(scores, seqs, members)))
+
+    def put_unsorted(self, member: bytes, score: Score, seq: int) -> None:
+        """``put`` during a bulk load: the key map only."""
+        self.keys[member] = (score, seq, member)
+
+    def discard_unsorted(self, member: bytes) -> None:
+        """``discard`` during a bulk load: the key map only."""
+        self.keys.pop(member, None)
+
+    def sort(self) -> None:
+        """End of a bulk load: build the (empty) order from the key map in one sort."""
+        self.order.update(self.keys.values())
+
+    def columns(self, members: list[bytes]) -> Column | None:
+        """The ``Column`` of ``members`` in this tier; None when none of them is scored here."""
+        found, positions = _scored(members, self.keys)
+        if not found:
+            return None
+        return _column([key[0] for key in found], [key[1] for key in found], positions)
+
     def rank(self, member: bytes) -> int | None:
         """1-based rank of ``member`` (1 = highest score), None when unscored here."""
         key = self.keys.get(member)
@@ -344,17 +387,61 @@ class DenseTier:
             self.free.append(key & _SLOT)
             self.order.remove(key)
 
-    def load(self, column: list[Key]) -> None:
-        """Bulk-insert into an empty tier; NotDense (changing nothing) if a key does not fit."""
-        keys = [
-            (score << 160) | ((seq + _SEQ_SPAN) << 34) | slot  # encode() inlined for int scores
-            if type(score) is int and -_SEQ_SPAN <= seq < 0
-            else encode(score, seq, slot)
-            for slot, (score, seq, _) in enumerate(column)
-        ]
-        self.slots = [member for _, _, member in column]
-        self.keys.update(zip(self.slots, keys))  # type: ignore[arg-type]
-        self.order.update(keys)
+    def columns(self, members: list[bytes]) -> Column | None:
+        """The ``Column`` of ``members`` in this tier; None when none of them is scored here."""
+        found, positions = _scored(members, self.keys)
+        if not found:
+            return None
+        scores = [key >> 160 if not key & _FLOAT_BITS else decode(key)[0] for key in found]
+        seqs = [((key >> 34) & _SEQ_MASK) - _SEQ_SPAN for key in found]
+        return _column(scores, seqs, positions)
+
+    def add_unsorted(self, members: list[bytes], scores: list[Any], seqs: list[int]) -> None:
+        """Bulk load: map new ``members`` to their keys; ``sort`` builds the order at the end.
+
+        Raises NotDense, having changed nothing, when a score or seq does not fit a dense key.
+        """
+        if seqs and (min(seqs) < -_SEQ_SPAN or max(seqs) >= 0):
+            raise NotDense(seqs)
+        base = len(self.slots)
+        if base + len(members) > _SLOTS:
+            raise NotDense(len(members))
+        try:
+            # encode() inlined for int scores: a float score raises TypeError at its shift
+            keys = [
+                (score << 160) | ((seq + _SEQ_SPAN) << 34) | slot for slot, score, seq in zip(count(base), scores, seqs)
+            ]
+        except TypeError:
+            keys = [encode(score, seq, slot) for slot, score, seq in zip(count(base), scores, seqs)]
+        self.slots.extend(members)
+        self.keys.update(zip(members, keys))
+
+    def put_unsorted(self, member: bytes, score: Score, seq: int) -> None:
+        """``put`` during a bulk load: the key map only (NotDense as ``put``)."""
+        keys = self.keys
+        old = keys.get(member)
+        if type(score) is int and -_SEQ_SPAN <= seq < 0:  # encode() inlined: every replayed record
+            key = (score << 160) | ((seq + _SEQ_SPAN) << 34)
+        else:
+            key = encode(score, seq, 0)  # NotDense before a slot is taken
+        keys[member] = key | (self._slot(member) if old is None else old & _SLOT)
+
+    def discard_unsorted(self, member: bytes) -> None:
+        """``discard`` during a bulk load: the key map only."""
+        key = self.keys.pop(member, None)
+        if key is not None:
+            self.slots[key & _SLOT] = None
+            self.free.append(key & _SLOT)
+
+    def sort(self) -> None:
+        """End of a bulk load: build the (empty) order from the key map in one sort."""
+        self.order.update(self.keys.values())
+
+    def unsorted_tuples(self) -> TupleTier:
+        """This tier's key map as a ``TupleTier``'s, its order not built yet (bulk load)."""
+        tier = TupleTier()
+        tier.keys = {member: (*decode(key), member) for member, key in self.keys.items()}  # type: ignore[misc]
+        return tier
 
     def tuples(self) -> TupleTier:
         """The same ranking as a ``TupleTier``."""
@@ -414,14 +501,19 @@ class Board:
     A tier starts dense (``DenseTier``) and becomes a ``TupleTier`` for good, in this process,
     the first time it is given a score a dense key cannot hold; a start loads it dense again
     when every score fits.
+
+    A board made with ``loading=True`` is being bulk-loaded: ``add_columns``, ``restore`` and
+    ``delete`` fill its maps only, and ``finish_load`` sorts each tier once; it answers nothing
+    before that.
     """
 
-    __slots__ = ("values", "tiers", "next_seq")
+    __slots__ = ("values", "tiers", "next_seq", "loading")
 
-    def __init__(self) -> None:
+    def __init__(self, loading: bool = False) -> None:
         self.values: dict[bytes, Any] = {}
         self.tiers: list[Tier] = [DenseTier() for _ in range(TIERS)]
         self.next_seq = -1
+        self.loading = loading
 
     def __len__(self) -> int:
         return len(self.values)
@@ -437,7 +529,7 @@ class Board:
         """Convert tier ``index`` (0-based) to tuples, for a score it could not hold."""
         tier = self.tiers[index]
         if isinstance(tier, DenseTier):
-            tier = self.tiers[index] = tier.tuples()
+            tier = self.tiers[index] = tier.unsorted_tuples() if self.loading else tier.tuples()
         return tier
 
     def _change(self, index: int, member: bytes, score: Score, seq: int) -> int:
@@ -486,7 +578,10 @@ class Board:
         if self.values.pop(member, _ABSENT) is _ABSENT:
             return False
         for tier in self.tiers:
-            tier.discard(member)
+            if self.loading:
+                tier.discard_unsorted(member)
+            else:
+                tier.discard(member)
         return True
 
     def state(self, member: bytes) -> tuple[Any, list[TierState]]:
@@ -512,43 +607,112 @@ class Board:
                 last = len(states)
         return tuple(states[:last])
 
-    def restore(self, member: bytes, value: Any, states: Iterable[TierState]) -> None:
+    def restore(self, member: bytes, value: Any, states: Sequence[TierState]) -> None:
         """Replace the member's whole state with a recorded one (replay of logs); tiers past the
         end of ``states`` are unscored."""
         self.values[member] = value
-        states = list(states)
-        for index in range(TIERS):
+        loading = self.loading
+        tiers = self.tiers
+        if (
+            loading
+            and len(states) == 1
+            and states[0] is not None
+            and not (tiers[1].keys or tiers[2].keys or tiers[3].keys)
+        ):
+            # a board scored in tier 1 only, at the start: most replayed records
+            score, seq = states[0]  # type: ignore[misc]
+            try:
+                tiers[0].put_unsorted(member, score, seq)
+            except NotDense:
+                self._widen(0).put_unsorted(member, score, seq)
+            if seq <= self.next_seq:
+                self.next_seq = seq - 1
+            return
+        for index, tier in enumerate(tiers):
             state = states[index] if index < len(states) else None
             if state is None:
-                self.tiers[index].discard(member)
+                if not tier.keys:
+                    continue
+                if loading:
+                    tier.discard_unsorted(member)
+                else:
+                    tier.discard(member)
                 continue
             score, seq = state
             try:
-                self.tiers[index].put(member, score, seq)
+                tier.put_unsorted(member, score, seq) if loading else tier.put(member, score, seq)
             except NotDense:
-                self._widen(index).put(member, score, seq)
+                tier = self._widen(index)
+                tier.put_unsorted(member, score, seq) if loading else tier.put(member, score, seq)
             self.next_seq = min(self.next_seq, seq - 1)
 
-    def load(self, rows: Iterable[tuple[bytes, Any, list[TierState]]]) -> None:
-        """Bulk-restore members into an empty board: one sort per tier instead of n inserts.
+    def snapshot_chunks(self, size: int) -> Iterator[list[bytes]]:
+        """Every member present now, ``size`` at a time: tier 1's in ascending key order, then those
+        unscored there. A snapshot in this order loads with a sort that finds its input sorted.
 
-        ``rows`` may be a generator streaming from a snapshot, so nothing is held twice.
+        The order is copied now (a C-level copy, no Python loop per member), so the chunks may be
+        taken while the board keeps changing; a member added later is not in them, and one
+        deleted meanwhile is still named (the caller skips it).
         """
-        columns: list[list[Key]] = [[] for _ in self.tiers]
-        low = self.next_seq + 1
-        for member, value, states in rows:
-            self.values[member] = value
-            for column, state in zip(columns, states):
-                if state is not None:
-                    column.append((state[0], state[1], member))
-                    low = min(low, state[1])
-        for index, column in enumerate(columns):
+        first = self.tiers[0]
+        keys = list(first.order)
+        if isinstance(first, DenseTier):
+            slots = list(first.slots)
+            slot_mask = _SLOT
+
+            def members(chunk: list[Any]) -> list[bytes]:
+                return [slots[key & slot_mask] for key in chunk]  # type: ignore[misc]
+
+        else:
+
+            def members(chunk: list[Any]) -> list[bytes]:
+                return [key[2] for key in chunk]
+
+        unscored = [m for m in self.values if m not in first.keys] if len(first.keys) < len(self.values) else []
+
+        def chunks() -> Iterator[list[bytes]]:
+            for start in range(0, len(keys), size):
+                yield members(keys[start : start + size])
+            for start in range(0, len(unscored), size):
+                yield unscored[start : start + size]
+
+        return chunks()
+
+    def columns(self, members: list[bytes]) -> list[Any]:
+        """The snapshot chunk of ``members``: ``[members, values, tier 1 Column or None, …]`` with
+        the members no longer present left out and trailing unused tiers too."""
+        values = self.values
+        present = [member for member in members if member in values]
+        chunk: list[Any] = [present, [values[member] for member in present]]
+        for tier in self.tiers:
+            chunk.append(tier.columns(present) if tier.keys else None)
+        while chunk[-1] is None:
+            chunk.pop()
+        return chunk
+
+    def add_columns(self, chunk: list[Any]) -> None:
+        """Bulk-load the members of one snapshot chunk (``columns``) into this loading board."""
+        assert self.loading, "add_columns fills a loading board"
+        members = chunk[0]
+        self.values.update(zip(members, chunk[1]))
+        for index, column in enumerate(chunk[2:]):
+            if column is None:
+                continue
+            scores, seqs = column[0], column[1]
+            scored = members if len(column) == 2 else [members[i] for i in column[2]]
+            if not seqs:
+                continue
+            self.next_seq = min(self.next_seq, min(seqs) - 1)
             try:
-                self.tiers[index].load(column)
+                self.tiers[index].add_unsorted(scored, scores, seqs)
             except NotDense:
-                self.tiers[index] = TupleTier()
-                self.tiers[index].load(column)
-        self.next_seq = low - 1
+                self._widen(index).add_unsorted(scored, scores, seqs)
+
+    def finish_load(self) -> None:
+        """End of a bulk load: one sort per tier (next to nothing when the keys came in order)."""
+        for tier in self.tiers:
+            tier.sort()
+        self.loading = False
 
 
 _ABSENT = object()

@@ -3,12 +3,15 @@
 The thin edge around ``stagetx.stages.index``: settings, start/stop, one message → one request table →
 one reply, with the turn's log write made before its replies, the fsync policy, and background
 compaction. Storage failures (a full disk) are counted as stage errors, logged at a bounded
-rate, and a failed compaction is retried after a back-off.
+rate, and a failed compaction is retried after a back-off. The start loads the indexes in steps
+between reactor turns; requests that arrive meanwhile wait in a bounded queue and run once the
+load is complete.
 """
 
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -35,6 +38,12 @@ FREEZE_GROWTH = 50_000
 #: Seconds before a failed compaction is tried again: doubled after each failure up to the most.
 COMPACT_RETRY_FIRST = 1.0
 COMPACT_RETRY_MOST = 60.0
+#: Seconds of load steps run back to back before the reactor gets a turn.
+LOAD_SLICE = 0.01
+#: Requests held while the indexes load; past it a request is answered ``{error = …}`` at once.
+LOAD_QUEUE = 10_000
+#: Queued requests run per log write once the load is complete (as the router's drain chunks).
+LOAD_DRAIN_CHUNK = 64
 
 
 @attrs.frozen
@@ -125,19 +134,71 @@ class Stage:
         self._storage_log = RateLimitedLog(context.log, context.clock)
         self._compact_retry = 0.0  # the back-off after a failed compaction (0: none failed)
         self._compact_after = 0.0  # no compaction before this time (clock seconds)
+        self._loading: Generator[None, None, None] | None = None  # the load's remaining steps
+        self._load_step: IDelayedCall | None = None
+        self._waiting: list[Message] | None = None  # requests that arrived during the load
+        self._load_started = 0.0
+        #: Why the stage cannot serve (its load failed), for the host's stat and health; else None.
+        self.failure: str | None = None
+        self._stopped = False  # a request that still arrives is answered with an error
+
+    @property
+    def loaded(self) -> bool:
+        """True once the indexes are loaded and requests run as they arrive."""
+        return self._waiting is None and self.failure is None and self._loading is None and not self._stopped
 
     def start(self) -> None:
-        """Load the indexes, then freeze them out of the cyclic GC's sight (see docs/index.md)."""
-        self.store.open()
+        """Lock the directory (raising if another process holds it), then load the indexes in steps
+        between reactor turns; ``_loaded`` serves what waited."""
+        self._loading = self.store.opening()
+        self._waiting = []
+        self._load_started = self.context.clock.seconds()
+        self._load_step = self.context.clock.callLater(0, self._load_next)
+
+    def _load_next(self) -> None:
+        """Steps of the load for ``LOAD_SLICE`` seconds (at least one), then let the reactor queue
+        what arrives before the next ones."""
+        self._load_step = None
+        assert self._loading is not None
+        until = time.perf_counter() + LOAD_SLICE
+        try:
+            next(self._loading)
+            while time.perf_counter() < until:
+                next(self._loading)
+        except StopIteration:
+            self._loading = None
+            self._loaded()
+            return
+        except Exception as error:
+            self._loading = None
+            self._load_failed(error)
+            return
+        self._load_step = self.context.clock.callLater(0, self._load_next)
+
+    def _load_failed(self, error: Exception) -> None:
+        """A snapshot that cannot be read (disk corruption) or a failing disk: the stage stays
+        failed (stat, health) and every request is answered with the reason."""
+        self.failure = f"index load failed: {error}"
+        self.context.count_error(self.failure)
+        self.context.log.error("index {stage}: {failure}", stage=self.context.name, failure=self.failure)
+        self.store.close()
+        self._serve_waiting()
+
+    def _loaded(self) -> None:
+        """Freeze the loaded indexes out of the cyclic GC's sight (see docs/index.md), start the
+        timers, then run the requests that waited, in their order."""
         gc.collect()
         gc.freeze()
         self._frozen_members = self._members()
         self.context.log.info(
-            "index {stage}: {boards} indexes, {members} members loaded from {directory}",
+            "index {stage}: {boards} indexes, {members} members loaded from {directory} in {seconds:.2f} s"
+            " ({waiting} requests waited)",
             stage=self.context.name,
             boards=len(self.store.boards),
             members=self._frozen_members,
             directory=self.settings.directory,
+            seconds=self.context.clock.seconds() - self._load_started,
+            waiting=len(self._waiting or ()),
         )
         if type(self.settings.fsync) is float:
             self._syncer = LoopingCall(self._sync)
@@ -146,10 +207,30 @@ class Stage:
         self._freezer = LoopingCall(self._refreeze)
         self._freezer.clock = self.context.clock
         self._freezer.start(FREEZE_CHECK, now=False)
+        self._serve_waiting()
         self._maybe_compact()
 
+    def _serve_waiting(self) -> None:
+        """Run the requests that waited for the load, ``LOAD_DRAIN_CHUNK`` per log write (or answer
+        them with the failure); later ones are run as they arrive."""
+        waiting, self._waiting = self._waiting or [], None
+        for start in range(0, len(waiting), LOAD_DRAIN_CHUNK):
+            for message in waiting[start : start + LOAD_DRAIN_CHUNK]:
+                self.receive(message)
+            self.turn_ended()
+
     def stop(self) -> None:
-        """Answer this turn's requests, abandon a running compaction, fsync and close the log."""
+        """Answer this turn's requests, abandon a running compaction or load, fsync and close the log.
+
+        Requests still waiting for an abandoned load are answered with an error: none is dropped.
+        """
+        if self._load_step is not None and self._load_step.active():
+            self._load_step.cancel()
+        if self._loading is not None:
+            self._loading.close()
+            self._loading = None
+            self.failure = "index stopped before its load was complete"
+            self._serve_waiting()
         self.turn_ended()
         for loop in (self._syncer, self._freezer):
             if loop is not None and loop.running:
@@ -161,10 +242,25 @@ class Stage:
             self._compaction = None
         self._storage_log.stop()
         self.store.close()
+        self._stopped = True
 
     def receive(self, message: Message) -> None:
-        """Run one request now; its answer waits for this turn's log write (``turn_ended``)."""
+        """Run one request now; its answer waits for this turn's log write (``turn_ended``).
+
+        While the indexes load, the request waits (up to ``LOAD_QUEUE`` of them; past that it is
+        answered with an error); after a failed load it is answered with the failure.
+        """
+        if self._waiting is not None and len(self._waiting) < LOAD_QUEUE:
+            self._waiting.append(message)
+            return
         form = read_message(message.msgid, reply_msgid(message.reply))
+        if self._waiting is not None or self.failure is not None or self._stopped:
+            if self._stopped:
+                reason = "index stopped"
+            else:
+                reason = self.failure or f"index loading: {LOAD_QUEUE} requests are waiting already; try again"
+            self._replies.append((message, form, {"error": reason}))
+            return
         try:
             # unpack_py(payload) is what message.values returns; called directly, it skips the
             # property's per-call import (about 1 µs of a ~15 µs request)
@@ -223,7 +319,7 @@ class Stage:
             self._storage_log.error("index {stage}: fsync failed: {error}", stage=self.context.name, error=error)
 
     def _maybe_compact(self) -> None:
-        if self._compaction is not None or not self.store.wants_compaction():
+        if not self.loaded or self._compaction is not None or not self.store.wants_compaction():
             return
         if self.context.clock.seconds() < self._compact_after:
             return

@@ -9,7 +9,10 @@ Files in the index directory (``N`` = a 10-digit segment number):
   taken while the stage keeps working. (A frame holding one bare record is read too: the format
   before records were batched.)
 - ``N.snap``: every board as of some moment after ``N.log`` was started; a start loads the newest
-  snapshot and replays ``N.log`` and later segments over it.
+  snapshot and replays ``N.log`` and later segments over it. Format 2: a header frame, then per
+  board a ``board`` record, ``columns`` chunks (``Board.columns``: members, values, and each
+  tier's scores and seqs) in tier-1 rank order, and ``end-board``; an ``end`` record last.
+  Format 1 (``rows`` records of whole member states) still loads.
 - ``N.snap.tmp``: a snapshot being written; it becomes ``N.snap`` by an atomic rename after fsync.
 - ``LOCK``: held (flock) while a process uses the directory.
 
@@ -45,7 +48,10 @@ from stagetx.stages.index.commands import RequestError
 
 _FRAME = struct.Struct("<II")
 _NAME = re.compile(r"^(\d{10})\.(log|snap)$")
-_HEADER = ["stagetx-index", 1]
+_MAGIC = "stagetx-index"
+#: Snapshot format versions: 1 wrote row records in dict order; 2 (written now) writes column
+#: chunks in tier-1 rank order, for a bulk load. Both load.
+_VERSION = 2
 _log = Logger(namespace="stagetx.stages.index.store")
 
 
@@ -164,7 +170,7 @@ class IndexStore:
     segment_type: type[LogSegment] = LogSegment
 
     def __init__(
-        self, directory: str, fsync: bool = False, compact_min_bytes: int = 4 << 20, chunk: int = 5000
+        self, directory: str, fsync: bool = False, compact_min_bytes: int = 4 << 20, chunk: int = 2000
     ) -> None:
         self.directory = directory
         self.fsync = fsync
@@ -255,6 +261,21 @@ class IndexStore:
 
     def open(self) -> None:
         """Lock the directory, load the newest snapshot, replay the logs, open the log for appends."""
+        for _ in self.opening():
+            pass
+
+    def opening(self) -> Generator[None, None, None]:
+        """``open`` in steps: the directory is locked now (RuntimeError when another process holds
+        it), and each step of the returned generator loads about ``chunk`` members or log records,
+        so a stage can serve its reactor between steps. The boards answer nothing before the last
+        step: they are bulk-loaded, their maps filled by the snapshot and the replayed records and
+        each tier sorted once at the end (``Board.finish_load``). Closing the steps abandons the
+        load; ``close`` then releases the directory.
+        """
+        self._lock()
+        return self._load()
+
+    def _lock(self) -> None:
         os.makedirs(self.directory, exist_ok=True)
         self._lock_fd = os.open(self._path("LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -263,18 +284,23 @@ class IndexStore:
             os.close(self._lock_fd)
             self._lock_fd = -1
             raise RuntimeError(f"index directory {self.directory} is in use by another process") from None
+
+    def _load(self) -> Generator[None, None, None]:
         snaps, logs = self._scan()
         base = max(snaps, default=0)
         if base:
-            self._load_snapshot(self._file(base, "snap"))
+            yield from self._load_snapshot(self._file(base, "snap"))
             self.snapshot_bytes = os.path.getsize(self._file(base, "snap"))
         self._remove_before(base)
         replay = [number for number in logs if number >= base]
         for number in replay:
-            valid = self._replay(self._file(number, "log"))
+            valid = yield from self._replay(self._file(number, "log"))
             if number == replay[-1]:
                 os.truncate(self._file(number, "log"), valid)
             self.log_bytes += valid
+        for board in self.boards.values():
+            board.finish_load()
+            yield
         self._log = self._open_segment(replay[-1] if replay else max(base, 1))
 
     def _scan(self) -> tuple[list[int], list[int]]:
@@ -289,7 +315,9 @@ class IndexStore:
                 (snaps if match.group(2) == "snap" else logs).append(int(match.group(1)))
         return sorted(snaps), sorted(logs)
 
-    def _replay(self, path: str) -> int:
+    def _replay(self, path: str) -> Generator[None, None, int]:
+        """Replay one log segment, a step per ``chunk`` records or so; returns the length of its
+        whole frames."""
         with open(path, "rb") as file:
             data = file.read()
         payloads, valid = read_frames(data)
@@ -313,38 +341,58 @@ class IndexStore:
                 offset=valid,
                 copy=copy,
             )
+        applied = 0
         for payload in payloads:
             records = _unpack(payload)
             if records and type(records[0]) is list:
                 for record in records:
                     self._apply(record)
+                applied += len(records)
             else:
                 self._apply(records)  # a lone record: the format before records were batched
+                applied += 1
+            if applied >= self.chunk:
+                applied = 0
+                yield
         return valid
 
     def _apply(self, record: list[Any] | tuple[Any, ...]) -> None:
         name, member = record[0], record[1]
         board = self.boards.get(name)
         if board is None:
-            board = self.boards[name] = Board()
+            board = self.boards[name] = Board(loading=self._log is None)  # replay at open: bulk load
         if len(record) == 2:
             board.delete(member)
         else:
             board.restore(member, record[2], record[3:])
 
-    def _load_snapshot(self, path: str) -> None:
+    def _load_snapshot(self, path: str) -> Generator[None, None, None]:
         with open(path, "rb") as file:
             records = _snapshot_records(file, path)
-            if next(records, None) != _HEADER:
+            header = next(records, None)
+            if not isinstance(header, list) or len(header) != 2 or header[0] != _MAGIC:
                 raise StoreCorrupt(f"{path}: not an index snapshot")
+            if header[1] not in (1, _VERSION):
+                raise StoreCorrupt(f"{path}: snapshot format {header[1]!r} is newer than this version reads")
             for record in records:
                 if record[0] == "end":
                     return
                 if record[0] != "board":
                     raise StoreCorrupt(f"{path}: unexpected record {record[0]!r}")
-                board = self.boards[record[1]] = Board()
+                board = self.boards[record[1]] = Board(loading=True)
                 board.next_seq = record[2]
-                board.load(_snapshot_rows(records, path))
+                if header[1] == 1:
+                    for member, value, states in _snapshot_rows(records, path):
+                        board.restore(member, value, states)
+                    yield
+                    continue
+                rows = 0
+                for chunk in _snapshot_chunks(records, path):
+                    board.add_columns(chunk)
+                    rows += len(chunk[0])
+                    yield
+                if rows != len(board):
+                    raise StoreCorrupt(f"{path}: board {record[1]!r} names a member twice")
         raise StoreCorrupt(f"{path}: snapshot ends early")
 
     # -- compaction ------------------------------------------------------------------------
@@ -373,18 +421,14 @@ class IndexStore:
         done = False
         try:
             with open(temporary, "wb") as out:
-                out.write(frame(_pack(_HEADER)))
-                for name, board in list(self.boards.items()):
+                out.write(frame(_pack([_MAGIC, _VERSION])))
+                # every board's member order is copied before the first chunk: a board created
+                # later is wholly in the new log segment
+                boards = [(name, board, board.snapshot_chunks(self.chunk)) for name, board in self.boards.items()]
+                for name, board, chunks in boards:
                     out.write(frame(_pack(["board", name, board.next_seq])))
-                    members = list(board.values)
-                    for start in range(0, len(members), self.chunk):
-                        # a row is a log record without the board name: trailing unscored tiers left out
-                        rows = [
-                            board.record(name, member)[1:]
-                            for member in members[start : start + self.chunk]
-                            if member in board
-                        ]
-                        out.write(frame(_pack(["rows", rows])))
+                    for members in chunks:
+                        out.write(frame(_pack(["columns", *board.columns(members)])))
                         yield
                     out.write(frame(_pack(["end-board"])))
                 out.write(frame(_pack(["end", len(self.boards)])))
@@ -484,6 +528,16 @@ def _snapshot_rows(records: Iterator[Any], path: str) -> Iterator[tuple[bytes, A
             raise StoreCorrupt(f"{path}: unexpected record {record[0]!r}")
         for row in record[1]:
             yield row[0], row[1], row[2:]
+    raise StoreCorrupt(f"{path}: snapshot ends inside a board")
+
+
+def _snapshot_chunks(records: Iterator[Any], path: str) -> Iterator[list[Any]]:
+    for record in records:
+        if record[0] == "end-board":
+            return
+        if record[0] != "columns" or len(record) < 3:
+            raise StoreCorrupt(f"{path}: unexpected record {record[0]!r}")
+        yield record[1:]
     raise StoreCorrupt(f"{path}: snapshot ends inside a board")
 
 
