@@ -182,8 +182,10 @@ local function run_queue(started)
                 local_waitfor_count = local_waitfor_count + 1
             end
             _WAITFOR = w
-            if n <= 1 then
+            if n == 1 then
                 if h.n == 1 then h[1](v) else call_handler(h, v) end
+            elseif n == 0 then  -- no values: none, as a message from another process brings
+                if h.n == 1 then h[1]() else call_handler(h) end
             else
                 call_handler(h, unpack(v, 1, n))
             end
