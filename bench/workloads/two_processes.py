@@ -17,7 +17,8 @@ from bench.workloads.server import bench_line, lua_stages, server
 SENDER = """
 local N, INFLIGHT, PACED, LIMIT = %(count)d, 64, %(paced)d, %(limit)f
 local signal, tick, min, floor = stage.signal, function() return process.tick end, math.min, math.floor
-local sent, t0 = 0, 0
+local sent, t0, c0 = 0, 0, 0
+local cpu = os.clock  -- this process's CPU time (s)
 
 local function pct(lat, p) table.sort(lat); return lat[math.max(1, floor(#lat * p))] * 1e6 end
 
@@ -68,24 +69,31 @@ end
 
 stage.waitfor("rr_done", function()
   local seconds = tick() - t0
-  log4cxx.info("BENCH rr", got, seconds, pct(lat, 0.5), pct(lat, 0.99))
+  log4cxx.info("BENCH rr", got, seconds, pct(lat, 0.5), pct(lat, 0.99), cpu() - c0)
+  signal("b:rr_cpu")
   stage.addtask(200, paced)
 end)
 stage.waitfor("fin", function(n)
-  log4cxx.info("BENCH oneway", n, tick() - t0)
+  log4cxx.info("BENCH oneway", n, tick() - t0, cpu() - c0)  -- CPU while idle does not count
   stage.addtask(200, function()
-    t0 = tick()
+    t0, c0 = tick(), cpu()
+    signal("b:rr_start")
     for _ = 1, INFLIGHT do request() end
   end)
 end)
-stage.addtask(1000, function() t0 = tick(); pump() end)
+stage.addtask(1000, function() t0, c0 = tick(), cpu(); pump() end)
 """
 
 RECEIVER = """
-local got = 0
-stage.waitfor("ping", function() got = got + 1 end)
-stage.waitfor("stop", function() return got end)
+local got, c0, cpu = 0, nil, os.clock
+stage.waitfor("ping", function() got = got + 1; c0 = c0 or cpu() end)
+stage.waitfor("stop", function()
+  log4cxx.info("BENCH oneway_cpu", got, cpu() - (c0 or cpu()))
+  return got
+end)
 stage.waitfor("echo", function(i) return i end)
+stage.waitfor("rr_start", function() c0 = cpu() end)
+stage.waitfor("rr_cpu", function() log4cxx.info("BENCH rr_cpu", cpu() - c0) end)
 """
 
 
@@ -94,8 +102,10 @@ def run(quick: bool) -> list[dict[str, Any]]:
     limit = budget.seconds(10, 4)
     values = {"count": budget.count(1_000_000, 200_000), "paced": budget.count(30_000, 10_000), "limit": limit}
     with server(lua_stages("a", "b"), {"a": SENDER % values, "b": RECEIVER}) as peer:
-        sent, seconds = bench_line(peer, "oneway", limit + 40)
-        got, rr_seconds, p50, p99 = bench_line(peer, "rr", limit + 20)
+        received, receive_cpu = bench_line(peer, "oneway_cpu", limit + 40)  # logged before "oneway"
+        sent, seconds, send_cpu = bench_line(peer, "oneway", 10)
+        got, rr_seconds, p50, p99, client_cpu = bench_line(peer, "rr", limit + 20)
+        (server_cpu,) = bench_line(peer, "rr_cpu", 10)
         _, paced_p50, paced_p99 = bench_line(peer, "paced", limit + 20)
     return [
         row("signal two processes one-way", sent / seconds, "msg/s", baseline_name=ONE_WAY, target="≥ 0.5 × baseline"),
@@ -106,6 +116,10 @@ def run(quick: bool) -> list[dict[str, Any]]:
             baseline_name=ECHO_64,
             target="≥ 0.6 × baseline",
         ),
+        row("signal two processes one-way, sender CPU", send_cpu / sent * 1e6, "µs/msg"),
+        row("signal two processes one-way, receiver CPU", receive_cpu / received * 1e6, "µs/msg"),
+        row("request/reply 64 in flight, requester CPU", client_cpu / got * 1e6, "µs/req"),
+        row("request/reply 64 in flight, replier CPU", server_cpu / got * 1e6, "µs/req"),
         row("request/reply two processes, 64 in flight p50", p50, "µs", baseline_name=f"{ECHO_64} p50"),
         row("request/reply two processes, 64 in flight p99", p99, "µs", baseline_name=f"{ECHO_64} p99"),
         row("request/reply at 10,000 req/s p50", paced_p50, "µs"),
