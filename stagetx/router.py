@@ -63,6 +63,8 @@ class Receiver(Protocol):
 
     def receive(self, message: Message) -> None: ...
 
+    # A receiver may also take a run of messages in one call: ``receive_batch(messages)``.
+
     batches: bool  # True when the stage wants ``turn_ended`` after each drain turn it took part in
 
     def turn_ended(self) -> None: ...
@@ -383,13 +385,28 @@ class Router:
             receiver, message = queue.popleft()
             if receiver.batches:
                 batching.add(receiver)
+            # the messages after it to the same stage, up to the chunk's end, go in the same call
+            run = None
+            if queue and queue[0][0] is receiver and hasattr(receiver, "receive_batch"):
+                run = [message]
+                room = DRAIN_CHUNK - count % DRAIN_CHUNK - 1
+                while room and queue and queue[0][0] is receiver:
+                    run.append(queue.popleft()[1])
+                    room -= 1
             try:
-                receiver.receive(message)
+                if run is None:
+                    receiver.receive(message)
+                else:
+                    receiver.receive_batch(run)  # type: ignore[attr-defined]
             except Exception:
                 self.log.failure(
                     "stage {stage} failed on message {msgid!r}", stage=receiver.stage_id, msgid=message.msgid
                 )
-            count += 1
+            if run is None:
+                count += 1
+            else:
+                count += len(run)
+                message = run[-1]
             if count % DRAIN_CHUNK == 0:
                 if queue:
                     self._end_chunk(batching)

@@ -499,6 +499,29 @@ function core.deliver(started, msgid, sender, reply, ...)
     enter(started, dispatch, msgid, sender, reply, ...)
 end
 
+-- Delivers a run of messages from the router in one crossing: `...` holds, per message, its id,
+-- sender, reply and number of values, then the values. Each message is its own entry (its own
+-- budget, its local messages drained after it) as if delivered alone. Returns each handler's time
+-- in seconds, in order; it stops after the message that ran past `slice` since `started`, so a
+-- run holds the thread about as long as one drain turn (Python delivers the rest in a new call).
+local deliver_times = {}
+function core.deliver_batch(started, ...)
+    local args, times = {...}, deliver_times
+    local i, n, last = 1, 0, select("#", ...)
+    local t = started
+    while i <= last do
+        local count = args[i + 3]
+        enter(t, dispatch, args[i], args[i + 1], args[i + 2], unpack(args, i + 4, i + 3 + count))
+        i = i + 4 + count
+        local t2 = now()
+        n = n + 1
+        times[n] = t2 - t
+        t = t2
+        if t - started > slice then break end
+    end
+    return unpack(times, 1, n)
+end
+
 -- Runs queued local messages (scheduled by Python when a drain turn ran out of time).
 function core.drain(started)
     enter(started, function() end)
