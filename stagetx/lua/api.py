@@ -89,6 +89,7 @@ class StageAPI:
             "now": time.monotonic,
             "send": self.send,
             "send_packed": self.send_packed,
+            "send_batch": self.send_batch,
             "report": self.report,
             "schedule_drain": self.schedule_drain,
             "log": self.write_log,
@@ -140,12 +141,33 @@ class StageAPI:
         return foreign
 
     def send_packed(self, target: Any, payload: bytes) -> tuple[Any, ...]:
-        """``send`` of values the prelude packed itself (``pack.lua``, the fast path)."""
+        """``send`` of values the prelude packed itself (``pack.lua``, the fast path).
+
+        A third result tells the prelude that ``target`` routes the same way, and surely gets
+        there, for the rest of this turn (the reactor does not run meanwhile): payloads up to that
+        many bytes to it wait in the prelude's outbox and come back in one ``send_batch``.
+        """
         try:
             address = self._address(target)
         except AddressError as err:
             return None, lua_text(f"stage.signal: {err}")
-        return self._route(address, payload)
+        stage = self.stage
+        ok, reason = stage.send_payload(address, payload)
+        if not ok:
+            return False, lua_text(reason or "not delivered")
+        room = stage.router.steady_room(stage.sender, address)
+        return (True, None, room) if room else (True,)
+
+    def send_batch(self, *outbox: Any) -> None:
+        """The prelude's outbox, ``target, payload`` pairs in the order they were signalled; each
+        was answered ``true`` already (see ``send_packed``)."""
+        send = self.stage.send_payload
+        for i in range(0, len(outbox), 2):
+            ok, reason = send(self._address(outbox[i]), outbox[i + 1])
+            if not ok:  # a route said steady changed within one turn: a bug, not a sender's error
+                self.log.error(
+                    "message to {target} from the outbox lost: {reason}", target=text(outbox[i]), reason=reason
+                )
 
     def _route(self, address: Address, payload: bytes) -> tuple[Any, ...]:
         """Hand one message to the router: ``(True,)`` or ``(False, reason)`` for ``stage.signal``."""

@@ -36,6 +36,29 @@ local null = setmetatable({}, {
 -- Packs plain values to a payload in Lua (pack.lua; Lua 5.4 only), or nil: host_send packs them.
 local fast_pack, host_send_packed = cfg.packer and cfg.packer(null), host.send_packed
 
+-- The outbox: packed messages to targets that route the same way for the rest of this turn (to
+-- one stage instance of this server, linked: Python said so with the largest payload that surely
+-- fits, kept in `steady`). Their `true` is known at the call; they leave Python-ward in one call
+-- when the entry from Python ends (`end_turn`), and before any message that must cross at once,
+-- so this stage's messages keep their order.
+local host_send_batch = host.send_batch
+local outbox, nout, steady, nsteady = {}, 0, {}, 0
+-- Entries (two per message) sent in one call at most: lupa's cost per argument grows with their
+-- number, so a longer outbox costs more per message than it saves.
+local OUTBOX_MAX = 64
+
+local function flush_outbox()
+    local n = nout
+    nout = 0
+    host_send_batch(unpack(outbox, 1, n))
+end
+
+-- The end of one entry from Python: what waits leaves, and the next turn asks routes afresh.
+local function end_turn()
+    if nout > 0 then flush_outbox() end
+    if nsteady > 0 then steady, nsteady = {}, 0 end
+end
+
 -- The budget watchdog: a count hook that interrupts a callback holding the thread too long. With
 -- cfg.watchdog (stagetx.lua.watchdog) Python switches it off on the main thread and on again only
 -- for a callback past its budget, at count 1. It steps back to the plain count at once (so the
@@ -284,9 +307,23 @@ signal = function(t, ...)
         end
     end
     local payload = fast_pack and fast_pack(...)
-    local ok, reason
     if payload then
-        ok, reason = host_send_packed(t, payload)
+        local room = steady[t]
+        if room and #payload <= room then
+            outbox[nout + 1], outbox[nout + 2] = t, payload
+            nout = nout + 2
+            if nout >= OUTBOX_MAX then flush_outbox() end
+            return true
+        end
+    end
+    if nout > 0 then flush_outbox() end
+    local ok, reason, room
+    if payload then
+        ok, reason, room = host_send_packed(t, payload)
+        if room and host_send_batch and type(t) == "string" then
+            steady[t] = room
+            nsteady = nsteady + 1
+        end
     else
         ok, reason = host_send(t, ...)
     end
@@ -484,6 +521,7 @@ end
 local core = {}
 
 local function finish_call(where, ok, ...)
+    end_turn()
     if not ok then report(where, "", (...)) end
     return ok, ...
 end
@@ -497,6 +535,7 @@ end
 -- Delivers one message from the router.
 function core.deliver(started, msgid, sender, reply, ...)
     enter(started, dispatch, msgid, sender, reply, ...)
+    end_turn()
 end
 
 -- Delivers a run of messages from the router in one crossing: `...` holds, per message, its id,
@@ -519,12 +558,14 @@ function core.deliver_batch(started, ...)
         t = t2
         if t - started > slice then break end
     end
+    end_turn()
     return unpack(times, 1, n)
 end
 
 -- Runs queued local messages (scheduled by Python when a drain turn ran out of time).
 function core.drain(started)
     enter(started, function() end)
+    end_turn()
 end
 
 -- Loads a script chunk with the stage's globals (text only: no bytecode from files).
