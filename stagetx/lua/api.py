@@ -151,22 +151,25 @@ class StageAPI:
             address = self._address(target)
         except AddressError as err:
             return None, lua_text(f"stage.signal: {err}")
-        stage = self.stage
-        ok, reason = stage.send_payload(address, payload)
-        if not ok:
-            return False, lua_text(reason or "not delivered")
-        room = stage.router.steady_room(stage.sender, address)
-        return (True, None, room) if room else (True,)
+        result = self._route(address, payload)
+        if result[0] is True:
+            room = self._steady_room(address)
+            if room:
+                return True, None, room
+        return result
+
+    def _steady_room(self, address: Address) -> int:
+        """How large a payload to ``address`` may wait in the prelude's outbox (0: none)."""
+        return self.stage.router.steady_room(self.stage.sender, address)
 
     def send_batch(self, *outbox: Any) -> None:
         """The prelude's outbox, ``target, payload`` pairs in the order they were signalled; each
         was answered ``true`` already (see ``send_packed``)."""
-        send = self.stage.send_payload
         for i in range(0, len(outbox), 2):
-            ok, reason = send(self._address(outbox[i]), outbox[i + 1])
-            if not ok:  # a route said steady changed within one turn: a bug, not a sender's error
+            result = self._route(self._address(outbox[i]), outbox[i + 1])
+            if result[0] is not True:  # a steady route changed within one turn: a bug, not the sender's
                 self.log.error(
-                    "message to {target} from the outbox lost: {reason}", target=text(outbox[i]), reason=reason
+                    "message to {target} from the outbox lost: {reason}", target=text(outbox[i]), reason=result[1]
                 )
 
     def _route(self, address: Address, payload: bytes) -> tuple[Any, ...]:
