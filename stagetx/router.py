@@ -51,6 +51,9 @@ DRAIN_SLICE = 0.020
 #: (whole-turn batches kept two busy processes in lock step, each idle half the time).
 DRAIN_CHUNK = 16
 
+#: What ``steady_room`` allows for a stage of this process: a local message has no frame limit.
+LOCAL_ROOM = 1 << 40
+
 Result = tuple[bool, str | None]
 
 
@@ -62,6 +65,8 @@ class Receiver(Protocol):
     sender: Sender
 
     def receive(self, message: Message) -> None: ...
+
+    # A receiver may also take a run of messages in one call: ``receive_batch(messages)``.
 
     batches: bool  # True when the stage wants ``turn_ended`` after each drain turn it took part in
 
@@ -76,6 +81,8 @@ class Links(Protocol):
     def send(self, group: int, frame: list[Any]) -> Result: ...
 
     def flush(self) -> None: ...
+
+    def steady_room(self, group: int) -> int: ...
 
 
 class Remote(Protocol):
@@ -174,6 +181,37 @@ class Router:
                 return False, "no cluster: this server has no peers"
             return self._to_server(sender, address, payload, reply_to)  # type: ignore[arg-type]
         return False, f"{type(address).__name__} cannot be sent from here"
+
+    def steady_room(self, sender: Sender, address: Address) -> int:
+        """The largest payload (bytes) that ``address`` from ``sender`` surely takes the same way
+        as the message just sent, until the reactor runs again; 0 when it may not.
+
+        Only addresses that reach one stage instance of this server with no choice are steady: in
+        this process, or in another one over a connected link (its frames are written as queued,
+        so nothing but the frame limit refuses them). Round-robin, broadcast, other servers and
+        processes down or not linked yet are decided per message.
+        """
+        kind = type(address)
+        if kind is ToStage:
+            scope = address.scope  # type: ignore[union-attr]
+            if scope is not Scope.ANY and scope is not Scope.LOCAL:
+                return 0
+            stage_id = address.stage if address.stage is not None else sender.stage  # type: ignore[union-attr]
+            replicas = self._replicas.get(stage_id)
+            if not replicas or len(replicas) != 1 or self._remote_targets(stage_id, scope, True):
+                return 0
+            instance = replicas[0]
+        elif kind is ReplyTo:
+            instance = address.instance  # type: ignore[union-attr]
+            if address.server != self.server_id or not 0 <= instance < len(self._placement):  # type: ignore[union-attr]
+                return 0
+        else:
+            return 0
+        if instance in self.local:
+            return LOCAL_ROOM
+        if self.links is None:
+            return 0
+        return self.links.steady_room(self._placement[instance][1])
 
     def _reply(self, sender: Sender, reply: str | None) -> str | None:
         """The reply address for ``reply``: a message id of the sender, or a full ``^…`` address."""
@@ -383,13 +421,28 @@ class Router:
             receiver, message = queue.popleft()
             if receiver.batches:
                 batching.add(receiver)
+            # the messages after it to the same stage, up to the chunk's end, go in the same call
+            run = None
+            if queue and queue[0][0] is receiver and hasattr(receiver, "receive_batch"):
+                run = [message]
+                room = DRAIN_CHUNK - count % DRAIN_CHUNK - 1
+                while room and queue and queue[0][0] is receiver:
+                    run.append(queue.popleft()[1])
+                    room -= 1
             try:
-                receiver.receive(message)
+                if run is None:
+                    receiver.receive(message)
+                else:
+                    receiver.receive_batch(run)  # type: ignore[attr-defined]
             except Exception:
                 self.log.failure(
                     "stage {stage} failed on message {msgid!r}", stage=receiver.stage_id, msgid=message.msgid
                 )
-            count += 1
+            if run is None:
+                count += 1
+            else:
+                count += len(run)
+                message = run[-1]
             if count % DRAIN_CHUNK == 0:
                 if queue:
                     self._end_chunk(batching)

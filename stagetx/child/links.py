@@ -24,7 +24,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from stagetx.router import Result, Router
-from stagetx.wire import FrameTooLarge, Link, LinkClientFactory, LinkServerFactory, check_fits
+from stagetx.wire import FrameTooLarge, Link, LinkClientFactory, LinkServerFactory, check_fits, message_room
 
 #: Frames kept for a process that is down (restarting); more are refused with a reason.
 PENDING_LIMIT = 100_000
@@ -161,6 +161,11 @@ class ProcessLinks(MultiService):
         """Write what every outbound link has queued (the router calls this after a drain turn)."""
         for link in self._out.values():
             link.flush()
+
+    def steady_room(self, group: int) -> int:
+        """The largest payload a message to ``group`` surely fits in while its link stays
+        connected (0 while it is not): half a frame, leaving the rest to the message's other fields."""
+        return message_room(self.max_frame) // 2 if group in self._out else 0
 
     def reachable(self, group: int) -> bool:
         """False only for a process that was linked and dropped (crashed, restarting).

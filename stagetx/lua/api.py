@@ -94,6 +94,7 @@ class StageAPI:
             "now": time.monotonic,
             "send": self.send,
             "send_packed": self.send_packed,
+            "send_batch": self.send_batch,
             "report": self.report,
             "schedule_drain": self.schedule_drain,
             "log": self.write_log,
@@ -145,12 +146,36 @@ class StageAPI:
         return foreign
 
     def send_packed(self, target: Any, payload: bytes) -> tuple[Any, ...]:
-        """``send`` of values the prelude packed itself (``pack.lua``, the fast path)."""
+        """``send`` of values the prelude packed itself (``pack.lua``, the fast path).
+
+        A third result tells the prelude that ``target`` routes the same way, and surely gets
+        there, for the rest of this turn (the reactor does not run meanwhile): payloads up to that
+        many bytes to it wait in the prelude's outbox and come back in one ``send_batch``.
+        """
         try:
             address = self._address(target)
         except AddressError as err:
             return None, lua_text(f"stage.signal: {err}")
-        return self._route(address, payload)
+        result = self._route(address, payload)
+        if result[0] is True:
+            room = self._steady_room(address)
+            if room:
+                return True, None, room
+        return result
+
+    def _steady_room(self, address: Address) -> int:
+        """How large a payload to ``address`` may wait in the prelude's outbox (0: none)."""
+        return self.stage.router.steady_room(self.stage.sender, address)
+
+    def send_batch(self, *outbox: Any) -> None:
+        """The prelude's outbox, ``target, payload`` pairs in the order they were signalled; each
+        was answered ``true`` already (see ``send_packed``)."""
+        for i in range(0, len(outbox), 2):
+            result = self._route(self._address(outbox[i]), outbox[i + 1])
+            if result[0] is not True:  # a steady route changed within one turn: a bug, not the sender's
+                self.log.error(
+                    "message to {target} from the outbox lost: {reason}", target=text(outbox[i]), reason=result[1]
+                )
 
     def _route(self, address: Address, payload: bytes) -> tuple[Any, ...]:
         """Hand one message to the router: ``(True,)`` or ``(False, reason)`` for ``stage.signal``."""

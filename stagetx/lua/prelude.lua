@@ -36,6 +36,29 @@ local null = setmetatable({}, {
 -- Packs plain values to a payload in Lua (pack.lua; Lua 5.4 only), or nil: host_send packs them.
 local fast_pack, host_send_packed = cfg.packer and cfg.packer(null), host.send_packed
 
+-- The outbox: packed messages to targets that route the same way for the rest of this turn (to
+-- one stage instance of this server, linked: Python said so with the largest payload that surely
+-- fits, kept in `steady`). Their `true` is known at the call; they leave Python-ward in one call
+-- when the entry from Python ends (`end_turn`), and before any message that must cross at once,
+-- so this stage's messages keep their order.
+local host_send_batch = host.send_batch
+local outbox, nout, steady, nsteady = {}, 0, {}, 0
+-- Entries (two per message) sent in one call at most: lupa's cost per argument grows with their
+-- number, so a longer outbox costs more per message than it saves.
+local OUTBOX_MAX = 64
+
+local function flush_outbox()
+    local n = nout
+    nout = 0
+    host_send_batch(unpack(outbox, 1, n))
+end
+
+-- The end of one entry from Python: what waits leaves, and the next turn asks routes afresh.
+local function end_turn()
+    if nout > 0 then flush_outbox() end
+    if nsteady > 0 then steady, nsteady = {}, 0 end
+end
+
 -- The budget watchdog: a count hook that interrupts a callback holding the thread too long. With
 -- cfg.watchdog (stagetx.lua.watchdog) Python switches it off on the main thread and on again only
 -- for a callback past its budget, at count 1. It steps back to the plain count at once (so the
@@ -228,8 +251,10 @@ local function run_queue(started)
                 local_waitfor_count = local_waitfor_count + 1
             end
             _WAITFOR = w
-            if n <= 1 then
+            if n == 1 then
                 if h.n == 1 then h[1](v) else call_handler(h, v) end
+            elseif n == 0 then  -- no values: none, as a message from another process brings
+                if h.n == 1 then h[1]() else call_handler(h) end
             else
                 call_handler(h, unpack(v, 1, n))
             end
@@ -367,9 +392,23 @@ signal = function(t, ...)
         end
     end
     local payload = fast_pack and fast_pack(...)
-    local ok, reason
     if payload then
-        ok, reason = host_send_packed(t, payload)
+        local room = steady[t]
+        if room and #payload <= room then
+            outbox[nout + 1], outbox[nout + 2] = t, payload
+            nout = nout + 2
+            if nout >= OUTBOX_MAX then flush_outbox() end
+            return true
+        end
+    end
+    if nout > 0 then flush_outbox() end
+    local ok, reason, room
+    if payload then
+        ok, reason, room = host_send_packed(t, payload)
+        if room and host_send_batch and type(t) == "string" then
+            steady[t] = room
+            nsteady = nsteady + 1
+        end
     else
         ok, reason = host_send(t, ...)
     end
@@ -567,6 +606,7 @@ end
 local core = {}
 
 local function finish_call(where, ok, ...)
+    end_turn()
     if not ok then report(where, "", (...)) end
     return ok, ...
 end
@@ -580,11 +620,37 @@ end
 -- Delivers one message from the router.
 function core.deliver(started, msgid, sender, reply, ...)
     enter(started, dispatch, msgid, sender, reply, ...)
+    end_turn()
+end
+
+-- Delivers a run of messages from the router in one crossing: `...` holds, per message, its id,
+-- sender, reply and number of values, then the values. Each message is its own entry (its own
+-- budget, its local messages drained after it) as if delivered alone. Returns each handler's time
+-- in seconds, in order; it stops after the message that ran past `slice` since `started`, so a
+-- run holds the thread about as long as one drain turn (Python delivers the rest in a new call).
+local deliver_times = {}
+function core.deliver_batch(started, ...)
+    local args, times = {...}, deliver_times
+    local i, n, last = 1, 0, select("#", ...)
+    local t = started
+    while i <= last do
+        local count = args[i + 3]
+        enter(t, dispatch, args[i], args[i + 1], args[i + 2], unpack(args, i + 4, i + 3 + count))
+        i = i + 4 + count
+        local t2 = now()
+        n = n + 1
+        times[n] = t2 - t
+        t = t2
+        if t - started > slice then break end
+    end
+    end_turn()
+    return unpack(times, 1, n)
 end
 
 -- Runs queued local messages (scheduled by Python when a drain turn ran out of time).
 function core.drain(started)
     enter(started, function() end)
+    end_turn()
 end
 
 -- Loads a script chunk with the stage's globals (text only: no bytecode from files).

@@ -119,6 +119,7 @@ class LuaVM:
         self._call = self.core[b"call"]
         self._deliver = self.core[b"deliver"]
         self._drain = self.core[b"drain"]
+        self._deliver_batch = self.core[b"deliver_batch"]
         self._chunk = self.core[b"chunk"]
         self.guard: Guard | None = None
         #: Called with the seconds a callback took when that was past ``HARD_LIMIT`` budgets.
@@ -155,6 +156,13 @@ class LuaVM:
     def deliver(self, msgid: bytes, sender: Any, reply: bytes | None, values: tuple[Any, ...]) -> None:
         """Hand one message (its decoded values) to the stage's waitfor handlers."""
         self.enter(self._deliver, time.monotonic(), msgid, sender, reply, *values)
+
+    def deliver_batch(self, args: list[Any]) -> tuple[float, ...]:
+        """Hand a run of messages to the handlers in one call: ``args`` holds, per message, its id,
+        sender, reply, number of values and the values. Returns each handler's time (s), in order,
+        for the messages delivered: fewer than given when the run reached the drain slice."""
+        times = self.enter(self._deliver_batch, time.monotonic(), *args)
+        return times if isinstance(times, tuple) else (times,)
 
     def drain(self) -> None:
         """Run the stage's queued local messages."""

@@ -126,6 +126,10 @@ class SandboxAPI(StageAPI):
         self._reactor.callFromThread(self.stage.send_payload, address, payload)
         return (True,)
 
+    def _steady_room(self, address: Address) -> int:
+        """None: the router's state belongs to the reactor thread (every send is handed over)."""
+        return 0
+
     def report(self, where: bytes, msgid: bytes, error: bytes) -> None:
         self._reactor.callFromThread(StageAPI.report, self, where, msgid, error)
 

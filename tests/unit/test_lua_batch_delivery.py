@@ -1,0 +1,118 @@
+"""A run of router messages to one Lua stage crosses into Lua once (``deliver_batch``), on real
+Lua and a real router driven by ``task.Clock``: each message still is its own callback, with its
+own budget, slow-handler report and place in the stage's counters and handler-time histogram."""
+
+from __future__ import annotations
+
+import json
+from bisect import bisect_left
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.task import Clock
+
+from stagetx.child.host import LATENCY_BUCKETS, ProcessHost
+from stagetx.codec import pack_py
+from stagetx.config import load_config
+from tests.support import LogCapture
+
+SCRIPT = """
+stage.waitfor("n", function(i) log4cxx.info("n", i) end)
+stage.waitfor("slow", function()
+    local t = process.tick
+    while process.tick - t < 0.03 do end
+end)
+stage.waitfor("loop", function() while true do end end)
+stage.waitfor("echo", function(...) stage.signal("later", ...) end)
+stage.waitfor("later", function(...) log4cxx.info("later", select("#", ...), ...) end)
+"""
+
+
+def start(tmp_path: Path, budget_ms: int = 1000) -> ProcessHost:
+    (tmp_path / "lua").mkdir()
+    (tmp_path / "lua" / "a.lua").write_text(SCRIPT)
+    config = {"#startup": [["=lua+a"]], "=lua+a": {"%package": ["[0]lua"], "%budget": budget_ms, "=lua+a": "a"}}
+    (tmp_path / "app.json").write_text(json.dumps(config))
+    host = ProcessHost(load_config(str(tmp_path / "app.json")), 0, Clock())
+    host.startService()
+    return host
+
+
+def send(host: ProcessHost, *messages: tuple[str, tuple[Any, ...]]) -> None:
+    """Queue ``messages`` to stage ``a`` from itself, then run the queue as a network read does."""
+    stage = host.stages[0]
+    for msgid, values in messages:
+        host.router.deliver(0, msgid, pack_py(values), stage.sender, None)
+    host.router.run_queue()
+
+
+def crossings(host: ProcessHost) -> dict[str, int]:
+    """Counts the calls into the stage's runtime by kind, from now on."""
+    vm = host.stages[0].stage.vm
+    counts = {"deliver": 0, "deliver_batch": 0}
+    for name in counts:
+        original = getattr(vm, name)
+
+        def counted(*args: Any, _name: str = name, _original: Any = original) -> Any:
+            counts[_name] += 1
+            return _original(*args)
+
+        setattr(vm, name, counted)
+    return counts
+
+
+def said(capture: LogCapture, prefix: str) -> list[list[str]]:
+    rows = [line.split("\t") for line in capture.lines("stage.a")]
+    return [row[1:] for row in rows if row[0] == prefix]
+
+
+def test_a_run_of_forty_messages_crosses_once_per_chunk_in_order_and_counted(tmp_path: Path) -> None:
+    host = start(tmp_path)
+    stage = host.stages[0]
+    calls = crossings(host)
+    with LogCapture() as capture:
+        send(host, *[("n", (i,)) for i in range(40)])
+    assert said(capture, "n") == [[str(i)] for i in range(40)]
+    assert calls["deliver"] == 0
+    assert 3 <= calls["deliver_batch"] < 40  # 16 + 16 + 8, more only if a drain slice ran out
+    assert stage.received == 40
+    assert sum(stage.latency) == 40
+
+
+def test_values_of_each_message_in_a_run_keep_their_count(tmp_path: Path) -> None:
+    host = start(tmp_path)
+    with LogCapture() as capture:
+        send(host, ("echo", ()), ("echo", (None,)), ("echo", (1, None, 3)), ("echo", ("x",)))
+    assert said(capture, "later") == [["0"], ["1", "nil"], ["3", "1", "nil", "3"], ["1", "x"]]
+
+
+def test_the_slow_message_of_a_run_is_named_with_its_handler_and_counted_alone(tmp_path: Path) -> None:
+    host = start(tmp_path)
+    stage = host.stages[0]
+    host.process.slow_ms = 20.0
+    with LogCapture() as capture:
+        send(host, ("n", (1,)), ("n", (2,)), ("slow", ()), ("n", (3,)), ("n", (4,)))
+    slow = [e for e in capture.events if e.get("log_format", "").startswith("slow handler")]
+    assert len(slow) == 1
+    assert (slow[0]["where"], slow[0]["script"], slow[0]["line"]) == ("handler of message 'slow'", "lua/a.lua", 3)
+    assert slow[0]["ms"] >= 30
+    assert said(capture, "n") == [["1"], ["2"], ["3"], ["4"]]
+    assert stage.received == 5
+    assert sum(stage.latency) == 5
+    assert sum(stage.latency[bisect_left(LATENCY_BUCKETS, 0.03) :]) == 1
+    assert stage.busy >= 0.03
+
+
+def test_the_budget_stops_only_the_message_that_overran_and_the_run_goes_on(tmp_path: Path) -> None:
+    host = start(tmp_path, budget_ms=100)
+    stage = host.stages[0]
+    with LogCapture() as capture:
+        send(host, ("n", (1,)), ("loop", ()), ("n", (2,)), ("n", (3,)))
+    errors = [line for line in capture.text().splitlines() if line.startswith("Lua error")]
+    assert len(errors) == 1
+    assert errors[0].startswith("Lua error in handler of message 'loop'")
+    assert "budget of 100 ms exceeded" in errors[0]
+    assert said(capture, "n") == [["1"], ["2"], ["3"]]
+    assert stage.received == 4
+    assert sum(stage.latency) == 4
+    assert sum(stage.latency[bisect_left(LATENCY_BUCKETS, 0.1) :]) == 1

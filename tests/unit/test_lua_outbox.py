@@ -1,0 +1,168 @@
+"""Messages a Lua stage signals to a stage of another process leave Lua in batches (the prelude's
+outbox) once the router has said their route is steady for the turn; on real Lua and a real
+router, with links that record frames. Every ``stage.signal`` still answers at the call, and the
+frames leave in the order they were signalled whichever path each took."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.task import Clock
+
+from stagetx.child.host import ProcessHost
+from stagetx.codec import unpack_py
+from stagetx.config import load_config
+from stagetx.lua.api import StageAPI
+from stagetx.router import Router
+from tests.fakes import RecordingLinks
+from tests.support import InProcessServer, LogCapture, wait_for, write_app
+
+SCRIPT = """
+stage.waitfor("go", function(n, big)
+    local answers = {}
+    for i = 1, n do
+        local target = (i % 7 == 0 and "b:n=back") or (i % 11 == 0 and "*b:n") or "b:n"
+        local ok, reason = stage.signal(target, i, i % 13 == 0 and big or nil)
+        answers[#answers + 1] = tostring(ok) .. (reason and (" " .. reason) or "")
+    end
+    log4cxx.info("answers", table.concat(answers, ","))
+    log4cxx.info("unknown", tostring(stage.signal("nobody:n", 1)))
+    log4cxx.info("down", tostring(stage.signal("c:n", 1)))
+    log4cxx.info("after", tostring(stage.signal("b:n", n + 1)))
+end)
+"""
+
+
+class ConnectedLinks(RecordingLinks):
+    """Links to every group but those in ``down``, connected; frames recorded."""
+
+    room = 1 << 20
+
+    def steady_room(self, group: int) -> int:
+        return 0 if group in self.down else self.room
+
+
+def start(tmp_path: Path) -> tuple[ProcessHost, ConnectedLinks]:
+    (tmp_path / "lua").mkdir()
+    (tmp_path / "lua" / "a.lua").write_text(SCRIPT)
+    (tmp_path / "lua" / "b.lua").write_text("")
+    config = {
+        "#startup": [["=lua+a"], ["=lua+b"], ["=lua+c"]],
+        "=lua": {"%package": ["[0]lua"], "=lua+a": "a", "=lua+b": "b", "=lua+c": "b"},
+    }
+    (tmp_path / "app.json").write_text(json.dumps(config))
+    host = ProcessHost(load_config(str(tmp_path / "app.json")), 0, Clock())
+    links = ConnectedLinks()
+    host.router.links = links
+    host.startService()
+    return host, links
+
+
+def go(host: ProcessHost, *values: Any) -> LogCapture:
+    stage = host.stages[0]
+    with LogCapture() as capture:
+        stage.send("a:go", *values)
+        host.router.run_queue()
+    return capture
+
+
+def said(capture: LogCapture, prefix: str) -> list[str]:
+    rows = [line.split("\t") for line in capture.lines("stage.a")]
+    return [row[1] for row in rows if row[0] == prefix]
+
+
+def count_crossings(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts the sending calls from Lua into Python, by kind (patched before a runtime binds them)."""
+    counts = {"send_packed": 0, "send_batch": 0}
+    for name in counts:
+        original = getattr(StageAPI, name)
+
+        def counted(self: StageAPI, *args: Any, _name: str = name, _original: Any = original) -> Any:
+            counts[_name] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(StageAPI, name, counted)
+    return counts
+
+
+def test_frames_leave_in_signal_order_whichever_path_each_took(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    crossings = count_crossings(monkeypatch)
+    host, links = start(tmp_path)
+    capture = go(host, 200, "x" * 3000)
+    to_b = [(frame[2], unpack_py(frame[3])[0], frame[5]) for group, frame in links.frames if group == 1]
+    assert [n for _, n, _ in to_b] == list(range(1, 202))
+    assert all((reply is not None) == (n % 7 == 0) for _, n, reply in to_b)
+    assert said(capture, "answers") == [",".join(["true"] * 200)]
+    assert said(capture, "unknown") == ["false"]
+    assert said(capture, "after") == ["true"]
+    # crossing at once: the first "b:n" and "b:n=back" (then steady), every broadcast "*b:n" and
+    # the first "b:n" after each (its outbox flushed first), and the three sends after the loop;
+    # the steady ones left in batches of at most 32
+    broadcasts = len([i for i in range(1, 201) if i % 11 == 0 and i % 7 != 0])
+    assert crossings["send_packed"] <= 2 + 2 * broadcasts + 3
+    steady = 201 - (crossings["send_packed"] - 2)
+    assert steady // 32 <= crossings["send_batch"] <= steady // 32 + broadcasts + 2
+
+
+def test_a_process_not_linked_is_never_steady(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    crossings = count_crossings(monkeypatch)
+    host, links = start(tmp_path)
+    links.down.add(1)
+    go(host, 40)
+    assert crossings["send_batch"] == 0
+    assert crossings["send_packed"] == 40 + 3
+    assert [unpack_py(frame[3])[0] for group, frame in links.frames if group == 1] == list(range(1, 42))
+
+
+def test_payloads_past_the_room_cross_at_once_and_keep_their_place(tmp_path: Path) -> None:
+    host, links = start(tmp_path)
+    links.room = 1000
+    go(host, 60, "y" * 2000)
+    values = [unpack_py(frame[3]) for group, frame in links.frames if group == 1]
+    assert [v[0] for v in values] == list(range(1, 62))
+    assert [len(v[1]) for v in values if len(v) > 1 and v[1] is not None] == [2000] * 4
+
+
+SANDBOX_MAIN = """
+local got = {}
+stage.waitfor("n", function(i)
+    got[#got + 1] = i
+    if #got == 100 then log4cxx.info("got", table.concat(got, ",")) end
+end)
+stage.submit(1, function()
+    for i = 1, 100 do stage.signal("a:n", i) end
+end)
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sandbox_hands_every_message_to_the_reactor_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: set[str] = set()
+    send = Router.send
+
+    def recorded(self: Router, *args: Any) -> Any:
+        threads.add(threading.current_thread().name)
+        return send(self, *args)
+
+    monkeypatch.setattr(Router, "send", recorded)
+    path = write_app(
+        tmp_path,
+        {"#startup": [["=lua+a"]], "=lua+a": {"%package": ["[0]lua"], "=lua+a": "main"}},
+        {"main": SANDBOX_MAIN},
+    )
+    with LogCapture() as capture:
+        server = InProcessServer(path)
+        await server.start()
+        try:
+            await wait_for(lambda: said(capture, "got") != [], 10, "100 messages")
+        finally:
+            await server.stop()
+    assert said(capture, "got") == [",".join(str(i) for i in range(1, 101))]
+    assert threads == {threading.main_thread().name}
