@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?= --timeout 300
 CONFIG ?= etc/stage.json
 
-.PHONY: run test check clean bench bench-quick bench-large
+.PHONY: run test test-fast test-busy check clean bench bench-quick bench-large
 
 # The virtualenv with stagetx installed editable, reinstalled when setup.py changes. "compat" mode
 # puts the project directory on sys.path, so twistd also finds twisted/plugins/stagetx_plugin.py.
@@ -24,6 +24,15 @@ run: $(VENV)/.installed-test
 test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The developer's loop (under a minute): tests/unit without the tests marked e2e or slow.
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not soak and not e2e and not slow" tests/unit
+
+# The whole suite RUNS times in a row while a bounded CPU hog keeps one core busy (tools/busy.py).
+RUNS ?= 1
+test-busy: $(VENV)/.installed-test
+	$(PY) tools/busy.py --runs $(RUNS) -- $(PY) -m pytest $(PYTEST_ARGS)
+
 bench: $(VENV)/.installed-test
 	$(PY) -m bench.run
 
@@ -35,9 +44,10 @@ bench-large: $(VENV)/.installed-test
 	$(PY) -m bench.bench_large
 
 check: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check stagetx tests twisted setup.py bench
-	$(VENV)/bin/ruff format --check stagetx tests twisted setup.py bench
+	$(VENV)/bin/ruff check stagetx tests twisted setup.py bench tools
+	$(VENV)/bin/ruff format --check stagetx tests twisted setup.py bench tools
 	$(VENV)/bin/mypy stagetx
+	$(PY) tools/check_imports.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache

@@ -19,7 +19,7 @@ setup(
     install_requires=[
         "twisted[tls]>=23.8",
         "lupa>=2.2",
-        "sortedcontainers>=2.4",
+        "sortedcontainers>=2.4,<3",  # Ranking reads SortedList internals (_lists, _maxes)
         "treq>=23.11",
         "attrs>=23.1",
         "msgpack>=1.0",

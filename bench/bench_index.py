@@ -40,7 +40,7 @@ from bench.baselines.redis_zset import missing, rdb_load_seconds
 from bench.rows import judge, row
 from stagetx.codec import pack_py
 from stagetx.message import Message, Sender
-from stagetx.stages.index import FREEZE_CHECK, Stage
+from stagetx.stages.index.stage import FREEZE_CHECK, Stage
 
 _SENDER = Sender("bench", 0, "bench", 0)
 _BATCH = 10_000  # messages prepared outside the timed loop at a time

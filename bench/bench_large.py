@@ -28,10 +28,10 @@ from bench import budget
 from bench.bench_index import TURN, _Context, _gc_pause, _redis_load
 from bench.rows import judge, row
 from stagetx.codec import pack_py
-from stagetx.index.board import Board
-from stagetx.index.store import IndexStore
 from stagetx.message import Message, Sender
-from stagetx.stages.index import FREEZE_CHECK, Stage
+from stagetx.stages.index.board import Board
+from stagetx.stages.index.stage import FREEZE_CHECK, Stage
+from stagetx.stages.index.store import IndexStore
 
 _SENDER = Sender("bench", 0, "bench", 0)
 _BUILD_CHUNK = 100_000

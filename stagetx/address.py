@@ -1,4 +1,4 @@
-"""The ``stage.signal`` target grammar (SPEC 2.5) parsed into typed values; pure, no I/O.
+"""The ``stage.signal`` target grammar parsed into typed values; pure, no I/O.
 
 Every form a Lua script may pass as ``t`` in ``stage.signal(t, ...)`` becomes one frozen value, so
 the router dispatches on a type instead of re-reading strings. ``parse_target`` raises only
@@ -16,14 +16,14 @@ Grammar (string forms; ``ID`` is a non-empty message id, ``STAGE`` a non-empty s
     SID[=REPLY]              ToStage          S one of "*=+": replicas of the sender's own stage id
     ID[=REPLY]               LocalAsync       this stage, asynchronously
 
-Decisions where SPEC 2.5 is silent (see also ``docs/wire.md``):
+Decisions the target grammar leaves open (see also ``docs/wire.md``):
 
 - Ids are taken verbatim: no whitespace is stripped (a Lua id may hold any bytes).
 - A message id must be non-empty: ``""``, ``"stage:"``, ``"*"``, ``":"`` are errors (handlers
-  may still be *registered* under a ``"stage:"`` prefix, SPEC 2.6, see ``match_candidates``).
+  may still be *registered* under a ``"stage:"`` prefix, see ``match_candidates``).
 - The stage part ends at the first ``:`` or ``+``; stage ids never contain either.
 - The reply part starts at the first ``=`` of the id part that is not its first character, so
-  ``"ticket:=category"`` is message ``"=category"`` (SPEC 4.4) and ``"a=b=c"`` is id ``a``,
+  ``"ticket:=category"`` is message ``"=category"`` and ``"a=b=c"`` is id ``a``,
   reply ``"b=c"``. An empty reply (``"id="``) is an error; so is a reply on ``":id"``.
 - In lock forms ``CMD`` ends at the first ``.``; lock names never contain dots, the reply id may.
   ``>CMD.REPLY`` needs both parts; the part after the dot of ``>>`` and ``<`` is optional.
@@ -163,7 +163,7 @@ def parse_target(target: object) -> Address:
 
 
 def match_candidates(msgid: str) -> list[str]:
-    """The handler ids to try for ``msgid``, in SPEC 2.6 order.
+    """The handler ids to try for ``msgid``, in handler lookup order (docs/messaging.md).
 
     ``"stage:group.msg.cb"`` → ``["stage:group.msg.cb", "stage:group.msg.", "stage:group.",
     "stage:"]``; dots before the first ``:`` are not separators; without ``:``, ``"a.b.c"`` →

@@ -1,4 +1,4 @@
-"""Values on the move (SPEC 5): Lua values and Python natives to msgpack payloads and back.
+"""Values on the move: Lua values and Python natives to msgpack payloads and back.
 
 A payload is one msgpack array holding the values of one message, in order. Mapping:
 

@@ -1,4 +1,4 @@
-"""The server configuration (SPEC 1.1, 1.2): JSON → validated, frozen values.
+"""The server configuration: JSON → validated, frozen values.
 
 Every error is one ``ConfigError`` line naming the JSON path and the problem, so start-up stops
 with a message the operator can act on. Spellings of the original platform are normalised here
@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from stagetx.lua.search import find_script
-from stagetx.stages import STAGE_TYPES
+from stagetx.stages.registry import SettingsError, stage_type, stage_types
 
 LUA_TYPES = ("lua", "luajit")
 LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "critical")
@@ -263,7 +263,7 @@ def parse_stage_name(text: str, path: str) -> tuple[str, str | None]:
     if not match:
         raise ConfigError(f'{path}: bad stage name "{text}" (expected "=type+id")')
     type_name, stage_id = match.group(1), match.group(2)
-    if type_name not in STAGE_TYPES:
+    if type_name not in stage_types():
         raise ConfigError(f'{path}: unknown stage type "={type_name}"')
     if stage_id is not None and (not stage_id or _BAD_ID_CHARS.search(stage_id)):
         raise ConfigError(f'{path}: bad stage id "{stage_id}" in "{text}"')
@@ -705,8 +705,10 @@ class _Definitions:
             settings, main = self._lua_stage(name, type_name, path)
         else:
             settings, main = self._builtin_settings(name, type_name), None
-            if type_name == "index":
-                _check_index_settings(name, settings)
+            try:
+                stage_type(type_name).check(settings, name)
+            except SettingsError as error:
+                raise ConfigError(str(error)) from None
         return StageConfig(name, type_name, stage_id, group, instance, settings, main)
 
     def _builtin_settings(self, name: str, type_name: str) -> Any:
@@ -736,23 +738,6 @@ class _Definitions:
         if preload is not None and not os.path.exists(preload):
             raise ConfigError(f"{path}: %preload {json.dumps(preload)} does not exist")
         return settings, found[1]
-
-
-def _check_index_settings(name: str, settings: Any) -> None:
-    """An index on Redis (``{"redis": URL, …}``) has its settings checked before anything starts:
-    the error names the key, e.g. ``=index+rank.redis: …`` (docs/index.md, Backends)."""
-    if not isinstance(settings, dict) or "redis" not in settings:
-        return  # the embedded board checks its own settings when it starts
-    from stagetx.stages.index import parse_settings
-
-    try:
-        parse_settings(settings, lambda path: path)
-    except ValueError as error:
-        text = str(error).removeprefix("=index: ")
-        key, colon, problem = text.partition(": ")
-        if colon and key in settings:
-            raise ConfigError(f"{name}.{key}: {problem}") from None
-        raise ConfigError(f"{name}: {text}") from None
 
 
 def _package(value: Any, path: str, base_dir: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Ordered execution locks (SPEC 2.5 ``>CMD.reply``, ``>>CMD``, ``<CMD``): FIFO turns with expiry.
+"""Ordered execution locks (``>CMD.reply``, ``>>CMD``, ``<CMD``): FIFO turns with expiry.
 
 Pure decisions with an injected clock; the router owns one table in the process that is the
 lock authority of its server (the first ``#startup`` group) and forwards requests there.
@@ -13,7 +13,7 @@ import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-#: How long a turn lasts when its holder neither extends nor releases it (SPEC: 100 ms).
+#: How long a turn lasts when its holder neither extends nor releases it (100 ms, as in the original platform).
 DEFAULT_HOLD_MS = 100
 
 

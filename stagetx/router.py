@@ -3,7 +3,7 @@
 The router of one process knows every stage instance of its server (from ``#startup``) and which
 process hosts it. Messages for stages of this process go through one FIFO run queue, drained on
 the reactor in time slices (so handlers never nest and order is kept); messages for other
-processes go out on that process's link (``stagetx.links``). The cluster layer plugs in as
+processes go out on that process's link (``stagetx.child.links``). The cluster layer plugs in as
 ``remote`` for ``+``/``*`` scopes, reply addresses of other servers and ``{id, addr}`` targets.
 """
 
@@ -58,7 +58,7 @@ Result = tuple[bool, str | None]
 
 
 class Receiver(Protocol):
-    """A stage as the router sees it (``stagetx.host.StageHost``)."""
+    """A stage as the router sees it (``stagetx.child.host.StageHost``)."""
 
     instance: int
     stage_id: str
@@ -74,7 +74,7 @@ class Receiver(Protocol):
 
 
 class Links(Protocol):
-    """Links to the other processes of this server (``stagetx.links.ProcessLinks``)."""
+    """Links to the other processes of this server (``stagetx.child.links.ProcessLinks``)."""
 
     def reachable(self, group: int) -> bool: ...
 

@@ -4,9 +4,9 @@ Our own small service over ``spawnProcess`` rather than ``twisted.runner.procmon
 must inherit the ``#services`` listening sockets (``childFDs``) and the environment, must get the
 bootstrap line on stdin (docs/internals.md), and may log lines of any length.
 
-The supervisor is also the admin side (docs/operations.md): children report over control links
-(``stagetx.admin.control``); the ``#admin`` console and HTTP endpoints run here. Start-up logs one
-line per bound port and spawned process, and one ``ready`` line once every process reported ready.
+It does what ``procmon`` does (spawn, back-off, kill, status, restart) and nothing of the admin
+side (``stagetx.admin.service.AdminService``, which learns of spawns and of the final stop through
+``on_spawn`` and ``on_stopped``). Start-up logs one line per bound service port and spawned process.
 """
 
 from __future__ import annotations
@@ -20,61 +20,27 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.base import DelayedCall
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorUNIX
-from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.internet.task import LoopingCall
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import InvalidLogLevelError, Logger, LogLevel, eventFromJSON, formatEvent
 from twisted.python.failure import Failure
 
 import stagetx
-from stagetx.admin.commands import Commands
-from stagetx.admin.console import ConsoleFactory
-from stagetx.admin.control import ControlServer
-from stagetx.admin.http import admin_site
+from stagetx import reactors
 from stagetx.config import HostPort, ServerConfig
 
 CHILD_COMMAND: tuple[str, ...] = (sys.executable, "-m", "stagetx.child")
 FIRST_SERVICE_FD = 3
 MAX_LINE = 1 << 20  # a longer line is relayed in pieces of this size, so memory stays bounded
-HEARTBEAT = 0.25  # the supervisor's own reactor is checked this often for /health
-LAG_LIMIT = 1.0  # a heart-beat later than this means the supervisor's reactor is stuck
-STALE_SNAPSHOT = 2.0  # a child with no snapshot for this long (2 × its 1 s stats beat) is unresponsive
 
 _childLog = Logger(namespace="stagetx.child")
 # One record of a child's text log ("- [stage.app#error] text"); continuation lines start with a tab.
 _TEXT_RECORD = re.compile(r"- \[(?P<namespace>[^\]#\s]+)#(?P<level>[a-z]+)\] (?P<text>.*)", re.DOTALL)
-
-
-class Clock(Protocol):
-    """The part of ``IReactorTime`` the supervisor uses (``task.Clock`` in tests)."""
-
-    def seconds(self) -> float: ...
-
-    def callLater(self, delay: float, f: Callable[..., Any], *a: Any) -> DelayedCall: ...
-
-
-class Spawner(Protocol):
-    """The part of ``IReactorProcess`` the supervisor uses."""
-
-    def spawnProcess(
-        self,
-        processProtocol: ProcessProtocol,
-        executable: str,
-        args: Sequence[str],
-        env: Mapping[str, str] | None = ...,
-        path: str | None = ...,
-        uid: int | None = ...,
-        gid: int | None = ...,
-        usePTY: bool = ...,
-        childFDs: Mapping[int, int | str] | None = ...,
-    ) -> Any: ...
 
 
 @attrs.frozen
@@ -218,8 +184,8 @@ class _Slot:
 class Supervisor(service.Service):
     """Runs the ``#startup`` groups of ``config`` as child processes.
 
-    ``clock`` and ``spawner`` default to the global reactor; ``child_command`` (default
-    ``CHILD_COMMAND``, looked up when the supervisor is made) is the argv of a child. A crashed
+    ``reactor`` (time and ``spawnProcess``; the global one when None, resolved on first use) runs
+    everything; ``child_command`` (default ``CHILD_COMMAND``) is the argv of a child. A crashed
     child is restarted after ``backoff[0]`` seconds, doubling up to ``backoff[1]``, back to the
     start once a child stayed up ``stable_after`` seconds; ``environ`` is the environment the
     children inherit (default ``os.environ``).
@@ -231,48 +197,42 @@ class Supervisor(service.Service):
         self,
         config: ServerConfig,
         *,
+        reactor: Any = None,
         args: Sequence[str] = (),
-        clock: Clock | None = None,
-        spawner: Spawner | None = None,
         child_command: Sequence[str] | None = None,
         backoff: tuple[float, float] = (1.0, 60.0),
         stable_after: float = 60.0,
         grace: float = 10.0,
         environ: Mapping[str, str] | None = None,
         operations: Mapping[str, Any] | None = None,
-        listener: Any = None,
         signals: bool = False,
-        unresponsive_restart: float = 30.0,
     ) -> None:
         self.config = config
+        self._reactor = reactor
         self._args = list(args)
-        self._clock = clock
-        self._spawner = spawner
         self._command = list(child_command or CHILD_COMMAND)
         self._backoff = backoff
         self._stable_after = stable_after
         self._grace = grace
-        self._unresponsive_restart = unresponsive_restart  # seconds; 0: never
         self._env = child_environment(os.environ if environ is None else environ)
         self._slots = [_Slot(group, backoff[0]) for group in range(len(config.startup))]
         self._sockets: list[socket.socket] | None = None
         self._rundir: str | None = None
-        self._secret = ""
+        self.secret = ""  # hex; the children's and the control links' shared key
         self._server_id = ""
         self._operations = dict(operations or {})
-        self._listener = listener
         self._signals = signals  # handle SIGHUP (twistd; not in tests)
         self._old_hup: Any = None
-        self.control: ControlServer | None = None
-        self.commands = Commands(self)
-        self._admin_ports: list[IListeningPort] = []
-        self._announced = False
-        self._heartbeat: LoopingCall | None = None
-        self._last_beat = 0.0
+        #: Called with the group after each spawn (the admin side forgets that process's state).
+        self.on_spawn: list[Callable[[int], None]] = []
+        #: Called once every process is gone at stop, before the run directory is removed.
+        self.on_stopped: list[Callable[[], defer.Deferred[None] | None]] = []
 
-    def clock(self) -> Clock:
-        """The supervisor's time source (the reactor, or the clock given for tests)."""
-        return self._reactor_clock()
+    def clock(self) -> Any:
+        """The supervisor's reactor (resolved once, on first use)."""
+        if self._reactor is None:
+            self._reactor = reactors.resolve()
+        return self._reactor
 
     @property
     def rundir(self) -> str | None:
@@ -296,21 +256,10 @@ class Supervisor(service.Service):
             self.log.warn("config: {notice}", notice=notice)
         self._rundir = tempfile.mkdtemp(prefix="stagetx-")
         secret = self.config.secret
-        self._secret = secret.encode("utf-8").hex() if secret else os.urandom(32).hex()
+        self.secret = secret.encode("utf-8").hex() if secret else os.urandom(32).hex()
         self._server_id = os.urandom(8).hex()
         for address, sock in zip(self.config.services, self._sockets or ()):
             self.log.info("service {address} bound, port {port}", address=str(address), port=sock.getsockname()[1])
-        listener = self._reactor_listener()
-        if listener is not None:
-            self.control = ControlServer(
-                self._rundir, bytes.fromhex(self._secret), len(self._slots), self.clock(), listener, self._ready
-            )
-            self.control.startService()
-            self._start_admin(listener)
-        self._last_beat = self.clock().seconds()
-        self._heartbeat = LoopingCall(self._beat)
-        self._heartbeat.clock = self.clock()  # type: ignore[assignment]
-        self._heartbeat.start(HEARTBEAT, now=False)
         if self._signals:
             reactor: Any = self.clock()
             self._old_hup = signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.hangup))
@@ -322,119 +271,6 @@ class Supervisor(service.Service):
                 reactor.callWhenRunning(signal.signal, number, lambda n, _: reactor.callFromThread(self._terminated, n))
         for slot in self._slots:
             self._spawn(slot)
-
-    def _reactor_listener(self) -> Any:
-        """What listens (``IReactorUNIX``/``IReactorTCP``): given, else the clock's reactor.
-
-        A bare ``task.Clock`` (unit tests) listens nowhere: no control links, no admin ports.
-        """
-        if self._listener is None:
-            clock = self._reactor_clock()
-            self._listener = clock if IReactorUNIX.providedBy(clock) else False
-        return self._listener or None
-
-    def _start_admin(self, listener: Any) -> None:
-        """Listen on the ``#admin`` endpoints (console, HTTP); each bound port is logged."""
-        admin = self.config.admin
-        if admin is None:
-            return
-        factories: list[tuple[str, str | None, Factory[Any]]] = [
-            ("console", admin.console, ConsoleFactory(self.commands, admin.token)),
-            ("http", admin.http, admin_site(self, self.commands, admin.token)),
-        ]
-        for kind, description, factory in factories:
-            if description is None:
-                continue
-            d = serverFromString(listener, description).listen(factory)
-            d.addCallback(self._admin_listening, kind)
-            d.addErrback(
-                lambda f, k=kind, e=description: self.log.error(
-                    "admin {kind} cannot listen on {endpoint}: {error}", kind=k, endpoint=e, error=f.getErrorMessage()
-                )
-            )
-
-    def _admin_listening(self, port: IListeningPort, kind: str) -> None:
-        if not self.running:
-            port.stopListening()
-            return
-        self._admin_ports.append(port)
-        address: Any = port.getHost()
-        self.log.info("admin {kind} listening on {host}:{port}", kind=kind, host=address.host, port=address.port)
-
-    @property
-    def admin_ports(self) -> dict[str, int]:
-        """The bound admin ports, ``{"console": port, "http": port}`` (for tests and tools)."""
-        ports = {}
-        for port in self._admin_ports:
-            factory = getattr(port, "factory", None)
-            ports["console" if isinstance(factory, ConsoleFactory) else "http"] = port.getHost().port  # type: ignore[attr-defined]
-        return ports
-
-    def _beat(self) -> None:
-        self._last_beat = self.clock().seconds()
-        if self._unresponsive_restart > 0:
-            for slot in self._slots:
-                silent = self.unresponsive(slot.group)
-                if silent is not None and silent >= self._unresponsive_restart and not slot.respawn:
-                    self._restart_stuck(slot, silent)
-
-    def unresponsive(self, group: int) -> float | None:
-        """Seconds since a ready process last reported, when that is past ``STALE_SNAPSHOT`` (its
-        reactor stopped beating: a callback stuck where no hook reaches), else None."""
-        slot = self._slots[group]
-        if self.control is None or slot.process is None:
-            return None
-        child = self.control.children[group]
-        if not child.ready or child.snapshot_at is None:
-            return None
-        silent = self.clock().seconds() - child.snapshot_at
-        return silent if silent > STALE_SNAPSHOT else None
-
-    def _restart_stuck(self, slot: _Slot, silent: float) -> None:
-        """SIGKILL a process whose reactor stopped (it cannot run a SIGTERM handler) and start a new one."""
-        assert slot.process is not None
-        self.log.error(
-            "process {process} pid {pid} unresponsive for {silent:.1f} s: SIGKILL and restart",
-            process=slot.group + 1,
-            pid=slot.process.pid,
-            silent=silent,
-        )
-        slot.respawn = True
-        slot.process.signal("KILL")
-
-    def _ready(self, group: int) -> None:
-        slot = self._slots[group]
-        pid = slot.process.pid if slot.process else None
-        self.log.info("process {process} ready, pid {pid}", process=group + 1, pid=pid)
-        control = self.control
-        if not self._announced and control is not None and all(c.ready for c in control.children):
-            self._announced = True
-            self.log.info(
-                "ready: {processes} processes, {stages} stages",
-                processes=len(self._slots),
-                stages=len(self.config.stages),
-            )
-
-    def health(self) -> list[str]:
-        """What is wrong with the server, for ``/health`` (empty when everything is up)."""
-        now = self.clock().seconds()
-        reasons = []
-        if now - self._last_beat > LAG_LIMIT + HEARTBEAT:
-            reasons.append(f"supervisor reactor lagging {now - self._last_beat:.1f} s")
-        children = self.control.children if self.control is not None else []
-        for slot, child in zip(self._slots, children):
-            name = f"process {slot.group + 1}"
-            if slot.process is None:
-                reasons.append(f"{name} is down")
-            elif not child.ready:
-                reasons.append(f"{name} is starting (not ready)")
-            elif child.snapshot_at is None or now - child.snapshot_at > STALE_SNAPSHOT:
-                silent = now - (child.snapshot_at or now)
-                reasons.append(f"{name} is unresponsive (no report for {max(silent, STALE_SNAPSHOT):.1f} s)")
-            for stage in (child.snapshot or {}).get("stages", ()):
-                if stage.get("failure"):
-                    reasons.append(f"stage {stage['name']} failed: {stage['failure']}")
-        return reasons
 
     def _terminated(self, number: int = signal.SIGTERM) -> None:
         self.log.info("{signal}: stopping (grace {grace} s)", signal=_signal_name(number), grace=self._grace)
@@ -449,17 +285,12 @@ class Supervisor(service.Service):
                 slot.process.signal("HUP")
 
     def stopService(self) -> defer.Deferred[None]:
-        """Stop accepting admin requests, SIGTERM every child (each drains, flushes and exits),
-        SIGKILL after the grace period; fires when all are gone."""
+        """SIGTERM every child (each drains, flushes and exits), SIGKILL after the grace period;
+        fires when all are gone and ``on_stopped`` ran."""
         super().stopService()
-        for port in self._admin_ports:
-            port.stopListening()
-        self._admin_ports = []
         if self._old_hup is not None:
             signal.signal(signal.SIGHUP, self._old_hup)
             self._old_hup = None
-        if self._heartbeat is not None and self._heartbeat.running:
-            self._heartbeat.stop()
         waits = []
         for slot in self._slots:
             if slot.pending is not None and slot.pending.active():
@@ -487,6 +318,17 @@ class Supervisor(service.Service):
             self._spawn(slot)
         return spawned
 
+    def kill(self, group: int) -> bool:
+        """SIGKILL group ``group``'s process and start a new one at once: for a process whose
+        reactor is stuck (it cannot run a SIGTERM handler). False when it is down or already
+        being restarted."""
+        slot = self._slots[group]
+        if slot.process is None or slot.respawn:
+            return False
+        slot.respawn = True
+        slot.process.signal("KILL")
+        return True
+
     def status(self) -> list[ChildStatus]:
         """One ``ChildStatus`` per group, in group order."""
         return [
@@ -505,7 +347,7 @@ class Supervisor(service.Service):
             "config": self.config.raw,
             "base_dir": self.config.base_dir,
             "group": group,
-            "secret": self._secret,
+            "secret": self.secret,
             "rundir": self._rundir,
             "services": {str(address): FIRST_SERVICE_FD + index for index, address in enumerate(self.config.services)},
             "args": self._args,
@@ -526,22 +368,6 @@ class Supervisor(service.Service):
             raise
         self._sockets = opened
 
-    def _reactor_clock(self) -> Clock:
-        if self._clock is None:
-            from twisted.internet import reactor
-
-            self._clock = reactor  # type: ignore[assignment]
-        assert self._clock is not None
-        return self._clock
-
-    def _reactor_spawner(self) -> Spawner:
-        if self._spawner is None:
-            from twisted.internet import reactor
-
-            self._spawner = reactor  # type: ignore[assignment]
-        assert self._spawner is not None
-        return self._spawner
-
     def _spawn(self, slot: _Slot) -> None:
         slot.pending = None
         line = json.dumps(self.bootstrap(slot.group)).encode("utf-8") + b"\n"
@@ -550,16 +376,16 @@ class Supervisor(service.Service):
         for index, sock in enumerate(self._sockets or ()):
             fds[FIRST_SERVICE_FD + index] = sock.fileno()
         try:
-            self._reactor_spawner().spawnProcess(protocol, self._command[0], self._command, env=self._env, childFDs=fds)
+            self.clock().spawnProcess(protocol, self._command[0], self._command, env=self._env, childFDs=fds)
         except Exception:
             self.log.failure("process {process}: cannot start {command}", process=slot.group + 1, command=self._command)
             self._schedule_restart(slot)
             return
         assert protocol.pid is not None  # set by connectionMade during spawnProcess
         slot.process = protocol
-        slot.started = self._reactor_clock().seconds()
-        if self.control is not None:
-            self.control.children[slot.group].ready = False
+        slot.started = self.clock().seconds()
+        for spawned_hook in self.on_spawn:
+            spawned_hook(slot.group)
         self.log.info("process {process} started, pid {pid}", process=slot.group + 1, pid=protocol.pid)
         spawns, slot.spawns = slot.spawns, []
         for spawned in spawns:
@@ -569,7 +395,7 @@ class Supervisor(service.Service):
         assert slot.process is not None
         slot.process.signal("TERM")
         if slot.killer is None or not slot.killer.active():
-            slot.killer = self._reactor_clock().callLater(self._grace, self._kill, slot)
+            slot.killer = self.clock().callLater(self._grace, self._kill, slot)
 
     def _kill(self, slot: _Slot) -> None:
         slot.killer = None
@@ -604,7 +430,7 @@ class Supervisor(service.Service):
             slot.restarts += 1
             self._spawn(slot)
         elif code != 0 or sig is not None:
-            uptime = self._reactor_clock().seconds() - (slot.started or 0.0)
+            uptime = self.clock().seconds() - (slot.started or 0.0)
             if uptime >= self._stable_after:
                 slot.delay = self._backoff[0]
             self._schedule_restart(slot)
@@ -613,20 +439,19 @@ class Supervisor(service.Service):
         delay = slot.delay
         slot.delay = min(delay * 2, self._backoff[1])
         self.log.info("process {process} restarts in {delay}s", process=slot.group + 1, delay=delay)
-        slot.pending = self._reactor_clock().callLater(delay, self._respawn, slot)
+        slot.pending = self.clock().callLater(delay, self._respawn, slot)
 
     def _respawn(self, slot: _Slot) -> None:
         slot.restarts += 1
         self._spawn(slot)
 
     def _cleanup(self, result: object) -> defer.Deferred[None]:
-        """Close the shared sockets and the control socket, then remove the run directory."""
+        """Close the shared sockets, run ``on_stopped``, then remove the run directory."""
         for sock in self._sockets or ():
             sock.close()
         self._sockets = None
-        control, self.control = self.control, None
         rundir, self._rundir = self._rundir, None
-        stopped = defer.maybeDeferred(control.stopService) if control is not None else defer.succeed(None)
+        stopped = defer.gatherResults([defer.maybeDeferred(hook) for hook in self.on_stopped])
 
         def remove(_: object) -> None:
             if rundir is not None:

@@ -8,9 +8,10 @@ from typing import Any
 from twisted.application import service
 from twisted.python import usage
 
+from stagetx.admin.service import AdminService
 from stagetx.config import ConfigError, ServerConfig, load_config
+from stagetx.lua.search import preload_files
 from stagetx.lua.syntax import compile_errors
-from stagetx.stages.lua import preload_files
 from stagetx.supervisor import Supervisor
 
 
@@ -101,7 +102,8 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
         operations=operations,
         signals=True,
         backoff=(delay, max(delay, 60.0)),
-        unresponsive_restart=options.get("unresponsive-restart", 30.0),
     )
     supervisor.setServiceParent(root)
+    admin = AdminService(supervisor, unresponsive_restart=options.get("unresponsive-restart", 30.0))
+    admin.setServiceParent(root)  # after the supervisor: its run directory exists
     return root

@@ -49,6 +49,8 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from stagetx import reactors
+
 VERSION = 2
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 FLUSH_BYTES = 256 * 1024  # a batch this large is written at once, not at the end of the turn
@@ -188,11 +190,7 @@ class Link(protocol.Protocol):
     # -- connection life -----------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        if self._clock is None:
-            from twisted.internet import reactor
-
-            self._clock = reactor  # type: ignore[assignment]
-        assert self._clock is not None
+        self._clock = reactors.resolve(self._clock)
         self._timeout_call = self._clock.callLater(self.settings.handshake_timeout, self._timed_out)
         self._write_frame(_HELLO.pack(_MAGIC, VERSION, self._nonce) + self._node)
 

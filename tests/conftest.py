@@ -1,4 +1,9 @@
-"""Fixtures shared by the unit and end-to-end tests."""
+"""Fixtures shared by the unit and end-to-end tests; the ``e2e`` and ``slow`` markers by folder.
+
+``tests/unit`` is the fast loop (fake time and transports, real Lua): ``make test-fast``. Tests in
+``tests/integration`` (real sockets, redis, subprocesses) and ``tests/e2e`` (real servers) are
+marked ``e2e``; ``tests/reliability`` and ``tests/fuzz`` are ``e2e`` and ``slow``.
+"""
 
 from __future__ import annotations
 
@@ -37,3 +42,18 @@ def write_config(app_dir: Path) -> WriteConfig:
         return path
 
     return write
+
+
+_FOLDER_MARKS = {"integration": ("e2e",), "e2e": ("e2e",), "reliability": ("e2e", "slow"), "fuzz": ("e2e", "slow")}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test by its folder, so ``-m "not e2e and not slow"`` is the unit loop."""
+    root = Path(__file__).parent
+    for item in items:
+        try:
+            folder = item.path.relative_to(root).parts[0]
+        except ValueError:
+            continue
+        for mark in _FOLDER_MARKS.get(folder, ()):
+            item.add_marker(mark)

@@ -23,8 +23,8 @@ from twisted.internet.endpoints import (
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 
+from stagetx.child.host import ProcessHost
 from stagetx.config import load_config
-from stagetx.host import ProcessHost
 
 
 def write_app(root: Path, config: dict[str, Any], scripts: dict[str, str]) -> Path:
@@ -72,13 +72,28 @@ class LogCapture:
         return "\n".join(formatEvent(e) for e in self.events)
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    """Poll ``predicate`` on the reactor until true; fail after ``timeout`` seconds."""
+def wait_until(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Block until ``condition()`` holds, for tests that wait on threads or other processes; fail
+    after ``timeout`` seconds. Not for code on the reactor thread: use ``wait_for`` there."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.01, lambda: None)
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> Deferred[None]:
+    """A Deferred that fires once ``condition()`` holds, checked on the reactor while it runs
+    (``await`` it); it fails after ``timeout`` seconds."""
+
+    async def poll() -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            await deferLater(reactor, 0.01, lambda: None)
+
+    return ensureDeferred(poll())
 
 
 class InProcessServer:
@@ -91,7 +106,8 @@ class InProcessServer:
 
     async def start(self) -> None:
         for host in self.hosts:
-            await ensureDeferred(_as_deferred(host.startService()))
+            host.startService()
+            await host.ready
 
     async def stop(self) -> None:
         for host in reversed(self.hosts):
@@ -173,13 +189,19 @@ class ServerProcess:
         return out
 
     def wait_for(self, condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if self.process.poll() is not None:
+        """``wait_until`` that also fails at once if the server exits; both failures show its log."""
+
+        def done() -> bool:
+            if self.process.poll() is not None and not condition():
                 raise AssertionError(f"server exited while waiting for {what}:\n" + "\n".join(self.lines[-60:]))
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}:\n" + "\n".join(self.lines[-60:]))
-            time.sleep(0.02)
+            return condition()
+
+        try:
+            wait_until(done, timeout, what)
+        except AssertionError as error:
+            if "server exited" in str(error):
+                raise
+            raise AssertionError(f"{error}:\n" + "\n".join(self.lines[-60:])) from None
 
     def stop(self, timeout: float = 20.0) -> int:
         import signal

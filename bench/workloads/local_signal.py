@@ -1,6 +1,6 @@
 """Local ``stage.signal("id")`` → ``stage.waitfor`` in one stage: dispatch that stays in Lua.
 
-Target (DESIGN 4): ≥ 1,000,000 msg/s.  The script posts chunks of messages; a ``chunk`` message
+Target: ≥ 1,000,000 msg/s.  The script posts chunks of messages; a ``chunk`` message
 queued behind each chunk posts the next, so the measured time includes every dispatch.
 """
 

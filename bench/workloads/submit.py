@@ -1,6 +1,6 @@
 """``stage.submit`` speed-up: two CPU-bound Lua jobs with two keys vs the same two with one key.
 
-Target (DESIGN 4): ≥ 1.8 on 2 cores (issue 4 asks ≥ 1.7). One key runs the two jobs one after the
+Target: ≥ 1.8 on 2 cores (issue 4 asks ≥ 1.7). One key runs the two jobs one after the
 other; two keys run them on two worker threads at once, in two sandboxes, so the ratio shows
 whether Lua really runs in parallel through stagetx (lupa releases the GIL). The baseline is
 the same ratio for two bare lupa runtimes in two threads (``bench.baselines.lupa_calls``).

@@ -15,10 +15,10 @@ import attrs
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
 from stagetx.config import LOG_LEVELS
-from stagetx.control import Result
+from stagetx.controllink import Result
 
 if TYPE_CHECKING:
-    from stagetx.supervisor import Supervisor
+    from stagetx.admin.view import AdminView
 
 
 @attrs.frozen
@@ -71,7 +71,7 @@ def parse(line: str) -> tuple[str, list[str]]:
 class Commands:
     """Runs admin commands for ``supervisor`` (its status, restart and control server)."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: AdminView) -> None:
         self.supervisor = supervisor
 
     def run_line(self, line: str) -> Deferred[Reply]:

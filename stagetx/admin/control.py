@@ -1,7 +1,7 @@
 """The supervisor side of the control links: one authenticated link per child process.
 
-Children connect to ``RUNDIR/control.sock`` (``stagetx.control``); the link's node id ``gN`` names
-the group. The server keeps each group's latest stats snapshot and ready flag, and sends commands
+Children connect to ``RUNDIR/control.sock`` (``stagetx.controllink``); the link's node id ``gN``
+names the group. The server keeps each group's latest stats snapshot and ready flag, and sends commands
 (``["cmd", id, name, args]``) whose results come back by id, with a timeout.
 """
 
@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from stagetx.control import Result, control_path
+from stagetx.controllink import Command, CommandResult, Ready, Result, Stats, control_path, read_frame
 from stagetx.wire import Link, LinkServerFactory
 
 #: Seconds a child has to answer one command.
@@ -99,21 +99,21 @@ class ControlServer(Service):
 
     def message_received(self, link: Link, obj: Any) -> None:
         child = self._child(link)
-        if child is None or child.link is not link or not isinstance(obj, list) or not obj:
+        frame = read_frame(obj)
+        if child is None or child.link is not link:
             return
-        kind = obj[0]
-        if kind == "stats" and len(obj) == 2:
-            child.snapshot = obj[1]
+        if isinstance(frame, Stats):
+            child.snapshot = frame.snapshot
             child.snapshot_at = self.reactor.seconds()
-        elif kind == "ready":
+        elif isinstance(frame, Ready):
             if not child.ready:
                 child.ready = True
                 child.snapshot_at = self.reactor.seconds()  # silence is counted from here
                 self._on_ready(child.group)
-        elif kind == "result" and len(obj) == 5:
-            waiting = child.pending.pop(obj[1], None)
+        elif isinstance(frame, CommandResult):
+            waiting = child.pending.pop(frame.id, None)
             if waiting is not None:
-                waiting.callback((bool(obj[2]), str(obj[3]), obj[4]))
+                waiting.callback(frame.result)
 
     def link_lost(self, link: Link, reason: object) -> None:
         child = self._child(link)
@@ -137,7 +137,7 @@ class ControlServer(Service):
         rid = next(self._ids)
         waiting: Deferred[Result] = Deferred()
         child.pending[rid] = waiting
-        child.link.send(["cmd", rid, name, args])
+        child.link.send(Command(rid, name, args).frame())
 
         def expire() -> None:
             if child.pending.pop(rid, None) is waiting:

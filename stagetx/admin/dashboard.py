@@ -24,7 +24,7 @@ import secrets
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from twisted.internet.task import LoopingCall
@@ -33,7 +33,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from stagetx.admin.commands import Commands, Reply
-from stagetx.admin.http import MAX_BODY, AdminSite, StaticFiles, _as_json, _Guarded
+from stagetx.admin.http import MAX_BODY, AdminSite, Guarded, StaticFiles, as_json
+
+if TYPE_CHECKING:
+    from stagetx.admin.view import AdminView
 
 STATIC = Path(__file__).with_name("static")
 SAMPLE_INTERVAL = 1.0
@@ -41,7 +44,7 @@ HISTORY_SECONDS = 600.0
 #: Seconds over which the overview's handler-time quantiles are taken.
 QUANTILE_WINDOW = 10
 #: A snapshot older than this many seconds is not shown as live: the process is unresponsive, as
-#: ``list`` and ``/health`` say (``stagetx.supervisor.STALE_SNAPSHOT``, 2 × the 1 s report beat).
+#: ``list`` and ``/health`` say (``stagetx.admin.service.STALE_SNAPSHOT``, 2 × the 1 s report beat).
 STALE_AFTER = 2.0
 ACTIONS = frozenset({"reload", "restart", "loglevel"})
 
@@ -150,7 +153,7 @@ def _live(child: Any, now: float) -> dict[str, Any] | None:
     return child.snapshot if now - child.snapshot_at <= STALE_AFTER else None
 
 
-def overview(supervisor: Any, history: History, now: float) -> dict[str, Any]:
+def overview(supervisor: AdminView, history: History, now: float) -> dict[str, Any]:
     """Everything the page shows at one moment; numbers only from live snapshots (else None)."""
     control = supervisor.control
     children = control.children if control is not None else []
@@ -227,7 +230,7 @@ class Dashboard:
     log = Logger(namespace="stagetx.admin")
 
     def __init__(
-        self, supervisor: Any, commands: Commands, token: str | None, interval: float = SAMPLE_INTERVAL
+        self, supervisor: AdminView, commands: Commands, token: str | None, interval: float = SAMPLE_INTERVAL
     ) -> None:
         self.supervisor = supervisor
         self.commands = commands
@@ -332,7 +335,7 @@ class _Page(Resource):
         return self.body
 
 
-class _Part(_Guarded):
+class _Part(Guarded):
     def __init__(self, dashboard: Dashboard, token: str | None) -> None:
         super().__init__(token)
         self.dashboard = dashboard
@@ -388,7 +391,7 @@ class _Action(_Part):
             return _forbid(request, refused)
         command = _action_of(request)
         if isinstance(command, str):
-            return _as_json(request, Reply(False, error=command))
+            return as_json(request, Reply(False, error=command))
         finished = request.notifyFinish()
         gone: list[Any] = []
         finished.addErrback(gone.append)
@@ -400,7 +403,7 @@ class _Action(_Part):
                 result="OK" if reply.ok else reply.error,
             )
             if not gone:
-                request.write(_as_json(request, reply))
+                request.write(as_json(request, reply))
                 request.finish()
 
         d.commands.run(command[0], command[1:]).addCallback(answer)
@@ -444,7 +447,7 @@ def _action_of(request: Request) -> list[str] | str:
 class DashboardSite(AdminSite):
     """The admin ``Site`` with the dashboard installed; samples only while it listens."""
 
-    def __init__(self, root: Resource, supervisor: Any, commands: Commands, token: str | None) -> None:
+    def __init__(self, root: Resource, supervisor: AdminView, commands: Commands, token: str | None) -> None:
         self.dashboard = Dashboard(supervisor, commands, token)
         self.dashboard.install(root)
         super().__init__(root, token)

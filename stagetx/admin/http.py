@@ -17,7 +17,7 @@ import hmac
 import json
 from collections.abc import Callable, Sequence
 from io import BytesIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
@@ -30,6 +30,9 @@ from twisted.web.static import File
 
 from stagetx.admin import metrics
 from stagetx.admin.commands import Commands, Reply, parse
+
+if TYPE_CHECKING:
+    from stagetx.admin.view import AdminView
 
 MAX_BODY = 64 * 1024
 #: Seconds a refused request's body is still read (and dropped) so that the client gets the
@@ -50,7 +53,7 @@ def _authorized(given: str | bytes | None, token: str) -> bool:
     return hmac.compare_digest((given or b"").strip(), f"Bearer {token}".encode())
 
 
-class _Guarded(Resource):
+class Guarded(Resource):
     """A resource that checks the bearer token before rendering."""
 
     isLeaf = True
@@ -82,7 +85,7 @@ def _command_of(request: Request) -> tuple[str, list[str]] | None:
     return name, args
 
 
-class _CommandResource(_Guarded):
+class CommandResource(Guarded):
     """Runs a command and answers with ``show(reply)`` (text or JSON)."""
 
     def __init__(self, commands: Commands, token: str | None, show: Callable[[Request, Reply], bytes]) -> None:
@@ -110,20 +113,20 @@ class _CommandResource(_Guarded):
     render_POST = render_GET
 
 
-def _as_text(request: Request, reply: Reply) -> bytes:
+def as_text(request: Request, reply: Reply) -> bytes:
     request.setResponseCode(200 if reply.ok else 400)
     request.setHeader("content-type", "text/plain; charset=utf-8")
     return reply.text().encode("utf-8", "replace")
 
 
-def _as_json(request: Request, reply: Reply) -> bytes:
+def as_json(request: Request, reply: Reply) -> bytes:
     request.setResponseCode(200 if reply.ok else 400)
     request.setHeader("content-type", "application/json")
     return json.dumps(reply.json(), default=str).encode()
 
 
-class _Metrics(_Guarded):
-    def __init__(self, supervisor: Any, token: str | None) -> None:
+class MetricsResource(Guarded):
+    def __init__(self, supervisor: AdminView, token: str | None) -> None:
         super().__init__(token)
         self.registry = metrics.make_registry(supervisor)
 
@@ -132,7 +135,7 @@ class _Metrics(_Guarded):
         return metrics.render(self.registry)
 
 
-class _Health(_Guarded):
+class HealthResource(Guarded):
     def __init__(self, health: Callable[[], list[str]], token: str | None) -> None:
         super().__init__(token)
         self.health = health
@@ -245,18 +248,3 @@ class AdminSite(Site):
     def __init__(self, resource: Resource, token: str | None) -> None:
         super().__init__(resource)
         self.token = token
-
-
-def admin_site(supervisor: Any, commands: Commands, token: str | None) -> Site:
-    """The admin ``Site`` of ``supervisor``; ``supervisor.health()`` lists what is wrong (empty: ok)."""
-    root = Resource()
-    root.putChild(b"cmd", _CommandResource(commands, token, _as_text))
-    root.putChild(b"api", _CommandResource(commands, token, _as_json))
-    root.putChild(b"metrics", _Metrics(supervisor, token))
-    root.putChild(b"health", _Health(supervisor.health, token))
-    from stagetx.admin.dashboard import DashboardSite  # it builds on this module's resources
-
-    site = DashboardSite(root, supervisor, commands, token)  # GET /, /static, /api/events … (docs/dashboard.md)
-    site.displayTracebacks = False
-    site.noisy = False
-    return site

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from stagetx.supervisor import Supervisor
+    from stagetx.admin.view import AdminView
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -23,7 +23,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class StageCollector(Collector):
     """Yields the metric families of the server (see docs/operations.md for the list)."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: AdminView) -> None:
         self.supervisor = supervisor
 
     def collect(self) -> Iterator[Metric]:
@@ -157,7 +157,7 @@ def _buckets(bounds: list[float], counts: list[int]) -> list[tuple[str, float]]:
     return out
 
 
-def make_registry(supervisor: Supervisor) -> CollectorRegistry:
+def make_registry(supervisor: AdminView) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StageCollector(supervisor))
     return registry

@@ -1,4 +1,4 @@
-"""Client sockets for Lua stages (SPEC 6): ``broker.ready``, ``broker.join`` and friends.
+"""Client sockets for Lua stages: ``broker.ready``, ``broker.join`` and friends.
 
 ``framing`` (addresses and framings, pure), ``addresses`` (packed and text addresses),
 ``sockets`` (the Twisted edge), ``lua_api`` (the ``broker`` Lua global), ``reload`` (what a

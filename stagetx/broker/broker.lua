@@ -1,4 +1,4 @@
--- stagetx broker: the `broker` global of one Lua runtime (SPEC 6).
+-- stagetx broker: the `broker` global of one Lua runtime.
 --
 -- Loaded once per runtime by stagetx.broker.lua_api with `host`, a table of Python callables: the
 -- stage's main runtime gets the full broker, a job's sandbox one whose writes go to the reactor

@@ -1,4 +1,4 @@
-"""Broker addresses and framings (SPEC 6), pure: no reactor, no Lua.
+"""Broker addresses and framings, pure: no reactor, no Lua.
 
 ``parse_url`` reads ``"tcp://host:port?packet=IN,OUT"``; a ``Framing`` cuts a byte stream into
 frames and encodes frames back, within the IN/OUT limits:

@@ -22,9 +22,10 @@ from stagetx.address import Address, AddressError, ReplyTo, ToStage, parse_targe
 from stagetx.codec import CodecError, function_kinds, pack_lua, pack_py, unpack_lua
 from stagetx.lua.loader import ScriptLoader, ScriptNotFound
 from stagetx.lua.runtime import LuaScriptError, LuaVM
+from stagetx.message import Sender
 
 if TYPE_CHECKING:
-    from stagetx.host import StageHost
+    from stagetx.child.host import StageHost
 
 LEVELS = {
     b"info": LogLevel.info,
@@ -350,3 +351,16 @@ class StageAPI:
 
 def _native(value: Any) -> Any:
     return text(value) if isinstance(value, bytes) else value
+
+
+def sender_fields(sender: Sender) -> dict[Any, Any]:
+    """``_WAITFOR[1]``: server address, process (1-based group), stage id, also by position."""
+    return {
+        "server": sender.server,
+        "process": sender.group + 1,
+        "stage": sender.stage,
+        "instance": sender.instance,
+        1: sender.server,
+        2: sender.group + 1,
+        3: sender.stage,
+    }

@@ -1,7 +1,7 @@
 """Lua APIs added to a stage's runtime beyond the prelude (``stage.submit``, ``thread.new``, ``broker``).
 
 Each module listed in ``EXTENSIONS`` has ``install(stage)``, called once the stage's main runtime
-exists and before any script runs; ``stage`` is the ``stagetx.stages.lua.Stage`` (its ``vm``,
+exists and before any script runs; ``stage`` is the ``stagetx.stages.lua.stage.Stage`` (its ``vm``,
 ``api`` and ``context``). An extension adds functions to ``stage.vm.extensions`` (they become
 ``stage.NAME``), ``stage.vm.thread_extensions`` (``thread.NAME``) or Lua globals, and registers
 its clean-up with ``stage.on_stop``.

@@ -1,4 +1,4 @@
-"""``stage.load`` (SPEC 2.2): scripts found along ``%package``, run once, cached, re-checked.
+"""``stage.load``: scripts found along ``%package``, run once, cached, re-checked.
 
 A cache entry remembers where its file was found; once it is older than the re-check period
 (``%recheck``: long at position 0, short for a fail-over position > 0) the next load searches

@@ -132,7 +132,7 @@ do
 end
 
 ---------------------------------------------------------------------------------------------------
--- Values between handlers of one runtime are copied (SPEC 5): tables deep, stage.null as nil.
+-- Values between handlers of one runtime are copied: tables deep, stage.null as nil.
 local function copy(v, seen)
     if type(v) ~= "table" then return v end
     if v == null then return nil end
@@ -160,7 +160,7 @@ local function copy_args(n, ...)
 end
 
 ---------------------------------------------------------------------------------------------------
--- waitfor matching (SPEC 2.6): the id itself, then cut after each '.' of the message part from the
+-- waitfor matching: the id itself, then cut after each '.' of the message part from the
 -- right, then the "stage:" prefix. Dots before the first ':' are not separators.
 local function lookup(id)
     local h = handlers[id]
@@ -223,7 +223,7 @@ local function dispatch(msgid, sender, reply, ...)
     end
     local saved, saved_ticket = _WAITFOR, _TICKET
     _WAITFOR = {[0] = msgid, sender, reply, [-1] = registered}
-    -- a ticket callback (SPEC 4.4) is sent with the reply id "#" .. ticket id
+    -- a ticket callback is sent with the reply id "#" .. ticket id
     _TICKET = reply ~= nil and match(reply, "^%^[^/]*/%d+/#(@.*)$") or nil
     local ok, err = send_reply(reply, xpcall(call_handler, on_error, h, ...))
     _WAITFOR, _TICKET = saved, saved_ticket
@@ -536,7 +536,7 @@ end
 setmetatable(stage, {__index = cfg.extensions})
 
 ---------------------------------------------------------------------------------------------------
--- log4cxx (SPEC 3.1): substitutions here, where the caller's file and line are known.
+-- log4cxx: substitutions here, where the caller's file and line are known.
 local function format_log(level, ...)
     local n = select("#", ...)
     local parts = {...}

@@ -1,4 +1,4 @@
--- stage.proxy (SPEC 2.7): a table whose assignments run the watchers declared for their keys.
+-- stage.proxy: a table whose assignments run the watchers declared for their keys.
 --
 -- This chunk returns the function `proxy(t1, t2 [, f])`; the stage prelude installs it as
 -- `stage.proxy`. It runs unchanged under Lua 5.4 and LuaJIT 2.1. The user guide is docs/proxy.md.

@@ -31,7 +31,7 @@ PATTERN_STEPS_PER_MS = 50_000
 HARD_LIMIT = 3
 
 
-# Upvalues of a moved function arrive as nil (SPEC 5); its ``_ENV`` upvalue (Lua 5.4; not always
+# Upvalues of a moved function arrive as nil; its ``_ENV`` upvalue (Lua 5.4; not always
 # the first one, which is all ``load`` sets) gets the receiver's globals.
 _FUNCTION_LOADER = """
 local load, getupvalue, setupvalue, G = load, debug.getupvalue, debug.setupvalue, _G

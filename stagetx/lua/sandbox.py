@@ -1,4 +1,4 @@
-"""Sandboxes: the Lua runtimes of a stage's worker threads (SPEC 2.4, 3.3).
+"""Sandboxes: the Lua runtimes of a stage's worker threads.
 
 Each worker thread that runs a job of a stage gets its own ``LuaVM`` for that stage, made lazily
 in that thread with the stage's settings (VM kind, ``%memory``, ``%package``) and its ``%preload``
@@ -27,13 +27,13 @@ from twisted.internet.defer import Deferred
 
 from stagetx.address import Address
 from stagetx.codec import pack_lua, unpack_lua
-from stagetx.lua.api import StageAPI, Task, lua_text
+from stagetx.lua.api import StageAPI, Task, lua_text, sender_fields
 from stagetx.lua.loader import ScriptLoader
 from stagetx.lua.runtime import HOOK_COUNT, LuaScriptError, LuaVM
-from stagetx.stages.lua import preload_files, sender_fields
+from stagetx.lua.search import preload_files
 
 if TYPE_CHECKING:
-    from stagetx.stages.lua import Stage
+    from stagetx.stages.lua.stage import Stage
 
 #: Seconds running jobs may go on after their stage stopped, before they are interrupted.
 GRACE_SECONDS = 5.0

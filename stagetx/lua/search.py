@@ -1,4 +1,4 @@
-"""The ``%package`` search of ``stage.load`` (SPEC 2.2): script name → (position, file).
+"""The ``%package`` search of ``stage.load``: script name → (position, file).
 
 Pure file-system lookup shared by the config check (a Lua stage's main script must exist) and the
 Lua loader, so both find the same file.
@@ -52,3 +52,13 @@ def find_script(name: str, package_entries: Sequence[str], base_dir: str) -> tup
         if os.path.isfile(path):
             return position, os.path.abspath(path)
     return None
+
+
+def preload_files(preload: str | None) -> list[str]:
+    """The ``%preload`` scripts: the file itself, or every ``*.lua`` of the directory in name order."""
+    if not preload:
+        return []
+    if os.path.isdir(preload):
+        names = sorted(n for n in os.listdir(preload) if n.endswith(".lua"))
+        return [os.path.join(preload, n) for n in names]
+    return [preload]

@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
+from stagetx import reactors
 from stagetx.codec import CodecError, pack_lua, unpack_lua
 from stagetx.lua.api import lua_text, text
 from stagetx.lua.runtime import LuaVM
 from stagetx.lua.sandbox import Sandbox, Sandboxes
 
 if TYPE_CHECKING:
-    from stagetx.stages.lua import Stage
+    from stagetx.stages.lua.stage import Stage
 
 
 class QueueFull(Exception):
@@ -347,9 +348,7 @@ def install(stage: Stage) -> None:
     """The extension hook (``stagetx.lua.extensions``): the worker APIs of a Lua stage."""
     reactor: Any = stage.context.clock
     if not IReactorThreads.providedBy(reactor):  # a stage under a fake clock still gets real workers
-        from twisted.internet import reactor as global_reactor
-
-        reactor = global_reactor
+        reactor = reactors.resolve()
     assert stage.vm is not None
     workers = Workers(stage, reactor)
     workers.install(stage.vm, None)

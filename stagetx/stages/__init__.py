@@ -1,12 +1,1 @@
-"""Stage types: one module per type (``stagetx.stages.<type>``), each exporting ``Stage``."""
-
-import importlib
-from typing import Any
-
-STAGE_TYPES = ("lua", "luajit", "index", "curl", "route", "ticket")
-
-
-def stage_class(type_name: str) -> Any:
-    """Return the ``Stage`` class implementing stage type ``type_name`` (``luajit`` shares ``lua``)."""
-    module = "lua" if type_name == "luajit" else type_name
-    return importlib.import_module(f"stagetx.stages.{module}").Stage
+"""Stage types: the registry (``registry``), the contract (``base``), one package per built-in type."""

@@ -12,7 +12,7 @@ from stagetx.message import Message
 
 
 class StageContext(Protocol):
-    """The hosting process as one stage sees it (implemented by ``stagetx.host``)."""
+    """The hosting process as one stage sees it (implemented by ``stagetx.child.host``)."""
 
     stage_id: str  # the id used in addresses, e.g. "rank" for "=index+rank"
     name: str  # the full name, e.g. "=index+rank"
@@ -39,7 +39,7 @@ class StageContext(Protocol):
         """Send ``values`` to the handler ``msgid`` of the stage that sent ``message``."""
 
     def send(self, target: str, *values: Any, reply_to: str | None = None) -> tuple[bool, str | None]:
-        """Send Python-native ``values`` to an address string of SPEC 2.5 (or a reply address).
+        """Send Python-native ``values`` to an address string (docs/messaging.md) or a reply address.
 
         ``reply_to`` asks the receiver to reply: a message id on this stage, or a full reply
         address ``^…`` used as is (to hand a third party's reply address on).

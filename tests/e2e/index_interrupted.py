@@ -15,8 +15,8 @@ from __future__ import annotations
 import sys
 import time
 
-from stagetx.index.commands import Executor
-from stagetx.index.store import IndexStore
+from stagetx.stages.index.commands import Executor
+from stagetx.stages.index.store import IndexStore
 
 WAIT = 120.0  # a bound, in case nobody kills us
 

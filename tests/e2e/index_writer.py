@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 import time
 
-from stagetx.index.commands import Executor
-from stagetx.index.store import IndexStore
+from stagetx.stages.index.commands import Executor
+from stagetx.stages.index.store import IndexStore
 
 LIMIT = 2_000_000  # a bound, in case nobody kills us
 RETRY_TURNS = 50  # turns to wait after a failed compaction (the stage waits seconds)

@@ -1,4 +1,4 @@
-"""broker.submit and sockets used from worker threads (SPEC 6): real loopback sockets, the real
+"""broker.submit and sockets used from worker threads: real loopback sockets, the real
 reactor, real worker threads; and once through a real ``twistd -n stage`` server."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Servers linked into a cluster (SPEC 1.1 ``#cluster``, 2.5 scopes): real ``twistd`` servers on loopback.
+"""Servers linked into a cluster: real ``twistd`` servers on loopback.
 
 Each scenario starts its servers on free loopback ports; the Lua stages log what they observe and
 the tests read the servers' output.

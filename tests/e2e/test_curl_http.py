@@ -26,7 +26,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from stagetx.message import Message, Sender
-from stagetx.stages.curl import Stage
+from stagetx.stages.curl.stage import Stage
 
 BIG = bytes(range(256)) * (5 * 1024 * 1024 // 256)  # 5 MiB
 WAIT = 10.0  # seconds any reply may take before the test fails

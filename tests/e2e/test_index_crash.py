@@ -1,4 +1,4 @@
-"""SPEC 4.1: every acknowledged set survives a kill -9 of the process, a full disk and a restart;
+"""Every acknowledged set survives a kill -9 of the process, a full disk and a restart;
 a set that could not be stored is neither acknowledged nor visible, before or after the restart.
 
 The full-disk tests mount a small tmpfs as the index directory (root only; skipped otherwise),
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from stagetx.index.commands import Executor
-from stagetx.index.store import IndexStore
+from stagetx.stages.index.commands import Executor
+from stagetx.stages.index.store import IndexStore
 from tests.support import ServerProcess
 
 WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index_writer.py")

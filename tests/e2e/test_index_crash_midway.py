@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from stagetx.index.store import IndexStore
+from stagetx.stages.index.store import IndexStore
 from tests.e2e.test_index_crash import _check, _kill_mid_stream
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index_interrupted.py")

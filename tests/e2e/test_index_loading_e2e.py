@@ -9,8 +9,8 @@ import re
 import signal
 from pathlib import Path
 
-from stagetx.index.commands import Executor
-from stagetx.index.store import IndexStore
+from stagetx.stages.index.commands import Executor
+from stagetx.stages.index.store import IndexStore
 from tests.support import ServerProcess
 
 MEMBERS = 200_000

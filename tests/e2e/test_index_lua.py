@@ -1,4 +1,4 @@
-"""SPEC 4.1 end to end: a Lua stage in one process uses the =index stage in another (real twistd),
+"""End to end: a Lua stage in one process uses the =index stage in another (real twistd),
 and the scores are still there after the server is stopped and started again.
 """
 

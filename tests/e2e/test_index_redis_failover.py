@@ -15,10 +15,10 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from stagetx.stages.index import Stage
+from stagetx.stages.index.stage import Stage
+from tests.integration.test_index_redis import Config, Context, _message
 from tests.redis_servers import RedisServer, command, needs_sentinel
 from tests.support import LogCapture, wait_for
-from tests.unit.test_index_redis import Config, Context, _message
 
 SERVICE = "games"
 IN_FLIGHT = 20

@@ -1,4 +1,4 @@
-"""``stage.load`` in a real server (SPEC 2.2): an edited script is picked up after the re-check period."""
+"""``stage.load`` in a real server: an edited script is picked up after the re-check period."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Messaging across the processes of one real server (SPEC 2.5, 2.6, 5): ``twistd -n stage``.
+"""Messaging across the processes of one real server: ``twistd -n stage``.
 
 Stage ``a`` drives; ``b`` has three replicas in three processes (one beside ``a``); ``c`` is alone
 in the third process. What the scripts observe they log; the tests read the server's output.

@@ -214,7 +214,7 @@ def test_ctrl_c_to_the_process_group_is_a_graceful_stop(tmp_path: Path) -> None:
     assert chatter == []
     assert any(re.search(r"process 2 started, pid \d+", line) for line in lines)
     assert any(
-        re.search(r"\[stagetx\.links\.ProcessLinks#info\] p2\[\d+\] linked to process 1", line) for line in lines
+        re.search(r"\[stagetx\.child\.links\.ProcessLinks#info\] p2\[\d+\] linked to process 1", line) for line in lines
     )
 
 

@@ -15,7 +15,7 @@ from twisted.internet.error import ConnectionRefusedError
 
 from stagetx.codec import pack_py
 from stagetx.message import Message
-from stagetx.stages.lua import ReloadError
+from stagetx.stages.lua.stage import ReloadError
 from tests.e2e.test_reload_keeps_connections import Upstream
 from tests.support import RunningStage, connect, free_port, wait_for
 

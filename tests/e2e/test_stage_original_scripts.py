@@ -158,7 +158,11 @@ def test_index_script_fills_the_index_and_its_total_reaches_the_catch_all(server
     the count would keep growing by 500 every 100 ms up to about 200,000 (docs/lua-api.md,
     "Differences from STAGE").
     """
-    server.wait_for(lambda: printed(server, "indexer", "total_callback"), 100, "the 61 s total")
+    server.wait_for(
+        lambda: printed(server, "indexer", "total_callback") and printed(server, "indexer", "#"),
+        100,
+        "the 61 s total and the count print_r dumps after it",
+    )
     assert printed(server, "indexer", "total_callback") == [["total_callback", "nil", "table"]]
     (dump,) = printed(server, "indexer", "#")
     assert dump[:1] == ["#"] and dump[1].startswith("1: ")

@@ -1,5 +1,5 @@
 """``twistd -n stage`` as a real server process: submit and thread.new across processes, and a
-SIGTERM while a job runs (SPEC 2.4, 3.3; issue 4's shutdown rule)."""
+SIGTERM while a job runs (issue 4's shutdown rule)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Real processes: the supervisor spawning, sharing sockets, restarting and stopping children,
-and ``twistd -n stage`` as an operator runs it (SPEC 1, 1.1)."""
+and ``twistd -n stage`` as an operator runs it."""
 
 from __future__ import annotations
 
@@ -10,35 +10,21 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
+from twisted.internet import reactor
 from twisted.logger import capturedLogs
 
 from stagetx.config import parse_config
 from stagetx.supervisor import Supervisor
-from tests.support import ServerProcess, free_port
+from tests.support import ServerProcess, free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = [sys.executable, str(Path(__file__).with_name("standin_child.py"))]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float) -> Deferred[None]:
-    """Fires once ``condition()`` holds; fails after ``timeout`` seconds."""
-
-    def poll() -> None:
-        if condition():
-            loop.stop()
-
-    loop = task.LoopingCall(poll)
-    done = loop.start(0.05)
-    done.addTimeout(timeout, reactor)
-    return done
 
 
 def child_lines(events: Sequence[dict[str, Any]], prefix: str = "") -> list[str]:
@@ -47,7 +33,7 @@ def child_lines(events: Sequence[dict[str, Any]], prefix: str = "") -> list[str]
 
 def standin_supervisor(app_dir: Path, groups: int, **kwargs: Any) -> Supervisor:
     extra = kwargs.pop("extra", {})
-    config = parse_config({"#startup": [[f"=index+i{g}"] for g in range(groups)], **extra}, str(app_dir))
+    config = parse_config({"#startup": [[f"=route+i{g}"] for g in range(groups)], **extra}, str(app_dir))
     return Supervisor(config, child_command=STANDIN, **kwargs)
 
 
@@ -152,16 +138,44 @@ def test_twistd_runs_restarts_and_stops_its_children(app_dir: Path) -> None:
     ("raw", "message"),
     [
         (
-            {"#startup": [["=index+a"], ["=lau+x"]]},
+            {"#startup": [["=route+a"], ["=lau+x"]]},
             'stage: #startup[1][0]: unknown stage type "=lau"',
         ),
         (
             {"#startup": [["=lua+x"]], "=lua+x": "gone"},
             'stage: =lua+x: script "gone" not found along %package ["[0]"]',
         ),
+        # each built-in stage type checks its own settings through the registry, before anything runs
+        (
+            {"#startup": [["=lua+x"]], "=lua": {"%budget": 0, "=lua+x": "gone"}},
+            "stage: =lua.%budget: expected milliseconds (an integer above 0)",
+        ),
+        (
+            {"#startup": [["=index+rank"]]},
+            'stage: =index+rank: expected a directory, [dir, key_size, page_items] or {"dir": …}',
+        ),
+        (
+            {"#startup": [["=index+rank"]], "=index+rank": {"dir": "rank/", "fsync": "always"}},
+            "stage: =index+rank: fsync must be true, false or a number of milliseconds",
+        ),
+        (
+            {"#startup": [["=curl+web"]], "=curl+web": {"timeout": "5s"}},
+            'stage: =curl+web.timeout: wrong value "5s"',
+        ),
+        (
+            {"#startup": [["=route+r"]], "=route+r": {"expire_ms": 0}},
+            "stage: =route+r: expire_ms must be a positive number of ms, not 0",
+        ),
+        (
+            {"#startup": [["=ticket+t"]], "=ticket+t": [0, {"room": 1}]},
+            "stage: =ticket+t: max_tickets must be a positive integer, not 0",
+        ),
     ],
 )
-def test_twistd_refuses_a_broken_config_with_one_line(app_dir: Path, raw: dict[str, Any], message: str) -> None:
+@pytest.mark.parametrize("check", [False, True], ids=["start-up", "--check"])
+def test_twistd_refuses_a_broken_config_with_one_line(
+    app_dir: Path, raw: dict[str, Any], message: str, check: bool
+) -> None:
     config = app_dir / "bad.json"
     config.write_text(json.dumps(raw))
     result = subprocess.run(
@@ -172,6 +186,7 @@ def test_twistd_refuses_a_broken_config_with_one_line(app_dir: Path, raw: dict[s
             "stage",
             "-c",
             str(config),
+            *(["--check"] if check else []),
         ],
         cwd=app_dir,
         env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -186,7 +201,9 @@ def test_twistd_refuses_a_broken_config_with_one_line(app_dir: Path, raw: dict[s
 
 def test_twistd_check_prints_the_groups(app_dir: Path) -> None:
     config = app_dir / "stage.json"
-    config.write_text(json.dumps({"#license": "x", "#startup": [["=index+a", "=route+r"], ["=curl+c"]]}))
+    config.write_text(
+        json.dumps({"#license": "x", "#startup": [["=index+a", "=route+r"], ["=curl+c"]], "=index+a": "a/"})
+    )
     result = subprocess.run(
         [
             str(Path(sys.executable).with_name("twistd")),

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import re
 import resource
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -67,11 +65,3 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(step)

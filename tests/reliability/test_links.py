@@ -19,9 +19,9 @@ import pytest
 
 from stagetx.wire import HANDSHAKE_MAX_FRAME
 from tests.reliability.control import ask
-from tests.reliability.procs import LUA_APP, wait_until
+from tests.reliability.procs import LUA_APP
 from tests.reliability.raw_link import closed_by_peer, connect, handshake, send_now
-from tests.support import ServerProcess, free_port, write_app
+from tests.support import ServerProcess, free_port, wait_until, write_app
 
 SECRET = "s3cret"
 A = """

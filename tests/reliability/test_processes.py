@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from tests.reliability.control import ask
-from tests.reliability.procs import LUA_APP, alive, children_of, group_pids, wait_until
-from tests.support import ServerProcess, free_port, write_app
+from tests.reliability.procs import LUA_APP, alive, children_of, group_pids
+from tests.support import ServerProcess, free_port, wait_until, write_app
 
 CONFIG = {
     "#startup": [["=lua+a"], ["=lua+b", "=lua+c"], ["=lua+b"]],

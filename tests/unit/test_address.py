@@ -1,4 +1,4 @@
-"""SPEC 2.5 signal targets and SPEC 2.6 handler lookup order."""
+"""Signal targets and the handler lookup order."""
 
 from __future__ import annotations
 
@@ -66,10 +66,10 @@ def test_every_spec_form_parses(target: object, expected: object) -> None:
 @pytest.mark.parametrize(
     ("target", "expected"),
     [
-        # SPEC 4.4: the ticket stage's broadcast form keeps its leading "=" in the message id
+        # the ticket stage's broadcast form keeps its leading "=" in the message id
         ("ticket:=category", ToStage("ticket", "=category")),
         ("ticket:category=callback?feedback", ToStage("ticket", "category", reply="callback?feedback")),
-        # SPEC 4.3: route keys keep "?" and "!" in the id; "=" starts the reply part
+        # route keys keep "?" and "!" in the id; "=" starts the reply part
         ("route:sub?arg!fail", ToStage("route", "sub?arg!fail")),
         ("route:a.b.c=ret!fail", ToStage("route", "a.b.c", reply="ret!fail")),
         ("route:*all", ToStage("route", "*all")),

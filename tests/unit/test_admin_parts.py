@@ -12,8 +12,8 @@ from twisted.internet.defer import ensureDeferred
 from stagetx.admin.commands import Reply, parse
 from stagetx.admin.control import ChildState
 from stagetx.admin.metrics import make_registry, render
-from stagetx.control import DoublingAlarm, ProcessControl
-from stagetx.stages.lua import handler_keys
+from stagetx.child.control import DoublingAlarm, ProcessControl
+from stagetx.stages.lua.stage import handler_keys
 from stagetx.supervisor import ChildStatus
 from tests.support import InProcessServer, LogCapture, wait_for, write_app
 

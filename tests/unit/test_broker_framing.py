@@ -1,4 +1,4 @@
-"""Broker addresses and framings (SPEC 6), without sockets."""
+"""Broker addresses and framings, without sockets."""
 
 from __future__ import annotations
 

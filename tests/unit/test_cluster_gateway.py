@@ -289,7 +289,7 @@ def test_a_peer_that_recovers_is_routed_to_again_and_sends_meanwhile_say_why(tmp
 
 
 def test_other_processes_report_a_drained_queue_as_no_delay(tmp_path: Path) -> None:
-    from stagetx.links import ProcessLinks
+    from stagetx.child.links import ProcessLinks
 
     clock = Clock()
     router = Router("me", 1, [("a", 0), ("b", 1)], clock, clock.seconds)

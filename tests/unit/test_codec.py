@@ -1,4 +1,4 @@
-"""SPEC 5: values on the move, between Python natives, payloads and real Lua runtimes."""
+"""values on the move, between Python natives, payloads and real Lua runtimes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC 1.1 and 1.2: what a configuration means, and the one-line errors for broken ones."""
+"""what a configuration means, and the one-line errors for broken ones."""
 
 from __future__ import annotations
 
@@ -132,6 +132,7 @@ def test_groups_instances_and_replicas(app_dir: Path) -> None:
     raw = {
         "#startup": [["=lua+stage", "=index+rank"], ["=lua+stage"], ["=route+route"]],
         "=lua+stage": LUA_MAIN,
+        "=index+rank": "rank/",
     }
     config = parse(raw, app_dir)
     assert [[(s.name, s.group, s.instance) for s in g] for g in config.startup] == [
@@ -157,15 +158,15 @@ def test_builtin_stage_settings_merge_type_wide_objects(app_dir: Path) -> None:
 def test_router_and_threads_take_the_default_for_a_missing_value(app_dir: Path) -> None:
     """The original platform read ``#router`` and ``#threads`` value by value (its bin/conf files
     give one value, or ``#threads`` as a plain number): a value left out keeps its default."""
-    config = parse({"#startup": [["=index+rank"]], "#router": [1000], "#threads": 8}, app_dir)
+    config = parse({"#startup": [["=route+rank"]], "#router": [1000], "#threads": 8}, app_dir)
     assert config.router == (1000, 900) and config.threads == (8, 10000)
-    config = parse({"#startup": [["=index+rank"]], "#router": [], "#threads": [2]}, app_dir)
+    config = parse({"#startup": [["=route+rank"]], "#router": [], "#threads": [2]}, app_dir)
     assert config.router == (1500, 900) and config.threads == (2, 10000)
 
 
 def test_every_server_key(app_dir: Path) -> None:
     raw = {
-        "#startup": [["=index+rank"]],
+        "#startup": [["=route+rank"]],
         "#services": {"tcp": ["0.0.0.0:8081", "[::1]:8082"]},
         "#router": [1000, 500],
         "#cluster": [
@@ -211,7 +212,7 @@ def test_every_server_key(app_dir: Path) -> None:
 
 
 def test_admin_beyond_loopback_is_allowed_with_a_token(app_dir: Path) -> None:
-    raw = {"#startup": [["=index+rank"]], "#admin": {"http": "tcp:9191", "token": "t"}}
+    raw = {"#startup": [["=route+rank"]], "#admin": {"http": "tcp:9191", "token": "t"}}
     admin = parse(raw, app_dir).admin
     assert admin is not None and (admin.http, admin.token) == ("tcp:9191", "t")
 
@@ -262,7 +263,7 @@ def test_preload_resolves_against_the_config_directory(app_dir: Path) -> None:
 BROKEN: list[tuple[dict[str, Any], str]] = [
     ({}, "#startup: missing (which stages run in which process)"),
     ({"#startup": [["=lau+x"]]}, '#startup[0][0]: unknown stage type "=lau"'),
-    ({"#startup": [["=index+a"], ["=lau+x"]]}, '#startup[1][0]: unknown stage type "=lau"'),
+    ({"#startup": [["=route+a"], ["=lau+x"]]}, '#startup[1][0]: unknown stage type "=lau"'),
     ({"#startup": "=lua+stage"}, "#startup: expected a non-empty list of process lists"),
     ({"#startup": [[]]}, "#startup[0]: expected a non-empty list of stage names"),
     ({"#startup": [[7]]}, "#startup[0][0]: expected a stage name, got 7"),
@@ -284,40 +285,40 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
         {"#startup": [["=lua+x"]], "=lua+x": "start"},
         '=lua+x: script "start" not found along %package ["[0]"]',
     ),
-    ({"#startup": [["=index+a"]], "#bogus": 1}, "#bogus: unknown key"),
-    ({"#startup": [["=index+a"]], "=lau+x": {}}, '=lau+x: unknown stage type "=lau"'),
+    ({"#startup": [["=route+a"]], "#bogus": 1}, "#bogus: unknown key"),
+    ({"#startup": [["=route+a"]], "=lau+x": {}}, '=lau+x: unknown stage type "=lau"'),
     (
-        {"#startup": [["=index+a"]], "=lua+x": 5},
+        {"#startup": [["=route+a"]], "=lua+x": 5},
         "=lua+x: expected a settings object or a main script name",
     ),
-    ({"#startup": [["=index+a"]], "=lua": "start"}, '=lua: expected an object, got "start"'),
+    ({"#startup": [["=route+a"]], "=lua": "start"}, '=lua: expected an object, got "start"'),
     (
-        {"#startup": [["=index+a"]], "=lua+x": {"=lua+y": "start"}},
+        {"#startup": [["=route+a"]], "=lua+x": {"=lua+y": "start"}},
         '=lua+x.=lua+y: not a main script of "=lua+x"',
     ),
     (
-        {"#startup": [["=index+a"]], "=lua": {"=luajit+y": "start"}},
+        {"#startup": [["=route+a"]], "=lua": {"=luajit+y": "start"}},
         '=lua.=luajit+y: not a main script of "=lua"',
     ),
-    ({"#startup": [["=index+a"]], "=lua+a": {}, "lua.so+a": {}}, "lua.so+a: duplicate of '=lua+a'"),
+    ({"#startup": [["=route+a"]], "=lua+a": {}, "lua.so+a": {}}, "lua.so+a: duplicate of '=lua+a'"),
     (
-        {"#startup": [["=index+a"]], "=lua": {"%memory": "lots"}},
+        {"#startup": [["=route+a"]], "=lua": {"%memory": "lots"}},
         '=lua.%memory: expected a size such as 256m, got "lots"',
     ),
     (
-        {"#startup": [["=index+a"]], "=lua": {"%memory": 0}},
+        {"#startup": [["=route+a"]], "=lua": {"%memory": 0}},
         "=lua.%memory: expected a size such as 256m, got 0",
     ),
     (
-        {"#startup": [["=index+a"]], "=lua": {"%budget": 0}},
+        {"#startup": [["=route+a"]], "=lua": {"%budget": 0}},
         "=lua.%budget: expected milliseconds (an integer above 0)",
     ),
     (
-        {"#startup": [["=index+a"]], "=lua": {"%package": [1]}},
+        {"#startup": [["=route+a"]], "=lua": {"%package": [1]}},
         "=lua.%package: expected a list of directories",
     ),
     (
-        {"#startup": [["=index+a"]], "=lua": {"%recheck": [1]}},
+        {"#startup": [["=route+a"]], "=lua": {"%recheck": [1]}},
         "=lua.%recheck: expected [integer, integer], each at least 0",
     ),
     (
@@ -328,132 +329,132 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
         '#startup[0][0]: %preload "APP/gone" does not exist',
     ),
     (
-        {"#startup": [["=index+a"]], "#router": [1500, "900"]},
+        {"#startup": [["=route+a"]], "#router": [1500, "900"]},
         "#router: expected [integer, integer], each at least 1",
     ),
     (
-        {"#startup": [["=index+a"]], "#router": [1500, 900, 1]},
+        {"#startup": [["=route+a"]], "#router": [1500, 900, 1]},
         "#router: expected [integer, integer], each at least 1",
     ),
     (
-        {"#startup": [["=index+a"]], "#threads": ["4", 10]},
+        {"#startup": [["=route+a"]], "#threads": ["4", 10]},
         "#threads: expected [integer, integer], each at least 1",
     ),
     (
-        {"#startup": [["=index+a"]], "#threads": [True, 10]},
+        {"#startup": [["=route+a"]], "#threads": [True, 10]},
         "#threads: expected [integer, integer], each at least 1",
     ),
     (
-        {"#startup": [["=index+a"]], "#cluster": [9000, "nohostport"]},
+        {"#startup": [["=route+a"]], "#cluster": [9000, "nohostport"]},
         '#cluster[1]: bad address "nohostport" (expected "host:port")',
     ),
     (
-        {"#startup": [["=index+a"]], "#cluster": [9000, 9001]},
+        {"#startup": [["=route+a"]], "#cluster": [9000, 9001]},
         "#cluster[1]: a second listening port (9000 is already set)",
     ),
-    ({"#startup": [["=index+a"]], "#cluster": [70000]}, "#cluster[0]: port out of range: 70000"),
+    ({"#startup": [["=route+a"]], "#cluster": [70000]}, "#cluster[0]: port out of range: 70000"),
     (
-        {"#startup": [["=index+a"]], "#cluster": [{"listen": "0.0.0.0:9000"}], "#secret": "s"},
+        {"#startup": [["=route+a"]], "#cluster": [{"listen": "0.0.0.0:9000"}], "#secret": "s"},
         "#cluster[0].advertise: needed when listening on every interface",
     ),
     (
-        {"#startup": [["=index+a"]], "#cluster": [{"listen": "10.1.2.3:9000"}]},
+        {"#startup": [["=route+a"]], "#cluster": [{"listen": "10.1.2.3:9000"}]},
         "#cluster: listening beyond loopback needs #secret (shared by the cluster's servers)",
     ),
     (
-        {"#startup": [["=index+a"]], "#cluster": [{"listen": "127.0.0.1:9000", "queue": 0}]},
+        {"#startup": [["=route+a"]], "#cluster": [{"listen": "127.0.0.1:9000", "queue": 0}]},
         "#cluster[0].queue: expected a positive integer",
     ),
     (
-        {"#startup": [["=index+a"]], "#cluster": [{"port": 9000}]},
+        {"#startup": [["=route+a"]], "#cluster": [{"port": 9000}]},
         '#cluster[0]: unknown setting "port" (listen, advertise, queue, tls)',
     ),
     (
-        {"#startup": [["=index+a"]], "#cluster": ["udp://10.0.0.1:7000"]},
+        {"#startup": [["=route+a"]], "#cluster": ["udp://10.0.0.1:7000"]},
         '#cluster[0]: "10.0.0.1" is not a multicast group address',
     ),
     (
-        {"#startup": [["=index+a"]], "#cluster": [9000, "udp://[ff02::1]:7000"]},
+        {"#startup": [["=route+a"]], "#cluster": [9000, "udp://[ff02::1]:7000"]},
         '#cluster[1]: "ff02::1" is an IPv6 group; discovery announces on IPv4 groups',
     ),
     (
-        {"#startup": [["=index+a"]], "#cluster": ["udp://239.1.2.3:7000?interface=192.0.2.77"]},
+        {"#startup": [["=route+a"]], "#cluster": ["udp://239.1.2.3:7000?interface=192.0.2.77"]},
         "#cluster[0]: interface 192.0.2.77 is not an address of this host (Cannot assign requested address)",
     ),
     (
-        {"#startup": [["=index+a"]], "#cluster": ["udp://239.1.2.3:7000?interface=eth0"]},
+        {"#startup": [["=route+a"]], "#cluster": ["udp://239.1.2.3:7000?interface=eth0"]},
         '#cluster[0]: interface "eth0" is not an IPv4 address',
     ),
     (
-        {"#startup": [["=index+a"]], "#cluster": ["udp://239.1.2.3:7000?ttl=300"]},
+        {"#startup": [["=route+a"]], "#cluster": ["udp://239.1.2.3:7000?ttl=300"]},
         '#cluster[0]: ttl "300" is not an integer from 0 to 255',
     ),
     (
         {
-            "#startup": [["=index+a"]],
+            "#startup": [["=route+a"]],
             "#cluster": [{"listen": "127.0.0.1:7000", "tls": {"ca": "ca.pem", "cert": "c", "key": "k"}}],
         },
         "#cluster[0].tls.ca: cannot read APP/ca.pem: No such file or directory",
     ),
     (
-        {"#startup": [["=index+a"]], "#cluster": [{"listen": "127.0.0.1:7000", "tls": {"ca": "x.pem"}}]},
+        {"#startup": [["=route+a"]], "#cluster": [{"listen": "127.0.0.1:7000", "tls": {"ca": "x.pem"}}]},
         "#cluster[0].tls.cert: missing (a PEM file)",
     ),
     (
         {
-            "#startup": [["=index+a"]],
+            "#startup": [["=route+a"]],
             "#cluster": [{"tls": {"ca": "lua/other.lua", "cert": "lua/other.lua", "key": "lua/other.lua"}}],
         },
         "#cluster[0].tls.ca: not a PEM certificate ([('PEM routines', '', 'no start line')])",
     ),
     (
-        {"#startup": [["=index+a"]], "#cluster": ["dns://bad name:7000"]},
+        {"#startup": [["=route+a"]], "#cluster": ["dns://bad name:7000"]},
         '#cluster[0]: "bad name" is not a DNS name',
     ),
     (
-        {"#startup": [["=index+a"]], "#cluster": ["dns://game.example:7000?every=0"]},
+        {"#startup": [["=route+a"]], "#cluster": ["dns://game.example:7000?every=0"]},
         '#cluster[0]: every "0" is not a number of seconds (0.1-3600)',
     ),
     (
-        {"#startup": [["=index+a"]], "#cluster": ["dns://game.example:7000?server=nowhere"]},
+        {"#startup": [["=route+a"]], "#cluster": ["dns://game.example:7000?server=nowhere"]},
         '#cluster[0] server: bad address "nowhere" (expected "host:port")',
     ),
     (
-        {"#startup": [["=index+a"]], "#cluster": ["udp://239.1.2.3:7000?hops=2"]},
+        {"#startup": [["=route+a"]], "#cluster": ["udp://239.1.2.3:7000?hops=2"]},
         '#cluster[0]: bad option "hops=2" (interface=ADDR, ttl=N, each once)',
     ),
-    ({"#startup": [["=index+a"]], "#cluster": {"peer": 1}}, "#cluster: expected a list"),
+    ({"#startup": [["=route+a"]], "#cluster": {"peer": 1}}, "#cluster: expected a list"),
     (
-        {"#startup": [["=index+a"]], "#services": {"udp": ["0.0.0.0:1"]}},
+        {"#startup": [["=route+a"]], "#services": {"udp": ["0.0.0.0:1"]}},
         '#services.udp: unknown protocol (only "tcp")',
     ),
     (
-        {"#startup": [["=index+a"]], "#services": {"tcp": ["0.0.0.0:99999"]}},
+        {"#startup": [["=route+a"]], "#services": {"tcp": ["0.0.0.0:99999"]}},
         '#services.tcp[0]: bad address "0.0.0.0:99999" (expected "host:port")',
     ),
     (
-        {"#startup": [["=index+a"]], "#services": {"tcp": ["a:1", "a:1"]}},
+        {"#startup": [["=route+a"]], "#services": {"tcp": ["a:1", "a:1"]}},
         "#services.tcp[1]: a:1 is listed twice",
     ),
-    ({"#startup": [["=index+a"]], "#secret": ""}, '#secret: expected a non-empty string, got ""'),
+    ({"#startup": [["=route+a"]], "#secret": ""}, '#secret: expected a non-empty string, got ""'),
     (
-        {"#startup": [["=index+a"]], "#log": {"db": {"level": "loud"}}},
+        {"#startup": [["=route+a"]], "#log": {"db": {"level": "loud"}}},
         '#log.db.level: unknown level "loud"',
     ),
-    ({"#startup": [["=index+a"]], "#log": {"db": {"lvl": "info"}}}, "#log.db.lvl: unknown key"),
+    ({"#startup": [["=route+a"]], "#log": {"db": {"lvl": "info"}}}, "#log.db.lvl: unknown key"),
     (
-        {"#startup": [["=index+a"]], "#admin": {"console": "tcp:9190"}},
+        {"#startup": [["=route+a"]], "#admin": {"console": "tcp:9190"}},
         '#admin.console: listens beyond loopback without #admin.token (add a token or ":interface=127.0.0.1")',
     ),
     (
-        {"#startup": [["=index+a"]], "#admin": {"http": "tcp:9190:interface=0.0.0.0"}},
+        {"#startup": [["=route+a"]], "#admin": {"http": "tcp:9190:interface=0.0.0.0"}},
         '#admin.http: listens beyond loopback without #admin.token (add a token or ":interface=127.0.0.1")',
     ),
     (
-        {"#startup": [["=index+a"]], "#admin": {"console": "tcp:abc", "token": "t"}},
+        {"#startup": [["=route+a"]], "#admin": {"console": "tcp:abc", "token": "t"}},
         '#admin.console: bad endpoint "tcp:abc": port must be an integer',
     ),
-    ({"#startup": [["=index+a"]], "#admin": {"shell": "tcp:1"}}, "#admin.shell: unknown key"),
+    ({"#startup": [["=route+a"]], "#admin": {"shell": "tcp:1"}}, "#admin.shell: unknown key"),
 ]
 
 
@@ -519,7 +520,7 @@ def test_default_config_of_the_repository_is_valid() -> None:
 
 def test_cluster_listen_settings(app_dir: Path) -> None:
     raw = {
-        "#startup": [["=index+rank"]],
+        "#startup": [["=route+rank"]],
         "#secret": "shared",
         "#cluster": [{"listen": "0.0.0.0:9000", "advertise": "game1.example:9000", "queue": 500}],
     }
@@ -530,7 +531,7 @@ def test_cluster_listen_settings(app_dir: Path) -> None:
         "game1.example:9000",
         500,
     )
-    plain = parse({"#startup": [["=index+rank"]], "#cluster": [9000]}, app_dir).cluster
+    plain = parse({"#startup": [["=route+rank"]], "#cluster": [9000]}, app_dir).cluster
     assert (plain.listen, plain.listen_host, plain.advertise, plain.queue) == (9000, "127.0.0.1", None, 10_000)
 
 

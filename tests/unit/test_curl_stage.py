@@ -15,11 +15,11 @@ from twisted.web import server
 from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 from twisted.web.resource import Resource
 
-from stagetx.http import errors
-from stagetx.http.request import BadRequest, parse_request
-from stagetx.http.settings import CurlSettings, parse_settings
 from stagetx.message import Message, Sender
-from stagetx.stages.curl import Stage
+from stagetx.stages.curl import errors
+from stagetx.stages.curl.request import BadRequest, parse_request
+from stagetx.stages.curl.settings import CurlSettings, parse_settings
+from stagetx.stages.curl.stage import Stage
 
 
 class FakeContext:

@@ -14,10 +14,10 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 
 from stagetx.admin.commands import Commands, parse
+from stagetx.child.control import ProcessControl
 from stagetx.codec import pack_py
-from stagetx.control import ProcessControl
 from stagetx.message import Message, Sender
-from stagetx.stages.index import Stage as IndexStage
+from stagetx.stages.index.stage import Stage as IndexStage
 
 
 @attrs.define
@@ -132,8 +132,8 @@ from twisted.web.test.requesthelper import DummyRequest  # noqa: E402
 
 from stagetx.admin.control import ChildState  # noqa: E402
 from stagetx.admin.dashboard import DashboardSite, History, overview, quantile  # noqa: E402
-from stagetx.admin.http import admin_site  # noqa: E402
-from stagetx.host import LATENCY_BUCKETS  # noqa: E402
+from stagetx.admin.site import admin_site  # noqa: E402
+from stagetx.child.host import LATENCY_BUCKETS  # noqa: E402
 from stagetx.supervisor import ChildStatus  # noqa: E402
 
 BOUNDS = list(LATENCY_BUCKETS)

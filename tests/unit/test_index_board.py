@@ -1,4 +1,4 @@
-"""The pure ranked structure and the request executor over it (SPEC 4.1), without files."""
+"""The pure ranked structure and the request executor over it, without files."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from stagetx.index.board import Board, Ranking
-from stagetx.index.commands import Executor, IndexMessage, RequestError, parse_key, read_message
-from stagetx.index.redis_backend import RedisExecutor, fill, unpack_answer
-from stagetx.index.redis_link import RedisLink, parse_redis_settings
+from stagetx.stages.index.board import Board, Ranking
+from stagetx.stages.index.commands import Executor, IndexMessage, RequestError, parse_key, read_message
+from stagetx.stages.index.redis_backend import RedisExecutor, fill, unpack_answer
+from stagetx.stages.index.redis_link import RedisLink, parse_redis_settings
 from tests.redis_servers import REDIS_SERVER, RedisServer
 from tests.support import wait_for
 
@@ -87,7 +87,7 @@ def embedded_runner(boards: MemoryBoards, key_size: int) -> Runner:
     return run
 
 
-@pytest.fixture(params=["embedded", "redis"])
+@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.e2e)])  # redis: a real server
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -370,6 +370,7 @@ def test_ranking_positions_match_a_sorted_list_through_splits_and_merges(seed: i
     assert list(ranking) == plain
 
 
+@pytest.mark.e2e
 @pytest_twisted.ensureDeferred
 async def test_the_redis_backend_answers_every_request_as_the_embedded_board(redis_server) -> None:
     """Random request tables (several members, ties, int and float scores, four tiers, values,

@@ -13,7 +13,7 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stagetx.index.board import TIERS, Board, DenseTier, TupleTier, decode, encode
+from stagetx.stages.index.board import TIERS, Board, DenseTier, TupleTier, decode, encode
 
 _INT64 = st.integers(-(2**63), 2**63 - 1)
 _DOUBLES = st.floats(allow_nan=False)  # NaN is refused before it reaches a board

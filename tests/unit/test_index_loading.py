@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
-from stagetx.control import ProcessControl
-from stagetx.index.commands import Executor
-from stagetx.index.store import IndexStore
-from stagetx.stages import index as index_stage
-from stagetx.stages.index import Stage
+from stagetx.child.control import ProcessControl
+from stagetx.stages.index import stage as index_stage
+from stagetx.stages.index.commands import Executor
+from stagetx.stages.index.stage import Stage
+from stagetx.stages.index.store import IndexStore
 from tests.unit.test_index_stage import FakeContext, FakeStageConfig, _message
 
 MEMBERS = 1_000

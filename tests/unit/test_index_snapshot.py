@@ -8,9 +8,9 @@ import random
 import msgpack
 import pytest
 
-from stagetx.index.board import DenseTier, TupleTier
-from stagetx.index.commands import Executor
-from stagetx.index.store import IndexStore, StoreCorrupt, frame
+from stagetx.stages.index.board import DenseTier, TupleTier
+from stagetx.stages.index.commands import Executor
+from stagetx.stages.index.store import IndexStore, StoreCorrupt, frame
 
 
 def _open(directory: str, **options) -> tuple[IndexStore, Executor]:

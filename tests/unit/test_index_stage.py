@@ -13,8 +13,8 @@ from twisted.logger import Logger
 
 from stagetx.codec import pack_py
 from stagetx.message import Message, Sender
-from stagetx.stages import index as index_stage
-from stagetx.stages.index import IndexSettings, Stage, parse_settings
+from stagetx.stages.index import stage as index_stage
+from stagetx.stages.index.stage import IndexSettings, Stage, parse_settings
 from tests.support import LogCapture
 
 

@@ -9,8 +9,8 @@ import stat
 import pytest
 from twisted.logger import globalLogPublisher
 
-from stagetx.index.commands import Executor
-from stagetx.index.store import COMPACT_RATIO, IndexStore, LogSegment, StoreCorrupt, frame, read_frames
+from stagetx.stages.index.commands import Executor
+from stagetx.stages.index.store import COMPACT_RATIO, IndexStore, LogSegment, StoreCorrupt, frame, read_frames
 from tests.support import LogCapture
 
 
@@ -79,7 +79,7 @@ def test_a_torn_last_record_is_ignored_logged_and_cut_off(tmp_path) -> None:
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert set(store.boards[b"b"].values) == {b"kept"}
-    assert [(e["count"], e["offset"]) for e in events if e.get("log_namespace") == "stagetx.index.store"] == [
+    assert [(e["count"], e["offset"]) for e in events if e.get("log_namespace") == "stagetx.stages.index.store"] == [
         (torn, intact)
     ]
     assert os.path.getsize(path) == intact

@@ -7,7 +7,7 @@ from typing import Any
 from twisted.internet.task import Clock
 
 from stagetx.address import parse_target
-from stagetx.links import ProcessLinks, local_retry
+from stagetx.child.links import ProcessLinks, local_retry
 from stagetx.message import Sender
 from stagetx.router import Router
 from tests.fakes import LinkPair

@@ -11,9 +11,9 @@ from typing import Any
 
 from twisted.internet.task import Clock
 
+from stagetx.child.host import LATENCY_BUCKETS, ProcessHost
 from stagetx.codec import pack_py
 from stagetx.config import load_config
-from stagetx.host import LATENCY_BUCKETS, ProcessHost
 from tests.support import LogCapture
 
 SCRIPT = """

@@ -1,4 +1,4 @@
-"""Router → Lua stage delivery (stagetx.stages.lua ``receive``) on real Lua and a real router,
+"""Router → Lua stage delivery (stagetx.stages.lua.stage ``receive``) on real Lua and a real router,
 driven by ``task.Clock``: senders, message ids and reply addresses reach the right handler and
 the right reply address through the per-stage caches; scalar payloads arrive unconverted."""
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from twisted.internet.task import Clock
 
+from stagetx.child.host import ProcessHost
 from stagetx.codec import CodecError, pack_py, unpack_lua
 from stagetx.config import load_config
-from stagetx.host import ProcessHost
 from stagetx.message import Sender
 from tests.support import LogCapture
 

@@ -14,9 +14,9 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
+from stagetx.child.host import ProcessHost
 from stagetx.codec import unpack_py
 from stagetx.config import load_config
-from stagetx.host import ProcessHost
 from stagetx.lua.api import StageAPI
 from stagetx.router import Router
 from tests.fakes import RecordingLinks

@@ -1,4 +1,4 @@
-"""SPEC 2.2: the %package search path of stage.load (positions, "[0]" entries, dotted names)."""
+"""the %package search path of stage.load (positions, "[0]" entries, dotted names)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A Lua stage in this process with the real reactor and real Lua: SPEC 1.2, 2.1-2.3, 2.5-2.6, 2.8, 3."""
+"""A Lua stage in this process with the real reactor and real Lua: settings, scripts, messaging, handlers, logging."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""stage.proxy (SPEC 2.7), run as real Lua in both VMs through lupa."""
+"""stage.proxy, run as real Lua in both VMs through lupa."""
 
 from __future__ import annotations
 

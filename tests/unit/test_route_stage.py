@@ -1,4 +1,4 @@
-"""The route stage (SPEC 4.3) through its message interface, with a recording context."""
+"""The route stage through its message interface, with a recording context."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from twisted.logger import Logger
 from stagetx.address import format_reply
 from stagetx.codec import NULL, pack_py
 from stagetx.message import Message, Sender
-from stagetx.stages.route import ACCEPT, Stage
+from stagetx.stages.route.stage import ACCEPT, Stage
 
 SERVER = "srv"
 ROUTE = 9  # the route stage's instance

@@ -1,4 +1,4 @@
-"""Route subscriptions and offer rounds (SPEC 4.3) with fake time."""
+"""Route subscriptions and offer rounds with fake time."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from stagetx.codec import NULL
-from stagetx.routing.subscriptions import (
+from stagetx.stages.route.subscriptions import (
     Offers,
     PublishKey,
     Round,

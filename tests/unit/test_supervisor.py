@@ -59,12 +59,14 @@ class FakeProcess:
         return json.loads(line)
 
 
-class FakeSpawner:
-    """``IReactorProcess.spawnProcess`` that makes ``FakeProcess``es with increasing pids."""
+class FakeSpawner(Clock):
+    """A fake reactor: ``task.Clock`` time, and ``spawnProcess`` making ``FakeProcess``es with
+    increasing pids."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.processes: list[FakeProcess] = []
-        self.calls: list[dict[str, Any]] = []
+        self.spawns: list[dict[str, Any]] = []
         self.fail = False
 
     def spawnProcess(
@@ -82,7 +84,7 @@ class FakeSpawner:
         if self.fail:
             raise OSError("no such executable")
         process = FakeProcess(protocol, 1000 + len(self.processes))
-        self.calls.append({"executable": executable, "args": args, "env": env, "childFDs": childFDs})
+        self.spawns.append({"executable": executable, "args": args, "env": env, "childFDs": childFDs})
         self.processes.append(process)
         protocol.makeConnection(process)  # type: ignore[arg-type]
         return process
@@ -92,18 +94,19 @@ class FakeSpawner:
 
 
 def make_config(app_dir: Path, groups: int = 2, **extra: Any) -> Any:
-    raw = {"#startup": [[f"=index+i{g}"] for g in range(groups)], **extra}
+    raw = {"#startup": [[f"=route+i{g}"] for g in range(groups)], **extra}
     return parse_config(raw, str(app_dir))
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture
 def spawner() -> FakeSpawner:
     return FakeSpawner()
+
+
+@pytest.fixture
+def clock(spawner: FakeSpawner) -> Clock:
+    """The fake reactor's clock (the same object)."""
+    return spawner
 
 
 @pytest.fixture
@@ -114,8 +117,7 @@ def make(app_dir: Path, clock: Clock, spawner: FakeSpawner):  # type: ignore[no-
         extra = kwargs.pop("extra", {})
         supervisor = Supervisor(
             make_config(app_dir, groups, **extra),
-            clock=clock,
-            spawner=spawner,
+            reactor=spawner,
             environ={"PATH": "/bin", "PYTHONPATH": "/x"},
             **kwargs,
         )
@@ -134,15 +136,15 @@ def make(app_dir: Path, clock: Clock, spawner: FakeSpawner):  # type: ignore[no-
 def test_one_child_per_group_with_the_bootstrap_line(make, spawner: FakeSpawner, app_dir: Path) -> None:
     supervisor = make(groups=2, args=["twistd", "-n", "stage"])
     supervisor.startService()
-    assert [c["args"] for c in spawner.calls] == [list(CHILD_COMMAND)] * 2
-    assert spawner.calls[0]["executable"] == CHILD_COMMAND[0]
-    assert spawner.calls[0]["childFDs"] == {0: "w", 1: "r", 2: "r"}
-    env = spawner.calls[0]["env"]
+    assert [c["args"] for c in spawner.spawns] == [list(CHILD_COMMAND)] * 2
+    assert spawner.spawns[0]["executable"] == CHILD_COMMAND[0]
+    assert spawner.spawns[0]["childFDs"] == {0: "w", 1: "r", 2: "r"}
+    env = spawner.spawns[0]["env"]
     repo = str(Path(__file__).resolve().parents[2])
     assert env["PATH"] == "/bin" and env["PYTHONPATH"].split(os.pathsep) == [repo, "/x"]
     boot = [p.bootstrap for p in spawner.processes]
     assert [b["group"] for b in boot] == [0, 1]
-    assert boot[0]["config"] == {"#startup": [["=index+i0"], ["=index+i1"]]}
+    assert boot[0]["config"] == {"#startup": [["=route+i0"], ["=route+i1"]]}
     assert boot[0]["base_dir"] == str(app_dir)
     assert boot[0]["rundir"] == supervisor.rundir and os.path.isdir(supervisor.rundir)
     assert boot[0]["services"] == {} and boot[0]["args"] == ["twistd", "-n", "stage"]
@@ -333,6 +335,7 @@ def test_line_relay_bounds_its_buffer() -> None:
     assert emitted == ["a" * 10, "a" * 10, "aaaaab", "\ufffd"]
 
 
+@pytest.mark.e2e  # real listening sockets on loopback
 def test_services_sockets_are_shared_as_fds_from_3(make, spawner: FakeSpawner) -> None:
     ports = [free_port(), free_port()]
     services = {"tcp": [f"127.0.0.1:{ports[0]}", f"[::1]:{ports[1]}"]}
@@ -342,7 +345,7 @@ def test_services_sockets_are_shared_as_fds_from_3(make, spawner: FakeSpawner) -
     sockets = supervisor.sockets
     assert [s.getsockname()[1] for s in sockets] == ports
     assert all(not s.getblocking() for s in sockets)
-    assert spawner.calls[1]["childFDs"] == {
+    assert spawner.spawns[1]["childFDs"] == {
         0: "w",
         1: "r",
         2: "r",
@@ -361,6 +364,7 @@ def test_services_sockets_are_shared_as_fds_from_3(make, spawner: FakeSpawner) -
     assert all(s.fileno() == -1 for s in sockets)
 
 
+@pytest.mark.e2e  # real listening sockets on loopback
 def test_a_busy_service_port_stops_start_up_with_one_line(make) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

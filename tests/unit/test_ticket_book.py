@@ -1,11 +1,11 @@
-"""The ticket book (SPEC 4.4) with fake time: FIFO grants, limits, holds, temporary categories."""
+"""The ticket book with fake time: FIFO grants, limits, holds, temporary categories."""
 
 from __future__ import annotations
 
 import pytest
 from twisted.internet.task import Clock
 
-from stagetx.routing.tickets import (
+from stagetx.stages.ticket.tickets import (
     Cancelled,
     Granted,
     Refused,

@@ -1,4 +1,4 @@
-"""The ticket stage (SPEC 4.4) through its message interface, with a recording context."""
+"""The ticket stage through its message interface, with a recording context."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from twisted.logger import Logger
 from stagetx.address import format_reply
 from stagetx.codec import pack_py
 from stagetx.message import Message, Sender
-from stagetx.stages.ticket import Stage
+from stagetx.stages.ticket.stage import Stage
 
 SERVER = "srv"
 TICKET = 4

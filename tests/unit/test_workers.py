@@ -1,4 +1,4 @@
-"""stage.submit, thread.new and sandboxes (SPEC 2.1, 2.4, 2.8, 3.3): real threads, real Lua.
+"""stage.submit, thread.new and sandboxes: real threads, real Lua.
 
 The first tests drive ``KeyedQueue`` with plain Python jobs on a real ``ThreadPool``; the others run
 a Lua stage in this process (real reactor, real worker threads) and read what its scripts logged.
@@ -21,7 +21,7 @@ from twisted.python.threadpool import ThreadPool
 
 from stagetx.lua import sandbox
 from stagetx.lua.workers import KeyedQueue, QueueFull
-from tests.support import InProcessServer, LogCapture, wait_for, write_app
+from tests.support import InProcessServer, LogCapture, wait_for, wait_until, write_app
 
 
 # -- KeyedQueue with Python jobs ------------------------------------------------------------------
@@ -67,19 +67,12 @@ def pool() -> Iterator[ThreadPool]:
     tp.stop()
 
 
-def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
 def test_jobs_of_one_key_never_overlap_and_keep_submission_order(pool: ThreadPool) -> None:
     queue = KeyedQueue(pool, ThreadReactor(), 1000)
     log: list[tuple[Hashable, int, float, float]] = []
     for seq in range(40):
         queue.submit(Recorded("k" if seq % 2 else 7, log, seq))
-    until(lambda: len(log) == 40)
+    wait_until(lambda: len(log) == 40)
     for key in ("k", 7):
         runs = [r for r in log if r[0] == key]
         assert [r[1] for r in sorted(runs, key=lambda r: r[2])] == [r[1] for r in runs] == sorted(r[1] for r in runs)
@@ -93,7 +86,7 @@ def test_different_keys_and_key_zero_run_at_the_same_time(pool: ThreadPool) -> N
     log: list[tuple[Hashable, int, float, float]] = []
     for seq, key in enumerate([1, 2, 0, 0]):  # all four must be inside at once to pass the barrier
         queue.submit(Recorded(key, log, seq, lambda: barrier.wait() and None))
-    until(lambda: len(log) == 4)
+    wait_until(lambda: len(log) == 4)
     assert not barrier.broken
     assert max(r[2] for r in log) < min(r[3] for r in log)
 
@@ -103,7 +96,7 @@ def test_a_full_queue_refuses_new_jobs_and_runs_every_accepted_one(pool: ThreadP
     gate = threading.Event()
     log: list[tuple[Hashable, int, float, float]] = []
     queue.submit(Recorded(3, log, 0, lambda: gate.wait(5) and None))
-    until(lambda: queue.running == 1)
+    wait_until(lambda: queue.running == 1)
     accepted = refused = 0
     for seq in range(1, 9):
         try:
@@ -114,9 +107,9 @@ def test_a_full_queue_refuses_new_jobs_and_runs_every_accepted_one(pool: ThreadP
             refused += 1
     assert (accepted, refused, queue.waiting) == (5, 3, 5)
     gate.set()
-    until(lambda: len(log) == 6)
+    wait_until(lambda: len(log) == 6)
     assert [r[1] for r in log] == [0, 1, 2, 3, 4, 5]
-    until(lambda: queue.waiting == 0 and queue.running == 0)
+    wait_until(lambda: queue.waiting == 0 and queue.running == 0)
 
 
 def test_returned_ms_resubmits_with_the_same_key_and_counts_as_waiting(pool: ThreadPool) -> None:
@@ -124,13 +117,13 @@ def test_returned_ms_resubmits_with_the_same_key_and_counts_as_waiting(pool: Thr
     log: list[tuple[Hashable, int, float, float]] = []
     runs = iter([50, 50, None])
     queue.submit(Recorded("r", log, 0, lambda: next(runs)))
-    until(lambda: len(log) == 1)
-    until(lambda: queue.waiting == 1)  # the pending re-submission holds the only place
+    wait_until(lambda: len(log) == 1)
+    wait_until(lambda: queue.waiting == 1)  # the pending re-submission holds the only place
     with pytest.raises(QueueFull):
         queue.submit(Recorded("other", log, 1))
-    until(lambda: len(log) == 3)
+    wait_until(lambda: len(log) == 3)
     assert all(later[2] - earlier[3] >= 0.045 for earlier, later in zip(log, log[1:]))
-    until(lambda: queue.waiting == 0)
+    wait_until(lambda: queue.waiting == 0)
 
 
 def test_a_failing_job_does_not_block_its_key(pool: ThreadPool) -> None:
@@ -143,7 +136,7 @@ def test_a_failing_job_does_not_block_its_key(pool: ThreadPool) -> None:
     with LogCapture() as capture:
         queue.submit(Recorded(9, log, 0, boom))
         queue.submit(Recorded(9, log, 1))
-        until(lambda: len(log) == 1)
+        wait_until(lambda: len(log) == 1)
     assert log[0][1] == 1
     assert any("worker job failed" in e.get("log_format", "") for e in capture.events)
 

@@ -1,0 +1,292 @@
+"""The stages of one child process: ``ProcessHost`` runs the stages of its ``#startup`` group and
+their router.
+
+``StageHost`` is what one stage sees of the process (the ``StageContext`` of
+``stagetx.stages.base``) and what the router delivers to; ``ProcessServices`` is the state all
+stages and sandboxes of the process share (``stage.once``/``stage.v``, config values, the title).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Mapping, Sequence
+from time import perf_counter
+from typing import Any
+
+import setproctitle
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from stagetx.address import Address, AddressError, ReplyTo, parse_target
+from stagetx.codec import pack_py
+from stagetx.config import ServerConfig, StageConfig
+from stagetx.message import Message
+from stagetx.router import Result, Router
+from stagetx.shared import ProcessShared
+from stagetx.stages.registry import stage_type
+
+#: Errors (with file and line) each stage keeps for ``stat`` and the dashboard.
+LAST_ERRORS = 10
+#: Upper bounds (s) of the handler-time histogram each stage keeps (the last bucket is unbounded).
+LATENCY_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class ProcessServices:
+    """What every stage and worker sandbox of one process shares."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        group: int,
+        args: Sequence[str],
+        server_id: str,
+        services: Mapping[str, int] | None = None,
+    ) -> None:
+        self.config = config
+        self.group = group
+        self.slow_ms = 100.0  # a Lua callback longer than this is logged as a slow handler
+        self.services = dict(services or {})  # "host:port" of #services -> inherited listening fd
+        self.args = list(args)
+        self.server_id = server_id
+        self.shared = ProcessShared()
+        self._lock = threading.Lock()
+        self._values = {name: pack_py((value,)) for name, value in config.values.items()}
+        self._written: dict[str, bytes | None] = {}
+
+    def config_value(self, name: str, settings: Any) -> bytes | None:
+        """``process["$NAME"]``: a value written at run time, else the stage's setting, else the config's."""
+        with self._lock:
+            if name in self._written:
+                return self._written[name]
+            if isinstance(settings, dict) and name in settings:
+                return pack_py((settings[name],))
+            return self._values.get(name)
+
+    def set_config_value(self, name: str, payload: bytes | None) -> None:
+        with self._lock:
+            self._written[name] = payload
+
+    def replace_config_values(self, values: dict[str, bytes]) -> None:
+        """``process["$"] = json``: the new values replace the config's and earlier writes."""
+        with self._lock:
+            self._values = dict(values)
+            self._written.clear()
+
+    @staticmethod
+    def title() -> str:
+        return setproctitle.getproctitle()
+
+    @staticmethod
+    def set_title(title: str) -> None:
+        setproctitle.setproctitle(title)
+
+
+class StageHost:
+    """One stage of this process: its context (for the stage) and its receiver (for the router)."""
+
+    name: str
+
+    def __init__(self, config: StageConfig, process: ProcessServices, router: Router, clock: IReactorTime) -> None:
+        self.config = config
+        self.name = config.name
+        self.stage_id = config.id
+        self.instance = config.instance
+        self.settings = config.settings
+        self.process = process
+        self.router = router
+        self.clock = clock
+        self.base_dir = process.config.base_dir
+        self.log = Logger(namespace=f"stage.{config.id}")
+        self.sender = router.sender_of(config.instance)
+        self.received = 0
+        self.sent = 0
+        self.errors = 0
+        self.last_errors: deque[tuple[float, str]] = deque(maxlen=LAST_ERRORS)  # (wall time, error)
+        self.busy = 0.0
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)  # handler times, counted per bucket
+        self._backlog: list[Message] | None = []  # messages that arrived before the stage started
+        self._start_error: str | None = None  # a built-in stage's start that raised
+        self.stage = stage_type(config.type).stage(self, config)
+        self.batches = hasattr(self.stage, "turn_ended")
+        self._receive_batch = getattr(self.stage, "receive_batch", None)
+
+    # -- StageContext -----------------------------------------------------------------------------
+    def resolve_path(self, path: str) -> str:
+        return os.path.normpath(os.path.join(self.base_dir, path))
+
+    def send(self, target: Any, *values: Any, reply_to: str | None = None) -> Result:
+        return self.send_payload(parse_target(target), pack_py(values), reply_to)
+
+    def reply(self, message: Message, *values: Any) -> None:
+        """A reply address that does not parse is logged and skipped: the turn's other replies
+        still go."""
+        if message.reply is None:
+            return
+        try:
+            address = parse_target(message.reply)
+        except AddressError as error:
+            self.log.warn("reply to {msgid!r} dropped: {error}", msgid=message.msgid, error=str(error))
+            return
+        self.send_payload(address, pack_py(values))
+
+    def answer(self, message: Message, *values: Any) -> None:
+        """Answer a request to a built-in index or curl stage: to its reply address when the
+        sender named one (``"rank:q=got"``), else to the sender's handler named by the message id
+        (``"rank:got"`` → ``waitfor("got")``), as the STAGE document's examples do."""
+        if message.reply is not None:
+            self.reply(message, *values)
+        else:
+            self.answer_sender(message, message.msgid, *values)
+
+    def answer_sender(self, message: Message, msgid: str, *values: Any) -> None:
+        """Send ``values`` to the handler ``msgid`` of the stage that sent ``message``.
+
+        ``msgid`` is taken as the sender wrote it: the ``"<sender>:"`` tag of a ``"rank+got"``
+        message and the ``=`` of ``"rank:=got"`` are dropped, so both reach ``waitfor("got")``.
+        """
+        sender = message.sender
+        tag = sender.stage + ":"
+        if msgid.startswith(tag) and len(msgid) > len(tag):
+            msgid = msgid[len(tag) :]
+        if msgid.startswith("=") and len(msgid) > 1:
+            msgid = msgid[1:]
+        self.send_payload(ReplyTo(sender.server, sender.instance, msgid), pack_py(values))
+
+    def send_payload(self, address: Address, payload: bytes, reply_to: str | None = None) -> Result:
+        self.sent += 1
+        return self.router.send(self.sender, address, payload, reply_to)
+
+    def logger_for(self, group: str) -> Logger:
+        return Logger(namespace=group)
+
+    def count_error(self, error: str | None = None) -> None:
+        self.errors += 1
+        if error is not None:
+            self.last_errors.append((time.time(), error))
+
+    # -- Receiver ---------------------------------------------------------------------------------
+    def receive(self, message: Message) -> None:
+        if self._backlog is not None:
+            self._backlog.append(message)
+            return
+        self.received += 1
+        started = perf_counter()
+        try:
+            self.stage.receive(message)
+        finally:
+            elapsed = perf_counter() - started
+            self.busy += elapsed
+            self.latency[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
+
+    def receive_batch(self, messages: list[Message]) -> None:
+        """A run of messages, in order: in one call to a stage that takes runs (a Lua stage
+        crosses into Lua once for them and reports each message's handler time)."""
+        if self._backlog is not None or self._receive_batch is None:
+            for message in messages:
+                self.receive(message)
+            return
+        self.received += len(messages)
+        latency = self.latency
+        for elapsed in self._receive_batch(messages):
+            self.busy += elapsed
+            latency[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
+
+    def turn_ended(self) -> None:
+        self.stage.turn_ended()
+
+    # -- life (driven by ProcessHost, one stage after another) --------------------------------------
+    def start(self) -> Deferred[None]:
+        """Start the stage; fires once it started (or failed to: the failure is kept and passed on)."""
+        return maybeDeferred(self.stage.start).addBoth(self._started)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the stage is *failed* (its start, or a Lua stage's scripts), None while it serves."""
+        return self._start_error or getattr(self.stage, "failure", None)
+
+    def _started(self, result: Any) -> Any:
+        """Hand over what arrived during start-up, in order (even after a failed start: it is logged)."""
+        if isinstance(result, Failure):
+            self._start_error = result.getErrorMessage() or result.type.__name__
+        backlog, self._backlog = self._backlog or [], None
+        for message in backlog:
+            self.receive(message)
+        return result
+
+    def stop(self) -> Deferred[None]:
+        return maybeDeferred(self.stage.stop)
+
+
+class ProcessHost(Service):
+    """The stages of ``#startup`` group ``group`` in this process, with their router.
+
+    A plain ``Service``, not a ``MultiService``: the stages start one after another, each once the
+    previous one's start has fired (``ready`` fires after the last), and stop in reverse order the
+    same way, which ``MultiService`` (all children at once, results ignored) does not do.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        group: int,
+        clock: IReactorTime,
+        server_id: str = "local",
+        args: Sequence[str] = (),
+        services: Mapping[str, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.group = group
+        placement = [(s.id, s.group) for s in config.stages]
+        self.router = Router(server_id, group, placement, clock)
+        self.process = ProcessServices(config, group, args, server_id, services)
+        self.stages = [StageHost(s, self.process, self.router, clock) for s in config.startup[group]]
+        self.ready: Deferred[None] = Deferred()  # fires once every stage has started (or failed to)
+        for stage in self.stages:
+            self.router.attach(stage)
+
+    def startService(self) -> None:
+        """Start the stages one after another, in config order; a failing stage is logged and skipped."""
+        super().startService()
+
+        def start(index: int) -> None:
+            if index == len(self.stages):
+                self.log.info(
+                    "process {process} ready: {stages}",
+                    process=self.group + 1,
+                    stages=[s.name for s in self.stages],
+                )
+                if not self.ready.called:
+                    self.ready.callback(None)
+                return
+            stage = self.stages[index]
+            d = stage.start()
+            d.addErrback(lambda f: self.log.failure("stage {name} failed to start", f, name=stage.name))
+            d.addBoth(lambda _: start(index + 1))
+
+        start(0)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        d: Deferred[None] = Deferred()
+
+        def stop(index: int) -> None:
+            if index < 0:
+                d.callback(None)
+                return
+            stage = self.stages[index]
+            s = stage.stop()
+            s.addErrback(lambda f: self.log.failure("stage {name} failed to stop", f, name=stage.name))
+            s.addBoth(lambda _: stop(index - 1))
+
+        stop(len(self.stages) - 1)
+        return d

@@ -1,1 +1,0 @@
-"""Helpers of the ``curl`` stage: request parsing, TLS policy, response reading, errors."""

@@ -1,1 +1,0 @@
-"""The index stage's core: ranked boards (``board``), requests (``commands``), durability (``store``)."""

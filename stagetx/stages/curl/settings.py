@@ -1,0 +1,80 @@
+"""The ``=curl+ID`` stage's settings: user-agent, timeout, concurrency, verify, ca-file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+DEFAULT_USER_AGENT = "stagetx-curl"
+DEFAULT_TIMEOUT_MS = 30000.0
+
+
+@attrs.frozen
+class CurlSettings:
+    """Validated settings; ``timeout_ms`` None means no limit, ``concurrency`` None no cap."""
+
+    user_agent: str = DEFAULT_USER_AGENT
+    timeout_ms: float | None = DEFAULT_TIMEOUT_MS
+    concurrency: int | None = None
+    verify: bool = True
+    ca_file: str | None = None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: The check of each known setting's value (the original platform's files carry other keys too).
+_VALID: dict[str, Any] = {
+    "user-agent": lambda value: isinstance(value, str),
+    "timeout": _number,
+    "concurrency": lambda value: _number(value) and int(value) == value,
+    "verify": lambda value: isinstance(value, bool),
+    "ca-file": lambda value: isinstance(value, str),
+}
+
+
+def wrong_setting(raw: Any) -> str | None:
+    """What is wrong with ``raw`` that no default can stand in for: not an object, or a known
+    setting with a value of the wrong kind (``"timeout: expected …"``); None when it can run."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        return f"expected an object of settings, got {json.dumps(raw)}"
+    for key, value in raw.items():
+        if key in _VALID and not _VALID[key](value):
+            return f"{key}: wrong value {json.dumps(value)}"
+    return None
+
+
+def parse_settings(raw: Any) -> tuple[CurlSettings, list[str]]:
+    """Settings from the stage's raw config value, and notices about what was ignored.
+
+    The stage must start even with a doubtful configuration (the original platform's files carry
+    keys stagetx lacks), so bad or unknown entries are reported and replaced by defaults.
+    """
+    notices: list[str] = []
+    if raw is None:
+        return CurlSettings(), notices
+    if not isinstance(raw, Mapping):
+        return CurlSettings(), [f"curl settings must be an object, got {type(raw).__name__}: ignored"]
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "user-agent" and isinstance(value, str):
+            values["user_agent"] = value
+        elif key == "timeout" and _number(value):
+            values["timeout_ms"] = float(value) if value > 0 else None
+        elif key == "concurrency" and _number(value) and int(value) == value:
+            values["concurrency"] = int(value) if value > 0 else None
+        elif key == "verify" and isinstance(value, bool):
+            values["verify"] = value
+        elif key == "ca-file" and isinstance(value, str):
+            values["ca_file"] = value
+        elif key in ("user-agent", "timeout", "concurrency", "verify", "ca-file"):
+            notices.append(f"curl setting {key!r} has a wrong value {value!r}: default used")
+        else:
+            notices.append(f"curl setting {key!r} is not known: ignored")
+    return CurlSettings(**values), notices

@@ -1,0 +1,246 @@
+"""The ``curl`` stage: HTTP(S) requests for Lua, answered with curl-shaped reply tables.
+
+Built on treq with the stage's own ``HTTPClient``: its own connection pool (module-level treq calls
+share one global pool) and its own cookie jar, so cookies persist across the stage's requests.
+The total timeout (connect, headers and body) is enforced here: treq's ``timeout=`` only covers
+the wait for the headers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from treq.client import HTTPClient
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredSemaphore,
+    TimeoutError,
+    maybeDeferred,
+    succeed,
+)
+from twisted.python.failure import Failure
+from twisted.web import error as web_error
+from twisted.web._newclient import ResponseFailed
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from stagetx import reactors
+from stagetx.message import Message
+from stagetx.stages.base import StageContext
+from stagetx.stages.curl import errors
+from stagetx.stages.curl.request import BadRequest, CurlRequest, parse_request
+from stagetx.stages.curl.response import chain, content_type, read_body, set_cookies, url_of
+from stagetx.stages.curl.settings import CurlSettings, parse_settings, wrong_setting
+from stagetx.stages.curl.tls import https_policy
+from stagetx.stages.registry import SettingsError
+
+# Redirects Twisted does not follow (a 307 after a POST, a 3xx without Location): like curl, the
+# stage then answers with that 3xx response itself.
+_UNFOLLOWED = (web_error.PageRedirect, web_error.RedirectWithNoLocation)
+
+
+def check_settings(settings: Any, path: str) -> None:
+    """The registry's check (``stagetx.stages.registry``): a value that is not an object or a
+    known setting of the wrong kind stops start-up; unknown settings are logged when it starts."""
+    wrong = wrong_setting(settings)
+    if wrong is not None:
+        raise SettingsError(f"{path}.{wrong}" if ": wrong value" in wrong else f"{path}: {wrong}")
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False  # else every new connection logs "Starting factory" / "Stopping factory"
+
+
+class _QuietPool(HTTPConnectionPool):
+    """The stage's connection pool, without a log line per connection."""
+
+    _factory = _QuietFactory
+
+
+class HTTPRequester(Protocol):
+    """What the stage needs of treq: an ``HTTPClient`` (or a ``treq.testing.StubTreq``)."""
+
+    def request(
+        self,
+        method: str,
+        url: Any,
+        *,
+        headers: Any = None,
+        data: Any = None,
+        browser_like_redirects: bool = False,
+        unbuffered: bool = False,
+    ) -> Deferred[Any]: ...
+
+
+def _reply(request_url: str, effective_url: str, extra: Any, code: int, message: str, elapsed: float) -> dict[str, Any]:
+    """The reply table of a request that produced no response."""
+    return {
+        "url": request_url,
+        "redirect_url": None,
+        "effective_url": effective_url,
+        "status": 0,
+        "cookie": {},
+        "extra": extra,
+        "data": {
+            "type": None,
+            "length": 0,
+            "download_speed": 0.0,
+            "content": b"",
+            "charset": None,
+            "result": code,
+            "message": message,
+            "time": elapsed,
+        },
+    }
+
+
+def _timed_out(result: Any, timeout: float) -> Any:
+    """``addTimeout``'s translation: whatever failure a cancelled request produced is a timeout.
+
+    Cancelling while connecting fails with ``ConnectingCancelledError``, not ``CancelledError``,
+    which Twisted's default translation would let through unrecognised.
+    """
+    if isinstance(result, Failure):
+        return Failure(TimeoutError(timeout, "HTTP request"))
+    return result
+
+
+class Stage:
+    """``=curl+ID``: one message = one HTTP request; the reply table goes to the reply address."""
+
+    def __init__(self, context: StageContext, config: Any, *, client: HTTPRequester | None = None) -> None:
+        """``client`` replaces the stage's own treq client (tests pass a ``StubTreq``)."""
+        self._context = context
+        self._log = context.log
+        settings, notices = parse_settings(getattr(config, "settings", config))
+        for notice in notices:
+            self._log.warn("{stage}: {notice}", stage=context.name, notice=notice)
+        self._settings: CurlSettings = settings
+        self._client = client
+        self._pool: HTTPConnectionPool | None = None
+        self._slots = DeferredSemaphore(settings.concurrency) if settings.concurrency else None
+        self._pending: set[Deferred[Any]] = set()
+        self._stopping = False
+
+    def start(self) -> None:
+        """Build the stage's own connection pool, HTTPS policy and cookie jar."""
+        if self._client is not None:
+            return
+        reactor = reactors.resolve()
+        ca_file = self._settings.ca_file
+        policy = https_policy(self._settings.verify, self._context.resolve_path(ca_file) if ca_file else None)
+        self._pool = _QuietPool(reactor, persistent=True)
+        self._pool.maxPersistentPerHost = max(2, self._settings.concurrency or 8)
+        self._client = HTTPClient(Agent(reactor, contextFactory=policy, pool=self._pool))
+
+    def stop(self) -> Deferred[None] | None:
+        """Abort requests in flight or queued (each answered with result 42); close the pool."""
+        self._stopping = True
+        for pending in list(self._pending):
+            pending.cancel()
+        if self._pool is not None:
+            return self._pool.closeCachedConnections()
+        return None
+
+    def receive(self, message: Message) -> None:
+        """Start (or queue) the request of ``message``; its reply is sent when it completes."""
+        try:
+            request = parse_request(message.values, self._settings)
+        except BadRequest as e:
+            self._answer(message, _reply(e.url, e.url, e.extra, e.code, e.message, 0.0))
+            return
+        except Exception as e:  # an undecodable payload must not escape into the router
+            self._log.failure("{stage}: bad curl message {msgid}", stage=self._context.name, msgid=message.msgid)
+            self._answer(message, _reply("", "", None, errors.INTERNAL, f"bad message: {e}", 0.0))
+            return
+        if self._slots is None:
+            done = self._perform(request)
+        else:
+            done = self._slots.run(self._perform, request)
+            queued = self._context.clock.seconds()
+            done.addErrback(self._failed, request, queued)  # stop() cancelled it in the queue
+        self._pending.add(done)
+        done.addCallback(self._finish, message, done)
+        done.addErrback(lambda f: self._log.failure("{stage}: curl reply failed", f, stage=self._context.name))
+
+    def _finish(self, reply: dict[str, Any], message: Message, done: Deferred[Any]) -> None:
+        self._pending.discard(done)
+        self._answer(message, reply)
+
+    def _answer(self, message: Message, reply: dict[str, Any]) -> None:
+        data = reply["data"]
+        if data["result"] != errors.OK:
+            self._log.info(
+                "{stage}: {url} failed: {message} (curl error {result})",
+                stage=self._context.name,
+                url=reply["url"],
+                message=data["message"],
+                result=data["result"],
+            )
+            self._context.count_error()
+        self._context.answer(message, reply)
+
+    def _perform(self, request: CurlRequest) -> Deferred[dict[str, Any]]:
+        """Run one transfer; the Deferred always succeeds with the reply table."""
+        started = self._context.clock.seconds()
+        if self._stopping:  # a queued request whose slot was freed by stop() itself
+            return succeed(self._failed(Failure(CancelledError()), request, started))
+        assert self._client is not None, "start() was not called"
+        sent: Deferred[IResponse] = maybeDeferred(
+            self._client.request,
+            request.method,
+            request.target,
+            headers=Headers(request.headers),
+            data=request.body,
+            browser_like_redirects=True,
+            unbuffered=True,
+        )
+        read: Deferred[tuple[IResponse, bytes]] = sent.addCallbacks(self._read, self._read_unfollowed)
+        if request.timeout_ms is not None:
+            read.addTimeout(request.timeout_ms / 1000.0, self._context.clock, onTimeoutCancel=_timed_out)
+        return read.addCallback(self._succeeded, request, started).addErrback(self._failed, request, started)
+
+    def _read(self, response: IResponse) -> Deferred[tuple[IResponse, bytes]]:
+        return read_body(response).addCallback(lambda body: (response, body))
+
+    def _read_unfollowed(self, failure: Failure) -> Deferred[tuple[IResponse, bytes]] | Failure:
+        """A redirect Twisted did not follow is a normal 3xx answer, as curl gives it."""
+        value = failure.value
+        if isinstance(value, ResponseFailed) and value.response is not None:
+            if any(reason.check(*_UNFOLLOWED) for reason in value.reasons):
+                return self._read(value.response)
+        return failure
+
+    def _succeeded(self, got: tuple[IResponse, bytes], request: CurlRequest, started: float) -> dict[str, Any]:
+        response, body = got
+        elapsed = self._context.clock.seconds() - started
+        responses = chain(response)
+        mime, charset = content_type(response)
+        last_location = url_of(response) if len(responses) > 1 else None
+        return {
+            "url": request.url,
+            "redirect_url": last_location,
+            "effective_url": url_of(response),
+            "status": response.code,
+            "cookie": set_cookies(responses),
+            "extra": request.extra,
+            "data": {
+                "type": mime,
+                "length": len(body),
+                "download_speed": len(body) / elapsed if elapsed > 0 else 0.0,
+                "content": body,
+                "charset": charset,
+                "result": errors.OK,
+                "message": "OK",
+                "time": elapsed,
+            },
+        }
+
+    def _failed(self, failure: Failure, request: CurlRequest, started: float) -> dict[str, Any]:
+        code, text = errors.classify(failure, request.timeout_ms)
+        if code == errors.INTERNAL:
+            self._log.failure("{stage}: unexpected curl failure", failure, stage=self._context.name)
+        elapsed = self._context.clock.seconds() - started
+        return _reply(request.url, request.target.to_text(), request.extra, code, text, elapsed)

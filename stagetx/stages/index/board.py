@@ -1,0 +1,718 @@
+"""One scoreboard: members with a value and up to four scored tiers, ranked in O(log n).
+
+Each tier keeps a ``SortedList`` of keys ordered as ``(score, seq, member)`` ascending plus a
+dict ``member -> key``; rank 1 is the *last* element, so no score is ever negated. ``seq`` is a
+per-board counter that *decreases* with every score change: among equal scores the member whose
+score was set earlier has the larger ``seq``, sorts later, and ranks higher ("earlier set
+first"). A key is one int (``encode``: ``DenseTier``) while every score of the tier fits one
+exactly, else the tuple itself (``TupleTier``).
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import count
+from typing import Any
+
+from sortedcontainers import SortedList
+
+TIERS = 4
+
+Score = int | float
+Key = tuple[Score, int, bytes]
+# A tier's stored state for one member: (score, seq), or None when unscored in that tier.
+TierState = tuple[Score, int] | None
+# One tier's state of a run of members (a snapshot chunk): ``[scores, seqs]`` when every member
+# of the run is scored in the tier, else ``[scores, seqs, positions]`` for the scored ones only,
+# ``positions`` their indexes in the run.
+Column = list[list[Any]]
+
+
+def _scored(members: list[bytes], keys: dict[bytes, Any]) -> tuple[list[Any], list[int] | None]:
+    """The keys of ``members`` in ``keys`` and, when some have none, the positions of those that do
+    (``positions`` None: every member has a key)."""
+    get = keys.get
+    found = [get(member) for member in members]
+    if None not in found:  # keys are ints or tuples: never equal to None
+        return found, None
+    positions = [i for i, key in enumerate(found) if key is not None]
+    return [found[i] for i in positions], positions
+
+
+def _column(scores: list[Any], seqs: list[Any], positions: list[int] | None) -> Column:
+    return [scores, seqs] if positions is None else [scores, seqs, positions]
+
+
+class Ranking(SortedList):  # type: ignore[misc]
+    """A ``SortedList`` whose insertions report where the key landed, as a rank from the top.
+
+    A score change is a removal, an insertion and a rank lookup; the lookup would search for the
+    key the insertion just placed. ``insert`` and ``move`` keep the insertion's position instead,
+    which saves two of the six binary searches of an update, and turn it into the index's rank
+    (1 = the largest key). They use the sublist layout of
+    sortedcontainers 2.x (``_lists``, ``_maxes``, ``_expand``, ``_delete``, ``_loc``) exactly as
+    its own ``add`` and ``remove`` do; ``tests/unit/test_index_board.py`` checks the ranks
+    and the layout's invariants (``_check``) against a plain sorted list through many sublist
+    splits and merges.
+
+    Sublists hold twice sortedcontainers' default load: at a million keys a shorter positional
+    index to climb and fewer sublist maxes to search outweigh the longer list shifts (inserts,
+    score updates and rank lookups 10–20 % faster at 1M, no change at 100k; docs/index.md).
+    """
+
+    DEFAULT_LOAD_FACTOR = 2000
+
+    def insert(self, key: Any) -> int:
+        """Add ``key`` (not present); its rank counted from the largest key (1 = largest)."""
+        lists = self._lists
+        maxes = self._maxes
+        if not maxes:
+            lists.append([key])
+            maxes.append(key)
+            self._len = 1
+            return 1
+        pos, sub, idx = self._put(key)
+        self._len += 1
+        index = self._index
+        if not index or len(sub) > self._load << 1:
+            self._expand(pos)  # splits ``sub`` (and drops the index) when it grew too long
+            # _loc is "keys in the sublists before pos, plus idx": still right when _expand split
+            # ``sub`` and idx now points into the new sublist after it
+            return self._len - self._loc(pos, idx)
+        # _expand's index update and _loc's walk in one climb: count the key in every node from
+        # the leaf up, and add the left sibling of every right child on the way
+        node = self._offset + pos
+        total = 0
+        while node:
+            index[node] += 1
+            if not node & 1:
+                total += index[node - 1]
+            node = (node - 1) >> 1
+        index[0] += 1
+        return self._len - total - idx
+
+    def _put(self, key: Any) -> tuple[int, list[Any], int]:
+        """Put ``key`` into the sublist it belongs in: (sublist number, the sublist, index in it)."""
+        lists, maxes = self._lists, self._maxes
+        pos = bisect_right(maxes, key)
+        if pos == len(maxes):
+            pos -= 1
+            sub = lists[pos]
+            idx = len(sub)
+            sub.append(key)
+            maxes[pos] = key
+        else:
+            sub = lists[pos]
+            idx = bisect_right(sub, key)
+            # a slice assignment shifts the tail with one memmove, where list.insert moves it one
+            # pointer at a time: about 250 ns less at the 2,000–4,000 keys of a sublist
+            sub[idx:idx] = (key,)
+        return pos, sub, idx
+
+    def move(self, old: Any, new: Any) -> int:
+        """Replace ``old`` (present) by ``new``; the rank of ``new`` counted from the largest key."""
+        lists = self._lists
+        maxes = self._maxes
+        pos = bisect_left(maxes, old)
+        sub = lists[pos]
+        idx = bisect_left(sub, old)
+        last = len(maxes) - 1
+        if (not pos or maxes[pos - 1] < new) and (pos == last or new < lists[pos + 1][0]):
+            # ``new`` belongs in the same sublist (a small score change): no length changes
+            del sub[idx]
+            idx = bisect_right(sub, new)
+            sub[idx:idx] = (new,)  # one memmove (see _put)
+            maxes[pos] = sub[-1]
+            return self._len - self._loc(pos, idx)
+        if len(sub) <= (self._load >> 1) + 1 or not self._index:  # ``sub`` will merge, or no index
+            self._delete(pos, idx)
+            return self.insert(new)
+        del sub[idx]
+        maxes[pos] = sub[-1]
+        target, sub, idx = self._put(new)  # never pos: ``new`` lies beyond a neighbour's keys
+        if len(sub) > self._load << 1:
+            self._expand(target)  # splits ``sub`` and drops the index: _loc rebuilds it
+            return self._len - self._loc(target, idx)
+        # one key less below ``pos``'s leaf and one more below ``target``'s: the counts change
+        # only under their common ancestor; _loc's sum of left siblings in the same climb
+        index = self._index
+        offset = self._offset
+        gone = offset + pos
+        node = offset + target
+        total = 0
+        while gone != node:  # the leaves are on one level: they meet at the common ancestor
+            index[gone] -= 1
+            index[node] += 1
+            if not node & 1:
+                total += index[node - 1]
+            gone = (gone - 1) >> 1
+            node = (node - 1) >> 1
+        while node:
+            if not node & 1:
+                total += index[node - 1]
+            node = (node - 1) >> 1
+        return self._len - total - idx
+
+
+class NotDense(Exception):
+    """A score or sequence number that a dense int key cannot hold exactly."""
+
+
+# The dense key: one int, its bits from the least significant (``encode``, ``decode`` and
+# ``DenseTier`` build and read it with these shifts):
+#   [0, 32)    slot: the member's slot in its tier (``_SLOTS`` per tier)
+#   [32, 34)   kind: 0 an int score, 1 a float, 2 the float -0.0 (so decode gives the type back)
+#   [34, 96)   seq + 2**62: the tier's sequence number, offset to be non-negative
+#   [96, ...)  score * 2**64, signed and unbounded (so an int score is also ``score << 160``)
+# Int order is ``(score, seq)`` order; seqs are unique in a tier, so kind and slot never decide.
+_SCALE = 2.0**64  # a float score's fixed-point factor: exact (a power of two)
+_SEQ_SPAN = 1 << 62  # seqs in [-2**62, 0) fit the key's sequence field
+_SEQ_MASK = _SEQ_SPAN - 1
+_SLOTS = 1 << 32  # member slots per tier
+_SLOT = _SLOTS - 1
+_FLOAT_BITS = 3 << 32  # the kind field: zero for an int score
+
+
+def _fixed(score: Score) -> tuple[int, int]:
+    """``(score * 2**64, kind)`` as exact ints; kind 0 int, 1 float, 2 the float -0.0.
+
+    Raises NotDense for a float that is not a multiple of 2**-64 (tiny fractions, inf, NaN).
+    """
+    if type(score) is int:
+        return score << 64, 0
+    if type(score) is not float:
+        raise NotDense(score)
+    scaled = score * _SCALE
+    if not scaled.is_integer():
+        raise NotDense(score)
+    fixed = int(scaled)
+    return fixed, 2 if not fixed and math.copysign(1.0, score) < 0 else 1
+
+
+def encode(score: Score, seq: int, slot: int) -> int:
+    """The dense key of ``(score, seq)`` for the member in ``slot`` (the layout above); exact for
+    every int score and every float that is a multiple of 2**-64."""
+    fixed, kind = _fixed(score)
+    if not -_SEQ_SPAN <= seq < 0 or not 0 <= slot < _SLOTS:
+        raise NotDense(seq)
+    return (fixed << 96) | ((seq + _SEQ_SPAN) << 34) | (kind << 32) | slot
+
+
+def decode(key: int) -> tuple[Score, int]:
+    """``(score, seq)`` of a dense key, the score of the type it was set with."""
+    kind = (key >> 32) & 3
+    seq = ((key >> 34) & _SEQ_MASK) - _SEQ_SPAN
+    if kind == 0:
+        return key >> 160, seq
+    if kind == 1:
+        return (key >> 96) / (1 << 64), seq  # correctly rounded, so exact: the value is a float
+    return -0.0, seq
+
+
+class TupleTier:
+    """The ranked members of one tier as ``(score, seq, member)`` tuples: exact for any score.
+
+    The fallback of ``DenseTier`` for scores a dense key cannot hold.
+    """
+
+    __slots__ = ("keys", "order")
+
+    def __init__(self) -> None:
+        self.keys: dict[bytes, Key] = {}
+        self.order: Ranking = Ranking()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def score(self, member: bytes) -> Score | None:
+        key = self.keys.get(member)
+        return None if key is None else key[0]
+
+    def state(self, member: bytes) -> TierState:
+        key = self.keys.get(member)
+        return None if key is None else (key[0], key[1])
+
+    def change(self, member: bytes, score: Score, seq: int) -> int:
+        """Give ``member`` ``score`` with ``seq`` unless it has that score: its new rank, or 0."""
+        keys = self.keys
+        order = self.order
+        old = keys.get(member)
+        if old is None:
+            key = keys[member] = (score, seq, member)
+            return order.insert(key)
+        if old[0] == score:
+            return 0
+        member = old[2]  # keep one bytes object per member alive, not one per update
+        key = keys[member] = (score, seq, member)
+        return order.move(old, key)
+
+    def put(self, member: bytes, score: Score, seq: int) -> None:
+        """Insert or replace ``member``'s key, whatever its score was (log replay)."""
+        old = self.keys.get(member)
+        if old is not None:
+            self.order.remove(old)
+        key = self.keys[member] = (score, seq, member)
+        self.order.add(key)
+
+    def discard(self, member: bytes) -> None:
+        key = self.keys.pop(member, None)
+        if key is not None:
+            self.order.remove(key)
+
+    def load(self, column: list[Key]) -> None:
+        """Bulk-insert keys into an empty tier: one sort instead of n inserts."""
+        self.keys.update((key[2], key) for key in column)
+        self.order.update(column)
+
+    def add_unsorted(self, members: list[bytes], scores: list[Any], seqs: list[int]) -> None:
+        """Bulk load: map new ``members`` to their keys; ``sort`` builds the order at the end."""
+        self.keys.update(zip(members, zip(scores, seqs, members)))
+
+    def put_unsorted(self, member: bytes, score: Score, seq: int) -> None:
+        """``put`` during a bulk load: the key map only."""
+        self.keys[member] = (score, seq, member)
+
+    def discard_unsorted(self, member: bytes) -> None:
+        """``discard`` during a bulk load: the key map only."""
+        self.keys.pop(member, None)
+
+    def sort(self) -> None:
+        """End of a bulk load: build the (empty) order from the key map in one sort."""
+        self.order.update(self.keys.values())
+
+    def columns(self, members: list[bytes]) -> Column | None:
+        """The ``Column`` of ``members`` in this tier; None when none of them is scored here."""
+        found, positions = _scored(members, self.keys)
+        if not found:
+            return None
+        return _column([key[0] for key in found], [key[1] for key in found], positions)
+
+    def rank(self, member: bytes) -> int | None:
+        """1-based rank of ``member`` (1 = highest score), None when unscored here."""
+        key = self.keys.get(member)
+        if key is None:
+            return None
+        return len(self.order) - self.order.bisect_left(key)
+
+    def rank_at_most(self, score: Score) -> int | None:
+        """Rank of the highest-ranked member whose score is ≤ ``score``; None if there is none."""
+        return _rank_below(self.order, self.order.bisect_left((score, math.inf)))
+
+    def slice(self, first: int, count: int) -> Iterator[tuple[int, Score, bytes]]:
+        """``(rank, score, member)`` for ``count`` members from rank ``first`` (1-based) down."""
+        first = max(first, 1)
+        return ((rank, key[0], key[2]) for rank, key in enumerate(_keys_from(self.order, first, count), first))
+
+
+class DenseTier:
+    """The ranked members of one tier as one int per member (``encode``).
+
+    An int compares in one step reading one object, where a key tuple reads the tuple and its
+    score: a comparison touches half the cache lines, and a key is 56 bytes instead of 128. The
+    key's low bits name the member's slot in ``slots`` (kept across score changes, reused after
+    a delete), which gives ``forEach`` and ``range`` the member of a key without a second dict.
+    Raises NotDense (changing nothing) for a score it cannot hold; the board then converts the
+    tier to a ``TupleTier``.
+    """
+
+    __slots__ = ("keys", "slots", "free", "order")
+
+    def __init__(self) -> None:
+        self.keys: dict[bytes, int] = {}
+        self.slots: list[bytes | None] = []
+        self.free: list[int] = []
+        self.order: Ranking = Ranking()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def score(self, member: bytes) -> Score | None:
+        key = self.keys.get(member)
+        return None if key is None else decode(key)[0]
+
+    def state(self, member: bytes) -> TierState:
+        key = self.keys.get(member)
+        if key is None:
+            return None
+        if not key & _FLOAT_BITS:  # decode() inlined for an int score: every logged change asks
+            return key >> 160, ((key >> 34) & _SEQ_MASK) - _SEQ_SPAN
+        return decode(key)
+
+    def _slot(self, member: bytes) -> int:
+        """A free slot, now holding ``member``; NotDense (changing nothing) when none is left."""
+        if self.free:
+            slot = self.free.pop()
+            self.slots[slot] = member
+            return slot
+        slot = len(self.slots)
+        if slot >= _SLOTS:
+            raise NotDense(member)
+        self.slots.append(member)
+        return slot
+
+    def change(self, member: bytes, score: Score, seq: int) -> int:
+        """Give ``member`` ``score`` with ``seq`` unless it has that score: its new rank, or 0."""
+        if type(score) is int:
+            head = score << 160  # encode()'s fixed-point score and kind (0) in one shift
+        else:
+            fixed, kind = _fixed(score)
+            head = (fixed << 96) | (kind << 32)
+        if not -_SEQ_SPAN <= seq < 0:
+            raise NotDense(seq)
+        keys = self.keys
+        old = keys.get(member)
+        if old is None:
+            key = keys[member] = head | ((seq + _SEQ_SPAN) << 34) | self._slot(member)
+            return self.order.insert(key)
+        if old >> 96 == head >> 96:
+            return 0
+        key = keys[member] = head | ((seq + _SEQ_SPAN) << 34) | (old & _SLOT)
+        return self.order.move(old, key)
+
+    def put(self, member: bytes, score: Score, seq: int) -> None:
+        """Insert or replace ``member``'s key, whatever its score was (log replay)."""
+        old = self.keys.get(member)
+        key = encode(score, seq, self._slot(member) if old is None else old & _SLOT)
+        if old is not None:
+            self.order.remove(old)
+        self.keys[member] = key
+        self.order.add(key)
+
+    def discard(self, member: bytes) -> None:
+        key = self.keys.pop(member, None)
+        if key is not None:
+            self.slots[key & _SLOT] = None
+            self.free.append(key & _SLOT)
+            self.order.remove(key)
+
+    def columns(self, members: list[bytes]) -> Column | None:
+        """The ``Column`` of ``members`` in this tier; None when none of them is scored here."""
+        found, positions = _scored(members, self.keys)
+        if not found:
+            return None
+        scores = [key >> 160 if not key & _FLOAT_BITS else decode(key)[0] for key in found]
+        seqs = [((key >> 34) & _SEQ_MASK) - _SEQ_SPAN for key in found]
+        return _column(scores, seqs, positions)
+
+    def add_unsorted(self, members: list[bytes], scores: list[Any], seqs: list[int]) -> None:
+        """Bulk load: map new ``members`` to their keys; ``sort`` builds the order at the end.
+
+        Raises NotDense, having changed nothing, when a score or seq does not fit a dense key.
+        """
+        if seqs and (min(seqs) < -_SEQ_SPAN or max(seqs) >= 0):
+            raise NotDense(seqs)
+        base = len(self.slots)
+        if base + len(members) > _SLOTS:
+            raise NotDense(len(members))
+        try:
+            # encode() inlined for int scores: a float score raises TypeError at its shift
+            keys = [
+                (score << 160) | ((seq + _SEQ_SPAN) << 34) | slot for slot, score, seq in zip(count(base), scores, seqs)
+            ]
+        except TypeError:
+            keys = [encode(score, seq, slot) for slot, score, seq in zip(count(base), scores, seqs)]
+        self.slots.extend(members)
+        self.keys.update(zip(members, keys))
+
+    def put_unsorted(self, member: bytes, score: Score, seq: int) -> None:
+        """``put`` during a bulk load: the key map only (NotDense as ``put``)."""
+        keys = self.keys
+        old = keys.get(member)
+        if type(score) is int and -_SEQ_SPAN <= seq < 0:  # encode() inlined: every replayed record
+            key = (score << 160) | ((seq + _SEQ_SPAN) << 34)
+        else:
+            key = encode(score, seq, 0)  # NotDense before a slot is taken
+        keys[member] = key | (self._slot(member) if old is None else old & _SLOT)
+
+    def discard_unsorted(self, member: bytes) -> None:
+        """``discard`` during a bulk load: the key map only."""
+        key = self.keys.pop(member, None)
+        if key is not None:
+            self.slots[key & _SLOT] = None
+            self.free.append(key & _SLOT)
+
+    def sort(self) -> None:
+        """End of a bulk load: build the (empty) order from the key map in one sort."""
+        self.order.update(self.keys.values())
+
+    def unsorted_tuples(self) -> TupleTier:
+        """This tier's key map as a ``TupleTier``'s, its order not built yet (bulk load)."""
+        tier = TupleTier()
+        tier.keys = {member: (*decode(key), member) for member, key in self.keys.items()}  # type: ignore[misc]
+        return tier
+
+    def tuples(self) -> TupleTier:
+        """The same ranking as a ``TupleTier``."""
+        tier = TupleTier()
+        tier.load([(*decode(key), member) for member, key in self.keys.items()])
+        return tier
+
+    def rank(self, member: bytes) -> int | None:
+        """1-based rank of ``member`` (1 = highest score), None when unscored here."""
+        key = self.keys.get(member)
+        if key is None:
+            return None
+        return len(self.order) - self.order.bisect_left(key)
+
+    def rank_at_most(self, score: Score) -> int | None:
+        """Rank of the highest-ranked member whose score is ≤ ``score``; None if there is none."""
+        if type(score) is int:
+            floor = score << 64
+        elif math.isinf(score):
+            return _rank_below(self.order, len(self.order) if score > 0 else 0)
+        else:
+            scaled = score * _SCALE
+            # beyond 2**960 the scaling overflows, but such a float is an int already
+            floor = math.floor(scaled) if math.isfinite(scaled) else int(score) << 64
+        return _rank_below(self.order, self.order.bisect_left((floor + 1) << 96))
+
+    def slice(self, first: int, count: int) -> Iterator[tuple[int, Score, bytes]]:
+        """``(rank, score, member)`` for ``count`` members from rank ``first`` (1-based) down."""
+        first = max(first, 1)
+        slots = self.slots
+        keys = list(_keys_from(self.order, first, count))
+        # decode() inlined column by column: a top-100 decodes 100 keys per request
+        scores = [key >> 160 if not key & _FLOAT_BITS else decode(key)[0] for key in keys]
+        return zip(range(first, first + len(keys)), scores, [slots[key & _SLOT] for key in keys])  # type: ignore[arg-type]
+
+
+Tier = DenseTier | TupleTier
+
+
+def _rank_below(order: Ranking, index: int) -> int | None:
+    """The rank of the key just below ascending position ``index``; None at the bottom."""
+    return None if index == 0 else len(order) - index + 1
+
+
+def _keys_from(order: Ranking, first: int, count: int) -> Iterator[Any]:
+    """``count`` keys from rank ``first`` (≥ 1) downwards."""
+    size = len(order)
+    if count <= 0 or first > size:
+        return iter(())
+    stop = size - first + 1
+    return order.islice(max(stop - count, 0), stop, reverse=True)
+
+
+class Board:
+    """A named index: every member's value and its scores in ``TIERS`` tiers.
+
+    A tier starts dense (``DenseTier``) and becomes a ``TupleTier`` for good, in this process,
+    the first time it is given a score a dense key cannot hold; a start loads it dense again
+    when every score fits.
+
+    A board made with ``loading=True`` is being bulk-loaded: ``add_columns``, ``restore`` and
+    ``delete`` fill its maps only, and ``finish_load`` sorts each tier once; it answers nothing
+    before that.
+    """
+
+    __slots__ = ("values", "tiers", "next_seq", "loading")
+
+    def __init__(self, loading: bool = False) -> None:
+        self.values: dict[bytes, Any] = {}
+        self.tiers: list[Tier] = [DenseTier() for _ in range(TIERS)]
+        self.next_seq = -1
+        self.loading = loading
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __contains__(self, member: bytes) -> bool:
+        return member in self.values
+
+    def tier(self, number: int) -> Tier:
+        """Tier ``number`` (1-based)."""
+        return self.tiers[number - 1]
+
+    def _widen(self, index: int) -> TupleTier:
+        """Convert tier ``index`` (0-based) to tuples, for a score it could not hold."""
+        tier = self.tiers[index]
+        if isinstance(tier, DenseTier):
+            tier = self.tiers[index] = tier.unsorted_tuples() if self.loading else tier.tuples()
+        return tier
+
+    def _change(self, index: int, member: bytes, score: Score, seq: int) -> int:
+        try:
+            return self.tiers[index].change(member, score, seq)
+        except NotDense:
+            return self._widen(index).change(member, score, seq)
+
+    def set(self, member: bytes, scores: Mapping[int, Score], value: Any, has_value: bool) -> set[int]:
+        """Create or update ``member``; returns the tiers (1-based) whose score changed.
+
+        ``has_value`` False keeps the stored value (a new member then gets None). A changed score
+        takes a fresh ``seq``, so the member ranks after members that already had that score.
+        """
+        if has_value or member not in self.values:
+            self.values[member] = value if has_value else None
+        seq = self.next_seq
+        changed = {number for number, score in scores.items() if self._change(number - 1, member, score, seq)}
+        if changed:
+            self.next_seq = seq - 1
+        return changed
+
+    def set_one(self, member: bytes, number: int, score: Score, value: Any, has_value: bool) -> int:
+        """``set`` for one score in tier ``number``: the request fast path, no mapping or set built.
+
+        Returns the member's new rank in that tier, or 0 when the score did not change.
+        """
+        tier = self.tiers[number - 1]
+        if has_value:
+            self.values[member] = value
+        elif member not in tier.keys and member not in self.values:
+            # a member scored in the tier has a value entry: at a million members the tier's
+            # lookup, which change() repeats from cache, saves the value dict's cold one
+            self.values[member] = None
+        seq = self.next_seq
+        try:
+            rank = tier.change(member, score, seq)
+        except NotDense:
+            rank = self._widen(number - 1).change(member, score, seq)
+        if rank:
+            self.next_seq = seq - 1
+        return rank
+
+    def delete(self, member: bytes) -> bool:
+        """Remove ``member`` from every tier; False when it was not there."""
+        if self.values.pop(member, _ABSENT) is _ABSENT:
+            return False
+        for tier in self.tiers:
+            if self.loading:
+                tier.discard_unsorted(member)
+            else:
+                tier.discard(member)
+        return True
+
+    def state(self, member: bytes) -> tuple[Any, list[TierState]]:
+        """The member's value and per-tier ``(score, seq)``, as stored in logs and snapshots."""
+        return self.values[member], [tier.state(member) for tier in self.tiers]
+
+    def record(self, name: bytes, member: bytes) -> tuple[Any, ...]:
+        """The log record of ``member``'s whole state: ``(name, member)`` when it is gone, else
+        ``(name, member, value, state1, …)`` with trailing unscored tiers left out."""
+        value = self.values.get(member, _ABSENT)
+        if value is _ABSENT:
+            return (name, member)
+        tiers = self.tiers
+        if not (tiers[1].keys or tiers[2].keys or tiers[3].keys):  # only tier 1 in use: most boards
+            state = tiers[0].state(member)
+            return (name, member, value) if state is None else (name, member, value, state)
+        states: list[Any] = [name, member, value]
+        last = 3
+        for tier in tiers:
+            state = tier.state(member)
+            states.append(state)
+            if state is not None:
+                last = len(states)
+        return tuple(states[:last])
+
+    def restore(self, member: bytes, value: Any, states: Sequence[TierState]) -> None:
+        """Replace the member's whole state with a recorded one (replay of logs); tiers past the
+        end of ``states`` are unscored."""
+        self.values[member] = value
+        loading = self.loading
+        tiers = self.tiers
+        if (
+            loading
+            and len(states) == 1
+            and states[0] is not None
+            and not (tiers[1].keys or tiers[2].keys or tiers[3].keys)
+        ):
+            # a board scored in tier 1 only, at the start: most replayed records
+            score, seq = states[0]  # type: ignore[misc]
+            try:
+                tiers[0].put_unsorted(member, score, seq)
+            except NotDense:
+                self._widen(0).put_unsorted(member, score, seq)
+            if seq <= self.next_seq:
+                self.next_seq = seq - 1
+            return
+        for index, tier in enumerate(tiers):
+            state = states[index] if index < len(states) else None
+            if state is None:
+                if not tier.keys:
+                    continue
+                if loading:
+                    tier.discard_unsorted(member)
+                else:
+                    tier.discard(member)
+                continue
+            score, seq = state
+            try:
+                tier.put_unsorted(member, score, seq) if loading else tier.put(member, score, seq)
+            except NotDense:
+                tier = self._widen(index)
+                tier.put_unsorted(member, score, seq) if loading else tier.put(member, score, seq)
+            self.next_seq = min(self.next_seq, seq - 1)
+
+    def snapshot_chunks(self, size: int) -> Iterator[list[bytes]]:
+        """Every member present now, ``size`` at a time: tier 1's in ascending key order, then those
+        unscored there. A snapshot in this order loads with a sort that finds its input sorted.
+
+        The order is copied now (a C-level copy, no Python loop per member), so the chunks may be
+        taken while the board keeps changing; a member added later is not in them, and one
+        deleted meanwhile is still named (the caller skips it).
+        """
+        first = self.tiers[0]
+        keys = list(first.order)
+        if isinstance(first, DenseTier):
+            slots = list(first.slots)
+            slot_mask = _SLOT
+
+            def members(chunk: list[Any]) -> list[bytes]:
+                return [slots[key & slot_mask] for key in chunk]  # type: ignore[misc]
+
+        else:
+
+            def members(chunk: list[Any]) -> list[bytes]:
+                return [key[2] for key in chunk]
+
+        unscored = [m for m in self.values if m not in first.keys] if len(first.keys) < len(self.values) else []
+
+        def chunks() -> Iterator[list[bytes]]:
+            for start in range(0, len(keys), size):
+                yield members(keys[start : start + size])
+            for start in range(0, len(unscored), size):
+                yield unscored[start : start + size]
+
+        return chunks()
+
+    def columns(self, members: list[bytes]) -> list[Any]:
+        """The snapshot chunk of ``members``: ``[members, values, tier 1 Column or None, …]`` with
+        the members no longer present left out and trailing unused tiers too."""
+        values = self.values
+        present = [member for member in members if member in values]
+        chunk: list[Any] = [present, [values[member] for member in present]]
+        for tier in self.tiers:
+            chunk.append(tier.columns(present) if tier.keys else None)
+        while chunk[-1] is None:
+            chunk.pop()
+        return chunk
+
+    def add_columns(self, chunk: list[Any]) -> None:
+        """Bulk-load the members of one snapshot chunk (``columns``) into this loading board."""
+        assert self.loading, "add_columns fills a loading board"
+        members = chunk[0]
+        self.values.update(zip(members, chunk[1]))
+        for index, column in enumerate(chunk[2:]):
+            if column is None:
+                continue
+            scores, seqs = column[0], column[1]
+            scored = members if len(column) == 2 else [members[i] for i in column[2]]
+            if not seqs:
+                continue
+            self.next_seq = min(self.next_seq, min(seqs) - 1)
+            try:
+                self.tiers[index].add_unsorted(scored, scores, seqs)
+            except NotDense:
+                self._widen(index).add_unsorted(scored, scores, seqs)
+
+    def finish_load(self) -> None:
+        """End of a bulk load: one sort per tier (next to nothing when the keys came in order)."""
+        for tier in self.tiers:
+            tier.sort()
+        self.loading = False
+
+
+_ABSENT = object()

@@ -1,0 +1,100 @@
+"""Links between servers (stagetx.cluster.peers) over real loopback TCP: link, queue, reconnect, refuse."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from stagetx.cluster.peers import PeerLinks
+from tests.support import LogCapture, wait_for
+
+
+class Events:
+    def __init__(self) -> None:
+        self.linked: list[str] = []
+        self.unlinked: list[str] = []
+        self.messages: list[tuple[str, Any]] = []
+
+    def peer_linked(self, server_id: str, link: Any, via: str | None) -> None:
+        self.linked.append(server_id)
+
+    def peer_message(self, server_id: str, obj: Any) -> None:
+        self.messages.append((server_id, obj))
+
+    def peer_unlinked(self, server_id: str) -> None:
+        self.unlinked.append(server_id)
+
+
+def peers(
+    server_id: str, secret: bytes = b"k", listen: bool = True, port: int = 0, queue: int = 10
+) -> tuple[PeerLinks, Events]:
+    events = Events()
+    links = PeerLinks(server_id, secret, ("127.0.0.1", port) if listen else None, events, reactor, 1 << 20, queue)
+    links.startService()
+    return links, events
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_frames_queued_before_the_link_arrive_in_order_and_the_link_comes_back_after_a_restart() -> None:
+    server, server_events = peers("srv")
+    port = server.port_number
+    client, client_events = peers("cli", listen=False)
+    try:
+        client.dial(f"127.0.0.1:{port}")
+        await wait_for(lambda: "srv" in client_events.linked, 10, "the link")
+        assert client.send("srv", ["m", 1])[0]
+        await wait_for(lambda: len(server_events.messages) == 1, 10, "the frame")
+        await server.stopService()
+        await wait_for(lambda: client_events.unlinked == ["srv"], 10, "the link lost")
+        for i in range(2, 5):
+            assert client.send("srv", ["m", i]) == (True, None)
+        server2, server2_events = peers("srv", port=port)
+        try:
+            await wait_for(lambda: len(server2_events.messages) == 3, 15, "the queued frames after reconnecting")
+            assert [obj for _, obj in server2_events.messages] == [["m", 2], ["m", 3], ["m", 4]]
+        finally:
+            await server2.stopService()
+    finally:
+        await client.stopService()
+
+
+def test_the_queue_for_a_peer_without_a_link_is_bounded() -> None:
+    links = PeerLinks("me", b"k", None, Events(), reactor, 1 << 20, 2)
+    assert links.send("x", ["m"]) == (True, None)
+    assert links.send("x", ["m"], reroute="w") == (True, None)
+    ok, reason = links.send("x", ["m"])
+    assert ok is False and "queue is full (2)" in str(reason)
+    assert links.is_full("x")
+    assert [q.reroute for q in links.take_queue("x")] == [None, "w"]
+    assert not links.is_full("x")
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_a_peer_with_another_secret_never_links() -> None:
+    server, server_events = peers("srv")
+    client, client_events = peers("cli", secret=b"wrong", listen=False)
+    try:
+        with LogCapture() as log:
+            client.dial(f"127.0.0.1:{server.port_number}")
+            await wait_for(lambda: any("refused" in line for line in log.lines()), 10, "the handshake refused")
+        assert server_events.linked == [] and client_events.linked == []
+    finally:
+        await client.stopService()
+        await server.stopService()
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_dialing_itself_is_noticed_and_stopped() -> None:
+    server, events = peers("srv")
+    try:
+        server.dial(f"127.0.0.1:{server.port_number}")
+        await wait_for(lambda: not server.dialing(), 10, "the self-dial to stop")
+        assert events.linked == []
+    finally:
+        await server.stopService()
