@@ -314,21 +314,37 @@ end
 
 -- Every entry from Python: arms the budget, runs `f`, and drains local messages at the outermost
 -- level. A callback that expired leaves its queued messages and finalizers to a turn of their own.
-local function leave(...)
+-- The deadline is set and cleared only inside the protected call (`under`, `finish`,
+-- `deadline_error`): the watchdog arms the hook from another thread, so it may fire on any
+-- instruction, and outside a pcall its error would escape this entry and leave `depth` wrong.
+local function finish(...)
+    deadline = huge
+    return ...
+end
+local function under(d, f, ...)
+    deadline = d
+    return finish(f(...))
+end
+local function deadline_error(e)
+    deadline = huge
+    return on_error(e)
+end
+
+local function leave(d, ...)
     if depth == 1 then
+        deadline = huge
         if expired then
             if qhead <= qtail or nfinal > 0 then schedule_drain() end
         else
             if nfinal > 0 then
-                local ok, err = xpcall(finalize, on_error)
+                local ok, err = xpcall(under, deadline_error, d, finalize)
                 if not ok then report("finalizer", "", err) end
             end
             if qhead <= qtail and not expired then
-                local ok, err = xpcall(drain, on_error)
+                local ok, err = xpcall(under, deadline_error, d, drain)
                 if not ok then report("drain", "", err) end
             end
         end
-        deadline = huge
         expired = false
     end
     depth = depth - 1
@@ -339,10 +355,11 @@ end
 local function enter(started, f, ...)
     depth = depth + 1
     if depth == 1 then
-        deadline = started + budget
         expired = false
+        local d = started + budget
+        return leave(d, xpcall(under, deadline_error, d, f, ...))
     end
-    return leave(xpcall(f, on_error, ...))
+    return leave(nil, xpcall(f, on_error, ...))
 end
 
 ---------------------------------------------------------------------------------------------------
