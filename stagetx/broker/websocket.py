@@ -170,6 +170,19 @@ class _Server(WebSocketServerProtocol):
             self.sendHttpErrorResponse(404, "Not Found")
 
 
+def _protocol_options(endpoint: Endpoint) -> dict[str, Any]:
+    """The autobahn options of both ends: IN bounds a message and a frame, the handshakes have
+    deadlines, and a failed connection gets its close code (1009, 1002, 1007) before the drop."""
+    limit = endpoint.framing.limit_in
+    return {
+        "maxMessagePayloadSize": limit,
+        "maxFramePayloadSize": limit,
+        "openHandshakeTimeout": HANDSHAKE_TIMEOUT,
+        "closeHandshakeTimeout": CLOSE_TIMEOUT,
+        "failByDrop": False,
+    }
+
+
 class _ServerFactory(WebSocketServerFactory):
     noisy = False
 
@@ -177,14 +190,8 @@ class _ServerFactory(WebSocketServerFactory):
         super().__init__(reactor=reactor)
         self.endpoint = endpoint
         self.page = page
-        self.setProtocolOptions(
-            maxMessagePayloadSize=endpoint.framing.limit_in,
-            maxFramePayloadSize=endpoint.framing.limit_in,
-            openHandshakeTimeout=HANDSHAKE_TIMEOUT,
-            closeHandshakeTimeout=CLOSE_TIMEOUT,
-            failByDrop=False,  # a failed connection gets its close code (1009, 1002, 1007) before the drop
-            webStatus=True,  # plain GETs reach sendServerStatus: the page or a 404
-        )
+        # plain GETs reach sendServerStatus: the page or a 404
+        self.setProtocolOptions(**_protocol_options(endpoint), webStatus=True)
 
     def buildProtocol(self, addr: Any) -> Protocol:
         protocol = _Server(self.endpoint)
@@ -227,13 +234,7 @@ class _ClientFactory(WebSocketClientFactory):
         url = endpoint.url
         super().__init__(url=ws_url(url), reactor=reactor)
         self.endpoint = endpoint
-        self.setProtocolOptions(
-            maxMessagePayloadSize=endpoint.framing.limit_in,
-            maxFramePayloadSize=endpoint.framing.limit_in,
-            openHandshakeTimeout=HANDSHAKE_TIMEOUT,
-            closeHandshakeTimeout=CLOSE_TIMEOUT,
-            failByDrop=False,  # a failed connection gets its close code (1009, 1002, 1007) before the drop
-        )
+        self.setProtocolOptions(**_protocol_options(endpoint))
 
     def buildProtocol(self, addr: Any) -> Protocol:
         protocol = _Client(self.endpoint)
