@@ -15,23 +15,10 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.cluster_scripts import ASKER, WHERE
 from tests.support import ServerProcess, free_port, write_app
 
 NAME = "game.i22.test"
-
-W = """
-stage.waitfor("where", function(i) return process["$name"], i end)
-"""
-
-S = """
-local i = 0
-stage.waitfor("at", function(name, n) log4cxx.info("at", name, n) end)
-stage.addtask(50, function()
-    i = i + 1
-    stage.signal("w:where=at", i)
-    return 40
-end)
-"""
 
 
 class Zone:
@@ -70,7 +57,7 @@ def zone(tmp_path: Path) -> Iterator[Zone]:
 
 
 def server(root: Path, zone: Zone, host: str, port: int, name: str, script: str) -> ServerProcess:
-    stage = "w" if script == W else "s"
+    stage = "w" if script == WHERE else "s"
     config: dict[str, Any] = {
         "name": name,
         "#secret": "dns-cluster-secret",
@@ -92,11 +79,11 @@ def test_servers_named_by_dns_are_linked_and_unlinked_as_the_records_change(tmp_
 
     zone.set(["127.0.0.2"])
     with (
-        server(tmp_path, zone, "127.0.0.2", port, "A", W) as a,
-        server(tmp_path, zone, "127.0.0.3", port, "B", S) as b,
+        server(tmp_path, zone, "127.0.0.2", port, "A", WHERE) as a,
+        server(tmp_path, zone, "127.0.0.3", port, "B", ASKER) as b,
     ):
         b.wait_for(lambda: at(b).count("A") >= 3, 30, "replies from the server DNS names")
-        with server(tmp_path, zone, "127.0.0.4", port, "C", W) as c:
+        with server(tmp_path, zone, "127.0.0.4", port, "C", WHERE) as c:
             c.wait_for(lambda: any("ready" in line for line in c.lines), 30, "the second server")
             zone.set(["127.0.0.2", "127.0.0.4"])  # a record added while the servers run
             added_at = len(at(b))

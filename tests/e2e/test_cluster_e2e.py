@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.cluster_scripts import ASKER, WHERE, burst
 from tests.support import ServerProcess, free_port, write_app
 
 SECRET = "cluster-test-secret"
@@ -129,32 +130,17 @@ def test_a_second_process_routes_to_other_servers_through_the_gateway(pair: Any)
 
 # -- backups, a peer killed and restarted ---------------------------------------------------------
 
-W = """
-stage.waitfor("where", function(i) return process["$name"], i end)
-"""
-
-S = """
-local i = 0
-stage.waitfor("at", function(name, n) log4cxx.info("at", name, n) end)
-stage.addtask(50, function()
-    i = i + 1
-    local ok, why = stage.signal("w:where=at", i)
-    if not ok then log4cxx.info("refused", i, why) end
-    return 40
-end)
-"""
-
 
 def test_backup_takes_over_while_the_peer_is_down_and_routing_returns_after_its_restart(tmp_path: Path) -> None:
     port_p, port_k, port_s = free_port(), free_port(), free_port()
     router = {"#router": [2000, 2000]}  # no routing flaps from a busy machine's stalls
-    path_p = app(tmp_path, "p", {**router, "name": "P", "#cluster": [port_p], "#startup": [["=lua+w"]]}, {"w": W})
-    path_k = app(tmp_path, "k", {**router, "name": "K", "#cluster": [port_k], "#startup": [["=lua+w"]]}, {"w": W})
+    path_p = app(tmp_path, "p", {**router, "name": "P", "#cluster": [port_p], "#startup": [["=lua+w"]]}, {"w": WHERE})
+    path_k = app(tmp_path, "k", {**router, "name": "K", "#cluster": [port_k], "#startup": [["=lua+w"]]}, {"w": WHERE})
     path_s = app(
         tmp_path,
         "s",
         {**router, "#cluster": [port_s, f"127.0.0.1:{port_p}", f"=127.0.0.1:{port_k}"], "#startup": [["=lua+s"]]},
-        {"s": S},
+        {"s": ASKER},
     )
 
     def names(server: ServerProcess) -> list[str]:
@@ -186,12 +172,12 @@ def test_backup_takes_over_while_the_peer_is_down_and_routing_returns_after_its_
 
 def test_a_peer_with_another_secret_is_refused_and_logged(tmp_path: Path) -> None:
     port_x, port_y = free_port(), free_port()
-    path_x = app(tmp_path, "x", {"#cluster": [port_x], "#startup": [["=lua+w"]], "name": "X"}, {"w": W})
+    path_x = app(tmp_path, "x", {"#cluster": [port_x], "#startup": [["=lua+w"]], "name": "X"}, {"w": WHERE})
     path_y = app(
         tmp_path,
         "y",
         {"#secret": "another-secret", "#cluster": [port_y, f"127.0.0.1:{port_x}"], "#startup": [["=lua+s"]]},
-        {"s": S},
+        {"s": ASKER},
     )
     with ServerProcess(path_x) as x, ServerProcess(path_y) as y:
         # the handshake is symmetric: whichever side checks the other's proof first refuses and logs
@@ -224,8 +210,8 @@ def test_servers_find_each_other_by_multicast_on_loopback(tmp_path: Path) -> Non
     udp = free_port(kind=socket.SOCK_DGRAM)
     discovery = f"udp://{group}:{udp}"
     port_d, port_e = free_port(), free_port()
-    path_d = app(tmp_path, "d", {"#cluster": [port_d, discovery], "#startup": [["=lua+w"]], "name": "D"}, {"w": W})
-    path_e = app(tmp_path, "e", {"#cluster": [port_e, discovery], "#startup": [["=lua+s"]]}, {"s": S})
+    path_d = app(tmp_path, "d", {"#cluster": [port_d, discovery], "#startup": [["=lua+w"]], "name": "D"}, {"w": WHERE})
+    path_e = app(tmp_path, "e", {"#cluster": [port_e, discovery], "#startup": [["=lua+s"]]}, {"s": ASKER})
     with ServerProcess(path_d) as d, ServerProcess(path_e) as e:
         d.wait_for(lambda: any("ready" in line for line in d.lines), 20, "the first server")
         e.wait_for(lambda: [r[0] for r in e.logged("s", "at")].count("D") >= 3, 20, "replies through a discovered link")
@@ -249,29 +235,6 @@ stage.addtask(50, function()
 end)
 """
 
-BURST = """
-local total, chunk = %(total)d, 2000
-local sent, accepted, refused, why = 0, 0, 0, ""
-stage.waitfor("after", function(what, n) log4cxx.info("after", what, n) end)
-local function ask()
-    stage.signal("+b:who=after")
-    return 200
-end
-stage.addtask(50, function()
-    if sent == 0 and not stage.signal("+b:ping") then return 50 end  -- until b is linked
-    if sent == 0 then sent, accepted = 1, 1 end
-    for _ = 1, math.min(chunk, total - sent) do
-        sent = sent + 1
-        local ok, reason = stage.signal("+b:ping")
-        if ok then accepted = accepted + 1 else refused = refused + 1; why = reason end
-    end
-    if sent < total then return 1 end
-    log4cxx.info("burst", accepted, refused, why)
-    stage.addtask(200, ask)
-    return 0
-end)
-"""
-
 
 def test_a_burst_that_overloads_a_server_does_not_cut_it_off(tmp_path: Path) -> None:
     """The burst of a new user's first try (scaled down): the receiving server may take no routed
@@ -283,7 +246,7 @@ def test_a_burst_that_overloads_a_server_does_not_cut_it_off(tmp_path: Path) -> 
         tmp_path,
         "a",
         {"#router": [3000, 50], "#cluster": [port_a, f"127.0.0.1:{port_b}"], "#startup": [["=lua+a"]]},
-        {"a": BURST % {"total": total}},
+        {"a": burst("b", total)},
     )
     with ServerProcess(path_b) as b, ServerProcess(path_a) as a:
         a.wait_for(lambda: bool(a.logged("a", "burst")), 120, "the end of the burst")

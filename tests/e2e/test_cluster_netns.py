@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.cluster_scripts import burst
 from tests.e2e.netns import Lan, run, unavailable
 from tests.support import ServerProcess, env_path, write_app
 
@@ -59,29 +60,6 @@ stage.addtask(50, function()
         stage.signal("w:echo=reply", function(x) return x * 2 + (k or 0) end, 21)
     end
     return 40
-end)
-"""
-
-BURST = """
-local total, chunk = 100000, 2000
-local sent, accepted, refused, why = 0, 0, 0, ""
-stage.waitfor("after", function(what, n) log4cxx.info("after", what, n) end)
-local function ask()
-    stage.signal("+w:who=after")
-    return 200
-end
-stage.addtask(50, function()
-    if sent == 0 and not stage.signal("+w:ping") then return 50 end  -- until w is linked
-    if sent == 0 then sent, accepted = 1, 1 end
-    for _ = 1, math.min(chunk, total - sent) do
-        sent = sent + 1
-        local ok, reason = stage.signal("+w:ping")
-        if ok then accepted = accepted + 1 else refused = refused + 1; why = reason end
-    end
-    if sent < total then return 1 end
-    log4cxx.info("burst", accepted, refused, why)
-    stage.addtask(200, ask)
-    return 0
 end)
 """
 
@@ -204,7 +182,8 @@ def test_a_partition_shorter_than_sync_loses_nothing_a_longer_one_removes_routin
 
 def test_a_burst_across_hosts_overloads_then_the_server_is_routed_to_again(lan: Lan, tmp_path: Path) -> None:
     router = (3000, 50)
-    with server(lan, tmp_path, 1, W, router=router) as w, server(lan, tmp_path, 3, BURST, router=router) as a:
+    bursting = burst("w", 100000)
+    with server(lan, tmp_path, 1, W, router=router) as w, server(lan, tmp_path, 3, bursting, router=router) as a:
         a.wait_for(lambda: bool(a.logged("s", "burst")), 120, "the end of the burst")
         accepted, refused, why = a.logged("s", "burst")[0]
         assert int(accepted) + int(refused) == 100_000

@@ -15,22 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.e2e.cluster_scripts import ASKER, WHERE
 from tests.support import ServerProcess, free_port, write_app
-
-W = """
-stage.waitfor("where", function(i) return process["$name"], i end)
-"""
-
-S = """
-local i = 0
-stage.waitfor("at", function(name, n) log4cxx.info("at", name, n) end)
-stage.addtask(50, function()
-    i = i + 1
-    local ok, why = stage.signal("w:where=at", i)
-    if not ok then log4cxx.info("refused", i, why) end
-    return 40
-end)
-"""
 
 
 class Authority:
@@ -75,7 +61,7 @@ class Authority:
 
 
 def server(root: Path, name: str, script: str, port: int, ca: Authority | None, *peers: str) -> ServerProcess:
-    stage = "w" if script == W else "s"
+    stage = "w" if script == WHERE else "s"
     listen: dict[str, Any] = {"listen": f"127.0.0.1:{port}"}
     if ca is not None:
         cert, key = ca.issue(name)
@@ -101,10 +87,10 @@ def test_servers_of_one_cluster_ca_talk_over_tls_and_others_are_refused(tmp_path
     port_w, port_s, port_x, port_p = free_port(), free_port(), free_port(), free_port()
     target = f"127.0.0.1:{port_w}"
     with (
-        server(tmp_path, "W", W, port_w, cluster) as w,
-        server(tmp_path, "S", S, port_s, cluster, target) as s,
-        server(tmp_path, "X", S, port_x, other, target) as stranger,
-        server(tmp_path, "P", S, port_p, None, target) as plain,
+        server(tmp_path, "W", WHERE, port_w, cluster) as w,
+        server(tmp_path, "S", ASKER, port_s, cluster, target) as s,
+        server(tmp_path, "X", ASKER, port_x, other, target) as stranger,
+        server(tmp_path, "P", ASKER, port_p, None, target) as plain,
     ):
         s.wait_for(lambda: len(s.logged("s", "at")) >= 3, 30, "replies over TLS")
         for server_ in (stranger, plain):
