@@ -20,6 +20,23 @@ stage.addtask(50, function()
 end)
 """
 
+# counts "ping" messages, each with some work (a burst outruns it), logs "count N" when it
+# changed, and answers "who" with the count
+COUNTER = """
+local n = 0
+stage.waitfor("ping", function()  -- some work per message: the burst outruns it
+    local x = 0
+    for i = 1, 400 do x = x + i * 7 end
+    n = n + 1
+end)
+stage.waitfor("who", function() return "who", n end)
+local told = -1
+stage.addtask(50, function()
+    if n ~= told then told = n; log4cxx.info("count", n) end
+    return 50
+end)
+"""
+
 _BURST = """
 local total, chunk = %(total)d, 2000
 local sent, accepted, refused, why = 0, 0, 0, ""

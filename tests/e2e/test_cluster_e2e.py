@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.cluster_scripts import ASKER, WHERE, burst
+from tests.e2e.cluster_scripts import ASKER, COUNTER, WHERE, burst
 from tests.support import ServerProcess, free_port, write_app
 
 SECRET = "cluster-test-secret"
@@ -219,21 +219,6 @@ def test_servers_find_each_other_by_multicast_on_loopback(tmp_path: Path) -> Non
 
 
 # -- a burst that overloads a server, and its recovery ------------------------------------------
-
-COUNTER = """
-local n = 0
-stage.waitfor("ping", function()  -- some work per message: the burst outruns it
-    local x = 0
-    for i = 1, 400 do x = x + i * 7 end
-    n = n + 1
-end)
-stage.waitfor("who", function() return "who", n end)
-local told = -1
-stage.addtask(50, function()
-    if n ~= told then told = n; log4cxx.info("count", n) end
-    return 50
-end)
-"""
 
 
 def test_a_burst_that_overloads_a_server_does_not_cut_it_off(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.cluster_scripts import burst
+from tests.e2e.cluster_scripts import COUNTER, WHERE, burst
 from tests.e2e.netns import Lan, run, unavailable
 from tests.support import ServerProcess, env_path, write_app
 
@@ -29,22 +29,13 @@ GROUP = "239.255.22.1:7100"
 PORT = 7101
 SYNC_MS = 1500
 
-W = """
-local n = 0
-stage.waitfor("where", function(i) return process["$name"], i end)
+W = (
+    WHERE
+    + """
 stage.waitfor("echo", function(f, x) return "echo", f(x), process["$name"] end)
-stage.waitfor("ping", function()  -- some work per message: a burst outruns it
-    local x = 0
-    for i = 1, 400 do x = x + i * 7 end
-    n = n + 1
-end)
-stage.waitfor("who", function() return "who", n end)
-local told = -1
-stage.addtask(50, function()
-    if n ~= told then told = n; log4cxx.info("count", n) end
-    return 50
-end)
 """
+    + COUNTER
+)
 
 S = """
 local i, asked = 0, false
