@@ -8,6 +8,7 @@ marked ``e2e``; ``tests/reliability`` and ``tests/fuzz`` are ``e2e`` and ``slow`
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,3 +58,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         for mark in _FOLDER_MARKS.get(folder, ()):
             item.add_marker(mark)
+
+
+_failures: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Remember each failing test, for the one line printed at the very end."""
+    if report.failed:
+        _failures.append(report.nodeid if report.when == "call" else f"{report.nodeid} ({report.when})")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Name the failed tests on the last line of the output, where a log tail (CI) still shows them."""
+    if _failures:
+        sys.__stdout__.write(f"failed tests: {' '.join(_failures)}\n")
