@@ -113,7 +113,7 @@ async def test_expire_and_close_callbacks_carry_on(tmp_path: Path) -> None:
         assert run.said("expire") == [["400"]]
         started = time.monotonic()
         await wait_for(lambda: idle.closed, WAIT, "the idle client to expire")
-        assert time.monotonic() - started < 0.6
+        assert time.monotonic() - started < 0.4 + 2.0  # the 400 ms expiry, with slack for a busy machine
         await wait_for(lambda: len(run.said("closed")) == 1, WAIT, "the close callback")
         assert run.said("closed")[0][0] == "v2"
 

@@ -171,7 +171,7 @@ async def test_runaway_loop_is_interrupted_by_the_budget(tmp_path: Path) -> None
     )
     started = time.monotonic()
     capture = await run(path, "alive")
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 10  # interrupted, not never: slack for a busy machine
     errors = [
         e["error"] for e in capture.events if e.get("log_namespace") == "stage.a" and e["log_level"].name == "error"
     ]

@@ -40,7 +40,7 @@ def test_a_runaway_callback_is_interrupted_and_the_runtime_serves_on_unhooked() 
     vm, reports = make_vm(budget_ms=100)
     started = time.monotonic()
     ok, error = run(vm, "function() while true do end end")
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 10.0  # interrupted, not never: slack for a busy machine
     assert ok is False and b"budget of 100 ms exceeded" in error
     assert reports and b"budget of 100 ms exceeded" in reports[-1][-1]
     assert vm.guard is not None and not vm.guard.hooked()
@@ -92,7 +92,7 @@ def test_a_callback_cannot_catch_its_budget(loop: str) -> None:
     vm, reports = make_vm(budget_ms=100)
     started = time.monotonic()
     ok, error = run(vm, CATCHING_LOOPS[loop])
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 10.0  # interrupted, not never: slack for a busy machine
     assert ok is False and b"budget of 100 ms exceeded" in error
     assert reports and b"budget of 100 ms exceeded" in reports[-1][-1]
     # the next callback has a budget of its own and may catch its own errors again
@@ -114,7 +114,7 @@ def test_finalizers_run_in_callbacks_under_the_budget() -> None:
     )
     started = time.monotonic()
     assert run(vm, "function() collectgarbage() collectgarbage() return #finalized end") == (True, 0)
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 10.0  # interrupted, not never: slack for a busy machine
     assert reports and reports[-1][0] == b"finalizer" and b"budget of 100 ms exceeded" in reports[-1][-1]
     vm.drain()  # the turn the prelude scheduled for the finalizers still queued
     assert run(vm, "function() return finalized[1] end") == (True, b"quick")
@@ -126,7 +126,7 @@ def test_patterns_too_complex_for_their_subject_are_refused_at_the_scripts_line(
     vm, _ = make_vm(budget_ms=1000)
     started = time.monotonic()
     ok, error = run(vm, "function() local i = string.find(string.rep('a', 200), '.-.-.-.-b') return i end")
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 10.0  # refused at once, not after 25 s: slack for a busy machine
     assert ok is False and b'pattern ".-.-.-.-b" is too complex for a subject of 200 bytes' in error
     assert error.startswith(b'[string "<python>"]:1:')  # the script's line
     for call in ("s:match('.-.-.-b')", "s:gsub('.-.-.-b', 'x')", "s:gmatch('(.-)(.-)(.-)b')()"):
