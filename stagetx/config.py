@@ -435,12 +435,7 @@ def _discovery_group(entry: str, where: str) -> DiscoveryGroup:
         raise ConfigError(f'{where}: "{group.host}" is not a multicast group address')
     if ":" in group.host:
         raise ConfigError(f'{where}: "{group.host}" is an IPv6 group; discovery announces on IPv4 groups')
-    options: dict[str, str] = {}
-    for pair in filter(None, query.split("&")):
-        key, sep, value = pair.partition("=")
-        if key not in ("interface", "ttl") or not sep or key in options:
-            raise ConfigError(f"{where}: bad option {json.dumps(pair)} (interface=ADDR, ttl=N, each once)")
-        options[key] = value
+    options = _query_options(query, {"interface": "ADDR", "ttl": "N"}, where)
     interface = options.get("interface", "127.0.0.1")
     try:
         ipaddress.IPv4Address(interface)
@@ -488,6 +483,18 @@ def _cluster_tls(value: Any, where: str, base_dir: str) -> ClusterTls:
     return ClusterTls(paths["ca"], paths["cert"], paths["key"])
 
 
+def _query_options(query: str, allowed: dict[str, str], where: str) -> dict[str, str]:
+    """The ``key=value`` pairs of an address's query; ``allowed`` maps each key to its value's form."""
+    options: dict[str, str] = {}
+    for pair in filter(None, query.split("&")):
+        key, sep, value = pair.partition("=")
+        if key not in allowed or not sep or key in options:
+            usage = ", ".join(f"{name}={form}" for name, form in allowed.items())
+            raise ConfigError(f"{where}: bad option {json.dumps(pair)} ({usage}, each once)")
+        options[key] = value
+    return options
+
+
 def _dns_name(entry: str, where: str) -> DnsName:
     """``"dns://NAME:PORT"``, optionally ``?server=HOST:PORT&every=SECONDS`` (default: the
     system's resolvers, every 5 s)."""
@@ -495,12 +502,7 @@ def _dns_name(entry: str, where: str) -> DnsName:
     target = parse_host_port(address, where)
     if not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?", target.host):
         raise ConfigError(f"{where}: {json.dumps(target.host)} is not a DNS name")
-    options: dict[str, str] = {}
-    for pair in filter(None, query.split("&")):
-        key, sep, value = pair.partition("=")
-        if key not in ("server", "every") or not sep or key in options:
-            raise ConfigError(f"{where}: bad option {json.dumps(pair)} (server=HOST:PORT, every=SECONDS, each once)")
-        options[key] = value
+    options = _query_options(query, {"server": "HOST:PORT", "every": "SECONDS"}, where)
     server = parse_host_port(options["server"], f"{where} server") if "server" in options else None
     try:
         every = float(options.get("every", "5"))
