@@ -1,4 +1,5 @@
-"""The pure ranked structure and the request executor over it, without files."""
+"""The request executor of both index backends on the same requests: the embedded board and
+Redis (a real redis-server, on the real reactor). The pure structures are tests/unit/test_index_board.py."""
 
 from __future__ import annotations
 
@@ -11,37 +12,14 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from stagetx.stages.index.board import Board, Ranking
-from stagetx.stages.index.commands import Executor, IndexMessage, RequestError, parse_key, read_message
+from stagetx.stages.index.commands import Executor
 from stagetx.stages.index.redis_backend import RedisExecutor, fill, unpack_answer
 from stagetx.stages.index.redis_link import RedisLink, parse_redis_settings
 from tests.redis_servers import REDIS_SERVER, RedisServer
 from tests.support import wait_for
+from tests.unit.test_index_board import MemoryBoards
 
 Runner = Callable[[Any], Awaitable[Any]]
-
-
-class MemoryBoards:
-    """``commands.Boards`` in memory, remembering which members changed."""
-
-    def __init__(self) -> None:
-        self.boards: dict[bytes, Board] = {}
-        self.changes: list[tuple[bytes, bytes]] = []
-
-    def board(self, name: bytes, create: bool) -> Board | None:
-        if create and name not in self.boards:
-            self.boards[name] = Board()
-        return self.boards.get(name)
-
-    def changing(self, name: bytes, board: Board, member: bytes) -> None:
-        pass
-
-    def changed(self, name: bytes, board: Board, member: bytes) -> None:
-        self.changes.append((name, member))
-
-    def check_value(self, value: Any) -> None:
-        if isinstance(value, set):
-            raise RequestError("value cannot be stored")
 
 
 @pytest.fixture
@@ -87,7 +65,7 @@ def embedded_runner(boards: MemoryBoards, key_size: int) -> Runner:
     return run
 
 
-@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.e2e)])  # redis: a real server
+@pytest.fixture(params=["embedded", "redis"])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -262,24 +240,6 @@ async def test_a_rejected_set_changes_nothing(run, boards) -> None:
     assert boards.changes == []
 
 
-def test_parse_key_reads_the_original_short_forms() -> None:
-    """One-letter commands and ``?`` before the index name, as the original platform's scripts
-    write them (``"s?index"``, ``"#1.g:board/2"``)."""
-    for short, op in ((b"s", b"set"), (b"d", b"del"), (b"g", b"get"), (b"r", b"range"), (b"f", b"forEach")):
-        assert parse_key(short + b"?index").op == op
-    command = parse_key(b"#3.t?board/2")
-    assert (command.op, command.name, command.tier, command.order) == (b"total", b"board", 2, (0, 3))
-    assert parse_key(b"get?board").op == b"get"
-
-
-def test_read_message_tells_request_tables_from_direct_commands() -> None:
-    assert read_message("callback", None) == IndexMessage(None, "callback")
-    assert read_message("q", "got") == IndexMessage(None, None)
-    assert read_message("s?index", None) == IndexMessage("s?index", None)
-    assert read_message("t?index", "total_callback") == IndexMessage("t?index", None)
-    assert read_message("get_callback", "g?index") == IndexMessage("g?index", "get_callback")
-
-
 @pytest_twisted.ensureDeferred
 async def test_get_and_del_take_one_id_alone(run) -> None:
     await run({b"set:b": {b"a": {b"i": 1}, b"c": {b"i": 2}}})
@@ -287,90 +247,6 @@ async def test_get_and_del_take_one_id_alone(run) -> None:
     assert (await run({b"d?b": b"a"}))[b"d?b"] == 1
 
 
-def test_parse_key_reads_order_name_and_tier() -> None:
-    command = parse_key(b"#12.range:top/scores/3")
-    assert (command.op, command.name, command.tier, command.order) == (b"range", b"top/scores", 3, (0, 12))
-    assert parse_key("get:b").tier == 1
-
-
-def test_ranks_match_a_sorted_model_under_random_updates() -> None:
-    rng = random.Random(7)
-    board = Board()
-    model: dict[bytes, tuple[int, int]] = {}  # member -> (score, time of last score change)
-    for step in range(3000):
-        member = b"m%d" % rng.randrange(200)
-        if rng.random() < 0.1:
-            board.delete(member)
-            model.pop(member, None)
-            continue
-        score = rng.randrange(50)
-        if board.set(member, {1: score}, None, False):
-            model[member] = (score, step)
-    expected = sorted(model, key=lambda m: (-model[m][0], model[m][1]))
-    tier = board.tier(1)
-    assert [member for _, _, member in tier.slice(1, len(expected))] == expected
-    assert all(tier.rank(m) == i for i, m in enumerate(expected, 1))
-
-
-def test_the_one_member_fast_path_matches_the_general_path() -> None:
-    """Bytes keys ``{i, v}`` of one member take ``_set_one``; str keys or two members the general
-    path: both must give the same replies, values, ranks, tie order and change reports."""
-    rng = random.Random(7)
-    fast, general = MemoryBoards(), MemoryBoards()
-    run_fast, run_general = Executor(fast, key_size=8).run, Executor(general, key_size=8).run
-    for step in range(2000):
-        member, score = b"m%d" % rng.randrange(50), rng.choice([rng.randrange(20), rng.randrange(20) + 0.5])
-        tier = rng.randrange(1, 5)
-        spec: dict[Any, Any] = {b"i": score} if rng.random() < 0.5 else {b"i": score, b"v": step}
-        reply = run_fast({b"set:b/%d" % tier: {member: spec}})
-        slow_spec = {key.decode(): value for key, value in spec.items()}
-        slow = run_general({b"set:b/%d" % tier: {member: slow_spec, b"": None}})
-        assert slow[b"set:b/%d" % tier] == {"error": "member ids must be non-empty strings"}
-        slow = run_general({b"set:b/%d" % tier: {member: slow_spec}})
-        assert reply == slow
-    for bad in ({b"i": float("nan")}, {b"i": "x"}, {b"i": 1, b"w": 2}, {b"v": 1}):
-        assert run_fast({b"set:b": {b"m1": bad}}) == run_general({b"set:b": {b"m1": bad}})
-    assert run_fast({b"set:b": {b"too-long-id": {b"i": 1}}}) == {b"set:b": {"error": "member id longer than 8 bytes"}}
-    everyone = [b"m%d" % i for i in range(50)]
-    assert run_fast({b"get:b": everyone}) == run_general({b"get:b": everyone})
-    assert fast.changes == general.changes
-    board = fast.boards[b"b"]
-    assert {m: board.record(b"b", m) for m in board.values} == {
-        m: general.boards[b"b"].record(b"b", m) for m in board.values
-    }
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_ranking_positions_match_a_sorted_list_through_splits_and_merges(seed: int) -> None:
-    """``Ranking.insert``/``move`` report the rank from the top that ``bisect_left`` gives, with a load factor
-    small enough that sublists split and merge many times."""
-    rng = random.Random(seed)
-    ranking = Ranking()
-    ranking._reset(4)  # sublists of 4–8 keys: every few operations split or merge one
-    plain: list[tuple[int, int, bytes]] = []
-    keys: dict[bytes, tuple[int, int, bytes]] = {}
-    for seq in range(-1, -3001, -1):
-        member = b"m%d" % rng.randrange(300)
-        key = (rng.randrange(50), seq, member)
-        old = keys.get(member)
-        if old is None:
-            rank = ranking.insert(key)
-        else:
-            plain.remove(old)
-            rank = ranking.move(old, key)
-        keys[member] = key
-        plain.append(key)
-        plain.sort()
-        assert rank == len(plain) - plain.index(key)
-        if rng.random() < 0.2:  # a plain removal between moves, to shrink sublists too
-            gone = keys.pop(rng.choice(list(keys)))
-            plain.remove(gone)
-            ranking.remove(gone)
-        ranking._check()
-    assert list(ranking) == plain
-
-
-@pytest.mark.e2e
 @pytest_twisted.ensureDeferred
 async def test_the_redis_backend_answers_every_request_as_the_embedded_board(redis_server) -> None:
     """Random request tables (several members, ties, int and float scores, four tiers, values,
