@@ -49,6 +49,8 @@ async def test_reload_hands_state_over_and_slow_handlers_are_logged(tmp_path: Pa
         finally:
             await server.stop()
     slow = [e for e in capture.events if e.get("log_format", "").startswith("slow handler")]
-    assert len(slow) == 1
-    assert (slow[0]["stage"], slow[0]["script"], slow[0]["line"]) == ("a", "lua/main.lua", 4)
-    assert slow[0]["ms"] >= 20
+    # the one slow message is reported once; on a busy machine a quick "hit" may be slow too
+    named = [e for e in slow if e["line"] == 4]
+    assert len(named) == 1
+    assert (named[0]["stage"], named[0]["script"]) == ("a", "lua/main.lua")
+    assert named[0]["ms"] >= 20

@@ -520,7 +520,9 @@ async def test_late_replies_to_removed_auto_ids_are_counted_in_one_line(tmp_path
         stage.addtask(50, function() log4cxx.info("done") end)
     """
     capture = await run(lua_app(tmp_path, {"main": script}), "done")
-    warnings = capture.lines("stage.a", "warn")
-    late = [line for line in warnings if "came after their waitfor was removed" in line]
-    assert len(late) == 1  # the first at once, the other 499 counted for the next line
-    assert len(warnings) == 2  # and the named id's own warning
+    warnings = [e for e in capture.events if e.get("log_namespace") == "stage.a" and e["log_level"].name == "warn"]
+    late = [e for e in warnings if "came after their waitfor was removed" in e["log_format"]]
+    # the first at once, the others counted for the next line (10 s later: a busy machine may
+    # get there before "done"), never a line per reply
+    assert 1 <= len(late) <= 2 and late[0]["count"] == 1
+    assert [e["msgid"] for e in warnings if e not in late] == ["named"]  # the named id's own warning
