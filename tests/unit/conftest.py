@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 #: What a unit test may not call on the global reactor.
@@ -56,6 +55,8 @@ class RealIOInUnitTest(AssertionError):
 def refused_real_io() -> Iterator[list[str]]:
     """Within the block, the real reactor, sockets and process spawning raise; yields what was tried
     (recorded too, since the code under test may swallow the error)."""
+    from twisted.internet import reactor  # here, not at import: pytest_twisted installs it first
+
     tried: list[str] = []
     main = threading.main_thread()
 
