@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -169,9 +168,7 @@ async def test_runaway_loop_is_interrupted_by_the_budget(tmp_path: Path) -> None
         },
         **{"%budget": 200},
     )
-    started = time.monotonic()
-    capture = await run(path, "alive")
-    assert time.monotonic() - started < 3
+    capture = await run(path, "alive")  # the reactor runs again: the later task logs
     errors = [
         e["error"] for e in capture.events if e.get("log_namespace") == "stage.a" and e["log_level"].name == "error"
     ]
