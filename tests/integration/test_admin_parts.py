@@ -37,13 +37,13 @@ async def test_reload_hands_state_over_and_slow_handlers_are_logged(tmp_path: Pa
             for _ in range(3):
                 stage.send("a:hit")
             stage.send("a:slow")
-            await wait_for(lambda: stage.received == 4, 5.0, "4 messages")
+            await wait_for(lambda: stage.received == 4, 20, "4 messages")
             ok, text, data = control.cmd_eval("a", "count")
             assert (ok, text) == (True, "3")
             reloading = stage.stage.reload()
             stage.send("a:hit")  # arrives while the runtime is rebuilt: waits, then runs
             await ensureDeferred(reloading)
-            await wait_for(lambda: control.cmd_eval("a", "count")[1] == "104", 5.0, "count 104")
+            await wait_for(lambda: control.cmd_eval("a", "count")[1] == "104", 20, "count 104")
             ok, text, _ = await ensureDeferred(control.command("eval", ["a", "nope("]))
             assert not ok and "unexpected symbol" in text
         finally:

@@ -47,7 +47,7 @@ async def test_a_sandbox_hands_every_message_to_the_reactor_thread(
         server = InProcessServer(path)
         await server.start()
         try:
-            await wait_for(lambda: said(capture, "got") != [], 10, "100 messages")
+            await wait_for(lambda: said(capture, "got") != [], 20, "100 messages")
         finally:
             await server.stop()
     assert said(capture, "got") == [",".join(str(i) for i in range(1, 101))]
