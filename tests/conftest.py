@@ -1,8 +1,10 @@
 """Fixtures shared by the unit and end-to-end tests; the ``e2e`` and ``slow`` markers by folder.
 
-``tests/unit`` is the fast loop (fake time and transports, real Lua): ``make test-fast``. Tests in
-``tests/integration`` (real sockets, redis, subprocesses) and ``tests/e2e`` (real servers) are
-marked ``e2e``; ``tests/reliability`` and ``tests/fuzz`` are ``e2e`` and ``slow``.
+``tests/unit`` is the fast loop (fake time and transports, real Lua; ``tests/unit/conftest.py``
+refuses the real reactor, talking sockets and processes there): ``make test-fast``. Tests in
+``tests/integration`` (the real reactor in this process, loopback sockets, redis) and ``tests/e2e``
+(real servers, child processes) are marked ``e2e``; ``tests/reliability`` and ``tests/fuzz`` are
+``e2e`` and ``slow``.
 """
 
 from __future__ import annotations

@@ -450,7 +450,7 @@ class DashboardSite(AdminSite):
     def __init__(self, root: Resource, supervisor: AdminView, commands: Commands, token: str | None) -> None:
         self.dashboard = Dashboard(supervisor, commands, token)
         self.dashboard.install(root)
-        super().__init__(root, token)
+        super().__init__(root, token, supervisor.clock())
 
     def startFactory(self) -> None:
         super().startFactory()

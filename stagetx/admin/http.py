@@ -245,6 +245,7 @@ class AdminSite(Site):
     protocol = _BodyCheckingChannel  # type: ignore[assignment]  # plain HTTP/1.1, no HTTP/2 wrapper
     requestFactory = _BoundedRequest
 
-    def __init__(self, resource: Resource, token: str | None) -> None:
-        super().__init__(resource)
+    def __init__(self, resource: Resource, token: str | None, reactor: Any = None) -> None:
+        """``reactor``: the admin side's (its timers: the request log's clock, idle connections)."""
+        super().__init__(resource, reactor=reactor)
         self.token = token

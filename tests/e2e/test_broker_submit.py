@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from stagetx.broker.framing import PacketFraming
+from stagetx.lua.workers import process_queue
 from tests.support import (
     RunningStage,
     ServerProcess,
@@ -26,10 +27,11 @@ from tests.support import (
 WAIT = 10.0
 
 
-async def sleep(seconds: float) -> None:
-    d = deferLater(reactor, seconds, lambda: None)
-    d.addTimeout(seconds + WAIT, reactor)
-    await d
+def worker_queue_idle(run: RunningStage) -> Callable[[], bool]:
+    """True once no job of the stage's process waits (on a re-run timer too) or runs: then no
+    job can run again until a new one is submitted."""
+    queue = process_queue(run.server.hosts[0].process, reactor, (4, 1000))
+    return lambda: queue.waiting == 0 and queue.running == 0
 
 
 # Each frame becomes a job of its socket that holds a worker thread for 40 ms, then commits from
@@ -102,18 +104,18 @@ async def test_return_value_reruns_the_job_until_done_or_the_socket_closed(tmp_p
         assert [r[0] for r in runs] == [b"1", b"2", b"3"]
         times = [float(r[1]) for r in runs]
         assert all(later - earlier >= 0.029 for earlier, later in zip(times, times[1:]))
-        await sleep(0.2)
-        assert len(counted.frames()) == 3  # returned nothing: done
+        idle = worker_queue_idle(run)
+        await wait_for(idle, WAIT, "the job done")
+        assert len(counted.frames()) == 3 and run.text().count("run\t") == 3  # returned nothing: done
 
         forever = await connect(port)
         forever.send(b"0")  # asks to run again every time
         await wait_for(lambda: len(forever.frames()) >= 3, WAIT, "a periodic job")
         forever.transport.loseConnection()
         await wait_for(lambda: forever.closed, WAIT, "the close")
-        await sleep(0.1)  # a run already waiting on its timer may still be under way
-        logged = run.text().count("run\t")
-        await sleep(0.3)
-        assert run.text().count("run\t") == logged  # no re-run once the socket has closed
+        # it asks for a re-run every time: the queue empties only if none happens once the socket
+        # has closed (a run already under way or waiting on its timer ends it)
+        await wait_for(idle, WAIT, "no re-run once the socket has closed")
 
 
 ERRORS = """
@@ -197,7 +199,6 @@ async def test_sockets_from_a_sandbox_read_in_the_thread_and_write_on_the_reacto
         await wait_for(lambda: client.closed, WAIT, "the close from the job")
         assert client.frames()[3:] == [b"last 1", b"last 2", b"last 3"]  # sent before the close
         await wait_for(lambda: "after close" in run.text(), WAIT, "the job's last line")
-        await sleep(0.1)
         assert b"late" not in client.data  # whether the job's commit returned true (handed over) or
         # false (the reactor had closed the socket already), nothing is sent after the close
 

@@ -180,8 +180,9 @@ def test_dashboard_in_headless_chromium(tmp_path: Path) -> None:
             assert "read-only" in devtools.js("document.getElementById('mode').textContent")
             assert devtools.js("document.querySelectorAll('#stages button').length") == 0  # no actions without a token
 
-            # The numbers shown match the console's stat within one refresh.
-            deadline = time.monotonic() + 5
+            # The numbers shown match the console's stat once the page refreshed (every second; a
+            # busy machine may take several).
+            deadline = time.monotonic() + 20
             while True:
                 stat = console_stat(int(ports["console"]))
                 shown = int(devtools.js(cell("1/=index+rank", "received")))

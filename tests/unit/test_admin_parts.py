@@ -1,21 +1,17 @@
-"""Fast tests of the operations parts: reply format, parsing, alarms, waitfor keys, the slow-handler
-watchdog and hot reload of a real Lua stage, and the Prometheus rendering of a snapshot."""
+"""Fast tests of the operations parts: reply format, parsing, alarms, waitfor keys and the Prometheus
+rendering of a snapshot (hot reload and the slow-handler log on a real Lua stage:
+tests/integration/test_admin_parts.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
-
-import pytest_twisted
-from twisted.internet.defer import ensureDeferred
 
 from stagetx.admin.commands import Reply, parse
 from stagetx.admin.control import ChildState
 from stagetx.admin.metrics import make_registry, render
-from stagetx.child.control import DoublingAlarm, ProcessControl
+from stagetx.child.control import DoublingAlarm
 from stagetx.stages.lua.stage import handler_keys
 from stagetx.supervisor import ChildStatus
-from tests.support import InProcessServer, LogCapture, wait_for, write_app
 
 
 def test_every_reply_ends_with_one_marker_line() -> None:
@@ -82,46 +78,3 @@ def test_metrics_render_counters_histograms_and_tickets() -> None:
     assert 'stagetx_ticket_slots{category="game",process="1",stage="=lua+app",state="waiting"} 2.0' in text
     assert 'stagetx_process_restarts_total{process="1"} 2.0' in text
     assert 'stagetx_process_up{process="1"} 1.0' in text
-
-
-APP = """
-count = 0
-stage.waitfor("hit", function() count = count + 1 end)
-stage.waitfor("slow", function()
-    local t = os.clock() + 0.05
-    while os.clock() < t do end
-end)
-function on_unload() return {count = count, f = function() return 1 end} end
-function on_reload(old) count = old.count + 100 end
-"""
-
-
-@pytest_twisted.ensureDeferred
-async def test_reload_hands_state_over_and_slow_handlers_are_logged(tmp_path: Path) -> None:
-    path = write_app(tmp_path, {"#startup": [["=lua+a"]], "=lua+a": "lua/main"}, {"main": APP})
-    server = InProcessServer(path)
-    host = server.hosts[0]
-    host.process.slow_ms = 20.0
-    control = ProcessControl(host, None, 0.0)
-    with LogCapture() as capture:
-        await server.start()
-        try:
-            stage = host.stages[0]
-            for _ in range(3):
-                stage.send("a:hit")
-            stage.send("a:slow")
-            await wait_for(lambda: stage.received == 4, 5.0, "4 messages")
-            ok, text, data = control.cmd_eval("a", "count")
-            assert (ok, text) == (True, "3")
-            reloading = stage.stage.reload()
-            stage.send("a:hit")  # arrives while the runtime is rebuilt: waits, then runs
-            await ensureDeferred(reloading)
-            await wait_for(lambda: control.cmd_eval("a", "count")[1] == "104", 5.0, "count 104")
-            ok, text, _ = await ensureDeferred(control.command("eval", ["a", "nope("]))
-            assert not ok and "unexpected symbol" in text
-        finally:
-            await server.stop()
-    slow = [e for e in capture.events if e.get("log_format", "").startswith("slow handler")]
-    assert len(slow) == 1
-    assert (slow[0]["stage"], slow[0]["script"], slow[0]["line"]) == ("a", "lua/main.lua", 4)
-    assert slow[0]["ms"] >= 20

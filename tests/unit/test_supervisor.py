@@ -1,11 +1,11 @@
-"""The supervisor's decisions on fake time and a fake spawner: spawning, back-off, stop, restart."""
+"""The supervisor's decisions on fake time and a fake spawner: spawning, back-off, stop, restart
+(the `#services` sockets it opens for real: tests/integration/test_supervisor.py)."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ from twisted.python.failure import Failure
 from stagetx.config import parse_config
 from stagetx.logsetup import plain_level_observer
 from stagetx.supervisor import CHILD_COMMAND, LineRelay, Supervisor
-from tests.support import free_port
 
 
 class FakeProcess:
@@ -333,44 +332,3 @@ def test_line_relay_bounds_its_buffer() -> None:
     relay.feed(b"a" * 25)
     relay.feed(b"b\n\xff\n")
     assert emitted == ["a" * 10, "a" * 10, "aaaaab", "\ufffd"]
-
-
-@pytest.mark.e2e  # real listening sockets on loopback
-def test_services_sockets_are_shared_as_fds_from_3(make, spawner: FakeSpawner) -> None:
-    ports = [free_port(), free_port()]
-    services = {"tcp": [f"127.0.0.1:{ports[0]}", f"[::1]:{ports[1]}"]}
-    supervisor = make(groups=2, extra={"#services": services})
-    supervisor.privilegedStartService()
-    supervisor.startService()
-    sockets = supervisor.sockets
-    assert [s.getsockname()[1] for s in sockets] == ports
-    assert all(not s.getblocking() for s in sockets)
-    assert spawner.spawns[1]["childFDs"] == {
-        0: "w",
-        1: "r",
-        2: "r",
-        3: sockets[0].fileno(),
-        4: sockets[1].fileno(),
-    }
-    assert spawner.processes[1].bootstrap["services"] == {
-        f"127.0.0.1:{ports[0]}": 3,
-        f"[::1]:{ports[1]}": 4,
-    }
-    with socket.create_connection(("127.0.0.1", ports[0]), timeout=5):
-        pass  # the kernel queues it on the shared listening socket
-    for process in spawner.processes:
-        process.exit(0)
-    supervisor.stopService()
-    assert all(s.fileno() == -1 for s in sockets)
-
-
-@pytest.mark.e2e  # real listening sockets on loopback
-def test_a_busy_service_port_stops_start_up_with_one_line(make) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        supervisor = make(groups=1, extra={"#services": {"tcp": [f"127.0.0.1:{port}"]}})
-        with pytest.raises(SystemExit) as caught:
-            supervisor.privilegedStartService()
-    assert str(caught.value.code).startswith(f"stage: #services: cannot listen on 127.0.0.1:{port}: [Errno 98]")

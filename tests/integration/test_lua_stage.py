@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ def lua_app(tmp_path: Path, scripts: dict[str, str], **settings: object) -> Path
     return write_app(tmp_path, config, scripts)
 
 
-async def run(path: Path, until: str, timeout: float = 5.0, namespace: str = "stage.a") -> LogCapture:
+async def run(path: Path, until: str, timeout: float = 20.0, namespace: str = "stage.a") -> LogCapture:
     """Start the app, wait until stage ``a`` logs a line starting with ``until``, stop it."""
     with LogCapture() as capture:
         server = InProcessServer(path)
@@ -169,9 +168,7 @@ async def test_runaway_loop_is_interrupted_by_the_budget(tmp_path: Path) -> None
         },
         **{"%budget": 200},
     )
-    started = time.monotonic()
-    capture = await run(path, "alive")
-    assert time.monotonic() - started < 10  # interrupted, not never: slack for a busy machine
+    capture = await run(path, "alive")  # the reactor runs again: the later task logs
     errors = [
         e["error"] for e in capture.events if e.get("log_namespace") == "stage.a" and e["log_level"].name == "error"
     ]
@@ -188,7 +185,7 @@ async def test_memory_limit_fails_the_allocation_not_the_stage(tmp_path: Path) -
         stage.addtask(100, function() collectgarbage(); log4cxx.info("alive") end)
     """
         },
-        **{"%memory": "16m"},
+        **{"%memory": "16m", "%budget": 60000},  # only the memory limit may stop it, however slow the machine
     )
     capture = await run(path, "alive")
     errors = [
@@ -343,7 +340,7 @@ async def test_load_picks_up_an_edited_file_after_the_recheck_period(tmp_path: P
         server = InProcessServer(path)
         await server.start()
         script.write_text("return {v = 2, padding = 'changes the size'}")
-        await wait_for(lambda: "end" in capture.lines("stage.a"), 5, "end")
+        await wait_for(lambda: "end" in capture.lines("stage.a"), 20, "end")
         await server.stop()
     assert logged(capture, "v") == [["1"], ["1"], ["2"]]
 
@@ -520,7 +517,9 @@ async def test_late_replies_to_removed_auto_ids_are_counted_in_one_line(tmp_path
         stage.addtask(50, function() log4cxx.info("done") end)
     """
     capture = await run(lua_app(tmp_path, {"main": script}), "done")
-    warnings = capture.lines("stage.a", "warn")
-    late = [line for line in warnings if "came after their waitfor was removed" in line]
-    assert len(late) == 1  # the first at once, the other 499 counted for the next line
-    assert len(warnings) == 2  # and the named id's own warning
+    warnings = [e for e in capture.events if e.get("log_namespace") == "stage.a" and e["log_level"].name == "warn"]
+    late = [e for e in warnings if "came after their waitfor was removed" in e["log_format"]]
+    # the first at once, the others counted for the next line (10 s later: a busy machine may
+    # get there before "done"), never a line per reply
+    assert 1 <= len(late) <= 2 and late[0]["count"] == 1
+    assert [e["msgid"] for e in warnings if e not in late] == ["named"]  # the named id's own warning
