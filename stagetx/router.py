@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
+import msgpack
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -51,7 +52,7 @@ DRAIN_SLICE = 0.020
 #: (whole-turn batches kept two busy processes in lock step, each idle half the time).
 DRAIN_CHUNK = 16
 
-#: What ``steady_room`` allows for a stage of this process: a local message has no frame limit.
+#: What ``steady`` allows for a stage of this process: a local message has no frame limit.
 LOCAL_ROOM = 1 << 40
 
 Result = tuple[bool, str | None]
@@ -83,6 +84,8 @@ class Links(Protocol):
     def flush(self) -> None: ...
 
     def steady_room(self, group: int) -> int: ...
+
+    def send_entries(self, group: int, entries: bytes, count: int) -> Result: ...
 
 
 class Remote(Protocol):
@@ -182,36 +185,57 @@ class Router:
             return self._to_server(sender, address, payload, reply_to)  # type: ignore[arg-type]
         return False, f"{type(address).__name__} cannot be sent from here"
 
-    def steady_room(self, sender: Sender, address: Address) -> int:
-        """The largest payload (bytes) that ``address`` from ``sender`` surely takes the same way
-        as the message just sent, until the reactor runs again; 0 when it may not.
+    def steady(self, sender: Sender, address: Address) -> tuple[int, int, bytes, bytes] | None:
+        """How messages to ``address`` from ``sender`` may go until the reactor runs again, or
+        None when each must be routed on its own.
 
         Only addresses that reach one stage instance of this server with no choice are steady: in
         this process, or in another one over a connected link (its frames are written as queued,
         so nothing but the frame limit refuses them). Round-robin, broadcast, other servers and
         processes down or not linked yet are decided per message.
+
+        The answer is ``(room, group, head, tail)``: payloads up to ``room`` bytes take this way.
+        For a stage of this process ``group`` is -1 (each message goes through ``send``); for one
+        of another process, ``head + msgpack bin(payload) + tail`` is the message's frame entry as
+        ``deliver`` makes it, ready for ``send_entries``.
         """
         kind = type(address)
         if kind is ToStage:
             scope = address.scope  # type: ignore[union-attr]
             if scope is not Scope.ANY and scope is not Scope.LOCAL:
-                return 0
+                return None
             stage_id = address.stage if address.stage is not None else sender.stage  # type: ignore[union-attr]
             replicas = self._replicas.get(stage_id)
             if not replicas or len(replicas) != 1 or self._remote_targets(stage_id, scope, True):
-                return 0
+                return None
             instance = replicas[0]
+            tagged = address.tag_sender  # type: ignore[union-attr]
+            msgid = f"{sender.stage}:{address.msgid}" if tagged else address.msgid  # type: ignore[union-attr]
+            reply = self._reply(sender, address.reply)  # type: ignore[union-attr]
         elif kind is ReplyTo:
             instance = address.instance  # type: ignore[union-attr]
             if address.server != self.server_id or not 0 <= instance < len(self._placement):  # type: ignore[union-attr]
-                return 0
+                return None
+            msgid, reply = address.msgid, None  # type: ignore[union-attr]
         else:
-            return 0
+            return None
         if instance in self.local:
-            return LOCAL_ROOM
+            return LOCAL_ROOM, -1, b"", b""
         if self.links is None:
-            return 0
-        return self.links.steady_room(self._placement[instance][1])
+            return None
+        group = self._placement[instance][1]
+        room = self.links.steady_room(group)
+        if not room:
+            return None
+        head = b"\x96" + _packb("m") + _packb(instance) + _packb(msgid)
+        return room, group, head, _packb(self._named(sender)) + _packb(reply)
+
+    def send_entries(self, group: int, entries: bytes, count: int) -> Result:
+        """Send ``count`` message frame entries, packed back to back (see ``steady``), to the
+        process of ``group``."""
+        if self.links is None:
+            return False, "no links to other processes"
+        return self.links.send_entries(group, entries, count)
 
     def _reply(self, sender: Sender, reply: str | None) -> str | None:
         """The reply address for ``reply``: a message id of the sender, or a full ``^…`` address."""
@@ -393,10 +417,14 @@ class Router:
         if self.links is None:
             return False, f"stage instance {instance} is not in this process"
         group = self._placement[instance][1]
+        return self.links.send(group, ["m", instance, msgid, payload, self._named(sender), reply])
+
+    def _named(self, sender: Sender) -> int | list[Any]:
+        """``sender`` as a frame to another process names it: its instance number when it is
+        one of this server's stages (the object ``sender_of`` gave it), else in full."""
         own = self._own
         by = sender.instance
-        named = by if 0 <= by < len(own) and own[by] is sender else _sender_frame(sender)
-        return self.links.send(group, ["m", instance, msgid, payload, named, reply])
+        return by if 0 <= by < len(own) and own[by] is sender else _sender_frame(sender)
 
     def _enqueue(self, receiver: Receiver, message: Message) -> None:
         self._queue.append((receiver, message))
@@ -555,6 +583,11 @@ class Router:
         ok, reason = self.deliver(instance, turn.reply, turn.payload, lock_sender, None)
         if not ok:
             self.log.warn("lock turn for instance {who} not delivered: {reason}", who=instance, reason=reason)
+
+
+def _packb(value: Any) -> bytes:
+    """``value`` packed as ``stagetx.wire.Link`` packs frames."""
+    return msgpack.packb(value, use_bin_type=True, unicode_errors="surrogateescape")  # type: ignore[no-any-return]
 
 
 def _sender_frame(sender: Sender) -> list[Any]:

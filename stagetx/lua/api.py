@@ -148,9 +148,10 @@ class StageAPI:
     def send_packed(self, target: Any, payload: bytes) -> tuple[Any, ...]:
         """``send`` of values the prelude packed itself (``pack.lua``, the fast path).
 
-        A third result tells the prelude that ``target`` routes the same way, and surely gets
-        there, for the rest of this turn (the reactor does not run meanwhile): payloads up to that
-        many bytes to it wait in the prelude's outbox and come back in one ``send_batch``.
+        More results tell the prelude that ``target`` routes the same way, and surely gets there,
+        for the rest of this turn (the reactor does not run meanwhile): ``room, group, head,
+        tail`` of ``Router.steady``. Payloads up to ``room`` bytes to it wait in the prelude's
+        outbox and come back in one ``send_batch``.
         """
         try:
             address = self._address(target)
@@ -158,21 +159,31 @@ class StageAPI:
             return None, lua_text(f"stage.signal: {err}")
         result = self._route(address, payload)
         if result[0] is True:
-            room = self._steady_room(address)
-            if room:
-                return True, None, room
+            steady = self._steady(address)
+            if steady is not None:
+                return (True, None, *steady)
         return result
 
-    def _steady_room(self, address: Address) -> int:
-        """How large a payload to ``address`` may wait in the prelude's outbox (0: none)."""
-        return self.stage.router.steady_room(self.stage.sender, address)
+    def _steady(self, address: Address) -> tuple[int, int, bytes, bytes] | None:
+        """How a payload to ``address`` may wait in the prelude's outbox (``Router.steady``)."""
+        return self.stage.router.steady(self.stage.sender, address)
 
     def send_batch(self, *outbox: Any) -> None:
-        """The prelude's outbox, ``target, payload`` pairs in the order they were signalled; each
-        was answered ``true`` already (see ``send_packed``)."""
+        """The prelude's outbox, each message answered ``true`` already (see ``send_packed``):
+        ``group, count, entries``, the frame entries of ``count`` messages to the process of
+        ``group`` packed back to back in the order signalled; or ``target, payload`` pairs, in
+        the order signalled, to stages of this process."""
+        if type(outbox[0]) is int:
+            group, count, entries = outbox
+            ok, reason = self.stage.send_entries(group, entries, count)
+            if not ok:  # a steady route changed within one turn: a bug, not the sender's
+                self.log.error(
+                    "{count} messages to process {group} lost: {reason}", count=count, group=group + 1, reason=reason
+                )
+            return
         for i in range(0, len(outbox), 2):
             result = self._route(self._address(outbox[i]), outbox[i + 1])
-            if result[0] is not True:  # a steady route changed within one turn: a bug, not the sender's
+            if result[0] is not True:
                 self.log.error(
                     "message to {target} from the outbox lost: {reason}", target=text(outbox[i]), reason=result[1]
                 )
