@@ -185,20 +185,28 @@ class Router:
             return self._to_server(sender, address, payload, reply_to)  # type: ignore[arg-type]
         return False, f"{type(address).__name__} cannot be sent from here"
 
-    def steady(self, sender: Sender, address: Address) -> tuple[int, int, bytes, bytes] | None:
-        """How messages to ``address`` from ``sender`` may go until the reactor runs again, or
-        None when each must be routed on its own.
+    def steady(self, sender: Sender, address: Address) -> tuple[int, int] | None:
+        """How messages to ``address`` from ``sender`` may go until the reactor runs again:
+        ``(room, group)``, or None when each must be routed on its own.
 
         Only addresses that reach one stage instance of this server with no choice are steady: in
-        this process, or in another one over a connected link (its frames are written as queued,
-        so nothing but the frame limit refuses them). Round-robin, broadcast, other servers and
-        processes down or not linked yet are decided per message.
-
-        The answer is ``(room, group, head, tail)``: payloads up to ``room`` bytes take this way.
-        For a stage of this process ``group`` is -1 (each message goes through ``send``); for one
-        of another process, ``head + msgpack bin(payload) + tail`` is the message's frame entry as
-        ``deliver`` makes it, ready for ``send_entries``.
+        this process (``group`` -1), or in another one over a connected link (its frames are
+        written as queued, so nothing but the frame limit refuses them). Payloads up to ``room``
+        bytes take this way. Round-robin, broadcast, other servers and processes down or not
+        linked yet are decided per message.
         """
+        instance = self._steady_instance(sender, address)
+        if instance is None:
+            return None
+        if instance in self.local:
+            return LOCAL_ROOM, -1
+        if self.links is None:
+            return None
+        group = self._placement[instance][1]
+        room = self.links.steady_room(group)
+        return (room, group) if room else None
+
+    def _steady_instance(self, sender: Sender, address: Address) -> int | None:
         kind = type(address)
         if kind is ToStage:
             scope = address.scope  # type: ignore[union-attr]
@@ -208,27 +216,26 @@ class Router:
             replicas = self._replicas.get(stage_id)
             if not replicas or len(replicas) != 1 or self._remote_targets(stage_id, scope, True):
                 return None
-            instance = replicas[0]
-            tagged = address.tag_sender  # type: ignore[union-attr]
-            msgid = f"{sender.stage}:{address.msgid}" if tagged else address.msgid  # type: ignore[union-attr]
-            reply = self._reply(sender, address.reply)  # type: ignore[union-attr]
-        elif kind is ReplyTo:
-            instance = address.instance  # type: ignore[union-attr]
+            return replicas[0]
+        if kind is ReplyTo:
+            instance: int = address.instance  # type: ignore[union-attr]
             if address.server != self.server_id or not 0 <= instance < len(self._placement):  # type: ignore[union-attr]
                 return None
-            msgid, reply = address.msgid, None  # type: ignore[union-attr]
+            return instance
+        return None
+
+    def frame_parts(self, sender: Sender, address: ToStage | ReplyTo) -> tuple[bytes, bytes]:
+        """For an ``address`` that ``steady`` sends to another process: ``head + msgpack
+        bin(payload) + tail`` is a message's frame entry as ``deliver`` makes it, ready for
+        ``send_entries``. The parts stay the same for the life of the process."""
+        if type(address) is ToStage:
+            instance = self._replicas[address.stage if address.stage is not None else sender.stage][0]
+            msgid = f"{sender.stage}:{address.msgid}" if address.tag_sender else address.msgid
+            reply = self._reply(sender, address.reply)
         else:
-            return None
-        if instance in self.local:
-            return LOCAL_ROOM, -1, b"", b""
-        if self.links is None:
-            return None
-        group = self._placement[instance][1]
-        room = self.links.steady_room(group)
-        if not room:
-            return None
+            instance, msgid, reply = address.instance, address.msgid, None  # type: ignore[union-attr]
         head = b"\x96" + _packb("m") + _packb(instance) + _packb(msgid)
-        return room, group, head, _packb(self._named(sender)) + _packb(reply)
+        return head, _packb(self._named(sender)) + _packb(reply)
 
     def send_entries(self, group: int, entries: bytes, count: int) -> Result:
         """Send ``count`` message frame entries, packed back to back (see ``steady``), to the

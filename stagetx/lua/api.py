@@ -82,6 +82,7 @@ class StageAPI:
         self._late_logged = float("-inf")
         self._targets: dict[bytes, Address] = {}  # parsed signal targets, by their Lua string
         self._foreign: dict[Address, str | None] = {}  # target -> a Lua stage of another VM kind there
+        self._parts: dict[bytes, tuple[bytes, bytes]] = {}  # frame parts of steady targets, by Lua string
         self.vm: LuaVM
         self.loader: ScriptLoader
 
@@ -95,6 +96,7 @@ class StageAPI:
             "send": self.send,
             "send_packed": self.send_packed,
             "send_batch": self.send_batch,
+            "unpack": self.unpack,
             "report": self.report,
             "schedule_drain": self.schedule_drain,
             "log": self.write_log,
@@ -145,26 +147,35 @@ class StageAPI:
         self._foreign[address] = foreign
         return foreign
 
-    def send_packed(self, target: Any, payload: bytes) -> tuple[Any, ...]:
+    def send_packed(self, target: Any, payload: bytes, steady: bool = False) -> tuple[Any, ...]:
         """``send`` of values the prelude packed itself (``pack.lua``, the fast path).
 
-        More results tell the prelude that ``target`` routes the same way, and surely gets there,
-        for the rest of this turn (the reactor does not run meanwhile): ``room, group, head,
-        tail`` of ``Router.steady``. Payloads up to ``room`` bytes to it wait in the prelude's
-        outbox and come back in one ``send_batch``.
+        With ``steady`` (the prelude asks from a target's second message in a turn on), more
+        results tell the prelude that ``target`` routes the same way, and surely gets there,
+        for the rest of this turn (the reactor does not run meanwhile): ``room, group`` of
+        ``Router.steady``, and for another process the ``head, tail`` of ``Router.frame_parts``.
+        Payloads up to ``room`` bytes to it wait in the prelude's outbox and come back in one
+        ``send_batch``.
         """
         try:
             address = self._address(target)
         except AddressError as err:
             return None, lua_text(f"stage.signal: {err}")
         result = self._route(address, payload)
-        if result[0] is True:
-            steady = self._steady(address)
-            if steady is not None:
-                return (True, None, *steady)
+        if steady and result[0] is True:
+            route = self._steady(address)
+            if route is not None:
+                if route[1] < 0:
+                    return (True, None, *route)
+                parts = self._parts.get(target)
+                if parts is None:
+                    if len(self._parts) >= TARGET_CACHE:
+                        self._parts.clear()
+                    parts = self._parts[target] = self.stage.router.frame_parts(self.stage.sender, address)  # type: ignore[arg-type]
+                return (True, None, *route, *parts)
         return result
 
-    def _steady(self, address: Address) -> tuple[int, int, bytes, bytes] | None:
+    def _steady(self, address: Address) -> tuple[int, int] | None:
         """How a payload to ``address`` may wait in the prelude's outbox (``Router.steady``)."""
         return self.stage.router.steady(self.stage.sender, address)
 
@@ -187,6 +198,16 @@ class StageAPI:
                 self.log.error(
                     "message to {target} from the outbox lost: {reason}", target=text(outbox[i]), reason=result[1]
                 )
+
+    def unpack(self, payload: bytes, msgid: bytes) -> tuple[Any, ...]:
+        """A received payload the prelude did not decode itself: ``(True, values...)``, or
+        ``(False,)`` for one that does not decode (logged and counted; the message is dropped)."""
+        try:
+            return (True, *unpack_lua(self.vm, payload))
+        except CodecError as err:
+            self.log.error("message {msgid!r} dropped: {error}", msgid=text(msgid), error=str(err))
+            self.stage.count_error()
+            return (False,)
 
     def _route(self, address: Address, payload: bytes) -> tuple[Any, ...]:
         """Hand one message to the router: ``(True,)`` or ``(False, reason)`` for ``stage.signal``."""

@@ -38,7 +38,7 @@ local fast_pack, host_send_packed = cfg.packer and cfg.packer(null), host.send_p
 
 -- The outbox: packed messages to targets that route the same way for the rest of this turn (to
 -- one stage instance of this server, linked: Python said so with the largest payload that surely
--- fits and how it goes, kept in `steady`). Their `true` is known at the call; they leave
+-- fits and how it goes, kept in `steady`; asked from a target's second message in a turn on). Their `true` is known at the call; they leave
 -- Python-ward in one call when the entry from Python ends (`end_turn`), and before any message
 -- that must cross at once, so this stage's messages keep their order. The outbox holds messages
 -- for one way at a time (`out_group`): to another process, their frame entries ready for its link
@@ -458,9 +458,15 @@ signal = function(t, ...)
     if nout > 0 then flush_outbox() end
     local ok, reason, room, group, head, tail
     if payload then
-        ok, reason, room, group, head, tail = host_send_packed(t, payload)
-        if room and host_send_batch and type(t) == "string" then
-            steady[t] = {room, group, head, tail}
+        -- the route is asked for from the second message to `t` in this entry on (false: seen once)
+        local route = steady[t]
+        ok, reason, room, group, head, tail = host_send_packed(t, payload, route ~= nil)
+        if host_send_batch and type(t) == "string" then
+            if room then
+                steady[t] = {room, group, head, tail}
+            elseif route == nil then
+                steady[t] = false
+            end
             nsteady = nsteady + 1
         end
     else
@@ -677,20 +683,31 @@ function core.deliver(started, msgid, sender, reply, ...)
     end_turn()
 end
 
+-- Decodes a message's payload (unpack.lua; what it leaves goes to Python, which logs and counts
+-- a payload that does not decode, and says false) and runs its handler.
+local fast_unpack, host_unpack = cfg.unpacker, host.unpack
+local function dispatch_decoded(msgid, sender, reply, payload, ok, ...)
+    if ok then return dispatch(msgid, sender, reply, ...) end
+    if payload then return dispatch_decoded(msgid, sender, reply, nil, host_unpack(payload, msgid)) end
+end
+local function dispatch_payload(msgid, sender, reply, payload)
+    if fast_unpack then return dispatch_decoded(msgid, sender, reply, payload, fast_unpack(payload)) end
+    return dispatch_decoded(msgid, sender, reply, nil, host_unpack(payload, msgid))
+end
+
 -- Delivers a run of messages from the router in one crossing: `...` holds, per message, its id,
--- sender, reply and number of values, then the values. Each message is its own entry (its own
--- budget, its local messages drained after it) as if delivered alone. Returns each handler's time
--- in seconds, in order; it stops after the message that ran past `slice` since `started`, so a
--- run holds the thread about as long as one drain turn (Python delivers the rest in a new call).
+-- sender, reply and payload. Each message is its own entry (its own budget, its local messages
+-- drained after it) as if delivered alone. Returns each handler's time in seconds, in order; it
+-- stops after the message that ran past `slice` since `started`, so a run holds the thread about
+-- as long as one drain turn (Python delivers the rest in a new call).
 local deliver_times = {}
 function core.deliver_batch(started, ...)
     local args, times = {...}, deliver_times
     local i, n, last = 1, 0, select("#", ...)
     local t = started
     while i <= last do
-        local count = args[i + 3]
-        enter(t, dispatch, args[i], args[i + 1], args[i + 2], unpack(args, i + 4, i + 3 + count))
-        i = i + 4 + count
+        enter(t, dispatch_payload, args[i], args[i + 1], args[i + 2], args[i + 3])
+        i = i + 4
         local t2 = now()
         n = n + 1
         times[n] = t2 - t

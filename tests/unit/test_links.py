@@ -62,10 +62,12 @@ def test_steady_messages_go_as_packed_entries_and_wait_like_others_if_the_link_d
     pair.pump()
     links.connected(1, pair.client)
     sender = router.sender_of(0)
-    steady = router.steady(sender, parse_target("b:x=back"))
+    address = parse_target("b:x=back")
+    steady = router.steady(sender, address)
     assert steady is not None
-    room, group, head, tail = steady
+    room, group = steady
     assert group == 1 and 0 < room < 4096
+    head, tail = router.frame_parts(sender, address)  # type: ignore[arg-type]
     entries = [head + b"\xc4" + bytes((len(p),)) + p + tail for p in (b"\x91\x01", b"\x91\x02")]
     assert router.send_entries(1, b"".join(entries), 2) == (True, None)
     pair.pump()
