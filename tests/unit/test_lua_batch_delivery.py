@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet.task import Clock
 
 from stagetx.child.host import LATENCY_BUCKETS, ProcessHost
-from stagetx.codec import pack_py
+from stagetx.codec import NULL, pack_py
 from stagetx.config import load_config
 from tests.support import LogCapture
 
@@ -116,3 +116,16 @@ def test_the_budget_stops_only_the_message_that_overran_and_the_run_goes_on(tmp_
     assert stage.received == 4
     assert sum(stage.latency) == 4
     assert sum(stage.latency[bisect_left(LATENCY_BUCKETS, 0.1) :]) == 1
+
+
+def test_a_payload_that_does_not_decode_drops_only_its_message_logged_and_counted(tmp_path: Path) -> None:
+    host = start(tmp_path)
+    stage = host.stages[0]
+    with LogCapture() as capture:
+        # decoded in Lua; malformed; out of Lua's range; left to Python's decoder (an extension type)
+        for payload in (pack_py((1,)), b"\x91\xcd\x01", pack_py((2**64 - 1,)), pack_py((NULL,))):
+            host.router.deliver(0, "n", payload, stage.sender, None)
+        host.router.run_queue()
+    assert said(capture, "n") == [["1"], ["nil"]]  # a null argument arrives as nil
+    assert capture.text().count("message 'n' dropped") == 2
+    assert stage.errors == 2 and stage.received == 4 and sum(stage.latency) == 4
