@@ -52,7 +52,7 @@ DRAIN_SLICE = 0.020
 #: (whole-turn batches kept two busy processes in lock step, each idle half the time).
 DRAIN_CHUNK = 16
 
-#: What ``steady`` allows for a stage of this process: a local message has no frame limit.
+#: What ``steady_room`` allows for a stage of this process: a local message has no frame limit.
 LOCAL_ROOM = 1 << 40
 
 Result = tuple[bool, str | None]
@@ -185,28 +185,52 @@ class Router:
             return self._to_server(sender, address, payload, reply_to)  # type: ignore[arg-type]
         return False, f"{type(address).__name__} cannot be sent from here"
 
-    def steady(self, sender: Sender, address: Address) -> tuple[int, int] | None:
-        """How messages to ``address`` from ``sender`` may go until the reactor runs again:
-        ``(room, group)``, or None when each must be routed on its own.
+    def steady_room(self, sender: Sender, address: Address) -> int:
+        """The largest payload (bytes) that ``address`` from ``sender`` surely takes the same way
+        as the message just sent, until the reactor runs again; 0 when it may not.
 
         Only addresses that reach one stage instance of this server with no choice are steady: in
-        this process (``group`` -1), or in another one over a connected link (its frames are
-        written as queued, so nothing but the frame limit refuses them). Payloads up to ``room``
-        bytes take this way. Round-robin, broadcast, other servers and processes down or not
-        linked yet are decided per message.
+        this process, or in another one over a connected link (its frames are written as queued,
+        so nothing but the frame limit refuses them). Round-robin, broadcast, other servers and
+        processes down or not linked yet are decided per message.
         """
-        instance = self._steady_instance(sender, address)
-        if instance is None:
-            return None
+        kind = type(address)
+        if kind is ToStage:
+            scope = address.scope  # type: ignore[union-attr]
+            if scope is not Scope.ANY and scope is not Scope.LOCAL:
+                return 0
+            stage_id = address.stage if address.stage is not None else sender.stage  # type: ignore[union-attr]
+            replicas = self._replicas.get(stage_id)
+            if not replicas or len(replicas) != 1 or self._remote_targets(stage_id, scope, True):
+                return 0
+            instance = replicas[0]
+        elif kind is ReplyTo:
+            instance = address.instance  # type: ignore[union-attr]
+            if address.server != self.server_id or not 0 <= instance < len(self._placement):  # type: ignore[union-attr]
+                return 0
+        else:
+            return 0
         if instance in self.local:
-            return LOCAL_ROOM, -1
+            return LOCAL_ROOM
         if self.links is None:
+            return 0
+        return self.links.steady_room(self._placement[instance][1])
+
+    def steady(self, sender: Sender, address: Address) -> tuple[int, int] | None:
+        """``(room, group)`` for an ``address`` that ``steady_room`` calls steady, else None:
+        ``group`` is the process whose link carries it when that is another process of this
+        server (its frame entries can be packed beforehand, see ``frame_parts``), -1 for one
+        routed message by message."""
+        room = self.steady_room(sender, address)
+        if not room:
             return None
-        group = self._placement[instance][1]
-        room = self.links.steady_room(group)
-        return (room, group) if room else None
+        instance = self._steady_instance(sender, address)
+        if instance is None or instance in self.local:
+            return room, -1
+        return room, self._placement[instance][1]
 
     def _steady_instance(self, sender: Sender, address: Address) -> int | None:
+        """The one stage instance of this server that ``address`` reaches with no choice, if any."""
         kind = type(address)
         if kind is ToStage:
             scope = address.scope  # type: ignore[union-attr]
