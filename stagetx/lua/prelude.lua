@@ -38,12 +38,13 @@ local fast_pack, host_send_packed = cfg.packer and cfg.packer(null), host.send_p
 
 -- The outbox: packed messages to targets that route the same way for the rest of this turn (to
 -- one stage instance of this server, linked: Python said so with the largest payload that surely
--- fits and how it goes, kept in `steady`; asked from a target's second message in a turn on). Their `true` is known at the call; they leave
--- Python-ward in one call when the entry from Python ends (`end_turn`), and before any message
--- that must cross at once, so this stage's messages keep their order. The outbox holds messages
--- for one way at a time (`out_group`): to another process, their frame entries ready for its link
--- (the route's head, the payload as msgpack bin, its tail), joined into one string; to a stage of
--- this process (-1), target and payload pairs that Python routes one by one.
+-- fits and how it goes, kept in `steady`; asked from a target's second message in a turn on).
+-- Their `true` is known at the call; they leave Python-ward in one call when the entry from
+-- Python ends (`end_turn`), and before any message that must cross at once, so this stage's
+-- messages keep their order. The outbox holds messages for one way at a time (`out_group`): to
+-- another process, their frame entries ready for its link (the route's head, the payload as
+-- msgpack bin, its tail), joined into one string; otherwise (-1), target and payload pairs that
+-- Python routes one by one.
 local host_send_batch = host.send_batch
 local outbox, nout, out_group, out_count, out_bytes, steady, nsteady = {}, 0, -1, 0, 0, {}, 0
 -- Messages sent in one call at most: lupa's cost per argument grows with their number, so
