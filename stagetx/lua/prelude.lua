@@ -697,8 +697,10 @@ local function dispatch_payload(msgid, sender, reply, payload)
 end
 
 -- Delivers a run of messages from the router in one crossing: `...` holds, per message, its id,
--- sender, reply and payload. Each message is its own entry (its own budget, its local messages
--- drained after it) as if delivered alone. Returns each handler's time in seconds, in order; it
+-- sender and reply, then -1 and the payload (decoded here), or the number of values and the
+-- values (decoded by Python: LuaJIT), or false (a payload Python could not decode: nothing to
+-- run). Each message is its own entry (its own budget, its local messages drained after it) as if
+-- delivered alone. Returns each handler's time in seconds, in order; it
 -- stops after the message that ran past `slice` since `started`, so a run holds the thread about
 -- as long as one drain turn (Python delivers the rest in a new call).
 local deliver_times = {}
@@ -707,8 +709,16 @@ function core.deliver_batch(started, ...)
     local i, n, last = 1, 0, select("#", ...)
     local t = started
     while i <= last do
-        enter(t, dispatch_payload, args[i], args[i + 1], args[i + 2], args[i + 3])
-        i = i + 4
+        local count = args[i + 3]
+        if count == -1 then
+            enter(t, dispatch_payload, args[i], args[i + 1], args[i + 2], args[i + 4])
+            i = i + 5
+        elseif count then
+            enter(t, dispatch, args[i], args[i + 1], args[i + 2], unpack(args, i + 4, i + 3 + count))
+            i = i + 4 + count
+        else
+            i = i + 4
+        end
         local t2 = now()
         n = n + 1
         times[n] = t2 - t

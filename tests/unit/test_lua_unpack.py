@@ -44,7 +44,7 @@ def unpacker() -> Unpacker:
 
 
 @given(_ARGS)
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_payloads_decode_as_the_general_path_decodes_them(values: tuple[Any, ...]) -> None:
     u = _shared()
     payload = pack_py(values)

@@ -365,22 +365,33 @@ class Stage:
                 times.extend([0.0] * (len(messages) - len(times)))
                 break
             args: list[Any] = []
-            for message in messages[len(times) :]:
-                args += self._fields(vm, message)
-                args.append(message.payload)
+            if vm.decodes:
+                for message in messages[len(times) :]:
+                    args += self._fields(vm, message)
+                    args += (-1, message.payload)
+            else:  # decoded here (LuaJIT): a dropped message (logged, counted) has no values: False
+                for message in messages[len(times) :]:
+                    args += self._fields(vm, message)
+                    values = self._values(vm, message)
+                    args += (False,) if values is None else (len(values), *values)
             times += vm.deliver_batch(args)
         return times
 
     def _arguments(self, vm: LuaVM, message: Message) -> tuple[bytes, Any, bytes | None, tuple[Any, ...]] | None:
         """What ``deliver`` takes for ``message``: its values decoded into ``vm``, its id, sender
         and reply as Lua values; None when the payload does not decode (logged, counted)."""
+        values = self._values(vm, message)
+        return None if values is None else (*self._fields(vm, message), values)
+
+    def _values(self, vm: LuaVM, message: Message) -> tuple[Any, ...] | None:
+        """``message``'s values decoded into ``vm``; None when the payload does not decode (logged,
+        counted)."""
         try:
-            values = unpack_lua(vm, message.payload)
+            return unpack_lua(vm, message.payload)
         except CodecError as err:
             self.log.error("message {msgid!r} dropped: {error}", msgid=message.msgid, error=str(err))
             self.context.count_error()
             return None
-        return (*self._fields(vm, message), values)
 
     def _fields(self, vm: LuaVM, message: Message) -> tuple[bytes, Any, bytes | None]:
         """``message``'s id, sender and reply as Lua values (kept for the next messages)."""
@@ -478,7 +489,8 @@ class WatchedVM(LuaVM):
             if elapsed >= slow:
                 msgid = args[at]
                 self._warn(elapsed * 1000.0, f"handler of message {text(msgid)!r}", None, handler_keys(msgid))
-            at += 4
+            count = args[at + 3]
+            at += 5 if count == -1 else 4 + (count or 0)
         return times
 
     def _check(self, started: float, where: str, f: Any, keys: tuple[bytes, ...]) -> None:
