@@ -119,7 +119,7 @@ def main() -> None:
 
     def received_lua_stubbed() -> None:
         real = vm.deliver_batch
-        vm.deliver_batch = lambda args: (0.0,) * (len(args) // 4)
+        vm.deliver_batch = lambda args: (0.0,) * (len(args) // 5)
         try:
             received()
         finally:
@@ -127,7 +127,7 @@ def main() -> None:
 
     args: list[Any] = []
     for payload in payloads:
-        args += (*stage.stage._fields(vm, Message("ping", payload, stage.sender, None, 0.0)), payload)  # type: ignore[attr-defined]
+        args += (*stage.stage._fields(vm, Message("ping", payload, stage.sender, None, 0.0)), -1, payload)  # type: ignore[attr-defined]
 
     def lua_delivered() -> None:
         for _ in range(N // RUN):
