@@ -59,9 +59,8 @@ class CountingLinks:
         return 1 << 20
 
 
-def host() -> ProcessHost:
-    """Stage ``a`` in this process (group 0), ``b`` in the other one."""
-    base = Path(tempfile.mkdtemp(prefix="stagetx-breakdown-"))
+def host(base: Path) -> ProcessHost:
+    """Stage ``a`` in this process (group 0), ``b`` in the other one; config and scripts in ``base``."""
     (base / "lua").mkdir()
     (base / "lua" / "a.lua").write_text(SCRIPT)
     (base / "lua" / "b.lua").write_text("")
@@ -84,7 +83,11 @@ def per_message(f: Callable[[], None]) -> float:
 
 
 def main() -> None:
-    process = host()
+    with tempfile.TemporaryDirectory(prefix="stagetx-breakdown-") as base:
+        measure(host(Path(base)))
+
+
+def measure(process: ProcessHost) -> None:
     router, stage = process.router, process.stages[0]
     vm = stage.stage.vm  # type: ignore[attr-defined]
     payloads = [pack_py((i,)) for i in range(RUN)]
