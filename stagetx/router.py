@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
+import msgpack
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -83,6 +84,8 @@ class Links(Protocol):
     def flush(self) -> None: ...
 
     def steady_room(self, group: int) -> int: ...
+
+    def send_entries(self, group: int, entries: bytes, count: int) -> Result: ...
 
 
 class Remote(Protocol):
@@ -212,6 +215,58 @@ class Router:
         if self.links is None:
             return 0
         return self.links.steady_room(self._placement[instance][1])
+
+    def steady(self, sender: Sender, address: Address) -> tuple[int, int] | None:
+        """``(room, group)`` for an ``address`` that ``steady_room`` calls steady, else None:
+        ``group`` is the process whose link carries it when that is another process of this
+        server (its frame entries can be packed beforehand, see ``frame_parts``), -1 for one
+        routed message by message."""
+        room = self.steady_room(sender, address)
+        if not room:
+            return None
+        instance = self._steady_instance(sender, address)
+        if instance is None or instance in self.local:
+            return room, -1
+        return room, self._placement[instance][1]
+
+    def _steady_instance(self, sender: Sender, address: Address) -> int | None:
+        """The one stage instance of this server that ``address`` reaches with no choice, if any."""
+        kind = type(address)
+        if kind is ToStage:
+            scope = address.scope  # type: ignore[union-attr]
+            if scope is not Scope.ANY and scope is not Scope.LOCAL:
+                return None
+            stage_id = address.stage if address.stage is not None else sender.stage  # type: ignore[union-attr]
+            replicas = self._replicas.get(stage_id)
+            if not replicas or len(replicas) != 1 or self._remote_targets(stage_id, scope, True):
+                return None
+            return replicas[0]
+        if kind is ReplyTo:
+            instance: int = address.instance  # type: ignore[union-attr]
+            if address.server != self.server_id or not 0 <= instance < len(self._placement):  # type: ignore[union-attr]
+                return None
+            return instance
+        return None
+
+    def frame_parts(self, sender: Sender, address: ToStage | ReplyTo) -> tuple[bytes, bytes]:
+        """For an ``address`` that ``steady`` sends to another process: ``head + msgpack
+        bin(payload) + tail`` is a message's frame entry as ``deliver`` makes it, ready for
+        ``send_entries``. The parts stay the same for the life of the process."""
+        if type(address) is ToStage:
+            instance = self._replicas[address.stage if address.stage is not None else sender.stage][0]
+            msgid = f"{sender.stage}:{address.msgid}" if address.tag_sender else address.msgid
+            reply = self._reply(sender, address.reply)
+        else:
+            instance, msgid, reply = address.instance, address.msgid, None  # type: ignore[union-attr]
+        head = b"\x96" + _packb("m") + _packb(instance) + _packb(msgid)
+        return head, _packb(self._named(sender)) + _packb(reply)
+
+    def send_entries(self, group: int, entries: bytes, count: int) -> Result:
+        """Send ``count`` message frame entries, packed back to back (see ``steady``), to the
+        process of ``group``."""
+        if self.links is None:
+            return False, "no links to other processes"
+        return self.links.send_entries(group, entries, count)
 
     def _reply(self, sender: Sender, reply: str | None) -> str | None:
         """The reply address for ``reply``: a message id of the sender, or a full ``^…`` address."""
@@ -393,10 +448,14 @@ class Router:
         if self.links is None:
             return False, f"stage instance {instance} is not in this process"
         group = self._placement[instance][1]
+        return self.links.send(group, ["m", instance, msgid, payload, self._named(sender), reply])
+
+    def _named(self, sender: Sender) -> int | list[Any]:
+        """``sender`` as a frame to another process names it: its instance number when it is
+        one of this server's stages (the object ``sender_of`` gave it), else in full."""
         own = self._own
         by = sender.instance
-        named = by if 0 <= by < len(own) and own[by] is sender else _sender_frame(sender)
-        return self.links.send(group, ["m", instance, msgid, payload, named, reply])
+        return by if 0 <= by < len(own) and own[by] is sender else _sender_frame(sender)
 
     def _enqueue(self, receiver: Receiver, message: Message) -> None:
         self._queue.append((receiver, message))
@@ -555,6 +614,11 @@ class Router:
         ok, reason = self.deliver(instance, turn.reply, turn.payload, lock_sender, None)
         if not ok:
             self.log.warn("lock turn for instance {who} not delivered: {reason}", who=instance, reason=reason)
+
+
+def _packb(value: Any) -> bytes:
+    """``value`` packed as ``stagetx.wire.Link`` packs frames."""
+    return msgpack.packb(value, use_bin_type=True, unicode_errors="surrogateescape")  # type: ignore[no-any-return]
 
 
 def _sender_frame(sender: Sender) -> list[Any]:

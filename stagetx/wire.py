@@ -23,7 +23,8 @@ once), never the process. A peer that has not authenticated within ``handshake_t
 is dropped; until then its frames may not exceed ``HANDSHAKE_MAX_FRAME`` (64 KiB), so a stranger
 cannot make a link buffer up to ``max_frame``.
 
-Messages queued with ``Link.send`` during one reactor turn leave as one frame (write coalescing,
+Messages queued with ``Link.send`` (or ``send_entries``, packed by the sender) during one reactor
+turn leave as one frame (write coalescing,
 flushed by ``clock.callLater(0, …)``, by the router after each chunk of its drain turn, or at once
 past ``FLUSH_BYTES``); a flush hands the frame to the kernel at once (``Link._send_now``).
 Strings inside messages travel as msgpack str (UTF-8 with ``surrogateescape``), bytes as bin;
@@ -155,6 +156,15 @@ def _proof(secret: bytes, role: bytes, own_nonce: bytes, peer_nonce: bytes, own:
     )
 
 
+def unpack_entries(entries: bytes) -> list[Any]:
+    """The messages of msgpack objects packed back to back (what ``Link.send_entries`` takes)."""
+    unpacker = msgpack.Unpacker(
+        raw=False, strict_map_key=False, unicode_errors="surrogateescape", max_buffer_size=max(len(entries), 1)
+    )
+    unpacker.feed(entries)
+    return list(unpacker)
+
+
 def _array_header(n: int) -> bytes:
     if n < 16:
         return bytes((0x90 | n,))
@@ -181,8 +191,9 @@ class Link(protocol.Protocol):
         self._dead = False  # dropped or lost: ignore further input and sends
         self._send_mac = self._recv_mac = hashlib.blake2b(digest_size=TAG_SIZE)  # keyed once authenticated
         self._send_seq = self._recv_seq = 0
-        self._pending: list[bytes] = []
+        self._pending: list[bytes] = []  # packed messages, one or several (send_entries) each
         self._pending_bytes = 0
+        self._pending_count = 0  # messages in _pending
         self._flush_call: IDelayedCall | None = None
         self._timeout_call: IDelayedCall | None = None
         self._packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
@@ -200,6 +211,7 @@ class Link(protocol.Protocol):
             if call is not None and call.active():
                 call.cancel()
         self._pending.clear()
+        self._pending_count = 0
         if self.authenticated:
             self.settings.handler.link_lost(self, reason)
         elif reason.check(SSL.Error):  # a TLS link whose peer has no certificate of the cluster CA
@@ -340,15 +352,27 @@ class Link(protocol.Protocol):
         data = self._packer.pack(obj)
         if len(data) > message_room(self.settings.max_frame):
             raise FrameTooLarge(f"message of {len(data)} bytes exceeds the frame limit")
+        self._queue(data, 1)
+        return True
+
+    def send_entries(self, entries: bytes, count: int) -> bool:
+        """Queue ``count`` messages already packed back to back, as ``send`` queues them one by
+        one; ``False`` when the link is gone. The sender keeps ``entries`` within ``message_room``."""
+        if self._dead:
+            return False
+        self._queue(entries, count)
+        return True
+
+    def _queue(self, data: bytes, count: int) -> None:
         self._pending.append(data)
         self._pending_bytes += len(data)
+        self._pending_count += count
         if self.authenticated:
             if self._pending_bytes >= FLUSH_BYTES:
                 self.flush()
             elif self._flush_call is None:
                 assert self._clock is not None
                 self._flush_call = self._clock.callLater(0, self.flush)
-        return True
 
     def flush(self) -> None:
         """Write what is queued now, as one frame (or several, past the frame limit)."""
@@ -358,20 +382,23 @@ class Link(protocol.Protocol):
             self._flush_call = None
         if not self.authenticated or self._dead or not self._pending:
             return
-        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        pending, count = self._pending, self._pending_count
+        self._pending, self._pending_bytes, self._pending_count = [], 0, 0
         room = message_room(self.settings.max_frame)
         if sum(map(len, pending)) <= room:
-            self._write_batch(pending)
+            self._write_batch(pending, count)
         else:
+            one_each = count == len(pending)
             batch: list[bytes] = []
-            size = 0
+            size = in_batch = 0
             for data in pending:
                 if batch and size + len(data) > room:
-                    self._write_batch(batch)
-                    batch, size = [], 0
+                    self._write_batch(batch, in_batch)
+                    batch, size, in_batch = [], 0, 0
                 batch.append(data)
                 size += len(data)
-            self._write_batch(batch)
+                in_batch += 1 if one_each else len(unpack_entries(data))
+            self._write_batch(batch, in_batch)
         self._send_now()
 
     def _send_now(self) -> None:
@@ -386,8 +413,8 @@ class Link(protocol.Protocol):
         if isinstance(transport, FileDescriptor) and not transport.disconnecting:
             transport.doWrite()
 
-    def _write_batch(self, parts: list[bytes]) -> None:
-        body = _array_header(len(parts)) + b"".join(parts)
+    def _write_batch(self, parts: list[bytes], count: int) -> None:
+        body = _array_header(count) + b"".join(parts)
         tag = _tag(self._send_mac, self._send_seq, body)
         self._send_seq += 1
         self.transport.write(_LEN.pack(TAG_SIZE + len(body)) + tag + body)

@@ -11,7 +11,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from stagetx.message import Message, Sender
-from stagetx.wire import Link, LinkClientFactory, LinkServerFactory
+from stagetx.wire import Link, LinkClientFactory, LinkServerFactory, unpack_entries
 
 
 class RecordingStage:
@@ -45,6 +45,12 @@ class RecordingLinks:
 
     def send(self, group: int, frame: list[Any]) -> tuple[bool, str | None]:
         self.frames.append((group, frame))
+        return True, None
+
+    def send_entries(self, group: int, entries: bytes, count: int) -> tuple[bool, str | None]:
+        frames = unpack_entries(entries)
+        assert len(frames) == count
+        self.frames += [(group, frame) for frame in frames]
         return True, None
 
     def flush(self) -> None:

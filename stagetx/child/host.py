@@ -163,6 +163,11 @@ class StageHost:
         self.sent += 1
         return self.router.send(self.sender, address, payload, reply_to)
 
+    def send_entries(self, group: int, entries: bytes, count: int) -> Result:
+        """``count`` messages of this stage, packed as frame entries (``Router.steady``)."""
+        self.sent += count
+        return self.router.send_entries(group, entries, count)
+
     def logger_for(self, group: str) -> Logger:
         return Logger(namespace=group)
 

@@ -24,7 +24,15 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from stagetx.router import Result, Router
-from stagetx.wire import FrameTooLarge, Link, LinkClientFactory, LinkServerFactory, check_fits, message_room
+from stagetx.wire import (
+    FrameTooLarge,
+    Link,
+    LinkClientFactory,
+    LinkServerFactory,
+    check_fits,
+    message_room,
+    unpack_entries,
+)
 
 #: Frames kept for a process that is down (restarting); more are refused with a reason.
 PENDING_LIMIT = 100_000
@@ -191,6 +199,19 @@ class ProcessLinks(MultiService):
         except FrameTooLarge as err:
             return False, str(err)
         pending.append(frame)
+        return True, None
+
+    def send_entries(self, group: int, entries: bytes, count: int) -> Result:
+        """Send ``count`` message frames packed back to back (``Router.steady``) to the process of
+        ``group``, whose link ``steady_room`` said was connected."""
+        link = self._out.get(group)
+        if link is not None and link.send_entries(entries, count):
+            return True, None
+        # the link dropped within the turn (a write failed): the frames wait for it as others do
+        for frame in unpack_entries(entries):
+            ok, reason = self.send(group, frame)
+            if not ok:
+                return False, reason
         return True, None
 
     # -- link events ------------------------------------------------------------------------------

@@ -82,6 +82,7 @@ class StageAPI:
         self._late_logged = float("-inf")
         self._targets: dict[bytes, Address] = {}  # parsed signal targets, by their Lua string
         self._foreign: dict[Address, str | None] = {}  # target -> a Lua stage of another VM kind there
+        self._parts: dict[bytes, tuple[bytes, bytes]] = {}  # frame parts of steady targets, by Lua string
         self.vm: LuaVM
         self.loader: ScriptLoader
 
@@ -95,6 +96,7 @@ class StageAPI:
             "send": self.send,
             "send_packed": self.send_packed,
             "send_batch": self.send_batch,
+            "unpack": self.unpack,
             "report": self.report,
             "schedule_drain": self.schedule_drain,
             "log": self.write_log,
@@ -145,37 +147,67 @@ class StageAPI:
         self._foreign[address] = foreign
         return foreign
 
-    def send_packed(self, target: Any, payload: bytes) -> tuple[Any, ...]:
+    def send_packed(self, target: Any, payload: bytes, steady: bool = False) -> tuple[Any, ...]:
         """``send`` of values the prelude packed itself (``pack.lua``, the fast path).
 
-        A third result tells the prelude that ``target`` routes the same way, and surely gets
-        there, for the rest of this turn (the reactor does not run meanwhile): payloads up to that
-        many bytes to it wait in the prelude's outbox and come back in one ``send_batch``.
+        With ``steady`` (the prelude asks from a target's second message in a turn on), more
+        results tell the prelude that ``target`` routes the same way, and surely gets there,
+        for the rest of this turn (the reactor does not run meanwhile): ``room, group`` of
+        ``Router.steady``, and for another process the ``head, tail`` of ``Router.frame_parts``.
+        Payloads up to ``room`` bytes to it wait in the prelude's outbox and come back in one
+        ``send_batch``.
         """
         try:
             address = self._address(target)
         except AddressError as err:
             return None, lua_text(f"stage.signal: {err}")
         result = self._route(address, payload)
-        if result[0] is True:
-            room = self._steady_room(address)
-            if room:
-                return True, None, room
+        if steady and result[0] is True:
+            route = self._steady(address)
+            if route is not None:
+                if route[1] < 0:
+                    return (True, None, *route)
+                parts = self._parts.get(target)
+                if parts is None:
+                    if len(self._parts) >= TARGET_CACHE:
+                        self._parts.clear()
+                    parts = self._parts[target] = self.stage.router.frame_parts(self.stage.sender, address)  # type: ignore[arg-type]
+                return (True, None, *route, *parts)
         return result
 
-    def _steady_room(self, address: Address) -> int:
-        """How large a payload to ``address`` may wait in the prelude's outbox (0: none)."""
-        return self.stage.router.steady_room(self.stage.sender, address)
+    def _steady(self, address: Address) -> tuple[int, int] | None:
+        """How a payload to ``address`` may wait in the prelude's outbox (``Router.steady``)."""
+        return self.stage.router.steady(self.stage.sender, address)
 
     def send_batch(self, *outbox: Any) -> None:
-        """The prelude's outbox, ``target, payload`` pairs in the order they were signalled; each
-        was answered ``true`` already (see ``send_packed``)."""
+        """The prelude's outbox, each message answered ``true`` already (see ``send_packed``):
+        ``group, count, entries``, the frame entries of ``count`` messages to the process of
+        ``group`` packed back to back in the order signalled; or ``target, payload`` pairs, in
+        the order signalled, to stages of this process."""
+        if type(outbox[0]) is int:
+            group, count, entries = outbox
+            ok, reason = self.stage.send_entries(group, entries, count)
+            if not ok:  # a steady route changed within one turn: a bug, not the sender's
+                self.log.error(
+                    "{count} messages to process {group} lost: {reason}", count=count, group=group + 1, reason=reason
+                )
+            return
         for i in range(0, len(outbox), 2):
             result = self._route(self._address(outbox[i]), outbox[i + 1])
-            if result[0] is not True:  # a steady route changed within one turn: a bug, not the sender's
+            if result[0] is not True:
                 self.log.error(
                     "message to {target} from the outbox lost: {reason}", target=text(outbox[i]), reason=result[1]
                 )
+
+    def unpack(self, payload: bytes, msgid: bytes) -> tuple[Any, ...]:
+        """A received payload the prelude did not decode itself: ``(True, values...)``, or
+        ``(False,)`` for one that does not decode (logged and counted; the message is dropped)."""
+        try:
+            return (True, *unpack_lua(self.vm, payload))
+        except CodecError as err:
+            self.log.error("message {msgid!r} dropped: {error}", msgid=text(msgid), error=str(err))
+            self.stage.count_error()
+            return (False,)
 
     def _route(self, address: Address, payload: bytes) -> tuple[Any, ...]:
         """Hand one message to the router: ``(True,)`` or ``(False, reason)`` for ``stage.signal``."""

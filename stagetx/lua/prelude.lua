@@ -38,19 +38,59 @@ local fast_pack, host_send_packed = cfg.packer and cfg.packer(null), host.send_p
 
 -- The outbox: packed messages to targets that route the same way for the rest of this turn (to
 -- one stage instance of this server, linked: Python said so with the largest payload that surely
--- fits, kept in `steady`). Their `true` is known at the call; they leave Python-ward in one call
--- when the entry from Python ends (`end_turn`), and before any message that must cross at once,
--- so this stage's messages keep their order.
+-- fits and how it goes, kept in `steady`; asked from a target's second message in a turn on).
+-- Their `true` is known at the call; they leave Python-ward in one call when the entry from
+-- Python ends (`end_turn`), and before any message that must cross at once, so this stage's
+-- messages keep their order. The outbox holds messages for one way at a time (`out_group`): to
+-- another process, their frame entries ready for its link (the route's head, the payload as
+-- msgpack bin, its tail), joined into one string; otherwise (-1), target and payload pairs that
+-- Python routes one by one.
 local host_send_batch = host.send_batch
-local outbox, nout, steady, nsteady = {}, 0, {}, 0
--- Entries (two per message) sent in one call at most: lupa's cost per argument grows with their
--- number, so a longer outbox costs more per message than it saves.
-local OUTBOX_MAX = 64
+local outbox, nout, out_group, out_count, out_bytes, steady, nsteady = {}, 0, -1, 0, 0, {}, 0
+-- Messages sent in one call at most: lupa's cost per argument grows with their number, so
+-- target/payload pairs cost more per message past that than they save.
+local OUTBOX_MAX = 32
+-- Payload bytes joined into one call at most (and what the outbox may keep referenced).
+local OUTBOX_BYTES = 65536
+local BIN8 = {}  -- msgpack bin 8 headers by length
+for i = 0, 255 do BIN8[i] = string.char(0xc4, i) end
+local string_pack = string.pack
 
 local function flush_outbox()
     local n = nout
     nout = 0
-    host_send_batch(unpack(outbox, 1, n))
+    if out_group < 0 then
+        host_send_batch(unpack(outbox, 1, n))
+        return
+    end
+    local count, big = out_count, out_bytes > OUTBOX_BYTES
+    out_count, out_bytes = 0, 0
+    host_send_batch(out_group, count, concat(outbox, "", 1, n))
+    if big then outbox = {} end
+end
+
+-- Keeps a message to a steady `route` ({room, group, head, tail}) in the outbox.
+local function keep(route, t, payload)
+    local group = route[2]
+    if group ~= out_group then
+        if nout > 0 then flush_outbox() end
+        out_group = group
+    end
+    local n = nout
+    if group < 0 then
+        outbox[n + 1], outbox[n + 2] = t, payload
+        nout = n + 2
+        if nout >= 2 * OUTBOX_MAX then flush_outbox() end
+        return
+    end
+    local len = #payload
+    outbox[n + 1] = route[3]
+    outbox[n + 2] = BIN8[len] or len < 65536 and string_pack(">BI2", 0xc5, len) or string_pack(">BI4", 0xc6, len)
+    outbox[n + 3] = payload
+    outbox[n + 4] = route[4]
+    nout = n + 4
+    out_count, out_bytes = out_count + 1, out_bytes + len
+    if out_count >= OUTBOX_MAX or out_bytes >= OUTBOX_BYTES then flush_outbox() end
 end
 
 -- The end of one entry from Python: what waits leaves, and the next turn asks routes afresh.
@@ -410,20 +450,24 @@ signal = function(t, ...)
     end
     local payload = fast_pack and fast_pack(...)
     if payload then
-        local room = steady[t]
-        if room and #payload <= room then
-            outbox[nout + 1], outbox[nout + 2] = t, payload
-            nout = nout + 2
-            if nout >= OUTBOX_MAX then flush_outbox() end
+        local route = steady[t]
+        if route and #payload <= route[1] then
+            keep(route, t, payload)
             return true
         end
     end
     if nout > 0 then flush_outbox() end
-    local ok, reason, room
+    local ok, reason, room, group, head, tail
     if payload then
-        ok, reason, room = host_send_packed(t, payload)
-        if room and host_send_batch and type(t) == "string" then
-            steady[t] = room
+        -- the route is asked for from the second message to `t` in this entry on (false: seen once)
+        local route = steady[t]
+        ok, reason, room, group, head, tail = host_send_packed(t, payload, route ~= nil)
+        if host_send_batch and type(t) == "string" then
+            if room then
+                steady[t] = {room, group, head, tail}
+            elseif route == nil then
+                steady[t] = false
+            end
             nsteady = nsteady + 1
         end
     else
@@ -640,11 +684,25 @@ function core.deliver(started, msgid, sender, reply, ...)
     end_turn()
 end
 
+-- Decodes a message's payload (unpack.lua; what it leaves goes to Python, which logs and counts
+-- a payload that does not decode, and says false) and runs its handler.
+local fast_unpack, host_unpack = cfg.unpacker, host.unpack
+local function dispatch_decoded(msgid, sender, reply, payload, ok, ...)
+    if ok then return dispatch(msgid, sender, reply, ...) end
+    if payload then return dispatch_decoded(msgid, sender, reply, nil, host_unpack(payload, msgid)) end
+end
+local function dispatch_payload(msgid, sender, reply, payload)
+    if fast_unpack then return dispatch_decoded(msgid, sender, reply, payload, fast_unpack(payload)) end
+    return dispatch_decoded(msgid, sender, reply, nil, host_unpack(payload, msgid))
+end
+
 -- Delivers a run of messages from the router in one crossing: `...` holds, per message, its id,
--- sender, reply and number of values, then the values. Each message is its own entry (its own
--- budget, its local messages drained after it) as if delivered alone. Returns each handler's time
--- in seconds, in order; it stops after the message that ran past `slice` since `started`, so a
--- run holds the thread about as long as one drain turn (Python delivers the rest in a new call).
+-- sender and reply, then -1 and the payload (decoded here), or the number of values and the
+-- values (decoded by Python: LuaJIT), or false (a payload Python could not decode: nothing to
+-- run). Each message is its own entry (its own budget, its local messages drained after it) as if
+-- delivered alone. Returns each handler's time in seconds, in order; it
+-- stops after the message that ran past `slice` since `started`, so a run holds the thread about
+-- as long as one drain turn (Python delivers the rest in a new call).
 local deliver_times = {}
 function core.deliver_batch(started, ...)
     local args, times = {...}, deliver_times
@@ -652,8 +710,15 @@ function core.deliver_batch(started, ...)
     local t = started
     while i <= last do
         local count = args[i + 3]
-        enter(t, dispatch, args[i], args[i + 1], args[i + 2], unpack(args, i + 4, i + 3 + count))
-        i = i + 4 + count
+        if count == -1 then
+            enter(t, dispatch_payload, args[i], args[i + 1], args[i + 2], args[i + 4])
+            i = i + 5
+        elseif count then
+            enter(t, dispatch, args[i], args[i + 1], args[i + 2], unpack(args, i + 4, i + 3 + count))
+            i = i + 4 + count
+        else
+            i = i + 4
+        end
         local t2 = now()
         n = n + 1
         times[n] = t2 - t

@@ -105,8 +105,11 @@ class LuaVM:
             b"extensions": self.lua.table(),
             b"thread_extensions": self.lua.table(),
         }
-        if self.vm_kind == "lua54":  # pack.lua needs string.pack, which LuaJIT lacks
+        #: Whether the prelude decodes received payloads itself (``deliver_batch``).
+        self.decodes = self.vm_kind == "lua54"
+        if self.decodes:  # pack.lua and unpack.lua need string.pack, which LuaJIT lacks
             cfg[b"packer"] = self._load(_read_lua_file("pack.lua").encode(), b"@pack.lua", b"t")
+            cfg[b"unpacker"] = self._load(_read_lua_file("unpack.lua").encode(), b"@unpack.lua", b"t")()
         cfg[b"extensions"][b"proxy"] = self._load(_read_lua_file("proxy.lua").encode(), b"@proxy.lua", b"t")()
         host_table = self.lua.table_from({k.encode(): v for k, v in host.items()})
         chunk = self._load(_read_lua_file("prelude.lua").encode(), b"@prelude.lua", b"t")
@@ -159,8 +162,10 @@ class LuaVM:
 
     def deliver_batch(self, args: list[Any]) -> tuple[float, ...]:
         """Hand a run of messages to the handlers in one call: ``args`` holds, per message, its id,
-        sender, reply, number of values and the values. Returns each handler's time (s), in order,
-        for the messages delivered: fewer than given when the run reached the drain slice."""
+        sender and reply, then either -1 and the payload, which the prelude decodes (when
+        ``decodes``: ``unpack.lua``, else the host's ``unpack``), or the number of values and the
+        values, or False for a message with nothing to run. Returns each handler's time (s), in
+        order, for the messages delivered: fewer than given when the run reached the drain slice."""
         times = self.enter(self._deliver_batch, time.monotonic(), *args)
         return times if isinstance(times, tuple) else (times,)
 

@@ -126,9 +126,9 @@ class SandboxAPI(StageAPI):
         self._reactor.callFromThread(self.stage.send_payload, address, payload)
         return (True,)
 
-    def _steady_room(self, address: Address) -> int:
+    def _steady(self, address: Address) -> None:
         """None: the router's state belongs to the reactor thread (every send is handed over)."""
-        return 0
+        return None
 
     def report(self, where: bytes, msgid: bytes, error: bytes) -> None:
         self._reactor.callFromThread(StageAPI.report, self, where, msgid, error)

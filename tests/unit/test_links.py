@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from stagetx.address import parse_target
 from stagetx.child.links import ProcessLinks, local_retry
@@ -52,3 +54,29 @@ def test_a_message_too_large_is_refused_when_queued_and_the_new_link_carries_the
     pair.pump()
     assert [m[2] for m in pair.server_handler.messages] == ["first", "last"]
     assert pair.client.authenticated and pair.server.authenticated
+
+
+def test_steady_messages_go_as_packed_entries_and_wait_like_others_if_the_link_dropped(tmp_path: Any) -> None:
+    links, router = _links(tmp_path)
+    pair = LinkPair(max_frame=4096)
+    pair.pump()
+    links.connected(1, pair.client)
+    sender = router.sender_of(0)
+    address = parse_target("b:x=back")
+    steady = router.steady(sender, address)
+    assert steady is not None
+    room, group = steady
+    assert group == 1 and 0 < room < 4096
+    head, tail = router.frame_parts(sender, address)  # type: ignore[arg-type]
+    entries = [head + b"\xc4" + bytes((len(p),)) + p + tail for p in (b"\x91\x01", b"\x91\x02")]
+    assert router.send_entries(1, b"".join(entries), 2) == (True, None)
+    pair.pump()
+    assert pair.server_handler.messages == [
+        ["m", 1, "x", b"\x91\x01", 0, "^srv/0/back"],
+        ["m", 1, "x", b"\x91\x02", 0, "^srv/0/back"],
+    ]
+    pair.client.connectionLost(Failure(ConnectionDone()))  # dropped within the turn: queued
+    links.disconnected(1, pair.client)
+    assert router.steady(sender, parse_target("b:x=back")) is None
+    assert router.send_entries(1, entries[0], 1) == (True, None)
+    assert [list(frame) for frame in links._pending[1]] == [["m", 1, "x", b"\x91\x01", 0, "^srv/0/back"]]

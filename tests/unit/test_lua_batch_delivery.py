@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet.task import Clock
 
 from stagetx.child.host import LATENCY_BUCKETS, ProcessHost
-from stagetx.codec import pack_py
+from stagetx.codec import NULL, pack_py
 from stagetx.config import load_config
 from tests.support import LogCapture
 
@@ -118,3 +118,35 @@ def test_the_budget_stops_only_the_message_that_overran_and_the_run_goes_on(tmp_
     assert stage.received == 4
     assert sum(stage.latency) == 4
     assert sum(stage.latency[bisect_left(LATENCY_BUCKETS, 0.1) :]) >= 1  # the loop's (others: load)
+
+
+def test_a_payload_that_does_not_decode_drops_only_its_message_logged_and_counted(tmp_path: Path) -> None:
+    host = start(tmp_path)
+    stage = host.stages[0]
+    with LogCapture() as capture:
+        # decoded in Lua; malformed; out of Lua's range; left to Python's decoder (an extension type)
+        for payload in (pack_py((1,)), b"\x91\xcd\x01", pack_py((2**64 - 1,)), pack_py((NULL,))):
+            host.router.deliver(0, "n", payload, stage.sender, None)
+        host.router.run_queue()
+    assert said(capture, "n") == [["1"], ["nil"]]  # a null argument arrives as nil
+    assert capture.text().count("message 'n' dropped") == 2
+    assert stage.errors == 2 and stage.received == 4 and sum(stage.latency) == 4
+
+
+def test_a_luajit_stage_gets_its_run_decoded_by_python_with_the_same_counts_and_drops(tmp_path: Path) -> None:
+    (tmp_path / "lua").mkdir()
+    (tmp_path / "lua" / "a.lua").write_text(SCRIPT)
+    config = {"#startup": [["=luajit+a"]], "=luajit+a": {"%package": ["[0]lua"], "=luajit+a": "a"}}
+    (tmp_path / "app.json").write_text(json.dumps(config))
+    host = ProcessHost(load_config(str(tmp_path / "app.json")), 0, Clock())
+    host.startService()
+    stage = host.stages[0]
+    calls = crossings(host)
+    with LogCapture() as capture:
+        for msgid, payload in [("echo", pack_py(())), ("echo", b"\x91\xcd\x01"), ("echo", pack_py((1, None, 3)))]:
+            host.router.deliver(0, msgid, payload, stage.sender, None)
+        host.router.run_queue()
+    assert said(capture, "later") == [["0"], ["3", "1", "nil", "3"]]
+    assert capture.text().count("message 'echo' dropped") == 1
+    assert calls["deliver_batch"] == 1 and calls["deliver"] == 0
+    assert stage.errors == 1 and stage.received == 3 and sum(stage.latency) == 3

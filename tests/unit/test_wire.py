@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+import msgpack
 import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -192,6 +193,25 @@ def test_batches_over_the_frame_limit_are_split(pair: LinkPair) -> None:
     for f in frames:
         p.server.dataReceived(f)
     assert [m[0] for m in p.server_handler.messages] == list(range(10))
+
+
+def test_entries_packed_by_the_sender_arrive_as_messages_in_order() -> None:
+    p = LinkPair(max_frame=1024)
+    p.pump()
+    packed = [msgpack.packb([i, b"y" * 100]) for i in range(12)]
+    p.client.send(["alone", 0])
+    assert p.client.send_entries(b"".join(packed[:3]), 3)
+    p.client.send(["alone", 1])
+    for start in range(3, 12, 3):  # past the frame limit: split between entries, counts kept
+        assert p.client.send_entries(b"".join(packed[start : start + 3]), 3)
+    p.clock.advance(0)
+    frames = p.take(p.ct)
+    assert len(frames) > 1 and all(len(f) - 4 <= 1024 for f in frames)
+    for f in frames:
+        p.server.dataReceived(f)
+    got = p.server_handler.messages
+    assert got[0] == ["alone", 0] and got[4] == ["alone", 1]
+    assert [m[0] for m in got[1:4] + got[5:]] == list(range(12))
 
 
 def test_a_message_larger_than_a_frame_is_refused_at_send() -> None:

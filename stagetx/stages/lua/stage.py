@@ -350,10 +350,11 @@ class Stage:
             vm.deliver(*arguments)
 
     def receive_batch(self, messages: list[Message]) -> list[float]:
-        """Deliver a run of messages in as few crossings into Lua as the drain slice allows.
+        """Deliver a run of messages in as few crossings into Lua as the drain slice allows (the
+        prelude decodes their payloads).
 
-        Returns each message's handler time (s), in order: 0.0 for one dropped, held during a
-        reload or arriving with no runtime (``receive`` spends no handler time on those either).
+        Returns each message's handler time (s), in order: 0.0 for one held during a reload or
+        arriving with no runtime (``receive`` spends no handler time on those either).
         """
         times: list[float] = []
         while len(times) < len(messages):
@@ -364,41 +365,36 @@ class Stage:
                 times.extend([0.0] * (len(messages) - len(times)))
                 break
             args: list[Any] = []
-            delivered: list[int] = []  # where in ``times`` each message of ``args`` goes
-            for message in messages[len(times) :]:
-                arguments = self._arguments(vm, message)
-                if arguments is None:
-                    if not delivered:
-                        times.append(0.0)  # dropped before the run's first delivered message
-                        continue
-                    delivered.append(-1)
-                    continue
-                msgid, sender, reply, values = arguments
-                delivered.append(len(args))
-                args += (msgid, sender, reply, len(values), *values)
-            if not args:
-                continue
-            handled = vm.deliver_batch(args)
-            done = 0
-            for place in delivered:
-                if place < 0:
-                    times.append(0.0)
-                elif done < len(handled):
-                    times.append(handled[done])
-                    done += 1
-                else:
-                    break
+            if vm.decodes:
+                for message in messages[len(times) :]:
+                    args += self._fields(vm, message)
+                    args += (-1, message.payload)
+            else:  # decoded here (LuaJIT): a dropped message (logged, counted) has no values: False
+                for message in messages[len(times) :]:
+                    args += self._fields(vm, message)
+                    values = self._values(vm, message)
+                    args += (False,) if values is None else (len(values), *values)
+            times += vm.deliver_batch(args)
         return times
 
     def _arguments(self, vm: LuaVM, message: Message) -> tuple[bytes, Any, bytes | None, tuple[Any, ...]] | None:
         """What ``deliver`` takes for ``message``: its values decoded into ``vm``, its id, sender
         and reply as Lua values; None when the payload does not decode (logged, counted)."""
+        values = self._values(vm, message)
+        return None if values is None else (*self._fields(vm, message), values)
+
+    def _values(self, vm: LuaVM, message: Message) -> tuple[Any, ...] | None:
+        """``message``'s values decoded into ``vm``; None when the payload does not decode (logged,
+        counted)."""
         try:
-            values = unpack_lua(vm, message.payload)
+            return unpack_lua(vm, message.payload)
         except CodecError as err:
             self.log.error("message {msgid!r} dropped: {error}", msgid=message.msgid, error=str(err))
             self.context.count_error()
             return None
+
+    def _fields(self, vm: LuaVM, message: Message) -> tuple[bytes, Any, bytes | None]:
+        """``message``'s id, sender and reply as Lua values (kept for the next messages)."""
         # by identity: the entry holds the Sender, so its id cannot be reused while cached
         entry = self._senders.get(id(message.sender))
         if entry is None:
@@ -410,7 +406,7 @@ class Stage:
         if msgid is None:
             msgid = self._text(message.msgid)
         reply = None if message.reply is None else texts.get(message.reply) or self._text(message.reply)
-        return msgid, entry[1], reply, values
+        return msgid, entry[1], reply
 
     def _text(self, value: str) -> bytes:
         """``value`` as a Lua string, kept for the next message with the same id or reply address."""
@@ -493,7 +489,8 @@ class WatchedVM(LuaVM):
             if elapsed >= slow:
                 msgid = args[at]
                 self._warn(elapsed * 1000.0, f"handler of message {text(msgid)!r}", None, handler_keys(msgid))
-            at += 4 + args[at + 3]
+            count = args[at + 3]
+            at += 5 if count == -1 else 4 + (count or 0)
         return times
 
     def _check(self, started: float, where: str, f: Any, keys: tuple[bytes, ...]) -> None:
