@@ -322,7 +322,8 @@ class Stage:
             self._storage_log.error("index {stage}: fsync failed: {error}", stage=self.context.name, error=error)
 
     def _maybe_compact(self) -> None:
-        if not self.loaded or self._compaction is not None or not self.store.wants_compaction():
+        # the store's check first: it is the one that fails at the end of nearly every turn
+        if not self.store.wants_compaction() or self._compaction is not None or not self.loaded:
             return
         if self.context.clock.seconds() < self._compact_after:
             return
