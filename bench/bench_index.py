@@ -241,7 +241,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
             baseline=bare["rank"],
         ),
         row("index: top-100 (forEach), in stage", top, "msg/s"),
-        row("index: memory per member", per_member, "B", target="≤ 300", note=f"reloaded from snapshot, {n}"),
+        row("index: memory per member", per_member, "B", target="≤ 200", note=f"reloaded from snapshot, {n}"),
         row(
             "index: GC pause, serving",
             serving_pause,

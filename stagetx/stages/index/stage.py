@@ -268,7 +268,8 @@ class Stage:
             # unpack_py(payload) is what message.values returns; called directly, it skips the
             # property's per-call import (about 1 µs of a ~15 µs request)
             values = unpack_py(message.payload)
-            reply = self.executor.run(form.request(values[0] if values else None))
+            argument = values[0] if values else None
+            reply = self.executor.run(argument if form.command is None else form.request(argument))
         except RequestError as error:
             reply = {"error": str(error)}
         except Exception:
@@ -293,8 +294,12 @@ class Stage:
             failed = {"error": f"index storage failed: {error}"}
             replies = [(message, form, {key: failed for key in reply}) for message, form, reply in replies]
         context = self.context
+        reply_to = context.reply
         for message, form, reply in replies:
-            send_answer(context, message, form, form.answer(reply))
+            if form.command is None and form.callback is None:  # a table to a reply address: most requests
+                reply_to(message, reply)
+            else:
+                send_answer(context, message, form, form.answer(reply))
         self._maybe_compact()
 
     def _members(self) -> int:
