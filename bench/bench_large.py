@@ -2,8 +2,8 @@
 
 ``python -m bench.bench_large [--members N] [--json PATH]``. Builds one index of N random members
 (10,000,000 by default) by a bulk load and writes its snapshot, then measures the stage on it:
-the start (load of the snapshot, wall clock beside redis-server's RDB load of a sorted set of as
-many members in the same run), memory per member (resident memory the load added), the GC pause
+the start (load of the snapshot, wall clock and CPU time beside redis-server's RDB load of a
+sorted set of as many members in the same run), memory per member (resident memory the load added), the GC pause
 while serving (after sets and the stage's growth check), and a compaction while serving: its
 time, and the latency of requests served during it. Requests are real messages through
 ``Stage.receive`` (64 per reactor turn, one log write each), as in ``bench/bench_index.py``; a
@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from bench import budget
-from bench.bench_index import TURN, _Context, _gc_pause, _redis_load
+from bench.bench_index import TURN, _Context, _gc_pause, start_rows
 from bench.rows import judge, row
 from stagetx.codec import pack_py
 from stagetx.message import Message, Sender
@@ -138,20 +138,10 @@ def run(members: int) -> list[dict[str, Any]]:
         gc.unfreeze()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    redis_load = _redis_load(members)
     n = f"{members:,} members"
     return [
         row("index large: build (bulk load + snapshot)", build, "s", note=f"{n}, snapshot {snapshot:,} B"),
-        redis_load,
-        row(
-            "index large: start (load snapshot)",
-            load,
-            "s",
-            baseline_name=redis_load["workload"],
-            baseline=redis_load["figure"],
-            target="≤ 1.5 × baseline",
-            note=f"{n}: Stage.start() to loaded, wall clock ({load_cpu:.1f} s of process CPU)",
-        ),
+        *start_rows("index large", members, load, load_cpu),
         row(
             "index large: memory per member",
             per_member,

@@ -121,20 +121,24 @@ class LogSegment:
         self.size = os.fstat(self.fd).st_size
         self.torn = False
 
-    def write(self, data: memoryview) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         """One ``write()`` call; returns how many bytes it took (tests override it to inject faults)."""
         return os.write(self.fd, data)
 
     def append(self, data: bytes, sync: bool) -> None:
         """Write ``data`` whole at the end (and fdatasync it when ``sync``), or raise OSError with the
         segment cut back to its previous end."""
-        view = memoryview(data)
         try:
-            while view:
-                written = self.write(view)
-                if written <= 0:
-                    raise OSError(errno.EIO, "write() wrote nothing")
-                view = view[written:]
+            written = self.write(data)  # all of it, unless the disk is full or a signal came
+            if written < len(data):
+                view = memoryview(data)
+                while True:
+                    if written <= 0:
+                        raise OSError(errno.EIO, "write() wrote nothing")
+                    view = view[written:]
+                    if not view:
+                        break
+                    written = self.write(view)
             if sync:
                 os.fdatasync(self.fd)
         except OSError:
