@@ -21,6 +21,7 @@ change ranks higher — the embedded board's "earlier set first".
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -152,6 +153,7 @@ for base, seq in pairs(counters) do redis.call('SET', base .. ':q', seq) end
 return cmsgpack.pack(out)
 """
 
+SCRIPT_SHA = hashlib.sha1(SCRIPT).hexdigest()  # what EVALSHA names it by (txredisapi's script_hashes too)
 _pack_plan = msgpack.Packer(use_bin_type=False).pack  # cmsgpack reads no bin types: bytes as raw str
 _NIL = pack_py((None,))
 
