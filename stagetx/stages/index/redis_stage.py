@@ -17,10 +17,10 @@ from twisted.python.failure import Failure
 from stagetx.codec import unpack_py
 from stagetx.message import Message
 from stagetx.stages.base import StageContext
-from stagetx.stages.index.commands import IndexMessage, RequestError, read_message
+from stagetx.stages.index.commands import IndexMessage, RequestError
 from stagetx.stages.index.redis_backend import RedisExecutor, failed, fill, pack_steps, unpack_answer
 from stagetx.stages.index.redis_link import RedisLink, RedisSettings, RedisUnavailable
-from stagetx.stages.index.stage import reply_msgid, send_answer
+from stagetx.stages.index.stage import message_form, send_answer
 
 #: One planned request of a turn: the message, how it is answered, its reply table (with the
 #: ``Pending`` entries the script fills), and where its steps start in the turn's plan.
@@ -96,7 +96,7 @@ class RedisStage:
         """Plan the request now; it is sent with the rest of the turn's (``turn_ended``). Read and
         answered as the embedded stage does: a request table or the direct form, answered to the
         reply address or the sender's handler (``read_message``)."""
-        form = read_message(message.msgid, reply_msgid(message.reply))
+        form = message_form(message.msgid, message.reply)
         try:
             values = unpack_py(message.payload)
             reply, plan = self.executor.plan(form.request(values[0] if values else None))
