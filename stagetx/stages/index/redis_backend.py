@@ -179,6 +179,7 @@ for base, seq in pairs(counters) do redis.call('SET', base .. ':q', seq) end
 return cmsgpack.pack(out)
 """
 
+WRITE_STEPS = frozenset({b"one", b"set", b"del"})  # the script's steps that change boards (``WAIT`` after them)
 SCRIPT_SHA = hashlib.sha1(SCRIPT).hexdigest()  # what EVALSHA names it by (txredisapi's script_hashes too)
 _pack_plan = msgpack.Packer(use_bin_type=False).pack  # cmsgpack reads no bin types: bytes as raw str
 _NIL = pack_py((None,))

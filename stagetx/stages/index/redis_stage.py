@@ -18,7 +18,7 @@ from stagetx.codec import unpack_py
 from stagetx.message import Message
 from stagetx.stages.base import StageContext
 from stagetx.stages.index.commands import IndexMessage, RequestError
-from stagetx.stages.index.redis_backend import RedisExecutor, failed, fill, pack_steps, unpack_answer
+from stagetx.stages.index.redis_backend import WRITE_STEPS, RedisExecutor, failed, fill, pack_steps, unpack_answer
 from stagetx.stages.index.redis_link import RedisLink, RedisSettings, RedisUnavailable
 from stagetx.stages.index.stage import message_form, send_answer
 
@@ -121,7 +121,7 @@ class RedisStage:
             return
         turn, steps = self._turn, self._steps
         self._turn, self._steps = [], []
-        writes = self.settings.wait > 0 and any(step[0] in (b"set", b"del") for step in steps)
+        writes = self.settings.wait > 0 and any(step[0] in WRITE_STEPS for step in steps)
         done = self.link.run(self._prefix, pack_steps(steps), writes)
         done.addCallbacks(self._answered, self._failed, callbackArgs=(turn,), errbackArgs=(turn,))
 
