@@ -23,9 +23,10 @@ from bench.workloads.server import bench_line, server
 INFLIGHT = CLIENTS  # as many requests outstanding as redis-benchmark has clients
 
 CLIENT = """
-local MEMBERS, N, INFLIGHT, LIMIT = %(members)d, %(count)d, %(inflight)d, %(limit)f
+local MEMBERS, N, INFLIGHT, LIMIT, TIMED = %(members)d, %(count)d, %(inflight)d, %(limit)f, %(timed)s
 local signal, tick, random, format = stage.signal, function() return process.tick end, math.random, string.format
-local filled, issued, got, t0 = 0, 0, 0, 0
+local filled, issued, got, t0, failed = 0, 0, 0, 0, 0
+local sent, waits = {}, {}  -- TIMED: when each outstanding member was sent; each reply's wait
 local request
 
 local function fill()  -- untimed: every member once, INFLIGHT outstanding
@@ -50,30 +51,55 @@ request = function()
   if issued >= N or late then return end
   if issued %% 256 == 0 and tick() - t0 > LIMIT then late = true return end
   issued = issued + 1
-  signal("rank:s=ranked", {["set:top"] = {[format("m:%%d", random(MEMBERS))] = {i = random(1 << 30)}}})
+  local member
+  if TIMED then  -- a member none of the others in flight has, so its reply's wait is known
+    member = format("m:%%d", issued %% MEMBERS + 1)
+    sent[member] = tick()
+  else
+    member = format("m:%%d", random(MEMBERS))
+  end
+  signal("rank:s=ranked", {["set:top"] = {[member] = {i = random(1 << 30)}}})
 end
 stage.waitfor("ranked", function(r)
   got = got + 1
+  if TIMED then
+    local now = tick()
+    for member in pairs(r["set:top"]) do
+      if member == "error" then failed = failed + 1
+      else waits[#waits + 1] = now - sent[member] end
+    end
+  end
   request()
-  if got == issued then log4cxx.info("BENCH sets", got, tick() - t0) end
+  if got == issued then
+    table.sort(waits)
+    local function at(p) return waits[math.max(1, math.ceil(#waits * p))] or 0 end
+    log4cxx.info("BENCH sets", got, tick() - t0, at(0.5) * 1000, at(0.99) * 1000, failed)
+  end
 end)
 stage.addtask(500, function() t0 = tick(); for _ = 1, INFLIGHT do fill() end end)
 """
 
 
-def _stagetx(members: int) -> tuple[float, float]:
-    """(new members/s, sets/s) of a real server with the Lua client above."""
+def client(index: Any, members: int, timed: bool) -> tuple[float, float, float, float, float]:
+    """(new members/s, sets/s, p50 ms, p99 ms, failed requests) of a real server with the Lua
+    client above and ``=index+rank`` set to ``index``; the latencies only when ``timed``."""
     limit = budget.seconds(20, 6)
-    values = {"members": members, "count": budget.count(1_000_000, 300_000), "inflight": INFLIGHT, "limit": limit}
+    values = {
+        "members": members,
+        "count": budget.count(1_000_000, 300_000),
+        "inflight": INFLIGHT,
+        "limit": limit,
+        "timed": "true" if timed else "false",
+    }
     config = {
         "#startup": [["=lua+client"], ["=index+rank"]],
         "=lua+client": {"%package": ["[0]"], "=lua+client": "client"},
-        "=index+rank": "scores",
+        "=index+rank": index,
     }
     with server(config, {"client": CLIENT % values}) as peer:
         filled, fill_seconds = bench_line(peer, "fill", budget.seconds(600, 120))
-        got, seconds = bench_line(peer, "sets", limit + 30)
-    return filled / fill_seconds, got / seconds
+        got, seconds, p50, p99, failed = bench_line(peer, "sets", limit + 30)
+    return filled / fill_seconds, got / seconds, p50, p99, failed
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
@@ -83,13 +109,13 @@ def run(quick: bool) -> list[dict[str, Any]]:
     around = f"{redis_zset.label('ZADD', False)}, around index e2e"
     reason = redis_zset.missing()
     if reason is not None:
-        fill, sets = _stagetx(members)
+        fill, sets, *_ = client("scores", members, timed=False)
         baseline = None
         first = skip(around, reason)
     else:
         with redis_zset.filled_server(members) as (port, _):
             before = redis_zset.zadd(port, members)
-            fill, sets = _stagetx(members)
+            fill, sets, *_ = client("scores", members, timed=False)
             after = redis_zset.zadd(port, members)
         baseline = (before + after) / 2
         first = row(around, baseline, "req/s", note=f"mean of {before:,.0f} right before and {after:,.0f} right after")
