@@ -234,14 +234,11 @@ class RedisExecutor(Executor):
         """A value is stored as the message carried it (msgpack); what cannot be packed is refused."""
         self._packed(value)
 
-    def _set_one(self, command: Command, argument: dict[Any, Any]) -> None:
-        return None  # no embedded fast path: every set is planned
-
     def _set(self, command: Command, argument: Any) -> Any:
         if not argument:
             return {}
         if type(argument) is dict and len(argument) == 1:
-            fast = self._plan_one(command, argument)
+            fast = self._set_one(command, argument)
             if fast is not None:
                 return fast
         updates = self.set_updates(command, argument)
@@ -257,10 +254,10 @@ class RedisExecutor(Executor):
         ids = [member for member, _, _, _ in updates]
         return self._plan.add([b"set", command.name, command.tier, members], lambda ranks: dict(zip(ids, ranks)))
 
-    def _plan_one(self, command: Command, argument: dict[Any, Any]) -> Pending | None:
+    def _set_one(self, command: Command, argument: dict[Any, Any]) -> Pending | None:  # type: ignore[override]
         """One member with ``{i = score}`` or ``{i = score, v = value}`` (bytes keys, as from Lua):
-        the step built without the general path's lists (the embedded ``_set_one``'s checks);
-        None for anything else."""
+        planned as one flat step, without the general path's lists (the embedded ``_set_one``'s
+        checks); None for anything else."""
         ((member, spec),) = argument.items()
         if type(member) is not bytes or type(spec) is not dict or not 0 < len(member) <= self.key_size:
             return None
