@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
+
 from bench import budget
 from bench.baselines import redis_zset
 from bench.baselines.redis_zset import CLIENTS
+from bench.procs import cpu_seconds, descendants
 from bench.rows import row, skip
 from bench.workloads.server import bench_line, server
 
@@ -25,7 +28,7 @@ INFLIGHT = CLIENTS  # as many requests outstanding as redis-benchmark has client
 CLIENT = """
 local MEMBERS, N, INFLIGHT, LIMIT, TIMED = %(members)d, %(count)d, %(inflight)d, %(limit)f, %(timed)s
 local signal, tick, random, format = stage.signal, function() return process.tick end, math.random, string.format
-local filled, issued, got, t0, failed = 0, 0, 0, 0, 0
+local filled, issued, got, t0, c0, failed = 0, 0, 0, 0, 0, 0
 local sent, waits = {}, {}  -- TIMED: when each outstanding member was sent; each reply's wait
 local request
 
@@ -39,7 +42,7 @@ stage.waitfor("filled", function()
   done_fill = done_fill + 1
   if done_fill == MEMBERS then
     log4cxx.info("BENCH fill", done_fill, tick() - t0)
-    t0 = tick()
+    t0, c0 = tick(), os.clock()
     for _ = 1, INFLIGHT do request() end
   else
     fill()
@@ -73,16 +76,29 @@ stage.waitfor("ranked", function(r)
   if got == issued then
     table.sort(waits)
     local function at(p) return waits[math.max(1, math.ceil(#waits * p))] or 0 end
-    log4cxx.info("BENCH sets", got, tick() - t0, at(0.5) * 1000, at(0.99) * 1000, failed)
+    log4cxx.info("BENCH sets", got, tick() - t0, at(0.5) * 1000, at(0.99) * 1000, failed, os.clock() - c0)
   end
 end)
 stage.addtask(500, function() t0 = tick(); for _ = 1, INFLIGHT do fill() end end)
 """
 
 
-def client(index: Any, members: int, timed: bool) -> tuple[float, float, float, float, float]:
-    """(new members/s, sets/s, p50 ms, p99 ms, failed requests) of a real server with the Lua
-    client above and ``=index+rank`` set to ``index``; the latencies only when ``timed``."""
+@attrs.frozen
+class Figures:
+    """What one run of the client measured; latencies only when timed, else 0."""
+
+    fill: float  # new members/s
+    sets: float  # sets/s
+    p50: float  # ms
+    p99: float  # ms
+    failed: float  # requests answered with an error
+    cpu: dict[str, float]  # µs of CPU per set: the Lua process, the index process, ``watch``'s
+
+
+def client(index: Any, members: int, timed: bool, watch: dict[str, int] | None = None) -> Figures:
+    """The Lua client above against a real server whose ``=index+rank`` is ``index``; the CPU per
+    timed set of the Lua process (its own clock), of the rest of the server (the index process)
+    and of ``watch`` (name → pid, e.g. redis-server), over the same seconds."""
     limit = budget.seconds(20, 6)
     values = {
         "members": members,
@@ -98,8 +114,18 @@ def client(index: Any, members: int, timed: bool) -> tuple[float, float, float, 
     }
     with server(config, {"client": CLIENT % values}) as peer:
         filled, fill_seconds = bench_line(peer, "fill", budget.seconds(600, 120))
-        got, seconds, p50, p99, failed = bench_line(peer, "sets", limit + 30)
-    return filled / fill_seconds, got / seconds, p50, p99, failed
+        pids = {"server": [peer.proc.pid, *descendants(peer.proc.pid)]} | {k: [v] for k, v in (watch or {}).items()}
+        before = {name: sum(map(cpu_seconds, group)) for name, group in pids.items()}
+        got, seconds, p50, p99, failed, lua_cpu = bench_line(peer, "sets", limit + 30)
+        used = {name: sum(map(cpu_seconds, group)) - before[name] for name, group in pids.items()}
+    server_cpu = used.pop("server")
+    cpu = {"Lua process": lua_cpu, "index process": server_cpu - lua_cpu, **used}
+    return Figures(filled / fill_seconds, got / seconds, p50, p99, failed, {k: v / got * 1e6 for k, v in cpu.items()})
+
+
+def cpu_note(figures: Figures) -> str:
+    """``CPU per set: Lua process 15.1 µs, …`` for a row's note."""
+    return "CPU per set: " + ", ".join(f"{name} {us:.1f} µs" for name, us in figures.cpu.items())
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
@@ -109,13 +135,15 @@ def run(quick: bool) -> list[dict[str, Any]]:
     around = f"{redis_zset.label('ZADD', False)}, around index e2e"
     reason = redis_zset.missing()
     if reason is not None:
-        fill, sets, *_ = client("scores", members, timed=False)
+        figures = client("scores", members, timed=False)
+        fill, sets = figures.fill, figures.sets
         baseline = None
         first = skip(around, reason)
     else:
         with redis_zset.filled_server(members) as (port, _):
             before = redis_zset.zadd(port, members)
-            fill, sets, *_ = client("scores", members, timed=False)
+            figures = client("scores", members, timed=False)
+            fill, sets = figures.fill, figures.sets
             after = redis_zset.zadd(port, members)
         baseline = (before + after) / 2
         first = row(around, baseline, "req/s", note=f"mean of {before:,.0f} right before and {after:,.0f} right after")
