@@ -152,8 +152,18 @@ class _Watched:
     def addConnection(self, conn: Any) -> None:
         super().addConnection(conn)  # type: ignore[misc]
         if conn.connected:
+            _no_delay(conn.transport)
             peer = conn.transport.getPeer()
             self.on_connection(f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}")
+
+
+def _no_delay(transport: Any) -> None:
+    """Send each request at once: with Nagle's algorithm a script sent while the previous one's
+    answer is outstanding waits for it, so pipelined turns would go one round trip at a time.
+    (Under TLS the TCP transport is the TLS protocol's.)"""
+    tcp = transport if hasattr(transport, "setTcpNoDelay") else getattr(transport, "transport", None)
+    if tcp is not None and hasattr(tcp, "setTcpNoDelay"):
+        tcp.setTcpNoDelay(True)
 
 
 class _PlainFactory(_Watched, txredisapi.RedisFactory):  # type: ignore[misc]
