@@ -27,6 +27,7 @@ setup(
         "prometheus-client>=0.19",
         "setproctitle>=1.3",
         "txredisapi>=1.4.10",
+        "hiredis>=2.0",  # txredisapi parses replies with it (C) instead of its Python line reader
         "autobahn>=24.4",
         "wsproto>=1.2",
     ],

@@ -21,6 +21,7 @@ change ranks higher — the embedded board's "earlier set first".
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -65,28 +66,54 @@ local function rank(base, tier, id)
   return redis.call('ZREVRANK', base .. ':t' .. tier, string.sub(state, 1, 15) .. id) + 1
 end
 
+-- the member's value: replaced when the request carries one, else kept (a new member gets nil)
+local function value(base, id, given, packed)
+  if given then
+    redis.call('HSET', base .. ':v', id, packed)
+  else
+    redis.call('HSETNX', base .. ':v', id, packed)
+  end
+end
+
+-- tier t's score of the member, stamped: whether it changed (unchanged: nothing written), and
+-- whether the member had a score in that tier (then it is a member: it has a value entry)
+local function put(base, id, t, double, kind, text, stamp)
+  local skey, zkey = base .. ':s' .. t, base .. ':t' .. t
+  local old = redis.call('HGET', skey, id)
+  if old and string.sub(old, 17) == text then return false, true end
+  if old then redis.call('ZREM', zkey, string.sub(old, 1, 15) .. id) end
+  redis.call('HSET', skey, id, stamp .. kind .. text)
+  redis.call('ZADD', zkey, double, stamp .. id)
+  return true, old ~= false
+end
+
 for step, op in ipairs(plan) do
   local kind, base = op[1], prefix .. op[2]
-  if kind == 'set' then
+  if kind == 'one' then  -- one member, one score in the command's tier: the common set, flat
+    local tier, id, seq = op[3], op[4], counter(base)
+    local stamp = string.format('%015d', TOP - seq - 1)
+    local changed, known = put(base, id, tier, op[7], op[8], op[9], stamp)
+    if op[5] or not known then value(base, id, op[5], op[6]) end
+    if changed then
+      counters[base] = seq + 1
+      out[step] = redis.call('ZREVRANK', base .. ':t' .. tier, stamp .. id) + 1
+    else
+      counters[base] = seq
+      out[step] = 0
+    end
+  elseif kind == 'set' then
     local tier, seq = op[3], counter(base)
     local ranks = {}
     for i, m in ipairs(op[4]) do
       local id = m[1]
-      if m[2] or redis.call('HEXISTS', base .. ':v', id) == 0 then
-        redis.call('HSET', base .. ':v', id, m[3])
-      end
+      value(base, id, m[2], m[3])
       local stamp = string.format('%015d', TOP - seq - 1)
       local changed, reply = false, 0
       for _, score in ipairs(m[4]) do
         local t = score[1]
-        local skey, zkey = base .. ':s' .. t, base .. ':t' .. t
-        local old = redis.call('HGET', skey, id)
-        if not old or string.sub(old, 17) ~= score[4] then
-          if old then redis.call('ZREM', zkey, string.sub(old, 1, 15) .. id) end
-          redis.call('HSET', skey, id, stamp .. score[3] .. score[4])
-          redis.call('ZADD', zkey, score[2], stamp .. id)
+        if put(base, id, t, score[2], score[3], score[4], stamp) then
           changed = true
-          if t == tier then reply = redis.call('ZREVRANK', zkey, stamp .. id) + 1 end
+          if t == tier then reply = redis.call('ZREVRANK', base .. ':t' .. t, stamp .. id) + 1 end
         end
       end
       if changed then seq = seq + 1 end
@@ -152,6 +179,8 @@ for base, seq in pairs(counters) do redis.call('SET', base .. ':q', seq) end
 return cmsgpack.pack(out)
 """
 
+WRITE_STEPS = frozenset({b"one", b"set", b"del"})  # the script's steps that change boards (``WAIT`` after them)
+SCRIPT_SHA = hashlib.sha1(SCRIPT).hexdigest()  # what EVALSHA names it by (txredisapi's script_hashes too)
 _pack_plan = msgpack.Packer(use_bin_type=False).pack  # cmsgpack reads no bin types: bytes as raw str
 _NIL = pack_py((None,))
 
@@ -205,14 +234,11 @@ class RedisExecutor(Executor):
         """A value is stored as the message carried it (msgpack); what cannot be packed is refused."""
         self._packed(value)
 
-    def _set_one(self, command: Command, argument: dict[Any, Any]) -> None:
-        return None  # no embedded fast path: every set is planned
-
     def _set(self, command: Command, argument: Any) -> Any:
         if not argument:
             return {}
         if type(argument) is dict and len(argument) == 1:
-            fast = self._plan_one(command, argument)
+            fast = self._set_one(command, argument)
             if fast is not None:
                 return fast
         updates = self.set_updates(command, argument)
@@ -228,10 +254,10 @@ class RedisExecutor(Executor):
         ids = [member for member, _, _, _ in updates]
         return self._plan.add([b"set", command.name, command.tier, members], lambda ranks: dict(zip(ids, ranks)))
 
-    def _plan_one(self, command: Command, argument: dict[Any, Any]) -> Pending | None:
+    def _set_one(self, command: Command, argument: dict[Any, Any]) -> Pending | None:  # type: ignore[override]
         """One member with ``{i = score}`` or ``{i = score, v = value}`` (bytes keys, as from Lua):
-        the step built without the general path's lists (the embedded ``_set_one``'s checks);
-        None for anything else."""
+        planned as one flat step, without the general path's lists (the embedded ``_set_one``'s
+        checks); None for anything else."""
         ((member, spec),) = argument.items()
         if type(member) is not bytes or type(spec) is not dict or not 0 < len(member) <= self.key_size:
             return None
@@ -246,9 +272,8 @@ class RedisExecutor(Executor):
             packed, has_value = self._packed(spec[b"v"]), True
         else:
             return None
-        tier = command.tier
-        step = [b"set", command.name, tier, [[member, has_value, packed, [[tier, *_score_parts(score)]]]]]
-        return self._plan.add(step, lambda ranks: {member: ranks[0]})
+        step = [b"one", command.name, command.tier, member, has_value, packed, *_score_parts(score)]
+        return self._plan.add(step, lambda rank: {member: rank})
 
     def _packed(self, value: Any) -> bytes:
         try:

@@ -17,9 +17,10 @@ import txredisapi
 from twisted.internet import defer, ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.python.failure import Failure
 
 from stagetx import reactors
-from stagetx.stages.index.redis_backend import SCRIPT
+from stagetx.stages.index.redis_backend import SCRIPT, SCRIPT_SHA
 
 SCHEMES = ("redis", "rediss", "redis+sentinel")
 DEFAULT_POOL = 4
@@ -151,8 +152,18 @@ class _Watched:
     def addConnection(self, conn: Any) -> None:
         super().addConnection(conn)  # type: ignore[misc]
         if conn.connected:
+            _no_delay(conn.transport)
             peer = conn.transport.getPeer()
             self.on_connection(f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}")
+
+
+def _no_delay(transport: Any) -> None:
+    """Send each request at once: with Nagle's algorithm a script sent while the previous one's
+    answer is outstanding waits for it, so pipelined turns would go one round trip at a time.
+    (Under TLS the TCP transport is the TLS protocol's.)"""
+    tcp = transport if hasattr(transport, "setTcpNoDelay") else getattr(transport, "transport", None)
+    if tcp is not None and hasattr(tcp, "setTcpNoDelay"):
+        tcp.setTcpNoDelay(True)
 
 
 class _PlainFactory(_Watched, txredisapi.RedisFactory):  # type: ignore[misc]
@@ -179,6 +190,26 @@ def _trust(settings: RedisSettings) -> Any:
             return ssl.Certificate.loadPEM(pem.read())
     except Exception as error:  # OSError, or pyOpenSSL's error for a file that is no certificate
         raise RedisUnavailable(f"cannot read the ca file {settings.ca}: {error}") from None
+
+
+def _script(conn: Any, prefix: bytes, plan: bytes) -> defer.Deferred[Any]:
+    """The request script on ``conn``: by its hash once this connection loaded it (``EVAL`` the
+    first time, and again when Redis lost it: a restart, ``SCRIPT FLUSH``)."""
+    if SCRIPT_SHA in conn.script_hashes:
+        return conn.evalsha(SCRIPT_SHA, (), (prefix, plan)).addErrback(_reload, conn, prefix, plan)
+    return conn.eval(SCRIPT, (), (prefix, plan))
+
+
+def _reload(failure: Failure, conn: Any, prefix: bytes, plan: bytes) -> defer.Deferred[Any]:
+    failure.trap(txredisapi.ScriptDoesNotExist)
+    return conn.eval(SCRIPT, (), (prefix, plan))
+
+
+def _answer(answer: Any) -> bytes:
+    """The script's msgpack answer as bytes (txredisapi decodes it as latin-1: one to one)."""
+    if not isinstance(answer, str):
+        raise RedisUnavailable(f"unexpected answer {answer!r}")
+    return answer.encode("latin-1")
 
 
 class RedisLink:
@@ -235,18 +266,25 @@ class RedisLink:
         return bool(self.factory is not None and self.factory.size)
 
     def run(self, prefix: bytes, plan: bytes, wait: bool) -> defer.Deferred[bytes]:
-        """Run the request script on one pooled connection (pipelined behind what it carries);
+        """Run the request script on the pool's first live connection (pipelined behind what it
+        carries, so the requests of successive turns run on Redis in the order they were sent);
         with ``wait``, follow it by ``WAIT`` on the same connection and fail unless enough
         replicas acknowledged. While no connection is up (Redis restarting, a failover) the
         request waits for one at most ``timeout``; it fails with RedisUnavailable after that, or
         at once when the pool gave up (a refused login) or never started (an unreadable ``ca``)."""
-        if self.factory is None or (self.factory.stopped and not self.factory.size):
+        factory = self.factory
+        if factory is None or (factory.stopped and not factory.size):
             return defer.fail(RedisUnavailable(f"not connected to {self.settings.shown_url}"))
+        for conn in factory.pool:
+            if conn.connected:
+                if wait:
+                    return defer.ensureDeferred(self._acknowledged(conn, prefix, plan))
+                return _script(conn, prefix, plan).addCallback(_answer)
         return defer.ensureDeferred(self._run(prefix, plan, wait))
 
     async def _run(self, prefix: bytes, plan: bytes, wait: bool) -> bytes:
-        # the pool hands out its live connections; without one, waiting for the next is bounded
-        # (the request then fails instead of hanging until Redis returns)
+        # without a live connection, waiting for the next one is bounded (the request then fails
+        # instead of hanging until Redis returns)
         taking = self.factory.getConnection(peek=True)
         taking.addTimeout(self.settings.timeout, self.reactor)
         try:
@@ -255,22 +293,23 @@ class RedisLink:
             raise RedisUnavailable(
                 f"no connection to {self.settings.shown_url} within {self.settings.timeout:g} s"
             ) from None
-        script = conn.eval(SCRIPT, [], [prefix, plan])  # EVALSHA once this connection loaded it
+        if wait:
+            return await self._acknowledged(conn, prefix, plan)
+        return _answer(await _script(conn, prefix, plan))
+
+    async def _acknowledged(self, conn: Any, prefix: bytes, plan: bytes) -> bytes:
+        script = _script(conn, prefix, plan)
         # WAIT gives up after half the reply timeout, so its own answer arrives in time
-        acked = conn.execute_command(b"WAIT", self.settings.wait, int(self.settings.timeout * 500)) if wait else None
+        acked = conn.execute_command(b"WAIT", self.settings.wait, int(self.settings.timeout * 500))
         try:
-            answer = await script
+            answer = _answer(await script)
         except Exception:
-            if acked is not None:
-                acked.addErrback(lambda failure: None)  # fails the same way; the script's error tells
+            acked.addErrback(lambda failure: None)  # fails the same way; the script's error tells
             raise
-        if not isinstance(answer, str):
-            raise RedisUnavailable(f"unexpected answer {answer!r}")
-        if acked is not None:
-            replicas = await acked
-            if not isinstance(replicas, int) or replicas < self.settings.wait:
-                raise RedisUnavailable(f"written, but {replicas} of {self.settings.wait} replicas acknowledged in time")
-        return answer.encode("latin-1")
+        replicas = await acked
+        if not isinstance(replicas, int) or replicas < self.settings.wait:
+            raise RedisUnavailable(f"written, but {replicas} of {self.settings.wait} replicas acknowledged in time")
+        return answer
 
     def probe(self) -> defer.Deferred[str]:
         """One connection of its own, made once: fires with the server's address or fails with

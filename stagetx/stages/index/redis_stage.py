@@ -9,6 +9,7 @@ pool reconnects with back-off, so the process keeps serving its other stages.
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -17,10 +18,10 @@ from twisted.python.failure import Failure
 from stagetx.codec import unpack_py
 from stagetx.message import Message
 from stagetx.stages.base import StageContext
-from stagetx.stages.index.commands import IndexMessage, RequestError, read_message
-from stagetx.stages.index.redis_backend import RedisExecutor, failed, fill, pack_steps, unpack_answer
+from stagetx.stages.index.commands import IndexMessage, RequestError
+from stagetx.stages.index.redis_backend import WRITE_STEPS, RedisExecutor, failed, fill, pack_steps, unpack_answer
 from stagetx.stages.index.redis_link import RedisLink, RedisSettings, RedisUnavailable
-from stagetx.stages.index.stage import reply_msgid, send_answer
+from stagetx.stages.index.stage import message_form, send_answer
 
 #: One planned request of a turn: the message, how it is answered, its reply table (with the
 #: ``Pending`` entries the script fills), and where its steps start in the turn's plan.
@@ -96,7 +97,7 @@ class RedisStage:
         """Plan the request now; it is sent with the rest of the turn's (``turn_ended``). Read and
         answered as the embedded stage does: a request table or the direct form, answered to the
         reply address or the sender's handler (``read_message``)."""
-        form = read_message(message.msgid, reply_msgid(message.reply))
+        form = message_form(message.msgid, message.reply)
         try:
             values = unpack_py(message.payload)
             reply, plan = self.executor.plan(form.request(values[0] if values else None))
@@ -113,6 +114,15 @@ class RedisStage:
         self._turn.append((message, form, reply, len(self._steps)))
         self._steps += plan.steps
 
+    def receive_batch(self, messages: list[Message]) -> list[float]:
+        """A run of messages (the router's): each planned as ``receive`` does, in one call; returns
+        each message's share of the run's time (s), for the host's busy and latency figures."""
+        started = perf_counter()
+        receive = self.receive
+        for message in messages:
+            receive(message)
+        return [(perf_counter() - started) / len(messages)] * len(messages)
+
     def turn_ended(self) -> None:
         """End of a chunk of messages (the router calls it): the chunk's request tables go to
         Redis as one script run (one round trip; atomic, in arrival order) and each is answered
@@ -121,7 +131,7 @@ class RedisStage:
             return
         turn, steps = self._turn, self._steps
         self._turn, self._steps = [], []
-        writes = self.settings.wait > 0 and any(step[0] in (b"set", b"del") for step in steps)
+        writes = self.settings.wait > 0 and any(step[0] in WRITE_STEPS for step in steps)
         done = self.link.run(self._prefix, pack_steps(steps), writes)
         done.addCallbacks(self._answered, self._failed, callbackArgs=(turn,), errbackArgs=(turn,))
 
