@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from bench import budget
-from bench.procs import spawn
+from bench.procs import cpu_seconds, spawn
 from bench.rows import row, skip
 
 KEY = "bench:zset"
@@ -142,13 +142,6 @@ def _cli(port: int, *command: str, limit: float) -> str:
     return subprocess.run(argv, capture_output=True, text=True, timeout=limit, check=True).stdout.strip()
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds process ``pid`` has used so far (``/proc/PID/stat``)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def rdb_load(members: int, directory: str) -> tuple[float, float]:
     """``(seconds, CPU seconds)`` redis-server takes to load a ``members``-member sorted set from
     its RDB file at start: the "DB loaded from disk" figure it logs (wall clock), and the CPU time
@@ -172,7 +165,7 @@ def rdb_load(members: int, directory: str) -> tuple[float, float]:
     log = os.path.join(directory, "redis.log")
     with spawn([*argv, "--port", str(port), "--loglevel", "notice", "--logfile", log]) as loading:
         wait_ready(port, limit)  # redis answers PING with -LOADING until the load is done
-        cpu = _cpu_seconds(loading.proc.pid)
+        cpu = cpu_seconds(loading.proc.pid)
         with open(log, "rb") as file:
             found = _LOADED.search(file.read())
     if found is None:
