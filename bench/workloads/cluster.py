@@ -26,7 +26,7 @@ SECRET = "bench-cluster"
 SENDER = """
 local N, LIMIT = %(count)d, %(limit)f
 local signal, tick, min = stage.signal, function() return process.tick end, math.min
-local sent, t0 = 0, 0
+local sent, t0, c0, cpu = 0, 0, 0, os.clock  -- os.clock: this process's CPU time (s)
 local function pump()
   local n = min(2000, N - sent)
   for _ = 1, n do
@@ -54,7 +54,7 @@ stage.waitfor("pong", function(i)
   end
 end)
 stage.waitfor("fin", function(n)
-  log4cxx.info("BENCH oneway", n, tick() - t0)
+  log4cxx.info("BENCH oneway", n, tick() - t0, cpu() - c0)
   stage.addtask(200, function()
     t0 = tick()
     for _ = 1, 64 do request() end
@@ -62,15 +62,18 @@ stage.waitfor("fin", function(n)
 end)
 stage.addtask(10, function()
   if not signal("+b:hello") then return 10 end
-  stage.addtask(500, function() t0 = tick(); pump() end)
+  stage.addtask(500, function() t0, c0 = tick(), cpu(); pump() end)
 end)
 """
 
 RECEIVER = """
-local got = 0
+local got, c0, cpu = 0, nil, os.clock
 stage.waitfor("hello", function() end)
-stage.waitfor("ping", function() got = got + 1 end)
-stage.waitfor("stop", function() return got end)
+stage.waitfor("ping", function() got = got + 1; c0 = c0 or cpu() end)
+stage.waitfor("stop", function()
+  log4cxx.info("BENCH oneway_cpu", got, cpu() - (c0 or cpu()))
+  return got
+end)
 stage.waitfor("echo", function(i) return i end)
 """
 
@@ -97,10 +100,11 @@ def _one_way(quick: bool) -> list[dict[str, Any]]:
     limit = budget.seconds(10, 4)
     values = {"count": budget.count(1_000_000, 200_000), "limit": limit}
     port_b = _port()
-    with server(_config("b", [port_b]), {"b": RECEIVER}):
+    with server(_config("b", [port_b]), {"b": RECEIVER}) as b:
         a_config = _config("a", [_port(), f"127.0.0.1:{port_b}"])
         with server(a_config, {"a": SENDER % values}) as a:
-            got, seconds = bench_line(a, "oneway", limit + 60)
+            got, seconds, send_cpu = bench_line(a, "oneway", limit + 60)
+            received, receive_cpu = bench_line(b, "oneway_cpu", 10)
             answered, rr_seconds, p50, p99 = bench_line(a, "rr", limit + 60)
     rr = "request/reply two servers, 64 in flight"
     return [
@@ -111,6 +115,8 @@ def _one_way(quick: bool) -> list[dict[str, Any]]:
             baseline_name=ONE_WAY,
             target="≥ 0.3 × baseline",
         ),
+        row("signal two servers one-way, sender CPU", send_cpu / got * 1e6, "µs/msg"),
+        row("signal two servers one-way, receiver CPU", receive_cpu / received * 1e6, "µs/msg"),
         row(rr, answered / rr_seconds, "req/s", baseline_name=ECHO_64),
         row(f"{rr} p50", p50, "µs", baseline_name=f"{ECHO_64} p50"),
         row(f"{rr} p99", p99, "µs", baseline_name=f"{ECHO_64} p99"),
