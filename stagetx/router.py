@@ -98,6 +98,10 @@ class Remote(Protocol):
     def process_frame(self, group: int, frame: list[Any]) -> None:
         """A cluster frame (``cx``, ``croutes``) from another process of this server."""
 
+    def steady_room(self, server_id: str) -> int:
+        """The largest payload a message to ``server_id`` surely takes the same way until the
+        reactor runs again (its link is up), or 0 (see ``Router.steady_room``)."""
+
 
 #: Frame kinds between the processes of a server that belong to the cluster layer.
 CLUSTER_FRAMES = frozenset(("cx", "croutes"))
@@ -147,6 +151,7 @@ class Router:
         # every stage of this server as a sender; a message frame between this server's processes
         # names such a sender by its instance number (see ``sender_of``)
         self._own = [Sender(server_id, g, stage_id, i) for i, (stage_id, g) in enumerate(placement)]
+        self._own_frames = [_sender_frame(s) for s in self._own]  # as frames to other servers name them
         self.locks = LockTable(clock, self._grant) if group == LOCK_GROUP else None
 
     def attach(self, receiver: Receiver) -> None:
@@ -186,24 +191,30 @@ class Router:
         """The largest payload (bytes) that ``address`` from ``sender`` surely takes the same way
         as the message just sent, until the reactor runs again; 0 when it may not.
 
-        Only addresses that reach one stage instance of this server with no choice are steady: in
-        this process, or in another one over a connected link (its frames are written as queued,
-        so nothing but the frame limit refuses them). Round-robin, broadcast, other servers and
-        processes down or not linked yet are decided per message.
+        Only addresses that reach one stage instance with no choice are steady: in this process,
+        in another one over a connected link (its frames are written as queued, so nothing but the
+        frame limit refuses them), or on the one other server that has the stage id, while its
+        link is up. Round-robin, broadcast, and processes or servers down or not linked yet are
+        decided per message.
         """
         kind = type(address)
         if kind is ToStage:
             scope = address.scope  # type: ignore[union-attr]
-            if scope is not Scope.ANY and scope is not Scope.LOCAL:
+            if scope is Scope.ALL:
                 return 0
             stage_id = address.stage if address.stage is not None else sender.stage  # type: ignore[union-attr]
-            replicas = self._replicas.get(stage_id)
-            if not replicas or len(replicas) != 1 or self._remote_targets(stage_id, scope, True):
+            replicas = None if scope is Scope.REMOTE else self._replicas.get(stage_id)
+            far = self._remote_targets(stage_id, scope, bool(replicas))
+            if far:  # only one server has it, and not this one: no choice to make
+                return self.remote.steady_room(far[0][0]) if not replicas and len(far) == 1 else 0  # type: ignore[union-attr]
+            if not replicas or len(replicas) != 1:
                 return 0
             instance = replicas[0]
         elif kind is ReplyTo:
-            instance = address.instance  # type: ignore[union-attr]
-            if address.server != self.server_id or not 0 <= instance < len(self._placement):  # type: ignore[union-attr]
+            instance, server = address.instance, address.server  # type: ignore[union-attr]
+            if server != self.server_id:
+                return 0 if self.remote is None else self.remote.steady_room(server)
+            if not 0 <= instance < len(self._placement):
                 return 0
         else:
             return 0
@@ -250,6 +261,8 @@ class Router:
             return (True, None) if len(failed) < len(results) else (False, failed[0])
         if not far:
             return self.deliver(self._choose(stage_id, replicas), msgid, payload, sender, reply)  # type: ignore[arg-type]
+        if not replicas and len(far) == 1:  # one replica elsewhere (a "+" to a single peer): no choice
+            return self._send_far(*far[0], msgid, payload, sender, reply, stage_id)
         return self._one_of(stage_id, replicas or [], far, msgid, payload, sender, reply)
 
     # -- other servers ----------------------------------------------------------------------------
@@ -303,7 +316,9 @@ class Router:
         reroute: str | None,
     ) -> Result:
         assert self.remote is not None
-        return self.remote.send(server, ["m", instance, msgid, payload, _sender_frame(sender), reply], reroute)
+        by = sender.instance
+        named = self._own_frames[by] if 0 <= by < len(self._own) and self._own[by] is sender else _sender_frame(sender)
+        return self.remote.send(server, ["m", instance, msgid, payload, named, reply], reroute)
 
     def route_again(self, stage_id: str, frame: list[Any]) -> Result:
         """Route once more a message for ``stage_id`` whose server went away before it was sent."""

@@ -36,10 +36,13 @@ from stagetx.cluster.dns import DnsDiscovery
 from stagetx.cluster.peers import PeerLinks, tls_options
 from stagetx.config import HostPort, ServerConfig
 from stagetx.router import Links, Result, Router
-from stagetx.wire import Link
+from stagetx.wire import Link, message_room
 
 #: The largest frame between servers.
 MAX_FRAME = 16 * 1024 * 1024
+#: The largest payload ``steady_room`` allows to a linked server: half a frame, leaving the rest
+#: to the message's other fields.
+STEADY_ROOM = message_room(MAX_FRAME) // 2
 GATEWAY_GROUP = 0
 
 
@@ -71,6 +74,13 @@ class RemoteView:
         if server_id in self.routes.full:
             return False, f"server '{server_id}' is not linked and its queue is full"
         return self.links.send(GATEWAY_GROUP, ["cx", server_id, frame, reroute, deadline])
+
+    def steady_room(self, server_id: str) -> int:
+        """While the gateway's process is linked, a known server with room in its queue takes
+        what is relayed to it (as ``send`` answers it)."""
+        if server_id not in self.routes.servers or server_id in self.routes.full:
+            return 0
+        return self.links.steady_room(GATEWAY_GROUP)
 
     def process_frame(self, group: int, frame: list[Any]) -> None:
         if frame[0] == "croutes":
@@ -157,6 +167,12 @@ class ClusterGateway(MultiService):
         if (self.peers.queues or full) and self.peers.is_full(server_id) != (server_id in full):
             self._changed()  # the other processes learn that its queue filled up (or has room again)
         return ok, reason
+
+    def steady_room(self, server_id: str) -> int:
+        """A server linked now takes every frame written to it until the reactor runs again."""
+        if server_id in self.directory.peers and server_id in self.peers.links:
+            return STEADY_ROOM
+        return 0
 
     def process_frame(self, group: int, frame: list[Any]) -> None:
         """A frame from another process of this server: a remote frame to relay."""
