@@ -14,14 +14,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import ssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, ITCPTransport
 from twisted.logger import Logger
 
 from stagetx.config import ClusterTls
@@ -64,6 +64,9 @@ class _Handler:
         self.via = via
 
     def link_authenticated(self, link: Link) -> None:
+        # a frame is written whole when flushed: Nagle's algorithm would hold its tail until the
+        # peer acknowledges the previous one (up to the peer's delayed-ACK timer, 40 ms)
+        cast(ITCPTransport, link.transport).setTcpNoDelay(True)
         self.peers._authenticated(link, self.via)
 
     def message_received(self, link: Link, obj: Any) -> None:
