@@ -15,6 +15,7 @@ Frames between servers (each one ``stagetx.wire`` message)::
 Frames between the processes of one server (kinds added to ``stagetx.router``)::
 
     ["cx", SERVER, FRAME, REROUTE_STAGE, DEADLINE]   a process → the gateway: send FRAME to SERVER
+                                                     (FRAME packed: the gateway writes it as it is)
     ["croutes", ROUTES]                              the gateway → the processes: ``Routes.to_wire``
 """
 
@@ -36,7 +37,7 @@ from stagetx.cluster.dns import DnsDiscovery
 from stagetx.cluster.peers import PeerLinks, tls_options
 from stagetx.config import HostPort, ServerConfig
 from stagetx.router import Links, Result, Router
-from stagetx.wire import Link, message_room
+from stagetx.wire import FrameTooLarge, Link, check_fits, message_room, pack_message, unpack_message
 
 #: The largest frame between servers.
 MAX_FRAME = 16 * 1024 * 1024
@@ -73,7 +74,12 @@ class RemoteView:
             return False, f"server '{server_id}' is not in the cluster (gone, restarted or never seen)"
         if server_id in self.routes.full:
             return False, f"server '{server_id}' is not linked and its queue is full"
-        return self.links.send(GATEWAY_GROUP, ["cx", server_id, frame, reroute, deadline])
+        try:
+            packed = pack_message(frame)  # the gateway passes it on as it is
+            check_fits(packed, MAX_FRAME)
+        except FrameTooLarge as err:
+            return False, str(err)
+        return self.links.send(GATEWAY_GROUP, ["cx", server_id, packed, reroute, deadline])
 
     def steady_room(self, server_id: str) -> int:
         """While the gateway's process is linked, a known server with room in its queue takes
@@ -157,9 +163,10 @@ class ClusterGateway(MultiService):
 
     # -- what the router calls --------------------------------------------------------------------
     def send(
-        self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None
+        self, server_id: str, frame: list[Any] | bytes, reroute: str | None = None, deadline: float | None = None
     ) -> Result:
-        """Send ``frame`` to a known server (queued while it has no link, bounded)."""
+        """Send ``frame`` to a known server (queued while it has no link, bounded); bytes: a frame
+        another process packed, passed on as it is."""
         if server_id not in self.directory.peers:
             return False, f"server '{server_id}' is not in the cluster (gone, restarted or never seen)"
         ok, reason = self.peers.send(server_id, frame, reroute, deadline)
@@ -182,7 +189,7 @@ class ClusterGateway(MultiService):
         _, server_id, inner, reroute, deadline = frame
         ok, reason = self.send(server_id, inner, reroute, deadline)
         if not ok and reroute is not None:
-            ok, reason = self.router.route_again(reroute, inner)
+            ok, reason = self.router.route_again(reroute, _unpacked(inner))
         if not ok:
             self.log.warn("message from process {group} not relayed: {reason}", group=group + 1, reason=reason)
 
@@ -330,8 +337,9 @@ class ClusterGateway(MultiService):
         self.routes = self.directory.routes(self._full())
         lost = []
         for item in self.peers.take_queue(peer.server_id):
-            if item.reroute is None or not self.router.route_again(item.reroute, item.frame)[0]:
-                lost.append(dropped_message(item.frame, item.reroute))
+            frame = _unpacked(item.frame)
+            if item.reroute is None or not self.router.route_again(item.reroute, frame)[0]:
+                lost.append(dropped_message(frame, item.reroute))
         if lost:
             self.dropped += len(lost)
             shown = ", ".join(lost[:DROPPED_SHOWN]) + (
@@ -367,6 +375,11 @@ class ClusterGateway(MultiService):
 
 #: How many dropped messages a failover's log line names (all of them are in its ``dropped`` field).
 DROPPED_SHOWN = 20
+
+
+def _unpacked(frame: list[Any] | bytes) -> list[Any]:
+    """A frame relayed packed (``RemoteView.send``), decoded for the rare paths that read it."""
+    return unpack_message(frame) if type(frame) is bytes else frame  # type: ignore[return-value]
 
 
 def dropped_message(frame: list[Any], reroute: str | None) -> str:

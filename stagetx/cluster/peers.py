@@ -51,7 +51,7 @@ class PeerEvents(Protocol):
 class Queued:
     """One frame waiting for a peer's link; ``reroute`` is the stage id if it may go elsewhere."""
 
-    frame: list[Any]
+    frame: list[Any] | bytes  # bytes: packed already (relayed from another process as it came)
     reroute: str | None = None
     deadline: float | None = None  # monotonic time after which it is dropped ({id, addr, ms})
 
@@ -79,6 +79,10 @@ class _Handler:
 
     def link_lost(self, link: Link, reason: object) -> None:
         self.peers._lost(link)
+
+
+def _write(link: Link, frame: list[Any] | bytes) -> bool:
+    return link.send_packed(frame) if type(frame) is bytes else link.send(frame)
 
 
 def tls_options(tls: ClusterTls) -> ssl.CertificateOptions:
@@ -181,13 +185,14 @@ class PeerLinks(MultiService):
 
     # -- sending ----------------------------------------------------------------------------------
     def send(
-        self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None
+        self, server_id: str, frame: list[Any] | bytes, reroute: str | None = None, deadline: float | None = None
     ) -> tuple[bool, str | None]:
-        """Send ``frame`` to ``server_id`` now, or queue it while the peer has no link; a frame too
-        large for a link is refused here, queued or not."""
+        """Send ``frame`` (bytes: packed already, passed on as they are) to ``server_id`` now, or
+        queue it while the peer has no link; a frame too large for a link is refused here, queued
+        or not."""
         try:
             link = self.links.get(server_id)
-            if link is not None and link.send(frame):
+            if link is not None and _write(link, frame):
                 return True, None
             queue = self.queues.setdefault(server_id, deque())
             if len(queue) >= self.queue_limit:
@@ -214,7 +219,7 @@ class PeerLinks(MultiService):
             if item.deadline is not None and now > item.deadline:
                 dropped += 1
                 continue
-            link.send(item.frame)
+            _write(link, item.frame)
         if dropped:
             self.log.warn(
                 "{n} queued message(s) for server {peer} timed out before its link came up", n=dropped, peer=server_id

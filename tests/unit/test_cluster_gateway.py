@@ -14,15 +14,22 @@ from stagetx.codec import pack_py
 from stagetx.config import parse_config
 from stagetx.message import Sender
 from stagetx.router import Router
+from stagetx.wire import unpack_message
 from tests.fakes import RecordingLinks, RecordingStage
 
 
 class FakeLink:
     def __init__(self) -> None:
         self.sent: list[Any] = []
+        self.packed: list[bytes] = []  # what was passed on packed already, as it came
 
     def send(self, obj: Any) -> bool:
         self.sent.append(obj)
+        return True
+
+    def send_packed(self, data: bytes) -> bool:
+        self.packed.append(data)
+        self.sent.append(unpack_message(data))
         return True
 
     def frames(self, kind: str) -> list[Any]:
@@ -229,10 +236,36 @@ def test_other_processes_relay_through_the_gateway(tmp_path: Path) -> None:
     assert sibling.send(Sender("me", 1, "a", 1), parse_target("+w:x"), pack_py((1,))) == (True, None)
     ((group, frame),) = view_links.frames
     assert group == 0 and frame[0] == "cx" and frame[1] == "s1"
+    assert type(frame[2]) is bytes  # packed in the sending process ...
     router.frame_received(1, frame)
-    assert link.frames("m")[0][1:3] == [0, "x"]
+    assert link.packed == [frame[2]]  # ... and written to the peer by the gateway as it is
+    assert link.frames("m")[0][1:4] == [0, "x", pack_py((1,))]
     ok, reason = view.send("nobody", ["m"])
     assert ok is False and "not in the cluster" in str(reason)
+
+
+def test_a_relayed_frame_queued_for_a_gone_peer_is_routed_again_or_named_when_dropped(tmp_path: Path) -> None:
+    """Frames other processes relay wait packed in the peer's queue; when the peer is gone for
+    good they are read once more to go to another replica or to be named in the drop log."""
+    gw, router, clock, links = gateway(tmp_path, startup=[["=lua+a"], ["=lua+a"]])
+    link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    del gw.peers.links["s1"]
+    gw.peer_unlinked("s1")
+    clock.advance(0)  # the routes reach the other process
+    view_links = RecordingLinks()
+    view = RemoteView(view_links)
+    view.process_frame(0, [f for g, f in links.frames if g == 1 and f[0] == "croutes"][-1])
+    sibling = Router("me", 1, [("a", 0), ("a", 1)], clock, clock.seconds)
+    sibling.remote = view
+    assert sibling.send(Sender("me", 1, "a", 1), parse_target("w:score"), pack_py((1,))) == (True, None)
+    router.frame_received(1, view_links.frames[0][1])
+    assert type(gw.peers.queues["s1"][0].frame) is bytes
+    with capturedLogs() as events:
+        for _ in range(4):
+            clock.advance(0.5)
+            gw._tick()
+    (event,) = [e for e in events if "dropped" in e and e.get("server") == "s1"]
+    assert event["dropped"] == ["w:score"] and gw.dropped == 1
 
 
 def test_a_restarted_peer_replaces_its_old_id(tmp_path: Path) -> None:
