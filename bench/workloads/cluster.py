@@ -24,7 +24,7 @@ from stagetx.cluster.discovery import ANNOUNCE_INTERVAL
 SECRET = "bench-cluster"
 
 SENDER = """
-local N, LIMIT = %(count)d, %(limit)f
+local N, RR, LIMIT = %(count)d, %(rr_count)d, %(limit)f
 local signal, tick, min = stage.signal, function() return process.tick end, math.min
 local sent, t0, c0, cpu = 0, 0, 0, os.clock  -- os.clock: this process's CPU time (s)
 local function pump()
@@ -38,7 +38,7 @@ end
 local function pct(lat, p) table.sort(lat); return lat[math.max(1, math.floor(#lat * p))] * 1e6 end
 local issued, got, at, lat = 0, 0, {}, {}
 local function request()
-  if issued >= N or tick() - t0 > LIMIT then return end
+  if issued >= RR or tick() - t0 > LIMIT then return end
   issued = issued + 1
   at[issued] = tick()
   if not signal("+b:echo=pong", issued) then issued = issued - 1; stage.addtask(2, request) end
@@ -47,7 +47,7 @@ stage.waitfor("pong", function(i)
   lat[#lat + 1] = tick() - at[i]
   at[i] = nil
   got = got + 1
-  if got == issued and (issued >= N or tick() - t0 > LIMIT) then
+  if got == issued and (issued >= RR or tick() - t0 > LIMIT) then
     log4cxx.info("BENCH rr", got, tick() - t0, pct(lat, 0.5), pct(lat, 0.99))
   else
     request()
@@ -62,7 +62,7 @@ stage.waitfor("fin", function(n)
 end)
 stage.addtask(10, function()
   if not signal("+b:hello") then return 10 end
-  stage.addtask(500, function() t0, c0 = tick(), cpu(); pump() end)
+  stage.addtask(200, function() t0, c0 = tick(), cpu(); pump() end)
 end)
 """
 
@@ -98,7 +98,8 @@ def _config(stage: str, cluster: list[Any]) -> dict[str, Any]:
 
 def _one_way(quick: bool) -> list[dict[str, Any]]:
     limit = budget.seconds(10, 4)
-    values = {"count": budget.count(1_000_000, 200_000), "limit": limit}
+    # a quick run: 100,000 one-way messages and 40,000 requests (about a second each here)
+    values = {"count": budget.count(1_000_000, 100_000), "rr_count": budget.count(1_000_000, 40_000), "limit": limit}
     port_b = _port()
     with server(_config("b", [port_b]), {"b": RECEIVER}) as b:
         a_config = _config("a", [_port(), f"127.0.0.1:{port_b}"])
