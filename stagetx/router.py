@@ -203,8 +203,10 @@ class Router:
             if scope is Scope.ALL:
                 return 0
             stage_id = address.stage if address.stage is not None else sender.stage  # type: ignore[union-attr]
-            replicas = None if scope is Scope.REMOTE else self._replicas.get(stage_id)
-            far = self._remote_targets(stage_id, scope, bool(replicas))
+            replicas = self._replicas.get(stage_id)
+            far = self._remote_targets(stage_id, scope, bool(replicas))  # as ``_to_stage`` asks
+            if scope is Scope.REMOTE:
+                replicas = None
             if far:  # only one server has it, and not this one: no choice to make
                 return self.remote.steady_room(far[0][0]) if not replicas and len(far) == 1 else 0  # type: ignore[union-attr]
             if not replicas or len(replicas) != 1:

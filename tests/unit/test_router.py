@@ -399,3 +399,16 @@ def test_a_message_to_the_one_other_server_with_the_stage_is_steady_while_it_is_
     assert send(lonely, lonely_stages[0], "+a:x", 1) == (True, None)
     assert [server for server, _ in far.sent] in (["far"], ["other"])
     assert far.sent[0][1][4] == ["srv", 0, "s", 0]  # this server's sender, named whole for the other server
+
+
+def test_steady_room_asks_for_other_servers_replicas_as_sending_does() -> None:
+    """A ``+a`` from a server that has ``a`` itself never goes to a backup: a backup server is no
+    steady route for it either (messages answered ``true`` from the outbox would be lost)."""
+    from stagetx.cluster.directory import Routes
+
+    router, _, stages = make_router([("s", 0), ("a", 0)])
+    far = FarRoutes()
+    far.routes = Routes(backups={"a": [("far", 0)]}, servers={"far": 0.0})
+    router.remote = far  # type: ignore[assignment]
+    assert send(router, stages[0], "+a:x", 1)[0] is False
+    assert router.steady_room(stages[0].sender, parse_target("+a:x")) == 0
