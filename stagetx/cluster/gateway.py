@@ -86,7 +86,7 @@ class RemoteView:
         what is relayed to it (as ``send`` answers it)."""
         if server_id not in self.routes.servers or server_id in self.routes.full:
             return 0
-        return self.links.steady_room(GATEWAY_GROUP)
+        return min(self.links.steady_room(GATEWAY_GROUP), STEADY_ROOM)  # it must fit both links
 
     def process_frame(self, group: int, frame: list[Any]) -> None:
         if frame[0] == "croutes":

@@ -393,3 +393,30 @@ def test_dns_answers_dial_new_and_forgotten_addresses_and_stop_dialing_gone_ones
     gw.peers.undial("10.0.0.3:7001")  # forgotten after a silence; DNS still names it
     gw.dns_answered({"127.0.0.1:7001", "10.0.0.3:7001"}, {"10.0.0.2:7001"})
     assert gw.peers.dialing() == {"10.0.0.3:7001"}
+
+
+def test_a_linked_server_is_a_steady_route_from_every_process(tmp_path: Path) -> None:
+    """The gateway: a server whose link is up takes what is written to it this turn; another
+    process: a known server with room, while its link to the gateway is up (and within both
+    links' frame limits)."""
+    gw, router, clock, links = gateway(tmp_path, startup=[["=lua+a"], ["=lua+a"]])
+    link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    clock.advance(0)
+    assert gw.steady_room("s1") > 0 and gw.steady_room("nobody") == 0
+
+    class Connected(RecordingLinks):
+        room = 1 << 40
+
+        def steady_room(self, group: int) -> int:
+            return 0 if group in self.down else self.room
+
+    view_links = Connected()
+    view = RemoteView(view_links)
+    view.process_frame(0, [f for g, f in links.frames if g == 1 and f[0] == "croutes"][-1])
+    assert 0 < view.steady_room("s1") <= gw.steady_room("s1")
+    assert view.steady_room("nobody") == 0
+    view_links.down.add(0)
+    assert view.steady_room("s1") == 0
+    del gw.peers.links["s1"]
+    gw.peer_unlinked("s1")
+    assert gw.steady_room("s1") == 0
