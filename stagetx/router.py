@@ -151,7 +151,6 @@ class Router:
         # every stage of this server as a sender; a message frame between this server's processes
         # names such a sender by its instance number (see ``sender_of``)
         self._own = [Sender(server_id, g, stage_id, i) for i, (stage_id, g) in enumerate(placement)]
-        self._own_frames = [_sender_frame(s) for s in self._own]  # as frames to other servers name them
         self.locks = LockTable(clock, self._grant) if group == LOCK_GROUP else None
 
     def attach(self, receiver: Receiver) -> None:
@@ -318,9 +317,14 @@ class Router:
         reroute: str | None,
     ) -> Result:
         assert self.remote is not None
+        return self.remote.send(server, ["m", instance, msgid, payload, self._far_named(sender), reply], reroute)
+
+    def _far_named(self, sender: Sender) -> int | list[Any]:
+        """``sender`` as a frame to another server names it: the instance number of one of this
+        server's stages (the other server knows them from its hello), any other sender in full."""
+        own = self._own
         by = sender.instance
-        named = self._own_frames[by] if 0 <= by < len(self._own) and self._own[by] is sender else _sender_frame(sender)
-        return self.remote.send(server, ["m", instance, msgid, payload, named, reply], reroute)
+        return by if 0 <= by < len(own) and own[by] is sender else _sender_frame(sender)
 
     def route_again(self, stage_id: str, frame: list[Any]) -> Result:
         """Route once more a message for ``stage_id`` whose server went away before it was sent."""
@@ -329,7 +333,8 @@ class Router:
         far = self._remote_targets(stage_id, Scope.ANY, bool(replicas))
         if not replicas and not far:
             return False, f"no replica of '{stage_id}' left"
-        return self._one_of(stage_id, replicas, far, msgid, payload, Sender(*sender), reply)
+        known = self._own[sender] if type(sender) is int else Sender(*sender)
+        return self._one_of(stage_id, replicas, far, msgid, payload, known, reply)
 
     def _to_server(self, sender: Sender, address: ToServer, payload: bytes, reply_to: str | None) -> Result:
         """``{id, addr [, ms]}``: ``id`` (``"stage:msg"``, or ``"msg"`` for the sender's stage id) there."""
@@ -350,7 +355,7 @@ class Router:
             return False, f"{address.msgid!r} is not a message for a stage of that server"
         ms = address.timeout_ms
         deadline = None if ms is None else self.now() + ms / 1000.0
-        frame = ["s", stage, msgid, tag, payload, _sender_frame(sender), self._reply(sender, reply_to or reply), ms]
+        frame = ["s", stage, msgid, tag, payload, self._far_named(sender), self._reply(sender, reply_to or reply), ms]
         return self.remote.send(server, frame, None, deadline)
 
     def _choose(self, stage_id: str, replicas: list[int]) -> int:
@@ -387,7 +392,7 @@ class Router:
                 address.instance,
                 address.msgid,
                 payload,
-                _sender_frame(sender),
+                self._far_named(sender),
                 self._reply(sender, reply_to),
             ]
             return self.remote.send(address.server, frame)

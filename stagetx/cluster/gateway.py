@@ -8,9 +8,14 @@ when they change, and with every heart-beat) and a forwarder of their remote fra
 
 Frames between servers (each one ``stagetx.wire`` message)::
 
-    ["hello", ADDR, {STAGE: [INSTANCE...]}, DELAY_S, OVERLOADED]   at link-up and every heart-beat
+    ["hello", ADDR, {STAGE: [INSTANCE...]}, DELAY_S, OVERLOADED, [GROUP...]]   at link-up and every
+                                                     heart-beat; GROUP: the process of each instance
     ["m", INSTANCE, MSGID, PAYLOAD, SENDER, REPLY]                  to one stage instance
     ["s", STAGE, MSGID, TAG_SENDER, PAYLOAD, SENDER, REPLY, TTL_MS]  {id, addr [, ms]}: routed there
+
+SENDER is the instance number of a stage of the sending server (the receiver makes its ``Sender``
+from that server's hello, once), or ``[SERVER, GROUP, STAGE, INSTANCE]`` for any other sender. A
+link carries the hello before any other frame.
 
 Frames between the processes of one server (kinds added to ``stagetx.router``)::
 
@@ -36,6 +41,7 @@ from stagetx.cluster.discovery import Discovery
 from stagetx.cluster.dns import DnsDiscovery
 from stagetx.cluster.peers import PeerLinks, tls_options
 from stagetx.config import HostPort, ServerConfig
+from stagetx.message import Sender
 from stagetx.router import Links, Result, Router
 from stagetx.wire import FrameTooLarge, Link, check_fits, message_room, pack_message, unpack_message
 
@@ -116,6 +122,8 @@ class ClusterGateway(MultiService):
         self.server_id = router.server_id
         self.groups = len(config.startup)
         self.stages = stage_table(config)
+        self.placement = [s.group for s in sorted(config.stages, key=lambda s: s.instance)]
+        self._senders: dict[str, list[Sender]] = {}  # server id -> its stages as senders (hello)
         sync_ms, overload_ms = config.router
         self.interval = sync_ms / 3000.0
         self.directory = Directory(self.server_id, sync_ms / 1000.0, now, [str(b) for b in cluster.backups])
@@ -231,7 +239,11 @@ class ClusterGateway(MultiService):
         kind = obj[0]
         if kind == "m":
             _, instance, msgid, payload, sender, reply = obj
-            ok, reason = self.router.deliver(instance, msgid, payload, self.router.named_sender(sender), reply)
+            known = self._sender(server_id, sender)
+            if known is None:
+                self._undelivered(msgid, server_id, f"unknown sender {sender!r}")
+                return
+            ok, reason = self.router.deliver(instance, msgid, payload, known, reply)
             if not ok:
                 self._undelivered(msgid, server_id, reason)
         elif kind == "hello":
@@ -247,11 +259,21 @@ class ClusterGateway(MultiService):
         self.directory.heard(server_id)
         self.router.run_queue()
 
+    def _sender(self, server_id: str, named: int | list[Any]) -> Sender | None:
+        """The ``Sender`` a frame from ``server_id`` names (see the module doc), or None."""
+        if type(named) is not int:
+            return self.router.named_sender(named)  # type: ignore[arg-type]
+        senders = self._senders.get(server_id)
+        return senders[named] if senders is not None and 0 <= named < len(senders) else None
+
     def _hello(self) -> list[Any]:
-        return ["hello", self.addr, self.stages, self.own_delay(), self.gate.overloaded]
+        return ["hello", self.addr, self.stages, self.own_delay(), self.gate.overloaded, self.placement]
 
     def _hello_from(self, server_id: str, obj: list[Any]) -> None:
-        _, addr, stages, delay, overloaded = obj
+        _, addr, stages, delay, overloaded = obj[:5]
+        if len(obj) > 5 and server_id not in self._senders:
+            stage_of = {i: stage for stage, instances in stages.items() for i in instances}
+            self._senders[server_id] = [Sender(server_id, g, stage_of.get(i, ""), i) for i, g in enumerate(obj[5])]
         known = self.directory.peers.get(server_id)
         if known is None or not known.linked:
             for old in self.directory.learn(
@@ -284,8 +306,12 @@ class ClusterGateway(MultiService):
                 ms=ttl_ms,
             )
             return
+        known = self._sender(server_id, sender)
+        if known is None:
+            self._undelivered(msgid, server_id, f"unknown sender {sender!r}")
+            return
         address = ToStage(stage, msgid, Scope.LOCAL, bool(tag), None)
-        ok, reason = self.router.send(self.router.named_sender(sender), address, payload, reply)
+        ok, reason = self.router.send(known, address, payload, reply)
         if not ok:
             self._undelivered(msgid, server_id, reason)
 
@@ -332,6 +358,7 @@ class ClusterGateway(MultiService):
     def _forget(self, peer: Peer) -> None:
         """``peer`` is gone for good: what waited for it goes to other replicas, or is dropped."""
         self._via.pop(peer.server_id, None)
+        self._senders.pop(peer.server_id, None)
         if peer.addr and peer.addr not in self.static:
             self.peers.undial(peer.addr)  # discovery will find it again if it comes back
         self.routes = self.directory.routes(self._full())

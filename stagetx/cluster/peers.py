@@ -237,10 +237,12 @@ class PeerLinks(MultiService):
                 self.undial(via)
             return
         self._open.setdefault(peer, []).append(link)
-        if peer not in self.links:
+        first = peer not in self.links
+        if first:
             self.links[peer] = link
+        self.events.peer_linked(peer, link, via)  # its hello goes first: later frames rely on it
+        if first:
             self._flush(peer, link)
-        self.events.peer_linked(peer, link, via)
 
     def _lost(self, link: Link) -> None:
         peer = link.peer_id

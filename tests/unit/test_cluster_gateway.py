@@ -302,12 +302,12 @@ def test_the_overload_gate_reopens_within_one_heart_beat_once_drained_without_tr
         router.frame_received(1, ["m", 0, "burst", pack_py((n,)), ["s1", 0, "w", 0], None])
     clock.advance(2.0)  # it waited two seconds before this process got to it
     gw._tick()  # still queued: overloaded on the age of the oldest message
-    assert link.frames("hello")[-1][3:] == [2.0, True]
+    assert link.frames("hello")[-1][3:5] == [2.0, True]
     router.run_queue()
     assert not router._queue and router.delay > 0.9  # the last reading of the drain
     clock.advance(gw.interval)  # one heart-beat later, no message in between
     gw._tick()
-    assert link.frames("hello")[-1][3:] == [0.0, False]
+    assert link.frames("hello")[-1][3:5] == [0.0, False]
 
 
 def test_a_peer_that_recovers_is_routed_to_again_and_sends_meanwhile_say_why(tmp_path: Path) -> None:
@@ -420,3 +420,28 @@ def test_a_linked_server_is_a_steady_route_from_every_process(tmp_path: Path) ->
     del gw.peers.links["s1"]
     gw.peer_unlinked("s1")
     assert gw.steady_room("s1") == 0
+
+
+def test_this_server_s_senders_travel_as_instance_numbers_the_hello_explains(tmp_path: Path) -> None:
+    """A frame to another server names a sender of this server by its instance number; the
+    receiver makes the ``Sender`` from the hello, which a link carries before anything else. A
+    number no hello explained is refused with a log line, never guessed."""
+    gw, router, clock, links = gateway(tmp_path, startup=[["=lua+a"], ["=lua+w"]])
+    link = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    hello = link.frames("hello")[0]
+    assert hello[5] == [0, 1]  # the process of each instance of this server
+    own = router.sender_of(0)
+    assert router.send(own, parse_target("+w:x"), pack_py((1,))) == (True, None)
+    assert link.frames("m")[-1][4] == 0
+
+    (tmp_path / "other").mkdir()
+    other, _, _, _ = gateway(tmp_path / "other")  # another server, hearing from server "s9"
+    other.peer_message("s9", ["hello", "127.0.0.1:7009", {"a": [0], "w": [1]}, 0.0, False, [0, 1]])
+    other.peer_message("s9", ["m", 0, "hi", pack_py((1,)), 1, None])
+    other.router.run_queue()
+    (got,) = other.router.local[0].got  # type: ignore[attr-defined]
+    assert got.sender == Sender("s9", 1, "w", 1)
+    with capturedLogs() as events:
+        other.peer_message("s9", ["m", 0, "bad", pack_py((1,)), 7, None])
+        other.peer_message("stranger", ["m", 0, "bad", pack_py((1,)), 0, None])
+    assert sum("unknown sender" in formatEvent(e) for e in events) == 2

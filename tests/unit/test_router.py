@@ -398,7 +398,7 @@ def test_a_message_to_the_one_other_server_with_the_stage_is_steady_while_it_is_
     assert lonely.steady_room(lonely_stages[0].sender, parse_target("a:x")) == 0  # two servers: a choice
     assert send(lonely, lonely_stages[0], "+a:x", 1) == (True, None)
     assert [server for server, _ in far.sent] in (["far"], ["other"])
-    assert far.sent[0][1][4] == ["srv", 0, "s", 0]  # this server's sender, named whole for the other server
+    assert far.sent[0][1][4] == ["srv", 0, "s", 0]  # a sender object not of this router: named whole
 
 
 def test_steady_room_asks_for_other_servers_replicas_as_sending_does() -> None:
