@@ -272,6 +272,8 @@ class ClusterGateway(MultiService):
     def _hello_from(self, server_id: str, obj: list[Any]) -> None:
         _, addr, stages, delay, overloaded = obj[:5]
         if len(obj) > 5 and server_id not in self._senders:
+            if len(self._senders) >= SENDER_TABLES:  # ids of servers long gone; live ones say hello again
+                self._senders.clear()
             stage_of = {i: stage for stage, instances in stages.items() for i in instances}
             self._senders[server_id] = [Sender(server_id, g, stage_of.get(i, ""), i) for i, g in enumerate(obj[5])]
         known = self.directory.peers.get(server_id)
@@ -358,7 +360,6 @@ class ClusterGateway(MultiService):
     def _forget(self, peer: Peer) -> None:
         """``peer`` is gone for good: what waited for it goes to other replicas, or is dropped."""
         self._via.pop(peer.server_id, None)
-        self._senders.pop(peer.server_id, None)
         if peer.addr and peer.addr not in self.static:
             self.peers.undial(peer.addr)  # discovery will find it again if it comes back
         self.routes = self.directory.routes(self._full())
@@ -400,6 +401,9 @@ class ClusterGateway(MultiService):
                 self.links.send(group, frame)
 
 
+#: Servers whose senders are kept (from their hellos), at most this many. A server's table stays
+#: when it is forgotten: a link that outlived a partition may carry its frames before its next hello.
+SENDER_TABLES = 1024
 #: How many dropped messages a failover's log line names (all of them are in its ``dropped`` field).
 DROPPED_SHOWN = 20
 
