@@ -101,6 +101,10 @@ class Remote(Protocol):
     def process_frame(self, group: int, frame: list[Any]) -> None:
         """A cluster frame (``cx``, ``croutes``) from another process of this server."""
 
+    def steady_room(self, server_id: str) -> int:
+        """The largest payload a message to ``server_id`` surely takes the same way until the
+        reactor runs again (its link is up), or 0 (see ``Router.steady_room``)."""
+
 
 #: Frame kinds between the processes of a server that belong to the cluster layer.
 CLUSTER_FRAMES = frozenset(("cx", "croutes"))
@@ -189,24 +193,32 @@ class Router:
         """The largest payload (bytes) that ``address`` from ``sender`` surely takes the same way
         as the message just sent, until the reactor runs again; 0 when it may not.
 
-        Only addresses that reach one stage instance of this server with no choice are steady: in
-        this process, or in another one over a connected link (its frames are written as queued,
-        so nothing but the frame limit refuses them). Round-robin, broadcast, other servers and
-        processes down or not linked yet are decided per message.
+        Only addresses that reach one stage instance with no choice are steady: in this process,
+        in another one over a connected link (its frames are written as queued, so nothing but the
+        frame limit refuses them), or on the one other server that has the stage id, while its
+        link is up. Round-robin, broadcast, and processes or servers down or not linked yet are
+        decided per message.
         """
         kind = type(address)
         if kind is ToStage:
             scope = address.scope  # type: ignore[union-attr]
-            if scope is not Scope.ANY and scope is not Scope.LOCAL:
+            if scope is Scope.ALL:
                 return 0
             stage_id = address.stage if address.stage is not None else sender.stage  # type: ignore[union-attr]
             replicas = self._replicas.get(stage_id)
-            if not replicas or len(replicas) != 1 or self._remote_targets(stage_id, scope, True):
+            far = self._remote_targets(stage_id, scope, bool(replicas))  # as ``_to_stage`` asks
+            if scope is Scope.REMOTE:
+                replicas = None
+            if far:  # only one server has it, and not this one: no choice to make
+                return self.remote.steady_room(far[0][0]) if not replicas and len(far) == 1 else 0  # type: ignore[union-attr]
+            if not replicas or len(replicas) != 1:
                 return 0
             instance = replicas[0]
         elif kind is ReplyTo:
-            instance = address.instance  # type: ignore[union-attr]
-            if address.server != self.server_id or not 0 <= instance < len(self._placement):  # type: ignore[union-attr]
+            instance, server = address.instance, address.server  # type: ignore[union-attr]
+            if server != self.server_id:
+                return 0 if self.remote is None else self.remote.steady_room(server)
+            if not 0 <= instance < len(self._placement):
                 return 0
         else:
             return 0
@@ -305,6 +317,8 @@ class Router:
             return (True, None) if len(failed) < len(results) else (False, failed[0])
         if not far:
             return self.deliver(self._choose(stage_id, replicas), msgid, payload, sender, reply)  # type: ignore[arg-type]
+        if not replicas and len(far) == 1:  # one replica elsewhere (a "+" to a single peer): no choice
+            return self._send_far(*far[0], msgid, payload, sender, reply, stage_id)
         return self._one_of(stage_id, replicas or [], far, msgid, payload, sender, reply)
 
     # -- other servers ----------------------------------------------------------------------------
@@ -358,7 +372,14 @@ class Router:
         reroute: str | None,
     ) -> Result:
         assert self.remote is not None
-        return self.remote.send(server, ["m", instance, msgid, payload, _sender_frame(sender), reply], reroute)
+        return self.remote.send(server, ["m", instance, msgid, payload, self._far_named(sender), reply], reroute)
+
+    def _far_named(self, sender: Sender) -> int | list[Any]:
+        """``sender`` as a frame to another server names it: the instance number of one of this
+        server's stages (the other server knows them from its hello), any other sender in full."""
+        own = self._own
+        by = sender.instance
+        return by if 0 <= by < len(own) and own[by] is sender else _sender_frame(sender)
 
     def route_again(self, stage_id: str, frame: list[Any]) -> Result:
         """Route once more a message for ``stage_id`` whose server went away before it was sent."""
@@ -367,7 +388,8 @@ class Router:
         far = self._remote_targets(stage_id, Scope.ANY, bool(replicas))
         if not replicas and not far:
             return False, f"no replica of '{stage_id}' left"
-        return self._one_of(stage_id, replicas, far, msgid, payload, Sender(*sender), reply)
+        known = self._own[sender] if type(sender) is int else Sender(*sender)
+        return self._one_of(stage_id, replicas, far, msgid, payload, known, reply)
 
     def _to_server(self, sender: Sender, address: ToServer, payload: bytes, reply_to: str | None) -> Result:
         """``{id, addr [, ms]}``: ``id`` (``"stage:msg"``, or ``"msg"`` for the sender's stage id) there."""
@@ -388,7 +410,7 @@ class Router:
             return False, f"{address.msgid!r} is not a message for a stage of that server"
         ms = address.timeout_ms
         deadline = None if ms is None else self.now() + ms / 1000.0
-        frame = ["s", stage, msgid, tag, payload, _sender_frame(sender), self._reply(sender, reply_to or reply), ms]
+        frame = ["s", stage, msgid, tag, payload, self._far_named(sender), self._reply(sender, reply_to or reply), ms]
         return self.remote.send(server, frame, None, deadline)
 
     def _choose(self, stage_id: str, replicas: list[int]) -> int:
@@ -425,7 +447,7 @@ class Router:
                 address.instance,
                 address.msgid,
                 payload,
-                _sender_frame(sender),
+                self._far_named(sender),
                 self._reply(sender, reply_to),
             ]
             return self.remote.send(address.server, frame)

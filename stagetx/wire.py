@@ -70,6 +70,9 @@ _ARRAY_HEADER_MAX = 5
 HANDSHAKE_MAX_FRAME = _HELLO.size + 0xFFFF
 
 log = Logger(namespace="stagetx.wire")
+#: One packer for ``pack_message`` (``msgpack.packb`` builds a packer per call); the reactor
+#: thread's only.
+_PACKER = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
 
 
 class FrameTooLarge(ValueError):
@@ -81,10 +84,21 @@ def message_room(max_frame: int) -> int:
     return max_frame - TAG_SIZE - _ARRAY_HEADER_MAX
 
 
+def pack_message(obj: Any) -> bytes:
+    """``obj`` packed as a link packs it: what ``Link.send_packed`` takes, to pass on as it is."""
+    return _PACKER.pack(obj)  # type: ignore[no-any-return]
+
+
+def unpack_message(data: bytes) -> Any:
+    """A message of ``pack_message`` as the receiving link would decode it."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, unicode_errors="surrogateescape")
+
+
 def check_fits(obj: Any, max_frame: int) -> None:
     """Raise ``FrameTooLarge`` as ``Link.send`` would, for a message queued before its link exists
-    (found at queueing time, it is refused to its sender instead of failing the link later)."""
-    size = len(msgpack.packb(obj, use_bin_type=True, unicode_errors="surrogateescape"))
+    (found at queueing time, it is refused to its sender instead of failing the link later);
+    ``obj`` may be packed already (bytes of ``pack_message``)."""
+    size = len(obj if type(obj) is bytes else pack_message(obj))
     if size > message_room(max_frame):
         raise FrameTooLarge(f"message of {size} bytes exceeds the frame limit")
 
@@ -349,7 +363,12 @@ class Link(protocol.Protocol):
         """
         if self._dead:
             return False
-        data = self._packer.pack(obj)
+        return self.send_packed(self._packer.pack(obj))
+
+    def send_packed(self, data: bytes) -> bool:
+        """``send`` of a message packed already (``pack_message``): a frame passed on as it came."""
+        if self._dead:
+            return False
         if len(data) > message_room(self.settings.max_frame):
             raise FrameTooLarge(f"message of {len(data)} bytes exceeds the frame limit")
         self._queue(data, 1)

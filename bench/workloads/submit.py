@@ -53,7 +53,7 @@ stage.addtask(50, next_step)
 def run(quick: bool) -> list[dict[str, Any]]:
     """One row: the speed-up of two keys over one key for two CPU-bound jobs."""
     rounds = 5 if not quick else 3
-    spin = budget.count(40_000_000, 15_000_000)
+    spin = budget.count(40_000_000, 8_000_000)
     config = lua_stages("a")
     config["#threads"] = [2, 100]
     with server(config, {"a": SCRIPT % {"spin": spin, "rounds": rounds}}) as peer:

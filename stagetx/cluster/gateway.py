@@ -8,13 +8,19 @@ when they change, and with every heart-beat) and a forwarder of their remote fra
 
 Frames between servers (each one ``stagetx.wire`` message)::
 
-    ["hello", ADDR, {STAGE: [INSTANCE...]}, DELAY_S, OVERLOADED]   at link-up and every heart-beat
+    ["hello", ADDR, {STAGE: [INSTANCE...]}, DELAY_S, OVERLOADED, [GROUP...]]   at link-up and every
+                                                     heart-beat; GROUP: the process of each instance
     ["m", INSTANCE, MSGID, PAYLOAD, SENDER, REPLY]                  to one stage instance
     ["s", STAGE, MSGID, TAG_SENDER, PAYLOAD, SENDER, REPLY, TTL_MS]  {id, addr [, ms]}: routed there
+
+SENDER is the instance number of a stage of the sending server (the receiver makes its ``Sender``
+from that server's hello, once), or ``[SERVER, GROUP, STAGE, INSTANCE]`` for any other sender. A
+link carries the hello before any other frame.
 
 Frames between the processes of one server (kinds added to ``stagetx.router``)::
 
     ["cx", SERVER, FRAME, REROUTE_STAGE, DEADLINE]   a process → the gateway: send FRAME to SERVER
+                                                     (FRAME packed: the gateway writes it as it is)
     ["croutes", ROUTES]                              the gateway → the processes: ``Routes.to_wire``
 """
 
@@ -35,11 +41,15 @@ from stagetx.cluster.discovery import Discovery
 from stagetx.cluster.dns import DnsDiscovery
 from stagetx.cluster.peers import PeerLinks, tls_options
 from stagetx.config import HostPort, ServerConfig
+from stagetx.message import Sender
 from stagetx.router import Links, Result, Router
-from stagetx.wire import Link
+from stagetx.wire import FrameTooLarge, Link, check_fits, message_room, pack_message, unpack_message
 
 #: The largest frame between servers.
 MAX_FRAME = 16 * 1024 * 1024
+#: The largest payload ``steady_room`` allows to a linked server: half a frame, leaving the rest
+#: to the message's other fields.
+STEADY_ROOM = message_room(MAX_FRAME) // 2
 GATEWAY_GROUP = 0
 
 
@@ -70,7 +80,19 @@ class RemoteView:
             return False, f"server '{server_id}' is not in the cluster (gone, restarted or never seen)"
         if server_id in self.routes.full:
             return False, f"server '{server_id}' is not linked and its queue is full"
-        return self.links.send(GATEWAY_GROUP, ["cx", server_id, frame, reroute, deadline])
+        try:
+            packed = pack_message(frame)  # the gateway passes it on as it is
+            check_fits(packed, MAX_FRAME)
+        except FrameTooLarge as err:
+            return False, str(err)
+        return self.links.send(GATEWAY_GROUP, ["cx", server_id, packed, reroute, deadline])
+
+    def steady_room(self, server_id: str) -> int:
+        """While the gateway's process is linked, a known server with room in its queue takes
+        what is relayed to it (as ``send`` answers it)."""
+        if server_id not in self.routes.servers or server_id in self.routes.full:
+            return 0
+        return min(self.links.steady_room(GATEWAY_GROUP), STEADY_ROOM)  # it must fit both links
 
     def process_frame(self, group: int, frame: list[Any]) -> None:
         if frame[0] == "croutes":
@@ -100,6 +122,8 @@ class ClusterGateway(MultiService):
         self.server_id = router.server_id
         self.groups = len(config.startup)
         self.stages = stage_table(config)
+        self.placement = [s.group for s in sorted(config.stages, key=lambda s: s.instance)]
+        self._senders: dict[str, list[Sender]] = {}  # server id -> its stages as senders (hello)
         sync_ms, overload_ms = config.router
         self.interval = sync_ms / 3000.0
         self.directory = Directory(self.server_id, sync_ms / 1000.0, now, [str(b) for b in cluster.backups])
@@ -147,9 +171,10 @@ class ClusterGateway(MultiService):
 
     # -- what the router calls --------------------------------------------------------------------
     def send(
-        self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None
+        self, server_id: str, frame: list[Any] | bytes, reroute: str | None = None, deadline: float | None = None
     ) -> Result:
-        """Send ``frame`` to a known server (queued while it has no link, bounded)."""
+        """Send ``frame`` to a known server (queued while it has no link, bounded); bytes: a frame
+        another process packed, passed on as it is."""
         if server_id not in self.directory.peers:
             return False, f"server '{server_id}' is not in the cluster (gone, restarted or never seen)"
         ok, reason = self.peers.send(server_id, frame, reroute, deadline)
@@ -157,6 +182,12 @@ class ClusterGateway(MultiService):
         if (self.peers.queues or full) and self.peers.is_full(server_id) != (server_id in full):
             self._changed()  # the other processes learn that its queue filled up (or has room again)
         return ok, reason
+
+    def steady_room(self, server_id: str) -> int:
+        """A server linked now takes every frame written to it until the reactor runs again."""
+        if server_id in self.directory.peers and server_id in self.peers.links:
+            return STEADY_ROOM
+        return 0
 
     def process_frame(self, group: int, frame: list[Any]) -> None:
         """A frame from another process of this server: a remote frame to relay."""
@@ -166,7 +197,7 @@ class ClusterGateway(MultiService):
         _, server_id, inner, reroute, deadline = frame
         ok, reason = self.send(server_id, inner, reroute, deadline)
         if not ok and reroute is not None:
-            ok, reason = self.router.route_again(reroute, inner)
+            ok, reason = self.router.route_again(reroute, _unpacked(inner))
         if not ok:
             self.log.warn("message from process {group} not relayed: {reason}", group=group + 1, reason=reason)
 
@@ -208,7 +239,11 @@ class ClusterGateway(MultiService):
         kind = obj[0]
         if kind == "m":
             _, instance, msgid, payload, sender, reply = obj
-            ok, reason = self.router.deliver(instance, msgid, payload, self.router.named_sender(sender), reply)
+            known = self._sender(server_id, sender)
+            if known is None:
+                self._undelivered(msgid, server_id, f"unknown sender {sender!r}")
+                return
+            ok, reason = self.router.deliver(instance, msgid, payload, known, reply)
             if not ok:
                 self._undelivered(msgid, server_id, reason)
         elif kind == "hello":
@@ -224,11 +259,23 @@ class ClusterGateway(MultiService):
         self.directory.heard(server_id)
         self.router.run_queue()
 
+    def _sender(self, server_id: str, named: int | list[Any]) -> Sender | None:
+        """The ``Sender`` a frame from ``server_id`` names (see the module doc), or None."""
+        if type(named) is not int:
+            return self.router.named_sender(named)  # type: ignore[arg-type]
+        senders = self._senders.get(server_id)
+        return senders[named] if senders is not None and 0 <= named < len(senders) else None
+
     def _hello(self) -> list[Any]:
-        return ["hello", self.addr, self.stages, self.own_delay(), self.gate.overloaded]
+        return ["hello", self.addr, self.stages, self.own_delay(), self.gate.overloaded, self.placement]
 
     def _hello_from(self, server_id: str, obj: list[Any]) -> None:
-        _, addr, stages, delay, overloaded = obj
+        _, addr, stages, delay, overloaded = obj[:5]
+        if len(obj) > 5 and server_id not in self._senders:
+            if len(self._senders) >= SENDER_TABLES:  # ids of servers long gone; live ones say hello again
+                self._senders.clear()
+            stage_of = {i: stage for stage, instances in stages.items() for i in instances}
+            self._senders[server_id] = [Sender(server_id, g, stage_of.get(i, ""), i) for i, g in enumerate(obj[5])]
         known = self.directory.peers.get(server_id)
         if known is None or not known.linked:
             for old in self.directory.learn(
@@ -261,8 +308,12 @@ class ClusterGateway(MultiService):
                 ms=ttl_ms,
             )
             return
+        known = self._sender(server_id, sender)
+        if known is None:
+            self._undelivered(msgid, server_id, f"unknown sender {sender!r}")
+            return
         address = ToStage(stage, msgid, Scope.LOCAL, bool(tag), None)
-        ok, reason = self.router.send(self.router.named_sender(sender), address, payload, reply)
+        ok, reason = self.router.send(known, address, payload, reply)
         if not ok:
             self._undelivered(msgid, server_id, reason)
 
@@ -314,8 +365,9 @@ class ClusterGateway(MultiService):
         self.routes = self.directory.routes(self._full())
         lost = []
         for item in self.peers.take_queue(peer.server_id):
-            if item.reroute is None or not self.router.route_again(item.reroute, item.frame)[0]:
-                lost.append(dropped_message(item.frame, item.reroute))
+            frame = _unpacked(item.frame)
+            if item.reroute is None or not self.router.route_again(item.reroute, frame)[0]:
+                lost.append(dropped_message(frame, item.reroute))
         if lost:
             self.dropped += len(lost)
             shown = ", ".join(lost[:DROPPED_SHOWN]) + (
@@ -349,8 +401,16 @@ class ClusterGateway(MultiService):
                 self.links.send(group, frame)
 
 
+#: Servers whose senders are kept (from their hellos), at most this many. A server's table stays
+#: when it is forgotten: a link that outlived a partition may carry its frames before its next hello.
+SENDER_TABLES = 1024
 #: How many dropped messages a failover's log line names (all of them are in its ``dropped`` field).
 DROPPED_SHOWN = 20
+
+
+def _unpacked(frame: list[Any] | bytes) -> list[Any]:
+    """A frame relayed packed (``RemoteView.send``), decoded for the rare paths that read it."""
+    return unpack_message(frame) if type(frame) is bytes else frame  # type: ignore[return-value]
 
 
 def dropped_message(frame: list[Any], reroute: str | None) -> str:

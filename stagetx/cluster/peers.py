@@ -14,14 +14,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import ssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, ITCPTransport
 from twisted.logger import Logger
 
 from stagetx.config import ClusterTls
@@ -51,7 +51,7 @@ class PeerEvents(Protocol):
 class Queued:
     """One frame waiting for a peer's link; ``reroute`` is the stage id if it may go elsewhere."""
 
-    frame: list[Any]
+    frame: list[Any] | bytes  # bytes: packed already (relayed from another process as it came)
     reroute: str | None = None
     deadline: float | None = None  # monotonic time after which it is dropped ({id, addr, ms})
 
@@ -64,6 +64,9 @@ class _Handler:
         self.via = via
 
     def link_authenticated(self, link: Link) -> None:
+        # a frame is written whole when flushed: Nagle's algorithm would hold its tail until the
+        # peer acknowledges the previous one (up to the peer's delayed-ACK timer, 40 ms)
+        cast(ITCPTransport, link.transport).setTcpNoDelay(True)
         self.peers._authenticated(link, self.via)
 
     def message_received(self, link: Link, obj: Any) -> None:
@@ -76,6 +79,10 @@ class _Handler:
 
     def link_lost(self, link: Link, reason: object) -> None:
         self.peers._lost(link)
+
+
+def _write(link: Link, frame: list[Any] | bytes) -> bool:
+    return link.send_packed(frame) if type(frame) is bytes else link.send(frame)
 
 
 def tls_options(tls: ClusterTls) -> ssl.CertificateOptions:
@@ -178,13 +185,14 @@ class PeerLinks(MultiService):
 
     # -- sending ----------------------------------------------------------------------------------
     def send(
-        self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None
+        self, server_id: str, frame: list[Any] | bytes, reroute: str | None = None, deadline: float | None = None
     ) -> tuple[bool, str | None]:
-        """Send ``frame`` to ``server_id`` now, or queue it while the peer has no link; a frame too
-        large for a link is refused here, queued or not."""
+        """Send ``frame`` (bytes: packed already, passed on as they are) to ``server_id`` now, or
+        queue it while the peer has no link; a frame too large for a link is refused here, queued
+        or not."""
         try:
             link = self.links.get(server_id)
-            if link is not None and link.send(frame):
+            if link is not None and _write(link, frame):
                 return True, None
             queue = self.queues.setdefault(server_id, deque())
             if len(queue) >= self.queue_limit:
@@ -211,7 +219,7 @@ class PeerLinks(MultiService):
             if item.deadline is not None and now > item.deadline:
                 dropped += 1
                 continue
-            link.send(item.frame)
+            _write(link, item.frame)
         if dropped:
             self.log.warn(
                 "{n} queued message(s) for server {peer} timed out before its link came up", n=dropped, peer=server_id
@@ -229,10 +237,12 @@ class PeerLinks(MultiService):
                 self.undial(via)
             return
         self._open.setdefault(peer, []).append(link)
-        if peer not in self.links:
+        first = peer not in self.links
+        if first:
             self.links[peer] = link
+        self.events.peer_linked(peer, link, via)  # its hello goes first: later frames rely on it
+        if first:
             self._flush(peer, link)
-        self.events.peer_linked(peer, link, via)
 
     def _lost(self, link: Link) -> None:
         peer = link.peer_id

@@ -14,15 +14,22 @@ from stagetx.codec import pack_py
 from stagetx.config import parse_config
 from stagetx.message import Sender
 from stagetx.router import Router
+from stagetx.wire import unpack_message
 from tests.fakes import RecordingLinks, RecordingStage
 
 
 class FakeLink:
     def __init__(self) -> None:
         self.sent: list[Any] = []
+        self.packed: list[bytes] = []  # what was passed on packed already, as it came
 
     def send(self, obj: Any) -> bool:
         self.sent.append(obj)
+        return True
+
+    def send_packed(self, data: bytes) -> bool:
+        self.packed.append(data)
+        self.sent.append(unpack_message(data))
         return True
 
     def frames(self, kind: str) -> list[Any]:
@@ -229,10 +236,36 @@ def test_other_processes_relay_through_the_gateway(tmp_path: Path) -> None:
     assert sibling.send(Sender("me", 1, "a", 1), parse_target("+w:x"), pack_py((1,))) == (True, None)
     ((group, frame),) = view_links.frames
     assert group == 0 and frame[0] == "cx" and frame[1] == "s1"
+    assert type(frame[2]) is bytes  # packed in the sending process ...
     router.frame_received(1, frame)
-    assert link.frames("m")[0][1:3] == [0, "x"]
+    assert link.packed == [frame[2]]  # ... and written to the peer by the gateway as it is
+    assert link.frames("m")[0][1:4] == [0, "x", pack_py((1,))]
     ok, reason = view.send("nobody", ["m"])
     assert ok is False and "not in the cluster" in str(reason)
+
+
+def test_a_relayed_frame_queued_for_a_gone_peer_is_routed_again_or_named_when_dropped(tmp_path: Path) -> None:
+    """Frames other processes relay wait packed in the peer's queue; when the peer is gone for
+    good they are read once more to go to another replica or to be named in the drop log."""
+    gw, router, clock, links = gateway(tmp_path, startup=[["=lua+a"], ["=lua+a"]])
+    link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    del gw.peers.links["s1"]
+    gw.peer_unlinked("s1")
+    clock.advance(0)  # the routes reach the other process
+    view_links = RecordingLinks()
+    view = RemoteView(view_links)
+    view.process_frame(0, [f for g, f in links.frames if g == 1 and f[0] == "croutes"][-1])
+    sibling = Router("me", 1, [("a", 0), ("a", 1)], clock, clock.seconds)
+    sibling.remote = view
+    assert sibling.send(Sender("me", 1, "a", 1), parse_target("w:score"), pack_py((1,))) == (True, None)
+    router.frame_received(1, view_links.frames[0][1])
+    assert type(gw.peers.queues["s1"][0].frame) is bytes
+    with capturedLogs() as events:
+        for _ in range(4):
+            clock.advance(0.5)
+            gw._tick()
+    (event,) = [e for e in events if "dropped" in e and e.get("server") == "s1"]
+    assert event["dropped"] == ["w:score"] and gw.dropped == 1
 
 
 def test_a_restarted_peer_replaces_its_old_id(tmp_path: Path) -> None:
@@ -269,12 +302,12 @@ def test_the_overload_gate_reopens_within_one_heart_beat_once_drained_without_tr
         router.frame_received(1, ["m", 0, "burst", pack_py((n,)), ["s1", 0, "w", 0], None])
     clock.advance(2.0)  # it waited two seconds before this process got to it
     gw._tick()  # still queued: overloaded on the age of the oldest message
-    assert link.frames("hello")[-1][3:] == [2.0, True]
+    assert link.frames("hello")[-1][3:5] == [2.0, True]
     router.run_queue()
     assert not router._queue and router.delay > 0.9  # the last reading of the drain
     clock.advance(gw.interval)  # one heart-beat later, no message in between
     gw._tick()
-    assert link.frames("hello")[-1][3:] == [0.0, False]
+    assert link.frames("hello")[-1][3:5] == [0.0, False]
 
 
 def test_a_peer_that_recovers_is_routed_to_again_and_sends_meanwhile_say_why(tmp_path: Path) -> None:
@@ -360,3 +393,55 @@ def test_dns_answers_dial_new_and_forgotten_addresses_and_stop_dialing_gone_ones
     gw.peers.undial("10.0.0.3:7001")  # forgotten after a silence; DNS still names it
     gw.dns_answered({"127.0.0.1:7001", "10.0.0.3:7001"}, {"10.0.0.2:7001"})
     assert gw.peers.dialing() == {"10.0.0.3:7001"}
+
+
+def test_a_linked_server_is_a_steady_route_from_every_process(tmp_path: Path) -> None:
+    """The gateway: a server whose link is up takes what is written to it this turn; another
+    process: a known server with room, while its link to the gateway is up (and within both
+    links' frame limits)."""
+    gw, router, clock, links = gateway(tmp_path, startup=[["=lua+a"], ["=lua+a"]])
+    link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    clock.advance(0)
+    assert gw.steady_room("s1") > 0 and gw.steady_room("nobody") == 0
+
+    class Connected(RecordingLinks):
+        room = 1 << 40
+
+        def steady_room(self, group: int) -> int:
+            return 0 if group in self.down else self.room
+
+    view_links = Connected()
+    view = RemoteView(view_links)
+    view.process_frame(0, [f for g, f in links.frames if g == 1 and f[0] == "croutes"][-1])
+    assert 0 < view.steady_room("s1") <= gw.steady_room("s1")
+    assert view.steady_room("nobody") == 0
+    view_links.down.add(0)
+    assert view.steady_room("s1") == 0
+    del gw.peers.links["s1"]
+    gw.peer_unlinked("s1")
+    assert gw.steady_room("s1") == 0
+
+
+def test_this_server_s_senders_travel_as_instance_numbers_the_hello_explains(tmp_path: Path) -> None:
+    """A frame to another server names a sender of this server by its instance number; the
+    receiver makes the ``Sender`` from the hello, which a link carries before anything else. A
+    number no hello explained is refused with a log line, never guessed."""
+    gw, router, clock, links = gateway(tmp_path, startup=[["=lua+a"], ["=lua+w"]])
+    link = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    hello = link.frames("hello")[0]
+    assert hello[5] == [0, 1]  # the process of each instance of this server
+    own = router.sender_of(0)
+    assert router.send(own, parse_target("+w:x"), pack_py((1,))) == (True, None)
+    assert link.frames("m")[-1][4] == 0
+
+    (tmp_path / "other").mkdir()
+    other, _, _, _ = gateway(tmp_path / "other")  # another server, hearing from server "s9"
+    other.peer_message("s9", ["hello", "127.0.0.1:7009", {"a": [0], "w": [1]}, 0.0, False, [0, 1]])
+    other.peer_message("s9", ["m", 0, "hi", pack_py((1,)), 1, None])
+    other.router.run_queue()
+    (got,) = other.router.local[0].got  # type: ignore[attr-defined]
+    assert got.sender == Sender("s9", 1, "w", 1)
+    with capturedLogs() as events:
+        other.peer_message("s9", ["m", 0, "bad", pack_py((1,)), 7, None])
+        other.peer_message("stranger", ["m", 0, "bad", pack_py((1,)), 0, None])
+    assert sum("unknown sender" in formatEvent(e) for e in events) == 2

@@ -347,6 +347,9 @@ class FarRoutes:
     def process_frame(self, group: int, frame: list[Any]) -> None:
         pass
 
+    def steady_room(self, server_id: str) -> int:
+        return 1000 if server_id == "far" else 0
+
 
 def test_local_and_cluster_round_robins_keep_their_own_turn() -> None:
     """``=a`` goes round this server's replicas, ``a`` round those and the other server's: taking
@@ -373,3 +376,39 @@ def test_routing_again_with_no_reachable_replica_says_why() -> None:
     router.remote = far  # type: ignore[assignment]
     frame = ["m", 0, "x", pack_py((1,)), ["gone", 0, "s", 0], None]
     assert router.route_again("w", frame) == (False, "no reachable replica of 'w'")
+
+
+def test_a_message_to_the_one_other_server_with_the_stage_is_steady_while_it_is_linked() -> None:
+    """``+a`` (or ``a`` with no replica here) to a single server has no choice to make: its route
+    holds for the turn when that server is linked; a choice, a broadcast or a replica here does not."""
+    router, _, stages = make_router([("s", 0), ("a", 0)])
+    sender = stages[0].sender
+    far = FarRoutes()
+    router.remote = far  # type: ignore[assignment]
+    assert router.steady_room(sender, parse_target("+a:x")) == 1000
+    assert router.steady_room(sender, parse_target("a:x")) == 0  # round robin with the local replica
+    assert router.steady_room(sender, parse_target("*a:x")) == 0
+    assert router.steady_room(sender, parse_target("^far/0/x")) == 1000
+    assert router.steady_room(sender, parse_target("^gone/0/x")) == 0
+
+    lonely, _, lonely_stages = make_router([("s", 0)])
+    lonely.remote = far  # type: ignore[assignment]
+    assert lonely.steady_room(lonely_stages[0].sender, parse_target("a:x")) == 1000
+    far.routes = type(far.routes)(live={"a": [("far", 0), ("other", 0)]}, servers={"far": 0.0, "other": 0.0})
+    assert lonely.steady_room(lonely_stages[0].sender, parse_target("a:x")) == 0  # two servers: a choice
+    assert send(lonely, lonely_stages[0], "+a:x", 1) == (True, None)
+    assert [server for server, _ in far.sent] in (["far"], ["other"])
+    assert far.sent[0][1][4] == ["srv", 0, "s", 0]  # a sender object not of this router: named whole
+
+
+def test_steady_room_asks_for_other_servers_replicas_as_sending_does() -> None:
+    """A ``+a`` from a server that has ``a`` itself never goes to a backup: a backup server is no
+    steady route for it either (messages answered ``true`` from the outbox would be lost)."""
+    from stagetx.cluster.directory import Routes
+
+    router, _, stages = make_router([("s", 0), ("a", 0)])
+    far = FarRoutes()
+    far.routes = Routes(backups={"a": [("far", 0)]}, servers={"far": 0.0})
+    router.remote = far  # type: ignore[assignment]
+    assert send(router, stages[0], "+a:x", 1)[0] is False
+    assert router.steady_room(stages[0].sender, parse_target("+a:x")) == 0
