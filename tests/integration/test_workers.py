@@ -183,28 +183,32 @@ end
 """
 
 
+def spin_app(tmp_path: Path, jobs: int, submits: str) -> Path:
+    """An app whose stage runs ``submits`` (Lua: ``spin`` jobs) and logs "done" after ``jobs`` intervals."""
+    collect = f"""
+local got = 0
+stage.waitfor("iv", function(...)
+    log4cxx.info("iv", ...)
+    got = got + 1
+    if got == {jobs} then log4cxx.info("done") end
+end)
+"""
+    return lua_app(tmp_path, SPIN + collect + submits)
+
+
 def intervals(capture: LogCapture) -> list[tuple[str, int, float, float, str]]:
     return [(k, int(s), float(a), float(b), tid) for k, s, a, b, tid in logged(capture, "iv")]
 
 
 @pytest_twisted.ensureDeferred
 async def test_lua_jobs_of_one_key_run_one_after_another_in_order(tmp_path: Path) -> None:
-    path = lua_app(
-        tmp_path,
-        SPIN
-        + """
-        local got = 0
-        stage.waitfor("iv", function(...)
-            log4cxx.info("iv", ...)
-            got = got + 1
-            if got == 24 then log4cxx.info("done") end
-        end)
+    submits = """
         for seq = 1, 12 do
             stage.submit("K", spin, "K", seq, 20000)
             stage.submit(5, spin, "5", seq, 20000)
         end
-    """,
-    )
+    """
+    path = spin_app(tmp_path, 24, submits)
     capture = await run(path, "done")
     runs = intervals(capture)
     for key in ("K", "5"):
@@ -216,20 +220,7 @@ async def test_lua_jobs_of_one_key_run_one_after_another_in_order(tmp_path: Path
 
 @pytest_twisted.ensureDeferred
 async def test_cpu_bound_lua_with_different_keys_runs_in_parallel(tmp_path: Path) -> None:
-    path = lua_app(
-        tmp_path,
-        SPIN
-        + """
-        local got = 0
-        stage.waitfor("iv", function(...)
-            log4cxx.info("iv", ...)
-            got = got + 1
-            if got == 2 then log4cxx.info("done") end
-        end)
-        stage.submit(1, spin, "1", 1, 3000000)
-        stage.submit(2, spin, "2", 1, 3000000)
-    """,
-    )
+    path = spin_app(tmp_path, 2, 'stage.submit(1, spin, "1", 1, 3000000)\nstage.submit(2, spin, "2", 1, 3000000)')
     capture = await run(path, "done", timeout=30)
     (_, _, a0, a1, ta), (_, _, b0, b1, tb) = intervals(capture)
     assert ta != tb
