@@ -609,9 +609,12 @@ class Board:
 
     def saved(self, member: bytes) -> tuple[Any, ...]:
         """``member``'s whole state as stored, not decoded: ``(value, key in tier 1, …)``, the value
-        ``_ABSENT`` when the member is gone. Cheaper to take than ``record``: the store keeps one per
-        change for a rollback that seldom comes, and ``saved_record`` decodes it then."""
+        ``_ABSENT`` when the member is gone, trailing tiers left out when no member is scored in
+        them. Cheaper to take than ``record``: the store keeps one per change for a rollback that
+        seldom comes, and ``saved_record`` decodes it then."""
         first, second, third, fourth = self.tiers
+        if not (second.keys or third.keys or fourth.keys):  # only tier 1 in use: most boards
+            return (self.values.get(member, _ABSENT), first.keys.get(member))
         return (
             self.values.get(member, _ABSENT),
             first.keys.get(member),

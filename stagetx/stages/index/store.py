@@ -230,7 +230,10 @@ class IndexStore:
         try:
             data = frame(_pack(self._pending))
             self._pending.clear()
-            self._writable().append(data, self.fsync)
+            log = self._log
+            if log is None or log.torn:
+                log = self._writable()
+            log.append(data, self.fsync)
         except BaseException:
             self._roll_back()
             raise
