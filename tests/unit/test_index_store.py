@@ -238,6 +238,22 @@ def test_a_failed_write_leaves_the_log_and_the_boards_as_they_were(tmp_path, fau
     again.close()
 
 
+def test_a_failed_write_restores_float_scores_other_tiers_and_a_widened_tier(tmp_path, faulty) -> None:
+    store, executor = _open(str(tmp_path))
+    _apply(store, executor, {b"set:b": {b"a": {b"i": 1.5}, b"b": {b"i": -0.0}}, b"set:b/2": {b"a": {b"i": 7}}})
+    before, size = _state(store), _log_size(str(tmp_path))
+    faulty.append(ENOSPC)
+    # tier 1 takes a score its dense keys cannot hold (0.1: it becomes a tuple tier), tiers 2 and 3 change
+    executor.run({b"set:b": {b"a": {b"i": 0.1}, b"b": {b"i": 2.25}}, b"set:b/2": {b"a": {b"i": 8}}})
+    executor.run({b"set:b/3": {b"b": {b"i": 4}}, b"del:b": [b"a"]})
+    with pytest.raises(OSError):
+        store.commit()
+    assert _state(store) == before
+    assert [store.boards[b"b"].tier(1).rank(m) for m in (b"a", b"b")] == [1, 2]
+    assert _log_size(str(tmp_path)) == size
+    store.close()
+
+
 def test_a_write_that_cannot_be_cut_off_seals_its_segment(tmp_path, faulty, monkeypatch) -> None:
     store, executor = _open(str(tmp_path))
     _apply(store, executor, {b"set:b": {b"a": {b"i": 1}}})

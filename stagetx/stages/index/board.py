@@ -607,6 +607,22 @@ class Board:
                 last = len(states)
         return tuple(states[:last])
 
+    def saved(self, member: bytes) -> tuple[Any, ...]:
+        """``member``'s whole state as stored, not decoded: ``(value, key in tier 1, …)``, the value
+        ``_ABSENT`` when the member is gone, trailing tiers left out when no member is scored in
+        them. Cheaper to take than ``record``: the store keeps one per change for a rollback that
+        seldom comes, and ``saved_record`` decodes it then."""
+        first, second, third, fourth = self.tiers
+        if not (second.keys or third.keys or fourth.keys):  # only tier 1 in use: most boards
+            return (self.values.get(member, _ABSENT), first.keys.get(member))
+        return (
+            self.values.get(member, _ABSENT),
+            first.keys.get(member),
+            second.keys.get(member),
+            third.keys.get(member),
+            fourth.keys.get(member),
+        )
+
     def restore(self, member: bytes, value: Any, states: Sequence[TierState]) -> None:
         """Replace the member's whole state with a recorded one (replay of logs); tiers past the
         end of ``states`` are unscored."""
@@ -716,3 +732,13 @@ class Board:
 
 
 _ABSENT = object()
+
+
+def saved_record(name: bytes, member: bytes, saved: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The log record (as ``Board.record`` gives it, unscored tiers as None) of a state taken by
+    ``Board.saved``: a dense tier keeps an int key, a tuple tier ``(score, seq, member)``."""
+    value = saved[0]
+    if value is _ABSENT:
+        return (name, member)
+    states = [None if key is None else decode(key) if type(key) is int else (key[0], key[1]) for key in saved[1:]]
+    return (name, member, value, *states)

@@ -43,7 +43,7 @@ from typing import Any, BinaryIO
 import msgpack
 from twisted.logger import Logger
 
-from stagetx.stages.index.board import Board
+from stagetx.stages.index.board import Board, saved_record
 from stagetx.stages.index.commands import RequestError
 
 _FRAME = struct.Struct("<II")
@@ -186,7 +186,8 @@ class IndexStore:
         self.snapshot_bytes = 0
         self.dirty = False
         self._pending: list[tuple[Any, ...]] = []
-        self._undo: list[tuple[Any, ...]] = []  # old states of the members changed since the commit
+        # (name, member, Board.saved(member)) of each member changed since the commit: its old state
+        self._undo: list[tuple[bytes, bytes, tuple[Any, ...]]] = []
         self._segment = 0
         self._unsnapshotted = 0  # a segment started by a compaction that failed (0: none)
         self._log: LogSegment | None = None
@@ -201,7 +202,7 @@ class IndexStore:
         return board
 
     def changing(self, name: bytes, board: Board, member: bytes) -> None:
-        self._undo.append(board.record(name, member))
+        self._undo.append((name, member, board.saved(member)))
 
     def changed(self, name: bytes, board: Board, member: bytes) -> None:
         self._pending.append(board.record(name, member))
@@ -229,7 +230,10 @@ class IndexStore:
         try:
             data = frame(_pack(self._pending))
             self._pending.clear()
-            self._writable().append(data, self.fsync)
+            log = self._log
+            if log is None or log.torn:
+                log = self._writable()
+            log.append(data, self.fsync)
         except BaseException:
             self._roll_back()
             raise
@@ -252,8 +256,8 @@ class IndexStore:
         """Put back the old state of every member changed since the last commit, newest first."""
         undo, self._undo = self._undo, []
         self._pending.clear()
-        for record in reversed(undo):
-            self._apply(record)
+        for name, member, saved in reversed(undo):
+            self._apply(saved_record(name, member, saved))
 
     def sync(self) -> None:
         """fsync the log if anything was written since the last sync (the interval policy)."""
