@@ -162,7 +162,11 @@ class _Server(WebSocketServerProtocol):
         self.sock.lost()
 
     def sendServerStatus(self, redirectUrl: str | None = None, redirectAfter: int = 0) -> None:
-        """A plain GET (no ``Upgrade``): the listener's page at ``/``, else 404."""
+        """A plain GET (no ``Upgrade``): the listener's page at ``/``, else 404.
+
+        Answered, the exchange is over: marked clean, so autobahn's close that follows is not
+        logged as a warning for every page a browser loads."""
+        self.wasClean = True
         page = self.factory.page
         if page is not None and self.http_request_path in ("/", "/index.html"):
             self.sendHtml(page)

@@ -281,9 +281,11 @@ async def test_join_a_websocket_server_expire_and_a_page_for_browsers(tmp_path: 
         await wait_for(lambda: sleeper.closed, WAIT, "the idle socket to expire")
         assert sleeper.code == 1000 and len(run.said("expired")) == 1
 
+        logged_before = len(run.text())
         response = await treq.get(f"http://127.0.0.1:{port}/", timeout=WAIT)
         assert response.code == 404  # a plain GET: this listener has no page
         await response.content()
+        assert "dropping connection" not in run.text()[logged_before:]  # answered: a clean close, no warning
 
 
 WS_ECHO = """
