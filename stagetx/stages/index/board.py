@@ -211,20 +211,36 @@ def decode(key: int) -> tuple[Score, int]:
     return -0.0, seq
 
 
-class TupleTier:
+class _RankedTier:
+    """What both tier kinds share: a member → key map and the keys in ascending order."""
+
+    __slots__ = ("keys", "order")
+
+    keys: dict[bytes, Any]
+    order: Ranking
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def rank(self, member: bytes) -> int | None:
+        """1-based rank of ``member`` (1 = highest score), None when unscored here."""
+        key = self.keys.get(member)
+        if key is None:
+            return None
+        return len(self.order) - self.order.bisect_left(key)
+
+
+class TupleTier(_RankedTier):
     """The ranked members of one tier as ``(score, seq, member)`` tuples: exact for any score.
 
     The fallback of ``DenseTier`` for scores a dense key cannot hold.
     """
 
-    __slots__ = ("keys", "order")
+    __slots__ = ()
 
     def __init__(self) -> None:
         self.keys: dict[bytes, Key] = {}
         self.order: Ranking = Ranking()
-
-    def __len__(self) -> int:
-        return len(self.keys)
 
     def score(self, member: bytes) -> Score | None:
         key = self.keys.get(member)
@@ -289,13 +305,6 @@ class TupleTier:
             return None
         return _column([key[0] for key in found], [key[1] for key in found], positions)
 
-    def rank(self, member: bytes) -> int | None:
-        """1-based rank of ``member`` (1 = highest score), None when unscored here."""
-        key = self.keys.get(member)
-        if key is None:
-            return None
-        return len(self.order) - self.order.bisect_left(key)
-
     def rank_at_most(self, score: Score) -> int | None:
         """Rank of the highest-ranked member whose score is ≤ ``score``; None if there is none."""
         return _rank_below(self.order, self.order.bisect_left((score, math.inf)))
@@ -306,7 +315,7 @@ class TupleTier:
         return ((rank, key[0], key[2]) for rank, key in enumerate(_keys_from(self.order, first, count), first))
 
 
-class DenseTier:
+class DenseTier(_RankedTier):
     """The ranked members of one tier as one int per member (``encode``).
 
     An int compares in one step reading one object, where a key tuple reads the tuple and its
@@ -317,16 +326,13 @@ class DenseTier:
     tier to a ``TupleTier``.
     """
 
-    __slots__ = ("keys", "slots", "free", "order")
+    __slots__ = ("slots", "free")
 
     def __init__(self) -> None:
         self.keys: dict[bytes, int] = {}
         self.slots: list[bytes | None] = []
         self.free: list[int] = []
         self.order: Ranking = Ranking()
-
-    def __len__(self) -> int:
-        return len(self.keys)
 
     def score(self, member: bytes) -> Score | None:
         key = self.keys.get(member)
@@ -448,13 +454,6 @@ class DenseTier:
         tier = TupleTier()
         tier.load([(*decode(key), member) for member, key in self.keys.items()])
         return tier
-
-    def rank(self, member: bytes) -> int | None:
-        """1-based rank of ``member`` (1 = highest score), None when unscored here."""
-        key = self.keys.get(member)
-        if key is None:
-            return None
-        return len(self.order) - self.order.bisect_left(key)
 
     def rank_at_most(self, score: Score) -> int | None:
         """Rank of the highest-ranked member whose score is ≤ ``score``; None if there is none."""
