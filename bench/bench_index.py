@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import random
 import shutil
@@ -37,7 +36,7 @@ from twisted.logger import Logger
 
 from bench import budget
 from bench.baselines.redis_zset import missing, rdb_load
-from bench.rows import judge, row
+from bench.rows import judge, print_standalone, row
 from stagetx.codec import pack_py
 from stagetx.message import Message, Sender
 from stagetx.stages.index.stage import FREEZE_CHECK, Stage
@@ -317,16 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="write the rows here as JSON")
     args = parser.parse_args(argv)
     budget.configure(args.quick)
-    rows = [judge(r, {}) for r in run(args.quick)]
-    for r in rows:
-        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else ""
-        print(
-            f"{r['workload']:<40} {r['figure']:>14,.1f} {r['unit']:<6} {ratio:>5} "
-            f"{r['target']:<18} {r['status']:<5} {r['note']}"
-        )
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(rows, out, indent=2)
+    print_standalone([judge(r, {}) for r in run(args.quick)], args.json)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import random
 import shutil
@@ -26,7 +25,7 @@ from typing import Any
 
 from bench import budget
 from bench.bench_index import TURN, _Context, _gc_pause, start_rows
-from bench.rows import judge, row
+from bench.rows import judge, print_standalone, row
 from stagetx.codec import pack_py
 from stagetx.message import Message, Sender
 from stagetx.stages.index.board import Board
@@ -178,16 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", type=int, default=10_000_000, help="members in the index (default 10,000,000)")
     parser.add_argument("--json", metavar="PATH", help="write the rows here as JSON")
     args = parser.parse_args(argv)
-    rows = [judge(r, {}) for r in run(args.members)]
-    for r in rows:
-        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else ""
-        print(
-            f"{r['workload']:<44} {r['figure']:>12,.1f} {r['unit']:<3} {ratio:>5} "
-            f"{r['target']:<18} {r['status']:<5} {r['note']}"
-        )
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(rows, out, indent=2)
+    print_standalone([judge(r, {}) for r in run(args.members)], args.json)
     return 0
 
 

@@ -7,6 +7,7 @@ row's unit), or ``""`` for a figure without a target (baselines: status ``"info"
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -89,3 +90,16 @@ def _evaluate(target: str, figure: float, base: float | None, r: dict[str, Any])
         bound *= base
     ok = figure >= bound if op in ("≥", ">=") else figure <= bound
     return "pass" if ok else "short"
+
+
+def print_standalone(rows: list[dict[str, Any]], json_path: str | None) -> None:
+    """The judged rows of a bench module run on its own, one line each, and as JSON when asked."""
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else ""
+        print(
+            f"{r['workload']:<44} {r['figure']:>14,.1f} {r['unit']:<6} {ratio:>5} "
+            f"{r['target']:<18} {r['status']:<5} {r['note']}"
+        )
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump(rows, out, indent=2)
