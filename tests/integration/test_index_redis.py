@@ -105,6 +105,12 @@ def test_the_url_in_logs_has_no_password(context) -> None:
     assert stage.settings.shown_url == "redis://127.0.0.1:1/0"
 
 
+async def _start_error(log: LogCapture) -> str:
+    """The stage's one "cannot use redis" start-up line, once it is logged."""
+    await wait_for(lambda: "cannot use redis" in log.text(), WAIT, "the start-up error line")
+    return next(line for line in log.text().splitlines() if "cannot use redis" in line)
+
+
 @needs_redis
 @pytest_twisted.ensureDeferred
 async def test_a_request_table_is_answered_from_redis(context, server) -> None:
@@ -132,8 +138,7 @@ async def test_redis_down_at_start_then_up_errors_per_entry_then_answers(context
         stage = Stage(context, Config(_settings(url, timeout=500)))
         await stage.start()
         try:
-            await wait_for(lambda: "cannot use redis" in log.text(), WAIT, "the start-up error line")
-            line = next(line for line in log.text().splitlines() if "cannot use redis" in line)
+            line = await _start_error(log)
             assert "=index+rank" in line and url in line
             reply = await _ask(stage, context, {"set:b": {"a": {"i": 1}}, "total:b": 0, "get:b/7": ["a"]})
             assert reply[b"set:b"] == reply[b"total:b"] == {"error": f"redis: no connection to {url} within 0.5 s"}
@@ -180,8 +185,7 @@ async def test_a_wrong_password_is_one_clear_log_line_and_error_replies(context,
             stage = Stage(context, Config(_settings(url)))
             await stage.start()
             try:
-                await wait_for(lambda: "cannot use redis" in log.text(), WAIT, "the start-up error line")
-                line = next(line for line in log.text().splitlines() if "cannot use redis" in line)
+                line = await _start_error(log)
                 assert "=index+rank" in line and f"redis://127.0.0.1:{server.port}/0" in line and "wrong" not in line
                 assert "WRONGPASS" in line or "invalid password" in line
                 reply = await _ask(stage, context, {"total:b": 0})
@@ -303,7 +307,7 @@ async def test_rediss_talks_tls_to_a_server_signed_by_the_configured_ca(context,
             stage = Stage(context, Config(_settings(url)))
             await stage.start()
             try:
-                await wait_for(lambda: "cannot use redis" in log.text(), WAIT, "the start-up error line")
+                await _start_error(log)
                 assert set((await _ask(stage, context, {"total:b": 0}))[b"total:b"]) == {"error"}
             finally:
                 await stage.stop()
