@@ -11,18 +11,7 @@ import pytest
 from stagetx.stages.index.board import DenseTier, TupleTier
 from stagetx.stages.index.commands import Executor
 from stagetx.stages.index.store import IndexStore, StoreCorrupt, frame
-
-
-def _open(directory: str, **options) -> tuple[IndexStore, Executor]:
-    store = IndexStore(directory, **options)
-    store.open()
-    return store, Executor(store, key_size=64)
-
-
-def _apply(store: IndexStore, executor: Executor, request: dict) -> dict:
-    reply = executor.run(request)
-    store.commit()
-    return reply
+from tests.unit.test_index_store import _apply, _open
 
 
 def _observed(store: IndexStore, executor: Executor) -> dict:
