@@ -199,66 +199,53 @@ class Router:
         link is up. Round-robin, broadcast, and processes or servers down or not linked yet are
         decided per message.
         """
-        kind = type(address)
-        if kind is ToStage:
-            scope = address.scope  # type: ignore[union-attr]
-            if scope is Scope.ALL:
-                return 0
-            stage_id = address.stage if address.stage is not None else sender.stage  # type: ignore[union-attr]
-            replicas = self._replicas.get(stage_id)
-            far = self._remote_targets(stage_id, scope, bool(replicas))  # as ``_to_stage`` asks
-            if scope is Scope.REMOTE:
-                replicas = None
-            if far:  # only one server has it, and not this one: no choice to make
-                return self.remote.steady_room(far[0][0]) if not replicas and len(far) == 1 else 0  # type: ignore[union-attr]
-            if not replicas or len(replicas) != 1:
-                return 0
-            instance = replicas[0]
-        elif kind is ReplyTo:
-            instance, server = address.instance, address.server  # type: ignore[union-attr]
-            if server != self.server_id:
-                return 0 if self.remote is None else self.remote.steady_room(server)
-            if not 0 <= instance < len(self._placement):
-                return 0
-        else:
-            return 0
-        if instance in self.local:
-            return LOCAL_ROOM
-        if self.links is None:
-            return 0
-        return self.links.steady_room(self._placement[instance][1])
+        return self._steady(sender, address)[0]
 
     def steady(self, sender: Sender, address: Address) -> tuple[int, int] | None:
         """``(room, group)`` for an ``address`` that ``steady_room`` calls steady, else None:
         ``group`` is the process whose link carries it when that is another process of this
         server (its frame entries can be packed beforehand, see ``frame_parts``), -1 for one
         routed message by message."""
-        room = self.steady_room(sender, address)
+        room, instance = self._steady(sender, address)
         if not room:
             return None
-        instance = self._steady_instance(sender, address)
         if instance is None or instance in self.local:
             return room, -1
         return room, self._placement[instance][1]
 
-    def _steady_instance(self, sender: Sender, address: Address) -> int | None:
-        """The one stage instance of this server that ``address`` reaches with no choice, if any."""
+    def _steady(self, sender: Sender, address: Address) -> tuple[int, int | None]:
+        """``steady_room``, and the stage instance of this server the address reaches (None when
+        it is on another server)."""
         kind = type(address)
         if kind is ToStage:
             scope = address.scope  # type: ignore[union-attr]
-            if scope is not Scope.ANY and scope is not Scope.LOCAL:
-                return None
+            if scope is Scope.ALL:
+                return 0, None
             stage_id = address.stage if address.stage is not None else sender.stage  # type: ignore[union-attr]
             replicas = self._replicas.get(stage_id)
-            if not replicas or len(replicas) != 1 or self._remote_targets(stage_id, scope, True):
-                return None
-            return replicas[0]
-        if kind is ReplyTo:
-            instance: int = address.instance  # type: ignore[union-attr]
-            if address.server != self.server_id or not 0 <= instance < len(self._placement):  # type: ignore[union-attr]
-                return None
-            return instance
-        return None
+            far = self._remote_targets(stage_id, scope, bool(replicas))  # as ``_to_stage`` asks
+            if scope is Scope.REMOTE:
+                replicas = None
+            if far:  # only one server has it, and not this one: no choice to make
+                if replicas or len(far) != 1:
+                    return 0, None
+                return self.remote.steady_room(far[0][0]), None  # type: ignore[union-attr]
+            if not replicas or len(replicas) != 1:
+                return 0, None
+            instance = replicas[0]
+        elif kind is ReplyTo:
+            instance, server = address.instance, address.server  # type: ignore[union-attr]
+            if server != self.server_id:
+                return (0 if self.remote is None else self.remote.steady_room(server)), None
+            if not 0 <= instance < len(self._placement):
+                return 0, None
+        else:
+            return 0, None
+        if instance in self.local:
+            return LOCAL_ROOM, instance
+        if self.links is None:
+            return 0, instance
+        return self.links.steady_room(self._placement[instance][1]), instance
 
     def frame_parts(self, sender: Sender, address: ToStage | ReplyTo) -> tuple[bytes, bytes]:
         """For an ``address`` that ``steady`` sends to another process: ``head + msgpack
@@ -372,14 +359,7 @@ class Router:
         reroute: str | None,
     ) -> Result:
         assert self.remote is not None
-        return self.remote.send(server, ["m", instance, msgid, payload, self._far_named(sender), reply], reroute)
-
-    def _far_named(self, sender: Sender) -> int | list[Any]:
-        """``sender`` as a frame to another server names it: the instance number of one of this
-        server's stages (the other server knows them from its hello), any other sender in full."""
-        own = self._own
-        by = sender.instance
-        return by if 0 <= by < len(own) and own[by] is sender else _sender_frame(sender)
+        return self.remote.send(server, ["m", instance, msgid, payload, self._named(sender), reply], reroute)
 
     def route_again(self, stage_id: str, frame: list[Any]) -> Result:
         """Route once more a message for ``stage_id`` whose server went away before it was sent."""
@@ -410,7 +390,7 @@ class Router:
             return False, f"{address.msgid!r} is not a message for a stage of that server"
         ms = address.timeout_ms
         deadline = None if ms is None else self.now() + ms / 1000.0
-        frame = ["s", stage, msgid, tag, payload, self._far_named(sender), self._reply(sender, reply_to or reply), ms]
+        frame = ["s", stage, msgid, tag, payload, self._named(sender), self._reply(sender, reply_to or reply), ms]
         return self.remote.send(server, frame, None, deadline)
 
     def _choose(self, stage_id: str, replicas: list[int]) -> int:
@@ -447,7 +427,7 @@ class Router:
                 address.instance,
                 address.msgid,
                 payload,
-                self._far_named(sender),
+                self._named(sender),
                 self._reply(sender, reply_to),
             ]
             return self.remote.send(address.server, frame)
@@ -473,8 +453,9 @@ class Router:
         return self.links.send(group, ["m", instance, msgid, payload, self._named(sender), reply])
 
     def _named(self, sender: Sender) -> int | list[Any]:
-        """``sender`` as a frame to another process names it: its instance number when it is
-        one of this server's stages (the object ``sender_of`` gave it), else in full."""
+        """``sender`` as a frame to another process or server names it: its instance number when
+        it is one of this server's stages (the object ``sender_of`` gave it; another server knows
+        them from its hello), else in full."""
         own = self._own
         by = sender.instance
         return by if 0 <= by < len(own) and own[by] is sender else _sender_frame(sender)
