@@ -14,7 +14,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
-import msgpack
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -36,6 +35,7 @@ from stagetx.cluster.directory import Replica, Routes, cluster_address
 from stagetx.codec import unpack_py
 from stagetx.locks import LockTable, Turn
 from stagetx.message import Message, Sender
+from stagetx.wire import pack_message
 
 #: The lock authority of a server is the process of its first #startup group.
 LOCK_GROUP = 0
@@ -257,8 +257,8 @@ class Router:
             reply = self._reply(sender, address.reply)
         else:
             instance, msgid, reply = address.instance, address.msgid, None  # type: ignore[union-attr]
-        head = b"\x96" + _packb("m") + _packb(instance) + _packb(msgid)
-        return head, _packb(self._named(sender)) + _packb(reply)
+        head = b"\x96" + pack_message("m") + pack_message(instance) + pack_message(msgid)
+        return head, pack_message(self._named(sender)) + pack_message(reply)
 
     def send_entries(self, group: int, entries: bytes, count: int) -> Result:
         """Send ``count`` message frame entries, packed back to back (see ``steady``), to the
@@ -617,11 +617,6 @@ class Router:
         ok, reason = self.deliver(instance, turn.reply, turn.payload, lock_sender, None)
         if not ok:
             self.log.warn("lock turn for instance {who} not delivered: {reason}", who=instance, reason=reason)
-
-
-def _packb(value: Any) -> bytes:
-    """``value`` packed as ``stagetx.wire.Link`` packs frames."""
-    return msgpack.packb(value, use_bin_type=True, unicode_errors="surrogateescape")  # type: ignore[no-any-return]
 
 
 def _sender_frame(sender: Sender) -> list[Any]:
