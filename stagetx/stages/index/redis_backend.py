@@ -183,6 +183,7 @@ WRITE_STEPS = frozenset({b"one", b"set", b"del"})  # the script's steps that cha
 SCRIPT_SHA = hashlib.sha1(SCRIPT).hexdigest()  # what EVALSHA names it by (txredisapi's script_hashes too)
 _pack_plan = msgpack.Packer(use_bin_type=False).pack  # cmsgpack reads no bin types: bytes as raw str
 _NIL = pack_py((None,))
+EXACT = 2**53  # ints up to this size are doubles exactly
 
 
 class Pending:
@@ -336,6 +337,9 @@ def _score_parts(score: int | float) -> tuple[bytes, bytes, bytes]:
     """(double for ZADD, kind, exact text): equal numbers have equal texts, so ``1`` then ``1.0``
     is an unchanged score as on the embedded board; the kind gives the score back as it was set."""
     if type(score) is int:
+        if -EXACT <= score <= EXACT:  # its decimal text is its double too (the common score)
+            text = b"%d" % score
+            return text, b"i", text
         return _double(score), b"i", str(score).encode()
     assert type(score) is float
     if score == 0 and math.copysign(1.0, score) < 0:
