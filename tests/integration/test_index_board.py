@@ -13,7 +13,7 @@ import pytest
 import pytest_twisted
 
 from stagetx.stages.index.commands import Executor
-from stagetx.stages.index.redis_backend import RedisExecutor, fill, unpack_answer
+from stagetx.stages.index.redis_backend import RedisExecutor, fill, pack_steps, unpack_answer
 from stagetx.stages.index.redis_link import RedisLink, parse_redis_settings
 from tests.redis_servers import REDIS_SERVER, RedisServer
 from tests.support import wait_for
@@ -291,5 +291,56 @@ async def test_the_redis_backend_answers_every_request_as_the_embedded_board(red
         for tier in (1, 2, 3, 4):
             everyone = {b"forEach:b/%d" % tier: [1, 100], b"get:b": [b"m%d" % i for i in range(30)]}
             assert (await on_redis(everyone)) == (await embedded(everyone))
+    finally:
+        await link.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_tables_in_one_script_run_answer_as_the_embedded_board_one_by_one(redis_server) -> None:
+    """A busy stage's turn: many request tables run as one script. One-member sets (the script's
+    flat step) of the same member again, ties, unchanged scores, new members, values, a second
+    tier and another board, among reads and other writes, answer as the embedded board running
+    the tables one after another."""
+    rng = random.Random(5)
+    embedded = embedded_runner(MemoryBoards(), 8)
+    settings = parse_redis_settings({"redis": redis_server.url, "prefix": f"t{uuid.uuid4().hex[:8]}:"}, 8)
+    link = RedisLink(settings)
+    link.start()
+    try:
+        await wait_for(lambda: link.connected, 10.0, "the redis pool")
+        executor = RedisExecutor(8)
+        for _ in range(40):
+            tables: list[Any] = []
+            for _ in range(rng.randrange(1, 40)):
+                board = rng.choice([b"b", b"b", b"b/2", b"c"])
+                member = b"m%d" % rng.randrange(12)
+                if rng.random() < 0.85:
+                    spec: dict[bytes, Any] = {b"i": rng.choice([rng.randrange(4), rng.randrange(4) + 0.5])}
+                    if rng.random() < 0.2:
+                        spec[b"v"] = rng.randrange(100)
+                    tables.append({b"set:" + board: {member: spec}})
+                else:
+                    tables.append(
+                        rng.choice(
+                            [
+                                {b"get:" + board: [member]},
+                                {b"forEach:" + board: [1, 20]},
+                                {b"del:" + board: [member]},
+                                {b"set:" + board: {member: {b"i": 1}, b"m0": {b"i": 2}}},
+                            ]
+                        )
+                    )
+            planned, steps = [], []
+            for table in tables:
+                reply, plan = executor.plan(table)
+                planned.append((reply, len(steps)))
+                steps += plan.steps
+            results = unpack_answer(await link.run(settings.prefix.encode(), pack_steps(steps), False))
+            for table, (reply, offset) in zip(tables, planned):
+                assert fill(reply, results, offset) == (await embedded(table)), table
+        everyone = {b"forEach:" + board: [1, 100] for board in (b"b", b"b/2", b"c")}
+        reply, plan = executor.plan(everyone)
+        results = unpack_answer(await link.run(settings.prefix.encode(), plan.pack(), False))
+        assert fill(reply, results) == (await embedded(everyone))
     finally:
         await link.close()

@@ -35,6 +35,7 @@ SCRIPT = rb"""
 local prefix = ARGV[1]
 local plan = cmsgpack.unpack(ARGV[2])
 local TOP = 999999999999999
+local TIER = {'1', '2', '3', '4'}  -- a tier's number as key text, without Lua's number formatting
 local out = {}
 local counters = {}  -- each index's change counter, read once and written once per run
 
@@ -90,17 +91,22 @@ end
 for step, op in ipairs(plan) do
   local kind, base = op[1], prefix .. op[2]
   if kind == 'one' then  -- one member, one score in the command's tier: the common set, flat
-    local tier, id, seq = op[3], op[4], counter(base)
-    local stamp = string.format('%015d', TOP - seq - 1)
-    local changed, known = put(base, id, tier, op[7], op[8], op[9], stamp)
-    if op[5] or not known then value(base, id, op[5], op[6]) end
-    if changed then
-      counters[base] = seq + 1
-      out[step] = redis.call('ZREVRANK', base .. ':t' .. tier, stamp .. id) + 1
-    else
+    local tier, id, seq = TIER[op[3]], op[4], counter(base)
+    local skey, zkey = base .. ':s' .. tier, base .. ':t' .. tier
+    local old = redis.call('HGET', skey, id)
+    if old and string.sub(old, 17) == op[9] then  -- unchanged: nothing written
       counters[base] = seq
       out[step] = 0
+    else
+      local stamp = string.format('%015d', TOP - seq - 1)
+      local member = stamp .. id
+      if old then redis.call('ZREM', zkey, string.sub(old, 1, 15) .. id) end
+      redis.call('HSET', skey, id, stamp .. op[8] .. op[9])
+      redis.call('ZADD', zkey, op[7], member)
+      counters[base] = seq + 1
+      out[step] = redis.call('ZREVRANK', zkey, member) + 1
     end
+    if op[5] or not old then value(base, id, op[5], op[6]) end
   elseif kind == 'set' then
     local tier, seq = op[3], counter(base)
     local ranks = {}
@@ -183,6 +189,7 @@ WRITE_STEPS = frozenset({b"one", b"set", b"del"})  # the script's steps that cha
 SCRIPT_SHA = hashlib.sha1(SCRIPT).hexdigest()  # what EVALSHA names it by (txredisapi's script_hashes too)
 _pack_plan = msgpack.Packer(use_bin_type=False).pack  # cmsgpack reads no bin types: bytes as raw str
 _NIL = pack_py((None,))
+EXACT = 2**53  # ints up to this size are doubles exactly
 
 
 class Pending:
@@ -336,6 +343,9 @@ def _score_parts(score: int | float) -> tuple[bytes, bytes, bytes]:
     """(double for ZADD, kind, exact text): equal numbers have equal texts, so ``1`` then ``1.0``
     is an unchanged score as on the embedded board; the kind gives the score back as it was set."""
     if type(score) is int:
+        if -EXACT <= score <= EXACT:  # its decimal text is its double too (the common score)
+            text = b"%d" % score
+            return text, b"i", text
         return _double(score), b"i", str(score).encode()
     assert type(score) is float
     if score == 0 and math.copysign(1.0, score) < 0:
