@@ -40,6 +40,8 @@ LEVELS = {
 
 #: Parsed signal targets kept per runtime, at most this many.
 TARGET_CACHE = 4096
+#: Bytes of a run entry besides its parts and payloads: its count and the body's bin header.
+RUN_OVERHEAD = 8
 #: The Lua runtime kind of each Lua stage type: a function value loads only into its own kind.
 VM_KINDS = {"lua": "lua54", "luajit": "luajit21"}
 #: Seconds between two log lines about replies to removed ``stage.waitfor(f)`` ids (``~N``).
@@ -82,7 +84,7 @@ class StageAPI:
         self._late_logged = float("-inf")
         self._targets: dict[bytes, Address] = {}  # parsed signal targets, by their Lua string
         self._foreign: dict[Address, str | None] = {}  # target -> a Lua stage of another VM kind there
-        self._parts: dict[bytes, tuple[bytes, bytes]] = {}  # frame parts of steady targets, by Lua string
+        self._parts: dict[bytes, tuple[bytes, bytes, bytes]] = {}  # run parts of steady targets, by Lua string
         self.vm: LuaVM
         self.loader: ScriptLoader
 
@@ -153,9 +155,9 @@ class StageAPI:
         With ``steady`` (the prelude asks from a target's second message in a turn on), more
         results tell the prelude that ``target`` routes the same way, and surely gets there,
         for the rest of this turn (the reactor does not run meanwhile): ``room, group`` of
-        ``Router.steady``, and for another process the ``head, tail`` of ``Router.frame_parts``.
-        Payloads up to ``room`` bytes to it wait in the prelude's outbox and come back in one
-        ``send_batch``.
+        ``Router.steady``, and for another process the ``head, msgid, reply`` of
+        ``Router.run_parts``. Payloads up to ``room`` bytes to it wait in the prelude's outbox
+        and come back in one ``send_batch``.
         """
         try:
             address = self._address(target)
@@ -171,8 +173,9 @@ class StageAPI:
                 if parts is None:
                     if len(self._parts) >= TARGET_CACHE:
                         self._parts.clear()
-                    parts = self._parts[target] = self.stage.router.frame_parts(self.stage.sender, address)  # type: ignore[arg-type]
-                return (True, None, *route, *parts)
+                    parts = self._parts[target] = self.stage.router.run_parts(self.stage.sender, address)  # type: ignore[arg-type]
+                room = route[0] - sum(map(len, parts)) - RUN_OVERHEAD
+                return (True, None, room, route[1], *parts)
         return result
 
     def _steady(self, address: Address) -> tuple[int, int] | None:
@@ -181,12 +184,12 @@ class StageAPI:
 
     def send_batch(self, *outbox: Any) -> None:
         """The prelude's outbox, each message answered ``true`` already (see ``send_packed``):
-        ``group, count, entries``, the frame entries of ``count`` messages to the process of
-        ``group`` packed back to back in the order signalled; or ``target, payload`` pairs, in
-        the order signalled, to stages of this process."""
+        ``group, count, entry``, a run entry (``Router.run_parts``) of ``count`` messages to one
+        stage in the process of ``group``, in the order signalled; or ``target, payload`` pairs,
+        in the order signalled, to stages of this process."""
         if type(outbox[0]) is int:
-            group, count, entries = outbox
-            ok, reason = self.stage.send_entries(group, entries, count)
+            group, count, entry = outbox
+            ok, reason = self.stage.send_run(group, entry, count)
             if not ok:  # a steady route changed within one turn: a bug, not the sender's
                 self.log.error(
                     "{count} messages to process {group} lost: {reason}", count=count, group=group + 1, reason=reason

@@ -12,6 +12,7 @@ from stagetx.address import parse_target
 from stagetx.child.links import ProcessLinks, local_retry
 from stagetx.message import Sender
 from stagetx.router import Router
+from stagetx.wire import unpack_entries
 from tests.fakes import LinkPair
 
 
@@ -56,7 +57,7 @@ def test_a_message_too_large_is_refused_when_queued_and_the_new_link_carries_the
     assert pair.client.authenticated and pair.server.authenticated
 
 
-def test_steady_messages_go_as_packed_entries_and_wait_like_others_if_the_link_dropped(tmp_path: Any) -> None:
+def test_steady_messages_go_as_one_run_entry_and_wait_like_others_if_the_link_dropped(tmp_path: Any) -> None:
     links, router = _links(tmp_path)
     pair = LinkPair(max_frame=4096)
     pair.pump()
@@ -67,16 +68,15 @@ def test_steady_messages_go_as_packed_entries_and_wait_like_others_if_the_link_d
     assert steady is not None
     room, group = steady
     assert group == 1 and 0 < room < 4096
-    head, tail = router.frame_parts(sender, address)  # type: ignore[arg-type]
-    entries = [head + b"\xc4" + bytes((len(p),)) + p + tail for p in (b"\x91\x01", b"\x91\x02")]
-    assert router.send_entries(1, b"".join(entries), 2) == (True, None)
+    head, msgid, reply = router.run_parts(sender, address)  # type: ignore[arg-type]
+    body = b"".join(msgid + b"\xc4" + bytes((len(p),)) + p + reply for p in (b"\x91\x01", b"\x91\x02"))
+    entry = head + b"\x02\xc4" + bytes((len(body),)) + body  # as the prelude's outbox joins it
+    assert router.send_run(1, entry) == (True, None)
     pair.pump()
-    assert pair.server_handler.messages == [
-        ["m", 1, "x", b"\x91\x01", 0, "^srv/0/back"],
-        ["m", 1, "x", b"\x91\x02", 0, "^srv/0/back"],
-    ]
+    assert pair.server_handler.messages == [["r", 1, 0, 2, body]]
+    assert unpack_entries(body) == ["x", b"\x91\x01", "^srv/0/back", "x", b"\x91\x02", "^srv/0/back"]
     pair.client.connectionLost(Failure(ConnectionDone()))  # dropped within the turn: queued
     links.disconnected(1, pair.client)
     assert router.steady(sender, parse_target("b:x=back")) is None
-    assert router.send_entries(1, entries[0], 1) == (True, None)
-    assert [list(frame) for frame in links._pending[1]] == [["m", 1, "x", b"\x91\x01", 0, "^srv/0/back"]]
+    assert router.send_run(1, entry) == (True, None)
+    assert [list(frame) for frame in links._pending[1]] == [["r", 1, 0, 2, body]]
