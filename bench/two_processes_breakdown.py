@@ -146,10 +146,16 @@ def measure(process: ProcessHost) -> None:
             router.run_queue()
 
     def run_entry(msgid: str, reply: str | None, count: int) -> list[Any]:
-        fields = b"".join(msgpack.packb(msgid) + msgpack.packb(p, use_bin_type=True) + msgpack.packb(reply) for p in payloads[:count])
+        fields = b"".join(
+            msgpack.packb(msgid) + msgpack.packb(p, use_bin_type=True) + msgpack.packb(reply) for p in payloads[:count]
+        )
         return ["r", 0, 1, count, fields]
 
-    pings, echoes, echo = run_entry("ping", None, RUN), run_entry("echo", "^srv/1/pong", RUN), run_entry("echo", "^srv/1/pong", 1)
+    pings, echoes, echo = (
+        run_entry("ping", None, RUN),
+        run_entry("echo", "^srv/1/pong", RUN),
+        run_entry("echo", "^srv/1/pong", 1),
+    )
 
     def runs_received(entry: list[Any]) -> Callable[[], None]:
         def received() -> None:

@@ -75,4 +75,6 @@ class Run:
         fields = list(unpacker)
         sender, enqueued = self.sender, self.enqueued
         self.pos, self.count = len(self.body) + 1, 0
-        return [Message(fields[i], fields[i + 1], sender, fields[i + 2], enqueued) for i in range(0, len(fields) - 2, 3)]
+        return [
+            Message(fields[i], fields[i + 1], sender, fields[i + 2], enqueued) for i in range(0, len(fields) - 2, 3)
+        ]

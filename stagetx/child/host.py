@@ -35,6 +35,7 @@ from stagetx.stages.registry import stage_type
 #: Errors (with file and line) each stage keeps for ``stat`` and the dashboard.
 LAST_ERRORS = 10
 
+
 class ProcessServices:
     """What every stage and worker sandbox of one process shares."""
 

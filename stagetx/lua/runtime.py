@@ -161,7 +161,9 @@ class LuaVM:
         result = self.enter(self._call, time.monotonic(), where.encode(), f, *args)
         return result if isinstance(result, tuple) else (result,)
 
-    def deliver(self, turn: int | None, msgid: bytes, sender: Any, reply: bytes | None, values: tuple[Any, ...]) -> None:
+    def deliver(
+        self, turn: int | None, msgid: bytes, sender: Any, reply: bytes | None, values: tuple[Any, ...]
+    ) -> None:
         """Hand one message (its decoded values) to the stage's waitfor handlers, in the router's
         drain turn ``turn`` (entries of one turn keep their steady routes, see ``deliver_run``)."""
         self.enter(self._deliver, time.monotonic(), turn, msgid, sender, reply, *values)
@@ -176,7 +178,9 @@ class LuaVM:
         times = self.enter(self._deliver_batch, time.monotonic(), turn, *args)
         return times if isinstance(times, tuple) else (times,)
 
-    def deliver_run(self, turn: int | None, sender: Any, body: bytes, pos: int, limit: int, slow: float) -> tuple[Any, ...]:
+    def deliver_run(
+        self, turn: int | None, sender: Any, body: bytes, pos: int, limit: int, slow: float
+    ) -> tuple[Any, ...]:
         """Hand up to ``limit`` messages of a run (``stagetx.message.Run``; only when ``decodes``)
         from position ``pos`` of ``body`` to the handlers, ``sender`` their ``_WAITFOR[1]``;
         ``turn`` numbers the router's drain turn (runs of one turn keep their routes steady):

@@ -541,7 +541,9 @@ class WatchedVM(LuaVM):
         finally:
             self._check(started, where, f, ())
 
-    def deliver(self, turn: int | None, msgid: bytes, sender: Any, reply: bytes | None, values: tuple[Any, ...]) -> None:
+    def deliver(
+        self, turn: int | None, msgid: bytes, sender: Any, reply: bytes | None, values: tuple[Any, ...]
+    ) -> None:
         started = monotonic()
         try:
             self.enter(self._deliver, started, turn, msgid, sender, reply, *values)
