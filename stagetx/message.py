@@ -52,6 +52,11 @@ class Message:
         return self._values
 
 
+#: The way (``Router.steady``) of messages to a stage of another server, where a process number
+#: names the way to another process of this server.
+CLUSTER_WAY = -2
+
+
 @attrs.define(slots=True)
 class Run:
     """Messages of one sender to one stage, packed by the sender as one frame entry.

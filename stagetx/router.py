@@ -34,7 +34,7 @@ from stagetx.address import (
 from stagetx.cluster.directory import Replica, Routes, cluster_address
 from stagetx.codec import unpack_py
 from stagetx.locks import LockTable, Turn
-from stagetx.message import Message, Run, Sender
+from stagetx.message import CLUSTER_WAY, Message, Run, Sender
 from stagetx.wire import pack_message
 
 #: The lock authority of a server is the process of its first #startup group.
@@ -103,9 +103,10 @@ class Remote(Protocol):
     routes: Routes
 
     def send(
-        self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None
+        self, server_id: str, frame: list[Any] | bytes, reroute: str | None = None, deadline: float | None = None
     ) -> Result:
-        """Send ``frame`` to server ``server_id``; ``reroute``: the stage id it may go to instead."""
+        """Send ``frame`` (bytes: packed already) to server ``server_id``; ``reroute``: the stage id
+        it may go to instead."""
 
     def process_frame(self, group: int, frame: list[Any]) -> None:
         """A cluster frame (``cx``, ``croutes``) from another process of this server."""
@@ -215,25 +216,27 @@ class Router:
         return self._steady(sender, address)[0]
 
     def steady(self, sender: Sender, address: Address) -> tuple[int, int] | None:
-        """``(room, group)`` for an ``address`` that ``steady_room`` calls steady, else None:
-        ``group`` is the process whose link carries it when that is another process of this
-        server (its messages can be packed beforehand as a run, see ``run_parts``), -1 for one
-        routed message by message."""
-        room, instance = self._steady(sender, address)
+        """``(room, way)`` for an ``address`` that ``steady_room`` calls steady, else None:
+        ``way`` is the process whose link carries it when that is another process of this server,
+        ``CLUSTER_WAY`` for a stage of another server (messages to either can be packed
+        beforehand as a run, see ``run_parts``), -1 for a stage of this process."""
+        room, instance, server = self._steady(sender, address)
         if not room:
             return None
-        if instance is None or instance in self.local:
+        if server is not None:
+            return room, CLUSTER_WAY
+        if instance in self.local:
             return room, -1
-        return room, self._placement[instance][1]
+        return room, self._placement[instance][1]  # type: ignore[index]
 
-    def _steady(self, sender: Sender, address: Address) -> tuple[int, int | None]:
-        """``steady_room``, and the stage instance of this server the address reaches (None when
-        it is on another server)."""
+    def _steady(self, sender: Sender, address: Address) -> tuple[int, int | None, str | None]:
+        """``steady_room``, the stage instance the address reaches, and the server that has it
+        (None: this one)."""
         kind = type(address)
         if kind is ToStage:
             scope = address.scope  # type: ignore[union-attr]
             if scope is Scope.ALL:
-                return 0, None
+                return 0, None, None
             stage_id = address.stage if address.stage is not None else sender.stage  # type: ignore[union-attr]
             replicas = self._replicas.get(stage_id)
             far = self._remote_targets(stage_id, scope, bool(replicas))  # as ``_to_stage`` asks
@@ -241,44 +244,57 @@ class Router:
                 replicas = None
             if far:  # only one server has it, and not this one: no choice to make
                 if replicas or len(far) != 1:
-                    return 0, None
-                return self.remote.steady_room(far[0][0]), None  # type: ignore[union-attr]
+                    return 0, None, None
+                server, instance = far[0]
+                return self.remote.steady_room(server), instance, server  # type: ignore[union-attr]
             if not replicas or len(replicas) != 1:
-                return 0, None
+                return 0, None, None
             instance = replicas[0]
         elif kind is ReplyTo:
             instance, server = address.instance, address.server  # type: ignore[union-attr]
             if server != self.server_id:
-                return (0 if self.remote is None else self.remote.steady_room(server)), None
+                return (0 if self.remote is None else self.remote.steady_room(server)), instance, server
             if not 0 <= instance < len(self._placement):
-                return 0, None
+                return 0, None, None
         else:
-            return 0, None
+            return 0, None, None
         if instance in self.local:
-            return LOCAL_ROOM, instance
+            return LOCAL_ROOM, instance, None
         if self.links is None:
-            return 0, instance
-        return self.links.steady_room(self._placement[instance][1]), instance
+            return 0, instance, None
+        return self.links.steady_room(self._placement[instance][1]), instance, None
 
-    def run_parts(self, sender: Sender, address: ToStage | ReplyTo) -> tuple[bytes, bytes, bytes]:
-        """For an ``address`` that ``steady`` sends to another process: ``(head, msgid, reply)``,
-        msgpack pieces of a run entry (``["r", INSTANCE, SENDER, COUNT, BODY]``, see
-        ``frame_received``): ``head`` is the entry up to COUNT, and BODY holds per message
-        ``msgid + msgpack bin(payload) + reply``. They stay the same for the life of the process."""
+    def run_parts(
+        self, sender: Sender, address: ToStage | ReplyTo
+    ) -> tuple[bytes, bytes, bytes, str | None, str | None]:
+        """For an ``address`` that ``steady`` sends to another process or server: ``(head, msgid,
+        reply, server, reroute)``. ``head``, ``msgid`` and ``reply`` are msgpack pieces of a run
+        entry (``["r", INSTANCE, SENDER, COUNT, BODY]``, see ``frame_received``): ``head`` is the
+        entry up to COUNT, and BODY holds per message ``msgid + msgpack bin(payload) + reply``.
+        ``server`` is the other server it goes to (None: a process of this one), ``reroute`` the
+        stage id its messages may go to instead if that server goes away. The parts stay the same
+        while the address is steady."""
+        _, instance, server = self._steady(sender, address)
         if type(address) is ToStage:
-            instance = self._replicas[address.stage if address.stage is not None else sender.stage][0]
             msgid = f"{sender.stage}:{address.msgid}" if address.tag_sender else address.msgid
             reply = self._reply(sender, address.reply)
+            reroute = address.stage if address.stage is not None else sender.stage
         else:
-            instance, msgid, reply = address.instance, address.msgid, None  # type: ignore[union-attr]
+            msgid, reply, reroute = address.msgid, None, None
         head = b"\x95" + pack_message("r") + pack_message(instance) + pack_message(self._named(sender))
-        return head, pack_message(msgid), pack_message(reply)
+        return head, pack_message(msgid), pack_message(reply), server, reroute if server is not None else None
 
     def send_run(self, group: int, entry: bytes) -> Result:
         """Send a run entry packed by its sender (see ``run_parts``) to the process of ``group``."""
         if self.links is None:
             return False, "no links to other processes"
         return self.links.send_entries(group, entry, 1)
+
+    def send_far_run(self, server: str, entry: bytes, reroute: str | None) -> Result:
+        """Send a run entry packed by its sender (see ``run_parts``) to ``server``."""
+        if self.remote is None:
+            return False, "no cluster: this server has no peers"
+        return self.remote.send(server, entry, reroute)
 
     def _reply(self, sender: Sender, reply: str | None) -> str | None:
         """The reply address for ``reply``: a message id of the sender, or a full ``^…`` address."""
@@ -465,6 +481,35 @@ class Router:
         group = self._placement[instance][1]
         return self.links.send(group, ["m", instance, msgid, payload, self._named(sender), reply])
 
+    def deliver_run(self, instance: int, sender: Sender, count: int, body: bytes) -> Result:
+        """Queue a run (``count`` messages packed in ``body``, see ``run_parts``) for one stage
+        instance of this server, here or in its process, without scheduling a drain (the caller
+        runs the queue once its network frame is queued, as ``frame_received``)."""
+        receiver = self.local.get(instance)
+        if receiver is None:
+            if self.links is None or not 0 <= instance < len(self._placement):
+                return False, f"stage instance {instance} is not in this process"
+            group = self._placement[instance][1]
+            return self.links.send(group, ["r", instance, self._named(sender), count, body])
+        queue = self._queue
+        if not receiver.runs:
+            queue.extend([(receiver, message) for message in Run(sender, body, count, self.now()).messages()])
+            return True, None
+        if queue:  # the run before it, from the same sender to the same stage: one run
+            last_receiver, last = queue[-1]
+            if (
+                last_receiver is receiver
+                and type(last) is Run
+                and last.sender is sender
+                and last.pos == 1
+                and len(last.body) + len(body) <= RUN_JOIN_BYTES
+            ):
+                last.body += body
+                last.count += count
+                return True, None
+        queue.append((receiver, Run(sender, body, count, self.now())))  # type: ignore[arg-type]
+        return True, None
+
     def _named(self, sender: Sender) -> int | list[Any]:
         """``sender`` as a frame to another process or server names it: its instance number when
         it is one of this server's stages (the object ``sender_of`` gave it; another server knows
@@ -596,30 +641,12 @@ class Router:
             self._queue.append((receiver, Message(msgid, payload, known, reply, self.now())))
         elif kind == "r":
             _, instance, sender, count, body = frame
-            receiver = self.local.get(instance)
-            if receiver is None:
+            if instance not in self.local:
                 self.log.warn("frame for stage instance {instance} that this process does not host", instance=instance)
                 return
             known = self._known_sender(sender)
-            if known is None:
-                return
-            queue = self._queue
-            if not receiver.runs:
-                queue.extend([(receiver, message) for message in Run(known, body, count, self.now()).messages()])
-                return
-            if queue:  # the run before it, from the same sender to the same stage: one run
-                last_receiver, last = queue[-1]
-                if (
-                    last_receiver is receiver
-                    and type(last) is Run
-                    and last.sender is known
-                    and last.pos == 1
-                    and len(last.body) + len(body) <= RUN_JOIN_BYTES
-                ):
-                    last.body += body
-                    last.count += count
-                    return
-            queue.append((receiver, Run(known, body, count, self.now())))  # type: ignore[arg-type]
+            if known is not None:
+                self.deliver_run(instance, known, count, body)
         elif kind == "delay":
             self.delays[group] = frame[1]
         elif kind == "lock" and self.locks is not None:

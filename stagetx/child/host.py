@@ -168,6 +168,11 @@ class StageHost:
         self.sent += count
         return self.router.send_run(group, entry)
 
+    def send_far_run(self, server: str, entry: bytes, count: int, reroute: str | None) -> Result:
+        """``count`` messages of this stage to ``server``, packed as one run entry."""
+        self.sent += count
+        return self.router.send_far_run(server, entry, reroute)
+
     def logger_for(self, group: str) -> Logger:
         return Logger(namespace=group)
 

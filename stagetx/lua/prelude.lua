@@ -42,12 +42,13 @@ local fast_pack, host_send_packed = cfg.packer and cfg.packer(null), host.send_p
 -- Their `true` is known at the call; they leave Python-ward in one call when the entry from
 -- Python ends (`end_turn`), and before any message that must cross at once, so this stage's
 -- messages keep their order. The outbox holds messages for one way at a time: to one stage in
--- another process (`out_head`, the run entry's head), a run entry (stagetx.message.Run: its head,
+-- another process or on another server (`out_head`, the run entry's head, and `out_server`), a run entry (stagetx.message.Run: its head,
 -- count and body, the body holding per message its id, the payload as msgpack bin and its reply)
 -- joined into one string, its first two slots kept for the count and the body's header;
 -- otherwise (`out_group` -1), target and payload pairs that Python routes one by one.
 local host_send_batch = host.send_batch
 local outbox, nout, out_group, out_head, out_count, out_bytes, steady, nsteady = {}, 0, -1, nil, 0, 0, {}, 0
+local out_server, out_reroute  -- the server a run goes to (nil: a process of this one), its reroute
 -- Messages sent in one call at most: lupa's cost per argument grows with their number, so
 -- target/payload pairs cost more per message past that than they save (and a run's count stays
 -- one msgpack byte).
@@ -65,23 +66,24 @@ end
 local function flush_outbox()
     local n = nout
     nout = 0
-    if out_group < 0 then
+    if out_group == -1 then
         host_send_batch(unpack(outbox, 1, n))
         return
     end
     local count, bytes = out_count, out_bytes
     out_count, out_bytes = 0, 0
     outbox[1], outbox[2] = out_head, char(count) .. bin_header(bytes)
-    host_send_batch(out_group, count, concat(outbox, "", 1, n))
+    host_send_batch(out_group, count, concat(outbox, "", 1, n), out_server, out_reroute)
     out_head = nil
     if bytes > OUTBOX_BYTES then outbox = {} end
 end
 
--- Keeps a message to a steady `route` ({room, group, head, msgid, reply}) in the outbox.
+-- Keeps a message to a steady `route` ({room, way, head, msgid, reply, server, reroute}) in the
+-- outbox.
 local function keep(route, t, payload)
     local group = route[2]
-    if group < 0 then
-        if out_group >= 0 and nout > 0 then flush_outbox() end
+    if group == -1 then
+        if out_group ~= -1 and nout > 0 then flush_outbox() end
         out_group = group
         local n = nout
         outbox[n + 1], outbox[n + 2] = t, payload
@@ -89,10 +91,10 @@ local function keep(route, t, payload)
         if nout >= 2 * OUTBOX_MAX then flush_outbox() end
         return
     end
-    local head = route[3]
-    if head ~= out_head then
+    local head, server = route[3], route[6]
+    if head ~= out_head or server ~= out_server then
         if nout > 0 then flush_outbox() end
-        out_group, out_head, nout = group, head, 2
+        out_group, out_head, out_server, out_reroute, nout = group, head, server, route[7], 2
     end
     local n, len, id, reply = nout, #payload, route[4], route[5]
     local bin = bin_header(len)
@@ -479,14 +481,14 @@ signal = function(t, ...)
     end
     if not route then payload = fast_pack and fast_pack(...) end
     if nout > 0 then flush_outbox() end
-    local ok, reason, room, group, head, id, reply
+    local ok, reason, room, group, head, id, reply, server, reroute
     if payload then
         -- the route is asked for from the second message to `t` in this entry on (false: seen once)
         local route = steady[t]
-        ok, reason, room, group, head, id, reply = host_send_packed(t, payload, route ~= nil)
+        ok, reason, room, group, head, id, reply, server, reroute = host_send_packed(t, payload, route ~= nil)
         if host_send_batch and type(t) == "string" then
             if room then
-                steady[t] = {room, group, head, id, reply}
+                steady[t] = {room, group, head, id, reply, server, reroute}
             elseif route == nil then
                 steady[t] = false
             end

@@ -68,7 +68,8 @@ def test_steady_messages_go_as_one_run_entry_and_wait_like_others_if_the_link_dr
     assert steady is not None
     room, group = steady
     assert group == 1 and 0 < room < 4096
-    head, msgid, reply = router.run_parts(sender, address)  # type: ignore[arg-type]
+    head, msgid, reply, server, reroute = router.run_parts(sender, address)  # type: ignore[arg-type]
+    assert server is None and reroute is None  # a process of this server
     body = b"".join(msgid + b"\xc4" + bytes((len(p),)) + p + reply for p in (b"\x91\x01", b"\x91\x02"))
     entry = head + b"\x02\xc4" + bytes((len(body),)) + body  # as the prelude's outbox joins it
     assert router.send_run(1, entry) == (True, None)
