@@ -485,9 +485,11 @@ class Router:
         """Queue a run (``count`` messages packed in ``body``, see ``run_parts``) for one stage
         instance of this server, here or in its process, without scheduling a drain (the caller
         runs the queue once its network frame is queued, as ``frame_received``)."""
+        if type(count) is not int or count < 1 or type(body) is not bytes:
+            return False, "a malformed run (count and body)"
         receiver = self.local.get(instance)
         if receiver is None:
-            if self.links is None or not 0 <= instance < len(self._placement):
+            if self.links is None or type(instance) is not int or not 0 <= instance < len(self._placement):
                 return False, f"stage instance {instance} is not in this process"
             group = self._placement[instance][1]
             return self.links.send(group, ["r", instance, self._named(sender), count, body])
@@ -548,8 +550,7 @@ class Router:
                     done = receiver.receive_run(message, DRAIN_CHUNK - count % DRAIN_CHUNK)
                 except Exception:
                     self.log.failure("stage {stage} failed on a run of messages", stage=receiver.stage_id)
-                    done = message.count
-                    message.count = 0
+                    done, message.count = 0, 0
                 if message.count > 0:
                     queue.appendleft((receiver, message))
                 count += done
@@ -646,7 +647,9 @@ class Router:
                 return
             known = self._known_sender(sender)
             if known is not None:
-                self.deliver_run(instance, known, count, body)
+                ok, reason = self.deliver_run(instance, known, count, body)
+                if not ok:
+                    self.log.warn("frame from group {group} dropped: {reason}", group=group, reason=reason)
         elif kind == "delay":
             self.delays[group] = frame[1]
         elif kind == "lock" and self.locks is not None:

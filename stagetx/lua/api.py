@@ -84,7 +84,9 @@ class StageAPI:
         self._late_logged = float("-inf")
         self._targets: dict[bytes, Address] = {}  # parsed signal targets, by their Lua string
         self._foreign: dict[Address, str | None] = {}  # target -> a Lua stage of another VM kind there
-        self._parts: dict[bytes, tuple[bytes, bytes, bytes, str | None, str | None]] = {}  # run parts of steady targets, by Lua string
+        self._parts: dict[
+            bytes, tuple[bytes, bytes, bytes, str | None, str | None]
+        ] = {}  # run parts of steady targets, by Lua string
         self.vm: LuaVM
         self.loader: ScriptLoader
 

@@ -229,3 +229,14 @@ def test_a_luajit_stage_gets_its_runs_decoded_by_python_with_the_same_counts(tmp
     assert capture.text().count("message 'n' dropped") == 1
     stage.take_times()
     assert stage.errors == 1 and stage.received == 3 and sum(stage.latency) == 3
+
+
+def test_a_run_entry_of_the_wrong_shape_is_dropped_logged_and_the_stage_serves_on(tmp_path: Path) -> None:
+    host, _ = start(tmp_path)
+    with LogCapture() as capture:
+        for bad in (["r", 0, B, "2", body(("n", (1,), None))], ["r", 0, B, 1, "n"], ["r", 0, B, 0, b""]):
+            host.router.frame_received(1, bad)
+        host.router.run_queue()
+        arrive(host, body(("n", (2,), None)))
+    assert capture.text().count("dropped: a malformed run") == 3
+    assert said(capture, "n") == [["2"]]
