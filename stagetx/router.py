@@ -539,7 +539,7 @@ class Router:
         self.turn = self._turns
         queue = self._queue
         started = self.now()
-        count = 0
+        count = chunk = chunks = 0  # messages handled in this turn, in its chunk; chunks ended
         batching: set[Receiver] = set()  # stages to tell that this chunk ended
         while queue:
             receiver, message = queue.popleft()
@@ -547,19 +547,18 @@ class Router:
                 batching.add(receiver)
             if type(message) is Run:
                 try:
-                    done = receiver.receive_run(message, DRAIN_CHUNK - count % DRAIN_CHUNK)
+                    done = receiver.receive_run(message, DRAIN_CHUNK - chunk)
                 except Exception:
                     self.log.failure("stage {stage} failed on a run of messages", stage=receiver.stage_id)
                     done, message.count = 0, 0
                 if message.count > 0:
                     queue.appendleft((receiver, message))
-                count += done
             else:
                 # the messages after it to the same stage, up to the chunk's end, go in the same call
                 run = None
                 if queue and queue[0][0] is receiver and hasattr(receiver, "receive_batch"):
                     run = [message]
-                    room = DRAIN_CHUNK - count % DRAIN_CHUNK - 1
+                    room = DRAIN_CHUNK - chunk - 1
                     while room and queue and queue[0][0] is receiver and type(queue[0][1]) is Message:
                         run.append(queue.popleft()[1])
                         room -= 1
@@ -572,15 +571,17 @@ class Router:
                     self.log.failure(
                         "stage {stage} failed on message {msgid!r}", stage=receiver.stage_id, msgid=message.msgid
                     )
-                if run is None:
-                    count += 1
-                else:
-                    count += len(run)
+                done = 1 if run is None else len(run)
+                if run is not None:
                     message = run[-1]
-            if count % DRAIN_CHUNK == 0:
+            count += done
+            chunk += done
+            if chunk >= DRAIN_CHUNK:  # a run whose handlers sent nothing may go past it
+                chunk = 0
+                chunks += 1
                 if queue:
                     self._end_chunk(batching)
-                if count & 63 == 0:
+                if chunks & 3 == 0 or done > DRAIN_CHUNK:
                     now = self.now()
                     self.delay = 0.8 * self.delay + 0.2 * (now - message.enqueued)
                     if now - started > DRAIN_SLICE:

@@ -80,7 +80,9 @@ end
 
 -- Keeps a message to a steady `route` ({room, way, head, msgid, reply, server, reroute}) in the
 -- outbox.
+local sent = 0  -- messages signalled out of this stage (not local): runs read on while it stays
 local function keep(route, t, payload)
+    sent = sent + 1
     local group = route[2]
     if group == -1 then
         if out_group ~= -1 and nout > 0 then flush_outbox() end
@@ -480,6 +482,7 @@ signal = function(t, ...)
         end
     end
     if not route then payload = fast_pack and fast_pack(...) end
+    sent = sent + 1
     if nout > 0 then flush_outbox() end
     local ok, reason, room, group, head, id, reply, server, reroute
     if payload then
@@ -767,6 +770,7 @@ local bins, run_busy = {}, 0
 for i = 1, nbuckets + 1 do bins[i] = 0 end
 local run_waitfor, run_waitfor_count, tickets, ntickets = {}, 0, {}, 0
 local NO_REPLY = {}  -- the key of "no reply" in run_waitfor
+local RUN_READ_MAX = 256
 
 local function str_at(s, p, len)  -- the msgpack str at position p, and the position after it
     local b = byte(s, p)
@@ -839,16 +843,18 @@ local function run_dispatch(msgid, sender, reply, payload)
     if not ok then report("handler", msgid, err) end
 end
 
--- Delivers up to `limit` messages of a run from position `pos` of `body`, each its own entry (its
--- own budget, its local messages drained after it) as if delivered alone; stops after the message
--- that ran past `slice`. `turn` numbers the router's drain turn (see `steady_turn`). Returns the position after the last message delivered (-1: the body is
+-- Delivers up to `limit` messages of a run from position `pos` of `body` (up to RUN_READ_MAX
+-- while their handlers send nothing out of the stage: `limit` is the end of the router's drain
+-- chunk, after which what the handlers sent leaves), each its own entry (its own budget, its local
+-- messages drained after it) as if delivered alone; stops after the message that ran past `slice`. `turn` numbers the router's drain turn (see `steady_turn`). Returns the position after the last message delivered (-1: the body is
 -- malformed there), how many were delivered, then the id and seconds of each that took `slow` or
 -- longer.
 function core.deliver_run(started, turn, sender, body, pos, limit, slow)
     begin_turn(turn)
     local len, n, t = #body, 0, started
     local slow_ones, nslow = nil, 0
-    while n < limit and pos <= len do
+    local quiet = sent  -- while the handlers send nothing out, the run goes on past `limit`
+    while (n < limit or sent == quiet and n < RUN_READ_MAX) and pos <= len do
         local msgid, payload, reply, p
         msgid, p = str_at(body, pos, len)
         if p then payload, p = bin_at(body, p, len) end

@@ -81,3 +81,48 @@ def test_steady_messages_go_as_one_run_entry_and_wait_like_others_if_the_link_dr
     assert router.steady(sender, parse_target("b:x=back")) is None
     assert router.send_run(1, entry) == (True, None)
     assert [list(frame) for frame in links._pending[1]] == [["r", 1, 0, 2, body]]
+
+
+def _messages(frames: list[Any]) -> list[tuple[Any, ...]]:
+    """``(kind, instance, msgid, sender)`` of every message of ``frames``, runs opened."""
+    out: list[tuple[Any, ...]] = []
+    for frame in frames:
+        if frame[0] == "r":
+            fields = unpack_entries(frame[4])
+            out += [("r", frame[1], fields[i], frame[2]) for i in range(0, len(fields), 3)]
+        else:
+            out.append(
+                (frame[0], frame[1], frame[2] if frame[0] == "m" else None, frame[4] if frame[0] == "m" else None)
+            )
+    return out
+
+
+def test_messages_routed_in_python_to_one_stage_of_another_process_leave_as_runs_in_order(tmp_path: Any) -> None:
+    clock = Clock()
+    router = Router("srv", 0, [("a", 0), ("b", 1), ("c", 1), ("d", 0)], clock, clock.seconds)
+    links = ProcessLinks(router, str(tmp_path), 2, b"secret", clock, 1 << 20)
+    pair = LinkPair()
+    pair.pump()
+    links.connected(1, pair.client)
+    a, d = router.sender_of(0), router.sender_of(3)
+    for _ in range(40):
+        assert router.send(a, parse_target("b:x"), b"\x91\x01") == (True, None)
+    assert router.send(d, parse_target("b:y"), b"\x91\x02") == (True, None)  # another sender
+    assert router.send(a, parse_target("c:z"), b"\x91\x03") == (True, None)  # another stage
+    assert links.send(1, ["delay", 0.5]) == (True, None)  # any other frame: after them
+    assert router.send(a, parse_target("c:w"), b"\xc4" + b"\x00" * 20000) == (True, None)  # too big for a run
+    clock.advance(0)  # the end of the reactor turn: the run being built leaves
+    pair.pump()
+    got = pair.server_handler.messages
+    assert [len(unpack_entries(f[4])) // 3 for f in got if f[0] == "r"] == [32, 8, 1, 1]
+    assert _messages(got) == [
+        *[("r", 1, "x", 0)] * 40,
+        ("r", 1, "y", 3),
+        ("r", 2, "z", 0),
+        ("delay", 0.5, None, None),
+        ("m", 2, "w", 0),
+    ]
+    assert router.send(a, parse_target("b:x"), b"\x91\x04") == (True, None)
+    pair.client.connectionLost(Failure(ConnectionDone()))  # dropped within the turn: it waits
+    links.disconnected(1, pair.client)
+    assert [frame[2] for frame in links._pending[1]] == ["x"]
