@@ -504,10 +504,9 @@ class Router:
                 and type(last) is Run
                 and last.sender is sender
                 and last.pos == 1
-                and len(last.body) + len(body) <= RUN_JOIN_BYTES
+                and last.size + len(body) <= RUN_JOIN_BYTES
             ):
-                last.body += body
-                last.count += count
+                last.add(body, count)
                 return True, None
         queue.append((receiver, Run(sender, body, count, self.now())))  # type: ignore[arg-type]
         return True, None

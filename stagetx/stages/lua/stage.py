@@ -398,8 +398,9 @@ class Stage:
             return len(messages)
         sender = self._sender_table(vm, run.sender)
         turn = self.context.router.turn
-        pos, done, *slow = vm.deliver_run(turn, sender, run.body, run.pos, min(limit, run.count), self._slow())
-        if pos < 0 or (pos > len(run.body) and run.count > done):
+        body = run.body
+        pos, done, *slow = vm.deliver_run(turn, sender, body, run.pos, min(limit, run.count), self._slow())
+        if pos < 0 or (pos > len(body) and run.count > done):
             self.log.error(
                 "a run of {count} messages from {sender} is malformed: {lost} of them dropped",
                 count=run.count,
