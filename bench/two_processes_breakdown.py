@@ -156,6 +156,7 @@ def measure(process: ProcessHost) -> None:
         run_entry("echo", "^srv/1/pong", RUN),
         run_entry("echo", "^srv/1/pong", 1),
     )
+    long_pings = ["r", 0, 1, 16 * RUN, pings[4] * 16]
 
     def runs_received(entry: list[Any]) -> Callable[[], None]:
         def received() -> None:
@@ -168,6 +169,7 @@ def measure(process: ProcessHost) -> None:
     gc.disable()
     rows = [
         ("receive: a run of 16, frame_received to handler", per_message(runs_received(pings))),
+        ("receive: a run of 256, frame_received to handler", per_message(runs_received(long_pings))),
         ("receive: a run of 16 requests, frame_received to the replies sent", per_message(runs_received(echoes))),
         ("receive: a run of 1 request, frame_received to the reply sent", per_message(runs_received(echo))),
         ("receive: frame tag and msgpack decode (a frame of 16)", per_message(frame_decode)),

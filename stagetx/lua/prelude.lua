@@ -843,52 +843,90 @@ local function run_dispatch(msgid, sender, reply, payload)
     if not ok then report("handler", msgid, err) end
 end
 
--- Delivers up to `limit` messages of a run from position `pos` of `body` (up to RUN_READ_MAX
--- while their handlers send nothing out of the stage: `limit` is the end of the router's drain
--- chunk, after which what the handlers sent leaves), each its own entry (its own budget, its local
--- messages drained after it) as if delivered alone; stops after the message that ran past `slice`. `turn` numbers the router's drain turn (see `steady_turn`). Returns the position after the last message delivered (-1: the body is
--- malformed there), how many were delivered, then the id and seconds of each that took `slow` or
--- longer.
-function core.deliver_run(started, turn, sender, body, pos, limit, slow)
-    begin_turn(turn)
-    local len, n, t = #body, 0, started
-    local slow_ones, nslow = nil, 0
-    local quiet = sent  -- while the handlers send nothing out, the run goes on past `limit`
-    while (n < limit or sent == quiet and n < RUN_READ_MAX) and pos <= len do
+-- The run being delivered (core.deliver_run), read by `read_run` inside one protected call.
+local r_body, r_len, r_pos, r_n, r_limit, r_quiet, r_started, r_t, r_sender, r_slow
+local r_msgid, r_bad, r_slow_ones, r_nslow
+
+-- Counts the message just handled (its time since `r_t`) and says whether the slice is used up.
+local function run_counted()
+    local t2 = now()
+    local e = t2 - r_t
+    run_busy = run_busy + e
+    local b = 1
+    while b <= nbuckets and e > buckets[b] do b = b + 1 end
+    bins[b] = bins[b] + 1
+    if e >= r_slow then
+        r_slow_ones = r_slow_ones or {}
+        r_slow_ones[r_nslow + 1], r_slow_ones[r_nslow + 2] = r_msgid, e
+        r_nslow = r_nslow + 2
+    end
+    r_n, r_t = r_n + 1, t2
+    return t2 - r_started > slice
+end
+
+-- What `leave` does after an entry, for one message of a run: its local messages and finalizers
+-- run after it, under its deadline, unless it ran out of budget (then in a turn of their own).
+local function run_after()
+    if expired then
+        schedule_drain()
+    else
+        if nfinal > 0 then finalize() end
+        if qhead <= qtail and not expired then drain() end
+    end
+end
+
+local function read_run()
+    local body, len, sender = r_body, r_len, r_sender
+    while (r_n < r_limit or sent == r_quiet and r_n < RUN_READ_MAX) and r_pos <= len do
         local msgid, payload, reply, p
-        msgid, p = str_at(body, pos, len)
+        msgid, p = str_at(body, r_pos, len)
         if p then payload, p = bin_at(body, p, len) end
         if p then
             if byte(body, p) == 0xc0 then p = p + 1 else reply, p = str_at(body, p, len) end
         end
         if not p then
-            end_turn()
-            return -1, n
+            r_bad = true
+            return
         end
-        pos = p
-        depth = depth + 1
+        r_pos, r_msgid = p, msgid
         expired = false
-        local d = t + budget
-        local ok, err = leave(d, xpcall(under, deadline_error, d, run_dispatch, msgid, sender, reply, payload))
-        if not ok then report("handler", msgid, err) end
-        local t2 = now()
-        local e = t2 - t
-        run_busy = run_busy + e
-        local b = 1
-        while b <= nbuckets and e > buckets[b] do b = b + 1 end
-        bins[b] = bins[b] + 1
-        if e >= slow then
-            slow_ones = slow_ones or {}
-            slow_ones[nslow + 1], slow_ones[nslow + 2] = msgid, e
-            nslow = nslow + 2
-        end
-        n = n + 1
-        t = t2
-        if t - started > slice then break end
+        deadline = r_t + budget
+        run_dispatch(msgid, sender, reply, payload)
+        if qhead <= qtail or nfinal > 0 then run_after() end
+        deadline = huge
+        if run_counted() then return end
     end
+end
+
+-- Delivers up to `limit` messages of a run from position `pos` of `body` (up to RUN_READ_MAX
+-- while their handlers send nothing out of the stage: `limit` is the end of the router's drain
+-- chunk, after which what the handlers sent leaves), each as if delivered alone: its own budget
+-- deadline, its errors reported with its id, its local messages drained after it. The loop is
+-- protected once; an error outside a handler (the budget hook met in this code) is reported with
+-- the message's id and the loop goes on with the next one. Stops after the message that ran past
+-- `slice`. `turn` numbers the router's drain turn (see `steady_turn`). Returns the position after
+-- the last message delivered (-1: the body is malformed there), how many were delivered, then the
+-- id and seconds of each that took `slow` or longer.
+function core.deliver_run(started, turn, sender, body, pos, limit, slow)
+    begin_turn(turn)
+    r_body, r_len, r_pos, r_n, r_limit, r_quiet = body, #body, pos, 0, limit, sent
+    r_started, r_t, r_sender, r_slow, r_bad, r_slow_ones, r_nslow = started, started, sender, slow, false, nil, 0
+    depth = depth + 1
+    while true do
+        local ok, err = xpcall(read_run, deadline_error)
+        if ok then break end
+        deadline = huge
+        report("handler", r_msgid, err)
+        if expired then schedule_drain() end
+        if run_counted() then break end
+    end
+    depth = depth - 1
+    deadline, expired = huge, false
+    r_body, r_sender = nil, nil
     end_turn()
-    if slow_ones then return pos, n, unpack(slow_ones, 1, nslow) end
-    return pos, n
+    local n = r_bad and -1 or r_pos
+    if r_slow_ones then return n, r_n, unpack(r_slow_ones, 1, r_nslow) end
+    return n, r_n
 end
 
 -- The handler times of runs since the last call: seconds in all, then the count per bucket.

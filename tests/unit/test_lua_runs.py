@@ -32,6 +32,8 @@ stage.waitfor("count", function(...) log4cxx.info("count", select("#", ...), ...
 stage.waitfor("who", function() log4cxx.info("who", _WAITFOR[0], _WAITFOR[1].stage, tostring(_WAITFOR[2])) end)
 stage.waitfor("echo", function(i) return i end)
 stage.waitfor("fail", function() error("no") end)
+stage.waitfor("post", function(i) log4cxx.info("post", i); stage.signal("later", i) end)
+stage.waitfor("later", function(i) log4cxx.info("later", i) end)
 """
 B = 1  # the sender: stage b, instance 1, in the process of group 1
 
@@ -253,3 +255,11 @@ def test_a_run_entry_of_the_wrong_shape_is_dropped_logged_and_the_stage_serves_o
         arrive(host, body(("n", (2,), None)))
     assert capture.text().count("dropped: a malformed run") == 3
     assert said(capture, "n") == [["2"]]
+
+
+def test_local_messages_a_handler_posts_run_after_its_message_before_the_next(tmp_path: Path) -> None:
+    host, _ = start(tmp_path)
+    with LogCapture() as capture:
+        arrive(host, body(("post", (1,), None), ("post", (2,), None), ("n", (3,), None)))
+    rows = [line.split("\t") for line in capture.lines("stage.a")]
+    assert rows == [["post", "1"], ["later", "1"], ["post", "2"], ["later", "2"], ["n", "3"]]
