@@ -122,7 +122,7 @@ def measure(process: ProcessHost) -> None:
 
     def received_lua_stubbed() -> None:
         real = vm.deliver_batch
-        vm.deliver_batch = lambda args: (0.0,) * (len(args) // 5)
+        vm.deliver_batch = lambda turn, args: (0.0,) * (len(args) // 5)
         try:
             received()
         finally:
@@ -134,7 +134,7 @@ def measure(process: ProcessHost) -> None:
 
     def lua_delivered() -> None:
         for _ in range(N // RUN):
-            vm.deliver_batch(args)
+            vm.deliver_batch(router.turn, args)
 
     loop = vm.lua.eval("function(f, v, n) for _ = 1, n do f(v) end end")
     unpacker = vm.lua.execute("return load(...)()", _read_lua_file("unpack.lua").encode(), b"@unpack.lua")
@@ -145,8 +145,33 @@ def measure(process: ProcessHost) -> None:
             stage.send("a:send", 2000)
             router.run_queue()
 
+    def run_entry(msgid: str, reply: str | None, count: int) -> list[Any]:
+        fields = b"".join(
+            msgpack.packb(msgid) + msgpack.packb(p, use_bin_type=True) + msgpack.packb(reply) for p in payloads[:count]
+        )
+        return ["r", 0, 1, count, fields]
+
+    pings, echoes, echo = (
+        run_entry("ping", None, RUN),
+        run_entry("echo", "^srv/1/pong", RUN),
+        run_entry("echo", "^srv/1/pong", 1),
+    )
+    long_pings = ["r", 0, 1, 16 * RUN, pings[4] * 16]
+
+    def runs_received(entry: list[Any]) -> Callable[[], None]:
+        def received() -> None:
+            for _ in range(N // entry[3]):
+                router.frame_received(1, entry)
+                router.run_queue()
+
+        return received
+
     gc.disable()
     rows = [
+        ("receive: a run of 16, frame_received to handler", per_message(runs_received(pings))),
+        ("receive: a run of 256, frame_received to handler", per_message(runs_received(long_pings))),
+        ("receive: a run of 16 requests, frame_received to the replies sent", per_message(runs_received(echoes))),
+        ("receive: a run of 1 request, frame_received to the reply sent", per_message(runs_received(echo))),
         ("receive: frame tag and msgpack decode (a frame of 16)", per_message(frame_decode)),
         ("receive: Router.frame_received (Message, run queue)", per_message(frames_queued)),
         ("  of which the Message", per_message(messages_made)),

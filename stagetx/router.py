@@ -34,7 +34,7 @@ from stagetx.address import (
 from stagetx.cluster.directory import Replica, Routes, cluster_address
 from stagetx.codec import unpack_py
 from stagetx.locks import LockTable, Turn
-from stagetx.message import Message, Sender
+from stagetx.message import CLUSTER_WAY, Message, Run, Sender
 from stagetx.wire import pack_message
 
 #: The lock authority of a server is the process of its first #startup group.
@@ -52,6 +52,10 @@ DRAIN_SLICE = 0.020
 #: (whole-turn batches kept two busy processes in lock step, each idle half the time).
 DRAIN_CHUNK = 16
 
+#: Consecutive runs from one sender to one stage are joined while queued, up to this many bytes:
+#: a stage answering a run of requests sends its answers as one run, so runs that arrive split
+#: would otherwise stay split, one crossing into Lua each.
+RUN_JOIN_BYTES = 65536
 #: What ``steady_room`` allows for a stage of this process: a local message has no frame limit.
 LOCAL_ROOM = 1 << 40
 
@@ -70,6 +74,11 @@ class Receiver(Protocol):
     # A receiver may also take a run of messages in one call: ``receive_batch(messages)``.
 
     batches: bool  # True when the stage wants ``turn_ended`` after each drain turn it took part in
+    runs: bool  # True when the stage takes runs (``receive_run``) rather than their messages one by one
+
+    def receive_run(self, run: Run, limit: int) -> int:
+        """Deliver up to ``limit`` messages of ``run`` from ``run.pos`` on (advancing it); returns
+        how many were delivered, at least one."""
 
     def turn_ended(self) -> None: ...
 
@@ -94,9 +103,10 @@ class Remote(Protocol):
     routes: Routes
 
     def send(
-        self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None
+        self, server_id: str, frame: list[Any] | bytes, reroute: str | None = None, deadline: float | None = None
     ) -> Result:
-        """Send ``frame`` to server ``server_id``; ``reroute``: the stage id it may go to instead."""
+        """Send ``frame`` (bytes: packed already) to server ``server_id``; ``reroute``: the stage id
+        it may go to instead."""
 
     def process_frame(self, group: int, frame: list[Any]) -> None:
         """A cluster frame (``cx``, ``croutes``) from another process of this server."""
@@ -149,6 +159,10 @@ class Router:
         self._queue: deque[tuple[Receiver, Message]] = deque()
         self._drain_call: IDelayedCall | None = None
         self._draining = False
+        #: The number of the drain turn running, None outside one: entries into a Lua stage of
+        #: one turn keep their steady routes across each other (the reactor does not run meanwhile).
+        self.turn: int | None = None
+        self._turns = 0
         self._unknown: set[str] = set()
         self._senders: dict[tuple[Any, ...], Sender] = {}  # frames name senders as lists
         # every stage of this server as a sender; a message frame between this server's processes
@@ -202,25 +216,27 @@ class Router:
         return self._steady(sender, address)[0]
 
     def steady(self, sender: Sender, address: Address) -> tuple[int, int] | None:
-        """``(room, group)`` for an ``address`` that ``steady_room`` calls steady, else None:
-        ``group`` is the process whose link carries it when that is another process of this
-        server (its frame entries can be packed beforehand, see ``frame_parts``), -1 for one
-        routed message by message."""
-        room, instance = self._steady(sender, address)
+        """``(room, way)`` for an ``address`` that ``steady_room`` calls steady, else None:
+        ``way`` is the process whose link carries it when that is another process of this server,
+        ``CLUSTER_WAY`` for a stage of another server (messages to either can be packed
+        beforehand as a run, see ``run_parts``), -1 for a stage of this process."""
+        room, instance, server = self._steady(sender, address)
         if not room:
             return None
-        if instance is None or instance in self.local:
+        if server is not None:
+            return room, CLUSTER_WAY
+        if instance in self.local:
             return room, -1
-        return room, self._placement[instance][1]
+        return room, self._placement[instance][1]  # type: ignore[index]
 
-    def _steady(self, sender: Sender, address: Address) -> tuple[int, int | None]:
-        """``steady_room``, and the stage instance of this server the address reaches (None when
-        it is on another server)."""
+    def _steady(self, sender: Sender, address: Address) -> tuple[int, int | None, str | None]:
+        """``steady_room``, the stage instance the address reaches, and the server that has it
+        (None: this one)."""
         kind = type(address)
         if kind is ToStage:
             scope = address.scope  # type: ignore[union-attr]
             if scope is Scope.ALL:
-                return 0, None
+                return 0, None, None
             stage_id = address.stage if address.stage is not None else sender.stage  # type: ignore[union-attr]
             replicas = self._replicas.get(stage_id)
             far = self._remote_targets(stage_id, scope, bool(replicas))  # as ``_to_stage`` asks
@@ -228,44 +244,57 @@ class Router:
                 replicas = None
             if far:  # only one server has it, and not this one: no choice to make
                 if replicas or len(far) != 1:
-                    return 0, None
-                return self.remote.steady_room(far[0][0]), None  # type: ignore[union-attr]
+                    return 0, None, None
+                server, instance = far[0]
+                return self.remote.steady_room(server), instance, server  # type: ignore[union-attr]
             if not replicas or len(replicas) != 1:
-                return 0, None
+                return 0, None, None
             instance = replicas[0]
         elif kind is ReplyTo:
             instance, server = address.instance, address.server  # type: ignore[union-attr]
             if server != self.server_id:
-                return (0 if self.remote is None else self.remote.steady_room(server)), None
+                return (0 if self.remote is None else self.remote.steady_room(server)), instance, server
             if not 0 <= instance < len(self._placement):
-                return 0, None
+                return 0, None, None
         else:
-            return 0, None
+            return 0, None, None
         if instance in self.local:
-            return LOCAL_ROOM, instance
+            return LOCAL_ROOM, instance, None
         if self.links is None:
-            return 0, instance
-        return self.links.steady_room(self._placement[instance][1]), instance
+            return 0, instance, None
+        return self.links.steady_room(self._placement[instance][1]), instance, None
 
-    def frame_parts(self, sender: Sender, address: ToStage | ReplyTo) -> tuple[bytes, bytes]:
-        """For an ``address`` that ``steady`` sends to another process: ``head + msgpack
-        bin(payload) + tail`` is a message's frame entry as ``deliver`` makes it, ready for
-        ``send_entries``. The parts stay the same for the life of the process."""
+    def run_parts(
+        self, sender: Sender, address: ToStage | ReplyTo
+    ) -> tuple[bytes, bytes, bytes, str | None, str | None]:
+        """For an ``address`` that ``steady`` sends to another process or server: ``(head, msgid,
+        reply, server, reroute)``. ``head``, ``msgid`` and ``reply`` are msgpack pieces of a run
+        entry (``["r", INSTANCE, SENDER, COUNT, BODY]``, see ``frame_received``): ``head`` is the
+        entry up to COUNT, and BODY holds per message ``msgid + msgpack bin(payload) + reply``.
+        ``server`` is the other server it goes to (None: a process of this one), ``reroute`` the
+        stage id its messages may go to instead if that server goes away. The parts stay the same
+        while the address is steady."""
+        _, instance, server = self._steady(sender, address)
         if type(address) is ToStage:
-            instance = self._replicas[address.stage if address.stage is not None else sender.stage][0]
             msgid = f"{sender.stage}:{address.msgid}" if address.tag_sender else address.msgid
             reply = self._reply(sender, address.reply)
+            reroute = address.stage if address.stage is not None else sender.stage
         else:
-            instance, msgid, reply = address.instance, address.msgid, None  # type: ignore[union-attr]
-        head = b"\x96" + pack_message("m") + pack_message(instance) + pack_message(msgid)
-        return head, pack_message(self._named(sender)) + pack_message(reply)
+            msgid, reply, reroute = address.msgid, None, None
+        head = b"\x95" + pack_message("r") + pack_message(instance) + pack_message(self._named(sender))
+        return head, pack_message(msgid), pack_message(reply), server, reroute if server is not None else None
 
-    def send_entries(self, group: int, entries: bytes, count: int) -> Result:
-        """Send ``count`` message frame entries, packed back to back (see ``steady``), to the
-        process of ``group``."""
+    def send_run(self, group: int, entry: bytes) -> Result:
+        """Send a run entry packed by its sender (see ``run_parts``) to the process of ``group``."""
         if self.links is None:
             return False, "no links to other processes"
-        return self.links.send_entries(group, entries, count)
+        return self.links.send_entries(group, entry, 1)
+
+    def send_far_run(self, server: str, entry: bytes, reroute: str | None) -> Result:
+        """Send a run entry packed by its sender (see ``run_parts``) to ``server``."""
+        if self.remote is None:
+            return False, "no cluster: this server has no peers"
+        return self.remote.send(server, entry, reroute)
 
     def _reply(self, sender: Sender, reply: str | None) -> str | None:
         """The reply address for ``reply``: a message id of the sender, or a full ``^…`` address."""
@@ -452,6 +481,36 @@ class Router:
         group = self._placement[instance][1]
         return self.links.send(group, ["m", instance, msgid, payload, self._named(sender), reply])
 
+    def deliver_run(self, instance: int, sender: Sender, count: int, body: bytes) -> Result:
+        """Queue a run (``count`` messages packed in ``body``, see ``run_parts``) for one stage
+        instance of this server, here or in its process, without scheduling a drain (the caller
+        runs the queue once its network frame is queued, as ``frame_received``)."""
+        if type(count) is not int or count < 1 or type(body) is not bytes:
+            return False, "a malformed run (count and body)"
+        receiver = self.local.get(instance)
+        if receiver is None:
+            if self.links is None or type(instance) is not int or not 0 <= instance < len(self._placement):
+                return False, f"stage instance {instance} is not in this process"
+            group = self._placement[instance][1]
+            return self.links.send(group, ["r", instance, self._named(sender), count, body])
+        queue = self._queue
+        if not receiver.runs:
+            queue.extend([(receiver, message) for message in Run(sender, body, count, self.now()).messages()])
+            return True, None
+        if queue:  # the run before it, from the same sender to the same stage: one run
+            last_receiver, last = queue[-1]
+            if (
+                last_receiver is receiver
+                and type(last) is Run
+                and last.sender is sender
+                and last.pos == 1
+                and last.size + len(body) <= RUN_JOIN_BYTES
+            ):
+                last.add(body, count)
+                return True, None
+        queue.append((receiver, Run(sender, body, count, self.now())))  # type: ignore[arg-type]
+        return True, None
+
     def _named(self, sender: Sender) -> int | list[Any]:
         """``sender`` as a frame to another process or server names it: its instance number when
         it is one of this server's stages (the object ``sender_of`` gave it; another server knows
@@ -475,46 +534,60 @@ class Router:
     def _drain(self) -> None:
         self._drain_call = None
         self._draining = True
+        self._turns += 1
+        self.turn = self._turns
         queue = self._queue
         started = self.now()
-        count = 0
+        count = chunk = chunks = 0  # messages handled in this turn, in its chunk; chunks ended
         batching: set[Receiver] = set()  # stages to tell that this chunk ended
         while queue:
             receiver, message = queue.popleft()
             if receiver.batches:
                 batching.add(receiver)
-            # the messages after it to the same stage, up to the chunk's end, go in the same call
-            run = None
-            if queue and queue[0][0] is receiver and hasattr(receiver, "receive_batch"):
-                run = [message]
-                room = DRAIN_CHUNK - count % DRAIN_CHUNK - 1
-                while room and queue and queue[0][0] is receiver:
-                    run.append(queue.popleft()[1])
-                    room -= 1
-            try:
-                if run is None:
-                    receiver.receive(message)
-                else:
-                    receiver.receive_batch(run)  # type: ignore[attr-defined]
-            except Exception:
-                self.log.failure(
-                    "stage {stage} failed on message {msgid!r}", stage=receiver.stage_id, msgid=message.msgid
-                )
-            if run is None:
-                count += 1
+            if type(message) is Run:
+                try:
+                    done = receiver.receive_run(message, DRAIN_CHUNK - chunk)
+                except Exception:
+                    self.log.failure("stage {stage} failed on a run of messages", stage=receiver.stage_id)
+                    done, message.count = 0, 0
+                if message.count > 0:
+                    queue.appendleft((receiver, message))
             else:
-                count += len(run)
-                message = run[-1]
-            if count % DRAIN_CHUNK == 0:
+                # the messages after it to the same stage, up to the chunk's end, go in the same call
+                run = None
+                if queue and queue[0][0] is receiver and hasattr(receiver, "receive_batch"):
+                    run = [message]
+                    room = DRAIN_CHUNK - chunk - 1
+                    while room and queue and queue[0][0] is receiver and type(queue[0][1]) is Message:
+                        run.append(queue.popleft()[1])
+                        room -= 1
+                try:
+                    if run is None:
+                        receiver.receive(message)
+                    else:
+                        receiver.receive_batch(run)  # type: ignore[attr-defined]
+                except Exception:
+                    self.log.failure(
+                        "stage {stage} failed on message {msgid!r}", stage=receiver.stage_id, msgid=message.msgid
+                    )
+                done = 1 if run is None else len(run)
+                if run is not None:
+                    message = run[-1]
+            count += done
+            chunk += done
+            if chunk >= DRAIN_CHUNK:  # a run whose handlers sent nothing may go past it
+                chunk = 0
+                chunks += 1
                 if queue:
                     self._end_chunk(batching)
-                if count & 63 == 0:
+                if chunks & 3 == 0 or done > DRAIN_CHUNK:
                     now = self.now()
                     self.delay = 0.8 * self.delay + 0.2 * (now - message.enqueued)
                     if now - started > DRAIN_SLICE:
                         break
         self._end_chunk(batching)
         self._draining = False
+        self.turn = None
         if queue:
             if self._drain_call is None:  # a handler's local message may have scheduled one already
                 self._drain_call = self.clock.callLater(0, self._drain)
@@ -563,14 +636,20 @@ class Router:
             if receiver is None:
                 self.log.warn("frame for stage instance {instance} that this process does not host", instance=instance)
                 return
-            if type(sender) is int:
-                if not 0 <= sender < len(self._own):
-                    self.log.warn("frame from unknown stage instance {sender}", sender=sender)
-                    return
-                known = self._own[sender]
-            else:
-                known = self.named_sender(sender)
+            known = self._known_sender(sender)
+            if known is None:
+                return
             self._queue.append((receiver, Message(msgid, payload, known, reply, self.now())))
+        elif kind == "r":
+            _, instance, sender, count, body = frame
+            if instance not in self.local:
+                self.log.warn("frame for stage instance {instance} that this process does not host", instance=instance)
+                return
+            known = self._known_sender(sender)
+            if known is not None:
+                ok, reason = self.deliver_run(instance, known, count, body)
+                if not ok:
+                    self.log.warn("frame from group {group} dropped: {reason}", group=group, reason=reason)
         elif kind == "delay":
             self.delays[group] = frame[1]
         elif kind == "lock" and self.locks is not None:
@@ -579,6 +658,16 @@ class Router:
             self.remote.process_frame(group, frame)
         else:
             self.log.warn("unknown frame kind {kind!r} from group {group}", kind=kind, group=group)
+
+    def _known_sender(self, named: int | list[Any]) -> Sender | None:
+        """The sender a frame from another process names (see ``deliver``); None, logged, for an
+        instance number this server does not have."""
+        if type(named) is int:
+            if not 0 <= named < len(self._own):
+                self.log.warn("frame from unknown stage instance {sender}", sender=named)
+                return None
+            return self._own[named]
+        return self.named_sender(named)  # type: ignore[arg-type]
 
     def named_sender(self, named: list[Any]) -> Sender:
         """The ``Sender`` a frame names as ``[server, group, stage, instance]``, kept (at most

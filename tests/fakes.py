@@ -15,9 +15,10 @@ from stagetx.wire import Link, LinkClientFactory, LinkServerFactory, unpack_entr
 
 
 class RecordingStage:
-    """A router receiver that keeps every message it gets."""
+    """A router receiver that keeps every message it gets (a run's one by one)."""
 
     batches = False
+    runs = False
 
     def __init__(self, instance: int, stage_id: str, server: str = "srv") -> None:
         self.instance = instance

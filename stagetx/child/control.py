@@ -79,6 +79,7 @@ def stage_stats(stage: StageHost) -> dict[str, Any]:
     """One stage's counters, as the snapshot and ``stat`` carry them."""
     lua = lua_stage(stage)
     inner: Any = stage.stage
+    stage.take_times()
     stats: dict[str, Any] = {
         "name": stage.name,
         "type": stage.config.type,

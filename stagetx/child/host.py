@@ -27,15 +27,13 @@ from twisted.python.failure import Failure
 from stagetx.address import Address, AddressError, ReplyTo, parse_target
 from stagetx.codec import pack_py
 from stagetx.config import ServerConfig, StageConfig
-from stagetx.message import Message
+from stagetx.message import LATENCY_BUCKETS, Message, Run
 from stagetx.router import Result, Router
 from stagetx.shared import ProcessShared
 from stagetx.stages.registry import stage_type
 
 #: Errors (with file and line) each stage keeps for ``stat`` and the dashboard.
 LAST_ERRORS = 10
-#: Upper bounds (s) of the handler-time histogram each stage keeps (the last bucket is unbounded).
-LATENCY_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 class ProcessServices:
@@ -116,6 +114,8 @@ class StageHost:
         self.stage = stage_type(config.type).stage(self, config)
         self.batches = hasattr(self.stage, "turn_ended")
         self._receive_batch = getattr(self.stage, "receive_batch", None)
+        self._receive_run = getattr(self.stage, "receive_run", None)
+        self.runs = self._receive_run is not None
 
     # -- StageContext -----------------------------------------------------------------------------
     def resolve_path(self, path: str) -> str:
@@ -163,10 +163,15 @@ class StageHost:
         self.sent += 1
         return self.router.send(self.sender, address, payload, reply_to)
 
-    def send_entries(self, group: int, entries: bytes, count: int) -> Result:
-        """``count`` messages of this stage, packed as frame entries (``Router.steady``)."""
+    def send_run(self, group: int, entry: bytes, count: int) -> Result:
+        """``count`` messages of this stage, packed as one run entry (``Router.run_parts``)."""
         self.sent += count
-        return self.router.send_entries(group, entries, count)
+        return self.router.send_run(group, entry)
+
+    def send_far_run(self, server: str, entry: bytes, count: int, reroute: str | None) -> Result:
+        """``count`` messages of this stage to ``server``, packed as one run entry."""
+        self.sent += count
+        return self.router.send_far_run(server, entry, reroute)
 
     def logger_for(self, group: str) -> Logger:
         return Logger(namespace=group)
@@ -202,6 +207,29 @@ class StageHost:
         for elapsed in self._receive_batch(messages):
             self.busy += elapsed
             latency[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
+
+    def receive_run(self, run: Run, limit: int) -> int:
+        """Up to ``limit`` messages of a run (``Router``'s frame kind ``"r"``): a Lua stage reads
+        them in Lua and keeps their handler times itself (see ``take_times``)."""
+        if self._backlog is not None or self._receive_run is None:
+            messages = run.messages()
+            for message in messages:
+                self.receive(message)
+            return len(messages)
+        done: int = self._receive_run(run, limit)
+        self.received += done
+        return done
+
+    def take_times(self) -> None:
+        """Count the handler times a stage kept itself into ``busy`` and ``latency``."""
+        take = getattr(self.stage, "take_times", None)
+        if take is None:
+            return
+        busy, counts = take()
+        self.busy += busy
+        latency = self.latency
+        for i, n in enumerate(counts):
+            latency[i] += n
 
     def turn_ended(self) -> None:
         self.stage.turn_ended()

@@ -31,6 +31,7 @@ from stagetx.wire import (
     LinkServerFactory,
     check_fits,
     message_room,
+    pack_message,
     unpack_entries,
 )
 
@@ -40,6 +41,38 @@ PENDING_LIMIT = 100_000
 DELAY_INTERVAL = 0.1
 #: What a stopping process says on its inbound links before they close.
 BYE = ["bye"]
+#: A run that Python builds (``_OpenRun``) is sent once it holds this many messages or bytes
+#: (at most half a frame's room).
+RUN_MESSAGES = 32
+RUN_BYTES = 65536
+#: A message larger than this (id, payload and reply; at most a quarter of a frame's room) goes
+#: alone, not in a run.
+RUN_MESSAGE_BYTES = 16384
+
+
+def _size(frame: list[Any]) -> int:
+    """About the bytes message frame ``["m", instance, msgid, payload, sender, reply]`` adds to a
+    run (its strings as characters: UTF-8 may take up to four bytes each, within the margins)."""
+    reply = frame[5]
+    return len(frame[2]) * 4 + len(frame[3]) + (len(reply) * 4 if reply is not None else 0) + 16
+
+
+class _OpenRun:
+    """Messages of one sender to one stage instance of another process, sent in a row by Python
+    stages and routing: they leave as one run entry (``["r", …]``, ``stagetx.message.Run``), which
+    a Lua stage reads in Lua, as runs that Lua stages pack themselves."""
+
+    __slots__ = ("instance", "named", "frames", "size")
+
+    def __init__(self, instance: int, named: Any) -> None:
+        self.instance = instance
+        self.named = named
+        self.frames: list[list[Any]] = []  # each ["m", instance, msgid, payload, sender, reply]
+        self.size = 0
+
+    def entry(self) -> bytes:
+        body = b"".join([pack_message(f[2]) + pack_message(f[3]) + pack_message(f[5]) for f in self.frames])
+        return pack_message(["r", self.instance, self.named, len(self.frames), body])
 
 
 def socket_path(rundir: str, group: int) -> str:
@@ -134,6 +167,10 @@ class ProcessLinks(MultiService):
         self.leaving: set[int] = set()  # processes that said they stop (their links close next)
         self._stopping = False
         self._pending: dict[int, deque[list[Any]]] = {g: deque() for g in range(groups) if g != self.group}
+        self._runs: dict[int, _OpenRun] = {}  # the run being built per linked process
+        self._run_bytes = min(RUN_BYTES, message_room(max_frame) // 2)
+        self._run_message_bytes = min(RUN_MESSAGE_BYTES, message_room(max_frame) // 4)
+        self._runs_call: Any = None  # the end of this reactor turn, when the runs being built leave
         self._port: IListeningPort | None = None
         self._delay_loop = LoopingCall(self._tell_delay)
         self._delay_loop.clock = reactor
@@ -155,6 +192,7 @@ class ProcessLinks(MultiService):
 
     def stopService(self) -> Any:
         self._stopping = True
+        self.flush()
         for link in list(self.inbound):
             link.send(BYE)
             link.flush()
@@ -167,8 +205,39 @@ class ProcessLinks(MultiService):
     # -- used by the router -----------------------------------------------------------------------
     def flush(self) -> None:
         """Write what every outbound link has queued (the router calls this after a drain turn)."""
+        self._end_runs()
         for link in self._out.values():
             link.flush()
+
+    def _end_runs(self) -> None:
+        """Queue the runs being built on their links."""
+        if self._runs_call is not None:
+            if self._runs_call.active():
+                self._runs_call.cancel()
+            self._runs_call = None
+        for group in list(self._runs):
+            self._end_run(group)
+
+    def _end_run(self, group: int) -> None:
+        run = self._runs.pop(group, None)
+        if run is not None:
+            self._out[group].send_entries(run.entry(), 1)
+
+    def _add_to_run(self, group: int, frame: list[Any]) -> None:
+        """Add message frame ``["m", instance, msgid, payload, sender, reply]`` to the run to its
+        stage, starting a new run when the last one was for another stage or sender."""
+        instance, named = frame[1], frame[4]
+        run = self._runs.get(group)
+        if run is None or run.instance != instance or run.named != named:
+            if run is not None:
+                self._end_run(group)
+            run = self._runs[group] = _OpenRun(instance, named)
+            if self._runs_call is None:
+                self._runs_call = self.reactor.callLater(0, self._end_runs)
+        run.frames.append(frame)
+        run.size += _size(frame)
+        if len(run.frames) >= RUN_MESSAGES or run.size >= self._run_bytes:
+            self._end_run(group)
 
     def steady_room(self, group: int) -> int:
         """The largest payload a message to ``group`` surely fits in while its link stays
@@ -188,6 +257,11 @@ class ProcessLinks(MultiService):
         try:
             link = self._out.get(group)
             if link is not None:
+                if frame[0] == "m" and _size(frame) <= self._run_message_bytes:
+                    self._add_to_run(group, frame)
+                    return True, None
+                if group in self._runs:
+                    self._end_run(group)
                 link.send(frame)
                 return True, None
             pending = self._pending.get(group)
@@ -205,6 +279,8 @@ class ProcessLinks(MultiService):
         """Send ``count`` message frames packed back to back (``Router.steady``) to the process of
         ``group``, whose link ``steady_room`` said was connected."""
         link = self._out.get(group)
+        if group in self._runs:
+            self._end_run(group)
         if link is not None and link.send_entries(entries, count):
             return True, None
         # the link dropped within the turn (a write failed): the frames wait for it as others do
@@ -228,6 +304,9 @@ class ProcessLinks(MultiService):
         if self._out.get(group) is link:
             del self._out[group]
             self._down.add(group)
+            run = self._runs.pop(group, None)
+            if run is not None:  # sent within the turn the link dropped: they wait for it
+                self._pending[group].extend(run.frames)
             self.router.delays.pop(group, None)
             if self._stopping or group in self.leaving:
                 self.log.info("link to process {group} closed (stopping)", group=group + 1)

@@ -43,7 +43,7 @@ from stagetx.cluster.peers import PeerLinks, tls_options
 from stagetx.config import HostPort, ServerConfig
 from stagetx.message import Sender
 from stagetx.router import Links, Result, Router
-from stagetx.wire import FrameTooLarge, Link, check_fits, message_room, pack_message, unpack_message
+from stagetx.wire import FrameTooLarge, Link, check_fits, message_room, pack_message, unpack_entries, unpack_message
 
 #: The largest frame between servers.
 MAX_FRAME = 16 * 1024 * 1024
@@ -74,14 +74,14 @@ class RemoteView:
         self.routes = Routes()
 
     def send(
-        self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None
+        self, server_id: str, frame: list[Any] | bytes, reroute: str | None = None, deadline: float | None = None
     ) -> Result:
         if server_id not in self.routes.servers:
             return False, f"server '{server_id}' is not in the cluster (gone, restarted or never seen)"
         if server_id in self.routes.full:
             return False, f"server '{server_id}' is not linked and its queue is full"
         try:
-            packed = pack_message(frame)  # the gateway passes it on as it is
+            packed = frame if type(frame) is bytes else pack_message(frame)  # the gateway passes it on as it is
             check_fits(packed, MAX_FRAME)
         except FrameTooLarge as err:
             return False, str(err)
@@ -197,7 +197,10 @@ class ClusterGateway(MultiService):
         _, server_id, inner, reroute, deadline = frame
         ok, reason = self.send(server_id, inner, reroute, deadline)
         if not ok and reroute is not None:
-            ok, reason = self.router.route_again(reroute, _unpacked(inner))
+            for message in messages_of(_unpacked(inner)):
+                ok, reason = self.router.route_again(reroute, message)
+                if not ok:
+                    break
         if not ok:
             self.log.warn("message from process {group} not relayed: {reason}", group=group + 1, reason=reason)
 
@@ -246,6 +249,15 @@ class ClusterGateway(MultiService):
             ok, reason = self.router.deliver(instance, msgid, payload, known, reply)
             if not ok:
                 self._undelivered(msgid, server_id, reason)
+        elif kind == "r":
+            _, instance, sender, count, body = obj
+            known = self._sender(server_id, sender)
+            if known is None:
+                self._undelivered(f"{count} messages", server_id, f"unknown sender {sender!r}")
+                return
+            ok, reason = self.router.deliver_run(instance, known, count, body)
+            if not ok:
+                self._undelivered(f"{count} messages", server_id, reason)
         elif kind == "hello":
             self._hello_from(server_id, obj)
         elif kind == "s":
@@ -365,9 +377,9 @@ class ClusterGateway(MultiService):
         self.routes = self.directory.routes(self._full())
         lost = []
         for item in self.peers.take_queue(peer.server_id):
-            frame = _unpacked(item.frame)
-            if item.reroute is None or not self.router.route_again(item.reroute, frame)[0]:
-                lost.append(dropped_message(frame, item.reroute))
+            for frame in messages_of(_unpacked(item.frame)):
+                if item.reroute is None or not self.router.route_again(item.reroute, frame)[0]:
+                    lost.append(dropped_message(frame, item.reroute))
         if lost:
             self.dropped += len(lost)
             shown = ", ".join(lost[:DROPPED_SHOWN]) + (
@@ -411,6 +423,15 @@ DROPPED_SHOWN = 20
 def _unpacked(frame: list[Any] | bytes) -> list[Any]:
     """A frame relayed packed (``RemoteView.send``), decoded for the rare paths that read it."""
     return unpack_message(frame) if type(frame) is bytes else frame  # type: ignore[return-value]
+
+
+def messages_of(frame: list[Any]) -> list[list[Any]]:
+    """A frame for a server, a run (``["r", …]``) as the ``["m", …]`` frames of its messages."""
+    if frame[0] != "r":
+        return [frame]
+    _, instance, sender, _, body = frame
+    fields = unpack_entries(body)
+    return [["m", instance, fields[i], fields[i + 1], sender, fields[i + 2]] for i in range(0, len(fields) - 2, 3)]
 
 
 def dropped_message(frame: list[Any], reroute: str | None) -> str:

@@ -22,7 +22,7 @@ from stagetx.address import Address, AddressError, ReplyTo, ToStage, parse_targe
 from stagetx.codec import CodecError, function_kinds, pack_lua, pack_py, unpack_lua
 from stagetx.lua.loader import ScriptLoader, ScriptNotFound
 from stagetx.lua.runtime import LuaScriptError, LuaVM
-from stagetx.message import Sender
+from stagetx.message import CLUSTER_WAY, Sender
 
 if TYPE_CHECKING:
     from stagetx.child.host import StageHost
@@ -40,6 +40,8 @@ LEVELS = {
 
 #: Parsed signal targets kept per runtime, at most this many.
 TARGET_CACHE = 4096
+#: Bytes of a run entry besides its parts and payloads: its count and the body's bin header.
+RUN_OVERHEAD = 8
 #: The Lua runtime kind of each Lua stage type: a function value loads only into its own kind.
 VM_KINDS = {"lua": "lua54", "luajit": "luajit21"}
 #: Seconds between two log lines about replies to removed ``stage.waitfor(f)`` ids (``~N``).
@@ -82,7 +84,9 @@ class StageAPI:
         self._late_logged = float("-inf")
         self._targets: dict[bytes, Address] = {}  # parsed signal targets, by their Lua string
         self._foreign: dict[Address, str | None] = {}  # target -> a Lua stage of another VM kind there
-        self._parts: dict[bytes, tuple[bytes, bytes]] = {}  # frame parts of steady targets, by Lua string
+        self._parts: dict[
+            bytes, tuple[bytes, bytes, bytes, str | None, str | None]
+        ] = {}  # run parts of steady targets, by Lua string
         self.vm: LuaVM
         self.loader: ScriptLoader
 
@@ -153,9 +157,8 @@ class StageAPI:
         With ``steady`` (the prelude asks from a target's second message in a turn on), more
         results tell the prelude that ``target`` routes the same way, and surely gets there,
         for the rest of this turn (the reactor does not run meanwhile): ``room, group`` of
-        ``Router.steady``, and for another process the ``head, tail`` of ``Router.frame_parts``.
-        Payloads up to ``room`` bytes to it wait in the prelude's outbox and come back in one
-        ``send_batch``.
+        ``Router.steady``, and for another process or server ``Router.run_parts``. Payloads up to
+        ``room`` bytes to it wait in the prelude's outbox and come back in one ``send_batch``.
         """
         try:
             address = self._address(target)
@@ -165,14 +168,16 @@ class StageAPI:
         if steady and result[0] is True:
             route = self._steady(address)
             if route is not None:
-                if route[1] < 0:
+                if route[1] == -1:  # a stage of this process: routed one by one
                     return (True, None, *route)
                 parts = self._parts.get(target)
                 if parts is None:
                     if len(self._parts) >= TARGET_CACHE:
                         self._parts.clear()
-                    parts = self._parts[target] = self.stage.router.frame_parts(self.stage.sender, address)  # type: ignore[arg-type]
-                return (True, None, *route, *parts)
+                    parts = self._parts[target] = self.stage.router.run_parts(self.stage.sender, address)  # type: ignore[arg-type]
+                head, msgid, reply, server, reroute = parts
+                room = route[0] - len(head) - len(msgid) - len(reply) - RUN_OVERHEAD
+                return (True, None, room, route[1], head, msgid, reply, _lua(server), _lua(reroute))
         return result
 
     def _steady(self, address: Address) -> tuple[int, int] | None:
@@ -181,16 +186,19 @@ class StageAPI:
 
     def send_batch(self, *outbox: Any) -> None:
         """The prelude's outbox, each message answered ``true`` already (see ``send_packed``):
-        ``group, count, entries``, the frame entries of ``count`` messages to the process of
-        ``group`` packed back to back in the order signalled; or ``target, payload`` pairs, in
-        the order signalled, to stages of this process."""
+        ``way, count, entry[, server, reroute]``, a run entry (``Router.run_parts``) of ``count``
+        messages to one stage, in the order signalled: in the process of group ``way``, or on
+        ``server`` (``way`` is ``CLUSTER_WAY``); or ``target, payload`` pairs, in the order
+        signalled, to stages of this process."""
         if type(outbox[0]) is int:
-            group, count, entries = outbox
-            ok, reason = self.stage.send_entries(group, entries, count)
+            group, count, entry = outbox[:3]
+            if group == CLUSTER_WAY:
+                ok, reason = self.stage.send_far_run(text(outbox[3]), entry, count, _text_or_none(outbox[4]))
+            else:
+                ok, reason = self.stage.send_run(group, entry, count)
             if not ok:  # a steady route changed within one turn: a bug, not the sender's
-                self.log.error(
-                    "{count} messages to process {group} lost: {reason}", count=count, group=group + 1, reason=reason
-                )
+                way = f"server {text(outbox[3])}" if group == CLUSTER_WAY else f"process {group + 1}"
+                self.log.error("{count} messages to {way} lost: {reason}", count=count, way=way, reason=reason)
             return
         for i in range(0, len(outbox), 2):
             result = self._route(self._address(outbox[i]), outbox[i + 1])
@@ -379,6 +387,14 @@ class StageAPI:
         if key == b"tick":
             return time.monotonic()
         return None
+
+
+def _lua(value: str | None) -> bytes | None:
+    return None if value is None else lua_text(value)
+
+
+def _text_or_none(value: bytes | None) -> str | None:
+    return None if value is None else text(value)
 
 
 def _native(value: Any) -> Any:

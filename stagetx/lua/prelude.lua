@@ -41,62 +41,85 @@ local fast_pack, host_send_packed = cfg.packer and cfg.packer(null), host.send_p
 -- fits and how it goes, kept in `steady`; asked from a target's second message in a turn on).
 -- Their `true` is known at the call; they leave Python-ward in one call when the entry from
 -- Python ends (`end_turn`), and before any message that must cross at once, so this stage's
--- messages keep their order. The outbox holds messages for one way at a time (`out_group`): to
--- another process, their frame entries ready for its link (the route's head, the payload as
--- msgpack bin, its tail), joined into one string; otherwise (-1), target and payload pairs that
--- Python routes one by one.
+-- messages keep their order. The outbox holds messages for one way at a time: to one stage in
+-- another process or on another server (`out_head`, the run entry's head, and `out_server`), a run entry (stagetx.message.Run: its head,
+-- count and body, the body holding per message its id, the payload as msgpack bin and its reply)
+-- joined into one string, its first two slots kept for the count and the body's header;
+-- otherwise (`out_group` -1), target and payload pairs that Python routes one by one.
 local host_send_batch = host.send_batch
-local outbox, nout, out_group, out_count, out_bytes, steady, nsteady = {}, 0, -1, 0, 0, {}, 0
+local outbox, nout, out_group, out_head, out_count, out_bytes, steady, nsteady = {}, 0, -1, nil, 0, 0, {}, 0
+local out_server, out_reroute  -- the server a run goes to (nil: a process of this one), its reroute
 -- Messages sent in one call at most: lupa's cost per argument grows with their number, so
--- target/payload pairs cost more per message past that than they save.
+-- target/payload pairs cost more per message past that than they save (and a run's count stays
+-- one msgpack byte).
 local OUTBOX_MAX = 32
 -- Payload bytes joined into one call at most (and what the outbox may keep referenced).
 local OUTBOX_BYTES = 65536
 local BIN8 = {}  -- msgpack bin 8 headers by length
 for i = 0, 255 do BIN8[i] = string.char(0xc4, i) end
-local string_pack = string.pack
+local string_pack, char = string.pack, string.char
+
+local function bin_header(len)
+    return BIN8[len] or len < 65536 and string_pack(">BI2", 0xc5, len) or string_pack(">BI4", 0xc6, len)
+end
 
 local function flush_outbox()
     local n = nout
     nout = 0
-    if out_group < 0 then
+    if out_group == -1 then
         host_send_batch(unpack(outbox, 1, n))
         return
     end
-    local count, big = out_count, out_bytes > OUTBOX_BYTES
+    local count, bytes = out_count, out_bytes
     out_count, out_bytes = 0, 0
-    host_send_batch(out_group, count, concat(outbox, "", 1, n))
-    if big then outbox = {} end
+    outbox[1], outbox[2] = out_head, char(count) .. bin_header(bytes)
+    host_send_batch(out_group, count, concat(outbox, "", 1, n), out_server, out_reroute)
+    out_head = nil
+    if bytes > OUTBOX_BYTES then outbox = {} end
 end
 
--- Keeps a message to a steady `route` ({room, group, head, tail}) in the outbox.
+-- Keeps a message to a steady `route` ({room, way, head, msgid, reply, server, reroute}) in the
+-- outbox.
+local sent = 0  -- messages signalled out of this stage (not local): runs read on while it stays
 local function keep(route, t, payload)
+    sent = sent + 1
     local group = route[2]
-    if group ~= out_group then
-        if nout > 0 then flush_outbox() end
+    if group == -1 then
+        if out_group ~= -1 and nout > 0 then flush_outbox() end
         out_group = group
-    end
-    local n = nout
-    if group < 0 then
+        local n = nout
         outbox[n + 1], outbox[n + 2] = t, payload
         nout = n + 2
         if nout >= 2 * OUTBOX_MAX then flush_outbox() end
         return
     end
-    local len = #payload
-    outbox[n + 1] = route[3]
-    outbox[n + 2] = BIN8[len] or len < 65536 and string_pack(">BI2", 0xc5, len) or string_pack(">BI4", 0xc6, len)
-    outbox[n + 3] = payload
-    outbox[n + 4] = route[4]
+    local head, server = route[3], route[6]
+    if head ~= out_head or server ~= out_server then
+        if nout > 0 then flush_outbox() end
+        out_group, out_head, out_server, out_reroute, nout = group, head, server, route[7], 2
+    end
+    local n, len, id, reply = nout, #payload, route[4], route[5]
+    local bin = bin_header(len)
+    outbox[n + 1], outbox[n + 2], outbox[n + 3], outbox[n + 4] = id, bin, payload, reply
     nout = n + 4
-    out_count, out_bytes = out_count + 1, out_bytes + len
+    out_count, out_bytes = out_count + 1, out_bytes + #id + #bin + len + #reply
     if out_count >= OUTBOX_MAX or out_bytes >= OUTBOX_BYTES then flush_outbox() end
 end
 
 -- The end of one entry from Python: what waits leaves, and the next turn asks routes afresh.
+-- Entries of one drain turn of the router (Python passes its number) keep the routes across
+-- each other: the reactor does not run until the turn ends. `steady_turn` is the turn `steady`
+-- belongs to (nil: this entry only), `entry_turn` the turn of the entry being entered.
+local steady_turn, entry_turn = nil, nil
+local function begin_turn(turn)
+    if turn ~= steady_turn then
+        if nsteady > 0 then steady, nsteady = {}, 0 end
+        steady_turn = turn
+    end
+end
 local function end_turn()
     if nout > 0 then flush_outbox() end
-    if nsteady > 0 then steady, nsteady = {}, 0 end
+    if nsteady > 0 and not steady_turn then steady, nsteady = {}, 0 end
 end
 
 -- The budget watchdog: a count hook that interrupts a callback holding the thread too long. With
@@ -395,6 +418,8 @@ end
 local function enter(started, f, ...)
     depth = depth + 1
     if depth == 1 then
+        begin_turn(entry_turn)
+        entry_turn = nil
         expired = false
         local d = started + budget
         return leave(d, xpcall(under, deadline_error, d, f, ...))
@@ -436,6 +461,14 @@ local function call_sync(msgid, ...)
 end
 
 signal = function(t, ...)
+    local route, payload = steady[t], nil
+    if route then  -- a target that routes the same way for the rest of this turn (never local)
+        payload = fast_pack(...)
+        if payload and #payload <= route[1] then
+            keep(route, t, payload)
+            return true
+        end
+    end
     if t == nil then
         local w = _WAITFOR
         local r = w and w[2]
@@ -448,23 +481,17 @@ signal = function(t, ...)
             return post(t, ...)
         end
     end
-    local payload = fast_pack and fast_pack(...)
-    if payload then
-        local route = steady[t]
-        if route and #payload <= route[1] then
-            keep(route, t, payload)
-            return true
-        end
-    end
+    if not route then payload = fast_pack and fast_pack(...) end
+    sent = sent + 1
     if nout > 0 then flush_outbox() end
-    local ok, reason, room, group, head, tail
+    local ok, reason, room, group, head, id, reply, server, reroute
     if payload then
         -- the route is asked for from the second message to `t` in this entry on (false: seen once)
         local route = steady[t]
-        ok, reason, room, group, head, tail = host_send_packed(t, payload, route ~= nil)
+        ok, reason, room, group, head, id, reply, server, reroute = host_send_packed(t, payload, route ~= nil)
         if host_send_batch and type(t) == "string" then
             if room then
-                steady[t] = {room, group, head, tail}
+                steady[t] = {room, group, head, id, reply, server, reroute}
             elseif route == nil then
                 steady[t] = false
             end
@@ -678,8 +705,9 @@ function core.call(started, where, f, ...)
     return finish_call(where, enter(started, f, ...))
 end
 
--- Delivers one message from the router.
-function core.deliver(started, msgid, sender, reply, ...)
+-- Delivers one message from the router, in its drain turn `turn`.
+function core.deliver(started, turn, msgid, sender, reply, ...)
+    entry_turn = turn
     enter(started, dispatch, msgid, sender, reply, ...)
     end_turn()
 end
@@ -696,7 +724,8 @@ local function dispatch_payload(msgid, sender, reply, payload)
     return dispatch_decoded(msgid, sender, reply, nil, host_unpack(payload, msgid))
 end
 
--- Delivers a run of messages from the router in one crossing: `...` holds, per message, its id,
+-- Delivers a run of messages from the router in one crossing, in its drain turn `turn` (see
+-- `steady_turn`): `...` holds, per message, its id,
 -- sender and reply, then -1 and the payload (decoded here), or the number of values and the
 -- values (decoded by Python: LuaJIT), or false (a payload Python could not decode: nothing to
 -- run). Each message is its own entry (its own budget, its local messages drained after it) as if
@@ -704,12 +733,13 @@ end
 -- stops after the message that ran past `slice` since `started`, so a run holds the thread about
 -- as long as one drain turn (Python delivers the rest in a new call).
 local deliver_times = {}
-function core.deliver_batch(started, ...)
+function core.deliver_batch(started, turn, ...)
     local args, times = {...}, deliver_times
     local i, n, last = 1, 0, select("#", ...)
     local t = started
     while i <= last do
         local count = args[i + 3]
+        entry_turn = turn
         if count == -1 then
             enter(t, dispatch_payload, args[i], args[i + 1], args[i + 2], args[i + 4])
             i = i + 5
@@ -727,6 +757,188 @@ function core.deliver_batch(started, ...)
     end
     end_turn()
     return unpack(times, 1, n)
+end
+
+-- Runs: messages of one sender from another process, read here from the run's body (per message
+-- its id as msgpack str, payload as msgpack bin, reply as msgpack str or nil; stagetx.message.Run).
+-- The _WAITFOR of each (sender, id, reply) and the ticket of each reply are kept, as local
+-- messages keep theirs; handler times go into `bins` (the process's latency buckets, cfg.buckets)
+-- and `run_busy`, which Python takes when it reports the stage (core.take_times).
+local sunpack, byte = string.unpack, string.byte
+local buckets, nbuckets = cfg.buckets or {}, cfg.buckets and #cfg.buckets or 0
+local bins, run_busy = {}, 0
+for i = 1, nbuckets + 1 do bins[i] = 0 end
+local run_waitfor, run_waitfor_count, tickets, ntickets = {}, 0, {}, 0
+local NO_REPLY = {}  -- the key of "no reply" in run_waitfor
+local RUN_READ_MAX = 256
+
+local function str_at(s, p, len)  -- the msgpack str at position p, and the position after it
+    local b = byte(s, p)
+    local n
+    if b == nil then return nil
+    elseif b >= 0xa0 and b <= 0xbf then n, p = b - 0xa0, p + 1
+    elseif b == 0xd9 then n, p = byte(s, p + 1), p + 2
+    elseif b == 0xda then n, p = sunpack(">I2", s, p + 1), p + 3
+    elseif b == 0xdb then n, p = sunpack(">I4", s, p + 1), p + 5
+    else return nil end
+    if n == nil or p + n - 1 > len then return nil end
+    return sub(s, p, p + n - 1), p + n
+end
+
+local function bin_at(s, p, len)  -- the msgpack bin at position p, and the position after it
+    local b = byte(s, p)
+    local n
+    if b == 0xc4 then n, p = byte(s, p + 1), p + 2
+    elseif b == 0xc5 then n, p = sunpack(">I2", s, p + 1), p + 3
+    elseif b == 0xc6 then n, p = sunpack(">I4", s, p + 1), p + 5
+    else return nil end
+    if n == nil or p + n - 1 > len then return nil end
+    return sub(s, p, p + n - 1), p + n
+end
+
+-- Runs handler h on the decoded values (ok, ...) of a payload: decoded by unpack.lua, else by
+-- Python (which logs and counts a payload that does not decode: nothing runs).
+local function run_call(h, reply, msgid, payload, ok, ...)
+    if ok then return send_reply(reply, xpcall(call_handler, on_error, h, ...)) end
+    if payload then return run_call(h, reply, msgid, nil, host_unpack(payload, msgid)) end
+    return true
+end
+
+local function run_dispatch(msgid, sender, reply, payload)
+    local h, registered = lookup(msgid)
+    if not h then
+        report("nohandler", msgid, "")
+        return
+    end
+    local by_sender = run_waitfor[sender]
+    if by_sender == nil then
+        if run_waitfor_count >= 1024 then run_waitfor, run_waitfor_count = {}, 0 end
+        by_sender = {}
+        run_waitfor[sender] = by_sender
+    end
+    local by_id = by_sender[msgid]
+    if by_id == nil then
+        by_id = {}
+        by_sender[msgid] = by_id
+    end
+    local w = by_id[reply or NO_REPLY]
+    if w == nil or w[-1] ~= registered then
+        run_waitfor_count = run_waitfor_count + 1
+        w = {[0] = msgid, sender, reply, [-1] = registered}
+        by_id[reply or NO_REPLY] = w
+    end
+    local ticket = nil
+    if reply ~= nil then
+        ticket = tickets[reply]
+        if ticket == nil then
+            if ntickets >= 1024 then tickets, ntickets = {}, 0 end
+            ticket = match(reply, "^%^[^/]*/%d+/#(@.*)$") or false
+            tickets[reply], ntickets = ticket, ntickets + 1
+        end
+    end
+    local saved, saved_ticket = _WAITFOR, _TICKET
+    _WAITFOR, _TICKET = w, ticket or nil
+    local ok, err = run_call(h, reply, msgid, payload, fast_unpack(payload))
+    _WAITFOR, _TICKET = saved, saved_ticket
+    if not ok then report("handler", msgid, err) end
+end
+
+-- The run being delivered (core.deliver_run), read by `read_run` inside one protected call.
+local r_body, r_len, r_pos, r_n, r_limit, r_quiet, r_started, r_t, r_sender, r_slow
+local r_msgid, r_bad, r_slow_ones, r_nslow
+
+-- Counts the message just handled (its time since `r_t`) and says whether the slice is used up.
+local function run_counted()
+    local t2 = now()
+    local e = t2 - r_t
+    run_busy = run_busy + e
+    local b = 1
+    while b <= nbuckets and e > buckets[b] do b = b + 1 end
+    bins[b] = bins[b] + 1
+    if e >= r_slow then
+        r_slow_ones = r_slow_ones or {}
+        r_slow_ones[r_nslow + 1], r_slow_ones[r_nslow + 2] = r_msgid, e
+        r_nslow = r_nslow + 2
+    end
+    r_n, r_t = r_n + 1, t2
+    return t2 - r_started > slice
+end
+
+-- What `leave` does after an entry, for one message of a run: its local messages and finalizers
+-- run after it, under its deadline, unless it ran out of budget (then in a turn of their own).
+local function run_after()
+    if expired then
+        schedule_drain()
+    else
+        if nfinal > 0 then finalize() end
+        if qhead <= qtail and not expired then drain() end
+    end
+end
+
+local function read_run()
+    local body, len, sender = r_body, r_len, r_sender
+    while (r_n < r_limit or sent == r_quiet and r_n < RUN_READ_MAX) and r_pos <= len do
+        local msgid, payload, reply, p
+        msgid, p = str_at(body, r_pos, len)
+        if p then payload, p = bin_at(body, p, len) end
+        if p then
+            if byte(body, p) == 0xc0 then p = p + 1 else reply, p = str_at(body, p, len) end
+        end
+        if not p then
+            r_bad = true
+            return
+        end
+        r_pos, r_msgid = p, msgid
+        expired = false
+        deadline = r_t + budget
+        run_dispatch(msgid, sender, reply, payload)
+        if qhead <= qtail or nfinal > 0 then run_after() end
+        deadline = huge
+        if run_counted() then return end
+    end
+end
+
+-- Delivers up to `limit` messages of a run from position `pos` of `body` (up to RUN_READ_MAX
+-- while their handlers send nothing out of the stage: `limit` is the end of the router's drain
+-- chunk, after which what the handlers sent leaves), each as if delivered alone: its own budget
+-- deadline, its errors reported with its id, its local messages drained after it. The loop is
+-- protected once; an error outside a handler (the budget hook met in this code) is reported with
+-- the message's id and the loop goes on with the next one. Stops after the message that ran past
+-- `slice`. `turn` numbers the router's drain turn (see `steady_turn`). Returns the position after
+-- the last message delivered (-1: the body is malformed there), how many were delivered, then the
+-- id and seconds of each that took `slow` or longer.
+function core.deliver_run(started, turn, sender, body, pos, limit, slow)
+    begin_turn(turn)
+    r_body, r_len, r_pos, r_n, r_limit, r_quiet = body, #body, pos, 0, limit, sent
+    r_started, r_t, r_sender, r_slow, r_bad, r_slow_ones, r_nslow = started, started, sender, slow, false, nil, 0
+    depth = depth + 1
+    while true do
+        local ok, err = xpcall(read_run, deadline_error)
+        if ok then break end
+        deadline = huge
+        report("handler", r_msgid, err)
+        if expired then schedule_drain() end
+        if run_counted() then break end
+    end
+    depth = depth - 1
+    deadline, expired = huge, false
+    r_body, r_sender = nil, nil
+    end_turn()
+    local n = r_bad and -1 or r_pos
+    if r_slow_ones then return n, r_n, unpack(r_slow_ones, 1, r_nslow) end
+    return n, r_n
+end
+
+-- The handler times of runs since the last call: seconds in all, then the count per bucket.
+function core.take_times()
+    local busy = run_busy
+    run_busy = 0
+    local counts = {}
+    for i = 1, nbuckets + 1 do
+        counts[i] = bins[i]
+        bins[i] = 0
+    end
+    return busy, unpack(counts, 1, nbuckets + 1)
 end
 
 -- Runs queued local messages (scheduled by Python when a drain turn ran out of time).

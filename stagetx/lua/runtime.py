@@ -8,7 +8,7 @@ sandbox). It is also the *bridge* that ``stagetx.codec`` needs to move values in
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -67,6 +67,7 @@ class LuaVM:
     @param sender: the ``_WAITFOR[1]`` value of messages the stage sends itself (Python natives).
     @param watchdog: keep the budget hook off between overruns (``stagetx.lua.watchdog``; Lua 5.4
         only, and only for a runtime whose callbacks all start on one thread).
+    @param buckets: upper bounds (s) of the handler-time histogram kept for runs (``deliver_run``).
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class LuaVM:
         sender: Mapping[str, Any],
         slice_ms: float = 20.0,
         watchdog: bool = False,
+        buckets: Sequence[float] = (),
     ) -> None:
         module = VM_MODULES[kind]
         self.kind = kind
@@ -102,6 +104,7 @@ class LuaVM:
             b"hook_count": HOOK_COUNT,
             b"watchdog": watchdog and self.vm_kind == "lua54" and watchdog_available,
             b"sender": self.table(sender),
+            b"buckets": self.lua.table_from(list(buckets)),
             b"extensions": self.lua.table(),
             b"thread_extensions": self.lua.table(),
         }
@@ -123,6 +126,8 @@ class LuaVM:
         self._deliver = self.core[b"deliver"]
         self._drain = self.core[b"drain"]
         self._deliver_batch = self.core[b"deliver_batch"]
+        self._deliver_run = self.core[b"deliver_run"]
+        self._take_times = self.core[b"take_times"]
         self._chunk = self.core[b"chunk"]
         self.guard: Guard | None = None
         #: Called with the seconds a callback took when that was past ``HARD_LIMIT`` budgets.
@@ -156,18 +161,38 @@ class LuaVM:
         result = self.enter(self._call, time.monotonic(), where.encode(), f, *args)
         return result if isinstance(result, tuple) else (result,)
 
-    def deliver(self, msgid: bytes, sender: Any, reply: bytes | None, values: tuple[Any, ...]) -> None:
-        """Hand one message (its decoded values) to the stage's waitfor handlers."""
-        self.enter(self._deliver, time.monotonic(), msgid, sender, reply, *values)
+    def deliver(
+        self, turn: int | None, msgid: bytes, sender: Any, reply: bytes | None, values: tuple[Any, ...]
+    ) -> None:
+        """Hand one message (its decoded values) to the stage's waitfor handlers, in the router's
+        drain turn ``turn`` (entries of one turn keep their steady routes, see ``deliver_run``)."""
+        self.enter(self._deliver, time.monotonic(), turn, msgid, sender, reply, *values)
 
-    def deliver_batch(self, args: list[Any]) -> tuple[float, ...]:
-        """Hand a run of messages to the handlers in one call: ``args`` holds, per message, its id,
+    def deliver_batch(self, turn: int | None, args: list[Any]) -> tuple[float, ...]:
+        """Hand a run of messages to the handlers in one call, in drain turn ``turn`` (as
+        ``deliver``): ``args`` holds, per message, its id,
         sender and reply, then either -1 and the payload, which the prelude decodes (when
         ``decodes``: ``unpack.lua``, else the host's ``unpack``), or the number of values and the
         values, or False for a message with nothing to run. Returns each handler's time (s), in
         order, for the messages delivered: fewer than given when the run reached the drain slice."""
-        times = self.enter(self._deliver_batch, time.monotonic(), *args)
+        times = self.enter(self._deliver_batch, time.monotonic(), turn, *args)
         return times if isinstance(times, tuple) else (times,)
+
+    def deliver_run(
+        self, turn: int | None, sender: Any, body: bytes, pos: int, limit: int, slow: float
+    ) -> tuple[Any, ...]:
+        """Hand up to ``limit`` messages of a run (``stagetx.message.Run``; only when ``decodes``)
+        from position ``pos`` of ``body`` to the handlers, ``sender`` their ``_WAITFOR[1]``;
+        ``turn`` numbers the router's drain turn (runs of one turn keep their routes steady):
+        returns the position after the last one delivered (-1 where the body is malformed), how
+        many were delivered, then the id and seconds of each that took ``slow`` s or longer."""
+        result = self.enter(self._deliver_run, time.monotonic(), turn, sender, body, pos, limit, slow)
+        return result if isinstance(result, tuple) else (result,)
+
+    def take_times(self) -> tuple[float, list[int]]:
+        """The handler time of runs since the last call, in all (s) and per bucket (``buckets``)."""
+        busy, *counts = self._take_times()
+        return busy, counts
 
     def drain(self) -> None:
         """Run the stage's queued local messages."""

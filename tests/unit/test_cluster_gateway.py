@@ -14,7 +14,7 @@ from stagetx.codec import pack_py
 from stagetx.config import parse_config
 from stagetx.message import Sender
 from stagetx.router import Router
-from stagetx.wire import unpack_message
+from stagetx.wire import pack_message, unpack_message
 from tests.fakes import RecordingLinks, RecordingStage
 
 
@@ -445,3 +445,46 @@ def test_this_server_s_senders_travel_as_instance_numbers_the_hello_explains(tmp
         other.peer_message("s9", ["m", 0, "bad", pack_py((1,)), 7, None])
         other.peer_message("stranger", ["m", 0, "bad", pack_py((1,)), 0, None])
     assert sum("unknown sender" in formatEvent(e) for e in events) == 2
+
+
+def _run(*messages: tuple[str, Any, str | None]) -> bytes:
+    """A run's body (``stagetx.message.Run``): per message its id, payload and reply."""
+    return b"".join(pack_message(m) + pack_message(pack_py((v,))) + pack_message(r) for m, v, r in messages)
+
+
+def test_a_run_from_a_peer_reaches_the_local_stage_or_the_process_that_has_it(tmp_path: Path) -> None:
+    gw, router, _, links = gateway(tmp_path, startup=[["=lua+a"], ["=lua+w"]])
+    router.links = links
+    gw.peer_message("s9", ["hello", "127.0.0.1:7009", {"b": [0]}, 0.0, False, [0]])
+    body = _run(("x", 1, None), ("y", 2, "^s9/0/back"))
+    gw.peer_message("s9", ["r", 0, 0, 2, body])  # to stage a, here: its messages one by one
+    router.run_queue()
+    got = router.local[0].got  # type: ignore[attr-defined]
+    assert [(m.msgid, m.values, m.reply, m.sender) for m in got] == [
+        ("x", (1,), None, Sender("s9", 0, "b", 0)),
+        ("y", (2,), "^s9/0/back", Sender("s9", 0, "b", 0)),
+    ]
+    gw.peer_message("s9", ["r", 1, 0, 2, body])  # to stage w, in process 2: passed on as a run
+    assert [f for g, f in links.frames if g == 1 and f[0] == "r"] == [["r", 1, ["s9", 0, "b", 0], 2, body]]
+    with capturedLogs() as events:
+        gw.peer_message("s9", ["r", 0, 5, 1, _run(("z", 3, None))])
+    assert any("unknown sender" in formatEvent(e) for e in events)
+
+
+def test_a_queued_run_for_a_gone_peer_goes_to_another_replica_message_by_message(tmp_path: Path) -> None:
+    gw, router, clock, _ = gateway(tmp_path)
+    link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    other = link_peer(gw, "s2", "127.0.0.1:7003", {"w": [3]})
+    del gw.peers.links["s1"]
+    gw.peer_unlinked("s1")
+    entry = pack_message(["r", 0, 0, 2, _run(("x", 1, None), ("y", 2, None))])
+    assert router.send_far_run("s1", entry, "w") == (True, None)  # queued for s1
+    for _ in range(3):
+        clock.advance(0.5)
+        gw.peer_message("s2", ["hello", "127.0.0.1:7003", {"w": [3]}, 0.0, False])
+        gw._tick()
+    clock.advance(0.6)
+    gw.peer_message("s2", ["hello", "127.0.0.1:7003", {"w": [3]}, 0.0, False])
+    gw._tick()
+    assert "s1" not in gw.directory.peers
+    assert [(f[1], f[2]) for f in other.frames("m")] == [(3, "x"), (3, "y")]

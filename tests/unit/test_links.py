@@ -12,6 +12,7 @@ from stagetx.address import parse_target
 from stagetx.child.links import ProcessLinks, local_retry
 from stagetx.message import Sender
 from stagetx.router import Router
+from stagetx.wire import unpack_entries
 from tests.fakes import LinkPair
 
 
@@ -56,7 +57,7 @@ def test_a_message_too_large_is_refused_when_queued_and_the_new_link_carries_the
     assert pair.client.authenticated and pair.server.authenticated
 
 
-def test_steady_messages_go_as_packed_entries_and_wait_like_others_if_the_link_dropped(tmp_path: Any) -> None:
+def test_steady_messages_go_as_one_run_entry_and_wait_like_others_if_the_link_dropped(tmp_path: Any) -> None:
     links, router = _links(tmp_path)
     pair = LinkPair(max_frame=4096)
     pair.pump()
@@ -67,16 +68,61 @@ def test_steady_messages_go_as_packed_entries_and_wait_like_others_if_the_link_d
     assert steady is not None
     room, group = steady
     assert group == 1 and 0 < room < 4096
-    head, tail = router.frame_parts(sender, address)  # type: ignore[arg-type]
-    entries = [head + b"\xc4" + bytes((len(p),)) + p + tail for p in (b"\x91\x01", b"\x91\x02")]
-    assert router.send_entries(1, b"".join(entries), 2) == (True, None)
+    head, msgid, reply, server, reroute = router.run_parts(sender, address)  # type: ignore[arg-type]
+    assert server is None and reroute is None  # a process of this server
+    body = b"".join(msgid + b"\xc4" + bytes((len(p),)) + p + reply for p in (b"\x91\x01", b"\x91\x02"))
+    entry = head + b"\x02\xc4" + bytes((len(body),)) + body  # as the prelude's outbox joins it
+    assert router.send_run(1, entry) == (True, None)
     pair.pump()
-    assert pair.server_handler.messages == [
-        ["m", 1, "x", b"\x91\x01", 0, "^srv/0/back"],
-        ["m", 1, "x", b"\x91\x02", 0, "^srv/0/back"],
-    ]
+    assert pair.server_handler.messages == [["r", 1, 0, 2, body]]
+    assert unpack_entries(body) == ["x", b"\x91\x01", "^srv/0/back", "x", b"\x91\x02", "^srv/0/back"]
     pair.client.connectionLost(Failure(ConnectionDone()))  # dropped within the turn: queued
     links.disconnected(1, pair.client)
     assert router.steady(sender, parse_target("b:x=back")) is None
-    assert router.send_entries(1, entries[0], 1) == (True, None)
-    assert [list(frame) for frame in links._pending[1]] == [["m", 1, "x", b"\x91\x01", 0, "^srv/0/back"]]
+    assert router.send_run(1, entry) == (True, None)
+    assert [list(frame) for frame in links._pending[1]] == [["r", 1, 0, 2, body]]
+
+
+def _messages(frames: list[Any]) -> list[tuple[Any, ...]]:
+    """``(kind, instance, msgid, sender)`` of every message of ``frames``, runs opened."""
+    out: list[tuple[Any, ...]] = []
+    for frame in frames:
+        if frame[0] == "r":
+            fields = unpack_entries(frame[4])
+            out += [("r", frame[1], fields[i], frame[2]) for i in range(0, len(fields), 3)]
+        else:
+            out.append(
+                (frame[0], frame[1], frame[2] if frame[0] == "m" else None, frame[4] if frame[0] == "m" else None)
+            )
+    return out
+
+
+def test_messages_routed_in_python_to_one_stage_of_another_process_leave_as_runs_in_order(tmp_path: Any) -> None:
+    clock = Clock()
+    router = Router("srv", 0, [("a", 0), ("b", 1), ("c", 1), ("d", 0)], clock, clock.seconds)
+    links = ProcessLinks(router, str(tmp_path), 2, b"secret", clock, 1 << 20)
+    pair = LinkPair()
+    pair.pump()
+    links.connected(1, pair.client)
+    a, d = router.sender_of(0), router.sender_of(3)
+    for _ in range(40):
+        assert router.send(a, parse_target("b:x"), b"\x91\x01") == (True, None)
+    assert router.send(d, parse_target("b:y"), b"\x91\x02") == (True, None)  # another sender
+    assert router.send(a, parse_target("c:z"), b"\x91\x03") == (True, None)  # another stage
+    assert links.send(1, ["delay", 0.5]) == (True, None)  # any other frame: after them
+    assert router.send(a, parse_target("c:w"), b"\xc4" + b"\x00" * 20000) == (True, None)  # too big for a run
+    clock.advance(0)  # the end of the reactor turn: the run being built leaves
+    pair.pump()
+    got = pair.server_handler.messages
+    assert [len(unpack_entries(f[4])) // 3 for f in got if f[0] == "r"] == [32, 8, 1, 1]
+    assert _messages(got) == [
+        *[("r", 1, "x", 0)] * 40,
+        ("r", 1, "y", 3),
+        ("r", 2, "z", 0),
+        ("delay", 0.5, None, None),
+        ("m", 2, "w", 0),
+    ]
+    assert router.send(a, parse_target("b:x"), b"\x91\x04") == (True, None)
+    pair.client.connectionLost(Failure(ConnectionDone()))  # dropped within the turn: it waits
+    links.disconnected(1, pair.client)
+    assert [frame[2] for frame in links._pending[1]] == ["x"]

@@ -17,6 +17,7 @@ from stagetx.child.host import ProcessHost
 from stagetx.codec import unpack_py
 from stagetx.config import load_config
 from stagetx.lua.api import StageAPI
+from stagetx.wire import unpack_entries
 from tests.fakes import RecordingLinks
 from tests.support import LogCapture
 
@@ -88,11 +89,26 @@ def count_crossings(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return counts
 
 
+def sent_to(links: ConnectedLinks, group: int) -> list[tuple[str, bytes, str | None]]:
+    """``(msgid, payload, reply)`` of every message sent to ``group``, alone or in a run, in order."""
+    sent = []
+    for to, frame in links.frames:
+        if to != group:
+            continue
+        if frame[0] == "r":
+            fields = unpack_entries(frame[4])
+            assert len(fields) == 3 * frame[3]
+            sent += [tuple(fields[i : i + 3]) for i in range(0, len(fields), 3)]
+        else:
+            sent.append((frame[2], frame[3], frame[5]))
+    return sent  # type: ignore[return-value]
+
+
 def test_frames_leave_in_signal_order_whichever_path_each_took(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     crossings = count_crossings(monkeypatch)
     host, links = start(tmp_path)
     capture = go(host, 200, "x" * 3000)
-    to_b = [(frame[2], unpack_py(frame[3])[0], frame[5]) for group, frame in links.frames if group == 1]
+    to_b = [(msgid, unpack_py(payload)[0], reply) for msgid, payload, reply in sent_to(links, 1)]
     assert [n for _, n, _ in to_b] == list(range(1, 202))
     assert all((reply is not None) == (n % 7 == 0) for _, n, reply in to_b)
     assert said(capture, "answers") == [",".join(["true"] * 200)]
@@ -114,13 +130,13 @@ def test_a_process_not_linked_is_never_steady(tmp_path: Path, monkeypatch: pytes
     go(host, 40)
     assert crossings["send_batch"] == 0
     assert crossings["send_packed"] == 40 + 3
-    assert [unpack_py(frame[3])[0] for group, frame in links.frames if group == 1] == list(range(1, 42))
+    assert [unpack_py(payload)[0] for _, payload, _ in sent_to(links, 1)] == list(range(1, 42))
 
 
 def test_payloads_past_the_room_cross_at_once_and_keep_their_place(tmp_path: Path) -> None:
     host, links = start(tmp_path)
     links.room = 1000
     go(host, 60, "y" * 2000)
-    values = [unpack_py(frame[3]) for group, frame in links.frames if group == 1]
+    values = [unpack_py(payload) for _, payload, _ in sent_to(links, 1)]
     assert [v[0] for v in values] == list(range(1, 62))
     assert [len(v[1]) for v in values if len(v) > 1 and v[1] is not None] == [2000] * 4

@@ -20,6 +20,7 @@ with the script and line of its function.
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,7 +37,7 @@ from stagetx.lua.loader import ScriptLoader
 from stagetx.lua.runtime import HARD_LIMIT, LuaScriptError, LuaVM
 from stagetx.lua.search import preload_files
 from stagetx.lua.syntax import compile_errors
-from stagetx.message import Message, Sender
+from stagetx.message import LATENCY_BUCKETS, Message, Run, Sender
 
 if TYPE_CHECKING:
     from stagetx.child.host import StageHost
@@ -91,6 +92,9 @@ class Stage:
         self._parkers: list[Callable[[], None]] = []
         self.rolling_back = False  # while a runtime that failed to load is stopped (a reload)
         self._held: list[Message] | None = None  # messages that arrive while the runtime is rebuilt
+        # handler times of runs not yet taken (``take_times``) from runtimes replaced since
+        self._kept_busy = 0.0
+        self._kept_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.reloads = 0
         self.failure: str | None = None  # why the last start failed (file:line: problem), if it did
         self.traffic = Traffic()  # the broker clients of all its endpoints, across reloads
@@ -137,6 +141,7 @@ class Stage:
             max_memory=settings["%memory"],
             sender=sender_fields(self.context.sender),
             watchdog=True,
+            buckets=LATENCY_BUCKETS,
         )
         vm.overran = self._abandon
         self.on_stop(vm.close)
@@ -219,6 +224,7 @@ class Stage:
             )
             return fail(ReloadError("; ".join(errors)))
         old = _Running(self)
+        self._keep_times(old.vm)
         self._held = []
         carried = None
         if not abandon:
@@ -347,7 +353,7 @@ class Stage:
             return
         arguments = self._arguments(vm, message)
         if arguments is not None:
-            vm.deliver(*arguments)
+            vm.deliver(self.context.router.turn, *arguments)
 
     def receive_batch(self, messages: list[Message]) -> list[float]:
         """Deliver a run of messages in as few crossings into Lua as the drain slice allows (the
@@ -374,8 +380,66 @@ class Stage:
                     args += self._fields(vm, message)
                     values = self._values(vm, message)
                     args += (False,) if values is None else (len(values), *values)
-            times += vm.deliver_batch(args)
+            times += vm.deliver_batch(self.context.router.turn, args)
         return times
+
+    def receive_run(self, run: Run, limit: int) -> int:
+        """Deliver up to ``limit`` messages of ``run``: read and dispatched in Lua, one crossing;
+        their handler times stay in Lua until ``take_times``. Returns how many were delivered (the
+        rest of a malformed run is dropped, logged and counted)."""
+        vm = self.vm
+        if self._held is not None or vm is None or not vm.decodes:
+            messages = run.messages()
+            if self._held is not None:
+                self._held.extend(messages)
+            elif vm is not None:
+                for elapsed in self.receive_batch(messages):
+                    self._keep_time(elapsed)
+            return len(messages)
+        sender = self._sender_table(vm, run.sender)
+        turn = self.context.router.turn
+        body = run.body
+        pos, done, *slow = vm.deliver_run(turn, sender, body, run.pos, min(limit, run.count), self._slow())
+        if pos < 0 or (pos > len(body) and run.count > done):
+            self.log.error(
+                "a run of {count} messages from {sender} is malformed: {lost} of them dropped",
+                count=run.count,
+                sender=run.sender.stage,
+                lost=run.count - done,
+            )
+            self.context.count_error()
+            run.count = done
+        run.pos = pos
+        run.count -= done
+        if slow:
+            assert isinstance(vm, WatchedVM)
+            for i in range(0, len(slow), 2):
+                vm.slow_handler(slow[i], slow[i + 1])
+        return done
+
+    def _slow(self) -> float:
+        """The handler time (s) from which a message's handler is logged as slow."""
+        return float(self.context.process.slow_ms) / 1000.0
+
+    def take_times(self) -> tuple[float, list[int]]:
+        """The handler times of runs since the last call: seconds in all, and the count per
+        ``LATENCY_BUCKETS`` bucket (``StageHost.take_times``)."""
+        if self.vm is not None:
+            self._keep_times(self.vm)
+        busy, counts = self._kept_busy, self._kept_counts
+        self._kept_busy, self._kept_counts = 0.0, [0] * len(counts)
+        return busy, counts
+
+    def _keep_times(self, vm: LuaVM) -> None:
+        if vm.decodes:
+            busy, counts = vm.take_times()
+            self._kept_busy += busy
+            for i, n in enumerate(counts):
+                self._kept_counts[i] += n
+
+    def _keep_time(self, elapsed: float) -> None:
+        self._kept_busy += elapsed
+        self._kept_counts[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
 
     def _arguments(self, vm: LuaVM, message: Message) -> tuple[bytes, Any, bytes | None, tuple[Any, ...]] | None:
         """What ``deliver`` takes for ``message``: its values decoded into ``vm``, its id, sender
@@ -395,18 +459,23 @@ class Stage:
 
     def _fields(self, vm: LuaVM, message: Message) -> tuple[bytes, Any, bytes | None]:
         """``message``'s id, sender and reply as Lua values (kept for the next messages)."""
-        # by identity: the entry holds the Sender, so its id cannot be reused while cached
-        entry = self._senders.get(id(message.sender))
-        if entry is None:
-            if len(self._senders) >= SENDER_CACHE:
-                self._senders.clear()
-            entry = self._senders[id(message.sender)] = (message.sender, vm.table(sender_fields(message.sender)))
+        sender = self._sender_table(vm, message.sender)
         texts = self._texts
         msgid = texts.get(message.msgid)
         if msgid is None:
             msgid = self._text(message.msgid)
         reply = None if message.reply is None else texts.get(message.reply) or self._text(message.reply)
-        return msgid, entry[1], reply
+        return msgid, sender, reply
+
+    def _sender_table(self, vm: LuaVM, sender: Sender) -> Any:
+        """``sender`` as the ``_WAITFOR[1]`` table of ``vm`` (kept for the next messages)."""
+        # by identity: the entry holds the Sender, so its id cannot be reused while cached
+        entry = self._senders.get(id(sender))
+        if entry is None:
+            if len(self._senders) >= SENDER_CACHE:
+                self._senders.clear()
+            entry = self._senders[id(sender)] = (sender, vm.table(sender_fields(sender)))
+        return entry[1]
 
     def _text(self, value: str) -> bytes:
         """``value`` as a Lua string, kept for the next message with the same id or reply address."""
@@ -473,16 +542,18 @@ class WatchedVM(LuaVM):
         finally:
             self._check(started, where, f, ())
 
-    def deliver(self, msgid: bytes, sender: Any, reply: bytes | None, values: tuple[Any, ...]) -> None:
+    def deliver(
+        self, turn: int | None, msgid: bytes, sender: Any, reply: bytes | None, values: tuple[Any, ...]
+    ) -> None:
         started = monotonic()
         try:
-            self.enter(self._deliver, started, msgid, sender, reply, *values)
+            self.enter(self._deliver, started, turn, msgid, sender, reply, *values)
         finally:
             if (monotonic() - started) * 1000.0 >= self._context.process.slow_ms:
                 self._check(started, f"handler of message {text(msgid)!r}", None, handler_keys(msgid))
 
-    def deliver_batch(self, args: list[Any]) -> tuple[float, ...]:
-        times = super().deliver_batch(args)
+    def deliver_batch(self, turn: int | None, args: list[Any]) -> tuple[float, ...]:
+        times = super().deliver_batch(turn, args)
         slow = self._context.process.slow_ms / 1000.0
         at = 0  # where the message of times[i] starts in args
         for elapsed in times:
@@ -492,6 +563,10 @@ class WatchedVM(LuaVM):
             count = args[at + 3]
             at += 5 if count == -1 else 4 + (count or 0)
         return times
+
+    def slow_handler(self, msgid: bytes, elapsed: float) -> None:
+        """Log the handler of ``msgid``, which took ``elapsed`` s in a run, as slow."""
+        self._warn(elapsed * 1000.0, f"handler of message {text(msgid)!r}", None, handler_keys(msgid))
 
     def _check(self, started: float, where: str, f: Any, keys: tuple[bytes, ...]) -> None:
         elapsed_ms = (monotonic() - started) * 1000.0
