@@ -10,7 +10,9 @@ exactly, else the tuple itself (``TupleTier``).
 
 from __future__ import annotations
 
+import io
 import math
+import pickle
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import count
@@ -24,10 +26,33 @@ Score = int | float
 Key = tuple[Score, int, bytes]
 # A tier's stored state for one member: (score, seq), or None when unscored in that tier.
 TierState = tuple[Score, int] | None
-# One tier's state of a run of members (a snapshot chunk): ``[scores, seqs]`` when every member
-# of the run is scored in the tier, else ``[scores, seqs, positions]`` for the scored ones only,
-# ``positions`` their indexes in the run.
-Column = list[list[Any]]
+# One tier's state of a run of members (a snapshot chunk), for the scored ones only when a third
+# item ``positions`` (their indexes in the run) is there: ``[keys, least_seq(, positions)]`` from
+# a ``DenseTier`` (``keys`` the dense keys as ``dump_keys`` bytes, their slots numbered as a bulk
+# load gives them, ``least_seq`` the smallest seq among them), else ``[scores, seqs(, positions)]``.
+Column = list[Any]
+
+
+def dump_keys(keys: list[int]) -> bytes:
+    """Dense keys as bytes that ``load_keys`` turns back into ints in one C call (pickle: the one
+    decoder in the standard library that makes Python ints of any size without a Python step per
+    number; msgpack holds 64 bits)."""
+    return pickle.dumps(keys, protocol=5)
+
+
+class _KeysUnpickler(pickle.Unpickler):
+    """Loads a pickled list of ints and refuses any class or function a file could name."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise ValueError(f"snapshot keys name {module}.{name}: only ints are read")
+
+
+def load_keys(data: bytes) -> list[int]:
+    """The dense keys ``dump_keys`` stored (ValueError for anything but a list)."""
+    keys = _KeysUnpickler(io.BytesIO(data)).load()
+    if type(keys) is not list:
+        raise ValueError(f"snapshot keys are a {type(keys).__name__}, not a list")
+    return keys
 
 
 def _scored(members: list[bytes], keys: dict[bytes, Any]) -> tuple[list[Any], list[int] | None]:
@@ -286,6 +311,10 @@ class TupleTier(_RankedTier):
         """Bulk load: map new ``members`` to their keys; ``sort`` builds the order at the end."""
         self.keys.update(zip(members, zip(scores, seqs, members)))
 
+    def add_keys(self, members: list[bytes], keys: list[int]) -> None:
+        """Bulk load of a ``DenseTier``'s column (a tier that had to become tuples meanwhile)."""
+        self.keys.update((member, (*decode(key), member)) for member, key in zip(members, keys))  # type: ignore[misc]
+
     def put_unsorted(self, member: bytes, score: Score, seq: int) -> None:
         """``put`` during a bulk load: the key map only."""
         self.keys[member] = (score, seq, member)
@@ -298,7 +327,7 @@ class TupleTier(_RankedTier):
         """End of a bulk load: build the (empty) order from the key map in one sort."""
         self.order.update(self.keys.values())
 
-    def columns(self, members: list[bytes]) -> Column | None:
+    def columns(self, members: list[bytes], first_slot: int) -> Column | None:
         """The ``Column`` of ``members`` in this tier; None when none of them is scored here."""
         found, positions = _scored(members, self.keys)
         if not found:
@@ -393,14 +422,16 @@ class DenseTier(_RankedTier):
             self.free.append(key & _SLOT)
             self.order.remove(key)
 
-    def columns(self, members: list[bytes]) -> Column | None:
-        """The ``Column`` of ``members`` in this tier; None when none of them is scored here."""
+    def columns(self, members: list[bytes], first_slot: int) -> Column | None:
+        """The ``Column`` of ``members`` in this tier (None when none of them is scored here): their
+        keys renumbered to the slots from ``first_slot`` on, which a bulk load that has put
+        ``first_slot`` members into this tier before them gives them (``add_keys``)."""
         found, positions = _scored(members, self.keys)
         if not found:
             return None
-        scores = [key >> 160 if not key & _FLOAT_BITS else decode(key)[0] for key in found]
-        seqs = [((key >> 34) & _SEQ_MASK) - _SEQ_SPAN for key in found]
-        return _column(scores, seqs, positions)
+        least = min((key >> 34) & _SEQ_MASK for key in found) - _SEQ_SPAN
+        keys = [(key >> 32 << 32) | slot for slot, key in zip(count(first_slot), found)]
+        return [dump_keys(keys), least] if positions is None else [dump_keys(keys), least, positions]
 
     def add_unsorted(self, members: list[bytes], scores: list[Any], seqs: list[int]) -> None:
         """Bulk load: map new ``members`` to their keys; ``sort`` builds the order at the end.
@@ -419,6 +450,18 @@ class DenseTier(_RankedTier):
             ]
         except TypeError:
             keys = [encode(score, seq, slot) for slot, score, seq in zip(count(base), scores, seqs)]
+        self.slots.extend(members)
+        self.keys.update(zip(members, keys))
+
+    def add_keys(self, members: list[bytes], keys: list[int]) -> None:
+        """Bulk load of a column of dense keys (``columns``) for new ``members``. Their slots are
+        the ones a load gives them when the column was written for this point of the load (checked
+        at both ends of the run); else they are renumbered."""
+        base = len(self.slots)
+        if base + len(members) > _SLOTS:
+            raise NotDense(len(members))
+        if keys and (keys[0] & _SLOT != base or keys[-1] & _SLOT != base + len(keys) - 1):
+            keys = [(key >> 32 << 32) | slot for slot, key in zip(count(base), keys)]
         self.slots.extend(members)
         self.keys.update(zip(members, keys))
 
@@ -693,14 +736,21 @@ class Board:
 
         return chunks()
 
-    def columns(self, members: list[bytes]) -> list[Any]:
+    def columns(self, members: list[bytes], written: list[int] | None = None) -> list[Any]:
         """The snapshot chunk of ``members``: ``[members, values, tier 1 Column or None, …]`` with
-        the members no longer present left out and trailing unused tiers too."""
+        the members no longer present left out and trailing unused tiers too. ``written`` counts
+        the members of each tier in the snapshot's earlier chunks of this board (and is advanced):
+        the dense keys are numbered for the slots a load gives them."""
         values = self.values
         present = [member for member in members if member in values]
         chunk: list[Any] = [present, [values[member] for member in present]]
-        for tier in self.tiers:
-            chunk.append(tier.columns(present) if tier.keys else None)
+        if written is None:
+            written = [0] * TIERS
+        for index, tier in enumerate(self.tiers):
+            column = tier.columns(present, written[index]) if tier.keys else None
+            if column is not None:
+                written[index] += len(column[2]) if len(column) == 3 else len(present)
+            chunk.append(column)
         while chunk[-1] is None:
             chunk.pop()
         return chunk
@@ -713,8 +763,19 @@ class Board:
         for index, column in enumerate(chunk[2:]):
             if column is None:
                 continue
-            scores, seqs = column[0], column[1]
             scored = members if len(column) == 2 else [members[i] for i in column[2]]
+            if type(column[0]) is bytes:  # a DenseTier's keys
+                keys = load_keys(column[0])
+                if len(keys) != len(scored):
+                    raise ValueError(f"snapshot column of {len(keys)} keys for {len(scored)} members")
+                if keys:
+                    self.next_seq = min(self.next_seq, column[1] - 1)
+                    try:
+                        self.tiers[index].add_keys(scored, keys)
+                    except NotDense:
+                        self._widen(index).add_keys(scored, keys)
+                continue
+            scores, seqs = column[0], column[1]
             if not seqs:
                 continue
             self.next_seq = min(self.next_seq, min(seqs) - 1)
