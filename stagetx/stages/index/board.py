@@ -788,7 +788,9 @@ class Board:
         time, keeps one table of a few MB in the cache at a time: 10–15 % less time in the
         maps at a million members."""
         unindexed, self._unindexed = self._unindexed, []
-        for index, scored, keys, seqs in unindexed:
+        unindexed.reverse()
+        while unindexed:
+            index, scored, keys, seqs = unindexed.pop()  # each chunk's lists freed once indexed
             tier = self.tiers[index]
             try:
                 tier.add_keys(scored, keys) if seqs is None else tier.add_unsorted(scored, keys, seqs)
