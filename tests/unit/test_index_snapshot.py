@@ -17,7 +17,7 @@ from tests.unit.test_index_store import _apply, _open
 
 def _observed(store: IndexStore, executor: Executor) -> dict:
     """Values, per-tier (score, seq) and every tier's ranking as forEach lists it."""
-    state = {name: {member: board.state(member) for member in board.values} for name, board in store.boards.items()}
+    state = {name: {member: board.state(member) for member in board.members()} for name, board in store.boards.items()}
     rankings = {
         (name, tier): executor.run({b"forEach:%s/%d" % (name, tier): [1, 10_000]})
         for name in store.boards

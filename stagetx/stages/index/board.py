@@ -15,7 +15,7 @@ import math
 import pickle
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Mapping, Sequence
-from itertools import count
+from itertools import chain, count, repeat
 from typing import Any
 
 from sortedcontainers import SortedList
@@ -307,11 +307,14 @@ class TupleTier(_RankedTier):
         self.keys.update((key[2], key) for key in column)
         self.order.update(column)
 
-    def add_unsorted(self, members: list[bytes], scores: list[Any], seqs: list[int]) -> None:
-        """Bulk load: map new ``members`` to their keys; ``sort`` builds the order at the end."""
+    def add_unsorted(
+        self, members: list[bytes], scores: list[Any], seqs: list[int], values: list[Any] | None = None
+    ) -> None:
+        """Bulk load: map new ``members`` to their keys; ``sort`` builds the order at the end.
+        (``values`` is for ``DenseTier``: a board keeps the values of a tuple tier's members.)"""
         self.keys.update(zip(members, zip(scores, seqs, members)))
 
-    def add_keys(self, members: list[bytes], keys: list[int]) -> None:
+    def add_keys(self, members: list[bytes], keys: list[int], values: list[Any] | None = None) -> None:
         """Bulk load of a ``DenseTier``'s column (a tier that had to become tuples meanwhile)."""
         self.keys.update((member, (*decode(key), member)) for member, key in zip(members, keys))  # type: ignore[misc]
 
@@ -350,16 +353,19 @@ class DenseTier(_RankedTier):
     An int compares in one step reading one object, where a key tuple reads the tuple and its
     score: a comparison touches half the cache lines, and a key is 56 bytes instead of 128. The
     key's low bits name the member's slot in ``slots`` (kept across score changes, reused after
-    a delete), which gives ``forEach`` and ``range`` the member of a key without a second dict.
+    a delete), which gives ``forEach`` and ``range`` the member of a key without a second dict,
+    and ``values`` the member's value in the same slot (the board keeps its members' values
+    there in tier 1, so a member needs one dict entry, not two; None in the other tiers).
     Raises NotDense (changing nothing) for a score it cannot hold; the board then converts the
     tier to a ``TupleTier``.
     """
 
-    __slots__ = ("slots", "free")
+    __slots__ = ("slots", "free", "values")
 
     def __init__(self) -> None:
         self.keys: dict[bytes, int] = {}
         self.slots: list[bytes | None] = []
+        self.values: list[Any] = []
         self.free: list[int] = []
         self.order: Ranking = Ranking()
 
@@ -385,6 +391,7 @@ class DenseTier(_RankedTier):
         if slot >= _SLOTS:
             raise NotDense(member)
         self.slots.append(member)
+        self.values.append(None)
         return slot
 
     def change(self, member: bytes, score: Score, seq: int) -> int:
@@ -418,7 +425,7 @@ class DenseTier(_RankedTier):
     def discard(self, member: bytes) -> None:
         key = self.keys.pop(member, None)
         if key is not None:
-            self.slots[key & _SLOT] = None
+            self.slots[key & _SLOT] = self.values[key & _SLOT] = None
             self.free.append(key & _SLOT)
             self.order.remove(key)
 
@@ -433,8 +440,11 @@ class DenseTier(_RankedTier):
         keys = [(key >> 32 << 32) | slot for slot, key in zip(count(first_slot), found)]
         return [dump_keys(keys), least] if positions is None else [dump_keys(keys), least, positions]
 
-    def add_unsorted(self, members: list[bytes], scores: list[Any], seqs: list[int]) -> None:
-        """Bulk load: map new ``members`` to their keys; ``sort`` builds the order at the end.
+    def add_unsorted(
+        self, members: list[bytes], scores: list[Any], seqs: list[int], values: list[Any] | None = None
+    ) -> None:
+        """Bulk load: map new ``members`` to their keys (their ``values`` to their slots, else
+        None); ``sort`` builds the order at the end.
 
         Raises NotDense, having changed nothing, when a score or seq does not fit a dense key.
         """
@@ -450,19 +460,23 @@ class DenseTier(_RankedTier):
             ]
         except TypeError:
             keys = [encode(score, seq, slot) for slot, score, seq in zip(count(base), scores, seqs)]
-        self.slots.extend(members)
-        self.keys.update(zip(members, keys))
+        self._extend(members, keys, values)
 
-    def add_keys(self, members: list[bytes], keys: list[int]) -> None:
-        """Bulk load of a column of dense keys (``columns``) for new ``members``. Their slots are
-        the ones a load gives them when the column was written for this point of the load (checked
-        at both ends of the run); else they are renumbered."""
+    def add_keys(self, members: list[bytes], keys: list[int], values: list[Any] | None = None) -> None:
+        """Bulk load of a column of dense keys (``columns``) for new ``members`` (and their
+        ``values``, else None). Their slots are the ones a load gives them when the column was
+        written for this point of the load (checked at both ends of the run); else they are
+        renumbered."""
         base = len(self.slots)
         if base + len(members) > _SLOTS:
             raise NotDense(len(members))
         if keys and (keys[0] & _SLOT != base or keys[-1] & _SLOT != base + len(keys) - 1):
             keys = [(key >> 32 << 32) | slot for slot, key in zip(count(base), keys)]
+        self._extend(members, keys, values)
+
+    def _extend(self, members: list[bytes], keys: list[int], values: list[Any] | None) -> None:
         self.slots.extend(members)
+        self.values.extend(values if values is not None else repeat(None, len(members)))
         self.keys.update(zip(members, keys))
 
     def put_unsorted(self, member: bytes, score: Score, seq: int) -> None:
@@ -479,7 +493,7 @@ class DenseTier(_RankedTier):
         """``discard`` during a bulk load: the key map only."""
         key = self.keys.pop(member, None)
         if key is not None:
-            self.slots[key & _SLOT] = None
+            self.slots[key & _SLOT] = self.values[key & _SLOT] = None
             self.free.append(key & _SLOT)
 
     def sort(self) -> None:
@@ -544,27 +558,56 @@ class Board:
     the first time it is given a score a dense key cannot hold; a start loads it dense again
     when every score fits.
 
+    The value of a member scored in tier 1 while that tier is dense is kept in the tier's slot of
+    the member (``DenseTier.values``): most members then cost one dict entry (tier 1's key map),
+    not two, and a start builds one dict per member. The values of the other members (unscored
+    in tier 1, or every member once tier 1 holds tuples) are in ``others``.
+
     A board made with ``loading=True`` is being bulk-loaded: ``add_columns``, ``restore`` and
     ``delete`` fill its maps only, and ``finish_load`` sorts each tier once; it answers nothing
     before that.
     """
 
-    __slots__ = ("values", "tiers", "next_seq", "loading", "_unindexed")
+    __slots__ = ("others", "tiers", "next_seq", "loading")
 
     def __init__(self, loading: bool = False) -> None:
-        self.values: dict[bytes, Any] = {}
+        self.others: dict[bytes, Any] = {}
         self.tiers: list[Tier] = [DenseTier() for _ in range(TIERS)]
         self.next_seq = -1
         self.loading = loading
-        # (tier index, members, dense keys, None) or (tier index, members, scores, seqs) of the
-        # snapshot chunks loaded so far, for ``index_columns``
-        self._unindexed: list[tuple[int, list[bytes], list[Any], list[int] | None]] = []
 
     def __len__(self) -> int:
-        return len(self.values)
+        first = self.tiers[0]
+        return len(self.others) + (len(first.keys) if type(first) is DenseTier else 0)
 
     def __contains__(self, member: bytes) -> bool:
-        return member in self.values
+        return member in self.tiers[0].keys or member in self.others
+
+    def members(self) -> Iterator[bytes]:
+        """Every member, once."""
+        first = self.tiers[0]
+        return chain(first.keys, self.others) if type(first) is DenseTier else iter(self.others)
+
+    def value(self, member: bytes, default: Any = None) -> Any:
+        """The member's value; ``default`` when it is not on the board."""
+        first = self.tiers[0]
+        if type(first) is DenseTier:
+            key = first.keys.get(member)
+            if key is not None:
+                return first.values[key & _SLOT]
+        return self.others.get(member, default)
+
+    def _store_value(self, member: bytes, value: Any) -> None:
+        """Keep ``value`` where the member's value belongs now (after its tiers changed)."""
+        first = self.tiers[0]
+        if type(first) is DenseTier:
+            key = first.keys.get(member)
+            if key is not None:
+                first.values[key & _SLOT] = value
+                if self.others:
+                    self.others.pop(member, None)
+                return
+        self.others[member] = value
 
     def tier(self, number: int) -> Tier:
         """Tier ``number`` (1-based)."""
@@ -574,6 +617,9 @@ class Board:
         """Convert tier ``index`` (0-based) to tuples, for a score it could not hold."""
         tier = self.tiers[index]
         if isinstance(tier, DenseTier):
+            if index == 0:  # its members' values move to ``others``
+                values = tier.values
+                self.others.update((member, values[key & _SLOT]) for member, key in tier.keys.items())
             tier = self.tiers[index] = tier.unsorted_tuples() if self.loading else tier.tuples()
         return tier
 
@@ -589,12 +635,13 @@ class Board:
         ``has_value`` False keeps the stored value (a new member then gets None). A changed score
         takes a fresh ``seq``, so the member ranks after members that already had that score.
         """
-        if has_value or member not in self.values:
-            self.values[member] = value if has_value else None
+        if not has_value:
+            value = self.value(member)
         seq = self.next_seq
         changed = {number for number, score in scores.items() if self._change(number - 1, member, score, seq)}
         if changed:
             self.next_seq = seq - 1
+        self._store_value(member, value)
         return changed
 
     def set_one(self, member: bytes, number: int, score: Score, value: Any, has_value: bool) -> int:
@@ -603,40 +650,50 @@ class Board:
         Returns the member's new rank in that tier, or 0 when the score did not change.
         """
         tier = self.tiers[number - 1]
-        if has_value:
-            self.values[member] = value
-        elif member not in tier.keys and member not in self.values:
-            # a member scored in the tier has a value entry: at a million members the tier's
-            # lookup, which change() repeats from cache, saves the value dict's cold one
-            self.values[member] = None
         seq = self.next_seq
         try:
             rank = tier.change(member, score, seq)
         except NotDense:
-            rank = self._widen(number - 1).change(member, score, seq)
+            tier = self._widen(number - 1)
+            rank = tier.change(member, score, seq)
         if rank:
             self.next_seq = seq - 1
+        others = self.others
+        if number == 1 and type(tier) is DenseTier:  # the member's value lives in its slot here
+            if has_value:
+                tier.values[tier.keys[member] & _SLOT] = value
+                if others:
+                    others.pop(member, None)
+            elif others and member in others:  # first scored in tier 1 now
+                tier.values[tier.keys[member] & _SLOT] = others.pop(member)
+        elif has_value:
+            self._store_value(member, value)
+        elif member not in others:
+            first = self.tiers[0]
+            if type(first) is not DenseTier or member not in first.keys:
+                others[member] = None  # a new member
         return rank
 
     def delete(self, member: bytes) -> bool:
         """Remove ``member`` from every tier; False when it was not there."""
-        if self.values.pop(member, _ABSENT) is _ABSENT:
+        if member not in self:
             return False
         for tier in self.tiers:
             if self.loading:
                 tier.discard_unsorted(member)
             else:
                 tier.discard(member)
+        self.others.pop(member, None)
         return True
 
     def state(self, member: bytes) -> tuple[Any, list[TierState]]:
         """The member's value and per-tier ``(score, seq)``, as stored in logs and snapshots."""
-        return self.values[member], [tier.state(member) for tier in self.tiers]
+        return self.value(member), [tier.state(member) for tier in self.tiers]
 
     def record(self, name: bytes, member: bytes) -> tuple[Any, ...]:
         """The log record of ``member``'s whole state: ``(name, member)`` when it is gone, else
         ``(name, member, value, state1, …)`` with trailing unscored tiers left out."""
-        value = self.values.get(member, _ABSENT)
+        value = self.value(member, _ABSENT)
         if value is _ABSENT:
             return (name, member)
         tiers = self.tiers
@@ -658,20 +715,18 @@ class Board:
         them. Cheaper to take than ``record``: the store keeps one per change for a rollback that
         seldom comes, and ``saved_record`` decodes it then."""
         first, second, third, fourth = self.tiers
+        key: Any = first.keys.get(member)
+        if key is not None and type(first) is DenseTier:
+            value = first.values[key & _SLOT]
+        else:
+            value = self.others.get(member, _ABSENT)
         if not (second.keys or third.keys or fourth.keys):  # only tier 1 in use: most boards
-            return (self.values.get(member, _ABSENT), first.keys.get(member))
-        return (
-            self.values.get(member, _ABSENT),
-            first.keys.get(member),
-            second.keys.get(member),
-            third.keys.get(member),
-            fourth.keys.get(member),
-        )
+            return (value, key)
+        return (value, key, second.keys.get(member), third.keys.get(member), fourth.keys.get(member))
 
     def restore(self, member: bytes, value: Any, states: Sequence[TierState]) -> None:
         """Replace the member's whole state with a recorded one (replay of logs); tiers past the
         end of ``states`` are unscored."""
-        self.values[member] = value
         loading = self.loading
         tiers = self.tiers
         if (
@@ -688,6 +743,7 @@ class Board:
                 self._widen(0).put_unsorted(member, score, seq)
             if seq <= self.next_seq:
                 self.next_seq = seq - 1
+            self._store_value(member, value)
             return
         for index, tier in enumerate(tiers):
             state = states[index] if index < len(states) else None
@@ -706,6 +762,7 @@ class Board:
                 tier = self._widen(index)
                 tier.put_unsorted(member, score, seq) if loading else tier.put(member, score, seq)
             self.next_seq = min(self.next_seq, seq - 1)
+        self._store_value(member, value)
 
     def snapshot_chunks(self, size: int) -> Iterator[list[bytes]]:
         """Every member present now, ``size`` at a time: tier 1's in ascending key order, then those
@@ -720,16 +777,16 @@ class Board:
         if isinstance(first, DenseTier):
             slots = list(first.slots)
             slot_mask = _SLOT
+            unscored = list(self.others)
 
             def members(chunk: list[Any]) -> list[bytes]:
                 return [slots[key & slot_mask] for key in chunk]  # type: ignore[misc]
 
         else:
+            unscored = [member for member in self.others if member not in first.keys]
 
             def members(chunk: list[Any]) -> list[bytes]:
                 return [key[2] for key in chunk]
-
-        unscored = [m for m in self.values if m not in first.keys] if len(first.keys) < len(self.values) else []
 
         def chunks() -> Iterator[list[bytes]]:
             for start in range(0, len(keys), size):
@@ -744,9 +801,9 @@ class Board:
         the members no longer present left out and trailing unused tiers too. ``written`` counts
         the members of each tier in the snapshot's earlier chunks of this board (and is advanced):
         the dense keys are numbered for the slots a load gives them."""
-        values = self.values
-        present = [member for member in members if member in values]
-        chunk: list[Any] = [present, [values[member] for member in present]]
+        present = [member for member in members if member in self]
+        value = self.value
+        chunk: list[Any] = [present, [value(member) for member in present]]
         if written is None:
             written = [0] * TIERS
         for index, tier in enumerate(self.tiers):
@@ -759,50 +816,50 @@ class Board:
         return chunk
 
     def add_columns(self, chunk: list[Any]) -> None:
-        """Bulk-load the members of one snapshot chunk (``columns``) into this loading board: their
-        values now, their tiers' keys decoded and kept for ``index_columns``."""
+        """Bulk-load the members of one snapshot chunk (``columns``) into this loading board."""
         assert self.loading, "add_columns fills a loading board"
-        members = chunk[0]
-        self.values.update(zip(members, chunk[1]))
+        members, values = chunk[0], chunk[1]
+        in_first: list[int] | None = []  # positions of the members whose value is in tier 1's slots
         for index, column in enumerate(chunk[2:]):
             if column is None:
                 continue
-            scored = members if len(column) == 2 else [members[i] for i in column[2]]
+            positions = column[2] if len(column) == 3 else None
+            scored = members if positions is None else [members[i] for i in positions]
+            placed = None  # tier 1 keeps the values of its members in their slots
+            if index == 0:
+                placed = values if positions is None else [values[i] for i in positions]
             if type(column[0]) is bytes:  # a DenseTier's keys
                 keys = load_keys(column[0])
                 if len(keys) != len(scored):
                     raise ValueError(f"snapshot column of {len(keys)} keys for {len(scored)} members")
-                if keys:
-                    self.next_seq = min(self.next_seq, column[1] - 1)
-                    self._unindexed.append((index, scored, keys, None))
-                continue
-            scores, seqs = column[0], column[1]
-            if seqs:
+                if not keys:
+                    continue
+                self.next_seq = min(self.next_seq, column[1] - 1)
+                try:
+                    self.tiers[index].add_keys(scored, keys, placed)
+                except NotDense:
+                    self._widen(index).add_keys(scored, keys, placed)
+            else:
+                scores, seqs = column[0], column[1]
+                if not seqs:
+                    continue
                 self.next_seq = min(self.next_seq, min(seqs) - 1)
-                self._unindexed.append((index, scored, scores, seqs))
-
-    def index_columns(self) -> Iterator[None]:
-        """Put the tiers' keys that ``add_columns`` kept into the tiers' maps, a step per chunk.
-
-        Filling the values map first and each key map after it, rather than both a chunk at a
-        time, keeps one table of a few MB in the cache at a time: 10–15 % less time in the
-        maps at a million members."""
-        unindexed, self._unindexed = self._unindexed, []
-        unindexed.reverse()
-        while unindexed:
-            index, scored, keys, seqs = unindexed.pop()  # each chunk's lists freed once indexed
-            tier = self.tiers[index]
-            try:
-                tier.add_keys(scored, keys) if seqs is None else tier.add_unsorted(scored, keys, seqs)
-            except NotDense:
-                tier = self._widen(index)
-                tier.add_keys(scored, keys) if seqs is None else tier.add_unsorted(scored, keys, seqs)
-            yield
+                try:
+                    self.tiers[index].add_unsorted(scored, scores, seqs, placed)
+                except NotDense:
+                    self._widen(index).add_unsorted(scored, scores, seqs, placed)
+            if index == 0 and type(self.tiers[0]) is DenseTier:
+                in_first = positions  # None: all of them
+        if in_first is None:
+            return
+        if not in_first:
+            self.others.update(zip(members, values))
+            return
+        first = set(in_first)
+        self.others.update((members[i], values[i]) for i in range(len(members)) if i not in first)
 
     def finish_load(self) -> None:
         """End of a bulk load: one sort per tier (next to nothing when the keys came in order)."""
-        for _ in self.index_columns():
-            pass
         for tier in self.tiers:
             tier.sort()
         self.loading = False

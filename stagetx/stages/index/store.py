@@ -407,7 +407,6 @@ class IndexStore:
                     yield
                 if rows != len(board):
                     raise StoreCorrupt(f"{path}: board {record[1]!r} names a member twice")
-                yield from board.index_columns()
         raise StoreCorrupt(f"{path}: snapshot ends early")
 
     # -- compaction ------------------------------------------------------------------------
