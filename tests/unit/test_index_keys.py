@@ -78,6 +78,8 @@ def _answers(board: Board, probes: list[int | float]) -> list[object]:
         out.append([(rank, member) for rank, _, member in tier.slice(2, 3)])
     out.append({member: repr(board.record(b"n", member)) for member in (b"a", b"b", b"c", b"d", b"e", b"f")})
     out.append((len(board), sorted(board.members())))
+    for number in range(1, TIERS + 1):  # forEach's rows: each with its member's value
+        out.append([(rank, repr(score), member, value) for rank, score, member, value in board.rows(number, 1, 9)])
     return out
 
 

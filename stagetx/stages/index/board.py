@@ -533,6 +533,20 @@ class DenseTier(_RankedTier):
         scores = [key >> 160 if not key & _FLOAT_BITS else decode(key)[0] for key in keys]
         return zip(range(first, first + len(keys)), scores, [slots[key & _SLOT] for key in keys])  # type: ignore[arg-type]
 
+    def slice_values(self, first: int, count: int) -> Iterator[tuple[int, Score, bytes, Any]]:
+        """``slice`` with the value in each member's slot (tier 1's: the board keeps them there)."""
+        first = max(first, 1)
+        keys = list(_keys_from(self.order, first, count))
+        slots = [key & _SLOT for key in keys]
+        scores = [key >> 160 if not key & _FLOAT_BITS else decode(key)[0] for key in keys]
+        members, values = self.slots, self.values
+        return zip(
+            range(first, first + len(keys)),
+            scores,
+            [members[slot] for slot in slots],  # type: ignore[misc]
+            [values[slot] for slot in slots],
+        )
+
 
 Tier = DenseTier | TupleTier
 
@@ -596,6 +610,15 @@ class Board:
             if key is not None:
                 return first.values[key & _SLOT]
         return self.others.get(member, default)
+
+    def rows(self, number: int, first: int, count: int) -> Iterator[tuple[int, Score, bytes, Any]]:
+        """``(rank, score, member, value)`` for ``count`` members of tier ``number`` from rank
+        ``first`` (1-based) down."""
+        tier = self.tiers[number - 1]
+        if number == 1 and type(tier) is DenseTier:
+            return tier.slice_values(first, count)
+        value = self.value
+        return ((rank, score, member, value(member)) for rank, score, member in tier.slice(first, count))
 
     def _store_value(self, member: bytes, value: Any) -> None:
         """Keep ``value`` where the member's value belongs now (after its tiers changed)."""

@@ -378,11 +378,9 @@ def _set_spec(tier: int, spec: Any) -> tuple[dict[int, Score], Any, bool]:
 
 
 def _rows(board: Board, tier: int, first: int, count: int) -> list[dict[str, Any]]:
-    value_of = board.value
     rows = []
-    for rank, score, member in board.tier(tier).slice(first, count):
+    for rank, score, member, value in board.rows(tier, first, count):
         row = {"k": member, "i": score, "d": rank}
-        value = value_of(member)
         if value is not None:
             row["v"] = value
         rows.append(row)
