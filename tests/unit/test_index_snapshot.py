@@ -9,7 +9,7 @@ import random
 import msgpack
 import pytest
 
-from stagetx.stages.index.board import DenseTier, TupleTier, dump_keys, load_keys
+from stagetx.stages.index.board import DenseTier, TupleTier, dump_keys, encode, load_keys
 from stagetx.stages.index.commands import Executor
 from stagetx.stages.index.store import IndexStore, StoreCorrupt, frame
 from tests.unit.test_index_store import _apply, _open
@@ -157,6 +157,14 @@ def test_a_snapshot_naming_a_member_twice_or_of_an_unknown_format_refuses_to_loa
         out.write(frame(pack(["end", 1])))
     with pytest.raises(StoreCorrupt, match="names a member twice"):
         IndexStore(str(twice)).open()
+
+    # once scored in tier 1 (its value in the slot), once unscored (its value in the board's dict)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    tier_one = [dump_keys([encode(1, -1, 0)]), -1]
+    _write_snapshot(str(mixed), 3, b"b", -2, [[[b"a"], [None], tier_one], [[b"a"], [None]]])
+    with pytest.raises(StoreCorrupt, match="names a member twice"):
+        IndexStore(str(mixed)).open()
 
     future = tmp_path / "future"
     future.mkdir()

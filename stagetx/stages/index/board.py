@@ -873,13 +873,18 @@ class Board:
                     self._widen(index).add_unsorted(scored, scores, seqs, placed)
             if index == 0 and type(self.tiers[0]) is DenseTier:
                 in_first = positions  # None: all of them
-        if in_first is None:
-            return
-        if not in_first:
+        tier_one = self.tiers[0]
+        if type(tier_one) is not DenseTier:  # every value is in ``others``
             self.others.update(zip(members, values))
             return
-        first = set(in_first)
-        self.others.update((members[i], values[i]) for i in range(len(members)) if i not in first)
+        slotted = members if in_first is None else [members[i] for i in in_first]
+        rest = [] if in_first is None else sorted(set(range(len(members))).difference(in_first))
+        # a member both in tier 1's slots and in ``others`` (a damaged snapshot) would count twice
+        if (slotted and self.others and not self.others.keys().isdisjoint(slotted)) or (
+            rest and not tier_one.keys.keys().isdisjoint(members[i] for i in rest)
+        ):
+            raise ValueError("the snapshot names a member twice")
+        self.others.update((members[i], values[i]) for i in rest)
 
     def finish_load(self) -> None:
         """End of a bulk load: one sort per tier (next to nothing when the keys came in order)."""
