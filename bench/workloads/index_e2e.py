@@ -158,6 +158,6 @@ def run(quick: bool) -> list[dict[str, Any]]:
             baseline_name=around,
             baseline=baseline,
             target="≥ 1.0 × baseline",
-            note=f"{n}, random members, durable, rank in each reply",
+            note=f"{n}, random members, durable, rank in each reply; {cpu_note(figures)}",
         ),
     ]

@@ -333,7 +333,9 @@ def _prefill(directory: Path, log_bytes: int) -> int:
 
 def test_a_server_loses_no_acknowledged_set_to_a_full_disk_during_a_compaction(tmp_path) -> None:
     path = _server_app(tmp_path)
-    with small_tmpfs(tmp_path / "scores", "16m") as directory:
+    # room for the 5 MiB of logs, the snapshot that replaces them (about 6 MB) and the sets logged
+    # meanwhile once the filler is gone
+    with small_tmpfs(tmp_path / "scores", "24m") as directory:
         members = _prefill(directory, 5 << 20)
         filler = fill(directory, leave=1 << 20)  # too little room for the snapshot, then for the log
         server = ServerProcess(path)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from stagetx.stages.index.board import Board, Ranking
+from stagetx.stages.index.board import Board, DenseTier, Ranking
 from stagetx.stages.index.commands import Executor, IndexMessage, RequestError, parse_key, read_message
 
 
@@ -101,8 +101,8 @@ def test_the_one_member_fast_path_matches_the_general_path() -> None:
     assert run_fast({b"get:b": everyone}) == run_general({b"get:b": everyone})
     assert fast.changes == general.changes
     board = fast.boards[b"b"]
-    assert {m: board.record(b"b", m) for m in board.values} == {
-        m: general.boards[b"b"].record(b"b", m) for m in board.values
+    assert {m: board.record(b"b", m) for m in board.members()} == {
+        m: general.boards[b"b"].record(b"b", m) for m in board.members()
     }
 
 
@@ -134,3 +134,29 @@ def test_ranking_positions_match_a_sorted_list_through_splits_and_merges(seed: i
             ranking.remove(gone)
         ranking._check()
     assert list(ranking) == plain
+
+
+def test_a_value_follows_its_member_into_and_out_of_tier_1() -> None:
+    """Tier 1 keeps its members' values in their slots, the board the others': a value set while
+    the member was unscored in tier 1 stays with it as it gains and loses a tier-1 score, and when
+    tier 1 turns to tuples."""
+    board = Board()
+    board.set(b"a", {2: 5}, "A", True)  # scored in tier 2 only
+    board.set_one(b"a", 1, 7, None, False)  # now in tier 1 too, its value kept
+    assert board.value(b"a") == "A" and b"a" not in board.others
+    board.restore(b"a", "A2", [None, (5, -9)])  # a replayed state without tier 1
+    assert board.value(b"a") == "A2" and board.others == {b"a": "A2"}
+    board.set_one(b"b", 1, 3, "B", True)
+    board.set_one(b"c", 3, 1, None, False)  # a new member outside tier 1: value None
+    assert (len(board), board.value(b"b"), board.value(b"c", "absent")) == (3, "B", None)
+    board.set_one(b"d", 1, 2.0**-70, "D", True)  # tier 1 turns to tuples: every value moves out
+    assert board.others == {b"a": "A2", b"b": "B", b"c": None, b"d": "D"}
+    assert board.delete(b"b") and board.value(b"b", "absent") == "absent" and len(board) == 3
+    board.set_one(b"d", 1, 4, None, False)  # every tier-1 score fits a dense key again
+    again = Board(loading=True)
+    for chunk in board.snapshot_chunks(2):
+        again.add_columns(board.columns(chunk))
+    again.finish_load()
+    assert isinstance(again.tier(1), DenseTier)  # a reload makes it dense: d's value in its slot
+    assert {m: again.value(m) for m in again.members()} == {b"a": "A2", b"c": None, b"d": "D"}
+    assert again.others == {b"a": "A2", b"c": None}

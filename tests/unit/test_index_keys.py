@@ -77,6 +77,9 @@ def _answers(board: Board, probes: list[int | float]) -> list[object]:
         out.append([tier.rank_at_most(probe) for probe in probes])
         out.append([(rank, member) for rank, _, member in tier.slice(2, 3)])
     out.append({member: repr(board.record(b"n", member)) for member in (b"a", b"b", b"c", b"d", b"e", b"f")})
+    out.append((len(board), sorted(board.members())))
+    for number in range(1, TIERS + 1):  # forEach's rows: each with its member's value
+        out.append([(rank, repr(score), member, value) for rank, score, member, value in board.rows(number, 1, 9)])
     return out
 
 
@@ -85,14 +88,14 @@ def _answers(board: Board, probes: list[int | float]) -> list[object]:
 def test_a_board_answers_as_one_on_tuple_keys(ops, probes) -> None:
     """Random sets, multi-tier sets and deletes; then every read, a log replay and a reload."""
     board, reference = Board(), _reference()
-    for op in ops:
+    for position, op in enumerate(ops):  # each op sets its own value: a value kept in the wrong place shows
         if op[0] == "set_one":
             _, member, tier, score, has_value = op
-            assert board.set_one(member, tier, score, 1, has_value) == reference.set_one(
-                member, tier, score, 1, has_value
+            assert board.set_one(member, tier, score, position, has_value) == reference.set_one(
+                member, tier, score, position, has_value
             )
         elif op[0] == "set":
-            assert board.set(op[1], op[2], 2, True) == reference.set(op[1], op[2], 2, True)
+            assert board.set(op[1], op[2], position, True) == reference.set(op[1], op[2], position, True)
         else:
             assert board.delete(op[1]) == reference.delete(op[1])
         assert board.next_seq == reference.next_seq
@@ -103,7 +106,7 @@ def test_a_board_answers_as_one_on_tuple_keys(ops, probes) -> None:
     # a replay of the members' records, the same replay as a bulk load, and a bulk load of the
     # snapshot chunks give the same board
     replayed, bulk_replayed, loaded = Board(), Board(loading=True), Board(loading=True)
-    for member in board.values:
+    for member in board.members():
         record = board.record(b"n", member)
         replayed.restore(member, record[2], record[3:])
         bulk_replayed.restore(member, record[2], record[3:])

@@ -97,7 +97,7 @@ def test_past_the_bound_a_request_is_answered_with_an_error_at_once(context, mon
     assert stage.loaded
     # ranked on the whole board: behind m<n>…m999, which were set earlier
     assert _answers(context)[2:] == [{b"set:b": {b"q%d" % n: MEMBERS + 1 - n}} for n in range(3)]
-    assert sorted(m for m in stage.store.boards[b"b"].values if m.startswith(b"q")) == [b"q0", b"q1", b"q2"]
+    assert sorted(m for m in stage.store.boards[b"b"].members() if m.startswith(b"q")) == [b"q0", b"q1", b"q2"]
     stage.stop()
 
 

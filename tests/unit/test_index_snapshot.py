@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 
 import msgpack
 import pytest
 
-from stagetx.stages.index.board import DenseTier, TupleTier
+from stagetx.stages.index.board import DenseTier, TupleTier, dump_keys, encode, load_keys
 from stagetx.stages.index.commands import Executor
 from stagetx.stages.index.store import IndexStore, StoreCorrupt, frame
 from tests.unit.test_index_store import _apply, _open
@@ -16,7 +17,7 @@ from tests.unit.test_index_store import _apply, _open
 
 def _observed(store: IndexStore, executor: Executor) -> dict:
     """Values, per-tier (score, seq) and every tier's ranking as forEach lists it."""
-    state = {name: {member: board.state(member) for member in board.values} for name, board in store.boards.items()}
+    state = {name: {member: board.state(member) for member in board.members()} for name, board in store.boards.items()}
     rankings = {
         (name, tier): executor.run({b"forEach:%s/%d" % (name, tier): [1, 10_000]})
         for name in store.boards
@@ -65,10 +66,14 @@ def test_a_snapshot_is_written_in_rank_order_and_loads_the_same_boards(tmp_path)
     store.close()
 
     records = _snapshot(directory)
-    assert records[0] == ["stagetx-index", 2]
+    assert records[0] == ["stagetx-index", 3]
     ranked = [m for r in records if r[0] == "columns" and len(r) > 3 and r[3] for m in r[1]]
     tier1 = {m: s for m, s in members.items() if m != b"m004"}
     assert ranked[: len(tier1)] == sorted(tier1, key=lambda m: store.boards[b"b"].tier(1).keys[m])
+    # tier 1's dense keys are stored whole, their slots numbered as the load hands them out
+    board_b = records[1 : records.index(["end-board"]) + 1]
+    stored = [key for r in board_b if r[0] == "columns" and len(r) > 3 and r[3] for key in load_keys(r[3][0])]
+    assert [key & 0xFFFFFFFF for key in stored] == list(range(len(tier1)))
 
     again, executor = _open(directory)
     assert _observed(again, executor) == before
@@ -119,7 +124,7 @@ def _write_v1(directory: str, boards: dict[bytes, tuple[int, list]]) -> None:
         out.write(frame(pack(["end", len(boards)])))
 
 
-def test_a_format_1_snapshot_still_loads_and_the_next_compaction_writes_format_2(tmp_path) -> None:
+def test_a_format_1_snapshot_still_loads_and_the_next_compaction_writes_format_3(tmp_path) -> None:
     directory = str(tmp_path)
     rows = [[b"a", b"A", [5, -1]], [b"b", None, [5, -2]], [b"c", {b"k": 1}, None, [2.5, -3]]]
     _write_v1(directory, {b"old": (-4, rows)})
@@ -131,7 +136,7 @@ def test_a_format_1_snapshot_still_loads_and_the_next_compaction_writes_format_2
     _apply(store, executor, {b"set:old": {b"d": {b"i": 1}}})  # something to compact onto
     _compact(store)
     store.close()
-    assert _snapshot(directory)[0] == ["stagetx-index", 2]
+    assert _snapshot(directory)[0] == ["stagetx-index", 3]
     again, executor = _open(directory)
     after = _observed(again, executor)
     del after["state"][b"old"][b"d"]
@@ -153,8 +158,55 @@ def test_a_snapshot_naming_a_member_twice_or_of_an_unknown_format_refuses_to_loa
     with pytest.raises(StoreCorrupt, match="names a member twice"):
         IndexStore(str(twice)).open()
 
+    # once scored in tier 1 (its value in the slot), once unscored (its value in the board's dict)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    tier_one = [dump_keys([encode(1, -1, 0)]), -1]
+    _write_snapshot(str(mixed), 3, b"b", -2, [[[b"a"], [None], tier_one], [[b"a"], [None]]])
+    with pytest.raises(StoreCorrupt, match="names a member twice"):
+        IndexStore(str(mixed)).open()
+
     future = tmp_path / "future"
     future.mkdir()
-    (future / "0000000001.snap").write_bytes(frame(pack(["stagetx-index", 3])))
-    with pytest.raises(StoreCorrupt, match="format 3"):
+    (future / "0000000001.snap").write_bytes(frame(pack(["stagetx-index", 4])))
+    with pytest.raises(StoreCorrupt, match="format 4"):
         IndexStore(str(future)).open()
+
+
+def _write_snapshot(directory: str, version: int, board: bytes, next_seq: int, chunks: list[list]) -> None:
+    pack = msgpack.Packer(use_bin_type=True).pack
+    with open(os.path.join(directory, "0000000001.snap"), "wb") as out:
+        out.write(frame(pack(["stagetx-index", version])))
+        out.write(frame(pack(["board", board, next_seq])))
+        for chunk in chunks:
+            out.write(frame(pack(["columns", *chunk])))
+        out.write(frame(pack(["end-board"])))
+        out.write(frame(pack(["end", 1])))
+
+
+def test_a_format_2_snapshot_of_scores_and_seqs_still_loads(tmp_path) -> None:
+    directory = str(tmp_path)
+    # b and c scored in tier 1 (c set first), a only in tier 2
+    chunks = [[[b"b", b"c"], [b"B", None], [[5, 5], [-2, -1]]], [[b"a"], [b"A"], None, [[1.5], [-3]]]]
+    _write_snapshot(directory, 2, b"old", -4, chunks)
+    store, executor = _open(directory)
+    top = executor.run({b"forEach:old": [1, 10], b"get:old/2": [b"a"]})
+    assert [(row["k"], row["i"], row["d"]) for row in top[b"forEach:old"]] == [(b"c", 5, 1), (b"b", 5, 2)]
+    assert top[b"get:old/2"] == {b"a": {"v": b"A", "I": {2: {"i": 1.5, "d": 1}}}}
+    assert store.boards[b"old"].next_seq == -4
+    store.close()
+
+
+def test_stored_keys_that_name_anything_but_ints_refuse_to_load(tmp_path) -> None:
+    """The keys are unpickled with every class and function refused: a snapshot cannot make the
+    load call anything."""
+    directory = str(tmp_path)
+    called = pickle.dumps([1, os.getpid])  # a GLOBAL opcode, as any callable a file could name
+    _write_snapshot(directory, 3, b"b", -2, [[[b"a", b"b"], [None, None], [called, -1]]])
+    with pytest.raises(StoreCorrupt, match="only ints are read"):
+        IndexStore(directory).open()
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    _write_snapshot(str(wrong), 3, b"b", -2, [[[b"a", b"b"], [None, None], [dump_keys([1 << 200]), -1]]])
+    with pytest.raises(StoreCorrupt, match="1 keys for 2 members"):
+        IndexStore(str(wrong)).open()

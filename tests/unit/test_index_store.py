@@ -28,7 +28,7 @@ def _apply(store: IndexStore, executor: Executor, request: dict) -> dict:
 
 def _state(store: IndexStore) -> dict:
     """Everything observable: values and (score, seq) per tier, for every board."""
-    return {name: {member: board.state(member) for member in board.values} for name, board in store.boards.items()}
+    return {name: {member: board.state(member) for member in board.members()} for name, board in store.boards.items()}
 
 
 def _log_size(directory: str) -> int:
@@ -78,7 +78,7 @@ def test_a_torn_last_record_is_ignored_logged_and_cut_off(tmp_path) -> None:
         store, executor = _open(str(tmp_path))
     finally:
         globalLogPublisher.removeObserver(events.append)
-    assert set(store.boards[b"b"].values) == {b"kept"}
+    assert set(store.boards[b"b"].members()) == {b"kept"}
     assert [(e["count"], e["offset"]) for e in events if e.get("log_namespace") == "stagetx.stages.index.store"] == [
         (torn, intact)
     ]
@@ -86,7 +86,7 @@ def test_a_torn_last_record_is_ignored_logged_and_cut_off(tmp_path) -> None:
     _apply(store, executor, {b"set:b": {b"after": {b"i": 3}}})
     store.close()
     store, _ = _open(str(tmp_path))
-    assert set(store.boards[b"b"].values) == {b"kept", b"after"}
+    assert set(store.boards[b"b"].members()) == {b"kept", b"after"}
     store.close()
 
 
@@ -209,7 +209,7 @@ def faulty(monkeypatch):
 
 def _board(store: IndexStore, name: bytes = b"b") -> dict:
     board = store.boards[name]
-    return {m: (board.values[m], board.tier(1).rank(m), board.tier(1).score(m)) for m in board.values}
+    return {m: (board.value(m), board.tier(1).rank(m), board.tier(1).score(m)) for m in board.members()}
 
 
 @pytest.mark.parametrize(
@@ -329,7 +329,7 @@ def test_a_zero_filled_tail_is_a_torn_record_not_a_frame(tmp_path) -> None:
     with open(os.path.join(tmp_path, log), "ab") as out:
         out.write(b"\0" * 4096)  # a machine crash can leave allocated blocks unwritten
     store, _ = _open(str(tmp_path))
-    assert set(store.boards[b"b"].values) == {b"kept"}
+    assert set(store.boards[b"b"].members()) == {b"kept"}
     store.close()
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".damaged")]
 
@@ -347,7 +347,7 @@ def test_damage_followed_by_records_keeps_a_copy_of_the_whole_segment(tmp_path) 
     open(path, "wb").write(bytes(data))
     with LogCapture() as capture:
         store, _ = _open(str(tmp_path))
-    assert set(store.boards[b"b"].values) == {b"a"}
+    assert set(store.boards[b"b"].members()) == {b"a"}
     store.close()
     assert open(path + ".damaged", "rb").read() == bytes(data)  # nothing the damage hid is gone
     assert [e for e in capture.events if e["log_level"].name == "error" and "damaged record" in e["log_format"]]

@@ -10,10 +10,12 @@ exactly, else the tuple itself (``TupleTier``).
 
 from __future__ import annotations
 
+import io
 import math
+import pickle
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Mapping, Sequence
-from itertools import count
+from itertools import chain, count, repeat
 from typing import Any
 
 from sortedcontainers import SortedList
@@ -24,10 +26,33 @@ Score = int | float
 Key = tuple[Score, int, bytes]
 # A tier's stored state for one member: (score, seq), or None when unscored in that tier.
 TierState = tuple[Score, int] | None
-# One tier's state of a run of members (a snapshot chunk): ``[scores, seqs]`` when every member
-# of the run is scored in the tier, else ``[scores, seqs, positions]`` for the scored ones only,
-# ``positions`` their indexes in the run.
-Column = list[list[Any]]
+# One tier's state of a run of members (a snapshot chunk), for the scored ones only when a third
+# item ``positions`` (their indexes in the run) is there: ``[keys, least_seq(, positions)]`` from
+# a ``DenseTier`` (``keys`` the dense keys as ``dump_keys`` bytes, their slots numbered as a bulk
+# load gives them, ``least_seq`` the smallest seq among them), else ``[scores, seqs(, positions)]``.
+Column = list[Any]
+
+
+def dump_keys(keys: list[int]) -> bytes:
+    """Dense keys as bytes that ``load_keys`` turns back into ints in one C call (pickle: the one
+    decoder in the standard library that makes Python ints of any size without a Python step per
+    number; msgpack holds 64 bits)."""
+    return pickle.dumps(keys, protocol=5)
+
+
+class _KeysUnpickler(pickle.Unpickler):
+    """Loads a pickled list of ints and refuses any class or function a file could name."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise ValueError(f"snapshot keys name {module}.{name}: only ints are read")
+
+
+def load_keys(data: bytes) -> list[int]:
+    """The dense keys ``dump_keys`` stored (ValueError for anything but a list)."""
+    keys = _KeysUnpickler(io.BytesIO(data)).load()
+    if type(keys) is not list:
+        raise ValueError(f"snapshot keys are a {type(keys).__name__}, not a list")
+    return keys
 
 
 def _scored(members: list[bytes], keys: dict[bytes, Any]) -> tuple[list[Any], list[int] | None]:
@@ -282,9 +307,16 @@ class TupleTier(_RankedTier):
         self.keys.update((key[2], key) for key in column)
         self.order.update(column)
 
-    def add_unsorted(self, members: list[bytes], scores: list[Any], seqs: list[int]) -> None:
-        """Bulk load: map new ``members`` to their keys; ``sort`` builds the order at the end."""
+    def add_unsorted(
+        self, members: list[bytes], scores: list[Any], seqs: list[int], values: list[Any] | None = None
+    ) -> None:
+        """Bulk load: map new ``members`` to their keys; ``sort`` builds the order at the end.
+        (``values`` is for ``DenseTier``: a board keeps the values of a tuple tier's members.)"""
         self.keys.update(zip(members, zip(scores, seqs, members)))
+
+    def add_keys(self, members: list[bytes], keys: list[int], values: list[Any] | None = None) -> None:
+        """Bulk load of a ``DenseTier``'s column (a tier that had to become tuples meanwhile)."""
+        self.keys.update((member, (*decode(key), member)) for member, key in zip(members, keys))  # type: ignore[misc]
 
     def put_unsorted(self, member: bytes, score: Score, seq: int) -> None:
         """``put`` during a bulk load: the key map only."""
@@ -298,7 +330,7 @@ class TupleTier(_RankedTier):
         """End of a bulk load: build the (empty) order from the key map in one sort."""
         self.order.update(self.keys.values())
 
-    def columns(self, members: list[bytes]) -> Column | None:
+    def columns(self, members: list[bytes], first_slot: int) -> Column | None:
         """The ``Column`` of ``members`` in this tier; None when none of them is scored here."""
         found, positions = _scored(members, self.keys)
         if not found:
@@ -321,16 +353,19 @@ class DenseTier(_RankedTier):
     An int compares in one step reading one object, where a key tuple reads the tuple and its
     score: a comparison touches half the cache lines, and a key is 56 bytes instead of 128. The
     key's low bits name the member's slot in ``slots`` (kept across score changes, reused after
-    a delete), which gives ``forEach`` and ``range`` the member of a key without a second dict.
+    a delete), which gives ``forEach`` and ``range`` the member of a key without a second dict,
+    and ``values`` the member's value in the same slot (the board keeps its members' values
+    there in tier 1, so a member needs one dict entry, not two; None in the other tiers).
     Raises NotDense (changing nothing) for a score it cannot hold; the board then converts the
     tier to a ``TupleTier``.
     """
 
-    __slots__ = ("slots", "free")
+    __slots__ = ("slots", "free", "values")
 
     def __init__(self) -> None:
         self.keys: dict[bytes, int] = {}
         self.slots: list[bytes | None] = []
+        self.values: list[Any] = []
         self.free: list[int] = []
         self.order: Ranking = Ranking()
 
@@ -356,6 +391,7 @@ class DenseTier(_RankedTier):
         if slot >= _SLOTS:
             raise NotDense(member)
         self.slots.append(member)
+        self.values.append(None)
         return slot
 
     def change(self, member: bytes, score: Score, seq: int) -> int:
@@ -389,21 +425,26 @@ class DenseTier(_RankedTier):
     def discard(self, member: bytes) -> None:
         key = self.keys.pop(member, None)
         if key is not None:
-            self.slots[key & _SLOT] = None
+            self.slots[key & _SLOT] = self.values[key & _SLOT] = None
             self.free.append(key & _SLOT)
             self.order.remove(key)
 
-    def columns(self, members: list[bytes]) -> Column | None:
-        """The ``Column`` of ``members`` in this tier; None when none of them is scored here."""
+    def columns(self, members: list[bytes], first_slot: int) -> Column | None:
+        """The ``Column`` of ``members`` in this tier (None when none of them is scored here): their
+        keys renumbered to the slots from ``first_slot`` on, which a bulk load that has put
+        ``first_slot`` members into this tier before them gives them (``add_keys``)."""
         found, positions = _scored(members, self.keys)
         if not found:
             return None
-        scores = [key >> 160 if not key & _FLOAT_BITS else decode(key)[0] for key in found]
-        seqs = [((key >> 34) & _SEQ_MASK) - _SEQ_SPAN for key in found]
-        return _column(scores, seqs, positions)
+        least = min((key >> 34) & _SEQ_MASK for key in found) - _SEQ_SPAN
+        keys = [(key >> 32 << 32) | slot for slot, key in zip(count(first_slot), found)]
+        return [dump_keys(keys), least] if positions is None else [dump_keys(keys), least, positions]
 
-    def add_unsorted(self, members: list[bytes], scores: list[Any], seqs: list[int]) -> None:
-        """Bulk load: map new ``members`` to their keys; ``sort`` builds the order at the end.
+    def add_unsorted(
+        self, members: list[bytes], scores: list[Any], seqs: list[int], values: list[Any] | None = None
+    ) -> None:
+        """Bulk load: map new ``members`` to their keys (their ``values`` to their slots, else
+        None); ``sort`` builds the order at the end.
 
         Raises NotDense, having changed nothing, when a score or seq does not fit a dense key.
         """
@@ -419,7 +460,23 @@ class DenseTier(_RankedTier):
             ]
         except TypeError:
             keys = [encode(score, seq, slot) for slot, score, seq in zip(count(base), scores, seqs)]
+        self._extend(members, keys, values)
+
+    def add_keys(self, members: list[bytes], keys: list[int], values: list[Any] | None = None) -> None:
+        """Bulk load of a column of dense keys (``columns``) for new ``members`` (and their
+        ``values``, else None). Their slots are the ones a load gives them when the column was
+        written for this point of the load (checked at both ends of the run); else they are
+        renumbered."""
+        base = len(self.slots)
+        if base + len(members) > _SLOTS:
+            raise NotDense(len(members))
+        if keys and (keys[0] & _SLOT != base or keys[-1] & _SLOT != base + len(keys) - 1):
+            keys = [(key >> 32 << 32) | slot for slot, key in zip(count(base), keys)]
+        self._extend(members, keys, values)
+
+    def _extend(self, members: list[bytes], keys: list[int], values: list[Any] | None) -> None:
         self.slots.extend(members)
+        self.values.extend(values if values is not None else repeat(None, len(members)))
         self.keys.update(zip(members, keys))
 
     def put_unsorted(self, member: bytes, score: Score, seq: int) -> None:
@@ -436,7 +493,7 @@ class DenseTier(_RankedTier):
         """``discard`` during a bulk load: the key map only."""
         key = self.keys.pop(member, None)
         if key is not None:
-            self.slots[key & _SLOT] = None
+            self.slots[key & _SLOT] = self.values[key & _SLOT] = None
             self.free.append(key & _SLOT)
 
     def sort(self) -> None:
@@ -476,6 +533,20 @@ class DenseTier(_RankedTier):
         scores = [key >> 160 if not key & _FLOAT_BITS else decode(key)[0] for key in keys]
         return zip(range(first, first + len(keys)), scores, [slots[key & _SLOT] for key in keys])  # type: ignore[arg-type]
 
+    def slice_values(self, first: int, count: int) -> Iterator[tuple[int, Score, bytes, Any]]:
+        """``slice`` with the value in each member's slot (tier 1's: the board keeps them there)."""
+        first = max(first, 1)
+        keys = list(_keys_from(self.order, first, count))
+        slots = [key & _SLOT for key in keys]
+        scores = [key >> 160 if not key & _FLOAT_BITS else decode(key)[0] for key in keys]
+        members, values = self.slots, self.values
+        return zip(
+            range(first, first + len(keys)),
+            scores,
+            [members[slot] for slot in slots],  # type: ignore[misc]
+            [values[slot] for slot in slots],
+        )
+
 
 Tier = DenseTier | TupleTier
 
@@ -501,24 +572,65 @@ class Board:
     the first time it is given a score a dense key cannot hold; a start loads it dense again
     when every score fits.
 
+    The value of a member scored in tier 1 while that tier is dense is kept in the tier's slot of
+    the member (``DenseTier.values``): most members then cost one dict entry (tier 1's key map),
+    not two, and a start builds one dict per member. The values of the other members (unscored
+    in tier 1, or every member once tier 1 holds tuples) are in ``others``.
+
     A board made with ``loading=True`` is being bulk-loaded: ``add_columns``, ``restore`` and
     ``delete`` fill its maps only, and ``finish_load`` sorts each tier once; it answers nothing
     before that.
     """
 
-    __slots__ = ("values", "tiers", "next_seq", "loading")
+    __slots__ = ("others", "tiers", "next_seq", "loading")
 
     def __init__(self, loading: bool = False) -> None:
-        self.values: dict[bytes, Any] = {}
+        self.others: dict[bytes, Any] = {}
         self.tiers: list[Tier] = [DenseTier() for _ in range(TIERS)]
         self.next_seq = -1
         self.loading = loading
 
     def __len__(self) -> int:
-        return len(self.values)
+        first = self.tiers[0]
+        return len(self.others) + (len(first.keys) if type(first) is DenseTier else 0)
 
     def __contains__(self, member: bytes) -> bool:
-        return member in self.values
+        return member in self.tiers[0].keys or member in self.others
+
+    def members(self) -> Iterator[bytes]:
+        """Every member, once."""
+        first = self.tiers[0]
+        return chain(first.keys, self.others) if type(first) is DenseTier else iter(self.others)
+
+    def value(self, member: bytes, default: Any = None) -> Any:
+        """The member's value; ``default`` when it is not on the board."""
+        first = self.tiers[0]
+        if type(first) is DenseTier:
+            key = first.keys.get(member)
+            if key is not None:
+                return first.values[key & _SLOT]
+        return self.others.get(member, default)
+
+    def rows(self, number: int, first: int, count: int) -> Iterator[tuple[int, Score, bytes, Any]]:
+        """``(rank, score, member, value)`` for ``count`` members of tier ``number`` from rank
+        ``first`` (1-based) down."""
+        tier = self.tiers[number - 1]
+        if number == 1 and type(tier) is DenseTier:
+            return tier.slice_values(first, count)
+        value = self.value
+        return ((rank, score, member, value(member)) for rank, score, member in tier.slice(first, count))
+
+    def _store_value(self, member: bytes, value: Any) -> None:
+        """Keep ``value`` where the member's value belongs now (after its tiers changed)."""
+        first = self.tiers[0]
+        if type(first) is DenseTier:
+            key = first.keys.get(member)
+            if key is not None:
+                first.values[key & _SLOT] = value
+                if self.others:
+                    self.others.pop(member, None)
+                return
+        self.others[member] = value
 
     def tier(self, number: int) -> Tier:
         """Tier ``number`` (1-based)."""
@@ -528,6 +640,9 @@ class Board:
         """Convert tier ``index`` (0-based) to tuples, for a score it could not hold."""
         tier = self.tiers[index]
         if isinstance(tier, DenseTier):
+            if index == 0:  # its members' values move to ``others``
+                values = tier.values
+                self.others.update((member, values[key & _SLOT]) for member, key in tier.keys.items())
             tier = self.tiers[index] = tier.unsorted_tuples() if self.loading else tier.tuples()
         return tier
 
@@ -543,12 +658,13 @@ class Board:
         ``has_value`` False keeps the stored value (a new member then gets None). A changed score
         takes a fresh ``seq``, so the member ranks after members that already had that score.
         """
-        if has_value or member not in self.values:
-            self.values[member] = value if has_value else None
+        if not has_value:
+            value = self.value(member)
         seq = self.next_seq
         changed = {number for number, score in scores.items() if self._change(number - 1, member, score, seq)}
         if changed:
             self.next_seq = seq - 1
+        self._store_value(member, value)
         return changed
 
     def set_one(self, member: bytes, number: int, score: Score, value: Any, has_value: bool) -> int:
@@ -557,40 +673,50 @@ class Board:
         Returns the member's new rank in that tier, or 0 when the score did not change.
         """
         tier = self.tiers[number - 1]
-        if has_value:
-            self.values[member] = value
-        elif member not in tier.keys and member not in self.values:
-            # a member scored in the tier has a value entry: at a million members the tier's
-            # lookup, which change() repeats from cache, saves the value dict's cold one
-            self.values[member] = None
         seq = self.next_seq
         try:
             rank = tier.change(member, score, seq)
         except NotDense:
-            rank = self._widen(number - 1).change(member, score, seq)
+            tier = self._widen(number - 1)
+            rank = tier.change(member, score, seq)
         if rank:
             self.next_seq = seq - 1
+        others = self.others
+        if number == 1 and type(tier) is DenseTier:  # the member's value lives in its slot here
+            if has_value:
+                tier.values[tier.keys[member] & _SLOT] = value
+                if others:
+                    others.pop(member, None)
+            elif others and member in others:  # first scored in tier 1 now
+                tier.values[tier.keys[member] & _SLOT] = others.pop(member)
+        elif has_value:
+            self._store_value(member, value)
+        elif member not in others:
+            first = self.tiers[0]
+            if type(first) is not DenseTier or member not in first.keys:
+                others[member] = None  # a new member
         return rank
 
     def delete(self, member: bytes) -> bool:
         """Remove ``member`` from every tier; False when it was not there."""
-        if self.values.pop(member, _ABSENT) is _ABSENT:
+        if member not in self:
             return False
         for tier in self.tiers:
             if self.loading:
                 tier.discard_unsorted(member)
             else:
                 tier.discard(member)
+        self.others.pop(member, None)
         return True
 
     def state(self, member: bytes) -> tuple[Any, list[TierState]]:
         """The member's value and per-tier ``(score, seq)``, as stored in logs and snapshots."""
-        return self.values[member], [tier.state(member) for tier in self.tiers]
+        return self.value(member), [tier.state(member) for tier in self.tiers]
 
     def record(self, name: bytes, member: bytes) -> tuple[Any, ...]:
         """The log record of ``member``'s whole state: ``(name, member)`` when it is gone, else
         ``(name, member, value, state1, …)`` with trailing unscored tiers left out."""
-        value = self.values.get(member, _ABSENT)
+        value = self.value(member, _ABSENT)
         if value is _ABSENT:
             return (name, member)
         tiers = self.tiers
@@ -612,20 +738,18 @@ class Board:
         them. Cheaper to take than ``record``: the store keeps one per change for a rollback that
         seldom comes, and ``saved_record`` decodes it then."""
         first, second, third, fourth = self.tiers
+        key: Any = first.keys.get(member)
+        if key is not None and type(first) is DenseTier:
+            value = first.values[key & _SLOT]
+        else:
+            value = self.others.get(member, _ABSENT)
         if not (second.keys or third.keys or fourth.keys):  # only tier 1 in use: most boards
-            return (self.values.get(member, _ABSENT), first.keys.get(member))
-        return (
-            self.values.get(member, _ABSENT),
-            first.keys.get(member),
-            second.keys.get(member),
-            third.keys.get(member),
-            fourth.keys.get(member),
-        )
+            return (value, key)
+        return (value, key, second.keys.get(member), third.keys.get(member), fourth.keys.get(member))
 
     def restore(self, member: bytes, value: Any, states: Sequence[TierState]) -> None:
         """Replace the member's whole state with a recorded one (replay of logs); tiers past the
         end of ``states`` are unscored."""
-        self.values[member] = value
         loading = self.loading
         tiers = self.tiers
         if (
@@ -642,6 +766,7 @@ class Board:
                 self._widen(0).put_unsorted(member, score, seq)
             if seq <= self.next_seq:
                 self.next_seq = seq - 1
+            self._store_value(member, value)
             return
         for index, tier in enumerate(tiers):
             state = states[index] if index < len(states) else None
@@ -660,6 +785,7 @@ class Board:
                 tier = self._widen(index)
                 tier.put_unsorted(member, score, seq) if loading else tier.put(member, score, seq)
             self.next_seq = min(self.next_seq, seq - 1)
+        self._store_value(member, value)
 
     def snapshot_chunks(self, size: int) -> Iterator[list[bytes]]:
         """Every member present now, ``size`` at a time: tier 1's in ascending key order, then those
@@ -674,16 +800,16 @@ class Board:
         if isinstance(first, DenseTier):
             slots = list(first.slots)
             slot_mask = _SLOT
+            unscored = list(self.others)
 
             def members(chunk: list[Any]) -> list[bytes]:
                 return [slots[key & slot_mask] for key in chunk]  # type: ignore[misc]
 
         else:
+            unscored = [member for member in self.others if member not in first.keys]
 
             def members(chunk: list[Any]) -> list[bytes]:
                 return [key[2] for key in chunk]
-
-        unscored = [m for m in self.values if m not in first.keys] if len(first.keys) < len(self.values) else []
 
         def chunks() -> Iterator[list[bytes]]:
             for start in range(0, len(keys), size):
@@ -693,14 +819,21 @@ class Board:
 
         return chunks()
 
-    def columns(self, members: list[bytes]) -> list[Any]:
+    def columns(self, members: list[bytes], written: list[int] | None = None) -> list[Any]:
         """The snapshot chunk of ``members``: ``[members, values, tier 1 Column or None, …]`` with
-        the members no longer present left out and trailing unused tiers too."""
-        values = self.values
-        present = [member for member in members if member in values]
-        chunk: list[Any] = [present, [values[member] for member in present]]
-        for tier in self.tiers:
-            chunk.append(tier.columns(present) if tier.keys else None)
+        the members no longer present left out and trailing unused tiers too. ``written`` counts
+        the members of each tier in the snapshot's earlier chunks of this board (and is advanced):
+        the dense keys are numbered for the slots a load gives them."""
+        present = [member for member in members if member in self]
+        value = self.value
+        chunk: list[Any] = [present, [value(member) for member in present]]
+        if written is None:
+            written = [0] * TIERS
+        for index, tier in enumerate(self.tiers):
+            column = tier.columns(present, written[index]) if tier.keys else None
+            if column is not None:
+                written[index] += len(column[2]) if len(column) == 3 else len(present)
+            chunk.append(column)
         while chunk[-1] is None:
             chunk.pop()
         return chunk
@@ -708,20 +841,50 @@ class Board:
     def add_columns(self, chunk: list[Any]) -> None:
         """Bulk-load the members of one snapshot chunk (``columns``) into this loading board."""
         assert self.loading, "add_columns fills a loading board"
-        members = chunk[0]
-        self.values.update(zip(members, chunk[1]))
+        members, values = chunk[0], chunk[1]
+        in_first: list[int] | None = []  # positions of the members whose value is in tier 1's slots
         for index, column in enumerate(chunk[2:]):
             if column is None:
                 continue
-            scores, seqs = column[0], column[1]
-            scored = members if len(column) == 2 else [members[i] for i in column[2]]
-            if not seqs:
-                continue
-            self.next_seq = min(self.next_seq, min(seqs) - 1)
-            try:
-                self.tiers[index].add_unsorted(scored, scores, seqs)
-            except NotDense:
-                self._widen(index).add_unsorted(scored, scores, seqs)
+            positions = column[2] if len(column) == 3 else None
+            scored = members if positions is None else [members[i] for i in positions]
+            placed = None  # tier 1 keeps the values of its members in their slots
+            if index == 0:
+                placed = values if positions is None else [values[i] for i in positions]
+            if type(column[0]) is bytes:  # a DenseTier's keys
+                keys = load_keys(column[0])
+                if len(keys) != len(scored):
+                    raise ValueError(f"snapshot column of {len(keys)} keys for {len(scored)} members")
+                if not keys:
+                    continue
+                self.next_seq = min(self.next_seq, column[1] - 1)
+                try:
+                    self.tiers[index].add_keys(scored, keys, placed)
+                except NotDense:
+                    self._widen(index).add_keys(scored, keys, placed)
+            else:
+                scores, seqs = column[0], column[1]
+                if not seqs:
+                    continue
+                self.next_seq = min(self.next_seq, min(seqs) - 1)
+                try:
+                    self.tiers[index].add_unsorted(scored, scores, seqs, placed)
+                except NotDense:
+                    self._widen(index).add_unsorted(scored, scores, seqs, placed)
+            if index == 0 and type(self.tiers[0]) is DenseTier:
+                in_first = positions  # None: all of them
+        tier_one = self.tiers[0]
+        if type(tier_one) is not DenseTier:  # every value is in ``others``
+            self.others.update(zip(members, values))
+            return
+        slotted = members if in_first is None else [members[i] for i in in_first]
+        rest = [] if in_first is None else sorted(set(range(len(members))).difference(in_first))
+        # a member both in tier 1's slots and in ``others`` (a damaged snapshot) would count twice
+        if (slotted and self.others and not self.others.keys().isdisjoint(slotted)) or (
+            rest and not tier_one.keys.keys().isdisjoint(members[i] for i in rest)
+        ):
+            raise ValueError("the snapshot names a member twice")
+        self.others.update((members[i], values[i]) for i in rest)
 
     def finish_load(self) -> None:
         """End of a bulk load: one sort per tier (next to nothing when the keys came in order)."""

@@ -313,7 +313,7 @@ class Executor:
                 if score is not None:
                     ranks[number] = {"i": score, "d": tier.rank(member)}
             entry: dict[str, Any] = {"I": ranks}
-            value = board.values[member]
+            value = board.value(member)
             if value is not None:
                 entry["v"] = value
             reply[member] = entry
@@ -378,11 +378,9 @@ def _set_spec(tier: int, spec: Any) -> tuple[dict[int, Score], Any, bool]:
 
 
 def _rows(board: Board, tier: int, first: int, count: int) -> list[dict[str, Any]]:
-    values = board.values
     rows = []
-    for rank, score, member in board.tier(tier).slice(first, count):
+    for rank, score, member, value in board.rows(tier, first, count):
         row = {"k": member, "i": score, "d": rank}
-        value = values[member]
         if value is not None:
             row["v"] = value
         rows.append(row)

@@ -9,10 +9,11 @@ Files in the index directory (``N`` = a 10-digit segment number):
   taken while the stage keeps working. (A frame holding one bare record is read too: the format
   before records were batched.)
 - ``N.snap``: every board as of some moment after ``N.log`` was started; a start loads the newest
-  snapshot and replays ``N.log`` and later segments over it. Format 2: a header frame, then per
+  snapshot and replays ``N.log`` and later segments over it. Format 3: a header frame, then per
   board a ``board`` record, ``columns`` chunks (``Board.columns``: members, values, and each
-  tier's scores and seqs) in tier-1 rank order, and ``end-board``; an ``end`` record last.
-  Format 1 (``rows`` records of whole member states) still loads.
+  tier's dense keys or scores and seqs) in tier-1 rank order, and ``end-board``; an ``end`` record
+  last. Formats 1 (``rows`` records of whole member states) and 2 (scores and seqs for every
+  tier) still load.
 - ``N.snap.tmp``: a snapshot being written; it becomes ``N.snap`` by an atomic rename after fsync.
 - ``LOCK``: held (flock) while a process uses the directory.
 
@@ -33,6 +34,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import pickle
 import re
 import shutil
 import struct
@@ -49,9 +51,10 @@ from stagetx.stages.index.commands import RequestError
 _FRAME = struct.Struct("<II")
 _NAME = re.compile(r"^(\d{10})\.(log|snap)$")
 _MAGIC = "stagetx-index"
-#: Snapshot format versions: 1 wrote row records in dict order; 2 (written now) writes column
-#: chunks in tier-1 rank order, for a bulk load. Both load.
-_VERSION = 2
+#: Snapshot format versions: 1 wrote row records in dict order; 2 column chunks in tier-1 rank
+#: order, for a bulk load; 3 (written now) the same with a dense tier's keys stored whole
+#: (``board.dump_keys``), so a load makes no key. All three load.
+_VERSION = 3
 _log = Logger(namespace="stagetx.stages.index.store")
 
 
@@ -380,7 +383,7 @@ class IndexStore:
             header = next(records, None)
             if not isinstance(header, list) or len(header) != 2 or header[0] != _MAGIC:
                 raise StoreCorrupt(f"{path}: not an index snapshot")
-            if header[1] not in (1, _VERSION):
+            if header[1] not in (1, 2, _VERSION):
                 raise StoreCorrupt(f"{path}: snapshot format {header[1]!r} is newer than this version reads")
             for record in records:
                 if record[0] == "end":
@@ -396,7 +399,10 @@ class IndexStore:
                     continue
                 rows = 0
                 for chunk in _snapshot_chunks(records, path):
-                    board.add_columns(chunk)
+                    try:
+                        board.add_columns(chunk)
+                    except (ValueError, TypeError, IndexError, pickle.UnpicklingError) as error:
+                        raise StoreCorrupt(f"{path}: board {record[1]!r}: {error}") from None
                     rows += len(chunk[0])
                     yield
                 if rows != len(board):
@@ -435,8 +441,9 @@ class IndexStore:
                 boards = [(name, board, board.snapshot_chunks(self.chunk)) for name, board in self.boards.items()]
                 for name, board, chunks in boards:
                     out.write(frame(_pack(["board", name, board.next_seq])))
+                    written = [0] * len(board.tiers)  # each tier's members in the chunks so far
                     for members in chunks:
-                        out.write(frame(_pack(["columns", *board.columns(members)])))
+                        out.write(frame(_pack(["columns", *board.columns(members, written)])))
                         yield
                     out.write(frame(_pack(["end-board"])))
                 out.write(frame(_pack(["end", len(self.boards)])))
