@@ -71,7 +71,7 @@ class Receiver(Protocol):
 
     def receive(self, message: Message) -> None: ...
 
-    # A receiver may also take a run of messages in one call: ``receive_batch(messages)``.
+    # A receiver may also take several messages in one call: ``receive_batch(messages)``.
 
     batches: bool  # True when the stage wants ``turn_ended`` after each drain turn it took part in
     runs: bool  # True when the stage takes runs (``receive_run``) rather than their messages one by one
@@ -156,7 +156,7 @@ class Router:
         self.remote: Remote | None = None
         self.delays: dict[int, float] = {}  # group -> last reported queue delay (s)
         self.delay = 0.0  # this process's queue delay, smoothed (s)
-        self._queue: deque[tuple[Receiver, Message]] = deque()
+        self._queue: deque[tuple[Receiver, Message | Run]] = deque()
         self._drain_call: IDelayedCall | None = None
         self._draining = False
         #: The number of the drain turn running, None outside one: entries into a Lua stage of
@@ -508,7 +508,7 @@ class Router:
             ):
                 last.add(body, count)
                 return True, None
-        queue.append((receiver, Run(sender, body, count, self.now())))  # type: ignore[arg-type]
+        queue.append((receiver, Run(sender, body, count, self.now())))
         return True, None
 
     def _named(self, sender: Sender) -> int | list[Any]:
@@ -544,7 +544,7 @@ class Router:
             receiver, message = queue.popleft()
             if receiver.batches:
                 batching.add(receiver)
-            if type(message) is Run:
+            if isinstance(message, Run):
                 try:
                     done = receiver.receive_run(message, DRAIN_CHUNK - chunk)
                 except Exception:
@@ -554,25 +554,23 @@ class Router:
                     queue.appendleft((receiver, message))
             else:
                 # the messages after it to the same stage, up to the chunk's end, go in the same call
-                run = None
+                batch: list[Message] | None = None
                 if queue and queue[0][0] is receiver and hasattr(receiver, "receive_batch"):
-                    run = [message]
+                    batch = [message]
                     room = DRAIN_CHUNK - chunk - 1
                     while room and queue and queue[0][0] is receiver and type(queue[0][1]) is Message:
-                        run.append(queue.popleft()[1])
+                        batch.append(queue.popleft()[1])  # type: ignore[arg-type]
                         room -= 1
                 try:
-                    if run is None:
+                    if batch is None:
                         receiver.receive(message)
                     else:
-                        receiver.receive_batch(run)  # type: ignore[attr-defined]
+                        receiver.receive_batch(batch)  # type: ignore[attr-defined]
                 except Exception:
                     self.log.failure(
                         "stage {stage} failed on message {msgid!r}", stage=receiver.stage_id, msgid=message.msgid
                     )
-                done = 1 if run is None else len(run)
-                if run is not None:
-                    message = run[-1]
+                done = 1 if batch is None else len(batch)
             count += done
             chunk += done
             if chunk >= DRAIN_CHUNK:  # a run whose handlers sent nothing may go past it

@@ -42,17 +42,19 @@ local fast_pack, host_send_packed = cfg.packer and cfg.packer(null), host.send_p
 -- Their `true` is known at the call; they leave Python-ward in one call when the entry from
 -- Python ends (`end_turn`), and before any message that must cross at once, so this stage's
 -- messages keep their order. The outbox holds messages for one way at a time: to one stage in
--- another process or on another server (`out_head`, the run entry's head, and `out_server`), a run entry (stagetx.message.Run: its head,
--- count and body, the body holding per message its id, the payload as msgpack bin and its reply)
--- joined into one string, its first two slots kept for the count and the body's header;
--- otherwise (`out_group` -1), target and payload pairs that Python routes one by one.
+-- another process or on another server (`out_head`, the run entry's head, and `out_server`), a
+-- run entry (stagetx.message.Run: its head, count and body, the body holding per message its id,
+-- the payload as msgpack bin and its reply) joined into one string, its first two slots kept for
+-- the count and the body's header; otherwise (`out_group` -1), target and payload pairs that
+-- Python routes one by one.
 local host_send_batch = host.send_batch
 local outbox, nout, out_group, out_head, out_count, out_bytes, steady, nsteady = {}, 0, -1, nil, 0, 0, {}, 0
 local out_server, out_reroute  -- the server a run goes to (nil: a process of this one), its reroute
--- Messages sent in one call at most: lupa's cost per argument grows with their number, so
--- target/payload pairs cost more per message past that than they save (and a run's count stays
--- one msgpack byte).
+-- Target/payload pairs sent in one call at most: lupa's cost per argument grows with their
+-- number, so they cost more per message past that than they save.
 local OUTBOX_MAX = 32
+-- Messages in one run at most (one string whatever their number): its count stays one msgpack byte.
+local RUN_MAX = 127
 -- Payload bytes joined into one call at most (and what the outbox may keep referenced).
 local OUTBOX_BYTES = 65536
 local BIN8 = {}  -- msgpack bin 8 headers by length
@@ -103,7 +105,7 @@ local function keep(route, t, payload)
     outbox[n + 1], outbox[n + 2], outbox[n + 3], outbox[n + 4] = id, bin, payload, reply
     nout = n + 4
     out_count, out_bytes = out_count + 1, out_bytes + #id + #bin + len + #reply
-    if out_count >= OUTBOX_MAX or out_bytes >= OUTBOX_BYTES then flush_outbox() end
+    if out_count >= RUN_MAX or out_bytes >= OUTBOX_BYTES then flush_outbox() end
 end
 
 -- The end of one entry from Python: what waits leaves, and the next turn asks routes afresh.
@@ -771,6 +773,7 @@ for i = 1, nbuckets + 1 do bins[i] = 0 end
 local run_waitfor, run_waitfor_count, tickets, ntickets = {}, 0, {}, 0
 local NO_REPLY = {}  -- the key of "no reply" in run_waitfor
 local RUN_READ_MAX = 256
+local first_bucket = buckets[1] or huge
 
 local function str_at(s, p, len)  -- the msgpack str at position p, and the position after it
     local b = byte(s, p)
@@ -785,7 +788,8 @@ local function str_at(s, p, len)  -- the msgpack str at position p, and the posi
     return sub(s, p, p + n - 1), p + n
 end
 
-local function bin_at(s, p, len)  -- the msgpack bin at position p, and the position after it
+-- The msgpack bin at position p: where its bytes start and end, and the position after it.
+local function bin_at(s, p, len)
     local b = byte(s, p)
     local n
     if b == 0xc4 then n, p = byte(s, p + 1), p + 2
@@ -793,22 +797,34 @@ local function bin_at(s, p, len)  -- the msgpack bin at position p, and the posi
     elseif b == 0xc6 then n, p = sunpack(">I4", s, p + 1), p + 5
     else return nil end
     if n == nil or p + n - 1 > len then return nil end
-    return sub(s, p, p + n - 1), p + n
+    return p, p + n - 1, p + n
 end
 
--- Runs handler h on the decoded values (ok, ...) of a payload: decoded by unpack.lua, else by
--- Python (which logs and counts a payload that does not decode: nothing runs).
-local function run_call(h, reply, msgid, payload, ok, ...)
-    if ok then return send_reply(reply, xpcall(call_handler, on_error, h, ...)) end
-    if payload then return run_call(h, reply, msgid, nil, host_unpack(payload, msgid)) end
+-- Runs handler h on the decoded values (ok, ...) of a payload (bytes first..last of body): decoded
+-- by unpack.lua, else by Python (which logs and counts a payload that does not decode: nothing
+-- runs).
+local function run_call(h, reply, msgid, body, first, last, ok, ...)
+    if ok then
+        local f = h.n == 1 and h[1]  -- a handler with no bound values is called as it is
+        if reply == nil then
+            if f then return xpcall(f, on_error, ...) end
+            return xpcall(call_handler, on_error, h, ...)
+        end
+        if f then return send_reply(reply, xpcall(f, on_error, ...)) end
+        return send_reply(reply, xpcall(call_handler, on_error, h, ...))
+    end
+    if body then return run_call(h, reply, msgid, nil, nil, nil, host_unpack(sub(body, first, last), msgid)) end
     return true
 end
 
-local function run_dispatch(msgid, sender, reply, payload)
-    local h, registered = lookup(msgid)
+local function run_dispatch(msgid, sender, reply, body, first, last)
+    local h, registered = handlers[msgid], msgid
     if not h then
-        report("nohandler", msgid, "")
-        return
+        h, registered = lookup(msgid)
+        if not h then
+            report("nohandler", msgid, "")
+            return
+        end
     end
     local by_sender = run_waitfor[sender]
     if by_sender == nil then
@@ -838,7 +854,7 @@ local function run_dispatch(msgid, sender, reply, payload)
     end
     local saved, saved_ticket = _WAITFOR, _TICKET
     _WAITFOR, _TICKET = w, ticket or nil
-    local ok, err = run_call(h, reply, msgid, payload, fast_unpack(payload))
+    local ok, err = run_call(h, reply, msgid, body, first, last, fast_unpack(body, first, last))
     _WAITFOR, _TICKET = saved, saved_ticket
     if not ok then report("handler", msgid, err) end
 end
@@ -848,8 +864,8 @@ local r_body, r_len, r_pos, r_n, r_limit, r_quiet, r_started, r_t, r_sender, r_s
 local r_msgid, r_bad, r_slow_ones, r_nslow
 
 -- Counts the message just handled (its time since `r_t`) and says whether the slice is used up.
-local function run_counted()
-    local t2 = now()
+local function run_counted(t2)
+    t2 = t2 or now()
     local e = t2 - r_t
     run_busy = run_busy + e
     local b = 1
@@ -878,9 +894,9 @@ end
 local function read_run()
     local body, len, sender = r_body, r_len, r_sender
     while (r_n < r_limit or sent == r_quiet and r_n < RUN_READ_MAX) and r_pos <= len do
-        local msgid, payload, reply, p
+        local msgid, first, last, reply, p
         msgid, p = str_at(body, r_pos, len)
-        if p then payload, p = bin_at(body, p, len) end
+        if p then first, last, p = bin_at(body, p, len) end
         if p then
             if byte(body, p) == 0xc0 then p = p + 1 else reply, p = str_at(body, p, len) end
         end
@@ -891,10 +907,17 @@ local function read_run()
         r_pos, r_msgid = p, msgid
         expired = false
         deadline = r_t + budget
-        run_dispatch(msgid, sender, reply, payload)
+        run_dispatch(msgid, sender, reply, body, first, last)
         if qhead <= qtail or nfinal > 0 then run_after() end
         deadline = huge
-        if run_counted() then return end
+        local t = now()  -- run_counted, inlined for the common case
+        local e = t - r_t
+        if e >= r_slow or e > first_bucket then
+            if run_counted(t) then return end
+        else
+            run_busy, bins[1], r_n, r_t = run_busy + e, bins[1] + 1, r_n + 1, t
+            if t - r_started > slice then return end
+        end
     end
 end
 

@@ -1,6 +1,7 @@
 -- stagetx payload decoder, the fast path of stagetx.codec's unpack_lua (Lua 5.4: needs string.unpack).
 --
--- Loaded by stagetx.lua.runtime and returns unpack(payload): true and the payload's values, exactly
+-- Loaded by stagetx.lua.runtime and returns unpack(payload [, first, last]) (the payload may be a
+-- part of a larger string): true and the payload's values, exactly
 -- what unpack_lua would make of them, or false when the payload needs the general path in Python:
 -- extension types (functions, stage.null), map keys of another type than string, integers above
 -- Lua's range, tables nested deeper than DEPTH, or anything malformed (that path names the problem).
@@ -135,17 +136,19 @@ local function done(...)
     return ...
 end
 
-return function(payload)
-    s, len = payload, #payload
-    local b = byte(payload, 1)
+-- unpack(payload [, first, last]): the payload is the whole string, or its bytes first..last.
+return function(payload, first, last)
+    first = first or 1
+    s, len = payload, last or #payload
+    local b = first <= len and byte(payload, first) or nil
     local n, p
     if b == nil then return done(false) end
     if b >= 0x90 and b <= 0x9f then
-        n, p = b - 0x90, 2
+        n, p = b - 0x90, first + 1
     elseif b == 0xdc then
-        n, p = sized(1, ">I2", 2), 4
+        n, p = sized(first, ">I2", 2), first + 3
     elseif b == 0xdd then
-        n, p = sized(1, ">I4", 4), 6
+        n, p = sized(first, ">I4", 4), first + 5
     end
     if n == nil then return done(false) end
     if n == 0 then return done(p == len + 1) end
