@@ -488,9 +488,11 @@ signal = function(t, ...)
     if nout > 0 then flush_outbox() end
     local ok, reason, room, group, head, id, reply, server, reroute
     if payload then
-        -- the route is asked for from the second message to `t` in this entry on (false: seen once)
+        -- the route is asked for from the second message to `t` in this entry on (false: seen
+        -- once), from the first in a drain turn of the router (its entries run one after another)
         local route = steady[t]
-        ok, reason, room, group, head, id, reply, server, reroute = host_send_packed(t, payload, route ~= nil)
+        ok, reason, room, group, head, id, reply, server, reroute =
+            host_send_packed(t, payload, route ~= nil or steady_turn ~= nil)
         if host_send_batch and type(t) == "string" then
             if room then
                 steady[t] = {room, group, head, id, reply, server, reroute}

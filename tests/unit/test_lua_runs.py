@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from stagetx.child.host import LATENCY_BUCKETS, ProcessHost
 from stagetx.codec import NULL, pack_py, unpack_py
 from stagetx.config import load_config
+from stagetx.router import DRAIN_CHUNK
 from stagetx.wire import unpack_entries
 from tests.fakes import RecordingLinks
 from tests.support import LogCapture
@@ -115,10 +116,10 @@ def test_a_run_whose_handlers_answer_crosses_once_per_drain_chunk_and_answers_le
     calls = crossings(host)
     flushes = links.flushes
     back = f"^{host.router.server_id}/1/back"
-    arrive(host, body(*[("echo", (i,), back) for i in range(40)]))
-    assert 3 <= calls["deliver_run"] < 40  # 16 + 16 + 8, more only if a drain slice ran out
+    arrive(host, body(*[("echo", (i,), back) for i in range(3 * DRAIN_CHUNK)]))
+    assert 3 <= calls["deliver_run"] < 3 * DRAIN_CHUNK  # one per chunk, more only if a slice ran out
     assert links.flushes - flushes >= 3  # the answers of each chunk leave before the next runs
-    assert host.stages[0].received == 40
+    assert host.stages[0].received == 3 * DRAIN_CHUNK
 
 
 def test_runs_of_one_sender_queued_together_are_joined_into_one_crossing(tmp_path: Path) -> None:
@@ -148,7 +149,7 @@ def test_each_message_keeps_its_values_id_sender_and_reply(tmp_path: Path) -> No
     assert said(capture, "who") == [["who", "b", "nil"], ["who", "b", "^srv/1/back"]]
 
 
-def test_answers_to_a_run_of_requests_leave_as_a_run_after_the_first_two(tmp_path: Path) -> None:
+def test_answers_to_a_run_of_requests_leave_as_a_run_after_the_first(tmp_path: Path) -> None:
     host, links = start(tmp_path)
     back = f"^{host.router.server_id}/1/back"
     arrive(host, body(*[("echo", (i,), back) for i in range(16)]))
@@ -161,8 +162,9 @@ def test_answers_to_a_run_of_requests_leave_as_a_run_after_the_first_two(tmp_pat
         else:
             answers.append((frame[2], unpack_py(frame[3])[0]))
     assert answers == [("back", i) for i in range(16)]
-    # the first two cross one by one (the second asks whether the route is steady), the rest wait
-    assert [frame[0] for frame in sent] == ["m", "m", "r"]
+    # the first crosses alone (asking whether the route is steady: in a drain turn, at once); the
+    # rest wait in the outbox and leave as a run
+    assert [frame[0] for frame in sent] == ["m", "r"]
 
 
 def test_the_slow_message_of_a_run_is_named_with_its_handler_and_counted_alone(tmp_path: Path) -> None:
