@@ -58,6 +58,15 @@ class RecordingLinks:
         self.flushes += 1
 
 
+class ConnectedLinks(RecordingLinks):
+    """Links to every group but those in ``down``, connected (steady); frames recorded."""
+
+    room = 1 << 20
+
+    def steady_room(self, group: int) -> int:
+        return 0 if group in self.down else self.room
+
+
 class LinkRecorder:
     """A link handler that writes down what happened."""
 

@@ -20,7 +20,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     connectProtocol,
 )
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import globalLogPublisher
 
 from stagetx.child.host import ProcessHost
@@ -126,6 +126,47 @@ def iter_lines(capture: LogCapture, namespace: str) -> Iterator[list[str]]:
     """Each logged line of ``namespace`` split at tabs (log4cxx joins its arguments with tabs)."""
     for line in capture.lines(namespace):
         yield line.split("\t")
+
+
+#: Lua handlers of the delivery tests: "n" logs its value, "slow" holds the thread 30 ms, "loop"
+#: never returns (its budget stops it).
+DELIVERY_HANDLERS = """
+stage.waitfor("n", function(i) log4cxx.info("n", i) end)
+stage.waitfor("slow", function()
+    local t = process.tick
+    while process.tick - t < 0.03 do end
+end)
+stage.waitfor("loop", function() while true do end end)
+"""
+
+
+def said(capture: LogCapture, namespace: str, prefix: str) -> list[list[str]]:
+    """The fields after ``prefix`` of each line of ``namespace`` that starts with it."""
+    return [row[1:] for row in iter_lines(capture, namespace) if row[0] == prefix]
+
+
+def count_calls(obj: Any, *names: str) -> dict[str, int]:
+    """Counts the calls of ``obj``'s methods ``names`` from now on (each wrapped on the object)."""
+    counts = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(obj, name)
+
+        def counted(*args: Any, _name: str = name, _original: Any = original) -> Any:
+            counts[_name] += 1
+            return _original(*args)
+
+        setattr(obj, name, counted)
+    return counts
+
+
+def started_process(root: Path, config: dict[str, Any], links: Any) -> ProcessHost:
+    """The process of group 0 of ``config`` (written to ``root/app.json``) on fake time, with
+    ``links`` as its router's links, started."""
+    (root / "app.json").write_text(json.dumps(config))
+    host = ProcessHost(load_config(str(root / "app.json")), 0, Clock())
+    host.router.links = links
+    host.startService()
+    return host
 
 
 def env_path() -> str:

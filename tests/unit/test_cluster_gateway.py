@@ -65,6 +65,17 @@ def link_peer(gw: ClusterGateway, server: str, addr: str, stages: dict[str, list
     return link
 
 
+def outlive(gw: ClusterGateway, clock: Clock, live: str, addr: str, stages: dict[str, list[int]]) -> None:
+    """Peer ``live`` keeps beating past the directory's sync time while the others stay silent."""
+    for _ in range(3):
+        clock.advance(0.5)
+        gw.peer_message(live, ["hello", addr, stages, 0.0, False])
+        gw._tick()
+    clock.advance(0.6)
+    gw.peer_message(live, ["hello", addr, stages, 0.0, False])
+    gw._tick()
+
+
 SENDER = Sender("me", 0, "a", 0)
 
 
@@ -111,24 +122,25 @@ def test_replies_to_another_server_and_to_a_gone_one(tmp_path: Path) -> None:
     assert ok is False and "gone" in str(reason)
 
 
-def test_silence_removes_routing_and_queued_messages_go_to_another_replica(tmp_path: Path) -> None:
+def s1_gone(tmp_path: Path, w_on_s2: int) -> tuple[ClusterGateway, Router, Clock, FakeLink]:
+    """A gateway linked to servers s1 and s2 (stage ``w``: instance 0 on s1, ``w_on_s2`` on s2)
+    that just lost its link to s1; the last item is s2's link."""
     gw, router, clock, _ = gateway(tmp_path)
     link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
-    other = link_peer(gw, "s2", "127.0.0.1:7003", {"w": [0]})
+    other = link_peer(gw, "s2", "127.0.0.1:7003", {"w": [w_on_s2]})
     del gw.peers.links["s1"]
     gw.peer_unlinked("s1")
+    return gw, router, clock, other
+
+
+def test_silence_removes_routing_and_queued_messages_go_to_another_replica(tmp_path: Path) -> None:
+    gw, router, clock, other = s1_gone(tmp_path, 0)
     gw.directory.unlinked("s2")  # both away: messages wait in the queues
     gw.routes = gw.directory.routes()
     for _ in range(4):
         assert send(router, "w:x")[0]
     assert len(gw.peers.queues["s1"]) == 2
-    for _ in range(3):  # s2 keeps beating, s1 stays silent
-        clock.advance(0.5)
-        gw.peer_message("s2", ["hello", "127.0.0.1:7003", {"w": [0]}, 0.0, False])
-        gw._tick()
-    clock.advance(0.6)
-    gw.peer_message("s2", ["hello", "127.0.0.1:7003", {"w": [0]}, 0.0, False])
-    gw._tick()
+    outlive(gw, clock, "s2", "127.0.0.1:7003", {"w": [0]})  # s2 keeps beating, s1 stays silent
     assert "s1" not in gw.directory.peers
     gw.peers.links["s2"] = other  # type: ignore[assignment]
     gw.peers._flush("s2", other)  # type: ignore[arg-type]
@@ -472,19 +484,9 @@ def test_a_run_from_a_peer_reaches_the_local_stage_or_the_process_that_has_it(tm
 
 
 def test_a_queued_run_for_a_gone_peer_goes_to_another_replica_message_by_message(tmp_path: Path) -> None:
-    gw, router, clock, _ = gateway(tmp_path)
-    link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
-    other = link_peer(gw, "s2", "127.0.0.1:7003", {"w": [3]})
-    del gw.peers.links["s1"]
-    gw.peer_unlinked("s1")
+    gw, router, clock, other = s1_gone(tmp_path, 3)
     entry = pack_message(["r", 0, 0, 2, _run(("x", 1, None), ("y", 2, None))])
     assert router.send_far_run("s1", entry, "w") == (True, None)  # queued for s1
-    for _ in range(3):
-        clock.advance(0.5)
-        gw.peer_message("s2", ["hello", "127.0.0.1:7003", {"w": [3]}, 0.0, False])
-        gw._tick()
-    clock.advance(0.6)
-    gw.peer_message("s2", ["hello", "127.0.0.1:7003", {"w": [3]}, 0.0, False])
-    gw._tick()
+    outlive(gw, clock, "s2", "127.0.0.1:7003", {"w": [3]})
     assert "s1" not in gw.directory.peers
     assert [(f[1], f[2]) for f in other.frames("m")] == [(3, "x"), (3, "y")]

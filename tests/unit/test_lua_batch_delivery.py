@@ -15,18 +15,16 @@ from stagetx.child.host import LATENCY_BUCKETS, ProcessHost
 from stagetx.codec import NULL, pack_py
 from stagetx.config import load_config
 from stagetx.router import DRAIN_CHUNK
-from tests.support import LogCapture
+from tests.support import DELIVERY_HANDLERS, LogCapture, count_calls
+from tests.support import said as logged
 
-SCRIPT = """
-stage.waitfor("n", function(i) log4cxx.info("n", i) end)
-stage.waitfor("slow", function()
-    local t = process.tick
-    while process.tick - t < 0.03 do end
-end)
-stage.waitfor("loop", function() while true do end end)
+SCRIPT = (
+    DELIVERY_HANDLERS
+    + """
 stage.waitfor("echo", function(...) stage.signal("later", ...) end)
 stage.waitfor("later", function(...) log4cxx.info("later", select("#", ...), ...) end)
 """
+)
 
 
 def start(tmp_path: Path, budget_ms: int = 1000) -> ProcessHost:
@@ -49,22 +47,11 @@ def send(host: ProcessHost, *messages: tuple[str, tuple[Any, ...]]) -> None:
 
 def crossings(host: ProcessHost) -> dict[str, int]:
     """Counts the calls into the stage's runtime by kind, from now on."""
-    vm = host.stages[0].stage.vm
-    counts = {"deliver": 0, "deliver_batch": 0}
-    for name in counts:
-        original = getattr(vm, name)
-
-        def counted(*args: Any, _name: str = name, _original: Any = original) -> Any:
-            counts[_name] += 1
-            return _original(*args)
-
-        setattr(vm, name, counted)
-    return counts
+    return count_calls(host.stages[0].stage.vm, "deliver", "deliver_batch")
 
 
 def said(capture: LogCapture, prefix: str) -> list[list[str]]:
-    rows = [line.split("\t") for line in capture.lines("stage.a")]
-    return [row[1:] for row in rows if row[0] == prefix]
+    return logged(capture, "stage.a", prefix)
 
 
 def test_a_run_of_forty_messages_crosses_once_per_chunk_in_order_and_counted(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from stagetx.child.host import ProcessHost
 from stagetx.codec import CodecError, pack_py, unpack_lua
 from stagetx.config import load_config
 from stagetx.message import Sender
-from tests.support import LogCapture
+from tests.support import LogCapture, said
 
 A = """
 stage.waitfor("who", function(tag)
@@ -47,11 +47,6 @@ def drain(host: ProcessHost) -> None:
             return
         host.router.run_queue()
     raise AssertionError("the router queue does not drain")
-
-
-def said(capture: LogCapture, namespace: str, prefix: str) -> list[list[str]]:
-    rows = [line.split("\t") for line in capture.lines(namespace)]
-    return [row[1:] for row in rows if row[0] == prefix]
 
 
 def test_each_message_sees_its_own_sender_even_equal_senders_as_new_objects(host: ProcessHost) -> None:

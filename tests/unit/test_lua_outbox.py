@@ -6,20 +6,17 @@ messages on the real reactor: tests/integration/test_lua_outbox.py.)"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.task import Clock
 
 from stagetx.child.host import ProcessHost
 from stagetx.codec import unpack_py
-from stagetx.config import load_config
 from stagetx.lua.api import StageAPI
 from stagetx.wire import unpack_entries
-from tests.fakes import RecordingLinks
-from tests.support import LogCapture
+from tests.fakes import ConnectedLinks
+from tests.support import LogCapture, started_process
 
 SCRIPT = """
 stage.waitfor("go", function(n, big)
@@ -37,15 +34,6 @@ end)
 """
 
 
-class ConnectedLinks(RecordingLinks):
-    """Links to every group but those in ``down``, connected; frames recorded."""
-
-    room = 1 << 20
-
-    def steady_room(self, group: int) -> int:
-        return 0 if group in self.down else self.room
-
-
 def start(tmp_path: Path) -> tuple[ProcessHost, ConnectedLinks]:
     (tmp_path / "lua").mkdir()
     (tmp_path / "lua" / "a.lua").write_text(SCRIPT)
@@ -54,12 +42,8 @@ def start(tmp_path: Path) -> tuple[ProcessHost, ConnectedLinks]:
         "#startup": [["=lua+a"], ["=lua+b"], ["=lua+c"]],
         "=lua": {"%package": ["[0]lua"], "=lua+a": "a", "=lua+b": "b", "=lua+c": "b"},
     }
-    (tmp_path / "app.json").write_text(json.dumps(config))
-    host = ProcessHost(load_config(str(tmp_path / "app.json")), 0, Clock())
     links = ConnectedLinks()
-    host.router.links = links
-    host.startService()
-    return host, links
+    return started_process(tmp_path, config, links), links
 
 
 def go(host: ProcessHost, *values: Any) -> LogCapture:

@@ -6,29 +6,23 @@ counters and handler-time histogram. (Between real processes: every two-process 
 
 from __future__ import annotations
 
-import json
 from bisect import bisect_left
 from pathlib import Path
 from typing import Any
 
 import msgpack
-from twisted.internet.task import Clock
 
 from stagetx.child.host import LATENCY_BUCKETS, ProcessHost
 from stagetx.codec import NULL, pack_py, unpack_py
-from stagetx.config import load_config
 from stagetx.router import DRAIN_CHUNK
 from stagetx.wire import unpack_entries
-from tests.fakes import RecordingLinks
-from tests.support import LogCapture
+from tests.fakes import ConnectedLinks
+from tests.support import DELIVERY_HANDLERS, LogCapture, count_calls, started_process
+from tests.support import said as logged
 
-SCRIPT = """
-stage.waitfor("n", function(i) log4cxx.info("n", i) end)
-stage.waitfor("slow", function()
-    local t = process.tick
-    while process.tick - t < 0.03 do end
-end)
-stage.waitfor("loop", function() while true do end end)
+SCRIPT = (
+    DELIVERY_HANDLERS
+    + """
 stage.waitfor("count", function(...) log4cxx.info("count", select("#", ...), ...) end)
 stage.waitfor("who", function() log4cxx.info("who", _WAITFOR[0], _WAITFOR[1].stage, tostring(_WAITFOR[2])) end)
 stage.waitfor("echo", function(i) return i end)
@@ -36,12 +30,8 @@ stage.waitfor("fail", function() error("no") end)
 stage.waitfor("post", function(i) log4cxx.info("post", i); stage.signal("later", i) end)
 stage.waitfor("later", function(i) log4cxx.info("later", i) end)
 """
+)
 B = 1  # the sender: stage b, instance 1, in the process of group 1
-
-
-class ConnectedLinks(RecordingLinks):
-    def steady_room(self, group: int) -> int:
-        return 1 << 20
 
 
 def start(tmp_path: Path, kind: str = "lua", budget_ms: int = 1000) -> tuple[ProcessHost, ConnectedLinks]:
@@ -50,12 +40,8 @@ def start(tmp_path: Path, kind: str = "lua", budget_ms: int = 1000) -> tuple[Pro
     (tmp_path / "lua" / "b.lua").write_text("")
     config: dict[str, Any] = {"#startup": [[f"={kind}+a"], ["=lua+b"]], "=lua": {"%package": ["[0]lua"], "=lua+b": "b"}}
     config.setdefault(f"={kind}", {"%package": ["[0]lua"]}).update({"%budget": budget_ms, f"={kind}+a": "a"})
-    (tmp_path / "app.json").write_text(json.dumps(config))
-    host = ProcessHost(load_config(str(tmp_path / "app.json")), 0, Clock())
     links = ConnectedLinks()
-    host.router.links = links
-    host.startService()
-    return host, links
+    return started_process(tmp_path, config, links), links
 
 
 def body(*messages: tuple[str, Any, str | None]) -> bytes:
@@ -77,22 +63,11 @@ def arrive(host: ProcessHost, *runs: bytes, count: int | None = None) -> None:
 
 def crossings(host: ProcessHost) -> dict[str, int]:
     """Counts the calls into the stage's runtime by kind, from now on."""
-    vm = host.stages[0].stage.vm
-    counts = {"deliver": 0, "deliver_batch": 0, "deliver_run": 0}
-    for name in counts:
-        original = getattr(vm, name)
-
-        def counted(*args: Any, _name: str = name, _original: Any = original) -> Any:
-            counts[_name] += 1
-            return _original(*args)
-
-        setattr(vm, name, counted)
-    return counts
+    return count_calls(host.stages[0].stage.vm, "deliver", "deliver_batch", "deliver_run")
 
 
 def said(capture: LogCapture, prefix: str) -> list[list[str]]:
-    rows = [line.split("\t") for line in capture.lines("stage.a")]
-    return [row[1:] for row in rows if row[0] == prefix]
+    return logged(capture, "stage.a", prefix)
 
 
 def test_a_run_of_forty_crosses_once_in_order_and_counted(tmp_path: Path) -> None:
@@ -194,7 +169,7 @@ def test_the_budget_stops_only_the_message_that_overran_and_the_run_goes_on(tmp_
     assert len(errors) == 2
     assert errors[0].startswith("Lua error in handler of message 'loop'")
     assert "budget of 100 ms exceeded" in errors[0]
-    assert errors[1].startswith("Lua error in handler of message 'fail'") and "lua/a.lua:11: no" in errors[1]
+    assert errors[1].startswith("Lua error in handler of message 'fail'") and "lua/a.lua:12: no" in errors[1]
     assert said(capture, "n") == [["1"], ["2"]]
     stage.take_times()
     assert stage.received == 4 and sum(stage.latency) == 4
