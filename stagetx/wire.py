@@ -405,7 +405,8 @@ class Link(protocol.Protocol):
         self._pending, self._pending_bytes, self._pending_count = [], 0, 0
         room = message_room(self.settings.max_frame)
         if sum(map(len, pending)) <= room:
-            self._write_batch(pending, count)
+            self._send_now(self._batch(pending, count))
+            return
         else:
             one_each = count == len(pending)
             batch: list[bytes] = []
@@ -418,25 +419,45 @@ class Link(protocol.Protocol):
                 size += len(data)
                 in_batch += 1 if one_each else len(unpack_entries(data))
             self._write_batch(batch, in_batch)
-        self._send_now()
-
-    def _send_now(self) -> None:
-        """Hand what was written to the kernel now rather than at the reactor's next write turn.
-
-        A socket transport only queues in ``write()``; the peer process would get the frame after
-        this process finishes its whole turn. Writing at once lets the peer work meanwhile. What
-        the socket does not take stays queued and the reactor writes it when it can; an error is
-        met again there and closes the connection as usual, so the result is not needed here.
-        """
         transport = self.transport
         if isinstance(transport, FileDescriptor) and not transport.disconnecting:
-            transport.doWrite()
+            transport.doWrite()  # the frames go to the kernel now, as in ``_send_now``
 
-    def _write_batch(self, parts: list[bytes], count: int) -> None:
+    def _send_now(self, data: bytes) -> None:
+        """Hand ``data`` to the kernel now rather than at the reactor's next write turn.
+
+        A socket transport only queues in ``write()``; the peer process would get the frame after
+        this process finishes its whole turn. Writing at once lets the peer work meanwhile. While
+        nothing waits in the transport, the socket is written directly (``writeSomeData``, as the
+        transport's own ``doWrite`` does), which spares registering the transport as a writer with
+        the reactor and taking it off again; what the socket does not take, or meets with an
+        error, goes through ``write()``, where the reactor writes it when it can or closes the
+        connection as usual.
+        """
+        transport = self.transport
+        if (
+            isinstance(transport, FileDescriptor)
+            and transport.connected
+            and not transport.disconnecting
+            and not transport.dataBuffer
+            and not transport._tempDataBuffer
+        ):
+            sent = transport.writeSomeData(data)
+            if type(sent) is int:
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        transport.write(data)
+
+    def _batch(self, parts: list[bytes], count: int) -> bytes:
+        """One data frame holding the ``count`` messages packed in ``parts``."""
         body = _array_header(count) + b"".join(parts)
         tag = _tag(self._send_mac, self._send_seq, body)
         self._send_seq += 1
-        self.transport.write(_LEN.pack(TAG_SIZE + len(body)) + tag + body)
+        return _LEN.pack(TAG_SIZE + len(body)) + tag + body
+
+    def _write_batch(self, parts: list[bytes], count: int) -> None:
+        self.transport.write(self._batch(parts, count))
 
     def _write_frame(self, payload: bytes) -> None:
         self.transport.write(_LEN.pack(len(payload)) + payload)

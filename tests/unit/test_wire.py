@@ -6,14 +6,16 @@ import struct
 
 import msgpack
 import pytest
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from stagetx.wire import (
     FLUSH_BYTES,
     FrameTooLarge,
+    Link,
     LinkServerFactory,
     LinkSettings,
 )
@@ -252,3 +254,34 @@ def test_settings_refuse_an_empty_secret() -> None:
     with pytest.raises(ValueError):
         LinkSettings(b"", "n", LinkRecorder())
     assert LinkSettings("text secret", "n", LinkRecorder()).secret == b"text secret"
+
+
+class ShortSocket(FileDescriptor):
+    """A socket transport whose kernel side takes ``room`` more bytes, then none."""
+
+    connected = True
+
+    def __init__(self, room: int) -> None:
+        super().__init__(reactor=MemoryReactorClock())
+        self.room = room
+        self.sent = bytearray()
+
+    def writeSomeData(self, data: bytes) -> int:  # noqa: N802 (Twisted's name)
+        taken = min(self.room, len(data))
+        self.room -= taken
+        self.sent += data[:taken]
+        return taken
+
+
+def test_a_flush_writes_the_socket_directly_only_while_nothing_waits_before_it() -> None:
+    link = Link(LinkSettings(b"k", "n", LinkRecorder()), b"C")
+    link.transport = socket = ShortSocket(room=100)
+    link._send_now(b"a" * 150)  # the socket takes 100 bytes; 50 wait in the transport
+    assert bytes(socket.sent) == b"a" * 100
+    socket.room = 1_000
+    link._send_now(b"b" * 10)  # room again, but it must not overtake the 50 bytes waiting
+    assert bytes(socket.sent) == b"a" * 100
+    socket.doWrite()  # the reactor's write turn
+    assert bytes(socket.sent) == b"a" * 150 + b"b" * 10
+    link._send_now(b"c" * 5)  # nothing waits: straight to the socket
+    assert bytes(socket.sent) == b"a" * 150 + b"b" * 10 + b"c" * 5
