@@ -407,21 +407,19 @@ class Link(protocol.Protocol):
         if sum(map(len, pending)) <= room:
             self._send_now(self._batch(pending, count))
             return
-        else:
-            one_each = count == len(pending)
-            batch: list[bytes] = []
-            size = in_batch = 0
-            for data in pending:
-                if batch and size + len(data) > room:
-                    self._write_batch(batch, in_batch)
-                    batch, size, in_batch = [], 0, 0
-                batch.append(data)
-                size += len(data)
-                in_batch += 1 if one_each else len(unpack_entries(data))
-            self._write_batch(batch, in_batch)
-        transport = self.transport
-        if isinstance(transport, FileDescriptor) and not transport.disconnecting:
-            transport.doWrite()  # the frames go to the kernel now, as in ``_send_now``
+        one_each = count == len(pending)
+        frames: list[bytes] = []
+        batch: list[bytes] = []
+        size = in_batch = 0
+        for data in pending:
+            if batch and size + len(data) > room:
+                frames.append(self._batch(batch, in_batch))
+                batch, size, in_batch = [], 0, 0
+            batch.append(data)
+            size += len(data)
+            in_batch += 1 if one_each else len(unpack_entries(data))
+        frames.append(self._batch(batch, in_batch))
+        self._send_now(b"".join(frames))
 
     def _send_now(self, data: bytes) -> None:
         """Hand ``data`` to the kernel now rather than at the reactor's next write turn.
@@ -455,9 +453,6 @@ class Link(protocol.Protocol):
         tag = _tag(self._send_mac, self._send_seq, body)
         self._send_seq += 1
         return _LEN.pack(TAG_SIZE + len(body)) + tag + body
-
-    def _write_batch(self, parts: list[bytes], count: int) -> None:
-        self.transport.write(self._batch(parts, count))
 
     def _write_frame(self, payload: bytes) -> None:
         self.transport.write(_LEN.pack(len(payload)) + payload)
