@@ -223,9 +223,10 @@ class ProcessLinks(MultiService):
         if run is not None:
             self._out[group].send_entries(run.entry(), 1)
 
-    def _add_to_run(self, group: int, frame: list[Any]) -> None:
-        """Add message frame ``["m", instance, msgid, payload, sender, reply]`` to the run to its
-        stage, starting a new run when the last one was for another stage or sender."""
+    def _add_to_run(self, group: int, frame: list[Any], size: int) -> None:
+        """Add message frame ``["m", instance, msgid, payload, sender, reply]`` (``size``: its
+        ``_size``) to the run to its stage, starting a new run when the last one was for another
+        stage or sender."""
         instance, named = frame[1], frame[4]
         run = self._runs.get(group)
         if run is None or run.instance != instance or run.named != named:
@@ -235,7 +236,7 @@ class ProcessLinks(MultiService):
             if self._runs_call is None:
                 self._runs_call = self.reactor.callLater(0, self._end_runs)
         run.frames.append(frame)
-        run.size += _size(frame)
+        run.size += size
         if len(run.frames) >= RUN_MESSAGES or run.size >= self._run_bytes:
             self._end_run(group)
 
@@ -257,8 +258,9 @@ class ProcessLinks(MultiService):
         try:
             link = self._out.get(group)
             if link is not None:
-                if frame[0] == "m" and _size(frame) <= self._run_message_bytes:
-                    self._add_to_run(group, frame)
+                size = _size(frame) if frame[0] == "m" else 0
+                if 0 < size <= self._run_message_bytes:
+                    self._add_to_run(group, frame, size)
                     return True, None
                 if group in self._runs:
                     self._end_run(group)
