@@ -94,11 +94,15 @@ class Run:
     def messages(self) -> list[Message]:
         """What is left of the run as single messages (for stages that take no runs)."""
         body = self.body
-        unpacker = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape", max_buffer_size=max(len(body), 1))
-        unpacker.feed(body[self.pos - 1 :] if self.pos > 1 else body)
-        fields = list(unpacker)
+        fields = run_fields(body[self.pos - 1 :] if self.pos > 1 else body)
         sender, enqueued = self.sender, self.enqueued
         self.pos, self.count = len(body) + 1, 0
-        return [
-            Message(fields[i], fields[i + 1], sender, fields[i + 2], enqueued) for i in range(0, len(fields) - 2, 3)
-        ]
+        return [Message(msgid, payload, sender, reply, enqueued) for msgid, payload, reply in fields]
+
+
+def run_fields(body: bytes) -> list[tuple[str, bytes, str | None]]:
+    """The id, payload and reply of each message of a run's ``body`` (``Run``), in order."""
+    unpacker = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape", max_buffer_size=max(len(body), 1))
+    unpacker.feed(body)
+    fields = list(unpacker)
+    return [(fields[i], fields[i + 1], fields[i + 2]) for i in range(0, len(fields) - 2, 3)]

@@ -41,9 +41,9 @@ from stagetx.cluster.discovery import Discovery
 from stagetx.cluster.dns import DnsDiscovery
 from stagetx.cluster.peers import PeerLinks, tls_options
 from stagetx.config import HostPort, ServerConfig
-from stagetx.message import Sender
+from stagetx.message import Sender, run_fields
 from stagetx.router import Links, Result, Router
-from stagetx.wire import FrameTooLarge, Link, check_fits, message_room, pack_message, unpack_entries, unpack_message
+from stagetx.wire import FrameTooLarge, Link, check_fits, message_room, pack_message, unpack_message
 
 #: The largest frame between servers.
 MAX_FRAME = 16 * 1024 * 1024
@@ -430,8 +430,7 @@ def messages_of(frame: list[Any]) -> list[list[Any]]:
     if frame[0] != "r":
         return [frame]
     _, instance, sender, _, body = frame
-    fields = unpack_entries(body)
-    return [["m", instance, fields[i], fields[i + 1], sender, fields[i + 2]] for i in range(0, len(fields) - 2, 3)]
+    return [["m", instance, msgid, payload, sender, reply] for msgid, payload, reply in run_fields(body)]
 
 
 def dropped_message(frame: list[Any], reroute: str | None) -> str:
