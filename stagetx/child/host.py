@@ -114,8 +114,7 @@ class StageHost:
         self.stage = stage_type(config.type).stage(self, config)
         self.batches = hasattr(self.stage, "turn_ended")
         self._receive_batch = getattr(self.stage, "receive_batch", None)
-        self._receive_run = getattr(self.stage, "receive_run", None)
-        self.runs = self._receive_run is not None
+        self.runs = bool(getattr(self.stage, "runs", False))
 
     # -- StageContext -----------------------------------------------------------------------------
     def resolve_path(self, path: str) -> str:
@@ -209,14 +208,15 @@ class StageHost:
             latency[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
 
     def receive_run(self, run: Run, limit: int) -> int:
-        """Up to ``limit`` messages of a run (``Router``'s frame kind ``"r"``): a Lua stage reads
-        them in Lua and keeps their handler times itself (see ``take_times``)."""
-        if self._backlog is not None or self._receive_run is None:
+        """Up to ``limit`` messages of a run (``Router``'s frame kind ``"r"``, for a stage whose
+        ``runs`` is true): a Lua stage reads them in Lua and keeps their handler times itself
+        (see ``take_times``)."""
+        if self._backlog is not None:
             messages = run.messages()
             for message in messages:
                 self.receive(message)
             return len(messages)
-        done: int = self._receive_run(run, limit)
+        done: int = self.stage.receive_run(run, limit)
         self.received += done
         return done
 

@@ -20,7 +20,6 @@ with the script and line of its function.
 from __future__ import annotations
 
 import os
-from bisect import bisect_left
 from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Protocol
@@ -92,6 +91,9 @@ class Stage:
         self._parkers: list[Callable[[], None]] = []
         self.rolling_back = False  # while a runtime that failed to load is stopped (a reload)
         self._held: list[Message] | None = None  # messages that arrive while the runtime is rebuilt
+        #: Whether runs are read in Lua (``receive_run``): Lua 5.4 has ``string.unpack``, which
+        #: the reading needs; a LuaJIT stage gets a run's messages one by one.
+        self.runs = config.type == "lua"
         # handler times of runs not yet taken (``take_times``) from runtimes replaced since
         self._kept_busy = 0.0
         self._kept_counts = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -388,13 +390,10 @@ class Stage:
         their handler times stay in Lua until ``take_times``. Returns how many were delivered (the
         rest of a malformed run is dropped, logged and counted)."""
         vm = self.vm
-        if self._held is not None or vm is None or not vm.decodes:
+        if self._held is not None or vm is None:
             messages = run.messages()
             if self._held is not None:
                 self._held.extend(messages)
-            elif vm is not None:
-                for elapsed in self.receive_batch(messages):
-                    self._keep_time(elapsed)
             return len(messages)
         sender = self._sender_table(vm, run.sender)
         turn = self.context.router.turn
@@ -436,10 +435,6 @@ class Stage:
             self._kept_busy += busy
             for i, n in enumerate(counts):
                 self._kept_counts[i] += n
-
-    def _keep_time(self, elapsed: float) -> None:
-        self._kept_busy += elapsed
-        self._kept_counts[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
 
     def _arguments(self, vm: LuaVM, message: Message) -> tuple[bytes, Any, bytes | None, tuple[Any, ...]] | None:
         """What ``deliver`` takes for ``message``: its values decoded into ``vm``, its id, sender
