@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -51,6 +53,14 @@ class Message:
             self._values = unpack_py(self.payload)
         return self._values
 
+
+#: Messages in one run entry at most: its count stays one msgpack byte (a positive fixint).
+RUN_MAX = 127
+#: Bytes of a run entry besides its parts and payloads: its count and the body's bin header.
+RUN_OVERHEAD = 8
+#: A run entry packed in Python (``run_entries``) takes no more payloads once its body holds
+#: this many bytes, as a Lua stage's outbox.
+RUN_BODY_BYTES = 65536
 
 #: The way (``Router.steady``) of messages to a stage of another server, where a process number
 #: names the way to another process of this server.
@@ -106,3 +116,34 @@ def run_fields(body: bytes) -> list[tuple[str, bytes, str | None]]:
     unpacker.feed(body)
     fields = list(unpacker)
     return [(fields[i], fields[i + 1], fields[i + 2]) for i in range(0, len(fields) - 2, 3)]
+
+
+def bin_header(size: int) -> bytes:
+    """The msgpack header of a bin of ``size`` bytes."""
+    if size < 0x100:
+        return bytes((0xC4, size))
+    if size < 0x10000:
+        return struct.pack(">BH", 0xC5, size)
+    return struct.pack(">BI", 0xC6, size)
+
+
+def run_entries(head: bytes, msgid: bytes, reply: bytes, payloads: list[bytes]) -> Iterator[tuple[bytes, int]]:
+    """``payloads`` to one steady address as run entries, each with its message count: ``head``,
+    ``msgid`` and ``reply`` are the address's parts (``Router.run_parts``), at most ``RUN_MAX``
+    messages go in an entry and none is added once its body holds ``RUN_BODY_BYTES``."""
+    parts: list[bytes] = []
+    size = 0
+    for payload in payloads:
+        parts += (msgid, bin_header(len(payload)), payload, reply)
+        size += len(payload)
+        if len(parts) >= 4 * RUN_MAX or size >= RUN_BODY_BYTES:
+            yield _run_entry(head, parts)
+            parts, size = [], 0
+    if parts:
+        yield _run_entry(head, parts)
+
+
+def _run_entry(head: bytes, parts: list[bytes]) -> tuple[bytes, int]:
+    body = b"".join(parts)
+    count = len(parts) // 4
+    return head + bytes((count,)) + bin_header(len(body)) + body, count

@@ -27,13 +27,15 @@ from twisted.python.failure import Failure
 from stagetx.address import Address, AddressError, ReplyTo, parse_target
 from stagetx.codec import pack_py
 from stagetx.config import ServerConfig, StageConfig
-from stagetx.message import LATENCY_BUCKETS, Message, Run
+from stagetx.message import CLUSTER_WAY, LATENCY_BUCKETS, RUN_OVERHEAD, Message, Run, run_entries
 from stagetx.router import Result, Router
 from stagetx.shared import ProcessShared
 from stagetx.stages.registry import stage_type
 
 #: Errors (with file and line) each stage keeps for ``stat`` and the dashboard.
 LAST_ERRORS = 10
+#: Reply addresses a stage keeps parsed (and their run parts), at most this many.
+REPLY_CACHE = 4096
 
 
 class ProcessServices:
@@ -115,6 +117,8 @@ class StageHost:
         self.batches = hasattr(self.stage, "turn_ended")
         self._receive_batch = getattr(self.stage, "receive_batch", None)
         self.runs = bool(getattr(self.stage, "runs", False))
+        self._reply_addresses: dict[str, Address] = {}  # parsed reply addresses, by their text
+        self._reply_parts: dict[str, tuple[bytes, bytes, bytes, str | None, str | None]] = {}  # run_parts
 
     # -- StageContext -----------------------------------------------------------------------------
     def resolve_path(self, path: str) -> str:
@@ -128,12 +132,72 @@ class StageHost:
         still go."""
         if message.reply is None:
             return
-        try:
-            address = parse_target(message.reply)
-        except AddressError as error:
-            self.log.warn("reply to {msgid!r} dropped: {error}", msgid=message.msgid, error=str(error))
-            return
-        self.send_payload(address, pack_py(values))
+        address = self._reply_address(message)
+        if address is not None:
+            self.send_payload(address, pack_py(values))
+
+    def reply_all(self, replies: Sequence[tuple[Message, Any]]) -> None:
+        """``reply(message, value)`` for each pair, in order.
+
+        Replies in a row to one reply address of a stage in another process or on another server
+        are packed here into run entries (``stagetx.message.Run``), as a Lua stage's outbox packs
+        its messages, rather than routed one by one: a chunk of requests from one sender is
+        answered in one entry.
+        """
+        start, end = 0, len(replies)
+        while start < end:
+            reply = replies[start][0].reply
+            stop = start + 1
+            while stop < end and replies[stop][0].reply == reply:
+                stop += 1
+            address = None if reply is None else self._reply_address(replies[start][0])
+            if address is not None:
+                payloads = [pack_py((value,)) for _, value in replies[start:stop]]
+                if len(payloads) == 1 or not self._reply_run(address, reply, payloads):  # type: ignore[arg-type]
+                    for payload in payloads:
+                        self.send_payload(address, payload)
+            start = stop
+
+    def _reply_run(self, address: Address, text: str, payloads: list[bytes]) -> bool:
+        """Send ``payloads`` to ``address`` (whose text is ``text``) as run entries; False, having
+        sent nothing, when it is not steady to another process or server (``Router.steady``) or
+        a payload is too large for a run."""
+        route = self.router.steady(self.sender, address)
+        if route is None or route[1] == -1:
+            return False
+        parts = self._reply_parts.get(text)
+        if parts is None:
+            if len(self._reply_parts) >= REPLY_CACHE:
+                self._reply_parts.clear()
+            parts = self._reply_parts[text] = self.router.run_parts(self.sender, address)  # type: ignore[arg-type]
+        head, msgid, nil, server, reroute = parts
+        room = route[0] - len(head) - len(msgid) - len(nil) - RUN_OVERHEAD
+        if max(map(len, payloads)) > room:
+            return False
+        for entry, count in run_entries(head, msgid, nil, payloads):
+            if route[1] == CLUSTER_WAY:
+                ok, reason = self.send_far_run(server, entry, count, reroute)  # type: ignore[arg-type]
+            else:
+                ok, reason = self.send_run(route[1], entry, count)
+            if not ok:
+                self.log.warn("{count} replies to {reply!r} dropped: {reason}", count=count, reply=text, reason=reason)
+        return True
+
+    def _reply_address(self, message: Message) -> Address | None:
+        """The parsed reply address of ``message`` (which has one); None, logged, when it does not
+        parse. A stage answers a few senders many times: their addresses are kept parsed."""
+        text: str = message.reply  # type: ignore[assignment]
+        address = self._reply_addresses.get(text)
+        if address is None:
+            try:
+                address = parse_target(text)
+            except AddressError as error:
+                self.log.warn("reply to {msgid!r} dropped: {error}", msgid=message.msgid, error=str(error))
+                return None
+            if len(self._reply_addresses) >= REPLY_CACHE:
+                self._reply_addresses.clear()
+            self._reply_addresses[text] = address
+        return address
 
     def answer(self, message: Message, *values: Any) -> None:
         """Answer a request to a built-in index or curl stage: to its reply address when the

@@ -22,7 +22,7 @@ from stagetx.address import Address, AddressError, ReplyTo, ToStage, parse_targe
 from stagetx.codec import CodecError, function_kinds, pack_lua, pack_py, unpack_lua
 from stagetx.lua.loader import ScriptLoader, ScriptNotFound
 from stagetx.lua.runtime import LuaScriptError, LuaVM
-from stagetx.message import CLUSTER_WAY, Sender
+from stagetx.message import CLUSTER_WAY, RUN_OVERHEAD, Sender
 
 if TYPE_CHECKING:
     from stagetx.child.host import StageHost
@@ -40,8 +40,6 @@ LEVELS = {
 
 #: Parsed signal targets kept per runtime, at most this many.
 TARGET_CACHE = 4096
-#: Bytes of a run entry besides its parts and payloads: its count and the body's bin header.
-RUN_OVERHEAD = 8
 #: The Lua runtime kind of each Lua stage type: a function value loads only into its own kind.
 VM_KINDS = {"lua": "lua54", "luajit": "luajit21"}
 #: Seconds between two log lines about replies to removed ``stage.waitfor(f)`` ids (``~N``).

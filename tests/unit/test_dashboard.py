@@ -36,6 +36,9 @@ class _IndexContext:
     def reply(self, message: Message, *values: Any) -> None:
         self.replies.append(values)
 
+    def reply_all(self, replies: list[tuple[Message, Any]]) -> None:
+        self.replies.extend((value,) for _, value in replies)
+
 
 def _index_control(tmp_path: Any) -> tuple[ProcessControl, IndexStage, _IndexContext]:
     """A ProcessControl over one real, started index stage holding board ``b`` (tiers 1 and 2)."""

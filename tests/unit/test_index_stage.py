@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -41,6 +42,10 @@ class FakeContext:
     def reply(self, message: Message, *values: Any) -> None:
         if message.reply is not None:
             self.replies.append((message, values))
+
+    def reply_all(self, replies: Sequence[tuple[Message, Any]]) -> None:
+        for message, value in replies:
+            self.reply(message, value)
 
     def answer_sender(self, message: Message, msgid: str, *values: Any) -> None:
         self.answered.append((msgid, values))

@@ -296,12 +296,17 @@ class Stage:
             failed = {"error": f"index storage failed: {error}"}
             replies = [(message, form, {key: failed for key in reply}) for message, form, reply in replies]
         context = self.context
-        reply_to = context.reply
+        tables: list[tuple[Message, dict[Any, Any]]] = []  # a table to a reply address: most requests
         for message, form, reply in replies:
-            if form.command is None and form.callback is None:  # a table to a reply address: most requests
-                reply_to(message, reply)
+            if form.command is None and form.callback is None:
+                tables.append((message, reply))
             else:
+                if tables:
+                    context.reply_all(tables)
+                    tables = []
                 send_answer(context, message, form, form.answer(reply))
+        if tables:
+            context.reply_all(tables)
         self._maybe_compact()
 
     def _members(self) -> int:
