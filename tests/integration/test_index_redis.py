@@ -47,6 +47,10 @@ class Context:
         if message.reply is not None:  # as the host: no reply address, no reply
             self.replies.append(values[0])
 
+    def reply_all(self, replies: list[tuple[Message, Any]]) -> None:
+        for message, value in replies:
+            self.reply(message, value)
+
     def answer_sender(self, message: Message, msgid: str, *values: Any) -> None:
         self.answered.append((msgid, values[0]))
 

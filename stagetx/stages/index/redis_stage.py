@@ -21,7 +21,7 @@ from stagetx.stages.base import StageContext
 from stagetx.stages.index.commands import IndexMessage, RequestError
 from stagetx.stages.index.redis_backend import WRITE_STEPS, RedisExecutor, failed, fill, pack_steps, unpack_answer
 from stagetx.stages.index.redis_link import RedisLink, RedisSettings, RedisUnavailable
-from stagetx.stages.index.stage import message_form, send_answer
+from stagetx.stages.index.stage import message_form, send_answer, send_answers
 
 #: One planned request of a turn: the message, how it is answered, its reply table (with the
 #: ``Pending`` entries the script fills), and where its steps start in the turn's plan.
@@ -145,13 +145,15 @@ class RedisStage:
             self.context.log.failure("index {stage}: unreadable redis answer", stage=self.context.name)
             self._failed(Failure(), turn)
             return
+        answers = []
         for message, form, table, offset in turn:
             try:
                 filled = fill(table, results, offset)
             except Exception:
                 self.context.log.failure("index {stage}: unreadable redis answer", stage=self.context.name)
                 filled = failed(table, "internal error in the index stage")
-            send_answer(self.context, message, form, form.answer(filled))
+            answers.append((message, form, filled))
+        send_answers(self.context, answers)
 
     def _failed(self, failure: Failure, turn: list[Planned]) -> None:
         reason = failure.getErrorMessage()
@@ -164,5 +166,6 @@ class RedisStage:
                 url=self.settings.shown_url,
                 reason=reason,
             )
-        for message, form, table, _ in turn:
-            send_answer(self.context, message, form, form.answer(failed(table, f"redis: {reason}")))
+        send_answers(
+            self.context, [(message, form, failed(table, f"redis: {reason}")) for message, form, table, _ in turn]
+        )

@@ -295,18 +295,7 @@ class Stage:
             self._storage_log.error("index {stage}: log write failed: {error}", stage=self.context.name, error=error)
             failed = {"error": f"index storage failed: {error}"}
             replies = [(message, form, {key: failed for key in reply}) for message, form, reply in replies]
-        context = self.context
-        tables: list[tuple[Message, dict[Any, Any]]] = []  # a table to a reply address: most requests
-        for message, form, reply in replies:
-            if form.command is None and form.callback is None:
-                tables.append((message, reply))
-            else:
-                if tables:
-                    context.reply_all(tables)
-                    tables = []
-                send_answer(context, message, form, form.answer(reply))
-        if tables:
-            context.reply_all(tables)
+        send_answers(self.context, replies)
         self._maybe_compact()
 
     def _members(self) -> int:
@@ -398,6 +387,22 @@ def return_free_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def send_answers(context: StageContext, replies: list[tuple[Message, IndexMessage, Any]]) -> None:
+    """Answer each message with its reply table as its form says (``send_answer``), in order:
+    the tables to reply addresses (most requests) in one ``reply_all`` per stretch of them."""
+    tables: list[tuple[Message, Any]] = []
+    for message, form, reply in replies:
+        if form.command is None and form.callback is None:
+            tables.append((message, reply))
+        else:
+            if tables:
+                context.reply_all(tables)
+                tables = []
+            send_answer(context, message, form, form.answer(reply))
+    if tables:
+        context.reply_all(tables)
 
 
 def send_answer(context: StageContext, message: Message, form: IndexMessage, answer: Any) -> None:
