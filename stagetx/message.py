@@ -118,10 +118,13 @@ def run_fields(body: bytes) -> list[tuple[str, bytes, str | None]]:
     return [(fields[i], fields[i + 1], fields[i + 2]) for i in range(0, len(fields) - 2, 3)]
 
 
+_BIN8 = [bytes((0xC4, size)) for size in range(0x100)]  # bin 8 headers, by size
+
+
 def bin_header(size: int) -> bytes:
     """The msgpack header of a bin of ``size`` bytes."""
     if size < 0x100:
-        return bytes((0xC4, size))
+        return _BIN8[size]
     if size < 0x10000:
         return struct.pack(">BH", 0xC5, size)
     return struct.pack(">BI", 0xC6, size)
@@ -134,8 +137,9 @@ def run_entries(head: bytes, msgid: bytes, reply: bytes, payloads: list[bytes]) 
     parts: list[bytes] = []
     size = 0
     for payload in payloads:
-        parts += (msgid, bin_header(len(payload)), payload, reply)
-        size += len(payload)
+        length = len(payload)
+        parts += (msgid, _BIN8[length] if length < 0x100 else bin_header(length), payload, reply)
+        size += length
         if len(parts) >= 4 * RUN_MAX or size >= RUN_BODY_BYTES:
             yield _run_entry(head, parts)
             parts, size = [], 0

@@ -13,7 +13,7 @@ import msgpack
 from stagetx.address import format_reply
 from stagetx.child.host import ProcessHost
 from stagetx.codec import pack_py, unpack_py
-from stagetx.message import RUN_MAX, Message
+from stagetx.message import RUN_BODY_BYTES, RUN_MAX, Message, run_entries
 from stagetx.wire import unpack_entries
 from tests.fakes import ConnectedLinks
 from tests.support import LogCapture, started_process
@@ -115,6 +115,30 @@ def test_a_reply_address_that_does_not_parse_is_logged_and_the_others_go(tmp_pat
         host.stages[0].reply_all([(bad, 1), (bad, 2), (_message(host, "got"), 3), (_message(host, "got"), 4)])
     assert replies(links) == [("r", 2, [("got", 3, None), ("got", 4, None)])]
     assert capture.text().count("reply to 'q' dropped") == 1  # once for the replies in a row
+
+
+def test_run_entries_hold_payloads_of_every_bin_size_and_split_past_the_body_bound() -> None:
+    head = msgpack.packb("r")  # any head: the entries are checked from what follows it
+    payloads = [b"", b"a" * 255, b"b" * 256, b"c" * 1000, b"d" * 65536, b"e"]
+    entries = list(run_entries(head, msgpack.packb("got"), msgpack.packb(None), payloads))
+    assert sum(len(b) for b in payloads[:5]) >= RUN_BODY_BYTES > sum(len(b) for b in payloads[:4])
+    assert [count for _, count in entries] == [5, 1]  # the fifth payload filled the first entry's body
+    read = []
+    for entry, count in entries:
+        assert entry.startswith(head)
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(entry[len(head) :])
+        assert next(unpacker) == count
+        fields = list(_fields(next(unpacker)))
+        assert fields[0::3] == ["got"] * count and fields[2::3] == [None] * count
+        read += fields[1::3]
+    assert read == payloads
+
+
+def _fields(body: bytes) -> Any:
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(body))
+    unpacker.feed(body)
+    return unpacker
 
 
 def _message(host: ProcessHost, reply: str) -> Message:
