@@ -233,6 +233,24 @@ async def test_the_tables_of_one_turn_run_as_one_script_and_each_gets_its_own_re
 
 @needs_redis
 @pytest_twisted.ensureDeferred
+async def test_a_turns_script_is_handed_to_the_socket_as_the_turn_ends(context, server) -> None:
+    stage = Stage(context, Config(_settings(server.url)))
+    await stage.start()
+    try:
+        await _ask(stage, context, {"set:b": {"x": {"i": 0}}})
+        stage.receive(_message({"set:b": {"y": {"i": 1}}}))
+        stage.turn_ended()
+        transport = next(conn.transport for conn in stage.link.factory.pool if conn.connected)
+        # written now: Redis runs it while the process goes on, not after the reactor's write turn
+        assert not transport.dataBuffer and not transport._tempDataBuffer
+        await wait_for(lambda: len(context.replies) == 2, WAIT, "the second reply")
+        assert context.replies[1] == {b"set:b": {b"y": 1}}
+    finally:
+        await stage.stop()
+
+
+@needs_redis
+@pytest_twisted.ensureDeferred
 async def test_turns_sent_back_to_back_run_in_order_also_after_redis_lost_the_script(context, server) -> None:
     stage = Stage(context, Config(_settings(server.url)))
     await stage.start()

@@ -15,6 +15,7 @@ from urllib.parse import unquote
 import attrs
 import txredisapi
 from twisted.internet import defer, ssl
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.python.failure import Failure
@@ -205,6 +206,22 @@ def _reload(failure: Failure, conn: Any, prefix: bytes, plan: bytes) -> defer.De
     return conn.eval(SCRIPT, (), (prefix, plan))
 
 
+def _write_now(transport: Any) -> None:
+    """Hand what a connection's ``transport`` holds to the kernel now, not at the reactor's next
+    write turn: the stage sends a chunk's script as the chunk ends, and Redis runs it while the
+    stage reads the next chunk (the reactor writes only once the whole drain turn is done). Done
+    as the reactor does it (``doWrite``; the transport stays registered for what the socket does
+    not take); an error is left to the reactor's own next ``doWrite``, which closes the
+    connection as usual. A TLS connection's transport is no socket: it is left to the reactor."""
+    if (
+        isinstance(transport, FileDescriptor)
+        and transport.connected
+        and not transport.disconnecting
+        and (transport.dataBuffer or transport._tempDataBuffer)
+    ):
+        transport.doWrite()
+
+
 def _answer(answer: Any) -> bytes:
     """The script's msgpack answer as bytes (txredisapi decodes it as latin-1: one to one)."""
     if not isinstance(answer, str):
@@ -278,8 +295,11 @@ class RedisLink:
         for conn in factory.pool:
             if conn.connected:
                 if wait:
-                    return defer.ensureDeferred(self._acknowledged(conn, prefix, plan))
-                return _script(conn, prefix, plan).addCallback(_answer)
+                    running = defer.ensureDeferred(self._acknowledged(conn, prefix, plan))
+                else:
+                    running = _script(conn, prefix, plan).addCallback(_answer)
+                _write_now(conn.transport)
+                return running
         return defer.ensureDeferred(self._run(prefix, plan, wait))
 
     async def _run(self, prefix: bytes, plan: bytes, wait: bool) -> bytes:
