@@ -73,12 +73,13 @@ class Run:
     ``body`` holds, per message, its id (msgpack str), payload (msgpack bin) and reply address
     (msgpack str or nil), back to back; a Lua stage reads them in Lua, so a run crosses from
     Python once per drain chunk, not once per message (``stagetx.router``, frame kind ``"r"``).
-    Runs of the same sender queued one after the other are joined (``add``), their bodies joined
-    once, when first read. ``pos`` is where the next message starts (1-based, as Lua counts),
-    ``count`` how many remain.
+    Other stages take its messages a chunk at a time (``take``), decoded once. Runs of the same
+    sender queued one after the other are joined (``add``), their bodies joined once, when first
+    read. ``pos`` is where the next message starts (1-based, as Lua counts), ``count`` how many
+    remain.
     """
 
-    __slots__ = ("sender", "_parts", "size", "count", "enqueued", "pos")
+    __slots__ = ("sender", "_parts", "size", "count", "enqueued", "pos", "_fields")
 
     def __init__(self, sender: Sender, body: bytes, count: int, enqueued: float = 0.0) -> None:
         self.sender = sender
@@ -87,9 +88,15 @@ class Run:
         self.count = count
         self.enqueued = enqueued
         self.pos = 1
+        self._fields: list[tuple[str, bytes, str | None]] | None = None  # what ``take`` has not taken
+
+    @property
+    def started(self) -> bool:
+        """True once some of it was read: nothing may be joined to it then."""
+        return self.pos > 1 or self._fields is not None
 
     def add(self, body: bytes, count: int) -> None:
-        """The next run of the same sender to the same stage, joined to this one (not read yet)."""
+        """The next run of the same sender to the same stage, joined to this one (not started)."""
         self._parts.append(body)
         self.size += len(body)
         self.count += count
@@ -101,13 +108,21 @@ class Run:
             parts[:] = [b"".join(parts)]
         return parts[0]
 
-    def messages(self) -> list[Message]:
-        """What is left of the run as single messages (for stages that take no runs)."""
-        body = self.body
-        fields = run_fields(body[self.pos - 1 :] if self.pos > 1 else body)
+    def take(self, limit: int | None = None) -> list[Message]:
+        """Up to ``limit`` (None: all) of the messages left, as single messages, for stages that
+        take no runs; ``count`` is then what the body holds after them."""
+        fields = self._fields
+        if fields is None:
+            body = self.body
+            fields = run_fields(body[self.pos - 1 :] if self.pos > 1 else body)
+            self.pos = len(body) + 1
+        if limit is None or limit >= len(fields):
+            taken, self._fields = fields, []
+        else:
+            taken, self._fields = fields[:limit], fields[limit:]
+        self.count = len(self._fields)
         sender, enqueued = self.sender, self.enqueued
-        self.pos, self.count = len(body) + 1, 0
-        return [Message(msgid, payload, sender, reply, enqueued) for msgid, payload, reply in fields]
+        return [Message(msgid, payload, sender, reply, enqueued) for msgid, payload, reply in taken]
 
 
 def run_fields(body: bytes) -> list[tuple[str, bytes, str | None]]:

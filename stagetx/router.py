@@ -499,16 +499,13 @@ class Router:
             group = self._placement[instance][1]
             return self.links.send(group, ["r", instance, self._named(sender), count, body])
         queue = self._queue
-        if not receiver.runs:
-            queue.extend([(receiver, message) for message in Run(sender, body, count, self.now()).messages()])
-            return True, None
         if queue:  # the run before it, from the same sender to the same stage: one run
             last_receiver, last = queue[-1]
             if (
                 last_receiver is receiver
                 and type(last) is Run
                 and last.sender is sender
-                and last.pos == 1
+                and not last.started
                 and last.size + len(body) <= RUN_JOIN_BYTES
             ):
                 last.add(body, count)
@@ -565,32 +562,32 @@ class Router:
             if receiver.batches:
                 batching.add(receiver)
             if isinstance(message, Run):
-                try:
-                    done = receiver.receive_run(message, DRAIN_CHUNK - chunk)
-                except Exception:
-                    self.log.failure("stage {stage} failed on a run of messages", stage=receiver.stage_id)
-                    done, message.count = 0, 0
-                if message.count > 0:
-                    queue.appendleft((receiver, message))
+                if receiver.runs:
+                    try:
+                        done = receiver.receive_run(message, DRAIN_CHUNK - chunk)
+                    except Exception:
+                        self.log.failure("stage {stage} failed on a run of messages", stage=receiver.stage_id)
+                        done, message.count = 0, 0
+                    if message.count > 0:
+                        queue.appendleft((receiver, message))
+                else:  # a chunk's worth of its messages, as queued messages are handed over
+                    try:
+                        batch = message.take(DRAIN_CHUNK - chunk)
+                    except Exception:
+                        self.log.failure("stage {stage} got a malformed run of messages", stage=receiver.stage_id)
+                        batch, message.count = [], 0
+                    if message.count > 0:
+                        queue.appendleft((receiver, message))
+                    done = self._hand(receiver, batch) if batch else 0
             else:
                 # the messages after it to the same stage, up to the chunk's end, go in the same call
-                batch: list[Message] | None = None
-                if queue and queue[0][0] is receiver and hasattr(receiver, "receive_batch"):
-                    batch = [message]
+                batch = [message]
+                if queue and queue[0][0] is receiver:
                     room = DRAIN_CHUNK - chunk - 1
                     while room and queue and queue[0][0] is receiver and type(queue[0][1]) is Message:
                         batch.append(queue.popleft()[1])  # type: ignore[arg-type]
                         room -= 1
-                try:
-                    if batch is None:
-                        receiver.receive(message)
-                    else:
-                        receiver.receive_batch(batch)  # type: ignore[attr-defined]
-                except Exception:
-                    self.log.failure(
-                        "stage {stage} failed on message {msgid!r}", stage=receiver.stage_id, msgid=message.msgid
-                    )
-                done = 1 if batch is None else len(batch)
+                done = self._hand(receiver, batch)
             count += done
             chunk += done
             if chunk >= DRAIN_CHUNK:  # a run whose handlers sent nothing may go past it
@@ -605,6 +602,26 @@ class Router:
                         break
         self._end_chunk(batching)
         return count
+
+    def _hand(self, receiver: Receiver, batch: list[Message]) -> int:
+        """Hand ``batch`` (messages to one stage, in order) over in one call when the stage takes
+        several at once, else one by one; returns how many were handed over."""
+        if len(batch) > 1 and hasattr(receiver, "receive_batch"):
+            try:
+                receiver.receive_batch(batch)
+            except Exception:
+                self.log.failure(
+                    "stage {stage} failed on message {msgid!r}", stage=receiver.stage_id, msgid=batch[0].msgid
+                )
+            return len(batch)
+        for message in batch:
+            try:
+                receiver.receive(message)
+            except Exception:
+                self.log.failure(
+                    "stage {stage} failed on message {msgid!r}", stage=receiver.stage_id, msgid=message.msgid
+                )
+        return len(batch)
 
     def _end_chunk(self, batching: set[Receiver]) -> None:
         """End the turn of the stages that batch, then send what this chunk's handlers sent."""

@@ -276,7 +276,7 @@ class StageHost:
         ``runs`` is true): a Lua stage reads them in Lua and keeps their handler times itself
         (see ``take_times``)."""
         if self._backlog is not None:
-            messages = run.messages()
+            messages = run.take()
             for message in messages:
                 self.receive(message)
             return len(messages)

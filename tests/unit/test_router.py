@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import msgpack
 import pytest
 from twisted.internet.task import Clock
 
@@ -14,6 +15,7 @@ from stagetx.locks import LockTable, Turn
 from stagetx.message import Message, Sender
 from stagetx.router import DRAIN_CHUNK, SLOW_MARGIN, Router
 from tests.fakes import RecordingLinks, RecordingStage
+from tests.support import LogCapture
 
 
 def make_router(placement: list[tuple[str, int]], group: int = 0) -> tuple[Router, Clock, dict[int, RecordingStage]]:
@@ -161,6 +163,59 @@ def test_a_frame_from_another_process_runs_when_the_link_says_the_frame_is_done(
     router.run_queue()
     assert [(m.msgid, unpack_py(m.payload)) for m in stages[0].got] == [("x1", (1,)), ("x2", (2,)), ("x3", (3,))]
     assert stages[0].got[0].sender.stage == "b"
+
+
+class BatchingStage(RecordingStage):
+    """A stage that takes several messages per call and is told when each chunk ended."""
+
+    batches = True
+
+    def __init__(self, instance: int, stage_id: str) -> None:
+        super().__init__(instance, stage_id)
+        self.calls: list[list[str]] = []  # the msgids of each call; "|" for each turn_ended
+
+    def receive_batch(self, messages: list[Message]) -> None:
+        self.got += messages
+        self.calls.append([m.msgid for m in messages])
+
+    def turn_ended(self) -> None:
+        self.calls.append(["|"])
+
+
+def _run_body(*msgids: str) -> bytes:
+    return b"".join(msgpack.packb(m) + msgpack.packb(pack_py((m,)), use_bin_type=True) + b"\xc0" for m in msgids)
+
+
+def test_a_run_reaches_a_stage_that_takes_no_runs_a_chunk_at_a_time_in_order() -> None:
+    router, _, _ = make_router([("a", 0), ("b", 1)])
+    stage = BatchingStage(0, "a")
+    router.attach(stage)
+    names = [f"x{i}" for i in range(DRAIN_CHUNK + 8)]
+    # two runs that arrived split: joined while queued, then handed over as chunks
+    router.frame_received(1, ["r", 0, 1, 20, _run_body(*names[:20])])
+    router.frame_received(1, ["r", 0, 1, len(names) - 20, _run_body(*names[20:])])
+    router.run_queue()
+    assert stage.calls == [names[:DRAIN_CHUNK], ["|"], names[DRAIN_CHUNK:], ["|"]]
+    assert [unpack_py(m.payload)[0] for m in stage.got] == [n.encode() for n in names]
+    assert all(m.sender.stage == "b" and m.reply is None for m in stage.got)
+
+
+def test_a_run_whose_body_holds_fewer_messages_than_it_says_hands_over_what_it_holds() -> None:
+    router, _, stages = make_router([("a", 0), ("b", 1)])
+    router.frame_received(1, ["r", 0, 1, 5, _run_body("x1", "x2", "x3")])
+    router.frame_received(1, ["m", 0, "after", pack_py(()), 1, None])
+    router.run_queue()
+    assert [m.msgid for m in stages[0].got] == ["x1", "x2", "x3", "after"]
+
+
+def test_a_run_whose_body_does_not_decode_is_dropped_with_a_log_line_and_the_queue_goes_on() -> None:
+    router, _, stages = make_router([("a", 0), ("b", 1)])
+    router.frame_received(1, ["r", 0, 1, 2, b"\xc1\xc1\xc1"])  # 0xc1: never used in msgpack
+    router.frame_received(1, ["m", 0, "after", pack_py(()), 1, None])
+    with LogCapture() as capture:
+        router.run_queue()
+    assert [m.msgid for m in stages[0].got] == ["after"]
+    assert "malformed run" in capture.text()
 
 
 class TurnClock(Clock):

@@ -391,7 +391,7 @@ class Stage:
         rest of a malformed run is dropped, logged and counted)."""
         vm = self.vm
         if self._held is not None or vm is None:
-            messages = run.messages()
+            messages = run.take()
             if self._held is not None:
                 self._held.extend(messages)
             return len(messages)
