@@ -16,8 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import setproctitle
 
 WriteConfig = Callable[[dict[str, Any]], Path]
+
+# setproctitle finds the memory it writes titles into (argv and the environment, contiguous) at its
+# first use; once a test has changed an environment variable (monkeypatch.setenv) there is none
+# left, and a stage's process.title reads back empty. It is used once before any test runs.
+setproctitle.setproctitle(setproctitle.getproctitle())
 
 
 @pytest.fixture
