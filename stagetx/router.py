@@ -568,17 +568,15 @@ class Router:
                     except Exception:
                         self.log.failure("stage {stage} failed on a run of messages", stage=receiver.stage_id)
                         done, message.count = 0, 0
-                    if message.count > 0:
-                        queue.appendleft((receiver, message))
                 else:  # a chunk's worth of its messages, as queued messages are handed over
                     try:
                         batch = message.take(DRAIN_CHUNK - chunk)
                     except Exception:
                         self.log.failure("stage {stage} got a malformed run of messages", stage=receiver.stage_id)
                         batch, message.count = [], 0
-                    if message.count > 0:
-                        queue.appendleft((receiver, message))
                     done = self._hand(receiver, batch) if batch else 0
+                if message.count > 0:  # the rest of the run stays at the head of the queue
+                    queue.appendleft((receiver, message))
             else:
                 # the messages after it to the same stage, up to the chunk's end, go in the same call
                 batch = [message]
