@@ -57,7 +57,7 @@ class Message:
 #: Messages in one run entry at most: its count stays one msgpack byte (a positive fixint).
 RUN_MAX = 127
 #: Bytes of a run entry besides its parts and payloads: its count and the body's bin header.
-RUN_OVERHEAD = 8
+_RUN_OVERHEAD = 8
 #: A run entry packed in Python (``run_entries``) takes no more payloads once its body holds
 #: this many bytes, as a Lua stage's outbox.
 RUN_BODY_BYTES = 65536
@@ -143,6 +143,12 @@ def bin_header(size: int) -> bytes:
     if size < 0x10000:
         return struct.pack(">BH", 0xC5, size)
     return struct.pack(">BI", 0xC6, size)
+
+
+def run_room(room: int, head: bytes, msgid: bytes, reply: bytes) -> int:
+    """The largest payload that goes into a run entry to a steady address: ``room`` is the
+    address's (``Router.steady``), ``head``, ``msgid`` and ``reply`` its parts (``Router.run_parts``)."""
+    return room - len(head) - len(msgid) - len(reply) - _RUN_OVERHEAD
 
 
 def run_entries(head: bytes, msgid: bytes, reply: bytes, payloads: list[bytes]) -> Iterator[tuple[bytes, int]]:

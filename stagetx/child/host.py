@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from stagetx.address import Address, AddressError, ReplyTo, parse_target
 from stagetx.codec import pack_py
 from stagetx.config import ServerConfig, StageConfig
-from stagetx.message import CLUSTER_WAY, LATENCY_BUCKETS, RUN_OVERHEAD, Message, Run, run_entries
+from stagetx.message import CLUSTER_WAY, LATENCY_BUCKETS, Message, Run, run_entries, run_room
 from stagetx.router import Result, Router
 from stagetx.shared import ProcessShared
 from stagetx.stages.registry import stage_type
@@ -171,14 +171,10 @@ class StageHost:
                 self._reply_parts.clear()
             parts = self._reply_parts[text] = self.router.run_parts(self.sender, address)  # type: ignore[arg-type]
         head, msgid, nil, server, reroute = parts
-        room = route[0] - len(head) - len(msgid) - len(nil) - RUN_OVERHEAD
-        if max(map(len, payloads)) > room:
+        if max(map(len, payloads)) > run_room(route[0], head, msgid, nil):
             return False
         for entry, count in run_entries(head, msgid, nil, payloads):
-            if route[1] == CLUSTER_WAY:
-                ok, reason = self.send_far_run(server, entry, count, reroute)  # type: ignore[arg-type]
-            else:
-                ok, reason = self.send_run(route[1], entry, count)
+            ok, reason = self.send_run(route[1], entry, count, server, reroute)
             if not ok:
                 self.log.warn("{count} replies to {reply!r} dropped: {reason}", count=count, reply=text, reason=reason)
         return True
@@ -226,15 +222,16 @@ class StageHost:
         self.sent += 1
         return self.router.send(self.sender, address, payload, reply_to)
 
-    def send_run(self, group: int, entry: bytes, count: int) -> Result:
-        """``count`` messages of this stage, packed as one run entry (``Router.run_parts``)."""
+    def send_run(
+        self, way: int, entry: bytes, count: int, server: str | None = None, reroute: str | None = None
+    ) -> Result:
+        """``count`` messages of this stage, packed as one run entry (``Router.run_parts``): to the
+        process of group ``way``, or to ``server`` when ``way`` is ``CLUSTER_WAY`` (``reroute``:
+        the stage id they may go to instead if that server goes away)."""
         self.sent += count
-        return self.router.send_run(group, entry)
-
-    def send_far_run(self, server: str, entry: bytes, count: int, reroute: str | None) -> Result:
-        """``count`` messages of this stage to ``server``, packed as one run entry."""
-        self.sent += count
-        return self.router.send_far_run(server, entry, reroute)
+        if way == CLUSTER_WAY:
+            return self.router.send_far_run(server, entry, reroute)  # type: ignore[arg-type]
+        return self.router.send_run(way, entry)
 
     def logger_for(self, group: str) -> Logger:
         return Logger(namespace=group)

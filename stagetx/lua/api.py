@@ -22,7 +22,7 @@ from stagetx.address import Address, AddressError, ReplyTo, ToStage, parse_targe
 from stagetx.codec import CodecError, function_kinds, pack_lua, pack_py, unpack_lua
 from stagetx.lua.loader import ScriptLoader, ScriptNotFound
 from stagetx.lua.runtime import LuaScriptError, LuaVM
-from stagetx.message import CLUSTER_WAY, RUN_OVERHEAD, Sender
+from stagetx.message import CLUSTER_WAY, Sender, run_room
 
 if TYPE_CHECKING:
     from stagetx.child.host import StageHost
@@ -174,7 +174,7 @@ class StageAPI:
                         self._parts.clear()
                     parts = self._parts[target] = self.stage.router.run_parts(self.stage.sender, address)  # type: ignore[arg-type]
                 head, msgid, reply, server, reroute = parts
-                room = route[0] - len(head) - len(msgid) - len(reply) - RUN_OVERHEAD
+                room = run_room(route[0], head, msgid, reply)
                 return (True, None, room, route[1], head, msgid, reply, _lua(server), _lua(reroute))
         return result
 
@@ -190,12 +190,12 @@ class StageAPI:
         signalled, to stages of this process."""
         if type(outbox[0]) is int:
             group, count, entry = outbox[:3]
+            server = reroute = None
             if group == CLUSTER_WAY:
-                ok, reason = self.stage.send_far_run(text(outbox[3]), entry, count, _text_or_none(outbox[4]))
-            else:
-                ok, reason = self.stage.send_run(group, entry, count)
+                server, reroute = text(outbox[3]), _text_or_none(outbox[4])
+            ok, reason = self.stage.send_run(group, entry, count, server, reroute)
             if not ok:  # a steady route changed within one turn: a bug, not the sender's
-                way = f"server {text(outbox[3])}" if group == CLUSTER_WAY else f"process {group + 1}"
+                way = f"server {server}" if server is not None else f"process {group + 1}"
                 self.log.error("{count} messages to {way} lost: {reason}", count=count, way=way, reason=reason)
             return
         for i in range(0, len(outbox), 2):
