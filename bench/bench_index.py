@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sortedcontainers import SortedList
@@ -62,6 +62,9 @@ class _Context:
 
     def reply(self, message: Message, *values: Any) -> None:
         self.replies += 1
+
+    def reply_all(self, replies: Sequence[tuple[Message, Any]]) -> None:
+        self.replies += len(replies)
 
     def send(self, target: str, *values: Any) -> tuple[bool, str | None]:
         return False, "bench"
