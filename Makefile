@@ -8,7 +8,7 @@ CONFIG ?= etc/stage.json
 
 # The virtualenv with stagetx installed editable, reinstalled when setup.py changes. "compat" mode
 # puts the project directory on sys.path, so twistd also finds twisted/plugins/stagetx_plugin.py.
-$(VENV)/.installed-test: setup.py
+$(VENV)/.installed-test: setup.py stagetx/stages/index/_order.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat

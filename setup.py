@@ -1,6 +1,6 @@
 """Packaging for stagetx; ``twisted.plugins`` is listed so ``twistd stage`` finds the dropin."""
 
-from setuptools import find_namespace_packages, setup
+from setuptools import Extension, find_namespace_packages, setup
 
 setup(
     name="stagetx",
@@ -15,6 +15,7 @@ setup(
         "stagetx.broker": ["*.lua"],
         "stagetx.admin": ["static/*"],
     },
+    ext_modules=[Extension("stagetx.stages.index._order", ["stagetx/stages/index/_order.c"])],
     entry_points={"console_scripts": ["stagetx-client = stagetx.client.cli:main"]},
     install_requires=[
         "twisted[tls]>=23.8",

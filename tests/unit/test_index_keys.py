@@ -17,13 +17,19 @@ from stagetx.stages.index.board import TIERS, Board, DenseTier, TupleTier, decod
 
 _INT64 = st.integers(-(2**63), 2**63 - 1)
 _DOUBLES = st.floats(allow_nan=False)  # NaN is refused before it reaches a board
-_EDGES = st.sampled_from([0, 0.0, -0.0, 2**53, 2**53 + 1, float(2**53), 2.0**-64, 2.0**-65, 0.1, -0.5, 1e300])
+_EDGES = st.sampled_from(
+    [0, 0.0, -0.0, 2**53, 2**53 + 1, float(2**53), 2.0**-64, 2.0**-65, 0.1, -0.5, 1e300]
+    + [2**65 - 1, 2**65, -(2**65), -(2**65) - 1, 2.0**64, 2.0**65, -(2.0**65)]  # the ends of a dense key
+)
 SCORES = st.one_of(_INT64, _DOUBLES, _EDGES, st.integers(-3, 3), st.sampled_from([0.5, 1.0, 1.5, 2, 2.5]))
 SEQS = st.integers(-(2**62), -1)
 
 
 def _encodable(score: int | float) -> bool:
-    return type(score) is int or (math.isfinite(score * 2.0**64) and (score * 2.0**64).is_integer())
+    """What a dense key holds: |score| < 2**65, a float a multiple of 2**-64."""
+    if not -(2**65) <= score < 2**65:
+        return False
+    return type(score) is int or (score * 2.0**64).is_integer()
 
 
 def _same(a: int | float, b: int | float) -> bool:

@@ -1,11 +1,12 @@
 """One scoreboard: members with a value and up to four scored tiers, ranked in O(log n).
 
-Each tier keeps a ``SortedList`` of keys ordered as ``(score, seq, member)`` ascending plus a
-dict ``member -> key``; rank 1 is the *last* element, so no score is ever negated. ``seq`` is a
+Each tier keeps its keys ordered as ``(score, seq, member)`` ascending plus a dict
+``member -> key``; rank 1 is the *last* element, so no score is ever negated. ``seq`` is a
 per-board counter that *decreases* with every score change: among equal scores the member whose
 score was set earlier has the larger ``seq``, sorts later, and ranks higher ("earlier set
-first"). A key is one int (``encode``: ``DenseTier``) while every score of the tier fits one
-exactly, else the tuple itself (``TupleTier``).
+first"). A key is one int (``encode``: ``DenseTier``, ordered by the C ``Order``) while every
+score of the tier fits one exactly, else the tuple itself (``TupleTier``, ordered by a
+``SortedList``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from itertools import chain, count, repeat
 from typing import Any
 
 from sortedcontainers import SortedList
+
+from stagetx.stages.index._order import Order
 
 TIERS = 4
 
@@ -71,7 +74,8 @@ def _column(scores: list[Any], seqs: list[Any], positions: list[int] | None) -> 
 
 
 class Ranking(SortedList):  # type: ignore[misc]
-    """A ``SortedList`` whose insertions report where the key landed, as a rank from the top.
+    """A ``SortedList`` whose insertions report where the key landed, as a rank from the top: the
+    order of a ``TupleTier`` (a ``DenseTier``'s is the C ``Order``, which does the same).
 
     A score change is a removal, an insertion and a rank lookup; the lookup would search for the
     key the insertion just placed. ``insert`` and ``move`` keep the insertion's position instead,
@@ -190,12 +194,16 @@ class NotDense(Exception):
 #   [0, 32)    slot: the member's slot in its tier (``_SLOTS`` per tier)
 #   [32, 34)   kind: 0 an int score, 1 a float, 2 the float -0.0 (so decode gives the type back)
 #   [34, 96)   seq + 2**62: the tier's sequence number, offset to be non-negative
-#   [96, ...)  score * 2**64, signed and unbounded (so an int score is also ``score << 160``)
+#   [96, 225)  score * 2**64, signed (so an int score is also ``score << 160``): |score| < 2**65
 # Int order is ``(score, seq)`` order; seqs are unique in a tier, so kind and slot never decide.
+# ``Order`` holds keys in [-2**225, 2**225): its inline copy of ``key >> 34`` is 192 bits.
 _SCALE = 2.0**64  # a float score's fixed-point factor: exact (a power of two)
 _SEQ_SPAN = 1 << 62  # seqs in [-2**62, 0) fit the key's sequence field
 _SEQ_MASK = _SEQ_SPAN - 1
 _SLOTS = 1 << 32  # member slots per tier
+_INT_BOUND = 1 << 65  # |score| of a dense key
+_FIXED_BOUND = _INT_BOUND << 64  # |score * 2**64|
+_HEAD_BOUND = _FIXED_BOUND << 96  # |key|, and of its score part ("head") alone
 _SLOT = _SLOTS - 1
 _FLOAT_BITS = 3 << 32  # the kind field: zero for an int score
 
@@ -203,14 +211,17 @@ _FLOAT_BITS = 3 << 32  # the kind field: zero for an int score
 def _fixed(score: Score) -> tuple[int, int]:
     """``(score * 2**64, kind)`` as exact ints; kind 0 int, 1 float, 2 the float -0.0.
 
-    Raises NotDense for a float that is not a multiple of 2**-64 (tiny fractions, inf, NaN).
+    Raises NotDense for a float that is not a multiple of 2**-64 (tiny fractions, inf, NaN) and
+    for a score of 2**65 or more in size.
     """
     if type(score) is int:
+        if not -_INT_BOUND <= score < _INT_BOUND:
+            raise NotDense(score)
         return score << 64, 0
     if type(score) is not float:
         raise NotDense(score)
     scaled = score * _SCALE
-    if not scaled.is_integer():
+    if not scaled.is_integer() or not -_FIXED_BOUND <= scaled < _FIXED_BOUND:
         raise NotDense(score)
     fixed = int(scaled)
     return fixed, 2 if not fixed and math.copysign(1.0, score) < 0 else 1
@@ -242,7 +253,7 @@ class _RankedTier:
     __slots__ = ("keys", "order")
 
     keys: dict[bytes, Any]
-    order: Ranking
+    order: Ranking | Order
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -350,8 +361,9 @@ class TupleTier(_RankedTier):
 class DenseTier(_RankedTier):
     """The ranked members of one tier as one int per member (``encode``).
 
-    An int compares in one step reading one object, where a key tuple reads the tuple and its
-    score: a comparison touches half the cache lines, and a key is 56 bytes instead of 128. The
+    Its ``Order`` compares the keys' inline copies in C and reads no Python object, where a
+    sorted list of tuples (or of ints) reads one or two scattered objects per comparison: at a
+    million members each is a cache miss, and they were most of an update's time. The
     key's low bits name the member's slot in ``slots`` (kept across score changes, reused after
     a delete), which gives ``forEach`` and ``range`` the member of a key without a second dict,
     and ``values`` the member's value in the same slot (the board keeps its members' values
@@ -367,7 +379,7 @@ class DenseTier(_RankedTier):
         self.slots: list[bytes | None] = []
         self.values: list[Any] = []
         self.free: list[int] = []
-        self.order: Ranking = Ranking()
+        self.order = Order()
 
     def score(self, member: bytes) -> Score | None:
         key = self.keys.get(member)
@@ -398,6 +410,8 @@ class DenseTier(_RankedTier):
         """Give ``member`` ``score`` with ``seq`` unless it has that score: its new rank, or 0."""
         if type(score) is int:
             head = score << 160  # encode()'s fixed-point score and kind (0) in one shift
+            if not -_HEAD_BOUND <= head < _HEAD_BOUND:
+                raise NotDense(score)
         else:
             fixed, kind = _fixed(score)
             head = (fixed << 96) | (kind << 32)
@@ -450,6 +464,8 @@ class DenseTier(_RankedTier):
         """
         if seqs and (min(seqs) < -_SEQ_SPAN or max(seqs) >= 0):
             raise NotDense(seqs)
+        if scores and (min(scores) < -_INT_BOUND or max(scores) >= _INT_BOUND):
+            raise NotDense(scores)
         base = len(self.slots)
         if base + len(members) > _SLOTS:
             raise NotDense(len(members))
@@ -470,6 +486,8 @@ class DenseTier(_RankedTier):
         base = len(self.slots)
         if base + len(members) > _SLOTS:
             raise NotDense(len(members))
+        if keys and (min(keys) < -_HEAD_BOUND or max(keys) >= _HEAD_BOUND):
+            raise NotDense(keys)
         if keys and (keys[0] & _SLOT != base or keys[-1] & _SLOT != base + len(keys) - 1):
             keys = [(key >> 32 << 32) | slot for slot, key in zip(count(base), keys)]
         self._extend(members, keys, values)
@@ -483,7 +501,7 @@ class DenseTier(_RankedTier):
         """``put`` during a bulk load: the key map only (NotDense as ``put``)."""
         keys = self.keys
         old = keys.get(member)
-        if type(score) is int and -_SEQ_SPAN <= seq < 0:  # encode() inlined: every replayed record
+        if type(score) is int and -_SEQ_SPAN <= seq < 0 and -_INT_BOUND <= score < _INT_BOUND:  # encode() inlined
             key = (score << 160) | ((seq + _SEQ_SPAN) << 34)
         else:
             key = encode(score, seq, 0)  # NotDense before a slot is taken
@@ -551,12 +569,12 @@ class DenseTier(_RankedTier):
 Tier = DenseTier | TupleTier
 
 
-def _rank_below(order: Ranking, index: int) -> int | None:
+def _rank_below(order: Ranking | Order, index: int) -> int | None:
     """The rank of the key just below ascending position ``index``; None at the bottom."""
     return None if index == 0 else len(order) - index + 1
 
 
-def _keys_from(order: Ranking, first: int, count: int) -> Iterator[Any]:
+def _keys_from(order: Ranking | Order, first: int, count: int) -> Iterator[Any]:
     """``count`` keys from rank ``first`` (≥ 1) downwards."""
     size = len(order)
     if count <= 0 or first > size:
