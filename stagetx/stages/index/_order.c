@@ -68,7 +68,7 @@ prefix_of(PyObject *key, Prefix *out, int *sign)
     uint64_t w[4];
     int i, j;
 
-    if (!PyLong_Check(key)) {
+    if (!PyLong_CheckExact(key)) {
         PyErr_Format(PyExc_TypeError, "an Order holds ints, not %.100s", Py_TYPE(key)->tp_name);
         return -1;
     }
@@ -78,7 +78,7 @@ prefix_of(PyObject *key, Prefix *out, int *sign)
         if (need < 0)
             return -1;
         if (need > 32) {
-            *sign = _PyLong_Sign(key);
+            PyLong_AsLongLongAndOverflow(key, sign); /* -1 or 1: the int's sign */
             return 1;
         }
     }
@@ -87,7 +87,7 @@ prefix_of(PyObject *key, Prefix *out, int *sign)
         if (!PyErr_ExceptionMatches(PyExc_OverflowError))
             return -1;
         PyErr_Clear();
-        *sign = _PyLong_Sign(key);
+        PyLong_AsLongLongAndOverflow(key, sign); /* -1 or 1: the int's sign */
         return 1;
     }
 #endif
