@@ -51,7 +51,8 @@ DRAIN_SLICE = 0.020
 #: was sent leaves, so the process that receives it works while this one runs the next chunk
 #: (whole-turn batches kept two busy processes in lock step, each idle half the time). Measured
 #: with 64 requests in flight between two Lua stages: 16 and 24 left more frames per request,
-#: 48 and more brought back some of the lock step.
+#: 48 and more brought back some of the lock step. A stage whose messages cost more (the index's
+#: requests) may ask for shorter chunks (``Receiver.chunk``): its answers then leave sooner.
 DRAIN_CHUNK = 32
 #: A drain turn looks at the time it has taken after the chunk that brings its count to this many
 #: messages more than at the last look.
@@ -80,6 +81,7 @@ class Receiver(Protocol):
 
     batches: bool  # True when the stage wants ``turn_ended`` after each drain turn it took part in
     runs: bool  # True when the stage takes runs (``receive_run``) rather than their messages one by one
+    chunk: int  # a chunk with its messages ends after this many (``DRAIN_CHUNK``, or fewer: see there)
 
     def receive_run(self, run: Run, limit: int) -> int:
         """Deliver up to ``limit`` messages of ``run`` from ``run.pos`` on (advancing it); returns
@@ -557,20 +559,24 @@ class Router:
         count = chunk = 0  # messages handled in this turn, and in its chunk
         check = SLICE_CHECK  # the count at which the turn's time is looked at next
         batching: set[Receiver] = set()  # stages to tell that this chunk ended
+        limit = DRAIN_CHUNK  # this chunk's size: the smallest ``chunk`` of the stages in it
         while queue:
             receiver, message = queue.popleft()
             if receiver.batches:
                 batching.add(receiver)
+            if receiver.chunk < limit:
+                limit = receiver.chunk
+            room = max(limit - chunk, 1)
             if isinstance(message, Run):
                 if receiver.runs:
                     try:
-                        done = receiver.receive_run(message, DRAIN_CHUNK - chunk)
+                        done = receiver.receive_run(message, room)
                     except Exception:
                         self.log.failure("stage {stage} failed on a run of messages", stage=receiver.stage_id)
                         done, message.count = 0, 0
                 else:  # a chunk's worth of its messages, as queued messages are handed over
                     try:
-                        batch = message.take(DRAIN_CHUNK - chunk)
+                        batch = message.take(room)
                     except Exception:
                         self.log.failure("stage {stage} got a malformed run of messages", stage=receiver.stage_id)
                         batch, message.count = [], 0
@@ -581,15 +587,16 @@ class Router:
                 # the messages after it to the same stage, up to the chunk's end, go in the same call
                 batch = [message]
                 if queue and queue[0][0] is receiver:
-                    room = DRAIN_CHUNK - chunk - 1
+                    room -= 1
                     while room and queue and queue[0][0] is receiver and type(queue[0][1]) is Message:
                         batch.append(queue.popleft()[1])  # type: ignore[arg-type]
                         room -= 1
                 done = self._hand(receiver, batch)
             count += done
             chunk += done
-            if chunk >= DRAIN_CHUNK:  # a run whose handlers sent nothing may go past it
+            if chunk >= limit:  # a run whose handlers sent nothing may go past it
                 chunk = 0
+                limit = DRAIN_CHUNK
                 if queue:
                     self._end_chunk(batching)
                 if count >= check:

@@ -11,6 +11,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from stagetx.message import Message, Sender
+from stagetx.router import DRAIN_CHUNK
 from stagetx.wire import Link, LinkClientFactory, LinkServerFactory, unpack_entries
 
 
@@ -19,6 +20,7 @@ class RecordingStage:
 
     batches = False
     runs = False
+    chunk = DRAIN_CHUNK
 
     def __init__(self, instance: int, stage_id: str, server: str = "srv") -> None:
         self.instance = instance

@@ -28,7 +28,7 @@ from stagetx.address import Address, AddressError, ReplyTo, parse_target
 from stagetx.codec import pack_py
 from stagetx.config import ServerConfig, StageConfig
 from stagetx.message import CLUSTER_WAY, LATENCY_BUCKETS, Message, Run, run_entries, run_room
-from stagetx.router import Result, Router
+from stagetx.router import DRAIN_CHUNK, Result, Router
 from stagetx.shared import ProcessShared
 from stagetx.stages.registry import stage_type
 
@@ -117,6 +117,7 @@ class StageHost:
         self.batches = hasattr(self.stage, "turn_ended")
         self._receive_batch = getattr(self.stage, "receive_batch", None)
         self.runs = bool(getattr(self.stage, "runs", False))
+        self.chunk = int(getattr(self.stage, "chunk", DRAIN_CHUNK))
         self._reply_addresses: dict[str, Address] = {}  # parsed reply addresses, by their text
         self._reply_parts: dict[str, tuple[bytes, bytes, bytes, str | None, str | None]] = {}  # run_parts
 

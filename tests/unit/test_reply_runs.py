@@ -14,6 +14,7 @@ from stagetx.address import format_reply
 from stagetx.child.host import ProcessHost
 from stagetx.codec import pack_py, unpack_py
 from stagetx.message import RUN_BODY_BYTES, RUN_MAX, Message, run_entries
+from stagetx.stages.index.stage import Stage as IndexStage
 from stagetx.wire import unpack_entries
 from tests.fakes import ConnectedLinks
 from tests.support import LogCapture, started_process
@@ -66,14 +67,22 @@ def replies(links: ConnectedLinks) -> list[tuple[str, Any]]:
 
 def test_a_chunk_of_requests_from_one_sender_is_answered_in_one_run_in_order(tmp_path: Path) -> None:
     host, links = start(tmp_path)
-    requests(host, [f"m{i}" for i in range(20)])
+    size = IndexStage.chunk  # the requests of one chunk; more would be answered after each chunk
+    requests(host, [f"m{i}" for i in range(size)])
     [(kind, count, messages)] = replies(links)
-    assert kind == "r" and count == 20
-    assert [msgid for msgid, _, _ in messages] == ["got"] * 20
+    assert kind == "r" and count == size
+    assert [msgid for msgid, _, _ in messages] == ["got"] * size
     assert all(reply is None for _, _, reply in messages)
     # each member scored above the ones before it: rank 1 when set
-    assert [value for _, value, _ in messages] == [{b"set:top": {f"m{i}".encode(): 1}} for i in range(20)]
-    assert host.stages[0].sent == 20
+    assert [value for _, value, _ in messages] == [{b"set:top": {f"m{i}".encode(): 1}} for i in range(size)]
+    assert host.stages[0].sent == size
+
+
+def test_requests_past_a_chunk_are_answered_after_each_chunk(tmp_path: Path) -> None:
+    host, links = start(tmp_path)
+    size = IndexStage.chunk
+    requests(host, [f"m{i}" for i in range(size + 3)])
+    assert [(kind, count) for kind, count, _ in replies(links)] == [("r", size), ("r", 3)]
 
 
 def test_more_than_a_run_holds_go_in_several_runs(tmp_path: Path) -> None:

@@ -200,6 +200,17 @@ def test_a_run_reaches_a_stage_that_takes_no_runs_a_chunk_at_a_time_in_order() -
     assert all(m.sender.stage == "b" and m.reply is None for m in stage.got)
 
 
+def test_a_stage_that_asks_for_shorter_chunks_ends_its_turn_after_that_many_messages() -> None:
+    router, _, _ = make_router([("a", 0), ("b", 1)])
+    stage = BatchingStage(0, "a")
+    stage.chunk = 4
+    router.attach(stage)
+    names = [f"x{i}" for i in range(10)]
+    router.frame_received(1, ["r", 0, 1, 10, _run_body(*names)])
+    router.run_queue()
+    assert stage.calls == [names[:4], ["|"], names[4:8], ["|"], names[8:], ["|"]]
+
+
 def test_a_run_whose_body_holds_fewer_messages_than_it_says_hands_over_what_it_holds() -> None:
     router, _, stages = make_router([("a", 0), ("b", 1)])
     router.frame_received(1, ["r", 0, 1, 5, _run_body("x1", "x2", "x3")])
