@@ -34,6 +34,7 @@ def _same(order: Order, reference: list[int]) -> None:
     order._check()
     assert len(order) == len(reference)
     assert list(order) == reference
+    assert order[:] == reference
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -66,6 +67,7 @@ def test_ranks_positions_and_slices_match_a_sorted_list(seed: int) -> None:
             _same(order, reference)
             start, stop = sorted(rng.randrange(-2, len(reference) + 3) for _ in range(2))
             assert list(order.islice(start, stop)) == reference[max(start, 0) : max(stop, 0)]
+            assert order[start:stop] == reference[start:stop]  # negative positions as a list's
             assert list(order.islice(start, stop, reverse=True)) == reference[max(start, 0) : max(stop, 0)][::-1]
     _same(order, reference)
     while reference:  # down to nothing: every leaf merged away
@@ -86,6 +88,10 @@ def test_ints_beyond_its_range_are_placed_at_the_ends_and_refused_as_keys() -> N
             order.move(0, bad)
     with pytest.raises(TypeError):
         order.insert(1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        order[0]  # type: ignore[index]
+    with pytest.raises(ValueError):
+        order[::2]
     with pytest.raises(ValueError):
         order.remove(3)  # not held
     with pytest.raises(ValueError):

@@ -660,6 +660,25 @@ Order_iter(Order *o)
     return iter;
 }
 
+/* ``order[start:stop]``: the keys at those positions ascending, as a list (step 1 only). */
+static PyObject *
+Order_subscript(Order *o, PyObject *item)
+{
+    Py_ssize_t start, stop, step;
+    if (!PySlice_Check(item)) {
+        PyErr_SetString(PyExc_TypeError, "an Order is sliced, not indexed");
+        return NULL;
+    }
+    if (PySlice_Unpack(item, &start, &stop, &step) < 0)
+        return NULL;
+    if (step != 1) {
+        PyErr_SetString(PyExc_ValueError, "an Order slice has no step");
+        return NULL;
+    }
+    PySlice_AdjustIndices(o->len, &start, &stop, step);
+    return keys_between(o, start, stop);
+}
+
 static PyObject *
 Order_sizeof(Order *o, PyObject *Py_UNUSED(ignored))
 {
@@ -714,11 +733,17 @@ static PySequenceMethods Order_as_sequence = {
     .sq_length = (lenfunc)Order_length,
 };
 
+static PyMappingMethods Order_as_mapping = {
+    .mp_length = (lenfunc)Order_length,
+    .mp_subscript = (binaryfunc)Order_subscript,
+};
+
 static PyTypeObject OrderType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "stagetx.stages.index._order.Order",
     .tp_basicsize = sizeof(Order),
     .tp_dealloc = (destructor)Order_dealloc,
     .tp_as_sequence = &Order_as_sequence,
+    .tp_as_mapping = &Order_as_mapping,
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "The dense keys of one tier in ascending order, ranked in O(log n).",
     .tp_iter = (getiterfunc)Order_iter,

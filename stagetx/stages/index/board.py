@@ -809,12 +809,12 @@ class Board:
         """Every member present now, ``size`` at a time: tier 1's in ascending key order, then those
         unscored there. A snapshot in this order loads with a sort that finds its input sorted.
 
-        The order is copied now (a C-level copy, no Python loop per member), so the chunks may be
+        The order is copied now (a C-level slice, no Python loop per member), so the chunks may be
         taken while the board keeps changing; a member added later is not in them, and one
         deleted meanwhile is still named (the caller skips it).
         """
         first = self.tiers[0]
-        keys = list(first.order)
+        keys = first.order[:]
         if isinstance(first, DenseTier):
             slots = list(first.slots)
             slot_mask = _SLOT
