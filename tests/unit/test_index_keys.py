@@ -139,3 +139,21 @@ def test_an_unencodable_score_moves_the_tier_to_tuples_and_a_reload_makes_it_den
     again.finish_load()
     assert isinstance(again.tier(1), DenseTier)
     assert [member for _, _, member in again.tier(1).slice(1, 5)] == [b"b", b"a"]
+
+
+def test_dense_keys_too_large_for_the_order_from_an_older_file_load_as_tuples() -> None:
+    """A snapshot of a version without ``Order``'s range may hold dense keys of scores of 2**65
+    and more: the load ends with that tier as tuples, answering as before."""
+    board = Board(loading=True)
+    seq = -5
+    keys = [(score << 160) | ((seq - i + 2**62) << 34) | i for i, score in enumerate([2**70, 3, -(2**66)])]
+    board.tiers[0].add_keys([b"a", b"b", b"c"], keys, [b"va", b"vb", b"vc"])
+    board.finish_load()
+    tier = board.tiers[0]
+    assert isinstance(tier, TupleTier)
+    assert [(rank, score, member) for rank, score, member in tier.slice(1, 3)] == [
+        (1, 2**70, b"a"),
+        (2, 3, b"b"),
+        (3, -(2**66), b"c"),
+    ]
+    assert [board.value(member) for member in (b"a", b"b", b"c")] == [b"va", b"vb", b"vc"]

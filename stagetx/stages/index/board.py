@@ -460,12 +460,11 @@ class DenseTier(_RankedTier):
         """Bulk load: map new ``members`` to their keys (their ``values`` to their slots, else
         None); ``sort`` builds the order at the end.
 
-        Raises NotDense, having changed nothing, when a score or seq does not fit a dense key.
+        Raises NotDense, having changed nothing, when a seq or a float score does not fit a dense
+        key (an int score too large for ``Order`` shows at ``Board.finish_load``).
         """
         if seqs and (min(seqs) < -_SEQ_SPAN or max(seqs) >= 0):
             raise NotDense(seqs)
-        if scores and (min(scores) < -_INT_BOUND or max(scores) >= _INT_BOUND):
-            raise NotDense(scores)
         base = len(self.slots)
         if base + len(members) > _SLOTS:
             raise NotDense(len(members))
@@ -486,8 +485,6 @@ class DenseTier(_RankedTier):
         base = len(self.slots)
         if base + len(members) > _SLOTS:
             raise NotDense(len(members))
-        if keys and (min(keys) < -_HEAD_BOUND or max(keys) >= _HEAD_BOUND):
-            raise NotDense(keys)
         if keys and (keys[0] & _SLOT != base or keys[-1] & _SLOT != base + len(keys) - 1):
             keys = [(key >> 32 << 32) | slot for slot, key in zip(count(base), keys)]
         self._extend(members, keys, values)
@@ -498,10 +495,10 @@ class DenseTier(_RankedTier):
         self.keys.update(zip(members, keys))
 
     def put_unsorted(self, member: bytes, score: Score, seq: int) -> None:
-        """``put`` during a bulk load: the key map only (NotDense as ``put``)."""
+        """``put`` during a bulk load: the key map only (NotDense as ``add_unsorted``)."""
         keys = self.keys
         old = keys.get(member)
-        if type(score) is int and -_SEQ_SPAN <= seq < 0 and -_INT_BOUND <= score < _INT_BOUND:  # encode() inlined
+        if type(score) is int and -_SEQ_SPAN <= seq < 0:  # encode() inlined: every replayed record
             key = (score << 160) | ((seq + _SEQ_SPAN) << 34)
         else:
             key = encode(score, seq, 0)  # NotDense before a slot is taken
@@ -905,9 +902,16 @@ class Board:
         self.others.update((members[i], values[i]) for i in rest)
 
     def finish_load(self) -> None:
-        """End of a bulk load: one sort per tier (next to nothing when the keys came in order)."""
-        for tier in self.tiers:
-            tier.sort()
+        """End of a bulk load: one sort per tier (next to nothing when the keys came in order).
+
+        A dense tier whose keys the C ``Order`` cannot hold (a score of 2**65 or more in size, as
+        a snapshot or log of an older version may have) becomes tuples here, where ``Order``
+        checks every key anyway, rather than by a look at every key as it is loaded."""
+        for index, tier in enumerate(self.tiers):
+            try:
+                tier.sort()
+            except OverflowError:
+                self._widen(index).sort()
         self.loading = False
 
 
