@@ -24,7 +24,7 @@ typedef struct {
 } Prefix;
 
 typedef struct {
-    Prefix p;
+    Prefix p; /* first: a search reads the entries as prefixes ``sizeof(Entry)`` apart */
     PyObject *key;
 } Entry;
 
@@ -122,14 +122,16 @@ storable(PyObject *key, Prefix *out)
     return r;
 }
 
-/* First leaf whose largest prefix is >= p (``strict``: > p); nleaves when there is none. */
+/* The first of ``n`` prefixes, ``stride`` bytes apart from ``first`` on, that is >= p (``strict``:
+ * > p); n when there is none. */
 static inline Py_ssize_t
-find_leaf(const Order *o, const Prefix *p, int strict)
+bisect_prefixes(const char *first, Py_ssize_t n, size_t stride, const Prefix *p, int strict)
 {
-    Py_ssize_t lo = 0, hi = o->nleaves;
+    Py_ssize_t lo = 0, hi = n;
     while (lo < hi) {
         Py_ssize_t mid = (lo + hi) >> 1;
-        if (strict ? !less(p, &o->maxes[mid]) : less(&o->maxes[mid], p))
+        const Prefix *at = (const Prefix *)(first + mid * stride);
+        if (strict ? !less(p, at) : less(at, p))
             lo = mid + 1;
         else
             hi = mid;
@@ -137,19 +139,18 @@ find_leaf(const Order *o, const Prefix *p, int strict)
     return lo;
 }
 
-/* First entry of ``leaf`` whose prefix is >= p (``strict``: > p). */
+/* First leaf whose largest prefix is >= p (``strict``: > p); nleaves when there is none. */
+static inline Py_ssize_t
+find_leaf(const Order *o, const Prefix *p, int strict)
+{
+    return bisect_prefixes((const char *)o->maxes, o->nleaves, sizeof(Prefix), p, strict);
+}
+
+/* First entry of ``leaf`` whose prefix is >= p (``strict``: > p); its length when there is none. */
 static inline Py_ssize_t
 find_entry(const Leaf *leaf, const Prefix *p, int strict)
 {
-    Py_ssize_t lo = 0, hi = leaf->n;
-    while (lo < hi) {
-        Py_ssize_t mid = (lo + hi) >> 1;
-        if (strict ? !less(p, &leaf->e[mid].p) : less(&leaf->e[mid].p, p))
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
+    return bisect_prefixes((const char *)leaf->e, leaf->n, sizeof(Entry), p, strict);
 }
 
 static void
