@@ -297,11 +297,33 @@ split(Order *o, Py_ssize_t at)
     return 0;
 }
 
+/* Merge the short leaf ``at`` with its neighbour (the one before it, or after it for the first
+ * leaf), splitting the result when it is too long: 0, or -1 with nothing changed when there is no
+ * memory for it (a short leaf is still valid). */
+static int
+merge(Order *o, Py_ssize_t at)
+{
+    Py_ssize_t into = at > 0 ? at - 1 : at, from = into + 1;
+    Leaf *a = &o->leaves[into], *b = &o->leaves[from];
+    if (reserve_entries(a, a->n + b->n) < 0) {
+        PyErr_Clear();
+        return -1;
+    }
+    memcpy(&a->e[a->n], b->e, b->n * sizeof(Entry));
+    a->n += b->n;
+    o->maxes[into] = o->maxes[from];
+    b->n = 0;
+    close_leaf(o, from);
+    if (a->n > 2 * LOAD && split(o, into) < 0)
+        PyErr_Clear(); /* a long leaf is still valid */
+    return 0;
+}
+
 /* Insert ``key`` (prefix ``p``, a new reference taken); its 0-based position, or -1. */
 static Py_ssize_t
 put(Order *o, PyObject *key, const Prefix *p)
 {
-    Py_ssize_t at, idx;
+    Py_ssize_t at, idx, half;
     Leaf *leaf;
     if (o->nleaves == 0) {
         if (open_leaf(o, 0) < 0)
@@ -323,17 +345,17 @@ put(Order *o, PyObject *key, const Prefix *p)
     o->len++;
     if (idx == leaf->n - 1)
         o->maxes[at] = *p;
-    if (leaf->n > 2 * LOAD) {
-        Py_ssize_t half = leaf->n >> 1;
-        if (split(o, at) < 0)
-            PyErr_Clear(); /* no memory to split: a long leaf is still valid */
-        else if (idx >= half) {
-            at++;
-            idx -= half;
-        }
-    }
-    else
+    half = leaf->n >> 1; /* where a split cuts (``leaf`` may move in it) */
+    if (leaf->n <= 2 * LOAD)
         count(o, at, 1);
+    else if (split(o, at) < 0) {
+        PyErr_Clear(); /* no memory to split: a long leaf is still valid */
+        count(o, at, 1);
+    }
+    else if (idx >= half) {
+        at++;
+        idx -= half;
+    }
     return before(o, at) + idx;
 }
 
@@ -367,22 +389,7 @@ take(Order *o, PyObject *key, const Prefix *p)
     else {
         if (idx == leaf->n)
             o->maxes[at] = leaf->e[leaf->n - 1].p;
-        if (leaf->n < LOAD / 2 && o->nleaves > 1) {
-            /* merge into the neighbour before it (or after it, for the first leaf) */
-            Py_ssize_t into = at > 0 ? at - 1 : at, from = into + 1;
-            Leaf *a = &o->leaves[into], *b = &o->leaves[from];
-            if (reserve_entries(a, a->n + b->n) == 0) {
-                memcpy(&a->e[a->n], b->e, b->n * sizeof(Entry));
-                a->n += b->n;
-                o->maxes[into] = o->maxes[from];
-                b->n = 0;
-                close_leaf(o, from);
-                if (a->n > 2 * LOAD)
-                    split(o, into);
-            }
-            PyErr_Clear(); /* no memory to merge: a short leaf is still valid */
-        }
-        else
+        if (leaf->n >= LOAD / 2 || o->nleaves == 1 || merge(o, at) < 0)
             count(o, at, -1);
     }
     Py_DECREF(held);

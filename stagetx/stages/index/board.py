@@ -201,11 +201,11 @@ _SCALE = 2.0**64  # a float score's fixed-point factor: exact (a power of two)
 _SEQ_SPAN = 1 << 62  # seqs in [-2**62, 0) fit the key's sequence field
 _SEQ_MASK = _SEQ_SPAN - 1
 _SLOTS = 1 << 32  # member slots per tier
+_SLOT = _SLOTS - 1
+_FLOAT_BITS = 3 << 32  # the kind field: zero for an int score
 _INT_BOUND = 1 << 65  # |score| of a dense key
 _FIXED_BOUND = _INT_BOUND << 64  # |score * 2**64|
 _HEAD_BOUND = _FIXED_BOUND << 96  # |key|, and of its score part ("head") alone
-_SLOT = _SLOTS - 1
-_FLOAT_BITS = 3 << 32  # the kind field: zero for an int score
 
 
 def _fixed(score: Score) -> tuple[int, int]:
