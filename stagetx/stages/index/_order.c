@@ -181,6 +181,26 @@ before(Order *o, Py_ssize_t leaf)
     return sum;
 }
 
+/* The leaf that holds position ``pos`` (0 <= pos < len), and in ``idx`` the place in it: a
+ * descent of the Fenwick tree, so a top-N read near the end needs no walk over every leaf. */
+static Py_ssize_t
+locate(Order *o, Py_ssize_t pos, Py_ssize_t *idx)
+{
+    Py_ssize_t at = 0, step = 1;
+    if (o->stale)
+        rebuild_tree(o);
+    while (step <= o->nleaves / 2)
+        step <<= 1;
+    for (; step; step >>= 1) {
+        if (at + step <= o->nleaves && o->tree[at + step] <= pos) {
+            at += step;
+            pos -= o->tree[at];
+        }
+    }
+    *idx = pos;
+    return at;
+}
+
 static inline void
 count(Order *o, Py_ssize_t leaf, Py_ssize_t delta)
 {
@@ -487,7 +507,7 @@ static PyObject *
 keys_between(Order *o, Py_ssize_t start, Py_ssize_t stop)
 {
     PyObject *list;
-    Py_ssize_t at = 0, skipped = 0, i = 0;
+    Py_ssize_t at, j = 0, i = 0;
     if (start < 0)
         start = 0;
     if (stop > o->len)
@@ -495,18 +515,14 @@ keys_between(Order *o, Py_ssize_t start, Py_ssize_t stop)
     if (stop < start)
         stop = start;
     list = PyList_New(stop - start);
-    if (list == NULL)
-        return NULL;
-    while (at < o->nleaves && skipped + o->leaves[at].n <= start)
-        skipped += o->leaves[at++].n;
-    for (; i < stop - start; at++) {
+    if (list == NULL || stop == start)
+        return list;
+    for (at = locate(o, start, &j); i < stop - start; at++, j = 0) {
         Leaf *leaf = &o->leaves[at];
-        Py_ssize_t j = start + i - skipped;
         for (; j < leaf->n && i < stop - start; j++, i++) {
             Py_INCREF(leaf->e[j].key);
             PyList_SET_ITEM(list, i, leaf->e[j].key);
         }
-        skipped += leaf->n;
     }
     return list;
 }
