@@ -50,4 +50,4 @@ check: $(VENV)/.installed-dev
 	$(PY) tools/check_imports.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache
+	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache stagetx/stages/index/*.so

@@ -14,6 +14,7 @@ setup(
         "stagetx.lua": ["*.lua"],
         "stagetx.broker": ["*.lua"],
         "stagetx.admin": ["static/*"],
+        "stagetx.stages.index": ["_order.pyi"],
     },
     ext_modules=[Extension("stagetx.stages.index._order", ["stagetx/stages/index/_order.c"])],
     entry_points={"console_scripts": ["stagetx-client = stagetx.client.cli:main"]},
