@@ -66,6 +66,8 @@ RUN_JOIN_BYTES = 65536
 LOCAL_ROOM = 1 << 40
 
 Result = tuple[bool, str | None]
+#: A run entry's parts for one steady address (``Router.run_parts``): head, msgid, reply, server, reroute.
+RunParts = tuple[bytes, bytes, bytes, str | None, str | None]
 
 
 class Receiver(Protocol):
@@ -271,9 +273,7 @@ class Router:
             return 0, instance, None
         return self.links.steady_room(self._placement[instance][1]), instance, None
 
-    def run_parts(
-        self, sender: Sender, address: ToStage | ReplyTo
-    ) -> tuple[bytes, bytes, bytes, str | None, str | None]:
+    def run_parts(self, sender: Sender, address: ToStage | ReplyTo) -> RunParts:
         """For an ``address`` that ``steady`` sends to another process or server: ``(head, msgid,
         reply, server, reroute)``. ``head``, ``msgid`` and ``reply`` are msgpack pieces of a run
         entry (``["r", INSTANCE, SENDER, COUNT, BODY]``, see ``frame_received``): ``head`` is the

@@ -28,13 +28,13 @@ from stagetx.address import Address, AddressError, ReplyTo, parse_target
 from stagetx.codec import pack_py
 from stagetx.config import ServerConfig, StageConfig
 from stagetx.message import CLUSTER_WAY, LATENCY_BUCKETS, Message, Run, run_entries, run_room
-from stagetx.router import DRAIN_CHUNK, Result, Router
+from stagetx.router import DRAIN_CHUNK, Result, Router, RunParts
 from stagetx.shared import ProcessShared
 from stagetx.stages.registry import stage_type
 
 #: Errors (with file and line) each stage keeps for ``stat`` and the dashboard.
 LAST_ERRORS = 10
-#: Reply addresses a stage keeps parsed (and their run parts), at most this many.
+#: Reply addresses a stage keeps parsed, and addresses whose run parts it keeps, at most this many.
 REPLY_CACHE = 4096
 
 
@@ -119,7 +119,7 @@ class StageHost:
         self.runs = bool(getattr(self.stage, "runs", False))
         self.chunk = int(getattr(self.stage, "chunk", DRAIN_CHUNK))
         self._reply_addresses: dict[str, Address] = {}  # parsed reply addresses, by their text
-        self._reply_parts: dict[str, tuple[bytes, bytes, bytes, str | None, str | None]] = {}  # run_parts
+        self._run_parts: dict[str | bytes, RunParts] = {}  # by the address's text as written
 
     # -- StageContext -----------------------------------------------------------------------------
     def resolve_path(self, path: str) -> str:
@@ -166,12 +166,7 @@ class StageHost:
         route = self.router.steady(self.sender, address)
         if route is None or route[1] == -1:
             return False
-        parts = self._reply_parts.get(text)
-        if parts is None:
-            if len(self._reply_parts) >= REPLY_CACHE:
-                self._reply_parts.clear()
-            parts = self._reply_parts[text] = self.router.run_parts(self.sender, address)  # type: ignore[arg-type]
-        head, msgid, nil, server, reroute = parts
+        head, msgid, nil, server, reroute = self.run_parts(text, address)
         if max(map(len, payloads)) > run_room(route[0], head, msgid, nil):
             return False
         for entry, count in run_entries(head, msgid, nil, payloads):
@@ -179,6 +174,17 @@ class StageHost:
             if not ok:
                 self.log.warn("{count} replies to {reply!r} dropped: {reason}", count=count, reply=text, reason=reason)
         return True
+
+    def run_parts(self, text: str | bytes, address: Address) -> RunParts:
+        """``Router.run_parts`` of this stage to ``address`` (steady to another process or server),
+        kept by the address's ``text`` as its sender wrote it: a stage sends to a few addresses
+        many times (its Lua outbox by signal target, its answers by reply address)."""
+        parts = self._run_parts.get(text)
+        if parts is None:
+            if len(self._run_parts) >= REPLY_CACHE:
+                self._run_parts.clear()
+            parts = self._run_parts[text] = self.router.run_parts(self.sender, address)  # type: ignore[arg-type]
+        return parts
 
     def _reply_address(self, message: Message) -> Address | None:
         """The parsed reply address of ``message`` (which has one); None, logged, when it does not

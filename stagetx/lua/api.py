@@ -82,9 +82,6 @@ class StageAPI:
         self._late_logged = float("-inf")
         self._targets: dict[bytes, Address] = {}  # parsed signal targets, by their Lua string
         self._foreign: dict[Address, str | None] = {}  # target -> a Lua stage of another VM kind there
-        self._parts: dict[
-            bytes, tuple[bytes, bytes, bytes, str | None, str | None]
-        ] = {}  # run parts of steady targets, by Lua string
         self.vm: LuaVM
         self.loader: ScriptLoader
 
@@ -168,12 +165,7 @@ class StageAPI:
             if route is not None:
                 if route[1] == -1:  # a stage of this process: routed one by one
                     return (True, None, *route)
-                parts = self._parts.get(target)
-                if parts is None:
-                    if len(self._parts) >= TARGET_CACHE:
-                        self._parts.clear()
-                    parts = self._parts[target] = self.stage.router.run_parts(self.stage.sender, address)  # type: ignore[arg-type]
-                head, msgid, reply, server, reroute = parts
+                head, msgid, reply, server, reroute = self.stage.run_parts(target, address)
                 room = run_room(route[0], head, msgid, reply)
                 return (True, None, room, route[1], head, msgid, reply, _lua(server), _lua(reroute))
         return result
