@@ -155,8 +155,59 @@ def test_a_value_follows_its_member_into_and_out_of_tier_1() -> None:
     board.set_one(b"d", 1, 4, None, False)  # every tier-1 score fits a dense key again
     again = Board(loading=True)
     for chunk in board.snapshot_chunks(2):
-        again.add_columns(board.columns(chunk))
+        again.add_columns(chunk)
     again.finish_load()
     assert isinstance(again.tier(1), DenseTier)  # a reload makes it dense: d's value in its slot
     assert {m: again.value(m) for m in again.members()} == {b"a": "A2", b"c": None, b"d": "D"}
     assert again.others == {b"a": "A2", b"c": None}
+
+
+def _reloaded(chunks: Any) -> Board:
+    board = Board(loading=True)
+    for chunk in chunks:
+        board.add_columns(chunk)
+    board.finish_load()
+    return board
+
+
+def _contents(board: Board) -> list[Any]:
+    """Every member's value and tier-1 rank, score and seq, in rank order, and the unscored."""
+    rows = [
+        (rank, member, score, board.tiers[0].state(member), board.value(member))
+        for rank, score, member, _ in board.rows(1, 1, len(board))
+    ]
+    unscored = sorted((member, board.value(member)) for member in board.members() if member not in board.tiers[0].keys)
+    return [rows, unscored, board.next_seq]
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_snapshot_chunks_taken_while_the_board_changes_load_a_sound_board(dense: bool) -> None:
+    """A compaction takes the chunks over many turns while requests change the board. A board
+    scored in a dense tier 1 only is written as it was when the chunks were asked for (a
+    deleted member's slot reused by a new member meanwhile included); any other board as it is
+    when each chunk is taken. Either way the changes made meanwhile replay over the result."""
+    board = Board()
+    for i in range(40):
+        board.set_one(b"m%02d" % i, 1, (i * 7) % 13, b"v%d" % i if i % 3 else None, i % 3 > 0)
+    board.set(b"loose", {}, b"unscored", True)
+    if not dense:
+        board.set_one(b"m01", 2, 5, None, False)
+    before = _contents(board)
+    assert before[1] == [(b"loose", b"unscored")]
+    chunks = board.snapshot_chunks(6)
+    taken = [next(chunks)]
+    board.delete(b"m05")  # its slot goes to the next new member
+    board.set_one(b"new", 1, 99, b"fresh", True)
+    board.set_one(b"m07", 1, -4, b"moved", True)
+    board.delete(b"loose")
+    taken += list(chunks)
+    loaded = _reloaded(taken)
+    if dense:
+        assert _contents(loaded) == before
+    for member in (b"m05", b"new", b"m07", b"loose"):  # the log segment's records, replayed
+        record = board.record(b"n", member)
+        if len(record) == 2:
+            loaded.delete(member)
+        else:
+            loaded.restore(member, record[2], record[3:])
+    assert _contents(loaded)[:2] == _contents(board)[:2]

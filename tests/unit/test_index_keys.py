@@ -117,7 +117,7 @@ def test_a_board_answers_as_one_on_tuple_keys(ops, probes) -> None:
         replayed.restore(member, record[2], record[3:])
         bulk_replayed.restore(member, record[2], record[3:])
     for chunk in board.snapshot_chunks(7):
-        loaded.add_columns(board.columns(chunk))
+        loaded.add_columns(chunk)
     for bulk in (bulk_replayed, loaded):
         bulk.finish_load()
         for tier in bulk.tiers:
@@ -135,7 +135,7 @@ def test_an_unencodable_score_moves_the_tier_to_tuples_and_a_reload_makes_it_den
     board.set_one(b"b", 1, 6, None, False)
     again = Board(loading=True)
     for chunk in board.snapshot_chunks(1):
-        again.add_columns(board.columns(chunk))
+        again.add_columns(chunk)
     again.finish_load()
     assert isinstance(again.tier(1), DenseTier)
     assert [member for _, _, member in again.tier(1).slice(1, 5)] == [b"b", b"a"]

@@ -32,7 +32,7 @@ TierState = tuple[Score, int] | None
 # One tier's state of a run of members (a snapshot chunk), for the scored ones only when a third
 # item ``positions`` (their indexes in the run) is there: ``[keys, least_seq(, positions)]`` from
 # a ``DenseTier`` (``keys`` the dense keys as ``dump_keys`` bytes, their slots numbered as a bulk
-# load gives them, ``least_seq`` the smallest seq among them), else ``[scores, seqs(, positions)]``.
+# load gives them, ``least_seq`` no larger than any seq among them), else ``[scores, seqs(, positions)]``.
 Column = list[Any]
 
 
@@ -802,23 +802,29 @@ class Board:
             self.next_seq = min(self.next_seq, seq - 1)
         self._store_value(member, value)
 
-    def snapshot_chunks(self, size: int) -> Iterator[list[bytes]]:
-        """Every member present now, ``size`` at a time: tier 1's in ascending key order, then those
-        unscored there. A snapshot in this order loads with a sort that finds its input sorted.
+    def snapshot_chunks(self, size: int) -> Iterator[list[Any]]:
+        """The board's snapshot, ``size`` members per chunk (each as ``columns`` gives it, for
+        ``add_columns``): tier 1's members in ascending key order, then those unscored there. A
+        snapshot in this order loads with a sort that finds its input sorted.
 
-        The order is copied now (a C-level slice, no Python loop per member), so the chunks may be
-        taken while the board keeps changing; a member added later is not in them, and one
-        deleted meanwhile is still named (the caller skips it).
+        The chunks may be taken while the board keeps changing (a compaction writes one per
+        reactor turn): a change made meanwhile is in the log segment the compaction started,
+        which replays over the snapshot. A board scored in a dense tier 1 only (most boards) is
+        copied now, as it is (C-level copies, no Python step per member), and its chunks read
+        nothing of the board again; any other board's chunks hold the members present when each
+        is taken, as they are then.
         """
-        first = self.tiers[0]
+        first, *rest = self.tiers
         keys = first.order[:]
+        if type(first) is DenseTier and not any(tier.keys for tier in rest):
+            copies = (list(first.slots), list(first.values), list(self.others.items()))
+            return _dense_chunks(keys, *copies, self.next_seq + 1, size)
         if isinstance(first, DenseTier):
             slots = list(first.slots)
-            slot_mask = _SLOT
             unscored = list(self.others)
 
             def members(chunk: list[Any]) -> list[bytes]:
-                return [slots[key & slot_mask] for key in chunk]  # type: ignore[misc]
+                return [slots[key & _SLOT] for key in chunk]  # type: ignore[misc]
 
         else:
             unscored = [member for member in self.others if member not in first.keys]
@@ -826,11 +832,12 @@ class Board:
             def members(chunk: list[Any]) -> list[bytes]:
                 return [key[2] for key in chunk]
 
-        def chunks() -> Iterator[list[bytes]]:
+        def chunks() -> Iterator[list[Any]]:
+            written = [0] * TIERS  # each tier's members in the chunks so far
             for start in range(0, len(keys), size):
-                yield members(keys[start : start + size])
+                yield self.columns(members(keys[start : start + size]), written)
             for start in range(0, len(unscored), size):
-                yield unscored[start : start + size]
+                yield self.columns(unscored[start : start + size], written)
 
         return chunks()
 
@@ -916,6 +923,32 @@ class Board:
 
 
 _ABSENT = object()
+
+
+def _dense_chunks(
+    keys: list[int],
+    slots: list[bytes | None],
+    values: list[Any],
+    unscored: list[tuple[bytes, Any]],
+    least: int,
+    size: int,
+) -> Iterator[list[Any]]:
+    """``Board.snapshot_chunks`` of a board scored in a dense tier 1 only, from copies of its
+    order, slots and values and of its unscored members' values: each key names its member's
+    slot, so a chunk is three list comprehensions and no dict look-up. The keys are renumbered
+    to the slots a load gives the members (their places in the snapshot); ``least`` (the
+    board's next seq + 1 at the copy) is no larger than any of their seqs."""
+    for start in range(0, len(keys), size):
+        chunk = keys[start : start + size]
+        renumbered = [(key >> 32 << 32) | slot for slot, key in zip(count(start), chunk)]
+        yield [
+            [slots[key & _SLOT] for key in chunk],
+            [values[key & _SLOT] for key in chunk],
+            [dump_keys(renumbered), least],
+        ]
+    for start in range(0, len(unscored), size):
+        part = unscored[start : start + size]
+        yield [[member for member, _ in part], [value for _, value in part]]
 
 
 def saved_record(name: bytes, member: bytes, saved: tuple[Any, ...]) -> tuple[Any, ...]:
