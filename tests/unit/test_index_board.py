@@ -30,6 +30,13 @@ class MemoryBoards:
     def changed(self, name: bytes, board: Board, member: bytes) -> None:
         self.changes.append((name, member))
 
+    def set_one(
+        self, name: bytes, board: Board, member: bytes, number: int, score: Any, value: Any, has_value: bool
+    ) -> int:
+        rank = board.set_one(member, number, score, value, has_value)
+        self.changes.append((name, member))
+        return rank
+
     def check_value(self, value: Any) -> None:
         if isinstance(value, set):
             raise RequestError("value cannot be stored")
@@ -211,3 +218,26 @@ def test_snapshot_chunks_taken_while_the_board_changes_load_a_sound_board(dense:
         else:
             loaded.restore(member, record[2], record[3:])
     assert _contents(loaded)[:2] == _contents(board)[:2]
+
+
+def test_set_logged_gives_the_state_before_and_the_record_after_on_every_path() -> None:
+    """The store's set: a new int score on a dense tier-1-only board (the one-look-up path), the
+    same score with a new value, a new member, a score a dense key cannot hold, another tier."""
+    board = Board()
+    board.set_one(b"a", 1, 10, b"va", True)
+    board.set_one(b"b", 1, 20, None, False)
+    cases = [
+        (b"a", 1, 30, None, False),  # new score, value kept
+        (b"b", 1, 5, b"vb", True),  # new score and value
+        (b"a", 1, 30, b"va2", True),  # same score, new value
+        (b"c", 1, 7, None, False),  # a new member
+        (b"b", 1, 2**70, None, False),  # beyond a dense key: tier 1 becomes tuples
+        (b"a", 2, 1, None, False),  # another tier
+    ]
+    for member, number, score, value, has_value in cases:
+        before = board.saved(member)
+        rank, saved, record = board.set_logged(b"n", member, number, score, value, has_value)
+        assert repr(saved) == repr(before)
+        assert record == board.record(b"n", member)
+        assert rank == (0 if score == 30 and has_value else board.tier(number).rank(member))
+    assert [board.value(member) for member in (b"a", b"b", b"c")] == [b"va2", b"vb", None]

@@ -64,7 +64,7 @@ def _reference() -> Board:
 MEMBERS = st.sampled_from([b"a", b"b", b"c", b"d", b"e", b"f"])
 OPS = st.lists(
     st.one_of(
-        st.tuples(st.just("set_one"), MEMBERS, st.integers(1, TIERS), SCORES, st.booleans()),
+        st.tuples(st.sampled_from(["set_one", "set_logged"]), MEMBERS, st.integers(1, TIERS), SCORES, st.booleans()),
         st.tuples(st.just("set"), MEMBERS, st.dictionaries(st.integers(1, TIERS), SCORES, max_size=TIERS)),
         st.tuples(st.just("delete"), MEMBERS),
     ),
@@ -100,6 +100,12 @@ def test_a_board_answers_as_one_on_tuple_keys(ops, probes) -> None:
             assert board.set_one(member, tier, score, position, has_value) == reference.set_one(
                 member, tier, score, position, has_value
             )
+        elif op[0] == "set_logged":  # the store's path: with the state before and the record after
+            _, member, tier, score, has_value = op
+            saved = repr(board.saved(member))
+            rank, logged_saved, record = board.set_logged(b"n", member, tier, score, position, has_value)
+            assert rank == reference.set_one(member, tier, score, position, has_value)
+            assert repr(logged_saved) == saved and repr(record) == repr(board.record(b"n", member))
         elif op[0] == "set":
             assert board.set(op[1], op[2], position, True) == reference.set(op[1], op[2], position, True)
         else:

@@ -86,6 +86,12 @@ class Boards(Protocol):
     def changed(self, name: bytes, board: Board, member: bytes) -> None:
         """``member`` of ``board`` was set or deleted (record its new state)."""
 
+    def set_one(
+        self, name: bytes, board: Board, member: bytes, number: int, score: Any, value: Any, has_value: bool
+    ) -> int:
+        """``changing``, ``board.set_one`` and ``changed`` in one call: the member's new rank in
+        tier ``number``, or 0 when its score did not change."""
+
     def check_value(self, value: Any) -> None:
         """Raise RequestError when ``value`` cannot be stored (checked before any change)."""
 
@@ -280,10 +286,7 @@ class Executor:
         name = command.name
         board = self.boards.board(name, True)
         assert board is not None
-        self.boards.changing(name, board, member)
-        rank = board.set_one(member, command.tier, score, value, has_value)
-        self.boards.changed(name, board, member)
-        return {member: rank}
+        return {member: self.boards.set_one(name, board, member, command.tier, score, value, has_value)}
 
     def _del(self, command: Command, argument: Any) -> int:
         members = self.members(argument, "del takes {ID, …}")

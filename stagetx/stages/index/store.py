@@ -211,6 +211,14 @@ class IndexStore:
     def changed(self, name: bytes, board: Board, member: bytes) -> None:
         self._pending.append(board.record(name, member))
 
+    def set_one(
+        self, name: bytes, board: Board, member: bytes, number: int, score: Any, value: Any, has_value: bool
+    ) -> int:
+        rank, saved, record = board.set_logged(name, member, number, score, value, has_value)
+        self._undo.append((name, member, saved))
+        self._pending.append(record)
+        return rank
+
     def check_value(self, value: Any) -> None:
         kind = type(value)
         if kind in _PLAIN or (kind is int and _INT_MIN <= value <= _UINT_MAX):
