@@ -1,6 +1,14 @@
-"""Type stub of the C extension ``_order.c``: the ranked dense keys of one tier."""
+"""Type stub of the C extension ``_order.c``: the ranked dense keys of one tier, and their
+snapshot chunks."""
 
 from collections.abc import Iterable, Iterator
+from typing import Any
+
+def dense_columns(
+    keys: list[int], start: int, stop: int, slots: list[Any], values: list[Any]
+) -> tuple[list[Any], list[Any], list[int]]:
+    """A snapshot chunk of ``keys[start:stop]``: their members, their values and the keys with
+    their positions in ``keys`` as slots."""
 
 class Order:
     """The dense keys of one tier in ascending order, ranked in O(log n)."""

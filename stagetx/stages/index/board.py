@@ -21,7 +21,7 @@ from typing import Any
 
 from sortedcontainers import SortedList
 
-from stagetx.stages.index._order import Order
+from stagetx.stages.index._order import Order, dense_columns
 
 TIERS = 4
 
@@ -980,17 +980,12 @@ def _dense_chunks(
 ) -> Iterator[list[Any]]:
     """``Board.snapshot_chunks`` of a board scored in a dense tier 1 only, from copies of its
     order, slots and values and of its unscored members' values: each key names its member's
-    slot, so a chunk is three list comprehensions and no dict look-up. The keys are renumbered
-    to the slots a load gives the members (their places in the snapshot); ``least`` (the
-    board's next seq + 1 at the copy) is no larger than any of their seqs."""
+    slot, so a chunk is read by position (``dense_columns``, in C), with no dict look-up. The
+    keys are renumbered to the slots a load gives the members (their places in the snapshot);
+    ``least`` (the board's next seq + 1 at the copy) is no larger than any of their seqs."""
     for start in range(0, len(keys), size):
-        chunk = keys[start : start + size]
-        renumbered = [(key >> 32 << 32) | slot for slot, key in zip(count(start), chunk)]
-        yield [
-            [slots[key & _SLOT] for key in chunk],
-            [values[key & _SLOT] for key in chunk],
-            [dump_keys(renumbered), least],
-        ]
+        members, chunk_values, renumbered = dense_columns(keys, start, start + size, slots, values)
+        yield [members, chunk_values, [dump_keys(renumbered), least]]
     for start in range(0, len(unscored), size):
         part = unscored[start : start + size]
         yield [[member for member, _ in part], [value for _, value in part]]
