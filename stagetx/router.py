@@ -31,6 +31,7 @@ from stagetx.address import (
     format_reply,
     parse_target,
 )
+from stagetx.bounded import BoundedDict
 from stagetx.cluster.directory import Replica, Routes, cluster_address
 from stagetx.codec import unpack_py
 from stagetx.locks import LockTable, Turn
@@ -151,7 +152,8 @@ class Router:
         self.group = group
         self.clock = clock
         self.now = now
-        self._replies: dict[tuple[int, str], str] = {}  # reply addresses made, by (instance, id)
+        # reply addresses made, by (instance, id)
+        self._replies: BoundedDict[tuple[int, str], str] = BoundedDict(REPLY_CACHE)
         self._placement = placement
         self._replicas: dict[str, list[int]] = {}
         for instance, (stage_id, _) in enumerate(placement):
@@ -173,7 +175,7 @@ class Router:
         self.turn: int | None = None
         self._turns = 0
         self._unknown: set[str] = set()
-        self._senders: dict[tuple[Any, ...], Sender] = {}  # frames name senders as lists
+        self._senders: BoundedDict[tuple[Any, ...], Sender] = BoundedDict(SENDER_CACHE)  # frames name senders as lists
         # every stage of this server as a sender; a message frame between this server's processes
         # names such a sender by its instance number (see ``sender_of``)
         self._own = [Sender(server_id, g, stage_id, i) for i, (stage_id, g) in enumerate(placement)]
@@ -310,9 +312,7 @@ class Router:
         key = (sender.instance, reply)
         address = self._replies.get(key)
         if address is None:
-            if len(self._replies) >= REPLY_CACHE:
-                self._replies.clear()
-            address = self._replies[key] = format_reply(self.server_id, sender.instance, reply)
+            address = self._replies.put(key, format_reply(self.server_id, sender.instance, reply))
         return address
 
     def _to_stage(self, sender: Sender, address: ToStage, payload: bytes, reply_to: str | None) -> Result:
@@ -709,9 +709,7 @@ class Router:
         key = tuple(named)
         known = self._senders.get(key)
         if known is None:
-            if len(self._senders) >= SENDER_CACHE:
-                self._senders.clear()
-            known = self._senders[key] = Sender(*key)
+            known = self._senders.put(key, Sender(*key))
         return known
 
     # -- ordered locks ----------------------------------------------------------------------------

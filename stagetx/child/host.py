@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from stagetx.address import Address, AddressError, ReplyTo, parse_target
+from stagetx.bounded import BoundedDict
 from stagetx.codec import pack_py
 from stagetx.config import ServerConfig, StageConfig
 from stagetx.message import CLUSTER_WAY, LATENCY_BUCKETS, Message, Run, run_entries, run_room
@@ -118,8 +119,10 @@ class StageHost:
         self._receive_batch = getattr(self.stage, "receive_batch", None)
         self.runs = bool(getattr(self.stage, "runs", False))
         self.chunk = int(getattr(self.stage, "chunk", DRAIN_CHUNK))
-        self._reply_addresses: dict[str, Address] = {}  # parsed reply addresses, by their text
-        self._run_parts: dict[str | bytes, RunParts] = {}  # by the address's text as written
+        # parsed reply addresses, by their text
+        self._reply_addresses: BoundedDict[str, Address] = BoundedDict(REPLY_CACHE)
+        # by the address's text as written
+        self._run_parts: BoundedDict[str | bytes, RunParts] = BoundedDict(REPLY_CACHE)
 
     # -- StageContext -----------------------------------------------------------------------------
     def resolve_path(self, path: str) -> str:
@@ -181,9 +184,7 @@ class StageHost:
         many times (its Lua outbox by signal target, its answers by reply address)."""
         parts = self._run_parts.get(text)
         if parts is None:
-            if len(self._run_parts) >= REPLY_CACHE:
-                self._run_parts.clear()
-            parts = self._run_parts[text] = self.router.run_parts(self.sender, address)  # type: ignore[arg-type]
+            parts = self._run_parts.put(text, self.router.run_parts(self.sender, address))  # type: ignore[arg-type]
         return parts
 
     def _reply_address(self, message: Message) -> Address | None:
@@ -197,9 +198,7 @@ class StageHost:
             except AddressError as error:
                 self.log.warn("reply to {msgid!r} dropped: {error}", msgid=message.msgid, error=str(error))
                 return None
-            if len(self._reply_addresses) >= REPLY_CACHE:
-                self._reply_addresses.clear()
-            self._reply_addresses[text] = address
+            self._reply_addresses.put(text, address)
         return address
 
     def answer(self, message: Message, *values: Any) -> None:

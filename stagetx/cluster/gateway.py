@@ -36,6 +36,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from stagetx.address import Scope, ToStage
+from stagetx.bounded import BoundedDict
 from stagetx.cluster.directory import Directory, OverloadGate, Peer, Routes
 from stagetx.cluster.discovery import Discovery
 from stagetx.cluster.dns import DnsDiscovery
@@ -123,7 +124,8 @@ class ClusterGateway(MultiService):
         self.groups = len(config.startup)
         self.stages = stage_table(config)
         self.placement = [s.group for s in sorted(config.stages, key=lambda s: s.instance)]
-        self._senders: dict[str, list[Sender]] = {}  # server id -> its stages as senders (hello)
+        # server id -> its stages as senders (hello)
+        self._senders: BoundedDict[str, list[Sender]] = BoundedDict(SENDER_TABLES)
         sync_ms, overload_ms = config.router
         self.interval = sync_ms / 3000.0
         self.directory = Directory(self.server_id, sync_ms / 1000.0, now, [str(b) for b in cluster.backups])
@@ -284,10 +286,9 @@ class ClusterGateway(MultiService):
     def _hello_from(self, server_id: str, obj: list[Any]) -> None:
         _, addr, stages, delay, overloaded = obj[:5]
         if len(obj) > 5 and server_id not in self._senders:
-            if len(self._senders) >= SENDER_TABLES:  # ids of servers long gone; live ones say hello again
-                self._senders.clear()
+            # ``put`` empties a full table: ids of servers long gone; live ones say hello again
             stage_of = {i: stage for stage, instances in stages.items() for i in instances}
-            self._senders[server_id] = [Sender(server_id, g, stage_of.get(i, ""), i) for i, g in enumerate(obj[5])]
+            self._senders.put(server_id, [Sender(server_id, g, stage_of.get(i, ""), i) for i, g in enumerate(obj[5])])
         known = self.directory.peers.get(server_id)
         if known is None or not known.linked:
             for old in self.directory.learn(

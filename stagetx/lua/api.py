@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger, LogLevel
 
 from stagetx.address import Address, AddressError, ReplyTo, ToStage, parse_target
+from stagetx.bounded import BoundedDict
 from stagetx.codec import CodecError, function_kinds, pack_lua, pack_py, unpack_lua
 from stagetx.lua.loader import ScriptLoader, ScriptNotFound
 from stagetx.lua.runtime import LuaScriptError, LuaVM
@@ -80,8 +81,10 @@ class StageAPI:
         self._unhandled: set[str] = set()
         self._late = 0  # replies to removed "~N" ids since the last line about them
         self._late_logged = float("-inf")
-        self._targets: dict[bytes, Address] = {}  # parsed signal targets, by their Lua string
-        self._foreign: dict[Address, str | None] = {}  # target -> a Lua stage of another VM kind there
+        # parsed signal targets, by their Lua string
+        self._targets: BoundedDict[bytes, Address] = BoundedDict(TARGET_CACHE)
+        # target -> a Lua stage of another VM kind there
+        self._foreign: BoundedDict[Address, str | None] = BoundedDict(TARGET_CACHE)
         self.vm: LuaVM
         self.loader: ScriptLoader
 
@@ -141,10 +144,7 @@ class StageAPI:
         elif type(address) is ReplyTo and address.server == self.stage.process.server_id:
             reached = [s for s in config.stages if s.instance == address.instance]
         foreign = next((s.name for s in reached if s.type in VM_KINDS and s.type != own), None)
-        if len(self._foreign) >= TARGET_CACHE:
-            self._foreign.clear()
-        self._foreign[address] = foreign
-        return foreign
+        return self._foreign.put(address, foreign)
 
     def send_packed(self, target: Any, payload: bytes, steady: bool = False) -> tuple[Any, ...]:
         """``send`` of values the prelude packed itself (``pack.lua``, the fast path).
@@ -218,9 +218,7 @@ class StageAPI:
         if address is None:
             address = parse_target(self._target(target))
             if type(target) is bytes:
-                if len(self._targets) >= TARGET_CACHE:
-                    self._targets.clear()
-                self._targets[target] = address
+                self._targets.put(target, address)
         return address
 
     def _target(self, target: Any) -> Any:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import attrs
 
+from stagetx.bounded import BoundedDict
 from stagetx.stages.index.board import TIERS, Board, Score
 
 WRITES = frozenset({b"set", b"del"})
@@ -145,7 +146,7 @@ class Executor:
     def __init__(self, boards: Boards, key_size: int) -> None:
         self.boards = boards
         self.key_size = key_size
-        self._keys: dict[Any, Command | RequestError] = {}
+        self._keys: BoundedDict[Any, Command | RequestError] = BoundedDict(_KEY_CACHE_SIZE)  # request keys parsed
         self._handlers: dict[bytes, Callable[[Command, Any], Any]] = {
             b"set": self._set,
             b"del": self._del,
@@ -196,9 +197,7 @@ class Executor:
                 cached = parse_key(key)
             except RequestError as error:
                 cached = error
-            if len(self._keys) >= _KEY_CACHE_SIZE:
-                self._keys.clear()
-            self._keys[key] = cached
+            self._keys.put(key, cached)
         return cached
 
     def _member(self, member: Any) -> bytes:

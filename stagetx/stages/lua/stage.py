@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall
 
+from stagetx.bounded import BoundedDict
 from stagetx.broker.traffic import Traffic
 from stagetx.codec import CodecError, pack_lua, unpack_lua
 from stagetx.config import StageConfig
@@ -84,8 +85,10 @@ class Stage:
         self.settings: dict[str, Any] = config.settings
         self.vm: LuaVM | None = None
         self.api: StageAPI | None = None
-        self._senders: dict[int, tuple[Sender, Any]] = {}  # by id(): the Sender and its Lua table
-        self._texts: dict[str, bytes] = {}  # message ids and reply addresses as Lua strings
+        # by id(): the Sender and its Lua table
+        self._senders: BoundedDict[int, tuple[Sender, Any]] = BoundedDict(SENDER_CACHE)
+        # message ids and reply addresses as Lua strings
+        self._texts: BoundedDict[str, bytes] = BoundedDict(TEXT_CACHE)
         self._idle_call: IDelayedCall | None = None
         self._stoppers: list[Callable[[], Any]] = []
         self._parkers: list[Callable[[], None]] = []
@@ -467,17 +470,12 @@ class Stage:
         # by identity: the entry holds the Sender, so its id cannot be reused while cached
         entry = self._senders.get(id(sender))
         if entry is None:
-            if len(self._senders) >= SENDER_CACHE:
-                self._senders.clear()
-            entry = self._senders[id(sender)] = (sender, vm.table(sender_fields(sender)))
+            entry = self._senders.put(id(sender), (sender, vm.table(sender_fields(sender))))
         return entry[1]
 
     def _text(self, value: str) -> bytes:
         """``value`` as a Lua string, kept for the next message with the same id or reply address."""
-        if len(self._texts) >= TEXT_CACHE:
-            self._texts.clear()
-        lua = self._texts[value] = lua_text(value)
-        return lua
+        return self._texts.put(value, lua_text(value))
 
 
 class _TrackedAPI(StageAPI):

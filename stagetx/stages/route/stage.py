@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 
 from stagetx.address import format_reply
+from stagetx.bounded import OnceSet
 from stagetx.message import Message, Sender
 from stagetx.stages.base import StageContext
 from stagetx.stages.msgids import as_written
@@ -55,7 +56,7 @@ class Stage:
         self._prefix = f"{context.stage_id}:"
         self._subs = Subscriptions(context.clock, settings.expire, self._expired)
         self._offers = Offers(context.clock, settings.offer, self._failed)
-        self._dropped: set[str] = set()
+        self._dropped: OnceSet[str] = OnceSet(_LOGGED_ONCE_MAX)  # keys whose drop was logged
 
     def start(self) -> None:
         """Nothing to load: subscribers register again within their keep-alive period."""
@@ -169,12 +170,8 @@ class Stage:
                 *payload.values,
             )
             return
-        if key.text in self._dropped:
-            return
-        if len(self._dropped) >= _LOGGED_ONCE_MAX:
-            self._dropped.clear()
-        self._dropped.add(key.text)
-        self._context.log.info("route: no subscriber took {key}; dropped", key=key.text)
+        if self._dropped.first(key.text):
+            self._context.log.info("route: no subscriber took {key}; dropped", key=key.text)
 
 
 @attrs.frozen

@@ -23,6 +23,7 @@ from typing import Any, cast
 import attrs
 
 from stagetx.address import format_reply
+from stagetx.bounded import OnceSet
 from stagetx.message import Message, Sender
 from stagetx.stages.base import StageContext
 from stagetx.stages.msgids import as_written
@@ -77,7 +78,7 @@ class Stage:
         self._prefix = f"{context.stage_id}:"
         settings = parse_settings(getattr(config, "settings", config))  # a StageConfig
         self._book = TicketBook(context.clock, settings, self._effect)
-        self._logged: set[str] = set()
+        self._logged: OnceSet[str] = OnceSet(_LOGGED_ONCE_MAX)  # refusal reasons logged
 
     def start(self) -> None:
         """Nothing to load: tickets live in memory only (a restart forgets them)."""
@@ -219,9 +220,5 @@ class Stage:
             self._context.send(requested.at(requested.feedback), requested.text, result)
 
     def _log_once(self, text: str) -> None:
-        if text in self._logged:
-            return
-        if len(self._logged) >= _LOGGED_ONCE_MAX:
-            self._logged.clear()
-        self._logged.add(text)
-        self._context.log.info("{text}", text=text)
+        if self._logged.first(text):
+            self._context.log.info("{text}", text=text)
