@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,17 @@ def _settings(url: str, **more: Any) -> dict[str, Any]:
     return {"redis": url, "prefix": f"t{uuid.uuid4().hex[:8]}:", **more}
 
 
+@asynccontextmanager
+async def _running(context: Context, settings: dict[str, Any]) -> AsyncIterator[Any]:
+    """An index stage of ``settings``, started; stopped on the way out, whatever the test did."""
+    stage = Stage(context, Config(settings))
+    await stage.start()
+    try:
+        yield stage
+    finally:
+        await stage.stop()
+
+
 def test_urls_give_hosts_database_service_and_credentials() -> None:
     assert parse_url("redis://127.0.0.1:6380/3")["hosts"] == (("127.0.0.1", 6380),)
     assert parse_url("redis://127.0.0.1:6380/3")["db"] == 3
@@ -118,9 +130,7 @@ async def _start_error(log: LogCapture) -> str:
 @needs_redis
 @pytest_twisted.ensureDeferred
 async def test_a_request_table_is_answered_from_redis(context, server) -> None:
-    stage = Stage(context, Config(_settings(server.url)))
-    await stage.start()
-    try:
+    async with _running(context, _settings(server.url)) as stage:
         reply = await _ask(stage, context, {"set:board/2": {"alice": {"v": "A", "i": 10}}, "get:board": ["alice"]})
         assert reply == {
             b"set:board/2": {b"alice": 1},
@@ -129,8 +139,6 @@ async def test_a_request_table_is_answered_from_redis(context, server) -> None:
         assert set(await _ask(stage, context, "not a table")) == {"error"}
         reply = await _ask(stage, context, {"set:b/9": {"a": {"i": 1}}, "total:b": True})
         assert set(reply[b"set:b/9"]) == {"error"} and reply[b"total:b"] == 0
-    finally:
-        await stage.stop()
 
 
 @needs_redis
@@ -139,9 +147,7 @@ async def test_redis_down_at_start_then_up_errors_per_entry_then_answers(context
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     with LogCapture() as log:
-        stage = Stage(context, Config(_settings(url, timeout=500)))
-        await stage.start()
-        try:
+        async with _running(context, _settings(url, timeout=500)) as stage:
             line = await _start_error(log)
             assert "=index+rank" in line and url in line
             reply = await _ask(stage, context, {"set:b": {"a": {"i": 1}}, "total:b": 0, "get:b/7": ["a"]})
@@ -155,27 +161,23 @@ async def test_redis_down_at_start_then_up_errors_per_entry_then_answers(context
                 assert f"boards on redis {url}" in log.text()
             finally:
                 server.stop()
-        finally:
-            await stage.stop()
 
 
 @needs_redis
 @pytest_twisted.ensureDeferred
 async def test_redis_lost_later_errors_then_the_restarted_server_answers(context, tmp_path) -> None:
     server = RedisServer(tmp_path)
-    stage = Stage(context, Config(_settings(server.url, timeout=500)))
-    await stage.start()
     try:
-        await wait_for(lambda: stage.link.connected, WAIT, "the connection")
-        assert (await _ask(stage, context, {"set:b": {"a": {"i": 1}}})) == {b"set:b": {b"a": 1}}
-        server.kill()
-        reply = await _ask(stage, context, {"set:b": {"b": {"i": 2}}, "forEach:b": [1, 5]})
-        assert set(reply[b"set:b"]) == {"error"} and set(reply[b"forEach:b"]) == {"error"}
-        server = RedisServer(tmp_path, port=server.port)  # an empty server: nothing was saved
-        await wait_for(lambda: stage.link.connected, WAIT, "the reconnection")
-        assert (await _ask(stage, context, {"set:b": {"b": {"i": 2}}})) == {b"set:b": {b"b": 1}}
+        async with _running(context, _settings(server.url, timeout=500)) as stage:
+            await wait_for(lambda: stage.link.connected, WAIT, "the connection")
+            assert (await _ask(stage, context, {"set:b": {"a": {"i": 1}}})) == {b"set:b": {b"a": 1}}
+            server.kill()
+            reply = await _ask(stage, context, {"set:b": {"b": {"i": 2}}, "forEach:b": [1, 5]})
+            assert set(reply[b"set:b"]) == {"error"} and set(reply[b"forEach:b"]) == {"error"}
+            server = RedisServer(tmp_path, port=server.port)  # an empty server: nothing was saved
+            await wait_for(lambda: stage.link.connected, WAIT, "the reconnection")
+            assert (await _ask(stage, context, {"set:b": {"b": {"i": 2}}})) == {b"set:b": {b"b": 1}}
     finally:
-        await stage.stop()
         server.stop()
 
 
@@ -186,16 +188,12 @@ async def test_a_wrong_password_is_one_clear_log_line_and_error_replies(context,
     url = f"redis://:wrong@127.0.0.1:{server.port}/0"
     try:
         with LogCapture() as log:
-            stage = Stage(context, Config(_settings(url)))
-            await stage.start()
-            try:
+            async with _running(context, _settings(url)) as stage:
                 line = await _start_error(log)
                 assert "=index+rank" in line and f"redis://127.0.0.1:{server.port}/0" in line and "wrong" not in line
                 assert "WRONGPASS" in line or "invalid password" in line
                 reply = await _ask(stage, context, {"total:b": 0})
                 assert set(reply[b"total:b"]) == {"error"}
-            finally:
-                await stage.stop()
     finally:
         server.stop()
 
@@ -203,9 +201,7 @@ async def test_a_wrong_password_is_one_clear_log_line_and_error_replies(context,
 @needs_redis
 @pytest_twisted.ensureDeferred
 async def test_the_tables_of_one_turn_run_as_one_script_and_each_gets_its_own_reply(context, server) -> None:
-    stage = Stage(context, Config(_settings(server.url)))
-    await stage.start()
-    try:
+    async with _running(context, _settings(server.url)) as stage:
         requests = [
             {"set:b": {"a": {"i": 5}, "b": {"i": 5}}},
             {"set:b/0": {"x": {"i": 1}}, "get:b": ["a", "b"]},
@@ -227,16 +223,12 @@ async def test_the_tables_of_one_turn_run_as_one_script_and_each_gets_its_own_re
         assert second[b"get:b"] == {b"a": {"I": {1: {"i": 5, "d": 1}}}, b"b": {"I": {1: {"i": 5, "d": 2}}}}
         assert third == {b"#1.del:b": 1, b"#2.forEach:b": [{"k": b"b", "i": 5, "d": 1}], b"total:b": 1}
         assert fourth == {b"total:nothing": 0}
-    finally:
-        await stage.stop()
 
 
 @needs_redis
 @pytest_twisted.ensureDeferred
 async def test_a_turns_script_is_handed_to_the_socket_as_the_turn_ends(context, server) -> None:
-    stage = Stage(context, Config(_settings(server.url)))
-    await stage.start()
-    try:
+    async with _running(context, _settings(server.url)) as stage:
         await _ask(stage, context, {"set:b": {"x": {"i": 0}}})
         stage.receive(_message({"set:b": {"y": {"i": 1}}}))
         stage.turn_ended()
@@ -245,16 +237,12 @@ async def test_a_turns_script_is_handed_to_the_socket_as_the_turn_ends(context, 
         assert not transport.dataBuffer and not transport._tempDataBuffer
         await wait_for(lambda: len(context.replies) == 2, WAIT, "the second reply")
         assert context.replies[1] == {b"set:b": {b"y": 1}}
-    finally:
-        await stage.stop()
 
 
 @needs_redis
 @pytest_twisted.ensureDeferred
 async def test_turns_sent_back_to_back_run_in_order_also_after_redis_lost_the_script(context, server) -> None:
-    stage = Stage(context, Config(_settings(server.url)))
-    await stage.start()
-    try:
+    async with _running(context, _settings(server.url)) as stage:
         await _ask(stage, context, {"set:b": {"x": {"i": 0}}})  # the connection now runs it by hash
         assert command(server.port, "SCRIPT", "FLUSH").startswith(b"+OK")
         before = len(context.replies)
@@ -263,8 +251,6 @@ async def test_turns_sent_back_to_back_run_in_order_also_after_redis_lost_the_sc
             stage.turn_ended()
         await wait_for(lambda: len(context.replies) == before + 3, WAIT, "three replies")
         assert [reply[b"get:b"][b"x"]["I"][1]["i"] for reply in context.replies[before:]] == [1, 2, 3]
-    finally:
-        await stage.stop()
 
 
 def _certificates(directory: Path) -> tuple[Path, Path, Path]:
@@ -319,20 +305,12 @@ async def test_rediss_talks_tls_to_a_server_signed_by_the_configured_ca(context,
     server = RedisServer(tmp_path, tls=(cert, key, ca))
     url = f"rediss://127.0.0.1:{server.port}/0"
     try:
-        stage = Stage(context, Config(_settings(url, ca="ca.pem")))  # relative to the config's directory
-        await stage.start()
-        try:
+        async with _running(context, _settings(url, ca="ca.pem")) as stage:  # relative to the config's directory
             assert (await _ask(stage, context, {"set:b": {"a": {"i": 3}}})) == {b"set:b": {b"a": 1}}
-        finally:
-            await stage.stop()
         with LogCapture() as log:  # without the CA, the system's authorities do not know this server
-            stage = Stage(context, Config(_settings(url)))
-            await stage.start()
-            try:
+            async with _running(context, _settings(url)) as stage:
                 await _start_error(log)
                 assert set((await _ask(stage, context, {"total:b": 0}))[b"total:b"]) == {"error"}
-            finally:
-                await stage.stop()
     finally:
         server.stop()
 
@@ -343,18 +321,16 @@ async def test_the_callback_and_direct_forms_are_answered_as_by_the_embedded_boa
     """``"rank:callback"`` → the sender's ``waitfor("callback")``; ``"rank:s?board"`` runs one
     command and answers nothing; ``"rank:t?board=total_cb"`` answers the command's own result to the
     reply address, ``"rank:get_cb=g?board"`` to the sender's handler (docs/lua-api.md)."""
-    stage = Stage(context, Config(_settings(server.url, pool=1)))  # one connection: scripts run in order
-    await stage.start()
+    async with _running(context, _settings(server.url, pool=1)) as stage:  # one connection: scripts run in order
 
-    async def sent(msgid: str, reply: str | None, value: Any) -> None:
-        before = len(context.replies) + len(context.answered)
-        address = None if reply is None else f"^local/0/{reply}"
-        stage.receive(Message(msgid, pack_py((value,)), Sender("local", 0, "game", 0), reply=address))
-        stage.turn_ended()
-        if msgid != "s?board":
-            await wait_for(lambda: len(context.replies) + len(context.answered) > before, WAIT, "the answer")
+        async def sent(msgid: str, reply: str | None, value: Any) -> None:
+            before = len(context.replies) + len(context.answered)
+            address = None if reply is None else f"^local/0/{reply}"
+            stage.receive(Message(msgid, pack_py((value,)), Sender("local", 0, "game", 0), reply=address))
+            stage.turn_ended()
+            if msgid != "s?board":
+                await wait_for(lambda: len(context.replies) + len(context.answered) > before, WAIT, "the answer")
 
-    try:
         await sent("callback", None, {"set:board": {"a": {"i": 5}}, "total:board": 0})
         assert context.answered == [("callback", {b"set:board": {b"a": 1}, b"total:board": 1})]
         await sent("s?board", None, {"KR1": {"i": 10, "v": "x"}, "KR2": {"i": 20}})
@@ -364,5 +340,3 @@ async def test_the_callback_and_direct_forms_are_answered_as_by_the_embedded_boa
         assert context.answered[-1] == ("get_cb", {b"KR1": {"v": b"x", "I": {1: {"i": 10, "d": 2}}}})
         await sent("d?board", "deleted", "KR2")
         assert context.replies[-1] == 1
-    finally:
-        await stage.stop()
