@@ -9,7 +9,7 @@ from bisect import bisect_left, bisect_right, insort
 
 import pytest
 
-from stagetx.stages.index._order import Order, dense_columns
+from stagetx.stages.index._order import Order, take_columns
 
 _BOUND = 1 << 225  # keys it holds: [-2**225, 2**225)
 
@@ -126,38 +126,54 @@ def test_it_holds_a_reference_to_each_key_until_the_key_leaves() -> None:
     assert sys.getrefcount(key) == alone
 
 
-def test_dense_columns_reads_each_keys_member_and_value_by_its_slot_and_renumbers_it() -> None:
+def test_take_columns_reads_each_keys_member_and_value_by_its_slot_and_renumbers_it() -> None:
     """A snapshot chunk: the low 32 bits of a key (two's complement, negative scores too) name its
-    slot; the key comes back with its position in the whole list as its slot, all else kept."""
+    slot; the key comes back with its position in the whole list as its slot, all else kept; the
+    key, its member and its value are taken out of the lists (None left in their places)."""
     rng = random.Random(3)
     make = _Keys(rng)
     slots = [b"m%d" % i for i in range(300)]
     values = [None if i % 2 else {"v": i} for i in range(300)]
-    keys = sorted((make() >> 32 << 32) | rng.randrange(300) for _ in range(250))
-    for start, stop in ((0, 100), (100, 250), (200, 999), (250, 260)):
-        members, found, renumbered = dense_columns(keys, start, stop, slots, values)
-        chunk = keys[start:stop]
-        assert members == [slots[key & 0xFFFFFFFF] for key in chunk]
-        assert found == [values[key & 0xFFFFFFFF] for key in chunk]
+    keys = [(make() >> 32 << 32) | slot for slot in rng.sample(range(300), 250)]
+    keys.sort()
+    original, original_slots, original_values = list(keys), list(slots), list(values)
+    for start, stop in ((0, 100), (100, 200), (200, 999), (250, 260)):
+        members, found, renumbered = take_columns(keys, start, stop, slots, values)
+        chunk = original[start:stop]
+        assert members == [original_slots[key & 0xFFFFFFFF] for key in chunk]
+        assert found == [original_values[key & 0xFFFFFFFF] for key in chunk]
         assert renumbered == [(key >> 32 << 32) | position for position, key in enumerate(chunk, start)]
-    assert dense_columns([5], 0, 1, slots, values)[0][0] is slots[5]  # the same objects, held again
+        assert keys[start:stop] == [None] * len(chunk)
+    assert keys == [None] * 250
+    taken = {key & 0xFFFFFFFF for key in original}
+    assert [slots[i] is None for i in range(300)] == [i in taken for i in range(300)]
+    assert all(values[i] is None for i in taken)
+    member = bytes(bytearray(b"member"))  # an object of its own: its count is this test's
+    copy = [member]
+    refs = sys.getrefcount(member)
+    (moved,), _, _ = take_columns([0], 0, 1, copy, [None])
+    assert moved is member and copy == [None] and sys.getrefcount(member) == refs  # moved, not copied
 
 
-def test_dense_columns_refuses_keys_without_a_member_and_what_is_not_a_list_of_ints() -> None:
+def test_take_columns_refuses_keys_without_a_member_and_what_is_not_a_list_of_ints() -> None:
     slots, values = [b"a", b"b"], [None, None]
     with pytest.raises(IndexError):
-        dense_columns([(7 << 34) | 2], 0, 1, slots, values)
+        take_columns([(7 << 34) | 2], 0, 1, slots, values)
     with pytest.raises(IndexError):
-        dense_columns([1], 0, 1, slots, [None])
+        take_columns([1], 0, 1, slots, [None])
     with pytest.raises(TypeError):
-        dense_columns([1.0], 0, 1, slots, values)
+        take_columns([1.0], 0, 1, slots, values)
     with pytest.raises(TypeError):
-        dense_columns((1,), 0, 1, slots, values)
+        take_columns((1,), 0, 1, slots, values)
     with pytest.raises(ValueError):
-        dense_columns([1], 1, 0, slots, values)
-    member = bytes(bytearray(b"member"))  # an object of its own: its count is this test's
+        take_columns([1], 1, 0, slots, values)
+    with pytest.raises(IndexError):  # a slot named twice: its member was taken already
+        take_columns([1, 1 | (1 << 34)], 0, 2, slots, values)
+    member = bytes(bytearray(b"member"))
     refs = sys.getrefcount(member)
-    for _ in range(100):  # each fails at the second key: the first's references are let go
+    for _ in range(100):  # each fails at the second key: what the first moved is let go of
+        copy = [None, member]
         with pytest.raises(IndexError):
-            dense_columns([1, 9], 0, 2, [None, member], values)
-    assert sys.getrefcount(member) == refs
+            take_columns([1, 9], 0, 2, copy, [None, None])
+        assert copy == [None, None]
+    assert sys.getrefcount(member) == refs  # every copy's reference let go of with its failed chunk

@@ -4,11 +4,11 @@ snapshot chunks."""
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-def dense_columns(
-    keys: list[int], start: int, stop: int, slots: list[Any], values: list[Any]
+def take_columns(
+    keys: list[Any], start: int, stop: int, slots: list[Any], values: list[Any]
 ) -> tuple[list[Any], list[Any], list[int]]:
     """A snapshot chunk of ``keys[start:stop]``: their members, their values and the keys with
-    their positions in ``keys`` as slots."""
+    their positions in ``keys`` as slots, taken out of the three lists (None left in their place)."""
 
 class Order:
     """The dense keys of one tier in ascending order, ranked in O(log n)."""

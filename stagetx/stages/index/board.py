@@ -21,7 +21,7 @@ from typing import Any
 
 from sortedcontainers import SortedList
 
-from stagetx.stages.index._order import Order, dense_columns
+from stagetx.stages.index._order import Order, take_columns
 
 TIERS = 4
 
@@ -980,11 +980,12 @@ def _dense_chunks(
 ) -> Iterator[list[Any]]:
     """``Board.snapshot_chunks`` of a board scored in a dense tier 1 only, from copies of its
     order, slots and values and of its unscored members' values: each key names its member's
-    slot, so a chunk is read by position (``dense_columns``, in C), with no dict look-up. The
-    keys are renumbered to the slots a load gives the members (their places in the snapshot);
-    ``least`` (the board's next seq + 1 at the copy) is no larger than any of their seqs."""
+    slot, so a chunk is read by position (``take_columns``, in C), with no dict look-up, and taken
+    out of the copies, which are let go of as the chunks are written. The keys are renumbered to
+    the slots a load gives the members (their places in the snapshot); ``least`` (the board's
+    next seq + 1 at the copy) is no larger than any of their seqs."""
     for start in range(0, len(keys), size):
-        members, chunk_values, renumbered = dense_columns(keys, start, start + size, slots, values)
+        members, chunk_values, renumbered = take_columns(keys, start, start + size, slots, values)
         yield [members, chunk_values, [dump_keys(renumbered), least]]
     for start in range(0, len(unscored), size):
         part = unscored[start : start + size]
