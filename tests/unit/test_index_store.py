@@ -9,6 +9,7 @@ import stat
 import pytest
 from twisted.logger import globalLogPublisher
 
+from stagetx.stages.index import store as store_module
 from stagetx.stages.index.commands import Executor
 from stagetx.stages.index.store import COMPACT_RATIO, IndexStore, LogSegment, StoreCorrupt, frame, read_frames
 from tests.support import LogCapture
@@ -123,6 +124,43 @@ def test_an_abandoned_compaction_leaves_a_loadable_directory(tmp_path) -> None:
     next(steps)
     _apply(store, executor, {b"set:b": {b"late": {b"i": 1000}}})
     steps.close()
+    assert not [f for f in os.listdir(directory) if f.endswith(".tmp")]
+    before = _state(store)
+    store.close()
+    again, _ = _open(directory)
+    assert _state(again) == before
+    again.close()
+
+
+def test_a_snapshot_is_flushed_as_it_is_written_and_a_failed_flush_fails_the_compaction(tmp_path, monkeypatch) -> None:
+    """Each ``SNAPSHOT_SYNC_BYTES`` written reach the disk in the step that wrote them, so the last
+    step has no whole file to flush; a flush the disk refuses fails the compaction like a write."""
+    directory = str(tmp_path)
+    store, executor = _open(directory, chunk=10)
+    _apply(store, executor, {b"set:b": {b"m%d" % i: {b"i": i} for i in range(100)}})
+    flushed: list[int] = []  # the snapshot's size at each of its flushes (the log's are left out)
+
+    def record(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".snap.tmp"):
+            flushed.append(os.fstat(fd).st_size)
+
+    monkeypatch.setattr(store_module, "SNAPSHOT_SYNC_BYTES", 1)
+    monkeypatch.setattr(os, "fdatasync", record)
+    steps = 0
+    for _ in store.compaction():
+        steps += 1
+        assert len(flushed) == steps  # this step's chunk flushed before the reactor runs again
+    assert steps == 10 and flushed == sorted(flushed) and flushed[0] > 0
+
+    def refuse(fd: int) -> None:
+        raise OSError(errno.EIO, "input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", refuse)
+    _apply(store, executor, {b"set:b": {b"late": {b"i": 1000}}})
+    with pytest.raises(OSError):
+        for _ in store.compaction():
+            pass
+    monkeypatch.undo()  # the disk flushes again
     assert not [f for f in os.listdir(directory) if f.endswith(".tmp")]
     before = _state(store)
     store.close()

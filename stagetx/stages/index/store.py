@@ -110,6 +110,12 @@ def _unpack(payload: bytes) -> Any:
 #: compaction at 2 (about 0.3 µs at 1).
 COMPACT_RATIO = 2
 
+#: A snapshot being written is flushed to disk every this many bytes (as redis-server's
+#: ``rdb-save-incremental-fsync`` does every 4 MB), so that no step of a compaction waits long for
+#: the disk: its last step's ``fsync`` would otherwise write the whole file (hundreds of ms for ten
+#: million members) while requests wait.
+SNAPSHOT_SYNC_BYTES = 4 << 20
+
 
 class LogSegment:
     """One log segment open for appends: the only code that writes log bytes.
@@ -448,10 +454,17 @@ class IndexStore:
                 # every board's member order is copied before the first chunk: a board created
                 # later is wholly in the new log segment
                 boards = [(name, board, board.snapshot_chunks(self.chunk)) for name, board in self.boards.items()]
+                unsynced = 0  # chunk bytes written since the last flush
                 for name, board, chunks in boards:
                     out.write(frame(_pack(["board", name, board.next_seq])))
                     for chunk in chunks:
-                        out.write(frame(_pack(["columns", *chunk])))
+                        data = frame(_pack(["columns", *chunk]))
+                        out.write(data)
+                        unsynced += len(data)
+                        if unsynced >= SNAPSHOT_SYNC_BYTES:
+                            out.flush()
+                            os.fdatasync(out.fileno())
+                            unsynced = 0
                         yield
                     out.write(frame(_pack(["end-board"])))
                 out.write(frame(_pack(["end", len(self.boards)])))
