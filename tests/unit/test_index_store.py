@@ -32,6 +32,16 @@ def _state(store: IndexStore) -> dict:
     return {name: {member: board.state(member) for member in board.members()} for name, board in store.boards.items()}
 
 
+def _assert_reopens_as_it_was(directory: str, store: IndexStore) -> None:
+    """No partial snapshot is left, and the files load into the state the store had."""
+    assert not [f for f in os.listdir(directory) if f.endswith(".tmp")]
+    before = _state(store)
+    store.close()
+    again, _ = _open(directory)
+    assert _state(again) == before
+    again.close()
+
+
 def _log_size(directory: str) -> int:
     return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory) if f.endswith(".log"))
 
@@ -124,12 +134,7 @@ def test_an_abandoned_compaction_leaves_a_loadable_directory(tmp_path) -> None:
     next(steps)
     _apply(store, executor, {b"set:b": {b"late": {b"i": 1000}}})
     steps.close()
-    assert not [f for f in os.listdir(directory) if f.endswith(".tmp")]
-    before = _state(store)
-    store.close()
-    again, _ = _open(directory)
-    assert _state(again) == before
-    again.close()
+    _assert_reopens_as_it_was(directory, store)
 
 
 def test_a_snapshot_is_flushed_as_it_is_written_and_a_failed_flush_fails_the_compaction(tmp_path, monkeypatch) -> None:
@@ -161,12 +166,7 @@ def test_a_snapshot_is_flushed_as_it_is_written_and_a_failed_flush_fails_the_com
         for _ in store.compaction():
             pass
     monkeypatch.undo()  # the disk flushes again
-    assert not [f for f in os.listdir(directory) if f.endswith(".tmp")]
-    before = _state(store)
-    store.close()
-    again, _ = _open(directory)
-    assert _state(again) == before
-    again.close()
+    _assert_reopens_as_it_was(directory, store)
 
 
 def test_a_stale_temporary_snapshot_is_ignored(tmp_path) -> None:
