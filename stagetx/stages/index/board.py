@@ -229,11 +229,18 @@ def _fixed(score: Score) -> tuple[int, int]:
 
 def encode(score: Score, seq: int, slot: int) -> int:
     """The dense key of ``(score, seq)`` for the member in ``slot`` (the layout above); exact for
-    every int score and every float that is a multiple of 2**-64."""
-    fixed, kind = _fixed(score)
+    every int score and every float that is a multiple of 2**-64. An int score (nearly every one)
+    takes its fixed point and kind (0) in one shift."""
+    if type(score) is int:
+        head = score << 160
+        if not -_HEAD_BOUND <= head < _HEAD_BOUND:
+            raise NotDense(score)
+    else:
+        fixed, kind = _fixed(score)
+        head = (fixed << 96) | (kind << 32)
     if not -_SEQ_SPAN <= seq < 0 or not 0 <= slot < _SLOTS:
         raise NotDense(seq)
-    return (fixed << 96) | ((seq + _SEQ_SPAN) << 34) | (kind << 32) | slot
+    return head | ((seq + _SEQ_SPAN) << 34) | slot
 
 
 def decode(key: int) -> tuple[Score, int]:
@@ -245,20 +252,6 @@ def decode(key: int) -> tuple[Score, int]:
     if kind == 1:
         return (key >> 96) / (1 << 64), seq  # correctly rounded, so exact: the value is a float
     return -0.0, seq
-
-
-def _unslotted(score: Score, seq: int) -> int:
-    """``encode(score, seq, 0)``, with an int score's fixed point and kind (0) in one shift."""
-    if type(score) is int:
-        head = score << 160
-        if not -_HEAD_BOUND <= head < _HEAD_BOUND:
-            raise NotDense(score)
-    else:
-        fixed, kind = _fixed(score)
-        head = (fixed << 96) | (kind << 32)
-    if not -_SEQ_SPAN <= seq < 0:
-        raise NotDense(seq)
-    return head | ((seq + _SEQ_SPAN) << 34)
 
 
 class _RankedTier:
@@ -425,12 +418,12 @@ class DenseTier(_RankedTier):
         old = self.keys.get(member)
         if old is not None:
             return self.rescore(member, old, score, seq)
-        key = self.keys[member] = _unslotted(score, seq) | self._slot(member)
+        key = self.keys[member] = encode(score, seq, 0) | self._slot(member)  # NotDense before a slot is taken
         return self.order.insert(key)
 
     def rescore(self, member: bytes, old: int, score: Score, seq: int) -> int:
         """``change`` of a member whose key is ``old``."""
-        key = _unslotted(score, seq) | (old & _SLOT)
+        key = encode(score, seq, old & _SLOT)
         if old >> 96 == key >> 96:  # the same score (and kind)
             return 0
         self.keys[member] = key
@@ -740,8 +733,8 @@ class Board:
                 try:
                     rank = first.rescore(member, old, score, seq)
                 except NotDense:
-                    rank = -1  # the general path below widens the tier
-                if rank > 0:
+                    rank = 0  # the general path below widens the tier
+                if rank:
                     self.next_seq = seq - 1
                     values = first.values
                     slot = old & _SLOT
@@ -749,10 +742,8 @@ class Board:
                     if has_value:
                         values[slot] = value
                     return rank, (before, old), (name, member, value if has_value else before, (score, seq))
-                if rank == 0:  # the same score: the value alone may change
-                    saved = self.saved(member)
-                    self.set_one(member, number, score, value, has_value)
-                    return 0, saved, self.record(name, member)
+        # anything else, an unchanged score (whose value alone may change) included: nothing has
+        # changed yet, and the general path does it all
         saved = self.saved(member)
         rank = self.set_one(member, number, score, value, has_value)
         return rank, saved, self.record(name, member)
