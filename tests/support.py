@@ -9,7 +9,7 @@ import socket
 import struct
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from twisted.logger import globalLogPublisher
 
 from stagetx.child.host import ProcessHost
 from stagetx.config import load_config
+from stagetx.stages.index.board import Board
 
 
 def write_app(root: Path, config: dict[str, Any], scripts: dict[str, str]) -> Path:
@@ -359,3 +360,12 @@ class RunningStage:
     async def __aexit__(self, *exc: object) -> None:
         await self.server.stop()
         self.log.__exit__()
+
+
+def board_loaded_from(chunks: Iterable[list[Any]]) -> Board:
+    """A board bulk-loaded from snapshot chunks (``Board.snapshot_chunks``), as a start loads it."""
+    board = Board(loading=True)
+    for chunk in chunks:
+        board.add_columns(chunk)
+    board.finish_load()
+    return board

@@ -10,6 +10,7 @@ import pytest
 
 from stagetx.stages.index.board import Board, DenseTier, Ranking
 from stagetx.stages.index.commands import Executor, IndexMessage, RequestError, parse_key, read_message
+from tests.support import board_loaded_from
 
 
 class MemoryBoards:
@@ -160,21 +161,10 @@ def test_a_value_follows_its_member_into_and_out_of_tier_1() -> None:
     assert board.others == {b"a": "A2", b"b": "B", b"c": None, b"d": "D"}
     assert board.delete(b"b") and board.value(b"b", "absent") == "absent" and len(board) == 3
     board.set_one(b"d", 1, 4, None, False)  # every tier-1 score fits a dense key again
-    again = Board(loading=True)
-    for chunk in board.snapshot_chunks(2):
-        again.add_columns(chunk)
-    again.finish_load()
+    again = board_loaded_from(board.snapshot_chunks(2))
     assert isinstance(again.tier(1), DenseTier)  # a reload makes it dense: d's value in its slot
     assert {m: again.value(m) for m in again.members()} == {b"a": "A2", b"c": None, b"d": "D"}
     assert again.others == {b"a": "A2", b"c": None}
-
-
-def _reloaded(chunks: Any) -> Board:
-    board = Board(loading=True)
-    for chunk in chunks:
-        board.add_columns(chunk)
-    board.finish_load()
-    return board
 
 
 def _contents(board: Board) -> list[Any]:
@@ -208,7 +198,7 @@ def test_snapshot_chunks_taken_while_the_board_changes_load_a_sound_board(dense:
     board.set_one(b"m07", 1, -4, b"moved", True)
     board.delete(b"loose")
     taken += list(chunks)
-    loaded = _reloaded(taken)
+    loaded = board_loaded_from(taken)
     if dense:
         assert _contents(loaded) == before
     for member in (b"m05", b"new", b"m07", b"loose"):  # the log segment's records, replayed

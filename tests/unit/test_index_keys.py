@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stagetx.stages.index.board import TIERS, Board, DenseTier, TupleTier, decode, encode
+from tests.support import board_loaded_from
 
 _INT64 = st.integers(-(2**63), 2**63 - 1)
 _DOUBLES = st.floats(allow_nan=False)  # NaN is refused before it reaches a board
@@ -117,15 +118,14 @@ def test_a_board_answers_as_one_on_tuple_keys(ops, probes) -> None:
             tier.order._check()
     # a replay of the members' records, the same replay as a bulk load, and a bulk load of the
     # snapshot chunks give the same board
-    replayed, bulk_replayed, loaded = Board(), Board(loading=True), Board(loading=True)
+    replayed, bulk_replayed = Board(), Board(loading=True)
     for member in board.members():
         record = board.record(b"n", member)
         replayed.restore(member, record[2], record[3:])
         bulk_replayed.restore(member, record[2], record[3:])
-    for chunk in board.snapshot_chunks(7):
-        loaded.add_columns(chunk)
+    bulk_replayed.finish_load()
+    loaded = board_loaded_from(board.snapshot_chunks(7))
     for bulk in (bulk_replayed, loaded):
-        bulk.finish_load()
         for tier in bulk.tiers:
             tier.order._check()
     assert _answers(replayed, probes) == _answers(bulk_replayed, probes) == _answers(board, probes)
@@ -139,10 +139,7 @@ def test_an_unencodable_score_moves_the_tier_to_tuples_and_a_reload_makes_it_den
     assert isinstance(board.tier(1), TupleTier) and isinstance(board.tier(2), DenseTier)
     assert [member for _, _, member in board.tier(1).slice(1, 5)] == [b"a", b"b"]
     board.set_one(b"b", 1, 6, None, False)
-    again = Board(loading=True)
-    for chunk in board.snapshot_chunks(1):
-        again.add_columns(chunk)
-    again.finish_load()
+    again = board_loaded_from(board.snapshot_chunks(1))
     assert isinstance(again.tier(1), DenseTier)
     assert [member for _, _, member in again.tier(1).slice(1, 5)] == [b"b", b"a"]
 
