@@ -200,6 +200,9 @@ def test_ctrl_c_to_the_process_group_is_a_graceful_stop(tmp_path: Path) -> None:
     server = _in_own_process_group(path)
     try:
         server.wait_for(lambda: any("] ready: 2 processes" in line for line in server.lines), what="ready")
+        # the processes link to each other after they report ready: on a busy machine the link's
+        # line (asserted below) may come later than "ready"
+        server.wait_for(lambda: any("linked to process 1" in line for line in server.lines), what="the link")
         os.killpg(server.process.pid, signal.SIGINT)  # what Ctrl-C does
         assert server.process.wait(30) == 0
     finally:
