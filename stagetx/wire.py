@@ -187,6 +187,31 @@ def _array_header(n: int) -> bytes:
     return b"\xdd" + n.to_bytes(4, "big")
 
 
+def write_now(transport: Any, data: bytes) -> None:
+    """Write ``data`` to ``transport``, straight to its socket while nothing waits in it.
+
+    A socket transport only queues in ``write()`` and registers itself as a writer with the
+    reactor, which writes at its next write turn and takes it off again: two ``epoll_ctl`` calls
+    and a wait for the turn's end. While nothing waits in the transport, the socket is written
+    directly (``writeSomeData``, as the transport's own ``doWrite`` does); what the socket does
+    not take, or meets with an error, goes through ``write()``, where the reactor writes it when
+    it can or closes the connection as usual. Another transport (TLS) just gets ``write()``.
+    """
+    if (
+        isinstance(transport, FileDescriptor)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+    ):
+        sent = transport.writeSomeData(data)
+        if type(sent) is int:
+            if sent == len(data):
+                return
+            data = data[sent:]
+    transport.write(data)
+
+
 class Link(protocol.Protocol):
     """One authenticated connection to a peer process or server."""
 
@@ -422,30 +447,10 @@ class Link(protocol.Protocol):
         self._send_now(b"".join(frames))
 
     def _send_now(self, data: bytes) -> None:
-        """Hand ``data`` to the kernel now rather than at the reactor's next write turn.
-
-        A socket transport only queues in ``write()``; the peer process would get the frame after
-        this process finishes its whole turn. Writing at once lets the peer work meanwhile. While
-        nothing waits in the transport, the socket is written directly (``writeSomeData``, as the
-        transport's own ``doWrite`` does), which spares registering the transport as a writer with
-        the reactor and taking it off again; what the socket does not take, or meets with an
-        error, goes through ``write()``, where the reactor writes it when it can or closes the
-        connection as usual.
-        """
-        transport = self.transport
-        if (
-            isinstance(transport, FileDescriptor)
-            and transport.connected
-            and not transport.disconnecting
-            and not transport.dataBuffer
-            and not transport._tempDataBuffer
-        ):
-            sent = transport.writeSomeData(data)
-            if type(sent) is int:
-                if sent == len(data):
-                    return
-                data = data[sent:]
-        transport.write(data)
+        """Hand ``data`` to the kernel now rather than at the reactor's next write turn: the peer
+        process would otherwise get the frame only after this process finishes its whole turn;
+        writing at once lets the peer work meanwhile (``write_now``)."""
+        write_now(self.transport, data)
 
     def _batch(self, parts: list[bytes], count: int) -> bytes:
         """One data frame holding the ``count`` messages packed in ``parts``."""

@@ -227,14 +227,18 @@ async def test_the_tables_of_one_turn_run_as_one_script_and_each_gets_its_own_re
 
 @needs_redis
 @pytest_twisted.ensureDeferred
-async def test_a_turns_script_is_handed_to_the_socket_as_the_turn_ends(context, server) -> None:
+async def test_a_turns_script_is_handed_to_the_socket_as_the_turn_ends(context, server, monkeypatch) -> None:
     async with _running(context, _settings(server.url)) as stage:
         await _ask(stage, context, {"set:b": {"x": {"i": 0}}})
+        registered: list[Any] = []  # writers the reactor was asked to watch: none for a script the socket took
+        add_writer = reactor.addWriter
+        monkeypatch.setattr(reactor, "addWriter", lambda writer: (registered.append(writer), add_writer(writer)))
         stage.receive(_message({"set:b": {"y": {"i": 1}}}))
         stage.turn_ended()
         transport = next(conn.transport for conn in stage.link.factory.pool if conn.connected)
         # written now: Redis runs it while the process goes on, not after the reactor's write turn
         assert not transport.dataBuffer and not transport._tempDataBuffer
+        assert transport._transport not in registered
         await wait_for(lambda: len(context.replies) == 2, WAIT, "the second reply")
         assert context.replies[1] == {b"set:b": {b"y": 1}}
 

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from stagetx import reactors
 from stagetx.stages.index.redis_backend import SCRIPT, SCRIPT_SHA
+from stagetx.wire import write_now
 
 SCHEMES = ("redis", "rediss", "redis+sentinel")
 DEFAULT_POOL = 4
@@ -154,6 +155,8 @@ class _Watched:
         super().addConnection(conn)  # type: ignore[misc]
         if conn.connected:
             _no_delay(conn.transport)
+            if isinstance(conn.transport, FileDescriptor):
+                conn.transport = _WritesNow(conn.transport)
             peer = conn.transport.getPeer()
             self.on_connection(f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}")
 
@@ -165,6 +168,22 @@ def _no_delay(transport: Any) -> None:
     tcp = transport if hasattr(transport, "setTcpNoDelay") else getattr(transport, "transport", None)
     if tcp is not None and hasattr(tcp, "setTcpNoDelay"):
         tcp.setTcpNoDelay(True)
+
+
+class _WritesNow:
+    """A pooled connection's socket transport whose ``write`` is ``wire.write_now``: a script
+    leaves as txredisapi writes it, so Redis runs it while the stage reads the next chunk (the
+    reactor writes only once its whole turn is done), and the socket is not registered as a
+    writer and taken off again for each script."""
+
+    def __init__(self, transport: FileDescriptor) -> None:
+        self._transport = transport
+
+    def write(self, data: bytes) -> None:
+        write_now(self._transport, data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class _PlainFactory(_Watched, txredisapi.RedisFactory):  # type: ignore[misc]
@@ -204,22 +223,6 @@ def _script(conn: Any, prefix: bytes, plan: bytes) -> defer.Deferred[Any]:
 def _reload(failure: Failure, conn: Any, prefix: bytes, plan: bytes) -> defer.Deferred[Any]:
     failure.trap(txredisapi.ScriptDoesNotExist)
     return conn.eval(SCRIPT, (), (prefix, plan))
-
-
-def _write_now(transport: Any) -> None:
-    """Hand what a connection's ``transport`` holds to the kernel now, not at the reactor's next
-    write turn: the stage sends a chunk's script as the chunk ends, and Redis runs it while the
-    stage reads the next chunk (the reactor writes only once the whole drain turn is done). Done
-    as the reactor does it (``doWrite``; the transport stays registered for what the socket does
-    not take); an error is left to the reactor's own next ``doWrite``, which closes the
-    connection as usual. A TLS connection's transport is no socket: it is left to the reactor."""
-    if (
-        isinstance(transport, FileDescriptor)
-        and transport.connected
-        and not transport.disconnecting
-        and (transport.dataBuffer or transport._tempDataBuffer)
-    ):
-        transport.doWrite()
 
 
 def _answer(answer: Any) -> bytes:
@@ -295,11 +298,8 @@ class RedisLink:
         for conn in factory.pool:
             if conn.connected:
                 if wait:
-                    running = defer.ensureDeferred(self._acknowledged(conn, prefix, plan))
-                else:
-                    running = _script(conn, prefix, plan).addCallback(_answer)
-                _write_now(conn.transport)
-                return running
+                    return defer.ensureDeferred(self._acknowledged(conn, prefix, plan))
+                return _script(conn, prefix, plan).addCallback(_answer)
         return defer.ensureDeferred(self._run(prefix, plan, wait))
 
     async def _run(self, prefix: bytes, plan: bytes, wait: bool) -> bytes:
