@@ -21,6 +21,7 @@ from bench.baselines import redis_zset
 from bench.baselines.redis_zset import CLIENTS
 from bench.procs import cpu_seconds, descendants
 from bench.rows import row, skip
+from bench.workloads.latency import HISTOGRAM
 from bench.workloads.server import bench_line, server
 
 INFLIGHT = CLIENTS  # as many requests outstanding as redis-benchmark has clients
@@ -29,10 +30,8 @@ CLIENT = """
 local MEMBERS, N, INFLIGHT, LIMIT, TIMED = %(members)d, %(count)d, %(inflight)d, %(limit)f, %(timed)s
 local signal, tick, random, format = stage.signal, function() return process.tick end, math.random, string.format
 local filled, issued, got, t0, c0, failed = 0, 0, 0, 0, 0, 0
--- TIMED: when each outstanding member was sent, and how many replies waited how long (buckets of
--- 10 µs, as redis-benchmark's histogram: a table per reply would grow the client's heap, and its
--- garbage collector's work, by the run's length)
-local sent, waited = {}, {}
+local sent, waited = {}, {}  -- TIMED: when each outstanding member was sent; the waits' histogram
+%(histogram)s
 local request
 
 local function fill()  -- untimed: every member once, INFLIGHT outstanding
@@ -73,27 +72,16 @@ stage.waitfor("ranked", function(r)
     for member in pairs(r["set:top"]) do
       if member == "error" then failed = failed + 1
       else
-        local bucket = (now - sent[member]) * 1e5 // 1
-        waited[bucket] = (waited[bucket] or 0) + 1
+        count_wait(waited, now - sent[member])
         sent[member] = nil
       end
     end
   end
   request()
   if got == issued then
-    local seconds, cpu = tick() - t0, os.clock() - c0  -- taken before the sort, which is no set's
-    local buckets, total = {}, 0
-    for bucket, n in pairs(waited) do buckets[#buckets + 1] = bucket; total = total + n end
-    table.sort(buckets)
-    local function at(p)  -- ms: the upper edge of the bucket that holds the p-quantile
-      local need, seen = math.max(1, math.ceil(total * p)), 0
-      for _, bucket in ipairs(buckets) do
-        seen = seen + waited[bucket]
-        if seen >= need then return (bucket + 1) / 100 end
-      end
-      return 0
-    end
-    log4cxx.info("BENCH sets", got, seconds, at(0.5), at(0.99), failed, cpu)
+    local seconds, cpu = tick() - t0, os.clock() - c0  -- before the percentiles are read
+    local p50, p99 = quantile_us(waited, 0.5) / 1000, quantile_us(waited, 0.99) / 1000
+    log4cxx.info("BENCH sets", got, seconds, p50, p99, failed, cpu)
   end
 end)
 stage.addtask(500, function() t0 = tick(); for _ = 1, INFLIGHT do fill() end end)
@@ -123,6 +111,7 @@ def client(index: Any, members: int, timed: bool, watch: dict[str, int] | None =
         "inflight": INFLIGHT,
         "limit": limit,
         "timed": "true" if timed else "false",
+        "histogram": HISTOGRAM,
     }
     config = {
         "#startup": [["=lua+client"], ["=index+rank"]],

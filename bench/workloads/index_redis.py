@@ -5,7 +5,7 @@ outstanding, beside redis-benchmark ``ZADD`` with 50 clients on the same server 
 
 The timed sets update members of a key space filled beforehand (untimed), each request a member
 none of the others in flight has (so the Lua stage can time each one: p50 and p99 of the time from
-``signal`` to the reply, counted in buckets of 10 µs) and the CPU per set of each of the three
+``signal`` to the reply, counted in buckets of 1 µs) and the CPU per set of each of the three
 busy processes over the timed seconds. The Lua client is ``index_e2e``'s, with its latencies on.
 The sets of a router turn are one Lua script run on Redis; each replies the member's rank.
 """

@@ -18,16 +18,16 @@ from typing import Any
 from bench import budget
 from bench.baselines.twisted_raw import ECHO_64, ONE_WAY
 from bench.rows import row
+from bench.workloads.latency import HISTOGRAM
 from bench.workloads.server import bench_line, lua_stages, server
 
 SENDER = """
 local N, INFLIGHT, PACED, LIMIT, HOG_DELAY = %(count)d, 64, %(paced)d, %(limit)f, %(hog_delay)d
-local signal, tick, min, floor = stage.signal, function() return process.tick end, math.min, math.floor
+local signal, tick, min = stage.signal, function() return process.tick end, math.min
 local sent, t0, c0 = 0, 0, 0
 local cpu = os.clock  -- this process's CPU time (s)
 
-local function pct(lat, p) table.sort(lat); return lat[math.max(1, floor(#lat * p))] * 1e6 end
-
+%(histogram)s
 -- one-way: chunks of sends; a 0 ms task between them lets the reactor write
 local function pump()
   local n = min(2000, N - sent)
@@ -39,7 +39,7 @@ local function pump()
 end
 
 -- request/reply, INFLIGHT outstanding
-local issued, got, at, lat = 0, 0, {}, {}
+local issued, got, at, lat = 0, 0, {}, {}  -- lat: the waits' histogram
 local function request()
   if issued >= N or tick() - t0 > LIMIT then return end
   issued = issued + 1
@@ -47,7 +47,7 @@ local function request()
   if not signal("b:echo=pong", issued) then issued = issued - 1; stage.addtask(2, request) end
 end
 stage.waitfor("pong", function(i)
-  lat[#lat + 1] = tick() - at[i]
+  count_wait(lat, tick() - at[i])
   at[i] = nil
   got = got + 1
   if got == issued and (issued >= N or tick() - t0 > LIMIT) then signal("rr_done") else request() end
@@ -57,11 +57,11 @@ end)
 local paced_got, paced_lat, paced_at, paced_issued, paced_round = 0, {}, {}, 0, 1
 local paced
 stage.waitfor("paced_pong", function(i)
-  paced_lat[#paced_lat + 1] = tick() - paced_at[i]
+  count_wait(paced_lat, tick() - paced_at[i])
   paced_got = paced_got + 1
   if paced_got == PACED then
-    log4cxx.info(paced_round == 1 and "BENCH paced" or "BENCH paced_hog", paced_got, pct(paced_lat, 0.5),
-      pct(paced_lat, 0.99))
+    log4cxx.info(paced_round == 1 and "BENCH paced" or "BENCH paced_hog", paced_got, quantile_us(paced_lat, 0.5),
+      quantile_us(paced_lat, 0.99))
     if paced_round == 1 then  -- again, while the bench's CPU hog runs (it starts on the line above)
       paced_round, paced_got, paced_lat, paced_at, paced_issued = 2, 0, {}, {}, 0
       stage.addtask(HOG_DELAY, paced)
@@ -80,8 +80,8 @@ paced = function()
 end
 
 stage.waitfor("rr_done", function()
-  local seconds = tick() - t0
-  log4cxx.info("BENCH rr", got, seconds, pct(lat, 0.5), pct(lat, 0.99), cpu() - c0)
+  local seconds, used = tick() - t0, cpu() - c0
+  log4cxx.info("BENCH rr", got, seconds, quantile_us(lat, 0.5), quantile_us(lat, 0.99), used)
   signal("b:rr_cpu")
   stage.addtask(200, paced)
 end)
@@ -137,6 +137,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         "paced": budget.count(30_000, 10_000),
         "limit": limit,
         "hog_delay": HOG_DELAY_MS,
+        "histogram": HISTOGRAM,
     }
     with server(lua_stages("a", "b"), {"a": SENDER % values, "b": RECEIVER}) as peer:
         received, receive_cpu = bench_line(peer, "oneway_cpu", limit + 40)  # logged before "oneway"
