@@ -18,6 +18,7 @@ from typing import Any
 from bench import budget
 from bench.baselines.twisted_raw import ECHO_64, ONE_WAY
 from bench.rows import row, skip
+from bench.workloads.latency import HISTOGRAM
 from bench.workloads.server import bench_line, lua_stages, server
 from stagetx.cluster.discovery import ANNOUNCE_INTERVAL
 
@@ -35,8 +36,8 @@ local function pump()
   end
   if sent < N and tick() - t0 < LIMIT then stage.addtask(0, pump) else signal("b:stop=fin") end
 end
-local function pct(lat, p) table.sort(lat); return lat[math.max(1, math.floor(#lat * p))] * 1e6 end
-local issued, got, at, lat = 0, 0, {}, {}
+%(histogram)s
+local issued, got, at, lat = 0, 0, {}, {}  -- lat: the waits' histogram
 local function request()
   if issued >= RR or tick() - t0 > LIMIT then return end
   issued = issued + 1
@@ -44,11 +45,11 @@ local function request()
   if not signal("+b:echo=pong", issued) then issued = issued - 1; stage.addtask(2, request) end
 end
 stage.waitfor("pong", function(i)
-  lat[#lat + 1] = tick() - at[i]
+  count_wait(lat, tick() - at[i])
   at[i] = nil
   got = got + 1
   if got == issued and (issued >= RR or tick() - t0 > LIMIT) then
-    log4cxx.info("BENCH rr", got, tick() - t0, pct(lat, 0.5), pct(lat, 0.99))
+    log4cxx.info("BENCH rr", got, tick() - t0, quantile_us(lat, 0.5), quantile_us(lat, 0.99))
   else
     request()
   end
@@ -122,7 +123,12 @@ def run(quick: bool) -> list[dict[str, Any]]:
     """
     limit = budget.seconds(10, 4)
     # a quick run: 100,000 one-way messages and 40,000 requests (about a second each here)
-    values = {"count": budget.count(1_000_000, 100_000), "rr_count": budget.count(1_000_000, 40_000), "limit": limit}
+    values = {
+        "count": budget.count(1_000_000, 100_000),
+        "rr_count": budget.count(1_000_000, 40_000),
+        "limit": limit,
+        "histogram": HISTOGRAM,
+    }
     udp = _multicast_group()
     port_b = _port()
     with server(_config("b", [port_b, *([udp] if udp else [])]), {"b": RECEIVER}) as b:
