@@ -1,8 +1,7 @@
 """Lua for the bench clients that time round trips: the waits are counted in buckets of 1 µs, as
 redis-benchmark's histogram counts them, rather than kept in a list. A list of every wait grows
 the client's heap through the run, and its garbage collector's work with it, so the client would
-measure itself (the index's e2e client spent 2 µs of its 10 per set so); the percentiles are
-then read from the buckets after the run's time and CPU are taken."""
+measure itself; the percentiles are read from the buckets after the run's time and CPU are taken."""
 
 HISTOGRAM = """
 local function count_wait(histogram, seconds)  -- one more wait of `seconds`
