@@ -28,7 +28,8 @@ Decisions the target grammar leaves open (see also ``docs/wire.md``):
 - In lock forms ``CMD`` ends at the first ``.``; lock names never contain dots, the reply id may.
   ``>CMD.REPLY`` needs both parts; the part after the dot of ``>>`` and ``<`` is optional.
 - The table form ``{id, addr [, timeout_ms]}`` arrives as a tuple or list; ``timeout_ms`` is a
-  non-negative integer (an integral float is accepted, Lua numbers being what they are).
+  non-negative integer (an integral float is accepted, Lua numbers being what they are). The
+  items after the id may be left out: ``{id}`` is the target ``id`` (the original's reading).
 """
 
 from __future__ import annotations
@@ -269,12 +270,17 @@ def _parse_reply(s: str) -> ReplyTo:
     return ReplyTo(server, int(instance), msgid)
 
 
-def _parse_server(target: Sequence[object]) -> ToServer:
-    if not 2 <= len(target) <= 3:
+def _parse_server(target: Sequence[object]) -> Address:
+    """``{id, addr [, timeout_ms]}``; the document lets every item after the id be left out, and
+    ``{id}`` (or ``{id, nil}``) is then the id's own string target, as on the original."""
+    if not 1 <= len(target) <= 3:
         raise AddressError(f"a server target is {{id, addr [, timeout_ms]}}, got {len(target)} items")
-    msgid, addr = target[0], target[1]
+    msgid = target[0]
     if not isinstance(msgid, str) or not msgid:
         raise AddressError(f"server target: the message id must be a non-empty string: {msgid!r}")
+    if len(target) == 1 or (len(target) == 2 and target[1] is None):
+        return _parse_string(str.__str__(msgid))
+    addr = target[1]
     if not isinstance(addr, str) or not addr:
         raise AddressError(f"server target: the address must be a non-empty string: {addr!r}")
     timeout = target[2] if len(target) == 3 else None

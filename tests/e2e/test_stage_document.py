@@ -132,6 +132,8 @@ end
 snippets[#snippets + 1] = function()  -- stage.signal: {callback id, address}
    local addr = broker.aton("udp://224.0.0.1:8082", {})[1];
    print("TO-SERVER", stage.signal({"callback_id", addr}, "HELLO"))  -- filled: print the result
+   stage.waitfor("callback_id", function (v) print("ID-ALONE", v) end)  -- filled: the items after
+   stage.signal({"callback_id"}, "HELLO")                               -- the id left out
 end
 
 snippets[#snippets + 1] = function()  -- stage.signal: ":id" runs now
@@ -637,6 +639,8 @@ def test_stage_functions(server: ServerProcess) -> None:
     assert ok == "false" and "wants no reply" in why
     # {callback id, address}: no server of the cluster is there (this server has no peers)
     assert printed(server, "stage", "TO-SERVER") == [["TO-SERVER", "false", "no cluster: this server has no peers"]]
+    # {callback id} alone: "the values after it may be left out", a message to the id here
+    assert printed(server, "stage", "ID-ALONE") == [["ID-ALONE", "HELLO"]]
     # ":id" runs the handler before signal returns
     steps = [
         fields[0]
