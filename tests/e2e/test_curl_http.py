@@ -7,6 +7,7 @@ import ipaddress
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,11 @@ class App(Resource):
             request.addCookie(b"sid", b"s3cr3t", path=b"/")
             request.addCookie(b"lang", b"ko", path=b"/")
             return b"welcome"
+        if path == "/deep/jar":  # a cookie without attributes, set twice; one with several
+            request.responseHeaders.addRawHeader(b"set-cookie", b"plain=1")
+            request.responseHeaders.addRawHeader(b"set-cookie", b"kept=2; Path=/; HttpOnly; Max-Age=3600")
+            request.responseHeaders.addRawHeader(b"set-cookie", b"plain=3")
+            return b"jar"
         if path == "/echo":
             request.setHeader(b"content-type", b"application/json")
             return json.dumps(
@@ -232,8 +238,24 @@ async def test_redirects_are_followed_with_their_cookies(web: Harness) -> None:
     reply = await web.ask(url=f"{web.url}/hop1")
     assert reply["status"] == 200
     assert reply["redirect_url"] == reply["effective_url"] == f"{web.url}/echo"
-    assert reply["cookie"] == {"hop": "one"}
+    assert reply["cookie"] == {1: "127.0.0.1\tFALSE\t/\tFALSE\t0\thop\tone", "hop": "one"}
     assert json.loads(reply["data"]["content"])["cookies"] == {"hop": "one"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_cookie_array_lists_each_cookie_as_curls_cookie_list_does(web: Harness) -> None:
+    """The document's ``cookie`` array (the original's ``CURLINFO_COOKIELIST``): one Netscape
+    cookie-file line per cookie, the default path the request's directory, a cookie set again
+    replaced in place, ``#HttpOnly_`` and ``Max-Age``'s expiry time; the values by name too."""
+    before = int(time.time())
+    reply = await web.ask(url=f"{web.url}/deep/jar")
+    cookie = reply["cookie"]
+    assert set(cookie) == {1, 2, "plain", "kept"}
+    assert (cookie["plain"], cookie["kept"]) == ("3", "2")
+    assert cookie[1] == "127.0.0.1\tFALSE\t/deep\tFALSE\t0\tplain\t3"
+    domain, tailmatch, path, secure, expires, name, value = cookie[2].split("\t")
+    assert (domain, tailmatch, path, secure, name, value) == ("#HttpOnly_127.0.0.1", "FALSE", "/", "FALSE", "kept", "2")
+    assert before + 3600 <= int(expires) <= int(time.time()) + 3600
 
 
 @pytest_twisted.ensureDeferred
@@ -241,7 +263,12 @@ async def test_cookies_set_by_the_server_are_sent_back_by_the_same_stage(web: Ha
     stage, context = web.stage()
     stage.receive(request(url=f"{web.url}/login"))
     (login,) = await context.replies_count(1)
-    assert login["cookie"] == {"sid": "s3cr3t", "lang": "ko"}
+    assert login["cookie"] == {
+        1: "127.0.0.1\tFALSE\t/\tFALSE\t0\tsid\ts3cr3t",
+        2: "127.0.0.1\tFALSE\t/\tFALSE\t0\tlang\tko",
+        "sid": "s3cr3t",
+        "lang": "ko",
+    }
     stage.receive(request(url=f"{web.url}/echo"))
     _, echo = await context.replies_count(2)
     assert json.loads(echo["data"]["content"])["cookies"] == {"sid": "s3cr3t", "lang": "ko"}

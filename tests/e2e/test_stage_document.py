@@ -390,6 +390,7 @@ WEB = """
 stage.waitfor("callback", function (r)                          -- filled: print the reply
    local d = r.data
    print("REPLY", r.url, r.effective_url, r.status, r.redirect_url, r.cookie.session, tostring(r.extra))
+   print("COOKIES", #r.cookie, r.cookie[1])                      -- filled: the array of cookies
    print("DATA", d.type, d.length, d.content, d.charset, d.result, type(d.message), type(d.time),
          type(d.download_speed))
 end)
@@ -751,6 +752,12 @@ def test_curl(server: ServerProcess) -> None:
     assert doc[3] == "200" and doc[2] == doc[1] and doc[5] == "s1" and doc[6] == "nil"
     (echo,) = [r for r in replies if r[1].endswith("/echo")]
     assert echo[3] == "200" and echo[6] == "mine"
+    # "cookie": the array of the cookies set (curl's cookie-list lines); /echo sets none
+    cookies = sorted(printed(server, "web", "COOKIES"))
+    assert cookies == [
+        ["COOKIES", "0", "nil"],
+        ["COOKIES", "1", "127.0.0.1", "FALSE", "/", "FALSE", "0", "session", "s1"],
+    ]
     contents = sorted(d[3] for d in data)
     assert contents == ["HELLO STAGE", "stage|a=1"]
     for d in data:

