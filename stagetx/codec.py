@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import re
 import threading
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import attrs
@@ -117,6 +118,10 @@ class LuaBridge(Protocol):
 
     def load_function(self, code: bytes) -> Any:
         """Bytecode → function with nil upvalues and the runtime's globals as its environment."""
+
+    def admitted(self) -> AbstractContextManager[None]:
+        """A context in which tables built from Python cannot meet the runtime's memory limit
+        (lupa's pushes are not protected: a failed allocation there aborts the process)."""
 
 
 # The codec keeps its per-runtime state (helpers looked up once) in the bridge's attribute
@@ -256,6 +261,7 @@ class _LuaSide:
         self.table_from = bridge.lua.table_from
         self.dump = bridge.dump_function
         self.load = bridge.load_function
+        self.admitted = bridge.admitted
         self.is_null = bridge.lua.execute(
             "local rawequal, null = rawequal, ...; return function(x) return rawequal(x, null) end",
             bridge.null,
@@ -347,7 +353,8 @@ class _LuaSide:
 
     def unpack(self, data: bytes) -> tuple[Any, ...]:
         if len(data) <= MAX_DEPTH and _NOT_PLAIN.search(data) is None:
-            small = self._unpack_small(data)
+            with self.admitted():
+                small = self._unpack_small(data)
             if small is not None:
                 return small
         try:
@@ -375,7 +382,8 @@ class _LuaSide:
         else:
             return tuple(values)
         try:
-            return tuple(self._top(v) for v in values)
+            with self.admitted():
+                return tuple(self._top(v) for v in values)
         except CodecError:
             raise
         except Exception as e:  # lupa: integer out of range, NaN key, out of memory

@@ -8,7 +8,8 @@ sandbox). It is also the *bridge* that ``stagetx.codec`` needs to move values in
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from importlib import resources
 from typing import Any
 
@@ -29,6 +30,9 @@ PATTERN_STEPS_PER_MS = 50_000
 #: A callback still running this many budgets after it started was out of the hook's reach (C
 #: code): its runtime is handed to ``LuaVM.overran`` to be rebuilt.
 HARD_LIMIT = 3
+#: Bytes a call from Python may need beyond its string arguments (userdata, the stack): with
+#: less than this left under ``%memory``, its arguments are let in as ``LuaVM.admitted`` does.
+PUSH_ROOM = 64 * 1024
 
 
 # Upvalues of a moved function arrive as nil; its ``_ENV`` upvalue (Lua 5.4; not always
@@ -45,6 +49,21 @@ return function(code)
     end
     return f
 end
+"""
+
+_NO_MEMORY = b"not enough memory"
+
+# Arguments that would not fit under the memory limit are kept here first (the limit lifted),
+# then the entry point is called from Lua with them: where the limit applies again.
+_STASH = """
+local unpack, select = table.unpack or unpack, select
+local stashed, count
+return function(...) stashed, count = {...}, select("#", ...) end,
+    function()
+        local t, n = stashed, count
+        stashed = nil
+        return t[1](unpack(t, 2, n))
+    end
 """
 
 
@@ -96,6 +115,16 @@ class LuaVM:
         globals_ = self.lua.globals()
         globals_[b"python"] = None
         self._load = globals_[b"load"]
+        # %memory applies from the first callback on: the set-up below and the host's (the
+        # prelude, the sandbox, compiling the scripts) hands values over from Python, unprotected
+        self._limit = max_memory or 0
+        self._armed = False
+        if self._limit:
+            self.lua.set_max_memory(0)
+        self._memory_error = module.LuaMemoryError
+        self._report = host["report"]
+        self._lifted = False
+        self._stash, self._unstash = self.lua.execute(_STASH)
         self._dump = self.lua.eval("string.dump")
         self._loader = self.lua.execute(_FUNCTION_LOADER)
         cfg = {
@@ -150,7 +179,8 @@ class LuaVM:
 
     def table(self, value: Mapping[Any, Any]) -> Any:
         """A Lua table from a flat mapping of Python natives (``str`` keys and values as strings)."""
-        return self.lua.table_from({_lua_key(k): _lua_value(v) for k, v in value.items()})
+        with self.admitted():
+            return self.lua.table_from({_lua_key(k): _lua_value(v) for k, v in value.items()})
 
     # -- running code -----------------------------------------------------------------------------
     def call(self, where: str, f: Any, *args: Any) -> tuple[Any, ...]:
@@ -158,7 +188,11 @@ class LuaVM:
 
         Errors are reported through the host's ``report`` under ``where`` before this returns.
         """
-        result = self.enter(self._call, time.monotonic(), where.encode(), f, *args)
+        try:
+            result = self.enter(self._call, time.monotonic(), where.encode(), f, *args)
+        except LuaOutOfMemory as error:
+            self._report(where.encode(), b"", str(error).encode())
+            return (False, _NO_MEMORY)
         return result if isinstance(result, tuple) else (result,)
 
     def deliver(
@@ -191,22 +225,28 @@ class LuaVM:
 
     def take_times(self) -> tuple[float, list[int]]:
         """The handler time of runs since the last call, in all (s) and per bucket (``buckets``)."""
-        busy, *counts = self._take_times()
+        try:
+            busy, *counts = self._take_times()
+        except self._memory_error:  # a runtime at its limit: nothing to read until it frees some
+            return 0.0, []
         return busy, counts
 
     def drain(self) -> None:
         """Run the stage's queued local messages."""
-        self.enter(self._drain, time.monotonic())
+        try:
+            self.enter(self._drain, time.monotonic())
+        except LuaOutOfMemory as error:
+            self._report(b"local messages", b"", str(error).encode())
 
     def enter(self, entry: Any, started: float, *args: Any) -> Any:
         """Run prelude entry point ``entry`` (``started`` is its first argument) as one callback
         under the budget watchdog, if this runtime has one."""
         guard = self.guard
         if guard is None or guard.entered is not None:  # no watchdog, or inside a callback already
-            return entry(started, *args)
+            return self._run(entry, started, args)
         guard.entered = started
         try:
-            return entry(started, *args)
+            return self._run(entry, started, args)
         finally:
             guard.entered = None
             if guard.armed:
@@ -214,6 +254,47 @@ class LuaVM:
                 elapsed = time.monotonic() - started
                 if elapsed > HARD_LIMIT * guard.budget and self.overran is not None:
                     self.overran(elapsed)
+
+    def _run(self, entry: Any, started: float, args: tuple[Any, ...]) -> Any:
+        """``entry(started, *args)``; arguments that might not fit under the memory limit are let
+        in first (``admitted``), so that the limit meets the Lua code, never lupa's push. Raises
+        ``LuaOutOfMemory`` when the entry point itself found no memory (the scripts' callbacks
+        report their own failed allocations as Lua errors)."""
+        limit = self._limit
+        try:
+            if limit and not self._lifted:
+                if not self._armed:
+                    self._armed = True
+                    self.lua.set_max_memory(limit)
+                need = PUSH_ROOM + self.lua.get_memory_used()
+                for arg in args:
+                    if type(arg) is bytes:
+                        need += len(arg)
+                if need > limit:
+                    with self.admitted():
+                        self._stash(entry, started, *args)
+                    return self._unstash()
+            return entry(started, *args)
+        except self._memory_error:
+            raise LuaOutOfMemory(f"not enough memory (%memory {limit} bytes)") from None
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Lift ``%memory`` while Python hands this runtime values (a message's tables, a frame's
+        bytes). lupa's pushes from Python are not protected calls: an allocation that fails in one
+        is Lua's panic, which aborts the process. What comes in this way is bounded by the frame
+        and message limits; the scripts' own allocations meet the limit again once it is back
+        (``not enough memory`` in the script, which goes on)."""
+        if not self._armed or self._lifted:
+            yield
+            return
+        self._lifted = True
+        self.lua.set_max_memory(0)
+        try:
+            yield
+        finally:
+            self.lua.set_max_memory(self._limit)
+            self._lifted = False
 
     def close(self) -> None:
         """Stop watching this runtime's callbacks (it is being replaced or the stage stops)."""
@@ -233,6 +314,11 @@ class LuaVM:
     @staticmethod
     def clock() -> float:
         return time.monotonic()
+
+
+class LuaOutOfMemory(Exception):
+    """An entry point into a runtime could not run for want of memory under its ``%memory``:
+    the messages or the callback it carried are lost; the stage goes on."""
 
 
 class LuaScriptError(Exception):

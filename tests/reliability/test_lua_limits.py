@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from tests.reliability.control import ask
-from tests.reliability.procs import LUA_APP, group_pids, rss_mib
+from tests.reliability.procs import LUA_APP, alive, group_pids, rss_mib
 from tests.support import ServerProcess, free_port, write_app
 
 SCRIPT = """
@@ -180,3 +180,60 @@ def test_a_budget_pcall_cannot_catch_bounded_patterns_and_finalizers(tmp_path: P
             assert server.process.poll() is None
         finally:
             console.close()
+
+
+# Stage "small" (%memory 1m) takes packets of up to 4 MiB and messages; stage "big", in another
+# process, sends it a message of 3 MB when asked. Neither may abort small's process (lupa hands
+# Python's values over outside Lua's protected calls, where a failed allocation is a panic).
+SMALL = """
+stage.waitfor("big", function(v) log4cxx.info("got", #v) end)
+broker.ready("tcp://127.0.0.1:{port}?packet=4m,1k", function()
+    return function(s, data) return "ok " .. #data end
+end)
+log4cxx.info("ready")
+"""
+BIG = """
+broker.ready("tcp://127.0.0.1:{port}?text", function()
+    return function(s, line)
+        return tostring(stage.signal("small:big", string.rep("x", 3000000)))
+    end
+end)
+log4cxx.info("ready")
+"""
+
+
+def packet(port: int, data: bytes) -> bytes:
+    """Send one ``packet`` frame; the payload of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+        conn.sendall(len(data).to_bytes(4, "little") + data)
+        answer = b""
+        while len(answer) < 4 or len(answer) < 4 + int.from_bytes(answer[:4], "little"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                raise AssertionError("connection closed before an answer")
+            answer += chunk
+    return answer[4:]
+
+
+def test_a_frame_or_message_bigger_than_memory_fails_in_the_stage_not_the_process(tmp_path: Path) -> None:
+    small_port, big_port = free_port(), free_port()
+    config = {
+        "#startup": [["=lua+small"], ["=lua+big"]],
+        "=lua": {**LUA_APP, "=lua+small": "small", "=lua+big": "big"},
+        "=lua+small": {"%memory": "1m"},
+    }
+    scripts = {"small": SMALL.format(port=small_port), "big": BIG.format(port=big_port)}
+    path = write_app(tmp_path, config, scripts)
+    with ServerProcess(path) as server:
+        server.wait_for(lambda: server.logged("small", "ready") and server.logged("big", "ready"), 30, "the stages")
+        pid = group_pids(server)[0]
+        assert packet(small_port, b"hello") == b"ok 5"
+        with socket.create_connection(("127.0.0.1", small_port), timeout=20) as conn:
+            conn.sendall((3_000_000).to_bytes(4, "little") + b"x" * 3_000_000)
+            server.wait_for(lambda: "not enough memory" in "\n".join(server.lines), 20, "the frame's error")
+        assert packet(small_port, b"hello") == b"ok 5"
+        assert ask(big_port, "send") == "true"
+        server.wait_for(lambda: "\n".join(server.lines).count("not enough memory") >= 2, 20, "the message's error")
+        assert packet(small_port, b"again") == b"ok 5"
+        assert group_pids(server)[0] == pid and alive(pid)
+        assert not [line for line in server.lines if "PANIC" in line or "SIGABRT" in line]

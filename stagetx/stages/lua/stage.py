@@ -34,7 +34,7 @@ from stagetx.config import StageConfig
 from stagetx.lua.api import StageAPI, Task, lua_text, sender_fields, text
 from stagetx.lua.extensions import install_all
 from stagetx.lua.loader import ScriptLoader
-from stagetx.lua.runtime import HARD_LIMIT, LuaScriptError, LuaVM
+from stagetx.lua.runtime import HARD_LIMIT, LuaOutOfMemory, LuaScriptError, LuaVM
 from stagetx.lua.search import preload_files
 from stagetx.lua.syntax import compile_errors
 from stagetx.message import LATENCY_BUCKETS, Message, Run, Sender
@@ -349,6 +349,15 @@ class Stage:
         if isinstance(again, (int, float)) and again > 0:
             self._idle_call = self.context.clock.callLater(again / 1000.0, self._idle, f)
 
+    def _lost(self, count: int, msgid: str | None, error: LuaOutOfMemory) -> None:
+        """Messages the runtime had no memory to take (``LuaOutOfMemory``): logged and counted."""
+        if count == 1 and msgid is not None:
+            what = f"message {msgid!r}"
+        else:
+            what = f"{count} messages" + ("" if msgid is None else f" from {msgid!r} on")
+        self.log.error("{what} dropped: {error}", what=what, error=str(error))
+        self.context.count_error(f"{what} dropped: {error}")
+
     def receive(self, message: Message) -> None:
         if self._held is not None:
             self._held.append(message)
@@ -358,7 +367,10 @@ class Stage:
             return
         arguments = self._arguments(vm, message)
         if arguments is not None:
-            vm.deliver(self.context.router.turn, *arguments)
+            try:
+                vm.deliver(self.context.router.turn, *arguments)
+            except LuaOutOfMemory as error:
+                self._lost(1, message.msgid, error)
 
     def receive_batch(self, messages: list[Message]) -> list[float]:
         """Deliver a run of messages in as few crossings into Lua as the drain slice allows (the
@@ -385,7 +397,11 @@ class Stage:
                     args += self._fields(vm, message)
                     values = self._values(vm, message)
                     args += (False,) if values is None else (len(values), *values)
-            times += vm.deliver_batch(self.context.router.turn, args)
+            try:
+                times += vm.deliver_batch(self.context.router.turn, args)
+            except LuaOutOfMemory as error:
+                self._lost(len(messages) - len(times), messages[len(times)].msgid, error)
+                times.extend([0.0] * (len(messages) - len(times)))
         return times
 
     def receive_run(self, run: Run, limit: int) -> int:
@@ -401,7 +417,12 @@ class Stage:
         sender = self._sender_table(vm, run.sender)
         turn = self.context.router.turn
         body = run.body
-        pos, done, *slow = vm.deliver_run(turn, sender, body, run.pos, min(limit, run.count), self._slow())
+        try:
+            pos, done, *slow = vm.deliver_run(turn, sender, body, run.pos, min(limit, run.count), self._slow())
+        except LuaOutOfMemory as error:
+            lost, run.count = run.count, 0
+            self._lost(lost, None, error)
+            return lost
         if pos < 0 or (pos > len(body) and run.count > done):
             self.log.error(
                 "a run of {count} messages from {sender} is malformed: {lost} of them dropped",
