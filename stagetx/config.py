@@ -708,7 +708,7 @@ class _Definitions:
         else:
             settings, main = self._builtin_settings(name, type_name), None
             try:
-                stage_type(type_name).check(settings, name)
+                stage_type(type_name).check(settings, name, self._base_dir)
             except SettingsError as error:
                 raise ConfigError(str(error)) from None
         return StageConfig(name, type_name, stage_id, group, instance, settings, main)
