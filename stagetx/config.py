@@ -21,7 +21,9 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from stagetx.codec import MAX_DEPTH
 from stagetx.lua.search import find_script
+from stagetx.stages.checks import MAX_MS, unwritable_file
 from stagetx.stages.registry import SettingsError, stage_type, stage_types
 
 LUA_TYPES = ("lua", "luajit")
@@ -37,9 +39,14 @@ DEFAULT_THREADS = (4, 10000)
 
 _COMPAT_NAME = re.compile(r"^([A-Za-z_]\w*)\.so(\+.*)?$", re.DOTALL)
 _STAGE_NAME = re.compile(r"^=([^+]*)(?:\+(.*))?$", re.DOTALL)
-_BAD_ID_CHARS = re.compile(r"[\s:+*=<>^?!,{}]")
-_MEMORY = re.compile(r"^(\d+)\s*([kmg]?)b?$", re.IGNORECASE)
+_BAD_ID_CHARS = re.compile(r"[\s:+*=<>^?!,{}\ud800-\udfff]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_DIGITS = re.compile(r"[0-9]+")
+_MEMORY = re.compile(r"^([0-9]+)\s*([kmg]?)b?$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+MAX_MEMORY = 1024**4  # %memory: 1024g, far past any machine's Lua heap; lupa takes a C size
+LUA_INT_MIN, LUA_INT_MAX = -(2**63), 2**63 - 1  # the integers a Lua value can hold
+MAX_COUNT = 1_000_000_000  # #threads and #cluster queue: a bigger count is a typo
 _UNSUPPORTED = ("%odbc", "%cluster", "verbose")
 
 
@@ -223,7 +230,7 @@ def parse_config(raw: Mapping[str, Any], base_dir: str) -> ServerConfig:
             else:
                 raise ConfigError(f"{key}: unknown key")
         elif not name.startswith("="):
-            values[name] = value
+            values[name] = lua_value(value, key)
 
     if "#startup" not in settings:
         raise ConfigError("#startup: missing (which stages run in which process)")
@@ -271,16 +278,47 @@ def parse_stage_name(text: str, path: str) -> tuple[str, str | None]:
 
 
 def parse_memory(value: Any, path: str) -> int:
-    """``%memory``: bytes as an integer, or a string with a ``k``/``m``/``g`` unit."""
+    """``%memory``: bytes as an integer, or a string with a ``k``/``m``/``g`` unit; at most
+    ``MAX_MEMORY``."""
+    amount = 0
     if isinstance(value, str):
         match = _MEMORY.match(value.strip())
         if match:
             amount = int(match.group(1)) * _UNITS[match.group(2).lower()]
-            if amount > 0:
-                return amount
-    elif _is_int(value) and value > 0:
-        return int(value)
-    raise ConfigError(f"{path}: expected a size such as 256m, got {json.dumps(value)}")
+    elif _is_int(value):
+        amount = value
+    if not 0 < amount <= MAX_MEMORY:
+        raise ConfigError(f"{path}: expected a size such as 256m, at most 1024g, got {json.dumps(value)}")
+    return amount
+
+
+def lua_value(value: Any, path: str, depth: int = 0) -> Any:
+    """``value``, checked to be what a Lua stage can read (``process["$NAME"]``): integers that
+    fit a Lua integer, text without lone surrogates, at most ``MAX_DEPTH`` levels; else a child
+    would fail to hand it over at every start."""
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{path}: nested deeper than {MAX_DEPTH} levels, more than Lua stages take")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _text(key, f"{path}: key {json.dumps(key)}")
+            lua_value(item, f"{path}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            lua_value(item, f"{path}[{index}]", depth + 1)
+    elif isinstance(value, str):
+        _text(value, path)
+    elif _is_int(value) and not LUA_INT_MIN <= value <= LUA_INT_MAX:
+        raise ConfigError(f"{path}: {value} does not fit a Lua integer ({LUA_INT_MIN} to {LUA_INT_MAX})")
+    return value
+
+
+def _text(value: str, path: str) -> str:
+    """``value`` unless it holds a lone surrogate (JSON ``"\\ud800"``): not Unicode text, so it
+    cannot be encoded as UTF-8 for a process, a socket or Lua."""
+    found = _SURROGATE.search(value)
+    if found:
+        raise ConfigError(f"{path}: {json.dumps(found.group())} is a lone surrogate, not text")
+    return value
 
 
 def endpoint_is_loopback(description: str, path: str) -> bool:
@@ -290,7 +328,7 @@ def endpoint_is_loopback(description: str, path: str) -> bool:
     ``interface``, another address, an endpoint type we cannot see into) does not.
     """
     parts = re.split(r"(?<!\\):", description)
-    if parts[0].isdigit():
+    if _DIGITS.fullmatch(parts[0]):
         parts.insert(0, "tcp")
     kind, args = parts[0], parts[1:]
     if kind == "unix":
@@ -300,7 +338,7 @@ def endpoint_is_loopback(description: str, path: str) -> bool:
     positional = [arg for arg in args if "=" not in arg]
     keywords = dict(arg.split("=", 1) for arg in args if "=" in arg)
     port = keywords.get("port", positional[0] if positional else "")
-    if not port.isdigit() or int(port) > 65535:
+    if not _DIGITS.fullmatch(port) or int(port) > 65535:
         raise ConfigError(f'{path}: bad endpoint "{description}": port must be an integer')
     # tcp/tcp6 take the interface as their second positional argument; ssl only as a keyword
     default = positional[1] if kind != "ssl" and len(positional) > 1 else ""
@@ -336,16 +374,16 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _int_pair(value: Any, path: str, minimum: int) -> tuple[int, int]:
-    if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) and v >= minimum for v in value)):
-        raise ConfigError(f"{path}: expected [integer, integer], each at least {minimum}")
+def _int_pair(value: Any, path: str, minimum: int, maximum: int) -> tuple[int, int]:
+    if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) and minimum <= v <= maximum for v in value)):
+        raise ConfigError(f"{path}: expected [integer, integer], each from {minimum} to {maximum}")
     return (value[0], value[1])
 
 
 def _string(value: Any, path: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{path}: expected a non-empty string, got {json.dumps(value)}")
-    return value
+    return _text(value, path)
 
 
 def _object(value: Any, path: str) -> dict[str, Any]:
@@ -369,22 +407,22 @@ def _services(value: Any, path: str, base_dir: str) -> tuple[HostPort, ...]:
     return tuple(addresses)
 
 
-def _int_pair_or_defaults(value: Any, path: str, defaults: tuple[int, int]) -> tuple[int, int]:
+def _int_pair_or_defaults(value: Any, path: str, defaults: tuple[int, int], maximum: int) -> tuple[int, int]:
     """``[a, b]``, ``[a]`` or ``a``: a value left out takes its default, as the original platform
     read ``#router`` and ``#threads``."""
     if _is_int(value):
         value = [value]
     if isinstance(value, list) and len(value) < 2:
         value = value + list(defaults[len(value) :])
-    return _int_pair(value, path, 1)
+    return _int_pair(value, path, 1, maximum)
 
 
 def _router(value: Any, path: str, base_dir: str) -> tuple[int, int]:
-    return _int_pair_or_defaults(value, path, DEFAULT_ROUTER)
+    return _int_pair_or_defaults(value, path, DEFAULT_ROUTER, MAX_MS)
 
 
 def _threads(value: Any, path: str, base_dir: str) -> tuple[int, int]:
-    return _int_pair_or_defaults(value, path, DEFAULT_THREADS)
+    return _int_pair_or_defaults(value, path, DEFAULT_THREADS, MAX_COUNT)
 
 
 def _cluster(value: Any, path: str, base_dir: str) -> ClusterConfig:
@@ -445,7 +483,7 @@ def _discovery_group(entry: str, where: str) -> DiscoveryGroup:
     if error:
         raise ConfigError(f"{where}: interface {interface} is not an address of this host ({error})")
     ttl_text = options.get("ttl", "1")
-    if not (ttl_text.isdigit() and 0 <= int(ttl_text) <= 255):
+    if not (_DIGITS.fullmatch(ttl_text) and 0 <= int(ttl_text) <= 255):
         raise ConfigError(f"{where}: ttl {json.dumps(ttl_text)} is not an integer from 0 to 255")
     return DiscoveryGroup(group.host, group.port, interface, int(ttl_text))
 
@@ -540,8 +578,8 @@ def _cluster_settings(entry: dict[str, Any], where: str, base_dir: str) -> tuple
     elif settings.get("listen_host") in ("0.0.0.0", "::", ""):
         raise ConfigError(f"{where}.advertise: needed when listening on every interface")
     if "queue" in entry:
-        if not _is_int(entry["queue"]) or entry["queue"] < 1:
-            raise ConfigError(f"{where}.queue: expected a positive integer")
+        if not _is_int(entry["queue"]) or not 1 <= entry["queue"] <= MAX_COUNT:
+            raise ConfigError(f"{where}.queue: expected a positive integer up to {MAX_COUNT}")
         settings["queue"] = entry["queue"]
     return listen, settings
 
@@ -564,6 +602,9 @@ def _log(value: Any, path: str, base_dir: str) -> dict[str, LogGroup]:
         file = entry.get("file")
         if file is not None:
             file = os.path.join(base_dir, _string(file, f"{where}.file"))
+            problem = unwritable_file(file)
+            if problem is not None:
+                raise ConfigError(f"{where}.file: {problem}")
         groups[group] = LogGroup(level, file)
     return groups
 
@@ -580,11 +621,28 @@ def _admin(value: Any, path: str, base_dir: str) -> AdminConfig:
             where = f"{path}.{key}"
             endpoints[key] = _string(entries[key], where)
             loopback = endpoint_is_loopback(endpoints[key], where)
+            _check_endpoint(endpoints[key], where)
             if token is None and not loopback:
                 raise ConfigError(
                     f'{where}: listens beyond loopback without {path}.token (add a token or ":interface=127.0.0.1")'
                 )
     return AdminConfig(endpoints.get("console"), endpoints.get("http"), token)
+
+
+def _check_endpoint(description: str, path: str) -> None:
+    """Whether Twisted's own parser accepts a server endpoint description: building the endpoint
+    listens on nothing, yet finds an unknown type or argument, a bad port or a missing certificate."""
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(_NO_REACTOR, description)
+    except Exception as err:  # each endpoint type raises its own (ValueError, TypeError, OSError, OpenSSL's)
+        raise ConfigError(f'{path}: bad endpoint "{description}": {err}') from None
+
+
+#: What endpoints are built with to be checked: they only keep it, and the check must not
+#: install the global reactor in a process that has not chosen its own yet.
+_NO_REACTOR: Any = object()
 
 
 def _tls(value: Any, path: str, base_dir: str) -> TlsConfig:
@@ -693,7 +751,7 @@ class _Definitions:
             elif key in _LUA_SETTINGS:
                 settings[key] = _LUA_SETTINGS[key](item, where, self._base_dir)
             else:
-                settings[key] = item
+                settings[key] = lua_value(item, where)
         return _LuaObject(settings, mains)
 
     def _stage(self, entry: Any, path: str, group: int, instance: int) -> StageConfig:
@@ -708,7 +766,7 @@ class _Definitions:
         else:
             settings, main = self._builtin_settings(name, type_name), None
             try:
-                stage_type(type_name).check(settings, name)
+                stage_type(type_name).check(settings, name, self._base_dir)
             except SettingsError as error:
                 raise ConfigError(str(error)) from None
         return StageConfig(name, type_name, stage_id, group, instance, settings, main)
@@ -754,13 +812,13 @@ def _preload(value: Any, path: str, base_dir: str) -> str:
 
 
 def _budget(value: Any, path: str, base_dir: str) -> int:
-    if not _is_int(value) or value <= 0:
-        raise ConfigError(f"{path}: expected milliseconds (an integer above 0)")
+    if not _is_int(value) or not 0 < value <= MAX_MS:
+        raise ConfigError(f"{path}: expected milliseconds (an integer from 1 to {MAX_MS})")
     return int(value)
 
 
 def _recheck(value: Any, path: str, base_dir: str) -> list[int]:
-    return list(_int_pair(value, path, 0))
+    return list(_int_pair(value, path, 0, MAX_MS))
 
 
 _LUA_SETTINGS: dict[str, Callable[[Any, str, str], Any]] = {

@@ -26,9 +26,10 @@ class IStageType(Interface):
 
     name = Attribute("The type's name in stage names: ``index`` for ``=index+rank``.")
 
-    def check(settings: Any, path: str) -> None:
+    def check(settings: Any, path: str, base_dir: str) -> None:
         """Raise ``SettingsError`` (its text starting with ``path``, the stage's JSON key) if
-        ``settings`` (the merged ``=NAME`` and ``=NAME+id`` values) cannot run; nothing starts."""
+        ``settings`` (the merged ``=NAME`` and ``=NAME+id`` values) cannot run; nothing starts.
+        Relative paths in ``settings`` name files under ``base_dir`` (the config file's folder)."""
 
     def stage(context: Any, config: Any) -> Any:
         """A new stage (``stagetx.stages.base.Stage``) for ``config`` (a ``StageConfig``) hosted by
@@ -39,15 +40,15 @@ class IStageType(Interface):
 @attrs.frozen
 class StageType:
     """A stage type whose code is module ``module``: its ``Stage(context, config)`` class, and an
-    optional ``check_settings(settings, path)`` raising ``SettingsError``."""
+    optional ``check_settings(settings, path, base_dir)`` raising ``SettingsError``."""
 
     name: str
     module: str
 
-    def check(self, settings: Any, path: str) -> None:
+    def check(self, settings: Any, path: str, base_dir: str) -> None:
         check = getattr(importlib.import_module(self.module), "check_settings", None)
         if check is not None:
-            check(settings, path)
+            check(settings, path, base_dir)
 
     def stage(self, context: Any, config: Any) -> Any:
         return importlib.import_module(self.module).Stage(context, config)

@@ -148,7 +148,7 @@ def test_twistd_runs_restarts_and_stops_its_children(app_dir: Path) -> None:
         # each built-in stage type checks its own settings through the registry, before anything runs
         (
             {"#startup": [["=lua+x"]], "=lua": {"%budget": 0, "=lua+x": "gone"}},
-            "stage: =lua.%budget: expected milliseconds (an integer above 0)",
+            "stage: =lua.%budget: expected milliseconds (an integer from 1 to 31536000000)",
         ),
         (
             {"#startup": [["=index+rank"]]},
@@ -156,7 +156,7 @@ def test_twistd_runs_restarts_and_stops_its_children(app_dir: Path) -> None:
         ),
         (
             {"#startup": [["=index+rank"]], "=index+rank": {"dir": "rank/", "fsync": "always"}},
-            "stage: =index+rank: fsync must be true, false or a number of milliseconds",
+            "stage: =index+rank.fsync: expected true, false or milliseconds (above 0, at most 31536000000)",
         ),
         (
             {"#startup": [["=curl+web"]], "=curl+web": {"timeout": "5s"}},
@@ -164,11 +164,38 @@ def test_twistd_runs_restarts_and_stops_its_children(app_dir: Path) -> None:
         ),
         (
             {"#startup": [["=route+r"]], "=route+r": {"expire_ms": 0}},
-            "stage: =route+r: expire_ms must be a positive number of ms, not 0",
+            "stage: =route+r: expire_ms must be a number of ms from above 0 to 31536000000, not 0",
         ),
         (
             {"#startup": [["=ticket+t"]], "=ticket+t": [0, {"room": 1}]},
             "stage: =ticket+t: max_tickets must be a positive integer, not 0",
+        ),
+        # each of these once passed --check, then crash-looped the children or failed with a traceback
+        (
+            {"#startup": [["=route+r"]], "#log": {"stage": {"file": "logs/stage.log"}}},
+            "stage: #log.stage.file: directory APP/logs does not exist",
+        ),
+        (
+            {"#startup": [["=route+r"]], "big": 2**64},
+            "stage: big: 18446744073709551616 does not fit a Lua integer (-9223372036854775808 to 9223372036854775807)",
+        ),
+        ({"#startup": [["=route+r"]], "text": "a\ud800b"}, 'stage: text: "\\ud800" is a lone surrogate, not text'),
+        (
+            {"#startup": [["=route+r"]], "#admin": {"console": "tcp:19190:interface=127.0.0.1:bogus=1"}},
+            'stage: #admin.console: bad endpoint "tcp:19190:interface=127.0.0.1:bogus=1":'
+            " _parseTCP() got an unexpected keyword argument 'bogus'",
+        ),
+        (
+            {"#startup": [["=curl+web"]], "=curl+web": {"concurrency": float("inf")}},
+            "stage: =curl+web.concurrency: wrong value Infinity",
+        ),
+        (
+            {"#startup": [["=index+rank"]], "=index+rank": {"dir": "rank/", "fsync": float("nan")}},
+            "stage: =index+rank.fsync: expected true, false or milliseconds (above 0, at most 31536000000)",
+        ),
+        (
+            {"#startup": [["=curl+web"]], "=curl+web": {"ca-file": "missing.pem"}},
+            "stage: =curl+web.ca-file: cannot read APP/missing.pem: No such file or directory",
         ),
     ],
 )
@@ -195,7 +222,7 @@ def test_twistd_refuses_a_broken_config_with_one_line(
         timeout=60,
     )
     assert result.returncode == 1
-    assert result.stderr == message + "\n"
+    assert result.stderr == message.replace("APP", str(app_dir)) + "\n"
     assert result.stdout == ""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -18,7 +19,7 @@ from twisted.web.resource import Resource
 from stagetx.message import Message, Sender
 from stagetx.stages.curl import errors
 from stagetx.stages.curl.request import BadRequest, parse_request
-from stagetx.stages.curl.settings import CurlSettings, parse_settings
+from stagetx.stages.curl.settings import CurlSettings, parse_settings, wrong_setting
 from stagetx.stages.curl.stage import Stage
 
 
@@ -221,6 +222,24 @@ def test_settings_are_checked_and_unknown_ones_reported() -> None:
     assert len(notices) == 2 and "verbose" in notices[1]
     assert parse_settings(None) == (CurlSettings(), [])
     assert parse_settings("agent")[0] == CurlSettings()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("concurrency", float("inf")),
+        ("concurrency", float("nan")),
+        ("concurrency", 1e300),
+        ("timeout", float("nan")),
+        ("timeout", float("inf")),
+        ("timeout", 1e300),
+    ],
+)
+def test_non_finite_or_absurd_numbers_are_wrong_values(key: str, value: float) -> None:
+    """int(inf) once raised OverflowError out of the check, a traceback instead of one line."""
+    assert wrong_setting({key: value}) == f"{key}: wrong value {json.dumps(value)}"
+    settings, notices = parse_settings({key: value})
+    assert settings == CurlSettings() and "wrong value" in notices[0]
 
 
 @pytest.mark.parametrize(

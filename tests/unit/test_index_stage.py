@@ -97,6 +97,13 @@ def test_settings_shapes() -> None:
             parse_settings(bad, resolve)
 
 
+@pytest.mark.parametrize("fsync", [float("nan"), float("inf"), 1e300])
+def test_fsync_must_be_a_finite_sane_interval(fsync: float) -> None:
+    """NaN once reached callLater (an AssertionError in the child, the index never answering)."""
+    with pytest.raises(ValueError, match="fsync: expected true, false or milliseconds"):
+        parse_settings({"dir": "d", "fsync": fsync}, lambda path: path)
+
+
 def test_a_request_table_gets_one_reply_keyed_as_sent(context) -> None:
     stage = _started(context)
     reply = _ask(stage, context, {"set:board/2": {"alice": {"v": "A", "i": 10}}, "get:board": ["alice"]})

@@ -154,7 +154,16 @@ def test_parse_key(text: str, key: PublishKey | None) -> None:
 def test_parse_settings() -> None:
     assert parse_settings(None) == RouteSettings(30.0, 0.3)
     assert parse_settings({"expire_ms": 500, "offer_ms": 50}) == RouteSettings(0.5, 0.05)
-    for bad in [[1, 2], {"expire": 5}, {"offer_ms": 0}, {"offer_ms": "1"}]:
+    for bad in [
+        [1, 2],
+        {"expire": 5},
+        {"offer_ms": 0},
+        {"offer_ms": "1"},
+        {"expire_ms": float("nan")},
+        {"offer_ms": float("inf")},
+        {"expire_ms": 1e300},
+        {"offer_ms": True},
+    ]:
         with pytest.raises(RouteConfigError):
             parse_settings(bad)
 

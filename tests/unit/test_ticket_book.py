@@ -217,6 +217,17 @@ def test_parse_settings() -> None:
     settings = parse_settings([100, {"db": 3}])
     assert (settings.max_tickets, dict(settings.categories), settings.hold) == (100, {"db": 3}, 1.0)
     assert parse_settings([1, {}, 2500]).hold == 2.5
-    for bad in [None, [0, {}], [1, []], [1, {"a": 0}], [1, {"@a": 1}], [1, {"a=b": 1}], [1, {}, 0]]:
+    for bad in [
+        None,
+        [0, {}],
+        [1, []],
+        [1, {"a": 0}],
+        [1, {"@a": 1}],
+        [1, {"a=b": 1}],
+        [1, {}, 0],
+        [1, {}, float("nan")],
+        [1, {}, float("inf")],
+        [1, {}, 1e300],
+    ]:
         with pytest.raises(TicketConfigError):
             parse_settings(bad)

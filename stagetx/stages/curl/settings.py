@@ -8,6 +8,8 @@ from typing import Any
 
 import attrs
 
+from stagetx.stages.checks import MAX_MS, finite_number
+
 DEFAULT_USER_AGENT = "stagetx-curl"
 DEFAULT_TIMEOUT_MS = 30000.0
 
@@ -23,15 +25,24 @@ class CurlSettings:
     ca_file: str | None = None
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _timeout(value: Any) -> bool:
+    """Milliseconds; 0 or less means no limit."""
+    return finite_number(value) and value <= MAX_MS
+
+
+def _concurrency(value: Any) -> bool:
+    """Requests at once, a whole number; 0 or less means no cap."""
+    return finite_number(value) and int(value) == value and value <= _MAX_CONCURRENCY
+
+
+_MAX_CONCURRENCY = 1_000_000  # far past any pool's size: a bigger number is a typo
 
 
 #: The check of each known setting's value (the original platform's files carry other keys too).
 _VALID: dict[str, Any] = {
     "user-agent": lambda value: isinstance(value, str),
-    "timeout": _number,
-    "concurrency": lambda value: _number(value) and int(value) == value,
+    "timeout": _timeout,
+    "concurrency": _concurrency,
     "verify": lambda value: isinstance(value, bool),
     "ca-file": lambda value: isinstance(value, str),
 }
@@ -65,9 +76,9 @@ def parse_settings(raw: Any) -> tuple[CurlSettings, list[str]]:
     for key, value in raw.items():
         if key == "user-agent" and isinstance(value, str):
             values["user_agent"] = value
-        elif key == "timeout" and _number(value):
+        elif key == "timeout" and _timeout(value):
             values["timeout_ms"] = float(value) if value > 0 else None
-        elif key == "concurrency" and _number(value) and int(value) == value:
+        elif key == "concurrency" and _concurrency(value):
             values["concurrency"] = int(value) if value > 0 else None
         elif key == "verify" and isinstance(value, bool):
             values["verify"] = value

@@ -8,6 +8,7 @@ the wait for the headers.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol
 
 from treq.client import HTTPClient
@@ -41,12 +42,21 @@ from stagetx.stages.registry import SettingsError
 _UNFOLLOWED = (web_error.PageRedirect, web_error.RedirectWithNoLocation)
 
 
-def check_settings(settings: Any, path: str) -> None:
-    """The registry's check (``stagetx.stages.registry``): a value that is not an object or a
-    known setting of the wrong kind stops start-up; unknown settings are logged when it starts."""
+def check_settings(settings: Any, path: str, base_dir: str) -> None:
+    """The registry's check (``stagetx.stages.registry``): a value that is not an object, a
+    known setting of the wrong kind or a ``ca-file`` without a PEM certificate stops start-up;
+    unknown settings are logged when it starts."""
     wrong = wrong_setting(settings)
     if wrong is not None:
         raise SettingsError(f"{path}.{wrong}" if ": wrong value" in wrong else f"{path}: {wrong}")
+    ca_file = settings.get("ca-file") if isinstance(settings, dict) else None
+    if ca_file is not None:
+        try:
+            https_policy(True, os.path.join(base_dir, ca_file))
+        except OSError as error:
+            raise SettingsError(f"{path}.ca-file: cannot read {error.filename}: {error.strerror}") from None
+        except Exception as error:  # no certificate in it, or OpenSSL's error for a broken one
+            raise SettingsError(f"{path}.ca-file: {error}") from None
 
 
 class _QuietFactory(_HTTP11ClientFactory):

@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.python.failure import Failure
 
 from stagetx import reactors
+from stagetx.stages.checks import MAX_MS, milliseconds
 from stagetx.stages.index.redis_backend import SCRIPT, SCRIPT_SHA
 from stagetx.wire import write_now
 
@@ -128,8 +129,8 @@ def parse_redis_settings(
     if type(wait) is not int or wait < 0:
         raise ValueError("wait: expected a number of replicas (0 or more)")
     timeout = raw.get("timeout", DEFAULT_TIMEOUT * 1000)
-    if type(timeout) not in (int, float) or timeout <= 0:
-        raise ValueError("timeout: expected milliseconds above 0")
+    if not milliseconds(timeout):
+        raise ValueError(f"timeout: expected milliseconds from above 0 to {MAX_MS}")
     ca = raw.get("ca")
     if ca is not None:
         if not isinstance(ca, str) or not ca:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
+import os
 import time
 from collections.abc import Callable, Generator
 from typing import Any
@@ -26,6 +27,7 @@ from stagetx.codec import unpack_py
 from stagetx.message import Message
 from stagetx.ratelog import RateLimitedLog
 from stagetx.stages.base import StageContext
+from stagetx.stages.checks import MAX_MS, milliseconds, unreadable, unusable_directory
 from stagetx.stages.index.commands import Executor, IndexMessage, RequestError, read_message
 from stagetx.stages.index.redis_link import RedisSettings, parse_redis_settings
 from stagetx.stages.index.store import IndexStore
@@ -86,23 +88,32 @@ def parse_settings(raw: Any, resolve: Callable[[str], str]) -> IndexSettings | R
         raise ValueError("=index: key_size must be a positive integer")
     fsync = raw.get("fsync", False)
     if type(fsync) is not bool:
-        if type(fsync) not in (int, float) or fsync <= 0:
-            raise ValueError("=index: fsync must be true, false or a number of milliseconds")
+        if not milliseconds(fsync):
+            raise ValueError(f"=index: fsync: expected true, false or milliseconds (above 0, at most {MAX_MS})")
         fsync = fsync / 1000.0
     return IndexSettings(resolve(raw["dir"]), key_size, fsync)
 
 
-def check_settings(settings: Any, path: str) -> None:
+def check_settings(settings: Any, path: str, base_dir: str) -> None:
     """The registry's check (``stagetx.stages.registry``): the error names the key, e.g.
-    ``=index+rank.redis: …``, or the stage when the value's shape is wrong."""
+    ``=index+rank.redis: …``, or the stage when the value's shape is wrong. The directory must be
+    one (or creatable) and a Redis ``ca`` file readable, else the stage would fail at each start."""
     try:
-        parse_settings(settings, lambda name: name)
+        parsed = parse_settings(settings, lambda name: os.path.join(base_dir, name))
     except ValueError as error:
         text = str(error).removeprefix("=index: ")
         key, colon, problem = text.partition(": ")
         if colon and isinstance(settings, dict) and key in settings:
             raise SettingsError(f"{path}.{key}: {problem}") from None
         raise SettingsError(f"{path}: {text}") from None
+    if isinstance(parsed, IndexSettings):
+        unusable = unusable_directory(parsed.directory)
+        where = f"{path}.dir" if isinstance(settings, dict) else path
+    else:
+        unusable = unreadable(parsed.ca) if parsed.ca is not None else None
+        where = f"{path}.ca"
+    if unusable is not None:
+        raise SettingsError(f"{where}: {unusable}")
 
 
 class Stage:

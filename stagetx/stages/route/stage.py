@@ -39,7 +39,7 @@ ACCEPT = "#offer"  # reply id of offers: acceptances arrive here
 _LOGGED_ONCE_MAX = 10_000  # distinct keys remembered for "dropped, logged once"
 
 
-def check_settings(settings: Any, path: str) -> None:
+def check_settings(settings: Any, path: str, base_dir: str) -> None:
     """The registry's check (``stagetx.stages.registry``): one line naming the stage's key."""
     try:
         parse_settings(settings)

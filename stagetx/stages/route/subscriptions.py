@@ -19,6 +19,7 @@ import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from stagetx.codec import NULL
+from stagetx.stages.checks import MAX_MS, milliseconds
 
 DEFAULT_EXPIRE = 30.0  # seconds without any route:@ before a subscriber is forgotten
 DEFAULT_OFFER = 0.3  # seconds an offer round waits for acceptances
@@ -50,8 +51,8 @@ def parse_settings(value: Any) -> RouteSettings:
         ms = value.get(name)
         if ms is None:
             continue
-        if type(ms) not in (int, float) or ms <= 0:
-            raise RouteConfigError(f"{name} must be a positive number of ms, not {ms!r}")
+        if not milliseconds(ms):
+            raise RouteConfigError(f"{name} must be a number of ms from above 0 to {MAX_MS}, not {ms!r}")
         seconds[name[: -len("_ms")]] = ms / 1000.0
     return RouteSettings(**seconds)
 

@@ -62,7 +62,7 @@ class _Requested:
         return format_reply(self.sender.server, self.sender.instance, msgid)
 
 
-def check_settings(settings: Any, path: str) -> None:
+def check_settings(settings: Any, path: str, base_dir: str) -> None:
     """The registry's check (``stagetx.stages.registry``): one line naming the stage's key."""
     try:
         parse_settings(settings)

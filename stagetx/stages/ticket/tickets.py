@@ -19,6 +19,8 @@ from typing import Any, TypeGuard
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from stagetx.stages.checks import MAX_MS, milliseconds
+
 DEFAULT_HOLD = 1.0  # seconds a granted ticket holds its slot unless extended
 
 
@@ -51,8 +53,8 @@ def parse_settings(value: Any) -> TicketSettings:
             raise TicketConfigError(f"category {name!r}: concurrent must be a positive integer")
     hold = DEFAULT_HOLD
     if len(value) == 3:
-        if not _positive_number(value[2]):
-            raise TicketConfigError(f"hold_ms must be a positive number, not {value[2]!r}")
+        if not milliseconds(value[2]):
+            raise TicketConfigError(f"hold_ms must be a positive number up to {MAX_MS}, not {value[2]!r}")
         hold = value[2] / 1000.0
     return TicketSettings(max_tickets, dict(categories), hold)
 
