@@ -70,6 +70,18 @@ def lua_text(value: str) -> bytes:
     return value.encode("utf-8", "surrogateescape")
 
 
+_DEFINED_AT = "local info = debug.getinfo(..., 'S'); return info.short_src .. ':' .. info.linedefined"
+
+
+def defined_at(vm: LuaVM, f: Any) -> str:
+    """``"main.lua:12"``, where Lua function ``f`` is defined: the line to name for an error in
+    what ``f`` returned, found after it returned (rare: compiled each time, nothing kept)."""
+    try:
+        return text(vm.lua.execute(_DEFINED_AT, f))
+    except Exception:  # lupa's LuaError: not a Lua function, or the script replaced debug.getinfo
+        return "?"
+
+
 class StageAPI:
     """The host callables of one stage's main runtime (used on the reactor thread only)."""
 

@@ -274,6 +274,28 @@ async def test_json_lua_cannot_hold_closes_with_1008_and_the_others_keep_serving
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_reply_the_framing_cannot_carry_is_a_lua_error_and_the_socket_keeps_serving(tmp_path: Path) -> None:
+    port = free_port()
+    script = f"""
+        broker.ready("ws://127.0.0.1:{port}/json?json", function(socket)
+            return function(s, doc)
+                if doc.op == "fn" then return {{f = print}} end
+                if doc.op == "nan" then return {{n = 0/0}} end
+                return {{id = doc.id}}
+            end
+        end)
+    """
+    async with RunningStage(tmp_path, script) as run:
+        keeper = await ws_connect(port, "/json")
+        keeper.send('{"op":"fn"}', '{"op":"nan"}', '{"id":7}')
+        await wait_for(lambda: keeper.messages == ['{"id":7}'], WAIT, "the socket to keep serving")
+        errors = [line for line in run.text().splitlines() if "Lua error in broker receive" in line]
+        assert len(errors) == 2 and all("a.lua:3: reply not sent: broker socket" in e for e in errors), errors
+        assert "cannot send" in errors[0] and "Out of range float values are not JSON compliant" in errors[1]
+        assert not keeper.closed
+
+
+@pytest_twisted.ensureDeferred
 async def test_join_a_websocket_server_expire_and_a_page_for_browsers(tmp_path: Path) -> None:
     port, dead = free_port(), free_port()
     idle_port = free_port()
