@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Hashable
 from importlib import resources
+from math import isfinite
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import reactor as global_reactor
@@ -57,7 +58,7 @@ from stagetx.codec import CodecError, pack_lua, pack_py, unpack_lua, unpack_py
 from stagetx.config import TlsConfig
 from stagetx.lua.api import defined_at, lua_text, text
 from stagetx.lua.sandbox import on_new_sandbox
-from stagetx.lua.workers import QueueFull, workers_of
+from stagetx.lua.workers import QueueFull, job_again, workers_of
 
 if TYPE_CHECKING:
     from stagetx.lua.runtime import LuaVM
@@ -350,8 +351,8 @@ class BrokerAPI(_Reads):
         if key == b"page":
             return self.set_page(endpoint, value)
         if key == b"expire":
-            if not isinstance(value, (int, float)) and value is not None:
-                return None, b"broker listener: expire is a number of ms"
+            if value is not None and (not isinstance(value, (int, float)) or not isfinite(value)):
+                return None, b"broker listener: expire is a finite number of ms"
             endpoint.set_expire(value or 0)
         elif value is not None and self.vm.lua_type(value) != "function":
             return None, lua_text(f"broker listener: {text(key)} must be a function")
@@ -605,9 +606,7 @@ class SocketJob:
             sandbox.api.report(self.label.encode(), b"", lua_text(str(err)))
             return None
         ok, *results = vm.call(self.label, f, broker.socket(self.sid), *args)
-        again = results[0] if ok and results else None
-        if isinstance(again, bool) or not isinstance(again, (int, float)) or again <= 0:
-            return None
+        again = job_again(sandbox, self.label, f, results[0] if ok and results else None)
         return again if self.sid in self.registry.sockets else None
 
 

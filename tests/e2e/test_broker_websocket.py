@@ -277,15 +277,17 @@ async def test_json_lua_cannot_hold_closes_with_1008_and_the_others_keep_serving
 async def test_a_reply_the_framing_cannot_carry_is_a_lua_error_and_the_socket_keeps_serving(tmp_path: Path) -> None:
     port = free_port()
     script = f"""
-        broker.ready("ws://127.0.0.1:{port}/json?json", function(socket)
+        local l = broker.ready("ws://127.0.0.1:{port}/json?json", function(socket)
             return function(s, doc)
                 if doc.op == "fn" then return {{f = print}} end
                 if doc.op == "nan" then return {{n = 0/0}} end
                 return {{id = doc.id}}
             end
         end)
+        log4cxx.info("expire", select(2, pcall(function() l.expire = 0/0 end)))
     """
     async with RunningStage(tmp_path, script) as run:
+        assert "broker listener: expire is a finite number of ms" in run.said("expire")[0][0]
         keeper = await ws_connect(port, "/json")
         keeper.send('{"op":"fn"}', '{"op":"nan"}', '{"id":7}')
         await wait_for(lambda: keeper.messages == ['{"id":7}'], WAIT, "the socket to keep serving")
