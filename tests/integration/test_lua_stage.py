@@ -538,6 +538,7 @@ async def test_a_delay_that_is_not_finite_is_a_lua_error_and_the_stage_goes_on(t
         stage.addtask(5, function(n) if n < 3 then return 5 end end, 0)
         local n = 0
         stage.addtask(5, function() n = n + 1; if n < 3 then return 5 end; log4cxx.info("serving", n) end)
+        return function() return -1/0 end
     """
     lines = script.splitlines()
 
@@ -553,7 +554,7 @@ async def test_a_delay_that_is_not_finite_is_a_lua_error_and_the_stage_goes_on(t
                 found = [e for e in capture.events if "Lua error" in e.get("log_format", "")]
                 return [f"{e['where']}: {e['error'].splitlines()[0]}" for e in found]
 
-            await wait_for(lambda: len(errors()) == 4 and logged(capture, "serving"), 20, "four Lua errors")
+            await wait_for(lambda: len(errors()) == 5 and logged(capture, "serving"), 20, "five Lua errors")
         finally:
             await server.stop()
     where = f"lua/main.lua:{line('local function try')}"
@@ -572,6 +573,7 @@ async def test_a_delay_that_is_not_finite_is_a_lua_error_and_the_stage_goes_on(t
             "stage.addtask: the delay must be a finite number of ms, not nan",
             f"task: lua/main.lua:{line('return 1/0')}: {ends('task', 'inf')}",
             f"job of key 0: lua/main.lua:{line('submit(0, function() return 0/0')}: {ends('job', 'nan')}",
+            f"idle function: lua/main.lua:{line('return -1/0')}: {ends('idle function', '-inf')}",
         ]
     )
     assert logged(capture, "serving") == [["3"]]
