@@ -9,6 +9,10 @@ frames and encodes frames back, within the IN/OUT limits:
   dict/list/str/bytes/int/float/bool/None — never code, whatever type the peer sent;
 - ``json``: JSON documents, one per line (on a WebSocket, one per text message), data only.
 
+A decoded frame is data Lua can hold: a document nested deeper than ``MAX_DEPTH``, or a JSON
+integer beyond 64 bits or string with a lone surrogate escape (``"\\ud800"``, not text), does not
+decode (``FrameError``), like malformed bytes.
+
 On a WebSocket (``ws``, ``wss``) one message is one frame: only ``decode``/``payload`` and the
 limits are used, ``split``/``wrap`` are not; ``binary`` says which message type a framing sends.
 
@@ -39,6 +43,7 @@ _URL = re.compile(
 _LENGTH = struct.Struct("<I")
 _BSON_OPTIONS: CodecOptions[dict[str, Any]] = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_MS)
 MAX_DEPTH = 64  # levels of a received document: stagetx.codec.MAX_DEPTH, what Lua can receive
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1  # a Lua integer
 
 Data = bytes | dict | list | str | int | float | bool | None
 
@@ -305,7 +310,7 @@ class JsonFraming(TextFraming):
             document = json.loads(payload)
         except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
             raise FrameError(f"bad JSON document: {err}") from None
-        _check_depth(document, 0)
+        _check_lua(document, 0)
         return document  # type: ignore[no-any-return]
 
     def payload(self, value: Data) -> bytes:
@@ -377,13 +382,34 @@ def _bson_safe(value: Any) -> Any:
     raise FrameError(f"a bson socket cannot send {_kind(value)}")
 
 
-def _check_depth(value: Any, depth: int) -> None:
-    """Refuse a received document nested deeper than Lua can receive (``MAX_DEPTH``)."""
-    if isinstance(value, (dict, list)):
+def _check_lua(value: Any, depth: int) -> None:
+    """Refuse a received JSON document Lua cannot hold (``FrameError``): nested deeper than
+    ``MAX_DEPTH``, an integer beyond 64 bits, a string (or key) with a lone surrogate."""
+    if isinstance(value, str):
+        if not value.isascii():
+            _check_text(value)
+    elif isinstance(value, dict):
         if depth >= MAX_DEPTH:
             raise FrameError(f"JSON document nested deeper than {MAX_DEPTH} levels")
-        for item in value.values() if isinstance(value, dict) else value:
-            _check_depth(item, depth + 1)
+        for key, item in value.items():
+            if not key.isascii():
+                _check_text(key)
+            _check_lua(item, depth + 1)
+    elif isinstance(value, list):
+        if depth >= MAX_DEPTH:
+            raise FrameError(f"JSON document nested deeper than {MAX_DEPTH} levels")
+        for item in value:
+            _check_lua(item, depth + 1)
+    elif type(value) is int and not _INT_MIN <= value <= _INT_MAX:
+        raise FrameError(f"bad JSON document: integer {value} does not fit 64 bits (a Lua integer)")
+
+
+def _check_text(value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = value[err.start]
+        raise FrameError(f"bad JSON document: a lone surrogate \\u{ord(bad):04x} in a string (not text)") from None
 
 
 def _json_safe(value: Any) -> Any:

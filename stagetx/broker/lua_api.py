@@ -27,8 +27,9 @@ is a string or number, or a table on a ``bson``/``json`` socket. Addresses are p
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from importlib import resources
+from math import isfinite
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import reactor as global_reactor
@@ -55,9 +56,9 @@ from stagetx.broker.traffic import Traffic
 from stagetx.broker.websocket import connect_ws, listen_ws, set_page
 from stagetx.codec import CodecError, pack_lua, pack_py, unpack_lua, unpack_py
 from stagetx.config import TlsConfig
-from stagetx.lua.api import lua_text, text
+from stagetx.lua.api import defined_at, lua_text, text
 from stagetx.lua.sandbox import on_new_sandbox
-from stagetx.lua.workers import QueueFull, workers_of
+from stagetx.lua.workers import QueueFull, job_again, workers_of
 
 if TYPE_CHECKING:
     from stagetx.lua.runtime import LuaVM
@@ -74,6 +75,7 @@ def install(stage: Any) -> None:
     kept = stage.handover.get("broker")
     api = BrokerAPI(stage.vm, stage.context.process, stage.context.log, stage.context.clock, kept=kept)
     api.traffic = stage.traffic
+    api.report = stage.api.report
     stage.broker = api
     api.socket = _load(stage.vm, api.host())
 
@@ -145,7 +147,7 @@ class LuaHandler:
             if reply.__class__ is bytes:
                 sock.send(reply, addr)  # the common case: no conversion
             elif reply is not None:
-                api.send(sock, reply, addr)
+                api.reply(sock, reply, addr, receive)
 
     def closed(self, sock: Socket) -> None:
         state = sock.state
@@ -243,6 +245,7 @@ class BrokerAPI(_Reads):
         self.kept = kept  # the endpoints the previous runtime left (a reload), until claimed
         self.detached = False  # its endpoints are parked for the next runtime (a reload under way)
         self.traffic: Traffic | None = None  # the stage's client totals, parent of each endpoint's
+        self.report: Callable[[bytes, bytes, bytes], None]  # the stage's Lua error report (StageAPI.report)
 
     def host(self) -> dict[str, Any]:
         return {
@@ -348,8 +351,8 @@ class BrokerAPI(_Reads):
         if key == b"page":
             return self.set_page(endpoint, value)
         if key == b"expire":
-            if not isinstance(value, (int, float)) and value is not None:
-                return None, b"broker listener: expire is a number of ms"
+            if value is not None and (not isinstance(value, (int, float)) or not isfinite(value)):
+                return None, b"broker listener: expire is a finite number of ms"
             endpoint.set_expire(value or 0)
         elif value is not None and self.vm.lua_type(value) != "function":
             return None, lua_text(f"broker listener: {text(key)} must be a function")
@@ -382,21 +385,25 @@ class BrokerAPI(_Reads):
         sock = self.registry.get(sid)
         if sock is None:
             return False, lua_text(f"socket {sid} is closed")
-        return self.send(sock, value, addr, raise_errors=True)
+        return self.send(sock, value, addr)
 
-    def send(self, sock: Socket, value: Any, addr: Any, raise_errors: bool = False) -> tuple[Any, ...]:
+    def send(self, sock: Socket, value: Any, addr: Any) -> tuple[Any, ...]:
         """Send a Lua value on ``sock``: ``(True,)``, ``(False, reason)`` or ``(None, error)`` to raise."""
         try:
             data = value if isinstance(value, bytes) else self.to_py(value)
             reason = sock.send(data, addr if isinstance(addr, bytes) else None)
         except (FrameError, CodecError) as err:
-            message = f"broker socket {sock.id}: {err}"
-            if not raise_errors:
-                self.log.error("{message}", message=message)
-            return None, lua_text(message)
+            return None, lua_text(f"broker socket {sock.id}: {err}")
         if reason is None:
             return (True,)
         return False, lua_text(reason)
+
+    def reply(self, sock: Socket, value: Any, addr: bytes | None, receive: Any) -> None:
+        """Send what ``receive`` returned; a value the framing cannot carry is that function's Lua
+        error (it returned, so where it is defined is the line to name), the socket keeps serving."""
+        ok, *why = self.send(sock, value, addr)
+        if ok is None:
+            self.report(b"broker receive", b"", lua_text(f"{defined_at(self.vm, receive)}: reply not sent: ") + why[0])
 
     def close(self, sid: Any) -> None:
         """``broker.close``/``socket.close``: a socket or a whole endpoint of this stage."""
@@ -416,13 +423,13 @@ class BrokerAPI(_Reads):
             sock = self.registry.get(target)
             if sock is None:
                 return False, lua_text(f"no socket {target}")
-            return self.send(sock, value, None, raise_errors=True)
+            return self.send(sock, value, None)
         if not isinstance(target, bytes):
             return None, b"broker.signal: the target is a socket id or a packed address"
         sock = self.by_address(target)
         if sock is None:
             return False, lua_text("no socket for that address")
-        return self.send(sock, value, target, raise_errors=True)
+        return self.send(sock, value, target)
 
     def by_address(self, packed: bytes) -> Socket | None:
         """The socket ``broker.signal`` uses for an address: a TCP client connected from it, else
@@ -599,9 +606,7 @@ class SocketJob:
             sandbox.api.report(self.label.encode(), b"", lua_text(str(err)))
             return None
         ok, *results = vm.call(self.label, f, broker.socket(self.sid), *args)
-        again = results[0] if ok and results else None
-        if isinstance(again, bool) or not isinstance(again, (int, float)) or again <= 0:
-            return None
+        again = job_again(sandbox, self.label, f, results[0] if ok and results else None)
         return again if self.sid in self.registry.sockets else None
 
 

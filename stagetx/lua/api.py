@@ -9,6 +9,7 @@ the prelude raises them at the script's own line.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -68,6 +69,29 @@ def text(value: Any) -> str:
 
 def lua_text(value: str) -> bytes:
     return value.encode("utf-8", "surrogateescape")
+
+
+def again_ms(value: Any) -> float | None:
+    """The ms a task, job or idle function asked to run again after (its first result: a number
+    > 0), or None: it ends. ``ValueError`` for nan or ±inf, which no timer can wait for (Twisted
+    asserts on nan; an infinite wait would hold its timer, and a job's queue slot, for ever)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not math.isfinite(value):
+        raise ValueError(f"returned {value} as its next delay, not a finite number of ms: it ends")
+    return value if value > 0 else None
+
+
+_DEFINED_AT = "local info = debug.getinfo(..., 'S'); return info.short_src .. ':' .. info.linedefined"
+
+
+def defined_at(vm: LuaVM, f: Any) -> str:
+    """``"main.lua:12"``, where Lua function ``f`` is defined: the line to name for an error in
+    what ``f`` returned, found after it returned (rare: compiled each time, nothing kept)."""
+    try:
+        return text(vm.lua.execute(_DEFINED_AT, f))
+    except Exception:  # lupa's LuaError: not a Lua function, or the script replaced debug.getinfo
+        return "?"
 
 
 class StageAPI:
@@ -276,10 +300,15 @@ class StageAPI:
 
     def _fire(self, task: Task) -> None:
         ok, *results = self.vm.call("task", task.f, *task.args)
-        again = results[0] if ok and results else None
-        if task.cancelled or not isinstance(again, (int, float)) or again <= 0:
+        if task.cancelled or not ok or not results:
             return
-        task.call = self.stage.clock.callLater(again / 1000.0, self._fire, task)
+        try:
+            again = again_ms(results[0])
+        except ValueError as err:
+            self.report(b"task", b"", lua_text(f"{defined_at(self.vm, task.f)}: the task {err}"))
+            return
+        if again is not None:
+            task.call = self.stage.clock.callLater(again / 1000.0, self._fire, task)
 
     # -- shared process state ---------------------------------------------------------------------
     def once(self, key: Any, mark: bool) -> bool:

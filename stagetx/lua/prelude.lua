@@ -611,6 +611,9 @@ function stage.addtask(i, f, ...)
         return
     end
     if type(i) ~= "number" then error("stage.addtask: the delay must be a number of ms", 2) end
+    if i ~= i or i == huge or i == -huge then  -- no timer waits nan or for ever
+        error("stage.addtask: the delay must be a finite number of ms, not " .. (i ~= i and "nan" or tostring(i)), 2)
+    end
     if type(f) ~= "function" then error("stage.addtask: the task must be a function", 2) end
     return host.addtask(i, f, ...)
 end

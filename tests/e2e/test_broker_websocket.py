@@ -252,6 +252,52 @@ async def test_json_and_bson_framings_carry_tables(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_json_lua_cannot_hold_closes_with_1008_and_the_others_keep_serving(tmp_path: Path) -> None:
+    port = free_port()
+    script = f"""
+        broker.ready("ws://127.0.0.1:{port}/json?json", function(socket)
+            return function(s, doc) return {{id = doc.id}} end
+        end)
+    """
+    async with RunningStage(tmp_path, script) as run:
+        keeper = await ws_connect(port, "/json")
+        for document in (b'{"op":"top","id":123456789012345678901234567890}', b'{"op":"login","user":"\\ud800"}'):
+            client = await ws_connect(port, "/json")
+            client.transport.write(frame(0x1, document))
+            await wait_for(lambda c=client: c.closed, WAIT, "a document Lua cannot hold to close its socket")
+            assert client.code == 1008
+        warnings = [line for line in run.text().splitlines() if "closed: bad JSON document" in line]
+        assert len(warnings) == 2 and "does not fit 64 bits" in warnings[0] and "lone surrogate" in warnings[1]
+        assert "Unhandled" not in run.text()
+        keeper.send('{"id":7}')
+        await wait_for(lambda: keeper.messages == ['{"id":7}'], WAIT, "the other socket to keep serving")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reply_the_framing_cannot_carry_is_a_lua_error_and_the_socket_keeps_serving(tmp_path: Path) -> None:
+    port = free_port()
+    script = f"""
+        local l = broker.ready("ws://127.0.0.1:{port}/json?json", function(socket)
+            return function(s, doc)
+                if doc.op == "fn" then return {{f = print}} end
+                if doc.op == "nan" then return {{n = 0/0}} end
+                return {{id = doc.id}}
+            end
+        end)
+        log4cxx.info("expire", select(2, pcall(function() l.expire = 0/0 end)))
+    """
+    async with RunningStage(tmp_path, script) as run:
+        assert "broker listener: expire is a finite number of ms" in run.said("expire")[0][0]
+        keeper = await ws_connect(port, "/json")
+        keeper.send('{"op":"fn"}', '{"op":"nan"}', '{"id":7}')
+        await wait_for(lambda: keeper.messages == ['{"id":7}'], WAIT, "the socket to keep serving")
+        errors = [line for line in run.text().splitlines() if "Lua error in broker receive" in line]
+        assert len(errors) == 2 and all("a.lua:3: reply not sent: broker socket" in e for e in errors), errors
+        assert "cannot send" in errors[0] and "Out of range float values are not JSON compliant" in errors[1]
+        assert not keeper.closed
+
+
+@pytest_twisted.ensureDeferred
 async def test_join_a_websocket_server_expire_and_a_page_for_browsers(tmp_path: Path) -> None:
     port, dead = free_port(), free_port()
     idle_port = free_port()

@@ -523,3 +523,58 @@ async def test_late_replies_to_removed_auto_ids_are_counted_in_one_line(tmp_path
     # get there before "done"), never a line per reply
     assert 1 <= len(late) <= 2 and late[0]["count"] == 1
     assert [e["msgid"] for e in warnings if e not in late] == ["named"]  # the named id's own warning
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_delay_that_is_not_finite_is_a_lua_error_and_the_stage_goes_on(tmp_path: Path) -> None:
+    script = """
+        local function try(ms) log4cxx.info("call", select(2, pcall(function() stage.addtask(ms, print) end))) end
+        try(0/0)
+        try(-1/0)
+        stage.addtask(1, function() return 0/0 end)
+        stage.submit(0, function() stage.addtask(0/0, function() end) end)
+        stage.submit(0, function() stage.addtask(1, function() return 1/0 end) end)
+        stage.submit(0, function() return 0/0 end)
+        stage.addtask(5, function(n) if n < 3 then return 5 end end, 0)
+        local n = 0
+        stage.addtask(5, function() n = n + 1; if n < 3 then return 5 end; log4cxx.info("serving", n) end)
+        return function() return -1/0 end
+    """
+    lines = script.splitlines()
+
+    def line(text: str) -> int:
+        return next(n for n, source in enumerate(lines, 1) if text in source)
+
+    with LogCapture() as capture:
+        server = InProcessServer(lua_app(tmp_path, {"main": script}))
+        await server.start()
+        try:
+
+            def errors() -> list[str]:
+                found = [e for e in capture.events if "Lua error" in e.get("log_format", "")]
+                return [f"{e['where']}: {e['error'].splitlines()[0]}" for e in found]
+
+            await wait_for(lambda: len(errors()) == 5 and logged(capture, "serving"), 20, "five Lua errors")
+        finally:
+            await server.stop()
+    where = f"lua/main.lua:{line('local function try')}"
+    assert logged(capture, "call") == [
+        [f"{where}: stage.addtask: the delay must be a finite number of ms, not nan"],
+        [f"{where}: stage.addtask: the delay must be a finite number of ms, not -inf"],
+    ]
+
+    def ends(what: str, value: str) -> str:
+        return f"the {what} returned {value} as its next delay, not a finite number of ms: it ends"
+
+    assert sorted(errors()) == sorted(
+        [
+            f"task: lua/main.lua:{line('return 0/0 end)')}: {ends('task', 'nan')}",
+            f"job of key 0: lua/main.lua:{line('stage.addtask(0/0')}: "
+            "stage.addtask: the delay must be a finite number of ms, not nan",
+            f"task: lua/main.lua:{line('return 1/0')}: {ends('task', 'inf')}",
+            f"job of key 0: lua/main.lua:{line('submit(0, function() return 0/0')}: {ends('job', 'nan')}",
+            f"idle function: lua/main.lua:{line('return -1/0')}: {ends('idle function', '-inf')}",
+        ]
+    )
+    assert logged(capture, "serving") == [["3"]]
+    assert not [e for e in capture.events if e["log_level"].name == "critical"]

@@ -213,3 +213,29 @@ def test_json_framing_is_lines_of_data_only_documents() -> None:
     for unsendable in (b"\xff", float("nan")):
         with pytest.raises(FrameError):
             framing.payload(unsendable)
+
+
+@pytest.mark.parametrize(
+    ("document", "why"),
+    [
+        (b'{"op":"top","id":123456789012345678901234567890}', "integer 123456789012345678901234567890 does not fit"),
+        (b"[9223372036854775808]", "does not fit 64 bits"),
+        (b"[-9223372036854775809]", "does not fit 64 bits"),
+        (b'{"user":"\\ud800"}', "a lone surrogate \\ud800"),
+        (b'{"\\udcff":1}', "a lone surrogate \\udcff"),
+    ],
+)
+def test_json_that_lua_cannot_hold_does_not_decode(document: bytes, why: str) -> None:
+    with pytest.raises(FrameError, match="bad JSON document") as raised:
+        JsonFraming(1 << 10, 1 << 10).decode(document)
+    assert why in str(raised.value)
+
+
+def test_json_at_the_edges_of_what_lua_holds_decodes() -> None:
+    document = b'{"min":-9223372036854775808,"max":9223372036854775807,"pair":"\\ud83d\\ude00","\xc3\xa9":"\xc3\xa9"}'
+    assert JsonFraming(1 << 10, 1 << 10).decode(document) == {
+        "min": -(2**63),
+        "max": 2**63 - 1,
+        "pair": "\U0001f600",
+        "é": "é",
+    }

@@ -245,3 +245,14 @@ def test_a_unit_without_candidates_fails_the_round_once_the_rest_is_taken() -> N
     assert failed == []
     assert offers.accept(rnd.token, A) is not None
     assert failed == [rnd]
+
+
+@pytest.mark.parametrize("ms", [float("nan"), float("inf"), float("-inf")])
+def test_a_pause_that_is_not_finite_is_refused(ms: float) -> None:
+    clock, subs, _ = make_subs()
+    subs.update(A, ({b"chat": b"cb"},))
+    assert subs.update(A, ({b"chat": ms},)) == [
+        f"chat: a pause is a finite number of ms (false pauses until true), not {ms}"
+    ]
+    assert subs.update(A, (ms,)) == [f"a pause is a finite number of ms (false pauses until true), not {ms}"]
+    assert subs.candidates("chat")[1] == {A: "cb"}

@@ -185,3 +185,22 @@ def test_the_original_table_form_takes_one_ticket_per_callback_id() -> None:
     assert results[b"b"].startswith("@")
     context.clock.advance(1.0)
     assert [(target, values) for target, values, _ in context.take()] == [(at(REQ_A, "b"), (2,))]
+
+
+def test_a_hold_or_close_time_that_is_not_finite_is_logged_and_changes_nothing() -> None:
+    context, stage = make()
+    request(stage, REQ_A, "db=cb?fb", 1)
+    ticket_id = context.take()[0][1][1]
+    request(stage, REQ_B, "db=cb", 2)
+    for ms in (float("nan"), float("inf")):
+        stage.receive(Message(f"#{ticket_id}", pack_py((ms,)), REQ_A, None))
+        stage.receive(Message("@event", pack_py((1, ms)), REQ_A, None))
+    problems = [e["problem"] for e in context.events]
+    assert problems == [
+        "a hold is a finite number of ms, not nan",
+        "a temporary category needs (limit, close_ms), close_ms a finite number",
+        "a hold is a finite number of ms, not inf",
+        "a temporary category needs (limit, close_ms), close_ms a finite number",
+    ]
+    context.clock.advance(1.0)  # the default hold ends as if nothing had come: the waiter's turn
+    assert [v for _, v, _ in context.take()] == [(2,)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Hashable
+from math import isfinite
 from typing import Any
 
 import attrs
@@ -23,6 +24,10 @@ from stagetx.stages.checks import MAX_MS, milliseconds
 
 DEFAULT_EXPIRE = 30.0  # seconds without any route:@ before a subscriber is forgotten
 DEFAULT_OFFER = 0.3  # seconds an offer round waits for acceptances
+
+
+#: A pause of nan ms would never end (nothing compares with nan); pausing for ever is ``false``.
+_NOT_FINITE = "a pause is a finite number of ms (false pauses until true), not {}"
 
 
 class RouteConfigError(ValueError):
@@ -150,9 +155,9 @@ class Subscriptions:
         elif value is True:
             problems = []
         elif type(value) in (int, float):
-            if sub is not None:
+            problems = [] if isfinite(value) else [_NOT_FINITE.format(value)]
+            if sub is not None and not problems:
                 sub.paused_until = self._clock.seconds() + value / 1000.0
-            problems = []
         else:
             problems = [f"a route:@ value is a table, true, a number or nil, not {value!r}"]
         if sub is not None:
@@ -239,6 +244,8 @@ class Subscriptions:
         if type(value) is bool:
             reg.paused, reg.paused_until = not value, 0.0
         elif type(value) in (int, float):
+            if not isfinite(value):
+                return f"{subscribe_id}: {_NOT_FINITE.format(value)}"
             reg.paused, reg.paused_until = False, self._clock.seconds() + value / 1000.0
         else:
             return f"{subscribe_id}: a callback id, true, false, ms or stage.null, not {value!r}"

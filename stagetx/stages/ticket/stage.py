@@ -18,6 +18,7 @@ this stage receives:
 
 from __future__ import annotations
 
+from math import isfinite
 from typing import Any, cast
 
 import attrs
@@ -148,8 +149,11 @@ class Stage:
 
     def _hold(self, message: Message) -> None:
         values = message.values
-        if values and type(values[0]) in (int, float) and not isinstance(values[0], bool):
-            self._book.extend(message.msgid[1:], values[0] / 1000.0)
+        if values and type(values[0]) in (int, float):
+            if isfinite(values[0]):
+                self._book.extend(message.msgid[1:], values[0] / 1000.0)
+            else:  # no timer waits nan; a hold for ever is not a hold
+                self._warn(message, f"a hold is a finite number of ms, not {values[0]}")
 
     def _broadcast(self, message: Message) -> None:
         category = message.msgid[1:]
@@ -162,17 +166,18 @@ class Stage:
         limit = values[0] if values else None
         close_ms = values[1] if len(values) > 1 else None
         problem: str | None
-        if type(close_ms) is int or type(close_ms) is float:  # not bool
+        if (type(close_ms) is int or type(close_ms) is float) and isfinite(close_ms):  # not bool, nan or inf
             problem = self._book.create(message.msgid[1:], limit, close_ms / 1000.0)
         else:
-            problem = "a temporary category needs (limit, close_ms)"
+            problem = "a temporary category needs (limit, close_ms), close_ms a finite number"
         if problem is not None:
-            self._context.log.warn(
-                "ticket: {msgid} from {stage}: {problem}",
-                msgid=message.msgid,
-                stage=message.sender.stage,
-                problem=problem,
-            )
+            self._warn(message, problem)
+
+    def _warn(self, message: Message, problem: str) -> None:
+        """A message this stage cannot act on: logged, nothing else happens."""
+        self._context.log.warn(
+            "ticket: {msgid} from {stage}: {problem}", msgid=message.msgid, stage=message.sender.stage, problem=problem
+        )
 
     def _effect(self, effect: Effect) -> None:
         """Carry out one decision of the book."""
