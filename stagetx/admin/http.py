@@ -24,7 +24,8 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
-from twisted.web.resource import NoResource, Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
@@ -151,9 +152,9 @@ class StaticFiles(File):
     """``twisted.web.static.File`` that answers 404 for a path holding a NUL byte (which the file
     system calls would raise on)."""
 
-    def getChild(self, path: bytes, request: Request) -> Resource:
+    def getChild(self, path: bytes, request: Request) -> IResource:
         if b"\0" in path:
-            return NoResource()
+            return notFound()
         return super().getChild(path, request)
 
 
