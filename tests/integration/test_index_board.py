@@ -180,6 +180,18 @@ async def test_forEach_pages_from_a_rank(ten) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_start_score_or_id_alone_is_one_row_as_on_the_original(ten) -> None:
+    """The original's COUNT (and DELTA) default to 0 and it reads at least one row: who is at
+    rank N, the highest score at most S, a member's own row."""
+    assert [(r["k"], r["d"]) for r in (await ten({b"forEach:b": [3]}))[b"forEach:b"]] == [(b"m7", 3)]
+    assert (await ten({b"forEach:b": [11]}))[b"forEach:b"] == []
+    assert [(r["k"], r["i"]) for r in (await ten({b"range:b": [55]}))[b"range:b"]] == [(b"m5", 50)]
+    assert [(r["k"], r["d"]) for r in (await ten({b"range:b": [b"m4"]}))[b"range:b"]] == [(b"m4", 6)]
+    assert (await ten({b"range:b": [b"nobody"]}))[b"range:b"] == []
+    assert (await ten({b"forEach:b": [1, 2, 3]}))[b"forEach:b"] == {"error": "forEach takes {START, COUNT} or {START}"}
+
+
+@pytest_twisted.ensureDeferred
 async def test_delete_removes_the_member_from_every_tier(run, boards, backend) -> None:
     (await run({b"set:b": {b"a": {b"I": [5, 6]}, b"b": {b"i": 1}}}))
     assert (await run({b"del:b": [b"a", b"ghost"]})) == {b"del:b": 1}
@@ -219,9 +231,9 @@ async def test_writes_run_before_reads_unless_ordered(run) -> None:
         (b"get:b", 5),
         (b"g?", [b"a"]),
         (b"x?b", [b"a"]),
-        (b"range:b", [1]),
+        (b"range:b", [1, 2, 3]),
         (b"range:b", [b"a", b"x"]),
-        (b"forEach:b", [1]),
+        (b"forEach:b", [1, 2, 3]),
         (1, [b"a"]),
     ],
 )

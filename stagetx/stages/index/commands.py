@@ -227,14 +227,18 @@ class Executor:
         return [self._member(member) for member in _sequence(argument, usage)]
 
     def range_query(self, argument: Any) -> tuple[Score, int] | tuple[bytes, int, int]:
-        """A ``range`` argument checked: ``(score, count)``, or ``(member, rows before it, count)``."""
-        usage = "range takes {SCORE, COUNT}, {ID, DELTA, COUNT} or {ID, DELTA}"
+        """A ``range`` argument checked: ``(score, count)``, or ``(member, rows before it, count)``.
+        ``{SCORE}`` and ``{ID}`` alone are one row, as on the original (its COUNT and DELTA
+        default to 0 and it reads at least the first row): the highest at most SCORE, ID's own."""
+        usage = "range takes {SCORE, COUNT}, {ID, DELTA, COUNT}, {ID, DELTA}, {SCORE} or {ID}"
         items = _sequence(argument, usage)
-        if len(items) == 2 and _is_score(items[0]):
-            return items[0], _integer(items[1], usage)
-        if len(items) not in (2, 3) or _is_score(items[0]):
+        if len(items) in (1, 2) and _is_score(items[0]):
+            return items[0], _integer(items[1], usage) if len(items) == 2 else 1
+        if len(items) not in (1, 2, 3) or _is_score(items[0]):
             raise RequestError(usage)
         member = self._member(items[0])
+        if len(items) == 1:
+            return member, 0, 1
         delta = _integer(items[1], usage)
         if len(items) == 3:
             return member, delta, _integer(items[2], usage)
@@ -345,12 +349,13 @@ class Executor:
 
 
 def for_each_query(argument: Any) -> tuple[int, int]:
-    """A ``forEach`` argument checked: ``(first rank, count)``."""
-    usage = "forEach takes {START, COUNT}"
+    """A ``forEach`` argument checked: ``(first rank, count)``; ``{START}`` alone is the row at
+    rank START, as on the original (its COUNT defaults to 0 and it reads at least one row)."""
+    usage = "forEach takes {START, COUNT} or {START}"
     items = _sequence(argument, usage)
-    if len(items) != 2:
+    if len(items) not in (1, 2):
         raise RequestError(usage)
-    return _integer(items[0], usage), _integer(items[1], usage)
+    return _integer(items[0], usage), _integer(items[1], usage) if len(items) == 2 else 1
 
 
 def _set_spec(tier: int, spec: Any) -> tuple[dict[int, Score], Any, bool]:
