@@ -139,6 +139,10 @@ class _Server(WebSocketServerProtocol):
         super().__init__()
         self.sock = WebSocket(endpoint, self)
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        _no_delay(self.transport)
+
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
         if self.state == self.STATE_CONNECTING and len(self.data) > MAX_HANDSHAKE:
@@ -172,6 +176,13 @@ class _Server(WebSocketServerProtocol):
             self.sendHtml(page)
         else:
             self.sendHttpErrorResponse(404, "Not Found")
+
+
+def _no_delay(transport: Any) -> None:
+    """Small frames must not wait for the peer's delayed ACK (Nagle: about 40 ms for the second
+    of two frames sent back to back), as on the TCP broker sockets. autobahn means to set it but
+    reads its option before the factory has copied it to the protocol, and lets that pass."""
+    transport.setTcpNoDelay(True)
 
 
 def _protocol_options(endpoint: Endpoint) -> dict[str, Any]:
@@ -212,6 +223,10 @@ class _Client(WebSocketClientProtocol):
         super().__init__()
         self.sock = WebSocket(endpoint, self)
         self.opened = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        _no_delay(self.transport)
 
     def onOpen(self) -> None:
         self.opened = True

@@ -158,6 +158,25 @@ async def test_text_messages_echo_refuse_fragments_and_close_callbacks(tmp_path:
 
 
 @pytest_twisted.ensureDeferred
+async def test_websocket_connections_send_small_frames_without_delay(tmp_path: Path) -> None:
+    """TCP_NODELAY on both ends' sockets, as on the TCP broker sockets: with Nagle on, the second
+    of two small frames sent back to back waits for the peer's delayed ACK (about 40 ms)."""
+    port = free_port()
+    script = f"""
+        broker.ready("ws://127.0.0.1:{port}/play?text", function() return function(s, data) return data end end)
+        dialled = broker.join("ws://127.0.0.1:{port}/play?text", function() return function() end end)
+    """
+    async with RunningStage(tmp_path, script) as run:
+        client = await ws_connect(port, "/play")
+        registry = run.server.hosts[0].stages[0].stage.broker.registry
+        await wait_for(lambda: len(registry.sockets) == 3, WAIT, "the client's, the listener's and the dialled socket")
+        for sock in registry.sockets.values():  # the client's and the dialled connection, both ends
+            handle = sock.transport.getHandle()
+            assert handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), sock
+        client.leave()
+
+
+@pytest_twisted.ensureDeferred
 async def test_limits_close_with_1009_and_protocol_errors_close_only_that_socket(tmp_path: Path) -> None:
     port = free_port()
     script = f"""
