@@ -29,7 +29,9 @@ class StageCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         p = ["process"]
         s = ["process", "stage", "type"]
-        up = GaugeMetricFamily("stagetx_process_up", "1 when the process is linked and its stages started", labels=p)
+        up = GaugeMetricFamily(
+            "stagetx_process_up", "1 when the process is linked, its stages started and it reports", labels=p
+        )
         restarts = CounterMetricFamily("stagetx_process_restarts", "restarts of the process", labels=p)
         rss = GaugeMetricFamily("stagetx_process_rss_bytes", "resident memory of the process", labels=p)
         queue = GaugeMetricFamily("stagetx_process_queue_length", "messages waiting in the router", labels=p)
@@ -66,7 +68,10 @@ class StageCollector(Collector):
         for status in self.supervisor.status():
             proc = str(status.group + 1)
             child = children[status.group] if children else None
-            up.add_metric([proc], 1.0 if child is not None and child.ready and status.pid else 0.0)
+            serving = (
+                child is not None and child.ready and status.pid and self.supervisor.unresponsive(status.group) is None
+            )
+            up.add_metric([proc], 1.0 if serving else 0.0)
             restarts.add_metric([proc], status.restarts)
             snap = child.snapshot if child is not None else None
             if snap is None:

@@ -173,7 +173,7 @@ def test_kill_9_of_the_supervisor_leaves_no_orphans(tmp_path: Path) -> None:
 
 def test_a_stuck_process_is_reported_unresponsive_then_killed_and_restarted(tmp_path: Path) -> None:
     """A process whose reactor stops beating (SIGSTOP: nothing it runs can answer) shows as
-    ``unresponsive`` in ``list`` and ``/health`` within 2 × its 1 s report beat, and is killed and
+    ``unresponsive`` in ``list``, ``/health`` and ``/metrics`` within 2 × its 1 s report beat, and is killed and
     restarted after ``--unresponsive-restart``."""
     from tests.e2e.test_operations_e2e import ADMIN, Console, admin_ports, http
 
@@ -195,6 +195,9 @@ def test_a_stuck_process_is_reported_unresponsive_then_killed_and_restarted(tmp_
             assert time.monotonic() - stopped <= 2 * 1.0 + 1.0 + 2.0  # 2 beats, the last report's age, slack
             status, body = http(ports["http"], "/health")
             assert status == 503 and b"process 2 is unresponsive" in body
+            metrics = http(ports["http"], "/metrics")[1]
+            assert b'stagetx_process_up{process="2"} 0.0' in metrics
+            assert b'stagetx_process_up{process="1"} 1.0' in metrics
             assert "yes" in console.ask("list")[1]  # process 1 still fine
             wait_until(lambda: group_pids(server).get(1, stuck) != stuck, 20, "a new process 2")
             assert time.monotonic() - stopped >= 4 - 1.0  # counted from its last report, up to 1 s before

@@ -40,11 +40,15 @@ def test_handler_keys_follow_the_waitfor_matching_order() -> None:
 class _Supervisor:
     """What the metrics collector reads: status() and the control server's children."""
 
-    def __init__(self, snapshot: dict[str, Any]) -> None:
+    def __init__(self, snapshot: dict[str, Any], silent: float | None = None) -> None:
         self.control = type("C", (), {"children": [ChildState(0, ready=True, snapshot=snapshot)]})()
+        self.silent = silent
 
     def status(self) -> list[ChildStatus]:
         return [ChildStatus(0, 1234, 0.0, 2)]
+
+    def unresponsive(self, group: int) -> float | None:
+        return self.silent
 
 
 def test_metrics_render_counters_histograms_and_tickets() -> None:
@@ -78,3 +82,6 @@ def test_metrics_render_counters_histograms_and_tickets() -> None:
     assert 'stagetx_ticket_slots{category="game",process="1",stage="=lua+app",state="waiting"} 2.0' in text
     assert 'stagetx_process_restarts_total{process="1"} 2.0' in text
     assert 'stagetx_process_up{process="1"} 1.0' in text
+    # a process that stopped reporting (its reactor stuck) is not up, as list and /health say
+    silent = render(make_registry(_Supervisor(snapshot, silent=3.5))).decode()  # type: ignore[arg-type]
+    assert 'stagetx_process_up{process="1"} 0.0' in silent
