@@ -27,7 +27,7 @@ from stagetx.stages.checks import MAX_MS, unwritable_file
 from stagetx.stages.registry import SettingsError, stage_type, stage_types
 
 LUA_TYPES = ("lua", "luajit")
-LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "critical")
+LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "critical", "fatal")  # fatal: log4cxx's name of critical
 LUA_DEFAULTS: Mapping[str, Any] = {
     "%package": ["[0]"],
     "%memory": 256 * 1024 * 1024,

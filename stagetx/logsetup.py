@@ -35,12 +35,14 @@ _LEVELS = {
     "info": LogLevel.info,
     "warn": LogLevel.warn,
     "error": LogLevel.error,
+    "critical": LogLevel.critical,
     "fatal": LogLevel.critical,
 }
 
 
 def level_named(name: str) -> LogLevel:
-    return _LEVELS.get(name.lower(), LogLevel.info)
+    """The Twisted level of a level name of ``config.LOG_LEVELS`` (checked there)."""
+    return _LEVELS[name.lower()]
 
 
 #: Namespaces whose info lines are reconnection chatter ("Scheduling retry 1 to connect …"):

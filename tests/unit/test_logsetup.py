@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
-from stagetx.config import LogGroup
-from stagetx.logsetup import log_observers
+from stagetx.config import LOG_LEVELS, LogGroup
+from stagetx.logsetup import level_named, log_observers
 
 
 def emit_to(observers: list, namespace: str, level: str, text: str) -> None:
@@ -49,3 +49,17 @@ def test_the_returned_predicate_changes_levels_at_run_time() -> None:
     predicate.setLogLevelForNamespace("stage.a", LogLevel.debug)
     emit_to(observers, "stage.a", "debug", "now-visible")
     assert "now-visible" in stream.getvalue()
+
+
+def test_every_configurable_level_name_is_its_own_level() -> None:
+    """``critical`` (the config's name) and ``fatal`` (log4cxx's) both keep only critical lines;
+    no accepted name falls back to another level."""
+    assert {name: level_named(name) for name in LOG_LEVELS} == {
+        "trace": LogLevel.debug,
+        "debug": LogLevel.debug,
+        "info": LogLevel.info,
+        "warn": LogLevel.warn,
+        "error": LogLevel.error,
+        "critical": LogLevel.critical,
+        "fatal": LogLevel.critical,
+    }
