@@ -89,7 +89,12 @@ def format_summary(summary: dict[str, Any]) -> list[str]:
     lines = [
         f"load: {summary['players']} players ({summary['connected']} connected), "
         f"{summary['seconds']:.1f} s, {summary['requests']} requests, "
-        f"{summary['throughput']:.1f} req/s, {summary['errors']} errors",
+        f"{summary['throughput']:.1f} req/s, {summary['errors']} errors"
+        + (
+            f", {summary['failed_players']} players failed (could not connect or lost their connection)"
+            if summary["failed_players"]
+            else ""
+        ),
         f"{'message':<8}{'count':>9}{'errors':>8}{'per s':>10}"
         + "".join(f"{title:>9}" for title in ("p50 ms", "p90 ms", "p99 ms", "max ms")),
     ]
