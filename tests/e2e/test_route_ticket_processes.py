@@ -99,3 +99,55 @@ def test_route_and_ticket_across_processes(tmp_path: Path) -> None:
     for who in ("r1", "r2"):
         order = sorted((t, i) for (w, i), t in starts.items() if w == who)
         assert [i for _, i in order] == list(range(1, 101))
+
+
+# A holder that never gives its ticket back, one that extends its hold, one that gives it back at
+# once (a returned 0), and a second never-giving holder; the one slot makes them take turns.
+HOLDER = """
+stage.waitfor("ticket:@", function(what, t)
+  for id, callback in pairs(t) do
+    log4cxx.info("NOTICE", what, id, tostring(callback), string.format("%.6f", process.tick))
+  end
+end)
+local function granted(name, n)
+  log4cxx.info("GRANTED", name, n, _TICKET, string.format("%.6f", process.tick))
+end
+stage.waitfor("keep", function(n) granted("keep", n) end)
+stage.waitfor("longer", function(n) stage.signal(nil, 1500); granted("longer", n) end)
+stage.waitfor("back", function(n) granted("back", n); return 0 end)
+stage.addtask(300, function()
+  stage.signal("ticket:db=keep", 1)
+  stage.signal("ticket:db=longer", 2)
+  stage.signal("ticket:db=back", 3)
+  stage.signal("ticket:db=keep", 4)
+end)
+"""
+
+
+def test_a_hold_that_runs_out_is_told_to_its_holder_in_another_process(tmp_path: Path) -> None:
+    """The original's ``("cancel", {ticket_id = callback_id})`` at ``waitfor("ticket:@")`` when a
+    hold runs out (default 1 s, or as extended); a ticket given back gets no notice."""
+    (tmp_path / "holder.lua").write_text(HOLDER)
+    config = {
+        "#startup": [["=ticket+ticket"], ["=lua+h"]],
+        "=ticket+ticket": [100, {"db": 1}],
+        "=lua+h": {"=lua+h": "holder"},
+    }
+    path = tmp_path / "stage.json"
+    path.write_text(json.dumps(config))
+    with ServerProcess(path) as server:
+        server.wait_for(lambda: len(server.logged("h", "NOTICE")) >= 3, WAIT, "three notices")
+        lines = server.stage_lines("h")
+    granted = {(g[0], g[1]): (g[2], float(g[3])) for g in server.logged("h", "GRANTED")}
+    notices = server.logged("h", "NOTICE")
+    assert [(n[0], n[1], n[2]) for n in notices] == [
+        ("cancel", granted["keep", "1"][0], "keep"),
+        ("cancel", granted["longer", "2"][0], "longer"),
+        ("cancel", granted["keep", "4"][0], "keep"),
+    ]  # none for "back", whose hold ended by its returned 0
+    assert all(ticket.startswith("@") for ticket, _ in granted.values())
+    held = [float(n[3]) - granted[key][1] for n, key in zip(notices, [("keep", "1"), ("longer", "2"), ("keep", "4")])]
+    assert held[0] >= 0.9 and held[1] >= 1.4 and held[2] >= 0.9  # the default hold, then as extended
+    # the holder is told before the slot's next holder is called
+    first_notice = next(i for i, line in enumerate(lines) if line.startswith("NOTICE"))
+    assert first_notice < next(i for i, line in enumerate(lines) if line.startswith("GRANTED\tlonger"))

@@ -78,11 +78,14 @@ end)
 
 REQUESTER = """
 stage.waitfor("fbx", function(req, r) log4cxx.info("FBX", req, tostring(r)) end)
+stage.waitfor("ticket:@", function(what, t)
+  for id, callback in pairs(t) do log4cxx.info("NOTICE", what, id, tostring(callback)) end
+end)
 stage.waitfor("long", function()
   log4cxx.info("LONG", string.format("%.6f", process.tick), tostring(_TICKET))
   stage.signal(nil, 2000)  -- hold the one "ext" slot 2 s instead of hold_ms (1 s)
 end)
-stage.waitfor("after", function()
+stage.waitfor("after", function()  -- never gives its slot back: its hold runs out
   log4cxx.info("AFTER", string.format("%.6f", process.tick), tostring(_TICKET))
 end)
 stage.waitfor("via_addr", function()
@@ -249,6 +252,20 @@ def test_a_callback_on_b_extends_its_hold_and_sees_its_ticket(pair: Any) -> None
     # the one slot was held 2 s (signal(nil, 2000) from B), not hold_ms = 1 s
     assert float(after_at) - float(long_at) >= 1.9
     assert b.logged("rb", "GO") == [["nil"]]
+
+
+def test_holds_that_run_out_on_a_are_told_to_their_holder_on_b(pair: Any) -> None:
+    """``("cancel", {ticket_id = callback_id})`` at B's ``waitfor("ticket:@")`` for the extended
+    and the never-given-back ticket; none for tickets given back (``signal(hold, 0)``, a returned 0)."""
+    _, b = pair
+    ids = {r[0]: r[1] for r in b.logged("rb", "FBX") if r[1].startswith("@")}
+    long_id, after_id = ids["ticket:ext=long?fbx"], ids["ticket:ext=after?fbx"]
+    b.wait_for(lambda: len(b.logged("rb", "NOTICE")) >= 2, WAIT, "the notices of the ext tickets")
+    notices = {n[1]: n for n in b.logged("rb", "NOTICE")}
+    assert notices[long_id] == ["cancel", long_id, "long"]
+    assert notices[after_id] == ["cancel", after_id, "after"]
+    assert ids["ticket:one=via_addr?fbx"] not in notices
+    assert not set(notices) & {r[3] for r in b.logged("rb", "START")}  # the burst gave its slots back
 
 
 def test_a_request_to_the_ticket_stage_of_a_server_given_by_address(pair: Any) -> None:

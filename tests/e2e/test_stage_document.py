@@ -791,7 +791,8 @@ def test_route(server: ServerProcess) -> None:
 
 def test_ticket(server: ServerProcess) -> None:
     """Callbacks with ``_TICKET``, feedback (ticket id then true), ``signal(nil, ms)``,
-    ``ticket:=category`` to holders, and a closing category cancelling its waiting ticket."""
+    ``ticket:=category`` to holders, a closing category cancelling its waiting ticket, and
+    ``ticket:@`` told of that and of every hold that ran out (추가. 1)."""
     callbacks = printed(server, "tk", "CALLBACK")
     assert [line[1] for line in callbacks][:1] == ["1"]
     server.wait_for(lambda: len(printed(server, "tk", "CALLBACK")) == 2, 10, "the second ticket")
@@ -804,6 +805,12 @@ def test_ticket(server: ServerProcess) -> None:
     assert (socket_id, user) == ("7", "alice") and ticket.startswith("@")
     assert printed(server, "tk", "BROADCAST") == [["BROADCAST", "NEWS"]]
     assert printed(server, "tk", "TEMP") == [["TEMP", "1"]]
-    ((_, kind, ticket_id, callback),) = printed(server, "tk", "CONTROL")
-    assert kind == "cancel" and ticket_id.startswith("@") and callback == "temp_cb"
-    assert printed(server, "tk", "TEMP-FEEDBACK")[-1] == ["TEMP-FEEDBACK", "false"]
+    temp_ids = [line[1] for line in printed(server, "tk", "TEMP-FEEDBACK") if line[1].startswith("@")]
+    assert len(temp_ids) == 2 and printed(server, "tk", "TEMP-FEEDBACK")[-1] == ["TEMP-FEEDBACK", "false"]
+    # first the ticket still waiting when its category closed, then each hold as it runs out
+    assert printed(server, "tk", "CONTROL")[0] == ["CONTROL", "cancel", temp_ids[1], "temp_cb"]
+    holds = [("callback_id", line[2]) for line in printed(server, "tk", "CALLBACK")]
+    holds += [("login_query", ticket), ("temp_cb", temp_ids[0])]
+    server.wait_for(lambda: len(printed(server, "tk", "CONTROL")) >= 5, 10, "the notices of the ended holds")
+    notices = sorted(tuple(line[1:]) for line in printed(server, "tk", "CONTROL")[1:])
+    assert notices == sorted(("cancel", ticket_id, callback) for callback, ticket_id in holds)

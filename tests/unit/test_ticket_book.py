@@ -146,6 +146,30 @@ def test_extension_to_zero_releases_now_and_grants_the_next() -> None:
     assert clock.getDelayedCalls()[0].getTime() == 1.0  # the second's hold, from now
 
 
+def test_a_hold_that_runs_out_is_revoked_and_one_given_back_is_not() -> None:
+    """The original revokes a ticket whose hold ran out and tells its holder; ``signal(nil, 0)``
+    gives it back quietly. Running out after an extension is revoked too."""
+    clock, rec, book = make_book(categories={"db": 3})
+    expires, extended, given_back = (book.request("db", "x", n) for n in range(3))
+    assert expires and extended and given_back
+    assert book.extend(extended.id, 2.5)
+    assert book.extend(given_back.id, 0)
+    clock.advance(1.0)
+    clock.advance(1.5)
+    released = [(t, e.ticket, e.revoked) for t, e in rec.effects if isinstance(e, Released)]
+    assert released == [(0.0, given_back, False), (1.0, expires, True), (2.5, extended, True)]
+
+
+def test_a_holder_of_a_closed_category_is_revoked_when_its_hold_runs_out() -> None:
+    clock, rec, book = make_book()
+    assert book.create("event", 1, 0.5) is None
+    held = book.request("event", "x", 1)
+    clock.advance(0.5)
+    assert "event" not in book.stats() and rec.of(Released) == []
+    clock.advance(0.5)
+    assert rec.of(Released) == [Released(held, True)]
+
+
 def test_temporary_category_closes_cancels_waiters_and_keeps_holders() -> None:
     clock, rec, book = make_book(max_tickets=10)
     assert book.create("event", 2, 5.0) is None

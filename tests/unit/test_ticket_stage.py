@@ -61,6 +61,17 @@ def request(stage: Stage, sender: Sender, written: str, *values: Any) -> None:
     stage.receive(Message(msgid, pack_py(values), sender, at(sender, reply) if eq else None))
 
 
+def ticket_of(call: tuple[str, tuple[Any, ...], str | None]) -> str:
+    """The ticket id a callback was sent with: its reply id without the ``#``."""
+    assert call[2] is not None
+    return call[2].rpartition("/#")[2]
+
+
+def notice(sender: Sender, ticket_id: str, callback: str | bool) -> tuple[str, tuple[Any, ...], None]:
+    """The ``ticket:@`` message telling ``sender`` its ticket ``ticket_id`` was ended for it."""
+    return (at(sender, "ticket:@"), ("cancel", {ticket_id: callback}), None)
+
+
 def make(config: Any = None) -> tuple[RecordingContext, Stage]:
     context = RecordingContext()
     return context, Stage(context, config or [10, {"db": 1}])
@@ -87,11 +98,14 @@ def test_waiters_are_called_in_order_when_holds_expire() -> None:
     context, stage = make()
     for n in range(3):
         request(stage, REQ_A if n % 2 == 0 else REQ_B, "db=cb", n)
-    assert [v for _, v, _ in context.take()] == [(0,)]
+    [first] = context.take()
+    assert first[:2] == (at(REQ_A, "cb"), (0,))
     context.clock.advance(1.0)
-    assert [v for _, v, _ in context.take()] == [(1,)]
+    expired, second = context.take()
+    assert expired == notice(REQ_A, ticket_of(first), "cb")
+    assert second[:2] == (at(REQ_B, "cb"), (1,))
     context.clock.advance(1.0)
-    assert [v for _, v, _ in context.take()] == [(2,)]
+    assert [v for _, v, _ in context.take()] == [("cancel", {ticket_of(second): "cb"}), (2,)]
 
 
 def test_signal_nil_ms_from_the_callback_extends_the_hold() -> None:
@@ -105,7 +119,54 @@ def test_signal_nil_ms_from_the_callback_extends_the_hold() -> None:
     context.clock.advance(2.9)
     assert context.take() == []
     context.clock.advance(0.1)
-    assert [v for _, v, _ in context.take()] == [(2,)]
+    assert [v for _, v, _ in context.take()] == [("cancel", {ticket_id: "cb"}), (2,)]
+
+
+def test_a_hold_that_runs_out_tells_the_holder_at_ticket_at_before_the_next_is_called() -> None:
+    """The original revokes the ticket and sends ``("cancel", {ticket_id = callback_id})`` to the
+    holder's ``waitfor("ticket:@")``; its feedback hears nothing more."""
+    context, stage = make()
+    request(stage, REQ_A, "db=cb?fb", 1)
+    ticket_id = context.take()[0][1][1]
+    request(stage, REQ_B, "db=cb", 2)
+    context.clock.advance(0.999)
+    assert context.take() == []
+    context.clock.advance(0.001)
+    expired, called = context.take()
+    assert expired == notice(REQ_A, ticket_id, "cb")
+    assert called[:2] == (at(REQ_B, "cb"), (2,))
+
+
+def test_a_ticket_given_back_or_never_called_gets_no_notice() -> None:
+    """``signal(nil, 0)`` (or a returned 0) ends a hold quietly, as in the original; so does an
+    undeliverable callback, whose requester is gone."""
+    context, stage = make([10, {"db": 2}])
+    context.refuse.add(at(REQ_B, "cb"))
+    request(stage, REQ_A, "db=cb", 1)
+    request(stage, REQ_B, "db=cb", 2)
+    ticket_id = ticket_of(context.take()[0])
+    stage.receive(Message(f"#{ticket_id}", pack_py((0,)), REQ_A, None))
+    context.clock.advance(5.0)
+    assert context.take() == []
+
+
+def test_a_ticket_without_callback_is_told_with_false_when_its_hold_runs_out() -> None:
+    context, stage = make()
+    request(stage, REQ_A, "db?fb")
+    ticket_id = context.take()[0][1][1]
+    context.clock.advance(1.0)
+    assert context.take() == [notice(REQ_A, ticket_id, False)]
+
+
+def test_a_holder_of_a_closed_temporary_category_is_told_when_its_hold_runs_out() -> None:
+    context, stage = make()
+    stage.receive(Message("@event", pack_py((1, 500)), REQ_A, None))
+    request(stage, REQ_A, "event=cb?fb", 1)
+    ticket_id = context.take()[0][1][1]
+    context.clock.advance(0.5)
+    assert "event" not in stage.categories() and context.take() == []
+    context.clock.advance(0.5)
+    assert context.take() == [notice(REQ_A, ticket_id, "cb")]
 
 
 def test_refused_past_max_tickets_and_for_unknown_categories() -> None:
@@ -184,7 +245,10 @@ def test_the_original_table_form_takes_one_ticket_per_callback_id() -> None:
     assert results[b""] == b"USER DATA" and results[b"a"] is True
     assert results[b"b"].startswith("@")
     context.clock.advance(1.0)
-    assert [(target, values) for target, values, _ in context.take()] == [(at(REQ_A, "b"), (2,))]
+    assert [(target, values) for target, values, _ in context.take()] == [
+        (at(REQ_A, "ticket:@"), ("cancel", {ticket_of(called): "a"})),  # a's hold ran out
+        (at(REQ_A, "b"), (2,)),
+    ]
 
 
 def test_a_hold_or_close_time_that_is_not_finite_is_logged_and_changes_nothing() -> None:
@@ -203,4 +267,4 @@ def test_a_hold_or_close_time_that_is_not_finite_is_logged_and_changes_nothing()
         "a temporary category needs (limit, close_ms), close_ms a finite number",
     ]
     context.clock.advance(1.0)  # the default hold ends as if nothing had come: the waiter's turn
-    assert [v for _, v, _ in context.take()] == [(2,)]
+    assert [v for _, v, _ in context.take()] == [("cancel", {ticket_id: "cb"}), (2,)]

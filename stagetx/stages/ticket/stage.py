@@ -190,15 +190,12 @@ class Stage:
                 self._feedback(requested, False)
                 self._log_once(f"ticket: request refused: {reason}")
             case Cancelled(ticket):
-                requested = ticket.data
-                self._feedback(requested, False)
-                self._context.send(
-                    requested.at(f"{self._prefix}@"),
-                    "cancel",
-                    {ticket.id: requested.callback or False},
-                )
-            case Released():
-                pass  # the book has already given the slot to the next in line
+                self._feedback(ticket.data, False)
+                self._notice(ticket)
+            case Released(ticket, revoked):
+                # The book gives the slot to the next in line after this effect.
+                if revoked:
+                    self._notice(ticket)
 
     def _call(self, ticket: Ticket) -> None:
         requested: _Requested = ticket.data
@@ -219,6 +216,12 @@ class Stage:
                 self._feedback(requested, False)
                 return
         self._feedback(requested, True)
+
+    def _notice(self, ticket: Ticket) -> None:
+        """``("cancel", {ticket_id = callback_id})`` at the requester's ``waitfor("ticket:@")``:
+        the ticket was ended for it (cancelled, or its hold ran out), not by it."""
+        requested: _Requested = ticket.data
+        self._context.send(requested.at(f"{self._prefix}@"), "cancel", {ticket.id: requested.callback or False})
 
     def _feedback(self, requested: _Requested, result: Any) -> None:
         if requested.feedback is not None:

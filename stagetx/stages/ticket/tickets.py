@@ -124,14 +124,19 @@ class Granted:
 
 @attrs.frozen
 class Released:
-    """The ticket's hold ended (expired, or extended to 0): its slot is free."""
+    """The ticket's hold ended: its slot is free.
+
+    ``revoked``: the hold ran out, the holder did not give it back (``signal(nil, 0)``); the
+    original platform tells the holder then, and only then.
+    """
 
     ticket: Ticket
+    revoked: bool
 
 
 @attrs.frozen
 class Cancelled:
-    """A waiting ticket was revoked (its temporary category closed): feedback ``false``, notice."""
+    """A waiting ticket was cancelled (its temporary category closed): feedback ``false``, notice."""
 
     ticket: Ticket
 
@@ -193,7 +198,7 @@ class TicketBook:
             return False
         if seconds <= 0:
             ticket.timer.cancel()
-            self._release(ticket)
+            self._release(ticket, revoked=False)
         else:
             ticket.timer.reset(seconds)
         return True
@@ -252,15 +257,15 @@ class TicketBook:
             self._sink(Granted(ticket))
 
     def _expire(self, ticket: Ticket) -> None:
-        self._release(ticket)
+        self._release(ticket, revoked=True)
 
-    def _release(self, ticket: Ticket) -> None:
+    def _release(self, ticket: Ticket, revoked: bool) -> None:
         ticket.timer = None
         cat = ticket.category
         del cat.holding[ticket.id]
         del self._held[ticket.id]
         self._live -= 1
-        self._sink(Released(ticket))
+        self._sink(Released(ticket, revoked))
         self._grant(cat)
 
     def _close(self, cat: Category) -> None:
