@@ -99,6 +99,38 @@ def test_any_route_message_refreshes_even_a_pause() -> None:
     assert expired == []
 
 
+@pytest.mark.parametrize(
+    "value",
+    [True, {}, [], {b"chat": b"cb"}, {b"news": b"cb"}, {b"chat": True}, False, float("nan")],
+    ids=repr,
+)
+def test_any_route_message_ends_a_stage_wide_pause(value: object) -> None:
+    """route.cpp sets ``timeUpdate = utimeNow()`` for every ``route:@`` of a known stage."""
+    clock, subs, _ = make_subs()
+    subs.update(A, ({b"chat": b"cb"},))
+    subs.update(A, (60000,))
+    assert subs.candidates("chat")[1] == {}
+    subs.update(A, (value,))
+    assert subs.candidates("chat")[1] == {A: "cb"}
+
+
+def test_a_later_number_replaces_the_stage_wide_pause() -> None:
+    clock, subs, _ = make_subs()
+    subs.update(A, ({b"chat": b"cb"},))
+    subs.update(A, (60000,))
+    subs.update(A, (500,))
+    clock.advance(0.5)
+    assert subs.candidates("chat")[1] == {A: "cb"}
+
+
+def test_a_keep_alive_does_not_end_a_pause_of_one_id() -> None:
+    clock, subs, _ = make_subs()
+    subs.update(A, ({b"chat": b"cb", b"news": b"cb"},))
+    subs.update(A, ({b"chat": False, b"news": 60000},))
+    subs.update(A, (True,))
+    assert subs.candidates("chat")[1] == {} and subs.candidates("news")[1] == {}
+
+
 def test_keep_alive_or_pause_from_an_unknown_stage_registers_nothing() -> None:
     clock, subs, _ = make_subs()
     assert subs.update(A, (True,)) == []

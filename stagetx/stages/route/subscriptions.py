@@ -116,7 +116,7 @@ class Subscriber:
 
     key: Hashable
     registrations: dict[str, Registration] = attrs.field(factory=dict)
-    paused_until: float = 0.0
+    paused_until: float = 0.0  # stage-wide pause: until this clock time or the next route:@
     expiry: IDelayedCall | None = None
 
 
@@ -140,13 +140,16 @@ class Subscriptions:
 
         ``()``/``nil`` removes all; ``true`` keeps alive; a number pauses all for that many ms;
         a table maps subscribe ids to a callback id (register), ``false``/``true`` (pause/resume),
-        ms (pause for a time) or ``stage.null`` (remove). Any message refreshes the subscriber.
+        ms (pause for a time) or ``stage.null`` (remove). Any message refreshes the subscriber
+        and ends its stage-wide pause, as route.cpp's ``timeUpdate = utimeNow()`` does.
         """
         value: Any = values[0] if values else None  # a Lua value: any type until checked
         if value is None or value is NULL:
             self.remove(key)
             return []
         sub = self._subscribers.get(key)
+        if sub is not None:
+            sub.paused_until = 0.0
         if value == []:  # an empty Lua table packs as an empty array
             value = {}
         if type(value) is dict:
