@@ -131,6 +131,23 @@ def test_a_keep_alive_does_not_end_a_pause_of_one_id() -> None:
     assert subs.candidates("chat")[1] == {} and subs.candidates("news")[1] == {}
 
 
+def test_re_registering_keeps_the_callback_and_the_pause() -> None:
+    """route.cpp ignores a callback id for a subscribe id the stage has registered already."""
+    clock, subs, _ = make_subs()
+    subs.update(A, ({b"chat": b"cb", b"news": b"cb"},))
+    subs.update(A, ({b"chat": False, b"news": 1000},))
+    assert subs.update(A, ({b"chat": b"cb", b"news": b"cb"},)) == []
+    assert subs.candidates("chat")[1] == {} and subs.candidates("news")[1] == {}
+    assert subs.update(A, ({b"chat": b"other"},)) == ["chat: registered already to 'cb'; remove it first to change it"]
+    subs.update(A, ({b"chat": True},))
+    assert subs.candidates("chat")[1] == {A: "cb"}
+    clock.advance(1.0)
+    assert subs.candidates("news")[1] == {A: "cb"}
+    subs.update(A, ({b"chat": NULL},))
+    subs.update(A, ({b"chat": b"other"},))
+    assert subs.candidates("chat")[1] == {A: "other"}
+
+
 def test_keep_alive_or_pause_from_an_unknown_stage_registers_nothing() -> None:
     clock, subs, _ = make_subs()
     assert subs.update(A, (True,)) == []

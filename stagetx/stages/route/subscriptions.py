@@ -233,9 +233,12 @@ class Subscriptions:
             callback = _text(value)
             if not callback:
                 return f"{subscribe_id}: empty callback id"
-            if reg is None:
-                self._by_id.setdefault(subscribe_id, {})[sub.key] = None
-            sub.registrations[subscribe_id] = Registration(callback)  # (re)registering resumes
+            if reg is not None:  # route.cpp ignores it: the callback and any pause stay
+                if reg.callback == callback:
+                    return None
+                return f"{subscribe_id}: registered already to {reg.callback!r}; remove it first to change it"
+            self._by_id.setdefault(subscribe_id, {})[sub.key] = None
+            sub.registrations[subscribe_id] = Registration(callback)
             return None
         if value is None or value is NULL:
             if reg is not None:
