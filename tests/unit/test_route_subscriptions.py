@@ -172,8 +172,24 @@ def test_fallback_to_shorter_prefixes() -> None:
     assert subs.candidates("zone.south.gate") == ("zone.", {A: "any_zone"})
     assert subs.candidates("other.x") == ("other.x", {})
     subs.update(B, ({b"zone.north.": False},))
-    # a registered id, even paused, is not unknown: no fallback past it
-    assert subs.candidates("zone.north.gate") == ("zone.north.", {})
+    assert subs.candidates("zone.north.gate") == ("zone.", {A: "any_zone"})
+
+
+def test_an_id_whose_subscribers_are_all_paused_falls_back() -> None:
+    """route.cpp: ``if (kv->allows.empty()) goto _gR`` — paused subscribers are no candidates."""
+    clock, subs, _ = make_subs()
+    subs.update(A, ({b"zone.north.gate": b"gate", b"zone.north.": b"north"},))
+    subs.update(B, ({b"zone.north.gate": b"gate_b", b"zone.": b"any_zone"},))
+    subs.update(A, ({b"zone.north.gate": False},))
+    assert subs.candidates("zone.north.gate") == ("zone.north.gate", {B: "gate_b"})
+    subs.update(B, ({b"zone.north.gate": 1000},))
+    assert subs.candidates("zone.north.gate") == ("zone.north.", {A: "north"})
+    subs.update(A, (2000,))  # A's stage-wide pause: its zone.north. is no candidate either
+    assert subs.candidates("zone.north.gate") == ("zone.", {B: "any_zone"})
+    subs.update(B, ({b"zone.": False},))
+    assert subs.candidates("zone.north.gate") == ("zone.north.gate", {})
+    clock.advance(1.0)  # B's pause of zone.north.gate is over
+    assert subs.candidates("zone.north.gate") == ("zone.north.gate", {B: "gate_b"})
 
 
 def test_fallbacks() -> None:

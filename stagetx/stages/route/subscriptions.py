@@ -181,21 +181,21 @@ class Subscriptions:
             self._unindex(subscribe_id, key)
 
     def candidates(self, subscribe_id: str) -> tuple[str, dict[Hashable, str]]:
-        """The unpaused subscribers of ``subscribe_id`` → their callback ids.
+        """The id used for ``subscribe_id`` and its unpaused subscribers → their callback ids.
 
-        An id nobody registered falls back to its shorter ``.`` prefixes (``fallbacks``); the
-        first one registered (paused or not) is used and returned with its subscribers.
+        An id without an unpaused subscriber (unregistered, or every subscriber paused) falls
+        back to its shorter ``.`` prefixes (``fallbacks``), as route.cpp does; the first with
+        one is used. None has one: ``subscribe_id`` with no subscribers.
         """
+        now = self._clock.seconds()
         for sid in fallbacks(subscribe_id):
-            keys = self._by_id.get(sid)
-            if keys:
-                now = self._clock.seconds()
-                active = {}
-                for key in keys:
-                    sub = self._subscribers[key]
-                    reg = sub.registrations[sid]
-                    if not reg.paused and reg.paused_until <= now and sub.paused_until <= now:
-                        active[key] = reg.callback
+            active = {}
+            for key in self._by_id.get(sid, ()):
+                sub = self._subscribers[key]
+                reg = sub.registrations[sid]
+                if not reg.paused and reg.paused_until <= now and sub.paused_until <= now:
+                    active[key] = reg.callback
+            if active:
                 return sid, active
         return subscribe_id, {}
 
