@@ -151,3 +151,82 @@ def test_a_hold_that_runs_out_is_told_to_its_holder_in_another_process(tmp_path:
     # the holder is told before the slot's next holder is called
     first_notice = next(i for i, line in enumerate(lines) if line.startswith("NOTICE"))
     assert first_notice < next(i for i, line in enumerate(lines) if line.startswith("GRANTED\tlonger"))
+
+
+# The original's rules (route.cpp) where the document is silent. Each subscriber publishes itself,
+# so that its route:@ messages are in before its publish (messages between two stages keep order),
+# and each rule has a replica of its own, so that one rule's outcome does not hang on another's.
+# Every script starts with these handlers: each publish ends in a GOT or a FAILED line.
+OUTCOMES = """
+local me = process["$NAME"]
+stage.waitfor("route:@", function(key, token) stage.signal(nil, token) end)
+stage.waitfor("cb", function(key, v) log4cxx.info("GOT", me, "cb", key, v) end)
+stage.waitfor("cb2", function(key, v) log4cxx.info("GOT", me, "cb2", key, v) end)
+stage.waitfor("failed", function(key, v) log4cxx.info("FAILED", me, key, v) end)
+"""
+
+WIDE = """
+-- route:@ with ms pauses all of s1's ids until the ms are over or the next route:@ comes
+stage.signal("route:@", {wide = "cb"})
+stage.signal("route:@", 60000)
+stage.signal("route:*wide!failed", "wide-paused")
+stage.signal("route:@", true)
+stage.signal("route:*wide!failed", "wide-resumed")
+"""
+
+AGAIN = """
+-- registering an id again changes neither its callback nor its pause
+stage.signal("route:@", {again = "cb"})
+stage.signal("route:@", {again = false})
+stage.signal("route:@", {again = "cb2"})
+stage.signal("route:*again!failed", "again-paused")
+stage.signal("route:@", {again = true})
+stage.signal("route:*again!failed", "again-resumed")
+"""
+
+GATE = """
+-- an id whose every subscriber is paused falls back to its prefix (zone., which s4 has)
+stage.waitfor("go", function()
+  stage.signal("route:@", {["zone.north.gate"] = "cb"})
+  stage.signal("route:@", {["zone.north.gate"] = false})
+  stage.signal("route:zone.north.gate!failed", "gate-paused")
+end)
+"""
+
+ZONE = """
+stage.waitfor("in", function() stage.signal("s3:go") end)  -- the route stage has zone. now
+stage.signal("route:@", {["zone."] = "cb", ["in.s4"] = "in"})
+stage.signal("route:*in.s4")
+"""
+
+
+def test_pauses_re_registration_and_fallback_as_the_original(tmp_path: Path) -> None:
+    """A stage-wide pause ends with any later ``route:@``; registering again keeps callback and
+    pause; an all-paused id falls back to its prefix. The route stage and each subscriber run in
+    a process of their own."""
+    scripts = {"s1": WIDE, "s2": AGAIN, "s3": GATE, "s4": ZONE}
+    for name, script in scripts.items():
+        (tmp_path / f"{name}.lua").write_text(OUTCOMES + script)
+    config = {
+        "#startup": [["=route+route"], *([f"=lua+{name}"] for name in scripts)],
+        "=route+route": {"offer_ms": 1000},
+        **{f"=lua+{name}": {"NAME": name, f"=lua+{name}": name} for name in scripts},
+    }
+    path = tmp_path / "stage.json"
+    path.write_text(json.dumps(config))
+    with ServerProcess(path) as server:
+
+        def outcomes() -> list[list[str]]:
+            """What became of each publish: delivered (GOT) or failed (FAILED), with the stage."""
+            return sorted(
+                [what, *line] for name in scripts for what in ("GOT", "FAILED") for line in server.logged(name, what)
+            )
+
+        server.wait_for(lambda: len(outcomes()) >= 5, WAIT, "an outcome of each publish")
+        assert outcomes() == [
+            ["FAILED", "s1", "route:*wide!failed", "wide-paused"],
+            ["FAILED", "s2", "route:*again!failed", "again-paused"],
+            ["GOT", "s1", "cb", "route:*wide!failed", "wide-resumed"],
+            ["GOT", "s2", "cb", "route:*again!failed", "again-resumed"],
+            ["GOT", "s4", "cb", "route:zone.north.gate!failed", "gate-paused"],
+        ]

@@ -99,6 +99,55 @@ def test_any_route_message_refreshes_even_a_pause() -> None:
     assert expired == []
 
 
+@pytest.mark.parametrize(
+    "value",
+    [True, {}, [], {b"chat": b"cb"}, {b"news": b"cb"}, {b"chat": True}, False, float("nan")],
+    ids=repr,
+)
+def test_any_route_message_ends_a_stage_wide_pause(value: object) -> None:
+    """route.cpp sets ``timeUpdate = utimeNow()`` for every ``route:@`` of a known stage."""
+    clock, subs, _ = make_subs()
+    subs.update(A, ({b"chat": b"cb"},))
+    subs.update(A, (60000,))
+    assert subs.candidates("chat")[1] == {}
+    subs.update(A, (value,))
+    assert subs.candidates("chat")[1] == {A: "cb"}
+
+
+def test_a_later_number_replaces_the_stage_wide_pause() -> None:
+    clock, subs, _ = make_subs()
+    subs.update(A, ({b"chat": b"cb"},))
+    subs.update(A, (60000,))
+    subs.update(A, (500,))
+    clock.advance(0.5)
+    assert subs.candidates("chat")[1] == {A: "cb"}
+
+
+def test_a_keep_alive_does_not_end_a_pause_of_one_id() -> None:
+    clock, subs, _ = make_subs()
+    subs.update(A, ({b"chat": b"cb", b"news": b"cb"},))
+    subs.update(A, ({b"chat": False, b"news": 60000},))
+    subs.update(A, (True,))
+    assert subs.candidates("chat")[1] == {} and subs.candidates("news")[1] == {}
+
+
+def test_re_registering_keeps_the_callback_and_the_pause() -> None:
+    """route.cpp ignores a callback id for a subscribe id the stage has registered already."""
+    clock, subs, _ = make_subs()
+    subs.update(A, ({b"chat": b"cb", b"news": b"cb"},))
+    subs.update(A, ({b"chat": False, b"news": 1000},))
+    assert subs.update(A, ({b"chat": b"cb", b"news": b"cb"},)) == []
+    assert subs.candidates("chat")[1] == {} and subs.candidates("news")[1] == {}
+    assert subs.update(A, ({b"chat": b"other"},)) == ["chat: registered already to 'cb'; remove it first to change it"]
+    subs.update(A, ({b"chat": True},))
+    assert subs.candidates("chat")[1] == {A: "cb"}
+    clock.advance(1.0)
+    assert subs.candidates("news")[1] == {A: "cb"}
+    subs.update(A, ({b"chat": NULL},))
+    subs.update(A, ({b"chat": b"other"},))
+    assert subs.candidates("chat")[1] == {A: "other"}
+
+
 def test_keep_alive_or_pause_from_an_unknown_stage_registers_nothing() -> None:
     clock, subs, _ = make_subs()
     assert subs.update(A, (True,)) == []
@@ -123,8 +172,24 @@ def test_fallback_to_shorter_prefixes() -> None:
     assert subs.candidates("zone.south.gate") == ("zone.", {A: "any_zone"})
     assert subs.candidates("other.x") == ("other.x", {})
     subs.update(B, ({b"zone.north.": False},))
-    # a registered id, even paused, is not unknown: no fallback past it
-    assert subs.candidates("zone.north.gate") == ("zone.north.", {})
+    assert subs.candidates("zone.north.gate") == ("zone.", {A: "any_zone"})
+
+
+def test_an_id_whose_subscribers_are_all_paused_falls_back() -> None:
+    """route.cpp: ``if (kv->allows.empty()) goto _gR`` — paused subscribers are no candidates."""
+    clock, subs, _ = make_subs()
+    subs.update(A, ({b"zone.north.gate": b"gate", b"zone.north.": b"north"},))
+    subs.update(B, ({b"zone.north.gate": b"gate_b", b"zone.": b"any_zone"},))
+    subs.update(A, ({b"zone.north.gate": False},))
+    assert subs.candidates("zone.north.gate") == ("zone.north.gate", {B: "gate_b"})
+    subs.update(B, ({b"zone.north.gate": 1000},))
+    assert subs.candidates("zone.north.gate") == ("zone.north.", {A: "north"})
+    subs.update(A, (2000,))  # A's stage-wide pause: its zone.north. is no candidate either
+    assert subs.candidates("zone.north.gate") == ("zone.", {B: "any_zone"})
+    subs.update(B, ({b"zone.": False},))
+    assert subs.candidates("zone.north.gate") == ("zone.north.gate", {})
+    clock.advance(1.0)  # B's pause of zone.north.gate is over
+    assert subs.candidates("zone.north.gate") == ("zone.north.gate", {B: "gate_b"})
 
 
 def test_fallbacks() -> None:

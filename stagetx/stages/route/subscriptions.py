@@ -116,7 +116,7 @@ class Subscriber:
 
     key: Hashable
     registrations: dict[str, Registration] = attrs.field(factory=dict)
-    paused_until: float = 0.0
+    paused_until: float = 0.0  # stage-wide pause: until this clock time or the next route:@
     expiry: IDelayedCall | None = None
 
 
@@ -140,13 +140,16 @@ class Subscriptions:
 
         ``()``/``nil`` removes all; ``true`` keeps alive; a number pauses all for that many ms;
         a table maps subscribe ids to a callback id (register), ``false``/``true`` (pause/resume),
-        ms (pause for a time) or ``stage.null`` (remove). Any message refreshes the subscriber.
+        ms (pause for a time) or ``stage.null`` (remove). Any message refreshes the subscriber
+        and ends its stage-wide pause, as route.cpp's ``timeUpdate = utimeNow()`` does.
         """
         value: Any = values[0] if values else None  # a Lua value: any type until checked
         if value is None or value is NULL:
             self.remove(key)
             return []
         sub = self._subscribers.get(key)
+        if sub is not None:
+            sub.paused_until = 0.0
         if value == []:  # an empty Lua table packs as an empty array
             value = {}
         if type(value) is dict:
@@ -178,21 +181,21 @@ class Subscriptions:
             self._unindex(subscribe_id, key)
 
     def candidates(self, subscribe_id: str) -> tuple[str, dict[Hashable, str]]:
-        """The unpaused subscribers of ``subscribe_id`` → their callback ids.
+        """The id used for ``subscribe_id`` and its unpaused subscribers → their callback ids.
 
-        An id nobody registered falls back to its shorter ``.`` prefixes (``fallbacks``); the
-        first one registered (paused or not) is used and returned with its subscribers.
+        An id without an unpaused subscriber (unregistered, or every subscriber paused) falls
+        back to its shorter ``.`` prefixes (``fallbacks``), as route.cpp does; the first with
+        one is used. None has one: ``subscribe_id`` with no subscribers.
         """
+        now = self._clock.seconds()
         for sid in fallbacks(subscribe_id):
-            keys = self._by_id.get(sid)
-            if keys:
-                now = self._clock.seconds()
-                active = {}
-                for key in keys:
-                    sub = self._subscribers[key]
-                    reg = sub.registrations[sid]
-                    if not reg.paused and reg.paused_until <= now and sub.paused_until <= now:
-                        active[key] = reg.callback
+            active = {}
+            for key in self._by_id.get(sid, ()):
+                sub = self._subscribers[key]
+                reg = sub.registrations[sid]
+                if not reg.paused and reg.paused_until <= now and sub.paused_until <= now:
+                    active[key] = reg.callback
+            if active:
                 return sid, active
         return subscribe_id, {}
 
@@ -230,9 +233,12 @@ class Subscriptions:
             callback = _text(value)
             if not callback:
                 return f"{subscribe_id}: empty callback id"
-            if reg is None:
-                self._by_id.setdefault(subscribe_id, {})[sub.key] = None
-            sub.registrations[subscribe_id] = Registration(callback)  # (re)registering resumes
+            if reg is not None:  # route.cpp ignores it: the callback and any pause stay
+                if reg.callback == callback:
+                    return None
+                return f"{subscribe_id}: registered already to {reg.callback!r}; remove it first to change it"
+            self._by_id.setdefault(subscribe_id, {})[sub.key] = None
+            sub.registrations[subscribe_id] = Registration(callback)
             return None
         if value is None or value is NULL:
             if reg is not None:
