@@ -1,7 +1,8 @@
 """A reload that fails, as the operator sees it (docs/operations.md, "Hot reload"): a real ``twistd
 -n stage`` with a broker text listener, real loopback clients, the admin console and HTTP side.
 A reload whose script raises while it loads leaves every client figure of ``stat``, ``/api/stat``,
-``/api/overview`` and ``/metrics`` as it was."""
+``/api/overview`` and ``/metrics`` as it was; a reload that fails in some of a stage's processes
+names each of them in its answer."""
 
 from __future__ import annotations
 
@@ -94,3 +95,37 @@ def test_a_reload_that_raises_leaves_every_client_figure_as_it_was(tmp_path: Pat
             console.close()
             for client in clients:
                 client.sock.close()
+
+
+FRONT = """VERSION = {version}
+if process.stage ~= 1 and VERSION > 1 then error("broken in process " .. process.stage) end
+"""
+
+
+def test_a_reload_failing_in_some_processes_names_each_process(tmp_path: Path) -> None:
+    config = {"#startup": [["=lua+front"], ["=lua+front"], ["=lua+front"]], "#admin": ADMIN, "=lua+front": "lua/front"}
+    path = write_app(tmp_path, config, {"front": FRONT.format(version=1)})
+    with ServerProcess(path) as server:
+        ports = admin_ports(server)
+        console = Console(ports["console"])
+        try:
+            (tmp_path / "lua" / "front.lua").write_text(FRONT.format(version=2))
+            answer = console.ask("reload front")
+            assert answer == [
+                "process 1: front reloaded",
+                "ERROR process 2: reload: lua/front.lua:2: broken in process 2;"
+                " process 3: reload: lua/front.lua:2: broken in process 3",
+            ], answer
+            status, body = http(ports["http"], "/api", body=b"reload front")
+            reply = json.loads(body)
+            assert status == 400 and reply["error"] == answer[-1].removeprefix("ERROR "), reply
+            assert [(p["process"], p["ok"], p["reloads"]) for p in reply["data"]] == [
+                (1, True, 2),
+                (2, False, None),
+                (3, False, None),
+            ]
+            assert reply["data"][1]["error"] == "reload: lua/front.lua:2: broken in process 2"
+            # the versions the processes run: the operator's answer told which ones took the new one
+            assert console.ask("eval front VERSION") == ["process 1: 2", "process 2: 1", "process 3: 1", "OK"]
+        finally:
+            console.close()
