@@ -191,24 +191,31 @@ class Commands:
         return self._all("gc", []).addCallback(show)
 
     def cmd_reload(self, stage: str) -> Deferred[Reply]:
-        def show(results: list[tuple[int, Any]]) -> Reply:
-            lines = [f"process {group + 1}: {stage} reloaded" for group, _ in results]
-            return Reply(True, tuple(lines), [{"process": group + 1, **data} for group, data in results])
+        def show(results: list[tuple[int, Result]]) -> Reply:
+            lines: list[str] = []
+            data, errors = [], []
+            for group, (ok, text, values) in results:
+                if ok:
+                    lines.append(f"process {group + 1}: {stage} reloaded")
+                else:
+                    errors.append(_failed(group, text, lines, len(results) > 1))
+                reloads = values["reloads"] if ok else None
+                data.append({"process": group + 1, "ok": ok, "reloads": reloads, "error": None if ok else text})
+            if errors:
+                return Reply(False, tuple(lines), data, error="; ".join(errors))
+            return Reply(True, tuple(lines), data)
 
-        return self._all("reload", [stage], self._groups_of(stage)).addCallback(show)
+        return self._control.ask_all("reload", [stage], self._groups_of(stage)).addCallback(show)
 
     def cmd_eval(self, stage: str, code: str) -> Deferred[Reply]:
         def show(results: list[tuple[int, Result]]) -> Reply:
             lines: list[str] = []
             data, errors = [], []
             for group, (ok, text, values) in results:
-                prefix = f"process {group + 1}: " if len(results) > 1 else ""
-                first, *rest = text.splitlines() or [""]
                 if ok:
-                    lines.append(prefix + text)
-                else:  # the error's first line goes on the marker line, its traceback above it
-                    errors.append(prefix + first)
-                    lines += rest
+                    lines.append(_from(group, text, len(results) > 1))
+                else:
+                    errors.append(_failed(group, text, lines, len(results) > 1))
                 data.append({"process": group + 1, "ok": ok, "results": values, "error": None if ok else text})
             if errors:
                 return Reply(False, tuple(lines), data, error="; ".join(errors))
@@ -268,6 +275,23 @@ class Commands:
 
         args = [stage, request] if request else [stage]
         return self._all("index", args, self._groups_of(stage)[:1]).addCallback(show)
+
+
+def _from(group: int, text: str, several: bool) -> str:
+    """``text`` as one process's part of an answer: named by its process when several answered
+    (unless it names its process already, as the control server's own errors do)."""
+    name = f"process {group + 1}"
+    if not several or text.startswith((name + ":", name + " ")):
+        return text
+    return f"{name}: {text}"
+
+
+def _failed(group: int, error: str, lines: list[str], several: bool) -> str:
+    """One process's error for the marker line (its first line, named by ``_from``); the rest of
+    it (a traceback) goes to ``lines``, above the marker."""
+    first, *rest = error.splitlines() or [""]
+    lines += rest
+    return _from(group, first, several)
 
 
 def _traffic(counts: dict[str, Any]) -> str:

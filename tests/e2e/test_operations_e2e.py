@@ -85,6 +85,11 @@ def http(port: int, path: str, token: str | None = None, body: bytes | None = No
         return err.code, err.read()
 
 
+def _line_of(server: ServerProcess, text: str) -> int:
+    """The index of the first line of ``server``'s log with ``text``."""
+    return next(i for i, line in enumerate(server.lines) if text in line)
+
+
 def test_console_and_http_drive_a_real_server(tmp_path: Path) -> None:
     config = {
         "#startup": [["=lua+app", "=ticket+ticket"], ["=lua+producer"]],
@@ -97,6 +102,11 @@ def test_console_and_http_drive_a_real_server(tmp_path: Path) -> None:
     with ServerProcess(path) as server:
         ports = admin_ports(server)
         assert any(re.search(r"process 2 ready, pid \d+", line) for line in server.lines)
+        # start-up in the order docs/operations.md gives (the processes report ready in either order)
+        started = ("process 1 started", "process 2 started", "admin console listening", "admin http listening")
+        first = [_line_of(server, text) for text in started]
+        ready = [_line_of(server, text) for text in ("process 1 ready", "process 2 ready")]
+        assert first == sorted(first) and first[-1] < min(ready) and max(ready) < _line_of(server, "] ready: ")
         console = Console(ports["console"])
         try:
             assert console.ask("help")[-1] == "OK"

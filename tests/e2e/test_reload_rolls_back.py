@@ -13,6 +13,7 @@ import pytest_twisted
 from twisted.internet import protocol, reactor
 from twisted.internet.error import ConnectionRefusedError
 
+from stagetx.child.control import stage_stats
 from stagetx.codec import pack_py
 from stagetx.message import Message
 from stagetx.stages.lua.stage import ReloadError
@@ -102,6 +103,7 @@ async def test_a_join_connection_goes_back_to_the_running_script(tmp_path: Path)
         async with RunningStage(tmp_path, JOIN.format(port=port, version="v1", extra="")) as run:
             stage = run.server.hosts[0].stages[0]
             await wait_for(lambda: len(run.said("joined")) == 1, WAIT, "the connection")
+            endpoint = stage_stats(stage)["listeners"][0]
             broken = JOIN.format(port=port, version="v2", extra='error("no")')
             (tmp_path / "lua" / "a.lua").write_text(textwrap.dedent(broken))
             with pytest.raises(ReloadError, match="no"):
@@ -109,5 +111,9 @@ async def test_a_join_connection_goes_back_to_the_running_script(tmp_path: Path)
             stage.receive(Message("send", pack_py(("x",)), stage.sender))
             await wait_for(lambda: run.said("got") == [["v1", "up1:x"]], WAIT, "the reply, to the old callback")
             assert Upstream.accepted == 1 and len(run.said("joined")) == 1  # kept, not dialled again
+            # stat and /metrics still see the endpoint, with the "x" it sent and the reply
+            assert stage_stats(stage)["listeners"] == [
+                endpoint | {"frames_out": 1, "bytes_out": 5, "frames_in": 1, "bytes_in": 9}
+            ]
     finally:
         await listening.stopListening()

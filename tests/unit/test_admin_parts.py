@@ -4,9 +4,12 @@ tests/integration/test_admin_parts.py)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
-from stagetx.admin.commands import Reply, parse
+from twisted.internet.defer import succeed
+
+from stagetx.admin.commands import Commands, Reply, parse
 from stagetx.admin.control import ChildState
 from stagetx.admin.metrics import make_registry, render
 from stagetx.child.control import DoublingAlarm
@@ -23,6 +26,44 @@ def test_eval_keeps_the_rest_of_the_line_as_code() -> None:
     assert parse("eval app  return 1 + 1 ") == ("eval", ["app", "return 1 + 1"])
     assert parse("loglevel stage.app debug") == ("loglevel", ["stage.app", "debug"])
     assert parse("eval app") == ("eval", ["app"])
+
+
+class _Answers:
+    """The ControlServer as ``Commands`` asks it: each process answers its entry of ``answers``."""
+
+    def __init__(self, answers: dict[int, Any]) -> None:
+        self.answers = answers
+
+    def ask_all(self, name: str, args: list[str], groups: list[int]) -> Any:
+        return succeed([(g, self.answers[g]) for g in groups])
+
+
+def _ask(answers: dict[int, Any], line: str) -> Reply:
+    stages = [SimpleNamespace(name="=lua+front", id="front", group=g) for g in answers]
+    commands = Commands(SimpleNamespace(config=SimpleNamespace(stages=stages), control=_Answers(answers)))  # type: ignore[arg-type]
+    replies: list[Reply] = []
+    commands.run_line(line).addCallback(replies.append)
+    return replies[0]
+
+
+def test_reload_and_eval_name_the_process_of_each_part_when_several_answer() -> None:
+    reloaded = (True, "=lua+front reloaded", {"reloads": 2})
+    broken = (False, "reload: lua/front.lua:2: attempt to index a nil value", None)
+    reply = _ask({0: reloaded, 1: broken, 2: (False, "process 3 is not connected", None)}, "reload front")
+    assert reply.text() == (
+        "process 1: front reloaded\n"
+        "ERROR process 2: reload: lua/front.lua:2: attempt to index a nil value; process 3 is not connected\n"
+    )
+    assert [(p["process"], p["ok"], p["reloads"]) for p in reply.data] == [
+        (1, True, 2),
+        (2, False, None),
+        (3, False, None),
+    ]
+    assert _ask({0: broken}, "reload front").text() == "ERROR reload: lua/front.lua:2: attempt to index a nil value\n"
+    failed = (False, "eval: eval:1: boom\nstack traceback:", None)
+    assert _ask({0: (True, "1", ["1"]), 1: failed}, "eval front x").text() == (
+        "process 1: 1\nstack traceback:\nERROR process 2: eval: eval:1: boom\n"
+    )
 
 
 def test_alarm_warns_once_per_doubling_and_rearms_below_the_first_threshold() -> None:

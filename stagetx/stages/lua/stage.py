@@ -73,6 +73,7 @@ class _Running:
         self.parkers = stage._parkers
         self.idle_call = stage._idle_call
         self.failure = stage.failure  # a runtime whose own scripts failed may be reloaded too
+        self.broker = stage.broker  # its endpoints, as stat and /metrics read them
 
 
 class Stage:
@@ -283,9 +284,10 @@ class Stage:
             stopped = DeferredList([maybeDeferred(stop) for stop in reversed(self._stoppers)])
         finally:
             self.rolling_back = False
-        self.vm, self.api, self._stoppers, self._parkers, self._idle_call = (
+        self.vm, self.api, self.broker, self._stoppers, self._parkers, self._idle_call = (
             old.vm,
             old.api,
+            old.broker,
             old.stoppers,
             old.parkers,
             old.idle_call,
