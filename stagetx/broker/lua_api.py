@@ -145,7 +145,10 @@ class LuaHandler:
         if len(result) > 1 and result[0] is True:
             reply = result[1]
             if reply.__class__ is bytes:
-                sock.send(reply, addr)  # the common case: no conversion
+                try:
+                    sock.send(reply, addr)  # the common case: no conversion
+                except FrameError as err:  # not UTF-8 on a text WebSocket
+                    api.not_sent(receive, lua_text(f"broker socket {sock.id}: {err}"))
             elif reply is not None:
                 api.reply(sock, reply, addr, receive)
 
@@ -403,7 +406,11 @@ class BrokerAPI(_Reads):
         error (it returned, so where it is defined is the line to name), the socket keeps serving."""
         ok, *why = self.send(sock, value, addr)
         if ok is None:
-            self.report(b"broker receive", b"", lua_text(f"{defined_at(self.vm, receive)}: reply not sent: ") + why[0])
+            self.not_sent(receive, why[0])
+
+    def not_sent(self, receive: Any, error: bytes) -> None:
+        """The reply of ``receive`` could not be sent: its Lua error, the socket keeps serving."""
+        self.report(b"broker receive", b"", lua_text(f"{defined_at(self.vm, receive)}: reply not sent: ") + error)
 
     def close(self, sid: Any) -> None:
         """``broker.close``/``socket.close``: a socket or a whole endpoint of this stage."""

@@ -29,7 +29,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from stagetx.broker import addresses
-from stagetx.broker.framing import BrokerURL, FrameTooLarge
+from stagetx.broker.framing import BrokerURL, FrameError, FrameTooLarge
 from stagetx.broker.sockets import Connection, Endpoint, listen_tcp
 
 log = Logger(namespace="stagetx.broker")
@@ -92,8 +92,8 @@ class WebSocket(Connection):
         if not framing.binary:
             try:
                 payload.decode("utf-8")
-            except UnicodeDecodeError:
-                return f"a {framing.name} WebSocket sends text messages, which must be UTF-8"
+            except UnicodeDecodeError:  # a value this framing cannot carry, as a table on a text socket
+                raise FrameError(f"a {framing.name} WebSocket sends text messages, which must be UTF-8") from None
         protocol = self.protocol
         if protocol.state != protocol.STATE_OPEN:
             return "socket closing"  # the peer's close frame has come; the connection is going

@@ -188,7 +188,7 @@ async def test_limits_close_with_1009_and_protocol_errors_close_only_that_socket
                 end
                 if data == "mid" then return string.rep("m", 150) end  -- over IN, within OUT
                 if data == "bytes" then
-                    log4cxx.info("commit", s.commit("\\255\\254"))
+                    log4cxx.info("commit", pcall(s.commit, "\\255\\254"))
                     return
                 end
                 return data
@@ -214,7 +214,8 @@ async def test_limits_close_with_1009_and_protocol_errors_close_only_that_socket
         not_utf8 = await ws_connect(port, "/")
         not_utf8.send("bytes")
         await wait_for(lambda: len(run.said("commit")) == 2, WAIT, "the refused non-UTF-8 text")
-        assert run.said("commit")[1][0] == "false" and not not_utf8.closed
+        refused = run.said("commit")[1]  # a value the text framing cannot carry: an error, as a table
+        assert refused[0] == "false" and "must be UTF-8" in refused[1] and not not_utf8.closed
 
         unmasked = await ws_connect(port, "/")
         unmasked.transport.write(frame(0x1, b"hello", masked=False))
@@ -314,6 +315,30 @@ async def test_a_reply_the_framing_cannot_carry_is_a_lua_error_and_the_socket_ke
         assert len(errors) == 2 and all("a.lua:3: reply not sent: broker socket" in e for e in errors), errors
         assert "cannot send" in errors[0] and "Out of range float values are not JSON compliant" in errors[1]
         assert not keeper.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_bytes_that_are_not_utf8_on_a_text_websocket_are_a_lua_error_not_a_silent_drop(tmp_path: Path) -> None:
+    port = free_port()
+    script = f"""
+        broker.ready("ws://127.0.0.1:{port}/t?text", function(socket)
+            return function(s, line)
+                if line == "raw" then return "\\xff\\xfe" end
+                if line == "commit" then log4cxx.info("commit", pcall(s.commit, "\\xff")) return end
+                return "re:" .. line
+            end
+        end)
+    """
+    async with RunningStage(tmp_path, script) as run:
+        client = await ws_connect(port, "/t")
+        client.send("raw", "commit", "after")
+        await wait_for(lambda: client.messages == ["re:after"], WAIT, "the socket to keep serving")
+        errors = [line for line in run.text().splitlines() if "Lua error in broker receive" in line]
+        assert len(errors) == 1 and "a.lua:3: reply not sent: broker socket" in errors[0], errors
+        assert "must be UTF-8" in errors[0]
+        ((ok, why),) = run.said("commit")
+        assert ok == "false" and "must be UTF-8" in why
+        assert not client.closed
 
 
 @pytest_twisted.ensureDeferred
