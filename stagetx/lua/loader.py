@@ -61,16 +61,16 @@ class ScriptLoader:
     def load(self, name: str) -> tuple[Any, Any]:
         """The value of ``"file"`` or ``"file+id"`` and its info table ``{position, path, mtime}``.
 
+        ``"file+id"`` takes ``result[id]`` when the script returned a table, and the value itself
+        when it returned anything else (as the original platform's ``stage.load`` does).
         Raises ``LuaScriptError`` naming the file (and line) when it is missing or fails.
         """
         file, _, key = name.partition("+")
         entry = self._entry(file)
         info = self._vm.lua.table_from([entry.position, entry.path.encode(), int(entry.mtime)])
-        if not key:
-            return entry.value, info
         value = entry.value
-        if self._vm.lua_type(value) != "table":
-            raise LuaScriptError(f"stage.load: {file} did not return a table, cannot take '{key}'")
+        if not key or self._vm.lua_type(value) != "table":
+            return value, info
         return value[key.encode()], info
 
     def run_file(self, path: str) -> Any:

@@ -322,6 +322,73 @@ async def test_load_searches_package_caches_and_takes_ids(tmp_path: Path) -> Non
 
 
 @pytest_twisted.ensureDeferred
+async def test_load_with_an_id_of_a_script_that_returned_no_table_gives_the_value_itself(tmp_path: Path) -> None:
+    """The original platform's ``stage.load("file+id")`` takes ``[id]`` only from a table: any
+    other result is returned as it is (also to ``f`` and through ``stage.require``)."""
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
+        log4cxx.info("string", pcall(stage.load, "plain+id"))
+        log4cxx.info("number", pcall(stage.load, "number+id"))
+        log4cxx.info("nothing", select("#", stage.load("nothing+id")), tostring(stage.load("nothing+id")))
+        log4cxx.info("f", stage.load("plain+id", function(v, i) return v, i[1] end))
+        log4cxx.info("require", stage.require("number+x"))
+        log4cxx.info("table", stage.load("tbl+id"), tostring(stage.load("tbl+other")))
+        log4cxx.info("done")
+    """,
+            "plain": "return 'plain'",
+            "number": "return 7",
+            "nothing": "local x = 1",
+            "tbl": "return {id = 'from table'}",
+        },
+    )
+    capture = await run(path, "done")
+    assert logged(capture, "string") == [["true", "plain"]]
+    assert logged(capture, "number") == [["true", "7"]]
+    assert logged(capture, "nothing") == [["1", "nil"]]
+    assert logged(capture, "f") == [["plain", "0"]]
+    assert logged(capture, "require") == [["7"]]
+    assert logged(capture, "table") == [["from table", "nil"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_load_errors_reach_the_caller_and_once_marks_before_raising(tmp_path: Path) -> None:
+    """stagetx follows its specification (2.1, 2.2) where the original platform was quiet: a
+    missing script or an error in it raises at ``stage.load`` (``f`` is not called), and an error
+    in ``stage.once``'s ``f`` is raised to the caller (the key stays marked). Uncaught, such an
+    error is logged with file and line and the stage keeps serving."""
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
+        local called = false
+        local ok, err = pcall(stage.load, "nope+x", function() called = true; return "F" end)
+        local named = err:find("'nope' not found along %package", 1, true) ~= nil
+        log4cxx.info("missing f", tostring(ok), tostring(called), named)
+        ok, err = pcall(stage.load, "bad")
+        log4cxx.info("bad", tostring(ok), err:find("lua/bad.lua:2: boom in bad", 1, true) ~= nil)
+        ok, err = pcall(stage.once, "k", function() error("in once") end)
+        log4cxx.info("once", tostring(ok), err:match("main.lua:%d+: in once") ~= nil)
+        stage.once("k", function() log4cxx.info("ran again") end)
+        stage.waitfor("go", function() log4cxx.info("served") end)
+        stage.addtask(0, function() stage.signal(":go") end)
+        stage.load("bad")
+        log4cxx.info("not reached")
+    """,
+            "bad": "local x = 1\nerror('boom in bad')",
+        },
+    )
+    capture = await run(path, "served")
+    assert logged(capture, "missing f") == [["false", "false", "true"]]
+    assert logged(capture, "bad") == [["false", "true"]]
+    assert logged(capture, "once") == [["false", "true"]]
+    assert logged(capture, "ran again") == []
+    assert logged(capture, "not reached") == []
+    assert any("lua/bad.lua:2: boom in bad" in line for line in capture.lines())
+
+
+@pytest_twisted.ensureDeferred
 async def test_load_picks_up_an_edited_file_after_the_recheck_period(tmp_path: Path) -> None:
     script = tmp_path / "lua" / "conf.lua"
     path = lua_app(
