@@ -84,8 +84,26 @@ function broker.close(ids)
     end
 end
 
+-- broker.signal(id, v): v to socket id's receive function as if its client had sent it;
+-- broker.signal(addr, v): v sent to a packed address; broker.signal({id | addr | f, ...}, v): v
+-- sent to each id and address, then f(elapsed seconds, v) (all sent at once here: 0). Returns, in
+-- stagetx: true, or false and why for the first target that could not be sent to.
 function broker.signal(target, v)
-    return raise(host.signal(target, v))
+    if type(target) ~= "table" then return raise(host.signal(target, v)) end
+    local ok, why, done = true, nil, nil
+    for k, t in pairs(target) do
+        if type(k) == "number" then
+            if type(t) == "function" then
+                done = t
+            else
+                local sent, reason = raise(host.deliver(t, v))
+                if not sent and ok then ok, why = false, reason end
+            end
+        end
+    end
+    if done ~= nil then done(0, v) end
+    if ok then return true end
+    return false, why
 end
 
 function broker.aton(s, t)

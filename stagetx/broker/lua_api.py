@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from stagetx.lua.workers import Workers
 
 _LISTENER_FIELDS = (b"expire", b"close", b"receive", b"page")
+_BAD_TARGET = b"broker.signal: the target is a socket id, a table of them, or a packed address"
 _SCRIPT = resources.files("stagetx.broker").joinpath("broker.lua").read_bytes()
 
 
@@ -261,6 +262,7 @@ class BrokerAPI(_Reads):
             "get": self.get,
             "set": self.set,
             "signal": self.signal,
+            "deliver": self.deliver,
             "submit": lambda sid, f, *args: self.submit(self.vm, sid, f, args),
             "aton": self.aton,
             "ntoa": self.ntoa,
@@ -425,14 +427,36 @@ class BrokerAPI(_Reads):
             endpoint.shutdown()
 
     def signal(self, target: Any, value: Any) -> tuple[Any, ...]:
-        """``broker.signal(id | addr, v)``: send ``v`` to a client by socket id or by its address."""
+        """``broker.signal(id | addr, v)``: ``v`` to socket ``id``'s receive function as if its
+        client had sent it (what it returns goes to the client), as the original does; to a
+        packed address, ``v`` is sent there. (A table of targets is ``broker.lua``'s, over ``deliver``.)"""
+        if type(target) is not int:
+            return self.deliver(target, value)
+        if target not in self.registry.sockets:
+            return False, lua_text(f"no socket {target}")
+        try:
+            data = value if isinstance(value, bytes) else self.to_py(value)
+        except CodecError as err:
+            return None, lua_text(f"broker.signal: {err}")
+        # after the running callback, in call order: the receive function is not re-entered
+        self.reactor.callFromThread(self.signalled, target, data)
+        return (True,)
+
+    def signalled(self, sid: int, data: Data) -> None:
+        """``broker.signal(id, v)`` arrives: socket ``sid``'s endpoint handles ``data`` as a frame."""
+        sock = self.registry.get(sid)
+        if sock is not None and sock.connected:
+            sock.endpoint.handler.received(sock, data, None)
+
+    def deliver(self, target: Any, value: Any) -> tuple[Any, ...]:
+        """Send ``v`` to one target of ``broker.signal``: a socket id, or a packed address."""
         if type(target) is int:
             sock = self.registry.get(target)
             if sock is None:
                 return False, lua_text(f"no socket {target}")
             return self.send(sock, value, None)
         if not isinstance(target, bytes):
-            return None, b"broker.signal: the target is a socket id or a packed address"
+            return None, _BAD_TARGET
         sock = self.by_address(target)
         if sock is None:
             return False, lua_text("no socket for that address")
@@ -535,6 +559,7 @@ class SandboxBroker(_Reads):
             "field": self.field,
             "open": self.open,
             "signal": self.signal,
+            "deliver": self.deliver,
             "submit": lambda sid, f, *args: self.main.submit(self.vm, sid, f, args),
             "aton": self.aton,
             "ntoa": self.ntoa,
@@ -548,13 +573,25 @@ class SandboxBroker(_Reads):
         return self._send(sock, value, addr if isinstance(addr, bytes) else None)
 
     def signal(self, target: Any, value: Any) -> tuple[Any, ...]:
+        if type(target) is not int:
+            return self.deliver(target, value)
+        if target not in self.registry.sockets:
+            return False, lua_text(f"no socket {target}")
+        try:
+            data = value if isinstance(value, bytes) else self.to_py(value)
+        except CodecError as err:
+            return None, lua_text(f"broker.signal: {err}")
+        self.call(self.main.signalled, target, data)
+        return (True,)
+
+    def deliver(self, target: Any, value: Any) -> tuple[Any, ...]:
         if type(target) is int:
             sock = self.registry.get(target)
             if sock is None:
                 return False, lua_text(f"no socket {target}")
             return self._send(sock, value, None)
         if not isinstance(target, bytes):
-            return None, b"broker.signal: the target is a socket id or a packed address"
+            return None, _BAD_TARGET
         try:  # which socket has that peer is for the reactor to say; the value is checked here
             data = value if isinstance(value, bytes) else self.to_py(value)
         except CodecError as err:

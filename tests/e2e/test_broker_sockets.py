@@ -153,7 +153,7 @@ async def test_commit_close_f_and_broker_close_by_id(tmp_path: Path) -> None:
         assert run.lua("return broker.f(ids[1]).commit('pushed')") == [True]
         assert run.lua("return broker.f(ids[1]) == broker.f(ids[1]), broker.f(12345)") == [True, None]
         await wait_for(lambda: clients[0].frames() == [b"pushed"], WAIT, "a commit")
-        assert run.lua("return broker.signal(ids[2], 'by id')") == [True]
+        assert run.lua("return broker.signal({ids[2]}, 'by id')") == [True]
         await wait_for(lambda: clients[1].frames() == [b"by id"], WAIT, "broker.signal by id")
         assert run.lua("return broker.signal(broker.f(ids[2])[0], 'by address')") == [True]
         await wait_for(lambda: clients[1].frames() == [b"by id", b"by address"], WAIT, "broker.signal by address")
@@ -168,6 +168,36 @@ async def test_commit_close_f_and_broker_close_by_id(tmp_path: Path) -> None:
         ]
         with pytest.raises(AssertionError, match="bson socket|tables"):
             run.lua("broker.f(ids[4]).commit({1, 2})")
+
+
+@pytest_twisted.ensureDeferred
+async def test_signal_to_a_socket_id_is_received_as_if_its_client_sent_it(tmp_path: Path) -> None:
+    """The original's ``broker.signal(i, v)``: ``v`` goes to socket ``i``'s receive function (its
+    return value to the client); ``{i, ..., f}`` sends ``v`` to each, then calls ``f``."""
+    port = free_port()
+    script = f"""
+        broker.ready("tcp://127.0.0.1:{port}?text", function(socket)
+            last = socket.id
+            return function(s, data)
+                if type(data) == "table" then log4cxx.info("table", data.logout) return "bye" end
+                if data == "sig" then log4cxx.info("signal", broker.signal(s.id, "again")) return end
+                return "re:" .. data
+            end
+        end)
+    """
+    async with RunningStage(tmp_path, script) as run:
+        client = await connect(port)
+        client.transport.write(b"sig\n")
+        await wait_for(lambda: client.data == b"re:again\n", WAIT, "the receive function's reply to a signal")
+        assert run.said("signal") == [["true"]]
+        assert run.lua("return broker.signal(last, {logout = ''})") == [True]
+        await wait_for(lambda: client.data.endswith(b"bye\n"), WAIT, "a table as if received")
+        assert run.said("table") == [[""]]
+        done = "function(ms, v) log4cxx.info('done', ms, v) end"
+        assert run.lua(f"return broker.signal({{last, 99999, {done}}}, 'pushed')") == [False, b"no socket 99999"]
+        await wait_for(lambda: client.data.endswith(b"bye\npushed\n"), WAIT, "a signal to a table of ids")
+        assert run.said("done") == [["0", "pushed"]]
+        assert run.lua("return broker.signal(99999, 'x')") == [False, b"no socket 99999"]
 
 
 @pytest_twisted.ensureDeferred
