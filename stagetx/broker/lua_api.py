@@ -142,9 +142,10 @@ class LuaHandler:
         api = self.api
         if not isinstance(value, bytes):
             value = api.to_lua(value)
-        result = api.vm.call("broker receive", receive, lua_sock, value, addr)
-        if len(result) > 1 and result[0] is True:
-            reply = result[1]
+        ok, *replies = api.vm.call("broker receive", receive, lua_sock, value, addr)
+        if ok is not True:
+            return
+        for reply in replies:  # each value returned is a frame of its own, as in the original
             if reply.__class__ is bytes:
                 try:
                     sock.send(reply, addr)  # the common case: no conversion

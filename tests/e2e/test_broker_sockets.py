@@ -54,6 +54,20 @@ async def test_packet_echo_by_return_value_and_refused_connections(tmp_path: Pat
 
 
 @pytest_twisted.ensureDeferred
+async def test_each_value_a_receive_function_returns_is_a_frame(tmp_path: Path) -> None:
+    port = free_port()
+    script = f"""
+        broker.ready("tcp://127.0.0.1:{port}?text", function()
+            return function(s, line) return "one", nil, "two", 3 end
+        end)
+    """
+    async with RunningStage(tmp_path, script):
+        client = await connect(port)
+        client.transport.write(b"go\n")
+        await wait_for(lambda: client.data == b"one\ntwo\n3\n", WAIT, "three lines")
+
+
+@pytest_twisted.ensureDeferred
 async def test_text_lines_over_ipv6(tmp_path: Path) -> None:
     port = free_port(socket.AF_INET6)
     script = f"""
