@@ -1,6 +1,6 @@
 """Network addresses for ``broker.aton``/``broker.ntoa``/``broker.ifaddr`` and socket fields.
 
-A *packed address* is the binary form Lua scripts pass around (``socket[0]``, the ``addr`` of a
+A *packed address* is the binary form Lua scripts pass around (the ``addr`` of an accept or a
 receive function, ``stage.signal({id, addr})``): the 4 or 16 address bytes in network order,
 then the port as 2 bytes big-endian (6 bytes for IPv4, 18 for IPv6). Text forms are
 ``"1.2.3.4:80"`` and ``"[::1]:80"``.

@@ -17,7 +17,7 @@ end
 
 local socket_meta = {
     __name = "broker.socket",
-    -- socket[0] (packed peer address), socket[1] (its text), socket[-1] (local address text)
+    -- socket[0] (the socket id), socket[1] (peer address text), socket[-1] (local address text)
     __index = function(s, k) return host.field(rawget(s, "id"), k) end,
     __tostring = function(s) return "broker.socket " .. rawget(s, "id") end,
 }

@@ -185,8 +185,8 @@ class _Reads:
         sock = self.registry.get(sid)
         if sock is None:
             return None
-        if key == 0:
-            return sock.peer or sock.local
+        if key == 0:  # the socket id, as the original (its packed peer address is accept's addr)
+            return sid
         if key == 1:
             return lua_text(sock.peer_text() or sock.local_text())
         if key == -1:

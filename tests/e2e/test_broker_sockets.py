@@ -166,10 +166,11 @@ async def test_commit_close_f_and_broker_close_by_id(tmp_path: Path) -> None:
         await wait_for(lambda: run.lua("return #ids") == [4], WAIT, "four sockets")
         assert run.lua("return broker.f(ids[1]).commit('pushed')") == [True]
         assert run.lua("return broker.f(ids[1]) == broker.f(ids[1]), broker.f(12345)") == [True, None]
+        assert run.lua("local s = broker.f(ids[1]) return s[0] == s.id, math.type(s[0])") == [True, b"integer"]
         await wait_for(lambda: clients[0].frames() == [b"pushed"], WAIT, "a commit")
         assert run.lua("return broker.signal({ids[2]}, 'by id')") == [True]
         await wait_for(lambda: clients[1].frames() == [b"by id"], WAIT, "broker.signal by id")
-        assert run.lua("return broker.signal(broker.f(ids[2])[0], 'by address')") == [True]
+        assert run.lua("return broker.signal(broker.aton(broker.f(ids[2])[1]), 'by address')") == [True]
         await wait_for(lambda: clients[1].frames() == [b"by id", b"by address"], WAIT, "broker.signal by address")
         run.lua("broker.f(ids[1]).close()")
         run.lua("broker.close({ids[2], ids[3]})")

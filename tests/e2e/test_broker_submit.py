@@ -151,14 +151,14 @@ async def test_an_error_is_logged_with_file_and_line_and_later_jobs_still_run(tm
 # broker.close(id), and what a sandbox refuses; the main runtime logs the same fields for comparison.
 SANDBOX = """
 broker.ready("tcp://127.0.0.1:{port}?packet", function(socket)
-    log4cxx.info("main", socket.id, broker.ntoa(socket[0]), socket[1], socket[-1])
+    log4cxx.info("main", socket.id, socket[0], socket[1], socket[-1])
     return function(s, data)
         if data == "fields" then
             broker.submit(s, function(sock)
                 local ok, err = pcall(function() local l = broker.ready("tcp://127.0.0.1:0"); return l end)
-                log4cxx.info("job", sock.id, broker.ntoa(sock[0]), sock[1], sock[-1], thread.id ~= 0)
+                log4cxx.info("job", sock.id, sock[0], sock[1], sock[-1], thread.id ~= 0)
                 broker.signal({sock.id}, "by id")
-                broker.signal(sock[0], "by address")
+                broker.signal(broker.aton(sock[1]), "by address")
                 broker.signal(sock.id, "as received")
                 sock.commit("refused " .. tostring(not ok) .. " " .. tostring(err))
             end)
@@ -196,7 +196,7 @@ async def test_sockets_from_a_sandbox_read_in_the_thread_and_write_on_the_reacto
         main = next(x for x in run.text().splitlines() if "main\t" in x).split("main\t")[1].split("\t")
         job = next(x for x in run.text().splitlines() if "job\t" in x).split("job\t")[1].split("\t")
         assert job == main + ["true"]
-        assert main[1] == main[2] != main[3]  # peer address twice, the local one differs
+        assert main[0] == main[1] and main[2] != main[3]  # socket[0] is the id; peer and local differ
 
         client.send(b"bye")
         await wait_for(lambda: client.closed, WAIT, "the close from the job")
