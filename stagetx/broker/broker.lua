@@ -112,7 +112,7 @@ function broker.aton(s, t)
 end
 
 function broker.ntoa(addr, t)
-    if type(addr) ~= "string" then error("broker.ntoa: the address must be a packed address string", 2) end
+    if type(addr) ~= "string" then error("broker.ntoa: the address must be a string (packed or text)", 2) end
     return raise(host.ntoa(addr, t))
 end
 

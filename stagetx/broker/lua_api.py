@@ -204,15 +204,16 @@ class _Reads:
             into[index] = packed
         return (into,)
 
-    def ntoa(self, packed: bytes, into: Any = None) -> tuple[Any, ...]:
+    def ntoa(self, address: bytes, into: Any = None) -> tuple[Any, ...]:
+        """``broker.ntoa``: a packed or text address as the original formats it, or its fields into ``t``."""
         try:
-            host, port = addresses.unpack(packed)
+            host, port = addresses.read(address)
         except BrokerAddressError as err:
             return None, lua_text(f"broker.ntoa: {err}")
         if into is None:
             return (lua_text(addresses.text(host, port)),)
-        into[1] = lua_text(host)
-        into[2] = port
+        for key, value in addresses.fields(host, port).items():
+            into[key.encode()] = lua_text(value) if isinstance(value, str) else value
         return (into,)
 
     def ifaddr(self, name: Any = None) -> Any:

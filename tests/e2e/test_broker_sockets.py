@@ -34,6 +34,7 @@ async def test_packet_echo_by_return_value_and_refused_connections(tmp_path: Pat
         local l = broker.ready("tcp://127.0.0.1:{port}?packet=1k,1k", function(socket, addr)
             n = n + 1
             log4cxx.info("accept", socket.id, broker.ntoa(addr) == socket[1], socket[-1])
+            log4cxx.info("ntoa", broker.ntoa(socket[1]) == socket[1], broker.ntoa(socket[-1], {{}}).port)
             if n == 2 then return false end
             return function(s, data, a) return "re:" .. data end
         end)
@@ -48,6 +49,7 @@ async def test_packet_echo_by_return_value_and_refused_connections(tmp_path: Pat
         await wait_for(lambda: refused.closed, WAIT, "the refused connection to close")
         (accept, _) = run.said("accept")
         assert accept[1:] == ["true", f"127.0.0.1:{port}"]
+        assert run.said("ntoa")[0] == ["true", str(port)]
         first.transport.loseConnection()
         await wait_for(lambda: len(run.said("closed")) == 1, WAIT, "the close callback")
         assert run.said("closed") == [[accept[0]]]  # refused sockets get no close callback
@@ -221,7 +223,16 @@ async def test_aton_ntoa_and_ifaddr(tmp_path: Path) -> None:
         assert run.lua("return broker.ntoa(broker.aton('tcp://127.0.0.1:8081'))") == [b"127.0.0.1:8081"]
         assert run.lua("return broker.ntoa(broker.aton('[::1]:80'))") == [b"[::1]:80"]
         assert run.lua("return #broker.aton('udp://224.0.0.1:8082', {})[1]") == [6]
-        assert run.lua("local t = broker.ntoa(broker.aton('[::1]:7'), {}) return t[1], t[2]") == [b"::1", 7]
+        six = "local t = broker.ntoa(broker.aton('[::1]:7'), {}) return t.family, t.addr, t.port, t.scope_id, t[1]"
+        assert run.lua(six) == [10, b"::1", 7, 0, None]
+        four = "local t = broker.ntoa(broker.aton('127.0.0.1:9'), {}) return t.family, t.addr, t.port, t.scope_id"
+        assert run.lua(four) == [2, b"127.0.0.1", 9, None]
+        # a text address (socket[1] is one) is taken too, and comes back as the original formats it
+        assert run.lua("return broker.ntoa('127.0.0.1:8081'), broker.ntoa('[::0001]:80')") == [
+            b"127.0.0.1:8081",
+            b"[::1]:80",
+        ]
+        assert run.lua("return broker.ntoa('[::1]:80', {}).port, broker.ntoa('10.0.0.1')") == [80, b"10.0.0.1"]
         assert run.lua("return broker.aton('no such host.invalid')")[0] is False
         lo = run.lua("return broker.ifaddr('lo')")[0]
         assert b"127.0.0.1" in lo
