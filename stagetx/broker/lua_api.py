@@ -119,6 +119,10 @@ class LuaHandler:
         api = self.api
         lua_sock = api.socket(sock.id)
         sock.state = (lua_sock, None)
+        if isinstance(sock, Datagram):  # f is the receive function of each datagram (the original)
+            if self.receive is None:
+                self.receive = self.accept
+            return True
         if self.accept is None:
             return True
         ok, *results = api.vm.call("broker accept", self.accept, lua_sock, sock.peer or sock.local)

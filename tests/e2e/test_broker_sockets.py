@@ -245,11 +245,11 @@ async def test_aton_ntoa_and_ifaddr(tmp_path: Path) -> None:
 async def test_udp_replies_to_the_sender_and_multicast_groups_are_joined(tmp_path: Path) -> None:
     port, group_port = free_port(), free_port()
     script = f"""
-        broker.ready("udp://127.0.0.1:{port}", function(socket)
-            return function(s, data, addr) return "udp:" .. data .. ":" .. broker.ntoa(addr) end
+        broker.ready("udp://127.0.0.1:{port}", function(s, data, addr)  -- each datagram, as the original
+            return "udp:" .. data .. ":" .. broker.ntoa(addr), "second"
         end)
-        broker.ready("udp://239.255.42.99:{group_port}?text", function(socket)
-            return function(s, line, addr) log4cxx.info("group", line) end
+        broker.ready("udp://239.255.42.99:{group_port}?text", function(s, line, addr)
+            log4cxx.info("group", line)
         end)
     """
     async with RunningStage(tmp_path, script) as run:
@@ -263,7 +263,7 @@ async def test_udp_replies_to_the_sender_and_multicast_groups_are_joined(tmp_pat
         try:
             me = peer.getHost().port
             peer.write(b"hi", ("127.0.0.1", port))
-            await wait_for(lambda: got == [f"udp:hi:127.0.0.1:{me}".encode()], WAIT, "a UDP reply")
+            await wait_for(lambda: got == [f"udp:hi:127.0.0.1:{me}".encode(), b"second"], WAIT, "two UDP replies")
         finally:
             await peer.stopListening()
         sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
