@@ -65,7 +65,6 @@ if TYPE_CHECKING:
     from stagetx.lua.sandbox import Sandbox, Sandboxes
     from stagetx.lua.workers import Workers
 
-_LISTENER_FIELDS = (b"expire", b"close", b"receive", b"page")
 _BAD_TARGET = b"broker.signal: the target is a socket id, a table of them, or a packed address"
 _SCRIPT = resources.files("stagetx.broker").joinpath("broker.lua").read_bytes()
 
@@ -106,7 +105,7 @@ def _load(vm: LuaVM, host: dict[str, Any]) -> Any:
 class LuaHandler:
     """The Lua callbacks of one endpoint: ``f`` (accept), ``receive`` and ``close``."""
 
-    __slots__ = ("api", "endpoint", "accept", "receive", "on_close")
+    __slots__ = ("api", "endpoint", "accept", "receive", "on_close", "joined")
 
     def __init__(self, api: BrokerAPI, accept: Any) -> None:
         self.api = api
@@ -114,6 +113,7 @@ class LuaHandler:
         self.accept = accept
         self.receive: Any = None
         self.on_close: Any = None
+        self.joined: Any = None  # a broker.join's socket table, held: the script's fields live on it
 
     def accepted(self, sock: Socket) -> bool:
         api = self.api
@@ -164,11 +164,13 @@ class LuaHandler:
             self.api.vm.call("broker close", self.on_close, state[0])
         sock.state = None
 
-    def failed(self, endpoint: Endpoint, reason: str) -> None:
+    def failed(self, endpoint: Endpoint, reason: str, code: int) -> None:
+        """A join that did not connect: ``close(socket, errno)``, as the original (a reconnecting
+        script reads its own fields off that socket)."""
         self.api.log.warn("broker.join {url}: {reason}", url=url_text(endpoint.url), reason=reason)
         self.api.endpoints.pop(endpoint.id, None)
         if self.on_close is not None:
-            self.api.vm.call("broker close", self.on_close, None, lua_text(reason))
+            self.api.vm.call("broker close", self.on_close, self.joined, code)
 
 
 class _Reads:
@@ -321,24 +323,29 @@ class BrokerAPI(_Reads):
 
     def join(self, url: bytes, f: Any) -> tuple[Any, ...]:
         """``broker.join``: connect (TCP), or take over the connection to that address the previous
-        runtime left; ``f`` is called once connected."""
+        runtime left; ``f`` is called once connected. Returns the socket's table (the original's
+        join returns the socket itself), which also takes the listener settings."""
         try:
             endpoint, kept = self._endpoint(url, f, ("tcp", "tls", "ws", "wss"), "broker.join")
             scheme = endpoint.url.scheme
             tls = client_context(self.tls, endpoint.url) if scheme in SECURE_SCHEMES and not kept else None
         except (BrokerAddressError, OSError) as err:
             return None, lua_text(f"broker.join: {err}")
+        handler: LuaHandler = endpoint.handler  # type: ignore[assignment]
+        handler.joined = self.socket(endpoint.id)
         if kept:
-            return (endpoint.id,)
+            return (handler.joined,)
+        endpoint.dials = True
         if scheme in ("ws", "wss"):
             connect_ws(self.reactor, endpoint, tls)
         elif tls is not None:
             connect_tls(self.reactor, endpoint, tls)
         else:
             connect_tcp(self.reactor, endpoint)
-        return (endpoint.id,)
+        return (handler.joined,)
 
     def get(self, eid: int, key: bytes) -> Any:
+        """A setting read back from a listener or join table (``expire``, ``receive``)."""
         endpoint = self.endpoints.get(eid)
         if endpoint is None:
             return None
@@ -346,49 +353,58 @@ class BrokerAPI(_Reads):
         if key == b"expire":
             ms = endpoint.expire * 1000
             return int(ms) if ms.is_integer() else ms
-        if key == b"close":
-            return handler.on_close
         if key == b"receive":
             return handler.receive
         return None
 
     def set(self, eid: int, key: bytes, value: Any) -> tuple[Any, ...]:
+        """A setting of a listener, join or socket table (``broker.lua`` passes only these keys)."""
+        if key == b"commit":  # the original's flush interval; stagetx writes each frame at once
+            if value is not None and not isinstance(value, (int, float)):
+                return None, b"broker: commit (the flush interval) is a number of ms"
+            return (True,)
+        if value is not None and key in (b"close", b"receive") and self.vm.lua_type(value) != "function":
+            return None, lua_text(f"broker: {text(key)} must be a function")
         endpoint = self.endpoints.get(eid)
-        if key not in _LISTENER_FIELDS:
-            return None, lua_text(f"broker listener: unknown field {text(key)!r} (expire, close, receive, page)")
         if endpoint is None:
-            return (True,)  # a closed listener ignores settings
+            return self.set_socket(eid, key, value)
         handler: LuaHandler = endpoint.handler  # type: ignore[assignment]
         if key == b"page":
             return self.set_page(endpoint, value)
         if key == b"expire":
             if value is not None and (not isinstance(value, (int, float)) or not isfinite(value)):
-                return None, b"broker listener: expire is a finite number of ms"
+                return None, b"broker: expire is a finite number of ms"
             endpoint.set_expire(value or 0)
-        elif value is not None and self.vm.lua_type(value) != "function":
-            return None, lua_text(f"broker listener: {text(key)} must be a function")
         elif key == b"close":
             handler.on_close = value
         else:
             handler.receive = value
         return (True,)
 
+    def set_socket(self, sid: int, key: bytes, value: Any) -> tuple[Any, ...]:
+        """A setting on an accepted socket: ``receive`` becomes its own receive function; the
+        others are its listener's (set them there), and a closed socket ignores settings."""
+        sock = self.registry.get(sid)
+        if sock is not None and key == b"receive" and sock.state is not None:
+            sock.state = (sock.state[0], value)
+        return (True,)
+
     def set_page(self, endpoint: Endpoint, value: Any) -> tuple[Any, ...]:
         """``listener.page = "file.html"``: what a ws/wss listener answers a browser's plain GET of
         ``/``; the path is relative to the configuration file; nil serves nothing (404)."""
         if endpoint.url.scheme not in ("ws", "wss"):
-            return None, b"broker listener: page is for ws:// and wss:// listeners"
+            return None, b"broker: page is for ws:// and wss:// listeners"
         if value is None:
             set_page(endpoint, None)
             return (True,)
         if not isinstance(value, bytes):
-            return None, b"broker listener: page is the path of an HTML file"
+            return None, b"broker: page is the path of an HTML file"
         path = os.path.join(self.base_dir, text(value))
         try:
             with open(path, encoding="utf-8") as page:
                 set_page(endpoint, page.read())
         except (OSError, UnicodeDecodeError) as err:
-            return None, lua_text(f"broker listener: page {path}: {err}")
+            return None, lua_text(f"broker: page {path}: {err}")
         return (True,)
 
     # -- sockets ----------------------------------------------------------------------------------
@@ -421,16 +437,17 @@ class BrokerAPI(_Reads):
         self.report(b"broker receive", b"", lua_text(f"{defined_at(self.vm, receive)}: reply not sent: ") + error)
 
     def close(self, sid: Any) -> None:
-        """``broker.close``/``socket.close``: a socket or a whole endpoint of this stage."""
+        """``broker.close``/``socket.close``: a whole endpoint of this stage (a join's id is also its
+        socket's: the join goes with it), or a socket."""
         if type(sid) is not int:
-            return
-        sock = self.registry.get(sid)
-        if sock is not None:
-            sock.close()
             return
         endpoint = self.endpoints.pop(sid, None)
         if endpoint is not None:
             endpoint.shutdown()
+            return
+        sock = self.registry.get(sid)
+        if sock is not None:
+            sock.close()
 
     def signal(self, target: Any, value: Any) -> tuple[Any, ...]:
         """``broker.signal(id | addr, v)``: ``v`` to socket ``id``'s receive function as if its
@@ -559,6 +576,8 @@ class SandboxBroker(_Reads):
     def host(self) -> dict[str, Any]:
         return {
             "ready": lambda *_: (None, b"broker.ready: only on the stage's own thread, not in a job"),
+            "get": lambda *_: None,
+            "set": lambda *_: (None, b"broker: socket settings only on the stage's own thread, not in a job"),
             "join": lambda *_: (None, b"broker.join: only on the stage's own thread, not in a job"),
             "commit": self.commit,
             "close": lambda sid: self.call(self.main.close, sid),

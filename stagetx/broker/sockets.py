@@ -13,13 +13,14 @@ window; then ``resume`` offers its sockets to the new runtime's handler and read
 
 from __future__ import annotations
 
+import errno
 import itertools
 import socket
 import weakref
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from twisted.internet import protocol
+from twisted.internet import error, protocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -46,8 +47,8 @@ class Handler(Protocol):
     def closed(self, sock: Socket) -> None:
         """The socket is gone (either side closed, expiry, oversized frame)."""
 
-    def failed(self, endpoint: Endpoint, reason: str) -> None:
-        """``broker.join`` could not connect."""
+    def failed(self, endpoint: Endpoint, reason: str, code: int) -> None:
+        """``broker.join`` could not connect: why, and the errno the original reports."""
 
 
 class Parked:
@@ -72,7 +73,7 @@ class Parked:
         self.frames.pop(sock.id, None)
         log.info("broker socket {sid} ({peer}) closed during a reload", sid=sock.id, peer=sock.peer_text())
 
-    def failed(self, endpoint: Endpoint, reason: str) -> None:
+    def failed(self, endpoint: Endpoint, reason: str, code: int) -> None:
         log.warn("broker.join {url} failed during a reload: {reason}", url=url_text(endpoint.url), reason=reason)
 
 
@@ -122,6 +123,7 @@ class Endpoint:
         "expire",
         "port",
         "traffic",
+        "dials",
         "_sweeper",
         "__weakref__",
     )
@@ -137,7 +139,13 @@ class Endpoint:
         self.expire = 0.0  # seconds idle before close; 0 = never
         self.port: Any = None  # IListeningPort, IConnector or the UDP port
         self.traffic = Traffic()  # its clients' counters (stagetx.broker.traffic)
+        self.dials = False  # a broker.join: its one connection takes the endpoint's id
         self._sweeper: LoopingCall | None = None
+
+    def socket_id(self) -> int:
+        """The id of a new socket: a join's connection has the endpoint's own (the original's
+        ``broker.join`` returns the socket itself), a listener's sockets new ones."""
+        return self.id if self.dials else self.registry.next_id()
 
     def set_expire(self, ms: float) -> None:
         """Close sockets idle for ``ms`` (0 or less: never); checked every eighth of that time."""
@@ -268,7 +276,7 @@ class Connection:
     )
 
     def __init__(self, endpoint: Endpoint) -> None:
-        self.id = endpoint.registry.next_id()
+        self.id = endpoint.socket_id()
         self.endpoint = endpoint
         self.transport: Any = None
         self.buf = b""
@@ -598,7 +606,22 @@ class _JoinFactory(protocol.ClientFactory):
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         self.endpoint.port = None
-        self.endpoint.handler.failed(self.endpoint, reason.getErrorMessage())
+        self.endpoint.handler.failed(self.endpoint, reason.getErrorMessage(), connect_errno(reason))
+
+
+def connect_errno(reason: Failure) -> int:
+    """The errno of a failed connect, which the original hands to the close callback."""
+    err = reason.value
+    code = getattr(err, "osError", None)
+    if isinstance(code, int):
+        return code
+    if isinstance(err, error.TimeoutError):
+        return errno.ETIMEDOUT
+    if isinstance(err, error.ConnectionRefusedError):
+        return errno.ECONNREFUSED
+    if isinstance(err, error.DNSLookupError):
+        return errno.EHOSTUNREACH
+    return errno.ECONNABORTED
 
 
 def listen_tcp(

@@ -15,6 +15,7 @@ HTTP GET without ``Upgrade`` gets it, so a browser loads the client and then con
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +31,7 @@ from twisted.logger import Logger
 
 from stagetx.broker import addresses
 from stagetx.broker.framing import BrokerURL, FrameError, FrameTooLarge
-from stagetx.broker.sockets import Connection, Endpoint, listen_tcp
+from stagetx.broker.sockets import Connection, Endpoint, connect_errno, listen_tcp
 
 log = Logger(namespace="stagetx.broker")
 
@@ -243,7 +244,7 @@ class _Client(WebSocketClientProtocol):
         if endpoint.port is not None:  # the handshake failed: a failed join, like a refused connect
             endpoint.port = None
             why = reason or getattr(self, "wasNotCleanReason", None) or "the WebSocket handshake failed"
-            endpoint.handler.failed(endpoint, str(why))
+            endpoint.handler.failed(endpoint, str(why), errno.ECONNABORTED)
 
 
 class _ClientFactory(WebSocketClientFactory):
@@ -262,7 +263,7 @@ class _ClientFactory(WebSocketClientFactory):
 
     def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
         self.endpoint.port = None
-        self.endpoint.handler.failed(self.endpoint, reason.getErrorMessage())
+        self.endpoint.handler.failed(self.endpoint, reason.getErrorMessage(), connect_errno(reason))
 
 
 def ws_url(url: BrokerURL) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import time
@@ -13,6 +14,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import protocol, reactor
 
+from stagetx.child.control import stage_stats
 from tests.support import (
     RunningStage,
     ServerProcess,
@@ -292,14 +294,53 @@ async def test_join_connects_to_a_local_server(tmp_path: Path) -> None:
             return function(s, data) log4cxx.info("joined", data, s[1]); s.close() end
         end)
         local bad = broker.join("tcp://127.0.0.1:{dead}", function() end)
-        bad.close = function(s, reason) log4cxx.info("failed", tostring(s), reason ~= nil) end
+        bad._join = "tcp://127.0.0.1:{dead}"  -- the original's cluster/ready.lua reconnects so
+        bad.close = function(s, reason) log4cxx.info("failed", s == bad, s._join, reason) end
     """
     try:
         async with RunningStage(tmp_path, script) as run:
             await wait_for(lambda: run.said("joined") == [["ping", f"127.0.0.1:{port}"]], WAIT, "the echo")
-            await wait_for(lambda: run.said("failed") == [["nil", "true"]], WAIT, "the failed join")
+            gone = [["true", f"tcp://127.0.0.1:{dead}", str(errno.ECONNREFUSED)]]
+            await wait_for(lambda: run.said("failed") == gone, WAIT, "the failed join: close(socket, errno)")
     finally:
         await server.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_join_is_its_socket_and_tables_keep_the_scripts_fields(tmp_path: Path) -> None:
+    """As the original's ``cluster/ready.lua``: fields of its own and ``commit`` (the flush
+    interval) on a listener and a join; the join's table is the socket its callbacks get."""
+    port = free_port()
+    script = f"""
+        local l = broker.ready("tcp://127.0.0.1:{port}?text", function(socket, addr)
+            socket.receive = function(s, d) return "own:" .. d end  -- this socket's receive function
+            return true
+        end)
+        l.expire = -1
+        l.commit = 10
+        l.note = "mine"
+        log4cxx.info("listener", l.note, type(l.commit), l.expire)
+        local p = broker.join("tcp://127.0.0.1:{port}?text", function(socket)
+            log4cxx.info("joined", socket == P, socket._join, socket[0] == P.id, broker.ntoa(socket[1]))
+            socket.commit("ping")
+        end)
+        P = p
+        p._join = "x"
+        p.expire = -1
+        p.commit = 10
+        p.receive = function(socket, data) log4cxx.info("got", data, socket == P) socket.close() end
+        p.close = function(socket, e) log4cxx.info("closed", socket == P, socket._join) end
+    """
+    async with RunningStage(tmp_path, script) as run:
+        assert run.said("listener") == [["mine", "function", "0"]]
+        await wait_for(lambda: run.said("closed") == [["true", "x"]], WAIT, "the join's close")
+        assert run.said("joined") == [["true", "x", "true", f"127.0.0.1:{port}"]]
+        assert run.said("got") == [["own:ping", "true"]]
+        assert run.lua("return broker.f(P.id)") == [None]
+        kinds = [e["kind"] for e in stage_stats(run.server.hosts[0].stages[0])["listeners"]]
+        assert kinds == ["tcp"]  # closing the join's socket closed the join too
+        with pytest.raises(AssertionError, match="commit .* is a number"):
+            run.lua("P.commit = 'soon'")
 
 
 def test_a_services_port_is_shared_by_two_processes(tmp_path: Path) -> None:
