@@ -62,7 +62,9 @@ local broker = {}
 function broker.ready(url, f)
     if type(url) ~= "string" then error("broker.ready: the address must be a string", 2) end
     if f ~= nil and type(f) ~= "function" then error("broker.ready: f must be a function", 2) end
-    return socket_of(raise(host.ready(url, f)))
+    local id, failed = raise(host.ready(url, f))
+    if failed then return id end  -- the errno of an address the system would not give, as the original
+    return socket_of(id)
 end
 
 function broker.join(url, f)

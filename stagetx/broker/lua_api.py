@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from stagetx.broker import addresses
@@ -300,11 +301,16 @@ class BrokerAPI(_Reads):
 
     def ready(self, url: bytes, f: Any) -> tuple[Any, ...]:
         """``broker.ready``: listen (TCP) or bind (UDP), or take over the listener of that address
-        the previous runtime left; returns the endpoint id."""
+        the previous runtime left; returns the endpoint id. An address the system will not give
+        (in use, not permitted) returns its errno and True instead, as the original, with the
+        reason logged; a malformed address raises."""
         try:
             endpoint, kept = self._endpoint(url, f, SCHEMES, "broker.ready")
-            if kept:
-                return (endpoint.id,)
+        except BrokerAddressError as err:
+            return None, lua_text(f"broker.ready: {err}")
+        if kept:
+            return (endpoint.id,)
+        try:
             scheme = endpoint.url.scheme
             tls = server_context(self.tls, endpoint.url) if scheme in SECURE_SCHEMES else None
             if scheme == "udp":
@@ -315,10 +321,13 @@ class BrokerAPI(_Reads):
                 listen_tls(self.reactor, endpoint, self.services, tls)
             else:
                 listen_tcp(self.reactor, endpoint, self.services)
-        except (BrokerAddressError, OSError) as err:
-            return None, lua_text(f"broker.ready: {err}")
         except Exception as err:  # CannotListenError and friends carry the OS reason
-            return None, lua_text(f"broker.ready: {text(url)}: {err}")
+            self.endpoints.pop(endpoint.id, None)
+            code = _errno_of(err)
+            if code is None:
+                return None, lua_text(f"broker.ready: {text(url)}: {err}")
+            self.log.warn("broker.ready {url}: {error}", url=text(url), error=str(err))
+            return code, True
         return (endpoint.id,)
 
     def join(self, url: bytes, f: Any) -> tuple[Any, ...]:
@@ -677,6 +686,14 @@ class SocketJob:
         ok, *results = vm.call(self.label, f, broker.socket(self.sid), *args)
         again = job_again(sandbox, self.label, f, results[0] if ok and results else None)
         return again if self.sid in self.registry.sockets else None
+
+
+def _errno_of(err: Exception) -> int | None:
+    """The errno behind a failed listen (Twisted wraps it in ``CannotListenError``), if any."""
+    if isinstance(err, CannotListenError):
+        err = err.socketError
+    code = getattr(err, "errno", None) if isinstance(err, OSError) else None
+    return code if isinstance(code, int) and code > 0 else None
 
 
 def _address_text(packed: bytes) -> str:

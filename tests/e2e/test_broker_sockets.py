@@ -72,6 +72,20 @@ async def test_each_value_a_receive_function_returns_is_a_frame(tmp_path: Path) 
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_address_in_use_returns_the_errno_and_a_bad_one_raises(tmp_path: Path) -> None:
+    port = free_port()
+    script = f"""
+        first = broker.ready("tcp://127.0.0.1:{port}?text", function() end)
+        again = broker.ready("tcp://127.0.0.1:{port}?text", function() end)
+    """
+    async with RunningStage(tmp_path, script) as run:
+        assert run.lua("return type(first), again") == [b"table", errno.EADDRINUSE]
+        assert "Address already in use" in run.text()
+        with pytest.raises(AssertionError, match="bad broker address"):
+            run.lua("broker.ready('nonsense', function() end)")
+
+
+@pytest_twisted.ensureDeferred
 async def test_text_lines_over_ipv6(tmp_path: Path) -> None:
     port = free_port(socket.AF_INET6)
     script = f"""
