@@ -160,9 +160,10 @@ class LuaHandler:
                 api.reply(sock, reply, addr, receive)
 
     def closed(self, sock: Socket) -> None:
+        """``close(socket, errno)`` as the original: 0 for a clean close, ``ETIMEDOUT`` on expiry."""
         state = sock.state
         if state is not None and self.on_close is not None:
-            self.api.vm.call("broker close", self.on_close, state[0])
+            self.api.vm.call("broker close", self.on_close, state[0], sock.close_errno)
         sock.state = None
 
     def failed(self, endpoint: Endpoint, reason: str, code: int) -> None:

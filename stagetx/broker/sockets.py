@@ -45,7 +45,7 @@ class Handler(Protocol):
         """One decoded frame (``addr``: the sender of a datagram)."""
 
     def closed(self, sock: Socket) -> None:
-        """The socket is gone (either side closed, expiry, oversized frame)."""
+        """The socket is gone (either side closed, expiry, oversized frame); why: ``sock.close_errno``."""
 
     def failed(self, endpoint: Endpoint, reason: str, code: int) -> None:
         """``broker.join`` could not connect: why, and the errno the original reports."""
@@ -171,6 +171,7 @@ class Endpoint:
         limit = self.clock.seconds() - self.expire
         for sock in [s for s in self.sockets.values() if s.last <= limit]:
             log.debug("broker socket {sid} idle; closing", sid=sock.id)
+            sock.close_errno = errno.ETIMEDOUT
             sock.expire()
 
     def add(self, sock: Socket) -> bool:
@@ -273,6 +274,7 @@ class Connection:
         "inflight",
         "half_closed",
         "backlog",
+        "close_errno",
     )
 
     def __init__(self, endpoint: Endpoint) -> None:
@@ -289,6 +291,7 @@ class Connection:
         self.inflight = 0  # frames received minus frames sent, not below 0 (requests awaiting a reply)
         self.half_closed = False  # the peer shut down its write side
         self.backlog: list[bytes] = []  # frames of a read that came after the socket was held
+        self.close_errno = 0  # why it closed, for the close callback (the original's errno): 0 = cleanly
 
     # -- IProtocol --------------------------------------------------------------------------------
     def makeConnection(self, transport: Any) -> None:
@@ -385,7 +388,15 @@ class Connection:
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.connected = 0
+        self.lost_with(reason)
         self.endpoint.remove(self)
+
+    def lost_with(self, reason: Failure) -> None:
+        """Note why the connection went, unless expiry or an abort already said: a reset or other
+        unclean loss is ``ECONNRESET`` (or the OS's errno)."""
+        if not self.close_errno and not reason.check(error.ConnectionDone):
+            code = getattr(reason.value, "osError", None)
+            self.close_errno = code if isinstance(code, int) and code > 0 else errno.ECONNRESET
 
     def logPrefix(self) -> str:
         return f"broker socket {self.id}"
@@ -444,6 +455,7 @@ class Connection:
     def abort(self, reason: str) -> None:
         """Drop the connection at once because of ``reason`` (logged)."""
         log.warn("broker socket {sid} ({peer}) closed: {reason}", sid=self.id, peer=self.peer_text(), reason=reason)
+        self.close_errno = self.close_errno or errno.ECONNABORTED
         if self.connected and self.transport is not None:
             self.transport.abortConnection()
 
@@ -465,6 +477,7 @@ class Datagram(protocol.DatagramProtocol):
         self.local = b""
         self.state: Any = None
         self.connected = 0
+        self.close_errno = 0
 
     def startProtocol(self) -> None:
         self.connected = 1

@@ -51,6 +51,7 @@ class TlsConnection(Connection):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = 0
         if self.id in self.endpoint.sockets:
+            self.lost_with(reason)
             self.endpoint.remove(self)
         elif self.joining and self.endpoint.port is not None:
             self.endpoint.port = None

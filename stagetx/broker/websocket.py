@@ -126,6 +126,7 @@ class WebSocket(Connection):
     def abort(self, reason: str, code: int = CLOSE_POLICY) -> None:
         """Close with ``code`` because of ``reason`` (logged); nothing more is sent or delivered."""
         log.warn("broker socket {sid} ({peer}) closed: {reason}", sid=self.id, peer=self.peer_text(), reason=reason)
+        self.close_errno = self.close_errno or errno.ECONNABORTED
         if self.connected:
             self.connected = 0
             self.protocol.sendCloseFrame(code, reason.encode("ascii", "replace")[:120])  # 123 bytes at most

@@ -141,7 +141,7 @@ async def test_idle_sockets_expire_and_busy_ones_stay(tmp_path: Path) -> None:
     script = f"""
         local l = broker.ready("tcp://127.0.0.1:{port}", function() return function(s, d) return d end end)
         l.expire = 150
-        l.close = function(s) log4cxx.info("closed", s.id) end
+        l.close = function(s, e) log4cxx.info("closed", s.id, e) end
         log4cxx.info("expire", l.expire)
     """
     async with RunningStage(tmp_path, script) as run:
@@ -154,7 +154,10 @@ async def test_idle_sockets_expire_and_busy_ones_stay(tmp_path: Path) -> None:
             await wait_for(lambda i=i: len(busy.frames()) == i + 1, WAIT, "an echo")
         assert idle.closed and not busy.closed
         assert run.said("expire") == [["150"]]
-        assert len(run.said("closed")) == 1
+        assert [e for _, e in run.said("closed")] == [str(errno.ETIMEDOUT)]  # close(socket, errno)
+        busy.transport.loseConnection()
+        await wait_for(lambda: len(run.said("closed")) == 2, WAIT, "the clean close")
+        assert run.said("closed")[1][1] == "0"
 
 
 @pytest_twisted.ensureDeferred
