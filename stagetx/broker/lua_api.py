@@ -425,14 +425,15 @@ class BrokerAPI(_Reads):
         return self.send(sock, value, addr)
 
     def send(self, sock: Socket, value: Any, addr: Any) -> tuple[Any, ...]:
-        """Send a Lua value on ``sock``: ``(True,)``, ``(False, reason)`` or ``(None, error)`` to raise."""
+        """Send a Lua value on ``sock``: ``(bytes,)`` (the payload's size, which the original's
+        commit returns), ``(False, reason)`` or ``(None, error)`` to raise."""
         try:
-            data = value if isinstance(value, bytes) else self.to_py(value)
-            reason = sock.send(data, addr if isinstance(addr, bytes) else None)
+            payload = sock.endpoint.framing.payload(value if isinstance(value, bytes) else self.to_py(value))
+            reason = sock.send_payload(payload, addr if isinstance(addr, bytes) else None)
         except (FrameError, CodecError) as err:
             return None, lua_text(f"broker socket {sock.id}: {err}")
         if reason is None:
-            return (True,)
+            return (len(payload),)
         return False, lua_text(reason)
 
     def reply(self, sock: Socket, value: Any, addr: bytes | None, receive: Any) -> None:
@@ -487,13 +488,13 @@ class BrokerAPI(_Reads):
             sock = self.registry.get(target)
             if sock is None:
                 return False, lua_text(f"no socket {target}")
-            return self.send(sock, value, None)
+            return _sent(self.send(sock, value, None))
         if not isinstance(target, bytes):
             return None, _BAD_TARGET
         sock = self.by_address(target)
         if sock is None:
             return False, lua_text("no socket for that address")
-        return self.send(sock, value, target)
+        return _sent(self.send(sock, value, target))
 
     def by_address(self, packed: bytes) -> Socket | None:
         """The socket ``broker.signal`` uses for an address: a TCP client connected from it, else
@@ -624,7 +625,7 @@ class SandboxBroker(_Reads):
             sock = self.registry.get(target)
             if sock is None:
                 return False, lua_text(f"no socket {target}")
-            return self._send(sock, value, None)
+            return _sent(self._send(sock, value, None))
         if not isinstance(target, bytes):
             return None, _BAD_TARGET
         try:  # which socket has that peer is for the reactor to say; the value is checked here
@@ -648,7 +649,7 @@ class SandboxBroker(_Reads):
         except FrameTooLarge as err:
             reason = lua_text(str(err))
         self.call(sock.send_payload, payload, addr)  # oversized: the reactor closes the connection, in order
-        return (True,) if reason is None else (False, reason)
+        return (len(payload),) if reason is None else (False, reason)
 
 
 class SocketJob:
@@ -687,6 +688,11 @@ class SocketJob:
         ok, *results = vm.call(self.label, f, broker.socket(self.sid), *args)
         again = job_again(sandbox, self.label, f, results[0] if ok and results else None)
         return again if self.sid in self.registry.sockets else None
+
+
+def _sent(result: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``broker.signal``'s answer for one target: ``true`` for the byte count of a send."""
+    return (True,) if type(result[0]) is int else result
 
 
 def _errno_of(err: Exception) -> int | None:

@@ -166,7 +166,7 @@ broker.ready("tcp://127.0.0.1:{port}?packet", function(socket)
             return "re:" .. data
         elseif data == "bye" then
             broker.submit(s.id, function(sock)
-                for i = 1, 3 do sock.commit("last " .. i) end
+                for i = 1, 3 do log4cxx.info("job commit", sock.commit("last " .. i)) end
                 sock.close()
                 log4cxx.info("after close", tostring(sock.commit("late")))
             end)
@@ -201,8 +201,9 @@ async def test_sockets_from_a_sandbox_read_in_the_thread_and_write_on_the_reacto
         client.send(b"bye")
         await wait_for(lambda: client.closed, WAIT, "the close from the job")
         assert client.frames()[4:] == [b"last 1", b"last 2", b"last 3"]  # sent before the close
+        assert run.said("job commit") == [["6"]] * 3  # the bytes handed over, as the original's count
         await wait_for(lambda: "after close" in run.text(), WAIT, "the job's last line")
-        assert b"late" not in client.data  # whether the job's commit returned true (handed over) or
+        assert b"late" not in client.data  # whether the job's commit returned 4 (handed over) or
         # false (the reactor had closed the socket already), nothing is sent after the close
 
         other = await connect(port)
