@@ -124,15 +124,23 @@ class LuaHandler:
             if self.receive is None:
                 self.receive = self.accept
             return True
-        if self.accept is None:
-            return True
-        ok, *results = api.vm.call("broker accept", self.accept, lua_sock, sock.peer or sock.local)
-        answer = results[0] if results else None
-        if not ok or answer is False:
-            sock.state = None  # refused: no close callback
+        if self.accept is not None:
+            ok, *results = api.vm.call("broker accept", self.accept, lua_sock, sock.peer or sock.local)
+            answer = results[0] if results else None
+            if not ok or answer is False:
+                sock.state = None  # refused: no close callback
+                return False
+            if api.vm.lua_type(answer) == "function":
+                sock.state = (lua_sock, answer)
+        if sock.state[1] is None and self.receive is None and self.joined is None:
+            # nothing would read this client: refused, as the original ("proper function does not exist")
+            api.log.warn(
+                "broker socket {sid} ({peer}) refused: no receive function (f returned none, listener.receive unset)",
+                sid=sock.id,
+                peer=sock.peer_text(),
+            )
+            sock.state = None
             return False
-        if api.vm.lua_type(answer) == "function":
-            sock.state = (lua_sock, answer)
         return True
 
     def received(self, sock: Socket, value: Data, addr: bytes | None) -> None:

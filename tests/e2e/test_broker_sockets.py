@@ -86,6 +86,26 @@ async def test_an_address_in_use_returns_the_errno_and_a_bad_one_raises(tmp_path
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_client_nothing_would_read_is_refused(tmp_path: Path) -> None:
+    """As the original: accepted without a receive function (none returned, none on the listener)
+    the connection is closed, without a close callback; once ``listener.receive`` is set it stays."""
+    port = free_port()
+    script = f"""
+        l = broker.ready("tcp://127.0.0.1:{port}?text", function(socket) log4cxx.info("accept", socket.id) end)
+        l.close = function(socket) log4cxx.info("closed", socket.id) end
+    """
+    async with RunningStage(tmp_path, script) as run:
+        refused = await connect(port)
+        await wait_for(lambda: refused.closed, WAIT, "the connection nothing would read to close")
+        assert "refused: no receive function" in run.text()
+        run.lua("l.receive = function(s, line) return 'got ' .. line end")
+        kept = await connect(port)
+        kept.transport.write(b"hi\n")
+        await wait_for(lambda: kept.data == b"got hi\n", WAIT, "the listener's receive function")
+        assert len(run.said("accept")) == 2 and run.said("closed") == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_text_lines_over_ipv6(tmp_path: Path) -> None:
     port = free_port(socket.AF_INET6)
     script = f"""
@@ -180,7 +200,8 @@ async def test_commit_close_f_and_broker_close_by_id(tmp_path: Path) -> None:
     port = free_port()
     script = f"""
         ids = {{}}
-        broker.ready("tcp://127.0.0.1:{port}", function(socket) ids[#ids + 1] = socket.id end)
+        local l = broker.ready("tcp://127.0.0.1:{port}", function(socket) ids[#ids + 1] = socket.id end)
+        l.receive = function() end
     """
     async with RunningStage(tmp_path, script) as run:
         clients = [await connect(port) for _ in range(4)]

@@ -358,7 +358,7 @@ async def test_join_a_websocket_server_expire_and_a_page_for_browsers(tmp_path: 
         lost.close = function(s, reason) log4cxx.info("failed", s == lost, reason) end
         local dead = broker.join("ws://127.0.0.1:{dead}/?json", function() end)
         dead.close = function(s, reason) log4cxx.info("dead", s == dead, reason) end
-        local idle = broker.ready("ws://127.0.0.1:{idle_port}/idle", function() end)
+        local idle = broker.ready("ws://127.0.0.1:{idle_port}/idle", function() return function() end end)
         idle.expire = 200
         idle.close = function(socket) log4cxx.info("expired", socket.id) end
     """
