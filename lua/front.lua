@@ -19,7 +19,7 @@ function app.reply(sid, msg, fields)
     fields = fields or {}
     fields.re = msg.id
     if fields.ok == nil then fields.ok = true end
-    return broker.signal(sid, fields)
+    return broker.signal({sid}, fields)
 end
 
 function app.fail(sid, msg, text)
@@ -90,7 +90,7 @@ end
 stage.waitfor("chat", function(key, from, text)
     local name = app.channel_of(key)
     for sid in pairs(app.members[name] or {}) do
-        broker.signal(sid, {push = "chat", channel = name, from = from, text = text})
+        broker.signal({sid}, {push = "chat", channel = name, from = from, text = text})
     end
 end)
 

@@ -1,6 +1,6 @@
 """Network addresses for ``broker.aton``/``broker.ntoa``/``broker.ifaddr`` and socket fields.
 
-A *packed address* is the binary form Lua scripts pass around (``socket[0]``, the ``addr`` of a
+A *packed address* is the binary form Lua scripts pass around (the ``addr`` of an accept or a
 receive function, ``stage.signal({id, addr})``): the 4 or 16 address bytes in network order,
 then the port as 2 bytes big-endian (6 bytes for IPv4, 18 for IPv6). Text forms are
 ``"1.2.3.4:80"`` and ``"[::1]:80"``.
@@ -35,6 +35,36 @@ def unpack(packed: bytes) -> tuple[str, int | None]:
     if size in (4, 16):
         return str(ipaddress.ip_address(packed)), None
     raise BrokerAddressError(f"not a packed address ({size} bytes; expected 4, 6, 16 or 18)")
+
+
+def read(address: bytes) -> tuple[str, int | None]:
+    """``(host text, port)`` of a numeric text address (``socket[1]`` is one) or a packed one.
+
+    Text is tried first: a packed address that is also a numeric address's text is too unlikely
+    to matter (its bytes would all have to be digits, dots, colons and brackets)."""
+    try:
+        host, port = split(address.decode("ascii"))
+        ipaddress.ip_address(host)
+    except (UnicodeDecodeError, BrokerAddressError, ValueError):
+        return unpack(address)
+    return str(ipaddress.ip_address(host)), (port if _has_port(address) else None)
+
+
+def _has_port(address: bytes) -> bool:
+    """Whether a text address names a port (``"[::1]:80"``, ``"1.2.3.4:80"``; not ``"::1"``)."""
+    return address.startswith(b"[") and b"]:" in address or address.count(b":") == 1
+
+
+def fields(host: str, port: int | None) -> dict[str, str | int]:
+    """The original's ``broker.ntoa(addr, t)`` fields: ``family`` (the AF_ number), ``addr``,
+    ``port``, and ``scope_id`` for IPv6 (a packed address carries none: 0)."""
+    ip = ipaddress.ip_address(host)
+    out: dict[str, str | int] = {"family": int(socket.AF_INET6 if ip.version == 6 else socket.AF_INET)}
+    out["addr"] = str(ip)
+    out["port"] = port or 0
+    if ip.version == 6:
+        out["scope_id"] = 0
+    return out
 
 
 def text(host: str, port: int | None) -> str:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from stagetx.broker import addresses
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
     from stagetx.lua.sandbox import Sandbox, Sandboxes
     from stagetx.lua.workers import Workers
 
-_LISTENER_FIELDS = (b"expire", b"close", b"receive", b"page")
+_BAD_TARGET = b"broker.signal: the target is a socket id, a table of them, or a packed address"
 _SCRIPT = resources.files("stagetx.broker").joinpath("broker.lua").read_bytes()
 
 
@@ -105,7 +106,7 @@ def _load(vm: LuaVM, host: dict[str, Any]) -> Any:
 class LuaHandler:
     """The Lua callbacks of one endpoint: ``f`` (accept), ``receive`` and ``close``."""
 
-    __slots__ = ("api", "endpoint", "accept", "receive", "on_close")
+    __slots__ = ("api", "endpoint", "accept", "receive", "on_close", "joined")
 
     def __init__(self, api: BrokerAPI, accept: Any) -> None:
         self.api = api
@@ -113,20 +114,33 @@ class LuaHandler:
         self.accept = accept
         self.receive: Any = None
         self.on_close: Any = None
+        self.joined: Any = None  # a broker.join's socket table, held: the script's fields live on it
 
     def accepted(self, sock: Socket) -> bool:
         api = self.api
         lua_sock = api.socket(sock.id)
         sock.state = (lua_sock, None)
-        if self.accept is None:
+        if isinstance(sock, Datagram):  # f is the receive function of each datagram (the original)
+            if self.receive is None:
+                self.receive = self.accept
             return True
-        ok, *results = api.vm.call("broker accept", self.accept, lua_sock, sock.peer or sock.local)
-        answer = results[0] if results else None
-        if not ok or answer is False:
-            sock.state = None  # refused: no close callback
+        if self.accept is not None:
+            ok, *results = api.vm.call("broker accept", self.accept, lua_sock, sock.peer or sock.local)
+            answer = results[0] if results else None
+            if not ok or answer is False:
+                sock.state = None  # refused: no close callback
+                return False
+            if api.vm.lua_type(answer) == "function":
+                sock.state = (lua_sock, answer)
+        if sock.state[1] is None and self.receive is None and self.joined is None:
+            # nothing would read this client: refused, as the original ("proper function does not exist")
+            api.log.warn(
+                "broker socket {sid} ({peer}) refused: no receive function (f returned none, listener.receive unset)",
+                sid=sock.id,
+                peer=sock.peer_text(),
+            )
+            sock.state = None
             return False
-        if api.vm.lua_type(answer) == "function":
-            sock.state = (lua_sock, answer)
         return True
 
     def received(self, sock: Socket, value: Data, addr: bytes | None) -> None:
@@ -141,9 +155,10 @@ class LuaHandler:
         api = self.api
         if not isinstance(value, bytes):
             value = api.to_lua(value)
-        result = api.vm.call("broker receive", receive, lua_sock, value, addr)
-        if len(result) > 1 and result[0] is True:
-            reply = result[1]
+        ok, *replies = api.vm.call("broker receive", receive, lua_sock, value, addr)
+        if ok is not True:
+            return
+        for reply in replies:  # each value returned is a frame of its own, as in the original
             if reply.__class__ is bytes:
                 try:
                     sock.send(reply, addr)  # the common case: no conversion
@@ -153,16 +168,19 @@ class LuaHandler:
                 api.reply(sock, reply, addr, receive)
 
     def closed(self, sock: Socket) -> None:
+        """``close(socket, errno)`` as the original: 0 for a clean close, ``ETIMEDOUT`` on expiry."""
         state = sock.state
         if state is not None and self.on_close is not None:
-            self.api.vm.call("broker close", self.on_close, state[0])
+            self.api.vm.call("broker close", self.on_close, state[0], sock.close_errno)
         sock.state = None
 
-    def failed(self, endpoint: Endpoint, reason: str) -> None:
+    def failed(self, endpoint: Endpoint, reason: str, code: int) -> None:
+        """A join that did not connect: ``close(socket, errno)``, as the original (a reconnecting
+        script reads its own fields off that socket)."""
         self.api.log.warn("broker.join {url}: {reason}", url=url_text(endpoint.url), reason=reason)
         self.api.endpoints.pop(endpoint.id, None)
         if self.on_close is not None:
-            self.api.vm.call("broker close", self.on_close, None, lua_text(reason))
+            self.api.vm.call("broker close", self.on_close, self.joined, code)
 
 
 class _Reads:
@@ -183,8 +201,8 @@ class _Reads:
         sock = self.registry.get(sid)
         if sock is None:
             return None
-        if key == 0:
-            return sock.peer or sock.local
+        if key == 0:  # the socket id, as the original (its packed peer address is accept's addr)
+            return sid
         if key == 1:
             return lua_text(sock.peer_text() or sock.local_text())
         if key == -1:
@@ -202,15 +220,16 @@ class _Reads:
             into[index] = packed
         return (into,)
 
-    def ntoa(self, packed: bytes, into: Any = None) -> tuple[Any, ...]:
+    def ntoa(self, address: bytes, into: Any = None) -> tuple[Any, ...]:
+        """``broker.ntoa``: a packed or text address as the original formats it, or its fields into ``t``."""
         try:
-            host, port = addresses.unpack(packed)
+            host, port = addresses.read(address)
         except BrokerAddressError as err:
             return None, lua_text(f"broker.ntoa: {err}")
         if into is None:
             return (lua_text(addresses.text(host, port)),)
-        into[1] = lua_text(host)
-        into[2] = port
+        for key, value in addresses.fields(host, port).items():
+            into[key.encode()] = lua_text(value) if isinstance(value, str) else value
         return (into,)
 
     def ifaddr(self, name: Any = None) -> Any:
@@ -261,6 +280,7 @@ class BrokerAPI(_Reads):
             "get": self.get,
             "set": self.set,
             "signal": self.signal,
+            "deliver": self.deliver,
             "submit": lambda sid, f, *args: self.submit(self.vm, sid, f, args),
             "aton": self.aton,
             "ntoa": self.ntoa,
@@ -290,11 +310,16 @@ class BrokerAPI(_Reads):
 
     def ready(self, url: bytes, f: Any) -> tuple[Any, ...]:
         """``broker.ready``: listen (TCP) or bind (UDP), or take over the listener of that address
-        the previous runtime left; returns the endpoint id."""
+        the previous runtime left; returns the endpoint id. An address the system will not give
+        (in use, not permitted) returns its errno and True instead, as the original, with the
+        reason logged; a malformed address raises."""
         try:
             endpoint, kept = self._endpoint(url, f, SCHEMES, "broker.ready")
-            if kept:
-                return (endpoint.id,)
+        except BrokerAddressError as err:
+            return None, lua_text(f"broker.ready: {err}")
+        if kept:
+            return (endpoint.id,)
+        try:
             scheme = endpoint.url.scheme
             tls = server_context(self.tls, endpoint.url) if scheme in SECURE_SCHEMES else None
             if scheme == "udp":
@@ -305,32 +330,40 @@ class BrokerAPI(_Reads):
                 listen_tls(self.reactor, endpoint, self.services, tls)
             else:
                 listen_tcp(self.reactor, endpoint, self.services)
-        except (BrokerAddressError, OSError) as err:
-            return None, lua_text(f"broker.ready: {err}")
         except Exception as err:  # CannotListenError and friends carry the OS reason
-            return None, lua_text(f"broker.ready: {text(url)}: {err}")
+            self.endpoints.pop(endpoint.id, None)
+            code = _errno_of(err)
+            if code is None:
+                return None, lua_text(f"broker.ready: {text(url)}: {err}")
+            self.log.warn("broker.ready {url}: {error}", url=text(url), error=str(err))
+            return code, True
         return (endpoint.id,)
 
     def join(self, url: bytes, f: Any) -> tuple[Any, ...]:
         """``broker.join``: connect (TCP), or take over the connection to that address the previous
-        runtime left; ``f`` is called once connected."""
+        runtime left; ``f`` is called once connected. Returns the socket's table (the original's
+        join returns the socket itself), which also takes the listener settings."""
         try:
             endpoint, kept = self._endpoint(url, f, ("tcp", "tls", "ws", "wss"), "broker.join")
             scheme = endpoint.url.scheme
             tls = client_context(self.tls, endpoint.url) if scheme in SECURE_SCHEMES and not kept else None
         except (BrokerAddressError, OSError) as err:
             return None, lua_text(f"broker.join: {err}")
+        handler: LuaHandler = endpoint.handler  # type: ignore[assignment]
+        handler.joined = self.socket(endpoint.id)
         if kept:
-            return (endpoint.id,)
+            return (handler.joined,)
+        endpoint.dials = True
         if scheme in ("ws", "wss"):
             connect_ws(self.reactor, endpoint, tls)
         elif tls is not None:
             connect_tls(self.reactor, endpoint, tls)
         else:
             connect_tcp(self.reactor, endpoint)
-        return (endpoint.id,)
+        return (handler.joined,)
 
     def get(self, eid: int, key: bytes) -> Any:
+        """A setting read back from a listener or join table (``expire``, ``receive``)."""
         endpoint = self.endpoints.get(eid)
         if endpoint is None:
             return None
@@ -338,49 +371,58 @@ class BrokerAPI(_Reads):
         if key == b"expire":
             ms = endpoint.expire * 1000
             return int(ms) if ms.is_integer() else ms
-        if key == b"close":
-            return handler.on_close
         if key == b"receive":
             return handler.receive
         return None
 
     def set(self, eid: int, key: bytes, value: Any) -> tuple[Any, ...]:
+        """A setting of a listener, join or socket table (``broker.lua`` passes only these keys)."""
+        if key == b"commit":  # the original's flush interval; stagetx writes each frame at once
+            if value is not None and not isinstance(value, (int, float)):
+                return None, b"broker: commit (the flush interval) is a number of ms"
+            return (True,)
+        if value is not None and key in (b"close", b"receive") and self.vm.lua_type(value) != "function":
+            return None, lua_text(f"broker: {text(key)} must be a function")
         endpoint = self.endpoints.get(eid)
-        if key not in _LISTENER_FIELDS:
-            return None, lua_text(f"broker listener: unknown field {text(key)!r} (expire, close, receive, page)")
         if endpoint is None:
-            return (True,)  # a closed listener ignores settings
+            return self.set_socket(eid, key, value)
         handler: LuaHandler = endpoint.handler  # type: ignore[assignment]
         if key == b"page":
             return self.set_page(endpoint, value)
         if key == b"expire":
             if value is not None and (not isinstance(value, (int, float)) or not isfinite(value)):
-                return None, b"broker listener: expire is a finite number of ms"
+                return None, b"broker: expire is a finite number of ms"
             endpoint.set_expire(value or 0)
-        elif value is not None and self.vm.lua_type(value) != "function":
-            return None, lua_text(f"broker listener: {text(key)} must be a function")
         elif key == b"close":
             handler.on_close = value
         else:
             handler.receive = value
         return (True,)
 
+    def set_socket(self, sid: int, key: bytes, value: Any) -> tuple[Any, ...]:
+        """A setting on an accepted socket: ``receive`` becomes its own receive function; the
+        others are its listener's (set them there), and a closed socket ignores settings."""
+        sock = self.registry.get(sid)
+        if sock is not None and key == b"receive" and sock.state is not None:
+            sock.state = (sock.state[0], value)
+        return (True,)
+
     def set_page(self, endpoint: Endpoint, value: Any) -> tuple[Any, ...]:
         """``listener.page = "file.html"``: what a ws/wss listener answers a browser's plain GET of
         ``/``; the path is relative to the configuration file; nil serves nothing (404)."""
         if endpoint.url.scheme not in ("ws", "wss"):
-            return None, b"broker listener: page is for ws:// and wss:// listeners"
+            return None, b"broker: page is for ws:// and wss:// listeners"
         if value is None:
             set_page(endpoint, None)
             return (True,)
         if not isinstance(value, bytes):
-            return None, b"broker listener: page is the path of an HTML file"
+            return None, b"broker: page is the path of an HTML file"
         path = os.path.join(self.base_dir, text(value))
         try:
             with open(path, encoding="utf-8") as page:
                 set_page(endpoint, page.read())
         except (OSError, UnicodeDecodeError) as err:
-            return None, lua_text(f"broker listener: page {path}: {err}")
+            return None, lua_text(f"broker: page {path}: {err}")
         return (True,)
 
     # -- sockets ----------------------------------------------------------------------------------
@@ -391,14 +433,15 @@ class BrokerAPI(_Reads):
         return self.send(sock, value, addr)
 
     def send(self, sock: Socket, value: Any, addr: Any) -> tuple[Any, ...]:
-        """Send a Lua value on ``sock``: ``(True,)``, ``(False, reason)`` or ``(None, error)`` to raise."""
+        """Send a Lua value on ``sock``: ``(bytes,)`` (the payload's size, which the original's
+        commit returns), ``(False, reason)`` or ``(None, error)`` to raise."""
         try:
-            data = value if isinstance(value, bytes) else self.to_py(value)
-            reason = sock.send(data, addr if isinstance(addr, bytes) else None)
+            payload = sock.endpoint.framing.payload(value if isinstance(value, bytes) else self.to_py(value))
+            reason = sock.send_payload(payload, addr if isinstance(addr, bytes) else None)
         except (FrameError, CodecError) as err:
             return None, lua_text(f"broker socket {sock.id}: {err}")
         if reason is None:
-            return (True,)
+            return (len(payload),)
         return False, lua_text(reason)
 
     def reply(self, sock: Socket, value: Any, addr: bytes | None, receive: Any) -> None:
@@ -413,30 +456,53 @@ class BrokerAPI(_Reads):
         self.report(b"broker receive", b"", lua_text(f"{defined_at(self.vm, receive)}: reply not sent: ") + error)
 
     def close(self, sid: Any) -> None:
-        """``broker.close``/``socket.close``: a socket or a whole endpoint of this stage."""
+        """``broker.close``/``socket.close``: a whole endpoint of this stage (a join's id is also its
+        socket's: the join goes with it), or a socket."""
         if type(sid) is not int:
-            return
-        sock = self.registry.get(sid)
-        if sock is not None:
-            sock.close()
             return
         endpoint = self.endpoints.pop(sid, None)
         if endpoint is not None:
             endpoint.shutdown()
+            return
+        sock = self.registry.get(sid)
+        if sock is not None:
+            sock.close()
 
     def signal(self, target: Any, value: Any) -> tuple[Any, ...]:
-        """``broker.signal(id | addr, v)``: send ``v`` to a client by socket id or by its address."""
+        """``broker.signal(id | addr, v)``: ``v`` to socket ``id``'s receive function as if its
+        client had sent it (what it returns goes to the client), as the original does; to a
+        packed address, ``v`` is sent there. (A table of targets is ``broker.lua``'s, over ``deliver``.)"""
+        if type(target) is not int:
+            return self.deliver(target, value)
+        if target not in self.registry.sockets:
+            return False, lua_text(f"no socket {target}")
+        try:
+            data = value if isinstance(value, bytes) else self.to_py(value)
+        except CodecError as err:
+            return None, lua_text(f"broker.signal: {err}")
+        # after the running callback, in call order: the receive function is not re-entered
+        self.reactor.callFromThread(self.signalled, target, data)
+        return (True,)
+
+    def signalled(self, sid: int, data: Data) -> None:
+        """``broker.signal(id, v)`` arrives: socket ``sid``'s endpoint handles ``data`` as a frame."""
+        sock = self.registry.get(sid)
+        if sock is not None and sock.connected:
+            sock.endpoint.handler.received(sock, data, None)
+
+    def deliver(self, target: Any, value: Any) -> tuple[Any, ...]:
+        """Send ``v`` to one target of ``broker.signal``: a socket id, or a packed address."""
         if type(target) is int:
             sock = self.registry.get(target)
             if sock is None:
                 return False, lua_text(f"no socket {target}")
-            return self.send(sock, value, None)
+            return _sent(self.send(sock, value, None))
         if not isinstance(target, bytes):
-            return None, b"broker.signal: the target is a socket id or a packed address"
+            return None, _BAD_TARGET
         sock = self.by_address(target)
         if sock is None:
             return False, lua_text("no socket for that address")
-        return self.send(sock, value, target)
+        return _sent(self.send(sock, value, target))
 
     def by_address(self, packed: bytes) -> Socket | None:
         """The socket ``broker.signal`` uses for an address: a TCP client connected from it, else
@@ -529,12 +595,15 @@ class SandboxBroker(_Reads):
     def host(self) -> dict[str, Any]:
         return {
             "ready": lambda *_: (None, b"broker.ready: only on the stage's own thread, not in a job"),
+            "get": lambda *_: None,
+            "set": lambda *_: (None, b"broker: socket settings only on the stage's own thread, not in a job"),
             "join": lambda *_: (None, b"broker.join: only on the stage's own thread, not in a job"),
             "commit": self.commit,
             "close": lambda sid: self.call(self.main.close, sid),
             "field": self.field,
             "open": self.open,
             "signal": self.signal,
+            "deliver": self.deliver,
             "submit": lambda sid, f, *args: self.main.submit(self.vm, sid, f, args),
             "aton": self.aton,
             "ntoa": self.ntoa,
@@ -548,13 +617,25 @@ class SandboxBroker(_Reads):
         return self._send(sock, value, addr if isinstance(addr, bytes) else None)
 
     def signal(self, target: Any, value: Any) -> tuple[Any, ...]:
+        if type(target) is not int:
+            return self.deliver(target, value)
+        if target not in self.registry.sockets:
+            return False, lua_text(f"no socket {target}")
+        try:
+            data = value if isinstance(value, bytes) else self.to_py(value)
+        except CodecError as err:
+            return None, lua_text(f"broker.signal: {err}")
+        self.call(self.main.signalled, target, data)
+        return (True,)
+
+    def deliver(self, target: Any, value: Any) -> tuple[Any, ...]:
         if type(target) is int:
             sock = self.registry.get(target)
             if sock is None:
                 return False, lua_text(f"no socket {target}")
-            return self._send(sock, value, None)
+            return _sent(self._send(sock, value, None))
         if not isinstance(target, bytes):
-            return None, b"broker.signal: the target is a socket id or a packed address"
+            return None, _BAD_TARGET
         try:  # which socket has that peer is for the reactor to say; the value is checked here
             data = value if isinstance(value, bytes) else self.to_py(value)
         except CodecError as err:
@@ -576,7 +657,7 @@ class SandboxBroker(_Reads):
         except FrameTooLarge as err:
             reason = lua_text(str(err))
         self.call(sock.send_payload, payload, addr)  # oversized: the reactor closes the connection, in order
-        return (True,) if reason is None else (False, reason)
+        return (len(payload),) if reason is None else (False, reason)
 
 
 class SocketJob:
@@ -615,6 +696,19 @@ class SocketJob:
         ok, *results = vm.call(self.label, f, broker.socket(self.sid), *args)
         again = job_again(sandbox, self.label, f, results[0] if ok and results else None)
         return again if self.sid in self.registry.sockets else None
+
+
+def _sent(result: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``broker.signal``'s answer for one target: ``true`` for the byte count of a send."""
+    return (True,) if type(result[0]) is int else result
+
+
+def _errno_of(err: Exception) -> int | None:
+    """The errno behind a failed listen (Twisted wraps it in ``CannotListenError``), if any."""
+    if isinstance(err, CannotListenError):
+        err = err.socketError
+    code = getattr(err, "errno", None) if isinstance(err, OSError) else None
+    return code if isinstance(code, int) and code > 0 else None
 
 
 def _address_text(packed: bytes) -> str:

@@ -13,13 +13,14 @@ window; then ``resume`` offers its sockets to the new runtime's handler and read
 
 from __future__ import annotations
 
+import errno
 import itertools
 import socket
 import weakref
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from twisted.internet import protocol
+from twisted.internet import error, protocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -44,10 +45,10 @@ class Handler(Protocol):
         """One decoded frame (``addr``: the sender of a datagram)."""
 
     def closed(self, sock: Socket) -> None:
-        """The socket is gone (either side closed, expiry, oversized frame)."""
+        """The socket is gone (either side closed, expiry, oversized frame); why: ``sock.close_errno``."""
 
-    def failed(self, endpoint: Endpoint, reason: str) -> None:
-        """``broker.join`` could not connect."""
+    def failed(self, endpoint: Endpoint, reason: str, code: int) -> None:
+        """``broker.join`` could not connect: why, and the errno the original reports."""
 
 
 class Parked:
@@ -72,7 +73,7 @@ class Parked:
         self.frames.pop(sock.id, None)
         log.info("broker socket {sid} ({peer}) closed during a reload", sid=sock.id, peer=sock.peer_text())
 
-    def failed(self, endpoint: Endpoint, reason: str) -> None:
+    def failed(self, endpoint: Endpoint, reason: str, code: int) -> None:
         log.warn("broker.join {url} failed during a reload: {reason}", url=url_text(endpoint.url), reason=reason)
 
 
@@ -122,6 +123,7 @@ class Endpoint:
         "expire",
         "port",
         "traffic",
+        "dials",
         "_sweeper",
         "__weakref__",
     )
@@ -137,7 +139,13 @@ class Endpoint:
         self.expire = 0.0  # seconds idle before close; 0 = never
         self.port: Any = None  # IListeningPort, IConnector or the UDP port
         self.traffic = Traffic()  # its clients' counters (stagetx.broker.traffic)
+        self.dials = False  # a broker.join: its one connection takes the endpoint's id
         self._sweeper: LoopingCall | None = None
+
+    def socket_id(self) -> int:
+        """The id of a new socket: a join's connection has the endpoint's own (the original's
+        ``broker.join`` returns the socket itself), a listener's sockets new ones."""
+        return self.id if self.dials else self.registry.next_id()
 
     def set_expire(self, ms: float) -> None:
         """Close sockets idle for ``ms`` (0 or less: never); checked every eighth of that time."""
@@ -163,6 +171,7 @@ class Endpoint:
         limit = self.clock.seconds() - self.expire
         for sock in [s for s in self.sockets.values() if s.last <= limit]:
             log.debug("broker socket {sid} idle; closing", sid=sock.id)
+            sock.close_errno = errno.ETIMEDOUT
             sock.expire()
 
     def add(self, sock: Socket) -> bool:
@@ -265,10 +274,11 @@ class Connection:
         "inflight",
         "half_closed",
         "backlog",
+        "close_errno",
     )
 
     def __init__(self, endpoint: Endpoint) -> None:
-        self.id = endpoint.registry.next_id()
+        self.id = endpoint.socket_id()
         self.endpoint = endpoint
         self.transport: Any = None
         self.buf = b""
@@ -281,6 +291,7 @@ class Connection:
         self.inflight = 0  # frames received minus frames sent, not below 0 (requests awaiting a reply)
         self.half_closed = False  # the peer shut down its write side
         self.backlog: list[bytes] = []  # frames of a read that came after the socket was held
+        self.close_errno = 0  # why it closed, for the close callback (the original's errno): 0 = cleanly
 
     # -- IProtocol --------------------------------------------------------------------------------
     def makeConnection(self, transport: Any) -> None:
@@ -377,7 +388,15 @@ class Connection:
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.connected = 0
+        self.lost_with(reason)
         self.endpoint.remove(self)
+
+    def lost_with(self, reason: Failure) -> None:
+        """Note why the connection went, unless expiry or an abort already said: a reset or other
+        unclean loss is ``ECONNRESET`` (or the OS's errno)."""
+        if not self.close_errno and not reason.check(error.ConnectionDone):
+            code = getattr(reason.value, "osError", None)
+            self.close_errno = code if isinstance(code, int) and code > 0 else errno.ECONNRESET
 
     def logPrefix(self) -> str:
         return f"broker socket {self.id}"
@@ -436,6 +455,7 @@ class Connection:
     def abort(self, reason: str) -> None:
         """Drop the connection at once because of ``reason`` (logged)."""
         log.warn("broker socket {sid} ({peer}) closed: {reason}", sid=self.id, peer=self.peer_text(), reason=reason)
+        self.close_errno = self.close_errno or errno.ECONNABORTED
         if self.connected and self.transport is not None:
             self.transport.abortConnection()
 
@@ -457,6 +477,7 @@ class Datagram(protocol.DatagramProtocol):
         self.local = b""
         self.state: Any = None
         self.connected = 0
+        self.close_errno = 0
 
     def startProtocol(self) -> None:
         self.connected = 1
@@ -598,7 +619,22 @@ class _JoinFactory(protocol.ClientFactory):
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         self.endpoint.port = None
-        self.endpoint.handler.failed(self.endpoint, reason.getErrorMessage())
+        self.endpoint.handler.failed(self.endpoint, reason.getErrorMessage(), connect_errno(reason))
+
+
+def connect_errno(reason: Failure) -> int:
+    """The errno of a failed connect, which the original hands to the close callback."""
+    err = reason.value
+    code = getattr(err, "osError", None)
+    if isinstance(code, int):
+        return code
+    if isinstance(err, error.TimeoutError):
+        return errno.ETIMEDOUT
+    if isinstance(err, error.ConnectionRefusedError):
+        return errno.ECONNREFUSED
+    if isinstance(err, error.DNSLookupError):
+        return errno.EHOSTUNREACH
+    return errno.ECONNABORTED
 
 
 def listen_tcp(

@@ -10,6 +10,7 @@ store) and presents ``cert``/``key`` when they are configured.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from stagetx.broker.framing import BrokerAddressError, BrokerURL
-from stagetx.broker.sockets import Connection, Endpoint, listen_tcp
+from stagetx.broker.sockets import Connection, Endpoint, connect_errno, listen_tcp
 
 if TYPE_CHECKING:
     from stagetx.config import TlsConfig
@@ -50,10 +51,11 @@ class TlsConnection(Connection):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = 0
         if self.id in self.endpoint.sockets:
+            self.lost_with(reason)
             self.endpoint.remove(self)
         elif self.joining and self.endpoint.port is not None:
             self.endpoint.port = None
-            self.endpoint.handler.failed(self.endpoint, f"TLS: {reason.getErrorMessage()}")
+            self.endpoint.handler.failed(self.endpoint, f"TLS: {reason.getErrorMessage()}", errno.ECONNABORTED)
 
 
 class _ListenFactory(protocol.Factory):
@@ -77,7 +79,7 @@ class _JoinFactory(protocol.ClientFactory):
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         self.endpoint.port = None
-        self.endpoint.handler.failed(self.endpoint, reason.getErrorMessage())
+        self.endpoint.handler.failed(self.endpoint, reason.getErrorMessage(), connect_errno(reason))
 
 
 def listen_tls(reactor: Any, endpoint: Endpoint, services: Mapping[str, int], context: Any) -> None:

@@ -15,6 +15,7 @@ HTTP GET without ``Upgrade`` gets it, so a browser loads the client and then con
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +31,7 @@ from twisted.logger import Logger
 
 from stagetx.broker import addresses
 from stagetx.broker.framing import BrokerURL, FrameError, FrameTooLarge
-from stagetx.broker.sockets import Connection, Endpoint, listen_tcp
+from stagetx.broker.sockets import Connection, Endpoint, connect_errno, listen_tcp
 
 log = Logger(namespace="stagetx.broker")
 
@@ -125,6 +126,7 @@ class WebSocket(Connection):
     def abort(self, reason: str, code: int = CLOSE_POLICY) -> None:
         """Close with ``code`` because of ``reason`` (logged); nothing more is sent or delivered."""
         log.warn("broker socket {sid} ({peer}) closed: {reason}", sid=self.id, peer=self.peer_text(), reason=reason)
+        self.close_errno = self.close_errno or errno.ECONNABORTED
         if self.connected:
             self.connected = 0
             self.protocol.sendCloseFrame(code, reason.encode("ascii", "replace")[:120])  # 123 bytes at most
@@ -243,7 +245,7 @@ class _Client(WebSocketClientProtocol):
         if endpoint.port is not None:  # the handshake failed: a failed join, like a refused connect
             endpoint.port = None
             why = reason or getattr(self, "wasNotCleanReason", None) or "the WebSocket handshake failed"
-            endpoint.handler.failed(endpoint, str(why))
+            endpoint.handler.failed(endpoint, str(why), errno.ECONNABORTED)
 
 
 class _ClientFactory(WebSocketClientFactory):
@@ -262,7 +264,7 @@ class _ClientFactory(WebSocketClientFactory):
 
     def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
         self.endpoint.port = None
-        self.endpoint.handler.failed(self.endpoint, reason.getErrorMessage())
+        self.endpoint.handler.failed(self.endpoint, reason.getErrorMessage(), connect_errno(reason))
 
 
 def ws_url(url: BrokerURL) -> str:

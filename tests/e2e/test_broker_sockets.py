@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import time
@@ -13,6 +14,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import protocol, reactor
 
+from stagetx.child.control import stage_stats
 from tests.support import (
     RunningStage,
     ServerProcess,
@@ -34,6 +36,7 @@ async def test_packet_echo_by_return_value_and_refused_connections(tmp_path: Pat
         local l = broker.ready("tcp://127.0.0.1:{port}?packet=1k,1k", function(socket, addr)
             n = n + 1
             log4cxx.info("accept", socket.id, broker.ntoa(addr) == socket[1], socket[-1])
+            log4cxx.info("ntoa", broker.ntoa(socket[1]) == socket[1], broker.ntoa(socket[-1], {{}}).port)
             if n == 2 then return false end
             return function(s, data, a) return "re:" .. data end
         end)
@@ -48,9 +51,58 @@ async def test_packet_echo_by_return_value_and_refused_connections(tmp_path: Pat
         await wait_for(lambda: refused.closed, WAIT, "the refused connection to close")
         (accept, _) = run.said("accept")
         assert accept[1:] == ["true", f"127.0.0.1:{port}"]
+        assert run.said("ntoa")[0] == ["true", str(port)]
         first.transport.loseConnection()
         await wait_for(lambda: len(run.said("closed")) == 1, WAIT, "the close callback")
         assert run.said("closed") == [[accept[0]]]  # refused sockets get no close callback
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_value_a_receive_function_returns_is_a_frame(tmp_path: Path) -> None:
+    port = free_port()
+    script = f"""
+        broker.ready("tcp://127.0.0.1:{port}?text", function()
+            return function(s, line) return "one", nil, "two", 3 end
+        end)
+    """
+    async with RunningStage(tmp_path, script):
+        client = await connect(port)
+        client.transport.write(b"go\n")
+        await wait_for(lambda: client.data == b"one\ntwo\n3\n", WAIT, "three lines")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_address_in_use_returns_the_errno_and_a_bad_one_raises(tmp_path: Path) -> None:
+    port = free_port()
+    script = f"""
+        first = broker.ready("tcp://127.0.0.1:{port}?text", function() end)
+        again = broker.ready("tcp://127.0.0.1:{port}?text", function() end)
+    """
+    async with RunningStage(tmp_path, script) as run:
+        assert run.lua("return type(first), again") == [b"table", errno.EADDRINUSE]
+        assert "Address already in use" in run.text()
+        with pytest.raises(AssertionError, match="bad broker address"):
+            run.lua("broker.ready('nonsense', function() end)")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_nothing_would_read_is_refused(tmp_path: Path) -> None:
+    """As the original: accepted without a receive function (none returned, none on the listener)
+    the connection is closed, without a close callback; once ``listener.receive`` is set it stays."""
+    port = free_port()
+    script = f"""
+        l = broker.ready("tcp://127.0.0.1:{port}?text", function(socket) log4cxx.info("accept", socket.id) end)
+        l.close = function(socket) log4cxx.info("closed", socket.id) end
+    """
+    async with RunningStage(tmp_path, script) as run:
+        refused = await connect(port)
+        await wait_for(lambda: refused.closed, WAIT, "the connection nothing would read to close")
+        assert "refused: no receive function" in run.text()
+        run.lua("l.receive = function(s, line) return 'got ' .. line end")
+        kept = await connect(port)
+        kept.transport.write(b"hi\n")
+        await wait_for(lambda: kept.data == b"got hi\n", WAIT, "the listener's receive function")
+        assert len(run.said("accept")) == 2 and run.said("closed") == []
 
 
 @pytest_twisted.ensureDeferred
@@ -109,7 +161,7 @@ async def test_idle_sockets_expire_and_busy_ones_stay(tmp_path: Path) -> None:
     script = f"""
         local l = broker.ready("tcp://127.0.0.1:{port}", function() return function(s, d) return d end end)
         l.expire = 150
-        l.close = function(s) log4cxx.info("closed", s.id) end
+        l.close = function(s, e) log4cxx.info("closed", s.id, e) end
         log4cxx.info("expire", l.expire)
     """
     async with RunningStage(tmp_path, script) as run:
@@ -122,7 +174,10 @@ async def test_idle_sockets_expire_and_busy_ones_stay(tmp_path: Path) -> None:
             await wait_for(lambda i=i: len(busy.frames()) == i + 1, WAIT, "an echo")
         assert idle.closed and not busy.closed
         assert run.said("expire") == [["150"]]
-        assert len(run.said("closed")) == 1
+        assert [e for _, e in run.said("closed")] == [str(errno.ETIMEDOUT)]  # close(socket, errno)
+        busy.transport.loseConnection()
+        await wait_for(lambda: len(run.said("closed")) == 2, WAIT, "the clean close")
+        assert run.said("closed")[1][1] == "0"
 
 
 @pytest_twisted.ensureDeferred
@@ -145,17 +200,19 @@ async def test_commit_close_f_and_broker_close_by_id(tmp_path: Path) -> None:
     port = free_port()
     script = f"""
         ids = {{}}
-        broker.ready("tcp://127.0.0.1:{port}", function(socket) ids[#ids + 1] = socket.id end)
+        local l = broker.ready("tcp://127.0.0.1:{port}", function(socket) ids[#ids + 1] = socket.id end)
+        l.receive = function() end
     """
     async with RunningStage(tmp_path, script) as run:
         clients = [await connect(port) for _ in range(4)]
         await wait_for(lambda: run.lua("return #ids") == [4], WAIT, "four sockets")
-        assert run.lua("return broker.f(ids[1]).commit('pushed')") == [True]
+        assert run.lua("return broker.f(ids[1]).commit('pushed')") == [6]  # the bytes sent, as the original
         assert run.lua("return broker.f(ids[1]) == broker.f(ids[1]), broker.f(12345)") == [True, None]
+        assert run.lua("local s = broker.f(ids[1]) return s[0] == s.id, math.type(s[0])") == [True, b"integer"]
         await wait_for(lambda: clients[0].frames() == [b"pushed"], WAIT, "a commit")
-        assert run.lua("return broker.signal(ids[2], 'by id')") == [True]
+        assert run.lua("return broker.signal({ids[2]}, 'by id')") == [True]
         await wait_for(lambda: clients[1].frames() == [b"by id"], WAIT, "broker.signal by id")
-        assert run.lua("return broker.signal(broker.f(ids[2])[0], 'by address')") == [True]
+        assert run.lua("return broker.signal(broker.aton(broker.f(ids[2])[1]), 'by address')") == [True]
         await wait_for(lambda: clients[1].frames() == [b"by id", b"by address"], WAIT, "broker.signal by address")
         run.lua("broker.f(ids[1]).close()")
         run.lua("broker.close({ids[2], ids[3]})")
@@ -171,12 +228,51 @@ async def test_commit_close_f_and_broker_close_by_id(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_signal_to_a_socket_id_is_received_as_if_its_client_sent_it(tmp_path: Path) -> None:
+    """The original's ``broker.signal(i, v)``: ``v`` goes to socket ``i``'s receive function (its
+    return value to the client); ``{i, ..., f}`` sends ``v`` to each, then calls ``f``."""
+    port = free_port()
+    script = f"""
+        broker.ready("tcp://127.0.0.1:{port}?text", function(socket)
+            last = socket.id
+            return function(s, data)
+                if type(data) == "table" then log4cxx.info("table", data.logout) return "bye" end
+                if data == "sig" then log4cxx.info("signal", broker.signal(s.id, "again")) return end
+                return "re:" .. data
+            end
+        end)
+    """
+    async with RunningStage(tmp_path, script) as run:
+        client = await connect(port)
+        client.transport.write(b"sig\n")
+        await wait_for(lambda: client.data == b"re:again\n", WAIT, "the receive function's reply to a signal")
+        assert run.said("signal") == [["true"]]
+        assert run.lua("return broker.signal(last, {logout = ''})") == [True]
+        await wait_for(lambda: client.data.endswith(b"bye\n"), WAIT, "a table as if received")
+        assert run.said("table") == [[""]]
+        done = "function(ms, v) log4cxx.info('done', ms, v) end"
+        assert run.lua(f"return broker.signal({{last, 99999, {done}}}, 'pushed')") == [False, b"no socket 99999"]
+        await wait_for(lambda: client.data.endswith(b"bye\npushed\n"), WAIT, "a signal to a table of ids")
+        assert run.said("done") == [["0", "pushed"]]
+        assert run.lua("return broker.signal(99999, 'x')") == [False, b"no socket 99999"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_aton_ntoa_and_ifaddr(tmp_path: Path) -> None:
     async with RunningStage(tmp_path, "") as run:
         assert run.lua("return broker.ntoa(broker.aton('tcp://127.0.0.1:8081'))") == [b"127.0.0.1:8081"]
         assert run.lua("return broker.ntoa(broker.aton('[::1]:80'))") == [b"[::1]:80"]
         assert run.lua("return #broker.aton('udp://224.0.0.1:8082', {})[1]") == [6]
-        assert run.lua("local t = broker.ntoa(broker.aton('[::1]:7'), {}) return t[1], t[2]") == [b"::1", 7]
+        six = "local t = broker.ntoa(broker.aton('[::1]:7'), {}) return t.family, t.addr, t.port, t.scope_id, t[1]"
+        assert run.lua(six) == [10, b"::1", 7, 0, None]
+        four = "local t = broker.ntoa(broker.aton('127.0.0.1:9'), {}) return t.family, t.addr, t.port, t.scope_id"
+        assert run.lua(four) == [2, b"127.0.0.1", 9, None]
+        # a text address (socket[1] is one) is taken too, and comes back as the original formats it
+        assert run.lua("return broker.ntoa('127.0.0.1:8081'), broker.ntoa('[::0001]:80')") == [
+            b"127.0.0.1:8081",
+            b"[::1]:80",
+        ]
+        assert run.lua("return broker.ntoa('[::1]:80', {}).port, broker.ntoa('10.0.0.1')") == [80, b"10.0.0.1"]
         assert run.lua("return broker.aton('no such host.invalid')")[0] is False
         lo = run.lua("return broker.ifaddr('lo')")[0]
         assert b"127.0.0.1" in lo
@@ -189,11 +285,11 @@ async def test_aton_ntoa_and_ifaddr(tmp_path: Path) -> None:
 async def test_udp_replies_to_the_sender_and_multicast_groups_are_joined(tmp_path: Path) -> None:
     port, group_port = free_port(), free_port()
     script = f"""
-        broker.ready("udp://127.0.0.1:{port}", function(socket)
-            return function(s, data, addr) return "udp:" .. data .. ":" .. broker.ntoa(addr) end
+        broker.ready("udp://127.0.0.1:{port}", function(s, data, addr)  -- each datagram, as the original
+            return "udp:" .. data .. ":" .. broker.ntoa(addr), "second"
         end)
-        broker.ready("udp://239.255.42.99:{group_port}?text", function(socket)
-            return function(s, line, addr) log4cxx.info("group", line) end
+        broker.ready("udp://239.255.42.99:{group_port}?text", function(s, line, addr)
+            log4cxx.info("group", line)
         end)
     """
     async with RunningStage(tmp_path, script) as run:
@@ -207,7 +303,7 @@ async def test_udp_replies_to_the_sender_and_multicast_groups_are_joined(tmp_pat
         try:
             me = peer.getHost().port
             peer.write(b"hi", ("127.0.0.1", port))
-            await wait_for(lambda: got == [f"udp:hi:127.0.0.1:{me}".encode()], WAIT, "a UDP reply")
+            await wait_for(lambda: got == [f"udp:hi:127.0.0.1:{me}".encode(), b"second"], WAIT, "two UDP replies")
         finally:
             await peer.stopListening()
         sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -236,14 +332,53 @@ async def test_join_connects_to_a_local_server(tmp_path: Path) -> None:
             return function(s, data) log4cxx.info("joined", data, s[1]); s.close() end
         end)
         local bad = broker.join("tcp://127.0.0.1:{dead}", function() end)
-        bad.close = function(s, reason) log4cxx.info("failed", tostring(s), reason ~= nil) end
+        bad._join = "tcp://127.0.0.1:{dead}"  -- the original's cluster/ready.lua reconnects so
+        bad.close = function(s, reason) log4cxx.info("failed", s == bad, s._join, reason) end
     """
     try:
         async with RunningStage(tmp_path, script) as run:
             await wait_for(lambda: run.said("joined") == [["ping", f"127.0.0.1:{port}"]], WAIT, "the echo")
-            await wait_for(lambda: run.said("failed") == [["nil", "true"]], WAIT, "the failed join")
+            gone = [["true", f"tcp://127.0.0.1:{dead}", str(errno.ECONNREFUSED)]]
+            await wait_for(lambda: run.said("failed") == gone, WAIT, "the failed join: close(socket, errno)")
     finally:
         await server.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_join_is_its_socket_and_tables_keep_the_scripts_fields(tmp_path: Path) -> None:
+    """As the original's ``cluster/ready.lua``: fields of its own and ``commit`` (the flush
+    interval) on a listener and a join; the join's table is the socket its callbacks get."""
+    port = free_port()
+    script = f"""
+        local l = broker.ready("tcp://127.0.0.1:{port}?text", function(socket, addr)
+            socket.receive = function(s, d) return "own:" .. d end  -- this socket's receive function
+            return true
+        end)
+        l.expire = -1
+        l.commit = 10
+        l.note = "mine"
+        log4cxx.info("listener", l.note, type(l.commit), l.expire)
+        local p = broker.join("tcp://127.0.0.1:{port}?text", function(socket)
+            log4cxx.info("joined", socket == P, socket._join, socket[0] == P.id, broker.ntoa(socket[1]))
+            socket.commit("ping")
+        end)
+        P = p
+        p._join = "x"
+        p.expire = -1
+        p.commit = 10
+        p.receive = function(socket, data) log4cxx.info("got", data, socket == P) socket.close() end
+        p.close = function(socket, e) log4cxx.info("closed", socket == P, socket._join) end
+    """
+    async with RunningStage(tmp_path, script) as run:
+        assert run.said("listener") == [["mine", "function", "0"]]
+        await wait_for(lambda: run.said("closed") == [["true", "x"]], WAIT, "the join's close")
+        assert run.said("joined") == [["true", "x", "true", f"127.0.0.1:{port}"]]
+        assert run.said("got") == [["own:ping", "true"]]
+        assert run.lua("return broker.f(P.id)") == [None]
+        kinds = [e["kind"] for e in stage_stats(run.server.hosts[0].stages[0])["listeners"]]
+        assert kinds == ["tcp"]  # closing the join's socket closed the join too
+        with pytest.raises(AssertionError, match="commit .* is a number"):
+            run.lua("P.commit = 'soon'")
 
 
 def test_a_services_port_is_shared_by_two_processes(tmp_path: Path) -> None:

@@ -151,19 +151,22 @@ async def test_an_error_is_logged_with_file_and_line_and_later_jobs_still_run(tm
 # broker.close(id), and what a sandbox refuses; the main runtime logs the same fields for comparison.
 SANDBOX = """
 broker.ready("tcp://127.0.0.1:{port}?packet", function(socket)
-    log4cxx.info("main", socket.id, broker.ntoa(socket[0]), socket[1], socket[-1])
+    log4cxx.info("main", socket.id, socket[0], socket[1], socket[-1])
     return function(s, data)
         if data == "fields" then
             broker.submit(s, function(sock)
                 local ok, err = pcall(function() local l = broker.ready("tcp://127.0.0.1:0"); return l end)
-                log4cxx.info("job", sock.id, broker.ntoa(sock[0]), sock[1], sock[-1], thread.id ~= 0)
-                broker.signal(sock.id, "by id")
-                broker.signal(sock[0], "by address")
+                log4cxx.info("job", sock.id, sock[0], sock[1], sock[-1], thread.id ~= 0)
+                broker.signal({sock.id}, "by id")
+                broker.signal(broker.aton(sock[1]), "by address")
+                broker.signal(sock.id, "as received")
                 sock.commit("refused " .. tostring(not ok) .. " " .. tostring(err))
             end)
+        elseif data == "as received" then
+            return "re:" .. data
         elseif data == "bye" then
             broker.submit(s.id, function(sock)
-                for i = 1, 3 do sock.commit("last " .. i) end
+                for i = 1, 3 do log4cxx.info("job commit", sock.commit("last " .. i)) end
                 sock.close()
                 log4cxx.info("after close", tostring(sock.commit("late")))
             end)
@@ -185,21 +188,22 @@ async def test_sockets_from_a_sandbox_read_in_the_thread_and_write_on_the_reacto
     async with RunningStage(tmp_path, SANDBOX.replace("{port}", str(port)), threads=(4, 1000)) as run:
         client = await connect(port)
         client.send(b"fields")
-        await wait_for(lambda: len(client.frames()) == 3, WAIT, "three frames from the job")
-        assert client.frames()[:2] == [b"by id", b"by address"]
-        assert client.frames()[2].startswith(b"refused true ")
-        assert b"lua/a.lua:7: broker.ready: only on the stage's own thread" in client.frames()[2]
+        await wait_for(lambda: len(client.frames()) == 4, WAIT, "four frames from the job")
+        assert client.frames()[:3] == [b"by id", b"by address", b"re:as received"]
+        assert client.frames()[3].startswith(b"refused true ")
+        assert b"lua/a.lua:7: broker.ready: only on the stage's own thread" in client.frames()[3]
         await wait_for(lambda: "job\t" in run.text(), WAIT, "the job's log line")
         main = next(x for x in run.text().splitlines() if "main\t" in x).split("main\t")[1].split("\t")
         job = next(x for x in run.text().splitlines() if "job\t" in x).split("job\t")[1].split("\t")
         assert job == main + ["true"]
-        assert main[1] == main[2] != main[3]  # peer address twice, the local one differs
+        assert main[0] == main[1] and main[2] != main[3]  # socket[0] is the id; peer and local differ
 
         client.send(b"bye")
         await wait_for(lambda: client.closed, WAIT, "the close from the job")
-        assert client.frames()[3:] == [b"last 1", b"last 2", b"last 3"]  # sent before the close
+        assert client.frames()[4:] == [b"last 1", b"last 2", b"last 3"]  # sent before the close
+        assert run.said("job commit") == [["6"]] * 3  # the bytes handed over, as the original's count
         await wait_for(lambda: "after close" in run.text(), WAIT, "the job's last line")
-        assert b"late" not in client.data  # whether the job's commit returned true (handed over) or
+        assert b"late" not in client.data  # whether the job's commit returned 4 (handed over) or
         # false (the reactor had closed the socket already), nothing is sent after the close
 
         other = await connect(port)

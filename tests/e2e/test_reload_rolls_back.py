@@ -89,7 +89,7 @@ broker.join("tcp://127.0.0.1:{port}?packet", function(socket)
     UP = socket.id
     return function(s, data) log4cxx.info("got", VERSION, data) end
 end)
-stage.waitfor("send", function(text) broker.signal(UP, text) end)
+stage.waitfor("send", function(text) broker.signal({{UP}}, text) end)
 {extra}
 """
 

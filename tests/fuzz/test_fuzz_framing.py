@@ -74,7 +74,7 @@ class Handler:
     def closed(self, sock: Socket) -> None:
         pass
 
-    def failed(self, endpoint: Endpoint, reason: str) -> None:
+    def failed(self, endpoint: Endpoint, reason: str, code: int) -> None:
         pass
 
 

@@ -33,12 +33,12 @@ local function serve(s, line)
     if line == "ping" then return "pong" end
     if line == "flood" then
         for i = 1, 8192 do
-            if broker.signal(s.id, big) ~= true then break end
+            if broker.signal({{s.id}}, big) ~= true then break end
         end
         return
     end
     if line == "late" then
-        stage.addtask(300, function() broker.signal(s.id, "late reply") end)
+        stage.addtask(300, function() broker.signal({{s.id}}, "late reply") end)
         return
     end
 end
@@ -151,7 +151,7 @@ local big = string.rep("x", 1023)
 local l = broker.ready("tcp://{host}:{port}?text", function()
     return function(s, line)
         if line == "flood" then  -- more than the peer's windows hold: output waits for it
-            for i = 1, 4096 do broker.signal(s.id, big) end
+            for i = 1, 4096 do broker.signal({{s.id}}, big) end
             log4cxx.info("flooded", s.id)
         end
     end

@@ -54,7 +54,7 @@ class Recorder:
     def closed(self, sock: Any) -> None:
         self.events.append(("closed", sock.id))
 
-    def failed(self, endpoint: Any, reason: str) -> None:
+    def failed(self, endpoint: Any, reason: str, code: int) -> None:
         self.events.append(("failed", reason))
 
 
