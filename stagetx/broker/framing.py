@@ -239,7 +239,8 @@ class PacketFraming(Framing):
 
 
 class TextFraming(Framing):
-    """Lines: ``\\n``-terminated, ``\\r\\n`` accepted; sent with ``\\n``."""
+    """Lines: ``\\n``-terminated, ``\\r\\n`` accepted; sent with ``\\n``, unless the value already
+    ends with one (the original wrote strings as they were, so its scripts end replies with it)."""
 
     __slots__ = ()
     name = "text"
@@ -257,7 +258,7 @@ class TextFraming(Framing):
         return frames, rest
 
     def wrap(self, payload: bytes) -> bytes:
-        return payload + b"\n"
+        return payload if payload[-1:] == b"\n" else payload + b"\n"
 
 
 class BsonFraming(Framing):

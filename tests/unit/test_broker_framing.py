@@ -124,6 +124,8 @@ def test_text_frames_are_lines_with_optional_cr() -> None:
     assert f.split(b"one\r\ntwo\nthr") == ([b"one", b"two"], b"thr")
     assert f.encode(b"hi") == b"hi\n"
     assert f.encode(42) == b"42\n"
+    # a line that already ends with its newline, as the original's scripts write replies, gets no second one
+    assert f.encode(b"hi\n") == b"hi\n" and f.encode(b"hi\r\n") == b"hi\r\n"
     with pytest.raises(FrameTooLarge):
         f.split(b"x" * 11)  # no newline yet, already too long
     with pytest.raises(FrameError):
