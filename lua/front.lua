@@ -99,12 +99,15 @@ local function dispatch(socket, msg)
         return {ok = false, error = "a message is an object with op = \"login\", \"score\", ..."}
     end
     local op = msg.op
-    if type(op) ~= "string" or not op:match("^%l+$") then
+    if type(op) ~= "string" then
         return {ok = false, error = "a message is a document with op = \"login\", \"score\", ...", re = msg.id}
     end
     local session = app.sessions[socket.id]
     if op ~= "login" and session.user == nil then
         return {ok = false, error = "log in first", re = msg.id}
+    end
+    if not op:match("^%l+$") then                   -- only such names are looked up as packet+op
+        return {ok = false, error = "unknown message " .. op, re = msg.id}
     end
     local ok, handler = pcall(stage.load, "packet+" .. op)
     if not ok or type(handler) ~= "function" then

@@ -141,8 +141,12 @@ function packet.rank(app, sid, msg, session)
     app.index(request, function(r)
         if r == nil then return app.fail(sid, msg, "the scoreboard did not answer") end
         local tier = tier_of(r["get:" .. board], user)
+        local around = {}                        -- near the top, range's five rows start at rank 1
+        for _, row in ipairs(tier and r["range:" .. board] or {}) do
+            if math.abs(row.d - tier.d) <= 2 then around[#around + 1] = row end
+        end
         app.reply(sid, msg, {user = user, rank = tier and tier.d, score = tier and tier.i,
-                             total = r["total:" .. board], around = rows_of(r["range:" .. board])})
+                             total = r["total:" .. board], around = rows_of(around)})
     end)
 end
 

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import bson
 import pytest
 
 from stagetx.client.connection import Connection
@@ -203,6 +205,52 @@ async def _until(condition: Any, timeout: float = 10.0) -> None:
 
 
 LOGIN_MS = 200
+
+
+def test_rank_shows_two_above_and_two_below_also_near_the_top(app: App) -> None:
+    for n in range(4):  # four players above everyone else so far: ranks 1 to 4
+        code, _ = app.client(f"login top{n}; score {1000 + n}")
+        assert code == 0
+    code, replies = app.client("login top3; rank; rank top2")
+    assert code == 0
+    _, first, second = replies
+    assert (first["rank"], [r["rank"] for r in first["around"]]) == (1, [1, 2, 3])
+    assert (second["rank"], [r["rank"] for r in second["around"]]) == (2, [1, 2, 3, 4])
+
+
+def _ask_raw(port: int, *requests: dict[str, Any]) -> list[dict[str, Any]]:
+    """Requests as raw BSON documents on one connection, each sent once the one before it is
+    answered (a login is answered when its ticket comes): the replies, in order."""
+    replies: list[dict[str, Any]] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as conn:
+        buffer = b""
+        for request in requests:
+            conn.sendall(bson.encode(request))
+            while len(buffer) < 4 or len(buffer) < int.from_bytes(buffer[:4], "little"):
+                chunk = conn.recv(65536)
+                assert chunk, "connection closed before every reply"
+                buffer += chunk
+            size = int.from_bytes(buffer[:4], "little")
+            replies.append(bson.decode(buffer[:size]))
+            buffer = buffer[size:]
+    return replies
+
+
+def test_an_unknown_op_is_named_in_its_error_whatever_its_letters(app: App) -> None:
+    before, login, upper, digits, plain = _ask_raw(
+        app.port,
+        {"op": "Top", "id": 1},
+        {"op": "login", "id": 2, "user": "raw"},
+        {"op": "Top", "id": 3},
+        {"op": "top2", "id": 4},
+        {"op": "nope", "id": 5},
+    )
+    assert before["error"] == "log in first" and login["ok"] is True
+    assert [r["error"] for r in (upper, digits, plain)] == [
+        "unknown message Top",
+        "unknown message top2",
+        "unknown message nope",
+    ]
 
 
 @pytest.fixture(scope="module")
