@@ -184,7 +184,8 @@ class LuaHandler:
 
 
 class _Reads:
-    """What every runtime's ``broker`` may do in its own thread: read sockets, convert addresses.
+    """What every runtime's ``broker`` may do in its own thread: read sockets, convert addresses,
+    and ``broker.signal`` up to how each runtime writes (``deliver``) or posts (``post_signal``).
 
     Socket fields read here (``peer``, ``local``) are set once when the socket connects, and the
     registry lookups are single dict reads, so worker threads may use them too.
@@ -239,6 +240,29 @@ class _Reads:
             values = found.get(text(name))
             return None if values is None else lua.table_from([lua_text(a) for a in values])
         return lua.table_from({lua_text(k): lua.table_from([lua_text(a) for a in v]) for k, v in found.items()})
+
+    def signal(self, target: Any, value: Any) -> tuple[Any, ...]:
+        """``broker.signal(id | addr, v)``: ``v`` to socket ``id``'s receive function as if its
+        client had sent it (what it returns goes to the client), as the original does; to a
+        packed address, ``v`` is sent there. (A table of targets is ``broker.lua``'s, over ``deliver``.)"""
+        if type(target) is not int:
+            return self.deliver(target, value)
+        if target not in self.registry.sockets:
+            return False, lua_text(f"no socket {target}")
+        try:
+            data = value if isinstance(value, bytes) else self.to_py(value)
+        except CodecError as err:
+            return None, lua_text(f"broker.signal: {err}")
+        self.post_signal(target, data)
+        return (True,)
+
+    def deliver(self, target: Any, value: Any) -> tuple[Any, ...]:
+        """``v`` sent to socket ``target`` or to a packed address (this runtime's way of writing)."""
+        raise NotImplementedError
+
+    def post_signal(self, sid: int, data: Data) -> None:
+        """Hand ``data`` to socket ``sid``'s receive function on the reactor thread, in call order."""
+        raise NotImplementedError
 
     def to_py(self, value: Any) -> Data:
         if value is None or isinstance(value, (bytes, int, float)):
@@ -468,21 +492,9 @@ class BrokerAPI(_Reads):
         if sock is not None:
             sock.close()
 
-    def signal(self, target: Any, value: Any) -> tuple[Any, ...]:
-        """``broker.signal(id | addr, v)``: ``v`` to socket ``id``'s receive function as if its
-        client had sent it (what it returns goes to the client), as the original does; to a
-        packed address, ``v`` is sent there. (A table of targets is ``broker.lua``'s, over ``deliver``.)"""
-        if type(target) is not int:
-            return self.deliver(target, value)
-        if target not in self.registry.sockets:
-            return False, lua_text(f"no socket {target}")
-        try:
-            data = value if isinstance(value, bytes) else self.to_py(value)
-        except CodecError as err:
-            return None, lua_text(f"broker.signal: {err}")
+    def post_signal(self, sid: int, data: Data) -> None:
         # after the running callback, in call order: the receive function is not re-entered
-        self.reactor.callFromThread(self.signalled, target, data)
-        return (True,)
+        self.reactor.callFromThread(self.signalled, sid, data)
 
     def signalled(self, sid: int, data: Data) -> None:
         """``broker.signal(id, v)`` arrives: socket ``sid``'s endpoint handles ``data`` as a frame."""
@@ -616,17 +628,8 @@ class SandboxBroker(_Reads):
             return False, lua_text(f"socket {sid} is closed")
         return self._send(sock, value, addr if isinstance(addr, bytes) else None)
 
-    def signal(self, target: Any, value: Any) -> tuple[Any, ...]:
-        if type(target) is not int:
-            return self.deliver(target, value)
-        if target not in self.registry.sockets:
-            return False, lua_text(f"no socket {target}")
-        try:
-            data = value if isinstance(value, bytes) else self.to_py(value)
-        except CodecError as err:
-            return None, lua_text(f"broker.signal: {err}")
-        self.call(self.main.signalled, target, data)
-        return (True,)
+    def post_signal(self, sid: int, data: Data) -> None:
+        self.call(self.main.signalled, sid, data)
 
     def deliver(self, target: Any, value: Any) -> tuple[Any, ...]:
         if type(target) is int:
