@@ -181,6 +181,12 @@ def test_a_player_that_left_a_channel_gets_no_more_lines(app: App) -> None:
         ]
         for connection in (erin, fred):
             replies.append(await connection.request(Command("join", {"channel": "quiet"})))
+        # a join is answered once erin's front has asked the route stage for the channel; her own
+        # line coming back shows it is in there, so a line from fred's front (another sender,
+        # no order with hers) finds her subscribed
+        await erin.request(Command("say", {"channel": "quiet", "text": "ready"}))
+        await _until(lambda: len(heard) == 1)
+        heard.clear()
         replies.append(await fred.request(Command("say", {"channel": "quiet", "text": "one"})))
         await _until(lambda: len(heard) == 1)
         replies.append(await erin.request(Command("leave", {})))
