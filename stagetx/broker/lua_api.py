@@ -57,9 +57,9 @@ from stagetx.broker.traffic import Traffic
 from stagetx.broker.websocket import connect_ws, listen_ws, set_page
 from stagetx.codec import CodecError, pack_lua, pack_py, unpack_lua, unpack_py
 from stagetx.config import TlsConfig
-from stagetx.lua.api import defined_at, lua_text, text
+from stagetx.lua.api import defined_at, lua_text, next_delay, text
 from stagetx.lua.sandbox import on_new_sandbox
-from stagetx.lua.workers import QueueFull, job_again, workers_of
+from stagetx.lua.workers import QueueFull, workers_of
 
 if TYPE_CHECKING:
     from stagetx.lua.runtime import LuaVM
@@ -697,7 +697,7 @@ class SocketJob:
             sandbox.api.report(self.label.encode(), b"", lua_text(str(err)))
             return None
         ok, *results = vm.call(self.label, f, broker.socket(self.sid), *args)
-        again = job_again(sandbox, self.label, f, results[0] if ok and results else None)
+        again = next_delay(vm, sandbox.api.report, self.label, "job", f, results[0] if ok and results else None)
         return again if self.sid in self.registry.sockets else None
 
 

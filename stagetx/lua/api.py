@@ -71,14 +71,19 @@ def lua_text(value: str) -> bytes:
     return value.encode("utf-8", "surrogateescape")
 
 
-def again_ms(value: Any) -> float | None:
-    """The ms a task, job or idle function asked to run again after (its first result: a number
-    > 0), or None: it ends. ``ValueError`` for nan or ±inf, which no timer can wait for (Twisted
-    asserts on nan; an infinite wait would hold its timer, and a job's queue slot, for ever)."""
+def next_delay(
+    vm: LuaVM, report: Callable[[bytes, bytes, bytes], Any], where: str, what: str, f: Any, value: Any
+) -> float | None:
+    """The ms ``f`` (``what``: a task, job or idle function) asked to run again after (its first
+    result, ``value``: a number > 0), or None: it ends. nan or ±inf, which no timer can wait for
+    (Twisted asserts on nan; an infinite wait would hold its timer, and a job's queue slot, for
+    ever), is ``f``'s Lua error through ``report`` under ``where``, naming where ``f`` is defined."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     if not math.isfinite(value):
-        raise ValueError(f"returned {value} as its next delay, not a finite number of ms: it ends")
+        error = f"the {what} returned {value} as its next delay, not a finite number of ms: it ends"
+        report(where.encode(), b"", lua_text(f"{defined_at(vm, f)}: {error}"))
+        return None
     return value if value > 0 else None
 
 
@@ -302,11 +307,7 @@ class StageAPI:
         ok, *results = self.vm.call("task", task.f, *task.args)
         if task.cancelled or not ok or not results:
             return
-        try:
-            again = again_ms(results[0])
-        except ValueError as err:
-            self.report(b"task", b"", lua_text(f"{defined_at(self.vm, task.f)}: the task {err}"))
-            return
+        again = next_delay(self.vm, self.report, "task", "task", task.f, results[0])
         if again is not None:
             task.call = self.stage.clock.callLater(again / 1000.0, self._fire, task)
 

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from stagetx import reactors
 from stagetx.codec import CodecError, pack_lua, unpack_lua
-from stagetx.lua.api import again_ms, defined_at, lua_text, text
+from stagetx.lua.api import lua_text, next_delay, text
 from stagetx.lua.runtime import LuaVM
 from stagetx.lua.sandbox import Sandbox, Sandboxes
 
@@ -212,16 +212,7 @@ class LuaJob:
         if self.thread is not None:
             self.thread.finish(vm, results if ok else [])
             return None
-        return job_again(sandbox, self.label, f, results[0] if ok and results else None)
-
-
-def job_again(sandbox: Sandbox, label: str, f: Any, value: Any) -> float | None:
-    """The ms after which job ``f`` asked to run again, or None; a non-finite delay is its Lua error."""
-    try:
-        return again_ms(value)
-    except ValueError as err:
-        sandbox.api.report(label.encode(), b"", lua_text(f"{defined_at(sandbox.vm, f)}: the job {err}"))
-        return None
+        return next_delay(vm, sandbox.api.report, self.label, "job", f, results[0] if ok and results else None)
 
 
 class ThreadHandle:

@@ -31,7 +31,7 @@ from stagetx.bounded import BoundedDict
 from stagetx.broker.traffic import Traffic
 from stagetx.codec import CodecError, pack_lua, unpack_lua
 from stagetx.config import StageConfig
-from stagetx.lua.api import StageAPI, Task, again_ms, defined_at, lua_text, sender_fields, text
+from stagetx.lua.api import StageAPI, Task, lua_text, next_delay, sender_fields, text
 from stagetx.lua.extensions import install_all
 from stagetx.lua.loader import ScriptLoader
 from stagetx.lua.runtime import HARD_LIMIT, LuaOutOfMemory, LuaScriptError, LuaVM
@@ -349,12 +349,8 @@ class Stage:
         ok, *results = self.vm.call("idle function", f)
         if not ok or not results:
             return
-        try:
-            again = again_ms(results[0])
-        except ValueError as err:
-            assert self.api is not None
-            self.api.report(b"idle function", b"", lua_text(f"{defined_at(self.vm, f)}: the idle function {err}"))
-            return
+        assert self.api is not None
+        again = next_delay(self.vm, self.api.report, "idle function", "idle function", f, results[0])
         if again is not None:
             self._idle_call = self.context.clock.callLater(again / 1000.0, self._idle, f)
 
