@@ -60,7 +60,7 @@ EXT_NULL = 2
 MAX_DEPTH = 64
 _MAX_ENTRIES = 1 << 22  # table entries read per pack_lua call: stops exponential shared subtables
 
-_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+LUA_INT_MIN, LUA_INT_MAX = -(2**63), 2**63 - 1  # the integers a Lua value can hold
 _NoneType = type(None)
 _SCALARS = frozenset({bytes, int, float, bool, _NoneType})
 _KEYS = frozenset({bytes, int, float, bool})
@@ -375,7 +375,7 @@ class _LuaSide:
         for v in values:  # the common case, scalars only, needs no conversion
             tv = type(v)
             if tv is int:
-                if not _INT_MIN <= v <= _INT_MAX:
+                if not LUA_INT_MIN <= v <= LUA_INT_MAX:
                     break
             elif tv not in _SCALARS:
                 break
@@ -407,7 +407,7 @@ class _LuaSide:
                 tv = type(v)
                 if tv is dict or tv is list:
                     values[i] = self.table_from(v, recursive=True)
-                elif tv is int and not _INT_MIN <= v <= _INT_MAX:
+                elif tv is int and not LUA_INT_MIN <= v <= LUA_INT_MAX:
                     return None
             return tuple(values)
         except Exception:  # malformed, or a value Lua cannot hold: the general path says which
@@ -417,7 +417,7 @@ class _LuaSide:
         """One argument: tables built; integers checked here, as lupa pushes them later."""
         tv = type(v)
         if tv is int:
-            if not _INT_MIN <= v <= _INT_MAX:
+            if not LUA_INT_MIN <= v <= LUA_INT_MAX:
                 raise CodecError(f"integer {v} does not fit a Lua integer")
             return v
         return v if tv in _SCALARS else self._to_lua(v, 0)

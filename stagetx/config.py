@@ -21,7 +21,7 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from stagetx.codec import MAX_DEPTH
+from stagetx.codec import LUA_INT_MAX, LUA_INT_MIN, MAX_DEPTH
 from stagetx.lua.search import find_script
 from stagetx.stages.checks import MAX_MS, unwritable_file
 from stagetx.stages.registry import SettingsError, stage_type, stage_types
@@ -45,7 +45,6 @@ _DIGITS = re.compile(r"[0-9]+")
 _MEMORY = re.compile(r"^([0-9]+)\s*([kmg]?)b?$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 MAX_MEMORY = 1024**4  # %memory: 1024g, far past any machine's Lua heap; lupa takes a C size
-LUA_INT_MIN, LUA_INT_MAX = -(2**63), 2**63 - 1  # the integers a Lua value can hold
 MAX_COUNT = 1_000_000_000  # #threads and #cluster queue: a bigger count is a typo
 _UNSUPPORTED = ("%odbc", "%cluster", "verbose")
 

@@ -43,7 +43,7 @@ _URL = re.compile(
 _LENGTH = struct.Struct("<I")
 _BSON_OPTIONS: CodecOptions[dict[str, Any]] = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_MS)
 MAX_DEPTH = 64  # levels of a received document: stagetx.codec.MAX_DEPTH, what Lua can receive
-_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1  # a Lua integer
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1  # a Lua integer: stagetx.codec.LUA_INT_MIN/MAX
 
 Data = bytes | dict | list | str | int | float | bool | None
 
