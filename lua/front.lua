@@ -63,15 +63,29 @@ local function registrations()
     return t
 end
 
-function app.join(sid, name)
+-- Channels whose route registration this replica has sent and the route stage not yet
+-- confirmed: channel -> the functions waiting for the answer.
+app.subscribing = {}
+
+-- Adds the player to a channel; `joined(true)` once this replica's registration is in place at
+-- the route stage (at once when it already was), so a line said anywhere after the player was
+-- told reaches them; `joined(false)` when the route stage did not confirm it in time.
+function app.join(sid, name, joined)
     local members = app.members[name]
-    if members == nil then
-        members = {}
-        app.members[name] = members
-        stage.signal("route:@", {[channel_key(name)] = "chat"})
-    end
-    members[sid] = true
     app.sessions[sid].channels[name] = true
+    if members ~= nil then
+        members[sid] = true
+        local waiting = app.subscribing[name]
+        if waiting then waiting[#waiting + 1] = joined else joined(true) end
+        return
+    end
+    app.members[name] = {[sid] = true}
+    local waiting = {joined}
+    app.subscribing[name] = waiting
+    app.ask("route:@", function(ok)
+        if app.subscribing[name] == waiting then app.subscribing[name] = nil end
+        for _, f in ipairs(waiting) do f(ok == true) end
+    end, {[channel_key(name)] = "chat"})
 end
 
 function app.leave(sid, name)
@@ -83,7 +97,8 @@ function app.leave(sid, name)
             stage.signal("route:@", {[channel_key(name)] = stage.null})
         end
     end
-    app.sessions[sid].channels[name] = nil
+    local session = app.sessions[sid]
+    if session then session.channels[name] = nil end
 end
 
 -- A chat line published on a channel this replica subscribes to: pushed to its local members.

@@ -171,9 +171,12 @@ function packet.join(app, sid, msg, session)
         local count = 0
         for _ in pairs(session.channels) do count = count + 1 end
         if count >= MAX_CHANNELS then return app.fail(sid, msg, "at most 16 channels") end
-        app.join(sid, name)
     end
-    app.reply(sid, msg, {channel = name})
+    app.join(sid, name, function(subscribed)
+        if subscribed then return app.reply(sid, msg, {channel = name}) end
+        if session.channels[name] then app.leave(sid, name) end
+        app.fail(sid, msg, "chat unavailable: the route stage did not confirm the channel")
+    end)
 end
 
 -- say {channel, text}: published through the route stage to every front replica with players

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -181,12 +182,8 @@ def test_a_player_that_left_a_channel_gets_no_more_lines(app: App) -> None:
         ]
         for connection in (erin, fred):
             replies.append(await connection.request(Command("join", {"channel": "quiet"})))
-        # a join is answered once erin's front has asked the route stage for the channel; her own
-        # line coming back shows it is in there, so a line from fred's front (another sender,
-        # no order with hers) finds her subscribed
-        await erin.request(Command("say", {"channel": "quiet", "text": "ready"}))
-        await _until(lambda: len(heard) == 1)
-        heard.clear()
+        # a join is answered once the route stage has erin's front for the channel: a line said
+        # from fred's front after that reaches her
         replies.append(await fred.request(Command("say", {"channel": "quiet", "text": "one"})))
         await _until(lambda: len(heard) == 1)
         replies.append(await erin.request(Command("leave", {})))
@@ -201,6 +198,42 @@ def test_a_player_that_left_a_channel_gets_no_more_lines(app: App) -> None:
     assert [r["ok"] for r in replies] == [True] * 7 + [False]
     assert replies[5]["left"] == ["quiet"] and replies[7]["error"] == "join the channel first"
     assert [(p["from"], p["text"]) for p in heard] == [("fred", "one")]
+
+
+def test_a_join_is_answered_only_once_the_route_stage_has_the_channel(tmp_path: Path) -> None:
+    """The route stage in a process of its own, stopped (SIGSTOP): a join cannot be confirmed,
+    so it is answered with an error after ``timeout_ms`` and the player is not in the channel
+    (never "joined" while a line said right after could miss them); once the stage runs again a
+    join succeeds and the player's own line comes back."""
+    startup = [["=index+rank", "=ticket+ticket"], ["=route+route"], ["=lua+front"]]
+    app = App(tmp_path, **{"#startup": startup, "timeout_ms": 3000}).start()
+    assert app.server is not None
+    (route_pid,) = app.server.pids(1)
+
+    async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        heard: list[dict[str, Any]] = []
+        gina = await Connection.open("127.0.0.1", app.port, on_push=heard.append)
+        replies = [await gina.request(Command("login", {"user": "gina"}))]
+        os.kill(route_pid, signal.SIGSTOP)
+        try:
+            replies.append(await gina.request(Command("join", {"channel": "hall"}), timeout=WAIT))
+            replies.append(await gina.request(Command("say", {"channel": "hall", "text": "lost"})))
+        finally:
+            os.kill(route_pid, signal.SIGCONT)
+        replies.append(await gina.request(Command("join", {"channel": "hall"}), timeout=WAIT))
+        replies.append(await gina.request(Command("say", {"channel": "hall", "text": "back"})))
+        await _until(lambda: len(heard) == 1)
+        await gina.close()
+        return replies, heard
+
+    try:
+        replies, heard = asyncio.run(scenario())
+    finally:
+        app.stop()
+    assert [r["ok"] for r in replies] == [True, False, False, True, True]
+    assert replies[1]["error"] == "chat unavailable: the route stage did not confirm the channel"
+    assert replies[2]["error"] == "join the channel first"
+    assert [(p["from"], p["text"]) for p in heard] == [("gina", "back")]
 
 
 async def _until(condition: Any, timeout: float = 10.0) -> None:

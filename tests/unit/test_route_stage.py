@@ -33,6 +33,7 @@ class RecordingContext:
         self.log = Logger(namespace="test.route", observer=self.events.append)
         self.sent: list[tuple[str, tuple[Any, ...], str | None]] = []
         self.refuse: set[str] = set()
+        self.replied: list[tuple[str, tuple[Any, ...]]] = []
 
     def resolve_path(self, path: str) -> str:
         return path
@@ -47,7 +48,9 @@ class RecordingContext:
         return True, None
 
     def reply(self, message: Message, *values: Any) -> None:
-        raise AssertionError("the route stage answers by address, not by reply")
+        """Only a ``route:@`` with a reply address is answered this way (publishes pass it on)."""
+        if message.reply is not None:
+            self.replied.append((message.reply, values))
 
     def take(self) -> list[tuple[str, tuple[Any, ...], str | None]]:
         sent, self.sent = self.sent, []
@@ -181,3 +184,16 @@ def test_bad_messages_are_logged_not_raised() -> None:
     assert levels == ["warn", "critical"]
     stage.stop()
     assert context.clock.getDelayedCalls() == []
+
+
+def test_a_registration_with_a_reply_address_is_answered_once_applied() -> None:
+    context, stage = make()
+    stage.receive(msg("@", SUB_A, {b"ch.lobby": b"chat"}, reply=at(SUB_A, "7")))
+    assert context.replied == [(at(SUB_A, "7"), (True,))]
+    assert stage.subscriptions() == {"ch.lobby": 1}
+    stage.receive(msg("@", SUB_A, {b"*bad": b"chat", b"ch.x": b"chat"}, reply=at(SUB_A, "8")))
+    ((address, (ok, problems)),) = context.replied[1:]
+    assert address == at(SUB_A, "8") and ok is False and "*bad" in problems
+    assert stage.subscriptions() == {"ch.lobby": 1, "ch.x": 1}
+    subscribe(stage, SUB_B, {b"ch.lobby": b"chat"})  # no reply address: no answer
+    assert len(context.replied) == 2 and context.take() == []

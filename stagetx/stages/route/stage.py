@@ -5,7 +5,9 @@ on it and its decisions into sends. Every subscriber is one replica, named by th
 ``(server, instance)`` and addressed with reply addresses (``format_reply``), so an offer, a
 delivery and a fail callback reach exactly the replica meant. Message ids this stage receives:
 
-- ``@``        registration, pause, removal, keep-alive (``route:@``);
+- ``@``        registration, pause, removal, keep-alive (``route:@``); with a reply address
+               (``route:@=cb``) it is answered once applied: ``true``, or ``false`` and the
+               problems, so a subscriber can tell when its registrations are in place;
 - ``#offer``   an acceptance (``signal(nil, token[?cb,…])`` in a ``route:@`` handler): offers
                are sent with this id as their reply id;
 - anything else is a published KEY (the router has already split ``=return_cb`` off into the
@@ -84,13 +86,18 @@ class Stage:
 
     def _register(self, message: Message) -> None:
         sender = message.sender
-        for problem in self._subs.update(_who(sender), message.values):
+        problems = self._subs.update(_who(sender), message.values)
+        for problem in problems:
             self._context.log.warn(
                 "route:@ from {stage} (instance {instance}): {problem}",
                 stage=sender.stage,
                 instance=sender.instance,
                 problem=problem,
             )
+        if problems:
+            self._context.reply(message, False, "; ".join(problems))
+        else:
+            self._context.reply(message, True)
 
     def _expired(self, who: Hashable) -> None:
         self._context.log.info("route: subscriber {who} expired (no route:@ in time)", who=who)
