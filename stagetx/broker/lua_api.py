@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from stagetx.lua.sandbox import Sandbox, Sandboxes
     from stagetx.lua.workers import Workers
 
+_EXPIRE_MS = b"broker: expire is a finite number of ms"
 _BAD_TARGET = b"broker.signal: the target is a socket id, a table of them, or a packed address"
 _SCRIPT = resources.files("stagetx.broker").joinpath("broker.lua").read_bytes()
 
@@ -119,7 +120,7 @@ class LuaHandler:
     def accepted(self, sock: Socket) -> bool:
         api = self.api
         lua_sock = api.socket(sock.id)
-        sock.state = (lua_sock, None)
+        sock.state = (lua_sock, None, None)
         if isinstance(sock, Datagram):  # f is the receive function of each datagram (the original)
             if self.receive is None:
                 self.receive = self.accept
@@ -131,7 +132,7 @@ class LuaHandler:
                 sock.state = None  # refused: no close callback
                 return False
             if api.vm.lua_type(answer) == "function":
-                sock.state = (lua_sock, answer)
+                sock.state = (lua_sock, answer, None)
         if sock.state[1] is None and self.receive is None and self.joined is None:
             # nothing would read this client: refused, as the original ("proper function does not exist")
             api.log.warn(
@@ -147,7 +148,7 @@ class LuaHandler:
         state = sock.state
         if state is None:
             return
-        lua_sock, receive = state
+        lua_sock, receive, _ = state
         if receive is None:
             receive = self.receive
             if receive is None:
@@ -168,10 +169,13 @@ class LuaHandler:
                 api.reply(sock, reply, addr, receive)
 
     def closed(self, sock: Socket) -> None:
-        """``close(socket, errno)`` as the original: 0 for a clean close, ``ETIMEDOUT`` on expiry."""
+        """``close(socket, errno)`` as the original: 0 for a clean close, ``ETIMEDOUT`` on expiry;
+        the socket's own ``close`` when it has one, else the listener's."""
         state = sock.state
-        if state is not None and self.on_close is not None:
-            self.api.vm.call("broker close", self.on_close, state[0], sock.close_errno)
+        if state is not None:
+            on_close = state[2] if state[2] is not None else self.on_close
+            if on_close is not None:
+                self.api.vm.call("broker close", on_close, state[0], sock.close_errno)
         sock.state = None
 
     def failed(self, endpoint: Endpoint, reason: str, code: int) -> None:
@@ -387,16 +391,22 @@ class BrokerAPI(_Reads):
         return (handler.joined,)
 
     def get(self, eid: int, key: bytes) -> Any:
-        """A setting read back from a listener or join table (``expire``, ``receive``)."""
+        """A setting read back from a listener, join or socket table (``expire``, ``receive``):
+        a socket's own, else its listener's."""
         endpoint = self.endpoints.get(eid)
+        own: Any = None
         if endpoint is None:
-            return None
+            sock = self.registry.get(eid)
+            if sock is None or sock.state is None:
+                return None
+            endpoint = sock.endpoint
+            own = sock.own_expire if key == b"expire" else sock.state[1]
         handler: LuaHandler = endpoint.handler  # type: ignore[assignment]
         if key == b"expire":
-            ms = endpoint.expire * 1000
+            ms = (endpoint.expire if own is None else own) * 1000
             return int(ms) if ms.is_integer() else ms
         if key == b"receive":
-            return handler.receive
+            return handler.receive if own is None else own
         return None
 
     def set(self, eid: int, key: bytes, value: Any) -> tuple[Any, ...]:
@@ -415,7 +425,7 @@ class BrokerAPI(_Reads):
             return self.set_page(endpoint, value)
         if key == b"expire":
             if value is not None and (not isinstance(value, (int, float)) or not isfinite(value)):
-                return None, b"broker: expire is a finite number of ms"
+                return None, _EXPIRE_MS
             endpoint.set_expire(value or 0)
         elif key == b"close":
             handler.on_close = value
@@ -424,11 +434,23 @@ class BrokerAPI(_Reads):
         return (True,)
 
     def set_socket(self, sid: int, key: bytes, value: Any) -> tuple[Any, ...]:
-        """A setting on an accepted socket: ``receive`` becomes its own receive function; the
-        others are its listener's (set them there), and a closed socket ignores settings."""
+        """A setting on an accepted socket, as the original's socket table takes them: its own
+        ``receive`` function, ``close`` callback and idle ``expire`` (nil: the listener's again);
+        ``page`` is a listener's; a closed socket ignores settings."""
+        if key == b"expire" and value is not None and (not isinstance(value, (int, float)) or not isfinite(value)):
+            return None, _EXPIRE_MS
+        if key == b"page":
+            return None, b"broker: page is set on the listener, not on a socket"
         sock = self.registry.get(sid)
-        if sock is not None and key == b"receive" and sock.state is not None:
-            sock.state = (sock.state[0], value)
+        if sock is None or sock.state is None:
+            return (True,)
+        lua_sock, receive, on_close = sock.state
+        if key == b"receive":
+            sock.state = (lua_sock, value, on_close)
+        elif key == b"close":
+            sock.state = (lua_sock, receive, value)
+        else:
+            sock.endpoint.set_socket_expire(sock, value)
         return (True,)
 
     def set_page(self, endpoint: Endpoint, value: Any) -> tuple[Any, ...]:

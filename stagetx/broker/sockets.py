@@ -4,7 +4,9 @@ Nothing here knows Lua. An ``Endpoint`` (what ``broker.ready``/``broker.join`` m
 ``Handler`` that the Lua binding implements: it is told of each new socket (and may refuse it),
 of each decoded frame, and of each close. Sockets are small slotted objects kept in the
 process's ``Registry`` by id, so any stage or sandbox of the process can find one by its id.
-Idle expiry is one sweep per endpoint, not one timer per connection, to keep idle sockets cheap.
+Idle expiry is one sweep per endpoint, not one timer per connection, to keep idle sockets cheap;
+a socket may have its own limit (``socket.expire``, the original's per-socket setting), which the
+sweep honours instead of its listener's.
 
 Across a reload of its stage (docs/operations.md) an endpoint is *parked*: it stops reading (its
 port and every socket), so what clients send waits in the kernel, in order, bounded by the TCP
@@ -125,6 +127,7 @@ class Endpoint:
         "traffic",
         "dials",
         "_sweeper",
+        "_every",
         "__weakref__",
     )
 
@@ -141,26 +144,56 @@ class Endpoint:
         self.traffic = Traffic()  # its clients' counters (stagetx.broker.traffic)
         self.dials = False  # a broker.join: its one connection takes the endpoint's id
         self._sweeper: LoopingCall | None = None
+        self._every = 0.0  # s between sweeps while the sweeper runs
 
     def socket_id(self) -> int:
         """The id of a new socket: a join's connection has the endpoint's own (the original's
         ``broker.join`` returns the socket itself), a listener's sockets new ones."""
         return self.id if self.dials else self.registry.next_id()
 
+    @property
+    def expiring(self) -> bool:
+        """Whether idle time is being measured (some socket of this endpoint has a limit)."""
+        return self._sweeper is not None
+
     def set_expire(self, ms: float) -> None:
-        """Close sockets idle for ``ms`` (0 or less: never); checked every eighth of that time."""
-        self._stop_sweeper()
+        """Close sockets idle for ``ms`` (0 or less: never), those without a limit of their own;
+        checked every eighth of the shortest limit."""
         self.expire = max(ms, 0) / 1000.0
         if self.expire:
             now = self.clock.seconds()
             for sock in self.sockets.values():
                 sock.last = now
-            self._start_sweeper()
+        self._stop_sweeper()
+        self._schedule()
 
-    def _start_sweeper(self) -> None:
+    def set_socket_expire(self, sock: Socket, ms: float | None) -> None:
+        """``sock``'s own idle limit in ``ms`` (0 or less: never), or its listener's again (None);
+        its idle time counts from now."""
+        sock.own_expire = None if ms is None else max(ms, 0) / 1000.0
+        sock.last = self.clock.seconds()
+        limit = sock.own_expire
+        if limit and (self._sweeper is None or _period(limit) < self._every):
+            self._start_sweeper(limit)
+
+    def _limit(self, sock: Socket) -> float:
+        own = sock.own_expire
+        return self.expire if own is None else own
+
+    def _schedule(self) -> None:
+        """Sweep for the shortest limit: the listener's or a socket's own (none: no sweep)."""
+        limits = [limit for s in self.sockets.values() if (limit := s.own_expire)]
+        if self.expire:
+            limits.append(self.expire)
+        if limits:
+            self._start_sweeper(min(limits))
+
+    def _start_sweeper(self, limit: float) -> None:
+        self._stop_sweeper()
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = self.clock
-        self._sweeper.start(max(self.expire / 8, 0.005), now=False)
+        self._every = _period(limit)
+        self._sweeper.start(self._every, now=False)
 
     def _stop_sweeper(self) -> None:
         if self._sweeper is not None and self._sweeper.running:
@@ -168,11 +201,26 @@ class Endpoint:
         self._sweeper = None
 
     def _sweep(self) -> None:
-        limit = self.clock.seconds() - self.expire
-        for sock in [s for s in self.sockets.values() if s.last <= limit]:
+        """Close the sockets idle past their limit; sweep less often (or stop) when the shortest
+        limit left is longer (or gone), e.g. after the socket with a short one closed."""
+        now = self.clock.seconds()
+        limits = [self.expire] if self.expire else []  # new sockets get the listener's
+        idle = []
+        for sock in self.sockets.values():
+            limit = self._limit(sock)
+            if limit:
+                if now - sock.last >= limit:
+                    idle.append(sock)
+                else:
+                    limits.append(limit)
+        for sock in idle:
             log.debug("broker socket {sid} idle; closing", sid=sock.id)
             sock.close_errno = errno.ETIMEDOUT
             sock.expire()
+        if not limits:
+            self._stop_sweeper()
+        elif self._sweeper is not None and _period(min(limits)) > 2 * self._every:
+            self._start_sweeper(min(limits))
 
     def add(self, sock: Socket) -> bool:
         """Register a new socket and ask the handler; False when it was refused."""
@@ -228,8 +276,8 @@ class Endpoint:
                 handler.received(sock, value, addr)
             sock.release(PARKED)
         _resume(self.port)
-        if self.expire and self._sweeper is None:
-            self._start_sweeper()
+        if self._sweeper is None:
+            self._schedule()
 
     def shutdown(self) -> Any:
         """Stop listening (or connecting) and close every socket; may return a Deferred."""
@@ -275,6 +323,7 @@ class Connection:
         "half_closed",
         "backlog",
         "close_errno",
+        "own_expire",
     )
 
     def __init__(self, endpoint: Endpoint) -> None:
@@ -292,6 +341,7 @@ class Connection:
         self.half_closed = False  # the peer shut down its write side
         self.backlog: list[bytes] = []  # frames of a read that came after the socket was held
         self.close_errno = 0  # why it closed, for the close callback (the original's errno): 0 = cleanly
+        self.own_expire: float | None = None  # s idle before close (``socket.expire``); None: the listener's
 
     # -- IProtocol --------------------------------------------------------------------------------
     def makeConnection(self, transport: Any) -> None:
@@ -311,7 +361,7 @@ class Connection:
 
     def dataReceived(self, data: bytes) -> None:
         endpoint = self.endpoint
-        if endpoint.expire:
+        if endpoint.expiring:
             self.last = endpoint.clock.seconds()
         size = len(data)
         if self.buf:
@@ -478,6 +528,7 @@ class Datagram(protocol.DatagramProtocol):
         self.state: Any = None
         self.connected = 0
         self.close_errno = 0
+        self.own_expire: float | None = None
 
     def startProtocol(self) -> None:
         self.connected = 1
@@ -498,7 +549,7 @@ class Datagram(protocol.DatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         endpoint = self.endpoint
-        if endpoint.expire:
+        if endpoint.expiring:
             self.last = endpoint.clock.seconds()
         sender = addresses.pack(addr[0], addr[1])
         try:
@@ -565,6 +616,12 @@ class Datagram(protocol.DatagramProtocol):
 
 
 Socket = Connection | Datagram
+
+
+def _period(limit: float) -> float:
+    """How often to sweep for an idle limit of ``limit`` s: an eighth of it (at least 5 ms), so a
+    socket closes between its limit and 1.125 × it."""
+    return max(limit / 8, 0.005)
 
 
 def _pause(transport: Any) -> None:

@@ -69,7 +69,7 @@ class WebSocket(Connection):
         if not self.connected:
             return
         endpoint = self.endpoint
-        if endpoint.expire:
+        if endpoint.expiring:
             self.last = endpoint.clock.seconds()
         endpoint.traffic.received(1, len(payload))
         self._deliver([payload])  # a bad BSON or JSON document aborts with CLOSE_POLICY

@@ -181,6 +181,42 @@ async def test_idle_sockets_expire_and_busy_ones_stay(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_socket_s_own_expire_and_close_as_the_original_s_socket_table_takes_them(tmp_path: Path) -> None:
+    """A game's usual pattern: a short idle limit until the client logs in, none after, and a
+    close callback of the logged-in socket's own; the listener has neither limit nor callback
+    of its own for these, and is asked for the close of the others."""
+    port = free_port()
+    script = f"""
+        local l = broker.ready("tcp://127.0.0.1:{port}", function(socket)
+            socket.expire = 2000
+            log4cxx.info("accepted", socket.expire)
+            return function(s, d)
+                if d == "login" then
+                    s.expire = 0
+                    s.close = function(s, e) log4cxx.info("own close", e) end
+                    log4cxx.info("logged in", s.expire)
+                end
+                return d
+            end
+        end)
+        l.close = function(s, e) log4cxx.info("listener close", e) end
+        log4cxx.info("listener", l.expire)
+    """
+    async with RunningStage(tmp_path, script) as run:
+        guest, player = await connect(port), await connect(port)
+        player.transport.write(packet(b"login"))
+        await wait_for(lambda: player.frames() == [b"login"], WAIT, "the login's echo")
+        await wait_for(lambda: guest.closed, 2 * WAIT, "the guest's idle limit")
+        assert run.said("listener close") == [[str(errno.ETIMEDOUT)]]
+        assert run.said("accepted") == [["2000"], ["2000"]] and run.said("logged in") == [["0"]]
+        player.transport.write(packet(b"still here"))
+        await wait_for(lambda: player.frames() == [b"login", b"still here"], WAIT, "the player served")
+        player.transport.loseConnection()
+        await wait_for(lambda: run.said("own close") == [["0"]], WAIT, "the player's own close callback")
+        assert run.said("listener") == [["0"]] and len(run.said("listener close")) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_lua_error_in_receive_is_logged_and_the_socket_keeps_serving(tmp_path: Path) -> None:
     port = free_port()
     script = f"""

@@ -4,6 +4,7 @@ tests/reliability/test_backpressure.py."""
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -89,3 +90,28 @@ def test_idle_expiry_aborts_instead_of_waiting_for_unsent_output() -> None:
     ep.set_expire(1000)
     ep.clock.advance(1.2)  # type: ignore[attr-defined]
     assert conn.transport.aborted and conn.connected == 0
+
+
+def test_a_socket_s_own_expire_wins_over_its_listener_s_and_the_sweep_follows_it() -> None:
+    """``socket.expire`` of the original: a socket with a limit of its own is swept on that
+    limit (the listener has none here); with it gone, the sweep stops."""
+    ep = endpoint("packet", Recorder())
+    clock: Clock = ep.clock  # type: ignore[assignment]
+    short, forever, plain = (Connection(ep) for _ in range(3))
+    for conn in (short, forever, plain):
+        conn.makeConnection(Aborting())
+    ep.set_socket_expire(short, 400)
+    ep.set_socket_expire(forever, 0)
+    assert ep.expiring
+    clock.advance(0.3)
+    short.dataReceived(frame(b"still here"))  # activity restarts its idle time
+    clock.advance(0.3)
+    assert short.connected
+    clock.advance(0.15)
+    assert not short.connected and short.close_errno == errno.ETIMEDOUT
+    ep.remove(short)
+    clock.advance(0.1)  # the next sweep finds no limit left
+    assert not ep.expiring and forever.connected and plain.connected
+    ep.set_expire(1000)  # the listener's limit: for the socket without one of its own
+    clock.advance(1.2)
+    assert not plain.connected and forever.connected
