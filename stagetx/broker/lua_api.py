@@ -473,9 +473,13 @@ class BrokerAPI(_Reads):
 
     # -- sockets ----------------------------------------------------------------------------------
     def commit(self, sid: int, value: Any, addr: Any = None) -> tuple[Any, ...]:
+        """``socket.commit(v [, addr])``: ``v`` sent; ``commit(nil)`` is the original's flush of what
+        its commit interval held back, and nothing is held back here: 0 bytes."""
         sock = self.registry.get(sid)
         if sock is None:
             return False, lua_text(f"socket {sid} is closed")
+        if value is None:
+            return (0,)
         return self.send(sock, value, addr)
 
     def send(self, sock: Socket, value: Any, addr: Any) -> tuple[Any, ...]:
@@ -648,6 +652,8 @@ class SandboxBroker(_Reads):
         sock = self.registry.get(sid)
         if sock is None:
             return False, lua_text(f"socket {sid} is closed")
+        if value is None:  # the original's flush, as on the stage's thread
+            return (0,)
         return self._send(sock, value, addr if isinstance(addr, bytes) else None)
 
     def post_signal(self, sid: int, data: Data) -> None:

@@ -242,6 +242,8 @@ async def test_commit_close_f_and_broker_close_by_id(tmp_path: Path) -> None:
     async with RunningStage(tmp_path, script) as run:
         clients = [await connect(port) for _ in range(4)]
         await wait_for(lambda: run.lua("return #ids") == [4], WAIT, "four sockets")
+        # commit(nil) is the original's flush: nothing waits here (each frame is written at once)
+        assert run.lua("return broker.f(ids[1]).commit(nil), broker.f(ids[1]).commit()") == [0, 0]
         assert run.lua("return broker.f(ids[1]).commit('pushed')") == [6]  # the bytes sent, as the original
         assert run.lua("return broker.f(ids[1]) == broker.f(ids[1]), broker.f(12345)") == [True, None]
         assert run.lua("local s = broker.f(ids[1]) return s[0] == s.id, math.type(s[0])") == [True, b"integer"]
