@@ -520,7 +520,7 @@ class Datagram(protocol.DatagramProtocol):
     """One bound UDP port (joined to its multicast group when the address is one)."""
 
     def __init__(self, endpoint: Endpoint) -> None:
-        self.id = endpoint.registry.next_id()
+        self.id = endpoint.id  # the port is its one socket: what broker.ready returned sends too
         self.endpoint = endpoint
         self.last = 0.0
         self.peer = b""

@@ -323,7 +323,8 @@ async def test_aton_ntoa_and_ifaddr(tmp_path: Path) -> None:
 async def test_udp_replies_to_the_sender_and_multicast_groups_are_joined(tmp_path: Path) -> None:
     port, group_port = free_port(), free_port()
     script = f"""
-        broker.ready("udp://127.0.0.1:{port}", function(s, data, addr)  -- each datagram, as the original
+        u = broker.ready("udp://127.0.0.1:{port}", function(s, data, addr)  -- each datagram, as the original
+            log4cxx.info("same", s == u, s[0] == u.id)
             return "udp:" .. data .. ":" .. broker.ntoa(addr), "second"
         end)
         broker.ready("udp://239.255.42.99:{group_port}?text", function(s, line, addr)
@@ -342,6 +343,11 @@ async def test_udp_replies_to_the_sender_and_multicast_groups_are_joined(tmp_pat
             me = peer.getHost().port
             peer.write(b"hi", ("127.0.0.1", port))
             await wait_for(lambda: got == [f"udp:hi:127.0.0.1:{me}".encode(), b"second"], WAIT, "two UDP replies")
+            assert run.said("same") == [["true", "true"]]  # the port is its one socket, as the original
+            # what broker.ready returned sends datagrams of its own (the original's socket.commit)
+            sent = run.lua(f"return u.commit('unasked', broker.aton('127.0.0.1:{me}')), broker.f(u.id) == u")
+            assert sent == [7, True]
+            await wait_for(lambda: got[2:] == [b"unasked"], WAIT, "a datagram sent with commit")
         finally:
             await peer.stopListening()
         sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
