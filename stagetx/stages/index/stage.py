@@ -120,6 +120,13 @@ def check_settings(settings: Any, path: str, base_dir: str) -> None:
         raise SettingsError(f"{where}: {unusable}")
 
 
+def held_paths(settings: Any, base_dir: str) -> tuple[str, ...]:
+    """The registry's ``holds``: an embedded index's directory, which one process at a time uses
+    (its ``LOCK``); nothing for boards on Redis."""
+    parsed = parse_settings(settings, lambda name: os.path.join(base_dir, name))
+    return (os.path.realpath(parsed.directory),) if isinstance(parsed, IndexSettings) else ()
+
+
 class Stage:
     """An index stage: ``"=index+rank": "score/"``.
 
