@@ -711,16 +711,32 @@ class _Definitions:
             raise ConfigError("#startup: expected a non-empty list of process lists")
         groups: list[tuple[StageConfig, ...]] = []
         instance = 0
+        held: dict[str, tuple[str, str]] = {}  # path a stage uses alone -> (its stage, where listed)
         for group, entries in enumerate(value):
             where = f"#startup[{group}]"
             if not isinstance(entries, list) or not entries:
                 raise ConfigError(f"{where}: expected a non-empty list of stage names")
             stages = []
             for index, entry in enumerate(entries):
-                stages.append(self._stage(entry, f"{where}[{index}]", group, instance))
+                stage = self._stage(entry, f"{where}[{index}]", group, instance)
+                self._hold(stage, f"{where}[{index}]", held)
+                stages.append(stage)
                 instance += 1
             groups.append(tuple(stages))
         return tuple(groups)
+
+    def _hold(self, stage: StageConfig, path: str, held: dict[str, tuple[str, str]]) -> None:
+        """Refuse a second stage, or a second process of one stage, on a path one process at a
+        time uses (an index directory): it could never start, or would answer from nothing."""
+        holds = None if stage.type in LUA_TYPES else getattr(stage_type(stage.type), "holds", None)
+        if holds is None:  # Lua stages hold nothing; another package's type may not say
+            return
+        for used in holds(stage.settings, self._base_dir):
+            if used in held:
+                other, where = held[used]
+                problem = f"{used} is used by one process at a time, as {other} at {where}"
+                raise ConfigError(f"{path}: {stage.name}: {problem}")
+            held[used] = (stage.name, path)
 
     def _check_definition(self, name: str, key: str, value: Any) -> None:
         type_name, stage_id = parse_stage_name(name, key)

@@ -39,8 +39,9 @@ class IStageType(Interface):
 @implementer(IPlugin, IStageType)
 @attrs.frozen
 class StageType:
-    """A stage type whose code is module ``module``: its ``Stage(context, config)`` class, and an
-    optional ``check_settings(settings, path, base_dir)`` raising ``SettingsError``."""
+    """A stage type whose code is module ``module``: its ``Stage(context, config)`` class, an
+    optional ``check_settings(settings, path, base_dir)`` raising ``SettingsError``, and an
+    optional ``held_paths(settings, base_dir)`` (see ``holds``)."""
 
     name: str
     module: str
@@ -49,6 +50,12 @@ class StageType:
         check = getattr(importlib.import_module(self.module), "check_settings", None)
         if check is not None:
             check(settings, path, base_dir)
+
+    def holds(self, settings: Any, base_dir: str) -> tuple[str, ...]:
+        """The paths a stage with these (checked) settings uses alone, one process at a time (an
+        index directory): the configuration gives each to one stage in one process."""
+        held = getattr(importlib.import_module(self.module), "held_paths", None)
+        return () if held is None else tuple(held(settings, base_dir))
 
     def stage(self, context: Any, config: Any) -> Any:
         return importlib.import_module(self.module).Stage(context, config)

@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -263,6 +264,13 @@ def _logged(server: ServerProcess, text: str) -> bool:
     return any(text in line for line in list(server.lines))
 
 
+def _rewritten(server: ServerProcess) -> bool:
+    """The index logged that its log was gone and started a new one, then a compaction after that."""
+    lines = list(server.lines)
+    moved = next((i for i, line in enumerate(lines) if "is no longer there; started" in line), None)
+    return moved is not None and any(": compacted, snapshot " in line for line in lines[moved:])
+
+
 def _server_app(tmp_path: Path) -> Path:
     """A server with the index stage in process 1 and the CLIENT script in process 2."""
     (tmp_path / "client.lua").write_text(CLIENT)
@@ -277,9 +285,12 @@ def _server_app(tmp_path: Path) -> Path:
     return path
 
 
-def _kill_restart_and_check(server: ServerProcess, directory: Path) -> tuple[list[int], list[int]]:
+def _kill_restart_and_check(
+    server: ServerProcess, directory: Path, writes_failed: bool = True
+) -> tuple[list[int], list[int]]:
     """More acks, ``kill -9`` of the index process, acks after its restart; then stop the server
-    and check the directory: every ack there, no failed set there nor ever seen by the client."""
+    and check the directory: every ack there, no failed set there nor ever seen by the client.
+    ``writes_failed``: log writes failed on the way (logged at a bounded rate), else none did."""
     try:
         acked = len(_numbers(server, "ACKS"))
         server.wait_for(lambda: len(_numbers(server, "ACKS")) >= acked + 3000, 60, "acks after the disk was freed")
@@ -294,7 +305,10 @@ def _kill_restart_and_check(server: ServerProcess, directory: Path) -> tuple[lis
     assert not set(acks) & set(fails)
     assert _check(str(directory), acks, fails, last_on_top=False) >= len(acks)
     write_errors = [line for line in server.lines if "log write failed" in line]
-    assert 1 <= len(write_errors) < len(fails) // 10, "log write failures are logged at a bounded rate"
+    if writes_failed:
+        assert 1 <= len(write_errors) < len(fails) // 10, "log write failures are logged at a bounded rate"
+    else:
+        assert not fails and not write_errors
     return acks, fails
 
 
@@ -356,3 +370,25 @@ def test_a_server_loses_no_acknowledged_set_to_a_full_disk_during_a_compaction(t
             assert [f for f in os.listdir(directory) if f.endswith(".snap")]
         finally:
             store.close()
+
+
+@pytest.mark.parametrize("how", ["removed", "renamed"])
+def test_a_server_loses_no_acknowledged_set_when_its_index_directory_is_removed_or_renamed(tmp_path, how) -> None:
+    """The directory taken away under a running load (``rm -r``, or ``mv`` elsewhere): the sets
+    acknowledged afterwards, and those from before it, are in the directory a restart reads."""
+    path = _server_app(tmp_path)
+    directory = tmp_path / "scores"
+    server = ServerProcess(path)
+    try:
+        server.wait_for(lambda: len(_numbers(server, "ACKS")) >= 3000, 60, "acks before the directory goes")
+        if how == "removed":
+            # the stage may make the directory again while rm -r empties it (rmdir then fails):
+            # either way its log is gone from under it
+            shutil.rmtree(directory, ignore_errors=True)
+        else:
+            directory.rename(tmp_path / "scores.old")
+        server.wait_for(lambda: _rewritten(server), 30, "the new log started, then every index written to it")
+    except BaseException:
+        server.stop()
+        raise
+    _kill_restart_and_check(server, directory, writes_failed=False)

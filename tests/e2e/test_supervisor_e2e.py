@@ -197,6 +197,12 @@ def test_twistd_runs_restarts_and_stops_its_children(app_dir: Path) -> None:
             {"#startup": [["=curl+web"]], "=curl+web": {"ca-file": "missing.pem"}},
             "stage: =curl+web.ca-file: cannot read APP/missing.pem: No such file or directory",
         ),
+        # once answered every other read from an empty index (the replica that could not lock it)
+        (
+            {"#startup": [["=index+rank"], ["=index+rank"]], "=index+rank": "scores"},
+            "stage: #startup[1][0]: =index+rank: APP/scores is used by one process at a time,"
+            " as =index+rank at #startup[0][0]",
+        ),
     ],
 )
 @pytest.mark.parametrize("check", [False, True], ids=["start-up", "--check"])

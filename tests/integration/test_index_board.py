@@ -3,6 +3,7 @@ Redis (a real redis-server, on the real reactor). The pure structures are tests/
 
 from __future__ import annotations
 
+import math
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -130,6 +131,15 @@ async def test_tiers_are_independent_and_unscored_members_are_not_ranked(run) ->
     assert got[b"a"] == {"I": {2: {"i": 1, "d": 2}}}
     assert got[b"b"] == {"I": {2: {"i": 3, "d": 1}, 3: {"i": 7, "d": 1}}}
     assert (await run({b"forEach:b/1": [1, 5]}))[b"forEach:b/1"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_set_whose_score_widens_the_tier_replies_the_ranks(run) -> None:
+    # a score no dense key holds (inf, 1e300) makes the embedded board widen the tier mid-set
+    (await _set(run, "b", a=1))
+    reply = await run({b"set:b": {b"top": {b"i": math.inf}, b"mid": {b"i": 2}}})
+    assert reply == {b"set:b": {b"top": 1, b"mid": 2}}
+    assert (await run({b"set:c/2": {b"m": {b"I": {2: 1e300}}}})) == {b"set:c/2": {b"m": 1}}
 
 
 @pytest_twisted.ensureDeferred

@@ -565,7 +565,31 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
         {"#startup": [["=ticket+t"]], "=ticket+t": [1, {}, float("nan")]},
         "=ticket+t: hold_ms must be a positive number up to 31536000000, not nan",
     ),
+    # an index directory is used by one process at a time: a second one could never start
+    (
+        {"#startup": [["=index+a", "=index+b"]], "=index+a": "scores", "=index+b": {"dir": "./scores/"}},
+        "#startup[0][1]: =index+b: APP/scores is used by one process at a time, as =index+a at #startup[0][0]",
+    ),
+    (
+        {"#startup": [["=index+rank"], ["=route+r", "=index+rank"]], "=index+rank": "scores"},
+        "#startup[1][1]: =index+rank: APP/scores is used by one process at a time, as =index+rank at #startup[0][0]",
+    ),
 ]
+
+
+def test_index_stages_on_different_directories_or_on_redis_may_share_a_process(app_dir: Path) -> None:
+    (app_dir / "elsewhere").symlink_to(app_dir / "scores")
+    raw = {
+        "#startup": [["=index+a", "=index+b", "=index+c", "=index+d"]],
+        "=index+a": "scores",
+        "=index+b": "other",
+        "=index+c": {"redis": "redis://127.0.0.1:6379/0"},
+        "=index+d": {"redis": "redis://127.0.0.1:6379/0"},
+    }
+    assert len(parse(raw, app_dir).stages) == 4
+    with pytest.raises(ConfigError) as caught:
+        parse({**raw, "=index+b": "elsewhere"}, app_dir)  # the same directory by another name
+    assert str(caught.value).startswith("#startup[0][1]: =index+b: ") and "as =index+a at" in str(caught.value)
 
 
 @pytest.mark.parametrize(("raw", "message"), BROKEN, ids=[m.split(":")[0] for _, m in BROKEN])

@@ -167,3 +167,29 @@ def test_the_admin_index_command_says_still_loading_instead_of_reading_a_half_bu
     control.command("index", ["rank"]).addBoth(answers.append)
     assert answers[1] == (True, "", {"b": [MEMBERS, 0, 0, 0]})
     stage.stop()
+
+
+def test_a_directory_another_process_holds_fails_the_stage_until_it_is_free(context) -> None:
+    _filled(context.base_dir)
+    holder = IndexStore(os.path.join(context.base_dir, "scores"))
+    holder.open()  # the process of a server still stopping, say
+    stage = Stage(context, FakeStageConfig("scores"))
+    stage.start()
+    stage.receive(_message({"get:b": ["m1"], "total:b": 0}))  # reads alone: no write fails them
+    stage.turn_ended()
+    assert stage.failure is not None and "in use by another process" in stage.failure
+    assert _answers(context) == [{"error": stage.failure}], "answered with why, not from an empty index"
+    context.clock.advance(index_stage.LOCK_RETRY)
+    context.clock.advance(index_stage.LOCK_RETRY)
+    assert not stage.loaded and context.errors == [stage.failure], "counted once, not per try"
+    holder.close()
+    context.clock.advance(index_stage.LOCK_RETRY)
+    for _ in range(1000):  # the load's steps (one per turn here)
+        if stage.loaded:
+            break
+        context.clock.advance(0)
+    assert stage.loaded and stage.failure is None
+    stage.receive(_message({"total:b": 0}))
+    stage.turn_ended()
+    assert _answers(context)[-1] == {b"total:b": MEMBERS}
+    stage.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 
 import pytest
@@ -389,3 +390,51 @@ def test_damage_followed_by_records_keeps_a_copy_of_the_whole_segment(tmp_path) 
     store.close()
     assert open(path + ".damaged", "rb").read() == bytes(data)  # nothing the damage hid is gone
     assert [e for e in capture.events if e["log_level"].name == "error" and "damaged record" in e["log_format"]]
+
+
+@pytest.mark.parametrize("how", ["removed", "renamed"])
+def test_a_directory_taken_away_is_made_anew_and_gets_every_board_again(tmp_path, how) -> None:
+    directory = str(tmp_path / "scores")
+    store, executor = _open(directory, chunk=10)
+    _apply(store, executor, {b"set:b": {b"m%d" % i: {b"v": b"v%d" % i, b"I": {1: i % 7, 3: -i}} for i in range(100)}})
+    _apply(store, executor, {b"set:b": {b"m5": {b"i": 3}}, b"del:b": [b"m9"], b"set:c": {b"x": {b"i": 1.5}}})
+    old_compaction = store.compaction()
+    next(old_compaction)  # under way when the directory goes
+    if how == "removed":
+        shutil.rmtree(directory)
+    else:
+        os.rename(directory, str(tmp_path / "scores.old"))
+    assert _apply(store, executor, {b"set:b": {b"late": {b"i": 3}, b"m1": {b"v": b"new"}}})[b"set:b"][b"late"] > 0
+    # a crash now: the new directory holds what was acknowledged since, whole
+    crashed = str(tmp_path / "crashed")
+    shutil.copytree(directory, crashed, ignore=shutil.ignore_patterns("LOCK"))
+    early, _ = _open(crashed)
+    assert _state(early)[b"b"].keys() == {b"late", b"m1"}
+    assert early.boards[b"b"].state(b"m1") == store.boards[b"b"].state(b"m1")
+    early.close()
+    with pytest.raises(OSError):
+        for _ in old_compaction:  # its file went with the old directory
+            pass
+    assert store.wants_compaction(), "only a snapshot holds every board again"
+    for _ in store.compaction():
+        _apply(store, executor, {b"set:b": {b"m2": {b"i": 6}}})
+    assert not store.wants_compaction()
+    _assert_reopens_as_it_was(directory, store)
+
+
+def test_a_directory_made_anew_by_another_process_refuses_the_writes_until_it_is_free(tmp_path) -> None:
+    directory = str(tmp_path / "scores")
+    store, executor = _open(directory)
+    _apply(store, executor, {b"set:b": {b"m": {b"i": 1}}})
+    shutil.rmtree(directory)
+    other = IndexStore(directory)
+    other.open()
+    executor.run({b"set:b": {b"n": {b"i": 2}}})
+    with pytest.raises(RuntimeError, match="in use"):
+        store.commit()
+    assert b"n" not in store.boards[b"b"], "what was not written is not visible"
+    other.close()
+    _apply(store, executor, {b"set:b": {b"n": {b"i": 2}}})
+    for _ in store.compaction():
+        pass
+    _assert_reopens_as_it_was(directory, store)

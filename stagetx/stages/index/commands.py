@@ -255,12 +255,12 @@ class Executor:
         board = self.boards.board(command.name, True)
         assert board is not None
         reply: dict[bytes, int] = {}
-        tier = board.tier(command.tier)
         for member, scores, value, has_value in updates:
             self.boards.changing(command.name, board, member)
             changed = board.set(member, scores, value, has_value)
             self.boards.changed(command.name, board, member)
-            reply[member] = tier.rank(member) if command.tier in changed else 0  # type: ignore[assignment]
+            # the tier as it is now: a score a dense tier cannot hold (inf, 1e300) replaced it
+            reply[member] = board.tier(command.tier).rank(member) if command.tier in changed else 0  # type: ignore[assignment]
         return reply
 
     def _set_one(self, command: Command, argument: dict[Any, Any]) -> dict[bytes, int] | None:

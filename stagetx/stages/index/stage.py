@@ -5,7 +5,8 @@ one reply, with the turn's log write made before its replies, the fsync policy, 
 compaction. Storage failures (a full disk) are counted as stage errors, logged at a bounded
 rate, and a failed compaction is retried after a back-off. The start loads the indexes in steps
 between reactor turns; requests that arrive meanwhile wait in a bounded queue and run once the
-load is complete.
+load is complete. A directory that cannot be locked leaves the stage failed (requests answered
+with the reason) while it tries again every ``LOCK_RETRY`` seconds.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ LOAD_SLICE = 0.01
 LOAD_QUEUE = 10_000
 #: Queued requests run per log write once the load is complete (as the router's drain chunks).
 LOAD_DRAIN_CHUNK = 64
+#: Seconds between tries to lock a directory another process holds or that cannot be opened: the
+#: process of a server that is still stopping may hold it for a moment, a disk may come back.
+LOCK_RETRY = 1.0
 
 
 @attrs.frozen
@@ -116,6 +120,13 @@ def check_settings(settings: Any, path: str, base_dir: str) -> None:
         raise SettingsError(f"{where}: {unusable}")
 
 
+def held_paths(settings: Any, base_dir: str) -> tuple[str, ...]:
+    """The registry's ``holds``: an embedded index's directory, which one process at a time uses
+    (its ``LOCK``); nothing for boards on Redis."""
+    parsed = parse_settings(settings, lambda name: os.path.join(base_dir, name))
+    return (os.path.realpath(parsed.directory),) if isinstance(parsed, IndexSettings) else ()
+
+
 class Stage:
     """An index stage: ``"=index+rank": "score/"``.
 
@@ -166,9 +177,33 @@ class Stage:
         return self._waiting is None and self.failure is None and self._loading is None and not self._stopped
 
     def start(self) -> None:
-        """Lock the directory (raising if another process holds it), then load the indexes in steps
-        between reactor turns; ``_loaded`` serves what waited."""
-        self._loading = self.store.opening()
+        """Lock the directory, then load the indexes in steps between reactor turns; ``_loaded``
+        serves what waited."""
+        self._lock()
+
+    def _lock(self) -> None:
+        """Lock the directory and start the load; while another process holds the directory (or it
+        cannot be opened) the stage is failed with the reason, counted and logged once, and tries
+        again every ``LOCK_RETRY`` seconds: a start that gave up would leave it failed for good."""
+        self._load_step = None
+        try:
+            self._loading = self.store.opening()
+        except (RuntimeError, OSError) as error:
+            failure = f"index directory unavailable: {error}"
+            if failure != self.failure:
+                self.failure = failure
+                self.context.count_error(failure)
+                self.context.log.error(
+                    "index {stage}: {failure}; trying again every {delay} s",
+                    stage=self.context.name,
+                    failure=failure,
+                    delay=LOCK_RETRY,
+                )
+            self._load_step = self.context.clock.callLater(LOCK_RETRY, self._lock)
+            return
+        if self.failure is not None:
+            self.failure = None
+            self.context.log.info("index {stage}: directory locked", stage=self.context.name)
         self._waiting = []
         self._load_started = self.context.clock.seconds()
         self._load_step = self.context.clock.callLater(0, self._load_next)

@@ -26,6 +26,10 @@ changes; and nothing is ever appended after one: a failed or short write is cut 
 once (``LogSegment.append``), and when even that fails the segment is sealed and the next
 commit starts a new one. A commit that fails also undoes its changes in memory, so what a
 failed write held is neither acknowledged nor visible (docs/reliability.md, "Crash consistency").
+A commit first checks that its segment is still the file at its path (``LogSegment.in_place``):
+when the directory was removed or renamed, writes would go where no start reads them, so the
+store locks the directory anew at its path, starts a segment there and writes every board to it
+by the next compaction (``IndexStore._rehome``).
 """
 
 from __future__ import annotations
@@ -128,8 +132,19 @@ class LogSegment:
     def __init__(self, path: str) -> None:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self.size = os.fstat(self.fd).st_size
+        found = os.fstat(self.fd)
+        self.size = found.st_size
+        self._identity = (found.st_dev, found.st_ino)
         self.torn = False
+
+    def in_place(self) -> bool:
+        """True while ``path`` still names this file. A directory removed (``rm -r``) or renamed
+        under the running stage leaves the open file writable, but no start would read it."""
+        try:
+            found = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return (found.st_dev, found.st_ino) == self._identity
 
     def write(self, data: bytes | memoryview) -> int:
         """One ``write()`` call; returns how many bytes it took (tests override it to inject faults)."""
@@ -200,6 +215,7 @@ class IndexStore:
         self._undo: list[tuple[bytes, bytes, tuple[Any, ...]]] = []
         self._segment = 0
         self._unsnapshotted = 0  # a segment started by a compaction that failed (0: none)
+        self._rehomed = False  # the directory was made anew: only a snapshot holds every board again
         self._log: LogSegment | None = None
         self._lock_fd = -1
 
@@ -249,7 +265,7 @@ class IndexStore:
             data = frame(_pack(self._pending))
             self._pending.clear()
             log = self._log
-            if log is None or log.torn:
+            if log is None or log.torn or not log.in_place():
                 log = self._writable()
             log.append(data, self.fsync)
         except BaseException:
@@ -261,14 +277,44 @@ class IndexStore:
             self.dirty = True
 
     def _writable(self) -> LogSegment:
-        """The segment to append to: a new one when the current one is torn (sealed for good)."""
+        """The segment to append to: a new one when the current one is torn (sealed for good), or
+        in the directory made anew when the current one is no longer at its path."""
         assert self._log is not None, "the store is not open"
+        if not self._log.in_place():
+            return self._rehome()
         if self._log.torn:
             with contextlib.suppress(OSError):
                 self._log.sync()  # its whole frames, for the interval fsync policy
             _log.warn("index log {path}: sealed after a write that could not be cut off", path=self._log.path)
             self._log = self._open_segment(self._segment + 1)
         return self._log
+
+    def _rehome(self) -> LogSegment:
+        """The log is no longer where a start reads it (its directory was removed or renamed):
+        lock the directory anew at its path and start a segment there, numbered after any file it
+        holds, so it replays last. Only the boards in memory hold everything now, so the next
+        compaction is due at once (``wants_compaction``) and writes them all to it."""
+        assert self._log is not None, "the store is not open"
+        if self._lock_fd >= 0:  # first: a lock taken by a try that failed later would refuse this one
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = -1
+        self._lock()
+        snaps, logs = self._numbers()
+        gone = self._log.path
+        log = self._open_segment(max([self._segment, *snaps, *logs]) + 1)
+        # once per move (a failed try is the commit's error, which the stage logs at a bounded rate)
+        _log.error(
+            "index directory {directory}: the log {gone} is no longer there; started {path} and"
+            " writing every index there again",
+            directory=self.directory,
+            gone=gone,
+            path=log.path,
+        )
+        self._rehomed = True
+        self._unsnapshotted = 0
+        self.log_bytes = self.snapshot_bytes = 0
+        return log
 
     def _roll_back(self) -> None:
         """Put back the old state of every member changed since the last commit, newest first."""
@@ -330,12 +376,17 @@ class IndexStore:
         self._log = self._open_segment(replay[-1] if replay else max(base, 1))
 
     def _scan(self) -> tuple[list[int], list[int]]:
-        snaps: list[int] = []
-        logs: list[int] = []
+        """``_numbers``, after removing what interrupted snapshots left (``N.snap.tmp``)."""
         for entry in os.listdir(self.directory):
             if entry.endswith(".tmp"):
                 os.remove(self._path(entry))
-                continue
+        return self._numbers()
+
+    def _numbers(self) -> tuple[list[int], list[int]]:
+        """The numbers of the snapshots and of the log segments in the directory, ascending."""
+        snaps: list[int] = []
+        logs: list[int] = []
+        for entry in os.listdir(self.directory):
             match = _NAME.match(entry)
             if match:
                 (snaps if match.group(2) == "snap" else logs).append(int(match.group(1)))
@@ -427,8 +478,11 @@ class IndexStore:
     # -- compaction ------------------------------------------------------------------------
 
     def wants_compaction(self) -> bool:
-        """True when the logs outgrew the live data (so files stay proportional to it)."""
-        return not self.compacting and self.log_bytes > max(self.compact_min_bytes, COMPACT_RATIO * self.snapshot_bytes)
+        """True when the logs outgrew the live data (so files stay proportional to it), or the
+        directory was made anew and holds only what was logged since (``_rehome``)."""
+        return not self.compacting and (
+            self._rehomed or self.log_bytes > max(self.compact_min_bytes, COMPACT_RATIO * self.snapshot_bytes)
+        )
 
     def compaction(self) -> Generator[None, None, None]:
         """Rotate the log now; return the steps that write the snapshot, one chunk per step.
@@ -474,6 +528,7 @@ class IndexStore:
             _fsync_dir(self.directory)
             done = True
             self._unsnapshotted = 0
+            self._rehomed = False
             self._remove_before(number)
             self.snapshot_bytes = os.path.getsize(self._file(number, "snap"))
             self.log_bytes = sum(os.path.getsize(self._file(n, "log")) for n in self._scan()[1] if n >= number)
