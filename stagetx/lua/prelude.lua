@@ -171,6 +171,31 @@ do
     if close then coroutine.close = function(...) return rethrow(close(...)) end end
 end
 
+-- Scripts load text only: Lua does not verify bytecode, so a damaged or crafted binary chunk (in a
+-- string a client sent, a file) runs off the interpreter's rails and kills the process with every
+-- stage in it. Functions still move between runtimes as bytecode, through stagetx's own loader.
+do
+    local load_, loadfile_ = load, loadfile
+    _G.load = function(chunk, name, mode, ...) return load_(chunk, name, "t", ...) end
+    _G.loadfile = function(file, mode, ...) return loadfile_(file, "t", ...) end
+    _G.dofile = function(file)
+        local f, err = loadfile_(file, "t")
+        if not f then error(err, 0) end
+        return f()
+    end
+    local searchers = package and (package.searchers or package.loaders)  -- LuaJIT: loaders
+    if searchers then  -- require's Lua file searcher, which loads binary chunks too
+        local searchpath, format = package.searchpath, string.format
+        searchers[2] = function(name)
+            local path, err = searchpath(name, package.path)
+            if not path then return err end
+            local f, why = loadfile_(path, "t")
+            if not f then error(format("error loading module '%s' from file '%s':\n\t%s", name, path, why), 0) end
+            return f, path
+        end
+    end
+end
+
 -- Lua runs finalizers (__gc) with hooks switched off, where %budget cannot interrupt them. So a
 -- metatable given to setmetatable gets its __gc replaced by one that only queues the object; the
 -- queue runs as part of the callback (`leave`), under the budget, one finalizer at a time.

@@ -237,3 +237,54 @@ def test_a_frame_or_message_bigger_than_memory_fails_in_the_stage_not_the_proces
         assert packet(small_port, b"again") == b"ok 5"
         assert group_pids(server)[0] == pid and alive(pid)
         assert not [line for line in server.lines if "PANIC" in line or "SIGABRT" in line]
+
+
+# Stage "loader" runs what its clients send (a console, a rules engine); stage "other" shares its
+# process. Lua runs bytecode unverified: a damaged chunk reads and writes past its arrays.
+LOADER = """
+broker.ready("tcp://127.0.0.1:{port}?packet", function()
+    return function(s, data)
+        local f, err = load(data, "=client")
+        if not f then return "refused: " .. err end
+        return "ran: " .. tostring(select(2, pcall(f)))
+    end
+end)
+log4cxx.info("ready")
+"""
+
+
+def damaged_chunks(count: int) -> list[bytes]:
+    """Lua 5.4 binary chunks of one small function, each with three bytes of its body changed."""
+    import random
+
+    import lupa.lua54
+
+    dump = lupa.lua54.LuaRuntime(encoding=None).eval(
+        'string.dump(function(a) local t = {a, 1, 2, "x"} for i = 1, 3 do t[i] = t[i] end return t[1], #t end)'
+    )
+    rng = random.Random(5)
+    chunks = []
+    for _ in range(count):
+        chunk = bytearray(dump)
+        for _ in range(3):
+            chunk[rng.randrange(40, len(chunk))] = rng.randrange(256)
+        chunks.append(bytes(chunk))
+    return chunks
+
+
+def test_a_client_sending_bytecode_to_load_cannot_crash_the_process(tmp_path: Path) -> None:
+    loader_port, other_port = free_port(), free_port()
+    config = {
+        "#startup": [["=lua+loader", "=lua+other"]],
+        "=lua": {**LUA_APP, "=lua+loader": "loader", "=lua+other": "other"},
+    }
+    scripts = {"loader": LOADER.format(port=loader_port), "other": OTHER.format(port=other_port)}
+    path = write_app(tmp_path, config, scripts)
+    with ServerProcess(path) as server:
+        server.wait_for(lambda: server.logged("loader", "ready") and server.logged("other", "ready"), 30, "the stages")
+        pid = group_pids(server)[0]
+        assert packet(loader_port, b"return 6 * 7") == b"ran: 42"
+        for chunk in damaged_chunks(100):
+            assert packet(loader_port, chunk) == b"refused: attempt to load a binary chunk (mode is 't')"
+        assert ask(other_port, "ping") == "pong"
+        assert group_pids(server)[0] == pid and alive(pid)
