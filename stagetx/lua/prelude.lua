@@ -171,6 +171,13 @@ do
     if close then coroutine.close = function(...) return rethrow(close(...)) end end
 end
 
+-- The budget hook is the stage's: a script's debug.sethook (a profiler's, a debugger's, or a bare
+-- debug.sethook() clearing the hooks) would take it away, and a loop after it would hold the
+-- process's thread for ever, whatever the budget. Scripts may read hooks, not set them.
+debug.sethook = function()
+    error("debug.sethook: the hooks belong to the stage (its %budget); scripts cannot set them", 2)
+end
+
 -- Scripts load text only: Lua does not verify bytecode, so a damaged or crafted binary chunk (in a
 -- string a client sent, a file) runs off the interpreter's rails and kills the process with every
 -- stage in it. Functions still move between runtimes as bytecode, through stagetx's own loader.
@@ -1006,4 +1013,5 @@ function core.chunk(text, name)
 end
 
 core.null = null
+core.sethook = sethook  -- the real one, for the sandboxes' interrupt hook (stagetx.lua.sandbox)
 return core

@@ -99,6 +99,29 @@ def test_a_callback_cannot_catch_its_budget(loop: str) -> None:
     assert run(vm, "function() return pcall(error, 'mine') end") == (True, False, b"mine")
 
 
+# Loops that run 5 s unless interrupted, after a script tried to clear the hooks.
+UNHOOKED_LOOPS = {
+    "main thread": "function() pcall(debug.sethook) local t = os.clock() + 5 while os.clock() < t do end end",
+    "coroutine": """function()
+        coroutine.wrap(function() pcall(debug.sethook) local t = os.clock() + 5 while os.clock() < t do end end)()
+    end""",
+}
+
+
+@pytest.mark.parametrize("loop", sorted(UNHOOKED_LOOPS))
+def test_scripts_cannot_take_the_budget_hook_away(loop: str) -> None:
+    """A bare ``debug.sethook()`` cleared the budget hook: any loop after it held the thread for
+    ever. Scripts may read the hooks, not set them (LuaJIT too, whose compiled loops the hook
+    does not reach anyway)."""
+    for kind in ("lua", "luajit"):
+        ok, error = run(make_vm(kind)[0], "function() debug.sethook() end")
+        assert ok is False and b"debug.sethook: the hooks belong to the stage (its %budget)" in error
+    vm, _ = make_vm(budget_ms=100)
+    ok, error = run(vm, UNHOOKED_LOOPS[loop])
+    assert ok is False and b"budget of 100 ms exceeded" in error
+    assert run(vm, "function(x) return x + 1 end", 41) == (True, 42)
+
+
 def test_finalizers_run_in_callbacks_under_the_budget() -> None:
     """Lua runs ``__gc`` with hooks off; the prelude queues the object and runs the finalizer at
     the end of the callback, where the budget interrupts a slow one."""
