@@ -206,7 +206,10 @@ end
 -- Lua runs finalizers (__gc) with hooks switched off, where %budget cannot interrupt them. So a
 -- metatable given to setmetatable gets its __gc replaced by one that only queues the object; the
 -- queue runs as part of the callback (`leave`), under the budget, one finalizer at a time.
-local finalizing, nfinal = {}, 0  -- pairs: finalizer, object
+-- Pairs (finalizer, object) from `finalizing[fhead]` to `finalizing[ftail]`. The indices only grow
+-- (no reset to 1 that an interruption could leave half done): the queue is a table's hash part
+-- once its head has moved on, its size what waits.
+local finalizing, fhead, ftail = {}, 1, 0
 do
     local raw_setmetatable, rawget = setmetatable, rawget
     local deferring = raw_setmetatable({}, {__mode = "k"})  -- finalizer -> the wrapper queuing it
@@ -216,9 +219,10 @@ do
         if type(gc) == "function" and not wrappers[gc] then
             local w = deferring[gc]
             if w == nil then
-                w = function(o)
-                    finalizing[nfinal + 1], finalizing[nfinal + 2] = gc, o
-                    nfinal = nfinal + 2
+                w = function(o)  -- runs inside a collection, hooks off: never interrupted
+                    local n = ftail
+                    finalizing[n + 1], finalizing[n + 2] = gc, o
+                    ftail = n + 2
                 end
                 deferring[gc], wrappers[w] = w, true
             end
@@ -387,26 +391,21 @@ local function drain()
     _WAITFOR = saved
 end
 
--- Runs queued finalizers until the queue is empty or the budget expired (then a later turn goes on).
+-- Runs queued finalizers until the queue is empty or the budget expired (then a later turn goes
+-- on). The budget may stop it at any instruction, also outside a finalizer: the queue is kept
+-- whole at each (a pair cleared but not yet passed is skipped the next time).
 local function finalize()
-    local i = 1
-    while i < nfinal and not expired do
+    while fhead < ftail and not expired do
+        local i = fhead
         local f, o = finalizing[i], finalizing[i + 1]
         finalizing[i], finalizing[i + 1] = nil, nil
-        i = i + 2
-        local ok, err = xpcall(f, on_error, o)
-        if not ok then report("finalizer", "", err) end
+        fhead = i + 2
+        if f ~= nil then
+            local ok, err = xpcall(f, on_error, o)
+            if not ok then report("finalizer", "", err) end
+        end
     end
-    if i > nfinal then
-        nfinal = 0
-        return
-    end
-    if i > 1 then
-        local n = nfinal - i + 1
-        for j = 1, n do finalizing[j], finalizing[i + j - 1] = finalizing[i + j - 1], nil end
-        nfinal = n
-    end
-    schedule_drain()
+    if fhead < ftail then schedule_drain() end
 end
 
 -- Every entry from Python: arms the budget, runs `f`, and drains local messages at the outermost
@@ -430,10 +429,8 @@ end
 local function leave(d, ...)
     if depth == 1 then
         deadline = huge
-        if expired then
-            if qhead <= qtail or nfinal > 0 then schedule_drain() end
-        else
-            if nfinal > 0 then
+        if not expired then
+            if fhead < ftail then
                 local ok, err = xpcall(under, deadline_error, d, finalize)
                 if not ok then report("finalizer", "", err) end
             end
@@ -442,6 +439,8 @@ local function leave(d, ...)
                 if not ok then report("drain", "", err) end
             end
         end
+        -- what the budget left (also when it stopped the two above outside their own loops)
+        if expired and (qhead <= qtail or fhead < ftail) then schedule_drain() end
         expired = false
     end
     depth = depth - 1
@@ -923,7 +922,7 @@ local function run_after()
     if expired then
         schedule_drain()
     else
-        if nfinal > 0 then finalize() end
+        if fhead < ftail then finalize() end
         if qhead <= qtail and not expired then drain() end
     end
 end
@@ -945,7 +944,7 @@ local function read_run()
         expired = false
         deadline = r_t + budget
         run_dispatch(msgid, sender, reply, body, first, last)
-        if qhead <= qtail or nfinal > 0 then run_after() end
+        if qhead <= qtail or fhead < ftail then run_after() end
         deadline = huge
         local t = now()  -- run_counted, inlined for the common case
         local e = t - r_t

@@ -143,6 +143,25 @@ def test_finalizers_run_in_callbacks_under_the_budget() -> None:
     assert run(vm, "function() return finalized[1] end") == (True, b"quick")
 
 
+def test_finalizers_interrupted_anywhere_keep_their_queue() -> None:
+    """The budget may stop the finalizer queue between two finalizers as well as inside one: the
+    queue went on from its start then, calling the finalizers already run (``attempt to call a nil
+    value``, once per slot, every callback after) and never reaching the rest. Now each
+    interruption costs at most the finalizer it stopped; later turns run the others."""
+    vm, reports = make_vm(budget_ms=50)
+    run(vm, "function() done, keep = 0, {} mt = {__gc = function() done = done + 1 for j = 1, 100 do end end} end")
+    for _ in range(30):  # 300,000 objects to finalize, a few µs each: many budgets' worth
+        assert run(vm, "function() for i = 1, 10000 do keep[#keep + 1] = setmetatable({}, mt) end end") == (True,)
+    run(vm, "function() keep = nil collectgarbage() end")
+    for _ in range(200):  # each drain: a turn of its own for what waits
+        if run(vm, "function() return done end") == (True, 300000):
+            break
+        vm.drain()
+    ok, done = run(vm, "function() return done end")
+    assert reports and all(b"budget of 50 ms exceeded" in report[-1] for report in reports)
+    assert 300000 - len(reports) <= done <= 300000
+
+
 def test_patterns_too_complex_for_their_subject_are_refused_at_the_scripts_line() -> None:
     """Pattern matching runs in C, out of the budget's reach: a call whose backtracking could hold
     the thread is refused (patterns.lua) before it starts; ordinary patterns are not."""
