@@ -302,8 +302,13 @@ local function call_handler(h, ...)
     return h[1](unpack(args, 1, nb + nd))
 end
 
+-- An error's text as reported: its first ERROR_TEXT_MAX bytes. A script may raise a whole payload
+-- (error(data), error(s .. huge)); each error would log all of it and keep it among the stage's
+-- last errors.
+local ERROR_TEXT_MAX = 4096
 local function on_error(e)
     if type(e) ~= "string" then e = tostring(e) end
+    if #e > ERROR_TEXT_MAX then e = sub(e, 1, ERROR_TEXT_MAX) .. "... (" .. #e .. " bytes in all)" end
     return traceback(e, 2)
 end
 

@@ -183,3 +183,16 @@ def test_patterns_too_complex_for_their_subject_are_refused_at_the_scripts_line(
     }
     for call, expected in ordinary.items():
         assert run(vm, f"function() return {call} end") == expected, call
+
+
+def test_an_error_is_reported_with_its_first_4096_bytes() -> None:
+    """A script may raise a whole payload: each such error logged megabytes and kept them among
+    the stage's last errors."""
+    vm, reports = make_vm()
+    ok, error = run(vm, "function() error(string.rep('x', 10000000)) end")
+    assert ok is False
+    text = reports[-1][-1]
+    assert text.startswith(b'[string "<python>"]:1: ' + b"x" * 100)
+    assert b"... (10000023 bytes in all)\nstack traceback:" in text and len(text) < 8192
+    ok, error = run(vm, "function() error({}) end")
+    assert ok is False and reports[-1][-1].startswith(b"table: 0x")
