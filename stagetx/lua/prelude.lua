@@ -426,9 +426,13 @@ local function under(d, f, ...)
     deadline = d
     return finish(f(...))
 end
+-- The error's text is made under the deadline still: an error value's __tostring is the script's
+-- code, and one that never returns must meet the budget too (the hook's error inside this handler
+-- calls it again with the budget's message, which ends the callback as any budget error does).
 local function deadline_error(e)
+    local text = on_error(e)
     deadline = huge
-    return on_error(e)
+    return text
 end
 
 local function leave(d, ...)

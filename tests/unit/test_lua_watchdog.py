@@ -196,3 +196,14 @@ def test_an_error_is_reported_with_its_first_4096_bytes() -> None:
     assert b"... (10000023 bytes in all)\nstack traceback:" in text and len(text) < 8192
     ok, error = run(vm, "function() error({}) end")
     assert ok is False and reports[-1][-1].startswith(b"table: 0x")
+
+
+def test_an_error_values_tostring_meets_the_budget() -> None:
+    """The error's text is made by its ``__tostring``, the script's code: made after the deadline
+    was lifted, one that never returned held the process's thread for ever."""
+    vm, reports = make_vm(budget_ms=100)
+    loop = "function() local t = os.clock() + 5 while os.clock() < t do end return 'late' end"  # 5 s unless stopped
+    ok, error = run(vm, f"function() error(setmetatable({{}}, {{__tostring = {loop}}})) end")
+    assert ok is False and b"budget of 100 ms exceeded" in error
+    assert b"budget of 100 ms exceeded" in reports[-1][-1]
+    assert run(vm, "function(x) return x + 1 end", 41) == (True, 42)
