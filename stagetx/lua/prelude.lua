@@ -178,6 +178,14 @@ debug.sethook = function()
     error("debug.sethook: the hooks belong to the stage (its %budget); scripts cannot set them", 2)
 end
 
+-- A stage shares its process with other stages, and the supervisor takes a process that ends with
+-- status 0 for one meant to end: a script's os.exit would stop them all, for good.
+if os and os.exit then
+    os.exit = function()
+        error("os.exit: a stage cannot end its process (other stages run in it); the admin's restart can", 2)
+    end
+end
+
 -- Scripts load text only: Lua does not verify bytecode, so a damaged or crafted binary chunk (in a
 -- string a client sent, a file) runs off the interpreter's rails and kills the process with every
 -- stage in it. Functions still move between runtimes as bytecode, through stagetx's own loader.
