@@ -166,7 +166,18 @@ do
         error(budget_message, 0)
     end
     _G.pcall = function(...) return rethrow(pcall_(...)) end
-    _G.xpcall = function(...) return rethrow(xpcall_(...)) end
+    -- A script's message handler is not given the budget's error: Lua runs the handler of an error
+    -- raised in a hook with hooks off, where a handler that loops would never be stopped.
+    _G.xpcall = function(f, handler, ...)
+        if type(handler) == "function" then
+            local h = handler
+            handler = function(e)
+                if expired then return e end
+                return h(e)
+            end
+        end
+        return rethrow(xpcall_(f, handler, ...))
+    end
     coroutine.resume = function(...) return rethrow(resume(...)) end
     if close then coroutine.close = function(...) return rethrow(close(...)) end end
 end

@@ -104,6 +104,7 @@ local commands = {{
     unhook = function() pcall(debug.sethook) while true do end end,  -- the hooks cannot be cleared
     unhook_coroutine = function() coroutine.wrap(function() pcall(debug.sethook) while true do end end)() end,
     tostring_loop = function() error(setmetatable({{}}, {{__tostring = function() while true do end end}})) end,
+    xpcall_handler = function() xpcall(error, function() while true do end end) end,
     finalizer = function()
         setmetatable({{}}, {{__gc = function() while true do end end}})
         return "armed"
@@ -150,7 +151,15 @@ def test_a_budget_pcall_cannot_catch_bounded_patterns_and_finalizers(tmp_path: P
             server.wait_for(lambda n=name: bool(server.logged(n, "ready")), 30, f"stage {name}")
         console = Console(admin_ports(server)["console"])
         try:
-            for command in ("pcall_loop", "retry", "pattern", "unhook", "unhook_coroutine", "tostring_loop"):
+            for command in (
+                "pcall_loop",
+                "retry",
+                "pattern",
+                "unhook",
+                "unhook_coroutine",
+                "tostring_loop",
+                "xpcall_handler",
+            ):
                 fire(port_a, command)
                 started = time.monotonic()
                 assert ask(port_b, "ping") == "pong"
