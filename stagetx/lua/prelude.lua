@@ -133,10 +133,11 @@ local budget_message = "budget of " .. cfg.budget .. " ms exceeded (%budget)"
 local hook_count = cfg.hook_count
 local watchdog = cfg.watchdog
 local expired = false  -- the running callback passed its budget: nothing in it may catch that
+local expiry = budget_message  -- the error that ended it (a sandbox's: its stage's stop, core.expire)
 local function budget_hook()
     if watchdog then sethook(budget_hook, "", hook_count) end
     if deadline ~= huge and now() > deadline then
-        expired = true
+        expired, expiry = true, budget_message
         error(budget_message, 2)
     end
 end
@@ -162,8 +163,8 @@ do
     local function rethrow(ok, ...)
         if ok or not expired then return ok, ... end
         local e = ...
-        if type(e) == "string" and find(e, budget_message, 1, true) then error(e, 0) end
-        error(budget_message, 0)
+        if type(e) == "string" and find(e, expiry, 1, true) then error(e, 0) end
+        error(expiry, 0)
     end
     _G.pcall = function(...) return rethrow(pcall_(...)) end
     -- A script's message handler is not given the budget's error: Lua runs the handler of an error
@@ -1041,4 +1042,9 @@ end
 
 core.null = null
 core.sethook = sethook  -- the real one, for the sandboxes' interrupt hook (stagetx.lua.sandbox)
+-- Ends the running callback as its budget would (what catches errors raises `message` again): a
+-- sandbox's interrupt hook calls it before it raises `message`.
+function core.expire(message)
+    expired, expiry = true, message
+end
 return core
