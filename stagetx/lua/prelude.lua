@@ -224,17 +224,18 @@ do
 end
 
 -- Lua runs finalizers (__gc) with hooks switched off, where %budget cannot interrupt them. So a
--- metatable given to setmetatable gets its __gc replaced by one that only queues the object; the
--- queue runs as part of the callback (`leave`), under the budget, one finalizer at a time.
+-- metatable given to setmetatable (or debug.setmetatable) gets its __gc replaced by one that only
+-- queues the object; the queue runs as part of the callback (`leave`), under the budget, one
+-- finalizer at a time.
 -- Pairs (finalizer, object) from `finalizing[fhead]` to `finalizing[ftail]`. The indices only grow
 -- (no reset to 1 that an interruption could leave half done): the queue is a table's hash part
 -- once its head has moved on, its size what waits.
 local finalizing, fhead, ftail = {}, 1, 0
 do
-    local raw_setmetatable, rawget = setmetatable, rawget
+    local raw_setmetatable, rawget, debug_setmetatable = setmetatable, rawget, debug.setmetatable
     local deferring = raw_setmetatable({}, {__mode = "k"})  -- finalizer -> the wrapper queuing it
     local wrappers = raw_setmetatable({}, {__mode = "k"})
-    _G.setmetatable = function(t, mt)
+    local function defer_gc(mt)
         local gc = type(mt) == "table" and rawget(mt, "__gc")
         if type(gc) == "function" and not wrappers[gc] then
             local w = deferring[gc]
@@ -248,7 +249,14 @@ do
             end
             rawset(mt, "__gc", w)
         end
+    end
+    _G.setmetatable = function(t, mt)
+        defer_gc(mt)
         return raw_setmetatable(t, mt)
+    end
+    debug.setmetatable = function(v, mt)
+        defer_gc(mt)
+        return debug_setmetatable(v, mt)
     end
 end
 

@@ -107,6 +107,7 @@ local commands = {{
     xpcall_handler = function() xpcall(error, function() while true do end end) end,
     finalizer = function()
         setmetatable({{}}, {{__gc = function() while true do end end}})
+        debug.setmetatable({{}}, {{__gc = function() while true do end end}})
         return "armed"
     end,
     fill = function()  -- up to 50,000 more of 4,000,000 numbers to sort, well within the budget

@@ -148,6 +148,20 @@ def test_finalizers_run_in_callbacks_under_the_budget() -> None:
     assert run(vm, "function() return finalized[1] end") == (True, b"quick")
 
 
+def test_a_finalizer_set_by_debug_setmetatable_runs_under_the_budget_too() -> None:
+    """debug.setmetatable kept the finalizer as given: Lua ran it in the collection, out of the
+    budget's reach (this one 30 s; one that never returns held the thread for ever)."""
+    vm, reports = make_vm(budget_ms=100)
+    started = time.monotonic()
+    slow = "function() local t = os.clock() + 30 while os.clock() < t do end end"
+    assert run(vm, f"function() debug.setmetatable({{}}, {{__gc = {slow}}}) collectgarbage() collectgarbage() end") == (
+        True,
+    )
+    assert time.monotonic() - started < 10.0  # interrupted, not after 30 s: slack for a busy machine
+    assert reports[-1][0] == b"finalizer" and b"budget of 100 ms exceeded" in reports[-1][-1]
+    assert run(vm, "function() return debug.setmetatable(1, nil), getmetatable(debug.setmetatable({}, {})) end")[0]
+
+
 def test_finalizers_interrupted_anywhere_keep_their_queue() -> None:
     """The budget may stop the finalizer queue between two finalizers as well as inside one: the
     queue went on from its start then, calling the finalizers already run (``attempt to call a nil
