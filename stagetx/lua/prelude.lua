@@ -774,10 +774,20 @@ local function finish_call(where, ok, ...)
     return ok, ...
 end
 
+-- The callback's own errors are caught in it, under its deadline: a `<close>` variable's __close,
+-- which runs as such an error unwinds, meets the budget too (the entry's handler lifts it).
+local function protected(f, ...)
+    return xpcall(f, on_error, ...)
+end
+local function call_result(ok, ...)
+    if ok then return ... end  -- protected's: true, results... or false, error
+    return ok, ...
+end
+
 -- Runs f(...) as a callback of this stage: returns true, results... or false, error (reported
 -- under the label `where`, e.g. "task" or "main script").
 function core.call(started, where, f, ...)
-    return finish_call(where, enter(started, f, ...))
+    return finish_call(where, call_result(enter(started, protected, f, ...)))
 end
 
 -- Delivers one message from the router, in its drain turn `turn`.

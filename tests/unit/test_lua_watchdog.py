@@ -226,3 +226,19 @@ def test_an_error_values_tostring_meets_the_budget() -> None:
     assert ok is False and b"budget of 100 ms exceeded" in error
     assert b"budget of 100 ms exceeded" in reports[-1][-1]
     assert run(vm, "function(x) return x + 1 end", 41) == (True, 42)
+
+
+def test_a_close_method_run_by_an_error_meets_the_budget() -> None:
+    """A ``<close>`` variable's ``__close`` runs as an error unwinds the callback: after the entry's
+    handler had lifted the deadline, out of the budget's reach (this one 30 s, one that never
+    returns for ever)."""
+    vm, reports = make_vm(budget_ms=100)
+    slow = "function() local t = os.clock() + 30 while os.clock() < t do end end"
+    started = time.monotonic()
+    ok, error = run(vm, f"function() local x <close> = setmetatable({{}}, {{__close = {slow}}}) error('first') end")
+    assert time.monotonic() - started < 10.0  # interrupted, not after 30 s: slack for a busy machine
+    assert ok is False and b"budget of 100 ms exceeded" in error
+    assert run(vm, "function() local x <close> = setmetatable({}, {__close = function() end}) return 1 end") == (
+        True,
+        1,
+    )
