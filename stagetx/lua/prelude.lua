@@ -198,6 +198,18 @@ if os and os.exit then
     end
 end
 
+-- The empty string repeated is "" at once: Lua copies it n times all the same, in C where the
+-- budget cannot reach (string.rep("", 1e15): days), and no %memory bounds an empty result.
+do
+    local rep, pcall_ = string.rep, pcall
+    string.rep = function(s, n, sep)
+        if s == "" and (sep == nil or sep == "") and type(n) == "number" and n > 1 and n % 1 == 0 then n = 1 end
+        local ok, r = pcall_(rep, s, n, sep)
+        if ok then return r end
+        error((gsub(r, "^(bad argument #%d+ to )'%?'", "%1'rep'")), 2)  -- the caller's, at its line
+    end
+end
+
 -- Scripts load text only: Lua does not verify bytecode, so a damaged or crafted binary chunk (in a
 -- string a client sent, a file) runs off the interpreter's rails and kills the process with every
 -- stage in it. Functions still move between runtimes as bytecode, through stagetx's own loader.

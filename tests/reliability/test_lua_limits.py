@@ -105,6 +105,7 @@ local commands = {{
     unhook_coroutine = function() coroutine.wrap(function() pcall(debug.sethook) while true do end end)() end,
     tostring_loop = function() error(setmetatable({{}}, {{__tostring = function() while true do end end}})) end,
     xpcall_handler = function() xpcall(error, function() while true do end end) end,
+    rep_empty = function() return tostring(#string.rep("", 1e15)) end,  -- C code: days of copying nothing
     finalizer = function()
         setmetatable({{}}, {{__gc = function() while true do end end}})
         debug.setmetatable({{}}, {{__gc = function() while true do end end}})
@@ -160,6 +161,7 @@ def test_a_budget_pcall_cannot_catch_bounded_patterns_and_finalizers(tmp_path: P
                 "unhook_coroutine",
                 "tostring_loop",
                 "xpcall_handler",
+                "rep_empty",
             ):
                 fire(port_a, command)
                 started = time.monotonic()

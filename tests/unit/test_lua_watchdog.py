@@ -242,3 +242,22 @@ def test_a_close_method_run_by_an_error_meets_the_budget() -> None:
         True,
         1,
     )
+
+
+@pytest.mark.parametrize("kind", ["lua", "luajit"])
+def test_the_empty_string_repeated_is_empty_at_once(kind: str) -> None:
+    """Lua's string.rep copies the empty string n times, in C out of the budget's reach: 3e9 took
+    7 s against a budget of 100 ms (and 1e15, days); no memory limit bounds an empty result."""
+    vm, _ = make_vm(kind, budget_ms=100)
+    started = time.monotonic()
+    assert run(vm, "function() return string.rep('', 3e9), ('').rep('', 1e15, '') end") == (True, b"", b"")
+    assert time.monotonic() - started < 5.0  # at once, not after 7 s: slack for a busy machine
+    assert run(vm, "function() return string.rep('ab', 3, ','), string.rep(5, 2), string.rep('', 0) end") == (
+        True,
+        b"ab,ab,ab",
+        b"55",
+        b"",
+    )
+    if kind == "lua":
+        ok, error = run(vm, "function() local s = string.rep('', 1.5) return s end")
+        assert ok is False and error.startswith(b"[string \"<python>\"]:1: bad argument #2 to 'rep'")
