@@ -210,6 +210,40 @@ do
     end
 end
 
+-- table.move of a long range (of nothing: no %memory bounds it) runs in C, out of the budget's
+-- reach: table.move({}, 1, 1e12, 1, {}) held the thread for hours. A range of more than
+-- MOVE_CHUNK elements moves in chunks, in the order Lua would move it, the hook met between them.
+if table.move and math.tointeger then  -- Lua 5.4 (LuaJIT's loops are its JIT's, see %budget)
+    local move, tointeger, maxinteger, MOVE_CHUNK = table.move, math.tointeger, math.maxinteger, 65536
+    local pcall_ = pcall
+    table.move = function(a1, f, e, t, a2)
+        local fi, ei, ti = tointeger(f), tointeger(e), tointeger(t)  -- nil unless integral numbers
+        if not (fi and ei and ti) or fi < 1 or ei - fi < MOVE_CHUNK or ti > maxinteger - (ei - fi) then
+            local ok, r = pcall_(move, a1, f, e, t, a2)  -- short, or its own errors: Lua's move
+            if ok then return r end
+            error((gsub(r, "^(bad argument #%d+ to )'%?'", "%1'move'")), 2)  -- the caller's, at its line
+        end
+        f, e, t = fi, ei, ti
+        local dest = a2
+        if dest == nil then dest = a1 end
+        local last = e - f  -- offsets 0..last
+        if t > e or t <= f or (a2 ~= nil and a1 ~= a2) then  -- forward
+            for i = 0, last, MOVE_CHUNK do
+                local j = i + MOVE_CHUNK - 1
+                if j > last then j = last end
+                move(a1, f + i, f + j, t + i, dest)
+            end
+        else  -- overlapping, destination after the source: from the end
+            for j = last, 0, -MOVE_CHUNK do
+                local i = j - MOVE_CHUNK + 1
+                if i < 0 then i = 0 end
+                move(a1, f + i, f + j, t + i, dest)
+            end
+        end
+        return dest
+    end
+end
+
 -- Scripts load text only: Lua does not verify bytecode, so a damaged or crafted binary chunk (in a
 -- string a client sent, a file) runs off the interpreter's rails and kills the process with every
 -- stage in it. Functions still move between runtimes as bytecode, through stagetx's own loader.

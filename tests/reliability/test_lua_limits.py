@@ -106,6 +106,7 @@ local commands = {{
     tostring_loop = function() error(setmetatable({{}}, {{__tostring = function() while true do end end}})) end,
     xpcall_handler = function() xpcall(error, function() while true do end end) end,
     rep_empty = function() return tostring(#string.rep("", 1e15)) end,  -- C code: days of copying nothing
+    move = function() table.move({{}}, 1, 1e12, 1, {{}}) end,  -- C code: hours of moving nothing
     finalizer = function()
         setmetatable({{}}, {{__gc = function() while true do end end}})
         debug.setmetatable({{}}, {{__gc = function() while true do end end}})
@@ -162,6 +163,7 @@ def test_a_budget_pcall_cannot_catch_bounded_patterns_and_finalizers(tmp_path: P
                 "tostring_loop",
                 "xpcall_handler",
                 "rep_empty",
+                "move",
             ):
                 fire(port_a, command)
                 started = time.monotonic()

@@ -261,3 +261,31 @@ def test_the_empty_string_repeated_is_empty_at_once(kind: str) -> None:
     if kind == "lua":
         ok, error = run(vm, "function() local s = string.rep('', 1.5) return s end")
         assert ok is False and error.startswith(b"[string \"<python>\"]:1: bad argument #2 to 'rep'")
+
+
+def test_a_long_table_move_meets_the_budget() -> None:
+    """table.move loops in C over its range, which no memory bounds when it holds nothing:
+    ``table.move({}, 1, 1e9, 1, {})`` held the thread 17 s against a budget of 100 ms (1e12:
+    hours). A long range moves in chunks, the budget met between them, in Lua's order."""
+    vm, reports = make_vm(budget_ms=100)
+    started = time.monotonic()
+    ok, error = run(vm, "function() table.move({}, 1, 1e9, 1, {}) end")
+    assert time.monotonic() - started < 8.0  # interrupted, not after 17 s: slack for a busy machine
+    assert ok is False and b"budget of 100 ms exceeded" in error
+    same = """function(n, f, e, t)
+        local a, b = {}, {}
+        for i = 1, n do a[i], b[i] = i, i end
+        table.move(a, f, e, t)
+        if t > e or t <= f then  -- Lua's order, by hand
+            for i = 0, e - f do b[t + i] = b[f + i] end
+        else
+            for i = e - f, 0, -1 do b[t + i] = b[f + i] end
+        end
+        for i = 1, n + t do if a[i] ~= b[i] then return i end end
+        return 0
+    end"""
+    vm, _ = make_vm(budget_ms=60000)  # the comparison's own loops: a budget a busy machine meets
+    for f, e, t in ((1, 150000, 20), (20, 180000, 1), (1, 140000, 70000), (70000, 140000, 1), (5, 100000, 150001)):
+        assert run(vm, same, 200000, f, e, t) == (True, 0), (f, e, t)
+    ok, error = run(vm, "function() local r = table.move({}, 1.5, 1e6, 1) return r end")
+    assert ok is False and error.startswith(b"[string \"<python>\"]:1: bad argument #2 to 'move'")
