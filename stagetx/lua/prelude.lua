@@ -244,6 +244,16 @@ if table.move and math.tointeger then  -- Lua 5.4 (LuaJIT's loops are its JIT's,
     end
 end
 
+-- LuaJIT's FFI reads and writes any address and calls any C function of the process, Python's
+-- among them: one wrong cast kills every stage of the process, and Python is no longer out of
+-- reach. A LuaJIT stage's scripts cannot require it.
+if package and package.preload and package.preload.ffi then
+    package.loaded.ffi = nil
+    package.preload.ffi = function()
+        error("ffi: not available to stage scripts (it reaches the process's memory and Python)", 3)
+    end
+end
+
 -- Scripts load text only: Lua does not verify bytecode, so a damaged or crafted binary chunk (in a
 -- string a client sent, a file) runs off the interpreter's rails and kills the process with every
 -- stage in it. Functions still move between runtimes as bytecode, through stagetx's own loader.

@@ -676,3 +676,20 @@ async def test_scripts_load_text_and_refuse_binary_chunks(tmp_path: Path, kind: 
     capture = await run(path, "job")
     assert logged(capture, "stage") == [["6", "5", "text"]]
     assert logged(capture, "job") == [["6", "5", "text"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_luajit_stage_cannot_require_the_ffi(tmp_path: Path) -> None:
+    """LuaJIT's FFI reached any address and any C function of the process: Python's
+    PyRun_SimpleString ran Python from a stage script, one bad cast killed the process."""
+    script = """
+        local ok, err = pcall(require, "ffi")
+        log4cxx.info("ffi", tostring(ok), err)
+        stage.submit(0, function() log4cxx.info("job ffi", tostring((pcall(require, "ffi")))) end)
+    """
+    config = {"#startup": [["=luajit+a"]], "=luajit+a": {"%package": ["[0]lua"], "=luajit+a": "main"}}
+    capture = await run(write_app(tmp_path, config, {"main": script}), "job ffi")
+    assert logged(capture, "ffi") == [
+        ["false", "ffi: not available to stage scripts (it reaches the process's memory and Python)"]
+    ]
+    assert logged(capture, "job ffi") == [["false"]]
