@@ -293,7 +293,7 @@ do
     local wrappers = raw_setmetatable({}, {__mode = "k"})
     local function defer_gc(mt)
         local gc = type(mt) == "table" and rawget(mt, "__gc")
-        if type(gc) == "function" and not wrappers[gc] then
+        if gc and not wrappers[gc] then  -- a function, or anything Lua would call (a table's __call)
             local w = deferring[gc]
             if w == nil then
                 w = function(o)  -- runs inside a collection, hooks off: never interrupted

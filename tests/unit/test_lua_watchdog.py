@@ -162,6 +162,17 @@ def test_a_finalizer_set_by_debug_setmetatable_runs_under_the_budget_too() -> No
     assert run(vm, "function() return debug.setmetatable(1, nil), getmetatable(debug.setmetatable({}, {})) end")[0]
 
 
+def test_a_callable_table_as_finalizer_runs_under_the_budget_too() -> None:
+    """Lua calls a ``__gc`` that is a table with ``__call`` as it calls a function: only functions
+    were queued, so such a finalizer ran in the collection, out of the budget's reach."""
+    vm, reports = make_vm(budget_ms=100)
+    slow = "setmetatable({}, {__call = function() local t = os.clock() + 30 while os.clock() < t do end end})"
+    started = time.monotonic()
+    assert run(vm, f"function() setmetatable({{}}, {{__gc = {slow}}}) collectgarbage() collectgarbage() end") == (True,)
+    assert time.monotonic() - started < 10.0  # interrupted, not after 30 s: slack for a busy machine
+    assert reports[-1][0] == b"finalizer" and b"budget of 100 ms exceeded" in reports[-1][-1]
+
+
 def test_finalizers_interrupted_anywhere_keep_their_queue() -> None:
     """The budget may stop the finalizer queue between two finalizers as well as inside one: the
     queue went on from its start then, calling the finalizers already run (``attempt to call a nil
