@@ -454,15 +454,19 @@ class _LuaSide:
         raise CodecError(f"cannot receive a {tv.__name__} value")
 
 
+# Whether a table holds itself, looked for down to SEARCH_DEPTH levels: a cycle further down is
+# reported as nesting, which it also is (a walk to any depth ran out of Lua stack on a table
+# nested 100,000 deep, an error of this code rather than the script's).
 _FIND_CYCLE = """
 local type, next, select = type, next, select
-local function walk(t, path, done)
+local SEARCH_DEPTH = 1000
+local function walk(t, path, done, depth)
     if path[t] then return true end
-    if done[t] then return false end
+    if done[t] or depth > SEARCH_DEPTH then return false end
     path[t] = true
     for k, v in next, t do
-        if (type(k) == "table" and walk(k, path, done))
-            or (type(v) == "table" and walk(v, path, done)) then
+        if (type(k) == "table" and walk(k, path, done, depth + 1))
+            or (type(v) == "table" and walk(v, path, done, depth + 1)) then
             return true
         end
     end
@@ -473,7 +477,7 @@ return function(...)
     local path, done = {}, {}
     for i = 1, select("#", ...) do
         local v = select(i, ...)
-        if type(v) == "table" and walk(v, path, done) then return true end
+        if type(v) == "table" and walk(v, path, done, 1) then return true end
     end
     return false
 end

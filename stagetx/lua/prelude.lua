@@ -133,10 +133,11 @@ local budget_message = "budget of " .. cfg.budget .. " ms exceeded (%budget)"
 local hook_count = cfg.hook_count
 local watchdog = cfg.watchdog
 local expired = false  -- the running callback passed its budget: nothing in it may catch that
+local expiry = budget_message  -- the error that ended it (a sandbox's: its stage's stop, core.expire)
 local function budget_hook()
     if watchdog then sethook(budget_hook, "", hook_count) end
     if deadline ~= huge and now() > deadline then
-        expired = true
+        expired, expiry = true, budget_message
         error(budget_message, 2)
     end
 end
@@ -162,37 +163,156 @@ do
     local function rethrow(ok, ...)
         if ok or not expired then return ok, ... end
         local e = ...
-        if type(e) == "string" and find(e, budget_message, 1, true) then error(e, 0) end
-        error(budget_message, 0)
+        if type(e) == "string" and find(e, expiry, 1, true) then error(e, 0) end
+        error(expiry, 0)
     end
     _G.pcall = function(...) return rethrow(pcall_(...)) end
-    _G.xpcall = function(...) return rethrow(xpcall_(...)) end
+    -- A script's message handler is not given the budget's error: Lua runs the handler of an error
+    -- raised in a hook with hooks off, where a handler that loops would never be stopped.
+    _G.xpcall = function(f, handler, ...)
+        if type(handler) == "function" then
+            local h = handler
+            handler = function(e)
+                if expired then return e end
+                return h(e)
+            end
+        end
+        return rethrow(xpcall_(f, handler, ...))
+    end
     coroutine.resume = function(...) return rethrow(resume(...)) end
     if close then coroutine.close = function(...) return rethrow(close(...)) end end
 end
 
--- Lua runs finalizers (__gc) with hooks switched off, where %budget cannot interrupt them. So a
--- metatable given to setmetatable gets its __gc replaced by one that only queues the object; the
--- queue runs as part of the callback (`leave`), under the budget, one finalizer at a time.
-local finalizing, nfinal = {}, 0  -- pairs: finalizer, object
+-- The budget hook is the stage's: a script's debug.sethook (a profiler's, a debugger's, or a bare
+-- debug.sethook() clearing the hooks) would take it away, and a loop after it would hold the
+-- process's thread for ever, whatever the budget. Scripts may read hooks, not set them.
+debug.sethook = function()
+    error("debug.sethook: the hooks belong to the stage (its %budget); scripts cannot set them", 2)
+end
+
+-- A stage shares its process with other stages, and the supervisor takes a process that ends with
+-- status 0 for one meant to end: a script's os.exit would stop them all, for good.
+if os and os.exit then
+    os.exit = function()
+        error("os.exit: a stage cannot end its process (other stages run in it); the admin's restart can", 2)
+    end
+end
+
+-- The empty string repeated is "" at once: Lua copies it n times all the same, in C where the
+-- budget cannot reach (string.rep("", 1e15): days), and no %memory bounds an empty result.
 do
-    local raw_setmetatable, rawget = setmetatable, rawget
+    local rep, pcall_ = string.rep, pcall
+    string.rep = function(s, n, sep)
+        if s == "" and (sep == nil or sep == "") and type(n) == "number" and n > 1 and n % 1 == 0 then n = 1 end
+        local ok, r = pcall_(rep, s, n, sep)
+        if ok then return r end
+        error((gsub(r, "^(bad argument #%d+ to )'%?'", "%1'rep'")), 2)  -- the caller's, at its line
+    end
+end
+
+-- table.move of a long range (of nothing: no %memory bounds it) runs in C, out of the budget's
+-- reach: table.move({}, 1, 1e12, 1, {}) held the thread for hours. A range of more than
+-- MOVE_CHUNK elements moves in chunks, in the order Lua would move it, the hook met between them.
+if table.move and math.tointeger then  -- Lua 5.4 (LuaJIT's loops are its JIT's, see %budget)
+    local move, tointeger, maxinteger, MOVE_CHUNK = table.move, math.tointeger, math.maxinteger, 65536
+    local pcall_ = pcall
+    table.move = function(a1, f, e, t, a2)
+        local fi, ei, ti = tointeger(f), tointeger(e), tointeger(t)  -- nil unless integral numbers
+        if not (fi and ei and ti) or fi < 1 or ei - fi < MOVE_CHUNK or ti > maxinteger - (ei - fi) then
+            local ok, r = pcall_(move, a1, f, e, t, a2)  -- short, or its own errors: Lua's move
+            if ok then return r end
+            error((gsub(r, "^(bad argument #%d+ to )'%?'", "%1'move'")), 2)  -- the caller's, at its line
+        end
+        f, e, t = fi, ei, ti
+        local dest = a2
+        if dest == nil then dest = a1 end
+        local last = e - f  -- offsets 0..last
+        if t > e or t <= f or (a2 ~= nil and a1 ~= a2) then  -- forward
+            for i = 0, last, MOVE_CHUNK do
+                local j = i + MOVE_CHUNK - 1
+                if j > last then j = last end
+                move(a1, f + i, f + j, t + i, dest)
+            end
+        else  -- overlapping, destination after the source: from the end
+            for j = last, 0, -MOVE_CHUNK do
+                local i = j - MOVE_CHUNK + 1
+                if i < 0 then i = 0 end
+                move(a1, f + i, f + j, t + i, dest)
+            end
+        end
+        return dest
+    end
+end
+
+-- LuaJIT's FFI reads and writes any address and calls any C function of the process, Python's
+-- among them: one wrong cast kills every stage of the process, and Python is no longer out of
+-- reach. A LuaJIT stage's scripts cannot require it.
+if package and package.preload and package.preload.ffi then
+    package.loaded.ffi = nil
+    package.preload.ffi = function()
+        error("ffi: not available to stage scripts (it reaches the process's memory and Python)", 3)
+    end
+end
+
+-- Scripts load text only: Lua does not verify bytecode, so a damaged or crafted binary chunk (in a
+-- string a client sent, a file) runs off the interpreter's rails and kills the process with every
+-- stage in it. Functions still move between runtimes as bytecode, through stagetx's own loader.
+do
+    local load_, loadfile_ = load, loadfile
+    _G.load = function(chunk, name, mode, ...) return load_(chunk, name, "t", ...) end
+    _G.loadfile = function(file, mode, ...) return loadfile_(file, "t", ...) end
+    _G.dofile = function(file)
+        local f, err = loadfile_(file, "t")
+        if not f then error(err, 0) end
+        return f()
+    end
+    local searchers = package and (package.searchers or package.loaders)  -- LuaJIT: loaders
+    if searchers then  -- require's Lua file searcher, which loads binary chunks too
+        local searchpath, format = package.searchpath, string.format
+        searchers[2] = function(name)
+            local path, err = searchpath(name, package.path)
+            if not path then return err end
+            local f, why = loadfile_(path, "t")
+            if not f then error(format("error loading module '%s' from file '%s':\n\t%s", name, path, why), 0) end
+            return f, path
+        end
+    end
+end
+
+-- Lua runs finalizers (__gc) with hooks switched off, where %budget cannot interrupt them. So a
+-- metatable given to setmetatable (or debug.setmetatable) gets its __gc replaced by one that only
+-- queues the object; the queue runs as part of the callback (`leave`), under the budget, one
+-- finalizer at a time.
+-- Pairs (finalizer, object) from `finalizing[fhead]` to `finalizing[ftail]`. The indices only grow
+-- (no reset to 1 that an interruption could leave half done): the queue is a table's hash part
+-- once its head has moved on, its size what waits.
+local finalizing, fhead, ftail = {}, 1, 0
+do
+    local raw_setmetatable, rawget, debug_setmetatable = setmetatable, rawget, debug.setmetatable
     local deferring = raw_setmetatable({}, {__mode = "k"})  -- finalizer -> the wrapper queuing it
     local wrappers = raw_setmetatable({}, {__mode = "k"})
-    _G.setmetatable = function(t, mt)
+    local function defer_gc(mt)
         local gc = type(mt) == "table" and rawget(mt, "__gc")
-        if type(gc) == "function" and not wrappers[gc] then
+        if gc and not wrappers[gc] then  -- a function, or anything Lua would call (a table's __call)
             local w = deferring[gc]
             if w == nil then
-                w = function(o)
-                    finalizing[nfinal + 1], finalizing[nfinal + 2] = gc, o
-                    nfinal = nfinal + 2
+                w = function(o)  -- runs inside a collection, hooks off: never interrupted
+                    local n = ftail
+                    finalizing[n + 1], finalizing[n + 2] = gc, o
+                    ftail = n + 2
                 end
                 deferring[gc], wrappers[w] = w, true
             end
             rawset(mt, "__gc", w)
         end
+    end
+    _G.setmetatable = function(t, mt)
+        defer_gc(mt)
         return raw_setmetatable(t, mt)
+    end
+    debug.setmetatable = function(v, mt)
+        defer_gc(mt)
+        return debug_setmetatable(v, mt)
     end
 end
 
@@ -266,8 +386,13 @@ local function call_handler(h, ...)
     return h[1](unpack(args, 1, nb + nd))
 end
 
+-- An error's text as reported: its first ERROR_TEXT_MAX bytes. A script may raise a whole payload
+-- (error(data), error(s .. huge)); each error would log all of it and keep it among the stage's
+-- last errors.
+local ERROR_TEXT_MAX = 4096
 local function on_error(e)
     if type(e) ~= "string" then e = tostring(e) end
+    if #e > ERROR_TEXT_MAX then e = sub(e, 1, ERROR_TEXT_MAX) .. "... (" .. #e .. " bytes in all)" end
     return traceback(e, 2)
 end
 
@@ -355,26 +480,21 @@ local function drain()
     _WAITFOR = saved
 end
 
--- Runs queued finalizers until the queue is empty or the budget expired (then a later turn goes on).
+-- Runs queued finalizers until the queue is empty or the budget expired (then a later turn goes
+-- on). The budget may stop it at any instruction, also outside a finalizer: the queue is kept
+-- whole at each (a pair cleared but not yet passed is skipped the next time).
 local function finalize()
-    local i = 1
-    while i < nfinal and not expired do
+    while fhead < ftail and not expired do
+        local i = fhead
         local f, o = finalizing[i], finalizing[i + 1]
         finalizing[i], finalizing[i + 1] = nil, nil
-        i = i + 2
-        local ok, err = xpcall(f, on_error, o)
-        if not ok then report("finalizer", "", err) end
+        fhead = i + 2
+        if f ~= nil then
+            local ok, err = xpcall(f, on_error, o)
+            if not ok then report("finalizer", "", err) end
+        end
     end
-    if i > nfinal then
-        nfinal = 0
-        return
-    end
-    if i > 1 then
-        local n = nfinal - i + 1
-        for j = 1, n do finalizing[j], finalizing[i + j - 1] = finalizing[i + j - 1], nil end
-        nfinal = n
-    end
-    schedule_drain()
+    if fhead < ftail then schedule_drain() end
 end
 
 -- Every entry from Python: arms the budget, runs `f`, and drains local messages at the outermost
@@ -390,18 +510,20 @@ local function under(d, f, ...)
     deadline = d
     return finish(f(...))
 end
+-- The error's text is made under the deadline still: an error value's __tostring is the script's
+-- code, and one that never returns must meet the budget too (the hook's error inside this handler
+-- calls it again with the budget's message, which ends the callback as any budget error does).
 local function deadline_error(e)
+    local text = on_error(e)
     deadline = huge
-    return on_error(e)
+    return text
 end
 
 local function leave(d, ...)
     if depth == 1 then
         deadline = huge
-        if expired then
-            if qhead <= qtail or nfinal > 0 then schedule_drain() end
-        else
-            if nfinal > 0 then
+        if not expired then
+            if fhead < ftail then
                 local ok, err = xpcall(under, deadline_error, d, finalize)
                 if not ok then report("finalizer", "", err) end
             end
@@ -410,6 +532,8 @@ local function leave(d, ...)
                 if not ok then report("drain", "", err) end
             end
         end
+        -- what the budget left (also when it stopped the two above outside their own loops)
+        if expired and (qhead <= qtail or fhead < ftail) then schedule_drain() end
         expired = false
     end
     depth = depth - 1
@@ -706,10 +830,20 @@ local function finish_call(where, ok, ...)
     return ok, ...
 end
 
+-- The callback's own errors are caught in it, under its deadline: a `<close>` variable's __close,
+-- which runs as such an error unwinds, meets the budget too (the entry's handler lifts it).
+local function protected(f, ...)
+    return xpcall(f, on_error, ...)
+end
+local function call_result(ok, ...)
+    if ok then return ... end  -- protected's: true, results... or false, error
+    return ok, ...
+end
+
 -- Runs f(...) as a callback of this stage: returns true, results... or false, error (reported
 -- under the label `where`, e.g. "task" or "main script").
 function core.call(started, where, f, ...)
-    return finish_call(where, enter(started, f, ...))
+    return finish_call(where, call_result(enter(started, protected, f, ...)))
 end
 
 -- Delivers one message from the router, in its drain turn `turn`.
@@ -891,7 +1025,7 @@ local function run_after()
     if expired then
         schedule_drain()
     else
-        if nfinal > 0 then finalize() end
+        if fhead < ftail then finalize() end
         if qhead <= qtail and not expired then drain() end
     end
 end
@@ -913,7 +1047,7 @@ local function read_run()
         expired = false
         deadline = r_t + budget
         run_dispatch(msgid, sender, reply, body, first, last)
-        if qhead <= qtail or nfinal > 0 then run_after() end
+        if qhead <= qtail or fhead < ftail then run_after() end
         deadline = huge
         local t = now()  -- run_counted, inlined for the common case
         local e = t - r_t
@@ -981,4 +1115,10 @@ function core.chunk(text, name)
 end
 
 core.null = null
+core.sethook = sethook  -- the real one, for the sandboxes' interrupt hook (stagetx.lua.sandbox)
+-- Ends the running callback as its budget would (what catches errors raises `message` again): a
+-- sandbox's interrupt hook calls it before it raises `message`.
+function core.expire(message)
+    expired, expiry = true, message
+end
 return core

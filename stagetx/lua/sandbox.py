@@ -46,7 +46,7 @@ _INTERRUPTED = "the stage stopped: job interrupted after its grace period"
 # Runs once in every sandbox, after the prelude: its replacements for what only the stage's main
 # runtime can do, and the shutdown hook (which replaces the prelude's %budget hook).
 _SANDBOX_LUA = """
-local send, interrupted, hook_count, message = ...
+local send, interrupted, hook_count, message, sethook, expire = ...
 local type, error, find, sub = type, error, string.find, string.sub
 stage.signal = function(t, ...)
     if t == nil then
@@ -63,8 +63,11 @@ end
 stage.waitfor = function()
     error("stage.waitfor: handlers belong to the stage's own runtime, not to a job's sandbox", 2)
 end
-debug.sethook(function()
-    if interrupted() then error(message, 2) end
+sethook(function()
+    if interrupted() then
+        expire(message)  -- no pcall in the job catches it
+        error(message, 2)
+    end
 end, "", hook_count)
 """
 
@@ -181,7 +184,15 @@ class Sandbox:
             sender=sender_fields(stage.context.sender),
         )
         api.bind(vm)
-        vm.lua.execute(_SANDBOX_LUA, api.send, interrupted, HOOK_COUNT, _INTERRUPTED.encode())
+        vm.lua.execute(
+            _SANDBOX_LUA,
+            api.send,
+            interrupted,
+            HOOK_COUNT,
+            _INTERRUPTED.encode(),
+            vm.core[b"sethook"],
+            vm.core[b"expire"],
+        )
         self.thread: Any = None
         self.extensions: dict[str, Any] = {}  # an extension module's state in this sandbox, by module
         self._base_dir = stage.context.base_dir

@@ -645,3 +645,51 @@ async def test_a_delay_that_is_not_finite_is_a_lua_error_and_the_stage_goes_on(t
     )
     assert logged(capture, "serving") == [["3"]]
     assert not [e for e in capture.events if e["log_level"].name == "critical"]
+
+
+@pytest.mark.parametrize("kind", ["lua", "luajit"])
+@pytest_twisted.ensureDeferred
+async def test_scripts_load_text_and_refuse_binary_chunks(tmp_path: Path, kind: str) -> None:
+    """Lua runs bytecode unverified (a damaged chunk kills the process): load, loadfile, dofile and
+    require take text only, in the stage and in a job's sandbox; the job's function itself still
+    moves there as bytecode."""
+    script = """
+        local function tries(where, path)
+            local chunk = string.dump(function() return 7 end)
+            local file = io.open(path, "wb"); file:write(chunk); file:close()
+            package.path = (path:gsub("bytecode%.out$", "?.out"))
+            local refused = 0
+            local function no(f, ...)
+                if not pcall(function(...) assert(f(...)) end, ...) then refused = refused + 1 end
+            end
+            no(load, chunk); no(load, chunk, "=c", "b"); no(loadfile, path); no(loadfile, path, "b")
+            no(dofile, path); no(require, "bytecode")
+            log4cxx.info(where, refused, load("return x", "=c", "bt", {x = 5})(), dofile(path .. ".lua"))
+        end
+        tries("stage", PATH)
+        stage.submit(0, tries, "job", PATH)
+    """
+    out = tmp_path / "bytecode.out"
+    (tmp_path / "bytecode.out.lua").write_text("return 'text'")
+    config = {"#startup": [[f"={kind}+a"]], f"={kind}+a": {"%package": ["[0]lua"], f"={kind}+a": "main"}}
+    path = write_app(tmp_path, config, {"main": script.replace("PATH", f"[[{out}]]")})
+    capture = await run(path, "job")
+    assert logged(capture, "stage") == [["6", "5", "text"]]
+    assert logged(capture, "job") == [["6", "5", "text"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_luajit_stage_cannot_require_the_ffi(tmp_path: Path) -> None:
+    """LuaJIT's FFI reached any address and any C function of the process: Python's
+    PyRun_SimpleString ran Python from a stage script, one bad cast killed the process."""
+    script = """
+        local ok, err = pcall(require, "ffi")
+        log4cxx.info("ffi", tostring(ok), err)
+        stage.submit(0, function() log4cxx.info("job ffi", tostring((pcall(require, "ffi")))) end)
+    """
+    config = {"#startup": [["=luajit+a"]], "=luajit+a": {"%package": ["[0]lua"], "=luajit+a": "main"}}
+    capture = await run(write_app(tmp_path, config, {"main": script}), "job ffi")
+    assert logged(capture, "ffi") == [
+        ["false", "ffi: not available to stage scripts (it reaches the process's memory and Python)"]
+    ]
+    assert logged(capture, "job ffi") == [["false"]]

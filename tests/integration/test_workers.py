@@ -433,6 +433,71 @@ async def test_stop_interrupts_a_runaway_job_after_the_grace_period(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_job_cannot_catch_its_interruption_at_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interruption at stop is an error a job's pcall caught: a retry loop ran on after it (the
+    job never unwound, its worker thread spun on). Like the budget, it cannot be caught."""
+    monkeypatch.setattr(sandbox, "GRACE_SECONDS", 0.3)
+    path = lua_app(
+        tmp_path,
+        """
+        stage.submit(1, function()
+            stage.signal("started")
+            local t = os.clock() + 10  -- retries 10 s unless interrupted
+            while os.clock() < t do
+                pcall(function() while os.clock() < t do end end)
+                xpcall(function() while os.clock() < t do end end, function(e) return e end)
+            end
+            stage.signal("never")
+        end)
+        stage.waitfor("started", function() log4cxx.info("started") end)
+        stage.waitfor("never", function() log4cxx.info("never") end)
+    """,
+    )
+    with LogCapture() as capture:
+        server = InProcessServer(path)
+        await server.start()
+        await wait_for(lambda: logged(capture, "started"), 20, "job start")
+        await server.stop()
+    text = capture.text()
+    assert "interrupting" in text and "did not unwind" not in text
+    assert "job interrupted after its grace period" in text
+    assert "never" not in capture.lines("stage.a")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_cannot_clear_the_hook_that_interrupts_it_at_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's ``debug.sethook()`` cleared the sandbox's interrupt hook: at stop the job ran on
+    for ever, its worker thread with it. It is refused; the job is interrupted as any other."""
+    monkeypatch.setattr(sandbox, "GRACE_SECONDS", 0.3)
+    path = lua_app(
+        tmp_path,
+        """
+        stage.submit(1, function()
+            local ok, err = pcall(debug.sethook)
+            stage.signal("started", err)
+            local t = os.clock() + 10  -- runs 10 s unless interrupted
+            while os.clock() < t do end
+            stage.signal("never")
+        end)
+        stage.waitfor("started", function(err) log4cxx.info("started", err) end)
+        stage.waitfor("never", function() log4cxx.info("never") end)
+    """,
+    )
+    with LogCapture() as capture:
+        server = InProcessServer(path)
+        await server.start()
+        await wait_for(lambda: logged(capture, "started"), 20, "job start")
+        await server.stop()
+    [[refused]] = logged(capture, "started")
+    assert "debug.sethook: the hooks belong to the stage" in refused
+    text = capture.text()
+    assert "interrupting" in text and "did not unwind" not in text
+    assert "job interrupted after its grace period" in text
+
+
+@pytest_twisted.ensureDeferred
 async def test_addtask_in_a_job_runs_the_task_on_the_stages_thread_and_can_be_cancelled(tmp_path: Path) -> None:
     path = lua_app(
         tmp_path,

@@ -278,6 +278,8 @@ def test_nesting_limit(bridge: Bridge) -> None:
     assert pack_lua(bridge, (bridge.run(nest, MAX_DEPTH),))
     with pytest.raises(CodecError, match="deeper than 64"):
         pack_lua(bridge, (bridge.run(nest, MAX_DEPTH + 1),))
+    with pytest.raises(CodecError, match="deeper than 64"):  # not the cycle search's stack overflow
+        pack_lua(bridge, (bridge.run(nest, 200000),))
     deep: Any = []
     for _ in range(MAX_DEPTH):
         deep = [deep]
