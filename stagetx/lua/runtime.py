@@ -114,6 +114,7 @@ class LuaVM:
         )
         globals_ = self.lua.globals()
         globals_[b"python"] = None
+        globals_[b"package"][b"loaded"][b"python"] = None  # lupa's module: require("python") gave it back
         self._load = globals_[b"load"]
         # %memory applies from the first callback on: the set-up below and the host's (the
         # prelude, the sandbox, compiling the scripts) hands values over from Python, unprotected

@@ -693,3 +693,22 @@ async def test_a_luajit_stage_cannot_require_the_ffi(tmp_path: Path) -> None:
         ["false", "ffi: not available to stage scripts (it reaches the process's memory and Python)"]
     ]
     assert logged(capture, "job ffi") == [["false"]]
+
+
+@pytest.mark.parametrize("kind", ["lua", "luajit"])
+@pytest_twisted.ensureDeferred
+async def test_python_is_out_of_reach_by_global_and_by_require(tmp_path: Path, kind: str) -> None:
+    """lupa registers its ``python`` module in ``package.loaded``: ``require("python")`` gave it
+    back although the global is gone."""
+    script = """
+        local function look(where)
+            local ok, found = pcall(require, "python")
+            log4cxx.info(where, type(python), type(package.loaded.python), tostring(ok), type(found))
+        end
+        look("stage")
+        stage.submit(0, look, "job")
+    """
+    config = {"#startup": [[f"={kind}+a"]], f"={kind}+a": {"%package": ["[0]lua"], f"={kind}+a": "main"}}
+    capture = await run(write_app(tmp_path, config, {"main": script}), "job")
+    assert logged(capture, "stage") == [["nil", "nil", "false", "string"]]
+    assert logged(capture, "job") == [["nil", "nil", "false", "string"]]
