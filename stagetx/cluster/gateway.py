@@ -186,8 +186,8 @@ class ClusterGateway(MultiService):
         return ok, reason
 
     def steady_room(self, server_id: str) -> int:
-        """A server linked now takes every frame written to it until the reactor runs again."""
-        if server_id in self.directory.peers and server_id in self.peers.links:
+        """A server linked now, reading, takes every frame written to it until the reactor runs again."""
+        if server_id in self.directory.peers and self.peers.takes(server_id):
             return STEADY_ROOM
         return 0
 
@@ -239,6 +239,10 @@ class ClusterGateway(MultiService):
         if self.directory.unlinked(server_id):
             self.log.warn("link to server {server} lost", server=server_id)
             self._changed()
+
+    def peer_drained(self, server_id: str) -> None:
+        if server_id in self.routes.full:
+            self._changed()  # the other processes learn that its queue has room again
 
     def peer_message(self, server_id: str, obj: Any) -> None:
         kind = obj[0]

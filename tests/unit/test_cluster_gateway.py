@@ -22,6 +22,7 @@ class FakeLink:
     def __init__(self) -> None:
         self.sent: list[Any] = []
         self.packed: list[bytes] = []  # what was passed on packed already, as it came
+        self.stalled = False  # its peer reads everything
 
     def send(self, obj: Any) -> bool:
         self.sent.append(obj)
