@@ -5,7 +5,10 @@ Each process listens on ``RUNDIR/gN.sock`` and keeps one outbound link to every 
 receives on the inbound ones, so each direction of a pair is one ordered stream. A process that
 stops says ``["bye"]`` on its inbound links first, so the others log its going as a stop (info),
 not as a lost link (warn). Frames for a
-process that is not connected wait in a bounded queue; past the bound, ``send`` reports it.
+process that is not connected wait in a bounded queue; past the bound, ``send`` reports it. So do
+frames for a process whose link is ``stalled`` (it reads nothing: frozen, or stuck in a long
+handler), which would otherwise pile up in Twisted's write buffer without any bound; once the link
+has written out its buffer, the queue follows, in order.
 """
 
 from __future__ import annotations
@@ -144,6 +147,9 @@ class _Outbound:
             return
         self.links.log.warn("unexpected frame on the link to process {process}", process=self.group + 1)
 
+    def link_drained(self, link: Link) -> None:
+        self.links.drained(self.group, link)
+
     def link_lost(self, link: Link, reason: object) -> None:
         self.links.disconnected(self.group, link)
 
@@ -243,7 +249,12 @@ class ProcessLinks(MultiService):
     def steady_room(self, group: int) -> int:
         """The largest payload a message to ``group`` surely fits in while its link stays
         connected (0 while it is not): half a frame, leaving the rest to the message's other fields."""
-        return message_room(self.max_frame) // 2 if group in self._out else 0
+        return message_room(self.max_frame) // 2 if self._takes(group) else 0
+
+    def _takes(self, group: int) -> bool:
+        """Frames to ``group`` go to its link now: it is linked, reads, and nothing waits before them."""
+        link = self._out.get(group)
+        return link is not None and not link.stalled and not self._pending.get(group)
 
     def reachable(self, group: int) -> bool:
         """False only for a process that was linked and dropped (crashed, restarting).
@@ -253,29 +264,36 @@ class ProcessLinks(MultiService):
         return group not in self._down
 
     def send(self, group: int, frame: list[Any]) -> Result:
-        """Send ``frame`` to the process of ``group`` now, or queue it while that process is down;
-        a frame too large for a link is refused here, queued or not."""
+        """Send ``frame`` to the process of ``group`` now, or queue it while that process is down
+        or does not read; a frame too large for a link is refused here, queued or not."""
         try:
             link = self._out.get(group)
-            if link is not None:
-                size = _size(frame) if frame[0] == "m" else 0
-                if 0 < size <= self._run_message_bytes:
-                    self._add_to_run(group, frame, size)
-                    return True, None
-                if group in self._runs:
-                    self._end_run(group)
-                link.send(frame)
+            if link is not None and self._takes(group):
+                self._write(group, link, frame)
                 return True, None
             pending = self._pending.get(group)
             if pending is None:
                 return False, f"no process {group + 1} on this server"
             if len(pending) >= PENDING_LIMIT:
-                return False, f"process {group + 1} is down and its queue is full"
+                state = "is not reading" if link is not None else "is down"
+                return False, f"process {group + 1} {state} and its queue is full"
             check_fits(frame, self.max_frame)
+            if group in self._runs:  # what it holds was accepted before this frame
+                self._end_run(group)
         except FrameTooLarge as err:
             return False, str(err)
         pending.append(frame)
         return True, None
+
+    def _write(self, group: int, link: Link, frame: list[Any]) -> None:
+        """``frame`` on the link to ``group``: a small message joins the run being built."""
+        size = _size(frame) if frame[0] == "m" else 0
+        if 0 < size <= self._run_message_bytes:
+            self._add_to_run(group, frame, size)
+            return
+        if group in self._runs:
+            self._end_run(group)
+        link.send(frame)
 
     def send_entries(self, group: int, entries: bytes, count: int) -> Result:
         """Send ``count`` message frames packed back to back (``Router.steady``) to the process of
@@ -301,6 +319,13 @@ class ProcessLinks(MultiService):
         while pending:
             link.send(pending.popleft())
         self.log.info("linked to process {group}", group=group + 1)
+
+    def drained(self, group: int, link: Link) -> None:
+        """The link to ``group`` wrote out its buffer: what waited for it follows, in order, in
+        runs again (it waited message by message)."""
+        pending = self._pending[group]
+        while pending and self._out.get(group) is link:
+            self._write(group, link, pending.popleft())
 
     def disconnected(self, group: int, link: Link) -> None:
         if self._out.get(group) is link:
