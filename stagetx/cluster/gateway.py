@@ -148,12 +148,16 @@ class ClusterGateway(MultiService):
         self._via: dict[str, str] = {}
         self.dropped = 0  # messages dropped because their server went away (for /metrics)
         self._push_call: IDelayedCall | None = None
+        self._queue_limit = cluster.queue
+        self._warm_until = 0.0  # set at start: until then, frames for unknown servers are held
+        self._held: list[tuple[int, list[Any]]] = []  # (group, cx frame) held while warming up
         self._loop = LoopingCall(self._tick)
         self._loop.clock = reactor
         router.remote = self
 
     def startService(self) -> None:
         MultiService.startService(self)
+        self._warm_until = self.now() + self.directory.sync
         for addr in self.static:
             self.peers.dial(addr)
         self._loop.start(self.interval, now=False)
@@ -197,6 +201,10 @@ class ClusterGateway(MultiService):
             self.log.warn("unexpected cluster frame {kind!r} from process {group}", kind=frame[0], group=group + 1)
             return
         _, server_id, inner, reroute, deadline = frame
+        if server_id not in self.directory.peers and self._warming() and len(self._held) < self._queue_limit:
+            # sent through this process before it restarted: its peers are not linked again yet
+            self._held.append((group, frame))
+            return
         ok, reason = self.send(server_id, inner, reroute, deadline)
         if not ok and reroute is not None:
             for message in messages_of(_unpacked(inner)):
@@ -205,6 +213,20 @@ class ClusterGateway(MultiService):
                     break
         if not ok:
             self.log.warn("message from process {group} not relayed: {reason}", group=group + 1, reason=reason)
+
+    def _warming(self) -> bool:
+        """Within sync of this gateway's start, every live peer has not been heard from yet."""
+        return self.now() < self._warm_until
+
+    def _release_held(self) -> None:
+        """Relay the held frames whose server is known now; past the warm-up, all of them (those
+        for a server still unknown are rerouted, or logged as not relayed)."""
+        held, self._held = self._held, []
+        for group, frame in held:
+            if frame[1] in self.directory.peers or not self._warming():
+                self.process_frame(group, frame)
+            else:
+                self._held.append((group, frame))
 
     def server_at(self, addr: str) -> str | None:
         return self.routes.addrs.get(addr)
@@ -310,6 +332,8 @@ class ClusterGateway(MultiService):
             )
             self.directory.heard(server_id, delay, overloaded)
             self._changed()
+            if self._held:
+                self._release_held()
         elif self.directory.heard(server_id, delay, overloaded):
             state = "overloaded: no routed work for it" if overloaded else "recovered"
             self.log.info("server {server} {state}", server=server_id, state=state)
@@ -362,6 +386,8 @@ class ClusterGateway(MultiService):
             hello = self._hello()
             for link in self.peers.links.values():
                 link.send(hello)
+            if self._held and not self._warming():
+                self._release_held()
             gone = self.directory.expire()
             for peer in gone:
                 self.log.warn(
