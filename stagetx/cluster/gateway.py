@@ -75,8 +75,14 @@ class RemoteView:
         self.routes = Routes()
 
     def send(
-        self, server_id: str, frame: list[Any] | bytes, reroute: str | None = None, deadline: float | None = None
+        self,
+        server_id: str,
+        frame: list[Any] | bytes,
+        reroute: str | None = None,
+        deadline: float | None = None,
+        steady: bool = False,
     ) -> Result:
+        """Relay ``frame`` through the gateway (which decides on ``steady`` frames as on any other)."""
         if server_id not in self.routes.servers:
             return False, f"server '{server_id}' is not in the cluster (gone, restarted or never seen)"
         if server_id in self.routes.full:
@@ -177,21 +183,28 @@ class ClusterGateway(MultiService):
 
     # -- what the router calls --------------------------------------------------------------------
     def send(
-        self, server_id: str, frame: list[Any] | bytes, reroute: str | None = None, deadline: float | None = None
+        self,
+        server_id: str,
+        frame: list[Any] | bytes,
+        reroute: str | None = None,
+        deadline: float | None = None,
+        steady: bool = False,
     ) -> Result:
-        """Send ``frame`` to a known server (queued while it has no link, bounded); bytes: a frame
-        another process packed, passed on as it is."""
+        """Send ``frame`` to a known server (queued while it has no link or does not read, bounded;
+        a ``steady`` run is queued past the bound, which ``steady_room`` kept room for); bytes: a
+        frame another process packed, passed on as it is."""
         if server_id not in self.directory.peers:
             return False, f"server '{server_id}' is not in the cluster (gone, restarted or never seen)"
-        ok, reason = self.peers.send(server_id, frame, reroute, deadline)
+        ok, reason = self.peers.send(server_id, frame, reroute, deadline, steady)
         full = self.routes.full
         if (self.peers.queues or full) and self.peers.is_full(server_id) != (server_id in full):
             self._changed()  # the other processes learn that its queue filled up (or has room again)
         return ok, reason
 
     def steady_room(self, server_id: str) -> int:
-        """A server linked now, reading, takes every frame written to it until the reactor runs again."""
-        if server_id in self.directory.peers and self.peers.takes(server_id):
+        """A server linked now takes every frame sent to it until the reactor runs again: written
+        to its link, or queued while it does not read (runs keep their form there)."""
+        if server_id in self.directory.peers and self.peers.has_room(server_id):
             return STEADY_ROOM
         return 0
 

@@ -198,20 +198,26 @@ class PeerLinks(MultiService):
 
     # -- sending ----------------------------------------------------------------------------------
     def send(
-        self, server_id: str, frame: list[Any] | bytes, reroute: str | None = None, deadline: float | None = None
+        self,
+        server_id: str,
+        frame: list[Any] | bytes,
+        reroute: str | None = None,
+        deadline: float | None = None,
+        steady: bool = False,
     ) -> tuple[bool, str | None]:
         """Send ``frame`` (bytes: packed already, passed on as they are) to ``server_id`` now, or
         queue it while the peer has no link or does not read; a frame too large for a link is
-        refused here, queued or not."""
+        refused here, queued or not. A full queue refuses it unless it is ``steady`` (a run of a
+        reactor turn that ``has_room`` promised a place: the half of the queue kept for it)."""
         try:
             link = self.links.get(server_id)
             if link is not None and self.takes(server_id) and _write(link, frame):
                 return True, None
             queue = self.queues.setdefault(server_id, deque())
             state = "is not reading" if link is not None else "is not linked"
-            if len(queue) >= self.queue_limit:
+            if len(queue) >= self.queue_limit and not steady:
                 return False, f"server '{server_id}' {state} and its queue is full ({self.queue_limit})"
-            if self._queued_bytes.get(server_id, 0) >= QUEUE_BYTES:
+            if self._queued_bytes.get(server_id, 0) >= QUEUE_BYTES and not steady:
                 return False, f"server '{server_id}' {state} and its queue is full ({QUEUE_BYTES >> 20} MiB)"
             packed = frame if type(frame) is bytes else pack_message(frame)
             check_fits(packed, self.max_frame)
@@ -225,6 +231,16 @@ class PeerLinks(MultiService):
         """Frames to ``server_id`` go to its link now: it is linked, reads, and nothing waits before them."""
         link = self.links.get(server_id)
         return link is not None and not link.stalled and not self.queues.get(server_id)
+
+    def has_room(self, server_id: str) -> bool:
+        """``server_id`` is linked and its queue is under half full: what a reactor turn sends to
+        it surely fits, written to the link or queued (the other half is that turn's margin)."""
+        queued = len(self.queues.get(server_id, ()))
+        return (
+            server_id in self.links
+            and queued < self.queue_limit // 2
+            and self._queued_bytes.get(server_id, 0) < QUEUE_BYTES // 2
+        )
 
     def is_full(self, server_id: str) -> bool:
         queued = len(self.queues.get(server_id, ()))

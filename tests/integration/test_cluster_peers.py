@@ -105,6 +105,26 @@ def test_the_queue_for_a_peer_without_a_link_is_bounded() -> None:
     assert not links.is_full("x")
 
 
+class StalledLink:
+    stalled = True  # its peer reads nothing: every frame queues
+
+
+def test_a_peer_that_does_not_read_stays_a_steady_route_while_its_queue_is_under_half_full() -> None:
+    """Runs keep their form in the queue; the half kept free takes a turn's runs, even past the
+    bound (refusing one would lose messages their senders were told were sent)."""
+    links = PeerLinks("me", b"k", None, Events(), reactor, 1 << 20, 4)
+    links.links["x"] = StalledLink()  # type: ignore[assignment]
+    assert links.has_room("x")
+    for _ in range(2):
+        assert links.send("x", ["m"]) == (True, None)
+    assert not links.has_room("x")
+    for _ in range(2):
+        assert links.send("x", ["m"]) == (True, None)
+    assert links.send("x", ["m"]) == (False, "server 'x' is not reading and its queue is full (4)")
+    assert links.send("x", ["r"], steady=True) == (True, None)
+    assert len(links.queues["x"]) == 5
+
+
 @pytest.mark.timeout(30)
 @pytest_twisted.ensureDeferred
 async def test_a_peer_with_another_secret_never_links() -> None:
