@@ -24,14 +24,15 @@ stage.addtask(100, function()
 end)
 """
 
-# sends %(total)d numbered "b:ping", 500 per 5 ms; logs "refused WHY" at its first refusal and
-# "done ACCEPTED REFUSED" at the end
+# sends %(total)d numbered "b:ping" of 1,000 bytes, 500 per 5 ms; logs "refused WHY" at its first
+# refusal and "done ACCEPTED REFUSED" at the end
 SENDER = """
 local total, sent, accepted, refused = %(total)d, 0, 0, 0
+local pad = string.rep("x", 1000)
 stage.addtask(50, function()
     for _ = 1, math.min(500, total - sent) do
         sent = sent + 1
-        local ok, why = stage.signal("b:ping", sent)
+        local ok, why = stage.signal("b:ping", sent, pad)
         if ok then accepted = accepted + 1
         else
             if refused == 0 then log4cxx.info("refused", why) end
@@ -52,7 +53,7 @@ def test_a_process_that_stops_reading_fills_its_bounded_queue_then_gets_everythi
         "=lua": {"%package": ["[0]lua"], "=lua+a": "a", "=lua+b": "b"},
         "#startup": [["=lua+a"], ["=lua+b"]],
     }
-    path = write_app(tmp_path, config, {"a": SENDER % {"total": 300_000}, "b": COUNTED})
+    path = write_app(tmp_path, config, {"a": SENDER % {"total": 200_000}, "b": COUNTED})
     with ServerProcess(path) as server:
         server.wait_for(lambda: any(int(n[0]) > 0 for n in server.logged("b", "count")), 30, "pings arriving")
         pid = server.pids(1)[0]
