@@ -369,6 +369,13 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -573,7 +580,10 @@ def _cluster_settings(entry: dict[str, Any], where: str, base_dir: str) -> tuple
         address = parse_host_port(entry["listen"], f"{where}.listen")
         listen, settings["listen_host"] = address.port, address.host
     if "advertise" in entry:
-        settings["advertise"] = str(parse_host_port(entry["advertise"], f"{where}.advertise"))
+        advertised = parse_host_port(entry["advertise"], f"{where}.advertise")
+        if _is_unspecified(advertised.host):  # each other server would dial itself there
+            raise ConfigError(f"{where}.advertise: {advertised} is no address another server can dial")
+        settings["advertise"] = str(advertised)
     elif settings.get("listen_host") in ("0.0.0.0", "::", ""):
         raise ConfigError(f"{where}.advertise: needed when listening on every interface")
     if "queue" in entry:

@@ -113,10 +113,15 @@ class Remote(Protocol):
     routes: Routes
 
     def send(
-        self, server_id: str, frame: list[Any] | bytes, reroute: str | None = None, deadline: float | None = None
+        self,
+        server_id: str,
+        frame: list[Any] | bytes,
+        reroute: str | None = None,
+        deadline: float | None = None,
+        steady: bool = False,
     ) -> Result:
         """Send ``frame`` (bytes: packed already) to server ``server_id``; ``reroute``: the stage id
-        it may go to instead."""
+        it may go to instead; ``steady``: a run that ``steady_room`` promised room for this turn."""
 
     def process_frame(self, group: int, frame: list[Any]) -> None:
         """A cluster frame (``cx``, ``croutes``) from another process of this server."""
@@ -303,7 +308,7 @@ class Router:
         """Send a run entry packed by its sender (see ``run_parts``) to ``server``."""
         if self.remote is None:
             return False, "no cluster: this server has no peers"
-        return self.remote.send(server, entry, reroute)
+        return self.remote.send(server, entry, reroute, steady=True)
 
     def _reply(self, sender: Sender, reply: str | None) -> str | None:
         """The reply address for ``reply``: a message id of the sender, or a full ``^…`` address."""

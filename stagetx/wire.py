@@ -46,9 +46,10 @@ import msgpack
 from OpenSSL import SSL
 from twisted.internet import protocol
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from stagetx import reactors
 
@@ -113,7 +114,8 @@ class LinkHandler(TypingProtocol):
         """One message from ``link``, in the order sent."""
 
     # Optional: ``frame_done(link)``, called after every message of one frame was handed over (a
-    # place to act on a whole batch at once, outside any message handler).
+    # place to act on a whole batch at once, outside any message handler); ``link_drained(link)``,
+    # called when a ``stalled`` link has written out what waited in it.
 
     def link_lost(self, link: Link, reason: Failure) -> None:
         """An authenticated ``link`` is gone (not called for links that never authenticated)."""
@@ -212,6 +214,7 @@ def write_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
+@implementer(IPushProducer)
 class Link(protocol.Protocol):
     """One authenticated connection to a peer process or server."""
 
@@ -236,6 +239,7 @@ class Link(protocol.Protocol):
         self._flush_call: IDelayedCall | None = None
         self._timeout_call: IDelayedCall | None = None
         self._packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
+        self.stalled = False  # the transport holds more than it takes: the peer is not reading
 
     # -- connection life -----------------------------------------------------------------------
 
@@ -264,7 +268,28 @@ class Link(protocol.Protocol):
         """Send what is queued, then close the connection."""
         self.flush()
         self._dead = True
+        self.transport.unregisterProducer()  # a registered producer would keep it open
         self.transport.loseConnection()
+
+    # -- flow control (IPushProducer of the link's own transport) ------------------------------
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer passed its size: what is written now waits in this process."""
+        self.stalled = True
+
+    def resumeProducing(self) -> None:
+        """The transport wrote out its buffer: the peer reads again."""
+        self.stalled = False
+        if getattr(self.transport, "disconnecting", False):
+            # closed while paused (``ClientService`` stopping): Twisted closes once no producer is left
+            self.transport.unregisterProducer()
+            return
+        link_drained = getattr(self.settings.handler, "link_drained", None)
+        if link_drained is not None and not self._dead:
+            link_drained(self)
+
+    def stopProducing(self) -> None:
+        """The connection is going; ``connectionLost`` follows."""
 
     @property
     def peer_address(self) -> IAddress | None:
@@ -343,6 +368,7 @@ class Link(protocol.Protocol):
         self._recv_mac = hashlib.blake2b(key=recv_key, digest_size=TAG_SIZE)
         self.peer_id = self._peer_node.decode("utf-8", "surrogateescape")
         self.authenticated = True
+        self.transport.registerProducer(self, True)  # ``stalled`` follows the transport's buffer
         self._state = self._on_data
         if self._timeout_call is not None and self._timeout_call.active():
             self._timeout_call.cancel()

@@ -5,7 +5,10 @@ Each process listens on ``RUNDIR/gN.sock`` and keeps one outbound link to every 
 receives on the inbound ones, so each direction of a pair is one ordered stream. A process that
 stops says ``["bye"]`` on its inbound links first, so the others log its going as a stop (info),
 not as a lost link (warn). Frames for a
-process that is not connected wait in a bounded queue; past the bound, ``send`` reports it.
+process that is not connected wait in a bounded queue; past the bound, ``send`` reports it. So do
+frames for a process whose link is ``stalled`` (it reads nothing: frozen, or stuck in a long
+handler), which would otherwise pile up in Twisted's write buffer without any bound; once the link
+has written out its buffer, the queue follows, in order.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from stagetx.wire import (
 
 #: Frames kept for a process that is down (restarting); more are refused with a reason.
 PENDING_LIMIT = 100_000
+#: ... and runs kept as they came for a process that does not read, at most this many bytes of them.
+PENDING_BYTES = 64 * 1024 * 1024
 #: How often each process tells the others its queue delay (s).
 DELAY_INTERVAL = 0.1
 #: What a stopping process says on its inbound links before they close.
@@ -55,6 +60,17 @@ def _size(frame: list[Any]) -> int:
     run (its strings as characters: UTF-8 may take up to four bytes each, within the margins)."""
     reply = frame[5]
     return len(frame[2]) * 4 + len(frame[3]) + (len(reply) * 4 if reply is not None else 0) + 16
+
+
+class _Entries:
+    """Messages packed back to back (``send_entries``) waiting as they came for a link that does
+    not read: a run stays a run."""
+
+    __slots__ = ("data", "count")
+
+    def __init__(self, data: bytes, count: int) -> None:
+        self.data = data
+        self.count = count
 
 
 class _OpenRun:
@@ -144,6 +160,9 @@ class _Outbound:
             return
         self.links.log.warn("unexpected frame on the link to process {process}", process=self.group + 1)
 
+    def link_drained(self, link: Link) -> None:
+        self.links.drained(self.group, link)
+
     def link_lost(self, link: Link, reason: object) -> None:
         self.links.disconnected(self.group, link)
 
@@ -166,7 +185,8 @@ class ProcessLinks(MultiService):
         self.inbound: set[Link] = set()  # the other processes' links to this one
         self.leaving: set[int] = set()  # processes that said they stop (their links close next)
         self._stopping = False
-        self._pending: dict[int, deque[list[Any]]] = {g: deque() for g in range(groups) if g != self.group}
+        self._pending: dict[int, deque[list[Any] | _Entries]] = {g: deque() for g in range(groups) if g != self.group}
+        self._pending_bytes = dict.fromkeys(self._pending, 0)  # bytes of the runs in each queue
         self._runs: dict[int, _OpenRun] = {}  # the run being built per linked process
         self._run_bytes = min(RUN_BYTES, message_room(max_frame) // 2)
         self._run_message_bytes = min(RUN_MESSAGE_BYTES, message_room(max_frame) // 4)
@@ -242,8 +262,21 @@ class ProcessLinks(MultiService):
 
     def steady_room(self, group: int) -> int:
         """The largest payload a message to ``group`` surely fits in while its link stays
-        connected (0 while it is not): half a frame, leaving the rest to the message's other fields."""
-        return message_room(self.max_frame) // 2 if group in self._out else 0
+        connected and its queue is under half full (0 otherwise): half a frame, leaving the rest to
+        the message's other fields. The other half of the queue takes that turn's runs while the
+        process does not read (``send_entries``)."""
+        if (
+            group in self._out
+            and len(self._pending[group]) < PENDING_LIMIT // 2
+            and self._pending_bytes[group] < PENDING_BYTES // 2
+        ):
+            return message_room(self.max_frame) // 2
+        return 0
+
+    def _takes(self, group: int) -> bool:
+        """Frames to ``group`` go to its link now: it is linked, reads, and nothing waits before them."""
+        link = self._out.get(group)
+        return link is not None and not link.stalled and not self._pending.get(group)
 
     def reachable(self, group: int) -> bool:
         """False only for a process that was linked and dropped (crashed, restarting).
@@ -253,29 +286,36 @@ class ProcessLinks(MultiService):
         return group not in self._down
 
     def send(self, group: int, frame: list[Any]) -> Result:
-        """Send ``frame`` to the process of ``group`` now, or queue it while that process is down;
-        a frame too large for a link is refused here, queued or not."""
+        """Send ``frame`` to the process of ``group`` now, or queue it while that process is down
+        or does not read; a frame too large for a link is refused here, queued or not."""
         try:
             link = self._out.get(group)
-            if link is not None:
-                size = _size(frame) if frame[0] == "m" else 0
-                if 0 < size <= self._run_message_bytes:
-                    self._add_to_run(group, frame, size)
-                    return True, None
-                if group in self._runs:
-                    self._end_run(group)
-                link.send(frame)
+            if link is not None and self._takes(group):
+                self._write(group, link, frame)
                 return True, None
             pending = self._pending.get(group)
             if pending is None:
                 return False, f"no process {group + 1} on this server"
-            if len(pending) >= PENDING_LIMIT:
-                return False, f"process {group + 1} is down and its queue is full"
+            if len(pending) >= PENDING_LIMIT or self._pending_bytes[group] >= PENDING_BYTES:
+                state = "is not reading" if link is not None else "is down"
+                return False, f"process {group + 1} {state} and its queue is full"
             check_fits(frame, self.max_frame)
+            if group in self._runs:  # what it holds was accepted before this frame
+                self._end_run(group)
         except FrameTooLarge as err:
             return False, str(err)
         pending.append(frame)
         return True, None
+
+    def _write(self, group: int, link: Link, frame: list[Any]) -> None:
+        """``frame`` on the link to ``group``: a small message joins the run being built."""
+        size = _size(frame) if frame[0] == "m" else 0
+        if 0 < size <= self._run_message_bytes:
+            self._add_to_run(group, frame, size)
+            return
+        if group in self._runs:
+            self._end_run(group)
+        link.send(frame)
 
     def send_entries(self, group: int, entries: bytes, count: int) -> Result:
         """Send ``count`` message frames packed back to back (``Router.steady``) to the process of
@@ -283,7 +323,11 @@ class ProcessLinks(MultiService):
         link = self._out.get(group)
         if group in self._runs:
             self._end_run(group)
-        if link is not None and link.send_entries(entries, count):
+        if link is not None and self._takes(group) and link.send_entries(entries, count):
+            return True, None
+        if link is not None:  # it does not read: they wait as they came, past the bound too
+            self._pending[group].append(_Entries(entries, count))
+            self._pending_bytes[group] += len(entries)
             return True, None
         # the link dropped within the turn (a write failed): the frames wait for it as others do
         for frame in unpack_entries(entries):
@@ -298,9 +342,28 @@ class ProcessLinks(MultiService):
         self._down.discard(group)
         self.leaving.discard(group)
         pending = self._pending[group]
+        self._pending_bytes[group] = 0
         while pending:
-            link.send(pending.popleft())
+            item = pending.popleft()
+            if isinstance(item, _Entries):
+                link.send_entries(item.data, item.count)
+            else:
+                link.send(item)
         self.log.info("linked to process {group}", group=group + 1)
+
+    def drained(self, group: int, link: Link) -> None:
+        """The link to ``group`` wrote out its buffer: what waited for it follows, in order (runs
+        as they came, single messages joining runs again)."""
+        pending = self._pending[group]
+        while pending and self._out.get(group) is link:
+            item = pending.popleft()
+            if isinstance(item, _Entries):
+                self._pending_bytes[group] -= len(item.data)
+                if group in self._runs:
+                    self._end_run(group)
+                link.send_entries(item.data, item.count)
+            else:
+                self._write(group, link, item)
 
     def disconnected(self, group: int, link: Link) -> None:
         if self._out.get(group) is link:

@@ -4,7 +4,8 @@ Every ``interval`` seconds (and once at start) the gateway sends one datagram to
 ``"udp://GROUP:PORT?interface=ADDR&ttl=N"`` of ``#cluster``: its server id and cluster address,
 authenticated with ``#secret`` (HMAC-SHA256, so a stranger on the group cannot make us dial it,
 and a datagram of another cluster is ignored). Datagrams that do not verify are dropped silently
-(counted).
+(counted), and so are those whose address cannot be dialed. A server without a cluster port
+announces nothing (there is nothing to dial): it finds the others and dials them.
 
 The socket joins the group on the interface of address ADDR only and sends through it only, with
 TTL N and loopback mode on (servers of the same host hear each other). The default, 127.0.0.1 and
@@ -25,7 +26,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from stagetx.config import DiscoveryGroup
+from stagetx.config import ConfigError, DiscoveryGroup, parse_host_port
 
 MAGIC = b"STGXD1"
 TAG_SIZE = 16
@@ -53,6 +54,10 @@ def decode_announcement(secret: bytes, data: bytes) -> tuple[str, str] | None:
     except Exception:  # a datagram with a valid tag but bad body: a peer's bug, ignore it
         return None
     if not (isinstance(server_id, str) and isinstance(addr, str)):
+        return None
+    try:
+        parse_host_port(addr, "addr")  # what a server can dial; a peer's bug otherwise
+    except ConfigError:
         return None
     return server_id, addr
 
@@ -94,7 +99,7 @@ class _Announcer(DatagramProtocol):
         )
 
     def announce(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and self.discovery.addr:  # no cluster port: nothing to dial
             self.transport.write(self.discovery.datagram(), (self.group, self.port))
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:

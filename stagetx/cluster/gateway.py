@@ -75,8 +75,14 @@ class RemoteView:
         self.routes = Routes()
 
     def send(
-        self, server_id: str, frame: list[Any] | bytes, reroute: str | None = None, deadline: float | None = None
+        self,
+        server_id: str,
+        frame: list[Any] | bytes,
+        reroute: str | None = None,
+        deadline: float | None = None,
+        steady: bool = False,
     ) -> Result:
+        """Relay ``frame`` through the gateway (which decides on ``steady`` frames as on any other)."""
         if server_id not in self.routes.servers:
             return False, f"server '{server_id}' is not in the cluster (gone, restarted or never seen)"
         if server_id in self.routes.full:
@@ -148,12 +154,16 @@ class ClusterGateway(MultiService):
         self._via: dict[str, str] = {}
         self.dropped = 0  # messages dropped because their server went away (for /metrics)
         self._push_call: IDelayedCall | None = None
+        self._queue_limit = cluster.queue
+        self._warm_until = 0.0  # set at start: until then, frames for unknown servers are held
+        self._held: list[tuple[int, list[Any]]] = []  # (group, cx frame) held while warming up
         self._loop = LoopingCall(self._tick)
         self._loop.clock = reactor
         router.remote = self
 
     def startService(self) -> None:
         MultiService.startService(self)
+        self._warm_until = self.now() + self.directory.sync
         for addr in self.static:
             self.peers.dial(addr)
         self._loop.start(self.interval, now=False)
@@ -173,21 +183,28 @@ class ClusterGateway(MultiService):
 
     # -- what the router calls --------------------------------------------------------------------
     def send(
-        self, server_id: str, frame: list[Any] | bytes, reroute: str | None = None, deadline: float | None = None
+        self,
+        server_id: str,
+        frame: list[Any] | bytes,
+        reroute: str | None = None,
+        deadline: float | None = None,
+        steady: bool = False,
     ) -> Result:
-        """Send ``frame`` to a known server (queued while it has no link, bounded); bytes: a frame
-        another process packed, passed on as it is."""
+        """Send ``frame`` to a known server (queued while it has no link or does not read, bounded;
+        a ``steady`` run is queued past the bound, which ``steady_room`` kept room for); bytes: a
+        frame another process packed, passed on as it is."""
         if server_id not in self.directory.peers:
             return False, f"server '{server_id}' is not in the cluster (gone, restarted or never seen)"
-        ok, reason = self.peers.send(server_id, frame, reroute, deadline)
+        ok, reason = self.peers.send(server_id, frame, reroute, deadline, steady)
         full = self.routes.full
         if (self.peers.queues or full) and self.peers.is_full(server_id) != (server_id in full):
             self._changed()  # the other processes learn that its queue filled up (or has room again)
         return ok, reason
 
     def steady_room(self, server_id: str) -> int:
-        """A server linked now takes every frame written to it until the reactor runs again."""
-        if server_id in self.directory.peers and server_id in self.peers.links:
+        """A server linked now takes every frame sent to it until the reactor runs again: written
+        to its link, or queued while it does not read (runs keep their form there)."""
+        if server_id in self.directory.peers and self.peers.has_room(server_id):
             return STEADY_ROOM
         return 0
 
@@ -197,6 +214,10 @@ class ClusterGateway(MultiService):
             self.log.warn("unexpected cluster frame {kind!r} from process {group}", kind=frame[0], group=group + 1)
             return
         _, server_id, inner, reroute, deadline = frame
+        if server_id not in self.directory.peers and self._warming() and len(self._held) < self._queue_limit:
+            # sent through this process before it restarted: its peers are not linked again yet
+            self._held.append((group, frame))
+            return
         ok, reason = self.send(server_id, inner, reroute, deadline)
         if not ok and reroute is not None:
             for message in messages_of(_unpacked(inner)):
@@ -205,6 +226,20 @@ class ClusterGateway(MultiService):
                     break
         if not ok:
             self.log.warn("message from process {group} not relayed: {reason}", group=group + 1, reason=reason)
+
+    def _warming(self) -> bool:
+        """Within sync of this gateway's start, every live peer has not been heard from yet."""
+        return self.now() < self._warm_until
+
+    def _release_held(self) -> None:
+        """Relay the held frames whose server is known now; past the warm-up, all of them (those
+        for a server still unknown are rerouted, or logged as not relayed)."""
+        held, self._held = self._held, []
+        for group, frame in held:
+            if frame[1] in self.directory.peers or not self._warming():
+                self.process_frame(group, frame)
+            else:
+                self._held.append((group, frame))
 
     def server_at(self, addr: str) -> str | None:
         return self.routes.addrs.get(addr)
@@ -239,6 +274,10 @@ class ClusterGateway(MultiService):
         if self.directory.unlinked(server_id):
             self.log.warn("link to server {server} lost", server=server_id)
             self._changed()
+
+    def peer_drained(self, server_id: str) -> None:
+        if server_id in self.routes.full:
+            self._changed()  # the other processes learn that its queue has room again
 
     def peer_message(self, server_id: str, obj: Any) -> None:
         kind = obj[0]
@@ -306,6 +345,8 @@ class ClusterGateway(MultiService):
             )
             self.directory.heard(server_id, delay, overloaded)
             self._changed()
+            if self._held:
+                self._release_held()
         elif self.directory.heard(server_id, delay, overloaded):
             state = "overloaded: no routed work for it" if overloaded else "recovered"
             self.log.info("server {server} {state}", server=server_id, state=state)
@@ -358,6 +399,8 @@ class ClusterGateway(MultiService):
             hello = self._hello()
             for link in self.peers.links.values():
                 link.send(hello)
+            if self._held and not self._warming():
+                self._release_held()
             gone = self.directory.expire()
             for peer in gone:
                 self.log.warn(

@@ -6,7 +6,10 @@ peer is away, so a restarted peer is linked again by itself. Links are ``stagetx
 (authenticated handshake, then authenticated, sequenced, batched frames); the node id of each
 side is its server id. Either link of a pair (the one we dialed or the one we accepted) carries
 our frames; once chosen, a peer's link stays the one used until it drops, so frames to a peer
-keep their order. Frames for a peer without a link wait in its queue, bounded by ``queue_limit``.
+keep their order. Frames for a peer without a link wait in its queue, bounded by ``queue_limit``;
+so do frames for a peer whose link is ``stalled`` (it stopped reading: a frozen process, a cut
+without a reset), which would otherwise pile up in Twisted's write buffer until sync expires.
+Once the link has written out its buffer, the queue follows, in order.
 """
 
 from __future__ import annotations
@@ -25,13 +28,16 @@ from twisted.internet.interfaces import IListeningPort, ITCPTransport
 from twisted.logger import Logger
 
 from stagetx.config import ClusterTls
-from stagetx.wire import FrameTooLarge, Link, LinkClientFactory, LinkServerFactory, check_fits
+from stagetx.wire import FrameTooLarge, Link, LinkClientFactory, LinkServerFactory, check_fits, pack_message
 
 #: Reconnect delays: first retry after this many seconds, growing by ``BACKOFF_FACTOR`` ...
 BACKOFF_FIRST = 0.1
 #: ... up to this many seconds.
 BACKOFF_MAX = 2.0
 BACKOFF_FACTOR = 1.5
+#: A peer's queue takes no more frames once it holds this many bytes (besides ``queue_limit``
+#: frames): frames may be runs of many messages, so a count alone does not bound their memory.
+QUEUE_BYTES = 64 * 1024 * 1024
 
 
 class PeerEvents(Protocol):
@@ -46,12 +52,15 @@ class PeerEvents(Protocol):
 
     def peer_unlinked(self, server_id: str) -> None: ...
 
+    def peer_drained(self, server_id: str) -> None:
+        """The link to ``server_id`` took what waited for it: its queue has room again."""
+
 
 @attrs.define
 class Queued:
     """One frame waiting for a peer's link; ``reroute`` is the stage id if it may go elsewhere."""
 
-    frame: list[Any] | bytes  # bytes: packed already (relayed from another process as it came)
+    frame: bytes  # packed (``pack_message``): measured once, written as it is
     reroute: str | None = None
     deadline: float | None = None  # monotonic time after which it is dropped ({id, addr, ms})
 
@@ -76,6 +85,9 @@ class _Handler:
     def frame_done(self, link: Link) -> None:
         if link.peer_id is not None:
             self.peers.events.peer_frame_done(link.peer_id)
+
+    def link_drained(self, link: Link) -> None:
+        self.peers._drained(link)
 
     def link_lost(self, link: Link, reason: object) -> None:
         self.peers._lost(link)
@@ -135,6 +147,7 @@ class PeerLinks(MultiService):
         self.now = now
         self.links: dict[str, Link] = {}  # server id -> the link its frames go out on
         self.queues: dict[str, deque[Queued]] = {}
+        self._queued_bytes: dict[str, int] = {}  # server id -> bytes of its queue's frames
         self._dialers: dict[str, ClientService] = {}
         self._open: dict[str, list[Link]] = {}  # server id -> every authenticated link to it
         self._port: IListeningPort | None = None
@@ -185,32 +198,61 @@ class PeerLinks(MultiService):
 
     # -- sending ----------------------------------------------------------------------------------
     def send(
-        self, server_id: str, frame: list[Any] | bytes, reroute: str | None = None, deadline: float | None = None
+        self,
+        server_id: str,
+        frame: list[Any] | bytes,
+        reroute: str | None = None,
+        deadline: float | None = None,
+        steady: bool = False,
     ) -> tuple[bool, str | None]:
         """Send ``frame`` (bytes: packed already, passed on as they are) to ``server_id`` now, or
-        queue it while the peer has no link; a frame too large for a link is refused here, queued
-        or not."""
+        queue it while the peer has no link or does not read; a frame too large for a link is
+        refused here, queued or not. A full queue refuses it unless it is ``steady`` (a run of a
+        reactor turn that ``has_room`` promised a place: the half of the queue kept for it)."""
         try:
             link = self.links.get(server_id)
-            if link is not None and _write(link, frame):
+            if link is not None and self.takes(server_id) and _write(link, frame):
                 return True, None
             queue = self.queues.setdefault(server_id, deque())
-            if len(queue) >= self.queue_limit:
-                return False, f"server '{server_id}' is not linked and its queue is full ({self.queue_limit})"
-            check_fits(frame, self.max_frame)
+            state = "is not reading" if link is not None else "is not linked"
+            if len(queue) >= self.queue_limit and not steady:
+                return False, f"server '{server_id}' {state} and its queue is full ({self.queue_limit})"
+            if self._queued_bytes.get(server_id, 0) >= QUEUE_BYTES and not steady:
+                return False, f"server '{server_id}' {state} and its queue is full ({QUEUE_BYTES >> 20} MiB)"
+            packed = frame if type(frame) is bytes else pack_message(frame)
+            check_fits(packed, self.max_frame)
         except FrameTooLarge as err:
             return False, str(err)
-        queue.append(Queued(frame, reroute, deadline))
+        self._queued_bytes[server_id] = self._queued_bytes.get(server_id, 0) + len(packed)
+        queue.append(Queued(packed, reroute, deadline))
         return True, None
 
+    def takes(self, server_id: str) -> bool:
+        """Frames to ``server_id`` go to its link now: it is linked, reads, and nothing waits before them."""
+        link = self.links.get(server_id)
+        return link is not None and not link.stalled and not self.queues.get(server_id)
+
+    def has_room(self, server_id: str) -> bool:
+        """``server_id`` is linked and its queue is under half full: what a reactor turn sends to
+        it surely fits, written to the link or queued (the other half is that turn's margin)."""
+        queued = len(self.queues.get(server_id, ()))
+        return (
+            server_id in self.links
+            and queued < self.queue_limit // 2
+            and self._queued_bytes.get(server_id, 0) < QUEUE_BYTES // 2
+        )
+
     def is_full(self, server_id: str) -> bool:
-        return len(self.queues.get(server_id, ())) >= self.queue_limit
+        queued = len(self.queues.get(server_id, ()))
+        return queued >= self.queue_limit or self._queued_bytes.get(server_id, 0) >= QUEUE_BYTES
 
     def take_queue(self, server_id: str) -> list[Queued]:
         """Remove and return what waits for ``server_id`` (a peer that is gone for good)."""
+        self._queued_bytes.pop(server_id, None)
         return list(self.queues.pop(server_id, ()))
 
     def _flush(self, server_id: str, link: Link) -> None:
+        self._queued_bytes.pop(server_id, None)
         queue = self.queues.pop(server_id, None)
         if not queue:
             return
@@ -244,6 +286,12 @@ class PeerLinks(MultiService):
         if first:
             self._flush(peer, link)
 
+    def _drained(self, link: Link) -> None:
+        peer = link.peer_id
+        if peer is not None and self.links.get(peer) is link and self.queues.get(peer):
+            self._flush(peer, link)
+            self.events.peer_drained(peer)
+
     def _lost(self, link: Link) -> None:
         peer = link.peer_id
         if peer is None or peer == self.server_id:
@@ -257,6 +305,7 @@ class PeerLinks(MultiService):
             return
         if others:  # it dialed us while we dialed it: the other link takes over
             self.links[peer] = others[0]
+            self._flush(peer, others[0])
             return
         del self.links[peer]
         self.events.peer_unlinked(peer)

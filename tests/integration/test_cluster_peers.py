@@ -17,6 +17,7 @@ class Events:
         self.linked: list[str] = []
         self.unlinked: list[str] = []
         self.messages: list[tuple[str, Any]] = []
+        self.drained: list[str] = []
 
     def peer_linked(self, server_id: str, link: Any, via: str | None) -> None:
         self.linked.append(server_id)
@@ -26,6 +27,9 @@ class Events:
 
     def peer_unlinked(self, server_id: str) -> None:
         self.unlinked.append(server_id)
+
+    def peer_drained(self, server_id: str) -> None:
+        self.drained.append(server_id)
 
 
 def peers(
@@ -62,6 +66,34 @@ async def test_frames_queued_before_the_link_arrive_in_order_and_the_link_comes_
         await client.stopService()
 
 
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_a_peer_that_stops_reading_gets_a_bounded_queue_then_everything_in_order() -> None:
+    """Without the bound, every frame would wait in Twisted's write buffer, as long as sync lasts."""
+    server, server_events = peers("srv")
+    client, client_events = peers("cli", listen=False, queue=10)
+    try:
+        client.dial(f"127.0.0.1:{server.port_number}")
+        await wait_for(lambda: "cli" in server_events.linked, 10, "the link")
+        server.links["cli"].transport.pauseProducing()  # the peer reads nothing
+        body = b"x" * 10_000
+        for i in range(10_000):  # the socket takes a few MiB, Twisted's buffer 64 KiB, the queue 10
+            ok, reason = client.send("srv", ["m", i, body])
+            if not ok:
+                break
+        assert not ok and reason == "server 'srv' is not reading and its queue is full (10)", reason
+        assert client.is_full("srv") and len(client.queues["srv"]) == 10
+        server.links["cli"].transport.resumeProducing()
+        await wait_for(lambda: len(server_events.messages) == i, 15, "every frame accepted")
+        assert [obj[1] for _, obj in server_events.messages] == list(range(i))
+        assert client_events.drained == ["srv"] and not client.is_full("srv")
+        assert client.send("srv", ["m", i, body]) == (True, None)
+        await wait_for(lambda: len(server_events.messages) == i + 1, 10, "a frame after the stall")
+    finally:
+        await client.stopService()
+        await server.stopService()
+
+
 def test_the_queue_for_a_peer_without_a_link_is_bounded() -> None:
     links = PeerLinks("me", b"k", None, Events(), reactor, 1 << 20, 2)
     assert links.send("x", ["m"]) == (True, None)
@@ -71,6 +103,26 @@ def test_the_queue_for_a_peer_without_a_link_is_bounded() -> None:
     assert links.is_full("x")
     assert [q.reroute for q in links.take_queue("x")] == [None, "w"]
     assert not links.is_full("x")
+
+
+class StalledLink:
+    stalled = True  # its peer reads nothing: every frame queues
+
+
+def test_a_peer_that_does_not_read_stays_a_steady_route_while_its_queue_is_under_half_full() -> None:
+    """Runs keep their form in the queue; the half kept free takes a turn's runs, even past the
+    bound (refusing one would lose messages their senders were told were sent)."""
+    links = PeerLinks("me", b"k", None, Events(), reactor, 1 << 20, 4)
+    links.links["x"] = StalledLink()  # type: ignore[assignment]
+    assert links.has_room("x")
+    for _ in range(2):
+        assert links.send("x", ["m"]) == (True, None)
+    assert not links.has_room("x")
+    for _ in range(2):
+        assert links.send("x", ["m"]) == (True, None)
+    assert links.send("x", ["m"]) == (False, "server 'x' is not reading and its queue is full (4)")
+    assert links.send("x", ["r"], steady=True) == (True, None)
+    assert len(links.queues["x"]) == 5
 
 
 @pytest.mark.timeout(30)

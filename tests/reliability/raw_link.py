@@ -42,6 +42,12 @@ class SocketTransport:
 
     abortConnection = loseConnection
 
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass  # writes never wait here: nothing to pause
+
+    def unregisterProducer(self) -> None:
+        pass
+
 
 class _Quiet:
     def link_authenticated(self, link: Link) -> None: ...

@@ -22,6 +22,7 @@ class FakeLink:
     def __init__(self) -> None:
         self.sent: list[Any] = []
         self.packed: list[bytes] = []  # what was passed on packed already, as it came
+        self.stalled = False  # its peer reads everything
 
     def send(self, obj: Any) -> bool:
         self.sent.append(obj)
@@ -490,3 +491,20 @@ def test_a_queued_run_for_a_gone_peer_goes_to_another_replica_message_by_message
     outlive(gw, clock, "s2", "127.0.0.1:7003", {"w": [3]})
     assert "s1" not in gw.directory.peers
     assert [(f[1], f[2]) for f in other.frames("m")] == [(3, "x"), (3, "y")]
+
+
+def test_frames_relayed_to_a_restarted_gateway_wait_until_their_server_is_linked_again(tmp_path: Path) -> None:
+    """What the other processes sent through the gateway while its process restarted reaches it
+    before its peers are linked again; it used to be logged as not relayed and lost."""
+    gw, router, clock, _ = gateway(tmp_path, startup=[["=lua+a"], ["=lua+a"]])
+    gw._warm_until = clock.seconds() + 1.5  # as startService sets it: sync after the start
+    packed = pack_message(["m", 0, "x", pack_py((1,)), ["me", 1, "a", 1], None])
+    router.frame_received(1, ["cx", "s1", packed, "w", None])
+    router.frame_received(1, ["cx", "s9", packed, "w", None])  # a server that does not come back
+    link = link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+    assert link.packed == [packed]  # passed on as it came, once s1 said hello
+    clock.advance(2)
+    gw._tick()  # past the warm-up: s9's message goes to another replica of w
+    assert [f[2] for f in link.frames("m")] == ["x", "x"]
+    router.frame_received(1, ["cx", "s9", packed, None, None])
+    assert len(link.frames("m")) == 2  # no longer held: unknown, and nowhere else to go

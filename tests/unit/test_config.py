@@ -359,6 +359,18 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
         "#cluster[0].advertise: needed when listening on every interface",
     ),
     (
+        {
+            "#startup": [["=route+a"]],
+            "#cluster": [{"listen": "0.0.0.0:9000", "advertise": "0.0.0.0:9000"}],
+            "#secret": "s",
+        },
+        "#cluster[0].advertise: 0.0.0.0:9000 is no address another server can dial",
+    ),
+    (
+        {"#startup": [["=route+a"]], "#cluster": [{"listen": "[::]:9000", "advertise": "[::]:9000"}], "#secret": "s"},
+        "#cluster[0].advertise: [::]:9000 is no address another server can dial",
+    ),
+    (
         {"#startup": [["=route+a"]], "#cluster": [{"listen": "10.1.2.3:9000"}]},
         "#cluster: listening beyond loopback needs #secret (shared by the cluster's servers)",
     ),

@@ -12,7 +12,7 @@ from stagetx.address import parse_target
 from stagetx.child.links import ProcessLinks, local_retry
 from stagetx.message import Sender
 from stagetx.router import Router
-from stagetx.wire import unpack_entries
+from stagetx.wire import pack_message, unpack_entries
 from tests.fakes import LinkPair
 
 
@@ -126,3 +126,41 @@ def test_messages_routed_in_python_to_one_stage_of_another_process_leave_as_runs
     pair.client.connectionLost(Failure(ConnectionDone()))  # dropped within the turn: it waits
     links.disconnected(1, pair.client)
     assert [frame[2] for frame in links._pending[1]] == ["x"]
+
+
+def test_a_process_that_does_not_read_stays_steady_while_its_queue_is_under_half_full(tmp_path: Any) -> None:
+    """Frames for a stalled link wait in the bounded queue (runs as they came) and follow in
+    order once it drained; they used to pile up in Twisted's write buffer without a bound."""
+    links, _ = _links(tmp_path)
+    pair = LinkPair(max_frame=4096)
+    pair.pump()
+    links.connected(1, pair.client)
+    pair.client.stalled = True  # as Twisted's pauseProducing leaves it
+    assert links.steady_room(1) > 0
+    run = pack_message(["r", 1, 0, 1, pack_message("a") + pack_message(b"") + pack_message(None)])
+    assert links.send_entries(1, run, 1) == (True, None)
+    assert links.send(1, ["m", 1, "b", b"", 0, None]) == (True, None)
+    pair.pump()
+    assert pair.server_handler.messages == []  # nothing written to the stalled link
+    pair.client.stalled = False
+    links.drained(1, pair.client)  # what the link's handler hears when Twisted resumes it
+    links.flush()
+    pair.pump()
+    kinds = [(m[0], m[3] if m[0] == "r" else m[2]) for m in pair.server_handler.messages]
+    assert kinds == [("r", 1), ("r", 1)]  # the run as it came, then "b" in a run of its own
+    assert unpack_entries(pair.server_handler.messages[1][4])[0] == "b"
+
+
+def test_a_process_that_does_not_read_refuses_past_its_queue_bound(tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr("stagetx.child.links.PENDING_LIMIT", 4)
+    links, _ = _links(tmp_path)
+    pair = LinkPair(max_frame=4096)
+    pair.pump()
+    links.connected(1, pair.client)
+    pair.client.stalled = True
+    for i in range(2):
+        assert links.send(1, ["m", 1, str(i), b"", 0, None]) == (True, None)
+    assert links.steady_room(1) == 0  # half full: no longer steady
+    for i in range(2):
+        assert links.send(1, ["m", 1, str(i), b"", 0, None]) == (True, None)
+    assert links.send(1, ["m", 1, "x", b"", 0, None]) == (False, "process 2 is not reading and its queue is full")

@@ -406,7 +406,14 @@ class FarRoutes:
         self.routes = Routes(live={"a": [("far", 0)]}, servers={"far": 0.0})
         self.sent: list[tuple[str, list[Any]]] = []
 
-    def send(self, server_id: str, frame: list[Any], reroute: str | None = None, deadline: float | None = None) -> Any:
+    def send(
+        self,
+        server_id: str,
+        frame: list[Any],
+        reroute: str | None = None,
+        deadline: float | None = None,
+        steady: bool = False,
+    ) -> Any:
         self.sent.append((server_id, frame))
         return True, None
 
