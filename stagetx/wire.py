@@ -56,6 +56,10 @@ from stagetx import reactors
 VERSION = 2
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 FLUSH_BYTES = 256 * 1024  # a batch this large is written at once, not at the end of the turn
+#: Bytes a link's transport may hold before the link is ``stalled``: a few batches, so one turn's
+#: output to a peer that reads never counts as a stall (Twisted pauses a producer as soon as one
+#: write takes its buffer past this, before trying to send it).
+LINK_BUFFER = 4 * FLUSH_BYTES
 TAG_SIZE = 16
 NONCE_SIZE = 32
 
@@ -368,7 +372,11 @@ class Link(protocol.Protocol):
         self._recv_mac = hashlib.blake2b(key=recv_key, digest_size=TAG_SIZE)
         self.peer_id = self._peer_node.decode("utf-8", "surrogateescape")
         self.authenticated = True
-        self.transport.registerProducer(self, True)  # ``stalled`` follows the transport's buffer
+        # ``stalled`` follows the transport's buffer (LINK_BUFFER); under TLS the TCP transport's
+        for transport in (self.transport, getattr(self.transport, "transport", None)):
+            if hasattr(transport, "bufferSize"):
+                transport.bufferSize = LINK_BUFFER
+        self.transport.registerProducer(self, True)
         self._state = self._on_data
         if self._timeout_call is not None and self._timeout_call.active():
             self._timeout_call.cancel()
