@@ -12,7 +12,15 @@ from twisted.logger import globalLogPublisher
 
 from stagetx.stages.index import store as store_module
 from stagetx.stages.index.commands import Executor
-from stagetx.stages.index.store import COMPACT_RATIO, IndexStore, LogSegment, StoreCorrupt, frame, read_frames
+from stagetx.stages.index.store import (
+    COMPACT_RATIO,
+    PLACE_CHECK_INTERVAL,
+    IndexStore,
+    LogSegment,
+    StoreCorrupt,
+    frame,
+    read_frames,
+)
 from tests.support import LogCapture
 
 
@@ -393,7 +401,8 @@ def test_damage_followed_by_records_keeps_a_copy_of_the_whole_segment(tmp_path) 
 
 
 @pytest.mark.parametrize("how", ["removed", "renamed"])
-def test_a_directory_taken_away_is_made_anew_and_gets_every_board_again(tmp_path, how) -> None:
+def test_a_directory_taken_away_is_made_anew_and_gets_every_board_again(tmp_path, how, monkeypatch) -> None:
+    monkeypatch.setattr("stagetx.stages.index.store.PLACE_CHECK_INTERVAL", 0)  # every commit looks
     directory = str(tmp_path / "scores")
     store, executor = _open(directory, chunk=10)
     _apply(store, executor, {b"set:b": {b"m%d" % i: {b"v": b"v%d" % i, b"I": {1: i % 7, 3: -i}} for i in range(100)}})
@@ -422,7 +431,8 @@ def test_a_directory_taken_away_is_made_anew_and_gets_every_board_again(tmp_path
     _assert_reopens_as_it_was(directory, store)
 
 
-def test_a_directory_made_anew_by_another_process_refuses_the_writes_until_it_is_free(tmp_path) -> None:
+def test_a_directory_made_anew_by_another_process_refuses_the_writes_until_it_is_free(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("stagetx.stages.index.store.PLACE_CHECK_INTERVAL", 0)  # every commit looks
     directory = str(tmp_path / "scores")
     store, executor = _open(directory)
     _apply(store, executor, {b"set:b": {b"m": {b"i": 1}}})
@@ -438,3 +448,18 @@ def test_a_directory_made_anew_by_another_process_refuses_the_writes_until_it_is
     for _ in store.compaction():
         pass
     _assert_reopens_as_it_was(directory, store)
+
+
+def test_the_log_s_place_is_looked_at_most_every_interval_and_a_move_is_kept(tmp_path) -> None:
+    """A stat per commit cost as much as a small turn's write; the look is rate-limited, and once
+    the log is found moved it stays moved (the store's second look must not be told otherwise)."""
+    now = [100.0]
+    path = str(tmp_path / "0000000001.log")
+    segment = LogSegment(path, clock=lambda: now[0])
+    os.remove(path)
+    assert segment.in_place()  # within the interval: not looked at
+    now[0] += 2 * PLACE_CHECK_INTERVAL
+    assert not segment.in_place()
+    open(path, "wb").close()  # another file at the path later: still not this log
+    now[0] += 2 * PLACE_CHECK_INTERVAL
+    assert not segment.in_place() and not segment.in_place()

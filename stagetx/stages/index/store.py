@@ -26,7 +26,8 @@ changes; and nothing is ever appended after one: a failed or short write is cut 
 once (``LogSegment.append``), and when even that fails the segment is sealed and the next
 commit starts a new one. A commit that fails also undoes its changes in memory, so what a
 failed write held is neither acknowledged nor visible (docs/reliability.md, "Crash consistency").
-A commit first checks that its segment is still the file at its path (``LogSegment.in_place``):
+A commit first checks that its segment is still the file at its path (``LogSegment.in_place``,
+at most every ``PLACE_CHECK_INTERVAL``):
 when the directory was removed or renamed, writes would go where no start reads them, so the
 store locks the directory anew at its path, starts a segment there and writes every board to it
 by the next compaction (``IndexStore._rehome``).
@@ -42,8 +43,9 @@ import pickle
 import re
 import shutil
 import struct
+import time
 import zlib
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, BinaryIO
 
 import msgpack
@@ -119,6 +121,10 @@ COMPACT_RATIO = 2
 #: the disk: its last step's ``fsync`` would otherwise write the whole file (hundreds of ms for ten
 #: million members) while requests wait.
 SNAPSHOT_SYNC_BYTES = 4 << 20
+#: At most how often (s) a commit checks that its log is still at its path (``LogSegment.in_place``):
+#: the stat costs as much as a small turn's write, and what is logged in between is in memory too,
+#: which the compaction that follows a move writes to the new directory.
+PLACE_CHECK_INTERVAL = 0.05
 
 
 class LogSegment:
@@ -129,22 +135,33 @@ class LogSegment:
     truncate), the segment is ``torn`` and must not be appended to: the store seals it.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._clock = clock
         found = os.fstat(self.fd)
         self.size = found.st_size
         self._identity = (found.st_dev, found.st_ino)
+        self._checked = clock()  # when ``path`` was last seen naming this file
+        self._moved = False
         self.torn = False
 
     def in_place(self) -> bool:
-        """True while ``path`` still names this file. A directory removed (``rm -r``) or renamed
-        under the running stage leaves the open file writable, but no start would read it."""
+        """True while ``path`` still names this file, looked at most every ``PLACE_CHECK_INTERVAL``
+        (once moved, for good). A directory removed (``rm -r``) or renamed under the running
+        stage leaves the open file writable, but no start would read it."""
+        if self._moved:
+            return False
+        now = self._clock()
+        if now - self._checked < PLACE_CHECK_INTERVAL:
+            return True
+        self._checked = now
         try:
             found = os.stat(self.path)
         except (FileNotFoundError, NotADirectoryError):
-            return False
-        return (found.st_dev, found.st_ino) == self._identity
+            found = None
+        self._moved = found is None or (found.st_dev, found.st_ino) != self._identity
+        return not self._moved
 
     def write(self, data: bytes | memoryview) -> int:
         """One ``write()`` call; returns how many bytes it took (tests override it to inject faults)."""
