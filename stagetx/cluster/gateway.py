@@ -86,7 +86,8 @@ class RemoteView:
         if server_id not in self.routes.servers:
             return False, f"server '{server_id}' is not in the cluster (gone, restarted or never seen)"
         if server_id in self.routes.full:
-            return False, f"server '{server_id}' is not linked and its queue is full"
+            # the gateway's routes say only that it is full: its link may be down or not reading
+            return False, f"server '{server_id}' takes nothing more now: its queue is full (not linked, or not reading)"
         try:
             packed = frame if type(frame) is bytes else pack_message(frame)  # the gateway passes it on as it is
             check_fits(packed, MAX_FRAME)

@@ -177,6 +177,12 @@ def test_the_queue_of_an_unlinked_peer_is_bounded_and_overflow_is_reported(tmp_p
     clock.advance(0)
     pushed = [f for g, f in links.frames if g == 1 and f[0] == "croutes"]
     assert pushed and pushed[-1][1][5] == ["s1"]  # the other processes learn it is full
+    view = RemoteView(RecordingLinks())
+    view.process_frame(0, pushed[-1])
+    assert view.send("s1", ["m"]) == (
+        False,
+        "server 's1' takes nothing more now: its queue is full (not linked, or not reading)",
+    )
 
 
 def test_overload_is_announced_and_logged_then_recovery(tmp_path: Path) -> None:
