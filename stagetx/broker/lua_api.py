@@ -66,7 +66,6 @@ if TYPE_CHECKING:
     from stagetx.lua.sandbox import Sandbox, Sandboxes
     from stagetx.lua.workers import Workers
 
-_EXPIRE_MS = b"broker: expire is a finite number of ms"
 _BAD_TARGET = b"broker.signal: the target is a socket id, a table of them, or a packed address"
 _SCRIPT = resources.files("stagetx.broker").joinpath("broker.lua").read_bytes()
 
@@ -417,6 +416,8 @@ class BrokerAPI(_Reads):
             return (True,)
         if value is not None and key in (b"close", b"receive") and self.vm.lua_type(value) != "function":
             return None, lua_text(f"broker: {text(key)} must be a function")
+        if key == b"expire" and value is not None and (not isinstance(value, (int, float)) or not isfinite(value)):
+            return None, b"broker: expire is a finite number of ms"
         endpoint = self.endpoints.get(eid)
         if endpoint is None:
             return self.set_socket(eid, key, value)
@@ -424,8 +425,6 @@ class BrokerAPI(_Reads):
         if key == b"page":
             return self.set_page(endpoint, value)
         if key == b"expire":
-            if value is not None and (not isinstance(value, (int, float)) or not isfinite(value)):
-                return None, _EXPIRE_MS
             endpoint.set_expire(value or 0)
         elif key == b"close":
             handler.on_close = value
@@ -436,9 +435,7 @@ class BrokerAPI(_Reads):
     def set_socket(self, sid: int, key: bytes, value: Any) -> tuple[Any, ...]:
         """A setting on an accepted socket, as the original's socket table takes them: its own
         ``receive`` function, ``close`` callback and idle ``expire`` (nil: the listener's again);
-        ``page`` is a listener's; a closed socket ignores settings."""
-        if key == b"expire" and value is not None and (not isinstance(value, (int, float)) or not isfinite(value)):
-            return None, _EXPIRE_MS
+        ``page`` is a listener's; a closed socket ignores settings (``set`` checked the values)."""
         if key == b"page":
             return None, b"broker: page is set on the listener, not on a socket"
         sock = self.registry.get(sid)
