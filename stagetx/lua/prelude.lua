@@ -198,15 +198,25 @@ if os and os.exit then
     end
 end
 
+-- Lua's own `f`, called by the wrapper `name` that replaces it (tail-call this): f's result, or
+-- its error at the wrapper's caller's line, naming the wrapper (through pcall Lua names f '?').
+local as_replaced
+do
+    local pcall_ = pcall  -- the budget's: an expiry inside f goes on unwinding
+    as_replaced = function(name, f, ...)
+        local ok, r = pcall_(f, ...)
+        if ok then return r end
+        error((gsub(r, "^(bad argument #%d+ to )'%?'", "%1'" .. name .. "'")), 2)
+    end
+end
+
 -- The empty string repeated is "" at once: Lua copies it n times all the same, in C where the
 -- budget cannot reach (string.rep("", 1e15): days), and no %memory bounds an empty result.
 do
-    local rep, pcall_ = string.rep, pcall
+    local rep = string.rep
     string.rep = function(s, n, sep)
         if s == "" and (sep == nil or sep == "") and type(n) == "number" and n > 1 and n % 1 == 0 then n = 1 end
-        local ok, r = pcall_(rep, s, n, sep)
-        if ok then return r end
-        error((gsub(r, "^(bad argument #%d+ to )'%?'", "%1'rep'")), 2)  -- the caller's, at its line
+        return as_replaced("rep", rep, s, n, sep)
     end
 end
 
@@ -215,13 +225,10 @@ end
 -- MOVE_CHUNK elements moves in chunks, in the order Lua would move it, the hook met between them.
 if table.move and math.tointeger then  -- Lua 5.4 (LuaJIT's loops are its JIT's, see %budget)
     local move, tointeger, maxinteger, MOVE_CHUNK = table.move, math.tointeger, math.maxinteger, 65536
-    local pcall_ = pcall
     table.move = function(a1, f, e, t, a2)
         local fi, ei, ti = tointeger(f), tointeger(e), tointeger(t)  -- nil unless integral numbers
         if not (fi and ei and ti) or fi < 1 or ei - fi < MOVE_CHUNK or ti > maxinteger - (ei - fi) then
-            local ok, r = pcall_(move, a1, f, e, t, a2)  -- short, or its own errors: Lua's move
-            if ok then return r end
-            error((gsub(r, "^(bad argument #%d+ to )'%?'", "%1'move'")), 2)  -- the caller's, at its line
+            return as_replaced("move", move, a1, f, e, t, a2)  -- short, or its own errors: Lua's move
         end
         f, e, t = fi, ei, ti
         local dest = a2
