@@ -1,4 +1,5 @@
-"""The supervisor: one child process per ``#startup`` group, restarted with back-off on a crash.
+"""The supervisor: one child process per ``#startup`` group, restarted with back-off whenever it
+ends without being asked to (a crash, or a clean stop someone else caused).
 
 Our own small service over ``spawnProcess`` rather than ``twisted.runner.procmon``: the children
 must inherit the ``#services`` listening sockets (``childFDs``) and the environment, must get the
@@ -429,7 +430,7 @@ class Supervisor(service.Service):
             slot.respawn = False
             slot.restarts += 1
             self._spawn(slot)
-        elif code != 0 or sig is not None:
+        else:  # not asked for: a crash whatever the status (exit 0 after a SIGTERM sent by hand too)
             uptime = self.clock().seconds() - (slot.started or 0.0)
             if uptime >= self._stable_after:
                 slot.delay = self._backoff[0]

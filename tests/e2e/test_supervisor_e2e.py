@@ -83,6 +83,27 @@ def test_crashing_child_is_restarted_and_long_lines_arrive_whole(app_dir: Path) 
 
 
 @pytest_twisted.inlineCallbacks
+def test_child_ended_from_outside_with_exit_0_is_restarted(app_dir: Path) -> Any:
+    # a SIGTERM sent to a child by hand: it stops cleanly (exit 0), but nobody asked the
+    # supervisor, so the group's stages would be gone until the next server start
+    supervisor = standin_supervisor(app_dir, 1, backoff=(0.1, 0.4))
+    with capturedLogs() as events:
+        supervisor.startService()
+        try:
+            yield wait_for(lambda: bool(child_lines(events, "standin ready")), 20)
+            first = supervisor.status()[0].pid
+            assert first is not None
+            os.kill(first, signal.SIGTERM)
+            yield wait_for(lambda: len(child_lines(events, "standin ready")) == 2, 20)
+            status = supervisor.status()[0]
+        finally:
+            yield supervisor.stopService().addTimeout(20, reactor)
+    assert any(e.get("how") == "exit code 0" and e.get("pid") == first for e in events)
+    assert status.restarts == 1
+    assert status.pid not in (None, first)
+
+
+@pytest_twisted.inlineCallbacks
 def test_stop_kills_a_child_that_ignores_sigterm(app_dir: Path) -> Any:
     environ = {**os.environ, "STANDIN_IGNORE_TERM": "1"}
     supervisor = standin_supervisor(app_dir, 1, grace=0.5, environ=environ)

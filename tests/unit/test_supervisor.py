@@ -210,13 +210,14 @@ def test_a_child_killed_by_a_signal_is_restarted(make, spawner: FakeSpawner, clo
     assert "process 2 started, pid 1002" in text
 
 
-def test_clean_exit_is_not_restarted(make, spawner: FakeSpawner, clock: Clock) -> None:
+def test_an_exit_0_nobody_asked_for_is_restarted_with_back_off(make, spawner: FakeSpawner, clock: Clock) -> None:
     supervisor = make(groups=1)
     supervisor.startService()
     spawner.last(0).exit(0)
-    clock.advance(3600)
-    assert len(spawner.processes) == 1
     assert supervisor.status()[0].pid is None
+    clock.advance(1)
+    assert len(spawner.processes) == 2
+    assert supervisor.status()[0].restarts == 1
 
 
 def test_a_failed_spawn_is_retried_with_back_off(make, spawner: FakeSpawner, clock: Clock) -> None:
