@@ -153,6 +153,9 @@ class ClusterGateway(MultiService):
             DnsDiscovery(list(cluster.dns), self.dns_answered, reactor).setServiceParent(self)
         self.routes = Routes()
         self._via: dict[str, str] = {}
+        # discovered addresses dialed but not linked yet -> (server id, when last announced): one
+        # that falls silent before our dial links is no longer dialed (nothing else forgets it)
+        self._announced: dict[str, tuple[str, float]] = {}
         self.dropped = 0  # messages dropped because their server went away (for /metrics)
         self._push_call: IDelayedCall | None = None
         self._queue_limit = cluster.queue
@@ -249,9 +252,34 @@ class ClusterGateway(MultiService):
     def discovered(self, server_id: str, addr: str) -> None:
         if server_id in self.directory.peers and self.directory.peers[server_id].linked:
             return
-        if addr not in self.peers.dialing():
+        if addr in self._announced:
+            self._announced[addr] = (server_id, self.now())
+        elif addr not in self.peers.dialing():
             self.log.info("discovered server {server} at {addr}", server=server_id, addr=addr)
+            self._announced[addr] = (server_id, self.now())
             self.peers.dial(addr)
+
+    def _forget_silent_announcements(self) -> None:
+        """Stop dialing discovered addresses our dial never linked to and that were not announced
+        within the directory's sync time: a server gone before anyone reached it, one announcing
+        an address this server cannot reach, or one linked the other way (it dialed us; its
+        announcements are ignored then). Discovery dials them again if they are announced again."""
+        cutoff = self.now() - self.directory.sync
+        for addr, (server_id, heard) in list(self._announced.items()):
+            if heard >= cutoff:
+                continue
+            del self._announced[addr]
+            if addr in self.static:
+                continue
+            peer = self.directory.peers.get(server_id)
+            if peer is None or not peer.linked:
+                self.log.info(
+                    "discovered address {addr} of server {server} never linked and is no longer announced: "
+                    "not dialed any more",
+                    addr=addr,
+                    server=server_id,
+                )
+            self.peers.undial(addr)
 
     def dns_answered(self, found: set[str], gone: set[str]) -> None:
         """A ``dns://`` name's addresses: dial those not dialed (new ones, and peers forgotten
@@ -269,6 +297,7 @@ class ClusterGateway(MultiService):
     def peer_linked(self, server_id: str, link: Link, via: str | None) -> None:
         if via is not None:
             self._via[server_id] = via
+            self._announced.pop(via, None)  # linked: forgotten with its peer from now on
         link.send(self._hello())
 
     def peer_unlinked(self, server_id: str) -> None:
@@ -402,6 +431,7 @@ class ClusterGateway(MultiService):
                 link.send(hello)
             if self._held and not self._warming():
                 self._release_held()
+            self._forget_silent_announcements()
             gone = self.directory.expire()
             for peer in gone:
                 self.log.warn(

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from stagetx.cluster.discovery import encode_announcement
 from tests.e2e.cluster_scripts import ASKER, COUNTER, WHERE, burst
 from tests.support import ServerProcess, free_port, write_app
 
@@ -216,6 +217,34 @@ def test_servers_find_each_other_by_multicast_on_loopback(tmp_path: Path) -> Non
         d.wait_for(lambda: any("ready" in line for line in d.lines), 20, "the first server")
         e.wait_for(lambda: [r[0] for r in e.logged("s", "at")].count("D") >= 3, 20, "replies through a discovered link")
         assert any("discovered server" in line for line in e.lines + d.lines)
+
+
+def test_a_discovered_address_that_never_links_stops_being_dialed_once_silent(tmp_path: Path) -> None:
+    """A server announced on the group (by this test, with the cluster's secret) at an address
+    nobody listens on: dialed while announced, no longer dialed within sync of its last one."""
+    group = f"239.255.73.{int(time.time()) % 200 + 20}"
+    reason = _multicast_on_loopback(group)
+    if reason:
+        pytest.skip(reason)
+    udp = free_port(kind=socket.SOCK_DGRAM)
+    config = {"#cluster": [free_port(), f"udp://{group}:{udp}"], "#router": [1500, 900], "#startup": [["=lua+w"]]}
+    path = app(tmp_path, "d", config, {"w": WHERE})
+    ghost = f"127.0.0.1:{free_port()}"
+    announcement = encode_announcement(SECRET.encode(), "ghost", ghost)
+    with ServerProcess(path) as d, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+        sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+        d.wait_for(lambda: any("ready" in line for line in d.lines), 20, "the server")
+
+        def announced(marker: str) -> bool:
+            sender.sendto(announcement, (group, udp))
+            return any(marker in line for line in d.lines)
+
+        d.wait_for(lambda: announced(f"discovered server ghost at {ghost}"), 20, "the ghost discovered")
+        d.wait_for(
+            lambda: any(f"{ghost} of server ghost never linked" in line for line in d.lines), 20, "the ghost forgotten"
+        )
+        assert not any("Traceback" in line for line in d.lines)
 
 
 # -- a burst that overloads a server, and its recovery ------------------------------------------

@@ -414,6 +414,30 @@ def test_dns_answers_dial_new_and_forgotten_addresses_and_stop_dialing_gone_ones
     assert gw.peers.dialing() == {"10.0.0.3:7001"}
 
 
+def test_a_discovered_address_that_never_links_is_not_dialed_once_no_longer_announced(tmp_path: Path) -> None:
+    gw, _, clock, _ = gateway(tmp_path)  # sync 1.5 s
+    with capturedLogs() as events:
+        gw.discovered("ghost", "10.0.0.9:7001")
+        gw.discovered("s1", "127.0.0.1:7002")
+        link_peer(gw, "s1", "127.0.0.1:7002", {"w": [0]})
+        gw.peer_linked("s1", FakeLink(), "127.0.0.1:7002")  # our dial linked too
+        for _ in range(4):  # announced every 0.5 s: kept
+            clock.advance(0.5)
+            gw.discovered("ghost", "10.0.0.9:7001")
+            gw.peer_message("s1", ["hello", "127.0.0.1:7002", {"w": [0]}, 0.0, False])
+            gw._tick()
+        assert gw.peers.dialing() == {"10.0.0.9:7001", "127.0.0.1:7002"}
+        for _ in range(4):  # silent past sync: forgotten; the linked peer's address is kept
+            clock.advance(0.5)
+            gw.peer_message("s1", ["hello", "127.0.0.1:7002", {"w": [0]}, 0.0, False])
+            gw._tick()
+    assert gw.peers.dialing() == {"127.0.0.1:7002"}
+    lines = [formatEvent(e) for e in events]
+    assert any("10.0.0.9:7001 of server ghost never linked" in line for line in lines)
+    gw.discovered("ghost", "10.0.0.9:7001")  # announced again: dialed again
+    assert "10.0.0.9:7001" in gw.peers.dialing()
+
+
 def test_a_linked_server_is_a_steady_route_from_every_process(tmp_path: Path) -> None:
     """The gateway: a server whose link is up takes what is written to it this turn; another
     process: a known server with room, while its link to the gateway is up (and within both
