@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import random
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +25,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from stagetx.linkqueue import LinkQueue
 from stagetx.router import Result, Router
 from stagetx.wire import (
     FrameTooLarge,
@@ -71,6 +71,12 @@ class _Entries:
     def __init__(self, data: bytes, count: int) -> None:
         self.data = data
         self.count = count
+
+
+def _counted_bytes(item: list[Any] | _Entries) -> int:
+    """What an item counts against ``PENDING_BYTES``: runs by their bytes; single frames, bounded
+    by ``PENDING_LIMIT``, nothing."""
+    return len(item.data) if isinstance(item, _Entries) else 0
 
 
 class _OpenRun:
@@ -185,8 +191,9 @@ class ProcessLinks(MultiService):
         self.inbound: set[Link] = set()  # the other processes' links to this one
         self.leaving: set[int] = set()  # processes that said they stop (their links close next)
         self._stopping = False
-        self._pending: dict[int, deque[list[Any] | _Entries]] = {g: deque() for g in range(groups) if g != self.group}
-        self._pending_bytes = dict.fromkeys(self._pending, 0)  # bytes of the runs in each queue
+        self._pending: dict[int, LinkQueue[list[Any] | _Entries]] = {
+            g: LinkQueue(PENDING_LIMIT, PENDING_BYTES, _counted_bytes) for g in range(groups) if g != self.group
+        }
         self._runs: dict[int, _OpenRun] = {}  # the run being built per linked process
         self._run_bytes = min(RUN_BYTES, message_room(max_frame) // 2)
         self._run_message_bytes = min(RUN_MESSAGE_BYTES, message_room(max_frame) // 4)
@@ -265,11 +272,7 @@ class ProcessLinks(MultiService):
         connected and its queue is under half full (0 otherwise): half a frame, leaving the rest to
         the message's other fields. The other half of the queue takes that turn's runs while the
         process does not read (``send_entries``)."""
-        if (
-            group in self._out
-            and len(self._pending[group]) < PENDING_LIMIT // 2
-            and self._pending_bytes[group] < PENDING_BYTES // 2
-        ):
+        if group in self._out and self._pending[group].has_room():
             return message_room(self.max_frame) // 2
         return 0
 
@@ -296,7 +299,7 @@ class ProcessLinks(MultiService):
             pending = self._pending.get(group)
             if pending is None:
                 return False, f"no process {group + 1} on this server"
-            if len(pending) >= PENDING_LIMIT or self._pending_bytes[group] >= PENDING_BYTES:
+            if pending.limit_reached() is not None:
                 state = "is not reading" if link is not None else "is down"
                 return False, f"process {group + 1} {state} and its queue is full"
             check_fits(frame, self.max_frame)
@@ -327,7 +330,6 @@ class ProcessLinks(MultiService):
             return True, None
         if link is not None:  # it does not read: they wait as they came, past the bound too
             self._pending[group].append(_Entries(entries, count))
-            self._pending_bytes[group] += len(entries)
             return True, None
         # the link dropped within the turn (a write failed): the frames wait for it as others do
         for frame in unpack_entries(entries):
@@ -341,10 +343,7 @@ class ProcessLinks(MultiService):
         self._out[group] = link
         self._down.discard(group)
         self.leaving.discard(group)
-        pending = self._pending[group]
-        self._pending_bytes[group] = 0
-        while pending:
-            item = pending.popleft()
+        for item in self._pending[group].take():
             if isinstance(item, _Entries):
                 link.send_entries(item.data, item.count)
             else:
@@ -358,7 +357,6 @@ class ProcessLinks(MultiService):
         while pending and self._out.get(group) is link:
             item = pending.popleft()
             if isinstance(item, _Entries):
-                self._pending_bytes[group] -= len(item.data)
                 if group in self._runs:
                     self._end_run(group)
                 link.send_entries(item.data, item.count)

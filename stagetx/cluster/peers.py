@@ -15,7 +15,6 @@ Once the link has written out its buffer, the queue follows, in order.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
@@ -28,6 +27,7 @@ from twisted.internet.interfaces import IListeningPort, ITCPTransport
 from twisted.logger import Logger
 
 from stagetx.config import ClusterTls
+from stagetx.linkqueue import LinkQueue
 from stagetx.wire import FrameTooLarge, Link, LinkClientFactory, LinkServerFactory, check_fits, pack_message
 
 #: Reconnect delays: first retry after this many seconds, growing by ``BACKOFF_FACTOR`` ...
@@ -63,6 +63,10 @@ class Queued:
     frame: bytes  # packed (``pack_message``): measured once, written as it is
     reroute: str | None = None
     deadline: float | None = None  # monotonic time after which it is dropped ({id, addr, ms})
+
+
+def _queued_size(item: Queued) -> int:
+    return len(item.frame)
 
 
 class _Handler:
@@ -146,8 +150,7 @@ class PeerLinks(MultiService):
         self.queue_limit = queue_limit
         self.now = now
         self.links: dict[str, Link] = {}  # server id -> the link its frames go out on
-        self.queues: dict[str, deque[Queued]] = {}
-        self._queued_bytes: dict[str, int] = {}  # server id -> bytes of its queue's frames
+        self.queues: dict[str, LinkQueue[Queued]] = {}
         self._dialers: dict[str, ClientService] = {}
         self._open: dict[str, list[Link]] = {}  # server id -> every authenticated link to it
         self._port: IListeningPort | None = None
@@ -213,17 +216,17 @@ class PeerLinks(MultiService):
             link = self.links.get(server_id)
             if link is not None and self.takes(server_id) and _write(link, frame):
                 return True, None
-            queue = self.queues.setdefault(server_id, deque())
-            state = "is not reading" if link is not None else "is not linked"
-            if len(queue) >= self.queue_limit and not steady:
-                return False, f"server '{server_id}' {state} and its queue is full ({self.queue_limit})"
-            if self._queued_bytes.get(server_id, 0) >= QUEUE_BYTES and not steady:
-                return False, f"server '{server_id}' {state} and its queue is full ({QUEUE_BYTES >> 20} MiB)"
+            queue = self.queues.get(server_id)
+            if queue is None:
+                queue = self.queues[server_id] = LinkQueue(self.queue_limit, QUEUE_BYTES, _queued_size)
+            bound = queue.limit_reached()
+            if bound is not None and not steady:
+                state = "is not reading" if link is not None else "is not linked"
+                return False, f"server '{server_id}' {state} and its queue is full ({bound})"
             packed = frame if type(frame) is bytes else pack_message(frame)
             check_fits(packed, self.max_frame)
         except FrameTooLarge as err:
             return False, str(err)
-        self._queued_bytes[server_id] = self._queued_bytes.get(server_id, 0) + len(packed)
         queue.append(Queued(packed, reroute, deadline))
         return True, None
 
@@ -235,24 +238,19 @@ class PeerLinks(MultiService):
     def has_room(self, server_id: str) -> bool:
         """``server_id`` is linked and its queue is under half full: what a reactor turn sends to
         it surely fits, written to the link or queued (the other half is that turn's margin)."""
-        queued = len(self.queues.get(server_id, ()))
-        return (
-            server_id in self.links
-            and queued < self.queue_limit // 2
-            and self._queued_bytes.get(server_id, 0) < QUEUE_BYTES // 2
-        )
+        queue = self.queues.get(server_id)
+        return server_id in self.links and (queue is None or queue.has_room())
 
     def is_full(self, server_id: str) -> bool:
-        queued = len(self.queues.get(server_id, ()))
-        return queued >= self.queue_limit or self._queued_bytes.get(server_id, 0) >= QUEUE_BYTES
+        queue = self.queues.get(server_id)
+        return queue is not None and queue.limit_reached() is not None
 
     def take_queue(self, server_id: str) -> list[Queued]:
         """Remove and return what waits for ``server_id`` (a peer that is gone for good)."""
-        self._queued_bytes.pop(server_id, None)
-        return list(self.queues.pop(server_id, ()))
+        queue = self.queues.pop(server_id, None)
+        return queue.take() if queue is not None else []
 
     def _flush(self, server_id: str, link: Link) -> None:
-        self._queued_bytes.pop(server_id, None)
         queue = self.queues.pop(server_id, None)
         if not queue:
             return
