@@ -763,10 +763,22 @@ setmetatable(stage, {__index = cfg.extensions})
 
 ---------------------------------------------------------------------------------------------------
 -- log4cxx: substitutions here, where the caller's file and line are known.
+-- A value's text; a __tostring that fails (or returns no string) is the caller's error, raised
+-- at its line (level 4: the script that called log4cxx), not at this prelude's.
+local function log_text(v)
+    local t = type(v)
+    if t == "string" then return v end
+    if t ~= "table" and t ~= "userdata" then return tostring(v) end
+    local ok, text = pcall(tostring, v)
+    if ok then return text end
+    if type(text) == "string" and not match(text, "^[^\n]-:%d+: ") then error(text, 4) end
+    error(text, 0)  -- raised by the script's own __tostring: its line is in the text already
+end
+
 local function format_log(level, ...)
     local n = select("#", ...)
     local parts = {...}
-    for i = 1, n do parts[i] = tostring(parts[i]) end
+    for i = 1, n do parts[i] = log_text(parts[i]) end
     local text = concat(parts, "\t", 1, n)
     local group
     if find(text, "%", 1, true) then

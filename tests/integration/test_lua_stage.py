@@ -438,6 +438,26 @@ async def test_log4cxx_substitutions_and_groups(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_value_whose_tostring_fails_in_log4cxx_is_an_error_at_the_script_s_line(tmp_path: Path) -> None:
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
+        local bad = setmetatable({}, {__tostring = function() return {} end})
+        local raising = setmetatable({}, {__tostring = function() error("no text") end})
+        log4cxx.info("bad", pcall(function() log4cxx.info("x", bad) end))
+        log4cxx.info("raising", pcall(function() print(raising) end))
+        log4cxx.info("done")
+    """
+        },
+    )
+    capture = await run(path, "done")
+    bad, raising = logged(capture, "bad"), logged(capture, "raising")
+    assert bad == [["false", "lua/main.lua:4: '__tostring' must return a string"]], bad
+    assert raising == [["false", "lua/main.lua:3: no text"]], raising
+
+
+@pytest_twisted.ensureDeferred
 async def test_process_and_thread_properties(tmp_path: Path) -> None:
     os.environ.pop("STAGETX_SET_BY_LUA", None)
     path = lua_app(
