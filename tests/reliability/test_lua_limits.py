@@ -303,7 +303,7 @@ def test_a_client_sending_bytecode_or_os_exit_to_load_cannot_end_the_process(tmp
         assert packet(loader_port, b"return 6 * 7") == b"ran: 42"
         for chunk in damaged_chunks(100):
             assert packet(loader_port, chunk) == b"refused: attempt to load a binary chunk (mode is 't')"
-        # a script's os.exit(0) ended the process for good: the supervisor restarts no exit with status 0
+        # a script's os.exit(0) ended the process and every stage in it (lost their state and clients)
         assert b"os.exit: a stage cannot end its process" in packet(loader_port, b"os.exit(0)")
         assert ask(other_port, "ping") == "pong"
         assert group_pids(server)[0] == pid and alive(pid)
