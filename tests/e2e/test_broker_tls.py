@@ -18,9 +18,20 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import reactor, ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 
+from stagetx.broker import tls as tls_module
 from stagetx.config import ConfigError, load_config
 from tests.e2e.test_broker_websocket import WsClient
-from tests.support import InProcessServer, LogCapture, PacketClient, free_port, iter_lines, packet, wait_for, write_app
+from tests.support import (
+    InProcessServer,
+    LogCapture,
+    PacketClient,
+    connect,
+    free_port,
+    iter_lines,
+    packet,
+    wait_for,
+    write_app,
+)
 
 WAIT = 5.0
 
@@ -237,4 +248,30 @@ async def test_client_ca_requires_a_client_certificate_signed_by_it(tmp_path: Pa
             )
             assert stranger.data == b""
         assert len(run.said("accepted")) == 2  # the join and the player: refused handshakes never reach Lua
+        player.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_stalls_in_its_tls_handshake_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tls_module, "HANDSHAKE_TIMEOUT", 0.3)
+    good, _ = write_tls_files(tmp_path)
+    port = free_port()
+    script = f"""
+        local l = broker.ready("tls://127.0.0.1:{port}?packet", function(socket)
+            return function(s, data) return "tls:" .. data end
+        end)
+        l.expire = 60000  -- idle expiry covers handshaken sockets only
+    """
+    async with TlsStage(tmp_path, script, {"cert": "tls/server.pem", "key": "tls/server.key"}) as run:
+        player = PacketClient()
+        await connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", port, trusting(good)), player)
+        silent, trickling = await connect(port), await connect(port)
+        trickling.transport.write(b"\x16\x03\x01")  # the first bytes of a ClientHello, and no more
+        await wait_for(lambda: silent.closed and trickling.closed, WAIT, "stalled handshakes to be dropped")
+        assert "did not finish its TLS handshake within 0.3 s" in run.log.text()
+        player.transport.write(packet(b"still here"))  # past the deadline: a done handshake is kept
+        await wait_for(lambda: player.frames() == [b"tls:still here"], WAIT, "the handshaken client served")
+        assert not player.closed
         player.transport.loseConnection()
