@@ -33,8 +33,11 @@ from zope.interface import implementer
 from stagetx.broker import addresses
 from stagetx.broker.framing import BrokerURL, Data, FrameError, FrameTooLarge, Framing, framing_for
 from stagetx.broker.traffic import Traffic
+from stagetx.ratelog import RateLimitedLog
 
 log = Logger(namespace="stagetx.broker")
+WARN_INTERVAL = 10.0  # s: an endpoint logs at most WARN_BURST warnings about its clients per interval
+WARN_BURST = 10
 
 
 class Handler(Protocol):
@@ -126,6 +129,7 @@ class Endpoint:
         "port",
         "traffic",
         "dials",
+        "warnings",
         "_sweeper",
         "_every",
         "__weakref__",
@@ -143,6 +147,8 @@ class Endpoint:
         self.port: Any = None  # IListeningPort, IConnector or the UDP port
         self.traffic = Traffic()  # its clients' counters (stagetx.broker.traffic)
         self.dials = False  # a broker.join: its one connection takes the endpoint's id
+        # what its clients did wrong: a client that reconnects in a loop must not fill the log
+        self.warnings = RateLimitedLog(log, clock, interval=WARN_INTERVAL, burst=WARN_BURST)
         self._sweeper: LoopingCall | None = None
         self._every = 0.0  # s between sweeps while the sweeper runs
 
@@ -282,6 +288,7 @@ class Endpoint:
     def shutdown(self) -> Any:
         """Stop listening (or connecting) and close every socket; may return a Deferred."""
         self._stop_sweeper()
+        self.warnings.stop()
         for sock in list(self.sockets.values()):
             sock.close()
         port, self.port = self.port, None
@@ -503,8 +510,10 @@ class Connection:
             self.transport.abortConnection()
 
     def abort(self, reason: str) -> None:
-        """Drop the connection at once because of ``reason`` (logged)."""
-        log.warn("broker socket {sid} ({peer}) closed: {reason}", sid=self.id, peer=self.peer_text(), reason=reason)
+        """Drop the connection at once because of ``reason`` (logged, at a bounded rate)."""
+        self.endpoint.warnings.warn(
+            "broker socket {sid} ({peer}) closed: {reason}", sid=self.id, peer=self.peer_text(), reason=reason
+        )
         self.close_errno = self.close_errno or errno.ECONNABORTED
         if self.connected and self.transport is not None:
             self.transport.abortConnection()
@@ -559,7 +568,7 @@ class Datagram(protocol.DatagramProtocol):
             endpoint.traffic.received(0, len(data))
             if isinstance(err, FrameTooLarge):
                 endpoint.traffic.dropped()
-            log.warn(
+            endpoint.warnings.warn(
                 "broker UDP {sid}: datagram from {peer} dropped: {reason}",
                 sid=self.id,
                 peer=addresses.text(addr[0], addr[1]),

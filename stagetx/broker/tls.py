@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from stagetx.broker import addresses
 from stagetx.broker.framing import BrokerAddressError, BrokerURL
-from stagetx.broker.sockets import Connection, Endpoint, connect_errno, listen_tcp, log
+from stagetx.broker.sockets import Connection, Endpoint, connect_errno, listen_tcp
 
 if TYPE_CHECKING:
     from stagetx.config import TlsConfig
@@ -53,7 +53,7 @@ class TlsConnection(Connection):
     def _stalled(self) -> None:
         """A client silent or trickling through its handshake would hold its descriptor for ever."""
         self.deadline = None
-        log.warn(
+        self.endpoint.warnings.warn(
             "broker: {peer} did not finish its TLS handshake within {timeout} s; dropped",
             peer=_peer_text(self.transport),
             timeout=HANDSHAKE_TIMEOUT,
