@@ -38,6 +38,7 @@ from stagetx.ratelog import RateLimitedLog
 log = Logger(namespace="stagetx.broker")
 WARN_INTERVAL = 10.0  # s: an endpoint logs at most WARN_BURST warnings about its clients per interval
 WARN_BURST = 10
+CLOSE_LINGER = 10.0  # s a closed connection's peer may take nothing of what is still due before it is dropped
 
 
 class Handler(Protocol):
@@ -367,6 +368,8 @@ class Connection:
         self.endpoint.add(self)
 
     def dataReceived(self, data: bytes) -> None:
+        if not self.connected:
+            return  # closed: what a peer still sends is not read (``close`` waits for its end)
         endpoint = self.endpoint
         if endpoint.expiring:
             self.last = endpoint.clock.seconds()
@@ -497,11 +500,36 @@ class Connection:
     def close(self) -> None:
         """Close once what was sent is written; nothing is sent or delivered after this call.
 
-        A peer that does not read what is due gets ``outmax`` worth of waiting at most: past
-        it the connection is aborted."""
+        A peer that takes nothing of what is due for ``CLOSE_LINGER`` s is dropped."""
         if self.connected and self.transport is not None:
             self.connected = 0
+            # a registered producer that the buffer once paused keeps Twisted from ever closing,
+            # and TLS waits for the peer's close_notify, so it must read again (nothing is delivered)
+            self.transport.unregisterProducer()
+            if self.held:
+                self.transport.resumeProducing()
             self.transport.loseConnection()
+            if due := _unwritten(self.transport):
+                self.endpoint.clock.callLater(CLOSE_LINGER, self._linger, due)
+
+    def _linger(self, due: int) -> None:
+        """Drop a closing connection whose peer took nothing of the ``due`` bytes since the last
+        look: Twisted would wait for them for ever, and the descriptor with them."""
+        if self.id not in self.endpoint.sockets:
+            return  # gone
+        left = _unwritten(self.transport)
+        if left < due:
+            self.endpoint.clock.callLater(CLOSE_LINGER, self._linger, left)
+            return
+        self.endpoint.warnings.warn(
+            "broker socket {sid} ({peer}) closed: the peer took nothing of its last {due} bytes in {linger} s",
+            sid=self.id,
+            peer=self.peer_text(),
+            due=left,
+            linger=CLOSE_LINGER,
+        )
+        self.close_errno = self.close_errno or errno.ECONNABORTED
+        self.transport.abortConnection()
 
     def expire(self) -> None:
         """Drop an idle connection at once: its peer may be gone, so nothing waits for unsent output."""
