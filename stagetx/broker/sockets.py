@@ -38,6 +38,9 @@ from stagetx.ratelog import RateLimitedLog
 log = Logger(namespace="stagetx.broker")
 WARN_INTERVAL = 10.0  # s: an endpoint logs at most WARN_BURST warnings about its clients per interval
 WARN_BURST = 10
+# bytes read of each datagram: any UDP payload whole (Twisted's default, 8 KiB, cuts longer ones
+# short, and a cut one would reach Lua as if whole, or pass an IN limit it is over)
+MAX_DATAGRAM = 65536
 CLOSE_LINGER = 10.0  # s a closed connection's peer may take nothing of what is still due before it is dropped
 
 
@@ -776,7 +779,9 @@ def listen_udp(reactor: Any, endpoint: Endpoint) -> Datagram:
     url = endpoint.url
     datagram = Datagram(endpoint)
     if addresses.is_multicast(url.host):
-        endpoint.port = reactor.listenMulticast(url.port, datagram, interface=url.host, listenMultiple=True)
+        endpoint.port = reactor.listenMulticast(
+            url.port, datagram, interface=url.host, maxPacketSize=MAX_DATAGRAM, listenMultiple=True
+        )
     else:
-        endpoint.port = reactor.listenUDP(url.port, datagram, interface=url.host)
+        endpoint.port = reactor.listenUDP(url.port, datagram, interface=url.host, maxPacketSize=MAX_DATAGRAM)
     return datagram

@@ -12,7 +12,7 @@ from typing import Any
 import bson
 import pytest
 import pytest_twisted
-from twisted.internet import protocol, reactor
+from twisted.internet import protocol, reactor, threads
 
 from stagetx.child.control import stage_stats
 from tests.support import (
@@ -358,6 +358,28 @@ async def test_udp_replies_to_the_sender_and_multicast_groups_are_joined(tmp_pat
             await wait_for(lambda: run.said("group") == [["to the group"]], WAIT, "a multicast datagram")
         finally:
             sender.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_udp_datagrams_arrive_whole_up_to_in_and_over_it_are_dropped(tmp_path: Path) -> None:
+    wide, narrow = free_port(kind=socket.SOCK_DGRAM), free_port(kind=socket.SOCK_DGRAM)
+    script = f"""
+        broker.ready("udp://127.0.0.1:{wide}?packet=64k", function(s, data) return #data end)
+        broker.ready("udp://127.0.0.1:{narrow}?packet=10000", function(s, data) return #data end)
+    """
+    async with RunningStage(tmp_path, script) as run:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(WAIT)
+            client.bind(("127.0.0.1", 0))
+            for port, size in ((wide, 20000), (wide, 65507), (narrow, 10000)):
+                client.sendto(b"d" * size, ("127.0.0.1", port))
+                reply = await threads.deferToThread(client.recv, 100)
+                assert reply == str(size).encode()  # not cut to some receive buffer's size
+            client.sendto(b"d" * 12000, ("127.0.0.1", narrow))  # over IN: dropped and logged
+            client.sendto(b"d" * 10, ("127.0.0.1", narrow))
+            assert await threads.deferToThread(client.recv, 100) == b"10"
+        reasons = [e.get("reason", "") for e in run.log.events if e.get("log_namespace") == "stagetx.broker"]
+        assert any("12000 bytes is over the IN limit of 10000" in r for r in reasons), reasons
 
 
 class _Echo(protocol.Protocol):
