@@ -55,6 +55,7 @@ class WebSocket(Connection):
     def opened(self) -> None:
         """The handshake is done: register with the endpoint (which asks the Lua accept function)."""
         self.transport = self.protocol.transport
+        self.transport.bufferSize = self.endpoint.url.outbuf  # what may wait before reading pauses
         self.transport.registerProducer(self, True)  # backpressure: held while the peer does not read
         self.connected = 1
         address = self.transport.getPeer()
