@@ -500,9 +500,10 @@ def _read(sock: socket.socket, size: int) -> bytes:
 async def test_clients_that_misbehave_in_a_loop_do_not_flood_the_log(tmp_path: Path) -> None:
     from tests.e2e.test_broker_websocket import frame, ws_connect
 
-    port, wport, uport = free_port(), free_port(), free_port(kind=socket.SOCK_DGRAM)
+    port, wport, uport, deaf = free_port(), free_port(), free_port(kind=socket.SOCK_DGRAM), free_port()
     script = f"""
         broker.ready("tcp://127.0.0.1:{port}?packet=8,8", function() return function(s, d) return d end end)
+        broker.ready("tcp://127.0.0.1:{deaf}?packet", function() end)  -- no receive function: refused
         broker.ready("ws://127.0.0.1:{wport}/?text", function() return function(s, d) return d end end)
         broker.ready("udp://127.0.0.1:{uport}?json", function(s, d) return d end)
     """
@@ -516,11 +517,17 @@ async def test_clients_that_misbehave_in_a_loop_do_not_flood_the_log(tmp_path: P
                 unmasked = await ws_connect(wport, "/")
                 unmasked.transport.write(frame(0x1, b"hello", masked=False))
                 udp.sendto(b"{not json", ("127.0.0.1", uport))
-                await wait_for(lambda b=bad, u=unmasked: b.closed and u.closed, WAIT, "the bad clients dropped")
+                refused = await connect(deaf)
+                await wait_for(
+                    lambda b=bad, u=unmasked, r=refused: b.closed and u.closed and r.closed,
+                    WAIT,
+                    "the bad clients dropped",
+                )
             keeper.send(b"alive")
             await wait_for(lambda: keeper.frames() == [b"alive"], WAIT, "the other client still served")
         warnings = [e for e in run.log.events if e["log_level"].name in ("warn", "error")]
         assert any("IN limit of 8" in e.get("reason", "") for e in warnings)  # the first ones are logged
         assert any("datagram from" in e["log_format"] for e in warnings)
-        # 10 lines per kind and listener in 10 s (a handful of kinds here), not 3 per round
-        assert len(warnings) <= 50, [e["log_format"] for e in warnings]
+        assert any("refused: no receive function" in e["log_format"] for e in warnings)
+        # 10 lines per kind and listener in 10 s (a handful of kinds here), not 4 per round
+        assert len(warnings) <= 60, [e["log_format"] for e in warnings]
