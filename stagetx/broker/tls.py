@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from stagetx.config import TlsConfig
 
 SECURE_SCHEMES = ("tls", "wss")
-HANDSHAKE_TIMEOUT = 10.0  # s for a client's TLS handshake: one that stalls is dropped, as on ws://
+HANDSHAKE_TIMEOUT = 10.0  # s for a TLS handshake (either side): one that stalls is dropped, as on ws://
 
 
 @implementer(IHandshakeListener)
@@ -47,11 +47,11 @@ class TlsConnection(Connection):
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)  # the handshake's own round trips must not wait either
-        if not self.joining:  # a join has its connect timeout and an answer from the server it chose
-            self.deadline = self.endpoint.clock.callLater(HANDSHAKE_TIMEOUT, self._stalled)
+        self.deadline = self.endpoint.clock.callLater(HANDSHAKE_TIMEOUT, self._stalled)
 
     def _stalled(self) -> None:
-        """A client silent or trickling through its handshake would hold its descriptor for ever."""
+        """A peer silent or trickling through its handshake would hold the descriptor for ever (and a
+        join's ``f`` or ``close`` would never run): dropped, a join then fails."""
         self.deadline = None
         self.endpoint.warnings.warn(
             "broker: {peer} did not finish its TLS handshake within {timeout} s; dropped",

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor, ssl, threads
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
 
 from stagetx.broker import sockets
 from stagetx.broker import tls as tls_module
@@ -329,3 +330,27 @@ async def test_a_closed_socket_whose_peer_does_not_read_is_dropped_not_kept(
             sock.close()
         assert run.said("closed")[1] == [str(errno.ECONNABORTED)]
         assert "the peer took nothing of its last" in run.log.text()
+
+
+class _Mute(Protocol):
+    """A server that accepts TCP and never says a word (no TLS handshake)."""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_join_to_a_server_that_never_finishes_the_tls_handshake_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tls_module, "HANDSHAKE_TIMEOUT", 0.3)
+    write_tls_files(tmp_path)
+    mute = reactor.listenTCP(0, Factory.forProtocol(_Mute), interface="127.0.0.1")
+    try:
+        script = f"""
+            local j = broker.join("tls://127.0.0.1:{mute.getHost().port}?packet", function() log4cxx.info("opened") end)
+            j.close = function(s, errno) log4cxx.info("failed", s == j, errno) end
+        """
+        tls = {"cert": "tls/server.pem", "key": "tls/server.key", "ca": "tls/ca.pem"}
+        async with TlsStage(tmp_path, script, tls) as run:
+            await wait_for(lambda: run.said("failed"), WAIT, "the join to fail")
+            assert run.said("failed") == [["true", str(errno.ECONNABORTED)]] and run.said("opened") == []
+    finally:
+        await mute.stopListening()
