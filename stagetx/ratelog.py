@@ -3,7 +3,9 @@
 The first event of a kind is logged at once; like events in the next ``interval`` seconds are
 only counted, and when the interval ends one line carries the latest event's fields and how many
 were held back (``repeated``), then a new interval starts. A kind that stays quiet for a whole
-interval is logged at once again the next time. "Kind" is the format string.
+interval is logged at once again the next time. "Kind" is the format string. With a ``burst``
+of N, the first N events of an interval are logged each (a few distinct reasons stay readable),
+only the rest are counted.
 """
 
 from __future__ import annotations
@@ -21,20 +23,26 @@ class _Window:
     fields: dict[str, Any]
     call: IDelayedCall
     held: int = 0
+    sent: int = 1  # lines logged in this interval
 
 
 class RateLimitedLog:
-    """Emits through ``log`` at most one line per format string every ``interval`` seconds."""
+    """Emits through ``log`` at most ``burst`` lines per format string every ``interval`` seconds."""
 
-    def __init__(self, log: Logger, clock: IReactorTime, interval: float = 10.0) -> None:
+    def __init__(self, log: Logger, clock: IReactorTime, interval: float = 10.0, burst: int = 1) -> None:
         self.log = log
         self.clock = clock
         self.interval = interval
+        self.burst = burst
         self._windows: dict[str, _Window] = {}
 
     def emit(self, level: LogLevel, format: str, **fields: Any) -> None:
         """Log now if no line of ``format`` went out in the current interval, else count it."""
         window = self._windows.get(format)
+        if window is not None and window.sent < self.burst:
+            window.sent += 1
+            self.log.emit(level, format, **fields)
+            return
         if window is not None:
             window.held += 1
             window.level, window.fields = level, fields

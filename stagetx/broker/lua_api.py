@@ -133,8 +133,9 @@ class LuaHandler:
             if api.vm.lua_type(answer) == "function":
                 sock.state = (lua_sock, answer, None)
         if sock.state[1] is None and self.receive is None and self.joined is None:
-            # nothing would read this client: refused, as the original ("proper function does not exist")
-            api.log.warn(
+            # nothing would read this client: refused, as the original ("proper function does not exist");
+            # a line per connection, so at the endpoint's bounded rate
+            sock.endpoint.warnings.warn(
                 "broker socket {sid} ({peer}) refused: no receive function (f returned none, listener.receive unset)",
                 sid=sock.id,
                 peer=sock.peer_text(),

@@ -33,8 +33,15 @@ from zope.interface import implementer
 from stagetx.broker import addresses
 from stagetx.broker.framing import BrokerURL, Data, FrameError, FrameTooLarge, Framing, framing_for
 from stagetx.broker.traffic import Traffic
+from stagetx.ratelog import RateLimitedLog
 
 log = Logger(namespace="stagetx.broker")
+WARN_INTERVAL = 10.0  # s: an endpoint logs at most WARN_BURST warnings about its clients per interval
+WARN_BURST = 10
+# bytes read of each datagram: any UDP payload whole (Twisted's default, 8 KiB, cuts longer ones
+# short, and a cut one would reach Lua as if whole, or pass an IN limit it is over)
+MAX_DATAGRAM = 65536
+CLOSE_LINGER = 10.0  # s a closed connection's peer may take nothing of what is still due before it is dropped
 
 
 class Handler(Protocol):
@@ -126,6 +133,7 @@ class Endpoint:
         "port",
         "traffic",
         "dials",
+        "warnings",
         "_sweeper",
         "_every",
         "__weakref__",
@@ -143,6 +151,8 @@ class Endpoint:
         self.port: Any = None  # IListeningPort, IConnector or the UDP port
         self.traffic = Traffic()  # its clients' counters (stagetx.broker.traffic)
         self.dials = False  # a broker.join: its one connection takes the endpoint's id
+        # what its clients did wrong: a client that reconnects in a loop must not fill the log
+        self.warnings = RateLimitedLog(log, clock, interval=WARN_INTERVAL, burst=WARN_BURST)
         self._sweeper: LoopingCall | None = None
         self._every = 0.0  # s between sweeps while the sweeper runs
 
@@ -282,6 +292,7 @@ class Endpoint:
     def shutdown(self) -> Any:
         """Stop listening (or connecting) and close every socket; may return a Deferred."""
         self._stop_sweeper()
+        self.warnings.stop()
         for sock in list(self.sockets.values()):
             sock.close()
         port, self.port = self.port, None
@@ -360,6 +371,8 @@ class Connection:
         self.endpoint.add(self)
 
     def dataReceived(self, data: bytes) -> None:
+        if not self.connected:
+            return  # closed: what a peer still sends is not read (``close`` waits for its end)
         endpoint = self.endpoint
         if endpoint.expiring:
             self.last = endpoint.clock.seconds()
@@ -490,11 +503,36 @@ class Connection:
     def close(self) -> None:
         """Close once what was sent is written; nothing is sent or delivered after this call.
 
-        A peer that does not read what is due gets ``outmax`` worth of waiting at most: past
-        it the connection is aborted."""
+        A peer that takes nothing of what is due for ``CLOSE_LINGER`` s is dropped."""
         if self.connected and self.transport is not None:
             self.connected = 0
+            # a registered producer that the buffer once paused keeps Twisted from ever closing,
+            # and TLS waits for the peer's close_notify, so it must read again (nothing is delivered)
+            self.transport.unregisterProducer()
+            if self.held:
+                self.transport.resumeProducing()
             self.transport.loseConnection()
+            if due := _unwritten(self.transport):
+                self.endpoint.clock.callLater(CLOSE_LINGER, self._linger, due)
+
+    def _linger(self, due: int) -> None:
+        """Drop a closing connection whose peer took nothing of the ``due`` bytes since the last
+        look: Twisted would wait for them for ever, and the descriptor with them."""
+        if self.id not in self.endpoint.sockets:
+            return  # gone
+        left = _unwritten(self.transport)
+        if left < due:
+            self.endpoint.clock.callLater(CLOSE_LINGER, self._linger, left)
+            return
+        self.endpoint.warnings.warn(
+            "broker socket {sid} ({peer}) closed: the peer took nothing of its last {due} bytes in {linger} s",
+            sid=self.id,
+            peer=self.peer_text(),
+            due=left,
+            linger=CLOSE_LINGER,
+        )
+        self.close_errno = self.close_errno or errno.ECONNABORTED
+        self.transport.abortConnection()
 
     def expire(self) -> None:
         """Drop an idle connection at once: its peer may be gone, so nothing waits for unsent output."""
@@ -503,8 +541,10 @@ class Connection:
             self.transport.abortConnection()
 
     def abort(self, reason: str) -> None:
-        """Drop the connection at once because of ``reason`` (logged)."""
-        log.warn("broker socket {sid} ({peer}) closed: {reason}", sid=self.id, peer=self.peer_text(), reason=reason)
+        """Drop the connection at once because of ``reason`` (logged, at a bounded rate)."""
+        self.endpoint.warnings.warn(
+            "broker socket {sid} ({peer}) closed: {reason}", sid=self.id, peer=self.peer_text(), reason=reason
+        )
         self.close_errno = self.close_errno or errno.ECONNABORTED
         if self.connected and self.transport is not None:
             self.transport.abortConnection()
@@ -559,7 +599,7 @@ class Datagram(protocol.DatagramProtocol):
             endpoint.traffic.received(0, len(data))
             if isinstance(err, FrameTooLarge):
                 endpoint.traffic.dropped()
-            log.warn(
+            endpoint.warnings.warn(
                 "broker UDP {sid}: datagram from {peer} dropped: {reason}",
                 sid=self.id,
                 peer=addresses.text(addr[0], addr[1]),
@@ -739,7 +779,9 @@ def listen_udp(reactor: Any, endpoint: Endpoint) -> Datagram:
     url = endpoint.url
     datagram = Datagram(endpoint)
     if addresses.is_multicast(url.host):
-        endpoint.port = reactor.listenMulticast(url.port, datagram, interface=url.host, listenMultiple=True)
+        endpoint.port = reactor.listenMulticast(
+            url.port, datagram, interface=url.host, maxPacketSize=MAX_DATAGRAM, listenMultiple=True
+        )
     else:
-        endpoint.port = reactor.listenUDP(url.port, datagram, interface=url.host)
+        endpoint.port = reactor.listenUDP(url.port, datagram, interface=url.host, maxPacketSize=MAX_DATAGRAM)
     return datagram

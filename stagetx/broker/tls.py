@@ -21,6 +21,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from stagetx.broker import addresses
 from stagetx.broker.framing import BrokerAddressError, BrokerURL
 from stagetx.broker.sockets import Connection, Endpoint, connect_errno, listen_tcp
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from stagetx.config import TlsConfig
 
 SECURE_SCHEMES = ("tls", "wss")
+HANDSHAKE_TIMEOUT = 10.0  # s for a TLS handshake (either side): one that stalls is dropped, as on ws://
 
 
 @implementer(IHandshakeListener)
@@ -36,19 +38,39 @@ class TlsConnection(Connection):
     handshake is done, so a peer that fails it (a wrong CA, no client certificate) never reaches
     Lua; a ``broker.join`` whose handshake fails reports it as a failed join."""
 
-    __slots__ = ("joining",)
+    __slots__ = ("joining", "deadline")
 
     def __init__(self, endpoint: Endpoint, joining: bool) -> None:
         super().__init__(endpoint)
         self.joining = joining
+        self.deadline: Any = None  # the handshake's timer: until it is done no expiry covers the socket
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)  # the handshake's own round trips must not wait either
+        self.deadline = self.endpoint.clock.callLater(HANDSHAKE_TIMEOUT, self._stalled)
+
+    def _stalled(self) -> None:
+        """A peer silent or trickling through its handshake would hold the descriptor for ever (and a
+        join's ``f`` or ``close`` would never run): dropped, a join then fails."""
+        self.deadline = None
+        self.endpoint.warnings.warn(
+            "broker: {peer} did not finish its TLS handshake within {timeout} s; dropped",
+            peer=_peer_text(self.transport),
+            timeout=HANDSHAKE_TIMEOUT,
+        )
+        self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
+        self._cancel_deadline()
         super().connectionMade()
 
+    def _cancel_deadline(self) -> None:
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        self.deadline = None
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_deadline()
         self.connected = 0
         if self.id in self.endpoint.sockets:
             self.lost_with(reason)
@@ -56,6 +78,11 @@ class TlsConnection(Connection):
         elif self.joining and self.endpoint.port is not None:
             self.endpoint.port = None
             self.endpoint.handler.failed(self.endpoint, f"TLS: {reason.getErrorMessage()}", errno.ECONNABORTED)
+
+
+def _peer_text(transport: Any) -> str:
+    peer = transport.getPeer()
+    return addresses.text(peer.host, peer.port)
 
 
 class _ListenFactory(protocol.Factory):

@@ -27,13 +27,12 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.logger import LogLevel
 
 from stagetx.broker import addresses
 from stagetx.broker.framing import BrokerURL, FrameError, FrameTooLarge
 from stagetx.broker.sockets import Connection, Endpoint, connect_errno, listen_tcp
-
-log = Logger(namespace="stagetx.broker")
+from stagetx.ratelog import RateLimitedLog
 
 CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008  # a message that does not decode in the socket's framing
@@ -56,6 +55,7 @@ class WebSocket(Connection):
     def opened(self) -> None:
         """The handshake is done: register with the endpoint (which asks the Lua accept function)."""
         self.transport = self.protocol.transport
+        self.transport.bufferSize = self.endpoint.url.outbuf  # what may wait before reading pauses
         self.transport.registerProducer(self, True)  # backpressure: held while the peer does not read
         self.connected = 1
         address = self.transport.getPeer()
@@ -124,12 +124,44 @@ class WebSocket(Connection):
             self.transport.abortConnection()
 
     def abort(self, reason: str, code: int = CLOSE_POLICY) -> None:
-        """Close with ``code`` because of ``reason`` (logged); nothing more is sent or delivered."""
-        log.warn("broker socket {sid} ({peer}) closed: {reason}", sid=self.id, peer=self.peer_text(), reason=reason)
+        """Close with ``code`` because of ``reason`` (logged, at a bounded rate); nothing more is
+        sent or delivered."""
+        self.endpoint.warnings.warn(
+            "broker socket {sid} ({peer}) closed: {reason}", sid=self.id, peer=self.peer_text(), reason=reason
+        )
         self.close_errno = self.close_errno or errno.ECONNABORTED
         if self.connected:
             self.connected = 0
             self.protocol.sendCloseFrame(code, reason.encode("ascii", "replace")[:120])  # 123 bytes at most
+
+
+class _ClientLog:
+    """autobahn's logger of one connection with what it says about the peer (a failed handshake,
+    a protocol error: a line per bad connection) sent through the endpoint's rate-limited
+    ``warnings``, so a client failing in a loop cannot fill the log; other levels pass through."""
+
+    __slots__ = ("_log", "_warnings")
+
+    def __init__(self, log: Any, warnings: RateLimitedLog) -> None:
+        self._log = log
+        self._warnings = warnings
+
+    def info(self, format: str, **fields: Any) -> None:
+        self._emit(LogLevel.info, format, fields)
+
+    def warn(self, format: str, **fields: Any) -> None:
+        self._emit(LogLevel.warn, format, fields)
+
+    def error(self, format: str, **fields: Any) -> None:
+        self._emit(LogLevel.error, format, fields)
+
+    def _emit(self, level: LogLevel, format: str, fields: dict[str, Any]) -> None:
+        if not fields:  # a plain text (autobahn passes some so): never a format, braces and all
+            format, fields = "{message}", {"message": format}
+        self._warnings.emit(level, format, **fields)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
 
 
 class _Server(WebSocketServerProtocol):
@@ -140,6 +172,7 @@ class _Server(WebSocketServerProtocol):
     def __init__(self, endpoint: Endpoint) -> None:
         super().__init__()
         self.sock = WebSocket(endpoint, self)
+        self.log = _ClientLog(self.log, endpoint.warnings)
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -148,7 +181,9 @@ class _Server(WebSocketServerProtocol):
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
         if self.state == self.STATE_CONNECTING and len(self.data) > MAX_HANDSHAKE:
-            log.warn("broker: {peer} sent an HTTP request head over 16 KiB; dropped", peer=self.peer)
+            self.sock.endpoint.warnings.warn(
+                "broker: {peer} sent an HTTP request head over 16 KiB; dropped", peer=self.peer
+            )
             self.dropConnection(abort=True)
 
     def onConnect(self, request: ConnectionRequest) -> None:
@@ -224,6 +259,7 @@ class _Client(WebSocketClientProtocol):
     def __init__(self, endpoint: Endpoint) -> None:
         super().__init__()
         self.sock = WebSocket(endpoint, self)
+        self.log = _ClientLog(self.log, endpoint.warnings)
         self.opened = False
 
     def connectionMade(self) -> None:

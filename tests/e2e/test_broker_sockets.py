@@ -12,7 +12,7 @@ from typing import Any
 import bson
 import pytest
 import pytest_twisted
-from twisted.internet import protocol, reactor
+from twisted.internet import protocol, reactor, threads
 
 from stagetx.child.control import stage_stats
 from tests.support import (
@@ -360,6 +360,28 @@ async def test_udp_replies_to_the_sender_and_multicast_groups_are_joined(tmp_pat
             sender.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_udp_datagrams_arrive_whole_up_to_in_and_over_it_are_dropped(tmp_path: Path) -> None:
+    wide, narrow = free_port(kind=socket.SOCK_DGRAM), free_port(kind=socket.SOCK_DGRAM)
+    script = f"""
+        broker.ready("udp://127.0.0.1:{wide}?packet=64k", function(s, data) return #data end)
+        broker.ready("udp://127.0.0.1:{narrow}?packet=10000", function(s, data) return #data end)
+    """
+    async with RunningStage(tmp_path, script) as run:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(WAIT)
+            client.bind(("127.0.0.1", 0))
+            for port, size in ((wide, 20000), (wide, 65507), (narrow, 10000)):
+                client.sendto(b"d" * size, ("127.0.0.1", port))
+                reply = await threads.deferToThread(client.recv, 100)
+                assert reply == str(size).encode()  # not cut to some receive buffer's size
+            client.sendto(b"d" * 12000, ("127.0.0.1", narrow))  # over IN: dropped and logged
+            client.sendto(b"d" * 10, ("127.0.0.1", narrow))
+            assert await threads.deferToThread(client.recv, 100) == b"10"
+        reasons = [e.get("reason", "") for e in run.log.events if e.get("log_namespace") == "stagetx.broker"]
+        assert any("12000 bytes is over the IN limit of 10000" in r for r in reasons), reasons
+
+
 class _Echo(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)
@@ -472,3 +494,40 @@ def _read(sock: socket.socket, size: int) -> bytes:
         assert chunk, "connection closed early"
         data += chunk
     return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_clients_that_misbehave_in_a_loop_do_not_flood_the_log(tmp_path: Path) -> None:
+    from tests.e2e.test_broker_websocket import frame, ws_connect
+
+    port, wport, uport, deaf = free_port(), free_port(), free_port(kind=socket.SOCK_DGRAM), free_port()
+    script = f"""
+        broker.ready("tcp://127.0.0.1:{port}?packet=8,8", function() return function(s, d) return d end end)
+        broker.ready("tcp://127.0.0.1:{deaf}?packet", function() end)  -- no receive function: refused
+        broker.ready("ws://127.0.0.1:{wport}/?text", function() return function(s, d) return d end end)
+        broker.ready("udp://127.0.0.1:{uport}?json", function(s, d) return d end)
+    """
+    rounds = 60
+    async with RunningStage(tmp_path, script) as run:
+        keeper = await connect(port)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            for _ in range(rounds):  # each a fresh connection, as a client reconnecting in a loop
+                bad = await connect(port)
+                bad.transport.write(struct.pack("<I", 1 << 20))
+                unmasked = await ws_connect(wport, "/")
+                unmasked.transport.write(frame(0x1, b"hello", masked=False))
+                udp.sendto(b"{not json", ("127.0.0.1", uport))
+                refused = await connect(deaf)
+                await wait_for(
+                    lambda b=bad, u=unmasked, r=refused: b.closed and u.closed and r.closed,
+                    WAIT,
+                    "the bad clients dropped",
+                )
+            keeper.send(b"alive")
+            await wait_for(lambda: keeper.frames() == [b"alive"], WAIT, "the other client still served")
+        warnings = [e for e in run.log.events if e["log_level"].name in ("warn", "error")]
+        assert any("IN limit of 8" in e.get("reason", "") for e in warnings)  # the first ones are logged
+        assert any("datagram from" in e["log_format"] for e in warnings)
+        assert any("refused: no receive function" in e["log_format"] for e in warnings)
+        # 10 lines per kind and listener in 10 s (a handful of kinds here), not 4 per round
+        assert len(warnings) <= 60, [e["log_format"] for e in warnings]

@@ -1,4 +1,5 @@
-"""broker over TLS (``tls://``, ``wss://``) with a test CA made here: real handshakes on loopback."""
+"""broker over TLS (``tls://``, ``wss://``) with a test CA made here: real handshakes on loopback
+(and what tcp and tls sockets share: a closing socket whose peer does not read)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import datetime
 import errno
 import ipaddress
 import json
+import socket
+import ssl as stdlib_ssl
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +18,25 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import reactor, ssl
+from twisted.internet import reactor, ssl, threads
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
 
+from stagetx.broker import sockets
+from stagetx.broker import tls as tls_module
 from stagetx.config import ConfigError, load_config
 from tests.e2e.test_broker_websocket import WsClient
-from tests.support import InProcessServer, LogCapture, PacketClient, free_port, iter_lines, packet, wait_for, write_app
+from tests.support import (
+    InProcessServer,
+    LogCapture,
+    PacketClient,
+    connect,
+    free_port,
+    iter_lines,
+    packet,
+    wait_for,
+    write_app,
+)
 
 WAIT = 5.0
 
@@ -238,3 +254,103 @@ async def test_client_ca_requires_a_client_certificate_signed_by_it(tmp_path: Pa
             assert stranger.data == b""
         assert len(run.said("accepted")) == 2  # the join and the player: refused handshakes never reach Lua
         player.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_stalls_in_its_tls_handshake_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tls_module, "HANDSHAKE_TIMEOUT", 0.3)
+    good, _ = write_tls_files(tmp_path)
+    port = free_port()
+    script = f"""
+        local l = broker.ready("tls://127.0.0.1:{port}?packet", function(socket)
+            return function(s, data) return "tls:" .. data end
+        end)
+        l.expire = 60000  -- idle expiry covers handshaken sockets only
+    """
+    async with TlsStage(tmp_path, script, {"cert": "tls/server.pem", "key": "tls/server.key"}) as run:
+        player = PacketClient()
+        await connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", port, trusting(good)), player)
+        silent, trickling = await connect(port), await connect(port)
+        trickling.transport.write(b"\x16\x03\x01")  # the first bytes of a ClientHello, and no more
+        await wait_for(lambda: silent.closed and trickling.closed, WAIT, "stalled handshakes to be dropped")
+        assert "did not finish its TLS handshake within 0.3 s" in run.log.text()
+        player.transport.write(packet(b"still here"))  # past the deadline: a done handshake is kept
+        await wait_for(lambda: player.frames() == [b"tls:still here"], WAIT, "the handshaken client served")
+        assert not player.closed
+        player.transport.loseConnection()
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "tls"])
+@pytest_twisted.ensureDeferred
+async def test_a_closed_socket_whose_peer_does_not_read_is_dropped_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str
+) -> None:
+    monkeypatch.setattr(sockets, "CLOSE_LINGER", 0.5)
+    good, _ = write_tls_files(tmp_path)
+    port = free_port()
+    script = f"""
+        local l = broker.ready("{scheme}://127.0.0.1:{port}?packet=1k,1m", function()
+            return function(s, data)   -- a goodbye too big for the kernel's buffers, then close
+                local chunk = string.rep("x", 1000000)
+                for i = 1, 12 do s.commit(chunk) end
+                s.close()
+            end
+        end)
+        l.close = function(s, errno) log4cxx.info("closed", errno) end
+    """
+
+    def stalled() -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        if scheme == "tls":
+            context = stdlib_ssl.create_default_context(cadata=good.pem.decode())
+            sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
+        sock.sendall(packet(b"go"))
+        return sock
+
+    async with TlsStage(tmp_path, script, {"cert": "tls/server.pem", "key": "tls/server.key"}) as run:
+        reader = PacketClient()
+        if scheme == "tls":
+            await connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", port, trusting(good)), reader)
+        else:
+            reader = await connect(port)
+        reader.send(b"go")
+        await wait_for(
+            lambda: reader.closed and run.said("closed"), 20, "a reading client to get its goodbye and the close"
+        )
+        assert len(reader.frames()) == 12 and run.said("closed") == [["0"]]
+
+        sock = await threads.deferToThread(stalled)  # it never reads
+        try:
+            await wait_for(lambda: len(run.said("closed")) == 2, WAIT, "the client that does not read to be dropped")
+        finally:
+            sock.close()
+        assert run.said("closed")[1] == [str(errno.ECONNABORTED)]
+        assert "the peer took nothing of its last" in run.log.text()
+
+
+class _Mute(Protocol):
+    """A server that accepts TCP and never says a word (no TLS handshake)."""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_join_to_a_server_that_never_finishes_the_tls_handshake_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tls_module, "HANDSHAKE_TIMEOUT", 0.3)
+    write_tls_files(tmp_path)
+    mute = reactor.listenTCP(0, Factory.forProtocol(_Mute), interface="127.0.0.1")
+    try:
+        script = f"""
+            local j = broker.join("tls://127.0.0.1:{mute.getHost().port}?packet", function() log4cxx.info("opened") end)
+            j.close = function(s, errno) log4cxx.info("failed", s == j, errno) end
+        """
+        tls = {"cert": "tls/server.pem", "key": "tls/server.key", "ca": "tls/ca.pem"}
+        async with TlsStage(tmp_path, script, tls) as run:
+            await wait_for(lambda: run.said("failed"), WAIT, "the join to fail")
+            assert run.said("failed") == [["true", str(errno.ECONNABORTED)]] and run.said("opened") == []
+    finally:
+        await mute.stopListening()

@@ -587,3 +587,21 @@ async def test_packet_framing_and_a_slow_reader_gets_everything_in_order(tmp_pat
         await wait_for(lambda: len(slow.messages) == 128, 2 * WAIT, "every pushed message")
         assert [m[:6] for m in slow.messages] == [b"%06d" % i for i in range(1, 129)]
         assert all(len(m) == 65536 for m in slow.messages)
+
+
+@pytest_twisted.ensureDeferred
+async def test_outbuf_bounds_what_waits_for_a_websocket_peer_before_reading_pauses(tmp_path: Path) -> None:
+    port = free_port()
+    script = f"""
+        broker.ready("ws://127.0.0.1:{port}/?packet&outbuf=1m", function(socket)
+            return function(s, data) return data end
+        end)
+    """
+    async with RunningStage(tmp_path, script) as run:
+        client = await ws_connect(port, "/")
+        (endpoint,) = run.server.hosts[0].stages[0].stage.broker.endpoints.values()
+        (sock,) = endpoint.sockets.values()
+        # the TCP transport pauses its producer (the socket: reading stops) past its bufferSize
+        assert sock.transport.bufferSize == 1 << 20
+        client.send(b"still served")
+        await wait_for(lambda: client.messages == [b"still served"], WAIT, "an echo")

@@ -43,3 +43,16 @@ def test_kinds_are_limited_apart_and_stop_flushes_the_held_count() -> None:
         log.stop()
         assert sorted(e.get("repeated") for e in _events(capture)[2:]) == [2, 2]
     assert not clock.getDelayedCalls()
+
+
+def test_a_burst_logs_that_many_lines_an_interval_then_counts() -> None:
+    clock = Clock()
+    log = RateLimitedLog(Logger(namespace="test.ratelog"), clock, interval=10.0, burst=3)
+    with LogCapture() as capture:
+        for n in range(10):
+            log.warn("dropped: {n}", n=n)
+        assert [e["n"] for e in _events(capture)] == [0, 1, 2]
+        clock.advance(10)
+        assert _events(capture)[-1]["repeated"] == 7
+        log.stop()
+    assert not clock.getDelayedCalls()
