@@ -180,16 +180,19 @@ def test_finalizers_interrupted_anywhere_keep_their_queue() -> None:
     interruption costs at most the finalizer it stopped; later turns run the others."""
     vm, reports = make_vm(budget_ms=50)
     run(vm, "function() done, keep = 0, {} mt = {__gc = function() done = done + 1 for j = 1, 100 do end end} end")
-    for _ in range(30):  # 300,000 objects to finalize, a few µs each: many budgets' worth
-        assert run(vm, "function() for i = 1, 10000 do keep[#keep + 1] = setmetatable({}, mt) end end") == (True,)
+    for _ in range(1000):  # 300,000 objects to finalize, a few µs each: many budgets' worth
+        ok, made = run(vm, "function() for i = 1, 2000 do keep[#keep + 1] = setmetatable({}, mt) end return #keep end")
+        if ok and made >= 300000:  # (a chunk a busy machine stopped at the budget is made again)
+            break
+    reports.clear()
     run(vm, "function() keep = nil collectgarbage() end")
-    for _ in range(200):  # each drain: a turn of its own for what waits
-        if run(vm, "function() return done end") == (True, 300000):
+    for _ in range(400):  # each drain: a turn of its own for what waits
+        if run(vm, "function() return done end") == (True, made):
             break
         vm.drain()
     ok, done = run(vm, "function() return done end")
     assert reports and all(b"budget of 50 ms exceeded" in report[-1] for report in reports)
-    assert 300000 - len(reports) <= done <= 300000
+    assert made - len(reports) <= done <= made
 
 
 def test_patterns_too_complex_for_their_subject_are_refused_at_the_scripts_line() -> None:
