@@ -7,7 +7,9 @@ the supervisor's relayed log. Bounded: every run stops after its expected lines 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 from pathlib import Path
 
 from tests.support import ServerProcess
@@ -230,3 +232,45 @@ def test_pauses_re_registration_and_fallback_as_the_original(tmp_path: Path) -> 
             ["GOT", "s2", "cb", "route:*again!failed", "again-resumed"],
             ["GOT", "s4", "cb", "route:zone.north.gate!failed", "gate-paused"],
         ]
+
+
+RESTARTED_SUBSCRIBER = """
+stage.waitfor("route:@", function(key, token) stage.signal(nil, token) end)
+stage.waitfor("on_chat", function(key, v) log4cxx.info("GOT", key, v) end)
+stage.waitfor("pause", function() stage.signal("route:@=paused", {chat = false}) end)
+stage.waitfor("paused", function(ok) log4cxx.info("PAUSED", tostring(ok)) end)
+stage.waitfor("ready", function(ok) log4cxx.info("READY", tostring(ok)) end)
+stage.signal("route:@=ready", {chat = "on_chat"})
+return function() stage.signal("route:@", true); return 300 end
+"""
+
+PUBLISHER = """
+local n = 0
+stage.waitfor("failed", function(key, v) log4cxx.info("FAILED", key, v) end)
+stage.addtask(500, function() stage.signal("s:pause") end)
+return function() n = n + 1; stage.signal("route:*chat!failed", n); return 100 end
+"""
+
+
+def test_a_restarted_subscriber_process_starts_afresh(tmp_path: Path) -> None:
+    """A subscriber's process killed and restarted by the supervisor has the same replica
+    address; the route stage forgets the old process's registrations and pauses when its link
+    drops, so the new process's own ``route:@`` is what counts, not what its predecessor left."""
+    (tmp_path / "sub.lua").write_text(RESTARTED_SUBSCRIBER)
+    (tmp_path / "pub.lua").write_text(PUBLISHER)
+    config = {
+        "#startup": [["=route+route"], ["=lua+s"], ["=lua+p"]],
+        "=lua+s": {"=lua+s": "sub"},
+        "=lua+p": {"=lua+p": "pub"},
+    }
+    path = tmp_path / "stage.json"
+    path.write_text(json.dumps(config))
+    with ServerProcess(path, "--restart-delay", "0.2") as server:
+        # paused by its first process: the publishes fail
+        server.wait_for(lambda: server.logged("s", "PAUSED") and server.logged("p", "FAILED"), WAIT, "the pause")
+        os.kill(server.pids(1)[-1], signal.SIGKILL)
+        server.wait_for(lambda: len(server.pids(1)) >= 2 and len(server.logged("s", "READY")) >= 2, WAIT, "restart")
+        lines = server.stage_lines("s")
+        seen = len(lines)
+        server.wait_for(lambda: any(x.startswith("GOT") for x in server.stage_lines("s")[seen:]), 10, "a delivery")
+

@@ -80,6 +80,15 @@ class Stage:
         except Exception:
             self._context.log.failure("route: message {msgid} failed", msgid=message.msgid)
 
+    def replicas_lost(self, lost: frozenset[tuple[str, int]]) -> None:
+        """Replicas whose process went away lose their registrations and their place in open
+        rounds: a restarted process has the same address and must start from its own
+        ``route:@``, not inherit its predecessor's registrations and pauses."""
+        for who in lost:
+            if self._subs.remove(who):
+                self._context.log.info("route: subscriber {who} removed (its process went away)", who=who)
+            self._offers.withdraw_everywhere(who)
+
     def subscriptions(self) -> dict[str, int]:
         """``{subscribe_id: subscribers}``, for the admin side."""
         return self._subs.counts()
