@@ -274,3 +274,31 @@ def test_a_restarted_subscriber_process_starts_afresh(tmp_path: Path) -> None:
         seen = len(lines)
         server.wait_for(lambda: any(x.startswith("GOT") for x in server.stage_lines("s")[seen:]), 10, "a delivery")
 
+
+RESTARTED_REQUESTER = """
+stage.waitfor("work", function(i) log4cxx.info("WORK", i) end)  -- keeps its slot: hold_ms is long
+stage.waitfor("fresh", function() log4cxx.info("FRESH"); return 0 end)
+stage.waitfor("go", function() for i = 1, 5 do stage.signal("ticket:db=work", i) end end)
+stage.signal("ticket:db=fresh")
+"""
+
+
+def test_a_restarted_requester_process_inherits_no_tickets(tmp_path: Path) -> None:
+    """A requester's process killed and restarted by the supervisor has the same replica address;
+    the ticket stage drops the old process's tickets when its link drops: the held slot is free
+    at once and the waiting tickets are never called back on the new process."""
+    (tmp_path / "req.lua").write_text(RESTARTED_REQUESTER)
+    (tmp_path / "go.lua").write_text('stage.addtask(300, function() stage.signal("r:go") end)')
+    config = {
+        "#startup": [["=ticket+ticket"], ["=lua+r"], ["=lua+g"]],
+        "=ticket+ticket": [100, {"db": 1}, 600000],
+        "=lua+r": {"=lua+r": "req"},
+        "=lua+g": {"=lua+g": "go"},
+    }
+    path = tmp_path / "stage.json"
+    path.write_text(json.dumps(config))
+    with ServerProcess(path, "--restart-delay", "0.2") as server:
+        server.wait_for(lambda: server.logged("r", "WORK"), WAIT, "the first ticket held")
+        os.kill(server.pids(1)[-1], signal.SIGKILL)
+        server.wait_for(lambda: len(server.logged("r", "FRESH")) >= 2, 10, "the new process's ticket")
+        assert server.logged("r", "WORK") == [["1"]]

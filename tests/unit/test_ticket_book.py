@@ -255,3 +255,18 @@ def test_parse_settings() -> None:
     ]:
         with pytest.raises(TicketConfigError):
             parse_settings(bad)
+
+
+def test_forgetting_an_owner_frees_its_slots_and_queue_places_without_notices() -> None:
+    clock, rec, book = make_book(max_tickets=5, categories={"db": 1})
+    book.request("db", "dead", "held")
+    book.request("db", "dead", "waiting")
+    book.request("db", "alive", "next")
+    assert book.forget(frozenset({"dead"})) == 2
+    assert [e.ticket.data for e in rec.of(Granted)] == ["held", "next"]  # type: ignore[attr-defined]
+    assert [e.revoked for e in rec.of(Released)] == [False]  # type: ignore[attr-defined]
+    assert not rec.of(Cancelled)
+    assert book.stats()["db"] == (1, 0, 1)
+    for n in range(4):  # the dropped tickets no longer count against max_tickets
+        assert book.request("db", "alive", n) is not None
+    clock.advance(10)

@@ -18,6 +18,7 @@ this stage receives:
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from math import isfinite
 from typing import Any, cast
 
@@ -102,6 +103,14 @@ class Stage:
                 self._request(message)
         except Exception:
             self._context.log.failure("ticket: message {msgid} failed", msgid=message.msgid)
+
+    def replicas_lost(self, lost: frozenset[tuple[str, int]]) -> None:
+        """Tickets of replicas whose process went away are dropped: a restarted process has the
+        same address, and must not be called back for what its predecessor asked, nor keep
+        others waiting behind slots nobody holds any more."""
+        dropped = self._book.forget(cast(frozenset[Hashable], lost))
+        if dropped:
+            self._context.log.info("ticket: {n} ticket(s) of a process that went away dropped", n=dropped)
 
     def categories(self) -> dict[str, tuple[int, int, int]]:
         """``{category: (held, waiting, limit)}``, for the admin side."""

@@ -227,6 +227,23 @@ class TicketBook:
         self._grant(cat)
         return None
 
+    def forget(self, owners: frozenset[Hashable]) -> int:
+        """Drop every ticket of ``owners`` (their process went away): waiting ones leave their
+        queue unannounced, held ones give their slot back at once (``Released``, not revoked),
+        which grants the next in line. Returns how many tickets were dropped."""
+        dropped = 0
+        for cat in list(self._categories.values()):
+            kept = collections.deque(t for t in cat.waiting if t.owner not in owners)
+            dropped += len(cat.waiting) - len(kept)
+            self._live -= len(cat.waiting) - len(kept)
+            cat.waiting = kept
+        for ticket in [t for t in self._held.values() if t.owner in owners]:
+            assert ticket.timer is not None
+            ticket.timer.cancel()
+            self._release(ticket, revoked=False)
+            dropped += 1
+        return dropped
+
     def owners(self, category: str) -> list[Hashable]:
         """Distinct owners holding or waiting for a ticket of ``category``, first come first."""
         cat = self._categories.get(category)
