@@ -275,6 +275,45 @@ def test_a_restarted_subscriber_process_starts_afresh(tmp_path: Path) -> None:
         server.wait_for(lambda: any(x.startswith("GOT") for x in server.stage_lines("s")[seen:]), 10, "a delivery")
 
 
+STOPPED_SUBSCRIBER = """
+stage.waitfor("on_chat", function(key, v) end)
+stage.waitfor("ready", function(ok) log4cxx.info("READY", tostring(ok)) end)
+stage.signal("route:@=ready", {chat = "on_chat"})
+return function() stage.signal("route:@", true); return 300 end
+"""
+
+FLOOD = 'return function() for i = 1, 300 do stage.signal("route:*chat", i) end; return 1 end'
+
+
+def test_a_stopped_subscriber_does_not_flood_the_log(tmp_path: Path) -> None:
+    """A subscriber process that stops reading (SIGSTOP) fails every ``route:*`` delivery once
+    its queue is full, until it expires: the failures are logged at a bounded rate."""
+    (tmp_path / "sub.lua").write_text(STOPPED_SUBSCRIBER)
+    (tmp_path / "pub.lua").write_text(FLOOD)
+    config = {
+        "#startup": [["=route+route"], ["=lua+s"], ["=lua+p"]],
+        "=route+route": {"expire_ms": 8000},
+        "=lua+s": {"=lua+s": "sub"},
+        "=lua+p": {"=lua+p": "pub"},
+    }
+    path = tmp_path / "stage.json"
+    path.write_text(json.dumps(config))
+    with ServerProcess(path) as server:
+        server.wait_for(lambda: server.logged("s", "READY"), WAIT, "the registration")
+        pid = server.pids(1)[-1]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+
+            def failures() -> list[str]:
+                return [line for line in server.stage_lines("route") if "route: delivery of" in line]
+
+            server.wait_for(lambda: failures(), WAIT, "a failed delivery")
+            server.wait_for(lambda: any("expired" in x for x in server.stage_lines("route")), WAIT, "the expiry")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert len(failures()) <= 3  # thousands of deliveries failed meanwhile
+
+
 RESTARTED_REQUESTER = """
 stage.waitfor("work", function(i) log4cxx.info("WORK", i) end)  -- keeps its slot: hold_ms is long
 stage.waitfor("fresh", function() log4cxx.info("FRESH"); return 0 end)

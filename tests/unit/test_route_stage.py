@@ -197,3 +197,17 @@ def test_a_registration_with_a_reply_address_is_answered_once_applied() -> None:
     assert stage.subscriptions() == {"ch.lobby": 1, "ch.x": 1}
     subscribe(stage, SUB_B, {b"ch.lobby": b"chat"})  # no reply address: no answer
     assert len(context.replied) == 2 and context.take() == []
+
+
+def test_deliveries_failing_in_a_row_are_logged_at_a_bounded_rate() -> None:
+    """A subscriber that stopped reading fails every ``route:*`` delivery until it expires: one
+    line, then a summary per interval, not a line per message."""
+    context, stage = make()
+    subscribe(stage, SUB_A, {b"chat": b"say"})
+    context.refuse.add(at(SUB_A, "say"))
+    for n in range(1000):
+        stage.receive(msg("*chat", PUB, n))
+    context.clock.advance(10)
+    lines = [e for e in context.events if "delivery of" in e["log_format"]]
+    assert len(lines) <= 2
+    assert 1 + sum(e.get("repeated", 0) for e in lines) == 1000  # every failure counted

@@ -24,6 +24,7 @@ import attrs
 from stagetx.address import format_reply
 from stagetx.bounded import OnceSet
 from stagetx.message import Message, Sender
+from stagetx.ratelog import RateLimitedLog
 from stagetx.stages.base import StageContext
 from stagetx.stages.msgids import as_written
 from stagetx.stages.registry import SettingsError
@@ -59,6 +60,8 @@ class Stage:
         self._subs = Subscriptions(context.clock, settings.expire, self._expired)
         self._offers = Offers(context.clock, settings.offer, self._failed)
         self._dropped: OnceSet[str] = OnceSet(_LOGGED_ONCE_MAX)  # keys whose drop was logged
+        # a subscriber that stops reading (SIGSTOP, stuck) fails every delivery until it expires
+        self._failures = RateLimitedLog(context.log, context.clock)
 
     def start(self) -> None:
         """Nothing to load: subscribers register again within their keep-alive period."""
@@ -67,6 +70,7 @@ class Stage:
         """Cancel timers; open rounds end without fail callbacks."""
         self._subs.stop()
         self._offers.stop()
+        self._failures.stop()
 
     def receive(self, message: Message) -> None:
         """Dispatch one message by id; errors are logged, never raised."""
@@ -165,7 +169,7 @@ class Stage:
             reply_to=format_reply(publisher.server, publisher.instance, answer),
         )
         if not ok:
-            self._context.log.warn(
+            self._failures.warn(
                 "route: delivery of {key} to {who} {callback} failed: {reason}",
                 key=key.text,
                 who=who,
