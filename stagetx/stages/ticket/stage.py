@@ -27,6 +27,7 @@ import attrs
 from stagetx.address import format_reply
 from stagetx.bounded import OnceSet
 from stagetx.message import Message, Sender
+from stagetx.ratelog import RateLimitedLog
 from stagetx.stages.base import StageContext
 from stagetx.stages.msgids import as_written
 from stagetx.stages.registry import SettingsError
@@ -81,6 +82,8 @@ class Stage:
         settings = parse_settings(getattr(config, "settings", config))  # a StageConfig
         self._book = TicketBook(context.clock, settings, self._effect)
         self._logged: OnceSet[str] = OnceSet(_LOGGED_ONCE_MAX)  # refusal reasons logged
+        # a requester that stops reading fails the callback of each of its tickets in turn
+        self._failures = RateLimitedLog(context.log, context.clock)
 
     def start(self) -> None:
         """Nothing to load: tickets live in memory only (a restart forgets them)."""
@@ -88,6 +91,7 @@ class Stage:
     def stop(self) -> None:
         """Cancel the hold and closing timers."""
         self._book.stop()
+        self._failures.stop()
 
     def receive(self, message: Message) -> None:
         """Dispatch one message by the first character of its id; never raises."""
@@ -215,7 +219,7 @@ class Stage:
                 reply_to=f"#{ticket.id}",
             )
             if not ok:
-                self._context.log.warn(
+                self._failures.warn(
                     "ticket: callback {request} not delivered: {reason}",
                     request=requested.text,
                     reason=reason,
