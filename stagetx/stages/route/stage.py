@@ -26,7 +26,7 @@ from stagetx.bounded import OnceSet
 from stagetx.message import Message, Sender
 from stagetx.ratelog import RateLimitedLog
 from stagetx.stages.base import StageContext
-from stagetx.stages.msgids import as_written
+from stagetx.stages.msgids import as_written, brief
 from stagetx.stages.registry import SettingsError
 from stagetx.stages.route.subscriptions import (
     Offers,
@@ -99,7 +99,7 @@ class Stage:
 
     def _register(self, message: Message) -> None:
         sender = message.sender
-        problems = self._subs.update(_who(sender), message.values)
+        problems = [brief(p) for p in self._subs.update(_who(sender), message.values)]
         for problem in problems:
             self._context.log.warn(
                 "route:@ from {stage} (instance {instance}): {problem}",
@@ -119,7 +119,7 @@ class Stage:
         text = as_written(message.msgid, message.reply)
         key = parse_key(text)
         if key is None:
-            self._context.log.warn("route: cannot parse published key {key}", key=text)
+            self._context.log.warn("route: cannot parse published key {key}", key=brief(text))
             return
         payload = _Publish(message.sender, message.values)
         units: dict[str, dict[Hashable, str]] = {}
@@ -171,7 +171,7 @@ class Stage:
         if not ok:
             self._failures.warn(
                 "route: delivery of {key} to {who} {callback} failed: {reason}",
-                key=key.text,
+                key=brief(key.text),
                 who=who,
                 callback=callback,
                 reason=reason,
@@ -190,8 +190,9 @@ class Stage:
                 *payload.values,
             )
             return
-        if self._dropped.first(key.text):
-            self._context.log.info("route: no subscriber took {key}; dropped", key=key.text)
+        text = brief(key.text)
+        if self._dropped.first(text):
+            self._context.log.info("route: no subscriber took {key}; dropped", key=text)
 
 
 @attrs.frozen
