@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -284,3 +285,19 @@ def test_undeliverable_callbacks_in_a_row_are_logged_at_a_bounded_rate() -> None
     assert len(lines) <= 2
     assert 1 + sum(e.get("repeated", 0) for e in lines) == 500  # every failure counted
     assert stage.categories()["db"] == (0, 0, 1)
+
+
+def test_refused_requests_with_long_ids_keep_little_memory_and_short_log_lines() -> None:
+    """What "logged once" remembers and logs of a refused request is bounded: a script asking
+    for long unique unknown categories held every request whole."""
+    context, stage = make()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(300):
+            request(stage, REQ_A, f"{n}" + "c" * 100_000 + "=cb", 1)
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 3_000_000  # the ids alone are 30 MB
+    assert all(len(str(e.get("text", ""))) < 300 for e in context.events)

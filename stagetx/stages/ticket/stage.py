@@ -29,7 +29,7 @@ from stagetx.bounded import OnceSet
 from stagetx.message import Message, Sender
 from stagetx.ratelog import RateLimitedLog
 from stagetx.stages.base import StageContext
-from stagetx.stages.msgids import as_written
+from stagetx.stages.msgids import as_written, brief
 from stagetx.stages.registry import SettingsError
 from stagetx.stages.ticket.tickets import (
     Accepted,
@@ -189,7 +189,10 @@ class Stage:
     def _warn(self, message: Message, problem: str) -> None:
         """A message this stage cannot act on: logged, nothing else happens."""
         self._context.log.warn(
-            "ticket: {msgid} from {stage}: {problem}", msgid=message.msgid, stage=message.sender.stage, problem=problem
+            "ticket: {msgid} from {stage}: {problem}",
+            msgid=brief(message.msgid),
+            stage=message.sender.stage,
+            problem=brief(problem),
         )
 
     def _effect(self, effect: Effect) -> None:
@@ -221,7 +224,7 @@ class Stage:
             if not ok:
                 self._failures.warn(
                     "ticket: callback {request} not delivered: {reason}",
-                    request=requested.text,
+                    request=brief(requested.text),
                     reason=reason,
                 )
                 # Not from inside the book's own grant loop: give the slot back on the next turn.
@@ -241,5 +244,6 @@ class Stage:
             self._context.send(requested.at(requested.feedback), requested.text, result)
 
     def _log_once(self, text: str) -> None:
+        text = brief(text)
         if self._logged.first(text):
             self._context.log.info("{text}", text=text)
