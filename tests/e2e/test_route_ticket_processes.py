@@ -317,17 +317,29 @@ def test_a_stopped_subscriber_does_not_flood_the_log(tmp_path: Path) -> None:
 RESTARTED_REQUESTER = """
 stage.waitfor("work", function(i) log4cxx.info("WORK", i) end)  -- keeps its slot: hold_ms is long
 stage.waitfor("fresh", function() log4cxx.info("FRESH"); return 0 end)
-stage.waitfor("go", function() for i = 1, 5 do stage.signal("ticket:db=work", i) end end)
+local queued = 0
+stage.waitfor("queued", function(request, result)  -- all five queued: another process asks
+  if type(result) == "string" then queued = queued + 1 end
+  if queued == 5 then stage.signal("g:other") end
+end)
+stage.waitfor("go", function() for i = 1, 5 do stage.signal("ticket:db=work?queued", i) end end)
 stage.signal("ticket:db=fresh")
+"""
+
+OTHER_REQUESTER = """
+stage.waitfor("granted", function() log4cxx.info("OTHER"); return 0 end)
+stage.waitfor("other", function() stage.signal("ticket:db=granted") end)
+stage.addtask(300, function() stage.signal("r:go") end)
 """
 
 
 def test_a_restarted_requester_process_inherits_no_tickets(tmp_path: Path) -> None:
     """A requester's process killed and restarted by the supervisor has the same replica address;
-    the ticket stage drops the old process's tickets when its link drops: the held slot is free
-    at once and the waiting tickets are never called back on the new process."""
+    the ticket stage drops the old process's tickets when its link drops: the held slot goes to
+    the next in line (another process) at once and the waiting tickets are never called back on
+    the new process."""
     (tmp_path / "req.lua").write_text(RESTARTED_REQUESTER)
-    (tmp_path / "go.lua").write_text('stage.addtask(300, function() stage.signal("r:go") end)')
+    (tmp_path / "go.lua").write_text(OTHER_REQUESTER)
     config = {
         "#startup": [["=ticket+ticket"], ["=lua+r"], ["=lua+g"]],
         "=ticket+ticket": [100, {"db": 1}, 600000],
@@ -339,5 +351,6 @@ def test_a_restarted_requester_process_inherits_no_tickets(tmp_path: Path) -> No
     with ServerProcess(path, "--restart-delay", "0.2") as server:
         server.wait_for(lambda: server.logged("r", "WORK"), WAIT, "the first ticket held")
         os.kill(server.pids(1)[-1], signal.SIGKILL)
+        server.wait_for(lambda: server.logged("g", "OTHER"), 10, "the next in line granted")
         server.wait_for(lambda: len(server.logged("r", "FRESH")) >= 2, 10, "the new process's ticket")
         assert server.logged("r", "WORK") == [["1"]]
