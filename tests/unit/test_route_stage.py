@@ -228,3 +228,14 @@ def test_dropped_publishes_of_long_keys_keep_little_memory_and_short_log_lines()
         tracemalloc.stop()
     assert kept < 3_000_000  # the keys alone are 30 MB
     assert all(len(str(e.get("key", ""))) < 300 for e in context.events)
+
+
+def test_a_route_at_with_many_problems_is_one_line_and_a_short_answer() -> None:
+    """Pausing 10,000 channels the route stage no longer knows (it restarted) is one warning and
+    a short ``false`` answer, not 10,000 lines."""
+    context, stage = make()
+    table = {f"ch.{n}".encode(): False for n in range(10_000)}
+    stage.receive(msg("@", SUB_A, table, reply=at(SUB_A, "7")))
+    ((_, (ok, problems)),) = context.replied
+    assert ok is False and problems.endswith("; and 9997 more") and len(problems) < 500
+    assert len([e for e in context.events if "route:@ from" in e["log_format"]]) == 1

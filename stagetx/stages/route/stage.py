@@ -40,6 +40,7 @@ from stagetx.stages.route.subscriptions import (
 
 ACCEPT = "#offer"  # reply id of offers: acceptances arrive here
 _LOGGED_ONCE_MAX = 10_000  # distinct keys remembered for "dropped, logged once"
+_PROBLEMS_SHOWN = 3  # problems of one route:@ logged and answered, then how many more
 
 
 def check_settings(settings: Any, path: str, base_dir: str) -> None:
@@ -99,18 +100,18 @@ class Stage:
 
     def _register(self, message: Message) -> None:
         sender = message.sender
-        problems = [brief(p) for p in self._subs.update(_who(sender), message.values)]
-        for problem in problems:
-            self._context.log.warn(
-                "route:@ from {stage} (instance {instance}): {problem}",
-                stage=sender.stage,
-                instance=sender.instance,
-                problem=problem,
-            )
-        if problems:
-            self._context.reply(message, False, "; ".join(problems))
-        else:
+        problems = self._subs.update(_who(sender), message.values)
+        if not problems:
             self._context.reply(message, True)
+            return
+        text = _summary(problems)
+        self._context.log.warn(
+            "route:@ from {stage} (instance {instance}): {problem}",
+            stage=sender.stage,
+            instance=sender.instance,
+            problem=text,
+        )
+        self._context.reply(message, False, text)
 
     def _expired(self, who: Hashable) -> None:
         self._context.log.info("route: subscriber {who} expired (no route:@ in time)", who=who)
@@ -201,6 +202,14 @@ class _Publish:
 
     sender: Sender
     values: tuple[Any, ...]
+
+
+def _summary(problems: list[str]) -> str:
+    """One line for a ``route:@``'s problems: a table of 10,000 entries all wrong (pausing every
+    channel after the route stage restarted) is one log line and a short answer, not 10,000."""
+    shown = "; ".join(brief(p) for p in problems[:_PROBLEMS_SHOWN])
+    more = len(problems) - _PROBLEMS_SHOWN
+    return f"{shown}; and {more} more" if more > 0 else shown
 
 
 def _who(sender: Sender) -> tuple[str, int]:
