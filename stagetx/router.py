@@ -189,6 +189,17 @@ class Router:
     def attach(self, receiver: Receiver) -> None:
         self.local[receiver.instance] = receiver
 
+    def process_lost(self, group: int) -> None:
+        """The process of ``group`` went away (killed, crashed, stopped). A restarted one has the
+        same replica addresses, so stages keeping state per replica (route, ticket) must drop the
+        dead one's now, or its successor inherits it: each local stage with ``replicas_lost``
+        gets the lost ``(server, instance)`` pairs."""
+        lost = frozenset((self.server_id, i) for i, (_, g) in enumerate(self._placement) if g == group)
+        for receiver in list(self.local.values()):
+            forget = getattr(receiver, "replicas_lost", None)
+            if forget is not None:
+                forget(lost)
+
     def sender_of(self, instance: int) -> Sender:
         """The sender of this server's stage ``instance``: give its messages this very object, and
         frames to other processes carry just the instance number for it."""

@@ -301,6 +301,17 @@ class StageHost:
     def turn_ended(self) -> None:
         self.stage.turn_ended()
 
+    def replicas_lost(self, lost: frozenset[tuple[str, int]]) -> None:
+        """Tell the stage (if it keeps state per replica) that replicas ``(server, instance)``
+        went away with their process; never raises into the link's event."""
+        forget = getattr(self.stage, "replicas_lost", None)
+        if forget is None:
+            return
+        try:
+            forget(lost)
+        except Exception:
+            self.log.failure("{stage}: forgetting the replicas of a lost process failed", stage=self.name)
+
     # -- life (driven by ProcessHost, one stage after another) --------------------------------------
     def start(self) -> Deferred[None]:
         """Start the stage; fires once it started (or failed to: the failure is kept and passed on)."""

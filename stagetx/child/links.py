@@ -375,6 +375,8 @@ class ProcessLinks(MultiService):
                 self.log.info("link to process {group} closed (stopping)", group=group + 1)
             else:
                 self.log.warn("link to process {group} lost", group=group + 1)
+            if not self._stopping:
+                self.router.process_lost(group)
 
     def _tell_delay(self) -> None:
         try:

@@ -7,7 +7,9 @@ the supervisor's relayed log. Bounded: every run stops after its expected lines 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 from pathlib import Path
 
 from tests.support import ServerProcess
@@ -230,3 +232,125 @@ def test_pauses_re_registration_and_fallback_as_the_original(tmp_path: Path) -> 
             ["GOT", "s2", "cb", "route:*again!failed", "again-resumed"],
             ["GOT", "s4", "cb", "route:zone.north.gate!failed", "gate-paused"],
         ]
+
+
+RESTARTED_SUBSCRIBER = """
+stage.waitfor("route:@", function(key, token) stage.signal(nil, token) end)
+stage.waitfor("on_chat", function(key, v) log4cxx.info("GOT", key, v) end)
+stage.waitfor("pause", function() stage.signal("route:@=paused", {chat = false}) end)
+stage.waitfor("paused", function(ok) log4cxx.info("PAUSED", tostring(ok)) end)
+stage.waitfor("ready", function(ok) log4cxx.info("READY", tostring(ok)) end)
+stage.signal("route:@=ready", {chat = "on_chat"})
+return function() stage.signal("route:@", true); return 300 end
+"""
+
+PUBLISHER = """
+local n = 0
+stage.waitfor("failed", function(key, v) log4cxx.info("FAILED", key, v) end)
+stage.addtask(500, function() stage.signal("s:pause") end)
+return function() n = n + 1; stage.signal("route:*chat!failed", n); return 100 end
+"""
+
+
+def test_a_restarted_subscriber_process_starts_afresh(tmp_path: Path) -> None:
+    """A subscriber's process killed and restarted by the supervisor has the same replica
+    address; the route stage forgets the old process's registrations and pauses when its link
+    drops, so the new process's own ``route:@`` is what counts, not what its predecessor left."""
+    (tmp_path / "sub.lua").write_text(RESTARTED_SUBSCRIBER)
+    (tmp_path / "pub.lua").write_text(PUBLISHER)
+    config = {
+        "#startup": [["=route+route"], ["=lua+s"], ["=lua+p"]],
+        "=lua+s": {"=lua+s": "sub"},
+        "=lua+p": {"=lua+p": "pub"},
+    }
+    path = tmp_path / "stage.json"
+    path.write_text(json.dumps(config))
+    with ServerProcess(path, "--restart-delay", "0.2") as server:
+        # paused by its first process: the publishes fail
+        server.wait_for(lambda: server.logged("s", "PAUSED") and server.logged("p", "FAILED"), WAIT, "the pause")
+        os.kill(server.pids(1)[-1], signal.SIGKILL)
+        server.wait_for(lambda: len(server.pids(1)) >= 2 and len(server.logged("s", "READY")) >= 2, WAIT, "restart")
+        lines = server.stage_lines("s")
+        seen = len(lines)
+        server.wait_for(lambda: any(x.startswith("GOT") for x in server.stage_lines("s")[seen:]), 10, "a delivery")
+
+
+STOPPED_SUBSCRIBER = """
+stage.waitfor("on_chat", function(key, v) end)
+stage.waitfor("ready", function(ok) log4cxx.info("READY", tostring(ok)) end)
+stage.signal("route:@=ready", {chat = "on_chat"})
+return function() stage.signal("route:@", true); return 300 end
+"""
+
+FLOOD = 'return function() for i = 1, 300 do stage.signal("route:*chat", i) end; return 1 end'
+
+
+def test_a_stopped_subscriber_does_not_flood_the_log(tmp_path: Path) -> None:
+    """A subscriber process that stops reading (SIGSTOP) fails every ``route:*`` delivery once
+    its queue is full, until it expires: the failures are logged at a bounded rate."""
+    (tmp_path / "sub.lua").write_text(STOPPED_SUBSCRIBER)
+    (tmp_path / "pub.lua").write_text(FLOOD)
+    config = {
+        "#startup": [["=route+route"], ["=lua+s"], ["=lua+p"]],
+        "=route+route": {"expire_ms": 8000},
+        "=lua+s": {"=lua+s": "sub"},
+        "=lua+p": {"=lua+p": "pub"},
+    }
+    path = tmp_path / "stage.json"
+    path.write_text(json.dumps(config))
+    with ServerProcess(path) as server:
+        server.wait_for(lambda: server.logged("s", "READY"), WAIT, "the registration")
+        pid = server.pids(1)[-1]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+
+            def failures() -> list[str]:
+                return [line for line in server.stage_lines("route") if "route: delivery of" in line]
+
+            server.wait_for(lambda: failures(), WAIT, "a failed delivery")
+            server.wait_for(lambda: any("expired" in x for x in server.stage_lines("route")), WAIT, "the expiry")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert len(failures()) <= 3  # thousands of deliveries failed meanwhile
+
+
+RESTARTED_REQUESTER = """
+stage.waitfor("work", function(i) log4cxx.info("WORK", i) end)  -- keeps its slot: hold_ms is long
+stage.waitfor("fresh", function() log4cxx.info("FRESH"); return 0 end)
+local queued = 0
+stage.waitfor("queued", function(request, result)  -- all five queued: another process asks
+  if type(result) == "string" then queued = queued + 1 end
+  if queued == 5 then stage.signal("g:other") end
+end)
+stage.waitfor("go", function() for i = 1, 5 do stage.signal("ticket:db=work?queued", i) end end)
+stage.signal("ticket:db=fresh")
+"""
+
+OTHER_REQUESTER = """
+stage.waitfor("granted", function() log4cxx.info("OTHER"); return 0 end)
+stage.waitfor("other", function() stage.signal("ticket:db=granted") end)
+stage.addtask(300, function() stage.signal("r:go") end)
+"""
+
+
+def test_a_restarted_requester_process_inherits_no_tickets(tmp_path: Path) -> None:
+    """A requester's process killed and restarted by the supervisor has the same replica address;
+    the ticket stage drops the old process's tickets when its link drops: the held slot goes to
+    the next in line (another process) at once and the waiting tickets are never called back on
+    the new process."""
+    (tmp_path / "req.lua").write_text(RESTARTED_REQUESTER)
+    (tmp_path / "go.lua").write_text(OTHER_REQUESTER)
+    config = {
+        "#startup": [["=ticket+ticket"], ["=lua+r"], ["=lua+g"]],
+        "=ticket+ticket": [100, {"db": 1}, 600000],
+        "=lua+r": {"=lua+r": "req"},
+        "=lua+g": {"=lua+g": "go"},
+    }
+    path = tmp_path / "stage.json"
+    path.write_text(json.dumps(config))
+    with ServerProcess(path, "--restart-delay", "0.2") as server:
+        server.wait_for(lambda: server.logged("r", "WORK"), WAIT, "the first ticket held")
+        os.kill(server.pids(1)[-1], signal.SIGKILL)
+        server.wait_for(lambda: server.logged("g", "OTHER"), 10, "the next in line granted")
+        server.wait_for(lambda: len(server.logged("r", "FRESH")) >= 2, 10, "the new process's ticket")
+        assert server.logged("r", "WORK") == [["1"]]

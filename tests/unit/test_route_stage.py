@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -197,3 +198,44 @@ def test_a_registration_with_a_reply_address_is_answered_once_applied() -> None:
     assert stage.subscriptions() == {"ch.lobby": 1, "ch.x": 1}
     subscribe(stage, SUB_B, {b"ch.lobby": b"chat"})  # no reply address: no answer
     assert len(context.replied) == 2 and context.take() == []
+
+
+def test_deliveries_failing_in_a_row_are_logged_at_a_bounded_rate() -> None:
+    """A subscriber that stopped reading fails every ``route:*`` delivery until it expires: one
+    line, then a summary per interval, not a line per message."""
+    context, stage = make()
+    subscribe(stage, SUB_A, {b"chat": b"say"})
+    context.refuse.add(at(SUB_A, "say"))
+    for n in range(1000):
+        stage.receive(msg("*chat", PUB, n))
+    context.clock.advance(10)
+    lines = [e for e in context.events if "delivery of" in e["log_format"]]
+    assert len(lines) <= 2
+    assert 1 + sum(e.get("repeated", 0) for e in lines) == 1000  # every failure counted
+
+
+def test_dropped_publishes_of_long_keys_keep_little_memory_and_short_log_lines() -> None:
+    """What "logged once per key" remembers and logs of a key is bounded: a script publishing
+    long unique keys nobody takes held every key whole (300 MB for 3,000 keys of 100 kB)."""
+    context, stage = make()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(300):
+            stage.receive(msg(f"{n}" + "k" * 100_000, PUB, 1))
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 3_000_000  # the keys alone are 30 MB
+    assert all(len(str(e.get("key", ""))) < 300 for e in context.events)
+
+
+def test_a_route_at_with_many_problems_is_one_line_and_a_short_answer() -> None:
+    """Pausing 10,000 channels the route stage no longer knows (it restarted) is one warning and
+    a short ``false`` answer, not 10,000 lines."""
+    context, stage = make()
+    table = {f"ch.{n}".encode(): False for n in range(10_000)}
+    stage.receive(msg("@", SUB_A, table, reply=at(SUB_A, "7")))
+    ((_, (ok, problems)),) = context.replied
+    assert ok is False and problems.endswith("; and 9997 more") and len(problems) < 500
+    assert len([e for e in context.events if "route:@ from" in e["log_format"]]) == 1

@@ -321,3 +321,15 @@ def test_a_pause_that_is_not_finite_is_refused(ms: float) -> None:
     ]
     assert subs.update(A, (ms,)) == [f"a pause is a finite number of ms (false pauses until true), not {ms}"]
     assert subs.candidates("chat")[1] == {A: "cb"}
+
+
+def test_a_withdrawn_subscriber_leaves_every_open_round() -> None:
+    clock = Clock()
+    failed: list[Round] = []
+    offers = Offers(clock, 0.3, failed.append, prefix="t")
+    first = offers.open(parse_key("a"), {"a": {"gone": "cb", "other": "cb"}}, None)
+    second = offers.open(parse_key("b"), {"b": {"gone": "cb"}}, None)
+    offers.withdraw_everywhere("gone")
+    assert failed == [second]  # its only candidate left: it fails at once
+    assert offers.accept(first.token, "gone") is None
+    assert offers.accept(first.token, "other") == (first, ["cb"])

@@ -485,3 +485,22 @@ def test_steady_room_asks_for_other_servers_replicas_as_sending_does() -> None:
     router.remote = far  # type: ignore[assignment]
     assert send(router, stages[0], "+a:x", 1)[0] is False
     assert router.steady_room(stages[0].sender, parse_target("+a:x")) == 0
+
+
+class ForgettingStage(RecordingStage):
+    """A stage that keeps state per replica, as route and ticket do."""
+
+    def __init__(self, instance: int, stage_id: str) -> None:
+        super().__init__(instance, stage_id)
+        self.lost: list[frozenset[tuple[str, int]]] = []
+
+    def replicas_lost(self, lost: frozenset[tuple[str, int]]) -> None:
+        self.lost.append(lost)
+
+
+def test_a_lost_process_s_replicas_are_told_to_the_stages_that_keep_state_per_replica() -> None:
+    router, _, _ = make_router([("route", 0), ("chat", 1), ("chat", 1), ("game", 2)])
+    route = ForgettingStage(0, "route")
+    router.attach(route)
+    router.process_lost(1)
+    assert route.lost == [frozenset({("srv", 1), ("srv", 2)})]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from twisted.internet.task import Clock
 
@@ -255,3 +257,54 @@ def test_parse_settings() -> None:
     ]:
         with pytest.raises(TicketConfigError):
             parse_settings(bad)
+
+
+def test_forgetting_an_owner_frees_its_slots_and_queue_places_without_notices() -> None:
+    clock, rec, book = make_book(max_tickets=5, categories={"db": 1})
+    book.request("db", "dead", "held")
+    book.request("db", "dead", "waiting")
+    book.request("db", "alive", "next")
+    assert book.forget(frozenset({"dead"})) == 2
+    assert [e.ticket.data for e in rec.of(Granted)] == ["held", "next"]  # type: ignore[attr-defined]
+    assert [e.revoked for e in rec.of(Released)] == [False]  # type: ignore[attr-defined]
+    assert not rec.of(Cancelled)
+    assert book.stats()["db"] == (1, 0, 1)
+    for n in range(4):  # the dropped tickets no longer count against max_tickets
+        assert book.request("db", "alive", n) is not None
+    clock.advance(10)
+
+
+def test_owners_take_as_many_steps_as_owners_not_tickets() -> None:
+    """``ticket:=category`` asks for the owners on every message: with 20,000 tickets of two
+    owners that must cost what it costs with 20 (it walked every ticket: 1,000 times more)."""
+
+    def seconds_per_call(tickets: int) -> float:
+        _, _, book = make_book(max_tickets=tickets, categories={"db": 1}, hold=60.0)
+        for n in range(tickets):
+            book.request("db", ("s", n % 2), n)
+        best = float("inf")
+        for _ in range(5):  # the best of five: a busy machine only ever adds time
+            started = time.perf_counter()
+            for _ in range(200):
+                assert len(book.owners("db")) == 2
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    assert seconds_per_call(20_000) < 20 * seconds_per_call(20)
+
+
+def test_owners_follow_every_way_a_ticket_ends() -> None:
+    clock, rec, book = make_book(max_tickets=100, categories={"db": 1}, hold=1.0)
+    assert book.create("ev", 1, 3.0) is None
+    for n, owner in enumerate(["a", "b", "a", "c", "d"]):
+        book.request("db", owner, n)
+        book.request("ev", owner, n)
+    book.forget(frozenset({"b"}))
+    assert book.owners("db") == ["a", "c", "d"]
+    clock.advance(1.0)  # a's first hold ran out: a still waits with another
+    assert book.owners("db") == ["a", "c", "d"]
+    clock.advance(2.0)  # ev closed: its waiting tickets cancelled, its holder (a) holds on
+    assert book.owners("ev") == []
+    for _ in range(10):  # one hold after another (a Clock grants at the end of an advance)
+        clock.advance(1.0)
+    assert book.owners("db") == [] and book.stats()["db"] == (0, 0, 1)

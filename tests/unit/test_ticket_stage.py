@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -268,3 +269,35 @@ def test_a_hold_or_close_time_that_is_not_finite_is_logged_and_changes_nothing()
     ]
     context.clock.advance(1.0)  # the default hold ends as if nothing had come: the waiter's turn
     assert [v for _, v, _ in context.take()] == [("cancel", {ticket_id: "cb"}), (2,)]
+
+
+def test_undeliverable_callbacks_in_a_row_are_logged_at_a_bounded_rate() -> None:
+    """A requester that stopped reading fails the callback of each of its waiting tickets in
+    turn: one line, then a summary per interval, not a line per ticket."""
+    context, stage = make([1000, {"db": 1}])
+    context.refuse.add(at(REQ_A, "cb"))
+    for n in range(500):
+        request(stage, REQ_A, "db=cb", n)
+    for _ in range(500):
+        context.clock.advance(0)
+    context.clock.advance(10)
+    lines = [e for e in context.events if "not delivered" in e["log_format"]]
+    assert len(lines) <= 2
+    assert 1 + sum(e.get("repeated", 0) for e in lines) == 500  # every failure counted
+    assert stage.categories()["db"] == (0, 0, 1)
+
+
+def test_refused_requests_with_long_ids_keep_little_memory_and_short_log_lines() -> None:
+    """What "logged once" remembers and logs of a refused request is bounded: a script asking
+    for long unique unknown categories held every request whole."""
+    context, stage = make()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(300):
+            request(stage, REQ_A, f"{n}" + "c" * 100_000 + "=cb", 1)
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 3_000_000  # the ids alone are 30 MB
+    assert all(len(str(e.get("text", ""))) < 300 for e in context.events)

@@ -24,8 +24,9 @@ import attrs
 from stagetx.address import format_reply
 from stagetx.bounded import OnceSet
 from stagetx.message import Message, Sender
+from stagetx.ratelog import RateLimitedLog
 from stagetx.stages.base import StageContext
-from stagetx.stages.msgids import as_written
+from stagetx.stages.msgids import as_written, brief
 from stagetx.stages.registry import SettingsError
 from stagetx.stages.route.subscriptions import (
     Offers,
@@ -39,6 +40,7 @@ from stagetx.stages.route.subscriptions import (
 
 ACCEPT = "#offer"  # reply id of offers: acceptances arrive here
 _LOGGED_ONCE_MAX = 10_000  # distinct keys remembered for "dropped, logged once"
+_PROBLEMS_SHOWN = 3  # problems of one route:@ logged and answered, then how many more
 
 
 def check_settings(settings: Any, path: str, base_dir: str) -> None:
@@ -59,6 +61,8 @@ class Stage:
         self._subs = Subscriptions(context.clock, settings.expire, self._expired)
         self._offers = Offers(context.clock, settings.offer, self._failed)
         self._dropped: OnceSet[str] = OnceSet(_LOGGED_ONCE_MAX)  # keys whose drop was logged
+        # a subscriber that stops reading (SIGSTOP, stuck) fails every delivery until it expires
+        self._failures = RateLimitedLog(context.log, context.clock)
 
     def start(self) -> None:
         """Nothing to load: subscribers register again within their keep-alive period."""
@@ -67,6 +71,7 @@ class Stage:
         """Cancel timers; open rounds end without fail callbacks."""
         self._subs.stop()
         self._offers.stop()
+        self._failures.stop()
 
     def receive(self, message: Message) -> None:
         """Dispatch one message by id; errors are logged, never raised."""
@@ -80,6 +85,15 @@ class Stage:
         except Exception:
             self._context.log.failure("route: message {msgid} failed", msgid=message.msgid)
 
+    def replicas_lost(self, lost: frozenset[tuple[str, int]]) -> None:
+        """Replicas whose process went away lose their registrations and their place in open
+        rounds: a restarted process has the same address and must start from its own
+        ``route:@``, not inherit its predecessor's registrations and pauses."""
+        for who in lost:
+            if self._subs.remove(who):
+                self._context.log.info("route: subscriber {who} removed (its process went away)", who=who)
+            self._offers.withdraw_everywhere(who)
+
     def subscriptions(self) -> dict[str, int]:
         """``{subscribe_id: subscribers}``, for the admin side."""
         return self._subs.counts()
@@ -87,17 +101,17 @@ class Stage:
     def _register(self, message: Message) -> None:
         sender = message.sender
         problems = self._subs.update(_who(sender), message.values)
-        for problem in problems:
-            self._context.log.warn(
-                "route:@ from {stage} (instance {instance}): {problem}",
-                stage=sender.stage,
-                instance=sender.instance,
-                problem=problem,
-            )
-        if problems:
-            self._context.reply(message, False, "; ".join(problems))
-        else:
+        if not problems:
             self._context.reply(message, True)
+            return
+        text = _summary(problems)
+        self._context.log.warn(
+            "route:@ from {stage} (instance {instance}): {problem}",
+            stage=sender.stage,
+            instance=sender.instance,
+            problem=text,
+        )
+        self._context.reply(message, False, text)
 
     def _expired(self, who: Hashable) -> None:
         self._context.log.info("route: subscriber {who} expired (no route:@ in time)", who=who)
@@ -106,7 +120,7 @@ class Stage:
         text = as_written(message.msgid, message.reply)
         key = parse_key(text)
         if key is None:
-            self._context.log.warn("route: cannot parse published key {key}", key=text)
+            self._context.log.warn("route: cannot parse published key {key}", key=brief(text))
             return
         payload = _Publish(message.sender, message.values)
         units: dict[str, dict[Hashable, str]] = {}
@@ -156,9 +170,9 @@ class Stage:
             reply_to=format_reply(publisher.server, publisher.instance, answer),
         )
         if not ok:
-            self._context.log.warn(
+            self._failures.warn(
                 "route: delivery of {key} to {who} {callback} failed: {reason}",
-                key=key.text,
+                key=brief(key.text),
                 who=who,
                 callback=callback,
                 reason=reason,
@@ -177,8 +191,9 @@ class Stage:
                 *payload.values,
             )
             return
-        if self._dropped.first(key.text):
-            self._context.log.info("route: no subscriber took {key}; dropped", key=key.text)
+        text = brief(key.text)
+        if self._dropped.first(text):
+            self._context.log.info("route: no subscriber took {key}; dropped", key=text)
 
 
 @attrs.frozen
@@ -187,6 +202,14 @@ class _Publish:
 
     sender: Sender
     values: tuple[Any, ...]
+
+
+def _summary(problems: list[str]) -> str:
+    """One line for a ``route:@``'s problems: a table of 10,000 entries all wrong (pausing every
+    channel after the route stage restarted) is one log line and a short answer, not 10,000."""
+    shown = "; ".join(brief(p) for p in problems[:_PROBLEMS_SHOWN])
+    more = len(problems) - _PROBLEMS_SHOWN
+    return f"{shown}; and {more} more" if more > 0 else shown
 
 
 def _who(sender: Sender) -> tuple[str, int]:

@@ -170,15 +170,16 @@ class Subscriptions:
                 self.remove(key)
         return problems
 
-    def remove(self, key: Hashable) -> None:
-        """Forget subscriber ``key`` and all its registrations."""
+    def remove(self, key: Hashable) -> bool:
+        """Forget subscriber ``key`` and all its registrations; False when it had none."""
         sub = self._subscribers.pop(key, None)
         if sub is None:
-            return
+            return False
         if sub.expiry is not None and sub.expiry.active():
             sub.expiry.cancel()
         for subscribe_id in sub.registrations:
             self._unindex(subscribe_id, key)
+        return True
 
     def candidates(self, subscribe_id: str) -> tuple[str, dict[Hashable, str]]:
         """The id used for ``subscribe_id`` and its unpaused subscribers → their callback ids.
@@ -353,6 +354,11 @@ class Offers:
                 del rnd.open[sid]
                 rnd.unserved += 1
         self._settle(rnd)
+
+    def withdraw_everywhere(self, who: Hashable) -> None:
+        """``withdraw`` ``who`` from every open round (its process went away)."""
+        for token in list(self._rounds):
+            self.withdraw(token, who)
 
     def stop(self) -> None:
         """Cancel every round's timer; pending rounds end silently."""

@@ -18,6 +18,7 @@ this stage receives:
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from math import isfinite
 from typing import Any, cast
 
@@ -26,8 +27,9 @@ import attrs
 from stagetx.address import format_reply
 from stagetx.bounded import OnceSet
 from stagetx.message import Message, Sender
+from stagetx.ratelog import RateLimitedLog
 from stagetx.stages.base import StageContext
-from stagetx.stages.msgids import as_written
+from stagetx.stages.msgids import as_written, brief
 from stagetx.stages.registry import SettingsError
 from stagetx.stages.ticket.tickets import (
     Accepted,
@@ -80,6 +82,8 @@ class Stage:
         settings = parse_settings(getattr(config, "settings", config))  # a StageConfig
         self._book = TicketBook(context.clock, settings, self._effect)
         self._logged: OnceSet[str] = OnceSet(_LOGGED_ONCE_MAX)  # refusal reasons logged
+        # a requester that stops reading fails the callback of each of its tickets in turn
+        self._failures = RateLimitedLog(context.log, context.clock)
 
     def start(self) -> None:
         """Nothing to load: tickets live in memory only (a restart forgets them)."""
@@ -87,6 +91,7 @@ class Stage:
     def stop(self) -> None:
         """Cancel the hold and closing timers."""
         self._book.stop()
+        self._failures.stop()
 
     def receive(self, message: Message) -> None:
         """Dispatch one message by the first character of its id; never raises."""
@@ -102,6 +107,14 @@ class Stage:
                 self._request(message)
         except Exception:
             self._context.log.failure("ticket: message {msgid} failed", msgid=message.msgid)
+
+    def replicas_lost(self, lost: frozenset[tuple[str, int]]) -> None:
+        """Tickets of replicas whose process went away are dropped: a restarted process has the
+        same address, and must not be called back for what its predecessor asked, nor keep
+        others waiting behind slots nobody holds any more."""
+        dropped = self._book.forget(cast(frozenset[Hashable], lost))
+        if dropped:
+            self._context.log.info("ticket: {n} ticket(s) of a process that went away dropped", n=dropped)
 
     def categories(self) -> dict[str, tuple[int, int, int]]:
         """``{category: (held, waiting, limit)}``, for the admin side."""
@@ -176,7 +189,10 @@ class Stage:
     def _warn(self, message: Message, problem: str) -> None:
         """A message this stage cannot act on: logged, nothing else happens."""
         self._context.log.warn(
-            "ticket: {msgid} from {stage}: {problem}", msgid=message.msgid, stage=message.sender.stage, problem=problem
+            "ticket: {msgid} from {stage}: {problem}",
+            msgid=brief(message.msgid),
+            stage=message.sender.stage,
+            problem=brief(problem),
         )
 
     def _effect(self, effect: Effect) -> None:
@@ -206,9 +222,9 @@ class Stage:
                 reply_to=f"#{ticket.id}",
             )
             if not ok:
-                self._context.log.warn(
+                self._failures.warn(
                     "ticket: callback {request} not delivered: {reason}",
-                    request=requested.text,
+                    request=brief(requested.text),
                     reason=reason,
                 )
                 # Not from inside the book's own grant loop: give the slot back on the next turn.
@@ -228,5 +244,6 @@ class Stage:
             self._context.send(requested.at(requested.feedback), requested.text, result)
 
     def _log_once(self, text: str) -> None:
+        text = brief(text)
         if self._logged.first(text):
             self._context.log.info("{text}", text=text)

@@ -87,6 +87,21 @@ class Category:
     waiting: collections.deque[Ticket] = attrs.field(factory=collections.deque)
     holding: dict[str, Ticket] = attrs.field(factory=dict)
     closer: IDelayedCall | None = None
+    # owner -> its tickets here, holding or waiting: ``ticket:=category`` reaches each owner
+    # without walking every ticket
+    owners: dict[Hashable, int] = attrs.field(factory=dict)
+
+    def own(self, owner: Hashable) -> None:
+        """One more ticket of ``owner`` in this category."""
+        self.owners[owner] = self.owners.get(owner, 0) + 1
+
+    def disown(self, owner: Hashable) -> None:
+        """One ticket of ``owner`` less in this category."""
+        left = self.owners[owner] - 1
+        if left:
+            self.owners[owner] = left
+        else:
+            del self.owners[owner]
 
 
 @attrs.define(eq=False)
@@ -184,6 +199,7 @@ class TicketBook:
         ticket = Ticket(f"@{self._prefix}.{self._seq:x}", cat, owner, data)
         self._live += 1
         cat.waiting.append(ticket)
+        cat.own(owner)
         self._sink(Accepted(ticket))
         self._grant(cat)
         return ticket
@@ -227,13 +243,31 @@ class TicketBook:
         self._grant(cat)
         return None
 
+    def forget(self, owners: frozenset[Hashable]) -> int:
+        """Drop every ticket of ``owners`` (their process went away): waiting ones leave their
+        queue unannounced, held ones give their slot back at once (``Released``, not revoked),
+        which grants the next in line. Returns how many tickets were dropped."""
+        dropped = 0
+        for cat in list(self._categories.values()):
+            kept = collections.deque(t for t in cat.waiting if t.owner not in owners)
+            for ticket in cat.waiting:
+                if ticket.owner in owners:
+                    cat.disown(ticket.owner)
+            dropped += len(cat.waiting) - len(kept)
+            self._live -= len(cat.waiting) - len(kept)
+            cat.waiting = kept
+        for ticket in [t for t in self._held.values() if t.owner in owners]:
+            assert ticket.timer is not None
+            ticket.timer.cancel()
+            self._release(ticket, revoked=False)
+            dropped += 1
+        return dropped
+
     def owners(self, category: str) -> list[Hashable]:
-        """Distinct owners holding or waiting for a ticket of ``category``, first come first."""
+        """Distinct owners holding or waiting for a ticket of ``category``, in the order they
+        came (since they last had none there); as many steps as owners, not tickets."""
         cat = self._categories.get(category)
-        if cat is None:
-            return []
-        tickets = [*cat.holding.values(), *cat.waiting]
-        return list(dict.fromkeys(t.owner for t in tickets))
+        return [] if cat is None else list(cat.owners)
 
     def stats(self) -> dict[str, tuple[int, int, int]]:
         """``{category: (held, waiting, limit)}`` of the open categories, for the admin side."""
@@ -264,6 +298,7 @@ class TicketBook:
         cat = ticket.category
         del cat.holding[ticket.id]
         del self._held[ticket.id]
+        cat.disown(ticket.owner)
         self._live -= 1
         self._sink(Released(ticket, revoked))
         self._grant(cat)
@@ -277,6 +312,7 @@ class TicketBook:
         cat.waiting.clear()
         self._live -= len(cancelled)
         for ticket in cancelled:
+            cat.disown(ticket.owner)
             self._sink(Cancelled(ticket))
 
 
