@@ -71,3 +71,6 @@ class Stage(Protocol):
     # chunk (``router.DRAIN_CHUNK`` messages) of a turn of the process's run queue in which the
     # stage received messages, before anything else runs and before the process's links are
     # flushed: the place to batch work (one log write and all replies of the chunk).
+    # Optional: ``replicas_lost(self, lost: frozenset[tuple[str, int]]) -> None``. Called when a
+    # process of this server went away with replicas ``(server, instance)``: a restarted process
+    # has the same addresses, so state kept per replica (subscriptions, tickets) is dropped here.
