@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from twisted.internet import fdesc
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IReactorThreads, IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -42,13 +43,28 @@ class _SupervisorWatch:
         if not data:
             self.reactor.removeReader(self)
             log.info("supervisor gone; stopping")
-            self.reactor.stop()
+            _stop(self.reactor)
 
     def connectionLost(self, reason: object) -> None:
         pass
 
     def logPrefix(self) -> str:
         return "supervisor-watch"
+
+
+def _stop(reactor: Any) -> bool:
+    """Stop the reactor unless it is stopping already (False then): SIGTERM may come again while
+    the stages stop (an impatient operator, ``timeout``, the parent-death signal), and EOF on
+    stdin after it."""
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        return False
+    return True
+
+
+def _terminated(reactor: Any) -> None:
+    log.info("SIGTERM: stopping" if _stop(reactor) else "SIGTERM: already stopping")
 
 
 def _raise_file_limit() -> None:
@@ -87,6 +103,8 @@ def main() -> int:
     threads.suggestThreadPoolSize(config.threads[0])
     child = ChildProcess(config, boot, reactor, levels)
     reactor.addReader(_SupervisorWatch(reactor))
+    # over the handler the reactor installs as it starts, which would stop a stopping reactor again
+    reactor.callWhenRunning(signal.signal, signal.SIGTERM, lambda *_: threads.callFromThread(_terminated, reactor))
     reactor.callWhenRunning(child.startService)
     reactor.addSystemEventTrigger("before", "shutdown", child.stopService)
     reactor.run()

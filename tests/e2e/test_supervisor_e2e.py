@@ -155,6 +155,48 @@ def test_twistd_runs_restarts_and_stops_its_children(app_dir: Path) -> None:
     assert "Main loop terminated." in text
 
 
+def slow_to_stop(app_dir: Path) -> Path:
+    """A server whose one process takes seconds to stop: its stage waits for a running job."""
+    (app_dir / "lua" / "slow.lua").write_text(
+        "stage.submit(0, function() log4cxx.info('job running')"
+        " local t = os.clock() while os.clock() - t < 3 do end end)\n"
+    )
+    config = app_dir / "stage.json"
+    config.write_text(
+        json.dumps({"#startup": [["=lua+a"]], "=lua": {"%package": ["[0]lua"], "%budget": 60000, "=lua+a": "slow"}})
+    )
+    return config
+
+
+def test_a_child_sent_sigterm_twice_stops_once_without_a_traceback(app_dir: Path) -> None:
+    """``timeout``, an init system or an impatient operator may send SIGTERM twice, the second
+    while the child still stops: Twisted's own handler stopped the stopping reactor again, a
+    ``ReactorNotRunning`` traceback."""
+    with ServerProcess(slow_to_stop(app_dir)) as twistd:
+        twistd.wait_for(lambda: any("job running" in line for line in twistd.lines), 30, "the job")
+        first = twistd.pids(0)[0]
+        os.kill(first, signal.SIGTERM)
+        twistd.wait_for(lambda: any("SIGTERM: stopping" in line for line in twistd.lines), 10, "the stop")
+        os.kill(first, signal.SIGTERM)
+        twistd.wait_for(lambda: f"process 1 pid {first} ended: exit code 0" in "\n".join(twistd.lines), 30)
+    text = "\n".join(twistd.lines)
+    assert "ReactorNotRunning" not in text and "Traceback" not in text, text
+
+
+def test_twistd_sent_sigterm_twice_stops_once_and_exits_0(app_dir: Path) -> None:
+    twistd = ServerProcess(slow_to_stop(app_dir))
+    try:
+        twistd.wait_for(lambda: any("job running" in line for line in twistd.lines), 30, "the job")
+        twistd.process.send_signal(signal.SIGTERM)
+        twistd.wait_for(lambda: any("SIGTERM: stopping (grace" in line for line in twistd.lines), 10, "the stop")
+        twistd.process.send_signal(signal.SIGTERM)
+        assert twistd.process.wait(30) == 0
+    finally:
+        twistd.stop()
+    text = "\n".join(twistd.lines)
+    assert "ReactorNotRunning" not in text and "Traceback" not in text, text
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
