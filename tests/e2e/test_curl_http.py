@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import defer, reactor, ssl
+from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
@@ -110,6 +110,30 @@ class Hold(Resource):
         return server.NOT_DONE_YET
 
 
+class Endless:
+    """A chunked body that never ends: 256 KiB every 10 ms until the client hangs up.
+
+    Paced, so that a client without a size bound grows by a few MiB per second, not by GiB.
+    """
+
+    def __init__(self, request: server.Request) -> None:
+        self.request = request
+        self.sent = 0
+        self.hung_up: defer.Deferred[None] = defer.Deferred()
+        self.writer = task.LoopingCall(self.write)
+        request.notifyFinish().addBoth(self.stop)
+        self.writer.start(0.01)
+
+    def write(self) -> None:
+        self.request.write(b"x" * 256 * 1024)
+        self.sent += 256 * 1024
+
+    def stop(self, _: object) -> None:
+        if self.writer.running:
+            self.writer.stop()
+        self.hung_up.callback(None)
+
+
 class App(Resource):
     """The test server: one behaviour per path."""
 
@@ -119,6 +143,7 @@ class App(Resource):
         super().__init__()
         self.hold = Hold(0.03)
         self.stalled: list[server.Request] = []
+        self.endless: list[Endless] = []
 
     def render(self, request: server.Request) -> object:
         path = request.path.decode()
@@ -167,6 +192,9 @@ class App(Resource):
         if path == "/silent":  # not even headers
             self.stalled.append(request)
             return server.NOT_DONE_YET
+        if path == "/endless":
+            self.endless.append(Endless(request))
+            return server.NOT_DONE_YET
         if path == "/hold":
             return self.hold.render(request)
         request.setResponseCode(404)
@@ -202,6 +230,9 @@ class Harness:
         for request in self.app.stalled:
             if request.channel is not None:  # None once the client has hung up
                 request.channel.transport.abortConnection()
+        for endless in self.app.endless:
+            if endless.writer.running:
+                endless.request.channel.transport.abortConnection()
         await defer.maybeDeferred(self.port.stopListening).addTimeout(WAIT, reactor)
 
 
@@ -320,6 +351,30 @@ async def test_large_body_arrives_whole(web: Harness) -> None:
     assert data["length"] == len(BIG) == 5 * 1024 * 1024
     assert data["content"] == BIG
     assert data["download_speed"] > 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_endless_body_stops_at_the_default_max_size_with_63(web: Harness) -> None:
+    """Without a bound the body grew in memory until the timeout; now the download stops."""
+    reply = await web.ask({"timeout": 3000}, url=f"{web.url}/endless", extra=b"x")
+    data = reply["data"]
+    assert (reply["status"], data["result"], data["content"], reply["extra"]) == (0, 63, b"", b"x")
+    assert str(8 * 1024 * 1024) in data["message"]
+    (endless,) = web.app.endless
+    await endless.hung_up.addTimeout(WAIT, reactor)  # the stage dropped the connection
+    assert endless.sent < 64 * 1024 * 1024
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_announced_longer_than_max_size_is_not_read(web: Harness) -> None:
+    stage, context = web.stage({"max-size": 1024 * 1024})
+    stage.receive(request(url=f"{web.url}/big"))
+    stage.receive(request(url=f"{web.url}/json"))  # a body under the limit still arrives
+    replies = await context.replies_count(2)
+    big, small = sorted(replies, key=lambda r: r["effective_url"])
+    assert (big["status"], big["data"]["result"], big["data"]["length"]) == (0, 63, 0)
+    assert "1048576" in big["data"]["message"]
+    assert (small["status"], small["data"]["result"]) == (200, 0)
 
 
 @pytest.mark.parametrize("path", ["/trickle", "/silent"])

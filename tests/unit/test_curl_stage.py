@@ -19,6 +19,7 @@ from twisted.web.resource import Resource
 from stagetx.message import Message, Sender
 from stagetx.stages.curl import errors
 from stagetx.stages.curl.request import BadRequest, parse_request
+from stagetx.stages.curl.response import BodyTooLarge
 from stagetx.stages.curl.settings import CurlSettings, parse_settings, wrong_setting
 from stagetx.stages.curl.stage import Stage
 
@@ -215,8 +216,10 @@ def test_settings_are_checked_and_unknown_ones_reported() -> None:
         "concurrency": 3,
         "verify": False,
         "ca-file": "ca.pem",
+        "max-size": 1000,
     }
-    assert parse_settings(raw) == (CurlSettings("game/2", 500.0, 3, False, "ca.pem"), [])
+    assert parse_settings(raw) == (CurlSettings("game/2", 500.0, 3, False, "ca.pem", 1000), [])
+    assert parse_settings({"max-size": 0})[0].max_size is None
     settings, notices = parse_settings({"timeout": "x", "verbose": 1})
     assert settings == CurlSettings()
     assert len(notices) == 2 and "verbose" in notices[1]
@@ -233,6 +236,9 @@ def test_settings_are_checked_and_unknown_ones_reported() -> None:
         ("timeout", float("nan")),
         ("timeout", float("inf")),
         ("timeout", 1e300),
+        ("max-size", float("inf")),
+        ("max-size", 1e300),
+        ("max-size", 1.5),
     ],
 )
 def test_non_finite_or_absurd_numbers_are_wrong_values(key: str, value: float) -> None:
@@ -253,6 +259,7 @@ def test_non_finite_or_absurd_numbers_are_wrong_values(key: str, value: float) -
         (ResponseNeverReceived([Failure(error.ConnectionDone())]), errors.GOT_NOTHING),
         (ResponseFailed([Failure(error.ConnectionLost())]), errors.RECV_ERROR),
         (ResponseNeverReceived([Failure(defer.CancelledError())]), errors.ABORTED),
+        (ResponseFailed([Failure(BodyTooLarge(10))]), errors.FILESIZE_EXCEEDED),
         (KeyError("bug"), errors.INTERNAL),
     ],
 )

@@ -17,6 +17,8 @@ from twisted.web._newclient import (
     ResponseNeverReceived,
 )
 
+from stagetx.stages.curl.response import BodyTooLarge
+
 OK = 0
 UNSUPPORTED_PROTOCOL = 1
 INTERNAL = 2  # libcurl's CURLE_FAILED_INIT: used for failures nothing else describes
@@ -32,6 +34,7 @@ GOT_NOTHING = 52
 SEND_ERROR = 55
 RECV_ERROR = 56
 PEER_FAILED_VERIFICATION = 60
+FILESIZE_EXCEEDED = 63
 
 _WRAPPERS = (
     ResponseFailed,
@@ -89,6 +92,8 @@ def classify(failure: Failure, timeout_ms: float | None) -> tuple[int, str]:
             return COULDNT_CONNECT, f"Failed to connect: {value}"
         if isinstance(value, web_error.SchemeNotSupported):
             return UNSUPPORTED_PROTOCOL, f"Protocol not supported: {value}"
+        if isinstance(value, BodyTooLarge):
+            return FILESIZE_EXCEEDED, f"Maximum file size exceeded: {value}"
         if isinstance(value, web_error.InfiniteRedirection):
             return TOO_MANY_REDIRECTS, "Maximum number of redirects followed"
     value = failure.value

@@ -14,17 +14,28 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+
+
+class BodyTooLarge(Exception):
+    """The body is longer than the stage's ``max-size``: the download was stopped."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the body is larger than {limit} bytes")
+        self.limit = limit
 
 
 class _BodyReader(Protocol):
-    """Collects a body; cancelling ``done`` drops the connection.
+    """Collects a body of at most ``limit`` bytes; cancelling ``done`` drops the connection.
 
-    treq's ``content()`` cannot be cancelled, so a total timeout could not stop a slow download.
+    treq's ``content()`` cannot be cancelled, so a total timeout could not stop a slow download,
+    and it keeps any length in memory: an endless body would grow the process without bound.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None) -> None:
         self.chunks: list[bytes] = []
+        self.size = 0
+        self.limit = limit
         self.cancelled = False
         self.done: Deferred[bytes] = Deferred(self._cancel)
 
@@ -35,7 +46,20 @@ class _BodyReader(Protocol):
             cast(IPushProducer, self.transport).stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.done.called:  # over the limit already: the connection is being dropped
+            return
+        self.size += len(data)
+        if self.limit is not None and self.size > self.limit:
+            self.too_large()
+            return
         self.chunks.append(data)
+
+    def too_large(self) -> None:
+        """Fail ``done`` with `BodyTooLarge`, forget what was read and drop the connection."""
+        assert self.limit is not None
+        self.chunks.clear()
+        self.done.errback(BodyTooLarge(self.limit))
+        cast(IPushProducer, self.transport).stopProducing()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self.cancelled or self.done.called:
@@ -46,10 +70,18 @@ class _BodyReader(Protocol):
             self.done.errback(reason)
 
 
-def read_body(response: IResponse) -> Deferred[bytes]:
-    """The whole body of ``response``; cancelling the Deferred aborts the download."""
-    reader = _BodyReader()
+def read_body(response: IResponse, limit: int | None) -> Deferred[bytes]:
+    """The whole body of ``response``; cancelling the Deferred aborts the download.
+
+    :param limit: the most bytes kept (None: no limit). A longer body, announced by its
+        ``Content-Length`` or found while reading, fails with `BodyTooLarge` and the connection
+        is dropped, so memory stays bounded even for an endless body.
+    """
+    reader = _BodyReader(limit)
     response.deliverBody(reader)
+    announced = response.length
+    if limit is not None and announced is not UNKNOWN_LENGTH and announced > limit and not reader.done.called:
+        reader.too_large()  # as curl does: not a byte of a body known to be too long is read
     return reader.done
 
 

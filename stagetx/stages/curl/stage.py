@@ -213,7 +213,7 @@ class Stage:
         return read.addCallback(self._succeeded, request, started).addErrback(self._failed, request, started)
 
     def _read(self, response: IResponse) -> Deferred[tuple[IResponse, bytes]]:
-        return read_body(response).addCallback(lambda body: (response, body))
+        return read_body(response, self._settings.max_size).addCallback(lambda body: (response, body))
 
     def _read_unfollowed(self, failure: Failure) -> Deferred[tuple[IResponse, bytes]] | Failure:
         """A redirect Twisted did not follow is a normal 3xx answer, as curl gives it."""
