@@ -431,6 +431,38 @@ async def test_without_a_limit_requests_run_together(web: Harness) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_requests_to_one_host_are_bounded_by_per_host(web: Harness) -> None:
+    """Without a bound, every request to a slow host opened a connection of its own."""
+    stage, context = web.stage()
+    for n in range(200):
+        stage.receive(request(url=f"{web.url}/hold", extra=n))
+    replies = await context.replies_count(200)
+    assert sorted(r["extra"] for r in replies) == list(range(200))
+    assert {r["status"] for r in replies} == {200}
+    assert web.app.hold.most == 32  # the default per-host
+    assert web.app.hold.served == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_host_does_not_hold_up_requests_to_another(web: Harness) -> None:
+    """With one queue for all, the stage's slots all went to the slow host's requests and the
+    fast host's request waited behind every one of them."""
+    web.app.hold.delay = 0.1
+    fast = reactor.listenTCP(0, server.Site(App()), interface="127.0.0.1")
+    try:
+        stage, context = web.stage({"concurrency": 4, "per-host": 2})
+        for n in range(20):
+            stage.receive(request(url=f"{web.url}/hold", extra=n))
+        stage.receive(request(url=f"http://127.0.0.1:{fast.getHost().port}/json", extra="fast"))
+        replies = await context.replies_count(21)
+    finally:
+        await fast.stopListening()
+    assert [r["extra"] for r in replies].index(b"fast") < 4
+    assert web.app.hold.most == 2
+    assert {r["status"] for r in replies} == {200}
+
+
+@pytest_twisted.ensureDeferred
 async def test_ipv6_loopback_url(web: Harness) -> None:
     try:
         port = reactor.listenTCP(0, server.Site(web.app), interface="::1")

@@ -21,7 +21,7 @@ from stagetx.stages.curl import errors
 from stagetx.stages.curl.request import BadRequest, parse_request
 from stagetx.stages.curl.response import BodyTooLarge
 from stagetx.stages.curl.settings import CurlSettings, parse_settings, wrong_setting
-from stagetx.stages.curl.stage import Stage
+from stagetx.stages.curl.stage import HostSlots, Stage
 
 
 class FakeContext:
@@ -216,10 +216,20 @@ def test_settings_are_checked_and_unknown_ones_reported() -> None:
         "concurrency": 3,
         "verify": False,
         "ca-file": "ca.pem",
+        "per-host": 5,
         "max-size": 1000,
     }
-    assert parse_settings(raw) == (CurlSettings("game/2", 500.0, 3, False, "ca.pem", 1000), [])
-    assert parse_settings({"max-size": 0})[0].max_size is None
+    expected = CurlSettings(
+        user_agent="game/2",
+        timeout_ms=500.0,
+        concurrency=3,
+        per_host=5,
+        verify=False,
+        ca_file="ca.pem",
+        max_size=1000,
+    )
+    assert parse_settings(raw) == (expected, [])
+    assert parse_settings({"max-size": 0, "per-host": 0})[0] == CurlSettings(max_size=None, per_host=None)
     settings, notices = parse_settings({"timeout": "x", "verbose": 1})
     assert settings == CurlSettings()
     assert len(notices) == 2 and "verbose" in notices[1]
@@ -236,6 +246,8 @@ def test_settings_are_checked_and_unknown_ones_reported() -> None:
         ("timeout", float("nan")),
         ("timeout", float("inf")),
         ("timeout", 1e300),
+        ("per-host", float("nan")),
+        ("per-host", 2.5),
         ("max-size", float("inf")),
         ("max-size", 1e300),
         ("max-size", 1.5),
@@ -456,3 +468,43 @@ def test_stop_aborts_requests_in_flight_and_queued() -> None:
     stage.stop()
     assert [values[0]["data"]["result"] for _, values in context.replies] == [42, 42]
     assert len(held.open) == 1
+
+
+def test_stop_aborts_requests_queued_for_their_host() -> None:
+    held = Held()
+    stage, context, _ = make_stage(held, {"per-host": 1})
+    stage.receive(msg(b"http://h/a"))
+    stage.receive(msg(b"http://h/b"))
+    stage.receive(msg(b"http://other/c"))  # another host: not queued behind h
+    assert len(held.open) == 2
+    stage.stop()
+    assert [values[0]["data"]["result"] for _, values in context.replies] == [42, 42, 42]
+
+
+def test_host_slots_queue_per_host_and_forget_idle_hosts() -> None:
+    slots = HostSlots(1)
+    a1: defer.Deferred[str] = defer.Deferred()
+    a2: defer.Deferred[str] = defer.Deferred()
+    started: list[str] = []
+
+    def run(name: str, d: defer.Deferred[str]) -> defer.Deferred[str]:
+        started.append(name)
+        return d
+
+    first = slots.run(("http", "a", 80), run, "a1", a1)
+    second = slots.run(("http", "a", 80), run, "a2", a2)
+    other = slots.run(("http", "b", 80), run, "b", defer.succeed("b"))
+    assert started == ["a1", "b"] and other.result == "b"
+    assert len(slots) == 1  # b's queue is gone, a's waits
+    a1.callback("done")
+    assert first.result == "done" and started == ["a1", "b", "a2"]
+    a2.callback("done")
+    assert second.result == "done" and len(slots) == 0
+    waiting = slots.run(("http", "a", 80), run, "a3", defer.Deferred())
+    queued = slots.run(("http", "a", 80), run, "a4", defer.Deferred())
+    queued.cancel()
+    assert started[-1] == "a3" and len(slots) == 1
+    waiting.cancel()
+    assert len(slots) == 0
+    for d in (queued, waiting):
+        d.addErrback(lambda f: f.trap(defer.CancelledError))

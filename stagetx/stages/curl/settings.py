@@ -1,4 +1,5 @@
-"""The ``=curl+ID`` stage's settings: user-agent, timeout, concurrency, verify, ca-file, max-size."""
+"""The ``=curl+ID`` stage's settings: user-agent, timeout, concurrency, per-host, verify,
+ca-file, max-size."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from stagetx.stages.checks import MAX_MS, finite_number
 
 DEFAULT_USER_AGENT = "stagetx-curl"
 DEFAULT_TIMEOUT_MS = 30000.0
+#: The most requests in flight to one host by default: each is a connection of its own.
+DEFAULT_PER_HOST = 32
 #: The longest body kept by default: half a link's largest frame (``stagetx.wire``), so that the
 #: reply still reaches a Lua stage in another process.
 DEFAULT_MAX_SIZE = 8 * 1024 * 1024
@@ -20,11 +23,13 @@ _MAX_MAX_SIZE = 1 << 40  # a terabyte in one Lua string: a bigger number is a ty
 
 @attrs.frozen
 class CurlSettings:
-    """Validated settings; ``timeout_ms``, ``concurrency`` or ``max_size`` None means no limit."""
+    """Validated settings; ``timeout_ms``, ``concurrency``, ``per_host`` or ``max_size`` None means
+    no limit."""
 
     user_agent: str = DEFAULT_USER_AGENT
     timeout_ms: float | None = DEFAULT_TIMEOUT_MS
     concurrency: int | None = None
+    per_host: int | None = DEFAULT_PER_HOST
     verify: bool = True
     ca_file: str | None = None
     max_size: int | None = DEFAULT_MAX_SIZE
@@ -53,6 +58,7 @@ _VALID: dict[str, Any] = {
     "user-agent": lambda value: isinstance(value, str),
     "timeout": _timeout,
     "concurrency": _concurrency,
+    "per-host": _concurrency,
     "verify": lambda value: isinstance(value, bool),
     "ca-file": lambda value: isinstance(value, str),
     "max-size": _max_size,
@@ -91,6 +97,8 @@ def parse_settings(raw: Any) -> tuple[CurlSettings, list[str]]:
             values["timeout_ms"] = float(value) if value > 0 else None
         elif key == "concurrency" and _concurrency(value):
             values["concurrency"] = int(value) if value > 0 else None
+        elif key == "per-host" and _concurrency(value):
+            values["per_host"] = int(value) if value > 0 else None
         elif key == "verify" and isinstance(value, bool):
             values["verify"] = value
         elif key == "ca-file" and isinstance(value, str):

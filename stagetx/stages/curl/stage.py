@@ -9,6 +9,7 @@ the wait for the headers.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from treq.client import HTTPClient
@@ -117,6 +118,41 @@ def _timed_out(result: Any, timeout: float) -> Any:
     return result
 
 
+def host_of(request: CurlRequest) -> tuple[str, str, int | None]:
+    """The key of the connections ``request`` starts with: scheme, host and port, as the pool's."""
+    target = request.target
+    return target.scheme.lower(), target.host.lower(), target.port
+
+
+class HostSlots:
+    """A FIFO queue per host, each with ``size`` requests in flight at most.
+
+    The connection pool opens a connection for every request not served by an idle one, so
+    without it 2,000 requests to one slow host are 2,000 sockets; and a queue per host, not one
+    for all, lets requests to other hosts pass those waiting for a slow one.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._hosts: dict[tuple[str, str, int | None], DeferredSemaphore] = {}
+
+    def run(self, host: tuple[str, str, int | None], f: Callable[..., Deferred[Any]], *args: Any) -> Deferred[Any]:
+        """``f(*args)`` once ``host`` has a free slot; cancelling it in the queue takes it out."""
+        slots = self._hosts.get(host)
+        if slots is None:
+            slots = self._hosts[host] = DeferredSemaphore(self._size)
+        return slots.run(f, *args).addBoth(self._forget, host, slots)
+
+    def _forget(self, result: Any, host: tuple[str, str, int | None], slots: DeferredSemaphore) -> Any:
+        """Drop an idle host's queue, so that the hosts ever asked do not pile up."""
+        if slots.tokens == self._size and not slots.waiting and self._hosts.get(host) is slots:
+            del self._hosts[host]
+        return result
+
+    def __len__(self) -> int:
+        return len(self._hosts)
+
+
 class Stage:
     """``=curl+ID``: one message = one HTTP request; the reply table goes to the reply address."""
 
@@ -131,6 +167,7 @@ class Stage:
         self._client = client
         self._pool: HTTPConnectionPool | None = None
         self._slots = DeferredSemaphore(settings.concurrency) if settings.concurrency else None
+        self._hosts = HostSlots(settings.per_host) if settings.per_host else None
         self._pending: set[Deferred[Any]] = set()
         self._stopping = False
 
@@ -165,15 +202,24 @@ class Stage:
             self._log.failure("{stage}: bad curl message {msgid}", stage=self._context.name, msgid=message.msgid)
             self._answer(message, _reply("", "", None, errors.INTERNAL, f"bad message: {e}", 0.0))
             return
-        if self._slots is None:
+        if self._hosts is None and self._slots is None:
             done = self._perform(request)
         else:
-            done = self._slots.run(self._perform, request)
             queued = self._context.clock.seconds()
-            done.addErrback(self._failed, request, queued)  # stop() cancelled it in the queue
+            if self._hosts is None:
+                done = self._start(request)
+            else:
+                done = self._hosts.run(host_of(request), self._start, request)
+            done.addErrback(self._failed, request, queued)  # stop() cancelled it in a queue
         self._pending.add(done)
         done.addCallback(self._finish, message, done)
         done.addErrback(lambda f: self._log.failure("{stage}: curl reply failed", f, stage=self._context.name))
+
+    def _start(self, request: CurlRequest) -> Deferred[dict[str, Any]]:
+        """Run ``request`` once the stage has a free slot (its host has one already)."""
+        if self._slots is None:
+            return self._perform(request)
+        return self._slots.run(self._perform, request)
 
     def _finish(self, reply: dict[str, Any], message: Message, done: Deferred[Any]) -> None:
         self._pending.discard(done)
