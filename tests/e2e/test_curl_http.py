@@ -400,6 +400,44 @@ async def test_refused_port_gives_7(web: Harness) -> None:
     assert reply["data"]["message"]
 
 
+class Answers(Protocol):
+    """A server that is not HTTP: the same bytes for any request, then it hangs up."""
+
+    answer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data:
+            self.transport.write(self.answer)
+            self.transport.loseConnection()
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b"garbage\r\n\r\n", "wrong number of parts: garbage"),
+        (b"HTTP/1.1 abc OK\r\n\r\n", "non-integer status code: HTTP/1.1 abc OK"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\nContent-Length: 2\r\n\r\nok", ""),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: xx\r\n\r\nok", "xx"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_reply_that_is_not_http_gives_8_and_the_stage_goes_on(web: Harness, answer: bytes, said: str) -> None:
+    """Once 56, the number of a connection broken mid-body, with no word of what was wrong."""
+    fixed = type("Fixed", (Answers,), {"answer": answer})
+    weird = reactor.listenTCP(0, Factory.forProtocol(fixed), interface="127.0.0.1")
+    try:
+        stage, context = web.stage()
+        stage.receive(request(url=f"http://127.0.0.1:{weird.getHost().port}/"))
+        (reply,) = await context.replies_count(1)
+    finally:
+        await weird.stopListening()
+    assert (reply["status"], reply["data"]["result"]) == (0, 8)
+    assert reply["data"]["message"].startswith("Weird server reply: ") and said in reply["data"]["message"]
+    stage.receive(request(url=f"{web.url}/json"))
+    _, good = await context.replies_count(2)
+    assert (good["status"], good["data"]["result"]) == (200, 0)
+
+
 @pytest.mark.parametrize(
     ("url", "code"), [("http://127.0.0.1:99999/", 3), ("http:// bad/", 3), ("ftp://127.0.0.1/", 1)]
 )

@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
+from twisted.web._newclient import ParseError, ResponseFailed, ResponseNeverReceived
 from twisted.web.resource import Resource
 
 from stagetx.message import Message, Sender
@@ -272,6 +272,9 @@ def test_non_finite_or_absurd_numbers_are_wrong_values(key: str, value: float) -
         (ResponseFailed([Failure(error.ConnectionLost())]), errors.RECV_ERROR),
         (ResponseNeverReceived([Failure(defer.CancelledError())]), errors.ABORTED),
         (ResponseFailed([Failure(BodyTooLarge(10))]), errors.FILESIZE_EXCEEDED),
+        (ResponseFailed([Failure(ParseError("wrong number of parts", b"x"))]), errors.WEIRD_SERVER_REPLY),
+        (ResponseFailed([Failure(ValueError("bad length"))]), errors.WEIRD_SERVER_REPLY),
+        (ValueError("not from a reply"), errors.INTERNAL),
         (KeyError("bug"), errors.INTERNAL),
     ],
 )
