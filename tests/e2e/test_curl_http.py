@@ -195,6 +195,10 @@ class App(Resource):
         if path == "/endless":
             self.endless.append(Endless(request))
             return server.NOT_DONE_YET
+        if path == "/headers":  # 200 KiB of header lines
+            for n in range(2000):
+                request.responseHeaders.addRawHeader(b"x-pad-%d" % n, b"a" * 90)
+            return b"many"
         if path == "/hold":
             return self.hold.render(request)
         request.setResponseCode(404)
@@ -436,6 +440,45 @@ async def test_a_reply_that_is_not_http_gives_8_and_the_stage_goes_on(web: Harne
     stage.receive(request(url=f"{web.url}/json"))
     _, good = await context.replies_count(2)
     assert (good["status"], good["data"]["result"]) == (200, 0)
+
+
+class EndlessHead(Protocol):
+    """A status line, then header lines without end: 100 KiB every 10 ms until the client hangs up."""
+
+    def connectionMade(self) -> None:
+        self.hung_up: defer.Deferred[None] = defer.Deferred()
+        self.writer = task.LoopingCall(self.transport.write, (b"X-Pad: " + b"a" * 95 + b"\r\n") * 1000)
+        self.factory.heads.append(self)  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data and not self.writer.running:
+            self.transport.write(b"HTTP/1.1 200 OK\r\n")
+            self.writer.start(0.01)
+
+    def connectionLost(self, reason: object = None) -> None:
+        if self.writer.running:
+            self.writer.stop()
+        self.hung_up.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_endless_header_lines_stop_at_300_kib_with_56(web: Harness) -> None:
+    """Twisted bounds each header line, not their number: the head grew in memory until the
+    timeout; now the stage drops the connection past curl's 300 KiB."""
+    factory = Factory.forProtocol(EndlessHead)
+    factory.heads = []  # type: ignore[attr-defined]
+    endless = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        reply = await web.ask({"timeout": 3000}, url=f"http://127.0.0.1:{endless.getHost().port}/")
+        (head,) = factory.heads  # type: ignore[attr-defined]
+        await head.hung_up.addTimeout(WAIT, reactor)
+    finally:
+        await endless.stopListening()
+    data = reply["data"]
+    assert (reply["status"], data["result"]) == (0, 56)
+    assert data["message"].startswith("Too large response headers") and data["time"] < 2.5
+    big = await web.ask(url=f"{web.url}/headers")  # 200 KiB of headers are still read
+    assert (big["status"], big["data"]["result"], big["data"]["content"]) == (200, 0, b"many")
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from twisted.web._newclient import (
     ResponseNeverReceived,
 )
 
-from stagetx.stages.curl.response import BodyTooLarge
+from stagetx.stages.curl.response import BodyTooLarge, HeadTooLarge
 
 OK = 0
 UNSUPPORTED_PROTOCOL = 1
@@ -106,6 +106,8 @@ def classify(failure: Failure, timeout_ms: float | None) -> tuple[int, str]:
             return COULDNT_CONNECT, f"Failed to connect: {value}"
         if isinstance(value, web_error.SchemeNotSupported):
             return UNSUPPORTED_PROTOCOL, f"Protocol not supported: {value}"
+        if isinstance(value, HeadTooLarge):
+            return RECV_ERROR, f"Too large response headers: {value}"
         if isinstance(value, BodyTooLarge):
             return FILESIZE_EXCEEDED, f"Maximum file size exceeded: {value}"
         if isinstance(value, web_error.InfiniteRedirection):

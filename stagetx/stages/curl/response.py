@@ -1,4 +1,5 @@
-"""Reading a response for the curl stage: body (cancellable), redirect chain, cookies, charset."""
+"""Reading a response for the curl stage: head and body (bounded, cancellable), redirect chain,
+cookies, charset."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
@@ -23,6 +25,40 @@ class BodyTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"the body is larger than {limit} bytes")
         self.limit = limit
+
+
+#: The most bytes of a response's status line and headers, as curl's ``MAX_HTTP_RESP_HEADER_SIZE``.
+MAX_HEAD = 300 * 1024
+
+
+class HeadTooLarge(Exception):
+    """The status line and headers went on past `MAX_HEAD`: the connection was dropped."""
+
+    def __init__(self) -> None:
+        super().__init__(f"the status line and headers are longer than {MAX_HEAD} bytes")
+
+
+class BoundedHeadProtocol(HTTP11ClientProtocol):
+    """Twisted's HTTP/1.1 client protocol that gives up on a response whose head passes
+    `MAX_HEAD`.
+
+    Twisted's parser bounds each header line (16 KiB) but not their number, so a server sending
+    header lines without end grew the process until the timeout.
+    """
+
+    _head_of: object = None  # the parser (one per request) whose head is being counted
+    _head = 0
+
+    def dataReceived(self, bytes: bytes) -> None:
+        parser = self._parser
+        if parser is not None and parser.state in (STATUS, HEADER):
+            if parser is not self._head_of:
+                self._head_of, self._head = parser, 0
+            if self._head > MAX_HEAD:  # counted before this chunk: no false alarm at the end of a head
+                self._giveUp(Failure(HeadTooLarge()))
+                return
+            self._head += len(bytes)
+        super().dataReceived(bytes)
 
 
 class _BodyReader(Protocol):

@@ -21,6 +21,7 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
+from twisted.internet.interfaces import IAddress
 from twisted.python.failure import Failure
 from twisted.web import error as web_error
 from twisted.web._newclient import ResponseFailed
@@ -33,7 +34,7 @@ from stagetx.message import Message
 from stagetx.stages.base import StageContext
 from stagetx.stages.curl import errors
 from stagetx.stages.curl.request import BadRequest, CurlRequest, parse_request
-from stagetx.stages.curl.response import chain, content_type, read_body, set_cookies, url_of
+from stagetx.stages.curl.response import BoundedHeadProtocol, chain, content_type, read_body, set_cookies, url_of
 from stagetx.stages.curl.settings import CurlSettings, parse_settings, wrong_setting
 from stagetx.stages.curl.tls import https_policy
 from stagetx.stages.registry import SettingsError
@@ -61,7 +62,12 @@ def check_settings(settings: Any, path: str, base_dir: str) -> None:
 
 
 class _QuietFactory(_HTTP11ClientFactory):
+    """Connections whose response heads are bounded, without a log line each."""
+
     noisy = False  # else every new connection logs "Starting factory" / "Stopping factory"
+
+    def buildProtocol(self, addr: IAddress | None) -> BoundedHeadProtocol:
+        return BoundedHeadProtocol(self._quiescentCallback)
 
 
 class _QuietPool(HTTPConnectionPool):
