@@ -15,8 +15,8 @@ DEFAULT_USER_AGENT = "stagetx-curl"
 DEFAULT_TIMEOUT_MS = 30000.0
 #: The most requests in flight to one host by default: each is a connection of its own.
 DEFAULT_PER_HOST = 32
-#: The longest body kept by default: half a link's largest frame (``stagetx.wire``), so that the
-#: reply still reaches a Lua stage in another process.
+#: The longest body kept by default: half the largest frame between servers
+#: (``stagetx.cluster.gateway``), so that the reply still reaches a Lua stage anywhere.
 DEFAULT_MAX_SIZE = 8 * 1024 * 1024
 _MAX_MAX_SIZE = 1 << 40  # a terabyte in one Lua string: a bigger number is a typo
 
