@@ -454,6 +454,28 @@ def test_concurrency_limit_queues_requests_in_order() -> None:
     assert [values[0]["extra"] for _, values in context.replies] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("settings", [{"per-host": 2}, {"concurrency": 2}, {"concurrency": 3, "per-host": 2}])
+def test_the_timeout_counts_the_wait_in_a_queue(settings: dict[str, int]) -> None:
+    """Once a queued request's timeout started when it left the queue: with a host that never
+    answers, each batch waited a whole timeout more, and the last reply came after minutes."""
+    held = Held()
+    stage, context, _ = make_stage(held, {"timeout": 1000, **settings})
+    for n in range(6):
+        stage.receive(msg({1: f"http://h/{n}".encode(), b"extra": n}))
+    context.clock.advance(0.5)
+    stage.receive(msg({1: b"http://h/late", b"extra": 6}))
+    assert len(held.open) == 2
+    context.clock.advance(0.5)
+    assert sorted(values[0]["extra"] for _, values in context.replies) == [0, 1, 2, 3, 4, 5]
+    for _, (reply,) in context.replies:
+        assert reply["data"]["result"] == errors.OPERATION_TIMEDOUT
+        assert reply["data"]["time"] == pytest.approx(1.0)
+    assert [r.path for r in held.open] == [b"/0", b"/1", b"/late"]  # it has half its time left
+    context.clock.advance(0.5)
+    (reply,) = context.replies[-1][1]
+    assert (reply["extra"], reply["data"]["result"], reply["data"]["time"]) == (6, 28, pytest.approx(1.0))
+
+
 def test_bad_request_is_answered_at_once() -> None:
     stage, context, _ = make_stage(Recorder())
     stage.receive(msg({b"url": b"ftp://h/", b"extra": 9}))
@@ -489,28 +511,17 @@ def test_stop_aborts_requests_queued_for_their_host() -> None:
 
 def test_host_slots_queue_per_host_and_forget_idle_hosts() -> None:
     slots = HostSlots(1)
-    a1: defer.Deferred[str] = defer.Deferred()
-    a2: defer.Deferred[str] = defer.Deferred()
-    started: list[str] = []
-
-    def run(name: str, d: defer.Deferred[str]) -> defer.Deferred[str]:
-        started.append(name)
-        return d
-
-    first = slots.run(("http", "a", 80), run, "a1", a1)
-    second = slots.run(("http", "a", 80), run, "a2", a2)
-    other = slots.run(("http", "b", 80), run, "b", defer.succeed("b"))
-    assert started == ["a1", "b"] and other.result == "b"
+    a, b = ("http", "a", 80), ("http", "b", 80)
+    first, second, other = slots.acquire(a), slots.acquire(a), slots.acquire(b)
+    assert (first.called, second.called, other.called) == (True, False, True)
+    slots.release(b)
     assert len(slots) == 1  # b's queue is gone, a's waits
-    a1.callback("done")
-    assert first.result == "done" and started == ["a1", "b", "a2"]
-    a2.callback("done")
-    assert second.result == "done" and len(slots) == 0
-    waiting = slots.run(("http", "a", 80), run, "a3", defer.Deferred())
-    queued = slots.run(("http", "a", 80), run, "a4", defer.Deferred())
-    queued.cancel()
-    assert started[-1] == "a3" and len(slots) == 1
-    waiting.cancel()
+    slots.release(a)
+    assert second.called
+    slots.release(a)
     assert len(slots) == 0
-    for d in (queued, waiting):
-        d.addErrback(lambda f: f.trap(defer.CancelledError))
+    holder, waiter = slots.acquire(a), slots.acquire(a)
+    waiter.cancel()
+    waiter.addErrback(lambda f: f.trap(defer.CancelledError))
+    slots.release(a)
+    assert holder.called and len(slots) == 0

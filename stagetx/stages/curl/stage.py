@@ -9,7 +9,6 @@ the wait for the headers.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from treq.client import HTTPClient
@@ -142,18 +141,28 @@ class HostSlots:
         self._size = size
         self._hosts: dict[tuple[str, str, int | None], DeferredSemaphore] = {}
 
-    def run(self, host: tuple[str, str, int | None], f: Callable[..., Deferred[Any]], *args: Any) -> Deferred[Any]:
-        """``f(*args)`` once ``host`` has a free slot; cancelling it in the queue takes it out."""
+    def acquire(self, host: tuple[str, str, int | None]) -> Deferred[None]:
+        """Fires when ``host`` has a slot for the caller, who must `release` it; cancelling it
+        while it waits takes it out of the queue."""
         slots = self._hosts.get(host)
         if slots is None:
             slots = self._hosts[host] = DeferredSemaphore(self._size)
-        return slots.run(f, *args).addBoth(self._forget, host, slots)
+        return slots.acquire().addCallbacks(lambda _: None, self._withdrawn, errbackArgs=(host, slots))
 
-    def _forget(self, result: Any, host: tuple[str, str, int | None], slots: DeferredSemaphore) -> Any:
+    def release(self, host: tuple[str, str, int | None]) -> None:
+        """Give back a slot of ``host``: the next request waiting for it starts."""
+        slots = self._hosts[host]
+        slots.release()
+        self._forget(host, slots)
+
+    def _withdrawn(self, failure: Failure, host: tuple[str, str, int | None], slots: DeferredSemaphore) -> Failure:
+        self._forget(host, slots)
+        return failure
+
+    def _forget(self, host: tuple[str, str, int | None], slots: DeferredSemaphore) -> None:
         """Drop an idle host's queue, so that the hosts ever asked do not pile up."""
         if slots.tokens == self._size and not slots.waiting and self._hosts.get(host) is slots:
             del self._hosts[host]
-        return result
 
     def __len__(self) -> int:
         return len(self._hosts)
@@ -208,24 +217,52 @@ class Stage:
             self._log.failure("{stage}: bad curl message {msgid}", stage=self._context.name, msgid=message.msgid)
             self._answer(message, _reply("", "", None, errors.INTERNAL, f"bad message: {e}", 0.0))
             return
+        received = self._context.clock.seconds()
         if self._hosts is None and self._slots is None:
-            done = self._perform(request)
+            done = self._perform(request, received)
         else:
-            queued = self._context.clock.seconds()
-            if self._hosts is None:
-                done = self._start(request)
-            else:
-                done = self._hosts.run(host_of(request), self._start, request)
-            done.addErrback(self._failed, request, queued)  # stop() cancelled it in a queue
+            done = self._enqueue(request, received)
+            done.addErrback(self._failed, request, received)  # its timeout or stop() took it out of a queue
         self._pending.add(done)
         done.addCallback(self._finish, message, done)
         done.addErrback(lambda f: self._log.failure("{stage}: curl reply failed", f, stage=self._context.name))
 
-    def _start(self, request: CurlRequest) -> Deferred[dict[str, Any]]:
-        """Run ``request`` once the stage has a free slot (its host has one already)."""
-        if self._slots is None:
-            return self._perform(request)
-        return self._slots.run(self._perform, request)
+    def _enqueue(self, request: CurlRequest, received: float) -> Deferred[dict[str, Any]]:
+        """Run ``request`` once its host has a free slot, then the stage; its timeout counts the
+        wait, as libcurl's total timeout counts the wait for a connection."""
+        host = host_of(request)
+        turn: Deferred[Any] = succeed(None) if self._hosts is None else self._hosts.acquire(host)
+        if self._slots is not None:
+            turn.addCallback(self._stage_slot, host)
+        if request.timeout_ms is not None:
+            turn.addTimeout(request.timeout_ms / 1000.0, self._context.clock, onTimeoutCancel=_timed_out)
+        return turn.addCallback(self._run, request, received, host)
+
+    def _stage_slot(self, _: None, host: tuple[str, str, int | None]) -> Deferred[Any]:
+        """A slot of the stage, for a request that holds one of its host already."""
+        assert self._slots is not None
+        slot = self._slots.acquire()
+        if self._hosts is not None:
+            slot.addErrback(self._give_back, host)
+        return slot
+
+    def _give_back(self, failure: Failure, host: tuple[str, str, int | None]) -> Failure:
+        """The host's slot of a request that left the stage's queue without running."""
+        assert self._hosts is not None
+        self._hosts.release(host)
+        return failure
+
+    def _run(
+        self, _: Any, request: CurlRequest, received: float, host: tuple[str, str, int | None]
+    ) -> Deferred[dict[str, Any]]:
+        return self._perform(request, received).addBoth(self._release, host)
+
+    def _release(self, reply: dict[str, Any], host: tuple[str, str, int | None]) -> dict[str, Any]:
+        if self._slots is not None:
+            self._slots.release()
+        if self._hosts is not None:
+            self._hosts.release(host)
+        return reply
 
     def _finish(self, reply: dict[str, Any], message: Message, done: Deferred[Any]) -> None:
         self._pending.discard(done)
@@ -244,11 +281,16 @@ class Stage:
             self._context.count_error()
         self._context.answer(message, reply)
 
-    def _perform(self, request: CurlRequest) -> Deferred[dict[str, Any]]:
-        """Run one transfer; the Deferred always succeeds with the reply table."""
-        started = self._context.clock.seconds()
+    def _perform(self, request: CurlRequest, received: float) -> Deferred[dict[str, Any]]:
+        """Run one transfer within what is left of its timeout since ``received``; the Deferred
+        always succeeds with the reply table."""
         if self._stopping:  # a queued request whose slot was freed by stop() itself
-            return succeed(self._failed(Failure(CancelledError()), request, started))
+            return succeed(self._failed(Failure(CancelledError()), request, received))
+        left = None
+        if request.timeout_ms is not None:
+            left = request.timeout_ms / 1000.0 - (self._context.clock.seconds() - received)
+        if left is not None and left <= 0:  # its time ran out in the queue, as the slot came free
+            return succeed(self._failed(Failure(TimeoutError(request.timeout_ms, "HTTP request")), request, received))
         assert self._client is not None, "start() was not called"
         sent: Deferred[IResponse] = maybeDeferred(
             self._client.request,
@@ -260,9 +302,9 @@ class Stage:
             unbuffered=True,
         )
         read: Deferred[tuple[IResponse, bytes]] = sent.addCallbacks(self._read, self._read_unfollowed)
-        if request.timeout_ms is not None:
-            read.addTimeout(request.timeout_ms / 1000.0, self._context.clock, onTimeoutCancel=_timed_out)
-        return read.addCallback(self._succeeded, request, started).addErrback(self._failed, request, started)
+        if left is not None:
+            read.addTimeout(left, self._context.clock, onTimeoutCancel=_timed_out)
+        return read.addCallback(self._succeeded, request, received).addErrback(self._failed, request, received)
 
     def _read(self, response: IResponse) -> Deferred[tuple[IResponse, bytes]]:
         return read_body(response, self._settings.max_size).addCallback(lambda body: (response, body))
