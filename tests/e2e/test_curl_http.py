@@ -154,6 +154,12 @@ class App(Resource):
             request.addCookie(b"hop", b"one", path=b"/")
             request.redirect(b"/hop2")
             return b""
+        if path == "/loop":
+            request.redirect(b"/loop")
+            return b""
+        if path == "/to-ftp":
+            request.redirect(b"ftp://127.0.0.1/file")
+            return b""
         if path == "/hop2":
             request.redirect(b"/echo")
             return b""
@@ -479,6 +485,18 @@ async def test_endless_header_lines_stop_at_300_kib_with_56(web: Harness) -> Non
     assert data["message"].startswith("Too large response headers") and data["time"] < 2.5
     big = await web.ask(url=f"{web.url}/headers")  # 200 KiB of headers are still read
     assert (big["status"], big["data"]["result"], big["data"]["content"]) == (200, 0, b"many")
+
+
+@pytest.mark.parametrize(("target", "code"), [("/loop", 47), ("/to-ftp", 1), ("http://no-such-host.invalid/", 6)])
+@pytest_twisted.ensureDeferred
+async def test_redirect_loops_other_schemes_and_unknown_hosts_are_errors(web: Harness, target: str, code: int) -> None:
+    stage, context = web.stage()
+    stage.receive(request(url=target if "://" in target else f"{web.url}{target}"))
+    stage.receive(request(url=f"{web.url}/json"))  # the stage goes on serving
+    replies = await context.replies_count(2)
+    (failed,) = [r for r in replies if r["data"]["result"] != 0]
+    assert (failed["status"], failed["data"]["result"]) == (0, code) and failed["data"]["message"]
+    assert [r["status"] for r in replies if r is not failed] == [200]
 
 
 @pytest.mark.parametrize(
