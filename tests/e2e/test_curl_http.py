@@ -727,3 +727,55 @@ async def test_lua_stage_in_another_process_uses_the_curl_stage(web: Harness, tm
     assert (seen["method"], seen["body"]) == ("POST", "user=kim")
     assert seen["cookies"] == {"sid": "s3cr3t", "lang": "ko"}  # kept by the curl stage
     assert seen["headers"]["user-agent"] == "e2e"
+
+
+LUA_BURST = """
+local got, failed = 0, 0
+stage.waitfor("web.reply", function (r)
+    got = got + 1
+    if r.status ~= 200 or r.data.result ~= 0 then failed = failed + 1 end
+    if got == 1 then error("first reply refused") end  -- logged; the stage goes on
+    if got == 2000 then log4cxx.info("CURLREPLY", "burst", got, failed) end
+end)
+stage.addtask(100, function ()
+    if not stage.signal("agent:go=web.reply", {process["$base"] .. "/hold", extra = 0}) then
+        return 100  -- the curl process is not linked yet: try again
+    end
+    for i = 1, 1999 do
+        stage.signal("agent:go=web.reply", {process["$base"] .. "/hold", extra = i})
+    end
+end)
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lua_burst_of_2000_requests_to_a_slow_host_is_bounded_and_all_answered(
+    web: Harness, tmp_path: Path
+) -> None:
+    """2,000 requests from one Lua callback: never more than the default per-host 32 open at the
+    server, every reply delivered, and a handler that raises is logged with its file and line."""
+    (tmp_path / "lua").mkdir()
+    (tmp_path / "lua" / "client.lua").write_text(LUA_BURST)
+    config = {
+        "#startup": [["=curl+agent"], ["=lua+client"]],
+        "=lua+client": {"%package": ["[0]lua"], "=lua+client": "client"},
+        "base": web.url,
+    }
+    (tmp_path / "stage.json").write_text(json.dumps(config))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    twistd = "from twisted.scripts.twistd import run; run()"
+    argv = [sys.executable, "-c", twistd, "-n", "--pidfile=", "stage", "-c", "stage.json"]
+    output = TwistdOutput(wanted=1)
+    process = reactor.spawnProcess(output, sys.executable, argv, env=env, path=str(tmp_path))
+    try:
+        replies = await output.got.addTimeout(90, reactor)
+    finally:
+        if not output.ended.called:
+            process.signalProcess("TERM")
+        try:
+            await output.ended.addTimeout(20, reactor)
+        except defer.TimeoutError:
+            process.signalProcess("KILL")
+    assert replies["burst"][:2] == ["2000", "0"]
+    assert web.app.hold.most == 32 and web.app.hold.served == 2000
+    assert b"lua/client.lua:6: first reply refused" in output.text
