@@ -525,3 +525,28 @@ def test_host_slots_queue_per_host_and_forget_idle_hosts() -> None:
     waiter.addErrback(lambda f: f.trap(defer.CancelledError))
     slots.release(a)
     assert holder.called and len(slots) == 0
+
+
+@pytest.mark.parametrize("settings", [{"per-host": 1}, {"concurrency": 1, "per-host": 0}])
+def test_stop_answers_thousands_of_queued_requests(settings: dict[str, int]) -> None:
+    """A freed slot once went from one queued request to the next inside one call: past a few
+    hundred, RecursionError, requests never answered and left pending."""
+    stage, context, _ = make_stage(Held(), settings)
+    for _ in range(1500):
+        stage.receive(msg(b"http://h/a"))
+    stage.stop()
+    assert [values[0]["data"]["result"] for _, values in context.replies] == [42] * 1500
+
+
+@pytest.mark.parametrize("settings", [{"per-host": 1}, {"concurrency": 1, "per-host": 0}])
+def test_thousands_of_queued_requests_out_of_time_together_are_all_answered(settings: dict[str, int]) -> None:
+    """All received at once, all out of time at once: as the running one times out, each queued
+    one is due too; answering each inside the previous one's call nested them as deep as the
+    queue."""
+    held = Held()
+    stage, context, _ = make_stage(held, {"timeout": 1000, **settings})
+    for _ in range(1500):
+        stage.receive(msg(b"http://h/a"))
+    context.clock.advance(1.0)
+    assert [values[0]["data"]["result"] for _, values in context.replies] == [28] * 1500
+    assert len(held.open) == 1  # none was sent without time left

@@ -21,6 +21,7 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.interfaces import IAddress
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web import error as web_error
 from twisted.web._newclient import ResponseFailed
@@ -183,7 +184,7 @@ class Stage:
         self._pool: HTTPConnectionPool | None = None
         self._slots = DeferredSemaphore(settings.concurrency) if settings.concurrency else None
         self._hosts = HostSlots(settings.per_host) if settings.per_host else None
-        self._pending: set[Deferred[Any]] = set()
+        self._pending: dict[Deferred[Any], None] = {}  # in the order received: see stop()
         self._stopping = False
 
     def start(self) -> None:
@@ -200,7 +201,9 @@ class Stage:
     def stop(self) -> Deferred[None] | None:
         """Abort requests in flight or queued (each answered with result 42); close the pool."""
         self._stopping = True
-        for pending in list(self._pending):
+        # newest first: the queued requests leave their queues before a running one frees its
+        # slot, which would otherwise pass from one queued request to the next, nested
+        for pending in reversed(list(self._pending)):
             pending.cancel()
         if self._pool is not None:
             return self._pool.closeCachedConnections()
@@ -223,7 +226,7 @@ class Stage:
         else:
             done = self._enqueue(request, received)
             done.addErrback(self._failed, request, received)  # its timeout or stop() took it out of a queue
-        self._pending.add(done)
+        self._pending[done] = None
         done.addCallback(self._finish, message, done)
         done.addErrback(lambda f: self._log.failure("{stage}: curl reply failed", f, stage=self._context.name))
 
@@ -265,7 +268,7 @@ class Stage:
         return reply
 
     def _finish(self, reply: dict[str, Any], message: Message, done: Deferred[Any]) -> None:
-        self._pending.discard(done)
+        self._pending.pop(done, None)
         self._answer(message, reply)
 
     def _answer(self, message: Message, reply: dict[str, Any]) -> None:
@@ -290,7 +293,10 @@ class Stage:
         if request.timeout_ms is not None:
             left = request.timeout_ms / 1000.0 - (self._context.clock.seconds() - received)
         if left is not None and left <= 0:  # its time ran out in the queue, as the slot came free
-            return succeed(self._failed(Failure(TimeoutError(request.timeout_ms, "HTTP request")), request, received))
+            # on the next turn: answered now, it would free the slot for the next one in the
+            # queue inside this call, that one for the next, nested as deep as the queue is long
+            expired = Failure(TimeoutError(request.timeout_ms, "HTTP request"))
+            return deferLater(self._context.clock, 0, self._failed, expired, request, received)
         assert self._client is not None, "start() was not called"
         sent: Deferred[IResponse] = maybeDeferred(
             self._client.request,
