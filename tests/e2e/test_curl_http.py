@@ -195,6 +195,13 @@ class App(Resource):
             request.write(b"first bytes")
             self.stalled.append(request)
             return server.NOT_DONE_YET
+        if path == "/drip":  # a body of 1000 bytes, one byte every 20 ms
+            request.setHeader(b"content-length", b"1000")
+            drip = task.LoopingCall(request.write, b".")
+            request.notifyFinish().addBoth(lambda _: drip.stop())
+            drip.start(0.02)
+            self.stalled.append(request)
+            return server.NOT_DONE_YET
         if path == "/silent":  # not even headers
             self.stalled.append(request)
             return server.NOT_DONE_YET
@@ -387,14 +394,16 @@ async def test_a_body_announced_longer_than_max_size_is_not_read(web: Harness) -
     assert (small["status"], small["data"]["result"]) == (200, 0)
 
 
-@pytest.mark.parametrize("path", ["/trickle", "/silent"])
+@pytest.mark.parametrize("path", ["/trickle", "/silent", "/drip"])
 @pytest_twisted.ensureDeferred
-async def test_slow_response_times_out_with_28(web: Harness, path: str) -> None:
+async def test_slow_response_times_out_with_28_and_its_connection_is_dropped(web: Harness, path: str) -> None:
     reply = await web.ask({"timeout": 10000}, url=f"{web.url}{path}", timeout=300, extra=b"x")
     data = reply["data"]
     assert (reply["status"], data["result"], reply["extra"]) == (0, 28, b"x")
     assert 0.25 < data["time"] < 5.0
     assert "300" in data["message"]
+    (held,) = web.app.stalled
+    await held.notifyFinish().addErrback(lambda _: None).addTimeout(WAIT, reactor)  # hung up
 
 
 @pytest_twisted.ensureDeferred
