@@ -554,6 +554,10 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
         '=curl+web.max-size: wrong value "8M"',
     ),
     (
+        {"#startup": [["=curl+web"]], "=curl+web": {"per-host": 2.5}},
+        "=curl+web.per-host: wrong value 2.5",
+    ),
+    (
         {"#startup": [["=index+rank"]], "=index+rank": {"redis": "rediss://127.0.0.1:6390/0", "ca": "missing.pem"}},
         "=index+rank.ca: cannot read APP/missing.pem: No such file or directory",
     ),
