@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import defer, reactor, ssl
+from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
@@ -110,6 +110,30 @@ class Hold(Resource):
         return server.NOT_DONE_YET
 
 
+class Endless:
+    """A chunked body that never ends: 256 KiB every 10 ms until the client hangs up.
+
+    Paced, so that a client without a size bound grows by a few MiB per second, not by GiB.
+    """
+
+    def __init__(self, request: server.Request) -> None:
+        self.request = request
+        self.sent = 0
+        self.hung_up: defer.Deferred[None] = defer.Deferred()
+        self.writer = task.LoopingCall(self.write)
+        request.notifyFinish().addBoth(self.stop)
+        self.writer.start(0.01)
+
+    def write(self) -> None:
+        self.request.write(b"x" * 256 * 1024)
+        self.sent += 256 * 1024
+
+    def stop(self, _: object) -> None:
+        if self.writer.running:
+            self.writer.stop()
+        self.hung_up.callback(None)
+
+
 class App(Resource):
     """The test server: one behaviour per path."""
 
@@ -119,6 +143,7 @@ class App(Resource):
         super().__init__()
         self.hold = Hold(0.03)
         self.stalled: list[server.Request] = []
+        self.endless: list[Endless] = []
 
     def render(self, request: server.Request) -> object:
         path = request.path.decode()
@@ -128,6 +153,12 @@ class App(Resource):
         if path == "/hop1":
             request.addCookie(b"hop", b"one", path=b"/")
             request.redirect(b"/hop2")
+            return b""
+        if path == "/loop":
+            request.redirect(b"/loop")
+            return b""
+        if path == "/to-ftp":
+            request.redirect(b"ftp://127.0.0.1/file")
             return b""
         if path == "/hop2":
             request.redirect(b"/echo")
@@ -164,9 +195,23 @@ class App(Resource):
             request.write(b"first bytes")
             self.stalled.append(request)
             return server.NOT_DONE_YET
+        if path == "/drip":  # a body of 1000 bytes, one byte every 20 ms
+            request.setHeader(b"content-length", b"1000")
+            drip = task.LoopingCall(request.write, b".")
+            request.notifyFinish().addBoth(lambda _: drip.stop())
+            drip.start(0.02)
+            self.stalled.append(request)
+            return server.NOT_DONE_YET
         if path == "/silent":  # not even headers
             self.stalled.append(request)
             return server.NOT_DONE_YET
+        if path == "/endless":
+            self.endless.append(Endless(request))
+            return server.NOT_DONE_YET
+        if path == "/headers":  # 200 KiB of header lines
+            for n in range(2000):
+                request.responseHeaders.addRawHeader(b"x-pad-%d" % n, b"a" * 90)
+            return b"many"
         if path == "/hold":
             return self.hold.render(request)
         request.setResponseCode(404)
@@ -202,6 +247,9 @@ class Harness:
         for request in self.app.stalled:
             if request.channel is not None:  # None once the client has hung up
                 request.channel.transport.abortConnection()
+        for endless in self.app.endless:
+            if endless.writer.running:
+                endless.request.channel.transport.abortConnection()
         await defer.maybeDeferred(self.port.stopListening).addTimeout(WAIT, reactor)
 
 
@@ -322,14 +370,40 @@ async def test_large_body_arrives_whole(web: Harness) -> None:
     assert data["download_speed"] > 0
 
 
-@pytest.mark.parametrize("path", ["/trickle", "/silent"])
 @pytest_twisted.ensureDeferred
-async def test_slow_response_times_out_with_28(web: Harness, path: str) -> None:
+async def test_an_endless_body_stops_at_the_default_max_size_with_63(web: Harness) -> None:
+    """Without a bound the body grew in memory until the timeout; now the download stops."""
+    reply = await web.ask({"timeout": 3000}, url=f"{web.url}/endless", extra=b"x")
+    data = reply["data"]
+    assert (reply["status"], data["result"], data["content"], reply["extra"]) == (0, 63, b"", b"x")
+    assert str(8 * 1024 * 1024) in data["message"]
+    (endless,) = web.app.endless
+    await endless.hung_up.addTimeout(WAIT, reactor)  # the stage dropped the connection
+    assert endless.sent < 64 * 1024 * 1024
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_announced_longer_than_max_size_is_not_read(web: Harness) -> None:
+    stage, context = web.stage({"max-size": 1024 * 1024})
+    stage.receive(request(url=f"{web.url}/big"))
+    stage.receive(request(url=f"{web.url}/json"))  # a body under the limit still arrives
+    replies = await context.replies_count(2)
+    big, small = sorted(replies, key=lambda r: r["effective_url"])
+    assert (big["status"], big["data"]["result"], big["data"]["length"]) == (0, 63, 0)
+    assert "1048576" in big["data"]["message"]
+    assert (small["status"], small["data"]["result"]) == (200, 0)
+
+
+@pytest.mark.parametrize("path", ["/trickle", "/silent", "/drip"])
+@pytest_twisted.ensureDeferred
+async def test_slow_response_times_out_with_28_and_its_connection_is_dropped(web: Harness, path: str) -> None:
     reply = await web.ask({"timeout": 10000}, url=f"{web.url}{path}", timeout=300, extra=b"x")
     data = reply["data"]
     assert (reply["status"], data["result"], reply["extra"]) == (0, 28, b"x")
     assert 0.25 < data["time"] < 5.0
     assert "300" in data["message"]
+    (held,) = web.app.stalled
+    await held.notifyFinish().addErrback(lambda _: None).addTimeout(WAIT, reactor)  # hung up
 
 
 @pytest_twisted.ensureDeferred
@@ -343,6 +417,95 @@ async def test_refused_port_gives_7(web: Harness) -> None:
     assert (reply["status"], reply["data"]["result"]) == (0, 7)
     assert context.errors == 1
     assert reply["data"]["message"]
+
+
+class Answers(Protocol):
+    """A server that is not HTTP: the same bytes for any request, then it hangs up."""
+
+    answer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data:
+            self.transport.write(self.answer)
+            self.transport.loseConnection()
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b"garbage\r\n\r\n", "wrong number of parts: garbage"),
+        (b"HTTP/1.1 abc OK\r\n\r\n", "non-integer status code: HTTP/1.1 abc OK"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\nContent-Length: 2\r\n\r\nok", ""),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: xx\r\n\r\nok", "xx"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_reply_that_is_not_http_gives_8_and_the_stage_goes_on(web: Harness, answer: bytes, said: str) -> None:
+    """Once 56, the number of a connection broken mid-body, with no word of what was wrong."""
+    fixed = type("Fixed", (Answers,), {"answer": answer})
+    weird = reactor.listenTCP(0, Factory.forProtocol(fixed), interface="127.0.0.1")
+    try:
+        stage, context = web.stage()
+        stage.receive(request(url=f"http://127.0.0.1:{weird.getHost().port}/"))
+        (reply,) = await context.replies_count(1)
+    finally:
+        await weird.stopListening()
+    assert (reply["status"], reply["data"]["result"]) == (0, 8)
+    assert reply["data"]["message"].startswith("Weird server reply: ") and said in reply["data"]["message"]
+    stage.receive(request(url=f"{web.url}/json"))
+    _, good = await context.replies_count(2)
+    assert (good["status"], good["data"]["result"]) == (200, 0)
+
+
+class EndlessHead(Protocol):
+    """A status line, then header lines without end: 100 KiB every 10 ms until the client hangs up."""
+
+    def connectionMade(self) -> None:
+        self.hung_up: defer.Deferred[None] = defer.Deferred()
+        self.writer = task.LoopingCall(self.transport.write, (b"X-Pad: " + b"a" * 95 + b"\r\n") * 1000)
+        self.factory.heads.append(self)  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data and not self.writer.running:
+            self.transport.write(b"HTTP/1.1 200 OK\r\n")
+            self.writer.start(0.01)
+
+    def connectionLost(self, reason: object = None) -> None:
+        if self.writer.running:
+            self.writer.stop()
+        self.hung_up.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_endless_header_lines_stop_at_300_kib_with_56(web: Harness) -> None:
+    """Twisted bounds each header line, not their number: the head grew in memory until the
+    timeout; now the stage drops the connection past curl's 300 KiB."""
+    factory = Factory.forProtocol(EndlessHead)
+    factory.heads = []  # type: ignore[attr-defined]
+    endless = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        reply = await web.ask({"timeout": 3000}, url=f"http://127.0.0.1:{endless.getHost().port}/")
+        (head,) = factory.heads  # type: ignore[attr-defined]
+        await head.hung_up.addTimeout(WAIT, reactor)
+    finally:
+        await endless.stopListening()
+    data = reply["data"]
+    assert (reply["status"], data["result"]) == (0, 56)
+    assert data["message"].startswith("Too large response headers") and data["time"] < 2.5
+    big = await web.ask(url=f"{web.url}/headers")  # 200 KiB of headers are still read
+    assert (big["status"], big["data"]["result"], big["data"]["content"]) == (200, 0, b"many")
+
+
+@pytest.mark.parametrize(("target", "code"), [("/loop", 47), ("/to-ftp", 1), ("http://no-such-host.invalid/", 6)])
+@pytest_twisted.ensureDeferred
+async def test_redirect_loops_other_schemes_and_unknown_hosts_are_errors(web: Harness, target: str, code: int) -> None:
+    stage, context = web.stage()
+    stage.receive(request(url=target if "://" in target else f"{web.url}{target}"))
+    stage.receive(request(url=f"{web.url}/json"))  # the stage goes on serving
+    replies = await context.replies_count(2)
+    (failed,) = [r for r in replies if r["data"]["result"] != 0]
+    assert (failed["status"], failed["data"]["result"]) == (0, code) and failed["data"]["message"]
+    assert [r["status"] for r in replies if r is not failed] == [200]
 
 
 @pytest.mark.parametrize(
@@ -373,6 +536,38 @@ async def test_without_a_limit_requests_run_together(web: Harness) -> None:
         stage.receive(request(url=f"{web.url}/hold", extra=n))
     await context.replies_count(6)
     assert web.app.hold.most == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_to_one_host_are_bounded_by_per_host(web: Harness) -> None:
+    """Without a bound, every request to a slow host opened a connection of its own."""
+    stage, context = web.stage()
+    for n in range(200):
+        stage.receive(request(url=f"{web.url}/hold", extra=n))
+    replies = await context.replies_count(200)
+    assert sorted(r["extra"] for r in replies) == list(range(200))
+    assert {r["status"] for r in replies} == {200}
+    assert web.app.hold.most == 32  # the default per-host
+    assert web.app.hold.served == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_host_does_not_hold_up_requests_to_another(web: Harness) -> None:
+    """With one queue for all, the stage's slots all went to the slow host's requests and the
+    fast host's request waited behind every one of them."""
+    web.app.hold.delay = 0.1
+    fast = reactor.listenTCP(0, server.Site(App()), interface="127.0.0.1")
+    try:
+        stage, context = web.stage({"concurrency": 4, "per-host": 2})
+        for n in range(20):
+            stage.receive(request(url=f"{web.url}/hold", extra=n))
+        stage.receive(request(url=f"http://127.0.0.1:{fast.getHost().port}/json", extra="fast"))
+        replies = await context.replies_count(21)
+    finally:
+        await fast.stopListening()
+    assert [r["extra"] for r in replies].index(b"fast") < 4
+    assert web.app.hold.most == 2
+    assert {r["status"] for r in replies} == {200}
 
 
 @pytest_twisted.ensureDeferred
@@ -541,3 +736,55 @@ async def test_lua_stage_in_another_process_uses_the_curl_stage(web: Harness, tm
     assert (seen["method"], seen["body"]) == ("POST", "user=kim")
     assert seen["cookies"] == {"sid": "s3cr3t", "lang": "ko"}  # kept by the curl stage
     assert seen["headers"]["user-agent"] == "e2e"
+
+
+LUA_BURST = """
+local got, failed = 0, 0
+stage.waitfor("web.reply", function (r)
+    got = got + 1
+    if r.status ~= 200 or r.data.result ~= 0 then failed = failed + 1 end
+    if got == 1 then error("first reply refused") end  -- logged; the stage goes on
+    if got == 2000 then log4cxx.info("CURLREPLY", "burst", got, failed) end
+end)
+stage.addtask(100, function ()
+    if not stage.signal("agent:go=web.reply", {process["$base"] .. "/hold", extra = 0}) then
+        return 100  -- the curl process is not linked yet: try again
+    end
+    for i = 1, 1999 do
+        stage.signal("agent:go=web.reply", {process["$base"] .. "/hold", extra = i})
+    end
+end)
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lua_burst_of_2000_requests_to_a_slow_host_is_bounded_and_all_answered(
+    web: Harness, tmp_path: Path
+) -> None:
+    """2,000 requests from one Lua callback: never more than the default per-host 32 open at the
+    server, every reply delivered, and a handler that raises is logged with its file and line."""
+    (tmp_path / "lua").mkdir()
+    (tmp_path / "lua" / "client.lua").write_text(LUA_BURST)
+    config = {
+        "#startup": [["=curl+agent"], ["=lua+client"]],
+        "=lua+client": {"%package": ["[0]lua"], "=lua+client": "client"},
+        "base": web.url,
+    }
+    (tmp_path / "stage.json").write_text(json.dumps(config))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    twistd = "from twisted.scripts.twistd import run; run()"
+    argv = [sys.executable, "-c", twistd, "-n", "--pidfile=", "stage", "-c", "stage.json"]
+    output = TwistdOutput(wanted=1)
+    process = reactor.spawnProcess(output, sys.executable, argv, env=env, path=str(tmp_path))
+    try:
+        replies = await output.got.addTimeout(90, reactor)
+    finally:
+        if not output.ended.called:
+            process.signalProcess("TERM")
+        try:
+            await output.ended.addTimeout(20, reactor)
+        except defer.TimeoutError:
+            process.signalProcess("KILL")
+    assert replies["burst"][:2] == ["2000", "0"]
+    assert web.app.hold.most == 32 and web.app.hold.served == 2000
+    assert b"lua/client.lua:6: first reply refused" in output.text

@@ -550,6 +550,14 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
         "=curl+web.concurrency: wrong value Infinity",
     ),
     (
+        {"#startup": [["=curl+web"]], "=curl+web": {"max-size": "8M"}},
+        '=curl+web.max-size: wrong value "8M"',
+    ),
+    (
+        {"#startup": [["=curl+web"]], "=curl+web": {"per-host": 2.5}},
+        "=curl+web.per-host: wrong value 2.5",
+    ),
+    (
         {"#startup": [["=index+rank"]], "=index+rank": {"redis": "rediss://127.0.0.1:6390/0", "ca": "missing.pem"}},
         "=index+rank.ca: cannot read APP/missing.pem: No such file or directory",
     ),

@@ -13,14 +13,15 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
+from twisted.web._newclient import ParseError, ResponseFailed, ResponseNeverReceived
 from twisted.web.resource import Resource
 
 from stagetx.message import Message, Sender
 from stagetx.stages.curl import errors
 from stagetx.stages.curl.request import BadRequest, parse_request
+from stagetx.stages.curl.response import BodyTooLarge
 from stagetx.stages.curl.settings import CurlSettings, parse_settings, wrong_setting
-from stagetx.stages.curl.stage import Stage
+from stagetx.stages.curl.stage import HostSlots, Stage
 
 
 class FakeContext:
@@ -190,6 +191,9 @@ def test_header_lines_as_curl_writes_them() -> None:
         {b"data": [b"x"]},
         {b"header": b"X-A: 1"},
         {b"header": [b"no colon"]},
+        {b"header": {b"X-B\r\nEvil": b"1"}},
+        {b"header": {b"Bad Name": b"1"}},
+        {b"header": [b": empty name"]},
         {b"timeout": b"soon"},
         {b"method": b"GET /"},
     ],
@@ -215,8 +219,20 @@ def test_settings_are_checked_and_unknown_ones_reported() -> None:
         "concurrency": 3,
         "verify": False,
         "ca-file": "ca.pem",
+        "per-host": 5,
+        "max-size": 1000,
     }
-    assert parse_settings(raw) == (CurlSettings("game/2", 500.0, 3, False, "ca.pem"), [])
+    expected = CurlSettings(
+        user_agent="game/2",
+        timeout_ms=500.0,
+        concurrency=3,
+        per_host=5,
+        verify=False,
+        ca_file="ca.pem",
+        max_size=1000,
+    )
+    assert parse_settings(raw) == (expected, [])
+    assert parse_settings({"max-size": 0, "per-host": 0})[0] == CurlSettings(max_size=None, per_host=None)
     settings, notices = parse_settings({"timeout": "x", "verbose": 1})
     assert settings == CurlSettings()
     assert len(notices) == 2 and "verbose" in notices[1]
@@ -233,6 +249,11 @@ def test_settings_are_checked_and_unknown_ones_reported() -> None:
         ("timeout", float("nan")),
         ("timeout", float("inf")),
         ("timeout", 1e300),
+        ("per-host", float("nan")),
+        ("per-host", 2.5),
+        ("max-size", float("inf")),
+        ("max-size", 1e300),
+        ("max-size", 1.5),
     ],
 )
 def test_non_finite_or_absurd_numbers_are_wrong_values(key: str, value: float) -> None:
@@ -253,6 +274,10 @@ def test_non_finite_or_absurd_numbers_are_wrong_values(key: str, value: float) -
         (ResponseNeverReceived([Failure(error.ConnectionDone())]), errors.GOT_NOTHING),
         (ResponseFailed([Failure(error.ConnectionLost())]), errors.RECV_ERROR),
         (ResponseNeverReceived([Failure(defer.CancelledError())]), errors.ABORTED),
+        (ResponseFailed([Failure(BodyTooLarge(10))]), errors.FILESIZE_EXCEEDED),
+        (ResponseFailed([Failure(ParseError("wrong number of parts", b"x"))]), errors.WEIRD_SERVER_REPLY),
+        (ResponseFailed([Failure(ValueError("bad length"))]), errors.WEIRD_SERVER_REPLY),
+        (ValueError("not from a reply"), errors.INTERNAL),
         (KeyError("bug"), errors.INTERNAL),
     ],
 )
@@ -429,6 +454,28 @@ def test_concurrency_limit_queues_requests_in_order() -> None:
     assert [values[0]["extra"] for _, values in context.replies] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("settings", [{"per-host": 2}, {"concurrency": 2}, {"concurrency": 3, "per-host": 2}])
+def test_the_timeout_counts_the_wait_in_a_queue(settings: dict[str, int]) -> None:
+    """Once a queued request's timeout started when it left the queue: with a host that never
+    answers, each batch waited a whole timeout more, and the last reply came after minutes."""
+    held = Held()
+    stage, context, _ = make_stage(held, {"timeout": 1000, **settings})
+    for n in range(6):
+        stage.receive(msg({1: f"http://h/{n}".encode(), b"extra": n}))
+    context.clock.advance(0.5)
+    stage.receive(msg({1: b"http://h/late", b"extra": 6}))
+    assert len(held.open) == 2
+    context.clock.advance(0.5)
+    assert sorted(values[0]["extra"] for _, values in context.replies) == [0, 1, 2, 3, 4, 5]
+    for _, (reply,) in context.replies:
+        assert reply["data"]["result"] == errors.OPERATION_TIMEDOUT
+        assert reply["data"]["time"] == pytest.approx(1.0)
+    assert [r.path for r in held.open] == [b"/0", b"/1", b"/late"]  # it has half its time left
+    context.clock.advance(0.5)
+    (reply,) = context.replies[-1][1]
+    assert (reply["extra"], reply["data"]["result"], reply["data"]["time"]) == (6, 28, pytest.approx(1.0))
+
+
 def test_bad_request_is_answered_at_once() -> None:
     stage, context, _ = make_stage(Recorder())
     stage.receive(msg({b"url": b"ftp://h/", b"extra": 9}))
@@ -449,3 +496,57 @@ def test_stop_aborts_requests_in_flight_and_queued() -> None:
     stage.stop()
     assert [values[0]["data"]["result"] for _, values in context.replies] == [42, 42]
     assert len(held.open) == 1
+
+
+def test_stop_aborts_requests_queued_for_their_host() -> None:
+    held = Held()
+    stage, context, _ = make_stage(held, {"per-host": 1})
+    stage.receive(msg(b"http://h/a"))
+    stage.receive(msg(b"http://h/b"))
+    stage.receive(msg(b"http://other/c"))  # another host: not queued behind h
+    assert len(held.open) == 2
+    stage.stop()
+    assert [values[0]["data"]["result"] for _, values in context.replies] == [42, 42, 42]
+
+
+def test_host_slots_queue_per_host_and_forget_idle_hosts() -> None:
+    slots = HostSlots(1)
+    a, b = ("http", "a", 80), ("http", "b", 80)
+    first, second, other = slots.acquire(a), slots.acquire(a), slots.acquire(b)
+    assert (first.called, second.called, other.called) == (True, False, True)
+    slots.release(b)
+    assert len(slots) == 1  # b's queue is gone, a's waits
+    slots.release(a)
+    assert second.called
+    slots.release(a)
+    assert len(slots) == 0
+    holder, waiter = slots.acquire(a), slots.acquire(a)
+    waiter.cancel()
+    waiter.addErrback(lambda f: f.trap(defer.CancelledError))
+    slots.release(a)
+    assert holder.called and len(slots) == 0
+
+
+@pytest.mark.parametrize("settings", [{"per-host": 1}, {"concurrency": 1, "per-host": 0}])
+def test_stop_answers_thousands_of_queued_requests(settings: dict[str, int]) -> None:
+    """A freed slot once went from one queued request to the next inside one call: past a few
+    hundred, RecursionError, requests never answered and left pending."""
+    stage, context, _ = make_stage(Held(), settings)
+    for _ in range(1500):
+        stage.receive(msg(b"http://h/a"))
+    stage.stop()
+    assert [values[0]["data"]["result"] for _, values in context.replies] == [42] * 1500
+
+
+@pytest.mark.parametrize("settings", [{"per-host": 1}, {"concurrency": 1, "per-host": 0}])
+def test_thousands_of_queued_requests_out_of_time_together_are_all_answered(settings: dict[str, int]) -> None:
+    """All received at once, all out of time at once: as the running one times out, each queued
+    one is due too; answering each inside the previous one's call nested them as deep as the
+    queue."""
+    held = Held()
+    stage, context, _ = make_stage(held, {"timeout": 1000, **settings})
+    for _ in range(1500):
+        stage.receive(msg(b"http://h/a"))
+    context.clock.advance(1.0)
+    assert [values[0]["data"]["result"] for _, values in context.replies] == [28] * 1500
+    assert len(held.open) == 1  # none was sent without time left

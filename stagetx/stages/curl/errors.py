@@ -11,16 +11,20 @@ from twisted.internet import defer, error
 from twisted.python.failure import Failure
 from twisted.web import error as web_error
 from twisted.web._newclient import (
+    ParseError,
     RequestGenerationFailed,
     RequestTransmissionFailed,
     ResponseFailed,
     ResponseNeverReceived,
 )
 
+from stagetx.stages.curl.response import BodyTooLarge, HeadTooLarge
+
 OK = 0
 UNSUPPORTED_PROTOCOL = 1
 INTERNAL = 2  # libcurl's CURLE_FAILED_INIT: used for failures nothing else describes
 URL_MALFORMAT = 3
+WEIRD_SERVER_REPLY = 8
 COULDNT_RESOLVE_HOST = 6
 COULDNT_CONNECT = 7
 OPERATION_TIMEDOUT = 28
@@ -32,6 +36,7 @@ GOT_NOTHING = 52
 SEND_ERROR = 55
 RECV_ERROR = 56
 PEER_FAILED_VERIFICATION = 60
+FILESIZE_EXCEEDED = 63
 
 _WRAPPERS = (
     ResponseFailed,
@@ -66,6 +71,18 @@ def _tls(reasons: list[Failure]) -> tuple[int, str] | None:
     return None
 
 
+def _weird(failure: Failure) -> str | None:
+    """What was malformed in a reply that is not HTTP (status line, a header line, a length), or
+    None; Twisted's response parser raises ``ParseError`` or a plain ``ValueError`` for these."""
+    if not isinstance(failure.value, (ResponseFailed, ResponseNeverReceived)):
+        return None
+    for reason in _reasons(failure)[1:]:
+        value = reason.value
+        if isinstance(value, ParseError) or type(value) is ValueError:
+            return ": ".join(a.decode("latin-1") if isinstance(a, bytes) else str(a) for a in value.args)
+    return None
+
+
 def classify(failure: Failure, timeout_ms: float | None) -> tuple[int, str]:
     """``(curl error number, message)`` for a failed transfer.
 
@@ -89,8 +106,15 @@ def classify(failure: Failure, timeout_ms: float | None) -> tuple[int, str]:
             return COULDNT_CONNECT, f"Failed to connect: {value}"
         if isinstance(value, web_error.SchemeNotSupported):
             return UNSUPPORTED_PROTOCOL, f"Protocol not supported: {value}"
+        if isinstance(value, HeadTooLarge):
+            return RECV_ERROR, f"Too large response headers: {value}"
+        if isinstance(value, BodyTooLarge):
+            return FILESIZE_EXCEEDED, f"Maximum file size exceeded: {value}"
         if isinstance(value, web_error.InfiniteRedirection):
             return TOO_MANY_REDIRECTS, "Maximum number of redirects followed"
+    weird = _weird(failure)
+    if weird is not None:
+        return WEIRD_SERVER_REPLY, f"Weird server reply: {weird}"
     value = failure.value
     if isinstance(value, ResponseNeverReceived):
         return GOT_NOTHING, "Server returned nothing (no headers, no data)"

@@ -19,6 +19,7 @@ from stagetx.stages.curl.settings import CurlSettings
 _FORM_TYPE = b"application/x-www-form-urlencoded"
 _METHOD = re.compile(r"[A-Z][A-Z-]*\Z")
 _BAD_URL_CHARS = re.compile(r"[\x00-\x20\x7f]")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 5.1: what a header name may be
 
 
 class ReadyURL(hyperlink.URL):
@@ -131,6 +132,9 @@ def _headers(raw: Any, user_agent: str) -> dict[bytes, list[bytes]]:
             headers.setdefault(name.strip(), []).append(value.strip())
     elif raw is not None:
         raise ValueError(f"header must be a table, got {type(raw).__name__}")
+    for name in headers:
+        if not _TOKEN.match(name):  # else Twisted raises while sending: an internal error, not 43
+            raise ValueError(f"header name {_text(name)!r} is not an HTTP token")
     if not _has(headers, b"user-agent"):
         headers[b"User-Agent"] = [user_agent.encode("utf-8")]
     return headers

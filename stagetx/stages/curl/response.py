@@ -1,4 +1,5 @@
-"""Reading a response for the curl stage: body (cancellable), redirect chain, cookies, charset."""
+"""Reading a response for the curl stage: head and body (bounded, cancellable), redirect chain,
+cookies, charset."""
 
 from __future__ import annotations
 
@@ -12,19 +13,65 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+
+
+class BodyTooLarge(Exception):
+    """The body is longer than the stage's ``max-size``: the download was stopped."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the body is larger than {limit} bytes")
+        self.limit = limit
+
+
+#: The most bytes of a response's status line and headers, as curl's ``MAX_HTTP_RESP_HEADER_SIZE``.
+MAX_HEAD = 300 * 1024
+
+
+class HeadTooLarge(Exception):
+    """The status line and headers went on past `MAX_HEAD`: the connection was dropped."""
+
+    def __init__(self) -> None:
+        super().__init__(f"the status line and headers are longer than {MAX_HEAD} bytes")
+
+
+class BoundedHeadProtocol(HTTP11ClientProtocol):
+    """Twisted's HTTP/1.1 client protocol that gives up on a response whose head passes
+    `MAX_HEAD`.
+
+    Twisted's parser bounds each header line (16 KiB) but not their number, so a server sending
+    header lines without end grew the process until the timeout.
+    """
+
+    _head_of: object = None  # the parser (one per request) whose head is being counted
+    _head = 0
+
+    def dataReceived(self, bytes: bytes) -> None:
+        parser = self._parser
+        if parser is not None and parser.state in (STATUS, HEADER):
+            if parser is not self._head_of:
+                self._head_of, self._head = parser, 0
+            if self._head > MAX_HEAD:  # counted before this chunk: no false alarm at the end of a head
+                self._giveUp(Failure(HeadTooLarge()))
+                return
+            self._head += len(bytes)
+        super().dataReceived(bytes)
 
 
 class _BodyReader(Protocol):
-    """Collects a body; cancelling ``done`` drops the connection.
+    """Collects a body of at most ``limit`` bytes; cancelling ``done`` drops the connection.
 
-    treq's ``content()`` cannot be cancelled, so a total timeout could not stop a slow download.
+    treq's ``content()`` cannot be cancelled, so a total timeout could not stop a slow download,
+    and it keeps any length in memory: an endless body would grow the process without bound.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None) -> None:
         self.chunks: list[bytes] = []
+        self.size = 0
+        self.limit = limit
         self.cancelled = False
         self.done: Deferred[bytes] = Deferred(self._cancel)
 
@@ -35,7 +82,20 @@ class _BodyReader(Protocol):
             cast(IPushProducer, self.transport).stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.done.called:  # over the limit already: the connection is being dropped
+            return
+        self.size += len(data)
+        if self.limit is not None and self.size > self.limit:
+            self.too_large()
+            return
         self.chunks.append(data)
+
+    def too_large(self) -> None:
+        """Fail ``done`` with `BodyTooLarge`, forget what was read and drop the connection."""
+        assert self.limit is not None
+        self.chunks.clear()
+        self.done.errback(BodyTooLarge(self.limit))
+        cast(IPushProducer, self.transport).stopProducing()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self.cancelled or self.done.called:
@@ -46,10 +106,18 @@ class _BodyReader(Protocol):
             self.done.errback(reason)
 
 
-def read_body(response: IResponse) -> Deferred[bytes]:
-    """The whole body of ``response``; cancelling the Deferred aborts the download."""
-    reader = _BodyReader()
+def read_body(response: IResponse, limit: int | None) -> Deferred[bytes]:
+    """The whole body of ``response``; cancelling the Deferred aborts the download.
+
+    :param limit: the most bytes kept (None: no limit). A longer body, announced by its
+        ``Content-Length`` or found while reading, fails with `BodyTooLarge` and the connection
+        is dropped, so memory stays bounded even for an endless body.
+    """
+    reader = _BodyReader(limit)
     response.deliverBody(reader)
+    announced = response.length
+    if limit is not None and announced is not UNKNOWN_LENGTH and announced > limit and not reader.done.called:
+        reader.too_large()  # as curl does: not a byte of a body known to be too long is read
     return reader.done
 
 

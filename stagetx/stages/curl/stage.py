@@ -20,6 +20,8 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
+from twisted.internet.interfaces import IAddress
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web import error as web_error
 from twisted.web._newclient import ResponseFailed
@@ -32,7 +34,7 @@ from stagetx.message import Message
 from stagetx.stages.base import StageContext
 from stagetx.stages.curl import errors
 from stagetx.stages.curl.request import BadRequest, CurlRequest, parse_request
-from stagetx.stages.curl.response import chain, content_type, read_body, set_cookies, url_of
+from stagetx.stages.curl.response import BoundedHeadProtocol, chain, content_type, read_body, set_cookies, url_of
 from stagetx.stages.curl.settings import CurlSettings, parse_settings, wrong_setting
 from stagetx.stages.curl.tls import https_policy
 from stagetx.stages.registry import SettingsError
@@ -60,7 +62,12 @@ def check_settings(settings: Any, path: str, base_dir: str) -> None:
 
 
 class _QuietFactory(_HTTP11ClientFactory):
+    """Connections whose response heads are bounded, without a log line each."""
+
     noisy = False  # else every new connection logs "Starting factory" / "Stopping factory"
+
+    def buildProtocol(self, addr: IAddress | None) -> BoundedHeadProtocol:
+        return BoundedHeadProtocol(self._quiescentCallback)
 
 
 class _QuietPool(HTTPConnectionPool):
@@ -117,6 +124,51 @@ def _timed_out(result: Any, timeout: float) -> Any:
     return result
 
 
+def host_of(request: CurlRequest) -> tuple[str, str, int | None]:
+    """The key of the connections ``request`` starts with: scheme, host and port, as the pool's."""
+    target = request.target
+    return target.scheme.lower(), target.host.lower(), target.port
+
+
+class HostSlots:
+    """A FIFO queue per host, each with ``size`` requests in flight at most.
+
+    The connection pool opens a connection for every request not served by an idle one, so
+    without it 2,000 requests to one slow host are 2,000 sockets; and a queue per host, not one
+    for all, lets requests to other hosts pass those waiting for a slow one.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._hosts: dict[tuple[str, str, int | None], DeferredSemaphore] = {}
+
+    def acquire(self, host: tuple[str, str, int | None]) -> Deferred[None]:
+        """Fires when ``host`` has a slot for the caller, who must `release` it; cancelling it
+        while it waits takes it out of the queue."""
+        slots = self._hosts.get(host)
+        if slots is None:
+            slots = self._hosts[host] = DeferredSemaphore(self._size)
+        return slots.acquire().addCallbacks(lambda _: None, self._withdrawn, errbackArgs=(host, slots))
+
+    def release(self, host: tuple[str, str, int | None]) -> None:
+        """Give back a slot of ``host``: the next request waiting for it starts."""
+        slots = self._hosts[host]
+        slots.release()
+        self._forget(host, slots)
+
+    def _withdrawn(self, failure: Failure, host: tuple[str, str, int | None], slots: DeferredSemaphore) -> Failure:
+        self._forget(host, slots)
+        return failure
+
+    def _forget(self, host: tuple[str, str, int | None], slots: DeferredSemaphore) -> None:
+        """Drop an idle host's queue, so that the hosts ever asked do not pile up."""
+        if slots.tokens == self._size and not slots.waiting and self._hosts.get(host) is slots:
+            del self._hosts[host]
+
+    def __len__(self) -> int:
+        return len(self._hosts)
+
+
 class Stage:
     """``=curl+ID``: one message = one HTTP request; the reply table goes to the reply address."""
 
@@ -131,7 +183,8 @@ class Stage:
         self._client = client
         self._pool: HTTPConnectionPool | None = None
         self._slots = DeferredSemaphore(settings.concurrency) if settings.concurrency else None
-        self._pending: set[Deferred[Any]] = set()
+        self._hosts = HostSlots(settings.per_host) if settings.per_host else None
+        self._pending: dict[Deferred[Any], None] = {}  # in the order received: see stop()
         self._stopping = False
 
     def start(self) -> None:
@@ -148,7 +201,9 @@ class Stage:
     def stop(self) -> Deferred[None] | None:
         """Abort requests in flight or queued (each answered with result 42); close the pool."""
         self._stopping = True
-        for pending in list(self._pending):
+        # newest first: the queued requests leave their queues before a running one frees its
+        # slot, which would otherwise pass from one queued request to the next, nested
+        for pending in reversed(list(self._pending)):
             pending.cancel()
         if self._pool is not None:
             return self._pool.closeCachedConnections()
@@ -165,18 +220,55 @@ class Stage:
             self._log.failure("{stage}: bad curl message {msgid}", stage=self._context.name, msgid=message.msgid)
             self._answer(message, _reply("", "", None, errors.INTERNAL, f"bad message: {e}", 0.0))
             return
-        if self._slots is None:
-            done = self._perform(request)
+        received = self._context.clock.seconds()
+        if self._hosts is None and self._slots is None:
+            done = self._perform(request, received)
         else:
-            done = self._slots.run(self._perform, request)
-            queued = self._context.clock.seconds()
-            done.addErrback(self._failed, request, queued)  # stop() cancelled it in the queue
-        self._pending.add(done)
+            done = self._enqueue(request, received)
+            done.addErrback(self._failed, request, received)  # its timeout or stop() took it out of a queue
+        self._pending[done] = None
         done.addCallback(self._finish, message, done)
         done.addErrback(lambda f: self._log.failure("{stage}: curl reply failed", f, stage=self._context.name))
 
+    def _enqueue(self, request: CurlRequest, received: float) -> Deferred[dict[str, Any]]:
+        """Run ``request`` once its host has a free slot, then the stage; its timeout counts the
+        wait, as libcurl's total timeout counts the wait for a connection."""
+        host = host_of(request)
+        turn: Deferred[Any] = succeed(None) if self._hosts is None else self._hosts.acquire(host)
+        if self._slots is not None:
+            turn.addCallback(self._stage_slot, host)
+        if request.timeout_ms is not None:
+            turn.addTimeout(request.timeout_ms / 1000.0, self._context.clock, onTimeoutCancel=_timed_out)
+        return turn.addCallback(self._run, request, received, host)
+
+    def _stage_slot(self, _: None, host: tuple[str, str, int | None]) -> Deferred[Any]:
+        """A slot of the stage, for a request that holds one of its host already."""
+        assert self._slots is not None
+        slot = self._slots.acquire()
+        if self._hosts is not None:
+            slot.addErrback(self._give_back, host)
+        return slot
+
+    def _give_back(self, failure: Failure, host: tuple[str, str, int | None]) -> Failure:
+        """The host's slot of a request that left the stage's queue without running."""
+        assert self._hosts is not None
+        self._hosts.release(host)
+        return failure
+
+    def _run(
+        self, _: Any, request: CurlRequest, received: float, host: tuple[str, str, int | None]
+    ) -> Deferred[dict[str, Any]]:
+        return self._perform(request, received).addBoth(self._release, host)
+
+    def _release(self, reply: dict[str, Any], host: tuple[str, str, int | None]) -> dict[str, Any]:
+        if self._slots is not None:
+            self._slots.release()
+        if self._hosts is not None:
+            self._hosts.release(host)
+        return reply
+
     def _finish(self, reply: dict[str, Any], message: Message, done: Deferred[Any]) -> None:
-        self._pending.discard(done)
+        self._pending.pop(done, None)
         self._answer(message, reply)
 
     def _answer(self, message: Message, reply: dict[str, Any]) -> None:
@@ -192,11 +284,19 @@ class Stage:
             self._context.count_error()
         self._context.answer(message, reply)
 
-    def _perform(self, request: CurlRequest) -> Deferred[dict[str, Any]]:
-        """Run one transfer; the Deferred always succeeds with the reply table."""
-        started = self._context.clock.seconds()
+    def _perform(self, request: CurlRequest, received: float) -> Deferred[dict[str, Any]]:
+        """Run one transfer within what is left of its timeout since ``received``; the Deferred
+        always succeeds with the reply table."""
         if self._stopping:  # a queued request whose slot was freed by stop() itself
-            return succeed(self._failed(Failure(CancelledError()), request, started))
+            return succeed(self._failed(Failure(CancelledError()), request, received))
+        left = None
+        if request.timeout_ms is not None:
+            left = request.timeout_ms / 1000.0 - (self._context.clock.seconds() - received)
+        if left is not None and left <= 0:  # its time ran out in the queue, as the slot came free
+            # on the next turn: answered now, it would free the slot for the next one in the
+            # queue inside this call, that one for the next, nested as deep as the queue is long
+            expired = Failure(TimeoutError(request.timeout_ms, "HTTP request"))
+            return deferLater(self._context.clock, 0, self._failed, expired, request, received)
         assert self._client is not None, "start() was not called"
         sent: Deferred[IResponse] = maybeDeferred(
             self._client.request,
@@ -208,12 +308,12 @@ class Stage:
             unbuffered=True,
         )
         read: Deferred[tuple[IResponse, bytes]] = sent.addCallbacks(self._read, self._read_unfollowed)
-        if request.timeout_ms is not None:
-            read.addTimeout(request.timeout_ms / 1000.0, self._context.clock, onTimeoutCancel=_timed_out)
-        return read.addCallback(self._succeeded, request, started).addErrback(self._failed, request, started)
+        if left is not None:
+            read.addTimeout(left, self._context.clock, onTimeoutCancel=_timed_out)
+        return read.addCallback(self._succeeded, request, received).addErrback(self._failed, request, received)
 
     def _read(self, response: IResponse) -> Deferred[tuple[IResponse, bytes]]:
-        return read_body(response).addCallback(lambda body: (response, body))
+        return read_body(response, self._settings.max_size).addCallback(lambda body: (response, body))
 
     def _read_unfollowed(self, failure: Failure) -> Deferred[tuple[IResponse, bytes]] | Failure:
         """A redirect Twisted did not follow is a normal 3xx answer, as curl gives it."""
