@@ -25,6 +25,7 @@ from stagetx.codec import CodecError, function_kinds, pack_lua, pack_py, unpack_
 from stagetx.lua.loader import ScriptLoader, ScriptNotFound
 from stagetx.lua.runtime import LuaScriptError, LuaVM
 from stagetx.message import CLUSTER_WAY, Sender, run_room
+from stagetx.ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
     from stagetx.child.host import StageHost
@@ -46,6 +47,11 @@ TARGET_CACHE = 4096
 VM_KINDS = {"lua": "lua54", "luajit": "luajit21"}
 #: Seconds between two log lines about replies to removed ``stage.waitfor(f)`` ids (``~N``).
 LATE_REPLY_LOG_INTERVAL = 10.0
+#: A stage logs at most ``ERROR_LOG_BURST`` Lua errors in full per ``ERROR_LOG_INTERVAL`` seconds,
+#: then one line with how many more (each is still counted, and kept among its last errors): a
+#: client that makes the script fail on every frame must not fill the disk with tracebacks.
+ERROR_LOG_INTERVAL = 10.0
+ERROR_LOG_BURST = 20
 
 
 class Task:
@@ -110,6 +116,7 @@ class StageAPI:
         self._unhandled: set[str] = set()
         self._late = 0  # replies to removed "~N" ids since the last line about them
         self._late_logged = float("-inf")
+        self._errors = RateLimitedLog(self.log, stage.clock, ERROR_LOG_INTERVAL, ERROR_LOG_BURST)
         # parsed signal targets, by their Lua string
         self._targets: BoundedDict[bytes, Address] = BoundedDict(TARGET_CACHE)
         # target -> a Lua stage of another VM kind there
@@ -273,7 +280,7 @@ class StageAPI:
         about = f" of message {mid!r}" if mid else ""
         error_text = text(error) or "not enough memory"
         self.stage.count_error(f"{error_text.splitlines()[0]} (in {text(where)}{about})")
-        self.log.error("Lua error in {where}{msgid}: {error}", where=text(where), msgid=about, error=error_text)
+        self._errors.error("Lua error in {where}{msgid}: {error}", where=text(where), msgid=about, error=error_text)
 
     def _late_reply(self, mid: str) -> None:
         """A reply to a ``stage.waitfor(f)`` id already removed (it came after its timeout): each id

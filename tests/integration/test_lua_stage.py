@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
+from stagetx.lua.api import ERROR_LOG_BURST
 from tests.support import InProcessServer, LogCapture, wait_for, write_app
 
 
@@ -154,6 +155,35 @@ async def test_handler_error_is_logged_with_file_and_line_and_stage_goes_on(tmp_
     errors = [e for e in capture.events if e.get("log_namespace") == "stage.a" and e["log_level"].name == "error"]
     assert len(errors) == 1
     assert "main.lua:2:" in errors[0]["error"] and errors[0]["msgid"] == " of message 'bad'"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flood_of_lua_errors_is_counted_each_but_logged_at_a_bounded_rate(tmp_path: Path) -> None:
+    """A client that makes the script fail on every frame: each error counts, the log gets the
+    first ``ERROR_LOG_BURST`` in full and the rest as "and N more like it" lines."""
+    path = lua_app(
+        tmp_path,
+        {
+            "main": """
+        stage.waitfor("bad", function(i) error("bad input " .. i) end)
+        stage.waitfor("good", function() log4cxx.info("still serving") end)
+        for i = 1, 500 do stage.signal("bad", i) end
+        stage.signal("good")
+    """
+        },
+    )
+    with LogCapture() as capture:
+        server = InProcessServer(path)
+        await server.start()
+        try:
+            await wait_for(lambda: "still serving" in capture.lines("stage.a"), 20, "still serving")
+            counted = server.hosts[0].stages[0].errors
+        finally:
+            await server.stop()
+    errors = [e for e in capture.events if e.get("log_namespace") == "stage.a" and e["log_level"].name == "error"]
+    assert counted == 500
+    assert ERROR_LOG_BURST <= len(errors) < 100  # a summary line per interval besides the burst
+    assert "main.lua:2: bad input 1" in errors[0]["error"]
 
 
 @pytest_twisted.ensureDeferred
