@@ -698,29 +698,19 @@ class TwistdOutput(ProcessProtocol):
         self.ended.callback(None)
 
 
-@pytest_twisted.ensureDeferred
-async def test_lua_stage_in_another_process_uses_the_curl_stage(web: Harness, tmp_path: Path) -> None:
-    closed = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
-    refused = f"http://127.0.0.1:{closed.getHost().port}/"
-    await closed.stopListening()
+async def run_twistd(tmp_path: Path, config: dict[str, Any], script: str, wanted: int, timeout: float) -> TwistdOutput:
+    """``twistd -n stage`` with ``config`` and ``lua/client.lua``, until its Lua client logged
+    ``wanted`` ``CURLREPLY`` lines; then stopped (SIGTERM, SIGKILL if it hangs)."""
     (tmp_path / "lua").mkdir()
-    (tmp_path / "lua" / "client.lua").write_text(LUA_CLIENT)
-    config = {
-        "#startup": [["=curl+agent"], ["=lua+client"]],
-        "=curl+agent": {"user-agent": "e2e", "timeout": 5000},
-        "=lua+client": {"%package": ["[0]lua"], "=lua+client": "client"},
-        "base": web.url,
-        "refused": refused,
-    }
+    (tmp_path / "lua" / "client.lua").write_text(script)
     (tmp_path / "stage.json").write_text(json.dumps(config))
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": root}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     twistd = "from twisted.scripts.twistd import run; run()"
     argv = [sys.executable, "-c", twistd, "-n", "--pidfile=", "stage", "-c", "stage.json"]
-    output = TwistdOutput(wanted=3)
+    output = TwistdOutput(wanted)
     process = reactor.spawnProcess(output, sys.executable, argv, env=env, path=str(tmp_path))
     try:
-        replies = await output.got.addTimeout(60, reactor)
+        await output.got.addTimeout(timeout, reactor)
     finally:
         if not output.ended.called:
             process.signalProcess("TERM")
@@ -728,6 +718,22 @@ async def test_lua_stage_in_another_process_uses_the_curl_stage(web: Harness, tm
             await output.ended.addTimeout(20, reactor)
         except defer.TimeoutError:
             process.signalProcess("KILL")
+    return output
+
+
+@pytest_twisted.ensureDeferred
+async def test_lua_stage_in_another_process_uses_the_curl_stage(web: Harness, tmp_path: Path) -> None:
+    closed = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    refused = f"http://127.0.0.1:{closed.getHost().port}/"
+    await closed.stopListening()
+    config = {
+        "#startup": [["=curl+agent"], ["=lua+client"]],
+        "=curl+agent": {"user-agent": "e2e", "timeout": 5000},
+        "=lua+client": {"%package": ["[0]lua"], "=lua+client": "client"},
+        "base": web.url,
+        "refused": refused,
+    }
+    replies = (await run_twistd(tmp_path, config, LUA_CLIENT, wanted=3, timeout=60)).replies
     assert replies["login"][:3] == ["200", "0", "s3cr3t"]
     assert replies["refused"][:3] == ["0", "7", "-"]
     status, result, _, content = replies["echo"]
@@ -763,28 +769,12 @@ async def test_a_lua_burst_of_2000_requests_to_a_slow_host_is_bounded_and_all_an
 ) -> None:
     """2,000 requests from one Lua callback: never more than the default per-host 32 open at the
     server, every reply delivered, and a handler that raises is logged with its file and line."""
-    (tmp_path / "lua").mkdir()
-    (tmp_path / "lua" / "client.lua").write_text(LUA_BURST)
     config = {
         "#startup": [["=curl+agent"], ["=lua+client"]],
         "=lua+client": {"%package": ["[0]lua"], "=lua+client": "client"},
         "base": web.url,
     }
-    (tmp_path / "stage.json").write_text(json.dumps(config))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    twistd = "from twisted.scripts.twistd import run; run()"
-    argv = [sys.executable, "-c", twistd, "-n", "--pidfile=", "stage", "-c", "stage.json"]
-    output = TwistdOutput(wanted=1)
-    process = reactor.spawnProcess(output, sys.executable, argv, env=env, path=str(tmp_path))
-    try:
-        replies = await output.got.addTimeout(90, reactor)
-    finally:
-        if not output.ended.called:
-            process.signalProcess("TERM")
-        try:
-            await output.ended.addTimeout(20, reactor)
-        except defer.TimeoutError:
-            process.signalProcess("KILL")
-    assert replies["burst"][:2] == ["2000", "0"]
+    output = await run_twistd(tmp_path, config, LUA_BURST, wanted=1, timeout=90)
+    assert output.replies["burst"][:2] == ["2000", "0"]
     assert web.app.hold.most == 32 and web.app.hold.served == 2000
     assert b"lua/client.lua:6: first reply refused" in output.text
