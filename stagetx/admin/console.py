@@ -4,22 +4,33 @@ Each reply is its text lines followed by ``OK`` or ``ERROR <reason>``. With an `
 first line must be ``token <TOKEN>`` (answered ``OK``); until then every line gets
 ``ERROR token required``, and a wrong token closes the connection. Commands of one connection are
 answered in order, one at a time.
+
+Memory per connection is bounded whatever the client does: while a command runs, or while the
+client does not read its answers (the transport's write buffer is full and pauses this protocol,
+its producer), the lines already read wait and nothing more is read from the socket.
 """
 
 from __future__ import annotations
 
 import hmac
+from collections import deque
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
+from zope.interface import implementer
 
 from stagetx.admin.commands import Commands, Reply
 
 MAX_LINE = 64 * 1024
 
 
+@implementer(IPushProducer)
 class ConsoleProtocol(LineOnlyReceiver):
+    """One console connection; also the producer of its answers, so that a client that does not
+    read them stops the reading of its commands instead of filling the supervisor's memory."""
+
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
 
@@ -27,21 +38,64 @@ class ConsoleProtocol(LineOnlyReceiver):
         self.commands = commands
         self.token = token
         self.authorized = token is None
-        self._last: Deferred[None] = succeed(None)
+        self._lines: deque[str] = deque()  # read, not yet run: at most one read's worth
+        self._running = False  # a command's answer is awaited
+        self._stalled = False  # the client does not read: the write buffer is full
+        self._pumping = False
+        self._reading = True
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        self._pump()
 
     def lineReceived(self, line: bytes) -> None:
         text = line.decode("utf-8", "replace").rstrip("\r").strip()
-        if not text:
+        if text:
+            self._lines.append(text)
+
+    def _pump(self) -> None:
+        """Run the waiting lines in order while the client keeps up; read more only once none waits."""
+        if self._pumping:
             return
-        if not self.authorized:
-            self._authorize(text)
-            return
-        if text in ("quit", "exit"):
-            self.transport.loseConnection()
-            return
-        self._last.addCallback(lambda _: maybeDeferred(self.commands.run_line, text))
-        self._last.addErrback(lambda f: Reply(False, error=f"internal error: {f.getErrorMessage()}"))
-        self._last.addCallback(self._write)
+        self._pumping = True
+        try:
+            while self._lines and not (self._running or self._stalled or self.transport.disconnecting):
+                text = self._lines.popleft()
+                if not self.authorized:
+                    self._authorize(text)
+                elif text in ("quit", "exit"):
+                    self.transport.loseConnection()
+                else:
+                    self._running = True
+                    d = maybeDeferred(self.commands.run_line, text)
+                    d.addErrback(lambda f: Reply(False, error=f"internal error: {f.getErrorMessage()}"))
+                    d.addCallback(self._answered)
+        finally:
+            self._pumping = False
+        idle = not (self._lines or self._running or self._stalled)
+        if idle != self._reading and not self.transport.disconnecting:
+            self._reading = idle
+            (self.transport.resumeProducing if idle else self.transport.pauseProducing)()
+
+    def _answered(self, reply: Reply) -> None:
+        self._running = False
+        self._write(reply)
+        self._pump()
+
+    # -- IPushProducer: called by the transport as its write buffer fills and drains --------------
+    def pauseProducing(self) -> None:
+        self._stalled = True
+
+    def resumeProducing(self) -> None:
+        self._stalled = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self._lines.clear()
+        self._stalled = True
 
     def _authorize(self, text: str) -> None:
         word, _, given = text.partition(" ")

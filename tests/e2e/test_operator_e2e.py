@@ -4,13 +4,17 @@ listener and real clients; broken scripts saved and reloaded from the console, `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from tests.e2e.test_operations_e2e import ADMIN, Console, admin_ports, http
@@ -268,3 +272,48 @@ def test_json_lines_keep_each_child_record_level_and_namespace(tmp_path: Path) -
     assert failure["log_namespace"] == "stage.echo" and failure["log_level"] == "error", failure
     assert failure["process"] == 1 and isinstance(failure["pid"], int)
     assert all(isinstance(r["log_level"], str) for r in records)
+
+
+def _rss_mib(pid: int) -> float:
+    """The resident memory of process ``pid``, from ``/proc``."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def test_a_console_client_that_never_reads_stops_being_read_and_keeps_memory_bounded(tmp_path: Path) -> None:
+    path = write_app(tmp_path, _config(), {"echo": SERVED.format(version=1, port=free_port())})
+    with ServerProcess(path) as server:
+        port = admin_ports(server)["console"]
+        before = _rss_mib(server.process.pid)
+        hostile = socket.socket()
+        hostile.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        hostile.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        hostile.connect(("127.0.0.1", port))
+        hostile.setblocking(False)
+        # 2-byte commands answered with 37 bytes each, never read: at most 8 MiB or 20 s of them
+        chunk, sent, blocked, deadline = b"x\n" * 32768, 0, False, time.monotonic() + 20
+        try:
+            while sent < 8 << 20 and time.monotonic() < deadline:
+                if not select.select([], [hostile], [], 2.0)[1]:
+                    blocked = True  # the server stopped reading: nothing drained in 2 s
+                    break
+                with contextlib.suppress(BlockingIOError):
+                    sent += hostile.send(chunk)
+            assert blocked, f"the server kept reading commands whose answers are not read ({sent} bytes)"
+            assert _rss_mib(server.process.pid) - before < 32
+            console = Console(port)
+            try:
+                assert console.ask("help")[-1] == "OK"
+            finally:
+                console.close()
+            # once the client reads, every command it sent is answered, in order
+            hostile.setblocking(True)
+            hostile.settimeout(20)
+            answers, wanted = b"", sent // 2 * len(b"ERROR unknown command 'x' (try help)\n")
+            while len(answers) < wanted:
+                data = hostile.recv(1 << 20)
+                assert data, "console closed"
+                answers += data
+            assert answers == b"ERROR unknown command 'x' (try help)\n" * (sent // 2)
+        finally:
+            hostile.close()
