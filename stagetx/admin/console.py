@@ -17,11 +17,13 @@ from collections import deque
 
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from stagetx.admin.commands import Commands, Reply
+from stagetx.admin.connections import OpenConnections, Refused
 
 MAX_LINE = 64 * 1024
 
@@ -46,6 +48,9 @@ class ConsoleProtocol(LineOnlyReceiver):
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.factory.connections.closed()
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
@@ -124,8 +129,11 @@ class ConsoleFactory(Factory):
     def __init__(self, commands: Commands, token: str | None) -> None:
         self.commands = commands
         self.token = token
+        self.connections = OpenConnections("console")
 
-    def buildProtocol(self, addr: object) -> ConsoleProtocol:
+    def buildProtocol(self, addr: object) -> Protocol:
+        if not self.connections.admit():
+            return Refused(f"ERROR too many console connections ({self.connections.limit} open)\n".encode())
         protocol = ConsoleProtocol(self.commands, self.token)
         protocol.factory = self
         return protocol

@@ -31,6 +31,7 @@ from twisted.web.static import File
 
 from stagetx.admin import metrics
 from stagetx.admin.commands import Commands, Reply, parse
+from stagetx.admin.connections import OpenConnections, Refused
 
 if TYPE_CHECKING:
     from stagetx.admin.view import AdminView
@@ -221,6 +222,7 @@ class _BodyCheckingChannel(HTTPChannel):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._closing is not None and self._closing.active():
             self._closing.cancel()
+        self.site.connections.closed()
         super().connectionLost(reason)
 
 
@@ -240,8 +242,15 @@ def _body_refusal(
     return None
 
 
+_TOO_MANY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+)
+
+
 class AdminSite(Site):
-    """The admin ``Site``: request bodies judged on their headers (``_BodyCheckingChannel``)."""
+    """The admin ``Site``: request bodies judged on their headers (``_BodyCheckingChannel``), at
+    most ``MAX_CONNECTIONS`` connections open (``stagetx.admin.connections``)."""
 
     protocol = _BodyCheckingChannel  # type: ignore[assignment]  # plain HTTP/1.1, no HTTP/2 wrapper
     requestFactory = _BoundedRequest
@@ -250,3 +259,10 @@ class AdminSite(Site):
         """``reactor``: the admin side's (its timers: the request log's clock, idle connections)."""
         super().__init__(resource, reactor=reactor)
         self.token = token
+        self.connections = OpenConnections("http")
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if not self.connections.admit():
+            text = f"ERROR too many admin HTTP connections ({self.connections.limit} open)\n".encode()
+            return Refused(_TOO_MANY % (len(text), text))
+        return super().buildProtocol(addr)

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.e2e.test_operations_e2e import ADMIN, Console, admin_ports, http
 from tests.e2e.test_reload_keeps_connections import LineClient
@@ -317,3 +320,50 @@ def test_a_console_client_that_never_reads_stops_being_read_and_keeps_memory_bou
             assert answers == b"ERROR unknown command 'x' (try help)\n" * (sent // 2)
         finally:
             hostile.close()
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """What the server sends until it closes ``sock`` (within the socket's timeout)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def _ask_once(port: int, line: str) -> list[str]:
+    """``line``'s answer on a new console connection."""
+    console = Console(port)
+    try:
+        return console.ask(line)
+    finally:
+        console.close()
+
+
+def test_idle_admin_connections_are_capped_and_a_crashed_process_still_restarts(tmp_path: Path) -> None:
+    path = write_app(tmp_path, _config(), {"echo": SERVED.format(version=1, port=free_port())})
+    limit = ("prlimit", "--nofile=256:256") if shutil.which("prlimit") else ()  # fewer than the idle clients
+    with ServerProcess(path, prefix=limit) as server:
+        ports = admin_ports(server)
+        idle: dict[str, list[socket.socket]] = {"console": [], "http": []}
+        try:
+            for _ in range(150):  # 300 idle connections, more than the supervisor has descriptors for
+                for kind, port in ports.items():
+                    idle[kind].append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            assert _read_all(idle["console"][-1]) == b"ERROR too many console connections (64 open)\n"
+            assert _read_all(idle["http"][-1]).startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+            idle["console"][0].setblocking(False)
+            with pytest.raises(BlockingIOError):  # the first 64 stay open
+                idle["console"][0].recv(1)
+            pid = server.pids(0)[-1]
+            os.kill(pid, signal.SIGKILL)
+            server.wait_for(lambda: len(server.pids(0)) == 2, what="process 1 restarted")
+            server.wait_for(
+                lambda: sum("] process 1 ready, pid" in line for line in server.lines) == 2, what="process 1 ready"
+            )
+        finally:
+            for sock in idle["console"] + idle["http"]:
+                sock.close()
+        # the idle ones closed (the server learns it as it reads): both ports take new clients again
+        server.wait_for(lambda: http(ports["http"], "/health")[0] == 200, what="the http port answering again")
+        server.wait_for(lambda: _ask_once(ports["console"], "list")[-1] == "OK", what="the console answering again")
+        assert not any("cannot start" in line or "Too many open files" in line for line in server.lines)
