@@ -8,6 +8,10 @@ answered in order, one at a time.
 Memory per connection is bounded whatever the client does: while a command runs, or while the
 client does not read its answers (the transport's write buffer is full and pauses this protocol,
 its producer), the lines already read wait and nothing more is read from the socket.
+
+A connection holds one of the port's few places (``stagetx.admin.connections``), so none is held
+for good: one that has not presented the token ``TOKEN_WAIT`` seconds after it opened, or that
+sent no line for ``IDLE_TIMEOUT`` seconds, is told so and closed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -26,10 +31,14 @@ from stagetx.admin.commands import Commands, Reply
 from stagetx.admin.connections import OpenConnections, Refused
 
 MAX_LINE = 64 * 1024
+#: Seconds a connection has, from its start, to present the ``#admin`` token.
+TOKEN_WAIT = 10.0
+#: Seconds an (authorized) connection may send no line before it is closed.
+IDLE_TIMEOUT = 600.0
 
 
 @implementer(IPushProducer)
-class ConsoleProtocol(LineOnlyReceiver):
+class ConsoleProtocol(LineOnlyReceiver, TimeoutMixin):
     """One console connection; also the producer of its answers, so that a client that does not
     read them stops the reading of its commands instead of filling the supervisor's memory."""
 
@@ -48,9 +57,18 @@ class ConsoleProtocol(LineOnlyReceiver):
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
+        self.setTimeout(IDLE_TIMEOUT if self.authorized else TOKEN_WAIT)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.setTimeout(None)
         self.factory.connections.closed()
+
+    def timeoutConnection(self) -> None:
+        waited = f"no token within {TOKEN_WAIT:g} s" if not self.authorized else f"idle for {IDLE_TIMEOUT:g} s"
+        self.transport.write(f"ERROR {waited}, closing\n".encode())
+        self.transport.loseConnection()
+        if self._stalled:  # a client that does not read would hold the connection open
+            self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
@@ -58,6 +76,8 @@ class ConsoleProtocol(LineOnlyReceiver):
 
     def lineReceived(self, line: bytes) -> None:
         text = line.decode("utf-8", "replace").rstrip("\r").strip()
+        if self.authorized:  # the token's wait counts from the start, whatever is sent meanwhile
+            self.resetTimeout()
         if text:
             self._lines.append(text)
 
@@ -110,6 +130,7 @@ class ConsoleProtocol(LineOnlyReceiver):
         assert self.token is not None
         if hmac.compare_digest(given.strip().encode(), self.token.encode()):
             self.authorized = True
+            self.setTimeout(IDLE_TIMEOUT)
             self._write(Reply(True))
         else:
             self._write(Reply(False, error="bad token"))
