@@ -42,6 +42,9 @@ _STAGE_NAME = re.compile(r"^=([^+]*)(?:\+(.*))?$", re.DOTALL)
 _BAD_ID_CHARS = re.compile(r"[\s:+*=<>^?!,{}\ud800-\udfff]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _DIGITS = re.compile(r"[0-9]+")
+#: A host name (an IPv4 address is one too); anything else in an address (a blank, a NUL) would
+#: make the resolver raise in the process that binds or dials it.
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
 _MEMORY = re.compile(r"^([0-9]+)\s*([kmg]?)b?$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 MAX_MEMORY = 1024**4  # %memory: 1024g, far past any machine's Lua heap; lupa takes a C size
@@ -357,9 +360,19 @@ def parse_host_port(text: Any, path: str) -> HostPort:
         match = re.match(r"^(?:\[([^\]]+)\]|([^:\[\]]+)):(\d+)$", text.strip())
         if match:
             host, port = match.group(1) or match.group(2), int(match.group(3))
+            if not (_HOST_NAME.fullmatch(host) or _is_ip(host)):
+                raise ConfigError(f"{path}: {json.dumps(host)} is not a DNS name or an IP address")
             if 0 < port < 65536:
                 return HostPort(host, port)
     raise ConfigError(f'{path}: bad address {json.dumps(text)} (expected "host:port")')
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_loopback(host: str) -> bool:
@@ -387,8 +400,12 @@ def _int_pair(value: Any, path: str, minimum: int, maximum: int) -> tuple[int, i
 
 
 def _string(value: Any, path: str) -> str:
+    """A non-empty text setting (a file name, an endpoint, a secret): a NUL in it would make the
+    file calls raise ``ValueError`` instead of failing with a reason, in a child at every start."""
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{path}: expected a non-empty string, got {json.dumps(value)}")
+    if "\0" in value:
+        raise ConfigError(f"{path}: {json.dumps(value)} holds a NUL character")
     return _text(value, path)
 
 
@@ -544,7 +561,7 @@ def _dns_name(entry: str, where: str) -> DnsName:
     system's resolvers, every 5 s)."""
     address, _, query = entry[len("dns://") :].partition("?")
     target = parse_host_port(address, where)
-    if not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?", target.host):
+    if not _HOST_NAME.fullmatch(target.host):
         raise ConfigError(f"{where}: {json.dumps(target.host)} is not a DNS name")
     options = _query_options(query, {"server": "HOST:PORT", "every": "SECONDS"}, where)
     server = parse_host_port(options["server"], f"{where} server") if "server" in options else None
@@ -623,7 +640,7 @@ def _admin(value: Any, path: str, base_dir: str) -> AdminConfig:
     for key in entries:
         if key not in ("console", "http", "token"):
             raise ConfigError(f"{path}.{key}: unknown key")
-    token = _string(entries["token"], f"{path}.token") if "token" in entries else None
+    token = _token(entries["token"], f"{path}.token") if "token" in entries else None
     endpoints: dict[str, str] = {}
     for key in ("console", "http"):
         if key in entries:
@@ -636,6 +653,16 @@ def _admin(value: Any, path: str, base_dir: str) -> AdminConfig:
                     f'{where}: listens beyond loopback without {path}.token (add a token or ":interface=127.0.0.1")'
                 )
     return AdminConfig(endpoints.get("console"), endpoints.get("http"), token)
+
+
+def _token(value: Any, path: str) -> str:
+    """The admin token: printable ASCII without blanks, what both the console's ``token`` line
+    and an HTTP ``Authorization`` header carry unchanged (either strips blanks at its ends, and
+    HTTP headers are not UTF-8), so that the configured token can be presented at all."""
+    token = _string(value, path)
+    if not re.fullmatch(r"[!-~]+", token):
+        raise ConfigError(f"{path}: expected printable ASCII without blanks (such as a random hex string)")
+    return token
 
 
 def _check_endpoint(description: str, path: str) -> None:
