@@ -367,3 +367,18 @@ def test_idle_admin_connections_are_capped_and_a_crashed_process_still_restarts(
         server.wait_for(lambda: http(ports["http"], "/health")[0] == 200, what="the http port answering again")
         server.wait_for(lambda: _ask_once(ports["console"], "list")[-1] == "OK", what="the console answering again")
         assert not any("cannot start" in line or "Too many open files" in line for line in server.lines)
+
+
+def test_an_eval_answer_too_large_for_the_control_link_is_an_error_at_once(tmp_path: Path) -> None:
+    path = write_app(tmp_path, _config(), {"echo": SERVED.format(version=1, port=free_port())})
+    with ServerProcess(path) as server:
+        console = Console(admin_ports(server)["console"])
+        try:
+            started = time.monotonic()
+            answer = console.ask("eval echo string.rep('x', 20 * 1024 * 1024)")  # over the 16 MiB frame limit
+            assert answer[-1].startswith("ERROR eval: the answer is too large for the control link (message of ")
+            assert time.monotonic() - started < 5  # not the 10 s command timeout
+            assert console.ask("eval echo #string.rep('x', 1000)") == ["1000", "OK"]
+        finally:
+            console.close()
+        assert not any("Unhandled error" in line for line in server.lines)
