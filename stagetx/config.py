@@ -202,12 +202,34 @@ def load_config(path: str) -> ServerConfig:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read: {err}") from None
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    except _KeyTwice as err:
+        twice = f"the key {json.dumps(err.key)} is written twice in one object"
+        raise ConfigError(f"{path}: invalid JSON: {twice}") from None
+    except RecursionError:  # json's decoder recurses per level
+        raise ConfigError(f"{path}: invalid JSON: nested too deeply") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the configuration must be a JSON object")
     return parse_config(raw, base_dir)
+
+
+class _KeyTwice(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key written twice (``json`` keeps the last silently,
+    so a second ``#admin`` or stage definition would replace the first without a word)."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _KeyTwice(key)
+        obj[key] = value
+    return obj
 
 
 def parse_config(raw: Mapping[str, Any], base_dir: str) -> ServerConfig:

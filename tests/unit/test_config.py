@@ -687,6 +687,16 @@ def test_load_config_from_stdin_resolves_against_the_current_directory(
     [
         ('{"#startup": [', "stage.json:1:15: invalid JSON: Expecting value"),
         ("[1, 2]", "stage.json: the configuration must be a JSON object"),
+        # json.loads keeps the last of two equal keys: the first would be dropped without a word
+        (
+            '{"#startup": [["=route+r"]], "#admin": {}, "#admin": {"console": "tcp:0:interface=127.0.0.1"}}',
+            'stage.json: invalid JSON: the key "#admin" is written twice in one object',
+        ),
+        (
+            '{"#startup": [["=route+r"]], "=route+r": {"a": 1, "a": 2}}',
+            'stage.json: invalid JSON: the key "a" is written twice in one object',
+        ),
+        ('{"x": ' + "[" * 5000 + "]" * 5000 + "}", "stage.json: invalid JSON: nested too deeply"),
     ],
 )
 def test_load_config_reports_unreadable_json(app_dir: Path, text: str, message: str) -> None:
