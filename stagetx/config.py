@@ -261,6 +261,16 @@ def parse_config(raw: Mapping[str, Any], base_dir: str) -> ServerConfig:
     cluster = settings.get("#cluster", ClusterConfig())
     if cluster.listen is not None and not _is_loopback(cluster.listen_host) and "#secret" not in settings:
         raise ConfigError("#cluster: listening beyond loopback needs #secret (shared by the cluster's servers)")
+    listening = [(f"#services.tcp[{i}]", address) for i, address in enumerate(settings.get("#services", ()))]
+    if cluster.listen is not None:
+        listening.append(("#cluster", HostPort(cluster.listen_host, cluster.listen)))
+    admin = settings.get("#admin")
+    for key in ("console", "http"):
+        description = getattr(admin, key, None)
+        address = endpoint_address(description, f"#admin.{key}") if description else None
+        if address is not None:
+            listening.append((f"#admin.{key}", address))
+    _one_socket_per_port(listening)
     definitions = _Definitions(top, base_dir, notices)
     startup = definitions.startup(top["#startup"][1])
     return ServerConfig(
@@ -351,14 +361,29 @@ def endpoint_is_loopback(description: str, path: str) -> bool:
     UNIX sockets and TCP/SSL endpoints bound to a loopback interface count; anything else (no
     ``interface``, another address, an endpoint type we cannot see into) does not.
     """
+    if re.split(r"(?<!\\):", description)[0] == "unix":
+        return True
+    address = endpoint_address(description, path)
+    if address is None:
+        return False
+    interface = address.host
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
+
+
+def endpoint_address(description: str, path: str) -> HostPort | None:
+    """The interface (``""``: every one) and port a TCP or SSL server endpoint description
+    listens on, or None for another type (UNIX sockets, types we cannot see into)."""
     parts = re.split(r"(?<!\\):", description)
     if _DIGITS.fullmatch(parts[0]):
         parts.insert(0, "tcp")
     kind, args = parts[0], parts[1:]
-    if kind == "unix":
-        return True
     if kind not in ("tcp", "tcp6", "ssl"):
-        return False
+        return None
     positional = [arg for arg in args if "=" not in arg]
     keywords = dict(arg.split("=", 1) for arg in args if "=" in arg)
     port = keywords.get("port", positional[0] if positional else "")
@@ -366,14 +391,25 @@ def endpoint_is_loopback(description: str, path: str) -> bool:
         raise ConfigError(f'{path}: bad endpoint "{description}": port must be an integer')
     # tcp/tcp6 take the interface as their second positional argument; ssl only as a keyword
     default = positional[1] if kind != "ssl" and len(positional) > 1 else ""
-    interface = keywords.get("interface", default)
-    interface = interface.replace("\\:", ":")
-    if interface == "localhost":
+    return HostPort(keywords.get("interface", default).replace("\\:", ":"), int(port))
+
+
+def _one_socket_per_port(listening: list[tuple[str, HostPort]]) -> None:
+    """Refuse two of the server's listening sockets (``(JSON path, address)``, in start-up
+    order) on one port of one interface: the second could only fail once the server runs (an
+    admin port is then missing, or process 1 runs without its cluster port)."""
+    for index, (path, address) in enumerate(listening):
+        for earlier, taken in listening[:index]:
+            if address.port and address.port == taken.port and _overlap(address.host, taken.host):
+                raise ConfigError(f"{path}: port {address.port} is also the one of {earlier}")
+
+
+def _overlap(one: str, other: str) -> bool:
+    """Whether sockets bound to these two interfaces would take the same addresses (``""`` and
+    ``::`` take every one; ``0.0.0.0`` every IPv4 one)."""
+    if one == other or {one, other} & {"", "::"}:
         return True
-    try:
-        return ipaddress.ip_address(interface).is_loopback
-    except ValueError:
-        return False
+    return "0.0.0.0" in (one, other) and ":" not in one + other
 
 
 def parse_host_port(text: Any, path: str) -> HostPort:

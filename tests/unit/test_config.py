@@ -212,6 +212,16 @@ def test_every_server_key(app_dir: Path) -> None:
     assert config.raw == raw
 
 
+def test_one_port_on_different_interfaces_is_allowed(app_dir: Path) -> None:
+    raw = {
+        "#startup": [["=route+a"]],
+        "#services": {"tcp": ["0.0.0.0:8081", "[::1]:8082"]},
+        "#cluster": [{"listen": "127.0.0.2:9190"}],
+        "#admin": {"console": "tcp:9190:interface=127.0.0.1", "http": "tcp6:8081:interface=\\:\\:1"},
+    }
+    assert parse(raw, app_dir).admin.http == "tcp6:8081:interface=\\:\\:1"
+
+
 def test_admin_beyond_loopback_is_allowed_with_a_token(app_dir: Path) -> None:
     raw = {"#startup": [["=route+rank"]], "#admin": {"http": "tcp:9191", "token": "t"}}
     admin = parse(raw, app_dir).admin
@@ -537,6 +547,26 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
         "#log.stage.file: directory APP/logs does not exist",
     ),
     ({"#startup": [["=route+a"]], "#log": {"stage": {"file": "lua"}}}, "#log.stage.file: APP/lua is a directory"),
+    # two listening sockets on one port of one interface: the second could only fail once running
+    (
+        {
+            "#startup": [["=route+a"]],
+            "#admin": {"console": "tcp:9190:interface=127.0.0.1", "http": "tcp:9190:127.0.0.1"},
+        },
+        "#admin.http: port 9190 is also the one of #admin.console",
+    ),
+    (
+        {"#startup": [["=route+a"]], "#services": {"tcp": ["0.0.0.0:8081"]}, "#admin": {"http": "tcp:8081:127.0.0.1"}},
+        "#admin.http: port 8081 is also the one of #services.tcp[0]",
+    ),
+    (
+        {"#startup": [["=route+a"]], "#cluster": [7101], "#admin": {"console": "tcp:7101:interface=127.0.0.1"}},
+        "#admin.console: port 7101 is also the one of #cluster",
+    ),
+    (
+        {"#startup": [["=route+a"]], "#cluster": [{"listen": "127.0.0.1:8081"}], "#services": {"tcp": ["[::]:8081"]}},
+        "#cluster: port 8081 is also the one of #services.tcp[0]",
+    ),
     # a NUL, a blank or a non-ASCII letter where no file name, address or token can hold it: the
     # file and socket calls would raise ValueError (in --check, or in a child at every start)
     (
