@@ -42,6 +42,9 @@ _STAGE_NAME = re.compile(r"^=([^+]*)(?:\+(.*))?$", re.DOTALL)
 _BAD_ID_CHARS = re.compile(r"[\s:+*=<>^?!,{}\ud800-\udfff]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _DIGITS = re.compile(r"[0-9]+")
+#: A host name (an IPv4 address is one too); anything else in an address (a blank, a NUL) would
+#: make the resolver raise in the process that binds or dials it.
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
 _MEMORY = re.compile(r"^([0-9]+)\s*([kmg]?)b?$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 MAX_MEMORY = 1024**4  # %memory: 1024g, far past any machine's Lua heap; lupa takes a C size
@@ -199,12 +202,34 @@ def load_config(path: str) -> ServerConfig:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read: {err}") from None
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    except _KeyTwice as err:
+        twice = f"the key {json.dumps(err.key)} is written twice in one object"
+        raise ConfigError(f"{path}: invalid JSON: {twice}") from None
+    except RecursionError:  # json's decoder recurses per level
+        raise ConfigError(f"{path}: invalid JSON: nested too deeply") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the configuration must be a JSON object")
     return parse_config(raw, base_dir)
+
+
+class _KeyTwice(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key written twice (``json`` keeps the last silently,
+    so a second ``#admin`` or stage definition would replace the first without a word)."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _KeyTwice(key)
+        obj[key] = value
+    return obj
 
 
 def parse_config(raw: Mapping[str, Any], base_dir: str) -> ServerConfig:
@@ -236,6 +261,16 @@ def parse_config(raw: Mapping[str, Any], base_dir: str) -> ServerConfig:
     cluster = settings.get("#cluster", ClusterConfig())
     if cluster.listen is not None and not _is_loopback(cluster.listen_host) and "#secret" not in settings:
         raise ConfigError("#cluster: listening beyond loopback needs #secret (shared by the cluster's servers)")
+    listening = [(f"#services.tcp[{i}]", address) for i, address in enumerate(settings.get("#services", ()))]
+    if cluster.listen is not None:
+        listening.append(("#cluster", HostPort(cluster.listen_host, cluster.listen)))
+    admin = settings.get("#admin")
+    for key in ("console", "http"):
+        description = getattr(admin, key, None)
+        address = endpoint_address(description, f"#admin.{key}") if description else None
+        if address is not None:
+            listening.append((f"#admin.{key}", address))
+    _one_socket_per_port(listening)
     definitions = _Definitions(top, base_dir, notices)
     startup = definitions.startup(top["#startup"][1])
     return ServerConfig(
@@ -326,23 +361,12 @@ def endpoint_is_loopback(description: str, path: str) -> bool:
     UNIX sockets and TCP/SSL endpoints bound to a loopback interface count; anything else (no
     ``interface``, another address, an endpoint type we cannot see into) does not.
     """
-    parts = re.split(r"(?<!\\):", description)
-    if _DIGITS.fullmatch(parts[0]):
-        parts.insert(0, "tcp")
-    kind, args = parts[0], parts[1:]
-    if kind == "unix":
+    if re.split(r"(?<!\\):", description)[0] == "unix":
         return True
-    if kind not in ("tcp", "tcp6", "ssl"):
+    address = endpoint_address(description, path)
+    if address is None:
         return False
-    positional = [arg for arg in args if "=" not in arg]
-    keywords = dict(arg.split("=", 1) for arg in args if "=" in arg)
-    port = keywords.get("port", positional[0] if positional else "")
-    if not _DIGITS.fullmatch(port) or int(port) > 65535:
-        raise ConfigError(f'{path}: bad endpoint "{description}": port must be an integer')
-    # tcp/tcp6 take the interface as their second positional argument; ssl only as a keyword
-    default = positional[1] if kind != "ssl" and len(positional) > 1 else ""
-    interface = keywords.get("interface", default)
-    interface = interface.replace("\\:", ":")
+    interface = address.host
     if interface == "localhost":
         return True
     try:
@@ -351,15 +375,62 @@ def endpoint_is_loopback(description: str, path: str) -> bool:
         return False
 
 
+def endpoint_address(description: str, path: str) -> HostPort | None:
+    """The interface (``""``: every one) and port a TCP or SSL server endpoint description
+    listens on, or None for another type (UNIX sockets, types we cannot see into)."""
+    parts = re.split(r"(?<!\\):", description)
+    if _DIGITS.fullmatch(parts[0]):
+        parts.insert(0, "tcp")
+    kind, args = parts[0], parts[1:]
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    positional = [arg for arg in args if "=" not in arg]
+    keywords = dict(arg.split("=", 1) for arg in args if "=" in arg)
+    port = keywords.get("port", positional[0] if positional else "")
+    if not _DIGITS.fullmatch(port) or int(port) > 65535:
+        raise ConfigError(f'{path}: bad endpoint "{description}": port must be an integer')
+    # tcp/tcp6 take the interface as their second positional argument; ssl only as a keyword
+    default = positional[1] if kind != "ssl" and len(positional) > 1 else ""
+    return HostPort(keywords.get("interface", default).replace("\\:", ":"), int(port))
+
+
+def _one_socket_per_port(listening: list[tuple[str, HostPort]]) -> None:
+    """Refuse two of the server's listening sockets (``(JSON path, address)``, in start-up
+    order) on one port of one interface: the second could only fail once the server runs (an
+    admin port is then missing, or process 1 runs without its cluster port)."""
+    for index, (path, address) in enumerate(listening):
+        for earlier, taken in listening[:index]:
+            if address.port and address.port == taken.port and _overlap(address.host, taken.host):
+                raise ConfigError(f"{path}: port {address.port} is also the one of {earlier}")
+
+
+def _overlap(one: str, other: str) -> bool:
+    """Whether sockets bound to these two interfaces would take the same addresses (``""`` and
+    ``::`` take every one; ``0.0.0.0`` every IPv4 one)."""
+    if one == other or {one, other} & {"", "::"}:
+        return True
+    return "0.0.0.0" in (one, other) and ":" not in one + other
+
+
 def parse_host_port(text: Any, path: str) -> HostPort:
     """``"host:port"`` or ``"[v6]:port"`` → ``HostPort``."""
     if isinstance(text, str):
         match = re.match(r"^(?:\[([^\]]+)\]|([^:\[\]]+)):(\d+)$", text.strip())
         if match:
             host, port = match.group(1) or match.group(2), int(match.group(3))
+            if not (_HOST_NAME.fullmatch(host) or _is_ip(host)):
+                raise ConfigError(f"{path}: {json.dumps(host)} is not a DNS name or an IP address")
             if 0 < port < 65536:
                 return HostPort(host, port)
     raise ConfigError(f'{path}: bad address {json.dumps(text)} (expected "host:port")')
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_loopback(host: str) -> bool:
@@ -387,8 +458,12 @@ def _int_pair(value: Any, path: str, minimum: int, maximum: int) -> tuple[int, i
 
 
 def _string(value: Any, path: str) -> str:
+    """A non-empty text setting (a file name, an endpoint, a secret): a NUL in it would make the
+    file calls raise ``ValueError`` instead of failing with a reason, in a child at every start."""
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{path}: expected a non-empty string, got {json.dumps(value)}")
+    if "\0" in value:
+        raise ConfigError(f"{path}: {json.dumps(value)} holds a NUL character")
     return _text(value, path)
 
 
@@ -544,7 +619,7 @@ def _dns_name(entry: str, where: str) -> DnsName:
     system's resolvers, every 5 s)."""
     address, _, query = entry[len("dns://") :].partition("?")
     target = parse_host_port(address, where)
-    if not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?", target.host):
+    if not _HOST_NAME.fullmatch(target.host):
         raise ConfigError(f"{where}: {json.dumps(target.host)} is not a DNS name")
     options = _query_options(query, {"server": "HOST:PORT", "every": "SECONDS"}, where)
     server = parse_host_port(options["server"], f"{where} server") if "server" in options else None
@@ -623,7 +698,7 @@ def _admin(value: Any, path: str, base_dir: str) -> AdminConfig:
     for key in entries:
         if key not in ("console", "http", "token"):
             raise ConfigError(f"{path}.{key}: unknown key")
-    token = _string(entries["token"], f"{path}.token") if "token" in entries else None
+    token = _token(entries["token"], f"{path}.token") if "token" in entries else None
     endpoints: dict[str, str] = {}
     for key in ("console", "http"):
         if key in entries:
@@ -636,6 +711,16 @@ def _admin(value: Any, path: str, base_dir: str) -> AdminConfig:
                     f'{where}: listens beyond loopback without {path}.token (add a token or ":interface=127.0.0.1")'
                 )
     return AdminConfig(endpoints.get("console"), endpoints.get("http"), token)
+
+
+def _token(value: Any, path: str) -> str:
+    """The admin token: printable ASCII without blanks, what both the console's ``token`` line
+    and an HTTP ``Authorization`` header carry unchanged (either strips blanks at its ends, and
+    HTTP headers are not UTF-8), so that the configured token can be presented at all."""
+    token = _string(value, path)
+    if not re.fullmatch(r"[!-~]+", token):
+        raise ConfigError(f"{path}: expected printable ASCII without blanks (such as a random hex string)")
+    return token
 
 
 def _check_endpoint(description: str, path: str) -> None:

@@ -370,6 +370,9 @@ class Supervisor(service.Service):
         try:
             for address in self.config.services:
                 opened.append(_listen(address))
+            cluster = self.config.cluster
+            if cluster.listen is not None:  # process 1 listens there: one it cannot take would run without
+                _listen(HostPort(cluster.listen_host, cluster.listen), "#cluster").close()
         except SystemExit:
             for sock in opened:
                 sock.close()
@@ -477,8 +480,9 @@ def child_environment(base: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def _listen(address: HostPort) -> socket.socket:
-    """A non-blocking listening TCP socket on ``address``, for the children to accept on."""
+def _listen(address: HostPort, key: str = "#services") -> socket.socket:
+    """A non-blocking listening TCP socket on ``address`` (of the configuration's ``key``), for
+    the children to accept on; a port that cannot be taken ends start-up with one line."""
     sock = None
     try:
         family, kind, proto, _, sockaddr = socket.getaddrinfo(
@@ -491,7 +495,7 @@ def _listen(address: HostPort) -> socket.socket:
     except OSError as err:
         if sock is not None:
             sock.close()
-        raise SystemExit(f"stage: #services: cannot listen on {address}: {err}") from None
+        raise SystemExit(f"stage: {key}: cannot listen on {address}: {err}") from None
     sock.setblocking(False)
     return sock
 

@@ -6,7 +6,8 @@ control snapshots and the admin ``Commands`` — so the dashboard never shows nu
 - ``GET /``: the page; ``GET /static/…``: its scripts, styles and the uPlot charting library.
 - ``GET /api/session``: ``{"readonly", "csrf", "interval"}`` (the CSRF token only with an ``#admin`` token).
 - ``GET /api/overview``: one snapshot (see ``overview``); ``GET /api/events``: the same as
-  server-sent events, one ``data:`` line per sample (every ``SAMPLE_INTERVAL`` seconds).
+  server-sent events, one ``data:`` line per sample (every ``SAMPLE_INTERVAL`` seconds); a client
+  that does not read them skips samples (``_Stream``) rather than have them pile up.
 - ``GET /api/history[?stage=P/NAME]``: message rates and handler p50/p99 of the last 10 minutes.
 - ``POST /api/action`` ``{"command", "args"}``: ``reload``, ``restart`` or ``loglevel``, with the
   ``X-CSRF-Token`` header; refused (403) when no token is configured (read-only dashboard).
@@ -27,10 +28,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from stagetx.admin.commands import Commands, Reply
 from stagetx.admin.http import MAX_BODY, AdminSite, Guarded, StaticFiles, as_json
@@ -224,6 +227,26 @@ def overview(supervisor: AdminView, history: History, now: float) -> dict[str, A
     }
 
 
+@implementer(IPushProducer)
+class _Stream:
+    """One open event stream, the producer of its request: paused while the connection's write
+    buffer is full (its client does not read), when samples skip it; it gets the latest sample
+    once the client reads again. What one stream buffers stays bounded by that buffer."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
 class Dashboard:
     """Samples the children every ``interval`` seconds into the history and the open event streams."""
 
@@ -238,7 +261,7 @@ class Dashboard:
         self.interval = interval
         self.csrf = secrets.token_urlsafe(32)
         self.history = History(int(HISTORY_SECONDS / interval))
-        self.streams: list[Request] = []
+        self.streams: list[_Stream] = []
         self.latest: dict[str, Any] | None = None
         self._loop = LoopingCall(self.tick)
         self._loop.clock = supervisor.clock()
@@ -255,8 +278,9 @@ class Dashboard:
         if self._loop.running:
             self._loop.stop()
         streams, self.streams = self.streams, []
-        for request in streams:
-            request.finish()
+        for stream in streams:
+            stream.request.unregisterProducer()
+            stream.request.finish()
 
     def tick(self) -> None:
         """One sample: history, overview, a ``data:`` event to every stream (a LoopingCall: never raises)."""
@@ -269,8 +293,9 @@ class Dashboard:
                 self.history.observe(now, group, _live(child, now), [s.name for s in members])
             self.latest = overview(self.supervisor, self.history, now)
             event = self.event()
-            for request in list(self.streams):
-                request.write(event)
+            for stream in list(self.streams):
+                if not stream.paused:
+                    stream.request.write(event)
         except Exception:
             self.log.failure("dashboard sample failed")
 
@@ -370,12 +395,14 @@ class _Events(_Part):
         request.setHeader("cache-control", "no-store")
         request.setHeader("x-accel-buffering", "no")
         request.write(b"retry: 2000\n\n" + self.dashboard.event())
+        stream = _Stream(request)
+        request.registerProducer(stream, True)
         streams = self.dashboard.streams
-        streams.append(request)
+        streams.append(stream)
 
         def forget(_: object) -> None:
-            if request in streams:
-                streams.remove(request)
+            if stream in streams:
+                streams.remove(stream)
 
         request.notifyFinish().addBoth(forget)
         return NOT_DONE_YET

@@ -8,7 +8,10 @@
 With an ``#admin`` token every request needs ``Authorization: Bearer <TOKEN>`` (else 401).
 A request body is checked as soon as its headers are in, before any of it is read: over
 ``MAX_BODY`` bytes is 413, and without the token (when one is set) 401; no body is ever spooled
-to a temporary file (``AdminSite``).
+to a temporary file (``AdminSite``). A whole request (line, headers, body) must be in
+``REQUEST_WAIT`` seconds after the connection opened or the previous answer went out, else 408:
+a client sending it a byte at a time would otherwise hold one of the port's few places for good
+(twisted.web's idle timeout restarts at each byte).
 """
 
 from __future__ import annotations
@@ -31,11 +34,15 @@ from twisted.web.static import File
 
 from stagetx.admin import metrics
 from stagetx.admin.commands import Commands, Reply, parse
+from stagetx.admin.connections import OpenConnections, Refused
 
 if TYPE_CHECKING:
     from stagetx.admin.view import AdminView
 
 MAX_BODY = 64 * 1024
+#: Seconds a whole request may take to arrive (from the connection's start, or the end of the
+#: previous request): also how long a kept-alive connection may stay idle.
+REQUEST_WAIT = 10.0
 #: Seconds a refused request's body is still read (and dropped) so that the client gets the
 #: answer rather than a connection reset; then the connection is closed.
 REFUSED_LINGER = 2.0
@@ -181,7 +188,25 @@ class _BodyCheckingChannel(HTTPChannel):
 
     _refused = False
     _closing: IDelayedCall | None = None
+    _waiting: IDelayedCall | None = None  # the deadline of the next request
     site: AdminSite  # set by Site.buildProtocol
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._await_request()
+
+    def _await_request(self) -> None:
+        self._waiting = self.callLater(REQUEST_WAIT, self._too_slow)
+
+    def _too_slow(self) -> None:
+        self._waiting = None
+        self.refuse(408, b"Request Timeout", f"ERROR no whole request within {REQUEST_WAIT:g} s\n".encode())
+
+    def requestDone(self, request: Request) -> None:
+        """Arm the next request's deadline before ``super`` runs requests already buffered."""
+        if self.persistent and not self._refused and self._waiting is None:
+            self._await_request()
+        super().requestDone(request)
 
     def allHeadersReceived(self) -> None:
         refusal = _body_refusal(self.requests[-1].requestHeaders, self.length, self.site.token)
@@ -215,12 +240,17 @@ class _BodyCheckingChannel(HTTPChannel):
             super().rawDataReceived(data)
 
     def allContentReceived(self) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
         if not self._refused:
             super().allContentReceived()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._closing is not None and self._closing.active():
-            self._closing.cancel()
+        for call in (self._closing, self._waiting):
+            if call is not None and call.active():
+                call.cancel()
+        self.site.connections.closed()
         super().connectionLost(reason)
 
 
@@ -240,8 +270,15 @@ def _body_refusal(
     return None
 
 
+_TOO_MANY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+)
+
+
 class AdminSite(Site):
-    """The admin ``Site``: request bodies judged on their headers (``_BodyCheckingChannel``)."""
+    """The admin ``Site``: request bodies judged on their headers (``_BodyCheckingChannel``), at
+    most ``MAX_CONNECTIONS`` connections open (``stagetx.admin.connections``)."""
 
     protocol = _BodyCheckingChannel  # type: ignore[assignment]  # plain HTTP/1.1, no HTTP/2 wrapper
     requestFactory = _BoundedRequest
@@ -250,3 +287,10 @@ class AdminSite(Site):
         """``reactor``: the admin side's (its timers: the request log's clock, idle connections)."""
         super().__init__(resource, reactor=reactor)
         self.token = token
+        self.connections = OpenConnections("http")
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if not self.connections.admit():
+            text = f"ERROR too many admin HTTP connections ({self.connections.limit} open)\n".encode()
+            return Refused(_TOO_MANY % (len(text), text))
+        return super().buildProtocol(addr)

@@ -27,7 +27,7 @@ from stagetx.child.links import local_retry
 from stagetx.controllink import Command, CommandResult, Ready, Result, Stats, control_path, node_id, read_frame
 from stagetx.logsetup import level_named
 from stagetx.stages.index.commands import READS, RequestError, parse_key
-from stagetx.wire import Link, LinkClientFactory
+from stagetx.wire import FrameTooLarge, Link, LinkClientFactory
 
 if TYPE_CHECKING:
     from stagetx.stages.lua.stage import Stage as LuaStage
@@ -288,6 +288,16 @@ def _plain(value: Any) -> Any:
     return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
 
 
+def _answer(link: Link, command: Command, result: Result) -> None:
+    """Send ``command``'s result; one too large for a frame (``eval`` of a huge string) is answered
+    with an error saying so, or the supervisor would wait out its timeout for an answer never sent."""
+    try:
+        link.send(CommandResult(command.id, result).frame())
+    except FrameTooLarge as err:
+        error = f"{command.name}: the answer is too large for the control link ({err})"
+        link.send(CommandResult(command.id, (False, error, None)).frame())
+
+
 class _ClientHandler:
     """Carries the control protocol over the link to the supervisor."""
 
@@ -300,9 +310,7 @@ class _ClientHandler:
     def message_received(self, link: Link, obj: Any) -> None:
         frame = read_frame(obj)
         if isinstance(frame, Command):
-            self.client.control.command(frame.name, frame.args).addCallback(
-                lambda result: link.send(CommandResult(frame.id, result).frame())
-            )
+            self.client.control.command(frame.name, frame.args).addCallback(lambda result: _answer(link, frame, result))
 
     def link_lost(self, link: Link, reason: object) -> None:
         self.client.link = None

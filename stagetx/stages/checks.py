@@ -26,8 +26,16 @@ def milliseconds(value: object) -> TypeGuard[int | float]:
     return finite_number(value) and 0 < value <= MAX_MS
 
 
+def _not_a_name(path: str) -> str | None:
+    """Why ``path`` cannot name a file whatever the file system holds (the calls raise
+    ``ValueError`` on it, not ``OSError``), or None."""
+    return f"{path!r} holds a NUL character" if "\0" in path else None
+
+
 def unreadable(path: str) -> str | None:
     """None when ``path`` is a file this process can read, else why not."""
+    if (problem := _not_a_name(path)) is not None:
+        return problem
     try:
         with open(path, "rb"):
             return None
@@ -38,6 +46,8 @@ def unreadable(path: str) -> str | None:
 def unusable_directory(path: str) -> str | None:
     """None when ``path`` is a directory, or can be made one (its nearest existing ancestor is a
     writable directory), else why not."""
+    if (problem := _not_a_name(path)) is not None:
+        return problem
     if os.path.exists(path):
         return None if os.path.isdir(path) else f"{path} is not a directory"
     parent = os.path.dirname(os.path.abspath(path))
@@ -52,6 +62,8 @@ def unusable_directory(path: str) -> str | None:
 
 def unwritable_file(path: str) -> str | None:
     """None when this process can append to the file ``path`` (creating it if need be), else why not."""
+    if (problem := _not_a_name(path)) is not None:
+        return problem
     if os.path.isdir(path):
         return f"{path} is a directory"
     if os.path.exists(path):

@@ -4,14 +4,21 @@ listener and real clients; broken scripts saved and reloaded from the console, `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import select
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+
+import pytest
 
 from tests.e2e.test_operations_e2e import ADMIN, Console, admin_ports, http
 from tests.e2e.test_reload_keeps_connections import LineClient
@@ -268,3 +275,110 @@ def test_json_lines_keep_each_child_record_level_and_namespace(tmp_path: Path) -
     assert failure["log_namespace"] == "stage.echo" and failure["log_level"] == "error", failure
     assert failure["process"] == 1 and isinstance(failure["pid"], int)
     assert all(isinstance(r["log_level"], str) for r in records)
+
+
+def _rss_mib(pid: int) -> float:
+    """The resident memory of process ``pid``, from ``/proc``."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def test_a_console_client_that_never_reads_stops_being_read_and_keeps_memory_bounded(tmp_path: Path) -> None:
+    path = write_app(tmp_path, _config(), {"echo": SERVED.format(version=1, port=free_port())})
+    with ServerProcess(path) as server:
+        port = admin_ports(server)["console"]
+        before = _rss_mib(server.process.pid)
+        hostile = socket.socket()
+        hostile.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        hostile.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        hostile.connect(("127.0.0.1", port))
+        hostile.setblocking(False)
+        # 2-byte commands answered with 37 bytes each, never read: at most 8 MiB or 20 s of them
+        chunk, sent, blocked, deadline = b"x\n" * 32768, 0, False, time.monotonic() + 20
+        try:
+            while sent < 8 << 20 and time.monotonic() < deadline:
+                if not select.select([], [hostile], [], 2.0)[1]:
+                    blocked = True  # the server stopped reading: nothing drained in 2 s
+                    break
+                with contextlib.suppress(BlockingIOError):
+                    sent += hostile.send(chunk)
+            assert blocked, f"the server kept reading commands whose answers are not read ({sent} bytes)"
+            assert _rss_mib(server.process.pid) - before < 32
+            console = Console(port)
+            try:
+                assert console.ask("help")[-1] == "OK"
+            finally:
+                console.close()
+            # once the client reads, every command it sent is answered, in order
+            hostile.setblocking(True)
+            hostile.settimeout(20)
+            answers, wanted = b"", sent // 2 * len(b"ERROR unknown command 'x' (try help)\n")
+            while len(answers) < wanted:
+                data = hostile.recv(1 << 20)
+                assert data, "console closed"
+                answers += data
+            assert answers == b"ERROR unknown command 'x' (try help)\n" * (sent // 2)
+        finally:
+            hostile.close()
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """What the server sends until it closes ``sock`` (within the socket's timeout)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def _ask_once(port: int, line: str) -> list[str]:
+    """``line``'s answer on a new console connection."""
+    console = Console(port)
+    try:
+        return console.ask(line)
+    finally:
+        console.close()
+
+
+def test_idle_admin_connections_are_capped_and_a_crashed_process_still_restarts(tmp_path: Path) -> None:
+    path = write_app(tmp_path, _config(), {"echo": SERVED.format(version=1, port=free_port())})
+    limit = ("prlimit", "--nofile=256:256") if shutil.which("prlimit") else ()  # fewer than the idle clients
+    with ServerProcess(path, prefix=limit) as server:
+        ports = admin_ports(server)
+        idle: dict[str, list[socket.socket]] = {"console": [], "http": []}
+        try:
+            for _ in range(150):  # 300 idle connections, more than the supervisor has descriptors for
+                for kind, port in ports.items():
+                    idle[kind].append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            assert _read_all(idle["console"][-1]) == b"ERROR too many console connections (64 open)\n"
+            assert _read_all(idle["http"][-1]).startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+            idle["console"][0].setblocking(False)
+            with pytest.raises(BlockingIOError):  # the first 64 stay open
+                idle["console"][0].recv(1)
+            pid = server.pids(0)[-1]
+            os.kill(pid, signal.SIGKILL)
+            server.wait_for(lambda: len(server.pids(0)) == 2, what="process 1 restarted")
+            server.wait_for(
+                lambda: sum("] process 1 ready, pid" in line for line in server.lines) == 2, what="process 1 ready"
+            )
+        finally:
+            for sock in idle["console"] + idle["http"]:
+                sock.close()
+        # the idle ones closed (the server learns it as it reads): both ports take new clients again
+        server.wait_for(lambda: http(ports["http"], "/health")[0] == 200, what="the http port answering again")
+        server.wait_for(lambda: _ask_once(ports["console"], "list")[-1] == "OK", what="the console answering again")
+        assert not any("cannot start" in line or "Too many open files" in line for line in server.lines)
+
+
+def test_an_eval_answer_too_large_for_the_control_link_is_an_error_at_once(tmp_path: Path) -> None:
+    path = write_app(tmp_path, _config(), {"echo": SERVED.format(version=1, port=free_port())})
+    with ServerProcess(path) as server:
+        console = Console(admin_ports(server)["console"])
+        try:
+            started = time.monotonic()
+            answer = console.ask("eval echo string.rep('x', 20 * 1024 * 1024)")  # over the 16 MiB frame limit
+            assert answer[-1].startswith("ERROR eval: the answer is too large for the control link (message of ")
+            assert time.monotonic() - started < 5  # not the 10 s command timeout
+            assert console.ask("eval echo #string.rep('x', 1000)") == ["1000", "OK"]
+        finally:
+            console.close()
+        assert not any("Unhandled error" in line for line in server.lines)

@@ -61,3 +61,16 @@ def test_a_busy_service_port_stops_start_up_with_one_line(app_dir: Path, spawner
         with pytest.raises(SystemExit) as caught:
             supervisor.privilegedStartService()
     assert str(caught.value.code).startswith(f"stage: #services: cannot listen on 127.0.0.1:{port}: [Errno 98]")
+
+
+def test_a_busy_cluster_port_stops_start_up_before_any_process_starts(app_dir: Path, spawner: FakeSpawner) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = make_config(app_dir, 1, **{"#cluster": [{"listen": f"127.0.0.1:{port}"}]})
+        supervisor = Supervisor(config, reactor=spawner, environ={"PATH": "/bin", "PYTHONPATH": "/x"})
+        with pytest.raises(SystemExit) as caught:
+            supervisor.privilegedStartService()
+    assert str(caught.value.code).startswith(f"stage: #cluster: cannot listen on 127.0.0.1:{port}: [Errno 98]")
+    assert spawner.spawns == []

@@ -8,6 +8,7 @@ import os
 import re
 import select
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -112,3 +113,34 @@ def test_an_oversized_or_unauthenticated_upload_is_refused_on_its_headers(tmp_pa
         assert _ask(port, "/static/app.js") == 200
     assert list(temp.iterdir()) == [] or all(p.is_dir() for p in temp.iterdir())
     assert not [line for line in server.lines if "Traceback" in line or "CRITICAL" in line.upper()[:80]]
+
+
+def test_a_request_trickled_a_byte_at_a_time_is_answered_408_and_closed(tmp_path: Path) -> None:
+    admin = {"http": "tcp:0:interface=127.0.0.1", "token": TOKEN}
+    path = write_app(tmp_path, {"#startup": [["=lua+app"]], "#admin": admin, "=lua+app": "lua/app"}, {"app": ""})
+    with ServerProcess(path) as server:
+        port = _admin_port(server)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        try:
+            head = f"GET /health HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\n".encode()
+            answer, sent, started = b"", 0, time.monotonic()
+            while not answer and time.monotonic() - started < 25:  # one byte of the head at most each 0.5 s
+                if select.select([sock], [], [], 0.5)[0]:
+                    answer = sock.recv(65536)
+                elif sent < len(head):
+                    sock.sendall(head[sent : sent + 1])
+                    sent += 1
+            assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+            assert 9 < time.monotonic() - started < 15 and sent < len(head)
+            answer += _read_until_closed(sock)
+            assert answer.endswith(b"ERROR no whole request within 10 s\n")
+        finally:
+            sock.close()
+        assert _ask(port, "/health") == 200
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data

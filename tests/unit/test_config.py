@@ -212,6 +212,16 @@ def test_every_server_key(app_dir: Path) -> None:
     assert config.raw == raw
 
 
+def test_one_port_on_different_interfaces_is_allowed(app_dir: Path) -> None:
+    raw = {
+        "#startup": [["=route+a"]],
+        "#services": {"tcp": ["0.0.0.0:8081", "[::1]:8082"]},
+        "#cluster": [{"listen": "127.0.0.2:9190"}],
+        "#admin": {"console": "tcp:9190:interface=127.0.0.1", "http": "tcp6:8081:interface=\\:\\:1"},
+    }
+    assert parse(raw, app_dir).admin.http == "tcp6:8081:interface=\\:\\:1"
+
+
 def test_admin_beyond_loopback_is_allowed_with_a_token(app_dir: Path) -> None:
     raw = {"#startup": [["=route+rank"]], "#admin": {"http": "tcp:9191", "token": "t"}}
     admin = parse(raw, app_dir).admin
@@ -422,7 +432,7 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
     ),
     (
         {"#startup": [["=route+a"]], "#cluster": ["dns://bad name:7000"]},
-        '#cluster[0]: "bad name" is not a DNS name',
+        '#cluster[0]: "bad name" is not a DNS name or an IP address',
     ),
     (
         {"#startup": [["=route+a"]], "#cluster": ["dns://game.example:7000?every=0"]},
@@ -537,6 +547,57 @@ BROKEN: list[tuple[dict[str, Any], str]] = [
         "#log.stage.file: directory APP/logs does not exist",
     ),
     ({"#startup": [["=route+a"]], "#log": {"stage": {"file": "lua"}}}, "#log.stage.file: APP/lua is a directory"),
+    # two listening sockets on one port of one interface: the second could only fail once running
+    (
+        {
+            "#startup": [["=route+a"]],
+            "#admin": {"console": "tcp:9190:interface=127.0.0.1", "http": "tcp:9190:127.0.0.1"},
+        },
+        "#admin.http: port 9190 is also the one of #admin.console",
+    ),
+    (
+        {"#startup": [["=route+a"]], "#services": {"tcp": ["0.0.0.0:8081"]}, "#admin": {"http": "tcp:8081:127.0.0.1"}},
+        "#admin.http: port 8081 is also the one of #services.tcp[0]",
+    ),
+    (
+        {"#startup": [["=route+a"]], "#cluster": [7101], "#admin": {"console": "tcp:7101:interface=127.0.0.1"}},
+        "#admin.console: port 7101 is also the one of #cluster",
+    ),
+    (
+        {"#startup": [["=route+a"]], "#cluster": [{"listen": "127.0.0.1:8081"}], "#services": {"tcp": ["[::]:8081"]}},
+        "#cluster: port 8081 is also the one of #services.tcp[0]",
+    ),
+    # a NUL, a blank or a non-ASCII letter where no file name, address or token can hold it: the
+    # file and socket calls would raise ValueError (in --check, or in a child at every start)
+    (
+        {"#startup": [["=route+a"]], "#log": {"stage": {"file": "a\0b"}}},
+        '#log.stage.file: "a\\u0000b" holds a NUL character',
+    ),
+    (
+        {"#startup": [["=route+a"]], "#tls": {"cert": "a\0b", "key": "k"}},
+        '#tls.cert: "a\\u0000b" holds a NUL character',
+    ),
+    (
+        {"#startup": [["=route+a"]], "#cluster": [{"tls": {"ca": "a\0b", "cert": "c", "key": "k"}}]},
+        '#cluster[0].tls.ca: "a\\u0000b" holds a NUL character',
+    ),
+    ({"#startup": [["=index+rank"]], "=index+rank": "a\0b"}, "=index+rank: 'APP/a\\x00b' holds a NUL character"),
+    (
+        {"#startup": [["=route+a"]], "#services": {"tcp": ["ho st:80"]}},
+        '#services.tcp[0]: "ho st" is not a DNS name or an IP address',
+    ),
+    (
+        {"#startup": [["=route+a"]], "#cluster": ["peer\0:7000"]},
+        '#cluster[0]: "peer\\u0000" is not a DNS name or an IP address',
+    ),
+    (
+        {"#startup": [["=route+a"]], "#admin": {"console": "tcp:9190:interface=127.0.0.1", "token": " s3cret "}},
+        "#admin.token: expected printable ASCII without blanks (such as a random hex string)",
+    ),
+    (
+        {"#startup": [["=route+a"]], "#admin": {"http": "tcp:9191:interface=127.0.0.1", "token": "s\u00e9same"}},
+        "#admin.token: expected printable ASCII without blanks (such as a random hex string)",
+    ),
     (
         {"#startup": [["=curl+web"]], "=curl+web": {"ca-file": "missing.pem"}},
         "=curl+web.ca-file: cannot read APP/missing.pem: No such file or directory",
@@ -664,6 +725,16 @@ def test_load_config_from_stdin_resolves_against_the_current_directory(
     [
         ('{"#startup": [', "stage.json:1:15: invalid JSON: Expecting value"),
         ("[1, 2]", "stage.json: the configuration must be a JSON object"),
+        # json.loads keeps the last of two equal keys: the first would be dropped without a word
+        (
+            '{"#startup": [["=route+r"]], "#admin": {}, "#admin": {"console": "tcp:0:interface=127.0.0.1"}}',
+            'stage.json: invalid JSON: the key "#admin" is written twice in one object',
+        ),
+        (
+            '{"#startup": [["=route+r"]], "=route+r": {"a": 1, "a": 2}}',
+            'stage.json: invalid JSON: the key "a" is written twice in one object',
+        ),
+        ('{"x": ' + "[" * 5000 + "]" * 5000 + "}", "stage.json: invalid JSON: nested too deeply"),
     ],
 )
 def test_load_config_reports_unreadable_json(app_dir: Path, text: str, message: str) -> None:

@@ -278,6 +278,18 @@ def test_a_failed_stage_its_errors_clients_and_endpoints_are_shown() -> None:
 # -- the resources, through the admin site --------------------------------------------------------
 
 
+class _StreamingRequest(DummyRequest):
+    """A ``DummyRequest`` that keeps a push producer as a real request does (``DummyRequest``
+    pulls from any producer in a loop)."""
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
 def _request(
     site: Any,
     path: str,
@@ -286,7 +298,7 @@ def _request(
     body: bytes = b"",
     args: dict[bytes, list[bytes]] | None = None,
 ) -> DummyRequest:
-    request = DummyRequest([p.encode() for p in path.split("/")[1:]])
+    request = _StreamingRequest([p.encode() for p in path.split("/")[1:]])
     request.method = method
     request.content = BytesIO(body)
     request.args = args or {}
@@ -361,6 +373,25 @@ def test_event_stream_pushes_a_snapshot_per_sample_until_the_client_leaves() -> 
     finally:
         site.stopFactory()
     assert not site.dashboard._loop.running
+
+
+def test_an_event_stream_whose_client_does_not_read_skips_samples_until_it_reads() -> None:
+    site, clock, _ = _site(None)
+    site.startFactory()
+    try:
+        request = _request(site, "/api/events")
+        request.producer.pauseProducing()  # the connection's write buffer is full
+        written = len(request.written)
+        clock.advance(1.0)
+        clock.advance(1.0)
+        assert len(request.written) == written
+        request.producer.resumeProducing()
+        clock.advance(1.0)
+        assert len(request.written) == written + 1
+        assert json.loads(request.written[-1][6:])["time"] == clock.seconds()
+    finally:
+        site.stopFactory()
+    assert request.producer is None and request.finished
 
 
 def test_actions_need_token_csrf_same_origin_and_known_commands() -> None:
