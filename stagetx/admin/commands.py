@@ -225,7 +225,7 @@ class Commands:
 
     def cmd_restart(self, process: str) -> Deferred[Reply]:
         groups = len(self.supervisor.config.startup)
-        if not process.isdigit() or not 1 <= int(process) <= groups:
+        if not (process.isascii() and process.isdigit()) or not 1 <= int(process) <= groups:
             raise CommandError(f"no process {process!r} (1 to {groups})")
         return self.supervisor.restart(int(process) - 1).addCallback(
             lambda pid: Reply(True, (f"process {process} restarted, pid {pid}",), {"process": int(process), "pid": pid})

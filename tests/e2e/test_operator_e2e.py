@@ -240,6 +240,8 @@ def test_a_process_restarted_on_purpose_is_not_reported_as_a_lost_link(tmp_path:
         console = Console(admin_ports(server)["console"])
         try:
             server.wait_for(lambda: any("linked to process 2" in line for line in server.lines), what="the link")
+            for wrong in ("0", "3", "x", "²", "٢"):  # Unicode digits pass str.isdigit, not int()
+                assert console.ask(f"restart {wrong}")[-1] == f"ERROR no process {wrong!r} (1 to 2)"
             assert console.ask("restart 2")[-1] == "OK"
             server.wait_for(
                 lambda: any("link to process 2 closed (stopping)" in line for line in server.lines), what="the stop"
