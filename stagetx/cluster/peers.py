@@ -23,10 +23,11 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import ssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IListeningPort, ITCPTransport
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, ITCPTransport
 from twisted.logger import Logger
 
-from stagetx.config import ClusterTls
+from stagetx.config import ClusterTls, HostPort
 from stagetx.linkqueue import LinkQueue
 from stagetx.wire import FrameTooLarge, Link, LinkClientFactory, LinkServerFactory, check_fits, pack_message
 
@@ -35,6 +36,8 @@ BACKOFF_FIRST = 0.1
 #: ... up to this many seconds.
 BACKOFF_MAX = 2.0
 BACKOFF_FACTOR = 1.5
+#: Seconds between tries to listen on a cluster port another program holds.
+LISTEN_RETRY = 1.0
 #: A peer's queue takes no more frames once it holds this many bytes (besides ``queue_limit``
 #: frames): frames may be runs of many messages, so a count alone does not bound their memory.
 QUEUE_BYTES = 64 * 1024 * 1024
@@ -154,21 +157,46 @@ class PeerLinks(MultiService):
         self._dialers: dict[str, ClientService] = {}
         self._open: dict[str, list[Link]] = {}  # server id -> every authenticated link to it
         self._port: IListeningPort | None = None
+        self._listen_retry: IDelayedCall | None = None  # while the cluster port is taken
         self.port_number: int | None = None
         self.itself: set[str] = set()  # addresses dialed that turned out to be this server
 
     def startService(self) -> None:
         if self.listen is not None:
-            host, port = self.listen
-            factory = LinkServerFactory(self.secret, self.server_id, _Handler(self, None), self.max_frame, self.reactor)
+            self._try_listen()
+        MultiService.startService(self)
+
+    def _try_listen(self) -> None:
+        """Listen on the cluster port; one another program holds (taken while this process was
+        restarted: the supervisor checks it only at start-up) is logged once and tried again every
+        ``LISTEN_RETRY`` seconds, the links this server dials working meanwhile."""
+        assert self.listen is not None
+        host, port = self.listen
+        factory = LinkServerFactory(self.secret, self.server_id, _Handler(self, None), self.max_frame, self.reactor)
+        try:
             if self.tls is not None:
                 self._port = self.reactor.listenSSL(port, factory, self.tls, interface=host)
             else:
                 self._port = self.reactor.listenTCP(port, factory, interface=host)
-            self.port_number = self._port.getHost().port  # type: ignore[union-attr]
-        MultiService.startService(self)
+        except CannotListenError as err:
+            if self._listen_retry is None:
+                self.log.error(
+                    "cluster: cannot listen on {addr}: {reason}; trying again every {every} s",
+                    addr=str(HostPort(host, port)),
+                    reason=str(err.socketError),
+                    every=LISTEN_RETRY,
+                )
+            self._listen_retry = self.reactor.callLater(LISTEN_RETRY, self._try_listen)
+            return
+        if self._listen_retry is not None:
+            self._listen_retry = None
+            self.log.info("cluster: listening on {addr} now", addr=str(HostPort(host, port)))
+        self.port_number = self._port.getHost().port  # type: ignore[union-attr]
 
     def stopService(self) -> Any:
+        if self._listen_retry is not None and self._listen_retry.active():
+            self._listen_retry.cancel()
+        self._listen_retry = None
         if self._port is not None:
             self._port.stopListening()
             self._port = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest
@@ -150,3 +151,31 @@ async def test_dialing_itself_is_noticed_and_stopped() -> None:
         assert events.linked == []
     finally:
         await server.stopService()
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_a_cluster_port_another_program_holds_is_logged_once_and_taken_once_free() -> None:
+    """Process 1 restarted while another program took its cluster port: it went on without the
+    port after a traceback; now it keeps trying and listens once the port is free."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    with LogCapture() as capture:
+        server, server_events = peers("srv", port=port)
+        try:
+            await wait_for(lambda: f"cannot listen on 127.0.0.1:{port}" in capture.text(), 10, "the error")
+            assert server.port_number is None
+            holder.close()
+            await wait_for(lambda: server.port_number == port, 10, "the port taken")
+            client, client_events = peers("cli", listen=False)
+            try:
+                client.dial(f"127.0.0.1:{port}")
+                await wait_for(lambda: "srv" in client_events.linked, 10, "the link")
+            finally:
+                await client.stopService()
+        finally:
+            holder.close()
+            await server.stopService()
+    assert capture.text().count("cannot listen on") == 1
