@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import functools
+import gzip
 import ipaddress
 import json
 import os
 import sys
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,14 @@ from stagetx.message import Message, Sender
 from stagetx.stages.curl.stage import Stage
 
 BIG = bytes(range(256)) * (5 * 1024 * 1024 // 256)  # 5 MiB
+
+
+@functools.cache
+def gzip_bomb() -> bytes:
+    """64 MiB of zeros gzip-compressed: about 64 KiB on the wire."""
+    return gzip.compress(bytes(64 << 20), compresslevel=9)
+
+
 WAIT = 10.0  # seconds any reply may take before the test fails
 
 
@@ -214,6 +225,9 @@ class App(Resource):
             return b"many"
         if path == "/hold":
             return self.hold.render(request)
+        if path in ("/gzip", "/bomb"):  # a small JSON body, or 64 MiB of zeros, gzip-encoded
+            request.setHeader(b"content-encoding", b"gzip")
+            return gzip_bomb() if path == "/bomb" else gzip.compress(json.dumps({"zipped": True}).encode())
         request.setResponseCode(404)
         return b"no such path"
 
@@ -392,6 +406,27 @@ async def test_a_body_announced_longer_than_max_size_is_not_read(web: Harness) -
     assert (big["status"], big["data"]["result"], big["data"]["length"]) == (0, 63, 0)
     assert "1048576" in big["data"]["message"]
     assert (small["status"], small["data"]["result"]) == (200, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_gzip_body_is_decoded_and_one_inflating_past_max_size_never_sits_in_memory(web: Harness) -> None:
+    """Twisted's decoder inflated each received chunk whole: 64 KiB of a gzip bomb became 64 MiB
+    at once before ``max-size`` could stop it. Now it inflates 64 KiB at a time and stops."""
+    gzip_bomb()  # made before memory is traced
+    stage, context = web.stage({"max-size": 1024 * 1024})
+    tracemalloc.start()
+    try:
+        stage.receive(request(url=f"{web.url}/bomb"))
+        (bomb,) = await context.replies_count(1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (bomb["status"], bomb["data"]["result"]) == (0, 63) and "1048576" in bomb["data"]["message"]
+    assert peak < 16 << 20, peak
+    stage.receive(request(url=f"{web.url}/gzip"))
+    (_, zipped) = await context.replies_count(2)
+    assert (zipped["status"], zipped["data"]["result"]) == (200, 0)
+    assert json.loads(zipped["data"]["content"]) == {"zipped": True}
 
 
 @pytest.mark.parametrize("path", ["/trickle", "/silent", "/drip"])

@@ -3,6 +3,7 @@ cookies, charset."""
 
 from __future__ import annotations
 
+import zlib
 from email.message import Message as MimeHeader
 from http.cookiejar import Cookie, CookieJar
 from typing import cast
@@ -10,13 +11,16 @@ from urllib.parse import urlsplit
 from urllib.request import Request as UrlRequest
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
+from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
-from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol
+from twisted.web._newclient import HEADER, STATUS, HTTP11ClientProtocol, ResponseFailed
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
 
 
 class BodyTooLarge(Exception):
@@ -119,6 +123,87 @@ def read_body(response: IResponse, limit: int | None) -> Deferred[bytes]:
     if limit is not None and announced is not UNKNOWN_LENGTH and announced > limit and not reader.done.called:
         reader.too_large()  # as curl does: not a byte of a body known to be too long is read
     return reader.done
+
+
+#: Decoded bytes of a gzip body handed on at a time: Twisted's decoder inflates each received chunk
+#: whole, and 64 KiB of a gzip bomb are 64 MiB.
+INFLATE_CHUNK = 64 * 1024
+
+
+@implementer(IAgent)
+class GzipAgent:
+    """Decodes gzip bodies in steps of `INFLATE_CHUNK` and stops past ``limit`` decoded bytes
+    (None: no limit), so a body that inflates past ``max-size`` never sits in memory whole.
+
+    treq decodes gzip too, with Twisted's ``GzipDecoder`` above the redirects; this agent sits
+    below them (it asks for nothing: treq's decoder sends ``Accept-Encoding: gzip``), so treq's
+    finds no encoding left to decode.
+    """
+
+    def __init__(self, agent: IAgent, limit: int | None) -> None:
+        self._agent = agent
+        self._limit = limit
+
+    def request(
+        self, method: bytes, uri: bytes, headers: Headers | None = None, bodyProducer: IBodyProducer | None = None
+    ) -> Deferred[IResponse]:
+        return self._agent.request(method, uri, headers, bodyProducer).addCallback(self._decoded)
+
+    def _decoded(self, response: IResponse) -> IResponse:
+        encodings = b",".join(response.headers.getRawHeaders(b"content-encoding", [])).split(b",")
+        if encodings[-1].strip().lower() != b"gzip":
+            return response
+        if encodings[:-1]:
+            response.headers.setRawHeaders(b"content-encoding", [b",".join(encodings[:-1])])
+        else:
+            response.headers.removeHeader(b"content-encoding")
+        return _GzipResponse(response, self._limit)
+
+
+class _GzipResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
+    """``response`` with its body delivered decoded, in bounded steps."""
+
+    def __init__(self, response: IResponse, limit: int | None) -> None:
+        self.original = response
+        self.length = UNKNOWN_LENGTH
+        self._limit = limit
+
+    def deliverBody(self, protocol: IProtocol) -> None:
+        self.original.deliverBody(_GzipBody(protocol, self.original, self._limit))
+
+
+class _GzipBody(proxyForInterface(IProtocol)):  # type: ignore[misc]
+    """Inflates each received chunk `INFLATE_CHUNK` bytes at a time into ``original``; past
+    ``limit`` decoded bytes it inflates nothing more (``original``, the body reader, has failed
+    the request and dropped the connection by then)."""
+
+    def __init__(self, original: IProtocol, response: IResponse, limit: int | None) -> None:
+        self.original = original
+        self._response = response
+        self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._left = limit  # decoded bytes still allowed (None: no limit)
+
+    def dataReceived(self, data: bytes) -> None:
+        while data and (self._left is None or self._left >= 0):
+            try:
+                raw = self._inflate.decompress(data, INFLATE_CHUNK)
+            except zlib.error:
+                raise ResponseFailed([Failure()], self._response) from None
+            data = self._inflate.unconsumed_tail
+            if raw:
+                if self._left is not None:
+                    self._left -= len(raw)
+                self.original.dataReceived(raw)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._left is None or self._left >= 0:
+            try:
+                raw = self._inflate.flush()
+            except zlib.error:
+                raise ResponseFailed([reason, Failure()], self._response) from None
+            if raw:
+                self.original.dataReceived(raw)
+        self.original.connectionLost(reason)
 
 
 def chain(response: IResponse) -> list[IResponse]:

@@ -34,7 +34,15 @@ from stagetx.message import Message
 from stagetx.stages.base import StageContext
 from stagetx.stages.curl import errors
 from stagetx.stages.curl.request import BadRequest, CurlRequest, parse_request
-from stagetx.stages.curl.response import BoundedHeadProtocol, chain, content_type, read_body, set_cookies, url_of
+from stagetx.stages.curl.response import (
+    BoundedHeadProtocol,
+    GzipAgent,
+    chain,
+    content_type,
+    read_body,
+    set_cookies,
+    url_of,
+)
 from stagetx.stages.curl.settings import CurlSettings, parse_settings, wrong_setting
 from stagetx.stages.curl.tls import https_policy
 from stagetx.stages.registry import SettingsError
@@ -196,7 +204,8 @@ class Stage:
         policy = https_policy(self._settings.verify, self._context.resolve_path(ca_file) if ca_file else None)
         self._pool = _QuietPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = max(2, self._settings.concurrency or 8)
-        self._client = HTTPClient(Agent(reactor, contextFactory=policy, pool=self._pool))
+        agent = Agent(reactor, contextFactory=policy, pool=self._pool)
+        self._client = HTTPClient(GzipAgent(agent, self._settings.max_size))
 
     def stop(self) -> Deferred[None] | None:
         """Abort requests in flight or queued (each answered with result 42); close the pool."""
