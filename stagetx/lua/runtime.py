@@ -245,14 +245,14 @@ class LuaVM:
         guard = self.guard
         if guard is None or guard.entered is not None:  # no watchdog, or inside a callback already
             return self._run(entry, started, args)
-        guard.entered = started
+        guard.enter(started)
         try:
             return self._run(entry, started, args)
         finally:
+            elapsed = guard.ran(time.monotonic())
             guard.entered = None
             if guard.armed:
                 guard.disarm()
-                elapsed = time.monotonic() - started
                 if elapsed > HARD_LIMIT * guard.budget and self.overran is not None:
                     self.overran(elapsed)
 

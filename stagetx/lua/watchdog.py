@@ -28,6 +28,11 @@ import lupa.lua54
 #: Seconds between the watchdog's looks at the running callbacks (a runaway callback is
 #: interrupted at most this long after its budget ran out).
 POLL = 0.02
+#: In a gap of more than this many seconds between two of the watchdog's looks, the time the
+#: process did not run (SIGSTOP and SIGCONT, a suspended VM, a starved machine: the gap less the
+#: process's CPU time in it) is not counted against the callback running then, which would
+#: otherwise be interrupted, or its runtime rebuilt, for a pause it did not make.
+PAUSE = 0.25
 _LUA_MASKCOUNT = 1 << 3
 
 
@@ -63,13 +68,14 @@ class Guard:
     ``state`` is the address of the runtime's main ``lua_State`` and must hold the prelude's count
     hook when the guard is made; the guard switches it off. ``entered`` is the start time
     (``time.monotonic``) of the callback running now, None between callbacks: the runtime sets
-    it around each outermost entry, which is all a callback costs here.
+    it around each outermost entry (``enter``), which is all a callback costs here.
     """
 
     def __init__(self, state: int, budget: float) -> None:
         self.state = state
         self.budget = budget
         self.entered: float | None = None
+        self.paused_before = 0.0  # the process's paused seconds (``paused()``) when it was entered
         self.armed = False  # the hook is on, or being switched on: always with the hook's state
         self._switch = threading.Lock()
         self._hook = _gethook(state)
@@ -77,6 +83,16 @@ class Guard:
             raise RuntimeError("the runtime's budget hook is not set")
         _sethook(state, None, 0, 0)
         _watchdog().guards.add(self)
+
+    def enter(self, started: float) -> None:
+        """A callback starts (at ``started``)."""
+        self.paused_before = paused()
+        self.entered = started
+
+    def ran(self, now: float) -> float:
+        """Seconds the running callback has run by ``now``, the process's pauses left out."""
+        assert self.entered is not None
+        return now - self.entered - (paused() - self.paused_before)
 
     def hooked(self) -> bool:
         """Whether the hook is on now (for tests: it must be off between callbacks)."""
@@ -103,19 +119,30 @@ class _Watchdog(threading.Thread):
     def __init__(self) -> None:
         super().__init__(name="stagetx-lua-budget", daemon=True)
         self.guards: weakref.WeakSet[Guard] = weakref.WeakSet()
+        self.paused = 0.0  # seconds the process did not run (``PAUSE``), since the watchdog started
 
     def run(self) -> None:
+        last, last_cpu = time.monotonic(), time.process_time()
         while True:
             time.sleep(POLL)
-            now = time.monotonic()
+            now, cpu = time.monotonic(), time.process_time()
+            if now - last > PAUSE:
+                # what the process did not spend running: a callback in a C call that holds the
+                # GIL (this thread could not look meanwhile) is busy all along and pays in full
+                self.paused += max(0.0, now - last - POLL - (cpu - last_cpu))
+            last, last_cpu = now, cpu
             for guard in list(self.guards):
-                entered = guard.entered
-                if entered is not None and not guard.armed and now - entered > guard.budget:
+                if guard.entered is not None and not guard.armed and guard.ran(now) > guard.budget:
                     guard.arm()
 
 
 _lock = threading.Lock()
 _running: _Watchdog | None = None
+
+
+def paused() -> float:
+    """Seconds this process has not run since the watchdog started (``PAUSE``)."""
+    return _running.paused if _running is not None else 0.0
 
 
 def _watchdog() -> _Watchdog:

@@ -7,6 +7,8 @@ answering after each.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -307,3 +309,37 @@ def test_a_client_sending_bytecode_or_os_exit_to_load_cannot_end_the_process(tmp
         assert b"os.exit: a stage cannot end its process" in packet(loader_port, b"os.exit(0)")
         assert ask(other_port, "ping") == "pong"
         assert group_pids(server)[0] == pid and alive(pid)
+
+
+PAUSED = """
+local count = 0
+stage.addtask(10, function()
+    count = count + 1
+    local inside = io.open("{inside}", "w"); inside:close()
+    while not io.open("{release}") do end  -- until the test lets it go: it runs while stopped
+    log4cxx.info("released", count)
+    stage.addtask(10, function() log4cxx.info("kept", count) end)
+end)
+"""
+
+
+def test_a_process_stopped_and_continued_mid_callback_does_not_charge_the_pause_to_it(tmp_path: Path) -> None:
+    """SIGSTOP then SIGCONT (or a suspended VM, a starved machine) while a callback runs: the
+    pause counted against the callback's %budget, so it was interrupted on thaw and, the pause
+    being over 3 × %budget, its runtime rebuilt (its state gone) although it ran for milliseconds."""
+    inside, release = tmp_path / "inside", tmp_path / "release"
+    config = {"#startup": [["=lua+a"]], "=lua": {**LUA_APP, "%budget": 1000, "=lua+a": "a"}}
+    path = write_app(tmp_path, config, {"a": PAUSED.format(inside=inside, release=release)})
+    with ServerProcess(path) as server:
+        server.wait_for(inside.exists, 30, "the callback running")
+        pid = group_pids(server)[0]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(4)  # the fault itself: a pause past 3 × %budget
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        release.touch()
+        server.wait_for(lambda: bool(server.logged("a", "kept")), 30, "the stage going on")
+        assert server.logged("a", "released") == [["1"]] and server.logged("a", "kept") == [["1"]]
+        text = "\n".join(server.lines)
+        assert BUDGET not in text and "abandoned" not in text, text
