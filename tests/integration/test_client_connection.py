@@ -100,6 +100,23 @@ def test_a_closed_connection_fails_the_waiting_request_at_once() -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("re", [{"x": 1}, [1], "1", True, 1.5])
+def test_a_reply_whose_re_is_no_request_id_ends_the_connection_with_a_clear_error(re: Any) -> None:
+    async def scenario() -> None:
+        def handler(request: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> None:
+            send({"re": re, "ok": True})
+            send({"re": request["id"], "ok": True})
+
+        server, port = await serve(handler)
+        async with server:
+            connection = await Connection.open("127.0.0.1", port)
+            with pytest.raises(ConnectionClosed, match="not a request id"):
+                await connection.request(Command("top", {}), timeout=5)
+            await connection.close()  # the reader ended without an exception of its own
+
+    asyncio.run(scenario())
+
+
 def test_a_request_without_reply_times_out() -> None:
     async def scenario() -> None:
         server, port = await serve(lambda request, send: None)
