@@ -179,7 +179,16 @@ def _points(value: Any) -> str:
 
 
 def describe(op: str, reply: Document) -> list[str]:
-    """The lines a person reads for ``reply`` to a request of ``op``."""
+    """The lines a person reads for ``reply`` to a request of ``op``; a reply whose fields have
+    the wrong shape (a server that does not speak this protocol) is shown as it came, not as a
+    traceback."""
+    try:
+        return _describe(op, reply)
+    except (AttributeError, TypeError, ValueError):
+        return [f"unexpected reply: {reply!r}"]
+
+
+def _describe(op: str, reply: Document) -> list[str]:
     if not reply.get("ok"):
         return [f"error: {reply.get('error', 'no reason given')}"]
     if op == "login":

@@ -156,3 +156,16 @@ def test_replies_read_as_text() -> None:
     assert describe("leave", {"ok": True, "left": ["a", "b"]}) == ["left #a, #b"]
     assert describe("say", {"ok": False, "error": "join the channel first"}) == ["error: join the channel first"]
     assert describe_push({"push": "chat", "channel": "lobby", "from": "al", "text": "hi"}) == "[#lobby] al: hi"
+
+
+@pytest.mark.parametrize(
+    "op, reply",
+    [
+        ("top", {"ok": True, "rows": [{"rank": "a"}, 5, None], "total": "x"}),
+        ("rank", {"ok": True, "user": "al", "rank": 1, "around": 7}),
+        ("leave", {"ok": True, "left": 3}),
+        ("top", {"ok": True, "rows": [{"rank": {"x": 1}, "user": [1]}]}),
+    ],
+)
+def test_a_reply_of_the_wrong_shape_is_shown_as_it_came(op: str, reply: dict) -> None:
+    assert describe(op, reply) == [f"unexpected reply: {reply!r}"]
