@@ -205,8 +205,10 @@ end
 function packet.say(app, sid, msg, session)
     local name, text = msg.channel, msg.text
     if not session.channels[name] then return app.fail(sid, msg, "join the channel first") end
-    if type(text) ~= "string" or #text == 0 or #text > MAX_TEXT then
-        return app.fail(sid, msg, "text: 1 to 500 bytes")
+    -- UTF-8 only: BSON binary arrives as a Lua string too, and a WebSocket (JSON) member could
+    -- not be sent it, so the line would fail on the way to the channel's other players
+    if type(text) ~= "string" or #text == 0 or #text > MAX_TEXT or utf8.len(text) == nil then
+        return app.fail(sid, msg, "text: 1 to 500 bytes of UTF-8")
     end
     local ok, why = stage.signal("route:*ch." .. name, session.user, text)
     if not ok then return app.fail(sid, msg, "chat unavailable: " .. tostring(why)) end
