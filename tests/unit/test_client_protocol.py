@@ -169,3 +169,10 @@ def test_replies_read_as_text() -> None:
 )
 def test_a_reply_of_the_wrong_shape_is_shown_as_it_came(op: str, reply: dict) -> None:
     assert describe(op, reply) == [f"unexpected reply: {reply!r}"]
+
+
+def test_control_characters_from_the_server_are_shown_not_sent_to_the_terminal() -> None:
+    push = {"push": "chat", "channel": "lobby", "from": "al", "text": "a\x1b[2Jb\r\x07\x9b"}
+    assert describe_push(push) == "[#lobby] al: a\\x1b[2Jb\\x0d\\x07\\x9b"
+    assert describe("top", {"ok": False, "error": "unknown message \x1b[31m"}) == ["error: unknown message \\x1b[31m"]
+    assert describe_push({"push": "chat", "channel": "c", "from": "é", "text": "ünï 😀"}) == "[#c] é: ünï 😀"
