@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import math
 import os
 import socket
 import sys
@@ -72,10 +73,32 @@ def _common(parser: argparse.ArgumentParser, defaults: bool) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=duration,
         default=DEFAULT_TIMEOUT if defaults else suppress,
         help=f"seconds to wait for a connection or a reply (default {DEFAULT_TIMEOUT:g})",
     )
+
+
+def _number(text: str, low: float, above: bool, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < low or (above and value == low):
+        raise argparse.ArgumentTypeError(f"{what}, not {text!r}")
+    return value
+
+
+def duration(text: str) -> float:
+    """A ``--timeout`` or ``--seconds``: finite and above 0. NaN, 0 or a negative timeout used to
+    reach the connection and read as 'cannot connect (is the server running?)'; ``--seconds nan``
+    ran no player at all."""
+    return _number(text, 0.0, True, "a finite number of seconds above 0")
+
+
+def pause(text: str) -> float:
+    """A ``--listen`` or ``--think-ms``: finite, 0 or more (bounded, whatever is typed)."""
+    return _number(text, 0.0, False, "a finite number, 0 or more")
 
 
 def main_parser() -> argparse.ArgumentParser:
@@ -89,7 +112,7 @@ def main_parser() -> argparse.ArgumentParser:
     _common(parser, True)
     parser.add_argument(
         "--listen",
-        type=float,
+        type=pause,
         default=0.0,
         metavar="SECONDS",
         help="after one-shot commands, keep printing chat lines for SECONDS",
@@ -109,7 +132,7 @@ def load_parser() -> argparse.ArgumentParser:
     )
     _common(parser, False)
     parser.add_argument("--players", type=int, default=10, help="concurrent players (default 10)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="how long to run (default 10)")
+    parser.add_argument("--seconds", type=duration, default=10.0, help="how long to run (default 10)")
     parser.add_argument(
         "--max-requests",
         type=int,
@@ -117,7 +140,7 @@ def load_parser() -> argparse.ArgumentParser:
         help="most requests per player (default 100000)",
     )
     parser.add_argument("--channels", type=int, default=4, help="chat channels the players share (default 4)")
-    parser.add_argument("--think-ms", type=float, default=0.0, help="pause between a player's requests")
+    parser.add_argument("--think-ms", type=pause, default=0.0, help="pause between a player's requests")
     parser.add_argument("--prefix", default="load", help="user and channel name prefix (default 'load')")
     parser.add_argument(
         "--board",
@@ -279,8 +302,8 @@ async def load(args: argparse.Namespace, out: TextIO) -> int:
     if not args.allow_remote and not is_loopback(host):
         out.write(f"load: {host} is not a loopback address (use --allow-remote to load it anyway)\n")
         return 2
-    if args.players < 1 or args.seconds <= 0 or args.max_requests < 1:
-        out.write("load: --players, --seconds and --max-requests must be positive\n")
+    if args.players < 1 or args.max_requests < 1:
+        out.write("load: --players and --max-requests must be positive\n")
         return 2
     options = LoadOptions(
         host=args.host,
