@@ -202,3 +202,27 @@ def test_the_browser_client_and_the_client_tool_over_wss(tmp_path: Path) -> None
     finally:
         devtools.close()
         app.stop()
+
+
+@pytest.mark.timeout(120)
+def test_after_a_refused_join_the_page_can_go_back_to_its_room(tmp_path: Path) -> None:
+    """Switching rooms leaves the old one first: when the new join is refused the player is in
+    no room, and joining the old one again must not be skipped as 'already there'."""
+    browser = find_browser()
+    if browser is None:
+        pytest.skip("no Chromium found (install the Debian package chromium; .ci/run does)")
+    app, ws_port = app_with_browsers(tmp_path)
+    devtools = DevTools(browser, tmp_path / "profile")
+    try:
+        open_in_new_context(devtools, f"http://127.0.0.1:{ws_port}/")
+        log_in(devtools, "rover")
+        join = "document.getElementById('room').value = '{}'; document.getElementById('join').click()"
+        devtools.js(join.format("bad.name"))
+        devtools.wait("document.getElementById('status').className === 'error'", what="the refused join")
+        devtools.js(join.format("lobby"))
+        devtools.wait("document.getElementById('status').textContent === 'in room lobby'", what="back in the lobby")
+        devtools.js("document.getElementById('say-text').value = 'back'; document.getElementById('say').click()")
+        devtools.wait("document.querySelector('#chat li')?.textContent === 'rover: back'", what="rover's line")
+    finally:
+        devtools.close()
+        app.stop()
