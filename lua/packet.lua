@@ -219,7 +219,8 @@ end
 function packet.leave(app, sid, msg, session)
     local name, left = msg.channel, {}
     if name ~= nil then
-        if not session.channels[name] then return app.fail(sid, msg, "not in channel " .. tostring(name)) end
+        if not valid_name(name) then return app.fail(sid, msg, "channel: 1 to 32 letters, digits, _ or -") end
+        if not session.channels[name] then return app.fail(sid, msg, "not in channel " .. name) end
         left[1] = name
     else
         for joined in pairs(session.channels) do left[#left + 1] = joined end

@@ -327,6 +327,20 @@ def test_an_unknown_op_is_named_in_its_error_whatever_its_letters(app: App) -> N
     ]
 
 
+def test_a_channel_that_is_no_name_is_refused_by_leave_without_echoing_it(app: App) -> None:
+    """It was echoed with tostring: a table came back as 'not in channel table: 0x55…', a heap
+    address of the server's Lua state."""
+    _, table, number, unknown = _ask_raw(
+        app.port,
+        {"op": "login", "id": 1, "user": "lea"},
+        {"op": "leave", "id": 2, "channel": {"a": 1}},
+        {"op": "leave", "id": 3, "channel": 5},
+        {"op": "leave", "id": 4, "channel": "nowhere"},
+    )
+    assert table["error"] == number["error"] == "channel: 1 to 32 letters, digits, _ or -"
+    assert unknown["error"] == "not in channel nowhere"
+
+
 @pytest.fixture(scope="module")
 def throttled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     """At most 2 logins checked at once, 6 waiting or held, each check 200 ms."""
