@@ -31,6 +31,7 @@ from stagetx.client.protocol import (
     USAGE,
     CommandError,
     Document,
+    ProtocolError,
     describe,
     describe_push,
     parse_command,
@@ -201,7 +202,7 @@ async def run_line(connection: Connection, line: str, printer: Printer, timeout:
         return False
     try:
         reply = await connection.request(command, timeout)
-    except TimeoutError as err:
+    except (TimeoutError, ProtocolError) as err:  # ProtocolError: too long to send, nothing was sent
         printer.error(str(err))
         return False
     printer.reply(command.op, reply)
