@@ -18,6 +18,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import socket
 import sys
 import threading
@@ -42,6 +43,9 @@ try:
     import readline
 except ImportError:  # not on every platform: the prompt then reads plain lines
     readline = None  # type: ignore[assignment]
+
+#: A user or channel name the default application accepts (lua/packet.lua's valid_name).
+NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8081
@@ -305,6 +309,13 @@ async def load(args: argparse.Namespace, out: TextIO) -> int:
         return 2
     if args.players < 1 or args.max_requests < 1:
         out.write("load: --players and --max-requests must be positive\n")
+        return 2
+    last = f"{args.prefix}-{args.players - 1}"  # the longest name; the channels' are no longer
+    if not NAME.fullmatch(last):
+        out.write(
+            f"load: --prefix {args.prefix!r}: the players' names {args.prefix}-0 to {last} must be "
+            "1 to 32 letters, digits, _ or - (the server refuses other logins)\n"
+        )
         return 2
     options = LoadOptions(
         host=args.host,

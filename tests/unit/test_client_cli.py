@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stagetx.client.cli import load_parser, main_parser
+from stagetx.client.cli import load_parser, main, main_parser
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "0", "-1", "x"])
@@ -46,3 +46,13 @@ def test_good_durations_parse() -> None:
     assert (args.timeout, args.listen) == (2.5, 0.0)
     load = load_parser().parse_args(["--seconds", "3", "--think-ms", "0"])
     assert (load.seconds, load.think_ms) == (3.0, 0.0)
+
+
+@pytest.mark.parametrize("prefix", ["a.b", "my test", "p" * 30, "é"])
+def test_a_load_prefix_that_makes_no_valid_user_name_is_refused_before_connecting(
+    prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every login would be refused ('user: 1 to 32 letters …'), retried 20 times per player, and
+    the run would end with nothing but a count of login errors."""
+    assert main(["--port", "1", "load", "--players", "100", "--prefix", prefix]) == 2
+    assert f"load: --prefix {prefix!r}: the players' names {prefix}-0 to {prefix}-99 must be" in capsys.readouterr().out
