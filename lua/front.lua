@@ -5,7 +5,7 @@
 -- index (`rank`), route (`route`) and ticket (`ticket`) stages.
 
 local app = {
-    sessions = {},                               -- socket id -> {user, best, channels = {name = true}}
+    sessions = {},                               -- socket id -> {user, channels = {name = true}, scores}
     members = {},                                -- channel -> {socket id = true}, players of this replica
     board = process["$board"] or "scores",       -- the index this application ranks players on
     load_board = process["$load_board"] or "load", -- the one load tests rank on instead (board = ...)

@@ -32,11 +32,6 @@ local function board_of(app, msg)
     return nil, "board: " .. app.board .. " or " .. app.load_board
 end
 
--- The session field keeping the player's best on `board` (read at login for the real board).
-local function best_key(app, board)
-    return board == app.board and "best" or "load_best"
-end
-
 -- The player's own tier-1 entry of a `get` reply: {i = score, d = rank}, or nil.
 local function tier_of(got, user)
     local me = type(got) == "table" and got[user]
@@ -55,7 +50,7 @@ function packet.login(app, sid, msg, session)
     local queued_at, queued_ms, granted, feedback = process.tick, nil, nil, nil
     local function finish(r)
         local tier = tier_of(r and r["get:" .. app.board], user)
-        session.user, session.best = user, tier and tier.i
+        session.user = user
         app.reply(sid, msg, {user = user, score = tier and tier.i, rank = tier and tier.d,
                              queued_ms = queued_ms, front = process.stage})
     end
@@ -94,27 +89,54 @@ function packet.login(app, sid, msg, session)
     end
 end
 
+-- Posts the score `msg.points` of the session's player on `board`: read the board's best, write
+-- the score only when it beats it (the board, not the connection, knows the best: the same
+-- player may play on several connections, or have forgotten the entry on another), then read it
+-- back. Then the next score this connection queued meanwhile, so two of its own never race.
+local function post(app, sid, msg, session, board)
+    local user, points, get = session.user, msg.points, "get:" .. board
+    local function answer(fields)
+        local queued = session.scores
+        if fields == nil then                    -- the index is down: every queued score fails now
+            session.scores = nil
+            app.fail(sid, msg, "the scoreboard did not answer")
+            for _, next_one in ipairs(queued) do app.fail(sid, next_one[1], "the scoreboard did not answer") end
+            return
+        end
+        app.reply(sid, msg, fields)
+        local next_one = table.remove(queued, 1)
+        if next_one == nil or app.sessions[sid] ~= session then session.scores = nil; return end
+        post(app, sid, next_one[1], session, next_one[2])
+    end
+    app.index({[get] = {user}}, function(r)
+        if r == nil then return answer(nil) end
+        local tier = tier_of(r[get], user)
+        if tier ~= nil and tier.i >= points then
+            return answer({score = points, best = tier.i, rank = tier.d, improved = false})
+        end
+        app.index({["#1.set:" .. board] = {[user] = {i = points}}, ["#2." .. get] = {user}}, function(w)
+            local now = tier_of(w and w["#2." .. get], user)
+            if now == nil then return answer(nil) end
+            answer({score = points, best = now.i, rank = now.d, improved = true})
+        end)
+    end)
+end
+
 -- score {points, board?}: the board keeps each player's best; replies the score, best, rank and
 -- whether this score improved the best.
 function packet.score(app, sid, msg, session)
-    local points, user = msg.points, session.user
+    local points = msg.points
     local board, why = board_of(app, msg)
     if board == nil then return app.fail(sid, msg, why) end
     if type(points) ~= "number" or points ~= points or points < 0 or points > 2^53 then
         return app.fail(sid, msg, "points: a number from 0 to 2^53")
     end
-    local best = best_key(app, board)
-    local improved = session[best] == nil or points > session[best]
-    local request = {["#2.get:" .. board] = {user}}
-    if improved then
-        session[best] = points                           -- now, so pipelined scores compare right
-        request["#1.set:" .. board] = {[user] = {i = points}}
+    if session.scores ~= nil then                -- one under way: this one waits its turn
+        session.scores[#session.scores + 1] = {msg, board}
+        return
     end
-    app.index(request, function(r)
-        local tier = tier_of(r and r["#2.get:" .. board], user)
-        if tier == nil then return app.fail(sid, msg, "the scoreboard did not answer") end
-        app.reply(sid, msg, {score = points, best = tier.i, rank = tier.d, improved = improved})
-    end)
+    session.scores = {}
+    post(app, sid, msg, session, board)
 end
 
 -- top {n?, board?}: the n best players (default 10, at most 100) and how many are ranked.
@@ -158,7 +180,6 @@ function packet.forget(app, sid, msg, session)
     local user = session.user
     app.index({["del:" .. board] = {user}}, function(r)
         if r == nil then return app.fail(sid, msg, "the scoreboard did not answer") end
-        session[best_key(app, board)] = nil
         app.reply(sid, msg, {removed = r["del:" .. board]})
     end)
 end
@@ -184,8 +205,10 @@ end
 function packet.say(app, sid, msg, session)
     local name, text = msg.channel, msg.text
     if not session.channels[name] then return app.fail(sid, msg, "join the channel first") end
-    if type(text) ~= "string" or #text == 0 or #text > MAX_TEXT then
-        return app.fail(sid, msg, "text: 1 to 500 bytes")
+    -- UTF-8 only: BSON binary arrives as a Lua string too, and a WebSocket (JSON) member could
+    -- not be sent it, so the line would fail on the way to the channel's other players
+    if type(text) ~= "string" or #text == 0 or #text > MAX_TEXT or utf8.len(text) == nil then
+        return app.fail(sid, msg, "text: 1 to 500 bytes of UTF-8")
     end
     local ok, why = stage.signal("route:*ch." .. name, session.user, text)
     if not ok then return app.fail(sid, msg, "chat unavailable: " .. tostring(why)) end
@@ -196,7 +219,8 @@ end
 function packet.leave(app, sid, msg, session)
     local name, left = msg.channel, {}
     if name ~= nil then
-        if not session.channels[name] then return app.fail(sid, msg, "not in channel " .. tostring(name)) end
+        if not valid_name(name) then return app.fail(sid, msg, "channel: 1 to 32 letters, digits, _ or -") end
+        if not session.channels[name] then return app.fail(sid, msg, "not in channel " .. name) end
         left[1] = name
     else
         for joined in pairs(session.channels) do left[#left + 1] = joined end

@@ -16,7 +16,9 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import math
 import os
+import re
 import socket
 import sys
 import threading
@@ -30,6 +32,7 @@ from stagetx.client.protocol import (
     USAGE,
     CommandError,
     Document,
+    ProtocolError,
     describe,
     describe_push,
     parse_command,
@@ -40,6 +43,9 @@ try:
     import readline
 except ImportError:  # not on every platform: the prompt then reads plain lines
     readline = None  # type: ignore[assignment]
+
+#: A user or channel name the default application accepts (lua/packet.lua's valid_name).
+NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8081
@@ -72,10 +78,32 @@ def _common(parser: argparse.ArgumentParser, defaults: bool) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=duration,
         default=DEFAULT_TIMEOUT if defaults else suppress,
         help=f"seconds to wait for a connection or a reply (default {DEFAULT_TIMEOUT:g})",
     )
+
+
+def _number(text: str, low: float, above: bool, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < low or (above and value == low):
+        raise argparse.ArgumentTypeError(f"{what}, not {text!r}")
+    return value
+
+
+def duration(text: str) -> float:
+    """A ``--timeout`` or ``--seconds``: finite and above 0. NaN, 0 or a negative timeout used to
+    reach the connection and read as 'cannot connect (is the server running?)'; ``--seconds nan``
+    ran no player at all."""
+    return _number(text, 0.0, True, "a finite number of seconds above 0")
+
+
+def pause(text: str) -> float:
+    """A ``--listen`` or ``--think-ms``: finite, 0 or more (bounded, whatever is typed)."""
+    return _number(text, 0.0, False, "a finite number, 0 or more")
 
 
 def main_parser() -> argparse.ArgumentParser:
@@ -89,7 +117,7 @@ def main_parser() -> argparse.ArgumentParser:
     _common(parser, True)
     parser.add_argument(
         "--listen",
-        type=float,
+        type=pause,
         default=0.0,
         metavar="SECONDS",
         help="after one-shot commands, keep printing chat lines for SECONDS",
@@ -109,7 +137,7 @@ def load_parser() -> argparse.ArgumentParser:
     )
     _common(parser, False)
     parser.add_argument("--players", type=int, default=10, help="concurrent players (default 10)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="how long to run (default 10)")
+    parser.add_argument("--seconds", type=duration, default=10.0, help="how long to run (default 10)")
     parser.add_argument(
         "--max-requests",
         type=int,
@@ -117,7 +145,7 @@ def load_parser() -> argparse.ArgumentParser:
         help="most requests per player (default 100000)",
     )
     parser.add_argument("--channels", type=int, default=4, help="chat channels the players share (default 4)")
-    parser.add_argument("--think-ms", type=float, default=0.0, help="pause between a player's requests")
+    parser.add_argument("--think-ms", type=pause, default=0.0, help="pause between a player's requests")
     parser.add_argument("--prefix", default="load", help="user and channel name prefix (default 'load')")
     parser.add_argument(
         "--board",
@@ -178,7 +206,7 @@ async def run_line(connection: Connection, line: str, printer: Printer, timeout:
         return False
     try:
         reply = await connection.request(command, timeout)
-    except TimeoutError as err:
+    except (TimeoutError, ProtocolError) as err:  # ProtocolError: too long to send, nothing was sent
         printer.error(str(err))
         return False
     printer.reply(command.op, reply)
@@ -279,8 +307,15 @@ async def load(args: argparse.Namespace, out: TextIO) -> int:
     if not args.allow_remote and not is_loopback(host):
         out.write(f"load: {host} is not a loopback address (use --allow-remote to load it anyway)\n")
         return 2
-    if args.players < 1 or args.seconds <= 0 or args.max_requests < 1:
-        out.write("load: --players, --seconds and --max-requests must be positive\n")
+    if args.players < 1 or args.max_requests < 1:
+        out.write("load: --players and --max-requests must be positive\n")
+        return 2
+    last = f"{args.prefix}-{args.players - 1}"  # the longest name; the channels' are no longer
+    if not NAME.fullmatch(last):
+        out.write(
+            f"load: --prefix {args.prefix!r}: the players' names {args.prefix}-0 to {last} must be "
+            "1 to 32 letters, digits, _ or - (the server refuses other logins)\n"
+        )
         return 2
     options = LoadOptions(
         host=args.host,

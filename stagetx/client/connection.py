@@ -111,8 +111,16 @@ class Connection:
                 self.closed.set_result(None)
 
     def _deliver(self, document: Document) -> None:
+        """A reply to its waiting request, a push to ``on_push``; a ``re`` that is no request id
+        this connection could have sent (a dict, a text, ``true``) is a ``ProtocolError``: the
+        server is not speaking the protocol, and it must not crash the reader."""
         if "re" in document:
-            future = self._waiting.get(document["re"])
+            re = document["re"]
+            if isinstance(re, float) and re.is_integer():
+                re = int(re)  # JSON numbers on a WebSocket may come back as 1.0
+            if not isinstance(re, int) or isinstance(re, bool):
+                raise ProtocolError(f"a reply whose re = {re!r} is not a request id")
+            future = self._waiting.get(re)
             if future is not None and not future.done():
                 future.set_result(document)
         elif self.on_push is not None:

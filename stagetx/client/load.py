@@ -91,7 +91,7 @@ def format_summary(summary: dict[str, Any]) -> list[str]:
         f"{summary['seconds']:.1f} s, {summary['requests']} requests, "
         f"{summary['throughput']:.1f} req/s, {summary['errors']} errors"
         + (
-            f", {summary['failed_players']} players failed (could not connect or lost their connection)"
+            f", {summary['failed_players']} players failed (could not connect, lost their connection or timed out)"
             if summary["failed_players"]
             else ""
         ),
@@ -222,8 +222,14 @@ class Player:
         return bool((await connection.request(Command(op, fields), self.options.timeout)).get("ok"))
 
     async def _timed(self, connection: Connection, op: str, fields: dict[str, Any]) -> Document:
+        """The reply to one request, its latency recorded; a request that timed out is an error
+        of its message (then the player stops, as a failed player)."""
         started = time.monotonic()
-        reply = await connection.request(Command(op, fields), self.options.timeout)
+        try:
+            reply = await connection.request(Command(op, fields), self.options.timeout)
+        except TimeoutError:
+            self.stats.record(op, time.monotonic() - started, False)
+            raise
         self.stats.record(op, time.monotonic() - started, bool(reply.get("ok")))
         return reply
 

@@ -167,6 +167,16 @@ def split_commands(text: str) -> list[str]:
     return [part.strip() for part in text.split(";") if part.strip()]
 
 
+#: C0 and C1 control characters (and DEL) → ``\x1b``-style escapes.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters shown as ``\\x1b`` escapes: chat lines come from other
+    players, and raw ESC, CR or BEL would drive the reader's terminal (clear it, rewrite lines)."""
+    return text.translate(_CONTROLS)
+
+
 def _row(row: Document, me: str | None = None) -> str:
     mark = "  <-" if me is not None and row.get("user") == me else ""
     return f"{row.get('rank', '?'):>5}. {row.get('user', '?'):<20} {_points(row.get('score'))}{mark}"
@@ -179,7 +189,16 @@ def _points(value: Any) -> str:
 
 
 def describe(op: str, reply: Document) -> list[str]:
-    """The lines a person reads for ``reply`` to a request of ``op``."""
+    """The lines a person reads for ``reply`` to a request of ``op``; a reply whose fields have
+    the wrong shape (a server that does not speak this protocol) is shown as it came, not as a
+    traceback."""
+    try:
+        return [printable(line) for line in _describe(op, reply)]
+    except (AttributeError, TypeError, ValueError):
+        return [f"unexpected reply: {reply!r}"]
+
+
+def _describe(op: str, reply: Document) -> list[str]:
     if not reply.get("ok"):
         return [f"error: {reply.get('error', 'no reason given')}"]
     if op == "login":
@@ -214,5 +233,5 @@ def describe(op: str, reply: Document) -> list[str]:
 def describe_push(push: Document) -> str:
     """A pushed chat line as ``[#lobby] alice: hi``."""
     if push.get("push") == "chat":
-        return f"[#{push.get('channel')}] {push.get('from')}: {push.get('text')}"
+        return printable(f"[#{push.get('channel')}] {push.get('from')}: {push.get('text')}")
     return f"push: {push!r}"

@@ -49,6 +49,16 @@ def test_a_number_out_of_range_is_a_usage_error(app: App) -> None:
     assert "error: N must be a finite number, not '1e999'" in done.stdout
 
 
+def test_a_command_too_long_to_send_is_an_error_and_the_session_goes_on(app: App) -> None:
+    """The request over the server's 16 KiB limit is refused before sending; it used to end the
+    client (a prompt session too) with a ProtocolError traceback."""
+    done = _run(app, f"login ivy; join lobby; say lobby {'x' * 20000}; top 1")
+    assert done.returncode == 1 and done.stderr == ""
+    lines = done.stdout.splitlines()
+    assert lines[2].startswith("error: a request of ") and lines[2].endswith(" bytes is over the server's 16384")
+    assert lines[-1].endswith("ranked)")  # the next command was still sent and answered
+
+
 def test_help_works_one_shot(app: App) -> None:
     done = _run(app, "help")
     assert (done.returncode, done.stderr) == (0, "")

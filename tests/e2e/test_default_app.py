@@ -236,6 +236,41 @@ def test_a_join_is_answered_only_once_the_route_stage_has_the_channel(tmp_path: 
     assert [(p["from"], p["text"]) for p in heard] == [("gina", "back")]
 
 
+def test_a_player_on_two_connections_keeps_the_best_of_both(app: App) -> None:
+    """Each connection knows only the scores it saw: a lower score sent on the other one must not
+    overwrite the board's best, and a score sent after the entry was forgotten elsewhere is kept.
+    Pipelined scores on one connection keep the best too."""
+
+    async def scenario() -> list[dict[str, Any]]:
+        first = await Connection.open("127.0.0.1", app.port)
+        second = await Connection.open("127.0.0.1", app.port)
+        for connection in (first, second):
+            assert (await connection.request(Command("login", {"user": "twin"})))["ok"]
+        replies = [
+            await first.request(Command("score", {"points": 150})),
+            await second.request(Command("score", {"points": 120})),
+            await second.request(Command("score", {"points": 200})),
+            await first.request(Command("forget", {})),
+            await second.request(Command("score", {"points": 50})),
+            *await asyncio.gather(
+                first.request(Command("score", {"points": 300})), first.request(Command("score", {"points": 250}))
+            ),
+            await second.request(Command("rank", {})),
+        ]
+        await first.close()
+        await second.close()
+        return replies
+
+    high, low, higher, forgot, after, best, pipelined, rank = asyncio.run(scenario())
+    assert (high["improved"], high["best"]) == (True, 150)
+    assert (low["ok"], low["improved"], low["best"]) == (True, False, 150)
+    assert (higher["improved"], higher["best"]) == (True, 200)
+    assert forgot["removed"] == 1
+    assert (after["ok"], after["improved"], after["best"]) == (True, True, 50)
+    assert (best["improved"], pipelined["improved"]) == (True, False)
+    assert rank["score"] == 300
+
+
 async def _until(condition: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -290,6 +325,20 @@ def test_an_unknown_op_is_named_in_its_error_whatever_its_letters(app: App) -> N
         "unknown message top2",
         "unknown message nope",
     ]
+
+
+def test_a_channel_that_is_no_name_is_refused_by_leave_without_echoing_it(app: App) -> None:
+    """It was echoed with tostring: a table came back as 'not in channel table: 0x55…', a heap
+    address of the server's Lua state."""
+    _, table, number, unknown = _ask_raw(
+        app.port,
+        {"op": "login", "id": 1, "user": "lea"},
+        {"op": "leave", "id": 2, "channel": {"a": 1}},
+        {"op": "leave", "id": 3, "channel": 5},
+        {"op": "leave", "id": 4, "channel": "nowhere"},
+    )
+    assert table["error"] == number["error"] == "channel: 1 to 32 letters, digits, _ or -"
+    assert unknown["error"] == "not in channel nowhere"
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ tool talks to the same port."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -16,13 +17,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bson
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from stagetx.client.connection import Connection
+from stagetx.client.protocol import Command
 from tests.e2e.test_broker_tls import write_tls_files
 from tests.e2e.test_dashboard_browser import DevTools, find_browser
-from tests.e2e.test_default_app import ROOT, App
+from tests.e2e.test_default_app import ROOT, App, _until
 from tests.support import env_path, free_port
 
 
@@ -35,6 +39,34 @@ def app_with_browsers(root: Path, scheme: str = "ws", **values: Any) -> tuple[Ap
     config["#services"]["tcp"].append(f"127.0.0.1:{ws_port}")
     app.config_path.write_text(json.dumps(config))
     return app.start(), ws_port
+
+
+def test_a_chat_line_that_is_not_utf8_is_refused_and_every_player_hears_the_next(tmp_path: Path) -> None:
+    """BSON binary text reaches Lua as a string, but a WebSocket player's JSON cannot carry it:
+    accepted, it made the push to that player raise in the middle of the channel's members."""
+    app, ws_port = app_with_browsers(tmp_path)
+
+    async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+        web_heard: list[dict[str, Any]] = []
+        tcp_heard: list[dict[str, Any]] = []
+        web = await Connection.open("127.0.0.1", 0, url=f"ws://127.0.0.1:{ws_port}/play", on_push=web_heard.append)
+        tcp = await Connection.open("127.0.0.1", app.port, on_push=tcp_heard.append)
+        for connection, user in ((web, "webby"), (tcp, "tcpy")):
+            assert (await connection.request(Command("login", {"user": user})))["ok"]
+            assert (await connection.request(Command("join", {"channel": "mix"})))["ok"]
+        binary = await tcp.request(Command("say", {"channel": "mix", "text": bson.Binary(b"\xff\x00bin")}))
+        assert (await tcp.request(Command("say", {"channel": "mix", "text": "after"})))["ok"]
+        await _until(lambda: bool(web_heard and tcp_heard))
+        await web.close()
+        await tcp.close()
+        return binary, web_heard, tcp_heard
+
+    try:
+        binary, web_heard, tcp_heard = asyncio.run(scenario())
+    finally:
+        app.stop()
+    assert binary["error"] == "text: 1 to 500 bytes of UTF-8"
+    assert [p["text"] for p in web_heard] == [p["text"] for p in tcp_heard] == ["after"]
 
 
 def run_client(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -167,6 +199,30 @@ def test_the_browser_client_and_the_client_tool_over_wss(tmp_path: Path) -> None
         assert '"user": "dave"' in done.stdout or '"user":"dave"' in done.stdout
         untrusted = run_client("--url", url, "top", SSL_CERT_FILE=str(tmp_path / "tls" / "wrong-ca.pem"))
         assert untrusted.returncode == 2 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stdout + untrusted.stderr
+    finally:
+        devtools.close()
+        app.stop()
+
+
+@pytest.mark.timeout(120)
+def test_after_a_refused_join_the_page_can_go_back_to_its_room(tmp_path: Path) -> None:
+    """Switching rooms leaves the old one first: when the new join is refused the player is in
+    no room, and joining the old one again must not be skipped as 'already there'."""
+    browser = find_browser()
+    if browser is None:
+        pytest.skip("no Chromium found (install the Debian package chromium; .ci/run does)")
+    app, ws_port = app_with_browsers(tmp_path)
+    devtools = DevTools(browser, tmp_path / "profile")
+    try:
+        open_in_new_context(devtools, f"http://127.0.0.1:{ws_port}/")
+        log_in(devtools, "rover")
+        join = "document.getElementById('room').value = '{}'; document.getElementById('join').click()"
+        devtools.js(join.format("bad.name"))
+        devtools.wait("document.getElementById('status').className === 'error'", what="the refused join")
+        devtools.js(join.format("lobby"))
+        devtools.wait("document.getElementById('status').textContent === 'in room lobby'", what="back in the lobby")
+        devtools.js("document.getElementById('say-text').value = 'back'; document.getElementById('say').click()")
+        devtools.wait("document.querySelector('#chat li')?.textContent === 'rover: back'", what="rover's line")
     finally:
         devtools.close()
         app.stop()

@@ -100,6 +100,23 @@ def test_a_closed_connection_fails_the_waiting_request_at_once() -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("re", [{"x": 1}, [1], "1", True, 1.5])
+def test_a_reply_whose_re_is_no_request_id_ends_the_connection_with_a_clear_error(re: Any) -> None:
+    async def scenario() -> None:
+        def handler(request: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> None:
+            send({"re": re, "ok": True})
+            send({"re": request["id"], "ok": True})
+
+        server, port = await serve(handler)
+        async with server:
+            connection = await Connection.open("127.0.0.1", port)
+            with pytest.raises(ConnectionClosed, match="not a request id"):
+                await connection.request(Command("top", {}), timeout=5)
+            await connection.close()  # the reader ended without an exception of its own
+
+    asyncio.run(scenario())
+
+
 def test_a_request_without_reply_times_out() -> None:
     async def scenario() -> None:
         server, port = await serve(lambda request, send: None)
@@ -148,3 +165,26 @@ def test_load_players_loop_until_the_time_is_up_and_measure_the_chat_echo() -> N
     assert played <= 3 * 40  # --max-requests bounds each player
     assert ops["chat"]["count"] == ops["say"]["count"] > 0
     assert summary["requests"] == played + 4
+
+
+def test_load_counts_a_request_that_timed_out_as_an_error_of_its_message() -> None:
+    """A server that answers logins but never a score: each player's score times out, which is
+    an error of ``score`` (it was counted nowhere but as a failed player, 'could not connect or
+    lost their connection', and the summary said 0 errors)."""
+
+    async def scenario() -> dict[str, Any]:
+        def handler(request: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> None:
+            if request["op"] != "score":
+                send({"re": request["id"], "ok": True})
+
+        server, port = await serve(handler)
+        async with server:
+            return await run_load(
+                LoadOptions(port=port, players=2, seconds=0.5, max_requests=10, timeout=0.3),
+                out=io.StringIO(),
+                tick=0.05,
+            )
+
+    summary = asyncio.run(scenario())
+    assert (summary["ops"]["score"]["errors"], summary["errors"], summary["failed_players"]) == (2, 2, 2)
+    assert summary["requests"] == 4  # per player: its login and its score

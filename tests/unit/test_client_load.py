@@ -39,7 +39,7 @@ def test_the_summary_counts_requests_but_not_chat_deliveries() -> None:
     assert lines[3].split() == ["score", "4", "1", "2.0", "2.0", "4.0", "4.0", "4.0"]
     stats.failed_players = 2  # the text says so too, not only --json: the exit status is 1 for it
     (first, *_) = format_summary(stats.summary(players=2, elapsed=2.0))
-    assert first.endswith("1 errors, 2 players failed (could not connect or lost their connection)")
+    assert first.endswith("1 errors, 2 players failed (could not connect, lost their connection or timed out)")
 
 
 class Terminal(io.StringIO):

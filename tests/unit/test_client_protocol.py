@@ -156,3 +156,23 @@ def test_replies_read_as_text() -> None:
     assert describe("leave", {"ok": True, "left": ["a", "b"]}) == ["left #a, #b"]
     assert describe("say", {"ok": False, "error": "join the channel first"}) == ["error: join the channel first"]
     assert describe_push({"push": "chat", "channel": "lobby", "from": "al", "text": "hi"}) == "[#lobby] al: hi"
+
+
+@pytest.mark.parametrize(
+    "op, reply",
+    [
+        ("top", {"ok": True, "rows": [{"rank": "a"}, 5, None], "total": "x"}),
+        ("rank", {"ok": True, "user": "al", "rank": 1, "around": 7}),
+        ("leave", {"ok": True, "left": 3}),
+        ("top", {"ok": True, "rows": [{"rank": {"x": 1}, "user": [1]}]}),
+    ],
+)
+def test_a_reply_of_the_wrong_shape_is_shown_as_it_came(op: str, reply: dict) -> None:
+    assert describe(op, reply) == [f"unexpected reply: {reply!r}"]
+
+
+def test_control_characters_from_the_server_are_shown_not_sent_to_the_terminal() -> None:
+    push = {"push": "chat", "channel": "lobby", "from": "al", "text": "a\x1b[2Jb\r\x07\x9b"}
+    assert describe_push(push) == "[#lobby] al: a\\x1b[2Jb\\x0d\\x07\\x9b"
+    assert describe("top", {"ok": False, "error": "unknown message \x1b[31m"}) == ["error: unknown message \\x1b[31m"]
+    assert describe_push({"push": "chat", "channel": "c", "from": "é", "text": "ünï 😀"}) == "[#c] é: ünï 😀"
