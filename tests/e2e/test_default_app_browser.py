@@ -226,3 +226,24 @@ def test_after_a_refused_join_the_page_can_go_back_to_its_room(tmp_path: Path) -
     finally:
         devtools.close()
         app.stop()
+
+
+def test_a_page_whose_server_went_away_stops_asking_and_keeps_nothing_waiting(tmp_path: Path) -> None:
+    """After the connection closed, the page asked for the top 10 every second on it and kept
+    each unanswerable request in its table of waiting replies for good."""
+    browser = find_browser()
+    if browser is None:
+        pytest.skip("no Chromium found (install the Debian package chromium; .ci/run does)")
+    app, ws_port = app_with_browsers(tmp_path)
+    devtools = DevTools(browser, tmp_path / "profile")
+    try:
+        open_in_new_context(devtools, f"http://127.0.0.1:{ws_port}/")
+        log_in(devtools, "leaver")
+        app.stop()
+        devtools.wait("document.getElementById('status').textContent.startsWith('disconnected')", what="the close")
+        devtools.js("refreshTop(); refreshTop(); ask('top', {n: 10}); 0")  # not awaited: they never answer
+        assert devtools.js("waiting.size") == 0
+        assert devtools.js("document.getElementById('status').textContent").startswith("disconnected")
+    finally:
+        devtools.close()
+        app.stop()
