@@ -12,8 +12,11 @@ process call ``reopen_log_files`` so that rotated ``#log`` files are written afr
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import IO
 
 from twisted.logger import (
@@ -72,22 +75,90 @@ def _namespace_filter(namespace: str) -> object:
     return accept
 
 
-class ReopenableFile:
-    """An append-mode log file that can be reopened after it was rotated away."""
+def _to_stderr(text: str) -> None:
+    """Report on stderr: a child's stderr is relayed by the supervisor at warn."""
+    try:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
-    def __init__(self, path: str) -> None:
+
+class ReopenableFile:
+    """An append-mode log file that can be reopened after it was rotated away, and that survives
+    its disk: a failed write (disk full, directory removed or read-only) must not raise into the
+    log publisher, which would print a traceback to the main stream for every later event.
+
+    The first failure is reported once on ``report``; events are then dropped and counted until a
+    write succeeds again (tried with each event: one syscall, no retry loop), which is reported
+    with the count. A file that cannot be opened is tried again every ``retry`` seconds of
+    ``clock`` and at each ``reopen`` (SIGHUP). Writes are unbuffered, so nothing is held back in
+    memory and a rotation (rename, or copytruncate with ``O_APPEND``) loses no buffered line.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        report: Callable[[str], None] = _to_stderr,
+        clock: Callable[[], float] = time.monotonic,
+        retry: float = 5.0,
+    ) -> None:
         self.path = path
-        self._handle = open(path, "a", encoding="utf-8")
+        self._report = report
+        self._clock = clock
+        self._retry = retry
+        self._fd: int | None = None
+        self._next_open = 0.0
+        self._failure: str | None = None  # why events are being dropped, None while writing
+        self._dropped = 0
+        self._cut = False  # the last event went out in part: start the next one on a new line
+        self.reopen()
 
     def write(self, text: str) -> int:
-        return self._handle.write(text)
+        if self._fd is None and self._clock() >= self._next_open:
+            self.reopen()
+        if self._fd is None:
+            self._dropped += 1
+            return 0
+        data = (b"\n" if self._cut else b"") + text.encode("utf-8", "replace")
+        written = 0
+        try:
+            while written < len(data):  # each pass writes at least one byte or raises
+                count = os.write(self._fd, data[written:])
+                if count <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                written += count
+        except OSError as error:
+            self._cut = self._cut or written > 0
+            self._dropped += 1
+            self._failed(error)
+            return 0
+        self._cut = False
+        if self._failure is not None:
+            self._report(f"log file {self.path}: writing again ({self._dropped} events dropped)")
+            self._failure, self._dropped = None, 0
+        return len(text)
 
     def flush(self) -> None:
-        self._handle.flush()
+        """Nothing to flush: every write goes straight to the file."""
 
     def reopen(self) -> None:
-        self._handle.close()
-        self._handle = open(self.path, "a", encoding="utf-8")
+        """Open the file at its path again (after rotation); on failure, drop events until the
+        next try rather than write on into a file that was moved or removed."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as error:
+            fd = None
+            self._next_open = self._clock() + self._retry
+            self._failed(error)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, self._cut = fd, False
+
+    def _failed(self, error: OSError) -> None:
+        if self._failure is None:
+            self._failure = error.strerror or str(error)
+            self._report(f"log file {self.path}: {self._failure}; its events are dropped until it can be written")
 
 
 _FILES: list[ReopenableFile] = []

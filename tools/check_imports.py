@@ -12,7 +12,19 @@ import ast
 import sys
 from pathlib import Path
 
-CORE = {"address", "codec", "message", "wire", "linkqueue", "locks", "ratelog", "bounded", "shared", "reactors"}
+CORE = {
+    "address",
+    "codec",
+    "message",
+    "wire",
+    "linkqueue",
+    "unixport",
+    "locks",
+    "ratelog",
+    "bounded",
+    "shared",
+    "reactors",
+}
 STAGE_TYPES = {"stages.index", "stages.curl", "stages.route", "stages.ticket", "stages.lua"}
 
 #: unit -> the units it may import (besides itself). Keep in step with docs/internals.md.

@@ -8,17 +8,16 @@ names the group. The server keeps each group's latest stats snapshot and ready f
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable
 from typing import Any
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from stagetx.controllink import Command, CommandResult, Ready, Result, Stats, control_path, read_frame
+from stagetx.unixport import KeptUNIXPort
 from stagetx.wire import Link, LinkServerFactory
 
 #: Seconds a child has to answer one command.
@@ -63,13 +62,12 @@ class ControlServer(Service):
         self._ids = itertools.count(1)
         self._factory = LinkServerFactory(secret, "supervisor", self, clock=clock)
         self._factory.noisy = False
-        self._port: IListeningPort | None = None
+        self._port: KeptUNIXPort | None = None
 
     def startService(self) -> None:
         super().startService()
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-        self._port = self.listener.listenUNIX(self.path, self._factory, mode=0o600)
+        self._port = KeptUNIXPort(self.listener, self.reactor, self.path, self._factory)
+        self._port.start()
 
     def stopService(self) -> Any:
         super().stopService()
@@ -77,7 +75,7 @@ class ControlServer(Service):
             if child.link is not None:
                 child.link.close()
         if self._port is not None:
-            return self._port.stopListening()
+            return self._port.stop()
         return None
 
     # -- LinkHandler ------------------------------------------------------------------------------

@@ -21,12 +21,12 @@ from typing import Any
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from stagetx.linkqueue import LinkQueue
 from stagetx.router import Result, Router
+from stagetx.unixport import KeptUNIXPort
 from stagetx.wire import (
     FrameTooLarge,
     Link,
@@ -198,7 +198,7 @@ class ProcessLinks(MultiService):
         self._run_bytes = min(RUN_BYTES, message_room(max_frame) // 2)
         self._run_message_bytes = min(RUN_MESSAGE_BYTES, message_room(max_frame) // 4)
         self._runs_call: Any = None  # the end of this reactor turn, when the runs being built leave
-        self._port: IListeningPort | None = None
+        self._port: KeptUNIXPort | None = None
         self._delay_loop = LoopingCall(self._tell_delay)
         self._delay_loop.clock = reactor
         for group in self._pending:
@@ -209,11 +209,9 @@ class ProcessLinks(MultiService):
         router.links = self
 
     def startService(self) -> None:
-        path = socket_path(self.rundir, self.group)
-        if os.path.exists(path):
-            os.unlink(path)
         factory = LinkServerFactory(self.secret, node_id(self.group), _Inbound(self), self.max_frame)
-        self._port = self.reactor.listenUNIX(path, factory, mode=0o600)
+        self._port = KeptUNIXPort(self.reactor, self.reactor, socket_path(self.rundir, self.group), factory)
+        self._port.start()
         MultiService.startService(self)
         self._delay_loop.start(DELAY_INTERVAL, now=False)
 
@@ -226,7 +224,7 @@ class ProcessLinks(MultiService):
         if self._delay_loop.running:
             self._delay_loop.stop()
         if self._port is not None:
-            self._port.stopListening()
+            self._port.stop()
         return MultiService.stopService(self)
 
     # -- used by the router -----------------------------------------------------------------------

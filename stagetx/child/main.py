@@ -12,14 +12,17 @@ import json
 import os
 import resource
 import signal
+import stat
 import sys
-from typing import Any
+from typing import IO, Any, cast
 
 from twisted.internet import fdesc
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IReactorThreads, IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from stagetx.child.logpipe import PipeStream
 
 log = Logger(namespace="stagetx.child")
 
@@ -97,7 +100,8 @@ def main() -> int:
 
     config = parse_config(boot["config"], boot["base_dir"])
     json_lines = boot.get("operations", {}).get("log_format") == "json"
-    levels = begin_logging(config.log, sys.stdout, json_lines)
+    stream = _log_stream(reactor)
+    levels = begin_logging(config.log, stream, json_lines)
     threads = IReactorThreads(reactor)  # the reactor itself: every installable reactor provides it
     signal.signal(signal.SIGHUP, lambda *_: threads.callFromThread(reopen_log_files))
     threads.suggestThreadPoolSize(config.threads[0])
@@ -108,4 +112,14 @@ def main() -> int:
     reactor.callWhenRunning(child.startService)
     reactor.addSystemEventTrigger("before", "shutdown", child.stopService)
     reactor.run()
+    if isinstance(stream, PipeStream):
+        stream.drain(timeout=2.0)  # the last lines (stopping) when the supervisor reads them
     return 0
+
+
+def _log_stream(reactor: Any) -> IO[str]:
+    """stdout for the log: non-blocking when it is a pipe (the supervisor), else as it is."""
+    if stat.S_ISFIFO(os.fstat(1).st_mode):
+        sys.stdout.flush()
+        return cast(IO[str], PipeStream(reactor))  # the two methods the log observers call
+    return sys.stdout

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
+import pytest
 from twisted.logger import Logger, LogLevel
 
 from stagetx.config import LOG_LEVELS, LogGroup
-from stagetx.logsetup import level_named, log_observers
+from stagetx.logsetup import ReopenableFile, level_named, log_observers, reopen_log_files
 
 
 def emit_to(observers: list, namespace: str, level: str, text: str) -> None:
@@ -63,3 +65,39 @@ def test_every_configurable_level_name_is_its_own_level() -> None:
         "critical": LogLevel.critical,
         "fatal": LogLevel.critical,
     }
+
+
+def group_file(stream: io.StringIO, path: Path) -> list:  # type: ignore[type-arg]
+    """The observers of one group ``audit`` that writes to ``path``."""
+    observers, _ = log_observers({"audit": LogGroup(level="info", file=str(path))}, stream)
+    return observers
+
+
+def test_a_file_whose_directory_is_gone_at_sighup_is_written_again_once_it_is_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stream, path = io.StringIO(), tmp_path / "logs" / "audit.log"
+    path.parent.mkdir()
+    observers = group_file(stream, path)
+    emit_to(observers, "audit", "info", "before")
+    shutil.rmtree(path.parent)
+    reopen_log_files()
+    emit_to(observers, "audit", "info", "while gone")
+    assert "No such file or directory" in capsys.readouterr().err
+    path.parent.mkdir()
+    reopen_log_files()
+    emit_to(observers, "audit", "info", "after")
+    assert [line.split("] ", 1)[1] for line in path.read_text().splitlines()] == ["after"]
+    assert "Traceback" not in stream.getvalue()
+    assert "writing again (1 events dropped)" in capsys.readouterr().err
+
+
+def test_an_unopenable_file_is_tried_again_after_the_retry_delay(tmp_path: Path) -> None:
+    now, reports = [0.0], []
+    handle = ReopenableFile(str(tmp_path / "gone" / "a.log"), reports.append, lambda: now[0], retry=5.0)
+    (tmp_path / "gone").mkdir()
+    handle.write("dropped\n")
+    now[0] = 5.0
+    handle.write("kept\n")
+    assert (tmp_path / "gone" / "a.log").read_text() == "kept\n"
+    assert len(reports) == 2 and "1 events dropped" in reports[1]
