@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,10 +206,9 @@ def test_the_browser_client_and_the_client_tool_over_wss(tmp_path: Path) -> None
         app.stop()
 
 
-@pytest.mark.timeout(120)
-def test_after_a_refused_join_the_page_can_go_back_to_its_room(tmp_path: Path) -> None:
-    """Switching rooms leaves the old one first: when the new join is refused the player is in
-    no room, and joining the old one again must not be skipped as 'already there'."""
+@contextlib.contextmanager
+def player_page(tmp_path: Path, user: str) -> Iterator[tuple[App, DevTools]]:
+    """The default application and a browser page logged in as ``user``; both stopped after."""
     browser = find_browser()
     if browser is None:
         pytest.skip("no Chromium found (install the Debian package chromium; .ci/run does)")
@@ -215,7 +216,18 @@ def test_after_a_refused_join_the_page_can_go_back_to_its_room(tmp_path: Path) -
     devtools = DevTools(browser, tmp_path / "profile")
     try:
         open_in_new_context(devtools, f"http://127.0.0.1:{ws_port}/")
-        log_in(devtools, "rover")
+        log_in(devtools, user)
+        yield app, devtools
+    finally:
+        devtools.close()
+        app.stop()
+
+
+@pytest.mark.timeout(120)
+def test_after_a_refused_join_the_page_can_go_back_to_its_room(tmp_path: Path) -> None:
+    """Switching rooms leaves the old one first: when the new join is refused the player is in
+    no room, and joining the old one again must not be skipped as 'already there'."""
+    with player_page(tmp_path, "rover") as (_, devtools):
         join = "document.getElementById('room').value = '{}'; document.getElementById('join').click()"
         devtools.js(join.format("bad.name"))
         devtools.wait("document.getElementById('status').className === 'error'", what="the refused join")
@@ -223,27 +235,15 @@ def test_after_a_refused_join_the_page_can_go_back_to_its_room(tmp_path: Path) -
         devtools.wait("document.getElementById('status').textContent === 'in room lobby'", what="back in the lobby")
         devtools.js("document.getElementById('say-text').value = 'back'; document.getElementById('say').click()")
         devtools.wait("document.querySelector('#chat li')?.textContent === 'rover: back'", what="rover's line")
-    finally:
-        devtools.close()
-        app.stop()
 
 
+@pytest.mark.timeout(120)
 def test_a_page_whose_server_went_away_stops_asking_and_keeps_nothing_waiting(tmp_path: Path) -> None:
     """After the connection closed, the page asked for the top 10 every second on it and kept
     each unanswerable request in its table of waiting replies for good."""
-    browser = find_browser()
-    if browser is None:
-        pytest.skip("no Chromium found (install the Debian package chromium; .ci/run does)")
-    app, ws_port = app_with_browsers(tmp_path)
-    devtools = DevTools(browser, tmp_path / "profile")
-    try:
-        open_in_new_context(devtools, f"http://127.0.0.1:{ws_port}/")
-        log_in(devtools, "leaver")
+    with player_page(tmp_path, "leaver") as (app, devtools):
         app.stop()
         devtools.wait("document.getElementById('status').textContent.startsWith('disconnected')", what="the close")
         devtools.js("refreshTop(); refreshTop(); ask('top', {n: 10}); 0")  # not awaited: they never answer
         assert devtools.js("waiting.size") == 0
         assert devtools.js("document.getElementById('status').textContent").startswith("disconnected")
-    finally:
-        devtools.close()
-        app.stop()
