@@ -118,20 +118,32 @@ def log_in(devtools: DevTools, user: str) -> None:
     devtools.wait("document.getElementById('status').textContent === 'in room lobby'", what=f"{user} in the lobby")
 
 
-TOP = "[...document.querySelectorAll('#top tr')].map(tr => tr.dataset.user + '=' + tr.children[2].textContent)"
-
-
-@pytest.mark.timeout(180)
-def test_browser_client_logs_in_scores_sees_the_top_10_and_chats(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def player_page(tmp_path: Path, user: str) -> Iterator[tuple[App, DevTools, str]]:
+    """The default application and a browser page (of the URL given) logged in as ``user``;
+    both stopped after."""
     browser = find_browser()
     if browser is None:
         pytest.skip("no Chromium found (install the Debian package chromium; .ci/run does)")
     app, ws_port = app_with_browsers(tmp_path)
     devtools = DevTools(browser, tmp_path / "profile")
+    url = f"http://127.0.0.1:{ws_port}/"
     try:
-        url = f"http://127.0.0.1:{ws_port}/"
-        alice = open_in_new_context(devtools, url)
-        log_in(devtools, "alice")
+        open_in_new_context(devtools, url)
+        log_in(devtools, user)
+        yield app, devtools, url
+    finally:
+        devtools.close()
+        app.stop()
+
+
+TOP = "[...document.querySelectorAll('#top tr')].map(tr => tr.dataset.user + '=' + tr.children[2].textContent)"
+
+
+@pytest.mark.timeout(180)
+def test_browser_client_logs_in_scores_sees_the_top_10_and_chats(tmp_path: Path) -> None:
+    with player_page(tmp_path, "alice") as (_, devtools, url):
+        alice = devtools.session
         devtools.js("document.getElementById('points').value = '4321'; document.getElementById('send-score').click()")
         devtools.wait(f"{TOP}.includes('alice=4321')", what="alice's score in the top 10")
         assert devtools.js("document.getElementById('mine').textContent").startswith("best 4321, rank 1")
@@ -163,9 +175,6 @@ def test_browser_client_logs_in_scores_sees_the_top_10_and_chats(tmp_path: Path)
         artifacts.mkdir(parents=True, exist_ok=True)
         shot = devtools.call("Page.captureScreenshot", {"format": "png"})
         (artifacts / "web-client.png").write_bytes(base64.b64decode(shot["data"]))
-    finally:
-        devtools.close()
-        app.stop()
 
 
 @pytest.mark.timeout(180)
@@ -206,28 +215,11 @@ def test_the_browser_client_and_the_client_tool_over_wss(tmp_path: Path) -> None
         app.stop()
 
 
-@contextlib.contextmanager
-def player_page(tmp_path: Path, user: str) -> Iterator[tuple[App, DevTools]]:
-    """The default application and a browser page logged in as ``user``; both stopped after."""
-    browser = find_browser()
-    if browser is None:
-        pytest.skip("no Chromium found (install the Debian package chromium; .ci/run does)")
-    app, ws_port = app_with_browsers(tmp_path)
-    devtools = DevTools(browser, tmp_path / "profile")
-    try:
-        open_in_new_context(devtools, f"http://127.0.0.1:{ws_port}/")
-        log_in(devtools, user)
-        yield app, devtools
-    finally:
-        devtools.close()
-        app.stop()
-
-
 @pytest.mark.timeout(120)
 def test_after_a_refused_join_the_page_can_go_back_to_its_room(tmp_path: Path) -> None:
     """Switching rooms leaves the old one first: when the new join is refused the player is in
     no room, and joining the old one again must not be skipped as 'already there'."""
-    with player_page(tmp_path, "rover") as (_, devtools):
+    with player_page(tmp_path, "rover") as (_, devtools, _):
         join = "document.getElementById('room').value = '{}'; document.getElementById('join').click()"
         devtools.js(join.format("bad.name"))
         devtools.wait("document.getElementById('status').className === 'error'", what="the refused join")
@@ -241,7 +233,7 @@ def test_after_a_refused_join_the_page_can_go_back_to_its_room(tmp_path: Path) -
 def test_a_page_whose_server_went_away_stops_asking_and_keeps_nothing_waiting(tmp_path: Path) -> None:
     """After the connection closed, the page asked for the top 10 every second on it and kept
     each unanswerable request in its table of waiting replies for good."""
-    with player_page(tmp_path, "leaver") as (app, devtools):
+    with player_page(tmp_path, "leaver") as (app, devtools, _):
         app.stop()
         devtools.wait("document.getElementById('status').textContent.startsWith('disconnected')", what="the close")
         devtools.js("refreshTop(); refreshTop(); ask('top', {n: 10}); 0")  # not awaited: they never answer
