@@ -122,7 +122,9 @@ local function dispatch(socket, msg)
         return {ok = false, error = "log in first", re = msg.id}
     end
     if not op:match("^%l+$") then                   -- only such names are looked up as packet+op
-        return {ok = false, error = "unknown message " .. op, re = msg.id}
+        -- named back as sent, its first 64 bytes: an op may be as long as a message
+        local shown = #op > 64 and op:sub(1, 64) .. "..." or op
+        return {ok = false, error = "unknown message " .. shown, re = msg.id}
     end
     local ok, handler = pcall(stage.load, "packet+" .. op)
     if not ok or type(handler) ~= "function" then

@@ -311,19 +311,21 @@ def _ask_raw(port: int, *requests: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_an_unknown_op_is_named_in_its_error_whatever_its_letters(app: App) -> None:
-    before, login, upper, digits, plain = _ask_raw(
+    before, login, upper, digits, plain, long = _ask_raw(
         app.port,
         {"op": "Top", "id": 1},
         {"op": "login", "id": 2, "user": "raw"},
         {"op": "Top", "id": 3},
         {"op": "top2", "id": 4},
         {"op": "nope", "id": 5},
+        {"op": "X" * 10000, "id": 6},
     )
     assert before["error"] == "log in first" and login["ok"] is True
-    assert [r["error"] for r in (upper, digits, plain)] == [
+    assert [r["error"] for r in (upper, digits, plain, long)] == [
         "unknown message Top",
         "unknown message top2",
         "unknown message nope",
+        "unknown message " + "X" * 64 + "...",
     ]
 
 
