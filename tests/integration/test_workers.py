@@ -453,11 +453,7 @@ async def test_a_job_cannot_catch_its_interruption_at_stop(tmp_path: Path, monke
         stage.waitfor("never", function() log4cxx.info("never") end)
     """,
     )
-    with LogCapture() as capture:
-        server = InProcessServer(path)
-        await server.start()
-        await wait_for(lambda: logged(capture, "started"), 20, "job start")
-        await server.stop()
+    capture = await run(path, "started")
     text = capture.text()
     assert "interrupting" in text and "did not unwind" not in text
     assert "job interrupted after its grace period" in text
@@ -485,11 +481,7 @@ async def test_a_job_cannot_clear_the_hook_that_interrupts_it_at_stop(
         stage.waitfor("never", function() log4cxx.info("never") end)
     """,
     )
-    with LogCapture() as capture:
-        server = InProcessServer(path)
-        await server.start()
-        await wait_for(lambda: logged(capture, "started"), 20, "job start")
-        await server.stop()
+    capture = await run(path, "started")
     [[refused]] = logged(capture, "started")
     assert "debug.sethook: the hooks belong to the stage" in refused
     text = capture.text()
