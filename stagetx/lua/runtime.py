@@ -249,12 +249,9 @@ class LuaVM:
         try:
             return self._run(entry, started, args)
         finally:
-            elapsed = guard.ran(time.monotonic())
-            guard.entered = None
-            if guard.armed:
-                guard.disarm()
-                if elapsed > HARD_LIMIT * guard.budget and self.overran is not None:
-                    self.overran(elapsed)
+            elapsed = guard.leave()
+            if elapsed is not None and elapsed > HARD_LIMIT * guard.budget and self.overran is not None:
+                self.overran(elapsed)
 
     def _run(self, entry: Any, started: float, args: tuple[Any, ...]) -> Any:
         """``entry(started, *args)``; arguments that might not fit under the memory limit are let

@@ -89,10 +89,19 @@ class Guard:
         self.paused_before = paused()
         self.entered = started
 
-    def ran(self, now: float) -> float:
-        """Seconds the running callback has run by ``now``, the process's pauses left out."""
-        assert self.entered is not None
-        return now - self.entered - (paused() - self.paused_before)
+    def ran(self, entered: float, now: float) -> float:
+        """Seconds the callback entered at ``entered`` has run by ``now``, the process's pauses
+        left out (``entered`` read once by the caller: the runtime may clear it meanwhile)."""
+        return now - entered - (paused() - self.paused_before)
+
+    def leave(self) -> float | None:
+        """The callback returned: the seconds it ran (``ran``) if the hook was switched on for it,
+        which is then switched off, else None (no clock read on the common path)."""
+        entered, self.entered = self.entered, None  # first: the watchdog arms no callback after this
+        if not self.armed or entered is None:
+            return None
+        self.disarm()
+        return self.ran(entered, time.monotonic())
 
     def hooked(self) -> bool:
         """Whether the hook is on now (for tests: it must be off between callbacks)."""
@@ -132,7 +141,8 @@ class _Watchdog(threading.Thread):
                 self.paused += max(0.0, now - last - POLL - (cpu - last_cpu))
             last, last_cpu = now, cpu
             for guard in list(self.guards):
-                if guard.entered is not None and not guard.armed and guard.ran(now) > guard.budget:
+                entered = guard.entered
+                if entered is not None and not guard.armed and guard.ran(entered, now) > guard.budget:
                     guard.arm()
 
 
