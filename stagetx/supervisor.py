@@ -220,7 +220,6 @@ class Supervisor(service.Service):
         self._sockets: list[socket.socket] | None = None
         self._rundir: str | None = None
         self.secret = ""  # hex; the children's and the control links' shared key
-        self._stopping_on_signal = False  # a SIGTERM or SIGINT stopped the reactor
         self._server_id = ""
         self._operations = dict(operations or {})
         self._signals = signals  # handle SIGHUP (twistd; not in tests)
@@ -275,16 +274,10 @@ class Supervisor(service.Service):
             self._spawn(slot)
 
     def _terminated(self, number: int = signal.SIGTERM) -> None:
-        reactor: Any = self.clock()
-        if self._stopping_on_signal:  # again while the children stop (an impatient operator, ``timeout``)
+        if reactors.stop(self.clock()):
+            self.log.info("{signal}: stopping (grace {grace} s)", signal=_signal_name(number), grace=self._grace)
+        else:  # again while the children stop
             self.log.info("{signal}: already stopping", signal=_signal_name(number))
-            return
-        self._stopping_on_signal = True
-        self.log.info("{signal}: stopping (grace {grace} s)", signal=_signal_name(number), grace=self._grace)
-        try:
-            reactor.stop()
-        except error.ReactorNotRunning:
-            pass
 
     def hangup(self) -> None:
         """SIGHUP: every child reopens its ``#log`` files."""

@@ -17,11 +17,11 @@ import sys
 from typing import IO, Any, cast
 
 from twisted.internet import fdesc
-from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IReactorThreads, IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from stagetx import reactors
 from stagetx.child.logpipe import PipeStream
 
 log = Logger(namespace="stagetx.child")
@@ -46,7 +46,7 @@ class _SupervisorWatch:
         if not data:
             self.reactor.removeReader(self)
             log.info("supervisor gone; stopping")
-            _stop(self.reactor)
+            reactors.stop(self.reactor)
 
     def connectionLost(self, reason: object) -> None:
         pass
@@ -55,19 +55,8 @@ class _SupervisorWatch:
         return "supervisor-watch"
 
 
-def _stop(reactor: Any) -> bool:
-    """Stop the reactor unless it is stopping already (False then): SIGTERM may come again while
-    the stages stop (an impatient operator, ``timeout``, the parent-death signal), and EOF on
-    stdin after it."""
-    try:
-        reactor.stop()
-    except ReactorNotRunning:
-        return False
-    return True
-
-
 def _terminated(reactor: Any) -> None:
-    log.info("SIGTERM: stopping" if _stop(reactor) else "SIGTERM: already stopping")
+    log.info("SIGTERM: stopping" if reactors.stop(reactor) else "SIGTERM: already stopping")
 
 
 def _raise_file_limit() -> None:
